@@ -1,0 +1,144 @@
+//! One multiplexed connection to one node: a task owns the socket, matches responses to
+//! requests by id, and coalesces queued requests into one flush (pipelining).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use ringkv_protocol::limits::{MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN};
+use ringkv_protocol::{Frame, FrameCodec, Inbound, Rejection, Response};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Why a connection could not deliver a reply.
+#[derive(Debug, Clone)]
+pub(crate) enum ConnError {
+    /// The request may or may not have reached the node.
+    Lost(String),
+    /// The reply frame could not be decoded.
+    Protocol(String),
+}
+
+pub(crate) struct Outgoing {
+    pub frame: Frame,
+    pub reply: oneshot::Sender<Result<Response, ConnError>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Conn {
+    tx: mpsc::Sender<Outgoing>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Conn {
+    pub async fn connect(addr: &str, timeout: Duration, depth: usize) -> Result<Conn, String> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect timed out after {timeout:?}"))?
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let reader = FramedRead::new(rd, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
+        let writer = FramedWrite::new(wr, FrameCodec::new(MAX_REQUEST_BODY_LEN));
+        let (tx, rx) = mpsc::channel(depth);
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(run(reader, writer, rx, alive.clone()));
+        Ok(Conn { tx, alive })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    pub async fn send(&self, out: Outgoing) -> Result<(), ConnError> {
+        self.tx
+            .send(out)
+            .await
+            .map_err(|_| ConnError::Lost("connection closed".into()))
+    }
+}
+
+type Pending = HashMap<u64, oneshot::Sender<Result<Response, ConnError>>>;
+
+async fn run(
+    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    mut writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    alive: Arc<AtomicBool>,
+) {
+    let mut pending: Pending = HashMap::new();
+    let cause = loop {
+        tokio::select! {
+            out = rx.recv() => {
+                let Some(out) = out else { break "client dropped".to_string() };
+                let mut batch = vec![out];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let mut failed = None;
+                for out in batch {
+                    let id = out.frame.request_id;
+                    // A caller that timed out dropped its receiver; skip sending for it.
+                    if out.reply.is_closed() {
+                        continue;
+                    }
+                    pending.insert(id, out.reply);
+                    if let Err(e) = writer.feed(out.frame).await {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                if failed.is_none() {
+                    if let Err(e) = writer.flush().await {
+                        failed = Some(e.to_string());
+                    }
+                }
+                if let Some(e) = failed {
+                    break format!("write failed: {e}");
+                }
+            }
+            item = reader.next() => {
+                match item {
+                    None => break "connection closed by the node".to_string(),
+                    Some(Err(e)) => break format!("read failed: {e}"),
+                    Some(Ok(Inbound::Rejected { request_id, reason })) => {
+                        let msg = match reason {
+                            Rejection::TooLarge { body_len, limit } => format!("response frame of {body_len} bytes exceeds {limit}"),
+                            Rejection::UnsupportedVersion { got } => format!("node answered with protocol version {got}"),
+                        };
+                        if let Some(tx) = pending.remove(&request_id) {
+                            let _ = tx.send(Err(ConnError::Protocol(msg)));
+                        }
+                    }
+                    Some(Ok(Inbound::Frame(frame))) => {
+                        let id = frame.request_id;
+                        let decoded = Response::decode(frame.opcode, frame.body)
+                            .map_err(|e| ConnError::Protocol(e.to_string()));
+                        if id == 0 {
+                            // Connection-level error from the node (e.g. too many connections).
+                            let msg = match decoded {
+                                Ok(Response::Error(e)) => format!("{}: {}", e.kind.name(), e.message),
+                                other => format!("unexpected connection-level frame: {other:?}"),
+                            };
+                            break msg;
+                        }
+                        if let Some(tx) = pending.remove(&id) {
+                            let _ = tx.send(decoded);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    alive.store(false, Ordering::Release);
+    rx.close();
+    for (_, tx) in pending.drain() {
+        let _ = tx.send(Err(ConnError::Lost(cause.clone())));
+    }
+    while let Ok(out) = rx.try_recv() {
+        let _ = out.reply.send(Err(ConnError::Lost(cause.clone())));
+    }
+}

@@ -1,0 +1,530 @@
+//! Async client for ringkv.
+//!
+//! A key holds **siblings**: concurrent versions that no write has resolved yet. Every read
+//! returns all of them plus an opaque causal [`Context`]; send that context back with the next
+//! write of the key and the write replaces exactly the versions you read. A write without a
+//! context supersedes nothing: it becomes one more sibling.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ringkv_client::Error> {
+//! use ringkv_client::Client;
+//!
+//! let client = Client::connect(["127.0.0.1:7379"]).await?;
+//! client.put("greeting", "hello", None).await?;
+//! let read = client.get("greeting").await?;
+//! if read.siblings.len() > 1 {
+//!     // Concurrent writes: resolve them by writing one value with the read's context.
+//!     let merged = read.values().iter().map(|v| String::from_utf8_lossy(v)).collect::<Vec<_>>().join("+");
+//!     client.put("greeting", merged, Some(&read.context)).await?;
+//! }
+//! let read = client.get("greeting").await?;
+//! client.delete("greeting", Some(&read.context)).await?;
+//! assert!(!client.get("greeting").await?.is_found());
+//! # Ok(()) }
+//! ```
+//!
+//! Connections are reused and pipelined: many concurrent calls share one TCP connection per
+//! node, matched by request id. Reads fail over to the next address when a node is unreachable;
+//! writes are never retried automatically (a retried write mints a second version), so a write
+//! whose outcome is unknown returns an error with [`Error::is_definite`] = false.
+
+mod conn;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_protocol::message::{ReadOptions, WriteOptions};
+use ringkv_protocol::{Request, Response};
+use tokio::sync::{oneshot, Mutex};
+
+pub use ringkv_protocol::{ErrorKind, StatusReply};
+
+use conn::{Conn, ConnError, Outgoing};
+
+/// The opaque causal context of a key, returned by reads. Pass it back unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context(Bytes);
+
+impl Context {
+    /// The empty context: a write with it supersedes nothing.
+    pub fn empty() -> Context {
+        Context(Bytes::new())
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Rebuilds a context from bytes a read returned earlier (e.g. from `kvctl --json`).
+    pub fn from_bytes(b: impl Into<Bytes>) -> Context {
+        Context(b.into())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    /// `None` = a deletion marker (tombstone).
+    pub value: Option<Bytes>,
+    /// Wall-clock ms at the node that applied the write.
+    pub timestamp_ms: u64,
+    /// The write's identity `(actor, counter)`, stable across replicas.
+    pub dot: (u64, u64),
+}
+
+impl Sibling {
+    pub fn is_deleted(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+/// The result of a read: every sibling and the context to write back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub siblings: Vec<Sibling>,
+    pub context: Context,
+}
+
+impl Read {
+    /// True when at least one sibling is a value (not a tombstone).
+    pub fn is_found(&self) -> bool {
+        self.siblings.iter().any(|s| s.value.is_some())
+    }
+    /// The live values, oldest dot first.
+    pub fn values(&self) -> Vec<&Bytes> {
+        self.siblings.iter().filter_map(|s| s.value.as_ref()).collect()
+    }
+    /// The value when exactly one live sibling exists.
+    pub fn value(&self) -> Option<&Bytes> {
+        match self.values().as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+    /// True when more than one sibling exists (a conflict to resolve).
+    pub fn has_conflict(&self) -> bool {
+        self.siblings.len() > 1
+    }
+
+    fn from_reply(r: ringkv_protocol::ReadReply) -> Read {
+        Read {
+            siblings: r
+                .siblings
+                .into_iter()
+                .map(|s| Sibling {
+                    value: s.value,
+                    timestamp_ms: s.timestamp_ms,
+                    dot: (s.actor, s.counter),
+                })
+                .collect(),
+            context: Context(r.context),
+        }
+    }
+}
+
+/// The result of a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The dot the write minted.
+    pub dot: (u64, u64),
+    /// The key's siblings and context after the write, when requested (`put_returning`).
+    pub read: Option<Read>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The node answered with an error.
+    #[error("node {addr}: {}: {message}", kind.name())]
+    Server {
+        addr: String,
+        kind: ErrorKind,
+        definite: bool,
+        message: String,
+    },
+    #[error("cannot connect to any of {addrs:?}: {cause}")]
+    Connect { addrs: Vec<String>, cause: String },
+    /// The connection broke after the request was sent: the outcome is unknown.
+    #[error("connection to {addr} lost: {cause}")]
+    ConnectionLost { addr: String, cause: String },
+    /// No reply within the client deadline: the outcome is unknown.
+    #[error("no reply from {addr} within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("invalid reply from {addr}: {cause}")]
+    Protocol { addr: String, cause: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    /// The server's error kind, if the node answered.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Server { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+    /// True when the request certainly had no effect (safe to retry a write).
+    pub fn is_definite(&self) -> bool {
+        match self {
+            Error::Server { definite, .. } => *definite,
+            Error::Connect { .. } | Error::InvalidArgument(_) => true,
+            Error::ConnectionLost { .. } | Error::Timeout { .. } | Error::Protocol { .. } => false,
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// Deadline of each request; also sent to the node as its server-side deadline.
+    pub request_timeout: Duration,
+    /// Requests queued per connection before callers wait.
+    pub pipeline_depth: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            pipeline_depth: 1024,
+        }
+    }
+}
+
+/// Extra time the client waits beyond the server-side deadline, so that a definite answer
+/// (e.g. `Timeout{acks, needed}`) arrives before the client gives up.
+const CLIENT_GRACE: Duration = Duration::from_millis(500);
+
+/// Per-request read settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GetOptions {
+    /// Replies to wait for; None = the cluster default.
+    pub r: Option<u8>,
+    pub timeout: Option<Duration>,
+    /// Read only the contacted node's own replica (debugging).
+    pub local: bool,
+}
+
+/// Per-request write settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PutOptions {
+    /// Acks to wait for; None = the cluster default.
+    pub w: Option<u8>,
+    pub timeout: Option<Duration>,
+    /// Return the key's siblings and context after the write.
+    pub return_body: bool,
+}
+
+struct Node {
+    addr: String,
+    conn: Mutex<Option<Conn>>,
+}
+
+struct Inner {
+    nodes: Vec<Node>,
+    config: ClientConfig,
+    next_id: AtomicU64,
+    /// Index of the node that answered last; requests start there.
+    preferred: AtomicUsize,
+}
+
+/// A handle to a ringkv cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects with default settings to the first reachable address.
+    pub async fn connect<I, S>(addrs: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Client::connect_with(addrs, ClientConfig::default()).await
+    }
+
+    pub async fn connect_with<I, S>(addrs: I, config: ClientConfig) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let client = Client::new(addrs, config)?;
+        client.ping().await?;
+        Ok(client)
+    }
+
+    /// Creates a client without contacting any node (connections open on first use).
+    pub fn new<I, S>(addrs: I, config: ClientConfig) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let nodes: Vec<Node> = addrs
+            .into_iter()
+            .map(|a| Node {
+                addr: a.into(),
+                conn: Mutex::new(None),
+            })
+            .collect();
+        if nodes.is_empty() {
+            return Err(Error::InvalidArgument("no node addresses given".into()));
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                nodes,
+                config,
+                next_id: AtomicU64::new(1),
+                preferred: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.inner.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// Reads a key with default options.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Read, Error> {
+        self.get_with(key, GetOptions::default()).await
+    }
+
+    pub async fn get_with(&self, key: impl AsRef<[u8]>, opts: GetOptions) -> Result<Read, Error> {
+        let timeout = opts.timeout.unwrap_or(self.inner.config.request_timeout);
+        let req = Request::Get {
+            key: Bytes::copy_from_slice(key.as_ref()),
+            opts: ReadOptions {
+                r: opts.r.unwrap_or(0),
+                timeout_ms: millis(timeout),
+                flags: if opts.local { ReadOptions::LOCAL } else { 0 },
+            },
+        };
+        // Local reads target one node's replica: no failover to another node.
+        let (addr, resp) = self.call(req, timeout, !opts.local).await?;
+        match resp {
+            Response::Get(r) => Ok(Read::from_reply(r)),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    /// Writes `value`. With `Some(context)` it replaces the versions that context saw; with
+    /// `None` it is a blind write that becomes a new sibling next to any existing ones.
+    pub async fn put(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        context: Option<&Context>,
+    ) -> Result<Written, Error> {
+        self.put_with(key, value, context, PutOptions::default())
+            .await
+    }
+
+    /// Like `put`, returning the key's resulting siblings and their context. Use that context
+    /// for the next write: it covers exactly the siblings returned, never more.
+    pub async fn put_returning(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        context: Option<&Context>,
+    ) -> Result<Read, Error> {
+        let opts = PutOptions {
+            return_body: true,
+            ..PutOptions::default()
+        };
+        let w = self.put_with(key, value, context, opts).await?;
+        Ok(w.read.expect("return_body requests carry the body"))
+    }
+
+    pub async fn put_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        context: Option<&Context>,
+        opts: PutOptions,
+    ) -> Result<Written, Error> {
+        let timeout = opts.timeout.unwrap_or(self.inner.config.request_timeout);
+        let req = Request::Put {
+            key: Bytes::copy_from_slice(key.as_ref()),
+            value: value.into(),
+            context: context.map(|c| c.0.clone()).unwrap_or_default(),
+            opts: write_opts(&opts, timeout),
+        };
+        let (addr, resp) = self.call(req, timeout, false).await?;
+        match resp {
+            Response::Put(w) => Ok(written(w)),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    /// Deletes the versions `context` saw (a tombstone replaces them). With `None` the node
+    /// deletes every version its replica holds.
+    pub async fn delete(
+        &self,
+        key: impl AsRef<[u8]>,
+        context: Option<&Context>,
+    ) -> Result<Written, Error> {
+        self.delete_with(key, context, PutOptions::default()).await
+    }
+
+    pub async fn delete_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        context: Option<&Context>,
+        opts: PutOptions,
+    ) -> Result<Written, Error> {
+        let timeout = opts.timeout.unwrap_or(self.inner.config.request_timeout);
+        let req = Request::Delete {
+            key: Bytes::copy_from_slice(key.as_ref()),
+            context: context.map(|c| c.0.clone()).unwrap_or_default(),
+            opts: write_opts(&opts, timeout),
+        };
+        let (addr, resp) = self.call(req, timeout, false).await?;
+        match resp {
+            Response::Delete(w) => Ok(written(w)),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    /// Round-trip time to a node.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let start = Instant::now();
+        let timeout = self.inner.config.request_timeout;
+        let (addr, resp) = self.call(Request::Ping, timeout, true).await?;
+        match resp {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    /// The status (identity, metrics, workers) of the node that answers.
+    pub async fn status(&self) -> Result<StatusReply, Error> {
+        let timeout = self.inner.config.request_timeout;
+        let (addr, resp) = self.call(Request::Status, timeout, true).await?;
+        match resp {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    async fn conn(&self, i: usize) -> Result<Conn, String> {
+        let node = &self.inner.nodes[i];
+        let mut slot = node.conn.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.is_alive()) {
+            return Ok(c.clone());
+        }
+        let c = Conn::connect(
+            &node.addr,
+            self.inner.config.connect_timeout,
+            self.inner.config.pipeline_depth,
+        )
+        .await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends `req` to the preferred node, failing over to the others when a node cannot be
+    /// reached. `retry_after_send` also fails over when the request was sent but the
+    /// connection broke (only for requests that change nothing).
+    async fn call(
+        &self,
+        req: Request,
+        timeout: Duration,
+        retry_after_send: bool,
+    ) -> Result<(String, Response), Error> {
+        let n = self.inner.nodes.len();
+        let start = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let deadline = Instant::now() + timeout + CLIENT_GRACE;
+        let mut last_err = String::new();
+        for step in 0..n {
+            let i = (start + step) % n;
+            let addr = self.inner.nodes[i].addr.clone();
+            let conn = match self.conn(i).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last_err = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            let out = Outgoing {
+                frame: req.to_frame(id),
+                reply: tx,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = tokio::time::timeout(left, async {
+                conn.send(out).await?;
+                rx.await
+                    .unwrap_or_else(|_| Err(ConnError::Lost("connection closed".into())))
+            })
+            .await;
+            match result {
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        addr,
+                        timeout: timeout + CLIENT_GRACE,
+                    })
+                }
+                Ok(Ok(Response::Error(e))) => {
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    return Err(Error::Server {
+                        addr,
+                        kind: e.kind,
+                        definite: e.definite,
+                        message: e.message,
+                    });
+                }
+                Ok(Ok(resp)) => {
+                    self.inner.preferred.store(i, Ordering::Relaxed);
+                    return Ok((addr, resp));
+                }
+                Ok(Err(ConnError::Protocol(cause))) => return Err(Error::Protocol { addr, cause }),
+                Ok(Err(ConnError::Lost(cause))) => {
+                    if !retry_after_send {
+                        return Err(Error::ConnectionLost { addr, cause });
+                    }
+                    last_err = format!("{addr}: {cause}");
+                }
+            }
+        }
+        Err(Error::Connect {
+            addrs: self.addrs(),
+            cause: last_err,
+        })
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().clamp(1, u32::MAX as u128) as u32
+}
+
+fn write_opts(opts: &PutOptions, timeout: Duration) -> WriteOptions {
+    WriteOptions {
+        w: opts.w.unwrap_or(0),
+        timeout_ms: millis(timeout),
+        flags: if opts.return_body {
+            WriteOptions::RETURN_BODY
+        } else {
+            0
+        },
+    }
+}
+
+fn written(w: ringkv_protocol::WriteReply) -> Written {
+    Written {
+        dot: (w.actor, w.counter),
+        read: w.body.map(Read::from_reply),
+    }
+}
+
+fn unexpected(addr: &str, resp: Response) -> Error {
+    Error::Protocol {
+        addr: addr.to_string(),
+        cause: format!("unexpected response {:?}", resp.opcode()),
+    }
+}

@@ -1,0 +1,18 @@
+//! ringkv wire protocol: frames, client messages, the causal-context token and the limits.
+//!
+//! This crate has no runtime and no storage: it is shared by the server, the client library and
+//! the tools. The byte-level format is documented in `docs/protocol.md`.
+
+pub mod context;
+pub mod frame;
+pub mod limits;
+pub mod message;
+pub mod wire;
+
+pub use context::{CausalContext, ContextError};
+pub use frame::{Frame, FrameCodec, FrameError, Inbound, Rejection, PROTOCOL_VERSION};
+pub use message::{
+    ErrorKind, ErrorReply, ReadOptions, ReadReply, Request, Response, Sibling, StatusReply,
+    WriteOptions, WriteReply,
+};
+pub use wire::DecodeError;

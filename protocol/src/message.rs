@@ -1,0 +1,561 @@
+//! Client protocol messages and their body encodings (byte layouts in docs/protocol.md).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::Frame;
+use crate::limits::*;
+use crate::wire::{put_bytes, put_count, DecodeError, Reader};
+
+pub mod opcode {
+    pub const PING: u8 = 0x01;
+    pub const STATUS: u8 = 0x02;
+    pub const GET: u8 = 0x03;
+    pub const PUT: u8 = 0x04;
+    pub const DELETE: u8 = 0x05;
+
+    pub const PONG: u8 = 0x81;
+    pub const STATUS_REPLY: u8 = 0x82;
+    pub const GET_REPLY: u8 = 0x83;
+    pub const PUT_REPLY: u8 = 0x84;
+    pub const DELETE_REPLY: u8 = 0x85;
+    pub const ERROR: u8 = 0xFF;
+}
+
+/// Read options. Zero means "server default" for every numeric field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Replies to wait for (R); 0 = the cluster default.
+    pub r: u8,
+    /// Deadline for the whole request in ms; 0 = the server default.
+    pub timeout_ms: u32,
+    pub flags: u8,
+}
+
+impl ReadOptions {
+    /// Read only the contacted node's own replica, without coordination (debugging divergence).
+    pub const LOCAL: u8 = 0x01;
+}
+
+/// Write options. Zero means "server default" for every numeric field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Acks to wait for (W); 0 = the cluster default.
+    pub w: u8,
+    pub timeout_ms: u32,
+    pub flags: u8,
+}
+
+impl WriteOptions {
+    /// Return the key's resulting siblings and context with the reply (Riak's `returnbody`).
+    pub const RETURN_BODY: u8 = 0x01;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Ping,
+    Status,
+    Get {
+        key: Bytes,
+        opts: ReadOptions,
+    },
+    /// `context` empty = a blind write: it supersedes nothing and becomes a sibling.
+    Put {
+        key: Bytes,
+        value: Bytes,
+        context: Bytes,
+        opts: WriteOptions,
+    },
+    /// `context` empty = delete every version the coordinating replica holds (like Riak's
+    /// delete without a vclock, which reads first).
+    Delete {
+        key: Bytes,
+        context: Bytes,
+        opts: WriteOptions,
+    },
+}
+
+/// One version of a key as seen by a client. `value == None` is a tombstone (a delete).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    /// The dot `(actor, counter)` of the write that created this version.
+    pub actor: u64,
+    pub counter: u64,
+    /// Wall-clock ms at the coordinating replica when the write was applied.
+    pub timestamp_ms: u64,
+    pub value: Option<Bytes>,
+}
+
+/// A key's siblings and the causal context to send back with the next write.
+/// No live (non-tombstone) sibling means "not found"; the context is returned regardless.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadReply {
+    pub siblings: Vec<Sibling>,
+    pub context: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteReply {
+    /// The dot this write minted: `(actor, counter)`.
+    pub actor: u64,
+    pub counter: u64,
+    /// Present when the request set `RETURN_BODY`.
+    pub body: Option<ReadReply>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusReply {
+    pub node_id: String,
+    pub server_version: String,
+    pub uptime_ms: u64,
+    /// Counters and gauges, e.g. `requests.get`, `storage.write_batches`.
+    pub metrics: Vec<(String, u64)>,
+    /// Descriptive facts, e.g. `sync_mode`, `data_dir`, `worker.writer`.
+    pub info: Vec<(String, String)>,
+}
+
+/// Error kinds with their typed fields. Wire form: `code u16, a u64, b u64` (see
+/// docs/protocol.md); unknown codes decode to `Unknown` so old clients survive new errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A key, value, context or frame exceeded a limit: `size` bytes against `limit`.
+    TooLarge { size: u64, limit: u64 },
+    /// The request could not be decoded.
+    Malformed,
+    /// The frame's protocol version is not spoken here.
+    UnsupportedVersion { got: u64, supported: u64 },
+    /// The node refused the request for lack of capacity; nothing was applied.
+    Overloaded,
+    /// An internal failure (e.g. storage I/O); the message names the cause.
+    Internal,
+    /// The deadline passed with `acks` of `needed` replies.
+    Timeout { acks: u64, needed: u64 },
+    /// Too few replicas reachable: `alive` of `needed`.
+    Unavailable { alive: u64, needed: u64 },
+    /// A well-formed request with invalid arguments (e.g. R > N, empty key).
+    InvalidRequest,
+    /// The write would grow the key beyond `limit` siblings.
+    TooManySiblings { count: u64, limit: u64 },
+    Unknown { code: u16 },
+}
+
+impl ErrorKind {
+    pub fn code(&self) -> u16 {
+        match self {
+            ErrorKind::TooLarge { .. } => 1,
+            ErrorKind::Malformed => 2,
+            ErrorKind::UnsupportedVersion { .. } => 3,
+            ErrorKind::Overloaded => 4,
+            ErrorKind::Internal => 5,
+            ErrorKind::Timeout { .. } => 6,
+            ErrorKind::Unavailable { .. } => 7,
+            ErrorKind::InvalidRequest => 8,
+            ErrorKind::TooManySiblings { .. } => 9,
+            ErrorKind::Unknown { code } => *code,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ErrorKind::TooLarge { .. } => "TooLarge",
+            ErrorKind::Malformed => "Malformed",
+            ErrorKind::UnsupportedVersion { .. } => "UnsupportedVersion",
+            ErrorKind::Overloaded => "Overloaded",
+            ErrorKind::Internal => "Internal",
+            ErrorKind::Timeout { .. } => "Timeout",
+            ErrorKind::Unavailable { .. } => "Unavailable",
+            ErrorKind::InvalidRequest => "InvalidRequest",
+            ErrorKind::TooManySiblings { .. } => "TooManySiblings",
+            ErrorKind::Unknown { .. } => "Unknown",
+        }
+    }
+
+    fn fields(&self) -> (u64, u64) {
+        match *self {
+            ErrorKind::TooLarge { size, limit } => (size, limit),
+            ErrorKind::UnsupportedVersion { got, supported } => (got, supported),
+            ErrorKind::Timeout { acks, needed } => (acks, needed),
+            ErrorKind::Unavailable { alive, needed } => (alive, needed),
+            ErrorKind::TooManySiblings { count, limit } => (count, limit),
+            _ => (0, 0),
+        }
+    }
+
+    fn from_wire(code: u16, a: u64, b: u64) -> Self {
+        match code {
+            1 => ErrorKind::TooLarge { size: a, limit: b },
+            2 => ErrorKind::Malformed,
+            3 => ErrorKind::UnsupportedVersion {
+                got: a,
+                supported: b,
+            },
+            4 => ErrorKind::Overloaded,
+            5 => ErrorKind::Internal,
+            6 => ErrorKind::Timeout { acks: a, needed: b },
+            7 => ErrorKind::Unavailable {
+                alive: a,
+                needed: b,
+            },
+            8 => ErrorKind::InvalidRequest,
+            9 => ErrorKind::TooManySiblings { count: a, limit: b },
+            code => ErrorKind::Unknown { code },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    /// True when the server knows the request had no effect (so a write may be retried without
+    /// creating a duplicate sibling). False = the outcome is unknown.
+    pub definite: bool,
+    /// Human-readable cause naming the node and key.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Pong,
+    Status(StatusReply),
+    Get(ReadReply),
+    Put(WriteReply),
+    Delete(WriteReply),
+    Error(ErrorReply),
+}
+
+impl Request {
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Request::Ping => opcode::PING,
+            Request::Status => opcode::STATUS,
+            Request::Get { .. } => opcode::GET,
+            Request::Put { .. } => opcode::PUT,
+            Request::Delete { .. } => opcode::DELETE,
+        }
+    }
+
+    pub fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Request::Ping | Request::Status => {}
+            Request::Get { key, opts } => {
+                put_bytes(dst, key);
+                dst.put_u8(opts.r);
+                dst.put_u32(opts.timeout_ms);
+                dst.put_u8(opts.flags);
+            }
+            Request::Put {
+                key,
+                value,
+                context,
+                opts,
+            } => {
+                put_bytes(dst, key);
+                put_bytes(dst, value);
+                put_bytes(dst, context);
+                put_write_opts(dst, opts);
+            }
+            Request::Delete { key, context, opts } => {
+                put_bytes(dst, key);
+                put_bytes(dst, context);
+                put_write_opts(dst, opts);
+            }
+        }
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut body = BytesMut::new();
+        self.encode_body(&mut body);
+        Frame {
+            opcode: self.opcode(),
+            request_id,
+            body: body.freeze(),
+        }
+    }
+
+    /// Decodes a request body. Byte strings are bounded only by the frame here; semantic
+    /// limits (key/value size) are checked by `validate` so they can be answered `TooLarge`.
+    pub fn decode(opcode: u8, body: Bytes) -> Result<Request, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = match opcode {
+            opcode::PING => Request::Ping,
+            opcode::STATUS => Request::Status,
+            opcode::GET => {
+                let key = r.bytes("key", MAX_REQUEST_BODY_LEN)?;
+                let opts = ReadOptions {
+                    r: r.u8("r")?,
+                    timeout_ms: r.u32("timeout_ms")?,
+                    flags: r.u8("flags")?,
+                };
+                Request::Get { key, opts }
+            }
+            opcode::PUT => Request::Put {
+                key: r.bytes("key", MAX_REQUEST_BODY_LEN)?,
+                value: r.bytes("value", MAX_REQUEST_BODY_LEN)?,
+                context: r.bytes("context", MAX_REQUEST_BODY_LEN)?,
+                opts: read_write_opts(&mut r)?,
+            },
+            opcode::DELETE => Request::Delete {
+                key: r.bytes("key", MAX_REQUEST_BODY_LEN)?,
+                context: r.bytes("context", MAX_REQUEST_BODY_LEN)?,
+                opts: read_write_opts(&mut r)?,
+            },
+            other => return Err(DecodeError::UnknownOpcode(other)),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+
+    /// Checks the semantic limits of a decoded request. The error names the offending field.
+    pub fn validate(&self) -> Result<(), (ErrorKind, String)> {
+        let (key, value, context) = match self {
+            Request::Ping | Request::Status => return Ok(()),
+            Request::Get { key, .. } => (key, None, None),
+            Request::Put {
+                key,
+                value,
+                context,
+                ..
+            } => (key, Some(value), Some(context)),
+            Request::Delete { key, context, .. } => (key, None, Some(context)),
+        };
+        if key.is_empty() {
+            return Err((ErrorKind::InvalidRequest, "key is empty".into()));
+        }
+        let too_large = |what: &str, size: usize, limit: usize| {
+            (
+                ErrorKind::TooLarge {
+                    size: size as u64,
+                    limit: limit as u64,
+                },
+                format!("{what} is {size} bytes, limit {limit}"),
+            )
+        };
+        if key.len() > MAX_KEY_LEN {
+            return Err(too_large("key", key.len(), MAX_KEY_LEN));
+        }
+        if let Some(v) = value {
+            if v.len() > MAX_VALUE_LEN {
+                return Err(too_large("value", v.len(), MAX_VALUE_LEN));
+            }
+        }
+        if let Some(c) = context {
+            if c.len() > MAX_CONTEXT_LEN {
+                return Err(too_large("context", c.len(), MAX_CONTEXT_LEN));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn put_write_opts(dst: &mut BytesMut, opts: &WriteOptions) {
+    dst.put_u8(opts.w);
+    dst.put_u32(opts.timeout_ms);
+    dst.put_u8(opts.flags);
+}
+
+fn read_write_opts(r: &mut Reader) -> Result<WriteOptions, DecodeError> {
+    Ok(WriteOptions {
+        w: r.u8("w")?,
+        timeout_ms: r.u32("timeout_ms")?,
+        flags: r.u8("flags")?,
+    })
+}
+
+/// Minimum encoded size of a sibling (used to bound forged counts).
+const MIN_SIBLING_LEN: usize = 8 + 8 + 8 + 1;
+
+fn put_read_reply(dst: &mut BytesMut, rr: &ReadReply) {
+    put_count(dst, rr.siblings.len());
+    for s in &rr.siblings {
+        dst.put_u64(s.actor);
+        dst.put_u64(s.counter);
+        dst.put_u64(s.timestamp_ms);
+        match &s.value {
+            None => dst.put_u8(0),
+            Some(v) => {
+                dst.put_u8(1);
+                put_bytes(dst, v);
+            }
+        }
+    }
+    put_bytes(dst, &rr.context);
+}
+
+fn read_read_reply(r: &mut Reader) -> Result<ReadReply, DecodeError> {
+    let n = r.count("siblings", MAX_SIBLINGS, MIN_SIBLING_LEN)?;
+    let mut siblings = Vec::with_capacity(n);
+    for _ in 0..n {
+        let actor = r.u64("actor")?;
+        let counter = r.u64("counter")?;
+        let timestamp_ms = r.u64("timestamp_ms")?;
+        let value = match r.u8("sibling kind")? {
+            0 => None,
+            1 => Some(r.bytes("value", MAX_VALUE_LEN)?),
+            k => {
+                return Err(DecodeError::Invalid {
+                    field: "sibling kind",
+                    detail: format!("{k} (expected 0 = tombstone, 1 = value)"),
+                })
+            }
+        };
+        siblings.push(Sibling {
+            actor,
+            counter,
+            timestamp_ms,
+            value,
+        });
+    }
+    let context = r.bytes("context", MAX_CONTEXT_LEN)?;
+    Ok(ReadReply { siblings, context })
+}
+
+fn put_write_reply(dst: &mut BytesMut, wr: &WriteReply) {
+    dst.put_u64(wr.actor);
+    dst.put_u64(wr.counter);
+    match &wr.body {
+        None => dst.put_u8(0),
+        Some(body) => {
+            dst.put_u8(1);
+            put_read_reply(dst, body);
+        }
+    }
+}
+
+fn read_write_reply(r: &mut Reader) -> Result<WriteReply, DecodeError> {
+    let actor = r.u64("actor")?;
+    let counter = r.u64("counter")?;
+    let body = match r.u8("has_body")? {
+        0 => None,
+        1 => Some(read_read_reply(r)?),
+        k => {
+            return Err(DecodeError::Invalid {
+                field: "has_body",
+                detail: k.to_string(),
+            })
+        }
+    };
+    Ok(WriteReply {
+        actor,
+        counter,
+        body,
+    })
+}
+
+impl Response {
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Response::Pong => opcode::PONG,
+            Response::Status(_) => opcode::STATUS_REPLY,
+            Response::Get(_) => opcode::GET_REPLY,
+            Response::Put(_) => opcode::PUT_REPLY,
+            Response::Delete(_) => opcode::DELETE_REPLY,
+            Response::Error(_) => opcode::ERROR,
+        }
+    }
+
+    pub fn error(kind: ErrorKind, definite: bool, message: impl Into<String>) -> Response {
+        let mut message = message.into();
+        if message.len() > MAX_TEXT_LEN {
+            let mut cut = MAX_TEXT_LEN;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Response::Error(ErrorReply {
+            kind,
+            definite,
+            message,
+        })
+    }
+
+    pub fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Response::Pong => {}
+            Response::Status(s) => {
+                put_bytes(dst, s.node_id.as_bytes());
+                put_bytes(dst, s.server_version.as_bytes());
+                dst.put_u64(s.uptime_ms);
+                put_count(dst, s.metrics.len());
+                for (name, v) in &s.metrics {
+                    put_bytes(dst, name.as_bytes());
+                    dst.put_u64(*v);
+                }
+                put_count(dst, s.info.len());
+                for (name, v) in &s.info {
+                    put_bytes(dst, name.as_bytes());
+                    put_bytes(dst, v.as_bytes());
+                }
+            }
+            Response::Get(rr) => put_read_reply(dst, rr),
+            Response::Put(wr) | Response::Delete(wr) => put_write_reply(dst, wr),
+            Response::Error(e) => {
+                let (a, b) = e.kind.fields();
+                dst.put_u16(e.kind.code());
+                dst.put_u8(e.definite as u8);
+                dst.put_u64(a);
+                dst.put_u64(b);
+                put_bytes(dst, e.message.as_bytes());
+            }
+        }
+    }
+
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut body = BytesMut::new();
+        self.encode_body(&mut body);
+        Frame {
+            opcode: self.opcode(),
+            request_id,
+            body: body.freeze(),
+        }
+    }
+
+    pub fn decode(opcode: u8, body: Bytes) -> Result<Response, DecodeError> {
+        let mut r = Reader::new(body);
+        let resp = match opcode {
+            opcode::PONG => Response::Pong,
+            opcode::STATUS_REPLY => {
+                let node_id = r.text("node_id", MAX_TEXT_LEN)?;
+                let server_version = r.text("server_version", MAX_TEXT_LEN)?;
+                let uptime_ms = r.u64("uptime_ms")?;
+                let n = r.count("metrics", MAX_STATUS_ENTRIES, 12)?;
+                let mut metrics = Vec::with_capacity(n);
+                for _ in 0..n {
+                    metrics.push((r.text("metric name", MAX_TEXT_LEN)?, r.u64("metric")?));
+                }
+                let n = r.count("info", MAX_STATUS_ENTRIES, 8)?;
+                let mut info = Vec::with_capacity(n);
+                for _ in 0..n {
+                    info.push((
+                        r.text("info name", MAX_TEXT_LEN)?,
+                        r.text("info value", MAX_TEXT_LEN)?,
+                    ));
+                }
+                Response::Status(StatusReply {
+                    node_id,
+                    server_version,
+                    uptime_ms,
+                    metrics,
+                    info,
+                })
+            }
+            opcode::GET_REPLY => Response::Get(read_read_reply(&mut r)?),
+            opcode::PUT_REPLY => Response::Put(read_write_reply(&mut r)?),
+            opcode::DELETE_REPLY => Response::Delete(read_write_reply(&mut r)?),
+            opcode::ERROR => {
+                let code = r.u16("error code")?;
+                let definite = r.u8("definite")? != 0;
+                let a = r.u64("error field a")?;
+                let b = r.u64("error field b")?;
+                let message = r.text("error message", MAX_TEXT_LEN)?;
+                Response::Error(ErrorReply {
+                    kind: ErrorKind::from_wire(code, a, b),
+                    definite,
+                    message,
+                })
+            }
+            other => return Err(DecodeError::UnknownOpcode(other)),
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+}

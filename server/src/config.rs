@@ -1,0 +1,340 @@
+//! Node configuration: an optional TOML file, overridden by command-line flags, then validated.
+//! Every setting, its default and its limits are listed in docs/operations.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::storage::store::SyncMode;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;
+/// Upper bound for any request deadline: a client cannot pin server resources for longer.
+pub const MAX_TIMEOUT_MS: u32 = 600_000;
+pub const DEFAULT_BLOCK_CACHE_MB: usize = 256;
+pub const DEFAULT_WRITE_BUFFER_MB: usize = 64;
+
+/// Command-line flags. Any flag given overrides the same setting in `--config`.
+#[derive(Debug, Parser, Default)]
+#[command(name = "ringkv", version, about = "ringkv: a leaderless, Dynamo-style key-value store")]
+pub struct Cli {
+    /// TOML config file; flags override its settings.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// This node's unique, stable name ([A-Za-z0-9_.-], at most 64 characters).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Client listen address (HOST:PORT; port 0 = any free port).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Data directory (created if missing).
+    #[arg(long, value_name = "PATH")]
+    pub data_dir: Option<PathBuf>,
+    /// Durability of acknowledged writes: none, group (default) or always.
+    #[arg(long)]
+    pub sync: Option<String>,
+    /// Most concurrent client connections; more are answered Overloaded and closed.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most requests in flight per connection; the server stops reading beyond it.
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
+    /// Default request deadline in ms, when the client sends none.
+    #[arg(long)]
+    pub request_timeout_ms: Option<u32>,
+    /// RocksDB block cache shared by all column families, in MiB.
+    #[arg(long)]
+    pub block_cache_mb: Option<usize>,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or ringkv_server=debug.
+    #[arg(long)]
+    pub log: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file: the same settings as the flags, with underscores.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<String>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub sync: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub request_timeout_ms: Option<u32>,
+    pub block_cache_mb: Option<usize>,
+    pub write_buffer_mb: Option<usize>,
+    pub log: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub sync: SyncMode,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub request_timeout_ms: u32,
+    pub block_cache_mb: usize,
+    pub write_buffer_mb: usize,
+    pub log: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {cause}")]
+    Read { path: String, cause: String },
+    #[error("invalid config file {path}: {cause}")]
+    Parse { path: String, cause: String },
+    #[error("missing setting {0} (give --{1} or set {0} in the config file)")]
+    Missing(&'static str, &'static str),
+    #[error("invalid {setting}: {cause}")]
+    Invalid { setting: &'static str, cause: String },
+}
+
+fn invalid(setting: &'static str, cause: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        cause: cause.into(),
+    }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    setting: &'static str,
+    v: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
+    if v < lo || v > hi {
+        Err(invalid(setting, format!("{v} is outside {lo}..={hi}")))
+    } else {
+        Ok(v)
+    }
+}
+
+impl Config {
+    /// Reads `--config` (if any), applies the flags on top and validates the result.
+    pub fn load(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node_id = cli
+            .node_id
+            .or(file.node_id)
+            .ok_or(ConfigError::Missing("node_id", "node-id"))?;
+        validate_node_id(&node_id)?;
+        let listen_s = cli
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_s.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!("{listen_s:?} is not HOST:PORT with a numeric IP ({e})"),
+            )
+        })?;
+        let data_dir = cli
+            .data_dir
+            .or(file.data_dir)
+            .ok_or(ConfigError::Missing("data_dir", "data-dir"))?;
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "empty path"));
+        }
+        if data_dir.exists() && !data_dir.is_dir() {
+            return Err(invalid(
+                "data_dir",
+                format!("{} exists and is not a directory", data_dir.display()),
+            ));
+        }
+        let sync = match cli.sync.or(file.sync) {
+            Some(s) => s.parse::<SyncMode>().map_err(|e| invalid("sync", e))?,
+            None => SyncMode::Group,
+        };
+        let max_connections = in_range(
+            "max_connections",
+            cli.max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            1,
+            65_536,
+        )?;
+        let max_in_flight = in_range(
+            "max_in_flight",
+            cli.max_in_flight
+                .or(file.max_in_flight)
+                .unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            1,
+            65_536,
+        )?;
+        let request_timeout_ms = in_range(
+            "request_timeout_ms",
+            cli.request_timeout_ms
+                .or(file.request_timeout_ms)
+                .unwrap_or(DEFAULT_TIMEOUT_MS),
+            1,
+            MAX_TIMEOUT_MS,
+        )?;
+        let block_cache_mb = in_range(
+            "block_cache_mb",
+            cli.block_cache_mb
+                .or(file.block_cache_mb)
+                .unwrap_or(DEFAULT_BLOCK_CACHE_MB),
+            8,
+            1 << 20,
+        )?;
+        let write_buffer_mb = in_range(
+            "write_buffer_mb",
+            file.write_buffer_mb.unwrap_or(DEFAULT_WRITE_BUFFER_MB),
+            4,
+            4096,
+        )?;
+        let log = cli.log.or(file.log).unwrap_or_else(|| "info".into());
+        let log_format = match cli.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?}: expected text or json"),
+                ))
+            }
+        };
+        Ok(Config {
+            node_id,
+            listen,
+            data_dir,
+            sync,
+            max_connections,
+            max_in_flight,
+            request_timeout_ms,
+            block_cache_mb,
+            write_buffer_mb,
+            log,
+            log_format,
+        })
+    }
+
+    /// Where the node writes the address it actually bound (useful with port 0).
+    pub fn addr_file(&self) -> PathBuf {
+        self.data_dir.join(ADDR_FILE)
+    }
+}
+
+/// File in the data dir holding `client=HOST:PORT` once the node accepts connections.
+pub const ADDR_FILE: &str = "ringkv.addr";
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        cause: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        cause: e.to_string(),
+    })
+}
+
+pub fn validate_node_id(id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(invalid(
+            "node_id",
+            format!("{id:?} must be 1 to 64 characters"),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(invalid(
+            "node_id",
+            format!("{id:?} contains {c:?}; allowed: A-Z a-z 0-9 _ . -"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["ringkv"];
+        all.extend_from_slice(args);
+        Cli::parse_from(all)
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"a\"\nlisten = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/x\"\nsync = \"none\"\n",
+        )
+        .unwrap();
+        let c = Config::load(cli(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]))
+        .unwrap();
+        assert_eq!(c.node_id, "a");
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.sync, SyncMode::None);
+        assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+    }
+
+    #[test]
+    fn invalid_settings_name_the_setting() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--data-dir", "/tmp/x"], "node_id"),
+            (&["--node-id", "a b", "--data-dir", "/tmp/x"], "node_id"),
+            (&["--node-id", "a"], "data_dir"),
+            (
+                &["--node-id", "a", "--data-dir", "/tmp/x", "--listen", "localhost"],
+                "listen",
+            ),
+            (
+                &["--node-id", "a", "--data-dir", "/tmp/x", "--sync", "sometimes"],
+                "sync",
+            ),
+            (
+                &["--node-id", "a", "--data-dir", "/tmp/x", "--max-in-flight", "0"],
+                "max_in_flight",
+            ),
+        ];
+        for (args, setting) in cases {
+            let err = Config::load(cli(args)).unwrap_err().to_string();
+            assert!(err.contains(setting), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "node_id = \"a\"\nlisten_addr = \"x\"\n").unwrap();
+        let err = Config::load(cli(&["--config", path.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+}

@@ -1,0 +1,121 @@
+//! The RocksDB engine. This is the only file that imports `rocksdb`
+//! (see shared/notes/rocksdb.md for the choices: one DB, fixed column families, shared block
+//! cache, bloom filters, WAL always on).
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, WriteBatch,
+    WriteOptions, DB,
+};
+
+use super::{Batch, BatchOp, Cf, Engine, StorageError};
+
+/// Engine tuning, from the node config.
+#[derive(Debug, Clone)]
+pub struct RocksConfig {
+    /// One block cache shared by every column family.
+    pub block_cache_bytes: usize,
+    /// Memtable size of the data CF; small CFs get a quarter.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for RocksConfig {
+    fn default() -> Self {
+        RocksConfig {
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+pub struct RocksEngine {
+    db: DB,
+}
+
+fn map_err(op: &'static str, e: rocksdb::Error) -> StorageError {
+    let cause = e.to_string();
+    if e.kind() == ErrorKind::IOError && (cause.contains("No space") || cause.contains("ENOSPC")) {
+        StorageError::NoSpace { op, cause }
+    } else {
+        StorageError::Io { op, cause }
+    }
+}
+
+impl RocksEngine {
+    pub fn open(path: &Path, cfg: &RocksConfig) -> Result<RocksEngine, StorageError> {
+        let open_err = |e: rocksdb::Error| StorageError::Open {
+            dir: path.display().to_string(),
+            cause: e.to_string(),
+        };
+        let cache = Cache::new_lru_cache(cfg.block_cache_bytes);
+        let cf_options = |write_buffer: usize| {
+            let mut block = BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            block.set_bloom_filter(10.0, false);
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&block);
+            o.set_write_buffer_size(write_buffer);
+            o
+        };
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_bytes_per_sync(1 << 20);
+        db_opts.set_keep_log_file_num(5);
+        db_opts.set_max_log_file_size(16 << 20);
+        db_opts.set_max_total_wal_size(256 << 20);
+        let small = (cfg.write_buffer_bytes / 4).max(1 << 20);
+        let mut descriptors = vec![ColumnFamilyDescriptor::new("default", cf_options(small))];
+        for cf in Cf::ALL {
+            let wb = if cf == Cf::Data {
+                cfg.write_buffer_bytes
+            } else {
+                small
+            };
+            descriptors.push(ColumnFamilyDescriptor::new(cf.name(), cf_options(wb)));
+        }
+        let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(open_err)?;
+        Ok(RocksEngine { db })
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+}
+
+impl Engine for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.db
+            .get_pinned_cf(self.cf(cf), key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| map_err("get", e))
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {
+        let mut wb = WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                BatchOp::Put(cf, k, v) => wb.put_cf(self.cf(*cf), k, v),
+                BatchOp::Delete(cf, k) => wb.delete_cf(self.cf(*cf), k),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo).map_err(|e| map_err("write", e))
+    }
+
+    fn sync_wal(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true).map_err(|e| map_err("sync_wal", e))
+    }
+
+    fn property(&self, cf: Cf, name: &str) -> Option<u64> {
+        self.db
+            .property_int_value_cf(self.cf(cf), name)
+            .ok()
+            .flatten()
+    }
+}

@@ -1,0 +1,215 @@
+//! Store logic on the in-memory engine: minting, merging, limits, identity across restarts,
+//! amnesia, and failed batches (a full disk).
+
+use super::*;
+use crate::storage::memory::MemoryEngine;
+
+fn open(engine: &Arc<MemoryEngine>, sync: SyncMode) -> Store {
+    Store::open(
+        engine.clone() as Arc<dyn Engine>,
+        StoreConfig {
+            node_id: "n1".into(),
+            sync,
+        },
+    )
+    .expect("open store")
+}
+
+fn put(key: &str, value: &str, ctx: Option<VersionVector>) -> WriteOp {
+    WriteOp::Update {
+        key: Bytes::from(key.to_string()),
+        ctx: Some(ctx.unwrap_or_default()),
+        value: Some(Bytes::from(value.to_string())),
+        timestamp_ms: 1,
+    }
+}
+
+fn values(s: &KeyState) -> Vec<String> {
+    s.siblings()
+        .iter()
+        .map(|x| match &x.value {
+            Some(v) => String::from_utf8(v.to_vec()).unwrap(),
+            None => "<deleted>".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn blind_writes_become_siblings_and_context_collapses_them() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    store.write(put("k", "a", None)).await.unwrap();
+    store.write(put("k", "b", None)).await.unwrap();
+    let read = store.get(b"k").unwrap();
+    assert_eq!(values(&read), vec!["a", "b"]);
+    let out = store
+        .write(put("k", "c", Some(read.context().clone())))
+        .await
+        .unwrap();
+    assert_eq!(values(&out.state), vec!["c"]);
+    assert_eq!(values(&store.get(b"k").unwrap()), vec!["c"]);
+    // Delete without context removes what this replica holds, leaving one tombstone.
+    let del = store
+        .write(WriteOp::Update {
+            key: Bytes::from_static(b"k"),
+            ctx: None,
+            value: None,
+            timestamp_ms: 2,
+        })
+        .await
+        .unwrap();
+    assert_eq!(values(&del.state), vec!["<deleted>"]);
+    assert!(!store.get(b"k").unwrap().has_live_value());
+    store.close();
+}
+
+#[tokio::test]
+async fn counters_never_repeat_across_clean_restarts() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let first = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
+    store.close();
+    let store = open(&engine, SyncMode::Group);
+    let second = store.write(put("b", "1", None)).await.unwrap().dot.unwrap();
+    assert_eq!(first.actor, second.actor, "clean restart keeps the actor");
+    assert!(second.counter > first.counter + COUNTER_LEASE - 1, "restart skips the rest of the lease");
+    store.close();
+}
+
+#[tokio::test]
+async fn lease_is_extended_in_the_same_batch() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let mut last = 0;
+    for i in 0..(COUNTER_LEASE + 5) {
+        last = store.write(put(&format!("k{}", i % 7), "v", None)).await.unwrap().dot.unwrap().counter;
+    }
+    drop(store); // no clean close: simulate a crash (sync=group keeps the incarnation)
+    let store = open(&engine, SyncMode::Group);
+    let next = store.write(put("z", "v", None)).await.unwrap().dot.unwrap().counter;
+    assert!(next > last, "counter {next} after crash must exceed {last}");
+    store.close();
+}
+
+#[tokio::test]
+async fn unclean_shutdown_without_fsync_starts_a_new_incarnation() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::None);
+    let before = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
+    let inc = store.stats().incarnation.load(Ordering::Relaxed);
+    drop(store); // crash
+    let store = open(&engine, SyncMode::None);
+    let after = store.write(put("a", "2", None)).await.unwrap().dot.unwrap();
+    assert_ne!(before.actor, after.actor);
+    assert_eq!(store.stats().incarnation.load(Ordering::Relaxed), inc + 1);
+    // The old version is still there: the blind write became a sibling.
+    let mut vals = values(&store.get(b"a").unwrap());
+    vals.sort();
+    assert_eq!(vals, vec!["1", "2"]);
+    store.close();
+}
+
+#[tokio::test]
+async fn merge_showing_our_actor_ahead_triggers_a_new_incarnation() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let dot = store.write(put("k", "v", None)).await.unwrap().dot.unwrap();
+    // A peer's state claims a dot of ours far beyond our counter: we lost data.
+    let foreign = KeyState::new().update(
+        &VersionVector::new(),
+        Dot { actor: dot.actor, counter: dot.counter + 5 * COUNTER_LEASE },
+        9,
+        Some(Bytes::from_static(b"future")),
+    );
+    store
+        .write(WriteOp::Merge { key: Bytes::from_static(b"k"), state: foreign })
+        .await
+        .unwrap();
+    assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
+    let next = store.write(put("k", "w", None)).await.unwrap().dot.unwrap();
+    assert_ne!(next.actor, dot.actor, "must not mint with the amnesiac actor");
+    store.close();
+}
+
+#[tokio::test]
+async fn merge_is_idempotent_and_counted_as_noop() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let out = store.write(put("k", "v", None)).await.unwrap();
+    let again = store
+        .write(WriteOp::Merge { key: Bytes::from_static(b"k"), state: out.state.clone() })
+        .await
+        .unwrap();
+    assert_eq!(again.state, out.state);
+    assert_eq!(store.stats().merges_noop.load(Ordering::Relaxed), 1);
+    store.close();
+}
+
+#[tokio::test]
+async fn sibling_cap_refuses_growth_but_not_resolution() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::None);
+    for i in 0..MAX_SIBLINGS {
+        store.write(put("hot", &i.to_string(), None)).await.unwrap();
+    }
+    let err = store.write(put("hot", "one too many", None)).await.unwrap_err();
+    assert!(matches!(err, WriteError::TooManySiblings { count, limit, .. } if count == MAX_SIBLINGS + 1 && limit == MAX_SIBLINGS), "{err}");
+    let read = store.get(b"hot").unwrap();
+    assert_eq!(read.siblings().len(), MAX_SIBLINGS, "the refused write changed nothing");
+    let resolved = store.write(put("hot", "resolved", Some(read.context().clone()))).await.unwrap();
+    assert_eq!(values(&resolved.state), vec!["resolved"]);
+    store.close();
+}
+
+#[tokio::test]
+async fn failed_batch_applies_nothing_and_store_recovers() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    store.write(put("k", "before", None)).await.unwrap();
+    engine.set_fail_writes(true);
+    let err = store.write(put("k", "during", None)).await.unwrap_err();
+    assert!(matches!(&err, WriteError::Storage { source: StorageError::NoSpace { .. }, .. }), "{err}");
+    assert!(err.to_string().contains("\"k\""), "error names the key: {err}");
+    engine.set_fail_writes(false);
+    assert_eq!(values(&store.get(b"k").unwrap()), vec!["before"]);
+    store.write(put("k", "after", None)).await.unwrap();
+    assert_eq!(values(&store.get(b"k").unwrap()), vec!["before", "after"]);
+    store.close();
+}
+
+#[tokio::test]
+async fn data_dir_of_another_node_is_refused() {
+    let engine = Arc::new(MemoryEngine::new());
+    open(&engine, SyncMode::Group).close();
+    let err = Store::open(
+        engine.clone() as Arc<dyn Engine>,
+        StoreConfig { node_id: "n2".into(), sync: SyncMode::Group },
+    )
+    .err()
+    .expect("must refuse");
+    assert!(err.to_string().contains("belongs to node \"n1\""), "{err}");
+}
+
+#[tokio::test]
+async fn group_mode_fsyncs_every_batch_and_none_mode_never() {
+    for (mode, expect_synced) in [(SyncMode::Group, true), (SyncMode::None, false), (SyncMode::Always, true)] {
+        let engine = Arc::new(MemoryEngine::new());
+        let store = Arc::new(open(&engine, mode));
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move { s.write(put(&format!("k{i}"), "v", None)).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let batches = store.stats().batches.load(Ordering::Relaxed);
+        let synced = store.stats().synced_batches.load(Ordering::Relaxed);
+        assert!(batches >= 1 && batches <= 200);
+        assert_eq!(synced == batches, expect_synced, "{mode}: {synced} of {batches} synced");
+        if mode == SyncMode::Always {
+            assert_eq!(batches, 200, "always mode never groups");
+        }
+        store.close();
+    }
+}

@@ -1,0 +1,364 @@
+//! Dotted version vector sets (DVV), in the explicit-dot form of Riak 2.x.
+//!
+//! A key's state is a version vector plus its siblings; each sibling carries the dot of the
+//! write that created it. A write with a context replaces exactly the siblings whose dots the
+//! context covers; everything else survives. Pure and deterministic: no clocks, no I/O. See
+//! `shared/notes/version-vectors.md` for the model and `docs/architecture.md` for the invariants:
+//!
+//! - I1 every sibling's dot is covered by the state's VV;
+//! - I2 one dot names at most one value cluster-wide (only the owning actor mints its dots, from
+//!   a counter that never repeats);
+//! - I3 if `VV[a] = c` the state knows every event of `a` on this key up to `c`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use ringkv_protocol::CausalContext;
+
+pub type Actor = u64;
+
+/// The identity of one write: `(actor, counter)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Dot {
+    pub actor: Actor,
+    pub counter: u64,
+}
+
+/// Map actor → highest counter seen. Absent actors are 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct VersionVector(BTreeMap<Actor, u64>);
+
+impl VersionVector {
+    pub fn new() -> Self {
+        VersionVector(BTreeMap::new())
+    }
+
+    pub fn get(&self, actor: Actor) -> u64 {
+        self.0.get(&actor).copied().unwrap_or(0)
+    }
+
+    pub fn covers(&self, dot: Dot) -> bool {
+        self.get(dot.actor) >= dot.counter
+    }
+
+    /// Pointwise max.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (&a, &c) in &other.0 {
+            let e = self.0.entry(a).or_insert(0);
+            *e = (*e).max(c);
+        }
+    }
+
+    /// Raises `actor` to at least `counter`.
+    pub fn bump(&mut self, dot: Dot) {
+        let e = self.0.entry(dot.actor).or_insert(0);
+        *e = (*e).max(dot.counter);
+    }
+
+    /// `self >= other` pointwise.
+    pub fn descends(&self, other: &VersionVector) -> bool {
+        other.0.iter().all(|(&a, &c)| self.get(a) >= c)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Actor, u64)> + '_ {
+        self.0.iter().map(|(&a, &c)| (a, c))
+    }
+
+    pub fn to_context(&self) -> CausalContext {
+        CausalContext {
+            entries: self.iter().collect(),
+        }
+    }
+
+    pub fn from_context(ctx: &CausalContext) -> Self {
+        VersionVector(ctx.entries.iter().copied().collect())
+    }
+}
+
+/// One version of a key. `value == None` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    pub dot: Dot,
+    /// Wall-clock ms at the coordinating replica. Informational (and for LWW resolution): it
+    /// never decides causality.
+    pub timestamp_ms: u64,
+    pub value: Option<Bytes>,
+}
+
+/// The whole replicated state of one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyState {
+    vv: VersionVector,
+    /// Ascending by dot, dots unique.
+    siblings: Vec<Sibling>,
+}
+
+impl KeyState {
+    pub fn new() -> Self {
+        KeyState::default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vv.is_empty() && self.siblings.is_empty()
+    }
+
+    /// The causal context a reader receives (`join` in dvvset).
+    pub fn context(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    pub fn siblings(&self) -> &[Sibling] {
+        &self.siblings
+    }
+
+    /// True when at least one sibling is a value (not a tombstone).
+    pub fn has_live_value(&self) -> bool {
+        self.siblings.iter().any(|s| s.value.is_some())
+    }
+
+    /// Total bytes of sibling values (for the object size limit).
+    pub fn value_bytes(&self) -> usize {
+        self.siblings
+            .iter()
+            .map(|s| s.value.as_ref().map_or(0, |v| v.len()))
+            .sum()
+    }
+
+    /// A client write on a replica (`update/3` in dvvset): drop the siblings whose dots `ctx`
+    /// covers, raise the VV to include `ctx`, then add `value` under `dot`.
+    ///
+    /// `dot` must be fresh: its counter greater than anything this state or `ctx` has seen of
+    /// that actor. The caller (the storage writer) guarantees it with a counter that never
+    /// repeats and detects violations (amnesia) before calling; see `needs_fresh_counter`.
+    pub fn update(
+        &self,
+        ctx: &VersionVector,
+        dot: Dot,
+        timestamp_ms: u64,
+        value: Option<Bytes>,
+    ) -> KeyState {
+        debug_assert!(
+            dot.counter > self.vv.get(dot.actor) && dot.counter > ctx.get(dot.actor),
+            "dot {dot:?} is not fresh for this state/context"
+        );
+        let mut siblings: Vec<Sibling> = self
+            .siblings
+            .iter()
+            .filter(|s| !ctx.covers(s.dot))
+            .cloned()
+            .collect();
+        let mut vv = self.vv.clone();
+        vv.merge(ctx);
+        vv.bump(dot);
+        siblings.push(Sibling {
+            dot,
+            timestamp_ms,
+            value,
+        });
+        siblings.sort_by_key(|s| s.dot);
+        let out = KeyState { vv, siblings };
+        debug_assert!(out.check_invariants().is_ok());
+        out
+    }
+
+    /// The lowest counter `actor` may use for its next dot on this key, given the writer's
+    /// context: anything at or below it would reuse or be covered by a known event.
+    pub fn min_fresh_counter(&self, ctx: &VersionVector, actor: Actor) -> u64 {
+        self.vv.get(actor).max(ctx.get(actor)) + 1
+    }
+
+    /// Merge of two replica states (`sync` in dvvset). Commutative, associative, idempotent.
+    /// A sibling survives iff the other side holds the same dot or has not seen it.
+    pub fn sync(&self, other: &KeyState) -> KeyState {
+        let mut vv = self.vv.clone();
+        vv.merge(&other.vv);
+        let mut siblings = Vec::with_capacity(self.siblings.len() + other.siblings.len());
+        let (mut i, mut j) = (0, 0);
+        let (a, b) = (&self.siblings, &other.siblings);
+        while i < a.len() || j < b.len() {
+            let take_a = j >= b.len() || (i < a.len() && a[i].dot <= b[j].dot);
+            if take_a && j < b.len() && i < a.len() && a[i].dot == b[j].dot {
+                // Same dot on both sides: the same write (I2).
+                siblings.push(a[i].clone());
+                i += 1;
+                j += 1;
+            } else if take_a {
+                if !other.vv.covers(a[i].dot) {
+                    siblings.push(a[i].clone());
+                }
+                i += 1;
+            } else {
+                if !self.vv.covers(b[j].dot) {
+                    siblings.push(b[j].clone());
+                }
+                j += 1;
+            }
+        }
+        KeyState { vv, siblings }
+    }
+
+    /// `self.vv < other.vv` strictly: self is obsolete.
+    pub fn less(&self, other: &KeyState) -> bool {
+        other.vv.descends(&self.vv) && self.vv != other.vv
+    }
+
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for s in &self.siblings {
+            if !self.vv.covers(s.dot) {
+                return Err(format!("sibling dot {:?} not covered by the VV", s.dot));
+            }
+        }
+        if !self.siblings.windows(2).all(|w| w[0].dot < w[1].dot) {
+            return Err("siblings not strictly ordered by dot".into());
+        }
+        Ok(())
+    }
+
+    /// Canonical bytes (actors sorted, siblings by dot), so equal states encode equal.
+    ///
+    /// ```text
+    /// u8 format (1) | varint n | n × (actor u64 BE, counter varint)
+    /// varint m | m × (actor u64 BE, counter varint, timestamp varint, kind u8 [, varint len, bytes])
+    /// ```
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.vv.len() * 12 + self.value_bytes());
+        out.push(STATE_FORMAT);
+        put_varint(&mut out, self.vv.len() as u64);
+        for (a, c) in self.vv.iter() {
+            out.extend_from_slice(&a.to_be_bytes());
+            put_varint(&mut out, c);
+        }
+        put_varint(&mut out, self.siblings.len() as u64);
+        for s in &self.siblings {
+            out.extend_from_slice(&s.dot.actor.to_be_bytes());
+            put_varint(&mut out, s.dot.counter);
+            put_varint(&mut out, s.timestamp_ms);
+            match &s.value {
+                None => out.push(0),
+                Some(v) => {
+                    out.push(1);
+                    put_varint(&mut out, v.len() as u64);
+                    out.extend_from_slice(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes stored bytes, checking the invariants: a corrupt record is an error, never a
+    /// panic and never a silently wrong state.
+    pub fn decode(buf: &[u8]) -> Result<KeyState, StateDecodeError> {
+        let mut pos = 0usize;
+        let format = *buf.first().ok_or(StateDecodeError::Truncated)?;
+        if format != STATE_FORMAT {
+            return Err(StateDecodeError::Format(format));
+        }
+        pos += 1;
+        let n = get_varint(buf, &mut pos)?;
+        if n > (buf.len() - pos) as u64 {
+            return Err(StateDecodeError::Truncated);
+        }
+        let mut vv = BTreeMap::new();
+        let mut last: Option<Actor> = None;
+        for _ in 0..n {
+            let a = get_u64(buf, &mut pos)?;
+            let c = get_varint(buf, &mut pos)?;
+            if last.is_some_and(|l| l >= a) || c == 0 {
+                return Err(StateDecodeError::Invalid("version vector not canonical"));
+            }
+            last = Some(a);
+            vv.insert(a, c);
+        }
+        let m = get_varint(buf, &mut pos)?;
+        if m > (buf.len() - pos) as u64 {
+            return Err(StateDecodeError::Truncated);
+        }
+        let mut siblings = Vec::with_capacity(m as usize);
+        for _ in 0..m {
+            let actor = get_u64(buf, &mut pos)?;
+            let counter = get_varint(buf, &mut pos)?;
+            let timestamp_ms = get_varint(buf, &mut pos)?;
+            let kind = *buf.get(pos).ok_or(StateDecodeError::Truncated)?;
+            pos += 1;
+            let value = match kind {
+                0 => None,
+                1 => {
+                    let len = get_varint(buf, &mut pos)?;
+                    if len > (buf.len() - pos) as u64 {
+                        return Err(StateDecodeError::Truncated);
+                    }
+                    let v = Bytes::copy_from_slice(&buf[pos..pos + len as usize]);
+                    pos += len as usize;
+                    Some(v)
+                }
+                _ => return Err(StateDecodeError::Invalid("sibling kind")),
+            };
+            siblings.push(Sibling {
+                dot: Dot { actor, counter },
+                timestamp_ms,
+                value,
+            });
+        }
+        if pos != buf.len() {
+            return Err(StateDecodeError::Invalid("trailing bytes"));
+        }
+        let state = KeyState {
+            vv: VersionVector(vv),
+            siblings,
+        };
+        state
+            .check_invariants()
+            .map_err(|_| StateDecodeError::Invalid("sibling not covered or out of order"))?;
+        Ok(state)
+    }
+}
+
+const STATE_FORMAT: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateDecodeError {
+    #[error("stored key state is truncated")]
+    Truncated,
+    #[error("stored key state has unknown format {0}")]
+    Format(u8),
+    #[error("stored key state is invalid: {0}")]
+    Invalid(&'static str),
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, StateDecodeError> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos).ok_or(StateDecodeError::Truncated)?;
+        *pos += 1;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(StateDecodeError::Invalid("varint too long"))
+}
+
+fn get_u64(buf: &[u8], pos: &mut usize) -> Result<u64, StateDecodeError> {
+    let b = buf.get(*pos..*pos + 8).ok_or(StateDecodeError::Truncated)?;
+    *pos += 8;
+    Ok(u64::from_be_bytes(b.try_into().expect("8-byte slice")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,379 @@
+//! Integration tests: the real `ringkv` binary on an ephemeral 127.0.0.1 port with a temp
+//! RocksDB data dir, driven through the client library and raw sockets.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ringkv_client::{Client, ClientConfig, Error, ErrorKind, GetOptions, PutOptions};
+use ringkv_jepsen::NodeProcess;
+use ringkv_protocol::frame::{put_header, HEADER_LEN};
+use ringkv_protocol::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_VALUE_LEN};
+use ringkv_protocol::message::opcode;
+use ringkv_protocol::{Frame, Request, Response};
+
+async fn client(node: &NodeProcess) -> Client {
+    Client::connect([node.addr.clone()]).await.expect("connect")
+}
+
+fn strings(read: &ringkv_client::Read) -> Vec<String> {
+    let mut v: Vec<String> = read
+        .values()
+        .iter()
+        .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_delete() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let c = client(&node).await;
+    let missing = c.get("k").await.unwrap();
+    assert!(!missing.is_found());
+    assert!(
+        !missing.context.is_empty(),
+        "not found still carries a context token"
+    );
+    c.put("k", "v1", None).await.unwrap();
+    let read = c.get("k").await.unwrap();
+    assert_eq!(read.value().map(|v| v.as_ref()), Some(&b"v1"[..]));
+    c.put("k", "v2", Some(&read.context)).await.unwrap();
+    let read = c.get("k").await.unwrap();
+    assert_eq!(strings(&read), vec!["v2"]);
+    c.delete("k", Some(&read.context)).await.unwrap();
+    let read = c.get("k").await.unwrap();
+    assert!(!read.is_found());
+    assert!(read.siblings.iter().all(|s| s.is_deleted()));
+    // Re-create with the tombstone's context: exactly one live sibling, no tombstone left.
+    c.put("k", "v3", Some(&read.context)).await.unwrap();
+    let read = c.get("k").await.unwrap();
+    assert_eq!(read.siblings.len(), 1);
+    assert_eq!(strings(&read), vec!["v3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_blind_writes_become_siblings_and_context_resolves_them() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let a = client(&node).await;
+    let b = client(&node).await;
+    a.put("cart", "apple", None).await.unwrap();
+    b.put("cart", "pear", None).await.unwrap();
+    let read = a.get("cart").await.unwrap();
+    assert_eq!(strings(&read), vec!["apple", "pear"]);
+    assert!(read.has_conflict());
+    let merged = a
+        .put_returning("cart", "apple+pear", Some(&read.context))
+        .await
+        .unwrap();
+    assert_eq!(strings(&merged), vec!["apple+pear"]);
+    assert_eq!(strings(&b.get("cart").await.unwrap()), vec!["apple+pear"]);
+    // A writer with a stale context keeps the newer value as a sibling (nothing is lost).
+    b.put("cart", "stale", Some(&read.context)).await.unwrap();
+    assert_eq!(
+        strings(&a.get("cart").await.unwrap()),
+        vec!["apple+pear", "stale"]
+    );
+    // A context for another key is refused, and changes nothing.
+    let err = a.put("other", "x", Some(&read.context)).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidRequest), "{err}");
+    assert!(err.to_string().contains("another key"), "{err}");
+    assert!(!a.get("other").await.unwrap().is_found());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_graceful_restart() {
+    let mut node = NodeProcess::start_temp("n1", &[]);
+    let c = client(&node).await;
+    for i in 0..50 {
+        c.put(format!("k{i}"), format!("v{i}"), None).await.unwrap();
+    }
+    let status = node.stop().expect("graceful stop");
+    assert!(status.success(), "SIGTERM exit status: {status}");
+    assert!(
+        node.log_tail(20).contains("storage closed cleanly"),
+        "{}",
+        node.log_tail(20)
+    );
+    node.start().unwrap();
+    let c = client(&node).await;
+    for i in 0..50 {
+        let read = c.get(format!("k{i}")).await.unwrap();
+        assert_eq!(strings(&read), vec![format!("v{i}")]);
+    }
+}
+
+/// kill -9 immediately after the last acknowledgement. The WAL is written before the ack in
+/// every sync mode, so a process crash loses nothing in any of them (power loss needs `group`
+/// or `always`; see docs/operations.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    for mode in ["none", "group", "always"] {
+        let mut node = NodeProcess::start_temp("n1", &["--sync", mode]);
+        let c = client(&node).await;
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                c.put(format!("k{i}"), format!("v{i}"), None).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        node.kill9();
+        node.start().unwrap();
+        let c = client(&node).await;
+        for i in 0..200 {
+            let read = c.get(format!("k{i}")).await.unwrap();
+            assert_eq!(
+                strings(&read),
+                vec![format!("v{i}")],
+                "sync={mode}: key k{i} lost after kill -9"
+            );
+        }
+        // After an unclean stop, new writes still never collide with old versions.
+        c.put("k0", "after", None).await.unwrap();
+        assert_eq!(
+            strings(&c.get("k0").await.unwrap()),
+            vec!["after".to_string(), "v0".to_string()]
+        );
+        c.put("k0", "resolved", Some(&c.get("k0").await.unwrap().context))
+            .await
+            .unwrap();
+        assert_eq!(strings(&c.get("k0").await.unwrap()), vec!["resolved"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_key_and_value_get_too_large_and_connection_stays_usable() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let c = client(&node).await;
+    let big_key = "k".repeat(MAX_KEY_LEN + 1);
+    let err = c.put(&big_key, "v", None).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        Some(ErrorKind::TooLarge {
+            size: MAX_KEY_LEN as u64 + 1,
+            limit: MAX_KEY_LEN as u64
+        }),
+        "{err}"
+    );
+    assert!(err.is_definite());
+    assert!(err.to_string().contains("node n1"), "error names the node: {err}");
+    let big_value = Bytes::from(vec![7u8; MAX_VALUE_LEN + 1]);
+    let err = c.put("k", big_value, None).await.unwrap_err();
+    assert!(matches!(err.kind(), Some(ErrorKind::TooLarge { .. })), "{err}");
+    // The largest allowed value works, on the same connection.
+    let max_value = Bytes::from(vec![7u8; MAX_VALUE_LEN]);
+    c.put("k", max_value.clone(), None).await.unwrap();
+    assert_eq!(c.get("k").await.unwrap().value(), Some(&max_value));
+}
+
+fn raw_connect(node: &NodeProcess) -> TcpStream {
+    let s = TcpStream::connect(&node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn read_frame(s: &mut TcpStream) -> Option<(u64, Response)> {
+    let mut header = [0u8; HEADER_LEN];
+    s.read_exact(&mut header).ok()?;
+    let opcode = header[3];
+    let id = u64::from_be_bytes(header[4..12].try_into().unwrap());
+    let len = u32::from_be_bytes(header[12..16].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((id, Response::decode(opcode, Bytes::from(body)).unwrap()))
+}
+
+fn write_frame(s: &mut TcpStream, f: &Frame) {
+    let mut buf = BytesMut::new();
+    put_header(&mut buf, f.opcode, f.request_id, f.body.len());
+    buf.extend_from_slice(&f.body);
+    s.write_all(&buf).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_and_unknown_version_are_answered_and_skipped() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let mut s = raw_connect(&node);
+    // A frame larger than any request may be: answered TooLarge by id, body skipped.
+    let huge = Frame {
+        opcode: opcode::PUT,
+        request_id: 11,
+        body: Bytes::from(vec![0u8; MAX_REQUEST_BODY_LEN + 10]),
+    };
+    write_frame(&mut s, &huge);
+    // A frame of an unknown protocol version.
+    let mut v9 = BytesMut::new();
+    put_header(&mut v9, opcode::PING, 12, 3);
+    v9[2] = 9;
+    v9.extend_from_slice(b"abc");
+    s.write_all(&v9).unwrap();
+    // A frame with a valid header and a garbage body.
+    write_frame(
+        &mut s,
+        &Frame {
+            opcode: opcode::GET,
+            request_id: 13,
+            body: Bytes::from_static(b"\xff\xff"),
+        },
+    );
+    write_frame(&mut s, &Request::Ping.to_frame(14));
+    let mut got = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let (id, resp) = read_frame(&mut s).expect("a reply per frame");
+        got.insert(id, resp);
+    }
+    match &got[&11] {
+        Response::Error(e) => assert!(matches!(e.kind, ringkv_protocol::ErrorKind::TooLarge { .. }), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    match &got[&12] {
+        Response::Error(e) => assert_eq!(
+            e.kind,
+            ringkv_protocol::ErrorKind::UnsupportedVersion { got: 9, supported: 1 }
+        ),
+        other => panic!("{other:?}"),
+    }
+    match &got[&13] {
+        Response::Error(e) => assert_eq!(e.kind, ringkv_protocol::ErrorKind::Malformed, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(got[&14], Response::Pong);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_bytes_get_an_error_and_other_clients_keep_working() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let good = client(&node).await;
+    good.put("k", "v", None).await.unwrap();
+    let mut bad = raw_connect(&node);
+    bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (id, resp) = read_frame(&mut bad).expect("an error frame before closing");
+    assert_eq!(id, 0);
+    match resp {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ringkv_protocol::ErrorKind::Malformed);
+            assert!(e.message.contains("bad magic"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut rest = Vec::new();
+    assert_eq!(bad.read_to_end(&mut rest).unwrap(), 0, "connection closed");
+    assert_eq!(strings(&good.get("k").await.unwrap()), vec!["v"]);
+    let status = good.status().await.unwrap();
+    let malformed = status
+        .metrics
+        .iter()
+        .find(|(k, _)| k == "net.malformed")
+        .unwrap()
+        .1;
+    assert!(malformed >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_clients_read_their_own_writes() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let mut tasks = Vec::new();
+    for c in 0..100 {
+        let addr = node.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect([addr]).await?;
+            for i in 0..20 {
+                let key = format!("client{c}/key{i}");
+                let value = format!("value {c}.{i}");
+                client.put(&key, value.clone(), None).await?;
+                let read = client.get(&key).await?;
+                assert_eq!(read.values(), vec![&Bytes::from(value)], "{key}");
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let status = client(&node).await.status().await.unwrap();
+    let puts = status.metrics.iter().find(|(k, _)| k == "requests.put").unwrap().1;
+    assert_eq!(puts, 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_larger_than_n_is_refused() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let c = client(&node).await;
+    let err = c
+        .get_with("k", GetOptions { r: Some(2), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidRequest));
+    assert!(err.to_string().contains("R=2 exceeds the replication factor N=1"), "{err}");
+    let err = c
+        .put_with("k", "v", None, PutOptions { w: Some(3), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("W=3"), "{err}");
+    assert!(!c.get("k").await.unwrap().is_found(), "refused write applied nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_with_overloaded() {
+    let node = NodeProcess::start_temp("n1", &["--max-connections", "2"]);
+    let _a = raw_connect(&node);
+    let _b = raw_connect(&node);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = raw_connect(&node);
+    let (id, resp) = read_frame(&mut c).expect("an Overloaded frame");
+    assert_eq!(id, 0);
+    assert!(
+        matches!(resp, Response::Error(ref e) if e.kind == ringkv_protocol::ErrorKind::Overloaded),
+        "{resp:?}"
+    );
+    drop(_a);
+    // A slot frees up: a client connects again.
+    let mut ok = false;
+    for _ in 0..50 {
+        let cfg = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
+        if Client::connect_with([node.addr.clone()], cfg).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "a connection slot frees when a client leaves");
+}
+
+#[test]
+fn invalid_config_exits_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(ringkv_jepsen::bin_path("ringkv"))
+        .args(["--node-id", "bad id", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid node_id"), "{err}");
+
+    let out = std::process::Command::new(ringkv_jepsen::bin_path("ringkv"))
+        .args(["--node-id", "n1", "--sync", "maybe", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid sync mode"));
+}
+
+#[test]
+fn data_dir_of_another_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = NodeProcess::new("n1", dir.path(), "127.0.0.1:0", &[]);
+    a.start().unwrap();
+    a.stop().unwrap();
+    let mut b = NodeProcess::new("n2", dir.path(), "127.0.0.1:0", &[]);
+    let err = b.start().unwrap_err();
+    assert!(err.contains("belongs to node \"n1\""), "{err}");
+}

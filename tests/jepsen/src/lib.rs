@@ -1,0 +1,7 @@
+//! ringkv's Jepsen-style harness: real clusters of `ringkv` processes, nemeses, recorded
+//! histories and checkers (see docs/jepsen.md). The process layer is also what every
+//! integration test uses to run real server binaries.
+
+pub mod process;
+
+pub use process::{bin_path, NodeProcess};

@@ -1,0 +1,215 @@
+//! Real `ringkv` server processes: start, wait until ready, SIGTERM, kill -9, restart.
+//! Used by the integration tests of every crate and by the harness.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to open storage and bind its port.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a graceful shutdown may take before it counts as hung.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Finds a workspace binary: `$RINGKV_BIN_DIR/<name>`, else next to (or above) the running
+/// executable, which is where cargo puts test binaries (`target/<profile>/deps/..`).
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("RINGKV_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    for dir in exe.ancestors().skip(1) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "binary {name} not found near {}: build it first (cargo build --release --bins) or set RINGKV_BIN_DIR",
+        exe.display()
+    );
+}
+
+#[derive(Debug)]
+pub struct NodeProcess {
+    pub id: String,
+    pub data_dir: PathBuf,
+    /// The client address the node bound (known once ready).
+    pub addr: String,
+    listen: String,
+    extra: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NodeProcess {
+    /// Starts a node with a fresh temporary data dir on an ephemeral 127.0.0.1 port.
+    pub fn start_temp(id: &str, extra: &[&str]) -> NodeProcess {
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("ringkv-{id}-"))
+            .tempdir()
+            .expect("create a temp dir");
+        let mut node = NodeProcess::new(id, temp.path(), "127.0.0.1:0", extra);
+        node._temp = Some(temp);
+        node.start().unwrap_or_else(|e| panic!("{e}"));
+        node
+    }
+
+    /// A node not yet started.
+    pub fn new(id: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> NodeProcess {
+        NodeProcess {
+            id: id.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            addr: String::new(),
+            listen: listen.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: data_dir.join("node.log"),
+            _temp: None,
+        }
+    }
+
+    fn addr_file(&self) -> PathBuf {
+        self.data_dir.join("ringkv.addr")
+    }
+
+    /// Spawns the process and waits until it accepts connections. On restart the node binds
+    /// the same address it had before, so clients can reconnect.
+    pub fn start(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(self.addr_file());
+        let listen = if self.addr.is_empty() {
+            self.listen.clone()
+        } else {
+            self.addr.clone()
+        };
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("open {}: {e}", self.log.display()))?;
+        let child = Command::new(bin_path("ringkv"))
+            .arg("--node-id")
+            .arg(&self.id)
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn ringkv: {e}"))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.addr_file()) {
+                if let Some(a) = text.trim().strip_prefix("client=") {
+                    self.addr = a.to_string();
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(format!(
+                    "node {} exited during start-up ({status}); log:\n{}",
+                    self.id,
+                    self.log_tail(40)
+                ));
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(format!(
+                    "node {} not ready after {READY_TIMEOUT:?}; log:\n{}",
+                    self.id,
+                    self.log_tail(40)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// kill -9: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn stop(&mut self) -> Result<ExitStatus, String> {
+        let Some(mut c) = self.child.take() else {
+            return Err(format!("node {} is not running", self.id));
+        };
+        self.signal(&c, libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().map_err(|e| e.to_string())? {
+                return Ok(status);
+            }
+            if start.elapsed() > STOP_TIMEOUT {
+                let _ = c.kill();
+                let _ = c.wait();
+                return Err(format!(
+                    "node {} did not stop within {STOP_TIMEOUT:?} after SIGTERM; log:\n{}",
+                    self.id,
+                    self.log_tail(40)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn send_signal(&self, sig: libc::c_int) {
+        if let Some(c) = self.child.as_ref() {
+            self.signal(c, sig);
+        }
+    }
+
+    fn signal(&self, c: &Child, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(c.id()).expect("pids fit in pid_t");
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<(), String> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.start()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `lines` lines of the node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

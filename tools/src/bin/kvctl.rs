@@ -1,0 +1,303 @@
+//! kvctl: the ringkv operations CLI.
+//!
+//! Exit codes: 0 success, 1 key not found (get), 2 error (the message names the node and cause).
+
+use std::io::{Read as _, Write as _};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use ringkv_client::{Client, ClientConfig, Context, GetOptions, PutOptions, Read};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "kvctl", version, about = "Operate and query a ringkv cluster")]
+struct Cli {
+    /// Node address(es), HOST:PORT; repeat or separate with commas. Requests fail over in order.
+    #[arg(long, global = true, env = "RINGKV_ADDR", default_value = "127.0.0.1:7379", value_delimiter = ',')]
+    addr: Vec<String>,
+    /// Machine-readable JSON output on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Request deadline in milliseconds.
+    #[arg(long, global = true, default_value_t = 5000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print every sibling of KEY, one per line (exit 1 if no live value).
+    Get {
+        key: String,
+        /// Replies to wait for (default: the cluster's R).
+        #[arg(long)]
+        r: Option<u8>,
+        /// Read only the contacted node's own replica.
+        #[arg(long)]
+        local: bool,
+        /// Also print the causal context token (to stderr in text mode).
+        #[arg(long)]
+        show_context: bool,
+    },
+    /// Write VALUE (or --file, or stdin) to KEY.
+    ///
+    /// Without --context or --blind, kvctl reads KEY first and writes with that read's context,
+    /// replacing every version it saw (like a person editing the current value).
+    Put {
+        key: String,
+        /// The value; omit (or give "-") to read it from stdin.
+        value: Option<String>,
+        /// Read the value from a file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<std::path::PathBuf>,
+        /// Causal context token from an earlier read (base64url, as printed by get).
+        #[arg(long, conflicts_with = "blind")]
+        context: Option<String>,
+        /// Write without any context: the value becomes a new sibling.
+        #[arg(long)]
+        blind: bool,
+        /// Acks to wait for (default: the cluster's W).
+        #[arg(long)]
+        w: Option<u8>,
+    },
+    /// Delete KEY: the versions the context saw, or without --context every version the
+    /// coordinating node holds.
+    Delete {
+        key: String,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        w: Option<u8>,
+    },
+    /// Node identity, settings, workers and metrics.
+    Status,
+    /// Round-trip time to a node.
+    Ping,
+}
+
+enum Failure {
+    NotFound,
+    Error(String),
+}
+
+impl From<ringkv_client::Error> for Failure {
+    fn from(e: ringkv_client::Error) -> Self {
+        Failure::Error(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::NotFound) => ExitCode::from(1),
+        Err(Failure::Error(msg)) => {
+            eprintln!("kvctl: error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn context_arg(token: &Option<String>) -> Result<Option<Context>, Failure> {
+    token
+        .as_ref()
+        .map(|t| {
+            URL_SAFE_NO_PAD
+                .decode(t.trim())
+                .map(Context::from_bytes)
+                .map_err(|e| Failure::Error(format!("--context is not a base64url token: {e}")))
+        })
+        .transpose()
+}
+
+fn read_value(value: Option<String>, file: Option<std::path::PathBuf>) -> Result<Vec<u8>, Failure> {
+    match (value, file) {
+        (Some(v), None) if v != "-" => Ok(v.into_bytes()),
+        (_, Some(path)) => std::fs::read(&path)
+            .map_err(|e| Failure::Error(format!("cannot read {}: {e}", path.display()))),
+        _ => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| Failure::Error(format!("cannot read stdin: {e}")))?;
+            Ok(buf)
+        }
+    }
+}
+
+/// Text form of a value: as-is when it is printable UTF-8 on one line, else `base64:`.
+fn show_value(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) if !s.chars().any(|c| c.is_control()) => s.to_string(),
+        _ => format!("base64:{}", URL_SAFE_NO_PAD.encode(v)),
+    }
+}
+
+fn read_json(key: &str, read: &Read) -> Value {
+    let siblings: Vec<Value> = read
+        .siblings
+        .iter()
+        .map(|s| {
+            let mut o = json!({
+                "deleted": s.is_deleted(),
+                "timestamp_ms": s.timestamp_ms,
+                "dot": [format!("{:016x}", s.dot.0), s.dot.1],
+            });
+            if let Some(v) = &s.value {
+                o["value_b64"] = json!(URL_SAFE_NO_PAD.encode(v));
+                if let Ok(text) = std::str::from_utf8(v) {
+                    o["value"] = json!(text);
+                }
+            }
+            o
+        })
+        .collect();
+    json!({
+        "key": key,
+        "found": read.is_found(),
+        "siblings": siblings,
+        "context": URL_SAFE_NO_PAD.encode(read.context.as_bytes()),
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let timeout = Duration::from_millis(cli.timeout_ms.max(1));
+    let config = ClientConfig {
+        request_timeout: timeout,
+        ..ClientConfig::default()
+    };
+    let addrs: Vec<String> = cli.addr.iter().filter(|a| !a.is_empty()).cloned().collect();
+    let client = Client::new(addrs, config)?;
+    match cli.cmd {
+        Cmd::Get {
+            key,
+            r,
+            local,
+            show_context,
+        } => {
+            let read = client
+                .get_with(&key, GetOptions { r, local, timeout: None })
+                .await?;
+            if cli.json {
+                print_json(&read_json(&key, &read));
+            } else {
+                let mut out = std::io::stdout().lock();
+                if read.is_found() {
+                    for s in &read.siblings {
+                        let line = match &s.value {
+                            Some(v) => show_value(v),
+                            None => "<deleted>".to_string(),
+                        };
+                        let _ = writeln!(out, "{line}");
+                    }
+                } else {
+                    eprintln!("not found: {key}");
+                }
+                if show_context {
+                    eprintln!("context: {}", URL_SAFE_NO_PAD.encode(read.context.as_bytes()));
+                }
+            }
+            if read.is_found() {
+                Ok(())
+            } else {
+                Err(Failure::NotFound)
+            }
+        }
+        Cmd::Put {
+            key,
+            value,
+            file,
+            context,
+            blind,
+            w,
+        } => {
+            let value = read_value(value, file)?;
+            let ctx = match (context_arg(&context)?, blind) {
+                (Some(c), _) => Some(c),
+                (None, true) => None,
+                (None, false) => Some(client.get(&key).await?.context),
+            };
+            let opts = PutOptions {
+                w,
+                timeout: None,
+                return_body: cli.json,
+            };
+            let written = client.put_with(&key, value, ctx.as_ref(), opts).await?;
+            if cli.json {
+                let mut v = written.read.as_ref().map(|r| read_json(&key, r)).unwrap_or(json!({}));
+                v["ok"] = json!(true);
+                v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
+                print_json(&v);
+            } else {
+                println!("OK");
+            }
+            Ok(())
+        }
+        Cmd::Delete { key, context, w } => {
+            let ctx = context_arg(&context)?;
+            let opts = PutOptions {
+                w,
+                timeout: None,
+                return_body: cli.json,
+            };
+            let written = client.delete_with(&key, ctx.as_ref(), opts).await?;
+            if cli.json {
+                let mut v = written.read.as_ref().map(|r| read_json(&key, r)).unwrap_or(json!({}));
+                v["ok"] = json!(true);
+                v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
+                print_json(&v);
+            } else {
+                println!("OK");
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let s = client.status().await?;
+            if cli.json {
+                let metrics: serde_json::Map<String, Value> =
+                    s.metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                let info: serde_json::Map<String, Value> =
+                    s.info.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                print_json(&json!({
+                    "node_id": s.node_id,
+                    "version": s.server_version,
+                    "uptime_ms": s.uptime_ms,
+                    "info": info,
+                    "metrics": metrics,
+                }));
+            } else {
+                println!("node      {}", s.node_id);
+                println!("version   {}", s.server_version);
+                println!("uptime    {:.1}s", s.uptime_ms as f64 / 1000.0);
+                for (k, v) in &s.info {
+                    println!("{k:<24} {v}");
+                }
+                for (k, v) in &s.metrics {
+                    println!("{k:<32} {v}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Ping => {
+            let rtt = client.ping().await?;
+            if cli.json {
+                print_json(&json!({"ok": true, "rtt_us": rtt.as_micros() as u64}));
+            } else {
+                println!("pong in {:.3} ms", rtt.as_secs_f64() * 1000.0);
+            }
+            Ok(())
+        }
+    }
+}

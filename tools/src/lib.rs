@@ -1,0 +1,1 @@
+//! Shared pieces of the ringkv tools (kvctl and the benchmark tool).

@@ -1,0 +1,161 @@
+//! kvctl end to end against a real `ringkv` node: output, --json, exit codes.
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+use ringkv_jepsen::{bin_path, NodeProcess};
+use serde_json::Value;
+
+fn kvctl(node: &NodeProcess, args: &[&str]) -> Output {
+    kvctl_stdin(node, args, None)
+}
+
+fn kvctl_stdin(node: &NodeProcess, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(bin_path("kvctl"))
+        .arg("--addr")
+        .arg(&node.addr)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kvctl");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn sorted_lines(o: &Output) -> Vec<String> {
+    let mut v: Vec<String> = stdout(o).lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn put_get_delete_and_exit_codes() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let o = kvctl(&node, &["get", "k"]);
+    assert_eq!(o.status.code(), Some(1), "missing key exits 1");
+    assert!(stderr(&o).contains("not found: k"));
+
+    let o = kvctl(&node, &["put", "k", "hello"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "OK");
+    let o = kvctl(&node, &["get", "k"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "hello\n");
+
+    let o = kvctl(&node, &["delete", "k"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(kvctl(&node, &["get", "k"]).status.code(), Some(1));
+}
+
+#[test]
+fn blind_puts_show_siblings_one_per_line_and_plain_put_resolves_them() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    assert!(kvctl(&node, &["put", "--blind", "k", "a"]).status.success());
+    assert!(kvctl(&node, &["put", "--blind", "k", "b"]).status.success());
+    let o = kvctl(&node, &["get", "k"]);
+    assert_eq!(sorted_lines(&o), vec!["a", "b"]);
+    // A plain put reads first and writes with that context: it replaces both.
+    assert!(kvctl(&node, &["put", "k", "c"]).status.success());
+    assert_eq!(sorted_lines(&kvctl(&node, &["get", "k"])), vec!["c"]);
+}
+
+#[test]
+fn json_output_and_explicit_context() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    assert!(kvctl(&node, &["put", "--blind", "k", "x"]).status.success());
+    assert!(kvctl(&node, &["put", "--blind", "k", "y"]).status.success());
+    let o = kvctl(&node, &["--json", "get", "k"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("valid JSON");
+    assert_eq!(v["found"], true);
+    let mut values: Vec<&str> = v["siblings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].as_str().unwrap())
+        .collect();
+    values.sort();
+    assert_eq!(values, vec!["x", "y"]);
+    let ctx = v["context"].as_str().unwrap().to_string();
+    assert!(!ctx.is_empty());
+
+    // Writing with the read's context (from JSON) resolves the siblings.
+    let o = kvctl(&node, &["--json", "put", "k", "z", "--context", &ctx]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let w: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(w["ok"], true);
+    assert_eq!(w["siblings"].as_array().unwrap().len(), 1);
+    assert_eq!(w["siblings"][0]["value"], "z");
+
+    let o = kvctl(&node, &["--json", "get", "missing"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["found"], false);
+
+    let o = kvctl(&node, &["--json", "status"]);
+    assert_eq!(o.status.code(), Some(0));
+    let s: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(s["node_id"], "n1");
+    assert_eq!(s["info"]["sync_mode"], "group");
+    assert!(s["metrics"]["requests.put"].as_u64().unwrap() >= 3);
+    assert!(s["info"]["worker.writer"].as_str().unwrap().starts_with("running"));
+}
+
+#[test]
+fn values_from_stdin_and_file() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let o = kvctl_stdin(&node, &["put", "s"], Some(b"from stdin"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&kvctl(&node, &["get", "s"])), "from stdin\n");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.bin");
+    std::fs::write(&path, [0u8, 1, 2, 255]).unwrap();
+    let o = kvctl(&node, &["put", "f", "--file", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Binary values print as base64 in text mode, exactly in JSON.
+    assert_eq!(stdout(&kvctl(&node, &["get", "f"])), "base64:AAEC_w\n");
+    let v: Value = serde_json::from_str(&stdout(&kvctl(&node, &["--json", "get", "f"]))).unwrap();
+    assert_eq!(v["siblings"][0]["value_b64"], "AAEC_w");
+}
+
+#[test]
+fn errors_exit_2_and_name_the_node_and_cause() {
+    let node = NodeProcess::start_temp("n1", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big");
+    std::fs::write(&path, vec![b'x'; ringkv_protocol::limits::MAX_VALUE_LEN + 1]).unwrap();
+    let o = kvctl(&node, &["put", "--blind", "k", "--file", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("TooLarge") && err.contains("node n1") && err.contains(&node.addr), "{err}");
+
+    let o = kvctl(&node, &["put", "k", "v", "--context", "!!notbase64"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--context"), "{}", stderr(&o));
+
+    let o = kvctl(&node, &["get", "k", "--r", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("R=3 exceeds"), "{}", stderr(&o));
+
+    // A node that is not there: the address and the cause are named.
+    let o = Command::new(bin_path("kvctl"))
+        .args(["--addr", "127.0.0.1:1", "get", "k"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("127.0.0.1:1") && err.contains("refused"), "{err}");
+}
