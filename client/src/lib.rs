@@ -95,7 +95,10 @@ impl Read {
     }
     /// The live values, oldest dot first.
     pub fn values(&self) -> Vec<&Bytes> {
-        self.siblings.iter().filter_map(|s| s.value.as_ref()).collect()
+        self.siblings
+            .iter()
+            .filter_map(|s| s.value.as_ref())
+            .collect()
     }
     /// The value when exactly one live sibling exists.
     pub fn value(&self) -> Option<&Bytes> {

@@ -35,7 +35,10 @@ pub enum Inbound {
     Frame(Frame),
     /// The header was readable but the frame cannot be processed; the body has been (or is
     /// being) skipped and the connection stays usable.
-    Rejected { request_id: u64, reason: Rejection },
+    Rejected {
+        request_id: u64,
+        reason: Rejection,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -118,24 +118,41 @@ pub struct StatusReply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// A key, value, context or frame exceeded a limit: `size` bytes against `limit`.
-    TooLarge { size: u64, limit: u64 },
+    TooLarge {
+        size: u64,
+        limit: u64,
+    },
     /// The request could not be decoded.
     Malformed,
     /// The frame's protocol version is not spoken here.
-    UnsupportedVersion { got: u64, supported: u64 },
+    UnsupportedVersion {
+        got: u64,
+        supported: u64,
+    },
     /// The node refused the request for lack of capacity; nothing was applied.
     Overloaded,
     /// An internal failure (e.g. storage I/O); the message names the cause.
     Internal,
     /// The deadline passed with `acks` of `needed` replies.
-    Timeout { acks: u64, needed: u64 },
+    Timeout {
+        acks: u64,
+        needed: u64,
+    },
     /// Too few replicas reachable: `alive` of `needed`.
-    Unavailable { alive: u64, needed: u64 },
+    Unavailable {
+        alive: u64,
+        needed: u64,
+    },
     /// A well-formed request with invalid arguments (e.g. R > N, empty key).
     InvalidRequest,
     /// The write would grow the key beyond `limit` siblings.
-    TooManySiblings { count: u64, limit: u64 },
-    Unknown { code: u16 },
+    TooManySiblings {
+        count: u64,
+        limit: u64,
+    },
+    Unknown {
+        code: u16,
+    },
 }
 
 impl ErrorKind {

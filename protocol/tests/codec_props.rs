@@ -12,13 +12,12 @@ fn bytes_strategy(max: usize) -> impl Strategy<Value = Bytes> {
 }
 
 fn request_strategy() -> impl Strategy<Value = Request> {
-    let ropts = (any::<u8>(), any::<u32>(), any::<u8>()).prop_map(|(r, timeout_ms, flags)| {
-        ReadOptions {
+    let ropts =
+        (any::<u8>(), any::<u32>(), any::<u8>()).prop_map(|(r, timeout_ms, flags)| ReadOptions {
             r,
             timeout_ms,
             flags,
-        }
-    });
+        });
     let wopts = || {
         (any::<u8>(), any::<u32>(), any::<u8>()).prop_map(|(w, timeout_ms, flags)| WriteOptions {
             w,
@@ -42,9 +41,8 @@ fn request_strategy() -> impl Strategy<Value = Request> {
                 context,
                 opts
             }),
-        (bytes_strategy(64), bytes_strategy(64), wopts()).prop_map(|(key, context, opts)| {
-            Request::Delete { key, context, opts }
-        }),
+        (bytes_strategy(64), bytes_strategy(64), wopts())
+            .prop_map(|(key, context, opts)| { Request::Delete { key, context, opts } }),
     ]
 }
 
@@ -67,13 +65,16 @@ fn read_reply_strategy() -> impl Strategy<Value = ReadReply> {
 
 fn response_strategy() -> impl Strategy<Value = Response> {
     let write = || {
-        (any::<u64>(), any::<u64>(), proptest::option::of(read_reply_strategy())).prop_map(
-            |(actor, counter, body)| WriteReply {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(read_reply_strategy()),
+        )
+            .prop_map(|(actor, counter, body)| WriteReply {
                 actor,
                 counter,
                 body,
-            },
-        )
+            })
     };
     let kind = (0u16..12, any::<u64>(), any::<u64>()).prop_map(|(code, a, b)| match code {
         0 => ErrorKind::TooLarge { size: a, limit: b },

@@ -20,7 +20,11 @@ pub const DEFAULT_WRITE_BUFFER_MB: usize = 64;
 
 /// Command-line flags. Any flag given overrides the same setting in `--config`.
 #[derive(Debug, Parser, Default)]
-#[command(name = "ringkv", version, about = "ringkv: a leaderless, Dynamo-style key-value store")]
+#[command(
+    name = "ringkv",
+    version,
+    about = "ringkv: a leaderless, Dynamo-style key-value store"
+)]
 pub struct Cli {
     /// TOML config file; flags override its settings.
     #[arg(long, value_name = "PATH")]
@@ -105,7 +109,10 @@ pub enum ConfigError {
     #[error("missing setting {0} (give --{1} or set {0} in the config file)")]
     Missing(&'static str, &'static str),
     #[error("invalid {setting}: {cause}")]
-    Invalid { setting: &'static str, cause: String },
+    Invalid {
+        setting: &'static str,
+        cause: String,
+    },
 }
 
 fn invalid(setting: &'static str, cause: impl Into<String>) -> ConfigError {
@@ -309,15 +316,36 @@ mod tests {
             (&["--node-id", "a b", "--data-dir", "/tmp/x"], "node_id"),
             (&["--node-id", "a"], "data_dir"),
             (
-                &["--node-id", "a", "--data-dir", "/tmp/x", "--listen", "localhost"],
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/tmp/x",
+                    "--listen",
+                    "localhost",
+                ],
                 "listen",
             ),
             (
-                &["--node-id", "a", "--data-dir", "/tmp/x", "--sync", "sometimes"],
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/tmp/x",
+                    "--sync",
+                    "sometimes",
+                ],
                 "sync",
             ),
             (
-                &["--node-id", "a", "--data-dir", "/tmp/x", "--max-in-flight", "0"],
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/tmp/x",
+                    "--max-in-flight",
+                    "0",
+                ],
                 "max_in_flight",
             ),
         ];

@@ -92,7 +92,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             return Err(e);
         }
     };
-    let bound = listener.local_addr().expect("bound listener has an address");
+    let bound = listener
+        .local_addr()
+        .expect("bound listener has an address");
     write_addr_file(&config, bound);
     info!(node = %node_id, client = %bound, data_dir = %config.data_dir.display(),
           sync = %config.sync, "ringkv node ready");

@@ -64,7 +64,11 @@ impl Node {
 
     fn err(&self, kind: ErrorKind, definite: bool, msg: impl std::fmt::Display) -> Response {
         inc(&self.metrics.errors);
-        Response::error(kind, definite, format!("node {}: {msg}", self.config.node_id))
+        Response::error(
+            kind,
+            definite,
+            format!("node {}: {msg}", self.config.node_id),
+        )
     }
 
     fn deadline(&self, timeout_ms: u32) -> Duration {
@@ -265,15 +269,30 @@ impl Node {
             ("storage.merges".to_string(), load(&st.merges)),
             ("storage.merges_noop".to_string(), load(&st.merges_noop)),
             ("storage.write_batches".to_string(), load(&st.batches)),
-            ("storage.synced_batches".to_string(), load(&st.synced_batches)),
+            (
+                "storage.synced_batches".to_string(),
+                load(&st.synced_batches),
+            ),
             ("storage.largest_group".to_string(), load(&st.largest_group)),
             ("storage.write_errors".to_string(), load(&st.write_errors)),
             ("storage.overloaded".to_string(), load(&st.overloaded)),
-            ("storage.rejected_siblings".to_string(), load(&st.rejected_siblings)),
+            (
+                "storage.rejected_siblings".to_string(),
+                load(&st.rejected_siblings),
+            ),
             ("storage.rejected_size".to_string(), load(&st.rejected_size)),
-            ("storage.sibling_warnings".to_string(), load(&st.sibling_warnings)),
-            ("storage.amnesia_detected".to_string(), load(&st.amnesia_detected)),
-            ("storage.writer_queue".to_string(), self.store.queue_depth() as u64),
+            (
+                "storage.sibling_warnings".to_string(),
+                load(&st.sibling_warnings),
+            ),
+            (
+                "storage.amnesia_detected".to_string(),
+                load(&st.amnesia_detected),
+            ),
+            (
+                "storage.writer_queue".to_string(),
+                self.store.queue_depth() as u64,
+            ),
             ("storage.next_counter".to_string(), load(&st.next_counter)),
             ("storage.incarnation".to_string(), load(&st.incarnation)),
         ]);
@@ -300,7 +319,10 @@ impl Node {
             metrics,
             info: vec![
                 ("listen".into(), self.config.listen.to_string()),
-                ("data_dir".into(), self.config.data_dir.display().to_string()),
+                (
+                    "data_dir".into(),
+                    self.config.data_dir.display().to_string(),
+                ),
                 ("sync_mode".into(), self.config.sync.to_string()),
                 ("replication_factor".into(), N.to_string()),
                 ("actor".into(), format!("{:016x}", load(&st.actor))),

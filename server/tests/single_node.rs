@@ -162,10 +162,16 @@ async fn oversized_key_and_value_get_too_large_and_connection_stays_usable() {
         "{err}"
     );
     assert!(err.is_definite());
-    assert!(err.to_string().contains("node n1"), "error names the node: {err}");
+    assert!(
+        err.to_string().contains("node n1"),
+        "error names the node: {err}"
+    );
     let big_value = Bytes::from(vec![7u8; MAX_VALUE_LEN + 1]);
     let err = c.put("k", big_value, None).await.unwrap_err();
-    assert!(matches!(err.kind(), Some(ErrorKind::TooLarge { .. })), "{err}");
+    assert!(
+        matches!(err.kind(), Some(ErrorKind::TooLarge { .. })),
+        "{err}"
+    );
     // The largest allowed value works, on the same connection.
     let max_value = Bytes::from(vec![7u8; MAX_VALUE_LEN]);
     c.put("k", max_value.clone(), None).await.unwrap();
@@ -229,13 +235,19 @@ async fn oversized_frame_and_unknown_version_are_answered_and_skipped() {
         got.insert(id, resp);
     }
     match &got[&11] {
-        Response::Error(e) => assert!(matches!(e.kind, ringkv_protocol::ErrorKind::TooLarge { .. }), "{e:?}"),
+        Response::Error(e) => assert!(
+            matches!(e.kind, ringkv_protocol::ErrorKind::TooLarge { .. }),
+            "{e:?}"
+        ),
         other => panic!("{other:?}"),
     }
     match &got[&12] {
         Response::Error(e) => assert_eq!(
             e.kind,
-            ringkv_protocol::ErrorKind::UnsupportedVersion { got: 9, supported: 1 }
+            ringkv_protocol::ErrorKind::UnsupportedVersion {
+                got: 9,
+                supported: 1
+            }
         ),
         other => panic!("{other:?}"),
     }
@@ -297,7 +309,12 @@ async fn hundred_concurrent_clients_read_their_own_writes() {
         t.await.unwrap().unwrap();
     }
     let status = client(&node).await.status().await.unwrap();
-    let puts = status.metrics.iter().find(|(k, _)| k == "requests.put").unwrap().1;
+    let puts = status
+        .metrics
+        .iter()
+        .find(|(k, _)| k == "requests.put")
+        .unwrap()
+        .1;
     assert_eq!(puts, 2000);
 }
 
@@ -306,17 +323,38 @@ async fn quorum_larger_than_n_is_refused() {
     let node = NodeProcess::start_temp("n1", &[]);
     let c = client(&node).await;
     let err = c
-        .get_with("k", GetOptions { r: Some(2), ..Default::default() })
+        .get_with(
+            "k",
+            GetOptions {
+                r: Some(2),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), Some(ErrorKind::InvalidRequest));
-    assert!(err.to_string().contains("R=2 exceeds the replication factor N=1"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("R=2 exceeds the replication factor N=1"),
+        "{err}"
+    );
     let err = c
-        .put_with("k", "v", None, PutOptions { w: Some(3), ..Default::default() })
+        .put_with(
+            "k",
+            "v",
+            None,
+            PutOptions {
+                w: Some(3),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("W=3"), "{err}");
-    assert!(!c.get("k").await.unwrap().is_found(), "refused write applied nothing");
+    assert!(
+        !c.get("k").await.unwrap().is_found(),
+        "refused write applied nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +374,10 @@ async fn connections_beyond_the_limit_are_refused_with_overloaded() {
     // A slot frees up: a client connects again.
     let mut ok = false;
     for _ in 0..50 {
-        let cfg = ClientConfig { request_timeout: Duration::from_secs(2), ..Default::default() };
+        let cfg = ClientConfig {
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
         if Client::connect_with([node.addr.clone()], cfg).await.is_ok() {
             ok = true;
             break;

@@ -15,7 +15,11 @@ fn kvctl_stdin(node: &NodeProcess, args: &[&str], stdin: Option<&[u8]>) -> Outpu
         .arg("--addr")
         .arg(&node.addr)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -110,7 +114,10 @@ fn json_output_and_explicit_context() {
     assert_eq!(s["node_id"], "n1");
     assert_eq!(s["info"]["sync_mode"], "group");
     assert!(s["metrics"]["requests.put"].as_u64().unwrap() >= 3);
-    assert!(s["info"]["worker.writer"].as_str().unwrap().starts_with("running"));
+    assert!(s["info"]["worker.writer"]
+        .as_str()
+        .unwrap()
+        .starts_with("running"));
 }
 
 #[test]
@@ -136,11 +143,21 @@ fn errors_exit_2_and_name_the_node_and_cause() {
     let node = NodeProcess::start_temp("n1", &[]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big");
-    std::fs::write(&path, vec![b'x'; ringkv_protocol::limits::MAX_VALUE_LEN + 1]).unwrap();
-    let o = kvctl(&node, &["put", "--blind", "k", "--file", path.to_str().unwrap()]);
+    std::fs::write(
+        &path,
+        vec![b'x'; ringkv_protocol::limits::MAX_VALUE_LEN + 1],
+    )
+    .unwrap();
+    let o = kvctl(
+        &node,
+        &["put", "--blind", "k", "--file", path.to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(err.contains("TooLarge") && err.contains("node n1") && err.contains(&node.addr), "{err}");
+    assert!(
+        err.contains("TooLarge") && err.contains("node n1") && err.contains(&node.addr),
+        "{err}"
+    );
 
     let o = kvctl(&node, &["put", "k", "v", "--context", "!!notbase64"]);
     assert_eq!(o.status.code(), Some(2));
@@ -157,5 +174,8 @@ fn errors_exit_2_and_name_the_node_and_cause() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(err.contains("127.0.0.1:1") && err.contains("refused"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("refused"),
+        "{err}"
+    );
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use ringkv_protocol::limits::{MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN};
-use ringkv_protocol::{ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Request, Response};
+use ringkv_protocol::{
+    ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Request, Response,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -164,7 +166,8 @@ async fn connection(
                         format!("request frame of {body_len} bytes exceeds the limit of {limit}"),
                     ),
                 };
-                let resp = Response::error(kind, true, format!("node {}: {msg}", node.config.node_id));
+                let resp =
+                    Response::error(kind, true, format!("node {}: {msg}", node.config.node_id));
                 let _ = tx.send(resp.to_frame(request_id)).await;
             }
             Some(Err(FrameError::BadMagic { found })) => {

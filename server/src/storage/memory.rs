@@ -7,9 +7,11 @@ use std::sync::Mutex;
 
 use super::{Batch, BatchOp, Cf, Engine, StorageError};
 
+type Table = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+
 #[derive(Default)]
 pub struct MemoryEngine {
-    data: Mutex<BTreeMap<(Cf, Vec<u8>), Vec<u8>>>,
+    data: Mutex<Table>,
     fail_writes: AtomicBool,
     pub synced_writes: AtomicU64,
     pub writes: AtomicU64,

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, WriteBatch,
-    WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, WriteBatch, WriteOptions,
+    DB,
 };
 
 use super::{Batch, BatchOp, Cf, Engine, StorageError};

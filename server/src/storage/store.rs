@@ -131,7 +131,11 @@ pub struct WriteOutcome {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     #[error("key {key} would hold {count} siblings, limit {limit}: resolve siblings by writing with the read's context")]
-    TooManySiblings { key: HexKey, count: usize, limit: usize },
+    TooManySiblings {
+        key: HexKey,
+        count: usize,
+        limit: usize,
+    },
     #[error("key {key} would hold {size} bytes of values, limit {limit}")]
     TooLarge {
         key: HexKey,
@@ -293,7 +297,11 @@ impl Store {
         };
         let lease_end = next_counter + COUNTER_LEASE - 1;
         let mut batch = Batch::default();
-        batch.put(Cf::Meta, META_NODE_ID.to_vec(), config.node_id.as_bytes().to_vec());
+        batch.put(
+            Cf::Meta,
+            META_NODE_ID.to_vec(),
+            config.node_id.as_bytes().to_vec(),
+        );
         batch.put(
             Cf::Meta,
             META_IDENTITY.to_vec(),
@@ -312,7 +320,9 @@ impl Store {
 
         let stats = Arc::new(StoreStats::default());
         stats.actor.store(identity.actor, Ordering::Relaxed);
-        stats.incarnation.store(identity.incarnation, Ordering::Relaxed);
+        stats
+            .incarnation
+            .store(identity.incarnation, Ordering::Relaxed);
         stats.next_counter.store(next_counter, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
         let mut writer = Writer {
@@ -554,12 +564,12 @@ impl Writer {
     fn current(&self, group: &Group, dkey: &[u8], key: &[u8]) -> Result<KeyState, WriteError> {
         match group.overlay.get(dkey) {
             Some(s) => Ok(s.clone()),
-            None => read_state(self.engine.as_ref(), dkey, key).map_err(|source| {
-                WriteError::Storage {
+            None => {
+                read_state(self.engine.as_ref(), dkey, key).map_err(|source| WriteError::Storage {
                     key: HexKey(key.to_vec()),
                     source,
-                }
-            }),
+                })
+            }
         }
     }
 

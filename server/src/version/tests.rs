@@ -79,7 +79,8 @@ impl Sim {
                 }
                 let actor = Self::actor(*replica);
                 let state = &self.states[*replica];
-                let counter = (self.counters[*replica] + 1).max(state.min_fresh_counter(&ctx, actor));
+                let counter =
+                    (self.counters[*replica] + 1).max(state.min_fresh_counter(&ctx, actor));
                 self.counters[*replica] = counter;
                 let dot = Dot { actor, counter };
                 self.seq += 1;
@@ -89,7 +90,10 @@ impl Sim {
                 assert!(next.context().descends(&before), "VV shrank on update");
                 self.states[*replica] = next;
                 self.known[*replica].insert(dot, ctx);
-                assert!(self.written.insert(dot, value).is_none(), "dot reused: {dot:?}");
+                assert!(
+                    self.written.insert(dot, value).is_none(),
+                    "dot reused: {dot:?}"
+                );
             }
             Op::Sync { from, to } => {
                 let merged = self.states[*to].sync(&self.states[*from]);
@@ -113,7 +117,11 @@ impl Sim {
         for (i, s) in self.states.iter().enumerate() {
             s.check_invariants().unwrap();
             let dots: Vec<Dot> = s.siblings().iter().map(|x| x.dot).collect();
-            assert_eq!(dots, self.expected_dots(i), "replica {i} differs from the model");
+            assert_eq!(
+                dots,
+                self.expected_dots(i),
+                "replica {i} differs from the model"
+            );
             for sib in s.siblings() {
                 assert_eq!(
                     &sib.value, &self.written[&sib.dot],
@@ -165,7 +173,8 @@ proptest! {
         prop_assert_eq!(s.sync(s).encode(), s.encode());
         let mut join = s.context().clone();
         join.merge(t.context());
-        prop_assert_eq!(s.sync(t).context(), &join);
+        let synced = s.sync(t);
+        prop_assert_eq!(synced.context(), &join);
         if s.less(t) {
             prop_assert_eq!(s.sync(t).encode(), t.encode());
         }
@@ -223,7 +232,11 @@ fn alternating_writers_do_not_explode() {
         let ctx = if i % 2 == 1 { &ctx_x } else { &ctx_y };
         let dot = Dot { actor, counter: i };
         s = s.update(ctx, dot, i, Some(Bytes::from(i.to_string())));
-        assert!(s.siblings().len() <= 2, "step {i}: {} siblings", s.siblings().len());
+        assert!(
+            s.siblings().len() <= 2,
+            "step {i}: {} siblings",
+            s.siblings().len()
+        );
         // Each client keeps the context returned by its own write (put_returning).
         if i % 2 == 1 {
             ctx_x = s.context().clone();

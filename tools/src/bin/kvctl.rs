@@ -16,7 +16,13 @@ use serde_json::{json, Value};
 #[command(name = "kvctl", version, about = "Operate and query a ringkv cluster")]
 struct Cli {
     /// Node address(es), HOST:PORT; repeat or separate with commas. Requests fail over in order.
-    #[arg(long, global = true, env = "RINGKV_ADDR", default_value = "127.0.0.1:7379", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "RINGKV_ADDR",
+        default_value = "127.0.0.1:7379",
+        value_delimiter = ','
+    )]
     addr: Vec<String>,
     /// Machine-readable JSON output on stdout.
     #[arg(long, global = true)]
@@ -168,8 +174,14 @@ fn read_json(key: &str, read: &Read) -> Value {
     })
 }
 
+/// Writes a line to stdout; a closed pipe (`kvctl get k | head -1`) is not an error.
+fn out(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+}
+
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+    out(&serde_json::to_string_pretty(v).expect("JSON values serialize"));
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -188,25 +200,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             show_context,
         } => {
             let read = client
-                .get_with(&key, GetOptions { r, local, timeout: None })
+                .get_with(
+                    &key,
+                    GetOptions {
+                        r,
+                        local,
+                        timeout: None,
+                    },
+                )
                 .await?;
             if cli.json {
                 print_json(&read_json(&key, &read));
             } else {
-                let mut out = std::io::stdout().lock();
                 if read.is_found() {
                     for s in &read.siblings {
-                        let line = match &s.value {
-                            Some(v) => show_value(v),
-                            None => "<deleted>".to_string(),
-                        };
-                        let _ = writeln!(out, "{line}");
+                        match &s.value {
+                            Some(v) => out(&show_value(v)),
+                            None => out("<deleted>"),
+                        }
                     }
                 } else {
                     eprintln!("not found: {key}");
                 }
                 if show_context {
-                    eprintln!("context: {}", URL_SAFE_NO_PAD.encode(read.context.as_bytes()));
+                    eprintln!(
+                        "context: {}",
+                        URL_SAFE_NO_PAD.encode(read.context.as_bytes())
+                    );
                 }
             }
             if read.is_found() {
@@ -236,12 +256,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let written = client.put_with(&key, value, ctx.as_ref(), opts).await?;
             if cli.json {
-                let mut v = written.read.as_ref().map(|r| read_json(&key, r)).unwrap_or(json!({}));
+                let mut v = written
+                    .read
+                    .as_ref()
+                    .map(|r| read_json(&key, r))
+                    .unwrap_or(json!({}));
                 v["ok"] = json!(true);
                 v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
                 print_json(&v);
             } else {
-                println!("OK");
+                out("OK");
             }
             Ok(())
         }
@@ -254,20 +278,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let written = client.delete_with(&key, ctx.as_ref(), opts).await?;
             if cli.json {
-                let mut v = written.read.as_ref().map(|r| read_json(&key, r)).unwrap_or(json!({}));
+                let mut v = written
+                    .read
+                    .as_ref()
+                    .map(|r| read_json(&key, r))
+                    .unwrap_or(json!({}));
                 v["ok"] = json!(true);
                 v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
                 print_json(&v);
             } else {
-                println!("OK");
+                out("OK");
             }
             Ok(())
         }
         Cmd::Status => {
             let s = client.status().await?;
             if cli.json {
-                let metrics: serde_json::Map<String, Value> =
-                    s.metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                let metrics: serde_json::Map<String, Value> = s
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect();
                 let info: serde_json::Map<String, Value> =
                     s.info.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
                 print_json(&json!({
@@ -278,14 +309,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "metrics": metrics,
                 }));
             } else {
-                println!("node      {}", s.node_id);
-                println!("version   {}", s.server_version);
-                println!("uptime    {:.1}s", s.uptime_ms as f64 / 1000.0);
+                out(&format!("node      {}", s.node_id));
+                out(&format!("version   {}", s.server_version));
+                out(&format!("uptime    {:.1}s", s.uptime_ms as f64 / 1000.0));
                 for (k, v) in &s.info {
-                    println!("{k:<24} {v}");
+                    out(&format!("{k:<24} {v}"));
                 }
                 for (k, v) in &s.metrics {
-                    println!("{k:<32} {v}");
+                    out(&format!("{k:<32} {v}"));
                 }
             }
             Ok(())
@@ -295,7 +326,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 print_json(&json!({"ok": true, "rtt_us": rtt.as_micros() as u64}));
             } else {
-                println!("pong in {:.3} ms", rtt.as_secs_f64() * 1000.0);
+                out(&format!("pong in {:.3} ms", rtt.as_secs_f64() * 1000.0));
             }
             Ok(())
         }

@@ -72,7 +72,10 @@ async fn counters_never_repeat_across_clean_restarts() {
     let store = open(&engine, SyncMode::Group);
     let second = store.write(put("b", "1", None)).await.unwrap().dot.unwrap();
     assert_eq!(first.actor, second.actor, "clean restart keeps the actor");
-    assert!(second.counter > first.counter + COUNTER_LEASE - 1, "restart skips the rest of the lease");
+    assert!(
+        second.counter > first.counter + COUNTER_LEASE - 1,
+        "restart skips the rest of the lease"
+    );
     store.close();
 }
 
@@ -82,11 +85,23 @@ async fn lease_is_extended_in_the_same_batch() {
     let store = open(&engine, SyncMode::Group);
     let mut last = 0;
     for i in 0..(COUNTER_LEASE + 5) {
-        last = store.write(put(&format!("k{}", i % 7), "v", None)).await.unwrap().dot.unwrap().counter;
+        last = store
+            .write(put(&format!("k{i}"), "v", None))
+            .await
+            .unwrap()
+            .dot
+            .unwrap()
+            .counter;
     }
     drop(store); // no clean close: simulate a crash (sync=group keeps the incarnation)
     let store = open(&engine, SyncMode::Group);
-    let next = store.write(put("z", "v", None)).await.unwrap().dot.unwrap().counter;
+    let next = store
+        .write(put("z", "v", None))
+        .await
+        .unwrap()
+        .dot
+        .unwrap()
+        .counter;
     assert!(next > last, "counter {next} after crash must exceed {last}");
     store.close();
 }
@@ -117,17 +132,26 @@ async fn merge_showing_our_actor_ahead_triggers_a_new_incarnation() {
     // A peer's state claims a dot of ours far beyond our counter: we lost data.
     let foreign = KeyState::new().update(
         &VersionVector::new(),
-        Dot { actor: dot.actor, counter: dot.counter + 5 * COUNTER_LEASE },
+        Dot {
+            actor: dot.actor,
+            counter: dot.counter + 5 * COUNTER_LEASE,
+        },
         9,
         Some(Bytes::from_static(b"future")),
     );
     store
-        .write(WriteOp::Merge { key: Bytes::from_static(b"k"), state: foreign })
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: foreign,
+        })
         .await
         .unwrap();
     assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
     let next = store.write(put("k", "w", None)).await.unwrap().dot.unwrap();
-    assert_ne!(next.actor, dot.actor, "must not mint with the amnesiac actor");
+    assert_ne!(
+        next.actor, dot.actor,
+        "must not mint with the amnesiac actor"
+    );
     store.close();
 }
 
@@ -137,7 +161,10 @@ async fn merge_is_idempotent_and_counted_as_noop() {
     let store = open(&engine, SyncMode::Group);
     let out = store.write(put("k", "v", None)).await.unwrap();
     let again = store
-        .write(WriteOp::Merge { key: Bytes::from_static(b"k"), state: out.state.clone() })
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: out.state.clone(),
+        })
         .await
         .unwrap();
     assert_eq!(again.state, out.state);
@@ -152,11 +179,24 @@ async fn sibling_cap_refuses_growth_but_not_resolution() {
     for i in 0..MAX_SIBLINGS {
         store.write(put("hot", &i.to_string(), None)).await.unwrap();
     }
-    let err = store.write(put("hot", "one too many", None)).await.unwrap_err();
-    assert!(matches!(err, WriteError::TooManySiblings { count, limit, .. } if count == MAX_SIBLINGS + 1 && limit == MAX_SIBLINGS), "{err}");
+    let err = store
+        .write(put("hot", "one too many", None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, WriteError::TooManySiblings { count, limit, .. } if count == MAX_SIBLINGS + 1 && limit == MAX_SIBLINGS),
+        "{err}"
+    );
     let read = store.get(b"hot").unwrap();
-    assert_eq!(read.siblings().len(), MAX_SIBLINGS, "the refused write changed nothing");
-    let resolved = store.write(put("hot", "resolved", Some(read.context().clone()))).await.unwrap();
+    assert_eq!(
+        read.siblings().len(),
+        MAX_SIBLINGS,
+        "the refused write changed nothing"
+    );
+    let resolved = store
+        .write(put("hot", "resolved", Some(read.context().clone())))
+        .await
+        .unwrap();
     assert_eq!(values(&resolved.state), vec!["resolved"]);
     store.close();
 }
@@ -168,8 +208,20 @@ async fn failed_batch_applies_nothing_and_store_recovers() {
     store.write(put("k", "before", None)).await.unwrap();
     engine.set_fail_writes(true);
     let err = store.write(put("k", "during", None)).await.unwrap_err();
-    assert!(matches!(&err, WriteError::Storage { source: StorageError::NoSpace { .. }, .. }), "{err}");
-    assert!(err.to_string().contains("\"k\""), "error names the key: {err}");
+    assert!(
+        matches!(
+            &err,
+            WriteError::Storage {
+                source: StorageError::NoSpace { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("\"k\""),
+        "error names the key: {err}"
+    );
     engine.set_fail_writes(false);
     assert_eq!(values(&store.get(b"k").unwrap()), vec!["before"]);
     store.write(put("k", "after", None)).await.unwrap();
@@ -183,7 +235,10 @@ async fn data_dir_of_another_node_is_refused() {
     open(&engine, SyncMode::Group).close();
     let err = Store::open(
         engine.clone() as Arc<dyn Engine>,
-        StoreConfig { node_id: "n2".into(), sync: SyncMode::Group },
+        StoreConfig {
+            node_id: "n2".into(),
+            sync: SyncMode::Group,
+        },
     )
     .err()
     .expect("must refuse");
@@ -192,21 +247,31 @@ async fn data_dir_of_another_node_is_refused() {
 
 #[tokio::test]
 async fn group_mode_fsyncs_every_batch_and_none_mode_never() {
-    for (mode, expect_synced) in [(SyncMode::Group, true), (SyncMode::None, false), (SyncMode::Always, true)] {
+    for (mode, expect_synced) in [
+        (SyncMode::Group, true),
+        (SyncMode::None, false),
+        (SyncMode::Always, true),
+    ] {
         let engine = Arc::new(MemoryEngine::new());
         let store = Arc::new(open(&engine, mode));
         let mut tasks = Vec::new();
         for i in 0..200 {
             let s = store.clone();
-            tasks.push(tokio::spawn(async move { s.write(put(&format!("k{i}"), "v", None)).await }));
+            tasks.push(tokio::spawn(async move {
+                s.write(put(&format!("k{i}"), "v", None)).await
+            }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();
         }
         let batches = store.stats().batches.load(Ordering::Relaxed);
         let synced = store.stats().synced_batches.load(Ordering::Relaxed);
-        assert!(batches >= 1 && batches <= 200);
-        assert_eq!(synced == batches, expect_synced, "{mode}: {synced} of {batches} synced");
+        assert!((1..=200).contains(&batches));
+        assert_eq!(
+            synced == batches,
+            expect_synced,
+            "{mode}: {synced} of {batches} synced"
+        );
         if mode == SyncMode::Always {
             assert_eq!(batches, 200, "always mode never groups");
         }
