@@ -5,19 +5,26 @@
 //! write of the key and the write replaces exactly the versions you read. A write without a
 //! context supersedes nothing: it becomes one more sibling.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), ringkv_client::Error> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), ringkv_client::Error> {
+//! # // Hidden set-up: a real node on an ephemeral port (the doctest runs against it).
+//! # let node = ringkv_jepsen::NodeProcess::start_temp("doc", &[]);
+//! # let addr = node.addr.clone();
 //! use ringkv_client::Client;
 //!
-//! let client = Client::connect(["127.0.0.1:7379"]).await?;
-//! client.put("greeting", "hello", None).await?;
+//! let client = Client::connect([addr]).await?; // e.g. "127.0.0.1:7379"
+//! client.put("greeting", "hello", None).await?; // no context: a blind write
+//! client.put("greeting", "hi", None).await?;    // another blind write: a sibling
 //! let read = client.get("greeting").await?;
-//! if read.siblings.len() > 1 {
-//!     // Concurrent writes: resolve them by writing one value with the read's context.
-//!     let merged = read.values().iter().map(|v| String::from_utf8_lossy(v)).collect::<Vec<_>>().join("+");
-//!     client.put("greeting", merged, Some(&read.context)).await?;
+//! assert_eq!(read.siblings.len(), 2);
+//! if read.has_conflict() {
+//!     // Resolve: write one value with the read's context; it replaces what was read.
+//!     let merged: Vec<String> = read.values().iter().map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+//!     client.put("greeting", merged.join("+"), Some(&read.context)).await?;
 //! }
 //! let read = client.get("greeting").await?;
+//! assert_eq!(read.value().unwrap(), "hello+hi");
 //! client.delete("greeting", Some(&read.context)).await?;
 //! assert!(!client.get("greeting").await?.is_found());
 //! # Ok(()) }

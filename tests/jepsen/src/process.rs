@@ -13,7 +13,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Finds a workspace binary: `$RINGKV_BIN_DIR/<name>`, else next to (or above) the running
-/// executable, which is where cargo puts test binaries (`target/<profile>/deps/..`).
+/// executable, which is where cargo puts test binaries (`target/<profile>/deps/..`), else in
+/// `$CARGO_TARGET_DIR/release` (doctests run from a temp dir).
 pub fn bin_path(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("RINGKV_BIN_DIR") {
         return Path::new(&dir).join(name);
@@ -21,6 +22,12 @@ pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the running executable has a path");
     for dir in exe.ancestors().skip(1) {
         let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        let candidate = Path::new(&dir).join("release").join(name);
         if candidate.is_file() {
             return candidate;
         }
