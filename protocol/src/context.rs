@@ -14,6 +14,7 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::limits::MAX_CONTEXT_ENTRIES;
+use crate::wire::put_varint;
 
 pub const TOKEN_VERSION: u8 = 1;
 
@@ -45,25 +46,12 @@ fn fingerprint(key: &[u8]) -> u32 {
     xxh3_64(key) as u32
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, ContextError> {
-    let mut v: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let b = *buf.get(*pos).ok_or(ContextError::Truncated)?;
-        *pos += 1;
-        v |= ((b & 0x7f) as u64) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(ContextError::NotCanonical)
+    crate::wire::get_varint(buf, pos).ok_or(if *pos >= buf.len() {
+        ContextError::Truncated
+    } else {
+        ContextError::NotCanonical
+    })
 }
 
 impl CausalContext {

@@ -279,13 +279,7 @@ impl Request {
     }
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
-        let mut body = BytesMut::new();
-        self.encode_body(&mut body);
-        Frame {
-            opcode: self.opcode(),
-            request_id,
-            body: body.freeze(),
-        }
+        build_frame(self.opcode(), request_id, |b| self.encode_body(b))
     }
 
     /// Decodes a request body. Byte strings are bounded only by the frame here; semantic
@@ -360,6 +354,16 @@ impl Request {
             }
         }
         Ok(())
+    }
+}
+
+fn build_frame(opcode: u8, request_id: u64, encode: impl FnOnce(&mut BytesMut)) -> Frame {
+    let mut body = BytesMut::new();
+    encode(&mut body);
+    Frame {
+        opcode,
+        request_id,
+        body: body.freeze(),
     }
 }
 
@@ -517,13 +521,7 @@ impl Response {
     }
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
-        let mut body = BytesMut::new();
-        self.encode_body(&mut body);
-        Frame {
-            opcode: self.opcode(),
-            request_id,
-            body: body.freeze(),
-        }
+        build_frame(self.opcode(), request_id, |b| self.encode_body(b))
     }
 
     pub fn decode(opcode: u8, body: Bytes) -> Result<Response, DecodeError> {

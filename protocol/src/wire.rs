@@ -125,3 +125,27 @@ pub fn put_bytes(dst: &mut BytesMut, b: &[u8]) {
 pub fn put_count(dst: &mut BytesMut, n: usize) {
     dst.put_u32(u32::try_from(n).expect("counts are bounded far below 4 G"));
 }
+
+/// Appends `v` as an unsigned LEB128 varint (1–10 bytes).
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an unsigned LEB128 varint at `*pos`, advancing it. `None` = truncated or longer
+/// than 10 bytes.
+pub fn get_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *buf.get(*pos)?;
+        *pos += 1;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use ringkv_protocol::wire::{self, put_varint};
 use ringkv_protocol::CausalContext;
 
 pub type Actor = u64;
@@ -333,25 +334,8 @@ pub enum StateDecodeError {
     Invalid(&'static str),
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, StateDecodeError> {
-    let mut v: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let b = *buf.get(*pos).ok_or(StateDecodeError::Truncated)?;
-        *pos += 1;
-        v |= ((b & 0x7f) as u64) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err(StateDecodeError::Invalid("varint too long"))
+    wire::get_varint(buf, pos).ok_or(StateDecodeError::Truncated)
 }
 
 fn get_u64(buf: &[u8], pos: &mut usize) -> Result<u64, StateDecodeError> {

@@ -174,6 +174,21 @@ fn read_json(key: &str, read: &Read) -> Value {
     })
 }
 
+/// Prints a put/delete result: `OK`, or with `--json` the dot and the resulting siblings.
+fn print_written(as_json: bool, key: &str, written: &ringkv_client::Written) {
+    if !as_json {
+        return out("OK");
+    }
+    let mut v = written
+        .read
+        .as_ref()
+        .map(|r| read_json(key, r))
+        .unwrap_or(json!({}));
+    v["ok"] = json!(true);
+    v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
+    print_json(&v);
+}
+
 /// Writes a line to stdout; a closed pipe (`kvctl get k | head -1`) is not an error.
 fn out(line: &str) {
     let mut stdout = std::io::stdout().lock();
@@ -255,18 +270,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return_body: cli.json,
             };
             let written = client.put_with(&key, value, ctx.as_ref(), opts).await?;
-            if cli.json {
-                let mut v = written
-                    .read
-                    .as_ref()
-                    .map(|r| read_json(&key, r))
-                    .unwrap_or(json!({}));
-                v["ok"] = json!(true);
-                v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
-                print_json(&v);
-            } else {
-                out("OK");
-            }
+            print_written(cli.json, &key, &written);
             Ok(())
         }
         Cmd::Delete { key, context, w } => {
@@ -277,18 +281,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return_body: cli.json,
             };
             let written = client.delete_with(&key, ctx.as_ref(), opts).await?;
-            if cli.json {
-                let mut v = written
-                    .read
-                    .as_ref()
-                    .map(|r| read_json(&key, r))
-                    .unwrap_or(json!({}));
-                v["ok"] = json!(true);
-                v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
-                print_json(&v);
-            } else {
-                out("OK");
-            }
+            print_written(cli.json, &key, &written);
             Ok(())
         }
         Cmd::Status => {
