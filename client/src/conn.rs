@@ -1,5 +1,6 @@
-//! One multiplexed connection to one node: a task owns the socket, matches responses to
-//! requests by id, and coalesces queued requests into one flush (pipelining).
+//! One multiplexed connection to one node: a task owns the socket, matches reply frames to
+//! requests by id, and coalesces queued requests into one flush (pipelining). Frame-level, so
+//! the server's peer pool uses it for the peer protocol too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,26 +10,28 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use ringkv_protocol::limits::{MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN};
 use ringkv_protocol::{Frame, FrameCodec, Inbound, Rejection, Response};
+
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// Why a connection could not deliver a reply.
 #[derive(Debug, Clone)]
-pub(crate) enum ConnError {
+pub enum ConnError {
     /// The request may or may not have reached the node.
     Lost(String),
-    /// The reply frame could not be decoded.
+    /// The reply frame could not be processed.
     Protocol(String),
 }
 
-pub(crate) struct Outgoing {
-    pub frame: Frame,
-    pub reply: oneshot::Sender<Result<Response, ConnError>>,
+struct Outgoing {
+    frame: Frame,
+    reply: oneshot::Sender<Result<Frame, ConnError>>,
 }
 
+/// A multiplexed connection; cheap to clone (clones share the socket).
 #[derive(Clone)]
-pub(crate) struct Conn {
+pub struct Conn {
     tx: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
 }
@@ -53,15 +56,20 @@ impl Conn {
         self.alive.load(Ordering::Acquire) && !self.tx.is_closed()
     }
 
-    pub async fn send(&self, out: Outgoing) -> Result<(), ConnError> {
+    /// Sends `frame` and waits for the reply frame with the same request id. Request ids must
+    /// be unique on the connection; the caller bounds the wait (dropping the future is safe).
+    pub async fn call(&self, frame: Frame) -> Result<Frame, ConnError> {
+        let (reply, rx) = oneshot::channel();
         self.tx
-            .send(out)
+            .send(Outgoing { frame, reply })
             .await
-            .map_err(|_| ConnError::Lost("connection closed".into()))
+            .map_err(|_| ConnError::Lost("connection closed".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(ConnError::Lost("connection closed".into())))
     }
 }
 
-type Pending = HashMap<u64, oneshot::Sender<Result<Response, ConnError>>>;
+type Pending = HashMap<u64, oneshot::Sender<Result<Frame, ConnError>>>;
 
 async fn run(
     mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
@@ -115,18 +123,17 @@ async fn run(
                     }
                     Some(Ok(Inbound::Frame(frame))) => {
                         let id = frame.request_id;
-                        let decoded = Response::decode(frame.opcode, frame.body)
-                            .map_err(|e| ConnError::Protocol(e.to_string()));
                         if id == 0 {
-                            // Connection-level error from the node (e.g. too many connections).
-                            let msg = match decoded {
+                            // Connection-level error from the node (e.g. too many connections);
+                            // the error body is the same in the client and peer protocols.
+                            let msg = match Response::decode(frame.opcode, frame.body) {
                                 Ok(Response::Error(e)) => format!("{}: {}", e.kind.name(), e.message),
                                 other => format!("unexpected connection-level frame: {other:?}"),
                             };
                             break msg;
                         }
                         if let Some(tx) = pending.remove(&id) {
-                            let _ = tx.send(decoded);
+                            let _ = tx.send(Ok(frame));
                         }
                     }
                 }

@@ -9,7 +9,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), ringkv_client::Error> {
 //! # // Hidden set-up: a real node on an ephemeral port (the doctest runs against it).
-//! # let node = ringkv_jepsen::NodeProcess::start_temp("doc", &[]);
+//! # let node = ringkv_jepsen::NodeProcess::start_temp("doc", &["--n", "1"]);
 //! # let addr = node.addr.clone();
 //! use ringkv_client::Client;
 //!
@@ -35,7 +35,7 @@
 //! writes are never retried automatically (a retried write mints a second version), so a write
 //! whose outcome is unknown returns an error with [`Error::is_definite`] = false.
 
-mod conn;
+pub mod conn;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -44,11 +44,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::{Request, Response};
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::Mutex;
 
-pub use ringkv_protocol::{ErrorKind, StatusReply};
+pub use ringkv_protocol::{ErrorKind, RingMember, RingReply, StatusReply};
 
-use conn::{Conn, ConnError, Outgoing};
+use conn::{Conn, ConnError};
 
 /// The opaque causal context of a key, returned by reads. Pass it back unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -421,6 +421,16 @@ impl Client {
         }
     }
 
+    /// The contacted node's view of the ring: members, tokens, ownership shares, liveness.
+    pub async fn ring(&self) -> Result<RingReply, Error> {
+        let timeout = self.inner.config.request_timeout;
+        let (addr, resp) = self.call(Request::Ring, timeout, true).await?;
+        match resp {
+            Response::Ring(r) => Ok(r),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
     async fn conn(&self, i: usize) -> Result<Conn, String> {
         let node = &self.inner.nodes[i];
         let mut slot = node.conn.lock().await;
@@ -461,16 +471,11 @@ impl Client {
                 }
             };
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            let out = Outgoing {
-                frame: req.to_frame(id),
-                reply: tx,
-            };
             let left = deadline.saturating_duration_since(Instant::now());
             let result = tokio::time::timeout(left, async {
-                conn.send(out).await?;
-                rx.await
-                    .unwrap_or_else(|_| Err(ConnError::Lost("connection closed".into())))
+                let frame = conn.call(req.to_frame(id)).await?;
+                Response::decode(frame.opcode, frame.body)
+                    .map_err(|e| ConnError::Protocol(e.to_string()))
             })
             .await;
             match result {

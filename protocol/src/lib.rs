@@ -7,12 +7,13 @@ pub mod context;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod peer;
 pub mod wire;
 
 pub use context::{CausalContext, ContextError};
 pub use frame::{Frame, FrameCodec, FrameError, Inbound, Rejection, PROTOCOL_VERSION};
 pub use message::{
-    ErrorKind, ErrorReply, ReadOptions, ReadReply, Request, Response, Sibling, StatusReply,
-    WriteOptions, WriteReply,
+    ErrorKind, ErrorReply, ReadOptions, ReadReply, Request, Response, RingMember, RingReply,
+    Sibling, StatusReply, WriteOptions, WriteReply,
 };
 pub use wire::DecodeError;

@@ -12,12 +12,14 @@ pub mod opcode {
     pub const GET: u8 = 0x03;
     pub const PUT: u8 = 0x04;
     pub const DELETE: u8 = 0x05;
+    pub const RING: u8 = 0x06;
 
     pub const PONG: u8 = 0x81;
     pub const STATUS_REPLY: u8 = 0x82;
     pub const GET_REPLY: u8 = 0x83;
     pub const PUT_REPLY: u8 = 0x84;
     pub const DELETE_REPLY: u8 = 0x85;
+    pub const RING_REPLY: u8 = 0x86;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -72,6 +74,31 @@ pub enum Request {
         context: Bytes,
         opts: WriteOptions,
     },
+    /// The contacted node's view of the ring: members, tokens, ownership, liveness.
+    Ring,
+}
+
+/// One member as `Ring` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingMember {
+    pub node_id: String,
+    pub client_addr: String,
+    pub peer_addr: String,
+    /// Number of tokens (vnodes) the node owns.
+    pub tokens: u32,
+    /// Share of the hash space for which the node is the first replica, in parts per million.
+    pub primary_ppm: u32,
+    /// Whether the reporting node currently considers it reachable.
+    pub alive: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RingReply {
+    /// Replication factor and the default R and W.
+    pub n: u8,
+    pub r: u8,
+    pub w: u8,
+    pub members: Vec<RingMember>,
 }
 
 /// One version of a key as seen by a client. `value == None` is a tombstone (a delete).
@@ -150,6 +177,8 @@ pub enum ErrorKind {
         count: u64,
         limit: u64,
     },
+    /// A peer presented another cluster name (or replication factor).
+    WrongCluster,
     Unknown {
         code: u16,
     },
@@ -167,6 +196,7 @@ impl ErrorKind {
             ErrorKind::Unavailable { .. } => 7,
             ErrorKind::InvalidRequest => 8,
             ErrorKind::TooManySiblings { .. } => 9,
+            ErrorKind::WrongCluster => 10,
             ErrorKind::Unknown { code } => *code,
         }
     }
@@ -182,6 +212,7 @@ impl ErrorKind {
             ErrorKind::Unavailable { .. } => "Unavailable",
             ErrorKind::InvalidRequest => "InvalidRequest",
             ErrorKind::TooManySiblings { .. } => "TooManySiblings",
+            ErrorKind::WrongCluster => "WrongCluster",
             ErrorKind::Unknown { .. } => "Unknown",
         }
     }
@@ -214,6 +245,7 @@ impl ErrorKind {
             },
             8 => ErrorKind::InvalidRequest,
             9 => ErrorKind::TooManySiblings { count: a, limit: b },
+            10 => ErrorKind::WrongCluster,
             code => ErrorKind::Unknown { code },
         }
     }
@@ -236,6 +268,7 @@ pub enum Response {
     Get(ReadReply),
     Put(WriteReply),
     Delete(WriteReply),
+    Ring(RingReply),
     Error(ErrorReply),
 }
 
@@ -247,12 +280,13 @@ impl Request {
             Request::Get { .. } => opcode::GET,
             Request::Put { .. } => opcode::PUT,
             Request::Delete { .. } => opcode::DELETE,
+            Request::Ring => opcode::RING,
         }
     }
 
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
-            Request::Ping | Request::Status => {}
+            Request::Ping | Request::Status | Request::Ring => {}
             Request::Get { key, opts } => {
                 put_bytes(dst, key);
                 dst.put_u8(opts.r);
@@ -289,6 +323,7 @@ impl Request {
         let req = match opcode {
             opcode::PING => Request::Ping,
             opcode::STATUS => Request::Status,
+            opcode::RING => Request::Ring,
             opcode::GET => {
                 let key = r.bytes("key", MAX_REQUEST_BODY_LEN)?;
                 let opts = ReadOptions {
@@ -318,7 +353,7 @@ impl Request {
     /// Checks the semantic limits of a decoded request. The error names the offending field.
     pub fn validate(&self) -> Result<(), (ErrorKind, String)> {
         let (key, value, context) = match self {
-            Request::Ping | Request::Status => return Ok(()),
+            Request::Ping | Request::Status | Request::Ring => return Ok(()),
             Request::Get { key, .. } => (key, None, None),
             Request::Put {
                 key,
@@ -355,6 +390,29 @@ impl Request {
         }
         Ok(())
     }
+}
+
+/// Error body: `code u16, definite u8, a u64, b u64, message text` (shared with the peer protocol).
+pub(crate) fn encode_error(dst: &mut BytesMut, e: &ErrorReply) {
+    let (a, b) = e.kind.fields();
+    dst.put_u16(e.kind.code());
+    dst.put_u8(e.definite as u8);
+    dst.put_u64(a);
+    dst.put_u64(b);
+    put_bytes(dst, e.message.as_bytes());
+}
+
+pub(crate) fn decode_error(r: &mut Reader) -> Result<ErrorReply, DecodeError> {
+    let code = r.u16("error code")?;
+    let definite = r.u8("definite")? != 0;
+    let a = r.u64("error field a")?;
+    let b = r.u64("error field b")?;
+    let message = r.text("error message", MAX_TEXT_LEN)?;
+    Ok(ErrorReply {
+        kind: ErrorKind::from_wire(code, a, b),
+        definite,
+        message,
+    })
 }
 
 fn build_frame(opcode: u8, request_id: u64, encode: impl FnOnce(&mut BytesMut)) -> Frame {
@@ -469,6 +527,7 @@ impl Response {
             Response::Get(_) => opcode::GET_REPLY,
             Response::Put(_) => opcode::PUT_REPLY,
             Response::Delete(_) => opcode::DELETE_REPLY,
+            Response::Ring(_) => opcode::RING_REPLY,
             Response::Error(_) => opcode::ERROR,
         }
     }
@@ -509,14 +568,21 @@ impl Response {
             }
             Response::Get(rr) => put_read_reply(dst, rr),
             Response::Put(wr) | Response::Delete(wr) => put_write_reply(dst, wr),
-            Response::Error(e) => {
-                let (a, b) = e.kind.fields();
-                dst.put_u16(e.kind.code());
-                dst.put_u8(e.definite as u8);
-                dst.put_u64(a);
-                dst.put_u64(b);
-                put_bytes(dst, e.message.as_bytes());
+            Response::Ring(ring) => {
+                dst.put_u8(ring.n);
+                dst.put_u8(ring.r);
+                dst.put_u8(ring.w);
+                put_count(dst, ring.members.len());
+                for m in &ring.members {
+                    put_bytes(dst, m.node_id.as_bytes());
+                    put_bytes(dst, m.client_addr.as_bytes());
+                    put_bytes(dst, m.peer_addr.as_bytes());
+                    dst.put_u32(m.tokens);
+                    dst.put_u32(m.primary_ppm);
+                    dst.put_u8(m.alive as u8);
+                }
             }
+            Response::Error(e) => encode_error(dst, e),
         }
     }
 
@@ -556,18 +622,28 @@ impl Response {
             opcode::GET_REPLY => Response::Get(read_read_reply(&mut r)?),
             opcode::PUT_REPLY => Response::Put(read_write_reply(&mut r)?),
             opcode::DELETE_REPLY => Response::Delete(read_write_reply(&mut r)?),
-            opcode::ERROR => {
-                let code = r.u16("error code")?;
-                let definite = r.u8("definite")? != 0;
-                let a = r.u64("error field a")?;
-                let b = r.u64("error field b")?;
-                let message = r.text("error message", MAX_TEXT_LEN)?;
-                Response::Error(ErrorReply {
-                    kind: ErrorKind::from_wire(code, a, b),
-                    definite,
-                    message,
+            opcode::RING_REPLY => {
+                let (n, rr, w) = (r.u8("n")?, r.u8("r")?, r.u8("w")?);
+                let count = r.count("members", crate::peer::MAX_MEMBERS, 12 + 9)?;
+                let mut members = Vec::with_capacity(count);
+                for _ in 0..count {
+                    members.push(RingMember {
+                        node_id: r.text("node_id", 256)?,
+                        client_addr: r.text("client_addr", 256)?,
+                        peer_addr: r.text("peer_addr", 256)?,
+                        tokens: r.u32("tokens")?,
+                        primary_ppm: r.u32("primary_ppm")?,
+                        alive: r.u8("alive")? != 0,
+                    });
+                }
+                Response::Ring(RingReply {
+                    n,
+                    r: rr,
+                    w,
+                    members,
                 })
             }
+            opcode::ERROR => Response::Error(decode_error(&mut r)?),
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
         r.finish()?;

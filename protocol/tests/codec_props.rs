@@ -28,6 +28,7 @@ fn request_strategy() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::Ping),
         Just(Request::Status),
+        Just(Request::Ring),
         (bytes_strategy(64), ropts).prop_map(|(key, opts)| Request::Get { key, opts }),
         (
             bytes_strategy(64),
@@ -92,9 +93,28 @@ fn response_strategy() -> impl Strategy<Value = Response> {
         },
         7 => ErrorKind::InvalidRequest,
         8 => ErrorKind::TooManySiblings { count: a, limit: b },
+        9 => ErrorKind::WrongCluster,
         _ => ErrorKind::Unknown { code: 1000 + code },
     });
+    let member = ("[a-z0-9]{1,8}", any::<u32>(), any::<u32>(), any::<bool>()).prop_map(
+        |(node_id, tokens, primary_ppm, alive)| RingMember {
+            client_addr: format!("{node_id}:1"),
+            peer_addr: format!("{node_id}:2"),
+            node_id,
+            tokens,
+            primary_ppm,
+            alive,
+        },
+    );
+    let ring = (
+        any::<u8>(),
+        any::<u8>(),
+        any::<u8>(),
+        proptest::collection::vec(member, 0..5),
+    )
+        .prop_map(|(n, r, w, members)| Response::Ring(RingReply { n, r, w, members }));
     prop_oneof![
+        ring,
         Just(Response::Pong),
         read_reply_strategy().prop_map(Response::Get),
         write().prop_map(Response::Put),

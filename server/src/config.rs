@@ -10,6 +10,14 @@ use serde::Deserialize;
 use crate::storage::store::SyncMode;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
+pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:7380";
+pub const DEFAULT_CLUSTER_NAME: &str = "ringkv";
+/// Riak's and Cassandra's usual replication factor.
+pub const DEFAULT_N: u8 = 3;
+/// Upper bound for N: every write fans out to N replicas and every read gathers N states.
+pub const MAX_N: u8 = 16;
+pub const DEFAULT_VNODES: u32 = 256;
+pub const MAX_VNODES: u32 = 4096;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;
@@ -35,6 +43,27 @@ pub struct Cli {
     /// Client listen address (HOST:PORT; port 0 = any free port).
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+    /// Inter-node (peer) listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer_listen: Option<String>,
+    /// Peer addresses of existing members to join through (comma-separated).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Cluster name: peers presenting another name are refused.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// Replication factor N (all nodes of a cluster must agree).
+    #[arg(long)]
+    pub n: Option<u8>,
+    /// Default read quorum R (1..=N; default a majority of N).
+    #[arg(long)]
+    pub r: Option<u8>,
+    /// Default write quorum W (1..=N; default a majority of N).
+    #[arg(long)]
+    pub w: Option<u8>,
+    /// Tokens (virtual nodes) this node owns on the ring.
+    #[arg(long)]
+    pub vnodes: Option<u32>,
     /// Data directory (created if missing).
     #[arg(long, value_name = "PATH")]
     pub data_dir: Option<PathBuf>,
@@ -67,6 +96,13 @@ pub struct Cli {
 pub struct FileConfig {
     pub node_id: Option<String>,
     pub listen: Option<String>,
+    pub peer_listen: Option<String>,
+    pub seeds: Option<Vec<String>>,
+    pub cluster_name: Option<String>,
+    pub n: Option<u8>,
+    pub r: Option<u8>,
+    pub w: Option<u8>,
+    pub vnodes: Option<u32>,
     pub data_dir: Option<PathBuf>,
     pub sync: Option<String>,
     pub max_connections: Option<usize>,
@@ -89,6 +125,13 @@ pub enum LogFormat {
 pub struct Config {
     pub node_id: String,
     pub listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub seeds: Vec<String>,
+    pub cluster_name: String,
+    pub n: u8,
+    pub r: u8,
+    pub w: u8,
+    pub vnodes: u32,
     pub data_dir: PathBuf,
     pub sync: SyncMode,
     pub max_connections: usize,
@@ -157,6 +200,53 @@ impl Config {
                 format!("{listen_s:?} is not HOST:PORT with a numeric IP ({e})"),
             )
         })?;
+        let peer_s = cli
+            .peer_listen
+            .or(file.peer_listen)
+            .unwrap_or_else(|| DEFAULT_PEER_LISTEN.to_string());
+        let peer_listen: SocketAddr = peer_s.parse().map_err(|e| {
+            invalid(
+                "peer_listen",
+                format!("{peer_s:?} is not HOST:PORT with a numeric IP ({e})"),
+            )
+        })?;
+        if peer_listen == listen && listen.port() != 0 {
+            return Err(invalid(
+                "peer_listen",
+                format!("{peer_listen} is also the client listen address"),
+            ));
+        }
+        let seeds: Vec<String> = cli
+            .seeds
+            .or(file.seeds)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for seed in &seeds {
+            if seed
+                .rsplit_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+            {
+                return Err(invalid("seeds", format!("{seed:?} is not HOST:PORT")));
+            }
+        }
+        let cluster_name = cli
+            .cluster_name
+            .or(file.cluster_name)
+            .unwrap_or_else(|| DEFAULT_CLUSTER_NAME.to_string());
+        validate_name("cluster_name", &cluster_name)?;
+        let n = in_range("n", cli.n.or(file.n).unwrap_or(DEFAULT_N), 1, MAX_N)?;
+        let majority = n / 2 + 1;
+        let r = in_range("r", cli.r.or(file.r).unwrap_or(majority), 1, n)?;
+        let w = in_range("w", cli.w.or(file.w).unwrap_or(majority), 1, n)?;
+        let vnodes = in_range(
+            "vnodes",
+            cli.vnodes.or(file.vnodes).unwrap_or(DEFAULT_VNODES),
+            1,
+            MAX_VNODES,
+        )?;
         let data_dir = cli
             .data_dir
             .or(file.data_dir)
@@ -226,6 +316,13 @@ impl Config {
         Ok(Config {
             node_id,
             listen,
+            peer_listen,
+            seeds,
+            cluster_name,
+            n,
+            r,
+            w,
+            vnodes,
             data_dir,
             sync,
             max_connections,
@@ -244,7 +341,8 @@ impl Config {
     }
 }
 
-/// File in the data dir holding `client=HOST:PORT` once the node accepts connections.
+/// File in the data dir holding `client=HOST:PORT` and `peer=HOST:PORT` once the node accepts
+/// connections.
 pub const ADDR_FILE: &str = "ringkv.addr";
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -259,9 +357,13 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 pub fn validate_node_id(id: &str) -> Result<(), ConfigError> {
+    validate_name("node_id", id)
+}
+
+fn validate_name(setting: &'static str, id: &str) -> Result<(), ConfigError> {
     if id.is_empty() || id.len() > 64 {
         return Err(invalid(
-            "node_id",
+            setting,
             format!("{id:?} must be 1 to 64 characters"),
         ));
     }
@@ -270,7 +372,7 @@ pub fn validate_node_id(id: &str) -> Result<(), ConfigError> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
         return Err(invalid(
-            "node_id",
+            setting,
             format!("{id:?} contains {c:?}; allowed: A-Z a-z 0-9 _ . -"),
         ));
     }
@@ -307,6 +409,13 @@ mod tests {
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.sync, SyncMode::None);
         assert_eq!(c.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(
+            (c.n, c.r, c.w),
+            (3, 2, 2),
+            "quorums default to a majority of N"
+        );
+        let c = Config::load(cli(&["--node-id", "a", "--data-dir", "/tmp/x", "--n", "1"])).unwrap();
+        assert_eq!((c.n, c.r, c.w), (1, 1, 1));
     }
 
     #[test]

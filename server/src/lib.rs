@@ -4,9 +4,12 @@
 //! tools can embed the pieces.
 
 pub mod config;
+pub mod coordinator;
+pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod ring;
 pub mod storage;
 pub mod version;
 
@@ -16,7 +19,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use ringkv_protocol::limits::MAX_REQUEST_BODY_LEN;
+use ringkv_protocol::peer::MemberInfo;
+use std::sync::atomic::AtomicBool;
+
 use crate::config::Config;
+use crate::membership::Membership;
+use crate::net::client::ClientHandler;
+use crate::net::peer::{PeerHandler, PeerPool};
+use crate::net::ListenerConfig;
 use crate::node::Node;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::store::StoreOpenError;
@@ -77,14 +88,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     })?;
     let store = Arc::new(store);
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| ServerError::Listen {
-            node: node_id.clone(),
-            addr: config.listen.to_string(),
-            cause: e.to_string(),
-        });
-    let listener = match listener {
+    let bind = |addr: std::net::SocketAddr| {
+        let node_id = node_id.clone();
+        async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServerError::Listen {
+                    node: node_id,
+                    addr: addr.to_string(),
+                    cause: e.to_string(),
+                })
+        }
+    };
+    let listeners = match bind(config.listen).await {
+        Ok(c) => bind(config.peer_listen).await.map(|p| (c, p)),
+        Err(e) => Err(e),
+    };
+    let (client_listener, peer_listener) = match listeners {
         Ok(l) => l,
         Err(e) => {
             let s = store.clone();
@@ -92,15 +112,78 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             return Err(e);
         }
     };
-    let bound = listener
+    let client_addr = client_listener
         .local_addr()
         .expect("bound listener has an address");
-    write_addr_file(&config, bound);
-    info!(node = %node_id, client = %bound, data_dir = %config.data_dir.display(),
-          sync = %config.sync, "ringkv node ready");
+    let peer_addr = peer_listener
+        .local_addr()
+        .expect("bound listener has an address");
 
-    let node = Arc::new(Node::new(config, store.clone()));
-    net::serve(listener, node, shutdown).await;
+    let me = MemberInfo {
+        node_id: node_id.clone(),
+        client_addr: client_addr.to_string(),
+        peer_addr: peer_addr.to_string(),
+        vnodes: config.vnodes,
+        generation: node::now_ms(),
+    };
+    let peers = Arc::new(PeerPool::new(Node::hello(&config, &me)));
+    let membership = Membership::start(
+        me.clone(),
+        config.seeds.clone(),
+        peers.clone(),
+        shutdown.clone(),
+    );
+    let node = Arc::new(Node::new(
+        config.clone(),
+        store.clone(),
+        peers,
+        membership,
+        me,
+    ));
+
+    let client_cfg = ListenerConfig {
+        node_id: node_id.clone(),
+        kind: "client",
+        max_connections: config.max_connections,
+        max_in_flight: config.max_in_flight,
+        max_request_body: MAX_REQUEST_BODY_LEN,
+    };
+    let peer_cfg = ListenerConfig {
+        kind: "peer",
+        // Peers multiplex everything on one connection each; replicated states can be as
+        // large as a whole key state.
+        max_request_body: ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN,
+        max_in_flight: crate::net::peer::PEER_PIPELINE_DEPTH,
+        ..client_cfg.clone()
+    };
+    write_addr_file(&config, client_addr, peer_addr);
+    info!(node = %node_id, client = %client_addr, peer = %peer_addr, cluster = %config.cluster_name,
+          seeds = ?config.seeds, n = config.n, r = config.r, w = config.w,
+          data_dir = %config.data_dir.display(), sync = %config.sync, "ringkv node ready");
+
+    let client_node = node.clone();
+    let peer_node = node.clone();
+    tokio::join!(
+        net::serve(
+            client_listener,
+            client_cfg,
+            node.client_net.clone(),
+            move || Arc::new(ClientHandler {
+                node: client_node.clone()
+            }),
+            shutdown.clone(),
+        ),
+        net::serve(
+            peer_listener,
+            peer_cfg,
+            node.peer_net.clone(),
+            move || Arc::new(PeerHandler {
+                node: peer_node.clone(),
+                greeted: AtomicBool::new(false),
+            }),
+            shutdown.clone(),
+        ),
+    );
 
     info!(node = %node_id, "closing storage");
     let s = store.clone();
@@ -109,10 +192,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     Ok(())
 }
 
-fn write_addr_file(config: &Config, bound: std::net::SocketAddr) {
+fn write_addr_file(config: &Config, client: std::net::SocketAddr, peer: std::net::SocketAddr) {
     // Written to a temp name and renamed, so readers never see a partial file.
     let tmp = config.data_dir.join(".ringkv.addr.tmp");
-    let ok = std::fs::write(&tmp, format!("client={bound}\n"))
+    let ok = std::fs::write(&tmp, format!("client={client}\npeer={peer}\n"))
         .and_then(|()| std::fs::rename(&tmp, config.addr_file()));
     if let Err(e) = ok {
         tracing::warn!(node = %config.node_id, error = %e, "could not write the address file");

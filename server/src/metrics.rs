@@ -1,34 +1,60 @@
-//! Node-wide counters, exported by `status` (and `kvctl status`).
+//! Node-wide counters, exported by `status` (and `kvctl status`). Names are stable and
+//! documented in docs/operations.md.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! metrics {
-    ($($field:ident => $name:literal),* $(,)?) => {
-        /// Monotone counters and gauges; names are stable (documented in docs/operations.md).
+    ($(#[$doc:meta])* $ty:ident { $($field:ident => $name:literal),* $(,)? }) => {
+        $(#[$doc])*
         #[derive(Debug, Default)]
-        pub struct Metrics { $(pub $field: AtomicU64,)* }
+        pub struct $ty { $(pub $field: AtomicU64,)* }
 
-        impl Metrics {
-            pub fn snapshot(&self) -> Vec<(String, u64)> {
-                vec![$(($name.to_string(), self.$field.load(Ordering::Relaxed)),)*]
+        impl $ty {
+            /// `(prefix + name, value)` for every counter.
+            pub fn snapshot(&self, prefix: &str) -> Vec<(String, u64)> {
+                vec![$((format!("{prefix}{}", $name), self.$field.load(Ordering::Relaxed)),)*]
             }
         }
     };
 }
 
 metrics! {
-    connections_accepted => "net.connections_accepted",
-    connections_active => "net.connections_active",
-    connections_refused => "net.connections_refused",
-    frames_rejected => "net.frames_rejected",
-    malformed => "net.malformed",
-    requests_get => "requests.get",
-    requests_put => "requests.put",
-    requests_delete => "requests.delete",
-    requests_ping => "requests.ping",
-    requests_status => "requests.status",
-    errors => "requests.errors",
-    timeouts => "requests.timeouts",
+    /// Per listener (client `net.`, peer `peer_net.`).
+    Metrics {
+        connections_accepted => "connections_accepted",
+        connections_active => "connections_active",
+        connections_refused => "connections_refused",
+        frames_rejected => "frames_rejected",
+        malformed => "malformed",
+    }
+}
+
+metrics! {
+    /// Requests and their coordination.
+    RequestMetrics {
+        get => "requests.get",
+        put => "requests.put",
+        delete => "requests.delete",
+        ping => "requests.ping",
+        status => "requests.status",
+        ring => "requests.ring",
+        errors => "requests.errors",
+        timeouts => "requests.timeouts",
+        unavailable => "requests.unavailable",
+        forwarded => "coordinator.forwarded_writes",
+        coordinated_writes => "coordinator.writes",
+        coordinated_reads => "coordinator.reads",
+        replicate_sent => "coordinator.replicate_sent",
+        replicate_failed => "coordinator.replicate_failed",
+        late_acks => "coordinator.late_acks",
+        read_repairs => "read_repair.sent",
+        read_repair_failed => "read_repair.failed",
+        peer_read_local => "peer.read_local",
+        peer_replicate => "peer.replicate",
+        peer_forward => "peer.forward",
+        peer_gossip => "peer.gossip",
+        peers_refused => "peer.handshakes_refused",
+    }
 }
 
 pub fn inc(c: &AtomicU64) {

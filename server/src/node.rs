@@ -1,7 +1,14 @@
-//! The node: wires config, storage and metrics, and answers client requests.
+//! The node: answers client requests by coordinating them across the replicas of the key,
+//! and answers peer requests (replica reads, replication, forwarded writes, gossip).
 //!
-//! With one node the replication factor is 1, so R and W above 1 are refused with a clear
-//! error. Every error message starts with the node id and names the key and the cause.
+//! Put/delete: the entry node computes the key's preference list (first N distinct nodes
+//! clockwise on the ring). If it is not a replica it forwards the write once to the first live
+//! replica, which coordinates: it mints the version locally (only replicas mint, see
+//! notes/version-vectors.md §4) and ships the whole resulting state to the other live replicas,
+//! answering after W acks (its own included). Get: any node coordinates; it asks every live
+//! replica for its state, answers after R replies with their merge, and in the background
+//! waits for the rest (until the deadline) and sends the final merge to every replica that
+//! answered with something else (read repair). Every error starts with the node id.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,26 +16,37 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
+use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
 use ringkv_protocol::{
-    CausalContext, ErrorKind, ReadReply, Request, Response, Sibling, StatusReply, WriteReply,
+    CausalContext, ErrorKind, ErrorReply, ReadReply, Request, Response, RingMember, RingReply,
+    Sibling, StatusReply, WriteReply,
 };
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant as TokioInstant;
+use tracing::{debug, warn};
 
 use crate::config::Config;
-use crate::metrics::{inc, Metrics};
-use crate::storage::{HexKey, Store, WriteError, WriteOp};
+use crate::coordinator::{Decision, QuorumError, ReadQuorum, WriteQuorum};
+use crate::membership::{ClusterView, Event, Membership};
+use crate::metrics::{inc, Metrics, RequestMetrics};
+use crate::net::peer::{PeerError, PeerPool};
+use crate::ring::NodeId;
+use crate::storage::{key_position, HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
-
-/// Replication factor of a single node.
-pub const N: u8 = 1;
 
 pub struct Node {
     pub config: Config,
     pub store: Arc<Store>,
-    pub metrics: Metrics,
+    pub requests: RequestMetrics,
+    pub client_net: Arc<Metrics>,
+    pub peer_net: Arc<Metrics>,
+    pub peers: Arc<PeerPool>,
+    pub membership: Membership,
+    pub me: MemberInfo,
     started: Instant,
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -52,23 +70,80 @@ pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
     }
 }
 
+/// A client write, unpacked.
+struct WriteReq {
+    key: Bytes,
+    /// `None` = delete everything the coordinating replica holds.
+    ctx: Option<VersionVector>,
+    value: Option<Bytes>,
+    opts: WriteOptions,
+    is_delete: bool,
+}
+
 impl Node {
-    pub fn new(config: Config, store: Arc<Store>) -> Node {
+    pub fn new(
+        config: Config,
+        store: Arc<Store>,
+        peers: Arc<PeerPool>,
+        membership: Membership,
+        me: MemberInfo,
+    ) -> Node {
         Node {
             config,
             store,
-            metrics: Metrics::default(),
+            requests: RequestMetrics::default(),
+            client_net: Arc::new(Metrics::default()),
+            peer_net: Arc::new(Metrics::default()),
+            peers,
+            membership,
+            me,
             started: Instant::now(),
         }
     }
 
+    /// The handshake a node presents to its peers.
+    pub fn hello(config: &Config, me: &MemberInfo) -> Hello {
+        Hello {
+            cluster: config.cluster_name.clone(),
+            n: config.n,
+            me: me.clone(),
+        }
+    }
+
     fn err(&self, kind: ErrorKind, definite: bool, msg: impl std::fmt::Display) -> Response {
-        inc(&self.metrics.errors);
+        inc(&self.requests.errors);
+        match kind {
+            ErrorKind::Timeout { .. } => inc(&self.requests.timeouts),
+            ErrorKind::Unavailable { .. } => inc(&self.requests.unavailable),
+            _ => {}
+        }
         Response::error(
             kind,
             definite,
             format!("node {}: {msg}", self.config.node_id),
         )
+    }
+
+    fn quorum_error(&self, key: &[u8], e: QuorumError, what: &str, definite: bool) -> Response {
+        let key = HexKey(key.to_vec());
+        match e {
+            QuorumError::Unavailable { alive, needed } => self.err(
+                ErrorKind::Unavailable {
+                    alive: alive as u64,
+                    needed: needed as u64,
+                },
+                definite,
+                format!("key {key}: {what}: {alive} replicas reachable, {needed} needed"),
+            ),
+            QuorumError::Timeout { acks, needed } => self.err(
+                ErrorKind::Timeout {
+                    acks: acks as u64,
+                    needed: needed as u64,
+                },
+                definite,
+                format!("key {key}: {what}: {acks} of {needed} replies before the deadline"),
+            ),
+        }
     }
 
     fn deadline(&self, timeout_ms: u32) -> Duration {
@@ -80,55 +155,78 @@ impl Node {
         Duration::from_millis(ms as u64)
     }
 
-    /// Answers one request. Never panics on client input.
-    pub async fn handle(&self, req: Request) -> Response {
+    /// Resolves a per-request R or W (0 = the default) and checks 1..=N.
+    fn quorum(&self, what: &str, asked: u8, default: u8, key: &[u8]) -> Result<usize, Response> {
+        let q = if asked == 0 { default } else { asked };
+        if q > self.config.n {
+            return Err(self.err(
+                ErrorKind::InvalidRequest,
+                true,
+                format!(
+                    "key {}: {what}={q} exceeds the replication factor N={}",
+                    HexKey(key.to_vec()),
+                    self.config.n
+                ),
+            ));
+        }
+        Ok(q as usize)
+    }
+
+    fn view(&self) -> Arc<ClusterView> {
+        self.membership.view()
+    }
+
+    /// The key's replicas and which of them are reachable.
+    fn replicas(&self, view: &ClusterView, key: &[u8]) -> (Vec<NodeId>, Vec<NodeId>) {
+        let pref = view
+            .ring
+            .preference_list(key_position(key), self.config.n as usize);
+        let alive = pref
+            .iter()
+            .filter(|id| view.is_alive(id))
+            .cloned()
+            .collect();
+        (pref, alive)
+    }
+
+    fn report_peer_error(&self, node: &NodeId, e: &PeerError) {
+        if e.not_sent() || matches!(e, PeerError::Lost(_)) {
+            self.membership
+                .report(Event::Down(node.clone(), e.to_string()));
+        }
+    }
+
+    /// Answers one client request. Never panics on client input.
+    pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
         if let Err((kind, msg)) = req.validate() {
             return self.err(kind, true, msg);
         }
         match req {
             Request::Ping => {
-                inc(&self.metrics.requests_ping);
+                inc(&self.requests.ping);
                 Response::Pong
             }
             Request::Status => {
-                inc(&self.metrics.requests_status);
+                inc(&self.requests.status);
                 Response::Status(self.status())
             }
+            Request::Ring => {
+                inc(&self.requests.ring);
+                Response::Ring(self.ring_reply())
+            }
             Request::Get { key, opts } => {
-                inc(&self.metrics.requests_get);
+                inc(&self.requests.get);
                 self.get(key, opts).await
             }
-            Request::Put {
-                key,
-                value,
-                context,
-                opts,
-            } => {
-                inc(&self.metrics.requests_put);
-                let Some(ctx) = self.decode_context(&key, &context) else {
-                    return self.context_error(&key, &context);
-                };
-                self.write(key, Some(ctx), Some(value), opts, false).await
-            }
-            Request::Delete { key, context, opts } => {
-                inc(&self.metrics.requests_delete);
-                let ctx = if context.is_empty() {
-                    None
+            req @ (Request::Put { .. } | Request::Delete { .. }) => {
+                if matches!(req, Request::Put { .. }) {
+                    inc(&self.requests.put);
                 } else {
-                    match self.decode_context(&key, &context) {
-                        Some(ctx) => Some(ctx),
-                        None => return self.context_error(&key, &context),
-                    }
-                };
-                self.write(key, ctx, None, opts, true).await
+                    inc(&self.requests.delete);
+                }
+                self.write(req, false).await
             }
         }
-    }
-
-    fn decode_context(&self, key: &[u8], token: &[u8]) -> Option<VersionVector> {
-        CausalContext::decode(token, key)
-            .ok()
-            .map(|c| VersionVector::from_context(&c))
     }
 
     fn context_error(&self, key: &[u8], token: &[u8]) -> Response {
@@ -146,96 +244,246 @@ impl Node {
         )
     }
 
-    fn check_quorum(&self, what: &str, n: u8, key: &[u8]) -> Option<Response> {
-        (n > N).then(|| {
-            self.err(
-                ErrorKind::InvalidRequest,
-                true,
-                format!(
-                    "key {}: {what}={n} exceeds the replication factor N={N}",
-                    HexKey(key.to_vec())
-                ),
-            )
+    fn unpack_write(&self, req: Request) -> Result<WriteReq, Response> {
+        let (key, context, value, opts, is_delete) = match req {
+            Request::Put {
+                key,
+                value,
+                context,
+                opts,
+            } => (key, context, Some(value), opts, false),
+            Request::Delete { key, context, opts } => (key, context, None, opts, true),
+            _ => unreachable!("unpack_write is only called with writes"),
+        };
+        let ctx = if is_delete && context.is_empty() {
+            None
+        } else {
+            match CausalContext::decode(&context, &key) {
+                Ok(c) => Some(VersionVector::from_context(&c)),
+                Err(_) => return Err(self.context_error(&key, &context)),
+            }
+        };
+        Ok(WriteReq {
+            key,
+            ctx,
+            value,
+            opts,
+            is_delete,
         })
     }
 
-    async fn get(&self, key: Bytes, opts: ReadOptions) -> Response {
-        if let Some(e) = self.check_quorum("R", opts.r, &key) {
-            return e;
-        }
-        let store = self.store.clone();
-        let k = key.clone();
-        let read = tokio::task::spawn_blocking(move || store.get(&k));
-        match tokio::time::timeout(self.deadline(opts.timeout_ms), read).await {
-            Err(_) => {
-                inc(&self.metrics.timeouts);
-                self.err(
-                    ErrorKind::Timeout { acks: 0, needed: 1 },
-                    true,
-                    format!("key {}: read timed out", HexKey(key.to_vec())),
-                )
-            }
-            Ok(Err(join)) => self.err(
-                ErrorKind::Internal,
+    /// Coordinates a put or delete. `forwarded` = an entry node already forwarded it here.
+    async fn write(self: &Arc<Self>, req: Request, forwarded: bool) -> Response {
+        let original = req.clone();
+        let w = match self.unpack_write(req) {
+            Ok(w) => w,
+            Err(resp) => return resp,
+        };
+        let needed = match self.quorum("W", w.opts.w, self.config.w, &w.key) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let deadline = Instant::now() + self.deadline(w.opts.timeout_ms);
+        let view = self.view();
+        let (pref, alive) = self.replicas(&view, &w.key);
+        if alive.len() < needed {
+            return self.quorum_error(
+                &w.key,
+                QuorumError::Unavailable {
+                    alive: alive.len(),
+                    needed,
+                },
+                "write refused before any replica was written",
                 true,
-                format!("key {}: read task failed: {join}", HexKey(key.to_vec())),
-            ),
-            Ok(Ok(Err(e))) => self.err(
-                ErrorKind::Internal,
-                true,
-                format!("key {}: {e}", HexKey(key.to_vec())),
-            ),
-            Ok(Ok(Ok(state))) => Response::Get(read_reply(&key, &state)),
+            );
         }
+        if !forwarded && !pref.contains(&view.me) {
+            return self
+                .forward(original, &w.key, needed, &alive, &view, deadline)
+                .await;
+        }
+        inc(&self.requests.coordinated_writes);
+        self.coordinate_write(w, needed, alive, &view, deadline)
+            .await
     }
 
-    async fn write(
+    /// Sends a write to the first reachable replica, which coordinates it.
+    async fn forward(
         &self,
-        key: Bytes,
-        ctx: Option<VersionVector>,
-        value: Option<Bytes>,
-        opts: WriteOptions,
-        is_delete: bool,
+        mut req: Request,
+        key: &[u8],
+        needed: usize,
+        alive: &[NodeId],
+        view: &ClusterView,
+        deadline: Instant,
     ) -> Response {
-        if let Some(e) = self.check_quorum("W", opts.w, &key) {
-            return e;
-        }
-        let op = WriteOp::Update {
-            key: key.clone(),
-            ctx,
-            value,
-            timestamp_ms: now_ms(),
-        };
-        let result = tokio::time::timeout(self.deadline(opts.timeout_ms), self.store.write(op));
-        match result.await {
-            Err(_) => {
-                inc(&self.metrics.timeouts);
-                // The job is queued and may still commit: the outcome is unknown.
-                self.err(
-                    ErrorKind::Timeout { acks: 0, needed: 1 },
-                    false,
-                    format!(
-                        "key {}: write not committed before the deadline",
-                        HexKey(key.to_vec())
-                    ),
-                )
+        for target in alive {
+            let Some(addr) = view.peer_addr(target) else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
             }
-            Ok(Err(e)) => self.write_error(e),
-            Ok(Ok(outcome)) => {
-                let dot = outcome.dot.expect("updates always mint a dot");
-                let body = (opts.flags & WriteOptions::RETURN_BODY != 0)
-                    .then(|| read_reply(&key, &outcome.state));
-                let reply = WriteReply {
-                    actor: dot.actor,
-                    counter: dot.counter,
-                    body,
-                };
-                if is_delete {
-                    Response::Delete(reply)
-                } else {
-                    Response::Put(reply)
+            // The replica gets what is left of the client's deadline.
+            if let Request::Put { opts, .. } | Request::Delete { opts, .. } = &mut req {
+                opts.timeout_ms = left.as_millis().max(1) as u32;
+            }
+            let frame = req.to_frame(0);
+            let fwd = PeerRequest::Forward {
+                opcode: frame.opcode,
+                body: frame.body,
+            };
+            inc(&self.requests.forwarded);
+            match self
+                .peers
+                .call(addr, &fwd, left + Duration::from_millis(200))
+                .await
+            {
+                Ok(PeerResponse::ForwardReply { opcode, body }) => {
+                    return Response::decode(opcode, body).unwrap_or_else(|e| {
+                        self.err(
+                            ErrorKind::Internal,
+                            false,
+                            format!("undecodable reply to a write forwarded to {target}: {e}"),
+                        )
+                    })
+                }
+                Ok(other) => {
+                    return self.err(
+                        ErrorKind::Internal,
+                        false,
+                        format!("unexpected reply {other:?} to a write forwarded to {target}"),
+                    )
+                }
+                Err(PeerError::Remote(e)) => return Response::Error(e),
+                Err(e) if e.not_sent() => {
+                    self.report_peer_error(target, &e);
+                    continue;
+                }
+                Err(e) => {
+                    self.report_peer_error(target, &e);
+                    return self.err(
+                        ErrorKind::Timeout {
+                            acks: 0,
+                            needed: needed as u64,
+                        },
+                        false,
+                        format!(
+                            "key {}: write forwarded to replica {target}, outcome unknown: {e}",
+                            HexKey(key.to_vec())
+                        ),
+                    );
                 }
             }
+        }
+        self.quorum_error(
+            key,
+            QuorumError::Unavailable { alive: 0, needed },
+            "no replica accepted the forwarded write",
+            true,
+        )
+    }
+
+    /// Mints the version here and replicates the resulting state to the other live replicas.
+    async fn coordinate_write(
+        self: &Arc<Self>,
+        w: WriteReq,
+        needed: usize,
+        alive: Vec<NodeId>,
+        view: &ClusterView,
+        deadline: Instant,
+    ) -> Response {
+        let op = WriteOp::Update {
+            key: w.key.clone(),
+            ctx: w.ctx,
+            value: w.value,
+            timestamp_ms: now_ms(),
+        };
+        let local = tokio::time::timeout_at(TokioInstant::from_std(deadline), self.store.write(op));
+        let outcome = match local.await {
+            Err(_) => {
+                return self.quorum_error(
+                    &w.key,
+                    QuorumError::Timeout { acks: 0, needed },
+                    "local write not committed",
+                    false,
+                )
+            }
+            Ok(Err(e)) => return self.write_error(e),
+            Ok(Ok(o)) => o,
+        };
+        let dot = outcome.dot.expect("updates always mint a dot");
+        let mut quorum = WriteQuorum::new(alive.len().max(1), needed);
+        let mut decision = quorum.on_ack(view.me.clone());
+        let others: Vec<NodeId> = alive.into_iter().filter(|n| *n != view.me).collect();
+        let (tx, mut rx) = mpsc::channel(others.len().max(1));
+        if !others.is_empty() {
+            let state = Bytes::from(outcome.state.encode());
+            for target in others {
+                let node = self.clone();
+                let tx = tx.clone();
+                let addr = view.peer_addr(&target).map(str::to_string);
+                let req = PeerRequest::Replicate {
+                    key: w.key.clone(),
+                    state: state.clone(),
+                };
+                tokio::spawn(async move {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    inc(&node.requests.replicate_sent);
+                    let result = match addr {
+                        None => Err(PeerError::Unreachable(format!("no address for {target}"))),
+                        Some(addr) => node.peers.call(&addr, &req, left).await,
+                    };
+                    let ok = matches!(result, Ok(PeerResponse::Ack));
+                    if let Err(e) = &result {
+                        inc(&node.requests.replicate_failed);
+                        node.report_peer_error(&target, e);
+                        debug!(node = %node.config.node_id, replica = %target, error = %e, "replicate failed");
+                    }
+                    if tx.send((target, ok)).await.is_err() && ok {
+                        // The request was already answered: a late ack.
+                        inc(&node.requests.late_acks);
+                    }
+                });
+            }
+        }
+        drop(tx);
+        let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
+        tokio::pin!(sleep);
+        loop {
+            match decision {
+                Decision::Ok(()) => break,
+                Decision::Failed(e) => {
+                    return self.quorum_error(
+                        &w.key,
+                        e,
+                        "write applied on fewer replicas than W",
+                        false,
+                    )
+                }
+                Decision::Pending => {}
+            }
+            decision = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some((node, true)) => quorum.on_ack(node),
+                    Some((node, false)) => quorum.on_failure(node),
+                    None => quorum.on_deadline(),
+                },
+                _ = &mut sleep => quorum.on_deadline(),
+            };
+        }
+        let body = (w.opts.flags & WriteOptions::RETURN_BODY != 0)
+            .then(|| read_reply(&w.key, &outcome.state));
+        let reply = WriteReply {
+            actor: dot.actor,
+            counter: dot.counter,
+            body,
+        };
+        if w.is_delete {
+            Response::Delete(reply)
+        } else {
+            Response::Put(reply)
         }
     }
 
@@ -260,10 +508,340 @@ impl Node {
         self.err(kind, definite, e)
     }
 
+    async fn local_state(&self, key: Bytes) -> Result<KeyState, String> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.get(&key)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("read task failed: {e}")),
+        }
+    }
+
+    async fn get(self: &Arc<Self>, key: Bytes, opts: ReadOptions) -> Response {
+        let deadline = Instant::now() + self.deadline(opts.timeout_ms);
+        if opts.flags & ReadOptions::LOCAL != 0 {
+            let read = tokio::time::timeout_at(
+                TokioInstant::from_std(deadline),
+                self.local_state(key.clone()),
+            );
+            return match read.await {
+                Err(_) => self.quorum_error(
+                    &key,
+                    QuorumError::Timeout { acks: 0, needed: 1 },
+                    "local read",
+                    true,
+                ),
+                Ok(Err(e)) => self.err(
+                    ErrorKind::Internal,
+                    true,
+                    format!("key {}: {e}", HexKey(key.to_vec())),
+                ),
+                Ok(Ok(state)) => Response::Get(read_reply(&key, &state)),
+            };
+        }
+        let needed = match self.quorum("R", opts.r, self.config.r, &key) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let view = self.view();
+        let (_, alive) = self.replicas(&view, &key);
+        if alive.len() < needed {
+            return self.quorum_error(
+                &key,
+                QuorumError::Unavailable {
+                    alive: alive.len(),
+                    needed,
+                },
+                "read",
+                true,
+            );
+        }
+        inc(&self.requests.coordinated_reads);
+        let (answer_tx, answer_rx) = oneshot::channel();
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.drive_read(key, needed, alive, view, deadline, answer_tx)
+                .await
+        });
+        answer_rx.await.unwrap_or_else(|_| {
+            self.err(
+                ErrorKind::Internal,
+                true,
+                "read coordinator stopped without answering",
+            )
+        })
+    }
+
+    /// Gathers replica states: answers at R replies, keeps merging late replies until every
+    /// replica answered or the deadline passed, then read-repairs the replicas that differ.
+    async fn drive_read(
+        self: Arc<Self>,
+        key: Bytes,
+        needed: usize,
+        alive: Vec<NodeId>,
+        view: Arc<ClusterView>,
+        deadline: Instant,
+        answer: oneshot::Sender<Response>,
+    ) {
+        let (tx, mut rx) = mpsc::channel(alive.len());
+        for target in &alive {
+            let node = self.clone();
+            let tx = tx.clone();
+            let key = key.clone();
+            let target = target.clone();
+            let addr = view.peer_addr(&target).map(str::to_string);
+            let is_me = target == view.me;
+            tokio::spawn(async move {
+                let result: Result<KeyState, String> = if is_me {
+                    node.local_state(key).await
+                } else {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match addr {
+                        None => Err(format!("no address for {target}")),
+                        Some(addr) => {
+                            match node
+                                .peers
+                                .call(&addr, &PeerRequest::ReadLocal { key }, left)
+                                .await
+                            {
+                                Ok(PeerResponse::State(b)) => {
+                                    KeyState::decode(&b).map_err(|e| e.to_string())
+                                }
+                                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                                Err(e) => {
+                                    node.report_peer_error(&target, &e);
+                                    Err(e.to_string())
+                                }
+                            }
+                        }
+                    }
+                };
+                let _ = tx.send((target, result)).await;
+            });
+        }
+        drop(tx);
+        let mut q = ReadQuorum::new(alive.len(), needed);
+        let mut answer = Some(answer);
+        let mut received = 0;
+        let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
+        tokio::pin!(sleep);
+        while received < alive.len() {
+            let decision = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some((node, Ok(state))) => { received += 1; q.on_reply(node, state) }
+                    Some((node, Err(cause))) => {
+                        received += 1;
+                        debug!(node = %self.config.node_id, replica = %node, %cause, "replica read failed");
+                        q.on_failure(node)
+                    }
+                    None => break,
+                },
+                _ = &mut sleep => {
+                    let d = q.on_deadline();
+                    if let (Decision::Failed(e), Some(a)) = (d, answer.take()) {
+                        let _ = a.send(self.quorum_error(&key, e, "read", true));
+                    }
+                    break;
+                }
+            };
+            match decision {
+                Decision::Ok(merged) => {
+                    if let Some(a) = answer.take() {
+                        let _ = a.send(Response::Get(read_reply(&key, &merged)));
+                    }
+                }
+                Decision::Failed(e) => {
+                    if let Some(a) = answer.take() {
+                        let _ = a.send(self.quorum_error(&key, e, "read", true));
+                    }
+                }
+                Decision::Pending => {}
+            }
+        }
+        if let Some(a) = answer.take() {
+            let e = QuorumError::Unavailable { alive: 0, needed };
+            let _ = a.send(self.quorum_error(&key, e, "read", true));
+        }
+        self.read_repair(&key, &q, &view).await;
+    }
+
+    async fn read_repair(&self, key: &Bytes, q: &ReadQuorum, view: &ClusterView) {
+        let targets = q.repair_targets();
+        if targets.is_empty() {
+            return;
+        }
+        let merged = q.merged().clone();
+        let state = Bytes::from(merged.encode());
+        for target in targets {
+            inc(&self.requests.read_repairs);
+            let result = if target == view.me {
+                self.store
+                    .write(WriteOp::Merge {
+                        key: key.clone(),
+                        state: merged.clone(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                let req = PeerRequest::Replicate {
+                    key: key.clone(),
+                    state: state.clone(),
+                };
+                match view.peer_addr(&target) {
+                    None => Err("no address".to_string()),
+                    Some(addr) => match self.peers.call(addr, &req, Duration::from_secs(2)).await {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                }
+            };
+            if let Err(cause) = result {
+                inc(&self.requests.read_repair_failed);
+                warn!(node = %self.config.node_id, replica = %target, key = %HexKey(key.to_vec()), %cause, "read repair failed");
+            }
+        }
+    }
+
+    /// Checks a peer's handshake: same cluster name and replication factor.
+    pub fn accept_hello(&self, hello: &Hello) -> Result<MemberInfo, String> {
+        let problem = if hello.cluster != self.config.cluster_name {
+            Some(format!(
+                "cluster name {:?} differs from ours {:?}",
+                hello.cluster, self.config.cluster_name
+            ))
+        } else if hello.n != self.config.n {
+            Some(format!(
+                "replication factor N={} differs from ours N={}",
+                hello.n, self.config.n
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            inc(&self.requests.peers_refused);
+            warn!(node = %self.config.node_id, peer = %hello.me.node_id, peer_addr = %hello.me.peer_addr,
+                  "refused peer {}: {p}", hello.me.node_id);
+            return Err(format!("refused peer {}: {p}", hello.me.node_id));
+        }
+        self.membership
+            .report(Event::Learned(vec![hello.me.clone()]));
+        Ok(self.me.clone())
+    }
+
+    /// Answers one peer request (after the handshake).
+    pub async fn handle_peer(self: &Arc<Self>, req: PeerRequest) -> PeerResponse {
+        let error = |kind: ErrorKind, msg: String| {
+            PeerResponse::Error(ErrorReply {
+                kind,
+                definite: true,
+                message: format!("node {}: {msg}", self.config.node_id),
+            })
+        };
+        match req {
+            PeerRequest::Hello(h) => match self.accept_hello(&h) {
+                Ok(me) => PeerResponse::HelloAck(me),
+                Err(msg) => error(ErrorKind::WrongCluster, msg),
+            },
+            PeerRequest::Ping => PeerResponse::Pong,
+            PeerRequest::Gossip(members) => {
+                inc(&self.requests.peer_gossip);
+                self.membership.report(Event::Learned(members));
+                PeerResponse::Members(self.view().member_list())
+            }
+            PeerRequest::ReadLocal { key } => {
+                inc(&self.requests.peer_read_local);
+                match self.local_state(key.clone()).await {
+                    Ok(s) => PeerResponse::State(Bytes::from(s.encode())),
+                    Err(e) => error(
+                        ErrorKind::Internal,
+                        format!("key {}: {e}", HexKey(key.to_vec())),
+                    ),
+                }
+            }
+            PeerRequest::Replicate { key, state } => {
+                inc(&self.requests.peer_replicate);
+                let state = match KeyState::decode(&state) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return error(
+                            ErrorKind::Malformed,
+                            format!("key {}: replicated state: {e}", HexKey(key.to_vec())),
+                        )
+                    }
+                };
+                match self.store.write(WriteOp::Merge { key, state }).await {
+                    Ok(_) => PeerResponse::Ack,
+                    Err(e) => match self.write_error(e) {
+                        Response::Error(e) => PeerResponse::Error(e),
+                        _ => unreachable!("write_error builds an error"),
+                    },
+                }
+            }
+            PeerRequest::Forward { opcode, body } => {
+                inc(&self.requests.peer_forward);
+                let resp = match Request::decode(opcode, body) {
+                    Ok(req @ (Request::Put { .. } | Request::Delete { .. })) => {
+                        match req.validate() {
+                            Ok(()) => self.write(req, true).await,
+                            Err((kind, msg)) => self.err(kind, true, msg),
+                        }
+                    }
+                    Ok(other) => self.err(
+                        ErrorKind::InvalidRequest,
+                        true,
+                        format!(
+                            "only writes can be forwarded, got opcode 0x{:02x}",
+                            other.opcode()
+                        ),
+                    ),
+                    Err(e) => self.err(
+                        ErrorKind::Malformed,
+                        true,
+                        format!("forwarded request: {e}"),
+                    ),
+                };
+                let frame = resp.to_frame(0);
+                PeerResponse::ForwardReply {
+                    opcode: frame.opcode,
+                    body: frame.body,
+                }
+            }
+        }
+    }
+
+    pub fn ring_reply(&self) -> RingReply {
+        let view = self.view();
+        let members = view
+            .ring
+            .ownership()
+            .into_iter()
+            .map(|o| {
+                let info = view.members.get(&o.node);
+                RingMember {
+                    node_id: o.node.to_string(),
+                    client_addr: info.map(|i| i.client_addr.clone()).unwrap_or_default(),
+                    peer_addr: info.map(|i| i.peer_addr.clone()).unwrap_or_default(),
+                    tokens: o.tokens,
+                    primary_ppm: (o.primary_share * 1_000_000.0).round() as u32,
+                    alive: view.is_alive(&o.node),
+                }
+            })
+            .collect();
+        RingReply {
+            n: self.config.n,
+            r: self.config.r,
+            w: self.config.w,
+            members,
+        }
+    }
+
     pub fn status(&self) -> StatusReply {
         let st = self.store.stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let mut metrics = self.metrics.snapshot();
+        let mut metrics = self.requests.snapshot("");
+        metrics.extend(self.client_net.snapshot("net."));
+        metrics.extend(self.peer_net.snapshot("peer_net."));
         metrics.extend([
             ("storage.updates".to_string(), load(&st.updates)),
             ("storage.merges".to_string(), load(&st.merges)),
@@ -307,6 +885,12 @@ impl Node {
                 metrics.push((name.to_string(), v));
             }
         }
+        let view = self.view();
+        metrics.push(("cluster.members".to_string(), view.members.len() as u64));
+        metrics.push((
+            "cluster.members_alive".to_string(),
+            (view.alive.len() + 1) as u64,
+        ));
         let writer_state = if self.store.is_running() {
             "running"
         } else {
@@ -318,13 +902,18 @@ impl Node {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             metrics,
             info: vec![
-                ("listen".into(), self.config.listen.to_string()),
+                ("cluster_name".into(), self.config.cluster_name.clone()),
+                ("listen".into(), self.me.client_addr.clone()),
+                ("peer_listen".into(), self.me.peer_addr.clone()),
                 (
                     "data_dir".into(),
                     self.config.data_dir.display().to_string(),
                 ),
                 ("sync_mode".into(), self.config.sync.to_string()),
-                ("replication_factor".into(), N.to_string()),
+                ("replication_factor".into(), self.config.n.to_string()),
+                ("default_r".into(), self.config.r.to_string()),
+                ("default_w".into(), self.config.w.to_string()),
+                ("vnodes".into(), self.config.vnodes.to_string()),
                 ("actor".into(), format!("{:016x}", load(&st.actor))),
                 (
                     "worker.writer".into(),
@@ -333,6 +922,15 @@ impl Node {
                         self.store.queue_depth(),
                         crate::storage::store::QUEUE_CAPACITY,
                         load(&st.batches)
+                    ),
+                ),
+                (
+                    "worker.membership".into(),
+                    format!(
+                        "running; {} members, {} alive; view version {}",
+                        view.members.len(),
+                        view.alive.len() + 1,
+                        view.version
                     ),
                 ),
             ],

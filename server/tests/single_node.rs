@@ -13,6 +13,9 @@ use ringkv_protocol::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_VALUE_LEN};
 use ringkv_protocol::message::opcode;
 use ringkv_protocol::{Frame, Request, Response};
 
+/// A lone node: replication factor 1 (the default N=3 needs three nodes).
+const SINGLE: &[&str] = &["--n", "1"];
+
 async fn client(node: &NodeProcess) -> Client {
     Client::connect([node.addr.clone()]).await.expect("connect")
 }
@@ -29,7 +32,7 @@ fn strings(read: &ringkv_client::Read) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let c = client(&node).await;
     let missing = c.get("k").await.unwrap();
     assert!(!missing.is_found());
@@ -56,7 +59,7 @@ async fn put_get_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_blind_writes_become_siblings_and_context_resolves_them() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let a = client(&node).await;
     let b = client(&node).await;
     a.put("cart", "apple", None).await.unwrap();
@@ -85,7 +88,7 @@ async fn concurrent_blind_writes_become_siblings_and_context_resolves_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_graceful_restart() {
-    let mut node = NodeProcess::start_temp("n1", &[]);
+    let mut node = NodeProcess::start_temp("n1", SINGLE);
     let c = client(&node).await;
     for i in 0..50 {
         c.put(format!("k{i}"), format!("v{i}"), None).await.unwrap();
@@ -111,7 +114,7 @@ async fn data_survives_graceful_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     for mode in ["none", "group", "always"] {
-        let mut node = NodeProcess::start_temp("n1", &["--sync", mode]);
+        let mut node = NodeProcess::start_temp("n1", &["--n", "1", "--sync", mode]);
         let c = client(&node).await;
         let mut tasks = Vec::new();
         for i in 0..200 {
@@ -149,7 +152,7 @@ async fn acknowledged_writes_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_key_and_value_get_too_large_and_connection_stays_usable() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let c = client(&node).await;
     let big_key = "k".repeat(MAX_KEY_LEN + 1);
     let err = c.put(&big_key, "v", None).await.unwrap_err();
@@ -204,7 +207,7 @@ fn write_frame(s: &mut TcpStream, f: &Frame) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frame_and_unknown_version_are_answered_and_skipped() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let mut s = raw_connect(&node);
     // A frame larger than any request may be: answered TooLarge by id, body skipped.
     let huge = Frame {
@@ -260,7 +263,7 @@ async fn oversized_frame_and_unknown_version_are_answered_and_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes_get_an_error_and_other_clients_keep_working() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let good = client(&node).await;
     good.put("k", "v", None).await.unwrap();
     let mut bad = raw_connect(&node);
@@ -289,7 +292,7 @@ async fn garbage_bytes_get_an_error_and_other_clients_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_clients_read_their_own_writes() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let mut tasks = Vec::new();
     for c in 0..100 {
         let addr = node.addr.clone();
@@ -320,7 +323,7 @@ async fn hundred_concurrent_clients_read_their_own_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_larger_than_n_is_refused() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let c = client(&node).await;
     let err = c
         .get_with(
@@ -359,7 +362,7 @@ async fn quorum_larger_than_n_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_are_refused_with_overloaded() {
-    let node = NodeProcess::start_temp("n1", &["--max-connections", "2"]);
+    let node = NodeProcess::start_temp("n1", &["--n", "1", "--max-connections", "2"]);
     let _a = raw_connect(&node);
     let _b = raw_connect(&node);
     std::thread::sleep(Duration::from_millis(200));
@@ -411,10 +414,10 @@ fn invalid_config_exits_with_a_clear_error() {
 #[test]
 fn data_dir_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = NodeProcess::new("n1", dir.path(), "127.0.0.1:0", &[]);
+    let mut a = NodeProcess::new("n1", dir.path(), "127.0.0.1:0", SINGLE);
     a.start().unwrap();
     a.stop().unwrap();
-    let mut b = NodeProcess::new("n2", dir.path(), "127.0.0.1:0", &[]);
+    let mut b = NodeProcess::new("n2", dir.path(), "127.0.0.1:0", SINGLE);
     let err = b.start().unwrap_err();
     assert!(err.contains("belongs to node \"n1\""), "{err}");
 }

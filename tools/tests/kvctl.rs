@@ -6,6 +6,9 @@ use std::process::{Command, Output, Stdio};
 use ringkv_jepsen::{bin_path, NodeProcess};
 use serde_json::Value;
 
+/// A lone node: replication factor 1 (the default N=3 needs three nodes).
+const SINGLE: &[&str] = &["--n", "1"];
+
 fn kvctl(node: &NodeProcess, args: &[&str]) -> Output {
     kvctl_stdin(node, args, None)
 }
@@ -46,7 +49,7 @@ fn sorted_lines(o: &Output) -> Vec<String> {
 
 #[test]
 fn put_get_delete_and_exit_codes() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let o = kvctl(&node, &["get", "k"]);
     assert_eq!(o.status.code(), Some(1), "missing key exits 1");
     assert!(stderr(&o).contains("not found: k"));
@@ -65,7 +68,7 @@ fn put_get_delete_and_exit_codes() {
 
 #[test]
 fn blind_puts_show_siblings_one_per_line_and_plain_put_resolves_them() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     assert!(kvctl(&node, &["put", "--blind", "k", "a"]).status.success());
     assert!(kvctl(&node, &["put", "--blind", "k", "b"]).status.success());
     let o = kvctl(&node, &["get", "k"]);
@@ -77,7 +80,7 @@ fn blind_puts_show_siblings_one_per_line_and_plain_put_resolves_them() {
 
 #[test]
 fn json_output_and_explicit_context() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     assert!(kvctl(&node, &["put", "--blind", "k", "x"]).status.success());
     assert!(kvctl(&node, &["put", "--blind", "k", "y"]).status.success());
     let o = kvctl(&node, &["--json", "get", "k"]);
@@ -122,7 +125,7 @@ fn json_output_and_explicit_context() {
 
 #[test]
 fn values_from_stdin_and_file() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let o = kvctl_stdin(&node, &["put", "s"], Some(b"from stdin"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&kvctl(&node, &["get", "s"])), "from stdin\n");
@@ -140,7 +143,7 @@ fn values_from_stdin_and_file() {
 
 #[test]
 fn errors_exit_2_and_name_the_node_and_cause() {
-    let node = NodeProcess::start_temp("n1", &[]);
+    let node = NodeProcess::start_temp("n1", SINGLE);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big");
     std::fs::write(

@@ -1,20 +1,22 @@
-//! Client listener and connections.
+//! Listeners and connections, shared by the client and the peer protocol.
 //!
-//! Bounded everywhere: at most `max_connections` connections (extra ones get an `Overloaded`
-//! error frame and are closed) and at most `max_in_flight` requests per connection (the reader
-//! stops reading until one completes, so a fast pipeliner gets TCP backpressure, not unbounded
-//! memory). Each request runs as its own task; responses are written by one writer task per
-//! connection that coalesces whatever is ready into one flush.
+//! Bounded everywhere: at most `max_connections` connections per listener (extra ones get an
+//! `Overloaded` error frame and are closed) and at most `max_in_flight` requests per connection
+//! (the reader stops reading until one completes, so a fast pipeliner gets TCP backpressure,
+//! not unbounded memory). Each request runs as its own task; one writer task per connection
+//! coalesces whatever replies are ready into one flush.
 
+pub mod client;
+pub mod peer;
+
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use ringkv_protocol::limits::{MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN};
-use ringkv_protocol::{
-    ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Request, Response,
-};
+use ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN;
+use ringkv_protocol::{ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -22,14 +24,49 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics::inc;
-use crate::node::Node;
+use crate::metrics::{inc, Metrics};
 
 /// How long shutdown waits for in-flight requests to finish and be answered.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(node.config.max_connections));
+/// A reply frame, and whether the connection must close after it is sent.
+pub struct Reply {
+    pub frame: Frame,
+    pub close: bool,
+}
+
+/// Answers the frames of one connection. A new handler is made per connection, so it may keep
+/// per-connection state (e.g. the peer handshake).
+pub trait FrameHandler: Send + Sync + 'static {
+    fn handle(self: Arc<Self>, frame: Frame) -> impl Future<Output = Reply> + Send;
+}
+
+/// Settings of one listener.
+#[derive(Clone)]
+pub struct ListenerConfig {
+    pub node_id: String,
+    /// "client" or "peer", for logs.
+    pub kind: &'static str,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub max_request_body: usize,
+}
+
+fn error_frame(node_id: &str, request_id: u64, kind: ErrorKind, msg: String) -> Frame {
+    Response::error(kind, true, format!("node {node_id}: {msg}")).to_frame(request_id)
+}
+
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    cfg: ListenerConfig,
+    metrics: Arc<Metrics>,
+    make_handler: F,
+    shutdown: CancellationToken,
+) where
+    H: FrameHandler,
+    F: Fn() -> Arc<H>,
+{
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -40,7 +77,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: Cancellatio
             Ok(a) => a,
             Err(e) => {
                 // e.g. EMFILE: back off instead of spinning.
-                warn!(node = %node.config.node_id, error = %e, "accept failed");
+                warn!(node = %cfg.node_id, listener = cfg.kind, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -48,41 +85,47 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: Cancellatio
         let _ = socket.set_nodelay(true);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                inc(&node.metrics.connections_accepted);
-                conns.spawn(connection(socket, node.clone(), shutdown.clone(), permit));
+                inc(&metrics.connections_accepted);
+                conns.spawn(connection(
+                    socket,
+                    cfg.clone(),
+                    metrics.clone(),
+                    make_handler(),
+                    shutdown.clone(),
+                    permit,
+                ));
             }
             Err(_) => {
-                inc(&node.metrics.connections_refused);
-                warn!(node = %node.config.node_id, %peer, limit = node.config.max_connections,
+                inc(&metrics.connections_refused);
+                warn!(node = %cfg.node_id, listener = cfg.kind, %peer, limit = cfg.max_connections,
                       "connection refused: too many connections");
-                let node = node.clone();
+                let frame = error_frame(
+                    &cfg.node_id,
+                    0,
+                    ErrorKind::Overloaded,
+                    format!("too many connections (limit {})", cfg.max_connections),
+                );
                 conns.spawn(async move {
-                    let resp = Response::error(
-                        ErrorKind::Overloaded,
-                        true,
-                        format!(
-                            "node {}: too many connections (limit {})",
-                            node.config.node_id, node.config.max_connections
-                        ),
-                    );
                     let mut w = FramedWrite::new(socket, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
-                    let _ = w.send(resp.to_frame(0)).await;
+                    let _ = w.send(frame).await;
                 });
             }
         }
         // Reap finished connection tasks so the set does not grow.
         while conns.try_join_next().is_some() {}
     }
-    info!(node = %node.config.node_id, open = conns.len(), "listener stopped; draining connections");
+    info!(node = %cfg.node_id, listener = cfg.kind, open = conns.len(), "listener stopped; draining connections");
     let drain = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        warn!(node = %node.config.node_id, "connections still busy after the shutdown grace; closing them");
+        warn!(node = %cfg.node_id, listener = cfg.kind, "connections still busy after the shutdown grace; closing them");
     }
 }
 
-async fn connection(
+async fn connection<H: FrameHandler>(
     socket: TcpStream,
-    node: Arc<Node>,
+    cfg: ListenerConfig,
+    metrics: Arc<Metrics>,
+    handler: Arc<H>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -90,14 +133,11 @@ async fn connection(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    node.metrics
-        .connections_active
-        .fetch_add(1, Ordering::Relaxed);
+    metrics.connections_active.fetch_add(1, Ordering::Relaxed);
     let (rd, wr) = socket.into_split();
-    let mut reader = FramedRead::new(rd, FrameCodec::new(MAX_REQUEST_BODY_LEN));
+    let mut reader = FramedRead::new(rd, FrameCodec::new(cfg.max_request_body));
     let mut writer = FramedWrite::new(wr, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
-    let max_in_flight = node.config.max_in_flight;
-    let (tx, mut rx) = mpsc::channel::<Frame>(max_in_flight);
+    let (tx, mut rx) = mpsc::channel::<Frame>(cfg.max_in_flight);
     let write_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             if writer.feed(frame).await.is_err() {
@@ -113,40 +153,35 @@ async fn connection(
             }
         }
     });
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    // Cancelled by a handler that asks to close (e.g. a refused peer handshake).
+    let close = shutdown.child_token();
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
     loop {
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = close.cancelled() => break,
             p = in_flight.clone().acquire_owned() => p.expect("semaphore is never closed"),
         };
         let item = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = close.cancelled() => break,
             item = reader.next() => item,
         };
         match item {
             None => break,
             Some(Ok(Inbound::Frame(frame))) => {
-                let node = node.clone();
+                let handler = handler.clone();
                 let tx = tx.clone();
+                let close = close.clone();
                 tokio::spawn(async move {
-                    let id = frame.request_id;
-                    let resp = match Request::decode(frame.opcode, frame.body) {
-                        Ok(req) => node.handle(req).await,
-                        Err(e) => {
-                            inc(&node.metrics.malformed);
-                            Response::error(
-                                ErrorKind::Malformed,
-                                true,
-                                format!("node {}: malformed request: {e}", node.config.node_id),
-                            )
-                        }
-                    };
-                    let _ = tx.send(resp.to_frame(id)).await;
+                    let reply = handler.handle(frame).await;
+                    let _ = tx.send(reply.frame).await;
+                    if reply.close {
+                        close.cancel();
+                    }
                     drop(permit);
                 });
             }
             Some(Ok(Inbound::Rejected { request_id, reason })) => {
-                inc(&node.metrics.frames_rejected);
+                inc(&metrics.frames_rejected);
                 let (kind, msg) = match reason {
                     Rejection::UnsupportedVersion { got } => (
                         ErrorKind::UnsupportedVersion {
@@ -166,26 +201,22 @@ async fn connection(
                         format!("request frame of {body_len} bytes exceeds the limit of {limit}"),
                     ),
                 };
-                let resp =
-                    Response::error(kind, true, format!("node {}: {msg}", node.config.node_id));
-                let _ = tx.send(resp.to_frame(request_id)).await;
+                let _ = tx
+                    .send(error_frame(&cfg.node_id, request_id, kind, msg))
+                    .await;
             }
             Some(Err(FrameError::BadMagic { found })) => {
-                inc(&node.metrics.malformed);
-                warn!(node = %node.config.node_id, %peer, "closing connection: bad magic 0x{found:04x}");
-                let resp = Response::error(
-                    ErrorKind::Malformed,
-                    true,
-                    format!(
-                        "node {}: not a ringkv frame (bad magic 0x{found:04x}); closing connection",
-                        node.config.node_id
-                    ),
-                );
-                let _ = tx.send(resp.to_frame(0)).await;
+                inc(&metrics.malformed);
+                warn!(node = %cfg.node_id, listener = cfg.kind, %peer, "closing connection: bad magic 0x{found:04x}");
+                let msg =
+                    format!("not a ringkv frame (bad magic 0x{found:04x}); closing connection");
+                let _ = tx
+                    .send(error_frame(&cfg.node_id, 0, ErrorKind::Malformed, msg))
+                    .await;
                 break;
             }
             Some(Err(FrameError::Io(e))) => {
-                debug!(node = %node.config.node_id, %peer, error = %e, "connection read error");
+                debug!(node = %cfg.node_id, listener = cfg.kind, %peer, error = %e, "connection read error");
                 break;
             }
         }
@@ -193,7 +224,5 @@ async fn connection(
     // Requests already running still answer: each holds a sender clone.
     drop(tx);
     let _ = write_task.await;
-    node.metrics
-        .connections_active
-        .fetch_sub(1, Ordering::Relaxed);
+    metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
 }

@@ -2,6 +2,8 @@
 //! histories and checkers (see docs/jepsen.md). The process layer is also what every
 //! integration test uses to run real server binaries.
 
+pub mod cluster;
 pub mod process;
 
+pub use cluster::Cluster;
 pub use process::{bin_path, NodeProcess};

@@ -44,6 +44,8 @@ pub struct NodeProcess {
     pub data_dir: PathBuf,
     /// The client address the node bound (known once ready).
     pub addr: String,
+    /// The peer (inter-node) address the node bound (known once ready).
+    pub peer_addr: String,
     listen: String,
     extra: Vec<String>,
     child: Option<Child>,
@@ -54,13 +56,19 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts a node with a fresh temporary data dir on an ephemeral 127.0.0.1 port.
     pub fn start_temp(id: &str, extra: &[&str]) -> NodeProcess {
+        let mut node = NodeProcess::new_temp(id, extra);
+        node.start().unwrap_or_else(|e| panic!("{e}"));
+        node
+    }
+
+    /// A node with a fresh temporary data dir, not yet started.
+    pub fn new_temp(id: &str, extra: &[&str]) -> NodeProcess {
         let temp = tempfile::Builder::new()
             .prefix(&format!("ringkv-{id}-"))
             .tempdir()
             .expect("create a temp dir");
         let mut node = NodeProcess::new(id, temp.path(), "127.0.0.1:0", extra);
         node._temp = Some(temp);
-        node.start().unwrap_or_else(|e| panic!("{e}"));
         node
     }
 
@@ -70,6 +78,7 @@ impl NodeProcess {
             id: id.to_string(),
             data_dir: data_dir.to_path_buf(),
             addr: String::new(),
+            peer_addr: String::new(),
             listen: listen.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -93,6 +102,11 @@ impl NodeProcess {
         } else {
             self.addr.clone()
         };
+        let peer_listen = if self.peer_addr.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.peer_addr.clone()
+        };
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,6 +117,8 @@ impl NodeProcess {
             .arg(&self.id)
             .arg("--listen")
             .arg(&listen)
+            .arg("--peer-listen")
+            .arg(&peer_listen)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra)
@@ -115,8 +131,14 @@ impl NodeProcess {
         let start = Instant::now();
         loop {
             if let Ok(text) = std::fs::read_to_string(self.addr_file()) {
-                if let Some(a) = text.trim().strip_prefix("client=") {
-                    self.addr = a.to_string();
+                let field = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(str::to_string)
+                };
+                if let (Some(client), Some(peer)) = (field("client="), field("peer=")) {
+                    self.addr = client;
+                    self.peer_addr = peer;
                     return Ok(());
                 }
             }
@@ -149,6 +171,12 @@ impl NodeProcess {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// True while the process is started and not stopped or killed through this handle (a
+    /// paused process counts as running).
+    pub fn child_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// kill -9: no chance to flush anything.

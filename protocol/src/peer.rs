@@ -1,0 +1,317 @@
+//! Inter-node RPC messages (the peer protocol). Same frame format and version as the client
+//! protocol, served on the separate peer listener. The first request on every peer connection
+//! must be `Hello`; a node answers `HelloAck`, or `Error WrongCluster` and closes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::Frame;
+use crate::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN, MAX_TEXT_LEN};
+use crate::message::{decode_error, encode_error, opcode::ERROR, ErrorReply};
+use crate::wire::{put_bytes, put_count, DecodeError, Reader};
+
+pub mod peer_opcode {
+    pub const HELLO: u8 = 0x20;
+    pub const GOSSIP: u8 = 0x21;
+    pub const READ_LOCAL: u8 = 0x22;
+    pub const REPLICATE: u8 = 0x23;
+    pub const FORWARD: u8 = 0x24;
+    pub const PING: u8 = 0x25;
+
+    pub const HELLO_ACK: u8 = 0xA0;
+    pub const MEMBERS: u8 = 0xA1;
+    pub const STATE: u8 = 0xA2;
+    pub const ACK: u8 = 0xA3;
+    pub const FORWARD_REPLY: u8 = 0xA4;
+    pub const PONG: u8 = 0xA5;
+}
+
+/// Most members a gossip message may list (a sanity bound, far above any real cluster here).
+pub const MAX_MEMBERS: usize = 1024;
+
+/// What a node says about itself (and gossips about others).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub node_id: String,
+    pub client_addr: String,
+    pub peer_addr: String,
+    pub vnodes: u32,
+    /// Start time of the node's process (ms since the epoch): the newest generation of a node
+    /// id wins when addresses change across restarts.
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub cluster: String,
+    /// The replication factor the sender runs with: members must agree.
+    pub n: u8,
+    pub me: MemberInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerRequest {
+    Hello(Hello),
+    /// The sender's member list; the answer is the receiver's.
+    Gossip(Vec<MemberInfo>),
+    /// Read the receiver's own replica of `key`.
+    ReadLocal {
+        key: Bytes,
+    },
+    /// Merge `state` (an encoded key state) into the receiver's replica of `key`.
+    Replicate {
+        key: Bytes,
+        state: Bytes,
+    },
+    /// Coordinate a client write (a client Put/Delete opcode and body) on the receiver, which
+    /// is a replica of the key; it never forwards again.
+    Forward {
+        opcode: u8,
+        body: Bytes,
+    },
+    Ping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerResponse {
+    HelloAck(MemberInfo),
+    Members(Vec<MemberInfo>),
+    /// An encoded key state (empty state for an absent key).
+    State(Bytes),
+    Ack,
+    /// The client response (opcode and body) of a forwarded write.
+    ForwardReply {
+        opcode: u8,
+        body: Bytes,
+    },
+    Pong,
+    Error(ErrorReply),
+}
+
+fn put_member(dst: &mut BytesMut, m: &MemberInfo) {
+    put_bytes(dst, m.node_id.as_bytes());
+    put_bytes(dst, m.client_addr.as_bytes());
+    put_bytes(dst, m.peer_addr.as_bytes());
+    dst.put_u32(m.vnodes);
+    dst.put_u64(m.generation);
+}
+
+fn read_member(r: &mut Reader) -> Result<MemberInfo, DecodeError> {
+    Ok(MemberInfo {
+        node_id: r.text("node_id", 256)?,
+        client_addr: r.text("client_addr", 256)?,
+        peer_addr: r.text("peer_addr", 256)?,
+        vnodes: r.u32("vnodes")?,
+        generation: r.u64("generation")?,
+    })
+}
+
+fn put_members(dst: &mut BytesMut, ms: &[MemberInfo]) {
+    put_count(dst, ms.len());
+    for m in ms {
+        put_member(dst, m);
+    }
+}
+
+fn read_members(r: &mut Reader) -> Result<Vec<MemberInfo>, DecodeError> {
+    let n = r.count("members", MAX_MEMBERS, 4 * 3 + 12)?;
+    (0..n).map(|_| read_member(r)).collect()
+}
+
+fn frame(opcode: u8, request_id: u64, body: BytesMut) -> Frame {
+    Frame {
+        opcode,
+        request_id,
+        body: body.freeze(),
+    }
+}
+
+impl PeerRequest {
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut b = BytesMut::new();
+        let op = match self {
+            PeerRequest::Hello(h) => {
+                put_bytes(&mut b, h.cluster.as_bytes());
+                b.put_u8(h.n);
+                put_member(&mut b, &h.me);
+                peer_opcode::HELLO
+            }
+            PeerRequest::Gossip(ms) => {
+                put_members(&mut b, ms);
+                peer_opcode::GOSSIP
+            }
+            PeerRequest::ReadLocal { key } => {
+                put_bytes(&mut b, key);
+                peer_opcode::READ_LOCAL
+            }
+            PeerRequest::Replicate { key, state } => {
+                put_bytes(&mut b, key);
+                put_bytes(&mut b, state);
+                peer_opcode::REPLICATE
+            }
+            PeerRequest::Forward { opcode, body } => {
+                b.put_u8(*opcode);
+                put_bytes(&mut b, body);
+                peer_opcode::FORWARD
+            }
+            PeerRequest::Ping => peer_opcode::PING,
+        };
+        frame(op, request_id, b)
+    }
+
+    pub fn decode(opcode: u8, body: Bytes) -> Result<PeerRequest, DecodeError> {
+        let mut r = Reader::new(body);
+        let req = match opcode {
+            peer_opcode::HELLO => PeerRequest::Hello(Hello {
+                cluster: r.text("cluster", MAX_TEXT_LEN)?,
+                n: r.u8("n")?,
+                me: read_member(&mut r)?,
+            }),
+            peer_opcode::GOSSIP => PeerRequest::Gossip(read_members(&mut r)?),
+            peer_opcode::READ_LOCAL => PeerRequest::ReadLocal {
+                key: r.bytes("key", MAX_KEY_LEN)?,
+            },
+            peer_opcode::REPLICATE => PeerRequest::Replicate {
+                key: r.bytes("key", MAX_KEY_LEN)?,
+                state: r.bytes("state", MAX_RESPONSE_BODY_LEN)?,
+            },
+            peer_opcode::FORWARD => PeerRequest::Forward {
+                opcode: r.u8("forwarded opcode")?,
+                body: r.bytes("forwarded body", MAX_REQUEST_BODY_LEN)?,
+            },
+            peer_opcode::PING => PeerRequest::Ping,
+            other => return Err(DecodeError::UnknownOpcode(other)),
+        };
+        r.finish()?;
+        Ok(req)
+    }
+}
+
+impl PeerResponse {
+    pub fn to_frame(&self, request_id: u64) -> Frame {
+        let mut b = BytesMut::new();
+        let op = match self {
+            PeerResponse::HelloAck(m) => {
+                put_member(&mut b, m);
+                peer_opcode::HELLO_ACK
+            }
+            PeerResponse::Members(ms) => {
+                put_members(&mut b, ms);
+                peer_opcode::MEMBERS
+            }
+            PeerResponse::State(s) => {
+                put_bytes(&mut b, s);
+                peer_opcode::STATE
+            }
+            PeerResponse::Ack => peer_opcode::ACK,
+            PeerResponse::ForwardReply { opcode, body } => {
+                b.put_u8(*opcode);
+                put_bytes(&mut b, body);
+                peer_opcode::FORWARD_REPLY
+            }
+            PeerResponse::Pong => peer_opcode::PONG,
+            PeerResponse::Error(e) => {
+                encode_error(&mut b, e);
+                ERROR
+            }
+        };
+        frame(op, request_id, b)
+    }
+
+    pub fn decode(opcode: u8, body: Bytes) -> Result<PeerResponse, DecodeError> {
+        let mut r = Reader::new(body);
+        let resp = match opcode {
+            peer_opcode::HELLO_ACK => PeerResponse::HelloAck(read_member(&mut r)?),
+            peer_opcode::MEMBERS => PeerResponse::Members(read_members(&mut r)?),
+            peer_opcode::STATE => PeerResponse::State(r.bytes("state", MAX_RESPONSE_BODY_LEN)?),
+            peer_opcode::ACK => PeerResponse::Ack,
+            peer_opcode::FORWARD_REPLY => PeerResponse::ForwardReply {
+                opcode: r.u8("forwarded opcode")?,
+                body: r.bytes("forwarded body", MAX_RESPONSE_BODY_LEN)?,
+            },
+            peer_opcode::PONG => PeerResponse::Pong,
+            ERROR => PeerResponse::Error(decode_error(&mut r)?),
+            other => return Err(DecodeError::UnknownOpcode(other)),
+        };
+        r.finish()?;
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::ErrorKind;
+
+    fn member(id: &str) -> MemberInfo {
+        MemberInfo {
+            node_id: id.into(),
+            client_addr: "127.0.0.1:7379".into(),
+            peer_addr: "127.0.0.1:7380".into(),
+            vnodes: 256,
+            generation: 42,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let reqs = vec![
+            PeerRequest::Hello(Hello {
+                cluster: "c".into(),
+                n: 3,
+                me: member("a"),
+            }),
+            PeerRequest::Gossip(vec![member("a"), member("b")]),
+            PeerRequest::ReadLocal {
+                key: Bytes::from_static(b"k"),
+            },
+            PeerRequest::Replicate {
+                key: Bytes::from_static(b"k"),
+                state: Bytes::from_static(b"\x01\x00\x00"),
+            },
+            PeerRequest::Forward {
+                opcode: 4,
+                body: Bytes::from_static(b"xyz"),
+            },
+            PeerRequest::Ping,
+        ];
+        for r in reqs {
+            let f = r.to_frame(9);
+            assert_eq!(PeerRequest::decode(f.opcode, f.body).unwrap(), r);
+        }
+        let resps = vec![
+            PeerResponse::HelloAck(member("b")),
+            PeerResponse::Members(vec![member("c")]),
+            PeerResponse::State(Bytes::from_static(b"s")),
+            PeerResponse::Ack,
+            PeerResponse::ForwardReply {
+                opcode: 0x84,
+                body: Bytes::from_static(b"r"),
+            },
+            PeerResponse::Pong,
+            PeerResponse::Error(ErrorReply {
+                kind: ErrorKind::WrongCluster,
+                definite: true,
+                message: "no".into(),
+            }),
+        ];
+        for r in resps {
+            let f = r.to_frame(9);
+            assert_eq!(PeerResponse::decode(f.opcode, f.body).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for op in 0..=255u8 {
+            for len in 0..40 {
+                let body = Bytes::from(
+                    (0..len)
+                        .map(|i| (i * 37 + op as usize) as u8)
+                        .collect::<Vec<_>>(),
+                );
+                let _ = PeerRequest::decode(op, body.clone());
+                let _ = PeerResponse::decode(op, body);
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! A local cluster of real `ringkv` processes on 127.0.0.1 ephemeral ports.
+
+use std::time::{Duration, Instant};
+
+use ringkv_client::{Client, ClientConfig};
+
+use crate::process::NodeProcess;
+
+pub struct Cluster {
+    pub nodes: Vec<NodeProcess>,
+}
+
+impl Cluster {
+    /// Starts `size` nodes `n1..` (temp data dirs), the first as the seed of the others, with
+    /// `extra` flags for every node, and waits until every node sees every member alive.
+    pub async fn start(size: usize, extra: &[&str]) -> Cluster {
+        let mut nodes: Vec<NodeProcess> = Vec::with_capacity(size);
+        for i in 1..=size {
+            let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            if let Some(first) = nodes.first() {
+                args.push("--seeds".into());
+                args.push(first.peer_addr.clone());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut node = NodeProcess::new_temp(&format!("n{i}"), &args);
+            node.start().unwrap_or_else(|e| panic!("{e}"));
+            nodes.push(node);
+        }
+        let cluster = Cluster { nodes };
+        cluster
+            .wait_converged(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        cluster
+    }
+
+    /// Client addresses of all nodes.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// A client talking to node `i` only (no failover), for tests that pick the coordinator.
+    pub fn client(&self, i: usize) -> Client {
+        Client::new([self.nodes[i].addr.clone()], ClientConfig::default()).expect("one address")
+    }
+
+    /// Waits until every running node lists every running node as an alive member.
+    pub async fn wait_converged(&self, timeout: Duration) -> Result<(), String> {
+        self.wait_members(|n| n.child_running(), |n| n.child_running(), timeout)
+            .await
+    }
+
+    /// Waits until every node for which `observer` holds sees exactly the nodes for which
+    /// `expect_alive` holds as alive (and the rest as down).
+    pub async fn wait_members(
+        &self,
+        observer: impl Fn(&NodeProcess) -> bool,
+        expect_alive: impl Fn(&NodeProcess) -> bool,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let start = Instant::now();
+        let want: Vec<(String, bool)> = self
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), expect_alive(n)))
+            .collect();
+        loop {
+            let mut last = String::new();
+            let mut ok = true;
+            for n in self.nodes.iter().filter(|n| observer(n)) {
+                let client =
+                    Client::new([n.addr.clone()], ClientConfig::default()).expect("one address");
+                match client.ring().await {
+                    Ok(ring) => {
+                        let mut seen: Vec<(String, bool)> = ring
+                            .members
+                            .iter()
+                            .map(|m| (m.node_id.clone(), m.alive))
+                            .collect();
+                        seen.sort();
+                        let mut w = want.clone();
+                        w.sort();
+                        if seen != w {
+                            ok = false;
+                            last = format!("{} sees {seen:?}, want {w:?}", n.id);
+                        }
+                    }
+                    Err(e) => {
+                        ok = false;
+                        last = format!("{}: {e}", n.id);
+                    }
+                }
+            }
+            if ok {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "cluster did not converge within {timeout:?}: {last}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
