@@ -34,17 +34,10 @@ install: build
 	@ln -sf "$(BIN)/ringkv" "$(CARGO_HOME_BIN)/ringkv"
 	@echo "==> kvctl and ringkv linked into $(CARGO_HOME_BIN)"
 
+# A local 3-node cluster (N=3, R=2, W=2) with data in ./data; ctrl-c stops it cleanly.
 run: install
-	@mkdir -p "$(DATA)/n1"
-	@echo
-	@echo "==> starting ringkv node n1 on 127.0.0.1:$(PORT), data in $(DATA)/n1 (ctrl-c stops it cleanly)"
-	@echo "    In another terminal:"
-	@echo "      kvctl put greeting hello"
-	@echo "      kvctl get greeting"
-	@echo "      kvctl status"
-	@echo "    (if kvctl is not found: export PATH=\"$(CARGO_HOME_BIN):\$$PATH\")"
-	@echo
-	exec "$(BIN)/ringkv" --node-id n1 --listen 127.0.0.1:$(PORT) --data-dir "$(DATA)/n1"
+	@echo "(if kvctl is not found in another terminal: export PATH=\"$(CARGO_HOME_BIN):\$$PATH\")"
+	@exec tools/local-cluster.sh "$(BIN)" "$(DATA)" $(PORT)
 
 test: deps
 	cargo build --release --workspace --bins

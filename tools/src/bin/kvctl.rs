@@ -81,6 +81,8 @@ enum Cmd {
     },
     /// Node identity, settings, workers and metrics.
     Status,
+    /// The contacted node's view of the ring: each member's tokens, ownership share, liveness.
+    Ring,
     /// Round-trip time to a node.
     Ping,
 }
@@ -311,6 +313,44 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 for (k, v) in &s.metrics {
                     out(&format!("{k:<32} {v}"));
                 }
+            }
+            Ok(())
+        }
+        Cmd::Ring => {
+            let ring = client.ring().await?;
+            if cli.json {
+                let members: Vec<Value> = ring
+                    .members
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "node_id": m.node_id,
+                            "client_addr": m.client_addr,
+                            "peer_addr": m.peer_addr,
+                            "tokens": m.tokens,
+                            "primary_share": m.primary_ppm as f64 / 1e6,
+                            "alive": m.alive,
+                        })
+                    })
+                    .collect();
+                print_json(&json!({"n": ring.n, "r": ring.r, "w": ring.w, "members": members}));
+            } else {
+                out(&format!(
+                    "{:<16} {:<22} {:<22} {:>6} {:>8}  status",
+                    "node", "client", "peer", "tokens", "primary"
+                ));
+                for m in &ring.members {
+                    out(&format!(
+                        "{:<16} {:<22} {:<22} {:>6} {:>7.2}%  {}",
+                        m.node_id,
+                        m.client_addr,
+                        m.peer_addr,
+                        m.tokens,
+                        m.primary_ppm as f64 / 1e4,
+                        if m.alive { "up" } else { "down" }
+                    ));
+                }
+                out(&format!("N={} R={} W={}", ring.n, ring.r, ring.w));
             }
             Ok(())
         }

@@ -1,0 +1,303 @@
+//! Cluster behaviour through real `ringkv` processes on 127.0.0.1 with temp data dirs.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_client::{Client, ErrorKind, GetOptions, PutOptions, Read};
+use ringkv_jepsen::{Cluster, NodeProcess};
+
+fn strings(read: &Read) -> Vec<String> {
+    let mut v: Vec<String> = read
+        .values()
+        .iter()
+        .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+fn w(n: u8) -> PutOptions {
+    PutOptions {
+        w: Some(n),
+        ..Default::default()
+    }
+}
+
+fn r(n: u8) -> GetOptions {
+    GetOptions {
+        r: Some(n),
+        ..Default::default()
+    }
+}
+
+const LOCAL: GetOptions = GetOptions {
+    r: None,
+    timeout: None,
+    local: true,
+};
+
+async fn metric(client: &Client, name: &str) -> u64 {
+    let s = client.status().await.unwrap();
+    s.metrics
+        .iter()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .1
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_through_one_node_read_through_another() {
+    let c = Cluster::start(3, &[]).await;
+    let (a, cc) = (c.client(0), c.client(2));
+    a.put_with("k", "v1", None, w(2)).await.unwrap();
+    let read = cc.get_with("k", r(2)).await.unwrap();
+    assert_eq!(strings(&read), vec!["v1"]);
+    // Siblings travel too: a blind write through C makes two versions, seen through A.
+    cc.put_with("k", "v2", None, w(2)).await.unwrap();
+    let read = a.get_with("k", r(2)).await.unwrap();
+    assert_eq!(strings(&read), vec!["v1", "v2"]);
+    // Every node reports the same ring.
+    let rings: Vec<_> = futures_rings(&c).await;
+    assert!(rings.windows(2).all(|w| w[0] == w[1]), "{rings:?}");
+    assert_eq!(rings[0].len(), 3);
+    let status = a.status().await.unwrap();
+    assert!(status
+        .metrics
+        .iter()
+        .any(|(k, v)| k == "coordinator.writes" && *v >= 1));
+}
+
+async fn futures_rings(c: &Cluster) -> Vec<Vec<(String, u32, u32)>> {
+    let mut out = Vec::new();
+    for i in 0..c.nodes.len() {
+        let ring = c.client(i).ring().await.unwrap();
+        out.push(
+            ring.members
+                .iter()
+                .map(|m| (m.node_id.clone(), m.tokens, m.primary_ppm))
+                .collect(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_down_quorums_of_two_keep_working_and_w3_fails_clearly() {
+    let mut c = Cluster::start(3, &[]).await;
+    let (a, cc) = (c.client(0), c.client(2));
+    a.put_with("before", "x", None, w(3)).await.unwrap();
+    c.nodes[1].kill9();
+    // Right away (before failure detection) and after it, W=2 / R=2 succeed.
+    for i in 0..20 {
+        let key = format!("k{i}");
+        a.put_with(&key, format!("v{i}"), None, w(2)).await.unwrap();
+        assert_eq!(
+            strings(&cc.get_with(&key, r(2)).await.unwrap()),
+            vec![format!("v{i}")]
+        );
+    }
+    let err = a.put_with("k-w3", "v", None, w(3)).await.unwrap_err();
+    match err.kind() {
+        Some(ErrorKind::Unavailable {
+            alive: 2,
+            needed: 3,
+        })
+        | Some(ErrorKind::Timeout { needed: 3, .. }) => {}
+        other => panic!("expected Unavailable/Timeout, got {other:?}: {err}"),
+    }
+    assert!(err.to_string().contains("node n1"), "{err}");
+    // Once n2 is known down, the refusal is decided before writing anything.
+    c.wait_members(
+        |n| n.child_running(),
+        |n| n.child_running(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let err = a.put_with("k-w3b", "v", None, w(3)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        Some(ErrorKind::Unavailable {
+            alive: 2,
+            needed: 3
+        }),
+        "{err}"
+    );
+    assert!(
+        err.is_definite(),
+        "refused before any replica was written: {err}"
+    );
+    assert!(!a.get_with("k-w3b", r(2)).await.unwrap().is_found());
+    let err = a.get_with("before", r(3)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        Some(ErrorKind::Unavailable {
+            alive: 2,
+            needed: 3
+        }),
+        "{err}"
+    );
+    // R/W above N are invalid, whatever the cluster state.
+    let err = a.put_with("k", "v", None, w(4)).await.unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::InvalidRequest), "{err}");
+    assert!(
+        err.to_string()
+            .contains("W=4 exceeds the replication factor N=3"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_repair_fills_a_replica_that_missed_a_write() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.nodes[1].stop().unwrap();
+    c.wait_members(
+        |n| n.child_running(),
+        |n| n.child_running(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let a = c.client(0);
+    a.put_with("k", "written-while-b-was-down", None, w(2))
+        .await
+        .unwrap();
+    c.nodes[1].start().unwrap();
+    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    let b = c.client(1);
+    assert!(
+        !b.get_with("k", LOCAL).await.unwrap().is_found(),
+        "B's own replica must not have k before the repair"
+    );
+    let read = a.get_with("k", r(3)).await.unwrap();
+    assert_eq!(strings(&read), vec!["written-while-b-was-down"]);
+    eventually(Duration::from_secs(5), "read repair reaches B", || async {
+        b.get_with("k", LOCAL).await.unwrap().is_found()
+    })
+    .await;
+    assert_eq!(
+        b.get_with("k", LOCAL).await.unwrap().siblings,
+        read.siblings,
+        "B holds exactly the merged version"
+    );
+    assert!(metric(&a, "read_repair.sent").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_via_two_coordinators_become_siblings_then_collapse_everywhere() {
+    let c = Cluster::start(3, &[]).await;
+    let (a, b, cc) = (c.client(0), c.client(1), c.client(2));
+    let (ra, rb) = tokio::join!(
+        a.put_with("cart", "apple", None, w(2)),
+        b.put_with("cart", "pear", None, w(2))
+    );
+    let (da, db) = (ra.unwrap().dot, rb.unwrap().dot);
+    assert_ne!(da.0, db.0, "two coordinators, two actors");
+    let read = cc.get_with("cart", r(3)).await.unwrap();
+    assert_eq!(strings(&read), vec!["apple", "pear"]);
+    cc.put_with("cart", "apple+pear", Some(&read.context), w(2))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(5),
+            "every replica collapses to one sibling",
+            || {
+                let client = client.clone();
+                async move {
+                    let local = client.get_with("cart", LOCAL).await.unwrap();
+                    local.siblings.len() == 1 && strings(&local) == vec!["apple+pear"]
+                }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_replica_entry_nodes_forward_writes_and_any_node_reads() {
+    // 4 nodes, N=2: for most keys some entry node is not a replica and must forward.
+    let c = Cluster::start(4, &["--n", "2"]).await;
+    let clients: Vec<Client> = (0..4).map(|i| c.client(i)).collect();
+    for k in 0..40 {
+        let key = format!("key{k}");
+        clients[k % 4]
+            .put_with(&key, format!("v{k}"), None, w(2))
+            .await
+            .unwrap();
+        let read = clients[(k + 1) % 4].get_with(&key, r(2)).await.unwrap();
+        assert_eq!(strings(&read), vec![format!("v{k}")], "{key}");
+        let holders = futures_holders(&clients, &key).await;
+        assert_eq!(holders, 2, "{key} is stored on exactly N=2 nodes");
+    }
+    let mut forwarded = 0;
+    for cl in &clients {
+        forwarded += metric(cl, "coordinator.forwarded_writes").await;
+    }
+    assert!(
+        forwarded > 0,
+        "some writes entered at a non-replica and were forwarded"
+    );
+}
+
+async fn futures_holders(clients: &[Client], key: &str) -> usize {
+    let mut n = 0;
+    for cl in clients {
+        if cl.get_with(key, LOCAL).await.unwrap().is_found() {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cluster_name_is_refused() {
+    let c = Cluster::start(2, &[]).await;
+    let mut stranger = NodeProcess::new_temp(
+        "intruder",
+        &["--cluster-name", "other", "--seeds", &c.nodes[0].peer_addr],
+    );
+    stranger.start().unwrap();
+    let a = c.client(0);
+    eventually(Duration::from_secs(10), "the refusal is logged", || async {
+        c.nodes[0]
+            .log_tail(200)
+            .contains("refused peer intruder: cluster name \"other\" differs from ours \"ringkv\"")
+    })
+    .await;
+    // Give gossip a few rounds: the stranger never becomes a member anywhere.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..2 {
+        let ring = c.client(i).ring().await.unwrap();
+        assert!(
+            ring.members.iter().all(|m| m.node_id != "intruder"),
+            "{ring:?}"
+        );
+    }
+    let stranger_client = Client::new([stranger.addr.clone()], Default::default()).unwrap();
+    let ring = stranger_client.ring().await.unwrap();
+    assert_eq!(
+        ring.members.len(),
+        1,
+        "the stranger did not join either: {ring:?}"
+    );
+    assert!(metric(&a, "peer.handshakes_refused").await >= 1);
+    // The cluster still works.
+    a.put_with("k", Bytes::from_static(b"v"), None, w(2))
+        .await
+        .unwrap();
+}
