@@ -53,14 +53,18 @@ pub enum PeerRequest {
     Hello(Hello),
     /// The sender's member list; the answer is the receiver's.
     Gossip(Vec<MemberInfo>),
-    /// Read the receiver's own replica of `key`.
+    /// Read the receiver's own replica of `key`, within `timeout_ms` (what is left of the
+    /// client's deadline).
     ReadLocal {
         key: Bytes,
+        timeout_ms: u32,
     },
-    /// Merge `state` (an encoded key state) into the receiver's replica of `key`.
+    /// Merge `state` (an encoded key state) into the receiver's replica of `key`, within
+    /// `timeout_ms`.
     Replicate {
         key: Bytes,
         state: Bytes,
+        timeout_ms: u32,
     },
     /// Coordinate a client write (a client Put/Delete opcode and body) on the receiver, which
     /// is a replica of the key; it never forwards again.
@@ -139,13 +143,19 @@ impl PeerRequest {
                 put_members(&mut b, ms);
                 peer_opcode::GOSSIP
             }
-            PeerRequest::ReadLocal { key } => {
+            PeerRequest::ReadLocal { key, timeout_ms } => {
                 put_bytes(&mut b, key);
+                b.put_u32(*timeout_ms);
                 peer_opcode::READ_LOCAL
             }
-            PeerRequest::Replicate { key, state } => {
+            PeerRequest::Replicate {
+                key,
+                state,
+                timeout_ms,
+            } => {
                 put_bytes(&mut b, key);
                 put_bytes(&mut b, state);
+                b.put_u32(*timeout_ms);
                 peer_opcode::REPLICATE
             }
             PeerRequest::Forward { opcode, body } => {
@@ -169,10 +179,12 @@ impl PeerRequest {
             peer_opcode::GOSSIP => PeerRequest::Gossip(read_members(&mut r)?),
             peer_opcode::READ_LOCAL => PeerRequest::ReadLocal {
                 key: r.bytes("key", MAX_KEY_LEN)?,
+                timeout_ms: r.u32("timeout_ms")?,
             },
             peer_opcode::REPLICATE => PeerRequest::Replicate {
                 key: r.bytes("key", MAX_KEY_LEN)?,
                 state: r.bytes("state", MAX_RESPONSE_BODY_LEN)?,
+                timeout_ms: r.u32("timeout_ms")?,
             },
             peer_opcode::FORWARD => PeerRequest::Forward {
                 opcode: r.u8("forwarded opcode")?,
@@ -263,10 +275,12 @@ mod tests {
             PeerRequest::Gossip(vec![member("a"), member("b")]),
             PeerRequest::ReadLocal {
                 key: Bytes::from_static(b"k"),
+                timeout_ms: 7,
             },
             PeerRequest::Replicate {
                 key: Bytes::from_static(b"k"),
                 state: Bytes::from_static(b"\x01\x00\x00"),
+                timeout_ms: 9,
             },
             PeerRequest::Forward {
                 opcode: 4,

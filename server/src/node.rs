@@ -34,6 +34,9 @@ use crate::ring::NodeId;
 use crate::storage::{key_position, HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
 
+/// Deadline of one read-repair write (it runs after the client was answered).
+pub const READ_REPAIR_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct Node {
     pub config: Config,
     pub store: Arc<Store>,
@@ -68,6 +71,14 @@ pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
             .collect(),
         context: Bytes::from(state.context().to_context().encode(key)),
     }
+}
+
+/// What is left of a deadline, as a wire timeout (at least 1 ms).
+fn remaining_ms(deadline: Instant) -> u32 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .clamp(1, u32::MAX as u128) as u32
 }
 
 /// A client write, unpacked.
@@ -427,6 +438,7 @@ impl Node {
                 let req = PeerRequest::Replicate {
                     key: w.key.clone(),
                     state: state.clone(),
+                    timeout_ms: remaining_ms(deadline),
                 };
                 tokio::spawn(async move {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -599,11 +611,11 @@ impl Node {
                     match addr {
                         None => Err(format!("no address for {target}")),
                         Some(addr) => {
-                            match node
-                                .peers
-                                .call(&addr, &PeerRequest::ReadLocal { key }, left)
-                                .await
-                            {
+                            let req = PeerRequest::ReadLocal {
+                                key,
+                                timeout_ms: remaining_ms(deadline),
+                            };
+                            match node.peers.call(&addr, &req, left).await {
                                 Ok(PeerResponse::State(b)) => {
                                     KeyState::decode(&b).map_err(|e| e.to_string())
                                 }
@@ -687,10 +699,11 @@ impl Node {
                 let req = PeerRequest::Replicate {
                     key: key.clone(),
                     state: state.clone(),
+                    timeout_ms: READ_REPAIR_TIMEOUT.as_millis() as u32,
                 };
                 match view.peer_addr(&target) {
                     None => Err("no address".to_string()),
-                    Some(addr) => match self.peers.call(addr, &req, Duration::from_secs(2)).await {
+                    Some(addr) => match self.peers.call(addr, &req, READ_REPAIR_TIMEOUT).await {
                         Ok(_) => Ok(()),
                         Err(e) => Err(e.to_string()),
                     },
@@ -749,17 +762,29 @@ impl Node {
                 self.membership.report(Event::Learned(members));
                 PeerResponse::Members(self.view().member_list())
             }
-            PeerRequest::ReadLocal { key } => {
+            PeerRequest::ReadLocal { key, timeout_ms } => {
                 inc(&self.requests.peer_read_local);
-                match self.local_state(key.clone()).await {
-                    Ok(s) => PeerResponse::State(Bytes::from(s.encode())),
-                    Err(e) => error(
+                let limit = Duration::from_millis(timeout_ms as u64);
+                match tokio::time::timeout(limit, self.local_state(key.clone())).await {
+                    Ok(Ok(s)) => PeerResponse::State(Bytes::from(s.encode())),
+                    Ok(Err(e)) => error(
                         ErrorKind::Internal,
                         format!("key {}: {e}", HexKey(key.to_vec())),
                     ),
+                    Err(_) => error(
+                        ErrorKind::Timeout { acks: 0, needed: 1 },
+                        format!(
+                            "key {}: replica read exceeded the {timeout_ms} ms left of the deadline",
+                            HexKey(key.to_vec())
+                        ),
+                    ),
                 }
             }
-            PeerRequest::Replicate { key, state } => {
+            PeerRequest::Replicate {
+                key,
+                state,
+                timeout_ms,
+            } => {
                 inc(&self.requests.peer_replicate);
                 let state = match KeyState::decode(&state) {
                     Ok(s) => s,
@@ -770,12 +795,19 @@ impl Node {
                         )
                     }
                 };
-                match self.store.write(WriteOp::Merge { key, state }).await {
-                    Ok(_) => PeerResponse::Ack,
-                    Err(e) => match self.write_error(e) {
+                let limit = Duration::from_millis(timeout_ms as u64);
+                let hkey = HexKey(key.to_vec());
+                // On timeout the merge may still commit later: merges are idempotent.
+                match tokio::time::timeout(limit, self.store.write(WriteOp::Merge { key, state })).await {
+                    Ok(Ok(_)) => PeerResponse::Ack,
+                    Ok(Err(e)) => match self.write_error(e) {
                         Response::Error(e) => PeerResponse::Error(e),
                         _ => unreachable!("write_error builds an error"),
                     },
+                    Err(_) => error(
+                        ErrorKind::Timeout { acks: 0, needed: 1 },
+                        format!("key {hkey}: replica write exceeded the {timeout_ms} ms left of the deadline"),
+                    ),
                 }
             }
             PeerRequest::Forward { opcode, body } => {

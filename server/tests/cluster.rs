@@ -301,3 +301,22 @@ async fn a_node_with_another_cluster_name_is_refused() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_with_several_addresses_fails_over_when_a_node_dies() {
+    let mut c = Cluster::start(3, &[]).await;
+    let client = Client::connect(c.addrs()).await.unwrap();
+    client.put("k", "v", None).await.unwrap();
+    c.nodes[0].kill9();
+    // Reads retry on the next node even after a broken connection.
+    assert_eq!(strings(&client.get("k").await.unwrap()), vec!["v"]);
+    // Writes fail over when the request could not be sent (connection refused).
+    let read = client.get("k").await.unwrap();
+    client.put("k", "v2", Some(&read.context)).await.unwrap();
+    assert_eq!(strings(&client.get("k").await.unwrap()), vec!["v2"]);
+    // A client whose first address was never reachable works too.
+    let c2 = Client::connect(["127.0.0.1:1".to_string(), c.nodes[1].addr.clone()])
+        .await
+        .unwrap();
+    assert_eq!(strings(&c2.get("k").await.unwrap()), vec!["v2"]);
+}
