@@ -2,7 +2,8 @@
 # Runs a local 3-node ringkv cluster (N=3, R=2, W=2) in the foreground; ctrl-c stops all three
 # cleanly (SIGTERM: in-flight requests finish, storage closes).
 # usage: local-cluster.sh BIN_DIR DATA_DIR [BASE_PORT]
-# Node i listens for clients on BASE_PORT+2(i-1) and for peers on the port after it.
+# Node i listens for clients on BASE_PORT+2(i-1) and for peers on the port after it (TCP), and
+# gossips on BASE_PORT+100+2(i-1) (UDP).
 set -euo pipefail
 bin=${1:?usage: local-cluster.sh BIN_DIR DATA_DIR [BASE_PORT]}
 data=${2:?usage: local-cluster.sh BIN_DIR DATA_DIR [BASE_PORT]}
@@ -23,10 +24,11 @@ stop() {
 }
 trap stop INT TERM
 
-seed=127.0.0.1:$((base + 1))
+seed=127.0.0.1:$((base + 100))
 for i in 1 2 3; do
   client=$((base + 2 * (i - 1)))
   peer=$((client + 1))
+  gossip=$((client + 100))
   mkdir -p "$data/n$i"
   rm -f "$data/n$i/ringkv.addr"
   seeds=()
@@ -34,6 +36,7 @@ for i in 1 2 3; do
   touch "$data/n$i.log"
   # Logs go to files (a ctrl-c must not kill a log pipe the nodes still write to).
   "$bin/ringkv" --node-id "n$i" --listen "127.0.0.1:$client" --peer-listen "127.0.0.1:$peer" \
+    --gossip-listen "127.0.0.1:$gossip" --cluster-secret "${RINGKV_CLUSTER_SECRET:-local-dev-secret}" \
     --data-dir "$data/n$i" --n 3 --r 2 --w 2 "${seeds[@]}" 2>>"$data/n$i.log" &
   pids+=($!)
 done
@@ -60,6 +63,7 @@ cat <<MSG
       kvctl put greeting hello                           # through n1 (the default --addr)
       kvctl --addr 127.0.0.1:$((base + 4)) get greeting           # through n3
       kvctl ring                                         # members, tokens, ownership
+      kvctl members                                      # SWIM state, incarnation, phi
       kvctl --addr 127.0.0.1:$((base + 2)) get --local greeting   # n2's own replica
       kvctl put --w 3 k v; kvctl get --r 3 k             # per-request quorums
 

@@ -46,7 +46,9 @@ use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::{Request, Response};
 use tokio::sync::Mutex;
 
-pub use ringkv_protocol::{ErrorKind, RingMember, RingReply, StatusReply};
+pub use ringkv_protocol::{
+    ErrorKind, MemberStatus, MembersReply, RingMember, RingReply, StatusReply,
+};
 
 use conn::{Conn, ConnError};
 
@@ -427,6 +429,17 @@ impl Client {
         let (addr, resp) = self.call(Request::Ring, timeout, true).await?;
         match resp {
             Response::Ring(r) => Ok(r),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    /// The contacted node's membership view: SWIM state, incarnation, phi and last-heard time
+    /// of every member.
+    pub async fn members(&self) -> Result<MembersReply, Error> {
+        let timeout = self.inner.config.request_timeout;
+        let (addr, resp) = self.call(Request::Members, timeout, true).await?;
+        match resp {
+            Response::Members(m) => Ok(m),
             other => Err(unexpected(&addr, other)),
         }
     }

@@ -13,6 +13,7 @@ pub mod opcode {
     pub const PUT: u8 = 0x04;
     pub const DELETE: u8 = 0x05;
     pub const RING: u8 = 0x06;
+    pub const MEMBERS: u8 = 0x07;
 
     pub const PONG: u8 = 0x81;
     pub const STATUS_REPLY: u8 = 0x82;
@@ -20,6 +21,7 @@ pub mod opcode {
     pub const PUT_REPLY: u8 = 0x84;
     pub const DELETE_REPLY: u8 = 0x85;
     pub const RING_REPLY: u8 = 0x86;
+    pub const MEMBERS_REPLY: u8 = 0x87;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -76,6 +78,8 @@ pub enum Request {
     },
     /// The contacted node's view of the ring: members, tokens, ownership, liveness.
     Ring,
+    /// The contacted node's membership: SWIM state, incarnation, phi, last heard.
+    Members,
 }
 
 /// One member as `Ring` reports it.
@@ -98,7 +102,43 @@ pub struct RingReply {
     pub n: u8,
     pub r: u8,
     pub w: u8,
+    /// Fingerprint of the ring's membership (ids, vnodes, statuses): equal on every node that
+    /// has converged on the same ring.
+    pub epoch: u64,
     pub members: Vec<RingMember>,
+}
+
+/// One member as `Members` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub node_id: String,
+    pub client_addr: String,
+    pub peer_addr: String,
+    pub gossip_addr: String,
+    /// SWIM state: 0 alive, 1 suspect, 2 down.
+    pub swim_state: u8,
+    /// foca's incarnation (bumped to refute suspicion).
+    pub incarnation: u32,
+    /// Process generation (start time in ms; +1 on each automatic rejoin).
+    pub generation: u64,
+    /// Phi × 1000, `u32::MAX` when no heartbeat was ever received.
+    pub phi_milli: u32,
+    /// Milliseconds since the last authenticated packet, `u64::MAX` = never.
+    pub last_heard_ms: u64,
+    /// Ring status: 0 joining, 1 normal, 2 leaving, 3 removed, 255 unknown.
+    pub ring_status: u8,
+    pub vnodes: u32,
+    /// Whether the routing layer currently uses the member (SWIM not down and phi below the
+    /// threshold).
+    pub available: bool,
+    pub is_self: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MembersReply {
+    /// The phi threshold in use, × 1000.
+    pub phi_threshold_milli: u32,
+    pub members: Vec<MemberStatus>,
 }
 
 /// One version of a key as seen by a client. `value == None` is a tombstone (a delete).
@@ -269,6 +309,7 @@ pub enum Response {
     Put(WriteReply),
     Delete(WriteReply),
     Ring(RingReply),
+    Members(MembersReply),
     Error(ErrorReply),
 }
 
@@ -281,12 +322,13 @@ impl Request {
             Request::Put { .. } => opcode::PUT,
             Request::Delete { .. } => opcode::DELETE,
             Request::Ring => opcode::RING,
+            Request::Members => opcode::MEMBERS,
         }
     }
 
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
-            Request::Ping | Request::Status | Request::Ring => {}
+            Request::Ping | Request::Status | Request::Ring | Request::Members => {}
             Request::Get { key, opts } => {
                 put_bytes(dst, key);
                 dst.put_u8(opts.r);
@@ -324,6 +366,7 @@ impl Request {
             opcode::PING => Request::Ping,
             opcode::STATUS => Request::Status,
             opcode::RING => Request::Ring,
+            opcode::MEMBERS => Request::Members,
             opcode::GET => {
                 let key = r.bytes("key", MAX_REQUEST_BODY_LEN)?;
                 let opts = ReadOptions {
@@ -353,7 +396,7 @@ impl Request {
     /// Checks the semantic limits of a decoded request. The error names the offending field.
     pub fn validate(&self) -> Result<(), (ErrorKind, String)> {
         let (key, value, context) = match self {
-            Request::Ping | Request::Status | Request::Ring => return Ok(()),
+            Request::Ping | Request::Status | Request::Ring | Request::Members => return Ok(()),
             Request::Get { key, .. } => (key, None, None),
             Request::Put {
                 key,
@@ -528,6 +571,7 @@ impl Response {
             Response::Put(_) => opcode::PUT_REPLY,
             Response::Delete(_) => opcode::DELETE_REPLY,
             Response::Ring(_) => opcode::RING_REPLY,
+            Response::Members(_) => opcode::MEMBERS_REPLY,
             Response::Error(_) => opcode::ERROR,
         }
     }
@@ -572,6 +616,7 @@ impl Response {
                 dst.put_u8(ring.n);
                 dst.put_u8(ring.r);
                 dst.put_u8(ring.w);
+                dst.put_u64(ring.epoch);
                 put_count(dst, ring.members.len());
                 for m in &ring.members {
                     put_bytes(dst, m.node_id.as_bytes());
@@ -580,6 +625,25 @@ impl Response {
                     dst.put_u32(m.tokens);
                     dst.put_u32(m.primary_ppm);
                     dst.put_u8(m.alive as u8);
+                }
+            }
+            Response::Members(m) => {
+                dst.put_u32(m.phi_threshold_milli);
+                put_count(dst, m.members.len());
+                for x in &m.members {
+                    put_bytes(dst, x.node_id.as_bytes());
+                    put_bytes(dst, x.client_addr.as_bytes());
+                    put_bytes(dst, x.peer_addr.as_bytes());
+                    put_bytes(dst, x.gossip_addr.as_bytes());
+                    dst.put_u8(x.swim_state);
+                    dst.put_u32(x.incarnation);
+                    dst.put_u64(x.generation);
+                    dst.put_u32(x.phi_milli);
+                    dst.put_u64(x.last_heard_ms);
+                    dst.put_u8(x.ring_status);
+                    dst.put_u32(x.vnodes);
+                    dst.put_u8(x.available as u8);
+                    dst.put_u8(x.is_self as u8);
                 }
             }
             Response::Error(e) => encode_error(dst, e),
@@ -624,6 +688,7 @@ impl Response {
             opcode::DELETE_REPLY => Response::Delete(read_write_reply(&mut r)?),
             opcode::RING_REPLY => {
                 let (n, rr, w) = (r.u8("n")?, r.u8("r")?, r.u8("w")?);
+                let epoch = r.u64("epoch")?;
                 let count = r.count("members", crate::peer::MAX_MEMBERS, 12 + 9)?;
                 let mut members = Vec::with_capacity(count);
                 for _ in 0..count {
@@ -640,6 +705,33 @@ impl Response {
                     n,
                     r: rr,
                     w,
+                    epoch,
+                    members,
+                })
+            }
+            opcode::MEMBERS_REPLY => {
+                let phi_threshold_milli = r.u32("phi_threshold")?;
+                let count = r.count("members", crate::peer::MAX_MEMBERS, 16 + 40)?;
+                let mut members = Vec::with_capacity(count);
+                for _ in 0..count {
+                    members.push(MemberStatus {
+                        node_id: r.text("node_id", 256)?,
+                        client_addr: r.text("client_addr", 256)?,
+                        peer_addr: r.text("peer_addr", 256)?,
+                        gossip_addr: r.text("gossip_addr", 256)?,
+                        swim_state: r.u8("swim_state")?,
+                        incarnation: r.u32("incarnation")?,
+                        generation: r.u64("generation")?,
+                        phi_milli: r.u32("phi")?,
+                        last_heard_ms: r.u64("last_heard_ms")?,
+                        ring_status: r.u8("ring_status")?,
+                        vnodes: r.u32("vnodes")?,
+                        available: r.u8("available")? != 0,
+                        is_self: r.u8("is_self")? != 0,
+                    });
+                }
+                Response::Members(MembersReply {
+                    phi_threshold_milli,
                     members,
                 })
             }

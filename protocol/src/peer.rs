@@ -7,25 +7,23 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::frame::Frame;
 use crate::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN, MAX_TEXT_LEN};
 use crate::message::{decode_error, encode_error, opcode::ERROR, ErrorReply};
-use crate::wire::{put_bytes, put_count, DecodeError, Reader};
+use crate::wire::{put_bytes, DecodeError, Reader};
 
 pub mod peer_opcode {
     pub const HELLO: u8 = 0x20;
-    pub const GOSSIP: u8 = 0x21;
     pub const READ_LOCAL: u8 = 0x22;
     pub const REPLICATE: u8 = 0x23;
     pub const FORWARD: u8 = 0x24;
     pub const PING: u8 = 0x25;
 
     pub const HELLO_ACK: u8 = 0xA0;
-    pub const MEMBERS: u8 = 0xA1;
     pub const STATE: u8 = 0xA2;
     pub const ACK: u8 = 0xA3;
     pub const FORWARD_REPLY: u8 = 0xA4;
     pub const PONG: u8 = 0xA5;
 }
 
-/// Most members a gossip message may list (a sanity bound, far above any real cluster here).
+/// Most members a reply may list (a sanity bound, far above any real cluster here).
 pub const MAX_MEMBERS: usize = 1024;
 
 /// What a node says about itself (and gossips about others).
@@ -51,8 +49,6 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerRequest {
     Hello(Hello),
-    /// The sender's member list; the answer is the receiver's.
-    Gossip(Vec<MemberInfo>),
     /// Read the receiver's own replica of `key`, within `timeout_ms` (what is left of the
     /// client's deadline).
     ReadLocal {
@@ -78,7 +74,6 @@ pub enum PeerRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerResponse {
     HelloAck(MemberInfo),
-    Members(Vec<MemberInfo>),
     /// An encoded key state (empty state for an absent key).
     State(Bytes),
     Ack,
@@ -109,18 +104,6 @@ fn read_member(r: &mut Reader) -> Result<MemberInfo, DecodeError> {
     })
 }
 
-fn put_members(dst: &mut BytesMut, ms: &[MemberInfo]) {
-    put_count(dst, ms.len());
-    for m in ms {
-        put_member(dst, m);
-    }
-}
-
-fn read_members(r: &mut Reader) -> Result<Vec<MemberInfo>, DecodeError> {
-    let n = r.count("members", MAX_MEMBERS, 4 * 3 + 12)?;
-    (0..n).map(|_| read_member(r)).collect()
-}
-
 fn frame(opcode: u8, request_id: u64, body: BytesMut) -> Frame {
     Frame {
         opcode,
@@ -138,10 +121,6 @@ impl PeerRequest {
                 b.put_u8(h.n);
                 put_member(&mut b, &h.me);
                 peer_opcode::HELLO
-            }
-            PeerRequest::Gossip(ms) => {
-                put_members(&mut b, ms);
-                peer_opcode::GOSSIP
             }
             PeerRequest::ReadLocal { key, timeout_ms } => {
                 put_bytes(&mut b, key);
@@ -176,7 +155,6 @@ impl PeerRequest {
                 n: r.u8("n")?,
                 me: read_member(&mut r)?,
             }),
-            peer_opcode::GOSSIP => PeerRequest::Gossip(read_members(&mut r)?),
             peer_opcode::READ_LOCAL => PeerRequest::ReadLocal {
                 key: r.bytes("key", MAX_KEY_LEN)?,
                 timeout_ms: r.u32("timeout_ms")?,
@@ -206,10 +184,6 @@ impl PeerResponse {
                 put_member(&mut b, m);
                 peer_opcode::HELLO_ACK
             }
-            PeerResponse::Members(ms) => {
-                put_members(&mut b, ms);
-                peer_opcode::MEMBERS
-            }
             PeerResponse::State(s) => {
                 put_bytes(&mut b, s);
                 peer_opcode::STATE
@@ -233,7 +207,6 @@ impl PeerResponse {
         let mut r = Reader::new(body);
         let resp = match opcode {
             peer_opcode::HELLO_ACK => PeerResponse::HelloAck(read_member(&mut r)?),
-            peer_opcode::MEMBERS => PeerResponse::Members(read_members(&mut r)?),
             peer_opcode::STATE => PeerResponse::State(r.bytes("state", MAX_RESPONSE_BODY_LEN)?),
             peer_opcode::ACK => PeerResponse::Ack,
             peer_opcode::FORWARD_REPLY => PeerResponse::ForwardReply {
@@ -272,7 +245,6 @@ mod tests {
                 n: 3,
                 me: member("a"),
             }),
-            PeerRequest::Gossip(vec![member("a"), member("b")]),
             PeerRequest::ReadLocal {
                 key: Bytes::from_static(b"k"),
                 timeout_ms: 7,
@@ -294,7 +266,6 @@ mod tests {
         }
         let resps = vec![
             PeerResponse::HelloAck(member("b")),
-            PeerResponse::Members(vec![member("c")]),
             PeerResponse::State(Bytes::from_static(b"s")),
             PeerResponse::Ack,
             PeerResponse::ForwardReply {

@@ -29,6 +29,7 @@ fn request_strategy() -> impl Strategy<Value = Request> {
         Just(Request::Ping),
         Just(Request::Status),
         Just(Request::Ring),
+        Just(Request::Members),
         (bytes_strategy(64), ropts).prop_map(|(key, opts)| Request::Get { key, opts }),
         (
             bytes_strategy(64),
@@ -110,11 +111,57 @@ fn response_strategy() -> impl Strategy<Value = Response> {
         any::<u8>(),
         any::<u8>(),
         any::<u8>(),
+        any::<u64>(),
         proptest::collection::vec(member, 0..5),
     )
-        .prop_map(|(n, r, w, members)| Response::Ring(RingReply { n, r, w, members }));
+        .prop_map(|(n, r, w, epoch, members)| {
+            Response::Ring(RingReply {
+                n,
+                r,
+                w,
+                epoch,
+                members,
+            })
+        });
+    let status = (
+        "[a-z0-9]{1,8}",
+        0u8..3,
+        any::<u32>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(node_id, swim_state, incarnation, generation, phi_milli, last_heard_ms, flag)| {
+                MemberStatus {
+                    client_addr: format!("{node_id}:1"),
+                    peer_addr: format!("{node_id}:2"),
+                    gossip_addr: format!("{node_id}:3"),
+                    node_id,
+                    swim_state,
+                    incarnation,
+                    generation,
+                    phi_milli,
+                    last_heard_ms,
+                    ring_status: 1,
+                    vnodes: 256,
+                    available: flag,
+                    is_self: !flag,
+                }
+            },
+        );
+    let members = (any::<u32>(), proptest::collection::vec(status, 0..4)).prop_map(
+        |(phi_threshold_milli, members)| {
+            Response::Members(MembersReply {
+                phi_threshold_milli,
+                members,
+            })
+        },
+    );
     prop_oneof![
         ring,
+        members,
         Just(Response::Pong),
         read_reply_strategy().prop_map(Response::Get),
         write().prop_map(Response::Put),

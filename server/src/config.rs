@@ -11,6 +11,11 @@ use crate::storage::store::SyncMode;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
 pub const DEFAULT_PEER_LISTEN: &str = "127.0.0.1:7380";
+/// UDP; a separate port namespace from the TCP listeners.
+pub const DEFAULT_GOSSIP_LISTEN: &str = "127.0.0.1:7380";
+/// Used (with a warning) when no secret is configured: fine on a laptop, not in production.
+pub const DEFAULT_CLUSTER_SECRET: &str = "ringkv-insecure-default-secret";
+pub const DEFAULT_PHI_THRESHOLD: f64 = 8.0;
 pub const DEFAULT_CLUSTER_NAME: &str = "ringkv";
 /// Riak's and Cassandra's usual replication factor.
 pub const DEFAULT_N: u8 = 3;
@@ -46,9 +51,18 @@ pub struct Cli {
     /// Inter-node (peer) listen address.
     #[arg(long, value_name = "HOST:PORT")]
     pub peer_listen: Option<String>,
-    /// Peer addresses of existing members to join through (comma-separated).
+    /// Gossip (SWIM, UDP) listen address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub gossip_listen: Option<String>,
+    /// Gossip addresses of existing members to join through (comma-separated).
     #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,
+    /// Shared secret authenticating gossip packets (HMAC-SHA256); also RINGKV_CLUSTER_SECRET.
+    #[arg(long, env = "RINGKV_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Phi above which a member is treated as unavailable.
+    #[arg(long)]
+    pub phi_threshold: Option<f64>,
     /// Cluster name: peers presenting another name are refused.
     #[arg(long)]
     pub cluster_name: Option<String>,
@@ -97,7 +111,10 @@ pub struct FileConfig {
     pub node_id: Option<String>,
     pub listen: Option<String>,
     pub peer_listen: Option<String>,
+    pub gossip_listen: Option<String>,
     pub seeds: Option<Vec<String>>,
+    pub cluster_secret: Option<String>,
+    pub phi_threshold: Option<f64>,
     pub cluster_name: Option<String>,
     pub n: Option<u8>,
     pub r: Option<u8>,
@@ -126,7 +143,12 @@ pub struct Config {
     pub node_id: String,
     pub listen: SocketAddr,
     pub peer_listen: SocketAddr,
-    pub seeds: Vec<String>,
+    pub gossip_listen: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub cluster_secret: String,
+    /// True when the secret is the built-in default (logged as a warning).
+    pub default_secret: bool,
+    pub phi_threshold: f64,
     pub cluster_name: String,
     pub n: u8,
     pub r: u8,
@@ -216,21 +238,43 @@ impl Config {
                 format!("{peer_listen} is also the client listen address"),
             ));
         }
-        let seeds: Vec<String> = cli
-            .seeds
-            .or(file.seeds)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        for seed in &seeds {
-            if seed
-                .rsplit_once(':')
-                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-            {
-                return Err(invalid("seeds", format!("{seed:?} is not HOST:PORT")));
+        let gossip_s = cli
+            .gossip_listen
+            .or(file.gossip_listen)
+            .unwrap_or_else(|| DEFAULT_GOSSIP_LISTEN.to_string());
+        let gossip_listen: SocketAddr = gossip_s.parse().map_err(|e| {
+            invalid(
+                "gossip_listen",
+                format!("{gossip_s:?} is not HOST:PORT with a numeric IP ({e})"),
+            )
+        })?;
+        let mut seeds = Vec::new();
+        for seed in cli.seeds.or(file.seeds).unwrap_or_default() {
+            let seed = seed.trim();
+            if seed.is_empty() {
+                continue;
             }
+            seeds.push(seed.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "seeds",
+                    format!("{seed:?} is not a gossip HOST:PORT with a numeric IP ({e})"),
+                )
+            })?);
+        }
+        let (cluster_secret, default_secret) = match cli.cluster_secret.or(file.cluster_secret) {
+            Some(s) if s.is_empty() => return Err(invalid("cluster_secret", "empty secret")),
+            Some(s) => (s, false),
+            None => (DEFAULT_CLUSTER_SECRET.to_string(), true),
+        };
+        let phi_threshold = cli
+            .phi_threshold
+            .or(file.phi_threshold)
+            .unwrap_or(DEFAULT_PHI_THRESHOLD);
+        if !(phi_threshold.is_finite() && (1.0..=50.0).contains(&phi_threshold)) {
+            return Err(invalid(
+                "phi_threshold",
+                format!("{phi_threshold} is outside 1..=50"),
+            ));
         }
         let cluster_name = cli
             .cluster_name
@@ -317,7 +361,11 @@ impl Config {
             node_id,
             listen,
             peer_listen,
+            gossip_listen,
             seeds,
+            cluster_secret,
+            default_secret,
+            phi_threshold,
             cluster_name,
             n,
             r,
@@ -341,8 +389,8 @@ impl Config {
     }
 }
 
-/// File in the data dir holding `client=HOST:PORT` and `peer=HOST:PORT` once the node accepts
-/// connections.
+/// File in the data dir holding `client=HOST:PORT`, `peer=HOST:PORT` and `gossip=HOST:PORT`
+/// once the node accepts connections.
 pub const ADDR_FILE: &str = "ringkv.addr";
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -456,6 +504,44 @@ mod tests {
                     "0",
                 ],
                 "max_in_flight",
+            ),
+            (
+                &["--node-id", "a", "--data-dir", "/x", "--n", "3", "--w", "4"],
+                "invalid w",
+            ),
+            (
+                &["--node-id", "a", "--data-dir", "/x", "--n", "0"],
+                "invalid n",
+            ),
+            (
+                &["--node-id", "a", "--data-dir", "/x", "--seeds", "nohost"],
+                "seeds",
+            ),
+            (
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/x",
+                    "--cluster-name",
+                    "a b",
+                ],
+                "cluster_name",
+            ),
+            (
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/x",
+                    "--phi-threshold",
+                    "0.5",
+                ],
+                "phi_threshold",
+            ),
+            (
+                &["--node-id", "a", "--data-dir", "/x", "--gossip-listen", "x"],
+                "gossip_listen",
             ),
         ];
         for (args, setting) in cases {

@@ -24,6 +24,11 @@ use ringkv_protocol::peer::MemberInfo;
 use std::sync::atomic::AtomicBool;
 
 use crate::config::Config;
+use crate::membership::phi::PhiConfig;
+use crate::membership::swim::{self, SwimConfig};
+
+/// File in the data dir listing the gossip addresses of known members (extra seeds at start).
+pub const KNOWN_PEERS_FILE: &str = "known_peers";
 use crate::membership::Membership;
 use crate::net::client::ClientHandler;
 use crate::net::peer::{PeerHandler, PeerPool};
@@ -118,6 +123,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let peer_addr = peer_listener
         .local_addr()
         .expect("bound listener has an address");
+    let gossip_socket = match tokio::net::UdpSocket::bind(config.gossip_listen).await {
+        Ok(sock) => sock,
+        Err(e) => {
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.close()).await;
+            return Err(ServerError::Listen {
+                node: node_id.clone(),
+                addr: format!("{} (udp)", config.gossip_listen),
+                cause: e.to_string(),
+            });
+        }
+    };
+    let gossip_addr = gossip_socket
+        .local_addr()
+        .expect("bound socket has an address");
+    if config.default_secret {
+        tracing::warn!(
+            node = %node_id,
+            "no --cluster-secret given: gossip is authenticated with the built-in default \
+             secret, which anyone can know; set one for any real deployment"
+        );
+    }
 
     let me = MemberInfo {
         node_id: node_id.clone(),
@@ -127,18 +154,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         generation: node::now_ms(),
     };
     let peers = Arc::new(PeerPool::new(Node::hello(&config, &me)));
-    let membership = Membership::start(
-        me.clone(),
-        config.seeds.clone(),
-        peers.clone(),
-        shutdown.clone(),
-    );
+    // Seeds: the configured ones plus every member this node knew before it stopped.
+    let peers_file = config.data_dir.join(KNOWN_PEERS_FILE);
+    let mut seeds = config.seeds.clone();
+    for p in swim::load_known_peers(&peers_file) {
+        if p != gossip_addr && !seeds.contains(&p) {
+            seeds.push(p);
+        }
+    }
+    let swim = SwimConfig {
+        cluster_name: config.cluster_name.clone(),
+        secret: config.cluster_secret.clone(),
+        seeds,
+        peers_file: Some(peers_file),
+        phi: PhiConfig {
+            threshold: config.phi_threshold,
+            ..PhiConfig::default()
+        },
+        vnodes: config.vnodes,
+    };
+    let membership = Membership::start(me.clone(), gossip_socket, swim, shutdown.clone());
     let node = Arc::new(Node::new(
         config.clone(),
         store.clone(),
         peers,
         membership,
         me,
+        gossip_addr.to_string(),
     ));
 
     let client_cfg = ListenerConfig {
@@ -156,8 +198,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         max_in_flight: crate::net::peer::PEER_PIPELINE_DEPTH,
         ..client_cfg.clone()
     };
-    write_addr_file(&config, client_addr, peer_addr);
-    info!(node = %node_id, client = %client_addr, peer = %peer_addr, cluster = %config.cluster_name,
+    write_addr_file(&config, client_addr, peer_addr, gossip_addr);
+    info!(node = %node_id, client = %client_addr, peer = %peer_addr, gossip = %gossip_addr, cluster = %config.cluster_name,
           seeds = ?config.seeds, n = config.n, r = config.r, w = config.w,
           data_dir = %config.data_dir.display(), sync = %config.sync, "ringkv node ready");
 
@@ -192,11 +234,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     Ok(())
 }
 
-fn write_addr_file(config: &Config, client: std::net::SocketAddr, peer: std::net::SocketAddr) {
+fn write_addr_file(
+    config: &Config,
+    client: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+    gossip: std::net::SocketAddr,
+) {
     // Written to a temp name and renamed, so readers never see a partial file.
     let tmp = config.data_dir.join(".ringkv.addr.tmp");
-    let ok = std::fs::write(&tmp, format!("client={client}\npeer={peer}\n"))
-        .and_then(|()| std::fs::rename(&tmp, config.addr_file()));
+    let ok = std::fs::write(
+        &tmp,
+        format!("client={client}\npeer={peer}\ngossip={gossip}\n"),
+    )
+    .and_then(|()| std::fs::rename(&tmp, config.addr_file()));
     if let Err(e) = ok {
         tracing::warn!(node = %config.node_id, error = %e, "could not write the address file");
     }

@@ -38,6 +38,7 @@ metrics! {
         ping => "requests.ping",
         status => "requests.status",
         ring => "requests.ring",
+        members => "requests.members",
         errors => "requests.errors",
         timeouts => "requests.timeouts",
         unavailable => "requests.unavailable",
@@ -52,7 +53,6 @@ metrics! {
         peer_read_local => "peer.read_local",
         peer_replicate => "peer.replicate",
         peer_forward => "peer.forward",
-        peer_gossip => "peer.gossip",
         peers_refused => "peer.handshakes_refused",
     }
 }

@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::coordinator::{Decision, QuorumError, ReadQuorum, WriteQuorum};
-use crate::membership::{ClusterView, Event, Membership};
+use crate::membership::{ClusterView, Membership};
 use crate::metrics::{inc, Metrics, RequestMetrics};
 use crate::net::peer::{PeerError, PeerPool};
 use crate::ring::NodeId;
@@ -46,6 +46,7 @@ pub struct Node {
     pub peers: Arc<PeerPool>,
     pub membership: Membership,
     pub me: MemberInfo,
+    pub gossip_addr: String,
     started: Instant,
 }
 
@@ -98,6 +99,7 @@ impl Node {
         peers: Arc<PeerPool>,
         membership: Membership,
         me: MemberInfo,
+        gossip_addr: String,
     ) -> Node {
         Node {
             config,
@@ -108,6 +110,7 @@ impl Node {
             peers,
             membership,
             me,
+            gossip_addr,
             started: Instant::now(),
         }
     }
@@ -200,13 +203,6 @@ impl Node {
         (pref, alive)
     }
 
-    fn report_peer_error(&self, node: &NodeId, e: &PeerError) {
-        if e.not_sent() || matches!(e, PeerError::Lost(_)) {
-            self.membership
-                .report(Event::Down(node.clone(), e.to_string()));
-        }
-    }
-
     /// Answers one client request. Never panics on client input.
     pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
         if let Err((kind, msg)) = req.validate() {
@@ -224,6 +220,17 @@ impl Node {
             Request::Ring => {
                 inc(&self.requests.ring);
                 Response::Ring(self.ring_reply())
+            }
+            Request::Members => {
+                inc(&self.requests.members);
+                match self.membership.members().await {
+                    Some(m) => Response::Members(m),
+                    None => self.err(
+                        ErrorKind::Internal,
+                        true,
+                        "the membership task is not running",
+                    ),
+                }
             }
             Request::Get { key, opts } => {
                 inc(&self.requests.get);
@@ -369,11 +376,9 @@ impl Node {
                 }
                 Err(PeerError::Remote(e)) => return Response::Error(e),
                 Err(e) if e.not_sent() => {
-                    self.report_peer_error(target, &e);
                     continue;
                 }
                 Err(e) => {
-                    self.report_peer_error(target, &e);
                     return self.err(
                         ErrorKind::Timeout {
                             acks: 0,
@@ -450,7 +455,6 @@ impl Node {
                     let ok = matches!(result, Ok(PeerResponse::Ack));
                     if let Err(e) = &result {
                         inc(&node.requests.replicate_failed);
-                        node.report_peer_error(&target, e);
                         debug!(node = %node.config.node_id, replica = %target, error = %e, "replicate failed");
                     }
                     if tx.send((target, ok)).await.is_err() && ok {
@@ -620,10 +624,7 @@ impl Node {
                                     KeyState::decode(&b).map_err(|e| e.to_string())
                                 }
                                 Ok(other) => Err(format!("unexpected reply {other:?}")),
-                                Err(e) => {
-                                    node.report_peer_error(&target, &e);
-                                    Err(e.to_string())
-                                }
+                                Err(e) => Err(e.to_string()),
                             }
                         }
                     }
@@ -737,8 +738,6 @@ impl Node {
                   "refused peer {}: {p}", hello.me.node_id);
             return Err(format!("refused peer {}: {p}", hello.me.node_id));
         }
-        self.membership
-            .report(Event::Learned(vec![hello.me.clone()]));
         Ok(self.me.clone())
     }
 
@@ -757,11 +756,6 @@ impl Node {
                 Err(msg) => error(ErrorKind::WrongCluster, msg),
             },
             PeerRequest::Ping => PeerResponse::Pong,
-            PeerRequest::Gossip(members) => {
-                inc(&self.requests.peer_gossip);
-                self.membership.report(Event::Learned(members));
-                PeerResponse::Members(self.view().member_list())
-            }
             PeerRequest::ReadLocal { key, timeout_ms } => {
                 inc(&self.requests.peer_read_local);
                 let limit = Duration::from_millis(timeout_ms as u64);
@@ -864,6 +858,7 @@ impl Node {
             n: self.config.n,
             r: self.config.r,
             w: self.config.w,
+            epoch: view.epoch,
             members,
         }
     }
@@ -917,6 +912,7 @@ impl Node {
                 metrics.push((name.to_string(), v));
             }
         }
+        metrics.extend(self.membership.stats.snapshot());
         let view = self.view();
         metrics.push(("cluster.members".to_string(), view.members.len() as u64));
         metrics.push((
@@ -956,10 +952,16 @@ impl Node {
                         load(&st.batches)
                     ),
                 ),
+                ("gossip_listen".into(), self.gossip_addr.clone()),
+                (
+                    "phi_threshold".into(),
+                    self.config.phi_threshold.to_string(),
+                ),
+                ("ring_epoch".into(), format!("{:016x}", view.epoch)),
                 (
                     "worker.membership".into(),
                     format!(
-                        "running; {} members, {} alive; view version {}",
+                        "running (SWIM/foca + phi); {} members, {} available; view version {}",
                         view.members.len(),
                         view.alive.len() + 1,
                         view.version

@@ -11,15 +11,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `size` nodes `n1..` (temp data dirs), the first as the seed of the others, with
-    /// `extra` flags for every node, and waits until every node sees every member alive.
+    /// Starts `size` nodes `n1..` (temp data dirs), the first as the gossip seed of the others,
+    /// with `extra` flags for every node, and waits until every node sees every member alive.
     pub async fn start(size: usize, extra: &[&str]) -> Cluster {
         let mut nodes: Vec<NodeProcess> = Vec::with_capacity(size);
         for i in 1..=size {
             let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
             if let Some(first) = nodes.first() {
                 args.push("--seeds".into());
-                args.push(first.peer_addr.clone());
+                args.push(first.gossip_addr.clone());
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut node = NodeProcess::new_temp(&format!("n{i}"), &args);
@@ -37,6 +37,17 @@ impl Cluster {
     /// Client addresses of all nodes.
     pub fn addrs(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// Starts one more node `id` that joins through the gossip address of node `seed`.
+    pub fn add_node(&mut self, id: &str, seed: usize, extra: &[&str]) -> &mut NodeProcess {
+        let mut args: Vec<&str> = extra.to_vec();
+        let seed_addr = self.nodes[seed].gossip_addr.clone();
+        args.extend(["--seeds", seed_addr.as_str()]);
+        let mut node = NodeProcess::new_temp(id, &args);
+        node.start().unwrap_or_else(|e| panic!("{e}"));
+        self.nodes.push(node);
+        self.nodes.last_mut().expect("just pushed")
     }
 
     /// A client talking to node `i` only (no failover), for tests that pick the coordinator.

@@ -46,6 +46,8 @@ pub struct NodeProcess {
     pub addr: String,
     /// The peer (inter-node) address the node bound (known once ready).
     pub peer_addr: String,
+    /// The gossip (SWIM, UDP) address the node bound (known once ready).
+    pub gossip_addr: String,
     listen: String,
     extra: Vec<String>,
     child: Option<Child>,
@@ -79,6 +81,7 @@ impl NodeProcess {
             data_dir: data_dir.to_path_buf(),
             addr: String::new(),
             peer_addr: String::new(),
+            gossip_addr: String::new(),
             listen: listen.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -102,11 +105,15 @@ impl NodeProcess {
         } else {
             self.addr.clone()
         };
-        let peer_listen = if self.peer_addr.is_empty() {
-            "127.0.0.1:0".to_string()
-        } else {
-            self.peer_addr.clone()
+        let or_any = |known: &str| {
+            if known.is_empty() {
+                "127.0.0.1:0".to_string()
+            } else {
+                known.to_string()
+            }
         };
+        let peer_listen = or_any(&self.peer_addr);
+        let gossip_listen = or_any(&self.gossip_addr);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -119,6 +126,8 @@ impl NodeProcess {
             .arg(&listen)
             .arg("--peer-listen")
             .arg(&peer_listen)
+            .arg("--gossip-listen")
+            .arg(&gossip_listen)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra)
@@ -136,9 +145,12 @@ impl NodeProcess {
                         .find_map(|l| l.strip_prefix(name))
                         .map(str::to_string)
                 };
-                if let (Some(client), Some(peer)) = (field("client="), field("peer=")) {
+                if let (Some(client), Some(peer), Some(gossip)) =
+                    (field("client="), field("peer="), field("gossip="))
+                {
                     self.addr = client;
                     self.peer_addr = peer;
+                    self.gossip_addr = gossip;
                     return Ok(());
                 }
             }

@@ -83,6 +83,8 @@ enum Cmd {
     Status,
     /// The contacted node's view of the ring: each member's tokens, ownership share, liveness.
     Ring,
+    /// The contacted node's membership: SWIM state, incarnation, phi, last heard.
+    Members,
     /// Round-trip time to a node.
     Ping,
 }
@@ -333,7 +335,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         })
                     })
                     .collect();
-                print_json(&json!({"n": ring.n, "r": ring.r, "w": ring.w, "members": members}));
+                print_json(&json!({
+                    "n": ring.n,
+                    "r": ring.r,
+                    "w": ring.w,
+                    "epoch": format!("{:016x}", ring.epoch),
+                    "members": members,
+                }));
             } else {
                 out(&format!(
                     "{:<16} {:<22} {:<22} {:>6} {:>8}  status",
@@ -350,7 +358,94 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         if m.alive { "up" } else { "down" }
                     ));
                 }
-                out(&format!("N={} R={} W={}", ring.n, ring.r, ring.w));
+                out(&format!(
+                    "N={} R={} W={} epoch={:016x}",
+                    ring.n, ring.r, ring.w, ring.epoch
+                ));
+            }
+            Ok(())
+        }
+        Cmd::Members => {
+            let m = client.members().await?;
+            let swim = |s: u8| match s {
+                0 => "alive",
+                1 => "suspect",
+                _ => "down",
+            };
+            let ring_status = |s: u8| match s {
+                0 => "joining",
+                1 => "normal",
+                2 => "leaving",
+                3 => "removed",
+                _ => "unknown",
+            };
+            let phi = |p: u32| (p != u32::MAX).then(|| p as f64 / 1000.0);
+            let heard = |ms: u64| (ms != u64::MAX).then_some(ms);
+            if cli.json {
+                let members: Vec<Value> = m
+                    .members
+                    .iter()
+                    .map(|x| {
+                        json!({
+                            "node_id": x.node_id,
+                            "self": x.is_self,
+                            "client_addr": x.client_addr,
+                            "peer_addr": x.peer_addr,
+                            "gossip_addr": x.gossip_addr,
+                            "swim_state": swim(x.swim_state),
+                            "incarnation": x.incarnation,
+                            "generation": x.generation,
+                            "phi": phi(x.phi_milli),
+                            "last_heard_ms": heard(x.last_heard_ms),
+                            "ring_status": ring_status(x.ring_status),
+                            "vnodes": x.vnodes,
+                            "available": x.available,
+                        })
+                    })
+                    .collect();
+                print_json(&json!({
+                    "phi_threshold": m.phi_threshold_milli as f64 / 1000.0,
+                    "members": members,
+                }));
+            } else {
+                out(&format!(
+                    "{:<14} {:<8} {:>5} {:>14} {:>7} {:>9} {:<8} {:<22} {:<22} {:<22} routing",
+                    "node",
+                    "swim",
+                    "inc",
+                    "generation",
+                    "phi",
+                    "heard",
+                    "ring",
+                    "client",
+                    "peer",
+                    "gossip"
+                ));
+                for x in &m.members {
+                    let name = if x.is_self {
+                        format!("{}*", x.node_id)
+                    } else {
+                        x.node_id.clone()
+                    };
+                    out(&format!(
+                        "{:<14} {:<8} {:>5} {:>14} {:>7} {:>9} {:<8} {:<22} {:<22} {:<22} {}",
+                        name,
+                        swim(x.swim_state),
+                        x.incarnation,
+                        x.generation,
+                        phi(x.phi_milli).map_or("-".into(), |p| format!("{p:.2}")),
+                        heard(x.last_heard_ms).map_or("never".into(), |ms| format!("{ms}ms")),
+                        ring_status(x.ring_status),
+                        x.client_addr,
+                        x.peer_addr,
+                        x.gossip_addr,
+                        if x.available { "up" } else { "down" },
+                    ));
+                }
+                out(&format!(
+                    "phi threshold {:.1}; * = the node answering",
+                    m.phi_threshold_milli as f64 / 1000.0
+                ));
             }
             Ok(())
         }

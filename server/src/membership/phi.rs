@@ -1,0 +1,253 @@
+//! Phi-accrual failure detector (Hayashibara et al. 2004; the normal model of Akka/Pekko,
+//! used the way Cassandra uses phi: as a per-peer suspicion level). Sans-IO: time is an
+//! argument.
+//!
+//! Per peer, a sliding window of heartbeat inter-arrival times. Given `Δ` since the last
+//! heartbeat, `phi = -log10(1 - F(Δ))` where F is the normal CDF with mean
+//! `mean + acceptable_pause` and deviation `max(stddev, min_std_dev)` (Akka's logistic
+//! approximation of the CDF). With 500 ms heartbeats, a 2 s acceptable pause and the default
+//! threshold 8, a silent peer crosses the threshold after about 3 s.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct PhiConfig {
+    /// Phi above which a peer is treated as unavailable.
+    pub threshold: f64,
+    /// Inter-arrival samples kept per peer.
+    pub window: usize,
+    /// Floor of the standard deviation, so a perfectly regular peer is not convicted by a
+    /// few ms of jitter.
+    pub min_std_dev: Duration,
+    /// Extra silence tolerated on top of the mean interval (GC pauses, scheduling).
+    pub acceptable_pause: Duration,
+    /// The expected heartbeat interval, used to seed a new peer's history.
+    pub expected_interval: Duration,
+}
+
+impl Default for PhiConfig {
+    fn default() -> Self {
+        PhiConfig {
+            threshold: 8.0,
+            window: 1000,
+            min_std_dev: Duration::from_millis(100),
+            acceptable_pause: Duration::from_secs(2),
+            expected_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ArrivalWindow {
+    intervals_ms: VecDeque<f64>,
+    sum: f64,
+    sum_sq: f64,
+    last: Instant,
+}
+
+impl ArrivalWindow {
+    fn new(cfg: &PhiConfig, now: Instant) -> Self {
+        // Seed with mean ± mean/4 so the first real intervals do not look extreme (Akka).
+        let mean = cfg.expected_interval.as_secs_f64() * 1000.0;
+        let mut w = ArrivalWindow {
+            intervals_ms: VecDeque::with_capacity(cfg.window.min(64)),
+            sum: 0.0,
+            sum_sq: 0.0,
+            last: now,
+        };
+        w.push(mean - mean / 4.0, cfg.window);
+        w.push(mean + mean / 4.0, cfg.window);
+        w
+    }
+
+    fn push(&mut self, ms: f64, cap: usize) {
+        if self.intervals_ms.len() >= cap.max(1) {
+            if let Some(old) = self.intervals_ms.pop_front() {
+                self.sum -= old;
+                self.sum_sq -= old * old;
+            }
+        }
+        self.intervals_ms.push_back(ms);
+        self.sum += ms;
+        self.sum_sq += ms * ms;
+    }
+
+    fn mean(&self) -> f64 {
+        self.sum / self.intervals_ms.len() as f64
+    }
+
+    fn std_dev(&self) -> f64 {
+        let n = self.intervals_ms.len() as f64;
+        let mean = self.mean();
+        (self.sum_sq / n - mean * mean).max(0.0).sqrt()
+    }
+}
+
+/// Phi for `elapsed_ms` of silence given the history's mean and deviation.
+pub fn phi(elapsed_ms: f64, mean_ms: f64, std_dev_ms: f64) -> f64 {
+    let y = (elapsed_ms - mean_ms) / std_dev_ms;
+    let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
+    if elapsed_ms > mean_ms {
+        -(e / (1.0 + e)).log10()
+    } else {
+        -(1.0 - 1.0 / (1.0 + e)).log10()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PhiDetector {
+    cfg: PhiConfig,
+    peers: HashMap<String, ArrivalWindow>,
+}
+
+impl PhiDetector {
+    pub fn new(cfg: PhiConfig) -> Self {
+        PhiDetector {
+            cfg,
+            peers: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    /// Records a heartbeat from `peer` at `now`.
+    pub fn heartbeat(&mut self, peer: &str, now: Instant) {
+        match self.peers.get_mut(peer) {
+            None => {
+                self.peers
+                    .insert(peer.to_string(), ArrivalWindow::new(&self.cfg, now));
+            }
+            Some(w) => {
+                let ms = now.saturating_duration_since(w.last).as_secs_f64() * 1000.0;
+                w.last = now;
+                w.push(ms, self.cfg.window);
+            }
+        }
+    }
+
+    /// The peer's current phi; `None` if it never sent a heartbeat.
+    pub fn phi(&self, peer: &str, now: Instant) -> Option<f64> {
+        let w = self.peers.get(peer)?;
+        let elapsed = now.saturating_duration_since(w.last).as_secs_f64() * 1000.0;
+        let mean = w.mean() + self.cfg.acceptable_pause.as_secs_f64() * 1000.0;
+        let std = w.std_dev().max(self.cfg.min_std_dev.as_secs_f64() * 1000.0);
+        Some(phi(elapsed, mean, std))
+    }
+
+    /// True when the peer's phi exceeds the threshold (unknown peers are not suspected).
+    pub fn is_suspected(&self, peer: &str, now: Instant) -> bool {
+        self.phi(peer, now).is_some_and(|p| p > self.cfg.threshold)
+    }
+
+    pub fn last_heartbeat(&self, peer: &str) -> Option<Instant> {
+        self.peers.get(peer).map(|w| w.last)
+    }
+
+    /// Forgets a peer's history (it restarted or left).
+    pub fn remove(&mut self, peer: &str) {
+        self.peers.remove(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A detector that received `count` heartbeats `interval` apart; returns it and the time of
+    /// the last heartbeat.
+    fn trained(cfg: PhiConfig, interval: Duration, count: usize) -> (PhiDetector, Instant) {
+        let mut d = PhiDetector::new(cfg);
+        let mut t = Instant::now();
+        for _ in 0..count {
+            d.heartbeat("p", t);
+            t += interval;
+        }
+        (d, t - interval)
+    }
+
+    #[test]
+    fn unknown_peers_have_no_phi() {
+        let d = PhiDetector::default();
+        assert_eq!(d.phi("nobody", Instant::now()), None);
+        assert!(!d.is_suspected("nobody", Instant::now()));
+    }
+
+    #[test]
+    fn phi_rises_monotonically_with_silence_and_crosses_8_near_3s() {
+        let (d, last) = trained(PhiConfig::default(), ms(500), 100);
+        let mut prev = -1.0;
+        for silence in (0..6000).step_by(100) {
+            let p = d.phi("p", last + ms(silence)).unwrap();
+            assert!(p >= prev, "phi fell from {prev} to {p} at {silence} ms");
+            prev = p;
+        }
+        assert!(
+            d.phi("p", last + ms(500)).unwrap() < 1.0,
+            "a normal interval is not suspicious"
+        );
+        assert!(!d.is_suspected("p", last + ms(2700)));
+        assert!(d.is_suspected("p", last + ms(3300)));
+    }
+
+    #[test]
+    fn phi_adapts_to_the_observed_interval() {
+        let cfg = PhiConfig {
+            acceptable_pause: Duration::ZERO,
+            ..PhiConfig::default()
+        };
+        let (fast, fast_last) = trained(cfg.clone(), ms(100), 200);
+        let (slow, slow_last) = trained(cfg, ms(1000), 200);
+        let silence = ms(1200);
+        let (pf, ps) = (
+            fast.phi("p", fast_last + silence).unwrap(),
+            slow.phi("p", slow_last + silence).unwrap(),
+        );
+        assert!(
+            pf > 8.0,
+            "1.2 s of silence from a 100 ms peer is damning: {pf}"
+        );
+        assert!(ps < 2.0, "1.2 s of silence from a 1 s peer is normal: {ps}");
+    }
+
+    #[test]
+    fn phi_stays_low_under_jitter() {
+        let mut d = PhiDetector::new(PhiConfig::default());
+        let mut t = Instant::now();
+        // Deterministic jitter: intervals cycle through 350..=650 ms.
+        let jitter = [350u64, 650, 420, 580, 500, 390, 610, 470, 530, 450];
+        let mut worst: f64 = 0.0;
+        for i in 0..500 {
+            d.heartbeat("p", t);
+            let next = ms(jitter[i % jitter.len()]);
+            // Just before the next heartbeat arrives, phi is at its highest for this interval.
+            worst = worst.max(d.phi("p", t + next - ms(1)).unwrap());
+            t += next;
+        }
+        assert!(worst < 1.0, "jittery but live peer reached phi {worst}");
+    }
+
+    #[test]
+    fn removing_a_peer_forgets_its_history() {
+        let (mut d, last) = trained(PhiConfig::default(), ms(500), 10);
+        assert!(d.is_suspected("p", last + ms(10_000)));
+        d.remove("p");
+        assert_eq!(d.phi("p", last + ms(10_000)), None);
+    }
+
+    #[test]
+    fn window_is_bounded() {
+        let cfg = PhiConfig {
+            window: 10,
+            ..PhiConfig::default()
+        };
+        let (d, _) = trained(cfg, ms(500), 100);
+        assert_eq!(d.peers["p"].intervals_ms.len(), 10);
+    }
+}

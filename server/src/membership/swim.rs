@@ -1,0 +1,939 @@
+//! SWIM gossip with foca over UDP, authenticated, plus heartbeats for the phi detector and ring
+//! metadata as foca custom broadcasts. One task (the driver) owns the `Foca` instance, the UDP
+//! socket, the timer heap and the phi detector (shared/notes/foca.md §3).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use foca::{
+    AccumulatingRuntime, BroadcastHandler, Foca, Identity, Invalidates, OwnedNotification,
+    PostcardCodec, State, Timer,
+};
+use hmac::{Hmac, Mac};
+use ringkv_protocol::peer::MemberInfo;
+use ringkv_protocol::{MemberStatus, MembersReply};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::phi::{PhiConfig, PhiDetector};
+use super::ClusterView;
+use crate::ring::{NodeId, Ring};
+
+/// A member's identity in SWIM: who it is, where to reach it, and which process generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingId {
+    pub node_id: String,
+    pub gossip: SocketAddr,
+    pub peer: SocketAddr,
+    pub client: SocketAddr,
+    /// Process start time in ms; +1 on every automatic rejoin. A restarted node has a larger
+    /// generation, so its new identity wins over the old one at the same address.
+    pub generation: u64,
+}
+
+impl Identity for RingId {
+    /// Members are keyed by gossip address (so a seed can be announced to by address alone).
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(RingId {
+            generation: self.generation + 1,
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.gossip
+    }
+
+    fn win_addr_conflict(&self, other: &Self) -> bool {
+        (self.generation, &self.node_id) > (other.generation, &other.node_id)
+    }
+}
+
+/// Ring status of a member, disseminated as metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RingStatus {
+    /// Started, not yet in contact with the cluster.
+    Joining,
+    Normal,
+    /// Being decommissioned (set by a future `kvctl leave`).
+    Leaving,
+    /// Out of the ring.
+    Removed,
+}
+
+impl RingStatus {
+    pub fn code(self) -> u8 {
+        match self {
+            RingStatus::Joining => 0,
+            RingStatus::Normal => 1,
+            RingStatus::Leaving => 2,
+            RingStatus::Removed => 3,
+        }
+    }
+}
+
+/// A member's ring metadata; the newest `version` per node wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingMeta {
+    pub node_id: String,
+    /// `generation << 20 | counter`: grows across restarts and republications.
+    pub version: u64,
+    pub status: RingStatus,
+    pub vnodes: u32,
+}
+
+pub struct MetaKey {
+    node_id: String,
+    version: u64,
+}
+
+impl Invalidates for MetaKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.node_id == other.node_id && self.version >= other.version
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable ring metadata: {0}")]
+pub struct MetaError(String);
+
+type MetaTable = Arc<Mutex<BTreeMap<String, RingMeta>>>;
+
+/// Keeps the newest metadata per node; tells foca to re-send only news.
+pub struct MetaHandler {
+    table: MetaTable,
+}
+
+impl BroadcastHandler<RingId> for MetaHandler {
+    type Key = MetaKey;
+    type Error = MetaError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&RingId>,
+    ) -> Result<Option<MetaKey>, MetaError> {
+        let meta: RingMeta = postcard::from_bytes(data).map_err(|e| MetaError(e.to_string()))?;
+        let mut table = self.table.lock().expect("meta table lock poisoned");
+        if table
+            .get(&meta.node_id)
+            .is_some_and(|old| old.version >= meta.version)
+        {
+            return Ok(None);
+        }
+        let key = MetaKey {
+            node_id: meta.node_id.clone(),
+            version: meta.version,
+        };
+        table.insert(meta.node_id.clone(), meta);
+        Ok(Some(key))
+    }
+}
+
+/// Gossip counters, shown in `status`.
+#[derive(Debug, Default)]
+pub struct GossipStats {
+    pub packets_in: AtomicU64,
+    pub packets_out: AtomicU64,
+    pub heartbeats_in: AtomicU64,
+    pub rejected_short: AtomicU64,
+    pub rejected_version: AtomicU64,
+    pub rejected_cluster: AtomicU64,
+    pub rejected_mac: AtomicU64,
+    pub rejected_stale: AtomicU64,
+    pub foca_errors: AtomicU64,
+    pub members_down: AtomicU64,
+    pub rejoins: AtomicU64,
+}
+
+impl GossipStats {
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("gossip.packets_in".into(), l(&self.packets_in)),
+            ("gossip.packets_out".into(), l(&self.packets_out)),
+            ("gossip.heartbeats_in".into(), l(&self.heartbeats_in)),
+            ("gossip.rejected_short".into(), l(&self.rejected_short)),
+            ("gossip.rejected_version".into(), l(&self.rejected_version)),
+            ("gossip.rejected_cluster".into(), l(&self.rejected_cluster)),
+            ("gossip.rejected_mac".into(), l(&self.rejected_mac)),
+            ("gossip.rejected_stale".into(), l(&self.rejected_stale)),
+            ("gossip.foca_errors".into(), l(&self.foca_errors)),
+            ("gossip.members_down_events".into(), l(&self.members_down)),
+            ("gossip.rejoins".into(), l(&self.rejoins)),
+        ]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The authentication envelope (notes/foca.md §6):
+// ver u8 | kind u8 | cluster_tag [8] | generation u64 | ts_ms u64 | id_len u8 | node_id | payload | tag [16]
+
+const ENVELOPE_VERSION: u8 = 1;
+const KIND_FOCA: u8 = 1;
+const KIND_HEARTBEAT: u8 = 2;
+const TAG_LEN: usize = 16;
+const FIXED_LEN: usize = 1 + 1 + 8 + 8 + 8 + 1;
+/// Largest datagram we send or accept. foca's own packets are capped below it.
+pub const MAX_DATAGRAM: usize = 1400;
+/// foca's `max_packet_size`: the datagram minus the envelope (64-byte node ids at most).
+const FOCA_MAX_PACKET: usize = MAX_DATAGRAM - FIXED_LEN - 64 - TAG_LEN;
+/// Packets whose timestamp is further than this from our clock are dropped as replays. Wide,
+/// so that moderately skewed clocks do not partition gossip.
+pub const REPLAY_WINDOW_MS: u64 = 120_000;
+
+type HmacSha256 = Hmac<Sha256>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reject {
+    Short,
+    Version,
+    Cluster,
+    Mac,
+    Stale,
+}
+
+struct Envelope {
+    key: [u8; 32],
+    cluster_tag: [u8; 8],
+}
+
+struct Opened<'a> {
+    kind: u8,
+    node_id: &'a str,
+    payload: &'a [u8],
+}
+
+impl Envelope {
+    fn new(cluster: &str, secret: &str) -> Envelope {
+        let mut mac =
+            HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
+        mac.update(b"ringkv/gossip/v1/");
+        mac.update(cluster.as_bytes());
+        let key: [u8; 32] = mac.finalize().into_bytes().into();
+        let digest = Sha256::digest(cluster.as_bytes());
+        let mut cluster_tag = [0u8; 8];
+        cluster_tag.copy_from_slice(&digest[..8]);
+        Envelope { key, cluster_tag }
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length")
+    }
+
+    fn seal(&self, kind: u8, me: &RingId, ts_ms: u64, payload: &[u8]) -> Vec<u8> {
+        let id = me.node_id.as_bytes();
+        let mut out = Vec::with_capacity(FIXED_LEN + id.len() + payload.len() + TAG_LEN);
+        out.push(ENVELOPE_VERSION);
+        out.push(kind);
+        out.extend_from_slice(&self.cluster_tag);
+        out.extend_from_slice(&me.generation.to_be_bytes());
+        out.extend_from_slice(&ts_ms.to_be_bytes());
+        out.push(id.len() as u8);
+        out.extend_from_slice(id);
+        out.extend_from_slice(payload);
+        let mut mac = self.mac();
+        mac.update(&out);
+        let tag = mac.finalize().into_bytes();
+        out.extend_from_slice(&tag[..TAG_LEN]);
+        out
+    }
+
+    fn open<'a>(&self, pkt: &'a [u8], now_ms: u64) -> Result<Opened<'a>, Reject> {
+        if pkt.len() < FIXED_LEN + TAG_LEN {
+            return Err(Reject::Short);
+        }
+        if pkt[0] != ENVELOPE_VERSION {
+            return Err(Reject::Version);
+        }
+        if pkt[2..10] != self.cluster_tag {
+            return Err(Reject::Cluster);
+        }
+        let (body, tag) = pkt.split_at(pkt.len() - TAG_LEN);
+        let mut mac = self.mac();
+        mac.update(body);
+        mac.verify_truncated_left(tag).map_err(|_| Reject::Mac)?;
+        let ts = u64::from_be_bytes(body[18..26].try_into().expect("8-byte slice"));
+        if ts.abs_diff(now_ms) > REPLAY_WINDOW_MS {
+            return Err(Reject::Stale);
+        }
+        let id_len = body[26] as usize;
+        let id = body.get(27..27 + id_len).ok_or(Reject::Short)?;
+        let node_id = std::str::from_utf8(id).map_err(|_| Reject::Short)?;
+        Ok(Opened {
+            kind: pkt[1],
+            node_id,
+            payload: &body[27 + id_len..],
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Settings of the gossip layer.
+#[derive(Debug, Clone)]
+pub struct SwimConfig {
+    pub cluster_name: String,
+    pub secret: String,
+    /// Gossip addresses to announce to until the node is in contact with the cluster.
+    pub seeds: Vec<SocketAddr>,
+    pub phi: PhiConfig,
+    pub vnodes: u32,
+    /// Where the gossip addresses of known members are saved, so a restarted node (even the
+    /// original seed) can find the cluster again without operator action.
+    pub peers_file: Option<std::path::PathBuf>,
+}
+
+/// Reads the saved gossip addresses of known members (missing or unreadable file = none).
+pub fn load_known_peers(path: &std::path::Path) -> Vec<SocketAddr> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Period of heartbeats to every active member (phi samples).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Announce period while not in contact with the cluster (foca never retries an announce).
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(2);
+/// Metadata is re-published this often: dissemination is best effort.
+pub const META_REPUBLISH: Duration = Duration::from_secs(10);
+/// How often liveness (phi) is re-evaluated for routing.
+pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
+
+pub enum Command {
+    Members(oneshot::Sender<MembersReply>),
+}
+
+fn now_ms() -> u64 {
+    crate::node::now_ms()
+}
+
+/// foca's configuration for ringkv (notes/foca.md §4).
+pub fn foca_config() -> foca::Config {
+    let mut c = foca::Config::new_lan(NonZeroU32::new(8).expect("non-zero"));
+    // The LAN preset gives small clusters 1–3 transmissions, which loses updates.
+    c.max_transmissions = NonZeroU8::new(6).expect("non-zero");
+    c.max_packet_size = NonZeroUsize::new(FOCA_MAX_PACKET).expect("non-zero");
+    // Never forget an address: safe with generations, and avoids resurrecting stale members.
+    c.remove_down_after = None;
+    c
+}
+
+type FocaInstance = Foca<RingId, PostcardCodec, rand::rngs::StdRng, MetaHandler>;
+
+pub struct Driver {
+    foca: FocaInstance,
+    rt: AccumulatingRuntime<RingId>,
+    socket: Arc<UdpSocket>,
+    envelope: Envelope,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_events: HashMap<u64, Timer<RingId>>,
+    timer_seq: u64,
+    phi: PhiDetector,
+    last_heard: HashMap<String, Instant>,
+    meta: MetaTable,
+    my_meta: RingMeta,
+    meta_counter: u64,
+    active: bool,
+    seeds: Vec<SocketAddr>,
+    view: watch::Sender<Arc<ClusterView>>,
+    stats: Arc<GossipStats>,
+    me: RingId,
+    last_reject_log: HashMap<&'static str, Instant>,
+    peers_file: Option<std::path::PathBuf>,
+    saved_peers: Vec<SocketAddr>,
+}
+
+impl Driver {
+    pub fn new(
+        me: RingId,
+        cfg: SwimConfig,
+        socket: UdpSocket,
+        view: watch::Sender<Arc<ClusterView>>,
+        stats: Arc<GossipStats>,
+    ) -> Driver {
+        let meta: MetaTable = Arc::new(Mutex::new(BTreeMap::new()));
+        let foca = Foca::with_custom_broadcast(
+            me.clone(),
+            foca_config(),
+            rand::make_rng::<rand::rngs::StdRng>(),
+            PostcardCodec,
+            MetaHandler {
+                table: meta.clone(),
+            },
+        );
+        let my_meta = RingMeta {
+            node_id: me.node_id.clone(),
+            version: me.generation << 20,
+            status: RingStatus::Joining,
+            vnodes: cfg.vnodes,
+        };
+        Driver {
+            foca,
+            rt: AccumulatingRuntime::new(),
+            socket: Arc::new(socket),
+            envelope: Envelope::new(&cfg.cluster_name, &cfg.secret),
+            timers: BinaryHeap::new(),
+            timer_events: HashMap::new(),
+            timer_seq: 0,
+            phi: PhiDetector::new(cfg.phi),
+            last_heard: HashMap::new(),
+            meta,
+            my_meta,
+            meta_counter: 0,
+            active: false,
+            seeds: cfg.seeds,
+            view,
+            stats,
+            me,
+            last_reject_log: HashMap::new(),
+            peers_file: cfg.peers_file,
+            saved_peers: Vec::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        self.publish_meta(RingStatus::Joining);
+        self.announce_to_seeds();
+        self.drain();
+        self.publish_view();
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let mut announce = tokio::time::interval(ANNOUNCE_INTERVAL);
+        let mut republish = tokio::time::interval(META_REPUBLISH);
+        let mut refresh = tokio::time::interval(VIEW_REFRESH);
+        for t in [&mut heartbeat, &mut announce, &mut republish, &mut refresh] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let far = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let next_timer = self
+                .timers
+                .peek()
+                .map(|Reverse((at, _))| *at)
+                .unwrap_or(far);
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Tell the cluster we are leaving, so peers do not wait for probes to fail.
+                    if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
+                        debug!(node = %self.me.node_id, error = %e, "leave_cluster");
+                    }
+                    self.drain();
+                    return;
+                }
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((len, from)) => self.on_packet(&buf[..len], from),
+                    Err(e) => debug!(node = %self.me.node_id, error = %e, "gossip recv failed"),
+                },
+                _ = tokio::time::sleep_until(next_timer) => self.fire_timers(),
+                _ = heartbeat.tick() => self.send_heartbeats(),
+                _ = announce.tick(), if !self.active => self.announce_to_seeds(),
+                _ = republish.tick() => {
+                    let status = if self.active { RingStatus::Normal } else { self.my_meta.status };
+                    self.publish_meta(status);
+                }
+                _ = refresh.tick() => self.publish_view(),
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Members(reply) => { let _ = reply.send(self.members_reply()); }
+                },
+            }
+            self.drain();
+        }
+    }
+
+    fn send(&self, kind: u8, to: SocketAddr, payload: &[u8]) {
+        let pkt = self.envelope.seal(kind, &self.me, now_ms(), payload);
+        // Gossip is best effort: a full socket buffer drops the packet (SWIM tolerates loss).
+        if self.socket.try_send_to(&pkt, to).is_ok() {
+            self.stats.packets_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn reject(&mut self, why: Reject, from: SocketAddr) {
+        let (counter, name) = match why {
+            Reject::Short => (&self.stats.rejected_short, "truncated or malformed"),
+            Reject::Version => (&self.stats.rejected_version, "unknown envelope version"),
+            Reject::Cluster => (&self.stats.rejected_cluster, "another cluster name"),
+            Reject::Mac => (
+                &self.stats.rejected_mac,
+                "bad authentication tag (wrong secret?)",
+            ),
+            Reject::Stale => (
+                &self.stats.rejected_stale,
+                "timestamp outside the replay window",
+            ),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        // One line per reason per 10 s: a misconfigured node must not flood the log.
+        let now = Instant::now();
+        let due = self
+            .last_reject_log
+            .get(name)
+            .is_none_or(|t| now.duration_since(*t) > Duration::from_secs(10));
+        if due {
+            self.last_reject_log.insert(name, now);
+            warn!(node = %self.me.node_id, %from, reason = name, "rejected gossip packet");
+        }
+    }
+
+    fn on_packet(&mut self, pkt: &[u8], from: SocketAddr) {
+        if pkt.len() > MAX_DATAGRAM {
+            return self.reject(Reject::Short, from);
+        }
+        let (kind, node_id, payload) = match self.envelope.open(pkt, now_ms()) {
+            Ok(o) => (o.kind, o.node_id.to_string(), o.payload.to_vec()),
+            Err(why) => return self.reject(why, from),
+        };
+        self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        self.last_heard.insert(node_id.clone(), now);
+        match kind {
+            KIND_HEARTBEAT => {
+                self.stats.heartbeats_in.fetch_add(1, Ordering::Relaxed);
+                self.phi.heartbeat(&node_id, now.into_std());
+            }
+            KIND_FOCA => {
+                if let Err(e) = self.foca.handle_data(&payload, &mut self.rt) {
+                    self.stats.foca_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(node = %self.me.node_id, %from, error = %e, "foca rejected a packet");
+                }
+            }
+            other => {
+                debug!(node = %self.me.node_id, %from, kind = other, "unknown gossip packet kind")
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        // All due timers, earliest first (foca relies on their order, notes §8).
+        let mut due = Vec::new();
+        while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(t) = self.timer_events.remove(&seq) {
+                due.push(t);
+            }
+        }
+        for timer in due {
+            if let Err(e) = self.foca.handle_timer(timer, &mut self.rt) {
+                self.stats.foca_errors.fetch_add(1, Ordering::Relaxed);
+                debug!(node = %self.me.node_id, error = %e, "foca timer");
+            }
+        }
+    }
+
+    fn send_heartbeats(&mut self) {
+        let targets: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().gossip).collect();
+        for to in targets {
+            self.send(KIND_HEARTBEAT, to, &[]);
+        }
+    }
+
+    fn announce_to_seeds(&mut self) {
+        for seed in self.seeds.clone() {
+            if seed == self.me.gossip {
+                continue;
+            }
+            // A placeholder identity: foca only needs the seed's address to reach it.
+            let dst = RingId {
+                node_id: String::new(),
+                gossip: seed,
+                peer: seed,
+                client: seed,
+                generation: 0,
+            };
+            if let Err(e) = self.foca.announce(dst, &mut self.rt) {
+                debug!(node = %self.me.node_id, %seed, error = %e, "announce failed");
+            }
+        }
+    }
+
+    fn publish_meta(&mut self, status: RingStatus) {
+        self.meta_counter += 1;
+        self.my_meta.status = status;
+        self.my_meta.version = (self.me.generation << 20) | (self.meta_counter & 0xF_FFFF);
+        let bytes = postcard::to_allocvec(&self.my_meta).expect("ring metadata serializes");
+        if let Err(e) = self.foca.add_broadcast(&bytes) {
+            error!(node = %self.me.node_id, error = %e, "could not broadcast ring metadata");
+        }
+    }
+
+    /// Moves foca's outputs out: packets to the socket, timers to the heap, notifications to
+    /// the view and the phi detector.
+    fn drain(&mut self) {
+        let mut changed = false;
+        loop {
+            let mut progressed = false;
+            while let Some((dst, data)) = self.rt.to_send() {
+                progressed = true;
+                self.send(KIND_FOCA, dst.gossip, &data);
+            }
+            while let Some((after, timer)) = self.rt.to_schedule() {
+                progressed = true;
+                self.timer_seq += 1;
+                self.timers
+                    .push(Reverse((Instant::now() + after, self.timer_seq)));
+                self.timer_events.insert(self.timer_seq, timer);
+            }
+            while let Some(n) = self.rt.to_notify() {
+                progressed = true;
+                changed = true;
+                self.on_notification(n);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if changed {
+            self.publish_view();
+        }
+    }
+
+    fn on_notification(&mut self, n: OwnedNotification<RingId>) {
+        let me = self.me.node_id.clone();
+        match n {
+            OwnedNotification::MemberUp(id) => {
+                info!(node = %me, member = %id.node_id, generation = id.generation, gossip = %id.gossip, "member up")
+            }
+            OwnedNotification::MemberDown(id) => {
+                self.stats.members_down.fetch_add(1, Ordering::Relaxed);
+                self.phi.remove(&id.node_id);
+                warn!(node = %me, member = %id.node_id, generation = id.generation, "member down (SWIM)");
+            }
+            OwnedNotification::Rename(old, new) => {
+                // A restart: the old process's history says nothing about the new one.
+                self.phi.remove(&old.node_id);
+                info!(node = %me, member = %new.node_id, old_generation = old.generation,
+                      generation = new.generation, "member restarted (new identity)");
+            }
+            OwnedNotification::Active => {
+                info!(node = %me, "in contact with the cluster");
+                self.active = true;
+                if self.my_meta.status == RingStatus::Joining {
+                    self.publish_meta(RingStatus::Normal);
+                }
+            }
+            OwnedNotification::Idle => {
+                warn!(node = %me, "no active members left; announcing to seeds again");
+                self.active = false;
+            }
+            OwnedNotification::Defunct => {
+                warn!(node = %me, "declared down by the cluster; rejoining");
+                self.active = false;
+            }
+            OwnedNotification::Rejoin(new) => {
+                self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+                info!(node = %me, generation = new.generation, "rejoined the cluster with a new identity");
+                self.me = new;
+            }
+        }
+    }
+
+    /// The newest identity and state per node id (foca keys members by address).
+    fn latest_members(&self) -> BTreeMap<String, (RingId, State, u16)> {
+        let mut out: BTreeMap<String, (RingId, State, u16)> = BTreeMap::new();
+        for m in self.foca.iter_membership_state() {
+            let id = m.id();
+            if id.node_id.is_empty() || id.node_id == self.me.node_id {
+                continue;
+            }
+            let newer = out
+                .get(&id.node_id)
+                .is_none_or(|(old, _, _)| id.generation > old.generation);
+            if newer {
+                out.insert(id.node_id.clone(), (id.clone(), m.state(), m.incarnation()));
+            }
+        }
+        out
+    }
+
+    fn member_info(&self, id: &RingId, vnodes: u32) -> MemberInfo {
+        MemberInfo {
+            node_id: id.node_id.clone(),
+            client_addr: id.client.to_string(),
+            peer_addr: id.peer.to_string(),
+            vnodes,
+            generation: id.generation,
+        }
+    }
+
+    fn is_available(&self, node_id: &str, state: State, now: std::time::Instant) -> bool {
+        state != State::Down && !self.phi.is_suspected(node_id, now)
+    }
+
+    /// Rebuilds the cluster view and publishes it if anything routing-relevant changed.
+    fn publish_view(&mut self) {
+        let now = std::time::Instant::now();
+        let meta = self.meta.lock().expect("meta table lock poisoned").clone();
+        let mut members = BTreeMap::new();
+        let mut alive = std::collections::BTreeSet::new();
+        let mut ring_members: Vec<(String, u32, u8)> = Vec::new();
+        let me: NodeId = self.me.node_id.as_str().into();
+        members.insert(me.clone(), self.member_info(&self.me, self.my_meta.vnodes));
+        ring_members.push((
+            self.me.node_id.clone(),
+            self.my_meta.vnodes,
+            self.my_meta.status.code(),
+        ));
+        for (node_id, (id, state, _)) in self.latest_members() {
+            let Some(m) = meta.get(&node_id) else {
+                // No metadata yet: not in the ring until its vnodes are known.
+                continue;
+            };
+            if m.status == RingStatus::Removed {
+                continue;
+            }
+            let nid: NodeId = node_id.as_str().into();
+            if self.is_available(&node_id, state, now) {
+                alive.insert(nid.clone());
+            }
+            members.insert(nid, self.member_info(&id, m.vnodes));
+            ring_members.push((node_id, m.vnodes, m.status.code()));
+        }
+        ring_members.sort();
+        self.save_known_peers();
+        let epoch = ring_epoch(&ring_members);
+        let current = self.view.borrow().clone();
+        if current.members == members && current.alive == alive && current.epoch == epoch {
+            return;
+        }
+        let ring = if current.epoch == epoch && current.ring.nodes().len() == ring_members.len() {
+            current.ring.clone()
+        } else {
+            Ring::new(ring_members.iter().map(|(id, v, _)| (id.as_str(), *v)))
+        };
+        self.view.send_replace(Arc::new(ClusterView {
+            me,
+            members,
+            ring,
+            alive,
+            version: current.version + 1,
+            epoch,
+        }));
+    }
+
+    /// Saves the gossip addresses of known members when they change (best effort).
+    fn save_known_peers(&mut self) {
+        let Some(path) = &self.peers_file else {
+            return;
+        };
+        let mut peers: Vec<SocketAddr> = self
+            .latest_members()
+            .values()
+            .map(|(id, _, _)| id.gossip)
+            .collect();
+        peers.sort();
+        if peers == self.saved_peers {
+            return;
+        }
+        let text: String = peers.iter().map(|p| format!("{p}\n")).collect();
+        let tmp = path.with_extension("tmp");
+        match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            Ok(()) => self.saved_peers = peers,
+            Err(e) => warn!(node = %self.me.node_id, error = %e, "could not save known peers"),
+        }
+    }
+
+    fn members_reply(&self) -> MembersReply {
+        let now = Instant::now();
+        let meta = self.meta.lock().expect("meta table lock poisoned").clone();
+        let view = self.view.borrow().clone();
+        let status_of = |node: &str| meta.get(node).map(|m| (m.status.code(), m.vnodes));
+        let mut members = vec![MemberStatus {
+            node_id: self.me.node_id.clone(),
+            client_addr: self.me.client.to_string(),
+            peer_addr: self.me.peer.to_string(),
+            gossip_addr: self.me.gossip.to_string(),
+            swim_state: 0,
+            incarnation: 0,
+            generation: self.me.generation,
+            phi_milli: 0,
+            last_heard_ms: 0,
+            ring_status: self.my_meta.status.code(),
+            vnodes: self.my_meta.vnodes,
+            available: true,
+            is_self: true,
+        }];
+        for (node_id, (id, state, incarnation)) in self.latest_members() {
+            let (ring_status, vnodes) = status_of(&node_id).unwrap_or((255, 0));
+            let phi = self.phi.phi(&node_id, now.into_std());
+            members.push(MemberStatus {
+                client_addr: id.client.to_string(),
+                peer_addr: id.peer.to_string(),
+                gossip_addr: id.gossip.to_string(),
+                swim_state: match state {
+                    State::Alive => 0,
+                    State::Suspect => 1,
+                    State::Down => 2,
+                },
+                incarnation: incarnation as u32,
+                generation: id.generation,
+                phi_milli: phi.map_or(u32::MAX, |p| {
+                    (p * 1000.0).clamp(0.0, (u32::MAX - 1) as f64) as u32
+                }),
+                last_heard_ms: self
+                    .last_heard
+                    .get(&node_id)
+                    .map_or(u64::MAX, |t| now.duration_since(*t).as_millis() as u64),
+                ring_status,
+                vnodes,
+                available: view.alive.contains(node_id.as_str()),
+                is_self: false,
+                node_id,
+            });
+        }
+        MembersReply {
+            phi_threshold_milli: (self.phi.config().threshold * 1000.0) as u32,
+            members,
+        }
+    }
+}
+
+/// A fingerprint of the ring's inputs: equal on nodes that agree on members, vnodes, statuses.
+pub fn ring_epoch(sorted_members: &[(String, u32, u8)]) -> u64 {
+    let mut bytes = Vec::new();
+    for (id, vnodes, status) in sorted_members {
+        bytes.extend_from_slice(id.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(&vnodes.to_be_bytes());
+        bytes.push(*status);
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(name: &str) -> RingId {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        RingId {
+            node_id: name.into(),
+            gossip: a,
+            peer: a,
+            client: a,
+            generation: 7,
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_and_rejects_forgeries() {
+        let env = Envelope::new("prod", "s3cret");
+        let me = id("n1");
+        let now = 1_000_000;
+        let pkt = env.seal(KIND_FOCA, &me, now, b"payload");
+        let o = env.open(&pkt, now).unwrap();
+        assert_eq!(
+            (o.kind, o.node_id, o.payload),
+            (KIND_FOCA, "n1", &b"payload"[..])
+        );
+        // Wrong secret, same cluster: the MAC fails.
+        let other_secret = Envelope::new("prod", "guess");
+        assert_eq!(other_secret.open(&pkt, now).err(), Some(Reject::Mac));
+        // Another cluster name: rejected before the MAC.
+        assert_eq!(
+            Envelope::new("dev", "s3cret").open(&pkt, now).err(),
+            Some(Reject::Cluster)
+        );
+        // Any flipped bit breaks the tag.
+        for i in [1, 12, 30, pkt.len() - 1] {
+            let mut bad = pkt.clone();
+            bad[i] ^= 0x40;
+            assert!(env.open(&bad, now).is_err(), "flip at {i} accepted");
+        }
+        // Replays outside the window.
+        assert_eq!(
+            env.open(&pkt, now + REPLAY_WINDOW_MS + 1).err(),
+            Some(Reject::Stale)
+        );
+        assert_eq!(env.open(&pkt[..10], now).err(), Some(Reject::Short));
+    }
+
+    #[test]
+    fn metadata_handler_keeps_only_news() {
+        let table: MetaTable = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut h = MetaHandler {
+            table: table.clone(),
+        };
+        let m = |v: u64, status| {
+            postcard::to_allocvec(&RingMeta {
+                node_id: "n2".into(),
+                version: v,
+                status,
+                vnodes: 64,
+            })
+            .unwrap()
+        };
+        assert!(h
+            .receive_item(&m(5, RingStatus::Joining), None)
+            .unwrap()
+            .is_some());
+        assert!(
+            h.receive_item(&m(5, RingStatus::Joining), None)
+                .unwrap()
+                .is_none(),
+            "duplicate"
+        );
+        assert!(
+            h.receive_item(&m(4, RingStatus::Normal), None)
+                .unwrap()
+                .is_none(),
+            "stale"
+        );
+        assert!(h
+            .receive_item(&m(6, RingStatus::Normal), None)
+            .unwrap()
+            .is_some());
+        assert_eq!(table.lock().unwrap()["n2"].status, RingStatus::Normal);
+        assert!(h.receive_item(b"\xff\xff", None).is_err());
+        let k = |v| MetaKey {
+            node_id: "n2".into(),
+            version: v,
+        };
+        assert!(k(6).invalidates(&k(5)));
+        assert!(!k(5).invalidates(&k(6)));
+    }
+
+    #[test]
+    fn a_renewed_identity_wins_over_the_old_one() {
+        let old = id("n1");
+        let new = old.renew().unwrap();
+        assert!(new.win_addr_conflict(&old));
+        assert!(!old.win_addr_conflict(&new));
+        assert_eq!(new.addr(), old.addr());
+    }
+
+    #[test]
+    fn epoch_depends_on_members_vnodes_and_status() {
+        let a = vec![("n1".to_string(), 256, 1), ("n2".to_string(), 256, 1)];
+        let mut b = a.clone();
+        assert_eq!(ring_epoch(&a), ring_epoch(&b));
+        b[1].1 = 128;
+        assert_ne!(ring_epoch(&a), ring_epoch(&b));
+        let mut c = a.clone();
+        c[1].2 = 2;
+        assert_ne!(ring_epoch(&a), ring_epoch(&c));
+    }
+
+    #[test]
+    fn foca_packets_fit_in_a_datagram_with_the_envelope() {
+        let c = foca_config();
+        assert!(c.max_packet_size.get() + FIXED_LEN + 64 + TAG_LEN <= MAX_DATAGRAM);
+        assert!(c.max_transmissions.get() >= 6);
+    }
+}
