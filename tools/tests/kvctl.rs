@@ -182,3 +182,52 @@ fn errors_exit_2_and_name_the_node_and_cause() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_commands_ring_members_and_quorum_flags() {
+    let c = ringkv_jepsen::Cluster::start(3, &[]).await;
+    let n1 = &c.nodes[0];
+    let o = kvctl(n1, &["--json", "members"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let m: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let members = m["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for x in members {
+        assert_eq!(x["swim_state"], "alive", "{x}");
+        assert_eq!(x["ring_status"], "normal", "{x}");
+        assert_eq!(x["available"], true, "{x}");
+        assert!(x["generation"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(m["phi_threshold"], 8.0);
+    let text = stdout(&kvctl(n1, &["members"]));
+    assert!(
+        text.contains("n1*") && text.contains("n2") && text.contains("alive"),
+        "{text}"
+    );
+
+    // Every node reports the same ring epoch.
+    let mut epochs = Vec::new();
+    for n in &c.nodes {
+        let r: Value = serde_json::from_str(&stdout(&kvctl(n, &["--json", "ring"]))).unwrap();
+        assert_eq!(r["members"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            (r["n"].as_u64(), r["r"].as_u64(), r["w"].as_u64()),
+            (Some(3), Some(2), Some(2))
+        );
+        epochs.push(r["epoch"].as_str().unwrap().to_string());
+    }
+    assert!(epochs.windows(2).all(|w| w[0] == w[1]), "{epochs:?}");
+
+    assert!(kvctl(n1, &["put", "--w", "3", "k", "v"]).status.success());
+    let o = kvctl(&c.nodes[2], &["get", "--r", "3", "k"]);
+    assert_eq!(stdout(&o), "v\n", "{}", stderr(&o));
+    let o = kvctl(&c.nodes[1], &["get", "--local", "k"]);
+    assert_eq!(stdout(&o), "v\n", "W=3 wrote every replica");
+    let o = kvctl(n1, &["put", "--w", "4", "k", "v"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("W=4 exceeds the replication factor N=3"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,273 @@
+//! Membership and failure detection through real processes: SWIM (foca) + phi.
+
+use std::time::{Duration, Instant};
+
+use ringkv_client::conn::Conn;
+use ringkv_client::{Client, ErrorKind, GetOptions, MemberStatus, PutOptions};
+use ringkv_jepsen::{Cluster, NodeProcess};
+use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
+
+const ALIVE: u8 = 0;
+const SUSPECT: u8 = 1;
+const DOWN: u8 = 2;
+
+async fn member(client: &Client, id: &str) -> Option<MemberStatus> {
+    let m = client.members().await.ok()?;
+    m.members.into_iter().find(|x| x.node_id == id)
+}
+
+async fn quorum_ops_succeed(c: &Cluster, clients: &[usize], round: usize) {
+    for &i in clients {
+        let cl = c.client(i);
+        let key = format!("k-{round}-{i}");
+        cl.put_with(
+            &key,
+            "v",
+            None,
+            PutOptions {
+                w: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("W=2 put through n{} failed: {e}", i + 1));
+        let read = cl
+            .get_with(
+                &key,
+                GetOptions {
+                    r: Some(2),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("R=2 get through n{} failed: {e}", i + 1));
+        assert!(read.is_found(), "{key}");
+    }
+}
+
+/// Default config: phi routes around a silent node after about 3 s; SWIM declares it down
+/// after 5–8 s (probe period 1 s + suspicion 4 s). The bound asserted here is 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_is_marked_down_everywhere_and_quorums_keep_working() {
+    let mut c = Cluster::start(4, &[]).await;
+    c.nodes[3].kill9();
+    let killed = Instant::now();
+    let survivors = [0usize, 1, 2];
+    let mut round = 0;
+    let mut unroutable_at = None;
+    loop {
+        round += 1;
+        quorum_ops_succeed(&c, &survivors, round).await;
+        let mut all_down = true;
+        let mut all_unroutable = true;
+        for &i in &survivors {
+            let m = member(&c.client(i), "n4").await.expect("n4 stays a member");
+            all_down &= m.swim_state == DOWN;
+            all_unroutable &= !m.available;
+        }
+        if all_unroutable && unroutable_at.is_none() {
+            unroutable_at = Some(killed.elapsed());
+        }
+        if all_down {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "n4 not marked down everywhere within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let down_after = killed.elapsed();
+    let unroutable =
+        unroutable_at.expect("routing stops using n4 no later than SWIM declares it down");
+    println!(
+        "n4 unroutable everywhere after {unroutable:?}, SWIM down everywhere after {down_after:?}"
+    );
+    assert!(unroutable <= down_after);
+    // The ring keeps the dead member (routing skips it): ownership does not move on failures.
+    let ring = c.client(0).ring().await.unwrap();
+    assert!(ring.members.iter().any(|m| m.node_id == "n4" && !m.alive));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_node_is_suspected_then_down_and_comes_back_with_a_higher_incarnation() {
+    let c = Cluster::start(3, &[]).await;
+    let observer = c.client(0);
+    let before = member(&observer, "n3").await.unwrap();
+    assert_eq!(before.swim_state, ALIVE);
+    c.nodes[2].send_signal(libc::SIGSTOP);
+    let start = Instant::now();
+    let mut seen_suspect = false;
+    loop {
+        let m = member(&observer, "n3").await.unwrap();
+        seen_suspect |= m.swim_state == SUSPECT;
+        if m.swim_state == DOWN {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "paused n3 never declared down: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen_suspect, "SWIM suspects before declaring down");
+    c.nodes[2].send_signal(libc::SIGCONT);
+    let start = Instant::now();
+    let after = loop {
+        let m = member(&observer, "n3").await.unwrap();
+        if m.swim_state == ALIVE && m.available {
+            break m;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "resumed n3 not alive again: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        (after.generation, after.incarnation) > (before.generation, before.incarnation),
+        "n3 refuted with a higher incarnation/generation: before {before:?}, after {after:?}"
+    );
+    c.wait_converged(Duration::from_secs(20)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_a_wrong_secret_or_cluster_name_never_appear() {
+    let c = Cluster::start(2, &[]).await;
+    let seed = c.nodes[0].gossip_addr.clone();
+    let _wrong_secret = NodeProcess::start_temp(
+        "intruder",
+        &["--seeds", &seed, "--cluster-secret", "guessed"],
+    );
+    let _wrong_cluster =
+        NodeProcess::start_temp("stranger", &["--seeds", &seed, "--cluster-name", "other"]);
+    let a = c.client(0);
+    let start = Instant::now();
+    loop {
+        let s = a.status().await.unwrap();
+        let get = |name: &str| s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1);
+        if get("gossip.rejected_mac") > 0 && get("gossip.rejected_cluster") > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "strangers' packets were not rejected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c.nodes[0].log_tail(300).contains("rejected gossip packet"));
+    // Several more gossip rounds: they never become members anywhere.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..2 {
+        let m = c.client(i).members().await.unwrap();
+        let ids: Vec<&str> = m.members.iter().map(|x| x.node_id.as_str()).collect();
+        assert_eq!(ids.len(), 2, "n{} sees {ids:?}", i + 1);
+        assert!(
+            !ids.contains(&"intruder") && !ids.contains(&"stranger"),
+            "{ids:?}"
+        );
+    }
+    let lonely = Client::new([_wrong_secret.addr.clone()], Default::default()).unwrap();
+    assert_eq!(lonely.members().await.unwrap().members.len(), 1);
+}
+
+/// The inter-node RPC handshake refuses peers of another cluster (defence in depth behind the
+/// gossip envelope), with a clear log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_handshake_with_another_cluster_name_is_refused() {
+    let c = Cluster::start(1, &["--n", "1"]).await;
+    let conn = Conn::connect(&c.nodes[0].peer_addr, Duration::from_secs(2), 16)
+        .await
+        .unwrap();
+    let hello = PeerRequest::Hello(Hello {
+        cluster: "other".into(),
+        n: 1,
+        me: MemberInfo {
+            node_id: "intruder".into(),
+            client_addr: "127.0.0.1:1".into(),
+            peer_addr: "127.0.0.1:2".into(),
+            vnodes: 1,
+            generation: 1,
+        },
+    });
+    let frame = conn.call(hello.to_frame(1)).await.unwrap();
+    match PeerResponse::decode(frame.opcode, frame.body).unwrap() {
+        PeerResponse::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::WrongCluster);
+            assert!(
+                e.message
+                    .contains("cluster name \"other\" differs from ours \"ringkv\""),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.nodes[0].log_tail(50).contains("refused peer intruder"));
+    // The node closed the connection after refusing.
+    let ping = conn.call(PeerRequest::Ping.to_frame(2)).await;
+    assert!(
+        ping.is_err(),
+        "connection must be closed after a refused handshake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_nodes_rejoin_without_operator_action() {
+    let mut c = Cluster::start(3, &[]).await;
+    let before = member(&c.client(0), "n2").await.unwrap();
+    c.nodes[1].stop().unwrap();
+    c.nodes[1].start().unwrap();
+    c.wait_converged(Duration::from_secs(20)).await.unwrap();
+    let after = member(&c.client(0), "n2").await.unwrap();
+    assert!(
+        after.generation > before.generation,
+        "{before:?} -> {after:?}"
+    );
+    // Even the original seed (started without --seeds) finds the cluster again after kill -9.
+    c.nodes[0].kill9();
+    c.wait_members(
+        |n| n.child_running(),
+        |n| n.child_running(),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    c.nodes[0].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    quorum_ops_succeed(&c, &[0, 1, 2], 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_joins_through_any_member_and_all_rings_agree() {
+    let mut c = Cluster::start(3, &[]).await;
+    quorum_ops_succeed(&c, &[0, 1, 2], 0).await;
+    c.add_node("n4", 2, &[]);
+    quorum_ops_succeed(&c, &[0, 1, 2], 1).await;
+    c.wait_converged(Duration::from_secs(20)).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let mut epochs = Vec::new();
+        for i in 0..4 {
+            let ring = c.client(i).ring().await.unwrap();
+            epochs.push((ring.epoch, ring.members.len()));
+        }
+        if epochs.iter().all(|e| *e == epochs[0]) && epochs[0].1 == 4 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "rings differ: {epochs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..4 {
+        let m = c.client(i).members().await.unwrap();
+        assert_eq!(m.members.len(), 4);
+        assert!(
+            m.members.iter().all(|x| x.ring_status == 1),
+            "all normal: {m:?}"
+        );
+    }
+    quorum_ops_succeed(&c, &[0, 1, 2, 3], 2).await;
+}
