@@ -11,7 +11,9 @@ use futures::{SinkExt, StreamExt};
 use ringkv_protocol::limits::{MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN};
 use ringkv_protocol::{Frame, FrameCodec, Inbound, Rejection, Response};
 
-use tokio::net::TcpStream;
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -38,7 +40,36 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(addr: &str, timeout: Duration, depth: usize) -> Result<Conn, String> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        Conn::connect_from(addr, None, timeout, depth).await
+    }
+
+    /// Like `connect`, with the local side bound to `local` (port chosen by the kernel), so the
+    /// connection's source address is that IP (nodes use their peer IP; without binding, any
+    /// loopback destination gets source 127.0.0.1).
+    pub async fn connect_from(
+        addr: &str,
+        local: Option<IpAddr>,
+        timeout: Duration,
+        depth: usize,
+    ) -> Result<Conn, String> {
+        let connect = async {
+            match local {
+                None => TcpStream::connect(addr).await,
+                Some(ip) => {
+                    let target = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                    })?;
+                    let socket = if target.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                    socket.connect(target).await
+                }
+            }
+        };
+        let stream = tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| format!("connect timed out after {timeout:?}"))?
             .map_err(|e| e.to_string())?;

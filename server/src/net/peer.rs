@@ -55,14 +55,24 @@ struct Slot {
 
 pub struct PeerPool {
     hello: Hello,
+    /// Source IP of outgoing connections: this node's peer listen IP (unless unspecified).
+    local_ip: Option<std::net::IpAddr>,
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     next_id: AtomicU64,
 }
 
 impl PeerPool {
     pub fn new(hello: Hello) -> PeerPool {
+        let local_ip = hello
+            .me
+            .peer_addr
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
         PeerPool {
             hello,
+            local_ip,
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
@@ -111,7 +121,8 @@ impl PeerPool {
     }
 
     async fn connect(&self, addr: &str) -> Result<Conn, String> {
-        let conn = Conn::connect(addr, CONNECT_TIMEOUT, PEER_PIPELINE_DEPTH).await?;
+        let conn =
+            Conn::connect_from(addr, self.local_ip, CONNECT_TIMEOUT, PEER_PIPELINE_DEPTH).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let hello = PeerRequest::Hello(self.hello.clone()).to_frame(id);
         let frame = tokio::time::timeout(CONNECT_TIMEOUT, conn.call(hello))

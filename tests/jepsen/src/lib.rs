@@ -2,7 +2,9 @@
 //! histories and checkers (see docs/jepsen.md). The process layer is also what every
 //! integration test uses to run real server binaries.
 
+pub mod checker;
 pub mod cluster;
+pub mod history;
 pub mod process;
 
 pub use cluster::Cluster;

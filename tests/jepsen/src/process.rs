@@ -49,7 +49,10 @@ pub struct NodeProcess {
     /// The gossip (SWIM, UDP) address the node bound (known once ready).
     pub gossip_addr: String,
     listen: String,
+    /// IP for the peer and gossip listeners when their ports are not known yet.
+    ip: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -83,7 +86,12 @@ impl NodeProcess {
             peer_addr: String::new(),
             gossip_addr: String::new(),
             listen: listen.to_string(),
+            ip: listen
+                .rsplit_once(':')
+                .map_or("127.0.0.1", |(ip, _)| ip)
+                .to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
             log: data_dir.join("node.log"),
             _temp: None,
@@ -107,7 +115,7 @@ impl NodeProcess {
         };
         let or_any = |known: &str| {
             if known.is_empty() {
-                "127.0.0.1:0".to_string()
+                format!("{}:0", self.ip)
             } else {
                 known.to_string()
             }
@@ -131,6 +139,7 @@ impl NodeProcess {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -175,6 +184,12 @@ impl NodeProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sets an environment variable for the node's process (from its next start on).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -1,0 +1,691 @@
+//! Checkers: pure functions from a history (and replica snapshots) to verdicts
+//! (shared/notes/jepsen.md §2). Every value written is unique, so lost writes, phantoms and
+//! duplicates are set arithmetic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::history::{Op, OpType};
+
+/// Process name of the harness's final quiescent reads.
+pub const FINAL: &str = "final";
+/// Process name of the nemesis.
+pub const NEMESIS: &str = "nemesis";
+/// Prefix of tombstone ids (`tomb:<actor hex>:<counter>`): a delete has no value, so its
+/// tombstone is named by the dot the delete minted.
+pub const TOMB: &str = "tomb:";
+
+/// An invocation and its completion.
+#[derive(Debug, Clone)]
+pub struct Completed<'a> {
+    pub invoke: &'a Op,
+    pub done: &'a Op,
+}
+
+/// Pairs each client invoke with the next completion of the same process. Invokes without a
+/// completion (the harness died) are treated as `info`.
+pub fn pair(history: &[Op]) -> (Vec<Completed<'_>>, Vec<&Op>) {
+    let mut open: HashMap<&str, &Op> = HashMap::new();
+    let mut out = Vec::new();
+    for op in history {
+        if op.p == NEMESIS {
+            continue;
+        }
+        match op.kind {
+            OpType::Invoke => {
+                open.insert(op.p.as_str(), op);
+            }
+            _ => {
+                if let Some(inv) = open.remove(op.p.as_str()) {
+                    out.push(Completed {
+                        invoke: inv,
+                        done: op,
+                    });
+                }
+            }
+        }
+    }
+    let dangling = open.into_values().collect();
+    (out, dangling)
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RegisterReport {
+    pub keys: usize,
+    pub ok_writes: usize,
+    pub info_writes: usize,
+    pub fail_writes: usize,
+    pub ok_reads: usize,
+    /// Acknowledged writes missing from the final state and superseded by no ok/info write.
+    pub lost: Vec<String>,
+    /// Missing, but covered only by writes whose outcome is unknown.
+    pub excused_by_info: usize,
+    /// Writes with an unknown outcome that turned out to be applied.
+    pub recovered: usize,
+    /// Values read (or in the final state) that no write of that key produced.
+    pub phantoms: Vec<String>,
+    /// Values read although their write failed definitely.
+    pub from_failed: Vec<String>,
+    /// Values read before their write was invoked.
+    pub from_future: Vec<String>,
+    /// Values in the final state although an applied write superseded them.
+    pub resurrected: Vec<String>,
+    pub valid: bool,
+}
+
+struct Write {
+    key: String,
+    value: Option<String>,
+    invoke_t: u64,
+    outcome: OpType,
+    covers: BTreeSet<String>,
+}
+
+/// §2a and §2c: no lost acknowledged writes, no phantoms, no resurrections. The final state of
+/// each key is the `ok` get of process `final` (an R=N read after healing and convergence).
+pub fn check_register(history: &[Op]) -> RegisterReport {
+    let (done, dangling) = pair(history);
+    let by_index: HashMap<u64, &Op> = history.iter().map(|o| (o.i, o)).collect();
+    let mut writes: Vec<Write> = Vec::new();
+    let mut reads: Vec<(&Op, &Op)> = Vec::new();
+    let mut finals: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in &done {
+        let key = c.invoke.key.clone().unwrap_or_default();
+        match c.invoke.f.as_str() {
+            "put" | "delete" => {
+                let covers = c
+                    .invoke
+                    .ctx_src
+                    .and_then(|i| by_index.get(&i))
+                    .map(|g| g.value_list().into_iter().collect())
+                    .unwrap_or_default();
+                let value = if c.invoke.f == "put" {
+                    c.invoke.value_str().map(str::to_string)
+                } else {
+                    c.done.value_str().map(str::to_string)
+                };
+                writes.push(Write {
+                    key,
+                    value,
+                    invoke_t: c.invoke.t,
+                    outcome: c.done.kind,
+                    covers,
+                });
+            }
+            "get" if c.done.kind == OpType::Ok => {
+                if c.invoke.p == FINAL {
+                    finals
+                        .entry(key)
+                        .or_default()
+                        .extend(c.done.value_list());
+                } else {
+                    reads.push((c.invoke, c.done));
+                }
+            }
+            _ => {}
+        }
+    }
+    for inv in dangling {
+        if inv.f == "put" {
+            writes.push(Write {
+                key: inv.key.clone().unwrap_or_default(),
+                value: inv.value_str().map(str::to_string),
+                invoke_t: inv.t,
+                outcome: OpType::Info,
+                covers: BTreeSet::new(),
+            });
+        }
+    }
+
+    let mut r = RegisterReport {
+        keys: finals.len(),
+        ok_reads: reads.len(),
+        ..Default::default()
+    };
+    for w in &writes {
+        match w.outcome {
+            OpType::Ok => r.ok_writes += 1,
+            OpType::Fail => r.fail_writes += 1,
+            _ => r.info_writes += 1,
+        }
+    }
+    // value -> (key, write) for lookups.
+    let mut by_value: HashMap<&str, &Write> = HashMap::new();
+    for w in &writes {
+        if let Some(v) = &w.value {
+            by_value.insert(v.as_str(), w);
+        }
+    }
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    for (_, done) in &reads {
+        if let Some(list) = done.value.as_ref().and_then(|v| v.as_array()) {
+            for v in list.iter().filter_map(|v| v.as_str()) {
+                seen.insert(v);
+            }
+        }
+    }
+    let empty = BTreeSet::new();
+    for w in &writes {
+        let Some(v) = &w.value else { continue };
+        let fin = finals.get(&w.key).unwrap_or(&empty);
+        let coverers: Vec<&Write> = writes
+            .iter()
+            .filter(|c| c.key == w.key && c.covers.contains(v))
+            .collect();
+        let applied = |c: &Write| {
+            c.outcome == OpType::Ok
+                || c.value
+                    .as_deref()
+                    .is_some_and(|cv| seen.contains(cv) || finals.get(&c.key).is_some_and(|f| f.contains(cv)))
+        };
+        match w.outcome {
+            OpType::Ok if !fin.contains(v) => {
+                if coverers.iter().any(|c| c.outcome == OpType::Ok) {
+                } else if coverers.iter().any(|c| c.outcome == OpType::Info) {
+                    r.excused_by_info += 1;
+                } else {
+                    r.lost.push(format!("{}: {v}", w.key));
+                }
+            }
+            OpType::Info if fin.contains(v) || seen.contains(v.as_str()) => r.recovered += 1,
+            _ => {}
+        }
+        if fin.contains(v) && coverers.iter().any(|c| applied(c)) {
+            r.resurrected.push(format!("{}: {v}", w.key));
+        }
+    }
+    // Every value read (and every final value) must come from a write of that key.
+    let check_value = |key: &str, v: &str, read_done_t: u64, r: &mut RegisterReport| {
+        if v.starts_with(TOMB) {
+            // Tombstones of deletes with unknown outcome carry no id we could know.
+            return;
+        }
+        match by_value.get(v) {
+            None => r.phantoms.push(format!("{key}: {v}")),
+            Some(w) if w.key != key => r.phantoms.push(format!("{key}: {v} (written under {})", w.key)),
+            Some(w) if w.outcome == OpType::Fail => r.from_failed.push(format!("{key}: {v}")),
+            Some(w) if w.invoke_t > read_done_t => r.from_future.push(format!("{key}: {v}")),
+            Some(_) => {}
+        }
+    };
+    for (inv, done) in &reads {
+        let key = inv.key.clone().unwrap_or_default();
+        for v in done.value_list() {
+            check_value(&key, &v, done.t, &mut r);
+        }
+    }
+    for (key, vals) in &finals {
+        for v in vals {
+            check_value(key, v, u64::MAX, &mut r);
+        }
+    }
+    r.valid = r.lost.is_empty()
+        && r.phantoms.is_empty()
+        && r.from_failed.is_empty()
+        && r.from_future.is_empty()
+        && r.resurrected.is_empty();
+    r
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SetReport {
+    pub ok_adds: usize,
+    pub info_adds: usize,
+    pub fail_adds: usize,
+    pub final_size: usize,
+    /// Acknowledged adds missing from the final set.
+    pub lost: Vec<String>,
+    /// Adds with unknown outcome present in the final set.
+    pub recovered: usize,
+    /// Elements in the final set that were never added.
+    pub unexpected: Vec<String>,
+    /// Elements that failed definitely but appear.
+    pub from_failed: Vec<String>,
+    /// Reads that returned an element twice.
+    pub duplicates: Vec<String>,
+    pub valid: bool,
+}
+
+/// Splits a set sibling value (`e1,e2,...`) into elements.
+pub fn set_elements(sibling: &str) -> Vec<String> {
+    sibling
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The set workload: every acknowledged add is in the final set (the union of the final read's
+/// siblings); nothing appears that was never added; no read holds an element twice.
+pub fn check_set(history: &[Op]) -> SetReport {
+    let (done, dangling) = pair(history);
+    let mut r = SetReport::default();
+    let mut adds: BTreeMap<String, OpType> = BTreeMap::new();
+    let mut finals: BTreeSet<String> = BTreeSet::new();
+    for c in &done {
+        match c.invoke.f.as_str() {
+            "add" => {
+                if let Some(e) = c.invoke.value_str() {
+                    adds.insert(e.to_string(), c.done.kind);
+                }
+            }
+            "read" if c.done.kind == OpType::Ok => {
+                let mut elems = Vec::new();
+                for sib in c.done.value_list() {
+                    elems.extend(set_elements(&sib));
+                }
+                // Within one sibling an element must appear once; across siblings it may
+                // repeat (two concurrent adds both carried it).
+                for sib in c.done.value_list() {
+                    let es = set_elements(&sib);
+                    let uniq: BTreeSet<&String> = es.iter().collect();
+                    if uniq.len() != es.len() {
+                        r.duplicates.push(format!("{}: {sib}", c.invoke.key.clone().unwrap_or_default()));
+                    }
+                }
+                if c.invoke.p == FINAL {
+                    finals.extend(elems);
+                }
+            }
+            _ => {}
+        }
+    }
+    for inv in dangling {
+        if inv.f == "add" {
+            if let Some(e) = inv.value_str() {
+                adds.insert(e.to_string(), OpType::Info);
+            }
+        }
+    }
+    for (e, outcome) in &adds {
+        match outcome {
+            OpType::Ok => {
+                r.ok_adds += 1;
+                if !finals.contains(e) {
+                    r.lost.push(e.clone());
+                }
+            }
+            OpType::Fail => {
+                r.fail_adds += 1;
+                if finals.contains(e) {
+                    r.from_failed.push(e.clone());
+                }
+            }
+            _ => {
+                r.info_adds += 1;
+                if finals.contains(e) {
+                    r.recovered += 1;
+                }
+            }
+        }
+    }
+    r.unexpected = finals
+        .iter()
+        .filter(|e| !adds.contains_key(*e))
+        .cloned()
+        .collect();
+    r.final_size = finals.len();
+    r.valid = r.lost.is_empty()
+        && r.unexpected.is_empty()
+        && r.from_failed.is_empty()
+        && r.duplicates.is_empty();
+    r
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ConvergenceReport {
+    pub keys: usize,
+    pub converged_keys: usize,
+    /// Keys whose replicas differ, with each holder's state.
+    pub divergent: Vec<String>,
+    /// Keys held by a number of nodes other than N.
+    pub wrong_holder_count: Vec<String>,
+    pub converged: bool,
+}
+
+/// §2d: for every key, exactly `n` nodes hold it (when the cluster has at least `n` nodes) and
+/// they hold identical sibling sets. `snapshots[key]` lists `(node, siblings)` where siblings
+/// are canonical strings (dot and value) and empty means "not held".
+pub fn check_convergence(
+    snapshots: &BTreeMap<String, Vec<(String, Vec<String>)>>,
+    n: usize,
+) -> ConvergenceReport {
+    let mut r = ConvergenceReport {
+        keys: snapshots.len(),
+        ..Default::default()
+    };
+    for (key, replicas) in snapshots {
+        let holders: Vec<&(String, Vec<String>)> =
+            replicas.iter().filter(|(_, s)| !s.is_empty()).collect();
+        let want = n.min(replicas.len());
+        let mut ok = true;
+        if holders.len() != want {
+            ok = false;
+            r.wrong_holder_count
+                .push(format!("{key}: held by {} nodes, N={want}", holders.len()));
+        }
+        let mut states: Vec<Vec<String>> = holders
+            .iter()
+            .map(|(_, s)| {
+                let mut s = s.clone();
+                s.sort();
+                s
+            })
+            .collect();
+        states.dedup();
+        if states.len() > 1 {
+            ok = false;
+            let detail: Vec<String> = holders
+                .iter()
+                .map(|(node, s)| format!("{node}={}", s.join("|")))
+                .collect();
+            r.divergent.push(format!("{key}: {}", detail.join(" ")));
+        }
+        if ok {
+            r.converged_keys += 1;
+        }
+    }
+    r.converged = r.converged_keys == r.keys;
+    r
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct WindowStats {
+    pub ok: u64,
+    pub fail: u64,
+    pub info: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct AvailabilityReport {
+    /// Outcome counts by the faults active when the op completed ("healthy" = none).
+    pub windows: BTreeMap<String, WindowStats>,
+    /// Latency of ok ops by function.
+    pub latency: BTreeMap<String, Latency>,
+    /// Nemesis faults started but never healed (the run must always heal).
+    pub unhealed: Vec<String>,
+}
+
+/// Availability per fault window and latency percentiles, straight from the history. Nemesis
+/// ops are `info` ops of process `nemesis` with `value.phase` = "start" or "stop" and
+/// `value.fault` naming the fault instance.
+pub fn availability(history: &[Op]) -> AvailabilityReport {
+    let mut active: BTreeMap<String, String> = BTreeMap::new(); // fault id -> kind
+    let mut r = AvailabilityReport::default();
+    let mut starts: HashMap<&str, u64> = HashMap::new();
+    let mut hists: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    for op in history {
+        if op.p == NEMESIS {
+            let phase = op.value.as_ref().and_then(|v| v.get("phase")).and_then(|p| p.as_str());
+            let fault = op
+                .value
+                .as_ref()
+                .and_then(|v| v.get("fault"))
+                .and_then(|p| p.as_str())
+                .unwrap_or(op.f.as_str())
+                .to_string();
+            match phase {
+                Some("start") => {
+                    active.insert(fault, op.f.clone());
+                }
+                Some("stop") => {
+                    active.remove(&fault);
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if op.p == FINAL {
+            continue;
+        }
+        match op.kind {
+            OpType::Invoke => {
+                starts.insert(op.p.as_str(), op.t);
+            }
+            kind => {
+                let mut kinds: Vec<&str> = active.values().map(String::as_str).collect();
+                kinds.sort();
+                kinds.dedup();
+                let label = if kinds.is_empty() {
+                    "healthy".to_string()
+                } else {
+                    kinds.join("+")
+                };
+                let w = r.windows.entry(label).or_default();
+                match kind {
+                    OpType::Ok => w.ok += 1,
+                    OpType::Fail => w.fail += 1,
+                    _ => w.info += 1,
+                }
+                if kind == OpType::Ok {
+                    if let Some(t0) = starts.get(op.p.as_str()) {
+                        let us = op.t.saturating_sub(*t0) / 1000;
+                        hists
+                            .entry(op.f.clone())
+                            .or_insert_with(|| Histogram::new(3).expect("valid sigfig"))
+                            .saturating_record(us.max(1));
+                    }
+                }
+            }
+        }
+    }
+    r.unhealed = active.keys().cloned().collect();
+    for (f, h) in hists {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        r.latency.insert(
+            f,
+            Latency {
+                count: h.len(),
+                p50_ms: ms(0.5),
+                p95_ms: ms(0.95),
+                p99_ms: ms(0.99),
+                max_ms: h.max() as f64 / 1000.0,
+            },
+        );
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Builds histories by hand: ops get increasing `i` and `t`.
+    struct H(Vec<Op>);
+
+    impl H {
+        fn new() -> H {
+            H(Vec::new())
+        }
+        fn push(&mut self, mut op: Op) -> u64 {
+            op.i = self.0.len() as u64;
+            op.t = op.i * 1000;
+            self.0.push(op);
+            self.0.len() as u64 - 1
+        }
+        fn put(&mut self, p: &str, key: &str, v: &str, ctx_src: Option<u64>, outcome: OpType) {
+            let mut inv = Op::new(p, OpType::Invoke, "put").key(key).value(json!(v));
+            inv.ctx_src = ctx_src;
+            self.push(inv);
+            self.push(Op::new(p, outcome, "put").key(key).value(json!(v)));
+        }
+        fn get(&mut self, p: &str, key: &str, vals: &[&str]) -> u64 {
+            self.push(Op::new(p, OpType::Invoke, "get").key(key));
+            self.push(Op::new(p, OpType::Ok, "get").key(key).value(json!(vals)))
+        }
+    }
+
+    fn valid_history() -> H {
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        h.put("2", "k", "b", None, OpType::Ok);
+        let g = h.get("1", "k", &["a", "b"]);
+        h.put("1", "k", "c", Some(g), OpType::Ok);
+        h.put("2", "k", "d", None, OpType::Fail);
+        h.get("2", "k", &["c"]);
+        h.get(FINAL, "k", &["c"]);
+        h
+    }
+
+    #[test]
+    fn a_valid_register_history_passes() {
+        let r = check_register(&valid_history().0);
+        assert!(r.valid, "{r:?}");
+        assert_eq!((r.ok_writes, r.fail_writes, r.keys), (3, 1, 1));
+    }
+
+    #[test]
+    fn a_lost_write_is_caught() {
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        h.put("2", "k", "b", None, OpType::Ok);
+        h.get(FINAL, "k", &["b"]);
+        let r = check_register(&h.0);
+        assert_eq!(r.lost, vec!["k: a".to_string()]);
+        assert!(!r.valid);
+    }
+
+    #[test]
+    fn a_write_covered_only_by_an_unknown_write_is_excused_and_by_a_failed_one_is_lost() {
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        let g = h.get("2", "k", &["a"]);
+        h.put("2", "k", "b", Some(g), OpType::Info);
+        h.get(FINAL, "k", &["b"]);
+        let r = check_register(&h.0);
+        assert!(r.valid, "{r:?}");
+        assert_eq!((r.excused_by_info, r.recovered), (1, 1));
+
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        let g = h.get("2", "k", &["a"]);
+        h.put("2", "k", "b", Some(g), OpType::Fail);
+        h.get(FINAL, "k", &[]);
+        let r = check_register(&h.0);
+        assert_eq!(r.lost, vec!["k: a".to_string()], "a fail coverer never excuses");
+    }
+
+    #[test]
+    fn phantoms_failed_and_future_values_are_caught() {
+        let mut h = H::new();
+        h.get("3", "k", &["ghost"]);
+        h.put("1", "k", "x", None, OpType::Fail);
+        h.get("3", "k", &["x"]);
+        h.put("1", "other", "y", None, OpType::Ok);
+        h.get("3", "k", &["y"]);
+        let early = h.get("4", "k", &["z"]);
+        let _ = early;
+        h.put("1", "k", "z", None, OpType::Ok);
+        h.get(FINAL, "k", &["z"]);
+        h.get(FINAL, "other", &["y"]);
+        let r = check_register(&h.0);
+        assert_eq!(r.phantoms, vec!["k: ghost".to_string(), "k: y (written under other)".to_string()]);
+        assert_eq!(r.from_failed, vec!["k: x".to_string()]);
+        assert_eq!(r.from_future, vec!["k: z".to_string()]);
+        assert!(!r.valid);
+    }
+
+    #[test]
+    fn a_resurrected_value_is_caught() {
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        let g = h.get("2", "k", &["a"]);
+        h.put("2", "k", "b", Some(g), OpType::Ok);
+        h.get(FINAL, "k", &["a", "b"]);
+        let r = check_register(&h.0);
+        assert_eq!(r.resurrected, vec!["k: a".to_string()]);
+        assert!(!r.valid);
+    }
+
+    #[test]
+    fn set_lost_add_unexpected_and_duplicates_are_caught() {
+        let mut h = H::new();
+        let add = |h: &mut H, p: &str, e: &str, outcome| {
+            h.push(Op::new(p, OpType::Invoke, "add").key("s").value(json!(e)));
+            h.push(Op::new(p, outcome, "add").key("s").value(json!(e)));
+        };
+        add(&mut h, "1", "1", OpType::Ok);
+        add(&mut h, "2", "2", OpType::Ok);
+        add(&mut h, "3", "3", OpType::Info);
+        h.push(Op::new(FINAL, OpType::Invoke, "read").key("s"));
+        h.push(Op::new(FINAL, OpType::Ok, "read").key("s").value(json!(["1,3", "1"])));
+        let r = check_set(&h.0);
+        assert_eq!(r.lost, vec!["2".to_string()]);
+        assert_eq!(r.recovered, 1);
+        assert!(!r.valid);
+
+        let mut h2 = H::new();
+        add(&mut h2, "1", "1", OpType::Ok);
+        h2.push(Op::new(FINAL, OpType::Invoke, "read").key("s"));
+        h2.push(Op::new(FINAL, OpType::Ok, "read").key("s").value(json!(["1,1,9"])));
+        let r = check_set(&h2.0);
+        assert_eq!(r.duplicates.len(), 1);
+        assert_eq!(r.unexpected, vec!["9".to_string()]);
+        assert!(!r.valid);
+
+        let mut ok = H::new();
+        add(&mut ok, "1", "1", OpType::Ok);
+        add(&mut ok, "2", "2", OpType::Ok);
+        ok.push(Op::new(FINAL, OpType::Invoke, "read").key("s"));
+        ok.push(Op::new(FINAL, OpType::Ok, "read").key("s").value(json!(["1,2"])));
+        assert!(check_set(&ok.0).valid);
+    }
+
+    #[test]
+    fn a_divergent_replica_is_caught() {
+        let mut snaps = BTreeMap::new();
+        snaps.insert(
+            "k".to_string(),
+            vec![
+                ("n1".to_string(), vec!["a1=x".to_string()]),
+                ("n2".to_string(), vec!["a1=x".to_string()]),
+                ("n3".to_string(), vec!["a1=x".to_string(), "b1=y".to_string()]),
+                ("n4".to_string(), vec![]),
+            ],
+        );
+        let r = check_convergence(&snaps, 3);
+        assert!(!r.converged);
+        assert_eq!(r.divergent.len(), 1);
+        snaps.get_mut("k").unwrap()[2].1 = vec!["a1=x".to_string()];
+        let r = check_convergence(&snaps, 3);
+        assert!(r.converged, "{r:?}");
+        snaps.get_mut("k").unwrap()[3].1 = vec!["a1=x".to_string()];
+        let r = check_convergence(&snaps, 3);
+        assert_eq!(r.wrong_holder_count.len(), 1, "a fourth holder with N=3");
+    }
+
+    #[test]
+    fn availability_splits_outcomes_by_fault_window_and_reports_unhealed() {
+        let mut h = valid_history();
+        h.push(
+            Op::new(NEMESIS, OpType::Info, "kill")
+                .value(json!({"phase": "start", "fault": "kill-1"})),
+        );
+        h.put("1", "k", "e", None, OpType::Info);
+        h.push(
+            Op::new(NEMESIS, OpType::Info, "kill")
+                .value(json!({"phase": "stop", "fault": "kill-1"})),
+        );
+        h.push(
+            Op::new(NEMESIS, OpType::Info, "pause")
+                .value(json!({"phase": "start", "fault": "pause-2"})),
+        );
+        let a = availability(&h.0);
+        assert_eq!(a.windows["kill"], WindowStats { ok: 0, fail: 0, info: 1 });
+        assert_eq!(a.windows["healthy"].ok, 5);
+        assert_eq!(a.unhealed, vec!["pause-2".to_string()]);
+        assert!(a.latency["put"].count >= 2);
+    }
+}
