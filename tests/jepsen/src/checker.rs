@@ -116,10 +116,7 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
             }
             "get" if c.done.kind == OpType::Ok => {
                 if c.invoke.p == FINAL {
-                    finals
-                        .entry(key)
-                        .or_default()
-                        .extend(c.done.value_list());
+                    finals.entry(key).or_default().extend(c.done.value_list());
                 } else {
                     reads.push((c.invoke, c.done));
                 }
@@ -176,9 +173,9 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
             .collect();
         let applied = |c: &Write| {
             c.outcome == OpType::Ok
-                || c.value
-                    .as_deref()
-                    .is_some_and(|cv| seen.contains(cv) || finals.get(&c.key).is_some_and(|f| f.contains(cv)))
+                || c.value.as_deref().is_some_and(|cv| {
+                    seen.contains(cv) || finals.get(&c.key).is_some_and(|f| f.contains(cv))
+                })
         };
         match w.outcome {
             OpType::Ok if !fin.contains(v) => {
@@ -204,7 +201,9 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
         }
         match by_value.get(v) {
             None => r.phantoms.push(format!("{key}: {v}")),
-            Some(w) if w.key != key => r.phantoms.push(format!("{key}: {v} (written under {})", w.key)),
+            Some(w) if w.key != key => r
+                .phantoms
+                .push(format!("{key}: {v} (written under {})", w.key)),
             Some(w) if w.outcome == OpType::Fail => r.from_failed.push(format!("{key}: {v}")),
             Some(w) if w.invoke_t > read_done_t => r.from_future.push(format!("{key}: {v}")),
             Some(_) => {}
@@ -282,7 +281,10 @@ pub fn check_set(history: &[Op]) -> SetReport {
                     let es = set_elements(&sib);
                     let uniq: BTreeSet<&String> = es.iter().collect();
                     if uniq.len() != es.len() {
-                        r.duplicates.push(format!("{}: {sib}", c.invoke.key.clone().unwrap_or_default()));
+                        r.duplicates.push(format!(
+                            "{}: {sib}",
+                            c.invoke.key.clone().unwrap_or_default()
+                        ));
                     }
                 }
                 if c.invoke.p == FINAL {
@@ -427,7 +429,11 @@ pub fn availability(history: &[Op]) -> AvailabilityReport {
     let mut hists: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
     for op in history {
         if op.p == NEMESIS {
-            let phase = op.value.as_ref().and_then(|v| v.get("phase")).and_then(|p| p.as_str());
+            let phase = op
+                .value
+                .as_ref()
+                .and_then(|v| v.get("phase"))
+                .and_then(|p| p.as_str());
             let fault = op
                 .value
                 .as_ref()
@@ -574,7 +580,11 @@ mod tests {
         h.put("2", "k", "b", Some(g), OpType::Fail);
         h.get(FINAL, "k", &[]);
         let r = check_register(&h.0);
-        assert_eq!(r.lost, vec!["k: a".to_string()], "a fail coverer never excuses");
+        assert_eq!(
+            r.lost,
+            vec!["k: a".to_string()],
+            "a fail coverer never excuses"
+        );
     }
 
     #[test]
@@ -591,7 +601,13 @@ mod tests {
         h.get(FINAL, "k", &["z"]);
         h.get(FINAL, "other", &["y"]);
         let r = check_register(&h.0);
-        assert_eq!(r.phantoms, vec!["k: ghost".to_string(), "k: y (written under other)".to_string()]);
+        assert_eq!(
+            r.phantoms,
+            vec![
+                "k: ghost".to_string(),
+                "k: y (written under other)".to_string()
+            ]
+        );
         assert_eq!(r.from_failed, vec!["k: x".to_string()]);
         assert_eq!(r.from_future, vec!["k: z".to_string()]);
         assert!(!r.valid);
@@ -620,7 +636,11 @@ mod tests {
         add(&mut h, "2", "2", OpType::Ok);
         add(&mut h, "3", "3", OpType::Info);
         h.push(Op::new(FINAL, OpType::Invoke, "read").key("s"));
-        h.push(Op::new(FINAL, OpType::Ok, "read").key("s").value(json!(["1,3", "1"])));
+        h.push(
+            Op::new(FINAL, OpType::Ok, "read")
+                .key("s")
+                .value(json!(["1,3", "1"])),
+        );
         let r = check_set(&h.0);
         assert_eq!(r.lost, vec!["2".to_string()]);
         assert_eq!(r.recovered, 1);
@@ -629,7 +649,11 @@ mod tests {
         let mut h2 = H::new();
         add(&mut h2, "1", "1", OpType::Ok);
         h2.push(Op::new(FINAL, OpType::Invoke, "read").key("s"));
-        h2.push(Op::new(FINAL, OpType::Ok, "read").key("s").value(json!(["1,1,9"])));
+        h2.push(
+            Op::new(FINAL, OpType::Ok, "read")
+                .key("s")
+                .value(json!(["1,1,9"])),
+        );
         let r = check_set(&h2.0);
         assert_eq!(r.duplicates.len(), 1);
         assert_eq!(r.unexpected, vec!["9".to_string()]);
@@ -639,7 +663,11 @@ mod tests {
         add(&mut ok, "1", "1", OpType::Ok);
         add(&mut ok, "2", "2", OpType::Ok);
         ok.push(Op::new(FINAL, OpType::Invoke, "read").key("s"));
-        ok.push(Op::new(FINAL, OpType::Ok, "read").key("s").value(json!(["1,2"])));
+        ok.push(
+            Op::new(FINAL, OpType::Ok, "read")
+                .key("s")
+                .value(json!(["1,2"])),
+        );
         assert!(check_set(&ok.0).valid);
     }
 
@@ -651,7 +679,10 @@ mod tests {
             vec![
                 ("n1".to_string(), vec!["a1=x".to_string()]),
                 ("n2".to_string(), vec!["a1=x".to_string()]),
-                ("n3".to_string(), vec!["a1=x".to_string(), "b1=y".to_string()]),
+                (
+                    "n3".to_string(),
+                    vec!["a1=x".to_string(), "b1=y".to_string()],
+                ),
                 ("n4".to_string(), vec![]),
             ],
         );
@@ -683,7 +714,14 @@ mod tests {
                 .value(json!({"phase": "start", "fault": "pause-2"})),
         );
         let a = availability(&h.0);
-        assert_eq!(a.windows["kill"], WindowStats { ok: 0, fail: 0, info: 1 });
+        assert_eq!(
+            a.windows["kill"],
+            WindowStats {
+                ok: 0,
+                fail: 0,
+                info: 1
+            }
+        );
         assert_eq!(a.windows["healthy"].ok, 5);
         assert_eq!(a.unhealed, vec!["pause-2".to_string()]);
         assert!(a.latency["put"].count >= 2);

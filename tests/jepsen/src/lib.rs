@@ -5,7 +5,9 @@
 pub mod checker;
 pub mod cluster;
 pub mod history;
+pub mod nemesis;
 pub mod process;
+pub mod runner;
 
 pub use cluster::Cluster;
 pub use process::{bin_path, NodeProcess};

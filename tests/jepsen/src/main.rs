@@ -1,0 +1,263 @@
+//! `ringkv-jepsen`: run a consistency test against a real ringkv cluster and check it.
+//!
+//! Exit codes: 0 every check passed, 1 a check failed (see the run folder), 2 the test could not
+//! run (missing prerequisites, a node failed to start).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use clap::Parser;
+use ringkv_jepsen::nemesis::{self, Kind};
+use ringkv_jepsen::runner::{self, RunConfig, Workload};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "ringkv-jepsen",
+    about = "Jepsen-style consistency tests for ringkv: real clusters, faults, histories, checkers",
+    after_help = "Examples:\n  ringkv-jepsen --workload register --nemesis kill,partition --time-limit 60\n  ringkv-jepsen --workload set --nemesis pause --time-limit 30 --seed 7\n  ringkv-jepsen --workload register --nemesis clock,loss --time-limit 120\n  ringkv-jepsen --profile ci      # the short profile make test runs\n  ringkv-jepsen --profile full    # longer combinations (make jepsen)"
+)]
+struct Cli {
+    /// register or set.
+    #[arg(long, default_value = "register")]
+    workload: String,
+    /// Comma-separated faults: kill, pause, partition, clock, loss; or none.
+    #[arg(long, default_value = "kill,partition")]
+    nemesis: String,
+    /// Seconds of traffic (faults included).
+    #[arg(long, default_value_t = 60)]
+    time_limit: u64,
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Concurrent client processes.
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Master seed (default: random, printed and recorded).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Mean fault / heal duration in seconds.
+    #[arg(long, default_value_t = 8)]
+    interval: u64,
+    /// Quiet period after healing, in seconds.
+    #[arg(long, default_value_t = 5)]
+    quiet: u64,
+    /// Ops per second per client process.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Replication factor.
+    #[arg(long, default_value_t = 3)]
+    n: u8,
+    /// Nodes' durability mode (none, group, always).
+    #[arg(long, default_value = "group")]
+    sync: String,
+    /// Parent folder of run folders.
+    #[arg(long, default_value = "jepsen-results")]
+    out: PathBuf,
+    /// A named set of runs: ci (short, for make test) or full.
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+/// Environment variable set when the harness re-executed itself inside its namespace.
+const NETNS_ENV: &str = "RKJ_NETNS";
+
+fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
+    let with = |w: &str, n: &str, t: u64, seed: u64| Cli {
+        workload: w.into(),
+        nemesis: n.into(),
+        time_limit: t,
+        seed: Some(cli.seed.unwrap_or(seed)),
+        profile: None,
+        ..cli.clone()
+    };
+    match cli.profile.as_deref() {
+        None => Ok(vec![cli.clone()]),
+        Some("ci") => Ok(vec![
+            with("register", "kill,partition", 40, 1),
+            with("set", "pause", 25, 2),
+        ]),
+        Some("full") => Ok(vec![
+            with("register", "kill,partition", 120, 11),
+            with("register", "pause,clock", 120, 12),
+            with("register", "partition,loss", 120, 13),
+            with("set", "kill,pause", 90, 14),
+            with("set", "partition,clock", 90, 15),
+            with("register", "none", 60, 16),
+        ]),
+        Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
+    }
+}
+
+fn kinds(spec: &str) -> Result<Vec<Kind>, String> {
+    if spec == "none" || spec.is_empty() {
+        return Ok(Vec::new());
+    }
+    spec.split(',').map(|s| Kind::parse(s.trim())).collect()
+}
+
+fn check_prerequisites(needs_netns: bool, needs_clock: bool) -> Result<(), String> {
+    if needs_netns {
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the partition and loss nemeses need root (ip netns, iptables); run as root or drop them".into());
+        }
+        for tool in ["ip", "iptables"] {
+            let found = Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if !found {
+                return Err(format!(
+                    "{tool} not found: install iproute2 and iptables (make deps does)"
+                ));
+            }
+        }
+    }
+    if needs_clock && !std::path::Path::new(nemesis::LIBFAKETIME).exists() {
+        return Err(format!(
+            "the clock nemesis needs {} (Debian package libfaketime; make deps installs it)",
+            nemesis::LIBFAKETIME
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the harness again inside a fresh network namespace and removes the namespace after.
+fn reexec_in_netns() -> Result<ExitCode, String> {
+    let name = format!("rkj-{}", std::process::id());
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    run(&["netns", "add", &name])?;
+    let result = (|| {
+        run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let status = Command::new("ip")
+            .args(["netns", "exec", &name])
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            .env(NETNS_ENV, &name)
+            .status()
+            .map_err(|e| format!("ip netns exec: {e}"))?;
+        Ok(ExitCode::from(
+            status.code().unwrap_or(2).clamp(0, 255) as u8
+        ))
+    })();
+    let _ = run(&["netns", "del", &name]);
+    result
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runs = match plan(&cli) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ringkv-jepsen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut all_kinds = Vec::new();
+    for r in &runs {
+        match kinds(&r.nemesis) {
+            Ok(k) => all_kinds.extend(k),
+            Err(e) => {
+                eprintln!("ringkv-jepsen: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        if let Err(e) = Workload::parse(&r.workload) {
+            eprintln!("ringkv-jepsen: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let needs_netns = all_kinds.iter().any(|k| k.needs_netns());
+    if let Err(e) = check_prerequisites(needs_netns, all_kinds.contains(&Kind::Clock)) {
+        eprintln!("ringkv-jepsen: missing prerequisite: {e}");
+        return ExitCode::from(2);
+    }
+    let in_netns = std::env::var(NETNS_ENV).is_ok();
+    if needs_netns && !in_netns {
+        return match reexec_in_netns() {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("ringkv-jepsen: cannot set up the network namespace: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut failed = false;
+    for (i, r) in runs.iter().enumerate() {
+        let seed = r.seed.unwrap_or_else(rand::random);
+        let ks = kinds(&r.nemesis).expect("validated above");
+        let out = r.out.join(format!(
+            "{stamp}-{i}-{}-{}",
+            r.workload,
+            r.nemesis.replace(',', "+")
+        ));
+        let cfg = RunConfig {
+            workload: Workload::parse(&r.workload).expect("validated above"),
+            nemeses: ks.iter().map(|k| k.name()).collect(),
+            kinds: ks,
+            time_limit_s: r.time_limit,
+            nodes: r.nodes,
+            concurrency: r.concurrency,
+            seed,
+            out: out.clone(),
+            interval_s: r.interval,
+            quiet_s: r.quiet,
+            rate: r.rate,
+            netns: in_netns,
+            n: r.n,
+            sync: r.sync.clone(),
+        };
+        eprintln!(
+            "[jepsen] run {} of {}: results in {}",
+            i + 1,
+            runs.len(),
+            out.display()
+        );
+        let results = match runtime.block_on(runner::run(cfg)) {
+            Ok(res) => res,
+            Err(e) => {
+                eprintln!(
+                    "ringkv-jepsen: the test could not run: {e} (node logs in {})",
+                    out.display()
+                );
+                return ExitCode::from(2);
+            }
+        };
+        match runner::write_results(&out, &results) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("ringkv-jepsen: cannot write results: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        failed |= !results.valid;
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

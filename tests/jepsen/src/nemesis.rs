@@ -1,0 +1,342 @@
+//! Fault injection: kill -9 / restart, SIGSTOP / SIGCONT, network partitions and packet loss
+//! (iptables inside the harness's own network namespace), clock skew (libfaketime). Every fault
+//! is healed by `heal_all`, which the runner always calls at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rand::rngs::StdRng;
+use rand::RngExt;
+use serde_json::{json, Value};
+
+use crate::process::NodeProcess;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Kill,
+    Pause,
+    Partition,
+    Clock,
+    Loss,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Kill => "kill",
+            Kind::Pause => "pause",
+            Kind::Partition => "partition",
+            Kind::Clock => "clock",
+            Kind::Loss => "loss",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Kind, String> {
+        Ok(match s {
+            "kill" => Kind::Kill,
+            "pause" => Kind::Pause,
+            "partition" => Kind::Partition,
+            "clock" => Kind::Clock,
+            "loss" => Kind::Loss,
+            other => {
+                return Err(format!(
+                "unknown nemesis {other:?}: expected kill, pause, partition, clock, loss or none"
+            ))
+            }
+        })
+    }
+
+    /// Whether the fault needs the network namespace (iptables rules between node addresses).
+    pub fn needs_netns(self) -> bool {
+        matches!(self, Kind::Partition | Kind::Loss)
+    }
+}
+
+/// The thread-safe libfaketime build (Debian's `libfaketime` package).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+/// Largest clock offset applied, in seconds: beyond ±120 s gossip's replay window would cut
+/// the skewed node off, which is a different fault.
+pub const MAX_SKEW_S: i64 = 60;
+/// Probability of dropping a packet between two nodes under the loss nemesis.
+pub const LOSS_PROBABILITY: f64 = 0.2;
+/// The iptables chain the harness owns inside its namespace.
+pub const CHAIN: &str = "RKV";
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The rules of one cut: both directions for every pair.
+fn cut(a: &str, b: &str, extra: &[&str]) -> Result<(), String> {
+    for (src, dst) in [(a, b), (b, a)] {
+        let mut args = vec!["-w", "-A", CHAIN, "-s", src, "-d", dst];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-j", "DROP"]);
+        run("iptables", &args)?;
+    }
+    Ok(())
+}
+
+/// Creates the harness chain (inside the namespace) and hooks it into INPUT.
+pub fn setup_netfilter() -> Result<(), String> {
+    run("iptables", &["-w", "-N", CHAIN])?;
+    run("iptables", &["-w", "-I", "INPUT", "-j", CHAIN])
+}
+
+pub fn flush_netfilter() -> Result<(), String> {
+    run("iptables", &["-w", "-F", CHAIN])
+}
+
+/// Node indices grouped into the two sides of a partition shape, or a list of cut pairs.
+pub fn partition_pairs(shape: &str, n: usize, rng: &mut StdRng) -> Vec<(usize, usize)> {
+    let all: Vec<usize> = (0..n).collect();
+    let between = |a: &[usize], b: &[usize]| {
+        let mut v = Vec::new();
+        for &x in a {
+            for &y in b {
+                v.push((x, y));
+            }
+        }
+        v
+    };
+    match shape {
+        "halves" => {
+            let k = n / 2;
+            between(&all[..k], &all[k..])
+        }
+        "isolated" => {
+            let i = rng.random_range(0..n);
+            let rest: Vec<usize> = all.iter().copied().filter(|&x| x != i).collect();
+            between(&[i], &rest)
+        }
+        "bridge" if n >= 3 => {
+            // {first half} | {second half}, the middle node linked to both.
+            let mid = n / 2;
+            let left: Vec<usize> = (0..mid).collect();
+            let right: Vec<usize> = (mid + 1..n).collect();
+            between(&left, &right)
+        }
+        _ => {
+            // majorities ring: each node keeps its two ring neighbours.
+            let mut v = Vec::new();
+            for a in 0..n {
+                for b in a + 1..n {
+                    let d = (b - a).min(n - (b - a));
+                    if d > 1 {
+                        v.push((a, b));
+                    }
+                }
+            }
+            v
+        }
+    }
+}
+
+pub const SHAPES: [&str; 4] = ["halves", "isolated", "bridge", "majorities-ring"];
+
+/// The node IPs of a namespace cluster: n1 = 127.0.0.11, n2 = 127.0.0.12, ...
+pub fn node_ip(i: usize) -> String {
+    format!("127.0.0.{}", 11 + i)
+}
+
+pub fn faketime_file(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("{node}.faketime"))
+}
+
+/// Writes a clock offset (seconds) for a node started under libfaketime.
+pub fn set_clock(dir: &Path, node: &str, offset_s: i64) -> Result<(), String> {
+    let spec = if offset_s >= 0 {
+        format!("+{offset_s}\n")
+    } else {
+        format!("{offset_s}\n")
+    };
+    std::fs::write(faketime_file(dir, node), spec).map_err(|e| format!("faketime file: {e}"))
+}
+
+/// Environment that makes a node's wall clock follow its faketime file (monotonic time stays
+/// real, so timers and timeouts are unaffected).
+pub fn faketime_env(dir: &Path, node: &str) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            faketime_file(dir, node).display().to_string(),
+        ),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
+/// One active fault, remembered so it can be healed.
+#[derive(Debug)]
+pub enum Active {
+    Killed(Vec<usize>),
+    Paused(Vec<usize>),
+    Netfilter,
+    Skewed(Vec<usize>),
+}
+
+/// Starts a fault of `kind` on the cluster; returns what to heal and a description for the
+/// history.
+pub fn start(
+    kind: Kind,
+    nodes: &mut [NodeProcess],
+    ips: &[String],
+    clock_dir: &Path,
+    rng: &mut StdRng,
+) -> Result<(Active, Value), String> {
+    let n = nodes.len();
+    // A minority: at most (n-1)/2 nodes, at least one.
+    let minority = |rng: &mut StdRng| {
+        let k = rng.random_range(1..=((n - 1) / 2).max(1));
+        let mut idx: Vec<usize> = (0..n).collect();
+        for i in (1..idx.len()).rev() {
+            let j = rng.random_range(0..=i);
+            idx.swap(i, j);
+        }
+        idx.truncate(k);
+        idx.sort();
+        idx
+    };
+    let names = |idx: &[usize], nodes: &[NodeProcess]| -> Vec<String> {
+        idx.iter().map(|&i| nodes[i].id.clone()).collect()
+    };
+    match kind {
+        Kind::Kill => {
+            let victims = minority(rng);
+            for &i in &victims {
+                nodes[i].kill9();
+            }
+            let v = json!({"nodes": names(&victims, nodes)});
+            Ok((Active::Killed(victims), v))
+        }
+        Kind::Pause => {
+            let victims = minority(rng);
+            for &i in &victims {
+                nodes[i].send_signal(libc::SIGSTOP);
+            }
+            let v = json!({"nodes": names(&victims, nodes)});
+            Ok((Active::Paused(victims), v))
+        }
+        Kind::Partition => {
+            let shape = SHAPES[rng.random_range(0..SHAPES.len())];
+            let pairs = partition_pairs(shape, n, rng);
+            for &(a, b) in &pairs {
+                cut(&ips[a], &ips[b], &[])?;
+            }
+            let cuts: Vec<[String; 2]> = pairs
+                .iter()
+                .map(|&(a, b)| [nodes[a].id.clone(), nodes[b].id.clone()])
+                .collect();
+            Ok((Active::Netfilter, json!({"shape": shape, "cut": cuts})))
+        }
+        Kind::Loss => {
+            let mut pairs = Vec::new();
+            let p = LOSS_PROBABILITY.to_string();
+            for a in 0..n {
+                for b in a + 1..n {
+                    if rng.random_bool(0.5) {
+                        cut(
+                            &ips[a],
+                            &ips[b],
+                            &["-m", "statistic", "--mode", "random", "--probability", &p],
+                        )?;
+                        pairs.push([nodes[a].id.clone(), nodes[b].id.clone()]);
+                    }
+                }
+            }
+            Ok((
+                Active::Netfilter,
+                json!({"probability": LOSS_PROBABILITY, "links": pairs}),
+            ))
+        }
+        Kind::Clock => {
+            let victims = minority(rng);
+            let mut offsets = serde_json::Map::new();
+            for &i in &victims {
+                let off = rng.random_range(-MAX_SKEW_S..=MAX_SKEW_S);
+                set_clock(clock_dir, &nodes[i].id, off)?;
+                offsets.insert(nodes[i].id.clone(), json!(off));
+            }
+            Ok((Active::Skewed(victims), json!({"offsets_s": offsets})))
+        }
+    }
+}
+
+/// Heals one fault. Killed nodes restart on their data dirs.
+pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Result<(), String> {
+    match active {
+        Active::Killed(idx) => {
+            for i in idx {
+                if !nodes[i].child_running() {
+                    nodes[i].start()?;
+                }
+            }
+            Ok(())
+        }
+        Active::Paused(idx) => {
+            for i in idx {
+                nodes[i].send_signal(libc::SIGCONT);
+            }
+            Ok(())
+        }
+        Active::Netfilter => flush_netfilter(),
+        Active::Skewed(idx) => {
+            for i in idx {
+                set_clock(clock_dir, &nodes[i].id, 0)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn partition_shapes_cut_the_documented_pairs() {
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(partition_pairs("halves", 5, &mut rng).len(), 6);
+        assert_eq!(partition_pairs("isolated", 5, &mut rng).len(), 4);
+        assert_eq!(partition_pairs("bridge", 5, &mut rng).len(), 4);
+        let ring = partition_pairs("majorities-ring", 5, &mut rng);
+        assert_eq!(ring, vec![(0, 2), (0, 3), (1, 3), (1, 4), (2, 4)]);
+        // In the majorities ring every node still reaches a majority (itself + 2 neighbours).
+        for node in 0..5 {
+            let cut = ring
+                .iter()
+                .filter(|(a, b)| *a == node || *b == node)
+                .count();
+            assert_eq!(5 - cut, 3);
+        }
+    }
+
+    #[test]
+    fn clock_files_hold_signed_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        set_clock(dir.path(), "n1", 37).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(faketime_file(dir.path(), "n1")).unwrap(),
+            "+37\n"
+        );
+        set_clock(dir.path(), "n1", -90).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(faketime_file(dir.path(), "n1")).unwrap(),
+            "-90\n"
+        );
+    }
+}

@@ -1,0 +1,791 @@
+//! One test run: start a cluster of real nodes, drive concurrent clients, inject faults, heal,
+//! let the cluster settle, snapshot every replica, read everything back, check, report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use ringkv_client::{Client, ClientConfig, Context, GetOptions, PutOptions, Read};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::checker::{self, FINAL, NEMESIS, TOMB};
+use crate::cluster::Cluster;
+use crate::history::{Op, OpType, Recorder};
+use crate::nemesis::{self, Kind};
+use crate::process::NodeProcess;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Read / read-modify-write / blind write / delete on rotating keys, with contexts.
+    Register,
+    /// Adds to a set stored as siblings, by read-merge-write.
+    Set,
+}
+
+impl Workload {
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        match s {
+            "register" => Ok(Workload::Register),
+            "set" => Ok(Workload::Set),
+            other => Err(format!(
+                "unknown workload {other:?}: expected register or set"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunConfig {
+    pub workload: Workload,
+    pub nemeses: Vec<&'static str>,
+    #[serde(skip)]
+    pub kinds: Vec<Kind>,
+    pub time_limit_s: u64,
+    pub nodes: usize,
+    pub concurrency: usize,
+    pub seed: u64,
+    #[serde(skip)]
+    pub out: PathBuf,
+    /// Mean fault and heal durations (each randomised between 0 and 2×).
+    pub interval_s: u64,
+    /// Quiet period after healing, before the replica snapshot.
+    pub quiet_s: u64,
+    /// Ops per second per client process (approximate).
+    pub rate: f64,
+    /// Nodes on their own addresses in the harness's network namespace.
+    pub netns: bool,
+    pub n: u8,
+    /// The nodes' `--sync` mode.
+    pub sync: String,
+}
+
+/// Client request deadline; the server gets it as its deadline, and the client waits a little
+/// longer, so definite answers arrive before the client gives up.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long the final phase waits for every node to see every other one alive.
+pub const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long convergence is polled after the final reads.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub config: RunConfig,
+    pub valid: bool,
+    pub ops: usize,
+    pub register: Option<checker::RegisterReport>,
+    pub set: Option<checker::SetReport>,
+    /// Replicas right after the quiet period, before any read (read repair would hide gaps).
+    pub convergence_before_reads: checker::ConvergenceReport,
+    /// Replicas after the final R=N reads (read repair) settled.
+    pub convergence: checker::ConvergenceReport,
+    pub converged_after_heal_ms: Option<u64>,
+    pub availability: checker::AvailabilityReport,
+    pub nemesis_errors: Vec<String>,
+}
+
+fn ctx_token(c: &Context) -> String {
+    URL_SAFE_NO_PAD.encode(c.as_bytes())
+}
+
+/// Sibling values as recorded: live values as strings, tombstones as `tomb:<actor>:<counter>`.
+fn sibling_values(read: &Read) -> Vec<String> {
+    read.siblings
+        .iter()
+        .map(|s| match &s.value {
+            Some(v) => String::from_utf8_lossy(v).into_owned(),
+            None => format!("{TOMB}{:016x}:{}", s.dot.0, s.dot.1),
+        })
+        .collect()
+}
+
+fn classify(e: &ringkv_client::Error, is_write: bool) -> OpType {
+    if !is_write || e.is_definite() {
+        OpType::Fail
+    } else {
+        OpType::Info
+    }
+}
+
+struct Shared {
+    rec: Recorder,
+    clients: Vec<Client>,
+    node_names: Vec<String>,
+    stop: AtomicBool,
+    ops_done: AtomicU64,
+    keys: Mutex<BTreeSet<String>>,
+}
+
+impl Shared {
+    fn invoke(&self, op: Op) -> Op {
+        self.rec.record(op)
+    }
+}
+
+/// A client process: runs ops until stopped; retires (p += concurrency) after an `info`.
+async fn client_loop(shared: Arc<Shared>, cfg: Arc<RunConfig>, worker: usize) {
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (0x9E37_79B9 * (worker as u64 + 1)));
+    let mut p = worker;
+    let mut seq = 0u64;
+    let gap_ms = (1000.0 / cfg.rate.max(0.1)) as u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..=2 * gap_ms))).await;
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        seq += 1;
+        let node = rng.random_range(0..shared.clients.len());
+        let outcome = match cfg.workload {
+            Workload::Register => register_op(&shared, &mut rng, p, seq, node).await,
+            Workload::Set => set_op(&shared, &mut rng, p, seq, node).await,
+        };
+        shared.ops_done.fetch_add(1, Ordering::Relaxed);
+        if outcome == OpType::Info {
+            p += cfg.concurrency;
+        }
+    }
+}
+
+fn write_opts() -> PutOptions {
+    PutOptions {
+        timeout: Some(CLIENT_TIMEOUT),
+        ..Default::default()
+    }
+}
+
+fn read_opts() -> GetOptions {
+    GetOptions {
+        timeout: Some(CLIENT_TIMEOUT),
+        ..Default::default()
+    }
+}
+
+/// A recorded get; returns the completion op index and the read on success.
+async fn recorded_get(
+    shared: &Shared,
+    p: usize,
+    key: &str,
+    node: usize,
+    f: &str,
+) -> Option<(u64, Read)> {
+    let mut inv = Op::new(p.to_string(), OpType::Invoke, f).key(key);
+    inv.node = Some(shared.node_names[node].clone());
+    shared.invoke(inv);
+    match shared.clients[node].get_with(key, read_opts()).await {
+        Ok(read) => {
+            let done = shared.rec.record(
+                Op::new(p.to_string(), OpType::Ok, f)
+                    .key(key)
+                    .value(json!(sibling_values(&read))),
+            );
+            Some((done.i, read))
+        }
+        Err(e) => {
+            let mut done = Op::new(p.to_string(), OpType::Fail, f).key(key);
+            done.err = Some(e.to_string());
+            shared.rec.record(done);
+            None
+        }
+    }
+}
+
+async fn register_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node: usize) -> OpType {
+    // Five keys active at a time; the window moves every 150 ops, so keys get fresh histories.
+    let base = shared.ops_done.load(Ordering::Relaxed) / 150;
+    let key = format!("r{}", base + rng.random_range(0..5u64));
+    shared.keys.lock().await.insert(key.clone());
+    let dice = rng.random_range(0..100);
+    if dice < 40 {
+        return match recorded_get(shared, p, &key, node, "get").await {
+            Some(_) => OpType::Ok,
+            None => OpType::Fail,
+        };
+    }
+    // Writes: read-modify-write (40%), blind (10%), delete with context (10%).
+    let (ctx, ctx_src) = if dice < 90 {
+        match recorded_get(shared, p, &key, node, "get").await {
+            Some((i, read)) => (Some(read.context), Some(i)),
+            None => return OpType::Fail,
+        }
+    } else {
+        (None, None)
+    };
+    let is_delete = dice >= 80 && dice < 90;
+    let f = if is_delete { "delete" } else { "put" };
+    let value = format!("{key}:{p}:{seq}");
+    let mut inv = Op::new(p.to_string(), OpType::Invoke, f).key(&key);
+    if !is_delete {
+        inv.value = Some(json!(value));
+    }
+    inv.ctx = ctx.as_ref().map(ctx_token);
+    inv.ctx_src = ctx_src;
+    inv.node = Some(shared.node_names[node].clone());
+    shared.invoke(inv);
+    let client = &shared.clients[node];
+    let result = if is_delete {
+        client.delete_with(&key, ctx.as_ref(), write_opts()).await
+    } else {
+        client
+            .put_with(&key, value.clone(), ctx.as_ref(), write_opts())
+            .await
+    };
+    match result {
+        Ok(w) => {
+            let v = if is_delete {
+                json!(format!("{TOMB}{:016x}:{}", w.dot.0, w.dot.1))
+            } else {
+                json!(value)
+            };
+            shared
+                .rec
+                .record(Op::new(p.to_string(), OpType::Ok, f).key(&key).value(v));
+            OpType::Ok
+        }
+        Err(e) => {
+            let kind = classify(&e, true);
+            let mut done = Op::new(p.to_string(), kind, f).key(&key);
+            if !is_delete {
+                done.value = Some(json!(value));
+            }
+            done.err = Some(e.to_string());
+            done.definite = Some(e.is_definite());
+            shared.rec.record(done);
+            kind
+        }
+    }
+}
+
+async fn set_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node: usize) -> OpType {
+    let key = format!("s{}", rng.random_range(0..2u64));
+    shared.keys.lock().await.insert(key.clone());
+    if rng.random_range(0..100) < 20 {
+        return match recorded_get(shared, p, &key, node, "read").await {
+            Some(_) => OpType::Ok,
+            None => OpType::Fail,
+        };
+    }
+    let element = format!("{p}-{seq}");
+    let mut inv = Op::new(p.to_string(), OpType::Invoke, "add")
+        .key(&key)
+        .value(json!(element));
+    inv.node = Some(shared.node_names[node].clone());
+    shared.invoke(inv);
+    let client = &shared.clients[node];
+    // Read-merge-write: the union of every sibling's elements plus the new one, written with
+    // the read's context (it resolves the siblings it saw).
+    let result = async {
+        let read = client.get_with(&key, read_opts()).await?;
+        let mut elems: BTreeSet<String> = BTreeSet::new();
+        for s in sibling_values(&read)
+            .iter()
+            .filter(|v| !v.starts_with(TOMB))
+        {
+            elems.extend(checker::set_elements(s));
+        }
+        elems.insert(element.clone());
+        let joined: Vec<String> = elems.into_iter().collect();
+        client
+            .put_with(&key, joined.join(","), Some(&read.context), write_opts())
+            .await
+    }
+    .await;
+    match result {
+        Ok(_) => {
+            shared.rec.record(
+                Op::new(p.to_string(), OpType::Ok, "add")
+                    .key(&key)
+                    .value(json!(element)),
+            );
+            OpType::Ok
+        }
+        Err(e) => {
+            // The read may have failed (definite: nothing written) or the put (per its class).
+            let kind = classify(&e, true);
+            let mut done = Op::new(p.to_string(), kind, "add")
+                .key(&key)
+                .value(json!(element));
+            done.err = Some(e.to_string());
+            done.definite = Some(e.is_definite());
+            shared.rec.record(done);
+            kind
+        }
+    }
+}
+
+/// Fault then heal, each lasting a random 0–2× `interval`, until `deadline`.
+async fn nemesis_loop(
+    shared: Arc<Shared>,
+    cfg: Arc<RunConfig>,
+    nodes: Arc<Mutex<Vec<NodeProcess>>>,
+    ips: Vec<String>,
+    deadline: Instant,
+    errors: Arc<Mutex<Vec<String>>>,
+) {
+    if cfg.kinds.is_empty() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0xDEAD_BEEF);
+    let interval = Duration::from_secs(cfg.interval_s.max(1));
+    let clock_dir = cfg.out.join("nodes");
+    let mut count = 0;
+    loop {
+        let wait = interval.mul_f64(rng.random_range(0.0..2.0));
+        if Instant::now() + wait >= deadline {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        let kind = cfg.kinds[rng.random_range(0..cfg.kinds.len())];
+        count += 1;
+        let fault = format!("{}-{count}", kind.name());
+        let started = {
+            let mut ns = nodes.lock().await;
+            nemesis::start(kind, &mut ns, &ips, &clock_dir, &mut rng)
+        };
+        let active = match started {
+            Ok((active, mut value)) => {
+                value["phase"] = json!("start");
+                value["fault"] = json!(fault);
+                shared
+                    .rec
+                    .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(value));
+                active
+            }
+            Err(e) => {
+                errors.lock().await.push(format!("{fault}: {e}"));
+                continue;
+            }
+        };
+        let hold = interval.mul_f64(rng.random_range(0.2..2.0));
+        let until = (Instant::now() + hold).min(deadline);
+        tokio::time::sleep_until(until.into()).await;
+        let healed = {
+            let mut ns = nodes.lock().await;
+            nemesis::heal(active, &mut ns, &clock_dir)
+        };
+        if let Err(e) = healed {
+            errors.lock().await.push(format!("healing {fault}: {e}"));
+        }
+        shared.rec.record(
+            Op::new(NEMESIS, OpType::Info, kind.name())
+                .value(json!({"phase": "stop", "fault": fault})),
+        );
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+}
+
+/// Undo everything: flush rules, resume paused nodes, restart dead ones, reset clocks.
+async fn heal_all(cfg: &RunConfig, nodes: &Mutex<Vec<NodeProcess>>, errors: &Mutex<Vec<String>>) {
+    let mut ns = nodes.lock().await;
+    if cfg.netns {
+        if let Err(e) = nemesis::flush_netfilter() {
+            errors.lock().await.push(format!("final heal: {e}"));
+        }
+    }
+    for node in ns.iter_mut() {
+        node.send_signal(libc::SIGCONT);
+        if cfg.kinds.contains(&Kind::Clock) {
+            let _ = nemesis::set_clock(&cfg.out.join("nodes"), &node.id, 0);
+        }
+        if !node.child_running() {
+            if let Err(e) = node.start() {
+                errors
+                    .lock()
+                    .await
+                    .push(format!("final heal: restart {}: {e}", node.id));
+            }
+        }
+    }
+}
+
+/// Each replica's own state of every key (local reads: no coordination, no read repair).
+async fn snapshot(
+    shared: &Shared,
+    keys: &BTreeSet<String>,
+    record: bool,
+) -> BTreeMap<String, Vec<(String, Vec<String>)>> {
+    let mut out = BTreeMap::new();
+    let local = GetOptions {
+        local: true,
+        timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    for key in keys {
+        let mut replicas = Vec::new();
+        for (i, client) in shared.clients.iter().enumerate() {
+            let state = match client.get_with(key, local).await {
+                Ok(read) => read
+                    .siblings
+                    .iter()
+                    .map(|s| {
+                        let v = s.value.as_ref().map_or("⊥".to_string(), |v| {
+                            String::from_utf8_lossy(v).into_owned()
+                        });
+                        format!("{:016x}:{}={v}", s.dot.0, s.dot.1)
+                    })
+                    .collect(),
+                Err(e) => vec![format!("unreadable: {e}")],
+            };
+            if record {
+                let mut op = Op::new(FINAL, OpType::Info, "replica_get")
+                    .key(key)
+                    .value(json!(state));
+                op.node = Some(shared.node_names[i].clone());
+                shared.rec.record(op);
+            }
+            replicas.push((shared.node_names[i].clone(), state));
+        }
+        out.insert(key.clone(), replicas);
+    }
+    out
+}
+
+/// The final R=N read of every key, retried across nodes until it succeeds.
+async fn final_reads(
+    shared: &Shared,
+    keys: &BTreeSet<String>,
+    workload: Workload,
+    n: u8,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let f = match workload {
+        Workload::Register => "get",
+        Workload::Set => "read",
+    };
+    let opts = GetOptions {
+        r: Some(n),
+        timeout: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    for key in keys {
+        let mut done = false;
+        for attempt in 0..20 {
+            let client = &shared.clients[attempt % shared.clients.len()];
+            if let Ok(read) = client.get_with(key, opts).await {
+                shared
+                    .rec
+                    .record(Op::new(FINAL, OpType::Invoke, f).key(key));
+                shared.rec.record(
+                    Op::new(FINAL, OpType::Ok, f)
+                        .key(key)
+                        .value(json!(sibling_values(&read))),
+                );
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !done {
+            failures.push(key.clone());
+        }
+    }
+    failures
+}
+
+pub async fn run(cfg: RunConfig) -> Result<Results, String> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(cfg.out.join("nodes"))
+        .map_err(|e| format!("create {}: {e}", cfg.out.display()))?;
+    let ips: Vec<String> = (0..cfg.nodes)
+        .map(|i| {
+            if cfg.netns {
+                nemesis::node_ip(i)
+            } else {
+                "127.0.0.1".to_string()
+            }
+        })
+        .collect();
+    if cfg.netns {
+        nemesis::setup_netfilter()?;
+    }
+    let uses_clock = cfg.kinds.contains(&Kind::Clock);
+    let n_flag = cfg.n.to_string();
+    let mut nodes: Vec<NodeProcess> = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let id = format!("n{}", i + 1);
+        let mut args = vec![
+            "--n".to_string(),
+            n_flag.clone(),
+            "--sync".into(),
+            cfg.sync.clone(),
+        ];
+        if let Some(first) = nodes.first() {
+            args.push("--seeds".into());
+            args.push(first.gossip_addr.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = cfg.out.join("nodes").join(&id);
+        let mut node = NodeProcess::new(&id, &dir, &format!("{ip}:0"), &args);
+        if uses_clock {
+            nemesis::set_clock(&cfg.out.join("nodes"), &id, 0)?;
+            for (k, v) in nemesis::faketime_env(&cfg.out.join("nodes"), &id) {
+                node.set_env(&k, &v);
+            }
+        }
+        node.start()?;
+        nodes.push(node);
+    }
+    let cluster = Cluster { nodes };
+    cluster.wait_converged(Duration::from_secs(60)).await?;
+    let client_cfg = ClientConfig {
+        request_timeout: CLIENT_TIMEOUT,
+        connect_timeout: Duration::from_millis(500),
+        ..ClientConfig::default()
+    };
+    let clients: Vec<Client> = cluster
+        .nodes
+        .iter()
+        .map(|n| Client::new([n.addr.clone()], client_cfg.clone()).expect("one address"))
+        .collect();
+    let node_names: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let shared = Arc::new(Shared {
+        rec: Recorder::new(Some(&cfg.out.join("history.jsonl"))).map_err(|e| e.to_string())?,
+        clients,
+        node_names,
+        stop: AtomicBool::new(false),
+        ops_done: AtomicU64::new(0),
+        keys: Mutex::new(BTreeSet::new()),
+    });
+    let nodes = Arc::new(Mutex::new(cluster.nodes));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+
+    eprintln!(
+        "[jepsen] {} nodes up; running {:?} with nemeses {:?} for {} s (seed {})",
+        cfg.nodes, cfg.workload, cfg.nemeses, cfg.time_limit_s, cfg.seed
+    );
+    let deadline = Instant::now() + Duration::from_secs(cfg.time_limit_s);
+    let mut workers = Vec::new();
+    for w in 0..cfg.concurrency {
+        workers.push(tokio::spawn(client_loop(shared.clone(), cfg.clone(), w)));
+    }
+    let nemesis_task = tokio::spawn(nemesis_loop(
+        shared.clone(),
+        cfg.clone(),
+        nodes.clone(),
+        ips.clone(),
+        deadline,
+        errors.clone(),
+    ));
+    // Progress while it runs.
+    while Instant::now() < deadline {
+        tokio::time::sleep(
+            Duration::from_secs(5).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        eprintln!(
+            "[jepsen] {:>4.0} s  {} ops",
+            cfg.time_limit_s as f64
+                - deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64(),
+            shared.ops_done.load(Ordering::Relaxed)
+        );
+    }
+    let _ = nemesis_task.await;
+    shared.stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+
+    eprintln!("[jepsen] healing; quiet period {} s", cfg.quiet_s);
+    heal_all(&cfg, &nodes, &errors).await;
+    let healed_at = Instant::now();
+    wait_all_alive(&nodes)
+        .await
+        .map_err(|e| format!("after healing: {e}"))?;
+    tokio::time::sleep(Duration::from_secs(cfg.quiet_s)).await;
+
+    let keys = shared.keys.lock().await.clone();
+    let n = cfg.n as usize;
+    let before = checker::check_convergence(&snapshot(&shared, &keys, true).await, n);
+    eprintln!(
+        "[jepsen] before final reads: {}/{} keys converged",
+        before.converged_keys, before.keys
+    );
+    let unread = final_reads(&shared, &keys, cfg.workload, cfg.n).await;
+    let mut errs = errors.lock().await.clone();
+    if !unread.is_empty() {
+        errs.push(format!("final reads failed for keys {unread:?}"));
+    }
+    let mut convergence = checker::check_convergence(&snapshot(&shared, &keys, false).await, n);
+    let mut converged_after = None;
+    let poll_start = Instant::now();
+    loop {
+        if convergence.converged {
+            converged_after = Some(healed_at.elapsed().as_millis() as u64);
+            break;
+        }
+        if poll_start.elapsed() > CONVERGE_TIMEOUT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        convergence = checker::check_convergence(&snapshot(&shared, &keys, false).await, n);
+    }
+    snapshot(&shared, &keys, true).await;
+    shared.rec.flush();
+
+    let history = shared.rec.ops();
+    let (register, set) = match cfg.workload {
+        Workload::Register => (Some(checker::check_register(&history)), None),
+        Workload::Set => (None, Some(checker::check_set(&history))),
+    };
+    let availability = checker::availability(&history);
+    let workload_valid =
+        register.as_ref().is_none_or(|r| r.valid) && set.as_ref().is_none_or(|s| s.valid);
+    let valid = workload_valid
+        && convergence.converged
+        && availability.unhealed.is_empty()
+        && errs.is_empty();
+    // Stop the nodes gracefully; their logs stay in the run folder.
+    for node in nodes.lock().await.iter_mut() {
+        node.send_signal(libc::SIGCONT);
+        let _ = node.stop();
+    }
+    Ok(Results {
+        config: (*cfg).clone(),
+        valid,
+        ops: history.len(),
+        register,
+        set,
+        convergence_before_reads: before,
+        convergence,
+        converged_after_heal_ms: converged_after,
+        availability,
+        nemesis_errors: errs,
+    })
+}
+
+async fn wait_all_alive(nodes: &Mutex<Vec<NodeProcess>>) -> Result<(), String> {
+    let ns = nodes.lock().await;
+    let addrs: Vec<String> = ns.iter().map(|n| n.addr.clone()).collect();
+    let ids: BTreeSet<String> = ns.iter().map(|n| n.id.clone()).collect();
+    drop(ns);
+    let start = Instant::now();
+    loop {
+        let mut ok = true;
+        for a in &addrs {
+            let c = Client::new([a.clone()], ClientConfig::default()).expect("one address");
+            match c.ring().await {
+                Ok(r) => {
+                    let alive: BTreeSet<String> = r
+                        .members
+                        .iter()
+                        .filter(|m| m.alive)
+                        .map(|m| m.node_id.clone())
+                        .collect();
+                    ok &= alive == ids;
+                }
+                Err(_) => ok = false,
+            }
+        }
+        if ok {
+            return Ok(());
+        }
+        if start.elapsed() > HEAL_TIMEOUT {
+            return Err(format!(
+                "nodes did not all see each other alive within {HEAL_TIMEOUT:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A human summary of the results.
+pub fn summary(r: &Results) -> String {
+    let mut s = String::new();
+    let verdict = if r.valid { "VALID" } else { "INVALID" };
+    s.push_str(&format!(
+        "ringkv-jepsen: {verdict}\nworkload {:?}, nemeses {:?}, {} nodes (N={}), {} clients, {} s, seed {}\n{} history entries\n",
+        r.config.workload, r.config.nemeses, r.config.nodes, r.config.n, r.config.concurrency,
+        r.config.time_limit_s, r.config.seed, r.ops
+    ));
+    if let Some(reg) = &r.register {
+        s.push_str(&format!(
+            "register: {} keys; writes ok {} / info {} / fail {}; reads ok {}\n  lost {} · phantoms {} · from-failed {} · from-future {} · resurrected {} · excused-by-info {} · recovered {}\n",
+            reg.keys, reg.ok_writes, reg.info_writes, reg.fail_writes, reg.ok_reads,
+            reg.lost.len(), reg.phantoms.len(), reg.from_failed.len(), reg.from_future.len(),
+            reg.resurrected.len(), reg.excused_by_info, reg.recovered
+        ));
+        for l in reg
+            .lost
+            .iter()
+            .chain(&reg.phantoms)
+            .chain(&reg.resurrected)
+            .take(10)
+        {
+            s.push_str(&format!("    {l}\n"));
+        }
+    }
+    if let Some(set) = &r.set {
+        s.push_str(&format!(
+            "set: adds ok {} / info {} / fail {}; final size {}\n  lost {} · unexpected {} · from-failed {} · duplicates {} · recovered {}\n",
+            set.ok_adds, set.info_adds, set.fail_adds, set.final_size, set.lost.len(),
+            set.unexpected.len(), set.from_failed.len(), set.duplicates.len(), set.recovered
+        ));
+        for l in set.lost.iter().take(10) {
+            s.push_str(&format!("    lost {l}\n"));
+        }
+    }
+    s.push_str(&format!(
+        "convergence: before final reads {}/{} keys; after {}/{} keys{}\n",
+        r.convergence_before_reads.converged_keys,
+        r.convergence_before_reads.keys,
+        r.convergence.converged_keys,
+        r.convergence.keys,
+        r.converged_after_heal_ms
+            .map(|ms| format!(", converged {:.1} s after healing", ms as f64 / 1000.0))
+            .unwrap_or_else(|| ", NOT converged".into())
+    ));
+    for d in r
+        .convergence
+        .divergent
+        .iter()
+        .chain(&r.convergence.wrong_holder_count)
+        .take(5)
+    {
+        s.push_str(&format!("    {d}\n"));
+    }
+    s.push_str("availability (ok / fail / info by fault window):\n");
+    for (w, st) in &r.availability.windows {
+        let total = (st.ok + st.fail + st.info).max(1);
+        s.push_str(&format!(
+            "  {w:<22} {:>6} / {:>5} / {:>5}  ({:.1}% ok)\n",
+            st.ok,
+            st.fail,
+            st.info,
+            100.0 * st.ok as f64 / total as f64
+        ));
+    }
+    s.push_str("latency of ok ops (ms): p50 / p95 / p99 / max\n");
+    for (f, l) in &r.availability.latency {
+        s.push_str(&format!(
+            "  {f:<8} {:>7.2} / {:>7.2} / {:>7.2} / {:>8.2}  (n={})\n",
+            l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms, l.count
+        ));
+    }
+    for e in &r.nemesis_errors {
+        s.push_str(&format!("error: {e}\n"));
+    }
+    if !r.availability.unhealed.is_empty() {
+        s.push_str(&format!("unhealed faults: {:?}\n", r.availability.unhealed));
+    }
+    s
+}
+
+/// Writes results.json and summary.txt into the run folder.
+pub fn write_results(out: &std::path::Path, r: &Results) -> Result<String, String> {
+    let json = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("results.json"), json).map_err(|e| e.to_string())?;
+    let text = summary(r);
+    std::fs::write(out.join("summary.txt"), &text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
