@@ -27,8 +27,9 @@ use crate::config::Config;
 use crate::membership::phi::PhiConfig;
 use crate::membership::swim::{self, SwimConfig};
 
-/// File in the data dir listing the gossip addresses of known members (extra seeds at start).
-pub const KNOWN_PEERS_FILE: &str = "known_peers";
+/// File in the data dir holding the ring: every member's identity and metadata, one JSON line
+/// each (loaded at start; its members are also seeds).
+pub const RING_FILE: &str = "ring.jsonl";
 use crate::membership::Membership;
 use crate::net::client::ClientHandler;
 use crate::net::peer::{PeerHandler, PeerPool};
@@ -154,19 +155,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         generation: node::now_ms(),
     };
     let peers = Arc::new(PeerPool::new(Node::hello(&config, &me)));
-    // Seeds: the configured ones plus every member this node knew before it stopped.
-    let peers_file = config.data_dir.join(KNOWN_PEERS_FILE);
+    // Seeds: the configured ones plus every member of the ring this node saved before.
+    let ring_file = config.data_dir.join(RING_FILE);
     let mut seeds = config.seeds.clone();
-    for p in swim::load_known_peers(&peers_file) {
-        if p != gossip_addr && !seeds.contains(&p) {
-            seeds.push(p);
+    for m in swim::load_ring(&ring_file) {
+        if m.id.node_id != node_id && m.id.gossip != gossip_addr && !seeds.contains(&m.id.gossip) {
+            seeds.push(m.id.gossip);
         }
     }
+    let lone = seeds.is_empty();
     let swim = SwimConfig {
         cluster_name: config.cluster_name.clone(),
         secret: config.cluster_secret.clone(),
         seeds,
-        peers_file: Some(peers_file),
+        ring_file: Some(ring_file),
+        lone,
         phi: PhiConfig {
             threshold: config.phi_threshold,
             ..PhiConfig::default()

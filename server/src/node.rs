@@ -234,6 +234,11 @@ impl Node {
             }
             Request::Get { key, opts } => {
                 inc(&self.requests.get);
+                if opts.flags & ReadOptions::LOCAL == 0 {
+                    if let Some(resp) = self.not_ready() {
+                        return resp;
+                    }
+                }
                 self.get(key, opts).await
             }
             req @ (Request::Put { .. } | Request::Delete { .. }) => {
@@ -242,9 +247,26 @@ impl Node {
                 } else {
                     inc(&self.requests.delete);
                 }
+                if let Some(resp) = self.not_ready() {
+                    return resp;
+                }
                 self.write(req, false).await
             }
         }
+    }
+
+    /// `Unavailable` while this node does not know the ring (it would route to wrong replicas).
+    fn not_ready(&self) -> Option<Response> {
+        (!self.view().ready).then(|| {
+            self.err(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                "joining the cluster: the ring is not known yet; retry shortly or use another node",
+            )
+        })
     }
 
     fn context_error(&self, key: &[u8], token: &[u8]) -> Response {

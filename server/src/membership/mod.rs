@@ -36,6 +36,10 @@ pub struct ClusterView {
     pub version: u64,
     /// Fingerprint of the ring inputs (ids, vnodes, statuses): equal on converged nodes.
     pub epoch: u64,
+    /// False while this node does not know the ring yet (just started, not in contact with the
+    /// cluster, metadata missing): it must not coordinate requests, or it would route to the
+    /// wrong replicas.
+    pub ready: bool,
 }
 
 impl ClusterView {
@@ -99,6 +103,7 @@ impl Membership {
             alive: BTreeSet::new(),
             version: 1,
             epoch: 0,
+            ready: false,
         });
         let (view_tx, view_rx) = watch::channel(view);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);

@@ -291,15 +291,28 @@ pub struct SwimConfig {
     pub seeds: Vec<SocketAddr>,
     pub phi: PhiConfig,
     pub vnodes: u32,
-    /// Where the gossip addresses of known members are saved, so a restarted node (even the
-    /// original seed) can find the cluster again without operator action.
-    pub peers_file: Option<std::path::PathBuf>,
+    /// Where the ring (every member's identity and metadata) is saved, so a restarted node routes
+    /// with the full ring at once and can find the cluster again (even the original seed).
+    pub ring_file: Option<std::path::PathBuf>,
+    /// True when this node has no seeds and no saved ring: a cluster of one, ready at once.
+    pub lone: bool,
 }
 
-/// Reads the saved gossip addresses of known members (missing or unreadable file = none).
-pub fn load_known_peers(path: &std::path::Path) -> Vec<SocketAddr> {
+/// One saved ring member (a line of JSON in the ring file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedMember {
+    pub id: RingId,
+    pub meta: RingMeta,
+}
+
+/// Reads the saved ring (missing or unreadable file = none; bad lines are skipped).
+pub fn load_ring(path: &std::path::Path) -> Vec<SavedMember> {
     std::fs::read_to_string(path)
-        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -308,7 +321,7 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// Announce period while not in contact with the cluster (foca never retries an announce).
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(2);
 /// Metadata is re-published this often: dissemination is best effort.
-pub const META_REPUBLISH: Duration = Duration::from_secs(10);
+pub const META_REPUBLISH: Duration = Duration::from_secs(5);
 /// How often liveness (phi) is re-evaluated for routing.
 pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
 
@@ -352,8 +365,12 @@ pub struct Driver {
     stats: Arc<GossipStats>,
     me: RingId,
     last_reject_log: HashMap<&'static str, Instant>,
-    peers_file: Option<std::path::PathBuf>,
-    saved_peers: Vec<SocketAddr>,
+    ring_file: Option<std::path::PathBuf>,
+    /// Members known from the saved ring (and kept up to date): they stay in the ring while
+    /// foca has not (re)discovered them, treated as unavailable.
+    saved: BTreeMap<String, SavedMember>,
+    lone: bool,
+    ready: bool,
 }
 
 impl Driver {
@@ -365,6 +382,7 @@ impl Driver {
         stats: Arc<GossipStats>,
     ) -> Driver {
         let meta: MetaTable = Arc::new(Mutex::new(BTreeMap::new()));
+        let me_id = me.node_id.clone();
         let foca = Foca::with_custom_broadcast(
             me.clone(),
             foca_config(),
@@ -399,8 +417,18 @@ impl Driver {
             stats,
             me,
             last_reject_log: HashMap::new(),
-            peers_file: cfg.peers_file,
-            saved_peers: Vec::new(),
+            saved: cfg
+                .ring_file
+                .as_deref()
+                .map(load_ring)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| m.id.node_id != me_id)
+                .map(|m| (m.id.node_id.clone(), m))
+                .collect(),
+            ring_file: cfg.ring_file,
+            lone: cfg.lone,
+            ready: false,
         }
     }
 
@@ -608,7 +636,10 @@ impl Driver {
         let me = self.me.node_id.clone();
         match n {
             OwnedNotification::MemberUp(id) => {
-                info!(node = %me, member = %id.node_id, generation = id.generation, gossip = %id.gossip, "member up")
+                info!(node = %me, member = %id.node_id, generation = id.generation, gossip = %id.gossip, "member up");
+                // A (re)joining member needs everyone's metadata to build the ring: send ours
+                // again now rather than at the next periodic republication.
+                self.publish_meta(self.my_meta.status);
             }
             OwnedNotification::MemberDown(id) => {
                 self.stats.members_down.fetch_add(1, Ordering::Relaxed);
@@ -618,6 +649,7 @@ impl Driver {
             OwnedNotification::Rename(old, new) => {
                 // A restart: the old process's history says nothing about the new one.
                 self.phi.remove(&old.node_id);
+                self.publish_meta(self.my_meta.status);
                 info!(node = %me, member = %new.node_id, old_generation = old.generation,
                       generation = new.generation, "member restarted (new identity)");
             }
@@ -680,6 +712,26 @@ impl Driver {
     fn publish_view(&mut self) {
         let now = std::time::Instant::now();
         let meta = self.meta.lock().expect("meta table lock poisoned").clone();
+        let foca_members = self.latest_members();
+        // Learn into the saved ring: the newest identity and metadata of every member.
+        let mut ring_changed = false;
+        for (node_id, (id, _, _)) in &foca_members {
+            let Some(m) = meta.get(node_id) else { continue };
+            let fresh = SavedMember {
+                id: id.clone(),
+                meta: m.clone(),
+            };
+            let newer = self.saved.get(node_id).is_none_or(|old| {
+                (old.id.generation, old.meta.version) < (fresh.id.generation, fresh.meta.version)
+            });
+            if newer {
+                self.saved.insert(node_id.clone(), fresh);
+                ring_changed = true;
+            }
+        }
+        if ring_changed {
+            self.save_ring();
+        }
         let mut members = BTreeMap::new();
         let mut alive = std::collections::BTreeSet::new();
         let mut ring_members: Vec<(String, u32, u8)> = Vec::new();
@@ -690,26 +742,38 @@ impl Driver {
             self.my_meta.vnodes,
             self.my_meta.status.code(),
         ));
-        for (node_id, (id, state, _)) in self.latest_members() {
-            let Some(m) = meta.get(&node_id) else {
-                // No metadata yet: not in the ring until its vnodes are known.
-                continue;
-            };
-            if m.status == RingStatus::Removed {
+        for (node_id, saved) in &self.saved {
+            if saved.meta.status == RingStatus::Removed {
                 continue;
             }
             let nid: NodeId = node_id.as_str().into();
-            if self.is_available(&node_id, state, now) {
-                alive.insert(nid.clone());
+            // Routing uses a member only while foca knows it alive and phi is low; a member
+            // known only from the saved ring is unavailable until foca rediscovers it.
+            if let Some((id, state, _)) = foca_members.get(node_id) {
+                if id.generation >= saved.id.generation && self.is_available(node_id, *state, now) {
+                    alive.insert(nid.clone());
+                }
             }
-            members.insert(nid, self.member_info(&id, m.vnodes));
-            ring_members.push((node_id, m.vnodes, m.status.code()));
+            members.insert(nid, self.member_info(&saved.id, saved.meta.vnodes));
+            ring_members.push((node_id.clone(), saved.meta.vnodes, saved.meta.status.code()));
         }
         ring_members.sort();
-        self.save_known_peers();
+        // Ready to coordinate once the ring is known: a cluster of one, a saved ring, or in
+        // contact with the cluster with metadata for every member foca reports.
+        let complete = foca_members.iter().all(|(id, (_, state, _))| {
+            *state == State::Down || meta.contains_key(id) || self.saved.contains_key(id)
+        });
+        // Latched: once the ring is known, a newcomer whose metadata is still in flight simply
+        // is not in the ring yet; that must not stop this node from serving.
+        self.ready |= self.lone || !self.saved.is_empty() || (self.active && complete);
+        let ready = self.ready;
         let epoch = ring_epoch(&ring_members);
         let current = self.view.borrow().clone();
-        if current.members == members && current.alive == alive && current.epoch == epoch {
+        if current.members == members
+            && current.alive == alive
+            && current.epoch == epoch
+            && current.ready == ready
+        {
             return;
         }
         let ring = if current.epoch == epoch && current.ring.nodes().len() == ring_members.len() {
@@ -724,28 +788,24 @@ impl Driver {
             alive,
             version: current.version + 1,
             epoch,
+            ready,
         }));
     }
 
-    /// Saves the gossip addresses of known members when they change (best effort).
-    fn save_known_peers(&mut self) {
-        let Some(path) = &self.peers_file else {
+    /// Saves the ring (best effort): one JSON line per member, written atomically.
+    fn save_ring(&self) {
+        let Some(path) = &self.ring_file else {
             return;
         };
-        let mut peers: Vec<SocketAddr> = self
-            .latest_members()
+        let text: String = self
+            .saved
             .values()
-            .map(|(id, _, _)| id.gossip)
+            .filter_map(|m| serde_json::to_string(m).ok())
+            .map(|l| l + "\n")
             .collect();
-        peers.sort();
-        if peers == self.saved_peers {
-            return;
-        }
-        let text: String = peers.iter().map(|p| format!("{p}\n")).collect();
         let tmp = path.with_extension("tmp");
-        match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
-            Ok(()) => self.saved_peers = peers,
-            Err(e) => warn!(node = %self.me.node_id, error = %e, "could not save known peers"),
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            warn!(node = %self.me.node_id, error = %e, "could not save the ring");
         }
     }
 
@@ -769,8 +829,37 @@ impl Driver {
             available: true,
             is_self: true,
         }];
-        for (node_id, (id, state, incarnation)) in self.latest_members() {
-            let (ring_status, vnodes) = status_of(&node_id).unwrap_or((255, 0));
+        let foca_members = self.latest_members();
+        for (node_id, saved) in &self.saved {
+            if foca_members.contains_key(node_id) {
+                continue;
+            }
+            // Known from the saved ring only: not (yet) heard of by SWIM.
+            members.push(MemberStatus {
+                node_id: node_id.clone(),
+                client_addr: saved.id.client.to_string(),
+                peer_addr: saved.id.peer.to_string(),
+                gossip_addr: saved.id.gossip.to_string(),
+                swim_state: 2,
+                incarnation: 0,
+                generation: saved.id.generation,
+                phi_milli: u32::MAX,
+                last_heard_ms: u64::MAX,
+                ring_status: saved.meta.status.code(),
+                vnodes: saved.meta.vnodes,
+                available: false,
+                is_self: false,
+            });
+        }
+        for (node_id, (id, state, incarnation)) in foca_members {
+            let (ring_status, vnodes) = status_of(&node_id)
+                .or_else(|| {
+                    self.saved
+                        .get(&node_id)
+                        .map(|m| (m.meta.status.code(), m.meta.vnodes))
+                })
+                .unwrap_or((255, 0));
+
             let phi = self.phi.phi(&node_id, now.into_std());
             members.push(MemberStatus {
                 client_addr: id.client.to_string(),

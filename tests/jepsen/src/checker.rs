@@ -479,7 +479,10 @@ pub fn availability(history: &[Op]) -> AvailabilityReport {
                         let us = op.t.saturating_sub(*t0) / 1000;
                         hists
                             .entry(op.f.clone())
-                            .or_insert_with(|| Histogram::new(3).expect("valid sigfig"))
+                            .or_insert_with(|| {
+                                Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                                    .expect("valid histogram bounds")
+                            })
                             .saturating_record(us.max(1));
                     }
                 }

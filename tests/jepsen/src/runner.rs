@@ -218,7 +218,7 @@ async fn register_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node
     } else {
         (None, None)
     };
-    let is_delete = dice >= 80 && dice < 90;
+    let is_delete = (80..90).contains(&dice);
     let f = if is_delete { "delete" } else { "put" };
     let value = format!("{key}:{p}:{seq}");
     let mut inv = Op::new(p.to_string(), OpType::Invoke, f).key(&key);
