@@ -9,13 +9,18 @@ BIN := $(CARGO_TARGET_DIR)/release
 DATA ?= $(CURDIR)/data
 PORT ?= 7379
 
-.PHONY: deps build install run test lint fmt clean-data
+JEPSEN_OUT ?= $(CURDIR)/jepsen-results
+
+.PHONY: deps build install run test jepsen lint fmt clean-data
 
 deps:
 	@need=""; \
 	dpkg -s libclang-dev >/dev/null 2>&1 || need="$$need libclang-dev"; \
 	command -v g++ >/dev/null 2>&1 || need="$$need g++"; \
 	command -v make >/dev/null 2>&1 || need="$$need make"; \
+	command -v ip >/dev/null 2>&1 || need="$$need iproute2"; \
+	command -v iptables >/dev/null 2>&1 || need="$$need iptables"; \
+	[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || need="$$need libfaketime"; \
 	if [ -n "$$need" ]; then \
 	  echo "==> installing system packages:$$need"; \
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
@@ -42,6 +47,18 @@ run: install
 test: deps
 	cargo build --release --workspace --bins
 	cargo test --release --workspace
+	@echo "==> Jepsen-style consistency checks (short CI profile; histories in $(JEPSEN_OUT))"
+	"$(BIN)/ringkv-jepsen" --profile ci --out "$(JEPSEN_OUT)"
+
+# The full consistency profile: longer runs of every nemesis combination (about 15 minutes).
+jepsen: deps
+	cargo build --release --workspace --bins
+	@echo "==> single runs look like:"
+	@echo "    $(BIN)/ringkv-jepsen --workload register --nemesis kill,partition --time-limit 60"
+	@echo "    $(BIN)/ringkv-jepsen --workload set --nemesis pause,clock --time-limit 60 --seed 7"
+	@echo "    $(BIN)/ringkv-jepsen --workload register --nemesis partition,loss --time-limit 120"
+	@echo "==> running the full profile; histories and summaries in $(JEPSEN_OUT)"
+	"$(BIN)/ringkv-jepsen" --profile full --out "$(JEPSEN_OUT)"
 
 lint: deps
 	cargo fmt --all -- --check

@@ -72,8 +72,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
     match cli.profile.as_deref() {
         None => Ok(vec![cli.clone()]),
         Some("ci") => Ok(vec![
-            with("register", "kill,partition", 40, 1),
-            with("set", "pause", 25, 2),
+            with("register", "kill,partition", 35, 1),
+            with("set", "pause", 20, 2),
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),

@@ -89,10 +89,16 @@ fn cut(a: &str, b: &str, extra: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// Creates the harness chain (inside the namespace) and hooks it into INPUT.
+/// Creates the harness chain (inside the namespace) and hooks it into INPUT. Idempotent: runs
+/// of one profile share the namespace.
 pub fn setup_netfilter() -> Result<(), String> {
-    run("iptables", &["-w", "-N", CHAIN])?;
-    run("iptables", &["-w", "-I", "INPUT", "-j", CHAIN])
+    if run("iptables", &["-w", "-L", CHAIN, "-n"]).is_err() {
+        run("iptables", &["-w", "-N", CHAIN])?;
+    }
+    if run("iptables", &["-w", "-C", "INPUT", "-j", CHAIN]).is_err() {
+        run("iptables", &["-w", "-I", "INPUT", "-j", CHAIN])?;
+    }
+    flush_netfilter()
 }
 
 pub fn flush_netfilter() -> Result<(), String> {
