@@ -1,1 +1,3 @@
-//! Shared pieces of the ringkv tools (kvctl and the benchmark tool).
+//! Shared pieces of the ringkv tools: the benchmark tool's generator and targets.
+
+pub mod bench;

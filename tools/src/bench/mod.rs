@@ -1,0 +1,487 @@
+//! kvbench: a YCSB-style load generator (shared/BENCHMARKS.md).
+//!
+//! A load phase writes every record once; the run phase then issues reads and updates with the
+//! workload's mix and key distribution, either **closed loop** (`connections` × `depth` workers,
+//! each with one request in flight, for peak throughput) or **open loop** (requests start at a
+//! fixed rate; latency is measured from each request's *intended* start, so a stalled server is
+//! charged for the queue it causes: no coordinated omission).
+
+pub mod keys;
+pub mod targets;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use keys::{key_name, KeyChooser};
+use targets::{Conn, ContextCache, TargetKind};
+
+/// YCSB core workloads (read proportion; the rest are updates).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Workload {
+    pub name: &'static str,
+    pub read_proportion: f64,
+}
+
+impl Workload {
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "a" => Workload {
+                name: "A",
+                read_proportion: 0.5,
+            },
+            "b" => Workload {
+                name: "B",
+                read_proportion: 0.95,
+            },
+            "c" => Workload {
+                name: "C",
+                read_proportion: 1.0,
+            },
+            "w" | "write" => Workload {
+                name: "W",
+                read_proportion: 0.0,
+            },
+            other => return Err(format!("unknown workload {other:?}: expected a, b, c or w")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchConfig {
+    pub target: TargetKind,
+    pub addrs: Vec<String>,
+    pub label: String,
+    pub workload: Workload,
+    pub records: u64,
+    pub value_size: usize,
+    pub distribution: String,
+    pub duration_s: f64,
+    /// Stop the run phase after this many ops (smoke runs), if set.
+    pub max_ops: Option<u64>,
+    pub connections: usize,
+    pub depth: usize,
+    /// Open loop at this many ops/s; closed loop when None.
+    pub rate: Option<f64>,
+    pub load: bool,
+    pub seed: u64,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+impl Percentiles {
+    fn from(h: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p95_us: h.value_at_quantile(0.95),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseResult {
+    pub ops: u64,
+    pub errors: u64,
+    pub duration_s: f64,
+    pub throughput: f64,
+    pub read: Percentiles,
+    pub update: Percentiles,
+    pub all: Percentiles,
+    /// The first few error messages, for diagnosis.
+    pub first_errors: Vec<String>,
+    /// Reads that found no value (after a load phase this should be 0).
+    pub not_found: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub config: BenchConfig,
+    pub git_commit: String,
+    pub mode: &'static str,
+    pub load: Option<PhaseResult>,
+    pub run: PhaseResult,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Per-worker measurements, merged at the end of a phase.
+struct Stats {
+    read: Histogram<u64>,
+    update: Histogram<u64>,
+    errors: u64,
+    not_found: u64,
+    first_errors: Vec<String>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            read: histogram(),
+            update: histogram(),
+            errors: 0,
+            not_found: 0,
+            first_errors: Vec::new(),
+        }
+    }
+
+    fn merge(&mut self, o: Stats) {
+        let _ = self.read.add(&o.read);
+        let _ = self.update.add(&o.update);
+        self.errors += o.errors;
+        self.not_found += o.not_found;
+        for e in o.first_errors {
+            if self.first_errors.len() < 5 {
+                self.first_errors.push(e);
+            }
+        }
+    }
+
+    fn result(self, elapsed: Duration) -> PhaseResult {
+        let mut all = histogram();
+        let _ = all.add(&self.read);
+        let _ = all.add(&self.update);
+        let ops = all.len() + self.errors;
+        PhaseResult {
+            ops,
+            errors: self.errors,
+            duration_s: elapsed.as_secs_f64(),
+            throughput: all.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+            read: Percentiles::from(&self.read),
+            update: Percentiles::from(&self.update),
+            all: Percentiles::from(&all),
+            first_errors: self.first_errors,
+            not_found: self.not_found,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum OpKind {
+    Read,
+    Update,
+}
+
+async fn do_op(conn: &Conn, kind: OpKind, key: &str, value: &Bytes) -> Result<bool, String> {
+    match kind {
+        OpKind::Read => conn.read(key).await,
+        OpKind::Update => conn.update(key, value.clone()).await.map(|()| true),
+    }
+}
+
+fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool, String>) {
+    let us = (started.elapsed().as_micros() as u64).max(1);
+    match result {
+        Ok(found) => {
+            match kind {
+                OpKind::Read => stats.read.saturating_record(us),
+                OpKind::Update => stats.update.saturating_record(us),
+            }
+            if !found {
+                stats.not_found += 1;
+            }
+        }
+        Err(e) => {
+            stats.errors += 1;
+            if stats.first_errors.len() < 5 {
+                stats.first_errors.push(e);
+            }
+        }
+    }
+}
+
+fn value_of(size: usize, rng: &mut StdRng) -> Bytes {
+    let mut v = vec![0u8; size];
+    for b in v.iter_mut() {
+        *b = b'a' + rng.random_range(0..26u8);
+    }
+    Bytes::from(v)
+}
+
+/// Prints a progress line every second while `running` holds.
+fn progress(
+    phase: &'static str,
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    running: Arc<AtomicBool>,
+) {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut last = 0;
+        while running.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let n = done.load(Ordering::Relaxed);
+            eprintln!(
+                "[kvbench] {phase} {:>5.1}s {:>10} ops {:>9} ops/s  errors {}",
+                start.elapsed().as_secs_f64(),
+                n,
+                n - last,
+                errors.load(Ordering::Relaxed)
+            );
+            last = n;
+        }
+    });
+}
+
+/// Writes every record once, closed loop.
+async fn load_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
+    let workers = cfg.connections * cfg.depth;
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    progress("load", done.clone(), errors.clone(), running.clone());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let conn = conns[w % conns.len()].clone();
+        let (next, done, errors) = (next.clone(), done.clone(), errors.clone());
+        let records = cfg.records;
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (w as u64 + 1) << 1);
+        let size = cfg.value_size;
+        tasks.push(tokio::spawn(async move {
+            let mut stats = Stats::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= records {
+                    break;
+                }
+                let value = value_of(size, &mut rng);
+                let t = Instant::now();
+                let r = do_op(&conn, OpKind::Update, &key_name(i), &value).await;
+                if r.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                record(&mut stats, OpKind::Update, t, r);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            stats
+        }));
+    }
+    let mut stats = Stats::new();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            stats.merge(s);
+        }
+    }
+    running.store(false, Ordering::Relaxed);
+    stats.result(start.elapsed())
+}
+
+/// The run phase, closed or open loop.
+async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
+    let chooser =
+        Arc::new(KeyChooser::new(&cfg.distribution, cfg.records.max(1)).expect("validated"));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    progress("run ", done.clone(), errors.clone(), running.clone());
+    let deadline = Instant::now() + Duration::from_secs_f64(cfg.duration_s);
+    let budget = Arc::new(AtomicU64::new(cfg.max_ops.unwrap_or(u64::MAX)));
+    let take = |budget: &AtomicU64| {
+        budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+            .is_ok()
+    };
+    let start = Instant::now();
+    let stats = match cfg.rate {
+        None => {
+            let mut tasks = Vec::new();
+            for w in 0..cfg.connections * cfg.depth {
+                let conn = conns[w % conns.len()].clone();
+                let (chooser, done, errors, budget) = (
+                    chooser.clone(),
+                    done.clone(),
+                    errors.clone(),
+                    budget.clone(),
+                );
+                let read_p = cfg.workload.read_proportion;
+                let size = cfg.value_size;
+                let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(31) ^ w as u64);
+                tasks.push(tokio::spawn(async move {
+                    let mut stats = Stats::new();
+                    while Instant::now() < deadline && take(&budget) {
+                        let key = key_name(chooser.next(&mut rng));
+                        let kind = if rng.random_bool(read_p) {
+                            OpKind::Read
+                        } else {
+                            OpKind::Update
+                        };
+                        let value = value_of(size, &mut rng);
+                        let t = Instant::now();
+                        let r = do_op(&conn, kind, &key, &value).await;
+                        if r.is_err() {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        record(&mut stats, kind, t, r);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats
+                }));
+            }
+            let mut stats = Stats::new();
+            for t in tasks {
+                if let Ok(s) = t.await {
+                    stats.merge(s);
+                }
+            }
+            stats
+        }
+        Some(rate) => {
+            // Open loop: op i is due at start + i/rate; its latency counts from then.
+            let shared = Arc::new(Mutex::new(Stats::new()));
+            let limit = Arc::new(tokio::sync::Semaphore::new(cfg.connections * cfg.depth * 4));
+            let mut rng = StdRng::seed_from_u64(cfg.seed);
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+            let mut i: u64 = 0;
+            let mut tasks = tokio::task::JoinSet::new();
+            loop {
+                let due = start + interval.mul_f64(i as f64);
+                if due >= deadline || !take(&budget) {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+                let conn = conns[(i as usize) % conns.len()].clone();
+                let key = key_name(chooser.next(&mut rng));
+                let kind = if rng.random_bool(cfg.workload.read_proportion) {
+                    OpKind::Read
+                } else {
+                    OpKind::Update
+                };
+                let value = value_of(cfg.value_size, &mut rng);
+                let (shared, done, errors) = (shared.clone(), done.clone(), errors.clone());
+                tasks.spawn(async move {
+                    let r = do_op(&conn, kind, &key, &value).await;
+                    if r.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    record(&mut shared.lock().expect("stats lock"), kind, due, r);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    drop(permit);
+                });
+                i += 1;
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+            Arc::try_unwrap(shared)
+                .ok()
+                .expect("all op tasks finished")
+                .into_inner()
+                .expect("stats lock")
+        }
+    };
+    running.store(false, Ordering::Relaxed);
+    stats.result(start.elapsed())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub async fn run(cfg: BenchConfig) -> Result<Summary, String> {
+    KeyChooser::new(&cfg.distribution, cfg.records.max(1))?;
+    let contexts = Arc::new(ContextCache::new());
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let mut conns = Vec::with_capacity(cfg.connections);
+    for i in 0..cfg.connections {
+        conns.push(targets::Conn::connect(cfg.target, &cfg.addrs, i, &contexts, timeout).await?);
+    }
+    let load = if cfg.load {
+        Some(load_phase(&cfg, &conns).await)
+    } else {
+        None
+    };
+    let run = run_phase(&cfg, &conns).await;
+    Ok(Summary {
+        mode: if cfg.rate.is_some() { "open" } else { "closed" },
+        git_commit: git_commit(),
+        config: cfg,
+        load,
+        run,
+    })
+}
+
+/// A human table of a summary.
+pub fn table(s: &Summary) -> String {
+    let c = &s.config;
+    let mut out = format!(
+        "{} ({}), workload {}, {} records x {} B, {}, {} loop, {} conn x {} deep{}\n",
+        c.label,
+        serde_json::to_string(&c.target)
+            .unwrap_or_default()
+            .trim_matches('"'),
+        c.workload.name,
+        c.records,
+        c.value_size,
+        c.distribution,
+        s.mode,
+        c.connections,
+        c.depth,
+        c.rate
+            .map(|r| format!(" at {r:.0} ops/s"))
+            .unwrap_or_default()
+    );
+    out.push_str("phase   op       ops/s       count  errors    p50 us    p95 us    p99 us  p99.9 us    max us\n");
+    let mut row = |phase: &str, op: &str, p: &Percentiles, thr: f64, errors: u64| {
+        out.push_str(&format!(
+            "{phase:<7} {op:<7} {thr:>9.0} {:>11} {errors:>7} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            p.count, p.p50_us, p.p95_us, p.p99_us, p.p999_us, p.max_us
+        ));
+    };
+    if let Some(l) = &s.load {
+        row("load", "update", &l.update, l.throughput, l.errors);
+    }
+    let r = &s.run;
+    row("run", "all", &r.all, r.throughput, r.errors);
+    if r.read.count > 0 {
+        row(
+            "run",
+            "read",
+            &r.read,
+            r.read.count as f64 / r.duration_s,
+            0,
+        );
+    }
+    if r.update.count > 0 {
+        row(
+            "run",
+            "update",
+            &r.update,
+            r.update.count as f64 / r.duration_s,
+            0,
+        );
+    }
+    for e in &r.first_errors {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    out
+}

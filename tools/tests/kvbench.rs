@@ -1,0 +1,55 @@
+//! Smoke run of the load generator against a real node: it completes, with zero errors and a
+//! well-formed JSON summary. (Speed is measured by `make bench`, never asserted in tests.)
+
+use std::process::Command;
+
+use ringkv_jepsen::{bin_path, NodeProcess};
+use serde_json::Value;
+
+#[test]
+fn kvbench_smoke_run_has_no_errors_and_a_complete_summary() {
+    let node = NodeProcess::start_temp("bench", &["--n", "1"]);
+    for mode in [
+        &["--connections", "2", "--depth", "4"][..],
+        &["--rate", "500"][..],
+    ] {
+        let out = Command::new(bin_path("kvbench"))
+            .args([
+                "--addr",
+                &node.addr,
+                "--records",
+                "100",
+                "--ops",
+                "300",
+                "--json",
+                "--workload",
+                "a",
+            ])
+            .args(mode)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s: Value = serde_json::from_slice(&out.stdout).expect("JSON summary on stdout");
+        assert_eq!(s["load"]["ops"], 100, "{s}");
+        assert_eq!(s["load"]["errors"], 0, "{s}");
+        let run = &s["run"];
+        assert_eq!(run["ops"], 300, "{s}");
+        assert_eq!(run["errors"], 0, "{s}");
+        assert_eq!(run["not_found"], 0, "every key was loaded: {s}");
+        assert_eq!(
+            run["read"]["count"].as_u64().unwrap() + run["update"]["count"].as_u64().unwrap(),
+            300
+        );
+        assert!(run["throughput"].as_f64().unwrap() > 0.0);
+        for p in ["p50_us", "p95_us", "p99_us", "p999_us", "max_us"] {
+            assert!(run["all"][p].as_u64().unwrap() > 0, "{p}: {s}");
+        }
+        assert!(run["all"]["p50_us"].as_u64() <= run["all"]["max_us"].as_u64());
+        assert_eq!(s["config"]["workload"]["name"], "A");
+        assert!(!s["git_commit"].as_str().unwrap().is_empty());
+    }
+}
