@@ -238,7 +238,7 @@ async fn read_resp<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) -> RedisReply
     }
     let line = line.trim_end();
     match line.as_bytes().first() {
-        Some(b'+') | Some(b':') => Ok(Some(line[1..].as_bytes().to_vec())),
+        Some(b'+') | Some(b':') => Ok(Some(line.as_bytes()[1..].to_vec())),
         Some(b'-') => Err(format!("redis error: {}", &line[1..])),
         Some(b'$') => {
             let len: i64 = line[1..]
