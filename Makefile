@@ -11,7 +11,9 @@ PORT ?= 7379
 
 JEPSEN_OUT ?= $(CURDIR)/jepsen-results
 
-.PHONY: deps build install run test jepsen lint fmt clean-data
+BENCH_OUT ?= $(CURDIR)/bench-results
+
+.PHONY: deps build install run test jepsen bench lint fmt clean-data
 
 deps:
 	@need=""; \
@@ -59,6 +61,17 @@ jepsen: deps
 	@echo "    $(BIN)/ringkv-jepsen --workload register --nemesis partition,loss --time-limit 120"
 	@echo "==> running the full profile; histories and summaries in $(JEPSEN_OUT)"
 	"$(BIN)/ringkv-jepsen" --profile full --out "$(JEPSEN_OUT)"
+
+# ringkv (1 node, 3 nodes) next to Redis and etcd on loopback, same generator; see docs/benchmarks.md.
+bench: deps build
+	@need=""; command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
+	command -v etcd >/dev/null 2>&1 || need="$$need etcd-server"; \
+	if [ -n "$$need" ]; then \
+	  echo "==> installing baselines:$$need"; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need; \
+	fi
+	tools/bench.sh "$(BIN)" "$(BENCH_OUT)/$$(date +%Y%m%d-%H%M%S)"
 
 lint: deps
 	cargo fmt --all -- --check
