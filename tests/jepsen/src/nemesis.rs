@@ -192,6 +192,23 @@ pub enum Active {
     Paused(Vec<usize>),
     Netfilter,
     Skewed(Vec<usize>),
+    /// Clocks that flip between +offset and -offset every second until healed.
+    Strobing(Vec<(usize, i64)>),
+}
+
+/// One step of a clock strobe: every strobing node's offset changes sign.
+pub fn strobe_tick(
+    active: &Active,
+    nodes: &[NodeProcess],
+    clock_dir: &Path,
+    phase: bool,
+) -> Result<(), String> {
+    if let Active::Strobing(offsets) = active {
+        for &(i, off) in offsets {
+            set_clock(clock_dir, &nodes[i].id, if phase { off } else { -off })?;
+        }
+    }
+    Ok(())
 }
 
 /// Starts a fault of `kind` on the cluster; returns what to heal and a description for the
@@ -270,13 +287,25 @@ pub fn start(
         }
         Kind::Clock => {
             let victims = minority(rng);
+            let strobe = rng.random_bool(0.5);
             let mut offsets = serde_json::Map::new();
+            let mut strobing = Vec::new();
             for &i in &victims {
                 let off = rng.random_range(-MAX_SKEW_S..=MAX_SKEW_S);
                 set_clock(clock_dir, &nodes[i].id, off)?;
                 offsets.insert(nodes[i].id.clone(), json!(off));
+                strobing.push((i, off));
             }
-            Ok((Active::Skewed(victims), json!({"offsets_s": offsets})))
+            if strobe {
+                // Strobe: the runner flips each offset's sign every second.
+                let v = json!({"mode": "strobe", "offsets_s": offsets, "period_s": 1});
+                Ok((Active::Strobing(strobing), v))
+            } else {
+                Ok((
+                    Active::Skewed(victims),
+                    json!({"mode": "skew", "offsets_s": offsets}),
+                ))
+            }
         }
     }
 }
@@ -301,6 +330,12 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
         Active::Netfilter => flush_netfilter(),
         Active::Skewed(idx) => {
             for i in idx {
+                set_clock(clock_dir, &nodes[i].id, 0)?;
+            }
+            Ok(())
+        }
+        Active::Strobing(offsets) => {
+            for (i, _) in offsets {
                 set_clock(clock_dir, &nodes[i].id, 0)?;
             }
             Ok(())

@@ -365,7 +365,20 @@ async fn nemesis_loop(
         };
         let hold = interval.mul_f64(rng.random_range(0.2..2.0));
         let until = (Instant::now() + hold).min(deadline);
-        tokio::time::sleep_until(until.into()).await;
+        let mut phase = false;
+        while Instant::now() < until {
+            let step = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            tokio::time::sleep(step).await;
+            if matches!(active, nemesis::Active::Strobing(_)) {
+                let ns = nodes.lock().await;
+                if let Err(e) = nemesis::strobe_tick(&active, &ns, &clock_dir, phase) {
+                    errors.lock().await.push(format!("{fault}: {e}"));
+                }
+                phase = !phase;
+            }
+        }
         let healed = {
             let mut ns = nodes.lock().await;
             nemesis::heal(active, &mut ns, &clock_dir)
