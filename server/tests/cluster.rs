@@ -2,18 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use ringkv_client::{Client, ErrorKind, GetOptions, PutOptions, Read};
+use ringkv_client::{Client, ErrorKind, GetOptions, PutOptions};
 use ringkv_jepsen::Cluster;
 
-fn strings(read: &Read) -> Vec<String> {
-    let mut v: Vec<String> = read
-        .values()
-        .iter()
-        .map(|b| String::from_utf8(b.to_vec()).unwrap())
-        .collect();
-    v.sort();
-    v
-}
+use ringkv_jepsen::sorted_values as strings;
 
 fn w(n: u8) -> PutOptions {
     PutOptions {

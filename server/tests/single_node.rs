@@ -20,15 +20,7 @@ async fn client(node: &NodeProcess) -> Client {
     Client::connect([node.addr.clone()]).await.expect("connect")
 }
 
-fn strings(read: &ringkv_client::Read) -> Vec<String> {
-    let mut v: Vec<String> = read
-        .values()
-        .iter()
-        .map(|b| String::from_utf8(b.to_vec()).unwrap())
-        .collect();
-    v.sort();
-    v
-}
+use ringkv_jepsen::sorted_values as strings;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete() {

@@ -11,3 +11,14 @@ pub mod runner;
 
 pub use cluster::Cluster;
 pub use process::{bin_path, NodeProcess};
+
+/// A read's live values as sorted strings (test helper shared by the integration tests).
+pub fn sorted_values(read: &ringkv_client::Read) -> Vec<String> {
+    let mut v: Vec<String> = read
+        .values()
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    v.sort();
+    v
+}

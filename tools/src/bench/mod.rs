@@ -212,6 +212,29 @@ fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool
     }
 }
 
+/// Runs one operation and counts it for the progress line; the caller records its latency.
+async fn counted(
+    conn: &Conn,
+    kind: OpKind,
+    key: &str,
+    value: &Bytes,
+    counters: &Counters,
+) -> Result<bool, String> {
+    let r = do_op(conn, kind, key, value).await;
+    if r.is_err() {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    counters.done.fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+/// Progress counters shared by the workers of a phase.
+#[derive(Default)]
+struct Counters {
+    done: AtomicU64,
+    errors: AtomicU64,
+}
+
 fn value_of(size: usize, rng: &mut StdRng) -> Bytes {
     let mut v = vec![0u8; size];
     for b in v.iter_mut() {
@@ -221,24 +244,19 @@ fn value_of(size: usize, rng: &mut StdRng) -> Bytes {
 }
 
 /// Prints a progress line every second while `running` holds.
-fn progress(
-    phase: &'static str,
-    done: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    running: Arc<AtomicBool>,
-) {
+fn progress(phase: &'static str, counters: Arc<Counters>, running: Arc<AtomicBool>) {
     tokio::spawn(async move {
         let start = Instant::now();
         let mut last = 0;
         while running.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let n = done.load(Ordering::Relaxed);
+            let n = counters.done.load(Ordering::Relaxed);
             eprintln!(
                 "[kvbench] {phase} {:>5.1}s {:>10} ops {:>9} ops/s  errors {}",
                 start.elapsed().as_secs_f64(),
                 n,
                 n - last,
-                errors.load(Ordering::Relaxed)
+                counters.errors.load(Ordering::Relaxed)
             );
             last = n;
         }
@@ -249,15 +267,14 @@ fn progress(
 async fn load_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
     let workers = cfg.connections * cfg.depth;
     let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
     let running = Arc::new(AtomicBool::new(true));
-    progress("load", done.clone(), errors.clone(), running.clone());
+    progress("load", counters.clone(), running.clone());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..workers {
         let conn = conns[w % conns.len()].clone();
-        let (next, done, errors) = (next.clone(), done.clone(), errors.clone());
+        let (next, counters) = (next.clone(), counters.clone());
         let records = cfg.records;
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ (w as u64 + 1) << 1);
         let size = cfg.value_size;
@@ -270,12 +287,8 @@ async fn load_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                 }
                 let value = value_of(size, &mut rng);
                 let t = Instant::now();
-                let r = do_op(&conn, OpKind::Update, &key_name(i), &value).await;
-                if r.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
+                let r = counted(&conn, OpKind::Update, &key_name(i), &value, &counters).await;
                 record(&mut stats, OpKind::Update, t, r);
-                done.fetch_add(1, Ordering::Relaxed);
             }
             stats
         }));
@@ -294,10 +307,9 @@ async fn load_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
 async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
     let chooser =
         Arc::new(KeyChooser::new(&cfg.distribution, cfg.records.max(1)).expect("validated"));
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
     let running = Arc::new(AtomicBool::new(true));
-    progress("run ", done.clone(), errors.clone(), running.clone());
+    progress("run ", counters.clone(), running.clone());
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.duration_s);
     let budget = Arc::new(AtomicU64::new(cfg.max_ops.unwrap_or(u64::MAX)));
     let take = |budget: &AtomicU64| {
@@ -311,12 +323,8 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
             let mut tasks = Vec::new();
             for w in 0..cfg.connections * cfg.depth {
                 let conn = conns[w % conns.len()].clone();
-                let (chooser, done, errors, budget) = (
-                    chooser.clone(),
-                    done.clone(),
-                    errors.clone(),
-                    budget.clone(),
-                );
+                let (chooser, counters, budget) =
+                    (chooser.clone(), counters.clone(), budget.clone());
                 let read_p = cfg.workload.read_proportion;
                 let size = cfg.value_size;
                 let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(31) ^ w as u64);
@@ -331,12 +339,8 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                         };
                         let value = value_of(size, &mut rng);
                         let t = Instant::now();
-                        let r = do_op(&conn, kind, &key, &value).await;
-                        if r.is_err() {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
+                        let r = counted(&conn, kind, &key, &value, &counters).await;
                         record(&mut stats, kind, t, r);
-                        done.fetch_add(1, Ordering::Relaxed);
                     }
                     stats
                 }));
@@ -372,14 +376,10 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                     OpKind::Update
                 };
                 let value = value_of(cfg.value_size, &mut rng);
-                let (shared, done, errors) = (shared.clone(), done.clone(), errors.clone());
+                let (shared, counters) = (shared.clone(), counters.clone());
                 tasks.spawn(async move {
-                    let r = do_op(&conn, kind, &key, &value).await;
-                    if r.is_err() {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let r = counted(&conn, kind, &key, &value, &counters).await;
                     record(&mut shared.lock().expect("stats lock"), kind, due, r);
-                    done.fetch_add(1, Ordering::Relaxed);
                     drop(permit);
                 });
                 i += 1;
