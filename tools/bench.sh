@@ -48,7 +48,7 @@ for i in 1 2 3; do
 done
 ready ringkv-1node probe ringkv 127.0.0.1:17379
 ready ringkv-1node-nosync probe ringkv 127.0.0.1:17479
-ready ringkv-3node probe ringkv 127.0.0.1:18379
+for c in 18379 18389 18399; do ready "ringkv-3node ($c)" probe ringkv "127.0.0.1:$c"; done
 ready redis probe redis 127.0.0.1:16379
 ready etcd probe etcd 127.0.0.1:12379
 

@@ -55,6 +55,18 @@ for i in 1 2 3; do
   done
 done
 
+# Ready = every node answers reads (a node refuses to coordinate until it knows the ring).
+for i in 1 2 3; do
+  for _ in $(seq 1 300); do
+    set +e
+    "$bin/kvctl" --addr "127.0.0.1:$((base + 2 * (i - 1)))" --timeout-ms 1000 get ringkv-ready-probe >/dev/null 2>&1
+    rc=$?
+    set -e
+    [ "$rc" -le 1 ] && break
+    sleep 0.1
+  done
+done
+
 cat <<MSG
 
 ==> ringkv cluster up: n1 127.0.0.1:$base, n2 127.0.0.1:$((base + 2)), n3 127.0.0.1:$((base + 4))
