@@ -27,6 +27,10 @@ pub struct Op {
     pub i: u64,
     /// Nanoseconds since the run started (one monotonic clock, the harness's).
     pub t: u64,
+    /// The harness's wall clock in ms since the epoch (never a server clock), for matching
+    /// the history with node logs.
+    #[serde(default)]
+    pub wall_ms: u64,
     /// Process id, or `nemesis` / `final`.
     pub p: String,
     #[serde(rename = "type")]
@@ -59,6 +63,7 @@ impl Op {
         Op {
             i: 0,
             t: 0,
+            wall_ms: 0,
             p: p.into(),
             kind,
             f: f.to_string(),
@@ -135,6 +140,9 @@ impl Recorder {
         let mut inner = self.inner.lock().expect("history lock poisoned");
         op.i = inner.ops.len() as u64;
         op.t = self.elapsed_ns();
+        op.wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         if let Some(out) = inner.out.as_mut() {
             let line = serde_json::to_string(&op).expect("ops serialize");
             // The history is the evidence: a failed write here must not go unnoticed.
