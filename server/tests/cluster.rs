@@ -111,13 +111,7 @@ async fn one_node_down_quorums_of_two_keep_working_and_w3_fails_clearly() {
     }
     assert!(err.to_string().contains("node n1"), "{err}");
     // Once n2 is known down, the refusal is decided before writing anything.
-    c.wait_members(
-        |n| n.child_running(),
-        |n| n.child_running(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    c.wait_converged(Duration::from_secs(10)).await.unwrap();
     let err = a.put_with("k-w3b", "v", None, w(3)).await.unwrap_err();
     assert_eq!(
         err.kind(),
@@ -155,13 +149,7 @@ async fn one_node_down_quorums_of_two_keep_working_and_w3_fails_clearly() {
 async fn read_repair_fills_a_replica_that_missed_a_write() {
     let mut c = Cluster::start(3, &[]).await;
     c.nodes[1].stop().unwrap();
-    c.wait_members(
-        |n| n.child_running(),
-        |n| n.child_running(),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    c.wait_converged(Duration::from_secs(10)).await.unwrap();
     let a = c.client(0);
     a.put_with("k", "written-while-b-was-down", None, w(2))
         .await

@@ -125,21 +125,7 @@ fn check_prerequisites(needs_netns: bool, needs_clock: bool) -> Result<(), Strin
 /// Runs the harness again inside a fresh network namespace and removes the namespace after.
 fn reexec_in_netns() -> Result<ExitCode, String> {
     let name = format!("rkj-{}", std::process::id());
-    let run = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
+    let run = |args: &[&str]| nemesis::run("ip", args);
     run(&["netns", "add", &name])?;
     let result = (|| {
         run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"])?;

@@ -62,7 +62,8 @@ pub const LOSS_PROBABILITY: f64 = 0.2;
 /// The iptables chain the harness owns inside its namespace.
 pub const CHAIN: &str = "RKV";
 
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+/// Runs a command to completion; the error carries the command line and its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(cmd)
         .args(args)
         .output()
