@@ -55,9 +55,6 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
-    pub fn len(&self) -> usize {
-        self.ops.len()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,25 +79,22 @@ pub struct HexKey(pub Vec<u8>);
 
 impl fmt::Display for HexKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        display_key(&self.0, f)
-    }
-}
-
-pub fn display_key(key: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
-    let shown = &key[..key.len().min(64)];
-    match std::str::from_utf8(shown) {
-        Ok(s) if s.chars().all(|c| !c.is_control()) => write!(f, "{s:?}")?,
-        _ => {
-            write!(f, "0x")?;
-            for b in shown {
-                write!(f, "{b:02x}")?;
+        let key = &self.0;
+        let shown = &key[..key.len().min(64)];
+        match std::str::from_utf8(shown) {
+            Ok(s) if s.chars().all(|c| !c.is_control()) => write!(f, "{s:?}")?,
+            _ => {
+                write!(f, "0x")?;
+                for b in shown {
+                    write!(f, "{b:02x}")?;
+                }
             }
         }
+        if key.len() > shown.len() {
+            write!(f, "…(+{} bytes)", key.len() - shown.len())?;
+        }
+        Ok(())
     }
-    if key.len() > shown.len() {
-        write!(f, "…(+{} bytes)", key.len() - shown.len())?;
-    }
-    Ok(())
 }
 
 /// The storage engine: point reads and atomic batches over the column families.

@@ -390,10 +390,6 @@ impl Store {
         self.tx.len()
     }
 
-    pub fn config(&self) -> &StoreConfig {
-        &self.config
-    }
-
     pub fn engine(&self) -> &Arc<dyn Engine> {
         &self.engine
     }

@@ -192,14 +192,6 @@ impl NodeProcess {
         self.env.push((key.to_string(), value.to_string()));
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
     /// True while the process is started and not stopped or killed through this handle (a
     /// paused process counts as running).
     pub fn child_running(&self) -> bool {
@@ -250,17 +242,6 @@ impl NodeProcess {
         unsafe {
             libc::kill(pid, sig);
         }
-    }
-
-    pub fn restart(&mut self) -> Result<(), String> {
-        if self.child.is_some() {
-            self.stop()?;
-        }
-        self.start()
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// The last `lines` lines of the node's log.

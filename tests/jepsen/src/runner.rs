@@ -124,12 +124,6 @@ struct Shared {
     keys: Mutex<BTreeSet<String>>,
 }
 
-impl Shared {
-    fn invoke(&self, op: Op) -> Op {
-        self.rec.record(op)
-    }
-}
-
 /// A client process: runs ops until stopped; retires (p += concurrency) after an `info`.
 async fn client_loop(shared: Arc<Shared>, cfg: Arc<RunConfig>, worker: usize) {
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ (0x9E37_79B9 * (worker as u64 + 1)));
@@ -178,7 +172,7 @@ async fn recorded_get(
 ) -> Option<(u64, Read)> {
     let mut inv = Op::new(p.to_string(), OpType::Invoke, f).key(key);
     inv.node = Some(shared.node_names[node].clone());
-    shared.invoke(inv);
+    shared.rec.record(inv);
     match shared.clients[node].get_with(key, read_opts()).await {
         Ok(read) => {
             let done = shared.rec.record(
@@ -228,7 +222,7 @@ async fn register_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node
     inv.ctx = ctx.as_ref().map(ctx_token);
     inv.ctx_src = ctx_src;
     inv.node = Some(shared.node_names[node].clone());
-    shared.invoke(inv);
+    shared.rec.record(inv);
     let client = &shared.clients[node];
     let result = if is_delete {
         client.delete_with(&key, ctx.as_ref(), write_opts()).await
@@ -277,7 +271,7 @@ async fn set_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node: usi
         .key(&key)
         .value(json!(element));
     inv.node = Some(shared.node_names[node].clone());
-    shared.invoke(inv);
+    shared.rec.record(inv);
     let client = &shared.clients[node];
     // Read-merge-write: the union of every sibling's elements plus the new one, written with
     // the read's context (it resolves the siblings it saw).
