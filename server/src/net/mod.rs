@@ -3,8 +3,9 @@
 //! Bounded everywhere: at most `max_connections` connections per listener (extra ones get an
 //! `Overloaded` error frame and are closed) and at most `max_in_flight` requests per connection
 //! (the reader stops reading until one completes, so a fast pipeliner gets TCP backpressure,
-//! not unbounded memory). Each request runs as its own task; one writer task per connection
-//! coalesces whatever replies are ready into one flush.
+//! not unbounded memory). A connection is one task: its requests run concurrently inside it
+//! (no task spawn or channel hop per request) and every reply that is ready when the task runs
+//! goes out in one flush.
 
 pub mod client;
 pub mod peer;
@@ -14,11 +15,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN;
 use ringkv_protocol::{ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Response};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -137,92 +139,97 @@ async fn connection<H: FrameHandler>(
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(cfg.max_request_body));
     let mut writer = FramedWrite::new(wr, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
-    let (tx, mut rx) = mpsc::channel::<Frame>(cfg.max_in_flight);
-    let write_task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if writer.feed(frame).await.is_err() {
-                return;
+    // The connection's requests run inside this task, not as tasks of their own: no spawn and
+    // no channel hop per request, and every reply that is ready goes out in one flush.
+    let mut in_flight = FuturesUnordered::new();
+    // False once the connection stops taking requests (peer closed, bad frame, a handler asked
+    // to close, shutdown); requests already running still answer.
+    let mut reading = true;
+    let mut unflushed = false;
+    while reading || !in_flight.is_empty() {
+        let rejected = tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if reading => {
+                reading = false;
+                None
             }
-            while let Ok(frame) = rx.try_recv() {
-                if writer.feed(frame).await.is_err() {
-                    return;
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                let reply: Reply = reply;
+                if reply.close {
+                    reading = false;
                 }
+                if writer.feed(reply.frame).await.is_err() {
+                    break;
+                }
+                unflushed = true;
+                None
             }
-            if writer.flush().await.is_err() {
-                return;
+            flushed = writer.flush(), if unflushed => {
+                if flushed.is_err() {
+                    break;
+                }
+                unflushed = false;
+                None
             }
-        }
-    });
-    // Cancelled by a handler that asks to close (e.g. a refused peer handshake).
-    let close = shutdown.child_token();
-    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    loop {
-        let permit = tokio::select! {
-            _ = close.cancelled() => break,
-            p = in_flight.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            item = reader.next(), if reading && in_flight.len() < cfg.max_in_flight => match item {
+                None => {
+                    reading = false;
+                    None
+                }
+                Some(Ok(Inbound::Frame(frame))) => {
+                    in_flight.push(handler.clone().handle(frame));
+                    None
+                }
+                Some(Ok(Inbound::Rejected { request_id, reason })) => {
+                    inc(&metrics.frames_rejected);
+                    Some(rejection_frame(&cfg.node_id, request_id, reason))
+                }
+                Some(Err(FrameError::BadMagic { found })) => {
+                    inc(&metrics.malformed);
+                    warn!(node = %cfg.node_id, listener = cfg.kind, %peer, "closing connection: bad magic 0x{found:04x}");
+                    reading = false;
+                    let msg =
+                        format!("not a ringkv frame (bad magic 0x{found:04x}); closing connection");
+                    Some(error_frame(&cfg.node_id, 0, ErrorKind::Malformed, msg))
+                }
+                Some(Err(FrameError::Io(e))) => {
+                    debug!(node = %cfg.node_id, listener = cfg.kind, %peer, error = %e, "connection read error");
+                    reading = false;
+                    None
+                }
+            },
         };
-        let item = tokio::select! {
-            _ = close.cancelled() => break,
-            item = reader.next() => item,
-        };
-        match item {
-            None => break,
-            Some(Ok(Inbound::Frame(frame))) => {
-                let handler = handler.clone();
-                let tx = tx.clone();
-                let close = close.clone();
-                tokio::spawn(async move {
-                    let reply = handler.handle(frame).await;
-                    let _ = tx.send(reply.frame).await;
-                    if reply.close {
-                        close.cancel();
-                    }
-                    drop(permit);
-                });
-            }
-            Some(Ok(Inbound::Rejected { request_id, reason })) => {
-                inc(&metrics.frames_rejected);
-                let (kind, msg) = match reason {
-                    Rejection::UnsupportedVersion { got } => (
-                        ErrorKind::UnsupportedVersion {
-                            got: got as u64,
-                            supported: ringkv_protocol::PROTOCOL_VERSION as u64,
-                        },
-                        format!(
-                            "protocol version {got} is not supported (this node speaks {})",
-                            ringkv_protocol::PROTOCOL_VERSION
-                        ),
-                    ),
-                    Rejection::TooLarge { body_len, limit } => (
-                        ErrorKind::TooLarge {
-                            size: body_len,
-                            limit,
-                        },
-                        format!("request frame of {body_len} bytes exceeds the limit of {limit}"),
-                    ),
-                };
-                let _ = tx
-                    .send(error_frame(&cfg.node_id, request_id, kind, msg))
-                    .await;
-            }
-            Some(Err(FrameError::BadMagic { found })) => {
-                inc(&metrics.malformed);
-                warn!(node = %cfg.node_id, listener = cfg.kind, %peer, "closing connection: bad magic 0x{found:04x}");
-                let msg =
-                    format!("not a ringkv frame (bad magic 0x{found:04x}); closing connection");
-                let _ = tx
-                    .send(error_frame(&cfg.node_id, 0, ErrorKind::Malformed, msg))
-                    .await;
+        if let Some(frame) = rejected {
+            if writer.feed(frame).await.is_err() {
                 break;
             }
-            Some(Err(FrameError::Io(e))) => {
-                debug!(node = %cfg.node_id, listener = cfg.kind, %peer, error = %e, "connection read error");
-                break;
-            }
+            unflushed = true;
         }
     }
-    // Requests already running still answer: each holds a sender clone.
-    drop(tx);
-    let _ = write_task.await;
+    let _ = writer.flush().await;
     metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The error reply to a frame the codec refused (the connection stays usable).
+fn rejection_frame(node_id: &str, request_id: u64, reason: Rejection) -> Frame {
+    let (kind, msg) = match reason {
+        Rejection::UnsupportedVersion { got } => (
+            ErrorKind::UnsupportedVersion {
+                got: got as u64,
+                supported: ringkv_protocol::PROTOCOL_VERSION as u64,
+            },
+            format!(
+                "protocol version {got} is not supported (this node speaks {})",
+                ringkv_protocol::PROTOCOL_VERSION
+            ),
+        ),
+        Rejection::TooLarge { body_len, limit } => (
+            ErrorKind::TooLarge {
+                size: body_len,
+                limit,
+            },
+            format!("request frame of {body_len} bytes exceeds the limit of {limit}"),
+        ),
+    };
+    error_frame(node_id, request_id, kind, msg)
 }
