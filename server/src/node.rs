@@ -10,18 +10,19 @@
 //! waits for the rest (until the deadline) and sends the final merge to every replica that
 //! answered with something else (read repair). Every error starts with the node id.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
 use ringkv_protocol::{
     CausalContext, ErrorKind, ErrorReply, ReadReply, Request, Response, RingMember, RingReply,
     Sibling, StatusReply, WriteReply,
 };
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant as TokioInstant;
 use tracing::{debug, warn};
 
@@ -454,39 +455,12 @@ impl Node {
         let dot = outcome.dot.expect("updates always mint a dot");
         let mut quorum = WriteQuorum::new(alive.len().max(1), needed);
         let mut decision = quorum.on_ack(view.me.clone());
-        let others: Vec<NodeId> = alive.into_iter().filter(|n| *n != view.me).collect();
-        let (tx, mut rx) = mpsc::channel(others.len().max(1));
-        if !others.is_empty() {
-            let state = Bytes::from(outcome.state.encode());
-            for target in others {
-                let node = self.clone();
-                let tx = tx.clone();
-                let addr = view.peer_addr(&target).map(str::to_string);
-                let req = PeerRequest::Replicate {
-                    key: w.key.clone(),
-                    state: state.clone(),
-                    timeout_ms: remaining_ms(deadline),
-                };
-                tokio::spawn(async move {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    inc(&node.requests.replicate_sent);
-                    let result = match addr {
-                        None => Err(PeerError::Unreachable(format!("no address for {target}"))),
-                        Some(addr) => node.peers.call(&addr, &req, left).await,
-                    };
-                    let ok = matches!(result, Ok(PeerResponse::Ack));
-                    if let Err(e) = &result {
-                        inc(&node.requests.replicate_failed);
-                        debug!(node = %node.config.node_id, replica = %target, error = %e, "replicate failed");
-                    }
-                    if tx.send((target, ok)).await.is_err() && ok {
-                        // The request was already answered: a late ack.
-                        inc(&node.requests.late_acks);
-                    }
-                });
-            }
-        }
-        drop(tx);
+        let state = Bytes::from(outcome.state.encode());
+        let mut acks: FuturesUnordered<_> = alive
+            .into_iter()
+            .filter(|n| *n != view.me)
+            .map(|target| self.replicate(target, view, w.key.clone(), state.clone(), deadline))
+            .collect();
         let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
         tokio::pin!(sleep);
         loop {
@@ -503,13 +477,24 @@ impl Node {
                 Decision::Pending => {}
             }
             decision = tokio::select! {
-                msg = rx.recv() => match msg {
+                ack = acks.next() => match ack {
                     Some((node, true)) => quorum.on_ack(node),
                     Some((node, false)) => quorum.on_failure(node),
                     None => quorum.on_deadline(),
                 },
                 _ = &mut sleep => quorum.on_deadline(),
             };
+        }
+        if !acks.is_empty() {
+            // Replicas beyond W still get the write; their acks arrive after the answer.
+            let node = self.clone();
+            tokio::spawn(async move {
+                while let Some((_, ok)) = acks.next().await {
+                    if ok {
+                        inc(&node.requests.late_acks);
+                    }
+                }
+            });
         }
         let body = (w.opts.flags & WriteOptions::RETURN_BODY != 0)
             .then(|| read_reply(&w.key, &outcome.state));
@@ -522,6 +507,38 @@ impl Node {
             Response::Delete(reply)
         } else {
             Response::Put(reply)
+        }
+    }
+
+    /// Ships a key's state to one replica; resolves to whether it acknowledged. A `'static`
+    /// future (bounded by `deadline`), so unfinished ones can move to a task.
+    fn replicate(
+        self: &Arc<Self>,
+        target: NodeId,
+        view: &ClusterView,
+        key: Bytes,
+        state: Bytes,
+        deadline: Instant,
+    ) -> impl Future<Output = (NodeId, bool)> + Send + 'static {
+        let node = self.clone();
+        let addr = view.peer_addr(&target).map(str::to_string);
+        async move {
+            let req = PeerRequest::Replicate {
+                key,
+                state,
+                timeout_ms: remaining_ms(deadline),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            inc(&node.requests.replicate_sent);
+            let result = match addr {
+                None => Err(PeerError::Unreachable(format!("no address for {target}"))),
+                Some(addr) => node.peers.call(&addr, &req, left).await,
+            };
+            if let Err(e) = &result {
+                inc(&node.requests.replicate_failed);
+                debug!(node = %node.config.node_id, replica = %target, error = %e, "replicate failed");
+            }
+            (target, matches!(result, Ok(PeerResponse::Ack)))
         }
     }
 
@@ -547,12 +564,7 @@ impl Node {
     }
 
     async fn local_state(&self, key: Bytes) -> Result<KeyState, String> {
-        let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.get(&key)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("read task failed: {e}")),
-        }
+        self.store.read(key).await.map_err(|e| e.to_string())
     }
 
     async fn get(self: &Arc<Self>, key: Bytes, opts: ReadOptions) -> Response {
@@ -595,109 +607,100 @@ impl Node {
             );
         }
         inc(&self.requests.coordinated_reads);
-        let (answer_tx, answer_rx) = oneshot::channel();
-        let node = self.clone();
-        tokio::spawn(async move {
-            node.drive_read(key, needed, alive, view, deadline, answer_tx)
-                .await
-        });
-        answer_rx.await.unwrap_or_else(|_| {
-            self.err(
-                ErrorKind::Internal,
-                true,
-                "read coordinator stopped without answering",
-            )
-        })
-    }
-
-    /// Gathers replica states: answers at R replies, keeps merging late replies until every
-    /// replica answered or the deadline passed, then read-repairs the replicas that differ.
-    async fn drive_read(
-        self: Arc<Self>,
-        key: Bytes,
-        needed: usize,
-        alive: Vec<NodeId>,
-        view: Arc<ClusterView>,
-        deadline: Instant,
-        answer: oneshot::Sender<Response>,
-    ) {
-        let (tx, mut rx) = mpsc::channel(alive.len());
-        for target in &alive {
-            let node = self.clone();
-            let tx = tx.clone();
-            let key = key.clone();
-            let target = target.clone();
-            let addr = view.peer_addr(&target).map(str::to_string);
-            let is_me = target == view.me;
-            tokio::spawn(async move {
-                let result: Result<KeyState, String> = if is_me {
-                    node.local_state(key).await
-                } else {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match addr {
-                        None => Err(format!("no address for {target}")),
-                        Some(addr) => {
-                            let req = PeerRequest::ReadLocal {
-                                key,
-                                timeout_ms: remaining_ms(deadline),
-                            };
-                            match node.peers.call(&addr, &req, left).await {
-                                Ok(PeerResponse::State(b)) => {
-                                    KeyState::decode(&b).map_err(|e| e.to_string())
-                                }
-                                Ok(other) => Err(format!("unexpected reply {other:?}")),
-                                Err(e) => Err(e.to_string()),
-                            }
-                        }
-                    }
-                };
-                let _ = tx.send((target, result)).await;
-            });
-        }
-        drop(tx);
+        // Every live replica is asked (the coordinator's own state is read inline when it is
+        // in memory); the client is answered at R replies, and the rest is gathered in the
+        // background for read repair.
+        let mut replies: FuturesUnordered<_> = alive
+            .iter()
+            .map(|target| self.replica_state(target.clone(), &view, key.clone(), deadline))
+            .collect();
         let mut q = ReadQuorum::new(alive.len(), needed);
-        let mut answer = Some(answer);
-        let mut received = 0;
         let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
         tokio::pin!(sleep);
-        while received < alive.len() {
+        let answer = loop {
             let decision = tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some((node, Ok(state))) => { received += 1; q.on_reply(node, state) }
-                    Some((node, Err(cause))) => {
-                        received += 1;
-                        debug!(node = %self.config.node_id, replica = %node, %cause, "replica read failed");
-                        q.on_failure(node)
-                    }
-                    None => break,
+                reply = replies.next() => match reply {
+                    Some(reply) => self.on_replica_state(&mut q, reply),
+                    None => Decision::Failed(QuorumError::Unavailable { alive: 0, needed }),
                 },
-                _ = &mut sleep => {
-                    let d = q.on_deadline();
-                    if let (Decision::Failed(e), Some(a)) = (d, answer.take()) {
-                        let _ = a.send(self.quorum_error(&key, e, "read", true));
-                    }
-                    break;
-                }
+                _ = &mut sleep => q.on_deadline(),
             };
             match decision {
-                Decision::Ok(merged) => {
-                    if let Some(a) = answer.take() {
-                        let _ = a.send(Response::Get(read_reply(&key, &merged)));
-                    }
-                }
-                Decision::Failed(e) => {
-                    if let Some(a) = answer.take() {
-                        let _ = a.send(self.quorum_error(&key, e, "read", true));
-                    }
-                }
+                Decision::Ok(merged) => break Response::Get(read_reply(&key, &merged)),
+                Decision::Failed(e) => break self.quorum_error(&key, e, "read", true),
                 Decision::Pending => {}
             }
+        };
+        if !replies.is_empty() || !q.repair_targets().is_empty() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        reply = replies.next() => match reply {
+                            Some(reply) => { node.on_replica_state(&mut q, reply); }
+                            None => break,
+                        },
+                        _ = &mut sleep => break,
+                    }
+                }
+                node.read_repair(&key, &q, &view).await;
+            });
         }
-        if let Some(a) = answer.take() {
-            let e = QuorumError::Unavailable { alive: 0, needed };
-            let _ = a.send(self.quorum_error(&key, e, "read", true));
+        answer
+    }
+
+    /// One replica's state of `key` for a read: this node's own from the store, another's
+    /// over the peer protocol. A `'static` future, so unfinished ones can move to a task.
+    fn replica_state(
+        self: &Arc<Self>,
+        target: NodeId,
+        view: &ClusterView,
+        key: Bytes,
+        deadline: Instant,
+    ) -> impl Future<Output = (NodeId, Result<KeyState, String>)> + Send + 'static {
+        let node = self.clone();
+        let addr = view.peer_addr(&target).map(str::to_string);
+        let is_me = target == view.me;
+        async move {
+            let result = if is_me {
+                node.local_state(key).await
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match addr {
+                    None => Err(format!("no address for {target}")),
+                    Some(addr) => {
+                        let req = PeerRequest::ReadLocal {
+                            key,
+                            timeout_ms: remaining_ms(deadline),
+                        };
+                        match node.peers.call(&addr, &req, left).await {
+                            Ok(PeerResponse::State(b)) => {
+                                KeyState::decode(&b).map_err(|e| e.to_string())
+                            }
+                            Ok(other) => Err(format!("unexpected reply {other:?}")),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                }
+            };
+            (target, result)
         }
-        self.read_repair(&key, &q, &view).await;
+    }
+
+    fn on_replica_state(
+        &self,
+        q: &mut ReadQuorum,
+        (replica, result): (NodeId, Result<KeyState, String>),
+    ) -> Decision<KeyState> {
+        match result {
+            Ok(state) => q.on_reply(replica, state),
+            Err(cause) => {
+                debug!(node = %self.config.node_id, %replica, %cause, "replica read failed");
+                q.on_failure(replica)
+            }
+        }
     }
 
     async fn read_repair(&self, key: &Bytes, q: &ReadQuorum, view: &ClusterView) {
@@ -921,6 +924,11 @@ impl Node {
                 self.store.queue_depth() as u64,
             ),
             ("storage.next_counter".to_string(), load(&st.next_counter)),
+            ("storage.reads_cached".to_string(), load(&st.reads_cached)),
+            (
+                "storage.reads_blocking".to_string(),
+                load(&st.reads_blocking),
+            ),
             ("storage.incarnation".to_string(), load(&st.incarnation)),
         ]);
         let engine = self.store.engine();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{Batch, BatchOp, Cf, Engine, StorageError};
+use super::{Batch, BatchOp, Cached, Cf, Engine, StorageError};
 
 type Table = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
 
@@ -13,6 +13,7 @@ type Table = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
 pub struct MemoryEngine {
     data: Mutex<Table>,
     fail_writes: AtomicBool,
+    cache_misses: AtomicBool,
     pub synced_writes: AtomicU64,
     pub writes: AtomicU64,
 }
@@ -20,6 +21,11 @@ pub struct MemoryEngine {
 impl MemoryEngine {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// While set, `get_cached` answers `Miss` (as if nothing were in memory).
+    pub fn set_cache_misses(&self, miss: bool) {
+        self.cache_misses.store(miss, Ordering::SeqCst);
     }
 
     /// While set, every write fails with `NoSpace` (a full disk).
@@ -32,6 +38,13 @@ impl Engine for MemoryEngine {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let data = self.data.lock().expect("memory engine lock poisoned");
         Ok(data.get(&(cf, key.to_vec())).cloned())
+    }
+
+    fn get_cached(&self, cf: Cf, key: &[u8]) -> Result<Cached, StorageError> {
+        if self.cache_misses.load(Ordering::SeqCst) {
+            return Ok(Cached::Miss);
+        }
+        self.get(cf, key).map(Cached::Hit)
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {

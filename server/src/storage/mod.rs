@@ -97,10 +97,22 @@ impl fmt::Display for HexKey {
     }
 }
 
+/// The outcome of `Engine::get_cached`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    /// Answered from memory (`None` = the key is absent).
+    Hit(Option<Vec<u8>>),
+    /// Not decidable without reading from disk.
+    Miss,
+}
+
 /// The storage engine: point reads and atomic batches over the column families.
 /// Every method blocks; call it from the writer thread or `spawn_blocking`.
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Like `get`, but only from memory (memtables and block cache): `Miss` when answering
+    /// would need disk I/O. Never blocks on the disk, so async code may call it inline.
+    fn get_cached(&self, cf: Cf, key: &[u8]) -> Result<Cached, StorageError>;
     /// Applies the batch atomically; `sync` = fsync the WAL before returning.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError>;
     /// Makes every earlier write durable (fsync the WAL).

@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, WriteBatch, WriteOptions,
-    DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, ReadOptions, ReadTier,
+    WriteBatch, WriteOptions, DB,
 };
 
-use super::{Batch, BatchOp, Cf, Engine, StorageError};
+use super::{Batch, BatchOp, Cached, Cf, Engine, StorageError};
 
 /// Engine tuning, from the node config.
 #[derive(Debug, Clone)]
@@ -93,6 +93,18 @@ impl Engine for RocksEngine {
             .get_pinned_cf(self.cf(cf), key)
             .map(|v| v.map(|v| v.to_vec()))
             .map_err(|e| map_err("get", e))
+    }
+
+    fn get_cached(&self, cf: Cf, key: &[u8]) -> Result<Cached, StorageError> {
+        // RocksDB's non-blocking read: with the block-cache tier it answers from memtables and
+        // cached blocks, or returns `Incomplete` where it would have read a file.
+        let mut ro = ReadOptions::default();
+        ro.set_read_tier(ReadTier::BlockCache);
+        match self.db.get_pinned_cf_opt(self.cf(cf), key, &ro) {
+            Ok(v) => Ok(Cached::Hit(v.map(|v| v.to_vec()))),
+            Err(e) if e.kind() == ErrorKind::Incomplete => Ok(Cached::Miss),
+            Err(e) => Err(map_err("get", e)),
+        }
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {

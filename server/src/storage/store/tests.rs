@@ -278,3 +278,22 @@ async fn group_mode_fsyncs_every_batch_and_none_mode_never() {
         store.close();
     }
 }
+
+#[tokio::test]
+async fn reads_are_answered_inline_from_memory_or_on_the_blocking_pool() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    store.write(put("k", "a", None)).await.unwrap();
+    let cached = store.read(Bytes::from_static(b"k")).await.unwrap();
+    assert_eq!(values(&cached), vec!["a"]);
+    assert_eq!(store.stats().reads_cached.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().reads_blocking.load(Ordering::Relaxed), 0);
+    // A miss in memory falls back to a full read, with the same answer.
+    engine.set_cache_misses(true);
+    let from_disk = store.read(Bytes::from_static(b"k")).await.unwrap();
+    assert_eq!(from_disk, cached);
+    let absent = store.read(Bytes::from_static(b"nope")).await.unwrap();
+    assert!(absent.siblings().is_empty());
+    assert_eq!(store.stats().reads_cached.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().reads_blocking.load(Ordering::Relaxed), 2);
+}
