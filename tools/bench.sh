@@ -55,8 +55,12 @@ ready etcd probe etcd 127.0.0.1:12379
 common=(--workload "$WORKLOAD" --records "$RECORDS" --value-size "$VALUE" --duration "$DURATION" --distribution "$DIST")
 run() { # run LABEL TARGET ADDRS CONN DEPTH
   echo "==> $1"
+  # Exit 1 = completed with failed operations (counted in the summary, shown in the table).
+  local rc=0
   "$bin/kvbench" --label "$1" --target "$2" --addr "$3" --connections "$4" --depth "$5" "${common[@]}" \
-    --json-out "$out/$1.json" | tee "$out/$1.txt"
+    --json-out "$out/$1.json" >"$out/$1.txt" || rc=$?
+  cat "$out/$1.txt"
+  [ "$rc" -le 1 ] || { echo "bench: $1 could not run" >&2; exit 2; }
 }
 run ringkv-1node ringkv 127.0.0.1:17379 "$CONN" "$DEPTH"
 run ringkv-1node-nosync ringkv 127.0.0.1:17479 "$CONN" "$DEPTH"

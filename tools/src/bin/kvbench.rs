@@ -1,6 +1,7 @@
 //! kvbench: YCSB-style load generator for ringkv and the baselines (Redis, etcd).
 //!
-//! Exit codes: 0 the run completed (errors, if any, are in the summary), 2 it could not run.
+//! Exit codes: 0 the run completed without errors, 1 it completed but some operations failed
+//! (counted, with the first messages, in the summary), 2 it could not run.
 
 use std::process::ExitCode;
 
@@ -114,6 +115,11 @@ fn main() -> ExitCode {
         println!("{json}");
     } else {
         print!("{}", bench::table(&summary));
+    }
+    let errors = summary.run.errors + summary.load.as_ref().map_or(0, |l| l.errors);
+    if errors > 0 {
+        eprintln!("kvbench: {errors} operations failed; see the summary");
+        return ExitCode::from(1);
     }
     ExitCode::SUCCESS
 }
