@@ -117,6 +117,13 @@ async fn run(
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
+                // Let the other tasks that are ready to send (typically the callers whose
+                // replies were just delivered) queue their requests first: they then share
+                // this flush, one write syscall for the batch.
+                tokio::task::yield_now().await;
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
                 let mut failed = None;
                 for out in batch {
                     let id = out.frame.request_id;

@@ -61,14 +61,30 @@ fn kvbench_exits_1_when_operations_fail() {
     // Default N=3 on a lone node: every write is refused (1 replica of 2 needed).
     let node = NodeProcess::start_temp("bench-err", &[]);
     let out = Command::new(bin_path("kvbench"))
-        .args(["--addr", &node.addr, "--records", "2", "--ops", "2", "--json"])
+        .args([
+            "--addr",
+            &node.addr,
+            "--records",
+            "2",
+            "--ops",
+            "2",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s: Value = serde_json::from_slice(&out.stdout).expect("JSON summary on stdout");
     assert_eq!(s["load"]["errors"], 2, "{s}");
     assert!(
-        s["load"]["first_errors"][0].as_str().unwrap().contains("Unavailable"),
+        s["load"]["first_errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("Unavailable"),
         "{s}"
     );
 }

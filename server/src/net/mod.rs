@@ -141,6 +141,9 @@ async fn connection<H: FrameHandler>(
     let mut writer = FramedWrite::new(wr, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
     // The connection's requests run inside this task, not as tasks of their own: no spawn and
     // no channel hop per request, and every reply that is ready goes out in one flush.
+    // Priorities: replies that are ready, then frames already received (so a pipelined batch
+    // is parsed and started before anything is written), then one flush for all the replies
+    // produced so far: one write syscall per batch, not per reply.
     let mut in_flight = FuturesUnordered::new();
     // False once the connection stops taking requests (peer closed, bad frame, a handler asked
     // to close, shutdown); requests already running still answer.
@@ -162,13 +165,6 @@ async fn connection<H: FrameHandler>(
                     break;
                 }
                 unflushed = true;
-                None
-            }
-            flushed = writer.flush(), if unflushed => {
-                if flushed.is_err() {
-                    break;
-                }
-                unflushed = false;
                 None
             }
             item = reader.next(), if reading && in_flight.len() < cfg.max_in_flight => match item {
@@ -198,6 +194,13 @@ async fn connection<H: FrameHandler>(
                     None
                 }
             },
+            flushed = writer.flush(), if unflushed => {
+                if flushed.is_err() {
+                    break;
+                }
+                unflushed = false;
+                None
+            }
         };
         if let Some(frame) = rejected {
             if writer.feed(frame).await.is_err() {
