@@ -5,6 +5,13 @@ use ringkv_server::config::{Cli, Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+// mimalloc instead of glibc malloc: a request's memory is often allocated on one thread and
+// freed on another (tokio workers and the store's writer thread), and glibc then takes the
+// owning arena's lock; in a syscall profile of a write-only load, half of the node's futex
+// calls were those arena locks (docs/benchmarks.md). mimalloc frees across threads lock-free.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let config = match Config::load(Cli::parse()) {
         Ok(c) => c,
