@@ -234,7 +234,10 @@ pub struct PutOptions {
 
 struct Node {
     addr: String,
-    conn: Mutex<Option<Conn>>,
+    /// The live connection, read on every request without waiting (a plain lock held for a
+    /// clone); `connecting` serialises (re)connecting so only one caller dials.
+    conn: std::sync::Mutex<Option<Conn>>,
+    connecting: Mutex<()>,
 }
 
 struct Inner {
@@ -281,7 +284,8 @@ impl Client {
             .into_iter()
             .map(|a| Node {
                 addr: a.into(),
-                conn: Mutex::new(None),
+                conn: std::sync::Mutex::new(None),
+                connecting: Mutex::new(()),
             })
             .collect();
         if nodes.is_empty() {
@@ -446,9 +450,21 @@ impl Client {
 
     async fn conn(&self, i: usize) -> Result<Conn, String> {
         let node = &self.inner.nodes[i];
-        let mut slot = node.conn.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| c.is_alive()) {
-            return Ok(c.clone());
+        let live = || {
+            node.conn
+                .lock()
+                .expect("connection slot lock poisoned")
+                .as_ref()
+                .filter(|c| c.is_alive())
+                .cloned()
+        };
+        if let Some(c) = live() {
+            return Ok(c);
+        }
+        let _dialing = node.connecting.lock().await;
+        // Another caller may have connected while this one waited.
+        if let Some(c) = live() {
+            return Ok(c);
         }
         let c = Conn::connect(
             &node.addr,
@@ -456,7 +472,7 @@ impl Client {
             self.inner.config.pipeline_depth,
         )
         .await?;
-        *slot = Some(c.clone());
+        *node.conn.lock().expect("connection slot lock poisoned") = Some(c.clone());
         Ok(c)
     }
 

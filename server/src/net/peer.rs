@@ -53,11 +53,36 @@ struct Slot {
     last_error: String,
 }
 
+/// One peer's connection state: read on every request under a plain lock (no waiting);
+/// `dialing` serialises (re)connects so only one request dials.
+#[derive(Default)]
+struct PeerSlot {
+    state: Mutex<Slot>,
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl PeerSlot {
+    /// The cached outcome, if there is one: a live connection, or the backoff error.
+    fn cached(&self, addr: &str) -> Option<Result<Conn, PeerError>> {
+        let slot = self.state.lock().expect("peer slot lock poisoned");
+        if let Some(c) = slot.conn.as_ref().filter(|c| c.is_alive()) {
+            return Some(Ok(c.clone()));
+        }
+        match slot.retry_at {
+            Some(at) if Instant::now() < at => Some(Err(PeerError::Unreachable(format!(
+                "{addr}: backing off after: {}",
+                slot.last_error
+            )))),
+            _ => None,
+        }
+    }
+}
+
 pub struct PeerPool {
     hello: Hello,
     /// Source IP of outgoing connections: this node's peer listen IP (unless unspecified).
     local_ip: Option<std::net::IpAddr>,
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    slots: Mutex<HashMap<String, Arc<PeerSlot>>>,
     next_id: AtomicU64,
 }
 
@@ -78,30 +103,27 @@ impl PeerPool {
         }
     }
 
-    fn slot(&self, addr: &str) -> Arc<tokio::sync::Mutex<Slot>> {
-        self.slots
-            .lock()
-            .expect("peer slot map lock poisoned")
-            .entry(addr.to_string())
-            .or_default()
-            .clone()
+    fn slot(&self, addr: &str) -> Arc<PeerSlot> {
+        let mut slots = self.slots.lock().expect("peer slot map lock poisoned");
+        if let Some(slot) = slots.get(addr) {
+            return slot.clone();
+        }
+        slots.entry(addr.to_string()).or_default().clone()
     }
 
     async fn conn(&self, addr: &str) -> Result<Conn, PeerError> {
         let slot = self.slot(addr);
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.conn.as_ref().filter(|c| c.is_alive()) {
-            return Ok(c.clone());
+        if let Some(cached) = slot.cached(addr) {
+            return cached;
         }
-        if let Some(at) = slot.retry_at {
-            if Instant::now() < at {
-                return Err(PeerError::Unreachable(format!(
-                    "{addr}: backing off after: {}",
-                    slot.last_error
-                )));
-            }
+        let _dialing = slot.dialing.lock().await;
+        // Another request may have connected (or failed) while this one waited.
+        if let Some(cached) = slot.cached(addr) {
+            return cached;
         }
-        match self.connect(addr).await {
+        let result = self.connect(addr).await;
+        let mut slot = slot.state.lock().expect("peer slot lock poisoned");
+        match result {
             Ok(c) => {
                 *slot = Slot {
                     conn: Some(c.clone()),
