@@ -355,7 +355,20 @@ impl Request {
     }
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
-        build_frame(self.opcode(), request_id, |b| self.encode_body(b))
+        let payload = match self {
+            Request::Get { key, .. } => key.len(),
+            Request::Put {
+                key,
+                value,
+                context,
+                ..
+            } => key.len() + value.len() + context.len(),
+            Request::Delete { key, context, .. } => key.len() + context.len(),
+            _ => 0,
+        };
+        build_frame(self.opcode(), request_id, BODY_SLACK + payload, |b| {
+            self.encode_body(b)
+        })
     }
 
     /// Decodes a request body. Byte strings are bounded only by the frame here; semantic
@@ -458,8 +471,26 @@ pub(crate) fn decode_error(r: &mut Reader) -> Result<ErrorReply, DecodeError> {
     })
 }
 
-fn build_frame(opcode: u8, request_id: u64, encode: impl FnOnce(&mut BytesMut)) -> Frame {
-    let mut body = BytesMut::new();
+/// Room for a body's fixed fields and length prefixes; variable parts are added to it.
+pub(crate) const BODY_SLACK: usize = 64;
+
+/// Bytes of a read reply's encoding (siblings and context), to size buffers once.
+fn read_reply_len(rr: &ReadReply) -> usize {
+    let values: usize = rr
+        .siblings
+        .iter()
+        .map(|s| 40 + s.value.as_ref().map_or(0, |v| v.len()))
+        .sum();
+    values + rr.context.len()
+}
+
+fn build_frame(
+    opcode: u8,
+    request_id: u64,
+    capacity: usize,
+    encode: impl FnOnce(&mut BytesMut),
+) -> Frame {
+    let mut body = BytesMut::with_capacity(capacity);
     encode(&mut body);
     Frame {
         opcode,
@@ -651,7 +682,15 @@ impl Response {
     }
 
     pub fn to_frame(&self, request_id: u64) -> Frame {
-        build_frame(self.opcode(), request_id, |b| self.encode_body(b))
+        let payload = match self {
+            Response::Get(rr) => read_reply_len(rr),
+            Response::Put(wr) | Response::Delete(wr) => wr.body.as_ref().map_or(0, read_reply_len),
+            Response::Error(e) => e.message.len(),
+            _ => 1024,
+        };
+        build_frame(self.opcode(), request_id, BODY_SLACK + payload, |b| {
+            self.encode_body(b)
+        })
     }
 
     pub fn decode(opcode: u8, body: Bytes) -> Result<Response, DecodeError> {

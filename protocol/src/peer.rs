@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::Frame;
 use crate::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN, MAX_TEXT_LEN};
-use crate::message::{decode_error, encode_error, opcode::ERROR, ErrorReply};
+use crate::message::{decode_error, encode_error, opcode::ERROR, ErrorReply, BODY_SLACK};
 use crate::wire::{put_bytes, DecodeError, Reader};
 
 pub mod peer_opcode {
@@ -114,7 +114,13 @@ fn frame(opcode: u8, request_id: u64, body: BytesMut) -> Frame {
 
 impl PeerRequest {
     pub fn to_frame(&self, request_id: u64) -> Frame {
-        let mut b = BytesMut::new();
+        let payload = match self {
+            PeerRequest::ReadLocal { key, .. } => key.len(),
+            PeerRequest::Replicate { key, state, .. } => key.len() + state.len(),
+            PeerRequest::Forward { body, .. } => body.len(),
+            PeerRequest::Hello(_) | PeerRequest::Ping => 256,
+        };
+        let mut b = BytesMut::with_capacity(BODY_SLACK + payload);
         let op = match self {
             PeerRequest::Hello(h) => {
                 put_bytes(&mut b, h.cluster.as_bytes());
@@ -178,7 +184,13 @@ impl PeerRequest {
 
 impl PeerResponse {
     pub fn to_frame(&self, request_id: u64) -> Frame {
-        let mut b = BytesMut::new();
+        let payload = match self {
+            PeerResponse::State(s) => s.len(),
+            PeerResponse::ForwardReply { body, .. } => body.len(),
+            PeerResponse::Error(e) => e.message.len(),
+            PeerResponse::HelloAck(_) | PeerResponse::Ack | PeerResponse::Pong => 256,
+        };
+        let mut b = BytesMut::with_capacity(BODY_SLACK + payload);
         let op = match self {
             PeerResponse::HelloAck(m) => {
                 put_member(&mut b, m);

@@ -230,7 +230,10 @@ impl KeyState {
     /// varint m | m × (actor u64 BE, counter varint, timestamp varint, kind u8 [, varint len, bytes])
     /// ```
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.vv.len() * 12 + self.value_bytes());
+        // Upper bounds: an entry is an 8-byte actor and varints of at most 10 bytes.
+        let mut out = Vec::with_capacity(
+            16 + self.vv.len() * 18 + self.siblings.len() * 40 + self.value_bytes(),
+        );
         out.push(STATE_FORMAT);
         put_varint(&mut out, self.vv.len() as u64);
         for (a, c) in self.vv.iter() {
