@@ -354,37 +354,62 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
             stats
         }
         Some(rate) => {
-            // Open loop: op i is due at start + i/rate; its latency counts from then.
+            // Open loop: op i is due at start + i/rate; its latency counts from then. The
+            // schedule runs on its own thread with OS sleeps (tens of microseconds late at
+            // most): tokio's timer has a 1 ms granularity and would add up to 1 ms of the
+            // generator's own lateness to every latency.
             let shared = Arc::new(Mutex::new(Stats::new()));
             let limit = Arc::new(tokio::sync::Semaphore::new(cfg.connections * cfg.depth * 4));
-            let mut rng = StdRng::seed_from_u64(cfg.seed);
             let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-            let mut i: u64 = 0;
-            let mut tasks = tokio::task::JoinSet::new();
-            loop {
-                let due = start + interval.mul_f64(i as f64);
-                if due >= deadline || !take(&budget) {
-                    break;
+            let handle = tokio::runtime::Handle::current();
+            let dispatch = {
+                let (shared, counters, conns) = (shared.clone(), counters.clone(), conns.to_vec());
+                let (read_p, size) = (cfg.workload.read_proportion, cfg.value_size);
+                let mut rng = StdRng::seed_from_u64(cfg.seed);
+                move || {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    let mut i: u64 = 0;
+                    loop {
+                        let due = start + interval.mul_f64(i as f64);
+                        if due >= deadline || !take(&budget) {
+                            break;
+                        }
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                        let permit = match limit.clone().try_acquire_owned() {
+                            Ok(p) => p,
+                            Err(_) => handle
+                                .block_on(limit.clone().acquire_owned())
+                                .expect("semaphore open"),
+                        };
+                        let conn = conns[(i as usize) % conns.len()].clone();
+                        let key = key_name(chooser.next(&mut rng));
+                        let kind = if rng.random_bool(read_p) {
+                            OpKind::Read
+                        } else {
+                            OpKind::Update
+                        };
+                        let value = value_of(size, &mut rng);
+                        let (shared, counters) = (shared.clone(), counters.clone());
+                        tasks.spawn_on(
+                            async move {
+                                let r = counted(&conn, kind, &key, &value, &counters).await;
+                                record(&mut shared.lock().expect("stats lock"), kind, due, r);
+                                drop(permit);
+                            },
+                            &handle,
+                        );
+                        i += 1;
+                        while tasks.try_join_next().is_some() {}
+                    }
+                    tasks
                 }
-                tokio::time::sleep_until(due.into()).await;
-                let permit = limit.clone().acquire_owned().await.expect("semaphore open");
-                let conn = conns[(i as usize) % conns.len()].clone();
-                let key = key_name(chooser.next(&mut rng));
-                let kind = if rng.random_bool(cfg.workload.read_proportion) {
-                    OpKind::Read
-                } else {
-                    OpKind::Update
-                };
-                let value = value_of(cfg.value_size, &mut rng);
-                let (shared, counters) = (shared.clone(), counters.clone());
-                tasks.spawn(async move {
-                    let r = counted(&conn, kind, &key, &value, &counters).await;
-                    record(&mut shared.lock().expect("stats lock"), kind, due, r);
-                    drop(permit);
-                });
-                i += 1;
-                while tasks.try_join_next().is_some() {}
-            }
+            };
+            let mut tasks = tokio::task::spawn_blocking(dispatch)
+                .await
+                .expect("the open-loop dispatcher does not panic");
             while tasks.join_next().await.is_some() {}
             Arc::try_unwrap(shared)
                 .ok()
