@@ -235,6 +235,23 @@ struct Counters {
     errors: AtomicU64,
 }
 
+/// The next operation of the run phase: a key from the distribution, read or update by the
+/// workload's mix, and the value an update writes.
+fn next_op(
+    chooser: &KeyChooser,
+    read_p: f64,
+    size: usize,
+    rng: &mut StdRng,
+) -> (String, OpKind, Bytes) {
+    let key = key_name(chooser.next(rng));
+    let kind = if rng.random_bool(read_p) {
+        OpKind::Read
+    } else {
+        OpKind::Update
+    };
+    (key, kind, value_of(size, rng))
+}
+
 fn value_of(size: usize, rng: &mut StdRng) -> Bytes {
     let mut v = vec![0u8; size];
     for b in v.iter_mut() {
@@ -331,13 +348,7 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                 tasks.push(tokio::spawn(async move {
                     let mut stats = Stats::new();
                     while Instant::now() < deadline && take(&budget) {
-                        let key = key_name(chooser.next(&mut rng));
-                        let kind = if rng.random_bool(read_p) {
-                            OpKind::Read
-                        } else {
-                            OpKind::Update
-                        };
-                        let value = value_of(size, &mut rng);
+                        let (key, kind, value) = next_op(&chooser, read_p, size, &mut rng);
                         let t = Instant::now();
                         let r = counted(&conn, kind, &key, &value, &counters).await;
                         record(&mut stats, kind, t, r);
@@ -385,13 +396,7 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                                 .expect("semaphore open"),
                         };
                         let conn = conns[(i as usize) % conns.len()].clone();
-                        let key = key_name(chooser.next(&mut rng));
-                        let kind = if rng.random_bool(read_p) {
-                            OpKind::Read
-                        } else {
-                            OpKind::Update
-                        };
-                        let value = value_of(size, &mut rng);
+                        let (key, kind, value) = next_op(&chooser, read_p, size, &mut rng);
                         let (shared, counters) = (shared.clone(), counters.clone());
                         tasks.spawn_on(
                             async move {
