@@ -631,7 +631,7 @@ impl Node {
                 Decision::Pending => {}
             }
         };
-        if !replies.is_empty() || !q.repair_targets().is_empty() {
+        if !replies.is_empty() || q.needs_repair() {
             let node = self.clone();
             tokio::spawn(async move {
                 let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));

@@ -149,6 +149,12 @@ impl ReadQuorum {
         &self.merged
     }
 
+    /// Whether some replica answered with something other than the merged state: the same
+    /// test as `repair_targets` without building the list (asked on every read).
+    pub fn needs_repair(&self) -> bool {
+        self.replies.iter().any(|(_, s)| *s != self.merged)
+    }
+
     /// Replicas that answered with something other than the merged state (stale or missing
     /// versions): they should receive the merged state.
     pub fn repair_targets(&self) -> Vec<NodeId> {
@@ -236,7 +242,9 @@ mod tests {
         );
         let mut q = ReadQuorum::new(3, 2);
         assert_eq!(q.on_reply(id("a"), s1.clone()), Decision::Pending);
+        assert!(!q.needs_repair(), "one reply is the merge");
         assert_eq!(q.on_reply(id("b"), s2.clone()), Decision::Ok(s2.clone()));
+        assert!(q.needs_repair(), "a is behind b");
         // A late, empty replica (it missed the writes).
         assert_eq!(q.on_reply(id("c"), KeyState::new()), Decision::Pending);
         assert_eq!(q.merged(), &s2);
@@ -252,6 +260,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(q.repair_targets().len(), 2);
+        assert!(q.needs_repair());
+        let mut agree = ReadQuorum::new(2, 2);
+        agree.on_reply(id("a"), state(1, 1, "x"));
+        agree.on_reply(id("b"), state(1, 1, "x"));
+        assert!(!agree.needs_repair());
+        assert!(agree.repair_targets().is_empty());
     }
 
     #[test]

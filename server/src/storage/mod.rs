@@ -107,7 +107,8 @@ pub enum Cached {
 }
 
 /// The storage engine: point reads and atomic batches over the column families.
-/// Every method blocks; call it from the writer thread or `spawn_blocking`.
+/// Every method but `get_cached` may block on the disk; call them from the writer thread or
+/// `spawn_blocking`.
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Like `get`, but only from memory (memtables and block cache): `Miss` when answering

@@ -381,7 +381,8 @@ impl Store {
         })
     }
 
-    /// Reads a key's state (blocking: call from `spawn_blocking`). Absent = empty state.
+    /// Reads a key's state, blocking (tests; async code uses `read`). Absent = empty state.
+    #[cfg(test)]
     pub fn get(&self, key: &[u8]) -> Result<KeyState, StorageError> {
         read_state(self.engine.as_ref(), &data_key(key), key)
     }
