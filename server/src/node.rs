@@ -672,13 +672,16 @@ impl Node {
                     None => Err(format!("no address for {target}")),
                     Some(addr) => {
                         let req = PeerRequest::ReadLocal {
-                            key,
+                            key: key.clone(),
                             timeout_ms: remaining_ms(deadline),
                         };
                         match node.peers.call(&addr, &req, left).await {
-                            Ok(PeerResponse::State(b)) => {
-                                KeyState::decode(&b).map_err(|e| e.to_string())
-                            }
+                            Ok(PeerResponse::State(b)) => KeyState::decode(&b).map_err(|e| {
+                                format!(
+                                    "key {}: state from {addr} does not decode: {e}",
+                                    HexKey(key.to_vec())
+                                )
+                            }),
                             Ok(other) => Err(format!("unexpected reply {other:?}")),
                             Err(e) => Err(e.to_string()),
                         }
@@ -784,8 +787,11 @@ impl Node {
             PeerRequest::ReadLocal { key, timeout_ms } => {
                 inc(&self.requests.peer_read_local);
                 let limit = Duration::from_millis(timeout_ms as u64);
-                match tokio::time::timeout(limit, self.local_state(key.clone())).await {
-                    Ok(Ok(s)) => PeerResponse::State(Bytes::from(s.encode())),
+                // The stored bytes are the wire encoding of the state: sent as they are, and
+                // the coordinator decodes (and names this replica if they do not decode).
+                match tokio::time::timeout(limit, self.store.read_stored(&key)).await {
+                    Ok(Ok(Some(stored))) => PeerResponse::State(Bytes::from(stored)),
+                    Ok(Ok(None)) => PeerResponse::State(Bytes::from(KeyState::new().encode())),
                     Ok(Err(e)) => error(
                         ErrorKind::Internal,
                         format!("key {}: {e}", HexKey(key.to_vec())),
@@ -928,6 +934,18 @@ impl Node {
             (
                 "storage.reads_blocking".to_string(),
                 load(&st.reads_blocking),
+            ),
+            (
+                "storage.state_cache_hits".to_string(),
+                load(&st.state_cache_hits),
+            ),
+            (
+                "storage.state_cache_misses".to_string(),
+                load(&st.state_cache_misses),
+            ),
+            (
+                "storage.state_cache_entries".to_string(),
+                load(&st.state_cache_entries),
             ),
             ("storage.incarnation".to_string(), load(&st.incarnation)),
         ]);

@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod rocks;
+pub mod state_cache;
 pub mod store;
 
 use std::fmt;

@@ -25,6 +25,7 @@ use ringkv_protocol::limits::{MAX_OBJECT_LEN, MAX_SIBLINGS};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::state_cache::{StateCache, STATE_CACHE_BYTES};
 use super::{data_key, Batch, Cached, Cf, Engine, HexKey, StorageError};
 use crate::version::{Actor, Dot, KeyState, VersionVector};
 
@@ -184,6 +185,12 @@ pub struct StoreStats {
     pub reads_cached: AtomicU64,
     /// Reads that needed the disk and ran on the blocking pool.
     pub reads_blocking: AtomicU64,
+    /// Writer read-modify-writes that found the key's state in the writer's state cache.
+    pub state_cache_hits: AtomicU64,
+    /// Writer read-modify-writes that read the key's state from the engine.
+    pub state_cache_misses: AtomicU64,
+    /// Entries in the writer's state cache (after the last group).
+    pub state_cache_entries: AtomicU64,
 }
 
 enum Msg {
@@ -338,6 +345,7 @@ impl Store {
             sync: config.sync,
             stats: stats.clone(),
             node_id: config.node_id.clone(),
+            cache: StateCache::new(STATE_CACHE_BYTES),
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -391,14 +399,24 @@ impl Store {
     /// (memtable or block cache, a few microseconds), else on the blocking pool. Most reads of
     /// a hot working set thus cost no thread hand-off.
     pub async fn read(self: &Arc<Self>, key: Bytes) -> Result<KeyState, StorageError> {
-        let dkey = data_key(&key);
+        let stored = self.read_stored(&key).await?;
+        decode_state(stored, &key)
+    }
+
+    /// A key's state as stored (`KeyState::encode`), `None` when absent, read like `read`.
+    /// For a replica that only forwards the state: no decode and re-encode.
+    pub async fn read_stored(
+        self: &Arc<Self>,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let dkey = data_key(key);
         if let Cached::Hit(v) = self.engine.get_cached(Cf::Data, &dkey)? {
             self.stats.reads_cached.fetch_add(1, Ordering::Relaxed);
-            return decode_state(v, &key);
+            return Ok(v);
         }
         self.stats.reads_blocking.fetch_add(1, Ordering::Relaxed);
         let store = self.clone();
-        tokio::task::spawn_blocking(move || read_state(store.engine.as_ref(), &dkey, &key))
+        tokio::task::spawn_blocking(move || store.engine.get(Cf::Data, &dkey))
             .await
             .unwrap_or_else(|e| {
                 Err(StorageError::Io {
@@ -470,10 +488,13 @@ struct Writer {
     sync: SyncMode,
     stats: Arc<StoreStats>,
     node_id: String,
+    /// States of recently written keys, as committed (see `state_cache`).
+    cache: StateCache,
 }
 
 /// Per-group scratch state.
 struct Group {
+    /// Each touched key's state as of this group (committed state plus the group's writes).
     overlay: HashMap<Vec<u8>, KeyState>,
     batch: Batch,
     /// Lease end to persist with this batch, if the group runs past the durable lease.
@@ -549,6 +570,7 @@ impl Writer {
                 encode_identity(self.identity, lease_end),
             );
         }
+        let mut committed = true;
         if !group.batch.is_empty() {
             let sync = self.sync != SyncMode::None;
             match self.engine.write(group.batch, sync) {
@@ -565,6 +587,7 @@ impl Writer {
                         .fetch_max(jobs.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
+                    committed = false;
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                     error!(node = %self.node_id, jobs = jobs.len(), error = %e, "write batch failed; nothing in it was applied");
                     for (job, r) in jobs.iter().zip(results.iter_mut()) {
@@ -578,6 +601,16 @@ impl Writer {
                 }
             }
         }
+        if committed {
+            // Only committed states are cached; after a failed batch the keys this group took
+            // out of the cache stay uncached and are read from the store next time.
+            for (dkey, state) in group.overlay {
+                self.cache.insert(dkey, state);
+            }
+        }
+        self.stats
+            .state_cache_entries
+            .store(self.cache.len() as u64, Ordering::Relaxed);
         self.stats
             .next_counter
             .store(self.next_counter, Ordering::Relaxed);
@@ -587,16 +620,23 @@ impl Writer {
         }
     }
 
-    fn current(&self, group: &Group, dkey: &[u8], key: &[u8]) -> Result<KeyState, WriteError> {
-        match group.overlay.get(dkey) {
-            Some(s) => Ok(s.clone()),
-            None => {
-                read_state(self.engine.as_ref(), dkey, key).map_err(|source| WriteError::Storage {
-                    key: HexKey(key.to_vec()),
-                    source,
-                })
-            }
+    /// The key's state as of this group: the group's own writes, else the state cache, else
+    /// the engine.
+    fn current(&mut self, group: &Group, dkey: &[u8], key: &[u8]) -> Result<KeyState, WriteError> {
+        if let Some(s) = group.overlay.get(dkey) {
+            return Ok(s.clone());
         }
+        if let Some(s) = self.cache.take(dkey) {
+            self.stats.state_cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(s);
+        }
+        self.stats
+            .state_cache_misses
+            .fetch_add(1, Ordering::Relaxed);
+        read_state(self.engine.as_ref(), dkey, key).map_err(|source| WriteError::Storage {
+            key: HexKey(key.to_vec()),
+            source,
+        })
     }
 
     /// Our own actor appears ahead of our counter: this replica lost writes it had
@@ -671,6 +711,8 @@ impl Writer {
                 let next = current.sync(state);
                 if next == current {
                     self.stats.merges_noop.fetch_add(1, Ordering::Relaxed);
+                    // Unchanged and committed: back into the overlay so it is cached again.
+                    group.overlay.insert(dkey, current.clone());
                     return Ok(WriteOutcome {
                         state: current,
                         dot: None,

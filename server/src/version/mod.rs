@@ -133,6 +133,17 @@ impl KeyState {
             .sum()
     }
 
+    /// The same state with every value copied into an allocation of its own, so a long-lived
+    /// copy (the writer's state cache) does not keep a whole network read buffer alive.
+    pub fn detached(mut self) -> KeyState {
+        for sibling in &mut self.siblings {
+            if let Some(v) = &mut sibling.value {
+                *v = Bytes::copy_from_slice(v);
+            }
+        }
+        self
+    }
+
     /// A client write on a replica (`update/3` in dvvset): drop the siblings whose dots `ctx`
     /// covers, raise the VV to include `ctx`, then add `value` under `dot`.
     ///

@@ -297,3 +297,47 @@ async fn reads_are_answered_inline_from_memory_or_on_the_blocking_pool() {
     assert_eq!(store.stats().reads_cached.load(Ordering::Relaxed), 1);
     assert_eq!(store.stats().reads_blocking.load(Ordering::Relaxed), 2);
 }
+
+#[tokio::test]
+async fn state_cache_serves_hot_keys_and_forgets_keys_of_failed_batches() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let hits = |s: &Store| s.stats().state_cache_hits.load(Ordering::Relaxed);
+    let misses = |s: &Store| s.stats().state_cache_misses.load(Ordering::Relaxed);
+    let first = store.write(put("k", "v1", None)).await.unwrap();
+    assert_eq!((hits(&store), misses(&store)), (0, 1));
+    let second = store
+        .write(put("k", "v2", Some(first.state.context().clone())))
+        .await
+        .unwrap();
+    assert_eq!((hits(&store), misses(&store)), (1, 1), "second write hits");
+    assert_eq!(values(&second.state), vec!["v2"]);
+    assert_eq!(
+        store.get(b"k").unwrap(),
+        second.state,
+        "cache and engine agree"
+    );
+
+    engine.set_fail_writes(true);
+    store.write(put("k", "lost", None)).await.unwrap_err();
+    engine.set_fail_writes(false);
+    assert_eq!((hits(&store), misses(&store)), (2, 1));
+    // The failed group took the entry out: the next write reads the engine again and sees
+    // the committed "v2", not the never-written "lost".
+    let third = store.write(put("k", "v3", None)).await.unwrap();
+    assert_eq!((hits(&store), misses(&store)), (2, 2));
+    assert_eq!(values(&third.state), vec!["v2", "v3"]);
+    assert_eq!(store.get(b"k").unwrap(), third.state);
+
+    // A merge that changes nothing keeps the key cached.
+    store
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: third.state.clone(),
+        })
+        .await
+        .unwrap();
+    store.write(put("k", "v4", None)).await.unwrap();
+    assert_eq!((hits(&store), misses(&store)), (4, 2));
+    store.close();
+}
