@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::future::Either;
 use futures::stream::{FuturesUnordered, StreamExt};
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
@@ -439,8 +440,11 @@ impl Node {
             value: w.value,
             timestamp_ms: now_ms(),
         };
-        let local = tokio::time::timeout_at(TokioInstant::from_std(deadline), self.store.write(op));
-        let outcome = match local.await {
+        // The state is shipped to the other replicas as soon as it is minted, while this
+        // node's own commit (fsync) runs; the commit counts as this node's ack.
+        let local =
+            tokio::time::timeout_at(TokioInstant::from_std(deadline), self.store.write_early(op));
+        let (outcome, committed) = match local.await {
             Err(_) => {
                 return self.quorum_error(
                     &w.key,
@@ -454,13 +458,26 @@ impl Node {
         };
         let dot = outcome.dot.expect("updates always mint a dot");
         let mut quorum = WriteQuorum::new(alive.len().max(1), needed);
-        let mut decision = quorum.on_ack(view.me.clone());
+        let mut decision = Decision::Pending;
         let state = Bytes::from(outcome.state.encode());
         let mut acks: FuturesUnordered<_> = alive
             .into_iter()
             .filter(|n| *n != view.me)
-            .map(|target| self.replicate(target, view, w.key.clone(), state.clone(), deadline))
+            .map(|target| {
+                Either::Left(self.replicate(target, view, w.key.clone(), state.clone(), deadline))
+            })
             .collect();
+        let me = view.me.clone();
+        let node = self.clone();
+        let key = w.key.clone();
+        acks.push(Either::Right(async move {
+            let result = committed.await;
+            if let Err(e) = &result {
+                warn!(node = %node.config.node_id, key = %HexKey(key.to_vec()), error = %e,
+                      "coordinator's own commit failed after the state was shipped");
+            }
+            (me, result.is_ok())
+        }));
         let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
         tokio::pin!(sleep);
         loop {

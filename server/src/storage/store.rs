@@ -15,6 +15,7 @@
 //! are persisted in the same batch as the first write that uses them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -200,7 +201,29 @@ enum Msg {
 
 struct Job {
     op: WriteOp,
-    reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
+    reply: Reply,
+}
+
+type OutcomeTx = oneshot::Sender<Result<WriteOutcome, WriteError>>;
+type CommitTx = oneshot::Sender<Result<(), WriteError>>;
+/// A job's key, how to answer it, and its result until sent.
+type Answer = (Bytes, Reply, Option<Result<WriteOutcome, WriteError>>);
+
+/// How the writer answers a job.
+enum Reply {
+    /// The outcome once the group is committed.
+    Committed(OutcomeTx),
+    /// The outcome as soon as it is computed, before the commit, then the commit's result
+    /// (`Store::write_early`). Released early only when no dot of the group depends on a
+    /// counter lease still to be persisted; otherwise both are sent after the commit.
+    Early {
+        applied: OutcomeTx,
+        committed: CommitTx,
+    },
+    /// The outcome was released early; the commit's result is still owed.
+    CommitOnly(CommitTx),
+    /// Everything was answered (a refused write released early).
+    Done,
 }
 
 pub struct Store {
@@ -367,26 +390,54 @@ impl Store {
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         let key = op.key().clone();
         let (reply, rx) = oneshot::channel();
+        self.submit(op, Reply::Committed(reply))?;
+        rx.await.unwrap_or_else(|_| Err(writer_exited(&key)))
+    }
+
+    /// Queues a write and resolves with its outcome as soon as the writer has computed it —
+    /// usually before the group's commit (fsync) — plus a future of the commit. A coordinator
+    /// ships the new state to the other replicas while its own fsync runs, instead of after.
+    ///
+    /// Safe because a minted dot only leaves the writer early when the counter lease covering
+    /// it is already durable: if the commit is then lost (crash, full disk), a restart resumes
+    /// past that lease and never mints the dot again. The outcome is not durable here until
+    /// the commit future says so.
+    pub async fn write_early(
+        &self,
+        op: WriteOp,
+    ) -> Result<
+        (
+            WriteOutcome,
+            impl Future<Output = Result<(), WriteError>> + Send + 'static,
+        ),
+        WriteError,
+    > {
+        let key = op.key().clone();
+        let (applied, applied_rx) = oneshot::channel();
+        let (committed, committed_rx) = oneshot::channel();
+        self.submit(op, Reply::Early { applied, committed })?;
+        let outcome = applied_rx
+            .await
+            .unwrap_or_else(|_| Err(writer_exited(&key)))?;
+        let commit = async move {
+            committed_rx
+                .await
+                .unwrap_or_else(|_| Err(writer_exited(&key)))
+        };
+        Ok((outcome, commit))
+    }
+
+    fn submit(&self, op: WriteOp, reply: Reply) -> Result<(), WriteError> {
         match self.tx.try_send(Msg::Job(Job { op, reply })) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-                return Err(WriteError::Overloaded {
+                Err(WriteError::Overloaded {
                     capacity: QUEUE_CAPACITY,
-                });
+                })
             }
-            Err(TrySendError::Disconnected(_)) => return Err(WriteError::ShuttingDown),
+            Err(TrySendError::Disconnected(_)) => Err(WriteError::ShuttingDown),
         }
-        // The writer answers every job it takes; a dropped reply means it exited mid-group.
-        rx.await.unwrap_or_else(|_| {
-            Err(WriteError::Storage {
-                key: HexKey(key.to_vec()),
-                source: StorageError::Io {
-                    op: "write",
-                    cause: "writer thread exited".into(),
-                },
-            })
-        })
     }
 
     /// Reads a key's state, blocking (tests; async code uses `read`). Absent = empty state.
@@ -460,6 +511,17 @@ impl Store {
                 error!(node = %self.config.node_id, "writer thread panicked during shutdown");
             }
         }
+    }
+}
+
+/// The writer answers every job it takes; a dropped reply means it exited mid-group.
+fn writer_exited(key: &[u8]) -> WriteError {
+    WriteError::Storage {
+        key: HexKey(key.to_vec()),
+        source: StorageError::Io {
+            op: "write",
+            cause: "writer thread exited".into(),
+        },
     }
 }
 
@@ -559,18 +621,41 @@ impl Writer {
             batch: Batch::default(),
             lease: None,
         };
-        let mut results: Vec<Result<WriteOutcome, WriteError>> = jobs
-            .iter()
-            .map(|job| self.apply(&job.op, &mut group))
+        let mut answers: Vec<Answer> = jobs
+            .into_iter()
+            .map(|job| {
+                let result = self.apply(&job.op, &mut group);
+                (job.op.key().clone(), job.reply, Some(result))
+            })
             .collect();
+        let count = answers.len();
         if let Some(lease_end) = group.lease {
             group.batch.put(
                 Cf::Meta,
                 META_IDENTITY.to_vec(),
                 encode_identity(self.identity, lease_end),
             );
+        } else {
+            // Every dot of this group is under a durable lease: early outcomes may leave now.
+            answers = answers
+                .into_iter()
+                .map(|(key, reply, result)| match (reply, result) {
+                    (Reply::Early { applied, committed }, Some(result)) => {
+                        let ok = result.is_ok();
+                        let _ = applied.send(result);
+                        // A refused write (limits) is final: no commit result is owed.
+                        let rest = if ok {
+                            Reply::CommitOnly(committed)
+                        } else {
+                            Reply::Done
+                        };
+                        (key, rest, None)
+                    }
+                    (reply, result) => (key, reply, result),
+                })
+                .collect();
         }
-        let mut committed = true;
+        let mut failure = None;
         if !group.batch.is_empty() {
             let sync = self.sync != SyncMode::None;
             match self.engine.write(group.batch, sync) {
@@ -584,24 +669,16 @@ impl Writer {
                     }
                     self.stats
                         .largest_group
-                        .fetch_max(jobs.len() as u64, Ordering::Relaxed);
+                        .fetch_max(count as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    committed = false;
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(node = %self.node_id, jobs = jobs.len(), error = %e, "write batch failed; nothing in it was applied");
-                    for (job, r) in jobs.iter().zip(results.iter_mut()) {
-                        if r.is_ok() {
-                            *r = Err(WriteError::Storage {
-                                key: HexKey(job.op.key().to_vec()),
-                                source: e.clone(),
-                            });
-                        }
-                    }
+                    error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was applied");
+                    failure = Some(e);
                 }
             }
         }
-        if committed {
+        if failure.is_none() {
             // Only committed states are cached; after a failed batch the keys this group took
             // out of the cache stay uncached and are read from the store next time.
             for (dkey, state) in group.overlay {
@@ -614,9 +691,41 @@ impl Writer {
         self.stats
             .next_counter
             .store(self.next_counter, Ordering::Relaxed);
-        for (job, result) in jobs.into_iter().zip(results) {
+        for (key, reply, result) in answers {
+            let storage_error = |e: &StorageError| WriteError::Storage {
+                key: HexKey(key.to_vec()),
+                source: e.clone(),
+            };
             // The requester may have given up (timeout); the write stands regardless.
-            let _ = job.reply.send(result);
+            match reply {
+                Reply::Done => {}
+                Reply::Committed(tx) => {
+                    let result = result.expect("results are only taken by early release");
+                    let _ = tx.send(match (&failure, result) {
+                        (Some(e), Ok(_)) => Err(storage_error(e)),
+                        (_, result) => result,
+                    });
+                }
+                Reply::CommitOnly(tx) => {
+                    let _ = tx.send(failure.as_ref().map_or(Ok(()), |e| Err(storage_error(e))));
+                }
+                Reply::Early { applied, committed } => {
+                    // Held back (a lease was persisted with this group): now both at once.
+                    let result = result.expect("results are only taken by early release");
+                    match (&failure, result) {
+                        (Some(e), Ok(_)) => {
+                            let _ = applied.send(Err(storage_error(e)));
+                        }
+                        (_, result) => {
+                            let ok = result.is_ok();
+                            let _ = applied.send(result);
+                            if ok {
+                                let _ = committed.send(Ok(()));
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -341,3 +341,64 @@ async fn state_cache_serves_hot_keys_and_forgets_keys_of_failed_batches() {
     assert_eq!((hits(&store), misses(&store)), (4, 2));
     store.close();
 }
+
+#[tokio::test]
+async fn early_outcomes_leave_before_the_commit_only_under_a_durable_lease() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    // Under the lease persisted at open, the outcome is released before the commit: it
+    // arrives even though the commit then fails.
+    engine.set_fail_writes(true);
+    let (outcome, commit) = store
+        .write_early(put("a", "1", None))
+        .await
+        .expect("outcome released before the commit");
+    assert_eq!(values(&outcome.state), vec!["1"]);
+    let early = outcome.dot.expect("an update mints a dot");
+    let err = commit.await.expect_err("the commit failed");
+    assert!(
+        matches!(
+            &err,
+            WriteError::Storage {
+                source: StorageError::NoSpace { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    engine.set_fail_writes(false);
+    assert!(store.get(b"a").unwrap().is_empty(), "nothing was applied");
+    let (ok, commit) = store.write_early(put("a", "2", None)).await.unwrap();
+    commit.await.expect("committed");
+    assert_eq!(store.get(b"a").unwrap(), ok.state);
+
+    // Use up the lease; the next dot needs a new lease, so its outcome is held back until the
+    // commit that persists the lease, and a failed commit answers an error instead.
+    let mut last = ok.dot.unwrap().counter;
+    while last < early.counter - 1 + COUNTER_LEASE {
+        last = store
+            .write(put(&format!("b{last}"), "x", None))
+            .await
+            .unwrap()
+            .dot
+            .unwrap()
+            .counter;
+    }
+    engine.set_fail_writes(true);
+    let err = store
+        .write_early(put("c", "1", None))
+        .await
+        .err()
+        .expect("held back, so the failure is reported instead of an outcome");
+    assert!(matches!(&err, WriteError::Storage { .. }), "{err}");
+    engine.set_fail_writes(false);
+    drop(store); // crash
+    let store = open(&engine, SyncMode::Group);
+    let next = store.write(put("d", "1", None)).await.unwrap().dot.unwrap();
+    assert_eq!(next.actor, early.actor, "sync=group keeps the incarnation");
+    assert!(
+        next.counter > last && next.counter > early.counter,
+        "counter {next:?} reuses a dot that left the writer (last {last}, early {early:?})"
+    );
+    store.close();
+}
