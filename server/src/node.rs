@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::future::Either;
+use futures::future::{Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
@@ -35,6 +35,14 @@ use crate::net::peer::{PeerError, PeerPool};
 use crate::ring::NodeId;
 use crate::storage::{key_position, HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
+
+/// One replica's answer to a coordinated write.
+enum Ack {
+    /// Another replica acknowledged `Replicate` (true) or did not.
+    Peer(NodeId, bool),
+    /// This node's own commit of the version it minted.
+    Own(Result<(), WriteError>),
+}
 
 /// Deadline of one read-repair write (it runs after the client was answered).
 pub const READ_REPAIR_TIMEOUT: Duration = Duration::from_secs(2);
@@ -457,6 +465,10 @@ impl Node {
             Ok(Ok(o)) => o,
         };
         let dot = outcome.dot.expect("updates always mint a dot");
+        // A forwarded write whose sender's ring view differs from ours may land on a node that
+        // is not (or no longer) a live replica of the key: then its own commit is no ack.
+        let own_counts = alive.contains(&view.me);
+        let peer_targets = alive.iter().filter(|n| **n != view.me).count();
         let mut quorum = WriteQuorum::new(alive.len().max(1), needed);
         let mut decision = Decision::Pending;
         let state = Bytes::from(outcome.state.encode());
@@ -464,7 +476,10 @@ impl Node {
             .into_iter()
             .filter(|n| *n != view.me)
             .map(|target| {
-                Either::Left(self.replicate(target, view, w.key.clone(), state.clone(), deadline))
+                Either::Left(
+                    self.replicate(target, view, w.key.clone(), state.clone(), deadline)
+                        .map(|(node, ok)| Ack::Peer(node, ok)),
+                )
             })
             .collect();
         let me = view.me.clone();
@@ -476,13 +491,27 @@ impl Node {
                 warn!(node = %node.config.node_id, key = %HexKey(key.to_vec()), error = %e,
                       "coordinator's own commit failed after the state was shipped");
             }
-            (me, result.is_ok())
+            Ack::Own(result)
         }));
+        let mut own_error = None;
         let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
         tokio::pin!(sleep);
         loop {
             match decision {
                 Decision::Ok(()) => break,
+                // The cause is this node's storage: say so, not just "too few acks".
+                // Definite only when no other replica was sent the state.
+                Decision::Failed(_) if own_error.is_some() => {
+                    let cause = own_error.take().expect("checked by the guard");
+                    let only_replica = peer_targets == 0;
+                    return self.own_commit_failed(
+                        &w.key,
+                        cause,
+                        quorum.acks(),
+                        needed,
+                        only_replica,
+                    );
+                }
                 Decision::Failed(e) => {
                     return self.quorum_error(
                         &w.key,
@@ -495,8 +524,14 @@ impl Node {
             }
             decision = tokio::select! {
                 ack = acks.next() => match ack {
-                    Some((node, true)) => quorum.on_ack(node),
-                    Some((node, false)) => quorum.on_failure(node),
+                    Some(Ack::Peer(node, true)) => quorum.on_ack(node),
+                    Some(Ack::Peer(node, false)) => quorum.on_failure(node),
+                    Some(Ack::Own(_)) if !own_counts => Decision::Pending,
+                    Some(Ack::Own(Ok(()))) => quorum.on_ack(me.clone()),
+                    Some(Ack::Own(Err(e))) => {
+                        own_error = Some(e);
+                        quorum.on_failure(me.clone())
+                    }
                     None => quorum.on_deadline(),
                 },
                 _ = &mut sleep => quorum.on_deadline(),
@@ -506,8 +541,8 @@ impl Node {
             // Replicas beyond W still get the write; their acks arrive after the answer.
             let node = self.clone();
             tokio::spawn(async move {
-                while let Some((_, ok)) = acks.next().await {
-                    if ok {
+                while let Some(ack) = acks.next().await {
+                    if matches!(ack, Ack::Peer(_, true)) {
                         inc(&node.requests.late_acks);
                     }
                 }
@@ -578,6 +613,33 @@ impl Node {
             WriteError::Storage { .. } => ErrorKind::Internal,
         };
         self.err(kind, definite, e)
+    }
+
+    /// A coordinated write whose own commit failed and that W was not reached without it:
+    /// answered with the storage cause (`Internal`), not as a bare quorum shortfall.
+    fn own_commit_failed(
+        &self,
+        key: &[u8],
+        cause: WriteError,
+        acks: usize,
+        needed: usize,
+        only_replica: bool,
+    ) -> Response {
+        let definite = only_replica && cause.is_definite();
+        let outcome = if definite {
+            "nothing was written"
+        } else {
+            "other replicas may hold the version"
+        };
+        self.err(
+            ErrorKind::Internal,
+            definite,
+            format!(
+                "key {}: this replica's commit failed ({cause}); {acks} of {needed} replicas \
+                 acknowledged, {outcome}",
+                HexKey(key.to_vec())
+            ),
+        )
     }
 
     async fn local_state(&self, key: Bytes) -> Result<KeyState, String> {

@@ -413,3 +413,94 @@ fn data_dir_of_another_node_is_refused() {
     let err = b.start().unwrap_err();
     assert!(err.contains("belongs to node \"n1\""), "{err}");
 }
+
+/// A small tmpfs mounted over a node's RocksDB dir; unmounted on drop.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// `None` when not root (mounting needs it); a failed mount as root is a test failure.
+    fn mount(dir: &std::path::Path, size_mb: u32) -> Option<SmallDisk> {
+        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}m"),
+                "ringkv-test",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a {size_mb} MiB tmpfs on {dir:?}");
+        Some(SmallDisk {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A full disk through the real binary: the write that does not fit is answered `Internal`
+/// with the cause, naming node and key, and as definite (nothing written); every write
+/// acknowledged before stays readable and the node keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_answers_internal_with_the_cause_and_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = SmallDisk::mount(&dir.path().join("db"), 16) else {
+        eprintln!("skipped: mounting a small tmpfs as a full disk needs root");
+        return;
+    };
+    let mut node = NodeProcess::new("n1", dir.path(), "127.0.0.1:0", SINGLE);
+    node.start().unwrap();
+    let c = client(&node).await;
+    let value = |i: usize| Bytes::from(vec![i as u8; MAX_VALUE_LEN]);
+    let mut acked = Vec::new();
+    let err = loop {
+        let i = acked.len();
+        assert!(i < 64, "64 MiB of writes fit a 16 MiB disk");
+        match c.put(format!("big{i}"), value(i), None).await {
+            Ok(_) => acked.push(i),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("{} MiB acknowledged, then: {err}", acked.len());
+    assert!(!acked.is_empty(), "the first write fits: {err}");
+    assert_eq!(err.kind(), Some(ErrorKind::Internal), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("node n1"), "names the node: {msg}");
+    assert!(
+        msg.contains(&format!("big{}", acked.len())),
+        "names the key: {msg}"
+    );
+    assert!(msg.contains("disk full"), "names the cause: {msg}");
+    assert!(err.is_definite(), "a rejected batch applied nothing: {msg}");
+    for &i in &acked {
+        let read = c.get(format!("big{i}")).await.unwrap();
+        assert_eq!(
+            read.value(),
+            Some(&value(i)),
+            "acknowledged big{i} readable"
+        );
+    }
+    let failed = c.get(format!("big{}", acked.len())).await.unwrap();
+    assert!(!failed.is_found(), "the refused write is not there");
+    assert!(
+        node.child_running(),
+        "the node survives the full disk:\n{}",
+        node.log_tail(20)
+    );
+}

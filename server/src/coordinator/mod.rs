@@ -62,7 +62,8 @@ impl WriteQuorum {
             self.decided = true;
             return Decision::Ok(());
         }
-        let reachable = self.targets - self.failed.len();
+        // Saturating: a caller may report more distinct failures than it declared targets.
+        let reachable = self.targets.saturating_sub(self.failed.len());
         if reachable < self.needed {
             self.decided = true;
             return Decision::Failed(QuorumError::Unavailable {

@@ -157,10 +157,21 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// True when the write certainly did not reach storage.
+    /// True when the write certainly did not reach storage. A refused write (limits, full
+    /// queue) never reached it; a batch the engine rejected (full disk, failed read) applied
+    /// nothing. A failed WAL write or fsync (`Io` during `write`/`sync_wal`) and a writer that
+    /// exited with the job are unknown: the WAL bytes may still reach the disk and be replayed.
     pub fn is_definite(&self) -> bool {
-        // A failed batch write is atomic: nothing of it was applied.
-        true
+        !matches!(
+            self,
+            WriteError::Storage {
+                source: StorageError::Io {
+                    op: "write" | "sync_wal",
+                    ..
+                },
+                ..
+            }
+        )
     }
 }
 
@@ -657,7 +668,10 @@ impl Writer {
         }
         let mut failure = None;
         if !group.batch.is_empty() {
-            let sync = self.sync != SyncMode::None;
+            // A batch that persists a counter lease is always fsynced, whatever the mode: a
+            // lease lost in a power loss could hand out its dots a second time after a
+            // restart that does not start a new incarnation (one fsync per COUNTER_LEASE dots).
+            let sync = self.sync != SyncMode::None || group.lease.is_some();
             match self.engine.write(group.batch, sync) {
                 Ok(()) => {
                     if let Some(lease_end) = group.lease {

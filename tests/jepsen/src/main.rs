@@ -192,6 +192,7 @@ fn main() -> ExitCode {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut failed = false;
+    let mut verdicts = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         let seed = r.seed.unwrap_or_else(rand::random);
         let ks = kinds(&r.nemesis).expect("validated above");
@@ -240,6 +241,24 @@ fn main() -> ExitCode {
             }
         }
         failed |= !results.valid;
+        verdicts.push(format!(
+            "run {} ({} / {}, seed {seed}): {}",
+            i + 1,
+            r.workload,
+            r.nemesis,
+            if results.valid {
+                "VALID".to_string()
+            } else {
+                format!("INVALID: {}", results.invalid_reasons.join(" | "))
+            }
+        ));
+    }
+    if runs.len() > 1 {
+        // A recap at the end, so that a log's tail shows every run's verdict and cause.
+        println!("ringkv-jepsen: {} runs", runs.len());
+        for v in &verdicts {
+            println!("  {v}");
+        }
     }
     if failed {
         ExitCode::from(1)

@@ -80,6 +80,8 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Results {
     pub config: RunConfig,
     pub valid: bool,
+    /// Why the run is invalid, one line per failed check; empty = valid.
+    pub invalid_reasons: Vec<String>,
     pub ops: usize,
     pub register: Option<checker::RegisterReport>,
     pub set: Option<checker::SetReport>,
@@ -646,12 +648,14 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         Workload::Set => (None, Some(checker::check_set(&history))),
     };
     let availability = checker::availability(&history);
-    let workload_valid =
-        register.as_ref().is_none_or(|r| r.valid) && set.as_ref().is_none_or(|s| s.valid);
-    let valid = workload_valid
-        && convergence.converged
-        && availability.unhealed.is_empty()
-        && errs.is_empty();
+    let invalid_reasons = invalid_reasons(
+        register.as_ref(),
+        set.as_ref(),
+        &convergence,
+        &availability,
+        &errs,
+    );
+    let valid = invalid_reasons.is_empty();
     // Stop the nodes gracefully; their logs stay in the run folder.
     for node in nodes.lock().await.iter_mut() {
         node.send_signal(libc::SIGCONT);
@@ -660,6 +664,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
     Ok(Results {
         config: (*cfg).clone(),
         valid,
+        invalid_reasons,
         ops: history.len(),
         register,
         set,
@@ -706,6 +711,59 @@ async fn wait_all_alive(nodes: &Mutex<Vec<NodeProcess>>) -> Result<(), String> {
     }
 }
 
+/// Every check a run must pass, as one line per failed check (empty = valid): the workload's
+/// checker, convergence after healing, every fault healed, no harness or nemesis error.
+pub fn invalid_reasons(
+    register: Option<&checker::RegisterReport>,
+    set: Option<&checker::SetReport>,
+    convergence: &checker::ConvergenceReport,
+    availability: &checker::AvailabilityReport,
+    errors: &[String],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    fn list(out: &mut Vec<String>, what: &str, items: &[String]) {
+        if !items.is_empty() {
+            let shown: Vec<&str> = items.iter().take(3).map(String::as_str).collect();
+            out.push(format!("{what} {}: {}", items.len(), shown.join("; ")));
+        }
+    }
+    if let Some(r) = register {
+        list(&mut out, "lost", &r.lost);
+        list(&mut out, "phantoms", &r.phantoms);
+        list(&mut out, "from-failed", &r.from_failed);
+        list(&mut out, "from-future", &r.from_future);
+        list(&mut out, "resurrected", &r.resurrected);
+    }
+    if let Some(s) = set {
+        list(&mut out, "lost", &s.lost);
+        list(&mut out, "unexpected", &s.unexpected);
+        list(&mut out, "from-failed", &s.from_failed);
+        list(&mut out, "duplicates", &s.duplicates);
+    }
+    let checker_invalid = register.is_some_and(|r| !r.valid) || set.is_some_and(|s| !s.valid);
+    if checker_invalid && out.is_empty() {
+        out.push("the workload checker found the history invalid".into());
+    }
+    list(&mut out, "unhealed faults", &availability.unhealed);
+    list(&mut out, "errors", errors);
+    if !convergence.converged {
+        let mut why: Vec<String> = convergence.divergent.clone();
+        why.extend(convergence.wrong_holder_count.iter().cloned());
+        list(
+            &mut out,
+            &format!(
+                "not converged ({}/{} keys)",
+                convergence.converged_keys, convergence.keys
+            ),
+            &why,
+        );
+        if why.is_empty() {
+            out.push("not converged".into());
+        }
+    }
+    out
+}
+
 /// A human summary of the results.
 pub fn summary(r: &Results) -> String {
     let mut s = String::new();
@@ -715,6 +773,12 @@ pub fn summary(r: &Results) -> String {
         r.config.workload, r.config.nemeses, r.config.nodes, r.config.n, r.config.concurrency,
         r.config.time_limit_s, r.config.seed, r.ops
     ));
+    for reason in &r.invalid_reasons {
+        s.push_str(&format!(
+            "  invalid: {reason}
+"
+        ));
+    }
     if let Some(reg) = &r.register {
         s.push_str(&format!(
             "register: {} keys; writes ok {} / info {} / fail {}; reads ok {}\n  lost {} · phantoms {} · from-failed {} · from-future {} · resurrected {} · excused-by-info {} · recovered {}\n",
@@ -795,4 +859,50 @@ pub fn write_results(out: &std::path::Path, r: &Results) -> Result<String, Strin
     let text = summary(r);
     std::fs::write(out.join("summary.txt"), &text).map_err(|e| e.to_string())?;
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn converged() -> checker::ConvergenceReport {
+        checker::ConvergenceReport {
+            keys: 2,
+            converged_keys: 2,
+            converged: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_run_is_valid_only_without_reasons_and_each_failed_check_is_named() {
+        let ok = checker::RegisterReport {
+            valid: true,
+            ..Default::default()
+        };
+        let none = checker::AvailabilityReport::default();
+        assert!(invalid_reasons(Some(&ok), None, &converged(), &none, &[]).is_empty());
+
+        let lost = checker::RegisterReport {
+            lost: vec!["k1: v7".into()],
+            valid: false,
+            ..Default::default()
+        };
+        let diverged = checker::ConvergenceReport {
+            keys: 2,
+            converged_keys: 1,
+            divergent: vec!["k2: n1 [a] n2 []".into()],
+            converged: false,
+            ..Default::default()
+        };
+        let errors = vec!["restart n3: timed out".to_string()];
+        let reasons = invalid_reasons(Some(&lost), None, &diverged, &none, &errors);
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(reasons[0].starts_with("lost 1: k1: v7"), "{reasons:?}");
+        assert!(reasons[1].contains("restart n3"), "{reasons:?}");
+        assert!(
+            reasons[2].starts_with("not converged (1/2 keys)"),
+            "{reasons:?}"
+        );
+    }
 }

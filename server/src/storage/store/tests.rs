@@ -112,7 +112,9 @@ async fn unclean_shutdown_without_fsync_starts_a_new_incarnation() {
     let store = open(&engine, SyncMode::None);
     let before = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
     let inc = store.stats().incarnation.load(Ordering::Relaxed);
-    drop(store); // crash
+    // A crash: the writer never drains or marks the shutdown clean (the leaked store's
+    // writer thread idles on its queue for the rest of the test process).
+    std::mem::forget(store);
     let store = open(&engine, SyncMode::None);
     let after = store.write(put("a", "2", None)).await.unwrap().dot.unwrap();
     assert_ne!(before.actor, after.actor);
@@ -392,7 +394,9 @@ async fn early_outcomes_leave_before_the_commit_only_under_a_durable_lease() {
         .expect("held back, so the failure is reported instead of an outcome");
     assert!(matches!(&err, WriteError::Storage { .. }), "{err}");
     engine.set_fail_writes(false);
-    drop(store); // crash
+    // A crash: the writer never drains or marks the shutdown clean (the leaked store's
+    // writer thread idles on its queue for the rest of the test process).
+    std::mem::forget(store);
     let store = open(&engine, SyncMode::Group);
     let next = store.write(put("d", "1", None)).await.unwrap().dot.unwrap();
     assert_eq!(next.actor, early.actor, "sync=group keeps the incarnation");
@@ -401,4 +405,60 @@ async fn early_outcomes_leave_before_the_commit_only_under_a_durable_lease() {
         "counter {next:?} reuses a dot that left the writer (last {last}, early {early:?})"
     );
     store.close();
+}
+
+#[tokio::test]
+async fn a_batch_persisting_a_counter_lease_is_fsynced_even_in_none_mode() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::None);
+    let synced = |s: &Store| s.stats().synced_batches.load(Ordering::Relaxed);
+    let mut last = 0;
+    // The lease persisted at open covers the first COUNTER_LEASE dots: no fsync for them.
+    while last < COUNTER_LEASE {
+        last = store
+            .write(put(&format!("k{last}"), "v", None))
+            .await
+            .unwrap()
+            .dot
+            .unwrap()
+            .counter;
+    }
+    assert_eq!(synced(&store), 0, "sync=none fsyncs no ordinary batch");
+    // The next dot needs a new lease, persisted with its batch, and that batch is fsynced.
+    let next = store.write(put("next", "v", None)).await.unwrap();
+    assert_eq!(next.dot.unwrap().counter, COUNTER_LEASE + 1);
+    assert_eq!(synced(&store), 1, "the lease batch was fsynced");
+    store.write(put("after", "v", None)).await.unwrap();
+    assert_eq!(
+        synced(&store),
+        1,
+        "later batches under the new lease are not"
+    );
+    store.close();
+}
+
+#[test]
+fn only_a_failed_wal_write_or_fsync_leaves_the_outcome_unknown() {
+    let key = HexKey(b"k".to_vec());
+    let storage = |source| WriteError::Storage {
+        key: key.clone(),
+        source,
+    };
+    let io = |op| StorageError::Io {
+        op,
+        cause: "EIO".into(),
+    };
+    assert!(!storage(io("write")).is_definite());
+    assert!(!storage(io("sync_wal")).is_definite());
+    assert!(!writer_exited(b"k").is_definite());
+    assert!(
+        storage(io("get")).is_definite(),
+        "a failed read wrote nothing"
+    );
+    assert!(storage(StorageError::NoSpace {
+        op: "write",
+        cause: "ENOSPC".into()
+    })
+    .is_definite());
+    assert!(WriteError::Overloaded { capacity: 1 }.is_definite());
 }
