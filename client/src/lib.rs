@@ -31,18 +31,25 @@
 //! ```
 //!
 //! Connections are reused and pipelined: many concurrent calls share one TCP connection per
-//! node, matched by request id. Reads fail over to the next address when a node is unreachable;
-//! writes are never retried automatically (a retried write mints a second version), so a write
+//! node, matched by request id. With [`ClientConfig::ring_aware`] and several addresses, the
+//! client reads the ring (`Request::Ring`, refreshed every [`RING_REFRESH`]) and sends each keyed
+//! request to a live replica of the key among those addresses, so a write is coordinated where
+//! it lands instead of being forwarded one more hop, and a read is answered with one replica
+//! read in place. Routing is only a shortcut: any node still accepts any request.
+//!
+//! Reads fail over to the next address when a node is unreachable; writes are never retried automatically (a retried write mints a second version), so a write
 //! whose outcome is unknown returns an error with [`Error::is_definite`] = false.
 
 pub mod conn;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
+use ringkv_protocol::ring::{key_position, NodeId, Ring};
 use ringkv_protocol::{Request, Response};
 use tokio::sync::Mutex;
 
@@ -196,6 +203,10 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Requests queued per connection before callers wait.
     pub pipeline_depth: usize,
+    /// Send keyed requests to a replica of the key (see the crate docs); only has an effect
+    /// with two or more addresses. Off by default: on loopback it measured no gain
+    /// (docs/benchmarks.md); it saves a network hop where a hop costs real round-trip time.
+    pub ring_aware: bool,
 }
 
 impl Default for ClientConfig {
@@ -204,6 +215,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             pipeline_depth: 1024,
+            ring_aware: false,
         }
     }
 }
@@ -246,6 +258,68 @@ struct Inner {
     next_id: AtomicU64,
     /// Index of the node that answered last; requests start there.
     preferred: AtomicUsize,
+    /// The ring as last read, for ring-aware routing; `None` before the first read.
+    routing: RwLock<Option<Routing>>,
+    /// A ring read is in flight (at most one at a time).
+    refreshing: AtomicBool,
+}
+
+/// How often a ring-aware client re-reads the ring (joins, leaves, liveness).
+pub const RING_REFRESH: Duration = Duration::from_secs(5);
+
+/// Where keys live, as last read from the cluster.
+struct Routing {
+    ring: Ring,
+    n: usize,
+    /// Ring member -> index of the configured address that reaches it. Only members the
+    /// reporting node saw alive and whose client address the client was given.
+    targets: HashMap<NodeId, usize>,
+    read_at: Instant,
+}
+
+impl Routing {
+    fn new(reply: &RingReply, nodes: &[Node]) -> Routing {
+        let ring = Ring::new(reply.members.iter().map(|m| (m.node_id.as_str(), m.tokens)));
+        let targets = reply
+            .members
+            .iter()
+            .filter(|m| m.alive)
+            .filter_map(|m| {
+                let i = nodes.iter().position(|n| n.addr == m.client_addr)?;
+                Some((NodeId::from(m.node_id.as_str()), i))
+            })
+            .collect();
+        Routing {
+            ring,
+            n: reply.n as usize,
+            targets,
+            read_at: Instant::now(),
+        }
+    }
+
+    /// No routing (the ring could not be read): requests go where they would without it.
+    fn none() -> Routing {
+        Routing {
+            ring: Ring::new(std::iter::empty::<(&str, u32)>()),
+            n: 0,
+            targets: HashMap::new(),
+            read_at: Instant::now(),
+        }
+    }
+
+    /// A reachable replica of `key`, rotating over them with `seq` to spread the load.
+    fn replica(&self, key: &[u8], seq: u64) -> Option<usize> {
+        if self.targets.is_empty() {
+            return None;
+        }
+        let replicas: Vec<usize> = self
+            .ring
+            .preference_list(key_position(key), self.n)
+            .iter()
+            .filter_map(|id| self.targets.get(id).copied())
+            .collect();
+        (!replicas.is_empty()).then(|| replicas[seq as usize % replicas.len()])
+    }
 }
 
 /// A handle to a ringkv cluster. Cheap to clone; clones share connections.
@@ -297,6 +371,8 @@ impl Client {
                 config,
                 next_id: AtomicU64::new(1),
                 preferred: AtomicUsize::new(0),
+                routing: RwLock::new(None),
+                refreshing: AtomicBool::new(false),
             }),
         })
     }
@@ -321,7 +397,12 @@ impl Client {
             },
         };
         // Local reads target one node's replica: no failover to another node.
-        let (addr, resp) = self.call(req, timeout, !opts.local).await?;
+        let route = if opts.local {
+            None
+        } else {
+            self.route(key.as_ref())
+        };
+        let (addr, resp) = self.call(req, timeout, !opts.local, route).await?;
         match resp {
             Response::Get(r) => Ok(Read::from_reply(r)),
             other => Err(unexpected(&addr, other)),
@@ -364,13 +445,14 @@ impl Client {
         opts: PutOptions,
     ) -> Result<Written, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.config.request_timeout);
+        let route = self.route(key.as_ref());
         let req = Request::Put {
             key: Bytes::copy_from_slice(key.as_ref()),
             value: value.into(),
             context: context.map(|c| c.0.clone()).unwrap_or_default(),
             opts: write_opts(&opts, timeout),
         };
-        let (addr, resp) = self.call(req, timeout, false).await?;
+        let (addr, resp) = self.call(req, timeout, false, route).await?;
         match resp {
             Response::Put(w) => Ok(written(w)),
             other => Err(unexpected(&addr, other)),
@@ -394,12 +476,13 @@ impl Client {
         opts: PutOptions,
     ) -> Result<Written, Error> {
         let timeout = opts.timeout.unwrap_or(self.inner.config.request_timeout);
+        let route = self.route(key.as_ref());
         let req = Request::Delete {
             key: Bytes::copy_from_slice(key.as_ref()),
             context: context.map(|c| c.0.clone()).unwrap_or_default(),
             opts: write_opts(&opts, timeout),
         };
-        let (addr, resp) = self.call(req, timeout, false).await?;
+        let (addr, resp) = self.call(req, timeout, false, route).await?;
         match resp {
             Response::Delete(w) => Ok(written(w)),
             other => Err(unexpected(&addr, other)),
@@ -410,7 +493,7 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, Error> {
         let start = Instant::now();
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Ping, timeout, true).await?;
+        let (addr, resp) = self.call(Request::Ping, timeout, true, None).await?;
         match resp {
             Response::Pong => Ok(start.elapsed()),
             other => Err(unexpected(&addr, other)),
@@ -420,7 +503,7 @@ impl Client {
     /// The status (identity, metrics, workers) of the node that answers.
     pub async fn status(&self) -> Result<StatusReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Status, timeout, true).await?;
+        let (addr, resp) = self.call(Request::Status, timeout, true, None).await?;
         match resp {
             Response::Status(s) => Ok(s),
             other => Err(unexpected(&addr, other)),
@@ -430,22 +513,63 @@ impl Client {
     /// The contacted node's view of the ring: members, tokens, ownership shares, liveness.
     pub async fn ring(&self) -> Result<RingReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Ring, timeout, true).await?;
+        let (addr, resp) = self.call(Request::Ring, timeout, true, None).await?;
         match resp {
             Response::Ring(r) => Ok(r),
             other => Err(unexpected(&addr, other)),
         }
     }
 
+    /// Reads the ring now and routes keyed requests by it. A ring-aware client also does this
+    /// by itself, in the background, when its ring is older than [`RING_REFRESH`].
+    pub async fn refresh_ring(&self) -> Result<(), Error> {
+        let reply = self.ring().await?;
+        let routing = Routing::new(&reply, &self.inner.nodes);
+        *self.inner.routing.write().expect("routing lock poisoned") = Some(routing);
+        Ok(())
+    }
+
     /// The contacted node's membership view: SWIM state, incarnation, phi and last-heard time
     /// of every member.
     pub async fn members(&self) -> Result<MembersReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Members, timeout, true).await?;
+        let (addr, resp) = self.call(Request::Members, timeout, true, None).await?;
         match resp {
             Response::Members(m) => Ok(m),
             other => Err(unexpected(&addr, other)),
         }
+    }
+
+    /// The address index to send a request for `key` to: a live replica of the key when the
+    /// client is ring-aware and knows the ring, else `None` (the preferred address). Starts a
+    /// ring read in the background when the ring is unknown or older than `RING_REFRESH`.
+    fn route(&self, key: &[u8]) -> Option<usize> {
+        if !self.inner.config.ring_aware || self.inner.nodes.len() < 2 {
+            return None;
+        }
+        let (pick, stale) = {
+            let routing = self.inner.routing.read().expect("routing lock poisoned");
+            match routing.as_ref() {
+                None => (None, true),
+                Some(r) => {
+                    let seq = self.inner.next_id.load(Ordering::Relaxed);
+                    (r.replica(key, seq), r.read_at.elapsed() > RING_REFRESH)
+                }
+            }
+        };
+        if stale && !self.inner.refreshing.swap(true, Ordering::AcqRel) {
+            let client = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = client.refresh_ring().await {
+                    // Routing stays off until the next refresh is due.
+                    tracing::debug!(error = %e, "ring read for routing failed");
+                    *client.inner.routing.write().expect("routing lock poisoned") =
+                        Some(Routing::none());
+                }
+                client.inner.refreshing.store(false, Ordering::Release);
+            });
+        }
+        pick
     }
 
     async fn conn(&self, i: usize) -> Result<Conn, String> {
@@ -476,17 +600,18 @@ impl Client {
         Ok(c)
     }
 
-    /// Sends `req` to the preferred node, failing over to the others when a node cannot be
-    /// reached. `retry_after_send` also fails over when the request was sent but the
-    /// connection broke (only for requests that change nothing).
+    /// Sends `req` to `route` (else the preferred node), failing over to the others when a
+    /// node cannot be reached. `retry_after_send` also fails over when the request was sent
+    /// but the connection broke (only for requests that change nothing).
     async fn call(
         &self,
         req: Request,
         timeout: Duration,
         retry_after_send: bool,
+        route: Option<usize>,
     ) -> Result<(String, Response), Error> {
         let n = self.inner.nodes.len();
-        let start = self.inner.preferred.load(Ordering::Relaxed) % n;
+        let start = route.unwrap_or_else(|| self.inner.preferred.load(Ordering::Relaxed)) % n;
         let deadline = Instant::now() + timeout + CLIENT_GRACE;
         let mut last_err = String::new();
         for step in 0..n {
@@ -570,5 +695,79 @@ fn unexpected(addr: &str, resp: Response) -> Error {
     Error::Protocol {
         addr: addr.to_string(),
         cause: format!("unexpected response {:?}", resp.opcode()),
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn node(addr: &str) -> Node {
+        Node {
+            addr: addr.into(),
+            conn: std::sync::Mutex::new(None),
+            connecting: Mutex::new(()),
+        }
+    }
+
+    fn member(id: &str, addr: &str, alive: bool) -> RingMember {
+        RingMember {
+            node_id: id.into(),
+            client_addr: addr.into(),
+            peer_addr: String::new(),
+            tokens: 64,
+            primary_ppm: 0,
+            alive,
+        }
+    }
+
+    #[test]
+    fn routes_only_to_live_known_replicas_of_the_key_and_rotates_over_them() {
+        // n4 is down, n3's address was not given to the client.
+        let reply = RingReply {
+            n: 2,
+            r: 1,
+            w: 1,
+            epoch: 1,
+            members: vec![
+                member("n1", "a:1", true),
+                member("n2", "a:2", true),
+                member("n3", "a:3", true),
+                member("n4", "a:4", false),
+            ],
+        };
+        let nodes = [node("a:1"), node("a:2"), node("a:4")];
+        let routing = Routing::new(&reply, &nodes);
+        let ring = Ring::new(reply.members.iter().map(|m| (m.node_id.as_str(), m.tokens)));
+        let (mut routed, mut rotated) = (0, 0);
+        for k in 0..200 {
+            let key = format!("key{k}");
+            let pref = ring.preference_list(key_position(key.as_bytes()), 2);
+            let usable: Vec<usize> = pref
+                .iter()
+                .filter_map(|id| match &**id {
+                    "n1" => Some(0),
+                    "n2" => Some(1),
+                    _ => None,
+                })
+                .collect();
+            let picks: BTreeSet<Option<usize>> = (0..4)
+                .map(|seq| routing.replica(key.as_bytes(), seq))
+                .collect();
+            if usable.is_empty() {
+                assert_eq!(picks, BTreeSet::from([None]), "{key}: no usable replica");
+                continue;
+            }
+            routed += 1;
+            let expected: BTreeSet<Option<usize>> = usable.iter().map(|i| Some(*i)).collect();
+            assert_eq!(picks, expected, "{key}: every usable replica, nothing else");
+            rotated += usize::from(usable.len() == 2);
+        }
+        assert!(
+            routed > 100 && rotated > 20,
+            "routed {routed}, rotated {rotated}"
+        );
+        assert_eq!(Routing::none().replica(b"k", 0), None);
     }
 }

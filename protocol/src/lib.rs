@@ -8,6 +8,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod peer;
+pub mod ring;
 pub mod wire;
 
 pub use context::{CausalContext, ContextError};

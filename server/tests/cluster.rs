@@ -261,3 +261,50 @@ async fn client_with_several_addresses_fails_over_when_a_node_dies() {
         .unwrap();
     assert_eq!(strings(&c2.get("k").await.unwrap()), vec!["v2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_aware_client_sends_every_write_to_a_replica() {
+    // 4 nodes, N=2: half the nodes are not replicas of a given key.
+    let c = Cluster::start(4, &["--n", "2"]).await;
+    let nodes: Vec<Client> = (0..4).map(|i| c.client(i)).collect();
+    let forwarded = || async {
+        let mut sum = 0;
+        for cl in &nodes {
+            sum += metric(cl, "coordinator.forwarded_writes").await;
+        }
+        sum
+    };
+    // Control: without routing, writes enter wherever the client is connected.
+    let plain = ringkv_client::ClientConfig {
+        ring_aware: false,
+        ..Default::default()
+    };
+    let plain = Client::connect_with(c.addrs(), plain).await.unwrap();
+    let before = forwarded().await;
+    for k in 0..40 {
+        plain.put(format!("plain{k}"), "v", None).await.unwrap();
+    }
+    assert!(
+        forwarded().await > before,
+        "without routing some writes reach a non-replica"
+    );
+
+    let aware = ringkv_client::ClientConfig {
+        ring_aware: true,
+        ..Default::default()
+    };
+    let aware = Client::connect_with(c.addrs(), aware).await.unwrap();
+    aware.refresh_ring().await.unwrap();
+    let before = forwarded().await;
+    for k in 0..100 {
+        let key = format!("aware{k}");
+        aware.put(&key, format!("v{k}"), None).await.unwrap();
+        let read = aware.get(&key).await.unwrap();
+        assert_eq!(strings(&read), vec![format!("v{k}")], "{key}");
+    }
+    assert_eq!(
+        forwarded().await,
+        before,
+        "a ring-aware client's writes are coordinated where they land"
+    );
+}

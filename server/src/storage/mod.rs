@@ -123,11 +123,7 @@ pub trait Engine: Send + Sync + 'static {
     fn property(&self, cf: Cf, name: &str) -> Option<u64>;
 }
 
-/// A key's position on the ring (xxh3-64), also the prefix of its storage key so that a ring
-/// range is one contiguous storage range.
-pub fn key_position(key: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(key)
-}
+pub use ringkv_protocol::ring::key_position;
 
 /// Storage key of a user key in `Cf::Data`: `position BE ‖ key`.
 pub fn data_key(key: &[u8]) -> Vec<u8> {

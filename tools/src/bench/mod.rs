@@ -72,6 +72,8 @@ pub struct BenchConfig {
     pub load: bool,
     pub seed: u64,
     pub timeout_ms: u64,
+    /// ringkv: connections route each request to a replica of its key.
+    pub ring_aware: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -443,7 +445,7 @@ pub async fn run(cfg: BenchConfig) -> Result<Summary, String> {
     let timeout = Duration::from_millis(cfg.timeout_ms);
     let mut conns = Vec::with_capacity(cfg.connections);
     for i in 0..cfg.connections {
-        conns.push(targets::Conn::connect(cfg.target, &cfg.addrs, i, &contexts, timeout).await?);
+        conns.push(targets::Conn::connect(&cfg, i, &contexts, timeout).await?);
     }
     let load = if cfg.load {
         Some(load_phase(&cfg, &conns).await)

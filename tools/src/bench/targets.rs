@@ -9,6 +9,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bytes::Bytes;
 use ringkv_client::{Client, ClientConfig, Context};
+
+use super::BenchConfig;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -83,22 +85,34 @@ pub enum Conn {
 impl Conn {
     /// Opens connection number `i` (spread round-robin over `addrs`).
     pub async fn connect(
-        kind: TargetKind,
-        addrs: &[String],
+        cfg: &BenchConfig,
         i: usize,
         contexts: &Arc<ContextCache>,
         timeout: Duration,
     ) -> Result<Conn, String> {
+        let addrs = &cfg.addrs;
         let addr = &addrs[i % addrs.len()];
-        match kind {
+        match cfg.target {
             TargetKind::Ringkv => {
-                let cfg = ClientConfig {
+                let client_cfg = ClientConfig {
                     request_timeout: timeout,
+                    ring_aware: cfg.ring_aware,
                     ..ClientConfig::default()
                 };
-                let client = Client::connect_with([addr.clone()], cfg)
+                // Ring-aware: every address, this connection's own first; else just its own.
+                let mine: Vec<String> = if cfg.ring_aware {
+                    (0..addrs.len())
+                        .map(|k| addrs[(i + k) % addrs.len()].clone())
+                        .collect()
+                } else {
+                    vec![addr.clone()]
+                };
+                let client = Client::connect_with(mine, client_cfg)
                     .await
                     .map_err(|e| e.to_string())?;
+                if cfg.ring_aware {
+                    client.refresh_ring().await.map_err(|e| e.to_string())?;
+                }
                 Ok(Conn::Ringkv {
                     client,
                     contexts: contexts.clone(),

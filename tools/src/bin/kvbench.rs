@@ -57,6 +57,10 @@ struct Cli {
     /// Per-request timeout in ms.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// ringkv only: every connection knows every address and sends each request to a replica
+    /// of its key (the client library's ring-aware routing); default: one address each.
+    #[arg(long)]
+    ring_aware: bool,
     /// Also write the JSON summary to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         load: !cli.no_load,
         seed: cli.seed,
         timeout_ms: cli.timeout_ms,
+        ring_aware: cli.ring_aware,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
