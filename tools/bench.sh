@@ -62,9 +62,15 @@ run() { # run LABEL TARGET ADDRS CONN DEPTH
   cat "$out/$1.txt"
   [ "$rc" -le 1 ] || { echo "bench: $1 could not run" >&2; exit 2; }
 }
+# Each ringkv configuration is stopped after its run, so that its leftover background work
+# (memtable flushes, compactions of what the run wrote) does not run during the next ones.
+stop() { kill "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
 run ringkv-1node ringkv 127.0.0.1:17379 "$CONN" "$DEPTH"
+stop "${pids[0]}"
 run ringkv-1node-nosync ringkv 127.0.0.1:17479 "$CONN" "$DEPTH"
+stop "${pids[1]}"
 run ringkv-3node ringkv 127.0.0.1:18379,127.0.0.1:18389,127.0.0.1:18399 "$CONN" "$DEPTH"
+stop "${pids[2]}" "${pids[3]}" "${pids[4]}"
 run redis redis 127.0.0.1:16379 "$CONN" "$DEPTH"
 # The etcd gateway speaks HTTP/1.1 without pipelining: the same concurrency as connections.
 run etcd-3node etcd 127.0.0.1:12379,127.0.0.1:12389,127.0.0.1:12399 $((CONN * DEPTH)) 1
