@@ -8,13 +8,22 @@ use std::sync::Mutex;
 use super::{Batch, BatchOp, Cached, Cf, Engine, StorageError};
 
 type Table = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+/// A key and its value before an unsynced write (`None`: absent).
+type Undo = ((Cf, Vec<u8>), Option<Vec<u8>>);
 
 #[derive(Default)]
 pub struct MemoryEngine {
     data: Mutex<Table>,
+    /// Undo entries of the writes since the last sync (the previous value of each key they
+    /// touched), oldest first: what a power loss takes back.
+    unsynced: Mutex<Vec<Undo>>,
     fail_writes: AtomicBool,
+    fail_syncs: AtomicBool,
+    /// While true, `sync_wal` waits (a slow disk), to observe who waits for the fsync.
+    hold_syncs: (Mutex<bool>, std::sync::Condvar),
     cache_misses: AtomicBool,
     pub synced_writes: AtomicU64,
+    pub wal_syncs: AtomicU64,
     pub writes: AtomicU64,
 }
 
@@ -26,6 +35,33 @@ impl MemoryEngine {
     /// While set, `get_cached` answers `Miss` (as if nothing were in memory).
     pub fn set_cache_misses(&self, miss: bool) {
         self.cache_misses.store(miss, Ordering::SeqCst);
+    }
+
+    /// A power loss: every write since the last sync (a `sync` write or `sync_wal`) is lost.
+    pub fn lose_unsynced(&self) {
+        let mut data = self.data.lock().expect("memory engine lock poisoned");
+        let mut undo = self.unsynced.lock().expect("memory engine lock poisoned");
+        for (k, old) in undo.drain(..).rev() {
+            match old {
+                Some(v) => data.insert(k, v),
+                None => data.remove(&k),
+            };
+        }
+    }
+
+    /// Holds every `sync_wal` until released (`false`).
+    pub fn hold_syncs(&self, hold: bool) {
+        *self
+            .hold_syncs
+            .0
+            .lock()
+            .expect("memory engine lock poisoned") = hold;
+        self.hold_syncs.1.notify_all();
+    }
+
+    /// While set, `sync_wal` fails with an I/O error (the writes stay applied, unsynced).
+    pub fn set_fail_syncs(&self, fail: bool) {
+        self.fail_syncs.store(fail, Ordering::SeqCst);
     }
 
     /// While set, every write fails with `NoSpace` (a full disk).
@@ -55,24 +91,48 @@ impl Engine for MemoryEngine {
             });
         }
         let mut data = self.data.lock().expect("memory engine lock poisoned");
+        let mut undo = self.unsynced.lock().expect("memory engine lock poisoned");
         for op in batch.ops {
+            let key = match &op {
+                BatchOp::Put(cf, k, _) | BatchOp::Delete(cf, k) => (*cf, k.clone()),
+            };
+            undo.push((key.clone(), data.get(&key).cloned()));
             match op {
-                BatchOp::Put(cf, k, v) => {
-                    data.insert((cf, k), v);
+                BatchOp::Put(_, _, v) => {
+                    data.insert(key, v);
                 }
-                BatchOp::Delete(cf, k) => {
-                    data.remove(&(cf, k));
+                BatchOp::Delete(..) => {
+                    data.remove(&key);
                 }
             }
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
         if sync {
+            undo.clear();
             self.synced_writes.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
 
     fn sync_wal(&self) -> Result<(), StorageError> {
+        let (held, released) = &self.hold_syncs;
+        let mut held = held.lock().expect("memory engine lock poisoned");
+        while *held {
+            held = released.wait(held).expect("memory engine lock poisoned");
+        }
+        drop(held);
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                op: "sync_wal",
+                cause: "injected: fsync failed".into(),
+            });
+        }
+        let _data = self.data.lock().expect("memory engine lock poisoned");
+        self.unsynced
+            .lock()
+            .expect("memory engine lock poisoned")
+            .clear();
+        self.wal_syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
