@@ -33,7 +33,6 @@ use crate::membership::{ClusterView, Membership};
 use crate::metrics::{inc, Metrics, RequestMetrics};
 use crate::net::peer::{PeerError, PeerPool};
 use crate::ring::NodeId;
-use crate::storage::store::SyncMode;
 use crate::storage::{key_position, HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
 
@@ -989,7 +988,6 @@ impl Node {
                 "storage.synced_batches".to_string(),
                 load(&st.synced_batches),
             ),
-            ("storage.wal_syncs".to_string(), load(&st.wal_syncs)),
             ("storage.largest_group".to_string(), load(&st.largest_group)),
             ("storage.write_errors".to_string(), load(&st.write_errors)),
             ("storage.overloaded".to_string(), load(&st.overloaded)),
@@ -1080,19 +1078,6 @@ impl Node {
                         crate::storage::store::QUEUE_CAPACITY,
                         load(&st.batches)
                     ),
-                ),
-                (
-                    "worker.syncer".into(),
-                    match self.config.sync {
-                        SyncMode::Group if st.syncer_running.load(Ordering::Relaxed) => format!(
-                            "running; {} groups awaiting fsync; {} fsyncs for {} batches",
-                            load(&st.syncer_owed),
-                            load(&st.wal_syncs),
-                            load(&st.synced_batches)
-                        ),
-                        SyncMode::Group => "stopped".to_string(),
-                        other => format!("not used (sync={other})"),
-                    },
                 ),
                 ("gossip_listen".into(), self.gossip_addr.clone()),
                 (

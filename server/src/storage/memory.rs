@@ -18,12 +18,8 @@ pub struct MemoryEngine {
     /// touched), oldest first: what a power loss takes back.
     unsynced: Mutex<Vec<Undo>>,
     fail_writes: AtomicBool,
-    fail_syncs: AtomicBool,
-    /// While true, `sync_wal` waits (a slow disk), to observe who waits for the fsync.
-    hold_syncs: (Mutex<bool>, std::sync::Condvar),
     cache_misses: AtomicBool,
     pub synced_writes: AtomicU64,
-    pub wal_syncs: AtomicU64,
     pub writes: AtomicU64,
 }
 
@@ -47,21 +43,6 @@ impl MemoryEngine {
                 None => data.remove(&k),
             };
         }
-    }
-
-    /// Holds every `sync_wal` until released (`false`).
-    pub fn hold_syncs(&self, hold: bool) {
-        *self
-            .hold_syncs
-            .0
-            .lock()
-            .expect("memory engine lock poisoned") = hold;
-        self.hold_syncs.1.notify_all();
-    }
-
-    /// While set, `sync_wal` fails with an I/O error (the writes stay applied, unsynced).
-    pub fn set_fail_syncs(&self, fail: bool) {
-        self.fail_syncs.store(fail, Ordering::SeqCst);
     }
 
     /// While set, every write fails with `NoSpace` (a full disk).
@@ -115,24 +96,11 @@ impl Engine for MemoryEngine {
     }
 
     fn sync_wal(&self) -> Result<(), StorageError> {
-        let (held, released) = &self.hold_syncs;
-        let mut held = held.lock().expect("memory engine lock poisoned");
-        while *held {
-            held = released.wait(held).expect("memory engine lock poisoned");
-        }
-        drop(held);
-        if self.fail_syncs.load(Ordering::SeqCst) {
-            return Err(StorageError::Io {
-                op: "sync_wal",
-                cause: "injected: fsync failed".into(),
-            });
-        }
         let _data = self.data.lock().expect("memory engine lock poisoned");
         self.unsynced
             .lock()
             .expect("memory engine lock poisoned")
             .clear();
-        self.wal_syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

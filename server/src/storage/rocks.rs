@@ -141,10 +141,6 @@ impl Engine for RocksEngine {
         self.db.write_opt(wb, &wo).map_err(|e| map_err("write", e))
     }
 
-    /// `FlushWAL(sync = true)`; with `manual_wal_flush` off (the default, kept here) that is
-    /// `SyncWAL`, which RocksDB allows concurrently with `Write` from another thread: the
-    /// store's syncer thread relies on that. Turning `manual_wal_flush` on would break it
-    /// (and the promise that acknowledged writes survive `kill -9`).
     fn sync_wal(&self) -> Result<(), StorageError> {
         self.db.flush_wal(true).map_err(|e| map_err("sync_wal", e))
     }

@@ -41,10 +41,6 @@ pub const MAX_GROUP_BYTES: usize = 16 << 20;
 /// Jobs queued for the writer. A full queue answers `Overloaded` at once (backpressure to the
 /// client) instead of letting latency grow without bound.
 pub const QUEUE_CAPACITY: usize = 16 * 1024;
-/// Groups written but not yet fsynced before the writer waits for the syncer: keeps the
-/// overlap of writing and fsyncing, and keeps backpressure (a stalled fsync stops the writer,
-/// its queue fills, clients get `Overloaded`) instead of piling up applied, unanswered writes.
-pub const SYNCER_QUEUE_GROUPS: usize = 4;
 /// Sibling count above which a write logs a warning naming the key (Riak's `warn_siblings`).
 pub const WARN_SIBLINGS: usize = 25;
 
@@ -187,14 +183,7 @@ pub struct StoreStats {
     pub merges: AtomicU64,
     pub merges_noop: AtomicU64,
     pub batches: AtomicU64,
-    /// Batches made durable by an fsync before their answers (inline or by the syncer).
     pub synced_batches: AtomicU64,
-    /// fsyncs of the WAL (one may cover many batches).
-    pub wal_syncs: AtomicU64,
-    /// Groups written and waiting for the syncer's fsync.
-    pub syncer_owed: AtomicU64,
-    /// The syncer thread is running (group mode).
-    pub syncer_running: std::sync::atomic::AtomicBool,
     pub largest_group: AtomicU64,
     pub write_errors: AtomicU64,
     pub rejected_siblings: AtomicU64,
@@ -382,17 +371,6 @@ impl Store {
             .store(identity.incarnation, Ordering::Relaxed);
         stats.next_counter.store(next_counter, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
-        let syncer = match config.sync {
-            SyncMode::Group => Some(
-                Syncer::start(engine.clone(), stats.clone(), config.node_id.clone()).map_err(
-                    |e| StorageError::Io {
-                        op: "spawn syncer thread",
-                        cause: e.to_string(),
-                    },
-                )?,
-            ),
-            SyncMode::None | SyncMode::Always => None,
-        };
         let mut writer = Writer {
             engine: engine.clone(),
             rx,
@@ -403,7 +381,6 @@ impl Store {
             stats: stats.clone(),
             node_id: config.node_id.clone(),
             cache: StateCache::new(STATE_CACHE_BYTES),
-            syncer,
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -560,46 +537,6 @@ fn writer_exited(key: &[u8]) -> WriteError {
     }
 }
 
-/// Answers a group's jobs; `failure` = the group's write (or the fsync owed for it) failed.
-fn answer_all(answers: Vec<Answer>, failure: Option<&StorageError>) {
-    for (key, reply, result) in answers {
-        let storage_error = |e: &StorageError| WriteError::Storage {
-            key: HexKey(key.to_vec()),
-            source: e.clone(),
-        };
-        // The requester may have given up (timeout); the write stands regardless.
-        match reply {
-            Reply::Done => {}
-            Reply::Committed(tx) => {
-                let result = result.expect("results are only taken by early release");
-                let _ = tx.send(match (failure, result) {
-                    (Some(e), Ok(_)) => Err(storage_error(e)),
-                    (_, result) => result,
-                });
-            }
-            Reply::CommitOnly(tx) => {
-                let _ = tx.send(failure.map_or(Ok(()), |e| Err(storage_error(e))));
-            }
-            Reply::Early { applied, committed } => {
-                // Held back (a lease was persisted with this group): now both at once.
-                let result = result.expect("results are only taken by early release");
-                match (failure, result) {
-                    (Some(e), Ok(_)) => {
-                        let _ = applied.send(Err(storage_error(e)));
-                    }
-                    (_, result) => {
-                        let ok = result.is_ok();
-                        let _ = applied.send(result);
-                        if ok {
-                            let _ = committed.send(Ok(()));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn read_state(engine: &dyn Engine, dkey: &[u8], key: &[u8]) -> Result<KeyState, StorageError> {
     decode_state(engine.get(Cf::Data, dkey)?, key)
 }
@@ -627,77 +564,6 @@ struct Writer {
     node_id: String,
     /// States of recently written keys, as committed (see `state_cache`).
     cache: StateCache,
-    /// Group mode: the thread that fsyncs written batches and then answers them.
-    syncer: Option<Syncer>,
-}
-
-/// A group's answers, owed once an fsync covers its batch.
-struct Owed {
-    answers: Vec<Answer>,
-    /// The group wrote a batch (else it only waits for earlier batches to be synced).
-    wrote: bool,
-}
-
-struct Syncer {
-    tx: Sender<Owed>,
-    handle: JoinHandle<()>,
-}
-
-impl Syncer {
-    /// Group commit's second stage: takes every group written so far, fsyncs the WAL once
-    /// for all of them, then answers them — while the writer already applies and writes the
-    /// next groups.
-    fn start(
-        engine: Arc<dyn Engine>,
-        stats: Arc<StoreStats>,
-        node_id: String,
-    ) -> std::io::Result<Syncer> {
-        let (tx, rx) = crossbeam_channel::bounded::<Owed>(SYNCER_QUEUE_GROUPS);
-        stats.syncer_running.store(true, Ordering::Relaxed);
-        let handle = std::thread::Builder::new()
-            .name("ringkv-syncer".into())
-            .spawn(move || {
-                // Cleared however the thread ends (also by a panic).
-                struct Running(Arc<StoreStats>);
-                impl Drop for Running {
-                    fn drop(&mut self) {
-                        self.0.syncer_running.store(false, Ordering::Relaxed);
-                    }
-                }
-                let _running = Running(stats.clone());
-                while let Ok(first) = rx.recv() {
-                    let mut owed = vec![first];
-                    owed.extend(rx.try_iter());
-                    let result = engine.sync_wal();
-                    match &result {
-                        Ok(()) => {
-                            let wrote = owed.iter().filter(|o| o.wrote).count() as u64;
-                            stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-                            stats.synced_batches.fetch_add(wrote, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                            error!(node = %node_id, groups = owed.len(), error = %e,
-                                   "WAL fsync failed; the writes were applied but may not survive a power loss");
-                        }
-                    }
-                    let groups = owed.len() as u64;
-                    for o in owed {
-                        answer_all(o.answers, result.as_ref().err());
-                    }
-                    stats.syncer_owed.fetch_sub(groups, Ordering::Relaxed);
-                }
-            })?;
-        Ok(Syncer { tx, handle })
-    }
-
-    /// Answers what is still owed and stops.
-    fn finish(self) {
-        drop(self.tx);
-        if self.handle.join().is_err() {
-            error!("syncer thread panicked");
-        }
-    }
 }
 
 /// Per-group scratch state.
@@ -748,9 +614,6 @@ impl Writer {
         }
         if !rest.is_empty() {
             self.commit_group(rest);
-        }
-        if let Some(syncer) = self.syncer.take() {
-            syncer.finish();
         }
         let mut batch = Batch::default();
         batch.put(Cf::Meta, META_CLEAN.to_vec(), vec![1]);
@@ -805,25 +668,11 @@ impl Writer {
                 .collect();
         }
         let mut failure = None;
-        // With a syncer (group mode) the batch is written without fsync and the syncer owes
-        // the answers: it fsyncs while this thread goes on with the next group. Even a group
-        // with nothing to write waits for it (a no-op merge may ack a state written by an
-        // earlier, not yet synced group). `Some(wrote)`: answers go to the syncer.
-        let mut owed_sync = self.syncer.as_ref().map(|_| false);
         if !group.batch.is_empty() {
-            // A batch that persists a counter lease is always fsynced at once, whatever the
-            // mode: a lease lost in a power loss could hand out its dots a second time after
-            // a restart that does not start a new incarnation (one fsync per COUNTER_LEASE
-            // dots). That fsync also covers every earlier batch, so no sync is owed.
-            let sync = match self.sync {
-                SyncMode::Always => true,
-                // Without a (live) syncer, group mode fsyncs inline as `always` does.
-                SyncMode::Group => group.lease.is_some() || self.syncer.is_none(),
-                SyncMode::None => group.lease.is_some(),
-            };
-            if sync {
-                owed_sync = None;
-            }
+            // A batch that persists a counter lease is always fsynced, whatever the mode: a
+            // lease lost in a power loss could hand out its dots a second time after a
+            // restart that does not start a new incarnation (one fsync per COUNTER_LEASE dots).
+            let sync = self.sync != SyncMode::None || group.lease.is_some();
             match self.engine.write(group.batch, sync) {
                 Ok(()) => {
                     if let Some(lease_end) = group.lease {
@@ -832,10 +681,6 @@ impl Writer {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                     if sync {
                         self.stats.synced_batches.fetch_add(1, Ordering::Relaxed);
-                        self.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if let Some(wrote) = owed_sync.as_mut() {
-                        *wrote = true;
                     }
                     self.stats
                         .largest_group
@@ -845,8 +690,6 @@ impl Writer {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                     error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was applied");
                     failure = Some(e);
-                    // Nothing was applied: answered now, no sync is owed.
-                    owed_sync = None;
                 }
             }
         }
@@ -863,20 +706,41 @@ impl Writer {
         self.stats
             .next_counter
             .store(self.next_counter, Ordering::Relaxed);
-        match (owed_sync, &self.syncer) {
-            // Group mode: the syncer answers once an fsync covers this batch.
-            (Some(wrote), Some(syncer)) => {
-                self.stats.syncer_owed.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = syncer.tx.send(Owed { answers, wrote }) {
-                    // The syncer died (a panic): fsync here, and from now on inline.
-                    self.stats.syncer_owed.fetch_sub(1, Ordering::Relaxed);
-                    error!(node = %self.node_id, "syncer thread gone; fsyncing on the writer thread from now on");
-                    let result = self.engine.sync_wal();
-                    answer_all(e.into_inner().answers, result.as_ref().err());
-                    self.syncer = None;
+        for (key, reply, result) in answers {
+            let storage_error = |e: &StorageError| WriteError::Storage {
+                key: HexKey(key.to_vec()),
+                source: e.clone(),
+            };
+            // The requester may have given up (timeout); the write stands regardless.
+            match reply {
+                Reply::Done => {}
+                Reply::Committed(tx) => {
+                    let result = result.expect("results are only taken by early release");
+                    let _ = tx.send(match (&failure, result) {
+                        (Some(e), Ok(_)) => Err(storage_error(e)),
+                        (_, result) => result,
+                    });
+                }
+                Reply::CommitOnly(tx) => {
+                    let _ = tx.send(failure.as_ref().map_or(Ok(()), |e| Err(storage_error(e))));
+                }
+                Reply::Early { applied, committed } => {
+                    // Held back (a lease was persisted with this group): now both at once.
+                    let result = result.expect("results are only taken by early release");
+                    match (&failure, result) {
+                        (Some(e), Ok(_)) => {
+                            let _ = applied.send(Err(storage_error(e)));
+                        }
+                        (_, result) => {
+                            let ok = result.is_ok();
+                            let _ = applied.send(result);
+                            if ok {
+                                let _ = committed.send(Ok(()));
+                            }
+                        }
+                    }
                 }
             }
-            _ => answer_all(answers, failure.as_ref()),
         }
     }
 
