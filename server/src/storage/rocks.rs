@@ -94,6 +94,13 @@ impl RocksEngine {
                     height: 4,
                     branching_factor: 4,
                 });
+                // The writer rewrites a hot key's whole state on every update, usually at the
+                // same size: updating the memtable entry in place (when the new value is not
+                // larger) keeps one entry per key instead of one per version, so lookups and
+                // inserts stay short and memtables fill (and flush) slower. Single node,
+                // workload A: +4..10% ops/s, -7..11% CPU/op, p99 -20% (docs/benchmarks.md).
+                // Costs nothing here: no snapshots, no iterators over memtables, one writer.
+                o.set_inplace_update_support(true);
             }
             descriptors.push(ColumnFamilyDescriptor::new(cf.name(), o));
         }
@@ -150,5 +157,49 @@ impl Engine for RocksEngine {
             .property_int_value_cf(self.cf(cf), name)
             .ok()
             .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::data_key;
+
+    fn put(e: &RocksEngine, k: &[u8], v: &[u8]) {
+        let mut b = Batch::default();
+        b.put(Cf::Data, k.to_vec(), v.to_vec());
+        e.write(b, false).expect("write");
+    }
+
+    #[test]
+    fn in_place_memtable_updates_keep_the_latest_value_across_sizes_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RocksConfig::default();
+        let e = RocksEngine::open(dir.path(), &cfg).unwrap();
+        let read = |e: &RocksEngine, k: &[u8]| e.get(Cf::Data, k).unwrap();
+        // Data keys as the store writes them: ring position prefix + key.
+        let (hot, other) = (data_key(b"hot"), data_key(b"other"));
+        // Same size (updated in place), smaller (in place), larger (a new entry), same again.
+        for v in [
+            &b"value-01"[..],
+            b"value-02",
+            b"v3",
+            b"a longer value 4",
+            b"value-05",
+        ] {
+            put(&e, &hot, v);
+            put(&e, &other, v);
+            assert_eq!(read(&e, &hot).as_deref(), Some(v));
+            let cached = e.get_cached(Cf::Data, &hot).unwrap();
+            assert!(matches!(cached, Cached::Hit(Some(ref x)) if x == v));
+        }
+        // 10 puts, but only the first and the one that grew added memtable entries per key.
+        let entries = e.property(Cf::Data, "rocksdb.num-entries-active-mem-table");
+        assert_eq!(entries, Some(4), "updates were applied in place");
+        drop(e);
+        // The WAL replays every version in order: the latest wins.
+        let e = RocksEngine::open(dir.path(), &cfg).unwrap();
+        assert_eq!(read(&e, &hot).as_deref(), Some(&b"value-05"[..]));
+        assert_eq!(read(&e, &other).as_deref(), Some(&b"value-05"[..]));
     }
 }
