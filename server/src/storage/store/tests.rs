@@ -24,6 +24,21 @@ fn put(key: &str, value: &str, ctx: Option<VersionVector>) -> WriteOp {
     }
 }
 
+/// Writes keys `k0..kn` concurrently, each in its own task; returns once all are acknowledged.
+async fn write_concurrently(store: &Arc<Store>, n: usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let s = store.clone();
+            tokio::spawn(async move { s.write(put(&format!("k{i}"), "v", None)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await
+            .expect("write task does not panic")
+            .expect("acknowledged");
+    }
+}
+
 fn values(s: &KeyState) -> Vec<String> {
     s.siblings()
         .iter()
@@ -256,16 +271,7 @@ async fn group_mode_fsyncs_every_batch_and_none_mode_never() {
     ] {
         let engine = Arc::new(MemoryEngine::new());
         let store = Arc::new(open(&engine, mode));
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let s = store.clone();
-            tasks.push(tokio::spawn(async move {
-                s.write(put(&format!("k{i}"), "v", None)).await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
+        write_concurrently(&store, 200).await;
         let batches = store.stats().batches.load(Ordering::Relaxed);
         let synced = store.stats().synced_batches.load(Ordering::Relaxed);
         assert!((1..=200).contains(&batches));
@@ -481,16 +487,7 @@ fn only_a_failed_wal_write_or_fsync_leaves_the_outcome_unknown() {
 async fn acked_writes_after_power_loss(mode: SyncMode) -> (usize, usize) {
     let engine = Arc::new(MemoryEngine::new());
     let store = Arc::new(open(&engine, mode));
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let s = store.clone();
-        tasks.push(tokio::spawn(async move {
-            s.write(put(&format!("k{i}"), "v", None)).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap().expect("acknowledged");
-    }
+    write_concurrently(&store, 200).await;
     engine.lose_unsynced();
     // The crashed process never drains or closes (its idle writer stays with the test).
     std::mem::forget(store);
