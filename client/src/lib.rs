@@ -37,8 +37,9 @@
 //! it lands instead of being forwarded one more hop, and a read is answered with one replica
 //! read in place. Routing is only a shortcut: any node still accepts any request.
 //!
-//! Reads fail over to the next address when a node is unreachable; writes are never retried automatically (a retried write mints a second version), so a write
-//! whose outcome is unknown returns an error with [`Error::is_definite`] = false.
+//! Reads fail over to the next address when a node is unreachable; writes are never retried
+//! automatically (a retried write mints a second version), so a write whose outcome is unknown
+//! returns an error with [`Error::is_definite`] = false.
 
 pub mod conn;
 

@@ -468,7 +468,6 @@ impl Node {
         // A forwarded write whose sender's ring view differs from ours may land on a node that
         // is not (or no longer) a live replica of the key: then its own commit is no ack.
         let own_counts = alive.contains(&view.me);
-        let peer_targets = alive.iter().filter(|n| **n != view.me).count();
         let mut quorum = WriteQuorum::new(alive.len().max(1), needed);
         let mut decision = Decision::Pending;
         let state = Bytes::from(outcome.state.encode());
@@ -482,6 +481,7 @@ impl Node {
                 )
             })
             .collect();
+        let peer_targets = acks.len();
         let me = view.me.clone();
         let node = self.clone();
         let key = w.key.clone();

@@ -75,6 +75,20 @@ pub struct RegisterReport {
     pub valid: bool,
 }
 
+impl RegisterReport {
+    /// Every kind of anomaly the checker looks for, with what it found: the history is valid
+    /// iff all are empty.
+    pub fn anomalies(&self) -> [(&'static str, &[String]); 5] {
+        [
+            ("lost", &self.lost),
+            ("phantoms", &self.phantoms),
+            ("from-failed", &self.from_failed),
+            ("from-future", &self.from_future),
+            ("resurrected", &self.resurrected),
+        ]
+    }
+}
+
 struct Write {
     key: String,
     value: Option<String>,
@@ -220,11 +234,7 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
             check_value(key, v, u64::MAX, &mut r);
         }
     }
-    r.valid = r.lost.is_empty()
-        && r.phantoms.is_empty()
-        && r.from_failed.is_empty()
-        && r.from_future.is_empty()
-        && r.resurrected.is_empty();
+    r.valid = r.anomalies().iter().all(|(_, found)| found.is_empty());
     r
 }
 
@@ -245,6 +255,19 @@ pub struct SetReport {
     /// Reads that returned an element twice.
     pub duplicates: Vec<String>,
     pub valid: bool,
+}
+
+impl SetReport {
+    /// Every kind of anomaly the checker looks for, with what it found: the history is valid
+    /// iff all are empty.
+    pub fn anomalies(&self) -> [(&'static str, &[String]); 4] {
+        [
+            ("lost", &self.lost),
+            ("unexpected", &self.unexpected),
+            ("from-failed", &self.from_failed),
+            ("duplicates", &self.duplicates),
+        ]
+    }
 }
 
 /// Splits a set sibling value (`e1,e2,...`) into elements.
@@ -329,10 +352,7 @@ pub fn check_set(history: &[Op]) -> SetReport {
         .cloned()
         .collect();
     r.final_size = finals.len();
-    r.valid = r.lost.is_empty()
-        && r.unexpected.is_empty()
-        && r.from_failed.is_empty()
-        && r.duplicates.is_empty();
+    r.valid = r.anomalies().iter().all(|(_, found)| found.is_empty());
     r
 }
 

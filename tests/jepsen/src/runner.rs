@@ -727,22 +727,14 @@ pub fn invalid_reasons(
             out.push(format!("{what} {}: {}", items.len(), shown.join("; ")));
         }
     }
-    if let Some(r) = register {
-        list(&mut out, "lost", &r.lost);
-        list(&mut out, "phantoms", &r.phantoms);
-        list(&mut out, "from-failed", &r.from_failed);
-        list(&mut out, "from-future", &r.from_future);
-        list(&mut out, "resurrected", &r.resurrected);
-    }
-    if let Some(s) = set {
-        list(&mut out, "lost", &s.lost);
-        list(&mut out, "unexpected", &s.unexpected);
-        list(&mut out, "from-failed", &s.from_failed);
-        list(&mut out, "duplicates", &s.duplicates);
-    }
-    let checker_invalid = register.is_some_and(|r| !r.valid) || set.is_some_and(|s| !s.valid);
-    if checker_invalid && out.is_empty() {
-        out.push("the workload checker found the history invalid".into());
+    // The checkers' own anomaly lists: exactly what their `valid` is computed from.
+    let anomalies = register
+        .map(|r| r.anomalies().to_vec())
+        .into_iter()
+        .chain(set.map(|s| s.anomalies().to_vec()))
+        .flatten();
+    for (what, found) in anomalies {
+        list(&mut out, what, found);
     }
     list(&mut out, "unhealed faults", &availability.unhealed);
     list(&mut out, "errors", errors);
@@ -774,10 +766,7 @@ pub fn summary(r: &Results) -> String {
         r.config.time_limit_s, r.config.seed, r.ops
     ));
     for reason in &r.invalid_reasons {
-        s.push_str(&format!(
-            "  invalid: {reason}
-"
-        ));
+        s.push_str(&format!("  invalid: {reason}\n"));
     }
     if let Some(reg) = &r.register {
         s.push_str(&format!(

@@ -39,6 +39,21 @@ async fn write_concurrently(store: &Arc<Store>, n: usize) {
     }
 }
 
+/// Writes fresh keys one at a time, from counter `last` on, until the store has minted
+/// `counter`; returns the last counter minted.
+async fn mint_until(store: &Store, mut last: u64, counter: u64) -> u64 {
+    while last < counter {
+        last = store
+            .write(put(&format!("fill{last}"), "x", None))
+            .await
+            .expect("acknowledged")
+            .dot
+            .expect("an update mints a dot")
+            .counter;
+    }
+    last
+}
+
 fn values(s: &KeyState) -> Vec<String> {
     s.siblings()
         .iter()
@@ -382,16 +397,12 @@ async fn early_outcomes_leave_before_the_commit_only_under_a_durable_lease() {
 
     // Use up the lease; the next dot needs a new lease, so its outcome is held back until the
     // commit that persists the lease, and a failed commit answers an error instead.
-    let mut last = ok.dot.unwrap().counter;
-    while last < early.counter - 1 + COUNTER_LEASE {
-        last = store
-            .write(put(&format!("b{last}"), "x", None))
-            .await
-            .unwrap()
-            .dot
-            .unwrap()
-            .counter;
-    }
+    let last = mint_until(
+        &store,
+        ok.dot.unwrap().counter,
+        early.counter - 1 + COUNTER_LEASE,
+    )
+    .await;
     engine.set_fail_writes(true);
     let err = store
         .write_early(put("c", "1", None))
@@ -418,17 +429,8 @@ async fn a_batch_persisting_a_counter_lease_is_fsynced_even_in_none_mode() {
     let engine = Arc::new(MemoryEngine::new());
     let store = open(&engine, SyncMode::None);
     let synced = |s: &Store| s.stats().synced_batches.load(Ordering::Relaxed);
-    let mut last = 0;
     // The lease persisted at open covers the first COUNTER_LEASE dots: no fsync for them.
-    while last < COUNTER_LEASE {
-        last = store
-            .write(put(&format!("k{last}"), "v", None))
-            .await
-            .unwrap()
-            .dot
-            .unwrap()
-            .counter;
-    }
+    mint_until(&store, 0, COUNTER_LEASE).await;
     assert_eq!(synced(&store), 0, "sync=none fsyncs no ordinary batch");
     // The next dot needs a new lease, persisted with its batch, and that batch is fsynced.
     let next = store.write(put("next", "v", None)).await.unwrap();
