@@ -17,26 +17,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start() { "$@" >>"$work/servers.log" 2>&1 & pids+=($!); }
-ready() { # ready NAME CMD...: retry CMD for up to 30 s
-  local name=$1; shift
-  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "bench: $name did not become ready; see $work/servers.log" >&2; cat "$work/servers.log" >&2; exit 2
-}
-probe() { "$bin/kvbench" --target "$1" --addr "$2" --records 1 --ops 1 --connections 1 --depth 1 --duration 1 --timeout-ms 1000 --json; }
+. "$(dirname "$0")/bench-common.sh"
 
 echo "==> starting servers (scratch data in $work)"
 start "$bin/ringkv" --node-id s1 --n 1 --listen 127.0.0.1:17379 --peer-listen 127.0.0.1:17380 \
   --gossip-listen 127.0.0.1:17380 --data-dir "$work/s1" --log warn
 start "$bin/ringkv" --node-id u1 --n 1 --sync none --listen 127.0.0.1:17479 --peer-listen 127.0.0.1:17480 \
   --gossip-listen 127.0.0.1:17480 --data-dir "$work/u1" --log warn
-for i in 1 2 3; do
-  c=$((18379 + 10 * (i - 1)))
-  seeds=(); [ "$i" -gt 1 ] && seeds=(--seeds 127.0.0.1:18380)
-  start "$bin/ringkv" --node-id "c$i" --n 3 --r 2 --w 2 --listen "127.0.0.1:$c" \
-    --peer-listen "127.0.0.1:$((c + 1))" --gossip-listen "127.0.0.1:$((c + 1))" \
-    --data-dir "$work/c$i" --log warn "${seeds[@]}"
-done
+start_ringkv3 18379
 start redis-server --port 16379 --save "" --appendonly no --protected-mode no
 cluster=e1=http://127.0.0.1:12380,e2=http://127.0.0.1:12390,e3=http://127.0.0.1:12400
 for i in 1 2 3; do
@@ -48,7 +36,7 @@ for i in 1 2 3; do
 done
 ready ringkv-1node probe ringkv 127.0.0.1:17379
 ready ringkv-1node-nosync probe ringkv 127.0.0.1:17479
-for c in 18379 18389 18399; do ready "ringkv-3node ($c)" probe ringkv "127.0.0.1:$c"; done
+for a in ${ringkv3_addrs//,/ }; do ready "ringkv-3node ($a)" probe ringkv "$a"; done
 ready redis probe redis 127.0.0.1:16379
 ready etcd probe etcd 127.0.0.1:12379
 
@@ -69,7 +57,7 @@ run ringkv-1node ringkv 127.0.0.1:17379 "$CONN" "$DEPTH"
 stop "${pids[0]}"
 run ringkv-1node-nosync ringkv 127.0.0.1:17479 "$CONN" "$DEPTH"
 stop "${pids[1]}"
-run ringkv-3node ringkv 127.0.0.1:18379,127.0.0.1:18389,127.0.0.1:18399 "$CONN" "$DEPTH"
+run ringkv-3node ringkv "$ringkv3_addrs" "$CONN" "$DEPTH"
 stop "${pids[2]}" "${pids[3]}" "${pids[4]}"
 run redis redis 127.0.0.1:16379 "$CONN" "$DEPTH"
 # The etcd gateway speaks HTTP/1.1 without pipelining: the same concurrency as connections.

@@ -12,23 +12,10 @@ RECORDS=${RECORDS:-100000} VALUE=${VALUE:-100} DURATION=${DURATION:-10}
 work=$(mktemp -d /tmp/ringkv-openloop.XXXXXX); pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-addrs=""
-for i in 1 2 3; do
-  c=$((28379 + 10 * (i - 1))); seeds=(); [ "$i" -gt 1 ] && seeds=(--seeds 127.0.0.1:28380)
-  "$bin/ringkv" --node-id "c$i" --n 3 --r 2 --w 2 --sync "$sync" --listen "127.0.0.1:$c" \
-    --peer-listen "127.0.0.1:$((c + 1))" --gossip-listen "127.0.0.1:$((c + 1))" \
-    --data-dir "$work/c$i" --log warn "${seeds[@]}" >>"$work/servers.log" 2>&1 & pids+=($!)
-  addrs="$addrs${addrs:+,}127.0.0.1:$c"
-done
-for a in ${addrs//,/ }; do
-  ok=""
-  for _ in $(seq 1 300); do
-    "$bin/kvbench" --target ringkv --addr "$a" --records 1 --ops 1 --connections 1 --depth 1 \
-      --duration 1 --timeout-ms 1000 --json >/dev/null 2>&1 && { ok=1; break; }
-    sleep 0.1
-  done
-  [ -n "$ok" ] || { echo "open-loop: node $a did not become ready; see $work/servers.log" >&2; exit 2; }
-done
+. "$(dirname "$0")/bench-common.sh"
+start_ringkv3 28379 --sync "$sync"
+addrs=$ringkv3_addrs
+for a in ${addrs//,/ }; do ready "node $a" probe ringkv "$a"; done
 common=(--target ringkv --addr "$addrs" --workload a --records "$RECORDS" --value-size "$VALUE"
         --duration "$DURATION" --connections 8 --depth 16 --json)
 summary() {

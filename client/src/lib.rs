@@ -740,11 +740,12 @@ mod routing_tests {
         };
         let nodes = [node("a:1"), node("a:2"), node("a:4")];
         let routing = Routing::new(&reply, &nodes);
-        let ring = Ring::new(reply.members.iter().map(|m| (m.node_id.as_str(), m.tokens)));
         let (mut routed, mut rotated) = (0, 0);
         for k in 0..200 {
             let key = format!("key{k}");
-            let pref = ring.preference_list(key_position(key.as_bytes()), 2);
+            let pref = routing
+                .ring
+                .preference_list(key_position(key.as_bytes()), 2);
             let usable: Vec<usize> = pref
                 .iter()
                 .filter_map(|id| match &**id {
