@@ -54,6 +54,13 @@ async fn mint_until(store: &Store, mut last: u64, counter: u64) -> u64 {
     last
 }
 
+/// A process crash: the store is never closed, so its writer never drains or marks the
+/// shutdown clean (the leaked writer thread idles on its queue for the rest of the test
+/// process).
+fn crash<S>(store: S) {
+    std::mem::forget(store);
+}
+
 fn values(s: &KeyState) -> Vec<String> {
     s.siblings()
         .iter()
@@ -142,9 +149,7 @@ async fn unclean_shutdown_without_fsync_starts_a_new_incarnation() {
     let store = open(&engine, SyncMode::None);
     let before = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
     let inc = store.stats().incarnation.load(Ordering::Relaxed);
-    // A crash: the writer never drains or marks the shutdown clean (the leaked store's
-    // writer thread idles on its queue for the rest of the test process).
-    std::mem::forget(store);
+    crash(store);
     let store = open(&engine, SyncMode::None);
     let after = store.write(put("a", "2", None)).await.unwrap().dot.unwrap();
     assert_ne!(before.actor, after.actor);
@@ -411,9 +416,7 @@ async fn early_outcomes_leave_before_the_commit_only_under_a_durable_lease() {
         .expect("held back, so the failure is reported instead of an outcome");
     assert!(matches!(&err, WriteError::Storage { .. }), "{err}");
     engine.set_fail_writes(false);
-    // A crash: the writer never drains or marks the shutdown clean (the leaked store's
-    // writer thread idles on its queue for the rest of the test process).
-    std::mem::forget(store);
+    crash(store);
     let store = open(&engine, SyncMode::Group);
     let next = store.write(put("d", "1", None)).await.unwrap().dot.unwrap();
     assert_eq!(next.actor, early.actor, "sync=group keeps the incarnation");
@@ -491,8 +494,7 @@ async fn acked_writes_after_power_loss(mode: SyncMode) -> (usize, usize) {
     let store = Arc::new(open(&engine, mode));
     write_concurrently(&store, 200).await;
     engine.lose_unsynced();
-    // The crashed process never drains or closes (its idle writer stays with the test).
-    std::mem::forget(store);
+    crash(store);
     let store = open(&engine, mode);
     let kept = (0..200)
         .filter(|i| !store.get(format!("k{i}").as_bytes()).unwrap().is_empty())
