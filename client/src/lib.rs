@@ -103,6 +103,11 @@ impl Sibling {
 pub struct Read {
     pub siblings: Vec<Sibling>,
     pub context: Context,
+    /// Siblings the reply could not carry: 0, unless coordinators that could not see each
+    /// other (more than `MERGE_FACTOR` sides of a partition) pushed the key past what one reply
+    /// holds. The context covers exactly `siblings`: write the resolved value with it, then
+    /// read again to resolve the rest.
+    pub hidden: u32,
 }
 
 impl Read {
@@ -126,7 +131,7 @@ impl Read {
     }
     /// True when more than one sibling exists (a conflict to resolve).
     pub fn has_conflict(&self) -> bool {
-        self.siblings.len() > 1
+        self.siblings.len() > 1 || self.hidden > 0
     }
 
     fn from_reply(r: ringkv_protocol::ReadReply) -> Read {
@@ -141,6 +146,7 @@ impl Read {
                 })
                 .collect(),
             context: Context(r.context),
+            hidden: r.hidden,
         }
     }
 }
@@ -461,7 +467,7 @@ impl Client {
     }
 
     /// Deletes the versions `context` saw (a tombstone replaces them). With `None` the node
-    /// deletes every version its replica holds.
+    /// first reads the key with the cluster's R and deletes every version that read returns.
     pub async fn delete(
         &self,
         key: impl AsRef<[u8]>,

@@ -72,6 +72,12 @@ impl FrameCodec {
             skipping: 0,
         }
     }
+
+    /// Changes the largest body accepted from the next frame header on (e.g. once a peer
+    /// connection has authenticated).
+    pub fn set_max_body(&mut self, max_body: usize) {
+        self.max_body = max_body;
+    }
 }
 
 impl Decoder for FrameCodec {

@@ -3,6 +3,7 @@
 //! This crate has no runtime and no storage: it is shared by the server, the client library and
 //! the tools. The byte-level format is documented in `docs/protocol.md`.
 
+pub mod auth;
 pub mod context;
 pub mod frame;
 pub mod limits;

@@ -158,6 +158,11 @@ pub struct Sibling {
 pub struct ReadReply {
     pub siblings: Vec<Sibling>,
     pub context: Bytes,
+    /// Siblings the reply could not carry (the merged state exceeds `MAX_STATE_SIBLINGS` or
+    /// `MAX_STATE_LEN`; only after a partition between more than `MERGE_FACTOR` coordinators).
+    /// The context then covers exactly the siblings shown: a write with it resolves those and
+    /// keeps the rest, and the next read shows them.
+    pub hidden: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +224,8 @@ pub enum ErrorKind {
     },
     /// A peer presented another cluster name (or replication factor).
     WrongCluster,
+    /// A peer did not prove knowledge of the cluster secret (or spoke before proving it).
+    Unauthenticated,
     Unknown {
         code: u16,
     },
@@ -237,6 +244,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => 8,
             ErrorKind::TooManySiblings { .. } => 9,
             ErrorKind::WrongCluster => 10,
+            ErrorKind::Unauthenticated => 11,
             ErrorKind::Unknown { code } => *code,
         }
     }
@@ -253,6 +261,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => "InvalidRequest",
             ErrorKind::TooManySiblings { .. } => "TooManySiblings",
             ErrorKind::WrongCluster => "WrongCluster",
+            ErrorKind::Unauthenticated => "Unauthenticated",
             ErrorKind::Unknown { .. } => "Unknown",
         }
     }
@@ -286,6 +295,7 @@ impl ErrorKind {
             8 => ErrorKind::InvalidRequest,
             9 => ErrorKind::TooManySiblings { count: a, limit: b },
             10 => ErrorKind::WrongCluster,
+            11 => ErrorKind::Unauthenticated,
             code => ErrorKind::Unknown { code },
         }
     }
@@ -531,10 +541,11 @@ fn put_read_reply(dst: &mut BytesMut, rr: &ReadReply) {
         }
     }
     put_bytes(dst, &rr.context);
+    dst.put_u32(rr.hidden);
 }
 
 fn read_read_reply(r: &mut Reader) -> Result<ReadReply, DecodeError> {
-    let n = r.count("siblings", MAX_SIBLINGS, MIN_SIBLING_LEN)?;
+    let n = r.count("siblings", MAX_STATE_SIBLINGS, MIN_SIBLING_LEN)?;
     let mut siblings = Vec::with_capacity(n);
     for _ in 0..n {
         let actor = r.u64("actor")?;
@@ -558,7 +569,12 @@ fn read_read_reply(r: &mut Reader) -> Result<ReadReply, DecodeError> {
         });
     }
     let context = r.bytes("context", MAX_CONTEXT_LEN)?;
-    Ok(ReadReply { siblings, context })
+    let hidden = r.u32("hidden siblings")?;
+    Ok(ReadReply {
+        siblings,
+        context,
+        hidden,
+    })
 }
 
 fn put_write_reply(dst: &mut BytesMut, wr: &WriteReply) {

@@ -1,22 +1,30 @@
 //! Inter-node RPC messages (the peer protocol). Same frame format and version as the client
-//! protocol, served on the separate peer listener. The first request on every peer connection
-//! must be `Hello`; a node answers `HelloAck`, or `Error WrongCluster` and closes.
+//! protocol, served on the separate peer listener. Every peer connection starts with the
+//! authenticated handshake of `auth.rs`: `Hello` → `Challenge` → `HelloProof` → `HelloAck`.
+//! Until it completes a node serves nothing else and accepts only small frames; a wrong cluster
+//! name or N is answered `WrongCluster`, a failed proof `Unauthenticated`, and the connection
+//! is closed.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::auth::{NONCE_LEN, PROOF_LEN};
 use crate::frame::Frame;
-use crate::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN, MAX_TEXT_LEN};
+use crate::limits::{
+    MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN, MAX_STATE_ENCODED_LEN, MAX_TEXT_LEN,
+};
 use crate::message::{decode_error, encode_error, opcode::ERROR, ErrorReply, BODY_SLACK};
 use crate::wire::{put_bytes, DecodeError, Reader};
 
 pub mod peer_opcode {
     pub const HELLO: u8 = 0x20;
+    pub const HELLO_PROOF: u8 = 0x21;
     pub const READ_LOCAL: u8 = 0x22;
     pub const REPLICATE: u8 = 0x23;
     pub const FORWARD: u8 = 0x24;
     pub const PING: u8 = 0x25;
 
     pub const HELLO_ACK: u8 = 0xA0;
+    pub const CHALLENGE: u8 = 0xA1;
     pub const STATE: u8 = 0xA2;
     pub const ACK: u8 = 0xA3;
     pub const FORWARD_REPLY: u8 = 0xA4;
@@ -38,17 +46,30 @@ pub struct MemberInfo {
     pub generation: u64,
 }
 
+/// The dialer's opening of the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub cluster: String,
     /// The replication factor the sender runs with: members must agree.
     pub n: u8,
     pub me: MemberInfo,
+    /// Fresh random bytes of the dialer (the listener's proof must cover them).
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// The listener's answer to `Hello`: who it is, its fresh nonce, and its proof of the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub me: MemberInfo,
+    pub nonce: [u8; NONCE_LEN],
+    pub proof: [u8; PROOF_LEN],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerRequest {
     Hello(Hello),
+    /// The dialer's proof of the secret, after it checked the listener's `Challenge`.
+    HelloProof([u8; PROOF_LEN]),
     /// Read the receiver's own replica of `key`, within `timeout_ms` (what is left of the
     /// client's deadline).
     ReadLocal {
@@ -73,7 +94,9 @@ pub enum PeerRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerResponse {
-    HelloAck(MemberInfo),
+    Challenge(Challenge),
+    /// The handshake is complete: the connection serves peer requests.
+    HelloAck,
     /// An encoded key state (empty state for an absent key).
     State(Bytes),
     Ack,
@@ -118,7 +141,7 @@ impl PeerRequest {
             PeerRequest::ReadLocal { key, .. } => key.len(),
             PeerRequest::Replicate { key, state, .. } => key.len() + state.len(),
             PeerRequest::Forward { body, .. } => body.len(),
-            PeerRequest::Hello(_) | PeerRequest::Ping => 256,
+            PeerRequest::Hello(_) | PeerRequest::HelloProof(_) | PeerRequest::Ping => 256,
         };
         let mut b = BytesMut::with_capacity(BODY_SLACK + payload);
         let op = match self {
@@ -126,7 +149,12 @@ impl PeerRequest {
                 put_bytes(&mut b, h.cluster.as_bytes());
                 b.put_u8(h.n);
                 put_member(&mut b, &h.me);
+                b.put_slice(&h.nonce);
                 peer_opcode::HELLO
+            }
+            PeerRequest::HelloProof(proof) => {
+                b.put_slice(proof);
+                peer_opcode::HELLO_PROOF
             }
             PeerRequest::ReadLocal { key, timeout_ms } => {
                 put_bytes(&mut b, key);
@@ -160,14 +188,16 @@ impl PeerRequest {
                 cluster: r.text("cluster", MAX_TEXT_LEN)?,
                 n: r.u8("n")?,
                 me: read_member(&mut r)?,
+                nonce: r.array("nonce")?,
             }),
+            peer_opcode::HELLO_PROOF => PeerRequest::HelloProof(r.array("proof")?),
             peer_opcode::READ_LOCAL => PeerRequest::ReadLocal {
                 key: r.bytes("key", MAX_KEY_LEN)?,
                 timeout_ms: r.u32("timeout_ms")?,
             },
             peer_opcode::REPLICATE => PeerRequest::Replicate {
                 key: r.bytes("key", MAX_KEY_LEN)?,
-                state: r.bytes("state", MAX_RESPONSE_BODY_LEN)?,
+                state: r.bytes("state", MAX_STATE_ENCODED_LEN)?,
                 timeout_ms: r.u32("timeout_ms")?,
             },
             peer_opcode::FORWARD => PeerRequest::Forward {
@@ -188,14 +218,20 @@ impl PeerResponse {
             PeerResponse::State(s) => s.len(),
             PeerResponse::ForwardReply { body, .. } => body.len(),
             PeerResponse::Error(e) => e.message.len(),
-            PeerResponse::HelloAck(_) | PeerResponse::Ack | PeerResponse::Pong => 256,
+            PeerResponse::Challenge(_)
+            | PeerResponse::HelloAck
+            | PeerResponse::Ack
+            | PeerResponse::Pong => 256,
         };
         let mut b = BytesMut::with_capacity(BODY_SLACK + payload);
         let op = match self {
-            PeerResponse::HelloAck(m) => {
-                put_member(&mut b, m);
-                peer_opcode::HELLO_ACK
+            PeerResponse::Challenge(c) => {
+                put_member(&mut b, &c.me);
+                b.put_slice(&c.nonce);
+                b.put_slice(&c.proof);
+                peer_opcode::CHALLENGE
             }
+            PeerResponse::HelloAck => peer_opcode::HELLO_ACK,
             PeerResponse::State(s) => {
                 put_bytes(&mut b, s);
                 peer_opcode::STATE
@@ -218,8 +254,13 @@ impl PeerResponse {
     pub fn decode(opcode: u8, body: Bytes) -> Result<PeerResponse, DecodeError> {
         let mut r = Reader::new(body);
         let resp = match opcode {
-            peer_opcode::HELLO_ACK => PeerResponse::HelloAck(read_member(&mut r)?),
-            peer_opcode::STATE => PeerResponse::State(r.bytes("state", MAX_RESPONSE_BODY_LEN)?),
+            peer_opcode::CHALLENGE => PeerResponse::Challenge(Challenge {
+                me: read_member(&mut r)?,
+                nonce: r.array("nonce")?,
+                proof: r.array("proof")?,
+            }),
+            peer_opcode::HELLO_ACK => PeerResponse::HelloAck,
+            peer_opcode::STATE => PeerResponse::State(r.bytes("state", MAX_STATE_ENCODED_LEN)?),
             peer_opcode::ACK => PeerResponse::Ack,
             peer_opcode::FORWARD_REPLY => PeerResponse::ForwardReply {
                 opcode: r.u8("forwarded opcode")?,
@@ -256,7 +297,9 @@ mod tests {
                 cluster: "c".into(),
                 n: 3,
                 me: member("a"),
+                nonce: [7; NONCE_LEN],
             }),
+            PeerRequest::HelloProof([9; PROOF_LEN]),
             PeerRequest::ReadLocal {
                 key: Bytes::from_static(b"k"),
                 timeout_ms: 7,
@@ -277,7 +320,12 @@ mod tests {
             assert_eq!(PeerRequest::decode(f.opcode, f.body).unwrap(), r);
         }
         let resps = vec![
-            PeerResponse::HelloAck(member("b")),
+            PeerResponse::Challenge(Challenge {
+                me: member("b"),
+                nonce: [1; NONCE_LEN],
+                proof: [2; PROOF_LEN],
+            }),
+            PeerResponse::HelloAck,
             PeerResponse::State(Bytes::from_static(b"s")),
             PeerResponse::Ack,
             PeerResponse::ForwardReply {

@@ -46,7 +46,7 @@ impl Reader {
         Ok(out)
     }
 
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+    pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let b = self.take(N, field)?;
         Ok(b[..].try_into().expect("take returned N bytes"))
     }

@@ -61,8 +61,16 @@ fn read_reply_strategy() -> impl Strategy<Value = ReadReply> {
             timestamp_ms,
             value,
         });
-    (proptest::collection::vec(sibling, 0..5), bytes_strategy(40))
-        .prop_map(|(siblings, context)| ReadReply { siblings, context })
+    (
+        proptest::collection::vec(sibling, 0..5),
+        bytes_strategy(40),
+        any::<u32>(),
+    )
+        .prop_map(|(siblings, context, hidden)| ReadReply {
+            siblings,
+            context,
+            hidden,
+        })
 }
 
 fn response_strategy() -> impl Strategy<Value = Response> {
@@ -78,7 +86,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
                 body,
             })
     };
-    let kind = (0u16..12, any::<u64>(), any::<u64>()).prop_map(|(code, a, b)| match code {
+    let kind = (0u16..13, any::<u64>(), any::<u64>()).prop_map(|(code, a, b)| match code {
         0 => ErrorKind::TooLarge { size: a, limit: b },
         1 => ErrorKind::Malformed,
         2 => ErrorKind::UnsupportedVersion {
@@ -95,6 +103,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
         7 => ErrorKind::InvalidRequest,
         8 => ErrorKind::TooManySiblings { count: a, limit: b },
         9 => ErrorKind::WrongCluster,
+        10 => ErrorKind::Unauthenticated,
         _ => ErrorKind::Unknown { code: 1000 + code },
     });
     let member = ("[a-z0-9]{1,8}", any::<u32>(), any::<u32>(), any::<bool>()).prop_map(

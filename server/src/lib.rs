@@ -19,9 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use ringkv_protocol::limits::MAX_REQUEST_BODY_LEN;
+use ringkv_protocol::limits::{MAX_HANDSHAKE_BODY_LEN, MAX_PEER_BODY_LEN, MAX_REQUEST_BODY_LEN};
 use ringkv_protocol::peer::MemberInfo;
-use std::sync::atomic::AtomicBool;
 
 use crate::config::Config;
 use crate::membership::phi::PhiConfig;
@@ -32,12 +31,13 @@ use crate::membership::swim::{self, SwimConfig};
 pub const RING_FILE: &str = "ring.jsonl";
 use crate::membership::Membership;
 use crate::net::client::ClientHandler;
-use crate::net::peer::{PeerHandler, PeerPool};
+use crate::net::peer::{PeerHandler, PeerIdentity, PeerPool, RefusalLog, HANDSHAKE_TIMEOUT};
 use crate::net::ListenerConfig;
 use crate::node::Node;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::store::StoreOpenError;
 use crate::storage::{Engine, Store, StoreConfig};
+use ringkv_protocol::auth::PeerKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -80,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let store_cfg = StoreConfig {
         node_id: node_id.clone(),
         sync: config.sync,
+        boot_id: boot_id(),
     };
     let dir = config.data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || -> Result<Store, StoreOpenError> {
@@ -154,7 +155,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         vnodes: config.vnodes,
         generation: node::now_ms(),
     };
-    let peers = Arc::new(PeerPool::new(Node::hello(&config, &me)));
+    let peers = Arc::new(PeerPool::new(PeerIdentity {
+        cluster: config.cluster_name.clone(),
+        n: config.n,
+        me: me.clone(),
+        key: PeerKey::new(&config.cluster_secret, &config.cluster_name),
+    }));
     // Seeds: the configured ones plus every member of the ring this node saved before.
     let ring_file = config.data_dir.join(RING_FILE);
     let mut seeds = config.seeds.clone();
@@ -192,13 +198,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         max_connections: config.max_connections,
         max_in_flight: config.max_in_flight,
         max_request_body: MAX_REQUEST_BODY_LEN,
+        // Clients are not authenticated (the client port is for applications).
+        unadmitted_max_body: MAX_REQUEST_BODY_LEN,
+        admission_timeout: std::time::Duration::MAX,
     };
     let peer_cfg = ListenerConfig {
         kind: "peer",
         // Peers multiplex everything on one connection each; replicated states can be as
-        // large as a whole key state.
-        max_request_body: ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN,
+        // large as a whole key state at its bounds, once the peer has authenticated.
+        max_request_body: MAX_PEER_BODY_LEN,
         max_in_flight: crate::net::peer::PEER_PIPELINE_DEPTH,
+        unadmitted_max_body: MAX_HANDSHAKE_BODY_LEN,
+        admission_timeout: HANDSHAKE_TIMEOUT,
         ..client_cfg.clone()
     };
     write_addr_file(&config, client_addr, peer_addr, gossip_addr);
@@ -208,12 +219,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
 
     let client_node = node.clone();
     let peer_node = node.clone();
+    let refusals = Arc::new(RefusalLog::default());
     tokio::join!(
         net::serve(
             client_listener,
             client_cfg,
             node.client_net.clone(),
-            move || Arc::new(ClientHandler {
+            move |_remote| Arc::new(ClientHandler {
                 node: client_node.clone()
             }),
             shutdown.clone(),
@@ -222,10 +234,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             peer_listener,
             peer_cfg,
             node.peer_net.clone(),
-            move || Arc::new(PeerHandler {
-                node: peer_node.clone(),
-                greeted: AtomicBool::new(false),
-            }),
+            move |remote| Arc::new(PeerHandler::new(
+                peer_node.clone(),
+                remote,
+                refusals.clone()
+            )),
             shutdown.clone(),
         ),
     );
@@ -235,6 +248,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let _ = tokio::task::spawn_blocking(move || s.close()).await;
     info!(node = %node_id, "stopped");
     Ok(())
+}
+
+/// Where the kernel's boot id is read: it changes on every boot, so a store can tell a process
+/// crash (the page cache, holding every written WAL byte, survived) from a machine restart.
+pub const BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+
+/// This machine's boot id, or `None` when it cannot be read (every unclean stop then counts as
+/// one across a reboot). `RINGKV_BOOT_ID` overrides it: tests set it to simulate a reboot
+/// between two runs of a node (docs/operations.md).
+pub fn boot_id() -> Option<String> {
+    if let Ok(id) = std::env::var("RINGKV_BOOT_ID") {
+        return Some(id);
+    }
+    std::fs::read_to_string(BOOT_ID_FILE)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 fn write_addr_file(

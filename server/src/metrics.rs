@@ -43,6 +43,8 @@ metrics! {
         timeouts => "requests.timeouts",
         unavailable => "requests.unavailable",
         forwarded => "coordinator.forwarded_writes",
+        forwarded_after_local_failure => "coordinator.forwarded_after_local_failure",
+        deletes_read_first => "coordinator.deletes_read_first",
         coordinated_writes => "coordinator.writes",
         coordinated_reads => "coordinator.reads",
         replicate_sent => "coordinator.replicate_sent",
@@ -54,6 +56,7 @@ metrics! {
         peer_replicate => "peer.replicate",
         peer_forward => "peer.forward",
         peers_refused => "peer.handshakes_refused",
+        peer_auth_failures => "peer.auth_failures",
     }
 }
 

@@ -11,6 +11,7 @@
 //! answered with something else (read repair). Every error starts with the node id.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::future::{Either, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
+use ringkv_protocol::auth::PeerKey;
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
 use ringkv_protocol::{
@@ -57,6 +59,8 @@ pub struct Node {
     pub membership: Membership,
     pub me: MemberInfo,
     pub gossip_addr: String,
+    /// Derived from the cluster secret: what peers prove knowledge of (never logged).
+    pub peer_key: PeerKey,
     started: Instant,
 }
 
@@ -67,11 +71,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Converts a stored state into what a client sees: all siblings plus the context token.
+/// Converts a state into what a client sees: its siblings and a context token that covers
+/// exactly them (`KeyState::client_view`: every sibling, unless the state exceeds what one
+/// reply carries).
 pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
+    let view = state.client_view();
     ReadReply {
-        siblings: state
-            .siblings()
+        siblings: view
+            .shown
             .iter()
             .map(|s| Sibling {
                 actor: s.dot.actor,
@@ -80,7 +87,8 @@ pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
                 value: s.value.clone(),
             })
             .collect(),
-        context: Bytes::from(state.context().to_context().encode(key)),
+        context: Bytes::from(view.context.to_context().encode(key)),
+        hidden: view.hidden as u32,
     }
 }
 
@@ -95,8 +103,8 @@ fn remaining_ms(deadline: Instant) -> u32 {
 /// A client write, unpacked.
 struct WriteReq {
     key: Bytes,
-    /// `None` = delete everything the coordinating replica holds.
-    ctx: Option<VersionVector>,
+    /// The versions this write replaces.
+    ctx: VersionVector,
     value: Option<Bytes>,
     opts: WriteOptions,
     is_delete: bool,
@@ -112,6 +120,7 @@ impl Node {
         gossip_addr: String,
     ) -> Node {
         Node {
+            peer_key: PeerKey::new(&config.cluster_secret, &config.cluster_name),
             config,
             store,
             requests: RequestMetrics::default(),
@@ -122,15 +131,6 @@ impl Node {
             me,
             gossip_addr,
             started: Instant::now(),
-        }
-    }
-
-    /// The handshake a node presents to its peers.
-    pub fn hello(config: &Config, me: &MemberInfo) -> Hello {
-        Hello {
-            cluster: config.cluster_name.clone(),
-            n: config.n,
-            me: me.clone(),
         }
     }
 
@@ -305,13 +305,9 @@ impl Node {
             Request::Delete { key, context, opts } => (key, context, None, opts, true),
             _ => unreachable!("unpack_write is only called with writes"),
         };
-        let ctx = if is_delete && context.is_empty() {
-            None
-        } else {
-            match CausalContext::decode(&context, &key) {
-                Ok(c) => Some(VersionVector::from_context(&c)),
-                Err(_) => return Err(self.context_error(&key, &context)),
-            }
+        let ctx = match CausalContext::decode(&context, &key) {
+            Ok(c) => VersionVector::from_context(&c),
+            Err(_) => return Err(self.context_error(&key, &context)),
         };
         Ok(WriteReq {
             key,
@@ -323,7 +319,18 @@ impl Node {
     }
 
     /// Coordinates a put or delete. `forwarded` = an entry node already forwarded it here.
-    async fn write(self: &Arc<Self>, req: Request, forwarded: bool) -> Response {
+    async fn write(self: &Arc<Self>, mut req: Request, forwarded: bool) -> Response {
+        // A delete without a context deletes what a quorum read returns, like Riak's delete
+        // without a vclock: the coordinator's own copy may lack versions the client was told
+        // about, and a tombstone that does not cover them would leave them readable.
+        if let Request::Delete { key, context, opts } = &mut req {
+            if context.is_empty() {
+                match self.context_of_quorum_read(key, opts.timeout_ms).await {
+                    Ok(token) => *context = token,
+                    Err(resp) => return resp,
+                }
+            }
+        }
         let original = req.clone();
         let w = match self.unpack_write(req) {
             Ok(w) => w,
@@ -353,8 +360,48 @@ impl Node {
                 .await;
         }
         inc(&self.requests.coordinated_writes);
-        self.coordinate_write(w, needed, alive, &view, deadline)
+        let key = w.key.clone();
+        match self
+            .coordinate_write(w, needed, alive.clone(), &view, deadline)
             .await
+        {
+            Ok(resp) => resp,
+            // This replica cannot write (full disk, unreadable copy): nothing was applied or
+            // shipped, and it must not mint. Another replica coordinates instead (once).
+            Err(local) if !forwarded => {
+                let others: Vec<NodeId> = alive.into_iter().filter(|n| *n != view.me).collect();
+                if others.is_empty() {
+                    return self.write_error(local);
+                }
+                inc(&self.requests.forwarded_after_local_failure);
+                warn!(node = %self.config.node_id, key = %HexKey(key.to_vec()), error = %local,
+                      "this replica cannot write; forwarding the write to another replica");
+                self.forward(original, &key, needed, &others, &view, deadline)
+                    .await
+            }
+            Err(local) => self.write_error(local),
+        }
+    }
+
+    /// The context token of a quorum read of `key` (R = the node's default), for a delete sent
+    /// without one. A failed read fails the delete before anything is written.
+    async fn context_of_quorum_read(
+        self: &Arc<Self>,
+        key: &Bytes,
+        timeout_ms: u32,
+    ) -> Result<Bytes, Response> {
+        let deadline = Instant::now() + self.deadline(timeout_ms);
+        let needed = self.config.r as usize;
+        let state = self
+            .quorum_read(
+                key.clone(),
+                needed,
+                deadline,
+                "delete without context: reading the versions to delete",
+            )
+            .await?;
+        inc(&self.requests.deletes_read_first);
+        Ok(read_reply(key, &state).context)
     }
 
     /// Sends a write to the first reachable replica, which coordinates it.
@@ -434,6 +481,8 @@ impl Node {
     }
 
     /// Mints the version here and replicates the resulting state to the other live replicas.
+    /// `Err` = this replica's own write failed before anything was applied or shipped (a full
+    /// disk, an unreadable copy, shutting down): the caller may let another replica coordinate.
     async fn coordinate_write(
         self: &Arc<Self>,
         w: WriteReq,
@@ -441,7 +490,7 @@ impl Node {
         alive: Vec<NodeId>,
         view: &ClusterView,
         deadline: Instant,
-    ) -> Response {
+    ) -> Result<Response, WriteError> {
         let op = WriteOp::Update {
             key: w.key.clone(),
             ctx: w.ctx,
@@ -454,14 +503,16 @@ impl Node {
             tokio::time::timeout_at(TokioInstant::from_std(deadline), self.store.write_early(op));
         let (outcome, committed) = match local.await {
             Err(_) => {
-                return self.quorum_error(
+                return Ok(self.quorum_error(
                     &w.key,
                     QuorumError::Timeout { acks: 0, needed },
                     "local write not committed",
                     false,
-                )
+                ))
             }
-            Ok(Err(e)) => return self.write_error(e),
+            Ok(Err(e @ WriteError::ShuttingDown)) => return Err(e),
+            Ok(Err(e @ WriteError::Storage { .. })) if e.is_definite() => return Err(e),
+            Ok(Err(e)) => return Ok(self.write_error(e)),
             Ok(Ok(o)) => o,
         };
         let dot = outcome.dot.expect("updates always mint a dot");
@@ -504,21 +555,21 @@ impl Node {
                 Decision::Failed(_) if own_error.is_some() => {
                     let cause = own_error.take().expect("checked by the guard");
                     let only_replica = peer_targets == 0;
-                    return self.own_commit_failed(
+                    return Ok(self.own_commit_failed(
                         &w.key,
                         cause,
                         quorum.acks(),
                         needed,
                         only_replica,
-                    );
+                    ));
                 }
                 Decision::Failed(e) => {
-                    return self.quorum_error(
+                    return Ok(self.quorum_error(
                         &w.key,
                         e,
                         "write applied on fewer replicas than W",
                         false,
-                    )
+                    ))
                 }
                 Decision::Pending => {}
             }
@@ -555,11 +606,11 @@ impl Node {
             counter: dot.counter,
             body,
         };
-        if w.is_delete {
+        Ok(if w.is_delete {
             Response::Delete(reply)
         } else {
             Response::Put(reply)
-        }
+        })
     }
 
     /// Ships a key's state to one replica; resolves to whether it acknowledged. A `'static`
@@ -604,6 +655,12 @@ impl Node {
             WriteError::TooLarge { size, limit, .. } => ErrorKind::TooLarge {
                 size: *size as u64,
                 limit: *limit as u64,
+            },
+            WriteError::MergeTooLarge {
+                count, max_count, ..
+            } => ErrorKind::TooManySiblings {
+                count: *count as u64,
+                limit: *max_count as u64,
             },
             WriteError::Overloaded { .. } => ErrorKind::Overloaded,
             WriteError::ShuttingDown => ErrorKind::Unavailable {
@@ -672,22 +729,41 @@ impl Node {
             Ok(q) => q,
             Err(resp) => return resp,
         };
+        match self
+            .quorum_read(key.clone(), needed, deadline, "read")
+            .await
+        {
+            Ok(merged) => Response::Get(read_reply(&key, &merged)),
+            Err(resp) => resp,
+        }
+    }
+
+    /// Reads `key` from its live replicas and returns the merge of the first `needed` replies;
+    /// the rest is gathered in the background for read repair. Errors are definite (a read
+    /// changes nothing); `what` names the operation in them.
+    async fn quorum_read(
+        self: &Arc<Self>,
+        key: Bytes,
+        needed: usize,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<KeyState, Response> {
         let view = self.view();
         let (_, alive) = self.replicas(&view, &key);
         if alive.len() < needed {
-            return self.quorum_error(
+            return Err(self.quorum_error(
                 &key,
                 QuorumError::Unavailable {
                     alive: alive.len(),
                     needed,
                 },
-                "read",
+                what,
                 true,
-            );
+            ));
         }
         inc(&self.requests.coordinated_reads);
         // Every live replica is asked (the coordinator's own state is read inline when it is
-        // in memory); the client is answered at R replies, and the rest is gathered in the
+        // in memory); the caller is answered at R replies, and the rest is gathered in the
         // background for read repair.
         let mut replies: FuturesUnordered<_> = alive
             .iter()
@@ -705,8 +781,8 @@ impl Node {
                 _ = &mut sleep => q.on_deadline(),
             };
             match decision {
-                Decision::Ok(merged) => break Response::Get(read_reply(&key, &merged)),
-                Decision::Failed(e) => break self.quorum_error(&key, e, "read", true),
+                Decision::Ok(merged) => break Ok(merged),
+                Decision::Failed(e) => break Err(self.quorum_error(&key, e, what, true)),
                 Decision::Pending => {}
             }
         };
@@ -824,8 +900,9 @@ impl Node {
         }
     }
 
-    /// Checks a peer's handshake: same cluster name and replication factor.
-    pub fn accept_hello(&self, hello: &Hello) -> Result<MemberInfo, String> {
+    /// Checks the public part of a peer's `Hello`: same cluster name and replication factor.
+    /// (The secret is checked by the challenge–response that follows, in `net::peer`.)
+    pub fn check_hello(&self, hello: &Hello, remote: SocketAddr) -> Result<(), String> {
         let problem = if hello.cluster != self.config.cluster_name {
             Some(format!(
                 "cluster name {:?} differs from ours {:?}",
@@ -841,11 +918,11 @@ impl Node {
         };
         if let Some(p) = problem {
             inc(&self.requests.peers_refused);
-            warn!(node = %self.config.node_id, peer = %hello.me.node_id, peer_addr = %hello.me.peer_addr,
+            warn!(node = %self.config.node_id, peer = %hello.me.node_id, %remote,
                   "refused peer {}: {p}", hello.me.node_id);
             return Err(format!("refused peer {}: {p}", hello.me.node_id));
         }
-        Ok(self.me.clone())
+        Ok(())
     }
 
     /// Answers one peer request (after the handshake).
@@ -858,10 +935,10 @@ impl Node {
             })
         };
         match req {
-            PeerRequest::Hello(h) => match self.accept_hello(&h) {
-                Ok(me) => PeerResponse::HelloAck(me),
-                Err(msg) => error(ErrorKind::WrongCluster, msg),
-            },
+            PeerRequest::Hello(_) | PeerRequest::HelloProof(_) => error(
+                ErrorKind::InvalidRequest,
+                "the handshake is already complete on this connection".into(),
+            ),
             PeerRequest::Ping => PeerResponse::Pong,
             PeerRequest::ReadLocal { key, timeout_ms } => {
                 inc(&self.requests.peer_read_local);
@@ -916,26 +993,11 @@ impl Node {
             }
             PeerRequest::Forward { opcode, body } => {
                 inc(&self.requests.peer_forward);
-                let resp = match Request::decode(opcode, body) {
-                    Ok(req @ (Request::Put { .. } | Request::Delete { .. })) => {
-                        match req.validate() {
-                            Ok(()) => self.write(req, true).await,
-                            Err((kind, msg)) => self.err(kind, true, msg),
-                        }
-                    }
-                    Ok(other) => self.err(
-                        ErrorKind::InvalidRequest,
-                        true,
-                        format!(
-                            "only writes can be forwarded, got opcode 0x{:02x}",
-                            other.opcode()
-                        ),
-                    ),
-                    Err(e) => self.err(
-                        ErrorKind::Malformed,
-                        true,
-                        format!("forwarded request: {e}"),
-                    ),
+                // A node that does not know the ring yet would coordinate with the wrong
+                // replicas, whoever sent the write.
+                let resp = match self.not_ready() {
+                    Some(resp) => resp,
+                    None => self.forwarded_write(opcode, body).await,
                 };
                 let frame = resp.to_frame(0);
                 PeerResponse::ForwardReply {
@@ -943,6 +1005,29 @@ impl Node {
                     body: frame.body,
                 }
             }
+        }
+    }
+
+    /// Coordinates a write another node forwarded here (never forwarded again).
+    async fn forwarded_write(self: &Arc<Self>, opcode: u8, body: Bytes) -> Response {
+        match Request::decode(opcode, body) {
+            Ok(req @ (Request::Put { .. } | Request::Delete { .. })) => match req.validate() {
+                Ok(()) => self.write(req, true).await,
+                Err((kind, msg)) => self.err(kind, true, msg),
+            },
+            Ok(other) => self.err(
+                ErrorKind::InvalidRequest,
+                true,
+                format!(
+                    "only writes can be forwarded, got opcode 0x{:02x}",
+                    other.opcode()
+                ),
+            ),
+            Err(e) => self.err(
+                ErrorKind::Malformed,
+                true,
+                format!("forwarded request: {e}"),
+            ),
         }
     }
 
@@ -1003,6 +1088,27 @@ impl Node {
             (
                 "storage.amnesia_detected".to_string(),
                 load(&st.amnesia_detected),
+            ),
+            (
+                "storage.actor_renewals".to_string(),
+                load(&st.actor_renewals),
+            ),
+            ("storage.sync_errors".to_string(), load(&st.sync_errors)),
+            (
+                "storage.merges_refused".to_string(),
+                load(&st.merges_refused),
+            ),
+            (
+                "storage.vv_entries_pruned".to_string(),
+                load(&st.vv_entries_pruned),
+            ),
+            (
+                "storage.writer_queue_bytes".to_string(),
+                self.store.queued_bytes() as u64,
+            ),
+            (
+                "peer.auth_failures_outgoing".to_string(),
+                load(&self.peers.auth_failures),
             ),
             (
                 "storage.writer_queue".to_string(),
@@ -1073,9 +1179,11 @@ impl Node {
                 (
                     "worker.writer".into(),
                     format!(
-                        "{writer_state}; queue {} of {}; {} batches",
+                        "{writer_state}; queue {} of {} jobs, {} of {} bytes; {} batches",
                         self.store.queue_depth(),
                         crate::storage::store::QUEUE_CAPACITY,
+                        self.store.queued_bytes(),
+                        crate::storage::store::MAX_QUEUE_BYTES,
                         load(&st.batches)
                     ),
                 ),

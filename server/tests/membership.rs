@@ -189,6 +189,7 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
             vnodes: 1,
             generation: 1,
         },
+        nonce: [0; 32],
     });
     let frame = conn.call(hello.to_frame(1)).await.unwrap();
     match PeerResponse::decode(frame.opcode, frame.body).unwrap() {

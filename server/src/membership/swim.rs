@@ -88,7 +88,8 @@ impl RingStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingMeta {
     pub node_id: String,
-    /// `generation << 20 | counter`: grows across restarts and republications.
+    /// Strictly increasing per node, across republications and restarts
+    /// (`next_meta_version`).
     pub version: u64,
     pub status: RingStatus,
     pub vnodes: u32,
@@ -333,6 +334,14 @@ fn now_ms() -> u64 {
     crate::node::now_ms()
 }
 
+/// The version of a node's next metadata publication: one more than the last, and at least
+/// `generation << 20`, so a restarted process (a larger generation: its start time in ms)
+/// publishes above anything its previous process did (it would need 2^20 publications per
+/// millisecond of uptime to catch up), and a long-running one never wraps back.
+pub fn next_meta_version(previous: u64, generation: u64) -> u64 {
+    previous.saturating_add(1).max(generation << 20)
+}
+
 /// foca's configuration for ringkv (notes/foca.md §4).
 pub fn foca_config() -> foca::Config {
     let mut c = foca::Config::new_lan(NonZeroU32::new(8).expect("non-zero"));
@@ -365,7 +374,6 @@ pub struct Driver {
     last_heard: HashMap<String, Instant>,
     meta: MetaTable,
     my_meta: RingMeta,
-    meta_counter: u64,
     active: bool,
     seeds: Vec<SocketAddr>,
     view: watch::Sender<Arc<ClusterView>>,
@@ -401,7 +409,8 @@ impl Driver {
         );
         let my_meta = RingMeta {
             node_id: me.node_id.clone(),
-            version: me.generation << 20,
+            // The first publication raises it to `generation << 20`.
+            version: 0,
             status: RingStatus::Joining,
             vnodes: cfg.vnodes,
         };
@@ -417,7 +426,6 @@ impl Driver {
             last_heard: HashMap::new(),
             meta,
             my_meta,
-            meta_counter: 0,
             active: false,
             seeds: cfg.seeds,
             view,
@@ -599,9 +607,8 @@ impl Driver {
     }
 
     fn publish_meta(&mut self, status: RingStatus) {
-        self.meta_counter += 1;
         self.my_meta.status = status;
-        self.my_meta.version = (self.me.generation << 20) | (self.meta_counter & 0xF_FFFF);
+        self.my_meta.version = next_meta_version(self.my_meta.version, self.me.generation);
         let bytes = postcard::to_allocvec(&self.my_meta).expect("ring metadata serializes");
         if let Err(e) = self.foca.add_broadcast(&bytes) {
             error!(node = %self.me.node_id, error = %e, "could not broadcast ring metadata");
@@ -765,14 +772,17 @@ impl Driver {
             ring_members.push((node_id.clone(), saved.meta.vnodes, saved.meta.status.code()));
         }
         ring_members.sort();
-        // Ready to coordinate once the ring is known: a cluster of one, a saved ring, or in
-        // contact with the cluster with metadata for every member foca reports.
-        let complete = foca_members.iter().all(|(id, (_, state, _))| {
-            *state == State::Down || meta.contains_key(id) || self.saved.contains_key(id)
-        });
+        // Ready to coordinate once the ring is known *as of now*: a cluster of one, or in
+        // contact with the cluster and holding metadata received in this run for every member
+        // foca reports up. A saved ring alone is not enough: members may have joined, left or
+        // changed while this node was down, and coordinating with a stale ring stores keys on
+        // the wrong replicas. (The saved ring still routes: its members stay in the ring.)
+        let complete = foca_members
+            .iter()
+            .all(|(id, (_, state, _))| *state == State::Down || meta.contains_key(id));
         // Latched: once the ring is known, a newcomer whose metadata is still in flight simply
         // is not in the ring yet; that must not stop this node from serving.
-        self.ready |= self.lone || !self.saved.is_empty() || (self.active && complete);
+        self.ready |= self.lone || (self.active && complete);
         let ready = self.ready;
         let epoch = ring_epoch(&ring_members);
         let current = self.view.borrow().clone();

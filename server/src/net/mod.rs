@@ -11,6 +11,7 @@ pub mod client;
 pub mod peer;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,16 @@ pub struct Reply {
 /// per-connection state (e.g. the peer handshake).
 pub trait FrameHandler: Send + Sync + 'static {
     fn handle(self: Arc<Self>, frame: Frame) -> impl Future<Output = Reply> + Send;
+
+    /// False until the connection has authenticated (the peer handshake). Until then the
+    /// listener reads only frames up to `ListenerConfig::unadmitted_max_body` and closes the
+    /// connection after `ListenerConfig::admission_timeout`.
+    fn admitted(&self) -> bool {
+        true
+    }
+
+    /// Called when a connection is closed for not authenticating in time.
+    fn admission_timed_out(&self) {}
 }
 
 /// Settings of one listener.
@@ -52,6 +63,10 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub max_request_body: usize,
+    /// Largest frame body read before the handler admits the connection.
+    pub unadmitted_max_body: usize,
+    /// How long a connection may stay unadmitted before it is closed.
+    pub admission_timeout: Duration,
 }
 
 fn error_frame(node_id: &str, request_id: u64, kind: ErrorKind, msg: String) -> Frame {
@@ -66,7 +81,7 @@ pub async fn serve<H, F>(
     shutdown: CancellationToken,
 ) where
     H: FrameHandler,
-    F: Fn() -> Arc<H>,
+    F: Fn(SocketAddr) -> Arc<H>,
 {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let mut conns = JoinSet::new();
@@ -92,7 +107,7 @@ pub async fn serve<H, F>(
                     socket,
                     cfg.clone(),
                     metrics.clone(),
-                    make_handler(),
+                    make_handler(peer),
                     shutdown.clone(),
                     permit,
                 ));
@@ -149,12 +164,37 @@ async fn connection<H: FrameHandler>(
     // to close, shutdown); requests already running still answer.
     let mut reading = true;
     let mut unflushed = false;
+    // Until the handler admits the connection (the peer handshake), frames are small and the
+    // clock runs: a stranger can neither make the node buffer large frames nor hold a
+    // connection slot for long.
+    let mut admitted = handler.admitted();
+    if !admitted {
+        reader.decoder_mut().set_max_body(cfg.unadmitted_max_body);
+    }
+    let admission_deadline = tokio::time::sleep(cfg.admission_timeout);
+    tokio::pin!(admission_deadline);
     while reading || !in_flight.is_empty() {
+        if !admitted && handler.admitted() {
+            admitted = true;
+            reader.decoder_mut().set_max_body(cfg.max_request_body);
+        }
         let rejected = tokio::select! {
             biased;
             _ = shutdown.cancelled(), if reading => {
                 reading = false;
                 None
+            }
+            _ = &mut admission_deadline, if !admitted && reading => {
+                if handler.admitted() {
+                    // Admitted since the check above: lift the limit on the next turn.
+                    None
+                } else {
+                    handler.admission_timed_out();
+                    warn!(node = %cfg.node_id, listener = cfg.kind, %peer, timeout = ?cfg.admission_timeout,
+                          "closing connection: it did not authenticate in time");
+                    reading = false;
+                    None
+                }
             }
             Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
                 let reply: Reply = reply;

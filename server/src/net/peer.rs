@@ -1,19 +1,66 @@
 //! Inter-node RPC: the outgoing `PeerPool` (one multiplexed connection per peer, handshake,
-//! reconnect with backoff) and the incoming `PeerHandler` (handshake check, then requests).
+//! reconnect with backoff) and the incoming `PeerHandler` (handshake, then requests).
+//!
+//! Every connection is mutually authenticated with the cluster secret before anything else is
+//! served (`ringkv_protocol::auth`): the dialer sends `Hello` with a fresh nonce, the listener
+//! answers a `Challenge` with its own nonce and its proof, the dialer checks it and sends its
+//! proof, the listener checks that and answers `HelloAck`. Refusals are counted and logged
+//! with the remote address (at most one line per reason per `REFUSAL_LOG_INTERVAL`), never
+//! with the secret.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringkv_client::conn::{Conn, ConnError};
-use ringkv_protocol::peer::{Hello, PeerRequest, PeerResponse};
+use ringkv_protocol::auth::{PeerKey, Role, Transcript, NONCE_LEN};
+use ringkv_protocol::peer::{Challenge, Hello, MemberInfo, PeerRequest, PeerResponse};
 use ringkv_protocol::{ErrorKind, ErrorReply, Frame};
 use tracing::warn;
 
 use super::{FrameHandler, Reply};
 use crate::metrics::inc;
 use crate::node::Node;
+
+/// How long a new peer connection may take to complete the handshake before it is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refusals of the same kind are logged at most this often (each one is counted).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+fn nonce() -> [u8; NONCE_LEN] {
+    rand::random()
+}
+
+/// At most one log line per refusal reason per interval: a stranger hammering the peer port
+/// must not flood the log. Counters record every refusal.
+#[derive(Default)]
+pub struct RefusalLog {
+    last: Mutex<HashMap<&'static str, Instant>>,
+}
+
+impl RefusalLog {
+    pub fn due(&self, reason: &'static str) -> bool {
+        let mut last = self.last.lock().expect("refusal log lock poisoned");
+        let now = Instant::now();
+        match last.get(reason) {
+            Some(t) if now.duration_since(*t) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                last.insert(reason, now);
+                true
+            }
+        }
+    }
+}
+
+/// What a node presents when it dials a peer.
+pub struct PeerIdentity {
+    pub cluster: String,
+    pub n: u8,
+    pub me: MemberInfo,
+    pub key: PeerKey,
+}
 
 /// Requests queued per peer connection.
 pub const PEER_PIPELINE_DEPTH: usize = 4096;
@@ -79,16 +126,19 @@ impl PeerSlot {
 }
 
 pub struct PeerPool {
-    hello: Hello,
+    identity: PeerIdentity,
     /// Source IP of outgoing connections: this node's peer listen IP (unless unspecified).
     local_ip: Option<std::net::IpAddr>,
     slots: Mutex<HashMap<String, Arc<PeerSlot>>>,
     next_id: AtomicU64,
+    /// Peers we dialed that failed to prove the secret (or refused ours).
+    pub auth_failures: AtomicU64,
+    refusals: RefusalLog,
 }
 
 impl PeerPool {
-    pub fn new(hello: Hello) -> PeerPool {
-        let local_ip = hello
+    pub fn new(identity: PeerIdentity) -> PeerPool {
+        let local_ip = identity
             .me
             .peer_addr
             .parse::<std::net::SocketAddr>()
@@ -96,10 +146,12 @@ impl PeerPool {
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified());
         PeerPool {
-            hello,
+            identity,
             local_ip,
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            auth_failures: AtomicU64::new(0),
+            refusals: RefusalLog::default(),
         }
     }
 
@@ -145,26 +197,73 @@ impl PeerPool {
     async fn connect(&self, addr: &str) -> Result<Conn, String> {
         let conn =
             Conn::connect_from(addr, self.local_ip, CONNECT_TIMEOUT, PEER_PIPELINE_DEPTH).await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let hello = PeerRequest::Hello(self.hello.clone()).to_frame(id);
-        let frame = tokio::time::timeout(CONNECT_TIMEOUT, conn.call(hello))
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&conn, addr))
             .await
-            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|_| format!("handshake timed out after {HANDSHAKE_TIMEOUT:?}"))??;
+        Ok(conn)
+    }
+
+    /// One round trip of the handshake.
+    async fn exchange(&self, conn: &Conn, req: PeerRequest) -> Result<PeerResponse, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = conn
+            .call(req.to_frame(id))
+            .await
             .map_err(|e| format!("handshake failed: {e:?}"))?;
-        match PeerResponse::decode(frame.opcode, frame.body) {
-            Ok(PeerResponse::HelloAck(_)) => Ok(conn),
-            Ok(PeerResponse::Error(e)) => {
-                warn!(node = %self.hello.me.node_id, peer = addr, kind = e.kind.name(), cause = %e.message,
-                      "peer refused our handshake");
-                Err(format!(
-                    "handshake refused: {}: {}",
-                    e.kind.name(),
-                    e.message
-                ))
+        PeerResponse::decode(frame.opcode, frame.body)
+            .map_err(|e| format!("undecodable handshake reply: {e}"))
+    }
+
+    /// The dialer's side of the handshake: the listener proves the secret first.
+    async fn handshake(&self, conn: &Conn, addr: &str) -> Result<(), String> {
+        let me = &self.identity.me;
+        let dialer_nonce = nonce();
+        let hello = PeerRequest::Hello(Hello {
+            cluster: self.identity.cluster.clone(),
+            n: self.identity.n,
+            me: me.clone(),
+            nonce: dialer_nonce,
+        });
+        let challenge = match self.exchange(conn, hello).await? {
+            PeerResponse::Challenge(c) => c,
+            PeerResponse::Error(e) => return Err(self.refused(addr, &e)),
+            other => return Err(format!("unexpected handshake reply {other:?}")),
+        };
+        let transcript = Transcript {
+            dialer_nonce: &dialer_nonce,
+            listener_nonce: &challenge.nonce,
+            dialer_id: &me.node_id,
+            listener_id: &challenge.me.node_id,
+        };
+        let key = &self.identity.key;
+        if !key.verify(Role::Listener, &transcript, &challenge.proof) {
+            self.auth_failures.fetch_add(1, Ordering::Relaxed);
+            if self.refusals.due("listener proof") {
+                warn!(node = %me.node_id, peer = addr, claimed = %challenge.me.node_id,
+                      "peer failed to prove the cluster secret (another secret, or not a ringkv node of this cluster); not using it");
             }
-            Ok(other) => Err(format!("unexpected handshake reply {other:?}")),
-            Err(e) => Err(format!("undecodable handshake reply: {e}")),
+            return Err(format!(
+                "peer {} ({addr}) failed to prove the cluster secret",
+                challenge.me.node_id
+            ));
         }
+        let proof = PeerRequest::HelloProof(key.proof(Role::Dialer, &transcript));
+        match self.exchange(conn, proof).await? {
+            PeerResponse::HelloAck => Ok(()),
+            PeerResponse::Error(e) => Err(self.refused(addr, &e)),
+            other => Err(format!("unexpected handshake reply {other:?}")),
+        }
+    }
+
+    fn refused(&self, addr: &str, e: &ErrorReply) -> String {
+        if e.kind == ErrorKind::Unauthenticated {
+            self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.refusals.due(e.kind.name()) {
+            warn!(node = %self.identity.me.node_id, peer = addr, kind = e.kind.name(), cause = %e.message,
+                  "peer refused our handshake");
+        }
+        format!("handshake refused: {}: {}", e.kind.name(), e.message)
     }
 
     /// Sends one request and waits for its reply, at most `timeout`.
@@ -191,53 +290,169 @@ impl PeerPool {
     }
 }
 
-/// Serves one incoming peer connection: the first request must be a valid `Hello`.
+/// Where the listener's side of one connection's handshake stands.
+enum Handshake {
+    /// Waiting for `Hello`.
+    Start,
+    /// `Challenge` sent; waiting for the dialer's proof.
+    Challenged {
+        dialer_nonce: [u8; NONCE_LEN],
+        listener_nonce: [u8; NONCE_LEN],
+        dialer_id: String,
+    },
+    /// Authenticated: peer requests are served.
+    Done,
+    /// Refused: the connection is closing.
+    Failed,
+}
+
+/// Serves one incoming peer connection: the handshake first, then peer requests.
 pub struct PeerHandler {
     pub node: Arc<Node>,
-    pub greeted: AtomicBool,
+    pub remote: SocketAddr,
+    state: Mutex<Handshake>,
+    done: AtomicBool,
+    refusals: Arc<RefusalLog>,
+}
+
+impl PeerHandler {
+    pub fn new(node: Arc<Node>, remote: SocketAddr, refusals: Arc<RefusalLog>) -> PeerHandler {
+        PeerHandler {
+            node,
+            remote,
+            state: Mutex::new(Handshake::Start),
+            done: AtomicBool::new(false),
+            refusals,
+        }
+    }
+
+    fn error(&self, kind: ErrorKind, msg: String) -> PeerResponse {
+        PeerResponse::Error(ErrorReply {
+            kind,
+            definite: true,
+            message: format!("node {}: {msg}", self.node.config.node_id),
+        })
+    }
+
+    /// Refuses the connection: counted, logged (rate-limited) with the remote address.
+    fn refuse(&self, reason: &'static str, detail: String) -> PeerResponse {
+        inc(&self.node.requests.peer_auth_failures);
+        *self.state.lock().expect("handshake lock poisoned") = Handshake::Failed;
+        if self.refusals.due(reason) {
+            warn!(node = %self.node.config.node_id, remote = %self.remote, reason, %detail,
+                  "refused peer connection");
+        }
+        self.error(ErrorKind::Unauthenticated, format!("{reason}: {detail}"))
+    }
+
+    /// One step of the handshake; `None` once it is complete (serve the request).
+    fn handshake(&self, req: &PeerRequest) -> Option<(PeerResponse, bool)> {
+        let node = &self.node;
+        let mut state = self.state.lock().expect("handshake lock poisoned");
+        if matches!(*state, Handshake::Done) {
+            return None;
+        }
+        // Any step that does not set a new state leaves the connection refused.
+        let step = std::mem::replace(&mut *state, Handshake::Failed);
+        match (step, req) {
+            (Handshake::Start, PeerRequest::Hello(hello)) => {
+                if let Err(msg) = node.check_hello(hello, self.remote) {
+                    return Some((self.error(ErrorKind::WrongCluster, msg), true));
+                }
+                let listener_nonce = nonce();
+                let transcript = Transcript {
+                    dialer_nonce: &hello.nonce,
+                    listener_nonce: &listener_nonce,
+                    dialer_id: &hello.me.node_id,
+                    listener_id: &node.me.node_id,
+                };
+                let proof = node.peer_key.proof(Role::Listener, &transcript);
+                *state = Handshake::Challenged {
+                    dialer_nonce: hello.nonce,
+                    listener_nonce,
+                    dialer_id: hello.me.node_id.clone(),
+                };
+                Some((
+                    PeerResponse::Challenge(Challenge {
+                        me: node.me.clone(),
+                        nonce: listener_nonce,
+                        proof,
+                    }),
+                    false,
+                ))
+            }
+            (
+                Handshake::Challenged {
+                    dialer_nonce,
+                    listener_nonce,
+                    dialer_id,
+                },
+                PeerRequest::HelloProof(proof),
+            ) => {
+                let transcript = Transcript {
+                    dialer_nonce: &dialer_nonce,
+                    listener_nonce: &listener_nonce,
+                    dialer_id: &dialer_id,
+                    listener_id: &node.me.node_id,
+                };
+                if node.peer_key.verify(Role::Dialer, &transcript, proof) {
+                    *state = Handshake::Done;
+                    self.done.store(true, Ordering::Release);
+                    Some((PeerResponse::HelloAck, false))
+                } else {
+                    drop(state);
+                    let detail =
+                        format!("peer claiming to be {dialer_id} did not prove the cluster secret");
+                    Some((self.refuse("bad proof", detail), true))
+                }
+            }
+            (Handshake::Failed, _) => Some((
+                self.error(ErrorKind::Unauthenticated, "handshake failed".into()),
+                true,
+            )),
+            (_, other) => {
+                drop(state);
+                let what = format!(
+                    "request 0x{:02x} out of handshake order",
+                    other.to_frame(0).opcode
+                );
+                Some((self.refuse("request before handshake", what), true))
+            }
+        }
+    }
 }
 
 impl FrameHandler for PeerHandler {
     async fn handle(self: Arc<Self>, frame: Frame) -> Reply {
         let id = frame.request_id;
-        let node = &self.node;
         let reply = |resp: PeerResponse, close: bool| Reply {
             frame: resp.to_frame(id),
             close,
         };
-        let error = |kind: ErrorKind, msg: String| {
-            PeerResponse::Error(ErrorReply {
-                kind,
-                definite: true,
-                message: format!("node {}: {msg}", node.config.node_id),
-            })
-        };
         let req = match PeerRequest::decode(frame.opcode, frame.body) {
             Ok(r) => r,
             Err(e) => {
-                inc(&node.peer_net.malformed);
-                return reply(
-                    error(ErrorKind::Malformed, format!("malformed peer request: {e}")),
-                    false,
-                );
+                inc(&self.node.peer_net.malformed);
+                let resp = self.error(ErrorKind::Malformed, format!("malformed peer request: {e}"));
+                // Before the handshake nothing but the handshake is understood.
+                return reply(resp, !self.admitted());
             }
         };
-        match req {
-            PeerRequest::Hello(hello) => match node.accept_hello(&hello) {
-                Ok(me) => {
-                    self.greeted.store(true, Ordering::Release);
-                    reply(PeerResponse::HelloAck(me), false)
-                }
-                Err(msg) => reply(error(ErrorKind::WrongCluster, msg), true),
-            },
-            _ if !self.greeted.load(Ordering::Acquire) => reply(
-                error(
-                    ErrorKind::InvalidRequest,
-                    "peer request before the Hello handshake".into(),
-                ),
-                true,
-            ),
-            req => reply(node.handle_peer(req).await, false),
+        match self.handshake(&req) {
+            Some((resp, close)) => reply(resp, close),
+            None => reply(self.node.handle_peer(req).await, false),
+        }
+    }
+
+    fn admitted(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn admission_timed_out(&self) {
+        inc(&self.node.requests.peer_auth_failures);
+        if self.refusals.due("handshake timeout") {
+            warn!(node = %self.node.config.node_id, remote = %self.remote, timeout = ?HANDSHAKE_TIMEOUT,
+                  "refused peer connection: no completed handshake in time");
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use super::{Batch, BatchOp, Cached, Cf, Engine, StorageError};
 
@@ -18,7 +18,10 @@ pub struct MemoryEngine {
     /// touched), oldest first: what a power loss takes back.
     unsynced: Mutex<Vec<Undo>>,
     fail_writes: AtomicBool,
+    fail_syncs: AtomicBool,
     cache_misses: AtomicBool,
+    /// Held by a test to stall every write (the writer thread blocks in `write`).
+    gate: Mutex<()>,
     pub synced_writes: AtomicU64,
     pub writes: AtomicU64,
 }
@@ -49,6 +52,27 @@ impl MemoryEngine {
     pub fn set_fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::SeqCst);
     }
+
+    /// While set, every fsync fails with an I/O error; the writes themselves still apply
+    /// (they are in the "page cache" until `lose_unsynced`).
+    pub fn set_fail_syncs(&self, fail: bool) {
+        self.fail_syncs.store(fail, Ordering::SeqCst);
+    }
+
+    /// Stalls every write until the guard is dropped.
+    pub fn hold_writes(&self) -> MutexGuard<'_, ()> {
+        self.gate.lock().expect("memory engine gate poisoned")
+    }
+
+    fn sync_failure(&self) -> Result<(), StorageError> {
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                op: "sync_wal",
+                cause: "injected: fsync failed (EIO)".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Engine for MemoryEngine {
@@ -65,6 +89,7 @@ impl Engine for MemoryEngine {
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {
+        drop(self.hold_writes());
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(StorageError::NoSpace {
                 op: "write",
@@ -89,6 +114,7 @@ impl Engine for MemoryEngine {
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
         if sync {
+            self.sync_failure()?;
             undo.clear();
             self.synced_writes.fetch_add(1, Ordering::Relaxed);
         }
@@ -97,10 +123,12 @@ impl Engine for MemoryEngine {
 
     fn sync_wal(&self) -> Result<(), StorageError> {
         let _data = self.data.lock().expect("memory engine lock poisoned");
+        self.sync_failure()?;
         self.unsynced
             .lock()
             .expect("memory engine lock poisoned")
             .clear();
+        self.synced_writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

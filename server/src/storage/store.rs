@@ -8,27 +8,47 @@
 //! safe (two puts never mint from the same read). Reads run elsewhere and see the old or the new
 //! state, never a torn one.
 //!
-//! Identity: the node's actor id is random per incarnation. A new incarnation starts on a fresh
-//! data dir, and after an unclean shutdown when writes are not fsynced (`sync = none`), because
-//! then acknowledged dots may have been lost and must never be minted again. Counters are one
-//! monotone sequence per actor, shared by all keys, reserved in leases of `COUNTER_LEASE` that
-//! are persisted in the same batch as the first write that uses them.
+//! A group is committed in two steps: its batch is appended to the WAL and applied (one
+//! `write` without fsync), then the WAL is fsynced (per the sync mode). Outcomes that may leave
+//! early (`write_early`) leave between the two: a minted version is shipped to other replicas
+//! only once it is in this node's own copy (memtable and OS page cache), so a failed append
+//! never ships anything, and a process crash can never make this node forget a version it
+//! shipped. Only a power loss (or a failed fsync) can; both renew the actor (below).
+//!
+//! Identity (docs/architecture.md, "Who mints"): the node's actor id is
+//! `node tag ‖ incarnation stamp` (`version::actor_id`). A new incarnation (a new actor) starts
+//! when this node's copy may lack one of its own versions, and only then:
+//! - a fresh data dir;
+//! - an unclean stop followed by a machine restart (or an unknown boot id): writes the OS had
+//!   not yet flushed may be gone, in every sync mode (shipped versions are fsynced after they
+//!   leave, and `none` never fsyncs);
+//! - a failed WAL fsync (the OS may drop the unsynced pages);
+//! - amnesia: a context or a replica's state shows our actor ahead of our own copy of that key,
+//!   or ahead of our counter.
+//!
+//! An unclean stop on the same boot (`kill -9`, OOM, panic) keeps the actor: every write was
+//! handed to the OS before it was acknowledged or shipped, and the page cache survived.
+//! Counters are one monotone sequence per actor, shared by all keys, reserved in leases of
+//! `COUNTER_LEASE` that are persisted (and fsynced) in the same batch as the first write that
+//! uses them.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use ringkv_protocol::limits::{MAX_OBJECT_LEN, MAX_SIBLINGS};
+use ringkv_protocol::limits::{MAX_OBJECT_LEN, MAX_SIBLINGS, MAX_STATE_LEN, MAX_STATE_SIBLINGS};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::state_cache::{StateCache, STATE_CACHE_BYTES};
 use super::{data_key, Batch, Cached, Cf, Engine, HexKey, StorageError};
-use crate::version::{Actor, Dot, KeyState, VersionVector};
+use crate::version::{
+    actor_id, actor_stamp, actor_tag, node_tag, Actor, Dot, KeyState, VersionVector, ACTOR_EPOCH_MS,
+};
 
 /// Counters reserved per persisted lease. A restart skips the unused rest of a lease, so the
 /// lease only needs to be small compared with 2^64; 10 000 is Riak's vnode counter lease.
@@ -41,12 +61,19 @@ pub const MAX_GROUP_BYTES: usize = 16 << 20;
 /// Jobs queued for the writer. A full queue answers `Overloaded` at once (backpressure to the
 /// client) instead of letting latency grow without bound.
 pub const QUEUE_CAPACITY: usize = 16 * 1024;
+/// Bytes (values and merged states) queued for the writer. Counting jobs alone would let a
+/// queue of large values or merge states (up to `MAX_STATE_LEN` each) hold tens of GB; 256 MiB
+/// is 16 full groups of `MAX_GROUP_BYTES`, far more than one fsync's worth. A job larger than
+/// the budget is still taken when the queue is empty, so no valid write is refused forever.
+pub const MAX_QUEUE_BYTES: usize = 256 << 20;
 /// Sibling count above which a write logs a warning naming the key (Riak's `warn_siblings`).
 pub const WARN_SIBLINGS: usize = 25;
 
 const META_NODE_ID: &[u8] = b"node_id";
 const META_IDENTITY: &[u8] = b"identity";
 const META_CLEAN: &[u8] = b"clean_shutdown";
+/// The kernel boot id of the run that last opened the store.
+const META_BOOT: &[u8] = b"boot_id";
 
 /// Durability of acknowledged writes (see docs/operations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -88,6 +115,9 @@ impl std::fmt::Display for SyncMode {
 pub struct StoreConfig {
     pub node_id: String,
     pub sync: SyncMode,
+    /// This machine's current boot id (`/proc/sys/kernel/random/boot_id`); `None` = unknown,
+    /// which makes every unclean stop count as one across a reboot.
+    pub boot_id: Option<String>,
 }
 
 /// A mutation for the writer thread.
@@ -96,9 +126,8 @@ pub enum WriteOp {
     /// A client write coordinated on this replica: mint a dot and `update`.
     Update {
         key: Bytes,
-        /// The writer's context; `None` = this replica's own current context (a delete
-        /// without context removes every version this replica holds).
-        ctx: Option<VersionVector>,
+        /// The writer's context: the versions the new one replaces (empty = a blind write).
+        ctx: VersionVector,
         /// `None` writes a tombstone.
         value: Option<Bytes>,
         timestamp_ms: u64,
@@ -114,10 +143,18 @@ impl WriteOp {
         }
     }
 
+    /// Memory the job holds while queued (for the queue's byte budget and group sizes).
     fn approx_bytes(&self) -> usize {
         match self {
-            WriteOp::Update { key, value, .. } => key.len() + value.as_ref().map_or(0, |v| v.len()),
-            WriteOp::Merge { key, state } => key.len() + state.value_bytes(),
+            WriteOp::Update {
+                key, value, ctx, ..
+            } => key.len() + value.as_ref().map_or(0, |v| v.len()) + 16 * ctx.len(),
+            WriteOp::Merge { key, state } => {
+                key.len()
+                    + state.value_bytes()
+                    + 40 * state.siblings().len()
+                    + 16 * state.context().len()
+            }
         }
     }
 }
@@ -132,20 +169,30 @@ pub struct WriteOutcome {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
-    #[error("key {key} would hold {count} siblings, limit {limit}: resolve siblings by writing with the read's context")]
+    #[error("key {key} would hold {count} siblings, limit {limit}: resolve them first: read the key and write the value you want with that read's context (it replaces every sibling the read returned)")]
     TooManySiblings {
         key: HexKey,
         count: usize,
         limit: usize,
     },
-    #[error("key {key} would hold {size} bytes of values, limit {limit}")]
+    #[error("key {key} would hold {size} bytes of values, limit {limit}: resolve its siblings first (read, then write with the read's context) or write a smaller value")]
     TooLarge {
         key: HexKey,
         size: usize,
         limit: usize,
     },
-    #[error("write queue full ({capacity} jobs): node overloaded")]
-    Overloaded { capacity: usize },
+    /// A merge would grow a replica's state past the state bounds; the replica keeps what it
+    /// has (nothing is lost) until a client resolves the key.
+    #[error("key {key}: merging a replica's state would hold {count} siblings / {size} bytes, beyond the state bounds ({max_count} / {max_size}); kept this replica's state: resolve the key's siblings (read, then write with the read's context)")]
+    MergeTooLarge {
+        key: HexKey,
+        count: usize,
+        size: usize,
+        max_count: usize,
+        max_size: usize,
+    },
+    #[error("writer queue full ({jobs} jobs, {bytes} bytes queued; limits {QUEUE_CAPACITY} jobs, {MAX_QUEUE_BYTES} bytes): node overloaded")]
+    Overloaded { jobs: usize, bytes: usize },
     #[error("store is shutting down")]
     ShuttingDown,
     #[error("key {key}: {source}")]
@@ -189,7 +236,15 @@ pub struct StoreStats {
     pub rejected_siblings: AtomicU64,
     pub rejected_size: AtomicU64,
     pub overloaded: AtomicU64,
+    /// Merges refused because they would grow a state past the state bounds.
+    pub merges_refused: AtomicU64,
+    /// Version-vector entries of retired actors pruned from states.
+    pub vv_entries_pruned: AtomicU64,
     pub amnesia_detected: AtomicU64,
+    /// New incarnations started while running (amnesia, failed fsync), not at open.
+    pub actor_renewals: AtomicU64,
+    /// Failed WAL fsyncs (each renews the actor).
+    pub sync_errors: AtomicU64,
     pub sibling_warnings: AtomicU64,
     pub actor: AtomicU64,
     pub incarnation: AtomicU64,
@@ -214,6 +269,8 @@ enum Msg {
 struct Job {
     op: WriteOp,
     reply: Reply,
+    /// What the job counts against the queue's byte budget.
+    bytes: usize,
 }
 
 type OutcomeTx = oneshot::Sender<Result<WriteOutcome, WriteError>>;
@@ -241,6 +298,8 @@ enum Reply {
 pub struct Store {
     engine: Arc<dyn Engine>,
     tx: Sender<Msg>,
+    /// Bytes of the jobs waiting in the queue (`MAX_QUEUE_BYTES`).
+    queued_bytes: Arc<AtomicUsize>,
     writer: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<StoreStats>,
     config: StoreConfig,
@@ -262,12 +321,24 @@ struct Identity {
     incarnation: u64,
 }
 
-fn new_actor() -> Actor {
-    loop {
-        let a: u64 = rand::random();
-        if a != 0 {
-            return a;
-        }
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The next incarnation of `node_id` after `previous` (none for a fresh data dir): its stamp
+/// is above the previous one and at least the clock (ms since `ACTOR_EPOCH_MS`), so a node that
+/// lost its data dir still gets a stamp above every one it used, unless the clock went back.
+fn next_identity(node_id: &str, previous: Option<Identity>) -> Identity {
+    let clock = now_ms().saturating_sub(ACTOR_EPOCH_MS).max(1);
+    let after = previous
+        .filter(|p| actor_tag(p.actor) == node_tag(node_id))
+        .map_or(0, |p| actor_stamp(p.actor) + 1);
+    Identity {
+        actor: actor_id(node_id, clock.max(after)),
+        incarnation: previous.map_or(1, |p| p.incarnation + 1),
     }
 }
 
@@ -314,22 +385,18 @@ impl Store {
             None => None,
         };
         let clean = engine.get(Cf::Meta, META_CLEAN)?.as_deref() == Some(&[1u8][..]);
+        let last_boot = engine.get(Cf::Meta, META_BOOT)?;
+        let same_boot = config
+            .boot_id
+            .as_ref()
+            .is_some_and(|b| last_boot.as_deref() == Some(b.as_bytes()));
         let (identity, next_counter, reason) = match previous {
-            None => (
-                Identity {
-                    actor: new_actor(),
-                    incarnation: 1,
-                },
+            None => (next_identity(&config.node_id, None), 1, "fresh data dir"),
+            Some((old, _)) if !clean && !same_boot => (
+                next_identity(&config.node_id, Some(old)),
                 1,
-                "fresh data dir",
-            ),
-            Some((old, _)) if !clean && config.sync == SyncMode::None => (
-                Identity {
-                    actor: new_actor(),
-                    incarnation: old.incarnation + 1,
-                },
-                1,
-                "unclean shutdown with sync=none: acknowledged dots may be lost",
+                "unclean stop across a machine restart (or an unknown boot id): writes not yet \
+                 on disk may be lost, so versions of the old actor may be missing here",
             ),
             Some((old, lease_end)) => (
                 old,
@@ -337,12 +404,19 @@ impl Store {
                 if clean {
                     "clean restart"
                 } else {
-                    "unclean restart, writes were fsynced"
+                    "unclean stop on the same boot: every acknowledged write reached the OS"
                 },
             ),
         };
         let lease_end = next_counter + COUNTER_LEASE - 1;
         let mut batch = Batch::default();
+        if let Some(boot) = &config.boot_id {
+            batch.put(Cf::Meta, META_BOOT.to_vec(), boot.as_bytes().to_vec());
+        } else {
+            batch
+                .ops
+                .push(super::BatchOp::Delete(Cf::Meta, META_BOOT.to_vec()));
+        }
         batch.put(
             Cf::Meta,
             META_NODE_ID.to_vec(),
@@ -371,9 +445,11 @@ impl Store {
             .store(identity.incarnation, Ordering::Relaxed);
         stats.next_counter.store(next_counter, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let mut writer = Writer {
             engine: engine.clone(),
             rx,
+            queued_bytes: queued_bytes.clone(),
             identity,
             next_counter,
             lease_persisted: lease_end,
@@ -392,6 +468,7 @@ impl Store {
         Ok(Store {
             engine,
             tx,
+            queued_bytes,
             writer: Mutex::new(Some(handle)),
             stats,
             config,
@@ -406,14 +483,17 @@ impl Store {
         rx.await.unwrap_or_else(|_| Err(writer_exited(&key)))
     }
 
-    /// Queues a write and resolves with its outcome as soon as the writer has computed it —
-    /// usually before the group's commit (fsync) — plus a future of the commit. A coordinator
-    /// ships the new state to the other replicas while its own fsync runs, instead of after.
+    /// Queues a write and resolves with its outcome as soon as its group is in this node's own
+    /// copy — appended to the WAL and applied, before the WAL fsync — plus a future of the
+    /// fsync. A coordinator ships the new state to the other replicas while its own fsync runs,
+    /// instead of after.
     ///
-    /// Safe because a minted dot only leaves the writer early when the counter lease covering
-    /// it is already durable: if the commit is then lost (crash, full disk), a restart resumes
-    /// past that lease and never mints the dot again. The outcome is not durable here until
-    /// the commit future says so.
+    /// Safe because (1) the outcome leaves only after the append succeeded, so a failed append
+    /// (full disk) ships nothing and this node's copy holds every version it shipped; a process
+    /// crash keeps them (the OS has the WAL bytes); a power loss or failed fsync, which could
+    /// lose them, renews the actor; and (2) a minted dot leaves early only under an already
+    /// durable counter lease, so it is never minted twice. The outcome is not durable here
+    /// until the commit future says so.
     pub async fn write_early(
         &self,
         op: WriteOp,
@@ -440,16 +520,32 @@ impl Store {
     }
 
     fn submit(&self, op: WriteOp, reply: Reply) -> Result<(), WriteError> {
-        match self.tx.try_send(Msg::Job(Job { op, reply })) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-                Err(WriteError::Overloaded {
-                    capacity: QUEUE_CAPACITY,
-                })
+        let bytes = op.approx_bytes();
+        let queued = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        let overloaded = |store: &Store, queued: usize| {
+            store.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            store.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            WriteError::Overloaded {
+                jobs: store.tx.len(),
+                bytes: queued,
             }
-            Err(TrySendError::Disconnected(_)) => Err(WriteError::ShuttingDown),
+        };
+        if queued > 0 && queued + bytes > MAX_QUEUE_BYTES {
+            return Err(overloaded(self, queued));
         }
+        match self.tx.try_send(Msg::Job(Job { op, reply, bytes })) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(overloaded(self, queued)),
+            Err(TrySendError::Disconnected(_)) => {
+                self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                Err(WriteError::ShuttingDown)
+            }
+        }
+    }
+
+    /// Bytes of the jobs waiting for the writer.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Reads a key's state, blocking (tests; async code uses `read`). Absent = empty state.
@@ -555,6 +651,8 @@ fn decode_state(stored: Option<Vec<u8>>, key: &[u8]) -> Result<KeyState, Storage
 struct Writer {
     engine: Arc<dyn Engine>,
     rx: Receiver<Msg>,
+    /// Shared with `Store::submit`: the writer subtracts what it takes off the queue.
+    queued_bytes: Arc<AtomicUsize>,
     identity: Identity,
     next_counter: u64,
     /// Highest counter covered by a durable lease of the current actor.
@@ -588,11 +686,13 @@ impl Writer {
                 Ok(Msg::Job(job)) => job,
                 Ok(Msg::Shutdown) | Err(_) => break,
             };
+            self.dequeued(&first);
             let mut bytes = first.op.approx_bytes();
             let mut jobs = vec![first];
             while jobs.len() < max_jobs && bytes < MAX_GROUP_BYTES {
                 match self.rx.try_recv() {
                     Ok(Msg::Job(job)) => {
+                        self.dequeued(&job);
                         bytes += job.op.approx_bytes();
                         jobs.push(job);
                     }
@@ -609,6 +709,7 @@ impl Writer {
         let mut rest = Vec::new();
         while let Ok(msg) = self.rx.try_recv() {
             if let Msg::Job(job) = msg {
+                self.dequeued(&job);
                 rest.push(job);
             }
         }
@@ -627,6 +728,12 @@ impl Writer {
         }
     }
 
+    fn dequeued(&self, job: &Job) {
+        self.queued_bytes.fetch_sub(job.bytes, Ordering::AcqRel);
+    }
+
+    /// Applies a group of jobs and commits it: append (one batch, no fsync), release the early
+    /// outcomes, fsync (per the sync mode), answer everything else.
     fn commit_group(&mut self, jobs: Vec<Job>) {
         let mut group = Group {
             overlay: HashMap::with_capacity(jobs.len()),
@@ -647,54 +754,55 @@ impl Writer {
                 META_IDENTITY.to_vec(),
                 encode_identity(self.identity, lease_end),
             );
-        } else {
-            // Every dot of this group is under a durable lease: early outcomes may leave now.
-            answers = answers
-                .into_iter()
-                .map(|(key, reply, result)| match (reply, result) {
-                    (Reply::Early { applied, committed }, Some(result)) => {
-                        let ok = result.is_ok();
-                        let _ = applied.send(result);
-                        // A refused write (limits) is final: no commit result is owed.
-                        let rest = if ok {
-                            Reply::CommitOnly(committed)
-                        } else {
-                            Reply::Done
-                        };
-                        (key, rest, None)
-                    }
-                    (reply, result) => (key, reply, result),
-                })
-                .collect();
         }
-        let mut failure = None;
+        // A batch that persists a counter lease is always fsynced, whatever the mode: a lease
+        // lost in a power loss could hand out its dots a second time after a restart that does
+        // not start a new incarnation (one fsync per COUNTER_LEASE dots).
+        let wants_sync = self.sync != SyncMode::None || group.lease.is_some();
+        let mut append_failure = None;
+        let mut sync_failure = None;
         if !group.batch.is_empty() {
-            // A batch that persists a counter lease is always fsynced, whatever the mode: a
-            // lease lost in a power loss could hand out its dots a second time after a
-            // restart that does not start a new incarnation (one fsync per COUNTER_LEASE dots).
-            let sync = self.sync != SyncMode::None || group.lease.is_some();
-            match self.engine.write(group.batch, sync) {
+            match self.engine.write(group.batch, false) {
                 Ok(()) => {
-                    if let Some(lease_end) = group.lease {
-                        self.lease_persisted = lease_end;
-                    }
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    if sync {
-                        self.stats.synced_batches.fetch_add(1, Ordering::Relaxed);
-                    }
                     self.stats
                         .largest_group
                         .fetch_max(count as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was applied");
-                    failure = Some(e);
+                    error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was applied or shipped");
+                    append_failure = Some(e);
                 }
             }
         }
-        if failure.is_none() {
-            // Only committed states are cached; after a failed batch the keys this group took
+        if append_failure.is_none() {
+            // The group is in this node's copy (memtable and OS page cache). Early outcomes
+            // may leave now, unless a dot of the group waits for a lease to become durable.
+            if group.lease.is_none() {
+                answers = release_early(answers);
+            }
+            if wants_sync {
+                match self.engine.sync_wal() {
+                    Ok(()) => {
+                        self.stats.synced_batches.fetch_add(1, Ordering::Relaxed);
+                        if let Some(lease_end) = group.lease {
+                            self.lease_persisted = lease_end;
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+                        error!(node = %self.node_id, jobs = count, error = %e,
+                               "WAL fsync failed: the group is applied here but may not be durable");
+                        // The OS may drop the pages it failed to write: versions this actor
+                        // shipped could vanish from our copy at the next start. Never mint
+                        // with it again.
+                        self.renew_actor("a WAL fsync failed", None, 0);
+                        sync_failure = Some(e);
+                    }
+                }
+            }
+            // Only applied states are cached; after a failed append the keys this group took
             // out of the cache stay uncached and are read from the store next time.
             for (dkey, state) in group.overlay {
                 self.cache.insert(dkey, state);
@@ -706,6 +814,7 @@ impl Writer {
         self.stats
             .next_counter
             .store(self.next_counter, Ordering::Relaxed);
+        let failure = append_failure.or(sync_failure);
         for (key, reply, result) in answers {
             let storage_error = |e: &StorageError| WriteError::Storage {
                 key: HexKey(key.to_vec()),
@@ -725,7 +834,8 @@ impl Writer {
                     let _ = tx.send(failure.as_ref().map_or(Ok(()), |e| Err(storage_error(e))));
                 }
                 Reply::Early { applied, committed } => {
-                    // Held back (a lease was persisted with this group): now both at once.
+                    // Held back (a failed append, or a lease persisted with this group): now
+                    // both at once.
                     let result = result.expect("results are only taken by early release");
                     match (&failure, result) {
                         (Some(e), Ok(_)) => {
@@ -763,18 +873,16 @@ impl Writer {
         })
     }
 
-    /// Our own actor appears ahead of our counter: this replica lost writes it had
-    /// acknowledged (restored backup, lost WAL). Minting on would reuse dots; start a new
-    /// incarnation with a fresh actor instead (Riak's key-amnesia handling).
-    fn amnesia(&mut self, key: &[u8], seen: u64) {
-        self.stats.amnesia_detected.fetch_add(1, Ordering::Relaxed);
+    /// Starts a new incarnation: this node's copy may lack versions of the current actor, so
+    /// minting on with it could cover (erase) them at the replicas that hold them. The new
+    /// identity becomes durable with the lease of its first dot (a fsynced batch), before any
+    /// of its dots leaves the writer.
+    fn renew_actor(&mut self, why: &str, key: Option<&[u8]>, seen: u64) {
         let old = self.identity;
-        self.identity = Identity {
-            actor: new_actor(),
-            incarnation: old.incarnation + 1,
-        };
+        self.identity = next_identity(&self.node_id, Some(old));
         self.next_counter = 1;
         self.lease_persisted = 0;
+        self.stats.actor_renewals.fetch_add(1, Ordering::Relaxed);
         self.stats
             .actor
             .store(self.identity.actor, Ordering::Relaxed);
@@ -783,11 +891,25 @@ impl Writer {
             .store(self.identity.incarnation, Ordering::Relaxed);
         warn!(
             node = %self.node_id,
-            key = %HexKey(key.to_vec()),
+            key = %key.map(|k| HexKey(k.to_vec()).to_string()).unwrap_or_default(),
             old_actor = format!("{:016x}", old.actor),
             seen_counter = seen,
             new_actor = format!("{:016x}", self.identity.actor),
-            "amnesia: our actor is ahead of our counter; starting a new incarnation"
+            incarnation = self.identity.incarnation,
+            "{why}: starting a new incarnation"
+        );
+    }
+
+    /// Our own actor appears ahead of what our copy of the key (or our counter) knows: this
+    /// replica lost versions it had minted (restored backup, lost WAL, dropped data). Minting
+    /// on would reuse dots or cover the lost ones; start a new incarnation instead (Riak's
+    /// key-amnesia handling).
+    fn amnesia(&mut self, key: &[u8], seen: u64) {
+        self.stats.amnesia_detected.fetch_add(1, Ordering::Relaxed);
+        self.renew_actor(
+            "amnesia: a version of our actor is missing from our copy",
+            Some(key),
+            seen,
         );
     }
 
@@ -808,7 +930,7 @@ impl Writer {
         let key = op.key();
         let dkey = data_key(key);
         let current = self.current(group, &dkey, key)?;
-        let (next, dot) = match op {
+        let (mut next, dot) = match op {
             WriteOp::Update {
                 ctx,
                 value,
@@ -816,42 +938,54 @@ impl Writer {
                 ..
             } => {
                 self.stats.updates.fetch_add(1, Ordering::Relaxed);
-                let ctx = ctx.clone().unwrap_or_else(|| current.context().clone());
-                let needed = current.min_fresh_counter(&ctx, self.identity.actor);
-                if needed > self.next_counter {
-                    self.amnesia(key, needed - 1);
+                let me = self.identity.actor;
+                let ours = current.context().get(me);
+                // Per key: every dot of ours on this key was minted on this copy, so a context
+                // ahead of it means the copy lost one. Globally: nothing may be ahead of the
+                // counter.
+                if ctx.get(me) > ours || ours.max(ctx.get(me)) >= self.next_counter {
+                    self.amnesia(key, ours.max(ctx.get(me)));
                 }
                 let dot = self.mint(group);
-                let next = current.update(&ctx, dot, *timestamp_ms, value.clone());
+                let next = current.update(ctx, dot, *timestamp_ms, value.clone());
                 self.check_limits(key, &current, &next)?;
                 (next, Some(dot))
             }
             WriteOp::Merge { state, .. } => {
                 self.stats.merges.fetch_add(1, Ordering::Relaxed);
-                let ours = state.context().get(self.identity.actor);
-                if ours >= self.next_counter {
-                    self.amnesia(key, ours);
+                let me = self.identity.actor;
+                let theirs = state.context().get(me);
+                // A peer can only hold versions of ours that it got from this copy.
+                if theirs > current.context().get(me) || theirs >= self.next_counter {
+                    self.amnesia(key, theirs);
                 }
                 let next = current.sync(state);
-                if next == current {
-                    self.stats.merges_noop.fetch_add(1, Ordering::Relaxed);
-                    // Unchanged and committed: back into the overlay so it is cached again.
-                    group.overlay.insert(dkey, current.clone());
-                    return Ok(WriteOutcome {
-                        state: current,
-                        dot: None,
-                    });
-                }
+                self.check_merge(key, &current, &next)?;
                 (next, None)
             }
         };
+        let pruned = next.prune_retired();
+        if pruned > 0 {
+            self.stats
+                .vv_entries_pruned
+                .fetch_add(pruned as u64, Ordering::Relaxed);
+        }
+        if dot.is_none() && next == current {
+            self.stats.merges_noop.fetch_add(1, Ordering::Relaxed);
+            // Unchanged and committed: back into the overlay so it is cached again.
+            group.overlay.insert(dkey, current.clone());
+            return Ok(WriteOutcome {
+                state: current,
+                dot: None,
+            });
+        }
         group.batch.put(Cf::Data, dkey.clone(), next.encode());
         group.overlay.insert(dkey, next.clone());
         Ok(WriteOutcome { state: next, dot })
     }
 
-    /// Client writes that *grow* a key past the limits are refused; writes that resolve
-    /// siblings always pass, and merges are never refused (replicas must converge).
+    /// Client writes that *grow* a key past the write caps are refused; writes that resolve
+    /// siblings always pass.
     fn check_limits(&self, key: &[u8], old: &KeyState, new: &KeyState) -> Result<(), WriteError> {
         let count = new.siblings().len();
         if count > MAX_SIBLINGS && count > old.siblings().len() {
@@ -878,6 +1012,53 @@ impl Writer {
         }
         Ok(())
     }
+
+    /// Merges keep everything both sides hold (they never drop data), so they may exceed the
+    /// write caps; only growth past the state bounds is refused, keeping this replica's state.
+    fn check_merge(&self, key: &[u8], old: &KeyState, new: &KeyState) -> Result<(), WriteError> {
+        let (count, size) = (new.siblings().len(), new.value_bytes());
+        let grows_past = (count > MAX_STATE_SIBLINGS && count > old.siblings().len())
+            || (size > MAX_STATE_LEN && size > old.value_bytes());
+        if grows_past {
+            self.stats.merges_refused.fetch_add(1, Ordering::Relaxed);
+            let e = WriteError::MergeTooLarge {
+                key: HexKey(key.to_vec()),
+                count,
+                size,
+                max_count: MAX_STATE_SIBLINGS,
+                max_size: MAX_STATE_LEN,
+            };
+            warn!(node = %self.node_id, error = %e, "merge refused");
+            return Err(e);
+        }
+        if count > MAX_SIBLINGS && count > old.siblings().len() {
+            self.stats.sibling_warnings.fetch_add(1, Ordering::Relaxed);
+            warn!(node = %self.node_id, key = %HexKey(key.to_vec()), siblings = count,
+                  "a merge left more siblings than a write may: coordinators wrote to this key without seeing each other (a partition); reads return them all, resolve with one write");
+        }
+        Ok(())
+    }
+}
+
+/// Sends the outcomes of `write_early` jobs now; their commit (fsync) result is sent later.
+fn release_early(answers: Vec<Answer>) -> Vec<Answer> {
+    answers
+        .into_iter()
+        .map(|(key, reply, result)| match (reply, result) {
+            (Reply::Early { applied, committed }, Some(result)) => {
+                let ok = result.is_ok();
+                let _ = applied.send(result);
+                // A refused write (limits) is final: no commit result is owed.
+                let rest = if ok {
+                    Reply::CommitOnly(committed)
+                } else {
+                    Reply::Done
+                };
+                (key, rest, None)
+            }
+            (reply, result) => (key, reply, result),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,13 +10,48 @@
 //!   a counter that never repeats);
 //! - I3 if `VV[a] = c` the state knows every event of `a` on this key up to `c`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
+use ringkv_protocol::limits::{
+    MAX_CONTEXT_ENTRIES, MAX_SIBLINGLESS_ENTRIES, MAX_STATE_LEN, MAX_STATE_SIBLINGS,
+};
 use ringkv_protocol::wire::{self, put_varint};
 use ringkv_protocol::CausalContext;
+use xxhash_rust::xxh3::xxh3_64;
 
+/// An actor id: `node tag (24 bits) ‖ incarnation stamp (40 bits)`.
+///
+/// The tag is the top 24 bits of `xxh3_64(node id)`, so every incarnation of a node carries
+/// the same tag. The stamp is strictly greater for each new incarnation of the node
+/// (`max(previous + 1, ms since ACTOR_EPOCH)`), also after the data dir was wiped, because it
+/// follows the clock. So within one version vector, an entry whose node has an entry with a
+/// larger stamp belongs to a **retired** actor: one that will never mint again.
 pub type Actor = u64;
+
+/// Bits of an actor id that hold the incarnation stamp.
+pub const ACTOR_STAMP_BITS: u32 = 40;
+const STAMP_MASK: u64 = (1 << ACTOR_STAMP_BITS) - 1;
+/// Origin of incarnation stamps (2024-01-01T00:00:00Z in ms): 40 bits of ms last until 2058.
+pub const ACTOR_EPOCH_MS: u64 = 1_704_067_200_000;
+
+/// The node tag of a node id (the high bits of each of its actor ids).
+pub fn node_tag(node_id: &str) -> u64 {
+    xxh3_64(node_id.as_bytes()) >> ACTOR_STAMP_BITS
+}
+
+/// The actor id of a node's incarnation with `stamp`.
+pub fn actor_id(node_id: &str, stamp: u64) -> Actor {
+    (node_tag(node_id) << ACTOR_STAMP_BITS) | (stamp & STAMP_MASK)
+}
+
+pub fn actor_tag(actor: Actor) -> u64 {
+    actor >> ACTOR_STAMP_BITS
+}
+
+pub fn actor_stamp(actor: Actor) -> u64 {
+    actor & STAMP_MASK
+}
 
 /// The identity of one write: `(actor, counter)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,6 +114,30 @@ impl VersionVector {
         }
     }
 
+    fn remove(&mut self, actor: Actor) {
+        self.0.remove(&actor);
+    }
+
+    fn insert(&mut self, actor: Actor, counter: u64) {
+        if counter > 0 {
+            self.0.insert(actor, counter);
+        }
+    }
+
+    /// The entries whose node has an entry with a newer incarnation stamp in this vector.
+    fn retired(&self) -> BTreeSet<Actor> {
+        let mut newest: HashMap<u64, u64> = HashMap::new();
+        for (&a, _) in &self.0 {
+            let e = newest.entry(actor_tag(a)).or_insert(0);
+            *e = (*e).max(actor_stamp(a));
+        }
+        self.0
+            .keys()
+            .copied()
+            .filter(|&a| actor_stamp(a) < newest[&actor_tag(a)])
+            .collect()
+    }
+
     pub fn from_context(ctx: &CausalContext) -> Self {
         VersionVector(ctx.entries.iter().copied().collect())
     }
@@ -92,6 +151,16 @@ pub struct Sibling {
     /// never decides causality.
     pub timestamp_ms: u64,
     pub value: Option<Bytes>,
+}
+
+/// What a client is shown of a state: the siblings one reply carries and the context that
+/// covers exactly those (see `KeyState::client_view`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientView<'a> {
+    pub shown: &'a [Sibling],
+    pub context: VersionVector,
+    /// Siblings not shown (the state exceeds what one reply carries).
+    pub hidden: usize,
 }
 
 /// The whole replicated state of one key.
@@ -217,6 +286,107 @@ impl KeyState {
         KeyState { vv, siblings }
     }
 
+    /// Prunes version-vector entries of retired actors (older incarnations of a node whose
+    /// newer incarnation is in the same vector) that hold no sibling, oldest first, once more
+    /// than `MAX_SIBLINGLESS_ENTRIES` entries hold no sibling. Returns how many were dropped.
+    ///
+    /// Why this never drops a concurrent write: an entry only widens what the state *covers*.
+    /// Removing one makes the state cover less, so a merge keeps at least the siblings it kept
+    /// before, and a write with a context built from it drops at most what it dropped before;
+    /// entries of actors that hold a sibling are never removed (invariant I1). Its only
+    /// possible effect is that a stale copy of a write the removed entry had superseded, still
+    /// held by a replica that missed the superseding write, reappears as a sibling when merged
+    /// (visible, resolved by the next write with context). A retired actor never mints again,
+    /// so no dot of it can be minted "under" a missing entry, and the local node's own live
+    /// actor is never retired. The rule depends only on the state, so replicas prune alike.
+    pub fn prune_retired(&mut self) -> usize {
+        self.prune_retired_above(MAX_SIBLINGLESS_ENTRIES)
+    }
+
+    /// `prune_retired` with another threshold (tests exercise pruning on small vectors).
+    pub(crate) fn prune_retired_above(&mut self, max_siblingless: usize) -> usize {
+        let with_siblings: BTreeSet<Actor> = self.siblings.iter().map(|s| s.dot.actor).collect();
+        let siblingless = self
+            .vv
+            .iter()
+            .filter(|(a, _)| !with_siblings.contains(a))
+            .count();
+        if siblingless <= max_siblingless {
+            return 0;
+        }
+        let mut retired: Vec<Actor> = self
+            .vv
+            .retired()
+            .into_iter()
+            .filter(|a| !with_siblings.contains(a))
+            .collect();
+        retired.sort_by_key(|&a| (actor_stamp(a), a));
+        let drop = (siblingless - max_siblingless).min(retired.len());
+        for &a in &retired[..drop] {
+            self.vv.remove(a);
+        }
+        debug_assert!(self.check_invariants().is_ok());
+        drop
+    }
+
+    /// What one read reply shows of this state: the longest prefix of the siblings (in dot
+    /// order) within `MAX_STATE_SIBLINGS` and `MAX_STATE_LEN`, and a context of at most
+    /// `MAX_CONTEXT_ENTRIES` entries that covers exactly the shown siblings (plus writes they
+    /// superseded). A write with that context replaces what was shown and keeps the rest.
+    ///
+    /// - an actor with a shown sibling and a hidden one gets its largest shown counter (in dot
+    ///   order, its shown counters are all below its hidden ones);
+    /// - an actor with only hidden siblings is left out (it covers none of them);
+    /// - an actor with shown siblings only gets its full entry;
+    /// - actors without siblings fill the remaining room, live ones and newer stamps first;
+    ///   leaving one out only makes the context cover fewer superseded writes, which changes
+    ///   nothing on the replica that applies the write (its own vector still covers them).
+    pub fn client_view(&self) -> ClientView<'_> {
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        for s in &self.siblings {
+            let len = s.value.as_ref().map_or(0, |v| v.len());
+            if n == MAX_STATE_SIBLINGS || bytes + len > MAX_STATE_LEN {
+                break;
+            }
+            bytes += len;
+            n += 1;
+        }
+        let (shown, hidden) = self.siblings.split_at(n);
+        let hidden_actors: BTreeSet<Actor> = hidden.iter().map(|s| s.dot.actor).collect();
+        let mut shown_max: BTreeMap<Actor, u64> = BTreeMap::new();
+        for s in shown {
+            let e = shown_max.entry(s.dot.actor).or_insert(0);
+            *e = (*e).max(s.dot.counter);
+        }
+        let mut context = VersionVector::new();
+        for (&a, &max) in &shown_max {
+            let c = if hidden_actors.contains(&a) {
+                max
+            } else {
+                self.vv.get(a)
+            };
+            context.insert(a, c);
+        }
+        let retired = self.vv.retired();
+        let mut rest: Vec<(Actor, u64)> = self
+            .vv
+            .iter()
+            .filter(|(a, _)| !shown_max.contains_key(a) && !hidden_actors.contains(a))
+            .collect();
+        rest.sort_by_key(|&(a, _)| (retired.contains(&a), std::cmp::Reverse(actor_stamp(a)), a));
+        let room = MAX_CONTEXT_ENTRIES.saturating_sub(context.len());
+        for (a, c) in rest.into_iter().take(room) {
+            context.insert(a, c);
+        }
+        debug_assert!(context.len() <= MAX_CONTEXT_ENTRIES);
+        ClientView {
+            shown,
+            context,
+            hidden: hidden.len(),
+        }
+    }
+
     /// `self.vv < other.vv` strictly: self is obsolete.
     pub fn less(&self, other: &KeyState) -> bool {
         other.vv.descends(&self.vv) && self.vv != other.vv
@@ -224,6 +394,9 @@ impl KeyState {
 
     pub fn check_invariants(&self) -> Result<(), String> {
         for s in &self.siblings {
+            if s.dot.counter == 0 {
+                return Err(format!("sibling dot {:?} has counter 0", s.dot));
+            }
             if !self.vv.covers(s.dot) {
                 return Err(format!("sibling dot {:?} not covered by the VV", s.dot));
             }
@@ -300,6 +473,11 @@ impl KeyState {
         for _ in 0..m {
             let actor = get_u64(buf, &mut pos)?;
             let counter = get_varint(buf, &mut pos)?;
+            if counter == 0 {
+                // No write mints counter 0, and every vector covers it: such a sibling
+                // would vanish in the next merge, so it is refused as corrupt or forged.
+                return Err(StateDecodeError::Invalid("sibling with counter 0"));
+            }
             let timestamp_ms = get_varint(buf, &mut pos)?;
             let kind = *buf.get(pos).ok_or(StateDecodeError::Truncated)?;
             pos += 1;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use proptest::prelude::*;
+use ringkv_protocol::limits::MAX_SIBLINGLESS_ENTRIES;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -272,4 +273,273 @@ fn worked_examples() {
     assert_eq!(both.siblings().len(), 2);
     assert!(both.has_live_value());
     assert!(both.siblings().iter().any(|s| s.value.is_none()));
+}
+
+/// A history where nodes get new incarnations (actors of the same node tag with larger
+/// stamps) and every update and merge prunes retired entries at a threshold of 1, so pruning
+/// happens all the time.
+#[derive(Debug, Clone)]
+enum RotatingOp {
+    Op(Op),
+    Renew { replica: usize },
+}
+
+fn rotating_history() -> impl Strategy<Value = (usize, Vec<RotatingOp>)> {
+    (3usize..=4).prop_flat_map(|n| {
+        let op = prop_oneof![
+            5 => op_strategy(n).prop_map(RotatingOp::Op),
+            1 => (0..n).prop_map(|replica| RotatingOp::Renew { replica }),
+        ];
+        (Just(n), proptest::collection::vec(op, 1..60))
+    })
+}
+
+struct PruneSim {
+    states: Vec<KeyState>,
+    known: Vec<BTreeMap<Dot, VersionVector>>,
+    actors: Vec<Actor>,
+    counters: BTreeMap<Actor, u64>,
+    written: BTreeMap<Dot, Option<Bytes>>,
+    seq: u64,
+}
+
+const PRUNE_ABOVE: usize = 1;
+
+impl PruneSim {
+    fn new(n: usize) -> Self {
+        PruneSim {
+            states: vec![KeyState::new(); n],
+            known: vec![BTreeMap::new(); n],
+            actors: (0..n)
+                .map(|r| ((r as u64 + 1) << ACTOR_STAMP_BITS) | 1)
+                .collect(),
+            counters: BTreeMap::new(),
+            written: BTreeMap::new(),
+            seq: 0,
+        }
+    }
+
+    fn apply(&mut self, op: &RotatingOp) {
+        match op {
+            RotatingOp::Renew { replica } => self.actors[*replica] += 1,
+            RotatingOp::Op(Op::Write {
+                replica,
+                ctx_from,
+                tombstone,
+            }) => {
+                // The context a client gets from reading those replicas.
+                let mut read = KeyState::new();
+                for &r in ctx_from {
+                    read = read.sync(&self.states[r]);
+                }
+                let ctx = read.client_view().context;
+                let actor = self.actors[*replica];
+                let state = &self.states[*replica];
+                assert!(
+                    ctx.get(actor) <= state.context().get(actor),
+                    "our live actor's entry was pruned from our own copy"
+                );
+                let counter = self.counters.entry(actor).or_insert(0);
+                *counter += 1;
+                let dot = Dot {
+                    actor,
+                    counter: *counter,
+                };
+                self.seq += 1;
+                let value = (!tombstone).then(|| Bytes::from(format!("v{}", self.seq)));
+                let mut next = state.update(&ctx, dot, self.seq, value.clone());
+                next.prune_retired_above(PRUNE_ABOVE);
+                self.states[*replica] = next;
+                self.known[*replica].insert(dot, ctx);
+                assert!(self.written.insert(dot, value).is_none(), "dot reused");
+            }
+            RotatingOp::Op(Op::Sync { from, to }) => {
+                let mut merged = self.states[*to].sync(&self.states[*from]);
+                merged.prune_retired_above(PRUNE_ABOVE);
+                self.states[*to] = merged;
+                let k = self.known[*from].clone();
+                self.known[*to].extend(k);
+            }
+        }
+    }
+
+    /// Nothing concurrent is lost: every write no known context covers is still a sibling.
+    /// (Pruning may keep superseded ones: a stale copy can reappear, never vanish.)
+    fn check(&self) {
+        for (i, s) in self.states.iter().enumerate() {
+            s.check_invariants().unwrap();
+            let k = &self.known[i];
+            let held: Vec<Dot> = s.siblings().iter().map(|x| x.dot).collect();
+            for &d in k.keys() {
+                let superseded = k.iter().any(|(&o, ctx)| o != d && ctx.covers(d));
+                assert!(
+                    superseded || held.contains(&d),
+                    "replica {i} lost the concurrent write {d:?}"
+                );
+            }
+            for sib in s.siblings() {
+                assert!(k.contains_key(&sib.dot), "a sibling nobody wrote here");
+                assert_eq!(&sib.value, &self.written[&sib.dot]);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Pruning retired entries never drops a concurrent write, and replicas still converge.
+    #[test]
+    fn pruning_retired_entries_loses_no_write_and_replicas_converge((n, ops) in rotating_history()) {
+        let mut sim = PruneSim::new(n);
+        for op in &ops {
+            sim.apply(op);
+            sim.check();
+        }
+        let mut rounds = 0;
+        loop {
+            let before: Vec<Vec<u8>> = sim.states.iter().map(|s| s.encode()).collect();
+            for from in 0..n {
+                for to in 0..n {
+                    sim.apply(&RotatingOp::Op(Op::Sync { from, to }));
+                }
+            }
+            sim.check();
+            let after: Vec<Vec<u8>> = sim.states.iter().map(|s| s.encode()).collect();
+            if after == before {
+                break;
+            }
+            rounds += 1;
+            prop_assert!(rounds < 10, "replicas never settle");
+        }
+        for s in &sim.states[1..] {
+            prop_assert_eq!(s.encode(), sim.states[0].encode());
+        }
+    }
+}
+
+#[test]
+fn pruning_drops_only_retired_entries_without_siblings_oldest_first() {
+    let node = |tag: u64, stamp: u64| (tag << ACTOR_STAMP_BITS) | stamp;
+    let mut counter = 0;
+    let mut write = |s: &KeyState, actor, ctx: &VersionVector| {
+        counter += 1;
+        s.update(ctx, Dot { actor, counter }, counter, Some(Bytes::from("v")))
+    };
+    // Node 2 writes once; then 40 incarnations of node 1 each overwrite the key; then an old
+    // incarnation of node 3 writes blind and its next incarnation overwrites everything.
+    let mut s = write(&KeyState::new(), node(2, 5), &VersionVector::new());
+    for stamp in 1..=40 {
+        let ctx = s.context().clone();
+        s = write(&s, node(1, stamp), &ctx);
+    }
+    s = write(&s, node(3, 1), &VersionVector::new());
+    let ctx = s.context().clone();
+    s = write(&s, node(3, 2), &ctx);
+    let before = s.clone();
+    // Sibling-less: node 1 stamps 1..=40 (1..=39 retired), node 2 (live), node 3 stamp 1
+    // (retired): 42 > 32, so the 10 oldest retired ones go.
+    let dropped = s.prune_retired();
+    assert_eq!(dropped, 42 - MAX_SIBLINGLESS_ENTRIES);
+    for stamp in 1..=9 {
+        assert_eq!(s.context().get(node(1, stamp)), 0, "stamp {stamp} pruned");
+    }
+    assert_eq!(s.context().get(node(3, 1)), 0, "stamp 1 of node 3 pruned");
+    assert!(
+        s.context().get(node(1, 10)) > 0,
+        "younger retired entries stay"
+    );
+    assert!(
+        s.context().get(node(1, 40)) > 0,
+        "the newest incarnation is live"
+    );
+    assert!(
+        s.context().get(node(2, 5)) > 0,
+        "a live actor is never pruned"
+    );
+    assert!(
+        s.context().get(node(3, 2)) > 0,
+        "an actor with a sibling is kept"
+    );
+    assert_eq!(s.siblings(), before.siblings());
+    assert_eq!(s.clone().prune_retired(), 0, "idempotent");
+}
+
+/// A state beyond what one reply carries is shown in pages: a write with the page's context
+/// replaces exactly the shown siblings, keeps the hidden ones, and the next read shows them.
+#[test]
+fn a_state_beyond_one_reply_is_resolved_page_by_page() {
+    use ringkv_protocol::limits::MAX_STATE_SIBLINGS;
+    let mut s = KeyState::new();
+    let total = MAX_STATE_SIBLINGS + 57;
+    for i in 0..total {
+        // Several actors, interleaved, so the cut falls inside one actor's run.
+        let actor = (i % 7) as u64 + 1;
+        let dot = Dot {
+            actor,
+            counter: (i / 7) as u64 + 1,
+        };
+        s = s.update(
+            &VersionVector::new(),
+            dot,
+            0,
+            Some(Bytes::from(format!("v{i}"))),
+        );
+    }
+    assert_eq!(s.siblings().len(), total);
+    let view = s.client_view();
+    assert_eq!((view.shown.len(), view.hidden), (MAX_STATE_SIBLINGS, 57));
+    let shown: Vec<Dot> = view.shown.iter().map(|x| x.dot).collect();
+    for sib in s.siblings() {
+        assert_eq!(
+            view.context.covers(sib.dot),
+            shown.contains(&sib.dot),
+            "the context covers exactly the shown siblings ({:?})",
+            sib.dot
+        );
+    }
+    let resolved = s.update(
+        &view.context,
+        Dot {
+            actor: 99,
+            counter: 1,
+        },
+        0,
+        Some(Bytes::from_static(b"resolved")),
+    );
+    assert_eq!(resolved.siblings().len(), 57 + 1);
+    let next = resolved.client_view();
+    assert_eq!(next.hidden, 0);
+    let last = resolved.update(
+        &next.context,
+        Dot {
+            actor: 99,
+            counter: 2,
+        },
+        0,
+        Some(Bytes::from_static(b"all")),
+    );
+    assert_eq!(last.siblings().len(), 1);
+    // A state within the bounds is shown whole with its full vector as the context.
+    let small = last.client_view();
+    assert_eq!((small.shown.len(), small.hidden), (1, 0));
+    assert_eq!(&small.context, last.context());
+}
+
+#[test]
+fn a_sibling_with_counter_zero_is_refused_by_the_decoder() {
+    // format 1, VV {actor 7: 1}, one sibling (actor 7, counter 0, ts 0, value "x").
+    let mut bytes = vec![1u8, 1];
+    bytes.extend_from_slice(&7u64.to_be_bytes());
+    bytes.push(1);
+    bytes.push(1);
+    bytes.extend_from_slice(&7u64.to_be_bytes());
+    bytes.extend_from_slice(&[0, 0, 1, 1, b'x']);
+    assert_eq!(
+        KeyState::decode(&bytes),
+        Err(StateDecodeError::Invalid("sibling with counter 0"))
+    );
+    // The same with counter 1 decodes.
+    bytes[20] = 1;
+    assert!(KeyState::decode(&bytes).is_ok());
 }

@@ -70,8 +70,8 @@ enum Cmd {
         #[arg(long)]
         w: Option<u8>,
     },
-    /// Delete KEY: the versions the context saw, or without --context every version the
-    /// coordinating node holds.
+    /// Delete KEY: the versions the context saw, or without --context every version a quorum
+    /// read returns (the node reads the key first, like Riak's delete without a vclock).
     Delete {
         key: String,
         #[arg(long)]
@@ -174,6 +174,7 @@ fn read_json(key: &str, read: &Read) -> Value {
         "key": key,
         "found": read.is_found(),
         "siblings": siblings,
+        "hidden_siblings": read.hidden,
         "context": URL_SAFE_NO_PAD.encode(read.context.as_bytes()),
     })
 }
@@ -240,6 +241,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 } else {
                     eprintln!("not found: {key}");
+                }
+                if read.hidden > 0 {
+                    eprintln!(
+                        "warning: {} more siblings not shown (the key holds more than one reply carries): write the resolved value with this read's context, then read again",
+                        read.hidden
+                    );
                 }
                 if show_context {
                     eprintln!(

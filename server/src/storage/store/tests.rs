@@ -1,15 +1,29 @@
 //! Store logic on the in-memory engine: minting, merging, limits, identity across restarts,
-//! amnesia, and failed batches (a full disk).
+//! amnesia, failed appends and fsyncs (a full disk, a failing disk), power loss.
 
 use super::*;
 use crate::storage::memory::MemoryEngine;
+use ringkv_protocol::limits::MERGE_FACTOR;
+
+/// The boot id every test store runs under unless a test simulates a reboot.
+const BOOT: &str = "boot-1";
 
 fn open(engine: &Arc<MemoryEngine>, sync: SyncMode) -> Store {
+    open_on_boot(engine, sync, BOOT)
+}
+
+/// Opens the store as the machine with boot id `boot` (another id = the machine restarted).
+fn open_on_boot(engine: &Arc<MemoryEngine>, sync: SyncMode, boot: &str) -> Store {
+    open_as("n1", engine, sync, boot)
+}
+
+fn open_as(node: &str, engine: &Arc<MemoryEngine>, sync: SyncMode, boot: &str) -> Store {
     Store::open(
         engine.clone() as Arc<dyn Engine>,
         StoreConfig {
-            node_id: "n1".into(),
+            node_id: node.into(),
             sync,
+            boot_id: Some(boot.into()),
         },
     )
     .expect("open store")
@@ -18,10 +32,23 @@ fn open(engine: &Arc<MemoryEngine>, sync: SyncMode) -> Store {
 fn put(key: &str, value: &str, ctx: Option<VersionVector>) -> WriteOp {
     WriteOp::Update {
         key: Bytes::from(key.to_string()),
-        ctx: Some(ctx.unwrap_or_default()),
+        ctx: ctx.unwrap_or_default(),
         value: Some(Bytes::from(value.to_string())),
         timestamp_ms: 1,
     }
+}
+
+fn delete(key: &str, ctx: VersionVector) -> WriteOp {
+    WriteOp::Update {
+        key: Bytes::from(key.to_string()),
+        ctx,
+        value: None,
+        timestamp_ms: 2,
+    }
+}
+
+fn actor(store: &Store) -> Actor {
+    store.stats().actor.load(Ordering::Relaxed)
 }
 
 /// Writes keys `k0..kn` concurrently, each in its own task; returns once all are acknowledged.
@@ -85,14 +112,10 @@ async fn blind_writes_become_siblings_and_context_collapses_them() {
         .unwrap();
     assert_eq!(values(&out.state), vec!["c"]);
     assert_eq!(values(&store.get(b"k").unwrap()), vec!["c"]);
-    // Delete without context removes what this replica holds, leaving one tombstone.
+    // A delete with the read's context replaces what was read with one tombstone.
+    let read = store.get(b"k").unwrap();
     let del = store
-        .write(WriteOp::Update {
-            key: Bytes::from_static(b"k"),
-            ctx: None,
-            value: None,
-            timestamp_ms: 2,
-        })
+        .write(delete("k", read.context().clone()))
         .await
         .unwrap();
     assert_eq!(values(&del.state), vec!["<deleted>"]);
@@ -143,21 +166,195 @@ async fn lease_is_extended_in_the_same_batch() {
     store.close();
 }
 
+/// An unclean stop keeps the actor on the same boot (every write reached the OS before it was
+/// acknowledged or shipped, and the page cache survived), in every sync mode; across a machine
+/// restart (or with an unknown boot id) it starts a new incarnation, in every sync mode too.
 #[tokio::test]
-async fn unclean_shutdown_without_fsync_starts_a_new_incarnation() {
+async fn unclean_stop_renews_the_actor_only_across_a_reboot() {
+    for mode in [SyncMode::None, SyncMode::Group, SyncMode::Always] {
+        let engine = Arc::new(MemoryEngine::new());
+        let store = open(&engine, mode);
+        let before = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
+        let inc = store.stats().incarnation.load(Ordering::Relaxed);
+        crash(store);
+        let store = open(&engine, mode);
+        let same_boot = store.write(put("a", "2", None)).await.unwrap().dot.unwrap();
+        assert_eq!(
+            same_boot.actor, before.actor,
+            "{mode}: kill -9 keeps the actor"
+        );
+        assert!(same_boot.counter > before.counter);
+        crash(store);
+        let store = open_on_boot(&engine, mode, "boot-2");
+        let rebooted = store.write(put("a", "3", None)).await.unwrap().dot.unwrap();
+        assert_ne!(rebooted.actor, before.actor, "{mode}: a reboot renews it");
+        assert_eq!(store.stats().incarnation.load(Ordering::Relaxed), inc + 1);
+        assert_eq!(
+            actor_tag(rebooted.actor),
+            actor_tag(before.actor),
+            "same node, same tag"
+        );
+        assert!(actor_stamp(rebooted.actor) > actor_stamp(before.actor));
+        // The old versions are still there: the blind writes became siblings.
+        let mut vals = values(&store.get(b"a").unwrap());
+        vals.sort();
+        assert_eq!(vals, vec!["1", "2", "3"], "{mode}");
+        store.close();
+        // A clean stop keeps the actor whatever the boot.
+        let store = open_on_boot(&engine, mode, "boot-3");
+        assert_eq!(actor(&store), rebooted.actor, "{mode}: clean restart");
+        crash(store);
+        // An unknown boot id counts as a reboot.
+        let store = Store::open(
+            engine.clone() as Arc<dyn Engine>,
+            StoreConfig {
+                node_id: "n1".into(),
+                sync: mode,
+                boot_id: None,
+            },
+        )
+        .unwrap();
+        assert_ne!(actor(&store), rebooted.actor, "{mode}: unknown boot");
+        store.close();
+    }
+}
+
+/// Defect: a coordinator shipped a version, then lost it from its own copy (its append failed,
+/// or a power loss took the unsynced WAL), and its next write to the key minted a higher
+/// counter for the same actor, which covered (erased) the shipped version at the replicas.
+/// Now a failed append ships nothing, and a power loss renews the actor.
+#[tokio::test]
+async fn a_version_shipped_before_the_fsync_is_never_covered_by_the_next_write() {
+    // A full disk: the append fails, so nothing leaves the writer.
     let engine = Arc::new(MemoryEngine::new());
-    let store = open(&engine, SyncMode::None);
-    let before = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
-    let inc = store.stats().incarnation.load(Ordering::Relaxed);
+    let store = open(&engine, SyncMode::Group);
+    engine.set_fail_writes(true);
+    let err = store
+        .write_early(put("k", "v1", None))
+        .await
+        .err()
+        .expect("a failed append releases no outcome");
+    assert!(
+        matches!(
+            &err,
+            WriteError::Storage {
+                source: StorageError::NoSpace { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.is_definite(), "nothing was applied or shipped: {err}");
+    engine.set_fail_writes(false);
+    store.close();
+
+    // A power loss after the version was shipped and before its fsync.
+    for mode in [SyncMode::Group, SyncMode::Always, SyncMode::None] {
+        let engine = Arc::new(MemoryEngine::new());
+        let store = open(&engine, mode);
+        store.write(put("k", "v0", None)).await.unwrap();
+        engine.set_fail_syncs(true);
+        let (shipped, commit) = store
+            .write_early(put("k", "v1", None))
+            .await
+            .expect("released once appended, before the fsync");
+        // A replica merges what was shipped and acknowledges it; W can be met without us.
+        let replica = shipped.state.clone();
+        if mode != SyncMode::None {
+            assert!(commit.await.is_err(), "{mode}: the fsync failed");
+        }
+        engine.lose_unsynced();
+        crash(store);
+        engine.set_fail_syncs(false);
+        let store = open_on_boot(&engine, mode, "after-power-loss");
+        assert!(
+            !values(&store.get(b"k").unwrap()).contains(&"v1".to_string()),
+            "{mode}: our copy lost v1"
+        );
+        let next = store.write(put("k", "v2", None)).await.unwrap();
+        // The replica merges our next state: v1 must survive it.
+        let merged = values(&replica.sync(&next.state));
+        assert!(
+            merged.contains(&"v1".to_string()) && merged.contains(&"v2".to_string()),
+            "{mode}: v1 was covered by the next write: {merged:?}"
+        );
+        store.close();
+    }
+}
+
+/// A failed fsync renews the actor at once: the OS may drop the pages it could not write, so
+/// this actor's shipped versions could vanish from our copy at the next start.
+#[tokio::test]
+async fn a_failed_fsync_renews_the_actor_before_the_next_dot_leaves() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let first = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
+    engine.set_fail_syncs(true);
+    let (outcome, commit) = store.write_early(put("b", "1", None)).await.unwrap();
+    assert_eq!(outcome.dot.unwrap().actor, first.actor);
+    let err = commit.await.expect_err("fsync failed");
+    assert!(!err.is_definite(), "applied but maybe not durable: {err}");
+    assert_eq!(store.stats().sync_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().actor_renewals.load(Ordering::Relaxed), 1);
+    engine.set_fail_syncs(false);
+    let next = store.write(put("c", "1", None)).await.unwrap().dot.unwrap();
+    assert_ne!(next.actor, first.actor, "renewed");
+    assert_eq!(next.counter, 1, "a new actor counts from 1");
+    // The new identity is durable (its lease batch was fsynced): a crash keeps it.
     crash(store);
-    let store = open(&engine, SyncMode::None);
-    let after = store.write(put("a", "2", None)).await.unwrap().dot.unwrap();
-    assert_ne!(before.actor, after.actor);
-    assert_eq!(store.stats().incarnation.load(Ordering::Relaxed), inc + 1);
-    // The old version is still there: the blind write became a sibling.
-    let mut vals = values(&store.get(b"a").unwrap());
-    vals.sort();
-    assert_eq!(vals, vec!["1", "2"]);
+    let store = open(&engine, SyncMode::Group);
+    assert_eq!(actor(&store), next.actor);
+    store.close();
+}
+
+/// Per-key amnesia: our copy of a key lost a version of ours (a restored backup, dropped
+/// data) while the counter did not go back. A context showing it must renew the actor, or
+/// the next dot would cover the lost version on the replicas that still hold it.
+#[tokio::test]
+async fn a_context_ahead_of_our_copy_of_the_key_renews_the_actor() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let lost = store.write(put("k", "v1", None)).await.unwrap();
+    let ctx = lost.state.context().clone();
+    let dot = lost.dot.unwrap();
+    crash(store);
+    // The copy of "k" is gone (the rest of the store, counter lease included, is intact).
+    let mut wipe = Batch::default();
+    wipe.ops
+        .push(super::super::BatchOp::Delete(Cf::Data, data_key(b"k")));
+    engine.write(wipe, true).unwrap();
+    let store = open(&engine, SyncMode::Group);
+    assert_eq!(actor(&store), dot.actor);
+    // A client that read v1 from another replica writes with that read's context.
+    let next = store.write(put("k", "v2", Some(ctx))).await.unwrap();
+    assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
+    assert_ne!(next.dot.unwrap().actor, dot.actor, "renewed on amnesia");
+    // A replica's state showing a version of ours that our copy lacks is amnesia too.
+    crash(store);
+    let mut wipe = Batch::default();
+    wipe.ops
+        .push(super::super::BatchOp::Delete(Cf::Data, data_key(b"k")));
+    engine.write(wipe, true).unwrap();
+    let store = open(&engine, SyncMode::Group);
+    let renewed = actor(&store);
+    store
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: next.state.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
+    assert_ne!(
+        actor(&store),
+        renewed,
+        "renewed on a merge showing the loss"
+    );
+    assert_eq!(
+        store.get(b"k").unwrap(),
+        next.state,
+        "the merge restored the copy"
+    );
     store.close();
 }
 
@@ -275,6 +472,7 @@ async fn data_dir_of_another_node_is_refused() {
         StoreConfig {
             node_id: "n2".into(),
             sync: SyncMode::Group,
+            boot_id: None,
         },
     )
     .err()
@@ -371,59 +569,112 @@ async fn state_cache_serves_hot_keys_and_forgets_keys_of_failed_batches() {
 }
 
 #[tokio::test]
-async fn early_outcomes_leave_before_the_commit_only_under_a_durable_lease() {
+async fn early_outcomes_leave_after_the_append_and_only_under_a_durable_lease() {
     let engine = Arc::new(MemoryEngine::new());
     let store = open(&engine, SyncMode::Group);
-    // Under the lease persisted at open, the outcome is released before the commit: it
-    // arrives even though the commit then fails.
-    engine.set_fail_writes(true);
+    let mut released = Vec::new();
+    // Under the lease persisted at open, the outcome is released once its group is appended,
+    // before the fsync: it arrives even though the fsync then fails, and it is in our copy.
+    engine.set_fail_syncs(true);
     let (outcome, commit) = store
         .write_early(put("a", "1", None))
         .await
-        .expect("outcome released before the commit");
-    assert_eq!(values(&outcome.state), vec!["1"]);
-    let early = outcome.dot.expect("an update mints a dot");
-    let err = commit.await.expect_err("the commit failed");
-    assert!(
-        matches!(
-            &err,
-            WriteError::Storage {
-                source: StorageError::NoSpace { .. },
-                ..
-            }
-        ),
-        "{err}"
+        .expect("outcome released before the fsync");
+    released.push(outcome.dot.expect("an update mints a dot"));
+    commit.await.expect_err("the fsync failed");
+    assert_eq!(
+        store.get(b"a").unwrap(),
+        outcome.state,
+        "applied to our copy"
     );
-    engine.set_fail_writes(false);
-    assert!(store.get(b"a").unwrap().is_empty(), "nothing was applied");
-    let (ok, commit) = store.write_early(put("a", "2", None)).await.unwrap();
-    commit.await.expect("committed");
-    assert_eq!(store.get(b"a").unwrap(), ok.state);
-
-    // Use up the lease; the next dot needs a new lease, so its outcome is held back until the
-    // commit that persists the lease, and a failed commit answers an error instead.
-    let last = mint_until(
-        &store,
-        ok.dot.unwrap().counter,
-        early.counter - 1 + COUNTER_LEASE,
-    )
-    .await;
-    engine.set_fail_writes(true);
+    // The failed fsync renewed the actor. Its first dot needs a new lease, so the outcome is
+    // held back until the fsync of the batch that persists the lease, and a failed fsync
+    // answers an error instead of an outcome.
     let err = store
-        .write_early(put("c", "1", None))
+        .write_early(put("b", "1", None))
         .await
         .err()
         .expect("held back, so the failure is reported instead of an outcome");
     assert!(matches!(&err, WriteError::Storage { .. }), "{err}");
-    engine.set_fail_writes(false);
+    engine.set_fail_syncs(false);
+    let (ok, commit) = store.write_early(put("c", "1", None)).await.unwrap();
+    commit.await.expect("committed");
+    let ok = ok.dot.unwrap();
+    assert_ne!(
+        ok.actor, released[0].actor,
+        "renewed after the failed fsync"
+    );
+    released.push(ok);
+    // Use up this actor's lease; the next dot needs a new lease: held back, and refused when
+    // that batch's fsync fails.
+    let last = mint_until(&store, ok.counter, ok.counter - 1 + COUNTER_LEASE).await;
+    released.push(Dot {
+        actor: ok.actor,
+        counter: last,
+    });
+    engine.set_fail_syncs(true);
+    let err = store
+        .write_early(put("d", "1", None))
+        .await
+        .err()
+        .expect("held back");
+    assert!(matches!(&err, WriteError::Storage { .. }), "{err}");
+    engine.set_fail_syncs(false);
     crash(store);
     let store = open(&engine, SyncMode::Group);
-    let next = store.write(put("d", "1", None)).await.unwrap().dot.unwrap();
-    assert_eq!(next.actor, early.actor, "sync=group keeps the incarnation");
+    let next = store.write(put("e", "1", None)).await.unwrap().dot.unwrap();
+    for d in &released {
+        assert!(
+            d.actor != next.actor || next.counter > d.counter,
+            "dot {next:?} reuses or precedes {d:?}, which left the writer"
+        );
+    }
+    store.close();
+}
+
+/// The writer queue is bounded by bytes as well as jobs: large values or merge states cannot
+/// pile up gigabytes behind a slow disk.
+#[tokio::test]
+async fn the_writer_queue_is_bounded_by_bytes() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let value = Bytes::from(vec![7u8; 1 << 20]);
+    let job = |i: usize| WriteOp::Update {
+        key: Bytes::from(format!("big{i}")),
+        ctx: VersionVector::new(),
+        value: Some(value.clone()),
+        timestamp_ms: 1,
+    };
+    let gate = engine.hold_writes();
+    let mut replies = Vec::new();
+    let mut accepted = 0;
+    let err = loop {
+        let (tx, rx) = oneshot::channel();
+        match store.submit(job(accepted), Reply::Committed(tx)) {
+            Ok(()) => {
+                accepted += 1;
+                replies.push(rx);
+            }
+            Err(e) => break e,
+        }
+        assert!(accepted <= QUEUE_CAPACITY, "never refused");
+    };
+    assert!(matches!(err, WriteError::Overloaded { .. }), "{err}");
+    // The writer holds one group (up to MAX_GROUP_BYTES) while the engine is stalled.
+    let queued_max = (MAX_QUEUE_BYTES + MAX_GROUP_BYTES) / (1 << 20) + 2;
     assert!(
-        next.counter > last && next.counter > early.counter,
-        "counter {next:?} reuses a dot that left the writer (last {last}, early {early:?})"
+        accepted <= queued_max,
+        "{accepted} jobs of 1 MiB accepted, budget {MAX_QUEUE_BYTES} bytes"
     );
+    assert!(store.queued_bytes() <= MAX_QUEUE_BYTES);
+    assert!(err.to_string().contains("bytes queued"), "{err}");
+    drop(gate);
+    for rx in replies {
+        rx.await
+            .expect("answered")
+            .expect("written once the disk is back");
+    }
+    assert_eq!(store.queued_bytes(), 0);
     store.close();
 }
 
@@ -484,7 +735,7 @@ fn only_a_failed_wal_write_or_fsync_leaves_the_outcome_unknown() {
         .is_definite(),
         "ENOSPC from the fsync after the append"
     );
-    assert!(WriteError::Overloaded { capacity: 1 }.is_definite());
+    assert!(WriteError::Overloaded { jobs: 1, bytes: 1 }.is_definite());
 }
 
 /// 200 concurrent acknowledged writes, then a simulated power loss (everything not fsynced is
@@ -518,4 +769,153 @@ async fn group_and_always_modes_answer_only_after_an_fsync_covers_the_write() {
         kept < acked,
         "none mode: {kept} of {acked} survived, expected losses"
     );
+}
+
+/// Coordinators that could not see each other (a partition) each fill a key up to the write
+/// cap. Merges never drop data, so a replica then holds more siblings than a write may leave,
+/// up to the state bound; beyond it a merge is refused and the replica keeps its state. One
+/// write with the merged context resolves everything.
+#[tokio::test]
+async fn merges_go_past_the_write_caps_up_to_the_state_bound_and_one_write_resolves() {
+    let mut sides = Vec::new();
+    for i in 0..=MERGE_FACTOR {
+        let engine = Arc::new(MemoryEngine::new());
+        let store = open_as(&format!("n{i}"), &engine, SyncMode::None, BOOT);
+        let mut state = KeyState::new();
+        for j in 0..MAX_SIBLINGS {
+            state = store
+                .write(put("k", &format!("side{i}-{j}"), None))
+                .await
+                .unwrap()
+                .state;
+        }
+        let err = store
+            .write(put("k", "one too many", None))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::TooManySiblings { .. }), "{err}");
+        assert!(
+            err.to_string().contains("with that read's context"),
+            "says how to resolve: {err}"
+        );
+        sides.push((store, state));
+    }
+    let (first, _) = &sides[0];
+    let mut merged = KeyState::new();
+    for (i, (_, state)) in sides.iter().enumerate().skip(1) {
+        let result = first
+            .write(WriteOp::Merge {
+                key: Bytes::from_static(b"k"),
+                state: state.clone(),
+            })
+            .await;
+        if i < MERGE_FACTOR {
+            merged = result.expect("within the state bound").state;
+            assert_eq!(merged.siblings().len(), (i + 1) * MAX_SIBLINGS);
+        } else {
+            let err = result.expect_err("past the state bound");
+            assert!(matches!(err, WriteError::MergeTooLarge { .. }), "{err}");
+            assert!(err.is_definite());
+        }
+    }
+    assert_eq!(merged.siblings().len(), MAX_STATE_SIBLINGS);
+    assert_eq!(
+        first.get(b"k").unwrap(),
+        merged,
+        "the refused merge changed nothing"
+    );
+    assert_eq!(first.stats().merges_refused.load(Ordering::Relaxed), 1);
+    // A client sees every sibling and a context that covers them all: one write resolves.
+    let view = merged.client_view();
+    assert_eq!((view.shown.len(), view.hidden), (MAX_STATE_SIBLINGS, 0));
+    let resolved = first
+        .write(put("k", "resolved", Some(view.context.clone())))
+        .await
+        .unwrap();
+    assert_eq!(values(&resolved.state), vec!["resolved"]);
+    // The resolved state now merges into the side that was refused, covering all it held.
+    let (last, _) = &sides[MERGE_FACTOR];
+    let on_last = last
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: resolved.state.clone(),
+        })
+        .await
+        .unwrap();
+    let mut left = values(&on_last.state);
+    left.sort();
+    assert_eq!(
+        left.len(),
+        MAX_SIBLINGS + 1,
+        "the refused side's writes were kept"
+    );
+    for (store, _) in sides {
+        store.close();
+    }
+}
+
+/// 100 incarnations of one node write one key, every one after a reboot (a new actor): the
+/// version vector stays bounded, contexts stay sendable, nothing written is lost.
+#[tokio::test]
+async fn a_hundred_incarnations_keep_the_version_vector_bounded_and_lose_nothing() {
+    let engine = Arc::new(MemoryEngine::new());
+    let mut actors = std::collections::BTreeSet::new();
+    // Blind writes: one sibling per incarnation, each from another actor.
+    for i in 0..100 {
+        let store = open_on_boot(&engine, SyncMode::None, &format!("boot-{i}"));
+        let out = store
+            .write(put("k", &format!("blind{i}"), None))
+            .await
+            .unwrap();
+        actors.insert(out.dot.unwrap().actor);
+        crash(store);
+    }
+    assert_eq!(actors.len(), 100, "every reboot renewed the actor");
+    let store = open_on_boot(&engine, SyncMode::None, "boot-final");
+    let state = store.get(b"k").unwrap();
+    assert_eq!(
+        state.siblings().len(),
+        100,
+        "every blind write is a sibling"
+    );
+    let view = state.client_view();
+    assert!(view.context.len() <= ringkv_protocol::limits::MAX_CONTEXT_ENTRIES);
+    let token = view.context.to_context().encode(b"k");
+    let decoded = ringkv_protocol::CausalContext::decode(&token, b"k").expect("sendable");
+    // A read-modify-write with that context resolves all 100.
+    let resolved = store
+        .write(put(
+            "k",
+            "resolved",
+            Some(VersionVector::from_context(&decoded)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(values(&resolved.state), vec!["resolved"]);
+    crash(store);
+    // Then 100 more incarnations each do a read-modify-write: the vector keeps the entries of
+    // retired actors only up to the pruning threshold.
+    for i in 0..100 {
+        let store = open_on_boot(&engine, SyncMode::None, &format!("rmw-{i}"));
+        let read = store.get(b"k").unwrap();
+        assert_eq!(
+            values(&read).len(),
+            1,
+            "round {i}: nothing lost, nothing resurrected"
+        );
+        let out = store
+            .write(put("k", &format!("rmw{i}"), Some(read.context().clone())))
+            .await
+            .unwrap();
+        assert_eq!(values(&out.state), vec![format!("rmw{i}")]);
+        assert!(
+            out.state.context().len() <= ringkv_protocol::limits::MAX_SIBLINGLESS_ENTRIES + 1,
+            "round {i}: {} entries",
+            out.state.context().len()
+        );
+        crash(store);
+    }
+    let store = open_on_boot(&engine, SyncMode::None, "boot-last");
+    assert_eq!(values(&store.get(b"k").unwrap()), vec!["rmw99"]);
+    store.close();
 }
