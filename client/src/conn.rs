@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use ringkv_protocol::limits::{MAX_REQUEST_BODY_LEN, MAX_RESPONSE_BODY_LEN};
+use ringkv_protocol::limits::{MAX_PEER_BODY_LEN, MAX_REQUEST_BODY_LEN};
 use ringkv_protocol::{Frame, FrameCodec, Inbound, Rejection, Response};
 
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +36,7 @@ struct Outgoing {
 pub struct Conn {
     tx: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
+    local: Option<SocketAddr>,
 }
 
 impl Conn {
@@ -74,13 +75,21 @@ impl Conn {
             .map_err(|_| format!("connect timed out after {timeout:?}"))?
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let (rd, wr) = stream.into_split();
-        let reader = FramedRead::new(rd, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
+        // Sized for the largest peer reply (a forwarded client response or a whole state), which
+        // is at least the largest client response.
+        let reader = FramedRead::new(rd, FrameCodec::new(MAX_PEER_BODY_LEN));
         let writer = FramedWrite::new(wr, FrameCodec::new(MAX_REQUEST_BODY_LEN));
         let (tx, rx) = mpsc::channel(depth);
         let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(run(reader, writer, rx, alive.clone()));
-        Ok(Conn { tx, alive })
+        Ok(Conn { tx, alive, local })
+    }
+
+    /// This side's address of the connection (what the node logs as the remote address).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
     }
 
     pub fn is_alive(&self) -> bool {

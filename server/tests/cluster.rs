@@ -308,3 +308,124 @@ async fn ring_aware_client_sends_every_write_to_a_replica() {
         "a ring-aware client's writes are coordinated where they land"
     );
 }
+
+/// Regression (defect 1 of the hardening issue): a coordinator whose disk is full used to ship
+/// its minted version to the replicas, fail its own commit, keep its actor, and mint its next
+/// write to the key with a higher counter that covered (erased) the first on the replicas:
+/// an acknowledged write lost. Now a replica that cannot write does not mint: the write goes
+/// to another replica, and every acknowledged value survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_with_a_full_disk_loses_no_acknowledged_write() {
+    use ringkv_jepsen::disk::SmallDisk;
+    use ringkv_jepsen::NodeProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("db"), 24).unwrap() else {
+        eprintln!("skipped: mounting a small tmpfs as a full disk needs root");
+        return;
+    };
+    let mut n1 = NodeProcess::new("n1", dir.path(), "127.0.0.1:0", &[]);
+    n1.start().unwrap();
+    let seed = n1.gossip_addr.clone();
+    let mut nodes = vec![n1];
+    for i in 2..=3 {
+        let mut n = NodeProcess::new_temp(&format!("n{i}"), &["--seeds", &seed]);
+        n.start().unwrap();
+        nodes.push(n);
+    }
+    let c = Cluster { nodes };
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let coordinator = c.client(0);
+    coordinator.put("warm-up", "x", None).await.unwrap();
+    disk.fill().unwrap();
+    // Blind writes of one key through n1 until its storage has failed at least twice: each is
+    // acknowledged by the other replicas.
+    let value = |i: usize| format!("{i}:{}", "v".repeat(64 * 1024));
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        coordinator
+            .put_with("k", value(i), None, w(2))
+            .await
+            .unwrap_or_else(|e| panic!("write {i} through the full-disk node: {e}"));
+        acked.push(value(i));
+        if acked.len() >= 2 && metric(&coordinator, "storage.write_errors").await >= 2 {
+            break;
+        }
+    }
+    assert!(
+        metric(&coordinator, "storage.write_errors").await >= 2,
+        "the disk never filled"
+    );
+    assert!(metric(&coordinator, "coordinator.forwarded_after_local_failure").await >= 1);
+    // Every acknowledged value is there, through every node (n1 answers from its partial
+    // copy, merged with the others).
+    for i in 0..3 {
+        let read = c.client(i).get_with("k", r(3)).await.unwrap();
+        let values = strings(&read);
+        for v in &acked {
+            assert!(
+                values.contains(v),
+                "through n{}: an acknowledged write is lost",
+                i + 1
+            );
+        }
+    }
+}
+
+/// Regression (defect 5): coordinators that could not see each other each filled a key to the
+/// sibling cap; after the heal the merged state held more siblings than a client would decode,
+/// so nobody could read it or obtain a context to resolve it. Now reads carry every sibling a
+/// replica may hold, and one write with the read's context resolves them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_driven_to_the_cap_from_two_partitioned_sides_is_read_and_resolved_in_one_write() {
+    use ringkv_protocol::limits::MAX_SIBLINGS;
+    let mut c = Cluster::start(3, &[]).await;
+    // Side A: n1 alone (n2 and n3 stopped), W=1.
+    c.nodes[1].stop().unwrap();
+    c.nodes[2].stop().unwrap();
+    let a = c.client(0);
+    for i in 0..MAX_SIBLINGS {
+        a.put_with("k", format!("a{i}"), None, w(1)).await.unwrap();
+    }
+    let err = a
+        .put_with("k", "one too many", None, w(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.kind(), Some(ErrorKind::TooManySiblings { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("with that read's context"),
+        "{err}"
+    );
+    // Side B: n2 and n3 without n1.
+    c.nodes[0].stop().unwrap();
+    c.nodes[1].start().unwrap();
+    c.nodes[2].start().unwrap();
+    c.wait_ready(1, Duration::from_secs(30)).await.unwrap();
+    let b = c.client(1);
+    for i in 0..MAX_SIBLINGS {
+        b.put_with("k", format!("b{i}"), None, w(1)).await.unwrap();
+    }
+    // Heal.
+    c.nodes[0].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    c.wait_ready(0, Duration::from_secs(30)).await.unwrap();
+    let read = c.client(2).get_with("k", r(3)).await.unwrap();
+    assert_eq!(
+        read.siblings.len(),
+        2 * MAX_SIBLINGS,
+        "every sibling of both sides"
+    );
+    assert_eq!(read.hidden, 0);
+    // One write with that context resolves them all, on every replica.
+    c.client(2)
+        .put_with("k", "resolved", Some(&read.context), w(3))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let local = c.client(i).get_with("k", LOCAL).await.unwrap();
+        assert_eq!(strings(&local), vec!["resolved"], "n{}", i + 1);
+        assert_eq!(local.siblings.len(), 1);
+    }
+}

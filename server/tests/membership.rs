@@ -340,3 +340,94 @@ async fn a_restarted_node_never_stores_keys_outside_their_replicas() {
         }
     }
 }
+
+/// Regression: a restarted node whose saved ring was stale coordinated with it before it had
+/// heard from the cluster (members may have joined, left or changed meanwhile), and a write
+/// forwarded to a node that did not know the ring was coordinated anyway. Now both are refused
+/// with a definite `Unavailable` until the node is in contact with the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_coordinates_nothing_before_it_hears_from_the_cluster() {
+    use bytes::Bytes;
+    use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
+    use ringkv_protocol::{Request, Response, WriteOptions};
+
+    const SECRET: &str = "membership-test-secret";
+    let mut c = Cluster::start(3, &["--cluster-secret", SECRET]).await;
+    c.nodes[2].stop().unwrap();
+    // Nobody will answer n3 when it comes back: its saved ring is all it has.
+    for n in &c.nodes[..2] {
+        n.send_signal(libc::SIGSTOP);
+    }
+    c.nodes[2].start().unwrap();
+    let n3 = c.client(2);
+    let w1 = PutOptions {
+        w: Some(1),
+        ..Default::default()
+    };
+    let r1 = GetOptions {
+        r: Some(1),
+        ..Default::default()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let err = n3.put_with("k", "v", None, w1).await.unwrap_err();
+    assert!(
+        matches!(err.kind(), Some(ErrorKind::Unavailable { .. })) && err.is_definite(),
+        "{err}"
+    );
+    assert!(err.to_string().contains("joining"), "{err}");
+    let err = n3.get_with("k", r1).await.unwrap_err();
+    assert!(err.to_string().contains("joining"), "{err}");
+    // A write forwarded by a peer is refused the same way.
+    let creds = PeerCredentials {
+        cluster: "ringkv".into(),
+        n: 3,
+        node_id: "n1".into(),
+        secret: SECRET.into(),
+    };
+    let mut peer = match RawPeer::connect(&c.nodes[2].peer_addr)
+        .await
+        .unwrap()
+        .handshake(&creds, false)
+        .await
+        .unwrap()
+    {
+        Handshake::Accepted(p) => p,
+        _ => panic!("the right secret is accepted"),
+    };
+    let put = Request::Put {
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(b"forwarded"),
+        context: Bytes::new(),
+        opts: WriteOptions {
+            w: 1,
+            timeout_ms: 1000,
+            flags: 0,
+        },
+    }
+    .to_frame(0);
+    let fwd = PeerRequest::Forward {
+        opcode: put.opcode,
+        body: put.body,
+    };
+    match peer.call(&fwd).await.unwrap() {
+        PeerResponse::ForwardReply { opcode, body } => match Response::decode(opcode, body) {
+            Ok(Response::Error(e)) => {
+                assert!(matches!(e.kind, ErrorKind::Unavailable { .. }), "{e:?}");
+                assert!(e.message.contains("joining"), "{}", e.message);
+            }
+            other => panic!("a forwarded write was coordinated: {other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    let local = GetOptions {
+        local: true,
+        ..Default::default()
+    };
+    assert!(!n3.get_with("k", local).await.unwrap().is_found());
+    // Once it hears from the cluster it serves.
+    for n in &c.nodes[..2] {
+        n.send_signal(libc::SIGCONT);
+    }
+    c.wait_ready(2, Duration::from_secs(30)).await.unwrap();
+    n3.put_with("k", "v", None, w1).await.unwrap();
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ringkv_client::{Client, ClientConfig, Error, ErrorKind, GetOptions, PutOptions};
+use ringkv_jepsen::disk::SmallDisk;
 use ringkv_jepsen::NodeProcess;
 use ringkv_protocol::frame::{put_header, HEADER_LEN};
 use ringkv_protocol::limits::{MAX_KEY_LEN, MAX_REQUEST_BODY_LEN, MAX_VALUE_LEN};
@@ -414,53 +415,13 @@ fn data_dir_of_another_node_is_refused() {
     assert!(err.contains("belongs to node \"n1\""), "{err}");
 }
 
-/// A small tmpfs mounted over a node's RocksDB dir; unmounted on drop.
-struct SmallDisk {
-    dir: std::path::PathBuf,
-}
-
-impl SmallDisk {
-    /// `None` when not root (mounting needs it); a failed mount as root is a test failure.
-    fn mount(dir: &std::path::Path, size_mb: u32) -> Option<SmallDisk> {
-        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            return None;
-        }
-        std::fs::create_dir_all(dir).unwrap();
-        let status = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size_mb}m"),
-                "ringkv-test",
-            ])
-            .arg(dir)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount a {size_mb} MiB tmpfs on {dir:?}");
-        Some(SmallDisk {
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
 /// A full disk through the real binary: the write that does not fit is answered `Internal`
 /// with the cause, naming node and key, and as definite (nothing written); every write
 /// acknowledged before stays readable and the node keeps answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_answers_internal_with_the_cause_and_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(_disk) = SmallDisk::mount(&dir.path().join("db"), 16) else {
+    let Some(_disk) = SmallDisk::mount(&dir.path().join("db"), 16).unwrap() else {
         eprintln!("skipped: mounting a small tmpfs as a full disk needs root");
         return;
     };
@@ -503,4 +464,85 @@ async fn full_disk_answers_internal_with_the_cause_and_loses_no_acknowledged_wri
         "the node survives the full disk:\n{}",
         node.log_tail(20)
     );
+}
+
+/// Regression (defect 4): every new actor added a permanent version-vector entry while
+/// contexts were capped at 64 entries, so after 65 incarnations a read-modify-write of a key
+/// was refused forever. 100 incarnations of one node (kill -9 in sync=none, each restart
+/// after a simulated reboot, which renews the actor) write one key; then a read-modify-write
+/// succeeds, and no value was lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_incarnations_writing_one_key_leave_it_writable_and_lose_nothing() {
+    let mut node = NodeProcess::new_temp("n1", &["--n", "1", "--sync", "none"]);
+    let mut actors = std::collections::BTreeSet::new();
+    let mut blind = Vec::new();
+    for i in 0..100 {
+        node.set_env("RINGKV_BOOT_ID", &format!("simulated-boot-{i}"));
+        node.start().unwrap();
+        let c = client(&node).await;
+        // Half the incarnations write blind (a sibling each, from another actor), half
+        // read-modify-write (superseding what they read).
+        let written = if i % 2 == 0 {
+            let v = format!("blind{i}");
+            blind.push(v.clone());
+            c.put("k", v, None).await.unwrap()
+        } else {
+            let read = c.get("k").await.unwrap();
+            for v in &blind {
+                assert!(
+                    strings(&read).contains(v),
+                    "incarnation {i}: {v} lost before it was resolved"
+                );
+            }
+            blind.clear();
+            c.put("k", format!("rmw{i}"), Some(&read.context))
+                .await
+                .unwrap()
+        };
+        actors.insert(written.dot.0);
+        node.kill9();
+    }
+    assert_eq!(
+        actors.len(),
+        100,
+        "every simulated reboot renewed the actor"
+    );
+    node.set_env("RINGKV_BOOT_ID", "simulated-boot-final");
+    node.start().unwrap();
+    let c = client(&node).await;
+    let read = c.get("k").await.unwrap();
+    assert_eq!(strings(&read), vec!["rmw99"]);
+    let ctx = ringkv_protocol::CausalContext::decode(read.context.as_bytes(), b"k").unwrap();
+    assert!(
+        ctx.entries.len() <= ringkv_protocol::limits::MAX_SIBLINGLESS_ENTRIES + 1,
+        "{} context entries",
+        ctx.entries.len()
+    );
+    c.put("k", "final", Some(&read.context)).await.unwrap();
+    assert_eq!(strings(&c.get("k").await.unwrap()), vec!["final"]);
+    let status = c.status().await.unwrap();
+    let pruned = status
+        .metrics
+        .iter()
+        .find(|(k, _)| k == "storage.vv_entries_pruned")
+        .unwrap()
+        .1;
+    assert!(pruned > 0, "retired entries were pruned");
+}
+
+/// kill -9 on the same boot keeps the actor in every sync mode: every write was handed to the
+/// OS before it was acknowledged, so nothing can be missing from the node's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_the_same_boot_keeps_the_actor() {
+    for mode in ["none", "group"] {
+        let mut node = NodeProcess::new_temp("n1", &["--n", "1", "--sync", mode]);
+        node.set_env("RINGKV_BOOT_ID", "one-boot");
+        node.start().unwrap();
+        let first = client(&node).await.put("a", "1", None).await.unwrap().dot;
+        node.kill9();
+        node.start().unwrap();
+        let second = client(&node).await.put("b", "1", None).await.unwrap().dot;
+        assert_eq!(first.0, second.0, "sync={mode}");
+        assert!(second.1 > first.1);
+    }
 }

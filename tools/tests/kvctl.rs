@@ -231,3 +231,38 @@ async fn cluster_commands_ring_members_and_quorum_flags() {
         stderr(&o)
     );
 }
+
+/// Regression (defect 3): a delete without a context used the coordinating replica's own
+/// version vector, so a value that replica had missed survived the delete although the client
+/// was told OK. It now deletes what a quorum read returns, like Riak's delete without a vclock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_without_context_removes_what_a_quorum_read_returns() {
+    let mut c = ringkv_jepsen::Cluster::start(3, &[]).await;
+    c.nodes[0].stop().unwrap();
+    c.wait_converged(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let o = kvctl(
+        &c.nodes[1],
+        &["put", "--blind", "k", "written-while-n1-was-down"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    c.nodes[0].start().unwrap();
+    c.wait_converged(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let o = kvctl(&c.nodes[0], &["get", "--local", "k"]);
+    assert_eq!(o.status.code(), Some(1), "n1's own copy missed the write");
+    let o = kvctl(&c.nodes[0], &["delete", "k"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for n in &c.nodes {
+        let o = kvctl(n, &["get", "k"]);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "through {}: the value survived the delete: {}",
+            n.id,
+            stdout(&o)
+        );
+    }
+}

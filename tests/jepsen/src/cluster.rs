@@ -55,10 +55,39 @@ impl Cluster {
         Client::new([self.nodes[i].addr.clone()], ClientConfig::default()).expect("one address")
     }
 
-    /// Waits until every running node lists every running node as an alive member.
+    /// Waits until node `i` coordinates requests (it knows the ring): a read of a probe key
+    /// with R=1 is not refused as "joining".
+    pub async fn wait_ready(&self, i: usize, timeout: Duration) -> Result<(), String> {
+        let client = self.client(i);
+        let start = Instant::now();
+        let opts = ringkv_client::GetOptions {
+            r: Some(1),
+            ..Default::default()
+        };
+        loop {
+            match client.get_with("ready-probe", opts).await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() > timeout => {
+                    return Err(format!("n{} not ready after {timeout:?}: {e}", i + 1))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Waits until every running node lists every running node as an alive member, and
+    /// coordinates requests (it has heard from the cluster since it started).
     pub async fn wait_converged(&self, timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
         self.wait_members(|n| n.child_running(), |n| n.child_running(), timeout)
-            .await
+            .await?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.child_running() {
+                let left = timeout.saturating_sub(start.elapsed());
+                self.wait_ready(i, left.max(Duration::from_secs(1))).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every node for which `observer` holds sees exactly the nodes for which

@@ -4,8 +4,10 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod disk;
 pub mod history;
 pub mod nemesis;
+pub mod peer;
 pub mod process;
 pub mod runner;
 

@@ -1,0 +1,218 @@
+//! Peer authentication through the real binary: a stranger on the peer port who knows the
+//! cluster name (and N) but not the secret gets nothing and changes nothing.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_client::{Client, ErrorKind};
+use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
+use ringkv_jepsen::NodeProcess;
+use ringkv_protocol::limits::MAX_HANDSHAKE_BODY_LEN;
+use ringkv_protocol::peer::{peer_opcode, Hello, MemberInfo, PeerRequest, PeerResponse};
+use ringkv_protocol::Frame;
+
+const SECRET: &str = "the-right-secret";
+
+fn creds(secret: &str) -> PeerCredentials {
+    PeerCredentials {
+        cluster: "ringkv".into(),
+        n: 1,
+        node_id: "stranger".into(),
+        secret: secret.into(),
+    }
+}
+
+async fn metric(client: &Client, name: &str) -> u64 {
+    let s = client.status().await.unwrap();
+    s.metrics
+        .iter()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .1
+}
+
+/// A replicated state that would erase `k` if merged: its version vector covers the dot of
+/// the acknowledged write and it holds no sibling (format 1, one entry, no siblings).
+fn erasing_state(actor: u64, counter: u64) -> Bytes {
+    let mut b = vec![1u8, 1];
+    b.extend_from_slice(&actor.to_be_bytes());
+    let mut c = counter;
+    loop {
+        let byte = (c & 0x7f) as u8;
+        c >>= 7;
+        if c == 0 {
+            b.push(byte);
+            break;
+        }
+        b.push(byte | 0x80);
+    }
+    b.push(0);
+    Bytes::from(b)
+}
+
+/// A state with one sibling whose dot counter is 0 (which every vector covers).
+fn zero_counter_state(actor: u64) -> Bytes {
+    let mut b = vec![1u8, 1];
+    b.extend_from_slice(&actor.to_be_bytes());
+    b.extend_from_slice(&[1, 1]);
+    b.extend_from_slice(&actor.to_be_bytes());
+    b.extend_from_slice(&[0, 0, 1, 1, b'x']);
+    Bytes::from(b)
+}
+
+fn hello(nonce: [u8; 32]) -> PeerRequest {
+    PeerRequest::Hello(Hello {
+        cluster: "ringkv".into(),
+        n: 1,
+        me: MemberInfo {
+            node_id: "stranger".into(),
+            client_addr: "127.0.0.1:1".into(),
+            peer_addr: "127.0.0.1:2".into(),
+            vnodes: 1,
+            generation: 1,
+        },
+        nonce,
+    })
+}
+
+fn refused(resp: &PeerResponse, kind: ErrorKind) {
+    match resp {
+        PeerResponse::Error(e) => assert_eq!(e.kind, kind, "{}", e.message),
+        other => panic!("expected a {kind:?} refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_changes_nothing() {
+    let node = NodeProcess::start_temp("n1", &["--n", "1", "--cluster-secret", SECRET]);
+    let client = Client::connect([node.addr.clone()]).await.unwrap();
+    let dot = client.put("k", "v", None).await.unwrap().dot;
+    let erase = PeerRequest::Replicate {
+        key: Bytes::from_static(b"k"),
+        state: erasing_state(dot.0, dot.1),
+        timeout_ms: 1000,
+    };
+    let read_local = PeerRequest::ReadLocal {
+        key: Bytes::from_static(b"k"),
+        timeout_ms: 1000,
+    };
+
+    // Control: with the secret the handshake completes and a replica read is served, so the
+    // refusals below are the node's doing, not a broken test client.
+    match RawPeer::connect(&node.peer_addr)
+        .await
+        .unwrap()
+        .handshake(&creds(SECRET), false)
+        .await
+        .unwrap()
+    {
+        Handshake::Accepted(mut peer) => {
+            assert!(matches!(
+                peer.call(&read_local).await.unwrap(),
+                PeerResponse::State(_)
+            ));
+            // Even an authenticated peer cannot slip in a sibling with counter 0.
+            let forged = PeerRequest::Replicate {
+                key: Bytes::from_static(b"k"),
+                state: zero_counter_state(dot.0),
+                timeout_ms: 1000,
+            };
+            refused(&peer.call(&forged).await.unwrap(), ErrorKind::Malformed);
+        }
+        _ => panic!("the right secret must be accepted"),
+    }
+
+    // The right cluster name and N, the wrong secret: the node's proof does not check out with
+    // the stranger's secret, and the stranger's proof is refused.
+    let raw = RawPeer::connect(&node.peer_addr).await.unwrap();
+    let stranger_addr = raw.conn.local_addr().unwrap();
+    let conn = raw.conn.clone();
+    match raw.handshake(&creds("a-guess"), true).await.unwrap() {
+        Handshake::Refused(resp) => refused(&resp, ErrorKind::Unauthenticated),
+        _ => panic!("a wrong secret must be refused"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!conn.is_alive(), "closed after the refusal");
+    // And a stranger that only checks the node's proof learns it cannot talk to it.
+    match RawPeer::connect(&node.peer_addr)
+        .await
+        .unwrap()
+        .handshake(&creds("a-guess"), false)
+        .await
+        .unwrap()
+    {
+        Handshake::ListenerUnproven(_) => {}
+        _ => panic!("the node's proof must not check out with another secret"),
+    }
+
+    // Skipping the proof: Hello, then straight to the data.
+    let mut raw = RawPeer::connect(&node.peer_addr).await.unwrap();
+    assert!(matches!(
+        raw.call(&hello(rand::random())).await.unwrap(),
+        PeerResponse::Challenge(_)
+    ));
+    refused(&raw.call(&erase).await.unwrap(), ErrorKind::Unauthenticated);
+    assert!(raw.call(&read_local).await.is_err(), "closed");
+
+    // No handshake at all: every data request as the first frame is refused.
+    for req in [
+        &erase,
+        &read_local,
+        &PeerRequest::Forward {
+            opcode: 0x05,
+            body: Bytes::new(),
+        },
+        &PeerRequest::HelloProof([0; 32]),
+    ] {
+        let mut raw = RawPeer::connect(&node.peer_addr).await.unwrap();
+        let resp = raw.call(req).await.unwrap();
+        refused(&resp, ErrorKind::Unauthenticated);
+        assert!(!matches!(resp, PeerResponse::State(_)));
+    }
+
+    // Before the handshake a frame larger than a handshake message is not buffered: it is
+    // refused as too large (and skipped).
+    let raw = RawPeer::connect(&node.peer_addr).await.unwrap();
+    let big = Frame {
+        opcode: peer_opcode::REPLICATE,
+        request_id: 7,
+        body: Bytes::from(vec![0u8; 64 * 1024]),
+    };
+    let reply = raw.conn.call(big).await.unwrap();
+    match PeerResponse::decode(reply.opcode, reply.body).unwrap() {
+        PeerResponse::Error(e) => assert_eq!(
+            e.kind,
+            ErrorKind::TooLarge {
+                size: 64 * 1024,
+                limit: MAX_HANDSHAKE_BODY_LEN as u64
+            }
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // Silence: the node closes a connection that does not authenticate in time.
+    let silent = RawPeer::connect(&node.peer_addr).await.unwrap();
+    let start = Instant::now();
+    while silent.conn.is_alive() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "an unauthenticated connection was kept open"
+        );
+        // The connection task notices the close only when it reads: poke it with a ping
+        // that the node will not answer before the handshake.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Nothing the strangers sent was applied.
+    let read = client.get("k").await.unwrap();
+    assert_eq!(read.values(), vec![&Bytes::from_static(b"v")]);
+    // Counted, and logged with the remote address (never the secret).
+    assert!(metric(&client, "peer.auth_failures").await >= 5);
+    let log = node.log_tail(400);
+    assert!(log.contains("refused peer connection"), "{log}");
+    assert!(
+        log.contains(&stranger_addr.to_string()),
+        "the refusal names the remote address {stranger_addr}:\n{log}"
+    );
+    assert!(!log.contains(SECRET) && !log.contains("a-guess"), "{log}");
+}
