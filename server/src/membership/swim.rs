@@ -1036,6 +1036,25 @@ mod tests {
         assert_ne!(ring_epoch(&a), ring_epoch(&c));
     }
 
+    /// Regression: versions were `generation << 20 | (counter & 0xFFFFF)`, so after 2^20
+    /// publications (a republication every 5 s, plus one per member event) the version went
+    /// back down and every peer ignored this node's newer metadata (a status change lost).
+    #[test]
+    fn metadata_versions_keep_increasing_past_2_pow_20_publications_and_restarts() {
+        let generation = 1_764_000_000_000;
+        let mut v = 0;
+        for _ in 0..(1u64 << 20) + 10 {
+            let next = next_meta_version(v, generation);
+            assert!(next > v, "{next} after {v}");
+            v = next;
+        }
+        // A restart a second later publishes above everything the old process did.
+        let restarted = next_meta_version(0, generation + 1000);
+        assert!(restarted > v);
+        // An automatic rejoin (generation + 1) keeps increasing too.
+        assert!(next_meta_version(v, generation + 1) > v);
+    }
+
     #[test]
     fn foca_packets_fit_in_a_datagram_with_the_envelope() {
         let c = foca_config();

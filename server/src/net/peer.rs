@@ -456,3 +456,107 @@ impl FrameHandler for PeerHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{SinkExt, StreamExt};
+    use ringkv_protocol::{FrameCodec, Inbound};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+
+    fn identity(secret: &str) -> PeerIdentity {
+        PeerIdentity {
+            cluster: "ringkv".into(),
+            n: 3,
+            me: MemberInfo {
+                node_id: "n1".into(),
+                client_addr: "127.0.0.1:1".into(),
+                peer_addr: "127.0.0.1:0".into(),
+                vnodes: 8,
+                generation: 1,
+            },
+            key: PeerKey::new(secret, "ringkv"),
+        }
+    }
+
+    /// A listener that answers `Hello` with a challenge proven with `secret`, and records
+    /// whether the dialer ever sent its proof or a request.
+    async fn fake_listener(secret: &'static str) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut framed = Framed::new(socket, FrameCodec::new(1 << 20));
+            let mut opcodes = Vec::new();
+            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+                opcodes.push(frame.opcode);
+                let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
+                let resp = match req {
+                    PeerRequest::Hello(hello) => {
+                        let nonce = [5u8; NONCE_LEN];
+                        let me = MemberInfo {
+                            node_id: "n2".into(),
+                            ..hello.me.clone()
+                        };
+                        let t = Transcript {
+                            dialer_nonce: &hello.nonce,
+                            listener_nonce: &nonce,
+                            dialer_id: &hello.me.node_id,
+                            listener_id: "n2",
+                        };
+                        let proof = PeerKey::new(secret, "ringkv").proof(Role::Listener, &t);
+                        PeerResponse::Challenge(Challenge { me, nonce, proof })
+                    }
+                    PeerRequest::HelloProof(_) => PeerResponse::HelloAck,
+                    _ => PeerResponse::Pong,
+                };
+                framed.send(resp.to_frame(frame.request_id)).await.unwrap();
+            }
+            opcodes
+        });
+        (addr, task)
+    }
+
+    /// A node dials a "peer" that cannot prove the cluster secret: it never sends its own
+    /// proof or any request, counts the failure and reports the peer unreachable.
+    #[tokio::test]
+    async fn a_listener_without_the_secret_is_never_used() {
+        let (addr, listener) = fake_listener("not-the-secret").await;
+        let pool = PeerPool::new(identity("the-secret"));
+        let err = pool
+            .call(&addr, &PeerRequest::Ping, Duration::from_secs(2))
+            .await
+            .expect_err("must not talk to an unproven listener");
+        assert!(err.not_sent(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("failed to prove the cluster secret"),
+            "{err}"
+        );
+        assert_eq!(pool.auth_failures.load(Ordering::Relaxed), 1);
+        drop(pool);
+        let opcodes = listener.await.unwrap();
+        assert_eq!(
+            opcodes,
+            vec![ringkv_protocol::peer::peer_opcode::HELLO],
+            "only the Hello was sent"
+        );
+    }
+
+    /// Control: the same listener with the right secret completes the handshake.
+    #[tokio::test]
+    async fn a_listener_with_the_secret_is_used() {
+        let (addr, listener) = fake_listener("the-secret").await;
+        let pool = PeerPool::new(identity("the-secret"));
+        let resp = pool
+            .call(&addr, &PeerRequest::Ping, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(resp, PeerResponse::Pong);
+        drop(pool);
+        let opcodes = listener.await.unwrap();
+        use ringkv_protocol::peer::peer_opcode::*;
+        assert_eq!(opcodes, vec![HELLO, HELLO_PROOF, PING]);
+    }
+}
