@@ -93,8 +93,16 @@ struct Write {
     key: String,
     value: Option<String>,
     invoke_t: u64,
+    /// Completion time (`u64::MAX` when it never completed).
+    done_t: u64,
     outcome: OpType,
+    /// Values this write certainly supersedes if it was applied.
     covers: BTreeSet<String>,
+    /// Values it may also supersede (a delete without context covers what its internal
+    /// quorum read saw, which may include writes concurrent with it).
+    may_cover: BTreeSet<String>,
+    /// A delete sent without a context.
+    context_free: bool,
 }
 
 /// §2a and §2c: no lost acknowledged writes, no phantoms, no resurrections. The final state of
@@ -124,8 +132,11 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
                     key,
                     value,
                     invoke_t: c.invoke.t,
+                    done_t: c.done.t,
                     outcome: c.done.kind,
                     covers,
+                    may_cover: BTreeSet::new(),
+                    context_free: c.invoke.f == "delete" && c.invoke.ctx_src.is_none(),
                 });
             }
             "get" if c.done.kind == OpType::Ok => {
@@ -144,9 +155,34 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
                 key: inv.key.clone().unwrap_or_default(),
                 value: inv.value_str().map(str::to_string),
                 invoke_t: inv.t,
+                done_t: u64::MAX,
                 outcome: OpType::Info,
                 covers: BTreeSet::new(),
+                may_cover: BTreeSet::new(),
+                context_free: false,
             });
+        }
+    }
+    // A delete without context supersedes what a quorum read returns: every write (put or
+    // delete) of the key acknowledged before the delete began (R + W > N: the read sees it),
+    // and perhaps writes concurrent with it.
+    let written: Vec<(String, String, u64, u64, OpType)> = writes
+        .iter()
+        .filter_map(|w| {
+            let v = w.value.as_ref()?;
+            Some((w.key.clone(), v.clone(), w.invoke_t, w.done_t, w.outcome))
+        })
+        .collect();
+    for d in writes.iter_mut().filter(|w| w.context_free) {
+        for (key, v, invoke_t, done_t, outcome) in &written {
+            if *key != d.key || d.value.as_ref() == Some(v) {
+                continue;
+            }
+            if *outcome == OpType::Ok && *done_t < d.invoke_t {
+                d.covers.insert(v.clone());
+            } else if *invoke_t < d.done_t {
+                d.may_cover.insert(v.clone());
+            }
         }
     }
 
@@ -185,6 +221,10 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
             .iter()
             .filter(|c| c.key == w.key && c.covers.contains(v))
             .collect();
+        let may_coverers: Vec<&Write> = writes
+            .iter()
+            .filter(|c| c.key == w.key && (c.covers.contains(v) || c.may_cover.contains(v)))
+            .collect();
         let applied = |c: &Write| {
             c.outcome == OpType::Ok
                 || c.value.as_deref().is_some_and(|cv| {
@@ -193,8 +233,8 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
         };
         match w.outcome {
             OpType::Ok if !fin.contains(v) => {
-                if coverers.iter().any(|c| c.outcome == OpType::Ok) {
-                } else if coverers.iter().any(|c| c.outcome == OpType::Info) {
+                if may_coverers.iter().any(|c| c.outcome == OpType::Ok) {
+                } else if may_coverers.iter().any(|c| c.outcome == OpType::Info) {
                     r.excused_by_info += 1;
                 } else {
                     r.lost.push(format!("{}: {v}", w.key));
@@ -649,6 +689,49 @@ mod tests {
         let r = check_register(&h.0);
         assert_eq!(r.resurrected, vec!["k: a".to_string()]);
         assert!(!r.valid);
+    }
+
+    /// A delete without context supersedes what its internal quorum read returns: every put
+    /// acknowledged before it began (so such a value in the final state is a resurrection,
+    /// e.g. a delete that covered only the coordinator's own copy), and maybe concurrent puts
+    /// (whose absence is then no loss); a put acknowledged after it completed must survive.
+    #[test]
+    fn deletes_without_context_cover_what_was_acknowledged_before_them() {
+        let delete = |h: &mut H, p: &str, invoke_then: &dyn Fn(&mut H)| {
+            h.push(Op::new(p, OpType::Invoke, "delete").key("k"));
+            invoke_then(h);
+            h.push(
+                Op::new(p, OpType::Ok, "delete")
+                    .key("k")
+                    .value(json!("tomb:00000000000000aa:1")),
+            );
+        };
+        // "a" was acknowledged before the delete: it must be gone.
+        let mut h = H::new();
+        let tomb = "tomb:00000000000000aa:1";
+        h.put("1", "k", "a", None, OpType::Ok);
+        delete(&mut h, "2", &|_| {});
+        h.get(FINAL, "k", &["a", tomb]);
+        let r = check_register(&h.0);
+        assert_eq!(r.resurrected, vec!["k: a".to_string()]);
+        assert!(!r.valid);
+        // "b" ran concurrently with the delete: gone or present, both are fine.
+        for fin in [&[tomb][..], &["b", tomb][..]] {
+            let mut h = H::new();
+            delete(&mut h, "2", &|h: &mut H| {
+                h.put("1", "k", "b", None, OpType::Ok)
+            });
+            h.get(FINAL, "k", fin);
+            let r = check_register(&h.0);
+            assert!(r.valid, "final {fin:?}: {r:?}");
+        }
+        // "c" was acknowledged after the delete completed: it must survive.
+        let mut h = H::new();
+        delete(&mut h, "2", &|_| {});
+        h.put("1", "k", "c", None, OpType::Ok);
+        h.get(FINAL, "k", &[tomb]);
+        let r = check_register(&h.0);
+        assert_eq!(r.lost, vec!["k: c".to_string()]);
     }
 
     #[test]

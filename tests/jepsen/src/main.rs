@@ -14,13 +14,13 @@ use ringkv_jepsen::runner::{self, RunConfig, Workload};
 #[command(
     name = "ringkv-jepsen",
     about = "Jepsen-style consistency tests for ringkv: real clusters, faults, histories, checkers",
-    after_help = "Examples:\n  ringkv-jepsen --workload register --nemesis kill,partition --time-limit 60\n  ringkv-jepsen --workload set --nemesis pause --time-limit 30 --seed 7\n  ringkv-jepsen --workload register --nemesis clock,loss --time-limit 120\n  ringkv-jepsen --profile ci      # the short profile make test runs\n  ringkv-jepsen --profile full    # longer combinations (make jepsen)"
+    after_help = "Examples:\n  ringkv-jepsen --workload register --nemesis kill,partition --time-limit 60\n  ringkv-jepsen --workload set --nemesis pause --time-limit 30 --seed 7\n  ringkv-jepsen --workload register --nemesis clock,loss --time-limit 120\n  ringkv-jepsen --workload register --nemesis disk,reboot --time-limit 60\n  ringkv-jepsen --profile ci      # the short profile make test runs\n  ringkv-jepsen --profile full    # longer combinations (make jepsen)"
 )]
 struct Cli {
     /// register or set.
     #[arg(long, default_value = "register")]
     workload: String,
-    /// Comma-separated faults: kill, pause, partition, clock, loss; or none.
+    /// Comma-separated faults: kill, reboot, pause, partition, clock, loss, disk; or none.
     #[arg(long, default_value = "kill,partition")]
     nemesis: String,
     /// Seconds of traffic (faults included).
@@ -69,11 +69,20 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
         profile: None,
         ..cli.clone()
     };
+    let with_sync = |w: &str, n: &str, t: u64, seed: u64, sync: &str| Cli {
+        sync: sync.into(),
+        ..with(w, n, t, seed)
+    };
     match cli.profile.as_deref() {
         None => Ok(vec![cli.clone()]),
         Some("ci") => Ok(vec![
             with("register", "kill,partition", 35, 1),
             with("set", "pause", 20, 2),
+            // Shorter fault windows, so that both faults happen in a short run.
+            Cli {
+                interval: 4,
+                ..with("register", "disk,reboot", 30, 3)
+            },
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -82,6 +91,9 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("set", "kill,pause", 90, 14),
             with("set", "partition,clock", 90, 15),
             with("register", "none", 60, 16),
+            with("register", "disk,reboot,partition", 120, 17),
+            with("set", "disk,kill", 90, 18),
+            with_sync("register", "kill,reboot", 90, 19, "none"),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }
@@ -94,11 +106,15 @@ fn kinds(spec: &str) -> Result<Vec<Kind>, String> {
     spec.split(',').map(|s| Kind::parse(s.trim())).collect()
 }
 
-fn check_prerequisites(needs_netns: bool, needs_clock: bool) -> Result<(), String> {
+fn check_prerequisites(
+    needs_root: bool,
+    needs_netns: bool,
+    needs_clock: bool,
+) -> Result<(), String> {
+    if needs_root && !ringkv_jepsen::disk::can_mount() {
+        return Err("the partition, loss and disk nemeses need root (ip netns, iptables, mount); run as root or drop them".into());
+    }
     if needs_netns {
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("the partition and loss nemeses need root (ip netns, iptables); run as root or drop them".into());
-        }
         for tool in ["ip", "iptables"] {
             let found = Command::new("sh")
                 .arg("-c")
@@ -169,7 +185,8 @@ fn main() -> ExitCode {
         }
     }
     let needs_netns = all_kinds.iter().any(|k| k.needs_netns());
-    if let Err(e) = check_prerequisites(needs_netns, all_kinds.contains(&Kind::Clock)) {
+    let needs_root = all_kinds.iter().any(|k| k.needs_root());
+    if let Err(e) = check_prerequisites(needs_root, needs_netns, all_kinds.contains(&Kind::Clock)) {
         eprintln!("ringkv-jepsen: missing prerequisite: {e}");
         return ExitCode::from(2);
     }

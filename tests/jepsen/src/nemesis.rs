@@ -1,6 +1,8 @@
-//! Fault injection: kill -9 / restart, SIGSTOP / SIGCONT, network partitions and packet loss
-//! (iptables inside the harness's own network namespace), clock skew (libfaketime). Every fault
-//! is healed by `heal_all`, which the runner always calls at the end.
+//! Fault injection: kill -9 / restart, kill -9 / restart as after a machine restart (a new
+//! boot id: the node starts a new incarnation), SIGSTOP / SIGCONT, network partitions and
+//! packet loss (iptables inside the harness's own network namespace), clock skew
+//! (libfaketime), full disks (a ballast file on each node's small tmpfs). Every fault is healed
+//! by `heal_all`, which the runner always calls at the end.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +20,10 @@ pub enum Kind {
     Partition,
     Clock,
     Loss,
+    /// kill -9, then restart with another boot id (a simulated machine restart).
+    Reboot,
+    /// Fill the disk of a minority of nodes.
+    Disk,
 }
 
 impl Kind {
@@ -28,6 +34,8 @@ impl Kind {
             Kind::Partition => "partition",
             Kind::Clock => "clock",
             Kind::Loss => "loss",
+            Kind::Reboot => "reboot",
+            Kind::Disk => "disk",
         }
     }
 
@@ -38,9 +46,11 @@ impl Kind {
             "partition" => Kind::Partition,
             "clock" => Kind::Clock,
             "loss" => Kind::Loss,
+            "reboot" => Kind::Reboot,
+            "disk" => Kind::Disk,
             other => {
                 return Err(format!(
-                "unknown nemesis {other:?}: expected kill, pause, partition, clock, loss or none"
+                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk or none"
             ))
             }
         })
@@ -50,6 +60,28 @@ impl Kind {
     pub fn needs_netns(self) -> bool {
         matches!(self, Kind::Partition | Kind::Loss)
     }
+
+    /// Whether the fault needs root (namespaces, iptables, mounting the nodes' disks).
+    pub fn needs_root(self) -> bool {
+        self.needs_netns() || self == Kind::Disk
+    }
+}
+
+/// Size of each node's disk (a tmpfs over its RocksDB dir) when the disk nemesis is on.
+pub const DISK_MB: u32 = 64;
+/// Nodes' memtable size under the disk nemesis: RocksDB preallocates ~1.1× of it for each WAL
+/// (appends would land in that space and never see the full disk) and, to recover from a full
+/// disk by itself, waits for that much free space (polling every 5 s).
+pub const DISK_WRITE_BUFFER_MB: u32 = 4;
+
+/// The RocksDB dir of a node, where its disk is mounted under the disk nemesis.
+pub fn db_dir(node: &NodeProcess) -> PathBuf {
+    node.data_dir.join("db")
+}
+
+/// A boot id for a simulated machine restart.
+pub fn new_boot_id(rng: &mut StdRng) -> String {
+    format!("jepsen-boot-{:016x}", rng.random::<u64>())
 }
 
 /// The thread-safe libfaketime build (Debian's `libfaketime` package).
@@ -190,6 +222,10 @@ pub fn faketime_env(dir: &Path, node: &str) -> Vec<(String, String)> {
 #[derive(Debug)]
 pub enum Active {
     Killed(Vec<usize>),
+    /// Killed; restarted at heal time (with the new boot id already set).
+    Rebooted(Vec<usize>),
+    /// Disks filled with a ballast file.
+    Filled(Vec<usize>),
     Paused(Vec<usize>),
     Netfilter,
     Skewed(Vec<usize>),
@@ -245,6 +281,24 @@ pub fn start(
             }
             let v = json!({"nodes": names(&victims, nodes)});
             Ok((Active::Killed(victims), v))
+        }
+        Kind::Reboot => {
+            let victims = minority(rng);
+            for &i in &victims {
+                nodes[i].kill9();
+                nodes[i].set_env("RINGKV_BOOT_ID", &new_boot_id(rng));
+            }
+            let v = json!({"nodes": names(&victims, nodes)});
+            Ok((Active::Rebooted(victims), v))
+        }
+        Kind::Disk => {
+            let victims = minority(rng);
+            let mut filled = serde_json::Map::new();
+            for &i in &victims {
+                let bytes = crate::disk::fill(&db_dir(&nodes[i]))?;
+                filled.insert(nodes[i].id.clone(), json!(bytes));
+            }
+            Ok((Active::Filled(victims), json!({"ballast_bytes": filled})))
         }
         Kind::Pause => {
             let victims = minority(rng);
@@ -314,7 +368,7 @@ pub fn start(
 /// Heals one fault. Killed nodes restart on their data dirs.
 pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Result<(), String> {
     match active {
-        Active::Killed(idx) => {
+        Active::Killed(idx) | Active::Rebooted(idx) => {
             for i in idx {
                 if !nodes[i].child_running() {
                     nodes[i].start()?;
@@ -329,6 +383,12 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
             Ok(())
         }
         Active::Netfilter => flush_netfilter(),
+        Active::Filled(idx) => {
+            for i in idx {
+                crate::disk::free(&db_dir(&nodes[i]))?;
+            }
+            Ok(())
+        }
         Active::Skewed(idx) => {
             for i in idx {
                 set_clock(clock_dir, &nodes[i].id, 0)?;

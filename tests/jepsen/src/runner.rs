@@ -205,8 +205,9 @@ async fn register_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node
             None => OpType::Fail,
         };
     }
-    // Writes: read-modify-write (40%), blind (10%), delete with context (10%).
-    let (ctx, ctx_src) = if dice < 90 {
+    // Writes: read-modify-write (40%), delete with the read's context (5%), delete without a
+    // context (5%: the node deletes what a quorum read returns), blind put (10%).
+    let (ctx, ctx_src) = if dice < 85 {
         match recorded_get(shared, p, &key, node, "get").await {
             Some((i, read)) => (Some(read.context), Some(i)),
             None => return OpType::Fail,
@@ -332,13 +333,22 @@ async fn nemesis_loop(
     let interval = Duration::from_secs(cfg.interval_s.max(1));
     let clock_dir = cfg.out.join("nodes");
     let mut count = 0;
+    let mut cycle: Vec<Kind> = Vec::new();
     loop {
         let wait = interval.mul_f64(rng.random_range(0.0..2.0));
         if Instant::now() + wait >= deadline {
             break;
         }
         tokio::time::sleep(wait).await;
-        let kind = cfg.kinds[rng.random_range(0..cfg.kinds.len())];
+        // Every kind once, in a random order, before any repeats: a short run still sees each
+        // of its faults.
+        if cycle.is_empty() {
+            cycle = cfg.kinds.clone();
+            for i in (1..cycle.len()).rev() {
+                cycle.swap(i, rng.random_range(0..=i));
+            }
+        }
+        let kind = cycle.pop().expect("refilled above");
         count += 1;
         let fault = format!("{}-{count}", kind.name());
         let started = {
@@ -402,6 +412,11 @@ async fn heal_all(cfg: &RunConfig, nodes: &Mutex<Vec<NodeProcess>>, errors: &Mut
     }
     for node in ns.iter_mut() {
         node.send_signal(libc::SIGCONT);
+        if cfg.kinds.contains(&Kind::Disk) {
+            if let Err(e) = crate::disk::free(&nemesis::db_dir(node)) {
+                errors.lock().await.push(format!("final heal: {e}"));
+            }
+        }
         if cfg.kinds.contains(&Kind::Clock) {
             let _ = nemesis::set_clock(&cfg.out.join("nodes"), &node.id, 0);
         }
@@ -517,8 +532,20 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         nemesis::setup_netfilter()?;
     }
     let uses_clock = cfg.kinds.contains(&Kind::Clock);
+    let uses_disk = cfg.kinds.contains(&Kind::Disk);
     let n_flag = cfg.n.to_string();
     let mut nodes: Vec<NodeProcess> = Vec::new();
+    // Under the disk nemesis every node's RocksDB dir is a small disk of its own (a tmpfs,
+    // unmounted when the run ends) and its memtable is small (see `nemesis::DISK_WRITE_BUFFER_MB`).
+    let mut disks = Vec::new();
+    let node_config = cfg.out.join("nodes").join("node.toml");
+    if uses_disk {
+        std::fs::write(
+            &node_config,
+            format!("write_buffer_mb = {}\n", nemesis::DISK_WRITE_BUFFER_MB),
+        )
+        .map_err(|e| format!("write {}: {e}", node_config.display()))?;
+    }
     for (i, ip) in ips.iter().enumerate() {
         let id = format!("n{}", i + 1);
         let mut args = vec![
@@ -527,12 +554,21 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             "--sync".into(),
             cfg.sync.clone(),
         ];
+        if uses_disk {
+            args.push("--config".into());
+            args.push(node_config.display().to_string());
+        }
         if let Some(first) = nodes.first() {
             args.push("--seeds".into());
             args.push(first.gossip_addr.clone());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let dir = cfg.out.join("nodes").join(&id);
+        if uses_disk {
+            let disk = crate::disk::SmallDisk::mount(&dir.join("db"), nemesis::DISK_MB)?
+                .ok_or("the disk nemesis needs root (it mounts a small disk per node)")?;
+            disks.push(disk);
+        }
         let mut node = NodeProcess::new(&id, &dir, &format!("{ip}:0"), &args);
         if uses_clock {
             nemesis::set_clock(&cfg.out.join("nodes"), &id, 0)?;
