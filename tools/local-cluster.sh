@@ -24,6 +24,18 @@ stop() {
 }
 trap stop INT TERM
 
+# The cluster secret authenticates gossip and peer connections. Unless RINGKV_CLUSTER_SECRET
+# is set, the local cluster gets a random one, kept (mode 600) in the data folder so restarts
+# reuse it; it is never printed.
+mkdir -p "$data"
+if [ -z "${RINGKV_CLUSTER_SECRET:-}" ]; then
+  if [ ! -s "$data/cluster.secret" ]; then
+    (umask 077; head -c 24 /dev/urandom | base64 > "$data/cluster.secret")
+  fi
+  RINGKV_CLUSTER_SECRET=$(cat "$data/cluster.secret")
+fi
+export RINGKV_CLUSTER_SECRET
+
 seed=127.0.0.1:$((base + 100))
 for i in 1 2 3; do
   client=$((base + 2 * (i - 1)))
@@ -36,7 +48,7 @@ for i in 1 2 3; do
   touch "$data/n$i.log"
   # Logs go to files (a ctrl-c must not kill a log pipe the nodes still write to).
   "$bin/ringkv" --node-id "n$i" --listen "127.0.0.1:$client" --peer-listen "127.0.0.1:$peer" \
-    --gossip-listen "127.0.0.1:$gossip" --cluster-secret "${RINGKV_CLUSTER_SECRET:-local-dev-secret}" \
+    --gossip-listen "127.0.0.1:$gossip" \
     --data-dir "$data/n$i" --n 3 --r 2 --w 2 "${seeds[@]}" 2>>"$data/n$i.log" &
   pids+=($!)
 done
@@ -71,6 +83,7 @@ cat <<MSG
 
 ==> ringkv cluster up: n1 127.0.0.1:$base, n2 127.0.0.1:$((base + 2)), n3 127.0.0.1:$((base + 4))
     N=3 R=2 W=2, data in $data, logs in $data/n*.log. Ctrl-c stops all three.
+    Nodes authenticate each other with the secret in $data/cluster.secret.
     In another terminal:
       kvctl put greeting hello                           # through n1 (the default --addr)
       kvctl --addr 127.0.0.1:$((base + 4)) get greeting           # through n3

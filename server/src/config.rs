@@ -57,7 +57,8 @@ pub struct Cli {
     /// Gossip addresses of existing members to join through (comma-separated).
     #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,
-    /// Shared secret authenticating gossip packets (HMAC-SHA256); also RINGKV_CLUSTER_SECRET.
+    /// Shared secret authenticating gossip packets and peer connections (HMAC-SHA256); also
+    /// RINGKV_CLUSTER_SECRET.
     #[arg(long, env = "RINGKV_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
     /// Phi above which a member is treated as unavailable.
@@ -102,6 +103,10 @@ pub struct Cli {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Start this run with a new actor id (a new incarnation). Required after restoring the
+    /// data dir from a backup or copying it: the old actor's later versions are missing here.
+    #[arg(long)]
+    pub new_incarnation: bool,
 }
 
 /// The TOML file: the same settings as the flags, with underscores.
@@ -163,6 +168,8 @@ pub struct Config {
     pub write_buffer_mb: usize,
     pub log: String,
     pub log_format: LogFormat,
+    /// Start with a new actor (`--new-incarnation`, one-shot).
+    pub new_incarnation: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -380,6 +387,7 @@ impl Config {
             write_buffer_mb,
             log,
             log_format,
+            new_incarnation: cli.new_incarnation,
         })
     }
 

@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         node_id: node_id.clone(),
         sync: config.sync,
         boot_id: boot_id(),
+        new_incarnation: config.new_incarnation,
     };
     let dir = config.data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || -> Result<Store, StoreOpenError> {

@@ -18,7 +18,7 @@
 //! Identity (docs/architecture.md, "Who mints"): the node's actor id is
 //! `node tag ‖ incarnation stamp` (`version::actor_id`). A new incarnation (a new actor) starts
 //! when this node's copy may lack one of its own versions, and only then:
-//! - a fresh data dir;
+//! - a fresh data dir, or one restored from a backup (`--new-incarnation`);
 //! - an unclean stop followed by a machine restart (or an unknown boot id): writes the OS had
 //!   not yet flushed may be gone, in every sync mode (shipped versions are fsynced after they
 //!   leave, and `none` never fsyncs);
@@ -118,6 +118,8 @@ pub struct StoreConfig {
     /// This machine's current boot id (`/proc/sys/kernel/random/boot_id`); `None` = unknown,
     /// which makes every unclean stop count as one across a reboot.
     pub boot_id: Option<String>,
+    /// Start with a new actor whatever the previous stop (after restoring a backup).
+    pub new_incarnation: bool,
 }
 
 /// A mutation for the writer thread.
@@ -392,6 +394,11 @@ impl Store {
             .is_some_and(|b| last_boot.as_deref() == Some(b.as_bytes()));
         let (identity, next_counter, reason) = match previous {
             None => (next_identity(&config.node_id, None), 1, "fresh data dir"),
+            Some((old, _)) if config.new_incarnation => (
+                next_identity(&config.node_id, Some(old)),
+                1,
+                "requested (--new-incarnation): the data dir was restored or copied",
+            ),
             Some((old, _)) if !clean && !same_boot => (
                 next_identity(&config.node_id, Some(old)),
                 1,
