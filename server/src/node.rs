@@ -497,10 +497,21 @@ impl Node {
             value: w.value,
             timestamp_ms: now_ms(),
         };
-        // The state is shipped to the other replicas as soon as it is minted, while this
-        // node's own commit (fsync) runs; the commit counts as this node's ack.
-        let local =
-            tokio::time::timeout_at(TokioInstant::from_std(deadline), self.store.write_early(op));
+        // The state is shipped to the other replicas as soon as it is in this node's copy,
+        // while this node's own fsync runs; the commit counts as this node's ack. With no other
+        // replica to ship to, the write simply commits.
+        let has_peers = alive.iter().any(|n| *n != view.me);
+        let store = self.store.clone();
+        let write = async move {
+            if has_peers {
+                let (outcome, commit) = store.write_early(op).await?;
+                Ok((outcome, Either::Left(commit)))
+            } else {
+                let outcome = store.write(op).await?;
+                Ok((outcome, Either::Right(futures::future::ready(Ok(())))))
+            }
+        };
+        let local = tokio::time::timeout_at(TokioInstant::from_std(deadline), write);
         let (outcome, committed) = match local.await {
             Err(_) => {
                 return Ok(self.quorum_error(

@@ -735,6 +735,14 @@ impl Writer {
         }
     }
 
+    /// The group's batch is durable: so is the lease it persisted, if any.
+    fn synced(&mut self, lease: Option<u64>) {
+        self.stats.synced_batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(lease_end) = lease {
+            self.lease_persisted = lease_end;
+        }
+    }
+
     fn dequeued(&self, job: &Job) {
         self.queued_bytes.fetch_sub(job.bytes, Ordering::AcqRel);
     }
@@ -766,50 +774,59 @@ impl Writer {
         // lost in a power loss could hand out its dots a second time after a restart that does
         // not start a new incarnation (one fsync per COUNTER_LEASE dots).
         let wants_sync = self.sync != SyncMode::None || group.lease.is_some();
+        // Early outcomes may leave between the append and the fsync, unless a dot of the group
+        // waits for its lease to become durable. Only a group that has such outcomes needs the
+        // two steps; any other group (replicas' merges, held-back outcomes) is committed with
+        // one write that includes the fsync, as nothing of it leaves before the commit.
+        let release_between = group.lease.is_none()
+            && answers
+                .iter()
+                .any(|(_, r, res)| matches!((r, res), (Reply::Early { .. }, Some(Ok(_)))));
         let mut append_failure = None;
         let mut sync_failure = None;
-        if !group.batch.is_empty() {
-            match self.engine.write(group.batch, false) {
+        if group.batch.is_empty() {
+            answers = release_early(answers);
+        } else {
+            let one_step_sync = wants_sync && !release_between;
+            match self.engine.write(group.batch, one_step_sync) {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .largest_group
                         .fetch_max(count as u64, Ordering::Relaxed);
+                    if one_step_sync {
+                        self.synced(group.lease);
+                    }
                 }
                 Err(e) => {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was applied or shipped");
+                    error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was shipped");
                     append_failure = Some(e);
+                }
+            }
+            if append_failure.is_none() && release_between {
+                // The group is in this node's copy (memtable and OS page cache): its minted
+                // states may leave while the fsync runs.
+                answers = release_early(answers);
+                if wants_sync {
+                    match self.engine.sync_wal() {
+                        Ok(()) => self.synced(group.lease),
+                        Err(e) => {
+                            self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+                            error!(node = %self.node_id, jobs = count, error = %e,
+                                   "WAL fsync failed: the group is applied here but may not be durable");
+                            // The OS may drop the pages it failed to write: versions this actor
+                            // shipped could vanish from our copy at the next start. Never mint
+                            // with it again.
+                            self.renew_actor("a WAL fsync failed", None, 0);
+                            sync_failure = Some(e);
+                        }
+                    }
                 }
             }
         }
         if append_failure.is_none() {
-            // The group is in this node's copy (memtable and OS page cache). Early outcomes
-            // may leave now, unless a dot of the group waits for a lease to become durable.
-            if group.lease.is_none() {
-                answers = release_early(answers);
-            }
-            if wants_sync {
-                match self.engine.sync_wal() {
-                    Ok(()) => {
-                        self.stats.synced_batches.fetch_add(1, Ordering::Relaxed);
-                        if let Some(lease_end) = group.lease {
-                            self.lease_persisted = lease_end;
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
-                        error!(node = %self.node_id, jobs = count, error = %e,
-                               "WAL fsync failed: the group is applied here but may not be durable");
-                        // The OS may drop the pages it failed to write: versions this actor
-                        // shipped could vanish from our copy at the next start. Never mint
-                        // with it again.
-                        self.renew_actor("a WAL fsync failed", None, 0);
-                        sync_failure = Some(e);
-                    }
-                }
-            }
-            // Only applied states are cached; after a failed append the keys this group took
+            // Only applied states are cached; after a failed write the keys this group took
             // out of the cache stay uncached and are read from the store next time.
             for (dkey, state) in group.overlay {
                 self.cache.insert(dkey, state);
