@@ -102,28 +102,24 @@ pub const MAX_TEXT_LEN: usize = 64 * 1024;
 /// Most entries in a status reply (metrics plus info lines).
 pub const MAX_STATUS_ENTRIES: usize = 4096;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bounds_are_consistent() {
-        // A context with every entry a state may hold fits the context length limit.
-        assert!(MAX_CONTEXT_LEN >= 1 + 4 + 10 + MAX_VV_ENTRIES * 18 + 4);
-        // One entry per sibling of a state at its bound, plus the sibling-less ones.
-        assert!(MAX_VV_ENTRIES >= MAX_STATE_SIBLINGS + MAX_SIBLINGLESS_ENTRIES);
-        // The state bounds are at least the write caps.
-        assert!(MAX_STATE_SIBLINGS >= MAX_SIBLINGS && MAX_STATE_LEN >= MAX_OBJECT_LEN);
-        // A maximum-size value fits a write under the object cap.
-        assert!(MAX_OBJECT_LEN >= MAX_VALUE_LEN);
-        // A read reply of a state at its bounds fits a response frame; a peer frame carries it.
-        assert!(
-            MAX_RESPONSE_BODY_LEN
-                >= MAX_STATE_LEN + MAX_STATE_SIBLINGS * SIBLING_OVERHEAD + MAX_CONTEXT_LEN
-        );
-        assert!(MAX_PEER_BODY_LEN >= MAX_STATE_ENCODED_LEN + MAX_KEY_LEN);
-        assert!(MAX_PEER_BODY_LEN >= MAX_REQUEST_BODY_LEN);
-        assert!(MAX_PEER_BODY_LEN >= MAX_RESPONSE_BODY_LEN);
-        assert!(MAX_HANDSHAKE_BODY_LEN < MAX_REQUEST_BODY_LEN);
-    }
-}
+// The limits are consistent, checked when the crate compiles: a state at its bounds fits a
+// reply, a context and a peer frame; nothing before the handshake can be a full request.
+const _: () = {
+    // A context with every entry a state may hold fits the context length limit.
+    assert!(MAX_CONTEXT_LEN >= 1 + 4 + 10 + MAX_VV_ENTRIES * 18 + 4);
+    // One entry per sibling of a state at its bound, plus the sibling-less ones.
+    assert!(MAX_VV_ENTRIES >= MAX_STATE_SIBLINGS + MAX_SIBLINGLESS_ENTRIES);
+    // The state bounds are at least the write caps.
+    assert!(MAX_STATE_SIBLINGS >= MAX_SIBLINGS && MAX_STATE_LEN >= MAX_OBJECT_LEN);
+    // A maximum-size value fits a write under the object cap.
+    assert!(MAX_OBJECT_LEN >= MAX_VALUE_LEN);
+    // A read reply of a state at its bounds fits a response frame; a peer frame carries it.
+    assert!(
+        MAX_RESPONSE_BODY_LEN
+            >= MAX_STATE_LEN + MAX_STATE_SIBLINGS * SIBLING_OVERHEAD + MAX_CONTEXT_LEN
+    );
+    assert!(MAX_PEER_BODY_LEN >= MAX_STATE_ENCODED_LEN + MAX_KEY_LEN);
+    assert!(MAX_PEER_BODY_LEN >= MAX_REQUEST_BODY_LEN);
+    assert!(MAX_PEER_BODY_LEN >= MAX_RESPONSE_BODY_LEN);
+    assert!(MAX_HANDSHAKE_BODY_LEN < MAX_REQUEST_BODY_LEN);
+};

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ErrorKind, GetOptions, PutOptions};
-use ringkv_jepsen::Cluster;
+use ringkv_jepsen::{metric, Cluster};
 
 use ringkv_jepsen::sorted_values as strings;
 
@@ -27,14 +27,6 @@ const LOCAL: GetOptions = GetOptions {
     local: true,
 };
 
-async fn metric(client: &Client, name: &str) -> u64 {
-    let s = client.status().await.unwrap();
-    s.metrics
-        .iter()
-        .find(|(k, _)| k == name)
-        .unwrap_or_else(|| panic!("no metric {name}"))
-        .1
-}
 
 /// Polls `check` until it returns true or `timeout` passes.
 async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringkv_client::{Client, ErrorKind};
 use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
-use ringkv_jepsen::NodeProcess;
+use ringkv_jepsen::{metric, NodeProcess};
 use ringkv_protocol::limits::MAX_HANDSHAKE_BODY_LEN;
 use ringkv_protocol::peer::{peer_opcode, Hello, MemberInfo, PeerRequest, PeerResponse};
 use ringkv_protocol::Frame;
@@ -22,14 +22,6 @@ fn creds(secret: &str) -> PeerCredentials {
     }
 }
 
-async fn metric(client: &Client, name: &str) -> u64 {
-    let s = client.status().await.unwrap();
-    s.metrics
-        .iter()
-        .find(|(k, _)| k == name)
-        .unwrap_or_else(|| panic!("no metric {name}"))
-        .1
-}
 
 /// A replicated state that would erase `k` if merged: its version vector covers the dot of
 /// the acknowledged write and it holds no sibling (format 1, one entry, no siblings).
@@ -198,8 +190,6 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
             start.elapsed() < Duration::from_secs(15),
             "an unauthenticated connection was kept open"
         );
-        // The connection task notices the close only when it reads: poke it with a ping
-        // that the node will not answer before the handshake.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 

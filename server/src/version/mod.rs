@@ -127,7 +127,7 @@ impl VersionVector {
     /// The entries whose node has an entry with a newer incarnation stamp in this vector.
     fn retired(&self) -> BTreeSet<Actor> {
         let mut newest: HashMap<u64, u64> = HashMap::new();
-        for (&a, _) in &self.0 {
+        for &a in self.0.keys() {
             let e = newest.entry(actor_tag(a)).or_insert(0);
             *e = (*e).max(actor_stamp(a));
         }
@@ -305,6 +305,10 @@ impl KeyState {
 
     /// `prune_retired` with another threshold (tests exercise pruning on small vectors).
     pub(crate) fn prune_retired_above(&mut self, max_siblingless: usize) -> usize {
+        if self.vv.len() <= max_siblingless {
+            // The common case (a few entries): nothing to count, nothing to allocate.
+            return 0;
+        }
         let with_siblings: BTreeSet<Actor> = self.siblings.iter().map(|s| s.dot.actor).collect();
         let siblingless = self
             .vv

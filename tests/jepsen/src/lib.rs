@@ -24,3 +24,14 @@ pub fn sorted_values(read: &ringkv_client::Read) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The value of metric `name` in the status of the node `client` talks to (test helper shared
+/// by the integration tests); panics when the node does not report it.
+pub async fn metric(client: &ringkv_client::Client, name: &str) -> u64 {
+    let s = client.status().await.expect("status");
+    s.metrics
+        .iter()
+        .find(|(k, _)| k == name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .1
+}

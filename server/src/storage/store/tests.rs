@@ -48,6 +48,15 @@ fn delete(key: &str, ctx: VersionVector) -> WriteOp {
     }
 }
 
+/// Removes a key's copy behind the store's back (a restored backup, dropped data): the rest of
+/// the store, counter lease included, stays.
+fn lose_copy(engine: &MemoryEngine, key: &[u8]) {
+    let mut wipe = Batch::default();
+    wipe.ops
+        .push(super::super::BatchOp::Delete(Cf::Data, data_key(key)));
+    engine.write(wipe, true).unwrap();
+}
+
 fn actor(store: &Store) -> Actor {
     store.stats().actor.load(Ordering::Relaxed)
 }
@@ -321,10 +330,7 @@ async fn a_context_ahead_of_our_copy_of_the_key_renews_the_actor() {
     let dot = lost.dot.unwrap();
     crash(store);
     // The copy of "k" is gone (the rest of the store, counter lease included, is intact).
-    let mut wipe = Batch::default();
-    wipe.ops
-        .push(super::super::BatchOp::Delete(Cf::Data, data_key(b"k")));
-    engine.write(wipe, true).unwrap();
+    lose_copy(&engine, b"k");
     let store = open(&engine, SyncMode::Group);
     assert_eq!(actor(&store), dot.actor);
     // A client that read v1 from another replica writes with that read's context.
@@ -333,10 +339,7 @@ async fn a_context_ahead_of_our_copy_of_the_key_renews_the_actor() {
     assert_ne!(next.dot.unwrap().actor, dot.actor, "renewed on amnesia");
     // A replica's state showing a version of ours that our copy lacks is amnesia too.
     crash(store);
-    let mut wipe = Batch::default();
-    wipe.ops
-        .push(super::super::BatchOp::Delete(Cf::Data, data_key(b"k")));
-    engine.write(wipe, true).unwrap();
+    lose_copy(&engine, b"k");
     let store = open(&engine, SyncMode::Group);
     let renewed = actor(&store);
     store
