@@ -27,7 +27,6 @@ const LOCAL: GetOptions = GetOptions {
     local: true,
 };
 
-
 /// Polls `check` until it returns true or `timeout` passes.
 async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where

@@ -22,7 +22,6 @@ fn creds(secret: &str) -> PeerCredentials {
     }
 }
 
-
 /// A replicated state that would erase `k` if merged: its version vector covers the dot of
 /// the acknowledged write and it holds no sibling (format 1, one entry, no siblings).
 fn erasing_state(actor: u64, counter: u64) -> Bytes {

@@ -945,7 +945,10 @@ async fn a_restored_data_dir_starts_a_new_incarnation_on_request() {
     )
     .unwrap();
     let after = store.write(put("k", "w", None)).await.unwrap().dot.unwrap();
-    assert_ne!(after.actor, before.actor, "clean stop, same boot, but requested");
+    assert_ne!(
+        after.actor, before.actor,
+        "clean stop, same boot, but requested"
+    );
     assert_eq!(after.counter, 1);
     store.close();
 }
