@@ -325,10 +325,13 @@ impl Node {
         // about, and a tombstone that does not cover them would leave them readable.
         if let Request::Delete { key, context, opts } = &mut req {
             if context.is_empty() {
-                match self.context_of_quorum_read(key, opts.timeout_ms).await {
+                let deadline = Instant::now() + self.deadline(opts.timeout_ms);
+                match self.context_of_quorum_read(key, deadline).await {
                     Ok(token) => *context = token,
                     Err(resp) => return resp,
                 }
+                // The write gets what is left of the request's deadline.
+                opts.timeout_ms = remaining_ms(deadline);
             }
         }
         let original = req.clone();
@@ -388,9 +391,8 @@ impl Node {
     async fn context_of_quorum_read(
         self: &Arc<Self>,
         key: &Bytes,
-        timeout_ms: u32,
+        deadline: Instant,
     ) -> Result<Bytes, Response> {
-        let deadline = Instant::now() + self.deadline(timeout_ms);
         let needed = self.config.r as usize;
         let state = self
             .quorum_read(
