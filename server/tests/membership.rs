@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 use ringkv_client::conn::Conn;
 use ringkv_client::{Client, ErrorKind, GetOptions, MemberStatus, PutOptions};
 use ringkv_jepsen::{Cluster, NodeProcess};
-use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
+use ringkv_protocol::peer::{
+    CoordinatorRequest, CoordinatorResponse, Hello, MemberInfo, PeerRequest, PeerResponse,
+    SessionRequest,
+};
 
 const ALIVE: u8 = 0;
 const SUSPECT: u8 = 1;
@@ -179,7 +182,7 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
     let conn = Conn::connect(&c.nodes[0].peer_addr, Duration::from_secs(2), 16)
         .await
         .unwrap();
-    let hello = PeerRequest::Hello(Hello {
+    let hello = PeerRequest::Session(SessionRequest::Hello(Hello {
         cluster: "other".into(),
         n: 1,
         me: MemberInfo {
@@ -190,7 +193,7 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
             generation: 1,
         },
         nonce: [0; 32],
-    });
+    }));
     let frame = conn.call(hello.to_frame(1)).await.unwrap();
     match PeerResponse::decode(frame.opcode, frame.body).unwrap() {
         PeerResponse::Error(e) => {
@@ -206,7 +209,9 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
     }
     assert!(c.nodes[0].log_tail(50).contains("refused peer intruder"));
     // The node closed the connection after refusing.
-    let ping = conn.call(PeerRequest::Ping.to_frame(2)).await;
+    let ping = conn
+        .call(PeerRequest::Session(SessionRequest::Ping).to_frame(2))
+        .await;
     assert!(
         ping.is_err(),
         "connection must be closed after a refused handshake"
@@ -405,18 +410,20 @@ async fn a_restarted_node_coordinates_nothing_before_it_hears_from_the_cluster()
         },
     }
     .to_frame(0);
-    let fwd = PeerRequest::Forward {
+    let fwd = PeerRequest::Coordinator(CoordinatorRequest::Forward {
         opcode: put.opcode,
         body: put.body,
-    };
+    });
     match peer.call(&fwd).await.unwrap() {
-        PeerResponse::ForwardReply { opcode, body } => match Response::decode(opcode, body) {
-            Ok(Response::Error(e)) => {
-                assert!(matches!(e.kind, ErrorKind::Unavailable { .. }), "{e:?}");
-                assert!(e.message.contains("joining"), "{}", e.message);
+        PeerResponse::Coordinator(CoordinatorResponse::ForwardReply { opcode, body }) => {
+            match Response::decode(opcode, body) {
+                Ok(Response::Error(e)) => {
+                    assert!(matches!(e.kind, ErrorKind::Unavailable { .. }), "{e:?}");
+                    assert!(e.message.contains("joining"), "{}", e.message);
+                }
+                other => panic!("a forwarded write was coordinated: {other:?}"),
             }
-            other => panic!("a forwarded write was coordinated: {other:?}"),
-        },
+        }
         other => panic!("{other:?}"),
     }
     let local = GetOptions {

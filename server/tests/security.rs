@@ -8,7 +8,10 @@ use ringkv_client::{Client, ErrorKind};
 use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
 use ringkv_jepsen::{metric, NodeProcess};
 use ringkv_protocol::limits::MAX_HANDSHAKE_BODY_LEN;
-use ringkv_protocol::peer::{peer_opcode, Hello, MemberInfo, PeerRequest, PeerResponse};
+use ringkv_protocol::peer::{
+    peer_opcode, CoordinatorRequest, Hello, MemberInfo, PeerRequest, PeerResponse, ReplicaRequest,
+    ReplicaResponse, SessionRequest, SessionResponse,
+};
 use ringkv_protocol::Frame;
 
 const SECRET: &str = "the-right-secret";
@@ -52,7 +55,7 @@ fn zero_counter_state(actor: u64) -> Bytes {
 }
 
 fn hello(nonce: [u8; 32]) -> PeerRequest {
-    PeerRequest::Hello(Hello {
+    PeerRequest::Session(SessionRequest::Hello(Hello {
         cluster: "ringkv".into(),
         n: 1,
         me: MemberInfo {
@@ -63,7 +66,7 @@ fn hello(nonce: [u8; 32]) -> PeerRequest {
             generation: 1,
         },
         nonce,
-    })
+    }))
 }
 
 fn refused(resp: &PeerResponse, kind: ErrorKind) {
@@ -78,15 +81,15 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
     let node = NodeProcess::start_temp("n1", &["--n", "1", "--cluster-secret", SECRET]);
     let client = Client::connect([node.addr.clone()]).await.unwrap();
     let dot = client.put("k", "v", None).await.unwrap().dot;
-    let erase = PeerRequest::Replicate {
+    let erase = PeerRequest::Replica(ReplicaRequest::Replicate {
         key: Bytes::from_static(b"k"),
         state: erasing_state(dot.0, dot.1),
         timeout_ms: 1000,
-    };
-    let read_local = PeerRequest::ReadLocal {
+    });
+    let read_local = PeerRequest::Replica(ReplicaRequest::ReadLocal {
         key: Bytes::from_static(b"k"),
         timeout_ms: 1000,
-    };
+    });
 
     // Control: with the secret the handshake completes and a replica read is served, so the
     // refusals below are the node's doing, not a broken test client.
@@ -100,14 +103,14 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
         Handshake::Accepted(mut peer) => {
             assert!(matches!(
                 peer.call(&read_local).await.unwrap(),
-                PeerResponse::State(_)
+                PeerResponse::Replica(ReplicaResponse::State(_))
             ));
             // Even an authenticated peer cannot slip in a sibling with counter 0.
-            let forged = PeerRequest::Replicate {
+            let forged = PeerRequest::Replica(ReplicaRequest::Replicate {
                 key: Bytes::from_static(b"k"),
                 state: zero_counter_state(dot.0),
                 timeout_ms: 1000,
-            };
+            });
             refused(&peer.call(&forged).await.unwrap(), ErrorKind::Malformed);
         }
         _ => panic!("the right secret must be accepted"),
@@ -140,7 +143,7 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
     let mut raw = RawPeer::connect(&node.peer_addr).await.unwrap();
     assert!(matches!(
         raw.call(&hello(rand::random())).await.unwrap(),
-        PeerResponse::Challenge(_)
+        PeerResponse::Session(SessionResponse::Challenge(_))
     ));
     refused(&raw.call(&erase).await.unwrap(), ErrorKind::Unauthenticated);
     assert!(raw.call(&read_local).await.is_err(), "closed");
@@ -149,16 +152,19 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
     for req in [
         &erase,
         &read_local,
-        &PeerRequest::Forward {
+        &PeerRequest::Coordinator(CoordinatorRequest::Forward {
             opcode: 0x05,
             body: Bytes::new(),
-        },
-        &PeerRequest::HelloProof([0; 32]),
+        }),
+        &PeerRequest::Session(SessionRequest::HelloProof([0; 32])),
     ] {
         let mut raw = RawPeer::connect(&node.peer_addr).await.unwrap();
         let resp = raw.call(req).await.unwrap();
         refused(&resp, ErrorKind::Unauthenticated);
-        assert!(!matches!(resp, PeerResponse::State(_)));
+        assert!(!matches!(
+            resp,
+            PeerResponse::Replica(ReplicaResponse::State(_))
+        ));
     }
 
     // Before the handshake a frame larger than a handshake message is not buffered: it is

@@ -117,10 +117,12 @@ fn json_output_and_explicit_context() {
     assert_eq!(s["node_id"], "n1");
     assert_eq!(s["info"]["sync_mode"], "group");
     assert!(s["metrics"]["requests.put"].as_u64().unwrap() >= 3);
-    assert!(s["info"]["worker.writer"]
-        .as_str()
-        .unwrap()
-        .starts_with("running"));
+    // Every worker is listed by the runner, the writer thread included.
+    for worker in ["writer", "membership", "late_replies"] {
+        let line = s["info"][format!("worker.{worker}")].as_str().unwrap();
+        assert!(!line.starts_with("stopped"), "{worker}: {line}");
+    }
+    assert!(s["metrics"]["requests.put_seconds.count"].as_u64().unwrap() >= 3);
 }
 
 #[test]

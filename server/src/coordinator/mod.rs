@@ -1,289 +1,934 @@
-//! Quorum state machines for reads and writes. Sans-IO: the node feeds them replies, failures
-//! and the deadline; they say when the request is decided and how. No sockets, clocks or disks.
+//! The coordinator service: client get/put/delete coordination across the key's replicas,
+//! forwarding, read repair. Its sans-IO parts are `quorum` (the trackers) and `plan` (the
+//! targets of a key); peers are reached through `rpc::Transport` and the fan-out helper.
 //!
-//! - A write is decided `Ok` at W acks (the coordinator's own included), `Unavailable` as soon
-//!   as too many targets failed for W to be reachable, `Timeout{acks, needed}` at the deadline.
-//! - A read is decided `Ok(merged)` at R replies, merging the replicas' states with `sync`;
-//!   replies that arrive later keep being merged, and every replica whose state differs from
-//!   the final merge is a read-repair target.
+//! Put/delete: the entry node plans the key (first N distinct nodes clockwise). If it is not a
+//! primary it forwards the write once to the first live primary, which coordinates: it mints
+//! the version locally (only replicas mint, see notes/version-vectors.md §4) and ships the
+//! whole resulting state to the other live primaries, answering after W acks (its own
+//! included). Get: any node coordinates; it asks every live primary for its state, answers
+//! after R replies with their merge, and the late-reply worker waits for the rest (until the
+//! deadline) and sends the final merge to every replica that answered with something else
+//! (read repair). Every error starts with the node id.
 
-use std::collections::BTreeSet;
+pub mod plan;
+pub mod quorum;
 
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::{Either, FutureExt};
+use ringkv_protocol::message::{ReadOptions, WriteOptions};
+use ringkv_protocol::peer::{
+    CoordinatorRequest, CoordinatorResponse, PeerRequest, PeerResponse, ReplicaRequest,
+    ReplicaResponse,
+};
+use ringkv_protocol::{
+    CausalContext, ErrorKind, ReadReply, Request, Response, Sibling, WriteReply,
+};
+use tokio::time::Instant as TokioInstant;
+use tracing::{debug, warn};
+
+use crate::clock::now_ms;
+use crate::config::{Config, MAX_TIMEOUT_MS};
+use crate::membership::{ClusterView, Membership};
 use crate::ring::NodeId;
-use crate::version::KeyState;
+use crate::rpc::{FanOut, LateReplies, PeerError, Tracker, Transport};
+use crate::storage::{HexKey, Store, WriteError, WriteOp};
+use crate::version::{KeyState, VersionVector};
+use plan::plan;
+use quorum::{Decision, QuorumError, ReadQuorum, WriteQuorum};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QuorumError {
-    /// Too few targets can still answer: `alive` of `needed`.
-    Unavailable { alive: usize, needed: usize },
-    /// The deadline passed with `acks` of `needed`.
-    Timeout { acks: usize, needed: usize },
+/// Deadline of one read-repair write (it runs after the client was answered).
+pub const READ_REPAIR_TIMEOUT: Duration = Duration::from_secs(2);
+
+crate::metrics::metric_set! {
+    /// Coordination counters (registered without a prefix: the names carry their group).
+    pub struct CoordinatorMetrics {
+        forwarded: Counter = "coordinator.forwarded_writes", "writes forwarded to a primary of their key";
+        forwarded_after_local_failure: Counter = "coordinator.forwarded_after_local_failure", "writes handed to another primary because this one could not write";
+        deletes_read_first: Counter = "coordinator.deletes_read_first", "deletes without context that read a quorum first";
+        coordinated_writes: Counter = "coordinator.writes", "writes coordinated here";
+        coordinated_reads: Counter = "coordinator.reads", "reads coordinated here";
+        replicate_sent: Counter = "coordinator.replicate_sent", "states shipped to replicas";
+        replicate_failed: Counter = "coordinator.replicate_failed", "states a replica did not acknowledge";
+        late_acks: Counter = "coordinator.late_acks", "replica acks that arrived after the answer";
+        read_repairs: Counter = "read_repair.sent", "read repairs sent";
+        read_repair_failed: Counter = "read_repair.failed", "read repairs that failed";
+        peer_forward: Counter = "peer.forward", "writes other nodes forwarded here";
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision<T> {
-    Pending,
-    Ok(T),
-    Failed(QuorumError),
-}
-
-/// Counts acks from distinct targets toward `needed`.
+/// What the coordinator needs of the node's configuration.
 #[derive(Debug, Clone)]
-pub struct WriteQuorum {
-    targets: usize,
-    needed: usize,
-    acks: BTreeSet<NodeId>,
-    failed: BTreeSet<NodeId>,
+pub struct CoordinatorConfig {
+    pub node_id: String,
+    pub n: u8,
+    pub r: u8,
+    pub w: u8,
+    pub request_timeout_ms: u32,
+}
+
+impl CoordinatorConfig {
+    pub fn from_config(c: &Config) -> Self {
+        CoordinatorConfig {
+            node_id: c.node_id.clone(),
+            n: c.n,
+            r: c.r,
+            w: c.w,
+            request_timeout_ms: c.request_timeout_ms,
+        }
+    }
+}
+
+/// Converts a state into what a client sees: its siblings and a context token that covers
+/// exactly them (`KeyState::client_view`: every sibling, unless the state exceeds what one
+/// reply carries).
+pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
+    let view = state.client_view();
+    ReadReply {
+        siblings: view
+            .shown
+            .iter()
+            .map(|s| Sibling {
+                actor: s.dot.actor,
+                counter: s.dot.counter,
+                timestamp_ms: s.timestamp_ms,
+                value: s.value.clone(),
+            })
+            .collect(),
+        context: Bytes::from(view.context.to_context().encode(key)),
+        hidden: view.hidden as u32,
+    }
+}
+
+/// What is left of a deadline, as a wire timeout (at least 1 ms).
+pub fn remaining_ms(deadline: Instant) -> u32 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .clamp(1, u32::MAX as u128) as u32
+}
+
+/// A client write, unpacked.
+struct WriteReq {
+    key: Bytes,
+    /// The versions this write replaces.
+    ctx: VersionVector,
+    value: Option<Bytes>,
+    opts: WriteOptions,
+    is_delete: bool,
+}
+
+/// One replica's answer to a coordinated write.
+enum Ack {
+    /// Another replica acknowledged `Replicate` (true) or did not.
+    Peer(NodeId, bool),
+    /// This node's own commit of the version it minted.
+    Own(Result<(), WriteError>),
+}
+
+/// Counts a coordinated write's acks; remembers why this node's own commit failed.
+struct WriteTracker {
+    quorum: WriteQuorum,
+    me: NodeId,
+    /// Whether this node's own commit counts (it is a live primary of the key).
+    own_counts: bool,
+    own_error: Option<WriteError>,
+    late_acks: u64,
     decided: bool,
 }
 
-impl WriteQuorum {
-    pub fn new(targets: usize, needed: usize) -> Self {
-        WriteQuorum {
-            targets,
-            needed,
-            acks: BTreeSet::new(),
-            failed: BTreeSet::new(),
-            decided: false,
-        }
-    }
+impl Tracker<Ack> for WriteTracker {
+    type Output = ();
 
-    pub fn acks(&self) -> usize {
-        self.acks.len()
-    }
-
-    /// The decision after this event; `Pending` again once decided (each request is answered
-    /// once; later events only update the counts).
-    fn decide(&mut self) -> Decision<()> {
-        if self.decided {
-            return Decision::Pending;
+    fn on_reply(&mut self, ack: Ack) -> Decision<()> {
+        if self.decided && matches!(ack, Ack::Peer(_, true)) {
+            self.late_acks += 1;
         }
-        if self.acks.len() >= self.needed {
+        let d = match ack {
+            Ack::Peer(node, true) => self.quorum.on_ack(node),
+            Ack::Peer(node, false) => self.quorum.on_failure(node),
+            Ack::Own(_) if !self.own_counts => Decision::Pending,
+            Ack::Own(Ok(())) => self.quorum.on_ack(self.me.clone()),
+            Ack::Own(Err(e)) => {
+                self.own_error = Some(e);
+                self.quorum.on_failure(self.me.clone())
+            }
+        };
+        if !matches!(d, Decision::Pending) {
             self.decided = true;
-            return Decision::Ok(());
         }
-        // Saturating: a caller may report more distinct failures than it declared targets.
-        let reachable = self.targets.saturating_sub(self.failed.len());
-        if reachable < self.needed {
-            self.decided = true;
-            return Decision::Failed(QuorumError::Unavailable {
-                alive: reachable,
-                needed: self.needed,
-            });
-        }
-        Decision::Pending
+        d
     }
 
-    pub fn on_ack(&mut self, node: NodeId) -> Decision<()> {
-        if !self.failed.contains(&node) {
-            self.acks.insert(node);
-        }
-        self.decide()
-    }
-
-    pub fn on_failure(&mut self, node: NodeId) -> Decision<()> {
-        if !self.acks.contains(&node) {
-            self.failed.insert(node);
-        }
-        self.decide()
-    }
-
-    /// The deadline passed: decided `Timeout` unless already decided.
-    pub fn on_deadline(&mut self) -> Decision<()> {
-        if self.decided {
-            return Decision::Pending;
-        }
+    fn on_deadline(&mut self) -> QuorumError {
         self.decided = true;
-        Decision::Failed(QuorumError::Timeout {
-            acks: self.acks.len(),
-            needed: self.needed,
-        })
+        match self.quorum.on_deadline() {
+            Decision::Failed(e) => e,
+            _ => QuorumError::Timeout {
+                acks: self.quorum.acks(),
+                needed: self.quorum.needed(),
+            },
+        }
     }
 }
 
-/// Collects replica states toward `needed` replies and merges them.
-#[derive(Debug, Clone)]
-pub struct ReadQuorum {
-    counts: WriteQuorum,
-    replies: Vec<(NodeId, KeyState)>,
-    merged: KeyState,
+/// Merges the replicas' states of a read; what is late still goes in, for read repair.
+struct ReadTracker {
+    quorum: ReadQuorum,
+    node_id: String,
 }
 
-impl ReadQuorum {
-    pub fn new(targets: usize, needed: usize) -> Self {
-        ReadQuorum {
-            counts: WriteQuorum::new(targets, needed),
-            replies: Vec::new(),
-            merged: KeyState::new(),
+impl Tracker<(NodeId, Result<KeyState, String>)> for ReadTracker {
+    type Output = KeyState;
+
+    fn on_reply(
+        &mut self,
+        (replica, result): (NodeId, Result<KeyState, String>),
+    ) -> Decision<KeyState> {
+        match result {
+            Ok(state) => self.quorum.on_reply(replica, state),
+            Err(cause) => {
+                debug!(node = %self.node_id, %replica, %cause, "replica read failed");
+                self.quorum.on_failure(replica)
+            }
         }
     }
 
-    pub fn on_reply(&mut self, node: NodeId, state: KeyState) -> Decision<KeyState> {
-        if self.replies.iter().any(|(n, _)| *n == node) {
-            return Decision::Pending;
+    fn on_deadline(&mut self) -> QuorumError {
+        match self.quorum.on_deadline() {
+            Decision::Failed(e) => e,
+            _ => QuorumError::Timeout {
+                acks: 0,
+                needed: self.quorum.needed(),
+            },
         }
-        self.merged = self.merged.sync(&state);
-        self.replies.push((node.clone(), state));
-        match self.counts.on_ack(node) {
-            Decision::Ok(()) => Decision::Ok(self.merged.clone()),
-            Decision::Failed(e) => Decision::Failed(e),
-            Decision::Pending => Decision::Pending,
-        }
-    }
-
-    pub fn on_failure(&mut self, node: NodeId) -> Decision<KeyState> {
-        match self.counts.on_failure(node) {
-            Decision::Failed(e) => Decision::Failed(e),
-            _ => Decision::Pending,
-        }
-    }
-
-    pub fn on_deadline(&mut self) -> Decision<KeyState> {
-        match self.counts.on_deadline() {
-            Decision::Failed(e) => Decision::Failed(e),
-            _ => Decision::Pending,
-        }
-    }
-
-    /// The merge of every reply received so far.
-    pub fn merged(&self) -> &KeyState {
-        &self.merged
-    }
-
-    /// Whether some replica answered with something other than the merged state: the same
-    /// test as `repair_targets` without building the list (asked on every read).
-    pub fn needs_repair(&self) -> bool {
-        self.replies.iter().any(|(_, s)| *s != self.merged)
-    }
-
-    /// Replicas that answered with something other than the merged state (stale or missing
-    /// versions): they should receive the merged state.
-    pub fn repair_targets(&self) -> Vec<NodeId> {
-        self.replies
-            .iter()
-            .filter(|(_, s)| *s != self.merged)
-            .map(|(n, _)| n.clone())
-            .collect()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::version::{Dot, VersionVector};
-    use bytes::Bytes;
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    store: Arc<Store>,
+    transport: Arc<dyn Transport>,
+    membership: Membership,
+    late: LateReplies,
+    pub metrics: CoordinatorMetrics,
+}
 
-    fn id(s: &str) -> NodeId {
-        s.into()
+impl Coordinator {
+    pub fn new(
+        config: CoordinatorConfig,
+        store: Arc<Store>,
+        transport: Arc<dyn Transport>,
+        membership: Membership,
+        late: LateReplies,
+    ) -> Coordinator {
+        Coordinator {
+            config,
+            store,
+            transport,
+            membership,
+            late,
+            metrics: CoordinatorMetrics::default(),
+        }
     }
 
-    fn state(actor: u64, counter: u64, v: &str) -> KeyState {
-        KeyState::new().update(
-            &VersionVector::new(),
-            Dot { actor, counter },
-            0,
-            Some(Bytes::from(v.to_string())),
+    fn err(&self, kind: ErrorKind, definite: bool, msg: impl std::fmt::Display) -> Response {
+        Response::error(
+            kind,
+            definite,
+            format!("node {}: {msg}", self.config.node_id),
         )
     }
 
-    #[test]
-    fn write_succeeds_at_w_acks_once() {
-        let mut q = WriteQuorum::new(3, 2);
-        assert_eq!(q.on_ack(id("a")), Decision::Pending);
-        assert_eq!(
-            q.on_ack(id("a")),
-            Decision::Pending,
-            "duplicate acks count once"
-        );
-        assert_eq!(q.on_ack(id("b")), Decision::Ok(()));
-        assert_eq!(q.on_ack(id("c")), Decision::Pending, "decided only once");
-        assert_eq!(q.acks(), 3, "late acks are still counted");
-    }
-
-    #[test]
-    fn write_fails_fast_when_w_becomes_unreachable() {
-        let mut q = WriteQuorum::new(3, 3);
-        assert_eq!(q.on_ack(id("a")), Decision::Pending);
-        assert_eq!(
-            q.on_failure(id("b")),
-            Decision::Failed(QuorumError::Unavailable {
-                alive: 2,
-                needed: 3
-            })
-        );
-        let mut q = WriteQuorum::new(3, 2);
-        assert_eq!(q.on_failure(id("b")), Decision::Pending);
-        assert_eq!(q.on_ack(id("a")), Decision::Pending);
-        assert_eq!(q.on_ack(id("c")), Decision::Ok(()));
-    }
-
-    #[test]
-    fn write_times_out_with_the_ack_count() {
-        let mut q = WriteQuorum::new(3, 3);
-        q.on_ack(id("a"));
-        q.on_ack(id("b"));
-        assert_eq!(
-            q.on_deadline(),
-            Decision::Failed(QuorumError::Timeout { acks: 2, needed: 3 })
-        );
-        assert_eq!(q.on_ack(id("c")), Decision::Pending);
-    }
-
-    #[test]
-    fn read_merges_and_finds_repair_targets() {
-        let s1 = state(1, 1, "x");
-        let s2 = s1.update(
-            s1.context(),
-            Dot {
-                actor: 2,
-                counter: 1,
-            },
-            0,
-            Some(Bytes::from_static(b"y")),
-        );
-        let mut q = ReadQuorum::new(3, 2);
-        assert_eq!(q.on_reply(id("a"), s1.clone()), Decision::Pending);
-        assert!(!q.needs_repair(), "one reply is the merge");
-        assert_eq!(q.on_reply(id("b"), s2.clone()), Decision::Ok(s2.clone()));
-        assert!(q.needs_repair(), "a is behind b");
-        // A late, empty replica (it missed the writes).
-        assert_eq!(q.on_reply(id("c"), KeyState::new()), Decision::Pending);
-        assert_eq!(q.merged(), &s2);
-        assert_eq!(q.repair_targets(), vec![id("a"), id("c")]);
-    }
-
-    #[test]
-    fn read_of_concurrent_versions_keeps_both() {
-        let mut q = ReadQuorum::new(2, 2);
-        q.on_reply(id("a"), state(1, 1, "x"));
-        match q.on_reply(id("b"), state(2, 1, "y")) {
-            Decision::Ok(m) => assert_eq!(m.siblings().len(), 2),
-            other => panic!("{other:?}"),
+    fn quorum_error(&self, key: &[u8], e: QuorumError, what: &str, definite: bool) -> Response {
+        let key = HexKey(key.to_vec());
+        match e {
+            QuorumError::Unavailable { alive, needed } => self.err(
+                ErrorKind::Unavailable {
+                    alive: alive as u64,
+                    needed: needed as u64,
+                },
+                definite,
+                format!("key {key}: {what}: {alive} replicas reachable, {needed} needed"),
+            ),
+            QuorumError::Timeout { acks, needed } => self.err(
+                ErrorKind::Timeout {
+                    acks: acks as u64,
+                    needed: needed as u64,
+                },
+                definite,
+                format!("key {key}: {what}: {acks} of {needed} replies before the deadline"),
+            ),
         }
-        assert_eq!(q.repair_targets().len(), 2);
-        assert!(q.needs_repair());
-        let mut agree = ReadQuorum::new(2, 2);
-        agree.on_reply(id("a"), state(1, 1, "x"));
-        agree.on_reply(id("b"), state(1, 1, "x"));
-        assert!(!agree.needs_repair());
-        assert!(agree.repair_targets().is_empty());
     }
 
-    #[test]
-    fn read_unavailable_and_timeout() {
-        let mut q = ReadQuorum::new(3, 3);
-        assert_eq!(
-            q.on_failure(id("a")),
-            Decision::Failed(QuorumError::Unavailable {
-                alive: 2,
-                needed: 3
-            })
-        );
-        let mut q = ReadQuorum::new(3, 2);
-        q.on_reply(id("a"), KeyState::new());
-        assert_eq!(
-            q.on_deadline(),
-            Decision::Failed(QuorumError::Timeout { acks: 1, needed: 2 })
-        );
+    fn deadline(&self, timeout_ms: u32) -> Duration {
+        let ms = if timeout_ms == 0 {
+            self.config.request_timeout_ms
+        } else {
+            timeout_ms.min(MAX_TIMEOUT_MS)
+        };
+        Duration::from_millis(ms as u64)
+    }
+
+    /// Resolves a per-request R or W (0 = the default) and checks 1..=N.
+    fn quorum(&self, what: &str, asked: u8, default: u8, key: &[u8]) -> Result<usize, Response> {
+        let q = if asked == 0 { default } else { asked };
+        if q > self.config.n {
+            return Err(self.err(
+                ErrorKind::InvalidRequest,
+                true,
+                format!(
+                    "key {}: {what}={q} exceeds the replication factor N={}",
+                    HexKey(key.to_vec()),
+                    self.config.n
+                ),
+            ));
+        }
+        Ok(q as usize)
+    }
+
+    fn view(&self) -> Arc<ClusterView> {
+        self.membership.view()
+    }
+
+    /// `Unavailable` while this node does not know the ring (it would route to wrong replicas).
+    pub fn not_ready(&self) -> Option<Response> {
+        (!self.view().ready).then(|| {
+            self.err(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                "joining the cluster: the ring is not known yet; retry shortly or use another node",
+            )
+        })
+    }
+
+    fn context_error(&self, key: &[u8], token: &[u8]) -> Response {
+        let cause = CausalContext::decode(token, key)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        self.err(
+            ErrorKind::InvalidRequest,
+            true,
+            format!(
+                "key {}: invalid causal context: {cause} (send back the token a read of this key returned)",
+                HexKey(key.to_vec())
+            ),
+        )
+    }
+
+    fn unpack_write(&self, req: Request) -> Result<WriteReq, Response> {
+        let (key, context, value, opts, is_delete) = match req {
+            Request::Put {
+                key,
+                value,
+                context,
+                opts,
+            } => (key, context, Some(value), opts, false),
+            Request::Delete { key, context, opts } => (key, context, None, opts, true),
+            other => {
+                return Err(self.err(
+                    ErrorKind::InvalidRequest,
+                    true,
+                    format!("opcode 0x{:02x} is not a write", other.opcode()),
+                ))
+            }
+        };
+        let ctx = match CausalContext::decode(&context, &key) {
+            Ok(c) => VersionVector::from_context(&c),
+            Err(_) => return Err(self.context_error(&key, &context)),
+        };
+        Ok(WriteReq {
+            key,
+            ctx,
+            value,
+            opts,
+            is_delete,
+        })
+    }
+
+    /// A client put or delete, validated by the api layer.
+    pub async fn write(self: &Arc<Self>, req: Request) -> Response {
+        if let Some(resp) = self.not_ready() {
+            return resp;
+        }
+        self.coordinate(req, false).await
+    }
+
+    /// A client get, validated by the api layer.
+    pub async fn get(self: &Arc<Self>, key: Bytes, opts: ReadOptions) -> Response {
+        let deadline = Instant::now() + self.deadline(opts.timeout_ms);
+        if opts.flags & ReadOptions::LOCAL != 0 {
+            let read = tokio::time::timeout_at(
+                TokioInstant::from_std(deadline),
+                self.store.read(key.clone()),
+            );
+            return match read.await {
+                Err(_) => self.quorum_error(
+                    &key,
+                    QuorumError::Timeout { acks: 0, needed: 1 },
+                    "local read",
+                    true,
+                ),
+                Ok(Err(e)) => self.err(
+                    ErrorKind::Internal,
+                    true,
+                    format!("key {}: {e}", HexKey(key.to_vec())),
+                ),
+                Ok(Ok(state)) => Response::Get(read_reply(&key, &state)),
+            };
+        }
+        if let Some(resp) = self.not_ready() {
+            return resp;
+        }
+        let needed = match self.quorum("R", opts.r, self.config.r, &key) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        match self
+            .quorum_read(key.clone(), needed, deadline, "read")
+            .await
+        {
+            Ok(merged) => Response::Get(read_reply(&key, &merged)),
+            Err(resp) => resp,
+        }
+    }
+
+    /// A write another node forwarded here (the coordinator family); never forwarded again.
+    pub async fn serve_peer(self: &Arc<Self>, req: CoordinatorRequest) -> PeerResponse {
+        let CoordinatorRequest::Forward { opcode, body } = req;
+        self.metrics.peer_forward.inc();
+        // A node that does not know the ring yet would coordinate with the wrong replicas,
+        // whoever sent the write.
+        let resp = match self.not_ready() {
+            Some(resp) => resp,
+            None => self.forwarded_write(opcode, body).await,
+        };
+        let frame = resp.to_frame(0);
+        PeerResponse::Coordinator(CoordinatorResponse::ForwardReply {
+            opcode: frame.opcode,
+            body: frame.body,
+        })
+    }
+
+    async fn forwarded_write(self: &Arc<Self>, opcode: u8, body: Bytes) -> Response {
+        match Request::decode(opcode, body) {
+            Ok(req @ (Request::Put { .. } | Request::Delete { .. })) => match req.validate() {
+                Ok(()) => self.coordinate(req, true).await,
+                Err((kind, msg)) => self.err(kind, true, msg),
+            },
+            Ok(other) => self.err(
+                ErrorKind::InvalidRequest,
+                true,
+                format!(
+                    "only writes can be forwarded, got opcode 0x{:02x}",
+                    other.opcode()
+                ),
+            ),
+            Err(e) => self.err(
+                ErrorKind::Malformed,
+                true,
+                format!("forwarded request: {e}"),
+            ),
+        }
+    }
+
+    /// Coordinates a put or delete. `forwarded` = an entry node already forwarded it here.
+    async fn coordinate(self: &Arc<Self>, mut req: Request, forwarded: bool) -> Response {
+        // A delete without a context deletes what a quorum read returns, like Riak's delete
+        // without a vclock: the coordinator's own copy may lack versions the client was told
+        // about, and a tombstone that does not cover them would leave them readable.
+        if let Request::Delete { key, context, opts } = &mut req {
+            if context.is_empty() {
+                let deadline = Instant::now() + self.deadline(opts.timeout_ms);
+                match self.context_of_quorum_read(key, deadline).await {
+                    Ok(token) => *context = token,
+                    Err(resp) => return resp,
+                }
+                // The write gets what is left of the request's deadline.
+                opts.timeout_ms = remaining_ms(deadline);
+            }
+        }
+        let original = req.clone();
+        let w = match self.unpack_write(req) {
+            Ok(w) => w,
+            Err(resp) => return resp,
+        };
+        let needed = match self.quorum("W", w.opts.w, self.config.w, &w.key) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let deadline = Instant::now() + self.deadline(w.opts.timeout_ms);
+        let view = self.view();
+        let plan = plan(&view, &w.key, self.config.n as usize);
+        let alive = plan.primaries_alive;
+        if alive.len() < needed {
+            return self.quorum_error(
+                &w.key,
+                QuorumError::Unavailable {
+                    alive: alive.len(),
+                    needed,
+                },
+                "write refused before any replica was written",
+                true,
+            );
+        }
+        if !forwarded && !plan.preference.contains(&view.me) {
+            return self
+                .forward(original, &w.key, needed, &alive, &view, deadline)
+                .await;
+        }
+        self.metrics.coordinated_writes.inc();
+        let key = w.key.clone();
+        match self
+            .coordinate_write(w, needed, alive.clone(), &view, deadline)
+            .await
+        {
+            Ok(resp) => resp,
+            // This replica cannot write (full disk, unreadable copy): nothing was applied or
+            // shipped, and it must not mint. Another replica coordinates instead (once).
+            Err(local) if !forwarded => {
+                let others: Vec<NodeId> = alive.into_iter().filter(|n| *n != view.me).collect();
+                if others.is_empty() {
+                    return self.write_error(local);
+                }
+                self.metrics.forwarded_after_local_failure.inc();
+                warn!(node = %self.config.node_id, key = %HexKey(key.to_vec()), error = %local,
+                      "this replica cannot write; forwarding the write to another replica");
+                self.forward(original, &key, needed, &others, &view, deadline)
+                    .await
+            }
+            Err(local) => self.write_error(local),
+        }
+    }
+
+    /// The context token of a quorum read of `key` (R = the node's default), for a delete sent
+    /// without one. A failed read fails the delete before anything is written.
+    async fn context_of_quorum_read(
+        self: &Arc<Self>,
+        key: &Bytes,
+        deadline: Instant,
+    ) -> Result<Bytes, Response> {
+        let needed = self.config.r as usize;
+        let state = self
+            .quorum_read(
+                key.clone(),
+                needed,
+                deadline,
+                "delete without context: reading the versions to delete",
+            )
+            .await?;
+        self.metrics.deletes_read_first.inc();
+        Ok(read_reply(key, &state).context)
+    }
+
+    /// Sends a write to the first reachable replica, which coordinates it.
+    async fn forward(
+        &self,
+        mut req: Request,
+        key: &[u8],
+        needed: usize,
+        alive: &[NodeId],
+        view: &ClusterView,
+        deadline: Instant,
+    ) -> Response {
+        for target in alive {
+            let Some(addr) = view.peer_addr(target) else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // The replica gets what is left of the client's deadline.
+            if let Request::Put { opts, .. } | Request::Delete { opts, .. } = &mut req {
+                opts.timeout_ms = left.as_millis().max(1) as u32;
+            }
+            let frame = req.to_frame(0);
+            let fwd = PeerRequest::Coordinator(CoordinatorRequest::Forward {
+                opcode: frame.opcode,
+                body: frame.body,
+            });
+            self.metrics.forwarded.inc();
+            let call = self.transport.clone().call(
+                addr.to_string(),
+                fwd,
+                left + Duration::from_millis(200),
+            );
+            match call.await {
+                Ok(PeerResponse::Coordinator(CoordinatorResponse::ForwardReply {
+                    opcode,
+                    body,
+                })) => {
+                    return Response::decode(opcode, body).unwrap_or_else(|e| {
+                        self.err(
+                            ErrorKind::Internal,
+                            false,
+                            format!("undecodable reply to a write forwarded to {target}: {e}"),
+                        )
+                    })
+                }
+                Ok(other) => {
+                    return self.err(
+                        ErrorKind::Internal,
+                        false,
+                        format!("unexpected reply {other:?} to a write forwarded to {target}"),
+                    )
+                }
+                Err(PeerError::Remote(e)) => return Response::Error(e),
+                Err(e) if e.not_sent() => {
+                    continue;
+                }
+                Err(e) => {
+                    return self.err(
+                        ErrorKind::Timeout {
+                            acks: 0,
+                            needed: needed as u64,
+                        },
+                        false,
+                        format!(
+                            "key {}: write forwarded to replica {target}, outcome unknown: {e}",
+                            HexKey(key.to_vec())
+                        ),
+                    );
+                }
+            }
+        }
+        self.quorum_error(
+            key,
+            QuorumError::Unavailable { alive: 0, needed },
+            "no replica accepted the forwarded write",
+            true,
+        )
+    }
+
+    /// Mints the version here and replicates the resulting state to the other live replicas.
+    /// `Err` = this replica's own write failed before anything was applied or shipped (a full
+    /// disk, an unreadable copy, shutting down): the caller may let another replica coordinate.
+    async fn coordinate_write(
+        self: &Arc<Self>,
+        w: WriteReq,
+        needed: usize,
+        alive: Vec<NodeId>,
+        view: &ClusterView,
+        deadline: Instant,
+    ) -> Result<Response, WriteError> {
+        let op = WriteOp::Update {
+            key: w.key.clone(),
+            ctx: w.ctx,
+            value: w.value,
+            timestamp_ms: now_ms(),
+        };
+        // The state is shipped to the other replicas as soon as it is in this node's copy,
+        // while this node's own fsync runs; the commit counts as this node's ack. With no other
+        // replica to ship to, the write simply commits.
+        let has_peers = alive.iter().any(|n| *n != view.me);
+        let store = self.store.clone();
+        let write = async move {
+            if has_peers {
+                let (outcome, commit) = store.write_early(op).await?;
+                Ok((outcome, Either::Left(commit)))
+            } else {
+                let outcome = store.write(op).await?;
+                Ok((outcome, Either::Right(futures::future::ready(Ok(())))))
+            }
+        };
+        let local = tokio::time::timeout_at(TokioInstant::from_std(deadline), write);
+        let (outcome, committed) = match local.await {
+            Err(_) => {
+                return Ok(self.quorum_error(
+                    &w.key,
+                    QuorumError::Timeout { acks: 0, needed },
+                    "local write not committed",
+                    false,
+                ))
+            }
+            Ok(Err(e @ WriteError::ShuttingDown)) => return Err(e),
+            Ok(Err(e @ WriteError::Storage { .. })) if e.is_definite() => return Err(e),
+            Ok(Err(e)) => return Ok(self.write_error(e)),
+            Ok(Ok(o)) => o,
+        };
+        let dot = outcome.dot.expect("updates always mint a dot");
+        // A forwarded write whose sender's ring view differs from ours may land on a node that
+        // is not (or no longer) a live replica of the key: then its own commit is no ack.
+        let mut tracker = WriteTracker {
+            quorum: WriteQuorum::new(alive.len().max(1), needed),
+            me: view.me.clone(),
+            own_counts: alive.contains(&view.me),
+            own_error: None,
+            late_acks: 0,
+            decided: false,
+        };
+        let state = Bytes::from(outcome.state.encode());
+        let mut fan = FanOut::new(deadline);
+        let mut peer_targets = 0;
+        for target in alive.into_iter().filter(|n| *n != view.me) {
+            peer_targets += 1;
+            fan.push(
+                self.replicate(target, view, w.key.clone(), state.clone(), deadline)
+                    .map(|(node, ok)| Ack::Peer(node, ok)),
+            );
+        }
+        let node_id = self.config.node_id.clone();
+        let key = w.key.clone();
+        fan.push(async move {
+            let result = committed.await;
+            if let Err(e) = &result {
+                warn!(node = %node_id, key = %HexKey(key.to_vec()), error = %e,
+                      "coordinator's own commit failed after the state was shipped");
+            }
+            Ack::Own(result)
+        });
+        let decided = fan.decide(&mut tracker).await;
+        let answer = match decided {
+            Ok(()) => None,
+            // The cause is this node's storage: say so, not just "too few acks". Definite only
+            // when no other replica was sent the state.
+            Err(_) if tracker.own_error.is_some() => {
+                let cause = tracker.own_error.take().expect("checked by the guard");
+                Some(self.own_commit_failed(
+                    &w.key,
+                    cause,
+                    tracker.quorum.acks(),
+                    needed,
+                    peer_targets == 0,
+                ))
+            }
+            Err(e) => {
+                Some(self.quorum_error(&w.key, e, "write applied on fewer replicas than W", false))
+            }
+        };
+        if !fan.is_empty() {
+            // Replicas beyond W still get the write; their acks arrive after the answer.
+            tracker.decided = true;
+            let coordinator = self.clone();
+            fan.finish_late(&self.late, tracker, move |t| {
+                coordinator.metrics.late_acks.inc_by(t.late_acks);
+                Box::pin(async {})
+            });
+        }
+        if let Some(resp) = answer {
+            return Ok(resp);
+        }
+        let body = (w.opts.flags & WriteOptions::RETURN_BODY != 0)
+            .then(|| read_reply(&w.key, &outcome.state));
+        let reply = WriteReply {
+            actor: dot.actor,
+            counter: dot.counter,
+            body,
+        };
+        Ok(if w.is_delete {
+            Response::Delete(reply)
+        } else {
+            Response::Put(reply)
+        })
+    }
+
+    /// Ships a key's state to one replica; resolves to whether it acknowledged. A `'static`
+    /// future (bounded by `deadline`), so unfinished ones can move to the late-reply worker.
+    fn replicate(
+        self: &Arc<Self>,
+        target: NodeId,
+        view: &ClusterView,
+        key: Bytes,
+        state: Bytes,
+        deadline: Instant,
+    ) -> impl Future<Output = (NodeId, bool)> + Send + 'static {
+        let coordinator = self.clone();
+        let addr = view.peer_addr(&target).map(str::to_string);
+        async move {
+            let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+                key,
+                state,
+                timeout_ms: remaining_ms(deadline),
+            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            coordinator.metrics.replicate_sent.inc();
+            let result = match addr {
+                None => Err(PeerError::Unreachable(format!("no address for {target}"))),
+                Some(addr) => coordinator.transport.clone().call(addr, req, left).await,
+            };
+            if let Err(e) = &result {
+                coordinator.metrics.replicate_failed.inc();
+                debug!(node = %coordinator.config.node_id, replica = %target, error = %e, "replicate failed");
+            }
+            let acked = matches!(result, Ok(PeerResponse::Replica(ReplicaResponse::Ack)));
+            (target, acked)
+        }
+    }
+
+    fn write_error(&self, e: WriteError) -> Response {
+        self.err(e.kind(), e.is_definite(), e)
+    }
+
+    /// A coordinated write whose own commit failed and that W was not reached without it:
+    /// answered with the storage cause (`Internal`), not as a bare quorum shortfall.
+    fn own_commit_failed(
+        &self,
+        key: &[u8],
+        cause: WriteError,
+        acks: usize,
+        needed: usize,
+        only_replica: bool,
+    ) -> Response {
+        let definite = only_replica && cause.is_definite();
+        let outcome = if definite {
+            "nothing was written"
+        } else {
+            "other replicas may hold the version"
+        };
+        self.err(
+            ErrorKind::Internal,
+            definite,
+            format!(
+                "key {}: this replica's commit failed ({cause}); {acks} of {needed} replicas \
+                 acknowledged, {outcome}",
+                HexKey(key.to_vec())
+            ),
+        )
+    }
+
+    /// Reads `key` from its live replicas and returns the merge of the first `needed` replies;
+    /// the rest is gathered by the late-reply worker for read repair. Errors are definite (a
+    /// read changes nothing); `what` names the operation in them.
+    async fn quorum_read(
+        self: &Arc<Self>,
+        key: Bytes,
+        needed: usize,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<KeyState, Response> {
+        let view = self.view();
+        let alive = plan(&view, &key, self.config.n as usize).primaries_alive;
+        if alive.len() < needed {
+            return Err(self.quorum_error(
+                &key,
+                QuorumError::Unavailable {
+                    alive: alive.len(),
+                    needed,
+                },
+                what,
+                true,
+            ));
+        }
+        self.metrics.coordinated_reads.inc();
+        // Every live replica is asked (the coordinator's own state is read inline when it is
+        // in memory); the caller is answered at R replies.
+        let mut fan = FanOut::new(deadline);
+        for target in &alive {
+            fan.push(self.replica_state(target.clone(), &view, key.clone(), deadline));
+        }
+        let mut tracker = ReadTracker {
+            quorum: ReadQuorum::new(alive.len(), needed),
+            node_id: self.config.node_id.clone(),
+        };
+        let answer = fan
+            .decide(&mut tracker)
+            .await
+            .map_err(|e| self.quorum_error(&key, e, what, true));
+        if !fan.is_empty() || tracker.quorum.needs_repair() {
+            let coordinator = self.clone();
+            fan.finish_late(&self.late, tracker, move |t| {
+                Box::pin(async move { coordinator.read_repair(&key, &t.quorum, &view).await })
+            });
+        }
+        answer
+    }
+
+    /// One replica's state of `key` for a read: this node's own from the store, another's
+    /// over the peer protocol. A `'static` future, so unfinished ones can move on.
+    fn replica_state(
+        self: &Arc<Self>,
+        target: NodeId,
+        view: &ClusterView,
+        key: Bytes,
+        deadline: Instant,
+    ) -> impl Future<Output = (NodeId, Result<KeyState, String>)> + Send + 'static {
+        let coordinator = self.clone();
+        let addr = view.peer_addr(&target).map(str::to_string);
+        let is_me = target == view.me;
+        async move {
+            let result = if is_me {
+                coordinator.store.read(key).await.map_err(|e| e.to_string())
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match addr {
+                    None => Err(format!("no address for {target}")),
+                    Some(addr) => {
+                        let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                            key: key.clone(),
+                            timeout_ms: remaining_ms(deadline),
+                        });
+                        let call = coordinator.transport.clone().call(addr.clone(), req, left);
+                        match call.await {
+                            Ok(PeerResponse::Replica(ReplicaResponse::State(b))) => {
+                                KeyState::decode(&b).map_err(|e| {
+                                    format!(
+                                        "key {}: state from {addr} does not decode: {e}",
+                                        HexKey(key.to_vec())
+                                    )
+                                })
+                            }
+                            Ok(other) => Err(format!("unexpected reply {other:?}")),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                }
+            };
+            (target, result)
+        }
+    }
+
+    async fn read_repair(&self, key: &Bytes, q: &ReadQuorum, view: &ClusterView) {
+        let targets = q.repair_targets();
+        if targets.is_empty() {
+            return;
+        }
+        let merged = q.merged().clone();
+        let state = Bytes::from(merged.encode());
+        for target in targets {
+            self.metrics.read_repairs.inc();
+            let result = if target == view.me {
+                self.store
+                    .write(WriteOp::Merge {
+                        key: key.clone(),
+                        state: merged.clone(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+                    key: key.clone(),
+                    state: state.clone(),
+                    timeout_ms: READ_REPAIR_TIMEOUT.as_millis() as u32,
+                });
+                match view.peer_addr(&target) {
+                    None => Err("no address".to_string()),
+                    Some(addr) => {
+                        let call =
+                            self.transport
+                                .clone()
+                                .call(addr.to_string(), req, READ_REPAIR_TIMEOUT);
+                        match call.await {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                }
+            };
+            if let Err(cause) = result {
+                self.metrics.read_repair_failed.inc();
+                warn!(node = %self.config.node_id, replica = %target, key = %HexKey(key.to_vec()), %cause, "read repair failed");
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Cluster membership and liveness: SWIM gossip (foca) over UDP plus a phi-accrual detector.
 //!
-//! The driver task (`swim.rs`) owns foca, the socket, the timers and the detector, and publishes
+//! The driver worker (`swim.rs`) owns foca, the socket, the timers and the detector, and publishes
 //! an immutable `ClusterView` through a `watch` channel; the rest of the node only reads
 //! snapshots (`Membership::view`) or asks for details (`Membership::members`).
 //!
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ring::{NodeId, Ring};
-use swim::{Command, Driver, GossipStats, RingId, SwimConfig};
+use swim::{Command, Driver, GossipStats, MembershipWorker, RingId, SwimConfig};
 
 /// An immutable snapshot of the cluster as this node sees it.
 #[derive(Debug, Clone)]
@@ -72,13 +72,15 @@ impl Membership {
         rx.await.ok()
     }
 
-    /// Starts the gossip driver on an already bound UDP socket.
+    /// The gossip driver on an already bound UDP socket, as a worker to start on the runner,
+    /// and the handle the services read the view from. `leave` is the node's shutdown signal
+    /// (the driver then tells the cluster it is leaving).
     pub fn start(
         me: MemberInfo,
         socket: UdpSocket,
         cfg: SwimConfig,
-        shutdown: CancellationToken,
-    ) -> Membership {
+        leave: CancellationToken,
+    ) -> (Membership, MembershipWorker) {
         let gossip_addr = socket
             .local_addr()
             .expect("a bound UDP socket has an address");
@@ -109,11 +111,24 @@ impl Membership {
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let stats = Arc::new(GossipStats::default());
         let driver = Driver::new(id, cfg, socket, view_tx, stats.clone());
-        tokio::spawn(driver.run(cmd_rx, shutdown));
-        Membership {
+        let membership = Membership {
             view: view_rx,
             commands: cmd_tx,
             stats,
-        }
+        };
+        (membership, driver.into_worker(cmd_rx, leave))
+    }
+
+    /// A handle on a view set by the caller, with no gossip behind it (unit tests of the
+    /// services): `members()` answers `None`.
+    pub fn fixed(view: ClusterView) -> (Membership, watch::Sender<Arc<ClusterView>>) {
+        let (view_tx, view_rx) = watch::channel(Arc::new(view));
+        let (commands, _) = mpsc::channel(1);
+        let membership = Membership {
+            view: view_rx,
+            commands,
+            stats: Arc::new(GossipStats::default()),
+        };
+        (membership, view_tx)
     }
 }

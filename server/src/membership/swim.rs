@@ -6,7 +6,6 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use super::phi::{PhiConfig, PhiDetector};
 use super::ClusterView;
+use crate::background::{Progress, Worker, WorkerState};
 use crate::ring::{NodeId, Ring};
 
 /// A member's identity in SWIM: who it is, where to reach it, and which process generation.
@@ -143,38 +143,20 @@ impl BroadcastHandler<RingId> for MetaHandler {
     }
 }
 
-/// Gossip counters, shown in `status`.
-#[derive(Debug, Default)]
-pub struct GossipStats {
-    pub packets_in: AtomicU64,
-    pub packets_out: AtomicU64,
-    pub heartbeats_in: AtomicU64,
-    pub rejected_short: AtomicU64,
-    pub rejected_version: AtomicU64,
-    pub rejected_cluster: AtomicU64,
-    pub rejected_mac: AtomicU64,
-    pub rejected_stale: AtomicU64,
-    pub foca_errors: AtomicU64,
-    pub members_down: AtomicU64,
-    pub rejoins: AtomicU64,
-}
-
-impl GossipStats {
-    pub fn snapshot(&self) -> Vec<(String, u64)> {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        vec![
-            ("gossip.packets_in".into(), l(&self.packets_in)),
-            ("gossip.packets_out".into(), l(&self.packets_out)),
-            ("gossip.heartbeats_in".into(), l(&self.heartbeats_in)),
-            ("gossip.rejected_short".into(), l(&self.rejected_short)),
-            ("gossip.rejected_version".into(), l(&self.rejected_version)),
-            ("gossip.rejected_cluster".into(), l(&self.rejected_cluster)),
-            ("gossip.rejected_mac".into(), l(&self.rejected_mac)),
-            ("gossip.rejected_stale".into(), l(&self.rejected_stale)),
-            ("gossip.foca_errors".into(), l(&self.foca_errors)),
-            ("gossip.members_down_events".into(), l(&self.members_down)),
-            ("gossip.rejoins".into(), l(&self.rejoins)),
-        ]
+crate::metrics::metric_set! {
+    /// Gossip counters (registered under `gossip.`).
+    pub struct GossipStats {
+        packets_in: Counter = "packets_in", "gossip packets received";
+        packets_out: Counter = "packets_out", "gossip packets sent";
+        heartbeats_in: Counter = "heartbeats_in", "phi heartbeats received";
+        rejected_short: Counter = "rejected_short", "packets too short for the envelope";
+        rejected_version: Counter = "rejected_version", "packets of an unknown envelope version";
+        rejected_cluster: Counter = "rejected_cluster", "packets of another cluster";
+        rejected_mac: Counter = "rejected_mac", "packets whose MAC did not verify (wrong secret)";
+        rejected_stale: Counter = "rejected_stale", "packets outside the replay window";
+        foca_errors: Counter = "foca_errors", "errors reported by foca";
+        members_down: Counter = "members_down_events", "members declared down";
+        rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
     }
 }
 
@@ -331,7 +313,7 @@ pub enum Command {
 }
 
 fn now_ms() -> u64 {
-    crate::node::now_ms()
+    crate::clock::now_ms()
 }
 
 /// The version of a node's next metadata publication: one more than the last, and at least
@@ -447,52 +429,29 @@ impl Driver {
         }
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
-        self.publish_meta(RingStatus::Joining);
-        self.announce_to_seeds();
-        self.drain();
-        self.publish_view();
-        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        let mut announce = tokio::time::interval(ANNOUNCE_INTERVAL);
-        let mut republish = tokio::time::interval(META_REPUBLISH);
-        let mut refresh = tokio::time::interval(VIEW_REFRESH);
-        for t in [&mut heartbeat, &mut announce, &mut republish, &mut refresh] {
+    /// The driver as a background worker: each step handles one event (a packet, a timer, a
+    /// command). `leave` is the node's shutdown signal: on it the driver tells the cluster it
+    /// is leaving (so peers stop routing here at once, while requests drain) and stops.
+    pub fn into_worker(
+        self,
+        commands: mpsc::Receiver<Command>,
+        leave: CancellationToken,
+    ) -> MembershipWorker {
+        let interval = |period| {
+            let mut t = tokio::time::interval(period);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        }
-        let far = Instant::now() + Duration::from_secs(3600);
-        loop {
-            let next_timer = self
-                .timers
-                .peek()
-                .map(|Reverse((at, _))| *at)
-                .unwrap_or(far);
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Tell the cluster we are leaving, so peers do not wait for probes to fail.
-                    if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
-                        debug!(node = %self.me.node_id, error = %e, "leave_cluster");
-                    }
-                    self.drain();
-                    return;
-                }
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((len, from)) => self.on_packet(&buf[..len], from),
-                    Err(e) => debug!(node = %self.me.node_id, error = %e, "gossip recv failed"),
-                },
-                _ = tokio::time::sleep_until(next_timer) => self.fire_timers(),
-                _ = heartbeat.tick() => self.send_heartbeats(),
-                _ = announce.tick(), if !self.active => self.announce_to_seeds(),
-                _ = republish.tick() => {
-                    let status = if self.active { RingStatus::Normal } else { self.my_meta.status };
-                    self.publish_meta(status);
-                }
-                _ = refresh.tick() => self.publish_view(),
-                Some(cmd) = commands.recv() => match cmd {
-                    Command::Members(reply) => { let _ = reply.send(self.members_reply()); }
-                },
-            }
-            self.drain();
+            t
+        };
+        MembershipWorker {
+            driver: self,
+            commands,
+            leave,
+            started: false,
+            buf: vec![0u8; MAX_DATAGRAM + 1],
+            heartbeat: interval(HEARTBEAT_INTERVAL),
+            announce: interval(ANNOUNCE_INTERVAL),
+            republish: interval(META_REPUBLISH),
+            refresh: interval(VIEW_REFRESH),
         }
     }
 
@@ -500,7 +459,7 @@ impl Driver {
         let pkt = self.envelope.seal(kind, &self.me, now_ms(), payload);
         // Gossip is best effort: a full socket buffer drops the packet (SWIM tolerates loss).
         if self.socket.try_send_to(&pkt, to).is_ok() {
-            self.stats.packets_out.fetch_add(1, Ordering::Relaxed);
+            self.stats.packets_out.inc();
         }
     }
 
@@ -518,7 +477,7 @@ impl Driver {
                 "timestamp outside the replay window",
             ),
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         // One line per reason per 10 s: a misconfigured node must not flood the log.
         let now = Instant::now();
         let due = self
@@ -539,17 +498,17 @@ impl Driver {
             Ok(o) => (o.kind, o.node_id.to_string(), o.payload.to_vec()),
             Err(why) => return self.reject(why, from),
         };
-        self.stats.packets_in.fetch_add(1, Ordering::Relaxed);
+        self.stats.packets_in.inc();
         let now = Instant::now();
         self.last_heard.insert(node_id.clone(), now);
         match kind {
             KIND_HEARTBEAT => {
-                self.stats.heartbeats_in.fetch_add(1, Ordering::Relaxed);
+                self.stats.heartbeats_in.inc();
                 self.phi.heartbeat(&node_id, now.into_std());
             }
             KIND_FOCA => {
                 if let Err(e) = self.foca.handle_data(&payload, &mut self.rt) {
-                    self.stats.foca_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.foca_errors.inc();
                     debug!(node = %self.me.node_id, %from, error = %e, "foca rejected a packet");
                 }
             }
@@ -574,7 +533,7 @@ impl Driver {
         }
         for timer in due {
             if let Err(e) = self.foca.handle_timer(timer, &mut self.rt) {
-                self.stats.foca_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.foca_errors.inc();
                 debug!(node = %self.me.node_id, error = %e, "foca timer");
             }
         }
@@ -656,7 +615,7 @@ impl Driver {
                 self.publish_meta(self.my_meta.status);
             }
             OwnedNotification::MemberDown(id) => {
-                self.stats.members_down.fetch_add(1, Ordering::Relaxed);
+                self.stats.members_down.inc();
                 self.phi.remove(&id.node_id);
                 warn!(node = %me, member = %id.node_id, generation = id.generation, "member down (SWIM)");
             }
@@ -683,7 +642,7 @@ impl Driver {
                 self.active = false;
             }
             OwnedNotification::Rejoin(new) => {
-                self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+                self.stats.rejoins.inc();
                 info!(node = %me, generation = new.generation, "rejoined the cluster with a new identity");
                 self.me = new;
             }
@@ -907,6 +866,81 @@ impl Driver {
             phi_threshold_milli: (self.phi.config().threshold * 1000.0) as u32,
             members,
         }
+    }
+}
+
+/// The SWIM/phi driver on the worker runner (`Driver::into_worker`).
+pub struct MembershipWorker {
+    driver: Driver,
+    commands: mpsc::Receiver<Command>,
+    leave: CancellationToken,
+    started: bool,
+    buf: Vec<u8>,
+    heartbeat: tokio::time::Interval,
+    announce: tokio::time::Interval,
+    republish: tokio::time::Interval,
+    refresh: tokio::time::Interval,
+}
+
+impl Worker for MembershipWorker {
+    fn name(&self) -> String {
+        "membership".into()
+    }
+
+    fn progress(&self) -> Progress {
+        let d = &self.driver;
+        let view = d.view.borrow();
+        Progress {
+            detail: format!(
+                "SWIM/foca + phi; {} members, {} available; view version {}{}",
+                view.members.len(),
+                view.alive.len() + 1,
+                view.version,
+                if view.ready { "" } else { "; not ready" }
+            ),
+            queue: None,
+        }
+    }
+
+    async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
+        let d = &mut self.driver;
+        if !self.started {
+            self.started = true;
+            d.publish_meta(RingStatus::Joining);
+            d.announce_to_seeds();
+            d.drain();
+            d.publish_view();
+        }
+        let far = Instant::now() + Duration::from_secs(3600);
+        let next_timer = d.timers.peek().map(|Reverse((at, _))| *at).unwrap_or(far);
+        tokio::select! {
+            _ = self.leave.cancelled() => {
+                // Tell the cluster we are leaving, so peers do not wait for probes to fail.
+                if let Err(e) = d.foca.leave_cluster(&mut d.rt) {
+                    debug!(node = %d.me.node_id, error = %e, "leave_cluster");
+                }
+                d.drain();
+                return Ok(WorkerState::Done);
+            }
+            _ = stop.cancelled() => return Ok(WorkerState::Done),
+            r = d.socket.recv_from(&mut self.buf) => match r {
+                Ok((len, from)) => d.on_packet(&self.buf[..len], from),
+                Err(e) => debug!(node = %d.me.node_id, error = %e, "gossip recv failed"),
+            },
+            _ = tokio::time::sleep_until(next_timer) => d.fire_timers(),
+            _ = self.heartbeat.tick() => d.send_heartbeats(),
+            _ = self.announce.tick(), if !d.active => d.announce_to_seeds(),
+            _ = self.republish.tick() => {
+                let status = if d.active { RingStatus::Normal } else { d.my_meta.status };
+                d.publish_meta(status);
+            }
+            _ = self.refresh.tick() => d.publish_view(),
+            Some(cmd) = self.commands.recv() => match cmd {
+                Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
+            },
+        }
+        d.drain();
+        Ok(WorkerState::Busy)
     }
 }
 

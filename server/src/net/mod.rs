@@ -7,12 +7,8 @@
 //! (no task spawn or channel hop per request) and every reply that is ready when the task runs
 //! goes out in one flush.
 
-pub mod client;
-pub mod peer;
-
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +23,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{inc, Metrics};
+use crate::metrics::ListenerMetrics;
 
 /// How long shutdown waits for in-flight requests to finish and be answered.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -76,7 +72,7 @@ fn error_frame(node_id: &str, request_id: u64, kind: ErrorKind, msg: String) -> 
 pub async fn serve<H, F>(
     listener: TcpListener,
     cfg: ListenerConfig,
-    metrics: Arc<Metrics>,
+    metrics: ListenerMetrics,
     make_handler: F,
     shutdown: CancellationToken,
 ) where
@@ -102,7 +98,7 @@ pub async fn serve<H, F>(
         let _ = socket.set_nodelay(true);
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
-                inc(&metrics.connections_accepted);
+                metrics.connections_accepted.inc();
                 conns.spawn(connection(
                     socket,
                     cfg.clone(),
@@ -113,7 +109,7 @@ pub async fn serve<H, F>(
                 ));
             }
             Err(_) => {
-                inc(&metrics.connections_refused);
+                metrics.connections_refused.inc();
                 warn!(node = %cfg.node_id, listener = cfg.kind, %peer, limit = cfg.max_connections,
                       "connection refused: too many connections");
                 let frame = error_frame(
@@ -141,7 +137,7 @@ pub async fn serve<H, F>(
 async fn connection<H: FrameHandler>(
     socket: TcpStream,
     cfg: ListenerConfig,
-    metrics: Arc<Metrics>,
+    metrics: ListenerMetrics,
     handler: Arc<H>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
@@ -150,7 +146,7 @@ async fn connection<H: FrameHandler>(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    metrics.connections_active.inc();
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(cfg.max_request_body));
     let mut writer = FramedWrite::new(wr, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
@@ -217,11 +213,11 @@ async fn connection<H: FrameHandler>(
                     None
                 }
                 Some(Ok(Inbound::Rejected { request_id, reason })) => {
-                    inc(&metrics.frames_rejected);
+                    metrics.frames_rejected.inc();
                     Some(rejection_frame(&cfg.node_id, request_id, reason))
                 }
                 Some(Err(FrameError::BadMagic { found })) => {
-                    inc(&metrics.malformed);
+                    metrics.malformed.inc();
                     warn!(node = %cfg.node_id, listener = cfg.kind, %peer, "closing connection: bad magic 0x{found:04x}");
                     reading = false;
                     let msg =
@@ -250,7 +246,7 @@ async fn connection<H: FrameHandler>(
         }
     }
     let _ = writer.flush().await;
-    metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+    metrics.connections_active.dec();
 }
 
 /// The error reply to a frame the codec refused (the connection stays usable).

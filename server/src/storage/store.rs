@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -210,6 +210,33 @@ impl WriteError {
     /// queue) never reached it; a batch the engine rejected (full disk on append, failed read)
     /// applied nothing. A failed WAL write or fsync and a writer that exited with the job are
     /// unknown: the WAL bytes may still reach the disk and be replayed.
+    /// The error kind a client (or a coordinating peer) is answered with.
+    pub fn kind(&self) -> ringkv_protocol::ErrorKind {
+        use ringkv_protocol::ErrorKind;
+        match self {
+            WriteError::TooManySiblings { count, limit, .. } => ErrorKind::TooManySiblings {
+                count: *count as u64,
+                limit: *limit as u64,
+            },
+            WriteError::TooLarge { size, limit, .. } => ErrorKind::TooLarge {
+                size: *size as u64,
+                limit: *limit as u64,
+            },
+            WriteError::MergeTooLarge {
+                count, max_count, ..
+            } => ErrorKind::TooManySiblings {
+                count: *count as u64,
+                limit: *max_count as u64,
+            },
+            WriteError::Overloaded { .. } => ErrorKind::Overloaded,
+            WriteError::ShuttingDown => ErrorKind::Unavailable {
+                alive: 0,
+                needed: 1,
+            },
+            WriteError::Storage { .. } => ErrorKind::Internal,
+        }
+    }
+
     pub fn is_definite(&self) -> bool {
         match self {
             WriteError::Storage { source, .. } => match source {
@@ -225,42 +252,44 @@ impl WriteError {
     }
 }
 
-/// Writer metrics, read by `status`.
-#[derive(Debug, Default)]
-pub struct StoreStats {
-    pub updates: AtomicU64,
-    pub merges: AtomicU64,
-    pub merges_noop: AtomicU64,
-    pub batches: AtomicU64,
-    pub synced_batches: AtomicU64,
-    pub largest_group: AtomicU64,
-    pub write_errors: AtomicU64,
-    pub rejected_siblings: AtomicU64,
-    pub rejected_size: AtomicU64,
-    pub overloaded: AtomicU64,
-    /// Merges refused because they would grow a state past the state bounds.
-    pub merges_refused: AtomicU64,
-    /// Version-vector entries of retired actors pruned from states.
-    pub vv_entries_pruned: AtomicU64,
-    pub amnesia_detected: AtomicU64,
-    /// New incarnations started while running (amnesia, failed fsync), not at open.
-    pub actor_renewals: AtomicU64,
-    /// Failed WAL fsyncs (each renews the actor).
-    pub sync_errors: AtomicU64,
-    pub sibling_warnings: AtomicU64,
-    pub actor: AtomicU64,
-    pub incarnation: AtomicU64,
-    pub next_counter: AtomicU64,
-    /// Reads answered from memory on the calling task.
-    pub reads_cached: AtomicU64,
-    /// Reads that needed the disk and ran on the blocking pool.
-    pub reads_blocking: AtomicU64,
-    /// Writer read-modify-writes that found the key's state in the writer's state cache.
-    pub state_cache_hits: AtomicU64,
-    /// Writer read-modify-writes that read the key's state from the engine.
-    pub state_cache_misses: AtomicU64,
-    /// Entries in the writer's state cache (after the last group).
-    pub state_cache_entries: AtomicU64,
+crate::metrics::metric_set! {
+    /// Writer and read-path metrics (registered under `storage.`).
+    pub struct StoreStats {
+        updates: Counter = "updates", "client writes applied (versions minted)";
+        merges: Counter = "merges", "replicated states merged";
+        merges_noop: Counter = "merges_noop", "merges that changed nothing";
+        batches: Counter = "write_batches", "write batches committed";
+        synced_batches: Counter = "synced_batches", "write batches whose WAL was fsynced";
+        largest_group: Gauge = "largest_group", "most jobs committed in one batch";
+        write_errors: Counter = "write_errors", "batches that failed to commit";
+        overloaded: Counter = "overloaded", "writes refused because the writer queue was full";
+        rejected_siblings: Counter = "rejected_siblings", "writes refused at the sibling cap";
+        rejected_size: Counter = "rejected_size", "writes refused at the object size cap";
+        sibling_warnings: Counter = "sibling_warnings", "states that crossed the sibling warning level";
+        /// Amnesia found for a key: a context or incoming state ahead of this node's copy.
+        amnesia_detected: Counter = "amnesia_detected", "keys whose local copy was behind this node's own actor";
+        /// New incarnations started while running (amnesia, failed fsync), not at open.
+        actor_renewals: Counter = "actor_renewals", "actor renewals while running";
+        /// Failed WAL fsyncs (each renews the actor).
+        sync_errors: Counter = "sync_errors", "failed WAL fsyncs";
+        /// Merges refused because they would grow a state past the state bounds.
+        merges_refused: Counter = "merges_refused", "merges refused at the state bounds";
+        /// Version-vector entries of retired actors pruned from states.
+        vv_entries_pruned: Counter = "vv_entries_pruned", "version-vector entries of retired actors pruned";
+        next_counter: Gauge = "next_counter", "next counter this node's actor mints";
+        /// Reads answered from memory on the calling task.
+        reads_cached: Counter = "reads_cached", "reads answered from memory";
+        /// Reads that needed the disk and ran on the blocking pool.
+        reads_blocking: Counter = "reads_blocking", "reads that went to disk";
+        /// Writer read-modify-writes that found the key's state in the writer's state cache.
+        state_cache_hits: Counter = "state_cache_hits", "writer state-cache hits";
+        /// Writer read-modify-writes that read the key's state from the engine.
+        state_cache_misses: Counter = "state_cache_misses", "writer state-cache misses";
+        /// Entries in the writer's state cache (after the last group).
+        state_cache_entries: Gauge = "state_cache_entries", "entries in the writer's state cache";
+        incarnation: Gauge = "incarnation", "this node's incarnation (renewed actors)";
+        actor: Gauge = "actor", "this node's current actor id";
+    }
 }
 
 enum Msg {
@@ -446,11 +475,9 @@ impl Store {
         );
 
         let stats = Arc::new(StoreStats::default());
-        stats.actor.store(identity.actor, Ordering::Relaxed);
-        stats
-            .incarnation
-            .store(identity.incarnation, Ordering::Relaxed);
-        stats.next_counter.store(next_counter, Ordering::Relaxed);
+        stats.actor.set(identity.actor);
+        stats.incarnation.set(identity.incarnation);
+        stats.next_counter.set(next_counter);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let mut writer = Writer {
@@ -531,7 +558,7 @@ impl Store {
         let queued = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         let overloaded = |store: &Store, queued: usize| {
             store.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            store.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            store.stats.overloaded.inc();
             WriteError::Overloaded {
                 jobs: store.tx.len(),
                 bytes: queued,
@@ -577,10 +604,10 @@ impl Store {
     ) -> Result<Option<Vec<u8>>, StorageError> {
         let dkey = data_key(key);
         if let Cached::Hit(v) = self.engine.get_cached(Cf::Data, &dkey)? {
-            self.stats.reads_cached.fetch_add(1, Ordering::Relaxed);
+            self.stats.reads_cached.inc();
             return Ok(v);
         }
-        self.stats.reads_blocking.fetch_add(1, Ordering::Relaxed);
+        self.stats.reads_blocking.inc();
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.engine.get(Cf::Data, &dkey))
             .await
@@ -737,7 +764,7 @@ impl Writer {
 
     /// The group's batch is durable: so is the lease it persisted, if any.
     fn synced(&mut self, lease: Option<u64>) {
-        self.stats.synced_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.synced_batches.inc();
         if let Some(lease_end) = lease {
             self.lease_persisted = lease_end;
         }
@@ -790,16 +817,17 @@ impl Writer {
             let one_step_sync = wants_sync && !release_between;
             match self.engine.write(group.batch, one_step_sync) {
                 Ok(()) => {
-                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats.batches.inc();
                     self.stats
                         .largest_group
+                        .inner()
                         .fetch_max(count as u64, Ordering::Relaxed);
                     if one_step_sync {
                         self.synced(group.lease);
                     }
                 }
                 Err(e) => {
-                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.write_errors.inc();
                     error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was shipped");
                     append_failure = Some(e);
                 }
@@ -812,7 +840,7 @@ impl Writer {
                     match self.engine.sync_wal() {
                         Ok(()) => self.synced(group.lease),
                         Err(e) => {
-                            self.stats.sync_errors.fetch_add(1, Ordering::Relaxed);
+                            self.stats.sync_errors.inc();
                             error!(node = %self.node_id, jobs = count, error = %e,
                                    "WAL fsync failed: the group is applied here but may not be durable");
                             // The OS may drop the pages it failed to write: versions this actor
@@ -832,12 +860,8 @@ impl Writer {
                 self.cache.insert(dkey, state);
             }
         }
-        self.stats
-            .state_cache_entries
-            .store(self.cache.len() as u64, Ordering::Relaxed);
-        self.stats
-            .next_counter
-            .store(self.next_counter, Ordering::Relaxed);
+        self.stats.state_cache_entries.set(self.cache.len() as u64);
+        self.stats.next_counter.set(self.next_counter);
         let failure = append_failure.or(sync_failure);
         for (key, reply, result) in answers {
             let storage_error = |e: &StorageError| WriteError::Storage {
@@ -885,12 +909,10 @@ impl Writer {
             return Ok(s.clone());
         }
         if let Some(s) = self.cache.take(dkey) {
-            self.stats.state_cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.state_cache_hits.inc();
             return Ok(s);
         }
-        self.stats
-            .state_cache_misses
-            .fetch_add(1, Ordering::Relaxed);
+        self.stats.state_cache_misses.inc();
         read_state(self.engine.as_ref(), dkey, key).map_err(|source| WriteError::Storage {
             key: HexKey(key.to_vec()),
             source,
@@ -906,13 +928,9 @@ impl Writer {
         self.identity = next_identity(&self.node_id, Some(old));
         self.next_counter = 1;
         self.lease_persisted = 0;
-        self.stats.actor_renewals.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .actor
-            .store(self.identity.actor, Ordering::Relaxed);
-        self.stats
-            .incarnation
-            .store(self.identity.incarnation, Ordering::Relaxed);
+        self.stats.actor_renewals.inc();
+        self.stats.actor.set(self.identity.actor);
+        self.stats.incarnation.set(self.identity.incarnation);
         warn!(
             node = %self.node_id,
             key = %key.map(|k| HexKey(k.to_vec()).to_string()).unwrap_or_default(),
@@ -929,7 +947,7 @@ impl Writer {
     /// on would reuse dots or cover the lost ones; start a new incarnation instead (Riak's
     /// key-amnesia handling).
     fn amnesia(&mut self, key: &[u8], seen: u64) {
-        self.stats.amnesia_detected.fetch_add(1, Ordering::Relaxed);
+        self.stats.amnesia_detected.inc();
         self.renew_actor(
             "amnesia: a version of our actor is missing from our copy",
             Some(key),
@@ -961,7 +979,7 @@ impl Writer {
                 timestamp_ms,
                 ..
             } => {
-                self.stats.updates.fetch_add(1, Ordering::Relaxed);
+                self.stats.updates.inc();
                 let me = self.identity.actor;
                 let ours = current.context().get(me);
                 // Per key: every dot of ours on this key was minted on this copy, so a context
@@ -976,7 +994,7 @@ impl Writer {
                 (next, Some(dot))
             }
             WriteOp::Merge { state, .. } => {
-                self.stats.merges.fetch_add(1, Ordering::Relaxed);
+                self.stats.merges.inc();
                 let me = self.identity.actor;
                 let theirs = state.context().get(me);
                 // A peer can only hold versions of ours that it got from this copy.
@@ -990,12 +1008,10 @@ impl Writer {
         };
         let pruned = next.prune_retired();
         if pruned > 0 {
-            self.stats
-                .vv_entries_pruned
-                .fetch_add(pruned as u64, Ordering::Relaxed);
+            self.stats.vv_entries_pruned.inc_by(pruned as u64);
         }
         if dot.is_none() && next == current {
-            self.stats.merges_noop.fetch_add(1, Ordering::Relaxed);
+            self.stats.merges_noop.inc();
             // Unchanged and committed: back into the overlay so it is cached again.
             group.overlay.insert(dkey, current.clone());
             return Ok(WriteOutcome {
@@ -1013,7 +1029,7 @@ impl Writer {
     fn check_limits(&self, key: &[u8], old: &KeyState, new: &KeyState) -> Result<(), WriteError> {
         let count = new.siblings().len();
         if count > MAX_SIBLINGS && count > old.siblings().len() {
-            self.stats.rejected_siblings.fetch_add(1, Ordering::Relaxed);
+            self.stats.rejected_siblings.inc();
             return Err(WriteError::TooManySiblings {
                 key: HexKey(key.to_vec()),
                 count,
@@ -1022,7 +1038,7 @@ impl Writer {
         }
         let size = new.value_bytes();
         if size > MAX_OBJECT_LEN && size > old.value_bytes() {
-            self.stats.rejected_size.fetch_add(1, Ordering::Relaxed);
+            self.stats.rejected_size.inc();
             return Err(WriteError::TooLarge {
                 key: HexKey(key.to_vec()),
                 size,
@@ -1030,7 +1046,7 @@ impl Writer {
             });
         }
         if count > WARN_SIBLINGS {
-            self.stats.sibling_warnings.fetch_add(1, Ordering::Relaxed);
+            self.stats.sibling_warnings.inc();
             warn!(node = %self.node_id, key = %HexKey(key.to_vec()), siblings = count,
                   "many siblings: clients are writing without (or with stale) context");
         }
@@ -1044,7 +1060,7 @@ impl Writer {
         let grows_past = (count > MAX_STATE_SIBLINGS && count > old.siblings().len())
             || (size > MAX_STATE_LEN && size > old.value_bytes());
         if grows_past {
-            self.stats.merges_refused.fetch_add(1, Ordering::Relaxed);
+            self.stats.merges_refused.inc();
             let e = WriteError::MergeTooLarge {
                 key: HexKey(key.to_vec()),
                 count,
@@ -1056,7 +1072,7 @@ impl Writer {
             return Err(e);
         }
         if count > MAX_SIBLINGS && count > old.siblings().len() {
-            self.stats.sibling_warnings.fetch_add(1, Ordering::Relaxed);
+            self.stats.sibling_warnings.inc();
             warn!(node = %self.node_id, key = %HexKey(key.to_vec()), siblings = count,
                   "a merge left more siblings than a write may: coordinators wrote to this key without seeing each other (a partition); reads return them all, resolve with one write");
         }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use ringkv_client::conn::Conn;
 use ringkv_protocol::auth::{PeerKey, Role, Transcript};
-use ringkv_protocol::peer::{Hello, MemberInfo, PeerRequest, PeerResponse};
+use ringkv_protocol::peer::{
+    Hello, MemberInfo, PeerRequest, PeerResponse, SessionRequest, SessionResponse,
+};
 
 /// What a peer client presents.
 #[derive(Debug, Clone)]
@@ -58,7 +60,7 @@ impl RawPeer {
         prove_anyway: bool,
     ) -> Result<Handshake, String> {
         let nonce: [u8; 32] = rand::random();
-        let hello = PeerRequest::Hello(Hello {
+        let hello = PeerRequest::Session(SessionRequest::Hello(Hello {
             cluster: creds.cluster.clone(),
             n: creds.n,
             me: MemberInfo {
@@ -69,9 +71,9 @@ impl RawPeer {
                 generation: 1,
             },
             nonce,
-        });
+        }));
         let challenge = match self.call(&hello).await? {
-            PeerResponse::Challenge(c) => c,
+            PeerResponse::Session(SessionResponse::Challenge(c)) => c,
             other => return Ok(Handshake::Refused(other)),
         };
         let key = PeerKey::new(&creds.secret, &creds.cluster);
@@ -83,14 +85,20 @@ impl RawPeer {
         };
         let listener_ok = key.verify(Role::Listener, &transcript, &challenge.proof);
         if !listener_ok && !prove_anyway {
-            return Ok(Handshake::ListenerUnproven(PeerResponse::Challenge(
-                challenge,
+            return Ok(Handshake::ListenerUnproven(PeerResponse::Session(
+                SessionResponse::Challenge(challenge),
             )));
         }
-        let proof = PeerRequest::HelloProof(key.proof(Role::Dialer, &transcript));
+        let proof = PeerRequest::Session(SessionRequest::HelloProof(
+            key.proof(Role::Dialer, &transcript),
+        ));
         match self.call(&proof).await? {
-            PeerResponse::HelloAck if listener_ok => Ok(Handshake::Accepted(self)),
-            PeerResponse::HelloAck => Err("listener unproven but accepted our proof".into()),
+            PeerResponse::Session(SessionResponse::HelloAck) if listener_ok => {
+                Ok(Handshake::Accepted(self))
+            }
+            PeerResponse::Session(SessionResponse::HelloAck) => {
+                Err("listener unproven but accepted our proof".into())
+            }
             other => Ok(Handshake::Refused(other)),
         }
     }

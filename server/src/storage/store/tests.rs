@@ -58,7 +58,7 @@ fn lose_copy(engine: &MemoryEngine, key: &[u8]) {
 }
 
 fn actor(store: &Store) -> Actor {
-    store.stats().actor.load(Ordering::Relaxed)
+    store.stats().actor.get()
 }
 
 /// Writes keys `k0..kn` concurrently, each in its own task; returns once all are acknowledged.
@@ -185,7 +185,7 @@ async fn unclean_stop_renews_the_actor_only_across_a_reboot() {
         let engine = Arc::new(MemoryEngine::new());
         let store = open(&engine, mode);
         let before = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
-        let inc = store.stats().incarnation.load(Ordering::Relaxed);
+        let inc = store.stats().incarnation.get();
         crash(store);
         let store = open(&engine, mode);
         let same_boot = store.write(put("a", "2", None)).await.unwrap().dot.unwrap();
@@ -198,7 +198,7 @@ async fn unclean_stop_renews_the_actor_only_across_a_reboot() {
         let store = open_on_boot(&engine, mode, "boot-2");
         let rebooted = store.write(put("a", "3", None)).await.unwrap().dot.unwrap();
         assert_ne!(rebooted.actor, before.actor, "{mode}: a reboot renews it");
-        assert_eq!(store.stats().incarnation.load(Ordering::Relaxed), inc + 1);
+        assert_eq!(store.stats().incarnation.get(), inc + 1);
         assert_eq!(
             actor_tag(rebooted.actor),
             actor_tag(before.actor),
@@ -305,8 +305,8 @@ async fn a_failed_fsync_renews_the_actor_before_the_next_dot_leaves() {
     assert_eq!(outcome.dot.unwrap().actor, first.actor);
     let err = commit.await.expect_err("fsync failed");
     assert!(!err.is_definite(), "applied but maybe not durable: {err}");
-    assert_eq!(store.stats().sync_errors.load(Ordering::Relaxed), 1);
-    assert_eq!(store.stats().actor_renewals.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().sync_errors.get(), 1);
+    assert_eq!(store.stats().actor_renewals.get(), 1);
     engine.set_fail_syncs(false);
     let next = store.write(put("c", "1", None)).await.unwrap().dot.unwrap();
     assert_ne!(next.actor, first.actor, "renewed");
@@ -335,7 +335,7 @@ async fn a_context_ahead_of_our_copy_of_the_key_renews_the_actor() {
     assert_eq!(actor(&store), dot.actor);
     // A client that read v1 from another replica writes with that read's context.
     let next = store.write(put("k", "v2", Some(ctx))).await.unwrap();
-    assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().amnesia_detected.get(), 1);
     assert_ne!(next.dot.unwrap().actor, dot.actor, "renewed on amnesia");
     // A replica's state showing a version of ours that our copy lacks is amnesia too.
     crash(store);
@@ -349,7 +349,7 @@ async fn a_context_ahead_of_our_copy_of_the_key_renews_the_actor() {
         })
         .await
         .unwrap();
-    assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().amnesia_detected.get(), 1);
     assert_ne!(
         actor(&store),
         renewed,
@@ -385,7 +385,7 @@ async fn merge_showing_our_actor_ahead_triggers_a_new_incarnation() {
         })
         .await
         .unwrap();
-    assert_eq!(store.stats().amnesia_detected.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().amnesia_detected.get(), 1);
     let next = store.write(put("k", "w", None)).await.unwrap().dot.unwrap();
     assert_ne!(
         next.actor, dot.actor,
@@ -407,7 +407,7 @@ async fn merge_is_idempotent_and_counted_as_noop() {
         .await
         .unwrap();
     assert_eq!(again.state, out.state);
-    assert_eq!(store.stats().merges_noop.load(Ordering::Relaxed), 1);
+    assert_eq!(store.stats().merges_noop.get(), 1);
     store.close();
 }
 
@@ -496,8 +496,8 @@ async fn group_mode_fsyncs_every_batch_and_none_mode_never() {
         let engine = Arc::new(MemoryEngine::new());
         let store = Arc::new(open(&engine, mode));
         write_concurrently(&store, 200).await;
-        let batches = store.stats().batches.load(Ordering::Relaxed);
-        let synced = store.stats().synced_batches.load(Ordering::Relaxed);
+        let batches = store.stats().batches.get();
+        let synced = store.stats().synced_batches.get();
         assert!((1..=200).contains(&batches));
         assert_eq!(
             synced == batches,
@@ -518,24 +518,24 @@ async fn reads_are_answered_inline_from_memory_or_on_the_blocking_pool() {
     store.write(put("k", "a", None)).await.unwrap();
     let cached = store.read(Bytes::from_static(b"k")).await.unwrap();
     assert_eq!(values(&cached), vec!["a"]);
-    assert_eq!(store.stats().reads_cached.load(Ordering::Relaxed), 1);
-    assert_eq!(store.stats().reads_blocking.load(Ordering::Relaxed), 0);
+    assert_eq!(store.stats().reads_cached.get(), 1);
+    assert_eq!(store.stats().reads_blocking.get(), 0);
     // A miss in memory falls back to a full read, with the same answer.
     engine.set_cache_misses(true);
     let from_disk = store.read(Bytes::from_static(b"k")).await.unwrap();
     assert_eq!(from_disk, cached);
     let absent = store.read(Bytes::from_static(b"nope")).await.unwrap();
     assert!(absent.siblings().is_empty());
-    assert_eq!(store.stats().reads_cached.load(Ordering::Relaxed), 1);
-    assert_eq!(store.stats().reads_blocking.load(Ordering::Relaxed), 2);
+    assert_eq!(store.stats().reads_cached.get(), 1);
+    assert_eq!(store.stats().reads_blocking.get(), 2);
 }
 
 #[tokio::test]
 async fn state_cache_serves_hot_keys_and_forgets_keys_of_failed_batches() {
     let engine = Arc::new(MemoryEngine::new());
     let store = open(&engine, SyncMode::Group);
-    let hits = |s: &Store| s.stats().state_cache_hits.load(Ordering::Relaxed);
-    let misses = |s: &Store| s.stats().state_cache_misses.load(Ordering::Relaxed);
+    let hits = |s: &Store| s.stats().state_cache_hits.get();
+    let misses = |s: &Store| s.stats().state_cache_misses.get();
     let first = store.write(put("k", "v1", None)).await.unwrap();
     assert_eq!((hits(&store), misses(&store)), (0, 1));
     let second = store
@@ -688,7 +688,7 @@ async fn the_writer_queue_is_bounded_by_bytes() {
 async fn a_batch_persisting_a_counter_lease_is_fsynced_even_in_none_mode() {
     let engine = Arc::new(MemoryEngine::new());
     let store = open(&engine, SyncMode::None);
-    let synced = |s: &Store| s.stats().synced_batches.load(Ordering::Relaxed);
+    let synced = |s: &Store| s.stats().synced_batches.get();
     // The lease persisted at open covers the first COUNTER_LEASE dots: no fsync for them.
     mint_until(&store, 0, COUNTER_LEASE).await;
     assert_eq!(synced(&store), 0, "sync=none fsyncs no ordinary batch");
@@ -830,7 +830,7 @@ async fn merges_go_past_the_write_caps_up_to_the_state_bound_and_one_write_resol
         merged,
         "the refused merge changed nothing"
     );
-    assert_eq!(first.stats().merges_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(first.stats().merges_refused.get(), 1);
     // A client sees every sibling and a context that covers them all: one write resolves.
     let view = merged.client_view();
     assert_eq!((view.shown.len(), view.hidden), (MAX_STATE_SIBLINGS, 0));

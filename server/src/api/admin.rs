@@ -1,0 +1,87 @@
+//! Admin requests: status (a loop over the metrics registry and the worker runner), the ring,
+//! the members.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ringkv_protocol::{ErrorKind, Response, RingMember, RingReply, StatusReply};
+
+use crate::background::Runner;
+use crate::config::Config;
+use crate::membership::Membership;
+use crate::metrics::Registry;
+
+pub struct Admin {
+    pub config: Config,
+    pub membership: Membership,
+    pub registry: Arc<Registry>,
+    pub workers: Arc<Runner>,
+    /// Informational lines of `status` fixed at start (addresses, settings).
+    pub info: Vec<(String, String)>,
+    /// This node's current actor, for `status` (it changes when the actor is renewed).
+    pub actor: Box<dyn Fn() -> u64 + Send + Sync>,
+    pub started: Instant,
+}
+
+impl Admin {
+    pub fn status(&self) -> StatusReply {
+        let view = self.membership.view();
+        let mut info = self.info.clone();
+        info.push(("actor".into(), format!("{:016x}", (self.actor)())));
+        info.push(("ring_epoch".into(), format!("{:016x}", view.epoch)));
+        info.extend(
+            self.workers
+                .statuses()
+                .into_iter()
+                .map(|w| (format!("worker.{}", w.name), w.summary())),
+        );
+        StatusReply {
+            node_id: self.config.node_id.clone(),
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            metrics: self.registry.snapshot(),
+            info,
+        }
+    }
+
+    pub fn ring(&self) -> RingReply {
+        let view = self.membership.view();
+        let members = view
+            .ring
+            .ownership()
+            .into_iter()
+            .map(|o| {
+                let info = view.members.get(&o.node);
+                RingMember {
+                    node_id: o.node.to_string(),
+                    client_addr: info.map(|i| i.client_addr.clone()).unwrap_or_default(),
+                    peer_addr: info.map(|i| i.peer_addr.clone()).unwrap_or_default(),
+                    tokens: o.tokens,
+                    primary_ppm: (o.primary_share * 1_000_000.0).round() as u32,
+                    alive: view.is_alive(&o.node),
+                }
+            })
+            .collect();
+        RingReply {
+            n: self.config.n,
+            r: self.config.r,
+            w: self.config.w,
+            epoch: view.epoch,
+            members,
+        }
+    }
+
+    pub async fn members(&self) -> Response {
+        match self.membership.members().await {
+            Some(m) => Response::Members(m),
+            None => Response::error(
+                ErrorKind::Internal,
+                true,
+                format!(
+                    "node {}: the membership worker is not running",
+                    self.config.node_id
+                ),
+            ),
+        }
+    }
+}

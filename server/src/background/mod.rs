@@ -1,0 +1,474 @@
+//! Background workers: every loop the node runs besides serving requests is a [`Worker`] run by
+//! the [`Runner`] (after Garage's `util/background`).
+//!
+//! A worker has a name and a status (state, progress, queue length, last error, errors in a
+//! row). The runner calls [`Worker::work`] for one bounded unit of work at a time; when the
+//! worker says it is idle, the runner waits in [`Worker::wait_for_work`] (a notification, an
+//! interval, a membership change); after an error it backs off exponentially. On shutdown the
+//! runner stops calling `work`, gives every worker its [`Worker::shutdown`] hook, and joins them
+//! all within a deadline, before storage closes. Threads the runner does not drive (the
+//! storage writer) are *observed*: listed with a status read from a closure.
+//!
+//! Every worker shows in `kvctl status` (`worker.<name>` lines) and in the metrics registry
+//! (`workers.<name>.errors`, `workers.<name>.queue`).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Registry;
+
+/// First wait after a failed step; doubles per error in a row up to `BACKOFF_MAX`.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What a worker says after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// More work is ready: call `work` again.
+    Busy,
+    /// Nothing to do: wait in `wait_for_work`.
+    Idle,
+    /// Finished for good.
+    Done,
+}
+
+/// What a worker reports about itself, cheaply, after each step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Free text: what it is doing, how far it got.
+    pub detail: String,
+    /// Items waiting for it, when it has a queue.
+    pub queue: Option<u64>,
+}
+
+pub trait Worker: Send + 'static {
+    fn name(&self) -> String;
+
+    fn progress(&self) -> Progress {
+        Progress::default()
+    }
+
+    /// One bounded unit of work. `stop` is cancelled when the node shuts down: a step that
+    /// waits must also wait for it.
+    fn work(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> impl Future<Output = Result<WorkerState, String>> + Send;
+
+    /// Waits until there may be work; never called after `work` returned `Busy`.
+    fn wait_for_work(&mut self) -> impl Future<Output = WorkerState> + Send {
+        std::future::pending()
+    }
+
+    /// Last words at shutdown (drain, say goodbye), bounded by the runner's deadline.
+    fn shutdown(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// A worker's state as the runner sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Busy,
+    Idle,
+    BackingOff,
+    Stopped,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Busy => "busy",
+            RunState::Idle => "idle",
+            RunState::BackingOff => "backing off",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+/// The status of one worker: what `kvctl status` shows.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    pub name: String,
+    pub state: RunState,
+    pub progress: Progress,
+    pub steps: u64,
+    pub errors: u64,
+    pub errors_in_a_row: u32,
+    pub last_error: Option<String>,
+}
+
+impl WorkerStatus {
+    fn new(name: String) -> WorkerStatus {
+        WorkerStatus {
+            name,
+            state: RunState::Busy,
+            progress: Progress::default(),
+            steps: 0,
+            errors: 0,
+            errors_in_a_row: 0,
+            last_error: None,
+        }
+    }
+
+    /// One line for `kvctl status`.
+    pub fn summary(&self) -> String {
+        let mut s = self.state.name().to_string();
+        if !self.progress.detail.is_empty() {
+            s.push_str("; ");
+            s.push_str(&self.progress.detail);
+        }
+        if let Some(q) = self.progress.queue {
+            s.push_str(&format!("; queue {q}"));
+        }
+        if self.errors > 0 {
+            s.push_str(&format!(
+                "; {} errors ({} in a row)",
+                self.errors, self.errors_in_a_row
+            ));
+        }
+        if let Some(e) = &self.last_error {
+            s.push_str(&format!("; last error: {e}"));
+        }
+        s
+    }
+}
+
+type Observer = Box<dyn Fn() -> (RunState, Progress) + Send + Sync>;
+
+enum Entry {
+    Run(Arc<Mutex<WorkerStatus>>),
+    Observed(String, Observer),
+}
+
+/// Starts workers, knows their status, stops them.
+pub struct Runner {
+    node_id: String,
+    stop: CancellationToken,
+    tasks: Mutex<JoinSet<()>>,
+    entries: Mutex<Vec<Entry>>,
+    registry: Arc<Registry>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().expect("worker runner lock poisoned")
+}
+
+impl Runner {
+    pub fn new(node_id: String, registry: Arc<Registry>) -> Arc<Runner> {
+        Arc::new(Runner {
+            node_id,
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(JoinSet::new()),
+            entries: Mutex::new(Vec::new()),
+            registry,
+        })
+    }
+
+    fn register_metrics(
+        &self,
+        name: &str,
+        read: impl Fn() -> WorkerStatus + Send + Sync + Clone + 'static,
+    ) {
+        let errors = read.clone();
+        self.registry.probe(
+            &format!("workers.{name}.errors"),
+            "failed steps of the worker",
+            move || errors().errors,
+        );
+        self.registry.probe(
+            &format!("workers.{name}.queue"),
+            "items waiting for the worker",
+            move || read().progress.queue.unwrap_or(0),
+        );
+    }
+
+    /// Starts `worker` on its own task.
+    pub fn spawn<W: Worker>(&self, worker: W) {
+        let name = worker.name();
+        let status = Arc::new(Mutex::new(WorkerStatus::new(name.clone())));
+        let read = {
+            let status = status.clone();
+            move || lock(&status).clone()
+        };
+        self.register_metrics(&name, read);
+        lock(&self.entries).push(Entry::Run(status.clone()));
+        let stop = self.stop.clone();
+        let node_id = self.node_id.clone();
+        lock(&self.tasks).spawn(run_worker(worker, status, stop, node_id));
+    }
+
+    /// Lists a thread this runner does not drive, with its status read from `observe`.
+    pub fn observe(
+        &self,
+        name: &str,
+        observe: impl Fn() -> (RunState, Progress) + Send + Sync + 'static,
+    ) {
+        let observe = Arc::new(observe);
+        let read = {
+            let observe = observe.clone();
+            let name = name.to_string();
+            move || {
+                let (state, progress) = observe();
+                WorkerStatus {
+                    state,
+                    progress,
+                    ..WorkerStatus::new(name.clone())
+                }
+            }
+        };
+        self.register_metrics(name, read);
+        lock(&self.entries).push(Entry::Observed(
+            name.to_string(),
+            Box::new(move || observe()),
+        ));
+    }
+
+    /// Every worker's status, in start order.
+    pub fn statuses(&self) -> Vec<WorkerStatus> {
+        lock(&self.entries)
+            .iter()
+            .map(|e| match e {
+                Entry::Run(s) => lock(s).clone(),
+                Entry::Observed(name, observe) => {
+                    let (state, progress) = observe();
+                    WorkerStatus {
+                        state,
+                        progress,
+                        ..WorkerStatus::new(name.clone())
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every worker: no new steps, each one's `shutdown` hook, all joined within
+    /// `deadline` (stragglers are aborted and named in the log).
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.stop.cancel();
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        let started = Instant::now();
+        let joined = tokio::time::timeout(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            let busy: Vec<String> = self
+                .statuses()
+                .into_iter()
+                .filter(|s| s.state != RunState::Stopped)
+                .map(|s| s.name)
+                .collect();
+            warn!(node = %self.node_id, ?busy, ?deadline, "workers still running after the shutdown deadline; aborting them");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        } else {
+            info!(node = %self.node_id, elapsed = ?started.elapsed(), "workers stopped");
+        }
+    }
+}
+
+async fn run_worker<W: Worker>(
+    mut worker: W,
+    status: Arc<Mutex<WorkerStatus>>,
+    stop: CancellationToken,
+    node_id: String,
+) {
+    let name = worker.name();
+    let set = |state: RunState, worker: &W| {
+        let mut s = lock(&status);
+        s.state = state;
+        s.progress = worker.progress();
+    };
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let result = worker.work(&stop).await;
+        {
+            let mut s = lock(&status);
+            s.steps += 1;
+            match &result {
+                Ok(_) => s.errors_in_a_row = 0,
+                Err(e) => {
+                    s.errors += 1;
+                    s.errors_in_a_row += 1;
+                    s.last_error = Some(e.clone());
+                }
+            }
+        }
+        match result {
+            Ok(WorkerState::Busy) => set(RunState::Busy, &worker),
+            Ok(WorkerState::Done) => break,
+            Ok(WorkerState::Idle) => {
+                set(RunState::Idle, &worker);
+                let next = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    next = worker.wait_for_work() => next,
+                };
+                if next == WorkerState::Done {
+                    break;
+                }
+                set(RunState::Busy, &worker);
+            }
+            Err(e) => {
+                set(RunState::BackingOff, &worker);
+                let in_a_row = lock(&status).errors_in_a_row;
+                let wait = backoff(in_a_row);
+                warn!(node = %node_id, worker = %name, error = %e, errors_in_a_row = in_a_row, ?wait,
+                      "worker step failed; backing off");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                set(RunState::Busy, &worker);
+            }
+        }
+    }
+    worker.shutdown().await;
+    set(RunState::Stopped, &worker);
+}
+
+/// The wait after `errors_in_a_row` failed steps.
+pub fn backoff(errors_in_a_row: u32) -> Duration {
+    let exp = errors_in_a_row.saturating_sub(1).min(16);
+    (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio::sync::Notify;
+
+    /// Fails its first two steps, then does `items` units of work one per step, then idles
+    /// until notified.
+    struct Counting {
+        items: u32,
+        done: Arc<AtomicU32>,
+        failures_left: u32,
+        wake: Arc<Notify>,
+        shut: Arc<AtomicU32>,
+    }
+
+    impl Worker for Counting {
+        fn name(&self) -> String {
+            "counting".into()
+        }
+        fn progress(&self) -> Progress {
+            Progress {
+                detail: format!("{} done", self.done.load(Ordering::SeqCst)),
+                queue: Some(self.items as u64),
+            }
+        }
+        async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+            if self.failures_left > 0 {
+                self.failures_left -= 1;
+                return Err("disk on fire".into());
+            }
+            if self.items == 0 {
+                return Ok(WorkerState::Idle);
+            }
+            self.items -= 1;
+            self.done.fetch_add(1, Ordering::SeqCst);
+            Ok(WorkerState::Busy)
+        }
+        async fn wait_for_work(&mut self) -> WorkerState {
+            self.wake.notified().await;
+            self.items += 1;
+            WorkerState::Busy
+        }
+        async fn shutdown(&mut self) {
+            self.shut.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_backs_off_works_idles_wakes_and_stops() {
+        let registry = Arc::new(Registry::default());
+        let runner = Runner::new("n1".into(), registry.clone());
+        let done = Arc::new(AtomicU32::new(0));
+        let wake = Arc::new(Notify::new());
+        let shut = Arc::new(AtomicU32::new(0));
+        runner.spawn(Counting {
+            items: 3,
+            done: done.clone(),
+            failures_left: 2,
+            wake: wake.clone(),
+            shut: shut.clone(),
+        });
+        eventually("three items done", || done.load(Ordering::SeqCst) == 3).await;
+        eventually("idle", || runner.statuses()[0].state == RunState::Idle).await;
+        let st = runner.statuses().remove(0);
+        assert_eq!(st.name, "counting");
+        assert_eq!(st.errors, 2);
+        assert_eq!(st.errors_in_a_row, 0, "reset by the first good step");
+        assert_eq!(st.last_error.as_deref(), Some("disk on fire"));
+        assert_eq!(st.progress.queue, Some(0));
+        assert!(
+            st.summary().contains("idle; 3 done; queue 0; 2 errors"),
+            "{}",
+            st.summary()
+        );
+        let metrics = registry.snapshot();
+        assert!(
+            metrics.contains(&("workers.counting.errors".to_string(), 2)),
+            "{metrics:?}"
+        );
+        wake.notify_one();
+        eventually("woken to one more", || done.load(Ordering::SeqCst) == 4).await;
+        runner.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(shut.load(Ordering::SeqCst), 1, "the shutdown hook ran once");
+        assert_eq!(runner.statuses()[0].state, RunState::Stopped);
+    }
+
+    /// A worker that ignores the stop signal is aborted at the deadline.
+    #[tokio::test]
+    async fn a_stuck_worker_is_aborted_at_the_deadline() {
+        struct Stuck;
+        impl Worker for Stuck {
+            fn name(&self) -> String {
+                "stuck".into()
+            }
+            async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+                std::future::pending::<()>().await;
+                Ok(WorkerState::Busy)
+            }
+        }
+        let runner = Runner::new("n1".into(), Arc::new(Registry::default()));
+        runner.spawn(Stuck);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = Instant::now();
+        runner.shutdown(Duration::from_millis(200)).await;
+        // It returned (the stuck task was aborted) only after giving the worker its deadline.
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(
+            runner.statuses()[0].state,
+            RunState::Busy,
+            "it never stopped by itself"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(1), BACKOFF_MIN);
+        assert_eq!(backoff(2), BACKOFF_MIN * 2);
+        assert_eq!(backoff(3), BACKOFF_MIN * 4);
+        assert_eq!(backoff(100), BACKOFF_MAX);
+    }
+}

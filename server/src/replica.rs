@@ -1,0 +1,113 @@
+//! The replica service: what peers ask of a replica of a key (the replica message family):
+//! read this node's copy, merge a state into it. Both are bounded by the time the coordinator
+//! has left, and a merge never overwrites (version-vector `sync`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringkv_protocol::peer::{PeerResponse, ReplicaRequest, ReplicaResponse};
+use ringkv_protocol::{ErrorKind, ErrorReply};
+
+use crate::storage::{HexKey, Store, WriteOp};
+use crate::version::KeyState;
+
+crate::metrics::metric_set! {
+    /// Requests served as a replica (registered under `peer.`).
+    pub struct ReplicaMetrics {
+        read_local: Counter = "read_local", "replica reads served to coordinators";
+        replicate: Counter = "replicate", "replicated states merged for coordinators";
+    }
+}
+
+pub struct Replica {
+    node_id: String,
+    store: Arc<Store>,
+    pub metrics: ReplicaMetrics,
+}
+
+impl Replica {
+    pub fn new(node_id: String, store: Arc<Store>) -> Replica {
+        Replica {
+            node_id,
+            store,
+            metrics: ReplicaMetrics::default(),
+        }
+    }
+
+    fn error(&self, kind: ErrorKind, definite: bool, msg: String) -> PeerResponse {
+        PeerResponse::Error(ErrorReply {
+            kind,
+            definite,
+            message: format!("node {}: {msg}", self.node_id),
+        })
+    }
+
+    pub async fn serve(&self, req: ReplicaRequest) -> PeerResponse {
+        match req {
+            ReplicaRequest::ReadLocal { key, timeout_ms } => self.read_local(key, timeout_ms).await,
+            ReplicaRequest::Replicate {
+                key,
+                state,
+                timeout_ms,
+            } => self.merge(key, state, timeout_ms).await,
+        }
+    }
+
+    async fn read_local(&self, key: Bytes, timeout_ms: u32) -> PeerResponse {
+        self.metrics.read_local.inc();
+        let limit = Duration::from_millis(timeout_ms as u64);
+        // The stored bytes are the wire encoding of the state: sent as they are, and the
+        // coordinator decodes (and names this replica if they do not decode).
+        let state = match tokio::time::timeout(limit, self.store.read_stored(&key)).await {
+            Ok(Ok(Some(stored))) => Bytes::from(stored),
+            Ok(Ok(None)) => Bytes::from(KeyState::new().encode()),
+            Ok(Err(e)) => {
+                return self.error(
+                    ErrorKind::Internal,
+                    true,
+                    format!("key {}: {e}", HexKey(key.to_vec())),
+                )
+            }
+            Err(_) => {
+                return self.error(
+                    ErrorKind::Timeout { acks: 0, needed: 1 },
+                    true,
+                    format!(
+                        "key {}: replica read exceeded the {timeout_ms} ms left of the deadline",
+                        HexKey(key.to_vec())
+                    ),
+                )
+            }
+        };
+        PeerResponse::Replica(ReplicaResponse::State(state))
+    }
+
+    async fn merge(&self, key: Bytes, state: Bytes, timeout_ms: u32) -> PeerResponse {
+        self.metrics.replicate.inc();
+        let state = match KeyState::decode(&state) {
+            Ok(s) => s,
+            Err(e) => {
+                return self.error(
+                    ErrorKind::Malformed,
+                    true,
+                    format!("key {}: replicated state: {e}", HexKey(key.to_vec())),
+                )
+            }
+        };
+        let limit = Duration::from_millis(timeout_ms as u64);
+        let hkey = HexKey(key.to_vec());
+        // On timeout the merge may still commit later: merges are idempotent.
+        match tokio::time::timeout(limit, self.store.write(WriteOp::Merge { key, state })).await {
+            Ok(Ok(_)) => PeerResponse::Replica(ReplicaResponse::Ack),
+            Ok(Err(e)) => self.error(e.kind(), e.is_definite(), e.to_string()),
+            Err(_) => self.error(
+                ErrorKind::Timeout { acks: 0, needed: 1 },
+                true,
+                format!(
+                    "key {hkey}: replica write exceeded the {timeout_ms} ms left of the deadline"
+                ),
+            ),
+        }
+    }
+}

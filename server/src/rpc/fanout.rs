@@ -1,0 +1,191 @@
+//! The fan-out helper: send to a set of targets, feed a sans-IO quorum tracker, honour the
+//! deadline, and hand the replies that arrive after the decision to one background worker.
+//!
+//! Reads and writes use it today; hinted handoff, anti-entropy and transfers reuse it. The
+//! caller pushes one `'static` future per target (a peer call, or a local storage operation);
+//! [`FanOut::decide`] polls them all on the caller's task until the [`Tracker`] decides or the
+//! deadline passes; [`FanOut::finish_late`] moves the rest, with the tracker, to the
+//! [`LateReplies`] worker, which keeps feeding it until the deadline and then runs a
+//! completion (read repair, late-ack counting). One worker for every request's late replies
+//! instead of one spawned task per request: visible in `kvctl status`, joined at shutdown.
+
+use std::future::Future;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant as TokioInstant;
+use tokio_util::sync::CancellationToken;
+
+use crate::background::{Progress, Worker, WorkerState};
+use crate::coordinator::quorum::{Decision, QuorumError};
+
+/// A quorum tracker fed with replies of type `R`.
+pub trait Tracker<R>: Send + 'static {
+    type Output;
+    fn on_reply(&mut self, reply: R) -> Decision<Self::Output>;
+    /// The deadline passed (or no reply can come) before a decision: the error to answer.
+    fn on_deadline(&mut self) -> QuorumError;
+}
+
+/// The outstanding replies of one request.
+pub struct FanOut<R> {
+    pending: FuturesUnordered<BoxFuture<'static, R>>,
+    deadline: Instant,
+}
+
+impl<R: Send + 'static> FanOut<R> {
+    pub fn new(deadline: Instant) -> Self {
+        FanOut {
+            pending: FuturesUnordered::new(),
+            deadline,
+        }
+    }
+
+    pub fn push(&mut self, call: impl Future<Output = R> + Send + 'static) {
+        self.pending.push(Box::pin(call));
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Feeds replies to `tracker` until it decides; at the deadline (or when every reply is in
+    /// undecided) the tracker names the error.
+    pub async fn decide<T: Tracker<R>>(
+        &mut self,
+        tracker: &mut T,
+    ) -> Result<T::Output, QuorumError> {
+        let sleep = tokio::time::sleep_until(TokioInstant::from_std(self.deadline));
+        tokio::pin!(sleep);
+        loop {
+            let decision = tokio::select! {
+                reply = self.pending.next() => match reply {
+                    Some(reply) => tracker.on_reply(reply),
+                    None => return Err(tracker.on_deadline()),
+                },
+                _ = &mut sleep => return Err(tracker.on_deadline()),
+            };
+            match decision {
+                Decision::Ok(out) => return Ok(out),
+                Decision::Failed(e) => return Err(e),
+                Decision::Pending => {}
+            }
+        }
+    }
+
+    /// Hands the replies still to come to the late-reply worker: each one goes to `tracker`
+    /// (its decisions ignored) until the deadline, then `finish(tracker)` runs there. Nothing
+    /// is queued when nothing is outstanding and `finish` is not needed.
+    pub fn finish_late<T, F>(self, late: &LateReplies, mut tracker: T, finish: F)
+    where
+        T: Tracker<R>,
+        F: FnOnce(T) -> BoxFuture<'static, ()> + Send + 'static,
+    {
+        let FanOut {
+            mut pending,
+            deadline,
+        } = self;
+        late.submit(Box::pin(async move {
+            let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    reply = pending.next() => match reply {
+                        Some(reply) => { let _ = tracker.on_reply(reply); }
+                        None => break,
+                    },
+                    _ = &mut sleep => break,
+                }
+            }
+            // Calls still running past the deadline are dropped (their own timeouts end them).
+            drop(pending);
+            finish(tracker).await;
+        }));
+    }
+}
+
+type Job = BoxFuture<'static, ()>;
+
+/// The handle requests use to queue their late replies.
+#[derive(Clone)]
+pub struct LateReplies {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl LateReplies {
+    /// The handle and the worker that runs the jobs (start it on the runner). The queue is
+    /// unbounded but every job ends by its request's deadline, so it holds at most the
+    /// requests of the last deadline's worth of traffic; its length is the worker's queue.
+    pub fn new() -> (LateReplies, LateReplyWorker) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            LateReplies { tx },
+            LateReplyWorker {
+                rx,
+                jobs: FuturesUnordered::new(),
+                finished: 0,
+            },
+        )
+    }
+
+    fn submit(&self, job: Job) {
+        // After shutdown the worker is gone: the late replies are simply not waited for.
+        let _ = self.tx.send(job);
+    }
+}
+
+/// Runs every request's late-reply job concurrently on one task.
+pub struct LateReplyWorker {
+    rx: mpsc::UnboundedReceiver<Job>,
+    jobs: FuturesUnordered<Job>,
+    finished: u64,
+}
+
+impl Worker for LateReplyWorker {
+    fn name(&self) -> String {
+        "late_replies".into()
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            detail: format!("{} requests finished after their answer", self.finished),
+            queue: Some(self.jobs.len() as u64),
+        }
+    }
+
+    /// One event: a new job, or one job finished.
+    async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
+        tokio::select! {
+            job = self.rx.recv() => match job {
+                Some(job) => self.jobs.push(job),
+                None if self.jobs.is_empty() => return Ok(WorkerState::Done),
+                None => {}
+            },
+            Some(()) = self.jobs.next(), if !self.jobs.is_empty() => self.finished += 1,
+            _ = stop.cancelled() => {}
+        }
+        Ok(WorkerState::Busy)
+    }
+
+    /// Lets the jobs already queued finish (each ends by its deadline; the runner's shutdown
+    /// deadline bounds the wait).
+    async fn shutdown(&mut self) {
+        self.rx.close();
+        while let Some(job) = self.rx.recv().await {
+            self.jobs.push(job);
+        }
+        while self.jobs.next().await.is_some() {
+            self.finished += 1;
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The authenticated peer handshake, both sides, in one place.
+//!
+//! Every peer connection is mutually authenticated with the cluster secret before anything else
+//! is served (`ringkv_protocol::auth`): the dialer sends `Hello` with a fresh nonce, the listener
+//! answers a `Challenge` with its own nonce and its proof, the dialer checks it and sends its
+//! proof, the listener checks that and answers `HelloAck`. Refusals are counted and logged with
+//! the remote address (at most one line per reason per `REFUSAL_LOG_INTERVAL`), never with the
+//! secret.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ringkv_client::conn::Conn;
+use ringkv_protocol::auth::{PeerKey, Role, Transcript, NONCE_LEN};
+use ringkv_protocol::peer::{
+    Challenge, Hello, MemberInfo, PeerRequest, PeerResponse, SessionRequest, SessionResponse,
+};
+use ringkv_protocol::{ErrorKind, ErrorReply};
+use tracing::warn;
+
+/// How long a new peer connection may take to complete the handshake before it is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refusals of the same kind are logged at most this often (each one is counted).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+fn nonce() -> [u8; NONCE_LEN] {
+    rand::random()
+}
+
+/// At most one log line per refusal reason per interval: a stranger hammering the peer port
+/// must not flood the log. Counters record every refusal.
+#[derive(Default)]
+pub struct RefusalLog {
+    last: Mutex<HashMap<&'static str, Instant>>,
+}
+
+impl RefusalLog {
+    pub fn due(&self, reason: &'static str) -> bool {
+        let mut last = self.last.lock().expect("refusal log lock poisoned");
+        let now = Instant::now();
+        match last.get(reason) {
+            Some(t) if now.duration_since(*t) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                last.insert(reason, now);
+                true
+            }
+        }
+    }
+}
+
+/// What a node presents to its peers.
+pub struct PeerIdentity {
+    pub cluster: String,
+    pub n: u8,
+    pub me: MemberInfo,
+    /// Derived from the cluster secret: what peers prove knowledge of (never logged).
+    pub key: PeerKey,
+}
+
+crate::metrics::metric_set! {
+    /// Handshake outcomes, both directions (registered under `peer.`).
+    pub struct AuthMetrics {
+        /// Incoming connections that failed to prove the secret or broke the handshake.
+        auth_failures: Counter = "auth_failures", "incoming peer connections refused for authentication";
+        /// Peers this node dialed that failed to prove the secret (or refused ours).
+        auth_failures_outgoing: Counter = "auth_failures_outgoing", "peers dialed that failed to prove the secret or refused ours";
+        /// Incoming handshakes refused for a wrong cluster name or N.
+        handshakes_refused: Counter = "handshakes_refused", "incoming handshakes of another cluster or replication factor";
+    }
+}
+
+/// This node's identity and the shared refusal bookkeeping: dials and answers handshakes.
+pub struct Authenticator {
+    pub identity: PeerIdentity,
+    pub metrics: AuthMetrics,
+    refusals: RefusalLog,
+}
+
+impl Authenticator {
+    pub fn new(identity: PeerIdentity) -> Authenticator {
+        Authenticator {
+            identity,
+            metrics: AuthMetrics::default(),
+            refusals: RefusalLog::default(),
+        }
+    }
+
+    fn node_id(&self) -> &str {
+        &self.identity.me.node_id
+    }
+
+    /// One round trip of the dialer's handshake.
+    async fn exchange(
+        &self,
+        conn: &Conn,
+        req: SessionRequest,
+        ids: &AtomicU64,
+    ) -> Result<PeerResponse, String> {
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let frame = conn
+            .call(PeerRequest::Session(req).to_frame(id))
+            .await
+            .map_err(|e| format!("handshake failed: {e:?}"))?;
+        PeerResponse::decode(frame.opcode, frame.body)
+            .map_err(|e| format!("undecodable handshake reply: {e}"))
+    }
+
+    /// The dialer's side: the listener proves the secret first, and this node sends its own
+    /// proof only to a listener that did.
+    pub async fn dial(&self, conn: &Conn, addr: &str, ids: &AtomicU64) -> Result<(), String> {
+        let me = &self.identity.me;
+        let dialer_nonce = nonce();
+        let hello = SessionRequest::Hello(Hello {
+            cluster: self.identity.cluster.clone(),
+            n: self.identity.n,
+            me: me.clone(),
+            nonce: dialer_nonce,
+        });
+        let challenge = match self.exchange(conn, hello, ids).await? {
+            PeerResponse::Session(SessionResponse::Challenge(c)) => c,
+            PeerResponse::Error(e) => return Err(self.refused(addr, &e)),
+            other => return Err(format!("unexpected handshake reply {other:?}")),
+        };
+        let transcript = Transcript {
+            dialer_nonce: &dialer_nonce,
+            listener_nonce: &challenge.nonce,
+            dialer_id: &me.node_id,
+            listener_id: &challenge.me.node_id,
+        };
+        let key = &self.identity.key;
+        if !key.verify(Role::Listener, &transcript, &challenge.proof) {
+            self.metrics.auth_failures_outgoing.inc();
+            if self.refusals.due("listener proof") {
+                warn!(node = %me.node_id, peer = addr, claimed = %challenge.me.node_id,
+                      "peer failed to prove the cluster secret (another secret, or not a ringkv node of this cluster); not using it");
+            }
+            return Err(format!(
+                "peer {} ({addr}) failed to prove the cluster secret",
+                challenge.me.node_id
+            ));
+        }
+        let proof = SessionRequest::HelloProof(key.proof(Role::Dialer, &transcript));
+        match self.exchange(conn, proof, ids).await? {
+            PeerResponse::Session(SessionResponse::HelloAck) => Ok(()),
+            PeerResponse::Error(e) => Err(self.refused(addr, &e)),
+            other => Err(format!("unexpected handshake reply {other:?}")),
+        }
+    }
+
+    fn refused(&self, addr: &str, e: &ErrorReply) -> String {
+        if e.kind == ErrorKind::Unauthenticated {
+            self.metrics.auth_failures_outgoing.inc();
+        }
+        if self.refusals.due(e.kind.name()) {
+            warn!(node = %self.node_id(), peer = addr, kind = e.kind.name(), cause = %e.message,
+                  "peer refused our handshake");
+        }
+        format!("handshake refused: {}: {}", e.kind.name(), e.message)
+    }
+
+    /// Checks the public part of a peer's `Hello`: same cluster name and replication factor.
+    /// (The secret is checked by the challenge–response that follows.)
+    fn check_hello(&self, hello: &Hello, remote: SocketAddr) -> Result<(), String> {
+        let problem = if hello.cluster != self.identity.cluster {
+            Some(format!(
+                "cluster name {:?} differs from ours {:?}",
+                hello.cluster, self.identity.cluster
+            ))
+        } else if hello.n != self.identity.n {
+            Some(format!(
+                "replication factor N={} differs from ours N={}",
+                hello.n, self.identity.n
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.metrics.handshakes_refused.inc();
+            warn!(node = %self.node_id(), peer = %hello.me.node_id, %remote,
+                  "refused peer {}: {p}", hello.me.node_id);
+            return Err(format!("refused peer {}: {p}", hello.me.node_id));
+        }
+        Ok(())
+    }
+
+    /// A connection closed for not completing the handshake in time.
+    pub fn timed_out(&self, remote: SocketAddr) {
+        self.metrics.auth_failures.inc();
+        if self.refusals.due("handshake timeout") {
+            warn!(node = %self.node_id(), %remote, timeout = ?HANDSHAKE_TIMEOUT,
+                  "refused peer connection: no completed handshake in time");
+        }
+    }
+
+    pub fn error(&self, kind: ErrorKind, msg: String) -> PeerResponse {
+        PeerResponse::Error(ErrorReply {
+            kind,
+            definite: true,
+            message: format!("node {}: {msg}", self.node_id()),
+        })
+    }
+}
+
+/// Where the listener's side of one connection's handshake stands.
+enum Step {
+    /// Waiting for `Hello`.
+    Start,
+    /// `Challenge` sent; waiting for the dialer's proof.
+    Challenged {
+        dialer_nonce: [u8; NONCE_LEN],
+        listener_nonce: [u8; NONCE_LEN],
+        dialer_id: String,
+    },
+    /// Authenticated: peer requests are served.
+    Done,
+    /// Refused: the connection is closing.
+    Failed,
+}
+
+/// The listener's side of one incoming connection's handshake.
+pub struct ListenerHandshake {
+    remote: SocketAddr,
+    step: Mutex<Step>,
+    done: AtomicBool,
+}
+
+impl ListenerHandshake {
+    pub fn new(remote: SocketAddr) -> ListenerHandshake {
+        ListenerHandshake {
+            remote,
+            step: Mutex::new(Step::Start),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// True once the dialer proved the secret.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Refuses the connection: counted, logged (rate-limited) with the remote address.
+    fn refuse(&self, auth: &Authenticator, reason: &'static str, detail: String) -> PeerResponse {
+        auth.metrics.auth_failures.inc();
+        *self.step.lock().expect("handshake lock poisoned") = Step::Failed;
+        if auth.refusals.due(reason) {
+            warn!(node = %auth.node_id(), remote = %self.remote, reason, %detail,
+                  "refused peer connection");
+        }
+        auth.error(ErrorKind::Unauthenticated, format!("{reason}: {detail}"))
+    }
+
+    /// One step of the handshake: `None` once it is complete (serve the request), else the
+    /// reply and whether the connection must close after it.
+    pub fn step(&self, auth: &Authenticator, req: &PeerRequest) -> Option<(PeerResponse, bool)> {
+        let mut step = self.step.lock().expect("handshake lock poisoned");
+        if matches!(*step, Step::Done) {
+            return None;
+        }
+        let me = &auth.identity.me;
+        // Any step that does not set a new state leaves the connection refused.
+        let current = std::mem::replace(&mut *step, Step::Failed);
+        match (current, req) {
+            (Step::Start, PeerRequest::Session(SessionRequest::Hello(hello))) => {
+                if let Err(msg) = auth.check_hello(hello, self.remote) {
+                    return Some((auth.error(ErrorKind::WrongCluster, msg), true));
+                }
+                let listener_nonce = nonce();
+                let transcript = Transcript {
+                    dialer_nonce: &hello.nonce,
+                    listener_nonce: &listener_nonce,
+                    dialer_id: &hello.me.node_id,
+                    listener_id: &me.node_id,
+                };
+                let proof = auth.identity.key.proof(Role::Listener, &transcript);
+                *step = Step::Challenged {
+                    dialer_nonce: hello.nonce,
+                    listener_nonce,
+                    dialer_id: hello.me.node_id.clone(),
+                };
+                Some((
+                    PeerResponse::Session(SessionResponse::Challenge(Challenge {
+                        me: me.clone(),
+                        nonce: listener_nonce,
+                        proof,
+                    })),
+                    false,
+                ))
+            }
+            (
+                Step::Challenged {
+                    dialer_nonce,
+                    listener_nonce,
+                    dialer_id,
+                },
+                PeerRequest::Session(SessionRequest::HelloProof(proof)),
+            ) => {
+                let transcript = Transcript {
+                    dialer_nonce: &dialer_nonce,
+                    listener_nonce: &listener_nonce,
+                    dialer_id: &dialer_id,
+                    listener_id: &me.node_id,
+                };
+                if auth.identity.key.verify(Role::Dialer, &transcript, proof) {
+                    *step = Step::Done;
+                    self.done.store(true, Ordering::Release);
+                    Some((PeerResponse::Session(SessionResponse::HelloAck), false))
+                } else {
+                    drop(step);
+                    let detail =
+                        format!("peer claiming to be {dialer_id} did not prove the cluster secret");
+                    Some((self.refuse(auth, "bad proof", detail), true))
+                }
+            }
+            (Step::Failed, _) => Some((
+                auth.error(ErrorKind::Unauthenticated, "handshake failed".into()),
+                true,
+            )),
+            (_, other) => {
+                drop(step);
+                let what = format!(
+                    "request 0x{:02x} out of handshake order",
+                    other.to_frame(0).opcode
+                );
+                Some((self.refuse(auth, "request before handshake", what), true))
+            }
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Inter-node RPC: the peer pool (outgoing connections), the authenticated handshake (both
+//! sides), and the fan-out helper every coordinating service uses.
+//!
+//! Services talk to peers through the [`Transport`] trait (the pool in production, scripted
+//! replies in the coordinator's unit tests), never through sockets.
+
+pub mod fanout;
+pub mod handshake;
+pub mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use ringkv_protocol::peer::{PeerRequest, PeerResponse};
+use ringkv_protocol::ErrorReply;
+
+pub use fanout::{FanOut, LateReplies, Tracker};
+pub use handshake::{Authenticator, ListenerHandshake, PeerIdentity, HANDSHAKE_TIMEOUT};
+pub use pool::{PeerPool, PEER_PIPELINE_DEPTH};
+
+/// Sends one request to the peer at `addr` and waits for its reply, at most `timeout`. The
+/// future owns everything it needs, so unfinished calls can move to a background task.
+pub trait Transport: Send + Sync + 'static {
+    fn call(
+        self: Arc<Self>,
+        addr: String,
+        req: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, PeerError>>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// The request was not sent (connect or handshake failed, or backing off).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The connection broke after sending: the outcome is unknown.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The peer answered with an error.
+    #[error("{}: {}", .0.kind.name(), .0.message)]
+    Remote(ErrorReply),
+}
+
+impl PeerError {
+    /// True when the request certainly did not reach the peer.
+    pub fn not_sent(&self) -> bool {
+        matches!(self, PeerError::Unreachable(_))
+    }
+}
