@@ -932,3 +932,6 @@ impl Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

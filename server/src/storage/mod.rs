@@ -107,7 +107,36 @@ pub enum Cached {
     Miss,
 }
 
-/// The storage engine: point reads and atomic batches over the column families.
+/// A key range of one column family: `start` inclusive, `end` exclusive (`None` = to the end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanRange {
+    pub start: Vec<u8>,
+    pub end: Option<Vec<u8>>,
+}
+
+/// One batch of a range scan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScanBatch {
+    /// Entries in key order.
+    pub entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Where the next batch starts (pass it as the next `start`); `None` = the range is done.
+    pub resume: Option<Vec<u8>>,
+}
+
+/// The smallest key after `key`: the cursor that resumes a scan after `key`.
+pub fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
+}
+
+/// Most entries one `scan` call returns: a caller that asks for more gets this many (a batch
+/// must stay a bounded unit of a worker's work).
+pub const MAX_SCAN_BATCH: usize = 10_000;
+
+/// The storage engine: point reads, bounded range scans and atomic batches over the column
+/// families.
 /// Every method but `get_cached` may block on the disk; call them from the writer thread or
 /// `spawn_blocking`.
 pub trait Engine: Send + Sync + 'static {
@@ -119,6 +148,11 @@ pub trait Engine: Send + Sync + 'static {
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError>;
     /// Makes every earlier write durable (fsync the WAL).
     fn sync_wal(&self) -> Result<(), StorageError>;
+    /// At most `limit` entries of `range` (capped at `MAX_SCAN_BATCH`), in key order, and where
+    /// to resume. Scans do not fill the block cache (they would evict the hot set). Not a
+    /// snapshot across batches: a key written between two batches is seen if it sorts after
+    /// the cursor.
+    fn scan(&self, cf: Cf, range: &ScanRange, limit: usize) -> Result<ScanBatch, StorageError>;
     /// Integer properties for metrics (e.g. `rocksdb.estimate-num-keys`), None when unknown.
     fn property(&self, cf: Cf, name: &str) -> Option<u64>;
 }
@@ -131,4 +165,102 @@ pub fn data_key(key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&key_position(key).to_be_bytes());
     k.extend_from_slice(key);
     k
+}
+
+/// The range-scan contract, checked on every engine: batches in key order, bounded, resumable,
+/// within the range and the column family, the hash memtable's prefixes notwithstanding.
+/// `flush` moves what was written so far out of memory (SST files), when the engine has that.
+#[cfg(test)]
+pub(crate) fn check_scan_contract(engine: &dyn Engine, flush: &dyn Fn()) {
+    use std::collections::BTreeMap;
+    let mut expected = BTreeMap::new();
+    let mut batch = Batch::default();
+    for i in 0..300u32 {
+        let key = data_key(format!("key-{i}").as_bytes());
+        let value = format!("value-{i}").into_bytes();
+        batch.put(Cf::Data, key.clone(), value.clone());
+        expected.insert(key, value);
+        if i == 150 {
+            // Half on disk, half in the memtable.
+            engine.write(std::mem::take(&mut batch), false).unwrap();
+            flush();
+        }
+    }
+    // Other column families must not show up.
+    batch.put(Cf::Hints, vec![0; 9], b"hint".to_vec());
+    batch.put(Cf::Meta, vec![0xff; 9], b"meta".to_vec());
+    engine.write(batch, false).unwrap();
+
+    let scan_all = |range: ScanRange, limit: usize| {
+        let mut got = Vec::new();
+        let mut range = range;
+        let mut batches = 0;
+        loop {
+            let b = engine.scan(Cf::Data, &range, limit).unwrap();
+            assert!(b.entries.len() <= limit, "a batch holds at most its limit");
+            batches += 1;
+            got.extend(b.entries);
+            match b.resume {
+                Some(next) => range.start = next,
+                None => break,
+            }
+        }
+        (got, batches)
+    };
+    let all: Vec<(Vec<u8>, Vec<u8>)> = expected.clone().into_iter().collect();
+    let (got, batches) = scan_all(
+        ScanRange {
+            start: Vec::new(),
+            end: None,
+        },
+        7,
+    );
+    assert_eq!(got, all, "every entry once, in key order");
+    assert!(batches >= 300 / 7, "bounded batches: {batches}");
+
+    // A sub-range (a ring arc): exactly the keys inside it.
+    let (lo, hi) = (all[40].0.clone(), all[260].0.clone());
+    let (got, _) = scan_all(
+        ScanRange {
+            start: lo.clone(),
+            end: Some(hi.clone()),
+        },
+        50,
+    );
+    assert_eq!(got, all[40..260].to_vec());
+    // An empty range, and a limit above the cap.
+    let none = engine
+        .scan(
+            Cf::Data,
+            &ScanRange {
+                start: hi.clone(),
+                end: Some(hi),
+            },
+            10,
+        )
+        .unwrap();
+    assert_eq!(none, ScanBatch::default());
+    let capped = engine
+        .scan(
+            Cf::Data,
+            &ScanRange {
+                start: Vec::new(),
+                end: None,
+            },
+            usize::MAX,
+        )
+        .unwrap();
+    assert_eq!(capped.entries.len(), 300);
+    assert_eq!(capped.resume, None);
+    let hints = engine
+        .scan(
+            Cf::Hints,
+            &ScanRange {
+                start: Vec::new(),
+                end: None,
+            },
+            10,
+        )
+        .unwrap();
+    assert_eq!(hints.entries, vec![(vec![0; 9], b"hint".to_vec())]);
 }

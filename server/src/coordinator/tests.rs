@@ -1,0 +1,621 @@
+//! Coordination without processes: the coordinator over the in-memory engine, a fixed
+//! cluster view, and a scripted transport whose peers answer late, fail, send stale or
+//! concurrent states. Asserts the replies, the repairs sent and the errors.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use ringkv_protocol::peer::MemberInfo;
+
+use super::*;
+use crate::background::Runner;
+use crate::metrics::Registry;
+use crate::ring::Ring;
+use crate::storage::memory::MemoryEngine;
+use crate::storage::store::SyncMode;
+use crate::storage::{Engine, StoreConfig};
+use crate::version::Dot;
+
+/// What a scripted peer does with one kind of request.
+#[derive(Clone)]
+struct Behaviour {
+    delay: Duration,
+    reply: Result<PeerResponse, PeerError>,
+}
+
+fn answer(reply: PeerResponse) -> Behaviour {
+    Behaviour {
+        delay: Duration::ZERO,
+        reply: Ok(reply),
+    }
+}
+
+fn late(delay: Duration, reply: PeerResponse) -> Behaviour {
+    Behaviour {
+        delay,
+        reply: Ok(reply),
+    }
+}
+
+fn failing() -> Behaviour {
+    Behaviour {
+        delay: Duration::ZERO,
+        reply: Err(PeerError::Lost("scripted failure".into())),
+    }
+}
+
+fn unreachable() -> Behaviour {
+    Behaviour {
+        delay: Duration::ZERO,
+        reply: Err(PeerError::Unreachable("scripted: not running".into())),
+    }
+}
+
+fn ack() -> Behaviour {
+    answer(PeerResponse::Replica(ReplicaResponse::Ack))
+}
+
+fn state_reply(s: &KeyState) -> PeerResponse {
+    PeerResponse::Replica(ReplicaResponse::State(Bytes::from(s.encode())))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Kind {
+    Read,
+    Replicate,
+    Forward,
+}
+
+fn kind(req: &PeerRequest) -> Kind {
+    match req {
+        PeerRequest::Replica(ReplicaRequest::ReadLocal { .. }) => Kind::Read,
+        PeerRequest::Replica(ReplicaRequest::Replicate { .. }) => Kind::Replicate,
+        PeerRequest::Coordinator(_) => Kind::Forward,
+        other => panic!("the coordinator sent {other:?}"),
+    }
+}
+
+/// Peers by address: scripted answers, and every call recorded in order.
+#[derive(Default)]
+struct Script {
+    behaviours: Mutex<HashMap<(String, Kind), Behaviour>>,
+    calls: Mutex<Vec<(String, PeerRequest)>>,
+}
+
+impl Script {
+    fn on(&self, node: &str, k: Kind, b: Behaviour) {
+        self.behaviours.lock().unwrap().insert((addr(node), k), b);
+    }
+
+    fn calls(&self, k: Kind) -> Vec<(String, PeerRequest)> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| kind(r) == k)
+            .cloned()
+            .collect()
+    }
+
+    /// The states replicated to `node`, decoded.
+    fn replicated_to(&self, node: &str) -> Vec<KeyState> {
+        self.calls(Kind::Replicate)
+            .into_iter()
+            .filter(|(a, _)| *a == addr(node))
+            .map(|(_, r)| match r {
+                PeerRequest::Replica(ReplicaRequest::Replicate { state, .. }) => {
+                    KeyState::decode(&state).unwrap()
+                }
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+}
+
+impl Transport for Script {
+    fn call(
+        self: Arc<Self>,
+        addr: String,
+        req: PeerRequest,
+        timeout: Duration,
+    ) -> futures::future::BoxFuture<'static, Result<PeerResponse, PeerError>> {
+        let k = kind(&req);
+        self.calls.lock().unwrap().push((addr.clone(), req));
+        let b = self
+            .behaviours
+            .lock()
+            .unwrap()
+            .get(&(addr.clone(), k))
+            .cloned()
+            .unwrap_or_else(unreachable);
+        Box::pin(async move {
+            if b.delay > timeout {
+                // No reply before the caller gives up: the caller's deadline decides.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(b.delay).await;
+            b.reply
+        })
+    }
+}
+
+fn addr(node: &str) -> String {
+    format!("{node}.peer:1")
+}
+
+fn view(nodes: &[&str], alive: &[&str]) -> ClusterView {
+    let members: BTreeMap<NodeId, MemberInfo> = nodes
+        .iter()
+        .map(|id| {
+            (
+                NodeId::from(*id),
+                MemberInfo {
+                    node_id: id.to_string(),
+                    client_addr: String::new(),
+                    peer_addr: addr(id),
+                    vnodes: 16,
+                    generation: 1,
+                },
+            )
+        })
+        .collect();
+    ClusterView {
+        me: nodes[0].into(),
+        ring: Ring::new(nodes.iter().map(|id| (*id, 16u32))),
+        members,
+        alive: alive
+            .iter()
+            .map(|id| NodeId::from(*id))
+            .collect::<BTreeSet<_>>(),
+        version: 1,
+        epoch: 1,
+        ready: true,
+    }
+}
+
+struct Harness {
+    coordinator: Arc<Coordinator>,
+    store: Arc<Store>,
+    engine: Arc<MemoryEngine>,
+    script: Arc<Script>,
+    _runner: Arc<Runner>,
+}
+
+/// Node "a" coordinates, with N=3, R=W=2 by default.
+fn harness(view: ClusterView) -> Harness {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(
+        Store::open(
+            engine.clone() as Arc<dyn Engine>,
+            StoreConfig {
+                node_id: "a".into(),
+                sync: SyncMode::Group,
+                boot_id: Some("boot".into()),
+                new_incarnation: false,
+            },
+        )
+        .unwrap(),
+    );
+    let script = Arc::new(Script::default());
+    let (membership, _view_tx) = Membership::fixed(view);
+    let runner = Runner::new("a".into(), Arc::new(Registry::default()));
+    let (late, worker) = LateReplies::new();
+    runner.spawn(worker);
+    let coordinator = Arc::new(Coordinator::new(
+        CoordinatorConfig {
+            node_id: "a".into(),
+            n: 3,
+            r: 2,
+            w: 2,
+            request_timeout_ms: 1000,
+        },
+        store.clone(),
+        script.clone(),
+        membership,
+        late,
+    ));
+    Harness {
+        coordinator,
+        store,
+        engine,
+        script,
+        _runner: runner,
+    }
+}
+
+fn put(key: &str, value: &str, w: u8, timeout_ms: u32) -> Request {
+    Request::Put {
+        key: Bytes::from(key.to_string()),
+        value: Bytes::from(value.to_string()),
+        context: Bytes::new(),
+        opts: WriteOptions {
+            w,
+            timeout_ms,
+            flags: 0,
+        },
+    }
+}
+
+fn get_opts(r: u8, timeout_ms: u32) -> ReadOptions {
+    ReadOptions {
+        r,
+        timeout_ms,
+        flags: 0,
+    }
+}
+
+/// A state holding one sibling minted by `actor`.
+fn one_sibling(actor: u64, value: &str) -> KeyState {
+    KeyState::new().update(
+        &VersionVector::new(),
+        Dot { actor, counter: 1 },
+        5,
+        Some(Bytes::from(value.to_string())),
+    )
+}
+
+fn values(state: &KeyState) -> BTreeSet<String> {
+    state
+        .siblings()
+        .iter()
+        .filter_map(|s| s.value.as_ref())
+        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        .collect()
+}
+
+fn reply_values(resp: &Response) -> BTreeSet<String> {
+    match resp {
+        Response::Get(r) => r
+            .siblings
+            .iter()
+            .filter_map(|s| s.value.as_ref())
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            .collect(),
+        other => panic!("expected a read reply, got {other:?}"),
+    }
+}
+
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+async fn local(store: &Arc<Store>, key: &str) -> KeyState {
+    store.read(Bytes::from(key.to_string())).await.unwrap()
+}
+
+const ABC: [&str; 3] = ["a", "b", "c"];
+
+#[tokio::test]
+async fn a_write_succeeds_at_w_with_one_replica_failing_and_ships_the_minted_state() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, failing());
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    let Response::Put(reply) = resp else {
+        panic!("{resp:?}")
+    };
+    let dot = Dot {
+        actor: reply.actor,
+        counter: reply.counter,
+    };
+    let mine = local(&h.store, "k").await;
+    assert_eq!(values(&mine), BTreeSet::from(["v".to_string()]));
+    assert_eq!(
+        mine.siblings()[0].dot,
+        dot,
+        "the coordinator minted the dot"
+    );
+    for node in ["b", "c"] {
+        let shipped = h.script.replicated_to(node);
+        assert_eq!(shipped.len(), 1, "{node}");
+        assert_eq!(shipped[0], mine, "{node} got the coordinator's state");
+    }
+    eventually("c's failure counted", || {
+        h.coordinator.metrics.replicate_failed.get() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_missing_w_at_the_deadline_is_an_indefinite_timeout() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on(
+        "c",
+        Kind::Replicate,
+        late(
+            Duration::from_secs(5),
+            PeerResponse::Replica(ReplicaResponse::Ack),
+        ),
+    );
+    let resp = h.coordinator.write(put("k", "v", 3, 100)).await;
+    match resp {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Timeout { acks: 2, needed: 3 },
+                "{}",
+                e.message
+            );
+            assert!(
+                !e.definite,
+                "two replicas hold the write: the outcome is not definite"
+            );
+            assert!(e.message.starts_with("node a: key \"k\""), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_ack_after_the_answer_is_counted_late() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on(
+        "c",
+        Kind::Replicate,
+        late(
+            Duration::from_millis(100),
+            PeerResponse::Replica(ReplicaResponse::Ack),
+        ),
+    );
+    let resp = h.coordinator.write(put("k", "v", 2, 2000)).await;
+    assert!(matches!(resp, Response::Put(_)), "{resp:?}");
+    assert_eq!(
+        h.coordinator.metrics.late_acks.get(),
+        0,
+        "answered before c"
+    );
+    eventually("c's ack counted late", || {
+        h.coordinator.metrics.late_acks.get() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_with_too_few_live_primaries_is_refused_before_anything_is_written() {
+    let h = harness(view(&ABC, &["b"]));
+    let resp = h.coordinator.write(put("k", "v", 3, 1000)).await;
+    match resp {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 2,
+                    needed: 3
+                }
+            );
+            assert!(e.definite, "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.script.calls.lock().unwrap().is_empty(),
+        "no peer was asked"
+    );
+    assert!(
+        local(&h.store, "k").await.siblings().is_empty(),
+        "nothing minted"
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_replicas_all_fail_is_unavailable_and_indefinite() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    h.script.on("b", Kind::Replicate, failing());
+    h.script.on("c", Kind::Replicate, failing());
+    match h.coordinator.write(put("k", "v", 2, 1000)).await {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 1,
+                    needed: 2
+                }
+            );
+            assert!(!e.definite, "this node holds the version: {}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_read_merges_stale_and_concurrent_replies_and_repairs_every_other_replica() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    let mine = one_sibling(1, "from-a");
+    h.store
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: mine.clone(),
+        })
+        .await
+        .unwrap();
+    let theirs = one_sibling(2, "from-c");
+    h.script
+        .on("b", Kind::Read, answer(state_reply(&KeyState::new())));
+    h.script.on("c", Kind::Read, answer(state_reply(&theirs)));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, ack());
+    let resp = h
+        .coordinator
+        .get(Bytes::from_static(b"k"), get_opts(3, 1000))
+        .await;
+    let both = BTreeSet::from(["from-a".to_string(), "from-c".to_string()]);
+    assert_eq!(
+        reply_values(&resp),
+        both,
+        "concurrent versions are siblings"
+    );
+    let merged = mine.sync(&theirs);
+    eventually("b and c repaired", || {
+        h.script.replicated_to("b") == vec![merged.clone()]
+            && h.script.replicated_to("c") == vec![merged.clone()]
+    })
+    .await;
+    for _ in 0..400 {
+        if values(&local(&h.store, "k").await) == both {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        values(&local(&h.store, "k").await),
+        both,
+        "the coordinator's copy repaired too"
+    );
+    assert_eq!(h.coordinator.metrics.read_repairs.get(), 3);
+}
+
+#[tokio::test]
+async fn a_reply_after_the_read_quorum_is_merged_later_and_repaired() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    let old = one_sibling(1, "old");
+    h.store
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: old.clone(),
+        })
+        .await
+        .unwrap();
+    let concurrent = one_sibling(2, "late");
+    h.script.on("b", Kind::Read, answer(state_reply(&old)));
+    h.script.on(
+        "c",
+        Kind::Read,
+        late(Duration::from_millis(100), state_reply(&concurrent)),
+    );
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, ack());
+    let resp = h
+        .coordinator
+        .get(Bytes::from_static(b"k"), get_opts(2, 2000))
+        .await;
+    assert_eq!(
+        reply_values(&resp),
+        BTreeSet::from(["old".to_string()]),
+        "answered at R=2"
+    );
+    assert!(
+        h.script.calls(Kind::Replicate).is_empty(),
+        "a and b agreed: nothing to repair yet"
+    );
+    let merged = old.sync(&concurrent);
+    eventually("the late sibling repaired onto b", || {
+        h.script.replicated_to("b") == vec![merged.clone()]
+    })
+    .await;
+    assert_eq!(h.script.replicated_to("c"), vec![merged.clone()]);
+}
+
+#[tokio::test]
+async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    h.script.on("b", Kind::Read, failing());
+    h.script.on(
+        "c",
+        Kind::Read,
+        answer(PeerResponse::Replica(ReplicaResponse::State(
+            Bytes::from_static(b"\xff garbage"),
+        ))),
+    );
+    match h
+        .coordinator
+        .get(Bytes::from_static(b"k"), get_opts(2, 1000))
+        .await
+    {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 1,
+                    needed: 2
+                },
+                "{}",
+                e.message
+            );
+            assert!(e.definite);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_first_reachable_primary(
+) {
+    let nodes = ["a", "b", "c", "d"];
+    let v = view(&nodes, &["b", "c", "d"]);
+    let key = (0..1000u32)
+        .map(|i| format!("key-{i}"))
+        .find(|k| !plan(&v, k.as_bytes(), 3).is_primary("a"))
+        .expect("some key is not on a");
+    let primaries = plan(&v, key.as_bytes(), 3).preference;
+    let h = harness(v);
+    let coordinated = Response::Put(WriteReply {
+        actor: 77,
+        counter: 9,
+        body: None,
+    });
+    let frame = coordinated.to_frame(0);
+    h.script.on(&primaries[0], Kind::Forward, unreachable());
+    h.script.on(
+        &primaries[1],
+        Kind::Forward,
+        answer(PeerResponse::Coordinator(
+            CoordinatorResponse::ForwardReply {
+                opcode: frame.opcode,
+                body: frame.body,
+            },
+        )),
+    );
+    let resp = h.coordinator.write(put(&key, "v", 2, 1000)).await;
+    assert_eq!(resp, coordinated, "the primary's answer is the client's");
+    let forwards: Vec<String> = h
+        .script
+        .calls(Kind::Forward)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(forwards, vec![addr(&primaries[0]), addr(&primaries[1])]);
+    assert!(
+        local(&h.store, &key).await.siblings().is_empty(),
+        "a minted nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
+    let h = harness(view(&ABC, &["b", "c"]));
+    h.engine.set_fail_writes(true);
+    let coordinated = Response::Put(WriteReply {
+        actor: 5,
+        counter: 1,
+        body: None,
+    });
+    let frame = coordinated.to_frame(0);
+    for node in ["b", "c"] {
+        h.script.on(
+            node,
+            Kind::Forward,
+            answer(PeerResponse::Coordinator(
+                CoordinatorResponse::ForwardReply {
+                    opcode: frame.opcode,
+                    body: frame.body.clone(),
+                },
+            )),
+        );
+    }
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    assert_eq!(resp, coordinated);
+    assert_eq!(h.coordinator.metrics.forwarded_after_local_failure.get(), 1);
+    assert!(
+        h.script.calls(Kind::Replicate).is_empty(),
+        "nothing was shipped from a"
+    );
+    assert_eq!(h.script.calls(Kind::Forward).len(), 1, "handed over once");
+}
