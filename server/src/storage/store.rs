@@ -45,7 +45,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::state_cache::{StateCache, STATE_CACHE_BYTES};
-use super::{data_key, Batch, Cached, Cf, Engine, HexKey, StorageError};
+use super::{data_key, Batch, BatchOp, Cached, Cf, Engine, HexKey, StorageError};
 use crate::version::{
     actor_id, actor_stamp, actor_tag, node_tag, Actor, Dot, KeyState, VersionVector, ACTOR_EPOCH_MS,
 };
@@ -109,6 +109,14 @@ impl std::fmt::Display for SyncMode {
             SyncMode::Always => "always",
         })
     }
+}
+
+/// Rows derived from a key's data that must commit with it (anti-entropy tree leaves, hints):
+/// the writer calls the hook, on its own thread, for every change of a key's state, and the
+/// rows it appends go into the same atomic batch as the new state. A failed batch applies
+/// neither. The hook may write only `Cf::Hints` and `Cf::Aae`, and must not block.
+pub trait ChangeHook: Send + 'static {
+    fn on_change(&mut self, key: &[u8], old: &KeyState, new: &KeyState, batch: &mut Batch);
 }
 
 #[derive(Debug, Clone)]
@@ -402,6 +410,16 @@ impl Store {
     /// Opens the store: checks the data dir belongs to this node, chooses the incarnation,
     /// persists a fresh counter lease (fsynced) and starts the writer thread.
     pub fn open(engine: Arc<dyn Engine>, config: StoreConfig) -> Result<Store, StoreOpenError> {
+        Store::open_with_hook(engine, config, None)
+    }
+
+    /// Like `open`, with a hook the writer calls on every change of a key's state to add
+    /// derived rows (anti-entropy leaves, hints) to the same atomic batch.
+    pub fn open_with_hook(
+        engine: Arc<dyn Engine>,
+        config: StoreConfig,
+        hook: Option<Box<dyn ChangeHook>>,
+    ) -> Result<Store, StoreOpenError> {
         if let Some(found) = engine.get(Cf::Meta, META_NODE_ID)? {
             let found = String::from_utf8_lossy(&found).into_owned();
             if found != config.node_id {
@@ -451,7 +469,7 @@ impl Store {
         } else {
             batch
                 .ops
-                .push(super::BatchOp::Delete(Cf::Meta, META_BOOT.to_vec()));
+                .push(BatchOp::Delete(Cf::Meta, META_BOOT.to_vec()));
         }
         batch.put(
             Cf::Meta,
@@ -491,6 +509,7 @@ impl Store {
             stats: stats.clone(),
             node_id: config.node_id.clone(),
             cache: StateCache::new(STATE_CACHE_BYTES),
+            hook,
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -696,6 +715,7 @@ struct Writer {
     node_id: String,
     /// States of recently written keys, as committed (see `state_cache`).
     cache: StateCache,
+    hook: Option<Box<dyn ChangeHook>>,
 }
 
 /// Per-group scratch state.
@@ -1018,6 +1038,17 @@ impl Writer {
                 state: current,
                 dot: None,
             });
+        }
+        if let Some(hook) = self.hook.as_mut() {
+            let before = group.batch.ops.len();
+            hook.on_change(key, &current, &next, &mut group.batch);
+            assert!(
+                group.batch.ops[before..].iter().all(|op| matches!(
+                    op,
+                    BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
+                )),
+                "a change hook writes only the hints and aae column families"
+            );
         }
         group.batch.put(Cf::Data, dkey.clone(), next.encode());
         group.overlay.insert(dkey, next.clone());

@@ -952,3 +952,83 @@ async fn a_restored_data_dir_starts_a_new_incarnation_on_request() {
     assert_eq!(after.counter, 1);
     store.close();
 }
+
+/// An anti-entropy-like hook: one `Cf::Aae` row per key holding a digest of its new state, and
+/// one `Cf::Hints` row holding the digest of the state it replaced.
+struct DigestHook;
+
+fn digest(state: &KeyState) -> u64 {
+    if state.siblings().is_empty() && state.context().is_empty() {
+        return 0;
+    }
+    xxhash_rust::xxh3::xxh3_64(&state.encode())
+}
+
+impl ChangeHook for DigestHook {
+    fn on_change(&mut self, key: &[u8], old: &KeyState, new: &KeyState, batch: &mut Batch) {
+        let mut row = b"leaf/".to_vec();
+        row.extend_from_slice(key);
+        batch.put(Cf::Aae, row, digest(new).to_be_bytes().to_vec());
+        let mut hint = b"seen/".to_vec();
+        hint.extend_from_slice(key);
+        batch.put(Cf::Hints, hint, digest(old).to_be_bytes().to_vec());
+    }
+}
+
+fn row(engine: &MemoryEngine, cf: Cf, prefix: &[u8], key: &str) -> Option<u64> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(key.as_bytes());
+    engine
+        .get(cf, &k)
+        .unwrap()
+        .map(|v| u64::from_be_bytes(v.try_into().unwrap()))
+}
+
+/// Rows a change hook derives commit in the same batch as the data: they describe the state
+/// the data column family holds, and a failed batch applies neither.
+#[tokio::test]
+async fn change_hook_rows_commit_atomically_with_the_data() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Store::open_with_hook(
+        engine.clone() as Arc<dyn Engine>,
+        StoreConfig {
+            node_id: "n1".into(),
+            sync: SyncMode::Group,
+            boot_id: Some(BOOT.into()),
+            new_incarnation: false,
+        },
+        Some(Box::new(DigestHook)),
+    )
+    .unwrap();
+    let first = store.write(put("k", "v1", None)).await.unwrap();
+    assert_eq!(row(&engine, Cf::Aae, b"leaf/", "k"), Some(digest(&first.state)));
+    assert_eq!(row(&engine, Cf::Hints, b"seen/", "k"), Some(0), "the old state was empty");
+    let second = store
+        .write(put("k", "v2", Some(first.state.context().clone())))
+        .await
+        .unwrap();
+    assert_eq!(row(&engine, Cf::Aae, b"leaf/", "k"), Some(digest(&second.state)));
+    assert_eq!(
+        row(&engine, Cf::Hints, b"seen/", "k"),
+        Some(digest(&first.state)),
+        "the hook saw the state it replaced"
+    );
+    // A merge that changes nothing derives nothing.
+    let writes = engine.writes.load(Ordering::Relaxed);
+    store
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: first.state.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(row(&engine, Cf::Hints, b"seen/", "k"), Some(digest(&first.state)));
+    assert!(engine.writes.load(Ordering::Relaxed) <= writes + 1);
+    // A failed batch applies neither the data nor the derived rows.
+    engine.set_fail_writes(true);
+    assert!(store.write(put("other", "x", None)).await.is_err());
+    engine.set_fail_writes(false);
+    assert_eq!(store.get(b"other").unwrap().siblings().len(), 0);
+    assert_eq!(row(&engine, Cf::Aae, b"leaf/", "other"), None);
+    assert_eq!(row(&engine, Cf::Hints, b"seen/", "other"), None);
+}
