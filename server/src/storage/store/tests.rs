@@ -1001,13 +1001,23 @@ async fn change_hook_rows_commit_atomically_with_the_data() {
     )
     .unwrap();
     let first = store.write(put("k", "v1", None)).await.unwrap();
-    assert_eq!(row(&engine, Cf::Aae, b"leaf/", "k"), Some(digest(&first.state)));
-    assert_eq!(row(&engine, Cf::Hints, b"seen/", "k"), Some(0), "the old state was empty");
+    assert_eq!(
+        row(&engine, Cf::Aae, b"leaf/", "k"),
+        Some(digest(&first.state))
+    );
+    assert_eq!(
+        row(&engine, Cf::Hints, b"seen/", "k"),
+        Some(0),
+        "the old state was empty"
+    );
     let second = store
         .write(put("k", "v2", Some(first.state.context().clone())))
         .await
         .unwrap();
-    assert_eq!(row(&engine, Cf::Aae, b"leaf/", "k"), Some(digest(&second.state)));
+    assert_eq!(
+        row(&engine, Cf::Aae, b"leaf/", "k"),
+        Some(digest(&second.state))
+    );
     assert_eq!(
         row(&engine, Cf::Hints, b"seen/", "k"),
         Some(digest(&first.state)),
@@ -1022,7 +1032,10 @@ async fn change_hook_rows_commit_atomically_with_the_data() {
         })
         .await
         .unwrap();
-    assert_eq!(row(&engine, Cf::Hints, b"seen/", "k"), Some(digest(&first.state)));
+    assert_eq!(
+        row(&engine, Cf::Hints, b"seen/", "k"),
+        Some(digest(&first.state))
+    );
     assert!(engine.writes.load(Ordering::Relaxed) <= writes + 1);
     // A failed batch applies neither the data nor the derived rows.
     engine.set_fail_writes(true);
