@@ -19,6 +19,8 @@ pub mod replica;
 pub mod ring;
 pub mod rpc;
 pub mod storage;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod version;
 
 pub use node::{boot_id, run, ServerError, BOOT_ID_FILE, RING_FILE};

@@ -1,5 +1,6 @@
 //! Client frames: decode, validate, dispatch to the coordinator or admin, count the outcome.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,7 +9,7 @@ use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 use super::admin::Admin;
 use super::RequestMetrics;
 use crate::coordinator::Coordinator;
-use crate::metrics::ListenerMetrics;
+use crate::metrics::{Counter, Histogram, ListenerMetrics};
 use crate::net::{FrameHandler, Reply};
 
 /// Everything a client connection dispatches to (shared by all client connections).
@@ -58,28 +59,29 @@ impl ClientApi {
                 self.admin.members().await
             }
             Request::Get { key, opts } => {
-                m.get.inc();
-                let started = Instant::now();
-                let resp = self.coordinator.get(key, opts).await;
-                m.get_seconds.observe(started.elapsed().as_secs_f64());
-                resp
+                timed(&m.get, &m.get_seconds, self.coordinator.get(key, opts)).await
             }
             req @ Request::Put { .. } => {
-                m.put.inc();
-                let started = Instant::now();
-                let resp = self.coordinator.write(req).await;
-                m.put_seconds.observe(started.elapsed().as_secs_f64());
-                resp
+                timed(&m.put, &m.put_seconds, self.coordinator.write(req)).await
             }
             req @ Request::Delete { .. } => {
-                m.delete.inc();
-                let started = Instant::now();
-                let resp = self.coordinator.write(req).await;
-                m.delete_seconds.observe(started.elapsed().as_secs_f64());
-                resp
+                timed(&m.delete, &m.delete_seconds, self.coordinator.write(req)).await
             }
         }
     }
+}
+
+/// Counts a request and observes how long it took to answer.
+async fn timed(
+    count: &Counter,
+    seconds: &Histogram,
+    answer: impl Future<Output = Response>,
+) -> Response {
+    count.inc();
+    let started = Instant::now();
+    let resp = answer.await;
+    seconds.observe(started.elapsed().as_secs_f64());
+    resp
 }
 
 /// One client connection.

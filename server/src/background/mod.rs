@@ -343,6 +343,7 @@ pub fn backoff(errors_in_a_row: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::eventually;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::sync::Notify;
 
@@ -386,16 +387,6 @@ mod tests {
         async fn shutdown(&mut self) {
             self.shut.fetch_add(1, Ordering::SeqCst);
         }
-    }
-
-    async fn eventually(what: &str, cond: impl Fn() -> bool) {
-        for _ in 0..1000 {
-            if cond() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("never: {what}");
     }
 
     #[tokio::test]

@@ -68,39 +68,8 @@ pub fn plan_with_fallbacks(view: &ClusterView, key: &[u8], n: usize, want: Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::Ring;
-    use ringkv_protocol::peer::MemberInfo;
-    use std::collections::{BTreeMap, BTreeSet};
-
-    fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
-        let members: BTreeMap<NodeId, MemberInfo> = nodes
-            .iter()
-            .map(|id| {
-                (
-                    NodeId::from(*id),
-                    MemberInfo {
-                        node_id: id.to_string(),
-                        client_addr: String::new(),
-                        peer_addr: format!("{id}:1"),
-                        vnodes: 16,
-                        generation: 1,
-                    },
-                )
-            })
-            .collect();
-        ClusterView {
-            me: me.into(),
-            ring: Ring::new(nodes.iter().map(|id| (*id, 16u32))),
-            members,
-            alive: alive
-                .iter()
-                .map(|id| NodeId::from(*id))
-                .collect::<BTreeSet<_>>(),
-            version: 1,
-            epoch: 1,
-            ready: true,
-        }
-    }
+    use crate::testkit::view;
+    use std::collections::BTreeSet;
 
     const NODES: [&str; 5] = ["a", "b", "c", "d", "e"];
 

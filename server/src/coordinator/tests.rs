@@ -2,18 +2,16 @@
 //! cluster view, and a scripted transport whose peers answer late, fail, send stale or
 //! concurrent states. Asserts the replies, the repairs sent and the errors.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
-
-use ringkv_protocol::peer::MemberInfo;
 
 use super::*;
 use crate::background::Runner;
 use crate::metrics::Registry;
-use crate::ring::Ring;
 use crate::storage::memory::MemoryEngine;
 use crate::storage::store::SyncMode;
 use crate::storage::{Engine, StoreConfig};
+use crate::testkit::{eventually, peer_addr as addr, view};
 use crate::version::Dot;
 
 /// What a scripted peer does with one kind of request.
@@ -49,6 +47,21 @@ fn unreachable() -> Behaviour {
         delay: Duration::ZERO,
         reply: Err(PeerError::Unreachable("scripted: not running".into())),
     }
+}
+
+fn late_ack(delay: Duration) -> Behaviour {
+    late(delay, PeerResponse::Replica(ReplicaResponse::Ack))
+}
+
+/// A primary that coordinates a forwarded write and answers `resp`.
+fn coordinates(resp: &Response) -> Behaviour {
+    let frame = resp.to_frame(0);
+    answer(PeerResponse::Coordinator(
+        CoordinatorResponse::ForwardReply {
+            opcode: frame.opcode,
+            body: frame.body,
+        },
+    ))
 }
 
 fn ack() -> Behaviour {
@@ -139,46 +152,23 @@ impl Transport for Script {
     }
 }
 
-fn addr(node: &str) -> String {
-    format!("{node}.peer:1")
-}
-
-fn view(nodes: &[&str], alive: &[&str]) -> ClusterView {
-    let members: BTreeMap<NodeId, MemberInfo> = nodes
-        .iter()
-        .map(|id| {
-            (
-                NodeId::from(*id),
-                MemberInfo {
-                    node_id: id.to_string(),
-                    client_addr: String::new(),
-                    peer_addr: addr(id),
-                    vnodes: 16,
-                    generation: 1,
-                },
-            )
-        })
-        .collect();
-    ClusterView {
-        me: nodes[0].into(),
-        ring: Ring::new(nodes.iter().map(|id| (*id, 16u32))),
-        members,
-        alive: alive
-            .iter()
-            .map(|id| NodeId::from(*id))
-            .collect::<BTreeSet<_>>(),
-        version: 1,
-        epoch: 1,
-        ready: true,
-    }
-}
-
 struct Harness {
     coordinator: Arc<Coordinator>,
     store: Arc<Store>,
     engine: Arc<MemoryEngine>,
     script: Arc<Script>,
     _runner: Arc<Runner>,
+}
+
+impl Harness {
+    /// Puts `state` into the coordinator's own copy of `key`.
+    async fn holds(&self, key: &str, state: &KeyState) {
+        let op = WriteOp::Merge {
+            key: Bytes::from(key.to_string()),
+            state: state.clone(),
+        };
+        self.store.write(op).await.unwrap();
+    }
 }
 
 /// Node "a" coordinates, with N=3, R=W=2 by default.
@@ -275,16 +265,6 @@ fn reply_values(resp: &Response) -> BTreeSet<String> {
     }
 }
 
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    for _ in 0..400 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("never happened: {what}");
-}
-
 async fn local(store: &Arc<Store>, key: &str) -> KeyState {
     store.read(Bytes::from(key.to_string())).await.unwrap()
 }
@@ -293,7 +273,7 @@ const ABC: [&str; 3] = ["a", "b", "c"];
 
 #[tokio::test]
 async fn a_write_succeeds_at_w_with_one_replica_failing_and_ships_the_minted_state() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     h.script.on("b", Kind::Replicate, ack());
     h.script.on("c", Kind::Replicate, failing());
     let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
@@ -324,16 +304,10 @@ async fn a_write_succeeds_at_w_with_one_replica_failing_and_ships_the_minted_sta
 
 #[tokio::test]
 async fn a_write_missing_w_at_the_deadline_is_an_indefinite_timeout() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     h.script.on("b", Kind::Replicate, ack());
-    h.script.on(
-        "c",
-        Kind::Replicate,
-        late(
-            Duration::from_secs(5),
-            PeerResponse::Replica(ReplicaResponse::Ack),
-        ),
-    );
+    h.script
+        .on("c", Kind::Replicate, late_ack(Duration::from_secs(5)));
     let resp = h.coordinator.write(put("k", "v", 3, 100)).await;
     match resp {
         Response::Error(e) => {
@@ -355,16 +329,10 @@ async fn a_write_missing_w_at_the_deadline_is_an_indefinite_timeout() {
 
 #[tokio::test]
 async fn an_ack_after_the_answer_is_counted_late() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     h.script.on("b", Kind::Replicate, ack());
-    h.script.on(
-        "c",
-        Kind::Replicate,
-        late(
-            Duration::from_millis(100),
-            PeerResponse::Replica(ReplicaResponse::Ack),
-        ),
-    );
+    h.script
+        .on("c", Kind::Replicate, late_ack(Duration::from_millis(100)));
     let resp = h.coordinator.write(put("k", "v", 2, 2000)).await;
     assert!(matches!(resp, Response::Put(_)), "{resp:?}");
     assert_eq!(
@@ -380,7 +348,7 @@ async fn an_ack_after_the_answer_is_counted_late() {
 
 #[tokio::test]
 async fn a_write_with_too_few_live_primaries_is_refused_before_anything_is_written() {
-    let h = harness(view(&ABC, &["b"]));
+    let h = harness(view(&ABC, "a", &["b"]));
     let resp = h.coordinator.write(put("k", "v", 3, 1000)).await;
     match resp {
         Response::Error(e) => {
@@ -407,7 +375,7 @@ async fn a_write_with_too_few_live_primaries_is_refused_before_anything_is_writt
 
 #[tokio::test]
 async fn a_write_whose_replicas_all_fail_is_unavailable_and_indefinite() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     h.script.on("b", Kind::Replicate, failing());
     h.script.on("c", Kind::Replicate, failing());
     match h.coordinator.write(put("k", "v", 2, 1000)).await {
@@ -427,15 +395,9 @@ async fn a_write_whose_replicas_all_fail_is_unavailable_and_indefinite() {
 
 #[tokio::test]
 async fn a_read_merges_stale_and_concurrent_replies_and_repairs_every_other_replica() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     let mine = one_sibling(1, "from-a");
-    h.store
-        .write(WriteOp::Merge {
-            key: Bytes::from_static(b"k"),
-            state: mine.clone(),
-        })
-        .await
-        .unwrap();
+    h.holds("k", &mine).await;
     let theirs = one_sibling(2, "from-c");
     h.script
         .on("b", Kind::Read, answer(state_reply(&KeyState::new())));
@@ -474,15 +436,9 @@ async fn a_read_merges_stale_and_concurrent_replies_and_repairs_every_other_repl
 
 #[tokio::test]
 async fn a_reply_after_the_read_quorum_is_merged_later_and_repaired() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     let old = one_sibling(1, "old");
-    h.store
-        .write(WriteOp::Merge {
-            key: Bytes::from_static(b"k"),
-            state: old.clone(),
-        })
-        .await
-        .unwrap();
+    h.holds("k", &old).await;
     let concurrent = one_sibling(2, "late");
     h.script.on("b", Kind::Read, answer(state_reply(&old)));
     h.script.on(
@@ -515,7 +471,7 @@ async fn a_reply_after_the_read_quorum_is_merged_later_and_repaired() {
 
 #[tokio::test]
 async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     h.script.on("b", Kind::Read, failing());
     h.script.on(
         "c",
@@ -549,7 +505,7 @@ async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
 async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_first_reachable_primary(
 ) {
     let nodes = ["a", "b", "c", "d"];
-    let v = view(&nodes, &["b", "c", "d"]);
+    let v = view(&nodes, "a", &["b", "c", "d"]);
     let key = (0..1000u32)
         .map(|i| format!("key-{i}"))
         .find(|k| !plan(&v, k.as_bytes(), 3).is_primary("a"))
@@ -561,18 +517,9 @@ async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_firs
         counter: 9,
         body: None,
     });
-    let frame = coordinated.to_frame(0);
     h.script.on(&primaries[0], Kind::Forward, unreachable());
-    h.script.on(
-        &primaries[1],
-        Kind::Forward,
-        answer(PeerResponse::Coordinator(
-            CoordinatorResponse::ForwardReply {
-                opcode: frame.opcode,
-                body: frame.body,
-            },
-        )),
-    );
+    h.script
+        .on(&primaries[1], Kind::Forward, coordinates(&coordinated));
     let resp = h.coordinator.write(put(&key, "v", 2, 1000)).await;
     assert_eq!(resp, coordinated, "the primary's answer is the client's");
     let forwards: Vec<String> = h
@@ -590,25 +537,15 @@ async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_firs
 
 #[tokio::test]
 async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
-    let h = harness(view(&ABC, &["b", "c"]));
+    let h = harness(view(&ABC, "a", &["b", "c"]));
     h.engine.set_fail_writes(true);
     let coordinated = Response::Put(WriteReply {
         actor: 5,
         counter: 1,
         body: None,
     });
-    let frame = coordinated.to_frame(0);
     for node in ["b", "c"] {
-        h.script.on(
-            node,
-            Kind::Forward,
-            answer(PeerResponse::Coordinator(
-                CoordinatorResponse::ForwardReply {
-                    opcode: frame.opcode,
-                    body: frame.body.clone(),
-                },
-            )),
-        );
+        h.script.on(node, Kind::Forward, coordinates(&coordinated));
     }
     let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
     assert_eq!(resp, coordinated);

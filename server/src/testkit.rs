@@ -1,0 +1,52 @@
+//! Helpers shared by the unit tests of several modules.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ringkv_protocol::peer::MemberInfo;
+
+use crate::membership::ClusterView;
+use crate::ring::{NodeId, Ring};
+
+/// The peer address test views give `node`.
+pub fn peer_addr(node: &str) -> String {
+    format!("{node}.peer:1")
+}
+
+/// A ready view of `nodes` (16 vnodes each) as `me` sees it, with `alive` reachable (`me` is
+/// always available to itself).
+pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
+    let members: BTreeMap<NodeId, MemberInfo> = nodes
+        .iter()
+        .map(|id| {
+            let info = MemberInfo {
+                node_id: id.to_string(),
+                client_addr: String::new(),
+                peer_addr: peer_addr(id),
+                vnodes: 16,
+                generation: 1,
+            };
+            (NodeId::from(*id), info)
+        })
+        .collect();
+    ClusterView {
+        me: me.into(),
+        ring: Ring::new(nodes.iter().map(|id| (*id, 16u32))),
+        members,
+        alive: alive.iter().map(|id| NodeId::from(*id)).collect(),
+        version: 1,
+        epoch: 1,
+        ready: true,
+    }
+}
+
+/// Waits (up to 5 s) until `cond` holds.
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never happened: {what}");
+}
