@@ -273,6 +273,50 @@ impl Runner {
     }
 }
 
+/// How stale a busy worker's published status may get: a worker doing many small steps (the
+/// late-reply worker: two per request) must not pay a lock and a progress string per step.
+pub const STATUS_REFRESH: Duration = Duration::from_millis(250);
+
+/// The runner's record of one worker, published to `status` when it matters.
+struct Record {
+    shared: Arc<Mutex<WorkerStatus>>,
+    state: RunState,
+    steps: u64,
+    published: Instant,
+}
+
+impl Record {
+    /// Publishes the state and progress now if the state changed or the last publication is
+    /// older than `STATUS_REFRESH` (or `force`).
+    fn set<W: Worker>(&mut self, state: RunState, worker: &W, force: bool) {
+        let now = Instant::now();
+        if !force && state == self.state && now.duration_since(self.published) < STATUS_REFRESH {
+            return;
+        }
+        self.state = state;
+        self.published = now;
+        let mut s = lock(&self.shared);
+        s.state = state;
+        s.steps = self.steps;
+        s.progress = worker.progress();
+    }
+
+    fn failed(&mut self, e: &str) -> u32 {
+        let mut s = lock(&self.shared);
+        s.errors += 1;
+        s.errors_in_a_row += 1;
+        s.last_error = Some(e.to_string());
+        s.errors_in_a_row
+    }
+
+    fn succeeded(&mut self) {
+        let mut s = lock(&self.shared);
+        if s.errors_in_a_row > 0 {
+            s.errors_in_a_row = 0;
+        }
+    }
+}
+
 async fn run_worker<W: Worker>(
     mut worker: W,
     status: Arc<Mutex<WorkerStatus>>,
@@ -280,45 +324,44 @@ async fn run_worker<W: Worker>(
     node_id: String,
 ) {
     let name = worker.name();
-    let set = |state: RunState, worker: &W| {
-        let mut s = lock(&status);
-        s.state = state;
-        s.progress = worker.progress();
+    let mut rec = Record {
+        shared: status,
+        state: RunState::Busy,
+        steps: 0,
+        published: Instant::now(),
     };
+    let mut in_a_row = 0u32;
     loop {
         if stop.is_cancelled() {
             break;
         }
         let result = worker.work(&stop).await;
-        {
-            let mut s = lock(&status);
-            s.steps += 1;
-            match &result {
-                Ok(_) => s.errors_in_a_row = 0,
-                Err(e) => {
-                    s.errors += 1;
-                    s.errors_in_a_row += 1;
-                    s.last_error = Some(e.clone());
-                }
-            }
-        }
+        rec.steps += 1;
         match result {
-            Ok(WorkerState::Busy) => set(RunState::Busy, &worker),
-            Ok(WorkerState::Done) => break,
-            Ok(WorkerState::Idle) => {
-                set(RunState::Idle, &worker);
-                let next = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    next = worker.wait_for_work() => next,
-                };
-                if next == WorkerState::Done {
-                    break;
+            Ok(state) => {
+                if in_a_row > 0 {
+                    in_a_row = 0;
+                    rec.succeeded();
                 }
-                set(RunState::Busy, &worker);
+                match state {
+                    WorkerState::Busy => rec.set(RunState::Busy, &worker, false),
+                    WorkerState::Done => break,
+                    WorkerState::Idle => {
+                        rec.set(RunState::Idle, &worker, false);
+                        let next = tokio::select! {
+                            _ = stop.cancelled() => break,
+                            next = worker.wait_for_work() => next,
+                        };
+                        if next == WorkerState::Done {
+                            break;
+                        }
+                        rec.set(RunState::Busy, &worker, false);
+                    }
+                }
             }
             Err(e) => {
-                set(RunState::BackingOff, &worker);
-                let in_a_row = lock(&status).errors_in_a_row;
+                in_a_row = rec.failed(&e);
+                rec.set(RunState::BackingOff, &worker, true);
                 let wait = backoff(in_a_row);
                 warn!(node = %node_id, worker = %name, error = %e, errors_in_a_row = in_a_row, ?wait,
                       "worker step failed; backing off");
@@ -326,12 +369,12 @@ async fn run_worker<W: Worker>(
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                set(RunState::Busy, &worker);
+                rec.set(RunState::Busy, &worker, false);
             }
         }
     }
     worker.shutdown().await;
-    set(RunState::Stopped, &worker);
+    rec.set(RunState::Stopped, &worker, true);
 }
 
 /// The wait after `errors_in_a_row` failed steps.

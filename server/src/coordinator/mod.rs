@@ -672,21 +672,21 @@ impl Coordinator {
         let mut peer_targets = 0;
         for target in alive.into_iter().filter(|n| *n != view.me) {
             peer_targets += 1;
-            fan.push(
+            fan.push(Either::Left(
                 self.replicate(target, view, w.key.clone(), state.clone(), deadline)
                     .map(|(node, ok)| Ack::Peer(node, ok)),
-            );
+            ));
         }
         let node_id = self.config.node_id.clone();
         let key = w.key.clone();
-        fan.push(async move {
+        fan.push(Either::Right(async move {
             let result = committed.await;
             if let Err(e) = &result {
                 warn!(node = %node_id, key = %HexKey(key.to_vec()), error = %e,
                       "coordinator's own commit failed after the state was shipped");
             }
             Ack::Own(result)
-        });
+        }));
         let decided = fan.decide(&mut tracker).await;
         let answer = match decided {
             Ok(()) => None,

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::time::Instant;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant as TokioInstant;
@@ -29,13 +29,18 @@ pub trait Tracker<R>: Send + 'static {
     fn on_deadline(&mut self) -> QuorumError;
 }
 
-/// The outstanding replies of one request.
-pub struct FanOut<R> {
-    pending: FuturesUnordered<BoxFuture<'static, R>>,
+/// The outstanding replies of one request: calls of one future type `F` (an `Either` when a
+/// request mixes kinds), polled in place, no box per target.
+pub struct FanOut<F> {
+    pending: FuturesUnordered<F>,
     deadline: Instant,
 }
 
-impl<R: Send + 'static> FanOut<R> {
+impl<F, R> FanOut<F>
+where
+    F: Future<Output = R> + Send + 'static,
+    R: Send + 'static,
+{
     pub fn new(deadline: Instant) -> Self {
         FanOut {
             pending: FuturesUnordered::new(),
@@ -43,8 +48,8 @@ impl<R: Send + 'static> FanOut<R> {
         }
     }
 
-    pub fn push(&mut self, call: impl Future<Output = R> + Send + 'static) {
-        self.pending.push(Box::pin(call));
+    pub fn push(&mut self, call: F) {
+        self.pending.push(call);
     }
 
     pub fn len(&self) -> usize {
@@ -86,10 +91,10 @@ impl<R: Send + 'static> FanOut<R> {
     /// Hands the replies still to come to the late-reply worker: each one goes to `tracker`
     /// (its decisions ignored) until the deadline, then `finish(tracker)` runs there. Nothing
     /// is queued when nothing is outstanding and `finish` is not needed.
-    pub fn finish_late<T, F>(self, late: &LateReplies, mut tracker: T, finish: F)
+    pub fn finish_late<T, Fin>(self, late: &LateReplies, mut tracker: T, finish: Fin)
     where
         T: Tracker<R>,
-        F: FnOnce(T) -> BoxFuture<'static, ()> + Send + 'static,
+        Fin: FnOnce(T) -> BoxFuture<'static, ()> + Send + 'static,
     {
         let FanOut {
             mut pending,
@@ -134,6 +139,7 @@ impl LateReplies {
                 rx,
                 jobs: FuturesUnordered::new(),
                 finished: 0,
+                closed: false,
             },
         )
     }
@@ -149,7 +155,12 @@ pub struct LateReplyWorker {
     rx: mpsc::UnboundedReceiver<Job>,
     jobs: FuturesUnordered<Job>,
     finished: u64,
+    /// Every handle is gone: no job can come any more.
+    closed: bool,
 }
+
+/// Most new jobs, and most finished jobs, one step of the late-reply worker takes.
+pub const LATE_BATCH: usize = 64;
 
 impl Worker for LateReplyWorker {
     fn name(&self) -> String {
@@ -163,16 +174,33 @@ impl Worker for LateReplyWorker {
         }
     }
 
-    /// One event: a new job, or one job finished.
+    /// Waits for one event (a new job, a job finished), then takes every other event already
+    /// ready, at most `LATE_BATCH` of each: a busy node pays a step's overhead once per batch.
     async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
+        // Biased, the stop signal last: it is only polled (and registered) when nothing is ready.
         tokio::select! {
-            job = self.rx.recv() => match job {
+            biased;
+            job = self.rx.recv(), if !self.closed => match job {
                 Some(job) => self.jobs.push(job),
-                None if self.jobs.is_empty() => return Ok(WorkerState::Done),
-                None => {}
+                None => self.closed = true,
             },
             Some(()) = self.jobs.next(), if !self.jobs.is_empty() => self.finished += 1,
-            _ = stop.cancelled() => {}
+            _ = stop.cancelled() => return Ok(WorkerState::Busy),
+        }
+        for _ in 0..LATE_BATCH {
+            match self.rx.try_recv() {
+                Ok(job) => self.jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..LATE_BATCH {
+            match self.jobs.next().now_or_never() {
+                Some(Some(())) => self.finished += 1,
+                _ => break,
+            }
+        }
+        if self.closed && self.jobs.is_empty() {
+            return Ok(WorkerState::Done);
         }
         Ok(WorkerState::Busy)
     }
