@@ -35,7 +35,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, MAX_TIMEOUT_MS};
 use crate::membership::{ClusterView, Membership};
 use crate::ring::NodeId;
-use crate::rpc::{FanOut, LateReplies, PeerError, Tracker, Transport};
+use crate::rpc::{FanOut, LateReplies, PeerError, PeerPool, Tracker, Transport};
 use crate::storage::{HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
 use plan::plan;
@@ -209,23 +209,25 @@ impl Tracker<(NodeId, Result<KeyState, String>)> for ReadTracker {
     }
 }
 
-pub struct Coordinator {
+/// Generic over how peers are reached: the peer pool in the node (the default), scripted
+/// peers in the unit tests.
+pub struct Coordinator<T: Transport = PeerPool> {
     config: CoordinatorConfig,
     store: Arc<Store>,
-    transport: Arc<dyn Transport>,
+    transport: Arc<T>,
     membership: Membership,
     late: LateReplies,
     pub metrics: CoordinatorMetrics,
 }
 
-impl Coordinator {
+impl<T: Transport> Coordinator<T> {
     pub fn new(
         config: CoordinatorConfig,
         store: Arc<Store>,
-        transport: Arc<dyn Transport>,
+        transport: Arc<T>,
         membership: Membership,
         late: LateReplies,
-    ) -> Coordinator {
+    ) -> Coordinator<T> {
         Coordinator {
             config,
             store,
@@ -712,7 +714,7 @@ impl Coordinator {
             let coordinator = self.clone();
             fan.finish_late(&self.late, tracker, move |t| {
                 coordinator.metrics.late_acks.inc_by(t.late_acks);
-                Box::pin(async {})
+                std::future::ready(())
             });
         }
         if let Some(resp) = answer {
@@ -836,8 +838,8 @@ impl Coordinator {
             .map_err(|e| self.quorum_error(&key, e, what, true));
         if !fan.is_empty() || tracker.quorum.needs_repair() {
             let coordinator = self.clone();
-            fan.finish_late(&self.late, tracker, move |t| {
-                Box::pin(async move { coordinator.read_repair(&key, &t.quorum, &view).await })
+            fan.finish_late(&self.late, tracker, move |t| async move {
+                coordinator.read_repair(&key, &t.quorum, &view).await
             });
         }
         answer

@@ -131,7 +131,7 @@ impl Transport for Script {
         addr: String,
         req: PeerRequest,
         timeout: Duration,
-    ) -> futures::future::BoxFuture<'static, Result<PeerResponse, PeerError>> {
+    ) -> impl std::future::Future<Output = Result<PeerResponse, PeerError>> + Send + 'static {
         let k = kind(&req);
         self.calls.lock().unwrap().push((addr.clone(), req));
         let b = self
@@ -141,19 +141,19 @@ impl Transport for Script {
             .get(&(addr.clone(), k))
             .cloned()
             .unwrap_or_else(unreachable);
-        Box::pin(async move {
+        async move {
             if b.delay > timeout {
                 // No reply before the caller gives up: the caller's deadline decides.
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(b.delay).await;
             b.reply
-        })
+        }
     }
 }
 
 struct Harness {
-    coordinator: Arc<Coordinator>,
+    coordinator: Arc<Coordinator<Script>>,
     store: Arc<Store>,
     engine: Arc<MemoryEngine>,
     script: Arc<Script>,

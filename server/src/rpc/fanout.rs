@@ -91,10 +91,11 @@ where
     /// Hands the replies still to come to the late-reply worker: each one goes to `tracker`
     /// (its decisions ignored) until the deadline, then `finish(tracker)` runs there. Nothing
     /// is queued when nothing is outstanding and `finish` is not needed.
-    pub fn finish_late<T, Fin>(self, late: &LateReplies, mut tracker: T, finish: Fin)
+    pub fn finish_late<T, Fin, Done>(self, late: &LateReplies, mut tracker: T, finish: Fin)
     where
         T: Tracker<R>,
-        Fin: FnOnce(T) -> BoxFuture<'static, ()> + Send + 'static,
+        Fin: FnOnce(T) -> Done + Send + 'static,
+        Done: Future<Output = ()> + Send + 'static,
     {
         let FanOut {
             mut pending,

@@ -11,9 +11,9 @@ pub mod pool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use ringkv_protocol::peer::{PeerRequest, PeerResponse};
 use ringkv_protocol::ErrorReply;
+use std::future::Future;
 
 pub use fanout::{FanOut, LateReplies, Tracker};
 pub use handshake::{Authenticator, ListenerHandshake, PeerIdentity, HANDSHAKE_TIMEOUT};
@@ -21,13 +21,15 @@ pub use pool::{PeerPool, PEER_PIPELINE_DEPTH};
 
 /// Sends one request to the peer at `addr` and waits for its reply, at most `timeout`. The
 /// future owns everything it needs, so unfinished calls can move to a background task.
+/// Services are generic over it (not `dyn`): a peer call is on every request's path, and a
+/// boxed future per call showed in the allocator's share of a profile.
 pub trait Transport: Send + Sync + 'static {
     fn call(
         self: Arc<Self>,
         addr: String,
         req: PeerRequest,
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<PeerResponse, PeerError>>;
+    ) -> impl Future<Output = Result<PeerResponse, PeerError>> + Send + 'static;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use ringkv_client::conn::{Conn, ConnError};
 use ringkv_protocol::peer::{PeerRequest, PeerResponse};
 
@@ -157,13 +156,13 @@ impl PeerPool {
 }
 
 impl Transport for PeerPool {
-    fn call(
+    async fn call(
         self: Arc<Self>,
         addr: String,
         req: PeerRequest,
         timeout: Duration,
-    ) -> BoxFuture<'static, Result<PeerResponse, PeerError>> {
-        Box::pin(async move { self.request(&addr, &req, timeout).await })
+    ) -> Result<PeerResponse, PeerError> {
+        self.request(&addr, &req, timeout).await
     }
 }
 
