@@ -179,7 +179,8 @@ impl Tracker<Ack> for WriteTracker {
 /// Merges the replicas' states of a read; what is late still goes in, for read repair.
 struct ReadTracker {
     quorum: ReadQuorum,
-    node_id: String,
+    /// This node, for logs (shared: no allocation per read).
+    node_id: Arc<str>,
 }
 
 impl Tracker<(NodeId, Result<KeyState, String>)> for ReadTracker {
@@ -213,6 +214,8 @@ impl Tracker<(NodeId, Result<KeyState, String>)> for ReadTracker {
 /// peers in the unit tests.
 pub struct Coordinator<T: Transport = PeerPool> {
     config: CoordinatorConfig,
+    /// `config.node_id`, shared with what moves to the late-reply worker.
+    node_id: Arc<str>,
     store: Arc<Store>,
     transport: Arc<T>,
     membership: Membership,
@@ -229,6 +232,7 @@ impl<T: Transport> Coordinator<T> {
         late: LateReplies,
     ) -> Coordinator<T> {
         Coordinator {
+            node_id: Arc::from(config.node_id.as_str()),
             config,
             store,
             transport,
@@ -679,7 +683,7 @@ impl<T: Transport> Coordinator<T> {
                     .map(|(node, ok)| Ack::Peer(node, ok)),
             ));
         }
-        let node_id = self.config.node_id.clone();
+        let node_id = self.node_id.clone();
         let key = w.key.clone();
         fan.push(Either::Right(async move {
             let result = committed.await;
@@ -830,7 +834,7 @@ impl<T: Transport> Coordinator<T> {
         }
         let mut tracker = ReadTracker {
             quorum: ReadQuorum::new(alive.len(), needed),
-            node_id: self.config.node_id.clone(),
+            node_id: self.node_id.clone(),
         };
         let answer = fan
             .decide(&mut tracker)
