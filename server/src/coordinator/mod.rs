@@ -35,7 +35,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, MAX_TIMEOUT_MS};
 use crate::membership::{ClusterView, Membership};
 use crate::ring::NodeId;
-use crate::rpc::{FanOut, LateReplies, PeerError, PeerPool, Tracker, Transport};
+use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
 use crate::storage::{HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
 use plan::plan;
@@ -716,7 +716,8 @@ impl<T: Transport> Coordinator<T> {
             // Replicas beyond W still get the write; their acks arrive after the answer.
             tracker.decided = true;
             let coordinator = self.clone();
-            fan.finish_late(&self.late, tracker, move |t| {
+            // Every call is bounded: peer calls by the time left, the own commit by the writer.
+            fan.finish_late(&self.late, LateWait::AllReplies, tracker, move |t| {
                 coordinator.metrics.late_acks.inc_by(t.late_acks);
                 std::future::ready(())
             });
@@ -842,9 +843,12 @@ impl<T: Transport> Coordinator<T> {
             .map_err(|e| self.quorum_error(&key, e, what, true));
         if !fan.is_empty() || tracker.quorum.needs_repair() {
             let coordinator = self.clone();
-            fan.finish_late(&self.late, tracker, move |t| async move {
-                coordinator.read_repair(&key, &t.quorum, &view).await
-            });
+            fan.finish_late(
+                &self.late,
+                LateWait::UntilDeadline,
+                tracker,
+                move |t| async move { coordinator.read_repair(&key, &t.quorum, &view).await },
+            );
         }
         answer
     }

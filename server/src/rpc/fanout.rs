@@ -29,6 +29,16 @@ pub trait Tracker<R>: Send + 'static {
     fn on_deadline(&mut self) -> QuorumError;
 }
 
+/// How long the late-reply worker waits for a request's remaining replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateWait {
+    /// Until the request's deadline (calls that may outlive it, like a local read).
+    UntilDeadline,
+    /// Until every call finished: only for calls each bounded by its own timeout (peer calls
+    /// carry the request's remaining time), which spares a timer per request.
+    AllReplies,
+}
+
 /// The outstanding replies of one request: calls of one future type `F` (an `Either` when a
 /// request mixes kinds), polled in place, no box per target.
 pub struct FanOut<F> {
@@ -89,10 +99,14 @@ where
     }
 
     /// Hands the replies still to come to the late-reply worker: each one goes to `tracker`
-    /// (its decisions ignored) until the deadline, then `finish(tracker)` runs there. Nothing
-    /// is queued when nothing is outstanding and `finish` is not needed.
-    pub fn finish_late<T, Fin, Done>(self, late: &LateReplies, mut tracker: T, finish: Fin)
-    where
+    /// (its decisions ignored) until `wait` says stop, then `finish(tracker)` runs there.
+    pub fn finish_late<T, Fin, Done>(
+        self,
+        late: &LateReplies,
+        wait: LateWait,
+        mut tracker: T,
+        finish: Fin,
+    ) where
         T: Tracker<R>,
         Fin: FnOnce(T) -> Done + Send + 'static,
         Done: Future<Output = ()> + Send + 'static,
@@ -102,15 +116,24 @@ where
             deadline,
         } = self;
         late.submit(Box::pin(async move {
-            let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    reply = pending.next() => match reply {
-                        Some(reply) => { let _ = tracker.on_reply(reply); }
-                        None => break,
-                    },
-                    _ = &mut sleep => break,
+            match wait {
+                LateWait::AllReplies => {
+                    while let Some(reply) = pending.next().await {
+                        let _ = tracker.on_reply(reply);
+                    }
+                }
+                LateWait::UntilDeadline => {
+                    let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            reply = pending.next() => match reply {
+                                Some(reply) => { let _ = tracker.on_reply(reply); }
+                                None => break,
+                            },
+                            _ = &mut sleep => break,
+                        }
+                    }
                 }
             }
             // Calls still running past the deadline are dropped (their own timeouts end them).

@@ -259,6 +259,10 @@ impl ListenerHandshake {
     /// One step of the handshake: `None` once it is complete (serve the request), else the
     /// reply and whether the connection must close after it.
     pub fn step(&self, auth: &Authenticator, req: &PeerRequest) -> Option<(PeerResponse, bool)> {
+        // Fast path for every request of an authenticated connection: no lock.
+        if self.is_done() {
+            return None;
+        }
         let mut step = self.step.lock().expect("handshake lock poisoned");
         if matches!(*step, Step::Done) {
             return None;

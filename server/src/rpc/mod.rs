@@ -15,7 +15,7 @@ use ringkv_protocol::peer::{PeerRequest, PeerResponse};
 use ringkv_protocol::ErrorReply;
 use std::future::Future;
 
-pub use fanout::{FanOut, LateReplies, Tracker};
+pub use fanout::{FanOut, LateReplies, LateWait, Tracker};
 pub use handshake::{Authenticator, ListenerHandshake, PeerIdentity, HANDSHAKE_TIMEOUT};
 pub use pool::{PeerPool, PEER_PIPELINE_DEPTH};
 
