@@ -311,6 +311,26 @@ pub struct ErrorReply {
     pub message: String,
 }
 
+impl ErrorReply {
+    /// An error reply whose message is cut to `MAX_TEXT_LEN` (at a char boundary), so that it
+    /// always encodes and decodes.
+    pub fn new(kind: ErrorKind, definite: bool, message: impl Into<String>) -> ErrorReply {
+        let mut message = message.into();
+        if message.len() > MAX_TEXT_LEN {
+            let mut cut = MAX_TEXT_LEN;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        ErrorReply {
+            kind,
+            definite,
+            message,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     Pong,
@@ -624,19 +644,7 @@ impl Response {
     }
 
     pub fn error(kind: ErrorKind, definite: bool, message: impl Into<String>) -> Response {
-        let mut message = message.into();
-        if message.len() > MAX_TEXT_LEN {
-            let mut cut = MAX_TEXT_LEN;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        Response::Error(ErrorReply {
-            kind,
-            definite,
-            message,
-        })
+        Response::Error(ErrorReply::new(kind, definite, message))
     }
 
     pub fn encode_body(&self, dst: &mut BytesMut) {

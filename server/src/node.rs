@@ -219,10 +219,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         membership: membership.clone(),
         registry: registry.clone(),
         workers: runner.clone(),
-        actor: {
-            let store = store.clone();
-            Box::new(move || store.stats().actor.get())
-        },
+        store: store.clone(),
         started: std::time::Instant::now(),
     });
     let client_api = Arc::new(ClientApi {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringkv_protocol::peer::{PeerResponse, ReplicaRequest, ReplicaResponse};
-use ringkv_protocol::{ErrorKind, ErrorReply};
+use ringkv_protocol::ErrorKind;
 
 use crate::storage::{HexKey, Store, WriteOp};
 use crate::version::KeyState;
@@ -36,11 +36,7 @@ impl Replica {
     }
 
     fn error(&self, kind: ErrorKind, definite: bool, msg: String) -> PeerResponse {
-        PeerResponse::Error(ErrorReply {
-            kind,
-            definite,
-            message: format!("node {}: {msg}", self.node_id),
-        })
+        PeerResponse::error(kind, definite, format!("node {}: {msg}", self.node_id))
     }
 
     pub async fn serve(&self, req: ReplicaRequest) -> PeerResponse {

@@ -25,7 +25,9 @@ pub mod session;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::Frame;
-use crate::message::{decode_error, encode_error, opcode::ERROR, ErrorReply, BODY_SLACK};
+use crate::message::{
+    decode_error, encode_error, opcode::ERROR, ErrorKind, ErrorReply, BODY_SLACK,
+};
 use crate::wire::{put_bytes, DecodeError, Reader};
 
 pub use coordinator::{CoordinatorRequest, CoordinatorResponse};
@@ -150,6 +152,11 @@ impl PeerRequest {
 }
 
 impl PeerResponse {
+    /// An error reply (message cut to the wire limit, as for client errors).
+    pub fn error(kind: ErrorKind, definite: bool, message: impl Into<String>) -> PeerResponse {
+        PeerResponse::Error(ErrorReply::new(kind, definite, message))
+    }
+
     pub fn to_frame(&self, request_id: u64) -> Frame {
         match self {
             PeerResponse::Session(m) => encode_family(m, request_id),
@@ -188,7 +195,6 @@ impl PeerResponse {
 mod tests {
     use super::*;
     use crate::auth::{NONCE_LEN, PROOF_LEN};
-    use crate::message::ErrorKind;
 
     fn member(id: &str) -> MemberInfo {
         MemberInfo {

@@ -10,6 +10,7 @@ use crate::background::Runner;
 use crate::config::Config;
 use crate::membership::Membership;
 use crate::metrics::Registry;
+use crate::storage::Store;
 
 pub struct Admin {
     pub config: Config,
@@ -18,8 +19,8 @@ pub struct Admin {
     pub workers: Arc<Runner>,
     /// Informational lines of `status` fixed at start (addresses, settings).
     pub info: Vec<(String, String)>,
-    /// This node's current actor, for `status` (it changes when the actor is renewed).
-    pub actor: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// Read for this node's current actor (it changes when the actor is renewed).
+    pub store: Arc<Store>,
     pub started: Instant,
 }
 
@@ -27,7 +28,8 @@ impl Admin {
     pub fn status(&self) -> StatusReply {
         let view = self.membership.view();
         let mut info = self.info.clone();
-        info.push(("actor".into(), format!("{:016x}", (self.actor)())));
+        let actor = self.store.stats().actor.get();
+        info.push(("actor".into(), format!("{actor:016x}")));
         info.push(("ring_epoch".into(), format!("{:016x}", view.epoch)));
         info.extend(
             self.workers

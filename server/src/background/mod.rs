@@ -97,7 +97,6 @@ pub struct WorkerStatus {
     pub name: String,
     pub state: RunState,
     pub progress: Progress,
-    pub steps: u64,
     pub errors: u64,
     pub errors_in_a_row: u32,
     pub last_error: Option<String>,
@@ -109,7 +108,6 @@ impl WorkerStatus {
             name,
             state: RunState::Busy,
             progress: Progress::default(),
-            steps: 0,
             errors: 0,
             errors_in_a_row: 0,
             last_error: None,
@@ -139,19 +137,16 @@ impl WorkerStatus {
     }
 }
 
-type Observer = Box<dyn Fn() -> (RunState, Progress) + Send + Sync>;
-
-enum Entry {
-    Run(Arc<Mutex<WorkerStatus>>),
-    Observed(String, Observer),
-}
+/// How the runner reads one worker's status (a run worker's published record, or an observed
+/// thread's closure).
+type StatusReader = Arc<dyn Fn() -> WorkerStatus + Send + Sync>;
 
 /// Starts workers, knows their status, stops them.
 pub struct Runner {
     node_id: String,
     stop: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
-    entries: Mutex<Vec<Entry>>,
+    workers: Mutex<Vec<StatusReader>>,
     registry: Arc<Registry>,
 }
 
@@ -165,39 +160,34 @@ impl Runner {
             node_id,
             stop: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
-            entries: Mutex::new(Vec::new()),
+            workers: Mutex::new(Vec::new()),
             registry,
         })
     }
 
-    fn register_metrics(
-        &self,
-        name: &str,
-        read: impl Fn() -> WorkerStatus + Send + Sync + Clone + 'static,
-    ) {
+    /// Lists a worker: in `statuses()` and as `workers.<name>.*` metrics.
+    fn list(&self, name: &str, read: StatusReader) {
         let errors = read.clone();
         self.registry.probe(
             &format!("workers.{name}.errors"),
             "failed steps of the worker",
             move || errors().errors,
         );
+        let queue = read.clone();
         self.registry.probe(
             &format!("workers.{name}.queue"),
             "items waiting for the worker",
-            move || read().progress.queue.unwrap_or(0),
+            move || queue().progress.queue.unwrap_or(0),
         );
+        lock(&self.workers).push(read);
     }
 
     /// Starts `worker` on its own task.
     pub fn spawn<W: Worker>(&self, worker: W) {
         let name = worker.name();
         let status = Arc::new(Mutex::new(WorkerStatus::new(name.clone())));
-        let read = {
-            let status = status.clone();
-            move || lock(&status).clone()
-        };
-        self.register_metrics(&name, read);
-        lock(&self.entries).push(Entry::Run(status.clone()));
+        let shared = status.clone();
+        self.list(&name, Arc::new(move || lock(&shared).clone()));
         let stop = self.stop.clone();
         let node_id = self.node_id.clone();
         lock(&self.tasks).spawn(run_worker(worker, status, stop, node_id));
@@ -209,42 +199,23 @@ impl Runner {
         name: &str,
         observe: impl Fn() -> (RunState, Progress) + Send + Sync + 'static,
     ) {
-        let observe = Arc::new(observe);
-        let read = {
-            let observe = observe.clone();
-            let name = name.to_string();
-            move || {
+        let owned = name.to_string();
+        self.list(
+            name,
+            Arc::new(move || {
                 let (state, progress) = observe();
                 WorkerStatus {
                     state,
                     progress,
-                    ..WorkerStatus::new(name.clone())
+                    ..WorkerStatus::new(owned.clone())
                 }
-            }
-        };
-        self.register_metrics(name, read);
-        lock(&self.entries).push(Entry::Observed(
-            name.to_string(),
-            Box::new(move || observe()),
-        ));
+            }),
+        );
     }
 
     /// Every worker's status, in start order.
     pub fn statuses(&self) -> Vec<WorkerStatus> {
-        lock(&self.entries)
-            .iter()
-            .map(|e| match e {
-                Entry::Run(s) => lock(s).clone(),
-                Entry::Observed(name, observe) => {
-                    let (state, progress) = observe();
-                    WorkerStatus {
-                        state,
-                        progress,
-                        ..WorkerStatus::new(name.clone())
-                    }
-                }
-            })
-            .collect()
+        lock(&self.workers).iter().map(|read| read()).collect()
     }
 
     /// Stops every worker: no new steps, each one's `shutdown` hook, all joined within
@@ -281,8 +252,8 @@ pub const STATUS_REFRESH: Duration = Duration::from_millis(250);
 struct Record {
     shared: Arc<Mutex<WorkerStatus>>,
     state: RunState,
-    steps: u64,
     published: Instant,
+    errors_in_a_row: u32,
 }
 
 impl Record {
@@ -297,22 +268,24 @@ impl Record {
         self.published = now;
         let mut s = lock(&self.shared);
         s.state = state;
-        s.steps = self.steps;
         s.progress = worker.progress();
     }
 
+    /// Records a failed step; returns the errors in a row.
     fn failed(&mut self, e: &str) -> u32 {
+        self.errors_in_a_row += 1;
         let mut s = lock(&self.shared);
         s.errors += 1;
-        s.errors_in_a_row += 1;
+        s.errors_in_a_row = self.errors_in_a_row;
         s.last_error = Some(e.to_string());
-        s.errors_in_a_row
+        self.errors_in_a_row
     }
 
+    /// Records a good step (a lock only when it ends a run of errors).
     fn succeeded(&mut self) {
-        let mut s = lock(&self.shared);
-        if s.errors_in_a_row > 0 {
-            s.errors_in_a_row = 0;
+        if self.errors_in_a_row > 0 {
+            self.errors_in_a_row = 0;
+            lock(&self.shared).errors_in_a_row = 0;
         }
     }
 }
@@ -327,22 +300,16 @@ async fn run_worker<W: Worker>(
     let mut rec = Record {
         shared: status,
         state: RunState::Busy,
-        steps: 0,
         published: Instant::now(),
+        errors_in_a_row: 0,
     };
-    let mut in_a_row = 0u32;
     loop {
         if stop.is_cancelled() {
             break;
         }
-        let result = worker.work(&stop).await;
-        rec.steps += 1;
-        match result {
+        match worker.work(&stop).await {
             Ok(state) => {
-                if in_a_row > 0 {
-                    in_a_row = 0;
-                    rec.succeeded();
-                }
+                rec.succeeded();
                 match state {
                     WorkerState::Busy => rec.set(RunState::Busy, &worker, false),
                     WorkerState::Done => break,
@@ -360,7 +327,7 @@ async fn run_worker<W: Worker>(
                 }
             }
             Err(e) => {
-                in_a_row = rec.failed(&e);
+                let in_a_row = rec.failed(&e);
                 rec.set(RunState::BackingOff, &worker, true);
                 let wait = backoff(in_a_row);
                 warn!(node = %node_id, worker = %name, error = %e, errors_in_a_row = in_a_row, ?wait,

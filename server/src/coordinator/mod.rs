@@ -138,17 +138,16 @@ struct WriteTracker {
     own_counts: bool,
     own_error: Option<WriteError>,
     late_acks: u64,
-    decided: bool,
 }
 
 impl Tracker<Ack> for WriteTracker {
     type Output = ();
 
     fn on_reply(&mut self, ack: Ack) -> Decision<()> {
-        if self.decided && matches!(ack, Ack::Peer(_, true)) {
+        if self.quorum.is_decided() && matches!(ack, Ack::Peer(_, true)) {
             self.late_acks += 1;
         }
-        let d = match ack {
+        match ack {
             Ack::Peer(node, true) => self.quorum.on_ack(node),
             Ack::Peer(node, false) => self.quorum.on_failure(node),
             Ack::Own(_) if !self.own_counts => Decision::Pending,
@@ -157,15 +156,10 @@ impl Tracker<Ack> for WriteTracker {
                 self.own_error = Some(e);
                 self.quorum.on_failure(self.me.clone())
             }
-        };
-        if !matches!(d, Decision::Pending) {
-            self.decided = true;
         }
-        d
     }
 
     fn on_deadline(&mut self) -> QuorumError {
-        self.decided = true;
         match self.quorum.on_deadline() {
             Decision::Failed(e) => e,
             _ => QuorumError::Timeout {
@@ -671,7 +665,6 @@ impl<T: Transport> Coordinator<T> {
             own_counts: alive.contains(&view.me),
             own_error: None,
             late_acks: 0,
-            decided: false,
         };
         let state = Bytes::from(outcome.state.encode());
         let mut fan = FanOut::new(deadline);
@@ -714,7 +707,6 @@ impl<T: Transport> Coordinator<T> {
         };
         if !fan.is_empty() {
             // Replicas beyond W still get the write; their acks arrive after the answer.
-            tracker.decided = true;
             let coordinator = self.clone();
             // Every call is bounded: peer calls by the time left, the own commit by the writer.
             fan.finish_late(&self.late, LateWait::AllReplies, tracker, move |t| {

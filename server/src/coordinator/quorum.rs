@@ -56,6 +56,11 @@ impl WriteQuorum {
         self.needed
     }
 
+    /// Whether the request was decided (later events only update the counts).
+    pub fn is_decided(&self) -> bool {
+        self.decided
+    }
+
     /// The decision after this event; `Pending` again once decided (each request is answered
     /// once; later events only update the counts).
     fn decide(&mut self) -> Decision<()> {

@@ -62,16 +62,8 @@ where
         self.pending.push(call);
     }
 
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
-    }
-
-    pub fn deadline(&self) -> Instant {
-        self.deadline
     }
 
     /// Feeds replies to `tracker` until it decides; at the deadline (or when every reply is in
@@ -116,24 +108,15 @@ where
             deadline,
         } = self;
         late.submit(Box::pin(async move {
-            match wait {
-                LateWait::AllReplies => {
-                    while let Some(reply) = pending.next().await {
-                        let _ = tracker.on_reply(reply);
-                    }
+            let drain = async {
+                while let Some(reply) = pending.next().await {
+                    let _ = tracker.on_reply(reply);
                 }
+            };
+            match wait {
+                LateWait::AllReplies => drain.await,
                 LateWait::UntilDeadline => {
-                    let sleep = tokio::time::sleep_until(TokioInstant::from_std(deadline));
-                    tokio::pin!(sleep);
-                    loop {
-                        tokio::select! {
-                            reply = pending.next() => match reply {
-                                Some(reply) => { let _ = tracker.on_reply(reply); }
-                                None => break,
-                            },
-                            _ = &mut sleep => break,
-                        }
-                    }
+                    let _ = tokio::time::timeout_at(TokioInstant::from_std(deadline), drain).await;
                 }
             }
             // Calls still running past the deadline are dropped (their own timeouts end them).

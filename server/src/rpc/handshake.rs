@@ -196,11 +196,7 @@ impl Authenticator {
     }
 
     pub fn error(&self, kind: ErrorKind, msg: String) -> PeerResponse {
-        PeerResponse::Error(ErrorReply {
-            kind,
-            definite: true,
-            message: format!("node {}: {msg}", self.node_id()),
-        })
+        PeerResponse::error(kind, true, format!("node {}: {msg}", self.node_id()))
     }
 }
 
