@@ -158,6 +158,10 @@ pub struct Written {
     pub dot: (u64, u64),
     /// The key's siblings and context after the write, when requested (`put_returning`).
     pub read: Option<Read>,
+    /// Acks counted toward W when the write was answered: from the key's primaries, and from
+    /// fallbacks that stored a hint for a down primary (sloppy quorum).
+    pub primary_acks: u8,
+    pub fallback_acks: u8,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -239,6 +243,9 @@ pub struct GetOptions {
     pub timeout: Option<Duration>,
     /// Read only the contacted node's own replica (debugging).
     pub local: bool,
+    /// Of the R replies, how many must come from the key's primaries rather than fallbacks
+    /// answering for a down one (Riak's `pr`); None = no requirement.
+    pub pr: Option<u8>,
 }
 
 /// Per-request write settings.
@@ -249,6 +256,10 @@ pub struct PutOptions {
     pub timeout: Option<Duration>,
     /// Return the key's siblings and context after the write.
     pub return_body: bool,
+    /// Of the W acks, how many must come from the key's primaries rather than fallbacks
+    /// holding a hint for a down one (Riak's `pw`; `pw = w` is a strict quorum); None = no
+    /// requirement (sloppy quorum).
+    pub pw: Option<u8>,
 }
 
 struct Node {
@@ -401,6 +412,7 @@ impl Client {
                 r: opts.r.unwrap_or(0),
                 timeout_ms: millis(timeout),
                 flags: if opts.local { ReadOptions::LOCAL } else { 0 },
+                pr: opts.pr.unwrap_or(0),
             },
         };
         // Local reads target one node's replica: no failover to another node.
@@ -688,6 +700,7 @@ fn write_opts(opts: &PutOptions, timeout: Duration) -> WriteOptions {
         } else {
             0
         },
+        pw: opts.pw.unwrap_or(0),
     }
 }
 
@@ -695,6 +708,8 @@ fn written(w: ringkv_protocol::WriteReply) -> Written {
     Written {
         dot: (w.actor, w.counter),
         read: w.body.map(Read::from_reply),
+        primary_acks: w.primary_acks,
+        fallback_acks: w.fallback_acks,
     }
 }
 

@@ -33,6 +33,9 @@ pub struct ReadOptions {
     /// Deadline for the whole request in ms; 0 = the server default.
     pub timeout_ms: u32,
     pub flags: u8,
+    /// Of the R replies, how many must come from primaries (the key's preference list) rather
+    /// than fallbacks standing in for down ones (Riak's `pr`); 0 = none required.
+    pub pr: u8,
 }
 
 impl ReadOptions {
@@ -47,6 +50,9 @@ pub struct WriteOptions {
     pub w: u8,
     pub timeout_ms: u32,
     pub flags: u8,
+    /// Of the W acks, how many must come from primaries rather than fallbacks holding a hint
+    /// (Riak's `pw`): `pw = W` is a strict quorum; 0 = none required (sloppy quorum).
+    pub pw: u8,
 }
 
 impl WriteOptions {
@@ -172,6 +178,11 @@ pub struct WriteReply {
     pub counter: u64,
     /// Present when the request set `RETURN_BODY`.
     pub body: Option<ReadReply>,
+    /// Acks counted toward W when the write was answered: from the key's primaries (the
+    /// coordinator's own commit included) and from fallbacks that stored a hint for a down
+    /// primary (sloppy quorum).
+    pub primary_acks: u8,
+    pub fallback_acks: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -364,6 +375,7 @@ impl Request {
                 dst.put_u8(opts.r);
                 dst.put_u32(opts.timeout_ms);
                 dst.put_u8(opts.flags);
+                dst.put_u8(opts.pr);
             }
             Request::Put {
                 key,
@@ -416,6 +428,7 @@ impl Request {
                     r: r.u8("r")?,
                     timeout_ms: r.u32("timeout_ms")?,
                     flags: r.u8("flags")?,
+                    pr: r.trailing_u8("pr", 0)?,
                 };
                 Request::Get { key, opts }
             }
@@ -533,13 +546,16 @@ fn put_write_opts(dst: &mut BytesMut, opts: &WriteOptions) {
     dst.put_u8(opts.w);
     dst.put_u32(opts.timeout_ms);
     dst.put_u8(opts.flags);
+    dst.put_u8(opts.pw);
 }
 
+/// The options end every write request, so `pw` (added later) is an optional trailing byte.
 fn read_write_opts(r: &mut Reader) -> Result<WriteOptions, DecodeError> {
     Ok(WriteOptions {
         w: r.u8("w")?,
         timeout_ms: r.u32("timeout_ms")?,
         flags: r.u8("flags")?,
+        pw: r.trailing_u8("pw", 0)?,
     })
 }
 
@@ -607,6 +623,8 @@ fn put_write_reply(dst: &mut BytesMut, wr: &WriteReply) {
             put_read_reply(dst, body);
         }
     }
+    dst.put_u8(wr.primary_acks);
+    dst.put_u8(wr.fallback_acks);
 }
 
 fn read_write_reply(r: &mut Reader) -> Result<WriteReply, DecodeError> {
@@ -622,10 +640,15 @@ fn read_write_reply(r: &mut Reader) -> Result<WriteReply, DecodeError> {
             })
         }
     };
+    // Optional trailing fields: a server from before sloppy quorums sends neither.
+    let primary_acks = r.trailing_u8("primary_acks", 0)?;
+    let fallback_acks = r.trailing_u8("fallback_acks", 0)?;
     Ok(WriteReply {
         actor,
         counter,
         body,
+        primary_acks,
+        fallback_acks,
     })
 }
 

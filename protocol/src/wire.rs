@@ -107,6 +107,21 @@ impl Reader {
         Ok(n)
     }
 
+    /// Whether every byte was read: optional trailing fields (added to a message later, so an
+    /// older peer's shorter body still decodes) are read only when bytes are left.
+    pub fn is_done(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// An optional trailing u8: `default` when the body ends here.
+    pub fn trailing_u8(&mut self, field: &'static str, default: u8) -> Result<u8, DecodeError> {
+        if self.is_done() {
+            Ok(default)
+        } else {
+            self.u8(field)
+        }
+    }
+
     pub fn finish(self) -> Result<(), DecodeError> {
         let left = self.buf.len() - self.pos;
         if left == 0 {

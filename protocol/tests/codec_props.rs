@@ -12,18 +12,23 @@ fn bytes_strategy(max: usize) -> impl Strategy<Value = Bytes> {
 }
 
 fn request_strategy() -> impl Strategy<Value = Request> {
-    let ropts =
-        (any::<u8>(), any::<u32>(), any::<u8>()).prop_map(|(r, timeout_ms, flags)| ReadOptions {
+    let ropts = (any::<u8>(), any::<u32>(), any::<u8>(), any::<u8>()).prop_map(
+        |(r, timeout_ms, flags, pr)| ReadOptions {
             r,
             timeout_ms,
             flags,
-        });
+            pr,
+        },
+    );
     let wopts = || {
-        (any::<u8>(), any::<u32>(), any::<u8>()).prop_map(|(w, timeout_ms, flags)| WriteOptions {
-            w,
-            timeout_ms,
-            flags,
-        })
+        (any::<u8>(), any::<u32>(), any::<u8>(), any::<u8>()).prop_map(
+            |(w, timeout_ms, flags, pw)| WriteOptions {
+                w,
+                timeout_ms,
+                flags,
+                pw,
+            },
+        )
     };
     prop_oneof![
         Just(Request::Ping),
@@ -79,12 +84,18 @@ fn response_strategy() -> impl Strategy<Value = Response> {
             any::<u64>(),
             any::<u64>(),
             proptest::option::of(read_reply_strategy()),
+            any::<u8>(),
+            any::<u8>(),
         )
-            .prop_map(|(actor, counter, body)| WriteReply {
-                actor,
-                counter,
-                body,
-            })
+            .prop_map(
+                |(actor, counter, body, primary_acks, fallback_acks)| WriteReply {
+                    actor,
+                    counter,
+                    body,
+                    primary_acks,
+                    fallback_acks,
+                },
+            )
     };
     let kind = (0u16..13, any::<u64>(), any::<u64>()).prop_map(|(code, a, b)| match code {
         0 => ErrorKind::TooLarge { size: a, limit: b },

@@ -107,6 +107,22 @@ pub struct Cli {
     /// data dir from a backup or copying it: the old actor's later versions are missing here.
     #[arg(long)]
     pub new_incarnation: bool,
+    /// Hint store cap over all targets, in MiB (default 1024).
+    #[arg(long)]
+    pub hints_max_mb: Option<u64>,
+    /// Hint store cap per target node, in MiB (default 256).
+    #[arg(long)]
+    pub hints_max_mb_per_target: Option<u64>,
+    /// Hints older than this many seconds are given up and their ranges marked for
+    /// anti-entropy (default 10800 = 3 h, Cassandra's window).
+    #[arg(long)]
+    pub hint_window_secs: Option<u64>,
+    /// Replay budget this node grants to all hint holders together, keys per second.
+    #[arg(long)]
+    pub hint_replay_keys_per_sec: Option<u32>,
+    /// Replay budget this node grants to all hint holders together, KiB per second.
+    #[arg(long)]
+    pub hint_replay_kib_per_sec: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, with underscores.
@@ -134,6 +150,35 @@ pub struct FileConfig {
     pub write_buffer_mb: Option<usize>,
     pub log: Option<String>,
     pub log_format: Option<String>,
+    pub hints_max_mb: Option<u64>,
+    pub hints_max_mb_per_target: Option<u64>,
+    pub hint_window_secs: Option<u64>,
+    pub hint_replay_keys_per_sec: Option<u32>,
+    pub hint_replay_kib_per_sec: Option<u64>,
+}
+
+/// Hinted handoff settings (docs/operations.md, "Hinted handoff").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HintSettings {
+    pub max_bytes: u64,
+    pub max_bytes_per_target: u64,
+    pub window_secs: u64,
+    pub replay_keys_per_sec: u32,
+    pub replay_bytes_per_sec: u64,
+}
+
+impl Default for HintSettings {
+    fn default() -> Self {
+        HintSettings {
+            max_bytes: 1024 << 20,
+            max_bytes_per_target: 256 << 20,
+            window_secs: 3 * 3600,
+            // About a tenth of what one node commits per second on the benchmark machine
+            // (docs/benchmarks.md): a recovering node keeps most of its capacity for clients.
+            replay_keys_per_sec: 5_000,
+            replay_bytes_per_sec: 16 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +215,7 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Start with a new actor (`--new-incarnation`, one-shot).
     pub new_incarnation: bool,
+    pub hints: HintSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -353,6 +399,51 @@ impl Config {
             4,
             4096,
         )?;
+        let defaults = HintSettings::default();
+        let hints_max_mb = in_range(
+            "hints_max_mb",
+            cli.hints_max_mb
+                .or(file.hints_max_mb)
+                .unwrap_or(defaults.max_bytes >> 20),
+            1,
+            1 << 20,
+        )?;
+        let hints_max_mb_per_target = in_range(
+            "hints_max_mb_per_target",
+            cli.hints_max_mb_per_target
+                .or(file.hints_max_mb_per_target)
+                .unwrap_or((defaults.max_bytes_per_target >> 20).min(hints_max_mb)),
+            1,
+            hints_max_mb,
+        )?;
+        let hints = HintSettings {
+            max_bytes: hints_max_mb << 20,
+            max_bytes_per_target: hints_max_mb_per_target << 20,
+            window_secs: in_range(
+                "hint_window_secs",
+                cli.hint_window_secs
+                    .or(file.hint_window_secs)
+                    .unwrap_or(defaults.window_secs),
+                1,
+                30 * 24 * 3600,
+            )?,
+            replay_keys_per_sec: in_range(
+                "hint_replay_keys_per_sec",
+                cli.hint_replay_keys_per_sec
+                    .or(file.hint_replay_keys_per_sec)
+                    .unwrap_or(defaults.replay_keys_per_sec),
+                1,
+                10_000_000,
+            )?,
+            replay_bytes_per_sec: in_range(
+                "hint_replay_kib_per_sec",
+                cli.hint_replay_kib_per_sec
+                    .or(file.hint_replay_kib_per_sec)
+                    .unwrap_or(defaults.replay_bytes_per_sec >> 10),
+                64,
+                16 << 20,
+            )? << 10,
+        };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info".into());
         let log_format = match cli.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -388,6 +479,7 @@ impl Config {
             log,
             log_format,
             new_incarnation: cli.new_incarnation,
+            hints,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod background;
 pub mod clock;
 pub mod config;
 pub mod coordinator;
+pub mod handoff;
 pub mod membership;
 pub mod metrics;
 pub mod net;

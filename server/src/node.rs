@@ -19,6 +19,9 @@ use crate::background::{Progress, RunState, Runner};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::handoff::replay::ReplayWorker;
+use crate::handoff::Handoff;
+use crate::storage::hints::HintLimits;
 use crate::membership::phi::PhiConfig;
 use crate::membership::swim::{self, SwimConfig};
 use crate::membership::Membership;
@@ -81,6 +84,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         sync: config.sync,
         boot_id: boot_id(),
         new_incarnation: config.new_incarnation,
+        hint_limits: HintLimits {
+            max_bytes: config.hints.max_bytes,
+            max_bytes_per_target: config.hints.max_bytes_per_target,
+        },
     };
     let dir = config.data_dir.join("db");
     let store = tokio::task::spawn_blocking(move || -> Result<Store, StoreOpenError> {
@@ -195,10 +202,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let coordinator = Arc::new(Coordinator::new(
         CoordinatorConfig::from_config(&config),
         store.clone(),
-        pool,
+        pool.clone(),
         membership.clone(),
         late,
     ));
+    let handoff = Arc::new(Handoff::new(node_id.clone(), store.clone(), config.hints));
+    runner.spawn(ReplayWorker::new(handoff.clone(), membership.clone(), pool));
     let replica = Arc::new(Replica::new(node_id.clone(), store.clone()));
     let requests = RequestMetrics::default();
     let client_net = ListenerMetrics::default();
@@ -206,6 +215,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     requests.register(&registry, "");
     coordinator.metrics.register(&registry, "");
     replica.metrics.register(&registry, "peer.");
+    handoff.metrics.register(&registry, "hints.");
+    register_hints(&registry, &store);
     auth.metrics.register(&registry, "peer.");
     client_net.register(&registry, "net.");
     peer_net.register(&registry, "peer_net.");
@@ -220,6 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         registry: registry.clone(),
         workers: runner.clone(),
         store: store.clone(),
+        handoff: handoff.clone(),
         started: std::time::Instant::now(),
     });
     let client_api = Arc::new(ClientApi {
@@ -233,6 +245,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         auth,
         replica,
         coordinator,
+        handoff,
         net: peer_net.clone(),
     });
 
@@ -413,6 +426,41 @@ fn register_storage(registry: &Registry, store: &Arc<Store>) {
             engine.property(Cf::Data, prop).unwrap_or(0)
         });
     }
+}
+
+/// The hint store: what the writer changed, and what is pending now.
+fn register_hints(registry: &Registry, store: &Arc<Store>) {
+    store.hint_stats().register(registry, "hints.");
+    let s = store.clone();
+    registry.probe("hints.pending_keys", "hints held for other nodes", move || {
+        s.hint_book().totals().0
+    });
+    let s = store.clone();
+    registry.probe(
+        "hints.pending_bytes",
+        "bytes of hints held for other nodes",
+        move || s.hint_book().totals().1,
+    );
+    let s = store.clone();
+    registry.probe(
+        "hints.pending_targets",
+        "nodes this node holds hints for",
+        move || s.hint_book().targets().len() as u64,
+    );
+    let s = store.clone();
+    registry.probe(
+        "hints.oldest_age_seconds",
+        "age of the oldest hint held (0 = none)",
+        move || {
+            let oldest = s
+                .hint_book()
+                .targets()
+                .values()
+                .filter_map(|t| t.oldest_ms())
+                .min();
+            oldest.map_or(0, |ms| now_ms().saturating_sub(ms) / 1000)
+        },
+    );
 }
 
 fn register_cluster(registry: &Registry, membership: &Membership) {

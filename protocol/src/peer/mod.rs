@@ -11,7 +11,8 @@
 //! | session | 0x20–0x27 | 0xA0–0xA7 | the handshake (`rpc`), ping |
 //! | replica | 0x28–0x2F | 0xA8–0xAF | the replica service |
 //! | coordinator | 0x30–0x37 | 0xB0–0xB7 | the coordinator (forwarded writes) |
-//! | (reserved) | 0x38–0x4F | 0xB8–0xCF | hinted handoff, anti-entropy, transfers |
+//! | handoff | 0x38–0x3F | 0xB8–0xBF | hinted handoff: hints, sloppy reads, paced replay |
+//! | (reserved) | 0x40–0x4F | 0xC0–0xCF | anti-entropy, transfers |
 //!
 //! Every peer connection starts with the authenticated handshake of `auth.rs`: `Hello` →
 //! `Challenge` → `HelloProof` → `HelloAck`. Until it completes a node serves nothing else and
@@ -19,6 +20,7 @@
 //! proof `Unauthenticated`, and the connection is closed.
 
 pub mod coordinator;
+pub mod handoff;
 pub mod replica;
 pub mod session;
 
@@ -31,6 +33,7 @@ use crate::message::{
 use crate::wire::{put_bytes, DecodeError, Reader};
 
 pub use coordinator::{CoordinatorRequest, CoordinatorResponse};
+pub use handoff::{HandoffRequest, HandoffResponse};
 pub use replica::{ReplicaRequest, ReplicaResponse};
 pub use session::{Challenge, Hello, SessionRequest, SessionResponse};
 
@@ -43,11 +46,13 @@ pub mod family {
     pub const SESSION: RangeInclusive<u8> = 0x20..=0x27;
     pub const REPLICA: RangeInclusive<u8> = 0x28..=0x2F;
     pub const COORDINATOR: RangeInclusive<u8> = 0x30..=0x37;
+    pub const HANDOFF: RangeInclusive<u8> = 0x38..=0x3F;
 }
 
 /// Every peer opcode, for tests and raw clients.
 pub mod peer_opcode {
     pub use super::coordinator::op::*;
+    pub use super::handoff::op::*;
     pub use super::replica::op::*;
     pub use super::session::op::*;
 }
@@ -84,6 +89,7 @@ pub enum PeerRequest {
     Session(SessionRequest),
     Replica(ReplicaRequest),
     Coordinator(CoordinatorRequest),
+    Handoff(HandoffRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +97,7 @@ pub enum PeerResponse {
     Session(SessionResponse),
     Replica(ReplicaResponse),
     Coordinator(CoordinatorResponse),
+    Handoff(HandoffResponse),
     Error(ErrorReply),
 }
 
@@ -132,6 +139,7 @@ impl PeerRequest {
             PeerRequest::Session(m) => encode_family(m, request_id),
             PeerRequest::Replica(m) => encode_family(m, request_id),
             PeerRequest::Coordinator(m) => encode_family(m, request_id),
+            PeerRequest::Handoff(m) => encode_family(m, request_id),
         }
     }
 
@@ -143,6 +151,8 @@ impl PeerRequest {
             PeerRequest::Replica(ReplicaRequest::decode(opcode, &mut r)?)
         } else if family::COORDINATOR.contains(&opcode) {
             PeerRequest::Coordinator(CoordinatorRequest::decode(opcode, &mut r)?)
+        } else if family::HANDOFF.contains(&opcode) {
+            PeerRequest::Handoff(HandoffRequest::decode(opcode, &mut r)?)
         } else {
             return Err(DecodeError::UnknownOpcode(opcode));
         };
@@ -162,6 +172,7 @@ impl PeerResponse {
             PeerResponse::Session(m) => encode_family(m, request_id),
             PeerResponse::Replica(m) => encode_family(m, request_id),
             PeerResponse::Coordinator(m) => encode_family(m, request_id),
+            PeerResponse::Handoff(m) => encode_family(m, request_id),
             PeerResponse::Error(e) => {
                 let mut b = BytesMut::with_capacity(BODY_SLACK + e.message.len());
                 encode_error(&mut b, e);
@@ -183,6 +194,8 @@ impl PeerResponse {
             PeerResponse::Replica(ReplicaResponse::decode(opcode, &mut r)?)
         } else if family::COORDINATOR.contains(&request) {
             PeerResponse::Coordinator(CoordinatorResponse::decode(opcode, &mut r)?)
+        } else if family::HANDOFF.contains(&request) {
+            PeerResponse::Handoff(HandoffResponse::decode(opcode, &mut r)?)
         } else {
             return Err(DecodeError::UnknownOpcode(opcode));
         };
@@ -230,6 +243,27 @@ mod tests {
                 body: Bytes::from_static(b"xyz"),
             }),
             PeerRequest::Session(SessionRequest::Ping),
+            PeerRequest::Handoff(HandoffRequest::StoreHint {
+                target: "b".into(),
+                key: Bytes::from_static(b"k"),
+                state: Bytes::from_static(b"s"),
+                timeout_ms: 5,
+            }),
+            PeerRequest::Handoff(HandoffRequest::ReadHint {
+                target: "c".into(),
+                key: Bytes::from_static(b"k"),
+                timeout_ms: 6,
+            }),
+            PeerRequest::Handoff(HandoffRequest::ReplayCredits {
+                want_keys: 256,
+                want_bytes: 1 << 20,
+            }),
+            PeerRequest::Handoff(HandoffRequest::Replay {
+                entries: vec![
+                    (Bytes::from_static(b"k1"), Bytes::from_static(b"s1")),
+                    (Bytes::from_static(b"k2"), Bytes::new()),
+                ],
+            }),
         ];
         for r in reqs {
             let f = r.to_frame(9);
@@ -249,6 +283,14 @@ mod tests {
                 body: Bytes::from_static(b"r"),
             }),
             PeerResponse::Session(SessionResponse::Pong),
+            PeerResponse::Handoff(HandoffResponse::HintStored),
+            PeerResponse::Handoff(HandoffResponse::HintState(Bytes::from_static(b"s"))),
+            PeerResponse::Handoff(HandoffResponse::Credits {
+                keys: 10,
+                bytes: 1000,
+                retry_after_ms: 50,
+            }),
+            PeerResponse::Handoff(HandoffResponse::Replayed(vec![true, false, true])),
             PeerResponse::Error(ErrorReply {
                 kind: ErrorKind::WrongCluster,
                 definite: true,
@@ -272,6 +314,10 @@ mod tests {
             (READ_LOCAL, STATE, family::REPLICA),
             (REPLICATE, ACK, family::REPLICA),
             (FORWARD, FORWARD_REPLY, family::COORDINATOR),
+            (STORE_HINT, HINT_STORED, family::HANDOFF),
+            (READ_HINT, HINT_STATE, family::HANDOFF),
+            (REPLAY_CREDITS, CREDITS, family::HANDOFF),
+            (REPLAY, REPLAYED, family::HANDOFF),
         ] {
             assert!(block.contains(&req), "0x{req:02x} outside {block:?}");
             assert_eq!(resp, req + RESPONSE_BIT, "0x{req:02x}");

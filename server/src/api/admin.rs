@@ -8,6 +8,7 @@ use ringkv_protocol::{ErrorKind, Response, RingMember, RingReply, StatusReply};
 
 use crate::background::Runner;
 use crate::config::Config;
+use crate::handoff::Handoff;
 use crate::membership::Membership;
 use crate::metrics::Registry;
 use crate::storage::Store;
@@ -21,6 +22,8 @@ pub struct Admin {
     pub info: Vec<(String, String)>,
     /// Read for this node's current actor (it changes when the actor is renewed).
     pub store: Arc<Store>,
+    /// Pending hints and replay state per target (`hints.target.<node>` lines).
+    pub handoff: Arc<Handoff>,
     pub started: Instant,
 }
 
@@ -37,6 +40,7 @@ impl Admin {
                 .into_iter()
                 .map(|w| (format!("worker.{}", w.name), w.summary())),
         );
+        info.extend(self.handoff.status_lines());
         StatusReply {
             node_id: self.config.node_id.clone(),
             server_version: env!("CARGO_PKG_VERSION").to_string(),

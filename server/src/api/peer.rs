@@ -8,6 +8,7 @@ use ringkv_protocol::peer::{PeerRequest, PeerResponse, SessionRequest, SessionRe
 use ringkv_protocol::{ErrorKind, Frame};
 
 use crate::coordinator::Coordinator;
+use crate::handoff::Handoff;
 use crate::metrics::ListenerMetrics;
 use crate::net::{FrameHandler, Reply};
 use crate::replica::Replica;
@@ -18,6 +19,7 @@ pub struct PeerApi {
     pub auth: Arc<Authenticator>,
     pub replica: Arc<Replica>,
     pub coordinator: Arc<Coordinator>,
+    pub handoff: Arc<Handoff>,
     pub net: ListenerMetrics,
 }
 
@@ -37,6 +39,7 @@ impl PeerApi {
             }
             PeerRequest::Replica(req) => self.replica.serve(req).await,
             PeerRequest::Coordinator(req) => self.coordinator.serve_peer(req).await,
+            PeerRequest::Handoff(req) => self.handoff.serve(req).await,
         }
     }
 }

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use futures::future::{Either, FutureExt};
 use ringkv_protocol::message::{ReadOptions, WriteOptions};
 use ringkv_protocol::peer::{
-    CoordinatorRequest, CoordinatorResponse, PeerRequest, PeerResponse, ReplicaRequest,
-    ReplicaResponse,
+    CoordinatorRequest, CoordinatorResponse, HandoffRequest, HandoffResponse, PeerRequest,
+    PeerResponse, ReplicaRequest, ReplicaResponse,
 };
 use ringkv_protocol::{
     CausalContext, ErrorKind, ReadReply, Request, Response, Sibling, WriteReply,
@@ -38,7 +38,7 @@ use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
 use crate::storage::{HexKey, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
-use plan::plan;
+use plan::{plan, plan_with_fallbacks};
 use quorum::{Decision, QuorumError, ReadQuorum, WriteQuorum};
 
 /// Deadline of one read-repair write (it runs after the client was answered).
@@ -55,6 +55,11 @@ crate::metrics::metric_set! {
         replicate_sent: Counter = "coordinator.replicate_sent", "states shipped to replicas";
         replicate_failed: Counter = "coordinator.replicate_failed", "states a replica did not acknowledge";
         late_acks: Counter = "coordinator.late_acks", "replica acks that arrived after the answer";
+        hinted_writes: Counter = "coordinator.hinted_writes", "hints sent to fallbacks for a primary that was down or did not answer";
+        hinted_failed: Counter = "coordinator.hinted_failed", "hints a fallback did not acknowledge";
+        fallback_acks: Counter = "coordinator.fallback_acks", "write acks counted from fallbacks (sloppy quorum)";
+        local_hints: Counter = "coordinator.local_hints", "hints kept on the coordinator for a primary no fallback covered";
+        fallback_reads: Counter = "coordinator.fallback_reads", "hint reads from fallbacks for sloppy reads";
         read_repairs: Counter = "read_repair.sent", "read repairs sent";
         read_repair_failed: Counter = "read_repair.failed", "read repairs that failed";
         peer_forward: Counter = "peer.forward", "writes other nodes forwarded here";
@@ -104,6 +109,16 @@ pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
     }
 }
 
+/// The state of a hint row (empty when there is none).
+fn hint_state(key: &[u8], row: Option<&[u8]>) -> Result<KeyState, String> {
+    match row {
+        None => Ok(KeyState::new()),
+        Some(row) => crate::storage::hints::decode_hint(key, row)
+            .map(|(_, state)| state)
+            .map_err(|e| e.to_string()),
+    }
+}
+
 /// What is left of a deadline, as a wire timeout (at least 1 ms).
 pub fn remaining_ms(deadline: Instant) -> u32 {
     deadline
@@ -122,10 +137,16 @@ struct WriteReq {
     is_delete: bool,
 }
 
-/// One replica's answer to a coordinated write.
+/// One slot's answer to a coordinated write.
 enum Ack {
-    /// Another replica acknowledged `Replicate` (true) or did not.
-    Peer(NodeId, bool),
+    /// The slot of a primary: acknowledged by the primary itself (`Replicate`), or by a
+    /// fallback that stored a hint for it (`by_fallback`), or by neither (`ok` false; `node`
+    /// is then the primary).
+    Slot {
+        node: NodeId,
+        by_fallback: bool,
+        ok: bool,
+    },
     /// This node's own commit of the version it minted.
     Own(Result<(), WriteError>),
 }
@@ -144,12 +165,21 @@ impl Tracker<Ack> for WriteTracker {
     type Output = ();
 
     fn on_reply(&mut self, ack: Ack) -> Decision<()> {
-        if self.quorum.is_decided() && matches!(ack, Ack::Peer(_, true)) {
+        if self.quorum.is_decided() && matches!(ack, Ack::Slot { ok: true, .. }) {
             self.late_acks += 1;
         }
         match ack {
-            Ack::Peer(node, true) => self.quorum.on_ack(node),
-            Ack::Peer(node, false) => self.quorum.on_failure(node),
+            Ack::Slot {
+                node,
+                by_fallback: false,
+                ok: true,
+            } => self.quorum.on_ack(node),
+            Ack::Slot {
+                node,
+                by_fallback: true,
+                ok: true,
+            } => self.quorum.on_fallback_ack(node),
+            Ack::Slot { node, ok: false, .. } => self.quorum.on_failure(node),
             Ack::Own(_) if !self.own_counts => Decision::Pending,
             Ack::Own(Ok(())) => self.quorum.on_ack(self.me.clone()),
             Ack::Own(Err(e)) => {
@@ -177,14 +207,15 @@ struct ReadTracker {
     node_id: Arc<str>,
 }
 
-impl Tracker<(NodeId, Result<KeyState, String>)> for ReadTracker {
+/// A read's reply: who answered, whether as a fallback (its hint), and the state.
+type ReadReplyOf = (NodeId, bool, Result<KeyState, String>);
+
+impl Tracker<ReadReplyOf> for ReadTracker {
     type Output = KeyState;
 
-    fn on_reply(
-        &mut self,
-        (replica, result): (NodeId, Result<KeyState, String>),
-    ) -> Decision<KeyState> {
+    fn on_reply(&mut self, (replica, fallback, result): ReadReplyOf) -> Decision<KeyState> {
         match result {
+            Ok(state) if fallback => self.quorum.on_fallback_reply(replica, state),
             Ok(state) => self.quorum.on_reply(replica, state),
             Err(cause) => {
                 debug!(node = %self.node_id, %replica, %cause, "replica read failed");
@@ -292,6 +323,22 @@ impl<T: Transport> Coordinator<T> {
         Ok(q as usize)
     }
 
+    /// Resolves a per-request PR or PW (0 = none required) and checks it is at most N.
+    fn primaries_quorum(&self, what: &str, asked: u8, key: &[u8]) -> Result<usize, Response> {
+        if asked > self.config.n {
+            return Err(self.err(
+                ErrorKind::InvalidRequest,
+                true,
+                format!(
+                    "key {}: {what}={asked} exceeds the replication factor N={}",
+                    HexKey(key.to_vec()),
+                    self.config.n
+                ),
+            ));
+        }
+        Ok(asked as usize)
+    }
+
     fn view(&self) -> Arc<ClusterView> {
         self.membership.view()
     }
@@ -393,8 +440,18 @@ impl<T: Transport> Coordinator<T> {
             Ok(q) => q,
             Err(resp) => return resp,
         };
+        let needed_primaries = match self.primaries_quorum("PR", opts.pr, &key) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
         match self
-            .quorum_read(key.clone(), needed, deadline, "read")
+            .quorum_read(
+                key.clone(),
+                needed.max(needed_primaries),
+                needed_primaries,
+                deadline,
+                "read",
+            )
             .await
         {
             Ok(merged) => Response::Get(read_reply(&key, &merged)),
@@ -466,19 +523,42 @@ impl<T: Transport> Coordinator<T> {
             Ok(q) => q,
             Err(resp) => return resp,
         };
+        let needed_primaries = match self.primaries_quorum("PW", w.opts.pw, &w.key) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let needed = needed.max(needed_primaries);
         let deadline = Instant::now() + self.deadline(w.opts.timeout_ms);
         let view = self.view();
-        let plan = plan(&view, &w.key, self.config.n as usize);
-        let alive = plan.primaries_alive;
-        if alive.len() < needed {
-            return self.quorum_error(
+        // One fallback per down primary, and a spare per live one in case it fails to answer.
+        let n = self.config.n as usize;
+        let plan = plan_with_fallbacks(&view, &w.key, n, Some(n));
+        let alive = plan.primaries_alive.clone();
+        let refuse = |alive: usize, needed: usize, why: &str| {
+            self.quorum_error(
                 &w.key,
-                QuorumError::Unavailable {
-                    alive: alive.len(),
-                    needed,
-                },
-                "write refused before any replica was written",
+                QuorumError::Unavailable { alive, needed },
+                &format!("write refused before any replica was written: {why}"),
                 true,
+            )
+        };
+        if alive.is_empty() {
+            // Only a primary mints versions of a key (docs/architecture.md, "Who mints").
+            return refuse(0, needed.max(1), "no primary of the key is up to coordinate it");
+        }
+        if alive.len() < needed_primaries {
+            return refuse(
+                alive.len(),
+                needed_primaries,
+                &format!("PW={needed_primaries} needs that many primaries up"),
+            );
+        }
+        let covered = alive.len() + plan.primaries_down.len().min(plan.fallbacks.len());
+        if covered < needed {
+            return refuse(
+                covered,
+                needed,
+                "too few primaries and fallbacks (sloppy quorum) are up",
             );
         }
         if !forwarded && !plan.preference.contains(&view.me) {
@@ -489,7 +569,7 @@ impl<T: Transport> Coordinator<T> {
         self.metrics.coordinated_writes.inc();
         let key = w.key.clone();
         match self
-            .coordinate_write(w, needed, alive.clone(), &view, deadline)
+            .coordinate_write(w, needed, needed_primaries, &plan, &view, deadline)
             .await
         {
             Ok(resp) => resp,
@@ -522,6 +602,7 @@ impl<T: Transport> Coordinator<T> {
             .quorum_read(
                 key.clone(),
                 needed,
+                0,
                 deadline,
                 "delete without context: reading the versions to delete",
             )
@@ -610,27 +691,46 @@ impl<T: Transport> Coordinator<T> {
         )
     }
 
-    /// Mints the version here and replicates the resulting state to the other live replicas.
+    /// Mints the version here and replicates the resulting state to the key's other primaries:
+    /// each primary is a slot, answered by the primary or by a fallback holding a hint for it
+    /// (sloppy quorum). A down primary with no fallback gets a hint on this node, in the same
+    /// batch as the write.
     /// `Err` = this replica's own write failed before anything was applied or shipped (a full
     /// disk, an unreadable copy, shutting down): the caller may let another replica coordinate.
     async fn coordinate_write(
         self: &Arc<Self>,
         w: WriteReq,
         needed: usize,
-        alive: Vec<NodeId>,
+        needed_primaries: usize,
+        plan: &plan::Plan,
         view: &ClusterView,
         deadline: Instant,
     ) -> Result<Response, WriteError> {
+        // Fallbacks in ring order: first one per down primary, then spares for live ones.
+        let mut fallbacks = plan.fallbacks.iter().cloned();
+        let mut slots: Vec<(NodeId, Option<NodeId>)> = Vec::new();
+        let mut hint_for = Vec::new();
+        for p in &plan.primaries_down {
+            match fallbacks.next() {
+                Some(f) => slots.push((p.clone(), Some(f))),
+                None => hint_for.push(p.to_string()),
+            }
+        }
+        for p in plan.primaries_alive.iter().filter(|p| **p != view.me) {
+            slots.push((p.clone(), fallbacks.next()));
+        }
+        self.metrics.local_hints.inc_by(hint_for.len() as u64);
         let op = WriteOp::Update {
             key: w.key.clone(),
             ctx: w.ctx,
             value: w.value,
             timestamp_ms: now_ms(),
+            hint_for,
         };
         // The state is shipped to the other replicas as soon as it is in this node's copy,
         // while this node's own fsync runs; the commit counts as this node's ack. With no other
         // replica to ship to, the write simply commits.
-        let has_peers = alive.iter().any(|n| *n != view.me);
+        let has_peers = !slots.is_empty();
         let store = self.store.clone();
         let write = async move {
             if has_peers {
@@ -659,22 +759,27 @@ impl<T: Transport> Coordinator<T> {
         let dot = outcome.dot.expect("updates always mint a dot");
         // A forwarded write whose sender's ring view differs from ours may land on a node that
         // is not (or no longer) a live replica of the key: then its own commit is no ack.
+        let own_counts = plan.primaries_alive.contains(&view.me);
         let mut tracker = WriteTracker {
-            quorum: WriteQuorum::new(alive.len().max(1), needed),
+            quorum: WriteQuorum::new(slots.len() + own_counts as usize, needed)
+                .with_primaries(needed_primaries),
             me: view.me.clone(),
-            own_counts: alive.contains(&view.me),
+            own_counts,
             own_error: None,
             late_acks: 0,
         };
         let state = Bytes::from(outcome.state.encode());
         let mut fan = FanOut::new(deadline);
-        let mut peer_targets = 0;
-        for target in alive.into_iter().filter(|n| *n != view.me) {
-            peer_targets += 1;
-            fan.push(Either::Left(
-                self.replicate(target, view, w.key.clone(), state.clone(), deadline)
-                    .map(|(node, ok)| Ack::Peer(node, ok)),
-            ));
+        let peer_targets = slots.len();
+        for (primary, fallback) in slots {
+            fan.push(Either::Left(self.write_slot(
+                primary,
+                fallback,
+                view,
+                w.key.clone(),
+                state.clone(),
+                deadline,
+            )));
         }
         let node_id = self.node_id.clone();
         let key = w.key.clone();
@@ -687,6 +792,9 @@ impl<T: Transport> Coordinator<T> {
             Ack::Own(result)
         }));
         let decided = fan.decide(&mut tracker).await;
+        let (primary_acks, fallback_acks) =
+            (tracker.quorum.primary_acks(), tracker.quorum.fallback_acks());
+        self.metrics.fallback_acks.inc_by(fallback_acks as u64);
         let answer = match decided {
             Ok(()) => None,
             // The cause is this node's storage: say so, not just "too few acks". Definite only
@@ -723,6 +831,8 @@ impl<T: Transport> Coordinator<T> {
             actor: dot.actor,
             counter: dot.counter,
             body,
+            primary_acks: primary_acks.min(u8::MAX as usize) as u8,
+            fallback_acks: fallback_acks.min(u8::MAX as usize) as u8,
         };
         Ok(if w.is_delete {
             Response::Delete(reply)
@@ -731,36 +841,180 @@ impl<T: Transport> Coordinator<T> {
         })
     }
 
-    /// Ships a key's state to one replica; resolves to whether it acknowledged. A `'static`
-    /// future (bounded by `deadline`), so unfinished ones can move to the late-reply worker.
-    fn replicate(
+    /// One primary's slot of a write: `Replicate` to the primary (unless it is down); if it
+    /// fails, or has not answered by half the time left, the slot's fallback stores a hint for
+    /// it, and the first acknowledgment answers the slot. If neither acknowledges, this node
+    /// keeps the hint itself (it does not count toward W) so the primary still gets the write.
+    /// A `'static` future bounded by `deadline`, so unfinished ones can move on.
+    fn write_slot(
         self: &Arc<Self>,
-        target: NodeId,
+        primary: NodeId,
+        fallback: Option<NodeId>,
         view: &ClusterView,
         key: Bytes,
         state: Bytes,
         deadline: Instant,
-    ) -> impl Future<Output = (NodeId, bool)> + Send + 'static {
+    ) -> impl Future<Output = Ack> + Send + 'static {
         let coordinator = self.clone();
-        let addr = view.peer_addr(&target).map(str::to_string);
+        let primary_addr = view
+            .is_alive(&primary)
+            .then(|| view.peer_addr(&primary).map(str::to_string))
+            .flatten();
+        let fallback = fallback.map(|f| {
+            let addr = view.peer_addr(&f).map(str::to_string);
+            (f, addr)
+        });
         async move {
-            let req = PeerRequest::Replica(ReplicaRequest::Replicate {
-                key,
-                state,
+            let c = &coordinator;
+            let to_primary = async {
+                match &primary_addr {
+                    Some(addr) => c.replicate(&primary, addr, &key, &state, deadline).await,
+                    None => false,
+                }
+            }
+            .fuse();
+            let to_fallback = |(f, addr): (NodeId, Option<String>)| {
+                let (primary, key, state) = (&primary, &key, &state);
+                async move {
+                    let ok = c.store_hint(&f, addr, primary, key, state, deadline).await;
+                    (f, ok)
+                }
+                .fuse()
+            };
+            tokio::pin!(to_primary);
+            let primary_ok = match fallback {
+                None => to_primary.await,
+                Some(fallback) => {
+                    let now = Instant::now();
+                    let hint_after = now + deadline.saturating_duration_since(now) / 2;
+                    let slow = tokio::time::sleep_until(TokioInstant::from_std(hint_after));
+                    let early = tokio::select! {
+                        ok = &mut to_primary => Some(ok),
+                        _ = slow => None,
+                    };
+                    if early == Some(true) {
+                        true
+                    } else {
+                        // The primary failed or is slow: the fallback stores a hint, and the
+                        // first acknowledgment answers the slot.
+                        let to_fallback = to_fallback(fallback);
+                        tokio::pin!(to_fallback);
+                        let mut primary_done = early.is_some();
+                        let mut fallback_done = false;
+                        loop {
+                            tokio::select! {
+                                ok = &mut to_primary, if !primary_done => {
+                                    if ok {
+                                        break true;
+                                    }
+                                    primary_done = true;
+                                }
+                                (f, ok) = &mut to_fallback, if !fallback_done => {
+                                    if ok {
+                                        return Ack::Slot { node: f, by_fallback: true, ok: true };
+                                    }
+                                    fallback_done = true;
+                                }
+                            }
+                            if primary_done && fallback_done {
+                                break false;
+                            }
+                        }
+                    }
+                }
+            };
+            if !primary_ok {
+                c.keep_local_hint(&primary, &key, &state).await;
+            }
+            Ack::Slot {
+                node: primary.clone(),
+                by_fallback: false,
+                ok: primary_ok,
+            }
+        }
+    }
+
+    /// Ships a key's state to one replica; true if it acknowledged.
+    async fn replicate(
+        &self,
+        target: &NodeId,
+        addr: &str,
+        key: &Bytes,
+        state: &Bytes,
+        deadline: Instant,
+    ) -> bool {
+        let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+            key: key.clone(),
+            state: state.clone(),
+            timeout_ms: remaining_ms(deadline),
+        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.metrics.replicate_sent.inc();
+        let result = self.transport.clone().call(addr.to_string(), req, left).await;
+        if let Err(e) = &result {
+            self.metrics.replicate_failed.inc();
+            debug!(node = %self.config.node_id, replica = %target, error = %e, "replicate failed");
+        }
+        matches!(result, Ok(PeerResponse::Replica(ReplicaResponse::Ack)))
+    }
+
+    /// Asks `fallback` to keep a hint of the state for `primary`; true if it did.
+    async fn store_hint(
+        &self,
+        fallback: &NodeId,
+        addr: Option<String>,
+        primary: &NodeId,
+        key: &Bytes,
+        state: &Bytes,
+        deadline: Instant,
+    ) -> bool {
+        self.metrics.hinted_writes.inc();
+        let ok = if *fallback == self.membership.view().me {
+            // This node is the fallback (a forwarded write on a node beyond the list).
+            self.keep_hint(primary, key, state).await.is_ok()
+        } else {
+            let req = PeerRequest::Handoff(HandoffRequest::StoreHint {
+                target: primary.to_string(),
+                key: key.clone(),
+                state: state.clone(),
                 timeout_ms: remaining_ms(deadline),
             });
             let left = deadline.saturating_duration_since(Instant::now());
-            coordinator.metrics.replicate_sent.inc();
             let result = match addr {
-                None => Err(PeerError::Unreachable(format!("no address for {target}"))),
-                Some(addr) => coordinator.transport.clone().call(addr, req, left).await,
+                None => Err(PeerError::Unreachable(format!("no address for {fallback}"))),
+                Some(addr) => self.transport.clone().call(addr, req, left).await,
             };
             if let Err(e) = &result {
-                coordinator.metrics.replicate_failed.inc();
-                debug!(node = %coordinator.config.node_id, replica = %target, error = %e, "replicate failed");
+                debug!(node = %self.config.node_id, %fallback, %primary, error = %e, "hint not stored");
             }
-            let acked = matches!(result, Ok(PeerResponse::Replica(ReplicaResponse::Ack)));
-            (target, acked)
+            matches!(result, Ok(PeerResponse::Handoff(HandoffResponse::HintStored)))
+        };
+        if !ok {
+            self.metrics.hinted_failed.inc();
+        }
+        ok
+    }
+
+    async fn keep_hint(&self, primary: &NodeId, key: &Bytes, state: &Bytes) -> Result<(), String> {
+        let state = KeyState::decode(state).map_err(|e| e.to_string())?;
+        self.store
+            .write(WriteOp::Hint {
+                target: primary.to_string(),
+                key: key.clone(),
+                state,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// A primary that neither answered nor was covered by a fallback: this node keeps the hint
+    /// (like Cassandra's coordinator hints), so the write reaches it without a read.
+    async fn keep_local_hint(&self, primary: &NodeId, key: &Bytes, state: &Bytes) {
+        self.metrics.local_hints.inc();
+        if let Err(cause) = self.keep_hint(primary, key, state).await {
+            warn!(node = %self.config.node_id, %primary, key = %HexKey(key.to_vec()), %cause,
+                  "could not keep a hint for a primary that missed a write");
         }
     }
 
@@ -796,22 +1050,43 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// Reads `key` from its live replicas and returns the merge of the first `needed` replies;
-    /// the rest is gathered by the late-reply worker for read repair. Errors are definite (a
-    /// read changes nothing); `what` names the operation in them.
+    /// the rest is gathered by the late-reply worker for read repair. When too few primaries
+    /// are up for `needed`, the fallbacks of the down ones answer with their hints (a sloppy
+    /// read), unless `needed_primaries` (PR) forbids it. Errors are definite (a read changes
+    /// nothing); `what` names the operation in them.
     async fn quorum_read(
         self: &Arc<Self>,
         key: Bytes,
         needed: usize,
+        needed_primaries: usize,
         deadline: Instant,
         what: &str,
     ) -> Result<KeyState, Response> {
         let view = self.view();
-        let alive = plan(&view, &key, self.config.n as usize).primaries_alive;
-        if alive.len() < needed {
+        let plan = plan(&view, &key, self.config.n as usize);
+        let alive = plan.primaries_alive;
+        if alive.len() < needed_primaries {
             return Err(self.quorum_error(
                 &key,
                 QuorumError::Unavailable {
                     alive: alive.len(),
+                    needed: needed_primaries,
+                },
+                &format!("{what}: PR={needed_primaries} needs that many primaries up"),
+                true,
+            ));
+        }
+        let fallbacks: Vec<(NodeId, NodeId)> = if alive.len() < needed {
+            plan.primaries_down.into_iter().zip(plan.fallbacks).collect()
+        } else {
+            Vec::new()
+        };
+        let targets = alive.len() + fallbacks.len();
+        if targets < needed {
+            return Err(self.quorum_error(
+                &key,
+                QuorumError::Unavailable {
+                    alive: targets,
                     needed,
                 },
                 what,
@@ -819,14 +1094,18 @@ impl<T: Transport> Coordinator<T> {
             ));
         }
         self.metrics.coordinated_reads.inc();
+        self.metrics.fallback_reads.inc_by(fallbacks.len() as u64);
         // Every live replica is asked (the coordinator's own state is read inline when it is
         // in memory); the caller is answered at R replies.
         let mut fan = FanOut::new(deadline);
         for target in &alive {
-            fan.push(self.replica_state(target.clone(), &view, key.clone(), deadline));
+            fan.push(self.replica_state(target.clone(), None, &view, key.clone(), deadline));
+        }
+        for (primary, fallback) in fallbacks {
+            fan.push(self.replica_state(fallback, Some(primary), &view, key.clone(), deadline));
         }
         let mut tracker = ReadTracker {
-            quorum: ReadQuorum::new(alive.len(), needed),
+            quorum: ReadQuorum::new(targets, needed).with_primaries(needed_primaries),
             node_id: self.node_id.clone(),
         };
         let answer = fan
@@ -846,46 +1125,64 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// One replica's state of `key` for a read: this node's own from the store, another's
-    /// over the peer protocol. A `'static` future, so unfinished ones can move on.
+    /// over the peer protocol; with `hint_for`, the target is a fallback and answers with its
+    /// hint for that primary. A `'static` future, so unfinished ones can move on.
     fn replica_state(
         self: &Arc<Self>,
         target: NodeId,
+        hint_for: Option<NodeId>,
         view: &ClusterView,
         key: Bytes,
         deadline: Instant,
-    ) -> impl Future<Output = (NodeId, Result<KeyState, String>)> + Send + 'static {
+    ) -> impl Future<Output = ReadReplyOf> + Send + 'static {
         let coordinator = self.clone();
         let addr = view.peer_addr(&target).map(str::to_string);
         let is_me = target == view.me;
         async move {
-            let result = if is_me {
-                coordinator.store.read(key).await.map_err(|e| e.to_string())
-            } else {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match addr {
-                    None => Err(format!("no address for {target}")),
-                    Some(addr) => {
-                        let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
-                            key: key.clone(),
-                            timeout_ms: remaining_ms(deadline),
-                        });
-                        let call = coordinator.transport.clone().call(addr.clone(), req, left);
-                        match call.await {
-                            Ok(PeerResponse::Replica(ReplicaResponse::State(b))) => {
-                                KeyState::decode(&b).map_err(|e| {
-                                    format!(
-                                        "key {}: state from {addr} does not decode: {e}",
-                                        HexKey(key.to_vec())
-                                    )
-                                })
+            let fallback = hint_for.is_some();
+            let result = match (is_me, hint_for) {
+                (true, None) => coordinator.store.read(key).await.map_err(|e| e.to_string()),
+                (true, Some(primary)) => coordinator
+                    .store
+                    .read_hint(&primary, &key)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|row| hint_state(&key, row.as_deref())),
+                (false, hint_for) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match addr {
+                        None => Err(format!("no address for {target}")),
+                        Some(addr) => {
+                            let req = match hint_for {
+                                None => PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                                    key: key.clone(),
+                                    timeout_ms: remaining_ms(deadline),
+                                }),
+                                Some(primary) => PeerRequest::Handoff(HandoffRequest::ReadHint {
+                                    target: primary.to_string(),
+                                    key: key.clone(),
+                                    timeout_ms: remaining_ms(deadline),
+                                }),
+                            };
+                            let call = coordinator.transport.clone().call(addr.clone(), req, left);
+                            match call.await {
+                                Ok(PeerResponse::Replica(ReplicaResponse::State(b)))
+                                | Ok(PeerResponse::Handoff(HandoffResponse::HintState(b))) => {
+                                    KeyState::decode(&b).map_err(|e| {
+                                        format!(
+                                            "key {}: state from {addr} does not decode: {e}",
+                                            HexKey(key.to_vec())
+                                        )
+                                    })
+                                }
+                                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                                Err(e) => Err(e.to_string()),
                             }
-                            Ok(other) => Err(format!("unexpected reply {other:?}")),
-                            Err(e) => Err(e.to_string()),
                         }
                     }
                 }
             };
-            (target, result)
+            (target, fallback, result)
         }
     }
 

@@ -6,6 +6,10 @@
 //! - A read is decided `Ok(merged)` at R replies, merging the replicas' states with `sync`;
 //!   replies that arrive later keep being merged, and every replica whose state differs from
 //!   the final merge is a read-repair target.
+//! - Sloppy quorums: each target is a *slot* for one primary of the key. A slot is answered by
+//!   the primary itself, or by a fallback holding a hint for it; both count toward W (or R),
+//!   only the first toward PW (or PR). A request that needs more primary answers than can
+//!   still come fails `Unavailable` at once.
 
 use std::collections::BTreeSet;
 
@@ -27,7 +31,8 @@ pub enum Decision<T> {
     Failed(QuorumError),
 }
 
-/// Counts acks from distinct targets toward `needed`.
+/// Counts acks from distinct targets toward `needed`, and primaries' acks toward
+/// `needed_primaries`.
 #[derive(Debug, Clone)]
 pub struct WriteQuorum {
     targets: usize,
@@ -35,9 +40,14 @@ pub struct WriteQuorum {
     acks: BTreeSet<NodeId>,
     failed: BTreeSet<NodeId>,
     decided: bool,
+    needed_primaries: usize,
+    primary_acks: usize,
+    /// Slots that can no longer bring a primary's ack (failed, or answered by a fallback).
+    primaries_lost: usize,
 }
 
 impl WriteQuorum {
+    /// `targets` slots, every one a primary's.
     pub fn new(targets: usize, needed: usize) -> Self {
         WriteQuorum {
             targets,
@@ -45,11 +55,29 @@ impl WriteQuorum {
             acks: BTreeSet::new(),
             failed: BTreeSet::new(),
             decided: false,
+            needed_primaries: 0,
+            primary_acks: 0,
+            primaries_lost: 0,
         }
+    }
+
+    /// Also requires `needed_primaries` of the acks to come from primaries (PW/PR).
+    pub fn with_primaries(mut self, needed_primaries: usize) -> Self {
+        self.needed_primaries = needed_primaries;
+        self
     }
 
     pub fn acks(&self) -> usize {
         self.acks.len()
+    }
+
+    pub fn primary_acks(&self) -> usize {
+        self.primary_acks
+    }
+
+    /// Acks from fallbacks standing in for a primary.
+    pub fn fallback_acks(&self) -> usize {
+        self.acks.len() - self.primary_acks
     }
 
     pub fn needed(&self) -> usize {
@@ -67,7 +95,7 @@ impl WriteQuorum {
         if self.decided {
             return Decision::Pending;
         }
-        if self.acks.len() >= self.needed {
+        if self.acks.len() >= self.needed && self.primary_acks >= self.needed_primaries {
             self.decided = true;
             return Decision::Ok(());
         }
@@ -80,19 +108,37 @@ impl WriteQuorum {
                 needed: self.needed,
             });
         }
+        let primaries_left = self.targets.saturating_sub(self.primaries_lost);
+        if primaries_left < self.needed_primaries {
+            self.decided = true;
+            return Decision::Failed(QuorumError::Unavailable {
+                alive: primaries_left,
+                needed: self.needed_primaries,
+            });
+        }
         Decision::Pending
     }
 
+    /// A primary acknowledged (its slot is answered).
     pub fn on_ack(&mut self, node: NodeId) -> Decision<()> {
-        if !self.failed.contains(&node) {
-            self.acks.insert(node);
+        if !self.failed.contains(&node) && self.acks.insert(node) {
+            self.primary_acks += 1;
         }
         self.decide()
     }
 
+    /// A fallback acknowledged for a primary's slot: counts toward W, not PW.
+    pub fn on_fallback_ack(&mut self, node: NodeId) -> Decision<()> {
+        if !self.failed.contains(&node) && self.acks.insert(node) {
+            self.primaries_lost += 1;
+        }
+        self.decide()
+    }
+
+    /// A slot failed (its primary, and its fallback if one was tried).
     pub fn on_failure(&mut self, node: NodeId) -> Decision<()> {
-        if !self.acks.contains(&node) {
-            self.failed.insert(node);
+        if !self.acks.contains(&node) && self.failed.insert(node) {
+            self.primaries_lost += 1;
         }
         self.decide()
     }
@@ -114,7 +160,11 @@ impl WriteQuorum {
 #[derive(Debug, Clone)]
 pub struct ReadQuorum {
     counts: WriteQuorum,
+    /// Primaries' replies (the read-repair candidates).
     replies: Vec<(NodeId, KeyState)>,
+    /// Fallbacks that answered with their hint: merged and counted, never repaired (they are
+    /// not replicas of the key).
+    fallbacks: BTreeSet<NodeId>,
     merged: KeyState,
 }
 
@@ -123,21 +173,48 @@ impl ReadQuorum {
         ReadQuorum {
             counts: WriteQuorum::new(targets, needed),
             replies: Vec::new(),
+            fallbacks: BTreeSet::new(),
             merged: KeyState::new(),
         }
     }
 
-    pub fn on_reply(&mut self, node: NodeId, state: KeyState) -> Decision<KeyState> {
-        if self.replies.iter().any(|(n, _)| *n == node) {
-            return Decision::Pending;
-        }
-        self.merged = self.merged.sync(&state);
-        self.replies.push((node.clone(), state));
-        match self.counts.on_ack(node) {
+    /// Also requires `needed_primaries` replies from primaries (PR).
+    pub fn with_primaries(mut self, needed_primaries: usize) -> Self {
+        self.counts = self.counts.with_primaries(needed_primaries);
+        self
+    }
+
+    fn answered(&self, node: &NodeId) -> bool {
+        self.fallbacks.contains(node) || self.replies.iter().any(|(n, _)| n == node)
+    }
+
+    fn decision(&self, d: Decision<()>) -> Decision<KeyState> {
+        match d {
             Decision::Ok(()) => Decision::Ok(self.merged.clone()),
             Decision::Failed(e) => Decision::Failed(e),
             Decision::Pending => Decision::Pending,
         }
+    }
+
+    pub fn on_reply(&mut self, node: NodeId, state: KeyState) -> Decision<KeyState> {
+        if self.answered(&node) {
+            return Decision::Pending;
+        }
+        self.merged = self.merged.sync(&state);
+        self.replies.push((node.clone(), state));
+        let d = self.counts.on_ack(node);
+        self.decision(d)
+    }
+
+    /// A fallback's hint for a down primary (empty when it holds none): counts toward R.
+    pub fn on_fallback_reply(&mut self, node: NodeId, state: KeyState) -> Decision<KeyState> {
+        if self.answered(&node) {
+            return Decision::Pending;
+        }
+        self.merged = self.merged.sync(&state);
+        self.fallbacks.insert(node.clone());
+        let d = self.counts.on_fallback_ack(node);
+        self.decision(d)
     }
 
     pub fn on_failure(&mut self, node: NodeId) -> Decision<KeyState> {
@@ -280,6 +357,61 @@ mod tests {
         agree.on_reply(id("b"), state(1, 1, "x"));
         assert!(!agree.needs_repair());
         assert!(agree.repair_targets().is_empty());
+    }
+
+    #[test]
+    fn fallback_acks_count_toward_w_but_not_toward_pw() {
+        // Three slots, W=3, PW=2: two primaries and one fallback make it.
+        let mut q = WriteQuorum::new(3, 3).with_primaries(2);
+        assert_eq!(q.on_ack(id("a")), Decision::Pending);
+        assert_eq!(q.on_fallback_ack(id("d")), Decision::Pending);
+        assert_eq!(q.on_ack(id("b")), Decision::Ok(()));
+        assert_eq!((q.primary_acks(), q.fallback_acks()), (2, 1));
+
+        // PW=3: a slot answered by a fallback makes it unreachable at once.
+        let mut q = WriteQuorum::new(3, 2).with_primaries(3);
+        assert_eq!(q.on_ack(id("a")), Decision::Pending);
+        assert_eq!(
+            q.on_fallback_ack(id("d")),
+            Decision::Failed(QuorumError::Unavailable {
+                alive: 2,
+                needed: 3
+            })
+        );
+
+        // W is met by fallbacks alone when PW=0 (the sloppy default).
+        let mut q = WriteQuorum::new(3, 2);
+        assert_eq!(q.on_fallback_ack(id("d")), Decision::Pending);
+        assert_eq!(q.on_fallback_ack(id("e")), Decision::Ok(()));
+        assert_eq!((q.primary_acks(), q.fallback_acks()), (0, 2));
+
+        // A failed slot loses a primary too; a duplicate event counts once.
+        let mut q = WriteQuorum::new(3, 1).with_primaries(2);
+        assert_eq!(q.on_failure(id("a")), Decision::Pending);
+        assert_eq!(q.on_failure(id("a")), Decision::Pending);
+        assert_eq!(
+            q.on_fallback_ack(id("e")),
+            Decision::Failed(QuorumError::Unavailable {
+                alive: 1,
+                needed: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_fallback_read_counts_toward_r_but_is_never_repaired() {
+        let mut q = ReadQuorum::new(3, 2).with_primaries(1);
+        assert_eq!(q.on_fallback_reply(id("d"), state(1, 1, "x")), Decision::Pending);
+        assert_eq!(q.on_fallback_reply(id("d"), state(1, 1, "x")), Decision::Pending);
+        let d = q.on_reply(id("a"), KeyState::new());
+        assert_eq!(d, Decision::Ok(state(1, 1, "x")), "the hint's version is read");
+        assert_eq!(q.repair_targets(), vec![id("a")], "the primary is repaired, not the fallback");
+        // PR=2 with one slot left for a primary: unavailable as soon as that is known.
+        let mut q = ReadQuorum::new(2, 1).with_primaries(2);
+        assert!(matches!(
+            q.on_fallback_reply(id("d"), KeyState::new()),
+            Decision::Failed(QuorumError::Unavailable { alive: 1, needed: 2 })
+        ));
     }
 
     #[test]

@@ -77,6 +77,8 @@ enum Kind {
     Read,
     Replicate,
     Forward,
+    StoreHint,
+    ReadHint,
 }
 
 fn kind(req: &PeerRequest) -> Kind {
@@ -84,6 +86,8 @@ fn kind(req: &PeerRequest) -> Kind {
         PeerRequest::Replica(ReplicaRequest::ReadLocal { .. }) => Kind::Read,
         PeerRequest::Replica(ReplicaRequest::Replicate { .. }) => Kind::Replicate,
         PeerRequest::Coordinator(_) => Kind::Forward,
+        PeerRequest::Handoff(HandoffRequest::StoreHint { .. }) => Kind::StoreHint,
+        PeerRequest::Handoff(HandoffRequest::ReadHint { .. }) => Kind::ReadHint,
         other => panic!("the coordinator sent {other:?}"),
     }
 }
@@ -182,6 +186,7 @@ fn harness(view: ClusterView) -> Harness {
                 sync: SyncMode::Group,
                 boot_id: Some("boot".into()),
                 new_incarnation: false,
+                hint_limits: Default::default(),
             },
         )
         .unwrap(),
@@ -222,6 +227,7 @@ fn put(key: &str, value: &str, w: u8, timeout_ms: u32) -> Request {
             w,
             timeout_ms,
             flags: 0,
+            pw: 0,
         },
     }
 }
@@ -231,6 +237,7 @@ fn get_opts(r: u8, timeout_ms: u32) -> ReadOptions {
         r,
         timeout_ms,
         flags: 0,
+        pr: 0,
     }
 }
 
@@ -516,6 +523,8 @@ async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_firs
         actor: 77,
         counter: 9,
         body: None,
+        primary_acks: 2,
+        fallback_acks: 0,
     });
     h.script.on(&primaries[0], Kind::Forward, unreachable());
     h.script
@@ -543,6 +552,8 @@ async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
         actor: 5,
         counter: 1,
         body: None,
+        primary_acks: 2,
+        fallback_acks: 0,
     });
     for node in ["b", "c"] {
         h.script.on(node, Kind::Forward, coordinates(&coordinated));
@@ -555,4 +566,174 @@ async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
         "nothing was shipped from a"
     );
     assert_eq!(h.script.calls(Kind::Forward).len(), 1, "handed over once");
+}
+
+const ABCDE: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+fn hint_stored() -> Behaviour {
+    answer(PeerResponse::Handoff(HandoffResponse::HintStored))
+}
+
+/// A key `a` is a primary of, with the other two primaries and the first two fallbacks in
+/// ring order (all nodes alive).
+fn key_on_a() -> (String, Vec<NodeId>, Vec<NodeId>) {
+    let all_up = view(&ABCDE, "a", &["b", "c", "d", "e"]);
+    (0..1000u32)
+        .map(|i| format!("key-{i}"))
+        .find_map(|k| {
+            let p = plan_with_fallbacks(&all_up, k.as_bytes(), 3, Some(2));
+            p.is_primary("a").then(|| {
+                let others = p.preference.into_iter().filter(|n| **n != *"a").collect();
+                (k, others, p.fallbacks)
+            })
+        })
+        .expect("a is a primary of some key")
+}
+
+fn alive_but(down: &[&NodeId]) -> ClusterView {
+    let alive: Vec<&str> = ABCDE
+        .iter()
+        .copied()
+        .filter(|n| *n != "a" && !down.iter().any(|d| ***d == **n))
+        .collect();
+    view(&ABCDE, "a", &alive)
+}
+
+fn hint_targets(script: &Script, fallback: &str) -> Vec<String> {
+    script
+        .calls(Kind::StoreHint)
+        .into_iter()
+        .filter(|(a, _)| *a == addr(fallback))
+        .map(|(_, r)| match r {
+            PeerRequest::Handoff(HandoffRequest::StoreHint { target, .. }) => target,
+            _ => unreachable!(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_down_primary_is_covered_by_a_fallback_hint_that_counts_toward_w() {
+    let (key, others, fallbacks) = key_on_a();
+    let (up, down) = (&others[0], &others[1]);
+    let h = harness(alive_but(&[down]));
+    h.script.on(up, Kind::Replicate, ack());
+    h.script.on(&fallbacks[0], Kind::StoreHint, hint_stored());
+    let resp = h.coordinator.write(put(&key, "v", 3, 1000)).await;
+    let Response::Put(reply) = resp else {
+        panic!("W=3 with one primary down succeeds through a fallback: {resp:?}")
+    };
+    assert_eq!((reply.primary_acks, reply.fallback_acks), (2, 1));
+    assert_eq!(
+        hint_targets(&h.script, &fallbacks[0]),
+        vec![down.to_string()],
+        "the first fallback in ring order keeps a hint naming the down primary"
+    );
+    assert!(
+        h.script.calls(Kind::Replicate).iter().all(|(a, _)| *a != addr(down)),
+        "nothing is sent to a primary known to be down"
+    );
+}
+
+#[tokio::test]
+async fn pw_refuses_before_writing_when_too_few_primaries_are_up() {
+    let (key, others, fallbacks) = key_on_a();
+    let h = harness(alive_but(&[&others[1]]));
+    h.script.on(&others[0], Kind::Replicate, ack());
+    h.script.on(&fallbacks[0], Kind::StoreHint, hint_stored());
+    let mut req = put(&key, "v", 2, 1000);
+    if let Request::Put { opts, .. } = &mut req {
+        opts.pw = 3;
+    }
+    match h.coordinator.write(req).await {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Unavailable { alive: 2, needed: 3 }, "{}", e.message);
+            assert!(e.definite && e.message.contains("PW=3"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.script.calls(Kind::Replicate).is_empty(), "nothing was sent");
+    assert!(local(&h.store, &key).await.siblings().is_empty(), "nothing was written");
+}
+
+#[tokio::test]
+async fn a_failing_primary_is_replaced_by_its_spare_fallback() {
+    let (key, others, fallbacks) = key_on_a();
+    let h = harness(alive_but(&[]));
+    h.script.on(&others[0], Kind::Replicate, ack());
+    h.script.on(&others[1], Kind::Replicate, failing());
+    for f in &fallbacks {
+        h.script.on(f, Kind::StoreHint, hint_stored());
+    }
+    let resp = h.coordinator.write(put(&key, "v", 3, 1000)).await;
+    let Response::Put(reply) = resp else {
+        panic!("{resp:?}")
+    };
+    assert_eq!((reply.primary_acks, reply.fallback_acks), (2, 1));
+    let hinted: Vec<String> = fallbacks
+        .iter()
+        .flat_map(|f| hint_targets(&h.script, f))
+        .collect();
+    assert_eq!(hinted, vec![others[1].to_string()], "one hint, for the failing primary");
+}
+
+#[tokio::test]
+async fn a_slow_primary_gets_a_hint_on_its_fallback_at_half_the_deadline() {
+    let (key, others, fallbacks) = key_on_a();
+    let h = harness(alive_but(&[]));
+    h.script.on(&others[0], Kind::Replicate, ack());
+    h.script
+        .on(&others[1], Kind::Replicate, late_ack(Duration::from_secs(5)));
+    for f in &fallbacks {
+        h.script.on(f, Kind::StoreHint, hint_stored());
+    }
+    let resp = h.coordinator.write(put(&key, "v", 3, 400)).await;
+    let Response::Put(reply) = resp else {
+        panic!("{resp:?}")
+    };
+    assert_eq!((reply.primary_acks, reply.fallback_acks), (2, 1));
+}
+
+#[tokio::test]
+async fn a_down_primary_without_a_fallback_gets_a_hint_here_in_the_write_batch() {
+    // Three nodes: no node beyond the preference list can stand in for c.
+    let h = harness(view(&ABC, "a", &["b"]));
+    h.script.on("b", Kind::Replicate, ack());
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    let Response::Put(reply) = resp else {
+        panic!("{resp:?}")
+    };
+    assert_eq!((reply.primary_acks, reply.fallback_acks), (2, 0));
+    let row = h.store.read_hint("c", b"k").await.unwrap().expect("a hint for c");
+    let (_, hinted) = crate::storage::hints::decode_hint(b"k", &row).unwrap();
+    assert_eq!(hinted, local(&h.store, "k").await, "the hint is the written state");
+    assert_eq!(h.store.hint_book().target("c").keys, 1);
+    assert!(h.store.read_hint("b", b"k").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_sloppy_read_counts_fallback_hints_and_pr_refuses_it() {
+    let (key, others, fallbacks) = key_on_a();
+    // Both other primaries down: R=2 needs one fallback's hint.
+    let h = harness(alive_but(&[&others[0], &others[1]]));
+    let hinted = one_sibling(9, "hinted");
+    for f in &fallbacks {
+        h.script.on(
+            f,
+            Kind::ReadHint,
+            answer(PeerResponse::Handoff(HandoffResponse::HintState(Bytes::from(
+                hinted.encode(),
+            )))),
+        );
+    }
+    let resp = h.coordinator.get(Bytes::from(key.clone()), get_opts(2, 1000)).await;
+    assert_eq!(reply_values(&resp), BTreeSet::from(["hinted".to_string()]));
+    assert_eq!(h.script.calls(Kind::ReadHint).len(), 2, "one per down primary");
+    let mut opts = get_opts(2, 1000);
+    opts.pr = 2;
+    match h.coordinator.get(Bytes::from(key), opts).await {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Unavailable { alive: 1, needed: 2 }, "{}", e.message)
+        }
+        other => panic!("{other:?}"),
+    }
 }

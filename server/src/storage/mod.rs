@@ -2,6 +2,7 @@
 //! file that imports `rocksdb`), an in-memory engine for unit tests, and the `Store` that owns
 //! every mutation through one writer thread (group commit, per-key read-modify-write).
 
+pub mod hints;
 pub mod memory;
 pub mod rocks;
 pub mod state_cache;

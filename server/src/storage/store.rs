@@ -44,8 +44,16 @@ use ringkv_protocol::limits::{MAX_OBJECT_LEN, MAX_SIBLINGS, MAX_STATE_LEN, MAX_S
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use super::hints::{
+    decode_hint, encode_hint, hint_first_ms, hint_key, mark_key, mark_value, partition_of,
+    prefix_end, split_hint_key, split_mark_key, target_prefix, DropReason, HintBook, HintLimits,
+    HintSize, MARK_PREFIX,
+};
 use super::state_cache::{StateCache, STATE_CACHE_BYTES};
-use super::{data_key, Batch, BatchOp, Cached, Cf, Engine, HexKey, StorageError};
+use super::{
+    data_key, Batch, BatchOp, Cached, Cf, Engine, HexKey, ScanBatch, ScanRange, StorageError,
+    MAX_SCAN_BATCH,
+};
 use crate::version::{
     actor_id, actor_stamp, actor_tag, node_tag, Actor, Dot, KeyState, VersionVector, ACTOR_EPOCH_MS,
 };
@@ -128,6 +136,8 @@ pub struct StoreConfig {
     pub boot_id: Option<String>,
     /// Start with a new actor whatever the previous stop (after restoring a backup).
     pub new_incarnation: bool,
+    /// Byte caps of the hint store.
+    pub hint_limits: HintLimits,
 }
 
 /// A mutation for the writer thread.
@@ -141,15 +151,41 @@ pub enum WriteOp {
         /// `None` writes a tombstone.
         value: Option<Bytes>,
         timestamp_ms: u64,
+        /// Primaries of the key that will miss this write (down, and no fallback took a
+        /// hint for them): the new state is also merged into this node's hint for each, in
+        /// the same batch. A hint that does not fit the caps marks the target's partition
+        /// for anti-entropy instead; the write itself succeeds.
+        hint_for: Vec<String>,
     },
-    /// Merge a replica's state (replication, read repair, hints, anti-entropy): a pure `sync`.
+    /// Merge a replica's state (replication, read repair, hint replay, anti-entropy): a pure
+    /// `sync`.
     Merge { key: Bytes, state: KeyState },
+    /// Merge `state` into this node's hint for (target, key), for a down primary: the hint
+    /// store only, never this node's own data. Refused (`HintsFull`) past the byte caps, which
+    /// marks the target's partition for anti-entropy.
+    Hint {
+        target: String,
+        key: Bytes,
+        state: KeyState,
+    },
+    /// Delete the hint row for (target, key) only if its stored bytes still equal `expected`
+    /// (compare-and-delete: a hint merged meanwhile is kept and replayed again). With `drop`,
+    /// the hint is given up (expired) and the target's partition is marked for anti-entropy.
+    DeleteHint {
+        target: String,
+        key: Bytes,
+        expected: Vec<u8>,
+        drop: Option<DropReason>,
+    },
 }
 
 impl WriteOp {
     fn key(&self) -> &Bytes {
         match self {
-            WriteOp::Update { key, .. } | WriteOp::Merge { key, .. } => key,
+            WriteOp::Update { key, .. }
+            | WriteOp::Merge { key, .. }
+            | WriteOp::Hint { key, .. }
+            | WriteOp::DeleteHint { key, .. } => key,
         }
     }
 
@@ -159,12 +195,13 @@ impl WriteOp {
             WriteOp::Update {
                 key, value, ctx, ..
             } => key.len() + value.as_ref().map_or(0, |v| v.len()) + 16 * ctx.len(),
-            WriteOp::Merge { key, state } => {
+            WriteOp::Merge { key, state } | WriteOp::Hint { key, state, .. } => {
                 key.len()
                     + state.value_bytes()
                     + 40 * state.siblings().len()
                     + 16 * state.context().len()
             }
+            WriteOp::DeleteHint { key, expected, .. } => key.len() + expected.len(),
         }
     }
 }
@@ -175,6 +212,9 @@ pub struct WriteOutcome {
     pub state: KeyState,
     /// The dot minted (updates only).
     pub dot: Option<Dot>,
+    /// Whether the op changed what is stored: a merge or hint that added nothing, or a
+    /// compare-and-delete that found the hint changed, did not.
+    pub changed: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -203,6 +243,15 @@ pub enum WriteError {
     },
     #[error("writer queue full ({jobs} jobs, {bytes} bytes queued; limits {QUEUE_CAPACITY} jobs, {MAX_QUEUE_BYTES} bytes): node overloaded")]
     Overloaded { jobs: usize, bytes: usize },
+    /// The hint store is at a byte cap: the hint was not kept (its target's partition is marked
+    /// for anti-entropy).
+    #[error("hint for node {target}, key {key}: the hint store is full ({pending} bytes pending, cap {limit}); the target's range is marked for anti-entropy")]
+    HintsFull {
+        target: String,
+        key: HexKey,
+        pending: u64,
+        limit: u64,
+    },
     #[error("store is shutting down")]
     ShuttingDown,
     #[error("key {key}: {source}")]
@@ -236,7 +285,7 @@ impl WriteError {
                 count: *count as u64,
                 limit: *max_count as u64,
             },
-            WriteError::Overloaded { .. } => ErrorKind::Overloaded,
+            WriteError::Overloaded { .. } | WriteError::HintsFull { .. } => ErrorKind::Overloaded,
             WriteError::ShuttingDown => ErrorKind::Unavailable {
                 alive: 0,
                 needed: 1,
@@ -341,7 +390,23 @@ pub struct Store {
     queued_bytes: Arc<AtomicUsize>,
     writer: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<StoreStats>,
+    hint_book: Arc<HintBook>,
+    hint_stats: Arc<HintStoreStats>,
     config: StoreConfig,
+}
+
+crate::metrics::metric_set! {
+    /// The hint store, as the writer changes it (registered under `hints.`).
+    pub struct HintStoreStats {
+        stored: Counter = "stored", "hints written (new rows and merges into a held hint)";
+        merged: Counter = "merged", "hints merged into a hint already held for the same key";
+        unchanged: Counter = "unchanged", "hints that added nothing to the hint held";
+        deleted: Counter = "deleted", "hints deleted after their target acknowledged them";
+        kept_changed: Counter = "kept_changed", "hints kept at delete because they changed during replay";
+        dropped_cap: Counter = "dropped_cap", "hints not kept because the store was at a byte cap";
+        dropped_expired: Counter = "dropped_expired", "hints given up after the hint window";
+        marks: Counter = "aae_marks", "target partitions marked for anti-entropy";
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -492,6 +557,8 @@ impl Store {
             "storage opened"
         );
 
+        let hint_book = Arc::new(load_hint_book(engine.as_ref())?);
+        let hint_stats = Arc::new(HintStoreStats::default());
         let stats = Arc::new(StoreStats::default());
         stats.actor.set(identity.actor);
         stats.incarnation.set(identity.incarnation);
@@ -510,6 +577,9 @@ impl Store {
             node_id: config.node_id.clone(),
             cache: StateCache::new(STATE_CACHE_BYTES),
             hook,
+            hint_limits: config.hint_limits,
+            hint_book: hint_book.clone(),
+            hint_stats: hint_stats.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -524,6 +594,8 @@ impl Store {
             queued_bytes,
             writer: Mutex::new(Some(handle)),
             stats,
+            hint_book,
+            hint_stats,
             config,
         })
     }
@@ -642,6 +714,79 @@ impl Store {
         &self.stats
     }
 
+    /// What hints are pending per target (kept by the writer).
+    pub fn hint_book(&self) -> &Arc<HintBook> {
+        &self.hint_book
+    }
+
+    pub fn hint_stats(&self) -> &HintStoreStats {
+        &self.hint_stats
+    }
+
+    /// This node's hint row for (target, key) as stored, `None` when it holds none.
+    pub async fn read_hint(
+        self: &Arc<Self>,
+        target: &str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let hkey = hint_key(target, key);
+        self.blocking("get", move |engine| engine.get(Cf::Hints, &hkey))
+            .await
+    }
+
+    /// Up to `limit` hint rows for `target` from `start` (a row key; `None` = the first), in
+    /// key order, on the blocking pool: `(row key, row value)` and where to resume.
+    pub async fn scan_hints(
+        self: &Arc<Self>,
+        target: &str,
+        start: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<ScanBatch, StorageError> {
+        let prefix = target_prefix(target);
+        let range = ScanRange {
+            start: start.unwrap_or_else(|| prefix.clone()),
+            end: prefix_end(&prefix),
+        };
+        self.blocking("scan", move |engine| engine.scan(Cf::Hints, &range, limit))
+            .await
+    }
+
+    /// Every (target, partition) marked for anti-entropy because a hint was dropped.
+    pub async fn aae_marks(self: &Arc<Self>) -> Result<Vec<(String, u16)>, StorageError> {
+        self.blocking("scan", |engine| {
+            let mut range = ScanRange {
+                start: vec![MARK_PREFIX],
+                end: Some(vec![MARK_PREFIX + 1]),
+            };
+            let mut marks = Vec::new();
+            loop {
+                let batch = engine.scan(Cf::Aae, &range, MAX_SCAN_BATCH)?;
+                marks.extend(batch.entries.iter().filter_map(|(k, _)| split_mark_key(k)));
+                match batch.resume {
+                    Some(next) => range.start = next,
+                    None => return Ok(marks),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: &'static str,
+        f: impl FnOnce(&dyn Engine) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(store.engine.as_ref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StorageError::Io {
+                    op,
+                    cause: format!("storage task failed: {e}"),
+                })
+            })
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.tx.len()
     }
@@ -686,6 +831,32 @@ fn writer_exited(key: &[u8]) -> WriteError {
     }
 }
 
+/// The hint book from one scan of the hint store (at open; bounded by the byte caps).
+fn load_hint_book(engine: &dyn Engine) -> Result<HintBook, StorageError> {
+    let book = HintBook::default();
+    let mut range = ScanRange {
+        start: Vec::new(),
+        end: None,
+    };
+    loop {
+        let batch = engine.scan(Cf::Hints, &range, MAX_SCAN_BATCH)?;
+        for (row, value) in &batch.entries {
+            if let (Some((target, _)), Some(first_ms)) = (split_hint_key(row), hint_first_ms(value))
+            {
+                let size = HintSize {
+                    first_ms,
+                    bytes: (row.len() + value.len()) as u64,
+                };
+                book.apply(&target, None, Some(size));
+            }
+        }
+        match batch.resume {
+            Some(next) => range.start = next,
+            None => return Ok(book),
+        }
+    }
+}
+
 fn read_state(engine: &dyn Engine, dkey: &[u8], key: &[u8]) -> Result<KeyState, StorageError> {
     decode_state(engine.get(Cf::Data, dkey)?, key)
 }
@@ -716,15 +887,38 @@ struct Writer {
     /// States of recently written keys, as committed (see `state_cache`).
     cache: StateCache,
     hook: Option<Box<dyn ChangeHook>>,
+    hint_limits: HintLimits,
+    hint_book: Arc<HintBook>,
+    hint_stats: Arc<HintStoreStats>,
 }
 
 /// Per-group scratch state.
+#[derive(Default)]
 struct Group {
     /// Each touched key's state as of this group (committed state plus the group's writes).
     overlay: HashMap<Vec<u8>, KeyState>,
+    /// Each touched hint row as of this group (`None` = deleted).
+    hints: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Changes to the hint book, applied once the batch committed.
+    hint_changes: Vec<(String, Option<HintSize>, Option<HintSize>)>,
     batch: Batch,
     /// Lease end to persist with this batch, if the group runs past the durable lease.
     lease: Option<u64>,
+}
+
+impl Group {
+    /// Bytes this group adds to `target`'s hints (and to all hints) beyond the book.
+    fn hint_growth(&self, target: &str) -> (i64, i64) {
+        let delta = |o: &Option<HintSize>, n: &Option<HintSize>| {
+            n.map_or(0, |s| s.bytes as i64) - o.map_or(0, |s| s.bytes as i64)
+        };
+        self.hint_changes
+            .iter()
+            .fold((0, 0), |(t, all), (tgt, o, n)| {
+                let d = delta(o, n);
+                (if tgt == target { t + d } else { t }, all + d)
+            })
+    }
 }
 
 impl Writer {
@@ -799,8 +993,7 @@ impl Writer {
     fn commit_group(&mut self, jobs: Vec<Job>) {
         let mut group = Group {
             overlay: HashMap::with_capacity(jobs.len()),
-            batch: Batch::default(),
-            lease: None,
+            ..Group::default()
         };
         let mut answers: Vec<Answer> = jobs
             .into_iter()
@@ -878,6 +1071,9 @@ impl Writer {
             // out of the cache stay uncached and are read from the store next time.
             for (dkey, state) in group.overlay {
                 self.cache.insert(dkey, state);
+            }
+            for (target, old, new) in group.hint_changes {
+                self.hint_book.apply(&target, old, new);
             }
         }
         self.stats.state_cache_entries.set(self.cache.len() as u64);
@@ -989,6 +1185,30 @@ impl Writer {
     }
 
     fn apply(&mut self, op: &WriteOp, group: &mut Group) -> Result<WriteOutcome, WriteError> {
+        match op {
+            WriteOp::Hint { target, key, state } => {
+                let (state, changed) = self.merge_hint(target, key, state, group)?;
+                return Ok(WriteOutcome {
+                    state,
+                    dot: None,
+                    changed,
+                });
+            }
+            WriteOp::DeleteHint {
+                target,
+                key,
+                expected,
+                drop,
+            } => {
+                let changed = self.delete_hint(target, key, expected, *drop, group)?;
+                return Ok(WriteOutcome {
+                    state: KeyState::new(),
+                    dot: None,
+                    changed,
+                });
+            }
+            WriteOp::Update { .. } | WriteOp::Merge { .. } => {}
+        }
         let key = op.key();
         let dkey = data_key(key);
         let current = self.current(group, &dkey, key)?;
@@ -1012,6 +1232,9 @@ impl Writer {
                 let next = current.update(ctx, dot, *timestamp_ms, value.clone());
                 self.check_limits(key, &current, &next)?;
                 (next, Some(dot))
+            }
+            WriteOp::Hint { .. } | WriteOp::DeleteHint { .. } => {
+                unreachable!("hint ops return above")
             }
             WriteOp::Merge { state, .. } => {
                 self.stats.merges.inc();
@@ -1037,6 +1260,7 @@ impl Writer {
             return Ok(WriteOutcome {
                 state: current,
                 dot: None,
+                changed: false,
             });
         }
         if let Some(hook) = self.hook.as_mut() {
@@ -1052,7 +1276,162 @@ impl Writer {
         }
         group.batch.put(Cf::Data, dkey.clone(), next.encode());
         group.overlay.insert(dkey, next.clone());
-        Ok(WriteOutcome { state: next, dot })
+        if let WriteOp::Update { hint_for, .. } = op {
+            for target in hint_for {
+                // The write stands without the hint: a refused hint marked the target's
+                // partition for anti-entropy and was counted.
+                let _ = self.merge_hint(target, key, &next, group);
+            }
+        }
+        Ok(WriteOutcome {
+            state: next,
+            dot,
+            changed: true,
+        })
+    }
+
+    /// A hint row as of this group.
+    fn hint_row(
+        &self,
+        group: &Group,
+        hkey: &[u8],
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, WriteError> {
+        if let Some(row) = group.hints.get(hkey) {
+            return Ok(row.clone());
+        }
+        self.engine
+            .get(Cf::Hints, hkey)
+            .map_err(|source| WriteError::Storage {
+                key: HexKey(key.to_vec()),
+                source,
+            })
+    }
+
+    /// Merges `state` into the hint for (target, key); returns the hint's state and whether
+    /// the row changed.
+    fn merge_hint(
+        &mut self,
+        target: &str,
+        key: &[u8],
+        state: &KeyState,
+        group: &mut Group,
+    ) -> Result<(KeyState, bool), WriteError> {
+        let hkey = hint_key(target, key);
+        let old_row = self.hint_row(group, &hkey, key)?;
+        let (first_ms, old) = match &old_row {
+            Some(row) => decode_hint(&hkey, row).map_err(|source| WriteError::Storage {
+                key: HexKey(key.to_vec()),
+                source,
+            })?,
+            None => (now_ms(), KeyState::new()),
+        };
+        let merged = old.sync(state);
+        if old_row.is_some() && merged == old {
+            self.hint_stats.unchanged.inc();
+            return Ok((old, false));
+        }
+        self.check_merge(key, &old, &merged)?;
+        let row = encode_hint(first_ms, &merged);
+        let old_size = old_row.as_ref().map(|r| HintSize {
+            first_ms,
+            bytes: (hkey.len() + r.len()) as u64,
+        });
+        let new_size = HintSize {
+            first_ms,
+            bytes: (hkey.len() + row.len()) as u64,
+        };
+        let growth = new_size.bytes as i64 - old_size.map_or(0, |s| s.bytes as i64);
+        if growth > 0 {
+            let (target_bytes, total_bytes) = self.hint_book.bytes(target);
+            let (g_target, g_total) = group.hint_growth(target);
+            let target_after = target_bytes as i64 + g_target + growth;
+            let total_after = total_bytes as i64 + g_total + growth;
+            let limits = self.hint_limits;
+            let over = if target_after > limits.max_bytes_per_target as i64 {
+                Some((target_after - growth, limits.max_bytes_per_target))
+            } else if total_after > limits.max_bytes as i64 {
+                Some((total_after - growth, limits.max_bytes))
+            } else {
+                None
+            };
+            if let Some((pending, limit)) = over {
+                self.hint_stats.dropped_cap.inc();
+                self.mark_for_anti_entropy(target, key, DropReason::Cap, group);
+                let e = WriteError::HintsFull {
+                    target: target.to_string(),
+                    key: HexKey(key.to_vec()),
+                    pending: pending.max(0) as u64,
+                    limit,
+                };
+                warn!(node = %self.node_id, error = %e, "hint not kept");
+                return Err(e);
+            }
+        }
+        if old_row.is_some() {
+            self.hint_stats.merged.inc();
+        }
+        self.hint_stats.stored.inc();
+        group.batch.put(Cf::Hints, hkey.clone(), row.clone());
+        group.hints.insert(hkey, Some(row));
+        group
+            .hint_changes
+            .push((target.to_string(), old_size, Some(new_size)));
+        Ok((merged, true))
+    }
+
+    /// Compare-and-delete of a hint row; true if it was deleted.
+    fn delete_hint(
+        &mut self,
+        target: &str,
+        key: &[u8],
+        expected: &[u8],
+        drop: Option<DropReason>,
+        group: &mut Group,
+    ) -> Result<bool, WriteError> {
+        let hkey = hint_key(target, key);
+        let Some(row) = self.hint_row(group, &hkey, key)? else {
+            return Ok(false);
+        };
+        if row != expected {
+            self.hint_stats.kept_changed.inc();
+            return Ok(false);
+        }
+        let old_size = hint_first_ms(&row).map(|first_ms| HintSize {
+            first_ms,
+            bytes: (hkey.len() + row.len()) as u64,
+        });
+        group.batch.ops.push(BatchOp::Delete(Cf::Hints, hkey.clone()));
+        group.hints.insert(hkey, None);
+        group.hint_changes.push((target.to_string(), old_size, None));
+        match drop {
+            Some(reason) => {
+                if reason == DropReason::Expired {
+                    self.hint_stats.dropped_expired.inc();
+                }
+                self.mark_for_anti_entropy(target, key, reason, group);
+            }
+            None => {
+                self.hint_stats.deleted.inc();
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records that `target`'s copy of the partition of `key` missed writes no hint delivers.
+    fn mark_for_anti_entropy(
+        &mut self,
+        target: &str,
+        key: &[u8],
+        reason: DropReason,
+        group: &mut Group,
+    ) {
+        self.hint_stats.marks.inc();
+        group.batch.put(
+            Cf::Aae,
+            mark_key(target, partition_of(key)),
+            mark_value(reason, now_ms()),
+        );
     }
 
     /// Client writes that *grow* a key past the write caps are refused; writes that resolve

@@ -25,6 +25,7 @@ fn open_as(node: &str, engine: &Arc<MemoryEngine>, sync: SyncMode, boot: &str) -
             sync,
             boot_id: Some(boot.into()),
             new_incarnation: false,
+            hint_limits: Default::default(),
         },
     )
     .expect("open store")
@@ -36,6 +37,7 @@ fn put(key: &str, value: &str, ctx: Option<VersionVector>) -> WriteOp {
         ctx: ctx.unwrap_or_default(),
         value: Some(Bytes::from(value.to_string())),
         timestamp_ms: 1,
+        hint_for: Vec::new(),
     }
 }
 
@@ -45,6 +47,7 @@ fn delete(key: &str, ctx: VersionVector) -> WriteOp {
         ctx,
         value: None,
         timestamp_ms: 2,
+        hint_for: Vec::new(),
     }
 }
 
@@ -222,6 +225,7 @@ async fn unclean_stop_renews_the_actor_only_across_a_reboot() {
                 sync: mode,
                 boot_id: None,
                 new_incarnation: false,
+                hint_limits: Default::default(),
             },
         )
         .unwrap();
@@ -479,6 +483,7 @@ async fn data_dir_of_another_node_is_refused() {
             sync: SyncMode::Group,
             boot_id: None,
             new_incarnation: false,
+            hint_limits: Default::default(),
         },
     )
     .err()
@@ -650,6 +655,7 @@ async fn the_writer_queue_is_bounded_by_bytes() {
         ctx: VersionVector::new(),
         value: Some(value.clone()),
         timestamp_ms: 1,
+        hint_for: Vec::new(),
     };
     let gate = engine.hold_writes();
     let mut replies = Vec::new();
@@ -941,6 +947,7 @@ async fn a_restored_data_dir_starts_a_new_incarnation_on_request() {
             sync: SyncMode::Group,
             boot_id: Some(BOOT.into()),
             new_incarnation: true,
+            hint_limits: Default::default(),
         },
     )
     .unwrap();
@@ -996,6 +1003,7 @@ async fn change_hook_rows_commit_atomically_with_the_data() {
             sync: SyncMode::Group,
             boot_id: Some(BOOT.into()),
             new_incarnation: false,
+            hint_limits: Default::default(),
         },
         Some(Box::new(DigestHook)),
     )

@@ -1,0 +1,259 @@
+//! Hinted handoff: the hints this node keeps for down primaries (the handoff message family) and
+//! the replay worker that gives them back.
+//!
+//! Life cycle of a hint (docs/architecture.md, "Hinted handoff"):
+//! 1. A coordinator cannot reach a primary of a key (down per SWIM/phi, or it failed or was
+//!    slow to answer): it sends the key's state to a fallback (`StoreHint`), or keeps the hint
+//!    itself when no fallback is up. The writer merges it into the one hint row per
+//!    (target, key) in `Cf::Hints`, in one atomic batch.
+//! 2. The replay worker of each holder sees the target available again, asks it for credits
+//!    (its replay budget, shared by every holder), sends a batch of hints (`Replay`), and
+//!    deletes each acknowledged hint **only if it did not change meanwhile**
+//!    (compare-and-delete): a hint merged during replay is replayed again.
+//! 3. Hints past the caps or older than the window are not kept: the drop is counted and the
+//!    target's partition of the ring is marked for anti-entropy (`storage::hints`).
+
+pub mod budget;
+pub mod replay;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerResponse};
+use ringkv_protocol::ErrorKind;
+
+use crate::clock::now_ms;
+use crate::config::HintSettings;
+use crate::storage::hints::hint_state_bytes;
+use crate::storage::{HexKey, Store, WriteOp};
+use crate::version::KeyState;
+use budget::ReplayBudget;
+
+crate::metrics::metric_set! {
+    /// Hinted handoff as a target and as a holder (registered under `hints.`).
+    pub struct HandoffMetrics {
+        hints_received: Counter = "received", "hints fallbacks asked this node to keep";
+        hint_reads: Counter = "reads", "hint reads served for sloppy reads";
+        credits_granted: Counter = "credits_granted_keys", "replay keys this node allowed holders to send";
+        credits_refused: Counter = "credits_refused", "credit requests answered with nothing (budget spent)";
+        replay_received: Counter = "replay_received_keys", "hinted keys replayed into this node";
+        replay_received_bytes: Counter = "replay_received_bytes", "bytes of hinted states replayed into this node";
+        replay_merge_failed: Counter = "replay_merge_failed", "replayed states this node could not merge";
+        replayed: Counter = "replayed", "hints this node replayed that their target merged (then deleted)";
+        replay_refused: Counter = "replay_refused", "hints a target could not merge (kept)";
+        replay_batches: Counter = "replay_batches", "replay batches sent";
+        replay_errors: Counter = "replay_errors", "replay batches or credit requests that failed";
+        replay_rate: Gauge = "replay_rate", "hints replayed per second (last pass)";
+    }
+}
+
+/// What the replay worker is doing for one target (for `kvctl hints`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetReplay {
+    /// waiting (target down), replaying, paced (no credits), idle.
+    pub state: &'static str,
+    /// Hints replayed in the current pass, and pending when it started.
+    pub done: u64,
+    pub total: u64,
+}
+
+/// The handoff service: serves the handoff family and reports hint status.
+pub struct Handoff {
+    node_id: String,
+    store: Arc<Store>,
+    budget: Mutex<ReplayBudget>,
+    pub settings: HintSettings,
+    pub metrics: Arc<HandoffMetrics>,
+    /// Per target, the replay worker's state.
+    replay: Arc<Mutex<BTreeMap<String, TargetReplay>>>,
+}
+
+impl Handoff {
+    pub fn new(node_id: String, store: Arc<Store>, settings: HintSettings) -> Handoff {
+        Handoff {
+            node_id,
+            store,
+            budget: Mutex::new(ReplayBudget::new(
+                settings.replay_keys_per_sec,
+                settings.replay_bytes_per_sec,
+            )),
+            settings,
+            metrics: Arc::new(HandoffMetrics::default()),
+            replay: Arc::default(),
+        }
+    }
+
+    fn error(&self, kind: ErrorKind, definite: bool, msg: String) -> PeerResponse {
+        PeerResponse::error(kind, definite, format!("node {}: {msg}", self.node_id))
+    }
+
+    pub async fn serve(&self, req: HandoffRequest) -> PeerResponse {
+        match req {
+            HandoffRequest::StoreHint {
+                target,
+                key,
+                state,
+                timeout_ms,
+            } => self.store_hint(target, key, state, timeout_ms).await,
+            HandoffRequest::ReadHint {
+                target,
+                key,
+                timeout_ms,
+            } => {
+                self.metrics.hint_reads.inc();
+                let limit = Duration::from_millis(timeout_ms as u64);
+                match tokio::time::timeout(limit, self.store.read_hint(&target, &key)).await {
+                    Ok(Ok(row)) => {
+                        let state = row
+                            .as_deref()
+                            .and_then(hint_state_bytes)
+                            .map(Bytes::copy_from_slice)
+                            .unwrap_or_else(|| Bytes::from(KeyState::new().encode()));
+                        PeerResponse::Handoff(HandoffResponse::HintState(state))
+                    }
+                    Ok(Err(e)) => self.error(
+                        ErrorKind::Internal,
+                        true,
+                        format!("hint for {target}, key {}: {e}", HexKey(key.to_vec())),
+                    ),
+                    Err(_) => self.error(
+                        ErrorKind::Timeout { acks: 0, needed: 1 },
+                        true,
+                        format!("hint read exceeded the {timeout_ms} ms left"),
+                    ),
+                }
+            }
+            HandoffRequest::ReplayCredits {
+                want_keys,
+                want_bytes,
+            } => {
+                let grant = self
+                    .budget
+                    .lock()
+                    .expect("budget lock poisoned")
+                    .grant(now_ms(), want_keys, want_bytes);
+                if grant.keys == 0 {
+                    self.metrics.credits_refused.inc();
+                }
+                self.metrics.credits_granted.inc_by(grant.keys as u64);
+                PeerResponse::Handoff(HandoffResponse::Credits {
+                    keys: grant.keys,
+                    bytes: grant.bytes,
+                    retry_after_ms: grant.retry_after_ms,
+                })
+            }
+            HandoffRequest::Replay { entries } => self.replayed_into_me(entries).await,
+        }
+    }
+
+    async fn store_hint(
+        &self,
+        target: String,
+        key: Bytes,
+        state: Bytes,
+        timeout_ms: u32,
+    ) -> PeerResponse {
+        self.metrics.hints_received.inc();
+        let state = match KeyState::decode(&state) {
+            Ok(s) => s,
+            Err(e) => {
+                return self.error(
+                    ErrorKind::Malformed,
+                    true,
+                    format!("hint for {target}, key {}: {e}", HexKey(key.to_vec())),
+                )
+            }
+        };
+        // A hint for this node itself (the sender saw it down): it is the data.
+        let op = if target == self.node_id {
+            WriteOp::Merge { key, state }
+        } else {
+            WriteOp::Hint { target, key, state }
+        };
+        let limit = Duration::from_millis(timeout_ms as u64);
+        match tokio::time::timeout(limit, self.store.write(op)).await {
+            Ok(Ok(_)) => PeerResponse::Handoff(HandoffResponse::HintStored),
+            Ok(Err(e)) => self.error(e.kind(), e.is_definite(), e.to_string()),
+            Err(_) => self.error(
+                ErrorKind::Timeout { acks: 0, needed: 1 },
+                true,
+                format!("hint write exceeded the {timeout_ms} ms left of the deadline"),
+            ),
+        }
+    }
+
+    /// A holder's batch of hinted states for this node's replicas: each merged (never
+    /// overwritten); the answer says which.
+    async fn replayed_into_me(&self, entries: Vec<(Bytes, Bytes)>) -> PeerResponse {
+        let bytes: u64 = entries.iter().map(|(k, s)| (k.len() + s.len()) as u64).sum();
+        self.budget
+            .lock()
+            .expect("budget lock poisoned")
+            .spend_bytes(now_ms(), bytes);
+        self.metrics.replay_received.inc_by(entries.len() as u64);
+        self.metrics.replay_received_bytes.inc_by(bytes);
+        let merges = entries.into_iter().map(|(key, state)| async move {
+            let hkey = HexKey(key.to_vec());
+            let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
+            self.store
+                .write(WriteOp::Merge { key, state })
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("key {hkey}: {e}"))
+        });
+        let results = futures::future::join_all(merges).await;
+        let merged = results
+            .iter()
+            .map(|r| {
+                if let Err(cause) = r {
+                    self.metrics.replay_merge_failed.inc();
+                    tracing::warn!(node = %self.node_id, %cause, "replayed hint not merged");
+                }
+                r.is_ok()
+            })
+            .collect();
+        PeerResponse::Handoff(HandoffResponse::Replayed(merged))
+    }
+
+    /// One `status` info line per target with pending hints or a replay state:
+    /// `hints.target.<node>` = `keys=… bytes=… oldest_s=… state=… replayed=…/…`.
+    pub fn status_lines(&self) -> Vec<(String, String)> {
+        let book = self.store.hint_book().targets();
+        let replay = self.replay.lock().expect("replay lock poisoned").clone();
+        let now = now_ms();
+        let mut targets: Vec<&String> = book.keys().chain(replay.keys()).collect();
+        targets.sort();
+        targets.dedup();
+        targets
+            .into_iter()
+            .map(|t| {
+                let pending = book.get(t).cloned().unwrap_or_default();
+                let r = replay.get(t).cloned().unwrap_or_default();
+                let oldest = pending
+                    .oldest_ms()
+                    .map_or(0, |ms| now.saturating_sub(ms) / 1000);
+                (
+                    format!("hints.target.{t}"),
+                    format!(
+                        "keys={} bytes={} oldest_s={oldest} state={} replayed={}/{}",
+                        pending.keys,
+                        pending.bytes,
+                        if r.state.is_empty() { "idle" } else { r.state },
+                        r.done,
+                        r.total
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    pub(crate) fn replay_states(&self) -> Arc<Mutex<BTreeMap<String, TargetReplay>>> {
+        self.replay.clone()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}

@@ -1,0 +1,364 @@
+//! The hint replay worker: gives each target its hints back once it is available, paced by
+//! the credits the target grants, deleting each hint only if it did not change meanwhile; and
+//! gives up hints older than the window (marking their partitions for anti-entropy).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_protocol::peer::handoff::{MAX_REPLAY_BATCH_KEYS, REPLAY_BATCH_BYTES};
+use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerRequest, PeerResponse};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Handoff;
+use crate::background::{Progress, Worker, WorkerState};
+use crate::clock::now_ms;
+use crate::membership::Membership;
+use crate::rpc::{PeerPool, Transport};
+use crate::storage::hints::{hint_first_ms, hint_state_bytes, split_hint_key, DropReason};
+use crate::storage::{Store, WriteOp, MAX_SCAN_BATCH};
+
+/// How often the worker looks for a target that came back (a membership change is seen within
+/// this, so replay starts well within a second of the target being routable).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long one credit request or replay batch may take.
+pub const REPLAY_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the worker checks for hints older than the window.
+pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause for a target whose replay call failed.
+pub const FAILURE_PAUSE: Duration = Duration::from_secs(1);
+/// Pause for a target whose whole pass replayed nothing (every hint refused or changed).
+pub const STUCK_PAUSE: Duration = Duration::from_secs(10);
+
+/// One pass over a target's hints.
+struct Pass {
+    /// Where the next batch starts (`None` = the first row).
+    cursor: Option<Vec<u8>>,
+    done: u64,
+    total: u64,
+    started: Instant,
+}
+
+pub struct ReplayWorker<T: Transport = PeerPool> {
+    node_id: String,
+    handoff: Arc<Handoff>,
+    store: Arc<Store>,
+    membership: Membership,
+    transport: Arc<T>,
+    passes: BTreeMap<String, Pass>,
+    /// Targets not to ask before the given time (no credits, or stuck).
+    paused: BTreeMap<String, Instant>,
+    /// Round-robin position among the available targets.
+    turn: usize,
+    last_expiry_check: Option<Instant>,
+    detail: String,
+}
+
+impl<T: Transport> ReplayWorker<T> {
+    pub fn new(
+        handoff: Arc<Handoff>,
+        membership: Membership,
+        transport: Arc<T>,
+    ) -> ReplayWorker<T> {
+        ReplayWorker {
+            node_id: membership.view().me.to_string(),
+            store: handoff.store().clone(),
+            handoff,
+            membership,
+            transport,
+            passes: BTreeMap::new(),
+            paused: BTreeMap::new(),
+            turn: 0,
+            last_expiry_check: None,
+            detail: String::new(),
+        }
+    }
+
+    fn set_state(&self, target: &str, state: &'static str, pass: Option<&Pass>) {
+        let states = self.handoff.replay_states();
+        let mut states = states.lock().expect("replay lock poisoned");
+        let e = states.entry(target.to_string()).or_default();
+        e.state = state;
+        if let Some(p) = pass {
+            e.done = p.done;
+            e.total = p.total;
+        }
+    }
+
+    /// Gives up hints older than the window, one bounded batch per call; true if it did work.
+    async fn expire(&mut self) -> Result<bool, String> {
+        let now = Instant::now();
+        if self
+            .last_expiry_check
+            .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
+        {
+            return Ok(false);
+        }
+        let window_ms = self.handoff.settings.window_secs * 1000;
+        let horizon = now_ms().saturating_sub(window_ms);
+        let book = self.store.hint_book().targets();
+        let Some(target) = book
+            .iter()
+            .find(|(_, t)| t.oldest_ms().is_some_and(|ms| ms < horizon))
+            .map(|(t, _)| t.clone())
+        else {
+            self.last_expiry_check = Some(now);
+            return Ok(false);
+        };
+        let mut start = None;
+        let mut expired = 0u64;
+        // Rows are scanned in key order; the old ones may be anywhere.
+        loop {
+            let batch = self
+                .store
+                .scan_hints(&target, start, MAX_SCAN_BATCH)
+                .await
+                .map_err(|e| format!("scanning hints for {target}: {e}"))?;
+            for (row, value) in &batch.entries {
+                let Some(first_ms) = hint_first_ms(value) else {
+                    continue;
+                };
+                // The book counts whole seconds: compare the same way.
+                if first_ms / 1000 * 1000 >= horizon {
+                    continue;
+                }
+                let Some((_, key)) = split_hint_key(row) else {
+                    continue;
+                };
+                let op = WriteOp::DeleteHint {
+                    target: target.clone(),
+                    key: Bytes::copy_from_slice(key),
+                    expected: value.clone(),
+                    drop: Some(DropReason::Expired),
+                };
+                let out = self
+                    .store
+                    .write(op)
+                    .await
+                    .map_err(|e| format!("expiring a hint for {target}: {e}"))?;
+                expired += out.changed as u64;
+            }
+            match batch.resume {
+                Some(next) => start = Some(next),
+                None => break,
+            }
+        }
+        if expired > 0 {
+            info!(node = %self.node_id, %target, expired,
+                  window_s = self.handoff.settings.window_secs,
+                  "hints older than the window given up; their ranges are marked for anti-entropy");
+        }
+        Ok(true)
+    }
+
+    /// Targets with pending hints that are routable now, and marks the others waiting.
+    fn ready_targets(&mut self) -> Vec<(String, String)> {
+        let view = self.membership.view();
+        let now = Instant::now();
+        let book = self.store.hint_book().targets();
+        self.passes.retain(|t, _| book.contains_key(t));
+        let mut ready = Vec::new();
+        for target in book.keys() {
+            let addr = view.peer_addr(target).map(str::to_string);
+            let routable = view.ready && *view.me != **target && view.is_alive(target);
+            match addr {
+                Some(addr) if routable => {
+                    if self.paused.get(target).is_none_or(|t| *t <= now) {
+                        ready.push((target.clone(), addr));
+                    }
+                }
+                _ => {
+                    self.passes.remove(target);
+                    self.set_state(target, "waiting", None);
+                }
+            }
+        }
+        ready
+    }
+
+    /// One credit request and at most one batch for `target`.
+    async fn replay_batch(&mut self, target: &str, addr: &str) -> Result<(), String> {
+        let call = |req| {
+            self.transport
+                .clone()
+                .call(addr.to_string(), req, REPLAY_CALL_TIMEOUT)
+        };
+        let credits = call(PeerRequest::Handoff(HandoffRequest::ReplayCredits {
+            want_keys: MAX_REPLAY_BATCH_KEYS as u32,
+            want_bytes: REPLAY_BATCH_BYTES as u64,
+        }))
+        .await;
+        let (keys, bytes) = match credits {
+            Ok(PeerResponse::Handoff(HandoffResponse::Credits {
+                keys,
+                bytes,
+                retry_after_ms,
+            })) => {
+                if keys == 0 {
+                    self.paused.insert(
+                        target.to_string(),
+                        Instant::now() + Duration::from_millis(retry_after_ms.max(1) as u64),
+                    );
+                    let pass = self.passes.get(target);
+                    self.set_state(target, "paced", pass);
+                    return Ok(());
+                }
+                (keys as usize, bytes as usize)
+            }
+            Ok(other) => return Err(format!("{target}: unexpected reply to credits: {other:?}")),
+            Err(e) => return Err(format!("{target}: asking for replay credits: {e}")),
+        };
+        let pending = self.store.hint_book().target(target).keys;
+        let pass = self.passes.entry(target.to_string()).or_insert_with(|| Pass {
+            cursor: None,
+            done: 0,
+            total: pending,
+            started: Instant::now(),
+        });
+        let scan = self
+            .store
+            .scan_hints(target, pass.cursor.clone(), keys)
+            .await
+            .map_err(|e| format!("scanning hints for {target}: {e}"))?;
+        let mut entries = Vec::new();
+        let mut rows = Vec::new();
+        let mut size = 0;
+        let mut next = scan.resume.clone();
+        for (row, value) in scan.entries {
+            let (Some((_, key)), Some(state)) = (split_hint_key(&row), hint_state_bytes(&value))
+            else {
+                continue;
+            };
+            let len = key.len() + state.len();
+            if !entries.is_empty() && size + len > bytes {
+                next = Some(row.clone());
+                break;
+            }
+            size += len;
+            entries.push((Bytes::copy_from_slice(key), Bytes::copy_from_slice(state)));
+            rows.push((row, value));
+        }
+        let sent = entries.len();
+        let keys_of: Vec<Bytes> = entries.iter().map(|(k, _)| k.clone()).collect();
+        let merged = if sent == 0 {
+            Vec::new()
+        } else {
+            self.handoff.metrics.replay_batches.inc();
+            match call(PeerRequest::Handoff(HandoffRequest::Replay { entries })).await {
+                Ok(PeerResponse::Handoff(HandoffResponse::Replayed(m))) if m.len() == sent => m,
+                Ok(other) => return Err(format!("{target}: unexpected reply to replay: {other:?}")),
+                Err(e) => return Err(format!("{target}: replay batch of {sent} hints: {e}")),
+            }
+        };
+        let mut replayed = 0u64;
+        for ((key, (_, value)), ok) in keys_of.into_iter().zip(rows).zip(merged) {
+            if !ok {
+                self.handoff.metrics.replay_refused.inc();
+                continue;
+            }
+            // Deleted only if unchanged: a hint merged meanwhile stays for the next pass.
+            let op = WriteOp::DeleteHint {
+                target: target.to_string(),
+                key,
+                expected: value,
+                drop: None,
+            };
+            let out = self
+                .store
+                .write(op)
+                .await
+                .map_err(|e| format!("deleting a replayed hint for {target}: {e}"))?;
+            replayed += out.changed as u64;
+        }
+        self.handoff.metrics.replayed.inc_by(replayed);
+        let pass = self
+            .passes
+            .get_mut(target)
+            .expect("the pass was created above");
+        pass.done += replayed;
+        pass.cursor = next;
+        let elapsed = pass.started.elapsed().as_secs_f64().max(0.001);
+        self.handoff
+            .metrics
+            .replay_rate
+            .set((pass.done as f64 / elapsed) as u64);
+        self.detail = format!(
+            "replaying to {target}: {} of {} hints this pass",
+            pass.done, pass.total
+        );
+        let finished = pass.cursor.is_none();
+        let stuck = finished && pass.done == 0;
+        let snapshot = Pass {
+            cursor: None,
+            done: pass.done,
+            total: pass.total,
+            started: pass.started,
+        };
+        self.set_state(target, "replaying", Some(&snapshot));
+        if finished {
+            debug!(node = %self.node_id, %target, replayed = snapshot.done, "replay pass done");
+            self.passes.remove(target);
+            if stuck && self.store.hint_book().target(target).keys > 0 {
+                self.paused
+                    .insert(target.to_string(), Instant::now() + STUCK_PAUSE);
+            }
+            if self.store.hint_book().target(target).keys == 0 {
+                self.set_state(target, "idle", Some(&snapshot));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport> Worker for ReplayWorker<T> {
+    fn name(&self) -> String {
+        "hint_replay".into()
+    }
+
+    fn progress(&self) -> Progress {
+        let (keys, bytes) = self.store.hint_book().totals();
+        Progress {
+            detail: if keys == 0 {
+                "no hints pending".into()
+            } else if self.detail.is_empty() {
+                format!("{keys} hints ({bytes} bytes) pending, targets unavailable")
+            } else {
+                format!("{}; {keys} hints ({bytes} bytes) pending", self.detail)
+            },
+            queue: Some(keys),
+        }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        if self.expire().await? {
+            return Ok(WorkerState::Busy);
+        }
+        let ready = self.ready_targets();
+        if ready.is_empty() {
+            if self.store.hint_book().totals().0 == 0 {
+                self.detail.clear();
+            }
+            return Ok(WorkerState::Idle);
+        }
+        self.turn = (self.turn + 1) % ready.len();
+        let (target, addr) = &ready[self.turn];
+        if let Err(cause) = self.replay_batch(target, addr).await {
+            // One failing target must not hold back the others (no runner backoff): it is
+            // paused, counted, logged and shown in its state.
+            self.handoff.metrics.replay_errors.inc();
+            warn!(node = %self.node_id, %target, %cause, "hint replay failed; retrying in a second");
+            self.paused
+                .insert(target.clone(), Instant::now() + FAILURE_PAUSE);
+            self.set_state(target, "failing", self.passes.get(target));
+            self.detail = format!("replay to {target} failed: {cause}");
+        }
+        Ok(WorkerState::Busy)
+    }
+
+    async fn wait_for_work(&mut self) -> WorkerState {
+        tokio::time::sleep(POLL_INTERVAL).await;
+        WorkerState::Busy
+    }
+}
