@@ -107,6 +107,10 @@ pub struct Cli {
     /// data dir from a backup or copying it: the old actor's later versions are missing here.
     #[arg(long)]
     pub new_incarnation: bool,
+    /// Hinted handoff and sloppy quorums (default true); false = writes go to primaries only
+    /// and nothing is hinted (hints already held are still replayed).
+    #[arg(long, value_name = "BOOL")]
+    pub hinted_handoff: Option<bool>,
     /// Hint store cap over all targets, in MiB (default 1024).
     #[arg(long)]
     pub hints_max_mb: Option<u64>,
@@ -150,6 +154,7 @@ pub struct FileConfig {
     pub write_buffer_mb: Option<usize>,
     pub log: Option<String>,
     pub log_format: Option<String>,
+    pub hinted_handoff: Option<bool>,
     pub hints_max_mb: Option<u64>,
     pub hints_max_mb_per_target: Option<u64>,
     pub hint_window_secs: Option<u64>,
@@ -160,6 +165,8 @@ pub struct FileConfig {
 /// Hinted handoff settings (docs/operations.md, "Hinted handoff").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HintSettings {
+    /// Sloppy quorums and new hints (replay of held hints runs regardless).
+    pub enabled: bool,
     pub max_bytes: u64,
     pub max_bytes_per_target: u64,
     pub window_secs: u64,
@@ -170,6 +177,7 @@ pub struct HintSettings {
 impl Default for HintSettings {
     fn default() -> Self {
         HintSettings {
+            enabled: true,
             max_bytes: 1024 << 20,
             max_bytes_per_target: 256 << 20,
             window_secs: 3 * 3600,
@@ -417,6 +425,10 @@ impl Config {
             hints_max_mb,
         )?;
         let hints = HintSettings {
+            enabled: cli
+                .hinted_handoff
+                .or(file.hinted_handoff)
+                .unwrap_or(defaults.enabled),
             max_bytes: hints_max_mb << 20,
             max_bytes_per_target: hints_max_mb_per_target << 20,
             window_secs: in_range(

@@ -21,7 +21,6 @@ use crate::config::Config;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::handoff::replay::ReplayWorker;
 use crate::handoff::Handoff;
-use crate::storage::hints::HintLimits;
 use crate::membership::phi::PhiConfig;
 use crate::membership::swim::{self, SwimConfig};
 use crate::membership::Membership;
@@ -29,6 +28,7 @@ use crate::metrics::{ListenerMetrics, Registry};
 use crate::net::{self, ListenerConfig};
 use crate::replica::Replica;
 use crate::rpc::{Authenticator, LateReplies, PeerIdentity, PeerPool, HANDSHAKE_TIMEOUT};
+use crate::storage::hints::HintLimits;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::store::{StoreOpenError, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
 use crate::storage::{Cf, Engine, Store, StoreConfig};
@@ -432,9 +432,11 @@ fn register_storage(registry: &Registry, store: &Arc<Store>) {
 fn register_hints(registry: &Registry, store: &Arc<Store>) {
     store.hint_stats().register(registry, "hints.");
     let s = store.clone();
-    registry.probe("hints.pending_keys", "hints held for other nodes", move || {
-        s.hint_book().totals().0
-    });
+    registry.probe(
+        "hints.pending_keys",
+        "hints held for other nodes",
+        move || s.hint_book().totals().0,
+    );
     let s = store.clone();
     registry.probe(
         "hints.pending_bytes",

@@ -23,6 +23,7 @@ fn r(n: u8) -> GetOptions {
 
 const LOCAL: GetOptions = GetOptions {
     r: None,
+    pr: None,
     timeout: None,
     local: true,
 };
@@ -138,7 +139,8 @@ async fn one_node_down_quorums_of_two_keep_working_and_w3_fails_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_repair_fills_a_replica_that_missed_a_write() {
-    let mut c = Cluster::start(3, &[]).await;
+    // Without hinted handoff, so that only the read can be what repairs B.
+    let mut c = Cluster::start(3, &["--hinted-handoff", "false"]).await;
     c.nodes[1].stop().unwrap();
     c.wait_converged(Duration::from_secs(10)).await.unwrap();
     let a = c.client(0);

@@ -407,6 +407,7 @@ async fn a_restarted_node_coordinates_nothing_before_it_hears_from_the_cluster()
             w: 1,
             timeout_ms: 1000,
             flags: 0,
+            pw: 0,
         },
     }
     .to_frame(0);

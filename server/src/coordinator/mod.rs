@@ -74,6 +74,8 @@ pub struct CoordinatorConfig {
     pub r: u8,
     pub w: u8,
     pub request_timeout_ms: u32,
+    /// Sloppy quorums: fallbacks and hints for primaries that miss a write.
+    pub hinted_handoff: bool,
 }
 
 impl CoordinatorConfig {
@@ -84,6 +86,7 @@ impl CoordinatorConfig {
             r: c.r,
             w: c.w,
             request_timeout_ms: c.request_timeout_ms,
+            hinted_handoff: c.hints.enabled,
         }
     }
 }
@@ -179,7 +182,9 @@ impl Tracker<Ack> for WriteTracker {
                 by_fallback: true,
                 ok: true,
             } => self.quorum.on_fallback_ack(node),
-            Ack::Slot { node, ok: false, .. } => self.quorum.on_failure(node),
+            Ack::Slot {
+                node, ok: false, ..
+            } => self.quorum.on_failure(node),
             Ack::Own(_) if !self.own_counts => Decision::Pending,
             Ack::Own(Ok(())) => self.quorum.on_ack(self.me.clone()),
             Ack::Own(Err(e)) => {
@@ -532,7 +537,8 @@ impl<T: Transport> Coordinator<T> {
         let view = self.view();
         // One fallback per down primary, and a spare per live one in case it fails to answer.
         let n = self.config.n as usize;
-        let plan = plan_with_fallbacks(&view, &w.key, n, Some(n));
+        let spares = if self.config.hinted_handoff { n } else { 0 };
+        let plan = plan_with_fallbacks(&view, &w.key, n, Some(spares));
         let alive = plan.primaries_alive.clone();
         let refuse = |alive: usize, needed: usize, why: &str| {
             self.quorum_error(
@@ -544,7 +550,11 @@ impl<T: Transport> Coordinator<T> {
         };
         if alive.is_empty() {
             // Only a primary mints versions of a key (docs/architecture.md, "Who mints").
-            return refuse(0, needed.max(1), "no primary of the key is up to coordinate it");
+            return refuse(
+                0,
+                needed.max(1),
+                "no primary of the key is up to coordinate it",
+            );
         }
         if alive.len() < needed_primaries {
             return refuse(
@@ -713,7 +723,8 @@ impl<T: Transport> Coordinator<T> {
         for p in &plan.primaries_down {
             match fallbacks.next() {
                 Some(f) => slots.push((p.clone(), Some(f))),
-                None => hint_for.push(p.to_string()),
+                None if self.config.hinted_handoff => hint_for.push(p.to_string()),
+                None => {}
             }
         }
         for p in plan.primaries_alive.iter().filter(|p| **p != view.me) {
@@ -792,8 +803,10 @@ impl<T: Transport> Coordinator<T> {
             Ack::Own(result)
         }));
         let decided = fan.decide(&mut tracker).await;
-        let (primary_acks, fallback_acks) =
-            (tracker.quorum.primary_acks(), tracker.quorum.fallback_acks());
+        let (primary_acks, fallback_acks) = (
+            tracker.quorum.primary_acks(),
+            tracker.quorum.fallback_acks(),
+        );
         self.metrics.fallback_acks.inc_by(fallback_acks as u64);
         let answer = match decided {
             Ok(()) => None,
@@ -923,7 +936,7 @@ impl<T: Transport> Coordinator<T> {
                     }
                 }
             };
-            if !primary_ok {
+            if !primary_ok && c.config.hinted_handoff {
                 c.keep_local_hint(&primary, &key, &state).await;
             }
             Ack::Slot {
@@ -950,7 +963,11 @@ impl<T: Transport> Coordinator<T> {
         });
         let left = deadline.saturating_duration_since(Instant::now());
         self.metrics.replicate_sent.inc();
-        let result = self.transport.clone().call(addr.to_string(), req, left).await;
+        let result = self
+            .transport
+            .clone()
+            .call(addr.to_string(), req, left)
+            .await;
         if let Err(e) = &result {
             self.metrics.replicate_failed.inc();
             debug!(node = %self.config.node_id, replica = %target, error = %e, "replicate failed");
@@ -987,7 +1004,10 @@ impl<T: Transport> Coordinator<T> {
             if let Err(e) = &result {
                 debug!(node = %self.config.node_id, %fallback, %primary, error = %e, "hint not stored");
             }
-            matches!(result, Ok(PeerResponse::Handoff(HandoffResponse::HintStored)))
+            matches!(
+                result,
+                Ok(PeerResponse::Handoff(HandoffResponse::HintStored))
+            )
         };
         if !ok {
             self.metrics.hinted_failed.inc();
@@ -1076,8 +1096,12 @@ impl<T: Transport> Coordinator<T> {
                 true,
             ));
         }
-        let fallbacks: Vec<(NodeId, NodeId)> = if alive.len() < needed {
-            plan.primaries_down.into_iter().zip(plan.fallbacks).collect()
+        let fallbacks: Vec<(NodeId, NodeId)> = if alive.len() < needed && self.config.hinted_handoff
+        {
+            plan.primaries_down
+                .into_iter()
+                .zip(plan.fallbacks)
+                .collect()
         } else {
             Vec::new()
         };

@@ -401,16 +401,33 @@ mod tests {
     #[test]
     fn a_fallback_read_counts_toward_r_but_is_never_repaired() {
         let mut q = ReadQuorum::new(3, 2).with_primaries(1);
-        assert_eq!(q.on_fallback_reply(id("d"), state(1, 1, "x")), Decision::Pending);
-        assert_eq!(q.on_fallback_reply(id("d"), state(1, 1, "x")), Decision::Pending);
+        assert_eq!(
+            q.on_fallback_reply(id("d"), state(1, 1, "x")),
+            Decision::Pending
+        );
+        assert_eq!(
+            q.on_fallback_reply(id("d"), state(1, 1, "x")),
+            Decision::Pending
+        );
         let d = q.on_reply(id("a"), KeyState::new());
-        assert_eq!(d, Decision::Ok(state(1, 1, "x")), "the hint's version is read");
-        assert_eq!(q.repair_targets(), vec![id("a")], "the primary is repaired, not the fallback");
+        assert_eq!(
+            d,
+            Decision::Ok(state(1, 1, "x")),
+            "the hint's version is read"
+        );
+        assert_eq!(
+            q.repair_targets(),
+            vec![id("a")],
+            "the primary is repaired, not the fallback"
+        );
         // PR=2 with one slot left for a primary: unavailable as soon as that is known.
         let mut q = ReadQuorum::new(2, 1).with_primaries(2);
         assert!(matches!(
             q.on_fallback_reply(id("d"), KeyState::new()),
-            Decision::Failed(QuorumError::Unavailable { alive: 1, needed: 2 })
+            Decision::Failed(QuorumError::Unavailable {
+                alive: 1,
+                needed: 2
+            })
         ));
     }
 

@@ -203,6 +203,7 @@ fn harness(view: ClusterView) -> Harness {
             r: 2,
             w: 2,
             request_timeout_ms: 1000,
+            hinted_handoff: true,
         },
         store.clone(),
         script.clone(),
@@ -629,7 +630,10 @@ async fn a_down_primary_is_covered_by_a_fallback_hint_that_counts_toward_w() {
         "the first fallback in ring order keeps a hint naming the down primary"
     );
     assert!(
-        h.script.calls(Kind::Replicate).iter().all(|(a, _)| *a != addr(down)),
+        h.script
+            .calls(Kind::Replicate)
+            .iter()
+            .all(|(a, _)| *a != addr(down)),
         "nothing is sent to a primary known to be down"
     );
 }
@@ -646,13 +650,27 @@ async fn pw_refuses_before_writing_when_too_few_primaries_are_up() {
     }
     match h.coordinator.write(req).await {
         Response::Error(e) => {
-            assert_eq!(e.kind, ErrorKind::Unavailable { alive: 2, needed: 3 }, "{}", e.message);
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 2,
+                    needed: 3
+                },
+                "{}",
+                e.message
+            );
             assert!(e.definite && e.message.contains("PW=3"), "{}", e.message);
         }
         other => panic!("{other:?}"),
     }
-    assert!(h.script.calls(Kind::Replicate).is_empty(), "nothing was sent");
-    assert!(local(&h.store, &key).await.siblings().is_empty(), "nothing was written");
+    assert!(
+        h.script.calls(Kind::Replicate).is_empty(),
+        "nothing was sent"
+    );
+    assert!(
+        local(&h.store, &key).await.siblings().is_empty(),
+        "nothing was written"
+    );
 }
 
 #[tokio::test]
@@ -673,7 +691,11 @@ async fn a_failing_primary_is_replaced_by_its_spare_fallback() {
         .iter()
         .flat_map(|f| hint_targets(&h.script, f))
         .collect();
-    assert_eq!(hinted, vec![others[1].to_string()], "one hint, for the failing primary");
+    assert_eq!(
+        hinted,
+        vec![others[1].to_string()],
+        "one hint, for the failing primary"
+    );
 }
 
 #[tokio::test]
@@ -681,8 +703,11 @@ async fn a_slow_primary_gets_a_hint_on_its_fallback_at_half_the_deadline() {
     let (key, others, fallbacks) = key_on_a();
     let h = harness(alive_but(&[]));
     h.script.on(&others[0], Kind::Replicate, ack());
-    h.script
-        .on(&others[1], Kind::Replicate, late_ack(Duration::from_secs(5)));
+    h.script.on(
+        &others[1],
+        Kind::Replicate,
+        late_ack(Duration::from_secs(5)),
+    );
     for f in &fallbacks {
         h.script.on(f, Kind::StoreHint, hint_stored());
     }
@@ -703,9 +728,18 @@ async fn a_down_primary_without_a_fallback_gets_a_hint_here_in_the_write_batch()
         panic!("{resp:?}")
     };
     assert_eq!((reply.primary_acks, reply.fallback_acks), (2, 0));
-    let row = h.store.read_hint("c", b"k").await.unwrap().expect("a hint for c");
+    let row = h
+        .store
+        .read_hint("c", b"k")
+        .await
+        .unwrap()
+        .expect("a hint for c");
     let (_, hinted) = crate::storage::hints::decode_hint(b"k", &row).unwrap();
-    assert_eq!(hinted, local(&h.store, "k").await, "the hint is the written state");
+    assert_eq!(
+        hinted,
+        local(&h.store, "k").await,
+        "the hint is the written state"
+    );
     assert_eq!(h.store.hint_book().target("c").keys, 1);
     assert!(h.store.read_hint("b", b"k").await.unwrap().is_none());
 }
@@ -720,19 +754,34 @@ async fn a_sloppy_read_counts_fallback_hints_and_pr_refuses_it() {
         h.script.on(
             f,
             Kind::ReadHint,
-            answer(PeerResponse::Handoff(HandoffResponse::HintState(Bytes::from(
-                hinted.encode(),
-            )))),
+            answer(PeerResponse::Handoff(HandoffResponse::HintState(
+                Bytes::from(hinted.encode()),
+            ))),
         );
     }
-    let resp = h.coordinator.get(Bytes::from(key.clone()), get_opts(2, 1000)).await;
+    let resp = h
+        .coordinator
+        .get(Bytes::from(key.clone()), get_opts(2, 1000))
+        .await;
     assert_eq!(reply_values(&resp), BTreeSet::from(["hinted".to_string()]));
-    assert_eq!(h.script.calls(Kind::ReadHint).len(), 2, "one per down primary");
+    assert_eq!(
+        h.script.calls(Kind::ReadHint).len(),
+        2,
+        "one per down primary"
+    );
     let mut opts = get_opts(2, 1000);
     opts.pr = 2;
     match h.coordinator.get(Bytes::from(key), opts).await {
         Response::Error(e) => {
-            assert_eq!(e.kind, ErrorKind::Unavailable { alive: 1, needed: 2 }, "{}", e.message)
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 1,
+                    needed: 2
+                },
+                "{}",
+                e.message
+            )
         }
         other => panic!("{other:?}"),
     }

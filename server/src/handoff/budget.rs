@@ -65,7 +65,9 @@ impl ReplayBudget {
         if keys == 0 || self.bytes <= 0.0 || want_bytes == 0 {
             let key_wait = (1.0 - self.keys).max(0.0) / self.keys_per_sec;
             let byte_wait = (1.0 - self.bytes).max(0.0) / self.bytes_per_sec;
-            let wait_ms = (key_wait.max(byte_wait) * 1000.0).ceil().clamp(1.0, 60_000.0);
+            let wait_ms = (key_wait.max(byte_wait) * 1000.0)
+                .ceil()
+                .clamp(1.0, 60_000.0);
             return Grant {
                 keys: 0,
                 bytes: 0,
@@ -104,7 +106,10 @@ mod tests {
         }
         let max = 10.0 * 1000.0 + 1000.0 * BURST_SECS;
         assert!(granted as f64 <= max, "{granted} > {max}");
-        assert!(granted as f64 >= 0.95 * 10.0 * 1000.0, "the budget is used: {granted}");
+        assert!(
+            granted as f64 >= 0.95 * 10.0 * 1000.0,
+            "the budget is used: {granted}"
+        );
     }
 
     #[test]

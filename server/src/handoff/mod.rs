@@ -129,11 +129,11 @@ impl Handoff {
                 want_keys,
                 want_bytes,
             } => {
-                let grant = self
-                    .budget
-                    .lock()
-                    .expect("budget lock poisoned")
-                    .grant(now_ms(), want_keys, want_bytes);
+                let grant = self.budget.lock().expect("budget lock poisoned").grant(
+                    now_ms(),
+                    want_keys,
+                    want_bytes,
+                );
                 if grant.keys == 0 {
                     self.metrics.credits_refused.inc();
                 }
@@ -187,7 +187,10 @@ impl Handoff {
     /// A holder's batch of hinted states for this node's replicas: each merged (never
     /// overwritten); the answer says which.
     async fn replayed_into_me(&self, entries: Vec<(Bytes, Bytes)>) -> PeerResponse {
-        let bytes: u64 = entries.iter().map(|(k, s)| (k.len() + s.len()) as u64).sum();
+        let bytes: u64 = entries
+            .iter()
+            .map(|(k, s)| (k.len() + s.len()) as u64)
+            .sum();
         self.budget
             .lock()
             .expect("budget lock poisoned")

@@ -211,12 +211,15 @@ impl<T: Transport> ReplayWorker<T> {
             Err(e) => return Err(format!("{target}: asking for replay credits: {e}")),
         };
         let pending = self.store.hint_book().target(target).keys;
-        let pass = self.passes.entry(target.to_string()).or_insert_with(|| Pass {
-            cursor: None,
-            done: 0,
-            total: pending,
-            started: Instant::now(),
-        });
+        let pass = self
+            .passes
+            .entry(target.to_string())
+            .or_insert_with(|| Pass {
+                cursor: None,
+                done: 0,
+                total: pending,
+                started: Instant::now(),
+            });
         let scan = self
             .store
             .scan_hints(target, pass.cursor.clone(), keys)
@@ -248,7 +251,9 @@ impl<T: Transport> ReplayWorker<T> {
             self.handoff.metrics.replay_batches.inc();
             match call(PeerRequest::Handoff(HandoffRequest::Replay { entries })).await {
                 Ok(PeerResponse::Handoff(HandoffResponse::Replayed(m))) if m.len() == sent => m,
-                Ok(other) => return Err(format!("{target}: unexpected reply to replay: {other:?}")),
+                Ok(other) => {
+                    return Err(format!("{target}: unexpected reply to replay: {other:?}"))
+                }
                 Err(e) => return Err(format!("{target}: replay batch of {sent} hints: {e}")),
             }
         };

@@ -35,7 +35,10 @@ pub fn partition_of(key: &[u8]) -> u16 {
 /// `u8 len ‖ target`: every hint row of `target` starts with it.
 pub fn target_prefix(target: &str) -> Vec<u8> {
     let t = target.as_bytes();
-    debug_assert!(t.len() <= u8::MAX as usize, "node ids are at most 255 bytes");
+    debug_assert!(
+        t.len() <= u8::MAX as usize,
+        "node ids are at most 255 bytes"
+    );
     let mut k = Vec::with_capacity(1 + t.len());
     k.push(t.len().min(u8::MAX as usize) as u8);
     k.extend_from_slice(&t[..t.len().min(u8::MAX as usize)]);
@@ -96,8 +99,7 @@ pub fn decode_hint(row: &[u8], value: &[u8]) -> Result<(u64, KeyState), StorageE
         key: HexKey(row.to_vec()),
         cause,
     };
-    let first_ms =
-        hint_first_ms(value).ok_or_else(|| corrupt("unknown hint row format".into()))?;
+    let first_ms = hint_first_ms(value).ok_or_else(|| corrupt("unknown hint row format".into()))?;
     let state = KeyState::decode(&value[9..]).map_err(|e| corrupt(e.to_string()))?;
     Ok((first_ms, state))
 }
@@ -246,13 +248,19 @@ mod tests {
     #[test]
     fn rows_round_trip_and_sort_by_target() {
         let k = hint_key("node-b", b"user:1");
-        assert_eq!(split_hint_key(&k), Some(("node-b".to_string(), &b"user:1"[..])));
+        assert_eq!(
+            split_hint_key(&k),
+            Some(("node-b".to_string(), &b"user:1"[..]))
+        );
         assert!(k.starts_with(&target_prefix("node-b")));
         // One target's rows are contiguous: a longer id is a different prefix.
         assert!(!hint_key("node-bb", b"x").starts_with(&target_prefix("node-b")));
         let end = prefix_end(&target_prefix("node-b")).unwrap();
         assert!(k < end && target_prefix("node-b") <= k);
-        assert!(hint_key("node-bb", b"").as_slice() >= end.as_slice() || !hint_key("node-bb", b"").starts_with(&target_prefix("node-b")));
+        assert!(
+            hint_key("node-bb", b"").as_slice() >= end.as_slice()
+                || !hint_key("node-bb", b"").starts_with(&target_prefix("node-b"))
+        );
         assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
         assert_eq!(prefix_end(&[0xff, 0xff]), None);
         let m = mark_key("node-b", 1023);
@@ -263,16 +271,36 @@ mod tests {
     #[test]
     fn the_book_counts_keys_bytes_and_the_oldest() {
         let book = HintBook::default();
-        let a = HintSize { first_ms: 5_000, bytes: 10 };
-        let b = HintSize { first_ms: 9_000, bytes: 20 };
+        let a = HintSize {
+            first_ms: 5_000,
+            bytes: 10,
+        };
+        let b = HintSize {
+            first_ms: 9_000,
+            bytes: 20,
+        };
         book.apply("t", None, Some(a));
         book.apply("t", None, Some(b));
         let t = book.target("t");
         assert_eq!((t.keys, t.bytes, t.oldest_ms()), (2, 30, Some(5_000)));
         // A merge replaces a row's contribution: same key count.
-        book.apply("t", Some(a), Some(HintSize { first_ms: 5_000, bytes: 15 }));
+        book.apply(
+            "t",
+            Some(a),
+            Some(HintSize {
+                first_ms: 5_000,
+                bytes: 15,
+            }),
+        );
         assert_eq!(book.target("t").bytes, 35);
-        book.apply("t", Some(HintSize { first_ms: 5_000, bytes: 15 }), None);
+        book.apply(
+            "t",
+            Some(HintSize {
+                first_ms: 5_000,
+                bytes: 15,
+            }),
+            None,
+        );
         let t = book.target("t");
         assert_eq!((t.keys, t.bytes, t.oldest_ms()), (1, 20, Some(9_000)));
         book.apply("t", Some(b), None);

@@ -1401,9 +1401,14 @@ impl Writer {
             first_ms,
             bytes: (hkey.len() + row.len()) as u64,
         });
-        group.batch.ops.push(BatchOp::Delete(Cf::Hints, hkey.clone()));
+        group
+            .batch
+            .ops
+            .push(BatchOp::Delete(Cf::Hints, hkey.clone()));
         group.hints.insert(hkey, None);
-        group.hint_changes.push((target.to_string(), old_size, None));
+        group
+            .hint_changes
+            .push((target.to_string(), old_size, None));
         match drop {
             Some(reason) => {
                 if reason == DropReason::Expired {

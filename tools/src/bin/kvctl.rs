@@ -42,6 +42,10 @@ enum Cmd {
         /// Replies to wait for (default: the cluster's R).
         #[arg(long)]
         r: Option<u8>,
+        /// Of the R replies, how many must come from the key's primaries rather than fallbacks
+        /// answering for a down one (default: none).
+        #[arg(long)]
+        pr: Option<u8>,
         /// Read only the contacted node's own replica.
         #[arg(long)]
         local: bool,
@@ -69,6 +73,10 @@ enum Cmd {
         /// Acks to wait for (default: the cluster's W).
         #[arg(long)]
         w: Option<u8>,
+        /// Of the W acks, how many must come from the key's primaries (default: none, a
+        /// sloppy quorum; --pw equal to --w is a strict quorum).
+        #[arg(long)]
+        pw: Option<u8>,
     },
     /// Delete KEY: the versions the context saw, or without --context every version a quorum
     /// read returns (the node reads the key first, like Riak's delete without a vclock).
@@ -81,6 +89,9 @@ enum Cmd {
     },
     /// Node identity, settings, workers and metrics.
     Status,
+    /// Hints every node holds for others: per holder and target, pending keys and bytes, the
+    /// oldest hint's age, and the replay state and progress.
+    Hints,
     /// The contacted node's view of the ring: each member's tokens, ownership share, liveness.
     Ring,
     /// The contacted node's membership: SWIM state, incarnation, phi, last heard.
@@ -182,6 +193,13 @@ fn read_json(key: &str, read: &Read) -> Value {
 /// Prints a put/delete result: `OK`, or with `--json` the dot and the resulting siblings.
 fn print_written(as_json: bool, key: &str, written: &ringkv_client::Written) {
     if !as_json {
+        if written.fallback_acks > 0 {
+            eprintln!(
+                "note: {} of {} acks came from fallbacks holding a hint for a down primary (sloppy quorum; --pw requires primaries)",
+                written.fallback_acks,
+                written.fallback_acks + written.primary_acks
+            );
+        }
         return out("OK");
     }
     let mut v = written
@@ -191,7 +209,94 @@ fn print_written(as_json: bool, key: &str, written: &ringkv_client::Written) {
         .unwrap_or(json!({}));
     v["ok"] = json!(true);
     v["dot"] = json!([format!("{:016x}", written.dot.0), written.dot.1]);
+    v["primary_acks"] = json!(written.primary_acks);
+    v["fallback_acks"] = json!(written.fallback_acks);
     print_json(&v);
+}
+
+fn config_for_nodes(timeout: Duration) -> ClientConfig {
+    ClientConfig {
+        request_timeout: timeout,
+        ..ClientConfig::default()
+    }
+}
+
+/// One `hints.target.<node>` status line, parsed.
+fn hint_line(target: &str, line: &str) -> Value {
+    let mut v = json!({ "target": target });
+    for field in line.split_whitespace() {
+        let Some((k, val)) = field.split_once('=') else {
+            continue;
+        };
+        match (k, val.split_once('/')) {
+            ("replayed", Some((done, total))) => {
+                v["replayed"] = json!(done.parse::<u64>().unwrap_or(0));
+                v["pass_total"] = json!(total.parse::<u64>().unwrap_or(0));
+            }
+            ("state", _) => v["state"] = json!(val),
+            _ => v[k] = json!(val.parse::<u64>().unwrap_or(0)),
+        }
+    }
+    v
+}
+
+/// `kvctl hints`: asks every member (from the contacted node's ring) for its hint lines.
+async fn hints(client: &Client, config: ClientConfig, as_json: bool) -> Result<(), Failure> {
+    let ring = client.ring().await?;
+    let mut holders = Vec::new();
+    let mut unreachable = Vec::new();
+    for m in &ring.members {
+        let status = match Client::new(vec![m.client_addr.clone()], config.clone()) {
+            Ok(c) => c.status().await,
+            Err(e) => Err(e),
+        };
+        match status {
+            Ok(s) => {
+                let targets: Vec<Value> = s
+                    .info
+                    .iter()
+                    .filter_map(|(k, v)| k.strip_prefix("hints.target.").map(|t| hint_line(t, v)))
+                    .collect();
+                holders.push(json!({ "node": s.node_id, "targets": targets }));
+            }
+            Err(e) => unreachable.push(json!({ "node": m.node_id, "error": e.to_string() })),
+        }
+    }
+    if as_json {
+        print_json(&json!({ "holders": holders, "unreachable": unreachable }));
+        return Ok(());
+    }
+    out(&format!(
+        "{:<16} {:<16} {:>10} {:>12} {:>9}  {:<10} progress",
+        "holder", "target", "keys", "bytes", "oldest_s", "state"
+    ));
+    for h in &holders {
+        for t in h["targets"].as_array().into_iter().flatten() {
+            let num = |k: &str| t[k].as_u64().unwrap_or(0);
+            let progress = if num("pass_total") > 0 {
+                format!("{}/{} this pass", num("replayed"), num("pass_total"))
+            } else {
+                String::new()
+            };
+            out(&format!(
+                "{:<16} {:<16} {:>10} {:>12} {:>9}  {:<10} {progress}",
+                h["node"].as_str().unwrap_or(""),
+                t["target"].as_str().unwrap_or(""),
+                num("keys"),
+                num("bytes"),
+                num("oldest_s"),
+                t["state"].as_str().unwrap_or(""),
+            ));
+        }
+    }
+    for u in &unreachable {
+        eprintln!(
+            "warning: node {} did not answer: {}",
+            u["node"].as_str().unwrap_or(""),
+            u["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 /// Writes a line to stdout; a closed pipe (`kvctl get k | head -1`) is not an error.
@@ -216,6 +321,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Get {
             key,
             r,
+            pr,
             local,
             show_context,
         } => {
@@ -224,6 +330,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     &key,
                     GetOptions {
                         r,
+                        pr,
                         local,
                         timeout: None,
                     },
@@ -268,6 +375,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             context,
             blind,
             w,
+            pw,
         } => {
             let value = read_value(value, file)?;
             let ctx = match (context_arg(&context)?, blind) {
@@ -277,6 +385,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let opts = PutOptions {
                 w,
+                pw,
                 timeout: None,
                 return_body: cli.json,
             };
@@ -288,6 +397,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let ctx = context_arg(&context)?;
             let opts = PutOptions {
                 w,
+                pw: None,
                 timeout: None,
                 return_body: cli.json,
             };
@@ -325,6 +435,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Hints => hints(&client, config_for_nodes(timeout), cli.json).await,
         Cmd::Ring => {
             let ring = client.ring().await?;
             if cli.json {

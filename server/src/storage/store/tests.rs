@@ -1053,3 +1053,224 @@ async fn change_hook_rows_commit_atomically_with_the_data() {
     assert_eq!(row(&engine, Cf::Aae, b"leaf/", "other"), None);
     assert_eq!(row(&engine, Cf::Hints, b"seen/", "other"), None);
 }
+
+// ---- hints ----
+
+fn one_version(actor: u64, counter: u64, value: &str) -> KeyState {
+    KeyState::new().update(
+        &VersionVector::new(),
+        Dot { actor, counter },
+        counter,
+        Some(Bytes::from(value.to_string())),
+    )
+}
+
+fn hint(target: &str, key: &str, state: KeyState) -> WriteOp {
+    WriteOp::Hint {
+        target: target.into(),
+        key: Bytes::from(key.to_string()),
+        state,
+    }
+}
+
+fn open_with_hint_limits(engine: &Arc<MemoryEngine>, limits: HintLimits) -> Store {
+    Store::open(
+        engine.clone() as Arc<dyn Engine>,
+        StoreConfig {
+            node_id: "n1".into(),
+            sync: SyncMode::Group,
+            boot_id: Some(BOOT.into()),
+            new_incarnation: false,
+            hint_limits: limits,
+        },
+    )
+    .expect("open store")
+}
+
+/// 10 000 hinted writes to 100 keys leave 100 hint rows: one merged state per key, holding
+/// every version it was given (concurrent ones as siblings), never in the data.
+#[tokio::test]
+async fn hints_are_bounded_by_keys_not_by_writes() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    for i in 0..10_000u64 {
+        let key = format!("k{}", i % 100);
+        // Two writers per key, each superseding its own earlier version (like one coordinator's
+        // successive writes): the hint keeps the newest of each.
+        let actor = 1 + (i / 100) % 2;
+        let mut state = one_version(actor, i + 1, &format!("v{i}"));
+        if i >= 200 {
+            let prev = one_version(actor, i - 199, "older");
+            state = state.sync(&prev);
+        }
+        store.write(hint("n2", &key, state)).await.unwrap();
+    }
+    let book = store.hint_book().target("n2");
+    assert_eq!(book.keys, 100, "one hint per key");
+    let rows = engine
+        .scan(
+            Cf::Hints,
+            &ScanRange {
+                start: Vec::new(),
+                end: None,
+            },
+            MAX_SCAN_BATCH,
+        )
+        .unwrap();
+    assert_eq!(rows.entries.len(), 100);
+    assert_eq!(
+        book.bytes,
+        rows.entries
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum::<u64>(),
+        "the book counts the stored bytes"
+    );
+    let row = store.read_hint("n2", b"k7").await.unwrap().unwrap();
+    let (_, merged) = decode_hint(b"k7", &row).unwrap();
+    assert!(merged.siblings().len() <= 2 + 100, "merged, not appended");
+    assert!(
+        store.get(b"k7").unwrap().siblings().is_empty(),
+        "hints are not this node's data"
+    );
+    assert_eq!(store.hint_stats().merged.get(), 10_000 - 100);
+    // The book survives a restart (rebuilt by a scan).
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.close())
+        .await
+        .unwrap();
+    drop(store);
+    let store = open(&engine, SyncMode::Group);
+    assert_eq!(store.hint_book().target("n2"), book);
+}
+
+/// A hint is deleted only if it is unchanged since it was read: one merged during replay stays.
+#[tokio::test]
+async fn a_hint_is_deleted_only_if_unchanged() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    store
+        .write(hint("n2", "k", one_version(1, 1, "a")))
+        .await
+        .unwrap();
+    let read = store.read_hint("n2", b"k").await.unwrap().unwrap();
+    // A concurrent write merges into the hint while it is being replayed.
+    store
+        .write(hint("n2", "k", one_version(2, 1, "b")))
+        .await
+        .unwrap();
+    let del = |expected: Vec<u8>| WriteOp::DeleteHint {
+        target: "n2".into(),
+        key: Bytes::from_static(b"k"),
+        expected,
+        drop: None,
+    };
+    let out = store.write(del(read)).await.unwrap();
+    assert!(!out.changed, "changed meanwhile: kept");
+    assert_eq!(store.hint_stats().kept_changed.get(), 1);
+    let now = store.read_hint("n2", b"k").await.unwrap().unwrap();
+    assert_eq!(decode_hint(b"k", &now).unwrap().1.siblings().len(), 2);
+    let out = store.write(del(now)).await.unwrap();
+    assert!(out.changed, "unchanged: deleted");
+    assert!(store.read_hint("n2", b"k").await.unwrap().is_none());
+    assert_eq!(store.hint_book().target("n2").keys, 0);
+    assert_eq!(store.hint_stats().deleted.get(), 1);
+}
+
+/// Past a byte cap a hint is refused (`HintsFull`), counted, and the target's partition is
+/// marked for anti-entropy; other targets below their cap still take hints; an expired hint
+/// is given up the same way.
+#[tokio::test]
+async fn caps_and_expiry_drop_hints_and_mark_their_partitions() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open_with_hint_limits(
+        &engine,
+        HintLimits {
+            max_bytes: 64 << 10,
+            max_bytes_per_target: 16 << 10,
+        },
+    ));
+    let big = "x".repeat(1000);
+    let mut refused = Vec::new();
+    for i in 0..40 {
+        let key = format!("k{i}");
+        match store
+            .write(hint("n2", &key, one_version(1, i + 1, &big)))
+            .await
+        {
+            Ok(_) => {}
+            Err(WriteError::HintsFull { target, limit, .. }) => {
+                assert_eq!((target.as_str(), limit), ("n2", 16 << 10));
+                refused.push(key);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let pending = store.hint_book().target("n2");
+    assert!(pending.bytes <= 16 << 10, "{pending:?}");
+    assert!(
+        refused.len() >= 20,
+        "most of 40 KB did not fit 16 KiB: {}",
+        refused.len()
+    );
+    assert_eq!(store.hint_stats().dropped_cap.get(), refused.len() as u64);
+    let marks = store.aae_marks().await.unwrap();
+    for key in &refused {
+        assert!(
+            marks.contains(&("n2".to_string(), partition_of(key.as_bytes()))),
+            "{key}'s partition is marked for n2"
+        );
+    }
+    assert!(marks.iter().all(|(t, _)| t == "n2"));
+    // Another target has its own cap.
+    store
+        .write(hint("n3", "k0", one_version(1, 99, &big)))
+        .await
+        .unwrap();
+
+    // Expiry: the replay worker gives an old hint up with a compare-and-delete that marks.
+    let row = store.read_hint("n3", b"k0").await.unwrap().unwrap();
+    let out = store
+        .write(WriteOp::DeleteHint {
+            target: "n3".into(),
+            key: Bytes::from_static(b"k0"),
+            expected: row,
+            drop: Some(DropReason::Expired),
+        })
+        .await
+        .unwrap();
+    assert!(out.changed);
+    assert_eq!(store.hint_stats().dropped_expired.get(), 1);
+    let marks = store.aae_marks().await.unwrap();
+    assert!(marks.contains(&("n3".to_string(), partition_of(b"k0"))));
+}
+
+/// A client write that names primaries no fallback covers keeps their hints in the same
+/// batch as the data: a failed batch applies neither.
+#[tokio::test]
+async fn a_local_hint_commits_with_the_write_or_not_at_all() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    let op = |v: &str| WriteOp::Update {
+        key: Bytes::from_static(b"k"),
+        ctx: VersionVector::new(),
+        value: Some(Bytes::from(v.to_string())),
+        timestamp_ms: 1,
+        hint_for: vec!["n2".into(), "n3".into()],
+    };
+    let out = store.write(op("a")).await.unwrap();
+    for t in ["n2", "n3"] {
+        let row = store.read_hint(t, b"k").await.unwrap().unwrap();
+        assert_eq!(decode_hint(b"k", &row).unwrap().1, out.state, "{t}");
+    }
+    engine.set_fail_writes(true);
+    assert!(store.write(op("b")).await.is_err());
+    engine.set_fail_writes(false);
+    let row = store.read_hint("n2", b"k").await.unwrap().unwrap();
+    assert_eq!(
+        decode_hint(b"k", &row).unwrap().1,
+        out.state,
+        "the failed write left no hint"
+    );
+    assert_eq!(store.hint_book().target("n2").keys, 1);
+}
