@@ -77,6 +77,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
         None => Ok(vec![cli.clone()]),
         Some("ci") => Ok(vec![
             with("register", "kill,partition", 35, 1),
+            // Sloppy writes (5 nodes, fallbacks) under kills: hints alone converge the replicas.
+            with("register", "kill", 25, 4),
             with("set", "pause", 20, 2),
             // Shorter fault windows, so that both faults happen in a short run.
             Cli {
@@ -86,6 +88,7 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
+            with("register", "kill", 90, 20),
             with("register", "pause,clock", 120, 12),
             with("register", "partition,loss", 120, 13),
             with("set", "kill,pause", 90, 14),
