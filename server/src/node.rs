@@ -269,6 +269,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         admission_timeout: HANDSHAKE_TIMEOUT,
         ..client_cfg.clone()
     };
+    if lone {
+        // A cluster of one is ready as soon as the gossip worker published its first view:
+        // wait for it before announcing the node (the address file), so that a client that
+        // connects as soon as the node is announced is not told "joining".
+        membership
+            .wait_ready(std::time::Duration::from_secs(5))
+            .await;
+    }
     write_addr_file(&config, client_addr, peer_addr, gossip_addr);
     info!(node = %node_id, client = %client_addr, peer = %peer_addr, gossip = %gossip_addr, cluster = %config.cluster_name,
           seeds = ?config.seeds, n = config.n, r = config.r, w = config.w,

@@ -126,7 +126,15 @@ fn modules_import_only_what_the_architecture_allows() {
     let files = load();
     assert!(files.len() > 20, "found the sources: {}", files.len());
     let mut v = Vec::new();
-    let services = ["coordinator", "replica", "api", "node", "rpc", "background"];
+    let services = [
+        "coordinator",
+        "replica",
+        "handoff",
+        "api",
+        "node",
+        "rpc",
+        "background",
+    ];
     check(
         &mut v,
         &files,
@@ -155,6 +163,7 @@ fn modules_import_only_what_the_architecture_allows() {
         &[
             "coordinator",
             "replica",
+            "handoff",
             "api",
             "node",
             "rpc",
@@ -170,6 +179,7 @@ fn modules_import_only_what_the_architecture_allows() {
         "api",
         "node",
         "replica",
+        "handoff",
         "background",
         "clock",
         "config",
@@ -179,7 +189,10 @@ fn modules_import_only_what_the_architecture_allows() {
         &files,
         |rel| {
             matches!(module(rel), "version" | "ring")
-                || matches!(rel, "coordinator/quorum.rs" | "coordinator/plan.rs")
+                || matches!(
+                    rel,
+                    "coordinator/quorum.rs" | "coordinator/plan.rs" | "handoff/budget.rs"
+                )
         },
         &io,
         "pure cores do no I/O",
@@ -195,9 +208,23 @@ fn modules_import_only_what_the_architecture_allows() {
         &mut v,
         &files,
         |rel| module(rel) == "rpc",
-        &["replica", "api", "node", "storage"],
+        &["replica", "handoff", "api", "node", "storage"],
         "rpc knows no service",
     );
+    // Services do not reach into each other (they talk over the peer protocol or handles).
+    for (service, others) in [
+        ("coordinator", ["replica", "handoff"]),
+        ("replica", ["coordinator", "handoff"]),
+        ("handoff", ["coordinator", "replica"]),
+    ] {
+        check(
+            &mut v,
+            &files,
+            |rel| module(rel) == service,
+            &others,
+            "a service does not import another service",
+        );
+    }
     // rpc may use the sans-IO trackers, nothing else of the coordinator.
     for f in files.iter().filter(|f| module(&f.rel) == "rpc") {
         for m in imports(&f.code) {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ErrorKind, GetOptions, PutOptions};
-use ringkv_jepsen::{metric, Cluster};
+use ringkv_jepsen::{eventually, metric, Cluster};
 
 use ringkv_jepsen::sorted_values as strings;
 
@@ -27,19 +27,6 @@ const LOCAL: GetOptions = GetOptions {
     timeout: None,
     local: true,
 };
-
-/// Polls `check` until it returns true or `timeout` passes.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_through_one_node_read_through_another() {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ClientConfig, ErrorKind, GetOptions, PutOptions};
-use ringkv_jepsen::{bin_path, metric, Cluster};
+use ringkv_jepsen::{bin_path, eventually, metric, Cluster};
 use ringkv_protocol::ring::{key_position, Ring};
 
 const LOCAL: GetOptions = GetOptions {
@@ -21,19 +21,6 @@ fn w(n: u8) -> PutOptions {
     PutOptions {
         w: Some(n),
         ..Default::default()
-    }
-}
-
-/// Polls `check` until it returns true or `timeout` passes.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -65,6 +65,14 @@ impl Membership {
         self.view.borrow().clone()
     }
 
+    /// Waits until the view says this node knows the ring, at most `timeout`; true if it does.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        let mut view = self.view.clone();
+        tokio::time::timeout(timeout, view.wait_for(|v| v.ready))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Per-member details (SWIM state, incarnation, phi, last heard); None if the driver stopped.
     pub async fn members(&self) -> Option<MembersReply> {
         let (tx, rx) = oneshot::channel();

@@ -35,3 +35,16 @@ pub async fn metric(client: &ringkv_client::Client, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name}"))
         .1
 }
+
+/// Polls `check` (every 100 ms) until it returns true; panics naming `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
