@@ -91,19 +91,16 @@ impl Replica {
                 )
             }
         };
-        let limit = Duration::from_millis(timeout_ms as u64);
         let hkey = HexKey(key.to_vec());
         // On timeout the merge may still commit later: merges are idempotent.
-        match tokio::time::timeout(limit, self.store.write(WriteOp::Merge { key, state })).await {
-            Ok(Ok(_)) => PeerResponse::Replica(ReplicaResponse::Ack),
-            Ok(Err(e)) => self.error(e.kind(), e.is_definite(), e.to_string()),
-            Err(_) => self.error(
-                ErrorKind::Timeout { acks: 0, needed: 1 },
-                true,
-                format!(
-                    "key {hkey}: replica write exceeded the {timeout_ms} ms left of the deadline"
-                ),
-            ),
+        let merge = WriteOp::Merge { key, state };
+        match self
+            .store
+            .write_within(merge, timeout_ms, || format!("key {hkey}: replica write"))
+            .await
+        {
+            Ok(_) => PeerResponse::Replica(ReplicaResponse::Ack),
+            Err(e) => self.error(e.kind(), e.is_definite(), e.to_string()),
         }
     }
 }

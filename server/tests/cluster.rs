@@ -1,6 +1,6 @@
 //! Cluster behaviour through real `ringkv` processes on 127.0.0.1 with temp data dirs.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ringkv_client::{Client, ErrorKind, GetOptions, PutOptions};
 use ringkv_jepsen::{eventually, metric, Cluster};

@@ -166,21 +166,19 @@ impl Handoff {
                 )
             }
         };
+        let what = format!(
+            "hint for {target}, key {}: hint write",
+            HexKey(key.to_vec())
+        );
         // A hint for this node itself (the sender saw it down): it is the data.
         let op = if target == self.node_id {
             WriteOp::Merge { key, state }
         } else {
             WriteOp::Hint { target, key, state }
         };
-        let limit = Duration::from_millis(timeout_ms as u64);
-        match tokio::time::timeout(limit, self.store.write(op)).await {
-            Ok(Ok(_)) => PeerResponse::Handoff(HandoffResponse::HintStored),
-            Ok(Err(e)) => self.error(e.kind(), e.is_definite(), e.to_string()),
-            Err(_) => self.error(
-                ErrorKind::Timeout { acks: 0, needed: 1 },
-                true,
-                format!("hint write exceeded the {timeout_ms} ms left of the deadline"),
-            ),
+        match self.store.write_within(op, timeout_ms, || what).await {
+            Ok(_) => PeerResponse::Handoff(HandoffResponse::HintStored),
+            Err(e) => self.error(e.kind(), e.is_definite(), e.to_string()),
         }
     }
 

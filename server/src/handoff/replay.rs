@@ -76,15 +76,20 @@ impl<T: Transport> ReplayWorker<T> {
         }
     }
 
-    fn set_state(&self, target: &str, state: &'static str, pass: Option<&Pass>) {
+    /// Records `target`'s replay state and, when given, its pass progress (done, total).
+    fn set_state(&self, target: &str, state: &'static str, progress: Option<(u64, u64)>) {
         let states = self.handoff.replay_states();
         let mut states = states.lock().expect("replay lock poisoned");
         let e = states.entry(target.to_string()).or_default();
         e.state = state;
-        if let Some(p) = pass {
-            e.done = p.done;
-            e.total = p.total;
+        if let Some((done, total)) = progress {
+            e.done = done;
+            e.total = total;
         }
+    }
+
+    fn progress_of(&self, target: &str) -> Option<(u64, u64)> {
+        self.passes.get(target).map(|p| (p.done, p.total))
     }
 
     /// Gives up hints older than the window, one bounded batch per call; true if it did work.
@@ -201,8 +206,7 @@ impl<T: Transport> ReplayWorker<T> {
                         target.to_string(),
                         Instant::now() + Duration::from_millis(retry_after_ms.max(1) as u64),
                     );
-                    let pass = self.passes.get(target);
-                    self.set_state(target, "paced", pass);
+                    self.set_state(target, "paced", self.progress_of(target));
                     return Ok(());
                 }
                 (keys as usize, bytes as usize)
@@ -293,24 +297,22 @@ impl<T: Transport> ReplayWorker<T> {
             "replaying to {target}: {} of {} hints this pass",
             pass.done, pass.total
         );
-        let finished = pass.cursor.is_none();
-        let stuck = finished && pass.done == 0;
-        let snapshot = Pass {
-            cursor: None,
-            done: pass.done,
-            total: pass.total,
-            started: pass.started,
-        };
-        self.set_state(target, "replaying", Some(&snapshot));
-        if finished {
-            debug!(node = %self.node_id, %target, replayed = snapshot.done, "replay pass done");
-            self.passes.remove(target);
-            if stuck && self.store.hint_book().target(target).keys > 0 {
+        let progress = (pass.done, pass.total);
+        if pass.cursor.is_some() {
+            self.set_state(target, "replaying", Some(progress));
+            return Ok(());
+        }
+        debug!(node = %self.node_id, %target, replayed = progress.0, "replay pass done");
+        self.passes.remove(target);
+        let left = self.store.hint_book().target(target).keys;
+        if left == 0 {
+            self.set_state(target, "idle", Some(progress));
+        } else {
+            self.set_state(target, "replaying", Some(progress));
+            if progress.0 == 0 {
+                // A whole pass replayed nothing (every hint refused or changed): pause.
                 self.paused
                     .insert(target.to_string(), Instant::now() + STUCK_PAUSE);
-            }
-            if self.store.hint_book().target(target).keys == 0 {
-                self.set_state(target, "idle", Some(&snapshot));
             }
         }
         Ok(())
@@ -356,7 +358,7 @@ impl<T: Transport> Worker for ReplayWorker<T> {
             warn!(node = %self.node_id, %target, %cause, "hint replay failed; retrying in a second");
             self.paused
                 .insert(target.clone(), Instant::now() + FAILURE_PAUSE);
-            self.set_state(target, "failing", self.passes.get(target));
+            self.set_state(target, "failing", self.progress_of(target));
             self.detail = format!("replay to {target} failed: {cause}");
         }
         Ok(WorkerState::Busy)

@@ -160,19 +160,38 @@ impl Default for HintLimits {
     }
 }
 
-/// What is pending for one target.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What is pending for one target (a summary: cheap to copy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TargetHints {
     pub keys: u64,
     pub bytes: u64,
-    /// Hints by the second their oldest write was stored (for the oldest age).
-    by_second: BTreeMap<u64, u64>,
+    oldest_ms: Option<u64>,
 }
 
 impl TargetHints {
-    /// When the oldest pending write for this target was first hinted (ms since the epoch).
+    /// When the oldest pending write for this target was first hinted (ms since the epoch,
+    /// to the second).
     pub fn oldest_ms(&self) -> Option<u64> {
-        self.by_second.keys().next().map(|s| s * 1000)
+        self.oldest_ms
+    }
+}
+
+/// The book's entry for one target: the counts, and hints by the second their oldest write
+/// was stored (for the oldest age).
+#[derive(Debug, Default)]
+struct TargetEntry {
+    keys: u64,
+    bytes: u64,
+    by_second: BTreeMap<u64, u64>,
+}
+
+impl TargetEntry {
+    fn summary(&self) -> TargetHints {
+        TargetHints {
+            keys: self.keys,
+            bytes: self.bytes,
+            oldest_ms: self.by_second.keys().next().map(|s| s * 1000),
+        }
     }
 }
 
@@ -180,7 +199,7 @@ impl TargetHints {
 /// scan at open), read by the replay worker, the metrics and `kvctl hints`.
 #[derive(Debug, Default)]
 pub struct HintBook {
-    inner: Mutex<BTreeMap<String, TargetHints>>,
+    inner: Mutex<BTreeMap<String, TargetEntry>>,
 }
 
 /// One row's contribution to the book.
@@ -218,12 +237,15 @@ impl HintBook {
 
     pub fn target(&self, target: &str) -> TargetHints {
         let book = self.inner.lock().expect("hint book lock poisoned");
-        book.get(target).cloned().unwrap_or_default()
+        book.get(target)
+            .map(TargetEntry::summary)
+            .unwrap_or_default()
     }
 
     /// Every target with pending hints.
     pub fn targets(&self) -> BTreeMap<String, TargetHints> {
-        self.inner.lock().expect("hint book lock poisoned").clone()
+        let book = self.inner.lock().expect("hint book lock poisoned");
+        book.iter().map(|(t, e)| (t.clone(), e.summary())).collect()
     }
 
     /// (keys, bytes) pending over all targets.

@@ -252,6 +252,10 @@ pub enum WriteError {
         pending: u64,
         limit: u64,
     },
+    /// A peer's write did not commit within the time the peer had left (it may still commit
+    /// later: the writer does not drop queued jobs).
+    #[error("{what} exceeded the {timeout_ms} ms left of the deadline")]
+    DeadlinePassed { what: String, timeout_ms: u32 },
     #[error("store is shutting down")]
     ShuttingDown,
     #[error("key {key}: {source}")]
@@ -286,6 +290,7 @@ impl WriteError {
                 limit: *max_count as u64,
             },
             WriteError::Overloaded { .. } | WriteError::HintsFull { .. } => ErrorKind::Overloaded,
+            WriteError::DeadlinePassed { .. } => ErrorKind::Timeout { acks: 0, needed: 1 },
             WriteError::ShuttingDown => ErrorKind::Unavailable {
                 alive: 0,
                 needed: 1,
@@ -606,6 +611,24 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.submit(op, Reply::Committed(reply))?;
         rx.await.unwrap_or_else(|_| Err(writer_exited(&key)))
+    }
+
+    /// A write a peer asked for, bounded by the `timeout_ms` it has left; `what` names it in
+    /// the `DeadlinePassed` error ("key k: replica write").
+    pub async fn write_within(
+        &self,
+        op: WriteOp,
+        timeout_ms: u32,
+        what: impl FnOnce() -> String,
+    ) -> Result<WriteOutcome, WriteError> {
+        let limit = std::time::Duration::from_millis(timeout_ms as u64);
+        match tokio::time::timeout(limit, self.write(op)).await {
+            Ok(result) => result,
+            Err(_) => Err(WriteError::DeadlinePassed {
+                what: what(),
+                timeout_ms,
+            }),
+        }
     }
 
     /// Queues a write and resolves with its outcome as soon as its group is in this node's own
