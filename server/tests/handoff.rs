@@ -114,11 +114,19 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
         .map(|i| (format!("key-{i}"), format!("value-{i}").into_bytes()))
         .collect();
     write_all(&c, &others, keys.clone()).await;
-    let pending = total(&c, &others, "hints.pending_keys").await;
     let for_n5 = keys
         .iter()
         .filter(|(k, _)| preference(&ring, k).contains(&"n5".to_string()))
         .count();
+    // A write is answered at W=2 acks; its hint for n5 may still be on its way (a slot beyond
+    // W finishes after the answer), so the count is awaited, then read once more.
+    eventually(
+        Duration::from_secs(10),
+        "every write n5 missed is hinted",
+        || async { total(&c, &others, "hints.pending_keys").await as usize >= for_n5 },
+    )
+    .await;
+    let pending = total(&c, &others, "hints.pending_keys").await;
     assert!(
         pending as usize >= for_n5,
         "every write n5 missed is hinted: {pending} hints, {for_n5} keys"
