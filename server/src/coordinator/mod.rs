@@ -607,12 +607,14 @@ impl<T: Transport> Coordinator<T> {
         key: &Bytes,
         deadline: Instant,
     ) -> Result<Bytes, Response> {
+        // Primaries only: a fallback's hint (or its absence) would let the read miss versions
+        // that W primaries acknowledged, and the delete would not cover them.
         let needed = self.config.r as usize;
         let state = self
             .quorum_read(
                 key.clone(),
                 needed,
-                0,
+                needed,
                 deadline,
                 "delete without context: reading the versions to delete",
             )

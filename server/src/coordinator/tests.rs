@@ -786,3 +786,48 @@ async fn a_sloppy_read_counts_fallback_hints_and_pr_refuses_it() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_delete_without_context_reads_primaries_only() {
+    let (key, others, fallbacks) = key_on_a();
+    let h = harness(alive_but(&[&others[0], &others[1]]));
+    for f in &fallbacks {
+        h.script.on(
+            f,
+            Kind::ReadHint,
+            answer(PeerResponse::Handoff(HandoffResponse::HintState(
+                Bytes::from(KeyState::new().encode()),
+            ))),
+        );
+    }
+    let delete = Request::Delete {
+        key: Bytes::from(key.clone()),
+        context: Bytes::new(),
+        opts: WriteOptions {
+            w: 1,
+            timeout_ms: 1000,
+            flags: 0,
+            pw: 0,
+        },
+    };
+    match h.coordinator.write(delete).await {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 1,
+                    needed: 2
+                },
+                "{}",
+                e.message
+            );
+            assert!(e.definite, "{}", e.message);
+        }
+        other => panic!("a fallback's hint must not stand in for the delete's read: {other:?}"),
+    }
+    assert!(h.script.calls(Kind::ReadHint).is_empty());
+    assert!(
+        local(&h.store, &key).await.siblings().is_empty(),
+        "nothing was written"
+    );
+}

@@ -103,6 +103,8 @@ struct Write {
     may_cover: BTreeSet<String>,
     /// A delete sent without a context.
     context_free: bool,
+    /// Acknowledged with acks from fallbacks (sloppy quorum).
+    sloppy: bool,
 }
 
 /// §2a and §2c: no lost acknowledged writes, no phantoms, no resurrections. The final state of
@@ -137,6 +139,7 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
                     covers,
                     may_cover: BTreeSet::new(),
                     context_free: c.invoke.f == "delete" && c.invoke.ctx_src.is_none(),
+                    sloppy: c.done.fallback_acks.unwrap_or(0) > 0,
                 });
             }
             "get" if c.done.kind == OpType::Ok => {
@@ -160,25 +163,35 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
                 covers: BTreeSet::new(),
                 may_cover: BTreeSet::new(),
                 context_free: false,
+                sloppy: false,
             });
         }
     }
-    // A delete without context supersedes what a quorum read returns: every write (put or
-    // delete) of the key acknowledged before the delete began (R + W > N: the read sees it),
-    // and perhaps writes concurrent with it.
-    let written: Vec<(String, String, u64, u64, OpType)> = writes
+    // A delete without context supersedes what a quorum read of primaries returns: every write
+    // (put or delete) of the key acknowledged by W primaries before the delete began (R + W > N:
+    // the read sees it), and perhaps writes concurrent with it. A write acknowledged partly by
+    // fallbacks (sloppy quorum) may sit on fallbacks and one primary only until its hints are
+    // replayed: the delete's read may miss it (docs/operations.md, "Quorums and failures").
+    let written: Vec<(String, String, u64, u64, OpType, bool)> = writes
         .iter()
         .filter_map(|w| {
             let v = w.value.as_ref()?;
-            Some((w.key.clone(), v.clone(), w.invoke_t, w.done_t, w.outcome))
+            Some((
+                w.key.clone(),
+                v.clone(),
+                w.invoke_t,
+                w.done_t,
+                w.outcome,
+                w.sloppy,
+            ))
         })
         .collect();
     for d in writes.iter_mut().filter(|w| w.context_free) {
-        for (key, v, invoke_t, done_t, outcome) in &written {
+        for (key, v, invoke_t, done_t, outcome, sloppy) in &written {
             if *key != d.key || d.value.as_ref() == Some(v) {
                 continue;
             }
-            if *outcome == OpType::Ok && *done_t < d.invoke_t {
+            if *outcome == OpType::Ok && *done_t < d.invoke_t && !sloppy {
                 d.covers.insert(v.clone());
             } else if *invoke_t < d.done_t {
                 d.may_cover.insert(v.clone());
@@ -689,6 +702,40 @@ mod tests {
         let r = check_register(&h.0);
         assert_eq!(r.resurrected, vec!["k: a".to_string()]);
         assert!(!r.valid);
+    }
+
+    /// A put acknowledged partly by fallbacks (sloppy quorum) may be missed by a later delete
+    /// without context (its read asks primaries, and the put may sit on one primary and a
+    /// fallback until the hint is replayed): surviving it is no resurrection. The same put
+    /// acknowledged by primaries only must be gone.
+    #[test]
+    fn a_delete_without_context_may_miss_a_put_acknowledged_by_fallbacks() {
+        let tomb = "tomb:00000000000000aa:1";
+        for (fallback_acks, resurrected) in [(1u8, false), (0u8, true)] {
+            let mut h = H::new();
+            h.push(
+                Op::new("1", OpType::Invoke, "put")
+                    .key("k")
+                    .value(json!("a")),
+            );
+            let mut done = Op::new("1", OpType::Ok, "put").key("k").value(json!("a"));
+            done.fallback_acks = Some(fallback_acks);
+            h.push(done);
+            h.push(Op::new("2", OpType::Invoke, "delete").key("k"));
+            h.push(
+                Op::new("2", OpType::Ok, "delete")
+                    .key("k")
+                    .value(json!(tomb)),
+            );
+            h.get(FINAL, "k", &["a", tomb]);
+            let r = check_register(&h.0);
+            assert_eq!(
+                !r.resurrected.is_empty(),
+                resurrected,
+                "{fallback_acks}: {r:?}"
+            );
+            assert!(r.lost.is_empty());
+        }
     }
 
     /// A delete without context supersedes what its internal quorum read returns: every put

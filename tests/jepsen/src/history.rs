@@ -56,6 +56,9 @@ pub struct Op {
     pub err: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definite: Option<bool>,
+    /// put/delete ok: acks that came from fallbacks holding a hint (sloppy quorum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_acks: Option<u8>,
 }
 
 impl Op {
@@ -73,6 +76,7 @@ impl Op {
             ctx_src: None,
             node: None,
             err: None,
+            fallback_acks: None,
             definite: None,
         }
     }

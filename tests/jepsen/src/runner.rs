@@ -241,9 +241,9 @@ async fn register_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node
             } else {
                 json!(value)
             };
-            shared
-                .rec
-                .record(Op::new(p.to_string(), OpType::Ok, f).key(&key).value(v));
+            let mut done = Op::new(p.to_string(), OpType::Ok, f).key(&key).value(v);
+            done.fallback_acks = Some(w.fallback_acks);
+            shared.rec.record(done);
             OpType::Ok
         }
         Err(e) => {
