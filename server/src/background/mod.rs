@@ -22,6 +22,8 @@ use tracing::{info, warn};
 
 use crate::metrics::Registry;
 
+pub mod load;
+
 /// First wait after a failed step; doubles per error in a row up to `BACKOFF_MAX`.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -350,12 +352,34 @@ pub fn backoff(errors_in_a_row: u32) -> Duration {
     (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX)
 }
 
+/// Background writes (hint replay, later repair and transfers) wait this many times as long as
+/// their last chunk took before the next one (Garage's tranquilizer): a chunk that queued
+/// behind busy foreground work took long, so the pause grows with the foreground's load and
+/// the background's share of the writer stays at most 1 / (1 + TRANQUILITY).
+pub const TRANQUILITY: u32 = 2;
+/// The longest tranquil pause (a chunk stuck behind a stall does not park replay for minutes).
+pub const MAX_TRANQUIL_PAUSE: Duration = Duration::from_secs(1);
+
+/// The pause after a background chunk that took `elapsed`.
+pub fn tranquil_pause(elapsed: Duration) -> Duration {
+    (elapsed * TRANQUILITY).min(MAX_TRANQUIL_PAUSE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testkit::eventually;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::sync::Notify;
+
+    #[test]
+    fn a_tranquil_pause_grows_with_the_chunk_time_up_to_its_cap() {
+        let fast = tranquil_pause(Duration::from_millis(2));
+        let slow = tranquil_pause(Duration::from_millis(20));
+        assert_eq!(fast, Duration::from_millis(2) * TRANQUILITY);
+        assert_eq!(slow, fast * 10);
+        assert_eq!(tranquil_pause(Duration::from_secs(60)), MAX_TRANQUIL_PAUSE);
+    }
 
     /// Fails its first two steps, then does `items` units of work one per step, then idles
     /// until notified.

@@ -6,6 +6,9 @@
 //! the batch arrives, so one state larger than the bucket still goes through, after which the
 //! bucket is in debt and the next grants wait. Ten holders asking at once share one budget:
 //! a recovering node is never replayed into faster than it allows (no hint storm).
+//!
+//! The rates are scaled by a pace (0..=1, set from the node's CPU use, see
+//! `background::load`): a node busy with foreground work takes its replay more slowly.
 
 /// Seconds of budget the bucket holds: how far a burst may run ahead of the rate.
 pub const BURST_SECS: f64 = 0.5;
@@ -22,6 +25,8 @@ pub struct Grant {
 pub struct ReplayBudget {
     keys_per_sec: f64,
     bytes_per_sec: f64,
+    /// The share of the configured rates in force (1 = whole).
+    pace: f64,
     keys: f64,
     bytes: f64,
     last_ms: Option<u64>,
@@ -32,6 +37,7 @@ impl ReplayBudget {
         let mut b = ReplayBudget {
             keys_per_sec: keys_per_sec.max(1) as f64,
             bytes_per_sec: bytes_per_sec.max(1) as f64,
+            pace: 1.0,
             keys: 0.0,
             bytes: 0.0,
             last_ms: None,
@@ -41,19 +47,40 @@ impl ReplayBudget {
         b
     }
 
+    fn key_rate(&self) -> f64 {
+        self.keys_per_sec * self.pace
+    }
+
+    fn byte_rate(&self) -> f64 {
+        self.bytes_per_sec * self.pace
+    }
+
     fn key_capacity(&self) -> f64 {
-        (self.keys_per_sec * BURST_SECS).max(1.0)
+        (self.key_rate() * BURST_SECS).max(1.0)
     }
 
     fn byte_capacity(&self) -> f64 {
-        (self.bytes_per_sec * BURST_SECS).max(1.0)
+        (self.byte_rate() * BURST_SECS).max(1.0)
+    }
+
+    /// From now on, refill at `pace` (clamped to 0.01..=1) times the configured rates; what
+    /// the bucket holds beyond the new burst is cut.
+    pub fn set_pace(&mut self, now_ms: u64, pace: f64) {
+        self.refill(now_ms);
+        self.pace = pace.clamp(0.01, 1.0);
+        self.keys = self.keys.min(self.key_capacity());
+        self.bytes = self.bytes.min(self.byte_capacity());
+    }
+
+    pub fn pace(&self) -> f64 {
+        self.pace
     }
 
     fn refill(&mut self, now_ms: u64) {
         if let Some(last) = self.last_ms {
             let secs = now_ms.saturating_sub(last) as f64 / 1000.0;
-            self.keys = (self.keys + secs * self.keys_per_sec).min(self.key_capacity());
-            self.bytes = (self.bytes + secs * self.bytes_per_sec).min(self.byte_capacity());
+            self.keys = (self.keys + secs * self.key_rate()).min(self.key_capacity());
+            self.bytes = (self.bytes + secs * self.byte_rate()).min(self.byte_capacity());
         }
         self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
     }
@@ -63,8 +90,8 @@ impl ReplayBudget {
         self.refill(now_ms);
         let keys = (self.keys.floor() as u64).min(want_keys as u64) as u32;
         if keys == 0 || self.bytes <= 0.0 || want_bytes == 0 {
-            let key_wait = (1.0 - self.keys).max(0.0) / self.keys_per_sec;
-            let byte_wait = (1.0 - self.bytes).max(0.0) / self.bytes_per_sec;
+            let key_wait = (1.0 - self.keys).max(0.0) / self.key_rate();
+            let byte_wait = (1.0 - self.bytes).max(0.0) / self.byte_rate();
             let wait_ms = (key_wait.max(byte_wait) * 1000.0)
                 .ceil()
                 .clamp(1.0, 60_000.0);
@@ -92,6 +119,29 @@ impl ReplayBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At a pace of a quarter, holders asking as fast as they can get a quarter of the rate.
+    #[test]
+    fn a_slower_pace_scales_the_rate_and_the_burst() {
+        let mut b = ReplayBudget::new(1000, 1 << 30);
+        b.set_pace(0, 0.25);
+        let mut granted = 0u64;
+        for t in (0..=10_000).step_by(5) {
+            granted += b.grant(t, 256, 1 << 20).keys as u64;
+        }
+        let max = 250.0 * 10.0 + 250.0 * BURST_SECS;
+        assert!(granted as f64 <= max, "{granted} > {max}");
+        assert!(
+            granted as f64 >= 0.95 * 2500.0,
+            "the paced budget is used: {granted}"
+        );
+        b.set_pace(10_000, 1.0);
+        let mut more = 0u64;
+        for t in (10_005..=11_000).step_by(5) {
+            more += b.grant(t, 256, 1 << 20).keys as u64;
+        }
+        assert!(more >= 900, "back to the whole rate: {more} in a second");
+    }
 
     /// Holders asking as fast as they can never get more than the rate plus one burst.
     #[test]

@@ -18,12 +18,14 @@ pub mod replay;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerResponse};
 use ringkv_protocol::ErrorKind;
 
+use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::tranquil_pause;
 use crate::clock::now_ms;
 use crate::config::HintSettings;
 use crate::storage::hints::hint_state_bytes;
@@ -46,8 +48,14 @@ crate::metrics::metric_set! {
         replay_batches: Counter = "replay_batches", "replay batches sent";
         replay_errors: Counter = "replay_errors", "replay batches or credit requests that failed";
         replay_rate: Gauge = "replay_rate", "hints replayed per second (last pass)";
+        replay_pace: Gauge = "replay_pace_percent", "share of this node's replay budget granted at the last credit request (lower while its CPUs are busy)";
     }
 }
+
+/// At most this many replay writes (merges on the target, compare-and-deletes on the holder)
+/// are handed to the writer together: a batch of 256 in one group commit would hold the
+/// foreground writes queued behind it for the whole batch (measured: docs/benchmarks.md).
+pub const APPLY_CHUNK: usize = 32;
 
 /// What the replay worker is doing for one target (for `kvctl hints`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +76,11 @@ pub struct Handoff {
     pub metrics: Arc<HandoffMetrics>,
     /// Per target, the replay worker's state.
     replay: Arc<Mutex<BTreeMap<String, TargetReplay>>>,
+    /// Held while a replayed chunk merges and for its tranquil pause: the chunks of every
+    /// holder go to the writer one at a time, paced by how long the last one took.
+    applying: tokio::sync::Mutex<()>,
+    /// The machine's CPU use: the replay budget yields to foreground work.
+    cpu: Mutex<CpuLoad>,
 }
 
 impl Handoff {
@@ -82,6 +95,8 @@ impl Handoff {
             settings,
             metrics: Arc::new(HandoffMetrics::default()),
             replay: Arc::default(),
+            applying: tokio::sync::Mutex::new(()),
+            cpu: Mutex::default(),
         }
     }
 
@@ -129,11 +144,18 @@ impl Handoff {
                 want_keys,
                 want_bytes,
             } => {
-                let grant = self.budget.lock().expect("budget lock poisoned").grant(
-                    now_ms(),
-                    want_keys,
-                    want_bytes,
-                );
+                let pace = self
+                    .cpu
+                    .lock()
+                    .expect("cpu load lock poisoned")
+                    .busy()
+                    .map_or(1.0, yield_scale);
+                let grant = {
+                    let mut budget = self.budget.lock().expect("budget lock poisoned");
+                    budget.set_pace(now_ms(), pace);
+                    budget.grant(now_ms(), want_keys, want_bytes)
+                };
+                self.metrics.replay_pace.set((pace * 100.0).round() as u64);
                 if grant.keys == 0 {
                     self.metrics.credits_refused.inc();
                 }
@@ -195,16 +217,26 @@ impl Handoff {
             .spend_bytes(now_ms(), bytes);
         self.metrics.replay_received.inc_by(entries.len() as u64);
         self.metrics.replay_received_bytes.inc_by(bytes);
-        let merges = entries.into_iter().map(|(key, state)| async move {
-            let hkey = HexKey(key.to_vec());
-            let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
-            self.store
-                .write(WriteOp::Merge { key, state })
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("key {hkey}: {e}"))
-        });
-        let results = futures::future::join_all(merges).await;
+        let mut results = Vec::with_capacity(entries.len());
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let _one_at_a_time = self.applying.lock().await;
+            let started = Instant::now();
+            let merges = entries
+                .by_ref()
+                .take(APPLY_CHUNK)
+                .map(|(key, state)| async move {
+                    let hkey = HexKey(key.to_vec());
+                    let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
+                    self.store
+                        .write(WriteOp::Merge { key, state })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("key {hkey}: {e}"))
+                });
+            results.extend(futures::future::join_all(merges).await);
+            tokio::time::sleep(tranquil_pause(started.elapsed())).await;
+        }
         let merged = results
             .iter()
             .map(|r| {

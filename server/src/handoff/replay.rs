@@ -12,8 +12,8 @@ use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerRequest, PeerRe
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Handoff;
-use crate::background::{Progress, Worker, WorkerState};
+use super::{Handoff, APPLY_CHUNK};
+use crate::background::{tranquil_pause, Progress, Worker, WorkerState};
 use crate::clock::now_ms;
 use crate::membership::Membership;
 use crate::rpc::{PeerPool, Transport};
@@ -261,25 +261,34 @@ impl<T: Transport> ReplayWorker<T> {
                 Err(e) => return Err(format!("{target}: replay batch of {sent} hints: {e}")),
             }
         };
-        let mut replayed = 0u64;
+        // Deleted only if unchanged: a hint merged meanwhile stays for the next pass. The
+        // deletes go to the writer in chunks (a few per group commit, not one group each).
+        let mut deletes = Vec::with_capacity(sent);
         for ((key, (_, value)), ok) in keys_of.into_iter().zip(rows).zip(merged) {
             if !ok {
                 self.handoff.metrics.replay_refused.inc();
                 continue;
             }
-            // Deleted only if unchanged: a hint merged meanwhile stays for the next pass.
-            let op = WriteOp::DeleteHint {
+            deletes.push(WriteOp::DeleteHint {
                 target: target.to_string(),
                 key,
                 expected: value,
                 drop: None,
-            };
-            let out = self
-                .store
-                .write(op)
-                .await
-                .map_err(|e| format!("deleting a replayed hint for {target}: {e}"))?;
-            replayed += out.changed as u64;
+            });
+        }
+        let mut replayed = 0u64;
+        let mut deletes = deletes.into_iter().peekable();
+        while deletes.peek().is_some() {
+            let started = Instant::now();
+            let outcomes = deletes
+                .by_ref()
+                .take(APPLY_CHUNK)
+                .map(|op| self.store.write(op));
+            for out in futures::future::join_all(outcomes).await {
+                let out = out.map_err(|e| format!("deleting a replayed hint for {target}: {e}"))?;
+                replayed += out.changed as u64;
+            }
+            tokio::time::sleep(tranquil_pause(started.elapsed())).await;
         }
         self.handoff.metrics.replayed.inc_by(replayed);
         let pass = self

@@ -77,9 +77,9 @@ impl KeyChooser {
     }
 }
 
-/// The key for index `i`, YCSB style.
-pub fn key_name(i: u64) -> String {
-    format!("user{i:012}")
+/// The key for index `i`, YCSB style (`prefix` is "user" unless `--key-prefix` says otherwise).
+pub fn key_name(prefix: &str, i: u64) -> String {
+    format!("{prefix}{i:012}")
 }
 
 #[cfg(test)]

@@ -60,6 +60,8 @@ pub struct BenchConfig {
     pub label: String,
     pub workload: Workload,
     pub records: u64,
+    /// Keys are `<key_prefix><index, 12 digits>` ("user" by default, as YCSB).
+    pub key_prefix: String,
     pub value_size: usize,
     pub distribution: String,
     pub duration_s: f64,
@@ -215,18 +217,23 @@ fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool
 }
 
 /// Runs one operation and counts it for the progress line; the caller records its latency.
+/// One operation, counted in the progress counters; `started` is when its latency starts
+/// (the intended start in the open loop).
 async fn counted(
     conn: &Conn,
     kind: OpKind,
     key: &str,
     value: &Bytes,
     counters: &Counters,
+    started: Instant,
 ) -> Result<bool, String> {
     let r = do_op(conn, kind, key, value).await;
     if r.is_err() {
         counters.errors.fetch_add(1, Ordering::Relaxed);
     }
     counters.done.fetch_add(1, Ordering::Relaxed);
+    let us = started.elapsed().as_micros() as u64;
+    counters.second_max_us.fetch_max(us, Ordering::Relaxed);
     r
 }
 
@@ -235,17 +242,20 @@ async fn counted(
 struct Counters {
     done: AtomicU64,
     errors: AtomicU64,
+    /// The slowest operation since the last progress line (a stall shows in its second).
+    second_max_us: AtomicU64,
 }
 
 /// The next operation of the run phase: a key from the distribution, read or update by the
 /// workload's mix, and the value an update writes.
 fn next_op(
+    prefix: &str,
     chooser: &KeyChooser,
     read_p: f64,
     size: usize,
     rng: &mut StdRng,
 ) -> (String, OpKind, Bytes) {
-    let key = key_name(chooser.next(rng));
+    let key = key_name(prefix, chooser.next(rng));
     let kind = if rng.random_bool(read_p) {
         OpKind::Read
     } else {
@@ -271,10 +281,11 @@ fn progress(phase: &'static str, counters: Arc<Counters>, running: Arc<AtomicBoo
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = counters.done.load(Ordering::Relaxed);
             eprintln!(
-                "[kvbench] {phase} {:>5.1}s {:>10} ops {:>9} ops/s  errors {}",
+                "[kvbench] {phase} {:>5.1}s {:>10} ops {:>9} ops/s  max {:>7} us  errors {}",
                 start.elapsed().as_secs_f64(),
                 n,
                 n - last,
+                counters.second_max_us.swap(0, Ordering::Relaxed),
                 counters.errors.load(Ordering::Relaxed)
             );
             last = n;
@@ -295,6 +306,7 @@ async fn load_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
         let conn = conns[w % conns.len()].clone();
         let (next, counters) = (next.clone(), counters.clone());
         let records = cfg.records;
+        let prefix: Arc<str> = cfg.key_prefix.as_str().into();
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ (w as u64 + 1) << 1);
         let size = cfg.value_size;
         tasks.push(tokio::spawn(async move {
@@ -306,7 +318,8 @@ async fn load_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                 }
                 let value = value_of(size, &mut rng);
                 let t = Instant::now();
-                let r = counted(&conn, OpKind::Update, &key_name(i), &value, &counters).await;
+                let key = key_name(&prefix, i);
+                let r = counted(&conn, OpKind::Update, &key, &value, &counters, t).await;
                 record(&mut stats, OpKind::Update, t, r);
             }
             stats
@@ -346,13 +359,14 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                     (chooser.clone(), counters.clone(), budget.clone());
                 let read_p = cfg.workload.read_proportion;
                 let size = cfg.value_size;
+                let prefix: Arc<str> = cfg.key_prefix.as_str().into();
                 let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(31) ^ w as u64);
                 tasks.push(tokio::spawn(async move {
                     let mut stats = Stats::new();
                     while Instant::now() < deadline && take(&budget) {
-                        let (key, kind, value) = next_op(&chooser, read_p, size, &mut rng);
+                        let (key, kind, value) = next_op(&prefix, &chooser, read_p, size, &mut rng);
                         let t = Instant::now();
-                        let r = counted(&conn, kind, &key, &value, &counters).await;
+                        let r = counted(&conn, kind, &key, &value, &counters, t).await;
                         record(&mut stats, kind, t, r);
                     }
                     stats
@@ -379,6 +393,7 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                 let (shared, counters, conns) = (shared.clone(), counters.clone(), conns.to_vec());
                 let (read_p, size) = (cfg.workload.read_proportion, cfg.value_size);
                 let mut rng = StdRng::seed_from_u64(cfg.seed);
+                let prefix = cfg.key_prefix.clone();
                 move || {
                     let mut tasks = tokio::task::JoinSet::new();
                     let mut i: u64 = 0;
@@ -398,11 +413,11 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn]) -> PhaseResult {
                                 .expect("semaphore open"),
                         };
                         let conn = conns[(i as usize) % conns.len()].clone();
-                        let (key, kind, value) = next_op(&chooser, read_p, size, &mut rng);
+                        let (key, kind, value) = next_op(&prefix, &chooser, read_p, size, &mut rng);
                         let (shared, counters) = (shared.clone(), counters.clone());
                         tasks.spawn_on(
                             async move {
-                                let r = counted(&conn, kind, &key, &value, &counters).await;
+                                let r = counted(&conn, kind, &key, &value, &counters, due).await;
                                 record(&mut shared.lock().expect("stats lock"), kind, due, r);
                                 drop(permit);
                             },

@@ -29,6 +29,9 @@ struct Cli {
     workload: String,
     #[arg(long, default_value_t = 100_000)]
     records: u64,
+    /// Keys are this prefix followed by the record index (12 digits).
+    #[arg(long, default_value = "user")]
+    key_prefix: String,
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         addrs: cli.addr,
         workload,
         records: cli.records.max(1),
+        key_prefix: cli.key_prefix,
         value_size: cli.value_size,
         distribution: cli.distribution,
         duration_s: cli.duration,

@@ -1,0 +1,121 @@
+//! How busy the machine's CPUs are, for background work that yields to the foreground.
+//!
+//! Background writes are cheap per key but not free (a replayed hint costs about as much CPU
+//! as a replicated write, docs/benchmarks.md), and on a node whose CPUs are nearly saturated a
+//! few percent more work multiplies the foreground's queueing delay. A writer-queue signal does
+//! not see that (the queue stays short while every thread waits for a CPU), so background
+//! budgets are scaled by the machine's CPU use, read from `/proc/stat` (Linux; elsewhere the
+//! reading is `None` and budgets stay whole).
+
+use std::time::{Duration, Instant};
+
+/// A new `/proc/stat` reading is taken at most this often; busy is measured over the interval.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+/// Below this busy fraction, background budgets are granted whole.
+pub const YIELD_FROM: f64 = 0.5;
+/// At or above this busy fraction, background budgets are at their floor.
+pub const FLOOR_AT: f64 = 0.9;
+/// The least share of a background budget granted however busy the machine is: backlogs still
+/// drain under sustained load (slowly), instead of waiting for a quiet hour that may not come.
+pub const FLOOR: f64 = 0.1;
+
+/// The share of a background budget to grant when the CPUs are `busy` (0..=1): 1 up to
+/// [`YIELD_FROM`], falling linearly to [`FLOOR`] at [`FLOOR_AT`].
+pub fn yield_scale(busy: f64) -> f64 {
+    if busy <= YIELD_FROM {
+        return 1.0;
+    }
+    let over = ((busy - YIELD_FROM) / (FLOOR_AT - YIELD_FROM)).min(1.0);
+    1.0 - over * (1.0 - FLOOR)
+}
+
+/// (busy, total) jiffies of all CPUs from the `cpu` line of `/proc/stat`: idle and iowait are
+/// not busy; guest time is already inside user and nice.
+pub fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if f.len() < 5 {
+        return None;
+    }
+    let total: u64 = f.iter().sum();
+    let idle = f[3] + f[4];
+    Some((total - idle, total))
+}
+
+/// The machine's CPU use over the last [`SAMPLE_INTERVAL`] or more.
+#[derive(Debug, Default)]
+pub struct CpuLoad {
+    last: Option<(Instant, u64, u64)>,
+    busy: Option<f64>,
+}
+
+impl CpuLoad {
+    /// The busy fraction (0..=1) between the last two readings, re-reading `/proc/stat` if the
+    /// last reading is older than [`SAMPLE_INTERVAL`]; `None` before two readings or off Linux.
+    pub fn busy(&mut self) -> Option<f64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|(at, _, _)| now.duration_since(at) < SAMPLE_INTERVAL)
+        {
+            return self.busy;
+        }
+        let reading = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| parse_proc_stat(&t));
+        if let Some((busy, total)) = reading {
+            if let Some((_, b0, t0)) = self.last {
+                let dt = total.saturating_sub(t0);
+                if dt > 0 {
+                    self.busy = Some((busy.saturating_sub(b0) as f64 / dt as f64).min(1.0));
+                }
+            }
+            self.last = Some((now, busy, total));
+        }
+        self.busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_are_whole_when_idle_and_at_the_floor_when_saturated() {
+        assert_eq!(yield_scale(0.0), 1.0);
+        assert_eq!(yield_scale(YIELD_FROM), 1.0);
+        let mid = yield_scale((YIELD_FROM + FLOOR_AT) / 2.0);
+        assert!((mid - (1.0 + FLOOR) / 2.0).abs() < 1e-9, "{mid}");
+        assert_eq!(yield_scale(FLOOR_AT), FLOOR);
+        assert_eq!(yield_scale(1.0), FLOOR);
+        let mut last = 1.0;
+        for i in 0..=100 {
+            let s = yield_scale(i as f64 / 100.0);
+            assert!(s <= last && s >= FLOOR, "monotone and floored at {i}%: {s}");
+            last = s;
+        }
+    }
+
+    #[test]
+    fn proc_stat_counts_idle_and_iowait_as_not_busy() {
+        let text = "cpu  100 5 50 800 40 3 2 0 0 0\ncpu0 50 2 25 400 20 1 1 0 0 0\nintr 1 2\n";
+        assert_eq!(parse_proc_stat(text), Some((160, 1000)));
+        assert_eq!(parse_proc_stat("intr 1 2\n"), None);
+        assert_eq!(parse_proc_stat("cpu  1 x 3 4 5\n"), None);
+    }
+
+    #[test]
+    fn the_live_reading_is_a_fraction() {
+        let mut load = CpuLoad::default();
+        load.busy();
+        std::thread::sleep(SAMPLE_INTERVAL + Duration::from_millis(20));
+        if let Some(b) = load.busy() {
+            assert!((0.0..=1.0).contains(&b), "{b}");
+        }
+    }
+}
