@@ -10,6 +10,10 @@
 //! The rates are scaled by a pace (0..=1, set from the node's CPU use, see
 //! `background::load`): a node busy with foreground work takes its replay more slowly.
 
+/// However slow the pace, a target still grants this many keys/s (or its whole budget if
+/// smaller): a small budget is not paced down to a trickle that never drains.
+pub const MIN_PACED_KEYS_PER_SEC: f64 = 100.0;
+
 /// Seconds of budget the bucket holds: how far a burst may run ahead of the rate.
 pub const BURST_SECS: f64 = 0.5;
 
@@ -63,11 +67,12 @@ impl ReplayBudget {
         (self.byte_rate() * BURST_SECS).max(1.0)
     }
 
-    /// From now on, refill at `pace` (clamped to 0.01..=1) times the configured rates; what
-    /// the bucket holds beyond the new burst is cut.
+    /// From now on, refill at `pace` (at most 1, at least [`MIN_PACED_KEYS_PER_SEC`]'s share)
+    /// times the configured rates; what the bucket holds beyond the new burst is cut.
     pub fn set_pace(&mut self, now_ms: u64, pace: f64) {
         self.refill(now_ms);
-        self.pace = pace.clamp(0.01, 1.0);
+        let least = (MIN_PACED_KEYS_PER_SEC / self.keys_per_sec).min(1.0);
+        self.pace = pace.clamp(least, 1.0);
         self.keys = self.keys.min(self.key_capacity());
         self.bytes = self.bytes.min(self.byte_capacity());
     }
@@ -141,6 +146,13 @@ mod tests {
             more += b.grant(t, 256, 1 << 20).keys as u64;
         }
         assert!(more >= 900, "back to the whole rate: {more} in a second");
+        let mut small = ReplayBudget::new(100, 1 << 30);
+        small.set_pace(0, 0.1);
+        assert_eq!(
+            small.pace(),
+            1.0,
+            "a budget of 100 keys/s is not paced below it"
+        );
     }
 
     /// Holders asking as fast as they can never get more than the rate plus one burst.
