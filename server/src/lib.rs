@@ -6,6 +6,7 @@
 //! the services (`coordinator`, `replica`) do the work; `api` decodes and dispatches;
 //! `background` runs every loop; `metrics` is the one registry.
 
+pub mod aae;
 pub mod api;
 pub mod background;
 pub mod clock;

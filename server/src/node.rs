@@ -31,6 +31,7 @@ use crate::rpc::{Authenticator, LateReplies, PeerIdentity, PeerPool, HANDSHAKE_T
 use crate::storage::hints::HintLimits;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::store::{StoreOpenError, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
+use crate::storage::tree::{open_tree, SharedTree, TreeHook};
 use crate::storage::{Cf, Engine, Store, StoreConfig};
 use ringkv_protocol::auth::PeerKey;
 
@@ -90,16 +91,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         },
     };
     let dir = config.data_dir.join("db");
-    let store = tokio::task::spawn_blocking(move || -> Result<Store, StoreOpenError> {
-        let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&dir, &rocks_cfg)?);
-        Store::open(engine, store_cfg)
-    })
-    .await
-    .expect("storage open task does not panic")
-    .map_err(|source| ServerError::Storage {
-        node: node_id.clone(),
-        source,
-    })?;
+    let tree_node = node_id.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || -> Result<(Store, SharedTree), StoreOpenError> {
+            let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&dir, &rocks_cfg)?);
+            let (tree, how) = open_tree(engine.as_ref(), &tree_node)?;
+            info!(node = %tree_node, ?how, "anti-entropy tree open");
+            let hook = Box::new(TreeHook::new(tree.clone()));
+            Ok((Store::open_with_hook(engine, store_cfg, Some(hook))?, tree))
+        })
+        .await
+        .expect("storage open task does not panic")
+        .map_err(|source| ServerError::Storage {
+            node: node_id.clone(),
+            source,
+        })?;
+    let (store, tree) = opened;
     let store = Arc::new(store);
 
     let bind = |addr: std::net::SocketAddr| {
@@ -232,6 +239,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         workers: runner.clone(),
         store: store.clone(),
         handoff: handoff.clone(),
+        tree: tree.clone(),
         started: std::time::Instant::now(),
     });
     let client_api = Arc::new(ClientApi {

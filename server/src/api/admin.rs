@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::handoff::Handoff;
 use crate::membership::Membership;
 use crate::metrics::Registry;
+use crate::storage::tree::SharedTree;
 use crate::storage::Store;
 
 pub struct Admin {
@@ -24,6 +25,8 @@ pub struct Admin {
     pub store: Arc<Store>,
     /// Pending hints and replay state per target (`hints.target.<node>` lines).
     pub handoff: Arc<Handoff>,
+    /// The anti-entropy tree (`aae.tree_root`).
+    pub tree: SharedTree,
     pub started: Instant,
 }
 
@@ -41,6 +44,8 @@ impl Admin {
                 .map(|w| (format!("worker.{}", w.name), w.summary())),
         );
         info.extend(self.handoff.status_lines());
+        let root = self.tree.read().expect("tree lock poisoned").root();
+        info.push(("aae.tree_root".into(), format!("{root:016x}")));
         StatusReply {
             node_id: self.config.node_id.clone(),
             server_version: env!("CARGO_PKG_VERSION").to_string(),

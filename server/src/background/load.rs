@@ -96,7 +96,10 @@ mod tests {
         let mut last = 1.0;
         for i in 0..=100 {
             let s = yield_scale(i as f64 / 100.0);
-            assert!(s <= last && s >= FLOOR - 1e-9, "monotone and floored at {i}%: {s}");
+            assert!(
+                s <= last && s >= FLOOR - 1e-9,
+                "monotone and floored at {i}%: {s}"
+            );
             last = s;
         }
     }

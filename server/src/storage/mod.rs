@@ -7,10 +7,11 @@ pub mod memory;
 pub mod rocks;
 pub mod state_cache;
 pub mod store;
+pub mod tree;
 
 use std::fmt;
 
-pub use store::{Store, StoreConfig, StoreStats, WriteError, WriteOp, WriteOutcome};
+pub use store::{ChangeHook, Store, StoreConfig, StoreStats, WriteError, WriteOp, WriteOutcome};
 
 /// Column families, all declared at open and never created or dropped at runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,6 +54,9 @@ pub struct Batch {
 impl Batch {
     pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push(BatchOp::Put(cf, key, value));
+    }
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(BatchOp::Delete(cf, key));
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()

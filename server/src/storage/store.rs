@@ -125,6 +125,9 @@ impl std::fmt::Display for SyncMode {
 /// neither. The hook may write only `Cf::Hints` and `Cf::Aae`, and must not block.
 pub trait ChangeHook: Send + 'static {
     fn on_change(&mut self, key: &[u8], old: &KeyState, new: &KeyState, batch: &mut Batch);
+    /// The group's batch was written (`true`) or failed (`false`, nothing of it applied):
+    /// state the hook keeps beside the rows follows the batch's fate.
+    fn on_commit(&mut self, _committed: bool) {}
 }
 
 #[derive(Debug, Clone)]
@@ -1088,6 +1091,9 @@ impl Writer {
                     }
                 }
             }
+        }
+        if let Some(hook) = self.hook.as_mut() {
+            hook.on_commit(append_failure.is_none());
         }
         if append_failure.is_none() {
             // Only applied states are cached; after a failed write the keys this group took
