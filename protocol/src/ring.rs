@@ -67,6 +67,14 @@ impl Ring {
         ring
     }
 
+    /// Every token, ascending, without repeats: position p belongs to the first token >= p
+    /// (wrapping past the last), so the preference list is the same over (previous, token].
+    pub fn tokens(&self) -> Vec<u64> {
+        let mut t: Vec<u64> = self.tokens.iter().map(|&(t, _)| t).collect();
+        t.dedup();
+        t
+    }
+
     pub fn nodes(&self) -> &[NodeId] {
         &self.nodes
     }

@@ -127,6 +127,15 @@ pub struct Cli {
     /// Replay budget this node grants to all hint holders together, KiB per second.
     #[arg(long)]
     pub hint_replay_kib_per_sec: Option<u64>,
+    /// Merkle-tree anti-entropy with the other replicas (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub anti_entropy: Option<bool>,
+    /// Seconds between anti-entropy cycles over every shared range (default 600).
+    #[arg(long)]
+    pub aae_interval_secs: Option<u64>,
+    /// Keys per second this node repairs by anti-entropy, sent and received (default 2000).
+    #[arg(long)]
+    pub aae_keys_per_sec: Option<u32>,
 }
 
 /// The TOML file: the same settings as the flags, with underscores.
@@ -160,6 +169,28 @@ pub struct FileConfig {
     pub hint_window_secs: Option<u64>,
     pub hint_replay_keys_per_sec: Option<u32>,
     pub hint_replay_kib_per_sec: Option<u64>,
+    pub anti_entropy: Option<bool>,
+    pub aae_interval_secs: Option<u64>,
+    pub aae_keys_per_sec: Option<u32>,
+}
+
+/// Anti-entropy settings (docs/operations.md, "Anti-entropy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AaeSettings {
+    pub enabled: bool,
+    pub interval_secs: u64,
+    pub keys_per_sec: u32,
+}
+
+impl Default for AaeSettings {
+    fn default() -> Self {
+        AaeSettings {
+            enabled: true,
+            // Garage syncs every 10 minutes, Riak exchanges every 8.
+            interval_secs: 600,
+            keys_per_sec: 2_000,
+        }
+    }
 }
 
 /// Hinted handoff settings (docs/operations.md, "Hinted handoff").
@@ -224,6 +255,7 @@ pub struct Config {
     /// Start with a new actor (`--new-incarnation`, one-shot).
     pub new_incarnation: bool,
     pub hints: HintSettings,
+    pub aae: AaeSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -456,6 +488,29 @@ impl Config {
                 16 << 20,
             )? << 10,
         };
+        let aae_defaults = AaeSettings::default();
+        let aae = AaeSettings {
+            enabled: cli
+                .anti_entropy
+                .or(file.anti_entropy)
+                .unwrap_or(aae_defaults.enabled),
+            interval_secs: in_range(
+                "aae_interval_secs",
+                cli.aae_interval_secs
+                    .or(file.aae_interval_secs)
+                    .unwrap_or(aae_defaults.interval_secs),
+                1,
+                7 * 24 * 3600,
+            )?,
+            keys_per_sec: in_range(
+                "aae_keys_per_sec",
+                cli.aae_keys_per_sec
+                    .or(file.aae_keys_per_sec)
+                    .unwrap_or(aae_defaults.keys_per_sec),
+                1,
+                10_000_000,
+            )?,
+        };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info".into());
         let log_format = match cli.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -492,6 +547,7 @@ impl Config {
             log_format,
             new_incarnation: cli.new_incarnation,
             hints,
+            aae,
         })
     }
 

@@ -11,6 +11,8 @@ use tracing::info;
 use ringkv_protocol::limits::{MAX_HANDSHAKE_BODY_LEN, MAX_PEER_BODY_LEN, MAX_REQUEST_BODY_LEN};
 use ringkv_protocol::peer::MemberInfo;
 
+use crate::aae::exchange::AaeWorker;
+use crate::aae::service::AntiEntropy;
 use crate::api::admin::Admin;
 use crate::api::client::{ClientApi, ClientHandler};
 use crate::api::peer::{PeerApi, PeerHandler};
@@ -214,7 +216,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         late,
     ));
     let handoff = Arc::new(Handoff::new(node_id.clone(), store.clone(), config.hints));
-    runner.spawn(ReplayWorker::new(handoff.clone(), membership.clone(), pool));
+    runner.spawn(ReplayWorker::new(
+        handoff.clone(),
+        membership.clone(),
+        pool.clone(),
+    ));
+    let aae = Arc::new(AntiEntropy::new(
+        node_id.clone(),
+        store.clone(),
+        tree.clone(),
+        membership.clone(),
+        config.n as usize,
+    ));
+    if config.aae.enabled {
+        runner.spawn(AaeWorker::new(
+            aae.clone(),
+            membership.clone(),
+            pool,
+            std::time::Duration::from_secs(config.aae.interval_secs),
+            config.aae.keys_per_sec,
+        ));
+    }
     let replica = Arc::new(Replica::new(node_id.clone(), store.clone()));
     let requests = RequestMetrics::default();
     let client_net = ListenerMetrics::default();
@@ -223,6 +245,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     coordinator.metrics.register(&registry, "");
     replica.metrics.register(&registry, "peer.");
     handoff.metrics.register(&registry, "hints.");
+    aae.metrics.register(&registry, "aae.");
     register_hints(&registry, &store);
     auth.metrics.register(&registry, "peer.");
     client_net.register(&registry, "net.");
@@ -254,6 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         replica,
         coordinator,
         handoff,
+        aae,
         net: peer_net.clone(),
     });
 

@@ -1,12 +1,22 @@
-//! Anti-entropy trees through real `ringkv` processes on 127.0.0.1: the tree each node keeps in
-//! its write path describes its data, so replicas holding the same data show the same root
+//! Anti-entropy through real `ringkv` processes on 127.0.0.1: the tree each node keeps in its
+//! write path describes its data, so replicas holding the same data show the same root
 //! (`aae.tree_root` in `status`), across restarts (the tree is loaded, not rebuilt), and a
-//! replica that missed writes shows a different root until it has them again.
+//! replica that missed writes shows a different root until it has them again; the
+//! `anti_entropy` worker brings such a replica level by itself, without any read and without
+//! hints.
 
 use std::time::Duration;
 
-use ringkv_client::PutOptions;
-use ringkv_jepsen::{eventually, Cluster};
+use ringkv_client::{GetOptions, PutOptions};
+use ringkv_jepsen::{eventually, metric, Cluster};
+use ringkv_protocol::ring::{key_position, Ring};
+
+const LOCAL: GetOptions = GetOptions {
+    r: None,
+    pr: None,
+    timeout: None,
+    local: true,
+};
 
 async fn root(c: &Cluster, i: usize) -> String {
     let s = c.client(i).status().await.expect("status");
@@ -81,4 +91,73 @@ async fn replicas_with_the_same_data_show_the_same_root_across_restarts() {
     )
     .await;
     assert_eq!(root(&c, 0).await, ahead[0], "replay changed nothing on n1");
+}
+
+/// Five nodes, N=3 (each node shares only parts of the ring with each other): a node that was
+/// down while 2 000 keys were written with hinted handoff off gets every key of its ranges
+/// back from the anti-entropy worker alone: no read, no hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_repairs_a_replica_that_missed_writes_without_reads_or_hints() {
+    let flags = ["--hinted-handoff", "false", "--aae-interval-secs", "2"];
+    let mut c = Cluster::start(5, &flags).await;
+    let ring = {
+        let r = c.client(0).ring().await.unwrap();
+        Ring::new(r.members.iter().map(|m| (m.node_id.as_str(), m.tokens)))
+    };
+    c.nodes[4].stop().unwrap();
+    c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    let others = [0, 1, 2, 3];
+    write(&c, &others, "key-", 2000, 2).await;
+    let mine: Vec<String> = (0..2000)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| {
+            ring.preference_list(key_position(k.as_bytes()), 3)
+                .iter()
+                .any(|p| &**p == "n5")
+        })
+        .collect();
+    assert!(mine.len() > 600, "n5 replicates {} of the keys", mine.len());
+
+    c.nodes[4].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let n5 = c.client(4);
+    eventually(
+        Duration::from_secs(60),
+        "n5 holds every key of its ranges",
+        || {
+            let (n5, mine) = (n5.clone(), mine.clone());
+            async move {
+                for k in &mine {
+                    match n5.get_with(k, LOCAL).await {
+                        Ok(r) if !r.siblings.is_empty() => {}
+                        _ => return false,
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await;
+    // Nothing else could have done it: no hints, and no read touched these keys but n5's
+    // local ones (which do not repair).
+    assert_eq!(metric(&n5, "hints.replay_received_keys").await, 0);
+    assert_eq!(metric(&n5, "read_repair.sent").await, 0);
+    let received = metric(&n5, "aae.keys_repaired_received").await;
+    let mut sent = 0;
+    for &i in &others {
+        sent += metric(&c.client(i), "aae.keys_repaired_sent").await;
+    }
+    assert!(
+        received + sent >= mine.len() as u64,
+        "repairs counted: {received} received by n5, {sent} sent by the others, {} keys",
+        mine.len()
+    );
+    // n5 stores nothing outside its ranges.
+    for i in 0..2000 {
+        let k = format!("key-{i}");
+        if !mine.contains(&k) {
+            let r = n5.get_with(&k, LOCAL).await.unwrap();
+            assert!(r.siblings.is_empty(), "{k} is not n5's but it holds it");
+        }
+    }
 }

@@ -19,6 +19,7 @@
 //! accepts only small frames; a wrong cluster name or N is answered `WrongCluster`, a failed
 //! proof `Unauthenticated`, and the connection is closed.
 
+pub mod aae;
 pub mod coordinator;
 pub mod handoff;
 pub mod replica;
@@ -32,6 +33,7 @@ use crate::message::{
 };
 use crate::wire::{put_bytes, DecodeError, Reader};
 
+pub use aae::{AaeRequest, AaeResponse, CellRef};
 pub use coordinator::{CoordinatorRequest, CoordinatorResponse};
 pub use handoff::{HandoffRequest, HandoffResponse};
 pub use replica::{ReplicaRequest, ReplicaResponse};
@@ -47,10 +49,12 @@ pub mod family {
     pub const REPLICA: RangeInclusive<u8> = 0x28..=0x2F;
     pub const COORDINATOR: RangeInclusive<u8> = 0x30..=0x37;
     pub const HANDOFF: RangeInclusive<u8> = 0x38..=0x3F;
+    pub const AAE: RangeInclusive<u8> = 0x40..=0x47;
 }
 
 /// Every peer opcode, for tests and raw clients.
 pub mod peer_opcode {
+    pub use super::aae::op::*;
     pub use super::coordinator::op::*;
     pub use super::handoff::op::*;
     pub use super::replica::op::*;
@@ -90,6 +94,7 @@ pub enum PeerRequest {
     Replica(ReplicaRequest),
     Coordinator(CoordinatorRequest),
     Handoff(HandoffRequest),
+    Aae(AaeRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +103,7 @@ pub enum PeerResponse {
     Replica(ReplicaResponse),
     Coordinator(CoordinatorResponse),
     Handoff(HandoffResponse),
+    Aae(AaeResponse),
     Error(ErrorReply),
 }
 
@@ -140,6 +146,7 @@ impl PeerRequest {
             PeerRequest::Replica(m) => encode_family(m, request_id),
             PeerRequest::Coordinator(m) => encode_family(m, request_id),
             PeerRequest::Handoff(m) => encode_family(m, request_id),
+            PeerRequest::Aae(m) => encode_family(m, request_id),
         }
     }
 
@@ -153,6 +160,8 @@ impl PeerRequest {
             PeerRequest::Coordinator(CoordinatorRequest::decode(opcode, &mut r)?)
         } else if family::HANDOFF.contains(&opcode) {
             PeerRequest::Handoff(HandoffRequest::decode(opcode, &mut r)?)
+        } else if family::AAE.contains(&opcode) {
+            PeerRequest::Aae(AaeRequest::decode(opcode, &mut r)?)
         } else {
             return Err(DecodeError::UnknownOpcode(opcode));
         };
@@ -173,6 +182,7 @@ impl PeerResponse {
             PeerResponse::Replica(m) => encode_family(m, request_id),
             PeerResponse::Coordinator(m) => encode_family(m, request_id),
             PeerResponse::Handoff(m) => encode_family(m, request_id),
+            PeerResponse::Aae(m) => encode_family(m, request_id),
             PeerResponse::Error(e) => {
                 let mut b = BytesMut::with_capacity(BODY_SLACK + e.message.len());
                 encode_error(&mut b, e);
@@ -196,6 +206,8 @@ impl PeerResponse {
             PeerResponse::Coordinator(CoordinatorResponse::decode(opcode, &mut r)?)
         } else if family::HANDOFF.contains(&request) {
             PeerResponse::Handoff(HandoffResponse::decode(opcode, &mut r)?)
+        } else if family::AAE.contains(&request) {
+            PeerResponse::Aae(AaeResponse::decode(opcode, &mut r)?)
         } else {
             return Err(DecodeError::UnknownOpcode(opcode));
         };
@@ -264,6 +276,32 @@ mod tests {
                     (Bytes::from_static(b"k2"), Bytes::new()),
                 ],
             }),
+            PeerRequest::Aae(AaeRequest::CellHashes {
+                cells: vec![
+                    CellRef {
+                        level: 2,
+                        first: 0,
+                        last: 4095,
+                    },
+                    CellRef {
+                        level: 0,
+                        first: 7,
+                        last: 7,
+                    },
+                ],
+            }),
+            PeerRequest::Aae(AaeRequest::KeyDigests {
+                first: 1,
+                last: u64::MAX,
+                after: Bytes::from_static(b"k"),
+                limit: 100,
+            }),
+            PeerRequest::Aae(AaeRequest::FetchStates {
+                keys: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+            }),
+            PeerRequest::Aae(AaeRequest::PushStates {
+                entries: vec![(Bytes::from_static(b"a"), Bytes::from_static(b"s"))],
+            }),
         ];
         for r in reqs {
             let f = r.to_frame(9);
@@ -291,6 +329,16 @@ mod tests {
                 retry_after_ms: 50,
             }),
             PeerResponse::Handoff(HandoffResponse::Replayed(vec![true, false, true])),
+            PeerResponse::Aae(AaeResponse::Hashes(vec![0, u64::MAX, 7])),
+            PeerResponse::Aae(AaeResponse::Digests {
+                entries: vec![(Bytes::from_static(b"k"), 42)],
+                more: true,
+            }),
+            PeerResponse::Aae(AaeResponse::States(vec![
+                Bytes::new(),
+                Bytes::from_static(b"s"),
+            ])),
+            PeerResponse::Aae(AaeResponse::Merged(vec![true, false])),
             PeerResponse::Error(ErrorReply {
                 kind: ErrorKind::WrongCluster,
                 definite: true,

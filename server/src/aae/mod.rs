@@ -3,4 +3,7 @@
 //! write-path hook are in `storage::tree` (only storage writes batches). See
 //! docs/architecture.md.
 
+pub mod exchange;
+pub mod ranges;
+pub mod service;
 pub mod tree;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ringkv_protocol::peer::{PeerRequest, PeerResponse, SessionRequest, SessionResponse};
 use ringkv_protocol::{ErrorKind, Frame};
 
+use crate::aae::service::AntiEntropy;
 use crate::coordinator::Coordinator;
 use crate::handoff::Handoff;
 use crate::metrics::ListenerMetrics;
@@ -20,6 +21,7 @@ pub struct PeerApi {
     pub replica: Arc<Replica>,
     pub coordinator: Arc<Coordinator>,
     pub handoff: Arc<Handoff>,
+    pub aae: Arc<AntiEntropy>,
     pub net: ListenerMetrics,
 }
 
@@ -40,6 +42,7 @@ impl PeerApi {
             PeerRequest::Replica(req) => self.replica.serve(req).await,
             PeerRequest::Coordinator(req) => self.coordinator.serve_peer(req).await,
             PeerRequest::Handoff(req) => self.handoff.serve(req).await,
+            PeerRequest::Aae(req) => self.aae.serve(req).await,
         }
     }
 }

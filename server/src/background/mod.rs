@@ -352,6 +352,11 @@ pub fn backoff(errors_in_a_row: u32) -> Duration {
     (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX)
 }
 
+/// At most this many background writes (hint replay merges and deletes, anti-entropy repairs)
+/// are handed to the writer together: a batch of 256 in one group commit would hold the
+/// foreground writes queued behind it for the whole batch (measured: docs/benchmarks.md).
+pub const APPLY_CHUNK: usize = 32;
+
 /// Background writes (hint replay, later repair and transfers) wait this many times as long as
 /// their last chunk took before the next one (Garage's tranquilizer): a chunk that queued
 /// behind busy foreground work took long, so the pause grows with the foreground's load and

@@ -25,7 +25,7 @@ use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerResponse};
 use ringkv_protocol::ErrorKind;
 
 use crate::background::load::{yield_scale, CpuLoad};
-use crate::background::tranquil_pause;
+use crate::background::{tranquil_pause, APPLY_CHUNK};
 use crate::clock::now_ms;
 use crate::config::HintSettings;
 use crate::storage::hints::hint_state_bytes;
@@ -51,11 +51,6 @@ crate::metrics::metric_set! {
         replay_pace: Gauge = "replay_pace_percent", "share of this node's replay budget granted at the last credit request (lower while its CPUs are busy)";
     }
 }
-
-/// At most this many replay writes (merges on the target, compare-and-deletes on the holder)
-/// are handed to the writer together: a batch of 256 in one group commit would hold the
-/// foreground writes queued behind it for the whole batch (measured: docs/benchmarks.md).
-pub const APPLY_CHUNK: usize = 32;
 
 /// What the replay worker is doing for one target (for `kvctl hints`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

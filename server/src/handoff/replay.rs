@@ -12,8 +12,8 @@ use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerRequest, PeerRe
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Handoff, APPLY_CHUNK};
-use crate::background::{tranquil_pause, Progress, Worker, WorkerState};
+use super::Handoff;
+use crate::background::{tranquil_pause, Progress, Worker, WorkerState, APPLY_CHUNK};
 use crate::clock::now_ms;
 use crate::membership::Membership;
 use crate::rpc::{PeerPool, Transport};

@@ -51,8 +51,8 @@ use super::hints::{
 };
 use super::state_cache::{StateCache, STATE_CACHE_BYTES};
 use super::{
-    data_key, Batch, BatchOp, Cached, Cf, Engine, HexKey, ScanBatch, ScanRange, StorageError,
-    MAX_SCAN_BATCH,
+    data_key, key_after, Batch, BatchOp, Cached, Cf, Engine, HexKey, ScanBatch, ScanRange,
+    StorageError, MAX_SCAN_BATCH,
 };
 use crate::version::{
     actor_id, actor_stamp, actor_tag, node_tag, Actor, Dot, KeyState, VersionVector, ACTOR_EPOCH_MS,
@@ -775,6 +775,40 @@ impl Store {
         };
         self.blocking("scan", move |engine| engine.scan(Cf::Hints, &range, limit))
             .await
+    }
+
+    /// (key, anti-entropy digest) of the stored keys with positions in `first..=last`, in
+    /// storage order, after the key `after` (empty = from `first`), at most `limit`; and
+    /// whether the span holds more. The digest is the key's tree contribution.
+    pub async fn scan_digests(
+        self: &Arc<Self>,
+        first: u64,
+        last: u64,
+        after: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<(Bytes, u64)>, bool), StorageError> {
+        let range = ScanRange {
+            start: if after.is_empty() {
+                first.to_be_bytes().to_vec()
+            } else {
+                key_after(&data_key(after))
+            },
+            end: last.checked_add(1).map(|e| e.to_be_bytes().to_vec()),
+        };
+        self.blocking("scan", move |engine| {
+            let batch = engine.scan(Cf::Data, &range, limit)?;
+            let mut out = Vec::with_capacity(batch.entries.len());
+            for (dkey, value) in &batch.entries {
+                let key = &dkey[8.min(dkey.len())..];
+                let state = decode_state(Some(value.clone()), key)?;
+                out.push((
+                    Bytes::copy_from_slice(key),
+                    super::tree::state_contribution(key, &state),
+                ));
+            }
+            Ok((out, batch.resume.is_some()))
+        })
+        .await
     }
 
     /// Every (target, partition) marked for anti-entropy because a hint was dropped.

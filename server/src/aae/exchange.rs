@@ -1,0 +1,509 @@
+//! The `anti_entropy` worker: every interval, one exchange with each other replica this node
+//! shares ranges with (one peer per step, one exchange at a time), repairing what differs in
+//! both directions, at a keys/s budget that yields to foreground CPU use.
+//!
+//! An exchange with a peer, over all the spans they share (`ranges::shared_spans`):
+//! 1. Descent: the top-level cells covering each span's whole leaves, then the children of the
+//!    cells whose hashes differ, level by level (one `CellHashes` round trip per level, at most
+//!    `MAX_CELLS` cells per request). When more than half the top cells differ (a new or
+//!    wiped replica), descent is skipped and the spans are streamed by digests instead.
+//! 2. Confirmation: the differing leaves are asked again; a leaf that now matches was a write
+//!    in flight, not a difference.
+//! 3. Keys: over the positions of the leaves that still differ and of each span's partial edge
+//!    leaves, both sides' (key, digest) lists in storage order (`KeyDigests`, paged), merged;
+//!    a key only here or different is pushed, a key only there or different is fetched.
+//! 4. Repair: `FetchStates` then a local merge; `PushStates` of the local states; batches of
+//!    at most `MAX_STATES` keys and `STATES_BATCH_BYTES`, paced by the keys/s budget.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_protocol::peer::aae::{MAX_CELLS, MAX_DIGESTS, MAX_STATES, STATES_BATCH_BYTES};
+use ringkv_protocol::peer::{AaeRequest, AaeResponse, CellRef, PeerRequest, PeerResponse};
+use ringkv_protocol::ring::key_position;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::ranges::{shared_spans, Span};
+use super::service::AntiEntropy;
+use super::tree::{leaf_end, leaf_span, leaf_start, Cell};
+use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::{Progress, Worker, WorkerState};
+use crate::membership::Membership;
+use crate::rpc::{PeerPool, Transport};
+
+/// Deadline of one request of an exchange.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first cycle starts this long after the node (or the interval, if shorter).
+pub const FIRST_CYCLE_DELAY: Duration = Duration::from_secs(10);
+
+/// What one exchange found and did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub spans: usize,
+    pub spans_differing: usize,
+    pub cells: u64,
+    pub keys_compared: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub bytes_sent: u64,
+    pub rounds: usize,
+}
+
+pub struct AaeWorker<T: Transport = PeerPool> {
+    node_id: String,
+    aae: Arc<AntiEntropy>,
+    membership: Membership,
+    transport: Arc<T>,
+    interval: Duration,
+    keys_per_sec: f64,
+    cpu: CpuLoad,
+    next_cycle: Instant,
+    /// Peers left in the current cycle.
+    queue: VecDeque<String>,
+    cycle_started: Option<Instant>,
+    cycle: Outcome,
+    detail: String,
+}
+
+impl<T: Transport> AaeWorker<T> {
+    pub fn new(
+        aae: Arc<AntiEntropy>,
+        membership: Membership,
+        transport: Arc<T>,
+        interval: Duration,
+        keys_per_sec: u32,
+    ) -> AaeWorker<T> {
+        AaeWorker {
+            node_id: membership.view().me.to_string(),
+            aae,
+            membership,
+            transport,
+            interval,
+            keys_per_sec: keys_per_sec.max(1) as f64,
+            cpu: CpuLoad::default(),
+            next_cycle: Instant::now() + interval.min(FIRST_CYCLE_DELAY),
+            queue: VecDeque::new(),
+            cycle_started: None,
+            cycle: Outcome::default(),
+            detail: "first cycle pending".into(),
+        }
+    }
+
+    async fn call(&self, addr: &str, req: AaeRequest) -> Result<AaeResponse, String> {
+        match self
+            .transport
+            .clone()
+            .call(addr.to_string(), PeerRequest::Aae(req), CALL_TIMEOUT)
+            .await
+        {
+            Ok(PeerResponse::Aae(r)) => Ok(r),
+            Ok(PeerResponse::Error(e)) => Err(e.message),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The peer's hashes of `cells`, in order (chunked by `MAX_CELLS`).
+    async fn remote_hashes(&self, addr: &str, cells: &[Cell]) -> Result<Vec<u64>, String> {
+        let mut out = Vec::with_capacity(cells.len());
+        for chunk in cells.chunks(MAX_CELLS) {
+            let refs = chunk
+                .iter()
+                .map(|c| CellRef {
+                    level: c.level,
+                    first: c.first,
+                    last: c.last,
+                })
+                .collect();
+            match self
+                .call(addr, AaeRequest::CellHashes { cells: refs })
+                .await?
+            {
+                AaeResponse::Hashes(h) if h.len() == chunk.len() => out.extend(h),
+                other => return Err(format!("unexpected answer to cell hashes: {other:?}")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn local_hashes(&self, cells: &[Cell]) -> Vec<u64> {
+        let tree = self.aae.tree().read().expect("tree lock poisoned");
+        cells.iter().map(|c| tree.cell_hash(c)).collect()
+    }
+
+    /// One exchange with `peer` over `spans`.
+    pub async fn exchange(&mut self, addr: &str, spans: &[Span]) -> Result<Outcome, String> {
+        let mut out = Outcome {
+            spans: spans.len(),
+            ..Outcome::default()
+        };
+        // Position ranges to compare key by key, and which span each belongs to.
+        let mut ranges: Vec<Span> = Vec::new();
+        let mut frontier: Vec<Cell> = Vec::new();
+        for &(first, last) in spans {
+            let s = leaf_span(first, last);
+            for leaf in s.partial {
+                ranges.push((first.max(leaf_start(leaf)), last.min(leaf_end(leaf))));
+            }
+            if let Some((lo, hi)) = s.whole {
+                frontier.extend(Cell::top(lo, hi));
+            }
+        }
+        let mut leaves: Vec<Cell> = Vec::new();
+        let mut top = true;
+        while !frontier.is_empty() {
+            out.rounds += 1;
+            out.cells += frontier.len() as u64;
+            let theirs = self.remote_hashes(addr, &frontier).await?;
+            let mine = self.local_hashes(&frontier);
+            let differ: Vec<Cell> = frontier
+                .iter()
+                .zip(theirs.iter().zip(&mine))
+                .filter(|(_, (t, m))| t != m)
+                .map(|(c, _)| *c)
+                .collect();
+            if top && differ.len() * 2 > frontier.len() && frontier.len() >= 4 {
+                // Most of it differs: stream the differing cells' keys instead of descending.
+                debug!(node = %self.node_id, peer = addr, cells = differ.len(), "streaming instead of descending");
+                for c in &differ {
+                    ranges.push((leaf_start(c.first), leaf_end(c.last)));
+                }
+                frontier.clear();
+                break;
+            }
+            top = false;
+            frontier = Vec::new();
+            for c in differ {
+                if c.level == 0 {
+                    leaves.push(c);
+                } else {
+                    frontier.extend(c.children());
+                }
+            }
+        }
+        if !leaves.is_empty() {
+            // Ask again: a leaf that matches now was a write in flight.
+            out.rounds += 1;
+            out.cells += leaves.len() as u64;
+            let theirs = self.remote_hashes(addr, &leaves).await?;
+            let mine = self.local_hashes(&leaves);
+            for (c, (t, m)) in leaves.iter().zip(theirs.iter().zip(&mine)) {
+                if t != m {
+                    ranges.push((leaf_start(c.first), leaf_end(c.last)));
+                }
+            }
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<Span> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(prev) if prev.1.checked_add(1) == Some(r.0) => prev.1 = r.1,
+                _ => merged.push(r),
+            }
+        }
+        let mut differing_spans = vec![false; spans.len()];
+        for &(first, last) in &merged {
+            let (compared, push, fetch) = self.compare_keys(addr, first, last).await?;
+            out.keys_compared += compared;
+            if !push.is_empty() || !fetch.is_empty() {
+                for (i, &(a, b)) in spans.iter().enumerate() {
+                    if a <= last && first <= b {
+                        differing_spans[i] = true;
+                    }
+                }
+            }
+            let (sent, bytes) = self.push(addr, push).await?;
+            out.sent += sent;
+            out.bytes_sent += bytes;
+            out.received += self.fetch(addr, fetch).await?;
+        }
+        out.spans_differing = differing_spans.iter().filter(|d| **d).count();
+        Ok(out)
+    }
+
+    /// Both sides' (key, digest) over `first..=last`, merged in storage order: the number of
+    /// keys compared, the keys to push (only here, or different), the keys to fetch (only
+    /// there, or different).
+    async fn compare_keys(
+        &self,
+        addr: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<(u64, Vec<Bytes>, Vec<Bytes>), String> {
+        let mut mine = Pager::new();
+        let mut theirs = Pager::new();
+        let (mut compared, mut push, mut fetch) = (0u64, Vec::new(), Vec::new());
+        loop {
+            if mine.buf.is_empty() && mine.more {
+                let (entries, more) = self
+                    .aae
+                    .store()
+                    .scan_digests(first, last, &mine.after, MAX_DIGESTS)
+                    .await
+                    .map_err(|e| format!("local digests {first:016x}..={last:016x}: {e}"))?;
+                mine.take(entries, more);
+            }
+            if theirs.buf.is_empty() && theirs.more {
+                let req = AaeRequest::KeyDigests {
+                    first,
+                    last,
+                    after: theirs.after.clone(),
+                    limit: MAX_DIGESTS as u32,
+                };
+                match self.call(addr, req).await? {
+                    AaeResponse::Digests { entries, more } => theirs.take(entries, more),
+                    other => return Err(format!("unexpected answer to digests: {other:?}")),
+                }
+            }
+            let order = match (mine.buf.front(), theirs.buf.front()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => {
+                    (key_position(a), a.as_ref()).cmp(&(key_position(b), b.as_ref()))
+                }
+            };
+            compared += 1;
+            match order {
+                std::cmp::Ordering::Less => {
+                    let (k, _) = mine.buf.pop_front().expect("front exists");
+                    push.push(k);
+                }
+                std::cmp::Ordering::Greater => {
+                    let (k, _) = theirs.buf.pop_front().expect("front exists");
+                    fetch.push(k);
+                }
+                std::cmp::Ordering::Equal => {
+                    let (k, a) = mine.buf.pop_front().expect("front exists");
+                    let (_, b) = theirs.buf.pop_front().expect("front exists");
+                    if a != b {
+                        push.push(k.clone());
+                        fetch.push(k);
+                    }
+                }
+            }
+        }
+        Ok((compared, push, fetch))
+    }
+
+    /// Sleeps as long as `keys` take at the budget (scaled by the CPU's yield).
+    async fn pace(&mut self, keys: usize) {
+        let pace = self.cpu.busy().map_or(1.0, yield_scale);
+        let secs = keys as f64 / (self.keys_per_sec * pace);
+        tokio::time::sleep(Duration::from_secs_f64(secs.min(10.0))).await;
+    }
+
+    /// Pushes this node's states of `keys`: (keys the peer merged, bytes sent).
+    async fn push(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<(u64, u64), String> {
+        let (mut sent, mut bytes) = (0u64, 0u64);
+        let mut batch: Vec<(Bytes, Bytes)> = Vec::new();
+        let mut size = 0;
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() || !batch.is_empty() {
+            if let Some(key) = keys.next() {
+                let state = self
+                    .aae
+                    .store()
+                    .read_stored(&key)
+                    .await
+                    .map_err(|e| format!("reading a state to push: {e}"))?;
+                if let Some(state) = state {
+                    size += key.len() + state.len();
+                    batch.push((key, Bytes::from(state)));
+                }
+                if batch.len() < MAX_STATES && size < STATES_BATCH_BYTES && keys.peek().is_some() {
+                    continue;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len();
+            let entries = std::mem::take(&mut batch);
+            match self.call(addr, AaeRequest::PushStates { entries }).await? {
+                AaeResponse::Merged(m) if m.len() == n => {
+                    sent += m.iter().filter(|x| **x).count() as u64;
+                }
+                other => return Err(format!("unexpected answer to a push: {other:?}")),
+            }
+            bytes += size as u64;
+            size = 0;
+            self.pace(n).await;
+        }
+        Ok((sent, bytes))
+    }
+
+    /// Fetches the peer's states of `keys` and merges them here: keys merged.
+    async fn fetch(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<u64, String> {
+        let mut received = 0;
+        for chunk in keys.chunks(MAX_STATES) {
+            let states = match self
+                .call(
+                    addr,
+                    AaeRequest::FetchStates {
+                        keys: chunk.to_vec(),
+                    },
+                )
+                .await?
+            {
+                AaeResponse::States(s) if s.len() == chunk.len() => s,
+                other => return Err(format!("unexpected answer to a fetch: {other:?}")),
+            };
+            let entries: Vec<(Bytes, Bytes)> = chunk
+                .iter()
+                .cloned()
+                .zip(states)
+                .filter(|(_, s)| !s.is_empty())
+                .collect();
+            received += self
+                .aae
+                .merge_pushed(entries)
+                .await
+                .iter()
+                .filter(|x| **x)
+                .count() as u64;
+            self.pace(chunk.len()).await;
+        }
+        Ok(received)
+    }
+
+    fn start_cycle(&mut self) {
+        let view = self.membership.view();
+        let spans = shared_spans(&view.ring, &view.me, self.aae.n());
+        self.queue = spans
+            .keys()
+            .filter(|p| view.is_alive(p))
+            .map(|p| p.to_string())
+            .collect();
+        self.cycle_started = Some(Instant::now());
+        self.cycle = Outcome::default();
+    }
+
+    fn finish_cycle(&mut self) {
+        let m = &self.aae.metrics;
+        if let Some(started) = self.cycle_started.take() {
+            m.cycles.inc();
+            m.last_cycle_seconds.set(started.elapsed().as_secs());
+        }
+        m.spans_in_sync
+            .set((self.cycle.spans - self.cycle.spans_differing) as u64);
+        m.spans_out_of_sync.set(self.cycle.spans_differing as u64);
+        self.detail = format!(
+            "last cycle: {} spans, {} differed, {} keys sent, {} received; next in {} s",
+            self.cycle.spans,
+            self.cycle.spans_differing,
+            self.cycle.sent,
+            self.cycle.received,
+            self.interval.as_secs()
+        );
+        self.next_cycle = Instant::now() + self.interval;
+    }
+}
+
+/// One side's digests of a span, page by page.
+struct Pager {
+    buf: VecDeque<(Bytes, u64)>,
+    after: Bytes,
+    more: bool,
+}
+
+impl Pager {
+    fn new() -> Pager {
+        Pager {
+            buf: VecDeque::new(),
+            after: Bytes::new(),
+            more: true,
+        }
+    }
+
+    fn take(&mut self, entries: Vec<(Bytes, u64)>, more: bool) {
+        if let Some((k, _)) = entries.last() {
+            self.after = k.clone();
+        }
+        self.more = more && !entries.is_empty();
+        self.buf.extend(entries);
+    }
+}
+
+impl<T: Transport> Worker for AaeWorker<T> {
+    fn name(&self) -> String {
+        "anti_entropy".into()
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            detail: if self.cycle_started.is_some() {
+                format!("cycle running: {} peers left", self.queue.len())
+            } else {
+                self.detail.clone()
+            },
+            queue: Some(self.queue.len() as u64),
+        }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        if self.cycle_started.is_none() {
+            if Instant::now() < self.next_cycle || !self.membership.view().ready {
+                return Ok(WorkerState::Idle);
+            }
+            self.start_cycle();
+        }
+        let Some(peer) = self.queue.pop_front() else {
+            self.finish_cycle();
+            return Ok(WorkerState::Idle);
+        };
+        let view = self.membership.view();
+        let spans = shared_spans(&view.ring, &view.me, self.aae.n());
+        let (Some(addr), Some(spans)) = (
+            view.peer_addr(&peer).map(str::to_string),
+            spans.get(peer.as_str()),
+        ) else {
+            return Ok(WorkerState::Busy);
+        };
+        if !view.is_alive(&peer) {
+            return Ok(WorkerState::Busy);
+        }
+        let spans = spans.clone();
+        let started = Instant::now();
+        match self.exchange(&addr, &spans).await {
+            Ok(o) => {
+                let m = &self.aae.metrics;
+                m.exchanges.inc();
+                m.cells_compared.inc_by(o.cells);
+                m.keys_compared.inc_by(o.keys_compared);
+                m.keys_sent.inc_by(o.sent);
+                m.keys_received.inc_by(o.received);
+                m.bytes_sent.inc_by(o.bytes_sent);
+                let c = &mut self.cycle;
+                c.spans += o.spans;
+                c.spans_differing += o.spans_differing;
+                c.sent += o.sent;
+                c.received += o.received;
+                if o.sent + o.received > 0 {
+                    info!(node = %self.node_id, %peer, spans = o.spans, differing = o.spans_differing,
+                          sent = o.sent, received = o.received, cells = o.cells, rounds = o.rounds,
+                          ms = started.elapsed().as_millis() as u64, "anti-entropy exchange repaired keys");
+                } else {
+                    debug!(node = %self.node_id, %peer, cells = o.cells, "anti-entropy exchange: in sync");
+                }
+            }
+            Err(cause) => {
+                self.aae.metrics.exchange_errors.inc();
+                warn!(node = %self.node_id, %peer, %cause, "anti-entropy exchange failed; retried next cycle");
+            }
+        }
+        Ok(WorkerState::Busy)
+    }
+
+    async fn wait_for_work(&mut self) -> WorkerState {
+        let wait = self
+            .next_cycle
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        WorkerState::Busy
+    }
+}

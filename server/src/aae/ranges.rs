@@ -1,0 +1,99 @@
+//! Which parts of the ring this node shares with each other replica (sans-IO).
+//!
+//! Over each arc (previous token, token] the preference list is the same, so two nodes both
+//! replicate an arc or neither does. A node exchanges with each peer the arcs they share,
+//! merged where adjacent, as non-wrapping inclusive position spans.
+
+use std::collections::BTreeMap;
+
+use ringkv_protocol::ring::{NodeId, Ring};
+
+/// An inclusive span of ring positions, `first <= last` (never wrapping).
+pub type Span = (u64, u64);
+
+/// For every other node, the spans of positions whose first `n` replicas include both it and
+/// `me`, in ascending order, adjacent spans merged.
+pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Span>> {
+    let tokens = ring.tokens();
+    let mut out: BTreeMap<NodeId, Vec<Span>> = BTreeMap::new();
+    if tokens.is_empty() {
+        return out;
+    }
+    let mut arcs: Vec<(Span, u64)> = Vec::with_capacity(tokens.len() + 1);
+    // (0 ..= first token) and (last token .. MAX] both belong to the first token.
+    arcs.push(((0, tokens[0]), tokens[0]));
+    for w in tokens.windows(2) {
+        arcs.push(((w[0] + 1, w[1]), w[1]));
+    }
+    let last = *tokens.last().expect("not empty");
+    if last < u64::MAX {
+        arcs.push(((last + 1, u64::MAX), tokens[0]));
+    }
+    for ((first, end), token) in arcs {
+        let prefs = ring.preference_list(token, n);
+        if !prefs.iter().any(|p| &**p == me) {
+            continue;
+        }
+        for peer in prefs.iter().filter(|p| &***p != me) {
+            let spans = out.entry(peer.clone()).or_default();
+            match spans.last_mut() {
+                Some(prev) if prev.1.checked_add(1) == Some(first) => prev.1 = end,
+                _ => spans.push((first, end)),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv_protocol::ring::key_position;
+
+    fn ring(nodes: usize, vnodes: u32) -> Ring {
+        Ring::new((1..=nodes).map(|i| (format!("n{i}"), vnodes)))
+    }
+
+    /// A key's position is in the spans shared by me and peer exactly when both are among its
+    /// first n replicas.
+    #[test]
+    fn spans_hold_exactly_the_keys_both_replicate() {
+        for (nodes, n) in [(3, 3), (5, 3), (4, 2), (6, 3)] {
+            let r = ring(nodes, 16);
+            for me in 1..=nodes {
+                let me = format!("n{me}");
+                let spans = shared_spans(&r, &me, n);
+                for i in 0..2000u32 {
+                    let key = format!("k{i}");
+                    let pos = key_position(key.as_bytes());
+                    let prefs = r.preference_list(pos, n);
+                    let mine = prefs.iter().any(|p| **p == *me);
+                    for peer in r.nodes().iter().filter(|p| ***p != *me) {
+                        let both = mine && prefs.contains(peer);
+                        let inside = spans
+                            .get(peer)
+                            .is_some_and(|s| s.iter().any(|&(a, b)| a <= pos && pos <= b));
+                        assert_eq!(both, inside, "{nodes} nodes, n={n}, {me}/{peer}, {key}");
+                    }
+                }
+                // Spans are ordered, disjoint, not adjacent (merged).
+                for s in spans.values() {
+                    for w in s.windows(2) {
+                        assert!(w[0].1 < w[1].0 && w[0].1 + 1 < w[1].0, "{s:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// With N = number of nodes, every node shares the whole ring with every other.
+    #[test]
+    fn full_replication_shares_the_whole_ring() {
+        let r = ring(3, 8);
+        let spans = shared_spans(&r, "n1", 3);
+        assert_eq!(spans.len(), 2);
+        for s in spans.values() {
+            assert_eq!(s, &vec![(0, u64::MAX)]);
+        }
+    }
+}

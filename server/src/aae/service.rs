@@ -1,0 +1,192 @@
+//! The anti-entropy service: answers a peer's exchange (the aae family) from this node's tree
+//! and data, and merges the states it pushes, for keys this node replicates only.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use ringkv_protocol::peer::aae::{MAX_DIGESTS, MAX_STATES};
+use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
+use ringkv_protocol::ring::key_position;
+use ringkv_protocol::ErrorKind;
+
+use super::tree::LEAVES;
+use crate::background::{tranquil_pause, APPLY_CHUNK};
+use crate::membership::Membership;
+use crate::storage::tree::SharedTree;
+use crate::storage::{HexKey, Store, WriteOp};
+use crate::version::KeyState;
+
+crate::metrics::metric_set! {
+    /// Anti-entropy on this node (registered under `aae.`), as initiator and as peer.
+    pub struct AaeMetrics {
+        exchanges: Counter = "exchanges", "exchanges this node ran with a peer (complete)";
+        exchange_errors: Counter = "exchange_errors", "exchanges that failed (retried next cycle)";
+        spans_in_sync: Gauge = "spans_in_sync", "shared spans found equal in the last cycle";
+        spans_out_of_sync: Gauge = "spans_out_of_sync", "shared spans that differed in the last cycle";
+        cells_compared: Counter = "cells_compared", "tree cells compared with peers";
+        keys_compared: Counter = "keys_compared", "keys compared by digest with peers";
+        keys_sent: Counter = "keys_repaired_sent", "states pushed to peers that lacked or differed";
+        keys_received: Counter = "keys_repaired_received", "states fetched from peers and merged here";
+        bytes_sent: Counter = "bytes_sent", "bytes of states pushed to peers";
+        last_cycle_seconds: Gauge = "last_cycle_seconds", "duration of the last full cycle";
+        cycles: Counter = "cycles", "full cycles over every peer completed";
+        served: Counter = "requests_served", "aae requests answered for peers";
+        push_refused: Counter = "push_refused", "pushed states refused (this node is not a replica of the key)";
+    }
+}
+
+pub struct AntiEntropy {
+    node_id: String,
+    store: Arc<Store>,
+    tree: SharedTree,
+    membership: Membership,
+    n: usize,
+    pub metrics: Arc<AaeMetrics>,
+}
+
+impl AntiEntropy {
+    pub fn new(
+        node_id: String,
+        store: Arc<Store>,
+        tree: SharedTree,
+        membership: Membership,
+        n: usize,
+    ) -> AntiEntropy {
+        AntiEntropy {
+            node_id,
+            store,
+            tree,
+            membership,
+            n,
+            metrics: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn tree(&self) -> &SharedTree {
+        &self.tree
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn error(&self, kind: ErrorKind, msg: String) -> PeerResponse {
+        PeerResponse::error(kind, true, format!("node {}: {msg}", self.node_id))
+    }
+
+    pub async fn serve(&self, req: AaeRequest) -> PeerResponse {
+        self.metrics.served.inc();
+        match req {
+            AaeRequest::CellHashes { cells } => {
+                if let Some(c) = cells.iter().find(|c| c.last as usize >= LEAVES) {
+                    return self.error(
+                        ErrorKind::InvalidRequest,
+                        format!("cell up to leaf {} (the tree has {LEAVES})", c.last),
+                    );
+                }
+                let tree = self.tree.read().expect("tree lock poisoned");
+                let hashes = cells
+                    .iter()
+                    .map(|c| tree.range_hash(c.first, c.last))
+                    .collect();
+                PeerResponse::Aae(AaeResponse::Hashes(hashes))
+            }
+            AaeRequest::KeyDigests {
+                first,
+                last,
+                after,
+                limit,
+            } => {
+                let limit = (limit as usize).clamp(1, MAX_DIGESTS);
+                match self.store.scan_digests(first, last, &after, limit).await {
+                    Ok((entries, more)) => {
+                        PeerResponse::Aae(AaeResponse::Digests { entries, more })
+                    }
+                    Err(e) => self.error(
+                        ErrorKind::Internal,
+                        format!("digests of positions {first:016x}..={last:016x}: {e}"),
+                    ),
+                }
+            }
+            AaeRequest::FetchStates { keys } => {
+                let mut states = Vec::with_capacity(keys.len().min(MAX_STATES));
+                for key in keys {
+                    match self.store.read_stored(&key).await {
+                        Ok(s) => states.push(s.map(Bytes::from).unwrap_or_default()),
+                        Err(e) => {
+                            return self.error(
+                                ErrorKind::Internal,
+                                format!("key {}: {e}", HexKey(key.to_vec())),
+                            )
+                        }
+                    }
+                }
+                PeerResponse::Aae(AaeResponse::States(states))
+            }
+            AaeRequest::PushStates { entries } => {
+                PeerResponse::Aae(AaeResponse::Merged(self.merge_pushed(entries).await))
+            }
+        }
+    }
+
+    /// Whether this node is among the first `n` replicas of `key` in its current ring.
+    pub fn replicates(&self, key: &[u8]) -> bool {
+        let view = self.membership.view();
+        view.ring
+            .preference_list(key_position(key), self.n)
+            .iter()
+            .any(|p| *p == view.me)
+    }
+
+    /// Merges states (from a peer's push, or fetched by this node's own exchange) into this
+    /// node's replicas, a chunk at a time with tranquil pauses; a key this node does not
+    /// replicate is refused (false), never stored.
+    pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let started = Instant::now();
+            let merges = entries
+                .by_ref()
+                .take(APPLY_CHUNK)
+                .map(|(key, state)| async move {
+                    if !self.replicates(&key) {
+                        self.metrics.push_refused.inc();
+                        return false;
+                    }
+                    let state = match KeyState::decode(&state) {
+                        Ok(s) if !s.is_empty() => s,
+                        Ok(_) => return true,
+                        Err(e) => {
+                            tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()),
+                                       error = %e, "anti-entropy state does not decode");
+                            return false;
+                        }
+                    };
+                    match self
+                        .store
+                        .write(WriteOp::Merge {
+                            key: key.clone(),
+                            state,
+                        })
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()),
+                                       error = %e, "anti-entropy merge failed");
+                            false
+                        }
+                    }
+                });
+            out.extend(futures::future::join_all(merges).await);
+            tokio::time::sleep(tranquil_pause(started.elapsed())).await;
+        }
+        out
+    }
+}
