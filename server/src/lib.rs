@@ -14,6 +14,7 @@ pub mod config;
 pub mod coordinator;
 pub mod handoff;
 pub mod membership;
+pub mod merkle;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -28,10 +28,10 @@ use tracing::{debug, info, warn};
 
 use super::ranges::{shared_spans, Span};
 use super::service::AntiEntropy;
-use super::tree::{leaf_end, leaf_span, leaf_start, Cell};
 use crate::background::load::{yield_scale, CpuLoad};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::Membership;
+use crate::merkle::{leaf_end, leaf_span, leaf_start, Cell};
 use crate::rpc::{PeerPool, Transport};
 
 /// Deadline of one request of an exchange.

@@ -10,9 +10,9 @@ use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
 use ringkv_protocol::ring::key_position;
 use ringkv_protocol::ErrorKind;
 
-use super::tree::LEAVES;
 use crate::background::{tranquil_pause, APPLY_CHUNK};
 use crate::membership::Membership;
+use crate::merkle::LEAVES;
 use crate::storage::tree::SharedTree;
 use crate::storage::{HexKey, Store, WriteOp};
 use crate::version::KeyState;

@@ -1,4 +1,4 @@
-//! The anti-entropy tree (`aae::tree`) in the write path and on disk.
+//! The anti-entropy tree (`merkle`) in the write path and on disk.
 //!
 //! The writer calls [`TreeHook`] for every change of a key's state: it XORs the key's old
 //! contribution out of its leaf and the new one in, and puts the leaf's new value into the same
@@ -19,7 +19,7 @@ use std::time::Instant;
 use tracing::info;
 
 use super::{Batch, Cf, ChangeHook, Engine, ScanRange, StorageError, MAX_SCAN_BATCH};
-use crate::aae::tree::{contribution, leaf_of, Tree};
+use crate::merkle::{contribution, leaf_of, Tree};
 use crate::version::KeyState;
 
 /// Prefix of leaf rows in `Cf::Aae`.

@@ -1,4 +1,5 @@
-//! The anti-entropy hash tree (sans-IO): one tree per node over the whole ring, TicTac style.
+//! The anti-entropy hash tree (sans-IO): one tree per node over the whole ring, TicTac style
+//! (kept by `storage::tree` in the write path, compared by the `aae` service).
 //!
 //! The ring's positions (`key_position`, the top bits of a key's xxh3) are cut into
 //! [`LEAVES`] equal leaves (2^20, Riak TicTac's segment count). A leaf's value is the XOR of
