@@ -127,6 +127,10 @@ pub struct Cli {
     /// Replay budget this node grants to all hint holders together, KiB per second.
     #[arg(long)]
     pub hint_replay_kib_per_sec: Option<u64>,
+    /// Read repair (default true); false leaves divergent replicas to hints and anti-entropy
+    /// (for testing that those alone converge them).
+    #[arg(long, value_name = "BOOL")]
+    pub read_repair: Option<bool>,
     /// Merkle-tree anti-entropy with the other replicas (default true).
     #[arg(long, value_name = "BOOL")]
     pub anti_entropy: Option<bool>,
@@ -169,6 +173,7 @@ pub struct FileConfig {
     pub hint_window_secs: Option<u64>,
     pub hint_replay_keys_per_sec: Option<u32>,
     pub hint_replay_kib_per_sec: Option<u64>,
+    pub read_repair: Option<bool>,
     pub anti_entropy: Option<bool>,
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
@@ -256,6 +261,7 @@ pub struct Config {
     pub new_incarnation: bool,
     pub hints: HintSettings,
     pub aae: AaeSettings,
+    pub read_repair: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -548,6 +554,7 @@ impl Config {
             new_incarnation: cli.new_incarnation,
             hints,
             aae,
+            read_repair: cli.read_repair.or(file.read_repair).unwrap_or(true),
         })
     }
 

@@ -76,6 +76,8 @@ pub struct CoordinatorConfig {
     pub request_timeout_ms: u32,
     /// Sloppy quorums: fallbacks and hints for primaries that miss a write.
     pub hinted_handoff: bool,
+    /// Repair the replicas a read found behind (default true).
+    pub read_repair: bool,
 }
 
 impl CoordinatorConfig {
@@ -87,6 +89,7 @@ impl CoordinatorConfig {
             w: c.w,
             request_timeout_ms: c.request_timeout_ms,
             hinted_handoff: c.hints.enabled,
+            read_repair: c.read_repair,
         }
     }
 }
@@ -1213,6 +1216,9 @@ impl<T: Transport> Coordinator<T> {
     }
 
     async fn read_repair(&self, key: &Bytes, q: &ReadQuorum, view: &ClusterView) {
+        if !self.config.read_repair {
+            return;
+        }
         let targets = q.repair_targets();
         if targets.is_empty() {
             return;

@@ -204,6 +204,7 @@ fn harness(view: ClusterView) -> Harness {
             w: 2,
             request_timeout_ms: 1000,
             hinted_handoff: true,
+            read_repair: true,
         },
         store.clone(),
         script.clone(),

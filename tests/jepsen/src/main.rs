@@ -55,6 +55,10 @@ struct Cli {
     /// A named set of runs: ci (short, for make test) or full.
     #[arg(long)]
     profile: Option<String>,
+    /// Anti-entropy alone: nodes run without read repair and without hinted handoff, with a
+    /// 2 s anti-entropy interval, and the replicas must converge before any final read.
+    #[arg(long)]
+    anti_entropy_only: bool,
 }
 
 /// Environment variable set when the harness re-executed itself inside its namespace.
@@ -73,6 +77,10 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
         sync: sync.into(),
         ..with(w, n, t, seed)
     };
+    let aae_only = |w: &str, n: &str, t: u64, seed: u64| Cli {
+        anti_entropy_only: true,
+        ..with(w, n, t, seed)
+    };
     match cli.profile.as_deref() {
         None => Ok(vec![cli.clone()]),
         Some("ci") => Ok(vec![
@@ -80,6 +88,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             // Sloppy writes (5 nodes, fallbacks) under kills: hints alone converge the replicas.
             with("register", "kill", 25, 4),
             with("set", "pause", 20, 2),
+            // No read repair, no hints: anti-entropy alone converges the replicas.
+            Cli {
+                interval: 4,
+                ..aae_only("register", "kill,partition,pause", 30, 5)
+            },
             // Shorter fault windows, so that both faults happen in a short run.
             Cli {
                 interval: 4,
@@ -97,6 +110,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("register", "disk,reboot,partition", 120, 17),
             with("set", "disk,kill", 90, 18),
             with_sync("register", "kill,reboot", 90, 19, "none"),
+            aae_only("register", "kill,partition,pause", 120, 21),
+            aae_only("set", "kill,partition", 90, 22),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }
@@ -236,6 +251,7 @@ fn main() -> ExitCode {
             netns: in_netns,
             n: r.n,
             sync: r.sync.clone(),
+            anti_entropy_only: r.anti_entropy_only,
         };
         eprintln!(
             "[jepsen] run {} of {}: results in {}",

@@ -66,6 +66,9 @@ pub struct RunConfig {
     pub n: u8,
     /// The nodes' `--sync` mode.
     pub sync: String,
+    /// No read repair and no hinted handoff on the nodes, anti-entropy every 2 s: the replicas
+    /// must converge before the final reads, by anti-entropy alone.
+    pub anti_entropy_only: bool,
 }
 
 /// Client request deadline; the server gets it as its deadline, and the client waits a little
@@ -73,6 +76,15 @@ pub struct RunConfig {
 pub const CLIENT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long the final phase waits for every node to see every other one alive.
 pub const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Node flags of an anti-entropy-only run.
+pub const AAE_ONLY_FLAGS: [&str; 6] = [
+    "--read-repair",
+    "false",
+    "--hinted-handoff",
+    "false",
+    "--aae-interval-secs",
+    "2",
+];
 /// How long convergence is polled after the final reads.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -558,6 +570,11 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             args.push("--config".into());
             args.push(node_config.display().to_string());
         }
+        if cfg.anti_entropy_only {
+            for a in AAE_ONLY_FLAGS {
+                args.push(a.to_string());
+            }
+        }
         if let Some(first) = nodes.first() {
             args.push("--seeds".into());
             args.push(first.gossip_addr.clone());
@@ -651,7 +668,21 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
 
     let keys = shared.keys.lock().await.clone();
     let n = cfg.n as usize;
-    let before = checker::check_convergence(&snapshot(&shared, &keys, true).await, n);
+    let mut before = checker::check_convergence(&snapshot(&shared, &keys, true).await, n);
+    if cfg.anti_entropy_only {
+        // Nothing reads meanwhile: only anti-entropy can bring the replicas together.
+        let poll_start = Instant::now();
+        while !before.converged && poll_start.elapsed() < CONVERGE_TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            before = checker::check_convergence(&snapshot(&shared, &keys, false).await, n);
+        }
+        eprintln!(
+            "[jepsen] anti-entropy only: {}/{} keys converged {:.1} s after the quiet period",
+            before.converged_keys,
+            before.keys,
+            poll_start.elapsed().as_secs_f64()
+        );
+    }
     eprintln!(
         "[jepsen] before final reads: {}/{} keys converged",
         before.converged_keys, before.keys
@@ -691,7 +722,14 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         &availability,
         &errs,
     );
-    if hints_must_converge(&cfg.kinds) && !before.converged {
+    let must = if cfg.anti_entropy_only {
+        Some("without read repair or hints, anti-entropy alone must converge them")
+    } else if hints_must_converge(&cfg.kinds) {
+        Some("hinted handoff alone must deliver every missed write")
+    } else {
+        None
+    };
+    if let (Some(why), false) = (must, before.converged) {
         let shown: Vec<&str> = before
             .divergent
             .iter()
@@ -700,7 +738,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             .map(String::as_str)
             .collect();
         invalid_reasons.push(format!(
-            "not converged before the final reads ({}/{} keys): with only {:?}, hinted handoff alone must deliver every missed write: {}",
+            "not converged before the final reads ({}/{} keys): with {:?}, {why}: {}",
             before.converged_keys,
             before.keys,
             cfg.nemeses,
