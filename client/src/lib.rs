@@ -55,7 +55,7 @@ use ringkv_protocol::{Request, Response};
 use tokio::sync::Mutex;
 
 pub use ringkv_protocol::{
-    ErrorKind, MemberStatus, MembersReply, RingMember, RingReply, StatusReply,
+    ErrorKind, MemberStatus, MembersReply, RepairReply, RingMember, RingReply, StatusReply,
 };
 
 use conn::{Conn, ConnError};
@@ -555,6 +555,17 @@ impl Client {
         let (addr, resp) = self.call(Request::Members, timeout, true, None).await?;
         match resp {
             Response::Members(m) => Ok(m),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
+    /// Starts an anti-entropy cycle on the contacted node now; the reply says at which count
+    /// of its completed cycles (`aae.cycles` in `status`) the requested one is done.
+    pub async fn repair(&self) -> Result<RepairReply, Error> {
+        let timeout = self.inner.config.request_timeout;
+        let (addr, resp) = self.call(Request::Repair, timeout, true, None).await?;
+        match resp {
+            Response::Repair(r) => Ok(r),
             other => Err(unexpected(&addr, other)),
         }
     }

@@ -15,7 +15,7 @@ pub mod wire;
 pub use context::{CausalContext, ContextError};
 pub use frame::{Frame, FrameCodec, FrameError, Inbound, Rejection, PROTOCOL_VERSION};
 pub use message::{
-    ErrorKind, ErrorReply, MemberStatus, MembersReply, ReadOptions, ReadReply, Request, Response,
-    RingMember, RingReply, Sibling, StatusReply, WriteOptions, WriteReply,
+    ErrorKind, ErrorReply, MemberStatus, MembersReply, ReadOptions, ReadReply, RepairReply,
+    Request, Response, RingMember, RingReply, Sibling, StatusReply, WriteOptions, WriteReply,
 };
 pub use wire::DecodeError;

@@ -14,6 +14,7 @@ pub mod opcode {
     pub const DELETE: u8 = 0x05;
     pub const RING: u8 = 0x06;
     pub const MEMBERS: u8 = 0x07;
+    pub const REPAIR: u8 = 0x08;
 
     pub const PONG: u8 = 0x81;
     pub const STATUS_REPLY: u8 = 0x82;
@@ -22,6 +23,7 @@ pub mod opcode {
     pub const DELETE_REPLY: u8 = 0x85;
     pub const RING_REPLY: u8 = 0x86;
     pub const MEMBERS_REPLY: u8 = 0x87;
+    pub const REPAIR_REPLY: u8 = 0x88;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -86,6 +88,17 @@ pub enum Request {
     Ring,
     /// The contacted node's membership: SWIM state, incarnation, phi, last heard.
     Members,
+    /// Start an anti-entropy cycle on the contacted node now (with every peer it shares ranges
+    /// with), instead of at its next interval.
+    Repair,
+}
+
+/// What `Repair` started: the contacted node's count of completed anti-entropy cycles, and
+/// the count at which the requested cycle will have completed (`aae.cycles` in `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepairReply {
+    pub completed: u64,
+    pub done_at: u64,
 }
 
 /// One member as `Ring` reports it.
@@ -351,6 +364,7 @@ pub enum Response {
     Delete(WriteReply),
     Ring(RingReply),
     Members(MembersReply),
+    Repair(RepairReply),
     Error(ErrorReply),
 }
 
@@ -364,12 +378,17 @@ impl Request {
             Request::Delete { .. } => opcode::DELETE,
             Request::Ring => opcode::RING,
             Request::Members => opcode::MEMBERS,
+            Request::Repair => opcode::REPAIR,
         }
     }
 
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
-            Request::Ping | Request::Status | Request::Ring | Request::Members => {}
+            Request::Ping
+            | Request::Status
+            | Request::Ring
+            | Request::Members
+            | Request::Repair => {}
             Request::Get { key, opts } => {
                 put_bytes(dst, key);
                 dst.put_u8(opts.r);
@@ -422,6 +441,7 @@ impl Request {
             opcode::STATUS => Request::Status,
             opcode::RING => Request::Ring,
             opcode::MEMBERS => Request::Members,
+            opcode::REPAIR => Request::Repair,
             opcode::GET => {
                 let key = r.bytes("key", MAX_REQUEST_BODY_LEN)?;
                 let opts = ReadOptions {
@@ -452,7 +472,11 @@ impl Request {
     /// Checks the semantic limits of a decoded request. The error names the offending field.
     pub fn validate(&self) -> Result<(), (ErrorKind, String)> {
         let (key, value, context) = match self {
-            Request::Ping | Request::Status | Request::Ring | Request::Members => return Ok(()),
+            Request::Ping
+            | Request::Status
+            | Request::Ring
+            | Request::Members
+            | Request::Repair => return Ok(()),
             Request::Get { key, .. } => (key, None, None),
             Request::Put {
                 key,
@@ -662,6 +686,7 @@ impl Response {
             Response::Delete(_) => opcode::DELETE_REPLY,
             Response::Ring(_) => opcode::RING_REPLY,
             Response::Members(_) => opcode::MEMBERS_REPLY,
+            Response::Repair(_) => opcode::REPAIR_REPLY,
             Response::Error(_) => opcode::ERROR,
         }
     }
@@ -704,6 +729,10 @@ impl Response {
                     dst.put_u32(m.primary_ppm);
                     dst.put_u8(m.alive as u8);
                 }
+            }
+            Response::Repair(r) => {
+                dst.put_u64(r.completed);
+                dst.put_u64(r.done_at);
             }
             Response::Members(m) => {
                 dst.put_u32(m.phi_threshold_milli);
@@ -795,6 +824,10 @@ impl Response {
                     members,
                 })
             }
+            opcode::REPAIR_REPLY => Response::Repair(RepairReply {
+                completed: r.u64("completed")?,
+                done_at: r.u64("done_at")?,
+            }),
             opcode::MEMBERS_REPLY => {
                 let phi_threshold_milli = r.u32("phi_threshold")?;
                 let count = r.count("members", crate::peer::MAX_MEMBERS, 16 + 40)?;

@@ -227,6 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         tree.clone(),
         membership.clone(),
         config.n as usize,
+        config.aae.enabled,
     ));
     if config.aae.enabled {
         runner.spawn(AaeWorker::new(
@@ -263,6 +264,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         store: store.clone(),
         handoff: handoff.clone(),
         tree: tree.clone(),
+        aae: aae.clone(),
         started: std::time::Instant::now(),
     });
     let client_api = Arc::new(ClientApi {

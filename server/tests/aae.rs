@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use ringkv_client::{GetOptions, PutOptions};
-use ringkv_jepsen::{eventually, metric, Cluster};
+use ringkv_jepsen::{bin_path, eventually, metric, Cluster};
 use ringkv_protocol::ring::{key_position, Ring};
 
 const LOCAL: GetOptions = GetOptions {
@@ -160,4 +160,46 @@ async fn the_worker_repairs_a_replica_that_missed_writes_without_reads_or_hints(
             assert!(r.siblings.is_empty(), "{k} is not n5's but it holds it");
         }
     }
+}
+
+/// `kvctl repair --wait` runs a cycle on every node at once (the interval is an hour) and
+/// returns when each finished: the replica that missed writes then holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
+    let flags = ["--hinted-handoff", "false", "--aae-interval-secs", "3600"];
+    let mut c = Cluster::start(3, &flags).await;
+    c.nodes[2].stop().unwrap();
+    c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    write(&c, &[0, 1], "r", 500, 2).await;
+    c.nodes[2].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+
+    let kvctl = |args: &[&str]| {
+        std::process::Command::new(bin_path("kvctl"))
+            .args(["--addr", &c.nodes[0].addr, "--json"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = kvctl(&["repair", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["started"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["done"].as_array().unwrap().len(), 3, "{v}");
+    let n3 = c.client(2);
+    for i in 0..500 {
+        let r = n3.get_with(&format!("r{i}"), LOCAL).await.unwrap();
+        assert!(!r.siblings.is_empty(), "r{i} missing on n3 after kvctl repair --wait");
+    }
+    assert_eq!(root(&c, 2).await, root(&c, 0).await);
+
+    // One node only; an unknown node is a clear error.
+    let out = kvctl(&["repair", "--node", "n2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["started"][0]["node"], "n2", "{v}");
+    let out = kvctl(&["repair", "--node", "n9"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no member named \"n9\""), "{err}");
 }

@@ -380,10 +380,12 @@ impl<T: Transport> AaeWorker<T> {
             .collect();
         self.cycle_started = Some(Instant::now());
         self.cycle = Outcome::default();
+        self.aae.set_running(true);
     }
 
     fn finish_cycle(&mut self) {
         let m = &self.aae.metrics;
+        self.aae.set_running(false);
         if let Some(started) = self.cycle_started.take() {
             m.cycles.inc();
             m.last_cycle_seconds.set(started.elapsed().as_secs());
@@ -446,7 +448,12 @@ impl<T: Transport> Worker for AaeWorker<T> {
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
         if self.cycle_started.is_none() {
-            if Instant::now() < self.next_cycle || !self.membership.view().ready {
+            let due = Instant::now() >= self.next_cycle || self.aae.take_request();
+            if !due || !self.membership.view().ready {
+                if due {
+                    // Requested before the node knows the ring: keep the request.
+                    self.next_cycle = Instant::now();
+                }
                 return Ok(WorkerState::Idle);
             }
             self.start_cycle();

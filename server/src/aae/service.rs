@@ -1,6 +1,7 @@
 //! The anti-entropy service: answers a peer's exchange (the aae family) from this node's tree
 //! and data, and merges the states it pushes, for keys this node replicates only.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,7 +9,7 @@ use bytes::Bytes;
 use ringkv_protocol::peer::aae::{MAX_DIGESTS, MAX_STATES};
 use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
 use ringkv_protocol::ring::key_position;
-use ringkv_protocol::ErrorKind;
+use ringkv_protocol::{ErrorKind, RepairReply};
 
 use crate::background::{tranquil_pause, APPLY_CHUNK};
 use crate::membership::Membership;
@@ -43,6 +44,12 @@ pub struct AntiEntropy {
     membership: Membership,
     n: usize,
     pub metrics: Arc<AaeMetrics>,
+    /// Whether this node runs the `anti_entropy` worker (cycles can be requested).
+    enabled: bool,
+    /// A cycle was requested (`kvctl repair`): the worker starts one at once.
+    requested: AtomicBool,
+    /// A cycle is running.
+    running: AtomicBool,
 }
 
 impl AntiEntropy {
@@ -52,6 +59,7 @@ impl AntiEntropy {
         tree: SharedTree,
         membership: Membership,
         n: usize,
+        enabled: bool,
     ) -> AntiEntropy {
         AntiEntropy {
             node_id,
@@ -60,7 +68,33 @@ impl AntiEntropy {
             membership,
             n,
             metrics: Arc::default(),
+            enabled,
+            requested: AtomicBool::new(false),
+            running: AtomicBool::new(false),
         }
+    }
+
+    /// Asks the worker for a cycle now: `None` when this node runs none. The reply's
+    /// `done_at` is the completed-cycle count (`aae.cycles`) at which a cycle that started
+    /// after this request has finished.
+    pub fn request_cycle(&self) -> Option<RepairReply> {
+        if !self.enabled {
+            return None;
+        }
+        let completed = self.metrics.cycles.get();
+        // A running cycle may have passed some peers already: the requested one is the next.
+        let done_at = completed + 1 + self.running.load(Ordering::Acquire) as u64;
+        self.requested.store(true, Ordering::Release);
+        Some(RepairReply { completed, done_at })
+    }
+
+    /// The worker: whether a cycle was requested (clears the request).
+    pub fn take_request(&self) -> bool {
+        self.requested.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::Release);
     }
 
     pub fn store(&self) -> &Arc<Store> {

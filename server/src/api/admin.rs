@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use ringkv_protocol::{ErrorKind, Response, RingMember, RingReply, StatusReply};
 
+use crate::aae::service::AntiEntropy;
 use crate::background::Runner;
 use crate::config::Config;
 use crate::handoff::Handoff;
@@ -27,6 +28,8 @@ pub struct Admin {
     pub handoff: Arc<Handoff>,
     /// The anti-entropy tree (`aae.tree_root`).
     pub tree: SharedTree,
+    /// Anti-entropy: `repair` starts a cycle.
+    pub aae: Arc<AntiEntropy>,
     pub started: Instant,
 }
 
@@ -52,6 +55,24 @@ impl Admin {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             metrics: self.registry.snapshot(),
             info,
+        }
+    }
+
+    /// Starts an anti-entropy cycle now (or right after the running one).
+    pub fn repair(&self) -> Response {
+        match self.aae.request_cycle() {
+            Some(reply) => Response::Repair(reply),
+            None => Response::error(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                format!(
+                    "node {}: anti-entropy is off on this node (--anti-entropy false)",
+                    self.config.node_id
+                ),
+            ),
         }
     }
 

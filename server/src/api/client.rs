@@ -58,6 +58,10 @@ impl ClientApi {
                 m.members.inc();
                 self.admin.members().await
             }
+            Request::Repair => {
+                m.repair.inc();
+                self.admin.repair()
+            }
             Request::Get { key, opts } => {
                 timed(&m.get, &m.get_seconds, self.coordinator.get(key, opts)).await
             }

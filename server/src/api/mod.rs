@@ -24,6 +24,7 @@ crate::metrics::metric_set! {
         status: Counter = "requests.status", "status requests";
         ring: Counter = "requests.ring", "ring requests";
         members: Counter = "requests.members", "members requests";
+        repair: Counter = "requests.repair", "repair requests (anti-entropy cycles started on demand)";
         errors: Counter = "requests.errors", "client requests answered with an error";
         timeouts: Counter = "requests.timeouts", "client requests answered Timeout";
         unavailable: Counter = "requests.unavailable", "client requests answered Unavailable";

@@ -92,6 +92,16 @@ enum Cmd {
     /// Hints every node holds for others: per holder and target, pending keys and bytes, the
     /// oldest hint's age, and the replay state and progress.
     Hints,
+    /// Start an anti-entropy cycle now on every node (or one): each exchanges trees with the
+    /// other replicas of its ranges and repairs what differs. --wait shows progress until done.
+    Repair {
+        /// Only this node (its id, as `kvctl ring` lists it).
+        #[arg(long)]
+        node: Option<String>,
+        /// Wait until every started cycle has finished, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
     /// The contacted node's view of the ring: each member's tokens, ownership share, liveness.
     Ring,
     /// The contacted node's membership: SWIM state, incarnation, phi, last heard.
@@ -238,6 +248,145 @@ fn hint_line(target: &str, line: &str) -> Value {
         }
     }
     v
+}
+
+/// The metric `name` of a status reply (0 if absent).
+fn status_metric(s: &ringkv_client::StatusReply, name: &str) -> u64 {
+    s.metrics
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or(0, |(_, v)| *v)
+}
+
+/// `kvctl repair`: starts a cycle on each chosen member; with `wait`, polls their `aae.cycles`
+/// until each reached the count its reply named.
+async fn repair(
+    client: &Client,
+    config: ClientConfig,
+    only: Option<String>,
+    wait: bool,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let ring = client.ring().await?;
+    let chosen: Vec<_> = ring
+        .members
+        .iter()
+        .filter(|m| only.as_ref().is_none_or(|n| *n == m.node_id))
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = ring.members.iter().map(|m| m.node_id.as_str()).collect();
+        return Err(Failure::Error(format!(
+            "no member named {:?} (members: {})",
+            only.unwrap_or_default(),
+            names.join(", ")
+        )));
+    }
+    let mut started = Vec::new();
+    let mut failed = Vec::new();
+    for m in chosen {
+        let c = Client::new(vec![m.client_addr.clone()], config.clone())
+            .map_err(|e| Failure::Error(e.to_string()))?;
+        match c.repair().await {
+            Ok(r) => started.push((m.node_id.clone(), c, r)),
+            Err(e) => failed.push(json!({ "node": m.node_id, "error": e.to_string() })),
+        }
+    }
+    if !as_json {
+        for (node, _, r) in &started {
+            out(&format!(
+                "{node}: anti-entropy cycle requested ({} completed so far)",
+                r.completed
+            ));
+        }
+    }
+    for f in &failed {
+        eprintln!(
+            "error: node {}: {}",
+            f["node"].as_str().unwrap_or(""),
+            f["error"].as_str().unwrap_or("")
+        );
+    }
+    let mut results = Vec::new();
+    if wait && !started.is_empty() {
+        let bar = if as_json {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(started.len() as u64)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes done  {msg}",
+            )
+            .expect("the template is valid"),
+        );
+        let mut pending: Vec<usize> = (0..started.len()).collect();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            let mut msg = String::new();
+            for i in pending {
+                let (node, c, r) = &started[i];
+                match c.status().await {
+                    Ok(s) if status_metric(&s, "aae.cycles") >= r.done_at => {
+                        bar.inc(1);
+                        results.push(json!({
+                            "node": node,
+                            "spans_out_of_sync": status_metric(&s, "aae.spans_out_of_sync"),
+                            "keys_repaired_sent": status_metric(&s, "aae.keys_repaired_sent"),
+                            "keys_repaired_received": status_metric(&s, "aae.keys_repaired_received"),
+                            "last_cycle_seconds": status_metric(&s, "aae.last_cycle_seconds"),
+                        }));
+                    }
+                    Ok(s) => {
+                        let detail = s
+                            .info
+                            .iter()
+                            .find(|(k, _)| k == "worker.anti_entropy")
+                            .map_or("", |(_, v)| v.as_str());
+                        msg = format!("{node}: {detail}");
+                        still.push(i);
+                    }
+                    Err(e) => {
+                        msg = format!("{node}: {e}");
+                        still.push(i);
+                    }
+                }
+            }
+            bar.set_message(msg);
+            pending = still;
+            if !pending.is_empty() {
+                bar.tick();
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        bar.finish_and_clear();
+        if !as_json {
+            for r in &results {
+                out(&format!(
+                    "{}: cycle done in {} s; last cycle: {} spans out of sync, {} keys sent, {} received (totals)",
+                    r["node"].as_str().unwrap_or(""),
+                    r["last_cycle_seconds"],
+                    r["spans_out_of_sync"],
+                    r["keys_repaired_sent"],
+                    r["keys_repaired_received"],
+                ));
+            }
+        }
+    }
+    if as_json {
+        let started: Vec<Value> = started
+            .iter()
+            .map(|(node, _, r)| json!({ "node": node, "completed": r.completed, "done_at": r.done_at }))
+            .collect();
+        print_json(&json!({ "started": started, "done": results, "failed": failed }));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Error(format!(
+            "{} node(s) did not start a cycle",
+            failed.len()
+        )))
+    }
 }
 
 /// `kvctl hints`: asks every member (from the contacted node's ring) for its hint lines.
@@ -436,6 +585,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Hints => hints(&client, config_for_nodes(timeout), cli.json).await,
+        Cmd::Repair { node, wait } => {
+            repair(&client, config_for_nodes(timeout), node, wait, cli.json).await
+        }
         Cmd::Ring => {
             let ring = client.ring().await?;
             if cli.json {
