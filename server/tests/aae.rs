@@ -182,20 +182,31 @@ async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
             .unwrap()
     };
     let out = kvctl(&["repair", "--wait"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["started"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["done"].as_array().unwrap().len(), 3, "{v}");
     let n3 = c.client(2);
     for i in 0..500 {
         let r = n3.get_with(&format!("r{i}"), LOCAL).await.unwrap();
-        assert!(!r.siblings.is_empty(), "r{i} missing on n3 after kvctl repair --wait");
+        assert!(
+            !r.siblings.is_empty(),
+            "r{i} missing on n3 after kvctl repair --wait"
+        );
     }
     assert_eq!(root(&c, 2).await, root(&c, 0).await);
 
     // One node only; an unknown node is a clear error.
     let out = kvctl(&["repair", "--node", "n2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["started"][0]["node"], "n2", "{v}");
     let out = kvctl(&["repair", "--node", "n9"]);

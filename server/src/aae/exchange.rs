@@ -49,6 +49,8 @@ pub struct Outcome {
     pub sent: u64,
     pub received: u64,
     pub bytes_sent: u64,
+    /// Payload bytes both ways (cells and hashes, digests, states; frame headers not counted).
+    pub wire_bytes: u64,
     pub rounds: usize,
 }
 
@@ -158,6 +160,7 @@ impl<T: Transport> AaeWorker<T> {
             out.rounds += 1;
             out.cells += frontier.len() as u64;
             let theirs = self.remote_hashes(addr, &frontier).await?;
+            out.wire_bytes += 17 * frontier.len() as u64;
             let mine = self.local_hashes(&frontier);
             let differ: Vec<Cell> = frontier
                 .iter()
@@ -189,6 +192,7 @@ impl<T: Transport> AaeWorker<T> {
             out.rounds += 1;
             out.cells += leaves.len() as u64;
             let theirs = self.remote_hashes(addr, &leaves).await?;
+            out.wire_bytes += 17 * leaves.len() as u64;
             let mine = self.local_hashes(&leaves);
             for (c, (t, m)) in leaves.iter().zip(theirs.iter().zip(&mine)) {
                 if t != m {
@@ -206,8 +210,10 @@ impl<T: Transport> AaeWorker<T> {
         }
         let mut differing_spans = vec![false; spans.len()];
         for &(first, last) in &merged {
-            let (compared, push, fetch) = self.compare_keys(addr, first, last).await?;
+            let (compared, digest_bytes, push, fetch) =
+                self.compare_keys(addr, first, last).await?;
             out.keys_compared += compared;
+            out.wire_bytes += digest_bytes;
             if !push.is_empty() || !fetch.is_empty() {
                 for (i, &(a, b)) in spans.iter().enumerate() {
                     if a <= last && first <= b {
@@ -218,24 +224,27 @@ impl<T: Transport> AaeWorker<T> {
             let (sent, bytes) = self.push(addr, push).await?;
             out.sent += sent;
             out.bytes_sent += bytes;
-            out.received += self.fetch(addr, fetch).await?;
+            let (received, fetched_bytes) = self.fetch(addr, fetch).await?;
+            out.received += received;
+            out.wire_bytes += bytes + fetched_bytes;
         }
         out.spans_differing = differing_spans.iter().filter(|d| **d).count();
         Ok(out)
     }
 
     /// Both sides' (key, digest) over `first..=last`, merged in storage order: the number of
-    /// keys compared, the keys to push (only here, or different), the keys to fetch (only
-    /// there, or different).
+    /// keys compared, the digest bytes received, the keys to push (only here, or different),
+    /// the keys to fetch (only there, or different).
     async fn compare_keys(
         &self,
         addr: &str,
         first: u64,
         last: u64,
-    ) -> Result<(u64, Vec<Bytes>, Vec<Bytes>), String> {
+    ) -> Result<(u64, u64, Vec<Bytes>, Vec<Bytes>), String> {
         let mut mine = Pager::new();
         let mut theirs = Pager::new();
         let (mut compared, mut push, mut fetch) = (0u64, Vec::new(), Vec::new());
+        let mut wire = 0u64;
         loop {
             if mine.buf.is_empty() && mine.more {
                 let (entries, more) = self
@@ -254,7 +263,14 @@ impl<T: Transport> AaeWorker<T> {
                     limit: MAX_DIGESTS as u32,
                 };
                 match self.call(addr, req).await? {
-                    AaeResponse::Digests { entries, more } => theirs.take(entries, more),
+                    AaeResponse::Digests { entries, more } => {
+                        wire += 21 + theirs.after.len() as u64;
+                        wire += entries
+                            .iter()
+                            .map(|(k, _)| 12 + k.len() as u64)
+                            .sum::<u64>();
+                        theirs.take(entries, more)
+                    }
                     other => return Err(format!("unexpected answer to digests: {other:?}")),
                 }
             }
@@ -286,7 +302,7 @@ impl<T: Transport> AaeWorker<T> {
                 }
             }
         }
-        Ok((compared, push, fetch))
+        Ok((compared, wire, push, fetch))
     }
 
     /// Sleeps as long as `keys` take at the budget (scaled by the CPU's yield).
@@ -336,9 +352,9 @@ impl<T: Transport> AaeWorker<T> {
         Ok((sent, bytes))
     }
 
-    /// Fetches the peer's states of `keys` and merges them here: keys merged.
-    async fn fetch(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<u64, String> {
-        let mut received = 0;
+    /// Fetches the peer's states of `keys` and merges them here: (keys merged, bytes fetched).
+    async fn fetch(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<(u64, u64), String> {
+        let (mut received, mut bytes) = (0, 0u64);
         for chunk in keys.chunks(MAX_STATES) {
             let states = match self
                 .call(
@@ -352,6 +368,8 @@ impl<T: Transport> AaeWorker<T> {
                 AaeResponse::States(s) if s.len() == chunk.len() => s,
                 other => return Err(format!("unexpected answer to a fetch: {other:?}")),
             };
+            bytes += chunk.iter().map(|k| 4 + k.len() as u64).sum::<u64>();
+            bytes += states.iter().map(|s| 4 + s.len() as u64).sum::<u64>();
             let entries: Vec<(Bytes, Bytes)> = chunk
                 .iter()
                 .cloned()
@@ -367,7 +385,7 @@ impl<T: Transport> AaeWorker<T> {
                 .count() as u64;
             self.pace(chunk.len()).await;
         }
-        Ok(received)
+        Ok((received, bytes))
     }
 
     fn start_cycle(&mut self) {
@@ -484,6 +502,7 @@ impl<T: Transport> Worker for AaeWorker<T> {
                 m.keys_sent.inc_by(o.sent);
                 m.keys_received.inc_by(o.received);
                 m.bytes_sent.inc_by(o.bytes_sent);
+                m.exchange_bytes.inc_by(o.wire_bytes);
                 let c = &mut self.cycle;
                 c.spans += o.spans;
                 c.spans_differing += o.spans_differing;
@@ -492,6 +511,7 @@ impl<T: Transport> Worker for AaeWorker<T> {
                 if o.sent + o.received > 0 {
                     info!(node = %self.node_id, %peer, spans = o.spans, differing = o.spans_differing,
                           sent = o.sent, received = o.received, cells = o.cells, rounds = o.rounds,
+                          keys_compared = o.keys_compared, wire_bytes = o.wire_bytes,
                           ms = started.elapsed().as_millis() as u64, "anti-entropy exchange repaired keys");
                 } else {
                     debug!(node = %self.node_id, %peer, cells = o.cells, "anti-entropy exchange: in sync");

@@ -30,6 +30,7 @@ crate::metrics::metric_set! {
         keys_sent: Counter = "keys_repaired_sent", "states pushed to peers that lacked or differed";
         keys_received: Counter = "keys_repaired_received", "states fetched from peers and merged here";
         bytes_sent: Counter = "bytes_sent", "bytes of states pushed to peers";
+        exchange_bytes: Counter = "exchange_bytes", "payload bytes of exchanges both ways (cells, hashes, digests, states)";
         last_cycle_seconds: Gauge = "last_cycle_seconds", "duration of the last full cycle";
         cycles: Counter = "cycles", "full cycles over every peer completed";
         served: Counter = "requests_served", "aae requests answered for peers";

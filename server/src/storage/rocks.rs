@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, MemtableFactory, Options,
-    ReadOptions, ReadTier, SliceTransform, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, ReadOptions, ReadTier,
+    SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
 use super::{
@@ -32,9 +32,6 @@ impl Default for RocksConfig {
     }
 }
 
-/// Hash buckets of the data memtable (8 bytes each).
-pub const DATA_MEMTABLE_BUCKETS: usize = 1 << 20;
-
 pub struct RocksEngine {
     db: DB,
 }
@@ -56,7 +53,7 @@ impl RocksEngine {
         };
         let cache = Cache::new_lru_cache(cfg.block_cache_bytes);
         // Every mutation comes from the store's one writer thread, so RocksDB's concurrent
-        // memtable inserts buy nothing; turning them off allows the hash memtable below.
+        // memtable inserts buy nothing; turning them off allows in-place updates below.
         let mut db_opts = Options::default();
         db_opts.set_allow_concurrent_memtable_write(false);
         let cf_options = |write_buffer: usize| {
@@ -85,24 +82,26 @@ impl RocksEngine {
             };
             let mut o = cf_options(wb);
             if cf == Cf::Data {
-                // Data keys start with the key's 8-byte ring position, unique per key in
-                // practice: a hash memtable on that prefix finds a key's versions in O(1)
-                // instead of a skiplist descent through every version of every key (the
-                // largest single cost in a profile of the 3-node cluster). Point reads and
-                // prefix scans stay cheap; a total-order scan of a memtable would be slow,
-                // and nothing scans the data column family across keys.
+                // Data keys start with the key's 8-byte ring position: the prefix extractor
+                // gives SST files position-prefix filters. The memtable is RocksDB's default
+                // skiplist, not the hash memtable it was until anti-entropy: digest scans over
+                // ring ranges (anti-entropy, transfers) need a total-order iterator, which a
+                // hash memtable builds by sorting every entry it holds, per scan (a third of
+                // foreground throughput with exchanges every second; docs/benchmarks.md). The
+                // hash memtable's gain on point reads was within noise (same document).
                 o.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
-                o.set_memtable_factory(MemtableFactory::HashSkipList {
-                    bucket_count: DATA_MEMTABLE_BUCKETS,
-                    height: 4,
-                    branching_factor: 4,
-                });
                 // The writer rewrites a hot key's whole state on every update, usually at the
                 // same size: updating the memtable entry in place (when the new value is not
                 // larger) keeps one entry per key instead of one per version, so lookups and
                 // inserts stay short and memtables fill (and flush) slower. Single node,
                 // workload A: +4..10% ops/s, -7..11% CPU/op, p99 -20% (docs/benchmarks.md).
-                // Costs nothing here: no snapshots, no iterators over memtables, one writer.
+                // Costs nothing here: no snapshots, one writer; a range scan may see a state\n                // being rewritten (digest scans tolerate it: `Store::scan_digests`).
+                o.set_inplace_update_support(true);
+            }
+            if cf == Cf::Aae {
+                // Tree leaves are rewritten on every write of a key in them, always 8 bytes:
+                // in place, a leaf keeps one memtable entry instead of one per write, so the
+                // column family flushes (and compacts) a fraction as often.
                 o.set_inplace_update_support(true);
             }
             descriptors.push(ColumnFamilyDescriptor::new(cf.name(), o));

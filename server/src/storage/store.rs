@@ -124,7 +124,15 @@ impl std::fmt::Display for SyncMode {
 /// rows it appends go into the same atomic batch as the new state. A failed batch applies
 /// neither. The hook may write only `Cf::Hints` and `Cf::Aae`, and must not block.
 pub trait ChangeHook: Send + 'static {
-    fn on_change(&mut self, key: &[u8], old: &KeyState, new: &KeyState, batch: &mut Batch);
+    /// `new_encoded` is `new.encode()`, the bytes stored for the key in this batch.
+    fn on_change(
+        &mut self,
+        key: &[u8],
+        old: &KeyState,
+        new: &KeyState,
+        new_encoded: &[u8],
+        batch: &mut Batch,
+    );
     /// The group's batch was written (`true`) or failed (`false`, nothing of it applied):
     /// state the hook keeps beside the rows follows the batch's fate.
     fn on_commit(&mut self, _committed: bool) {}
@@ -800,11 +808,14 @@ impl Store {
             let mut out = Vec::with_capacity(batch.entries.len());
             for (dkey, value) in &batch.entries {
                 let key = &dkey[8.min(dkey.len())..];
-                let state = decode_state(Some(value.clone()), key)?;
-                out.push((
-                    Bytes::copy_from_slice(key),
-                    super::tree::state_contribution(key, &state),
-                ));
+                // A scan may catch a memtable entry being rewritten in place: a state that
+                // does not decode gets a digest of its bytes, which differs from the peer's,
+                // so the exchange reads the key properly (a locked point read) and merges.
+                let digest = match KeyState::decode(value) {
+                    Ok(state) => super::tree::state_contribution(key, &state),
+                    Err(_) => xxhash_rust::xxh3::xxh3_64(value) | 1,
+                };
+                out.push((Bytes::copy_from_slice(key), digest));
             }
             Ok((out, batch.resume.is_some()))
         })
@@ -1326,9 +1337,10 @@ impl Writer {
                 changed: false,
             });
         }
+        let encoded = next.encode();
         if let Some(hook) = self.hook.as_mut() {
             let before = group.batch.ops.len();
-            hook.on_change(key, &current, &next, &mut group.batch);
+            hook.on_change(key, &current, &next, &encoded, &mut group.batch);
             assert!(
                 group.batch.ops[before..].iter().all(|op| matches!(
                     op,
@@ -1337,7 +1349,7 @@ impl Writer {
                 "a change hook writes only the hints and aae column families"
             );
         }
-        group.batch.put(Cf::Data, dkey.clone(), next.encode());
+        group.batch.put(Cf::Data, dkey.clone(), encoded);
         group.overlay.insert(dkey, next.clone());
         if let WriteOp::Update { hint_for, .. } = op {
             for target in hint_for {

@@ -66,8 +66,20 @@ impl TreeHook {
 }
 
 impl ChangeHook for TreeHook {
-    fn on_change(&mut self, key: &[u8], old: &KeyState, new: &KeyState, batch: &mut Batch) {
-        let delta = state_contribution(key, old) ^ state_contribution(key, new);
+    fn on_change(
+        &mut self,
+        key: &[u8],
+        old: &KeyState,
+        new: &KeyState,
+        new_encoded: &[u8],
+        batch: &mut Batch,
+    ) {
+        let new_c = if new.is_empty() {
+            0
+        } else {
+            contribution(key, new_encoded)
+        };
+        let delta = state_contribution(key, old) ^ new_c;
         if delta == 0 {
             return;
         }
@@ -312,8 +324,9 @@ mod tests {
             Some(Bytes::from_static(b"v")),
         );
         let mut batch = Batch::default();
-        hook.on_change(b"k", &KeyState::new(), &state, &mut batch);
-        hook.on_change(b"k", &state, &KeyState::new(), &mut batch);
+        let bytes = state.encode();
+        hook.on_change(b"k", &KeyState::new(), &state, &bytes, &mut batch);
+        hook.on_change(b"k", &state, &KeyState::new(), &[], &mut batch);
         assert!(matches!(
             batch.ops.last(),
             Some(crate::storage::BatchOp::Delete(Cf::Aae, _))
@@ -321,7 +334,13 @@ mod tests {
         hook.on_commit(true);
         assert_eq!(tree.read().unwrap().root(), 0);
         // A failed batch leaves the tree as it was.
-        hook.on_change(b"k", &KeyState::new(), &state, &mut Batch::default());
+        hook.on_change(
+            b"k",
+            &KeyState::new(),
+            &state,
+            &bytes,
+            &mut Batch::default(),
+        );
         hook.on_commit(false);
         assert_eq!(tree.read().unwrap().root(), 0);
     }

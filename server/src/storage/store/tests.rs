@@ -972,7 +972,14 @@ fn digest(state: &KeyState) -> u64 {
 }
 
 impl ChangeHook for DigestHook {
-    fn on_change(&mut self, key: &[u8], old: &KeyState, new: &KeyState, batch: &mut Batch) {
+    fn on_change(
+        &mut self,
+        key: &[u8],
+        old: &KeyState,
+        new: &KeyState,
+        _new_encoded: &[u8],
+        batch: &mut Batch,
+    ) {
         let mut row = b"leaf/".to_vec();
         row.extend_from_slice(key);
         batch.put(Cf::Aae, row, digest(new).to_be_bytes().to_vec());
