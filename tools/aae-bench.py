@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import cpu_seconds  # noqa: E402
+
 
 class Cluster:
     def __init__(self, bin_dir, work, base, extra):
@@ -99,21 +102,6 @@ def exchanges_in_log(path, since):
                         ("peer", "ms", "cells", "rounds", "keys_compared", "wire_bytes", "sent",
                          "received")})
     return out
-
-
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / CLK
 
 
 def cost(args):
