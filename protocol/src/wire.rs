@@ -54,6 +54,24 @@ impl Reader {
     pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         Ok(self.array::<1>(field)?[0])
     }
+    /// A flag byte: 0 or 1, anything else is `Invalid`.
+    pub fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            k => Err(DecodeError::Invalid {
+                field,
+                detail: format!("{k} (expected 0 or 1)"),
+            }),
+        }
+    }
+
+    /// A count (at most `limit`) of flag bytes.
+    pub fn bools(&mut self, field: &'static str, limit: usize) -> Result<Vec<bool>, DecodeError> {
+        let n = self.count(field, limit, 1)?;
+        (0..n).map(|_| self.bool(field)).collect()
+    }
+
     pub fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         Ok(u16::from_be_bytes(self.array(field)?))
     }
@@ -163,4 +181,24 @@ pub fn get_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_bytes_are_zero_or_one() {
+        let mut r = Reader::new(Bytes::from_static(&[0, 0, 0, 2, 1, 0, 2]));
+        assert_eq!(r.bools("flags", 4).unwrap(), vec![true, false]);
+        assert!(matches!(
+            r.bool("more"),
+            Err(DecodeError::Invalid { field: "more", .. })
+        ));
+        let mut too_many = Reader::new(Bytes::from_static(&[0, 0, 0, 9]));
+        assert!(matches!(
+            too_many.bools("flags", 4),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
 }

@@ -75,20 +75,6 @@ pub enum AaeResponse {
     Merged(Vec<bool>),
 }
 
-fn read_bools(r: &mut Reader, field: &'static str, limit: usize) -> Result<Vec<bool>, DecodeError> {
-    let n = r.count(field, limit, 1)?;
-    (0..n)
-        .map(|_| match r.u8(field)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            k => Err(DecodeError::Invalid {
-                field,
-                detail: format!("{k} (expected 0 or 1)"),
-            }),
-        })
-        .collect()
-}
-
 impl Family for AaeRequest {
     fn encode(&self, b: &mut BytesMut) -> u8 {
         match self {
@@ -247,7 +233,7 @@ impl Family for AaeResponse {
                     let k = r.bytes("key", MAX_KEY_LEN)?;
                     entries.push((k, r.u64("digest")?));
                 }
-                let more = read_bools_one(r)?;
+                let more = r.bool("more")?;
                 AaeResponse::Digests { entries, more }
             }
             op::STATES => {
@@ -258,7 +244,7 @@ impl Family for AaeResponse {
                 }
                 AaeResponse::States(states)
             }
-            op::MERGED => AaeResponse::Merged(read_bools(r, "merged", MAX_STATES)?),
+            op::MERGED => AaeResponse::Merged(r.bools("merged", MAX_STATES)?),
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -274,16 +260,5 @@ impl Family for AaeResponse {
                 .min(MAX_PEER_BODY_LEN),
             AaeResponse::Merged(m) => m.len(),
         }
-    }
-}
-
-fn read_bools_one(r: &mut Reader) -> Result<bool, DecodeError> {
-    match r.u8("more")? {
-        0 => Ok(false),
-        1 => Ok(true),
-        k => Err(DecodeError::Invalid {
-            field: "more",
-            detail: format!("{k} (expected 0 or 1)"),
-        }),
     }
 }

@@ -199,23 +199,7 @@ impl Family for HandoffResponse {
                 bytes: r.u64("bytes")?,
                 retry_after_ms: r.u32("retry_after_ms")?,
             },
-            op::REPLAYED => {
-                let n = r.count("merged", MAX_REPLAY_BATCH_KEYS, 1)?;
-                let mut merged = Vec::with_capacity(n);
-                for _ in 0..n {
-                    merged.push(match r.u8("merged")? {
-                        0 => false,
-                        1 => true,
-                        k => {
-                            return Err(DecodeError::Invalid {
-                                field: "merged",
-                                detail: format!("{k} (expected 0 or 1)"),
-                            })
-                        }
-                    });
-                }
-                HandoffResponse::Replayed(merged)
-            }
+            op::REPLAYED => HandoffResponse::Replayed(r.bools("merged", MAX_REPLAY_BATCH_KEYS)?),
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
