@@ -136,6 +136,30 @@ pub fn key_after(key: &[u8]) -> Vec<u8> {
     next
 }
 
+/// Calls `f` on every entry of `range` in `cf`, scan batch by scan batch (blocks on the disk);
+/// an `Err(cause)` from `f` stops the scan as a `Corrupt` error naming the row.
+pub fn scan_all(
+    engine: &dyn Engine,
+    cf: Cf,
+    mut range: ScanRange,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+) -> Result<(), StorageError> {
+    loop {
+        let batch = engine.scan(cf, &range, MAX_SCAN_BATCH)?;
+        for (k, v) in &batch.entries {
+            f(k, v).map_err(|cause| StorageError::Corrupt {
+                cf: cf.name(),
+                key: HexKey(k.clone()),
+                cause,
+            })?;
+        }
+        match batch.resume {
+            Some(next) => range.start = next,
+            None => return Ok(()),
+        }
+    }
+}
+
 /// Most entries one `scan` call returns: a caller that asks for more gets this many (a batch
 /// must stay a bounded unit of a worker's work).
 pub const MAX_SCAN_BATCH: usize = 10_000;

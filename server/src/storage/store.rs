@@ -51,8 +51,8 @@ use super::hints::{
 };
 use super::state_cache::{StateCache, STATE_CACHE_BYTES};
 use super::{
-    data_key, key_after, Batch, BatchOp, Cached, Cf, Engine, HexKey, ScanBatch, ScanRange,
-    StorageError, MAX_SCAN_BATCH,
+    data_key, key_after, scan_all, Batch, BatchOp, Cached, Cf, Engine, HexKey, ScanBatch,
+    ScanRange, StorageError,
 };
 use crate::version::{
     actor_id, actor_stamp, actor_tag, node_tag, Actor, Dot, KeyState, VersionVector, ACTOR_EPOCH_MS,
@@ -825,19 +825,16 @@ impl Store {
     /// Every (target, partition) marked for anti-entropy because a hint was dropped.
     pub async fn aae_marks(self: &Arc<Self>) -> Result<Vec<(String, u16)>, StorageError> {
         self.blocking("scan", |engine| {
-            let mut range = ScanRange {
+            let range = ScanRange {
                 start: vec![MARK_PREFIX],
                 end: Some(vec![MARK_PREFIX + 1]),
             };
             let mut marks = Vec::new();
-            loop {
-                let batch = engine.scan(Cf::Aae, &range, MAX_SCAN_BATCH)?;
-                marks.extend(batch.entries.iter().filter_map(|(k, _)| split_mark_key(k)));
-                match batch.resume {
-                    Some(next) => range.start = next,
-                    None => return Ok(marks),
-                }
-            }
+            scan_all(engine, Cf::Aae, range, |k, _| {
+                marks.extend(split_mark_key(k));
+                Ok(())
+            })?;
+            Ok(marks)
         })
         .await
     }
@@ -905,27 +902,21 @@ fn writer_exited(key: &[u8]) -> WriteError {
 /// The hint book from one scan of the hint store (at open; bounded by the byte caps).
 fn load_hint_book(engine: &dyn Engine) -> Result<HintBook, StorageError> {
     let book = HintBook::default();
-    let mut range = ScanRange {
+    let all = ScanRange {
         start: Vec::new(),
         end: None,
     };
-    loop {
-        let batch = engine.scan(Cf::Hints, &range, MAX_SCAN_BATCH)?;
-        for (row, value) in &batch.entries {
-            if let (Some((target, _)), Some(first_ms)) = (split_hint_key(row), hint_first_ms(value))
-            {
-                let size = HintSize {
-                    first_ms,
-                    bytes: (row.len() + value.len()) as u64,
-                };
-                book.apply(&target, None, Some(size));
-            }
+    scan_all(engine, Cf::Hints, all, |row, value| {
+        if let (Some((target, _)), Some(first_ms)) = (split_hint_key(row), hint_first_ms(value)) {
+            let size = HintSize {
+                first_ms,
+                bytes: (row.len() + value.len()) as u64,
+            };
+            book.apply(&target, None, Some(size));
         }
-        match batch.resume {
-            Some(next) => range.start = next,
-            None => return Ok(book),
-        }
-    }
+        Ok(())
+    })?;
+    Ok(book)
 }
 
 fn read_state(engine: &dyn Engine, dkey: &[u8], key: &[u8]) -> Result<KeyState, StorageError> {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use tracing::info;
 
-use super::{Batch, Cf, ChangeHook, Engine, ScanRange, StorageError, MAX_SCAN_BATCH};
+use super::{scan_all, Batch, Cf, ChangeHook, Engine, ScanRange, StorageError};
 use crate::merkle::{contribution, leaf_of, Tree};
 use crate::version::KeyState;
 
@@ -135,7 +135,7 @@ pub fn open_tree(
             start: vec![LEAF_PREFIX],
             end: Some(vec![LEAF_PREFIX + 1]),
         };
-        for_each(engine, Cf::Aae, range, |row, value| {
+        scan_all(engine, Cf::Aae, range, |row, value| {
             let (Ok(leaf), Ok(v)) = (<[u8; 4]>::try_from(&row[1..]), <[u8; 8]>::try_from(value))
             else {
                 return Err(format!("malformed leaf row {row:02x?}"));
@@ -149,7 +149,7 @@ pub fn open_tree(
         let started = Instant::now();
         let mut keys = 0u64;
         let mut last_log = Instant::now();
-        for_each(
+        scan_all(
             engine,
             Cf::Data,
             ScanRange {
@@ -176,7 +176,7 @@ pub fn open_tree(
             start: vec![LEAF_PREFIX],
             end: Some(vec![LEAF_PREFIX + 1]),
         };
-        for_each(engine, Cf::Aae, range, |row, _| {
+        scan_all(engine, Cf::Aae, range, |row, _| {
             batch.delete(Cf::Aae, row.to_vec());
             Ok(())
         })?;
@@ -190,29 +190,6 @@ pub fn open_tree(
         TreeOpen::Rebuilt { keys }
     };
     Ok((Arc::new(RwLock::new(tree)), outcome))
-}
-
-/// Calls `f` on every entry of `range`, batch by batch.
-fn for_each(
-    engine: &dyn Engine,
-    cf: Cf,
-    mut range: ScanRange,
-    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
-) -> Result<(), StorageError> {
-    loop {
-        let batch = engine.scan(cf, &range, MAX_SCAN_BATCH)?;
-        for (k, v) in &batch.entries {
-            f(k, v).map_err(|cause| StorageError::Corrupt {
-                cf: cf.name(),
-                key: crate::storage::HexKey(k.clone()),
-                cause,
-            })?;
-        }
-        match batch.resume {
-            Some(next) => range.start = next,
-            None => return Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::storage::memory::MemoryEngine;
+use crate::storage::MAX_SCAN_BATCH;
 use ringkv_protocol::limits::MERGE_FACTOR;
 
 /// The boot id every test store runs under unless a test simulates a reboot.
