@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use ringkv_protocol::peer::aae::{MAX_DIGESTS, MAX_STATES};
@@ -11,7 +10,7 @@ use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
 use ringkv_protocol::ring::key_position;
 use ringkv_protocol::{ErrorKind, RepairReply};
 
-use crate::background::{tranquil_pause, APPLY_CHUNK};
+use crate::background::paced_chunks;
 use crate::membership::Membership;
 use crate::merkle::LEAVES;
 use crate::storage::tree::SharedTree;
@@ -182,46 +181,33 @@ impl AntiEntropy {
     /// node's replicas, a chunk at a time with tranquil pauses; a key this node does not
     /// replicate is refused (false), never stored.
     pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
-        let mut out = Vec::with_capacity(entries.len());
-        let mut entries = entries.into_iter().peekable();
-        while entries.peek().is_some() {
-            let started = Instant::now();
-            let merges = entries
-                .by_ref()
-                .take(APPLY_CHUNK)
-                .map(|(key, state)| async move {
-                    if !self.replicates(&key) {
-                        self.metrics.push_refused.inc();
-                        return false;
-                    }
-                    let state = match KeyState::decode(&state) {
-                        Ok(s) if !s.is_empty() => s,
-                        Ok(_) => return true,
-                        Err(e) => {
-                            tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()),
-                                       error = %e, "anti-entropy state does not decode");
-                            return false;
-                        }
-                    };
-                    match self
-                        .store
-                        .write(WriteOp::Merge {
-                            key: key.clone(),
-                            state,
-                        })
-                        .await
-                    {
-                        Ok(_) => true,
-                        Err(e) => {
-                            tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()),
-                                       error = %e, "anti-entropy merge failed");
-                            false
-                        }
-                    }
-                });
-            out.extend(futures::future::join_all(merges).await);
-            tokio::time::sleep(tranquil_pause(started.elapsed())).await;
-        }
-        out
+        let merge = |(key, state): (Bytes, Bytes)| async move {
+            if !self.replicates(&key) {
+                self.metrics.push_refused.inc();
+                return false;
+            }
+            let state = match KeyState::decode(&state) {
+                Ok(s) if !s.is_empty() => s,
+                Ok(_) => return true,
+                Err(e) => {
+                    tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()),
+                                   error = %e, "anti-entropy state does not decode");
+                    return false;
+                }
+            };
+            let write = WriteOp::Merge {
+                key: key.clone(),
+                state,
+            };
+            match self.store.write(write).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
+                                   "anti-entropy merge failed");
+                    false
+                }
+            }
+        };
+        paced_chunks(entries, None, merge, |_| false).await
     }
 }

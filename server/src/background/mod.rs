@@ -370,12 +370,57 @@ pub fn tranquil_pause(elapsed: Duration) -> Duration {
     (elapsed * TRANQUILITY).min(MAX_TRANQUIL_PAUSE)
 }
 
+/// Applies `apply` to `items` [`APPLY_CHUNK`] at a time: a chunk's futures run together (one
+/// group commit), then the chunk's [`tranquil_pause`]. With a `gate`, each chunk and its pause
+/// hold it (one chunk at a time across callers). Stops after a chunk in which `failed` holds
+/// for an outcome; the outcomes are in the items' order.
+pub async fn paced_chunks<T, Fut>(
+    items: Vec<T>,
+    gate: Option<&tokio::sync::Mutex<()>>,
+    mut apply: impl FnMut(T) -> Fut,
+    failed: impl Fn(&Fut::Output) -> bool,
+) -> Vec<Fut::Output>
+where
+    Fut: Future,
+{
+    let mut out = Vec::with_capacity(items.len());
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        let _held = match gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
+        let started = Instant::now();
+        let chunk: Vec<Fut> = items.by_ref().take(APPLY_CHUNK).map(&mut apply).collect();
+        let done = futures::future::join_all(chunk).await;
+        let stop = done.iter().any(&failed);
+        out.extend(done);
+        if stop {
+            break;
+        }
+        tokio::time::sleep(tranquil_pause(started.elapsed())).await;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testkit::eventually;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::sync::Notify;
+
+    /// Outcomes keep the items' order, chunk by chunk, and a chunk with a failure is the last.
+    #[tokio::test]
+    async fn paced_chunks_keep_order_and_stop_after_a_failed_chunk() {
+        let items: Vec<usize> = (0..(2 * APPLY_CHUNK + 6)).collect();
+        let all = paced_chunks(items.clone(), None, |i| async move { i }, |_| false).await;
+        assert_eq!(all, items);
+        let gate = tokio::sync::Mutex::new(());
+        let fail_at = APPLY_CHUNK + 3;
+        let some = paced_chunks(items, Some(&gate), |i| async move { i }, |i| *i == fail_at).await;
+        assert_eq!(some, (0..2 * APPLY_CHUNK).collect::<Vec<_>>());
+    }
 
     #[test]
     fn a_tranquil_pause_grows_with_the_chunk_time_up_to_its_cap() {

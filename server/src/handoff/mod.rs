@@ -18,14 +18,14 @@ pub mod replay;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerResponse};
 use ringkv_protocol::ErrorKind;
 
 use crate::background::load::{yield_scale, CpuLoad};
-use crate::background::{tranquil_pause, APPLY_CHUNK};
+use crate::background::paced_chunks;
 use crate::clock::now_ms;
 use crate::config::HintSettings;
 use crate::storage::hints::hint_state_bytes;
@@ -212,26 +212,17 @@ impl Handoff {
             .spend_bytes(now_ms(), bytes);
         self.metrics.replay_received.inc_by(entries.len() as u64);
         self.metrics.replay_received_bytes.inc_by(bytes);
-        let mut results = Vec::with_capacity(entries.len());
-        let mut entries = entries.into_iter().peekable();
-        while entries.peek().is_some() {
-            let _one_at_a_time = self.applying.lock().await;
-            let started = Instant::now();
-            let merges = entries
-                .by_ref()
-                .take(APPLY_CHUNK)
-                .map(|(key, state)| async move {
-                    let hkey = HexKey(key.to_vec());
-                    let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
-                    self.store
-                        .write(WriteOp::Merge { key, state })
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| format!("key {hkey}: {e}"))
-                });
-            results.extend(futures::future::join_all(merges).await);
-            tokio::time::sleep(tranquil_pause(started.elapsed())).await;
-        }
+        let merge = |(key, state): (Bytes, Bytes)| async move {
+            let hkey = HexKey(key.to_vec());
+            let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
+            self.store
+                .write(WriteOp::Merge { key, state })
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("key {hkey}: {e}"))
+        };
+        // One chunk at a time over every holder, paced by how long each took.
+        let results = paced_chunks(entries, Some(&self.applying), merge, |_| false).await;
         let merged = results
             .iter()
             .map(|r| {

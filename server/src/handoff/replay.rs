@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Handoff;
-use crate::background::{tranquil_pause, Progress, Worker, WorkerState, APPLY_CHUNK};
+use crate::background::{paced_chunks, Progress, Worker, WorkerState};
 use crate::clock::now_ms;
 use crate::membership::Membership;
 use crate::rpc::{PeerPool, Transport};
@@ -276,19 +276,11 @@ impl<T: Transport> ReplayWorker<T> {
                 drop: None,
             });
         }
+        let outcomes = paced_chunks(deletes, None, |op| self.store.write(op), Result::is_err).await;
         let mut replayed = 0u64;
-        let mut deletes = deletes.into_iter().peekable();
-        while deletes.peek().is_some() {
-            let started = Instant::now();
-            let outcomes = deletes
-                .by_ref()
-                .take(APPLY_CHUNK)
-                .map(|op| self.store.write(op));
-            for out in futures::future::join_all(outcomes).await {
-                let out = out.map_err(|e| format!("deleting a replayed hint for {target}: {e}"))?;
-                replayed += out.changed as u64;
-            }
-            tokio::time::sleep(tranquil_pause(started.elapsed())).await;
+        for out in outcomes {
+            let out = out.map_err(|e| format!("deleting a replayed hint for {target}: {e}"))?;
+            replayed += out.changed as u64;
         }
         self.handoff.metrics.replayed.inc_by(replayed);
         let pass = self
