@@ -26,7 +26,7 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::ranges::{shared_spans, Span};
+use super::ranges::{push_span, shared_spans, Span};
 use super::service::AntiEntropy;
 use crate::background::load::{yield_scale, CpuLoad};
 use crate::background::{Progress, Worker, WorkerState};
@@ -136,13 +136,34 @@ impl<T: Transport> AaeWorker<T> {
         cells.iter().map(|c| tree.cell_hash(c)).collect()
     }
 
+    /// One round trip: the cells whose hashes differ between the peer and this node.
+    async fn differing(
+        &self,
+        addr: &str,
+        cells: &[Cell],
+        out: &mut Outcome,
+    ) -> Result<Vec<Cell>, String> {
+        out.rounds += 1;
+        out.cells += cells.len() as u64;
+        let theirs = self.remote_hashes(addr, cells).await?;
+        out.wire_bytes += 17 * cells.len() as u64;
+        let mine = self.local_hashes(cells);
+        Ok(cells
+            .iter()
+            .zip(theirs.iter().zip(&mine))
+            .filter(|(_, (t, m))| t != m)
+            .map(|(c, _)| *c)
+            .collect())
+    }
+
     /// One exchange with `peer` over `spans`.
     pub async fn exchange(&mut self, addr: &str, spans: &[Span]) -> Result<Outcome, String> {
         let mut out = Outcome {
             spans: spans.len(),
             ..Outcome::default()
         };
-        // Position ranges to compare key by key, and which span each belongs to.
+        // Position ranges to compare key by key: each span's partial edge leaves, then the
+        // leaves that differ.
         let mut ranges: Vec<Span> = Vec::new();
         let mut frontier: Vec<Cell> = Vec::new();
         for &(first, last) in spans {
@@ -157,24 +178,13 @@ impl<T: Transport> AaeWorker<T> {
         let mut leaves: Vec<Cell> = Vec::new();
         let mut top = true;
         while !frontier.is_empty() {
-            out.rounds += 1;
-            out.cells += frontier.len() as u64;
-            let theirs = self.remote_hashes(addr, &frontier).await?;
-            out.wire_bytes += 17 * frontier.len() as u64;
-            let mine = self.local_hashes(&frontier);
-            let differ: Vec<Cell> = frontier
-                .iter()
-                .zip(theirs.iter().zip(&mine))
-                .filter(|(_, (t, m))| t != m)
-                .map(|(c, _)| *c)
-                .collect();
+            let differ = self.differing(addr, &frontier, &mut out).await?;
             if top && differ.len() * 2 > frontier.len() && frontier.len() >= 4 {
                 // Most of it differs: stream the differing cells' keys instead of descending.
                 debug!(node = %self.node_id, peer = addr, cells = differ.len(), "streaming instead of descending");
                 for c in &differ {
                     ranges.push((leaf_start(c.first), leaf_end(c.last)));
                 }
-                frontier.clear();
                 break;
             }
             top = false;
@@ -189,24 +199,14 @@ impl<T: Transport> AaeWorker<T> {
         }
         if !leaves.is_empty() {
             // Ask again: a leaf that matches now was a write in flight.
-            out.rounds += 1;
-            out.cells += leaves.len() as u64;
-            let theirs = self.remote_hashes(addr, &leaves).await?;
-            out.wire_bytes += 17 * leaves.len() as u64;
-            let mine = self.local_hashes(&leaves);
-            for (c, (t, m)) in leaves.iter().zip(theirs.iter().zip(&mine)) {
-                if t != m {
-                    ranges.push((leaf_start(c.first), leaf_end(c.last)));
-                }
+            for c in self.differing(addr, &leaves, &mut out).await? {
+                ranges.push((leaf_start(c.first), leaf_end(c.last)));
             }
         }
         ranges.sort_unstable();
         let mut merged: Vec<Span> = Vec::new();
         for r in ranges {
-            match merged.last_mut() {
-                Some(prev) if prev.1.checked_add(1) == Some(r.0) => prev.1 = r.1,
-                _ => merged.push(r),
-            }
+            push_span(&mut merged, r);
         }
         let mut differing_spans = vec![false; spans.len()];
         for &(first, last) in &merged {

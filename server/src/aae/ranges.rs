@@ -11,6 +11,14 @@ use ringkv_protocol::ring::{NodeId, Ring};
 /// An inclusive span of ring positions, `first <= last` (never wrapping).
 pub type Span = (u64, u64);
 
+/// Appends `span` to ascending, disjoint `spans`, extending the last one when they touch.
+pub fn push_span(spans: &mut Vec<Span>, span: Span) {
+    match spans.last_mut() {
+        Some(prev) if prev.1.checked_add(1) == Some(span.0) => prev.1 = span.1,
+        _ => spans.push(span),
+    }
+}
+
 /// For every other node, the spans of positions whose first `n` replicas include both it and
 /// `me`, in ascending order, adjacent spans merged.
 pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Span>> {
@@ -35,11 +43,7 @@ pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Spa
             continue;
         }
         for peer in prefs.iter().filter(|p| &***p != me) {
-            let spans = out.entry(peer.clone()).or_default();
-            match spans.last_mut() {
-                Some(prev) if prev.1.checked_add(1) == Some(first) => prev.1 = end,
-                _ => spans.push((first, end)),
-            }
+            push_span(out.entry(peer.clone()).or_default(), (first, end));
         }
     }
     out
