@@ -91,14 +91,12 @@ impl Replica {
                 )
             }
         };
-        let hkey = HexKey(key.to_vec());
+        // Named only if the write fails or times out (formatted then, not on every merge).
+        let named = key.clone();
+        let what = move || format!("key {}: replica write", HexKey(named.to_vec()));
         // On timeout the merge may still commit later: merges are idempotent.
         let merge = WriteOp::Merge { key, state };
-        match self
-            .store
-            .write_within(merge, timeout_ms, || format!("key {hkey}: replica write"))
-            .await
-        {
+        match self.store.write_within(merge, timeout_ms, what).await {
             Ok(_) => PeerResponse::Replica(ReplicaResponse::Ack),
             Err(e) => self.error(e.kind(), e.is_definite(), e.to_string()),
         }

@@ -183,17 +183,21 @@ impl Handoff {
                 )
             }
         };
-        let what = format!(
-            "hint for {target}, key {}: hint write",
-            HexKey(key.to_vec())
-        );
+        // Named only if the write fails or times out (formatted then, not on every hint).
+        let (what_target, what_key) = (target.clone(), key.clone());
+        let what = move || {
+            format!(
+                "hint for {what_target}, key {}: hint write",
+                HexKey(what_key.to_vec())
+            )
+        };
         // A hint for this node itself (the sender saw it down): it is the data.
         let op = if target == self.node_id {
             WriteOp::Merge { key, state }
         } else {
             WriteOp::Hint { target, key, state }
         };
-        match self.store.write_within(op, timeout_ms, || what).await {
+        match self.store.write_within(op, timeout_ms, what).await {
             Ok(_) => PeerResponse::Handoff(HandoffResponse::HintStored),
             Err(e) => self.error(e.kind(), e.is_definite(), e.to_string()),
         }
