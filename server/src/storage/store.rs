@@ -133,6 +133,9 @@ pub trait ChangeHook: Send + 'static {
         new_encoded: &[u8],
         batch: &mut Batch,
     );
+    /// The group is about to be written: append rows that sum up its changes (once per row,
+    /// however many changes touched it).
+    fn prepare(&mut self, _batch: &mut Batch) {}
     /// The group's batch was written (`true`) or failed (`false`, nothing of it applied):
     /// state the hook keeps beside the rows follows the batch's fate.
     fn on_commit(&mut self, _committed: bool) {}
@@ -1065,6 +1068,17 @@ impl Writer {
             })
             .collect();
         let count = answers.len();
+        if let Some(hook) = self.hook.as_mut() {
+            let before = group.batch.ops.len();
+            hook.prepare(&mut group.batch);
+            assert!(
+                group.batch.ops[before..].iter().all(|op| matches!(
+                    op,
+                    BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
+                )),
+                "a change hook writes only the hints and aae column families"
+            );
+        }
         if let Some(lease_end) = group.lease {
             group.batch.put(
                 Cf::Meta,

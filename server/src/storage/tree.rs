@@ -1,9 +1,9 @@
 //! The anti-entropy tree (`merkle`) in the write path and on disk.
 //!
 //! The writer calls [`TreeHook`] for every change of a key's state: it XORs the key's old
-//! contribution out of its leaf and the new one in, and puts the leaf's new value into the same
-//! RocksDB batch as the data (`Cf::Aae`, row `'L' ‖ leaf u32 BE → value u64 BE`; a leaf that
-//! returns to 0 is deleted). The in-memory tree takes the group's leaf values only once the batch
+//! contribution out of its leaf and the new one in; before the group is written, each changed
+//! leaf's final value goes into the same RocksDB batch as the data, once per leaf (`Cf::Aae`,
+//! row `'L' ‖ leaf u32 BE → value u64 BE`; a leaf that returns to 0 is deleted). The in-memory tree takes the group's leaf values only once the batch
 //! committed, so it always equals the stored leaves, which always describe the stored data: a
 //! failed batch applies neither, and a crash (even with `sync = none`, where RocksDB recovers a
 //! prefix of whole batches) loses data and leaves together.
@@ -72,7 +72,7 @@ impl ChangeHook for TreeHook {
         old: &KeyState,
         new: &KeyState,
         new_encoded: &[u8],
-        batch: &mut Batch,
+        _batch: &mut Batch,
     ) {
         let new_c = if new.is_empty() {
             0
@@ -88,12 +88,18 @@ impl ChangeHook for TreeHook {
             Some(&v) => v,
             None => self.tree.read().expect("tree lock poisoned").leaf(leaf),
         };
-        let value = current ^ delta;
-        self.pending.insert(leaf, value);
-        if value == 0 {
-            batch.delete(Cf::Aae, leaf_row(leaf));
-        } else {
-            batch.put(Cf::Aae, leaf_row(leaf), value.to_be_bytes().to_vec());
+        self.pending.insert(leaf, current ^ delta);
+    }
+
+    /// One row per leaf the group changed, with its final value (a hot leaf changed by many
+    /// writes of the group is written once).
+    fn prepare(&mut self, batch: &mut Batch) {
+        for (&leaf, &value) in &self.pending {
+            if value == 0 {
+                batch.delete(Cf::Aae, leaf_row(leaf));
+            } else {
+                batch.put(Cf::Aae, leaf_row(leaf), value.to_be_bytes().to_vec());
+            }
         }
     }
 
@@ -304,6 +310,9 @@ mod tests {
         let bytes = state.encode();
         hook.on_change(b"k", &KeyState::new(), &state, &bytes, &mut batch);
         hook.on_change(b"k", &state, &KeyState::new(), &[], &mut batch);
+        hook.prepare(&mut batch);
+        // Two changes to one leaf in a group: one row, the leaf's final value (0: deleted).
+        assert_eq!(batch.ops.len(), 1);
         assert!(matches!(
             batch.ops.last(),
             Some(crate::storage::BatchOp::Delete(Cf::Aae, _))
