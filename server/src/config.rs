@@ -140,6 +140,14 @@ pub struct Cli {
     /// Keys per second this node repairs by anti-entropy, sent and received (default 2000).
     #[arg(long)]
     pub aae_keys_per_sec: Option<u32>,
+    /// Tombstone GC: purge deleted keys' tombstones once causally stable (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub tombstone_gc: Option<bool>,
+    /// Least time between the two stability checks of a tombstone before it is purged, in
+    /// seconds (default 600, the longest request deadline: nothing in flight at the first check
+    /// outlives it).
+    #[arg(long)]
+    pub tombstone_settle_secs: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, with underscores.
@@ -177,6 +185,8 @@ pub struct FileConfig {
     pub anti_entropy: Option<bool>,
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
+    pub tombstone_gc: Option<bool>,
+    pub tombstone_settle_secs: Option<u64>,
 }
 
 /// Anti-entropy settings (docs/operations.md, "Anti-entropy").
@@ -185,6 +195,9 @@ pub struct AaeSettings {
     pub enabled: bool,
     pub interval_secs: u64,
     pub keys_per_sec: u32,
+    /// The `tombstone_gc` worker (its passes run every `interval_secs`).
+    pub tombstone_gc: bool,
+    pub tombstone_settle_secs: u64,
 }
 
 impl Default for AaeSettings {
@@ -194,6 +207,9 @@ impl Default for AaeSettings {
             // Garage syncs every 10 minutes, Riak exchanges every 8.
             interval_secs: 600,
             keys_per_sec: 2_000,
+            tombstone_gc: true,
+            // The longest request deadline (`MAX_TIMEOUT_MS`).
+            tombstone_settle_secs: MAX_TIMEOUT_MS as u64 / 1000,
         }
     }
 }
@@ -515,6 +531,18 @@ impl Config {
                     .unwrap_or(aae_defaults.keys_per_sec),
                 1,
                 10_000_000,
+            )?,
+            tombstone_gc: cli
+                .tombstone_gc
+                .or(file.tombstone_gc)
+                .unwrap_or(aae_defaults.tombstone_gc),
+            tombstone_settle_secs: in_range(
+                "tombstone_settle_secs",
+                cli.tombstone_settle_secs
+                    .or(file.tombstone_settle_secs)
+                    .unwrap_or(aae_defaults.tombstone_settle_secs),
+                0,
+                30 * 24 * 3600,
             )?,
         };
         let log = cli.log.or(file.log).unwrap_or_else(|| "info".into());

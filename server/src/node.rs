@@ -12,6 +12,7 @@ use ringkv_protocol::limits::{MAX_HANDSHAKE_BODY_LEN, MAX_PEER_BODY_LEN, MAX_REQ
 use ringkv_protocol::peer::MemberInfo;
 
 use crate::aae::exchange::AaeWorker;
+use crate::aae::gc::{GcMetrics, GcWorker};
 use crate::aae::service::AntiEntropy;
 use crate::api::admin::Admin;
 use crate::api::client::{ClientApi, ClientHandler};
@@ -33,7 +34,7 @@ use crate::rpc::{Authenticator, LateReplies, PeerIdentity, PeerPool, HANDSHAKE_T
 use crate::storage::hints::HintLimits;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::store::{StoreOpenError, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
-use crate::storage::tree::{open_tree, SharedTree, TreeHook};
+use crate::storage::tree::{open_tree, TreeHook};
 use crate::storage::{Cf, Engine, Store, StoreConfig};
 use ringkv_protocol::auth::PeerKey;
 
@@ -95,12 +96,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let dir = config.data_dir.join("db");
     let tree_node = node_id.clone();
     let opened =
-        tokio::task::spawn_blocking(move || -> Result<(Store, SharedTree), StoreOpenError> {
+        tokio::task::spawn_blocking(move || -> Result<_, StoreOpenError> {
             let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&dir, &rocks_cfg)?);
-            let (tree, how) = open_tree(engine.as_ref(), &tree_node)?;
+            let (tree, tombstones, how) = open_tree(engine.as_ref(), &tree_node)?;
             info!(node = %tree_node, ?how, "anti-entropy tree open");
-            let hook = Box::new(TreeHook::new(tree.clone()));
-            Ok((Store::open_with_hook(engine, store_cfg, Some(hook))?, tree))
+            let hook = Box::new(TreeHook::new(tree.clone(), tombstones.clone()));
+            Ok((
+                Store::open_with_hook(engine, store_cfg, Some(hook))?,
+                tree,
+                tombstones,
+            ))
         })
         .await
         .expect("storage open task does not panic")
@@ -108,7 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             node: node_id.clone(),
             source,
         })?;
-    let (store, tree) = opened;
+    let (store, tree, tombstones) = opened;
     let store = Arc::new(store);
 
     let bind = |addr: std::net::SocketAddr| {
@@ -233,9 +238,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         runner.spawn(AaeWorker::new(
             aae.clone(),
             membership.clone(),
-            pool,
+            pool.clone(),
             std::time::Duration::from_secs(config.aae.interval_secs),
             config.aae.keys_per_sec,
+        ));
+    }
+    let gc_metrics = Arc::new(GcMetrics::default());
+    if config.aae.tombstone_gc {
+        runner.spawn(GcWorker::new(
+            aae.clone(),
+            membership.clone(),
+            pool,
+            std::time::Duration::from_secs(config.aae.interval_secs),
+            std::time::Duration::from_secs(config.aae.tombstone_settle_secs),
+            config.aae.keys_per_sec,
+            gc_metrics.clone(),
         ));
     }
     let replica = Arc::new(Replica::new(node_id.clone(), store.clone()));
@@ -247,6 +264,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     replica.metrics.register(&registry, "peer.");
     handoff.metrics.register(&registry, "hints.");
     aae.metrics.register(&registry, "aae.");
+    gc_metrics.register(&registry, "tombstones.");
+    registry.probe(
+        "tombstones.live",
+        "tombstone-only keys stored on this node",
+        move || tombstones.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let s = store.clone();
+    registry.probe(
+        "tombstones.purged",
+        "tombstones this node purged (compare-and-delete after two stable checks)",
+        move || s.stats().purged.get(),
+    );
     register_hints(&registry, &store);
     auth.metrics.register(&registry, "peer.");
     client_net.register(&registry, "net.");

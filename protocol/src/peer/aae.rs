@@ -20,11 +20,26 @@ pub mod op {
     pub const KEY_DIGESTS: u8 = 0x41;
     pub const FETCH_STATES: u8 = 0x42;
     pub const PUSH_STATES: u8 = 0x43;
+    pub const TOMBSTONE_CHECK: u8 = 0x44;
+    pub const PURGE: u8 = 0x45;
 
     pub const HASHES: u8 = 0xC0;
     pub const DIGESTS: u8 = 0xC1;
     pub const STATES: u8 = 0xC2;
     pub const MERGED: u8 = 0xC3;
+    pub const TOMBSTONE_STATUS: u8 = 0xC4;
+}
+
+/// Flags of one key in a `TombstoneStatus` answer.
+pub mod status {
+    /// The receiver replicates the key in its current ring.
+    pub const REPLICA: u8 = 1;
+    /// The receiver's state of the key has a version vector equal to or above the given one.
+    pub const COVERED: u8 = 2;
+    /// The receiver's stored state is exactly the given one.
+    pub const EQUAL: u8 = 4;
+    /// The receiver holds a hint for the key (for any target).
+    pub const HINTED: u8 = 8;
 }
 
 /// Most cells in one `CellHashes` request (8 bytes each in the answer: 32 KiB).
@@ -60,6 +75,12 @@ pub enum AaeRequest {
     FetchStates { keys: Vec<Bytes> },
     /// States for the receiver's replicas: merge each (never overwrite).
     PushStates { entries: Vec<(Bytes, Bytes)> },
+    /// Tombstone GC, the stability check: for each (key, encoded tombstone state), what the
+    /// receiver holds of it (`status` flags), from its data and its hints.
+    TombstoneCheck { entries: Vec<(Bytes, Bytes)> },
+    /// Tombstone GC, the purge: delete each key whose stored state is exactly the given one
+    /// (compare-and-delete; a state that changed is kept).
+    Purge { entries: Vec<(Bytes, Bytes)> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +93,30 @@ pub enum AaeResponse {
     },
     States(Vec<Bytes>),
     /// Per entry, in order: merged (true), or refused (false: not a replica of that key here).
+    /// Also the answer to `Purge`: purged (true) or kept.
     Merged(Vec<bool>),
+    /// Per `TombstoneCheck` entry, in order: its `status` flags.
+    TombstoneStatus(Vec<u8>),
+}
+
+fn put_pairs(b: &mut BytesMut, entries: &[(Bytes, Bytes)]) {
+    put_count(b, entries.len());
+    for (k, s) in entries {
+        put_bytes(b, k);
+        put_bytes(b, s);
+    }
+}
+
+/// (key, state) pairs: at most `MAX_STATES`.
+fn read_pairs(r: &mut Reader) -> Result<Vec<(Bytes, Bytes)>, DecodeError> {
+    let n = r.count("entries", MAX_STATES, 8)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = r.bytes("key", MAX_KEY_LEN)?;
+        let s = r.bytes("state", MAX_STATE_ENCODED_LEN)?;
+        entries.push((k, s));
+    }
+    Ok(entries)
 }
 
 impl Family for AaeRequest {
@@ -107,12 +151,16 @@ impl Family for AaeRequest {
                 op::FETCH_STATES
             }
             AaeRequest::PushStates { entries } => {
-                put_count(b, entries.len());
-                for (k, s) in entries {
-                    put_bytes(b, k);
-                    put_bytes(b, s);
-                }
+                put_pairs(b, entries);
                 op::PUSH_STATES
+            }
+            AaeRequest::TombstoneCheck { entries } => {
+                put_pairs(b, entries);
+                op::TOMBSTONE_CHECK
+            }
+            AaeRequest::Purge { entries } => {
+                put_pairs(b, entries);
+                op::PURGE
             }
         }
     }
@@ -152,16 +200,15 @@ impl Family for AaeRequest {
                 }
                 AaeRequest::FetchStates { keys }
             }
-            op::PUSH_STATES => {
-                let n = r.count("entries", MAX_STATES, 8)?;
-                let mut entries = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let k = r.bytes("key", MAX_KEY_LEN)?;
-                    let s = r.bytes("state", MAX_STATE_ENCODED_LEN)?;
-                    entries.push((k, s));
-                }
-                AaeRequest::PushStates { entries }
-            }
+            op::PUSH_STATES => AaeRequest::PushStates {
+                entries: read_pairs(r)?,
+            },
+            op::TOMBSTONE_CHECK => AaeRequest::TombstoneCheck {
+                entries: read_pairs(r)?,
+            },
+            op::PURGE => AaeRequest::Purge {
+                entries: read_pairs(r)?,
+            },
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -171,7 +218,9 @@ impl Family for AaeRequest {
             AaeRequest::CellHashes { cells } => 9 * cells.len(),
             AaeRequest::KeyDigests { after, .. } => after.len(),
             AaeRequest::FetchStates { keys } => keys.iter().map(|k| 4 + k.len()).sum(),
-            AaeRequest::PushStates { entries } => entries
+            AaeRequest::PushStates { entries }
+            | AaeRequest::TombstoneCheck { entries }
+            | AaeRequest::Purge { entries } => entries
                 .iter()
                 .map(|(k, s)| 8 + k.len() + s.len())
                 .sum::<usize>()
@@ -213,6 +262,11 @@ impl Family for AaeResponse {
                 }
                 op::MERGED
             }
+            AaeResponse::TombstoneStatus(flags) => {
+                put_count(b, flags.len());
+                b.put_slice(flags);
+                op::TOMBSTONE_STATUS
+            }
         }
     }
 
@@ -245,6 +299,14 @@ impl Family for AaeResponse {
                 AaeResponse::States(states)
             }
             op::MERGED => AaeResponse::Merged(r.bools("merged", MAX_STATES)?),
+            op::TOMBSTONE_STATUS => {
+                let n = r.count("flags", MAX_STATES, 1)?;
+                let mut flags = Vec::with_capacity(n);
+                for _ in 0..n {
+                    flags.push(r.u8("flags")?);
+                }
+                AaeResponse::TombstoneStatus(flags)
+            }
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -259,6 +321,7 @@ impl Family for AaeResponse {
                 .sum::<usize>()
                 .min(MAX_PEER_BODY_LEN),
             AaeResponse::Merged(m) => m.len(),
+            AaeResponse::TombstoneStatus(f) => f.len(),
         }
     }
 }

@@ -302,6 +302,12 @@ mod tests {
             PeerRequest::Aae(AaeRequest::PushStates {
                 entries: vec![(Bytes::from_static(b"a"), Bytes::from_static(b"s"))],
             }),
+            PeerRequest::Aae(AaeRequest::TombstoneCheck {
+                entries: vec![(Bytes::from_static(b"a"), Bytes::from_static(b"t"))],
+            }),
+            PeerRequest::Aae(AaeRequest::Purge {
+                entries: vec![(Bytes::from_static(b"b"), Bytes::from_static(b"t"))],
+            }),
         ];
         for r in reqs {
             let f = r.to_frame(9);
@@ -339,6 +345,7 @@ mod tests {
                 Bytes::from_static(b"s"),
             ])),
             PeerResponse::Aae(AaeResponse::Merged(vec![true, false])),
+            PeerResponse::Aae(AaeResponse::TombstoneStatus(vec![0, 15, 3])),
             PeerResponse::Error(ErrorReply {
                 kind: ErrorKind::WrongCluster,
                 definite: true,

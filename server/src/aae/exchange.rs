@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_protocol::peer::aae::{MAX_CELLS, MAX_DIGESTS, MAX_STATES, STATES_BATCH_BYTES};
-use ringkv_protocol::peer::{AaeRequest, AaeResponse, CellRef, PeerRequest, PeerResponse};
+use ringkv_protocol::peer::{AaeRequest, AaeResponse, CellRef};
 use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -95,17 +95,7 @@ impl<T: Transport> AaeWorker<T> {
     }
 
     async fn call(&self, addr: &str, req: AaeRequest) -> Result<AaeResponse, String> {
-        match self
-            .transport
-            .clone()
-            .call(addr.to_string(), PeerRequest::Aae(req), CALL_TIMEOUT)
-            .await
-        {
-            Ok(PeerResponse::Aae(r)) => Ok(r),
-            Ok(PeerResponse::Error(e)) => Err(e.message),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(e.to_string()),
-        }
+        super::call(&self.transport, addr, req).await
     }
 
     /// The peer's hashes of `cells`, in order (chunked by `MAX_CELLS`).

@@ -4,5 +4,29 @@
 //! batches). See docs/architecture.md, "Anti-entropy".
 
 pub mod exchange;
+pub mod gc;
 pub mod ranges;
 pub mod service;
+
+use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerRequest, PeerResponse};
+
+use crate::rpc::Transport;
+
+/// One aae-family request to the peer at `addr`, within `exchange::CALL_TIMEOUT`; a peer's
+/// error reply or a transport failure as its message.
+pub async fn call<T: Transport>(
+    transport: &std::sync::Arc<T>,
+    addr: &str,
+    req: AaeRequest,
+) -> Result<AaeResponse, String> {
+    match transport
+        .clone()
+        .call(addr.to_string(), PeerRequest::Aae(req), exchange::CALL_TIMEOUT)
+        .await
+    {
+        Ok(PeerResponse::Aae(r)) => Ok(r),
+        Ok(PeerResponse::Error(e)) => Err(e.message),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}

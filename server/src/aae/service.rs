@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ringkv_protocol::peer::aae::{MAX_DIGESTS, MAX_STATES};
+use ringkv_protocol::peer::aae::{status, MAX_DIGESTS, MAX_STATES};
 use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
 use ringkv_protocol::ring::key_position;
 use ringkv_protocol::{ErrorKind, RepairReply};
@@ -165,7 +165,74 @@ impl AntiEntropy {
             AaeRequest::PushStates { entries } => {
                 PeerResponse::Aae(AaeResponse::Merged(self.merge_pushed(entries).await))
             }
+            AaeRequest::TombstoneCheck { entries } => {
+                let mut flags = Vec::with_capacity(entries.len());
+                for (key, state) in &entries {
+                    match self.tombstone_status(key, state).await {
+                        Ok(f) => flags.push(f),
+                        Err(e) => {
+                            return self.error(
+                                ErrorKind::Internal,
+                                format!("tombstone check of key {}: {e}", HexKey(key.to_vec())),
+                            )
+                        }
+                    }
+                }
+                PeerResponse::Aae(AaeResponse::TombstoneStatus(flags))
+            }
+            AaeRequest::Purge { entries } => {
+                PeerResponse::Aae(AaeResponse::Merged(self.purge(entries).await))
+            }
         }
+    }
+
+    /// What this node holds of `key` against the tombstone state `encoded` (`status` flags).
+    /// A state that does not decode is covered by nothing (the check fails, nothing purges).
+    pub async fn tombstone_status(
+        &self,
+        key: &Bytes,
+        encoded: &[u8],
+    ) -> Result<u8, crate::storage::StorageError> {
+        let mut flags = 0;
+        if self.replicates(key) {
+            flags |= status::REPLICA;
+        }
+        if let Ok(tombstone) = KeyState::decode(encoded) {
+            let local = self.store.read(key.clone()).await?;
+            if !local.is_empty() && local.context().descends(tombstone.context()) {
+                flags |= status::COVERED;
+            }
+            if local == tombstone {
+                flags |= status::EQUAL;
+            }
+        }
+        if self.store.holds_hint(key).await? {
+            flags |= status::HINTED;
+        }
+        Ok(flags)
+    }
+
+    /// Purges each key this node replicates whose state is still exactly the given tombstone
+    /// state (compare-and-delete in the writer); true per key purged.
+    pub async fn purge(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
+        let purge = |(key, expected): (Bytes, Bytes)| async move {
+            if !self.replicates(&key) {
+                return false;
+            }
+            let op = WriteOp::Purge {
+                key: key.clone(),
+                expected,
+            };
+            match self.store.write(op).await {
+                Ok(outcome) => outcome.changed,
+                Err(e) => {
+                    tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
+                                   "tombstone purge failed; retried by a later GC pass");
+                    false
+                }
+            }
+        };
+        paced_chunks(entries, None, purge, |_| false).await
     }
 
     /// Whether this node is among the first `n` replicas of `key` in its current ring.

@@ -37,6 +37,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -82,6 +83,9 @@ const META_IDENTITY: &[u8] = b"identity";
 const META_CLEAN: &[u8] = b"clean_shutdown";
 /// The kernel boot id of the run that last opened the store.
 const META_BOOT: &[u8] = b"boot_id";
+/// `actor u64 BE ‖ counter u64 BE`: the highest counter of that actor (this node's current one)
+/// found in a purged tombstone (see `Writer::purge_floor`).
+const META_PURGE_FLOOR: &[u8] = b"purge_floor";
 
 /// Durability of acknowledged writes (see docs/operations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -191,6 +195,10 @@ pub enum WriteOp {
         expected: Vec<u8>,
         drop: Option<DropReason>,
     },
+    /// Tombstone GC: delete the key's state only if it is tombstones only and its encoding
+    /// still equals `expected` (compare-and-delete: a state that changed is kept), with its
+    /// tree contribution and index row, in one batch.
+    Purge { key: Bytes, expected: Bytes },
 }
 
 impl WriteOp {
@@ -199,7 +207,8 @@ impl WriteOp {
             WriteOp::Update { key, .. }
             | WriteOp::Merge { key, .. }
             | WriteOp::Hint { key, .. }
-            | WriteOp::DeleteHint { key, .. } => key,
+            | WriteOp::DeleteHint { key, .. }
+            | WriteOp::Purge { key, .. } => key,
         }
     }
 
@@ -216,6 +225,7 @@ impl WriteOp {
                     + 16 * state.context().len()
             }
             WriteOp::DeleteHint { key, expected, .. } => key.len() + expected.len(),
+            WriteOp::Purge { key, expected } => key.len() + expected.len(),
         }
     }
 }
@@ -339,6 +349,9 @@ crate::metrics::metric_set! {
         largest_group: Gauge = "largest_group", "most jobs committed in one batch";
         write_errors: Counter = "write_errors", "batches that failed to commit";
         overloaded: Counter = "overloaded", "writes refused because the writer queue was full";
+        expired: Counter = "expired", "peer writes dropped unapplied: still queued when their deadline passed";
+        purged: Counter = "tombstones_purged", "tombstones purged by tombstone GC (compare-and-delete)";
+        purges_kept: Counter = "purges_kept", "purges refused: the state changed (or is no tombstone) since the check";
         rejected_siblings: Counter = "rejected_siblings", "writes refused at the sibling cap";
         rejected_size: Counter = "rejected_size", "writes refused at the object size cap";
         sibling_warnings: Counter = "sibling_warnings", "states that crossed the sibling warning level";
@@ -378,6 +391,9 @@ struct Job {
     reply: Reply,
     /// What the job counts against the queue's byte budget.
     bytes: usize,
+    /// A peer's write: past this instant (the time the peer had left, in ms) its requester
+    /// has given up, and the writer drops it instead of applying it late.
+    deadline: Option<(Instant, u32)>,
 }
 
 type OutcomeTx = oneshot::Sender<Result<WriteOutcome, WriteError>>;
@@ -576,6 +592,12 @@ impl Store {
             "storage opened"
         );
 
+        let purge_floor = match engine.get(Cf::Meta, META_PURGE_FLOOR)? {
+            Some(b) if b.len() == 16 && b[..8] == identity.actor.to_be_bytes() => {
+                u64::from_be_bytes(b[8..].try_into().expect("8-byte slice"))
+            }
+            _ => 0,
+        };
         let hint_book = Arc::new(load_hint_book(engine.as_ref())?);
         let hint_stats = Arc::new(HintStoreStats::default());
         let stats = Arc::new(StoreStats::default());
@@ -591,6 +613,7 @@ impl Store {
             identity,
             next_counter,
             lease_persisted: lease_end,
+            purge_floor,
             sync: config.sync,
             stats: stats.clone(),
             node_id: config.node_id.clone(),
@@ -623,12 +646,14 @@ impl Store {
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         let key = op.key().clone();
         let (reply, rx) = oneshot::channel();
-        self.submit(op, Reply::Committed(reply))?;
+        self.submit(op, Reply::Committed(reply), None)?;
         rx.await.unwrap_or_else(|_| Err(writer_exited(&key)))
     }
 
     /// A write a peer asked for, bounded by the `timeout_ms` it has left; `what` names it in
-    /// the `DeadlinePassed` error ("key k: replica write").
+    /// the `DeadlinePassed` error ("key k: replica write"). A job still queued when that time
+    /// is up is dropped by the writer, never applied late: nothing a requester gave up on
+    /// lands after its deadline (tombstone GC counts on it, see `aae::gc`).
     pub async fn write_within(
         &self,
         op: WriteOp,
@@ -636,7 +661,15 @@ impl Store {
         what: impl FnOnce() -> String,
     ) -> Result<WriteOutcome, WriteError> {
         let limit = std::time::Duration::from_millis(timeout_ms as u64);
-        match tokio::time::timeout(limit, self.write(op)).await {
+        let key = op.key().clone();
+        let (reply, rx) = oneshot::channel();
+        self.submit(
+            op,
+            Reply::Committed(reply),
+            Some((Instant::now() + limit, timeout_ms)),
+        )?;
+        let write = async move { rx.await.unwrap_or_else(|_| Err(writer_exited(&key))) };
+        match tokio::time::timeout(limit, write).await {
             Ok(result) => result,
             Err(_) => Err(WriteError::DeadlinePassed {
                 what: what(),
@@ -669,7 +702,7 @@ impl Store {
         let key = op.key().clone();
         let (applied, applied_rx) = oneshot::channel();
         let (committed, committed_rx) = oneshot::channel();
-        self.submit(op, Reply::Early { applied, committed })?;
+        self.submit(op, Reply::Early { applied, committed }, None)?;
         let outcome = applied_rx
             .await
             .unwrap_or_else(|_| Err(writer_exited(&key)))?;
@@ -681,7 +714,12 @@ impl Store {
         Ok((outcome, commit))
     }
 
-    fn submit(&self, op: WriteOp, reply: Reply) -> Result<(), WriteError> {
+    fn submit(
+        &self,
+        op: WriteOp,
+        reply: Reply,
+        deadline: Option<(Instant, u32)>,
+    ) -> Result<(), WriteError> {
         let bytes = op.approx_bytes();
         let queued = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         let overloaded = |store: &Store, queued: usize| {
@@ -695,7 +733,12 @@ impl Store {
         if queued > 0 && queued + bytes > MAX_QUEUE_BYTES {
             return Err(overloaded(self, queued));
         }
-        match self.tx.try_send(Msg::Job(Job { op, reply, bytes })) {
+        match self.tx.try_send(Msg::Job(Job {
+            op,
+            reply,
+            bytes,
+            deadline,
+        })) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(overloaded(self, queued)),
             Err(TrySendError::Disconnected(_)) => {
@@ -825,6 +868,60 @@ impl Store {
         .await
     }
 
+    /// Up to `limit` keys of the tombstone index from the row `start` (`None` = the first),
+    /// in ring order: (key, newest sibling timestamp ms), and where to resume.
+    pub async fn scan_tombstones(
+        self: &Arc<Self>,
+        start: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<(Bytes, u64)>, Option<Vec<u8>>), StorageError> {
+        use super::tree::TOMBSTONE_PREFIX;
+        let range = ScanRange {
+            start: start.unwrap_or_else(|| vec![TOMBSTONE_PREFIX]),
+            end: Some(vec![TOMBSTONE_PREFIX + 1]),
+        };
+        self.blocking("scan", move |engine| {
+            let batch = engine.scan(Cf::Aae, &range, limit)?;
+            let entries = batch
+                .entries
+                .iter()
+                .filter_map(|(row, value)| {
+                    // 'D' ‖ position (8 bytes) ‖ key.
+                    let key = row.get(9..)?;
+                    let ms = u64::from_be_bytes(value.as_slice().try_into().ok()?);
+                    Some((Bytes::copy_from_slice(key), ms))
+                })
+                .collect();
+            Ok((entries, batch.resume))
+        })
+        .await
+    }
+
+    /// Whether this node holds a hint for `key`, for any target (a point read per target the
+    /// hint book shows hints for).
+    pub async fn holds_hint(self: &Arc<Self>, key: &[u8]) -> Result<bool, StorageError> {
+        let targets: Vec<String> = self
+            .hint_book
+            .targets()
+            .into_iter()
+            .filter(|(_, t)| t.keys > 0)
+            .map(|(target, _)| target)
+            .collect();
+        if targets.is_empty() {
+            return Ok(false);
+        }
+        let key = key.to_vec();
+        self.blocking("get", move |engine| {
+            for target in targets {
+                if engine.get(Cf::Hints, &hint_key(&target, &key))?.is_some() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await
+    }
+
     /// Every (target, partition) marked for anti-entropy because a hint was dropped.
     pub async fn aae_marks(self: &Arc<Self>) -> Result<Vec<(String, u16)>, StorageError> {
         self.blocking("scan", |engine| {
@@ -946,6 +1043,11 @@ struct Writer {
     next_counter: u64,
     /// Highest counter covered by a durable lease of the current actor.
     lease_persisted: u64,
+    /// The highest counter of the current actor in a tombstone this node purged. A key absent
+    /// here may have been purged, so a context or a replica's state showing our actor ahead of
+    /// our copy is amnesia only above this floor (a tombstone still held elsewhere, or a
+    /// client's context read from it, shows counters up to it).
+    purge_floor: u64,
     sync: SyncMode,
     stats: Arc<StoreStats>,
     node_id: String,
@@ -1063,7 +1165,19 @@ impl Writer {
         let mut answers: Vec<Answer> = jobs
             .into_iter()
             .map(|job| {
-                let result = self.apply(&job.op, &mut group);
+                let result = match job.deadline {
+                    Some((at, timeout_ms)) if Instant::now() > at => {
+                        self.stats.expired.inc();
+                        Err(WriteError::DeadlinePassed {
+                            what: format!(
+                                "key {}: queued peer write (dropped unapplied)",
+                                HexKey(job.op.key().to_vec())
+                            ),
+                            timeout_ms,
+                        })
+                    }
+                    _ => self.apply(&job.op, &mut group),
+                };
                 (job.op.key().clone(), job.reply, Some(result))
             })
             .collect();
@@ -1223,6 +1337,7 @@ impl Writer {
         self.identity = next_identity(&self.node_id, Some(old));
         self.next_counter = 1;
         self.lease_persisted = 0;
+        self.purge_floor = 0;
         self.stats.actor_renewals.inc();
         self.stats.actor.set(self.identity.actor);
         self.stats.incarnation.set(self.identity.incarnation);
@@ -1286,6 +1401,14 @@ impl Writer {
                     changed,
                 });
             }
+            WriteOp::Purge { key, expected } => {
+                let changed = self.purge(key, expected, group)?;
+                return Ok(WriteOutcome {
+                    state: KeyState::new(),
+                    dot: None,
+                    changed,
+                });
+            }
             WriteOp::Update { .. } | WriteOp::Merge { .. } => {}
         }
         let key = op.key();
@@ -1304,7 +1427,9 @@ impl Writer {
                 // Per key: every dot of ours on this key was minted on this copy, so a context
                 // ahead of it means the copy lost one. Globally: nothing may be ahead of the
                 // counter.
-                if ctx.get(me) > ours || ours.max(ctx.get(me)) >= self.next_counter {
+                if (ctx.get(me) > ours && ctx.get(me) > self.purge_floor)
+                    || ours.max(ctx.get(me)) >= self.next_counter
+                {
                     self.amnesia(key, ours.max(ctx.get(me)));
                 }
                 let dot = self.mint(group);
@@ -1312,15 +1437,17 @@ impl Writer {
                 self.check_limits(key, &current, &next)?;
                 (next, Some(dot))
             }
-            WriteOp::Hint { .. } | WriteOp::DeleteHint { .. } => {
-                unreachable!("hint ops return above")
+            WriteOp::Hint { .. } | WriteOp::DeleteHint { .. } | WriteOp::Purge { .. } => {
+                unreachable!("hint and purge ops return above")
             }
             WriteOp::Merge { state, .. } => {
                 self.stats.merges.inc();
                 let me = self.identity.actor;
                 let theirs = state.context().get(me);
                 // A peer can only hold versions of ours that it got from this copy.
-                if theirs > current.context().get(me) || theirs >= self.next_counter {
+                if (theirs > current.context().get(me) && theirs > self.purge_floor)
+                    || theirs >= self.next_counter
+                {
                     self.amnesia(key, theirs);
                 }
                 let next = current.sync(state);
@@ -1343,17 +1470,7 @@ impl Writer {
             });
         }
         let encoded = next.encode();
-        if let Some(hook) = self.hook.as_mut() {
-            let before = group.batch.ops.len();
-            hook.on_change(key, &current, &next, &encoded, &mut group.batch);
-            assert!(
-                group.batch.ops[before..].iter().all(|op| matches!(
-                    op,
-                    BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
-                )),
-                "a change hook writes only the hints and aae column families"
-            );
-        }
+        self.changed(key, &current, &next, &encoded, group);
         group.batch.put(Cf::Data, dkey.clone(), encoded);
         group.overlay.insert(dkey, next.clone());
         if let WriteOp::Update { hint_for, .. } = op {
@@ -1368,6 +1485,54 @@ impl Writer {
             dot,
             changed: true,
         })
+    }
+
+    /// Tells the change hook (tree, tombstone index) about a change of `key` in this group.
+    fn changed(
+        &mut self,
+        key: &[u8],
+        old: &KeyState,
+        new: &KeyState,
+        new_encoded: &[u8],
+        group: &mut Group,
+    ) {
+        if let Some(hook) = self.hook.as_mut() {
+            let before = group.batch.ops.len();
+            hook.on_change(key, old, new, new_encoded, &mut group.batch);
+            assert!(
+                group.batch.ops[before..].iter().all(|op| matches!(
+                    op,
+                    BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
+                )),
+                "a change hook writes only the hints and aae column families"
+            );
+        }
+    }
+
+    /// Tombstone GC's compare-and-delete: true if the key's state was exactly `expected`
+    /// (tombstones only) and is now deleted, with its tree contribution and index row.
+    fn purge(&mut self, key: &[u8], expected: &[u8], group: &mut Group) -> Result<bool, WriteError> {
+        let dkey = data_key(key);
+        let current = self.current(group, &dkey, key)?;
+        if !current.is_tombstone() || current.encode() != expected {
+            self.stats.purges_kept.inc();
+            // Back into the overlay so it is cached again (`current` took it out).
+            group.overlay.insert(dkey, current);
+            return Ok(false);
+        }
+        let absent = KeyState::new();
+        self.changed(key, &current, &absent, &[], group);
+        group.batch.delete(Cf::Data, dkey.clone());
+        group.overlay.insert(dkey, absent);
+        let ours = current.context().get(self.identity.actor);
+        if ours > self.purge_floor {
+            self.purge_floor = ours;
+            let mut floor = self.identity.actor.to_be_bytes().to_vec();
+            floor.extend_from_slice(&ours.to_be_bytes());
+            group.batch.put(Cf::Meta, META_PURGE_FLOOR.to_vec(), floor);
+        }
+        self.stats.purged.inc();
+        Ok(true)
     }
 
     /// A hint row as of this group.

@@ -8,17 +8,23 @@
 //! failed batch applies neither, and a crash (even with `sync = none`, where RocksDB recovers a
 //! prefix of whole batches) loses data and leaves together.
 //!
+//! The same hook keeps the **tombstone index** that tombstone GC walks instead of the data:
+//! row `'D' ‖ position u64 BE ‖ key → newest sibling timestamp u64 BE` for every key whose
+//! state is tombstones only, written and deleted in the same batch as the state, and the count
+//! of those rows (`tombstones.live`).
+//!
 //! The tree is trusted when the `'T'` row holds [`TREE_FORMAT`]; otherwise (first start of a node
 //! with data written before trees existed, or a new tree format) [`open_tree`] rebuilds it from
 //! the data before the writer starts.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tracing::info;
 
-use super::{scan_all, Batch, Cf, ChangeHook, Engine, ScanRange, StorageError};
+use super::{data_key, scan_all, Batch, Cf, ChangeHook, Engine, ScanRange, StorageError};
 use crate::merkle::{contribution, leaf_of, Tree};
 use crate::version::KeyState;
 
@@ -26,9 +32,23 @@ use crate::version::KeyState;
 pub const LEAF_PREFIX: u8 = b'L';
 /// The row saying the stored leaves are complete, and in which format.
 pub const TREE_ROW: &[u8] = b"T";
-/// Bumped when contributions or leaves change meaning: stored leaves of another format are
-/// rebuilt.
-pub const TREE_FORMAT: u8 = 1;
+/// Prefix of tombstone index rows in `Cf::Aae`.
+pub const TOMBSTONE_PREFIX: u8 = b'D';
+/// Bumped when contributions, leaves or the index change meaning: stored rows of another
+/// format are rebuilt. 2: the tombstone index.
+pub const TREE_FORMAT: u8 = 2;
+
+/// The tombstone index row of `key` (ordered by ring position, like the data).
+pub fn tombstone_row(key: &[u8]) -> Vec<u8> {
+    let dkey = data_key(key);
+    let mut k = Vec::with_capacity(1 + dkey.len());
+    k.push(TOMBSTONE_PREFIX);
+    k.extend_from_slice(&dkey);
+    k
+}
+
+/// The number of tombstone-only keys this node stores, kept by the hook.
+pub type TombstoneCount = Arc<AtomicU64>;
 
 pub fn leaf_row(leaf: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(5);
@@ -54,13 +74,18 @@ pub struct TreeHook {
     tree: SharedTree,
     /// Leaves this group changed, with their new values (applied to `tree` on commit).
     pending: HashMap<u32, u64>,
+    tombstones: TombstoneCount,
+    /// Tombstone-only keys this group added (negative: removed), applied on commit.
+    tombstone_delta: i64,
 }
 
 impl TreeHook {
-    pub fn new(tree: SharedTree) -> TreeHook {
+    pub fn new(tree: SharedTree, tombstones: TombstoneCount) -> TreeHook {
         TreeHook {
             tree,
             pending: HashMap::new(),
+            tombstones,
+            tombstone_delta: 0,
         }
     }
 }
@@ -72,8 +97,19 @@ impl ChangeHook for TreeHook {
         old: &KeyState,
         new: &KeyState,
         new_encoded: &[u8],
-        _batch: &mut Batch,
+        batch: &mut Batch,
     ) {
+        let (was, is) = (old.is_tombstone(), new.is_tombstone());
+        if is {
+            batch.put(
+                Cf::Aae,
+                tombstone_row(key),
+                new.newest_ms().to_be_bytes().to_vec(),
+            );
+        } else if was {
+            batch.delete(Cf::Aae, tombstone_row(key));
+        }
+        self.tombstone_delta += is as i64 - was as i64;
         let new_c = if new.is_empty() {
             0
         } else {
@@ -104,6 +140,11 @@ impl ChangeHook for TreeHook {
     }
 
     fn on_commit(&mut self, committed: bool) {
+        let delta = std::mem::take(&mut self.tombstone_delta);
+        if committed && delta != 0 {
+            // Two's complement: adding a negative delta as u64 subtracts.
+            self.tombstones.fetch_add(delta as u64, Ordering::Relaxed);
+        }
         if self.pending.is_empty() {
             return;
         }
@@ -121,10 +162,17 @@ impl ChangeHook for TreeHook {
 /// What opening the tree did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TreeOpen {
-    /// Stored leaves loaded.
-    Loaded { leaves: usize },
+    /// Stored leaves loaded (and the tombstone index counted).
+    Loaded { leaves: usize, tombstones: u64 },
     /// Rebuilt from the data (untrusted or absent), `keys` keys hashed.
-    Rebuilt { keys: u64 },
+    Rebuilt { keys: u64, tombstones: u64 },
+}
+
+fn prefix_range(prefix: u8) -> ScanRange {
+    ScanRange {
+        start: vec![prefix],
+        end: Some(vec![prefix + 1]),
+    }
 }
 
 /// Loads the stored tree, or rebuilds it from the data when it cannot be trusted. Runs before
@@ -132,16 +180,13 @@ pub enum TreeOpen {
 pub fn open_tree(
     engine: &dyn Engine,
     node_id: &str,
-) -> Result<(SharedTree, TreeOpen), StorageError> {
+) -> Result<(SharedTree, TombstoneCount, TreeOpen), StorageError> {
     let trusted = engine.get(Cf::Aae, TREE_ROW)?.as_deref() == Some(&[TREE_FORMAT][..]);
     let mut tree = Tree::new();
+    let mut tombstones = 0u64;
     let outcome = if trusted {
         let mut leaves = 0;
-        let range = ScanRange {
-            start: vec![LEAF_PREFIX],
-            end: Some(vec![LEAF_PREFIX + 1]),
-        };
-        scan_all(engine, Cf::Aae, range, |row, value| {
+        scan_all(engine, Cf::Aae, prefix_range(LEAF_PREFIX), |row, value| {
             let (Ok(leaf), Ok(v)) = (<[u8; 4]>::try_from(&row[1..]), <[u8; 8]>::try_from(value))
             else {
                 return Err(format!("malformed leaf row {row:02x?}"));
@@ -150,11 +195,16 @@ pub fn open_tree(
             leaves += 1;
             Ok(())
         })?;
-        TreeOpen::Loaded { leaves }
+        scan_all(engine, Cf::Aae, prefix_range(TOMBSTONE_PREFIX), |_, _| {
+            tombstones += 1;
+            Ok(())
+        })?;
+        TreeOpen::Loaded { leaves, tombstones }
     } else {
         let started = Instant::now();
         let mut keys = 0u64;
         let mut last_log = Instant::now();
+        let mut index = Batch::default();
         scan_all(
             engine,
             Cf::Data,
@@ -168,6 +218,13 @@ pub fn open_tree(
                 let position =
                     u64::from_be_bytes(position.try_into().map_err(|_| "short data key")?);
                 tree.xor_leaf(leaf_of(position), state_contribution(key, &state));
+                if state.is_tombstone() {
+                    let mut row = Vec::with_capacity(1 + dkey.len());
+                    row.push(TOMBSTONE_PREFIX);
+                    row.extend_from_slice(dkey);
+                    index.put(Cf::Aae, row, state.newest_ms().to_be_bytes().to_vec());
+                    tombstones += 1;
+                }
                 keys += 1;
                 if last_log.elapsed().as_secs() >= 5 {
                     info!(node = %node_id, keys, "rebuilding the anti-entropy tree from the data");
@@ -176,26 +233,30 @@ pub fn open_tree(
                 Ok(())
             },
         )?;
-        // Replace every stored leaf by the rebuilt ones, then mark the tree trusted.
+        // Replace every stored leaf and index row by the rebuilt ones, then mark the tree
+        // trusted.
         let mut batch = Batch::default();
-        let range = ScanRange {
-            start: vec![LEAF_PREFIX],
-            end: Some(vec![LEAF_PREFIX + 1]),
-        };
-        scan_all(engine, Cf::Aae, range, |row, _| {
-            batch.delete(Cf::Aae, row.to_vec());
-            Ok(())
-        })?;
+        for prefix in [LEAF_PREFIX, TOMBSTONE_PREFIX] {
+            scan_all(engine, Cf::Aae, prefix_range(prefix), |row, _| {
+                batch.delete(Cf::Aae, row.to_vec());
+                Ok(())
+            })?;
+        }
+        batch.ops.extend(index.ops);
         for (leaf, value) in tree.nonzero_leaves() {
             batch.put(Cf::Aae, leaf_row(leaf), value.to_be_bytes().to_vec());
         }
         batch.put(Cf::Aae, TREE_ROW.to_vec(), vec![TREE_FORMAT]);
         engine.write(batch, true)?;
-        info!(node = %node_id, keys, ms = started.elapsed().as_millis() as u64,
+        info!(node = %node_id, keys, tombstones, ms = started.elapsed().as_millis() as u64,
               "anti-entropy tree rebuilt from the data");
-        TreeOpen::Rebuilt { keys }
+        TreeOpen::Rebuilt { keys, tombstones }
     };
-    Ok((Arc::new(RwLock::new(tree)), outcome))
+    Ok((
+        Arc::new(RwLock::new(tree)),
+        Arc::new(AtomicU64::new(tombstones)),
+        outcome,
+    ))
 }
 
 #[cfg(test)]
@@ -232,12 +293,18 @@ mod tests {
     #[tokio::test]
     async fn the_write_path_tree_equals_a_rebuild_from_the_data() {
         let engine = Arc::new(MemoryEngine::new());
-        let (tree, how) = open_tree(engine.as_ref(), "n1").unwrap();
-        assert_eq!(how, TreeOpen::Rebuilt { keys: 0 });
+        let (tree, count, how) = open_tree(engine.as_ref(), "n1").unwrap();
+        assert_eq!(
+            how,
+            TreeOpen::Rebuilt {
+                keys: 0,
+                tombstones: 0
+            }
+        );
         let store = Store::open_with_hook(
             engine.clone() as Arc<dyn Engine>,
             config(),
-            Some(Box::new(TreeHook::new(tree.clone()))),
+            Some(Box::new(TreeHook::new(tree.clone(), count.clone()))),
         )
         .unwrap();
         // Many keys at once (groups with several keys per leaf), then overwrites and deletes.
@@ -252,7 +319,19 @@ mod tests {
                 .unwrap();
         }
         for i in (0..300).step_by(7) {
-            store.write(update(&format!("k{i}"), None)).await.unwrap();
+            // A delete with the read's context: tombstones only (a blind one keeps the value).
+            let key = format!("k{i}");
+            let ctx = store.get(key.as_bytes()).unwrap().context().clone();
+            store
+                .write(WriteOp::Update {
+                    key: Bytes::from(key),
+                    ctx,
+                    value: None,
+                    timestamp_ms: 2,
+                    hint_for: Vec::new(),
+                })
+                .await
+                .unwrap();
         }
         // A replica's state merged in: a sibling from another actor.
         let other = KeyState::new().update(
@@ -271,32 +350,62 @@ mod tests {
             })
             .await
             .unwrap();
+        // k0 is deleted then written again: no longer a tombstone.
+        store.write(update("k0", Some("back"))).await.unwrap();
+        let deleted = (0..300).step_by(7).count() as u64 - 1;
+        assert_eq!(count.load(Ordering::Relaxed), deleted);
         let live = tree.read().unwrap().clone();
         assert_ne!(live.root(), 0);
         store.close();
 
-        // Loaded from the stored leaves: the same tree.
-        let (loaded, how) = open_tree(engine.as_ref(), "n1").unwrap();
+        // Loaded from the stored leaves: the same tree, the same tombstones.
+        let (loaded, count, how) = open_tree(engine.as_ref(), "n1").unwrap();
         assert!(
-            matches!(how, TreeOpen::Loaded { leaves } if leaves > 0),
+            matches!(how, TreeOpen::Loaded { leaves, tombstones } if leaves > 0 && tombstones == deleted),
             "{how:?}"
         );
+        assert_eq!(count.load(Ordering::Relaxed), deleted);
         assert!(*loaded.read().unwrap() == live);
+        let index_rows = || {
+            let mut rows = Vec::new();
+            scan_all(
+                engine.as_ref(),
+                Cf::Aae,
+                prefix_range(TOMBSTONE_PREFIX),
+                |r, _| {
+                    rows.push(r.to_vec());
+                    Ok(())
+                },
+            )
+            .unwrap();
+            rows
+        };
+        let written = index_rows();
+        assert_eq!(written.len() as u64, deleted);
+        assert!(written.contains(&tombstone_row(b"k7")));
+        assert!(!written.contains(&tombstone_row(b"k0")));
 
         // Untrusted (no format row): rebuilt from the data, the same tree again.
         let mut b = Batch::default();
         b.delete(Cf::Aae, TREE_ROW.to_vec());
         engine.write(b, true).unwrap();
-        let (rebuilt, how) = open_tree(engine.as_ref(), "n1").unwrap();
-        assert_eq!(how, TreeOpen::Rebuilt { keys: 300 });
+        let (rebuilt, _, how) = open_tree(engine.as_ref(), "n1").unwrap();
+        assert_eq!(
+            how,
+            TreeOpen::Rebuilt {
+                keys: 300,
+                tombstones: deleted
+            }
+        );
         assert!(*rebuilt.read().unwrap() == live);
+        assert_eq!(index_rows(), written);
     }
 
     /// A leaf whose keys all cancel out is deleted, not stored as 0.
     #[test]
     fn a_leaf_back_at_zero_is_deleted() {
         let tree: SharedTree = Arc::default();
-        let mut hook = TreeHook::new(tree.clone());
+        let mut hook = TreeHook::new(tree.clone(), TombstoneCount::default());
         let state = KeyState::new().update(
             &VersionVector::new(),
             crate::version::Dot {

@@ -194,6 +194,21 @@ impl KeyState {
         self.siblings.iter().any(|s| s.value.is_some())
     }
 
+    /// True for a deleted key: a state held, with no value among its siblings (tombstones
+    /// only). Tombstone GC purges such states once they are causally stable.
+    pub fn is_tombstone(&self) -> bool {
+        !self.is_empty() && !self.has_live_value()
+    }
+
+    /// The newest sibling's timestamp (wall-clock ms at its coordinator), 0 without siblings.
+    pub fn newest_ms(&self) -> u64 {
+        self.siblings
+            .iter()
+            .map(|s| s.timestamp_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Total bytes of sibling values (for the object size limit).
     pub fn value_bytes(&self) -> usize {
         self.siblings

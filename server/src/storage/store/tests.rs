@@ -663,7 +663,7 @@ async fn the_writer_queue_is_bounded_by_bytes() {
     let mut accepted = 0;
     let err = loop {
         let (tx, rx) = oneshot::channel();
-        match store.submit(job(accepted), Reply::Committed(tx)) {
+        match store.submit(job(accepted), Reply::Committed(tx), None) {
             Ok(()) => {
                 accepted += 1;
                 replies.push(rx);
@@ -1281,4 +1281,103 @@ async fn a_local_hint_commits_with_the_write_or_not_at_all() {
         "the failed write left no hint"
     );
     assert_eq!(store.hint_book().target("n2").keys, 1);
+}
+
+/// Tombstone GC's compare-and-delete removes exactly the tombstone state it was given; a
+/// tombstone that comes back from a replica that had not purged yet, or a client's context
+/// read from it, is not mistaken for amnesia (the purge floor), before and after a restart.
+#[tokio::test]
+async fn a_purge_deletes_exactly_the_given_tombstone_and_is_not_amnesia() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let live = store.write(put("k", "v", None)).await.unwrap().state;
+    let purge = |expected: &KeyState| WriteOp::Purge {
+        key: Bytes::from_static(b"k"),
+        expected: Bytes::from(expected.encode()),
+    };
+    // A live value is never purged, even given its exact state.
+    assert!(!store.write(purge(&live)).await.unwrap().changed);
+    let tomb = store
+        .write(delete("k", live.context().clone()))
+        .await
+        .unwrap()
+        .state;
+    assert!(tomb.is_tombstone());
+    // Another state than the one stored (a check that saw an older tombstone): kept.
+    let older = KeyState::new().update(
+        &VersionVector::new(),
+        Dot {
+            actor: 0xBEEF,
+            counter: 1,
+        },
+        1,
+        None,
+    );
+    assert!(!store.write(purge(&older)).await.unwrap().changed);
+    assert_eq!(store.get(b"k").unwrap(), tomb);
+    assert_eq!(store.stats().purges_kept.get(), 2);
+    assert!(store.write(purge(&tomb)).await.unwrap().changed);
+    assert!(store.get(b"k").unwrap().is_empty(), "purged");
+    assert_eq!(store.stats().purged.get(), 1);
+    let me = actor(&store);
+    crash(store);
+
+    let store = open(&engine, SyncMode::Group);
+    assert_eq!(actor(&store), me, "same boot, no renewal");
+    // A replica that had not purged yet sends the tombstone back: merged, no amnesia.
+    let back = store
+        .write(WriteOp::Merge {
+            key: Bytes::from_static(b"k"),
+            state: tomb.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(back.state, tomb);
+    assert!(store.write(purge(&tomb)).await.unwrap().changed);
+    // A client writes with the context it read from such a replica: no amnesia either.
+    let again = store
+        .write(put("k", "again", Some(tomb.context().clone())))
+        .await
+        .unwrap();
+    assert_eq!(store.stats().amnesia_detected.get(), 0);
+    assert_eq!(again.dot.unwrap().actor, me);
+    assert!(again.dot.unwrap().counter > tomb.context().get(me));
+    // Above the floor a context ahead of our copy is still amnesia: a key that never held
+    // the dot `again` minted (a version of ours this copy lacks, not a purged tombstone).
+    let ahead = again.state.context().clone();
+    assert!(ahead.get(me) < store.stats().next_counter.get(), "per-key, not global");
+    let _ = store.write(put("k2", "z", Some(ahead))).await.unwrap();
+    assert_eq!(store.stats().amnesia_detected.get(), 1);
+    store.close();
+}
+
+/// A peer write still queued when the time its requester had left runs out is dropped, never
+/// applied late (tombstone GC relies on nothing older arriving after its settle time).
+#[tokio::test]
+async fn a_peer_write_queued_past_its_deadline_is_dropped() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let state = KeyState::new().update(
+        &VersionVector::new(),
+        Dot {
+            actor: 0xBEEF,
+            counter: 1,
+        },
+        1,
+        Some(Bytes::from_static(b"late")),
+    );
+    let merge = WriteOp::Merge {
+        key: Bytes::from_static(b"late"),
+        state,
+    };
+    let err = store
+        .write_within(merge, 0, || "key late: replica write".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WriteError::DeadlinePassed { .. }), "{err}");
+    // The writer is FIFO: once a later write is done, the late one was seen (and dropped).
+    store.write(put("after", "v", None)).await.unwrap();
+    assert!(store.get(b"late").unwrap().is_empty(), "never applied");
+    assert_eq!(store.stats().expired.get(), 1);
+    store.close();
 }

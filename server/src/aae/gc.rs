@@ -1,0 +1,568 @@
+//! The `tombstone_gc` worker: purges a deleted key's tombstones once they are **causally
+//! stable**, instead of after a fixed grace period (Cassandra's 10 days) or a blind delay (Riak's
+//! 3 s reap).
+//!
+//! Each node checks the tombstones of the keys it is the first replica of (its tombstone index,
+//! `storage::tree`, never a scan of the data), a page at a time, against **every member** of the
+//! cluster (`TombstoneCheck`). A tombstone state T of key k is stable when:
+//! 1. every member of the ring is available (a down member could hold a hint, or be a replica
+//!    that missed the delete: it blocks every purge, whatever its downtime; see `verdict`);
+//! 2. every current replica of k holds exactly T (`EQUAL`), and every member agrees on which
+//!    nodes those are (ring views that differ mean the ring is changing);
+//! 3. no member holds a hint for k (a hint could carry an older state back after the purge).
+//!
+//! A key is purged only when two checks at least `settle` apart both found it stable with the
+//! same T (`Candidates`). Between them every request that was in flight at the first check has
+//! passed its deadline (`settle` ≥ the longest request deadline): the writer drops peer writes
+//! still queued past their deadline (`Store::write_within`), so no state older than T can still
+//! arrive anywhere. Replicas then only hold T or newer, so nothing older than T exists in the
+//! cluster, and deleting T cannot let an older value come back (no resurrection).
+//!
+//! The purge is a compare-and-delete of exactly T on every replica (`WriteOp::Purge`), which
+//! updates its tree in the same batch. A replica that kept T (the purge lost, or T changed) makes
+//! anti-entropy copy T back to the others: harmless, the next pass purges it again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_protocol::peer::aae::{status, MAX_STATES, STATES_BATCH_BYTES};
+use ringkv_protocol::peer::{AaeRequest, AaeResponse};
+use ringkv_protocol::ring::key_position;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::call;
+use super::service::AntiEntropy;
+use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::{Progress, Worker, WorkerState};
+use crate::membership::{ClusterView, Membership};
+use crate::ring::NodeId;
+use crate::rpc::{PeerPool, Transport};
+use crate::storage::tree::tombstone_row;
+use crate::storage::HexKey;
+use crate::version::KeyState;
+
+/// Most candidates remembered between two checks (about 100 bytes each); tombstones beyond
+/// it are checked again by a later pass.
+pub const MAX_CANDIDATES: usize = 100_000;
+
+crate::metrics::metric_set! {
+    /// Tombstone GC on this node (registered under `tombstones.`).
+    pub struct GcMetrics {
+        passes: Counter = "gc_passes", "passes over this node's tombstone index completed";
+        blocked: Counter = "gc_passes_blocked", "passes not run because a member was unavailable (tombstones kept)";
+        checked: Counter = "checked", "tombstones checked against every member";
+        failed: Counter = "purge_checks_failed", "checks that found a replica without the same tombstone, a hint for the key, or differing ring views";
+        check_errors: Counter = "check_errors", "pages whose check could not reach every member (retried next pass)";
+        candidates: Gauge = "candidates", "tombstones found stable once, waiting for the second check";
+        purges_sent: Counter = "purges_sent", "purge requests sent to other replicas (keys)";
+    }
+}
+
+/// Why a tombstone is not stable (for the debug log and the tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unstable {
+    /// The member is a replica of the key but does not hold exactly the tombstone.
+    NotEqual(NodeId),
+    /// The member holds a hint for the key.
+    Hinted(NodeId),
+    /// The member's ring disagrees with this node's on whether it replicates the key.
+    RingDiffers(NodeId),
+    /// The member did not answer.
+    NoAnswer(NodeId),
+}
+
+/// The stability verdict for one key from every member's `status` flags (this node's own
+/// included): `replicas` is the key's preference list in this node's ring.
+pub fn verdict(replicas: &[NodeId], answers: &[(NodeId, Option<u8>)]) -> Result<(), Unstable> {
+    for (member, flags) in answers {
+        let Some(flags) = *flags else {
+            return Err(Unstable::NoAnswer(member.clone()));
+        };
+        let replica = replicas.contains(member);
+        if (flags & status::REPLICA != 0) != replica {
+            return Err(Unstable::RingDiffers(member.clone()));
+        }
+        if replica && flags & status::EQUAL == 0 {
+            return Err(Unstable::NotEqual(member.clone()));
+        }
+        if flags & status::HINTED != 0 {
+            return Err(Unstable::Hinted(member.clone()));
+        }
+    }
+    // Every replica must have answered (a replica missing from the members is unknown).
+    match replicas
+        .iter()
+        .find(|r| !answers.iter().any(|(m, _)| m == *r))
+    {
+        Some(r) => Err(Unstable::NoAnswer(r.clone())),
+        None => Ok(()),
+    }
+}
+
+/// What to do with a key after a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Stable at two checks `settle` apart with the same state: purge it.
+    Purge,
+    /// Stable now; wait for the second check.
+    Wait,
+    /// Not stable: forget any earlier check.
+    Reset,
+}
+
+/// Tombstones found stable once: key → (the state found, when). Pure: time is passed in.
+#[derive(Debug, Default)]
+pub struct Candidates {
+    seen: HashMap<Bytes, (Bytes, Instant)>,
+}
+
+impl Candidates {
+    pub fn observe(
+        &mut self,
+        key: &Bytes,
+        state: &Bytes,
+        stable: bool,
+        now: Instant,
+        settle: Duration,
+    ) -> Decision {
+        if !stable {
+            self.seen.remove(key);
+            return Decision::Reset;
+        }
+        match self.seen.get(key) {
+            Some((seen, at)) if seen == state => {
+                if now.duration_since(*at) >= settle {
+                    self.seen.remove(key);
+                    Decision::Purge
+                } else {
+                    Decision::Wait
+                }
+            }
+            _ => {
+                if self.seen.len() < MAX_CANDIDATES || self.seen.contains_key(key) {
+                    self.seen.insert(key.clone(), (state.clone(), now));
+                }
+                Decision::Wait
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// When the earliest candidate becomes due (its first check plus `settle`).
+    pub fn next_due(&self, settle: Duration) -> Option<Instant> {
+        self.seen.values().map(|(_, at)| *at + settle).min()
+    }
+
+    /// Forgets candidates this node no longer holds as tombstones (purged, rewritten).
+    pub fn retain(&mut self, mut keep: impl FnMut(&Bytes) -> bool) {
+        self.seen.retain(|k, _| keep(k));
+    }
+}
+
+/// The first member of the ring found unavailable, if any.
+pub fn unavailable_member(view: &ClusterView) -> Option<NodeId> {
+    view.members.keys().find(|m| !view.is_alive(m)).cloned()
+}
+
+pub struct GcWorker<T: Transport = PeerPool> {
+    node_id: String,
+    aae: Arc<AntiEntropy>,
+    membership: Membership,
+    transport: Arc<T>,
+    interval: Duration,
+    settle: Duration,
+    keys_per_sec: f64,
+    cpu: CpuLoad,
+    pub metrics: Arc<GcMetrics>,
+    candidates: Candidates,
+    next_pass: Instant,
+    /// The index row to resume the running pass from (`Some(None)`: from the start).
+    cursor: Option<Option<Vec<u8>>>,
+    /// Keys of this pass still tombstones here (to forget other candidates at its end).
+    seen_this_pass: Vec<Bytes>,
+    pass_purged: u64,
+    detail: String,
+}
+
+impl<T: Transport> GcWorker<T> {
+    pub fn new(
+        aae: Arc<AntiEntropy>,
+        membership: Membership,
+        transport: Arc<T>,
+        interval: Duration,
+        settle: Duration,
+        keys_per_sec: u32,
+        metrics: Arc<GcMetrics>,
+    ) -> GcWorker<T> {
+        GcWorker {
+            node_id: membership.view().me.to_string(),
+            aae,
+            membership,
+            transport,
+            interval,
+            settle,
+            keys_per_sec: keys_per_sec.max(1) as f64,
+            cpu: CpuLoad::default(),
+            metrics,
+            candidates: Candidates::default(),
+            next_pass: Instant::now() + interval.min(super::exchange::FIRST_CYCLE_DELAY),
+            cursor: None,
+            seen_this_pass: Vec::new(),
+            pass_purged: 0,
+            detail: "first pass pending".into(),
+        }
+    }
+
+    /// One page of the index: checks this node's primary tombstones with every member and
+    /// purges those stable at two checks. `Ok(None)` when the pass is over.
+    async fn page(
+        &mut self,
+        view: &ClusterView,
+        start: Option<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let store = self.aae.store().clone();
+        let (rows, resume) = store
+            .scan_tombstones(start, MAX_STATES)
+            .await
+            .map_err(|e| format!("tombstone index: {e}"))?;
+        let n = self.aae.n();
+        // This node's primary tombstones, as stored now.
+        let mut entries: Vec<(Bytes, Bytes)> = Vec::new();
+        let mut bytes = 0;
+        for (key, _) in rows {
+            let replicas = view.ring.preference_list(key_position(&key), n);
+            if replicas.first() != Some(&view.me) {
+                continue;
+            }
+            let stored = store
+                .read_stored(&key)
+                .await
+                .map_err(|e| format!("key {}: {e}", HexKey(key.to_vec())))?;
+            let Some(stored) = stored else { continue };
+            if !KeyState::decode(&stored).is_ok_and(|s| s.is_tombstone()) {
+                continue;
+            }
+            bytes += key.len() + stored.len();
+            self.seen_this_pass.push(key.clone());
+            entries.push((key, Bytes::from(stored)));
+            if bytes >= STATES_BATCH_BYTES {
+                break;
+            }
+        }
+        let resume = if bytes >= STATES_BATCH_BYTES {
+            // Resume after the last key taken (the rest of the page is read again).
+            entries
+                .last()
+                .map(|(k, _)| crate::storage::key_after(&tombstone_row(k)))
+        } else {
+            resume
+        };
+        if entries.is_empty() {
+            return Ok(resume);
+        }
+        // Every member's flags, this node's own included.
+        let mut answers: Vec<Vec<(NodeId, Option<u8>)>> = vec![Vec::new(); entries.len()];
+        for member in view.members.keys() {
+            let flags = if *member == view.me {
+                let mut own = Vec::with_capacity(entries.len());
+                for (key, state) in &entries {
+                    own.push(
+                        self.aae
+                            .tombstone_status(key, state)
+                            .await
+                            .map_err(|e| format!("key {}: {e}", HexKey(key.to_vec())))?,
+                    );
+                }
+                own
+            } else {
+                let addr = view
+                    .peer_addr(member)
+                    .ok_or_else(|| format!("no address for member {member}"))?;
+                let req = AaeRequest::TombstoneCheck {
+                    entries: entries.clone(),
+                };
+                match call(&self.transport, addr, req).await {
+                    Ok(AaeResponse::TombstoneStatus(f)) if f.len() == entries.len() => f,
+                    Ok(other) => {
+                        return Err(format!(
+                            "member {member}: unexpected answer to a tombstone check: {other:?}"
+                        ))
+                    }
+                    Err(e) => return Err(format!("member {member}: tombstone check: {e}")),
+                }
+            };
+            for (i, f) in flags.into_iter().enumerate() {
+                answers[i].push((member.clone(), Some(f)));
+            }
+        }
+        let now = Instant::now();
+        let mut purge: Vec<(Bytes, Bytes, Vec<NodeId>)> = Vec::new();
+        for ((key, state), answers) in entries.iter().zip(&answers) {
+            self.metrics.checked.inc();
+            let replicas = view.ring.preference_list(key_position(key), n);
+            let v = verdict(&replicas, answers);
+            if let Err(why) = &v {
+                self.metrics.failed.inc();
+                debug!(node = %self.node_id, key = %HexKey(key.to_vec()), ?why, "tombstone not stable yet");
+            }
+            if self
+                .candidates
+                .observe(key, state, v.is_ok(), now, self.settle)
+                == Decision::Purge
+            {
+                purge.push((key.clone(), state.clone(), replicas));
+            }
+        }
+        self.metrics.candidates.set(self.candidates.len() as u64);
+        if !purge.is_empty() {
+            self.purge(view, purge).await;
+        }
+        // Pace: the page's keys at the keys/s budget, yielding to foreground CPU use.
+        let pace = self.cpu.busy().map_or(1.0, yield_scale);
+        let secs = entries.len() as f64 / (self.keys_per_sec * pace);
+        tokio::time::sleep(Duration::from_secs_f64(secs.min(5.0))).await;
+        Ok(resume)
+    }
+
+    /// Purges on the other replicas, then here (compare-and-delete everywhere).
+    async fn purge(&mut self, view: &ClusterView, keys: Vec<(Bytes, Bytes, Vec<NodeId>)>) {
+        let mut by_replica: HashMap<NodeId, Vec<(Bytes, Bytes)>> = HashMap::new();
+        for (key, state, replicas) in &keys {
+            for r in replicas.iter().filter(|r| **r != view.me) {
+                by_replica
+                    .entry(r.clone())
+                    .or_default()
+                    .push((key.clone(), state.clone()));
+            }
+        }
+        for (replica, entries) in by_replica {
+            let Some(addr) = view.peer_addr(&replica) else {
+                continue;
+            };
+            self.metrics.purges_sent.inc_by(entries.len() as u64);
+            match call(&self.transport, addr, AaeRequest::Purge { entries }).await
+            {
+                Ok(AaeResponse::Merged(done)) => {
+                    let kept = done.iter().filter(|d| !**d).count();
+                    if kept > 0 {
+                        debug!(node = %self.node_id, %replica, kept,
+                               "tombstones kept by a replica (changed since the check)");
+                    }
+                }
+                Ok(other) => {
+                    warn!(node = %self.node_id, %replica, "unexpected answer to a purge: {other:?}")
+                }
+                // Its tombstones stay; anti-entropy copies them back, a later pass purges.
+                Err(cause) => {
+                    warn!(node = %self.node_id, %replica, %cause, "tombstone purge request failed")
+                }
+            }
+        }
+        let local: Vec<(Bytes, Bytes)> = keys.into_iter().map(|(k, s, _)| (k, s)).collect();
+        let done = self.aae.purge(local).await;
+        self.pass_purged += done.iter().filter(|d| **d).count() as u64;
+    }
+
+    fn finish_pass(&mut self) {
+        self.metrics.passes.inc();
+        let seen: std::collections::HashSet<Bytes> =
+            std::mem::take(&mut self.seen_this_pass).into_iter().collect();
+        self.candidates.retain(|k| seen.contains(k));
+        self.metrics.candidates.set(self.candidates.len() as u64);
+        if self.pass_purged > 0 {
+            info!(node = %self.node_id, purged = self.pass_purged,
+                  waiting = self.candidates.len(), "tombstone GC pass purged stable tombstones");
+        }
+        self.detail = format!(
+            "last pass purged {}, {} stable once (purged at the next check ≥ {} s later)",
+            self.pass_purged,
+            self.candidates.len(),
+            self.settle.as_secs()
+        );
+        self.pass_purged = 0;
+        let now = Instant::now();
+        // The next pass: at the interval, or as soon as the earliest candidate is due.
+        self.next_pass = self
+            .candidates
+            .next_due(self.settle)
+            .map_or(now + self.interval, |due| {
+                due.clamp(now + Duration::from_secs(1), now + self.interval)
+            });
+        self.cursor = None;
+    }
+}
+
+impl<T: Transport> Worker for GcWorker<T> {
+    fn name(&self) -> String {
+        "tombstone_gc".into()
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            detail: if self.cursor.is_some() {
+                format!(
+                    "pass running: {} tombstones checked so far",
+                    self.seen_this_pass.len()
+                )
+            } else {
+                self.detail.clone()
+            },
+            queue: Some(self.candidates.len() as u64),
+        }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        let view = self.membership.view();
+        let start = match self.cursor.take() {
+            Some(start) => start,
+            None => {
+                if Instant::now() < self.next_pass || !view.ready {
+                    return Ok(WorkerState::Idle);
+                }
+                if let Some(down) = unavailable_member(&view) {
+                    self.metrics.blocked.inc();
+                    self.detail = format!(
+                        "blocked: member {down} is unavailable (it may hold a hint or miss a \
+                         delete); tombstones kept until every member is back"
+                    );
+                    self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
+                    return Ok(WorkerState::Idle);
+                }
+                None
+            }
+        };
+        match self.page(&view, start).await {
+            Ok(Some(resume)) => {
+                self.cursor = Some(Some(resume));
+                Ok(WorkerState::Busy)
+            }
+            Ok(None) => {
+                self.finish_pass();
+                Ok(WorkerState::Idle)
+            }
+            Err(cause) => {
+                self.metrics.check_errors.inc();
+                self.seen_this_pass.clear();
+                self.cursor = None;
+                self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
+                Err(format!("tombstone GC pass stopped: {cause}"))
+            }
+        }
+    }
+
+    async fn wait_for_work(&mut self) -> WorkerState {
+        let wait = self
+            .next_pass
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        WorkerState::Busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> Vec<NodeId> {
+        v.iter().map(|s| NodeId::from(*s)).collect()
+    }
+
+    const R: u8 = status::REPLICA;
+    const E: u8 = status::EQUAL | status::COVERED;
+
+    fn answers(v: &[(&str, Option<u8>)]) -> Vec<(NodeId, Option<u8>)> {
+        v.iter().map(|(m, f)| (NodeId::from(*m), *f)).collect()
+    }
+
+    #[test]
+    fn stable_only_when_every_replica_holds_it_and_nobody_holds_a_hint() {
+        let replicas = ids(&["a", "b", "c"]);
+        let all = |d: Option<u8>| {
+            answers(&[
+                ("a", Some(R | E)),
+                ("b", Some(R | E)),
+                ("c", Some(R | E)),
+                ("d", d),
+            ])
+        };
+        assert_eq!(verdict(&replicas, &all(Some(0))), Ok(()));
+        // A non-replica holding a hint for the key.
+        assert_eq!(
+            verdict(&replicas, &all(Some(status::HINTED))),
+            Err(Unstable::Hinted("d".into()))
+        );
+        // A member that thinks it replicates the key (its ring differs).
+        assert_eq!(
+            verdict(&replicas, &all(Some(R))),
+            Err(Unstable::RingDiffers("d".into()))
+        );
+        assert_eq!(
+            verdict(&replicas, &all(None)),
+            Err(Unstable::NoAnswer("d".into()))
+        );
+        // A replica with a newer state (covered but not equal) or none.
+        let newer = answers(&[
+            ("a", Some(R | E)),
+            ("b", Some(R | status::COVERED)),
+            ("c", Some(R | E)),
+        ]);
+        assert_eq!(
+            verdict(&replicas, &newer),
+            Err(Unstable::NotEqual("b".into()))
+        );
+        // A replica that did not answer at all.
+        let missing = answers(&[("a", Some(R | E)), ("b", Some(R | E))]);
+        assert_eq!(
+            verdict(&replicas, &missing),
+            Err(Unstable::NoAnswer("c".into()))
+        );
+    }
+
+    #[test]
+    fn purged_only_after_two_stable_checks_settle_apart_with_the_same_state() {
+        let settle = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut c = Candidates::default();
+        let (k, t, t2) = (
+            Bytes::from_static(b"k"),
+            Bytes::from_static(b"T"),
+            Bytes::from_static(b"T2"),
+        );
+        assert_eq!(c.observe(&k, &t, true, t0, settle), Decision::Wait);
+        assert_eq!(c.next_due(settle), Some(t0 + settle));
+        // Too soon.
+        assert_eq!(
+            c.observe(&k, &t, true, t0 + Duration::from_secs(5), settle),
+            Decision::Wait
+        );
+        // Not stable in between: starts over.
+        assert_eq!(
+            c.observe(&k, &t, false, t0 + Duration::from_secs(6), settle),
+            Decision::Reset
+        );
+        assert!(c.is_empty());
+        let t1 = t0 + Duration::from_secs(7);
+        assert_eq!(c.observe(&k, &t, true, t1, settle), Decision::Wait);
+        // Another tombstone state (a second delete): starts over from it.
+        assert_eq!(
+            c.observe(&k, &t2, true, t1 + settle, settle),
+            Decision::Wait
+        );
+        assert_eq!(
+            c.observe(&k, &t2, true, t1 + settle + settle, settle),
+            Decision::Purge
+        );
+        assert!(c.is_empty(), "a purged key is forgotten");
+    }
+}
