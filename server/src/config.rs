@@ -541,7 +541,7 @@ impl Config {
                 cli.tombstone_settle_secs
                     .or(file.tombstone_settle_secs)
                     .unwrap_or(aae_defaults.tombstone_settle_secs),
-                0,
+                2,
                 30 * 24 * 3600,
             )?,
         };

@@ -95,24 +95,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     };
     let dir = config.data_dir.join("db");
     let tree_node = node_id.clone();
-    let opened =
-        tokio::task::spawn_blocking(move || -> Result<_, StoreOpenError> {
-            let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&dir, &rocks_cfg)?);
-            let (tree, tombstones, how) = open_tree(engine.as_ref(), &tree_node)?;
-            info!(node = %tree_node, ?how, "anti-entropy tree open");
-            let hook = Box::new(TreeHook::new(tree.clone(), tombstones.clone()));
-            Ok((
-                Store::open_with_hook(engine, store_cfg, Some(hook))?,
-                tree,
-                tombstones,
-            ))
-        })
-        .await
-        .expect("storage open task does not panic")
-        .map_err(|source| ServerError::Storage {
-            node: node_id.clone(),
-            source,
-        })?;
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, StoreOpenError> {
+        let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&dir, &rocks_cfg)?);
+        let (tree, tombstones, how) = open_tree(engine.as_ref(), &tree_node)?;
+        info!(node = %tree_node, ?how, "anti-entropy tree open");
+        let hook = Box::new(TreeHook::new(tree.clone(), tombstones.clone()));
+        Ok((
+            Store::open_with_hook(engine, store_cfg, Some(hook))?,
+            tree,
+            tombstones,
+        ))
+    })
+    .await
+    .expect("storage open task does not panic")
+    .map_err(|source| ServerError::Storage {
+        node: node_id.clone(),
+        source,
+    })?;
     let (store, tree, tombstones) = opened;
     let store = Arc::new(store);
 
@@ -245,6 +244,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     }
     let gc_metrics = Arc::new(GcMetrics::default());
     if config.aae.tombstone_gc {
+        // Nothing sent before a tombstone's first stability check may land after the second.
+        store.limit_peer_writes(std::time::Duration::from_millis(
+            config.aae.tombstone_settle_secs * 1000 / 2,
+        ));
         runner.spawn(GcWorker::new(
             aae.clone(),
             membership.clone(),

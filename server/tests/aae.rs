@@ -214,3 +214,103 @@ async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no member named \"n9\""), "{err}");
 }
+
+/// Tombstone GC: 1 000 keys deleted while n3 is down (no hints, no read repair, so only
+/// anti-entropy can tell n3). While n3 is down nothing is purged (it still holds the values);
+/// once it is back, anti-entropy gives it the tombstones, every replica purges them, and at no
+/// point does any replica or read return a deleted value. A key written again afterwards shows
+/// only its new value (the old one does not come back as a sibling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_are_purged_once_stable_and_deleted_values_never_return() {
+    let flags = [
+        "--hinted-handoff",
+        "false",
+        "--read-repair",
+        "false",
+        "--aae-interval-secs",
+        "2",
+        "--tombstone-settle-secs",
+        "2",
+    ];
+    let mut c = Cluster::start(3, &flags).await;
+    write(&c, &[0, 1, 2], "d", 1000, 3).await;
+    // The root of an empty tree (XOR of nothing).
+    let empty_root = format!("{:016x}", 0);
+    c.nodes[2].stop().unwrap();
+    c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    let w2 = PutOptions {
+        w: Some(2),
+        ..Default::default()
+    };
+    for i in 0..1000 {
+        let client = c.client(i % 2);
+        let key = format!("d{i}");
+        let read = client.get(&key).await.unwrap();
+        client
+            .delete_with(&key, Some(&read.context), w2)
+            .await
+            .unwrap_or_else(|e| panic!("delete {key}: {e}"));
+    }
+    let n1 = c.client(0);
+    assert_eq!(metric(&n1, "tombstones.live").await, 1000);
+    // Several GC intervals with n3 down: blocked, nothing purged.
+    eventually(
+        Duration::from_secs(30),
+        "a GC pass blocked by n3",
+        || async { metric(&n1, "tombstones.gc_passes_blocked").await >= 2 },
+    )
+    .await;
+    assert_eq!(metric(&n1, "tombstones.purged").await, 0);
+    assert_eq!(metric(&n1, "tombstones.live").await, 1000);
+
+    c.nodes[2].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let n3 = c.client(2);
+    // Until purged, n3 answers for each key with its old value or the tombstone; never is a
+    // deleted value returned by a quorum read.
+    for i in (0..1000).step_by(50) {
+        let r = n1.get(format!("d{i}")).await.unwrap();
+        assert!(!r.is_found(), "d{i} read back after its delete: {r:?}");
+    }
+    eventually(
+        Duration::from_secs(90),
+        "every replica purged every tombstone",
+        || async {
+            for i in 0..3 {
+                if metric(&c.client(i), "tombstones.live").await != 0 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let client = c.client(i);
+        assert!(
+            metric(&client, "tombstones.purged").await >= 1000,
+            "n{} purged every tombstone it held",
+            i + 1
+        );
+        for k in 0..1000 {
+            let r = client.get_with(format!("d{k}"), LOCAL).await.unwrap();
+            assert!(
+                r.siblings.is_empty(),
+                "n{}: d{k} still holds {r:?} after the purge",
+                i + 1
+            );
+        }
+    }
+    assert_eq!(roots(&c, &[0, 1, 2]).await, vec![empty_root; 3]);
+    assert_eq!(metric(&n3, "storage.amnesia_detected").await, 0);
+    // Written again with no context (the purged key has none): only the new value.
+    n3.put_with("d7", b"again".to_vec(), None, w2)
+        .await
+        .unwrap();
+    let r = n1.get("d7").await.unwrap();
+    assert_eq!(
+        r.values(),
+        vec![&bytes::Bytes::from_static(b"again")],
+        "{r:?}"
+    );
+}

@@ -350,8 +350,7 @@ impl<T: Transport> GcWorker<T> {
                 continue;
             };
             self.metrics.purges_sent.inc_by(entries.len() as u64);
-            match call(&self.transport, addr, AaeRequest::Purge { entries }).await
-            {
+            match call(&self.transport, addr, AaeRequest::Purge { entries }).await {
                 Ok(AaeResponse::Merged(done)) => {
                     let kept = done.iter().filter(|d| !**d).count();
                     if kept > 0 {
@@ -375,8 +374,9 @@ impl<T: Transport> GcWorker<T> {
 
     fn finish_pass(&mut self) {
         self.metrics.passes.inc();
-        let seen: std::collections::HashSet<Bytes> =
-            std::mem::take(&mut self.seen_this_pass).into_iter().collect();
+        let seen: std::collections::HashSet<Bytes> = std::mem::take(&mut self.seen_this_pass)
+            .into_iter()
+            .collect();
         self.candidates.retain(|k| seen.contains(k));
         self.metrics.candidates.set(self.candidates.len() as u64);
         if self.pass_purged > 0 {

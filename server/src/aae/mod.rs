@@ -21,7 +21,11 @@ pub async fn call<T: Transport>(
 ) -> Result<AaeResponse, String> {
     match transport
         .clone()
-        .call(addr.to_string(), PeerRequest::Aae(req), exchange::CALL_TIMEOUT)
+        .call(
+            addr.to_string(),
+            PeerRequest::Aae(req),
+            exchange::CALL_TIMEOUT,
+        )
         .await
     {
         Ok(PeerResponse::Aae(r)) => Ok(r),

@@ -37,6 +37,11 @@ crate::metrics::metric_set! {
     }
 }
 
+/// States received from a peer (an anti-entropy push or fetch, a hint replay) are merged
+/// within this long of their arrival or dropped (the sender's request has timed out by then,
+/// and it repairs them again later).
+pub const MERGE_DEADLINE: std::time::Duration = super::exchange::CALL_TIMEOUT;
+
 pub struct AntiEntropy {
     node_id: String,
     store: Arc<Store>,
@@ -245,9 +250,11 @@ impl AntiEntropy {
     }
 
     /// Merges states (from a peer's push, or fetched by this node's own exchange) into this
-    /// node's replicas, a chunk at a time with tranquil pauses; a key this node does not
-    /// replicate is refused (false), never stored.
+    /// node's replicas, a chunk at a time with tranquil pauses, within [`MERGE_DEADLINE`] of
+    /// their arrival (what is not merged by then is dropped, never applied late: tombstone GC
+    /// relies on it); a key this node does not replicate is refused (false), never stored.
     pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
+        let deadline = std::time::Instant::now() + MERGE_DEADLINE;
         let merge = |(key, state): (Bytes, Bytes)| async move {
             if !self.replicates(&key) {
                 self.metrics.push_refused.inc();
@@ -266,7 +273,9 @@ impl AntiEntropy {
                 key: key.clone(),
                 state,
             };
-            match self.store.write(write).await {
+            let named = key.clone();
+            let what = move || format!("key {}: anti-entropy merge", HexKey(named.to_vec()));
+            match self.store.write_by(write, deadline, what).await {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,

@@ -216,11 +216,15 @@ impl Handoff {
             .spend_bytes(now_ms(), bytes);
         self.metrics.replay_received.inc_by(entries.len() as u64);
         self.metrics.replay_received_bytes.inc_by(bytes);
+        // Merged by the deadline or not at all (never late: tombstone GC relies on it).
+        let deadline = std::time::Instant::now() + crate::aae::service::MERGE_DEADLINE;
         let merge = |(key, state): (Bytes, Bytes)| async move {
             let hkey = HexKey(key.to_vec());
             let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
             self.store
-                .write(WriteOp::Merge { key, state })
+                .write_by(WriteOp::Merge { key, state }, deadline, || {
+                    "replayed hint merge".into()
+                })
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("key {hkey}: {e}"))

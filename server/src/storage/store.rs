@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -428,6 +428,9 @@ pub struct Store {
     hint_book: Arc<HintBook>,
     hint_stats: Arc<HintStoreStats>,
     config: StoreConfig,
+    /// The longest a peer's write may wait to be applied here, whatever time its requester
+    /// has left (`limit_peer_writes`); `u32::MAX` = no limit of its own.
+    peer_write_limit_ms: AtomicU32,
 }
 
 crate::metrics::metric_set! {
@@ -639,7 +642,16 @@ impl Store {
             hint_book,
             hint_stats,
             config,
+            peer_write_limit_ms: AtomicU32::new(u32::MAX),
         })
+    }
+
+    /// Peer writes (`write_within`, `write_by`) are applied within `limit` of their arrival or
+    /// dropped, even when their requester would wait longer. Tombstone GC sets it to half its
+    /// settle time, so that no state can land later than the settle time after it was sent.
+    pub fn limit_peer_writes(&self, limit: std::time::Duration) {
+        let ms = limit.as_millis().clamp(1, u32::MAX as u128) as u32;
+        self.peer_write_limit_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Queues a write; resolves when its group is committed (durable per the sync mode).
@@ -660,6 +672,7 @@ impl Store {
         timeout_ms: u32,
         what: impl FnOnce() -> String,
     ) -> Result<WriteOutcome, WriteError> {
+        let timeout_ms = timeout_ms.min(self.peer_write_limit_ms.load(Ordering::Relaxed));
         let limit = std::time::Duration::from_millis(timeout_ms as u64);
         let key = op.key().clone();
         let (reply, rx) = oneshot::channel();
@@ -676,6 +689,28 @@ impl Store {
                 timeout_ms,
             }),
         }
+    }
+
+    /// `write_within` until the instant `deadline` (a state received from a peer is merged by
+    /// then or not at all); refused at once when it has passed.
+    pub async fn write_by(
+        &self,
+        op: WriteOp,
+        deadline: Instant,
+        what: impl FnOnce() -> String,
+    ) -> Result<WriteOutcome, WriteError> {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis();
+        if left == 0 {
+            self.stats.expired.inc();
+            return Err(WriteError::DeadlinePassed {
+                what: what(),
+                timeout_ms: 0,
+            });
+        }
+        self.write_within(op, left.min(u32::MAX as u128) as u32, what)
+            .await
     }
 
     /// Queues a write and resolves with its outcome as soon as its group is in this node's own
@@ -1511,7 +1546,12 @@ impl Writer {
 
     /// Tombstone GC's compare-and-delete: true if the key's state was exactly `expected`
     /// (tombstones only) and is now deleted, with its tree contribution and index row.
-    fn purge(&mut self, key: &[u8], expected: &[u8], group: &mut Group) -> Result<bool, WriteError> {
+    fn purge(
+        &mut self,
+        key: &[u8],
+        expected: &[u8],
+        group: &mut Group,
+    ) -> Result<bool, WriteError> {
         let dkey = data_key(key);
         let current = self.current(group, &dkey, key)?;
         if !current.is_tombstone() || current.encode() != expected {

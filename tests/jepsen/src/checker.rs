@@ -64,6 +64,10 @@ pub struct RegisterReport {
     pub excused_by_info: usize,
     /// Writes with an unknown outcome that turned out to be applied.
     pub recovered: usize,
+    /// Acknowledged deletes whose tombstone is absent from the final state because tombstone
+    /// GC purged it (runs with GC only; what the delete superseded must still stay away,
+    /// `resurrected`).
+    pub purged_tombstones: usize,
     /// Values read (or in the final state) that no write of that key produced.
     pub phantoms: Vec<String>,
     /// Values read although their write failed definitely.
@@ -110,6 +114,13 @@ struct Write {
 /// §2a and §2c: no lost acknowledged writes, no phantoms, no resurrections. The final state of
 /// each key is the `ok` get of process `final` (an R=N read after healing and convergence).
 pub fn check_register(history: &[Op]) -> RegisterReport {
+    check_register_with(history, false)
+}
+
+/// `check_register` for a run with tombstone GC (`purges`): an acknowledged delete's tombstone
+/// may be missing from the final state (purged once stable); a value it superseded coming
+/// back is still a resurrection.
+pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
     let (done, dangling) = pair(history);
     let by_index: HashMap<u64, &Op> = history.iter().map(|o| (o.i, o)).collect();
     let mut writes: Vec<Write> = Vec::new();
@@ -247,6 +258,8 @@ pub fn check_register(history: &[Op]) -> RegisterReport {
         match w.outcome {
             OpType::Ok if !fin.contains(v) => {
                 if may_coverers.iter().any(|c| c.outcome == OpType::Ok) {
+                } else if purges && v.starts_with(TOMB) {
+                    r.purged_tombstones += 1;
                 } else if may_coverers.iter().any(|c| c.outcome == OpType::Info) {
                     r.excused_by_info += 1;
                 } else {
@@ -689,6 +702,38 @@ mod tests {
         );
         assert_eq!(r.from_failed, vec!["k: x".to_string()]);
         assert_eq!(r.from_future, vec!["k: z".to_string()]);
+        assert!(!r.valid);
+    }
+
+    /// With tombstone GC a delete's tombstone may be gone from the final state (purged), but
+    /// what the delete superseded coming back is still a resurrection; without GC a missing
+    /// tombstone is a lost write.
+    #[test]
+    fn a_purged_tombstone_is_no_loss_but_what_it_deleted_must_stay_away() {
+        let tomb = "tomb:00000000000000aa:2";
+        let history = |fin: &[&str]| {
+            let mut h = H::new();
+            h.put("1", "k", "a", None, OpType::Ok);
+            let g = h.get("2", "k", &["a"]);
+            let mut inv = Op::new("2", OpType::Invoke, "delete").key("k");
+            inv.ctx_src = Some(g);
+            h.push(inv);
+            h.push(
+                Op::new("2", OpType::Ok, "delete")
+                    .key("k")
+                    .value(json!(tomb)),
+            );
+            h.get(FINAL, "k", fin);
+            h
+        };
+        let purged = history(&[]);
+        assert_eq!(check_register(&purged.0).lost, vec![format!("k: {tomb}")]);
+        let r = check_register_with(&purged.0, true);
+        assert!(r.valid, "{r:?}");
+        assert_eq!(r.purged_tombstones, 1);
+        let back = history(&["a"]);
+        let r = check_register_with(&back.0, true);
+        assert_eq!(r.resurrected, vec!["k: a".to_string()]);
         assert!(!r.valid);
     }
 

@@ -59,6 +59,10 @@ struct Cli {
     /// 2 s anti-entropy interval, and the replicas must converge before any final read.
     #[arg(long)]
     anti_entropy_only: bool,
+    /// Tombstone GC during the run: nodes check tombstones every 2 s and purge those stable at
+    /// two checks this many seconds apart (the checkers then see reads of purged keys).
+    #[arg(long)]
+    tombstone_settle_secs: Option<u64>,
 }
 
 /// Environment variable set when the harness re-executed itself inside its namespace.
@@ -81,6 +85,12 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
         anti_entropy_only: true,
         ..with(w, n, t, seed)
     };
+    // Tombstones purged while faults come and go: the nodes apply peer writes within half the
+    // settle time (2 s, above the clients' 1.5 s deadline) or drop them.
+    let gc = |w: &str, n: &str, t: u64, seed: u64| Cli {
+        tombstone_settle_secs: Some(4),
+        ..with(w, n, t, seed)
+    };
     match cli.profile.as_deref() {
         None => Ok(vec![cli.clone()]),
         Some("ci") => Ok(vec![
@@ -98,6 +108,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..with("register", "disk,reboot", 30, 3)
             },
+            // Tombstone GC purging deleted keys between kills and partitions.
+            gc("register", "kill,partition", 45, 6),
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -112,6 +124,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with_sync("register", "kill,reboot", 90, 19, "none"),
             aae_only("register", "kill,partition,pause", 120, 21),
             aae_only("set", "kill,partition", 90, 22),
+            gc("register", "kill,partition", 180, 23),
+            gc("register", "pause,clock", 150, 24),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }
@@ -252,6 +266,7 @@ fn main() -> ExitCode {
             n: r.n,
             sync: r.sync.clone(),
             anti_entropy_only: r.anti_entropy_only,
+            tombstone_settle_s: r.tombstone_settle_secs,
         };
         eprintln!(
             "[jepsen] run {} of {}: results in {}",

@@ -69,6 +69,8 @@ pub struct RunConfig {
     /// No read repair and no hinted handoff on the nodes, anti-entropy every 2 s: the replicas
     /// must converge before the final reads, by anti-entropy alone.
     pub anti_entropy_only: bool,
+    /// Tombstone GC during the run (`--tombstone-settle-secs` on the nodes, passes every 2 s).
+    pub tombstone_settle_s: Option<u64>,
 }
 
 /// Client request deadline; the server gets it as its deadline, and the client waits a little
@@ -104,6 +106,9 @@ pub struct Results {
     pub converged_after_heal_ms: Option<u64>,
     pub availability: checker::AvailabilityReport,
     pub nemesis_errors: Vec<String>,
+    /// Tombstones purged by all nodes during the run, and still held at its end.
+    pub tombstones_purged: u64,
+    pub tombstones_live: u64,
 }
 
 fn ctx_token(c: &Context) -> String {
@@ -575,6 +580,14 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
                 args.push(a.to_string());
             }
         }
+        if let Some(settle) = cfg.tombstone_settle_s {
+            args.push("--tombstone-settle-secs".into());
+            args.push(settle.to_string());
+            if !cfg.anti_entropy_only {
+                args.push("--aae-interval-secs".into());
+                args.push("2".into());
+            }
+        }
         if let Some(first) = nodes.first() {
             args.push("--seeds".into());
             args.push(first.gossip_addr.clone());
@@ -711,7 +724,13 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
 
     let history = shared.rec.ops();
     let (register, set) = match cfg.workload {
-        Workload::Register => (Some(checker::check_register(&history)), None),
+        Workload::Register => (
+            Some(checker::check_register_with(
+                &history,
+                cfg.tombstone_settle_s.is_some(),
+            )),
+            None,
+        ),
         Workload::Set => (None, Some(checker::check_set(&history))),
     };
     let availability = checker::availability(&history);
@@ -745,6 +764,25 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             shown.join("; ")
         ));
     }
+    let (mut tombstones_purged, mut tombstones_live) = (0, 0);
+    for node in nodes.lock().await.iter() {
+        let c = Client::new([node.addr.clone()], ClientConfig::default()).expect("one address");
+        if let Ok(s) = c.status().await {
+            let get = |name: &str| {
+                s.metrics
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map_or(0, |(_, v)| *v)
+            };
+            tombstones_purged += get("tombstones.purged");
+            tombstones_live += get("tombstones.live");
+        }
+    }
+    if cfg.tombstone_settle_s.is_some() {
+        eprintln!(
+            "[jepsen] tombstone GC: {tombstones_purged} purged by the nodes, {tombstones_live} still held"
+        );
+    }
     let valid = invalid_reasons.is_empty();
     // Stop the nodes gracefully; their logs stay in the run folder.
     for node in nodes.lock().await.iter_mut() {
@@ -763,6 +801,8 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         converged_after_heal_ms: converged_after,
         availability,
         nemesis_errors: errs,
+        tombstones_purged,
+        tombstones_live,
     })
 }
 
@@ -867,12 +907,18 @@ pub fn summary(r: &Results) -> String {
     for reason in &r.invalid_reasons {
         s.push_str(&format!("  invalid: {reason}\n"));
     }
+    if let Some(settle) = r.config.tombstone_settle_s {
+        s.push_str(&format!(
+            "tombstone GC (settle {settle} s): {} purged, {} held at the end\n",
+            r.tombstones_purged, r.tombstones_live
+        ));
+    }
     if let Some(reg) = &r.register {
         s.push_str(&format!(
-            "register: {} keys; writes ok {} / info {} / fail {}; reads ok {}\n  lost {} · phantoms {} · from-failed {} · from-future {} · resurrected {} · excused-by-info {} · recovered {}\n",
+            "register: {} keys; writes ok {} / info {} / fail {}; reads ok {}\n  lost {} · phantoms {} · from-failed {} · from-future {} · resurrected {} · excused-by-info {} · recovered {} · tombstones purged {}\n",
             reg.keys, reg.ok_writes, reg.info_writes, reg.fail_writes, reg.ok_reads,
             reg.lost.len(), reg.phantoms.len(), reg.from_failed.len(), reg.from_future.len(),
-            reg.resurrected.len(), reg.excused_by_info, reg.recovered
+            reg.resurrected.len(), reg.excused_by_info, reg.recovered, reg.purged_tombstones
         ));
         for l in reg
             .lost

@@ -1345,7 +1345,10 @@ async fn a_purge_deletes_exactly_the_given_tombstone_and_is_not_amnesia() {
     // Above the floor a context ahead of our copy is still amnesia: a key that never held
     // the dot `again` minted (a version of ours this copy lacks, not a purged tombstone).
     let ahead = again.state.context().clone();
-    assert!(ahead.get(me) < store.stats().next_counter.get(), "per-key, not global");
+    assert!(
+        ahead.get(me) < store.stats().next_counter.get(),
+        "per-key, not global"
+    );
     let _ = store.write(put("k2", "z", Some(ahead))).await.unwrap();
     assert_eq!(store.stats().amnesia_detected.get(), 1);
     store.close();
