@@ -10,7 +10,7 @@ use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
 use ringkv_protocol::ring::key_position;
 use ringkv_protocol::{ErrorKind, RepairReply};
 
-use crate::background::paced_chunks;
+use crate::background::{paced_chunks, MERGE_DEADLINE};
 use crate::membership::Membership;
 use crate::merkle::LEAVES;
 use crate::storage::tree::SharedTree;
@@ -36,11 +36,6 @@ crate::metrics::metric_set! {
         push_refused: Counter = "push_refused", "pushed states refused (this node is not a replica of the key)";
     }
 }
-
-/// States received from a peer (an anti-entropy push or fetch, a hint replay) are merged
-/// within this long of their arrival or dropped (the sender's request has timed out by then,
-/// and it repairs them again later).
-pub const MERGE_DEADLINE: std::time::Duration = super::exchange::CALL_TIMEOUT;
 
 pub struct AntiEntropy {
     node_id: String,

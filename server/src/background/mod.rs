@@ -362,6 +362,11 @@ pub const APPLY_CHUNK: usize = 32;
 /// behind busy foreground work took long, so the pause grows with the foreground's load and
 /// the background's share of the writer stays at most 1 / (1 + TRANQUILITY).
 pub const TRANQUILITY: u32 = 2;
+/// States received from a peer in bulk (an anti-entropy push or fetch, a hint replay) are
+/// merged within this long of their arrival or dropped (the sender's request has timed out by
+/// then, and it sends them again later): nothing lands late (tombstone GC relies on it).
+pub const MERGE_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The longest tranquil pause (a chunk stuck behind a stall does not park replay for minutes).
 pub const MAX_TRANQUIL_PAUSE: Duration = Duration::from_secs(1);
 

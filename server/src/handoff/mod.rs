@@ -217,7 +217,7 @@ impl Handoff {
         self.metrics.replay_received.inc_by(entries.len() as u64);
         self.metrics.replay_received_bytes.inc_by(bytes);
         // Merged by the deadline or not at all (never late: tombstone GC relies on it).
-        let deadline = std::time::Instant::now() + crate::aae::service::MERGE_DEADLINE;
+        let deadline = std::time::Instant::now() + crate::background::MERGE_DEADLINE;
         let merge = |(key, state): (Bytes, Bytes)| async move {
             let hkey = HexKey(key.to_vec());
             let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
