@@ -35,7 +35,7 @@ use crate::storage::hints::HintLimits;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
 use crate::storage::store::{StoreOpenError, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
 use crate::storage::tree::{open_tree, TreeHook};
-use crate::storage::{Cf, Engine, Store, StoreConfig};
+use crate::storage::{Cf, Engine, ReadGate, Store, StoreConfig};
 use ringkv_protocol::auth::PeerKey;
 
 /// File in the data dir holding the ring: every member's identity and metadata, one JSON line
@@ -212,19 +212,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     runner.spawn(late_worker);
     observe_writer(&runner, &store);
 
-    let coordinator = Arc::new(Coordinator::new(
-        CoordinatorConfig::from_config(&config),
-        store.clone(),
-        pool.clone(),
-        membership.clone(),
-        late,
-    ));
-    let handoff = Arc::new(Handoff::new(node_id.clone(), store.clone(), config.hints));
-    runner.spawn(ReplayWorker::new(
-        handoff.clone(),
-        membership.clone(),
-        pool.clone(),
-    ));
     let aae = Arc::new(AntiEntropy::new(
         node_id.clone(),
         store.clone(),
@@ -232,6 +219,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         membership.clone(),
         config.n as usize,
         config.aae.enabled,
+    ));
+    if store.unsynced() && config.aae.enabled {
+        info!(node = %node_id, "the data dir is new: this node answers no replica reads until \
+              anti-entropy has synced its ranges from every other replica");
+    }
+    // A new (or wiped) data dir does not count toward R until anti-entropy synced it.
+    let gate: ReadGate = {
+        let aae = aae.clone();
+        Arc::new(move |key: &[u8]| aae.may_answer(key))
+    };
+    let coordinator = Arc::new(
+        Coordinator::new(
+            CoordinatorConfig::from_config(&config),
+            store.clone(),
+            pool.clone(),
+            membership.clone(),
+            late,
+        )
+        .with_read_gate(gate.clone()),
+    );
+    let handoff = Arc::new(Handoff::new(node_id.clone(), store.clone(), config.hints));
+    runner.spawn(ReplayWorker::new(
+        handoff.clone(),
+        membership.clone(),
+        pool.clone(),
     ));
     if config.aae.enabled {
         runner.spawn(AaeWorker::new(
@@ -258,7 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             gc_metrics.clone(),
         ));
     }
-    let replica = Arc::new(Replica::new(node_id.clone(), store.clone()));
+    let replica = Arc::new(Replica::new(node_id.clone(), store.clone(), gate));
     let requests = RequestMetrics::default();
     let client_net = ListenerMetrics::default();
     let peer_net = ListenerMetrics::default();

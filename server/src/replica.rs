@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ringkv_protocol::peer::{PeerResponse, ReplicaRequest, ReplicaResponse};
 use ringkv_protocol::ErrorKind;
 
-use crate::storage::{HexKey, Store, WriteOp};
+use crate::storage::{HexKey, ReadGate, Store, WriteOp};
 use crate::version::KeyState;
 
 crate::metrics::metric_set! {
@@ -24,14 +24,17 @@ pub struct Replica {
     node_id: String,
     store: Arc<Store>,
     pub metrics: ReplicaMetrics,
+    /// Whether this node's copy of a key may answer a coordinator's read.
+    gate: ReadGate,
 }
 
 impl Replica {
-    pub fn new(node_id: String, store: Arc<Store>) -> Replica {
+    pub fn new(node_id: String, store: Arc<Store>, gate: ReadGate) -> Replica {
         Replica {
             node_id,
             store,
             metrics: ReplicaMetrics::default(),
+            gate,
         }
     }
 
@@ -52,6 +55,20 @@ impl Replica {
 
     async fn read_local(&self, key: Bytes, timeout_ms: u32) -> PeerResponse {
         self.metrics.read_local.inc();
+        if !(self.gate)(&key) {
+            return self.error(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                format!(
+                    "key {}: not synced yet: this node's data dir is new and anti-entropy has not \
+                     synced the key's range from every other replica",
+                    HexKey(key.to_vec())
+                ),
+            );
+        }
         let limit = Duration::from_millis(timeout_ms as u64);
         // The stored bytes are the wire encoding of the state: sent as they are, and the
         // coordinator decodes (and names this replica if they do not decode).

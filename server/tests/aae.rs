@@ -314,3 +314,78 @@ async fn tombstones_are_purged_once_stable_and_deleted_values_never_return() {
         "{r:?}"
     );
 }
+
+/// A node whose disk was lost comes back under the same id with an empty data dir: it does not
+/// count toward R for a key until anti-entropy has synced the key's range from every other
+/// replica, so R=2 reads never answer not-found for a key written before, even when the only
+/// other copy besides the lost one is on a single node. Once synced, its ranges are complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_does_not_count_toward_r_until_synced() {
+    let flags = [
+        "--hinted-handoff",
+        "false",
+        "--read-repair",
+        "false",
+        "--aae-interval-secs",
+        "3600",
+        "--aae-keys-per-sec",
+        "20",
+    ];
+    let mut c = Cluster::start(3, &flags).await;
+    // n2 misses the writes: they live on n1 and n3 only.
+    c.nodes[1].stop().unwrap();
+    c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    write(&c, &[0, 2], "w", 300, 2).await;
+    c.nodes[1].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    // n3 loses its disk and returns under the same id: n1 alone holds the keys now.
+    c.nodes[2].stop().unwrap();
+    let dir = c.nodes[2].data_dir.clone();
+    std::fs::remove_dir_all(dir.join("db")).unwrap();
+    let _ = std::fs::remove_file(dir.join("ring.jsonl"));
+    c.nodes[2].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let (n1, n2, n3) = (c.client(0), c.client(1), c.client(2));
+    let r2 = GetOptions {
+        r: Some(2),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let mut rounds_while_unsynced = 0;
+    loop {
+        let unsynced = metric(&n3, "aae.unsynced").await;
+        for i in 0..300 {
+            let key = format!("w{i}");
+            for (name, coordinator) in [("n2", &n2), ("n3", &n3)] {
+                let r = coordinator
+                    .get_with(&key, r2)
+                    .await
+                    .unwrap_or_else(|e| panic!("{key} via {name}: {e}"));
+                assert!(
+                    r.is_found(),
+                    "{key} read as not found via {name} with R=2 (n3 unsynced: {unsynced})"
+                );
+            }
+        }
+        if unsynced == 0 {
+            break;
+        }
+        rounds_while_unsynced += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "n3 still unsynced after 2 minutes"
+        );
+    }
+    assert!(
+        rounds_while_unsynced > 0,
+        "no read happened while n3 was syncing"
+    );
+    assert!(metric(&n3, "aae.unsynced_reads_refused").await > 0);
+    // Synced: n3 holds every key again, and agrees with n1.
+    for i in 0..300 {
+        let r = n3.get_with(format!("w{i}"), LOCAL).await.unwrap();
+        assert!(r.is_found(), "w{i} missing on n3 after its sync");
+    }
+    assert_eq!(root(&c, 2).await, root(&c, 0).await);
+    assert_eq!(metric(&n1, "aae.unsynced").await, 0);
+}

@@ -38,6 +38,9 @@ use crate::rpc::{PeerPool, Transport};
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first cycle starts this long after the node (or the interval, if shorter).
 pub const FIRST_CYCLE_DELAY: Duration = Duration::from_secs(10);
+/// While the data dir is unsynced (new or wiped), cycles start at once and repeat this often
+/// (or at the interval, if shorter) until every peer has been synced from.
+pub const UNSYNCED_RETRY: Duration = Duration::from_secs(2);
 
 /// What one exchange found and did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,12 @@ impl<T: Transport> AaeWorker<T> {
         interval: Duration,
         keys_per_sec: u32,
     ) -> AaeWorker<T> {
+        // A new data dir syncs at once; otherwise the first cycle waits a little.
+        let next_cycle = if aae.store().unsynced() {
+            Instant::now()
+        } else {
+            Instant::now() + interval.min(FIRST_CYCLE_DELAY)
+        };
         AaeWorker {
             node_id: membership.view().me.to_string(),
             aae,
@@ -86,7 +95,7 @@ impl<T: Transport> AaeWorker<T> {
             interval,
             keys_per_sec: keys_per_sec.max(1) as f64,
             cpu: CpuLoad::default(),
-            next_cycle: Instant::now() + interval.min(FIRST_CYCLE_DELAY),
+            next_cycle,
             queue: VecDeque::new(),
             cycle_started: None,
             cycle: Outcome::default(),
@@ -402,14 +411,24 @@ impl<T: Transport> AaeWorker<T> {
             .set((self.cycle.spans - self.cycle.spans_differing) as u64);
         m.spans_out_of_sync.set(self.cycle.spans_differing as u64);
         self.detail = format!(
-            "last cycle: {} spans, {} differed, {} keys sent, {} received; next in {} s",
+            "last cycle: {} spans, {} differed, {} keys sent, {} received; next in {} s{}",
             self.cycle.spans,
             self.cycle.spans_differing,
             self.cycle.sent,
             self.cycle.received,
-            self.interval.as_secs()
+            self.interval.as_secs(),
+            if self.aae.store().unsynced() {
+                " (data dir new: not answering reads until synced from every replica)"
+            } else {
+                ""
+            }
         );
-        self.next_cycle = Instant::now() + self.interval;
+        let wait = if self.aae.check_synced() {
+            UNSYNCED_RETRY.min(self.interval)
+        } else {
+            self.interval
+        };
+        self.next_cycle = Instant::now() + wait;
     }
 }
 
@@ -485,6 +504,8 @@ impl<T: Transport> Worker for AaeWorker<T> {
         let started = Instant::now();
         match self.exchange(&addr, &spans).await {
             Ok(o) => {
+                self.aae.exchange_done(&peer);
+                self.aae.check_synced();
                 let m = &self.aae.metrics;
                 m.exchanges.inc();
                 m.cells_compared.inc_by(o.cells);

@@ -1,8 +1,9 @@
 //! The anti-entropy service: answers a peer's exchange (the aae family) from this node's tree
 //! and data, and merges the states it pushes, for keys this node replicates only.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ringkv_protocol::peer::aae::{status, MAX_DIGESTS, MAX_STATES};
@@ -34,6 +35,9 @@ crate::metrics::metric_set! {
         cycles: Counter = "cycles", "full cycles over every peer completed";
         served: Counter = "requests_served", "aae requests answered for peers";
         push_refused: Counter = "push_refused", "pushed states refused (this node is not a replica of the key)";
+        unsynced: Gauge = "unsynced", "1 while this node's data dir is new and not yet synced from every other replica (it answers no replica reads)";
+        unsynced_peers: Gauge = "unsynced_peers", "peers this node shares ranges with and has not completed an exchange with since its data dir was new";
+        refused_reads: Counter = "unsynced_reads_refused", "replica reads refused because the key's range is not synced yet";
     }
 }
 
@@ -50,7 +54,16 @@ pub struct AntiEntropy {
     requested: AtomicBool,
     /// A cycle is running.
     running: AtomicBool,
+    /// While the store is unsynced: the peers an exchange completed with since this start.
+    synced_with: Mutex<BTreeSet<String>>,
+    /// The ring epoch this node last saw and since when (an unsynced node trusts its list of
+    /// peers only once the ring stopped changing for `RING_SETTLE`).
+    epoch_since: Mutex<Option<(u64, std::time::Instant)>>,
 }
+
+/// How long the ring must stay the same before an unsynced node takes its peers as complete
+/// (a node that just joined may not have heard of every member yet).
+pub const RING_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AntiEntropy {
     pub fn new(
@@ -61,16 +74,102 @@ impl AntiEntropy {
         n: usize,
         enabled: bool,
     ) -> AntiEntropy {
+        let metrics = Arc::new(AaeMetrics::default());
+        metrics.unsynced.set((enabled && store.unsynced()) as u64);
         AntiEntropy {
             node_id,
             store,
             tree,
             membership,
             n,
-            metrics: Arc::default(),
+            metrics,
             enabled,
             requested: AtomicBool::new(false),
             running: AtomicBool::new(false),
+            synced_with: Mutex::new(BTreeSet::new()),
+            epoch_since: Mutex::new(None),
+        }
+    }
+
+    /// Whether this node's copy of `key` may answer a read as a replica: always, unless its
+    /// data dir is new (or was wiped) and some other replica of the key has not completed an
+    /// exchange with it yet. Such a copy holds only what arrived since the start: counting it
+    /// toward R could answer not-found for a key written before. With anti-entropy off
+    /// nothing would ever sync it, so the guard is off too (documented).
+    pub fn may_answer(&self, key: &[u8]) -> bool {
+        if !self.enabled || !self.store.unsynced() {
+            return true;
+        }
+        let view = self.membership.view();
+        let synced = self.synced_with.lock().expect("synced set lock poisoned");
+        let ok = view
+            .ring
+            .preference_list(key_position(key), self.n)
+            .iter()
+            .all(|p| *p == view.me || synced.contains(&**p));
+        if !ok {
+            self.metrics.refused_reads.inc();
+        }
+        ok
+    }
+
+    /// An exchange with `peer` over every span both replicate completed.
+    pub fn exchange_done(&self, peer: &str) {
+        if self.store.unsynced() {
+            self.synced_with
+                .lock()
+                .expect("synced set lock poisoned")
+                .insert(peer.to_string());
+        }
+    }
+
+    /// While unsynced: once this node knows the ring and has completed an exchange with every
+    /// peer it shares ranges with, the store is marked synced (durably). True while still
+    /// unsynced.
+    pub fn check_synced(&self) -> bool {
+        if !self.store.unsynced() {
+            self.metrics.unsynced.set(0);
+            return false;
+        }
+        self.metrics.unsynced.set(1);
+        let view = self.membership.view();
+        if !view.ready {
+            return true;
+        }
+        let settled = {
+            let mut since = self.epoch_since.lock().expect("epoch lock poisoned");
+            match *since {
+                Some((epoch, at)) if epoch == view.epoch => at.elapsed() >= RING_SETTLE,
+                _ => {
+                    *since = Some((view.epoch, std::time::Instant::now()));
+                    false
+                }
+            }
+        };
+        let shared = super::ranges::shared_spans(&view.ring, &view.me, self.n);
+        let left: Vec<String> = {
+            let synced = self.synced_with.lock().expect("synced set lock poisoned");
+            shared
+                .keys()
+                .filter(|p| !synced.contains(&***p))
+                .map(|p| p.to_string())
+                .collect()
+        };
+        self.metrics.unsynced_peers.set(left.len() as u64);
+        if !left.is_empty() || !settled {
+            return true;
+        }
+        match self.store.mark_synced() {
+            Ok(()) => {
+                self.metrics.unsynced.set(0);
+                tracing::info!(node = %self.node_id, peers = shared.len(),
+                    "data synced from every replica since the data dir was new: this node answers reads for all its ranges");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.node_id, error = %e, "could not record that the data is synced; retried");
+                true
+            }
         }
     }
 

@@ -36,7 +36,7 @@ use crate::config::{Config, MAX_TIMEOUT_MS};
 use crate::membership::{ClusterView, Membership};
 use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
-use crate::storage::{HexKey, Store, WriteError, WriteOp};
+use crate::storage::{open_gate, HexKey, ReadGate, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
 use plan::{plan, plan_with_fallbacks};
 use quorum::{Decision, QuorumError, ReadQuorum, WriteQuorum};
@@ -254,6 +254,8 @@ pub struct Coordinator<T: Transport = PeerPool> {
     membership: Membership,
     late: LateReplies,
     pub metrics: CoordinatorMetrics,
+    /// Whether this node's own copy of a key counts as a replica read.
+    gate: ReadGate,
 }
 
 impl<T: Transport> Coordinator<T> {
@@ -272,7 +274,15 @@ impl<T: Transport> Coordinator<T> {
             membership,
             late,
             metrics: CoordinatorMetrics::default(),
+            gate: open_gate(),
         }
+    }
+
+    /// Reads of this node's own copy pass `gate` or fail as that replica's answer (the
+    /// quorum then needs the other replicas).
+    pub fn with_read_gate(mut self, gate: ReadGate) -> Self {
+        self.gate = gate;
+        self
     }
 
     fn err(&self, kind: ErrorKind, definite: bool, msg: impl std::fmt::Display) -> Response {
@@ -1170,6 +1180,12 @@ impl<T: Transport> Coordinator<T> {
         async move {
             let fallback = hint_for.is_some();
             let result = match (is_me, hint_for) {
+                (true, None) if !(coordinator.gate)(&key) => Err(format!(
+                    "node {}: key {}: not synced yet (this node's data dir is new and anti-entropy \
+                     has not synced the key's range from every other replica)",
+                    coordinator.node_id,
+                    HexKey(key.to_vec())
+                )),
                 (true, None) => coordinator.store.read(key).await.map_err(|e| e.to_string()),
                 (true, Some(primary)) => coordinator
                     .store

@@ -112,6 +112,15 @@ pub enum Cached {
     Miss,
 }
 
+/// Whether this node's copy of a key may answer a read as a replica (false while a new or
+/// wiped data dir has not been synced from the key's other replicas; anti-entropy decides).
+pub type ReadGate = std::sync::Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// A gate that lets every read through.
+pub fn open_gate() -> ReadGate {
+    std::sync::Arc::new(|_| true)
+}
+
 /// A key range of one column family: `start` inclusive, `end` exclusive (`None` = to the end).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanRange {

@@ -86,6 +86,10 @@ const META_BOOT: &[u8] = b"boot_id";
 /// `actor u64 BE ‖ counter u64 BE`: the highest counter of that actor (this node's current one)
 /// found in a purged tombstone (see `Writer::purge_floor`).
 const META_PURGE_FLOOR: &[u8] = b"purge_floor";
+/// Present from the first open of a new data dir until anti-entropy has synced this node's
+/// ranges from every other replica (`Store::mark_synced`): until then the node holds only
+/// what it was sent since, and must not answer reads as a replica.
+const META_UNSYNCED: &[u8] = b"unsynced";
 
 /// Durability of acknowledged writes (see docs/operations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -431,6 +435,8 @@ pub struct Store {
     /// The longest a peer's write may wait to be applied here, whatever time its requester
     /// has left (`limit_peer_writes`); `u32::MAX` = no limit of its own.
     peer_write_limit_ms: AtomicU32,
+    /// See `unsynced`.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 crate::metrics::metric_set! {
@@ -585,7 +591,11 @@ impl Store {
             encode_identity(identity, lease_end),
         );
         batch.put(Cf::Meta, META_CLEAN.to_vec(), vec![0]);
+        if previous.is_none() {
+            batch.put(Cf::Meta, META_UNSYNCED.to_vec(), vec![1]);
+        }
         engine.write(batch, true)?;
+        let unsynced = engine.get(Cf::Meta, META_UNSYNCED)?.is_some();
         info!(
             node = %config.node_id,
             actor = format!("{:016x}", identity.actor),
@@ -643,7 +653,25 @@ impl Store {
             hint_stats,
             config,
             peer_write_limit_ms: AtomicU32::new(u32::MAX),
+            unsynced: std::sync::atomic::AtomicBool::new(unsynced),
         })
+    }
+
+    /// True while this data dir has not been synced from the other replicas since it was
+    /// created (a new node, or a wiped one under a known id): persisted, so a restart
+    /// mid-sync keeps it.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
+    }
+
+    /// Anti-entropy synced every range of this node from every other replica: it answers
+    /// reads from now on (durable before it returns).
+    pub fn mark_synced(&self) -> Result<(), StorageError> {
+        let mut batch = Batch::default();
+        batch.delete(Cf::Meta, META_UNSYNCED.to_vec());
+        self.engine.write(batch, true)?;
+        self.unsynced.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Peer writes (`write_within`, `write_by`) are applied within `limit` of their arrival or

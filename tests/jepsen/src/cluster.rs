@@ -32,6 +32,44 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         cluster
+            .wait_synced(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        cluster
+    }
+
+    /// Waits until no running node is still syncing a new data dir (`aae.unsynced` is 0: it
+    /// answers replica reads). New nodes of a new cluster sync with each other in a few
+    /// seconds (empty trees, and the ring must be stable for 2 s).
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.child_running() {
+                continue;
+            }
+            let client = self.client(i);
+            loop {
+                let unsynced = match client.status().await {
+                    Ok(s) => s
+                        .metrics
+                        .iter()
+                        .find(|(k, _)| k == "aae.unsynced")
+                        .map_or(0, |(_, v)| *v),
+                    Err(_) => 1,
+                };
+                if unsynced == 0 {
+                    break;
+                }
+                if start.elapsed() > timeout {
+                    return Err(format!(
+                        "node {} still syncing its new data dir after {timeout:?}",
+                        n.id
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Client addresses of all nodes.

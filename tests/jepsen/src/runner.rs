@@ -611,6 +611,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
     }
     let cluster = Cluster { nodes };
     cluster.wait_converged(Duration::from_secs(60)).await?;
+    cluster.wait_synced(Duration::from_secs(60)).await?;
     let client_cfg = ClientConfig {
         request_timeout: CLIENT_TIMEOUT,
         connect_timeout: Duration::from_millis(500),

@@ -1384,3 +1384,21 @@ async fn a_peer_write_queued_past_its_deadline_is_dropped() {
     assert_eq!(store.stats().expired.get(), 1);
     store.close();
 }
+
+/// A new data dir is unsynced until anti-entropy says otherwise, across restarts; a data dir
+/// that existed before is not.
+#[tokio::test]
+async fn a_new_data_dir_stays_unsynced_until_marked_synced() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    assert!(store.unsynced());
+    store.close();
+    let store = open(&engine, SyncMode::Group);
+    assert!(store.unsynced(), "a restart mid-sync keeps it");
+    store.mark_synced().unwrap();
+    assert!(!store.unsynced());
+    store.close();
+    let store = open(&engine, SyncMode::Group);
+    assert!(!store.unsynced());
+    store.close();
+}
