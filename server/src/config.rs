@@ -140,6 +140,10 @@ pub struct Cli {
     /// Keys per second this node repairs by anti-entropy, sent and received (default 2000).
     #[arg(long)]
     pub aae_keys_per_sec: Option<u32>,
+    /// Seconds a peer must have been unavailable for this node to run an anti-entropy exchange
+    /// with it as soon as it is back, before the next cycle (default 30).
+    #[arg(long)]
+    pub aae_return_after_secs: Option<u64>,
     /// Tombstone GC: purge deleted keys' tombstones once causally stable (default true).
     #[arg(long, value_name = "BOOL")]
     pub tombstone_gc: Option<bool>,
@@ -185,6 +189,7 @@ pub struct FileConfig {
     pub anti_entropy: Option<bool>,
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
+    pub aae_return_after_secs: Option<u64>,
     pub tombstone_gc: Option<bool>,
     pub tombstone_settle_secs: Option<u64>,
 }
@@ -195,6 +200,8 @@ pub struct AaeSettings {
     pub enabled: bool,
     pub interval_secs: u64,
     pub keys_per_sec: u32,
+    /// A peer down at least this long is synced as soon as it is back.
+    pub return_after_secs: u64,
     /// The `tombstone_gc` worker (its passes run every `interval_secs`).
     pub tombstone_gc: bool,
     pub tombstone_settle_secs: u64,
@@ -207,6 +214,7 @@ impl Default for AaeSettings {
             // Garage syncs every 10 minutes, Riak exchanges every 8.
             interval_secs: 600,
             keys_per_sec: 2_000,
+            return_after_secs: 30,
             tombstone_gc: true,
             // The longest request deadline (`MAX_TIMEOUT_MS`).
             tombstone_settle_secs: MAX_TIMEOUT_MS as u64 / 1000,
@@ -531,6 +539,14 @@ impl Config {
                     .unwrap_or(aae_defaults.keys_per_sec),
                 1,
                 10_000_000,
+            )?,
+            return_after_secs: in_range(
+                "aae_return_after_secs",
+                cli.aae_return_after_secs
+                    .or(file.aae_return_after_secs)
+                    .unwrap_or(aae_defaults.return_after_secs),
+                1,
+                7 * 24 * 3600,
             )?,
             tombstone_gc: cli
                 .tombstone_gc

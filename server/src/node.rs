@@ -252,6 +252,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             pool.clone(),
             std::time::Duration::from_secs(config.aae.interval_secs),
             config.aae.keys_per_sec,
+            std::time::Duration::from_secs(config.aae.return_after_secs),
         ));
     }
     let gc_metrics = Arc::new(GcMetrics::default());

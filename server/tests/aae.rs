@@ -389,3 +389,64 @@ async fn a_wiped_replica_does_not_count_toward_r_until_synced() {
     assert_eq!(root(&c, 2).await, root(&c, 0).await);
     assert_eq!(metric(&n1, "aae.unsynced").await, 0);
 }
+
+/// A node back from a long absence is synced at once, not at the next cycle (an hour away
+/// here): the peers see it return and exchange with it. Its writes were hinted, but the hints
+/// expired (a 1 s window), so the holders marked its partitions for anti-entropy; the
+/// exchange that syncs those partitions clears the marks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_a_long_absence_is_synced_at_once_and_its_marks_cleared() {
+    let flags = [
+        "--hint-window-secs",
+        "1",
+        "--read-repair",
+        "false",
+        "--aae-interval-secs",
+        "3600",
+        "--aae-return-after-secs",
+        "3",
+    ];
+    let mut c = Cluster::start(3, &flags).await;
+    c.nodes[2].stop().unwrap();
+    c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    write(&c, &[0, 1], "gone", 200, 2).await;
+    let (n1, n2) = (c.client(0), c.client(1));
+    eventually(
+        Duration::from_secs(30),
+        "the expired hints marked n3's partitions",
+        || async {
+            metric(&n1, "hints.aae_marks").await + metric(&n2, "hints.aae_marks").await > 0
+                && metric(&n1, "hints.pending_keys").await + metric(&n2, "hints.pending_keys").await
+                    == 0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.nodes[2].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let n3 = c.client(2);
+    eventually(Duration::from_secs(30), "n3 holds every key", || {
+        let n3 = n3.clone();
+        async move {
+            for i in 0..200 {
+                match n3.get_with(format!("gone{i}"), LOCAL).await {
+                    Ok(r) if r.is_found() => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+    })
+    .await;
+    let returns = metric(&n1, "aae.return_syncs").await + metric(&n2, "aae.return_syncs").await;
+    assert!(returns >= 1, "the peers synced n3 on its return");
+    assert_eq!(
+        metric(&n3, "hints.replay_received_keys").await,
+        0,
+        "no hint did it"
+    );
+    eventually(Duration::from_secs(30), "the marks are cleared", || async {
+        metric(&n1, "aae.marks_cleared").await + metric(&n2, "aae.marks_cleared").await > 0
+    })
+    .await;
+}

@@ -314,6 +314,7 @@ async fn a_coordinator_with_a_full_disk_loses_no_acknowledged_write() {
     }
     let c = Cluster { nodes };
     c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    c.wait_synced(Duration::from_secs(30)).await.unwrap();
     let coordinator = c.client(0);
     coordinator.put("warm-up", "x", None).await.unwrap();
     disk.fill().unwrap();

@@ -22,6 +22,7 @@ pub mod op {
     pub const PUSH_STATES: u8 = 0x43;
     pub const TOMBSTONE_CHECK: u8 = 0x44;
     pub const PURGE: u8 = 0x45;
+    pub const REQUEST_CYCLE: u8 = 0x46;
 
     pub const HASHES: u8 = 0xC0;
     pub const DIGESTS: u8 = 0xC1;
@@ -81,6 +82,9 @@ pub enum AaeRequest {
     /// Tombstone GC, the purge: delete each key whose stored state is exactly the given one
     /// (compare-and-delete; a state that changed is kept).
     Purge { entries: Vec<(Bytes, Bytes)> },
+    /// Start an anti-entropy cycle now (a node holding marks for the receiver's ranges that
+    /// it does not replicate itself): answered `Merged([started])`.
+    RequestCycle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +166,7 @@ impl Family for AaeRequest {
                 put_pairs(b, entries);
                 op::PURGE
             }
+            AaeRequest::RequestCycle => op::REQUEST_CYCLE,
         }
     }
 
@@ -209,6 +214,7 @@ impl Family for AaeRequest {
             op::PURGE => AaeRequest::Purge {
                 entries: read_pairs(r)?,
             },
+            op::REQUEST_CYCLE => AaeRequest::RequestCycle,
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -217,6 +223,7 @@ impl Family for AaeRequest {
         match self {
             AaeRequest::CellHashes { cells } => 9 * cells.len(),
             AaeRequest::KeyDigests { after, .. } => after.len(),
+            AaeRequest::RequestCycle => 0,
             AaeRequest::FetchStates { keys } => keys.iter().map(|k| 4 + k.len()).sum(),
             AaeRequest::PushStates { entries }
             | AaeRequest::TombstoneCheck { entries }

@@ -308,6 +308,7 @@ mod tests {
             PeerRequest::Aae(AaeRequest::Purge {
                 entries: vec![(Bytes::from_static(b"b"), Bytes::from_static(b"t"))],
             }),
+            PeerRequest::Aae(AaeRequest::RequestCycle),
         ];
         for r in reqs {
             let f = r.to_frame(9);

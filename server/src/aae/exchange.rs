@@ -15,7 +15,7 @@
 //! 4. Repair: `FetchStates` then a local merge; `PushStates` of the local states; batches of
 //!    at most `MAX_STATES` keys and `STATES_BATCH_BYTES`, paced by the keys/s budget.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,13 +26,15 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::ranges::{push_span, shared_spans, Span};
+use super::ranges::{covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
 use crate::background::load::{yield_scale, CpuLoad};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::Membership;
 use crate::merkle::{leaf_end, leaf_span, leaf_start, Cell};
 use crate::rpc::{PeerPool, Transport};
+use crate::storage::hints::partition_span;
+use crate::storage::AaeMark;
 
 /// Deadline of one request of an exchange.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,6 +73,16 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     cycle_started: Option<Instant>,
     cycle: Outcome,
     detail: String,
+    /// Marks (dropped hints) as of the cycle's start: their targets go first, and a mark is
+    /// cleared once an exchange with its target covered its partition.
+    marks: Vec<AaeMark>,
+    /// Peers unavailable since when (to sync a peer back from a long absence at once).
+    down_since: HashMap<String, Instant>,
+    /// Peers back from a long absence, exchanged with before the next cycle.
+    returned: VecDeque<String>,
+    /// A peer unavailable at least this long is exchanged with as soon as it is back (it may
+    /// have missed writes no hint delivers: hints off, dropped or expired).
+    long_absence: Duration,
 }
 
 impl<T: Transport> AaeWorker<T> {
@@ -80,6 +92,7 @@ impl<T: Transport> AaeWorker<T> {
         transport: Arc<T>,
         interval: Duration,
         keys_per_sec: u32,
+        long_absence: Duration,
     ) -> AaeWorker<T> {
         // A new data dir syncs at once; otherwise the first cycle waits a little.
         let next_cycle = if aae.store().unsynced() {
@@ -100,6 +113,126 @@ impl<T: Transport> AaeWorker<T> {
             cycle_started: None,
             cycle: Outcome::default(),
             detail: "first cycle pending".into(),
+            marks: Vec::new(),
+            down_since: HashMap::new(),
+            returned: VecDeque::new(),
+            long_absence,
+        }
+    }
+
+    /// Notes which peers are down, and queues those back after at least `long_absence`.
+    fn watch_returns(&mut self) {
+        let view = self.membership.view();
+        let now = Instant::now();
+        for peer in view.members.keys().filter(|m| **m != view.me) {
+            if !view.is_alive(peer) {
+                self.down_since.entry(peer.to_string()).or_insert(now);
+            } else if let Some(since) = self.down_since.remove(&**peer) {
+                let away = now.duration_since(since);
+                if away >= self.long_absence && !self.returned.iter().any(|p| **p == **peer) {
+                    info!(node = %self.node_id, %peer, away_s = away.as_secs(),
+                          "peer back after a long absence: anti-entropy exchange with it now");
+                    self.returned.push_back(peer.to_string());
+                }
+            }
+        }
+    }
+
+    /// After a complete exchange with `peer` over `spans`: its marks whose partition lies in
+    /// those spans are in sync now and cleared; for marks of ranges this node does not share
+    /// with it, the peer is asked to run a cycle of its own (which reaches their replicas),
+    /// and they are cleared once it agreed.
+    async fn settle_marks(&mut self, peer: &str, addr: &str, spans: &[Span]) {
+        // Read now: marks made since the cycle started (or outside any cycle) count too.
+        let mine: Vec<AaeMark> = match self.aae.store().aae_mark_rows().await {
+            Ok(marks) => marks.into_iter().filter(|m| m.target == peer).collect(),
+            Err(e) => {
+                warn!(node = %self.node_id, error = %e, "could not read the anti-entropy marks");
+                return;
+            }
+        };
+        if mine.is_empty() {
+            return;
+        }
+        let (covered, elsewhere): (Vec<AaeMark>, Vec<AaeMark>) = mine.into_iter().partition(|m| {
+            let (first, last) = partition_span(m.partition);
+            covers(spans, first, last)
+        });
+        let mut clear = covered;
+        if !elsewhere.is_empty() {
+            match self.call(addr, AaeRequest::RequestCycle).await {
+                Ok(AaeResponse::Merged(started)) if started.first() == Some(&true) => {
+                    clear.extend(elsewhere)
+                }
+                Ok(_) => warn!(node = %self.node_id, %peer, marks = elsewhere.len(),
+                               "peer runs no anti-entropy: its marked ranges wait for their replicas' cycles"),
+                Err(cause) => {
+                    warn!(node = %self.node_id, %peer, %cause, "could not ask the peer for a cycle; marks kept")
+                }
+            }
+        }
+        let mut cleared = 0;
+        for mark in &clear {
+            match self.aae.store().clear_mark(mark).await {
+                Ok(true) => cleared += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(node = %self.node_id, %peer, error = %e, "could not clear an anti-entropy mark")
+                }
+            }
+        }
+        if cleared > 0 {
+            self.aae.metrics.marks_cleared.inc_by(cleared);
+            info!(node = %self.node_id, %peer, cleared, "ranges marked by dropped hints are in sync");
+        }
+    }
+
+    /// One exchange with `peer` over every span both replicate, counted.
+    async fn exchange_step(&mut self, peer: String) {
+        let view = self.membership.view();
+        let spans = shared_spans(&view.ring, &view.me, self.aae.n());
+        let (Some(addr), Some(spans)) = (
+            view.peer_addr(&peer).map(str::to_string),
+            spans.get(peer.as_str()),
+        ) else {
+            return;
+        };
+        if !view.is_alive(&peer) {
+            return;
+        }
+        let spans = spans.clone();
+        let started = Instant::now();
+        match self.exchange(&addr, &spans).await {
+            Ok(o) => {
+                self.aae.exchange_done(&peer);
+                self.aae.check_synced();
+                let m = &self.aae.metrics;
+                m.exchanges.inc();
+                m.cells_compared.inc_by(o.cells);
+                m.keys_compared.inc_by(o.keys_compared);
+                m.keys_sent.inc_by(o.sent);
+                m.keys_received.inc_by(o.received);
+                m.bytes_sent.inc_by(o.bytes_sent);
+                m.exchange_bytes.inc_by(o.wire_bytes);
+                let c = &mut self.cycle;
+                c.spans += o.spans;
+                c.spans_differing += o.spans_differing;
+                c.sent += o.sent;
+                c.received += o.received;
+                if o.sent + o.received > 0 {
+                    info!(node = %self.node_id, %peer, spans = o.spans, differing = o.spans_differing,
+                          sent = o.sent, received = o.received, cells = o.cells, rounds = o.rounds,
+                          keys_compared = o.keys_compared, wire_bytes = o.wire_bytes,
+                          ms = started.elapsed().as_millis() as u64, "anti-entropy exchange repaired keys");
+                } else {
+                    debug!(node = %self.node_id, %peer, cells = o.cells, "anti-entropy exchange: in sync");
+                }
+                self.settle_marks(&peer, &addr, &spans).await;
+            }
+            Err(cause) => {
+                self.aae.metrics.exchange_errors.inc();
+                warn!(node = %self.node_id, %peer, %cause, "anti-entropy exchange failed; retried next cycle");
+            }
         }
     }
 
@@ -387,14 +520,29 @@ impl<T: Transport> AaeWorker<T> {
         Ok((received, bytes))
     }
 
-    fn start_cycle(&mut self) {
+    async fn start_cycle(&mut self) {
+        self.marks = match self.aae.store().aae_mark_rows().await {
+            Ok(marks) => marks,
+            Err(e) => {
+                warn!(node = %self.node_id, error = %e, "could not read the anti-entropy marks");
+                Vec::new()
+            }
+        };
+        let m = &self.aae.metrics;
+        m.marked_partitions.set(self.marks.len() as u64);
+        let oldest = self.marks.iter().map(|m| m.marked_ms).min();
+        m.oldest_mark_age_seconds
+            .set(oldest.map_or(0, |ms| crate::clock::now_ms().saturating_sub(ms) / 1000));
         let view = self.membership.view();
         let spans = shared_spans(&view.ring, &view.me, self.aae.n());
-        self.queue = spans
+        let mut queue: Vec<String> = spans
             .keys()
             .filter(|p| view.is_alive(p))
             .map(|p| p.to_string())
             .collect();
+        // Peers with marked ranges (writes they missed beyond their hints) first.
+        queue.sort_by_key(|p| !self.marks.iter().any(|m| m.target == *p));
+        self.queue = queue.into();
         self.cycle_started = Some(Instant::now());
         self.cycle = Outcome::default();
         self.aae.set_running(true);
@@ -474,7 +622,13 @@ impl<T: Transport> Worker for AaeWorker<T> {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        self.watch_returns();
         if self.cycle_started.is_none() {
+            if let Some(peer) = self.returned.pop_front() {
+                self.aae.metrics.return_syncs.inc();
+                self.exchange_step(peer).await;
+                return Ok(WorkerState::Busy);
+            }
             let due = Instant::now() >= self.next_cycle || self.aae.take_request();
             if !due || !self.membership.view().ready {
                 if due {
@@ -483,56 +637,13 @@ impl<T: Transport> Worker for AaeWorker<T> {
                 }
                 return Ok(WorkerState::Idle);
             }
-            self.start_cycle();
+            self.start_cycle().await;
         }
         let Some(peer) = self.queue.pop_front() else {
             self.finish_cycle();
             return Ok(WorkerState::Idle);
         };
-        let view = self.membership.view();
-        let spans = shared_spans(&view.ring, &view.me, self.aae.n());
-        let (Some(addr), Some(spans)) = (
-            view.peer_addr(&peer).map(str::to_string),
-            spans.get(peer.as_str()),
-        ) else {
-            return Ok(WorkerState::Busy);
-        };
-        if !view.is_alive(&peer) {
-            return Ok(WorkerState::Busy);
-        }
-        let spans = spans.clone();
-        let started = Instant::now();
-        match self.exchange(&addr, &spans).await {
-            Ok(o) => {
-                self.aae.exchange_done(&peer);
-                self.aae.check_synced();
-                let m = &self.aae.metrics;
-                m.exchanges.inc();
-                m.cells_compared.inc_by(o.cells);
-                m.keys_compared.inc_by(o.keys_compared);
-                m.keys_sent.inc_by(o.sent);
-                m.keys_received.inc_by(o.received);
-                m.bytes_sent.inc_by(o.bytes_sent);
-                m.exchange_bytes.inc_by(o.wire_bytes);
-                let c = &mut self.cycle;
-                c.spans += o.spans;
-                c.spans_differing += o.spans_differing;
-                c.sent += o.sent;
-                c.received += o.received;
-                if o.sent + o.received > 0 {
-                    info!(node = %self.node_id, %peer, spans = o.spans, differing = o.spans_differing,
-                          sent = o.sent, received = o.received, cells = o.cells, rounds = o.rounds,
-                          keys_compared = o.keys_compared, wire_bytes = o.wire_bytes,
-                          ms = started.elapsed().as_millis() as u64, "anti-entropy exchange repaired keys");
-                } else {
-                    debug!(node = %self.node_id, %peer, cells = o.cells, "anti-entropy exchange: in sync");
-                }
-            }
-            Err(cause) => {
-                self.aae.metrics.exchange_errors.inc();
-                warn!(node = %self.node_id, %peer, %cause, "anti-entropy exchange failed; retried next cycle");
-            }
-        }
+        self.exchange_step(peer).await;
         Ok(WorkerState::Busy)
     }
 

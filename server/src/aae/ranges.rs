@@ -19,6 +19,12 @@ pub fn push_span(spans: &mut Vec<Span>, span: Span) {
     }
 }
 
+/// Whether ascending, disjoint, merged `spans` (as `push_span` builds them) hold every position
+/// of `first..=last`.
+pub fn covers(spans: &[Span], first: u64, last: u64) -> bool {
+    spans.iter().any(|&(a, b)| a <= first && last <= b)
+}
+
 /// For every other node, the spans of positions whose first `n` replicas include both it and
 /// `me`, in ascending order, adjacent spans merged.
 pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Span>> {
@@ -52,6 +58,18 @@ pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Spa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn covers_needs_one_span_holding_the_whole_range() {
+        let mut spans = Vec::new();
+        push_span(&mut spans, (0, 9));
+        push_span(&mut spans, (10, 19)); // touching: merged
+        push_span(&mut spans, (30, 39));
+        assert!(covers(&spans, 5, 15));
+        assert!(covers(&spans, 30, 39));
+        assert!(!covers(&spans, 15, 25), "a gap at 20..=29");
+        assert!(!covers(&spans, 35, 45));
+    }
     use ringkv_protocol::ring::key_position;
 
     fn ring(nodes: usize, vnodes: u32) -> Ring {

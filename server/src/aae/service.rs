@@ -38,6 +38,10 @@ crate::metrics::metric_set! {
         unsynced: Gauge = "unsynced", "1 while this node's data dir is new and not yet synced from every other replica (it answers no replica reads)";
         unsynced_peers: Gauge = "unsynced_peers", "peers this node shares ranges with and has not completed an exchange with since its data dir was new";
         refused_reads: Counter = "unsynced_reads_refused", "replica reads refused because the key's range is not synced yet";
+        marked_partitions: Gauge = "marked_partitions", "partitions of other nodes this node marked for anti-entropy (dropped hints), as of the last cycle's start";
+        oldest_mark_age_seconds: Gauge = "oldest_mark_age_seconds", "age of the oldest such mark at the last cycle's start (0: none): how long a range has waited to be synced";
+        marks_cleared: Counter = "marks_cleared", "marks cleared after an exchange synced their partition (or the target agreed to run a cycle)";
+        return_syncs: Counter = "return_syncs", "exchanges run at once with a peer back from a long absence";
     }
 }
 
@@ -159,18 +163,15 @@ impl AntiEntropy {
         if !left.is_empty() || !settled {
             return true;
         }
-        match self.store.mark_synced() {
-            Ok(()) => {
-                self.metrics.unsynced.set(0);
-                tracing::info!(node = %self.node_id, peers = shared.len(),
-                    "data synced from every replica since the data dir was new: this node answers reads for all its ranges");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(node = %self.node_id, error = %e, "could not record that the data is synced; retried");
-                true
-            }
+        let recorded = self.store.mark_synced();
+        self.metrics.unsynced.set(0);
+        tracing::info!(node = %self.node_id, peers = shared.len(),
+            "data synced from every replica since the data dir was new: this node answers reads for all its ranges");
+        if let Err(e) = recorded {
+            tracing::warn!(node = %self.node_id, error = %e,
+                "could not record that the data is synced: after a restart this node syncs again");
         }
+        false
     }
 
     /// Asks the worker for a cycle now: `None` when this node runs none. The reply's
@@ -281,6 +282,9 @@ impl AntiEntropy {
             }
             AaeRequest::Purge { entries } => {
                 PeerResponse::Aae(AaeResponse::Merged(self.purge(entries).await))
+            }
+            AaeRequest::RequestCycle => {
+                PeerResponse::Aae(AaeResponse::Merged(vec![self.request_cycle().is_some()]))
             }
         }
     }

@@ -32,6 +32,13 @@ pub fn partition_of(key: &[u8]) -> u16 {
     (key_position(key) >> (64 - PARTITION_BITS)) as u16
 }
 
+/// The ring positions of a partition, inclusive.
+pub fn partition_span(partition: u16) -> (u64, u64) {
+    let shift = 64 - PARTITION_BITS;
+    let first = (partition as u64) << shift;
+    (first, first | ((1u64 << shift) - 1))
+}
+
 /// `u8 len ‖ target`: every hint row of `target` starts with it.
 pub fn target_prefix(target: &str) -> Vec<u8> {
     let t = target.as_bytes();

@@ -11,7 +11,9 @@ pub mod tree;
 
 use std::fmt;
 
-pub use store::{ChangeHook, Store, StoreConfig, StoreStats, WriteError, WriteOp, WriteOutcome};
+pub use store::{
+    AaeMark, ChangeHook, Store, StoreConfig, StoreStats, WriteError, WriteOp, WriteOutcome,
+};
 
 /// Column families, all declared at open and never created or dropped at runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -453,6 +453,16 @@ crate::metrics::metric_set! {
     }
 }
 
+/// A partition of a target's ranges marked for anti-entropy (hints for it were dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AaeMark {
+    pub target: String,
+    pub partition: u16,
+    /// When it was (last) marked, ms since the epoch.
+    pub marked_ms: u64,
+    value: Vec<u8>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreOpenError {
     #[error("data dir belongs to node {found:?}, not {expected:?}: refusing to mix identities (use the right --node-id or another --data-dir)")]
@@ -665,13 +675,13 @@ impl Store {
     }
 
     /// Anti-entropy synced every range of this node from every other replica: it answers
-    /// reads from now on (durable before it returns).
+    /// reads from now on. The flag is cleared in memory even if recording it fails (a full
+    /// disk): the data is synced either way, and a restart would only sync it again.
     pub fn mark_synced(&self) -> Result<(), StorageError> {
+        self.unsynced.store(false, Ordering::Release);
         let mut batch = Batch::default();
         batch.delete(Cf::Meta, META_UNSYNCED.to_vec());
-        self.engine.write(batch, true)?;
-        self.unsynced.store(false, Ordering::Release);
-        Ok(())
+        self.engine.write(batch, true)
     }
 
     /// Peer writes (`write_within`, `write_by`) are applied within `limit` of their arrival or
@@ -998,6 +1008,52 @@ impl Store {
                 Ok(())
             })?;
             Ok(marks)
+        })
+        .await
+    }
+
+    /// Every mark (see `aae_marks`) with when it was made and its stored row value.
+    pub async fn aae_mark_rows(self: &Arc<Self>) -> Result<Vec<AaeMark>, StorageError> {
+        self.blocking("scan", |engine| {
+            let range = ScanRange {
+                start: vec![MARK_PREFIX],
+                end: Some(vec![MARK_PREFIX + 1]),
+            };
+            let mut marks = Vec::new();
+            scan_all(engine, Cf::Aae, range, |k, v| {
+                if let Some((target, partition)) = split_mark_key(k) {
+                    let marked_ms = v
+                        .get(1..9)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_be_bytes);
+                    marks.push(AaeMark {
+                        target,
+                        partition,
+                        marked_ms,
+                        value: v.to_vec(),
+                    });
+                }
+                Ok(())
+            })?;
+            Ok(marks)
+        })
+        .await
+    }
+
+    /// Deletes `mark` if its row is unchanged (a mark made again since keeps its place; a
+    /// mark re-made between the read and the delete is lost, which only reorders work: every
+    /// range is still exchanged every cycle). True if deleted.
+    pub async fn clear_mark(self: &Arc<Self>, mark: &AaeMark) -> Result<bool, StorageError> {
+        let row = mark_key(&mark.target, mark.partition);
+        let expected = mark.value.clone();
+        self.blocking("clear mark", move |engine| {
+            if engine.get(Cf::Aae, &row)?.as_deref() != Some(&expected[..]) {
+                return Ok(false);
+            }
+            let mut batch = Batch::default();
+            batch.delete(Cf::Aae, row);
+            engine.write(batch, false)?;
+            Ok(true)
         })
         .await
     }
