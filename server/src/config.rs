@@ -144,6 +144,10 @@ pub struct Cli {
     /// with it as soon as it is back, before the next cycle (default 30).
     #[arg(long)]
     pub aae_return_after_secs: Option<u64>,
+    /// Hours over which the verify scan recomputes the whole anti-entropy tree from the data,
+    /// slowly, counting and fixing leaves that do not match (default 168 = a week; 0 = off).
+    #[arg(long)]
+    pub aae_verify_hours: Option<u64>,
     /// Tombstone GC: purge deleted keys' tombstones once causally stable (default true).
     #[arg(long, value_name = "BOOL")]
     pub tombstone_gc: Option<bool>,
@@ -190,6 +194,7 @@ pub struct FileConfig {
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
     pub aae_return_after_secs: Option<u64>,
+    pub aae_verify_hours: Option<u64>,
     pub tombstone_gc: Option<bool>,
     pub tombstone_settle_secs: Option<u64>,
 }
@@ -202,6 +207,8 @@ pub struct AaeSettings {
     pub keys_per_sec: u32,
     /// A peer down at least this long is synced as soon as it is back.
     pub return_after_secs: u64,
+    /// One verify scan of the whole tree takes this long (0: no verify scan).
+    pub verify_hours: u64,
     /// The `tombstone_gc` worker (its passes run every `interval_secs`).
     pub tombstone_gc: bool,
     pub tombstone_settle_secs: u64,
@@ -215,6 +222,7 @@ impl Default for AaeSettings {
             interval_secs: 600,
             keys_per_sec: 2_000,
             return_after_secs: 30,
+            verify_hours: 168,
             tombstone_gc: true,
             // The longest request deadline (`MAX_TIMEOUT_MS`).
             tombstone_settle_secs: MAX_TIMEOUT_MS as u64 / 1000,
@@ -547,6 +555,14 @@ impl Config {
                     .unwrap_or(aae_defaults.return_after_secs),
                 1,
                 7 * 24 * 3600,
+            )?,
+            verify_hours: in_range(
+                "aae_verify_hours",
+                cli.aae_verify_hours
+                    .or(file.aae_verify_hours)
+                    .unwrap_or(aae_defaults.verify_hours),
+                0,
+                24 * 365,
             )?,
             tombstone_gc: cli
                 .tombstone_gc

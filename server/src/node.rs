@@ -13,6 +13,7 @@ use ringkv_protocol::peer::MemberInfo;
 
 use crate::aae::exchange::AaeWorker;
 use crate::aae::gc::{GcMetrics, GcWorker};
+use crate::aae::scan::TreeScanWorker;
 use crate::aae::service::AntiEntropy;
 use crate::api::admin::Admin;
 use crate::api::client::{ClientApi, ClientHandler};
@@ -97,13 +98,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let tree_node = node_id.clone();
     let opened = tokio::task::spawn_blocking(move || -> Result<_, StoreOpenError> {
         let engine: Arc<dyn Engine> = Arc::new(RocksEngine::open(&dir, &rocks_cfg)?);
-        let (tree, tombstones, how) = open_tree(engine.as_ref(), &tree_node)?;
+        let (tree, tombstones, ready, how) = open_tree(engine.as_ref(), &tree_node)?;
         info!(node = %tree_node, ?how, "anti-entropy tree open");
-        let hook = Box::new(TreeHook::new(tree.clone(), tombstones.clone()));
+        let hook = Box::new(TreeHook::new(
+            tree.clone(),
+            tombstones.clone(),
+            ready.clone(),
+        ));
         Ok((
             Store::open_with_hook(engine, store_cfg, Some(hook))?,
             tree,
             tombstones,
+            ready,
         ))
     })
     .await
@@ -112,7 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         node: node_id.clone(),
         source,
     })?;
-    let (store, tree, tombstones) = opened;
+    let (store, tree, tombstones, tree_ready) = opened;
     let store = Arc::new(store);
 
     let bind = |addr: std::net::SocketAddr| {
@@ -216,10 +222,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         node_id.clone(),
         store.clone(),
         tree.clone(),
+        tree_ready,
         membership.clone(),
         config.n as usize,
         config.aae.enabled,
     ));
+    let tree_scan = TreeScanWorker::new(
+        aae.clone(),
+        config.aae.keys_per_sec,
+        std::time::Duration::from_secs(config.aae.verify_hours * 3600),
+    );
+    tree_scan.metrics.register(&registry, "aae.");
+    runner.spawn(tree_scan);
+    let ready = aae.tree_ready().clone();
+    registry.probe(
+        "aae.tree_ready_leaves",
+        "leaves of the anti-entropy tree trusted (2^20 = all; fewer while it is rebuilt)",
+        move || ready.load(std::sync::atomic::Ordering::Relaxed) as u64,
+    );
     if store.unsynced() && config.aae.enabled {
         info!(node = %node_id, "the data dir is new: this node answers no replica reads until \
               anti-entropy has synced its ranges from every other replica");

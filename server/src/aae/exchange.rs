@@ -200,9 +200,25 @@ impl<T: Transport> AaeWorker<T> {
         if !view.is_alive(&peer) {
             return;
         }
-        let spans = spans.clone();
+        // Only the trusted part of the tree takes part while it is being rebuilt.
+        let whole = self.aae.untrusted_from().is_none();
+        let spans: Vec<Span> = match self.aae.untrusted_from() {
+            None => spans.clone(),
+            Some(from) => spans
+                .iter()
+                .filter(|(first, _)| *first < from)
+                .map(|&(first, last)| (first, last.min(from - 1)))
+                .collect(),
+        };
+        if spans.is_empty() {
+            return;
+        }
         let started = Instant::now();
         match self.exchange(&addr, &spans).await {
+            Ok(o) if !whole => {
+                debug!(node = %self.node_id, %peer, sent = o.sent, received = o.received,
+                       "anti-entropy exchange over the trusted part of a tree being rebuilt");
+            }
             Ok(o) => {
                 self.aae.exchange_done(&peer);
                 self.aae.check_synced();

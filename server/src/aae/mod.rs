@@ -6,6 +6,7 @@
 pub mod exchange;
 pub mod gc;
 pub mod ranges;
+pub mod scan;
 pub mod service;
 
 use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerRequest, PeerResponse};

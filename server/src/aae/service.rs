@@ -14,7 +14,7 @@ use ringkv_protocol::{ErrorKind, RepairReply};
 use crate::background::{paced_chunks, MERGE_DEADLINE};
 use crate::membership::Membership;
 use crate::merkle::LEAVES;
-use crate::storage::tree::SharedTree;
+use crate::storage::tree::{untrusted_from, SharedTree, TreeReady};
 use crate::storage::{HexKey, Store, WriteOp};
 use crate::version::KeyState;
 
@@ -49,6 +49,8 @@ pub struct AntiEntropy {
     node_id: String,
     store: Arc<Store>,
     tree: SharedTree,
+    /// The leaves below which the tree is trusted (the rest is being rebuilt).
+    tree_ready: TreeReady,
     membership: Membership,
     n: usize,
     pub metrics: Arc<AaeMetrics>,
@@ -74,6 +76,7 @@ impl AntiEntropy {
         node_id: String,
         store: Arc<Store>,
         tree: SharedTree,
+        tree_ready: TreeReady,
         membership: Membership,
         n: usize,
         enabled: bool,
@@ -84,6 +87,7 @@ impl AntiEntropy {
             node_id,
             store,
             tree,
+            tree_ready,
             membership,
             n,
             metrics,
@@ -205,8 +209,22 @@ impl AntiEntropy {
         &self.tree
     }
 
+    pub fn tree_ready(&self) -> &TreeReady {
+        &self.tree_ready
+    }
+
+    /// The first ring position whose tree leaves are not trusted yet (being rebuilt), `None`
+    /// when the whole tree is: exchanges use only the positions below it.
+    pub fn untrusted_from(&self) -> Option<u64> {
+        untrusted_from(&self.tree_ready)
+    }
+
     pub fn n(&self) -> usize {
         self.n
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     fn error(&self, kind: ErrorKind, msg: String) -> PeerResponse {
@@ -223,6 +241,19 @@ impl AntiEntropy {
                         format!("cell up to leaf {} (the tree has {LEAVES})", c.last),
                     );
                 }
+                let ready = self.tree_ready.load(Ordering::Acquire);
+                if let Some(c) = cells.iter().find(|c| c.last >= ready) {
+                    return self.error(
+                        ErrorKind::Unavailable {
+                            alive: 0,
+                            needed: 1,
+                        },
+                        format!(
+                            "cell up to leaf {}: the anti-entropy tree is being rebuilt (trusted below leaf {ready})",
+                            c.last
+                        ),
+                    );
+                }
                 let tree = self.tree.read().expect("tree lock poisoned");
                 let hashes = cells
                     .iter()
@@ -236,6 +267,17 @@ impl AntiEntropy {
                 after,
                 limit,
             } => {
+                if self.untrusted_from().is_some_and(|from| last >= from) {
+                    return self.error(
+                        ErrorKind::Unavailable {
+                            alive: 0,
+                            needed: 1,
+                        },
+                        format!(
+                            "digests up to position {last:016x}: the anti-entropy tree is being rebuilt"
+                        ),
+                    );
+                }
                 let limit = (limit as usize).clamp(1, MAX_DIGESTS);
                 match self.store.scan_digests(first, last, &after, limit).await {
                     Ok((entries, more)) => {

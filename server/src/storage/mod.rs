@@ -12,7 +12,8 @@ pub mod tree;
 use std::fmt;
 
 pub use store::{
-    AaeMark, ChangeHook, Store, StoreConfig, StoreStats, WriteError, WriteOp, WriteOutcome,
+    AaeMark, ChangeHook, RescanMode, RescanOutcome, Store, StoreConfig, StoreStats, WriteError,
+    WriteOp, WriteOutcome,
 };
 
 /// Column families, all declared at open and never created or dropped at runtime.

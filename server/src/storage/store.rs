@@ -147,6 +147,37 @@ pub trait ChangeHook: Send + 'static {
     /// The group's batch was written (`true`) or failed (`false`, nothing of it applied):
     /// state the hook keeps beside the rows follows the batch's fate.
     fn on_commit(&mut self, _committed: bool) {}
+    /// Recomputes the derived rows of the ring positions `first..=last` from `rows`, every
+    /// stored `(key, encoded state)` there (`Store::rescan`, run by the writer between groups,
+    /// so no write interleaves), appending the rows to `batch`.
+    fn rescan(
+        &mut self,
+        _first: u64,
+        _last: u64,
+        _rows: &[(Vec<u8>, Vec<u8>)],
+        _mode: RescanMode,
+        _batch: &mut Batch,
+    ) -> RescanOutcome {
+        RescanOutcome::default()
+    }
+}
+
+/// What a rescan of derived rows is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RescanMode {
+    /// The rows of the range are not trusted yet (a tree being rebuilt): set them.
+    Rebuild,
+    /// The rows are trusted: compare, count and fix mismatches (bit rot, bugs).
+    Verify,
+}
+
+/// What a rescan found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RescanOutcome {
+    /// Keys scanned.
+    pub keys: u64,
+    /// Derived rows found wrong and fixed (verify), or set (rebuild).
+    pub mismatches: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -387,6 +418,13 @@ crate::metrics::metric_set! {
 
 enum Msg {
     Job(Job),
+    /// Recompute derived rows of a range of positions (alone, between two groups).
+    Rescan {
+        first: u64,
+        last: u64,
+        mode: RescanMode,
+        reply: oneshot::Sender<Result<RescanOutcome, StorageError>>,
+    },
     Shutdown,
 }
 
@@ -1040,6 +1078,38 @@ impl Store {
         .await
     }
 
+    /// Recomputes the derived rows (tree leaves, tombstone index) of positions `first..=last`
+    /// from the stored data, in the writer between two groups (no write interleaves): to
+    /// rebuild an untrusted tree range by range, or to verify a trusted one.
+    pub async fn rescan(
+        &self,
+        first: u64,
+        last: u64,
+        mode: RescanMode,
+    ) -> Result<RescanOutcome, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || StorageError::Io {
+            op: "rescan",
+            cause: "the writer is shut down".into(),
+        };
+        match self.tx.try_send(Msg::Rescan {
+            first,
+            last,
+            mode,
+            reply,
+        }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(StorageError::Io {
+                    op: "rescan",
+                    cause: "the writer queue is full; retried later".into(),
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(closed()),
+        }
+        rx.await.unwrap_or_else(|_| Err(closed()))
+    }
+
     /// Deletes `mark` if its row is unchanged (a mark made again since keeps its place; a
     /// mark re-made between the read and the delete is lost, which only reorders work: every
     /// range is still exchanged every cycle). True if deleted.
@@ -1215,9 +1285,24 @@ impl Writer {
             MAX_GROUP_JOBS
         };
         let mut shutting_down = false;
+        // A rescan that ended the previous group's collection: it runs before the next group.
+        let mut carry: Option<Msg> = None;
         while !shutting_down {
-            let first = match self.rx.recv() {
+            let next = match carry.take() {
+                Some(msg) => Ok(msg),
+                None => self.rx.recv(),
+            };
+            let first = match next {
                 Ok(Msg::Job(job)) => job,
+                Ok(Msg::Rescan {
+                    first,
+                    last,
+                    mode,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.rescan(first, last, mode));
+                    continue;
+                }
                 Ok(Msg::Shutdown) | Err(_) => break,
             };
             self.dequeued(&first);
@@ -1229,6 +1314,10 @@ impl Writer {
                         self.dequeued(&job);
                         bytes += job.op.approx_bytes();
                         jobs.push(job);
+                    }
+                    Ok(msg @ Msg::Rescan { .. }) => {
+                        carry = Some(msg);
+                        break;
                     }
                     Ok(Msg::Shutdown) => {
                         shutting_down = true;
@@ -1260,6 +1349,45 @@ impl Writer {
             Ok(()) => info!(node = %self.node_id, "storage closed cleanly"),
             Err(e) => error!(node = %self.node_id, error = %e, "could not mark clean shutdown"),
         }
+    }
+
+    /// Recomputes the change hook's rows for positions `first..=last` from the stored data.
+    /// Runs between groups: every earlier write is in the engine and none is in flight.
+    fn rescan(
+        &mut self,
+        first: u64,
+        last: u64,
+        mode: RescanMode,
+    ) -> Result<RescanOutcome, StorageError> {
+        let Some(hook) = self.hook.as_mut() else {
+            return Ok(RescanOutcome::default());
+        };
+        let range = ScanRange {
+            start: first.to_be_bytes().to_vec(),
+            end: last.checked_add(1).map(|e| e.to_be_bytes().to_vec()),
+        };
+        let mut rows = Vec::new();
+        scan_all(self.engine.as_ref(), Cf::Data, range, |dkey, value| {
+            rows.push((dkey[8.min(dkey.len())..].to_vec(), value.to_vec()));
+            Ok(())
+        })?;
+        let mut batch = Batch::default();
+        let mut outcome = hook.rescan(first, last, &rows, mode, &mut batch);
+        outcome.keys = rows.len() as u64;
+        assert!(
+            batch.ops.iter().all(|op| matches!(
+                op,
+                BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
+            )),
+            "a change hook writes only the hints and aae column families"
+        );
+        let written = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.engine.write(batch, false)
+        };
+        hook.on_commit(written.is_ok());
+        written.map(|()| outcome)
     }
 
     /// The group's batch is durable: so is the lease it persisted, if any.

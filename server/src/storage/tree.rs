@@ -13,25 +13,34 @@
 //! state is tombstones only, written and deleted in the same batch as the state, and the count
 //! of those rows (`tombstones.live`).
 //!
-//! The tree is trusted when the `'T'` row holds [`TREE_FORMAT`]; otherwise (first start of a node
-//! with data written before trees existed, or a new tree format) [`open_tree`] rebuilds it from
-//! the data before the writer starts.
+//! The tree is trusted when the `'T'` row holds [`TREE_FORMAT`]. Otherwise (first start of a
+//! node with data written before trees existed, a new tree format) it is **rebuilt in the
+//! background**, range by range in ring order, by the `tree_scan` worker through
+//! `Store::rescan` (the writer recomputes a range's leaves between two groups, so no write
+//! interleaves): leaves below the cursor (`TreeReady`, persisted as the `'C'` row with each
+//! range) are trusted and kept up to date by the hook; a write above it leaves its leaf alone
+//! (the scan will read the data anyway). Anti-entropy uses only the trusted part. A restart
+//! resumes from the cursor. The same rescan, over trusted ranges, is the slow **verify scan**
+//! that counts and fixes leaves that do not match the data.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
 
 use tracing::info;
 
+use super::store::{RescanMode, RescanOutcome};
 use super::{data_key, scan_all, Batch, Cf, ChangeHook, Engine, ScanRange, StorageError};
-use crate::merkle::{contribution, leaf_of, Tree};
+use crate::merkle::{contribution, leaf_of, leaf_start, Tree, LEAVES};
 use crate::version::KeyState;
 
 /// Prefix of leaf rows in `Cf::Aae`.
 pub const LEAF_PREFIX: u8 = b'L';
 /// The row saying the stored leaves are complete, and in which format.
 pub const TREE_ROW: &[u8] = b"T";
+/// While the tree is being rebuilt: `[TREE_FORMAT] ‖ u32 BE`, the leaves below which it is
+/// trusted.
+pub const CURSOR_ROW: &[u8] = b"C";
 /// Prefix of tombstone index rows in `Cf::Aae`.
 pub const TOMBSTONE_PREFIX: u8 = b'D';
 /// Bumped when contributions, leaves or the index change meaning: stored rows of another
@@ -49,6 +58,15 @@ pub fn tombstone_row(key: &[u8]) -> Vec<u8> {
 
 /// The number of tombstone-only keys this node stores, kept by the hook.
 pub type TombstoneCount = Arc<AtomicU64>;
+
+/// The leaves below which the tree is trusted (`LEAVES`: all of it).
+pub type TreeReady = Arc<AtomicU32>;
+
+/// The first position not yet trusted (`None`: the whole tree is).
+pub fn untrusted_from(ready: &TreeReady) -> Option<u64> {
+    let leaves = ready.load(Ordering::Acquire);
+    ((leaves as usize) < LEAVES).then(|| leaf_start(leaves))
+}
 
 pub fn leaf_row(leaf: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(5);
@@ -77,15 +95,27 @@ pub struct TreeHook {
     tombstones: TombstoneCount,
     /// Tombstone-only keys this group added (negative: removed), applied on commit.
     tombstone_delta: i64,
+    ready: TreeReady,
+    /// The cursor a rebuild range moves to once its batch committed.
+    pending_ready: Option<u32>,
 }
 
 impl TreeHook {
-    pub fn new(tree: SharedTree, tombstones: TombstoneCount) -> TreeHook {
+    pub fn new(tree: SharedTree, tombstones: TombstoneCount, ready: TreeReady) -> TreeHook {
         TreeHook {
             tree,
             pending: HashMap::new(),
             tombstones,
             tombstone_delta: 0,
+            ready,
+            pending_ready: None,
+        }
+    }
+
+    fn leaf_value(&self, leaf: u32) -> u64 {
+        match self.pending.get(&leaf) {
+            Some(&v) => v,
+            None => self.tree.read().expect("tree lock poisoned").leaf(leaf),
         }
     }
 }
@@ -109,6 +139,11 @@ impl ChangeHook for TreeHook {
         } else if was {
             batch.delete(Cf::Aae, tombstone_row(key));
         }
+        let leaf = leaf_of(crate::storage::key_position(key));
+        if leaf >= self.ready.load(Ordering::Acquire) {
+            // Not rebuilt yet: the rebuild will read this key's state as stored then.
+            return;
+        }
         self.tombstone_delta += is as i64 - was as i64;
         let new_c = if new.is_empty() {
             0
@@ -119,11 +154,7 @@ impl ChangeHook for TreeHook {
         if delta == 0 {
             return;
         }
-        let leaf = leaf_of(crate::storage::key_position(key));
-        let current = match self.pending.get(&leaf) {
-            Some(&v) => v,
-            None => self.tree.read().expect("tree lock poisoned").leaf(leaf),
-        };
+        let current = self.leaf_value(leaf);
         self.pending.insert(leaf, current ^ delta);
     }
 
@@ -139,11 +170,86 @@ impl ChangeHook for TreeHook {
         }
     }
 
+    /// Rebuild: sets the leaves of a range starting at the cursor from the data, indexes its
+    /// tombstones and moves the cursor past it. Verify: recomputes trusted leaves and fixes
+    /// (and counts) those that differ. Ranges are whole leaves.
+    fn rescan(
+        &mut self,
+        first: u64,
+        last: u64,
+        rows: &[(Vec<u8>, Vec<u8>)],
+        mode: RescanMode,
+        batch: &mut Batch,
+    ) -> RescanOutcome {
+        let (first_leaf, last_leaf) = (leaf_of(first), leaf_of(last));
+        let ready = self.ready.load(Ordering::Acquire);
+        let mut values: HashMap<u32, u64> = HashMap::new();
+        let mut tombstones = 0i64;
+        for (key, stored) in rows {
+            let leaf = leaf_of(crate::storage::key_position(key));
+            *values.entry(leaf).or_default() ^= contribution(key, stored);
+            if mode == RescanMode::Rebuild {
+                if let Ok(state) = KeyState::decode(stored) {
+                    if state.is_tombstone() {
+                        batch.put(
+                            Cf::Aae,
+                            tombstone_row(key),
+                            state.newest_ms().to_be_bytes().to_vec(),
+                        );
+                        tombstones += 1;
+                    }
+                }
+            }
+        }
+        let mut outcome = RescanOutcome::default();
+        match mode {
+            RescanMode::Rebuild => {
+                if first_leaf != ready {
+                    // Out of order (a stale request): the cursor decides.
+                    return outcome;
+                }
+                for leaf in first_leaf..=last_leaf {
+                    let v = values.get(&leaf).copied().unwrap_or(0);
+                    outcome.mismatches += (v != 0) as u64;
+                    self.pending.insert(leaf, v);
+                }
+                self.tombstone_delta += tombstones;
+                let next = last_leaf + 1;
+                if next as usize >= LEAVES {
+                    batch.delete(Cf::Aae, CURSOR_ROW.to_vec());
+                    batch.put(Cf::Aae, TREE_ROW.to_vec(), vec![TREE_FORMAT]);
+                } else {
+                    let mut cursor = vec![TREE_FORMAT];
+                    cursor.extend_from_slice(&next.to_be_bytes());
+                    batch.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+                }
+                self.pending_ready = Some(next);
+            }
+            RescanMode::Verify => {
+                // Only trusted leaves (below the cursor) are verified.
+                for leaf in (first_leaf..=last_leaf).take_while(|l| *l < ready) {
+                    let v = values.get(&leaf).copied().unwrap_or(0);
+                    if self.leaf_value(leaf) != v {
+                        outcome.mismatches += 1;
+                        self.pending.insert(leaf, v);
+                    }
+                }
+            }
+        }
+        self.prepare(batch);
+        outcome
+    }
+
     fn on_commit(&mut self, committed: bool) {
         let delta = std::mem::take(&mut self.tombstone_delta);
         if committed && delta != 0 {
             // Two's complement: adding a negative delta as u64 subtracts.
             self.tombstones.fetch_add(delta as u64, Ordering::Relaxed);
+        }
+        if let Some(ready) = self.pending_ready.take() {
+            if committed {
+                self.ready.store(ready, Ordering::Release);
+            }
         }
         if self.pending.is_empty() {
             return;
@@ -164,8 +270,17 @@ impl ChangeHook for TreeHook {
 pub enum TreeOpen {
     /// Stored leaves loaded (and the tombstone index counted).
     Loaded { leaves: usize, tombstones: u64 },
-    /// Rebuilt from the data (untrusted or absent), `keys` keys hashed.
-    Rebuilt { keys: u64, tombstones: u64 },
+    /// A rebuild was under way: the leaves below `cursor` loaded, the rest to rebuild.
+    Resumed { cursor: u32, leaves: usize },
+    /// Not trusted (absent, or another format): rebuilt in the background from the data.
+    Rebuilding,
+}
+
+fn prefix_all() -> ScanRange {
+    ScanRange {
+        start: Vec::new(),
+        end: None,
+    }
 }
 
 fn prefix_range(prefix: u8) -> ScanRange {
@@ -175,18 +290,34 @@ fn prefix_range(prefix: u8) -> ScanRange {
     }
 }
 
-/// Loads the stored tree, or rebuilds it from the data when it cannot be trusted. Runs before
-/// the writer starts (nothing else writes meanwhile); blocks on the disk.
+/// Loads the stored tree, or prepares its rebuild in the background when it cannot be trusted
+/// (the tree is then trusted below the returned cursor only). Runs before the writer starts;
+/// reads the stored leaves (at most 2^20 rows) and the tombstone index.
 pub fn open_tree(
     engine: &dyn Engine,
     node_id: &str,
-) -> Result<(SharedTree, TombstoneCount, TreeOpen), StorageError> {
+) -> Result<(SharedTree, TombstoneCount, TreeReady, TreeOpen), StorageError> {
     let trusted = engine.get(Cf::Aae, TREE_ROW)?.as_deref() == Some(&[TREE_FORMAT][..]);
+    let cursor = match engine.get(Cf::Aae, CURSOR_ROW)? {
+        Some(c) if !trusted && c.len() == 5 && c[0] == TREE_FORMAT => {
+            Some(u32::from_be_bytes(c[1..].try_into().expect("4-byte slice")))
+        }
+        _ => None,
+    };
     let mut tree = Tree::new();
-    let mut tombstones = 0u64;
-    let outcome = if trusted {
+    let load = |below: u32, tree: &mut Tree| -> Result<usize, StorageError> {
         let mut leaves = 0;
-        scan_all(engine, Cf::Aae, prefix_range(LEAF_PREFIX), |row, value| {
+        let mut end = vec![LEAF_PREFIX];
+        end.extend_from_slice(&below.to_be_bytes());
+        let range = ScanRange {
+            start: vec![LEAF_PREFIX],
+            end: Some(if below as usize >= LEAVES {
+                vec![LEAF_PREFIX + 1]
+            } else {
+                end
+            }),
+        };
+        scan_all(engine, Cf::Aae, range, |row, value| {
             let (Ok(leaf), Ok(v)) = (<[u8; 4]>::try_from(&row[1..]), <[u8; 8]>::try_from(value))
             else {
                 return Err(format!("malformed leaf row {row:02x?}"));
@@ -195,66 +326,80 @@ pub fn open_tree(
             leaves += 1;
             Ok(())
         })?;
+        Ok(leaves)
+    };
+    let count_below = |below: u64| -> Result<u64, StorageError> {
+        let mut end = vec![TOMBSTONE_PREFIX];
+        end.extend_from_slice(&below.to_be_bytes());
+        let mut n = 0;
+        scan_all(
+            engine,
+            Cf::Aae,
+            ScanRange {
+                start: vec![TOMBSTONE_PREFIX],
+                end: Some(end),
+            },
+            |_, _| {
+                n += 1;
+                Ok(())
+            },
+        )?;
+        Ok(n)
+    };
+    let (ready, tombstones, outcome) = if trusted {
+        let leaves = load(LEAVES as u32, &mut tree)?;
+        let mut tombstones = 0;
         scan_all(engine, Cf::Aae, prefix_range(TOMBSTONE_PREFIX), |_, _| {
             tombstones += 1;
             Ok(())
         })?;
-        TreeOpen::Loaded { leaves, tombstones }
-    } else {
-        let started = Instant::now();
-        let mut keys = 0u64;
-        let mut last_log = Instant::now();
-        let mut index = Batch::default();
-        scan_all(
-            engine,
-            Cf::Data,
-            ScanRange {
-                start: Vec::new(),
-                end: None,
+        (
+            LEAVES as u32,
+            tombstones,
+            TreeOpen::Loaded { leaves, tombstones },
+        )
+    } else if cursor.is_none() && engine.scan(Cf::Data, &prefix_all(), 1)?.entries.is_empty() {
+        // A new data dir: nothing to rebuild.
+        engine.write(
+            {
+                let mut b = Batch::default();
+                b.put(Cf::Aae, TREE_ROW.to_vec(), vec![TREE_FORMAT]);
+                b
             },
-            |dkey, value| {
-                let (position, key) = dkey.split_at(8.min(dkey.len()));
-                let state = KeyState::decode(value).map_err(|e| e.to_string())?;
-                let position =
-                    u64::from_be_bytes(position.try_into().map_err(|_| "short data key")?);
-                tree.xor_leaf(leaf_of(position), state_contribution(key, &state));
-                if state.is_tombstone() {
-                    let mut row = Vec::with_capacity(1 + dkey.len());
-                    row.push(TOMBSTONE_PREFIX);
-                    row.extend_from_slice(dkey);
-                    index.put(Cf::Aae, row, state.newest_ms().to_be_bytes().to_vec());
-                    tombstones += 1;
-                }
-                keys += 1;
-                if last_log.elapsed().as_secs() >= 5 {
-                    info!(node = %node_id, keys, "rebuilding the anti-entropy tree from the data");
-                    last_log = Instant::now();
-                }
-                Ok(())
-            },
+            true,
         )?;
-        // Replace every stored leaf and index row by the rebuilt ones, then mark the tree
-        // trusted.
+        (
+            LEAVES as u32,
+            0,
+            TreeOpen::Loaded {
+                leaves: 0,
+                tombstones: 0,
+            },
+        )
+    } else if let Some(cursor) = cursor {
+        let leaves = load(cursor, &mut tree)?;
+        let tombstones = count_below(leaf_start(cursor))?;
+        info!(node = %node_id, cursor, "resuming the anti-entropy tree rebuild");
+        (cursor, tombstones, TreeOpen::Resumed { cursor, leaves })
+    } else {
+        // Start over: no leaf is trusted, the tombstone index is rebuilt with the leaves.
         let mut batch = Batch::default();
-        for prefix in [LEAF_PREFIX, TOMBSTONE_PREFIX] {
-            scan_all(engine, Cf::Aae, prefix_range(prefix), |row, _| {
-                batch.delete(Cf::Aae, row.to_vec());
-                Ok(())
-            })?;
-        }
-        batch.ops.extend(index.ops);
-        for (leaf, value) in tree.nonzero_leaves() {
-            batch.put(Cf::Aae, leaf_row(leaf), value.to_be_bytes().to_vec());
-        }
-        batch.put(Cf::Aae, TREE_ROW.to_vec(), vec![TREE_FORMAT]);
+        scan_all(engine, Cf::Aae, prefix_range(TOMBSTONE_PREFIX), |row, _| {
+            batch.delete(Cf::Aae, row.to_vec());
+            Ok(())
+        })?;
+        batch.delete(Cf::Aae, TREE_ROW.to_vec());
+        let mut cursor = vec![TREE_FORMAT];
+        cursor.extend_from_slice(&0u32.to_be_bytes());
+        batch.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
         engine.write(batch, true)?;
-        info!(node = %node_id, keys, tombstones, ms = started.elapsed().as_millis() as u64,
-              "anti-entropy tree rebuilt from the data");
-        TreeOpen::Rebuilt { keys, tombstones }
+        info!(node = %node_id, "the anti-entropy tree is not trusted: rebuilding it from the data in the background");
+        (0, 0, TreeOpen::Rebuilding)
     };
     Ok((
         Arc::new(RwLock::new(tree)),
         Arc::new(AtomicU64::new(tombstones)),
+        Arc::new(AtomicU32::new(ready)),
         outcome,
     ))
 }
@@ -288,25 +433,90 @@ mod tests {
         }
     }
 
-    /// The tree the write path maintains equals the one rebuilt from the data, through
-    /// updates, siblings, tombstones, merges and a reopen.
-    #[tokio::test]
-    async fn the_write_path_tree_equals_a_rebuild_from_the_data() {
-        let engine = Arc::new(MemoryEngine::new());
-        let (tree, count, how) = open_tree(engine.as_ref(), "n1").unwrap();
-        assert_eq!(
-            how,
-            TreeOpen::Rebuilt {
-                keys: 0,
-                tombstones: 0
-            }
-        );
+    /// The tree of the stored data, computed directly (what every path must equal).
+    fn tree_of_data(engine: &dyn Engine) -> Tree {
+        let mut tree = Tree::new();
+        scan_all(engine, Cf::Data, prefix_all(), |dkey, value| {
+            let key = &dkey[8..];
+            tree.xor_leaf(
+                leaf_of(crate::storage::key_position(key)),
+                contribution(key, value),
+            );
+            Ok(())
+        })
+        .unwrap();
+        tree
+    }
+
+    fn open_store(
+        engine: &Arc<MemoryEngine>,
+    ) -> (Store, SharedTree, TombstoneCount, TreeReady, TreeOpen) {
+        let (tree, count, ready, how) = open_tree(engine.as_ref(), "n1").unwrap();
+        let hook = TreeHook::new(tree.clone(), count.clone(), ready.clone());
         let store = Store::open_with_hook(
             engine.clone() as Arc<dyn Engine>,
             config(),
-            Some(Box::new(TreeHook::new(tree.clone(), count.clone()))),
+            Some(Box::new(hook)),
         )
         .unwrap();
+        (store, tree, count, ready, how)
+    }
+
+    /// Rescans leaves `from..to` in `chunks` ranges.
+    async fn rescan_leaves(
+        store: &Store,
+        from: u32,
+        to: u32,
+        chunks: u32,
+        mode: RescanMode,
+    ) -> RescanOutcome {
+        let step = (to - from).div_ceil(chunks);
+        let mut total = RescanOutcome::default();
+        let mut leaf = from;
+        while leaf < to {
+            let end = (leaf + step).min(to);
+            let o = store
+                .rescan(leaf_start(leaf), crate::merkle::leaf_end(end - 1), mode)
+                .await
+                .unwrap();
+            total.keys += o.keys;
+            total.mismatches += o.mismatches;
+            leaf = end;
+        }
+        total
+    }
+
+    async fn delete_with_context(store: &Store, key: &str) {
+        let ctx = store.get(key.as_bytes()).unwrap().context().clone();
+        store
+            .write(WriteOp::Update {
+                key: Bytes::from(key.to_string()),
+                ctx,
+                value: None,
+                timestamp_ms: 2,
+                hint_for: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The tree the write path maintains equals the tree of the data, through updates,
+    /// siblings, tombstones, merges and a reopen; an untrusted tree rebuilt in the background,
+    /// range by range while writes go on (and resumed after a restart), equals it too; and the
+    /// verify scan finds and fixes a leaf that went bad on disk.
+    #[tokio::test]
+    async fn the_write_path_tree_equals_the_data_through_rebuild_and_verify() {
+        let engine = Arc::new(MemoryEngine::new());
+        let (store, tree, count, ready, how) = open_store(&engine);
+        assert_eq!(
+            how,
+            TreeOpen::Loaded {
+                leaves: 0,
+                tombstones: 0
+            },
+            "a new data dir is trusted at once"
+        );
+        assert_eq!(ready.load(Ordering::Relaxed) as usize, LEAVES);
         // Many keys at once (groups with several keys per leaf), then overwrites and deletes.
         let writes = (0..300).map(|i| store.write(update(&format!("k{i}"), Some("v1"))));
         for r in futures::future::join_all(writes).await {
@@ -320,18 +530,7 @@ mod tests {
         }
         for i in (0..300).step_by(7) {
             // A delete with the read's context: tombstones only (a blind one keeps the value).
-            let key = format!("k{i}");
-            let ctx = store.get(key.as_bytes()).unwrap().context().clone();
-            store
-                .write(WriteOp::Update {
-                    key: Bytes::from(key),
-                    ctx,
-                    value: None,
-                    timestamp_ms: 2,
-                    hint_for: Vec::new(),
-                })
-                .await
-                .unwrap();
+            delete_with_context(&store, &format!("k{i}")).await;
         }
         // A replica's state merged in: a sibling from another actor.
         let other = KeyState::new().update(
@@ -356,16 +555,18 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), deleted);
         let live = tree.read().unwrap().clone();
         assert_ne!(live.root(), 0);
+        assert!(live == tree_of_data(engine.as_ref()));
         store.close();
 
         // Loaded from the stored leaves: the same tree, the same tombstones.
-        let (loaded, count, how) = open_tree(engine.as_ref(), "n1").unwrap();
+        let (store, loaded, count, _, how) = open_store(&engine);
         assert!(
             matches!(how, TreeOpen::Loaded { leaves, tombstones } if leaves > 0 && tombstones == deleted),
             "{how:?}"
         );
         assert_eq!(count.load(Ordering::Relaxed), deleted);
         assert!(*loaded.read().unwrap() == live);
+        store.close();
         let index_rows = || {
             let mut rows = Vec::new();
             scan_all(
@@ -385,27 +586,78 @@ mod tests {
         assert!(written.contains(&tombstone_row(b"k7")));
         assert!(!written.contains(&tombstone_row(b"k0")));
 
-        // Untrusted (no format row): rebuilt from the data, the same tree again.
+        // Untrusted (no format row): rebuilt range by range in the background.
         let mut b = Batch::default();
         b.delete(Cf::Aae, TREE_ROW.to_vec());
         engine.write(b, true).unwrap();
-        let (rebuilt, _, how) = open_tree(engine.as_ref(), "n1").unwrap();
-        assert_eq!(
-            how,
-            TreeOpen::Rebuilt {
-                keys: 300,
-                tombstones: deleted
-            }
+        let (store, tree, count, ready, how) = open_store(&engine);
+        assert_eq!(how, TreeOpen::Rebuilding);
+        assert_eq!(ready.load(Ordering::Relaxed), 0);
+        assert_eq!(tree.read().unwrap().root(), 0, "nothing trusted yet");
+        let half = (LEAVES / 2) as u32;
+        let first = rescan_leaves(&store, 0, half, 3, RescanMode::Rebuild).await;
+        assert_eq!(ready.load(Ordering::Relaxed), half);
+        // Writes while rebuilding, below and above the cursor, and a tombstone above it.
+        for i in 300..340 {
+            store
+                .write(update(&format!("k{i}"), Some("new")))
+                .await
+                .unwrap();
+        }
+        delete_with_context(&store, "k3").await;
+        // A restart mid-rebuild resumes from the cursor.
+        store.close();
+        let (store, tree, count2, ready, how) = open_store(&engine);
+        assert!(
+            matches!(how, TreeOpen::Resumed { cursor, .. } if cursor == half),
+            "{how:?}"
         );
-        assert!(*rebuilt.read().unwrap() == live);
-        assert_eq!(index_rows(), written);
+        let _ = count;
+        let second = rescan_leaves(&store, half, LEAVES as u32, 2, RescanMode::Rebuild).await;
+        assert!(first.keys > 0 && second.keys > 0);
+        assert_eq!(ready.load(Ordering::Relaxed) as usize, LEAVES);
+        assert!(*tree.read().unwrap() == tree_of_data(engine.as_ref()));
+        assert_eq!(
+            count2.load(Ordering::Relaxed),
+            deleted + 1,
+            "k3 deleted too"
+        );
+        assert_eq!(index_rows().len() as u64, deleted + 1);
+        store.close();
+        let (store, _, _, _, how) = open_store(&engine);
+        assert!(
+            matches!(how, TreeOpen::Loaded { .. }),
+            "trusted again: {how:?}"
+        );
+        store.close();
+
+        // Bit rot: a stored leaf goes bad. The verify scan finds it, fixes it, counts it.
+        let (leaf, value) = tree_of_data(engine.as_ref())
+            .nonzero_leaves()
+            .next()
+            .unwrap();
+        let mut b = Batch::default();
+        b.put(Cf::Aae, leaf_row(leaf), (value ^ 1).to_be_bytes().to_vec());
+        engine.write(b, true).unwrap();
+        let (store, tree, _, _, _) = open_store(&engine);
+        assert!(*tree.read().unwrap() != tree_of_data(engine.as_ref()));
+        let verify = rescan_leaves(&store, 0, LEAVES as u32, 4, RescanMode::Verify).await;
+        assert_eq!(verify.mismatches, 1);
+        assert!(*tree.read().unwrap() == tree_of_data(engine.as_ref()));
+        let again = rescan_leaves(&store, 0, LEAVES as u32, 4, RescanMode::Verify).await;
+        assert_eq!(again.mismatches, 0, "fixed on disk too");
+        store.close();
     }
 
     /// A leaf whose keys all cancel out is deleted, not stored as 0.
     #[test]
     fn a_leaf_back_at_zero_is_deleted() {
         let tree: SharedTree = Arc::default();
-        let mut hook = TreeHook::new(tree.clone(), TombstoneCount::default());
+        let mut hook = TreeHook::new(
+            tree.clone(),
+            TombstoneCount::default(),
+            Arc::new(AtomicU32::new(LEAVES as u32)),
+        );
         let state = KeyState::new().update(
             &VersionVector::new(),
             crate::version::Dot {
