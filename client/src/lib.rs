@@ -562,8 +562,15 @@ impl Client {
     /// Starts an anti-entropy cycle on the contacted node now; the reply says at which count
     /// of its completed cycles (`aae.cycles` in `status`) the requested one is done.
     pub async fn repair(&self) -> Result<RepairReply, Error> {
+        self.repair_range(None).await
+    }
+
+    /// `repair` over the ring positions `first..=last` only (`None`: all of them).
+    pub async fn repair_range(&self, range: Option<(u64, u64)>) -> Result<RepairReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Repair, timeout, true, None).await?;
+        let (addr, resp) = self
+            .call(Request::Repair { range }, timeout, true, None)
+            .await?;
         match resp {
             Response::Repair(r) => Ok(r),
             other => Err(unexpected(&addr, other)),

@@ -89,8 +89,11 @@ pub enum Request {
     /// The contacted node's membership: SWIM state, incarnation, phi, last heard.
     Members,
     /// Start an anti-entropy cycle on the contacted node now (with every peer it shares ranges
-    /// with), instead of at its next interval.
-    Repair,
+    /// with), instead of at its next interval; with a `range` (ring positions, inclusive),
+    /// over the part of its ranges inside it only.
+    Repair {
+        range: Option<(u64, u64)>,
+    },
 }
 
 /// What `Repair` started: the contacted node's count of completed anti-entropy cycles, and
@@ -378,7 +381,7 @@ impl Request {
             Request::Delete { .. } => opcode::DELETE,
             Request::Ring => opcode::RING,
             Request::Members => opcode::MEMBERS,
-            Request::Repair => opcode::REPAIR,
+            Request::Repair { .. } => opcode::REPAIR,
         }
     }
 
@@ -388,7 +391,13 @@ impl Request {
             | Request::Status
             | Request::Ring
             | Request::Members
-            | Request::Repair => {}
+            | Request::Repair { range: None } => {}
+            Request::Repair {
+                range: Some((first, last)),
+            } => {
+                dst.put_u64(*first);
+                dst.put_u64(*last);
+            }
             Request::Get { key, opts } => {
                 put_bytes(dst, key);
                 dst.put_u8(opts.r);
@@ -441,7 +450,14 @@ impl Request {
             opcode::STATUS => Request::Status,
             opcode::RING => Request::Ring,
             opcode::MEMBERS => Request::Members,
-            opcode::REPAIR => Request::Repair,
+            opcode::REPAIR => {
+                let range = if r.is_done() {
+                    None
+                } else {
+                    Some((r.u64("first")?, r.u64("last")?))
+                };
+                Request::Repair { range }
+            }
             opcode::GET => {
                 let key = r.bytes("key", MAX_REQUEST_BODY_LEN)?;
                 let opts = ReadOptions {
@@ -476,7 +492,19 @@ impl Request {
             | Request::Status
             | Request::Ring
             | Request::Members
-            | Request::Repair => return Ok(()),
+            | Request::Repair { range: None } => return Ok(()),
+            Request::Repair {
+                range: Some((first, last)),
+            } => {
+                return if first <= last {
+                    Ok(())
+                } else {
+                    Err((
+                        ErrorKind::InvalidRequest,
+                        format!("repair range {first:016x}..={last:016x}: first after last"),
+                    ))
+                }
+            }
             Request::Get { key, .. } => (key, None, None),
             Request::Put {
                 key,

@@ -35,6 +35,10 @@ fn request_strategy() -> impl Strategy<Value = Request> {
         Just(Request::Status),
         Just(Request::Ring),
         Just(Request::Members),
+        Just(Request::Repair { range: None }),
+        (any::<u64>(), any::<u64>()).prop_map(|(a, b)| Request::Repair {
+            range: Some((a.min(b), a.max(b)))
+        }),
         (bytes_strategy(64), ropts).prop_map(|(key, opts)| Request::Get { key, opts }),
         (
             bytes_strategy(64),

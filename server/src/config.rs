@@ -144,6 +144,9 @@ pub struct Cli {
     /// with it as soon as it is back, before the next cycle (default 30).
     #[arg(long)]
     pub aae_return_after_secs: Option<u64>,
+    /// KiB per second this node repairs by anti-entropy, sent and received (default 8192).
+    #[arg(long)]
+    pub aae_kib_per_sec: Option<u64>,
     /// Hours over which the verify scan recomputes the whole anti-entropy tree from the data,
     /// slowly, counting and fixing leaves that do not match (default 168 = a week; 0 = off).
     #[arg(long)]
@@ -194,6 +197,7 @@ pub struct FileConfig {
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
     pub aae_return_after_secs: Option<u64>,
+    pub aae_kib_per_sec: Option<u64>,
     pub aae_verify_hours: Option<u64>,
     pub tombstone_gc: Option<bool>,
     pub tombstone_settle_secs: Option<u64>,
@@ -207,6 +211,8 @@ pub struct AaeSettings {
     pub keys_per_sec: u32,
     /// A peer down at least this long is synced as soon as it is back.
     pub return_after_secs: u64,
+    /// Bytes of states repaired per second (with `keys_per_sec`, the tighter applies).
+    pub kib_per_sec: u64,
     /// One verify scan of the whole tree takes this long (0: no verify scan).
     pub verify_hours: u64,
     /// The `tombstone_gc` worker (its passes run every `interval_secs`).
@@ -222,6 +228,9 @@ impl Default for AaeSettings {
             interval_secs: 600,
             keys_per_sec: 2_000,
             return_after_secs: 30,
+            // Cassandra streams at 24 MiB/s by default; a Riak exchange at up to 800 MB/s
+            // hurt its foreground (riak_kv#689).
+            kib_per_sec: 8 << 10,
             verify_hours: 168,
             tombstone_gc: true,
             // The longest request deadline (`MAX_TIMEOUT_MS`).
@@ -555,6 +564,14 @@ impl Config {
                     .unwrap_or(aae_defaults.return_after_secs),
                 1,
                 7 * 24 * 3600,
+            )?,
+            kib_per_sec: in_range(
+                "aae_kib_per_sec",
+                cli.aae_kib_per_sec
+                    .or(file.aae_kib_per_sec)
+                    .unwrap_or(aae_defaults.kib_per_sec),
+                16,
+                16 << 20,
             )?,
             verify_hours: in_range(
                 "aae_verify_hours",

@@ -272,6 +272,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             pool.clone(),
             std::time::Duration::from_secs(config.aae.interval_secs),
             config.aae.keys_per_sec,
+            config.aae.kib_per_sec << 10,
             std::time::Duration::from_secs(config.aae.return_after_secs),
         ));
     }

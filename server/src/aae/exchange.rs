@@ -66,11 +66,14 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     transport: Arc<T>,
     interval: Duration,
     keys_per_sec: f64,
+    bytes_per_sec: f64,
     cpu: CpuLoad,
     next_cycle: Instant,
     /// Peers left in the current cycle.
     queue: VecDeque<String>,
     cycle_started: Option<Instant>,
+    /// The running cycle covers only these positions (`kvctl repair --range`).
+    cycle_range: Option<Span>,
     cycle: Outcome,
     detail: String,
     /// Marks (dropped hints) as of the cycle's start: their targets go first, and a mark is
@@ -92,6 +95,7 @@ impl<T: Transport> AaeWorker<T> {
         transport: Arc<T>,
         interval: Duration,
         keys_per_sec: u32,
+        bytes_per_sec: u64,
         long_absence: Duration,
     ) -> AaeWorker<T> {
         // A new data dir syncs at once; otherwise the first cycle waits a little.
@@ -107,10 +111,12 @@ impl<T: Transport> AaeWorker<T> {
             transport,
             interval,
             keys_per_sec: keys_per_sec.max(1) as f64,
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
             cpu: CpuLoad::default(),
             next_cycle,
             queue: VecDeque::new(),
             cycle_started: None,
+            cycle_range: None,
             cycle: Outcome::default(),
             detail: "first cycle pending".into(),
             marks: Vec::new(),
@@ -187,6 +193,22 @@ impl<T: Transport> AaeWorker<T> {
         }
     }
 
+    fn count_exchange(&mut self, o: &Outcome) {
+        let m = &self.aae.metrics;
+        m.exchanges.inc();
+        m.cells_compared.inc_by(o.cells);
+        m.keys_compared.inc_by(o.keys_compared);
+        m.keys_sent.inc_by(o.sent);
+        m.keys_received.inc_by(o.received);
+        m.bytes_sent.inc_by(o.bytes_sent);
+        m.exchange_bytes.inc_by(o.wire_bytes);
+        let c = &mut self.cycle;
+        c.spans += o.spans;
+        c.spans_differing += o.spans_differing;
+        c.sent += o.sent;
+        c.received += o.received;
+    }
+
     /// One exchange with `peer` over every span both replicate, counted.
     async fn exchange_step(&mut self, peer: String) {
         let view = self.membership.view();
@@ -200,14 +222,22 @@ impl<T: Transport> AaeWorker<T> {
         if !view.is_alive(&peer) {
             return;
         }
-        // Only the trusted part of the tree takes part while it is being rebuilt.
-        let whole = self.aae.untrusted_from().is_none();
-        let spans: Vec<Span> = match self.aae.untrusted_from() {
+        // Only the trusted part of the tree takes part while it is being rebuilt, and only
+        // the requested range in a cycle asked for one.
+        let untrusted = self.aae.untrusted_from();
+        let range = match (self.cycle_started.and(self.cycle_range), untrusted) {
+            (None, None) => None,
+            (Some(r), None) => Some(r),
+            (None, Some(from)) => Some((0, from - 1)),
+            (Some((a, b)), Some(from)) => Some((a, b.min(from.saturating_sub(1)))),
+        };
+        let whole = range.is_none();
+        let spans: Vec<Span> = match range {
             None => spans.clone(),
-            Some(from) => spans
+            Some((lo, hi)) => spans
                 .iter()
-                .filter(|(first, _)| *first < from)
-                .map(|&(first, last)| (first, last.min(from - 1)))
+                .filter(|&&(first, last)| first <= hi && last >= lo && lo <= hi)
+                .map(|&(first, last)| (first.max(lo), last.min(hi)))
                 .collect(),
         };
         if spans.is_empty() {
@@ -216,25 +246,14 @@ impl<T: Transport> AaeWorker<T> {
         let started = Instant::now();
         match self.exchange(&addr, &spans).await {
             Ok(o) if !whole => {
-                debug!(node = %self.node_id, %peer, sent = o.sent, received = o.received,
-                       "anti-entropy exchange over the trusted part of a tree being rebuilt");
+                self.count_exchange(&o);
+                info!(node = %self.node_id, %peer, spans = spans.len(), sent = o.sent, received = o.received,
+                      "anti-entropy exchange over part of the ring (a requested range, or the trusted part of a tree being rebuilt)");
             }
             Ok(o) => {
                 self.aae.exchange_done(&peer);
                 self.aae.check_synced();
-                let m = &self.aae.metrics;
-                m.exchanges.inc();
-                m.cells_compared.inc_by(o.cells);
-                m.keys_compared.inc_by(o.keys_compared);
-                m.keys_sent.inc_by(o.sent);
-                m.keys_received.inc_by(o.received);
-                m.bytes_sent.inc_by(o.bytes_sent);
-                m.exchange_bytes.inc_by(o.wire_bytes);
-                let c = &mut self.cycle;
-                c.spans += o.spans;
-                c.spans_differing += o.spans_differing;
-                c.sent += o.sent;
-                c.received += o.received;
+                self.count_exchange(&o);
                 if o.sent + o.received > 0 {
                     info!(node = %self.node_id, %peer, spans = o.spans, differing = o.spans_differing,
                           sent = o.sent, received = o.received, cells = o.cells, rounds = o.rounds,
@@ -454,9 +473,11 @@ impl<T: Transport> AaeWorker<T> {
     }
 
     /// Sleeps as long as `keys` take at the budget (scaled by the CPU's yield).
-    async fn pace(&mut self, keys: usize) {
+    /// Waits as long as `keys` keys and `bytes` bytes of repair take at the budgets (the
+    /// tighter of the two), scaled down by the CPU yield.
+    async fn pace(&mut self, keys: usize, bytes: u64) {
         let pace = self.cpu.busy().map_or(1.0, yield_scale);
-        let secs = keys as f64 / (self.keys_per_sec * pace);
+        let secs = (keys as f64 / self.keys_per_sec).max(bytes as f64 / self.bytes_per_sec) / pace;
         tokio::time::sleep(Duration::from_secs_f64(secs.min(10.0))).await;
     }
 
@@ -494,8 +515,8 @@ impl<T: Transport> AaeWorker<T> {
                 other => return Err(format!("unexpected answer to a push: {other:?}")),
             }
             bytes += size as u64;
+            self.pace(n, size as u64).await;
             size = 0;
-            self.pace(n).await;
         }
         Ok((sent, bytes))
     }
@@ -516,8 +537,9 @@ impl<T: Transport> AaeWorker<T> {
                 AaeResponse::States(s) if s.len() == chunk.len() => s,
                 other => return Err(format!("unexpected answer to a fetch: {other:?}")),
             };
-            bytes += chunk.iter().map(|k| 4 + k.len() as u64).sum::<u64>();
-            bytes += states.iter().map(|s| 4 + s.len() as u64).sum::<u64>();
+            let fetched = chunk.iter().map(|k| 4 + k.len() as u64).sum::<u64>()
+                + states.iter().map(|s| 4 + s.len() as u64).sum::<u64>();
+            bytes += fetched;
             let entries: Vec<(Bytes, Bytes)> = chunk
                 .iter()
                 .cloned()
@@ -531,7 +553,7 @@ impl<T: Transport> AaeWorker<T> {
                 .iter()
                 .filter(|x| **x)
                 .count() as u64;
-            self.pace(chunk.len()).await;
+            self.pace(chunk.len(), fetched).await;
         }
         Ok((received, bytes))
     }
@@ -567,6 +589,7 @@ impl<T: Transport> AaeWorker<T> {
     fn finish_cycle(&mut self) {
         let m = &self.aae.metrics;
         self.aae.set_running(false);
+        self.cycle_range = None;
         if let Some(started) = self.cycle_started.take() {
             m.cycles.inc();
             m.last_cycle_seconds.set(started.elapsed().as_secs());
@@ -645,14 +668,17 @@ impl<T: Transport> Worker for AaeWorker<T> {
                 self.exchange_step(peer).await;
                 return Ok(WorkerState::Busy);
             }
-            let due = Instant::now() >= self.next_cycle || self.aae.take_request();
-            if !due || !self.membership.view().ready {
-                if due {
-                    // Requested before the node knows the ring: keep the request.
-                    self.next_cycle = Instant::now();
-                }
+            // Before the node knows the ring a request stays pending.
+            if !self.membership.view().ready {
                 return Ok(WorkerState::Idle);
             }
+            let interval_due = Instant::now() >= self.next_cycle;
+            let requested = self.aae.take_request();
+            self.cycle_range = match (interval_due, requested) {
+                (false, None) => return Ok(WorkerState::Idle),
+                (true, _) => None,
+                (false, Some(range)) => range,
+            };
             self.start_cycle().await;
         }
         let Some(peer) = self.queue.pop_front() else {

@@ -56,8 +56,9 @@ pub struct AntiEntropy {
     pub metrics: Arc<AaeMetrics>,
     /// Whether this node runs the `anti_entropy` worker (cycles can be requested).
     enabled: bool,
-    /// A cycle was requested (`kvctl repair`): the worker starts one at once.
-    requested: AtomicBool,
+    /// A cycle was requested (`kvctl repair`), over a range or everything (`Some(None)`): the
+    /// worker starts one at once.
+    requested: Mutex<Option<Option<(u64, u64)>>>,
     /// A cycle is running.
     running: AtomicBool,
     /// While the store is unsynced: the peers an exchange completed with since this start.
@@ -92,7 +93,7 @@ impl AntiEntropy {
             n,
             metrics,
             enabled,
-            requested: AtomicBool::new(false),
+            requested: Mutex::new(None),
             running: AtomicBool::new(false),
             synced_with: Mutex::new(BTreeSet::new()),
             epoch_since: Mutex::new(None),
@@ -178,23 +179,29 @@ impl AntiEntropy {
         false
     }
 
-    /// Asks the worker for a cycle now: `None` when this node runs none. The reply's
-    /// `done_at` is the completed-cycle count (`aae.cycles`) at which a cycle that started
-    /// after this request has finished.
-    pub fn request_cycle(&self) -> Option<RepairReply> {
+    /// Asks the worker for a cycle now, over the positions `range` only if given: `None`
+    /// when this node runs none. The reply's `done_at` is the completed-cycle count
+    /// (`aae.cycles`) at which a cycle that started after this request has finished. Requests
+    /// waiting together are served by one cycle over the smallest range holding them all.
+    pub fn request_cycle(&self, range: Option<(u64, u64)>) -> Option<RepairReply> {
         if !self.enabled {
             return None;
         }
         let completed = self.metrics.cycles.get();
         // A running cycle may have passed some peers already: the requested one is the next.
         let done_at = completed + 1 + self.running.load(Ordering::Acquire) as u64;
-        self.requested.store(true, Ordering::Release);
+        let mut pending = self.requested.lock().expect("request lock poisoned");
+        *pending = Some(match (*pending, range) {
+            (None, r) => r,
+            (Some(None), _) | (_, None) => None,
+            (Some(Some((a, b))), Some((c, d))) => Some((a.min(c), b.max(d))),
+        });
         Some(RepairReply { completed, done_at })
     }
 
-    /// The worker: whether a cycle was requested (clears the request).
-    pub fn take_request(&self) -> bool {
-        self.requested.swap(false, Ordering::AcqRel)
+    /// The worker: the requested cycle, if any (`Some(None)`: over everything), clearing it.
+    pub fn take_request(&self) -> Option<Option<(u64, u64)>> {
+        self.requested.lock().expect("request lock poisoned").take()
     }
 
     pub fn set_running(&self, running: bool) {
@@ -325,9 +332,9 @@ impl AntiEntropy {
             AaeRequest::Purge { entries } => {
                 PeerResponse::Aae(AaeResponse::Merged(self.purge(entries).await))
             }
-            AaeRequest::RequestCycle => {
-                PeerResponse::Aae(AaeResponse::Merged(vec![self.request_cycle().is_some()]))
-            }
+            AaeRequest::RequestCycle => PeerResponse::Aae(AaeResponse::Merged(vec![self
+                .request_cycle(None)
+                .is_some()])),
         }
     }
 

@@ -58,9 +58,10 @@ impl Admin {
         }
     }
 
-    /// Starts an anti-entropy cycle now (or right after the running one).
-    pub fn repair(&self) -> Response {
-        match self.aae.request_cycle() {
+    /// Starts an anti-entropy cycle now (or right after the running one), over the ring
+    /// positions `range` only if given.
+    pub fn repair(&self, range: Option<(u64, u64)>) -> Response {
+        match self.aae.request_cycle(range) {
             Some(reply) => Response::Repair(reply),
             None => Response::error(
                 ErrorKind::Unavailable {

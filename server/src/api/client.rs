@@ -58,9 +58,9 @@ impl ClientApi {
                 m.members.inc();
                 self.admin.members().await
             }
-            Request::Repair => {
+            Request::Repair { range } => {
                 m.repair.inc();
-                self.admin.repair()
+                self.admin.repair(range)
             }
             Request::Get { key, opts } => {
                 timed(&m.get, &m.get_seconds, self.coordinator.get(key, opts)).await

@@ -42,34 +42,13 @@ impl Cluster {
     /// answers replica reads). New nodes of a new cluster sync with each other in a few
     /// seconds (empty trees, and the ring must be stable for 2 s).
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), String> {
-        let start = Instant::now();
-        for (i, n) in self.nodes.iter().enumerate() {
-            if !n.child_running() {
-                continue;
-            }
-            let client = self.client(i);
-            loop {
-                let unsynced = match client.status().await {
-                    Ok(s) => s
-                        .metrics
-                        .iter()
-                        .find(|(k, _)| k == "aae.unsynced")
-                        .map_or(0, |(_, v)| *v),
-                    Err(_) => 1,
-                };
-                if unsynced == 0 {
-                    break;
-                }
-                if start.elapsed() > timeout {
-                    return Err(format!(
-                        "node {} still syncing its new data dir after {timeout:?}",
-                        n.id
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        Ok(())
+        let running: Vec<(String, String)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child_running())
+            .map(|n| (n.id.clone(), n.addr.clone()))
+            .collect();
+        wait_nodes_synced(&running, timeout).await
     }
 
     /// Client addresses of all nodes.
@@ -180,4 +159,36 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Waits until none of `nodes` (id, client address) is still syncing a new data dir
+/// (`aae.unsynced` is 0).
+pub async fn wait_nodes_synced(
+    nodes: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), String> {
+    let start = Instant::now();
+    for (id, addr) in nodes {
+        let client = Client::new([addr.clone()], ClientConfig::default()).expect("one address");
+        loop {
+            let unsynced = match client.status().await {
+                Ok(s) => s
+                    .metrics
+                    .iter()
+                    .find(|(k, _)| k == "aae.unsynced")
+                    .map_or(0, |(_, v)| *v),
+                Err(_) => 1,
+            };
+            if unsynced == 0 {
+                break;
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "node {id} still syncing its new data dir after {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }

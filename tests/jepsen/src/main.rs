@@ -108,8 +108,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..with("register", "disk,reboot", 30, 3)
             },
-            // Tombstone GC purging deleted keys between kills and partitions.
-            gc("register", "kill,partition", 45, 6),
+            // Tombstone GC purging deleted keys between kills, partitions and a lost disk.
+            gc("register", "kill,partition,wipe", 45, 6),
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -124,7 +124,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with_sync("register", "kill,reboot", 90, 19, "none"),
             aae_only("register", "kill,partition,pause", 120, 21),
             aae_only("set", "kill,partition", 90, 22),
-            gc("register", "kill,partition", 180, 23),
+            gc("register", "kill,partition,wipe", 180, 23),
+            with("set", "wipe,pause", 120, 25),
             gc("register", "pause,clock", 150, 24),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),

@@ -24,6 +24,10 @@ pub enum Kind {
     Reboot,
     /// Fill the disk of a minority of nodes.
     Disk,
+    /// kill -9 one node and delete its data (a lost disk), then restart it empty under the
+    /// same id at heal time. Started only once every node is synced (a second lost disk before
+    /// the first is repaired may lose data on any system with N=3, W=2).
+    Wipe,
 }
 
 impl Kind {
@@ -36,6 +40,7 @@ impl Kind {
             Kind::Loss => "loss",
             Kind::Reboot => "reboot",
             Kind::Disk => "disk",
+            Kind::Wipe => "wipe",
         }
     }
 
@@ -48,9 +53,10 @@ impl Kind {
             "loss" => Kind::Loss,
             "reboot" => Kind::Reboot,
             "disk" => Kind::Disk,
+            "wipe" => Kind::Wipe,
             other => {
                 return Err(format!(
-                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk or none"
+                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk, wipe or none"
             ))
             }
         })
@@ -222,6 +228,8 @@ pub fn faketime_env(dir: &Path, node: &str) -> Vec<(String, String)> {
 #[derive(Debug)]
 pub enum Active {
     Killed(Vec<usize>),
+    /// Killed and emptied; restarted at heal time with an empty data dir.
+    Wiped(Vec<usize>),
     /// Killed; restarted at heal time (with the new boot id already set).
     Rebooted(Vec<usize>),
     /// Disks filled with a ballast file.
@@ -281,6 +289,28 @@ pub fn start(
             }
             let v = json!({"nodes": names(&victims, nodes)});
             Ok((Active::Killed(victims), v))
+        }
+        Kind::Wipe => {
+            let victim = rng.random_range(0..n);
+            nodes[victim].kill9();
+            let db = db_dir(&nodes[victim]);
+            let mut removed = 0;
+            // Empty the db dir (it may be a mount point: keep the dir itself).
+            if let Ok(entries) = std::fs::read_dir(&db) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let gone = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    gone.map_err(|e| format!("wipe {}: {e}", path.display()))?;
+                    removed += 1;
+                }
+            }
+            let _ = std::fs::remove_file(nodes[victim].data_dir.join("ring.jsonl"));
+            let v = json!({"nodes": [nodes[victim].id.clone()], "entries_removed": removed});
+            Ok((Active::Wiped(vec![victim]), v))
         }
         Kind::Reboot => {
             let victims = minority(rng);
@@ -368,7 +398,7 @@ pub fn start(
 /// Heals one fault. Killed nodes restart on their data dirs.
 pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Result<(), String> {
     match active {
-        Active::Killed(idx) | Active::Rebooted(idx) => {
+        Active::Killed(idx) | Active::Rebooted(idx) | Active::Wiped(idx) => {
             for i in idx {
                 if !nodes[i].child_running() {
                     nodes[i].start()?;

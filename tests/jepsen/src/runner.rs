@@ -366,6 +366,21 @@ async fn nemesis_loop(
             }
         }
         let kind = cycle.pop().expect("refilled above");
+        if kind == Kind::Wipe {
+            // One lost disk at a time: the previous one must be repaired first.
+            let running: Vec<(String, String)> = nodes
+                .lock()
+                .await
+                .iter()
+                .map(|n| (n.id.clone(), n.addr.clone()))
+                .collect();
+            if let Err(e) =
+                crate::cluster::wait_nodes_synced(&running, Duration::from_secs(60)).await
+            {
+                errors.lock().await.push(format!("wipe not started: {e}"));
+                continue;
+            }
+        }
         count += 1;
         let fault = format!("{}-{count}", kind.name());
         let started = {

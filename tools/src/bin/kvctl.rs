@@ -101,6 +101,10 @@ enum Cmd {
         /// Wait until every started cycle has finished, with a progress bar.
         #[arg(long)]
         wait: bool,
+        /// Only the ring positions FIRST:LAST (inclusive, 16 hex digits each, as `kvctl ring`
+        /// prints tokens), e.g. 0000000000000000:3fffffffffffffff for the first quarter.
+        #[arg(long, value_name = "FIRST:LAST", value_parser = parse_range)]
+        range: Option<(u64, u64)>,
     },
     /// The contacted node's view of the ring: each member's tokens, ownership share, liveness.
     Ring,
@@ -258,12 +262,32 @@ fn status_metric(s: &ringkv_client::StatusReply, name: &str) -> u64 {
         .map_or(0, |(_, v)| *v)
 }
 
-/// `kvctl repair`: starts a cycle on each chosen member; with `wait`, polls their `aae.cycles`
-/// until each reached the count its reply named.
+/// `FIRST:LAST` ring positions in hex (an optional `0x` each), FIRST ≤ LAST.
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected FIRST:LAST (hex ring positions)"))?;
+    let hex = |x: &str| {
+        let t = x.trim();
+        u64::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16)
+            .map_err(|e| format!("{x:?} is not a hex ring position: {e}"))
+    };
+    let (first, last) = (hex(a)?, hex(b)?);
+    if first > last {
+        return Err(format!(
+            "{s:?}: FIRST is after LAST (ranges do not wrap; repair two ranges instead)"
+        ));
+    }
+    Ok((first, last))
+}
+
+/// `kvctl repair`: starts a cycle on each chosen member (over `range` only, if given); with
+/// `wait`, polls their `aae.cycles` until each reached the count its reply named.
 async fn repair(
     client: &Client,
     config: ClientConfig,
     only: Option<String>,
+    range: Option<(u64, u64)>,
     wait: bool,
     as_json: bool,
 ) -> Result<(), Failure> {
@@ -286,7 +310,7 @@ async fn repair(
     for m in chosen {
         let c = Client::new(vec![m.client_addr.clone()], config.clone())
             .map_err(|e| Failure::Error(e.to_string()))?;
-        match c.repair().await {
+        match c.repair_range(range).await {
             Ok(r) => started.push((m.node_id.clone(), c, r)),
             Err(e) => failed.push(json!({ "node": m.node_id, "error": e.to_string() })),
         }
@@ -294,7 +318,10 @@ async fn repair(
     if !as_json {
         for (node, _, r) in &started {
             out(&format!(
-                "{node}: anti-entropy cycle requested ({} completed so far)",
+                "{node}: anti-entropy cycle requested{} ({} completed so far)",
+                range.map_or(String::new(), |(a, b)| format!(
+                    " over positions {a:016x}..={b:016x}"
+                )),
                 r.completed
             ));
         }
@@ -585,8 +612,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Hints => hints(&client, config_for_nodes(timeout), cli.json).await,
-        Cmd::Repair { node, wait } => {
-            repair(&client, config_for_nodes(timeout), node, wait, cli.json).await
+        Cmd::Repair { node, wait, range } => {
+            repair(
+                &client,
+                config_for_nodes(timeout),
+                node,
+                range,
+                wait,
+                cli.json,
+            )
+            .await
         }
         Cmd::Ring => {
             let ring = client.ring().await?;
