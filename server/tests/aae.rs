@@ -54,6 +54,28 @@ async fn write(c: &Cluster, via: &[usize], prefix: &str, n: usize, w: u8) {
     }
 }
 
+/// Node `down` is stopped while `n` keys `prefix0..` are written through `via` with W=2, then
+/// restarted: it missed every one of them.
+async fn write_while_down(c: &mut Cluster, down: usize, via: &[usize], prefix: &str, n: usize) {
+    c.nodes[down].stop().unwrap();
+    c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    write(c, via, prefix, n, 2).await;
+    c.nodes[down].start().unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+}
+
+/// Whether `client`'s node holds a live value of every key, by local reads (which never
+/// repair).
+async fn holds_all(client: &ringkv_client::Client, keys: impl IntoIterator<Item = String>) -> bool {
+    for k in keys {
+        match client.get_with(&k, LOCAL).await {
+            Ok(r) if r.is_found() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Three nodes with N=3 each replicate every key: equal data, equal roots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_with_the_same_data_show_the_same_root_across_restarts() {
@@ -124,18 +146,7 @@ async fn the_worker_repairs_a_replica_that_missed_writes_without_reads_or_hints(
     eventually(
         Duration::from_secs(60),
         "n5 holds every key of its ranges",
-        || {
-            let (n5, mine) = (n5.clone(), mine.clone());
-            async move {
-                for k in &mine {
-                    match n5.get_with(k, LOCAL).await {
-                        Ok(r) if !r.siblings.is_empty() => {}
-                        _ => return false,
-                    }
-                }
-                true
-            }
-        },
+        || holds_all(&n5, mine.clone()),
     )
     .await;
     // Nothing else could have done it: no hints, and no read touched these keys but n5's
@@ -169,11 +180,7 @@ async fn the_worker_repairs_a_replica_that_missed_writes_without_reads_or_hints(
 async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
     let flags = ["--hinted-handoff", "false", "--aae-interval-secs", "3600"];
     let mut c = Cluster::start(3, &flags).await;
-    c.nodes[2].stop().unwrap();
-    c.wait_converged(Duration::from_secs(15)).await.unwrap();
-    write(&c, &[0, 1], "r", 5000, 2).await;
-    c.nodes[2].start().unwrap();
-    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    write_while_down(&mut c, 2, &[0, 1], "r", 5000).await;
 
     let kvctl = |args: &[&str]| {
         std::process::Command::new(bin_path("kvctl"))
@@ -334,11 +341,7 @@ async fn a_wiped_replica_does_not_count_toward_r_until_synced() {
     ];
     let mut c = Cluster::start(3, &flags).await;
     // n2 misses the writes: they live on n1 and n3 only.
-    c.nodes[1].stop().unwrap();
-    c.wait_converged(Duration::from_secs(15)).await.unwrap();
-    write(&c, &[0, 2], "w", 300, 2).await;
-    c.nodes[1].start().unwrap();
-    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    write_while_down(&mut c, 1, &[0, 2], "w", 300).await;
     // n3 loses its disk and returns under the same id: n1 alone holds the keys now.
     c.nodes[2].stop().unwrap();
     let dir = c.nodes[2].data_dir.clone();
@@ -427,16 +430,7 @@ async fn a_node_back_from_a_long_absence_is_synced_at_once_and_its_marks_cleared
     c.wait_converged(Duration::from_secs(30)).await.unwrap();
     let n3 = c.client(2);
     eventually(Duration::from_secs(30), "n3 holds every key", || {
-        let n3 = n3.clone();
-        async move {
-            for i in 0..200 {
-                match n3.get_with(format!("gone{i}"), LOCAL).await {
-                    Ok(r) if r.is_found() => {}
-                    _ => return false,
-                }
-            }
-            true
-        }
+        holds_all(&n3, (0..200).map(|i| format!("gone{i}")))
     })
     .await;
     let returns = metric(&n1, "aae.return_syncs").await + metric(&n2, "aae.return_syncs").await;
@@ -489,16 +483,7 @@ async fn an_untrusted_tree_is_rebuilt_in_the_background() {
     .await;
     assert!(metric(&n3, "aae.rebuild_keys").await >= 2000);
     eventually(Duration::from_secs(60), "n3 has the late writes", || {
-        let n3 = n3.clone();
-        async move {
-            for i in 0..20 {
-                match n3.get_with(format!("late{i}"), LOCAL).await {
-                    Ok(r) if r.is_found() => {}
-                    _ => return false,
-                }
-            }
-            true
-        }
+        holds_all(&n3, (0..20).map(|i| format!("late{i}")))
     })
     .await;
     assert_eq!(root(&c, 2).await, root(&c, 0).await);
@@ -517,11 +502,7 @@ async fn kvctl_repair_range_repairs_only_that_range() {
         "3600",
     ];
     let mut c = Cluster::start(3, &flags).await;
-    c.nodes[2].stop().unwrap();
-    c.wait_converged(Duration::from_secs(15)).await.unwrap();
-    write(&c, &[0, 1], "q", 400, 2).await;
-    c.nodes[2].start().unwrap();
-    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    write_while_down(&mut c, 2, &[0, 1], "q", 400).await;
     let out = std::process::Command::new(bin_path("kvctl"))
         .args(["--addr", &c.nodes[0].addr, "--json", "repair", "--wait"])
         .args(["--range", "0000000000000000:7fffffffffffffff"])
