@@ -17,7 +17,9 @@ pub const YIELD_FROM: f64 = 0.5;
 pub const FLOOR_AT: f64 = 0.9;
 /// The least share of a background budget granted however busy the machine is: backlogs still
 /// drain under sustained load (slowly), instead of waiting for a quiet hour that may not come.
-pub const FLOOR: f64 = 0.1;
+/// 2%: at 10% a replay of ~500 keys/s into a saturated 2-core node still multiplied the
+/// open-loop p99 about 5x (docs/benchmarks.md, hinted handoff).
+pub const FLOOR: f64 = 0.02;
 
 /// The share of a background budget to grant when the CPUs are `busy` (0..=1): 1 up to
 /// [`YIELD_FROM`], falling linearly to [`FLOOR`] at [`FLOOR_AT`].
