@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::ranges::{covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
-use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::Membership;
 use crate::merkle::{leaf_end, leaf_span, leaf_start, Cell};
@@ -476,7 +476,7 @@ impl<T: Transport> AaeWorker<T> {
     /// Waits as long as `keys` keys and `bytes` bytes of repair take at the budgets (the
     /// tighter of the two), scaled down by the CPU yield.
     async fn pace(&mut self, keys: usize, bytes: u64) {
-        let pace = self.cpu.busy().map_or(1.0, yield_scale);
+        let pace = self.cpu.pace();
         let secs = (keys as f64 / self.keys_per_sec).max(bytes as f64 / self.bytes_per_sec) / pace;
         tokio::time::sleep(Duration::from_secs_f64(secs.min(10.0))).await;
     }

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::call;
 use super::service::AntiEntropy;
-use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::{ClusterView, Membership};
 use crate::ring::NodeId;
@@ -328,7 +328,7 @@ impl<T: Transport> GcWorker<T> {
             self.purge(view, purge).await;
         }
         // Pace: the page's keys at the keys/s budget, yielding to foreground CPU use.
-        let pace = self.cpu.busy().map_or(1.0, yield_scale);
+        let pace = self.cpu.pace();
         let secs = entries.len() as f64 / (self.keys_per_sec * pace);
         tokio::time::sleep(Duration::from_secs_f64(secs.min(5.0))).await;
         Ok(resume)

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::service::AntiEntropy;
-use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
 use crate::merkle::{leaf_end, leaf_start, LEAVES};
 use crate::storage::RescanMode;
@@ -77,7 +77,7 @@ impl TreeScanWorker {
     }
 
     async fn pace(&mut self, keys: u64, speedup: f64) {
-        let yield_to = self.cpu.busy().map_or(1.0, yield_scale);
+        let yield_to = self.cpu.pace();
         let secs = keys as f64 / (self.keys_per_sec * speedup * yield_to);
         tokio::time::sleep(Duration::from_secs_f64(secs.min(10.0))).await;
     }

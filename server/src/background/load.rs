@@ -81,6 +81,18 @@ impl CpuLoad {
         }
         self.busy
     }
+
+    /// The share of a background budget to grant now: [`yield_scale`] of the CPU use. While
+    /// the first interval is still being measured (a node just started, typically into a
+    /// backlog of hints) it is the floor, not the whole budget: a start must not burst. Off
+    /// Linux (no `/proc/stat`) budgets stay whole.
+    pub fn pace(&mut self) -> f64 {
+        match self.busy() {
+            Some(busy) => yield_scale(busy),
+            None if self.last.is_some() => FLOOR,
+            None => 1.0,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +116,20 @@ mod tests {
             );
             last = s;
         }
+    }
+
+    /// A fresh reader grants the floor until it has measured one interval (no burst at start).
+    #[test]
+    fn a_fresh_reader_starts_at_the_floor() {
+        if std::fs::read_to_string("/proc/stat").is_err() {
+            return; // not Linux: budgets stay whole
+        }
+        let mut cpu = CpuLoad::default();
+        assert_eq!(cpu.pace(), FLOOR);
+        std::thread::sleep(SAMPLE_INTERVAL + Duration::from_millis(50));
+        let pace = cpu.pace();
+        assert!((FLOOR..=1.0).contains(&pace), "{pace}");
+        assert!(cpu.busy().is_some(), "measured once the interval passed");
     }
 
     #[test]

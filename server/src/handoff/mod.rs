@@ -24,7 +24,7 @@ use bytes::Bytes;
 use ringkv_protocol::peer::{HandoffRequest, HandoffResponse, PeerResponse};
 use ringkv_protocol::ErrorKind;
 
-use crate::background::load::{yield_scale, CpuLoad};
+use crate::background::load::CpuLoad;
 use crate::background::paced_chunks;
 use crate::clock::now_ms;
 use crate::config::HintSettings;
@@ -139,12 +139,7 @@ impl Handoff {
                 want_keys,
                 want_bytes,
             } => {
-                let pace = self
-                    .cpu
-                    .lock()
-                    .expect("cpu load lock poisoned")
-                    .busy()
-                    .map_or(1.0, yield_scale);
+                let pace = self.cpu.lock().expect("cpu load lock poisoned").pace();
                 let grant = {
                     let mut budget = self.budget.lock().expect("budget lock poisoned");
                     budget.set_pace(now_ms(), pace);
