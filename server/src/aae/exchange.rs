@@ -26,7 +26,7 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::ranges::{covers, push_span, shared_spans, Span};
+use super::ranges::{clip_spans, covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
 use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
@@ -224,22 +224,13 @@ impl<T: Transport> AaeWorker<T> {
         }
         // Only the trusted part of the tree takes part while it is being rebuilt, and only
         // the requested range in a cycle asked for one.
-        let untrusted = self.aae.untrusted_from();
-        let range = match (self.cycle_started.and(self.cycle_range), untrusted) {
-            (None, None) => None,
-            (Some(r), None) => Some(r),
-            (None, Some(from)) => Some((0, from - 1)),
-            (Some((a, b)), Some(from)) => Some((a, b.min(from.saturating_sub(1)))),
-        };
-        let whole = range.is_none();
-        let spans: Vec<Span> = match range {
-            None => spans.clone(),
-            Some((lo, hi)) => spans
-                .iter()
-                .filter(|&&(first, last)| first <= hi && last >= lo && lo <= hi)
-                .map(|&(first, last)| (first.max(lo), last.min(hi)))
-                .collect(),
-        };
+        let clipped = clip_spans(
+            spans,
+            self.cycle_started.and(self.cycle_range),
+            self.aae.untrusted_from(),
+        );
+        let whole = clipped.is_none();
+        let spans: Vec<Span> = clipped.unwrap_or_else(|| spans.clone());
         if spans.is_empty() {
             return;
         }

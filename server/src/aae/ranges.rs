@@ -25,6 +25,35 @@ pub fn covers(spans: &[Span], first: u64, last: u64) -> bool {
     spans.iter().any(|&(a, b)| a <= first && last <= b)
 }
 
+/// The parts of `spans` an exchange may use: inside `range` (a requested repair) and below
+/// `untrusted_from` (the first position of a tree still being rebuilt). `None` when nothing
+/// restricts them (all of `spans`).
+pub fn clip_spans(
+    spans: &[Span],
+    range: Option<Span>,
+    untrusted_from: Option<u64>,
+) -> Option<Vec<Span>> {
+    // The last trusted position: none at all while the rebuild has not passed position 0.
+    let trusted_last = match untrusted_from {
+        Some(0) => return Some(Vec::new()),
+        Some(from) => Some(from - 1),
+        None => None,
+    };
+    let (lo, hi) = match (range, trusted_last) {
+        (None, None) => return None,
+        (Some(r), None) => r,
+        (None, Some(t)) => (0, t),
+        (Some((a, b)), Some(t)) => (a, b.min(t)),
+    };
+    Some(
+        spans
+            .iter()
+            .filter(|&&(first, last)| first <= hi && last >= lo && lo <= hi)
+            .map(|&(first, last)| (first.max(lo), last.min(hi)))
+            .collect(),
+    )
+}
+
 /// For every other node, the spans of positions whose first `n` replicas include both it and
 /// `me`, in ascending order, adjacent spans merged.
 pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Span>> {
@@ -58,6 +87,28 @@ pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Spa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchanges_use_only_the_requested_and_trusted_positions() {
+        let spans = vec![(0, 99), (200, 299)];
+        assert_eq!(clip_spans(&spans, None, None), None, "nothing restricts");
+        assert_eq!(
+            clip_spans(&spans, Some((50, 249)), None),
+            Some(vec![(50, 99), (200, 249)])
+        );
+        assert_eq!(
+            clip_spans(&spans, None, Some(250)),
+            Some(vec![(0, 99), (200, 249)])
+        );
+        assert_eq!(
+            clip_spans(&spans, Some((50, 299)), Some(220)),
+            Some(vec![(50, 99), (200, 219)])
+        );
+        // A rebuild that has trusted nothing yet: no position takes part.
+        assert_eq!(clip_spans(&spans, None, Some(0)), Some(vec![]));
+        assert_eq!(clip_spans(&spans, Some((0, 99)), Some(0)), Some(vec![]));
+        assert_eq!(clip_spans(&spans, Some((100, 199)), None), Some(vec![]));
+    }
 
     #[test]
     fn covers_needs_one_span_holding_the_whole_range() {
