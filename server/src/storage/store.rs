@@ -1033,24 +1033,8 @@ impl Store {
         .await
     }
 
-    /// Every (target, partition) marked for anti-entropy because a hint was dropped.
-    pub async fn aae_marks(self: &Arc<Self>) -> Result<Vec<(String, u16)>, StorageError> {
-        self.blocking("scan", |engine| {
-            let range = ScanRange {
-                start: vec![MARK_PREFIX],
-                end: Some(vec![MARK_PREFIX + 1]),
-            };
-            let mut marks = Vec::new();
-            scan_all(engine, Cf::Aae, range, |k, _| {
-                marks.extend(split_mark_key(k));
-                Ok(())
-            })?;
-            Ok(marks)
-        })
-        .await
-    }
-
-    /// Every mark (see `aae_marks`) with when it was made and its stored row value.
+    /// Every (target, partition) marked for anti-entropy because a hint was dropped, with when
+    /// it was marked and its stored row value.
     pub async fn aae_mark_rows(self: &Arc<Self>) -> Result<Vec<AaeMark>, StorageError> {
         self.blocking("scan", |engine| {
             let range = ScanRange {
