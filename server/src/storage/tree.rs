@@ -290,6 +290,26 @@ fn prefix_range(prefix: u8) -> ScanRange {
     }
 }
 
+/// The rows of `prefix` ordered before `prefix ‖ bound` (all of them without a bound).
+fn prefix_below(prefix: u8, bound: Option<&[u8]>) -> ScanRange {
+    match bound {
+        None => prefix_range(prefix),
+        Some(b) => ScanRange {
+            start: vec![prefix],
+            end: Some([&[prefix][..], b].concat()),
+        },
+    }
+}
+
+fn count_rows(engine: &dyn Engine, range: ScanRange) -> Result<u64, StorageError> {
+    let mut n = 0;
+    scan_all(engine, Cf::Aae, range, |_, _| {
+        n += 1;
+        Ok(())
+    })?;
+    Ok(n)
+}
+
 /// Loads the stored tree, or prepares its rebuild in the background when it cannot be trusted
 /// (the tree is then trusted below the returned cursor only). Runs before the writer starts;
 /// reads the stored leaves (at most 2^20 rows) and the tombstone index.
@@ -305,18 +325,14 @@ pub fn open_tree(
         _ => None,
     };
     let mut tree = Tree::new();
+    // The stored leaves below leaf `below` (all of them at `LEAVES`).
     let load = |below: u32, tree: &mut Tree| -> Result<usize, StorageError> {
         let mut leaves = 0;
-        let mut end = vec![LEAF_PREFIX];
-        end.extend_from_slice(&below.to_be_bytes());
-        let range = ScanRange {
-            start: vec![LEAF_PREFIX],
-            end: Some(if below as usize >= LEAVES {
-                vec![LEAF_PREFIX + 1]
-            } else {
-                end
-            }),
-        };
+        let bound = below.to_be_bytes();
+        let range = prefix_below(
+            LEAF_PREFIX,
+            ((below as usize) < LEAVES).then_some(&bound[..]),
+        );
         scan_all(engine, Cf::Aae, range, |row, value| {
             let (Ok(leaf), Ok(v)) = (<[u8; 4]>::try_from(&row[1..]), <[u8; 8]>::try_from(value))
             else {
@@ -328,31 +344,9 @@ pub fn open_tree(
         })?;
         Ok(leaves)
     };
-    let count_below = |below: u64| -> Result<u64, StorageError> {
-        let mut end = vec![TOMBSTONE_PREFIX];
-        end.extend_from_slice(&below.to_be_bytes());
-        let mut n = 0;
-        scan_all(
-            engine,
-            Cf::Aae,
-            ScanRange {
-                start: vec![TOMBSTONE_PREFIX],
-                end: Some(end),
-            },
-            |_, _| {
-                n += 1;
-                Ok(())
-            },
-        )?;
-        Ok(n)
-    };
     let (ready, tombstones, outcome) = if trusted {
         let leaves = load(LEAVES as u32, &mut tree)?;
-        let mut tombstones = 0;
-        scan_all(engine, Cf::Aae, prefix_range(TOMBSTONE_PREFIX), |_, _| {
-            tombstones += 1;
-            Ok(())
-        })?;
+        let tombstones = count_rows(engine, prefix_range(TOMBSTONE_PREFIX))?;
         (
             LEAVES as u32,
             tombstones,
@@ -378,7 +372,9 @@ pub fn open_tree(
         )
     } else if let Some(cursor) = cursor {
         let leaves = load(cursor, &mut tree)?;
-        let tombstones = count_below(leaf_start(cursor))?;
+        // Index rows above the cursor are recounted by the rebuild as it reaches them.
+        let bound = leaf_start(cursor).to_be_bytes();
+        let tombstones = count_rows(engine, prefix_below(TOMBSTONE_PREFIX, Some(&bound)))?;
         info!(node = %node_id, cursor, "resuming the anti-entropy tree rebuild");
         (cursor, tombstones, TreeOpen::Resumed { cursor, leaves })
     } else {
