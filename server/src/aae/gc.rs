@@ -238,6 +238,8 @@ impl<T: Transport> GcWorker<T> {
         let n = self.aae.n();
         // This node's primary tombstones, as stored now.
         let mut entries: Vec<(Bytes, Bytes)> = Vec::new();
+        // Each entry's preference list, for the verdict.
+        let mut replica_lists: Vec<Vec<NodeId>> = Vec::new();
         let mut bytes = 0;
         for (key, _) in rows {
             let replicas = view.ring.preference_list(key_position(&key), n);
@@ -255,6 +257,7 @@ impl<T: Transport> GcWorker<T> {
             bytes += key.len() + stored.len();
             self.seen_this_pass.push(key.clone());
             entries.push((key, Bytes::from(stored)));
+            replica_lists.push(replicas);
             if bytes >= STATES_BATCH_BYTES {
                 break;
             }
@@ -307,9 +310,8 @@ impl<T: Transport> GcWorker<T> {
         }
         let now = Instant::now();
         let mut purge: Vec<(Bytes, Bytes, Vec<NodeId>)> = Vec::new();
-        for ((key, state), answers) in entries.iter().zip(&answers) {
+        for (((key, state), answers), replicas) in entries.iter().zip(&answers).zip(replica_lists) {
             self.metrics.checked.inc();
-            let replicas = view.ring.preference_list(key_position(key), n);
             let v = verdict(&replicas, answers);
             if let Err(why) = &v {
                 self.metrics.failed.inc();
