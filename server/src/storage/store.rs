@@ -1358,13 +1358,7 @@ impl Writer {
         let mut batch = Batch::default();
         let mut outcome = hook.rescan(first, last, &rows, mode, &mut batch);
         outcome.keys = rows.len() as u64;
-        assert!(
-            batch.ops.iter().all(|op| matches!(
-                op,
-                BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
-            )),
-            "a change hook writes only the hints and aae column families"
-        );
+        assert_hook_rows(&batch.ops);
         let written = if batch.is_empty() {
             Ok(())
         } else {
@@ -1416,13 +1410,7 @@ impl Writer {
         if let Some(hook) = self.hook.as_mut() {
             let before = group.batch.ops.len();
             hook.prepare(&mut group.batch);
-            assert!(
-                group.batch.ops[before..].iter().all(|op| matches!(
-                    op,
-                    BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
-                )),
-                "a change hook writes only the hints and aae column families"
-            );
+            assert_hook_rows(&group.batch.ops[before..]);
         }
         if let Some(lease_end) = group.lease {
             group.batch.put(
@@ -1730,13 +1718,7 @@ impl Writer {
         if let Some(hook) = self.hook.as_mut() {
             let before = group.batch.ops.len();
             hook.on_change(key, old, new, new_encoded, &mut group.batch);
-            assert!(
-                group.batch.ops[before..].iter().all(|op| matches!(
-                    op,
-                    BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
-                )),
-                "a change hook writes only the hints and aae column families"
-            );
+            assert_hook_rows(&group.batch.ops[before..]);
         }
     }
 
@@ -1974,6 +1956,17 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// A change hook may write only the hints and aae column families (never data or meta).
+fn assert_hook_rows(ops: &[BatchOp]) {
+    assert!(
+        ops.iter().all(|op| matches!(
+            op,
+            BatchOp::Put(Cf::Hints | Cf::Aae, ..) | BatchOp::Delete(Cf::Hints | Cf::Aae, _)
+        )),
+        "a change hook writes only the hints and aae column families"
+    );
 }
 
 /// Sends the outcomes of `write_early` jobs now; their commit (fsync) result is sent later.
