@@ -13,7 +13,8 @@
 //!    leaves, both sides' (key, digest) lists in storage order (`KeyDigests`, paged), merged;
 //!    a key only here or different is pushed, a key only there or different is fetched.
 //! 4. Repair: `FetchStates` then a local merge; `PushStates` of the local states; batches of
-//!    at most `MAX_STATES` keys and `STATES_BATCH_BYTES`, paced by the keys/s budget.
+//!    at most `MAX_STATES` keys and `STATES_BATCH_BYTES`, paced by the keys/s and bytes/s
+//!    budgets (the tighter one).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -76,9 +77,6 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     cycle_range: Option<Span>,
     cycle: Outcome,
     detail: String,
-    /// Marks (dropped hints) as of the cycle's start: their targets go first, and a mark is
-    /// cleared once an exchange with its target covered its partition.
-    marks: Vec<AaeMark>,
     /// Peers unavailable since when (to sync a peer back from a long absence at once).
     down_since: HashMap<String, Instant>,
     /// Peers back from a long absence, exchanged with before the next cycle.
@@ -119,7 +117,6 @@ impl<T: Transport> AaeWorker<T> {
             cycle_range: None,
             cycle: Outcome::default(),
             detail: "first cycle pending".into(),
-            marks: Vec::new(),
             down_since: HashMap::new(),
             returned: VecDeque::new(),
             long_absence,
@@ -550,7 +547,8 @@ impl<T: Transport> AaeWorker<T> {
     }
 
     async fn start_cycle(&mut self) {
-        self.marks = match self.aae.store().aae_mark_rows().await {
+        // Marks (dropped hints): their targets go first (`settle_marks` clears them).
+        let marks = match self.aae.store().aae_mark_rows().await {
             Ok(marks) => marks,
             Err(e) => {
                 warn!(node = %self.node_id, error = %e, "could not read the anti-entropy marks");
@@ -558,8 +556,8 @@ impl<T: Transport> AaeWorker<T> {
             }
         };
         let m = &self.aae.metrics;
-        m.marked_partitions.set(self.marks.len() as u64);
-        let oldest = self.marks.iter().map(|m| m.marked_ms).min();
+        m.marked_partitions.set(marks.len() as u64);
+        let oldest = marks.iter().map(|m| m.marked_ms).min();
         m.oldest_mark_age_seconds
             .set(oldest.map_or(0, |ms| crate::clock::now_ms().saturating_sub(ms) / 1000));
         let view = self.membership.view();
@@ -570,7 +568,7 @@ impl<T: Transport> AaeWorker<T> {
             .map(|p| p.to_string())
             .collect();
         // Peers with marked ranges (writes they missed beyond their hints) first.
-        queue.sort_by_key(|p| !self.marks.iter().any(|m| m.target == *p));
+        queue.sort_by_key(|p| !marks.iter().any(|m| m.target == *p));
         self.queue = queue.into();
         self.cycle_started = Some(Instant::now());
         self.cycle = Outcome::default();
