@@ -37,7 +37,6 @@ crate::metrics::metric_set! {
 }
 
 pub struct TreeScanWorker {
-    node_id: String,
     aae: Arc<AntiEntropy>,
     keys_per_sec: f64,
     cpu: CpuLoad,
@@ -47,14 +46,12 @@ pub struct TreeScanWorker {
     verify_due: Instant,
     rebuild_started: Option<Instant>,
     pub metrics: Arc<ScanMetrics>,
-    detail: String,
 }
 
 impl TreeScanWorker {
     pub fn new(aae: Arc<AntiEntropy>, keys_per_sec: u32, verify_period: Duration) -> Self {
         let metrics = Arc::new(ScanMetrics::default());
         TreeScanWorker {
-            node_id: String::new(),
             aae,
             keys_per_sec: keys_per_sec.max(1) as f64,
             cpu: CpuLoad::default(),
@@ -63,7 +60,6 @@ impl TreeScanWorker {
             verify_due: Instant::now() + Self::verify_step(verify_period),
             rebuild_started: None,
             metrics,
-            detail: String::new(),
         }
     }
 
@@ -100,10 +96,9 @@ impl Worker for TreeScanWorker {
             "tree trusted; verify scan off".into()
         } else {
             format!(
-                "tree trusted; verify scan at {:.1}% of this pass, {} mismatches found so far{}",
+                "tree trusted; verify scan at {:.1}% of this pass, {} mismatches found so far",
                 self.verify_next as f64 * 100.0 / LEAVES as f64,
                 self.metrics.verify_mismatches.get(),
-                self.detail
             )
         };
         Progress {
@@ -113,9 +108,6 @@ impl Worker for TreeScanWorker {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
-        if self.node_id.is_empty() {
-            self.node_id = self.aae.node_id().to_string();
-        }
         let ready = self.ready();
         if (ready as usize) < LEAVES {
             let started = *self.rebuild_started.get_or_insert_with(Instant::now);
@@ -134,7 +126,7 @@ impl Worker for TreeScanWorker {
                 })?;
             self.metrics.rebuild_keys.inc_by(outcome.keys);
             if self.ready() as usize >= LEAVES {
-                info!(node = %self.node_id, keys = self.metrics.rebuild_keys.get(),
+                info!(node = %self.aae.node_id(), keys = self.metrics.rebuild_keys.get(),
                       secs = started.elapsed().as_secs(), "anti-entropy tree rebuilt from the data");
             }
             self.pace(outcome.keys, REBUILD_SPEEDUP).await;
@@ -154,7 +146,7 @@ impl Worker for TreeScanWorker {
         self.metrics.verify_leaves.inc_by((last - first + 1) as u64);
         if outcome.mismatches > 0 {
             self.metrics.verify_mismatches.inc_by(outcome.mismatches);
-            warn!(node = %self.node_id, first_leaf = first, last_leaf = last,
+            warn!(node = %self.aae.node_id(), first_leaf = first, last_leaf = last,
                   positions = format!("{:016x}..={:016x}", leaf_start(first), leaf_end(last)),
                   mismatches = outcome.mismatches, keys = outcome.keys,
                   "anti-entropy tree leaves did not match the data (fixed)");
