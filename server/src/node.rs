@@ -266,15 +266,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         pool.clone(),
     ));
     if config.aae.enabled {
-        runner.spawn(AaeWorker::new(
-            aae.clone(),
-            membership.clone(),
-            pool.clone(),
-            std::time::Duration::from_secs(config.aae.interval_secs),
-            config.aae.keys_per_sec,
-            config.aae.kib_per_sec << 10,
-            std::time::Duration::from_secs(config.aae.return_after_secs),
-        ));
+        runner.spawn(
+            AaeWorker::new(
+                aae.clone(),
+                membership.clone(),
+                pool.clone(),
+                std::time::Duration::from_secs(config.aae.interval_secs),
+                config.aae.keys_per_sec,
+                config.aae.kib_per_sec << 10,
+                std::time::Duration::from_secs(config.aae.return_after_secs),
+            )
+            .with_replay_probe({
+                let handoff = handoff.clone();
+                Arc::new(move |peer: &str| handoff.replay_running_with(peer))
+            }),
+        );
     }
     let gc_metrics = Arc::new(GcMetrics::default());
     if config.aae.tombstone_gc {

@@ -201,7 +201,17 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
     const BUDGET: f64 = 100.0;
-    let mut c = Cluster::start(5, &["--hint-replay-keys-per-sec", "100"]).await;
+    // Anti-entropy every 2 s: exchanges with n5 fall inside its replay, and must wait for it.
+    let mut c = Cluster::start(
+        5,
+        &[
+            "--hint-replay-keys-per-sec",
+            "100",
+            "--aae-interval-secs",
+            "2",
+        ],
+    )
+    .await;
     let ring = ring_of(&c).await;
     c.nodes[4].stop().unwrap();
     c.wait_converged(Duration::from_secs(15)).await.unwrap();
@@ -296,6 +306,11 @@ async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
     assert!(
         metric(&target, "hints.credits_refused").await > 0,
         "holders were paced"
+    );
+    let all: Vec<usize> = (0..5).collect();
+    assert!(
+        total(&c, &all, "aae.exchanges_deferred").await > 0,
+        "anti-entropy exchanges with n5 waited for its replay"
     );
 }
 

@@ -44,6 +44,13 @@ pub const FIRST_CYCLE_DELAY: Duration = Duration::from_secs(10);
 /// While the data dir is unsynced (new or wiped), cycles start at once and repeat this often
 /// (or at the interval, if shorter) until every peer has been synced from.
 pub const UNSYNCED_RETRY: Duration = Duration::from_secs(2);
+/// An exchange with a peer waits for a hint replay between the two (the replay delivers what
+/// the exchange would find, paced to the target's load, where the exchange would repeat it as
+/// a burst of digests and states), but at most this long.
+pub const MAX_REPLAY_DEFER: Duration = Duration::from_secs(600);
+
+/// Whether a hint replay runs between this node and a peer (`Handoff::replay_running_with`).
+pub type ReplayProbe = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// What one exchange found and did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +82,9 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     cycle_started: Option<Instant>,
     /// The running cycle covers only these positions (`kvctl repair --range`).
     cycle_range: Option<Span>,
+    /// The running cycle was asked for (`kvctl repair`, a peer's `RequestCycle`): it does not
+    /// wait for hint replays.
+    cycle_requested: bool,
     cycle: Outcome,
     detail: String,
     /// Peers unavailable since when (to sync a peer back from a long absence at once).
@@ -84,6 +94,9 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     /// A peer unavailable at least this long is exchanged with as soon as it is back (it may
     /// have missed writes no hint delivers: hints off, dropped or expired).
     long_absence: Duration,
+    replaying: Option<ReplayProbe>,
+    /// Peers whose exchange waits for a hint replay, since when.
+    deferred: Vec<(String, Instant)>,
 }
 
 impl<T: Transport> AaeWorker<T> {
@@ -115,12 +128,55 @@ impl<T: Transport> AaeWorker<T> {
             queue: VecDeque::new(),
             cycle_started: None,
             cycle_range: None,
+            cycle_requested: false,
             cycle: Outcome::default(),
             detail: "first cycle pending".into(),
             down_since: HashMap::new(),
             returned: VecDeque::new(),
             long_absence,
+            replaying: None,
+            deferred: Vec::new(),
         }
+    }
+
+    /// Exchanges with a peer wait while a hint replay runs between the two.
+    pub fn with_replay_probe(mut self, probe: ReplayProbe) -> AaeWorker<T> {
+        self.replaying = Some(probe);
+        self
+    }
+
+    /// Whether the exchange with `peer` waits for a replay (and is then remembered, to run as
+    /// soon as the replay ends): not for a new or wiped data dir (it must sync to answer
+    /// reads), and not past [`MAX_REPLAY_DEFER`].
+    fn defer_for_replay(&mut self, peer: &str) -> bool {
+        let Some(probe) = &self.replaying else {
+            return false;
+        };
+        if self.aae.store().unsynced() || !probe(peer) {
+            return false;
+        }
+        let now = Instant::now();
+        let since = match self.deferred.iter().find(|(p, _)| p == peer) {
+            Some((_, since)) => *since,
+            None => {
+                self.deferred.push((peer.to_string(), now));
+                now
+            }
+        };
+        if now.duration_since(since) >= MAX_REPLAY_DEFER {
+            self.deferred.retain(|(p, _)| p != peer);
+            return false;
+        }
+        self.aae.metrics.deferred.inc();
+        debug!(node = %self.node_id, %peer, "anti-entropy exchange waits for the hint replay with the peer");
+        true
+    }
+
+    /// A deferred peer whose replay has ended, to exchange with now.
+    fn replay_ended(&mut self) -> Option<String> {
+        let probe = self.replaying.as_ref()?;
+        let i = self.deferred.iter().position(|(p, _)| !probe(p))?;
+        Some(self.deferred.remove(i).0)
     }
 
     /// Notes which peers are down, and queues those back after at least `long_absence`.
@@ -217,6 +273,9 @@ impl<T: Transport> AaeWorker<T> {
             return;
         };
         if !view.is_alive(&peer) {
+            return;
+        }
+        if !self.cycle_requested && self.defer_for_replay(&peer) {
             return;
         }
         // Only the trusted part of the tree takes part while it is being rebuilt, and only
@@ -579,6 +638,7 @@ impl<T: Transport> AaeWorker<T> {
         let m = &self.aae.metrics;
         self.aae.set_running(false);
         self.cycle_range = None;
+        self.cycle_requested = false;
         if let Some(started) = self.cycle_started.take() {
             m.cycles.inc();
             m.last_cycle_seconds.set(started.elapsed().as_secs());
@@ -652,6 +712,10 @@ impl<T: Transport> Worker for AaeWorker<T> {
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
         self.watch_returns();
         if self.cycle_started.is_none() {
+            if let Some(peer) = self.replay_ended() {
+                self.exchange_step(peer).await;
+                return Ok(WorkerState::Busy);
+            }
             if let Some(peer) = self.returned.pop_front() {
                 self.aae.metrics.return_syncs.inc();
                 self.exchange_step(peer).await;
@@ -663,6 +727,7 @@ impl<T: Transport> Worker for AaeWorker<T> {
             }
             let interval_due = Instant::now() >= self.next_cycle;
             let requested = self.aae.take_request();
+            self.cycle_requested = requested.is_some();
             self.cycle_range = match (interval_due, requested) {
                 (false, None) => return Ok(WorkerState::Idle),
                 (true, _) => None,

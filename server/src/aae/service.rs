@@ -42,6 +42,7 @@ crate::metrics::metric_set! {
         oldest_mark_age_seconds: Gauge = "oldest_mark_age_seconds", "age of the oldest such mark at the last cycle's start (0: none): how long a range has waited to be synced";
         marks_cleared: Counter = "marks_cleared", "marks cleared after an exchange synced their partition (or the target agreed to run a cycle)";
         return_syncs: Counter = "return_syncs", "exchanges run at once with a peer back from a long absence";
+        deferred: Counter = "exchanges_deferred", "exchanges put off while a hint replay ran with the peer";
     }
 }
 

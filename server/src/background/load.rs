@@ -20,6 +20,12 @@ pub const FLOOR_AT: f64 = 0.9;
 /// 2%: at 10% a replay of ~500 keys/s into a saturated 2-core node still multiplied the
 /// open-loop p99 about 5x (docs/benchmarks.md, hinted handoff).
 pub const FLOOR: f64 = 0.02;
+/// How fast a pace may rise, in budget share per second (falls are immediate): from the floor
+/// to whole takes about four seconds. The CPU reading lags the load by an interval, so a pace
+/// that jumped to whole on one idle reading (a node just restarted, before its clients came
+/// back) granted seconds of background work that then ran into the foreground's return: the
+/// first second of a replay multiplied the open-loop p99 (docs/benchmarks.md, hinted handoff).
+pub const RAMP_PER_SEC: f64 = 0.25;
 
 /// The share of a background budget to grant when the CPUs are `busy` (0..=1): 1 up to
 /// [`YIELD_FROM`], falling linearly to [`FLOOR`] at [`FLOOR_AT`].
@@ -49,11 +55,41 @@ pub fn parse_proc_stat(text: &str) -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// A pace that follows its target down at once and up at most [`RAMP_PER_SEC`] (sans-IO).
+#[derive(Debug, Clone, Copy)]
+pub struct Ramp {
+    pace: f64,
+    at: Option<Instant>,
+}
+
+impl Default for Ramp {
+    /// Starts at the floor: a start must not burst.
+    fn default() -> Ramp {
+        Ramp {
+            pace: FLOOR,
+            at: None,
+        }
+    }
+}
+
+impl Ramp {
+    /// The pace at `now` towards `target` (0..=1).
+    pub fn next(&mut self, now: Instant, target: f64) -> f64 {
+        let rise = self.at.map_or(0.0, |at| {
+            now.saturating_duration_since(at).as_secs_f64() * RAMP_PER_SEC
+        });
+        self.pace = target.min(self.pace + rise);
+        self.at = Some(now);
+        self.pace
+    }
+}
+
 /// The machine's CPU use over the last [`SAMPLE_INTERVAL`] or more.
 #[derive(Debug, Default)]
 pub struct CpuLoad {
     last: Option<(Instant, u64, u64)>,
     busy: Option<f64>,
+    ramp: Ramp,
 }
 
 impl CpuLoad {
@@ -82,16 +118,17 @@ impl CpuLoad {
         self.busy
     }
 
-    /// The share of a background budget to grant now: [`yield_scale`] of the CPU use. While
-    /// the first interval is still being measured (a node just started, typically into a
-    /// backlog of hints) it is the floor, not the whole budget: a start must not burst. Off
-    /// Linux (no `/proc/stat`) budgets stay whole.
+    /// The share of a background budget to grant now: [`yield_scale`] of the CPU use, rising
+    /// from the floor at most [`RAMP_PER_SEC`] (a node just started, typically into a backlog
+    /// of hints, does not burst on its first idle reading). Off Linux (no `/proc/stat`)
+    /// budgets stay whole.
     pub fn pace(&mut self) -> f64 {
-        match self.busy() {
+        let target = match self.busy() {
             Some(busy) => yield_scale(busy),
             None if self.last.is_some() => FLOOR,
-            None => 1.0,
-        }
+            None => return 1.0,
+        };
+        self.ramp.next(Instant::now(), target)
     }
 }
 
@@ -128,8 +165,37 @@ mod tests {
         assert_eq!(cpu.pace(), FLOOR);
         std::thread::sleep(SAMPLE_INTERVAL + Duration::from_millis(50));
         let pace = cpu.pace();
-        assert!((FLOOR..=1.0).contains(&pace), "{pace}");
+        assert!(
+            (FLOOR..=FLOOR + 0.5 * RAMP_PER_SEC).contains(&pace),
+            "{pace}: rises by the ramp at most, whatever the reading"
+        );
         assert!(cpu.busy().is_some(), "measured once the interval passed");
+    }
+
+    /// From the floor, an idle reading raises the pace by the ramp only; a busy one drops it
+    /// at once; a long gap allows the whole rise.
+    #[test]
+    fn a_pace_rises_by_the_ramp_and_falls_at_once() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut ramp = Ramp::default();
+        assert_eq!(ramp.next(at(0), 1.0), FLOOR, "a start does not burst");
+        let p = ramp.next(at(1000), 1.0);
+        assert!((p - (FLOOR + RAMP_PER_SEC)).abs() < 1e-9, "{p}");
+        assert_eq!(ramp.next(at(1100), 0.1), 0.1, "falls at once");
+        let p = ramp.next(at(1300), 1.0);
+        assert!((p - (0.1 + 0.2 * RAMP_PER_SEC)).abs() < 1e-9, "{p}");
+        assert_eq!(
+            ramp.next(at(60_000), 1.0),
+            1.0,
+            "a long gap allows the whole rise"
+        );
+        assert_eq!(
+            ramp.next(at(59_000), 0.5),
+            0.5,
+            "time going backwards rises nothing"
+        );
+        assert_eq!(ramp.next(at(59_500), 1.0), 0.5 + 0.5 * RAMP_PER_SEC);
     }
 
     #[test]

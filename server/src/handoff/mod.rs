@@ -17,6 +17,7 @@ pub mod budget;
 pub mod replay;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,7 +77,12 @@ pub struct Handoff {
     applying: tokio::sync::Mutex<()>,
     /// The machine's CPU use: the replay budget yields to foreground work.
     cpu: Mutex<CpuLoad>,
+    /// When this node last granted replay credits (ms since the epoch, 0 = never).
+    last_grant_ms: AtomicU64,
 }
+
+/// A target that granted replay credits this recently counts as being replayed into.
+pub const REPLAY_ACTIVE_MS: u64 = 5_000;
 
 impl Handoff {
     pub fn new(node_id: String, store: Arc<Store>, settings: HintSettings) -> Handoff {
@@ -92,7 +98,23 @@ impl Handoff {
             replay: Arc::default(),
             applying: tokio::sync::Mutex::new(()),
             cpu: Mutex::default(),
+            last_grant_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a hint replay runs between this node and `peer`: this node's replay worker is
+    /// replaying (or pacing) its hints for `peer`, or this node granted replay credits within
+    /// [`REPLAY_ACTIVE_MS`] (holders are replaying into it; which ones is not recorded, so
+    /// every peer counts). Anti-entropy exchanges wait for it (`aae::exchange`).
+    pub fn replay_running_with(&self, peer: &str) -> bool {
+        let holding = self
+            .replay
+            .lock()
+            .expect("replay lock poisoned")
+            .get(peer)
+            .is_some_and(|r| matches!(r.state, "replaying" | "paced"));
+        let granted = self.last_grant_ms.load(Ordering::Relaxed);
+        holding || (granted > 0 && now_ms().saturating_sub(granted) < REPLAY_ACTIVE_MS)
     }
 
     fn error(&self, kind: ErrorKind, definite: bool, msg: String) -> PeerResponse {
@@ -150,6 +172,7 @@ impl Handoff {
                     self.metrics.credits_refused.inc();
                 }
                 self.metrics.credits_granted.inc_by(grant.keys as u64);
+                self.last_grant_ms.store(now_ms(), Ordering::Relaxed);
                 PeerResponse::Handoff(HandoffResponse::Credits {
                     keys: grant.keys,
                     bytes: grant.bytes,
