@@ -297,7 +297,14 @@ struct Routing {
 
 impl Routing {
     fn new(reply: &RingReply, nodes: &[Node]) -> Routing {
-        let ring = Ring::new(reply.members.iter().map(|m| (m.node_id.as_str(), m.tokens)));
+        let ring = Ring::with_token_names(reply.members.iter().map(|m| {
+            let name = if m.tokens_of.is_empty() {
+                m.node_id.as_str()
+            } else {
+                m.tokens_of.as_str()
+            };
+            (m.node_id.as_str(), name, m.tokens)
+        }));
         let targets = reply
             .members
             .iter()
@@ -577,6 +584,19 @@ impl Client {
         }
     }
 
+    /// A `kvctl cluster` request (JSON, see docs/protocol.md); the contacted node forwards it
+    /// to the claimant. The reply is JSON too.
+    pub async fn cluster(&self, json: Vec<u8>) -> Result<Bytes, Error> {
+        let timeout = self.inner.config.request_timeout;
+        let (addr, resp) = self
+            .call(Request::Cluster(Bytes::from(json)), timeout, true, None)
+            .await?;
+        match resp {
+            Response::Cluster(r) => Ok(r),
+            other => Err(unexpected(&addr, other)),
+        }
+    }
+
     /// The address index to send a request for `key` to: a live replica of the key when the
     /// client is ring-aware and knows the ring, else `None` (the preferred address). Starts a
     /// ring read in the background when the ring is unknown or older than `RING_REFRESH`.
@@ -759,6 +779,7 @@ mod routing_tests {
             tokens: 64,
             primary_ppm: 0,
             alive,
+            tokens_of: id.into(),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod opcode {
     pub const RING: u8 = 0x06;
     pub const MEMBERS: u8 = 0x07;
     pub const REPAIR: u8 = 0x08;
+    pub const CLUSTER: u8 = 0x09;
 
     pub const PONG: u8 = 0x81;
     pub const STATUS_REPLY: u8 = 0x82;
@@ -24,6 +25,7 @@ pub mod opcode {
     pub const RING_REPLY: u8 = 0x86;
     pub const MEMBERS_REPLY: u8 = 0x87;
     pub const REPAIR_REPLY: u8 = 0x88;
+    pub const CLUSTER_REPLY: u8 = 0x89;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -94,6 +96,8 @@ pub enum Request {
     Repair {
         range: Option<(u64, u64)>,
     },
+    /// A ring change or layout request (`kvctl cluster …`), JSON: see docs/protocol.md.
+    Cluster(Bytes),
 }
 
 /// What `Repair` started: the contacted node's count of completed anti-entropy cycles, and
@@ -116,6 +120,8 @@ pub struct RingMember {
     pub primary_ppm: u32,
     /// Whether the reporting node currently considers it reachable.
     pub alive: bool,
+    /// The name its tokens are derived from: its own id, or the id of the node it replaced.
+    pub tokens_of: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -368,6 +374,8 @@ pub enum Response {
     Ring(RingReply),
     Members(MembersReply),
     Repair(RepairReply),
+    /// The reply to `Cluster` (JSON).
+    Cluster(Bytes),
     Error(ErrorReply),
 }
 
@@ -382,6 +390,7 @@ impl Request {
             Request::Ring => opcode::RING,
             Request::Members => opcode::MEMBERS,
             Request::Repair { .. } => opcode::REPAIR,
+            Request::Cluster(_) => opcode::CLUSTER,
         }
     }
 
@@ -421,6 +430,7 @@ impl Request {
                 put_bytes(dst, context);
                 put_write_opts(dst, opts);
             }
+            Request::Cluster(json) => put_bytes(dst, json),
         }
     }
 
@@ -458,6 +468,7 @@ impl Request {
                 };
                 Request::Repair { range }
             }
+            opcode::CLUSTER => Request::Cluster(r.bytes("cluster", MAX_REQUEST_BODY_LEN)?),
             opcode::GET => {
                 let key = r.bytes("key", MAX_REQUEST_BODY_LEN)?;
                 let opts = ReadOptions {
@@ -492,7 +503,8 @@ impl Request {
             | Request::Status
             | Request::Ring
             | Request::Members
-            | Request::Repair { range: None } => return Ok(()),
+            | Request::Repair { range: None }
+            | Request::Cluster(_) => return Ok(()),
             Request::Repair {
                 range: Some((first, last)),
             } => {
@@ -715,6 +727,7 @@ impl Response {
             Response::Ring(_) => opcode::RING_REPLY,
             Response::Members(_) => opcode::MEMBERS_REPLY,
             Response::Repair(_) => opcode::REPAIR_REPLY,
+            Response::Cluster(_) => opcode::CLUSTER_REPLY,
             Response::Error(_) => opcode::ERROR,
         }
     }
@@ -756,12 +769,14 @@ impl Response {
                     dst.put_u32(m.tokens);
                     dst.put_u32(m.primary_ppm);
                     dst.put_u8(m.alive as u8);
+                    put_bytes(dst, m.tokens_of.as_bytes());
                 }
             }
             Response::Repair(r) => {
                 dst.put_u64(r.completed);
                 dst.put_u64(r.done_at);
             }
+            Response::Cluster(json) => put_bytes(dst, json),
             Response::Members(m) => {
                 dst.put_u32(m.phi_threshold_milli);
                 put_count(dst, m.members.len());
@@ -842,6 +857,7 @@ impl Response {
                         tokens: r.u32("tokens")?,
                         primary_ppm: r.u32("primary_ppm")?,
                         alive: r.u8("alive")? != 0,
+                        tokens_of: r.text("tokens_of", 256)?,
                     });
                 }
                 Response::Ring(RingReply {
@@ -852,6 +868,7 @@ impl Response {
                     members,
                 })
             }
+            opcode::CLUSTER_REPLY => Response::Cluster(r.bytes("cluster", MAX_RESPONSE_BODY_LEN)?),
             opcode::REPAIR_REPLY => Response::Repair(RepairReply {
                 completed: r.u64("completed")?,
                 done_at: r.u64("done_at")?,

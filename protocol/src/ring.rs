@@ -12,6 +12,17 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 pub type NodeId = Arc<str>;
 
+/// An inclusive span of ring positions, `first <= last` (never wrapping).
+pub type Span = (u64, u64);
+
+/// Appends `span` to ascending, disjoint `spans`, extending the last one when they touch.
+pub fn push_span(spans: &mut Vec<Span>, span: Span) {
+    match spans.last_mut() {
+        Some(prev) if prev.1.checked_add(1) == Some(span.0) => prev.1 = span.1,
+        _ => spans.push(span),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ring {
     /// `(token, index into nodes)`, ascending by token (ties by node index).
@@ -46,16 +57,30 @@ impl Ring {
         I: IntoIterator<Item = (S, u32)>,
         S: AsRef<str>,
     {
-        let mut ms: Vec<(NodeId, u32)> = members
+        let ms: Vec<(String, u32)> = members
             .into_iter()
-            .map(|(id, v)| (NodeId::from(id.as_ref()), v))
+            .map(|(id, v)| (id.as_ref().to_string(), v))
+            .collect();
+        Ring::with_token_names(ms.iter().map(|(id, v)| (id.as_str(), id.as_str(), *v)))
+    }
+
+    /// Builds the ring from `(node id, token name, vnodes)`: the node's tokens are those of
+    /// `token name` (its own id, or the id of the node it replaced, whose ranges it took over).
+    /// Duplicate ids keep the first entry.
+    pub fn with_token_names<'a, I>(members: I) -> Ring
+    where
+        I: IntoIterator<Item = (&'a str, &'a str, u32)>,
+    {
+        let mut ms: Vec<(NodeId, &str, u32)> = members
+            .into_iter()
+            .map(|(id, name, v)| (NodeId::from(id), name, v))
             .collect();
         ms.sort_by(|a, b| a.0.cmp(&b.0));
         ms.dedup_by(|a, b| a.0 == b.0);
-        let mut tokens = Vec::with_capacity(ms.iter().map(|m| m.1 as usize).sum());
-        for (idx, (id, vnodes)) in ms.iter().enumerate() {
+        let mut tokens = Vec::with_capacity(ms.iter().map(|m| m.2 as usize).sum());
+        for (idx, (_, name, vnodes)) in ms.iter().enumerate() {
             for i in 0..*vnodes {
-                tokens.push((token(id, i), idx as u32));
+                tokens.push((token(name, i), idx as u32));
             }
         }
         tokens.sort_unstable();

@@ -125,6 +125,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
         |(node_id, tokens, primary_ppm, alive)| RingMember {
             client_addr: format!("{node_id}:1"),
             peer_addr: format!("{node_id}:2"),
+            tokens_of: node_id.clone(),
             node_id,
             tokens,
             primary_ppm,

@@ -131,6 +131,11 @@ pub struct Cli {
     /// (for testing that those alone converge them).
     #[arg(long, value_name = "BOOL")]
     pub read_repair: Option<bool>,
+    /// Join this node automatically while it owns nothing (default true): the claimant stages
+    /// and commits its join, and its ranges are transferred before it owns them, like a
+    /// Cassandra bootstrap. false = it waits for `kvctl cluster join` + `commit` (Riak style).
+    #[arg(long, value_name = "BOOL")]
+    pub auto_join: Option<bool>,
     /// Merkle-tree anti-entropy with the other replicas (default true).
     #[arg(long, value_name = "BOOL")]
     pub anti_entropy: Option<bool>,
@@ -193,6 +198,7 @@ pub struct FileConfig {
     pub hint_replay_keys_per_sec: Option<u32>,
     pub hint_replay_kib_per_sec: Option<u64>,
     pub read_repair: Option<bool>,
+    pub auto_join: Option<bool>,
     pub anti_entropy: Option<bool>,
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
@@ -303,6 +309,7 @@ pub struct Config {
     pub hints: HintSettings,
     pub aae: AaeSettings,
     pub read_repair: bool,
+    pub auto_join: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -632,6 +639,7 @@ impl Config {
             hints,
             aae,
             read_repair: cli.read_repair.or(file.read_repair).unwrap_or(true),
+            auto_join: cli.auto_join.or(file.auto_join).unwrap_or(true),
         })
     }
 

@@ -10,6 +10,7 @@ pub mod aae;
 pub mod api;
 pub mod background;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod coordinator;
 pub mod handoff;

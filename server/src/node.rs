@@ -15,12 +15,15 @@ use crate::aae::exchange::AaeWorker;
 use crate::aae::gc::{GcMetrics, GcWorker};
 use crate::aae::scan::TreeScanWorker;
 use crate::aae::service::AntiEntropy;
+use crate::aae::transfer::{TransferMetrics, TransferStatus, TransferWorker};
 use crate::api::admin::Admin;
 use crate::api::client::{ClientApi, ClientHandler};
 use crate::api::peer::{PeerApi, PeerHandler};
 use crate::api::RequestMetrics;
 use crate::background::{Progress, RunState, Runner};
 use crate::clock::now_ms;
+use crate::cluster::worker::LayoutWorker;
+use crate::cluster::ClusterService;
 use crate::config::Config;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::handoff::replay::ReplayWorker;
@@ -42,6 +45,10 @@ use ringkv_protocol::auth::PeerKey;
 /// File in the data dir holding the ring: every member's identity and metadata, one JSON line
 /// each (loaded at start; its members are also seeds).
 pub const RING_FILE: &str = "ring.jsonl";
+/// The cluster layout this node has (docs/architecture.md, "Ring changes").
+pub const LAYOUT_FILE: &str = "layout.json";
+/// The checkpoint of the ranges this node is receiving (`aae::transfer`).
+pub const TRANSFER_FILE: &str = "transfer.json";
 
 /// How long shutdown waits for the workers (after the listeners drained) before aborting them.
 pub const WORKER_SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -203,6 +210,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         seeds,
         ring_file: Some(ring_file),
         lone,
+        layout_file: Some(config.data_dir.join(LAYOUT_FILE)),
+        auto_join: config.auto_join,
         phi: PhiConfig {
             threshold: config.phi_threshold,
             ..PhiConfig::default()
@@ -282,6 +291,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             }),
         );
     }
+    let cluster = Arc::new(ClusterService::new(
+        node_id.clone(),
+        config.n as usize,
+        membership.clone(),
+        store.clone(),
+        pool.clone(),
+    ));
+    runner.spawn(LayoutWorker::new(cluster.clone()));
+    let transfer_metrics = Arc::new(TransferMetrics::default());
+    transfer_metrics.register(&registry, "transfer.");
+    let transfer_status = TransferStatus::default();
+    runner.spawn(TransferWorker::new(
+        config.n as usize,
+        membership.clone(),
+        AaeWorker::new(
+            aae.clone(),
+            membership.clone(),
+            pool.clone(),
+            std::time::Duration::from_secs(config.aae.interval_secs),
+            config.aae.keys_per_sec,
+            config.aae.kib_per_sec << 10,
+            std::time::Duration::from_secs(config.aae.return_after_secs),
+        ),
+        Some(config.data_dir.join(TRANSFER_FILE)),
+        transfer_metrics,
+        transfer_status.clone(),
+    ));
+    cluster.metrics.register(&registry, "cluster.");
     let gc_metrics = Arc::new(GcMetrics::default());
     if config.aae.tombstone_gc {
         // Nothing sent before a tombstone's first stability check may land after the second.
@@ -337,6 +374,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         handoff: handoff.clone(),
         tree: tree.clone(),
         aae: aae.clone(),
+        cluster: cluster.clone(),
+        transfers: transfer_status,
         started: std::time::Instant::now(),
     });
     let client_api = Arc::new(ClientApi {
@@ -352,6 +391,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         coordinator,
         handoff,
         aae,
+        cluster,
         net: peer_net.clone(),
     });
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ringkv_protocol::peer::MemberInfo;
 
 use crate::membership::ClusterView;
-use crate::ring::{NodeId, Ring};
+use crate::ring::NodeId;
 
 /// The peer address test views give `node`.
 pub fn peer_addr(node: &str) -> String {
@@ -29,9 +29,26 @@ pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
             (NodeId::from(*id), info)
         })
         .collect();
+    let layout = crate::membership::layout::Layout {
+        version: 1,
+        current: nodes
+            .iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    crate::membership::layout::Owner::new(id, 16),
+                )
+            })
+            .collect(),
+        next: None,
+        retired: Default::default(),
+    };
     ClusterView {
         me: me.into(),
-        ring: Ring::new(nodes.iter().map(|id| (*id, 16u32))),
+        ring: layout.current_ring(),
+        next: None,
+        layout: std::sync::Arc::new(layout),
+        seen: BTreeMap::new(),
         members,
         alive: alive.iter().map(|id| NodeId::from(*id)).collect(),
         version: 1,

@@ -12,7 +12,8 @@
 //! | replica | 0x28–0x2F | 0xA8–0xAF | the replica service |
 //! | coordinator | 0x30–0x37 | 0xB0–0xB7 | the coordinator (forwarded writes) |
 //! | handoff | 0x38–0x3F | 0xB8–0xBF | hinted handoff: hints, sloppy reads, paced replay |
-//! | (reserved) | 0x40–0x4F | 0xC0–0xCF | anti-entropy, transfers |
+//! | aae | 0x40–0x47 | 0xC0–0xC7 | anti-entropy, tombstone GC, transfers |
+//! | cluster | 0x48–0x4F | 0xC8–0xCF | the layout, staged ring changes |
 //!
 //! Every peer connection starts with the authenticated handshake of `auth.rs`: `Hello` →
 //! `Challenge` → `HelloProof` → `HelloAck`. Until it completes a node serves nothing else and
@@ -20,6 +21,7 @@
 //! proof `Unauthenticated`, and the connection is closed.
 
 pub mod aae;
+pub mod cluster;
 pub mod coordinator;
 pub mod handoff;
 pub mod replica;
@@ -34,6 +36,7 @@ use crate::message::{
 use crate::wire::{put_bytes, DecodeError, Reader};
 
 pub use aae::{AaeRequest, AaeResponse, CellRef};
+pub use cluster::{ClusterRequest, ClusterResponse};
 pub use coordinator::{CoordinatorRequest, CoordinatorResponse};
 pub use handoff::{HandoffRequest, HandoffResponse};
 pub use replica::{ReplicaRequest, ReplicaResponse};
@@ -50,11 +53,13 @@ pub mod family {
     pub const COORDINATOR: RangeInclusive<u8> = 0x30..=0x37;
     pub const HANDOFF: RangeInclusive<u8> = 0x38..=0x3F;
     pub const AAE: RangeInclusive<u8> = 0x40..=0x47;
+    pub const CLUSTER: RangeInclusive<u8> = 0x48..=0x4F;
 }
 
 /// Every peer opcode, for tests and raw clients.
 pub mod peer_opcode {
     pub use super::aae::op::*;
+    pub use super::cluster::op::*;
     pub use super::coordinator::op::*;
     pub use super::handoff::op::*;
     pub use super::replica::op::*;
@@ -95,6 +100,7 @@ pub enum PeerRequest {
     Coordinator(CoordinatorRequest),
     Handoff(HandoffRequest),
     Aae(AaeRequest),
+    Cluster(ClusterRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +110,7 @@ pub enum PeerResponse {
     Coordinator(CoordinatorResponse),
     Handoff(HandoffResponse),
     Aae(AaeResponse),
+    Cluster(ClusterResponse),
     Error(ErrorReply),
 }
 
@@ -147,6 +154,7 @@ impl PeerRequest {
             PeerRequest::Coordinator(m) => encode_family(m, request_id),
             PeerRequest::Handoff(m) => encode_family(m, request_id),
             PeerRequest::Aae(m) => encode_family(m, request_id),
+            PeerRequest::Cluster(m) => encode_family(m, request_id),
         }
     }
 
@@ -162,6 +170,8 @@ impl PeerRequest {
             PeerRequest::Handoff(HandoffRequest::decode(opcode, &mut r)?)
         } else if family::AAE.contains(&opcode) {
             PeerRequest::Aae(AaeRequest::decode(opcode, &mut r)?)
+        } else if family::CLUSTER.contains(&opcode) {
+            PeerRequest::Cluster(ClusterRequest::decode(opcode, &mut r)?)
         } else {
             return Err(DecodeError::UnknownOpcode(opcode));
         };
@@ -183,6 +193,7 @@ impl PeerResponse {
             PeerResponse::Coordinator(m) => encode_family(m, request_id),
             PeerResponse::Handoff(m) => encode_family(m, request_id),
             PeerResponse::Aae(m) => encode_family(m, request_id),
+            PeerResponse::Cluster(m) => encode_family(m, request_id),
             PeerResponse::Error(e) => {
                 let mut b = BytesMut::with_capacity(BODY_SLACK + e.message.len());
                 encode_error(&mut b, e);
@@ -208,6 +219,8 @@ impl PeerResponse {
             PeerResponse::Handoff(HandoffResponse::decode(opcode, &mut r)?)
         } else if family::AAE.contains(&request) {
             PeerResponse::Aae(AaeResponse::decode(opcode, &mut r)?)
+        } else if family::CLUSTER.contains(&request) {
+            PeerResponse::Cluster(ClusterResponse::decode(opcode, &mut r)?)
         } else {
             return Err(DecodeError::UnknownOpcode(opcode));
         };
@@ -309,6 +322,11 @@ mod tests {
                 entries: vec![(Bytes::from_static(b"b"), Bytes::from_static(b"t"))],
             }),
             PeerRequest::Aae(AaeRequest::RequestCycle),
+            PeerRequest::Cluster(ClusterRequest::GetLayout),
+            PeerRequest::Cluster(ClusterRequest::Admin(Bytes::from_static(
+                b"{\"Plan\":null}",
+            ))),
+            PeerRequest::Cluster(ClusterRequest::Stats),
         ];
         for r in reqs {
             let f = r.to_frame(9);
@@ -347,6 +365,12 @@ mod tests {
             ])),
             PeerResponse::Aae(AaeResponse::Merged(vec![true, false])),
             PeerResponse::Aae(AaeResponse::TombstoneStatus(vec![0, 15, 3])),
+            PeerResponse::Cluster(ClusterResponse::Layout(Bytes::from_static(b"{}"))),
+            PeerResponse::Cluster(ClusterResponse::AdminReply(Bytes::from_static(b"{}"))),
+            PeerResponse::Cluster(ClusterResponse::Stats {
+                keys: 7,
+                bytes: 900,
+            }),
             PeerResponse::Error(ErrorReply {
                 kind: ErrorKind::WrongCluster,
                 definite: true,

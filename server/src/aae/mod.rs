@@ -8,6 +8,7 @@ pub mod gc;
 pub mod ranges;
 pub mod scan;
 pub mod service;
+pub mod transfer;
 
 use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerRequest, PeerResponse};
 

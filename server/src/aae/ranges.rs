@@ -6,18 +6,8 @@
 
 use std::collections::BTreeMap;
 
+pub use ringkv_protocol::ring::{push_span, Span};
 use ringkv_protocol::ring::{NodeId, Ring};
-
-/// An inclusive span of ring positions, `first <= last` (never wrapping).
-pub type Span = (u64, u64);
-
-/// Appends `span` to ascending, disjoint `spans`, extending the last one when they touch.
-pub fn push_span(spans: &mut Vec<Span>, span: Span) {
-    match spans.last_mut() {
-        Some(prev) if prev.1.checked_add(1) == Some(span.0) => prev.1 = span.1,
-        _ => spans.push(span),
-    }
-}
 
 /// Whether ascending, disjoint, merged `spans` (as `push_span` builds them) hold every position
 /// of `first..=last`.

@@ -388,13 +388,11 @@ impl AntiEntropy {
         paced_chunks(entries, None, purge, |_| false).await
     }
 
-    /// Whether this node is among the first `n` replicas of `key` in its current ring.
+    /// Whether this node is among the first `n` replicas of `key` in its current ring, or in
+    /// the next one while a transition runs (it is receiving the key's range).
     pub fn replicates(&self, key: &[u8]) -> bool {
         let view = self.membership.view();
-        view.ring
-            .preference_list(key_position(key), self.n)
-            .iter()
-            .any(|p| *p == view.me)
+        view.replicates(&view.me, key_position(key), self.n)
     }
 
     /// Merges states (from a peer's push, or fetched by this node's own exchange) into this

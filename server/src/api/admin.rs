@@ -8,6 +8,7 @@ use ringkv_protocol::{ErrorKind, Response, RingMember, RingReply, StatusReply};
 
 use crate::aae::service::AntiEntropy;
 use crate::background::Runner;
+use crate::cluster::ClusterService;
 use crate::config::Config;
 use crate::handoff::Handoff;
 use crate::membership::Membership;
@@ -30,6 +31,9 @@ pub struct Admin {
     pub tree: SharedTree,
     /// Anti-entropy: `repair` starts a cycle.
     pub aae: Arc<AntiEntropy>,
+    pub cluster: Arc<ClusterService>,
+    /// The transfers into this node (`transfer.<source>` lines).
+    pub transfers: crate::aae::transfer::TransferStatus,
     pub started: Instant,
 }
 
@@ -47,6 +51,19 @@ impl Admin {
                 .map(|w| (format!("worker.{}", w.name), w.summary())),
         );
         info.extend(self.handoff.status_lines());
+        info.extend(crate::aae::transfer::status_lines(&self.transfers));
+        info.push((
+            "layout".into(),
+            format!(
+                "v{}{}",
+                view.layout.version,
+                if view.layout.next.is_some() {
+                    " (transition running)"
+                } else {
+                    ""
+                }
+            ),
+        ));
         let root = self.tree.read().expect("tree lock poisoned").root();
         info.push(("aae.tree_root".into(), format!("{root:016x}")));
         StatusReply {
@@ -92,6 +109,11 @@ impl Admin {
                     tokens: o.tokens,
                     primary_ppm: (o.primary_share * 1_000_000.0).round() as u32,
                     alive: view.is_alive(&o.node),
+                    tokens_of: view
+                        .layout
+                        .current
+                        .get(&*o.node)
+                        .map_or_else(|| o.node.to_string(), |m| m.tokens_of.clone()),
                 }
             })
             .collect();

@@ -62,6 +62,10 @@ impl ClientApi {
                 m.repair.inc();
                 self.admin.repair(range)
             }
+            Request::Cluster(json) => {
+                m.cluster.inc();
+                Response::Cluster(self.admin.cluster.admin(&json).await)
+            }
             Request::Get { key, opts } => {
                 timed(&m.get, &m.get_seconds, self.coordinator.get(key, opts)).await
             }

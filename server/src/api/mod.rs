@@ -23,6 +23,7 @@ crate::metrics::metric_set! {
         ping: Counter = "requests.ping", "client pings";
         status: Counter = "requests.status", "status requests";
         ring: Counter = "requests.ring", "ring requests";
+        cluster: Counter = "requests.cluster", "kvctl cluster requests";
         members: Counter = "requests.members", "members requests";
         repair: Counter = "requests.repair", "repair requests (anti-entropy cycles started on demand)";
         errors: Counter = "requests.errors", "client requests answered with an error";

@@ -8,6 +8,7 @@ use ringkv_protocol::peer::{PeerRequest, PeerResponse, SessionRequest, SessionRe
 use ringkv_protocol::{ErrorKind, Frame};
 
 use crate::aae::service::AntiEntropy;
+use crate::cluster::ClusterService;
 use crate::coordinator::Coordinator;
 use crate::handoff::Handoff;
 use crate::metrics::ListenerMetrics;
@@ -22,6 +23,7 @@ pub struct PeerApi {
     pub coordinator: Arc<Coordinator>,
     pub handoff: Arc<Handoff>,
     pub aae: Arc<AntiEntropy>,
+    pub cluster: Arc<ClusterService>,
     pub net: ListenerMetrics,
 }
 
@@ -43,6 +45,7 @@ impl PeerApi {
             PeerRequest::Coordinator(req) => self.coordinator.serve_peer(req).await,
             PeerRequest::Handoff(req) => self.handoff.serve(req).await,
             PeerRequest::Aae(req) => self.aae.serve(req).await,
+            PeerRequest::Cluster(req) => self.cluster.serve(req).await,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! at most the threshold. Members stay in the ring while down (Dynamo-style: routing skips them,
 //! they are not removed); only the `Removed` ring status takes a node out.
 
+pub mod layout;
 pub mod phi;
 pub mod swim;
 
@@ -21,20 +22,41 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ring::{NodeId, Ring};
+use layout::Layout;
 use swim::{Command, Driver, GossipStats, MembershipWorker, RingId, SwimConfig};
+
+/// What a member says of its layout in its gossip metadata.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayoutSeen {
+    pub version: u64,
+    pub digest: u64,
+    /// The newest layout version whose incoming transfers the member completed.
+    pub synced: u64,
+    /// It asks to be joined automatically while it owns nothing.
+    pub auto_join: bool,
+}
 
 /// An immutable snapshot of the cluster as this node sees it.
 #[derive(Debug, Clone)]
 pub struct ClusterView {
     pub me: NodeId,
-    /// Every ring member (down ones included), with its addresses and vnodes.
+    /// Every known member that is not retired (down ones and non-owners included), with its
+    /// addresses and vnodes.
     pub members: BTreeMap<NodeId, MemberInfo>,
+    /// The ring of the layout's current owners: reads and coordination use it.
     pub ring: Ring,
+    /// While a committed plan's transfers run: the ring after it (writes also go to its
+    /// replicas).
+    pub next: Option<Ring>,
+    /// The layout the rings come from.
+    pub layout: Arc<Layout>,
+    /// Per other member, what its gossip metadata says of its layout.
+    pub seen: BTreeMap<NodeId, LayoutSeen>,
     /// Remote members currently available for routing (this node is always available to itself).
     pub alive: BTreeSet<NodeId>,
     /// Bumped on every published change.
     pub version: u64,
-    /// Fingerprint of the ring inputs (ids, vnodes, statuses): equal on converged nodes.
+    /// Fingerprint of the layout (its digest): equal on converged nodes.
     pub epoch: u64,
     /// False while this node does not know the ring yet (just started, not in contact with the
     /// cluster, metadata missing): it must not coordinate requests, or it would route to the
@@ -49,6 +71,21 @@ impl ClusterView {
 
     pub fn peer_addr(&self, id: &str) -> Option<&str> {
         self.members.get(id).map(|m| m.peer_addr.as_str())
+    }
+
+    /// Whether this node was taken out of the ring by a completed plan.
+    pub fn retired(&self) -> bool {
+        self.layout.retired.contains(&*self.me)
+    }
+
+    /// Whether `node` replicates `key`'s position now or after the running transition.
+    pub fn replicates(&self, node: &str, position: u64, n: usize) -> bool {
+        let is = |ring: &Ring| {
+            ring.preference_list(position, n)
+                .iter()
+                .any(|p| **p == *node)
+        };
+        is(&self.ring) || self.next.as_ref().is_some_and(is)
     }
 }
 
@@ -80,6 +117,27 @@ impl Membership {
         rx.await.ok()
     }
 
+    /// Adopts `layout` if it supersedes this node's (saved, gossiped, and the rings rebuilt
+    /// before this returns); true if it did. False also when the driver stopped.
+    pub async fn adopt_layout(&self, layout: Layout) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Adopt(Box::new(layout), tx))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Tells the cluster (gossip metadata) that this node received every range it gains in
+    /// layout `version`.
+    pub async fn set_synced(&self, version: u64) {
+        let _ = self.commands.send(Command::Synced(version)).await;
+    }
+
     /// The gossip driver on an already bound UDP socket, as a worker to start on the runner,
     /// and the handle the services read the view from. `leave` is the node's shutdown signal
     /// (the driver then tells the cluster it is leaving).
@@ -108,7 +166,10 @@ impl Membership {
         members.insert(my_id.clone(), me.clone());
         let view = Arc::new(ClusterView {
             me: my_id,
-            ring: Ring::new([(me.node_id.as_str(), me.vnodes)]),
+            ring: Ring::new(std::iter::empty::<(&str, u32)>()),
+            next: None,
+            layout: Arc::new(Layout::default()),
+            seen: BTreeMap::new(),
             members,
             alive: BTreeSet::new(),
             version: 1,

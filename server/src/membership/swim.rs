@@ -24,10 +24,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::layout::Layout;
 use super::phi::{PhiConfig, PhiDetector};
-use super::ClusterView;
+use super::{ClusterView, LayoutSeen};
 use crate::background::{Progress, Worker, WorkerState};
-use crate::ring::{NodeId, Ring};
+use crate::ring::NodeId;
 
 /// A member's identity in SWIM: who it is, where to reach it, and which process generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,12 +65,12 @@ impl Identity for RingId {
 /// Ring status of a member, disseminated as metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RingStatus {
-    /// Started, not yet in contact with the cluster.
+    /// Not (yet) an owner: started and waiting for a plan, or receiving its ranges.
     Joining,
     Normal,
-    /// Being decommissioned (set by a future `kvctl leave`).
+    /// An owner that a running plan takes out (leave, remove, replace).
     Leaving,
-    /// Out of the ring.
+    /// Out of the ring (retired by a completed plan).
     Removed,
 }
 
@@ -93,6 +94,13 @@ pub struct RingMeta {
     pub version: u64,
     pub status: RingStatus,
     pub vnodes: u32,
+    /// The version and digest of the layout this node has (peers fetch a newer one from it).
+    pub layout_version: u64,
+    pub layout_digest: u64,
+    /// The newest layout version whose incoming transfers this node completed.
+    pub synced: u64,
+    /// This node asks to be joined automatically while it owns nothing (`--auto-join`).
+    pub auto_join: bool,
 }
 
 pub struct MetaKey {
@@ -279,6 +287,21 @@ pub struct SwimConfig {
     pub ring_file: Option<std::path::PathBuf>,
     /// True when this node has no seeds and no saved ring: a cluster of one, ready at once.
     pub lone: bool,
+    /// Where the layout is saved; a lone node without one starts a new cluster's layout.
+    pub layout_file: Option<std::path::PathBuf>,
+    /// Announced in the metadata: the claimant joins this node without `kvctl cluster join`.
+    pub auto_join: bool,
+}
+
+/// Reads the saved layout (missing = none; unreadable = an error naming the file).
+pub fn load_layout(path: &std::path::Path) -> Result<Option<Layout>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("layout file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("layout file {}: {e}", path.display())),
+    }
 }
 
 /// One saved ring member (a line of JSON in the ring file).
@@ -310,6 +333,8 @@ pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
 
 pub enum Command {
     Members(oneshot::Sender<MembersReply>),
+    Adopt(Box<Layout>, oneshot::Sender<bool>),
+    Synced(u64),
 }
 
 fn now_ms() -> u64 {
@@ -368,6 +393,9 @@ pub struct Driver {
     saved: BTreeMap<String, SavedMember>,
     lone: bool,
     ready: bool,
+    layout: Arc<Layout>,
+    layout_digest: u64,
+    layout_file: Option<std::path::PathBuf>,
 }
 
 impl Driver {
@@ -395,6 +423,24 @@ impl Driver {
             version: 0,
             status: RingStatus::Joining,
             vnodes: cfg.vnodes,
+            layout_version: 0,
+            layout_digest: 0,
+            synced: 0,
+            auto_join: cfg.auto_join,
+        };
+        // A saved layout, else (a new cluster's first node) a layout of this node alone.
+        let saved_layout = cfg.layout_file.as_deref().map(load_layout);
+        let layout = match saved_layout {
+            Some(Ok(Some(l))) => l,
+            Some(Err(e)) => {
+                error!(node = %me_id, error = %e, "the saved layout is unreadable; waiting for the cluster's");
+                Layout::default()
+            }
+            _ if cfg.lone => {
+                info!(node = %me_id, "no seeds and no saved layout: starting a new cluster with this node as its only owner");
+                Layout::bootstrap(&me_id, cfg.vnodes)
+            }
+            _ => Layout::default(),
         };
         Driver {
             foca,
@@ -426,7 +472,42 @@ impl Driver {
             ring_file: cfg.ring_file,
             lone: cfg.lone,
             ready: false,
+            layout_digest: layout.digest(),
+            layout: Arc::new(layout),
+            layout_file: cfg.layout_file,
         }
+    }
+
+    /// Saves the layout (atomically); an error is logged (the layout is re-fetched from peers
+    /// after a restart if it was not saved).
+    fn save_layout(&self) {
+        let Some(path) = &self.layout_file else {
+            return;
+        };
+        let bytes = serde_json::to_vec_pretty(&*self.layout).expect("a layout serializes");
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+            error!(node = %self.me.node_id, file = %path.display(), error = %e, "could not save the layout");
+        }
+    }
+
+    /// Adopts `layout` if it supersedes ours; true if it did.
+    fn adopt(&mut self, layout: Layout) -> bool {
+        if !layout.supersedes(&self.layout) {
+            return false;
+        }
+        info!(node = %self.me.node_id, from = self.layout.version, to = layout.version,
+              owners = layout.current.len(), transition = layout.next.is_some(), "new layout");
+        self.layout_digest = layout.digest();
+        self.layout = Arc::new(layout);
+        self.save_layout();
+        self.publish_meta(self.my_meta.status);
+        self.publish_view();
+        true
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// The driver as a background worker: each step handles one event (a packet, a timer, a
@@ -567,6 +648,8 @@ impl Driver {
 
     fn publish_meta(&mut self, status: RingStatus) {
         self.my_meta.status = status;
+        self.my_meta.layout_version = self.layout.version;
+        self.my_meta.layout_digest = self.layout_digest;
         self.my_meta.version = next_meta_version(self.my_meta.version, self.me.generation);
         let bytes = postcard::to_allocvec(&self.my_meta).expect("ring metadata serializes");
         if let Err(e) = self.foca.add_broadcast(&bytes) {
@@ -707,16 +790,13 @@ impl Driver {
         }
         let mut members = BTreeMap::new();
         let mut alive = std::collections::BTreeSet::new();
-        let mut ring_members: Vec<(String, u32, u8)> = Vec::new();
         let me: NodeId = self.me.node_id.as_str().into();
+        let layout = self.layout.clone();
         members.insert(me.clone(), self.member_info(&self.me, self.my_meta.vnodes));
-        ring_members.push((
-            self.me.node_id.clone(),
-            self.my_meta.vnodes,
-            self.my_meta.status.code(),
-        ));
+        let mut seen = BTreeMap::new();
+        let mut newest_seen = 0;
         for (node_id, saved) in &self.saved {
-            if saved.meta.status == RingStatus::Removed {
+            if layout.retired.contains(node_id) {
                 continue;
             }
             let nid: NodeId = node_id.as_str().into();
@@ -727,40 +807,66 @@ impl Driver {
                     alive.insert(nid.clone());
                 }
             }
+            if let Some(m) = meta.get(node_id) {
+                newest_seen = newest_seen.max(m.layout_version);
+                seen.insert(
+                    nid.clone(),
+                    LayoutSeen {
+                        version: m.layout_version,
+                        digest: m.layout_digest,
+                        synced: m.synced,
+                        auto_join: m.auto_join,
+                    },
+                );
+            }
             members.insert(nid, self.member_info(&saved.id, saved.meta.vnodes));
-            ring_members.push((node_id.clone(), saved.meta.vnodes, saved.meta.status.code()));
         }
-        ring_members.sort();
+        seen.insert(
+            me.clone(),
+            LayoutSeen {
+                version: layout.version,
+                digest: self.layout_digest,
+                synced: self.my_meta.synced,
+                auto_join: self.my_meta.auto_join,
+            },
+        );
         // Ready to coordinate once the ring is known *as of now*: a cluster of one, or in
         // contact with the cluster and holding metadata received in this run for every member
-        // foca reports up. A saved ring alone is not enough: members may have joined, left or
-        // changed while this node was down, and coordinating with a stale ring stores keys on
-        // the wrong replicas. (The saved ring still routes: its members stay in the ring.)
+        // foca reports up, and a layout at least as new as every member's. A saved ring alone
+        // is not enough: members may have joined, left or changed while this node was down, and
+        // coordinating with a stale ring stores keys on the wrong replicas. (The saved ring
+        // still routes: its members stay in the ring.)
         let complete = foca_members
             .iter()
             .all(|(id, (_, state, _))| *state == State::Down || meta.contains_key(id));
+        let has_layout = layout.version > 0 && newest_seen <= layout.version;
         // Latched: once the ring is known, a newcomer whose metadata is still in flight simply
-        // is not in the ring yet; that must not stop this node from serving.
-        self.ready |= self.lone || (self.active && complete);
+        // is not in the ring yet, and a layout committed elsewhere arrives within a gossip
+        // round; neither must stop this node from serving.
+        self.ready |= has_layout && (self.lone || (self.active && complete));
         let ready = self.ready;
-        let epoch = ring_epoch(&ring_members);
+        let epoch = self.layout_digest;
         let current = self.view.borrow().clone();
         if current.members == members
             && current.alive == alive
             && current.epoch == epoch
             && current.ready == ready
+            && current.seen == seen
         {
             return;
         }
-        let ring = if current.epoch == epoch && current.ring.nodes().len() == ring_members.len() {
-            current.ring.clone()
+        let (ring, next) = if current.epoch == epoch && current.layout.version == layout.version {
+            (current.ring.clone(), current.next.clone())
         } else {
-            Ring::new(ring_members.iter().map(|(id, v, _)| (id.as_str(), *v)))
+            (layout.current_ring(), layout.next_ring())
         };
         self.view.send_replace(Arc::new(ClusterView {
             me,
             members,
             ring,
+            next,
+            layout,
+            seen,
             alive,
             version: current.version + 1,
             epoch,
@@ -789,7 +895,8 @@ impl Driver {
         let now = Instant::now();
         let meta = self.meta.lock().expect("meta table lock poisoned").clone();
         let view = self.view.borrow().clone();
-        let status_of = |node: &str| meta.get(node).map(|m| (m.status.code(), m.vnodes));
+        let role = |node: &str| ring_role(&self.layout, node).code();
+        let status_of = |node: &str| meta.get(node).map(|m| (role(node), m.vnodes));
         let mut members = vec![MemberStatus {
             node_id: self.me.node_id.clone(),
             client_addr: self.me.client.to_string(),
@@ -800,7 +907,7 @@ impl Driver {
             generation: self.me.generation,
             phi_milli: 0,
             last_heard_ms: 0,
-            ring_status: self.my_meta.status.code(),
+            ring_status: role(&self.me.node_id),
             vnodes: self.my_meta.vnodes,
             available: true,
             is_self: true,
@@ -821,7 +928,7 @@ impl Driver {
                 generation: saved.id.generation,
                 phi_milli: u32::MAX,
                 last_heard_ms: u64::MAX,
-                ring_status: saved.meta.status.code(),
+                ring_status: role(node_id),
                 vnodes: saved.meta.vnodes,
                 available: false,
                 is_self: false,
@@ -832,7 +939,7 @@ impl Driver {
                 .or_else(|| {
                     self.saved
                         .get(&node_id)
-                        .map(|m| (m.meta.status.code(), m.meta.vnodes))
+                        .map(|m| (role(&node_id), m.meta.vnodes))
                 })
                 .unwrap_or((255, 0));
 
@@ -866,6 +973,24 @@ impl Driver {
             phi_threshold_milli: (self.phi.config().threshold * 1000.0) as u32,
             members,
         }
+    }
+}
+
+/// A node's place in the layout: an owner (normal), an owner leaving at the running
+/// transition's switch, a node that owns nothing yet or only after the switch (joining), or
+/// one a completed plan took out (removed).
+pub fn ring_role(layout: &Layout, node: &str) -> RingStatus {
+    let in_next = layout.next.as_ref().map(|n| n.contains_key(node));
+    if layout.retired.contains(node) {
+        RingStatus::Removed
+    } else if layout.current.contains_key(node) {
+        if in_next == Some(false) {
+            RingStatus::Leaving
+        } else {
+            RingStatus::Normal
+        }
+    } else {
+        RingStatus::Joining
     }
 }
 
@@ -937,23 +1062,19 @@ impl Worker for MembershipWorker {
             _ = self.refresh.tick() => d.publish_view(),
             Some(cmd) = self.commands.recv() => match cmd {
                 Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
+                Command::Adopt(layout, reply) => { let _ = reply.send(d.adopt(*layout)); }
+                Command::Synced(version) => {
+                    if version > d.my_meta.synced {
+                        d.my_meta.synced = version;
+                        d.publish_meta(d.my_meta.status);
+                        d.publish_view();
+                    }
+                }
             },
         }
         d.drain();
         Ok(WorkerState::Busy)
     }
-}
-
-/// A fingerprint of the ring's inputs: equal on nodes that agree on members, vnodes, statuses.
-pub fn ring_epoch(sorted_members: &[(String, u32, u8)]) -> u64 {
-    let mut bytes = Vec::new();
-    for (id, vnodes, status) in sorted_members {
-        bytes.extend_from_slice(id.as_bytes());
-        bytes.push(0);
-        bytes.extend_from_slice(&vnodes.to_be_bytes());
-        bytes.push(*status);
-    }
-    xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
 #[cfg(test)]
@@ -1016,6 +1137,10 @@ mod tests {
                 version: v,
                 status,
                 vnodes: 64,
+                layout_version: 1,
+                layout_digest: 2,
+                synced: 0,
+                auto_join: true,
             })
             .unwrap()
         };
@@ -1056,18 +1181,6 @@ mod tests {
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));
         assert_eq!(new.addr(), old.addr());
-    }
-
-    #[test]
-    fn epoch_depends_on_members_vnodes_and_status() {
-        let a = vec![("n1".to_string(), 256, 1), ("n2".to_string(), 256, 1)];
-        let mut b = a.clone();
-        assert_eq!(ring_epoch(&a), ring_epoch(&b));
-        b[1].1 = 128;
-        assert_ne!(ring_epoch(&a), ring_epoch(&b));
-        let mut c = a.clone();
-        c[1].2 = 2;
-        assert_ne!(ring_epoch(&a), ring_epoch(&c));
     }
 
     /// Regression: versions were `generation << 20 | (counter & 0xFFFFF)`, so after 2^20

@@ -112,6 +112,51 @@ enum Cmd {
     Members,
     /// Round-trip time to a node.
     Ping,
+    /// Ring changes, staged then committed (like Riak): join, leave, remove, replace, plan,
+    /// commit, status. Any node forwards them to the claimant (the smallest alive owner id).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Stage: NODE (running, owning nothing) becomes an owner.
+    Join {
+        node: String,
+        /// Its vnodes (default: what the node announced, else 256).
+        #[arg(long)]
+        vnodes: Option<u32>,
+    },
+    /// Stage: NODE (running) hands its ranges to the others, then leaves the ring.
+    Leave { node: String },
+    /// Stage: NODE (down) is taken out; its ranges are re-replicated from the survivors.
+    Remove { node: String },
+    /// Stage: NEW (running, owning nothing) takes over exactly OLD's ranges.
+    Replace { old: String, new: String },
+    /// The staged plan as a dry run: the ring before and after, and per node the ranges, keys
+    /// and bytes it gains and loses (estimates). Moves nothing.
+    Plan,
+    /// Commit the staged plan: transfers start, and ownership switches once they are done.
+    Commit {
+        /// Commit only if the staged plan is still this one (the id `plan` printed).
+        #[arg(long, value_parser = parse_hex)]
+        plan: Option<u64>,
+        /// Show the transfers until ownership has switched.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Drop the staged changes.
+    Clear,
+    /// The layout, every member's place, and each running transfer (range share, from, to,
+    /// keys and bytes, rate, ETA). --wait shows a progress bar until no transfer runs.
+    Status {
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("{s}: {e}"))
 }
 
 enum Failure {
@@ -416,6 +461,351 @@ async fn repair(
     }
 }
 
+/// One admin request to the claimant (through the contacted node); an `Error` reply fails.
+async fn admin(client: &Client, req: Value) -> Result<Value, Failure> {
+    let body = serde_json::to_vec(&req).expect("a request serializes");
+    let reply = client.cluster(body).await?;
+    let v: Value = serde_json::from_slice(&reply)
+        .map_err(|e| Failure::Error(format!("the cluster reply does not decode: {e}")))?;
+    if let Some(msg) = v.get("Error").and_then(|e| e["message"].as_str()) {
+        return Err(Failure::Error(msg.to_string()));
+    }
+    Ok(v)
+}
+
+fn pct(x: &Value) -> String {
+    format!("{:.1}%", x.as_f64().unwrap_or(0.0) * 100.0)
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// Every member's `transfer.<source>` lines: (receiving node, source, fields).
+async fn transfers(client: &Client, config: &ClientConfig) -> Vec<Value> {
+    let Ok(members) = client.members().await else {
+        return Vec::new();
+    };
+    let mut rows = Vec::new();
+    for m in members.members.iter().filter(|m| m.available) {
+        let Ok(c) = Client::new(vec![m.client_addr.clone()], config.clone()) else {
+            continue;
+        };
+        let Ok(s) = c.status().await else { continue };
+        for (k, v) in &s.info {
+            let Some(source) = k.strip_prefix("transfer.") else {
+                continue;
+            };
+            let mut row = json!({ "to": s.node_id, "from": source });
+            for field in v.split_whitespace() {
+                if let Some((name, value)) = field.split_once('=') {
+                    row[name] = match value.parse::<u64>() {
+                        Ok(n) => json!(n),
+                        Err(_) => json!(value),
+                    };
+                }
+            }
+            rows.push(row);
+        }
+    }
+    rows
+}
+
+fn print_transfers(rows: &[Value]) {
+    if rows.is_empty() {
+        return;
+    }
+    out(&format!(
+        "{:<12} {:<12} {:<9} {:>11} {:>8} {:>10} {:>10} {:>9} {:>7}",
+        "to", "from", "state", "spans", "ring", "keys", "bytes", "keys/s", "eta_s"
+    ));
+    for r in rows {
+        out(&format!(
+            "{:<12} {:<12} {:<9} {:>11} {:>7.2}% {:>10} {:>10} {:>9} {:>7}",
+            r["to"].as_str().unwrap_or(""),
+            r["from"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["spans"].as_str().map(str::to_string).unwrap_or_default(),
+            r["share_ppm"].as_u64().unwrap_or(0) as f64 / 1e4,
+            r["keys"].as_u64().unwrap_or(0),
+            human_bytes(r["bytes"].as_u64().unwrap_or(0)),
+            r["rate"].as_u64().unwrap_or(0),
+            r["eta_s"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |e| e.to_string()),
+        ));
+    }
+}
+
+/// Shows the transfers with a progress bar (share of the moving ring received) until the
+/// layout has no transition.
+async fn wait_transfers(
+    client: &Client,
+    config: &ClientConfig,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let bar = if as_json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(1000)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {percent}% of the moving ranges received  {msg}",
+        )
+        .expect("the template is valid"),
+    );
+    loop {
+        let st = admin(client, json!("Status")).await?;
+        let layout = &st["Status"]["layout"];
+        if layout["next"].is_null() {
+            bar.finish_and_clear();
+            if !as_json {
+                out(&format!(
+                    "layout v{}: no transition running",
+                    layout["version"]
+                ));
+            }
+            return Ok(());
+        }
+        let rows = transfers(client, config).await;
+        let parse = |r: &Value| -> (f64, f64) {
+            let spans = r["spans"].as_str().unwrap_or("0/0");
+            let (d, t) = spans.split_once('/').unwrap_or(("0", "0"));
+            let share = r["share_ppm"].as_u64().unwrap_or(0) as f64;
+            let (d, t): (f64, f64) = (d.parse().unwrap_or(0.0), t.parse().unwrap_or(0.0));
+            (share * d / t.max(1.0), share)
+        };
+        let (done, total) = rows
+            .iter()
+            .map(parse)
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if total > 0.0 {
+            bar.set_position((done / total * 1000.0) as u64);
+        }
+        let waiting: Vec<String> = st["Status"]["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| {
+                m["gains"].as_bool() == Some(true)
+                    && m["synced"].as_u64() < layout["version"].as_u64()
+            })
+            .filter_map(|m| m["node"].as_str().map(str::to_string))
+            .collect();
+        bar.set_message(format!(
+            "layout v{}; waiting for {}",
+            layout["version"],
+            waiting.join(", ")
+        ));
+        bar.tick();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn cluster(
+    client: &Client,
+    config: ClientConfig,
+    cmd: ClusterCmd,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let staged = |v: &Value| {
+        if as_json {
+            print_json(v);
+            return;
+        }
+        let s = &v["Staged"];
+        out(&format!("staged against layout v{}:", s["base"]));
+        for c in s["changes"].as_array().into_iter().flatten() {
+            out(&format!("  {c}"));
+        }
+        out("run `kvctl cluster plan` to see what it moves, then `kvctl cluster commit`");
+    };
+    match cmd {
+        ClusterCmd::Join { node, vnodes } => {
+            let vnodes = match vnodes {
+                Some(v) => v,
+                None => client
+                    .members()
+                    .await?
+                    .members
+                    .iter()
+                    .find(|m| m.node_id == node)
+                    .map_or(256, |m| m.vnodes.max(1)),
+            };
+            staged(
+                &admin(
+                    client,
+                    json!({"Stage": {"Join": {"node": node, "vnodes": vnodes}}}),
+                )
+                .await?,
+            );
+        }
+        ClusterCmd::Leave { node } => {
+            staged(&admin(client, json!({"Stage": {"Leave": {"node": node}}})).await?)
+        }
+        ClusterCmd::Remove { node } => {
+            staged(&admin(client, json!({"Stage": {"Remove": {"node": node}}})).await?)
+        }
+        ClusterCmd::Replace { old, new } => staged(
+            &admin(
+                client,
+                json!({"Stage": {"Replace": {"old": old, "new": new}}}),
+            )
+            .await?,
+        ),
+        ClusterCmd::Clear => {
+            let v = admin(client, json!("Clear")).await?;
+            if as_json {
+                print_json(&v);
+            } else {
+                out(&format!(
+                    "cleared {} staged change(s)",
+                    v["Staged"]["changes"].as_array().map_or(0, |a| a.len())
+                ));
+            }
+        }
+        ClusterCmd::Plan => {
+            let v = admin(client, json!("Plan")).await?;
+            if as_json {
+                print_json(&v);
+                return Ok(());
+            }
+            let p = &v["Plan"];
+            out(&format!(
+                "plan {:016x} (claimant {}), staged against layout v{}:",
+                p["id"].as_u64().unwrap_or(0),
+                p["claimant"].as_str().unwrap_or(""),
+                p["base"]
+            ));
+            for c in p["changes"].as_array().into_iter().flatten() {
+                out(&format!("  {c}"));
+            }
+            let owners = |rows: &Value| -> Vec<(String, String)> {
+                rows.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        (
+                            r["node"].as_str().unwrap_or("").to_string(),
+                            format!("{} vnodes, replicates {}", r["vnodes"], pct(&r["share"])),
+                        )
+                    })
+                    .collect()
+            };
+            out("ring before:");
+            for (n, d) in owners(&p["before"]) {
+                out(&format!("  {n:<16} {d}"));
+            }
+            out("ring after:");
+            for (n, d) in owners(&p["after"]) {
+                out(&format!("  {n:<16} {d}"));
+            }
+            out(&format!(
+                "moves (estimated from ring shares; the cluster holds ~{} keys, ~{}):",
+                p["keys"],
+                human_bytes(p["bytes"].as_u64().unwrap_or(0))
+            ));
+            out(&format!(
+                "  {:<16} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12}",
+                "node", "gains", "loses", "keys in", "keys out", "bytes in", "bytes out"
+            ));
+            for d in p["nodes"].as_array().into_iter().flatten() {
+                out(&format!(
+                    "  {:<16} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12}",
+                    d["node"].as_str().unwrap_or(""),
+                    pct(&d["share_gained"]),
+                    pct(&d["share_lost"]),
+                    d["keys_gained"],
+                    d["keys_lost"],
+                    human_bytes(d["bytes_gained"].as_u64().unwrap_or(0)),
+                    human_bytes(d["bytes_lost"].as_u64().unwrap_or(0)),
+                ));
+            }
+            for w in p["warnings"].as_array().into_iter().flatten() {
+                out(&format!("warning: {}", w.as_str().unwrap_or("")));
+            }
+            out(&format!(
+                "nothing moved; commit with `kvctl cluster commit --plan {:016x}`",
+                p["id"].as_u64().unwrap_or(0)
+            ));
+        }
+        ClusterCmd::Commit { plan, wait } => {
+            let v = admin(client, json!({"Commit": {"plan": plan}})).await?;
+            if as_json && !wait {
+                print_json(&v);
+            } else if !as_json {
+                out(&format!(
+                    "committed: layout v{}; transfers start once every node has it",
+                    v["Committed"]["version"]
+                ));
+            }
+            if wait {
+                wait_transfers(client, &config, as_json).await?;
+            }
+        }
+        ClusterCmd::Status { wait } => {
+            if wait {
+                return wait_transfers(client, &config, as_json).await;
+            }
+            let v = admin(client, json!("Status")).await?;
+            let rows = transfers(client, &config).await;
+            if as_json {
+                print_json(&json!({"status": v["Status"], "transfers": rows}));
+                return Ok(());
+            }
+            let st = &v["Status"];
+            let layout = &st["layout"];
+            out(&format!(
+                "layout v{} (claimant {}){}",
+                layout["version"],
+                st["claimant"].as_str().unwrap_or(""),
+                if layout["next"].is_null() {
+                    ""
+                } else {
+                    ": transition running, ranges moving"
+                }
+            ));
+            out(&format!(
+                "{:<16} {:<9} {:<6} {:>8} {:>8}  gains",
+                "node", "role", "up", "layout", "synced"
+            ));
+            for m in st["members"].as_array().into_iter().flatten() {
+                out(&format!(
+                    "{:<16} {:<9} {:<6} {:>8} {:>8}  {}",
+                    m["node"].as_str().unwrap_or(""),
+                    m["role"].as_str().unwrap_or(""),
+                    if m["alive"].as_bool() == Some(true) {
+                        "up"
+                    } else {
+                        "down"
+                    },
+                    m["layout_version"].as_u64().unwrap_or(0),
+                    m["synced"].as_u64().unwrap_or(0),
+                    if m["gains"].as_bool() == Some(true) {
+                        "yes"
+                    } else {
+                        ""
+                    },
+                ));
+            }
+            if let Some((base, changes)) = st["staged"]
+                .as_array()
+                .and_then(|a| Some((a.first()?, a.get(1)?)))
+            {
+                out(&format!("staged against v{base}: {changes}"));
+            }
+            print_transfers(&rows);
+        }
+    }
+    Ok(())
+}
+
 /// `kvctl hints`: asks every member (from the contacted node's ring) for its hint lines.
 async fn hints(client: &Client, config: ClientConfig, as_json: bool) -> Result<(), Failure> {
     let ring = client.ring().await?;
@@ -612,6 +1002,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Hints => hints(&client, config_for_nodes(timeout), cli.json).await,
+        Cmd::Cluster(c) => cluster(&client, config_for_nodes(timeout), c, cli.json).await,
         Cmd::Repair { node, wait, range } => {
             repair(
                 &client,

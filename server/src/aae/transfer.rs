@@ -1,0 +1,399 @@
+//! The `transfer` worker: while a committed plan runs, this node receives every range it gains
+//! from the range's current replicas, before it owns them.
+//!
+//! The transfer of a gained range is an anti-entropy exchange over it with each of its current
+//! replicas that is up (`AaeWorker::exchange`: the differing keys are fetched and merged with
+//! the version-vector logic; streaming by digests when most of it differs, as for a new node).
+//! Pulling from every live source, not one, gets every acknowledged write (W of them hold it).
+//! It starts once every live member has the plan's layout (so every coordinator already sends
+//! writes to the new replicas too) and [`SETTLE`] later; then writes made meanwhile are in the
+//! data the exchanges see, and later ones arrive directly. When every source is done, the node
+//! says so in its gossip metadata (`synced`), and the claimant switches ownership once every
+//! gaining node has.
+//!
+//! Each source's spans are pulled [`CHUNK_SPANS`] at a time. Checkpoint: how many spans of each
+//! source are done for the running layout version is saved in `<data_dir>/transfer.json` after
+//! each chunk, so a restarted node resumes at the chunk it was in; re-running that chunk's
+//! exchange re-fetches only keys that still differ (digests compare equal for what it already
+//! merged), so at most the batch in flight when it stopped is sent again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::exchange::AaeWorker;
+use super::ranges::Span;
+use crate::background::{Progress, Worker, WorkerState};
+use crate::membership::layout::{moves, per_node, share, NodeMoves};
+use crate::membership::Membership;
+use crate::rpc::{PeerPool, Transport};
+
+/// Wait this long after every live member has a plan's layout before pulling (writes begun
+/// under the previous layout finish meanwhile).
+pub const SETTLE: Duration = Duration::from_secs(2);
+/// After a failed exchange with a source, try again this much later.
+pub const RETRY: Duration = Duration::from_secs(2);
+/// Spans per exchange (and per checkpoint).
+pub const CHUNK_SPANS: usize = 32;
+
+crate::metrics::metric_set! {
+    /// Range transfers into this node (registered under `transfer.`).
+    pub struct TransferMetrics {
+        keys_received: Counter = "keys_received", "keys fetched and merged by transfers into this node";
+        bytes_received: Counter = "bytes_received", "payload bytes of transfer exchanges (both ways)";
+        sources_done: Counter = "sources_done", "sources this node finished pulling its gained ranges from";
+        failures: Counter = "failures", "transfer exchanges that failed (retried)";
+        completed: Counter = "completed", "transitions whose gained ranges this node received in full";
+        active: Gauge = "active", "1 while this node is receiving ranges";
+        share_pending_ppm: Gauge = "share_pending_ppm", "share of the ring still to receive, parts per million";
+    }
+}
+
+/// The checkpoint: what is done for which layout version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub version: u64,
+    /// Per source, how many of its spans (in order) are done.
+    pub progress: BTreeMap<String, usize>,
+    /// The newest version whose transfers completed (said again in gossip after a restart).
+    pub synced: u64,
+}
+
+fn load_checkpoint(path: &std::path::Path) -> Checkpoint {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// One source's part of the running transfer, for `status` and `kvctl cluster status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceStatus {
+    pub state: &'static str,
+    pub spans: usize,
+    pub spans_done: usize,
+    pub share: f64,
+    pub keys: u64,
+    pub bytes: u64,
+    pub started: Option<Instant>,
+    pub finished: Option<Instant>,
+}
+
+/// The transfer's status lines (`transfer.<source>`), shared with the admin service.
+pub type TransferStatus = Arc<Mutex<BTreeMap<String, SourceStatus>>>;
+
+/// `transfer.<source>` = `state=… spans=… share_ppm=… keys=… bytes=… rate=… eta_s=…`.
+pub fn status_lines(status: &TransferStatus) -> Vec<(String, String)> {
+    let now = Instant::now();
+    let map = status.lock().expect("transfer status lock poisoned");
+    let total: f64 = map.values().map(|s| s.share).sum();
+    let done: f64 = map
+        .values()
+        .map(|s| s.share * s.spans_done as f64 / s.spans.max(1) as f64)
+        .sum();
+    let first = map.values().filter_map(|s| s.started).min();
+    // Share of the ring per second over what is done so far: the ETA of what remains.
+    let eta = first.and_then(|t| {
+        let secs = now.duration_since(t).as_secs_f64();
+        (done > 0.0 && secs > 0.0).then(|| (total - done) / (done / secs))
+    });
+    map.iter()
+        .map(|(src, s)| {
+            let secs = s
+                .started
+                .map(|t| s.finished.unwrap_or(now).duration_since(t).as_secs_f64())
+                .unwrap_or(0.0);
+            let rate = if secs > 0.0 {
+                s.keys as f64 / secs
+            } else {
+                0.0
+            };
+            (
+                format!("transfer.{src}"),
+                format!(
+                    "state={} spans={}/{} share_ppm={} keys={} bytes={} rate={:.0} eta_s={}",
+                    s.state,
+                    s.spans_done,
+                    s.spans,
+                    (s.share * 1e6).round() as u64,
+                    s.keys,
+                    s.bytes,
+                    rate,
+                    eta.map_or("-".to_string(), |e| format!("{e:.0}"))
+                ),
+            )
+        })
+        .collect()
+}
+
+pub struct TransferWorker<T: Transport = PeerPool> {
+    node_id: String,
+    n: usize,
+    membership: Membership,
+    exchanger: AaeWorker<T>,
+    checkpoint: Checkpoint,
+    path: Option<PathBuf>,
+    metrics: Arc<TransferMetrics>,
+    status: TransferStatus,
+    /// When every live member was first seen with the running layout.
+    all_have_it: Option<(u64, Instant)>,
+    retry_at: BTreeMap<String, Instant>,
+    said_synced: bool,
+    detail: String,
+}
+
+impl<T: Transport> TransferWorker<T> {
+    pub fn new(
+        n: usize,
+        membership: Membership,
+        exchanger: AaeWorker<T>,
+        path: Option<PathBuf>,
+        metrics: Arc<TransferMetrics>,
+        status: TransferStatus,
+    ) -> TransferWorker<T> {
+        let checkpoint = path.as_deref().map(load_checkpoint).unwrap_or_default();
+        TransferWorker {
+            node_id: membership.view().me.to_string(),
+            n,
+            membership,
+            exchanger,
+            checkpoint,
+            path,
+            metrics,
+            status,
+            all_have_it: None,
+            retry_at: BTreeMap::new(),
+            said_synced: false,
+            detail: "no transfer".into(),
+        }
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.path else { return };
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec(&self.checkpoint).expect("a checkpoint serializes");
+        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+            error!(node = %self.node_id, file = %path.display(), error = %e,
+                   "could not save the transfer checkpoint (a restart redoes its sources)");
+        }
+    }
+
+    fn done(&self, source: &str, spans: &[Span]) -> bool {
+        self.checkpoint.progress.get(source).copied().unwrap_or(0) >= spans.len()
+    }
+
+    /// Whether every gained span is covered by a finished source.
+    fn covered(&self, moves: &NodeMoves) -> bool {
+        moves.gains.iter().all(|&(first, last)| {
+            moves.gains_from.iter().any(|(src, spans)| {
+                self.done(src, spans) && super::ranges::covers(spans, first, last)
+            })
+        })
+    }
+}
+
+impl<T: Transport> Worker for TransferWorker<T> {
+    fn name(&self) -> String {
+        "transfer".into()
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            detail: self.detail.clone(),
+            queue: None,
+        }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        if !self.said_synced && self.checkpoint.synced > 0 {
+            self.said_synced = true;
+            self.membership.set_synced(self.checkpoint.synced).await;
+        }
+        let view = self.membership.view();
+        let version = view.layout.version;
+        let Some(next) = &view.next else {
+            self.metrics.active.set(0);
+            self.metrics.share_pending_ppm.set(0);
+            self.detail = "no transfer".into();
+            return Ok(WorkerState::Idle);
+        };
+        if self.checkpoint.synced >= version {
+            self.metrics.active.set(0);
+            self.detail = format!("layout v{version}: every gained range received");
+            return Ok(WorkerState::Idle);
+        }
+        let mine = per_node(&moves(&view.ring, next, self.n))
+            .remove(&*view.me)
+            .unwrap_or_default();
+        if self.checkpoint.version != version {
+            self.checkpoint.version = version;
+            self.checkpoint.progress.clear();
+            self.status
+                .lock()
+                .expect("transfer status lock poisoned")
+                .clear();
+        }
+        if mine.gains.is_empty() {
+            self.checkpoint.synced = version;
+            self.save();
+            self.membership.set_synced(version).await;
+            self.detail = format!("layout v{version}: this node gains no range");
+            return Ok(WorkerState::Idle);
+        }
+        // Every live member must have the layout (so it sends writes here too), then SETTLE.
+        let behind: Vec<&str> = view
+            .members
+            .keys()
+            .filter(|m| view.is_alive(m))
+            .filter(|m| view.seen.get(*m).is_none_or(|s| s.version < version))
+            .map(|m| &**m)
+            .collect();
+        if !behind.is_empty() {
+            self.all_have_it = None;
+            self.detail = format!(
+                "layout v{version}: waiting for {} to have the layout",
+                behind.join(", ")
+            );
+            return Ok(WorkerState::Idle);
+        }
+        let since = match self.all_have_it {
+            Some((v, at)) if v == version => at,
+            _ => {
+                let now = Instant::now();
+                self.all_have_it = Some((version, now));
+                now
+            }
+        };
+        if since.elapsed() < SETTLE {
+            return Ok(WorkerState::Idle);
+        }
+        {
+            let mut st = self.status.lock().expect("transfer status lock poisoned");
+            for (src, spans) in &mine.gains_from {
+                let done = self.checkpoint.progress.get(src).copied().unwrap_or(0);
+                let e = st.entry(src.clone()).or_default();
+                e.spans = spans.len();
+                e.spans_done = done.min(spans.len());
+                e.share = share(spans);
+                if done >= spans.len() {
+                    e.state = "done";
+                } else if e.state.is_empty() || e.state == "done" {
+                    e.state = "pending";
+                }
+            }
+        }
+        let pending: f64 = mine
+            .gains_from
+            .iter()
+            .map(|(s, spans)| {
+                let done = self.checkpoint.progress.get(s).copied().unwrap_or(0);
+                share(&spans[done.min(spans.len())..])
+            })
+            .sum();
+        self.metrics.share_pending_ppm.set((pending * 1e6) as u64);
+        // The next live source not done and not waiting for a retry.
+        let now = Instant::now();
+        let next_source = mine.gains_from.iter().find(|(src, spans)| {
+            !self.done(src, spans)
+                && view.is_alive(src)
+                && self.retry_at.get(*src).is_none_or(|t| now >= *t)
+        });
+        let Some((source, all_spans)) = next_source.map(|(s, sp)| (s.clone(), sp.clone())) else {
+            // Done when every live source is, and every gained range came from one of them.
+            let live_left = mine
+                .gains_from
+                .iter()
+                .any(|(s, spans)| !self.done(s, spans) && view.is_alive(s));
+            if !live_left && self.covered(&mine) {
+                self.checkpoint.synced = version;
+                self.save();
+                self.metrics.completed.inc();
+                self.metrics.active.set(0);
+                self.membership.set_synced(version).await;
+                info!(node = %self.node_id, version, "every gained range received; told the claimant");
+                self.detail = format!("layout v{version}: every gained range received");
+            } else if !live_left {
+                self.detail = format!(
+                    "layout v{version}: some gained ranges have no live source yet; waiting for one"
+                );
+            }
+            return Ok(WorkerState::Idle);
+        };
+        let Some(addr) = view.peer_addr(&source).map(str::to_string) else {
+            return Ok(WorkerState::Idle);
+        };
+        let from = self.checkpoint.progress.get(&source).copied().unwrap_or(0);
+        let to = (from + CHUNK_SPANS).min(all_spans.len());
+        let spans = all_spans[from..to].to_vec();
+        self.metrics.active.set(1);
+        self.detail = format!(
+            "layout v{version}: receiving {:.1}% of the ring from {source} (spans {from}..{to} of {})",
+            share(&all_spans) * 100.0,
+            all_spans.len()
+        );
+        let started = Instant::now();
+        self.status
+            .lock()
+            .expect("transfer status lock poisoned")
+            .entry(source.clone())
+            .or_default()
+            .state = "running";
+        {
+            let mut st = self.status.lock().expect("transfer status lock poisoned");
+            let e = st.entry(source.clone()).or_default();
+            e.started.get_or_insert(started);
+        }
+        match self.exchanger.exchange(&addr, &spans as &[Span]).await {
+            Ok(o) => {
+                self.metrics.keys_received.inc_by(o.received);
+                self.metrics.bytes_received.inc_by(o.wire_bytes);
+                let finished = to == all_spans.len();
+                if finished {
+                    self.metrics.sources_done.inc();
+                }
+                {
+                    let mut st = self.status.lock().expect("transfer status lock poisoned");
+                    let e = st.entry(source.clone()).or_default();
+                    e.state = if finished { "done" } else { "running" };
+                    e.spans_done = to;
+                    e.keys += o.received;
+                    e.bytes += o.wire_bytes;
+                    if finished {
+                        e.finished = Some(Instant::now());
+                    }
+                }
+                if finished {
+                    info!(node = %self.node_id, %source, version, spans = all_spans.len(),
+                          "gained ranges received from a source");
+                }
+                tracing::debug!(node = %self.node_id, %source, version, from, to, keys = o.received,
+                                wire_bytes = o.wire_bytes, ms = started.elapsed().as_millis() as u64,
+                                "transfer chunk done");
+                self.checkpoint.progress.insert(source, to);
+                self.save();
+            }
+            Err(cause) => {
+                self.metrics.failures.inc();
+                self.status
+                    .lock()
+                    .expect("transfer status lock poisoned")
+                    .entry(source.clone())
+                    .or_default()
+                    .state = "retrying";
+                warn!(node = %self.node_id, %source, version, %cause, "transfer from a source failed; retried");
+                self.retry_at.insert(source, Instant::now() + RETRY);
+            }
+        }
+        Ok(WorkerState::Busy)
+    }
+
+    async fn wait_for_work(&mut self) -> WorkerState {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        WorkerState::Busy
+    }
+}

@@ -1,0 +1,608 @@
+//! The cluster service: the layout (who owns the ring) and the staged ring changes.
+//!
+//! Every node serves `GetLayout` (peers fetch a newer layout they saw in gossip) and `Stats`.
+//! `kvctl cluster …` requests go to the **claimant**, the smallest alive owner id: whichever
+//! node the client contacted forwards them. The claimant keeps the staged changes (in memory:
+//! a new claimant starts with none), answers `plan` (a dry run: the rings before and after,
+//! what each node gains and loses), commits, and, from its worker (`worker.rs`), joins new
+//! nodes automatically (`--auto-join`) and switches ownership once every node that gains
+//! ranges has received them. docs/architecture.md, "Ring changes".
+
+pub mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringkv_protocol::peer::{ClusterRequest, ClusterResponse, PeerRequest, PeerResponse};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::membership::layout::{moves, per_node, share, Change, Layout, PlanError};
+use crate::membership::{ClusterView, Membership};
+use crate::rpc::{PeerPool, Transport};
+use crate::storage::{Cf, Store};
+
+/// Deadline of one cluster request to a peer (a forwarded admin request, a layout fetch).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+crate::metrics::metric_set! {
+    /// The layout and ring changes (registered under `cluster.`).
+    pub struct ClusterMetrics {
+        layouts_fetched: Counter = "layouts_fetched", "newer layouts fetched from peers";
+        commits: Counter = "commits", "plans this node committed as claimant (auto-joins included)";
+        switches: Counter = "switches", "transitions this node completed as claimant (ownership switched)";
+        admin_requests: Counter = "admin_requests", "kvctl cluster requests served as claimant";
+        admin_forwarded: Counter = "admin_forwarded", "kvctl cluster requests forwarded to the claimant";
+    }
+}
+
+/// A `kvctl cluster` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Add a change to the staged plan.
+    Stage(Change),
+    /// Drop the staged changes.
+    Clear,
+    /// The staged plan, as a dry run.
+    Plan,
+    /// Commit the staged plan; with `plan`, only if it is still the plan of that id.
+    Commit { plan: Option<u64> },
+    /// The layout, the staged changes and every member's place.
+    Status,
+}
+
+/// One owner's share of a ring, for the plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerRow {
+    pub node: String,
+    pub vnodes: u32,
+    pub tokens_of: String,
+    /// Share of the ring it replicates (0..=1).
+    pub share: f64,
+}
+
+/// What one node gains and loses in a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeDelta {
+    pub node: String,
+    pub ranges_gained: usize,
+    pub ranges_lost: usize,
+    pub share_gained: f64,
+    pub share_lost: f64,
+    /// Estimated from the ring shares and the owners' key and byte counts.
+    pub keys_gained: u64,
+    pub keys_lost: u64,
+    pub bytes_gained: u64,
+    pub bytes_lost: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanReport {
+    pub claimant: String,
+    /// A digest of (base version, changes): `commit --plan ID` commits only this plan.
+    pub id: u64,
+    pub base: u64,
+    pub changes: Vec<Change>,
+    pub before: Vec<OwnerRow>,
+    pub after: Vec<OwnerRow>,
+    pub nodes: Vec<NodeDelta>,
+    /// Estimated distinct keys and bytes in the cluster (the owners' counts over N).
+    pub keys: u64,
+    pub bytes: u64,
+    pub warnings: Vec<String>,
+}
+
+/// One member as the claimant sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRow {
+    pub node: String,
+    /// normal, joining, leaving, removed (as `kvctl members`).
+    pub role: String,
+    pub alive: bool,
+    pub layout_version: u64,
+    /// The newest layout version whose incoming transfers it completed.
+    pub synced: u64,
+    /// Whether it gains ranges in the running transition (and so must sync before the switch).
+    pub gains: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub claimant: String,
+    pub layout: Layout,
+    pub staged: Option<(u64, Vec<Change>)>,
+    pub members: Vec<MemberRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminReply {
+    Staged { base: u64, changes: Vec<Change> },
+    Plan(PlanReport),
+    Committed { version: u64 },
+    Status(StatusReport),
+    Error { message: String },
+}
+
+/// The staged changes and the layout version they were staged against.
+#[derive(Debug, Clone, Default)]
+struct Staged {
+    base: u64,
+    changes: Vec<Change>,
+}
+
+pub struct ClusterService<T: Transport = PeerPool> {
+    node_id: String,
+    n: usize,
+    membership: Membership,
+    store: Arc<Store>,
+    transport: Arc<T>,
+    staged: Mutex<Option<Staged>>,
+    /// Serializes commits and switches on this node (one plan at a time).
+    deciding: tokio::sync::Mutex<()>,
+    pub metrics: Arc<ClusterMetrics>,
+}
+
+fn reply(r: &AdminReply) -> Bytes {
+    Bytes::from(serde_json::to_vec(r).expect("an admin reply serializes"))
+}
+
+impl<T: Transport> ClusterService<T> {
+    pub fn new(
+        node_id: String,
+        n: usize,
+        membership: Membership,
+        store: Arc<Store>,
+        transport: Arc<T>,
+    ) -> ClusterService<T> {
+        ClusterService {
+            node_id,
+            n,
+            membership,
+            store,
+            transport,
+            staged: Mutex::new(None),
+            deciding: tokio::sync::Mutex::new(()),
+            metrics: Arc::new(ClusterMetrics::default()),
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    fn error(&self, message: impl std::fmt::Display) -> AdminReply {
+        AdminReply::Error {
+            message: format!("node {}: {message}", self.node_id),
+        }
+    }
+
+    pub async fn serve(&self, req: ClusterRequest) -> PeerResponse {
+        match req {
+            ClusterRequest::GetLayout => {
+                let layout = self.membership.view().layout.clone();
+                PeerResponse::Cluster(ClusterResponse::Layout(Bytes::from(
+                    serde_json::to_vec(&*layout).expect("a layout serializes"),
+                )))
+            }
+            ClusterRequest::Admin(json) => {
+                let reply = match serde_json::from_slice::<AdminRequest>(&json) {
+                    Ok(req) => self.decide(req).await,
+                    Err(e) => self.error(format!("malformed cluster request: {e}")),
+                };
+                PeerResponse::Cluster(ClusterResponse::AdminReply(self::reply(&reply)))
+            }
+            ClusterRequest::Stats => {
+                let (keys, bytes) = self.stats();
+                PeerResponse::Cluster(ClusterResponse::Stats { keys, bytes })
+            }
+        }
+    }
+
+    /// This node's estimated key count and live bytes (RocksDB's estimates).
+    fn stats(&self) -> (u64, u64) {
+        let e = self.store.engine();
+        (
+            e.property(Cf::Data, "rocksdb.estimate-num-keys")
+                .unwrap_or(0),
+            e.property(Cf::Data, "rocksdb.estimate-live-data-size")
+                .unwrap_or(0),
+        )
+    }
+
+    /// A client's `kvctl cluster` request (JSON), answered by the claimant.
+    pub async fn admin(&self, json: &[u8]) -> Bytes {
+        let req: AdminRequest = match serde_json::from_slice(json) {
+            Ok(r) => r,
+            Err(e) => return reply(&self.error(format!("malformed cluster request: {e}"))),
+        };
+        let view = self.membership.view();
+        let claimant = view.layout.claimant(&|n: &str| view.is_alive(n));
+        match claimant {
+            Some(c) if c == self.node_id => reply(&self.decide(req).await),
+            Some(c) => {
+                self.metrics.admin_forwarded.inc();
+                let Some(addr) = view.peer_addr(&c) else {
+                    return reply(&self.error(format!("the claimant {c} has no known address")));
+                };
+                let body = Bytes::from(serde_json::to_vec(&req).expect("a request serializes"));
+                match self
+                    .transport
+                    .clone()
+                    .call(
+                        addr.to_string(),
+                        PeerRequest::Cluster(ClusterRequest::Admin(body)),
+                        CALL_TIMEOUT,
+                    )
+                    .await
+                {
+                    Ok(PeerResponse::Cluster(ClusterResponse::AdminReply(json))) => json,
+                    Ok(PeerResponse::Error(e)) => {
+                        reply(&self.error(format!("the claimant {c} answered: {}", e.message)))
+                    }
+                    Ok(other) => reply(&self.error(format!("the claimant {c} answered {other:?}"))),
+                    Err(e) => reply(&self.error(format!("the claimant {c} did not answer: {e}"))),
+                }
+            }
+            None => reply(
+                &self.error("this node knows no layout yet (it has not heard from the cluster)"),
+            ),
+        }
+    }
+
+    /// Serves an admin request as the claimant (refused if this node is not it).
+    async fn decide(&self, req: AdminRequest) -> AdminReply {
+        let view = self.membership.view();
+        let live = |n: &str| view.is_alive(n);
+        match view.layout.claimant(&live) {
+            Some(c) if c == self.node_id => {}
+            Some(c) => return self.error(format!("not the claimant ({c} is)")),
+            None => return self.error("no layout yet"),
+        }
+        self.metrics.admin_requests.inc();
+        match req {
+            AdminRequest::Stage(change) => {
+                let mut staged = self.staged.lock().expect("staged lock poisoned");
+                let mut s = staged.clone().unwrap_or(Staged {
+                    base: view.layout.version,
+                    changes: Vec::new(),
+                });
+                s.changes.push(change);
+                // Checked now (against the layout they will be committed to), so a bad change
+                // is refused when it is typed, not at commit.
+                if let Err(e) = view.layout.target(&s.changes, &live) {
+                    return self.error(e);
+                }
+                let reply = AdminReply::Staged {
+                    base: s.base,
+                    changes: s.changes.clone(),
+                };
+                *staged = Some(s);
+                reply
+            }
+            AdminRequest::Clear => {
+                let old = self.staged.lock().expect("staged lock poisoned").take();
+                AdminReply::Staged {
+                    base: view.layout.version,
+                    changes: old.map(|s| s.changes).unwrap_or_default(),
+                }
+            }
+            AdminRequest::Plan => {
+                let staged = self.staged.lock().expect("staged lock poisoned").clone();
+                let Some(staged) = staged else {
+                    return self.error(PlanError::Empty);
+                };
+                match self.plan(&view, &staged).await {
+                    Ok(p) => AdminReply::Plan(p),
+                    Err(e) => self.error(e),
+                }
+            }
+            AdminRequest::Commit { plan } => {
+                let staged = self.staged.lock().expect("staged lock poisoned").clone();
+                let Some(staged) = staged else {
+                    return self.error(PlanError::Empty);
+                };
+                if let Some(id) = plan {
+                    let now = plan_id(staged.base, &staged.changes);
+                    if id != now {
+                        return self.error(format!(
+                            "the staged plan changed since plan {id:016x} (it is {now:016x} now): run kvctl cluster plan again"
+                        ));
+                    }
+                }
+                match self.commit(staged.base, &staged.changes).await {
+                    Ok(version) => {
+                        self.staged.lock().expect("staged lock poisoned").take();
+                        AdminReply::Committed { version }
+                    }
+                    Err(e @ PlanError::Stale { .. }) => {
+                        // A stale plan cannot become valid again: it must be staged anew.
+                        self.staged.lock().expect("staged lock poisoned").take();
+                        self.error(e)
+                    }
+                    Err(e) => self.error(e),
+                }
+            }
+            AdminRequest::Status => {
+                let staged = self
+                    .staged
+                    .lock()
+                    .expect("staged lock poisoned")
+                    .clone()
+                    .map(|s| (s.base, s.changes));
+                AdminReply::Status(status_report(&self.node_id, &view, self.n, staged))
+            }
+        }
+    }
+
+    /// Commits `changes` staged against `base`: the transition layout, adopted here and
+    /// gossiped. One at a time on this node; refused if stale or a transition runs.
+    pub async fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, PlanError> {
+        let _one = self.deciding.lock().await;
+        let view = self.membership.view();
+        let next = view
+            .layout
+            .commit(base, changes, &|n: &str| view.is_alive(n))?;
+        let version = next.version;
+        if !self.membership.adopt_layout(next).await {
+            return Err(PlanError::Invalid(
+                "the layout changed while committing; stage the changes again".into(),
+            ));
+        }
+        self.metrics.commits.inc();
+        info!(node = %self.node_id, version, changes = %changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
+              "plan committed: transfers start once every node has the layout");
+        Ok(version)
+    }
+
+    /// Switches ownership if the running transition's gainers have all synced; true if it did.
+    pub async fn switch_if_synced(&self) -> bool {
+        let _one = self.deciding.lock().await;
+        let view = self.membership.view();
+        let Some(switched) = view.layout.switched() else {
+            return false;
+        };
+        let waiting = gainers_waiting(&view, self.n);
+        if !waiting.is_empty() {
+            return false;
+        }
+        let version = switched.version;
+        if self.membership.adopt_layout(switched).await {
+            self.metrics.switches.inc();
+            info!(node = %self.node_id, version, "every node that gains ranges has received them: ownership switched");
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn staged_changes(&self) -> bool {
+        self.staged
+            .lock()
+            .expect("staged lock poisoned")
+            .as_ref()
+            .is_some_and(|s| !s.changes.is_empty())
+    }
+
+    async fn plan(&self, view: &ClusterView, staged: &Staged) -> Result<PlanReport, PlanError> {
+        let live = |n: &str| view.is_alive(n);
+        if staged.base != view.layout.version {
+            return Err(PlanError::Stale {
+                staged: staged.base,
+                now: view.layout.version,
+            });
+        }
+        let target = view.layout.target(&staged.changes, &live)?;
+        let before = view.layout.current_ring();
+        let after = Layout::ring(&target);
+        let ms = moves(&before, &after, self.n);
+        let pn = per_node(&ms);
+        // Distinct keys and bytes: every owner's counts over N (each key is on N owners).
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for owner in view.layout.current.keys() {
+            let (k, b) = if *owner == self.node_id {
+                self.stats()
+            } else {
+                self.peer_stats(view, owner).await.unwrap_or((0, 0))
+            };
+            keys += k;
+            bytes += b;
+        }
+        let n = self.n.min(view.layout.current.len()).max(1) as u64;
+        let (keys, bytes) = (keys / n, bytes / n);
+        let rows = |owners: &crate::membership::layout::Owners, ring: &crate::ring::Ring| {
+            owners
+                .iter()
+                .map(|(id, o)| OwnerRow {
+                    node: id.clone(),
+                    vnodes: o.vnodes,
+                    tokens_of: o.tokens_of.clone(),
+                    share: replicated_share(ring, id, self.n),
+                })
+                .collect::<Vec<_>>()
+        };
+        let nodes = pn
+            .iter()
+            .map(|(node, m)| {
+                let (g, l) = (share(&m.gains), share(&m.loses));
+                NodeDelta {
+                    node: node.clone(),
+                    ranges_gained: m.gains.len(),
+                    ranges_lost: m.loses.len(),
+                    share_gained: g,
+                    share_lost: l,
+                    keys_gained: (g * keys as f64).round() as u64,
+                    keys_lost: (l * keys as f64).round() as u64,
+                    bytes_gained: (g * bytes as f64).round() as u64,
+                    bytes_lost: (l * bytes as f64).round() as u64,
+                }
+            })
+            .collect();
+        let mut warnings = Vec::new();
+        if target.len() < self.n {
+            warnings.push(format!(
+                "{} owners after the plan, fewer than N={}: keys will have fewer replicas",
+                target.len(),
+                self.n
+            ));
+        }
+        for m in &ms {
+            if m.from.iter().all(|s| !view.is_alive(s)) {
+                warnings.push(format!(
+                    "positions {:016x}..={:016x}: no current replica is up ({}); that data cannot move until one is",
+                    m.span.0,
+                    m.span.1,
+                    m.from.join(", ")
+                ));
+                break;
+            }
+        }
+        Ok(PlanReport {
+            claimant: self.node_id.clone(),
+            id: plan_id(staged.base, &staged.changes),
+            base: staged.base,
+            changes: staged.changes.clone(),
+            before: rows(&view.layout.current, &before),
+            after: rows(&target, &after),
+            nodes,
+            keys,
+            bytes,
+            warnings,
+        })
+    }
+
+    async fn peer_stats(&self, view: &ClusterView, node: &str) -> Option<(u64, u64)> {
+        if !view.is_alive(node) {
+            return None;
+        }
+        let addr = view.peer_addr(node)?.to_string();
+        match self
+            .transport
+            .clone()
+            .call(
+                addr,
+                PeerRequest::Cluster(ClusterRequest::Stats),
+                CALL_TIMEOUT,
+            )
+            .await
+        {
+            Ok(PeerResponse::Cluster(ClusterResponse::Stats { keys, bytes })) => {
+                Some((keys, bytes))
+            }
+            _ => None,
+        }
+    }
+
+    /// Fetches `from`'s layout and adopts it if it supersedes ours; true if it did.
+    pub async fn fetch_layout(&self, from: &str, addr: &str) -> Result<bool, String> {
+        let resp = self
+            .transport
+            .clone()
+            .call(
+                addr.to_string(),
+                PeerRequest::Cluster(ClusterRequest::GetLayout),
+                CALL_TIMEOUT,
+            )
+            .await
+            .map_err(|e| format!("layout fetch from {from}: {e}"))?;
+        let json = match resp {
+            PeerResponse::Cluster(ClusterResponse::Layout(json)) => json,
+            other => return Err(format!("layout fetch from {from}: answered {other:?}")),
+        };
+        let layout: Layout = serde_json::from_slice(&json)
+            .map_err(|e| format!("layout from {from} does not decode: {e}"))?;
+        let adopted = self.membership.adopt_layout(layout).await;
+        if adopted {
+            self.metrics.layouts_fetched.inc();
+        }
+        Ok(adopted)
+    }
+}
+
+/// The id `plan` prints and `commit --plan` checks.
+pub fn plan_id(base: u64, changes: &[Change]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&serde_json::to_vec(&(base, changes)).expect("changes serialize"))
+}
+
+/// The share of the ring `node` replicates (as one of the first `n` replicas).
+fn replicated_share(ring: &crate::ring::Ring, node: &str, n: usize) -> f64 {
+    let spans = crate::aae::ranges::shared_spans(ring, node, n);
+    let mut all: Vec<(u64, u64)> = spans.into_values().flatten().collect();
+    all.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in all {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    share(&merged)
+}
+
+/// The gainers of the running transition that have not reported their transfers done.
+pub fn gainers_waiting(view: &ClusterView, n: usize) -> Vec<String> {
+    let Some(next) = &view.next else {
+        return Vec::new();
+    };
+    let version = view.layout.version;
+    per_node(&moves(&view.ring, next, n))
+        .into_iter()
+        .filter(|(_, m)| !m.gains.is_empty())
+        .map(|(node, _)| node)
+        .filter(|node| {
+            view.seen
+                .get(node.as_str())
+                .is_none_or(|s| s.synced < version)
+        })
+        .collect()
+}
+
+pub fn status_report(
+    claimant: &str,
+    view: &ClusterView,
+    n: usize,
+    staged: Option<(u64, Vec<Change>)>,
+) -> StatusReport {
+    let gaining: Vec<String> = match &view.next {
+        Some(next) => per_node(&moves(&view.ring, next, n))
+            .into_iter()
+            .filter(|(_, m)| !m.gains.is_empty())
+            .map(|(node, _)| node)
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut nodes: Vec<String> = view.members.keys().map(|k| k.to_string()).collect();
+    nodes.extend(view.layout.retired.iter().cloned());
+    nodes.sort();
+    nodes.dedup();
+    let members = nodes
+        .into_iter()
+        .map(|node| {
+            let seen = view.seen.get(node.as_str()).copied().unwrap_or_default();
+            MemberRow {
+                role: match crate::membership::swim::ring_role(&view.layout, &node) {
+                    crate::membership::swim::RingStatus::Joining => "joining",
+                    crate::membership::swim::RingStatus::Normal => "normal",
+                    crate::membership::swim::RingStatus::Leaving => "leaving",
+                    crate::membership::swim::RingStatus::Removed => "removed",
+                }
+                .into(),
+                alive: view.is_alive(&node),
+                layout_version: seen.version,
+                synced: seen.synced,
+                gains: gaining.contains(&node),
+                node,
+            }
+        })
+        .collect();
+    StatusReport {
+        claimant: claimant.to_string(),
+        layout: (*view.layout).clone(),
+        staged,
+        members,
+    }
+}

@@ -1,0 +1,572 @@
+//! The cluster layout: which nodes own the ring, changed only by committed plans (sans-IO).
+//!
+//! A layout is versioned and the same on every node that has it. Its `current` owners build
+//! the ring that reads and coordination use. A committed plan sets `next` (the owners after
+//! the change): while it is set, every range that changes owners is being transferred, writes
+//! go to the replicas of both rings, reads to `current` only. When every node that gains
+//! ranges has received them, the claimant switches: `current = next`, and the nodes that
+//! left the ring are `retired` (they refuse replica and client traffic). Each step bumps the
+//! version; a layout with a greater `(version, digest)` replaces a smaller one everywhere.
+//!
+//! Staged changes (`kvctl cluster join|leave|remove|replace`) are applied to `current` by
+//! [`Layout::target`] (the plan, a dry run) and committed by [`Layout::commit`], which refuses a
+//! plan staged against another version (stale) or while a transition runs (one at a time).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ringkv_protocol::ring::{push_span, Ring, Span};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// One owner of the ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub vnodes: u32,
+    /// Its tokens are derived from this name: its own id, or the id of the node it replaced
+    /// (a replacement takes over exactly the old node's ranges).
+    pub tokens_of: String,
+}
+
+impl Owner {
+    pub fn new(id: &str, vnodes: u32) -> Owner {
+        Owner {
+            vnodes,
+            tokens_of: id.to_string(),
+        }
+    }
+}
+
+pub type Owners = BTreeMap<String, Owner>;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// 0: no layout yet (a node that has not learned its cluster's).
+    pub version: u64,
+    pub current: Owners,
+    /// While a committed plan's transfers run: the owners after it.
+    pub next: Option<Owners>,
+    /// Nodes a completed plan took out of the ring (left, removed, replaced).
+    pub retired: BTreeSet<String>,
+}
+
+/// One staged change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// A running node that is not an owner becomes one.
+    Join { node: String, vnodes: u32 },
+    /// An owner hands its ranges to the others, then leaves the ring.
+    Leave { node: String },
+    /// A dead owner is taken out; its ranges are re-replicated from the surviving replicas.
+    Remove { node: String },
+    /// A new node takes over exactly an owner's ranges (its tokens).
+    Replace { old: String, new: String },
+}
+
+impl Change {
+    /// The nodes this change names.
+    pub fn nodes(&self) -> Vec<&str> {
+        match self {
+            Change::Join { node, .. } | Change::Leave { node } | Change::Remove { node } => {
+                vec![node]
+            }
+            Change::Replace { old, new } => vec![old, new],
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Join { node, vnodes } => write!(f, "join {node} ({vnodes} vnodes)"),
+            Change::Leave { node } => write!(f, "leave {node}"),
+            Change::Remove { node } => write!(f, "remove {node}"),
+            Change::Replace { old, new } => write!(f, "replace {old} by {new}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("a plan is already being carried out (layout v{0}): wait for its transfers to finish (kvctl cluster status)")]
+    Busy(u64),
+    #[error("the plan was staged against layout v{staged} but the cluster is at v{now}: stage the changes again")]
+    Stale { staged: u64, now: u64 },
+    #[error("nothing is staged")]
+    Empty,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the caller knows about nodes that a change needs checked.
+pub trait Liveness {
+    /// The node runs and is in contact (gossip alive).
+    fn is_alive(&self, node: &str) -> bool;
+}
+
+impl<F: Fn(&str) -> bool> Liveness for F {
+    fn is_alive(&self, node: &str) -> bool {
+        self(node)
+    }
+}
+
+impl Layout {
+    /// The first layout of a new cluster: one owner.
+    pub fn bootstrap(id: &str, vnodes: u32) -> Layout {
+        Layout {
+            version: 1,
+            current: BTreeMap::from([(id.to_string(), Owner::new(id, vnodes))]),
+            next: None,
+            retired: BTreeSet::new(),
+        }
+    }
+
+    /// A fingerprint of the whole layout (equal layouts, equal digests).
+    pub fn digest(&self) -> u64 {
+        xxh3_64(&serde_json::to_vec(self).expect("a layout serializes"))
+    }
+
+    /// Whether `self` replaces `other`: a greater version, or the same version with a greater
+    /// digest (two claimants that committed concurrently: every node picks the same one).
+    pub fn supersedes(&self, other: &Layout) -> bool {
+        (self.version, self.digest()) > (other.version, other.digest())
+    }
+
+    pub fn ring(owners: &Owners) -> Ring {
+        Ring::with_token_names(
+            owners
+                .iter()
+                .map(|(id, o)| (id.as_str(), o.tokens_of.as_str(), o.vnodes)),
+        )
+    }
+
+    pub fn current_ring(&self) -> Ring {
+        Layout::ring(&self.current)
+    }
+
+    pub fn next_ring(&self) -> Option<Ring> {
+        self.next.as_ref().map(Layout::ring)
+    }
+
+    /// Whether `node` owns ranges now or after the running transition.
+    pub fn is_owner(&self, node: &str) -> bool {
+        self.current.contains_key(node) || self.next.as_ref().is_some_and(|n| n.contains_key(node))
+    }
+
+    /// The node that decides for the cluster (stages, commits, switches): the smallest id
+    /// among the alive owners (current, then next).
+    pub fn claimant(&self, live: &impl Liveness) -> Option<String> {
+        self.current
+            .keys()
+            .chain(self.next.iter().flat_map(|n| n.keys()))
+            .filter(|id| live.is_alive(id))
+            .min()
+            .cloned()
+    }
+
+    /// The owners after `changes` (a dry run): every change checked against this layout.
+    pub fn target(&self, changes: &[Change], live: &impl Liveness) -> Result<Owners, PlanError> {
+        if self.next.is_some() {
+            return Err(PlanError::Busy(self.version));
+        }
+        if changes.is_empty() {
+            return Err(PlanError::Empty);
+        }
+        let invalid = |msg: String| Err(PlanError::Invalid(msg));
+        let mut owners = self.current.clone();
+        let mut named = BTreeSet::new();
+        for change in changes {
+            for node in change.nodes() {
+                if !named.insert(node.to_string()) {
+                    return invalid(format!("{node} is named by more than one staged change"));
+                }
+            }
+            match change {
+                Change::Join { node, vnodes } => {
+                    if owners.contains_key(node) {
+                        return invalid(format!("join {node}: it already owns ranges"));
+                    }
+                    if !live.is_alive(node) {
+                        return invalid(format!(
+                            "join {node}: it is not running and in contact with the cluster"
+                        ));
+                    }
+                    if *vnodes == 0 {
+                        return invalid(format!("join {node}: 0 vnodes"));
+                    }
+                    owners.insert(node.clone(), Owner::new(node, *vnodes));
+                }
+                Change::Leave { node } => {
+                    if owners.remove(node).is_none() {
+                        return invalid(format!("leave {node}: it owns no ranges"));
+                    }
+                    if !live.is_alive(node) {
+                        return invalid(format!(
+                            "leave {node}: it is down and cannot hand its data off; use remove"
+                        ));
+                    }
+                }
+                Change::Remove { node } => {
+                    if owners.remove(node).is_none() {
+                        return invalid(format!("remove {node}: it owns no ranges"));
+                    }
+                    if live.is_alive(node) {
+                        return invalid(format!(
+                            "remove {node}: it is running; use leave (it hands its data off first)"
+                        ));
+                    }
+                }
+                Change::Replace { old, new } => {
+                    let Some(owner) = owners.remove(old) else {
+                        return invalid(format!("replace {old}: it owns no ranges"));
+                    };
+                    if owners.contains_key(new) || self.current.contains_key(new) {
+                        return invalid(format!(
+                            "replace {old} by {new}: {new} already owns ranges"
+                        ));
+                    }
+                    if !live.is_alive(new) {
+                        return invalid(format!(
+                            "replace {old} by {new}: {new} is not running and in contact with the cluster"
+                        ));
+                    }
+                    owners.insert(new.clone(), owner);
+                }
+            }
+        }
+        if owners.is_empty() {
+            return invalid("the plan leaves no owner".into());
+        }
+        Ok(owners)
+    }
+
+    /// Commits `changes` staged against version `staged`: the next layout (a transition).
+    pub fn commit(
+        &self,
+        staged: u64,
+        changes: &[Change],
+        live: &impl Liveness,
+    ) -> Result<Layout, PlanError> {
+        if self.next.is_some() {
+            return Err(PlanError::Busy(self.version));
+        }
+        if staged != self.version {
+            return Err(PlanError::Stale {
+                staged,
+                now: self.version,
+            });
+        }
+        let next = self.target(changes, live)?;
+        let mut retired = self.retired.clone();
+        for change in changes {
+            if let Change::Join { node, .. } | Change::Replace { new: node, .. } = change {
+                retired.remove(node);
+            }
+        }
+        Ok(Layout {
+            version: self.version + 1,
+            current: self.current.clone(),
+            next: Some(next),
+            retired,
+        })
+    }
+
+    /// The layout after the running transition's switch: `next` owns the ring, the nodes it
+    /// dropped are retired. None when no transition runs.
+    pub fn switched(&self) -> Option<Layout> {
+        let next = self.next.clone()?;
+        let mut retired = self.retired.clone();
+        retired.extend(
+            self.current
+                .keys()
+                .filter(|id| !next.contains_key(*id))
+                .cloned(),
+        );
+        Some(Layout {
+            version: self.version + 1,
+            current: next,
+            next: None,
+            retired,
+        })
+    }
+}
+
+/// A run of positions whose replicas change: from the current ring's to the next ring's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub span: Span,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+}
+
+impl Move {
+    /// Nodes that replicate the span after the move and not before.
+    pub fn gainers(&self) -> impl Iterator<Item = &String> {
+        self.to.iter().filter(|n| !self.from.contains(n))
+    }
+
+    /// Nodes that replicate the span before the move and not after.
+    pub fn losers(&self) -> impl Iterator<Item = &String> {
+        self.from.iter().filter(|n| !self.to.contains(n))
+    }
+}
+
+/// Every span whose first `n` replicas differ between `from` and `to`, ascending, adjacent
+/// spans with the same replicas merged.
+pub fn moves(from: &Ring, to: &Ring, n: usize) -> Vec<Move> {
+    let mut tokens = from.tokens();
+    tokens.extend(to.tokens());
+    tokens.sort_unstable();
+    tokens.dedup();
+    let mut out: Vec<Move> = Vec::new();
+    let Some(&first_token) = tokens.first() else {
+        return out;
+    };
+    let last_token = *tokens.last().expect("not empty");
+    // Arcs between consecutive tokens of both rings have the same replicas in each ring.
+    let mut arcs: Vec<Span> = Vec::with_capacity(tokens.len() + 1);
+    arcs.push((0, first_token));
+    arcs.extend(tokens.windows(2).map(|w| (w[0] + 1, w[1])));
+    if last_token < u64::MAX {
+        arcs.push((last_token + 1, u64::MAX));
+    }
+    let names = |ring: &Ring, pos: u64| -> Vec<String> {
+        let mut v: Vec<String> = ring
+            .preference_list(pos, n)
+            .iter()
+            .map(|id| id.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    for (first, last) in arcs {
+        let (a, b) = (names(from, last), names(to, last));
+        if a == b {
+            continue;
+        }
+        match out.last_mut() {
+            Some(m) if m.from == a && m.to == b && m.span.1.checked_add(1) == Some(first) => {
+                m.span.1 = last
+            }
+            _ => out.push(Move {
+                span: (first, last),
+                from: a,
+                to: b,
+            }),
+        }
+    }
+    out
+}
+
+/// What one node gains from each source (a current replica of the span) and loses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeMoves {
+    /// Per current replica: the spans this node gains that it replicates (ascending, merged).
+    pub gains_from: BTreeMap<String, Vec<Span>>,
+    /// Every span this node gains.
+    pub gains: Vec<Span>,
+    /// Every span this node stops replicating.
+    pub loses: Vec<Span>,
+}
+
+/// Per node, what `moves` gives and takes.
+pub fn per_node(moves: &[Move]) -> BTreeMap<String, NodeMoves> {
+    let mut out: BTreeMap<String, NodeMoves> = BTreeMap::new();
+    for m in moves {
+        for g in m.gainers() {
+            let e = out.entry(g.clone()).or_default();
+            push_span(&mut e.gains, m.span);
+            for src in &m.from {
+                push_span(e.gains_from.entry(src.clone()).or_default(), m.span);
+            }
+        }
+        for l in m.losers() {
+            push_span(&mut out.entry(l.clone()).or_default().loses, m.span);
+        }
+    }
+    out
+}
+
+/// The share of the ring (0..=1) that `spans` cover.
+pub fn share(spans: &[Span]) -> f64 {
+    let positions: f64 = spans.iter().map(|(a, b)| (b - a) as f64 + 1.0).sum();
+    positions / (u64::MAX as f64 + 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv_protocol::ring::key_position;
+
+    fn all_alive(_: &str) -> bool {
+        true
+    }
+
+    fn layout(ids: &[&str]) -> Layout {
+        Layout {
+            version: 3,
+            current: ids
+                .iter()
+                .map(|id| (id.to_string(), Owner::new(id, 64)))
+                .collect(),
+            next: None,
+            retired: BTreeSet::new(),
+        }
+    }
+
+    fn replicas(ring: &Ring, key: &str) -> Vec<String> {
+        let mut v: Vec<String> = ring
+            .preference_list(key_position(key.as_bytes()), 3)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every key's replicas in both rings agree with the move (or the absence of one) that
+    /// covers its position.
+    #[test]
+    fn moves_cover_exactly_the_keys_whose_replicas_change() {
+        let from = layout(&["a", "b", "c"]).current_ring();
+        let to = layout(&["a", "b", "c", "d", "e", "f"]).current_ring();
+        let ms = moves(&from, &to, 3);
+        assert!(!ms.is_empty());
+        assert!(
+            ms.windows(2).all(|w| w[0].span.1 < w[1].span.0),
+            "ascending, disjoint"
+        );
+        let mut moved = 0;
+        for i in 0..5000 {
+            let key = format!("k{i}");
+            let pos = key_position(key.as_bytes());
+            let (a, b) = (replicas(&from, &key), replicas(&to, &key));
+            match ms.iter().find(|m| m.span.0 <= pos && pos <= m.span.1) {
+                Some(m) => {
+                    assert_eq!((&m.from, &m.to), (&a, &b), "{key}");
+                    moved += 1;
+                }
+                None => assert_eq!(a, b, "{key} moves but no move covers it"),
+            }
+        }
+        // 3 -> 6 nodes with N=3: most keys get at least one new replica.
+        assert!(moved > 4000, "{moved}");
+        let pn = per_node(&ms);
+        for new in ["d", "e", "f"] {
+            let share = share(&pn[new].gains);
+            assert!((0.35..0.65).contains(&share), "{new} gains {share}");
+            assert!(pn[new].loses.is_empty());
+        }
+        for old in ["a", "b", "c"] {
+            assert!(pn[old].gains.is_empty(), "{old} gains nothing");
+            assert!(!pn[old].loses.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_replacement_takes_exactly_the_old_nodes_ranges() {
+        let l = layout(&["a", "b", "c", "d"]);
+        let dead = |n: &str| n != "b";
+        let next = l
+            .commit(
+                3,
+                &[Change::Replace {
+                    old: "b".into(),
+                    new: "x".into(),
+                }],
+                &dead,
+            )
+            .unwrap();
+        let ms = moves(&l.current_ring(), &next.next_ring().unwrap(), 3);
+        for m in &ms {
+            assert_eq!(m.gainers().collect::<Vec<_>>(), vec!["x"]);
+            assert_eq!(m.losers().collect::<Vec<_>>(), vec!["b"]);
+        }
+        let pn = per_node(&ms);
+        let old_share: f64 = share(&pn["b"].loses);
+        assert!((old_share - share(&pn["x"].gains)).abs() < 1e-12);
+        assert!(!pn["x"].gains_from.contains_key("x"));
+    }
+
+    #[test]
+    fn commits_are_checked_one_at_a_time_and_against_their_version() {
+        let l = layout(&["a", "b", "c"]);
+        let join = [Change::Join {
+            node: "d".into(),
+            vnodes: 64,
+        }];
+        assert_eq!(
+            l.commit(2, &join, &all_alive),
+            Err(PlanError::Stale { staged: 2, now: 3 })
+        );
+        let t = l.commit(3, &join, &all_alive).unwrap();
+        assert_eq!(t.version, 4);
+        assert_eq!(t.current, l.current, "ownership does not switch at commit");
+        assert!(t.is_owner("d"));
+        assert_eq!(t.commit(4, &join, &all_alive), Err(PlanError::Busy(4)));
+        let s = t.switched().unwrap();
+        assert_eq!((s.version, s.next.is_none()), (5, true));
+        assert!(s.current.contains_key("d"));
+        assert!(s.supersedes(&t) && t.supersedes(&l));
+    }
+
+    #[test]
+    fn invalid_changes_are_refused_with_the_reason() {
+        let l = layout(&["a", "b", "c"]);
+        let only_abc = |n: &str| ["a", "b", "c"].contains(&n);
+        let err = |changes: &[Change], live: &dyn Fn(&str) -> bool| match l.target(changes, &live) {
+            Err(PlanError::Invalid(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let join_d = Change::Join {
+            node: "d".into(),
+            vnodes: 8,
+        };
+        assert!(err(&[join_d.clone()], &only_abc).contains("not running"));
+        assert!(err(&[Change::Remove { node: "b".into() }], &only_abc).contains("use leave"));
+        assert!(err(&[Change::Leave { node: "z".into() }], &all_alive).contains("owns no ranges"));
+        let b_dead = |n: &str| n != "b";
+        assert!(err(&[Change::Leave { node: "b".into() }], &b_dead).contains("use remove"));
+        assert!(err(&[join_d.clone(), join_d], &all_alive).contains("more than one"));
+        assert_eq!(l.target(&[], &all_alive), Err(PlanError::Empty));
+        let leave_all: Vec<Change> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Change::Leave {
+                node: n.to_string(),
+            })
+            .collect();
+        assert!(err(&leave_all, &all_alive).contains("no owner"));
+    }
+
+    #[test]
+    fn leaving_and_removed_nodes_are_retired_at_the_switch_and_a_rejoin_clears_it() {
+        let l = layout(&["a", "b", "c", "d"]);
+        let d_dead = |n: &str| n != "d";
+        let t = l
+            .commit(
+                3,
+                &[
+                    Change::Leave { node: "a".into() },
+                    Change::Remove { node: "d".into() },
+                ],
+                &d_dead,
+            )
+            .unwrap();
+        let s = t.switched().unwrap();
+        assert_eq!(
+            s.retired,
+            BTreeSet::from(["a".to_string(), "d".to_string()])
+        );
+        assert_eq!(s.claimant(&d_dead), Some("b".into()));
+        let back = s
+            .commit(
+                5,
+                &[Change::Join {
+                    node: "a".into(),
+                    vnodes: 64,
+                }],
+                &all_alive,
+            )
+            .unwrap();
+        assert!(!back.retired.contains("a") && back.retired.contains("d"));
+    }
+}
