@@ -13,6 +13,7 @@ use ringkv_protocol::peer::MemberInfo;
 
 use crate::aae::exchange::AaeWorker;
 use crate::aae::gc::{GcMetrics, GcWorker};
+use crate::aae::release::{ReleaseMetrics, ReleaseWorker};
 use crate::aae::scan::TreeScanWorker;
 use crate::aae::service::AntiEntropy;
 use crate::aae::transfer::{TransferMetrics, TransferStatus, TransferWorker};
@@ -318,6 +319,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         transfer_metrics,
         transfer_status.clone(),
     ));
+    let release_metrics = Arc::new(ReleaseMetrics::default());
+    release_metrics.register(&registry, "release.");
+    runner.spawn(ReleaseWorker::new(
+        config.n as usize,
+        membership.clone(),
+        store.clone(),
+        pool.clone(),
+        config.aae.keys_per_sec,
+        release_metrics,
+    ));
     cluster.metrics.register(&registry, "cluster.");
     let gc_metrics = Arc::new(GcMetrics::default());
     if config.aae.tombstone_gc {
@@ -335,7 +346,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             gc_metrics.clone(),
         ));
     }
-    let replica = Arc::new(Replica::new(node_id.clone(), store.clone(), gate));
+    let replica = Arc::new(
+        Replica::new(node_id.clone(), store.clone(), gate).with_retired({
+            let m = membership.clone();
+            Arc::new(move || m.view().retired())
+        }),
+    );
     let requests = RequestMetrics::default();
     let client_net = ListenerMetrics::default();
     let peer_net = ListenerMetrics::default();

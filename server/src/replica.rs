@@ -26,6 +26,9 @@ pub struct Replica {
     pub metrics: ReplicaMetrics,
     /// Whether this node's copy of a key may answer a coordinator's read.
     gate: ReadGate,
+    /// Whether a completed plan took this node out of the ring: it then is a replica of
+    /// nothing and refuses replica traffic.
+    retired: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl Replica {
@@ -35,7 +38,14 @@ impl Replica {
             store,
             metrics: ReplicaMetrics::default(),
             gate,
+            retired: Arc::new(|| false),
         }
+    }
+
+    /// Refuse replica traffic while `retired` says this node is out of the ring.
+    pub fn with_retired(mut self, retired: Arc<dyn Fn() -> bool + Send + Sync>) -> Replica {
+        self.retired = retired;
+        self
     }
 
     fn error(&self, kind: ErrorKind, definite: bool, msg: String) -> PeerResponse {
@@ -43,6 +53,16 @@ impl Replica {
     }
 
     pub async fn serve(&self, req: ReplicaRequest) -> PeerResponse {
+        if (self.retired)() {
+            return self.error(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                "this node was taken out of the ring by a completed plan (left, removed or replaced): it is a replica of nothing".into(),
+            );
+        }
         match req {
             ReplicaRequest::ReadLocal { key, timeout_ms } => self.read_local(key, timeout_ms).await,
             ReplicaRequest::Replicate {

@@ -139,6 +139,11 @@ impl<T: Transport> AaeWorker<T> {
         }
     }
 
+    /// The anti-entropy service this worker exchanges for.
+    pub fn service(&self) -> &Arc<AntiEntropy> {
+        &self.aae
+    }
+
     /// Exchanges with a peer wait while a hint replay runs between the two.
     pub fn with_replay_probe(mut self, probe: ReplayProbe) -> AaeWorker<T> {
         self.replaying = Some(probe);

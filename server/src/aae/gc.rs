@@ -52,7 +52,7 @@ crate::metrics::metric_set! {
     /// Tombstone GC on this node (registered under `tombstones.`).
     pub struct GcMetrics {
         passes: Counter = "gc_passes", "passes over this node's tombstone index completed";
-        blocked: Counter = "gc_passes_blocked", "passes not run because a member was unavailable (tombstones kept)";
+        blocked: Counter = "gc_passes_blocked", "passes not run because a member was unavailable or a ring change ran (tombstones kept)";
         checked: Counter = "checked", "tombstones checked against every member";
         failed: Counter = "purge_checks_failed", "checks that found a replica without the same tombstone, a hint for the key, or differing ring views";
         check_errors: Counter = "check_errors", "pages whose check could not reach every member (retried next pass)";
@@ -169,9 +169,13 @@ impl Candidates {
     }
 }
 
-/// The first member of the ring found unavailable, if any.
+/// The first owner (current or next) found unavailable, if any. Nodes that own nothing (not
+/// joined yet, or retired) hold no replica and no hint: they do not take part.
 pub fn unavailable_member(view: &ClusterView) -> Option<NodeId> {
-    view.members.keys().find(|m| !view.is_alive(m)).cloned()
+    view.members
+        .keys()
+        .find(|m| view.layout.is_owner(m) && !view.is_alive(m))
+        .cloned()
 }
 
 pub struct GcWorker<T: Transport = PeerPool> {
@@ -275,7 +279,7 @@ impl<T: Transport> GcWorker<T> {
         }
         // Every member's flags, this node's own included.
         let mut answers: Vec<Vec<(NodeId, Option<u8>)>> = vec![Vec::new(); entries.len()];
-        for member in view.members.keys() {
+        for member in view.members.keys().filter(|m| view.layout.is_owner(m)) {
             let flags = if *member == view.me {
                 let mut own = Vec::with_capacity(entries.len());
                 for (key, state) in &entries {
@@ -425,6 +429,19 @@ impl<T: Transport> Worker for GcWorker<T> {
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
         let view = self.membership.view();
+        if view.next.is_some() {
+            // A ring change runs: replicas are moving, so no check can show a tombstone stable;
+            // checks made before it say nothing about after it.
+            self.cursor = None;
+            self.candidates = Candidates::default();
+            self.metrics.blocked.inc();
+            self.detail = format!(
+                "blocked: a ring change is running (layout v{}); tombstones kept until it ends",
+                view.layout.version
+            );
+            self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
+            return Ok(WorkerState::Idle);
+        }
         let start = match self.cursor.take() {
             Some(start) => start,
             None => {

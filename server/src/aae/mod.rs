@@ -6,6 +6,7 @@
 pub mod exchange;
 pub mod gc;
 pub mod ranges;
+pub mod release;
 pub mod scan;
 pub mod service;
 pub mod transfer;

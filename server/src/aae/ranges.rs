@@ -74,6 +74,28 @@ pub fn shared_spans(ring: &Ring, me: &str, n: usize) -> BTreeMap<NodeId, Vec<Spa
     out
 }
 
+/// The positions `me` does not replicate (among the first `n` replicas) in `ring`: every
+/// position when it is not in the ring. Ascending, merged.
+pub fn foreign_spans(ring: &Ring, me: &str, n: usize) -> Vec<Span> {
+    let tokens = ring.tokens();
+    let Some(&first) = tokens.first() else {
+        return vec![(0, u64::MAX)];
+    };
+    let last = *tokens.last().expect("not empty");
+    let mut arcs: Vec<Span> = vec![(0, first)];
+    arcs.extend(tokens.windows(2).map(|w| (w[0] + 1, w[1])));
+    if last < u64::MAX {
+        arcs.push((last + 1, u64::MAX));
+    }
+    let mut out = Vec::new();
+    for (a, b) in arcs {
+        if !ring.preference_list(b, n).iter().any(|p| &**p == me) {
+            push_span(&mut out, (a, b));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +120,23 @@ mod tests {
         assert_eq!(clip_spans(&spans, None, Some(0)), Some(vec![]));
         assert_eq!(clip_spans(&spans, Some((0, 99)), Some(0)), Some(vec![]));
         assert_eq!(clip_spans(&spans, Some((100, 199)), None), Some(vec![]));
+    }
+
+    /// A key is in a node's foreign spans exactly when the node is not among its replicas.
+    #[test]
+    fn foreign_spans_hold_exactly_the_keys_a_node_does_not_replicate() {
+        let r = ring(5, 16);
+        for me in ["n1", "n3", "stranger"] {
+            let spans = foreign_spans(&r, me, 3);
+            for i in 0..2000u32 {
+                let key = format!("k{i}");
+                let pos = key_position(key.as_bytes());
+                let replica = r.preference_list(pos, 3).iter().any(|p| &**p == me);
+                let foreign = spans.iter().any(|&(a, b)| a <= pos && pos <= b);
+                assert_eq!(replica, !foreign, "{me} {key}");
+            }
+        }
+        assert_eq!(foreign_spans(&r, "stranger", 3), vec![(0, u64::MAX)]);
     }
 
     #[test]

@@ -180,6 +180,21 @@ impl AntiEntropy {
         false
     }
 
+    /// A node that owned nothing received every range it is about to own (a ring change's
+    /// transfers, from every live replica): its data is synced as if by exchanges.
+    pub fn synced_by_transfer(&self) {
+        if !self.store.unsynced() {
+            return;
+        }
+        if let Err(e) = self.store.mark_synced() {
+            tracing::warn!(node = %self.node_id, error = %e,
+                "could not record that the data is synced: after a restart this node syncs again");
+        }
+        self.metrics.unsynced.set(0);
+        tracing::info!(node = %self.node_id,
+            "every range this node is about to own was transferred to it: it answers reads for them");
+    }
+
     /// Asks the worker for a cycle now, over the positions `range` only if given: `None`
     /// when this node runs none. The reply's `done_at` is the completed-cycle count
     /// (`aae.cycles`) at which a cycle that started after this request has finished. Requests

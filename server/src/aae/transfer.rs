@@ -314,6 +314,11 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 self.save();
                 self.metrics.completed.inc();
                 self.metrics.active.set(0);
+                if !view.layout.current.contains_key(&*view.me) {
+                    // Everything it will own came from every live replica: a new node's data
+                    // dir is synced (it answers reads once it owns them).
+                    self.exchanger.service().synced_by_transfer();
+                }
                 self.membership.set_synced(version).await;
                 info!(node = %self.node_id, version, "every gained range received; told the claimant");
                 self.detail = format!("layout v{version}: every gained range received");

@@ -203,14 +203,17 @@ impl<T: Transport> ClusterService<T> {
         }
     }
 
-    /// This node's estimated key count and live bytes (RocksDB's estimates).
+    /// This node's estimated key count and bytes of data (RocksDB's estimates: live SST data
+    /// plus memtables).
     fn stats(&self) -> (u64, u64) {
         let e = self.store.engine();
         (
             e.property(Cf::Data, "rocksdb.estimate-num-keys")
                 .unwrap_or(0),
             e.property(Cf::Data, "rocksdb.estimate-live-data-size")
-                .unwrap_or(0),
+                .unwrap_or(0)
+                + e.property(Cf::Data, "rocksdb.cur-size-all-mem-tables")
+                    .unwrap_or(0),
         )
     }
 
@@ -378,14 +381,6 @@ impl<T: Transport> ClusterService<T> {
         } else {
             false
         }
-    }
-
-    pub fn staged_changes(&self) -> bool {
-        self.staged
-            .lock()
-            .expect("staged lock poisoned")
-            .as_ref()
-            .is_some_and(|s| !s.changes.is_empty())
     }
 
     async fn plan(&self, view: &ClusterView, staged: &Staged) -> Result<PlanReport, PlanError> {

@@ -83,9 +83,8 @@ impl<T: Transport> LayoutWorker<T> {
             return waiting.is_empty() && self.cluster.switch_if_synced().await;
         }
         self.detail = format!("claimant: layout v{}", view.layout.version);
-        if self.cluster.staged_changes() {
-            return false;
-        }
+        // Staged changes do not hold joins back: they were staged against this layout, and a
+        // commit after the join is refused as stale (the operator plans again).
         let now = Instant::now();
         let candidates: Vec<String> = view
             .members

@@ -58,6 +58,7 @@ crate::metrics::metric_set! {
         hinted_writes: Counter = "coordinator.hinted_writes", "hints sent to fallbacks for a primary that was down or did not answer";
         hinted_failed: Counter = "coordinator.hinted_failed", "hints a fallback did not acknowledge";
         fallback_acks: Counter = "coordinator.fallback_acks", "write acks counted from fallbacks (sloppy quorum)";
+        pending_writes: Counter = "coordinator.pending_writes", "writes also sent to a key's next replica while a ring change runs (not counted toward W)";
         local_hints: Counter = "coordinator.local_hints", "hints kept on the coordinator for a primary no fallback covered";
         fallback_reads: Counter = "coordinator.fallback_reads", "hint reads from fallbacks for sloppy reads";
         read_repairs: Counter = "read_repair.sent", "read repairs sent";
@@ -155,6 +156,8 @@ enum Ack {
     },
     /// This node's own commit of the version it minted.
     Own(Result<(), WriteError>),
+    /// A replica of the next ring (a ring change runs): never counts toward W.
+    Pending,
 }
 
 /// Counts a coordinated write's acks; remembers why this node's own commit failed.
@@ -189,6 +192,7 @@ impl Tracker<Ack> for WriteTracker {
                 node, ok: false, ..
             } => self.quorum.on_failure(node),
             Ack::Own(_) if !self.own_counts => Decision::Pending,
+            Ack::Pending => Decision::Pending,
             Ack::Own(Ok(())) => self.quorum.on_ack(self.me.clone()),
             Ack::Own(Err(e)) => {
                 self.own_error = Some(e);
@@ -363,7 +367,21 @@ impl<T: Transport> Coordinator<T> {
 
     /// `Unavailable` while this node does not know the ring (it would route to wrong replicas).
     pub fn not_ready(&self) -> Option<Response> {
-        (!self.view().ready).then(|| {
+        let view = self.view();
+        if view.retired() {
+            return Some(self.err(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                format!(
+                    "this node was taken out of the ring by a completed plan (layout v{}): it serves no reads or writes; use another node",
+                    view.layout.version
+                ),
+            ));
+        }
+        (!view.ready).then(|| {
             self.err(
                 ErrorKind::Unavailable {
                     alive: 0,
@@ -798,14 +816,25 @@ impl<T: Transport> Coordinator<T> {
         let mut fan = FanOut::new(deadline);
         let peer_targets = slots.len();
         for (primary, fallback) in slots {
-            fan.push(Either::Left(self.write_slot(
+            fan.push(Either::Left(Either::Left(self.write_slot(
                 primary,
                 fallback,
                 view,
                 w.key.clone(),
                 state.clone(),
                 deadline,
-            )));
+            ))));
+        }
+        // A ring change runs: the key's next replicas get the write too (not counted), or a
+        // hint for them if they miss it, so the transfer into them misses nothing.
+        for p in plan.pending.iter().filter(|p| **p != view.me) {
+            fan.push(Either::Left(Either::Right(self.pending_slot(
+                p.clone(),
+                view,
+                w.key.clone(),
+                state.clone(),
+                deadline,
+            ))));
         }
         let node_id = self.node_id.clone();
         let key = w.key.clone();
@@ -959,6 +988,35 @@ impl<T: Transport> Coordinator<T> {
                 by_fallback: false,
                 ok: primary_ok,
             }
+        }
+    }
+
+    /// Ships the write to a replica of the next ring (a ring change runs); if it does not
+    /// acknowledge, this node keeps a hint for it. Never counts toward W.
+    fn pending_slot(
+        self: &Arc<Self>,
+        node: NodeId,
+        view: &ClusterView,
+        key: Bytes,
+        state: Bytes,
+        deadline: Instant,
+    ) -> impl Future<Output = Ack> + Send + 'static {
+        let coordinator = self.clone();
+        let addr = view
+            .is_alive(&node)
+            .then(|| view.peer_addr(&node).map(str::to_string))
+            .flatten();
+        async move {
+            let c = &coordinator;
+            let ok = match &addr {
+                Some(addr) => c.replicate(&node, addr, &key, &state, deadline).await,
+                None => false,
+            };
+            c.metrics.pending_writes.inc();
+            if !ok && c.config.hinted_handoff {
+                c.keep_local_hint(&node, &key, &state).await;
+            }
+            Ack::Pending
         }
     }
 

@@ -18,6 +18,9 @@ pub struct Plan {
     pub primaries_down: Vec<NodeId>,
     /// Available nodes beyond the preference list, in ring order from the key.
     pub fallbacks: Vec<NodeId>,
+    /// While a ring change runs: the key's replicas in the next ring that are not primaries
+    /// now (they are receiving its range). Writes go to them too; their acks do not count.
+    pub pending: Vec<NodeId>,
 }
 
 impl Plan {
@@ -57,11 +60,20 @@ pub fn plan_with_fallbacks(view: &ClusterView, key: &[u8], n: usize, want: Optio
             .take(want)
             .collect()
     };
+    let pending = match &view.next {
+        Some(next) => next
+            .preference_list(position, n)
+            .into_iter()
+            .filter(|p| !preference.contains(p))
+            .collect(),
+        None => Vec::new(),
+    };
     Plan {
         preference,
         primaries_alive,
         primaries_down,
         fallbacks,
+        pending,
     }
 }
 

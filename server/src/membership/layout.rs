@@ -521,7 +521,7 @@ mod tests {
             node: "d".into(),
             vnodes: 8,
         };
-        assert!(err(&[join_d.clone()], &only_abc).contains("not running"));
+        assert!(err(std::slice::from_ref(&join_d), &only_abc).contains("not running"));
         assert!(err(&[Change::Remove { node: "b".into() }], &only_abc).contains("use leave"));
         assert!(err(&[Change::Leave { node: "z".into() }], &all_alive).contains("owns no ranges"));
         let b_dead = |n: &str| n != "b";

@@ -40,8 +40,8 @@ pub struct LayoutSeen {
 #[derive(Debug, Clone)]
 pub struct ClusterView {
     pub me: NodeId,
-    /// Every known member that is not retired (down ones and non-owners included), with its
-    /// addresses and vnodes.
+    /// Every known member (down ones, non-owners and retired ones included), with its
+    /// addresses and vnodes; `layout` says which own ranges.
     pub members: BTreeMap<NodeId, MemberInfo>,
     /// The ring of the layout's current owners: reads and coordination use it.
     pub ring: Ring,

@@ -796,9 +796,6 @@ impl Driver {
         let mut seen = BTreeMap::new();
         let mut newest_seen = 0;
         for (node_id, saved) in &self.saved {
-            if layout.retired.contains(node_id) {
-                continue;
-            }
             let nid: NodeId = node_id.as_str().into();
             // Routing uses a member only while foca knows it alive and phi is low; a member
             // known only from the saved ring is unavailable until foca rediscovers it.

@@ -234,6 +234,10 @@ pub enum WriteOp {
     /// still equals `expected` (compare-and-delete: a state that changed is kept), with its
     /// tree contribution and index row, in one batch.
     Purge { key: Bytes, expected: Bytes },
+    /// A ring change: delete the state of a key this node no longer replicates (its owners
+    /// merged it first) only if its encoding still equals `expected`, like `Purge` for any
+    /// state; the purge floor keeps "Who mints" true as for a purge.
+    Release { key: Bytes, expected: Bytes },
 }
 
 impl WriteOp {
@@ -243,7 +247,8 @@ impl WriteOp {
             | WriteOp::Merge { key, .. }
             | WriteOp::Hint { key, .. }
             | WriteOp::DeleteHint { key, .. }
-            | WriteOp::Purge { key, .. } => key,
+            | WriteOp::Purge { key, .. }
+            | WriteOp::Release { key, .. } => key,
         }
     }
 
@@ -260,7 +265,9 @@ impl WriteOp {
                     + 16 * state.context().len()
             }
             WriteOp::DeleteHint { key, expected, .. } => key.len() + expected.len(),
-            WriteOp::Purge { key, expected } => key.len() + expected.len(),
+            WriteOp::Purge { key, expected } | WriteOp::Release { key, expected } => {
+                key.len() + expected.len()
+            }
         }
     }
 }
@@ -387,6 +394,7 @@ crate::metrics::metric_set! {
         expired: Counter = "expired", "peer writes dropped unapplied: still queued when their deadline passed";
         purged: Counter = "tombstones_purged", "tombstones purged by tombstone GC (compare-and-delete)";
         purges_kept: Counter = "purges_kept", "purges refused: the state changed (or is no tombstone) since the check";
+        released: Counter = "released", "keys this node no longer replicates, deleted once their owners merged them (ring changes)";
         rejected_siblings: Counter = "rejected_siblings", "writes refused at the sibling cap";
         rejected_size: Counter = "rejected_size", "writes refused at the object size cap";
         sibling_warnings: Counter = "sibling_warnings", "states that crossed the sibling warning level";
@@ -1620,8 +1628,9 @@ impl Writer {
                     changed,
                 });
             }
-            WriteOp::Purge { key, expected } => {
-                let changed = self.purge(key, expected, group)?;
+            WriteOp::Purge { key, expected } | WriteOp::Release { key, expected } => {
+                let tombstone_only = matches!(op, WriteOp::Purge { .. });
+                let changed = self.purge(key, expected, tombstone_only, group)?;
                 return Ok(WriteOutcome {
                     state: KeyState::new(),
                     dot: None,
@@ -1656,7 +1665,10 @@ impl Writer {
                 self.check_limits(key, &current, &next)?;
                 (next, Some(dot))
             }
-            WriteOp::Hint { .. } | WriteOp::DeleteHint { .. } | WriteOp::Purge { .. } => {
+            WriteOp::Hint { .. }
+            | WriteOp::DeleteHint { .. }
+            | WriteOp::Purge { .. }
+            | WriteOp::Release { .. } => {
                 unreachable!("hint and purge ops return above")
             }
             WriteOp::Merge { state, .. } => {
@@ -1722,17 +1734,22 @@ impl Writer {
         }
     }
 
-    /// Tombstone GC's compare-and-delete: true if the key's state was exactly `expected`
-    /// (tombstones only) and is now deleted, with its tree contribution and index row.
+    /// Tombstone GC's (and a ring change's) compare-and-delete: true if the key's state was
+    /// exactly `expected` (tombstones only, with `tombstone_only`) and is now deleted, with its
+    /// tree contribution and index row.
     fn purge(
         &mut self,
         key: &[u8],
         expected: &[u8],
+        tombstone_only: bool,
         group: &mut Group,
     ) -> Result<bool, WriteError> {
         let dkey = data_key(key);
         let current = self.current(group, &dkey, key)?;
-        if !current.is_tombstone() || current.encode() != expected {
+        if (tombstone_only && !current.is_tombstone())
+            || current.is_empty()
+            || current.encode() != expected
+        {
             self.stats.purges_kept.inc();
             // Back into the overlay so it is cached again (`current` took it out).
             group.overlay.insert(dkey, current);
@@ -1749,7 +1766,11 @@ impl Writer {
             floor.extend_from_slice(&ours.to_be_bytes());
             group.batch.put(Cf::Meta, META_PURGE_FLOOR.to_vec(), floor);
         }
-        self.stats.purged.inc();
+        if tombstone_only {
+            self.stats.purged.inc();
+        } else {
+            self.stats.released.inc();
+        }
         Ok(true)
     }
 

@@ -474,7 +474,9 @@ async fn admin(client: &Client, req: Value) -> Result<Value, Failure> {
 }
 
 fn pct(x: &Value) -> String {
-    format!("{:.1}%", x.as_f64().unwrap_or(0.0) * 100.0)
+    let v = x.as_f64().unwrap_or(0.0) * 100.0;
+    // An empty float sum is -0.0.
+    format!("{:.1}%", if v > 0.0 { v } else { 0.0 })
 }
 
 fn human_bytes(b: u64) -> String {
@@ -721,8 +723,8 @@ async fn cluster(
                     d["node"].as_str().unwrap_or(""),
                     pct(&d["share_gained"]),
                     pct(&d["share_lost"]),
-                    d["keys_gained"],
-                    d["keys_lost"],
+                    d["keys_gained"].as_u64().unwrap_or(0),
+                    d["keys_lost"].as_u64().unwrap_or(0),
                     human_bytes(d["bytes_gained"].as_u64().unwrap_or(0)),
                     human_bytes(d["bytes_lost"].as_u64().unwrap_or(0)),
                 ));

@@ -1,0 +1,328 @@
+//! The `release` worker: after a ring change, this node gives away the data of ranges it no
+//! longer replicates: each key is pushed to its current replicas (merged there with the
+//! version-vector logic) and, once every live one merged it, deleted here by
+//! compare-and-delete (`WriteOp::Release`: a state that changed meanwhile is kept and handed
+//! over again on the next pass).
+//!
+//! It runs only when no transition is running and every live member has had this layout for
+//! [`SETTLE`] (coordinators still reading with the previous layout are done by then), and it
+//! runs again whenever anything lands in a foreign range (a late write or hint under an old
+//! layout): such data is handed to its owners, never lost. A retired node (left, removed,
+//! replaced) replicates nothing, so it hands everything over and ends empty.
+//!
+//! Keys are found by scanning the data column family over the foreign positions, a page at a
+//! time, paced by the anti-entropy budgets and the CPU yield like every background pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv_protocol::peer::aae::{MAX_DIGESTS, STATES_BATCH_BYTES};
+use ringkv_protocol::peer::{AaeRequest, AaeResponse};
+use ringkv_protocol::ring::key_position;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::ranges::{foreign_spans, Span};
+use crate::background::load::CpuLoad;
+use crate::background::{Progress, Worker, WorkerState};
+use crate::membership::Membership;
+use crate::rpc::{PeerPool, Transport};
+use crate::storage::{HexKey, Store, WriteOp};
+
+/// Every live member must have had the layout this long before data is released.
+pub const SETTLE: Duration = Duration::from_secs(5);
+/// A pass over the foreign ranges that found nothing is repeated this often.
+pub const IDLE_PASS: Duration = Duration::from_secs(30);
+/// Keys per page of the scan (and per push).
+pub const PAGE: usize = 256;
+
+crate::metrics::metric_set! {
+    /// Data given away after ring changes (registered under `release.`).
+    pub struct ReleaseMetrics {
+        keys_handed: Counter = "keys_handed", "keys of foreign ranges merged by their owners and deleted here";
+        keys_kept: Counter = "keys_kept", "keys of foreign ranges kept for now (an owner did not merge them, or they changed)";
+        passes: Counter = "passes", "passes over the foreign ranges";
+        pass_keys: Gauge = "pass_keys", "foreign keys found in the last complete pass";
+    }
+}
+
+pub struct ReleaseWorker<T: Transport = PeerPool> {
+    node_id: String,
+    n: usize,
+    membership: Membership,
+    store: Arc<Store>,
+    transport: Arc<T>,
+    keys_per_sec: f64,
+    cpu: CpuLoad,
+    metrics: Arc<ReleaseMetrics>,
+    /// The layout version and when every live member was first seen with it.
+    settled: Option<(u64, Instant)>,
+    /// The pass in progress: the layout it is for, the foreign spans, the span index and the
+    /// last key done in it.
+    pass: Option<(u64, Vec<Span>, usize, Bytes)>,
+    found: u64,
+    /// The layout version of the last pass started.
+    last_version: u64,
+    next_pass: Instant,
+    detail: String,
+}
+
+impl<T: Transport> ReleaseWorker<T> {
+    pub fn new(
+        n: usize,
+        membership: Membership,
+        store: Arc<Store>,
+        transport: Arc<T>,
+        keys_per_sec: u32,
+        metrics: Arc<ReleaseMetrics>,
+    ) -> ReleaseWorker<T> {
+        ReleaseWorker {
+            node_id: membership.view().me.to_string(),
+            n,
+            membership,
+            store,
+            transport,
+            keys_per_sec: keys_per_sec.max(1) as f64,
+            cpu: CpuLoad::default(),
+            metrics,
+            settled: None,
+            pass: None,
+            found: 0,
+            last_version: 0,
+            next_pass: Instant::now(),
+            detail: "no foreign data".into(),
+        }
+    }
+
+    /// Whether data may be released under the current layout (no transition, every live
+    /// member has had it for SETTLE).
+    fn may_release(&mut self) -> Option<u64> {
+        let view = self.membership.view();
+        if view.next.is_some() || view.layout.version == 0 || !view.ready {
+            self.settled = None;
+            return None;
+        }
+        let version = view.layout.version;
+        let behind = view
+            .members
+            .keys()
+            .filter(|m| view.is_alive(m))
+            .any(|m| view.seen.get(m).is_none_or(|s| s.version < version));
+        if behind {
+            self.settled = None;
+            return None;
+        }
+        let since = match self.settled {
+            Some((v, at)) if v == version => at,
+            _ => {
+                let now = Instant::now();
+                self.settled = Some((version, now));
+                now
+            }
+        };
+        (since.elapsed() >= SETTLE).then_some(version)
+    }
+
+    /// Hands one page of foreign keys to their owners; the number of keys found.
+    async fn page(&mut self, version: u64) -> Result<usize, String> {
+        let Some((_, spans, i, after)) = self.pass.as_mut() else {
+            return Ok(0);
+        };
+        let Some(&(first, last)) = spans.get(*i) else {
+            return Ok(0);
+        };
+        let (keys, more) = self
+            .store
+            .scan_digests(first, last, after, PAGE.min(MAX_DIGESTS))
+            .await
+            .map_err(|e| format!("scan of positions {first:016x}..={last:016x}: {e}"))?;
+        match keys.last() {
+            Some((k, _)) if more => *after = k.clone(),
+            _ => {
+                *i += 1;
+                *after = Bytes::new();
+            }
+        }
+        let found = keys.len();
+        if found == 0 {
+            return Ok(0);
+        }
+        let view = self.membership.view();
+        // Per owner: the keys (and states) to push.
+        let mut states: Vec<(Bytes, Bytes)> = Vec::with_capacity(found);
+        for (key, _) in keys {
+            match self.store.read_stored(&key).await {
+                Ok(Some(s)) => states.push((key, Bytes::from(s))),
+                Ok(None) => {}
+                Err(e) => return Err(format!("key {}: {e}", HexKey(key.to_vec()))),
+            }
+        }
+        let mut handed = 0u64;
+        let mut kept = 0u64;
+        // Group by owner set: one push per live owner per group.
+        let mut groups: std::collections::BTreeMap<Vec<String>, Vec<(Bytes, Bytes)>> =
+            std::collections::BTreeMap::new();
+        for (key, state) in states {
+            let owners: Vec<String> = view
+                .ring
+                .preference_list(key_position(&key), self.n)
+                .iter()
+                .filter(|o| **o != view.me)
+                .map(|o| o.to_string())
+                .collect();
+            groups.entry(owners).or_default().push((key, state));
+        }
+        for (owners, entries) in groups {
+            let live: Vec<&String> = owners.iter().filter(|o| view.is_alive(o)).collect();
+            // Only when every owner is up: a down owner would miss the key if it were
+            // deleted here (anti-entropy between the owners is not guaranteed to run first).
+            if live.len() != owners.len() || owners.is_empty() {
+                kept += entries.len() as u64;
+                continue;
+            }
+            let mut merged = vec![true; entries.len()];
+            for owner in live {
+                let Some(addr) = view.peer_addr(owner) else {
+                    merged.iter_mut().for_each(|m| *m = false);
+                    continue;
+                };
+                let mut start = 0;
+                while start < entries.len() {
+                    // Batches within the states budget.
+                    let mut end = start;
+                    let mut bytes = 0;
+                    while end < entries.len()
+                        && (end == start || bytes + entries[end].1.len() <= STATES_BATCH_BYTES)
+                    {
+                        bytes += entries[end].1.len();
+                        end += 1;
+                    }
+                    let batch = entries[start..end].to_vec();
+                    match super::call(
+                        &self.transport,
+                        addr,
+                        AaeRequest::PushStates { entries: batch },
+                    )
+                    .await
+                    {
+                        Ok(AaeResponse::Merged(flags)) if flags.len() == end - start => {
+                            for (m, ok) in merged[start..end].iter_mut().zip(flags) {
+                                *m &= ok;
+                            }
+                        }
+                        Ok(other) => {
+                            warn!(node = %self.node_id, %owner, answer = ?other, "unexpected answer to a hand-over push");
+                            merged[start..end].iter_mut().for_each(|m| *m = false);
+                        }
+                        Err(e) => {
+                            warn!(node = %self.node_id, %owner, error = %e, "hand-over push failed; the keys stay here for the next pass");
+                            merged[start..end].iter_mut().for_each(|m| *m = false);
+                        }
+                    }
+                    start = end;
+                }
+            }
+            for ((key, state), ok) in entries.into_iter().zip(merged) {
+                if !ok {
+                    kept += 1;
+                    continue;
+                }
+                let op = WriteOp::Release {
+                    key: key.clone(),
+                    expected: state,
+                };
+                match self.store.write(op).await {
+                    Ok(o) if o.changed => handed += 1,
+                    Ok(_) => kept += 1,
+                    Err(e) => {
+                        warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
+                              "could not delete a handed-over key; retried next pass");
+                        kept += 1;
+                    }
+                }
+            }
+        }
+        self.metrics.keys_handed.inc_by(handed);
+        self.metrics.keys_kept.inc_by(kept);
+        // Pace: keys/s budget scaled by the CPU yield.
+        let rate = self.keys_per_sec * self.cpu.pace();
+        tokio::time::sleep(Duration::from_secs_f64(found as f64 / rate.max(1.0))).await;
+        if handed > 0 {
+            self.detail = format!(
+                "layout v{version}: handing foreign ranges to their owners ({} keys found this pass)",
+                self.found + found as u64
+            );
+        }
+        Ok(found)
+    }
+}
+
+impl<T: Transport> Worker for ReleaseWorker<T> {
+    fn name(&self) -> String {
+        "release".into()
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            detail: self.detail.clone(),
+            queue: None,
+        }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        let Some(version) = self.may_release() else {
+            self.pass = None;
+            return Ok(WorkerState::Idle);
+        };
+        let stale = self.pass.as_ref().is_some_and(|(v, ..)| *v != version);
+        if stale {
+            self.pass = None;
+        }
+        if self.pass.is_none() {
+            // A new layout is looked at at once; the same one again after a pause.
+            if self.last_version == version && Instant::now() < self.next_pass {
+                return Ok(WorkerState::Idle);
+            }
+            let view = self.membership.view();
+            let spans = foreign_spans(&view.ring, &view.me, self.n);
+            self.pass = Some((version, spans, 0, Bytes::new()));
+            self.last_version = version;
+            self.found = 0;
+        }
+        match self.page(version).await {
+            Ok(found) => self.found += found as u64,
+            Err(e) => {
+                warn!(node = %self.node_id, error = %e, "hand-over pass failed; retried");
+                self.pass = None;
+                self.next_pass = Instant::now() + Duration::from_secs(5);
+                return Ok(WorkerState::Idle);
+            }
+        }
+        let done = self
+            .pass
+            .as_ref()
+            .is_some_and(|(_, spans, i, _)| *i >= spans.len());
+        if done {
+            self.metrics.passes.inc();
+            self.metrics.pass_keys.set(self.found);
+            if self.found > 0 {
+                info!(node = %self.node_id, version, keys = self.found,
+                      "pass over the ranges this node no longer replicates done");
+                // Keys kept (an owner down, a state changed) are tried again soon.
+                self.next_pass = Instant::now() + Duration::from_secs(5);
+            } else {
+                self.detail = format!("layout v{version}: no foreign data");
+                self.next_pass = Instant::now() + IDLE_PASS;
+            }
+            self.pass = None;
+            return Ok(WorkerState::Idle);
+        }
+        Ok(WorkerState::Busy)
+    }
+
+    async fn wait_for_work(&mut self) -> WorkerState {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        WorkerState::Busy
+    }
+}
