@@ -34,6 +34,7 @@ crate::metrics::metric_set! {
         last_cycle_seconds: Gauge = "last_cycle_seconds", "duration of the last full cycle";
         cycles: Counter = "cycles", "full cycles over every peer completed";
         served: Counter = "requests_served", "aae requests answered for peers";
+        states_served: Counter = "states_served", "key states sent to peers that fetched them (exchanges and transfers)";
         push_refused: Counter = "push_refused", "pushed states refused (this node is not a replica of the key)";
         unsynced: Gauge = "unsynced", "1 while this node's data dir is new and not yet synced from every other replica (it answers no replica reads)";
         unsynced_peers: Gauge = "unsynced_peers", "peers this node shares ranges with and has not completed an exchange with since its data dir was new";
@@ -325,6 +326,9 @@ impl AntiEntropy {
                         }
                     }
                 }
+                self.metrics
+                    .states_served
+                    .inc_by(states.iter().filter(|s| !s.is_empty()).count() as u64);
                 PeerResponse::Aae(AaeResponse::States(states))
             }
             AaeRequest::PushStates { entries } => {

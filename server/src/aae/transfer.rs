@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use super::exchange::AaeWorker;
 use super::ranges::Span;
 use crate::background::{Progress, Worker, WorkerState};
-use crate::membership::layout::{moves, per_node, share, NodeMoves};
+use crate::membership::layout::{gains_covered, moves, per_node, share, NodeMoves};
 use crate::membership::Membership;
 use crate::rpc::{PeerPool, Transport};
 
@@ -187,12 +187,12 @@ impl<T: Transport> TransferWorker<T> {
         self.checkpoint.progress.get(source).copied().unwrap_or(0) >= spans.len()
     }
 
-    /// Whether every gained span is covered by a finished source.
     fn covered(&self, moves: &NodeMoves) -> bool {
-        moves.gains.iter().all(|&(first, last)| {
-            moves.gains_from.iter().any(|(src, spans)| {
-                self.done(src, spans) && super::ranges::covers(spans, first, last)
-            })
+        gains_covered(moves, &|src: &str| {
+            moves
+                .gains_from
+                .get(src)
+                .is_some_and(|spans| self.done(src, spans))
         })
     }
 }

@@ -386,6 +386,29 @@ pub fn per_node(moves: &[Move]) -> BTreeMap<String, NodeMoves> {
     out
 }
 
+/// Whether every position a node gains is covered by the spans of the sources `done` says
+/// it finished: the union of their spans (a merged gained span may come from different
+/// sources in parts).
+pub fn gains_covered(m: &NodeMoves, done: &dyn Fn(&str) -> bool) -> bool {
+    let mut union: Vec<Span> = m
+        .gains_from
+        .iter()
+        .filter(|(src, _)| done(src))
+        .flat_map(|(_, spans)| spans.iter().copied())
+        .collect();
+    union.sort_unstable();
+    let mut merged: Vec<Span> = Vec::with_capacity(union.len());
+    for (a, b) in union {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    m.gains
+        .iter()
+        .all(|&(first, last)| merged.iter().any(|&(a, b)| a <= first && last <= b))
+}
+
 /// The share of the ring (0..=1) that `spans` cover.
 pub fn share(spans: &[Span]) -> f64 {
     let positions: f64 = spans.iter().map(|(a, b)| (b - a) as f64 + 1.0).sum();
@@ -460,6 +483,34 @@ mod tests {
             assert!(pn[old].gains.is_empty(), "{old} gains nothing");
             assert!(!pn[old].loses.is_empty());
         }
+    }
+
+    /// Regression: a gained span merged from two moves with different sources was covered by
+    /// neither source alone, and the transfer waited forever for a source that was done.
+    #[test]
+    fn gains_are_covered_by_the_union_of_the_finished_sources() {
+        let ms = vec![
+            Move {
+                span: (0, 9),
+                from: vec!["a".into(), "x".into()],
+                to: vec!["g".into(), "x".into()],
+            },
+            Move {
+                span: (10, 19),
+                from: vec!["b".into(), "y".into()],
+                to: vec!["g".into(), "y".into()],
+            },
+        ];
+        let pn = per_node(&ms);
+        let g = &pn["g"];
+        assert_eq!(g.gains, vec![(0, 19)]);
+        assert!(gains_covered(g, &|s: &str| s == "a" || s == "b"));
+        assert!(gains_covered(g, &|s: &str| s == "x" || s == "y"));
+        assert!(
+            !gains_covered(g, &|s: &str| s == "a" || s == "x"),
+            "10..=19 missing"
+        );
+        assert!(!gains_covered(g, &|_: &str| false));
     }
 
     #[test]

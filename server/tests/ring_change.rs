@@ -1,0 +1,600 @@
+//! Ring changes through real `ringkv` processes on 127.0.0.1: staged join, leave, remove and
+//! replace, plan (a dry run) and commit, the transfers that run before ownership switches,
+//! their resumption after a restart, and the refusal of stale and concurrent plans.
+
+use std::time::{Duration, Instant};
+
+use ringkv_client::{Client, GetOptions, PutOptions};
+use ringkv_jepsen::{bin_path, metric, Cluster};
+use ringkv_protocol::peer::aae::MAX_STATES;
+use ringkv_protocol::ring::{key_position, Ring};
+use serde_json::{json, Value};
+
+const LOCAL: GetOptions = GetOptions {
+    r: None,
+    pr: None,
+    timeout: None,
+    local: true,
+};
+
+/// One admin request through node `i`; `Err(message)` for an `Error` reply.
+async fn admin(c: &Cluster, i: usize, req: Value) -> Result<Value, String> {
+    let reply = c
+        .client(i)
+        .cluster(serde_json::to_vec(&req).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_slice(&reply).unwrap();
+    match v.get("Error") {
+        Some(e) => Err(e["message"].as_str().unwrap_or("").to_string()),
+        None => Ok(v),
+    }
+}
+
+async fn layout(c: &Cluster, i: usize) -> Value {
+    admin(c, i, json!("Status")).await.unwrap()["Status"]["layout"].clone()
+}
+
+/// The current ring as node `i` reports it (owners, with the tokens they took over).
+async fn ring_of(c: &Cluster, i: usize) -> Ring {
+    let ring = c.client(i).ring().await.unwrap();
+    Ring::with_token_names(
+        ring.members
+            .iter()
+            .map(|m| (m.node_id.as_str(), m.tokens_of.as_str(), m.tokens)),
+    )
+}
+
+fn replicas(ring: &Ring, key: &str) -> Vec<String> {
+    ring.preference_list(key_position(key.as_bytes()), 3)
+        .iter()
+        .map(|n| n.to_string())
+        .collect()
+}
+
+/// Waits until node `via` reports a layout with no transition whose owners are `owners`, and
+/// every node of `running` has that layout version.
+async fn wait_owners(
+    c: &Cluster,
+    via: usize,
+    running: &[usize],
+    owners: &[&str],
+    timeout: Duration,
+) {
+    let start = Instant::now();
+    let mut want: Vec<String> = owners.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    loop {
+        let l = layout(c, via).await;
+        let mut have: Vec<String> = l["current"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        have.sort();
+        let version = l["version"].as_u64().unwrap();
+        let mut same = l["next"].is_null() && have == want;
+        for &i in running {
+            same &= layout(c, i).await["version"].as_u64() == Some(version);
+        }
+        if same {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "layout did not settle on {want:?} within {timeout:?}: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the claimant (through node `via`) sees `ids` up, with the current layout (they
+/// own nothing yet: new nodes that did not ask to be joined automatically).
+async fn wait_known(c: &Cluster, via: usize, ids: &[&str]) {
+    let start = Instant::now();
+    loop {
+        let st = admin(c, via, json!("Status")).await.unwrap();
+        let version = st["Status"]["layout"]["version"].as_u64();
+        let ok = ids.iter().all(|id| {
+            st["Status"]["members"].as_array().unwrap().iter().any(|m| {
+                m["node"] == *id
+                    && m["alive"] == true
+                    && m["layout_version"].as_u64() == version
+                    && m["role"] == "joining"
+            })
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{ids:?} not seen as joining members: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes `count` keys `prefix-i` (value = key) through node 0 (W=2).
+async fn write_keys(c: &Cluster, prefix: &str, count: usize) -> Vec<String> {
+    let client = c.client(0);
+    let keys: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for k in &keys {
+        let client = client.clone();
+        let k = k.clone();
+        pending.push(async move {
+            client
+                .put_with(&k, k.clone().into_bytes(), None, PutOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("{k}: {e}"))
+        });
+        if pending.len() >= 32 {
+            futures::StreamExt::next(&mut pending).await;
+        }
+    }
+    while futures::StreamExt::next(&mut pending).await.is_some() {}
+    keys
+}
+
+/// Which of `keys` node `i` holds (local reads of its own replica).
+async fn held(client: &Client, keys: &[String]) -> Vec<bool> {
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        let r = client.get_with(k, LOCAL).await.unwrap();
+        out.push(r.is_found());
+    }
+    out
+}
+
+/// Waits until every key is held by exactly its N preference-list nodes among `nodes`
+/// (index, id) and by no other node (old owners have handed their copies over).
+async fn wait_held_exactly(
+    c: &Cluster,
+    nodes: &[(usize, &str)],
+    keys: &[String],
+    timeout: Duration,
+) {
+    let ring = ring_of(c, nodes[0].0).await;
+    let start = Instant::now();
+    loop {
+        let mut wrong = Vec::new();
+        for &(i, id) in nodes {
+            let h = held(&c.client(i), keys).await;
+            for (k, holds) in keys.iter().zip(h) {
+                let should = replicas(&ring, k).iter().any(|r| r == id);
+                if holds != should {
+                    wrong.push(format!(
+                        "{id} {} {k}",
+                        if holds { "holds" } else { "lacks" }
+                    ));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} misplaced copies after {timeout:?}, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every key reads back its value with the default R through every node of `via`.
+async fn all_readable(c: &Cluster, via: &[usize], keys: &[String]) {
+    for &i in via {
+        let client = c.client(i);
+        for k in keys {
+            let r = client
+                .get(k)
+                .await
+                .unwrap_or_else(|e| panic!("{k} via node {i}: {e}"));
+            assert_eq!(
+                ringkv_jepsen::sorted_values(&r),
+                vec![k.clone()],
+                "{k} via node {i}"
+            );
+        }
+    }
+}
+
+fn kvctl(c: &Cluster, i: usize, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(bin_path("kvctl"))
+        .args(["--addr", &c.nodes[i].addr, "--timeout-ms", "20000"])
+        .args(args)
+        .output()
+        .expect("kvctl runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Grow 3 -> 6 with kvctl: plan (a dry run that moves nothing), commit; after the transfers
+/// every key is readable through every node and held by exactly its N new replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_three_to_six_moves_every_key_to_its_new_replicas() {
+    let mut c = Cluster::start(3, &[]).await;
+    let keys = write_keys(&c, "grow", 3000).await;
+    for id in ["n4", "n5", "n6"] {
+        c.add_node(id, 0, &["--auto-join", "false"]);
+    }
+    wait_known(&c, 0, &["n4", "n5", "n6"]).await;
+    // The new nodes are members that own nothing (not in the ring) until a plan is committed.
+    let l = layout(&c, 3).await;
+    assert_eq!(l["current"].as_object().unwrap().len(), 3, "{l}");
+    for id in ["n4", "n5", "n6"] {
+        let (ok, out) = kvctl(&c, 1, &["cluster", "join", id]);
+        assert!(ok, "join {id}: {out}");
+    }
+    let (ok, plan) = kvctl(&c, 2, &["cluster", "plan"]);
+    assert!(ok, "{plan}");
+    assert!(
+        plan.contains("ring after:") && plan.contains("n6"),
+        "{plan}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(&c.client(3), "transfer.keys_received").await,
+        0,
+        "plan moves nothing"
+    );
+    let (ok, out) = kvctl(&c, 0, &["cluster", "commit", "--wait"]);
+    assert!(ok, "{out}");
+    let all: Vec<usize> = (0..6).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4", "n5", "n6"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let nodes: Vec<(usize, &str)> = vec![
+        (0, "n1"),
+        (1, "n2"),
+        (2, "n3"),
+        (3, "n4"),
+        (4, "n5"),
+        (5, "n6"),
+    ];
+    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(90)).await;
+    all_readable(&c, &all, &keys).await;
+    let received: u64 = {
+        let mut t = 0;
+        for i in 3..6 {
+            t += metric(&c.client(i), "transfer.keys_received").await;
+        }
+        t
+    };
+    assert!(
+        received > 3000,
+        "the new nodes received their ranges: {received}"
+    );
+    let (ok, status) = kvctl(&c, 4, &["cluster", "status"]);
+    assert!(
+        ok && status.contains("no transition") || status.contains("layout v"),
+        "{status}"
+    );
+}
+
+/// Shrink 6 -> 3 with leave: the leaving nodes hand everything over, end with no data, leave
+/// the ring and refuse requests; every key stays readable and on exactly N of the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
+    let c = Cluster::start(6, &[]).await;
+    let all: Vec<usize> = (0..6).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4", "n5", "n6"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let keys = write_keys(&c, "shrink", 3000).await;
+    for id in ["n4", "n5", "n6"] {
+        admin(&c, 5, json!({"Stage": {"Leave": {"node": id}}}))
+            .await
+            .unwrap();
+    }
+    admin(&c, 4, json!({"Commit": {"plan": null}}))
+        .await
+        .unwrap();
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let nodes: Vec<(usize, &str)> = vec![
+        (0, "n1"),
+        (1, "n2"),
+        (2, "n3"),
+        (3, "n4"),
+        (4, "n5"),
+        (5, "n6"),
+    ];
+    // The leaving nodes end empty: held_exactly requires that they hold no key.
+    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(90)).await;
+    all_readable(&c, &[0, 1, 2], &keys).await;
+    let ring = c.client(0).ring().await.unwrap();
+    assert_eq!(ring.members.len(), 3, "{:?}", ring.members);
+    let refused = c.client(4).get("shrink-1").await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("taken out of the ring")),
+        "a retired node says so: {refused:?}"
+    );
+}
+
+/// `remove` of a killed node: its ranges are re-replicated from the survivors to N live nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_of_a_killed_node_re_replicates_its_ranges() {
+    let mut c = Cluster::start(4, &[]).await;
+    let all: Vec<usize> = (0..4).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let keys = write_keys(&c, "remove", 2000).await;
+    c.nodes[3].kill9();
+    c.wait_members(
+        |n| n.child_running(),
+        |n| n.child_running(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    // A live node cannot be removed (it must leave); the dead one can.
+    let e = admin(&c, 1, json!({"Stage": {"Remove": {"node": "n2"}}}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("use leave"), "{e}");
+    admin(&c, 1, json!({"Stage": {"Remove": {"node": "n4"}}}))
+        .await
+        .unwrap();
+    admin(&c, 2, json!({"Commit": {"plan": null}}))
+        .await
+        .unwrap();
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let nodes: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3")];
+    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(60)).await;
+    all_readable(&c, &[0, 1, 2], &keys).await;
+}
+
+/// A transfer cut by a kill -9 of the receiving node resumes from its checkpoint after the
+/// restart: measured on the sources (`aae.states_served`), the states sent for the whole
+/// transfer exceed the keys the new node holds by at most one fetch batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_transfer_resumes_and_resends_at_most_one_batch() {
+    // A slow transfer (1 000 keys/s) so that the kill lands in the middle of it.
+    let slow = ["--aae-keys-per-sec", "1000"];
+    let mut c = Cluster::start(3, &slow).await;
+    let keys = write_keys(&c, "resume", 12_000).await;
+    let mut served_before = 0;
+    for i in 0..3 {
+        served_before += metric(&c.client(i), "aae.states_served").await;
+    }
+    c.add_node(
+        "n4",
+        0,
+        &["--auto-join", "false", "--aae-keys-per-sec", "1000"],
+    );
+    wait_known(&c, 0, &["n4"]).await;
+    admin(
+        &c,
+        0,
+        json!({"Stage": {"Join": {"node": "n4", "vnodes": 256}}}),
+    )
+    .await
+    .unwrap();
+    admin(&c, 0, json!({"Commit": {"plan": null}}))
+        .await
+        .unwrap();
+    // Kill it once part of its ranges is checkpointed.
+    let checkpoint = c.nodes[3].data_dir.join("transfer.json");
+    let start = Instant::now();
+    loop {
+        let progress: u64 = std::fs::read(&checkpoint)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map(|v| {
+                v["progress"]
+                    .as_object()
+                    .map_or(0, |o| o.values().filter_map(Value::as_u64).sum())
+            })
+            .unwrap_or(0);
+        if progress > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before_kill = metric(&c.client(3), "transfer.keys_received").await;
+    c.nodes[3].kill9();
+    c.nodes[3].start().unwrap();
+    let all: Vec<usize> = (0..4).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4"],
+        Duration::from_secs(120),
+    )
+    .await;
+    let after_restart = metric(&c.client(3), "transfer.keys_received").await;
+    let mut served = 0;
+    for i in 0..3 {
+        served += metric(&c.client(i), "aae.states_served").await;
+    }
+    let served = served - served_before;
+    let ring = ring_of(&c, 0).await;
+    let owned = keys
+        .iter()
+        .filter(|k| replicas(&ring, k).iter().any(|r| r == "n4"))
+        .count() as u64;
+    let holds = held(&c.client(3), &keys)
+        .await
+        .iter()
+        .filter(|h| **h)
+        .count() as u64;
+    eprintln!(
+        "resume: n4 owns {owned} keys, holds {holds}; received {before_kill} before the kill (as last reported) and {after_restart} after; sources sent {served} states"
+    );
+    assert!(
+        after_restart > 0 && after_restart < owned,
+        "the restart resumed, not restarted: {after_restart} of {owned}"
+    );
+    assert_eq!(holds, owned, "n4 holds every key it owns");
+    assert!(
+        served <= owned + MAX_STATES as u64,
+        "sources sent {served} states for {owned} keys: more than one batch ({MAX_STATES}) again"
+    );
+}
+
+/// `plan` moves nothing; a plan staged against an older layout is refused at commit, and
+/// a commit while another plan's transfers run is refused too (one plan at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_move_nothing_and_stale_or_concurrent_commits_are_refused() {
+    let mut c = Cluster::start(3, &[]).await;
+    let keys = write_keys(&c, "stale", 500).await;
+    c.add_node("n4", 0, &["--auto-join", "false"]);
+    wait_known(&c, 0, &["n4"]).await;
+    let v0 = layout(&c, 0).await["version"].as_u64().unwrap();
+    admin(
+        &c,
+        0,
+        json!({"Stage": {"Join": {"node": "n4", "vnodes": 256}}}),
+    )
+    .await
+    .unwrap();
+    let plan = admin(&c, 1, json!("Plan")).await.unwrap();
+    let n4 = plan["Plan"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["node"] == "n4")
+        .cloned()
+        .unwrap();
+    assert!(n4["share_gained"].as_f64().unwrap() > 0.3, "{n4}");
+    assert!(n4["keys_gained"].as_u64().unwrap() > 100, "{n4}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        layout(&c, 0).await["version"].as_u64().unwrap(),
+        v0,
+        "plan commits nothing"
+    );
+    assert!(
+        held(&c.client(3), &keys).await.iter().all(|h| !h),
+        "plan moved no key"
+    );
+    // Meanwhile a node that asks to be joined automatically is: the layout moves on.
+    c.add_node("n5", 0, &[]);
+    let start = Instant::now();
+    loop {
+        let l = layout(&c, 0).await;
+        if !l["next"].is_null() {
+            // A transition runs: a commit now is refused, one plan at a time.
+            let e = admin(&c, 2, json!({"Commit": {"plan": null}}))
+                .await
+                .unwrap_err();
+            assert!(e.contains("already being carried out"), "{e}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "n5 was not joined: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2, 4],
+        &["n1", "n2", "n3", "n5"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let e = admin(&c, 0, json!({"Commit": {"plan": null}}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("staged against layout"),
+        "a stale plan is refused: {e}"
+    );
+    // It was dropped: a fresh plan must be staged.
+    let e = admin(&c, 0, json!("Plan")).await.unwrap_err();
+    assert!(e.contains("nothing is staged"), "{e}");
+    all_readable(&c, &[0, 1, 2, 4], &keys).await;
+}
+
+/// `replace` of a dead node by a new one: the new node takes over exactly the old one's
+/// tokens (no other node's ranges move) and receives its data from the survivors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
+    let mut c = Cluster::start(4, &[]).await;
+    let all: Vec<usize> = (0..4).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let keys = write_keys(&c, "replace", 2000).await;
+    let before = ring_of(&c, 0).await;
+    c.nodes[3].kill9();
+    c.add_node("n5", 0, &["--auto-join", "false"]);
+    wait_known(&c, 0, &["n5"]).await;
+    let (ok, out) = kvctl(&c, 1, &["cluster", "replace", "n4", "n5"]);
+    assert!(ok, "{out}");
+    let (ok, out) = kvctl(&c, 1, &["cluster", "commit", "--wait"]);
+    assert!(ok, "{out}");
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2, 4],
+        &["n1", "n2", "n3", "n5"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let after = ring_of(&c, 0).await;
+    let ring = c.client(0).ring().await.unwrap();
+    let n5 = ring.members.iter().find(|m| m.node_id == "n5").unwrap();
+    assert_eq!(n5.tokens_of, "n4", "n5 took over n4's tokens");
+    for k in &keys {
+        let (a, b) = (replicas(&before, k), replicas(&after, k));
+        let mapped: Vec<String> = a
+            .iter()
+            .map(|n| {
+                if n == "n4" {
+                    "n5".to_string()
+                } else {
+                    n.clone()
+                }
+            })
+            .collect();
+        assert_eq!(mapped, b, "{k}: only n4's place changed hands");
+    }
+    let nodes: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3"), (4, "n5")];
+    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(60)).await;
+    all_readable(&c, &[0, 1, 2, 4], &keys).await;
+}
