@@ -20,7 +20,8 @@ struct Cli {
     /// register or set.
     #[arg(long, default_value = "register")]
     workload: String,
-    /// Comma-separated faults: kill, reboot, pause, partition, clock, loss, disk; or none.
+    /// Comma-separated faults: kill, reboot, pause, partition, clock, loss, disk, wipe,
+    /// membership; or none.
     #[arg(long, default_value = "kill,partition")]
     nemesis: String,
     /// Seconds of traffic (faults included).
@@ -110,6 +111,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             },
             // Tombstone GC purging deleted keys between kills, partitions and a lost disk.
             gc("register", "kill,partition,wipe", 45, 6),
+            // Ring changes (leave, kill + remove, join again) under kills.
+            Cli {
+                interval: 5,
+                ..with("register", "membership,kill", 50, 7)
+            },
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -127,6 +133,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             gc("register", "kill,partition,wipe", 180, 23),
             with("set", "wipe,pause", 120, 25),
             gc("register", "pause,clock", 150, 24),
+            with("register", "membership,kill", 180, 26),
+            with("set", "membership,partition", 150, 27),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }

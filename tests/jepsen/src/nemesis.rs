@@ -28,6 +28,10 @@ pub enum Kind {
     /// same id at heal time. Started only once every node is synced (a second lost disk before
     /// the first is repaired may lose data on any system with N=3, W=2).
     Wipe,
+    /// Ring changes through `kvctl cluster`'s requests: join a node that owns nothing, or take
+    /// an owner out (leave, or kill -9 and remove), committed while the workload runs; at heal
+    /// time a node taken out is wiped and restarted (it joins again at a later start).
+    Membership,
 }
 
 impl Kind {
@@ -41,6 +45,7 @@ impl Kind {
             Kind::Reboot => "reboot",
             Kind::Disk => "disk",
             Kind::Wipe => "wipe",
+            Kind::Membership => "membership",
         }
     }
 
@@ -54,9 +59,10 @@ impl Kind {
             "reboot" => Kind::Reboot,
             "disk" => Kind::Disk,
             "wipe" => Kind::Wipe,
+            "membership" => Kind::Membership,
             other => {
                 return Err(format!(
-                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk, wipe or none"
+                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk, wipe, membership or none"
             ))
             }
         })
@@ -239,6 +245,9 @@ pub enum Active {
     Skewed(Vec<usize>),
     /// Clocks that flip between +offset and -offset every second until healed.
     Strobing(Vec<(usize, i64)>),
+    /// Nodes a ring change took out (left, or killed and removed): wiped and restarted at heal
+    /// time, after the change's transfers finished (`runner::membership_heal`).
+    Retired(Vec<usize>),
 }
 
 /// One step of a clock strobe: every strobing node's offset changes sign.
@@ -290,24 +299,11 @@ pub fn start(
             let v = json!({"nodes": names(&victims, nodes)});
             Ok((Active::Killed(victims), v))
         }
+        Kind::Membership => Err("the membership nemesis is started by the runner".into()),
         Kind::Wipe => {
             let victim = rng.random_range(0..n);
             nodes[victim].kill9();
-            let db = db_dir(&nodes[victim]);
-            let mut removed = 0;
-            // Empty the db dir (it may be a mount point: keep the dir itself).
-            if let Ok(entries) = std::fs::read_dir(&db) {
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let gone = if path.is_dir() {
-                        std::fs::remove_dir_all(&path)
-                    } else {
-                        std::fs::remove_file(&path)
-                    };
-                    gone.map_err(|e| format!("wipe {}: {e}", path.display()))?;
-                    removed += 1;
-                }
-            }
+            let removed = wipe_db(&nodes[victim])?;
             let _ = std::fs::remove_file(nodes[victim].data_dir.join("ring.jsonl"));
             let v = json!({"nodes": [nodes[victim].id.clone()], "entries_removed": removed});
             Ok((Active::Wiped(vec![victim]), v))
@@ -395,6 +391,27 @@ pub fn start(
     }
 }
 
+/// Empties a (killed) node's RocksDB dir and its transfer checkpoint, keeping the dir itself
+/// (it may be a mount point); the number of entries removed.
+pub fn wipe_db(node: &NodeProcess) -> Result<usize, String> {
+    let db = db_dir(node);
+    let mut removed = 0;
+    if let Ok(entries) = std::fs::read_dir(&db) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let gone = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            gone.map_err(|e| format!("wipe {}: {e}", path.display()))?;
+            removed += 1;
+        }
+    }
+    let _ = std::fs::remove_file(node.data_dir.join("transfer.json"));
+    Ok(removed)
+}
+
 /// Heals one fault. Killed nodes restart on their data dirs.
 pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Result<(), String> {
     match active {
@@ -428,6 +445,14 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
         Active::Strobing(offsets) => {
             for (i, _) in offsets {
                 set_clock(clock_dir, &nodes[i].id, 0)?;
+            }
+            Ok(())
+        }
+        Active::Retired(idx) => {
+            for i in idx {
+                nodes[i].kill9();
+                wipe_db(&nodes[i])?;
+                nodes[i].start()?;
             }
             Ok(())
         }

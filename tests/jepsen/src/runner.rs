@@ -383,7 +383,21 @@ async fn nemesis_loop(
         }
         count += 1;
         let fault = format!("{}-{count}", kind.name());
-        let started = {
+        let started = if kind == Kind::Membership {
+            match membership_start(&nodes, &mut rng).await {
+                Ok(Ok(started)) => Ok(started),
+                // The cluster refused (correctly: a node just killed, a claimant that changed)
+                // or no change is possible: recorded, not an error.
+                Ok(Err(reason)) => {
+                    shared.rec.record(
+                        Op::new(NEMESIS, OpType::Info, kind.name())
+                            .value(json!({"phase": "skipped", "fault": fault, "reason": reason})),
+                    );
+                    continue;
+                }
+                Err(e) => Err(e),
+            }
+        } else {
             let mut ns = nodes.lock().await;
             nemesis::start(kind, &mut ns, &ips, &clock_dir, &mut rng)
         };
@@ -417,6 +431,12 @@ async fn nemesis_loop(
                 phase = !phase;
             }
         }
+        if matches!(active, nemesis::Active::Retired(_)) {
+            // The node taken out is a source of its change's transfers: wait for them first.
+            if let Err(e) = wait_no_transition(&nodes, Duration::from_secs(90)).await {
+                errors.lock().await.push(format!("healing {fault}: {e}"));
+            }
+        }
         let healed = {
             let mut ns = nodes.lock().await;
             nemesis::heal(active, &mut ns, &clock_dir)
@@ -432,6 +452,154 @@ async fn nemesis_loop(
             break;
         }
     }
+}
+
+/// An admin request (`kvctl cluster`'s JSON) through any running node; the reply, or the
+/// error message (an `Error` reply included).
+async fn cluster_admin(addrs: &[String], req: serde_json::Value) -> Result<serde_json::Value, String> {
+    let client = Client::new(
+        addrs.to_vec(),
+        ClientConfig {
+            request_timeout: Duration::from_secs(10),
+            ..ClientConfig::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let reply = client
+        .cluster(serde_json::to_vec(&req).expect("a request serializes"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|e| e.to_string())?;
+    match v.get("Error") {
+        Some(e) => Err(e["message"].as_str().unwrap_or("").to_string()),
+        None => Ok(v),
+    }
+}
+
+async fn running_addrs(nodes: &Mutex<Vec<NodeProcess>>) -> Vec<String> {
+    nodes
+        .lock()
+        .await
+        .iter()
+        .filter(|n| n.child_running())
+        .map(|n| n.addr.clone())
+        .collect()
+}
+
+/// Waits until the layout has no transition (a plan's transfers are done).
+async fn wait_no_transition(
+    nodes: &Mutex<Vec<NodeProcess>>,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    let start = Instant::now();
+    loop {
+        let addrs = running_addrs(nodes).await;
+        match cluster_admin(&addrs, json!("Status")).await {
+            Ok(st) if st["Status"]["layout"]["next"].is_null() => return Ok(st),
+            Ok(_) | Err(_) if start.elapsed() < timeout => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Ok(st) => {
+                return Err(format!(
+                    "a ring change still running after {timeout:?}: {}",
+                    st["Status"]["layout"]
+                ))
+            }
+            Err(e) => return Err(format!("cluster status: {e}")),
+        }
+    }
+}
+
+/// The membership nemesis: once no ring change runs, join a node that owns nothing (taken out
+/// earlier, wiped and restarted), or, with more than N owners, take a random owner out: leave
+/// (it hands its data off), or kill -9 and remove (its ranges re-replicated from the others).
+/// Staged and committed through the claimant, like `kvctl cluster`.
+/// `Ok(Err(reason))`: skipped (the cluster refused the change, or none is possible);
+/// `Err`: the harness could not do its part (a ring change stuck, no node reachable).
+async fn membership_start(
+    nodes: &Mutex<Vec<NodeProcess>>,
+    rng: &mut StdRng,
+) -> Result<Result<(nemesis::Active, serde_json::Value), String>, String> {
+    let st = wait_no_transition(nodes, Duration::from_secs(60)).await?;
+    let layout = &st["Status"]["layout"];
+    let owners: Vec<String> = layout["current"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    let ids: Vec<(usize, String, bool)> = nodes
+        .lock()
+        .await
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, n.id.clone(), n.child_running()))
+        .collect();
+    let addrs = running_addrs(nodes).await;
+    let stage_commit = |change: serde_json::Value| {
+        let addrs = addrs.clone();
+        async move {
+            cluster_admin(&addrs, json!({"Stage": change})).await?;
+            cluster_admin(&addrs, json!({"Commit": {"plan": null}})).await
+        }
+    };
+    // A running node that owns nothing joins first.
+    if let Some((_, id, _)) = ids.iter().find(|(_, id, up)| *up && !owners.contains(id)) {
+        let committed = match stage_commit(json!({"Join": {"node": id, "vnodes": 256}})).await {
+            Ok(c) => c,
+            Err(refused) => {
+                let _ = cluster_admin(&addrs, json!("Clear")).await;
+                return Ok(Err(format!("join {id}: {refused}")));
+            }
+        };
+        let v = json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
+        return Ok(Ok((nemesis::Active::Retired(Vec::new()), v)));
+    }
+    let candidates: Vec<&(usize, String, bool)> =
+        ids.iter().filter(|(_, id, up)| *up && owners.contains(id)).collect();
+    if owners.len() <= 3 || candidates.is_empty() {
+        return Ok(Err(format!("no ring change possible ({} owners)", owners.len())));
+    }
+    let (victim, id, _) = candidates[rng.random_range(0..candidates.len())].clone();
+    let (action, change) = if rng.random_range(0..2) == 0 {
+        ("leave", json!({"Leave": {"node": id}}))
+    } else {
+        nodes.lock().await[victim].kill9();
+        // The claimant must see it down before it can be removed.
+        let start = Instant::now();
+        loop {
+            // While the claimant itself is the one killed, requests fail until the others
+            // see it down and another takes over: retried.
+            let down = match cluster_admin(&addrs, json!("Status")).await {
+                Ok(st) => st,
+                Err(_) => serde_json::Value::Null,
+            }["Status"]["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["node"] == id.as_str() && m["alive"] == false);
+            if down {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                nodes.lock().await[victim].start()?;
+                return Err(format!("{id} still seen alive 30 s after kill -9"));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        ("remove", json!({"Remove": {"node": id}}))
+    };
+    let committed = match stage_commit(change).await {
+        Ok(c) => c,
+        Err(refused) => {
+            let _ = cluster_admin(&addrs, json!("Clear")).await;
+            let mut ns = nodes.lock().await;
+            if !ns[victim].child_running() {
+                ns[victim].start()?;
+            }
+            return Ok(Err(format!("{action} {id}: {refused}")));
+        }
+    };
+    let v = json!({"action": action, "nodes": [id], "layout": committed["Committed"]["version"]});
+    Ok(Ok((nemesis::Active::Retired(vec![victim]), v)))
 }
 
 /// Undo everything: flush rules, resume paused nodes, restart dead ones, reset clocks.
@@ -832,12 +1000,13 @@ async fn wait_all_alive(nodes: &Mutex<Vec<NodeProcess>>) -> Result<(), String> {
         let mut ok = true;
         for a in &addrs {
             let c = Client::new([a.clone()], ClientConfig::default()).expect("one address");
-            match c.ring().await {
+            // Gossip members, not ring owners: a ring change may have taken a node out.
+            match c.members().await {
                 Ok(r) => {
                     let alive: BTreeSet<String> = r
                         .members
                         .iter()
-                        .filter(|m| m.alive)
+                        .filter(|m| m.available)
                         .map(|m| m.node_id.clone())
                         .collect();
                     ok &= alive == ids;
