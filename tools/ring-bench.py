@@ -61,6 +61,17 @@ def wait_switch(cl, timeout=600):
     sys.exit("ring-bench: the transition did not finish")
 
 
+def wait_owners(cl, count, timeout=60):
+    """Until the layout has `count` owners and no transition (a new cluster forms by joins)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = admin(cl, 1, "status")["status"]["layout"]
+        if st["next"] is None and len(st["current"]) == count:
+            return
+        time.sleep(0.2)
+    sys.exit(f"ring-bench: the cluster did not settle on {count} owners")
+
+
 def change(cl, *stage):
     admin(cl, 1, *stage)
     return admin(cl, 1, "commit")
@@ -76,6 +87,7 @@ def round_(args, n):
             cl.start(i)
         for i in (1, 2, 3):
             cl.wait_ready(i)
+        wait_owners(cl, 3)
         fg = ["--workload", "a", "--records", str(args.records), "--value-size", "100",
               "--connections", "8", "--depth", "16"]
         kvbench(args.bin, [cl.addr(i) for i in (1, 2, 3)], out, f"r{n}-load",

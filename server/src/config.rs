@@ -152,6 +152,13 @@ pub struct Cli {
     /// KiB per second this node repairs by anti-entropy, sent and received (default 8192).
     #[arg(long)]
     pub aae_kib_per_sec: Option<u64>,
+    /// Keys per second this node receives in a ring change's transfers, and hands over after
+    /// one (default 20000; scaled down by the CPU yield like every background budget).
+    #[arg(long)]
+    pub transfer_keys_per_sec: Option<u32>,
+    /// KiB per second of the same (default 32768, Cassandra streams at 24 MiB/s).
+    #[arg(long)]
+    pub transfer_kib_per_sec: Option<u64>,
     /// Hours over which the verify scan recomputes the whole anti-entropy tree from the data,
     /// slowly, counting and fixing leaves that do not match (default 168 = a week; 0 = off).
     #[arg(long)]
@@ -204,6 +211,8 @@ pub struct FileConfig {
     pub aae_keys_per_sec: Option<u32>,
     pub aae_return_after_secs: Option<u64>,
     pub aae_kib_per_sec: Option<u64>,
+    pub transfer_keys_per_sec: Option<u32>,
+    pub transfer_kib_per_sec: Option<u64>,
     pub aae_verify_hours: Option<u64>,
     pub tombstone_gc: Option<bool>,
     pub tombstone_settle_secs: Option<u64>,
@@ -219,6 +228,9 @@ pub struct AaeSettings {
     pub return_after_secs: u64,
     /// Bytes of states repaired per second (with `keys_per_sec`, the tighter applies).
     pub kib_per_sec: u64,
+    /// The budgets of ring-change transfers and hand-overs.
+    pub transfer_keys_per_sec: u32,
+    pub transfer_kib_per_sec: u64,
     /// One verify scan of the whole tree takes this long (0: no verify scan).
     pub verify_hours: u64,
     /// The `tombstone_gc` worker (its passes run every `interval_secs`).
@@ -237,6 +249,11 @@ impl Default for AaeSettings {
             // Cassandra streams at 24 MiB/s by default; a Riak exchange at up to 800 MB/s
             // hurt its foreground (riak_kv#689).
             kib_per_sec: 8 << 10,
+            // A new node fills at tens of thousands of keys/s when the machine is free (the
+            // anti-entropy budget, 2 000 keys/s, took a minute for 80 000 keys:
+            // docs/benchmarks.md); the CPU yield still slows it under load.
+            transfer_keys_per_sec: 20_000,
+            transfer_kib_per_sec: 32 << 10,
             verify_hours: 168,
             tombstone_gc: true,
             // The longest request deadline (`MAX_TIMEOUT_MS`).
@@ -577,6 +594,22 @@ impl Config {
                 cli.aae_kib_per_sec
                     .or(file.aae_kib_per_sec)
                     .unwrap_or(aae_defaults.kib_per_sec),
+                16,
+                16 << 20,
+            )?,
+            transfer_keys_per_sec: in_range(
+                "transfer_keys_per_sec",
+                cli.transfer_keys_per_sec
+                    .or(file.transfer_keys_per_sec)
+                    .unwrap_or(aae_defaults.transfer_keys_per_sec),
+                1,
+                10_000_000,
+            )?,
+            transfer_kib_per_sec: in_range(
+                "transfer_kib_per_sec",
+                cli.transfer_kib_per_sec
+                    .or(file.transfer_kib_per_sec)
+                    .unwrap_or(aae_defaults.transfer_kib_per_sec),
                 16,
                 16 << 20,
             )?,

@@ -311,8 +311,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             membership.clone(),
             pool.clone(),
             std::time::Duration::from_secs(config.aae.interval_secs),
-            config.aae.keys_per_sec,
-            config.aae.kib_per_sec << 10,
+            config.aae.transfer_keys_per_sec,
+            config.aae.transfer_kib_per_sec << 10,
             std::time::Duration::from_secs(config.aae.return_after_secs),
         ),
         Some(config.data_dir.join(TRANSFER_FILE)),
@@ -326,7 +326,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         membership.clone(),
         store.clone(),
         pool.clone(),
-        config.aae.keys_per_sec,
+        config.aae.transfer_keys_per_sec,
         release_metrics,
     ));
     cluster.metrics.register(&registry, "cluster.");

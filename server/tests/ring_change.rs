@@ -382,7 +382,7 @@ async fn remove_of_a_killed_node_re_replicates_its_ranges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_transfer_resumes_and_resends_at_most_one_batch() {
     // A slow transfer (1 000 keys/s) so that the kill lands in the middle of it.
-    let slow = ["--aae-keys-per-sec", "1000"];
+    let slow = ["--transfer-keys-per-sec", "1000"];
     let mut c = Cluster::start(3, &slow).await;
     let keys = write_keys(&c, "resume", 12_000).await;
     let mut served_before = 0;
@@ -392,7 +392,7 @@ async fn an_interrupted_transfer_resumes_and_resends_at_most_one_batch() {
     c.add_node(
         "n4",
         0,
-        &["--auto-join", "false", "--aae-keys-per-sec", "1000"],
+        &["--auto-join", "false", "--transfer-keys-per-sec", "1000"],
     );
     wait_known(&c, 0, &["n4"]).await;
     admin(

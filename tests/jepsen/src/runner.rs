@@ -456,7 +456,10 @@ async fn nemesis_loop(
 
 /// An admin request (`kvctl cluster`'s JSON) through any running node; the reply, or the
 /// error message (an `Error` reply included).
-async fn cluster_admin(addrs: &[String], req: serde_json::Value) -> Result<serde_json::Value, String> {
+async fn cluster_admin(
+    addrs: &[String],
+    req: serde_json::Value,
+) -> Result<serde_json::Value, String> {
     let client = Client::new(
         addrs.to_vec(),
         ClientConfig {
@@ -550,13 +553,19 @@ async fn membership_start(
                 return Ok(Err(format!("join {id}: {refused}")));
             }
         };
-        let v = json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
+        let v =
+            json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
         return Ok(Ok((nemesis::Active::Retired(Vec::new()), v)));
     }
-    let candidates: Vec<&(usize, String, bool)> =
-        ids.iter().filter(|(_, id, up)| *up && owners.contains(id)).collect();
+    let candidates: Vec<&(usize, String, bool)> = ids
+        .iter()
+        .filter(|(_, id, up)| *up && owners.contains(id))
+        .collect();
     if owners.len() <= 3 || candidates.is_empty() {
-        return Ok(Err(format!("no ring change possible ({} owners)", owners.len())));
+        return Ok(Err(format!(
+            "no ring change possible ({} owners)",
+            owners.len()
+        )));
     }
     let (victim, id, _) = candidates[rng.random_range(0..candidates.len())].clone();
     let (action, change) = if rng.random_range(0..2) == 0 {
