@@ -31,7 +31,7 @@ use crate::handoff::replay::ReplayWorker;
 use crate::handoff::Handoff;
 use crate::membership::phi::PhiConfig;
 use crate::membership::swim::{self, SwimConfig};
-use crate::membership::Membership;
+use crate::membership::{Membership, WriteEpochs};
 use crate::metrics::{ListenerMetrics, Registry};
 use crate::net::{self, ListenerConfig};
 use crate::replica::Replica;
@@ -259,6 +259,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         let aae = aae.clone();
         Arc::new(move |key: &[u8]| aae.may_answer(key))
     };
+    let write_epochs = Arc::new(WriteEpochs::default());
     let coordinator = Arc::new(
         Coordinator::new(
             CoordinatorConfig::from_config(&config),
@@ -267,7 +268,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             membership.clone(),
             late,
         )
-        .with_read_gate(gate.clone()),
+        .with_read_gate(gate.clone())
+        .with_write_epochs(write_epochs.clone()),
     );
     let handoff = Arc::new(Handoff::new(node_id.clone(), store.clone(), config.hints));
     runner.spawn(ReplayWorker::new(
@@ -299,7 +301,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         store.clone(),
         pool.clone(),
     ));
-    runner.spawn(LayoutWorker::new(cluster.clone()));
+    runner.spawn(LayoutWorker::new(cluster.clone(), write_epochs.clone()));
     let transfer_metrics = Arc::new(TransferMetrics::default());
     transfer_metrics.register(&registry, "transfer.");
     let transfer_status = TransferStatus::default();

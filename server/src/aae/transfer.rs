@@ -6,7 +6,8 @@
 //! the version-vector logic; streaming by digests when most of it differs, as for a new node).
 //! Pulling from every live source, not one, gets every acknowledged write (W of them hold it).
 //! It starts once every live member has the plan's layout (so every coordinator already sends
-//! writes to the new replicas too) and [`SETTLE`] later; then writes made meanwhile are in the
+//! writes to the new replicas too) and no write begun under an older layout is in flight on any
+//! of them (their gossip `drained`), and [`SETTLE`] later; then writes made meanwhile are in the
 //! data the exchanges see, and later ones arrive directly. When every source is done, the node
 //! says so in its gossip metadata (`synced`), and the claimant switches ownership once every
 //! gaining node has.
@@ -245,18 +246,24 @@ impl<T: Transport> Worker for TransferWorker<T> {
             self.detail = format!("layout v{version}: this node gains no range");
             return Ok(WorkerState::Idle);
         }
-        // Every live member must have the layout (so it sends writes here too), then SETTLE.
+        // Every live member must have the layout (so it sends writes here too) and no write
+        // it began under an older layout in flight (that one goes to the old replicas only);
+        // then SETTLE.
         let behind: Vec<&str> = view
             .members
             .keys()
             .filter(|m| view.is_alive(m))
-            .filter(|m| view.seen.get(*m).is_none_or(|s| s.version < version))
+            .filter(|m| {
+                view.seen
+                    .get(*m)
+                    .is_none_or(|s| s.version < version || s.drained < version)
+            })
             .map(|m| &**m)
             .collect();
         if !behind.is_empty() {
             self.all_have_it = None;
             self.detail = format!(
-                "layout v{version}: waiting for {} to have the layout",
+                "layout v{version}: waiting for {} to have the layout and finish older writes",
                 behind.join(", ")
             );
             return Ok(WorkerState::Idle);

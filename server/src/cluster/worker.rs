@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::{gainers_waiting, ClusterService};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::Change;
+use crate::membership::WriteEpochs;
 use crate::rpc::{PeerPool, Transport};
 
 /// How often the worker looks at the view.
@@ -22,15 +23,20 @@ pub const JOIN_SETTLE: Duration = Duration::from_secs(1);
 
 pub struct LayoutWorker<T: Transport = PeerPool> {
     cluster: Arc<ClusterService<T>>,
+    /// The writes this node coordinates, by layout version: published as `drained`.
+    epochs: Arc<WriteEpochs>,
+    drained: u64,
     /// Non-owners seen alive with the current layout, since when.
     joiners: HashMap<String, Instant>,
     detail: String,
 }
 
 impl<T: Transport> LayoutWorker<T> {
-    pub fn new(cluster: Arc<ClusterService<T>>) -> LayoutWorker<T> {
+    pub fn new(cluster: Arc<ClusterService<T>>, epochs: Arc<WriteEpochs>) -> LayoutWorker<T> {
         LayoutWorker {
             cluster,
+            epochs,
+            drained: 0,
             joiners: HashMap::new(),
             detail: "starting".into(),
         }
@@ -159,6 +165,14 @@ impl<T: Transport> Worker for LayoutWorker<T> {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        // Every write still coordinated here started under `drained` or newer: a ring change
+        // pulls data only once no write of an older layout is in flight anywhere.
+        let version = self.cluster.membership().view().layout.version;
+        let drained = self.epochs.oldest().map_or(version, |o| o.min(version));
+        if drained != self.drained {
+            self.drained = drained;
+            self.cluster.membership().set_drained(drained).await;
+        }
         if self.catch_up().await {
             return Ok(WorkerState::Busy);
         }

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use crate::clock::now_ms;
 use crate::config::{Config, MAX_TIMEOUT_MS};
-use crate::membership::{ClusterView, Membership};
+use crate::membership::{ClusterView, Membership, WriteEpochs};
 use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
 use crate::storage::{open_gate, HexKey, ReadGate, Store, WriteError, WriteOp};
@@ -260,6 +260,8 @@ pub struct Coordinator<T: Transport = PeerPool> {
     pub metrics: CoordinatorMetrics,
     /// Whether this node's own copy of a key counts as a replica read.
     gate: ReadGate,
+    /// The writes in flight here by layout version (a ring change waits for older ones).
+    epochs: Arc<WriteEpochs>,
 }
 
 impl<T: Transport> Coordinator<T> {
@@ -279,7 +281,14 @@ impl<T: Transport> Coordinator<T> {
             late,
             metrics: CoordinatorMetrics::default(),
             gate: open_gate(),
+            epochs: Arc::default(),
         }
+    }
+
+    /// Count the writes coordinated here in `epochs` (by the layout version they start under).
+    pub fn with_write_epochs(mut self, epochs: Arc<WriteEpochs>) -> Self {
+        self.epochs = epochs;
+        self
     }
 
     /// Reads of this node's own copy pass `gate` or fail as that replica's answer (the
@@ -749,6 +758,8 @@ impl<T: Transport> Coordinator<T> {
         view: &ClusterView,
         deadline: Instant,
     ) -> Result<Response, WriteError> {
+        // In flight until its last replica call ends (the late replies included).
+        let epoch = self.epochs.enter(view.layout.version);
         // Fallbacks in ring order: first one per down primary, then spares for live ones.
         let mut fallbacks = plan.fallbacks.iter().cloned();
         let mut slots: Vec<(NodeId, Option<NodeId>)> = Vec::new();
@@ -876,6 +887,7 @@ impl<T: Transport> Coordinator<T> {
             // Every call is bounded: peer calls by the time left, the own commit by the writer.
             fan.finish_late(&self.late, LateWait::AllReplies, tracker, move |t| {
                 coordinator.metrics.late_acks.inc_by(t.late_acks);
+                drop(epoch);
                 std::future::ready(())
             });
         }
@@ -913,10 +925,7 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
     ) -> impl Future<Output = Ack> + Send + 'static {
         let coordinator = self.clone();
-        let primary_addr = view
-            .is_alive(&primary)
-            .then(|| view.peer_addr(&primary).map(str::to_string))
-            .flatten();
+        let primary_addr = view.live_peer_addr(&primary);
         let fallback = fallback.map(|f| {
             let addr = view.peer_addr(&f).map(str::to_string);
             (f, addr)
@@ -1002,10 +1011,7 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
     ) -> impl Future<Output = Ack> + Send + 'static {
         let coordinator = self.clone();
-        let addr = view
-            .is_alive(&node)
-            .then(|| view.peer_addr(&node).map(str::to_string))
-            .flatten();
+        let addr = view.live_peer_addr(&node);
         async move {
             let c = &coordinator;
             let ok = match &addr {

@@ -34,6 +34,61 @@ pub struct LayoutSeen {
     pub synced: u64,
     /// It asks to be joined automatically while it owns nothing.
     pub auto_join: bool,
+    /// Every write it is still coordinating started under this layout version or a newer one.
+    pub drained: u64,
+}
+
+/// The writes this node is coordinating, by the layout version each started under: a ring
+/// change's transfers start only once no write begun under an older layout is still in
+/// flight anywhere (such a write goes to the old replicas only, and could land after the
+/// transfer passed its key).
+#[derive(Debug, Default)]
+pub struct WriteEpochs {
+    counts: std::sync::Mutex<BTreeMap<u64, usize>>,
+}
+
+/// One write in flight under a layout version; dropped when its last replica call ended.
+#[derive(Debug)]
+pub struct EpochGuard {
+    epochs: Arc<WriteEpochs>,
+    version: u64,
+}
+
+impl WriteEpochs {
+    pub fn enter(self: &Arc<Self>, version: u64) -> EpochGuard {
+        *self
+            .counts
+            .lock()
+            .expect("epochs lock poisoned")
+            .entry(version)
+            .or_insert(0) += 1;
+        EpochGuard {
+            epochs: self.clone(),
+            version,
+        }
+    }
+
+    /// The oldest layout version a write still in flight started under.
+    pub fn oldest(&self) -> Option<u64> {
+        self.counts
+            .lock()
+            .expect("epochs lock poisoned")
+            .keys()
+            .next()
+            .copied()
+    }
+}
+
+impl Drop for EpochGuard {
+    fn drop(&mut self) {
+        let mut counts = self.epochs.counts.lock().expect("epochs lock poisoned");
+        if let Some(c) = counts.get_mut(&self.version) {
+            *c -= 1;
+            if *c == 0 {
+                counts.remove(&self.version);
+            }
+        }
+    }
 }
 
 /// An immutable snapshot of the cluster as this node sees it.
@@ -71,6 +126,13 @@ impl ClusterView {
 
     pub fn peer_addr(&self, id: &str) -> Option<&str> {
         self.members.get(id).map(|m| m.peer_addr.as_str())
+    }
+
+    /// `id`'s peer address while it is available for routing.
+    pub fn live_peer_addr(&self, id: &str) -> Option<String> {
+        self.is_alive(id)
+            .then(|| self.peer_addr(id).map(str::to_string))
+            .flatten()
     }
 
     /// Whether this node was taken out of the ring by a completed plan.
@@ -138,6 +200,12 @@ impl Membership {
         let _ = self.commands.send(Command::Synced(version)).await;
     }
 
+    /// Tells the cluster that every write this node still coordinates started under layout
+    /// `version` or newer.
+    pub async fn set_drained(&self, version: u64) {
+        let _ = self.commands.send(Command::Drained(version)).await;
+    }
+
     /// The gossip driver on an already bound UDP socket, as a worker to start on the runner,
     /// and the handle the services read the view from. `leave` is the node's shutdown signal
     /// (the driver then tells the cluster it is leaving).
@@ -199,5 +267,27 @@ impl Membership {
             stats: Arc::new(GossipStats::default()),
         };
         (membership, view_tx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The oldest version in flight is the oldest guard still alive.
+    #[test]
+    fn write_epochs_track_the_oldest_layout_a_write_in_flight_started_under() {
+        let e = Arc::new(WriteEpochs::default());
+        assert_eq!(e.oldest(), None);
+        let a = e.enter(4);
+        let b = e.enter(4);
+        let c = e.enter(5);
+        assert_eq!(e.oldest(), Some(4));
+        drop(a);
+        assert_eq!(e.oldest(), Some(4), "one write of v4 is still in flight");
+        drop(b);
+        assert_eq!(e.oldest(), Some(5));
+        drop(c);
+        assert_eq!(e.oldest(), None);
     }
 }

@@ -101,6 +101,8 @@ pub struct RingMeta {
     pub synced: u64,
     /// This node asks to be joined automatically while it owns nothing (`--auto-join`).
     pub auto_join: bool,
+    /// Every write this node still coordinates started under this layout version or newer.
+    pub drained: u64,
 }
 
 pub struct MetaKey {
@@ -335,6 +337,7 @@ pub enum Command {
     Members(oneshot::Sender<MembersReply>),
     Adopt(Box<Layout>, oneshot::Sender<bool>),
     Synced(u64),
+    Drained(u64),
 }
 
 fn now_ms() -> u64 {
@@ -427,6 +430,7 @@ impl Driver {
             layout_digest: 0,
             synced: 0,
             auto_join: cfg.auto_join,
+            drained: 0,
         };
         // A saved layout, else (a new cluster's first node) a layout of this node alone.
         let saved_layout = cfg.layout_file.as_deref().map(load_layout);
@@ -813,6 +817,7 @@ impl Driver {
                         digest: m.layout_digest,
                         synced: m.synced,
                         auto_join: m.auto_join,
+                        drained: m.drained,
                     },
                 );
             }
@@ -825,6 +830,7 @@ impl Driver {
                 digest: self.layout_digest,
                 synced: self.my_meta.synced,
                 auto_join: self.my_meta.auto_join,
+                drained: self.my_meta.drained,
             },
         );
         // Ready to coordinate once the ring is known *as of now*: a cluster of one, or in
@@ -1060,6 +1066,13 @@ impl Worker for MembershipWorker {
             Some(cmd) = self.commands.recv() => match cmd {
                 Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
                 Command::Adopt(layout, reply) => { let _ = reply.send(d.adopt(*layout)); }
+                Command::Drained(version) => {
+                    if version != d.my_meta.drained {
+                        d.my_meta.drained = version;
+                        d.publish_meta(d.my_meta.status);
+                        d.publish_view();
+                    }
+                }
                 Command::Synced(version) => {
                     if version > d.my_meta.synced {
                         d.my_meta.synced = version;
@@ -1138,6 +1151,7 @@ mod tests {
                 layout_digest: 2,
                 synced: 0,
                 auto_join: true,
+                drained: 1,
             })
             .unwrap()
         };
