@@ -31,6 +31,16 @@ async fn admin(c: &Cluster, i: usize, req: Value) -> Result<Value, String> {
     }
 }
 
+/// Stages `changes` and commits them through node `i` (the claimant decides).
+async fn stage_and_commit(c: &Cluster, i: usize, changes: &[Value]) {
+    for change in changes {
+        admin(c, i, json!({ "Stage": change })).await.unwrap();
+    }
+    admin(c, i, json!({"Commit": {"plan": null}}))
+        .await
+        .unwrap();
+}
+
 async fn layout(c: &Cluster, i: usize) -> Value {
     admin(c, i, json!("Status")).await.unwrap()["Status"]["layout"].clone()
 }
@@ -294,14 +304,11 @@ async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
     )
     .await;
     let keys = write_keys(&c, "shrink", 3000).await;
-    for id in ["n4", "n5", "n6"] {
-        admin(&c, 5, json!({"Stage": {"Leave": {"node": id}}}))
-            .await
-            .unwrap();
-    }
-    admin(&c, 4, json!({"Commit": {"plan": null}}))
-        .await
-        .unwrap();
+    let leaves: Vec<Value> = ["n4", "n5", "n6"]
+        .iter()
+        .map(|id| json!({"Leave": {"node": id}}))
+        .collect();
+    stage_and_commit(&c, 5, &leaves).await;
     wait_owners(
         &c,
         0,
@@ -357,12 +364,7 @@ async fn remove_of_a_killed_node_re_replicates_its_ranges() {
         .await
         .unwrap_err();
     assert!(e.contains("use leave"), "{e}");
-    admin(&c, 1, json!({"Stage": {"Remove": {"node": "n4"}}}))
-        .await
-        .unwrap();
-    admin(&c, 2, json!({"Commit": {"plan": null}}))
-        .await
-        .unwrap();
+    stage_and_commit(&c, 1, &[json!({"Remove": {"node": "n4"}})]).await;
     wait_owners(
         &c,
         0,
@@ -395,16 +397,7 @@ async fn an_interrupted_transfer_resumes_and_resends_at_most_one_batch() {
         &["--auto-join", "false", "--transfer-keys-per-sec", "1000"],
     );
     wait_known(&c, 0, &["n4"]).await;
-    admin(
-        &c,
-        0,
-        json!({"Stage": {"Join": {"node": "n4", "vnodes": 256}}}),
-    )
-    .await
-    .unwrap();
-    admin(&c, 0, json!({"Commit": {"plan": null}}))
-        .await
-        .unwrap();
+    stage_and_commit(&c, 0, &[json!({"Join": {"node": "n4", "vnodes": 256}})]).await;
     // Kill it once part of its ranges is checkpointed.
     let checkpoint = c.nodes[3].data_dir.join("transfer.json");
     let start = Instant::now();
