@@ -308,6 +308,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     runner.spawn(TransferWorker::new(
         config.n as usize,
         membership.clone(),
+        pool.clone(),
         AaeWorker::new(
             aae.clone(),
             membership.clone(),

@@ -81,6 +81,10 @@ pub struct SourceStatus {
     pub share: f64,
     pub keys: u64,
     pub bytes: u64,
+    /// Estimated keys and bytes this source has for this node: its own counts (`Stats`) times
+    /// the share of its ranges that move here. None until asked.
+    pub est_keys: Option<u64>,
+    pub est_bytes: Option<u64>,
     pub started: Option<Instant>,
     pub finished: Option<Instant>,
 }
@@ -88,7 +92,8 @@ pub struct SourceStatus {
 /// The transfer's status lines (`transfer.<source>`), shared with the admin service.
 pub type TransferStatus = Arc<Mutex<BTreeMap<String, SourceStatus>>>;
 
-/// `transfer.<source>` = `state=… spans=… share_ppm=… keys=… bytes=… rate=… eta_s=…`.
+/// `transfer.<source>` = `state=… spans=done/total share_ppm=… keys=done/~estimate
+/// bytes=done/~estimate rate=… eta_s=…` (the bytes are wire bytes of the exchanges).
 pub fn status_lines(status: &TransferStatus) -> Vec<(String, String)> {
     let now = Instant::now();
     let map = status.lock().expect("transfer status lock poisoned");
@@ -117,13 +122,15 @@ pub fn status_lines(status: &TransferStatus) -> Vec<(String, String)> {
             (
                 format!("transfer.{src}"),
                 format!(
-                    "state={} spans={}/{} share_ppm={} keys={} bytes={} rate={:.0} eta_s={}",
+                    "state={} spans={}/{} share_ppm={} keys={}/{} bytes={}/{} rate={:.0} eta_s={}",
                     s.state,
                     s.spans_done,
                     s.spans,
                     (s.share * 1e6).round() as u64,
                     s.keys,
+                    s.est_keys.map_or("?".to_string(), |k| format!("~{k}")),
                     s.bytes,
+                    s.est_bytes.map_or("?".to_string(), |b| format!("~{b}")),
                     rate,
                     eta.map_or("-".to_string(), |e| format!("{e:.0}"))
                 ),
@@ -136,6 +143,7 @@ pub struct TransferWorker<T: Transport = PeerPool> {
     node_id: String,
     n: usize,
     membership: Membership,
+    transport: Arc<T>,
     exchanger: AaeWorker<T>,
     checkpoint: Checkpoint,
     path: Option<PathBuf>,
@@ -152,6 +160,7 @@ impl<T: Transport> TransferWorker<T> {
     pub fn new(
         n: usize,
         membership: Membership,
+        transport: Arc<T>,
         exchanger: AaeWorker<T>,
         path: Option<PathBuf>,
         metrics: Arc<TransferMetrics>,
@@ -162,6 +171,7 @@ impl<T: Transport> TransferWorker<T> {
             node_id: membership.view().me.to_string(),
             n,
             membership,
+            transport,
             exchanger,
             checkpoint,
             path,
@@ -182,6 +192,32 @@ impl<T: Transport> TransferWorker<T> {
             error!(node = %self.node_id, file = %path.display(), error = %e,
                    "could not save the transfer checkpoint (a restart redoes its sources)");
         }
+    }
+
+    /// Estimates what `source` will send for `spans`: its key and byte counts (`Stats`) times
+    /// the share of its own ranges those spans are. None if it does not answer.
+    async fn estimate(&self, addr: &str, source: &str, spans: &[Span]) -> Option<(u64, u64)> {
+        use ringkv_protocol::peer::{ClusterRequest, ClusterResponse, PeerRequest, PeerResponse};
+        let resp = self
+            .transport
+            .clone()
+            .call(
+                addr.to_string(),
+                PeerRequest::Cluster(ClusterRequest::Stats),
+                Duration::from_secs(5),
+            )
+            .await
+            .ok()?;
+        let PeerResponse::Cluster(ClusterResponse::Stats { keys, bytes }) = resp else {
+            return None;
+        };
+        let view = self.membership.view();
+        let owned = 1.0 - share(&super::ranges::foreign_spans(&view.ring, source, self.n));
+        let part = (share(spans) / owned.max(1e-9)).min(1.0);
+        Some((
+            (keys as f64 * part).round() as u64,
+            (bytes as f64 * part).round() as u64,
+        ))
     }
 
     fn done(&self, source: &str, spans: &[Span]) -> bool {
@@ -339,6 +375,20 @@ impl<T: Transport> Worker for TransferWorker<T> {
         let Some(addr) = view.peer_addr(&source).map(str::to_string) else {
             return Ok(WorkerState::Idle);
         };
+        let unestimated = self
+            .status
+            .lock()
+            .expect("transfer status lock poisoned")
+            .get(&source)
+            .is_none_or(|e| e.est_keys.is_none());
+        if unestimated {
+            if let Some((k, b)) = self.estimate(&addr, &source, &all_spans).await {
+                let mut st = self.status.lock().expect("transfer status lock poisoned");
+                let e = st.entry(source.clone()).or_default();
+                e.est_keys = Some(k);
+                e.est_bytes = Some(b);
+            }
+        }
         let from = self.checkpoint.progress.get(&source).copied().unwrap_or(0);
         let to = (from + CHUNK_SPANS).min(all_spans.len());
         let spans = all_spans[from..to].to_vec();

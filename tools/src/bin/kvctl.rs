@@ -523,19 +523,47 @@ fn print_transfers(rows: &[Value]) {
         return;
     }
     out(&format!(
-        "{:<12} {:<12} {:<9} {:>11} {:>8} {:>10} {:>10} {:>9} {:>7}",
-        "to", "from", "state", "spans", "ring", "keys", "bytes", "keys/s", "eta_s"
+        "{:<12} {:<12} {:<9} {:>11} {:>8} {:>18} {:>24} {:>9} {:>7}",
+        "to",
+        "from",
+        "state",
+        "spans",
+        "ring",
+        "keys (of ~est)",
+        "bytes (of ~est)",
+        "keys/s",
+        "eta_s"
     ));
+    // `done/~estimate` (the estimate from the source's counts; `?` until it answered).
+    let pair = |v: &Value, bytes: bool| -> String {
+        let text = v
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string());
+        match text.split_once('/') {
+            Some((done, est)) if bytes => {
+                let est = est.trim_start_matches('~');
+                format!(
+                    "{} / {}",
+                    human_bytes(done.parse().unwrap_or(0)),
+                    est.parse()
+                        .map_or_else(|_| "?".to_string(), |b| format!("~{}", human_bytes(b)))
+                )
+            }
+            Some((done, est)) => format!("{done} / {est}"),
+            None => text,
+        }
+    };
     for r in rows {
         out(&format!(
-            "{:<12} {:<12} {:<9} {:>11} {:>7.2}% {:>10} {:>10} {:>9} {:>7}",
+            "{:<12} {:<12} {:<9} {:>11} {:>7.2}% {:>18} {:>24} {:>9} {:>7}",
             r["to"].as_str().unwrap_or(""),
             r["from"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["spans"].as_str().map(str::to_string).unwrap_or_default(),
             r["share_ppm"].as_u64().unwrap_or(0) as f64 / 1e4,
-            r["keys"].as_u64().unwrap_or(0),
-            human_bytes(r["bytes"].as_u64().unwrap_or(0)),
+            pair(&r["keys"], false),
+            pair(&r["bytes"], true),
             r["rate"].as_u64().unwrap_or(0),
             r["eta_s"]
                 .as_u64()
