@@ -197,14 +197,22 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
             ))
         })
         .collect();
+    // A delete whose outcome is unknown (it timed out) may take effect at any later time: a
+    // node paused with it in its socket buffer runs it when it resumes, and its quorum read
+    // then sees writes made after the client gave up.
     for d in writes.iter_mut().filter(|w| w.context_free) {
+        let latest = if d.outcome == OpType::Ok {
+            d.done_t
+        } else {
+            u64::MAX
+        };
         for (key, v, invoke_t, done_t, outcome, sloppy) in &written {
             if *key != d.key || d.value.as_ref() == Some(v) {
                 continue;
             }
             if *outcome == OpType::Ok && *done_t < d.invoke_t && !sloppy {
                 d.covers.insert(v.clone());
-            } else if *invoke_t < d.done_t {
+            } else if *invoke_t < latest {
                 d.may_cover.insert(v.clone());
             }
         }
@@ -787,6 +795,34 @@ mod tests {
     /// acknowledged before it began (so such a value in the final state is a resurrection,
     /// e.g. a delete that covered only the coordinator's own copy), and maybe concurrent puts
     /// (whose absence is then no loss); a put acknowledged after it completed must survive.
+    /// Regression (full profile, 2026-12-04, register pause+clock seed 24): a delete without
+    /// context sent to a paused node timed out (info); the node ran it when it resumed, 6 s
+    /// later, and it deleted two puts acknowledged after the client gave up. An unknown
+    /// outcome may take effect at any later time: those puts are excused, not lost.
+    #[test]
+    fn a_timed_out_delete_without_context_may_cover_writes_made_after_it_gave_up() {
+        let mut h = H::new();
+        h.push(Op::new("2", OpType::Invoke, "delete").key("k"));
+        h.push(Op::new("2", OpType::Info, "delete").key("k"));
+        h.put("1", "k", "late", None, OpType::Ok);
+        h.get(FINAL, "k", &["tomb:00000000000000aa:9"]);
+        let r = check_register(&h.0);
+        assert!(r.lost.is_empty(), "{r:?}");
+        assert_eq!(r.excused_by_info, 1);
+        // The same delete acknowledged before the put cannot cover it: lost.
+        let mut h = H::new();
+        h.push(Op::new("2", OpType::Invoke, "delete").key("k"));
+        h.push(
+            Op::new("2", OpType::Ok, "delete")
+                .key("k")
+                .value(json!("tomb:00000000000000aa:9")),
+        );
+        h.put("1", "k", "late", None, OpType::Ok);
+        h.get(FINAL, "k", &["tomb:00000000000000aa:9"]);
+        let r = check_register(&h.0);
+        assert_eq!(r.lost, vec!["k: late".to_string()]);
+    }
+
     #[test]
     fn deletes_without_context_cover_what_was_acknowledged_before_them() {
         let delete = |h: &mut H, p: &str, invoke_then: &dyn Fn(&mut H)| {
