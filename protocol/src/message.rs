@@ -234,8 +234,11 @@ pub enum ErrorKind {
         got: u64,
         supported: u64,
     },
-    /// The node refused the request for lack of capacity; nothing was applied.
-    Overloaded,
+    /// The node refused the request for lack of capacity; nothing was applied. Retry no
+    /// sooner than `retry_after_ms` (0 = no hint), on this or another node.
+    Overloaded {
+        retry_after_ms: u64,
+    },
     /// An internal failure (e.g. storage I/O); the message names the cause.
     Internal,
     /// The deadline passed with `acks` of `needed` replies.
@@ -270,7 +273,7 @@ impl ErrorKind {
             ErrorKind::TooLarge { .. } => 1,
             ErrorKind::Malformed => 2,
             ErrorKind::UnsupportedVersion { .. } => 3,
-            ErrorKind::Overloaded => 4,
+            ErrorKind::Overloaded { .. } => 4,
             ErrorKind::Internal => 5,
             ErrorKind::Timeout { .. } => 6,
             ErrorKind::Unavailable { .. } => 7,
@@ -287,7 +290,7 @@ impl ErrorKind {
             ErrorKind::TooLarge { .. } => "TooLarge",
             ErrorKind::Malformed => "Malformed",
             ErrorKind::UnsupportedVersion { .. } => "UnsupportedVersion",
-            ErrorKind::Overloaded => "Overloaded",
+            ErrorKind::Overloaded { .. } => "Overloaded",
             ErrorKind::Internal => "Internal",
             ErrorKind::Timeout { .. } => "Timeout",
             ErrorKind::Unavailable { .. } => "Unavailable",
@@ -306,6 +309,7 @@ impl ErrorKind {
             ErrorKind::Timeout { acks, needed } => (acks, needed),
             ErrorKind::Unavailable { alive, needed } => (alive, needed),
             ErrorKind::TooManySiblings { count, limit } => (count, limit),
+            ErrorKind::Overloaded { retry_after_ms } => (retry_after_ms, 0),
             _ => (0, 0),
         }
     }
@@ -318,7 +322,7 @@ impl ErrorKind {
                 got: a,
                 supported: b,
             },
-            4 => ErrorKind::Overloaded,
+            4 => ErrorKind::Overloaded { retry_after_ms: a },
             5 => ErrorKind::Internal,
             6 => ErrorKind::Timeout { acks: a, needed: b },
             7 => ErrorKind::Unavailable {

@@ -108,7 +108,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
             got: a,
             supported: b,
         },
-        3 => ErrorKind::Overloaded,
+        3 => ErrorKind::Overloaded { retry_after_ms: a },
         4 => ErrorKind::Internal,
         5 => ErrorKind::Timeout { acks: a, needed: b },
         6 => ErrorKind::Unavailable {

@@ -2,6 +2,8 @@
 //! Every setting, its default and its limits are listed in docs/operations.md.
 
 use std::net::SocketAddr;
+
+use crate::admission::Limits;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
@@ -26,6 +28,14 @@ pub const MAX_VNODES: u32 = 4096;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;
+/// Client gets, puts and deletes in flight per node (docs/operations.md, "Admission control").
+pub const DEFAULT_MAX_REQUESTS: usize = 256;
+/// MiB of client request bodies in flight per node.
+pub const DEFAULT_MAX_REQUEST_MB: usize = 64;
+/// Peer requests in flight per node.
+pub const DEFAULT_PEER_MAX_REQUESTS: usize = 4096;
+/// MiB of peer request bodies in flight per node.
+pub const DEFAULT_PEER_MAX_REQUEST_MB: usize = 256;
 /// Upper bound for any request deadline: a client cannot pin server resources for longer.
 pub const MAX_TIMEOUT_MS: u32 = 600_000;
 pub const DEFAULT_BLOCK_CACHE_MB: usize = 256;
@@ -94,6 +104,22 @@ pub struct Cli {
     /// Default request deadline in ms, when the client sends none.
     #[arg(long)]
     pub request_timeout_ms: Option<u32>,
+    /// Admin HTTP listener (/metrics, /health, /ready) as HOST:PORT, or "off" (the default).
+    #[arg(long, value_name = "ADDR|off")]
+    pub admin_listen: Option<String>,
+    /// Client gets, puts and deletes in flight on this node; more are refused Overloaded.
+    #[arg(long)]
+    pub max_requests: Option<usize>,
+    /// MiB of client request bodies in flight on this node; more are refused Overloaded.
+    #[arg(long)]
+    pub max_request_mb: Option<usize>,
+    /// Peer requests (replication, replica reads, hints, forwarded writes, anti-entropy) in
+    /// flight on this node; more are refused Overloaded.
+    #[arg(long)]
+    pub peer_max_requests: Option<usize>,
+    /// MiB of peer request bodies in flight on this node.
+    #[arg(long)]
+    pub peer_max_request_mb: Option<usize>,
     /// RocksDB block cache shared by all column families, in MiB.
     #[arg(long)]
     pub block_cache_mb: Option<usize>,
@@ -194,6 +220,11 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<usize>,
     pub request_timeout_ms: Option<u32>,
+    pub admin_listen: Option<String>,
+    pub max_requests: Option<usize>,
+    pub max_request_mb: Option<usize>,
+    pub peer_max_requests: Option<usize>,
+    pub peer_max_request_mb: Option<usize>,
     pub block_cache_mb: Option<usize>,
     pub write_buffer_mb: Option<usize>,
     pub log: Option<String>,
@@ -317,6 +348,12 @@ pub struct Config {
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub request_timeout_ms: u32,
+    /// The admin HTTP listener; `None` = off.
+    pub admin_listen: Option<SocketAddr>,
+    /// The client budget (admission control).
+    pub client_budget: Limits,
+    /// The peer budget (admission control).
+    pub peer_budget: Limits,
     pub block_cache_mb: usize,
     pub write_buffer_mb: usize,
     pub log: String,
@@ -496,6 +533,52 @@ impl Config {
             1,
             MAX_TIMEOUT_MS,
         )?;
+        let admin_listen = match cli.admin_listen.or(file.admin_listen) {
+            None => None,
+            Some(a) if a == "off" => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "admin_listen",
+                    format!("{a:?} is not HOST:PORT with a numeric IP, or off ({e})"),
+                )
+            })?),
+        };
+        let client_budget = Limits {
+            requests: in_range(
+                "max_requests",
+                cli.max_requests
+                    .or(file.max_requests)
+                    .unwrap_or(DEFAULT_MAX_REQUESTS),
+                1,
+                1 << 20,
+            )?,
+            bytes: in_range(
+                "max_request_mb",
+                cli.max_request_mb
+                    .or(file.max_request_mb)
+                    .unwrap_or(DEFAULT_MAX_REQUEST_MB),
+                1,
+                1 << 16,
+            )? << 20,
+        };
+        let peer_budget = Limits {
+            requests: in_range(
+                "peer_max_requests",
+                cli.peer_max_requests
+                    .or(file.peer_max_requests)
+                    .unwrap_or(DEFAULT_PEER_MAX_REQUESTS),
+                16,
+                1 << 20,
+            )?,
+            bytes: in_range(
+                "peer_max_request_mb",
+                cli.peer_max_request_mb
+                    .or(file.peer_max_request_mb)
+                    .unwrap_or(DEFAULT_PEER_MAX_REQUEST_MB),
+                1,
+                1 << 16,
+            )? << 20,
+        };
         let block_cache_mb = in_range(
             "block_cache_mb",
             cli.block_cache_mb
@@ -664,6 +747,9 @@ impl Config {
             max_connections,
             max_in_flight,
             request_timeout_ms,
+            admin_listen,
+            client_budget,
+            peer_budget,
             block_cache_mb,
             write_buffer_mb,
             log,

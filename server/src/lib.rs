@@ -7,6 +7,7 @@
 //! `background` runs every loop; `metrics` is the one registry.
 
 pub mod aae;
+pub mod admission;
 pub mod api;
 pub mod background;
 pub mod clock;

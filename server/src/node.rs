@@ -17,8 +17,10 @@ use crate::aae::release::{ReleaseMetrics, ReleaseWorker};
 use crate::aae::scan::TreeScanWorker;
 use crate::aae::service::AntiEntropy;
 use crate::aae::transfer::{TransferMetrics, TransferStatus, TransferWorker};
+use crate::admission::Budget;
 use crate::api::admin::Admin;
 use crate::api::client::{ClientApi, ClientHandler};
+use crate::api::http::AdminHttp;
 use crate::api::peer::{PeerApi, PeerHandler};
 use crate::api::RequestMetrics;
 use crate::background::{Progress, RunState, Runner};
@@ -38,7 +40,7 @@ use crate::replica::Replica;
 use crate::rpc::{Authenticator, LateReplies, PeerIdentity, PeerPool, HANDSHAKE_TIMEOUT};
 use crate::storage::hints::HintLimits;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
-use crate::storage::store::{StoreOpenError, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
+use crate::storage::store::{StoreOpenError, MAX_GROUP_JOBS, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
 use crate::storage::tree::{open_tree, TreeHook};
 use crate::storage::{Cf, Engine, ReadGate, Store, StoreConfig};
 use ringkv_protocol::auth::PeerKey;
@@ -80,6 +82,8 @@ pub enum ServerError {
 /// finish (bounded by `net::SHUTDOWN_GRACE`), drains the writer and closes storage cleanly.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
     let node_id = config.node_id.clone();
+    // Started before any listener: frames read during a stall are dated to its start.
+    let stalls = crate::clock::StallWatch::global();
     std::fs::create_dir_all(&config.data_dir).map_err(|e| ServerError::DataDir {
         node: node_id.clone(),
         dir: config.data_dir.display().to_string(),
@@ -174,6 +178,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let gossip_addr = gossip_socket
         .local_addr()
         .expect("bound socket has an address");
+    let admin_listener = match config.admin_listen {
+        None => None,
+        Some(addr) => match bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let s = store.clone();
+                let _ = tokio::task::spawn_blocking(move || s.close()).await;
+                return Err(e);
+            }
+        },
+    };
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(|l| l.local_addr().expect("bound listener has an address"));
     if config.default_secret {
         tracing::warn!(
             node = %node_id,
@@ -355,10 +373,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             Arc::new(move || m.view().retired())
         }),
     );
-    let requests = RequestMetrics::default();
+    let requests = RequestMetrics::new(&registry);
+    let client_budget = Budget::new("client", config.client_budget, &registry);
+    let peer_budget = Budget::new("peer", config.peer_budget, &registry);
+    {
+        // Background work (replay, anti-entropy, transfers, GC) slows down as the client
+        // budget or the writer queue fills.
+        let (budget, store) = (client_budget.clone(), store.clone());
+        crate::background::load::set_foreground_pressure(move || {
+            let writer = store.queue_depth() as f64 / (2 * MAX_GROUP_JOBS) as f64;
+            budget.fill().max(writer)
+        });
+    }
+    registry.probe(
+        "admission.foreground_pressure_permille",
+        "how full the client budget or the writer queue is (1000 = full): background work slows past 500",
+        || (crate::background::load::foreground_pressure() * 1000.0).round() as u64,
+    );
+    registry.probe(
+        "process.stalls",
+        "times the process was seen stopped or starved for more than 250 ms (frames read then are dated to the stall's start)",
+        move || stalls.stalls.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let client_net = ListenerMetrics::default();
     let peer_net = ListenerMetrics::default();
-    requests.register(&registry, "");
     coordinator.metrics.register(&registry, "");
     replica.metrics.register(&registry, "peer.");
     handoff.metrics.register(&registry, "hints.");
@@ -382,6 +420,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     register_storage(&registry, &store);
     membership.stats.register(&registry, "gossip.");
     register_cluster(&registry, &membership);
+    register_workers(&registry, &runner);
 
     let admin = Arc::new(Admin {
         info: static_info(&config, &me, gossip_addr),
@@ -403,7 +442,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         admin,
         requests,
         net: client_net.clone(),
+        budget: client_budget,
+        default_timeout_ms: config.request_timeout_ms,
     });
+    let admin_http = {
+        let (m, s, draining) = (membership.clone(), store.clone(), shutdown.clone());
+        Arc::new(AdminHttp::new(
+            node_id.clone(),
+            registry.clone(),
+            Box::new(move || node_ready(&m.view(), &s, &draining)),
+        ))
+    };
     let peer_api = Arc::new(PeerApi {
         auth,
         replica,
@@ -412,6 +461,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         aae,
         cluster,
         net: peer_net.clone(),
+        budget: peer_budget,
     });
 
     let client_cfg = ListenerConfig {
@@ -442,8 +492,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             .wait_ready(std::time::Duration::from_secs(5))
             .await;
     }
-    write_addr_file(&config, client_addr, peer_addr, gossip_addr);
-    info!(node = %node_id, client = %client_addr, peer = %peer_addr, gossip = %gossip_addr, cluster = %config.cluster_name,
+    write_addr_file(&config, client_addr, peer_addr, gossip_addr, admin_addr);
+    info!(node = %node_id, client = %client_addr, peer = %peer_addr, gossip = %gossip_addr, admin = ?admin_addr, cluster = %config.cluster_name,
           seeds = ?config.seeds, n = config.n, r = config.r, w = config.w,
           data_dir = %config.data_dir.display(), sync = %config.sync, "ringkv node ready");
 
@@ -452,9 +502,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             client_listener,
             client_cfg,
             client_net,
-            move |_remote| Arc::new(ClientHandler {
-                api: client_api.clone()
-            }),
+            move |_remote| Arc::new(ClientHandler::new(client_api.clone())),
             shutdown.clone(),
         ),
         net::serve(
@@ -464,6 +512,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             move |remote| Arc::new(PeerHandler::new(peer_api.clone(), remote)),
             shutdown.clone(),
         ),
+        async {
+            if let Some(listener) = admin_listener {
+                crate::api::http::serve(listener, admin_http, shutdown.clone()).await;
+            }
+        },
     );
 
     // Workers stop before storage closes: nothing writes after the writer drained.
@@ -497,12 +550,14 @@ fn write_addr_file(
     client: std::net::SocketAddr,
     peer: std::net::SocketAddr,
     gossip: std::net::SocketAddr,
+    admin: Option<std::net::SocketAddr>,
 ) {
     // Written to a temp name and renamed, so readers never see a partial file.
     let tmp = config.data_dir.join(".ringkv.addr.tmp");
+    let admin = admin.map_or(String::new(), |a| format!("admin={a}\n"));
     let ok = std::fs::write(
         &tmp,
-        format!("client={client}\npeer={peer}\ngossip={gossip}\n"),
+        format!("client={client}\npeer={peer}\ngossip={gossip}\n{admin}"),
     )
     .and_then(|()| std::fs::rename(&tmp, config.addr_file()));
     if let Err(e) = ok {
@@ -593,6 +648,31 @@ fn register_storage(registry: &Registry, store: &Arc<Store>) {
             "rocksdb.background-errors",
             "RocksDB background errors",
         ),
+        (
+            "rocksdb.pending_compaction_bytes",
+            "rocksdb.estimate-pending-compaction-bytes",
+            "bytes RocksDB estimates compaction must rewrite (write stalls follow when high)",
+        ),
+        (
+            "rocksdb.write_stopped",
+            "rocksdb.is-write-stopped",
+            "1 while RocksDB stops writes (too many L0 files or pending compaction bytes)",
+        ),
+        (
+            "rocksdb.delayed_write_rate",
+            "rocksdb.actual-delayed-write-rate",
+            "bytes/s RocksDB slows writes to while it stalls them (0 = no stall)",
+        ),
+        (
+            "rocksdb.running_compactions",
+            "rocksdb.num-running-compactions",
+            "compactions running now",
+        ),
+        (
+            "rocksdb.total_sst_bytes",
+            "rocksdb.total-sst-files-size",
+            "bytes of all SST files (obsolete ones not yet deleted included)",
+        ),
     ] {
         let engine = store.engine().clone();
         registry.probe(name, help, move || {
@@ -623,6 +703,23 @@ fn register_hints(registry: &Registry, store: &Arc<Store>) {
         move || s.hint_book().targets().len() as u64,
     );
     let s = store.clone();
+    registry.probe_family(
+        "hints.pending_bytes_by_target",
+        "bytes of hints held for each target node",
+        move || {
+            s.hint_book()
+                .targets()
+                .iter()
+                .map(|(target, t)| {
+                    (
+                        vec![("target".to_string(), target.to_string())],
+                        t.bytes as f64,
+                    )
+                })
+                .collect()
+        },
+    );
+    let s = store.clone();
     registry.probe(
         "hints.oldest_age_seconds",
         "age of the oldest hint held (0 = none)",
@@ -638,7 +735,112 @@ fn register_hints(registry: &Registry, store: &Arc<Store>) {
     );
 }
 
+/// `/ready`: the node knows the ring, its storage is open, and it is neither shutting down
+/// nor taken out of the ring.
+fn node_ready(
+    view: &crate::membership::ClusterView,
+    store: &Store,
+    draining: &CancellationToken,
+) -> Result<(), String> {
+    if draining.is_cancelled() {
+        return Err("shutting down (draining its connections)".into());
+    }
+    if !store.is_running() {
+        return Err("its storage is closed".into());
+    }
+    if !view.ready {
+        return Err("joining: the ring is not known yet".into());
+    }
+    if view.retired() {
+        return Err(format!(
+            "taken out of the ring by layout v{}",
+            view.layout.version
+        ));
+    }
+    Ok(())
+}
+
+/// Every worker's state as a labelled gauge (1 for the state it is in).
+fn register_workers(registry: &Registry, runner: &Arc<Runner>) {
+    let r = runner.clone();
+    registry.probe_family(
+        "workers.state",
+        "background workers by state (1 = the worker is in this state)",
+        move || {
+            let mut out = Vec::new();
+            for w in r.statuses() {
+                for state in [
+                    RunState::Busy,
+                    RunState::Idle,
+                    RunState::BackingOff,
+                    RunState::Stopped,
+                ] {
+                    out.push((
+                        vec![
+                            ("worker".to_string(), w.name.clone()),
+                            ("state".to_string(), state.name().replace(' ', "_")),
+                        ],
+                        (w.state == state) as u8 as f64,
+                    ));
+                }
+            }
+            out
+        },
+    );
+}
+
 fn register_cluster(registry: &Registry, membership: &Membership) {
+    let m = membership.clone();
+    registry.probe_family(
+        "gossip.phi",
+        "phi-accrual suspicion of each peer (above the threshold = unavailable; absent until a first heartbeat)",
+        move || {
+            m.members_seen()
+                .map(|r| {
+                    r.members
+                        .iter()
+                        .filter(|x| !x.is_self && x.phi_milli != u32::MAX)
+                        .map(|x| {
+                            (
+                                vec![("peer".to_string(), x.node_id.clone())],
+                                x.phi_milli as f64 / 1000.0,
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        },
+    );
+    let m = membership.clone();
+    registry.probe_family(
+        "cluster.members_by_state",
+        "ring members by SWIM state as this node sees them (alive, suspect, down)",
+        move || {
+            let mut counts = [0u32; 3];
+            if let Some(r) = m.members_seen() {
+                for x in &r.members {
+                    counts[(x.swim_state as usize).min(2)] += 1;
+                }
+            }
+            ["alive", "suspect", "down"]
+                .iter()
+                .zip(counts)
+                .map(|(s, c)| (vec![("state".to_string(), s.to_string())], c as f64))
+                .collect()
+        },
+    );
+    let m = membership.clone();
+    registry.probe(
+        "cluster.layout_version",
+        "version of the cluster layout this node has (rises with every committed ring change)",
+        move || m.view().layout.version,
+    );
+    let m = membership.clone();
+    registry.probe(
+        "cluster.ring_epoch",
+        "fingerprint of the ring this node routes by (equal on nodes that agree; changes with membership)",
+        move || m.view().epoch & ((1 << 53) - 1),
+    );
     let m = membership.clone();
     registry.probe(
         "cluster.members",

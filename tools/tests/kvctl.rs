@@ -116,13 +116,18 @@ fn json_output_and_explicit_context() {
     let s: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(s["node_id"], "n1");
     assert_eq!(s["info"]["sync_mode"], "group");
-    assert!(s["metrics"]["requests.put"].as_u64().unwrap() >= 3);
+    assert!(s["metrics"]["requests{op=put,result=ok}"].as_u64().unwrap() >= 3);
     // Every worker is listed by the runner, the writer thread included.
     for worker in ["writer", "membership", "late_replies"] {
         let line = s["info"][format!("worker.{worker}")].as_str().unwrap();
         assert!(!line.starts_with("stopped"), "{worker}: {line}");
     }
-    assert!(s["metrics"]["requests.put_seconds.count"].as_u64().unwrap() >= 3);
+    assert!(
+        s["metrics"]["request.duration_seconds{op=put}.count"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
 }
 
 #[test]

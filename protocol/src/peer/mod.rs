@@ -147,6 +147,23 @@ fn encode_family<F: Family>(msg: &F, request_id: u64) -> Frame {
 }
 
 impl PeerRequest {
+    /// The time its sender gave the request (what was left of a client's deadline), for the
+    /// requests that carry one; the receiver counts it from the request's arrival. A forwarded
+    /// write carries it inside the client request it wraps.
+    pub fn timeout_ms_mut(&mut self) -> Option<&mut u32> {
+        match self {
+            PeerRequest::Replica(
+                ReplicaRequest::ReadLocal { timeout_ms, .. }
+                | ReplicaRequest::Replicate { timeout_ms, .. },
+            )
+            | PeerRequest::Handoff(
+                HandoffRequest::StoreHint { timeout_ms, .. }
+                | HandoffRequest::ReadHint { timeout_ms, .. },
+            ) => Some(timeout_ms),
+            _ => None,
+        }
+    }
+
     pub fn to_frame(&self, request_id: u64) -> Frame {
         match self {
             PeerRequest::Session(m) => encode_family(m, request_id),

@@ -1,15 +1,17 @@
-//! Client frames: decode, validate, dispatch to the coordinator or admin, count the outcome.
+//! Client frames: decode, validate, admit (the client budget, the deadline), dispatch to the
+//! coordinator or admin, count the outcome.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 
 use super::admin::Admin;
-use super::RequestMetrics;
+use super::{result_of, RequestMetrics};
+use crate::admission::{Budget, ConnShare};
+use crate::config::MAX_TIMEOUT_MS;
 use crate::coordinator::Coordinator;
-use crate::metrics::{Counter, Histogram, ListenerMetrics};
+use crate::metrics::ListenerMetrics;
 use crate::net::{FrameHandler, Reply};
 
 /// Everything a client connection dispatches to (shared by all client connections).
@@ -19,89 +21,173 @@ pub struct ClientApi {
     pub admin: Arc<Admin>,
     pub requests: RequestMetrics,
     pub net: ListenerMetrics,
+    /// The node-wide budget of client gets, puts and deletes in flight.
+    pub budget: Arc<Budget>,
+    /// The deadline of a request that names none.
+    pub default_timeout_ms: u32,
+}
+
+/// Why a data request was not run.
+enum NotRun {
+    Shed(Response),
+    Expired(Response),
 }
 
 impl ClientApi {
-    /// Answers one client request. Never panics on client input.
-    pub async fn handle(&self, req: Request) -> Response {
-        let resp = self.dispatch(req).await;
-        if let Response::Error(e) = &resp {
-            self.requests.errors.inc();
-            match e.kind {
-                ErrorKind::Timeout { .. } => self.requests.timeouts.inc(),
-                ErrorKind::Unavailable { .. } => self.requests.unavailable.inc(),
-                _ => 0,
-            };
+    /// Answers one client request read at `arrived`. Never panics on client input.
+    pub async fn handle(
+        &self,
+        req: Request,
+        body_len: usize,
+        conn: &Arc<ConnShare>,
+        arrived: Instant,
+    ) -> Response {
+        let op = op_name(&req);
+        if let Err((kind, msg)) = req.validate() {
+            let resp = Response::error(kind, true, format!("node {}: {msg}", self.node_id));
+            self.requests.count(op, result_of(&resp, false));
+            return resp;
         }
+        if !matches!(
+            req,
+            Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }
+        ) {
+            // Admin requests are never shed: status and health answer under any load.
+            let resp = self.admin_request(req).await;
+            self.requests.count(op, result_of(&resp, false));
+            return resp;
+        }
+        let (req, permit) = match self.admit(req, body_len, conn, arrived) {
+            Ok(admitted) => admitted,
+            Err(NotRun::Shed(resp)) => {
+                self.requests.count(op, "overloaded");
+                return resp;
+            }
+            Err(NotRun::Expired(resp)) => {
+                self.requests.count(op, "expired");
+                return resp;
+            }
+        };
+        let started = Instant::now();
+        let resp = match req {
+            Request::Get { key, opts } => self.coordinator.get(key, opts).await,
+            req => self.coordinator.write(req).await,
+        };
+        drop(permit);
+        if let Some(h) = self.requests.seconds(op) {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        if let Response::Get(r) = &resp {
+            self.requests.siblings.observe(r.siblings.len() as f64);
+        }
+        self.requests.count(op, result_of(&resp, false));
         resp
     }
 
-    async fn dispatch(&self, req: Request) -> Response {
-        if let Err((kind, msg)) = req.validate() {
-            return Response::error(kind, true, format!("node {}: {msg}", self.node_id));
+    /// Takes the request's place in the budget and what is left of its deadline (counted
+    /// from its arrival), or refuses it: `Overloaded` over budget, `Timeout` when its deadline
+    /// passed before it could run (both definite: nothing was done).
+    fn admit(
+        &self,
+        mut req: Request,
+        body_len: usize,
+        conn: &Arc<ConnShare>,
+        arrived: Instant,
+    ) -> Result<(Request, crate::admission::Permit), NotRun> {
+        let timeout_ms = match &mut req {
+            Request::Get { opts, .. } => &mut opts.timeout_ms,
+            Request::Put { opts, .. } | Request::Delete { opts, .. } => &mut opts.timeout_ms,
+            _ => unreachable!("only data requests are admitted"),
+        };
+        let total = if *timeout_ms == 0 {
+            self.default_timeout_ms
+        } else {
+            (*timeout_ms).min(MAX_TIMEOUT_MS)
+        };
+        let waited = arrived.elapsed();
+        let left = Duration::from_millis(total as u64).saturating_sub(waited);
+        if left.is_zero() {
+            self.budget.expired.inc();
+            return Err(NotRun::Expired(Response::error(
+                ErrorKind::Timeout { acks: 0, needed: 0 },
+                true,
+                format!(
+                    "node {}: request dropped unexecuted: its {total} ms deadline passed \
+                     before it was dispatched (it waited {} ms: the node was stalled or \
+                     overloaded)",
+                    self.node_id,
+                    waited.as_millis()
+                ),
+            )));
         }
-        let m = &self.requests;
+        *timeout_ms = left.as_millis().clamp(1, u32::MAX as u128) as u32;
+        match self.budget.try_admit(conn, body_len) {
+            Ok(permit) => Ok((req, permit)),
+            Err(shed) => Err(NotRun::Shed(Response::error(
+                ErrorKind::Overloaded {
+                    retry_after_ms: self.budget.retry_after_ms(),
+                },
+                true,
+                format!(
+                    "node {}: {}; nothing was done, retry later or on another node",
+                    self.node_id,
+                    shed.describe("client")
+                ),
+            ))),
+        }
+    }
+
+    async fn admin_request(&self, req: Request) -> Response {
         match req {
-            Request::Ping => {
-                m.ping.inc();
-                Response::Pong
-            }
-            Request::Status => {
-                m.status.inc();
-                Response::Status(self.admin.status())
-            }
-            Request::Ring => {
-                m.ring.inc();
-                Response::Ring(self.admin.ring())
-            }
-            Request::Members => {
-                m.members.inc();
-                self.admin.members().await
-            }
-            Request::Repair { range } => {
-                m.repair.inc();
-                self.admin.repair(range)
-            }
-            Request::Cluster(json) => {
-                m.cluster.inc();
-                Response::Cluster(self.admin.cluster.admin(&json).await)
-            }
-            Request::Get { key, opts } => {
-                timed(&m.get, &m.get_seconds, self.coordinator.get(key, opts)).await
-            }
-            req @ Request::Put { .. } => {
-                timed(&m.put, &m.put_seconds, self.coordinator.write(req)).await
-            }
-            req @ Request::Delete { .. } => {
-                timed(&m.delete, &m.delete_seconds, self.coordinator.write(req)).await
+            Request::Ping => Response::Pong,
+            Request::Status => Response::Status(self.admin.status()),
+            Request::Ring => Response::Ring(self.admin.ring()),
+            Request::Members => self.admin.members().await,
+            Request::Repair { range } => self.admin.repair(range),
+            Request::Cluster(json) => Response::Cluster(self.admin.cluster.admin(&json).await),
+            Request::Get { .. } | Request::Put { .. } | Request::Delete { .. } => {
+                unreachable!("data requests are dispatched by handle")
             }
         }
     }
 }
 
-/// Counts a request and observes how long it took to answer.
-async fn timed(
-    count: &Counter,
-    seconds: &Histogram,
-    answer: impl Future<Output = Response>,
-) -> Response {
-    count.inc();
-    let started = Instant::now();
-    let resp = answer.await;
-    seconds.observe(started.elapsed().as_secs_f64());
-    resp
+/// The `op` label of a request.
+fn op_name(req: &Request) -> &'static str {
+    match req {
+        Request::Get { .. } => "get",
+        Request::Put { .. } => "put",
+        Request::Delete { .. } => "delete",
+        Request::Ping => "ping",
+        Request::Status => "status",
+        Request::Ring => "ring",
+        Request::Members => "members",
+        Request::Repair { .. } => "repair",
+        Request::Cluster(_) => "cluster",
+    }
 }
 
-/// One client connection.
+/// One client connection: its share of the client budget.
 pub struct ClientHandler {
     pub api: Arc<ClientApi>,
+    pub share: Arc<ConnShare>,
+}
+
+impl ClientHandler {
+    pub fn new(api: Arc<ClientApi>) -> ClientHandler {
+        ClientHandler {
+            api,
+            share: ConnShare::new(),
+        }
+    }
 }
 
 impl FrameHandler for ClientHandler {
-    async fn handle(self: Arc<Self>, frame: Frame) -> Reply {
+    async fn handle(self: Arc<Self>, frame: Frame, arrived: Instant) -> Reply {
         let id = frame.request_id;
+        let len = frame.body.len();
         let resp = match Request::decode(frame.opcode, frame.body) {
-            Ok(req) => self.api.handle(req).await,
+            Ok(req) => self.api.handle(req, len, &self.share, arrived).await,
             Err(e) => {
                 self.api.net.malformed.inc();
                 Response::error(

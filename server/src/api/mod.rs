@@ -13,24 +13,123 @@ pub mod admin;
 pub mod client;
 pub mod peer;
 
-crate::metrics::metric_set! {
-    /// Client requests by kind, and how many were answered with an error (registered
-    /// without a prefix).
-    pub struct RequestMetrics {
-        get: Counter = "requests.get", "client gets";
-        put: Counter = "requests.put", "client puts";
-        delete: Counter = "requests.delete", "client deletes";
-        ping: Counter = "requests.ping", "client pings";
-        status: Counter = "requests.status", "status requests";
-        ring: Counter = "requests.ring", "ring requests";
-        cluster: Counter = "requests.cluster", "kvctl cluster requests";
-        members: Counter = "requests.members", "members requests";
-        repair: Counter = "requests.repair", "repair requests (anti-entropy cycles started on demand)";
-        errors: Counter = "requests.errors", "client requests answered with an error";
-        timeouts: Counter = "requests.timeouts", "client requests answered Timeout";
-        unavailable: Counter = "requests.unavailable", "client requests answered Unavailable";
-        get_seconds: Histogram = "requests.get_seconds", "latency of client gets, errors included";
-        put_seconds: Histogram = "requests.put_seconds", "latency of client puts, errors included";
-        delete_seconds: Histogram = "requests.delete_seconds", "latency of client deletes, errors included";
+pub mod http;
+
+use std::collections::HashMap;
+
+use ringkv_protocol::{ErrorKind, Response};
+
+use crate::metrics::{Counter, Histogram, Registry};
+
+/// Client request kinds, as the `op` label.
+pub const OPS: [&str; 9] = [
+    "get", "put", "delete", "ping", "status", "ring", "members", "repair", "cluster",
+];
+/// The ops admission control applies to (the rest are admin requests).
+pub const DATA_OPS: [&str; 3] = ["get", "put", "delete"];
+/// Outcomes of a client request, as the `result` label: answered, or which error.
+pub const RESULTS: [&str; 7] = [
+    "ok",
+    "timeout",
+    "unavailable",
+    "overloaded",
+    "expired",
+    "invalid",
+    "error",
+];
+
+/// The `result` label of a reply. `expired` = dropped unexecuted because its deadline passed
+/// before dispatch (answered Timeout); `invalid` = the client's fault (too large, malformed,
+/// invalid arguments, too many siblings).
+pub fn result_of(resp: &Response, expired: bool) -> &'static str {
+    match resp {
+        Response::Error(e) => match e.kind {
+            _ if expired => "expired",
+            ErrorKind::Timeout { .. } => "timeout",
+            ErrorKind::Unavailable { .. } => "unavailable",
+            ErrorKind::Overloaded { .. } => "overloaded",
+            ErrorKind::TooLarge { .. }
+            | ErrorKind::Malformed
+            | ErrorKind::UnsupportedVersion { .. }
+            | ErrorKind::InvalidRequest
+            | ErrorKind::TooManySiblings { .. } => "invalid",
+            _ => "error",
+        },
+        _ => "ok",
+    }
+}
+
+/// Client requests by op and result (`requests{op,result}`), latency of the data ops
+/// (`request.duration_seconds{op}`, admitted requests only), and siblings per read.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    counts: HashMap<(&'static str, &'static str), Counter>,
+    seconds: HashMap<&'static str, Histogram>,
+    pub siblings: Histogram,
+}
+
+impl RequestMetrics {
+    pub fn new(registry: &Registry) -> RequestMetrics {
+        let mut counts = HashMap::new();
+        for op in OPS {
+            // Admin requests are never shed, expired or timed out.
+            let results: &[&'static str] = if DATA_OPS.contains(&op) {
+                &RESULTS
+            } else {
+                &["ok", "invalid", "error"]
+            };
+            for &result in results {
+                counts.insert(
+                    (op, result),
+                    registry.counter_with(
+                        "requests",
+                        "client requests answered, by op and result",
+                        &[("op", op), ("result", result)],
+                    ),
+                );
+            }
+        }
+        let seconds = DATA_OPS
+            .into_iter()
+            .map(|op| {
+                let h = registry.histogram_with(
+                    "request.duration_seconds",
+                    "latency of admitted client gets, puts and deletes (errors included)",
+                    &[("op", op)],
+                );
+                (op, h)
+            })
+            .collect();
+        let siblings = registry.histogram(
+            "read.siblings",
+            "versions (siblings, tombstones included) per client read reply",
+            [1.0, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0],
+        );
+        RequestMetrics {
+            counts,
+            seconds,
+            siblings,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn count(&self, op: &'static str, result: &'static str) {
+        if let Some(c) = self
+            .counts
+            .get(&(op, result))
+            .or_else(|| self.counts.get(&(op, "error")))
+        {
+            c.inc();
+        }
+    }
+
+    /// The latency histogram of a data op.
+    pub fn seconds(&self, op: &str) -> Option<&Histogram> {
+        self.seconds.get(op)
+    }
+
+    /// The count of one (op, result) series (tests, status).
+    pub fn get(&self, op: &'static str, result: &'static str) -> u64 {
+        self.counts.get(&(op, result)).map_or(0, |c| c.get())
     }
 }

@@ -3,11 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ringkv_protocol::peer::{PeerRequest, PeerResponse, SessionRequest, SessionResponse};
 use ringkv_protocol::{ErrorKind, Frame};
 
 use crate::aae::service::AntiEntropy;
+use crate::admission::{Budget, ConnShare};
 use crate::cluster::ClusterService;
 use crate::coordinator::Coordinator;
 use crate::handoff::Handoff;
@@ -25,11 +27,57 @@ pub struct PeerApi {
     pub aae: Arc<AntiEntropy>,
     pub cluster: Arc<ClusterService>,
     pub net: ListenerMetrics,
+    /// The node-wide budget of peer requests in flight (separate from the clients').
+    pub budget: Arc<Budget>,
 }
 
 impl PeerApi {
-    /// Serves one request of an authenticated connection.
-    async fn dispatch(&self, req: PeerRequest) -> PeerResponse {
+    /// Serves one request of an authenticated connection, read at `arrived`: over the peer
+    /// budget it is refused `Overloaded`; a request whose sender's deadline passed before it
+    /// could run is dropped unexecuted (`Timeout`).
+    async fn admit_and_dispatch(
+        &self,
+        mut req: PeerRequest,
+        body_len: usize,
+        conn: &Arc<ConnShare>,
+        arrived: Instant,
+    ) -> PeerResponse {
+        // The session family (pings) and layout fetches are never shed: liveness and the
+        // ring must get through an overloaded node.
+        if matches!(req, PeerRequest::Session(_) | PeerRequest::Cluster(_)) {
+            return self.dispatch(req, arrived).await;
+        }
+        let waited = arrived.elapsed();
+        if let Some(timeout_ms) = req.timeout_ms_mut() {
+            let left = Duration::from_millis(*timeout_ms as u64).saturating_sub(waited);
+            if left.is_zero() {
+                self.budget.expired.inc();
+                return self.auth.error(
+                    ErrorKind::Timeout { acks: 0, needed: 0 },
+                    format!(
+                        "peer request dropped unexecuted: its {timeout_ms} ms deadline passed \
+                         before it was dispatched (waited {} ms)",
+                        waited.as_millis()
+                    ),
+                );
+            }
+            *timeout_ms = left.as_millis().clamp(1, u32::MAX as u128) as u32;
+        }
+        let _permit = match self.budget.try_admit(conn, body_len) {
+            Ok(p) => p,
+            Err(shed) => {
+                return self.auth.error(
+                    ErrorKind::Overloaded {
+                        retry_after_ms: self.budget.retry_after_ms(),
+                    },
+                    format!("{}; nothing was done", shed.describe("peer")),
+                )
+            }
+        };
+        self.dispatch(req, arrived).await
+    }
+
+    async fn dispatch(&self, req: PeerRequest, arrived: Instant) -> PeerResponse {
         match req {
             PeerRequest::Session(SessionRequest::Ping) => {
                 PeerResponse::Session(SessionResponse::Pong)
@@ -42,7 +90,7 @@ impl PeerApi {
                 )
             }
             PeerRequest::Replica(req) => self.replica.serve(req).await,
-            PeerRequest::Coordinator(req) => self.coordinator.serve_peer(req).await,
+            PeerRequest::Coordinator(req) => self.coordinator.serve_peer(req, arrived).await,
             PeerRequest::Handoff(req) => self.handoff.serve(req).await,
             PeerRequest::Aae(req) => self.aae.serve(req).await,
             PeerRequest::Cluster(req) => self.cluster.serve(req).await,
@@ -54,6 +102,8 @@ impl PeerApi {
 pub struct PeerHandler {
     api: Arc<PeerApi>,
     handshake: ListenerHandshake,
+    /// This connection's share of the peer budget (one connection per peer node).
+    share: Arc<ConnShare>,
 }
 
 impl PeerHandler {
@@ -61,13 +111,15 @@ impl PeerHandler {
         PeerHandler {
             api,
             handshake: ListenerHandshake::new(remote),
+            share: ConnShare::new(),
         }
     }
 }
 
 impl FrameHandler for PeerHandler {
-    async fn handle(self: Arc<Self>, frame: Frame) -> Reply {
+    async fn handle(self: Arc<Self>, frame: Frame, arrived: Instant) -> Reply {
         let id = frame.request_id;
+        let len = frame.body.len();
         let reply = |resp: PeerResponse, close: bool| Reply {
             frame: resp.to_frame(id),
             close,
@@ -86,7 +138,12 @@ impl FrameHandler for PeerHandler {
         };
         match self.handshake.step(&self.api.auth, &req) {
             Some((resp, close)) => reply(resp, close),
-            None => reply(self.api.dispatch(req).await, false),
+            None => reply(
+                self.api
+                    .admit_and_dispatch(req, len, &self.share, arrived)
+                    .await,
+                false,
+            ),
         }
     }
 

@@ -27,6 +27,38 @@ pub const FLOOR: f64 = 0.02;
 /// first second of a replay multiplied the open-loop p99 (docs/benchmarks.md, hinted handoff).
 pub const RAMP_PER_SEC: f64 = 0.25;
 
+/// Foreground pressure (0..=1: how full the node's client budget or writer queue is) above
+/// which background budgets shrink, reaching [`FLOOR`] at 1.
+pub const PRESSURE_FROM: f64 = 0.5;
+
+type PressureFn = Box<dyn Fn() -> f64 + Send + Sync>;
+
+/// Where the foreground pressure is read from: set once by the root (one process is one
+/// node), read by every background pace. Unset = no pressure.
+static FOREGROUND: std::sync::OnceLock<PressureFn> = std::sync::OnceLock::new();
+
+/// Sets where [`foreground_pressure`] reads from (the first call wins).
+pub fn set_foreground_pressure(read: impl Fn() -> f64 + Send + Sync + 'static) {
+    let _ = FOREGROUND.set(Box::new(read));
+}
+
+/// How deep the foreground queues are now, 0..=1 (0 when unset).
+pub fn foreground_pressure() -> f64 {
+    FOREGROUND.get().map_or(0.0, |read| read().clamp(0.0, 1.0))
+}
+
+/// The share of a background budget to grant under foreground `pressure` (0..=1): 1 up to
+/// [`PRESSURE_FROM`], falling linearly to [`FLOOR`] at 1. Hint replay, anti-entropy,
+/// transfers and GC slow down while client requests queue, not only when the CPUs are busy
+/// (a deep writer queue on an idle CPU is a slow disk).
+pub fn pressure_scale(pressure: f64) -> f64 {
+    if pressure <= PRESSURE_FROM {
+        return 1.0;
+    }
+    let over = ((pressure - PRESSURE_FROM) / (1.0 - PRESSURE_FROM)).min(1.0);
+    1.0 - over * (1.0 - FLOOR)
+}
+
 /// The share of a background budget to grant when the CPUs are `busy` (0..=1): 1 up to
 /// [`YIELD_FROM`], falling linearly to [`FLOOR`] at [`FLOOR_AT`].
 pub fn yield_scale(busy: f64) -> f64 {
@@ -123,10 +155,11 @@ impl CpuLoad {
     /// of hints, does not burst on its first idle reading). Off Linux (no `/proc/stat`)
     /// budgets stay whole.
     pub fn pace(&mut self) -> f64 {
+        let pressure = pressure_scale(foreground_pressure());
         let target = match self.busy() {
-            Some(busy) => yield_scale(busy),
+            Some(busy) => yield_scale(busy).min(pressure),
             None if self.last.is_some() => FLOOR,
-            None => return 1.0,
+            None => return pressure,
         };
         self.ramp.next(Instant::now(), target)
     }
@@ -135,6 +168,16 @@ impl CpuLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn background_shrinks_as_the_foreground_queues_fill() {
+        assert_eq!(pressure_scale(0.0), 1.0);
+        assert_eq!(pressure_scale(PRESSURE_FROM), 1.0);
+        let mid = pressure_scale((PRESSURE_FROM + 1.0) / 2.0);
+        assert!((mid - (1.0 + FLOOR) / 2.0).abs() < 1e-9, "{mid}");
+        assert!((pressure_scale(1.0) - FLOOR).abs() < 1e-9);
+        assert!((pressure_scale(5.0) - FLOOR).abs() < 1e-9);
+    }
 
     #[test]
     fn budgets_are_whole_when_idle_and_at_the_floor_when_saturated() {

@@ -64,6 +64,7 @@ crate::metrics::metric_set! {
         read_repairs: Counter = "read_repair.sent", "read repairs sent";
         read_repair_failed: Counter = "read_repair.failed", "read repairs that failed";
         peer_forward: Counter = "peer.forward", "writes other nodes forwarded here";
+        forwards_expired: Counter = "coordinator.forwards_expired", "forwarded writes dropped unexecuted: their deadline passed before they were dispatched";
     }
 }
 
@@ -505,14 +506,19 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// A write another node forwarded here (the coordinator family); never forwarded again.
-    pub async fn serve_peer(self: &Arc<Self>, req: CoordinatorRequest) -> PeerResponse {
+    /// `arrived`: when the request was read; the write's deadline counts from then.
+    pub async fn serve_peer(
+        self: &Arc<Self>,
+        req: CoordinatorRequest,
+        arrived: Instant,
+    ) -> PeerResponse {
         let CoordinatorRequest::Forward { opcode, body } = req;
         self.metrics.peer_forward.inc();
         // A node that does not know the ring yet would coordinate with the wrong replicas,
         // whoever sent the write.
         let resp = match self.not_ready() {
             Some(resp) => resp,
-            None => self.forwarded_write(opcode, body).await,
+            None => self.forwarded_write(opcode, body, arrived).await,
         };
         let frame = resp.to_frame(0);
         PeerResponse::Coordinator(CoordinatorResponse::ForwardReply {
@@ -521,10 +527,38 @@ impl<T: Transport> Coordinator<T> {
         })
     }
 
-    async fn forwarded_write(self: &Arc<Self>, opcode: u8, body: Bytes) -> Response {
+    async fn forwarded_write(
+        self: &Arc<Self>,
+        opcode: u8,
+        body: Bytes,
+        arrived: Instant,
+    ) -> Response {
         match Request::decode(opcode, body) {
-            Ok(req @ (Request::Put { .. } | Request::Delete { .. })) => match req.validate() {
-                Ok(()) => self.coordinate(req, true).await,
+            Ok(mut req @ (Request::Put { .. } | Request::Delete { .. })) => match req.validate() {
+                Ok(()) => {
+                    // The sender gave what was left of the client's deadline; it counts from
+                    // this node's reading of the request. Passed already: dropped unexecuted.
+                    if let Request::Put { opts, .. } | Request::Delete { opts, .. } = &mut req {
+                        let waited = arrived.elapsed();
+                        let given = self.deadline(opts.timeout_ms);
+                        let left = given.saturating_sub(waited);
+                        if left.is_zero() {
+                            self.metrics.forwards_expired.inc();
+                            return self.err(
+                                ErrorKind::Timeout { acks: 0, needed: 0 },
+                                true,
+                                format!(
+                                    "forwarded write dropped unexecuted: its {} ms deadline \
+                                     passed before it was dispatched (waited {} ms)",
+                                    given.as_millis(),
+                                    waited.as_millis()
+                                ),
+                            );
+                        }
+                        opts.timeout_ms = left.as_millis().clamp(1, u32::MAX as u128) as u32;
+                    }
+                    self.coordinate(req, true).await
+                }
                 Err((kind, msg)) => self.err(kind, true, msg),
             },
             Ok(other) => self.err(
@@ -789,10 +823,11 @@ impl<T: Transport> Coordinator<T> {
         let store = self.store.clone();
         let write = async move {
             if has_peers {
-                let (outcome, commit) = store.write_early(op).await?;
+                let (outcome, commit) = store.write_early(op, deadline).await?;
                 Ok((outcome, Either::Left(commit)))
             } else {
-                let outcome = store.write(op).await?;
+                let (outcome, commit) = store.write_early(op, deadline).await?;
+                commit.await?;
                 Ok((outcome, Either::Right(futures::future::ready(Ok(())))))
             }
         };

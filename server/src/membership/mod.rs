@@ -157,6 +157,7 @@ pub struct Membership {
     view: watch::Receiver<Arc<ClusterView>>,
     commands: mpsc::Sender<Command>,
     pub stats: Arc<GossipStats>,
+    members_seen: Arc<std::sync::Mutex<Option<MembersReply>>>,
 }
 
 impl Membership {
@@ -170,6 +171,15 @@ impl Membership {
         tokio::time::timeout(timeout, view.wait_for(|v| v.ready))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The members as last refreshed with the view (every `swim::VIEW_REFRESH`), without
+    /// asking the driver: for metrics. None before the first refresh.
+    pub fn members_seen(&self) -> Option<MembersReply> {
+        self.members_seen
+            .lock()
+            .expect("members snapshot lock poisoned")
+            .clone()
     }
 
     /// Per-member details (SWIM state, incarnation, phi, last heard); None if the driver stopped.
@@ -252,6 +262,7 @@ impl Membership {
             view: view_rx,
             commands: cmd_tx,
             stats,
+            members_seen: driver.members_seen.clone(),
         };
         (membership, driver.into_worker(cmd_rx, leave))
     }
@@ -265,6 +276,7 @@ impl Membership {
             view: view_rx,
             commands,
             stats: Arc::new(GossipStats::default()),
+            members_seen: Default::default(),
         };
         (membership, view_tx)
     }

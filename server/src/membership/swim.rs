@@ -388,6 +388,8 @@ pub struct Driver {
     seeds: Vec<SocketAddr>,
     view: watch::Sender<Arc<ClusterView>>,
     stats: Arc<GossipStats>,
+    /// The members as `Members` reports them, refreshed with the view (metrics read it).
+    pub members_seen: Arc<std::sync::Mutex<Option<MembersReply>>>,
     me: RingId,
     last_reject_log: HashMap<&'static str, Instant>,
     ring_file: Option<std::path::PathBuf>,
@@ -462,6 +464,7 @@ impl Driver {
             seeds: cfg.seeds,
             view,
             stats,
+            members_seen: Default::default(),
             me,
             last_reject_log: HashMap::new(),
             saved: cfg
@@ -1062,7 +1065,11 @@ impl Worker for MembershipWorker {
                 let status = if d.active { RingStatus::Normal } else { d.my_meta.status };
                 d.publish_meta(status);
             }
-            _ = self.refresh.tick() => d.publish_view(),
+            _ = self.refresh.tick() => {
+                d.publish_view();
+                let members = d.members_reply();
+                *d.members_seen.lock().expect("members snapshot lock poisoned") = Some(members);
+            }
             Some(cmd) = self.commands.recv() => match cmd {
                 Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
                 Command::Adopt(layout, reply) => { let _ = reply.send(d.adopt(*layout)); }

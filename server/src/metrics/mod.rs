@@ -83,6 +83,83 @@ struct Entry {
     metric: Metric,
 }
 
+/// Label pairs of one series of a family (few, fixed values: an op, a result, a reason, a
+/// worker, a peer; never a key or a vnode).
+pub type Labels = Vec<(String, String)>;
+
+type HistogramCtor = fn() -> prometheus_client::metrics::histogram::Histogram;
+
+/// The families registered so far, by dotted name: a labelled metric registers its family
+/// once and each label set is a series of it.
+enum FamilyKind {
+    Counter(prometheus_client::metrics::family::Family<Labels, Counter>),
+    Gauge(prometheus_client::metrics::family::Family<Labels, Gauge>),
+    Histogram(
+        prometheus_client::metrics::family::Family<
+            Labels,
+            prometheus_client::metrics::histogram::Histogram,
+            HistogramCtor,
+        >,
+    ),
+}
+
+fn latency_buckets() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+    )
+}
+
+/// `name{k=v,k2=v2}`: how a series of a family shows in `Status`.
+pub fn series_name(name: &str, labels: &[(String, String)]) -> String {
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{name}{{{}}}", inner.join(","))
+}
+
+fn owned(labels: &[(&str, &str)]) -> Labels {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+type FamilyProbeFn = Box<dyn Fn() -> Vec<(Labels, f64)> + Send + Sync>;
+
+/// A gauge family whose series are read from a closure at every read (a value per peer, per
+/// hint target, per worker state): series come and go with what they describe.
+struct FamilyProbe {
+    /// The Prometheus name (without the prefix) and the dotted one `Status` shows.
+    name: String,
+    dotted: String,
+    help: String,
+    read: FamilyProbeFn,
+}
+
+impl std::fmt::Debug for FamilyProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FamilyProbe")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for FamilyProbe {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let series = (self.read)();
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(0f64);
+        let mut family =
+            encoder.encode_descriptor(&self.name, &self.help, None, gauge.metric_type())?;
+        for (labels, value) in series {
+            prometheus_client::metrics::gauge::ConstGauge::new(value)
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 type ProbeFn = Box<dyn Fn() -> u64 + Send + Sync>;
 
 struct Probe {
@@ -94,6 +171,8 @@ pub struct Registry {
     prometheus: Mutex<prometheus_client::registry::Registry>,
     entries: Mutex<Vec<Entry>>,
     probes: Mutex<Vec<Probe>>,
+    families: Mutex<std::collections::HashMap<String, FamilyKind>>,
+    family_probes: Mutex<Vec<Arc<FamilyProbe>>>,
 }
 
 impl Default for Registry {
@@ -104,6 +183,8 @@ impl Default for Registry {
             )),
             entries: Mutex::new(Vec::new()),
             probes: Mutex::new(Vec::new()),
+            families: Mutex::new(std::collections::HashMap::new()),
+            family_probes: Mutex::new(Vec::new()),
         }
     }
 }
@@ -136,6 +217,136 @@ impl Registry {
             name: name.to_string(),
             metric,
         });
+    }
+
+    /// One series of the family `name` (registered with its first series): a counter, gauge
+    /// or histogram (seconds) labelled `labels`. Registering the same series twice, or a
+    /// family under two kinds, is a programming error.
+    fn series(&self, name: &str, help: &str, labels: &[(&str, &str)], kind: Metric) -> Metric {
+        let labels = owned(labels);
+        let shown = series_name(name, &labels);
+        let mut entries = self.entries.lock().expect("metrics registry lock poisoned");
+        assert!(
+            !entries.iter().any(|e| e.name == shown || e.name == name),
+            "metric {shown} registered twice"
+        );
+        let mut families = self
+            .families
+            .lock()
+            .expect("metrics registry lock poisoned");
+        let family = families.entry(name.to_string()).or_insert_with(|| {
+            let mut prom = self
+                .prometheus
+                .lock()
+                .expect("metrics registry lock poisoned");
+            let pname = prometheus_name(name);
+            match &kind {
+                Metric::Counter(_) => {
+                    let f = prometheus_client::metrics::family::Family::default();
+                    prom.register(pname, help, f.clone());
+                    FamilyKind::Counter(f)
+                }
+                Metric::Gauge(_) => {
+                    let f = prometheus_client::metrics::family::Family::default();
+                    prom.register(pname, help, f.clone());
+                    FamilyKind::Gauge(f)
+                }
+                Metric::Histogram(_) => {
+                    let f = prometheus_client::metrics::family::Family::new_with_constructor(
+                        latency_buckets as HistogramCtor,
+                    );
+                    prom.register(pname, help, f.clone());
+                    FamilyKind::Histogram(f)
+                }
+            }
+        });
+        let metric = match (family, kind) {
+            (FamilyKind::Counter(f), Metric::Counter(_)) => {
+                Metric::Counter(f.get_or_create_owned(&labels))
+            }
+            (FamilyKind::Gauge(f), Metric::Gauge(_)) => {
+                Metric::Gauge(f.get_or_create_owned(&labels))
+            }
+            (FamilyKind::Histogram(f), Metric::Histogram(_)) => Metric::Histogram(Histogram {
+                inner: f.get_or_create_owned(&labels),
+                count: Arc::new(AtomicU64::new(0)),
+                sum: Arc::new(AtomicU64::new(0f64.to_bits())),
+            }),
+            _ => panic!("metric family {name} registered with two kinds"),
+        };
+        entries.push(Entry {
+            name: shown,
+            metric: metric.clone(),
+        });
+        metric
+    }
+
+    /// A counter of the family `name`, labelled.
+    pub fn counter_with(&self, name: &str, help: &str, labels: &[(&str, &str)]) -> Counter {
+        match self.series(name, help, labels, Metric::Counter(Counter::default())) {
+            Metric::Counter(c) => c,
+            _ => unreachable!("series returns the kind it was given"),
+        }
+    }
+
+    /// A gauge of the family `name`, labelled.
+    pub fn gauge_with(&self, name: &str, help: &str, labels: &[(&str, &str)]) -> Gauge {
+        match self.series(name, help, labels, Metric::Gauge(Gauge::default())) {
+            Metric::Gauge(g) => g,
+            _ => unreachable!("series returns the kind it was given"),
+        }
+    }
+
+    /// A latency histogram (seconds) of the family `name`, labelled.
+    pub fn histogram_with(&self, name: &str, help: &str, labels: &[(&str, &str)]) -> Histogram {
+        match self.series(name, help, labels, Metric::Histogram(Histogram::latency())) {
+            Metric::Histogram(h) => h,
+            _ => unreachable!("series returns the kind it was given"),
+        }
+    }
+
+    /// A gauge family whose series (label set, value) are read from `read` whenever the
+    /// registry is read: a value per peer or per worker, coming and going with them.
+    pub fn probe_family(
+        &self,
+        name: &str,
+        help: &str,
+        read: impl Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
+    ) {
+        let probe = Arc::new(FamilyProbe {
+            name: prometheus_name(name),
+            dotted: name.to_string(),
+            help: help.to_string(),
+            read: Box::new(read),
+        });
+        {
+            let mut families = self
+                .family_probes
+                .lock()
+                .expect("metrics registry lock poisoned");
+            assert!(
+                !families.iter().any(|p| p.name == probe.name),
+                "metric {name} registered twice"
+            );
+            families.push(probe.clone());
+        }
+        // Registered under the registry's prefix like every other metric.
+        self.prometheus
+            .lock()
+            .expect("metrics registry lock poisoned")
+            .register_collector(Box::new(probe));
+    }
+
+    /// A histogram with its own buckets (not seconds), registered.
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: impl IntoIterator<Item = f64>,
+    ) -> Histogram {
+        let h = Histogram::new(buckets);
+        self.register(name, help, Metric::Histogram(h.clone()));
+        h
     }
 
     /// A new counter, registered.
@@ -187,6 +398,22 @@ impl Registry {
                 }
             }
         }
+        drop(entries);
+        let probes = self
+            .family_probes
+            .lock()
+            .expect("metrics registry lock poisoned");
+        for p in probes.iter() {
+            for (labels, value) in (p.read)() {
+                // Fractions (phi) show as thousandths: an integer that still says something.
+                let v = if value.fract() == 0.0 {
+                    value.max(0.0) as u64
+                } else {
+                    (value * 1000.0).round().max(0.0) as u64
+                };
+                out.push((series_name(&p.dotted, &labels), v));
+            }
+        }
         out
     }
 
@@ -198,10 +425,14 @@ impl Registry {
             .lock()
             .expect("metrics registry lock poisoned");
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &prom)
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &prom)
             .expect("writing to a String does not fail");
         out
     }
+
+    /// The `Content-Type` of [`Registry::encode`] (the Prometheus text format 0.0.4).
+    pub const CONTENT_TYPE: &'static str =
+        prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 }
 
 /// Declares a set of metrics: a struct of `Counter`/`Gauge` fields, each with its dotted name

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
@@ -23,7 +23,11 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clock::StallWatch;
 use crate::metrics::ListenerMetrics;
+
+/// The retry-after hint given with a refused connection: connections free up slowly.
+pub const CONNECTION_RETRY_AFTER_MS: u64 = 1_000;
 
 /// How long shutdown waits for in-flight requests to finish and be answered.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -37,7 +41,13 @@ pub struct Reply {
 /// Answers the frames of one connection. A new handler is made per connection, so it may keep
 /// per-connection state (e.g. the peer handshake).
 pub trait FrameHandler: Send + Sync + 'static {
-    fn handle(self: Arc<Self>, frame: Frame) -> impl Future<Output = Reply> + Send;
+    /// Answers `frame`, read at (the stall-safe estimate of) `arrived`: the request's deadline
+    /// counts from then (`clock::StallWatch`).
+    fn handle(
+        self: Arc<Self>,
+        frame: Frame,
+        arrived: Instant,
+    ) -> impl Future<Output = Reply> + Send;
 
     /// False until the connection has authenticated (the peer handshake). Until then the
     /// listener reads only frames up to `ListenerConfig::unadmitted_max_body` and closes the
@@ -115,7 +125,9 @@ pub async fn serve<H, F>(
                 let frame = error_frame(
                     &cfg.node_id,
                     0,
-                    ErrorKind::Overloaded,
+                    ErrorKind::Overloaded {
+                        retry_after_ms: CONNECTION_RETRY_AFTER_MS,
+                    },
                     format!("too many connections (limit {})", cfg.max_connections),
                 );
                 conns.spawn(async move {
@@ -209,7 +221,8 @@ async fn connection<H: FrameHandler>(
                     None
                 }
                 Some(Ok(Inbound::Frame(frame))) => {
-                    in_flight.push(handler.clone().handle(frame));
+                    let arrived = StallWatch::global().arrival();
+                    in_flight.push(handler.clone().handle(frame, arrived));
                     None
                 }
                 Some(Ok(Inbound::Rejected { request_id, reason })) => {

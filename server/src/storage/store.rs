@@ -75,6 +75,9 @@ pub const QUEUE_CAPACITY: usize = 16 * 1024;
 /// is 16 full groups of `MAX_GROUP_BYTES`, far more than one fsync's worth. A job larger than
 /// the budget is still taken when the queue is empty, so no valid write is refused forever.
 pub const MAX_QUEUE_BYTES: usize = 256 << 20;
+/// The retry-after hint of a write refused because the writer queue (or a hint cap) is full:
+/// a few group commits' time.
+pub const WRITER_RETRY_AFTER_MS: u64 = 20;
 /// Sibling count above which a write logs a warning naming the key (Riak's `warn_siblings`).
 pub const WARN_SIBLINGS: usize = 25;
 
@@ -355,7 +358,9 @@ impl WriteError {
                 count: *count as u64,
                 limit: *max_count as u64,
             },
-            WriteError::Overloaded { .. } | WriteError::HintsFull { .. } => ErrorKind::Overloaded,
+            WriteError::Overloaded { .. } | WriteError::HintsFull { .. } => ErrorKind::Overloaded {
+                retry_after_ms: WRITER_RETRY_AFTER_MS,
+            },
             WriteError::DeadlinePassed { .. } => ErrorKind::Timeout { acks: 0, needed: 1 },
             WriteError::ShuttingDown => ErrorKind::Unavailable {
                 alive: 0,
@@ -391,7 +396,7 @@ crate::metrics::metric_set! {
         largest_group: Gauge = "largest_group", "most jobs committed in one batch";
         write_errors: Counter = "write_errors", "batches that failed to commit";
         overloaded: Counter = "overloaded", "writes refused because the writer queue was full";
-        expired: Counter = "expired", "peer writes dropped unapplied: still queued when their deadline passed";
+        expired: Counter = "expired", "writes dropped unapplied: still queued when their deadline passed";
         purged: Counter = "tombstones_purged", "tombstones purged by tombstone GC (compare-and-delete)";
         purges_kept: Counter = "purges_kept", "purges refused: the state changed (or is no tombstone) since the check";
         released: Counter = "released", "keys this node no longer replicates, deleted once their owners merged them (ring changes)";
@@ -408,7 +413,7 @@ crate::metrics::metric_set! {
         merges_refused: Counter = "merges_refused", "merges refused at the state bounds";
         /// Version-vector entries of retired actors pruned from states.
         vv_entries_pruned: Counter = "vv_entries_pruned", "version-vector entries of retired actors pruned";
-        next_counter: Gauge = "next_counter", "next counter this node's actor mints";
+        next_counter: Gauge = "next_dot", "the next dot counter this node's actor mints";
         /// Reads answered from memory on the calling task.
         reads_cached: Counter = "reads_cached", "reads answered from memory";
         /// Reads that needed the disk and ran on the blocking pool.
@@ -808,9 +813,13 @@ impl Store {
     /// lose them, renews the actor; and (2) a minted dot leaves early only under an already
     /// durable counter lease, so it is never minted twice. The outcome is not durable here
     /// until the commit future says so.
+    ///
+    /// `deadline`: the request's; a job still queued when it passes is dropped unapplied
+    /// (`DeadlinePassed`), never minted after its client was told it timed out.
     pub async fn write_early(
         &self,
         op: WriteOp,
+        deadline: Instant,
     ) -> Result<
         (
             WriteOutcome,
@@ -821,7 +830,15 @@ impl Store {
         let key = op.key().clone();
         let (applied, applied_rx) = oneshot::channel();
         let (committed, committed_rx) = oneshot::channel();
-        self.submit(op, Reply::Early { applied, committed }, None)?;
+        let left_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(u32::MAX as u128) as u32;
+        self.submit(
+            op,
+            Reply::Early { applied, committed },
+            Some((deadline, left_ms)),
+        )?;
         let outcome = applied_rx
             .await
             .unwrap_or_else(|_| Err(writer_exited(&key)))?;
@@ -1403,7 +1420,7 @@ impl Writer {
                         self.stats.expired.inc();
                         Err(WriteError::DeadlinePassed {
                             what: format!(
-                                "key {}: queued peer write (dropped unapplied)",
+                                "key {}: queued write (dropped unapplied)",
                                 HexKey(job.op.key().to_vec())
                             ),
                             timeout_ms,

@@ -246,7 +246,7 @@ async fn a_version_shipped_before_the_fsync_is_never_covered_by_the_next_write()
     let store = open(&engine, SyncMode::Group);
     engine.set_fail_writes(true);
     let err = store
-        .write_early(put("k", "v1", None))
+        .write_early(put("k", "v1", None), far())
         .await
         .err()
         .expect("a failed append releases no outcome");
@@ -271,7 +271,7 @@ async fn a_version_shipped_before_the_fsync_is_never_covered_by_the_next_write()
         store.write(put("k", "v0", None)).await.unwrap();
         engine.set_fail_syncs(true);
         let (shipped, commit) = store
-            .write_early(put("k", "v1", None))
+            .write_early(put("k", "v1", None), far())
             .await
             .expect("released once appended, before the fsync");
         // A replica merges what was shipped and acknowledges it; W can be met without us.
@@ -306,7 +306,7 @@ async fn a_failed_fsync_renews_the_actor_before_the_next_dot_leaves() {
     let store = open(&engine, SyncMode::Group);
     let first = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
     engine.set_fail_syncs(true);
-    let (outcome, commit) = store.write_early(put("b", "1", None)).await.unwrap();
+    let (outcome, commit) = store.write_early(put("b", "1", None), far()).await.unwrap();
     assert_eq!(outcome.dot.unwrap().actor, first.actor);
     let err = commit.await.expect_err("fsync failed");
     assert!(!err.is_definite(), "applied but maybe not durable: {err}");
@@ -589,7 +589,7 @@ async fn early_outcomes_leave_after_the_append_and_only_under_a_durable_lease() 
     // before the fsync: it arrives even though the fsync then fails, and it is in our copy.
     engine.set_fail_syncs(true);
     let (outcome, commit) = store
-        .write_early(put("a", "1", None))
+        .write_early(put("a", "1", None), far())
         .await
         .expect("outcome released before the fsync");
     released.push(outcome.dot.expect("an update mints a dot"));
@@ -603,13 +603,13 @@ async fn early_outcomes_leave_after_the_append_and_only_under_a_durable_lease() 
     // held back until the fsync of the batch that persists the lease, and a failed fsync
     // answers an error instead of an outcome.
     let err = store
-        .write_early(put("b", "1", None))
+        .write_early(put("b", "1", None), far())
         .await
         .err()
         .expect("held back, so the failure is reported instead of an outcome");
     assert!(matches!(&err, WriteError::Storage { .. }), "{err}");
     engine.set_fail_syncs(false);
-    let (ok, commit) = store.write_early(put("c", "1", None)).await.unwrap();
+    let (ok, commit) = store.write_early(put("c", "1", None), far()).await.unwrap();
     commit.await.expect("committed");
     let ok = ok.dot.unwrap();
     assert_ne!(
@@ -626,7 +626,7 @@ async fn early_outcomes_leave_after_the_append_and_only_under_a_durable_lease() 
     });
     engine.set_fail_syncs(true);
     let err = store
-        .write_early(put("d", "1", None))
+        .write_early(put("d", "1", None), far())
         .await
         .err()
         .expect("held back");
@@ -1412,4 +1412,9 @@ async fn mark_keys(store: &Arc<Store>) -> Vec<(String, u16)> {
         .into_iter()
         .map(|m| (m.target, m.partition))
         .collect()
+}
+
+/// A deadline no test reaches.
+fn far() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(600)
 }

@@ -1,0 +1,377 @@
+//! Admission control: node-wide budgets of work in flight, so an overloaded node says so at
+//! once instead of queueing requests past their deadlines.
+//!
+//! Two budgets, each bounded by a count of requests **and** their bytes (frame bodies):
+//! client requests (get, put, delete; admin requests are never shed, so `kvctl status` and
+//! health checks answer under any load) and peer requests (replication, replica reads,
+//! hints, forwarded writes, anti-entropy), so a flood of clients on one node cannot make it
+//! refuse the replica writes another coordinator needs for its W.
+//!
+//! A request over budget is refused before any work (`Overloaded`, with a retry-after hint)
+//! and counted by reason. Past half of the count budget, a connection holding more than its
+//! fair share (`limit / 2 / busy connections`) is refused first, so one client pipelining
+//! deeply cannot crowd out the others.
+//!
+//! A request whose deadline passed before it was dispatched (it waited in a socket while the
+//! process was stopped, or behind a slow one) is dropped unexecuted and counted as
+//! `expired` (see `clock::StallWatch` for how its arrival is dated).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::{Counter, Gauge, Registry};
+
+/// Limits of one budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests in flight.
+    pub requests: usize,
+    /// Bytes of the requests in flight (frame bodies). One request larger than this is still
+    /// admitted when nothing else is in flight, so no valid request is refused forever.
+    pub bytes: usize,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The count budget is full.
+    Requests { in_flight: usize, limit: usize },
+    /// The byte budget is full.
+    Bytes { in_flight: usize, limit: usize },
+    /// Past half the budget, this connection holds more than its share.
+    FairShare { held: usize, share: usize },
+}
+
+impl Shed {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Shed::Requests { .. } => "requests",
+            Shed::Bytes { .. } => "bytes",
+            Shed::FairShare { .. } => "fair_share",
+        }
+    }
+
+    pub fn describe(&self, budget: &str) -> String {
+        match *self {
+            Shed::Requests { in_flight, limit } => {
+                format!("overloaded: {in_flight} {budget} requests in flight (limit {limit})")
+            }
+            Shed::Bytes { in_flight, limit } => format!(
+                "overloaded: {in_flight} bytes of {budget} requests in flight (limit {limit})"
+            ),
+            Shed::FairShare { held, share } => format!(
+                "overloaded: this connection has {held} {budget} requests in flight, its \
+                 share of the node's budget is {share}"
+            ),
+        }
+    }
+}
+
+/// The reasons a request is shed or dropped, as metric labels (`admission.shed`).
+pub const SHED_REASONS: [&str; 3] = ["requests", "bytes", "fair_share"];
+
+/// Smallest and largest retry-after hint, ms.
+pub const RETRY_AFTER_MIN_MS: u64 = 5;
+pub const RETRY_AFTER_MAX_MS: u64 = 1_000;
+
+/// One connection's part of a budget (the fair share).
+#[derive(Debug, Default)]
+pub struct ConnShare {
+    held: AtomicUsize,
+}
+
+impl ConnShare {
+    pub fn new() -> Arc<ConnShare> {
+        Arc::new(ConnShare::default())
+    }
+}
+
+/// A node-wide budget (clients, or peers).
+pub struct Budget {
+    name: &'static str,
+    limits: Limits,
+    in_flight: Gauge,
+    bytes: Gauge,
+    /// Connections holding at least one permit.
+    busy_conns: AtomicUsize,
+    /// Moving average of how long admitted requests took, µs (the retry-after hint).
+    latency_us: AtomicU64,
+    shed: [Counter; 3],
+    pub admitted: Counter,
+    /// Requests dropped unexecuted because their deadline passed before dispatch.
+    pub expired: Counter,
+}
+
+impl Budget {
+    /// A budget named `name` ("client", "peer"), its metrics registered as `admission.*`
+    /// series labelled `budget = name`.
+    pub fn new(name: &'static str, limits: Limits, registry: &Registry) -> Arc<Budget> {
+        let l = [("budget", name)];
+        let shed = SHED_REASONS.map(|reason| {
+            registry.counter_with(
+                "admission.shed",
+                "requests refused Overloaded before any work, by budget and reason",
+                &[("budget", name), ("reason", reason)],
+            )
+        });
+        let budget = Budget {
+            name,
+            limits,
+            in_flight: registry.gauge_with(
+                "admission.in_flight",
+                "requests admitted and not yet answered",
+                &l,
+            ),
+            bytes: registry.gauge_with(
+                "admission.in_flight_bytes",
+                "bytes of the requests admitted and not yet answered",
+                &l,
+            ),
+            busy_conns: AtomicUsize::new(0),
+            latency_us: AtomicU64::new(0),
+            shed,
+            admitted: registry.counter_with(
+                "admission.admitted",
+                "requests admitted by the budget",
+                &l,
+            ),
+            expired: registry.counter_with(
+                "admission.expired",
+                "requests dropped unexecuted: their deadline passed before they were dispatched",
+                &l,
+            ),
+        };
+        registry
+            .gauge_with(
+                "admission.limit_requests",
+                "the budget's limit of requests in flight",
+                &l,
+            )
+            .set(limits.requests as u64);
+        registry
+            .gauge_with(
+                "admission.limit_bytes",
+                "the budget's limit of request bytes in flight",
+                &l,
+            )
+            .set(limits.bytes as u64);
+        Arc::new(budget)
+    }
+
+    /// A budget without metrics (unit tests).
+    #[cfg(test)]
+    fn bare(limits: Limits) -> Arc<Budget> {
+        Budget::new("test", limits, &Registry::default())
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Admits a request of `bytes` from the connection `conn`, or says why not (counted).
+    pub fn try_admit(
+        self: &Arc<Self>,
+        conn: &Arc<ConnShare>,
+        bytes: usize,
+    ) -> Result<Permit, Shed> {
+        let before = self.in_flight.inc() as usize;
+        let bytes_before = self.bytes.inc_by(bytes as u64) as usize;
+        let held_before = conn.held.fetch_add(1, Ordering::AcqRel);
+        if held_before == 0 {
+            self.busy_conns.fetch_add(1, Ordering::AcqRel);
+        }
+        let refused = if before >= self.limits.requests {
+            Some(Shed::Requests {
+                in_flight: before,
+                limit: self.limits.requests,
+            })
+        } else if bytes_before > 0 && bytes_before + bytes > self.limits.bytes {
+            Some(Shed::Bytes {
+                in_flight: bytes_before,
+                limit: self.limits.bytes,
+            })
+        } else if before >= self.limits.requests / 2 {
+            let busy = self.busy_conns.load(Ordering::Acquire).max(1);
+            let share = (self.limits.requests / 2 / busy).max(1);
+            (held_before >= share).then_some(Shed::FairShare {
+                held: held_before,
+                share,
+            })
+        } else {
+            None
+        };
+        let permit = Permit {
+            budget: self.clone(),
+            conn: conn.clone(),
+            bytes,
+            started: Instant::now(),
+            admitted: refused.is_none(),
+        };
+        match refused {
+            Some(shed) => {
+                let i = SHED_REASONS
+                    .iter()
+                    .position(|r| *r == shed.reason())
+                    .expect("every reason is listed");
+                self.shed[i].inc();
+                // Dropping the permit gives back what was taken above.
+                drop(permit);
+                Err(shed)
+            }
+            None => {
+                self.admitted.inc();
+                Ok(permit)
+            }
+        }
+    }
+
+    /// How long a refused client should wait before retrying: about as long as admitted
+    /// requests take now (a slot frees in that time), within 5 ms..1 s.
+    pub fn retry_after_ms(&self) -> u64 {
+        (self.latency_us.load(Ordering::Relaxed) / 1000)
+            .clamp(RETRY_AFTER_MIN_MS, RETRY_AFTER_MAX_MS)
+    }
+
+    /// How full the budget is (0..=1, the fuller of count and bytes): background work slows
+    /// down as it fills (`background::load`).
+    pub fn fill(&self) -> f64 {
+        let r = self.in_flight.get() as f64 / self.limits.requests.max(1) as f64;
+        let b = self.bytes.get() as f64 / self.limits.bytes.max(1) as f64;
+        r.max(b).min(1.0)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get() as usize
+    }
+}
+
+/// A request's place in a budget, given back when dropped (the request answered).
+pub struct Permit {
+    budget: Arc<Budget>,
+    conn: Arc<ConnShare>,
+    bytes: usize,
+    started: Instant,
+    admitted: bool,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let b = &self.budget;
+        b.in_flight.dec();
+        b.bytes.dec_by(self.bytes as u64);
+        if self.conn.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            b.busy_conns.fetch_sub(1, Ordering::AcqRel);
+        }
+        if self.admitted {
+            // Moving average over ~16 requests.
+            let us = self.started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let _ = b
+                .latency_us
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                    Some(if old == 0 {
+                        us
+                    } else {
+                        old - old / 16 + us / 16
+                    })
+                });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_beyond_the_count_budget_are_refused_and_counted_until_one_ends() {
+        let b = Budget::bare(Limits {
+            requests: 4,
+            bytes: 1 << 20,
+        });
+        // Four connections, one request each: never past a fair share.
+        let conns: Vec<_> = (0..5).map(|_| ConnShare::new()).collect();
+        let held: Vec<Permit> = conns[..4]
+            .iter()
+            .map(|c| b.try_admit(c, 10).expect("within the budget"))
+            .collect();
+        assert_eq!(b.in_flight(), 4);
+        let refused = b.try_admit(&conns[4], 10).err();
+        assert_eq!(
+            refused,
+            Some(Shed::Requests {
+                in_flight: 4,
+                limit: 4
+            })
+        );
+        // A refusal takes nothing.
+        assert_eq!(b.in_flight(), 4);
+        assert_eq!(b.shed[0].get(), 1);
+        drop(held);
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(b.bytes.get(), 0);
+        assert!(b.try_admit(&conns[4], 10).is_ok());
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_bytes_but_admits_one_large_request_alone() {
+        let b = Budget::bare(Limits {
+            requests: 100,
+            bytes: 1000,
+        });
+        let c = ConnShare::new();
+        let big = b
+            .try_admit(&c, 5000)
+            .expect("alone, a large request passes");
+        let other = ConnShare::new();
+        assert_eq!(
+            b.try_admit(&other, 1).err(),
+            Some(Shed::Bytes {
+                in_flight: 5000,
+                limit: 1000
+            })
+        );
+        drop(big);
+        let a = b.try_admit(&other, 600).expect("fits");
+        assert!(matches!(b.try_admit(&c, 600), Err(Shed::Bytes { .. })));
+        assert!(b.try_admit(&c, 400).is_ok());
+        drop(a);
+    }
+
+    #[test]
+    fn past_half_the_budget_a_deep_connection_yields_to_a_light_one() {
+        let b = Budget::bare(Limits {
+            requests: 8,
+            bytes: 1 << 20,
+        });
+        let deep = ConnShare::new();
+        let light = ConnShare::new();
+        // Below half, the deep connection takes what it wants.
+        let mut held: Vec<Permit> = (0..4).map(|_| b.try_admit(&deep, 1).unwrap()).collect();
+        // At half, with one busy connection its share is 8 / 2 / 1 = 4: it holds 4.
+        assert_eq!(
+            b.try_admit(&deep, 1).err(),
+            Some(Shed::FairShare { held: 4, share: 4 })
+        );
+        // The light connection is admitted.
+        held.push(b.try_admit(&light, 1).expect("a light connection gets in"));
+        assert_eq!(b.shed[2].get(), 1);
+    }
+
+    #[test]
+    fn retry_after_follows_the_latency_of_admitted_requests() {
+        let b = Budget::bare(Limits {
+            requests: 8,
+            bytes: 1 << 20,
+        });
+        assert_eq!(b.retry_after_ms(), RETRY_AFTER_MIN_MS);
+        b.latency_us.store(40_000, Ordering::Relaxed);
+        assert_eq!(b.retry_after_ms(), 40);
+        b.latency_us.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(b.retry_after_ms(), RETRY_AFTER_MAX_MS);
+    }
+}
