@@ -40,6 +40,12 @@
 //! Reads fail over to the next address when a node is unreachable; writes are never retried
 //! automatically (a retried write mints a second version), so a write whose outcome is unknown
 //! returns an error with [`Error::is_definite`] = false.
+//!
+//! An overloaded node refuses requests at once with `Overloaded` and a retry-after hint
+//! ([`Error::is_overloaded`], [`Error::retry_after`]); nothing was done. Reads (and the admin
+//! requests, all idempotent) are retried up to [`ClientConfig::overload_retries`] times with
+//! exponential backoff (at least the node's hint, with jitter), on the next address, within
+//! the request's deadline; writes are not, the caller decides.
 
 pub mod conn;
 
@@ -196,6 +202,21 @@ impl Error {
             _ => None,
         }
     }
+    /// True when a node refused the request for lack of capacity (nothing was done).
+    pub fn is_overloaded(&self) -> bool {
+        matches!(self.kind(), Some(ErrorKind::Overloaded { .. }))
+    }
+
+    /// How long the node asked the client to wait before retrying, when it was overloaded.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.kind() {
+            Some(ErrorKind::Overloaded { retry_after_ms }) => {
+                Some(Duration::from_millis(retry_after_ms))
+            }
+            _ => None,
+        }
+    }
+
     /// True when the request certainly had no effect (safe to retry a write).
     pub fn is_definite(&self) -> bool {
         match self {
@@ -218,6 +239,12 @@ pub struct ClientConfig {
     /// with two or more addresses. Off by default: on loopback it measured no gain
     /// (docs/benchmarks.md); it saves a network hop where a hop costs real round-trip time.
     pub ring_aware: bool,
+    /// Times a read refused `Overloaded` is retried (writes never are), with backoff from
+    /// [`ClientConfig::overload_backoff`] doubling per attempt, at least the node's
+    /// retry-after hint, within the request's deadline. 0 = report `Overloaded` at once.
+    pub overload_retries: u32,
+    /// The first backoff after an `Overloaded` read.
+    pub overload_backoff: Duration,
 }
 
 impl Default for ClientConfig {
@@ -227,6 +254,8 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(5),
             pipeline_depth: 1024,
             ring_aware: false,
+            overload_retries: 3,
+            overload_backoff: Duration::from_millis(10),
         }
     }
 }
@@ -280,6 +309,8 @@ struct Inner {
     routing: RwLock<Option<Routing>>,
     /// A ring read is in flight (at most one at a time).
     refreshing: AtomicBool,
+    /// `Overloaded` reads retried.
+    overload_retries: AtomicU64,
 }
 
 /// How often a ring-aware client re-reads the ring (joins, leaves, liveness).
@@ -398,6 +429,7 @@ impl Client {
                 preferred: AtomicUsize::new(0),
                 routing: RwLock::new(None),
                 refreshing: AtomicBool::new(false),
+                overload_retries: AtomicU64::new(0),
             }),
         })
     }
@@ -657,10 +689,79 @@ impl Client {
         Ok(c)
     }
 
+    /// [`Client::call_once`], and for reads refused `Overloaded` a few more times with backoff
+    /// (on the next address, within the deadline).
+    async fn call(
+        &self,
+        req: Request,
+        timeout: Duration,
+        retry_after_send: bool,
+        route: Option<usize>,
+    ) -> Result<(String, Response), Error> {
+        let idempotent = matches!(
+            req,
+            Request::Get { .. }
+                | Request::Ping
+                | Request::Status
+                | Request::Ring
+                | Request::Members
+        );
+        let local =
+            matches!(&req, Request::Get { opts, .. } if opts.flags & ReadOptions::LOCAL != 0);
+        let deadline = Instant::now() + timeout;
+        let mut route = route;
+        let mut attempt = 0u32;
+        let mut req = req;
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            // A retry gets what is left of the request's deadline, on the node too.
+            if let Request::Get { opts, .. } = &mut req {
+                opts.timeout_ms = opts.timeout_ms.min(millis(left));
+            }
+            let result = self
+                .call_once(req.clone(), left, retry_after_send, route)
+                .await;
+            let hint = match &result {
+                Err(e) if idempotent && attempt < self.inner.config.overload_retries => {
+                    match e.retry_after() {
+                        Some(hint) => hint,
+                        None => return result,
+                    }
+                }
+                _ => return result,
+            };
+            let backoff = overload_backoff(
+                self.inner.config.overload_backoff,
+                attempt,
+                hint,
+                self.inner.next_id.load(Ordering::Relaxed),
+            );
+            if Instant::now() + backoff >= deadline {
+                return result;
+            }
+            attempt += 1;
+            self.inner.overload_retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            // Another node may have room (a local read stays on its node).
+            if !local {
+                let n = self.inner.nodes.len();
+                let from = route.unwrap_or_else(|| self.inner.preferred.load(Ordering::Relaxed));
+                route = Some((from + 1) % n);
+            }
+        }
+    }
+
+    /// Reads refused `Overloaded` that this client retried (all calls together).
+    pub fn overload_retries(&self) -> u64 {
+        self.inner.overload_retries.load(Ordering::Relaxed)
+    }
+
     /// Sends `req` to `route` (else the preferred node), failing over to the others when a
     /// node cannot be reached. `retry_after_send` also fails over when the request was sent
     /// but the connection broke (only for requests that change nothing).
-    async fn call(
+    async fn call_once(
         &self,
         req: Request,
         timeout: Duration,
@@ -725,6 +826,15 @@ impl Client {
     }
 }
 
+/// The wait before retry `attempt` (0-based) of an `Overloaded` read: `base` doubled per
+/// attempt, at least the node's `hint`, plus up to half again of jitter (from `seed`), so
+/// refused clients do not come back in step.
+fn overload_backoff(base: Duration, attempt: u32, hint: Duration, seed: u64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16)).max(hint);
+    let jitter = xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) % 1000;
+    exp + exp.mul_f64(jitter as f64 / 2000.0)
+}
+
 fn millis(d: Duration) -> u32 {
     d.as_millis().clamp(1, u32::MAX as u128) as u32
 }
@@ -781,6 +891,23 @@ mod routing_tests {
             alive,
             tokens_of: id.into(),
         }
+    }
+
+    #[test]
+    fn overload_backoff_doubles_respects_the_hint_and_jitters() {
+        let base = Duration::from_millis(10);
+        let b0 = overload_backoff(base, 0, Duration::ZERO, 1);
+        assert!(b0 >= base && b0 <= base.mul_f64(1.5), "{b0:?}");
+        let b2 = overload_backoff(base, 2, Duration::ZERO, 1);
+        assert!(b2 >= base * 4 && b2 <= (base * 4).mul_f64(1.5), "{b2:?}");
+        // The node's hint wins when longer.
+        let hinted = overload_backoff(base, 0, Duration::from_millis(200), 1);
+        assert!(hinted >= Duration::from_millis(200), "{hinted:?}");
+        // Different seeds spread the retries.
+        let spread: std::collections::BTreeSet<Duration> = (0..20)
+            .map(|s| overload_backoff(base, 1, Duration::ZERO, s))
+            .collect();
+        assert!(spread.len() > 10, "{spread:?}");
     }
 
     #[test]

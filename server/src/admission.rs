@@ -10,7 +10,9 @@
 //! A request over budget is refused before any work (`Overloaded`, with a retry-after hint)
 //! and counted by reason. Past half of the count budget, a connection holding more than its
 //! fair share (`limit / 2 / busy connections`) is refused first, so one client pipelining
-//! deeply cannot crowd out the others.
+//! deeply cannot crowd out the others; and the last quarter of the budget only admits
+//! requests of connections that have nothing else in flight, so a light client (one request
+//! at a time) gets in however deep the others pipeline.
 //!
 //! A request whose deadline passed before it was dispatched (it waited in a socket while the
 //! process was stopped, or behind a slow one) is dropped unexecuted and counted as
@@ -39,7 +41,8 @@ pub enum Shed {
     Requests { in_flight: usize, limit: usize },
     /// The byte budget is full.
     Bytes { in_flight: usize, limit: usize },
-    /// Past half the budget, this connection holds more than its share.
+    /// Past half the budget, this connection holds more than its share (0 = in the last
+    /// quarter, kept for connections with nothing in flight).
     FairShare { held: usize, share: usize },
 }
 
@@ -194,6 +197,13 @@ impl Budget {
             Some(Shed::Bytes {
                 in_flight: bytes_before,
                 limit: self.limits.bytes,
+            })
+        } else if held_before > 0 && before >= self.limits.requests - self.limits.requests / 4 {
+            // The last quarter is kept for connections with nothing in flight: a light client
+            // gets in however deep the others pipeline.
+            Some(Shed::FairShare {
+                held: held_before,
+                share: 0,
             })
         } else if before >= self.limits.requests / 2 {
             let busy = self.busy_conns.load(Ordering::Acquire).max(1);
@@ -360,6 +370,33 @@ mod tests {
         // The light connection is admitted.
         held.push(b.try_admit(&light, 1).expect("a light connection gets in"));
         assert_eq!(b.shed[2].get(), 1);
+    }
+
+    #[test]
+    fn the_last_quarter_is_kept_for_connections_with_nothing_in_flight() {
+        let b = Budget::bare(Limits {
+            requests: 8,
+            bytes: 1 << 20,
+        });
+        let deep: Vec<_> = (0..2).map(|_| ConnShare::new()).collect();
+        // Below half, the first deep connection takes 4; then the second its share (2).
+        let mut held: Vec<Permit> = (0..4).map(|_| b.try_admit(&deep[0], 1).unwrap()).collect();
+        held.push(b.try_admit(&deep[1], 1).unwrap());
+        held.push(b.try_admit(&deep[1], 1).unwrap());
+        assert_eq!(b.in_flight(), 6);
+        // At 6 = 8 - 8/4, a connection with something in flight is refused ...
+        assert_eq!(
+            b.try_admit(&deep[1], 1).err(),
+            Some(Shed::FairShare { held: 2, share: 0 })
+        );
+        // ... while connections with nothing in flight get in, up to the whole budget.
+        let light: Vec<_> = (0..3).map(|_| ConnShare::new()).collect();
+        held.push(b.try_admit(&light[0], 1).unwrap());
+        held.push(b.try_admit(&light[1], 1).unwrap());
+        assert!(matches!(
+            b.try_admit(&light[2], 1),
+            Err(Shed::Requests { .. })
+        ));
     }
 
     #[test]

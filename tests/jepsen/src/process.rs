@@ -48,6 +48,8 @@ pub struct NodeProcess {
     pub peer_addr: String,
     /// The gossip (SWIM, UDP) address the node bound (known once ready).
     pub gossip_addr: String,
+    /// The admin HTTP address (`--admin-listen`), empty when the node has none.
+    pub admin_addr: String,
     listen: String,
     /// IP for the peer and gossip listeners when their ports are not known yet.
     ip: String,
@@ -85,6 +87,7 @@ impl NodeProcess {
             addr: String::new(),
             peer_addr: String::new(),
             gossip_addr: String::new(),
+            admin_addr: String::new(),
             listen: listen.to_string(),
             ip: listen
                 .rsplit_once(':')
@@ -160,6 +163,7 @@ impl NodeProcess {
                     self.addr = client;
                     self.peer_addr = peer;
                     self.gossip_addr = gossip;
+                    self.admin_addr = field("admin=").unwrap_or_default();
                     return Ok(());
                 }
             }
@@ -228,6 +232,25 @@ impl NodeProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Resident memory of the running process, bytes (`VmRSS` in /proc).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
     }
 
     pub fn send_signal(&self, sig: libc::c_int) {

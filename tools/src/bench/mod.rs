@@ -20,7 +20,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use keys::{key_name, KeyChooser};
-use targets::{Conn, ContextCache, TargetKind};
+use targets::{Conn, ContextCache, OpError, TargetKind};
 
 /// YCSB core workloads (read proportion; the rest are updates).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -107,6 +107,9 @@ impl Percentiles {
 pub struct PhaseResult {
     pub ops: u64,
     pub errors: u64,
+    /// Operations an overloaded node refused at once (`Overloaded`, nothing done): not
+    /// errors, not in the latencies. `throughput` counts successful operations only (goodput).
+    pub shed: u64,
     pub duration_s: f64,
     pub throughput: f64,
     pub read: Percentiles,
@@ -136,6 +139,7 @@ struct Stats {
     read: Histogram<u64>,
     update: Histogram<u64>,
     errors: u64,
+    shed: u64,
     not_found: u64,
     first_errors: Vec<String>,
 }
@@ -146,6 +150,7 @@ impl Stats {
             read: histogram(),
             update: histogram(),
             errors: 0,
+            shed: 0,
             not_found: 0,
             first_errors: Vec::new(),
         }
@@ -155,6 +160,7 @@ impl Stats {
         let _ = self.read.add(&o.read);
         let _ = self.update.add(&o.update);
         self.errors += o.errors;
+        self.shed += o.shed;
         self.not_found += o.not_found;
         for e in o.first_errors {
             if self.first_errors.len() < 5 {
@@ -167,10 +173,11 @@ impl Stats {
         let mut all = histogram();
         let _ = all.add(&self.read);
         let _ = all.add(&self.update);
-        let ops = all.len() + self.errors;
+        let ops = all.len() + self.errors + self.shed;
         PhaseResult {
             ops,
             errors: self.errors,
+            shed: self.shed,
             duration_s: elapsed.as_secs_f64(),
             throughput: all.len() as f64 / elapsed.as_secs_f64().max(1e-9),
             read: Percentiles::from(&self.read),
@@ -188,14 +195,14 @@ enum OpKind {
     Update,
 }
 
-async fn do_op(conn: &Conn, kind: OpKind, key: &str, value: &Bytes) -> Result<bool, String> {
+async fn do_op(conn: &Conn, kind: OpKind, key: &str, value: &Bytes) -> Result<bool, OpError> {
     match kind {
         OpKind::Read => conn.read(key).await,
         OpKind::Update => conn.update(key, value.clone()).await.map(|()| true),
     }
 }
 
-fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool, String>) {
+fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool, OpError>) {
     let us = (started.elapsed().as_micros() as u64).max(1);
     match result {
         Ok(found) => {
@@ -207,10 +214,11 @@ fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool
                 stats.not_found += 1;
             }
         }
+        Err(e) if e.shed => stats.shed += 1,
         Err(e) => {
             stats.errors += 1;
             if stats.first_errors.len() < 5 {
-                stats.first_errors.push(e);
+                stats.first_errors.push(e.message);
             }
         }
     }
@@ -226,11 +234,13 @@ async fn counted(
     value: &Bytes,
     counters: &Counters,
     started: Instant,
-) -> Result<bool, String> {
+) -> Result<bool, OpError> {
     let r = do_op(conn, kind, key, value).await;
-    if r.is_err() {
-        counters.errors.fetch_add(1, Ordering::Relaxed);
-    }
+    match &r {
+        Err(e) if e.shed => counters.shed.fetch_add(1, Ordering::Relaxed),
+        Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
+        Ok(_) => 0,
+    };
     counters.done.fetch_add(1, Ordering::Relaxed);
     let us = started.elapsed().as_micros() as u64;
     counters.second_max_us.fetch_max(us, Ordering::Relaxed);
@@ -242,6 +252,7 @@ async fn counted(
 struct Counters {
     done: AtomicU64,
     errors: AtomicU64,
+    shed: AtomicU64,
     /// The slowest operation since the last progress line (a stall shows in its second).
     second_max_us: AtomicU64,
 }
@@ -281,12 +292,13 @@ fn progress(phase: &'static str, counters: Arc<Counters>, running: Arc<AtomicBoo
             tokio::time::sleep(Duration::from_secs(1)).await;
             let n = counters.done.load(Ordering::Relaxed);
             eprintln!(
-                "[kvbench] {phase} {:>5.1}s {:>10} ops {:>9} ops/s  max {:>7} us  errors {}",
+                "[kvbench] {phase} {:>5.1}s {:>10} ops {:>9} ops/s  max {:>7} us  errors {}  shed {}",
                 start.elapsed().as_secs_f64(),
                 n,
                 n - last,
                 counters.second_max_us.swap(0, Ordering::Relaxed),
-                counters.errors.load(Ordering::Relaxed)
+                counters.errors.load(Ordering::Relaxed),
+                counters.shed.load(Ordering::Relaxed)
             );
             last = n;
         }
@@ -526,6 +538,13 @@ pub fn table(s: &Summary) -> String {
             r.update.count as f64 / r.duration_s,
             0,
         );
+    }
+    if r.shed > 0 {
+        out.push_str(&format!(
+            "shed: {} operations refused Overloaded ({:.0}/s; not errors, not in the latencies)\n",
+            r.shed,
+            r.shed as f64 / r.duration_s.max(1e-9)
+        ));
     }
     for e in &r.first_errors {
         out.push_str(&format!("error: {e}\n"));

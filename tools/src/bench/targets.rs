@@ -71,6 +71,32 @@ impl ContextCache {
     }
 }
 
+/// Why an operation failed: refused by an overloaded node before any work (shed, counted
+/// apart from errors), or anything else.
+#[derive(Debug, Clone)]
+pub struct OpError {
+    pub shed: bool,
+    pub message: String,
+}
+
+impl From<String> for OpError {
+    fn from(message: String) -> OpError {
+        OpError {
+            shed: false,
+            message,
+        }
+    }
+}
+
+impl From<ringkv_client::Error> for OpError {
+    fn from(e: ringkv_client::Error) -> OpError {
+        OpError {
+            shed: e.is_overloaded(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// One connection to the system under test.
 #[derive(Clone)]
 pub enum Conn {
@@ -97,6 +123,9 @@ impl Conn {
                 let client_cfg = ClientConfig {
                     request_timeout: timeout,
                     ring_aware: cfg.ring_aware,
+                    // A refused read is reported as shed, not retried: retries would add to
+                    // the offered load the open loop is measuring at.
+                    overload_retries: 0,
                     ..ClientConfig::default()
                 };
                 // Ring-aware: every address, this connection's own first; else just its own.
@@ -126,10 +155,10 @@ impl Conn {
     }
 
     /// Reads `key`; Ok(found).
-    pub async fn read(&self, key: &str) -> Result<bool, String> {
+    pub async fn read(&self, key: &str) -> Result<bool, OpError> {
         match self {
             Conn::Ringkv { client, contexts } => {
-                let read = client.get(key).await.map_err(|e| e.to_string())?;
+                let read = client.get(key).await?;
                 contexts.set(key, read.context.clone());
                 Ok(read.is_found())
             }
@@ -146,14 +175,11 @@ impl Conn {
     }
 
     /// Writes `value` to `key`, replacing what this client last saw of it.
-    pub async fn update(&self, key: &str, value: Bytes) -> Result<(), String> {
+    pub async fn update(&self, key: &str, value: Bytes) -> Result<(), OpError> {
         match self {
             Conn::Ringkv { client, contexts } => {
                 let ctx = contexts.get(key);
-                let read = client
-                    .put_returning(key, value, ctx.as_ref())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let read = client.put_returning(key, value, ctx.as_ref()).await?;
                 contexts.set(key, read.context);
                 Ok(())
             }
@@ -167,7 +193,8 @@ impl Conn {
                     STANDARD.encode(key),
                     STANDARD.encode(&value)
                 );
-                h.lock().await.post("/v3/kv/put", &body).await.map(|_| ())
+                h.lock().await.post("/v3/kv/put", &body).await?;
+                Ok(())
             }
         }
     }

@@ -1,6 +1,7 @@
 //! kvctl: the ringkv operations CLI.
 //!
-//! Exit codes: 0 success, 1 key not found (get), 2 error (the message names the node and cause).
+//! Exit codes: 0 success, 1 key not found (get), 2 error (the message names the node and cause),
+//! 3 overloaded (the node refused at once and did nothing; retry later or on another node).
 
 use std::io::{Read as _, Write as _};
 use std::process::ExitCode;
@@ -162,11 +163,19 @@ fn parse_hex(s: &str) -> Result<u64, String> {
 enum Failure {
     NotFound,
     Error(String),
+    /// The node refused for lack of capacity: nothing was done (exit code 3).
+    Overloaded(String),
 }
 
 impl From<ringkv_client::Error> for Failure {
     fn from(e: ringkv_client::Error) -> Self {
-        Failure::Error(e.to_string())
+        match e.retry_after() {
+            Some(after) => Failure::Overloaded(format!(
+                "{e} (nothing was done; the node asks to retry in {} ms or use another node)",
+                after.as_millis()
+            )),
+            None => Failure::Error(e.to_string()),
+        }
     }
 }
 
@@ -182,6 +191,10 @@ fn main() -> ExitCode {
         Err(Failure::Error(msg)) => {
             eprintln!("kvctl: error: {msg}");
             ExitCode::from(2)
+        }
+        Err(Failure::Overloaded(msg)) => {
+            eprintln!("kvctl: overloaded: {msg}");
+            ExitCode::from(3)
         }
     }
 }

@@ -1,0 +1,418 @@
+//! Observability and overload, through real processes: the admin HTTP endpoints, the
+//! Prometheus exposition (checked by promtool) and its series moving with their events,
+//! admission control shedding a flood at once while status, health and a light client keep
+//! answering, and a request whose deadline passed while it waited never being applied.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringkv_client::{Client, ClientConfig, GetOptions, PutOptions};
+use ringkv_jepsen::{eventually, http_get, prom_sample, promtool_check, Cluster, NodeProcess};
+
+const ADMIN: [&str; 2] = ["--admin-listen", "127.0.0.1:0"];
+
+fn scrape(node: &NodeProcess) -> String {
+    let (status, body) = http_get(&node.admin_addr, "/metrics").expect("scrape /metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn sample(node: &NodeProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
+    prom_sample(&scrape(node), name, labels)
+        .unwrap_or_else(|| panic!("node {}: no series {name} {labels:?}", node.id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
+    let mut cluster = Cluster::start(3, &ADMIN).await;
+    let n1 = &cluster.nodes[0];
+    let text = scrape(n1);
+    promtool_check(&text).unwrap_or_else(|e| panic!("{e}"));
+    let series = text.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(
+        series < 1000,
+        "{series} series: the budget is fewer than 1 000 per node"
+    );
+    // A sample of what the dashboard and the alerts read (docs/grafana-dashboard.json is
+    // checked in full by the dashboard test).
+    for (name, labels) in [
+        (
+            "ringkv_requests_total",
+            vec![("op", "put"), ("result", "ok")],
+        ),
+        (
+            "ringkv_request_duration_seconds_bucket",
+            vec![("op", "get")],
+        ),
+        ("ringkv_admission_in_flight", vec![("budget", "client")]),
+        (
+            "ringkv_admission_shed_total",
+            vec![("budget", "peer"), ("reason", "bytes")],
+        ),
+        ("ringkv_gossip_phi", vec![("peer", "n2")]),
+        ("ringkv_cluster_members_by_state", vec![("state", "alive")]),
+        (
+            "ringkv_workers_state",
+            vec![("worker", "hint_replay"), ("state", "idle")],
+        ),
+        ("ringkv_rocksdb_pending_compaction_bytes", vec![]),
+        ("ringkv_storage_writer_queue", vec![]),
+    ] {
+        assert!(
+            prom_sample(&text, name, &labels).is_some(),
+            "no series {name} {labels:?} in:\n{text}"
+        );
+    }
+    assert_eq!(
+        prom_sample(
+            &text,
+            "ringkv_cluster_members_by_state",
+            &[("state", "alive")]
+        ),
+        Some(3.0)
+    );
+    let (status, body) = http_get(&n1.admin_addr, "/ready").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http_get(&n1.admin_addr, "/health").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(http_get(&n1.admin_addr, "/nope").unwrap().0, 404);
+
+    // A put and a get move their series on the node that answered them.
+    let put_ok = |n: &NodeProcess| {
+        sample(
+            n,
+            "ringkv_requests_total",
+            &[("op", "put"), ("result", "ok")],
+        )
+    };
+    let before = put_ok(n1);
+    let reads = sample(n1, "ringkv_read_siblings_count", &[]);
+    let c1 = cluster.client(0);
+    c1.put("k", "v", None).await.unwrap();
+    c1.get("k").await.unwrap();
+    assert_eq!(put_ok(n1), before + 1.0);
+    assert_eq!(sample(n1, "ringkv_read_siblings_count", &[]), reads + 1.0);
+
+    // n3 down: n1 coordinates writes for it and keeps hints (no fallback among 3 nodes).
+    cluster.nodes[2].kill9();
+    let n1 = &cluster.nodes[0];
+    eventually(Duration::from_secs(30), "n1 sees n3 down", || async {
+        prom_sample(
+            &scrape(n1),
+            "ringkv_cluster_members_by_state",
+            &[("state", "down")],
+        )
+        .unwrap_or(0.0)
+            + prom_sample(
+                &scrape(n1),
+                "ringkv_cluster_members_by_state",
+                &[("state", "suspect")],
+            )
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    let stored = sample(n1, "ringkv_hints_stored_total", &[]);
+    for i in 0..5 {
+        c1.put(format!("h{i}"), "v", None).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "n1 holds hints for n3", || async {
+        let text = scrape(n1);
+        prom_sample(&text, "ringkv_hints_stored_total", &[]).unwrap_or(0.0) >= stored + 5.0
+            && prom_sample(
+                &text,
+                "ringkv_hints_pending_bytes_by_target",
+                &[("target", "n3")],
+            )
+            .unwrap_or(0.0)
+                > 0.0
+    })
+    .await;
+    // n3 back: the hints are replayed and the pending bytes fall to nothing.
+    let replayed = sample(n1, "ringkv_hints_replayed_total", &[]);
+    cluster.nodes[2].start().unwrap();
+    let n1 = &cluster.nodes[0];
+    eventually(
+        Duration::from_secs(60),
+        "n1 replays its hints to n3",
+        || async {
+            let text = scrape(n1);
+            prom_sample(&text, "ringkv_hints_replayed_total", &[]).unwrap_or(0.0) >= replayed + 5.0
+                && prom_sample(
+                    &text,
+                    "ringkv_hints_pending_bytes_by_target",
+                    &[("target", "n3")],
+                )
+                .unwrap_or(0.0)
+                    == 0.0
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_repair_moves_its_series() {
+    // No hints and no anti-entropy: only a read can repair the replica that missed a write.
+    let mut args = ADMIN.to_vec();
+    args.extend(["--hinted-handoff", "false", "--anti-entropy", "false"]);
+    let mut cluster = Cluster::start(3, &args).await;
+    cluster.nodes[2].kill9();
+    let c1 = cluster.client(0);
+    let w2 = PutOptions {
+        w: Some(2),
+        ..Default::default()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "a W=2 write with n3 down",
+        || async {
+            c1.put_with("rr", Bytes::from_static(b"v"), None, w2)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    cluster.nodes[2].start().unwrap();
+    cluster
+        .wait_converged(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let n1 = &cluster.nodes[0];
+    let repairs = sample(n1, "ringkv_read_repair_sent_total", &[]);
+    let r3 = GetOptions {
+        r: Some(3),
+        ..Default::default()
+    };
+    // n1 counts n3 available again once its phi falls: until then R=3 is refused.
+    let read = Arc::new(Mutex::new(None));
+    eventually(Duration::from_secs(30), "a read with R=3", || async {
+        match c1.get_with("rr", r3).await {
+            Ok(r) => {
+                *read.lock().unwrap() = Some(r);
+                true
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+    let read = read.lock().unwrap().take().expect("read above");
+    assert_eq!(read.value().map(|v| v.as_ref()), Some(&b"v"[..]));
+    eventually(
+        Duration::from_secs(10),
+        "n1 sends a read repair to n3",
+        || async {
+            prom_sample(&scrape(n1), "ringkv_read_repair_sent_total", &[]).unwrap_or(0.0) > repairs
+        },
+    )
+    .await;
+}
+
+/// Waits until every thread of the node is stopped (SIGSTOP takes effect asynchronously; a
+/// request sent before it did could be read before the stop).
+fn wait_stopped(node: &NodeProcess) {
+    let pid = node.pid().expect("the node runs");
+    let start = std::time::Instant::now();
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.filter_map(Result::ok).all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                        stat.rsplit_once(')')
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                            == Some("T")
+                    })
+                })
+            })
+            .unwrap_or(false);
+        if all_stopped {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "node did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The memory a node flooded beyond its budget may use (docs/operations.md, "Admission
+/// control"): the block cache and memtables it has anyway, plus bounded in-flight work.
+const FLOOD_RSS_BOUND: u64 = 512 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_light_client_answer() {
+    let node = NodeProcess::start_temp(
+        "n1",
+        &["--n", "1", "--max-requests", "32", ADMIN[0], ADMIN[1]],
+    );
+    let no_retry = ClientConfig {
+        overload_retries: 0,
+        ..ClientConfig::default()
+    };
+    let light = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
+    light.put("light", "x", None).await.unwrap();
+    // Four deep connections, 64 puts in flight each: 256 against a budget of 32.
+    let ok_keys = Arc::new(Mutex::new(Vec::new()));
+    let shed_keys = Arc::new(Mutex::new(Vec::new()));
+    let other_errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for c in 0..4 {
+        let client = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
+        for w in 0..64 {
+            let (client, ok_keys, shed_keys, other_errors, stop) = (
+                client.clone(),
+                ok_keys.clone(),
+                shed_keys.clone(),
+                other_errors.clone(),
+                stop.clone(),
+            );
+            flood.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("flood/{c}/{w}/{i}");
+                    i += 1;
+                    match client.put(&key, vec![7u8; 4096], None).await {
+                        Ok(_) => ok_keys.lock().unwrap().push(key),
+                        Err(e) if e.is_overloaded() => {
+                            assert!(e.is_definite(), "a shed request did nothing: {e}");
+                            assert!(e.retry_after().is_some_and(|d| d > Duration::ZERO), "{e}");
+                            shed_keys.lock().unwrap().push(key);
+                        }
+                        Err(_) => {
+                            other_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    // While the flood runs: the light client, status and health all answer.
+    let mut light_ok = 0;
+    let mut peak_rss = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let read = light.get("light").await;
+        assert!(read.is_ok(), "the light client was refused: {read:?}");
+        light_ok += 1;
+        let status = light.status().await.expect("status answers under overload");
+        assert_eq!(status.node_id, "n1");
+        let (code, _) = http_get(&node.admin_addr, "/health").unwrap();
+        assert_eq!(code, 200);
+        peak_rss = peak_rss.max(node.rss_bytes().unwrap_or(0));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in flood {
+        t.await.unwrap();
+    }
+    assert_eq!(light_ok, 40);
+    let ok_keys = ok_keys.lock().unwrap().clone();
+    let shed_keys = shed_keys.lock().unwrap().clone();
+    assert!(!ok_keys.is_empty(), "the node served nothing");
+    assert!(!shed_keys.is_empty(), "nothing was shed");
+    assert_eq!(other_errors.load(Ordering::Relaxed), 0);
+    assert!(
+        peak_rss < FLOOD_RSS_BOUND,
+        "resident memory {peak_rss} under the flood, bound {FLOOD_RSS_BOUND}"
+    );
+    // Shed counted, by reason, and as the puts' result.
+    let text = scrape(&node);
+    let shed: f64 = ["requests", "bytes", "fair_share"]
+        .iter()
+        .map(|r| {
+            prom_sample(
+                &text,
+                "ringkv_admission_shed_total",
+                &[("budget", "client"), ("reason", r)],
+            )
+            .unwrap()
+        })
+        .sum();
+    assert_eq!(shed as usize, shed_keys.len());
+    assert_eq!(
+        prom_sample(
+            &text,
+            "ringkv_requests_total",
+            &[("op", "put"), ("result", "overloaded")]
+        ),
+        Some(shed_keys.len() as f64)
+    );
+    // Nothing shed was applied; everything acknowledged is there.
+    let sample_of = |keys: &[String]| -> BTreeSet<String> {
+        keys.iter()
+            .step_by((keys.len() / 50).max(1))
+            .cloned()
+            .collect()
+    };
+    let reader = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
+    for k in sample_of(&shed_keys) {
+        assert!(
+            !reader.get(&k).await.unwrap().is_found(),
+            "shed put {k} was applied"
+        );
+    }
+    for k in sample_of(&ok_keys) {
+        assert!(
+            reader.get(&k).await.unwrap().is_found(),
+            "acknowledged put {k} is missing"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_deadline_passed_while_the_node_was_stopped_is_never_applied() {
+    let node = NodeProcess::start_temp("n1", &["--n", "1", ADMIN[0], ADMIN[1]]);
+    let short = ClientConfig {
+        request_timeout: Duration::from_millis(300),
+        overload_retries: 0,
+        ..ClientConfig::default()
+    };
+    let client = Client::new([node.addr.clone()], short).unwrap();
+    client.put("before", "v", None).await.unwrap();
+    node.send_signal(libc::SIGSTOP);
+    wait_stopped(&node);
+    // Sent while the node is stopped: the bytes wait in its socket past the deadline.
+    let late = client.put("late", "v", None).await;
+    assert!(
+        matches!(late, Err(ringkv_client::Error::Timeout { .. })),
+        "{late:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    node.send_signal(libc::SIGCONT);
+    let reader = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the node answers again",
+        || async { reader.get("before").await.is_ok() },
+    )
+    .await;
+    // Give a late execution every chance to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read = reader.get("late").await.unwrap();
+    assert!(
+        !read.is_found(),
+        "a write whose client gave up before the node ran it was applied: {read:?}"
+    );
+    let text = scrape(&node);
+    assert_eq!(
+        prom_sample(
+            &text,
+            "ringkv_requests_total",
+            &[("op", "put"), ("result", "expired")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        prom_sample(
+            &text,
+            "ringkv_admission_expired_total",
+            &[("budget", "client")]
+        ),
+        Some(1.0)
+    );
+    assert!(prom_sample(&text, "ringkv_process_stalls", &[]).unwrap_or(0.0) >= 1.0);
+}
