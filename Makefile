@@ -28,6 +28,12 @@ deps:
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need; \
 	fi
+	@# promtool (Debian package prometheus) checks the /metrics exposition and the alert rules in the tests.
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  echo "==> installing promtool (package prometheus, without its recommends)"; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
 	@command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust with rustup first"; exit 1; }
 
 build: deps

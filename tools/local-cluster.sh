@@ -2,8 +2,9 @@
 # Runs a local 3-node ringkv cluster (N=3, R=2, W=2) in the foreground; ctrl-c stops all three
 # cleanly (SIGTERM: in-flight requests finish, storage closes).
 # usage: local-cluster.sh BIN_DIR DATA_DIR [BASE_PORT]
-# Node i listens for clients on BASE_PORT+2(i-1) and for peers on the port after it (TCP), and
-# gossips on BASE_PORT+100+2(i-1) (UDP).
+# Node i listens for clients on BASE_PORT+2(i-1) and for peers on the port after it (TCP),
+# gossips on BASE_PORT+100+2(i-1) (UDP), and serves /metrics, /health and /ready on
+# BASE_PORT+200+(i-1) (HTTP; docs/prometheus.yml scrapes them).
 set -euo pipefail
 bin=${1:?usage: local-cluster.sh BIN_DIR DATA_DIR [BASE_PORT]}
 data=${2:?usage: local-cluster.sh BIN_DIR DATA_DIR [BASE_PORT]}
@@ -41,6 +42,7 @@ for i in 1 2 3; do
   client=$((base + 2 * (i - 1)))
   peer=$((client + 1))
   gossip=$((client + 100))
+  admin=$((base + 200 + i - 1))
   mkdir -p "$data/n$i"
   rm -f "$data/n$i/ringkv.addr"
   seeds=()
@@ -48,7 +50,7 @@ for i in 1 2 3; do
   touch "$data/n$i.log"
   # Logs go to files (a ctrl-c must not kill a log pipe the nodes still write to).
   "$bin/ringkv" --node-id "n$i" --listen "127.0.0.1:$client" --peer-listen "127.0.0.1:$peer" \
-    --gossip-listen "127.0.0.1:$gossip" \
+    --gossip-listen "127.0.0.1:$gossip" --admin-listen "127.0.0.1:$admin" \
     --data-dir "$data/n$i" --n 3 --r 2 --w 2 "${seeds[@]}" 2>>"$data/n$i.log" &
   pids+=($!)
 done
@@ -91,6 +93,9 @@ cat <<MSG
       kvctl members                                      # SWIM state, incarnation, phi
       kvctl --addr 127.0.0.1:$((base + 2)) get --local greeting   # n2's own replica
       kvctl put --w 3 k v; kvctl get --r 3 k             # per-request quorums
+      curl -s 127.0.0.1:$((base + 200))/metrics | head      # Prometheus metrics (n1; n2, n3 on the next ports)
+      curl -s 127.0.0.1:$((base + 200))/ready               # readiness (also /health)
+    Prometheus and Grafana: docs/prometheus.yml, docs/grafana-dashboard.json (docs/operations.md).
 
 MSG
 wait

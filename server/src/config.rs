@@ -29,7 +29,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;
 /// Client gets, puts and deletes in flight per node (docs/operations.md, "Admission control").
-pub const DEFAULT_MAX_REQUESTS: usize = 256;
+pub const DEFAULT_MAX_REQUESTS: usize = 128;
 /// MiB of client request bodies in flight per node.
 pub const DEFAULT_MAX_REQUEST_MB: usize = 64;
 /// Peer requests in flight per node.

@@ -385,10 +385,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             budget.fill().max(writer)
         });
     }
-    registry.probe(
-        "admission.foreground_pressure_permille",
-        "how full the client budget or the writer queue is (1000 = full): background work slows past 500",
-        || (crate::background::load::foreground_pressure() * 1000.0).round() as u64,
+    registry.probe_f64(
+        "admission.foreground_pressure_ratio",
+        "how full the client budget or the writer queue is (1 = full): background work slows past 0.5",
+        crate::background::load::foreground_pressure,
     );
     registry.probe(
         "process.stalls",

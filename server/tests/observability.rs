@@ -74,6 +74,7 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
         ),
         Some(3.0)
     );
+    dashboard_and_alerts_name_exported_metrics(&text);
     let (status, body) = http_get(&n1.admin_addr, "/ready").unwrap();
     assert_eq!(status, 200, "{body}");
     let (status, _) = http_get(&n1.admin_addr, "/health").unwrap();
@@ -208,6 +209,97 @@ async fn a_read_repair_moves_its_series() {
         },
     )
     .await;
+}
+
+/// The metric names a node exports (from its `# TYPE` lines; a histogram also as its
+/// `_bucket`, `_sum` and `_count` series).
+fn exported(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (it.next(), it.next()) {
+                names.insert(name.to_string());
+                if kind == "histogram" {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{suffix}"));
+                    }
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Every `ringkv_*` name in `expr`.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("ringkv_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+/// The Grafana dashboard's and the alert rules' queries name only metrics a node exports.
+fn dashboard_and_alerts_name_exported_metrics(text: &str) {
+    let names = exported(text);
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(docs.join("grafana-dashboard.json")).expect("the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut exprs);
+    let panels = dashboard["panels"].as_array().map_or(0, Vec::len);
+    assert!(panels >= 10, "the dashboard has {panels} panels");
+    let alerts = std::fs::read_to_string(docs.join("alerts.yml")).expect("the alert rules");
+    exprs.extend(
+        alerts
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .map(str::to_string),
+    );
+    let mut checked = 0;
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(
+                names.contains(&name),
+                "{name} (in {e:?}) is not exported by the node"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 30, "only {checked} metric references found");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(docs.join("alerts.yml"))
+        .output()
+        .expect("promtool runs (make deps installs it)");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Waits until every thread of the node is stopped (SIGSTOP takes effect asynchronously; a

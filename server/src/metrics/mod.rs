@@ -111,6 +111,9 @@ fn latency_buckets() -> prometheus_client::metrics::histogram::Histogram {
 
 /// `name{k=v,k2=v2}`: how a series of a family shows in `Status`.
 pub fn series_name(name: &str, labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
     let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("{name}{{{}}}", inner.join(","))
 }
@@ -349,6 +352,16 @@ impl Registry {
         h
     }
 
+    /// A gauge read from `read` (a fraction, a ratio) whenever the registry is read.
+    pub fn probe_f64(
+        &self,
+        name: &str,
+        help: &str,
+        read: impl Fn() -> f64 + Send + Sync + 'static,
+    ) {
+        self.probe_family(name, help, move || vec![(Vec::new(), read())]);
+    }
+
     /// A new counter, registered.
     pub fn counter(&self, name: &str, help: &str) -> Counter {
         let c = Counter::default();
@@ -405,7 +418,8 @@ impl Registry {
             .expect("metrics registry lock poisoned");
         for p in probes.iter() {
             for (labels, value) in (p.read)() {
-                // Fractions (phi) show as thousandths: an integer that still says something.
+                // Fractions (phi, ratios) show as thousandths: an integer that still says
+                // something (`Status` carries integers).
                 let v = if value.fract() == 0.0 {
                     value.max(0.0) as u64
                 } else {

@@ -32,7 +32,18 @@ pub enum Kind {
     /// an owner out (leave, or kill -9 and remove), committed while the workload runs; at heal
     /// time a node taken out is wiped and restarted (it joins again at a later start).
     Membership,
+    /// Flood a minority of nodes with pipelined blind writes of keys outside the workload
+    /// (4 connections × 64 in flight each), far beyond their client budget: the workload's
+    /// requests to them are shed (`Overloaded`, definite) or served; none may be half-done.
+    Overload,
 }
+
+/// Client budget of the nodes in runs with the overload nemesis (`--max-requests`): small, so
+/// the flood is shed and the workload's own requests meet `Overloaded`.
+pub const OVERLOAD_MAX_REQUESTS: u32 = 32;
+/// Flood connections per victim and writes in flight on each.
+pub const FLOOD_CONNECTIONS: usize = 4;
+pub const FLOOD_DEPTH: usize = 64;
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -46,6 +57,7 @@ impl Kind {
             Kind::Disk => "disk",
             Kind::Wipe => "wipe",
             Kind::Membership => "membership",
+            Kind::Overload => "overload",
         }
     }
 
@@ -60,9 +72,10 @@ impl Kind {
             "disk" => Kind::Disk,
             "wipe" => Kind::Wipe,
             "membership" => Kind::Membership,
+            "overload" => Kind::Overload,
             other => {
                 return Err(format!(
-                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk, wipe, membership or none"
+                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk, wipe, membership, overload or none"
             ))
             }
         })
@@ -248,6 +261,91 @@ pub enum Active {
     /// Nodes a ring change took out (left, or killed and removed): wiped and restarted at heal
     /// time, after the change's transfers finished (`runner::membership_heal`).
     Retired(Vec<usize>),
+    /// A flood running against some nodes until healed.
+    Flooding(Flood),
+}
+
+/// A flood of blind writes (its own thread and runtime), stopped by `heal`.
+#[derive(Debug)]
+pub struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Flood {
+    /// Floods `addrs` until stopped: per address `FLOOD_CONNECTIONS` clients with
+    /// `FLOOD_DEPTH` blind 1 KiB puts in flight each, keys `flood/…` (never read by the
+    /// workloads). Refusals are expected and not retried.
+    pub fn start(addrs: Vec<String>) -> Flood {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the flood's runtime starts");
+            let (ok, shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            rt.block_on(async {
+                let mut tasks = Vec::new();
+                for (a, addr) in addrs.iter().enumerate() {
+                    for c in 0..FLOOD_CONNECTIONS {
+                        let cfg = ringkv_client::ClientConfig {
+                            overload_retries: 0,
+                            request_timeout: std::time::Duration::from_secs(2),
+                            ..Default::default()
+                        };
+                        let Ok(client) = ringkv_client::Client::new([addr.clone()], cfg) else {
+                            continue;
+                        };
+                        for d in 0..FLOOD_DEPTH {
+                            let (client, flag, ok, shed) =
+                                (client.clone(), flag.clone(), ok.clone(), shed.clone());
+                            tasks.push(tokio::spawn(async move {
+                                let mut i = 0u64;
+                                while !flag.load(Ordering::Relaxed) {
+                                    let key = format!("flood/{a}/{c}/{d}/{i}");
+                                    i += 1;
+                                    match client.put(key, vec![b'f'; 1024], None).await {
+                                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                                        Err(e) if e.is_overloaded() => {
+                                            shed.fetch_add(1, Ordering::Relaxed)
+                                        }
+                                        // A node down or unreachable (another fault): pause.
+                                        Err(_) => {
+                                            tokio::time::sleep(std::time::Duration::from_millis(
+                                                50,
+                                            ))
+                                            .await;
+                                            0
+                                        }
+                                    };
+                                }
+                            }));
+                        }
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+            (ok.load(Ordering::Relaxed), shed.load(Ordering::Relaxed))
+        });
+        Flood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the flood: (writes the nodes took, writes they shed).
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or((0, 0))
+    }
 }
 
 /// One step of a clock strobe: every strobing node's offset changes sign.
@@ -300,6 +398,16 @@ pub fn start(
             Ok((Active::Killed(victims), v))
         }
         Kind::Membership => Err("the membership nemesis is started by the runner".into()),
+        Kind::Overload => {
+            let victims = minority(rng);
+            let addrs = victims.iter().map(|&i| nodes[i].addr.clone()).collect();
+            let v = json!({
+                "nodes": names(&victims, nodes),
+                "connections": FLOOD_CONNECTIONS,
+                "depth": FLOOD_DEPTH,
+            });
+            Ok((Active::Flooding(Flood::start(addrs)), v))
+        }
         Kind::Wipe => {
             let victim = rng.random_range(0..n);
             nodes[victim].kill9();
@@ -427,6 +535,11 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
             for i in idx {
                 nodes[i].send_signal(libc::SIGCONT);
             }
+            Ok(())
+        }
+        Active::Flooding(flood) => {
+            let (ok, shed) = flood.stop();
+            eprintln!("[nemesis] flood stopped: the nodes took {ok} flood writes and shed {shed}");
             Ok(())
         }
         Active::Netfilter => flush_netfilter(),

@@ -767,6 +767,10 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             args.push("--config".into());
             args.push(node_config.display().to_string());
         }
+        if cfg.kinds.contains(&Kind::Overload) {
+            args.push("--max-requests".into());
+            args.push(nemesis::OVERLOAD_MAX_REQUESTS.to_string());
+        }
         if cfg.anti_entropy_only {
             for a in AAE_ONLY_FLAGS {
                 args.push(a.to_string());

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Overload benchmark (issue 18): kvbench in open loop beyond the closed-loop peak.
+
+Three nodes as in tools/bench-common.sh (N=3, R=W=2, sync group), 100 000 records of 100 B,
+workload A. Per round: the closed-loop peak (10 s), then 10 s in open loop at 0.5x, 1.0x,
+1.5x and 2.0x that peak. For each: goodput (ok ops/s), shed/s (refused Overloaded), errors,
+p50/p99 of the admitted requests (latency from each request's intended start), the servers'
+CPU per op and their peak resident memory.
+
+usage: tools/overload-bench.py BIN_DIR OUT_DIR [--rounds 2] [--node-args "--max-requests 256"]
+Goals: at 2x, goodput >= 90% of the peak and admitted p99 <= 3x the p99 at 0.5x.
+"""
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import Cluster, measured  # noqa: E402
+
+RATES = [0.5, 1.0, 1.5, 2.0]
+
+
+def rss_bytes(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRss:
+    """Samples the nodes' resident memory every 100 ms; `peak` is the largest single node's."""
+
+    def __init__(self, pids):
+        self.pids, self.peak, self.running = pids, 0, True
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while self.running:
+            self.peak = max([self.peak] + [rss_bytes(p) for p in self.pids])
+            time.sleep(0.1)
+
+    def stop(self):
+        self.running = False
+        self.t.join()
+        return self.peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bin")
+    ap.add_argument("out")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--node-args", default="")
+    ap.add_argument("--base-port", type=int, default=29379)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    common = ["--workload", "a", "--records", "100000", "--value-size", "100",
+              "--connections", "8", "--depth", "16", "--duration", "10"]
+    rows = []
+    for rnd in range(1, a.rounds + 1):
+        work = tempfile.mkdtemp(prefix="ringkv-overload-")
+        cluster = Cluster(a.bin, work, a.base_port, a.node_args.split())
+        try:
+            for i in (1, 2, 3):
+                cluster.start(i)
+            for i in (1, 2, 3):
+                cluster.wait_ready(i)
+            time.sleep(3)  # new data dirs sync with each other before they answer reads
+            addrs = [cluster.addr(i) for i in (1, 2, 3)]
+            peak = measured(a.bin, cluster, addrs, a.out, f"r{rnd}-peak", common)
+            peak_ops = peak["run"]["throughput"]
+            print(f"round {rnd}: closed-loop peak {peak_ops:.0f} ops/s, "
+                  f"p99 {peak['run']['all']['p99_us']} us", flush=True)
+            for x in RATES:
+                rate = int(peak_ops * x)
+                watch = PeakRss(cluster.pids())
+                ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                s = measured(a.bin, cluster, addrs, a.out, f"r{rnd}-{x}x",
+                             common + ["--no-load", "--rate", str(rate)])
+                ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                # The generator shares the 2 cores: its CPU (share of one core) at each rate.
+                gen = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / s["run"]["duration_s"]
+                r = s["run"]
+                rows.append({
+                    "round": rnd, "x": x, "rate": rate, "peak": peak_ops,
+                    "goodput": r["throughput"], "shed_per_s": r.get("shed", 0) / r["duration_s"],
+                    "errors": r["errors"], "p50": r["all"]["p50_us"], "p99": r["all"]["p99_us"],
+                    "cpu": s["cpu_us_per_op"], "rss": watch.stop(), "gen": gen,
+                })
+                row = rows[-1]
+                print(f"  {x:>4}x {rate:>7}/s  goodput {row['goodput']:>8.0f} "
+                      f"({row['goodput'] / peak_ops:5.2f} of peak)  shed {row['shed_per_s']:>7.0f}/s  "
+                      f"errors {row['errors']:>5}  p50 {row['p50']:>7}  p99 {row['p99']:>8} us  "
+                      f"cpu {row['cpu']:6.1f} us/op  rss {row['rss'] >> 20} MiB  "
+                      f"generator {row['gen'] * 100:4.0f}% of a core", flush=True)
+        finally:
+            cluster.stop_all()
+            shutil.rmtree(work, ignore_errors=True)
+    print("\nsummary (per round): goodput at 2x / peak, p99 at 2x / p99 at 0.5x")
+    for rnd in range(1, a.rounds + 1):
+        by = {r["x"]: r for r in rows if r["round"] == rnd}
+        if 2.0 in by and 0.5 in by:
+            g = by[2.0]["goodput"] / by[2.0]["peak"]
+            p = by[2.0]["p99"] / max(by[0.5]["p99"], 1)
+            print(f"  round {rnd}: goodput {g:.2f} (goal >= 0.90), p99 ratio {p:.2f} (goal <= 3)")
+
+
+if __name__ == "__main__":
+    main()
