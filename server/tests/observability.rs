@@ -455,6 +455,77 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_flooded_by_clients_still_takes_the_replica_writes_other_coordinators_need() {
+    let mut args = ADMIN.to_vec();
+    args.extend(["--max-requests", "16"]);
+    let cluster = Cluster::start(3, &args).await;
+    let n1 = cluster.nodes[0].addr.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let client = Client::new(
+            [n1.clone()],
+            ClientConfig {
+                overload_retries: 0,
+                ..ClientConfig::default()
+            },
+        )
+        .unwrap();
+        for w in 0..64 {
+            let (client, stop) = (client.clone(), stop.clone());
+            flood.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = client
+                        .put(format!("flood/{w}/{i}"), vec![1u8; 1024], None)
+                        .await;
+                    i += 1;
+                }
+            }));
+        }
+    }
+    // n2 coordinates writes that need every replica, n1 included (W=3).
+    let c2 = cluster.client(1);
+    let w3 = PutOptions {
+        w: Some(3),
+        ..Default::default()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..20 {
+        c2.put_with(format!("w3/{i}"), Bytes::from_static(b"v"), None, w3)
+            .await
+            .unwrap_or_else(|e| panic!("a W=3 write through n2 failed while n1 was flooded: {e}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in flood {
+        t.await.unwrap();
+    }
+    let n1 = &cluster.nodes[0];
+    let shed_client: f64 = ["requests", "bytes", "fair_share"]
+        .iter()
+        .map(|r| {
+            sample(
+                n1,
+                "ringkv_admission_shed_total",
+                &[("budget", "client"), ("reason", r)],
+            )
+        })
+        .sum();
+    assert!(shed_client > 0.0, "n1 shed none of the flood");
+    let shed_peer: f64 = ["requests", "bytes", "fair_share"]
+        .iter()
+        .map(|r| {
+            sample(
+                n1,
+                "ringkv_admission_shed_total",
+                &[("budget", "peer"), ("reason", r)],
+            )
+        })
+        .sum();
+    assert_eq!(shed_peer, 0.0, "n1 refused replica traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_deadline_passed_while_the_node_was_stopped_is_never_applied() {
     let node = NodeProcess::start_temp("n1", &["--n", "1", ADMIN[0], ADMIN[1]]);
     let short = ClientConfig {
@@ -507,4 +578,85 @@ async fn a_write_whose_deadline_passed_while_the_node_was_stopped_is_never_appli
         Some(1.0)
     );
     assert!(prom_sample(&text, "ringkv_process_stalls", &[]).unwrap_or(0.0) >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_retries_reads_refused_overloaded_and_never_writes() {
+    // A budget of 4 under a flood: light clients compete for the last slots and are shed.
+    let node = NodeProcess::start_temp("n1", &["--n", "1", "--max-requests", "4"]);
+    let setup = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
+    setup.put("r", "v", None).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..2 {
+        let client = Client::new(
+            [node.addr.clone()],
+            ClientConfig {
+                overload_retries: 0,
+                ..ClientConfig::default()
+            },
+        )
+        .unwrap();
+        for w in 0..32 {
+            let (client, stop) = (client.clone(), stop.clone());
+            flood.push(tokio::spawn(async move {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = client
+                        .put(format!("flood/{w}/{i}"), vec![1u8; 512], None)
+                        .await;
+                    i += 1;
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Readers and writers with the default configuration (3 retries for reads).
+    let mut tasks = Vec::new();
+    for t in 0..24 {
+        let client = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut shed) = (0u64, 0u64);
+            for i in 0..10 {
+                let r = if t % 2 == 0 {
+                    client.get("r").await.map(|_| ())
+                } else {
+                    client
+                        .put(format!("w/{t}/{i}"), "v", None)
+                        .await
+                        .map(|_| ())
+                };
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        assert!(e.is_overloaded(), "only Overloaded is expected: {e}");
+                        shed += 1;
+                    }
+                }
+            }
+            (t % 2 == 0, ok, shed, client.overload_retries())
+        }));
+    }
+    let (mut read_retries, mut write_retries, mut writes_shed, mut reads_ok) = (0, 0, 0, 0);
+    for t in tasks {
+        let (reader, ok, shed, retries) = t.await.unwrap();
+        if reader {
+            read_retries += retries;
+            reads_ok += ok;
+        } else {
+            write_retries += retries;
+            writes_shed += shed;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in flood {
+        t.await.unwrap();
+    }
+    assert!(read_retries > 0, "no read was retried");
+    assert!(reads_ok > 0, "no read succeeded");
+    assert!(
+        writes_shed > 0,
+        "no write met Overloaded (the test needs some)"
+    );
+    assert_eq!(write_retries, 0, "a write was retried");
 }

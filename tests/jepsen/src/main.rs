@@ -116,6 +116,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 5,
                 ..with("register", "membership,kill", 50, 7)
             },
+            // A flood beyond the nodes' client budget (32): shed requests are definite.
+            Cli {
+                interval: 4,
+                ..with("register", "overload,kill", 30, 9)
+            },
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -135,6 +140,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             gc("register", "pause,clock", 150, 24),
             with("register", "membership,kill", 180, 26),
             with("set", "membership,partition", 150, 27),
+            with("register", "overload,partition", 120, 28),
+            with("set", "overload,pause", 90, 29),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }
