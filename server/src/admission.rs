@@ -8,8 +8,9 @@
 //! refuse the replica writes another coordinator needs for its W.
 //!
 //! A request over budget is refused before any work (`Overloaded`, with a retry-after hint)
-//! and counted by reason. Past half of the count budget, a connection holding more than its
-//! fair share (`limit / 2 / busy connections`) is refused first, so one client pipelining
+//! and counted by reason. Past half of the count budget, while several connections are busy,
+//! a connection holding more than its fair share (`limit / 2 / busy connections`) is refused
+//! first, so one client pipelining
 //! deeply cannot crowd out the others; and the last quarter of the budget only admits
 //! requests of connections that have nothing else in flight, so a light client (one request
 //! at a time) gets in however deep the others pipeline.
@@ -206,9 +207,11 @@ impl Budget {
                 share: 0,
             })
         } else if before >= self.limits.requests / 2 {
-            let busy = self.busy_conns.load(Ordering::Acquire).max(1);
-            let share = (self.limits.requests / 2 / busy).max(1);
-            (held_before >= share).then_some(Shed::FairShare {
+            // Shares only among connections that are busy together: a lone connection (one
+            // application multiplexing its requests, as the client library does) is not capped.
+            let busy = self.busy_conns.load(Ordering::Acquire);
+            let share = (self.limits.requests / 2 / busy.max(1)).max(1);
+            (busy > 1 && held_before >= share).then_some(Shed::FairShare {
                 held: held_before,
                 share,
             })
@@ -353,21 +356,41 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_connection_is_not_held_to_a_share() {
+        let b = Budget::bare(Limits {
+            requests: 8,
+            bytes: 1 << 20,
+        });
+        let only = ConnShare::new();
+        // Past half, alone: up to the last quarter (kept for connections with nothing in
+        // flight), not to a share of half the budget.
+        let held: Vec<Permit> = (0..6).map(|_| b.try_admit(&only, 1).unwrap()).collect();
+        assert_eq!(held.len(), 6);
+        assert_eq!(
+            b.try_admit(&only, 1).err(),
+            Some(Shed::FairShare { held: 6, share: 0 })
+        );
+    }
+
+    #[test]
     fn past_half_the_budget_a_deep_connection_yields_to_a_light_one() {
         let b = Budget::bare(Limits {
             requests: 8,
             bytes: 1 << 20,
         });
         let deep = ConnShare::new();
+        let other = ConnShare::new();
         let light = ConnShare::new();
-        // Below half, the deep connection takes what it wants.
-        let mut held: Vec<Permit> = (0..4).map(|_| b.try_admit(&deep, 1).unwrap()).collect();
-        // At half, with one busy connection its share is 8 / 2 / 1 = 4: it holds 4.
+        // Below half, connections take what they want.
+        let mut held: Vec<Permit> = (0..3).map(|_| b.try_admit(&deep, 1).unwrap()).collect();
+        held.push(b.try_admit(&other, 1).unwrap());
+        // At half, two busy connections share 8 / 2 / 2 = 2 each: the deep one (3) waits ...
         assert_eq!(
             b.try_admit(&deep, 1).err(),
-            Some(Shed::FairShare { held: 4, share: 4 })
+            Some(Shed::FairShare { held: 3, share: 2 })
         );
-        // The light connection is admitted.
+        // ... the other one (1) and a light one get in.
+        held.push(b.try_admit(&other, 1).expect("below its share"));
         held.push(b.try_admit(&light, 1).expect("a light connection gets in"));
         assert_eq!(b.shed[2].get(), 1);
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringkv_client::{Client, ClientConfig, GetOptions, PutOptions};
+use ringkv_jepsen::nemesis::Flood;
 use ringkv_jepsen::{eventually, http_get, prom_sample, promtool_check, Cluster, NodeProcess};
 
 const ADMIN: [&str; 2] = ["--admin-listen", "127.0.0.1:0"];
@@ -459,31 +460,8 @@ async fn a_node_flooded_by_clients_still_takes_the_replica_writes_other_coordina
     let mut args = ADMIN.to_vec();
     args.extend(["--max-requests", "16"]);
     let cluster = Cluster::start(3, &args).await;
-    let n1 = cluster.nodes[0].addr.clone();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut flood = Vec::new();
-    for _ in 0..4 {
-        let client = Client::new(
-            [n1.clone()],
-            ClientConfig {
-                overload_retries: 0,
-                ..ClientConfig::default()
-            },
-        )
-        .unwrap();
-        for w in 0..64 {
-            let (client, stop) = (client.clone(), stop.clone());
-            flood.push(tokio::spawn(async move {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = client
-                        .put(format!("flood/{w}/{i}"), vec![1u8; 1024], None)
-                        .await;
-                    i += 1;
-                }
-            }));
-        }
-    }
+    // The Jepsen overload nemesis's flood: 4 connections × 64 blind writes in flight.
+    let flood = Flood::start(vec![cluster.nodes[0].addr.clone()]);
     // n2 coordinates writes that need every replica, n1 included (W=3).
     let c2 = cluster.client(1);
     let w3 = PutOptions {
@@ -496,10 +474,8 @@ async fn a_node_flooded_by_clients_still_takes_the_replica_writes_other_coordina
             .await
             .unwrap_or_else(|e| panic!("a W=3 write through n2 failed while n1 was flooded: {e}"));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in flood {
-        t.await.unwrap();
-    }
+    let (_, flood_shed) = flood.stop();
+    assert!(flood_shed > 0, "the flood was never refused");
     let n1 = &cluster.nodes[0];
     let shed_client: f64 = ["requests", "bytes", "fair_share"]
         .iter()
@@ -586,30 +562,7 @@ async fn the_client_retries_reads_refused_overloaded_and_never_writes() {
     let node = NodeProcess::start_temp("n1", &["--n", "1", "--max-requests", "4"]);
     let setup = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
     setup.put("r", "v", None).await.unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut flood = Vec::new();
-    for _ in 0..2 {
-        let client = Client::new(
-            [node.addr.clone()],
-            ClientConfig {
-                overload_retries: 0,
-                ..ClientConfig::default()
-            },
-        )
-        .unwrap();
-        for w in 0..32 {
-            let (client, stop) = (client.clone(), stop.clone());
-            flood.push(tokio::spawn(async move {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = client
-                        .put(format!("flood/{w}/{i}"), vec![1u8; 512], None)
-                        .await;
-                    i += 1;
-                }
-            }));
-        }
-    }
+    let flood = Flood::start(vec![node.addr.clone()]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Readers and writers with the default configuration (3 retries for reads).
     let mut tasks = Vec::new();
@@ -648,10 +601,7 @@ async fn the_client_retries_reads_refused_overloaded_and_never_writes() {
             writes_shed += shed;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in flood {
-        t.await.unwrap();
-    }
+    flood.stop();
     assert!(read_retries > 0, "no read was retried");
     assert!(reads_ok > 0, "no read succeeded");
     assert!(

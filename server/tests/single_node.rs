@@ -107,7 +107,12 @@ async fn data_survives_graceful_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     for mode in ["none", "group", "always"] {
-        let mut node = NodeProcess::start_temp("n1", &["--n", "1", "--sync", mode]);
+        // 200 writes in flight at once on one connection: above the default client budget
+        // (128), which would refuse some of them Overloaded.
+        let mut node = NodeProcess::start_temp(
+            "n1",
+            &["--n", "1", "--sync", mode, "--max-requests", "1024"],
+        );
         let c = client(&node).await;
         let mut tasks = Vec::new();
         for i in 0..200 {
