@@ -291,16 +291,41 @@ fn dashboard_and_alerts_name_exported_metrics(text: &str) {
         }
     }
     assert!(checked > 30, "only {checked} metric references found");
-    let out = std::process::Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(docs.join("alerts.yml"))
-        .output()
-        .expect("promtool runs (make deps installs it)");
-    assert!(
-        out.status.success(),
-        "promtool check rules: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // The alert rules, and every dashboard query as a recording rule: promtool parses the
+    // PromQL of both.
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let panel_exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    assert!(panel_exprs.len() >= panels, "every panel has a query");
+    for (i, e) in panel_exprs.iter().enumerate() {
+        let e = e.replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::Value::String(e)
+        ));
+    }
+    let dash_rules = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&dash_rules, rules).expect("write the dashboard's rules");
+    for file in [docs.join("alerts.yml"), dash_rules] {
+        let out = std::process::Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&file)
+            .output()
+            .expect("promtool runs (make deps installs it)");
+        assert!(
+            out.status.success(),
+            "promtool check rules {}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Waits until every thread of the node is stopped (SIGSTOP takes effect asynchronously; a
