@@ -10,7 +10,7 @@
 //! storage writer) are *observed*: listed with a status read from a closure.
 //!
 //! Every worker shows in `kvctl status` (`worker.<name>` lines) and in the metrics registry
-//! (`workers.<name>.errors`, `workers.<name>.queue`).
+//! (`workers.errors{worker}`, `workers.queue{worker}`; the root adds `workers.state`).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -148,39 +148,53 @@ pub struct Runner {
     node_id: String,
     stop: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
-    workers: Mutex<Vec<StatusReader>>,
-    registry: Arc<Registry>,
+    workers: Arc<Mutex<Vec<StatusReader>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().expect("worker runner lock poisoned")
 }
 
+/// One series per listed worker, labelled with its name.
+fn per_worker(
+    workers: &Mutex<Vec<StatusReader>>,
+    value: impl Fn(&WorkerStatus) -> f64,
+) -> Vec<(crate::metrics::Labels, f64)> {
+    lock(workers)
+        .iter()
+        .map(|read| {
+            let s = read();
+            (vec![("worker".to_string(), s.name.clone())], value(&s))
+        })
+        .collect()
+}
+
 impl Runner {
     pub fn new(node_id: String, registry: Arc<Registry>) -> Arc<Runner> {
+        let workers: Arc<Mutex<Vec<StatusReader>>> = Arc::default();
+        let errors = workers.clone();
+        registry.probe_counter_family(
+            "workers.errors",
+            "failed steps of each background worker",
+            move || per_worker(&errors, |s| s.errors as f64),
+        );
+        let queue = workers.clone();
+        registry.probe_family(
+            "workers.queue",
+            "items waiting for each background worker",
+            move || per_worker(&queue, |s| s.progress.queue.unwrap_or(0) as f64),
+        );
         Arc::new(Runner {
             node_id,
             stop: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
-            workers: Mutex::new(Vec::new()),
-            registry,
+            workers,
         })
     }
 
-    /// Lists a worker: in `statuses()` and as `workers.<name>.*` metrics.
-    fn list(&self, name: &str, read: StatusReader) {
-        let errors = read.clone();
-        self.registry.probe(
-            &format!("workers.{name}.errors"),
-            "failed steps of the worker",
-            move || errors().errors,
-        );
-        let queue = read.clone();
-        self.registry.probe(
-            &format!("workers.{name}.queue"),
-            "items waiting for the worker",
-            move || queue().progress.queue.unwrap_or(0),
-        );
+    /// Lists a worker: in `statuses()` and in the `workers.errors{worker}` and
+    /// `workers.queue{worker}` metric families.
+    fn list(&self, read: StatusReader) {
         lock(&self.workers).push(read);
     }
 
@@ -189,7 +203,7 @@ impl Runner {
         let name = worker.name();
         let status = Arc::new(Mutex::new(WorkerStatus::new(name.clone())));
         let shared = status.clone();
-        self.list(&name, Arc::new(move || lock(&shared).clone()));
+        self.list(Arc::new(move || lock(&shared).clone()));
         let stop = self.stop.clone();
         let node_id = self.node_id.clone();
         lock(&self.tasks).spawn(run_worker(worker, status, stop, node_id));
@@ -202,17 +216,14 @@ impl Runner {
         observe: impl Fn() -> (RunState, Progress) + Send + Sync + 'static,
     ) {
         let owned = name.to_string();
-        self.list(
-            name,
-            Arc::new(move || {
-                let (state, progress) = observe();
-                WorkerStatus {
-                    state,
-                    progress,
-                    ..WorkerStatus::new(owned.clone())
-                }
-            }),
-        );
+        self.list(Arc::new(move || {
+            let (state, progress) = observe();
+            WorkerStatus {
+                state,
+                progress,
+                ..WorkerStatus::new(owned.clone())
+            }
+        }));
     }
 
     /// Every worker's status, in start order.
@@ -507,7 +518,7 @@ mod tests {
         );
         let metrics = registry.snapshot();
         assert!(
-            metrics.contains(&("workers.counting.errors".to_string(), 2)),
+            metrics.contains(&("workers.errors{worker=counting}".to_string(), 2)),
             "{metrics:?}"
         );
         wake.notify_one();

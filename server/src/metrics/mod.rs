@@ -134,6 +134,8 @@ struct FamilyProbe {
     name: String,
     dotted: String,
     help: String,
+    /// A counter family (values only rise; exposed with `_total`), else gauges.
+    counter: bool,
     read: FamilyProbeFn,
 }
 
@@ -152,12 +154,21 @@ impl prometheus_client::collector::Collector for FamilyProbe {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
         let series = (self.read)();
-        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(0f64);
-        let mut family =
-            encoder.encode_descriptor(&self.name, &self.help, None, gauge.metric_type())?;
+        let kind = if self.counter {
+            prometheus_client::metrics::counter::ConstCounter::new(0f64).metric_type()
+        } else {
+            prometheus_client::metrics::gauge::ConstGauge::new(0f64).metric_type()
+        };
+        let mut family = encoder.encode_descriptor(&self.name, &self.help, None, kind)?;
         for (labels, value) in series {
-            prometheus_client::metrics::gauge::ConstGauge::new(value)
-                .encode(family.encode_family(&labels)?)?;
+            let series = family.encode_family(&labels)?;
+            if self.counter {
+                // Counts are integers: shown without a fraction.
+                prometheus_client::metrics::counter::ConstCounter::new(value.max(0.0) as u64)
+                    .encode(series)?;
+            } else {
+                prometheus_client::metrics::gauge::ConstGauge::new(value).encode(series)?;
+            }
         }
         Ok(())
     }
@@ -316,11 +327,26 @@ impl Registry {
         help: &str,
         read: impl Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
     ) {
+        self.add_family_probe(name, help, false, Box::new(read));
+    }
+
+    /// A counter family read from `read` at every read (counts kept elsewhere, per worker).
+    pub fn probe_counter_family(
+        &self,
+        name: &str,
+        help: &str,
+        read: impl Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
+    ) {
+        self.add_family_probe(name, help, true, Box::new(read));
+    }
+
+    fn add_family_probe(&self, name: &str, help: &str, counter: bool, read: FamilyProbeFn) {
         let probe = Arc::new(FamilyProbe {
             name: prometheus_name(name),
             dotted: name.to_string(),
             help: help.to_string(),
-            read: Box::new(read),
+            counter,
+            read,
         });
         {
             let mut families = self
