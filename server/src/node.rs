@@ -497,24 +497,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
           seeds = ?config.seeds, n = config.n, r = config.r, w = config.w,
           data_dir = %config.data_dir.display(), sync = %config.sync, "ringkv node ready");
 
+    // The admin listener outlives the others: while connections drain, /ready answers 503
+    // ("shutting down") and /metrics is still scraped.
+    let admin_stop = CancellationToken::new();
     tokio::join!(
-        net::serve(
-            client_listener,
-            client_cfg,
-            client_net,
-            move |_remote| Arc::new(ClientHandler::new(client_api.clone())),
-            shutdown.clone(),
-        ),
-        net::serve(
-            peer_listener,
-            peer_cfg,
-            peer_net,
-            move |remote| Arc::new(PeerHandler::new(peer_api.clone(), remote)),
-            shutdown.clone(),
-        ),
+        async {
+            tokio::join!(
+                net::serve(
+                    client_listener,
+                    client_cfg,
+                    client_net,
+                    move |_remote| Arc::new(ClientHandler::new(client_api.clone())),
+                    shutdown.clone(),
+                ),
+                net::serve(
+                    peer_listener,
+                    peer_cfg,
+                    peer_net,
+                    move |remote| Arc::new(PeerHandler::new(peer_api.clone(), remote)),
+                    shutdown.clone(),
+                ),
+            );
+            admin_stop.cancel();
+        },
         async {
             if let Some(listener) = admin_listener {
-                crate::api::http::serve(listener, admin_http, shutdown.clone()).await;
+                crate::api::http::serve(listener, admin_http, admin_stop.clone()).await;
             }
         },
     );
