@@ -6,6 +6,7 @@
 //! fixed rate; latency is measured from each request's *intended* start, so a stalled server is
 //! charged for the queue it causes: no coordinated omission).
 
+pub mod k2v;
 pub mod keys;
 pub mod targets;
 
@@ -20,7 +21,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use keys::{key_name, KeyChooser};
-use targets::{Conn, ContextCache, OpError, TargetKind};
+use targets::{Caches, Conn, OpError, TargetKind};
 
 /// YCSB core workloads (read proportion; the rest are updates).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -76,6 +77,10 @@ pub struct BenchConfig {
     pub timeout_ms: u64,
     /// ringkv: connections route each request to a replica of its key.
     pub ring_aware: bool,
+    /// garage-k2v: the bucket and the S3/K2V region requests are signed for (the access key
+    /// comes from the environment, see [`k2v`]).
+    pub k2v_bucket: String,
+    pub k2v_region: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -468,11 +473,11 @@ fn git_commit() -> String {
 
 pub async fn run(cfg: BenchConfig) -> Result<Summary, String> {
     KeyChooser::new(&cfg.distribution, cfg.records.max(1))?;
-    let contexts = Arc::new(ContextCache::new());
+    let caches = Caches::default();
     let timeout = Duration::from_millis(cfg.timeout_ms);
     let mut conns = Vec::with_capacity(cfg.connections);
     for i in 0..cfg.connections {
-        conns.push(targets::Conn::connect(&cfg, i, &contexts, timeout).await?);
+        conns.push(targets::Conn::connect(&cfg, i, &caches, timeout).await?);
     }
     let load = if cfg.load {
         Some(load_phase(&cfg, &conns).await)

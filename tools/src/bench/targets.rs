@@ -1,5 +1,6 @@
 //! The systems the generator drives with the same workload: ringkv (client library), Redis
-//! (RESP over TCP, pipelined) and etcd (its v3 HTTP/JSON gateway, keep-alive).
+//! (RESP over TCP, pipelined), etcd (its v3 HTTP/JSON gateway, keep-alive) and Garage's K2V
+//! API (signed HTTP/1.1, keep-alive; [`super::k2v`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use super::k2v::{K2vAuth, K2vConn};
 use super::BenchConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -21,6 +23,8 @@ pub enum TargetKind {
     Ringkv,
     Redis,
     Etcd,
+    #[serde(rename = "garage-k2v")]
+    GarageK2v,
 }
 
 impl TargetKind {
@@ -29,33 +33,40 @@ impl TargetKind {
             "ringkv" => Ok(TargetKind::Ringkv),
             "redis" => Ok(TargetKind::Redis),
             "etcd" => Ok(TargetKind::Etcd),
+            "garage-k2v" => Ok(TargetKind::GarageK2v),
             other => Err(format!(
-                "unknown target {other:?}: expected ringkv, redis or etcd"
+                "unknown target {other:?}: expected ringkv, redis, etcd or garage-k2v"
             )),
         }
     }
 }
 
 /// The causal contexts an application keeps: the last one seen per key, so each update
-/// replaces what the client last read or wrote (a ringkv update is a write with context).
-#[derive(Default)]
-pub struct ContextCache {
-    shards: Vec<Mutex<HashMap<String, Context>>>,
+/// replaces what the client last read or wrote (a ringkv update is a write with context; a
+/// Garage K2V insert sends the causality token of the last read).
+pub struct ContextCache<T = Context> {
+    shards: Vec<Mutex<HashMap<String, T>>>,
 }
 
-impl ContextCache {
-    pub fn new() -> ContextCache {
+impl<T: Clone> Default for ContextCache<T> {
+    fn default() -> Self {
+        ContextCache::new()
+    }
+}
+
+impl<T: Clone> ContextCache<T> {
+    pub fn new() -> ContextCache<T> {
         ContextCache {
             shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Context>> {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, T>> {
         let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize;
         &self.shards[h % self.shards.len()]
     }
 
-    fn get(&self, key: &str) -> Option<Context> {
+    fn get(&self, key: &str) -> Option<T> {
         self.shard(key)
             .lock()
             .expect("context cache lock")
@@ -63,7 +74,7 @@ impl ContextCache {
             .cloned()
     }
 
-    fn set(&self, key: &str, ctx: Context) {
+    fn set(&self, key: &str, ctx: T) {
         self.shard(key)
             .lock()
             .expect("context cache lock")
@@ -106,6 +117,18 @@ pub enum Conn {
     },
     Redis(RedisConn),
     Etcd(Arc<tokio::sync::Mutex<HttpConn>>),
+    GarageK2v {
+        conn: Arc<tokio::sync::Mutex<K2vConn>>,
+        tokens: Arc<ContextCache<String>>,
+    },
+}
+
+/// What the connections of one run share: the contexts (ringkv) and causality tokens
+/// (Garage K2V) last seen per key.
+#[derive(Default)]
+pub struct Caches {
+    pub contexts: Arc<ContextCache>,
+    pub tokens: Arc<ContextCache<String>>,
 }
 
 impl Conn {
@@ -113,7 +136,7 @@ impl Conn {
     pub async fn connect(
         cfg: &BenchConfig,
         i: usize,
-        contexts: &Arc<ContextCache>,
+        caches: &Caches,
         timeout: Duration,
     ) -> Result<Conn, String> {
         let addrs = &cfg.addrs;
@@ -144,13 +167,20 @@ impl Conn {
                 }
                 Ok(Conn::Ringkv {
                     client,
-                    contexts: contexts.clone(),
+                    contexts: caches.contexts.clone(),
                 })
             }
             TargetKind::Redis => Ok(Conn::Redis(RedisConn::connect(addr).await?)),
             TargetKind::Etcd => Ok(Conn::Etcd(Arc::new(tokio::sync::Mutex::new(
                 HttpConn::connect(addr).await?,
             )))),
+            TargetKind::GarageK2v => {
+                let auth = K2vAuth::from_env(&cfg.k2v_bucket, &cfg.k2v_region)?;
+                Ok(Conn::GarageK2v {
+                    conn: Arc::new(tokio::sync::Mutex::new(K2vConn::connect(addr, auth).await?)),
+                    tokens: caches.tokens.clone(),
+                })
+            }
         }
     }
 
@@ -170,6 +200,13 @@ impl Conn {
                 let body = format!(r#"{{"key":"{}"}}"#, STANDARD.encode(key));
                 let resp = h.lock().await.post("/v3/kv/range", &body).await?;
                 Ok(resp.contains("\"kvs\""))
+            }
+            Conn::GarageK2v { conn, tokens } => {
+                let read = conn.lock().await.read(key).await?;
+                if let Some(token) = read.token {
+                    tokens.set(key, token);
+                }
+                Ok(read.found)
             }
         }
     }
@@ -194,6 +231,14 @@ impl Conn {
                     STANDARD.encode(&value)
                 );
                 h.lock().await.post("/v3/kv/put", &body).await?;
+                Ok(())
+            }
+            Conn::GarageK2v { conn, tokens } => {
+                let token = tokens.get(key);
+                conn.lock()
+                    .await
+                    .insert(key, value, token.as_deref())
+                    .await?;
                 Ok(())
             }
         }

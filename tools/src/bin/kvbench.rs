@@ -1,4 +1,4 @@
-//! kvbench: YCSB-style load generator for ringkv and the baselines (Redis, etcd).
+//! kvbench: YCSB-style load generator for ringkv and the baselines (Redis, etcd, Garage K2V).
 //!
 //! Exit codes: 0 the run completed without errors, 1 it completed but some operations failed
 //! (counted, with the first messages, in the summary), 2 it could not run.
@@ -12,10 +12,11 @@ use ringkv_tools::bench::{self, targets::TargetKind, BenchConfig, Workload};
 #[command(
     name = "kvbench",
     version,
-    about = "YCSB-style load generator for ringkv, Redis and etcd"
+    about = "YCSB-style load generator for ringkv, Redis, etcd and Garage K2V"
 )]
 struct Cli {
-    /// ringkv, redis or etcd.
+    /// ringkv, redis, etcd or garage-k2v (Garage's K2V API; the access key from the
+    /// environment: GARAGE_K2V_KEY_ID, GARAGE_K2V_SECRET).
     #[arg(long, default_value = "ringkv")]
     target: String,
     /// Server address(es), comma-separated; connections are spread over them.
@@ -64,6 +65,12 @@ struct Cli {
     /// of its key (the client library's ring-aware routing); default: one address each.
     #[arg(long)]
     ring_aware: bool,
+    /// garage-k2v only: the bucket holding the items.
+    #[arg(long, default_value = "kvbench")]
+    k2v_bucket: String,
+    /// garage-k2v only: the region requests are signed for (Garage's `s3_region`).
+    #[arg(long, default_value = "garage")]
+    k2v_region: String,
     /// Also write the JSON summary to this file.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
@@ -101,6 +108,8 @@ fn main() -> ExitCode {
         seed: cli.seed,
         timeout_ms: cli.timeout_ms,
         ring_aware: cli.ring_aware,
+        k2v_bucket: cli.k2v_bucket,
+        k2v_region: cli.k2v_region,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
