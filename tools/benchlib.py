@@ -91,10 +91,11 @@ class Cluster:
                    if t.get("target") == target)
 
 
-def kvbench(bin_dir, addrs, out, label, extra):
-    cmd = [f"{bin_dir}/kvbench", "--target", "ringkv", "--addr", ",".join(addrs), "--label",
+def kvbench(bin_dir, addrs, out, label, extra, target="ringkv", env=None):
+    """One kvbench run (`env`: extra environment, e.g. a K2V access key); its JSON summary."""
+    cmd = [f"{bin_dir}/kvbench", "--target", target, "--addr", ",".join(addrs), "--label",
            label, "--json-out", os.path.join(out, label + ".json"), "--json"] + extra
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     with open(os.path.join(out, label + ".progress"), "w") as f:
         f.write(r.stderr)  # kvbench's per-second lines: ops/s and the slowest operation
     if r.returncode > 1:
@@ -102,10 +103,11 @@ def kvbench(bin_dir, addrs, out, label, extra):
     return json.loads(r.stdout)
 
 
-def measured(bin_dir, cluster, addrs, out, label, extra):
-    """One kvbench run with the servers' CPU over it: (summary, cpu µs per op)."""
+def measured(bin_dir, cluster, addrs, out, label, extra, target="ringkv", env=None):
+    """One kvbench run with the servers' CPU over it: the summary, with `cpu_us_per_op`
+    (load + run phases; `cluster` is anything with `pids()`)."""
     before = cpu_seconds(cluster.pids())
-    s = kvbench(bin_dir, addrs, out, label, extra)
+    s = kvbench(bin_dir, addrs, out, label, extra, target, env)
     cpu = cpu_seconds(cluster.pids()) - before
     ops = s["run"]["all"]["count"] + (s.get("load") or {}).get("all", {}).get("count", 0)
     s["cpu_us_per_op"] = cpu * 1e6 / max(ops, 1)
