@@ -68,7 +68,9 @@ jepsen: deps
 	@echo "==> running the full profile; histories and summaries in $(JEPSEN_OUT)"
 	"$(BIN)/ringkv-jepsen" --profile full --out "$(JEPSEN_OUT)"
 
-# ringkv (1 node, 3 nodes) next to Redis and etcd on loopback, same generator; see docs/benchmarks.md.
+# ringkv (1 node, 3 nodes) next to Redis, etcd and Garage K2V on loopback, same generator, then
+# ringkv 3 nodes vs Garage K2V 3 nodes in workloads A, B, C, interleaved 3 times (GARAGE=0 skips
+# Garage; its first install builds it with cargo, ~20 min, once); see docs/benchmarks.md.
 bench: deps build
 	@need=""; command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
 	command -v etcd >/dev/null 2>&1 || need="$$need etcd-server"; \
@@ -77,7 +79,9 @@ bench: deps build
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need; \
 	fi
-	tools/bench.sh "$(BIN)" "$(BENCH_OUT)/$$(date +%Y%m%d-%H%M%S)"
+	@out="$(BENCH_OUT)/$$(date +%Y%m%d-%H%M%S)"; \
+	tools/bench.sh "$(BIN)" "$$out" && \
+	if [ "$${GARAGE:-1}" != 0 ]; then tools/k2v-bench.py "$(BIN)" "$$out/k2v" --rounds 3; fi
 
 lint: deps
 	cargo fmt --all -- --check

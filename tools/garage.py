@@ -62,6 +62,7 @@ class GarageCluster:
         self.bin, self.work, self.base, self.fsync = binary, work, base, fsync
         self.secret = secrets.token_hex(32)
         self.procs = []
+        os.makedirs(work, exist_ok=True)
         self.log = log or open(os.path.join(work, "garage.log"), "ab")
 
     def k2v_addr(self, i):

@@ -75,7 +75,6 @@ def main():
         for i in (1, 2, 3):
             ringkv.wait_ready(i)
         for g in (gf, gn):
-            os.makedirs(g.work, exist_ok=True)
             g.start()
         targets = [
             Target("ringkv-3node", ringkv, [ringkv.addr(i) for i in (1, 2, 3)], "ringkv", 8, 16),

@@ -157,6 +157,15 @@ pub struct Cli {
     /// (for testing that those alone converge them).
     #[arg(long, value_name = "BOOL")]
     pub read_repair: Option<bool>,
+    /// Which replicas a read asks: `quorum` (default: R of the live replicas, this node first,
+    /// a spare started when one fails or is slow, as Cassandra) or `all` (every live replica,
+    /// as Riak: more read repair, more work per read).
+    #[arg(long, value_name = "quorum|all")]
+    pub read_fanout: Option<String>,
+    /// With `read_fanout = quorum`: milliseconds without R replies after which a read also
+    /// asks a spare replica (default 20; 1–60 000).
+    #[arg(long)]
+    pub read_speculate_ms: Option<u32>,
     /// Join this node automatically while it owns nothing (default true): the claimant stages
     /// and commits its join, and its ranges are transferred before it owns them, like a
     /// Cassandra bootstrap. false = it waits for `kvctl cluster join` + `commit` (Riak style).
@@ -236,6 +245,8 @@ pub struct FileConfig {
     pub hint_replay_keys_per_sec: Option<u32>,
     pub hint_replay_kib_per_sec: Option<u64>,
     pub read_repair: Option<bool>,
+    pub read_fanout: Option<String>,
+    pub read_speculate_ms: Option<u32>,
     pub auto_join: Option<bool>,
     pub anti_entropy: Option<bool>,
     pub aae_interval_secs: Option<u64>,
@@ -363,8 +374,33 @@ pub struct Config {
     pub hints: HintSettings,
     pub aae: AaeSettings,
     pub read_repair: bool,
+    pub read_fanout: ReadFanout,
+    pub read_speculate_ms: u32,
     pub auto_join: bool,
 }
+
+/// Which replicas a read asks (`--read-fanout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFanout {
+    /// R of the live replicas, spares on failure or after `read_speculate_ms`.
+    Quorum,
+    /// Every live replica.
+    All,
+}
+
+impl std::str::FromStr for ReadFanout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quorum" => Ok(ReadFanout::Quorum),
+            "all" => Ok(ReadFanout::All),
+            other => Err(format!("{other:?}: expected quorum or all")),
+        }
+    }
+}
+
+/// Default of `read_speculate_ms`.
+pub const DEFAULT_READ_SPECULATE_MS: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -758,6 +794,18 @@ impl Config {
             hints,
             aae,
             read_repair: cli.read_repair.or(file.read_repair).unwrap_or(true),
+            read_fanout: match cli.read_fanout.or(file.read_fanout) {
+                Some(s) => s.parse().map_err(|e| invalid("read_fanout", e))?,
+                None => ReadFanout::Quorum,
+            },
+            read_speculate_ms: in_range(
+                "read_speculate_ms",
+                cli.read_speculate_ms
+                    .or(file.read_speculate_ms)
+                    .unwrap_or(DEFAULT_READ_SPECULATE_MS),
+                1,
+                60_000,
+            )?,
             auto_join: cli.auto_join.or(file.auto_join).unwrap_or(true),
         })
     }
@@ -872,6 +920,28 @@ mod tests {
                     "sometimes",
                 ],
                 "sync",
+            ),
+            (
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/tmp/x",
+                    "--read-fanout",
+                    "most",
+                ],
+                "read_fanout",
+            ),
+            (
+                &[
+                    "--node-id",
+                    "a",
+                    "--data-dir",
+                    "/tmp/x",
+                    "--read-speculate-ms",
+                    "0",
+                ],
+                "read_speculate_ms",
             ),
             (
                 &[

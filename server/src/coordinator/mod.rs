@@ -32,7 +32,7 @@ use tokio::time::Instant as TokioInstant;
 use tracing::{debug, warn};
 
 use crate::clock::now_ms;
-use crate::config::{Config, MAX_TIMEOUT_MS};
+use crate::config::{Config, ReadFanout, MAX_TIMEOUT_MS};
 use crate::membership::{ClusterView, Membership, WriteEpochs};
 use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
@@ -61,6 +61,7 @@ crate::metrics::metric_set! {
         pending_writes: Counter = "coordinator.pending_writes", "writes also sent to a key's next replica while a ring change runs (not counted toward W)";
         local_hints: Counter = "coordinator.local_hints", "hints kept on the coordinator for a primary no fallback covered";
         fallback_reads: Counter = "coordinator.fallback_reads", "hint reads from fallbacks for sloppy reads";
+        read_spares: Counter = "coordinator.read_spares", "spare replica reads started (a replica failed, or no R replies within --read-speculate-ms)";
         read_repairs: Counter = "read_repair.sent", "read repairs sent";
         read_repair_failed: Counter = "read_repair.failed", "read repairs that failed";
         peer_forward: Counter = "peer.forward", "writes other nodes forwarded here";
@@ -80,6 +81,10 @@ pub struct CoordinatorConfig {
     pub hinted_handoff: bool,
     /// Repair the replicas a read found behind (default true).
     pub read_repair: bool,
+    /// Ask every live replica on a read (Riak) instead of R of them with spares (Cassandra).
+    pub read_all: bool,
+    /// With R-replica reads: start a spare replica's read after this long without R replies.
+    pub read_speculate: Duration,
 }
 
 impl CoordinatorConfig {
@@ -92,6 +97,8 @@ impl CoordinatorConfig {
             request_timeout_ms: c.request_timeout_ms,
             hinted_handoff: c.hints.enabled,
             read_repair: c.read_repair,
+            read_all: c.read_fanout == ReadFanout::All,
+            read_speculate: Duration::from_millis(c.read_speculate_ms.into()),
         }
     }
 }
@@ -245,6 +252,10 @@ impl Tracker<ReadReplyOf> for ReadTracker {
                 needed: self.quorum.needed(),
             },
         }
+    }
+
+    fn wanted(&self) -> usize {
+        self.quorum.wanted()
     }
 }
 
@@ -1233,11 +1244,31 @@ impl<T: Transport> Coordinator<T> {
         }
         self.metrics.coordinated_reads.inc();
         self.metrics.fallback_reads.inc_by(fallbacks.len() as u64);
-        // Every live replica is asked (the coordinator's own state is read inline when it is
-        // in memory); the caller is answered at R replies.
+        // R of the live primaries are asked, this node first (its own state is read inline
+        // when in memory), the others in preference order; the rest are spares, started when
+        // one of those fails or after `read_speculate` without R replies (Cassandra's
+        // speculative retry). `read_all` asks every live replica at once (Riak). Either way the
+        // caller is answered at R replies and the replies that came are read-repaired.
         let mut fan = FanOut::new(deadline);
-        for target in &alive {
-            fan.push(self.replica_state(target.clone(), None, &view, key.clone(), deadline));
+        let mut alive = alive;
+        if let Some(i) = alive.iter().position(|t| *t == view.me) {
+            alive[..=i].rotate_right(1);
+        }
+        let started = if self.config.read_all || !fallbacks.is_empty() {
+            alive.len()
+        } else {
+            needed.max(needed_primaries).min(alive.len())
+        };
+        for (i, target) in alive.iter().enumerate() {
+            let call = self.replica_state(target.clone(), None, &view, key.clone(), deadline);
+            if i < started {
+                fan.push(call);
+            } else {
+                fan.push_spare(call);
+            }
+        }
+        if started < alive.len() {
+            fan.speculate_after(self.config.read_speculate);
         }
         for (primary, fallback) in fallbacks {
             fan.push(self.replica_state(fallback, Some(primary), &view, key.clone(), deadline));
@@ -1250,6 +1281,7 @@ impl<T: Transport> Coordinator<T> {
             .decide(&mut tracker)
             .await
             .map_err(|e| self.quorum_error(&key, e, what, true));
+        self.metrics.read_spares.inc_by(fan.spares_started() as u64);
         if !fan.is_empty() || tracker.quorum.needs_repair() {
             let coordinator = self.clone();
             fan.finish_late(

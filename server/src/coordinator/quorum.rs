@@ -235,6 +235,19 @@ impl ReadQuorum {
         self.counts.needed()
     }
 
+    /// Replies still needed for a decision (0 once decided): R (and PR) minus what came.
+    pub fn wanted(&self) -> usize {
+        if self.counts.is_decided() {
+            return 0;
+        }
+        let r = self.counts.needed().saturating_sub(self.counts.acks());
+        let pr = self
+            .counts
+            .needed_primaries
+            .saturating_sub(self.counts.primary_acks());
+        r.max(pr)
+    }
+
     /// The merge of every reply received so far.
     pub fn merged(&self) -> &KeyState {
         &self.merged

@@ -175,8 +175,18 @@ impl Harness {
     }
 }
 
-/// Node "a" coordinates, with N=3, R=W=2 by default.
+/// Node "a" coordinates, with N=3, R=W=2 by default; reads ask every live replica (the
+/// tests of read repair across all replicas).
 fn harness(view: ClusterView) -> Harness {
+    harness_with(view, true)
+}
+
+/// Reads ask R replicas (`--read-fanout quorum`, the default), spares after 20 ms.
+fn harness_quorum_reads(view: ClusterView) -> Harness {
+    harness_with(view, false)
+}
+
+fn harness_with(view: ClusterView, read_all: bool) -> Harness {
     let engine = Arc::new(MemoryEngine::new());
     let store = Arc::new(
         Store::open(
@@ -205,6 +215,8 @@ fn harness(view: ClusterView) -> Harness {
             request_timeout_ms: 1000,
             hinted_handoff: true,
             read_repair: true,
+            read_all,
+            read_speculate: Duration::from_millis(20),
         },
         store.clone(),
         script.clone(),
@@ -832,4 +844,106 @@ async fn a_delete_without_context_reads_primaries_only() {
         local(&h.store, &key).await.siblings().is_empty(),
         "nothing was written"
     );
+}
+
+/// A key whose preference list, with "a" moved to the front, asks `first` before `second`.
+fn key_asking(v: &ClusterView, first: &str, second: &str) -> String {
+    (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let p = crate::coordinator::plan::plan(v, k.as_bytes(), 3).primaries_alive;
+            let others: Vec<&str> = p.iter().map(|n| &**n).filter(|n| *n != "a").collect();
+            others == [first, second]
+        })
+        .expect("some key orders b and c either way")
+}
+
+#[tokio::test]
+async fn a_quorum_read_asks_this_node_and_r_minus_one_other_replica() {
+    let v = view(&ABC, "a", &["b", "c"]);
+    let key = key_asking(&v, "b", "c");
+    let h = harness_quorum_reads(v);
+    h.holds(&key, &one_sibling(1, "x")).await;
+    h.script
+        .on("b", Kind::Read, answer(state_reply(&one_sibling(1, "x"))));
+    h.script
+        .on("c", Kind::Read, answer(state_reply(&one_sibling(1, "x"))));
+    let resp = h
+        .coordinator
+        .get(Bytes::from(key.clone()), get_opts(2, 1000))
+        .await;
+    assert_eq!(reply_values(&resp), BTreeSet::from(["x".to_string()]));
+    let asked: Vec<String> = h
+        .script
+        .calls(Kind::Read)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(
+        asked,
+        vec![addr("b")],
+        "a (local) and b make R=2; c is not asked"
+    );
+    assert_eq!(h.coordinator.metrics.read_spares.get(), 0);
+    // R=3 asks everyone.
+    let resp = h.coordinator.get(Bytes::from(key), get_opts(3, 1000)).await;
+    assert_eq!(reply_values(&resp), BTreeSet::from(["x".to_string()]));
+    assert_eq!(h.script.calls(Kind::Read).len(), 3);
+}
+
+#[tokio::test]
+async fn a_failed_replica_read_starts_the_spare_at_once() {
+    let v = view(&ABC, "a", &["b", "c"]);
+    let key = key_asking(&v, "b", "c");
+    let h = harness_quorum_reads(v);
+    h.script.on("b", Kind::Read, failing());
+    h.script.on(
+        "c",
+        Kind::Read,
+        answer(state_reply(&one_sibling(2, "from-c"))),
+    );
+    h.script.on("c", Kind::Replicate, ack());
+    let resp = h.coordinator.get(Bytes::from(key), get_opts(2, 1000)).await;
+    assert_eq!(
+        reply_values(&resp),
+        BTreeSet::from(["from-c".to_string()]),
+        "{resp:?}"
+    );
+    assert_eq!(h.coordinator.metrics.read_spares.get(), 1);
+}
+
+#[tokio::test]
+async fn a_slow_replica_read_gets_a_speculative_spare() {
+    let v = view(&ABC, "a", &["b", "c"]);
+    let key = key_asking(&v, "b", "c");
+    let h = harness_quorum_reads(v);
+    // b answers after 500 ms, far beyond the 20 ms speculation delay; c at once.
+    h.script.on(
+        "b",
+        Kind::Read,
+        late(
+            Duration::from_millis(500),
+            state_reply(&one_sibling(3, "from-b")),
+        ),
+    );
+    h.script.on(
+        "c",
+        Kind::Read,
+        answer(state_reply(&one_sibling(2, "from-c"))),
+    );
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, ack());
+    let resp = h.coordinator.get(Bytes::from(key), get_opts(2, 2000)).await;
+    assert_eq!(
+        reply_values(&resp),
+        BTreeSet::from(["from-c".to_string()]),
+        "answered by a and the spare c, before b's reply"
+    );
+    assert_eq!(h.coordinator.metrics.read_spares.get(), 1);
+    // b's late reply is still merged and repaired onto the others.
+    let merged = one_sibling(2, "from-c").sync(&one_sibling(3, "from-b"));
+    eventually("b's late sibling repaired onto c", || {
+        h.script.replicated_to("c").contains(&merged)
+    })
+    .await;
 }

@@ -9,8 +9,9 @@
 //! completion (read repair, late-ack counting). One worker for every request's late replies
 //! instead of one spawned task per request: visible in `kvctl status`, joined at shutdown.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -25,6 +26,11 @@ use crate::coordinator::quorum::{Decision, QuorumError};
 pub trait Tracker<R>: Send + 'static {
     type Output;
     fn on_reply(&mut self, reply: R) -> Decision<Self::Output>;
+    /// How many more successful replies a decision needs: while fewer calls are outstanding
+    /// (one failed), [`FanOut::decide`] starts spare calls ([`FanOut::push_spare`]).
+    fn wanted(&self) -> usize {
+        0
+    }
     /// The deadline passed (or no reply can come) before a decision: the error to answer.
     fn on_deadline(&mut self) -> QuorumError;
 }
@@ -44,6 +50,12 @@ pub enum LateWait {
 pub struct FanOut<F> {
     pending: FuturesUnordered<F>,
     deadline: Instant,
+    /// Calls not started yet, in order: started when a started one fails (fewer outstanding
+    /// than the tracker still wants), or one per `speculate` interval without a decision.
+    spares: VecDeque<F>,
+    speculate: Option<Duration>,
+    /// Spares started.
+    spares_started: usize,
 }
 
 impl<F, R> FanOut<F>
@@ -55,11 +67,43 @@ where
         FanOut {
             pending: FuturesUnordered::new(),
             deadline,
+            spares: VecDeque::new(),
+            speculate: None,
+            spares_started: 0,
         }
     }
 
     pub fn push(&mut self, call: F) {
         self.pending.push(call);
+    }
+
+    /// A call started only if needed: when a started call fails and the tracker still wants
+    /// more replies than are outstanding, or (with [`FanOut::speculate_after`]) when no
+    /// decision came within that delay (a speculative retry, as Cassandra's). A call is a
+    /// future, so a spare never started costs nothing.
+    pub fn push_spare(&mut self, call: F) {
+        self.spares.push_back(call);
+    }
+
+    /// Starts one spare after `delay` without a decision, and one more per further `delay`.
+    pub fn speculate_after(&mut self, delay: Duration) {
+        self.speculate = Some(delay);
+    }
+
+    /// How many spare calls were started.
+    pub fn spares_started(&self) -> usize {
+        self.spares_started
+    }
+
+    fn start_spare(&mut self) -> bool {
+        match self.spares.pop_front() {
+            Some(call) => {
+                self.pending.push(call);
+                self.spares_started += 1;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -74,12 +118,27 @@ where
     ) -> Result<T::Output, QuorumError> {
         let sleep = tokio::time::sleep_until(TokioInstant::from_std(self.deadline));
         tokio::pin!(sleep);
+        // Far in the future when there is nothing to speculate with (never fires).
+        let speculate_at = |from: Instant, s: &Self| match s.speculate {
+            Some(d) if !s.spares.is_empty() => from + d,
+            _ => s.deadline,
+        };
+        let speculate =
+            tokio::time::sleep_until(TokioInstant::from_std(speculate_at(Instant::now(), self)));
+        tokio::pin!(speculate);
         loop {
+            while self.pending.len() < tracker.wanted() && self.start_spare() {}
             let decision = tokio::select! {
                 reply = self.pending.next() => match reply {
                     Some(reply) => tracker.on_reply(reply),
                     None => return Err(tracker.on_deadline()),
                 },
+                _ = &mut speculate, if self.speculate.is_some() && !self.spares.is_empty() => {
+                    self.start_spare();
+                    let next = speculate_at(Instant::now(), self);
+                    speculate.as_mut().reset(TokioInstant::from_std(next));
+                    Decision::Pending
+                }
                 _ = &mut sleep => return Err(tracker.on_deadline()),
             };
             match decision {
@@ -103,9 +162,11 @@ where
         Fin: FnOnce(T) -> Done + Send + 'static,
         Done: Future<Output = ()> + Send + 'static,
     {
+        // Spares never started stay unstarted (nothing was sent for them).
         let FanOut {
             mut pending,
             deadline,
+            ..
         } = self;
         late.submit(Box::pin(async move {
             let drain = async {
