@@ -50,6 +50,9 @@ struct Cli {
     /// Nodes' durability mode (none, group, always).
     #[arg(long, default_value = "group")]
     sync: String,
+    /// Nodes' read fan-out: quorum (R replicas, spares on failure or after 20 ms) or all.
+    #[arg(long, default_value = "quorum")]
+    read_fanout: String,
     /// Parent folder of run folders.
     #[arg(long, default_value = "jepsen-results")]
     out: PathBuf,
@@ -133,6 +136,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("register", "disk,reboot,partition", 120, 17),
             with("set", "disk,kill", 90, 18),
             with_sync("register", "kill,reboot", 90, 19, "none"),
+            // Reads asking every live replica (Riak's fan-out) under kills and partitions.
+            Cli {
+                read_fanout: "all".into(),
+                ..with("register", "kill,partition", 90, 30)
+            },
             aae_only("register", "kill,partition,pause", 120, 21),
             aae_only("set", "kill,partition", 90, 22),
             gc("register", "kill,partition,wipe", 180, 23),
@@ -281,6 +289,7 @@ fn main() -> ExitCode {
             netns: in_netns,
             n: r.n,
             sync: r.sync.clone(),
+            read_fanout: r.read_fanout.clone(),
             anti_entropy_only: r.anti_entropy_only,
             tombstone_settle_s: r.tombstone_settle_secs,
         };

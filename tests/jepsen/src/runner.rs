@@ -66,6 +66,8 @@ pub struct RunConfig {
     pub n: u8,
     /// The nodes' `--sync` mode.
     pub sync: String,
+    /// The nodes' `--read-fanout` (quorum: R replicas and spares; all: every live replica).
+    pub read_fanout: String,
     /// No read repair and no hinted handoff on the nodes, anti-entropy every 2 s: the replicas
     /// must converge before the final reads, by anti-entropy alone.
     pub anti_entropy_only: bool,
@@ -762,6 +764,8 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             n_flag.clone(),
             "--sync".into(),
             cfg.sync.clone(),
+            "--read-fanout".into(),
+            cfg.read_fanout.clone(),
         ];
         if uses_disk {
             args.push("--config".into());
