@@ -9,7 +9,9 @@ Then, per round, per workload (A 50/50, B 95/5, C read only; zipfian), each clus
 runs kvbench for DURATION seconds, closed loop with 128 requests in flight (ringkv: 8
 connections x 16 pipelined; Garage, HTTP/1.1 without pipelining: 128 connections x 1). The
 clusters not under test are stopped (SIGSTOP) so that their background work does not run during
-another's measurement, and resumed (SIGCONT) a few seconds before their own. Per run: ops/s,
+another's measurement, and resumed (SIGCONT) a few seconds before their own; after its load,
+each cluster runs alone until its servers are idle (under 5% of a core), so that no
+measurement pays for the load's leftover work. Per run: ops/s,
 p50/p99/p99.9 of the run phase, and the servers' CPU per operation (user + system from /proc).
 
 usage: tools/k2v-bench.py BIN_DIR OUT_DIR [--rounds 3] [--records 100000] [--duration 10]
@@ -26,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import Cluster, kvbench, measured  # noqa: E402
+from benchlib import Cluster, cpu_seconds, kvbench, measured  # noqa: E402
 import garage  # noqa: E402
 
 WORKLOADS = ["a", "b", "c"]
@@ -91,9 +93,13 @@ def main():
             s = kvbench(a.bin, t.addrs, a.out, f"{t.name}-load",
                         t.args("a", a.records, 1) + ["--ops", "1"], t.target, t.env)
             load = s.get("load") or {}
-            print(f"{t.name}: loaded {a.records} records in {time.time() - start:.0f} s "
-                  f"({load.get('throughput', 0):.0f} writes/s, {load.get('errors', 0)} errors)",
-                  flush=True)
+            loaded = time.time() - start
+            # Let the cluster finish what the load left (flushes, compactions, Merkle and table
+            # syncs) alone before any measurement: until its servers use under 5% of a core.
+            idle_after = quiesce(t.cluster.pids())
+            print(f"{t.name}: loaded {a.records} records in {loaded:.0f} s "
+                  f"({load.get('throughput', 0):.0f} writes/s, {load.get('errors', 0)} errors), "
+                  f"idle {idle_after:.0f} s later", flush=True)
             t.signal(signal.SIGSTOP)
         rows = []
         print(f"\n{'round':<6}{'wl':<4}{'config':<16}{'ops/s':>9}{'p50 us':>9}{'p99 us':>9}"
@@ -126,6 +132,18 @@ def main():
         gf.stop()
         gn.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def quiesce(pids, limit=180, window=3.0):
+    """Waits until `pids` use under 5% of a core over `window` seconds (at most `limit`);
+    returns the seconds waited."""
+    start = time.time()
+    while time.time() - start < limit:
+        before = cpu_seconds(pids)
+        time.sleep(window)
+        if (cpu_seconds(pids) - before) / window < 0.05:
+            break
+    return time.time() - start
 
 
 def summarize(rows):
