@@ -95,8 +95,11 @@ if [ "$GARAGE" != 0 ]; then
   # group sync) and with Garage's default (no fsync, as ringkv's --sync none). One cluster at a
   # time, like the others; HTTP/1.1 without pipelining: CONN x DEPTH connections.
   for g in fsync nofsync; do
-    eval "$("$tools/garage.py" start "$work/garage-$g" 13900 --fsync "${g%sync}")"
+    fsync=on; [ "$g" = fsync ] || fsync=off
+    eval "$("$tools/garage.py" start "$work/garage-$g" 13900 --fsync "$fsync")"
     pids+=($garage_pids)
+    # The layout reaches every node's K2V endpoint shortly after `layout apply`.
+    for a in ${garage_addrs//,/ }; do ready "garage-k2v ($g, $a)" probe garage-k2v "$a"; done
     # shellcheck disable=SC2086
     run "garage-k2v-3node-$g" garage-k2v "$garage_addrs" $((CONN * DEPTH)) 1 $garage_pids
     # shellcheck disable=SC2086

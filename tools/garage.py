@@ -9,7 +9,8 @@ usage:
   tools/garage.py install                 # prints the binary's path (builds it once, ~20 min)
   tools/garage.py start WORK BASE_PORT [--fsync on|off]
       starts 3 nodes (RPC on BASE+1, +11, +21; K2V on BASE, +10, +20), applies a layout,
-      creates a bucket and an access key, and prints shell assignments for `eval`:
+      creates a bucket and an access key, and prints shell assignments for `eval`
+      (the caller then waits until every K2V endpoint answers, e.g. with a kvbench probe):
       garage_pids, garage_addrs, GARAGE_K2V_KEY_ID, GARAGE_K2V_SECRET (the secret is only
       printed there, for the caller's environment; never logged).
 
@@ -172,7 +173,13 @@ def main():
         return
     if len(sys.argv) >= 4 and sys.argv[1] == "start":
         work, base = sys.argv[2], int(sys.argv[3])
-        fsync = "--fsync" not in sys.argv or sys.argv[sys.argv.index("--fsync") + 1] == "on"
+        fsync = "on"
+        if "--fsync" in sys.argv[4:]:
+            i = sys.argv.index("--fsync")
+            fsync = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+        if fsync not in ("on", "off"):
+            sys.exit(f"garage: --fsync takes on or off, not {fsync!r}")
+        fsync = fsync == "on"
         os.makedirs(work, exist_ok=True)
         c = GarageCluster(install(), work, base, fsync).start()
         # The servers outlive this script: the caller stops them by pid.

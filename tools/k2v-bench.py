@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +79,8 @@ def main():
             ringkv.wait_ready(i)
         for g in (gf, gn):
             g.start()
+            for addr in g.addrs().split(","):
+                probe_ready(a.bin, addr, g.env())
         targets = [
             Target("ringkv-3node", ringkv, [ringkv.addr(i) for i in (1, 2, 3)], "ringkv", 8, 16),
             Target("garage-fsync", gf, gf.addrs().split(","), "garage-k2v", 128, 1, gf.env()),
@@ -132,6 +135,20 @@ def main():
         gf.stop()
         gn.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def probe_ready(bin_dir, addr, env, limit=30):
+    """Until one K2V write + read through `addr` succeeds (the layout reaches every node's
+    endpoint shortly after `layout apply`)."""
+    cmd = [f"{bin_dir}/kvbench", "--target", "garage-k2v", "--addr", addr, "--records", "1",
+           "--ops", "1", "--connections", "1", "--depth", "1", "--duration", "1",
+           "--timeout-ms", "2000", "--key-prefix", "probe", "--json"]
+    start = time.time()
+    while time.time() - start < limit:
+        if subprocess.run(cmd, capture_output=True, env={**os.environ, **env}).returncode == 0:
+            return
+        time.sleep(0.2)
+    sys.exit(f"k2v-bench: Garage at {addr} did not answer K2V requests within {limit} s")
 
 
 def quiesce(pids, limit=180, window=3.0):
