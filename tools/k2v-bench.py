@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """ringkv 3 nodes next to Garage K2V 3 nodes, workloads A, B and C, interleaved (issue 19).
 
-Three clusters on loopback, each loaded once with the same records (100 B values):
+Four clusters on loopback, each loaded once with the same records (100 B values):
   ringkv-3node     N=3, R=W=2, --sync group (every acknowledged write fsynced, group commit)
+  ringkv-nosync    the same with --sync none (WAL written, not fsynced: survives a process kill,
+                   not a power loss)
   garage-fsync     replication factor 3 (quorums of 2), metadata_fsync = true
   garage-nofsync   the same with Garage's default, metadata_fsync = false
 Then, per round, per workload (A 50/50, B 95/5, C read only; zipfian), each cluster in turn
@@ -33,7 +35,7 @@ from benchlib import Cluster, cpu_seconds, kvbench, measured  # noqa: E402
 import garage  # noqa: E402
 
 WORKLOADS = ["a", "b", "c"]
-CONFIGS = ["ringkv-3node", "garage-fsync", "garage-nofsync"]
+CONFIGS = ["ringkv-3node", "ringkv-nosync", "garage-fsync", "garage-nofsync"]
 
 
 class Target:
@@ -69,20 +71,25 @@ def main():
     gbin = garage.install()
     work = tempfile.mkdtemp(prefix="ringkv-k2v-bench-")
     ringkv = Cluster(a.bin, work, 29379)
+    os.makedirs(os.path.join(work, "nosync"), exist_ok=True)
+    ringkv_nosync = Cluster(a.bin, os.path.join(work, "nosync"), 29479, ["--sync", "none"])
     gf = garage.GarageCluster(gbin, os.path.join(work, "gf"), 13900, fsync=True)
     gn = garage.GarageCluster(gbin, os.path.join(work, "gn"), 13950, fsync=False)
     targets = []
     try:
-        for i in (1, 2, 3):
-            ringkv.start(i)
-        for i in (1, 2, 3):
-            ringkv.wait_ready(i)
+        for r in (ringkv, ringkv_nosync):
+            for i in (1, 2, 3):
+                r.start(i)
+            for i in (1, 2, 3):
+                r.wait_ready(i)
         for g in (gf, gn):
             g.start()
             for addr in g.addrs().split(","):
                 probe_ready(a.bin, addr, g.env())
         targets = [
             Target("ringkv-3node", ringkv, [ringkv.addr(i) for i in (1, 2, 3)], "ringkv", 8, 16),
+            Target("ringkv-nosync", ringkv_nosync, [ringkv_nosync.addr(i) for i in (1, 2, 3)],
+                   "ringkv", 8, 16),
             Target("garage-fsync", gf, gf.addrs().split(","), "garage-k2v", 128, 1, gf.env()),
             Target("garage-nofsync", gn, gn.addrs().split(","), "garage-k2v", 128, 1, gn.env()),
         ]
@@ -132,6 +139,7 @@ def main():
         for t in targets:
             t.signal(signal.SIGCONT)
         ringkv.stop_all()
+        ringkv_nosync.stop_all()
         gf.stop()
         gn.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -168,14 +176,16 @@ def summarize(rows):
                                                if r["workload"] == wl and r["config"] == cfg)
     print("\nmedians over the rounds; ratios ringkv / Garage (goal: ops >= 10, CPU <= 0.1, "
           "p99 lower)")
+    pairs = [("ringkv-3node", "garage-fsync"), ("ringkv-3node", "garage-nofsync"),
+             ("ringkv-nosync", "garage-nofsync")]
     for wl in ("A", "B", "C"):
-        rk = {k: med(wl, "ringkv-3node", k) for k in ("ops", "p99", "cpu")}
-        for g in ("garage-fsync", "garage-nofsync"):
+        for mine, g in pairs:
+            rk = {k: med(wl, mine, k) for k in ("ops", "p99", "cpu")}
             gk = {k: med(wl, g, k) for k in ("ops", "p99", "cpu")}
             ops, cpu = rk["ops"] / max(gk["ops"], 1e-9), rk["cpu"] / max(gk["cpu"], 1e-9)
             ok = ops >= 10 and cpu <= 0.1 and rk["p99"] < gk["p99"]
-            print(f"  {wl} vs {g:<15} ops x{ops:6.1f}  cpu x{cpu:6.3f}  p99 {rk['p99']} vs "
-                  f"{gk['p99']} us  {'met' if ok else 'NOT met'}")
+            print(f"  {wl} {mine:<13} vs {g:<15} ops x{ops:6.1f}  cpu x{cpu:6.3f}  p99 "
+                  f"{rk['p99']} vs {gk['p99']} us  {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":
