@@ -29,6 +29,7 @@ class Cluster:
     def __init__(self, bin_dir, work, base, extra=()):
         self.bin, self.work, self.base, self.extra = bin_dir, work, base, list(extra)
         self.procs = {}
+        os.makedirs(work, exist_ok=True)
         self.log = open(os.path.join(work, "servers.log"), "ab")
 
     def addr(self, i):
@@ -62,15 +63,8 @@ class Cluster:
         return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else None
 
     def wait_ready(self, i):
-        for _ in range(300):
-            r = subprocess.run([f"{self.bin}/kvbench", "--addr", self.addr(i), "--records", "1",
-                                "--ops", "1", "--connections", "1", "--depth", "1", "--duration",
-                                "1", "--timeout-ms", "1000", "--key-prefix", "probe", "--json"],
-                               capture_output=True)
-            if r.returncode == 0:
-                return
-            time.sleep(0.1)
-        sys.exit(f"bench: node c{i} did not become ready; see {self.work}/servers.log")
+        wait_probe(self.bin, self.addr(i),
+                   f"bench: node c{i} did not become ready; see {self.work}/servers.log")
 
     def wait_down(self, seen_by, node_id):
         """Until `seen_by` no longer counts `node_id` alive (so writes hint at once)."""
@@ -89,6 +83,21 @@ class Cluster:
             return None
         return sum(t.get("keys", 0) for holder in h["holders"] for t in holder["targets"]
                    if t.get("target") == target)
+
+
+def wait_probe(bin_dir, addr, failure, target="ringkv", env=None, limit=30.0, timeout_ms=1000,
+               pause=0.1):
+    """Until one kvbench write + read through `addr` succeeds (at most `limit` seconds, then
+    exits with `failure`); `env`: extra environment (e.g. a K2V access key)."""
+    cmd = [f"{bin_dir}/kvbench", "--target", target, "--addr", addr, "--records", "1", "--ops",
+           "1", "--connections", "1", "--depth", "1", "--duration", "1", "--timeout-ms",
+           str(timeout_ms), "--key-prefix", "probe", "--json"]
+    start = time.time()
+    while time.time() - start < limit:
+        if subprocess.run(cmd, capture_output=True, env={**os.environ, **(env or {})}).returncode == 0:
+            return
+        time.sleep(pause)
+    sys.exit(failure)
 
 
 def kvbench(bin_dir, addrs, out, label, extra, target="ringkv", env=None):

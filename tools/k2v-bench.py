@@ -25,13 +25,12 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import Cluster, cpu_seconds, kvbench, measured  # noqa: E402
+from benchlib import Cluster, cpu_seconds, kvbench, measured, wait_probe  # noqa: E402
 import garage  # noqa: E402
 
 WORKLOADS = ["a", "b", "c"]
@@ -71,7 +70,6 @@ def main():
     gbin = garage.install()
     work = tempfile.mkdtemp(prefix="ringkv-k2v-bench-")
     ringkv = Cluster(a.bin, work, 29379)
-    os.makedirs(os.path.join(work, "nosync"), exist_ok=True)
     ringkv_nosync = Cluster(a.bin, os.path.join(work, "nosync"), 29479, ["--sync", "none"])
     gf = garage.GarageCluster(gbin, os.path.join(work, "gf"), 13900, fsync=True)
     gn = garage.GarageCluster(gbin, os.path.join(work, "gn"), 13950, fsync=False)
@@ -84,8 +82,11 @@ def main():
                 r.wait_ready(i)
         for g in (gf, gn):
             g.start()
+            # The layout reaches every node's K2V endpoint shortly after `layout apply`.
             for addr in g.addrs().split(","):
-                probe_ready(a.bin, addr, g.env())
+                wait_probe(a.bin, addr, f"k2v-bench: Garage at {addr} did not answer K2V "
+                           f"requests within 30 s", "garage-k2v", g.env(), timeout_ms=2000,
+                           pause=0.2)
         targets = [
             Target("ringkv-3node", ringkv, [ringkv.addr(i) for i in (1, 2, 3)], "ringkv", 8, 16),
             Target("ringkv-nosync", ringkv_nosync, [ringkv_nosync.addr(i) for i in (1, 2, 3)],
@@ -143,20 +144,6 @@ def main():
         gf.stop()
         gn.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def probe_ready(bin_dir, addr, env, limit=30):
-    """Until one K2V write + read through `addr` succeeds (the layout reaches every node's
-    endpoint shortly after `layout apply`)."""
-    cmd = [f"{bin_dir}/kvbench", "--target", "garage-k2v", "--addr", addr, "--records", "1",
-           "--ops", "1", "--connections", "1", "--depth", "1", "--duration", "1",
-           "--timeout-ms", "2000", "--key-prefix", "probe", "--json"]
-    start = time.time()
-    while time.time() - start < limit:
-        if subprocess.run(cmd, capture_output=True, env={**os.environ, **env}).returncode == 0:
-            return
-        time.sleep(0.2)
-    sys.exit(f"k2v-bench: Garage at {addr} did not answer K2V requests within {limit} s")
 
 
 def quiesce(pids, limit=180, window=3.0):
