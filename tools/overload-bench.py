@@ -65,7 +65,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     common = ["--workload", "a", "--records", "100000", "--value-size", "100",
-              "--connections", "8", "--depth", "16", "--duration", "10"]
+              "--connections", "8", "--depth", "16", "--duration", "10", "--threads", "1"]
     rows = []
     for rnd in range(1, a.rounds + 1):
         work = tempfile.mkdtemp(prefix="ringkv-overload-")

@@ -140,22 +140,38 @@ impl Read {
         self.siblings.len() > 1 || self.hidden > 0
     }
 
+    /// The reply's context and its small values are copied out of the frame: they arrived as
+    /// slices of the connection's read buffer, and an application keeping one (the context
+    /// for its next write, a cached value) would otherwise keep the whole buffer chunk of 8
+    /// KiB or more alive. A client that kept the contexts of 100 000 keys grew to 150-200 MiB
+    /// and spent a sixth of its CPU zeroing fresh pages (docs/benchmarks.md, Overload).
+    /// Values larger than `SHARED_VALUE_MIN` stay zero-copy: they fill most of their chunk.
     fn from_reply(r: ringkv_protocol::ReadReply) -> Read {
         Read {
             siblings: r
                 .siblings
                 .into_iter()
                 .map(|s| Sibling {
-                    value: s.value,
+                    value: s.value.map(|v| {
+                        if v.len() < SHARED_VALUE_MIN {
+                            Bytes::copy_from_slice(&v)
+                        } else {
+                            v
+                        }
+                    }),
                     timestamp_ms: s.timestamp_ms,
                     dot: (s.actor, s.counter),
                 })
                 .collect(),
-            context: Context(r.context),
+            context: Context(Bytes::copy_from_slice(&r.context)),
             hidden: r.hidden,
         }
     }
 }
+
+/// Values at least this large are returned as slices of the frame they arrived in; smaller
+/// ones are copied (see `Read::from_reply`).
+const SHARED_VALUE_MIN: usize = 4096;
 
 /// The result of a write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -891,6 +907,45 @@ mod routing_tests {
             alive,
             tokens_of: id.into(),
         }
+    }
+
+    /// True when `inner` points into `outer`'s memory (a slice of it).
+    fn within(inner: &Bytes, outer: &Bytes) -> bool {
+        let (o, i) = (outer.as_ptr() as usize, inner.as_ptr() as usize);
+        i >= o && i < o + outer.len()
+    }
+
+    #[test]
+    fn a_kept_read_does_not_pin_the_frame_it_arrived_in() {
+        // A reply decoded from one frame: its fields are slices of the frame's buffer.
+        let frame = Bytes::from(vec![7u8; 3 * SHARED_VALUE_MIN]);
+        let reply = ringkv_protocol::ReadReply {
+            siblings: vec![
+                ringkv_protocol::Sibling {
+                    actor: 1,
+                    counter: 1,
+                    timestamp_ms: 0,
+                    value: Some(frame.slice(0..100)),
+                },
+                ringkv_protocol::Sibling {
+                    actor: 2,
+                    counter: 1,
+                    timestamp_ms: 0,
+                    value: Some(frame.slice(100..100 + SHARED_VALUE_MIN)),
+                },
+            ],
+            context: frame.slice(2 * SHARED_VALUE_MIN..2 * SHARED_VALUE_MIN + 40),
+            hidden: 0,
+        };
+        let read = Read::from_reply(reply);
+        assert!(!within(&read.context.0, &frame), "the context is a copy");
+        assert_eq!(read.context.0, frame.slice(0..40), "same bytes");
+        let small = read.siblings[0].value.as_ref().expect("a value");
+        assert!(!within(small, &frame), "a small value is a copy");
+        assert_eq!(small.len(), 100);
+        let large = read.siblings[1].value.as_ref().expect("a value");
+        assert!(within(large, &frame), "a large value stays zero-copy");
+        assert_eq!(large.len(), SHARED_VALUE_MIN);
     }
 
     #[test]

@@ -75,10 +75,14 @@ impl<T: Clone> ContextCache<T> {
     }
 
     fn set(&self, key: &str, ctx: T) {
-        self.shard(key)
-            .lock()
-            .expect("context cache lock")
-            .insert(key.to_string(), ctx);
+        let mut shard = self.shard(key).lock().expect("context cache lock");
+        // Replace in place: copying the key again for every write of a known key allocates.
+        match shard.get_mut(key) {
+            Some(slot) => *slot = ctx,
+            None => {
+                shard.insert(key.to_string(), ctx);
+            }
+        }
     }
 }
 

@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use ringkv_tools::bench::{self, targets::TargetKind, BenchConfig, Workload};
 
+// mimalloc instead of glibc malloc, as in the server: the generator shares the machine with
+// the nodes it measures, and in an open-loop profile at 2x the peak glibc's malloc/free were
+// ~16% of its CPU (docs/benchmarks.md, Overload).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kvbench",
@@ -61,6 +67,10 @@ struct Cli {
     /// Per-request timeout in ms.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Threads of the generator's runtime (default: one per core). On a machine shared with the
+    /// nodes under test, 1 leaves them more CPU (one thread wakes up less often than two).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     /// ringkv only: every connection knows every address and sends each request to a replica
     /// of its key (the client library's ring-aware routing); default: one address each.
     #[arg(long)]
@@ -111,7 +121,11 @@ fn main() -> ExitCode {
         k2v_bucket: cli.k2v_bucket,
         k2v_region: cli.k2v_region,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(t) = cli.threads {
+        builder.worker_threads(t.into());
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
