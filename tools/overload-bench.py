@@ -8,7 +8,14 @@ p50/p99 of the admitted requests (latency from each request's intended start), t
 CPU per op and their peak resident memory.
 
 usage: tools/overload-bench.py BIN_DIR OUT_DIR [--rounds 2] [--node-args "--max-requests 256"]
+                                [--server-cpus 1.5]
 Goals: at 2x, goodput >= 90% of the peak and admitted p99 <= 3x the p99 at 0.5x.
+
+--server-cpus X puts the three nodes in a cgroup whose CPU quota is X cores (cgroup v1 `cpu`
+or v2 `cpu.max`, 1 ms periods: a throttled group waits at most the rest of 1 ms; needs root), for every phase, peak included: the nodes then get
+the same CPU whether the generator (same machine) dispatches 1x or 2x the requests, as when
+clients run on other machines. Without it the generator's CPU, which doubles from the peak to
+2x, comes out of the nodes' share of the cores.
 """
 import argparse
 import os
@@ -55,6 +62,52 @@ class PeakRss:
         return self.peak
 
 
+class CpuCap:
+    """A cgroup capping the processes added to it at `cores` CPUs (quota per 1 ms period).
+
+    Its weight is raised far above one thread's: the scheduler weighs a group as one entity,
+    so at the default weight the three nodes together would get no more CPU than each of the
+    generator's threads, and the cap would not be what binds."""
+
+    PERIOD_US = 1_000
+
+    def __init__(self, cores):
+        quota = int(cores * self.PERIOD_US)
+        if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v2
+            self.path = "/sys/fs/cgroup/ringkv-overload-bench"
+            os.makedirs(self.path, exist_ok=True)
+            self.write("cpu.max", f"{quota} {self.PERIOD_US}")
+            self.write("cpu.weight", "10000")
+        else:  # cgroup v1, `cpu` controller
+            self.path = "/sys/fs/cgroup/cpu/ringkv-overload-bench"
+            os.makedirs(self.path, exist_ok=True)
+            self.write("cpu.cfs_period_us", str(self.PERIOD_US))
+            self.write("cpu.cfs_quota_us", str(quota))
+            self.write("cpu.shares", str(1024 * 64))
+
+    def write(self, name, value):
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def add(self, pid):
+        self.write("cgroup.procs", str(pid))
+
+    def throttled_periods(self):
+        """Periods in which the group used its whole quota and was paused."""
+        with open(os.path.join(self.path, "cpu.stat")) as f:
+            for line in f:
+                k, v = line.split()
+                if k == "nr_throttled":
+                    return int(v)
+        return 0
+
+    def close(self):
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bin")
@@ -62,10 +115,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--node-args", default="")
     ap.add_argument("--base-port", type=int, default=29379)
+    ap.add_argument("--server-cpus", type=float, default=None,
+                    help="cap the nodes at this many cores (a cgroup; needs root)")
     a = ap.parse_args()
+    cap = None
+    if a.server_cpus is not None:
+        try:
+            cap = CpuCap(a.server_cpus)
+        except OSError as e:
+            sys.exit(f"overload-bench: cannot create a cgroup for --server-cpus: {e} "
+                     "(needs root and the cgroup cpu controller)")
+        print(f"nodes capped at {a.server_cpus} cores ({cap.path})", flush=True)
     os.makedirs(a.out, exist_ok=True)
     common = ["--workload", "a", "--records", "100000", "--value-size", "100",
-              "--connections", "8", "--depth", "16", "--duration", "10", "--threads", "1"]
+              "--connections", "8", "--depth", "16", "--duration", "10"]
     rows = []
     for rnd in range(1, a.rounds + 1):
         work = tempfile.mkdtemp(prefix="ringkv-overload-")
@@ -73,6 +136,8 @@ def main():
         try:
             for i in (1, 2, 3):
                 cluster.start(i)
+                if cap is not None:
+                    cap.add(cluster.procs[i].pid)
             for i in (1, 2, 3):
                 cluster.wait_ready(i)
             time.sleep(3)  # new data dirs sync with each other before they answer reads
@@ -90,6 +155,7 @@ def main():
             for x in RATES:
                 rate = int(peak_ops * x)
                 watch = PeakRss(cluster.pids())
+                thr0 = cap.throttled_periods() if cap else 0
                 ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 s = measured(a.bin, cluster, addrs, a.out, f"r{rnd}-{x}x",
                              common + ["--no-load", "--rate", str(rate)])
@@ -102,16 +168,20 @@ def main():
                     "goodput": r["throughput"], "shed_per_s": r.get("shed", 0) / r["duration_s"],
                     "errors": r["errors"], "p50": r["all"]["p50_us"], "p99": r["all"]["p99_us"],
                     "cpu": s["cpu_us_per_op"], "rss": watch.stop(), "gen": gen,
+                    "throttled": (cap.throttled_periods() - thr0) if cap else 0,
                 })
                 row = rows[-1]
                 print(f"  {x:>4}x {rate:>7}/s  goodput {row['goodput']:>8.0f} "
                       f"({row['goodput'] / peak_ops:5.2f} of peak)  shed {row['shed_per_s']:>7.0f}/s  "
                       f"errors {row['errors']:>5}  p50 {row['p50']:>7}  p99 {row['p99']:>8} us  "
                       f"cpu {row['cpu']:6.1f} us/op  rss {row['rss'] >> 20} MiB  "
-                      f"generator {row['gen'] * 100:4.0f}% of a core", flush=True)
+                      f"generator {row['gen'] * 100:4.0f}% of a core"
+                      + (f"  throttled {row['throttled']} periods" if cap else ""), flush=True)
         finally:
             cluster.stop_all()
             shutil.rmtree(work, ignore_errors=True)
+    if cap is not None:
+        cap.close()
     print("\nsummary (per round): goodput at 2x / peak, p99 at 2x / p99 at 0.5x")
     for rnd in range(1, a.rounds + 1):
         by = {r["x"]: r for r in rows if r["round"] == rnd}
