@@ -68,7 +68,8 @@ struct Cli {
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
     /// Threads of the generator's runtime (default: one per core). On a machine shared with the
-    /// nodes under test, 1 leaves them more CPU (one thread wakes up less often than two).
+    /// nodes under test, 1 leaves them a little more CPU (~0.02 core at 60k requests/s), but a
+    /// descheduled thread then holds up every connection (docs/benchmarks.md, Overload).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     /// ringkv only: every connection knows every address and sends each request to a replica
