@@ -180,7 +180,6 @@ def main():
         if fsync not in ("on", "off"):
             sys.exit(f"garage: --fsync takes on or off, not {fsync!r}")
         fsync = fsync == "on"
-        os.makedirs(work, exist_ok=True)
         c = GarageCluster(install(), work, base, fsync).start()
         # The servers outlive this script: the caller stops them by pid.
         print(f'garage_pids="{" ".join(map(str, c.pids()))}"')

@@ -74,16 +74,16 @@ class CpuCap:
     def __init__(self, cores):
         quota = int(cores * self.PERIOD_US)
         if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # cgroup v2
-            self.path = "/sys/fs/cgroup/ringkv-overload-bench"
-            os.makedirs(self.path, exist_ok=True)
-            self.write("cpu.max", f"{quota} {self.PERIOD_US}")
-            self.write("cpu.weight", "10000")
+            root = "/sys/fs/cgroup"
+            settings = {"cpu.max": f"{quota} {self.PERIOD_US}", "cpu.weight": "10000"}
         else:  # cgroup v1, `cpu` controller
-            self.path = "/sys/fs/cgroup/cpu/ringkv-overload-bench"
-            os.makedirs(self.path, exist_ok=True)
-            self.write("cpu.cfs_period_us", str(self.PERIOD_US))
-            self.write("cpu.cfs_quota_us", str(quota))
-            self.write("cpu.shares", str(1024 * 64))
+            root = "/sys/fs/cgroup/cpu"
+            settings = {"cpu.cfs_period_us": str(self.PERIOD_US),
+                        "cpu.cfs_quota_us": str(quota), "cpu.shares": str(1024 * 64)}
+        self.path = os.path.join(root, "ringkv-overload-bench")
+        os.makedirs(self.path, exist_ok=True)
+        for name, value in settings.items():
+            self.write(name, value)
 
     def write(self, name, value):
         with open(os.path.join(self.path, name), "w") as f:

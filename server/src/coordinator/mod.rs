@@ -1209,7 +1209,7 @@ impl<T: Transport> Coordinator<T> {
     ) -> Result<KeyState, Response> {
         let view = self.view();
         let plan = plan(&view, &key, self.config.n as usize);
-        let alive = plan.primaries_alive;
+        let mut alive = plan.primaries_alive;
         if alive.len() < needed_primaries {
             return Err(self.quorum_error(
                 &key,
@@ -1250,7 +1250,6 @@ impl<T: Transport> Coordinator<T> {
         // speculative retry). `read_all` asks every live replica at once (Riak). Either way the
         // caller is answered at R replies and the replies that came are read-repaired.
         let mut fan = FanOut::new(deadline);
-        let mut alive = alive;
         if let Some(i) = alive.iter().position(|t| *t == view.me) {
             alive[..=i].rotate_right(1);
         }

@@ -89,6 +89,17 @@ impl WriteQuorum {
         self.decided
     }
 
+    /// Acks still needed for success (0 once decided): `needed` and `needed_primaries` minus
+    /// what came, the larger of the two (the success test of `decide`, counted down).
+    pub fn wanted(&self) -> usize {
+        if self.decided {
+            return 0;
+        }
+        let all = self.needed.saturating_sub(self.acks.len());
+        let primaries = self.needed_primaries.saturating_sub(self.primary_acks);
+        all.max(primaries)
+    }
+
     /// The decision after this event; `Pending` again once decided (each request is answered
     /// once; later events only update the counts).
     fn decide(&mut self) -> Decision<()> {
@@ -237,15 +248,7 @@ impl ReadQuorum {
 
     /// Replies still needed for a decision (0 once decided): R (and PR) minus what came.
     pub fn wanted(&self) -> usize {
-        if self.counts.is_decided() {
-            return 0;
-        }
-        let r = self.counts.needed().saturating_sub(self.counts.acks());
-        let pr = self
-            .counts
-            .needed_primaries
-            .saturating_sub(self.counts.primary_acks());
-        r.max(pr)
+        self.counts.wanted()
     }
 
     /// The merge of every reply received so far.
