@@ -49,6 +49,16 @@ fn kvbench_smoke_run_has_no_errors_and_a_complete_summary() {
             assert!(run["all"][p].as_u64().unwrap() > 0, "{p}: {s}");
         }
         assert!(run["all"]["p50_us"].as_u64() <= run["all"]["max_us"].as_u64());
+        if s["mode"] == "open" {
+            // The open loop splits each latency: the generator's own delay before a request
+            // began, and the rest; both cover every operation, and neither exceeds the whole.
+            assert_eq!(run["late"]["count"], 300, "{s}");
+            assert_eq!(run["from_send"]["count"], run["all"]["count"], "{s}");
+            assert!(run["from_send"]["max_us"].as_u64() <= run["all"]["max_us"].as_u64());
+            assert!(run["late"]["max_us"].as_u64() <= run["all"]["max_us"].as_u64());
+        } else {
+            assert!(run.get("late").is_none() && run.get("from_send").is_none());
+        }
         assert_eq!(s["config"]["workload"]["name"], "A");
         assert!(!s["git_commit"].as_str().unwrap().is_empty());
     }

@@ -124,6 +124,15 @@ pub struct PhaseResult {
     pub first_errors: Vec<String>,
     /// Reads that found no value (after a load phase this should be 0).
     pub not_found: u64,
+    /// Open loop only: how long after its due time each operation began to run in the
+    /// generator (its dispatcher thread's and runtime's own delays, e.g. waiting for a CPU it
+    /// shares with the servers). Part of every latency above, but not the servers' doing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub late: Option<Percentiles>,
+    /// Open loop only: the successful operations' latency counted from when each began in
+    /// the generator instead of from its due time (`all` minus `late`, per operation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_send: Option<Percentiles>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,6 +156,17 @@ struct Stats {
     shed: u64,
     not_found: u64,
     first_errors: Vec<String>,
+    /// Open loop only.
+    open: Option<OpenLoopStats>,
+}
+
+/// The open loop's split of each latency: the generator's own delay before an operation
+/// began, and the rest.
+struct OpenLoopStats {
+    /// Each operation's start behind its due time, µs.
+    late: Histogram<u64>,
+    /// Successful operations' latency from their start, µs.
+    from_send: Histogram<u64>,
 }
 
 impl Stats {
@@ -154,6 +174,7 @@ impl Stats {
         Stats {
             read: histogram(),
             update: histogram(),
+            open: None,
             errors: 0,
             shed: 0,
             not_found: 0,
@@ -164,6 +185,14 @@ impl Stats {
     fn merge(&mut self, o: Stats) {
         let _ = self.read.add(&o.read);
         let _ = self.update.add(&o.update);
+        match (&mut self.open, o.open) {
+            (Some(l), Some(o)) => {
+                let _ = l.late.add(&o.late);
+                let _ = l.from_send.add(&o.from_send);
+            }
+            (l @ None, o) => *l = o,
+            (Some(_), None) => {}
+        }
         self.errors += o.errors;
         self.shed += o.shed;
         self.not_found += o.not_found;
@@ -190,6 +219,8 @@ impl Stats {
             all: Percentiles::from(&all),
             first_errors: self.first_errors,
             not_found: self.not_found,
+            late: self.open.as_ref().map(|o| Percentiles::from(&o.late)),
+            from_send: self.open.as_ref().map(|o| Percentiles::from(&o.from_send)),
         }
     }
 }
@@ -279,6 +310,9 @@ fn next_op(
     };
     (key, kind, values.next(rng))
 }
+
+/// The open loop's dispatcher sleeps at least this long when it is ahead of its schedule.
+const DISPATCH_TICK: Duration = Duration::from_micros(250);
 
 /// Random letters a run's values are cut from (plus one value's size).
 const VALUE_POOL_BYTES: usize = 1 << 20;
@@ -423,10 +457,16 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
         }
         Some(rate) => {
             // Open loop: op i is due at start + i/rate; its latency counts from then. The
-            // schedule runs on its own thread with OS sleeps (tens of microseconds late at
-            // most): tokio's timer has a 1 ms granularity and would add up to 1 ms of the
-            // generator's own lateness to every latency.
-            let shared = Arc::new(Mutex::new(Stats::new()));
+            // schedule runs on its own thread with OS sleeps of at least `DISPATCH_TICK`
+            // (a quarter millisecond late at most when it has the CPU): tokio's timer has a
+            // 1 ms granularity and would add up to 1 ms of the generator's own lateness to
+            // every latency. How late each operation really began is measured (`late`).
+            let mut stats = Stats::new();
+            stats.open = Some(OpenLoopStats {
+                late: histogram(),
+                from_send: histogram(),
+            });
+            let shared = Arc::new(Mutex::new(stats));
             let limit = Arc::new(tokio::sync::Semaphore::new(cfg.connections * cfg.depth * 4));
             let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
             let handle = tokio::runtime::Handle::current();
@@ -445,7 +485,10 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                         }
                         let now = Instant::now();
                         if due > now {
-                            std::thread::sleep(due - now);
+                            // Wake at most once per tick and dispatch all that is due then:
+                            // a sleep per operation (every ~16 µs at 60k ops/s) is a wake-up
+                            // competing for the CPU the servers share.
+                            std::thread::sleep((due - now).max(DISPATCH_TICK));
                         }
                         let permit = match limit.clone().try_acquire_owned() {
                             Ok(p) => p,
@@ -459,8 +502,20 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                         let (shared, counters) = (shared.clone(), counters.clone());
                         tasks.spawn_on(
                             async move {
+                                let began = Instant::now();
+                                let late = began.saturating_duration_since(due);
                                 let r = counted(&conn, kind, &key, &value, &counters, due).await;
-                                record(&mut shared.lock().expect("stats lock"), kind, due, r);
+                                let ok = r.is_ok();
+                                let mut stats = shared.lock().expect("stats lock");
+                                record(&mut stats, kind, due, r);
+                                if let Some(o) = &mut stats.open {
+                                    o.late.saturating_record((late.as_micros() as u64).max(1));
+                                    if ok {
+                                        let us = began.elapsed().as_micros() as u64;
+                                        o.from_send.saturating_record(us.max(1));
+                                    }
+                                }
+                                drop(stats);
                                 drop(permit);
                             },
                             &handle,
@@ -568,6 +623,15 @@ pub fn table(s: &Summary) -> String {
             &r.update,
             r.update.count as f64 / r.duration_s,
             0,
+        );
+    }
+    if let (Some(late), Some(sent)) = (&r.late, &r.from_send) {
+        row("run", "late", late, 0.0, 0);
+        row("run", "sent", sent, r.throughput, 0);
+        out.push_str(
+            "late: how long after its due time each operation began in the generator (its own \
+             delay, part of the latencies above); sent: the same operations' latency counted \
+             from when they began\n",
         );
     }
     if r.shed > 0 {
