@@ -8,12 +8,13 @@
 //! refuse the replica writes another coordinator needs for its W.
 //!
 //! A request over budget is refused before any work (`Overloaded`, with a retry-after hint)
-//! and counted by reason. Past half of the count budget, while several connections are busy,
-//! a connection holding more than its fair share (`limit / 2 / busy connections`) is refused
-//! first, so one client pipelining
-//! deeply cannot crowd out the others; and the last quarter of the budget only admits
-//! requests of connections that have nothing else in flight, so a light client (one request
-//! at a time) gets in however deep the others pipeline.
+//! and counted by reason. Past 3/8 of the count budget (`SHARED_FROM`), while several
+//! connections are busy, a connection holding more than its fair share (`limit × 3/8 / busy
+//! connections`) is refused first, so one client pipelining deeply cannot crowd out the
+//! others, and connections busy together keep a standing queue of about 3/8 of the budget
+//! under sustained overload; the rest absorbs bursts of light connections, and its last
+//! quarter only admits requests of connections that have nothing else in flight, so a light
+//! client (one request at a time) gets in however deep the others pipeline.
 //!
 //! A request whose deadline passed before it was dispatched (it waited in a socket while the
 //! process was stopped, or behind a slow one) is dropped unexecuted and counted as
@@ -42,7 +43,7 @@ pub enum Shed {
     Requests { in_flight: usize, limit: usize },
     /// The byte budget is full.
     Bytes { in_flight: usize, limit: usize },
-    /// Past half the budget, this connection holds more than its share (0 = in the last
+    /// Past 3/8 of the budget, this connection holds more than its share (0 = in the last
     /// quarter, kept for connections with nothing in flight).
     FairShare { held: usize, share: usize },
 }
@@ -74,6 +75,18 @@ impl Shed {
 
 /// The reasons a request is shed or dropped, as metric labels (`admission.shed`).
 pub const SHED_REASONS: [&str; 3] = ["requests", "bytes", "fair_share"];
+
+/// The part of the count budget that connections busy together share: from `requests` ×
+/// `SHARED_FROM` in flight on, each may hold `requests × SHARED_FROM / busy connections`.
+/// This is the standing queue a node keeps under sustained overload from several clients
+/// (their admitted latency, by Little's law); the rest of the budget absorbs bursts of light
+/// connections. 3/8 was measured against 1/2 (docs/benchmarks.md, "Overload").
+pub const SHARED_FROM: (usize, usize) = (3, 8);
+
+/// Requests in flight from which busy connections are held to a share (see `SHARED_FROM`).
+fn shared_from(requests: usize) -> usize {
+    requests * SHARED_FROM.0 / SHARED_FROM.1
+}
 
 /// Smallest and largest retry-after hint, ms.
 pub const RETRY_AFTER_MIN_MS: u64 = 5;
@@ -206,11 +219,11 @@ impl Budget {
                 held: held_before,
                 share: 0,
             })
-        } else if before >= self.limits.requests / 2 {
+        } else if before >= shared_from(self.limits.requests) {
             // Shares only among connections that are busy together: a lone connection (one
             // application multiplexing its requests, as the client library does) is not capped.
             let busy = self.busy_conns.load(Ordering::Acquire);
-            let share = (self.limits.requests / 2 / busy.max(1)).max(1);
+            let share = (shared_from(self.limits.requests) / busy.max(1)).max(1);
             (busy > 1 && held_before >= share).then_some(Shed::FairShare {
                 held: held_before,
                 share,
@@ -373,51 +386,63 @@ mod tests {
     }
 
     #[test]
-    fn past_half_the_budget_a_deep_connection_yields_to_a_light_one() {
+    fn busy_connections_share_three_eighths_of_the_budget_and_light_ones_the_rest() {
         let b = Budget::bare(Limits {
-            requests: 8,
+            requests: 16,
             bytes: 1 << 20,
         });
         let deep = ConnShare::new();
         let other = ConnShare::new();
-        let light = ConnShare::new();
-        // Below half, connections take what they want.
-        let mut held: Vec<Permit> = (0..3).map(|_| b.try_admit(&deep, 1).unwrap()).collect();
+        // Below 3/8 of the budget (6), connections take what they want.
+        let mut held: Vec<Permit> = (0..4).map(|_| b.try_admit(&deep, 1).unwrap()).collect();
         held.push(b.try_admit(&other, 1).unwrap());
-        // At half, two busy connections share 8 / 2 / 2 = 2 each: the deep one (3) waits ...
+        held.push(b.try_admit(&other, 1).unwrap());
+        // From there, two busy connections share 16 * 3/8 / 2 = 3 each: the deep one (4)
+        // waits, the other one (2) gets one more, then waits too.
         assert_eq!(
             b.try_admit(&deep, 1).err(),
-            Some(Shed::FairShare { held: 3, share: 2 })
+            Some(Shed::FairShare { held: 4, share: 3 })
         );
-        // ... the other one (1) and a light one get in.
         held.push(b.try_admit(&other, 1).expect("below its share"));
-        held.push(b.try_admit(&light, 1).expect("a light connection gets in"));
-        assert_eq!(b.shed[2].get(), 1);
+        assert_eq!(
+            b.try_admit(&other, 1).err(),
+            Some(Shed::FairShare { held: 3, share: 3 })
+        );
+        assert_eq!(b.shed[2].get(), 2);
+        // Light connections (nothing in flight) fill the rest of the budget: a burst of
+        // single requests is not refused while busy connections are held to their share.
+        let light: Vec<_> = (0..10).map(|_| ConnShare::new()).collect();
+        for c in &light[..9] {
+            held.push(b.try_admit(c, 1).expect("a light connection gets in"));
+        }
+        assert_eq!(b.in_flight(), 16);
+        assert!(matches!(
+            b.try_admit(&light[9], 1),
+            Err(Shed::Requests { .. })
+        ));
     }
 
     #[test]
     fn the_last_quarter_is_kept_for_connections_with_nothing_in_flight() {
         let b = Budget::bare(Limits {
-            requests: 8,
+            requests: 16,
             bytes: 1 << 20,
         });
-        let deep: Vec<_> = (0..2).map(|_| ConnShare::new()).collect();
-        // Below half, the first deep connection takes 4; then the second its share (2).
-        let mut held: Vec<Permit> = (0..4).map(|_| b.try_admit(&deep[0], 1).unwrap()).collect();
-        held.push(b.try_admit(&deep[1], 1).unwrap());
-        held.push(b.try_admit(&deep[1], 1).unwrap());
-        assert_eq!(b.in_flight(), 6);
-        // At 6 = 8 - 8/4, a connection with something in flight is refused ...
+        // A lone connection is not held to a share: it takes up to the last quarter (12) ...
+        let lone = ConnShare::new();
+        let mut held: Vec<Permit> = (0..12).map(|_| b.try_admit(&lone, 1).unwrap()).collect();
+        // ... where a connection with something in flight is refused ...
         assert_eq!(
-            b.try_admit(&deep[1], 1).err(),
-            Some(Shed::FairShare { held: 2, share: 0 })
+            b.try_admit(&lone, 1).err(),
+            Some(Shed::FairShare { held: 12, share: 0 })
         );
         // ... while connections with nothing in flight get in, up to the whole budget.
-        let light: Vec<_> = (0..3).map(|_| ConnShare::new()).collect();
-        held.push(b.try_admit(&light[0], 1).unwrap());
-        held.push(b.try_admit(&light[1], 1).unwrap());
+        let light: Vec<_> = (0..5).map(|_| ConnShare::new()).collect();
+        for c in &light[..4] {
+            held.push(b.try_admit(c, 1).unwrap());
+        }
         assert!(matches!(
-            b.try_admit(&light[2], 1),
+            b.try_admit(&light[4], 1),
             Err(Shed::Requests { .. })
         ));
     }

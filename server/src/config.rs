@@ -29,9 +29,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;
 /// Client gets, puts and deletes in flight per node (docs/operations.md, "Admission control").
-/// With several busy connections a node keeps about half of it in flight (the fair share
-/// begins there); 96 was measured against 128 (docs/benchmarks.md, "Overload").
-pub const DEFAULT_MAX_REQUESTS: usize = 96;
+/// Connections that are busy together are held to 3/8 of it (`admission::SHARED_FROM`); the
+/// rest is for bursts of light connections.
+pub const DEFAULT_MAX_REQUESTS: usize = 128;
 /// MiB of client request bodies in flight per node.
 pub const DEFAULT_MAX_REQUEST_MB: usize = 64;
 /// Peer requests in flight per node.
