@@ -202,6 +202,7 @@ impl Budget {
         if held_before == 0 {
             self.busy_conns.fetch_add(1, Ordering::AcqRel);
         }
+        let shared = shared_from(self.limits.requests);
         let refused = if before >= self.limits.requests {
             Some(Shed::Requests {
                 in_flight: before,
@@ -219,11 +220,11 @@ impl Budget {
                 held: held_before,
                 share: 0,
             })
-        } else if before >= shared_from(self.limits.requests) {
+        } else if before >= shared {
             // Shares only among connections that are busy together: a lone connection (one
             // application multiplexing its requests, as the client library does) is not capped.
             let busy = self.busy_conns.load(Ordering::Acquire);
-            let share = (shared_from(self.limits.requests) / busy.max(1)).max(1);
+            let share = (shared / busy.max(1)).max(1);
             (busy > 1 && held_before >= share).then_some(Shed::FairShare {
                 held: held_before,
                 share,

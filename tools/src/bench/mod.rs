@@ -238,8 +238,13 @@ async fn do_op(conn: &Conn, kind: OpKind, key: &str, value: &Bytes) -> Result<bo
     }
 }
 
+/// A latency as recorded in the histograms: whole microseconds, at least 1.
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
 fn record(stats: &mut Stats, kind: OpKind, started: Instant, result: Result<bool, OpError>) {
-    let us = (started.elapsed().as_micros() as u64).max(1);
+    let us = micros(started.elapsed());
     match result {
         Ok(found) => {
             match kind {
@@ -509,10 +514,9 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                                 let mut stats = shared.lock().expect("stats lock");
                                 record(&mut stats, kind, due, r);
                                 if let Some(o) = &mut stats.open {
-                                    o.late.saturating_record((late.as_micros() as u64).max(1));
+                                    o.late.saturating_record(micros(late));
                                     if ok {
-                                        let us = began.elapsed().as_micros() as u64;
-                                        o.from_send.saturating_record(us.max(1));
+                                        o.from_send.saturating_record(micros(began.elapsed()));
                                     }
                                 }
                                 drop(stats);
