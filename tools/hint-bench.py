@@ -173,8 +173,10 @@ def sample(addr, bin_dir, path, target_addr):
                     if t.get("target") == "c3")
             st = subprocess.run([f"{bin_dir}/kvctl", "--addr", target_addr, "--json", "status"],
                                 capture_output=True, text=True)
-            pace = (json.loads(st.stdout)["metrics"].get("hints.replay_pace_percent")
-                    if st.returncode == 0 else None)
+            # The granted share (a ratio; `kvctl status` shows ratios in thousandths), as percent.
+            milli = (json.loads(st.stdout)["metrics"].get("hints.replay_pace_ratio")
+                     if st.returncode == 0 else None)
+            pace = milli / 10 if milli is not None else None
             samples.append((round(time.monotonic() - t0, 2), n, pace))
             if n == 0:
                 break

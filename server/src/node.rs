@@ -390,7 +390,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         "how full the client budget or the writer queue is (1 = full): background work slows past 0.5",
         crate::background::load::foreground_pressure,
     );
-    registry.probe(
+    registry.probe_counter(
         "process.stalls",
         "times the process was seen stopped or starved for more than 250 ms (frames read then are dated to the stall's start)",
         move || stalls.stalls.load(std::sync::atomic::Ordering::Relaxed),
@@ -406,12 +406,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         "tombstones.live",
         "tombstone-only keys stored on this node",
         move || tombstones.load(std::sync::atomic::Ordering::Relaxed),
-    );
-    let s = store.clone();
-    registry.probe(
-        "tombstones.purged",
-        "tombstones this node purged (compare-and-delete after two stable checks)",
-        move || s.stats().purged.get(),
     );
     register_hints(&registry, &store);
     auth.metrics.register(&registry, "peer.");
@@ -635,31 +629,51 @@ fn register_storage(registry: &Registry, store: &Arc<Store>) {
         "bytes of write jobs waiting for the writer thread",
         move || s.queued_bytes() as u64,
     );
+    // Per column family (data, meta, hints, aae): a series each.
     for (name, prop, help) in [
         (
             "rocksdb.estimate_keys",
             "rocksdb.estimate-num-keys",
-            "estimated keys in the data column family",
+            "estimated keys, per column family",
         ),
         (
             "rocksdb.live_sst_bytes",
             "rocksdb.live-sst-files-size",
-            "bytes of live SST files",
+            "bytes of live SST files, per column family",
         ),
         (
             "rocksdb.memtable_bytes",
             "rocksdb.cur-size-all-mem-tables",
-            "bytes in memtables",
-        ),
-        (
-            "rocksdb.background_errors",
-            "rocksdb.background-errors",
-            "RocksDB background errors",
+            "bytes in memtables, per column family",
         ),
         (
             "rocksdb.pending_compaction_bytes",
             "rocksdb.estimate-pending-compaction-bytes",
-            "bytes RocksDB estimates compaction must rewrite (write stalls follow when high)",
+            "bytes RocksDB estimates compaction must rewrite, per column family (write stalls follow when high)",
+        ),
+        (
+            "rocksdb.total_sst_bytes",
+            "rocksdb.total-sst-files-size",
+            "bytes of all SST files (obsolete ones not yet deleted included), per column family",
+        ),
+    ] {
+        let engine = store.engine().clone();
+        registry.probe_family(name, help, move || {
+            Cf::ALL
+                .iter()
+                .filter_map(|cf| {
+                    let v = engine.property(*cf, prop)?;
+                    Some((vec![("cf".to_string(), cf.name().to_string())], v as f64))
+                })
+                .collect()
+        });
+    }
+    // Whole database.
+    for (name, prop, help) in [
+        (
+            "rocksdb.background_errors",
+            "rocksdb.background-errors",
+            "RocksDB background errors",
         ),
         (
             "rocksdb.write_stopped",
@@ -676,17 +690,37 @@ fn register_storage(registry: &Registry, store: &Arc<Store>) {
             "rocksdb.num-running-compactions",
             "compactions running now",
         ),
-        (
-            "rocksdb.total_sst_bytes",
-            "rocksdb.total-sst-files-size",
-            "bytes of all SST files (obsolete ones not yet deleted included)",
-        ),
     ] {
         let engine = store.engine().clone();
         registry.probe(name, help, move || {
             engine.property(Cf::Data, prop).unwrap_or(0)
         });
     }
+    // Write stalls since the node started, counted by RocksDB per column family and kind: a
+    // stop or slowdown shorter than the scrape interval still shows.
+    let engine = store.engine().clone();
+    registry.probe_counter_family(
+        "rocksdb.write_stalls",
+        "times RocksDB delayed (kind=delay) or stopped (kind=stop) writes, per column family",
+        move || {
+            let mut out = Vec::new();
+            for cf in Cf::ALL {
+                let Some(text) = engine.property_text(cf, "rocksdb.cf-write-stall-stats") else {
+                    continue;
+                };
+                for (kind, field) in [("delay", "total-delays"), ("stop", "total-stops")] {
+                    if let Some(n) = crate::storage::rocks::stall_count(&text, field) {
+                        let labels = vec![
+                            ("cf".to_string(), cf.name().to_string()),
+                            ("kind".to_string(), kind.to_string()),
+                        ];
+                        out.push((labels, n as f64));
+                    }
+                }
+            }
+            out
+        },
+    );
 }
 
 /// The hint store: what the writer changed, and what is pending now.

@@ -268,7 +268,7 @@ async fn tombstones_are_purged_once_stable_and_deleted_values_never_return() {
         || async { metric(&n1, "tombstones.gc_passes_blocked").await >= 2 },
     )
     .await;
-    assert_eq!(metric(&n1, "tombstones.purged").await, 0);
+    assert_eq!(metric(&n1, "storage.tombstones_purged").await, 0);
     assert_eq!(metric(&n1, "tombstones.live").await, 1000);
 
     c.nodes[2].start().unwrap();
@@ -296,7 +296,7 @@ async fn tombstones_are_purged_once_stable_and_deleted_values_never_return() {
     for i in 0..3 {
         let client = c.client(i);
         assert!(
-            metric(&client, "tombstones.purged").await >= 1000,
+            metric(&client, "storage.tombstones_purged").await >= 1000,
             "n{} purged every tombstone it held",
             i + 1
         );

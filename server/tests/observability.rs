@@ -59,7 +59,17 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
             "ringkv_workers_state",
             vec![("worker", "hint_replay"), ("state", "idle")],
         ),
-        ("ringkv_rocksdb_pending_compaction_bytes", vec![]),
+        (
+            "ringkv_rocksdb_pending_compaction_bytes",
+            vec![("cf", "data")],
+        ),
+        ("ringkv_rocksdb_live_sst_bytes", vec![("cf", "hints")]),
+        (
+            "ringkv_rocksdb_write_stalls_total",
+            vec![("cf", "data"), ("kind", "stop")],
+        ),
+        ("ringkv_hints_replay_pace_ratio", vec![]),
+        ("ringkv_process_stalls_total", vec![]),
         ("ringkv_storage_writer_queue", vec![]),
     ] {
         assert!(
@@ -76,6 +86,7 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
         Some(3.0)
     );
     dashboard_and_alerts_name_exported_metrics(&text);
+    naming_follows_prometheus_conventions(&text);
     let (status, body) = http_get(&n1.admin_addr, "/ready").unwrap();
     assert_eq!(status, 200, "{body}");
     let (status, _) = http_get(&n1.admin_addr, "/health").unwrap();
@@ -245,6 +256,32 @@ fn metric_names(expr: &str) -> Vec<String> {
         out.push(name);
     }
     out
+}
+
+/// What `promtool check metrics` does not check: counts are counters (`_total`) and nothing
+/// else ends in `_total`; units are base units (seconds, bytes, ratios 0..1), never
+/// milliseconds, percent, parts per million or KiB.
+fn naming_follows_prometheus_conventions(text: &str) {
+    const NOT_BASE_UNITS: [&str; 10] = [
+        "_ms", "_us", "_micros", "_millis", "_percent", "_ppm", "_kib", "_mib", "_minutes",
+        "_hours",
+    ];
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut parts = line.split_whitespace().skip(2);
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        if kind != "counter" {
+            assert!(
+                !name.ends_with("_total"),
+                "{name} is a {kind} named like a counter"
+            );
+        }
+        for unit in NOT_BASE_UNITS {
+            assert!(
+                !name.ends_with(unit) && !name.contains(&format!("{unit}_")),
+                "{name}: not a base unit ({unit}); use seconds, bytes or a ratio"
+            );
+        }
+    }
 }
 
 /// The Grafana dashboard's and the alert rules' queries name only metrics a node exports.
@@ -578,7 +615,7 @@ async fn a_write_whose_deadline_passed_while_the_node_was_stopped_is_never_appli
         ),
         Some(1.0)
     );
-    assert!(prom_sample(&text, "ringkv_process_stalls", &[]).unwrap_or(0.0) >= 1.0);
+    assert!(prom_sample(&text, "ringkv_process_stalls_total", &[]).unwrap_or(0.0) >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,7 +51,7 @@ crate::metrics::metric_set! {
         failures: Counter = "failures", "transfer exchanges that failed (retried)";
         completed: Counter = "completed", "transitions whose gained ranges this node received in full";
         active: Gauge = "active", "1 while this node is receiving ranges";
-        share_pending_ppm: Gauge = "share_pending_ppm", "share of the ring still to receive, parts per million";
+        share_pending: Ratio = "share_pending_ratio", "share of the ring still to receive, 0 to 1";
     }
 }
 
@@ -255,7 +255,7 @@ impl<T: Transport> Worker for TransferWorker<T> {
         let version = view.layout.version;
         let Some(next) = &view.next else {
             self.metrics.active.set(0);
-            self.metrics.share_pending_ppm.set(0);
+            self.metrics.share_pending.set(0.0);
             self.detail = "no transfer".into();
             return Ok(WorkerState::Idle);
         };
@@ -338,7 +338,7 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 share(&spans[done.min(spans.len())..])
             })
             .sum();
-        self.metrics.share_pending_ppm.set((pending * 1e6) as u64);
+        self.metrics.share_pending.set(pending);
         // The next live source not done and not waiting for a retry.
         let now = Instant::now();
         let next_source = mine.gains_from.iter().find(|(src, spans)| {

@@ -49,7 +49,7 @@ crate::metrics::metric_set! {
         replay_batches: Counter = "replay_batches", "replay batches sent";
         replay_errors: Counter = "replay_errors", "replay batches or credit requests that failed";
         replay_rate: Gauge = "replay_rate", "hints replayed per second (last pass)";
-        replay_pace: Gauge = "replay_pace_percent", "share of this node's replay budget granted at the last credit request (lower while its CPUs are busy)";
+        replay_pace: Ratio = "replay_pace_ratio", "share of this node's replay budget granted at the last credit request, 0 to 1 (lower while its CPUs are busy)";
     }
 }
 
@@ -167,7 +167,7 @@ impl Handoff {
                     budget.set_pace(now_ms(), pace);
                     budget.grant(now_ms(), want_keys, want_bytes)
                 };
-                self.metrics.replay_pace.set((pace * 100.0).round() as u64);
+                self.metrics.replay_pace.set(pace);
                 if grant.keys == 0 {
                     self.metrics.credits_refused.inc();
                 }

@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 
 pub type Counter = prometheus_client::metrics::counter::Counter<u64, AtomicU64>;
 pub type Gauge = prometheus_client::metrics::gauge::Gauge<u64, AtomicU64>;
+/// A fraction or ratio (base unit 1, not percent or parts per million); `Status` shows it in
+/// thousandths.
+pub type Ratio = prometheus_client::metrics::gauge::Gauge<f64, AtomicU64>;
 
 /// A histogram: `prometheus-client`'s (buckets, exposition) plus its count and sum, which
 /// that crate does not expose outside its tests, for `Status`.
@@ -75,7 +78,13 @@ pub const PROMETHEUS_PREFIX: &str = "ringkv";
 pub enum Metric {
     Counter(Counter),
     Gauge(Gauge),
+    Ratio(Ratio),
     Histogram(Histogram),
+}
+
+/// `Status` carries integers: a fraction shows in thousandths.
+fn thousandths(v: f64) -> u64 {
+    (v * 1000.0).round().max(0.0) as u64
 }
 
 struct Entry {
@@ -225,6 +234,7 @@ impl Registry {
         match &metric {
             Metric::Counter(c) => prom.register(pname, help, c.clone()),
             Metric::Gauge(g) => prom.register(pname, help, g.clone()),
+            Metric::Ratio(r) => prom.register(pname, help, r.clone()),
             Metric::Histogram(h) => prom.register(pname, help, h.inner.clone()),
         }
         entries.push(Entry {
@@ -265,6 +275,7 @@ impl Registry {
                     prom.register(pname, help, f.clone());
                     FamilyKind::Gauge(f)
                 }
+                Metric::Ratio(_) => panic!("metric {name}: ratios are not labelled"),
                 Metric::Histogram(_) => {
                     let f = prometheus_client::metrics::family::Family::new_with_constructor(
                         latency_buckets as HistogramCtor,
@@ -388,6 +399,17 @@ impl Registry {
         self.probe_family(name, help, move || vec![(Vec::new(), read())]);
     }
 
+    /// A counter whose value is kept elsewhere (it only rises), read from `read` whenever the
+    /// registry is read; exposed with `_total`.
+    pub fn probe_counter(
+        &self,
+        name: &str,
+        help: &str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.probe_counter_family(name, help, move || vec![(Vec::new(), read() as f64)]);
+    }
+
     /// A new counter, registered.
     pub fn counter(&self, name: &str, help: &str) -> Counter {
         let c = Counter::default();
@@ -429,6 +451,7 @@ impl Registry {
             match &e.metric {
                 Metric::Counter(c) => out.push((e.name.clone(), c.get())),
                 Metric::Gauge(g) => out.push((e.name.clone(), g.get())),
+                Metric::Ratio(r) => out.push((e.name.clone(), thousandths(r.get()))),
                 Metric::Histogram(h) => {
                     out.push((format!("{}.count", e.name), h.count()));
                     // Seconds are shown as microseconds: an integer that still says something.
@@ -449,7 +472,7 @@ impl Registry {
                 let v = if value.fract() == 0.0 {
                     value.max(0.0) as u64
                 } else {
-                    (value * 1000.0).round().max(0.0) as u64
+                    thousandths(value)
                 };
                 out.push((series_name(&p.dotted, &labels), v));
             }

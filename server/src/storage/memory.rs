@@ -160,6 +160,10 @@ impl Engine for MemoryEngine {
         })
     }
 
+    fn property_text(&self, _cf: Cf, _name: &str) -> Option<String> {
+        None
+    }
+
     fn property(&self, cf: Cf, name: &str) -> Option<u64> {
         (name == "rocksdb.estimate-num-keys").then(|| {
             let data = self.data.lock().expect("memory engine lock poisoned");

@@ -196,6 +196,8 @@ pub trait Engine: Send + Sync + 'static {
     fn scan(&self, cf: Cf, range: &ScanRange, limit: usize) -> Result<ScanBatch, StorageError>;
     /// Integer properties for metrics (e.g. `rocksdb.estimate-num-keys`), None when unknown.
     fn property(&self, cf: Cf, name: &str) -> Option<u64>;
+    /// A text property of `cf` (e.g. `rocksdb.cf-write-stall-stats`), if the engine has it.
+    fn property_text(&self, cf: Cf, name: &str) -> Option<String>;
 }
 
 pub use ringkv_protocol::ring::key_position;

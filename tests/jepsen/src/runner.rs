@@ -975,7 +975,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
                     .find(|(k, _)| k == name)
                     .map_or(0, |(_, v)| *v)
             };
-            tombstones_purged += get("tombstones.purged");
+            tombstones_purged += get("storage.tombstones_purged");
             tombstones_live += get("tombstones.live");
         }
     }
