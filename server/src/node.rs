@@ -618,6 +618,17 @@ fn observe_writer(runner: &Runner, store: &Arc<Store>) {
 fn register_storage(registry: &Registry, store: &Arc<Store>) {
     store.stats().register(registry, "storage.");
     let s = store.clone();
+    registry.probe_family(
+        "storage.actor_info",
+        "this node's current actor id, as the label actor (hex); the value is 1",
+        move || {
+            vec![(
+                vec![("actor".to_string(), format!("{:016x}", s.actor()))],
+                1.0,
+            )]
+        },
+    );
+    let s = store.clone();
     registry.probe(
         "storage.writer_queue",
         "write jobs waiting for the writer thread",

@@ -70,6 +70,7 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
         ),
         ("ringkv_hints_replay_pace_ratio", vec![]),
         ("ringkv_process_stalls_total", vec![]),
+        ("ringkv_storage_actor_info", vec![]),
         ("ringkv_storage_writer_queue", vec![]),
     ] {
         assert!(
@@ -84,6 +85,11 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
             &[("state", "alive")]
         ),
         Some(3.0)
+    );
+    // One actor per node, its id a label (as a value Prometheus would round 64 bits).
+    assert_eq!(
+        prom_sample(&text, "ringkv_storage_actor_info", &[]),
+        Some(1.0)
     );
     dashboard_and_alerts_name_exported_metrics(&text);
     naming_follows_prometheus_conventions(&text);

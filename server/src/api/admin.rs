@@ -41,7 +41,7 @@ impl Admin {
     pub fn status(&self) -> StatusReply {
         let view = self.membership.view();
         let mut info = self.info.clone();
-        let actor = self.store.stats().actor.get();
+        let actor = self.store.actor();
         info.push(("actor".into(), format!("{actor:016x}")));
         info.push(("ring_epoch".into(), format!("{:016x}", view.epoch)));
         info.extend(

@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -425,7 +425,6 @@ crate::metrics::metric_set! {
         /// Entries in the writer's state cache (after the last group).
         state_cache_entries: Gauge = "state_cache_entries", "entries in the writer's state cache";
         incarnation: Gauge = "incarnation", "this node's incarnation (renewed actors)";
-        actor: Gauge = "actor", "this node's current actor id";
     }
 }
 
@@ -488,6 +487,8 @@ pub struct Store {
     peer_write_limit_ms: AtomicU32,
     /// See `unsynced`.
     unsynced: std::sync::atomic::AtomicBool,
+    /// This node's current actor id (the writer renews it).
+    actor: Arc<AtomicU64>,
 }
 
 crate::metrics::metric_set! {
@@ -675,7 +676,7 @@ impl Store {
         let hint_book = Arc::new(load_hint_book(engine.as_ref())?);
         let hint_stats = Arc::new(HintStoreStats::default());
         let stats = Arc::new(StoreStats::default());
-        stats.actor.set(identity.actor);
+        let actor = Arc::new(AtomicU64::new(identity.actor));
         stats.incarnation.set(identity.incarnation);
         stats.next_counter.set(next_counter);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
@@ -690,6 +691,7 @@ impl Store {
             purge_floor,
             sync: config.sync,
             stats: stats.clone(),
+            actor: actor.clone(),
             node_id: config.node_id.clone(),
             cache: StateCache::new(STATE_CACHE_BYTES),
             hook,
@@ -715,6 +717,7 @@ impl Store {
             config,
             peer_write_limit_ms: AtomicU32::new(u32::MAX),
             unsynced: std::sync::atomic::AtomicBool::new(unsynced),
+            actor,
         })
     }
 
@@ -928,6 +931,12 @@ impl Store {
 
     pub fn stats(&self) -> &StoreStats {
         &self.stats
+    }
+
+    /// This node's current actor id (an identifier: in metrics a label of
+    /// `storage.actor_info`, not a value).
+    pub fn actor(&self) -> u64 {
+        self.actor.load(Ordering::Relaxed)
     }
 
     /// What hints are pending per target (kept by the writer).
@@ -1248,6 +1257,8 @@ struct Writer {
     purge_floor: u64,
     sync: SyncMode,
     stats: Arc<StoreStats>,
+    /// Shared with `Store::actor`.
+    actor: Arc<AtomicU64>,
     node_id: String,
     /// States of recently written keys, as committed (see `state_cache`).
     cache: StateCache,
@@ -1583,7 +1594,7 @@ impl Writer {
         self.lease_persisted = 0;
         self.purge_floor = 0;
         self.stats.actor_renewals.inc();
-        self.stats.actor.set(self.identity.actor);
+        self.actor.store(self.identity.actor, Ordering::Relaxed);
         self.stats.incarnation.set(self.identity.incarnation);
         warn!(
             node = %self.node_id,

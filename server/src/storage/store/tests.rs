@@ -62,7 +62,7 @@ fn lose_copy(engine: &MemoryEngine, key: &[u8]) {
 }
 
 fn actor(store: &Store) -> Actor {
-    store.stats().actor.get()
+    store.actor()
 }
 
 /// Writes keys `k0..kn` concurrently, each in its own task; returns once all are acknowledged.
