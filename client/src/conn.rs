@@ -24,10 +24,20 @@ pub enum ConnError {
     Lost(String),
     /// The reply frame could not be processed.
     Protocol(String),
+    /// Not sent: the request's encoder ([`Conn::call_at_send`]) found its time had run out
+    /// while it waited in the connection's queue.
+    Expired,
+}
+
+/// What a caller queues: a frame, or a function that makes it when the connection sends it
+/// (`None`: do not send).
+enum Payload {
+    Frame(Frame),
+    AtSend(Box<dyn FnOnce() -> Option<Frame> + Send>),
 }
 
 struct Outgoing {
-    frame: Frame,
+    payload: Payload,
     reply: oneshot::Sender<Result<Frame, ConnError>>,
 }
 
@@ -99,9 +109,25 @@ impl Conn {
     /// Sends `frame` and waits for the reply frame with the same request id. Request ids must
     /// be unique on the connection; the caller bounds the wait (dropping the future is safe).
     pub async fn call(&self, frame: Frame) -> Result<Frame, ConnError> {
+        self.submit(Payload::Frame(frame)).await
+    }
+
+    /// Like [`Conn::call`], but the frame is made by `encode` only when the connection is
+    /// about to send it, after whatever queued before it: a time the request carries (what
+    /// is left of a deadline) then counts from the send, not from the call. `encode`
+    /// returning `None` (its time ran out in the queue) drops the request unsent:
+    /// [`ConnError::Expired`].
+    pub async fn call_at_send(
+        &self,
+        encode: impl FnOnce() -> Option<Frame> + Send + 'static,
+    ) -> Result<Frame, ConnError> {
+        self.submit(Payload::AtSend(Box::new(encode))).await
+    }
+
+    async fn submit(&self, payload: Payload) -> Result<Frame, ConnError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Outgoing { frame, reply })
+            .send(Outgoing { payload, reply })
             .await
             .map_err(|_| ConnError::Lost("connection closed".into()))?;
         rx.await
@@ -135,13 +161,23 @@ async fn run(
                 }
                 let mut failed = None;
                 for out in batch {
-                    let id = out.frame.request_id;
                     // A caller that timed out dropped its receiver; skip sending for it.
                     if out.reply.is_closed() {
                         continue;
                     }
-                    pending.insert(id, out.reply);
-                    if let Err(e) = writer.feed(out.frame).await {
+                    // Made now, after everything queued before it was fed to the socket.
+                    let frame = match out.payload {
+                        Payload::Frame(frame) => frame,
+                        Payload::AtSend(encode) => match encode() {
+                            Some(frame) => frame,
+                            None => {
+                                let _ = out.reply.send(Err(ConnError::Expired));
+                                continue;
+                            }
+                        },
+                    };
+                    pending.insert(frame.request_id, out.reply);
+                    if let Err(e) = writer.feed(frame).await {
                         failed = Some(e.to_string());
                         break;
                     }

@@ -827,6 +827,13 @@ impl Client {
                     return Ok((addr, resp));
                 }
                 Ok(Err(ConnError::Protocol(cause))) => return Err(Error::Protocol { addr, cause }),
+                // Only `call_at_send` drops a request unsent; this client does not use it.
+                Ok(Err(ConnError::Expired)) => {
+                    return Err(Error::Timeout {
+                        addr,
+                        timeout: timeout + CLIENT_GRACE,
+                    })
+                }
                 Ok(Err(ConnError::Lost(cause))) => {
                     if !retry_after_send {
                         return Err(Error::ConnectionLost { addr, cause });

@@ -214,6 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         key: PeerKey::new(&config.cluster_secret, &config.cluster_name),
     }));
     let pool = Arc::new(PeerPool::new(auth.clone()));
+    let pool_metrics = pool.metrics.clone();
     // Seeds: the configured ones plus every member of the ring this node saved before.
     let ring_file = config.data_dir.join(RING_FILE);
     let mut seeds = config.seeds.clone();
@@ -409,6 +410,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     );
     register_hints(&registry, &store);
     auth.metrics.register(&registry, "peer.");
+    pool_metrics.register(&registry, "peer.");
     client_net.register(&registry, "net.");
     peer_net.register(&registry, "peer_net.");
     register_storage(&registry, &store);

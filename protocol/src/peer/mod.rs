@@ -164,6 +164,45 @@ impl PeerRequest {
         }
     }
 
+    /// The time the request carries, a forwarded write's included (inside the client request
+    /// it wraps); `None` when it carries none (or the wrapped request does not decode).
+    pub fn time_given_ms(&mut self) -> Option<u32> {
+        if let Some(ms) = self.timeout_ms_mut() {
+            return Some(*ms);
+        }
+        match self {
+            PeerRequest::Coordinator(CoordinatorRequest::Forward { opcode, body }) => {
+                match crate::Request::decode(*opcode, body.clone()).ok()? {
+                    crate::Request::Put { opts, .. } | crate::Request::Delete { opts, .. } => {
+                        Some(opts.timeout_ms)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Sets the time the request carries to `ms` (a forwarded write: re-encodes the client
+    /// request it wraps); nothing for a request that carries none.
+    pub fn set_time_given_ms(&mut self, ms: u32) {
+        if let Some(t) = self.timeout_ms_mut() {
+            *t = ms;
+            return;
+        }
+        if let PeerRequest::Coordinator(CoordinatorRequest::Forward { opcode, body }) = self {
+            let Ok(mut req) = crate::Request::decode(*opcode, body.clone()) else {
+                return;
+            };
+            if let crate::Request::Put { opts, .. } | crate::Request::Delete { opts, .. } = &mut req
+            {
+                opts.timeout_ms = ms;
+                let frame = req.to_frame(0);
+                (*opcode, *body) = (frame.opcode, frame.body);
+            }
+        }
+    }
+
     pub fn to_frame(&self, request_id: u64) -> Frame {
         match self {
             PeerRequest::Session(m) => encode_family(m, request_id),
@@ -259,6 +298,53 @@ mod tests {
             vnodes: 256,
             generation: 42,
         }
+    }
+
+    #[test]
+    fn the_time_a_request_carries_is_set_in_a_forwarded_write_too() {
+        use crate::message::WriteOptions;
+        let put = crate::Request::Put {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            context: Bytes::new(),
+            opts: WriteOptions {
+                w: 2,
+                timeout_ms: 900,
+                flags: 0,
+                pw: 0,
+            },
+        };
+        let frame = put.to_frame(0);
+        let mut fwd = PeerRequest::Coordinator(CoordinatorRequest::Forward {
+            opcode: frame.opcode,
+            body: frame.body,
+        });
+        assert_eq!(fwd.time_given_ms(), Some(900));
+        fwd.set_time_given_ms(123);
+        assert_eq!(fwd.time_given_ms(), Some(123));
+        let PeerRequest::Coordinator(CoordinatorRequest::Forward { opcode, body }) = fwd else {
+            unreachable!()
+        };
+        match crate::Request::decode(opcode, body).unwrap() {
+            crate::Request::Put {
+                key, value, opts, ..
+            } => {
+                assert_eq!(
+                    (&key[..], &value[..], opts.w, opts.timeout_ms),
+                    (&b"k"[..], &b"v"[..], 2, 123)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut read = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+            key: Bytes::from_static(b"k"),
+            timeout_ms: 7,
+        });
+        read.set_time_given_ms(3);
+        assert_eq!(read.time_given_ms(), Some(3));
+        let mut ping = PeerRequest::Session(SessionRequest::Ping);
+        ping.set_time_given_ms(3);
+        assert_eq!(ping.time_given_ms(), None);
     }
 
     #[test]

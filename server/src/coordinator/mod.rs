@@ -66,6 +66,7 @@ crate::metrics::metric_set! {
         read_repair_failed: Counter = "read_repair.failed", "read repairs that failed";
         peer_forward: Counter = "peer.forward", "writes other nodes forwarded here";
         forwards_expired: Counter = "coordinator.forwards_expired", "forwarded writes dropped unexecuted: their deadline passed before they were dispatched";
+        deletes_expired: Counter = "coordinator.deletes_expired", "deletes without context dropped unexecuted: their deadline ran out during the quorum read of what to delete";
     }
 }
 
@@ -132,6 +133,13 @@ fn hint_state(key: &[u8], row: Option<&[u8]>) -> Result<KeyState, String> {
             .map(|(_, state)| state)
             .map_err(|e| e.to_string()),
     }
+}
+
+/// What is left of a deadline in whole milliseconds, `None` when less than 1 ms is: work
+/// that would start with nothing left must not start (`remaining_ms` would give it 1 ms).
+pub fn time_left_ms(deadline: Instant, now: Instant) -> Option<u32> {
+    let left = deadline.saturating_duration_since(now).as_millis();
+    (left >= 1).then(|| left.min(u128::from(u32::MAX)) as u32)
 }
 
 /// What is left of a deadline, as a wire timeout (at least 1 ms).
@@ -600,8 +608,23 @@ impl<T: Transport> Coordinator<T> {
                     Ok(token) => *context = token,
                     Err(resp) => return resp,
                 }
-                // The write gets what is left of the request's deadline.
-                opts.timeout_ms = remaining_ms(deadline);
+                // The write gets what is left of the request's deadline; none left: it is
+                // dropped before anything is written (definite).
+                match time_left_ms(deadline, Instant::now()) {
+                    Some(left) => opts.timeout_ms = left,
+                    None => {
+                        self.metrics.deletes_expired.inc();
+                        return self.err(
+                            ErrorKind::Timeout { acks: 0, needed: 0 },
+                            true,
+                            format!(
+                                "delete of key {} dropped unexecuted: its deadline ran out while \
+                                 reading the versions to delete",
+                                HexKey(key.to_vec())
+                            ),
+                        );
+                    }
+                }
             }
         }
         let original = req.clone();

@@ -54,8 +54,16 @@ impl PeerSlot {
     }
 }
 
+crate::metrics::metric_set! {
+    /// The outgoing side of inter-node RPC (registered under `peer.`).
+    pub struct PoolMetrics {
+        expired_unsent: Counter = "requests_expired_unsent", "peer requests dropped unsent: what was left of their deadline ran out while they waited in the connection's queue";
+    }
+}
+
 pub struct PeerPool {
     auth: Arc<Authenticator>,
+    pub metrics: PoolMetrics,
     /// Source IP of outgoing connections: this node's peer listen IP (unless unspecified).
     local_ip: Option<std::net::IpAddr>,
     slots: Mutex<HashMap<String, Arc<PeerSlot>>>,
@@ -74,6 +82,7 @@ impl PeerPool {
             .filter(|ip| !ip.is_unspecified());
         PeerPool {
             auth,
+            metrics: PoolMetrics::default(),
             local_ip,
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -132,16 +141,40 @@ impl PeerPool {
     }
 
     /// Sends one request and waits for its reply, at most `timeout`.
+    ///
+    /// The time a request carries (`PeerRequest::time_given_ms`: what is left of a client's
+    /// deadline, which the receiver counts from its own read) is set when the connection sends
+    /// it: time spent queued behind other requests (a slow or stopped peer's full socket) is
+    /// not handed to the receiver again, and a request whose time ran out in the queue is not
+    /// sent at all (`peer.requests_expired_unsent`).
     pub async fn request(
         &self,
         addr: &str,
-        req: &PeerRequest,
+        mut req: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
         let conn = self.conn(addr).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = match tokio::time::timeout(timeout, conn.call(req.to_frame(id))).await {
-            Err(_) => return Err(PeerError::Timeout(timeout)),
+        let given = req.time_given_ms();
+        let deadline = given.map(|ms| Instant::now() + Duration::from_millis(u64::from(ms)));
+        let expired = self.metrics.expired_unsent.clone();
+        let encode = move || {
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left < Duration::from_millis(1) {
+                    expired.inc();
+                    return None;
+                }
+                let ms = left.as_millis().min(u128::from(u32::MAX)) as u32;
+                // Unchanged (sent within the same millisecond): no re-encoding.
+                if given != Some(ms) {
+                    req.set_time_given_ms(ms);
+                }
+            }
+            Some(req.to_frame(id))
+        };
+        let frame = match tokio::time::timeout(timeout, conn.call_at_send(encode)).await {
+            Err(_) | Ok(Err(ConnError::Expired)) => return Err(PeerError::Timeout(timeout)),
             Ok(Err(ConnError::Lost(e))) | Ok(Err(ConnError::Protocol(e))) => {
                 return Err(PeerError::Lost(format!("{addr}: {e}")))
             }
@@ -162,7 +195,7 @@ impl Transport for PeerPool {
         req: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        self.request(&addr, &req, timeout).await
+        self.request(&addr, req, timeout).await
     }
 }
 
@@ -170,9 +203,12 @@ impl Transport for PeerPool {
 mod tests {
     use super::*;
     use crate::rpc::PeerIdentity;
+    use bytes::Bytes;
     use futures::{SinkExt, StreamExt};
     use ringkv_protocol::auth::{PeerKey, Role, Transcript, NONCE_LEN};
-    use ringkv_protocol::peer::{Challenge, MemberInfo, SessionRequest, SessionResponse};
+    use ringkv_protocol::peer::{
+        Challenge, MemberInfo, ReplicaRequest, SessionRequest, SessionResponse,
+    };
     use ringkv_protocol::{FrameCodec, Inbound};
     use tokio::net::TcpListener;
     use tokio_util::codec::Framed;
@@ -245,7 +281,7 @@ mod tests {
         let err = pool
             .request(
                 &addr,
-                &PeerRequest::Session(SessionRequest::Ping),
+                PeerRequest::Session(SessionRequest::Ping),
                 Duration::from_secs(2),
             )
             .await
@@ -274,7 +310,7 @@ mod tests {
         let resp = pool
             .request(
                 &addr,
-                &PeerRequest::Session(SessionRequest::Ping),
+                PeerRequest::Session(SessionRequest::Ping),
                 Duration::from_secs(2),
             )
             .await
@@ -284,5 +320,142 @@ mod tests {
         let opcodes = listener.await.unwrap();
         use ringkv_protocol::peer::peer_opcode::*;
         assert_eq!(opcodes, vec![HELLO, HELLO_PROOF, PING]);
+    }
+
+    /// A peer that completes the handshake, then at the first replica write reads nothing for
+    /// `stall` (a stopped or overloaded node: the dialer's socket fills), then answers
+    /// everything. Records the
+    /// `timeout_ms` of every `ReadLocal` it receives, in order.
+    async fn stalling_listener(
+        secret: &'static str,
+        stall: Duration,
+    ) -> (String, tokio::task::JoinHandle<Vec<u32>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut framed = Framed::new(socket, FrameCodec::new(4 << 20));
+            let mut timeouts = Vec::new();
+            let mut stalled = false;
+            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+                let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
+                let resp = match req {
+                    PeerRequest::Session(SessionRequest::Hello(hello)) => {
+                        let nonce = [5u8; NONCE_LEN];
+                        let t = Transcript {
+                            dialer_nonce: &hello.nonce,
+                            listener_nonce: &nonce,
+                            dialer_id: &hello.me.node_id,
+                            listener_id: "n2",
+                        };
+                        let proof = PeerKey::new(secret, "ringkv").proof(Role::Listener, &t);
+                        let me = MemberInfo {
+                            node_id: "n2".into(),
+                            ..hello.me.clone()
+                        };
+                        PeerResponse::Session(SessionResponse::Challenge(Challenge {
+                            me,
+                            nonce,
+                            proof,
+                        }))
+                    }
+                    PeerRequest::Session(SessionRequest::HelloProof(_)) => {
+                        PeerResponse::Session(SessionResponse::HelloAck)
+                    }
+                    other => {
+                        let replicate = matches!(
+                            other,
+                            PeerRequest::Replica(ReplicaRequest::Replicate { .. })
+                        );
+                        if replicate && !stalled {
+                            stalled = true;
+                            tokio::time::sleep(stall).await;
+                        }
+                        if let PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                            timeout_ms, ..
+                        }) = other
+                        {
+                            timeouts.push(timeout_ms);
+                        }
+                        PeerResponse::Session(SessionResponse::Pong)
+                    }
+                };
+                if framed.send(resp.to_frame(frame.request_id)).await.is_err() {
+                    break;
+                }
+            }
+            timeouts
+        });
+        (addr, task)
+    }
+
+    /// Requests queued behind a peer that stopped reading: the time they carry counts from
+    /// when they are sent, not from when they were queued (the receiver counts it from its
+    /// own read), and one whose time ran out in the queue is never sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_carries_the_time_left_when_sent_and_is_dropped_if_none_is() {
+        let stall = Duration::from_millis(400);
+        let (addr, listener) = stalling_listener("the-secret", stall).await;
+        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
+            "the-secret",
+        )))));
+        // Connected and authenticated first.
+        pool.request(
+            &addr,
+            PeerRequest::Session(SessionRequest::Ping),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        // 48 MiB of replica writes fill the socket buffers while the peer does not read.
+        let mut tasks = Vec::new();
+        for i in 0..96u32 {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            tasks.push(tokio::spawn(async move {
+                let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+                    key: Bytes::from(format!("k{i}")),
+                    state: Bytes::from(vec![7u8; 512 << 10]),
+                    timeout_ms: 60_000,
+                });
+                pool.request(&addr, req, Duration::from_secs(30)).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let read = |timeout_ms: u32| {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            tokio::spawn(async move {
+                let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                    key: Bytes::from_static(b"r"),
+                    timeout_ms,
+                });
+                pool.request(&addr, req, Duration::from_secs(30)).await
+            })
+        };
+        // Queued behind them: one with less time than the stall, one with more.
+        let short = read(100);
+        let long = read(5_000);
+        let short = short.await.unwrap();
+        assert!(
+            matches!(short, Err(PeerError::Timeout(_))),
+            "a request whose time ran out in the queue: {short:?}"
+        );
+        long.await.unwrap().unwrap();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(pool.metrics.expired_unsent.get(), 1);
+        drop(pool);
+        let timeouts = listener.await.unwrap();
+        assert_eq!(
+            timeouts.len(),
+            1,
+            "only the request with time left is sent: {timeouts:?}"
+        );
+        let waited = stall.as_millis() as u32 - 50;
+        assert!(
+            timeouts[0] <= 5_000 - waited + 20,
+            "the read waited about {waited} ms in the queue but carried {} ms",
+            timeouts[0]
+        );
     }
 }
