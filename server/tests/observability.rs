@@ -1,7 +1,9 @@
 //! Observability and overload, through real processes: the admin HTTP endpoints, the
 //! Prometheus exposition (checked by promtool) and its series moving with their events,
 //! admission control shedding a flood at once while status, health and a light client keep
-//! answering, and a request whose deadline passed while it waited never being applied.
+//! answering (kvctl too, exiting 3 when refused), `/ready` refusing while the ring is unknown,
+//! quorum outcomes counted, and a request whose deadline passed while it waited never being
+//! applied.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,6 +136,38 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
             >= 1.0
     })
     .await;
+    // Quorum outcomes move their series. W=3 with n3 down: refused before anything is
+    // written (unavailable) once n1 counts n3 down.
+    let result = |r: &str| sample(n1, "ringkv_requests_total", &[("op", "put"), ("result", r)]);
+    let unavailable = result("unavailable");
+    let w3 = PutOptions {
+        w: Some(3),
+        timeout: Some(Duration::from_millis(500)),
+        ..Default::default()
+    };
+    eventually(Duration::from_secs(30), "a W=3 write refused unavailable", || async {
+        matches!(
+            c1.put_with("q3", Bytes::from_static(b"v"), None, w3).await,
+            Err(e) if e.kind() == Some(ringkv_protocol::ErrorKind::Unavailable { alive: 2, needed: 3 })
+        )
+    })
+    .await;
+    assert!(result("unavailable") > unavailable);
+    // W=2 with n2 stopped (not yet suspected) and n3 down: no quorum by the deadline.
+    let timeouts = result("timeout");
+    cluster.nodes[1].send_signal(libc::SIGSTOP);
+    let w2 = PutOptions {
+        w: Some(2),
+        timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let late = c1.put_with("q2", Bytes::from_static(b"v"), None, w2).await;
+    cluster.nodes[1].send_signal(libc::SIGCONT);
+    assert!(
+        matches!(&late, Err(e) if matches!(e.kind(), Some(ringkv_protocol::ErrorKind::Timeout { .. }))),
+        "{late:?}"
+    );
+    assert_eq!(result("timeout"), timeouts + 1.0);
     let stored = sample(n1, "ringkv_hints_stored_total", &[]);
     for i in 0..5 {
         c1.put(format!("h{i}"), "v", None).await.unwrap();
@@ -405,10 +439,23 @@ const FLOOD_RSS_BOUND: u64 = 512 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_light_client_answer() {
+    // A byte budget of 1 MiB: the flood's 4 KiB puts fit (32 in flight: 128 KiB), a 1 MiB
+    // value does not while anything else is in flight.
     let node = NodeProcess::start_temp(
         "n1",
-        &["--n", "1", "--max-requests", "32", ADMIN[0], ADMIN[1]],
+        &[
+            "--n",
+            "1",
+            "--max-requests",
+            "32",
+            "--max-request-mb",
+            "1",
+            ADMIN[0],
+            ADMIN[1],
+        ],
     );
+    let big = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big.path(), vec![b'b'; 1000 * 1024]).unwrap();
     let no_retry = ClientConfig {
         overload_retries: 0,
         ..ClientConfig::default()
@@ -418,16 +465,19 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
     // Four deep connections, 64 puts in flight each: 256 against a budget of 32.
     let ok_keys = Arc::new(Mutex::new(Vec::new()));
     let shed_keys = Arc::new(Mutex::new(Vec::new()));
+    // How long each refused put took to come back, ms.
+    let shed_ms = Arc::new(Mutex::new(Vec::new()));
     let other_errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut flood = Vec::new();
     for c in 0..4 {
         let client = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
         for w in 0..64 {
-            let (client, ok_keys, shed_keys, other_errors, stop) = (
+            let (client, ok_keys, shed_keys, shed_ms, other_errors, stop) = (
                 client.clone(),
                 ok_keys.clone(),
                 shed_keys.clone(),
+                shed_ms.clone(),
                 other_errors.clone(),
                 stop.clone(),
             );
@@ -436,12 +486,17 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("flood/{c}/{w}/{i}");
                     i += 1;
+                    let sent = std::time::Instant::now();
                     match client.put(&key, vec![7u8; 4096], None).await {
                         Ok(_) => ok_keys.lock().unwrap().push(key),
                         Err(e) if e.is_overloaded() => {
                             assert!(e.is_definite(), "a shed request did nothing: {e}");
                             assert!(e.retry_after().is_some_and(|d| d > Duration::ZERO), "{e}");
                             shed_keys.lock().unwrap().push(key);
+                            shed_ms
+                                .lock()
+                                .unwrap()
+                                .push(sent.elapsed().as_millis() as u64);
                         }
                         Err(_) => {
                             other_errors.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +520,31 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
         assert_eq!(code, 200);
         peak_rss = peak_rss.max(node.rss_bytes().unwrap_or(0));
     }
+    // The operator's tool answers too, and says "overloaded" (exit 3, nothing done) when the
+    // node refuses a write: a 1 MiB value over the byte budget while the flood is in flight.
+    let kvctl = |args: &[&str]| {
+        std::process::Command::new(ringkv_jepsen::bin_path("kvctl"))
+            .arg("--addr")
+            .arg(&node.addr)
+            .args(args)
+            .output()
+            .expect("run kvctl")
+    };
+    let status = kvctl(&["status"]);
+    assert!(
+        status.status.success(),
+        "kvctl status under overload: {status:?}"
+    );
+    let path = big.path().to_str().unwrap();
+    let refused = (0..20)
+        .map(|_| kvctl(&["put", "big", "--blind", "--file", path]))
+        .find(|o| o.status.code() == Some(3))
+        .expect("a 1 MiB put over the byte budget is refused overloaded (exit 3)");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("overloaded") && stderr.contains("nothing was done"),
+        "{stderr}"
+    );
     stop.store(true, Ordering::Relaxed);
     for t in flood {
         t.await.unwrap();
@@ -474,6 +554,12 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
     let shed_keys = shed_keys.lock().unwrap().clone();
     assert!(!ok_keys.is_empty(), "the node served nothing");
     assert!(!shed_keys.is_empty(), "nothing was shed");
+    // Refused at once, not queued until a deadline (5 s): the median refusal came back in
+    // well under a second, even on a loaded test machine.
+    let mut shed_ms = shed_ms.lock().unwrap().clone();
+    shed_ms.sort_unstable();
+    let median = shed_ms[shed_ms.len() / 2];
+    assert!(median < 1000, "median refusal took {median} ms");
     assert_eq!(other_errors.load(Ordering::Relaxed), 0);
     assert!(
         peak_rss < FLOOD_RSS_BOUND,
@@ -492,14 +578,15 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
             .unwrap()
         })
         .sum();
-    assert_eq!(shed as usize, shed_keys.len());
+    // The flood's refusals and kvctl's one.
+    assert_eq!(shed as usize, shed_keys.len() + 1);
     assert_eq!(
         prom_sample(
             &text,
             "ringkv_requests_total",
             &[("op", "put"), ("result", "overloaded")]
         ),
-        Some(shed_keys.len() as f64)
+        Some(shed_keys.len() as f64 + 1.0)
     );
     // Nothing shed was applied; everything acknowledged is there.
     let sample_of = |keys: &[String]| -> BTreeSet<String> {
@@ -677,4 +764,27 @@ async fn the_client_retries_reads_refused_overloaded_and_never_writes() {
         "no write met Overloaded (the test needs some)"
     );
     assert_eq!(write_retries, 0, "a write was retried");
+}
+
+/// `/ready` says no while the node does not know the ring (its seed never answers), and why,
+/// while `/health` says the process is up: a load balancer keeps it out, an orchestrator does
+/// not restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_know_the_ring_is_healthy_but_not_ready() {
+    // A seed address nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let seed = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let node = NodeProcess::start_temp(
+        "lonely",
+        &["--n", "3", "--seeds", &seed, ADMIN[0], ADMIN[1]],
+    );
+    let (code, body) = http_get(&node.admin_addr, "/health").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http_get(&node.admin_addr, "/ready").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("lonely") && body.contains("the ring is not known yet"),
+        "{body}"
+    );
 }
