@@ -379,16 +379,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let peer_budget = Budget::new("peer", config.peer_budget, &registry);
     {
         // Background work (replay, anti-entropy, transfers, GC) slows down as the client
-        // budget or the writer queue fills.
-        let (budget, store) = (client_budget.clone(), store.clone());
+        // budget, the peer budget (a replica flooded by coordinators) or the writer queue
+        // fills.
+        let (budget, peers, store) = (client_budget.clone(), peer_budget.clone(), store.clone());
         crate::background::load::set_foreground_pressure(move || {
             let writer = store.queue_depth() as f64 / (2 * MAX_GROUP_JOBS) as f64;
-            budget.fill().max(writer)
+            budget.fill().max(peers.fill()).max(writer)
         });
     }
     registry.probe_f64(
         "admission.foreground_pressure_ratio",
-        "how full the client budget or the writer queue is (1 = full): background work slows past 0.5",
+        "how full the client budget, the peer budget or the writer queue is, the fullest (1 = full): background work slows past 0.5",
         crate::background::load::foreground_pressure,
     );
     registry.probe_counter(

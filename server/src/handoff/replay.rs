@@ -29,6 +29,20 @@ pub const REPLAY_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause for a target whose replay call failed.
 pub const FAILURE_PAUSE: Duration = Duration::from_secs(1);
+/// Longest rest the holder takes after one batch while its own foreground is under pressure.
+pub const MAX_HOLDER_REST: Duration = Duration::from_secs(1);
+
+/// How long the holder rests after a batch that took `worked`, at background `pace` (its own
+/// foreground pressure, `background::load::pressure_scale`): so that replaying takes at most
+/// that share of its time. Its writer deletes every hint replayed and its disk was read for
+/// them, both in its clients' way; the target paces the same batches by its own load.
+pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
+    if pace >= 1.0 {
+        return Duration::ZERO;
+    }
+    let pace = pace.max(crate::background::load::FLOOR);
+    worked.mul_f64(1.0 / pace - 1.0).min(MAX_HOLDER_REST)
+}
 /// Pause for a target whose whole pass replayed nothing (every hint refused or changed).
 pub const STUCK_PAUSE: Duration = Duration::from_secs(10);
 
@@ -185,6 +199,7 @@ impl<T: Transport> ReplayWorker<T> {
 
     /// One credit request and at most one batch for `target`.
     async fn replay_batch(&mut self, target: &str, addr: &str) -> Result<(), String> {
+        let started = Instant::now();
         let call = |req| {
             self.transport
                 .clone()
@@ -283,6 +298,14 @@ impl<T: Transport> ReplayWorker<T> {
             replayed += out.changed as u64;
         }
         self.handoff.metrics.replayed.inc_by(replayed);
+        let pace =
+            crate::background::load::pressure_scale(crate::background::load::foreground_pressure());
+        let rest = holder_rest(started.elapsed(), pace);
+        if sent > 0 && !rest.is_zero() {
+            self.handoff.metrics.holder_rests.inc();
+            self.paused
+                .insert(target.to_string(), Instant::now() + rest);
+        }
         let pass = self
             .passes
             .get_mut(target)
@@ -368,5 +391,31 @@ impl<T: Transport> Worker for ReplayWorker<T> {
     async fn wait_for_work(&mut self) -> WorkerState {
         tokio::time::sleep(POLL_INTERVAL).await;
         WorkerState::Busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_rests_in_proportion_to_its_own_foreground_pressure() {
+        let worked = Duration::from_millis(20);
+        assert_eq!(holder_rest(worked, 1.0), Duration::ZERO);
+        // Half pace: as long resting as working.
+        assert_eq!(holder_rest(worked, 0.5), worked);
+        // A quarter: three times as long.
+        assert_eq!(holder_rest(worked, 0.25), worked * 3);
+        // Below the floor, the floor's 49 times; and never more than the cap.
+        assert_eq!(holder_rest(worked, 0.0), worked.mul_f64(49.0));
+        assert_eq!(holder_rest(Duration::from_millis(100), 0.02), MAX_HOLDER_REST);
+        assert_eq!(holder_rest(Duration::from_secs(5), 0.5), MAX_HOLDER_REST);
+        // Through the pressure: none up to half-full queues, then growing.
+        use crate::background::load::{pressure_scale, PRESSURE_FROM};
+        assert_eq!(
+            holder_rest(worked, pressure_scale(PRESSURE_FROM)),
+            Duration::ZERO
+        );
+        assert!(holder_rest(worked, pressure_scale(0.75)) > worked / 2);
     }
 }
