@@ -656,6 +656,52 @@ async fn a_node_flooded_by_clients_still_takes_the_replica_writes_other_coordina
     assert_eq!(shed_peer, 0.0, "n1 refused replica traffic");
 }
 
+/// The peer budget refuses too: replicas that get more replica writes at once than their
+/// peer budget (16, the least allowed) refuse the rest `Overloaded` at once, counted, and the
+/// coordinator still acknowledges only what W replicas hold: every acknowledged write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_over_their_peer_budget_refuse_at_once_and_lose_no_acknowledged_write() {
+    let mut args = ADMIN.to_vec();
+    args.extend(["--peer-max-requests", "16"]);
+    let cluster = Cluster::start(3, &args).await;
+    let c1 = cluster.client(0);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..96 {
+        let (c1, acked) = (c1.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..10 {
+                let key = format!("peer-budget/{w}/{i}");
+                if c1.put(&key, "v", None).await.is_ok() {
+                    acked.lock().unwrap().push(key);
+                }
+            }
+        }));
+    }
+    for t in writers {
+        t.await.unwrap();
+    }
+    // Refused by count, or by the share of the peer connections busy together.
+    let shed: f64 = cluster.nodes[1..]
+        .iter()
+        .map(|n| sample(n, "ringkv_admission_shed_total", &[("budget", "peer")]))
+        .sum();
+    assert!(
+        shed > 0.0,
+        "96 writers at once never filled a peer budget of 16"
+    );
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty(), "nothing was acknowledged");
+    let r2 = GetOptions {
+        r: Some(2),
+        ..Default::default()
+    };
+    for key in &acked {
+        let read = c1.get_with(key, r2).await.unwrap();
+        assert!(read.is_found(), "acknowledged {key} does not read back");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_deadline_passed_while_the_node_was_stopped_is_never_applied() {
     let node = NodeProcess::start_temp("n1", &["--n", "1", ADMIN[0], ADMIN[1]]);

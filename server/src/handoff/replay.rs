@@ -408,7 +408,10 @@ mod tests {
         assert_eq!(holder_rest(worked, 0.25), worked * 3);
         // Below the floor, the floor's 49 times; and never more than the cap.
         assert_eq!(holder_rest(worked, 0.0), worked.mul_f64(49.0));
-        assert_eq!(holder_rest(Duration::from_millis(100), 0.02), MAX_HOLDER_REST);
+        assert_eq!(
+            holder_rest(Duration::from_millis(100), 0.02),
+            MAX_HOLDER_REST
+        );
         assert_eq!(holder_rest(Duration::from_secs(5), 0.5), MAX_HOLDER_REST);
         // Through the pressure: none up to half-full queues, then growing.
         use crate::background::load::{pressure_scale, PRESSURE_FROM};
