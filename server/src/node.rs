@@ -886,6 +886,27 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
         },
     );
     let m = membership.clone();
+    registry.probe_family(
+        "cluster.members_by_ring_status",
+        "ring members by their place in the layout as this node sees them (joining, normal, leaving, removed)",
+        move || {
+            const NAMES: [&str; 4] = ["joining", "normal", "leaving", "removed"];
+            let mut counts = [0u32; 4];
+            if let Some(r) = m.members_seen() {
+                for x in &r.members {
+                    if let Some(c) = counts.get_mut(x.ring_status as usize) {
+                        *c += 1;
+                    }
+                }
+            }
+            NAMES
+                .iter()
+                .zip(counts)
+                .map(|(s, c)| (vec![("status".to_string(), s.to_string())], c as f64))
+                .collect()
+        },
+    );
+    let m = membership.clone();
     registry.probe(
         "cluster.layout_version",
         "version of the cluster layout this node has (rises with every committed ring change)",

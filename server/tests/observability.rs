@@ -88,6 +88,14 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
         ),
         Some(3.0)
     );
+    assert_eq!(
+        prom_sample(
+            &text,
+            "ringkv_cluster_members_by_ring_status",
+            &[("status", "normal")]
+        ),
+        Some(3.0)
+    );
     // One actor per node, its id a label (as a value Prometheus would round 64 bits).
     assert_eq!(
         prom_sample(&text, "ringkv_storage_actor_info", &[]),
@@ -832,5 +840,14 @@ async fn a_node_that_does_not_know_the_ring_is_healthy_but_not_ready() {
     assert!(
         body.contains("lonely") && body.contains("the ring is not known yet"),
         "{body}"
+    );
+    assert_eq!(
+        prom_sample(
+            &scrape(&node),
+            "ringkv_cluster_members_by_ring_status",
+            &[("status", "joining")]
+        ),
+        Some(1.0),
+        "the node sees itself joining"
     );
 }
