@@ -1,6 +1,7 @@
 //! Wall-clock time in milliseconds since the Unix epoch: sibling timestamps, ring generations,
 //! gossip envelopes. One function, so every module takes time from the same place (and the
-//! sans-IO cores take it as an argument instead).
+//! sans-IO cores take it as an argument instead). Also what is left of a deadline, as the
+//! milliseconds a request carries on the wire, and when a frame is taken to have arrived.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,6 +10,13 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// What is left of a deadline at `now` in whole milliseconds, `None` when less than 1 ms is:
+/// work that would start with nothing left must not start.
+pub fn time_left_ms(deadline: std::time::Instant, now: std::time::Instant) -> Option<u32> {
+    let left = deadline.saturating_duration_since(now).as_millis();
+    (left >= 1).then(|| left.min(u128::from(u32::MAX)) as u32)
 }
 
 /// A process stall (SIGSTOP, a VM pause, a starved process) ended this recently or is under
@@ -113,6 +121,19 @@ impl StallWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_time_left_is_none_not_one_millisecond() {
+        let now = Instant::now();
+        assert_eq!(time_left_ms(now, now), None);
+        assert_eq!(time_left_ms(now - Duration::from_millis(5), now), None);
+        assert_eq!(time_left_ms(now + Duration::from_micros(900), now), None);
+        assert_eq!(time_left_ms(now + Duration::from_millis(1), now), Some(1));
+        assert_eq!(
+            time_left_ms(now + Duration::from_millis(250), now),
+            Some(250)
+        );
+    }
     use std::time::{Duration, Instant};
 
     #[test]

@@ -31,7 +31,7 @@ use ringkv_protocol::{
 use tokio::time::Instant as TokioInstant;
 use tracing::{debug, warn};
 
-use crate::clock::now_ms;
+use crate::clock::{now_ms, time_left_ms};
 use crate::config::{Config, ReadFanout, MAX_TIMEOUT_MS};
 use crate::membership::{ClusterView, Membership, WriteEpochs};
 use crate::ring::NodeId;
@@ -135,19 +135,10 @@ fn hint_state(key: &[u8], row: Option<&[u8]>) -> Result<KeyState, String> {
     }
 }
 
-/// What is left of a deadline in whole milliseconds, `None` when less than 1 ms is: work
-/// that would start with nothing left must not start (`remaining_ms` would give it 1 ms).
-pub fn time_left_ms(deadline: Instant, now: Instant) -> Option<u32> {
-    let left = deadline.saturating_duration_since(now).as_millis();
-    (left >= 1).then(|| left.min(u128::from(u32::MAX)) as u32)
-}
-
-/// What is left of a deadline, as a wire timeout (at least 1 ms).
+/// What is left of a deadline, as a wire timeout (at least 1 ms; work that must not start
+/// with nothing left uses `clock::time_left_ms`).
 pub fn remaining_ms(deadline: Instant) -> u32 {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis()
-        .clamp(1, u32::MAX as u128) as u32
+    time_left_ms(deadline, Instant::now()).unwrap_or(1)
 }
 
 /// A client write, unpacked.

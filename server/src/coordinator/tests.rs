@@ -947,16 +947,3 @@ async fn a_slow_replica_read_gets_a_speculative_spare() {
     })
     .await;
 }
-
-#[test]
-fn no_time_left_is_none_not_one_millisecond() {
-    let now = Instant::now();
-    assert_eq!(time_left_ms(now, now), None);
-    assert_eq!(time_left_ms(now - Duration::from_millis(5), now), None);
-    assert_eq!(time_left_ms(now + Duration::from_micros(900), now), None);
-    assert_eq!(time_left_ms(now + Duration::from_millis(1), now), Some(1));
-    assert_eq!(
-        time_left_ms(now + Duration::from_millis(250), now),
-        Some(250)
-    );
-}

@@ -160,12 +160,10 @@ impl PeerPool {
         let expired = self.metrics.expired_unsent.clone();
         let encode = move || {
             if let Some(deadline) = deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left < Duration::from_millis(1) {
+                let Some(ms) = crate::clock::time_left_ms(deadline, Instant::now()) else {
                     expired.inc();
                     return None;
-                }
-                let ms = left.as_millis().min(u128::from(u32::MAX)) as u32;
+                };
                 // Unchanged (sent within the same millisecond): no re-encoding.
                 if given != Some(ms) {
                     req.set_time_given_ms(ms);
