@@ -226,6 +226,34 @@ mod tests {
         }
     }
 
+    /// The listener "n2"'s side of the handshake, proven with `secret`: the answer to a
+    /// `Hello` or `HelloProof`, `None` for any other request.
+    fn handshake_reply(secret: &str, req: &PeerRequest) -> Option<PeerResponse> {
+        match req {
+            PeerRequest::Session(SessionRequest::Hello(hello)) => {
+                let nonce = [5u8; NONCE_LEN];
+                let me = MemberInfo {
+                    node_id: "n2".into(),
+                    ..hello.me.clone()
+                };
+                let t = Transcript {
+                    dialer_nonce: &hello.nonce,
+                    listener_nonce: &nonce,
+                    dialer_id: &hello.me.node_id,
+                    listener_id: "n2",
+                };
+                let proof = PeerKey::new(secret, "ringkv").proof(Role::Listener, &t);
+                Some(PeerResponse::Session(SessionResponse::Challenge(
+                    Challenge { me, nonce, proof },
+                )))
+            }
+            PeerRequest::Session(SessionRequest::HelloProof(_)) => {
+                Some(PeerResponse::Session(SessionResponse::HelloAck))
+            }
+            _ => None,
+        }
+    }
+
     /// A listener that answers `Hello` with a challenge proven with `secret`, and records
     /// whether the dialer ever sent its proof or a request.
     async fn fake_listener(secret: &'static str) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
@@ -238,31 +266,8 @@ mod tests {
             while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
                 opcodes.push(frame.opcode);
                 let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
-                let resp = match req {
-                    PeerRequest::Session(SessionRequest::Hello(hello)) => {
-                        let nonce = [5u8; NONCE_LEN];
-                        let me = MemberInfo {
-                            node_id: "n2".into(),
-                            ..hello.me.clone()
-                        };
-                        let t = Transcript {
-                            dialer_nonce: &hello.nonce,
-                            listener_nonce: &nonce,
-                            dialer_id: &hello.me.node_id,
-                            listener_id: "n2",
-                        };
-                        let proof = PeerKey::new(secret, "ringkv").proof(Role::Listener, &t);
-                        PeerResponse::Session(SessionResponse::Challenge(Challenge {
-                            me,
-                            nonce,
-                            proof,
-                        }))
-                    }
-                    PeerRequest::Session(SessionRequest::HelloProof(_)) => {
-                        PeerResponse::Session(SessionResponse::HelloAck)
-                    }
-                    _ => PeerResponse::Session(SessionResponse::Pong),
-                };
+                let resp = handshake_reply(secret, &req)
+                    .unwrap_or(PeerResponse::Session(SessionResponse::Pong));
                 framed.send(resp.to_frame(frame.request_id)).await.unwrap();
             }
             opcodes
@@ -337,41 +342,18 @@ mod tests {
             let mut stalled = false;
             while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
                 let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
-                let resp = match req {
-                    PeerRequest::Session(SessionRequest::Hello(hello)) => {
-                        let nonce = [5u8; NONCE_LEN];
-                        let t = Transcript {
-                            dialer_nonce: &hello.nonce,
-                            listener_nonce: &nonce,
-                            dialer_id: &hello.me.node_id,
-                            listener_id: "n2",
-                        };
-                        let proof = PeerKey::new(secret, "ringkv").proof(Role::Listener, &t);
-                        let me = MemberInfo {
-                            node_id: "n2".into(),
-                            ..hello.me.clone()
-                        };
-                        PeerResponse::Session(SessionResponse::Challenge(Challenge {
-                            me,
-                            nonce,
-                            proof,
-                        }))
-                    }
-                    PeerRequest::Session(SessionRequest::HelloProof(_)) => {
-                        PeerResponse::Session(SessionResponse::HelloAck)
-                    }
-                    other => {
-                        let replicate = matches!(
-                            other,
-                            PeerRequest::Replica(ReplicaRequest::Replicate { .. })
-                        );
+                let resp = match handshake_reply(secret, &req) {
+                    Some(resp) => resp,
+                    None => {
+                        let replicate =
+                            matches!(req, PeerRequest::Replica(ReplicaRequest::Replicate { .. }));
                         if replicate && !stalled {
                             stalled = true;
                             tokio::time::sleep(stall).await;
                         }
                         if let PeerRequest::Replica(ReplicaRequest::ReadLocal {
                             timeout_ms, ..
-                        }) = other
+                        }) = req
                         {
                             timeouts.push(timeout_ms);
                         }
