@@ -8,10 +8,14 @@ p50/p99 of the admitted requests (latency from each request's intended start), t
 CPU per op and their peak resident memory. Each latency p99 also shows counted from when the
 generator sent the request ("from send") and how late the generator itself was (p99 of each
 request's start behind its due time): the generator shares the 2 cores with the nodes, and at
-2x its own delays are part of the latencies counted from the intended start.
+2x its own delays are part of the latencies counted from the intended start. Of that delay,
+"handed" is the part before kvbench's dispatcher thread handed the request to its runtime, and
+"permit waits" the total time the dispatcher waited for kvbench's own limit of requests in
+flight (connections x depth x 4).
 
 usage: tools/overload-bench.py BIN_DIR OUT_DIR [--rounds 2] [--node-args "--max-requests 256"]
-                                [--server-cpus 1.5]
+                                [--server-cpus 1.5] [--connections 8] [--depth 16]
+                                [--kvbench-args "--threads 1"]
 Goals: at 2x, goodput >= 90% of the peak and admitted p99 <= 3x the p99 at 0.5x.
 
 --server-cpus X puts the three nodes in a cgroup whose CPU quota is X cores (cgroup v1 `cpu`
@@ -118,6 +122,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--node-args", default="")
     ap.add_argument("--base-port", type=int, default=29379)
+    ap.add_argument("--connections", type=int, default=8,
+                    help="kvbench clients (each ring-aware: one connection per node)")
+    ap.add_argument("--depth", type=int, default=16, help="kvbench requests per client")
+    ap.add_argument("--kvbench-args", default="",
+                    help="more kvbench options for every phase (e.g. --threads 1)")
     ap.add_argument("--server-cpus", type=float, default=None,
                     help="cap the nodes at this many cores (a cgroup; needs root)")
     a = ap.parse_args()
@@ -131,7 +140,7 @@ def main():
         print(f"nodes capped at {a.server_cpus} cores ({cap.path})", flush=True)
     os.makedirs(a.out, exist_ok=True)
     common = ["--workload", "a", "--records", "100000", "--value-size", "100",
-              "--connections", "8", "--depth", "16", "--duration", "10"]
+              "--connections", str(a.connections), "--depth", str(a.depth), "--duration", "10"] + a.kvbench_args.split()
     rows = []
     for rnd in range(1, a.rounds + 1):
         work = tempfile.mkdtemp(prefix="ringkv-overload-")
@@ -175,6 +184,10 @@ def main():
                     # The generator's own delay (p99 of how late each op began): part of the
                     # latencies, not the nodes' doing.
                     "late_p99": (r.get("late") or {}).get("p99_us", 0),
+                    # The part of it before the dispatcher thread handed the op to the
+                    # runtime, and its total wait for the generator's in-flight limit.
+                    "handed_p99": (r.get("dispatch_late") or {}).get("p99_us", 0),
+                    "permit_wait_s": r.get("permit_wait_s") or 0.0,
                     # The admitted requests' p99 counted from when the generator sent them.
                     "sent_p99": (r.get("from_send") or {}).get("p99_us", 0),
                 })
@@ -182,7 +195,8 @@ def main():
                 print(f"  {x:>4}x {rate:>7}/s  goodput {row['goodput']:>8.0f} "
                       f"({row['goodput'] / peak_ops:5.2f} of peak)  shed {row['shed_per_s']:>7.0f}/s  "
                       f"errors {row['errors']:>5}  p50 {row['p50']:>7}  p99 {row['p99']:>8} us  "
-                      f"(from send {row['sent_p99']:>7}; generator late p99 {row['late_p99']:>7})  "
+                      f"(from send {row['sent_p99']:>7}; generator late p99 {row['late_p99']:>7}, "
+                      f"handed {row['handed_p99']:>7}, permit waits {row['permit_wait_s']:.2f} s)  "
                       f"cpu {row['cpu']:6.1f} us/op  rss {row['rss'] >> 20} MiB  "
                       f"generator {row['gen'] * 100:4.0f}% of a core"
                       + (f"  throttled {row['throttled']} periods" if cap else ""), flush=True)

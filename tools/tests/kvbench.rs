@@ -56,8 +56,15 @@ fn kvbench_smoke_run_has_no_errors_and_a_complete_summary() {
             assert_eq!(run["from_send"]["count"], run["all"]["count"], "{s}");
             assert!(run["from_send"]["max_us"].as_u64() <= run["all"]["max_us"].as_u64());
             assert!(run["late"]["max_us"].as_u64() <= run["all"]["max_us"].as_u64());
+            // Of the generator's delay, the part before the dispatcher handed each request
+            // over, and its total wait for its own limit of requests in flight.
+            assert_eq!(run["dispatch_late"]["count"], 300, "{s}");
+            assert!(run["dispatch_late"]["max_us"].as_u64() <= run["late"]["max_us"].as_u64());
+            assert!(run["permit_wait_s"].as_f64().is_some_and(|w| w >= 0.0), "{s}");
         } else {
-            assert!(run.get("late").is_none() && run.get("from_send").is_none());
+            for open_only in ["late", "from_send", "dispatch_late", "permit_wait_s"] {
+                assert!(run.get(open_only).is_none(), "{open_only}: {s}");
+            }
         }
         assert_eq!(s["config"]["workload"]["name"], "A");
         assert!(!s["git_commit"].as_str().unwrap().is_empty());

@@ -133,6 +133,15 @@ pub struct PhaseResult {
     /// the generator instead of from its due time (`all` minus `late`, per operation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_send: Option<Percentiles>,
+    /// Open loop only: the part of `late` spent before the dispatcher thread handed each
+    /// operation to the runtime (its sleeps overshooting, or waits for a permit); the rest of
+    /// `late` is the runtime's delay in starting the operation's task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatch_late: Option<Percentiles>,
+    /// Open loop only: how long, in total, the dispatcher waited because the generator's own
+    /// limit of operations in flight (connections × depth × 4) was reached, s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permit_wait_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,6 +176,10 @@ struct OpenLoopStats {
     late: Histogram<u64>,
     /// Successful operations' latency from their start, µs.
     from_send: Histogram<u64>,
+    /// Each operation's hand-over to the runtime behind its due time, µs.
+    dispatch_late: Histogram<u64>,
+    /// Time the dispatcher waited for a permit.
+    permit_wait: Duration,
 }
 
 impl Stats {
@@ -189,6 +202,8 @@ impl Stats {
             (Some(l), Some(o)) => {
                 let _ = l.late.add(&o.late);
                 let _ = l.from_send.add(&o.from_send);
+                let _ = l.dispatch_late.add(&o.dispatch_late);
+                l.permit_wait += o.permit_wait;
             }
             (l @ None, o) => *l = o,
             (Some(_), None) => {}
@@ -221,6 +236,11 @@ impl Stats {
             not_found: self.not_found,
             late: self.open.as_ref().map(|o| Percentiles::from(&o.late)),
             from_send: self.open.as_ref().map(|o| Percentiles::from(&o.from_send)),
+            dispatch_late: self
+                .open
+                .as_ref()
+                .map(|o| Percentiles::from(&o.dispatch_late)),
+            permit_wait_s: self.open.as_ref().map(|o| o.permit_wait.as_secs_f64()),
         }
     }
 }
@@ -470,6 +490,8 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
             stats.open = Some(OpenLoopStats {
                 late: histogram(),
                 from_send: histogram(),
+                dispatch_late: histogram(),
+                permit_wait: Duration::ZERO,
             });
             let shared = Arc::new(Mutex::new(stats));
             let limit = Arc::new(tokio::sync::Semaphore::new(cfg.connections * cfg.depth * 4));
@@ -483,6 +505,7 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                 move || {
                     let mut tasks = tokio::task::JoinSet::new();
                     let mut i: u64 = 0;
+                    let mut permit_wait = Duration::ZERO;
                     loop {
                         let due = start + interval.mul_f64(i as f64);
                         if due >= deadline || !take(&budget) {
@@ -497,10 +520,16 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                         }
                         let permit = match limit.clone().try_acquire_owned() {
                             Ok(p) => p,
-                            Err(_) => handle
-                                .block_on(limit.clone().acquire_owned())
-                                .expect("semaphore open"),
+                            Err(_) => {
+                                let waited = Instant::now();
+                                let p = handle
+                                    .block_on(limit.clone().acquire_owned())
+                                    .expect("semaphore open");
+                                permit_wait += waited.elapsed();
+                                p
+                            }
                         };
+                        let handed = Instant::now().saturating_duration_since(due);
                         let conn = conns[(i as usize) % conns.len()].clone();
                         let (key, kind, value) =
                             next_op(&prefix, &chooser, read_p, values, &mut rng);
@@ -515,6 +544,7 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                                 record(&mut stats, kind, due, r);
                                 if let Some(o) = &mut stats.open {
                                     o.late.saturating_record(micros(late));
+                                    o.dispatch_late.saturating_record(micros(handed));
                                     if ok {
                                         o.from_send.saturating_record(micros(began.elapsed()));
                                     }
@@ -526,6 +556,9 @@ async fn run_phase(cfg: &BenchConfig, conns: &[Conn], values: Values) -> PhaseRe
                         );
                         i += 1;
                         while tasks.try_join_next().is_some() {}
+                    }
+                    if let Some(o) = &mut shared.lock().expect("stats lock").open {
+                        o.permit_wait = permit_wait;
                     }
                     tasks
                 }
@@ -632,11 +665,21 @@ pub fn table(s: &Summary) -> String {
     if let (Some(late), Some(sent)) = (&r.late, &r.from_send) {
         row("run", "late", late, 0.0, 0);
         row("run", "sent", sent, r.throughput, 0);
+        if let Some(d) = &r.dispatch_late {
+            row("run", "handed", d, 0.0, 0);
+        }
         out.push_str(
             "late: how long after its due time each operation began in the generator (its own \
-             delay, part of the latencies above); sent: the same operations' latency counted \
+             delay, part of the latencies above); handed: the part of it before the dispatcher \
+             handed the operation to the runtime; sent: the same operations' latency counted \
              from when they began\n",
         );
+        if let Some(w) = r.permit_wait_s {
+            out.push_str(&format!(
+                "the dispatcher waited {w:.3} s in all for the generator's limit of operations \
+                 in flight\n"
+            ));
+        }
     }
     if r.shed > 0 {
         out.push_str(&format!(
