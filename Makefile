@@ -58,7 +58,7 @@ test: deps
 	@echo "==> Jepsen-style consistency checks (short CI profile; histories in $(JEPSEN_OUT))"
 	"$(BIN)/ringkv-jepsen" --profile ci --out "$(JEPSEN_OUT)"
 
-# The full consistency profile: longer runs of every nemesis combination (about 15 minutes).
+# The full consistency profile: longer runs of every nemesis combination (about 45 minutes).
 jepsen: deps
 	cargo build --release --workspace --bins
 	@echo "==> single runs look like:"

@@ -95,7 +95,8 @@ impl RocksEngine {
                 // larger) keeps one entry per key instead of one per version, so lookups and
                 // inserts stay short and memtables fill (and flush) slower. Single node,
                 // workload A: +4..10% ops/s, -7..11% CPU/op, p99 -20% (docs/benchmarks.md).
-                // Costs nothing here: no snapshots, one writer; a range scan may see a state\n                // being rewritten (digest scans tolerate it: `Store::scan_digests`).
+                // Costs nothing here: no snapshots, one writer; a range scan may see a state
+                // being rewritten (digest scans tolerate it: `Store::scan_digests`).
                 o.set_inplace_update_support(true);
             }
             if cf == Cf::Aae {
