@@ -60,7 +60,10 @@ fn kvbench_smoke_run_has_no_errors_and_a_complete_summary() {
             // over, and its total wait for its own limit of requests in flight.
             assert_eq!(run["dispatch_late"]["count"], 300, "{s}");
             assert!(run["dispatch_late"]["max_us"].as_u64() <= run["late"]["max_us"].as_u64());
-            assert!(run["permit_wait_s"].as_f64().is_some_and(|w| w >= 0.0), "{s}");
+            assert!(
+                run["permit_wait_s"].as_f64().is_some_and(|w| w >= 0.0),
+                "{s}"
+            );
         } else {
             for open_only in ["late", "from_send", "dispatch_late", "permit_wait_s"] {
                 assert!(run.get(open_only).is_none(), "{open_only}: {s}");
