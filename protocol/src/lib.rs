@@ -17,5 +17,6 @@ pub use frame::{Frame, FrameCodec, FrameError, Inbound, Rejection, PROTOCOL_VERS
 pub use message::{
     ErrorKind, ErrorReply, MemberStatus, MembersReply, ReadOptions, ReadReply, RepairReply,
     Request, Response, RingMember, RingReply, Sibling, StatusReply, WriteOptions, WriteReply,
+    RING_STATUS_NAMES, SWIM_STATE_NAMES,
 };
 pub use wire::DecodeError;

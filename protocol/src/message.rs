@@ -136,6 +136,12 @@ pub struct RingReply {
     pub members: Vec<RingMember>,
 }
 
+/// The SWIM states `MemberStatus::swim_state` codes, by code.
+pub const SWIM_STATE_NAMES: [&str; 3] = ["alive", "suspect", "down"];
+
+/// The ring statuses `MemberStatus::ring_status` codes, by code.
+pub const RING_STATUS_NAMES: [&str; 4] = ["joining", "normal", "leaving", "removed"];
+
 /// One member as `Members` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberStatus {
@@ -160,6 +166,21 @@ pub struct MemberStatus {
     /// threshold).
     pub available: bool,
     pub is_self: bool,
+}
+
+impl MemberStatus {
+    /// The SWIM state's name (codes past the last read as down).
+    pub fn swim_state_name(&self) -> &'static str {
+        SWIM_STATE_NAMES[usize::from(self.swim_state).min(SWIM_STATE_NAMES.len() - 1)]
+    }
+
+    /// The ring status's name, "unknown" for a code it does not know (255).
+    pub fn ring_status_name(&self) -> &'static str {
+        RING_STATUS_NAMES
+            .get(usize::from(self.ring_status))
+            .copied()
+            .unwrap_or("unknown")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -908,5 +929,38 @@ impl Response {
         };
         r.finish()?;
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_codes_have_names_and_unknown_codes_do_not_panic() {
+        let m = |swim_state, ring_status| MemberStatus {
+            node_id: "n1".into(),
+            client_addr: String::new(),
+            peer_addr: String::new(),
+            gossip_addr: String::new(),
+            swim_state,
+            incarnation: 0,
+            generation: 0,
+            phi_milli: 0,
+            last_heard_ms: 0,
+            ring_status,
+            vnodes: 0,
+            available: true,
+            is_self: false,
+        };
+        let names: Vec<_> = (0..4).map(|c| m(c, c).swim_state_name()).collect();
+        assert_eq!(names, ["alive", "suspect", "down", "down"]);
+        let names: Vec<_> = [0, 1, 2, 3, 4, 255]
+            .map(|c| m(0, c).ring_status_name())
+            .to_vec();
+        assert_eq!(
+            names,
+            ["joining", "normal", "leaving", "removed", "unknown", "unknown"]
+        );
     }
 }

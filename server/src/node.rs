@@ -10,6 +10,7 @@ use tracing::info;
 
 use ringkv_protocol::limits::{MAX_HANDSHAKE_BODY_LEN, MAX_PEER_BODY_LEN, MAX_REQUEST_BODY_LEN};
 use ringkv_protocol::peer::MemberInfo;
+use ringkv_protocol::{MemberStatus, RING_STATUS_NAMES, SWIM_STATE_NAMES};
 
 use crate::aae::exchange::AaeWorker;
 use crate::aae::gc::{GcMetrics, GcWorker};
@@ -845,6 +846,33 @@ fn register_workers(registry: &Registry, runner: &Arc<Runner>) {
     );
 }
 
+/// A `cluster.members_by_*` family: the members this node sees, counted under `label` by
+/// `name_of` (every one of `names` exported, 0 when none; other names are not counted).
+fn register_members_by(
+    registry: &Registry,
+    membership: &Membership,
+    family: &'static str,
+    help: &'static str,
+    label: &'static str,
+    names: &'static [&'static str],
+    name_of: fn(&MemberStatus) -> &'static str,
+) {
+    let m = membership.clone();
+    registry.probe_family(family, help, move || {
+        let mut counts = vec![0u32; names.len()];
+        for x in m.members_seen().map(|r| r.members).unwrap_or_default() {
+            if let Some(i) = names.iter().position(|n| *n == name_of(&x)) {
+                counts[i] += 1;
+            }
+        }
+        names
+            .iter()
+            .zip(counts)
+            .map(|(n, c)| (vec![(label.to_string(), n.to_string())], f64::from(c)))
+            .collect()
+    });
+}
+
 fn register_cluster(registry: &Registry, membership: &Membership) {
     let m = membership.clone();
     registry.probe_family(
@@ -867,44 +895,23 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
                 .unwrap_or_default()
         },
     );
-    let m = membership.clone();
-    registry.probe_family(
+    register_members_by(
+        registry,
+        membership,
         "cluster.members_by_state",
         "ring members by SWIM state as this node sees them (alive, suspect, down)",
-        move || {
-            let mut counts = [0u32; 3];
-            if let Some(r) = m.members_seen() {
-                for x in &r.members {
-                    counts[(x.swim_state as usize).min(2)] += 1;
-                }
-            }
-            ["alive", "suspect", "down"]
-                .iter()
-                .zip(counts)
-                .map(|(s, c)| (vec![("state".to_string(), s.to_string())], c as f64))
-                .collect()
-        },
+        "state",
+        &SWIM_STATE_NAMES,
+        MemberStatus::swim_state_name,
     );
-    let m = membership.clone();
-    registry.probe_family(
+    register_members_by(
+        registry,
+        membership,
         "cluster.members_by_ring_status",
         "ring members by their place in the layout as this node sees them (joining, normal, leaving, removed)",
-        move || {
-            const NAMES: [&str; 4] = ["joining", "normal", "leaving", "removed"];
-            let mut counts = [0u32; 4];
-            if let Some(r) = m.members_seen() {
-                for x in &r.members {
-                    if let Some(c) = counts.get_mut(x.ring_status as usize) {
-                        *c += 1;
-                    }
-                }
-            }
-            NAMES
-                .iter()
-                .zip(counts)
-                .map(|(s, c)| (vec![("status".to_string(), s.to_string())], c as f64))
-                .collect()
-        },
+        "status",
+        &RING_STATUS_NAMES,
+        MemberStatus::ring_status_name,
     );
     let m = membership.clone();
     registry.probe(

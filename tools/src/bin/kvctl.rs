@@ -1106,18 +1106,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Members => {
             let m = client.members().await?;
-            let swim = |s: u8| match s {
-                0 => "alive",
-                1 => "suspect",
-                _ => "down",
-            };
-            let ring_status = |s: u8| match s {
-                0 => "joining",
-                1 => "normal",
-                2 => "leaving",
-                3 => "removed",
-                _ => "unknown",
-            };
             let phi = |p: u32| (p != u32::MAX).then(|| p as f64 / 1000.0);
             let heard = |ms: u64| (ms != u64::MAX).then_some(ms);
             if cli.json {
@@ -1131,12 +1119,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                             "client_addr": x.client_addr,
                             "peer_addr": x.peer_addr,
                             "gossip_addr": x.gossip_addr,
-                            "swim_state": swim(x.swim_state),
+                            "swim_state": x.swim_state_name(),
                             "incarnation": x.incarnation,
                             "generation": x.generation,
                             "phi": phi(x.phi_milli),
                             "last_heard_ms": heard(x.last_heard_ms),
-                            "ring_status": ring_status(x.ring_status),
+                            "ring_status": x.ring_status_name(),
                             "vnodes": x.vnodes,
                             "available": x.available,
                         })
@@ -1169,12 +1157,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     out(&format!(
                         "{:<14} {:<8} {:>5} {:>14} {:>7} {:>9} {:<8} {:<22} {:<22} {:<22} {}",
                         name,
-                        swim(x.swim_state),
+                        x.swim_state_name(),
                         x.incarnation,
                         x.generation,
                         phi(x.phi_milli).map_or("-".into(), |p| format!("{p:.2}")),
                         heard(x.last_heard_ms).map_or("never".into(), |ms| format!("{ms}ms")),
-                        ring_status(x.ring_status),
+                        x.ring_status_name(),
                         x.client_addr,
                         x.peer_addr,
                         x.gossip_addr,
