@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--node-args", default="")
     ap.add_argument("--base-port", type=int, default=29379)
     ap.add_argument("--connections", type=int, default=8,
-                    help="kvbench clients (each ring-aware: one connection per node)")
+                    help="kvbench connections, spread round-robin over the 3 nodes")
     ap.add_argument("--depth", type=int, default=16, help="kvbench requests per client")
     ap.add_argument("--kvbench-args", default="",
                     help="more kvbench options for every phase (e.g. --threads 1)")

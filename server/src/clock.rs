@@ -121,6 +121,7 @@ impl StallWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn no_time_left_is_none_not_one_millisecond() {
@@ -134,7 +135,6 @@ mod tests {
             Some(250)
         );
     }
-    use std::time::{Duration, Instant};
 
     #[test]
     fn a_frame_read_during_or_just_after_a_stall_is_dated_to_its_start() {

@@ -31,6 +31,8 @@ pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub const FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Longest rest the holder takes after one batch while its own foreground is under pressure.
 pub const MAX_HOLDER_REST: Duration = Duration::from_secs(1);
+/// Pause for a target whose whole pass replayed nothing (every hint refused or changed).
+pub const STUCK_PAUSE: Duration = Duration::from_secs(10);
 
 /// How long the holder rests after a batch that took `worked`, at background `pace` (its own
 /// foreground pressure, `background::load::pressure_scale`): so that replaying takes at most
@@ -43,8 +45,6 @@ pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
     let pace = pace.max(crate::background::load::FLOOR);
     worked.mul_f64(1.0 / pace - 1.0).min(MAX_HOLDER_REST)
 }
-/// Pause for a target whose whole pass replayed nothing (every hint refused or changed).
-pub const STUCK_PAUSE: Duration = Duration::from_secs(10);
 
 /// One pass over a target's hints.
 struct Pass {
