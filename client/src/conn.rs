@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use ringkv_protocol::limits::{MAX_PEER_BODY_LEN, MAX_REQUEST_BODY_LEN};
 use ringkv_protocol::{Frame, FrameCodec, Inbound, Rejection, Response};
 
@@ -90,10 +90,10 @@ impl Conn {
         // Sized for the largest peer reply (a forwarded client response or a whole state), which
         // is at least the largest client response.
         let reader = FramedRead::new(rd, FrameCodec::new(MAX_PEER_BODY_LEN));
-        let writer = FramedWrite::new(wr, FrameCodec::new(MAX_REQUEST_BODY_LEN));
+        let out = Outbound::new(wr, MAX_REQUEST_BODY_LEN, WRITE_STALL_TIMEOUT);
         let (tx, rx) = mpsc::channel(depth);
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(run(reader, writer, rx, alive.clone()));
+        tokio::spawn(run(reader, out, rx, alive.clone()));
         Ok(Conn { tx, alive, local })
     }
 
@@ -137,18 +137,163 @@ impl Conn {
 
 type Pending = HashMap<u64, oneshot::Sender<Result<Frame, ConnError>>>;
 
+/// Bytes encoded but not yet written to the socket above which a connection takes no more
+/// work to send: the client's queued requests wait in its channel (and are made only then,
+/// `call_at_send`), the node's listener reads no new request. Writing never blocks the rest
+/// of the connection: replies keep being read (and, on a node, running requests keep
+/// running) while the other side is slow to read.
+pub const UNSENT_PAUSE_BYTES: usize = 1 << 20;
+
+/// How long a connection waits for the other side to read any of what it has to send before
+/// it closes: a peer that stopped reading (stopped process, lost host whose TCP has not
+/// failed) frees its connection slot and the memory of its unsent frames.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What [`Outbound::progress`] did.
+pub enum Progress {
+    /// Everything encoded so far is written (or the write failed).
+    Flushed(std::io::Result<()>),
+    /// A stall check is due: call [`Outbound::stalled`].
+    CheckDue,
+}
+
+/// The write side of a connection that never waits for the socket: frames are encoded into
+/// the buffer at once and written in the connection task's own `select!` arm (`progress`), and
+/// a peer that reads nothing for a whole `stall_timeout` is noticed (`stalled`). Checked at
+/// most once per period, so a busy connection pays no timer work per frame.
+pub struct Outbound<W> {
+    writer: FramedWrite<W, FrameCodec>,
+    stall_timeout: Duration,
+    check: std::pin::Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    /// Bytes ever encoded, and how many of them had been written at the last check.
+    fed: u64,
+    written_at_check: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
+    pub fn new(io: W, max_body: usize, stall_timeout: Duration) -> Self {
+        let mut writer = FramedWrite::new(io, FrameCodec::new(max_body));
+        // Never flush from `feed`: writing happens only in `flush`, which the task polls
+        // alongside its reads.
+        writer.set_backpressure_boundary(usize::MAX);
+        Outbound {
+            writer,
+            stall_timeout,
+            check: Box::pin(tokio::time::sleep(stall_timeout)),
+            armed: false,
+            fed: 0,
+            written_at_check: 0,
+        }
+    }
+
+    /// Encodes `frame` for sending, without waiting for the socket.
+    pub fn feed(&mut self, frame: Frame) -> std::io::Result<()> {
+        let before = self.unsent();
+        self.writer
+            .feed(frame)
+            .now_or_never()
+            .expect("without a backpressure boundary, feeding never waits for the socket")
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.fed += (self.unsent() - before) as u64;
+        if !self.armed {
+            self.armed = true;
+            self.written_at_check = self.written();
+            let at = tokio::time::Instant::now() + self.stall_timeout;
+            self.check.as_mut().reset(at);
+        }
+        Ok(())
+    }
+
+    /// Bytes encoded and not yet written.
+    pub fn unsent(&self) -> usize {
+        self.writer.write_buffer().len()
+    }
+
+    fn written(&self) -> u64 {
+        self.fed - self.unsent() as u64
+    }
+
+    /// Whether anything waits to be written.
+    pub fn pending(&self) -> bool {
+        !self.writer.write_buffer().is_empty()
+    }
+
+    /// Writes what is encoded, or waits for the next stall check, whichever comes first
+    /// (cancel-safe: what was written stays written). Poll only while `busy`.
+    pub async fn progress(&mut self) -> Progress {
+        let Outbound {
+            writer,
+            check,
+            armed,
+            ..
+        } = self;
+        let pending = !writer.write_buffer().is_empty();
+        tokio::select! {
+            flushed = SinkExt::<Frame>::flush(writer), if pending => {
+                Progress::Flushed(flushed.map_err(|e| std::io::Error::other(e.to_string())))
+            }
+            _ = check.as_mut(), if *armed => Progress::CheckDue,
+        }
+    }
+
+    /// Writes everything left, unless the other side reads none of it for a stall period.
+    pub async fn finish(&mut self) {
+        while self.pending() {
+            match self.progress().await {
+                Progress::Flushed(r) => {
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                Progress::CheckDue => {
+                    if self.stalled() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `progress` has anything to do: bytes to write or a stall check to make.
+    pub fn busy(&self) -> bool {
+        self.pending() || self.armed
+    }
+
+    /// At a due check: true when bytes waited to be written and none was for the whole
+    /// period. Rearms for the next period (or disarms when nothing waits).
+    pub fn stalled(&mut self) -> bool {
+        let written = self.written();
+        if !self.pending() {
+            self.armed = false;
+            return false;
+        }
+        let stalled = written == self.written_at_check;
+        self.written_at_check = written;
+        let at = tokio::time::Instant::now() + self.stall_timeout;
+        self.check.as_mut().reset(at);
+        stalled
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall_timeout
+    }
+}
+
 async fn run(
     mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
-    mut writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut out: Outbound<tokio::net::tcp::OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Outgoing>,
     alive: Arc<AtomicBool>,
 ) {
     let mut pending: Pending = HashMap::new();
     let cause = loop {
         tokio::select! {
-            out = rx.recv() => {
-                let Some(out) = out else { break "client dropped".to_string() };
-                let mut batch = vec![out];
+            // Requests are taken only while little waits to be written (the rest wait in the
+            // channel, unmade); replies are read whatever the socket's write side does.
+            out_msg = rx.recv(), if out.unsent() < UNSENT_PAUSE_BYTES => {
+                let Some(first) = out_msg else { break "client dropped".to_string() };
+                let mut batch = vec![first];
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
@@ -160,37 +305,47 @@ async fn run(
                     batch.push(more);
                 }
                 let mut failed = None;
-                for out in batch {
+                for msg in batch {
                     // A caller that timed out dropped its receiver; skip sending for it.
-                    if out.reply.is_closed() {
+                    if msg.reply.is_closed() {
                         continue;
                     }
                     // Made now, after everything queued before it was fed to the socket.
-                    let frame = match out.payload {
+                    let frame = match msg.payload {
                         Payload::Frame(frame) => frame,
                         Payload::AtSend(encode) => match encode() {
                             Some(frame) => frame,
                             None => {
-                                let _ = out.reply.send(Err(ConnError::Expired));
+                                let _ = msg.reply.send(Err(ConnError::Expired));
                                 continue;
                             }
                         },
                     };
-                    pending.insert(frame.request_id, out.reply);
-                    if let Err(e) = writer.feed(frame).await {
+                    let id = frame.request_id;
+                    if let Err(e) = out.feed(frame) {
+                        let _ = msg.reply.send(Err(ConnError::Lost(format!("write failed: {e}"))));
                         failed = Some(e.to_string());
                         break;
                     }
-                }
-                if failed.is_none() {
-                    if let Err(e) = writer.flush().await {
-                        failed = Some(e.to_string());
-                    }
+                    pending.insert(id, msg.reply);
                 }
                 if let Some(e) = failed {
                     break format!("write failed: {e}");
                 }
             }
+            progress = out.progress(), if out.busy() => match progress {
+                Progress::Flushed(Err(e)) => break format!("write failed: {e}"),
+                Progress::Flushed(Ok(())) => {}
+                Progress::CheckDue => {
+                    if out.stalled() {
+                        break format!(
+                            "the node read none of {} unsent bytes for {:?}",
+                            out.unsent(),
+                            out.stall_timeout()
+                        );
+                    }
+                }
+            },
             item = reader.next() => {
                 match item {
                     None => break "connection closed by the node".to_string(),
@@ -230,5 +385,147 @@ async fn run(
     }
     while let Ok(out) = rx.try_recv() {
         let _ = out.reply.send(Err(ConnError::Lost(cause.clone())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{Bytes, BytesMut};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Encoder;
+
+    /// Both sides of a connection writing more than the sockets hold must not wait on each
+    /// other: the connection keeps reading replies while its own requests wait to be written.
+    /// Before, its task awaited the write of a batch and read nothing meanwhile, so a node
+    /// writing large replies while not reading (its own writes blocked the same way) jammed
+    /// the connection for good: every later call timed out.
+    #[tokio::test]
+    async fn replies_are_read_while_requests_wait_for_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let node = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (rd, mut wr) = socket.into_split();
+            let mut reader = FramedRead::new(rd, FrameCodec::new(MAX_REQUEST_BODY_LEN));
+            let first = match reader.next().await {
+                Some(Ok(Inbound::Frame(f))) => f,
+                other => panic!("{other:?}"),
+            };
+            // 48 MiB of replies to requests the client never made (it skips them), then the
+            // answer to its first request, all written before reading anything more.
+            let mut out = BytesMut::new();
+            let mut codec = FrameCodec::new(MAX_PEER_BODY_LEN);
+            for i in 0..24u64 {
+                let junk = Frame {
+                    opcode: first.opcode,
+                    request_id: 1 << 40 | i,
+                    body: Bytes::from(vec![0u8; 2 << 20]),
+                };
+                codec.encode(junk, &mut out).unwrap();
+            }
+            codec.encode(first, &mut out).unwrap();
+            wr.write_all(&out).await.unwrap();
+            // Then take whatever the client sends.
+            while let Some(Ok(_)) = reader.next().await {}
+        });
+        let conn = Conn::connect(&addr, Duration::from_secs(2), 64)
+            .await
+            .unwrap();
+        let small = Frame {
+            opcode: 1,
+            request_id: 1,
+            body: Bytes::from_static(b"ping"),
+        };
+        let answered = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call(small).await }
+        });
+        // 24 MiB of requests right behind it (queued before the connection sends the first),
+        // which the node does not read while it writes.
+        for i in 0..24u64 {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let big = Frame {
+                    opcode: 1,
+                    request_id: 100 + i,
+                    body: Bytes::from(vec![1u8; MAX_REQUEST_BODY_LEN - 64]),
+                };
+                let _ = conn.call(big).await;
+            });
+        }
+        let reply = tokio::time::timeout(Duration::from_secs(20), answered)
+            .await
+            .expect("the connection jammed: the reply to the first request never arrived")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.request_id, 1);
+        assert_eq!(&reply.body[..], b"ping");
+        node.abort();
+    }
+
+    /// A peer that reads some of what waits is slow, not stalled; one that reads none of it
+    /// for a whole period is stalled, and only then.
+    #[tokio::test]
+    async fn a_write_stall_is_a_whole_period_without_a_byte_read() {
+        use tokio::io::AsyncReadExt;
+        use tokio::time::Instant;
+        let period = Duration::from_secs(2);
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut out = Outbound::new(near, MAX_REQUEST_BODY_LEN, period);
+        assert!(!out.busy());
+        out.feed(Frame {
+            opcode: 1,
+            request_id: 1,
+            body: Bytes::from(vec![7u8; 64 * 1024]),
+        })
+        .unwrap();
+        assert!(out.busy());
+        // The far side reads 1 KiB every 250 ms for 5 s: every check finds bytes written since
+        // the one before.
+        let mut buf = [0u8; 1024];
+        let slow_until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < slow_until {
+            let step = tokio::time::timeout(Duration::from_millis(250), out.progress()).await;
+            match step {
+                Err(_) => {
+                    far.read_exact(&mut buf).await.unwrap();
+                }
+                Ok(Progress::Flushed(r)) => panic!("flushed 64 KiB into 1 KiB: {r:?}"),
+                Ok(Progress::CheckDue) => assert!(!out.stalled(), "slow is not stalled"),
+            }
+        }
+        let last_read = Instant::now();
+        assert!(out.busy());
+        // Then it reads nothing: stalled at a check between one and two periods later.
+        let stalled_at = loop {
+            if let Progress::CheckDue = out.progress().await {
+                if out.stalled() {
+                    break Instant::now();
+                }
+            }
+        };
+        let after = stalled_at - last_read;
+        assert!(
+            after >= period - Duration::from_millis(300) && after <= 2 * period + period / 2,
+            "stalled {after:?} after the last read (period {period:?})"
+        );
+        // Once everything is read, nothing waits and the watch disarms.
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = far.read_to_end(&mut sink).await;
+        });
+        match out.progress().await {
+            Progress::Flushed(r) => r.unwrap(),
+            Progress::CheckDue => assert!(!out.stalled()),
+        }
+        while out.busy() {
+            if let Progress::CheckDue = out.progress().await {
+                assert!(!out.stalled());
+            }
+        }
+        drop(out);
+        reader.await.unwrap();
     }
 }

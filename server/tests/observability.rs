@@ -851,3 +851,64 @@ async fn a_node_that_does_not_know_the_ring_is_healthy_but_not_ready() {
         "the node sees itself joining"
     );
 }
+
+/// A client that pipelines requests and then reads none of the replies keeps nothing of the
+/// node's budget: the requests it had running finish (applied) and give their permits back,
+/// while the node holds their replies until the client reads or the connection is closed.
+/// Before, the connection's task waited on the full socket to write one reply and polled
+/// nothing else, so its admitted requests held their permits as long as the client lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_keeps_none_of_the_budget() {
+    use futures::SinkExt;
+    use ringkv_protocol::{FrameCodec, ReadOptions, Request, WriteOptions};
+    let node = NodeProcess::start_temp("n1", &["--n", "1", ADMIN[0], ADMIN[1]]);
+    let client = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
+    // 48 gets of a value just under 1 MiB: far more replies than the sockets' buffers hold.
+    let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
+    client.put("big", big, None).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
+    let (_unread, wr) = stream.into_split();
+    let mut frames = tokio_util::codec::FramedWrite::new(
+        wr,
+        FrameCodec::new(ringkv_protocol::limits::MAX_REQUEST_BODY_LEN),
+    );
+    // First writes (each waits for its group's fsync), then the gets whose replies fill the
+    // socket while the writes are still running.
+    let puts = 8u64;
+    for id in 1..=puts {
+        let put = Request::Put {
+            key: Bytes::from(format!("unread-{id}")),
+            value: Bytes::from_static(b"v"),
+            context: Bytes::new(),
+            opts: WriteOptions::default(),
+        };
+        frames.feed(put.to_frame(id)).await.unwrap();
+    }
+    for id in puts + 1..=puts + 48 {
+        let get = Request::Get {
+            key: Bytes::from_static(b"big"),
+            opts: ReadOptions::default(),
+        };
+        frames.feed(get.to_frame(id)).await.unwrap();
+    }
+    frames.flush().await.unwrap();
+    let in_flight = || sample(&node, "ringkv_admission_in_flight", &[("budget", "client")]);
+    let mut left = f64::NAN;
+    for _ in 0..100 {
+        left = in_flight();
+        if left == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        left, 0.0,
+        "requests of a connection whose replies are not read still hold the client budget"
+    );
+    // The writes were applied, and other clients are served meanwhile.
+    for id in 1..=puts {
+        let read = client.get(format!("unread-{id}")).await.unwrap();
+        assert!(read.is_found(), "unread-{id}: {read:?}");
+    }
+    drop(frames);
+}

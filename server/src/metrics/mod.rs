@@ -537,6 +537,7 @@ metric_set! {
         connections_refused: Counter = "connections_refused", "connections refused at the connection limit";
         frames_rejected: Counter = "frames_rejected", "frames refused by the codec (too large, unknown version)";
         malformed: Counter = "malformed", "frames that did not decode";
+        write_stalls: Counter = "write_stalls", "connections closed because the other side read none of their replies for the write-stall timeout (30 s)";
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use ringkv_client::conn::{Outbound, Progress, UNSENT_PAUSE_BYTES, WRITE_STALL_TIMEOUT};
 use ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN;
 use ringkv_protocol::{ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Response};
 use tokio::net::{TcpListener, TcpStream};
@@ -161,7 +162,12 @@ async fn connection<H: FrameHandler>(
     metrics.connections_active.inc();
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(cfg.max_request_body));
-    let mut writer = FramedWrite::new(wr, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
+    // Replies are encoded into `out` at once and written in their own arm: a client that reads
+    // slowly (or not at all) never stops this task from running its admitted requests, which
+    // then finish and give back their budget. While more than `UNSENT_PAUSE_BYTES` of replies
+    // wait, no new request is read (TCP backpressure); a client that reads none of them for
+    // `WRITE_STALL_TIMEOUT` is disconnected.
+    let mut out = Outbound::new(wr, MAX_RESPONSE_BODY_LEN, WRITE_STALL_TIMEOUT);
     // The connection's requests run inside this task, not as tasks of their own: no spawn and
     // no channel hop per request, and every reply that is ready goes out in one flush.
     // Priorities: replies that are ready, then frames already received (so a pipelined batch
@@ -171,7 +177,6 @@ async fn connection<H: FrameHandler>(
     // False once the connection stops taking requests (peer closed, bad frame, a handler asked
     // to close, shutdown); requests already running still answer.
     let mut reading = true;
-    let mut unflushed = false;
     // Until the handler admits the connection (the peer handshake), frames are small and the
     // clock runs: a stranger can neither make the node buffer large frames nor hold a
     // connection slot for long.
@@ -209,13 +214,14 @@ async fn connection<H: FrameHandler>(
                 if reply.close {
                     reading = false;
                 }
-                if writer.feed(reply.frame).await.is_err() {
+                if out.feed(reply.frame).is_err() {
                     break;
                 }
-                unflushed = true;
                 None
             }
-            item = reader.next(), if reading && in_flight.len() < cfg.max_in_flight => match item {
+            item = reader.next(), if reading
+                && in_flight.len() < cfg.max_in_flight
+                && out.unsent() < UNSENT_PAUSE_BYTES => match item {
                 None => {
                     reading = false;
                     None
@@ -243,22 +249,28 @@ async fn connection<H: FrameHandler>(
                     None
                 }
             },
-            flushed = writer.flush(), if unflushed => {
-                if flushed.is_err() {
-                    break;
+            progress = out.progress(), if out.busy() => match progress {
+                Progress::Flushed(Err(_)) => break,
+                Progress::Flushed(Ok(())) => None,
+                Progress::CheckDue => {
+                    if out.stalled() {
+                        metrics.write_stalls.inc();
+                        warn!(node = %cfg.node_id, listener = cfg.kind, %peer, unsent_bytes = out.unsent(),
+                              running = in_flight.len(), timeout = ?WRITE_STALL_TIMEOUT,
+                              "closing connection: the other side read none of its replies");
+                        break;
+                    }
+                    None
                 }
-                unflushed = false;
-                None
-            }
+            },
         };
         if let Some(frame) = rejected {
-            if writer.feed(frame).await.is_err() {
+            if out.feed(frame).is_err() {
                 break;
             }
-            unflushed = true;
         }
     }
-    let _ = writer.flush().await;
+    out.finish().await;
     metrics.connections_active.dec();
 }
 
