@@ -146,17 +146,22 @@ impl PeerPool {
     /// deadline, which the receiver counts from its own read) is set when the connection sends
     /// it: time spent queued behind other requests (a slow or stopped peer's full socket) is
     /// not handed to the receiver again, and a request whose time ran out in the queue is not
-    /// sent at all (`peer.requests_expired_unsent`).
+    /// sent at all (`peer.requests_expired_unsent`). Both that time and `timeout` count from
+    /// this call, a (re)dial of the connection included.
     pub async fn request(
         &self,
         addr: &str,
         mut req: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        let conn = self.conn(addr).await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // The time given, and the call's own timeout, count from the call: a dial (connect and
+        // handshake, or waiting for another request's) uses them up like a queue does.
+        let started = Instant::now();
         let given = req.time_given_ms();
-        let deadline = given.map(|ms| Instant::now() + Duration::from_millis(u64::from(ms)));
+        let deadline = given.map(|ms| started + Duration::from_millis(u64::from(ms)));
+        let conn = self.conn(addr).await?;
+        let timeout_left = timeout.saturating_sub(started.elapsed());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let expired = self.metrics.expired_unsent.clone();
         let encode = move || {
             if let Some(deadline) = deadline {
@@ -171,7 +176,7 @@ impl PeerPool {
             }
             Some(req.to_frame(id))
         };
-        let frame = match tokio::time::timeout(timeout, conn.call_at_send(encode)).await {
+        let frame = match tokio::time::timeout(timeout_left, conn.call_at_send(encode)).await {
             Err(_) | Ok(Err(ConnError::Expired)) => return Err(PeerError::Timeout(timeout)),
             Ok(Err(ConnError::Lost(e))) | Ok(Err(ConnError::Protocol(e))) => {
                 return Err(PeerError::Lost(format!("{addr}: {e}")))
@@ -323,6 +328,92 @@ mod tests {
         let opcodes = listener.await.unwrap();
         use ringkv_protocol::peer::peer_opcode::*;
         assert_eq!(opcodes, vec![HELLO, HELLO_PROOF, PING]);
+    }
+
+    /// A listener that answers the handshake `delay` late (a busy or starting node), then
+    /// records the `timeout_ms` of every `ReadLocal` it receives.
+    async fn slow_handshake_listener(
+        secret: &'static str,
+        delay: Duration,
+    ) -> (String, tokio::task::JoinHandle<Vec<u32>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut framed = Framed::new(socket, FrameCodec::new(1 << 20));
+            let mut timeouts = Vec::new();
+            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+                let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
+                let resp = match handshake_reply(secret, &req) {
+                    Some(resp) => {
+                        if matches!(req, PeerRequest::Session(SessionRequest::Hello(_))) {
+                            tokio::time::sleep(delay).await;
+                        }
+                        resp
+                    }
+                    None => {
+                        if let PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                            timeout_ms, ..
+                        }) = req
+                        {
+                            timeouts.push(timeout_ms);
+                        }
+                        PeerResponse::Session(SessionResponse::Pong)
+                    }
+                };
+                if framed.send(resp.to_frame(frame.request_id)).await.is_err() {
+                    break;
+                }
+            }
+            timeouts
+        });
+        (addr, task)
+    }
+
+    /// The time a request carries counts from the call, not from when its connection was
+    /// ready: a request whose time ran out while the connection was dialed is not sent, and
+    /// one with time left carries only what is left. Before, the pool stamped the time after
+    /// the dial, so the receiver got it again whole (a forwarded write could mint its version
+    /// after the client's deadline).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_time_a_request_carries_counts_its_connection_s_dial() {
+        let delay = Duration::from_millis(300);
+        let (addr, listener) = slow_handshake_listener("the-secret", delay).await;
+        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
+            "the-secret",
+        )))));
+        let read = |timeout_ms: u32| {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            tokio::spawn(async move {
+                let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                    key: Bytes::from_static(b"r"),
+                    timeout_ms,
+                });
+                pool.request(&addr, req, Duration::from_secs(5)).await
+            })
+        };
+        // Both wait for the same dial: one with less time than it takes, one with more.
+        let short = read(100);
+        let long = read(5_000);
+        let short = short.await.unwrap();
+        assert!(
+            matches!(short, Err(PeerError::Timeout(_))),
+            "a request whose time ran out during the dial: {short:?}"
+        );
+        long.await.unwrap().unwrap();
+        assert_eq!(pool.metrics.expired_unsent.get(), 1);
+        drop(pool);
+        let timeouts = listener.await.unwrap();
+        assert_eq!(
+            timeouts.len(),
+            1,
+            "only the request with time left was sent: {timeouts:?}"
+        );
+        assert!(
+            timeouts[0] <= 5_000 - delay.as_millis() as u32,
+            "it carried {} ms after a {delay:?} dial",
+            timeouts[0]
+        );
     }
 
     /// A peer that completes the handshake, then at the first replica write reads nothing for
