@@ -46,6 +46,14 @@ pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
     worked.mul_f64(1.0 / pace - 1.0).min(MAX_HOLDER_REST)
 }
 
+/// An expiry pass over one target's hints, in progress.
+struct ExpiryPass {
+    target: String,
+    /// Where the next scan batch starts (`None` = the first row).
+    cursor: Option<Vec<u8>>,
+    expired: u64,
+}
+
 /// One pass over a target's hints.
 struct Pass {
     /// Where the next batch starts (`None` = the first row).
@@ -66,7 +74,11 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     paused: BTreeMap<String, Instant>,
     /// Round-robin position among the available targets.
     turn: usize,
+    /// When the last expiry pass started.
     last_expiry_check: Option<Instant>,
+    expiry: Option<ExpiryPass>,
+    /// The target of the last expiry pass finished (the next starts after it, round robin).
+    last_expired: Option<String>,
     detail: String,
 }
 
@@ -86,6 +98,8 @@ impl<T: Transport> ReplayWorker<T> {
             paused: BTreeMap::new(),
             turn: 0,
             last_expiry_check: None,
+            expiry: None,
+            last_expired: None,
             detail: String::new(),
         }
     }
@@ -106,70 +120,97 @@ impl<T: Transport> ReplayWorker<T> {
         self.passes.get(target).map(|p| (p.done, p.total))
     }
 
-    /// Gives up hints older than the window, one bounded batch per call; true if it did work.
+    /// Gives up hints older than the window, one scan batch per call (a pass over a target
+    /// goes on at the next call); true if it did work. A pass starts at most once per
+    /// `EXPIRY_CHECK_INTERVAL`, on the next target with old hints after the last one expired:
+    /// a target whose old hints cannot all be given up (a hot key's hint merged again between
+    /// the scan and its compare-and-delete) neither holds back the others nor is rescanned
+    /// without pause.
     async fn expire(&mut self) -> Result<bool, String> {
-        let now = Instant::now();
-        if self
-            .last_expiry_check
-            .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
-        {
-            return Ok(false);
-        }
-        let window_ms = self.handoff.settings.window_secs * 1000;
-        let horizon = now_ms().saturating_sub(window_ms);
-        let book = self.store.hint_book().targets();
-        let Some(target) = book
-            .iter()
-            .find(|(_, t)| t.oldest_ms().is_some_and(|ms| ms < horizon))
-            .map(|(t, _)| t.clone())
-        else {
-            self.last_expiry_check = Some(now);
-            return Ok(false);
-        };
-        let mut start = None;
-        let mut expired = 0u64;
-        // Rows are scanned in key order; the old ones may be anywhere.
-        loop {
-            let batch = self
-                .store
-                .scan_hints(&target, start, MAX_SCAN_BATCH)
-                .await
-                .map_err(|e| format!("scanning hints for {target}: {e}"))?;
-            for (row, value) in &batch.entries {
-                let Some(first_ms) = hint_first_ms(value) else {
-                    continue;
-                };
-                // The book counts whole seconds: compare the same way.
-                if first_ms / 1000 * 1000 >= horizon {
-                    continue;
+        let mut pass = match self.expiry.take() {
+            Some(pass) => pass,
+            None => {
+                let now = Instant::now();
+                if self
+                    .last_expiry_check
+                    .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
+                {
+                    return Ok(false);
                 }
-                let Some((_, key)) = split_hint_key(row) else {
-                    continue;
+                self.last_expiry_check = Some(now);
+                let horizon = self.expiry_horizon();
+                let book = self.store.hint_book().targets();
+                let old: Vec<&String> = book
+                    .iter()
+                    .filter(|(_, t)| t.oldest_ms().is_some_and(|ms| ms < horizon))
+                    .map(|(t, _)| t)
+                    .collect();
+                let after_last = old
+                    .iter()
+                    .find(|t| self.last_expired.as_ref().is_none_or(|last| **t > last));
+                let Some(target) = after_last.or(old.first()) else {
+                    return Ok(false);
                 };
-                let op = WriteOp::DeleteHint {
-                    target: target.clone(),
-                    key: Bytes::copy_from_slice(key),
-                    expected: value.clone(),
-                    drop: Some(DropReason::Expired),
-                };
-                let out = self
-                    .store
-                    .write(op)
-                    .await
-                    .map_err(|e| format!("expiring a hint for {target}: {e}"))?;
-                expired += out.changed as u64;
+                ExpiryPass {
+                    target: (*target).clone(),
+                    cursor: None,
+                    expired: 0,
+                }
             }
-            match batch.resume {
-                Some(next) => start = Some(next),
-                None => break,
+        };
+        let target = pass.target.clone();
+        let horizon = self.expiry_horizon();
+        // Rows are scanned in key order; the old ones may be anywhere.
+        let batch = self
+            .store
+            .scan_hints(&target, pass.cursor.take(), MAX_SCAN_BATCH)
+            .await
+            .map_err(|e| format!("scanning hints for {target}: {e}"))?;
+        let mut deletes = Vec::new();
+        for (row, value) in batch.entries {
+            let Some(first_ms) = hint_first_ms(&value) else {
+                continue;
+            };
+            // The book counts whole seconds: compare the same way.
+            if first_ms / 1000 * 1000 >= horizon {
+                continue;
             }
+            let Some((_, key)) = split_hint_key(&row) else {
+                continue;
+            };
+            deletes.push(WriteOp::DeleteHint {
+                target: target.clone(),
+                key: Bytes::copy_from_slice(key),
+                expected: value,
+                drop: Some(DropReason::Expired),
+            });
         }
-        if expired > 0 {
-            info!(node = %self.node_id, %target, expired,
-                  window_s = self.handoff.settings.window_secs,
-                  "hints older than the window given up; their ranges are marked for anti-entropy");
+        // A few deletes per group commit, not one group each.
+        let outcomes = paced_chunks(deletes, None, |op| self.store.write(op), Result::is_err).await;
+        for out in outcomes {
+            let out = out.map_err(|e| format!("expiring a hint for {target}: {e}"))?;
+            pass.expired += out.changed as u64;
+        }
+        match batch.resume {
+            Some(next) => {
+                pass.cursor = Some(next);
+                self.expiry = Some(pass);
+            }
+            None => {
+                if pass.expired > 0 {
+                    info!(node = %self.node_id, %target, expired = pass.expired,
+                          window_s = self.handoff.settings.window_secs,
+                          "hints older than the window given up; their ranges are marked for anti-entropy");
+                }
+                self.last_expired = Some(target);
+            }
         }
         Ok(true)
+    }
+
+    /// Hints first stored before this (ms since the epoch) are past the window.
+    fn expiry_horizon(&self) -> u64 {
+        now_ms().saturating_sub(self.handoff.settings.window_secs * 1000)
     }
 
     /// Targets with pending hints that are routable now, and marks the others waiting.
@@ -363,15 +404,19 @@ impl<T: Transport> Worker for ReplayWorker<T> {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
-        if self.expire().await? {
-            return Ok(WorkerState::Busy);
-        }
+        // One batch of expiry (when due), then one batch of replay: neither waits for the
+        // other to finish a whole pass.
+        let expiring = self.expire().await?;
         let ready = self.ready_targets();
         if ready.is_empty() {
             if self.store.hint_book().totals().0 == 0 {
                 self.detail.clear();
             }
-            return Ok(WorkerState::Idle);
+            return Ok(if expiring {
+                WorkerState::Busy
+            } else {
+                WorkerState::Idle
+            });
         }
         self.turn = (self.turn + 1) % ready.len();
         let (target, addr) = &ready[self.turn];
@@ -397,6 +442,177 @@ impl<T: Transport> Worker for ReplayWorker<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HintSettings;
+    use crate::rpc::PeerError;
+    use crate::storage::hints::{encode_hint, hint_key};
+    use crate::storage::memory::MemoryEngine;
+    use crate::storage::store::SyncMode;
+    use crate::storage::StoreConfig;
+    use crate::storage::{Batch, Cached, Cf, Engine, ScanBatch, ScanRange, StorageError};
+    use crate::version::{Dot, KeyState, VersionVector};
+    use std::sync::Mutex;
+
+    fn one_version(counter: u64, value: &str) -> KeyState {
+        KeyState::new().update(
+            &VersionVector::new(),
+            Dot { actor: 9, counter },
+            counter,
+            Some(Bytes::from(value.to_string())),
+        )
+    }
+
+    /// A memory engine in which, right after every scan of `row`, a merge changes it (a hot
+    /// key hinted again between the scan and the compare-and-delete of its hint).
+    struct HotRow {
+        inner: MemoryEngine,
+        row: Vec<u8>,
+        first_ms: u64,
+        turn: Mutex<u64>,
+    }
+
+    impl Engine for HotRow {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get(cf, key)
+        }
+        fn get_cached(&self, cf: Cf, key: &[u8]) -> Result<Cached, StorageError> {
+            self.inner.get_cached(cf, key)
+        }
+        fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError> {
+            self.inner.write(batch, sync)
+        }
+        fn sync_wal(&self) -> Result<(), StorageError> {
+            self.inner.sync_wal()
+        }
+        fn scan(&self, cf: Cf, range: &ScanRange, limit: usize) -> Result<ScanBatch, StorageError> {
+            let batch = self.inner.scan(cf, range, limit)?;
+            if cf == Cf::Hints && batch.entries.iter().any(|(r, _)| *r == self.row) {
+                let mut turn = self.turn.lock().unwrap();
+                *turn += 1;
+                let mut b = Batch::default();
+                // Same size (the hint book's bytes stay right), different bytes.
+                let value = encode_hint(
+                    self.first_ms,
+                    &one_version(1, &format!("{:04}", *turn % 10_000)),
+                );
+                b.put(Cf::Hints, self.row.clone(), value);
+                self.inner.write(b, false)?;
+            }
+            Ok(batch)
+        }
+        fn property(&self, cf: Cf, name: &str) -> Option<u64> {
+            self.inner.property(cf, name)
+        }
+        fn property_text(&self, cf: Cf, name: &str) -> Option<String> {
+            self.inner.property_text(cf, name)
+        }
+    }
+
+    /// Grants every credit asked and merges every hint; records the replayed keys.
+    #[derive(Default)]
+    struct Target {
+        replayed: Mutex<Vec<(String, Bytes)>>,
+    }
+
+    impl Transport for Target {
+        fn call(
+            self: Arc<Self>,
+            addr: String,
+            req: PeerRequest,
+            _timeout: Duration,
+        ) -> impl std::future::Future<Output = Result<PeerResponse, PeerError>> + Send + 'static
+        {
+            let reply = match req {
+                PeerRequest::Handoff(HandoffRequest::ReplayCredits {
+                    want_keys,
+                    want_bytes,
+                }) => Ok(PeerResponse::Handoff(HandoffResponse::Credits {
+                    keys: want_keys,
+                    bytes: want_bytes,
+                    retry_after_ms: 0,
+                })),
+                PeerRequest::Handoff(HandoffRequest::Replay { entries }) => {
+                    let mut replayed = self.replayed.lock().unwrap();
+                    replayed.extend(entries.iter().map(|(k, _)| (addr.clone(), k.clone())));
+                    Ok(PeerResponse::Handoff(HandoffResponse::Replayed(
+                        vec![true; entries.len()],
+                    )))
+                }
+                other => Err(PeerError::Unreachable(format!("unexpected {other:?}"))),
+            };
+            async move { reply }
+        }
+    }
+
+    /// Old hints that cannot all be given up (a hot key's, merged again whenever expiry reads
+    /// it) must not hold back replay to the targets that are back, nor make the worker rescan
+    /// them without pause. Before, expiry reported work whenever it found old hints, the
+    /// worker then skipped replay, and the next call scanned again at once: forever.
+    #[tokio::test]
+    async fn old_hints_that_cannot_be_given_up_do_not_stop_replay_to_other_targets() {
+        let first_ms = now_ms() - 60_000;
+        let engine = Arc::new(HotRow {
+            inner: MemoryEngine::new(),
+            row: hint_key("t", b"hot"),
+            first_ms,
+            turn: Mutex::new(0),
+        });
+        // t (down for a minute, window 30 s) has the hot key's old hint; u (back) has fresh ones.
+        let mut b = Batch::default();
+        b.put(
+            Cf::Hints,
+            hint_key("t", b"hot"),
+            encode_hint(first_ms, &one_version(1, "0000")),
+        );
+        for i in 0..10 {
+            let key = format!("k{i}");
+            b.put(
+                Cf::Hints,
+                hint_key("u", key.as_bytes()),
+                encode_hint(now_ms(), &one_version(2, "fresh")),
+            );
+        }
+        engine.inner.write(b, true).unwrap();
+        let store = Arc::new(
+            Store::open(
+                engine.clone() as Arc<dyn Engine>,
+                StoreConfig {
+                    node_id: "a".into(),
+                    sync: SyncMode::Group,
+                    boot_id: Some("boot".into()),
+                    new_incarnation: false,
+                    hint_limits: Default::default(),
+                },
+            )
+            .unwrap(),
+        );
+        assert_eq!(store.hint_book().target("u").keys, 10);
+        let settings = HintSettings {
+            window_secs: 30,
+            ..HintSettings::default()
+        };
+        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
+        let (membership, _view) =
+            Membership::fixed(crate::testkit::view(&["a", "t", "u"], "a", &["a", "u"]));
+        let target = Arc::new(Target::default());
+        let mut worker = ReplayWorker::new(handoff, membership, target.clone());
+        let stop = CancellationToken::new();
+        for _ in 0..20 {
+            worker.work(&stop).await.unwrap();
+        }
+        let replayed = target.replayed.lock().unwrap().len();
+        assert_eq!(replayed, 10, "u's hints replayed while t's old hint stays");
+        assert_eq!(store.hint_book().target("u").keys, 0);
+        assert_eq!(
+            store.hint_book().target("t").keys,
+            1,
+            "the hot key's hint is kept"
+        );
+        let scans = *engine.turn.lock().unwrap();
+        assert!(
+            scans <= 2,
+            "t's old hints scanned {scans} times in 20 turns: expiry is paced"
+        );
+    }
 
     #[test]
     fn the_holder_rests_in_proportion_to_its_own_foreground_pressure() {
