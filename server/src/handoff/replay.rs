@@ -27,8 +27,21 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 pub const REPLAY_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the worker checks for hints older than the window.
 pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// Pause for a target whose replay call failed.
+/// How long a credit request may take: the target answers it at once from its replay budget
+/// (no disk work), so one that does not answer within this is failing, and the worker (one
+/// task for every target) does not wait out `REPLAY_CALL_TIMEOUT` on it at each turn.
+pub const CREDITS_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause for a target whose replay call failed, doubling with each failure in a row up to
+/// `MAX_FAILURE_PAUSE`: a target that is routable but does not answer (a one-way partition, a
+/// stalled disk) takes a shrinking share of the worker's time from the targets that do.
 pub const FAILURE_PAUSE: Duration = Duration::from_secs(1);
+pub const MAX_FAILURE_PAUSE: Duration = Duration::from_secs(30);
+
+/// The pause after the `failures`-th failure in a row (1 = the first).
+pub fn failure_pause(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (FAILURE_PAUSE * (1u32 << doublings)).min(MAX_FAILURE_PAUSE)
+}
 /// Longest rest the holder takes after one batch while its own foreground is under pressure.
 pub const MAX_HOLDER_REST: Duration = Duration::from_secs(1);
 /// Pause for a target whose whole pass replayed nothing (every hint refused or changed).
@@ -74,6 +87,8 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     paused: BTreeMap<String, Instant>,
     /// Round-robin position among the available targets.
     turn: usize,
+    /// Failed replay calls in a row, per target (for its pause).
+    failures: BTreeMap<String, u32>,
     /// When the last expiry pass started.
     last_expiry_check: Option<Instant>,
     expiry: Option<ExpiryPass>,
@@ -97,6 +112,7 @@ impl<T: Transport> ReplayWorker<T> {
             passes: BTreeMap::new(),
             paused: BTreeMap::new(),
             turn: 0,
+            failures: BTreeMap::new(),
             last_expiry_check: None,
             expiry: None,
             last_expired: None,
@@ -241,15 +257,14 @@ impl<T: Transport> ReplayWorker<T> {
     /// One credit request and at most one batch for `target`.
     async fn replay_batch(&mut self, target: &str, addr: &str) -> Result<(), String> {
         let started = Instant::now();
-        let call = |req| {
-            self.transport
-                .clone()
-                .call(addr.to_string(), req, REPLAY_CALL_TIMEOUT)
-        };
-        let credits = call(PeerRequest::Handoff(HandoffRequest::ReplayCredits {
-            want_keys: MAX_REPLAY_BATCH_KEYS as u32,
-            want_bytes: REPLAY_BATCH_BYTES as u64,
-        }))
+        let call = |req, timeout| self.transport.clone().call(addr.to_string(), req, timeout);
+        let credits = call(
+            PeerRequest::Handoff(HandoffRequest::ReplayCredits {
+                want_keys: MAX_REPLAY_BATCH_KEYS as u32,
+                want_bytes: REPLAY_BATCH_BYTES as u64,
+            }),
+            CREDITS_CALL_TIMEOUT,
+        )
         .await;
         let (keys, bytes) = match credits {
             Ok(PeerResponse::Handoff(HandoffResponse::Credits {
@@ -309,7 +324,8 @@ impl<T: Transport> ReplayWorker<T> {
             Vec::new()
         } else {
             self.handoff.metrics.replay_batches.inc();
-            match call(PeerRequest::Handoff(HandoffRequest::Replay { entries })).await {
+            let batch = PeerRequest::Handoff(HandoffRequest::Replay { entries });
+            match call(batch, REPLAY_CALL_TIMEOUT).await {
                 Ok(PeerResponse::Handoff(HandoffResponse::Replayed(m))) if m.len() == sent => m,
                 Ok(other) => {
                     return Err(format!("{target}: unexpected reply to replay: {other:?}"))
@@ -420,15 +436,24 @@ impl<T: Transport> Worker for ReplayWorker<T> {
         }
         self.turn = (self.turn + 1) % ready.len();
         let (target, addr) = &ready[self.turn];
-        if let Err(cause) = self.replay_batch(target, addr).await {
-            // One failing target must not hold back the others (no runner backoff): it is
-            // paused, counted, logged and shown in its state.
-            self.handoff.metrics.replay_errors.inc();
-            warn!(node = %self.node_id, %target, %cause, "hint replay failed; retrying in a second");
-            self.paused
-                .insert(target.clone(), Instant::now() + FAILURE_PAUSE);
-            self.set_state(target, "failing", self.progress_of(target));
-            self.detail = format!("replay to {target} failed: {cause}");
+        match self.replay_batch(target, addr).await {
+            Ok(()) => {
+                self.failures.remove(target);
+            }
+            Err(cause) => {
+                // One failing target must not hold back the others (no runner backoff): it
+                // is paused (longer at each failure in a row), counted, logged and shown in
+                // its state.
+                let failures = self.failures.entry(target.clone()).or_default();
+                *failures += 1;
+                let pause = failure_pause(*failures);
+                self.handoff.metrics.replay_errors.inc();
+                warn!(node = %self.node_id, %target, %cause, failures = *failures, retry_in = ?pause,
+                      "hint replay failed");
+                self.paused.insert(target.clone(), Instant::now() + pause);
+                self.set_state(target, "failing", self.progress_of(target));
+                self.detail = format!("replay to {target} failed: {cause}");
+            }
         }
         Ok(WorkerState::Busy)
     }
@@ -507,10 +532,14 @@ mod tests {
         }
     }
 
-    /// Grants every credit asked and merges every hint; records the replayed keys.
+    /// Grants every credit asked and merges every hint; records the replayed keys. Calls to
+    /// `hung` are never answered: they fail when the caller's timeout runs out (as the peer
+    /// pool's do).
     #[derive(Default)]
     struct Target {
         replayed: Mutex<Vec<(String, Bytes)>>,
+        hung: Option<String>,
+        hung_calls: Mutex<u32>,
     }
 
     impl Transport for Target {
@@ -518,9 +547,13 @@ mod tests {
             self: Arc<Self>,
             addr: String,
             req: PeerRequest,
-            _timeout: Duration,
+            timeout: Duration,
         ) -> impl std::future::Future<Output = Result<PeerResponse, PeerError>> + Send + 'static
         {
+            let hung = self.hung.as_deref() == Some(addr.as_str());
+            if hung {
+                *self.hung_calls.lock().unwrap() += 1;
+            }
             let reply = match req {
                 PeerRequest::Handoff(HandoffRequest::ReplayCredits {
                     want_keys,
@@ -539,8 +572,91 @@ mod tests {
                 }
                 other => Err(PeerError::Unreachable(format!("unexpected {other:?}"))),
             };
-            async move { reply }
+            async move {
+                if hung {
+                    tokio::time::sleep(timeout).await;
+                    return Err(PeerError::Timeout(timeout));
+                }
+                reply
+            }
         }
+    }
+
+    /// A store whose hints for each `(target, count)` are fresh, over a plain memory engine.
+    fn store_with_hints(hints: &[(&str, usize)]) -> Arc<Store> {
+        let engine = Arc::new(MemoryEngine::new());
+        let mut b = Batch::default();
+        for (target, count) in hints {
+            for i in 0..*count {
+                let key = format!("k{i:05}");
+                let hint = encode_hint(now_ms(), &one_version(2, "fresh"));
+                b.put(Cf::Hints, hint_key(target, key.as_bytes()), hint);
+            }
+        }
+        engine.write(b, true).unwrap();
+        Arc::new(
+            Store::open(
+                engine as Arc<dyn Engine>,
+                StoreConfig {
+                    node_id: "a".into(),
+                    sync: SyncMode::Group,
+                    boot_id: Some("boot".into()),
+                    new_incarnation: false,
+                    hint_limits: Default::default(),
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_failing_target_waits_longer_at_each_failure_in_a_row() {
+        assert_eq!(failure_pause(1), FAILURE_PAUSE);
+        assert_eq!(failure_pause(2), FAILURE_PAUSE * 2);
+        assert_eq!(failure_pause(3), FAILURE_PAUSE * 4);
+        assert_eq!(failure_pause(6), MAX_FAILURE_PAUSE);
+        assert_eq!(failure_pause(u32::MAX), MAX_FAILURE_PAUSE);
+    }
+
+    /// A target that is routable but answers nothing (a one-way partition, a stalled disk)
+    /// must not hold back replay to the others. Before, each of its turns waited out the 30 s
+    /// call timeout and it was asked again a second later, so the worker (one task for all
+    /// targets) gave the others about one second in thirty-one.
+    #[tokio::test]
+    async fn a_target_that_does_not_answer_does_not_hold_back_the_others() {
+        // u's hints take three batches.
+        let store = store_with_hints(&[("t", 10), ("u", 3 * MAX_REPLAY_BATCH_KEYS)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let (membership, _view) = Membership::fixed(crate::testkit::view(
+            &["a", "t", "u"],
+            "a",
+            &["a", "t", "u"],
+        ));
+        let target = Arc::new(Target {
+            hung: Some(crate::testkit::peer_addr("t")),
+            ..Target::default()
+        });
+        let mut worker = ReplayWorker::new(handoff, membership, target.clone());
+        let stop = CancellationToken::new();
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            while store.hint_book().target("u").keys > 0 {
+                if worker.work(&stop).await.unwrap() == WorkerState::Idle {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+            }
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "u's hints not replayed within 20 s beside a target that does not answer ({} of its \
+             calls)",
+            target.hung_calls.lock().unwrap()
+        );
+        assert_eq!(store.hint_book().target("t").keys, 10, "t's hints are kept");
     }
 
     /// Old hints that cannot all be given up (a hot key's, merged again whenever expiry reads
