@@ -41,6 +41,9 @@ pub mod status {
     pub const EQUAL: u8 = 4;
     /// The receiver holds a hint for the key (for any target).
     pub const HINTED: u8 = 8;
+    /// The receiver stores a state of the key, replica or not (a node that lost the key's
+    /// range in a ring change holds its copy until it has handed it over).
+    pub const HELD: u8 = 16;
 }
 
 /// Most cells in one `CellHashes` request (8 bytes each in the answer: 32 KiB).

@@ -68,6 +68,10 @@ pub enum Unstable {
     NotEqual(NodeId),
     /// The member holds a hint for the key.
     Hinted(NodeId),
+    /// The member is not a replica of the key but stores a state of it other than the
+    /// tombstone (a copy it has not handed over since it lost the range): that copy would be
+    /// handed to the replicas after the purge and bring the deleted value back.
+    HeldElsewhere(NodeId),
     /// The member's ring disagrees with this node's on whether it replicates the key.
     RingDiffers(NodeId),
     /// The member did not answer.
@@ -90,6 +94,9 @@ pub fn verdict(replicas: &[NodeId], answers: &[(NodeId, Option<u8>)]) -> Result<
         }
         if flags & status::HINTED != 0 {
             return Err(Unstable::Hinted(member.clone()));
+        }
+        if !replica && flags & status::HELD != 0 && flags & status::EQUAL == 0 {
+            return Err(Unstable::HeldElsewhere(member.clone()));
         }
     }
     // Every replica must have answered (a replica missing from the members is unknown).
@@ -521,6 +528,14 @@ mod tests {
             verdict(&replicas, &all(Some(status::HINTED))),
             Err(Unstable::Hinted("d".into()))
         );
+        // A non-replica still holding an older copy (a range it lost, not yet handed over):
+        // purging now would let the hand-over bring the deleted value back.
+        assert_eq!(
+            verdict(&replicas, &all(Some(status::HELD))),
+            Err(Unstable::HeldElsewhere("d".into()))
+        );
+        // One holding exactly the tombstone may: handing it over brings back only a tombstone.
+        assert_eq!(verdict(&replicas, &all(Some(status::HELD | E))), Ok(()));
         // A member that thinks it replicates the key (its ring differs).
         assert_eq!(
             verdict(&replicas, &all(Some(R))),

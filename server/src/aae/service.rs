@@ -371,6 +371,9 @@ impl AntiEntropy {
         }
         if let Ok(tombstone) = KeyState::decode(encoded) {
             let local = self.store.read(key.clone()).await?;
+            if !local.is_empty() {
+                flags |= status::HELD;
+            }
             if !local.is_empty() && local.context().descends(tombstone.context()) {
                 flags |= status::COVERED;
             }
