@@ -591,3 +591,85 @@ async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
     wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(60)).await;
     all_readable(&c, &[0, 1, 2, 4], &keys).await;
 }
+
+/// A node removed while it was down and then started again with its old data must not hand
+/// that data back: the values deleted since, whose tombstones were purged, would return.
+/// (Found in review: its release worker pushed every key it held to the owners, which merged
+/// them into keys that no longer existed.) It keeps the data, says so, and asks for a wipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_started_again_does_not_bring_back_purged_deletes() {
+    let gc = ["--tombstone-settle-secs", "2", "--aae-interval-secs", "2"];
+    let mut c = Cluster::start(4, &gc).await;
+    let all: Vec<usize> = (0..4).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let keys = write_keys(&c, "purged", 300).await;
+    c.nodes[3].kill9();
+    c.wait_members(
+        |n| n.child_running(),
+        |n| n.child_running(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    stage_and_commit(&c, 1, &[json!({"Remove": {"node": "n4"}})]).await;
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let nodes: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3")];
+    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(60)).await;
+    let client = c.client(0);
+    for k in &keys {
+        client
+            .delete(k, None)
+            .await
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+    }
+    // Every tombstone purged on the three owners.
+    let start = Instant::now();
+    loop {
+        let mut live = 0;
+        for i in 0..3 {
+            live += metric(&c.client(i), "tombstones.live").await;
+        }
+        if live == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{live} tombstones still live"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // n4 comes back with its data dir: it learns it was removed, and keeps its old copies.
+    c.nodes[3].start().unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        for k in keys.iter().step_by(10) {
+            let r = client.get(k).await.unwrap_or_else(|e| panic!("{k}: {e}"));
+            assert!(!r.is_found(), "{k} deleted and purged, then back: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for k in &keys {
+        assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
+    }
+    let n4 = c.client(3);
+    assert_eq!(metric(&n4, "release.keys_handed").await, 0);
+    assert_eq!(
+        metric(&n4, "release.withheld").await,
+        1,
+        "n4 says it withholds its data"
+    );
+}

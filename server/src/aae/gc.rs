@@ -176,6 +176,13 @@ impl Candidates {
     }
 }
 
+/// Whether `member` is asked about tombstones: every owner (current or next), and a node
+/// taken out of the ring while it is up: until it has handed over what it held (or been
+/// wiped), its copies could bring a purged value back.
+pub fn consulted(view: &ClusterView, member: &str) -> bool {
+    view.layout.is_owner(member) || (view.layout.retired.contains(member) && view.is_alive(member))
+}
+
 /// The first owner (current or next) found unavailable, if any. Nodes that own nothing (not
 /// joined yet, or retired) hold no replica and no hint: they do not take part.
 pub fn unavailable_member(view: &ClusterView) -> Option<NodeId> {
@@ -286,7 +293,7 @@ impl<T: Transport> GcWorker<T> {
         }
         // Every member's flags, this node's own included.
         let mut answers: Vec<Vec<(NodeId, Option<u8>)>> = vec![Vec::new(); entries.len()];
-        for member in view.members.keys().filter(|m| view.layout.is_owner(m)) {
+        for member in view.members.keys().filter(|m| consulted(view, m)) {
             let flags = if *member == view.me {
                 let mut own = Vec::with_capacity(entries.len());
                 for (key, state) in &entries {
@@ -561,6 +568,23 @@ mod tests {
             verdict(&replicas, &missing),
             Err(Unstable::NoAnswer("c".into()))
         );
+    }
+
+    /// A node taken out of the ring is asked while it is up (it may still hold copies it has
+    /// not handed over); down, it cannot answer and, started again, hands nothing over
+    /// (`release::withheld`).
+    #[test]
+    fn owners_and_live_retired_members_are_consulted() {
+        let mut v = crate::testkit::view(&["a", "b", "c", "d"], "a", &["a", "b", "c", "d"]);
+        let mut layout = (*v.layout).clone();
+        layout.current.remove("d");
+        layout.retired.insert("d".into());
+        v.layout = std::sync::Arc::new(layout);
+        assert!(consulted(&v, "a") && consulted(&v, "b"));
+        assert!(consulted(&v, "d"), "retired and up");
+        v.alive.remove(&NodeId::from("d"));
+        assert!(!consulted(&v, "d"), "retired and down");
+        assert!(!consulted(&v, "e"), "not a member");
     }
 
     #[test]

@@ -140,6 +140,27 @@ impl ClusterView {
         self.layout.retired.contains(&*self.me)
     }
 
+    /// Whether this node owns ranges in a layout the cluster agrees on: it is an owner, and
+    /// at least one other live member was seen with this layout and none with another. A
+    /// node started again with the layout it had before it went down (which may have
+    /// retired it since) does not pass this until it has the cluster's layout.
+    pub fn owner_in_agreed_layout(&self) -> bool {
+        if !self.ready || !self.layout.is_owner(&self.me) {
+            return false;
+        }
+        let mut others = self
+            .members
+            .keys()
+            .filter(|m| **m != self.me && self.is_alive(m))
+            .peekable();
+        others.peek().is_some()
+            && others.all(|m| {
+                self.seen.get(m).is_some_and(|s| {
+                    s.version == self.layout.version && s.digest == self.layout.digest()
+                })
+            })
+    }
+
     /// Whether `node` replicates `key`'s position now or after the running transition.
     pub fn replicates(&self, node: &str, position: u64, n: usize) -> bool {
         let is = |ring: &Ring| {
