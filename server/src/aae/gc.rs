@@ -572,7 +572,7 @@ mod tests {
 
     /// A node taken out of the ring is asked while it is up (it may still hold copies it has
     /// not handed over); down, it cannot answer and, started again, hands nothing over
-    /// (`release::withheld`).
+    /// (`membership::HandOverGuard`).
     #[test]
     fn owners_and_live_retired_members_are_consulted() {
         let mut v = crate::testkit::view(&["a", "b", "c", "d"], "a", &["a", "b", "c", "d"]);

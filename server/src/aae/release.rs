@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::ranges::{foreign_spans, Span};
 use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
-use crate::membership::{ClusterView, Membership};
+use crate::membership::{HandOverGuard, Membership};
 use crate::rpc::{PeerPool, Transport};
 use crate::storage::{HexKey, Store, WriteOp};
 
@@ -36,26 +36,6 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 pub const IDLE_PASS: Duration = Duration::from_secs(30);
 /// Keys per page of the scan (and per push).
 pub const PAGE: usize = 256;
-
-/// Why this node must keep what it holds rather than hand it (or hints) to the owners, if it
-/// must: it was taken out of the ring (left, removed while down, replaced) and this process
-/// never saw it own ranges in a layout the cluster agreed on. Its data then dates from before
-/// it went down; tombstone GC no longer asked it, so values deleted since may have had their
-/// tombstones purged, and handing its copies over would bring them back. `owned_this_run`
-/// records (for the worker's next calls) that this run saw it as an owner.
-pub fn withheld(view: &ClusterView, owned_this_run: &mut bool) -> Option<String> {
-    if view.owner_in_agreed_layout() {
-        *owned_this_run = true;
-    }
-    (view.retired() && !*owned_this_run).then(|| {
-        format!(
-            "withheld: node {} was taken out of the ring (layout v{}) before this start; the \
-             data it holds may predate deletes purged since and is not handed over: stop it \
-             and wipe its data dir",
-            view.me, view.layout.version
-        )
-    })
-}
 
 crate::metrics::metric_set! {
     /// Data given away after ring changes (registered under `release.`).
@@ -86,9 +66,8 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     /// The layout version of the last pass started.
     last_version: u64,
     next_pass: Instant,
-    /// This process saw this node own ranges in a layout the cluster agreed on: what it holds
-    /// was kept up to date by this run, and tombstone GC asked it before any purge.
-    owned_this_run: bool,
+    /// Whether it may hand over what it holds (`HandOverGuard`).
+    guard: HandOverGuard,
     detail: String,
 }
 
@@ -115,7 +94,7 @@ impl<T: Transport> ReleaseWorker<T> {
             found: 0,
             last_version: 0,
             next_pass: Instant::now(),
-            owned_this_run: false,
+            guard: HandOverGuard::default(),
             detail: "no foreign data".into(),
         }
     }
@@ -296,7 +275,7 @@ impl<T: Transport> Worker for ReleaseWorker<T> {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
-        if let Some(why) = withheld(&self.membership.view(), &mut self.owned_this_run) {
+        if let Some(why) = self.guard.withheld(&self.membership.view()) {
             if self.metrics.withheld.get() == 0 {
                 warn!(node = %self.node_id, "{why}");
                 self.metrics.withheld.set(1);

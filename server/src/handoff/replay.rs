@@ -89,8 +89,8 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     turn: usize,
     /// Failed replay calls in a row, per target (for its pause).
     failures: BTreeMap<String, u32>,
-    /// See `release::withheld`.
-    owned_this_run: bool,
+    /// Whether it may replay what it holds (`HandOverGuard`).
+    guard: crate::membership::HandOverGuard,
     /// When the last expiry pass started.
     last_expiry_check: Option<Instant>,
     expiry: Option<ExpiryPass>,
@@ -115,7 +115,7 @@ impl<T: Transport> ReplayWorker<T> {
             paused: BTreeMap::new(),
             turn: 0,
             failures: BTreeMap::new(),
-            owned_this_run: false,
+            guard: Default::default(),
             last_expiry_check: None,
             expiry: None,
             last_expired: None,
@@ -424,10 +424,8 @@ impl<T: Transport> Worker for ReplayWorker<T> {
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
         // Hints held by a node taken out of the ring before this start are as old as its data
-        // (see `release::withheld`): not replayed.
-        if let Some(why) =
-            crate::aae::release::withheld(&self.membership.view(), &mut self.owned_this_run)
-        {
+        // (`HandOverGuard`): not replayed.
+        if let Some(why) = self.guard.withheld(&self.membership.view()) {
             self.detail = why;
             return Ok(WorkerState::Idle);
         }

@@ -119,6 +119,35 @@ pub struct ClusterView {
     pub ready: bool,
 }
 
+/// Whether a node may hand over (release, replay) what it holds. Not when it was taken out of
+/// the ring (left, removed while down, replaced) and this process never saw it own ranges in
+/// a layout the cluster agreed on: its data then dates from before it went down, tombstone GC
+/// no longer asked it, so values deleted since may have had their tombstones purged, and
+/// handing its copies over would bring them back.
+#[derive(Debug, Default)]
+pub struct HandOverGuard {
+    /// This process saw the node own ranges in a layout the cluster agreed on.
+    owned_this_run: bool,
+}
+
+impl HandOverGuard {
+    /// Why the node must keep what it holds, if it must (called on every turn of a worker
+    /// that hands data over, with the current view).
+    pub fn withheld(&mut self, view: &ClusterView) -> Option<String> {
+        if view.owner_in_agreed_layout() {
+            self.owned_this_run = true;
+        }
+        (view.retired() && !self.owned_this_run).then(|| {
+            format!(
+                "withheld: node {} was taken out of the ring (layout v{}) before this start; the \
+                 data it holds may predate deletes purged since and is not handed over: stop it \
+                 and wipe its data dir",
+                view.me, view.layout.version
+            )
+        })
+    }
+}
+
 impl ClusterView {
     pub fn is_alive(&self, id: &str) -> bool {
         *self.me == *id || self.alive.contains(id)
