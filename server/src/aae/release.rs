@@ -80,6 +80,7 @@ impl<T: Transport> ReleaseWorker<T> {
         keys_per_sec: u32,
         metrics: Arc<ReleaseMetrics>,
     ) -> ReleaseWorker<T> {
+        let fresh = store.opened_fresh();
         ReleaseWorker {
             node_id: membership.view().me.to_string(),
             n,
@@ -94,7 +95,7 @@ impl<T: Transport> ReleaseWorker<T> {
             found: 0,
             last_version: 0,
             next_pass: Instant::now(),
-            guard: HandOverGuard::default(),
+            guard: HandOverGuard::new(fresh),
             detail: "no foreign data".into(),
         }
     }

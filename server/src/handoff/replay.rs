@@ -105,6 +105,7 @@ impl<T: Transport> ReplayWorker<T> {
         membership: Membership,
         transport: Arc<T>,
     ) -> ReplayWorker<T> {
+        let fresh = handoff.store().opened_fresh();
         ReplayWorker {
             node_id: membership.view().me.to_string(),
             store: handoff.store().clone(),
@@ -115,7 +116,7 @@ impl<T: Transport> ReplayWorker<T> {
             paused: BTreeMap::new(),
             turn: 0,
             failures: BTreeMap::new(),
-            guard: Default::default(),
+            guard: crate::membership::HandOverGuard::new(fresh),
             last_expiry_check: None,
             expiry: None,
             last_expired: None,

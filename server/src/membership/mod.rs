@@ -120,17 +120,27 @@ pub struct ClusterView {
 }
 
 /// Whether a node may hand over (release, replay) what it holds. Not when it was taken out of
-/// the ring (left, removed while down, replaced) and this process never saw it own ranges in
-/// a layout the cluster agreed on: its data then dates from before it went down, tombstone GC
-/// no longer asked it, so values deleted since may have had their tombstones purged, and
-/// handing its copies over would bring them back.
+/// the ring (left, removed while down, replaced), this process never saw it own ranges in a
+/// layout the cluster agreed on, and its data dir is older than this process: its data then
+/// dates from before it went down, tombstone GC no longer asked it, so values deleted since
+/// may have had their tombstones purged, and handing its copies over would bring them back.
+/// (A wiped node hands over what reached it during this run, e.g. hints other nodes still
+/// replayed to it.)
 #[derive(Debug, Default)]
 pub struct HandOverGuard {
-    /// This process saw the node own ranges in a layout the cluster agreed on.
+    /// This process saw the node own ranges in a layout the cluster agreed on, or its data
+    /// dir was new at this start.
     owned_this_run: bool,
 }
 
 impl HandOverGuard {
+    /// `fresh_data_dir`: the store was new when this process opened it.
+    pub fn new(fresh_data_dir: bool) -> HandOverGuard {
+        HandOverGuard {
+            owned_this_run: fresh_data_dir,
+        }
+    }
+
     /// Why the node must keep what it holds, if it must (called on every turn of a worker
     /// that hands data over, with the current view).
     pub fn withheld(&mut self, view: &ClusterView) -> Option<String> {

@@ -487,6 +487,8 @@ pub struct Store {
     peer_write_limit_ms: AtomicU32,
     /// See `unsynced`.
     unsynced: std::sync::atomic::AtomicBool,
+    /// The data dir was new at this open (no identity stored yet).
+    fresh: bool,
     /// This node's current actor id (the writer renews it).
     actor: Arc<AtomicU64>,
 }
@@ -610,6 +612,7 @@ impl Store {
             .boot_id
             .as_ref()
             .is_some_and(|b| last_boot.as_deref() == Some(b.as_bytes()));
+        let fresh = previous.is_none();
         let (identity, next_counter, reason) = match previous {
             None => (next_identity(&config.node_id, None), 1, "fresh data dir"),
             Some((old, _)) if config.new_incarnation => (
@@ -717,8 +720,15 @@ impl Store {
             config,
             peer_write_limit_ms: AtomicU32::new(u32::MAX),
             unsynced: std::sync::atomic::AtomicBool::new(unsynced),
+            fresh,
             actor,
         })
+    }
+
+    /// The data dir was new when this process opened it: everything in it arrived during
+    /// this run.
+    pub fn opened_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// True while this data dir has not been synced from the other replicas since it was
