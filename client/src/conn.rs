@@ -150,17 +150,19 @@ pub const UNSENT_PAUSE_BYTES: usize = 1 << 20;
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What [`Outbound::progress`] did.
+#[derive(Debug)]
 pub enum Progress {
     /// Everything encoded so far is written (or the write failed).
     Flushed(std::io::Result<()>),
-    /// A stall check is due: call [`Outbound::stalled`].
-    CheckDue,
+    /// Bytes waited to be written and the other side read none of them for a whole
+    /// `stall_timeout`.
+    Stalled,
 }
 
 /// The write side of a connection that never waits for the socket: frames are encoded into
 /// the buffer at once and written in the connection task's own `select!` arm (`progress`), and
-/// a peer that reads nothing for a whole `stall_timeout` is noticed (`stalled`). Checked at
-/// most once per period, so a busy connection pays no timer work per frame.
+/// a peer that reads nothing for a whole `stall_timeout` is noticed (`Progress::Stalled`).
+/// Checked at most once per period, so a busy connection pays no timer work per frame.
 pub struct Outbound<W> {
     writer: FramedWrite<W, FrameCodec>,
     stall_timeout: Duration,
@@ -219,38 +221,38 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
         !self.writer.write_buffer().is_empty()
     }
 
-    /// Writes what is encoded, or waits for the next stall check, whichever comes first
-    /// (cancel-safe: what was written stays written). Poll only while `busy`.
+    /// Writes what is encoded, making the stall checks that fall due meanwhile; returns once
+    /// everything is written (or the write failed), or at a check that finds the other side
+    /// stalled (cancel-safe: what was written stays written). Poll while `busy`.
     pub async fn progress(&mut self) -> Progress {
-        let Outbound {
-            writer,
-            check,
-            armed,
-            ..
-        } = self;
-        let pending = !writer.write_buffer().is_empty();
-        tokio::select! {
-            flushed = SinkExt::<Frame>::flush(writer), if pending => {
-                Progress::Flushed(flushed.map_err(|e| std::io::Error::other(e.to_string())))
+        loop {
+            let pending = self.pending();
+            let Outbound {
+                writer,
+                check,
+                armed,
+                ..
+            } = &mut *self;
+            tokio::select! {
+                flushed = SinkExt::<Frame>::flush(writer), if pending => {
+                    return Progress::Flushed(
+                        flushed.map_err(|e| std::io::Error::other(e.to_string())),
+                    );
+                }
+                _ = check.as_mut(), if *armed => {}
+                else => return Progress::Flushed(Ok(())),
             }
-            _ = check.as_mut(), if *armed => Progress::CheckDue,
+            if self.stalled() {
+                return Progress::Stalled;
+            }
         }
     }
 
     /// Writes everything left, unless the other side reads none of it for a stall period.
     pub async fn finish(&mut self) {
         while self.pending() {
-            match self.progress().await {
-                Progress::Flushed(r) => {
-                    if r.is_err() {
-                        return;
-                    }
-                }
-                Progress::CheckDue => {
-                    if self.stalled() {
-                        return;
-                    }
-                }
+            if !matches!(self.progress().await, Progress::Flushed(Ok(()))) {
+                return;
             }
         }
     }
@@ -262,7 +264,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
 
     /// At a due check: true when bytes waited to be written and none was for the whole
     /// period. Rearms for the next period (or disarms when nothing waits).
-    pub fn stalled(&mut self) -> bool {
+    fn stalled(&mut self) -> bool {
         let written = self.written();
         if !self.pending() {
             self.armed = false;
@@ -336,14 +338,12 @@ async fn run(
             progress = out.progress(), if out.busy() => match progress {
                 Progress::Flushed(Err(e)) => break format!("write failed: {e}"),
                 Progress::Flushed(Ok(())) => {}
-                Progress::CheckDue => {
-                    if out.stalled() {
-                        break format!(
-                            "the node read none of {} unsent bytes for {:?}",
-                            out.unsent(),
-                            out.stall_timeout()
-                        );
-                    }
+                Progress::Stalled => {
+                    break format!(
+                        "the node read none of {} unsent bytes for {:?}",
+                        out.unsent(),
+                        out.stall_timeout()
+                    );
                 }
             },
             item = reader.next() => {
@@ -493,17 +493,15 @@ mod tests {
                     far.read_exact(&mut buf).await.unwrap();
                 }
                 Ok(Progress::Flushed(r)) => panic!("flushed 64 KiB into 1 KiB: {r:?}"),
-                Ok(Progress::CheckDue) => assert!(!out.stalled(), "slow is not stalled"),
+                Ok(Progress::Stalled) => panic!("slow is not stalled"),
             }
         }
         let last_read = Instant::now();
         assert!(out.busy());
         // Then it reads nothing: stalled at a check between one and two periods later.
         let stalled_at = loop {
-            if let Progress::CheckDue = out.progress().await {
-                if out.stalled() {
-                    break Instant::now();
-                }
+            if let Progress::Stalled = out.progress().await {
+                break Instant::now();
             }
         };
         let after = stalled_at - last_read;
@@ -518,12 +516,12 @@ mod tests {
         });
         match out.progress().await {
             Progress::Flushed(r) => r.unwrap(),
-            Progress::CheckDue => assert!(!out.stalled()),
+            Progress::Stalled => panic!("stalled while the far side reads everything"),
         }
+        assert!(!out.pending());
         while out.busy() {
-            if let Progress::CheckDue = out.progress().await {
-                assert!(!out.stalled());
-            }
+            let step = out.progress().await;
+            assert!(!matches!(step, Progress::Stalled), "{step:?}");
         }
         drop(out);
         reader.await.unwrap();

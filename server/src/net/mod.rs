@@ -252,15 +252,12 @@ async fn connection<H: FrameHandler>(
             progress = out.progress(), if out.busy() => match progress {
                 Progress::Flushed(Err(_)) => break,
                 Progress::Flushed(Ok(())) => None,
-                Progress::CheckDue => {
-                    if out.stalled() {
-                        metrics.write_stalls.inc();
-                        warn!(node = %cfg.node_id, listener = cfg.kind, %peer, unsent_bytes = out.unsent(),
-                              running = in_flight.len(), timeout = ?WRITE_STALL_TIMEOUT,
-                              "closing connection: the other side read none of its replies");
-                        break;
-                    }
-                    None
+                Progress::Stalled => {
+                    metrics.write_stalls.inc();
+                    warn!(node = %cfg.node_id, listener = cfg.kind, %peer, unsent_bytes = out.unsent(),
+                          running = in_flight.len(), timeout = ?WRITE_STALL_TIMEOUT,
+                          "closing connection: the other side read none of its replies");
+                    break;
                 }
             },
         };
