@@ -144,7 +144,7 @@ impl HandOverGuard {
     /// Why the node must keep what it holds, if it must (called on every turn of a worker
     /// that hands data over, with the current view).
     pub fn withheld(&mut self, view: &ClusterView) -> Option<String> {
-        if view.owner_in_agreed_layout() {
+        if !self.owned_this_run && view.owner_in_agreed_layout() {
             self.owned_this_run = true;
         }
         (view.retired() && !self.owned_this_run).then(|| {
@@ -187,6 +187,7 @@ impl ClusterView {
         if !self.ready || !self.layout.is_owner(&self.me) {
             return false;
         }
+        let (version, digest) = (self.layout.version, self.layout.digest());
         let mut others = self
             .members
             .keys()
@@ -194,9 +195,9 @@ impl ClusterView {
             .peekable();
         others.peek().is_some()
             && others.all(|m| {
-                self.seen.get(m).is_some_and(|s| {
-                    s.version == self.layout.version && s.digest == self.layout.digest()
-                })
+                self.seen
+                    .get(m)
+                    .is_some_and(|s| s.version == version && s.digest == digest)
             })
     }
 
