@@ -359,8 +359,13 @@ async fn run_worker<W: Worker>(
 
 /// The wait after `errors_in_a_row` failed steps.
 pub fn backoff(errors_in_a_row: u32) -> Duration {
-    let exp = errors_in_a_row.saturating_sub(1).min(16);
-    (BACKOFF_MIN * 2u32.pow(exp)).min(BACKOFF_MAX)
+    doubling(BACKOFF_MIN, BACKOFF_MAX, errors_in_a_row)
+}
+
+/// `first` after the first failure in a row, doubling with each further one, at most `max`.
+pub fn doubling(first: Duration, max: Duration, in_a_row: u32) -> Duration {
+    let exp = in_a_row.saturating_sub(1).min(16);
+    (first * 2u32.pow(exp)).min(max)
 }
 
 /// At most this many background writes (hint replay merges and deletes, anti-entropy repairs)

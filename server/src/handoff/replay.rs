@@ -39,8 +39,7 @@ pub const MAX_FAILURE_PAUSE: Duration = Duration::from_secs(30);
 
 /// The pause after the `failures`-th failure in a row (1 = the first).
 pub fn failure_pause(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    (FAILURE_PAUSE * (1u32 << doublings)).min(MAX_FAILURE_PAUSE)
+    crate::background::doubling(FAILURE_PAUSE, MAX_FAILURE_PAUSE, failures)
 }
 /// Longest rest the holder takes after one batch while its own foreground is under pressure.
 pub const MAX_HOLDER_REST: Duration = Duration::from_secs(1);
