@@ -330,37 +330,33 @@ mod tests {
         assert_eq!(opcodes, vec![HELLO, HELLO_PROOF, PING]);
     }
 
-    /// A listener that answers the handshake `delay` late (a busy or starting node), then
-    /// records the `timeout_ms` of every `ReadLocal` it receives.
-    async fn slow_handshake_listener(
+    /// A peer that answers the handshake proven with `secret` and everything else `Pong`, but
+    /// before answering the first request matching `at` reads nothing for `pause` (a busy or
+    /// starting node answering its handshake late; a stopped or overloaded one whose socket
+    /// fills). Records the `timeout_ms` of every `ReadLocal` it receives, in order.
+    async fn pausing_listener(
         secret: &'static str,
-        delay: Duration,
+        at: fn(&PeerRequest) -> bool,
+        pause: Duration,
     ) -> (String, tokio::task::JoinHandle<Vec<u32>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let task = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
-            let mut framed = Framed::new(socket, FrameCodec::new(1 << 20));
+            let mut framed = Framed::new(socket, FrameCodec::new(4 << 20));
             let mut timeouts = Vec::new();
+            let mut paused = false;
             while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
                 let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
-                let resp = match handshake_reply(secret, &req) {
-                    Some(resp) => {
-                        if matches!(req, PeerRequest::Session(SessionRequest::Hello(_))) {
-                            tokio::time::sleep(delay).await;
-                        }
-                        resp
-                    }
-                    None => {
-                        if let PeerRequest::Replica(ReplicaRequest::ReadLocal {
-                            timeout_ms, ..
-                        }) = req
-                        {
-                            timeouts.push(timeout_ms);
-                        }
-                        PeerResponse::Session(SessionResponse::Pong)
-                    }
-                };
+                if !paused && at(&req) {
+                    paused = true;
+                    tokio::time::sleep(pause).await;
+                }
+                if let PeerRequest::Replica(ReplicaRequest::ReadLocal { timeout_ms, .. }) = &req {
+                    timeouts.push(*timeout_ms);
+                }
+                let resp = handshake_reply(secret, &req)
+                    .unwrap_or(PeerResponse::Session(SessionResponse::Pong));
                 if framed.send(resp.to_frame(frame.request_id)).await.is_err() {
                     break;
                 }
@@ -368,6 +364,23 @@ mod tests {
             timeouts
         });
         (addr, task)
+    }
+
+    /// A `ReadLocal` carrying `timeout_ms`, sent through `pool` in a task of its own.
+    fn read_local(
+        pool: &Arc<PeerPool>,
+        addr: &str,
+        timeout_ms: u32,
+        call_timeout: Duration,
+    ) -> tokio::task::JoinHandle<Result<PeerResponse, PeerError>> {
+        let (pool, addr) = (pool.clone(), addr.to_string());
+        tokio::spawn(async move {
+            let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+                key: Bytes::from_static(b"r"),
+                timeout_ms,
+            });
+            pool.request(&addr, req, call_timeout).await
+        })
     }
 
     /// The time a request carries counts from the call, not from when its connection was
@@ -378,20 +391,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_time_a_request_carries_counts_its_connection_s_dial() {
         let delay = Duration::from_millis(300);
-        let (addr, listener) = slow_handshake_listener("the-secret", delay).await;
+        let hello = |r: &PeerRequest| matches!(r, PeerRequest::Session(SessionRequest::Hello(_)));
+        let (addr, listener) = pausing_listener("the-secret", hello, delay).await;
         let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
             "the-secret",
         )))));
-        let read = |timeout_ms: u32| {
-            let (pool, addr) = (pool.clone(), addr.clone());
-            tokio::spawn(async move {
-                let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
-                    key: Bytes::from_static(b"r"),
-                    timeout_ms,
-                });
-                pool.request(&addr, req, Duration::from_secs(5)).await
-            })
-        };
+        let read = |timeout_ms| read_local(&pool, &addr, timeout_ms, Duration::from_secs(5));
         // Both wait for the same dial: one with less time than it takes, one with more.
         let short = read(100);
         let long = read(5_000);
@@ -416,57 +421,15 @@ mod tests {
         );
     }
 
-    /// A peer that completes the handshake, then at the first replica write reads nothing for
-    /// `stall` (a stopped or overloaded node: the dialer's socket fills), then answers
-    /// everything. Records the
-    /// `timeout_ms` of every `ReadLocal` it receives, in order.
-    async fn stalling_listener(
-        secret: &'static str,
-        stall: Duration,
-    ) -> (String, tokio::task::JoinHandle<Vec<u32>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let task = tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let mut framed = Framed::new(socket, FrameCodec::new(4 << 20));
-            let mut timeouts = Vec::new();
-            let mut stalled = false;
-            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
-                let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
-                let resp = match handshake_reply(secret, &req) {
-                    Some(resp) => resp,
-                    None => {
-                        let replicate =
-                            matches!(req, PeerRequest::Replica(ReplicaRequest::Replicate { .. }));
-                        if replicate && !stalled {
-                            stalled = true;
-                            tokio::time::sleep(stall).await;
-                        }
-                        if let PeerRequest::Replica(ReplicaRequest::ReadLocal {
-                            timeout_ms, ..
-                        }) = req
-                        {
-                            timeouts.push(timeout_ms);
-                        }
-                        PeerResponse::Session(SessionResponse::Pong)
-                    }
-                };
-                if framed.send(resp.to_frame(frame.request_id)).await.is_err() {
-                    break;
-                }
-            }
-            timeouts
-        });
-        (addr, task)
-    }
-
     /// Requests queued behind a peer that stopped reading: the time they carry counts from
     /// when they are sent, not from when they were queued (the receiver counts it from its
     /// own read), and one whose time ran out in the queue is never sent.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_carries_the_time_left_when_sent_and_is_dropped_if_none_is() {
         let stall = Duration::from_millis(400);
-        let (addr, listener) = stalling_listener("the-secret", stall).await;
+        let replicate =
+            |r: &PeerRequest| matches!(r, PeerRequest::Replica(ReplicaRequest::Replicate { .. }));
+        let (addr, listener) = pausing_listener("the-secret", replicate, stall).await;
         let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
             "the-secret",
         )))));
@@ -492,16 +455,7 @@ mod tests {
             }));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let read = |timeout_ms: u32| {
-            let (pool, addr) = (pool.clone(), addr.clone());
-            tokio::spawn(async move {
-                let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
-                    key: Bytes::from_static(b"r"),
-                    timeout_ms,
-                });
-                pool.request(&addr, req, Duration::from_secs(30)).await
-            })
-        };
+        let read = |timeout_ms| read_local(&pool, &addr, timeout_ms, Duration::from_secs(30));
         // Queued behind them: one with less time than the stall, one with more.
         let short = read(100);
         let long = read(5_000);
