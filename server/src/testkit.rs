@@ -67,3 +67,19 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
     panic!("never happened: {what}");
 }
+
+/// A store over `engine` for node `node_id`: group commit, a fixed boot id, default hint
+/// limits.
+pub fn open_store(
+    engine: std::sync::Arc<dyn crate::storage::Engine>,
+    node_id: &str,
+) -> std::sync::Arc<crate::storage::Store> {
+    let config = crate::storage::StoreConfig {
+        node_id: node_id.into(),
+        sync: crate::storage::store::SyncMode::Group,
+        boot_id: Some("boot".into()),
+        new_incarnation: false,
+        hint_limits: Default::default(),
+    };
+    std::sync::Arc::new(crate::storage::Store::open(engine, config).expect("open a test store"))
+}

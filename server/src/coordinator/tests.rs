@@ -9,8 +9,6 @@ use super::*;
 use crate::background::Runner;
 use crate::metrics::Registry;
 use crate::storage::memory::MemoryEngine;
-use crate::storage::store::SyncMode;
-use crate::storage::{Engine, StoreConfig};
 use crate::testkit::{eventually, peer_addr as addr, view};
 use crate::version::Dot;
 
@@ -188,19 +186,7 @@ fn harness_quorum_reads(view: ClusterView) -> Harness {
 
 fn harness_with(view: ClusterView, read_all: bool) -> Harness {
     let engine = Arc::new(MemoryEngine::new());
-    let store = Arc::new(
-        Store::open(
-            engine.clone() as Arc<dyn Engine>,
-            StoreConfig {
-                node_id: "a".into(),
-                sync: SyncMode::Group,
-                boot_id: Some("boot".into()),
-                new_incarnation: false,
-                hint_limits: Default::default(),
-            },
-        )
-        .unwrap(),
-    );
+    let store = crate::testkit::open_store(engine.clone(), "a");
     let script = Arc::new(Script::default());
     let (membership, _view_tx) = Membership::fixed(view);
     let runner = Runner::new("a".into(), Arc::new(Registry::default()));

@@ -480,8 +480,6 @@ mod tests {
     use crate::rpc::PeerError;
     use crate::storage::hints::{encode_hint, hint_key};
     use crate::storage::memory::MemoryEngine;
-    use crate::storage::store::SyncMode;
-    use crate::storage::StoreConfig;
     use crate::storage::{Batch, Cached, Cf, Engine, ScanBatch, ScanRange, StorageError};
     use crate::version::{Dot, KeyState, VersionVector};
     use std::sync::Mutex;
@@ -603,19 +601,7 @@ mod tests {
             }
         }
         engine.write(b, true).unwrap();
-        Arc::new(
-            Store::open(
-                engine as Arc<dyn Engine>,
-                StoreConfig {
-                    node_id: "a".into(),
-                    sync: SyncMode::Group,
-                    boot_id: Some("boot".into()),
-                    new_incarnation: false,
-                    hint_limits: Default::default(),
-                },
-            )
-            .unwrap(),
-        )
+        crate::testkit::open_store(engine, "a")
     }
 
     #[test]
@@ -697,19 +683,7 @@ mod tests {
             );
         }
         engine.inner.write(b, true).unwrap();
-        let store = Arc::new(
-            Store::open(
-                engine.clone() as Arc<dyn Engine>,
-                StoreConfig {
-                    node_id: "a".into(),
-                    sync: SyncMode::Group,
-                    boot_id: Some("boot".into()),
-                    new_incarnation: false,
-                    hint_limits: Default::default(),
-                },
-            )
-            .unwrap(),
-        );
+        let store = crate::testkit::open_store(engine.clone(), "a");
         assert_eq!(store.hint_book().target("u").keys, 10);
         let settings = HintSettings {
             window_secs: 30,
