@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ClientConfig, ErrorKind, GetOptions, PutOptions};
-use ringkv_jepsen::{bin_path, eventually, metric, Cluster};
+use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
 use ringkv_protocol::ring::{key_position, Ring};
 
 const LOCAL: GetOptions = GetOptions {
@@ -35,15 +35,6 @@ fn preference(ring: &Ring, key: &str) -> Vec<String> {
         .iter()
         .map(|n| n.to_string())
         .collect()
-}
-
-/// Sum of a metric over the running nodes `which`.
-async fn total(c: &Cluster, which: &[usize], name: &str) -> u64 {
-    let mut sum = 0;
-    for &i in which {
-        sum += metric(&c.client(i), name).await;
-    }
-    sum
 }
 
 /// Writes `keys` (key, value) through nodes `via`, 16 at a time, W=2.
@@ -123,10 +114,10 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
     eventually(
         Duration::from_secs(10),
         "every write n5 missed is hinted",
-        || async { total(&c, &others, "hints.pending_keys").await as usize >= for_n5 },
+        || async { metric_total(&c, &others, "hints.pending_keys").await as usize >= for_n5 },
     )
     .await;
-    let pending = total(&c, &others, "hints.pending_keys").await;
+    let pending = metric_total(&c, &others, "hints.pending_keys").await;
     assert!(
         pending as usize >= for_n5,
         "every write n5 missed is hinted: {pending} hints, {for_n5} keys"
@@ -168,10 +159,10 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
     c.nodes[4].start().unwrap();
     c.wait_converged(Duration::from_secs(15)).await.unwrap();
     eventually(Duration::from_secs(60), "every hint replayed", || async {
-        total(&c, &others, "hints.pending_keys").await == 0
+        metric_total(&c, &others, "hints.pending_keys").await == 0
     })
     .await;
-    assert!(total(&c, &others, "hints.replayed").await >= for_n5 as u64);
+    assert!(metric_total(&c, &others, "hints.replayed").await >= for_n5 as u64);
     // Without any read: n5's own replica holds every key it is a primary of, and every node
     // holds only the keys it replicates (fallbacks kept hints, never copies).
     let clients: Vec<Client> = (0..5).map(|i| c.client(i)).collect();
@@ -241,7 +232,7 @@ async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
     for t in tasks {
         t.await.unwrap();
     }
-    let pending = total(&c, &others, "hints.pending_keys").await;
+    let pending = metric_total(&c, &others, "hints.pending_keys").await;
     assert!(
         pending <= hot_for_n5 && pending > 0,
         "10 000 writes to 100 keys leave at most one hint per key for n5: {pending} (keys {hot_for_n5})"
@@ -257,7 +248,7 @@ async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
         holders += (metric(&c.client(i), "hints.pending_keys").await > 0) as usize;
     }
     assert!(holders >= 3, "{holders} holders");
-    let backlog = total(&c, &others, "hints.pending_keys").await;
+    let backlog = metric_total(&c, &others, "hints.pending_keys").await;
 
     c.nodes[4].start().unwrap();
     let target = c.client(4);
@@ -273,7 +264,7 @@ async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
                 samples.push((Instant::now(), *v));
             }
         }
-        if total(&c, &others, "hints.pending_keys").await == 0 {
+        if metric_total(&c, &others, "hints.pending_keys").await == 0 {
             break;
         }
         assert!(
@@ -309,7 +300,7 @@ async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
     );
     let all: Vec<usize> = (0..5).collect();
     assert!(
-        total(&c, &all, "aae.exchanges_deferred").await > 0,
+        metric_total(&c, &all, "aae.exchanges_deferred").await > 0,
         "anti-entropy exchanges with n5 waited for its replay"
     );
 }
@@ -329,21 +320,21 @@ async fn hints_past_the_cap_or_the_window_are_dropped_counted_and_marked() {
         .map(|i| (format!("big-{i}"), vec![b'z'; 8 << 10]))
         .collect();
     write_all(&c, &others, keys).await;
-    let capped = total(&c, &others, "hints.dropped_cap").await;
+    let capped = metric_total(&c, &others, "hints.dropped_cap").await;
     assert!(capped > 0, "the cap dropped hints");
-    assert!(total(&c, &others, "hints.aae_marks").await >= capped);
+    assert!(metric_total(&c, &others, "hints.aae_marks").await >= capped);
     for &i in &others {
         let bytes = metric(&c.client(i), "hints.pending_bytes").await;
         assert!(bytes <= 1 << 20, "n{} holds {bytes} bytes for n5", i + 1);
     }
     // Past the window, everything left is given up, counted and marked.
     eventually(Duration::from_secs(20), "hints expire", || async {
-        total(&c, &others, "hints.pending_keys").await == 0
+        metric_total(&c, &others, "hints.pending_keys").await == 0
     })
     .await;
-    let expired = total(&c, &others, "hints.dropped_expired").await;
+    let expired = metric_total(&c, &others, "hints.dropped_expired").await;
     assert!(expired > 0);
-    assert!(total(&c, &others, "hints.aae_marks").await >= capped + expired);
+    assert!(metric_total(&c, &others, "hints.aae_marks").await >= capped + expired);
     let s = c.client(0).status().await.unwrap();
     assert!(
         s.info.iter().any(|(k, _)| k == "worker.hint_replay"),

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, GetOptions, PutOptions};
-use ringkv_jepsen::{bin_path, metric, Cluster};
+use ringkv_jepsen::{bin_path, metric, metric_total, Cluster};
 use ringkv_protocol::peer::aae::MAX_STATES;
 use ringkv_protocol::ring::{key_position, Ring};
 use serde_json::{json, Value};
@@ -337,10 +337,9 @@ async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
     );
 }
 
-/// `remove` of a killed node: its ranges are re-replicated from the survivors to N live nodes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_of_a_killed_node_re_replicates_its_ranges() {
-    let mut c = Cluster::start(4, &[]).await;
+/// Four nodes started with `extra`, once all four own ranges in the settled layout.
+async fn four_owners(extra: &[&str]) -> Cluster {
+    let c = Cluster::start(4, extra).await;
     let all: Vec<usize> = (0..4).collect();
     wait_owners(
         &c,
@@ -350,7 +349,11 @@ async fn remove_of_a_killed_node_re_replicates_its_ranges() {
         Duration::from_secs(60),
     )
     .await;
-    let keys = write_keys(&c, "remove", 2000).await;
+    c
+}
+
+/// Kills n4 (kill -9) and waits until the others see it down.
+async fn kill_n4(c: &mut Cluster) {
     c.nodes[3].kill9();
     c.wait_members(
         |n| n.child_running(),
@@ -359,14 +362,13 @@ async fn remove_of_a_killed_node_re_replicates_its_ranges() {
     )
     .await
     .unwrap();
-    // A live node cannot be removed (it must leave); the dead one can.
-    let e = admin(&c, 1, json!({"Stage": {"Remove": {"node": "n2"}}}))
-        .await
-        .unwrap_err();
-    assert!(e.contains("use leave"), "{e}");
-    stage_and_commit(&c, 1, &[json!({"Remove": {"node": "n4"}})]).await;
+}
+
+/// Removes the dead n4, then waits until n1..n3 own the ring and hold exactly their `keys`.
+async fn remove_n4(c: &Cluster, keys: &[String]) {
+    stage_and_commit(c, 1, &[json!({"Remove": {"node": "n4"}})]).await;
     wait_owners(
-        &c,
+        c,
         0,
         &[0, 1, 2],
         &["n1", "n2", "n3"],
@@ -374,7 +376,21 @@ async fn remove_of_a_killed_node_re_replicates_its_ranges() {
     )
     .await;
     let nodes: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3")];
-    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(60)).await;
+    wait_held_exactly(c, &nodes, keys, Duration::from_secs(60)).await;
+}
+
+/// `remove` of a killed node: its ranges are re-replicated from the survivors to N live nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_of_a_killed_node_re_replicates_its_ranges() {
+    let mut c = four_owners(&[]).await;
+    let keys = write_keys(&c, "remove", 2000).await;
+    kill_n4(&mut c).await;
+    // A live node cannot be removed (it must leave); the dead one can.
+    let e = admin(&c, 1, json!({"Stage": {"Remove": {"node": "n2"}}}))
+        .await
+        .unwrap_err();
+    assert!(e.contains("use leave"), "{e}");
+    remove_n4(&c, &keys).await;
     all_readable(&c, &[0, 1, 2], &keys).await;
 }
 
@@ -542,16 +558,7 @@ async fn plans_move_nothing_and_stale_or_concurrent_commits_are_refused() {
 /// tokens (no other node's ranges move) and receives its data from the survivors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
-    let mut c = Cluster::start(4, &[]).await;
-    let all: Vec<usize> = (0..4).collect();
-    wait_owners(
-        &c,
-        0,
-        &all,
-        &["n1", "n2", "n3", "n4"],
-        Duration::from_secs(60),
-    )
-    .await;
+    let mut c = four_owners(&[]).await;
     let keys = write_keys(&c, "replace", 2000).await;
     let before = ring_of(&c, 0).await;
     c.nodes[3].kill9();
@@ -599,26 +606,14 @@ async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_node_started_again_does_not_bring_back_purged_deletes() {
     let gc = ["--tombstone-settle-secs", "2", "--aae-interval-secs", "2"];
-    let mut c = Cluster::start(4, &gc).await;
-    let all: Vec<usize> = (0..4).collect();
-    wait_owners(
-        &c,
-        0,
-        &all,
-        &["n1", "n2", "n3", "n4"],
-        Duration::from_secs(60),
-    )
-    .await;
+    let mut c = four_owners(&gc).await;
     let keys = write_keys(&c, "purged", 300).await;
     // No hint left for n4 (a replica write it was slow to take under the load): held for a
     // node that never answers again, a hint keeps its key's tombstone until the hint window
     // ends, and this test needs every tombstone purged.
     let start = Instant::now();
     loop {
-        let mut pending = 0;
-        for i in 0..4 {
-            pending += metric(&c.client(i), "hints.pending_keys").await;
-        }
+        let pending = metric_total(&c, &[0, 1, 2, 3], "hints.pending_keys").await;
         if pending == 0 {
             break;
         }
@@ -628,25 +623,8 @@ async fn a_removed_node_started_again_does_not_bring_back_purged_deletes() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    c.nodes[3].kill9();
-    c.wait_members(
-        |n| n.child_running(),
-        |n| n.child_running(),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
-    stage_and_commit(&c, 1, &[json!({"Remove": {"node": "n4"}})]).await;
-    wait_owners(
-        &c,
-        0,
-        &[0, 1, 2],
-        &["n1", "n2", "n3"],
-        Duration::from_secs(60),
-    )
-    .await;
-    let nodes: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3")];
-    wait_held_exactly(&c, &nodes, &keys, Duration::from_secs(60)).await;
+    kill_n4(&mut c).await;
+    remove_n4(&c, &keys).await;
     let client = c.client(0);
     for k in &keys {
         client
@@ -657,10 +635,7 @@ async fn a_removed_node_started_again_does_not_bring_back_purged_deletes() {
     // Every tombstone purged on the three owners.
     let start = Instant::now();
     loop {
-        let mut live = 0;
-        for i in 0..3 {
-            live += metric(&c.client(i), "tombstones.live").await;
-        }
+        let live = metric_total(&c, &[0, 1, 2], "tombstones.live").await;
         if live == 0 {
             break;
         }

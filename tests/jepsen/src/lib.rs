@@ -36,6 +36,15 @@ pub async fn metric(client: &ringkv_client::Client, name: &str) -> u64 {
         .1
 }
 
+/// Sum of a metric over the running nodes `which` of `c`.
+pub async fn metric_total(c: &Cluster, which: &[usize], name: &str) -> u64 {
+    let mut sum = 0;
+    for &i in which {
+        sum += metric(&c.client(i), name).await;
+    }
+    sum
+}
+
 /// Polls `check` (every 100 ms) until it returns true; panics naming `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: std::time::Duration, what: &str, mut check: F)
 where
