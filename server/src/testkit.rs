@@ -57,6 +57,34 @@ pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
     }
 }
 
+/// Like [`view`] while a ring change runs from `nodes` to `next` (which may name nodes that
+/// are not in `nodes`: they are members too).
+pub fn view_changing(nodes: &[&str], next: &[&str], me: &str, alive: &[&str]) -> ClusterView {
+    let mut all: Vec<&str> = nodes.to_vec();
+    all.extend(next.iter().filter(|n| !nodes.contains(n)));
+    let mut v = view(&all, me, alive);
+    let owners = |ids: &[&str]| {
+        ids.iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    crate::membership::layout::Owner::new(id, 16),
+                )
+            })
+            .collect()
+    };
+    let layout = crate::membership::layout::Layout {
+        version: 2,
+        current: owners(nodes),
+        next: Some(owners(next)),
+        retired: Default::default(),
+    };
+    v.ring = layout.current_ring();
+    v.next = layout.next_ring();
+    v.layout = std::sync::Arc::new(layout);
+    v
+}
+
 /// Waits (up to 5 s) until `cond` holds.
 pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..1000 {

@@ -153,23 +153,43 @@ struct WriteReq {
 
 /// One slot's answer to a coordinated write.
 enum Ack {
-    /// The slot of a primary: acknowledged by the primary itself (`Replicate`), or by a
-    /// fallback that stored a hint for it (`by_fallback`), or by neither (`ok` false; `node`
-    /// is then the primary).
+    /// The slot of `primary`: acknowledged by the primary itself (`Replicate`, `node` is the
+    /// primary), or by a fallback `node` that stored a hint for it (`by_fallback`), or by
+    /// neither (`ok` false; `node` is then the primary).
     Slot {
+        primary: NodeId,
         node: NodeId,
         by_fallback: bool,
         ok: bool,
     },
     /// This node's own commit of the version it minted.
     Own(Result<(), WriteError>),
-    /// A replica of the next ring (a ring change runs): never counts toward W.
-    Pending,
+    /// A replica of the next ring that is not a primary now (a ring change runs): counts
+    /// toward the next ring's W only.
+    Pending { node: NodeId, ok: bool },
+}
+
+/// While a ring change runs, a write also needs W acks among the key's replicas in the next
+/// ring (Garage's rule for layout transitions): the switch waits for the transfers, not for
+/// writes a gaining replica missed after its transfer passed the key, so without this an
+/// acknowledged write could be held by fewer than W of the replicas reads use after the switch.
+struct NextQuorum {
+    quorum: WriteQuorum,
+    /// The key's preference list in the next ring.
+    replicas: Vec<NodeId>,
 }
 
 /// Counts a coordinated write's acks; remembers why this node's own commit failed.
 struct WriteTracker {
     quorum: WriteQuorum,
+    /// Set while a ring change runs (see [`NextQuorum`]).
+    next: Option<NextQuorum>,
+    /// Which of the two quorums reached W (the next one: true when no ring change runs).
+    current_ok: bool,
+    next_ok: bool,
+    /// Whether the write failed for want of acks among the next ring's replicas.
+    failed_in_next: bool,
+    decided: bool,
     me: NodeId,
     /// Whether this node's own commit counts (it is a live primary of the key).
     own_counts: bool,
@@ -177,43 +197,142 @@ struct WriteTracker {
     late_acks: u64,
 }
 
+impl WriteTracker {
+    fn new(quorum: WriteQuorum, next: Option<NextQuorum>, me: NodeId, own_counts: bool) -> Self {
+        WriteTracker {
+            quorum,
+            next_ok: next.is_none(),
+            next,
+            current_ok: false,
+            failed_in_next: false,
+            decided: false,
+            me,
+            own_counts,
+            own_error: None,
+            late_acks: 0,
+        }
+    }
+
+    /// `event` applied to the next ring's quorum if `replica` is one of its replicas.
+    fn next_event(
+        &mut self,
+        replica: &NodeId,
+        event: impl FnOnce(&mut WriteQuorum) -> Decision<()>,
+    ) -> Decision<()> {
+        match &mut self.next {
+            Some(next) if next.replicas.contains(replica) => event(&mut next.quorum),
+            _ => Decision::Pending,
+        }
+    }
+
+    /// The write's decision from the two quorums' (each decides once).
+    fn combine(&mut self, current: Decision<()>, next: Decision<()>) -> Decision<()> {
+        if self.decided {
+            return Decision::Pending;
+        }
+        match current {
+            Decision::Failed(e) => {
+                self.decided = true;
+                return Decision::Failed(e);
+            }
+            Decision::Ok(()) => self.current_ok = true,
+            Decision::Pending => {}
+        }
+        match next {
+            Decision::Failed(e) => {
+                self.decided = true;
+                self.failed_in_next = true;
+                return Decision::Failed(e);
+            }
+            Decision::Ok(()) => self.next_ok = true,
+            Decision::Pending => {}
+        }
+        if self.current_ok && self.next_ok {
+            self.decided = true;
+            return Decision::Ok(());
+        }
+        Decision::Pending
+    }
+}
+
 impl Tracker<Ack> for WriteTracker {
     type Output = ();
 
     fn on_reply(&mut self, ack: Ack) -> Decision<()> {
-        if self.quorum.is_decided() && matches!(ack, Ack::Slot { ok: true, .. }) {
+        if self.decided && matches!(ack, Ack::Slot { ok: true, .. }) {
             self.late_acks += 1;
         }
-        match ack {
+        let (current, next) = match ack {
             Ack::Slot {
+                primary,
                 node,
                 by_fallback: false,
                 ok: true,
-            } => self.quorum.on_ack(node),
+            } => (
+                self.quorum.on_ack(node.clone()),
+                self.next_event(&primary, |q| q.on_ack(node)),
+            ),
             Ack::Slot {
+                primary,
                 node,
                 by_fallback: true,
                 ok: true,
-            } => self.quorum.on_fallback_ack(node),
+            } => (
+                self.quorum.on_fallback_ack(node.clone()),
+                self.next_event(&primary, |q| q.on_fallback_ack(node)),
+            ),
             Ack::Slot {
-                node, ok: false, ..
-            } => self.quorum.on_failure(node),
-            Ack::Own(_) if !self.own_counts => Decision::Pending,
-            Ack::Pending => Decision::Pending,
-            Ack::Own(Ok(())) => self.quorum.on_ack(self.me.clone()),
-            Ack::Own(Err(e)) => {
-                self.own_error = Some(e);
-                self.quorum.on_failure(self.me.clone())
+                primary, ok: false, ..
+            } => (
+                self.quorum.on_failure(primary.clone()),
+                self.next_event(&primary, |q| q.on_failure(primary.clone())),
+            ),
+            Ack::Pending { node, ok: true } => (
+                Decision::Pending,
+                self.next_event(&node.clone(), |q| q.on_ack(node)),
+            ),
+            Ack::Pending { node, ok: false } => (
+                Decision::Pending,
+                self.next_event(&node.clone(), |q| q.on_failure(node)),
+            ),
+            Ack::Own(result) => {
+                let me = self.me.clone();
+                let ok = result.is_ok();
+                let in_next = matches!(&self.next, Some(n) if n.replicas.contains(&me));
+                if let Err(e) = result {
+                    if self.own_counts || in_next {
+                        self.own_error = Some(e);
+                    }
+                }
+                let current = match (self.own_counts, ok) {
+                    (false, _) => Decision::Pending,
+                    (true, true) => self.quorum.on_ack(me.clone()),
+                    (true, false) => self.quorum.on_failure(me.clone()),
+                };
+                let next = if ok {
+                    self.next_event(&me.clone(), |q| q.on_ack(me))
+                } else {
+                    self.next_event(&me.clone(), |q| q.on_failure(me))
+                };
+                (current, next)
             }
-        }
+        };
+        self.combine(current, next)
     }
 
     fn on_deadline(&mut self) -> QuorumError {
-        match self.quorum.on_deadline() {
+        let quorum = match &mut self.next {
+            Some(next) if self.current_ok => {
+                self.failed_in_next = true;
+                &mut next.quorum
+            }
+            _ => &mut self.quorum,
+        };
+        match quorum.on_deadline() {
             Decision::Failed(e) => e,
             _ => QuorumError::Timeout {
-                acks: self.quorum.acks(),
-                needed: self.quorum.needed(),
+                acks: quorum.acks(),
+                needed: quorum.needed(),
             },
         }
     }
@@ -670,6 +789,27 @@ impl<T: Transport> Coordinator<T> {
                 "too few primaries and fallbacks (sloppy quorum) are up",
             );
         }
+        if !plan.next.is_empty() {
+            // A ring change runs: W of the key's next replicas must be up too. A current primary
+            // that is down counts if it has a fallback (as above); a pending replica has none.
+            let covered_down: Vec<&NodeId> = plan
+                .primaries_down
+                .iter()
+                .take(plan.fallbacks.len())
+                .collect();
+            let next_covered = plan
+                .next
+                .iter()
+                .filter(|p| view.is_alive(p) || covered_down.contains(p))
+                .count();
+            if next_covered < needed {
+                return refuse(
+                    next_covered,
+                    needed,
+                    "a ring change runs and too few of the key's replicas in the next ring are up",
+                );
+            }
+        }
         if !forwarded && !plan.preference.contains(&view.me) {
             return self
                 .forward(original, &w.key, needed, &alive, &view, deadline)
@@ -875,14 +1015,30 @@ impl<T: Transport> Coordinator<T> {
         // A forwarded write whose sender's ring view differs from ours may land on a node that
         // is not (or no longer) a live replica of the key: then its own commit is no ack.
         let own_counts = plan.primaries_alive.contains(&view.me);
-        let mut tracker = WriteTracker {
-            quorum: WriteQuorum::new(slots.len() + own_counts as usize, needed)
+        // While a ring change runs, W is also needed among the key's next replicas: those that
+        // have a slot here (a current primary's), this node, and the pending ones.
+        let next = (!plan.next.is_empty()).then(|| {
+            let reporting = plan
+                .next
+                .iter()
+                .filter(|p| {
+                    **p == view.me
+                        || plan.pending.contains(p)
+                        || slots.iter().any(|(primary, _)| primary == *p)
+                })
+                .count();
+            NextQuorum {
+                quorum: WriteQuorum::new(reporting, needed),
+                replicas: plan.next.clone(),
+            }
+        });
+        let mut tracker = WriteTracker::new(
+            WriteQuorum::new(slots.len() + own_counts as usize, needed)
                 .with_primaries(needed_primaries),
-            me: view.me.clone(),
+            next,
+            view.me.clone(),
             own_counts,
-            own_error: None,
-            late_acks: 0,
-        };
+        );
         let state = Bytes::from(outcome.state.encode());
         let mut fan = FanOut::new(deadline);
         let peer_targets = slots.len();
@@ -896,8 +1052,8 @@ impl<T: Transport> Coordinator<T> {
                 deadline,
             ))));
         }
-        // A ring change runs: the key's next replicas get the write too (not counted), or a
-        // hint for them if they miss it, so the transfer into them misses nothing.
+        // A ring change runs: the key's next replicas get the write too (counted toward the
+        // next ring's W), or a hint for them if they miss it.
         for p in plan.pending.iter().filter(|p| **p != view.me) {
             fan.push(Either::Left(Either::Right(self.pending_slot(
                 p.clone(),
@@ -937,6 +1093,13 @@ impl<T: Transport> Coordinator<T> {
                     peer_targets == 0,
                 ))
             }
+            Err(e) if tracker.failed_in_next => Some(self.quorum_error(
+                &w.key,
+                e,
+                "a ring change runs: write applied on fewer of the key's replicas in the next \
+                 ring than W",
+                false,
+            )),
             Err(e) => {
                 Some(self.quorum_error(&w.key, e, "write applied on fewer replicas than W", false))
             }
@@ -1037,7 +1200,12 @@ impl<T: Transport> Coordinator<T> {
                                 }
                                 (f, ok) = &mut to_fallback, if !fallback_done => {
                                     if ok {
-                                        return Ack::Slot { node: f, by_fallback: true, ok: true };
+                                        return Ack::Slot {
+                                            primary: primary.clone(),
+                                            node: f,
+                                            by_fallback: true,
+                                            ok: true,
+                                        };
                                     }
                                     fallback_done = true;
                                 }
@@ -1054,6 +1222,7 @@ impl<T: Transport> Coordinator<T> {
             }
             Ack::Slot {
                 node: primary.clone(),
+                primary: primary.clone(),
                 by_fallback: false,
                 ok: primary_ok,
             }
@@ -1061,7 +1230,7 @@ impl<T: Transport> Coordinator<T> {
     }
 
     /// Ships the write to a replica of the next ring (a ring change runs); if it does not
-    /// acknowledge, this node keeps a hint for it. Never counts toward W.
+    /// acknowledge, this node keeps a hint for it. Counts toward the next ring's W only.
     fn pending_slot(
         self: &Arc<Self>,
         node: NodeId,
@@ -1082,7 +1251,7 @@ impl<T: Transport> Coordinator<T> {
             if !ok && c.config.hinted_handoff {
                 c.keep_local_hint(&node, &key, &state).await;
             }
-            Ack::Pending
+            Ack::Pending { node, ok }
         }
     }
 

@@ -19,8 +19,11 @@ pub struct Plan {
     /// Available nodes beyond the preference list, in ring order from the key.
     pub fallbacks: Vec<NodeId>,
     /// While a ring change runs: the key's replicas in the next ring that are not primaries
-    /// now (they are receiving its range). Writes go to them too; their acks do not count.
+    /// now (they are receiving its range). Writes go to them too.
     pub pending: Vec<NodeId>,
+    /// While a ring change runs: the key's preference list in the next ring (empty otherwise).
+    /// A write then needs W acks among these too, so it holds after the switch.
+    pub next: Vec<NodeId>,
 }
 
 impl Plan {
@@ -60,20 +63,22 @@ pub fn plan_with_fallbacks(view: &ClusterView, key: &[u8], n: usize, want: Optio
             .take(want)
             .collect()
     };
-    let pending = match &view.next {
-        Some(next) => next
-            .preference_list(position, n)
-            .into_iter()
-            .filter(|p| !preference.contains(p))
-            .collect(),
+    let next = match &view.next {
+        Some(ring) => ring.preference_list(position, n),
         None => Vec::new(),
     };
+    let pending = next
+        .iter()
+        .filter(|p| !preference.contains(p))
+        .cloned()
+        .collect();
     Plan {
         preference,
         primaries_alive,
         primaries_down,
         fallbacks,
         pending,
+        next,
     }
 }
 

@@ -9,7 +9,7 @@ use super::*;
 use crate::background::Runner;
 use crate::metrics::Registry;
 use crate::storage::memory::MemoryEngine;
-use crate::testkit::{eventually, peer_addr as addr, view};
+use crate::testkit::{eventually, peer_addr as addr, view, view_changing};
 use crate::version::Dot;
 
 /// What a scripted peer does with one kind of request.
@@ -932,4 +932,115 @@ async fn a_slow_replica_read_gets_a_speculative_spare() {
         h.script.replicated_to("c").contains(&merged)
     })
     .await;
+}
+
+/// A ring change replacing "b" by "d" runs (N=3 on three nodes: every node replicates every
+/// key): the current replicas are a, b, c, the next ones a, c, d.
+fn b_replaced_by_d(alive: &[&str]) -> ClusterView {
+    view_changing(&ABC, &["a", "c", "d"], "a", alive)
+}
+
+#[tokio::test]
+async fn during_a_ring_change_a_write_needs_w_among_the_next_replicas_too() {
+    // W=2 among a, b, c is met (a and b), but among the next replicas only a holds it: after
+    // the switch an R=2 read from c and d would miss an acknowledged write.
+    let h = harness(b_replaced_by_d(&["b", "c", "d"]));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, failing());
+    h.script.on("d", Kind::Replicate, failing());
+    match h.coordinator.write(put("k", "v", 2, 1000)).await {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 1,
+                    needed: 2
+                },
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains("next ring"), "{}", e.message);
+            assert!(!e.definite, "a and b hold the version: {}", e.message);
+        }
+        other => panic!("W=2 held by one next replica must not be acknowledged: {other:?}"),
+    }
+    assert_eq!(h.script.replicated_to("d").len(), 1, "d was sent the write");
+}
+
+#[tokio::test]
+async fn during_a_ring_change_a_write_with_w_in_both_rings_succeeds_and_counts_current_acks() {
+    let h = harness(b_replaced_by_d(&["b", "c", "d"]));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, failing());
+    h.script.on("d", Kind::Replicate, ack());
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    let Response::Put(reply) = resp else {
+        panic!("a and b (current), a and d (next): W=2 in both: {resp:?}")
+    };
+    assert_eq!(
+        (reply.primary_acks, reply.fallback_acks),
+        (2, 0),
+        "the reply counts the current replicas' acks"
+    );
+    let mine = local(&h.store, "k").await;
+    assert_eq!(h.script.replicated_to("d"), vec![mine], "d holds the state");
+}
+
+#[tokio::test]
+async fn during_a_ring_change_a_silent_next_replica_times_the_write_out() {
+    // The current replicas a and b answer; among the next ones only a does before the deadline.
+    let h = harness(b_replaced_by_d(&["b", "c", "d"]));
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, failing());
+    h.script
+        .on("d", Kind::Replicate, late_ack(Duration::from_secs(5)));
+    match h.coordinator.write(put("k", "v", 2, 200)).await {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Timeout { acks: 1, needed: 2 },
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message.contains("next ring") && !e.definite,
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn during_a_ring_change_a_write_is_refused_up_front_when_too_few_next_replicas_are_up() {
+    // Only b is up besides this node: W=2 among a, b, c could be met, among a, c, d it cannot.
+    let h = harness(b_replaced_by_d(&["b"]));
+    match h.coordinator.write(put("k", "v", 2, 1000)).await {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 1,
+                    needed: 2
+                },
+                "{}",
+                e.message
+            );
+            assert!(
+                e.definite && e.message.contains("next ring"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.script.calls.lock().unwrap().is_empty(),
+        "no peer was asked"
+    );
+    assert!(
+        local(&h.store, "k").await.siblings().is_empty(),
+        "nothing minted"
+    );
 }
