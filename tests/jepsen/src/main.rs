@@ -114,10 +114,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             },
             // Tombstone GC purging deleted keys between kills, partitions and a lost disk.
             gc("register", "kill,partition,wipe", 45, 6),
-            // Ring changes (leave, kill + remove, join again) under kills.
+            // Ring changes (leave, kill + remove, join again) under kills, with tombstone GC:
+            // a node taken out starts again on its old data before it is wiped.
             Cli {
                 interval: 5,
-                ..with("register", "membership,kill", 50, 7)
+                ..gc("register", "membership,kill", 50, 7)
             },
             // A flood beyond the nodes' client budget (32): shed requests are definite.
             Cli {
@@ -146,7 +147,7 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             gc("register", "kill,partition,wipe", 180, 23),
             with("set", "wipe,pause", 120, 25),
             gc("register", "pause,clock", 150, 24),
-            with("register", "membership,kill", 180, 26),
+            gc("register", "membership,kill", 180, 26),
             with("set", "membership,partition", 150, 27),
             with("register", "overload,partition", 120, 28),
             with("set", "overload,pause", 90, 29),

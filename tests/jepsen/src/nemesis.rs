@@ -258,8 +258,9 @@ pub enum Active {
     Skewed(Vec<usize>),
     /// Clocks that flip between +offset and -offset every second until healed.
     Strobing(Vec<(usize, i64)>),
-    /// Nodes a ring change took out (left, or killed and removed): wiped and restarted at heal
-    /// time, after the change's transfers finished (`runner::membership_heal`).
+    /// Nodes a ring change took out (left, or killed and removed): after the change's
+    /// transfers finished, started again on their old data for a few seconds (the runner),
+    /// then wiped and restarted at heal time.
     Retired(Vec<usize>),
     /// A flood running against some nodes until healed.
     Flooding(Flood),

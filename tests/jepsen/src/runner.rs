@@ -433,10 +433,38 @@ async fn nemesis_loop(
                 phase = !phase;
             }
         }
-        if matches!(active, nemesis::Active::Retired(_)) {
+        if let nemesis::Active::Retired(idx) = &active {
             // The node taken out is a source of its change's transfers: wait for them first.
             if let Err(e) = wait_no_transition(&nodes, Duration::from_secs(90)).await {
                 errors.lock().await.push(format!("healing {fault}: {e}"));
+            }
+            // An operator who forgot the wipe: the node taken out starts again on its old data
+            // (a removed one's dates from before it was killed; tombstones purged since must
+            // not come back through it), and runs a while before `heal` wipes it.
+            if !idx.is_empty() {
+                let restarted: Result<Vec<String>, String> = {
+                    let mut ns = nodes.lock().await;
+                    idx.iter()
+                        .map(|&i| {
+                            ns[i].kill9();
+                            ns[i].start().map(|()| ns[i].id.clone())
+                        })
+                        .collect()
+                };
+                match restarted {
+                    Ok(ids) => {
+                        shared
+                            .rec
+                            .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(
+                                json!({"phase": "restarted-unwiped", "fault": fault, "nodes": ids}),
+                            ));
+                        tokio::time::sleep(STALE_RESTART_HOLD).await;
+                    }
+                    Err(e) => errors
+                        .lock()
+                        .await
+                        .push(format!("{fault}: restart with old data: {e}")),
+                }
             }
         }
         let healed = {
@@ -514,6 +542,9 @@ async fn wait_no_transition(
         }
     }
 }
+
+/// How long a node taken out of the ring runs on its old data before the heal wipes it.
+const STALE_RESTART_HOLD: Duration = Duration::from_secs(4);
 
 /// The membership nemesis: once no ring change runs, join a node that owns nothing (taken out
 /// earlier, wiped and restarted), or, with more than N owners, take a random owner out: leave
