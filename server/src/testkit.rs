@@ -47,12 +47,12 @@ pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
         me: me.into(),
         ring: layout.current_ring(),
         next: None,
+        epoch: layout.digest(),
         layout: std::sync::Arc::new(layout),
         seen: BTreeMap::new(),
         members,
         alive: alive.iter().map(|id| NodeId::from(*id)).collect(),
         version: 1,
-        epoch: 1,
         ready: true,
     }
 }
@@ -81,6 +81,7 @@ pub fn view_changing(nodes: &[&str], next: &[&str], me: &str, alive: &[&str]) ->
     };
     v.ring = layout.current_ring();
     v.next = layout.next_ring();
+    v.epoch = layout.digest();
     v.layout = std::sync::Arc::new(layout);
     v
 }

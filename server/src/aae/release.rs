@@ -109,12 +109,7 @@ impl<T: Transport> ReleaseWorker<T> {
             return None;
         }
         let version = view.layout.version;
-        let behind = view.members.keys().filter(|m| view.is_alive(m)).any(|m| {
-            view.seen
-                .get(m)
-                .is_none_or(|s| s.version < version || s.drained < version)
-        });
-        if behind {
+        if !view.members_behind().is_empty() {
             self.settled = None;
             return None;
         }

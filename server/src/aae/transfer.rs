@@ -13,7 +13,7 @@
 //! gaining node has.
 //!
 //! Each source's spans are pulled [`CHUNK_SPANS`] at a time. Checkpoint: how many spans of each
-//! source are done for the running layout version is saved in `<data_dir>/transfer.json` after
+//! source are done for the running layout (version and digest) is saved in `<data_dir>/transfer.json` after
 //! each chunk, so a restarted node resumes at the chunk it was in; re-running that chunk's
 //! exchange re-fetches only keys that still differ (digests compare equal for what it already
 //! merged), so at most the batch in flight when it stopped is sent again.
@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use super::exchange::AaeWorker;
 use super::ranges::Span;
 use crate::background::{Progress, Worker, WorkerState};
-use crate::membership::layout::{gains_covered, moves, per_node, share, NodeMoves};
+use crate::membership::layout::{gains_covered, moves, per_node, share, LayoutId, NodeMoves};
 use crate::membership::Membership;
 use crate::rpc::{PeerPool, Transport};
 
@@ -55,14 +55,34 @@ crate::metrics::metric_set! {
     }
 }
 
-/// The checkpoint: what is done for which layout version.
+/// The checkpoint: what is done for which layout. Keyed by the layout's version *and* digest:
+/// two claimants that committed the same version concurrently made two layouts with different
+/// moves, and what was pulled or completed for one says nothing of the other.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    pub version: u64,
+    pub layout: LayoutId,
     /// Per source, how many of its spans (in order) are done.
     pub progress: BTreeMap<String, usize>,
-    /// The newest version whose transfers completed (said again in gossip after a restart).
-    pub synced: u64,
+    /// The newest layout whose transfers completed (said again in gossip after a restart).
+    pub synced: LayoutId,
+}
+
+impl Checkpoint {
+    /// Whether this node's transfers for `layout` (or a layout superseding it) are complete.
+    pub fn is_synced(&self, layout: LayoutId) -> bool {
+        self.synced >= layout
+    }
+
+    /// Makes the progress that of `layout`: kept if it already is, cleared otherwise. True if
+    /// it was cleared.
+    pub fn begin(&mut self, layout: LayoutId) -> bool {
+        if self.layout == layout {
+            return false;
+        }
+        self.layout = layout;
+        self.progress.clear();
+        true
+    }
 }
 
 fn load_checkpoint(path: &std::path::Path) -> Checkpoint {
@@ -150,7 +170,7 @@ pub struct TransferWorker<T: Transport = PeerPool> {
     metrics: Arc<TransferMetrics>,
     status: TransferStatus,
     /// When every live member was first seen with the running layout.
-    all_have_it: Option<(u64, Instant)>,
+    all_have_it: Option<(LayoutId, Instant)>,
     retry_at: BTreeMap<String, Instant>,
     said_synced: bool,
     detail: String,
@@ -247,19 +267,20 @@ impl<T: Transport> Worker for TransferWorker<T> {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
-        if !self.said_synced && self.checkpoint.synced > 0 {
+        if !self.said_synced && self.checkpoint.synced > LayoutId::default() {
             self.said_synced = true;
             self.membership.set_synced(self.checkpoint.synced).await;
         }
         let view = self.membership.view();
-        let version = view.layout.version;
+        let id = view.layout_id();
+        let version = id.version;
         let Some(next) = &view.next else {
             self.metrics.active.set(0);
             self.metrics.share_pending.set(0.0);
             self.detail = "no transfer".into();
             return Ok(WorkerState::Idle);
         };
-        if self.checkpoint.synced >= version {
+        if self.checkpoint.is_synced(id) {
             self.metrics.active.set(0);
             self.detail = format!("layout v{version}: every gained range received");
             return Ok(WorkerState::Idle);
@@ -267,35 +288,23 @@ impl<T: Transport> Worker for TransferWorker<T> {
         let mine = per_node(&moves(&view.ring, next, self.n))
             .remove(&*view.me)
             .unwrap_or_default();
-        if self.checkpoint.version != version {
-            self.checkpoint.version = version;
-            self.checkpoint.progress.clear();
+        if self.checkpoint.begin(id) {
             self.status
                 .lock()
                 .expect("transfer status lock poisoned")
                 .clear();
         }
         if mine.gains.is_empty() {
-            self.checkpoint.synced = version;
+            self.checkpoint.synced = id;
             self.save();
-            self.membership.set_synced(version).await;
+            self.membership.set_synced(id).await;
             self.detail = format!("layout v{version}: this node gains no range");
             return Ok(WorkerState::Idle);
         }
         // Every live member must have the layout (so it sends writes here too) and no write
         // it began under an older layout in flight (that one goes to the old replicas only);
         // then SETTLE.
-        let behind: Vec<&str> = view
-            .members
-            .keys()
-            .filter(|m| view.is_alive(m))
-            .filter(|m| {
-                view.seen
-                    .get(*m)
-                    .is_none_or(|s| s.version < version || s.drained < version)
-            })
-            .map(|m| &**m)
-            .collect();
+        let behind = view.members_behind();
         if !behind.is_empty() {
             self.all_have_it = None;
             self.detail = format!(
@@ -305,10 +314,10 @@ impl<T: Transport> Worker for TransferWorker<T> {
             return Ok(WorkerState::Idle);
         }
         let since = match self.all_have_it {
-            Some((v, at)) if v == version => at,
+            Some((v, at)) if v == id => at,
             _ => {
                 let now = Instant::now();
-                self.all_have_it = Some((version, now));
+                self.all_have_it = Some((id, now));
                 now
             }
         };
@@ -353,7 +362,7 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 .iter()
                 .any(|(s, spans)| !self.done(s, spans) && view.is_alive(s));
             if !live_left && self.covered(&mine) {
-                self.checkpoint.synced = version;
+                self.checkpoint.synced = id;
                 self.save();
                 self.metrics.completed.inc();
                 self.metrics.active.set(0);
@@ -362,7 +371,7 @@ impl<T: Transport> Worker for TransferWorker<T> {
                     // dir is synced (it answers reads once it owns them).
                     self.exchanger.service().synced_by_transfer();
                 }
-                self.membership.set_synced(version).await;
+                self.membership.set_synced(id).await;
                 info!(node = %self.node_id, version, "every gained range received; told the claimant");
                 self.detail = format!("layout v{version}: every gained range received");
             } else if !live_left {
@@ -457,5 +466,52 @@ impl<T: Transport> Worker for TransferWorker<T> {
     async fn wait_for_work(&mut self) -> WorkerState {
         tokio::time::sleep(Duration::from_millis(250)).await;
         WorkerState::Busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two layouts of one version (two claimants committed concurrently): what was done for
+    /// one is not done for the other.
+    #[test]
+    fn a_checkpoint_of_one_layout_says_nothing_of_another_with_the_same_version() {
+        let l1 = LayoutId {
+            version: 3,
+            digest: 10,
+        };
+        let l2 = LayoutId {
+            version: 3,
+            digest: 20,
+        };
+        let mut c = Checkpoint::default();
+        assert!(c.begin(l1), "a new checkpoint starts its layout");
+        c.progress.insert("n2".into(), 5);
+        assert!(!c.begin(l1), "the same layout keeps its progress");
+        assert_eq!(c.progress.get("n2"), Some(&5));
+        c.synced = l1;
+        assert!(c.is_synced(l1));
+        assert!(
+            !c.is_synced(l2),
+            "synced for v3 digest 10 is not synced for v3 digest 20"
+        );
+        assert!(
+            c.begin(l2),
+            "another layout of the same version starts over"
+        );
+        assert!(
+            c.progress.is_empty(),
+            "its spans differ: no progress carries over"
+        );
+        assert!(c.is_synced(LayoutId {
+            version: 2,
+            digest: 99
+        }));
+        // Saved and loaded (a restart) it is the same checkpoint.
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("transfer.json");
+        std::fs::write(&path, serde_json::to_vec(&c).expect("serializes")).expect("write");
+        assert_eq!(load_checkpoint(&path), c);
     }
 }

@@ -543,16 +543,12 @@ pub fn gainers_waiting(view: &ClusterView, n: usize) -> Vec<String> {
     let Some(next) = &view.next else {
         return Vec::new();
     };
-    let version = view.layout.version;
+    let id = view.layout_id();
     per_node(&moves(&view.ring, next, n))
         .into_iter()
         .filter(|(_, m)| !m.gains.is_empty())
         .map(|(node, _)| node)
-        .filter(|node| {
-            view.seen
-                .get(node.as_str())
-                .is_none_or(|s| s.synced < version)
-        })
+        .filter(|node| view.seen.get(node.as_str()).is_none_or(|s| s.synced < id))
         .collect()
 }
 
@@ -588,7 +584,7 @@ pub fn status_report(
                 .into(),
                 alive: view.is_alive(&node),
                 layout_version: seen.version,
-                synced: seen.synced,
+                synced: seen.synced.version,
                 gains: gaining.contains(&node),
                 node,
             }
@@ -599,5 +595,52 @@ pub fn status_report(
         layout: (*view.layout).clone(),
         staged,
         members,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::layout::LayoutId;
+    use crate::membership::LayoutSeen;
+
+    fn synced(view: &mut ClusterView, node: &str, synced: LayoutId) {
+        view.seen.insert(
+            node.into(),
+            LayoutSeen {
+                version: view.layout.version,
+                digest: view.epoch,
+                synced,
+                auto_join: false,
+                drained: view.layout_id(),
+            },
+        );
+    }
+
+    /// b is replaced by d: d gains every range. The switch waits until d said it is synced
+    /// for this very layout, not for another layout of the same version.
+    #[test]
+    fn a_gainer_synced_for_another_layout_of_the_same_version_is_still_waited_for() {
+        let mut v = crate::testkit::view_changing(
+            &["a", "b", "c"],
+            &["a", "c", "d"],
+            "a",
+            &["b", "c", "d"],
+        );
+        let id = v.layout_id();
+        assert_eq!(gainers_waiting(&v, 3), vec!["d".to_string()]);
+        let other = LayoutId {
+            version: id.version,
+            digest: id.digest.wrapping_sub(1),
+        };
+        synced(&mut v, "d", other);
+        assert_eq!(
+            gainers_waiting(&v, 3),
+            vec!["d".to_string()],
+            "d's transfers were for the other layout of v{}",
+            id.version
+        );
+        synced(&mut v, "d", id);
+        assert!(gainers_waiting(&v, 3).is_empty());
     }
 }

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{gainers_waiting, ClusterService};
 use crate::background::{Progress, Worker, WorkerState};
-use crate::membership::layout::Change;
+use crate::membership::layout::{Change, LayoutId};
 use crate::membership::WriteEpochs;
 use crate::rpc::{PeerPool, Transport};
 
@@ -25,7 +25,7 @@ pub struct LayoutWorker<T: Transport = PeerPool> {
     cluster: Arc<ClusterService<T>>,
     /// The writes this node coordinates, by layout version: published as `drained`.
     epochs: Arc<WriteEpochs>,
-    drained: u64,
+    drained: LayoutId,
     /// Non-owners seen alive with the current layout, since when.
     joiners: HashMap<String, Instant>,
     detail: String,
@@ -36,7 +36,7 @@ impl<T: Transport> LayoutWorker<T> {
         LayoutWorker {
             cluster,
             epochs,
-            drained: 0,
+            drained: LayoutId::default(),
             joiners: HashMap::new(),
             detail: "starting".into(),
         }
@@ -45,12 +45,12 @@ impl<T: Transport> LayoutWorker<T> {
     /// Fetches a newer layout a member advertises; true if one was adopted.
     async fn catch_up(&mut self) -> bool {
         let view = self.cluster.membership().view();
-        let mine = (view.layout.version, view.epoch);
+        let mine = view.layout_id();
         let newer = view
             .seen
             .iter()
-            .filter(|(id, s)| **id != view.me && view.is_alive(id) && (s.version, s.digest) > mine)
-            .max_by_key(|(_, s)| (s.version, s.digest))
+            .filter(|(id, s)| **id != view.me && view.is_alive(id) && s.layout() > mine)
+            .max_by_key(|(_, s)| s.layout())
             .map(|(id, _)| id.clone());
         let Some(from) = newer else {
             return false;
@@ -167,7 +167,7 @@ impl<T: Transport> Worker for LayoutWorker<T> {
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
         // Every write still coordinated here started under `drained` or newer: a ring change
         // pulls data only once no write of an older layout is in flight anywhere.
-        let version = self.cluster.membership().view().layout.version;
+        let version = self.cluster.membership().view().layout_id();
         let drained = self.epochs.oldest().map_or(version, |o| o.min(version));
         if drained != self.drained {
             self.drained = drained;

@@ -958,7 +958,7 @@ impl<T: Transport> Coordinator<T> {
         deadline: Instant,
     ) -> Result<Response, WriteError> {
         // In flight until its last replica call ends (the late replies included).
-        let epoch = self.epochs.enter(view.layout.version);
+        let epoch = self.epochs.enter(view.layout_id());
         // Fallbacks in ring order: first one per down primary, then spares for live ones.
         let mut fallbacks = plan.fallbacks.iter().cloned();
         let mut slots: Vec<(NodeId, Option<NodeId>)> = Vec::new();

@@ -109,7 +109,32 @@ impl<F: Fn(&str) -> bool> Liveness for F {
     }
 }
 
+/// Names one layout: its version and its digest. Ordered as layouts supersede each other
+/// (version, then digest): two claimants that committed the same version concurrently made
+/// two layouts, and a node that did something for one must not count it done for the other.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct LayoutId {
+    pub version: u64,
+    pub digest: u64,
+}
+
+impl std::fmt::Display for LayoutId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{} ({:016x})", self.version, self.digest)
+    }
+}
+
 impl Layout {
+    /// This layout's id (computes the digest).
+    pub fn id(&self) -> LayoutId {
+        LayoutId {
+            version: self.version,
+            digest: self.digest(),
+        }
+    }
+
     /// The first layout of a new cluster: one owner.
     pub fn bootstrap(id: &str, vnodes: u32) -> Layout {
         Layout {
@@ -128,7 +153,7 @@ impl Layout {
     /// Whether `self` replaces `other`: a greater version, or the same version with a greater
     /// digest (two claimants that committed concurrently: every node picks the same one).
     pub fn supersedes(&self, other: &Layout) -> bool {
-        (self.version, self.digest()) > (other.version, other.digest())
+        self.id() > other.id()
     }
 
     pub fn ring(owners: &Owners) -> Ring {

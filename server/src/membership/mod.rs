@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ring::{NodeId, Ring};
-use layout::Layout;
+use layout::{Layout, LayoutId};
 use swim::{Command, Driver, GossipStats, MembershipWorker, RingId, SwimConfig};
 
 /// What a member says of its layout in its gossip metadata.
@@ -30,12 +30,22 @@ use swim::{Command, Driver, GossipStats, MembershipWorker, RingId, SwimConfig};
 pub struct LayoutSeen {
     pub version: u64,
     pub digest: u64,
-    /// The newest layout version whose incoming transfers the member completed.
-    pub synced: u64,
+    /// The newest layout whose incoming transfers the member completed.
+    pub synced: LayoutId,
     /// It asks to be joined automatically while it owns nothing.
     pub auto_join: bool,
-    /// Every write it is still coordinating started under this layout version or a newer one.
-    pub drained: u64,
+    /// Every write it is still coordinating started under this layout or a newer one.
+    pub drained: LayoutId,
+}
+
+impl LayoutSeen {
+    /// The layout the member has.
+    pub fn layout(&self) -> LayoutId {
+        LayoutId {
+            version: self.version,
+            digest: self.digest,
+        }
+    }
 }
 
 /// The writes this node is coordinating, by the layout version each started under: a ring
@@ -44,18 +54,18 @@ pub struct LayoutSeen {
 /// transfer passed its key).
 #[derive(Debug, Default)]
 pub struct WriteEpochs {
-    counts: std::sync::Mutex<BTreeMap<u64, usize>>,
+    counts: std::sync::Mutex<BTreeMap<LayoutId, usize>>,
 }
 
-/// One write in flight under a layout version; dropped when its last replica call ended.
+/// One write in flight under a layout; dropped when its last replica call ended.
 #[derive(Debug)]
 pub struct EpochGuard {
     epochs: Arc<WriteEpochs>,
-    version: u64,
+    version: LayoutId,
 }
 
 impl WriteEpochs {
-    pub fn enter(self: &Arc<Self>, version: u64) -> EpochGuard {
+    pub fn enter(self: &Arc<Self>, version: LayoutId) -> EpochGuard {
         *self
             .counts
             .lock()
@@ -68,8 +78,8 @@ impl WriteEpochs {
         }
     }
 
-    /// The oldest layout version a write still in flight started under.
-    pub fn oldest(&self) -> Option<u64> {
+    /// The oldest layout a write still in flight started under.
+    pub fn oldest(&self) -> Option<LayoutId> {
         self.counts
             .lock()
             .expect("epochs lock poisoned")
@@ -159,6 +169,31 @@ impl HandOverGuard {
 }
 
 impl ClusterView {
+    /// The layout this view holds (`epoch` is its digest).
+    pub fn layout_id(&self) -> LayoutId {
+        LayoutId {
+            version: self.layout.version,
+            digest: self.epoch,
+        }
+    }
+
+    /// Live members that do not have this view's layout (nor a newer one), or that still
+    /// coordinate a write begun under an older one: a ring change's transfers and releases
+    /// wait for them.
+    pub fn members_behind(&self) -> Vec<&str> {
+        let id = self.layout_id();
+        self.members
+            .keys()
+            .filter(|m| self.is_alive(m))
+            .filter(|m| {
+                self.seen
+                    .get(*m)
+                    .is_none_or(|s| s.layout() < id || s.drained < id)
+            })
+            .map(|m| &**m)
+            .collect()
+    }
+
     pub fn is_alive(&self, id: &str) -> bool {
         *self.me == *id || self.alive.contains(id)
     }
@@ -187,18 +222,14 @@ impl ClusterView {
         if !self.ready || !self.layout.is_owner(&self.me) {
             return false;
         }
-        let (version, digest) = (self.layout.version, self.layout.digest());
+        let id = self.layout.id();
         let mut others = self
             .members
             .keys()
             .filter(|m| **m != self.me && self.is_alive(m))
             .peekable();
         others.peek().is_some()
-            && others.all(|m| {
-                self.seen
-                    .get(m)
-                    .is_some_and(|s| s.version == version && s.digest == digest)
-            })
+            && others.all(|m| self.seen.get(m).is_some_and(|s| s.layout() == id))
     }
 
     /// Whether `node` replicates `key`'s position now or after the running transition.
@@ -267,13 +298,13 @@ impl Membership {
 
     /// Tells the cluster (gossip metadata) that this node received every range it gains in
     /// layout `version`.
-    pub async fn set_synced(&self, version: u64) {
+    pub async fn set_synced(&self, version: LayoutId) {
         let _ = self.commands.send(Command::Synced(version)).await;
     }
 
     /// Tells the cluster that every write this node still coordinates started under layout
     /// `version` or newer.
-    pub async fn set_drained(&self, version: u64) {
+    pub async fn set_drained(&self, version: LayoutId) {
         let _ = self.commands.send(Command::Drained(version)).await;
     }
 
@@ -347,20 +378,94 @@ impl Membership {
 mod tests {
     use super::*;
 
-    /// The oldest version in flight is the oldest guard still alive.
+    fn id(version: u64, digest: u64) -> LayoutId {
+        LayoutId { version, digest }
+    }
+
+    /// The oldest layout in flight is the oldest guard still alive.
     #[test]
     fn write_epochs_track_the_oldest_layout_a_write_in_flight_started_under() {
         let e = Arc::new(WriteEpochs::default());
         assert_eq!(e.oldest(), None);
-        let a = e.enter(4);
-        let b = e.enter(4);
-        let c = e.enter(5);
-        assert_eq!(e.oldest(), Some(4));
+        let a = e.enter(id(4, 9));
+        let b = e.enter(id(4, 9));
+        let c = e.enter(id(5, 1));
+        let d = e.enter(id(4, 10));
+        assert_eq!(e.oldest(), Some(id(4, 9)));
         drop(a);
-        assert_eq!(e.oldest(), Some(4), "one write of v4 is still in flight");
+        assert_eq!(
+            e.oldest(),
+            Some(id(4, 9)),
+            "one write of v4 is still in flight"
+        );
         drop(b);
-        assert_eq!(e.oldest(), Some(5));
+        assert_eq!(
+            e.oldest(),
+            Some(id(4, 10)),
+            "a write under the other layout of v4 (greater digest) is"
+        );
+        drop(d);
+        assert_eq!(e.oldest(), Some(id(5, 1)));
         drop(c);
         assert_eq!(e.oldest(), None);
+    }
+
+    /// Two claimants committed version 2 concurrently: the view holds the one with the
+    /// greater digest; a member with the other one, or still coordinating a write begun under
+    /// it, is behind, though the versions are equal.
+    #[test]
+    fn a_member_with_the_other_layout_of_the_same_version_is_behind() {
+        let mut v = crate::testkit::view_changing(
+            &["a", "b", "c"],
+            &["a", "c", "d"],
+            "a",
+            &["b", "c", "d"],
+        );
+        let mut other = (*v.layout).clone();
+        other.next = Some(other.current.clone());
+        let (mine, theirs) = (v.layout.id(), other.id());
+        assert_eq!((mine.version, theirs.version), (2, 2));
+        assert_ne!(mine, theirs);
+        // The view holds the greater one (what every node converges on).
+        let (greater, lesser) = if mine > theirs {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        if greater != mine {
+            v.layout = Arc::new(other);
+            v.epoch = greater.digest;
+        }
+        assert_eq!(v.layout_id(), greater);
+        let seen = |layout: LayoutId, drained: LayoutId| LayoutSeen {
+            version: layout.version,
+            digest: layout.digest,
+            synced: LayoutId::default(),
+            auto_join: false,
+            drained,
+        };
+        for m in ["a", "b", "c", "d"] {
+            v.seen.insert(m.into(), seen(greater, greater));
+        }
+        assert!(v.members_behind().is_empty());
+        v.seen.insert("b".into(), seen(lesser, lesser));
+        assert_eq!(
+            v.members_behind(),
+            vec!["b"],
+            "b has the other layout of v2"
+        );
+        v.seen.insert("b".into(), seen(greater, lesser));
+        assert_eq!(
+            v.members_behind(),
+            vec!["b"],
+            "b still coordinates a write begun under the other layout of v2"
+        );
+        v.seen.insert("b".into(), seen(greater, greater));
+        v.alive.remove("c");
+        v.seen.insert("c".into(), seen(lesser, lesser));
+        assert!(
+            v.members_behind().is_empty(),
+            "a member that is down is not waited for"
+        );
     }
 }

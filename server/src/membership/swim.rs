@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::layout::Layout;
+use super::layout::{Layout, LayoutId};
 use super::phi::{PhiConfig, PhiDetector};
 use super::{ClusterView, LayoutSeen};
 use crate::background::{Progress, Worker, WorkerState};
@@ -97,12 +97,12 @@ pub struct RingMeta {
     /// The version and digest of the layout this node has (peers fetch a newer one from it).
     pub layout_version: u64,
     pub layout_digest: u64,
-    /// The newest layout version whose incoming transfers this node completed.
-    pub synced: u64,
+    /// The newest layout whose incoming transfers this node completed.
+    pub synced: LayoutId,
     /// This node asks to be joined automatically while it owns nothing (`--auto-join`).
     pub auto_join: bool,
-    /// Every write this node still coordinates started under this layout version or newer.
-    pub drained: u64,
+    /// Every write this node still coordinates started under this layout or a newer one.
+    pub drained: LayoutId,
 }
 
 pub struct MetaKey {
@@ -336,8 +336,8 @@ pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
 pub enum Command {
     Members(oneshot::Sender<MembersReply>),
     Adopt(Box<Layout>, oneshot::Sender<bool>),
-    Synced(u64),
-    Drained(u64),
+    Synced(LayoutId),
+    Drained(LayoutId),
 }
 
 fn now_ms() -> u64 {
@@ -430,9 +430,9 @@ impl Driver {
             vnodes: cfg.vnodes,
             layout_version: 0,
             layout_digest: 0,
-            synced: 0,
+            synced: LayoutId::default(),
             auto_join: cfg.auto_join,
-            drained: 0,
+            drained: LayoutId::default(),
         };
         // A saved layout, else (a new cluster's first node) a layout of this node alone.
         let saved_layout = cfg.layout_file.as_deref().map(load_layout);
@@ -1156,9 +1156,12 @@ mod tests {
                 vnodes: 64,
                 layout_version: 1,
                 layout_digest: 2,
-                synced: 0,
+                synced: LayoutId::default(),
                 auto_join: true,
-                drained: 1,
+                drained: LayoutId {
+                    version: 1,
+                    digest: 2,
+                },
             })
             .unwrap()
         };
