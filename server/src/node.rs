@@ -296,6 +296,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         handoff.clone(),
         membership.clone(),
         pool.clone(),
+        config.n as usize,
     ));
     if config.aae.enabled {
         runner.spawn(

@@ -682,3 +682,36 @@ async fn a_removed_node_started_again_does_not_bring_back_purged_deletes() {
         "n4 says it withholds its data"
     );
 }
+
+/// Hints held for a node removed while it was down go to their keys' owners once the switch
+/// is done, instead of waiting out the hint window (3 h) for a node that never returns: held,
+/// they kept their keys' tombstones from being purged, and a sloppy write's only copy could be
+/// among them when they expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_for_a_removed_node_go_to_the_keys_owners() {
+    let mut c = four_owners(&[]).await;
+    kill_n4(&mut c).await;
+    // Written while n4 is down: its slots are hinted (a fallback's hint, or the coordinator's).
+    let keys = write_keys(&c, "hinted", 500).await;
+    let held = metric_total(&c, &[0, 1, 2], "hints.pending_keys").await;
+    assert!(held > 0, "no hint held for the down n4");
+    remove_n4(&c, &keys).await;
+    let start = Instant::now();
+    loop {
+        let pending = metric_total(&c, &[0, 1, 2], "hints.pending_keys").await;
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{pending} hints still pending a minute after n4 was removed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let redirected = metric_total(&c, &[0, 1, 2], "hints.redirected").await;
+    assert!(
+        redirected > 0 && redirected <= held,
+        "{redirected} of {held} hints redirected"
+    );
+    all_readable(&c, &[0, 1, 2], &keys).await;
+}

@@ -619,12 +619,30 @@ impl<T: Transport> AaeWorker<T> {
                 Vec::new()
             }
         };
+        // Marks for a node taken out of the ring: it replicates nothing any more, and the
+        // owners of its ranges pulled them from every live replica; nothing is left to sync
+        // with it (before, such marks stayed forever and aged the oldest-mark gauge).
+        let view = self.membership.view();
+        let (gone, marks): (Vec<AaeMark>, Vec<AaeMark>) =
+            marks.into_iter().partition(|m| view.taken_out(&m.target));
+        let mut cleared = 0;
+        for mark in &gone {
+            match self.aae.store().clear_mark(mark).await {
+                Ok(true) => cleared += 1,
+                Ok(false) => {}
+                Err(e) => warn!(node = %self.node_id, target = %mark.target, error = %e,
+                                "could not clear an anti-entropy mark"),
+            }
+        }
+        if cleared > 0 {
+            self.aae.metrics.marks_cleared.inc_by(cleared);
+            info!(node = %self.node_id, cleared, "anti-entropy marks of nodes taken out of the ring cleared");
+        }
         let m = &self.aae.metrics;
         m.marked_partitions.set(marks.len() as u64);
         let oldest = marks.iter().map(|m| m.marked_ms).min();
         m.oldest_mark_age_seconds
             .set(oldest.map_or(0, |ms| crate::clock::now_ms().saturating_sub(ms) / 1000));
-        let view = self.membership.view();
         let spans = shared_spans(&view.ring, &view.me, self.aae.n());
         let mut queue: Vec<String> = spans
             .keys()

@@ -58,6 +58,9 @@ pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
     worked.mul_f64(1.0 / pace - 1.0).min(MAX_HOLDER_REST)
 }
 
+/// Hints of a node taken out of the ring redirected per scan batch.
+pub const REDIRECT_BATCH: usize = 256;
+
 /// An expiry pass over one target's hints, in progress.
 struct ExpiryPass {
     target: String,
@@ -75,8 +78,18 @@ struct Pass {
     started: Instant,
 }
 
+/// A pass redirecting a retired target's hints to the keys' current owners, in progress.
+struct RedirectPass {
+    target: String,
+    cursor: Option<Vec<u8>>,
+    redirected: u64,
+    kept: u64,
+}
+
 pub struct ReplayWorker<T: Transport = PeerPool> {
     node_id: String,
+    /// Replicas per key (the owners a retired target's hints go to).
+    n: usize,
     handoff: Arc<Handoff>,
     store: Arc<Store>,
     membership: Membership,
@@ -95,18 +108,24 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     expiry: Option<ExpiryPass>,
     /// The target of the last expiry pass finished (the next starts after it, round robin).
     last_expired: Option<String>,
+    /// When the last redirect pass started, and the one in progress.
+    last_redirect_check: Option<Instant>,
+    redirect: Option<RedirectPass>,
     detail: String,
 }
 
 impl<T: Transport> ReplayWorker<T> {
+    /// `n`: the replication factor (a retired target's hints go to each key's `n` owners).
     pub fn new(
         handoff: Arc<Handoff>,
         membership: Membership,
         transport: Arc<T>,
+        n: usize,
     ) -> ReplayWorker<T> {
         let fresh = handoff.store().opened_fresh();
         ReplayWorker {
             node_id: membership.view().me.to_string(),
+            n,
             store: handoff.store().clone(),
             handoff,
             membership,
@@ -119,6 +138,8 @@ impl<T: Transport> ReplayWorker<T> {
             last_expiry_check: None,
             expiry: None,
             last_expired: None,
+            last_redirect_check: None,
+            redirect: None,
             detail: String::new(),
         }
     }
@@ -227,6 +248,131 @@ impl<T: Transport> ReplayWorker<T> {
         Ok(true)
     }
 
+    /// Hints held for a node taken out of the ring (retired, owner of nothing now or next):
+    /// it refuses replica traffic, and if it never comes back they would wait out the window
+    /// and be given up, though a sloppy write's only copy may be among them. So each one's
+    /// state goes to the key's current owners, as Riak hands fallback data to its owners:
+    /// merged here when this node is one, into this node's hint for each other one (replayed
+    /// like any hint); then the hint is deleted if unchanged. A hint some owner's cannot take
+    /// (its hint caps) is kept for the next pass. Only with no ring change running (the owners
+    /// are settled); one scan batch per call, a pass at most once per
+    /// `EXPIRY_CHECK_INTERVAL`. True if it did work.
+    async fn redirect(&mut self) -> Result<bool, String> {
+        let view = self.membership.view();
+        if !view.ready || view.next.is_some() {
+            self.redirect = None;
+            return Ok(false);
+        }
+        let mut pass = match self.redirect.take() {
+            Some(pass) if view.taken_out(&pass.target) => pass,
+            _ => {
+                let now = Instant::now();
+                if self
+                    .last_redirect_check
+                    .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
+                {
+                    return Ok(false);
+                }
+                self.last_redirect_check = Some(now);
+                let book = self.store.hint_book().targets();
+                let Some(target) = book.keys().find(|t| view.taken_out(t)) else {
+                    return Ok(false);
+                };
+                RedirectPass {
+                    target: target.clone(),
+                    cursor: None,
+                    redirected: 0,
+                    kept: 0,
+                }
+            }
+        };
+        let target = pass.target.clone();
+        self.set_state(&target, "redirecting", None);
+        let batch = self
+            .store
+            .scan_hints(&target, pass.cursor.take(), REDIRECT_BATCH)
+            .await
+            .map_err(|e| format!("scanning hints for {target}: {e}"))?;
+        // Per hint: the writes to its owners, then (all done) its compare-and-delete.
+        let mut hints = Vec::new();
+        let mut writes = Vec::new();
+        for (row, value) in batch.entries {
+            let Some((_, key)) = split_hint_key(&row) else {
+                continue;
+            };
+            let key = Bytes::copy_from_slice(key);
+            let state = match hint_state_bytes(&value).map(crate::version::KeyState::decode) {
+                Some(Ok(state)) => state,
+                _ => {
+                    warn!(node = %self.node_id, %target, key = %crate::storage::HexKey(key.to_vec()),
+                          "undecodable hint kept (not redirected)");
+                    pass.kept += 1;
+                    continue;
+                }
+            };
+            let owners = view
+                .ring
+                .preference_list(crate::ring::key_position(&key), self.n);
+            let first = writes.len();
+            for owner in owners {
+                writes.push(if owner == view.me {
+                    WriteOp::Merge {
+                        key: key.clone(),
+                        state: state.clone(),
+                    }
+                } else {
+                    WriteOp::Hint {
+                        target: owner.to_string(),
+                        key: key.clone(),
+                        state: state.clone(),
+                    }
+                });
+            }
+            hints.push((key, value, first..writes.len()));
+        }
+        let outcomes = paced_chunks(writes, None, |op| self.store.write(op), |_| false).await;
+        let mut deletes = Vec::new();
+        for (key, value, range) in hints {
+            if outcomes[range].iter().all(Result::is_ok) {
+                deletes.push(WriteOp::DeleteHint {
+                    target: target.clone(),
+                    key,
+                    expected: value,
+                    drop: None,
+                });
+            } else {
+                pass.kept += 1;
+            }
+        }
+        let outcomes = paced_chunks(deletes, None, |op| self.store.write(op), Result::is_err).await;
+        for out in outcomes {
+            let out = out.map_err(|e| format!("deleting a redirected hint for {target}: {e}"))?;
+            pass.redirected += out.changed as u64;
+            self.handoff.metrics.redirected.inc_by(out.changed as u64);
+        }
+        self.detail = format!(
+            "{target} was taken out of the ring: {} of its hints handed to their keys' owners this pass",
+            pass.redirected
+        );
+        match batch.resume {
+            Some(next) => {
+                pass.cursor = Some(next);
+                self.redirect = Some(pass);
+            }
+            None => {
+                info!(node = %self.node_id, %target, redirected = pass.redirected, kept = pass.kept,
+                      "hints for a node taken out of the ring handed to their keys' current owners");
+                let left = self.store.hint_book().target(&target).keys;
+                self.set_state(
+                    &target,
+                    if left == 0 { "idle" } else { "redirecting" },
+                    None,
+                );
+            }
+        }
+        Ok(true)
+    }
+
     /// Hints first stored before this (ms since the epoch) are past the window.
     fn expiry_horizon(&self) -> u64 {
         now_ms().saturating_sub(self.handoff.settings.window_secs * 1000)
@@ -240,6 +386,11 @@ impl<T: Transport> ReplayWorker<T> {
         self.passes.retain(|t, _| book.contains_key(t));
         let mut ready = Vec::new();
         for target in book.keys() {
+            if view.taken_out(target) {
+                // Its hints go to their keys' owners (`redirect`).
+                self.passes.remove(target);
+                continue;
+            }
             let addr = view.peer_addr(target).map(str::to_string);
             let routable = view.ready && *view.me != **target && view.is_alive(target);
             match addr {
@@ -429,9 +580,10 @@ impl<T: Transport> Worker for ReplayWorker<T> {
             self.detail = why;
             return Ok(WorkerState::Idle);
         }
-        // One batch of expiry (when due), then one batch of replay: neither waits for the
-        // other to finish a whole pass.
-        let expiring = self.expire().await?;
+        // One batch of redirect and of expiry (when due), then one batch of replay: none
+        // waits for another to finish a whole pass.
+        let redirecting = self.redirect().await?;
+        let expiring = self.expire().await? || redirecting;
         let ready = self.ready_targets();
         if ready.is_empty() {
             if self.store.hint_book().totals().0 == 0 {
@@ -635,7 +787,7 @@ mod tests {
             hung: Some(crate::testkit::peer_addr("t")),
             ..Target::default()
         });
-        let mut worker = ReplayWorker::new(handoff, membership, target.clone());
+        let mut worker = ReplayWorker::new(handoff, membership, target.clone(), 3);
         let stop = CancellationToken::new();
         let drained = tokio::time::timeout(Duration::from_secs(20), async {
             while store.hint_book().target("u").keys > 0 {
@@ -693,7 +845,7 @@ mod tests {
         let (membership, _view) =
             Membership::fixed(crate::testkit::view(&["a", "t", "u"], "a", &["a", "u"]));
         let target = Arc::new(Target::default());
-        let mut worker = ReplayWorker::new(handoff, membership, target.clone());
+        let mut worker = ReplayWorker::new(handoff, membership, target.clone(), 3);
         let stop = CancellationToken::new();
         for _ in 0..20 {
             worker.work(&stop).await.unwrap();
@@ -710,6 +862,71 @@ mod tests {
         assert!(
             scans <= 2,
             "t's old hints scanned {scans} times in 20 turns: expiry is paced"
+        );
+    }
+
+    /// A view of a, b and c (b and c down) as a sees it, in which x was taken out of the ring;
+    /// with `changing`, a ring change (to a and b) runs.
+    fn x_retired(changing: bool) -> crate::membership::ClusterView {
+        let mut v = if changing {
+            crate::testkit::view_changing(&["a", "b", "c"], &["a", "b"], "a", &[])
+        } else {
+            crate::testkit::view(&["a", "b", "c"], "a", &[])
+        };
+        let mut layout = (*v.layout).clone();
+        layout.retired.insert("x".into());
+        v.epoch = layout.digest();
+        v.layout = Arc::new(layout);
+        v
+    }
+
+    /// Hints held for a node taken out of the ring go to their keys' current owners: merged
+    /// here (a is one), kept as hints for the others (b, c: down, replayed when back). Before,
+    /// they waited for x until the window ended and were given up, a sloppy write's only copy
+    /// with them.
+    #[tokio::test]
+    async fn hints_for_a_node_taken_out_of_the_ring_go_to_the_keys_owners() {
+        let store = store_with_hints(&[("x", 10)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let (membership, view) = Membership::fixed(x_retired(true));
+        let target = Arc::new(Target::default());
+        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
+        let stop = CancellationToken::new();
+        worker.work(&stop).await.unwrap();
+        assert_eq!(
+            store.hint_book().target("x").keys,
+            10,
+            "kept while a ring change runs (the owners are not settled)"
+        );
+        view.send(Arc::new(x_retired(false))).unwrap();
+        for _ in 0..3 {
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(store.hint_book().target("x").keys, 0, "x's hints are gone");
+        assert_eq!(handoff.metrics.redirected.get(), 10);
+        for owner in ["b", "c"] {
+            assert_eq!(
+                store.hint_book().target(owner).keys,
+                10,
+                "a hint for {owner}, an owner of every key"
+            );
+        }
+        for i in 0..10 {
+            let key = format!("k{i:05}");
+            let mine = store.read(Bytes::from(key.clone())).await.unwrap();
+            assert_eq!(
+                mine,
+                one_version(2, "fresh"),
+                "{key} merged into a's own copy"
+            );
+        }
+        assert!(
+            target.replayed.lock().unwrap().is_empty(),
+            "nothing was sent to x"
         );
     }
 

@@ -194,6 +194,17 @@ impl ClusterView {
             .collect()
     }
 
+    /// Whether `node` was taken out of the ring for good as far as this view knows: retired,
+    /// owner of nothing now or next, not this node, and no ring change runs (the owners are
+    /// settled). What is held for it (hints, anti-entropy marks) goes to the keys' owners.
+    pub fn taken_out(&self, node: &str) -> bool {
+        self.ready
+            && self.next.is_none()
+            && *self.me != *node
+            && self.layout.retired.contains(node)
+            && !self.layout.is_owner(node)
+    }
+
     pub fn is_alive(&self, id: &str) -> bool {
         *self.me == *id || self.alive.contains(id)
     }
