@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use super::ranges::{foreign_spans, Span};
 use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
+use crate::membership::layout::LayoutId;
 use crate::membership::{HandOverGuard, Membership};
 use crate::rpc::{PeerPool, Transport};
 use crate::storage::{HexKey, Store, WriteOp};
@@ -57,14 +58,15 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     keys_per_sec: f64,
     cpu: CpuLoad,
     metrics: Arc<ReleaseMetrics>,
-    /// The layout version and when every live member was first seen with it.
-    settled: Option<(u64, Instant)>,
+    /// The layout and when every live member was first seen with it. Layouts are named by
+    /// (version, digest): two layouts of one version (concurrent commits) own different spans.
+    settled: Option<(LayoutId, Instant)>,
     /// The pass in progress: the layout it is for, the foreign spans, the span index and the
     /// last key done in it.
-    pass: Option<(u64, Vec<Span>, usize, Bytes)>,
+    pass: Option<(LayoutId, Vec<Span>, usize, Bytes)>,
     found: u64,
-    /// The layout version of the last pass started.
-    last_version: u64,
+    /// The layout of the last pass started.
+    last_version: LayoutId,
     next_pass: Instant,
     /// Whether it may hand over what it holds (`HandOverGuard`).
     guard: HandOverGuard,
@@ -93,7 +95,7 @@ impl<T: Transport> ReleaseWorker<T> {
             settled: None,
             pass: None,
             found: 0,
-            last_version: 0,
+            last_version: LayoutId::default(),
             next_pass: Instant::now(),
             guard: HandOverGuard::new(fresh),
             detail: "no foreign data".into(),
@@ -102,13 +104,13 @@ impl<T: Transport> ReleaseWorker<T> {
 
     /// Whether data may be released under the current layout (no transition, every live
     /// member has had it for SETTLE).
-    fn may_release(&mut self) -> Option<u64> {
+    fn may_release(&mut self) -> Option<LayoutId> {
         let view = self.membership.view();
         if view.next.is_some() || view.layout.version == 0 || !view.ready {
             self.settled = None;
             return None;
         }
-        let version = view.layout.version;
+        let version = view.layout_id();
         if !view.members_behind().is_empty() {
             self.settled = None;
             return None;
@@ -125,7 +127,8 @@ impl<T: Transport> ReleaseWorker<T> {
     }
 
     /// Hands one page of foreign keys to their owners; the number of keys found.
-    async fn page(&mut self, version: u64) -> Result<usize, String> {
+    async fn page(&mut self, layout: LayoutId) -> Result<usize, String> {
+        let version = layout.version;
         let Some((_, spans, i, after)) = self.pass.as_mut() else {
             return Ok(0);
         };
@@ -149,6 +152,11 @@ impl<T: Transport> ReleaseWorker<T> {
             return Ok(0);
         }
         let view = self.membership.view();
+        if view.layout_id() != layout {
+            // The layout changed under the pass: its spans may be this node's now.
+            self.pass = None;
+            return Ok(0);
+        }
         // Per owner: the keys (and states) to push.
         let mut states: Vec<(Bytes, Bytes)> = Vec::with_capacity(found);
         for (key, _) in keys {
@@ -164,13 +172,12 @@ impl<T: Transport> ReleaseWorker<T> {
         let mut groups: std::collections::BTreeMap<Vec<String>, Vec<(Bytes, Bytes)>> =
             std::collections::BTreeMap::new();
         for (key, state) in states {
-            let owners: Vec<String> = view
-                .ring
-                .preference_list(key_position(&key), self.n)
-                .iter()
-                .filter(|o| **o != view.me)
-                .map(|o| o.to_string())
-                .collect();
+            let preference = view.ring.preference_list(key_position(&key), self.n);
+            if preference.contains(&view.me) {
+                // This node replicates the key in the view's ring: not foreign.
+                continue;
+            }
+            let owners: Vec<String> = preference.iter().map(|o| o.to_string()).collect();
             groups.entry(owners).or_default().push((key, state));
         }
         for (owners, entries) in groups {
@@ -316,12 +323,12 @@ impl<T: Transport> Worker for ReleaseWorker<T> {
             self.metrics.passes.inc();
             self.metrics.pass_keys.set(self.found);
             if self.found > 0 {
-                info!(node = %self.node_id, version, keys = self.found,
+                info!(node = %self.node_id, version = version.version, keys = self.found,
                       "pass over the ranges this node no longer replicates done");
                 // Keys kept (an owner down, a state changed) are tried again soon.
                 self.next_pass = Instant::now() + Duration::from_secs(5);
             } else {
-                self.detail = format!("layout v{version}: no foreign data");
+                self.detail = format!("layout v{}: no foreign data", version.version);
                 self.next_pass = Instant::now() + IDLE_PASS;
             }
             self.pass = None;

@@ -124,11 +124,33 @@ pub enum AdminReply {
     Error { message: String },
 }
 
-/// The staged changes and the layout version they were staged against.
+/// The staged changes and the layout they were staged against (`base` its version, shown to
+/// operators; `base_digest` tells apart two layouts of one version, committed concurrently).
 #[derive(Debug, Clone, Default)]
 struct Staged {
     base: u64,
+    base_digest: u64,
     changes: Vec<Change>,
+}
+
+impl Staged {
+    /// Refused if the layout is no longer the one the changes were staged against.
+    fn check_base(&self, view: &ClusterView) -> Result<(), PlanError> {
+        if self.base != view.layout.version {
+            return Err(PlanError::Stale {
+                staged: self.base,
+                now: view.layout.version,
+            });
+        }
+        if self.base_digest != view.epoch {
+            return Err(PlanError::Invalid(format!(
+                "another layout of v{} was adopted since the changes were staged (a concurrent \
+                 commit won): stage them again",
+                self.base
+            )));
+        }
+        Ok(())
+    }
 }
 
 pub struct ClusterService<T: Transport = PeerPool> {
@@ -272,6 +294,7 @@ impl<T: Transport> ClusterService<T> {
                 let mut staged = self.staged.lock().expect("staged lock poisoned");
                 let mut s = staged.clone().unwrap_or(Staged {
                     base: view.layout.version,
+                    base_digest: view.epoch,
                     changes: Vec::new(),
                 });
                 s.changes.push(change);
@@ -316,6 +339,10 @@ impl<T: Transport> ClusterService<T> {
                             "the staged plan changed since plan {id:016x} (it is {now:016x} now): run kvctl cluster plan again"
                         ));
                     }
+                }
+                if let Err(e) = staged.check_base(&view) {
+                    self.staged.lock().expect("staged lock poisoned").take();
+                    return self.error(e);
                 }
                 match self.commit(staged.base, &staged.changes).await {
                     Ok(version) => {
@@ -373,6 +400,16 @@ impl<T: Transport> ClusterService<T> {
         if !waiting.is_empty() {
             return false;
         }
+        // A live member has a newer layout (a concurrent commit that wins): adopt it first
+        // (`catch_up`), never switch the one it supersedes.
+        let id = view.layout_id();
+        if view
+            .seen
+            .iter()
+            .any(|(m, s)| view.is_alive(m) && s.layout() > id)
+        {
+            return false;
+        }
         let version = switched.version;
         if self.membership.adopt_layout(switched).await {
             self.metrics.switches.inc();
@@ -385,12 +422,7 @@ impl<T: Transport> ClusterService<T> {
 
     async fn plan(&self, view: &ClusterView, staged: &Staged) -> Result<PlanReport, PlanError> {
         let live = |n: &str| view.is_alive(n);
-        if staged.base != view.layout.version {
-            return Err(PlanError::Stale {
-                staged: staged.base,
-                now: view.layout.version,
-            });
-        }
+        staged.check_base(view)?;
         let target = view.layout.target(&staged.changes, &live)?;
         let before = view.layout.current_ring();
         let after = Layout::ring(&target);
@@ -548,7 +580,9 @@ pub fn gainers_waiting(view: &ClusterView, n: usize) -> Vec<String> {
         .into_iter()
         .filter(|(_, m)| !m.gains.is_empty())
         .map(|(node, _)| node)
-        .filter(|node| view.seen.get(node.as_str()).is_none_or(|s| s.synced < id))
+        // Synced for this very layout: one of the same version with another digest had other
+        // moves, and a greater one means this node must catch up before deciding anything.
+        .filter(|node| view.seen.get(node.as_str()).is_none_or(|s| s.synced != id))
         .collect()
 }
 
@@ -642,5 +676,15 @@ mod tests {
         );
         synced(&mut v, "d", id);
         assert!(gainers_waiting(&v, 3).is_empty());
+        let greater = LayoutId {
+            version: id.version,
+            digest: id.digest.wrapping_add(1),
+        };
+        synced(&mut v, "d", greater);
+        assert_eq!(
+            gainers_waiting(&v, 3),
+            vec!["d".to_string()],
+            "synced for a layout this view does not hold is not synced for this one"
+        );
     }
 }

@@ -791,17 +791,16 @@ impl<T: Transport> Coordinator<T> {
         }
         if !plan.next.is_empty() {
             // A ring change runs: W of the key's next replicas must be up too. A current primary
-            // that is down counts if it has a fallback (as above); a pending replica has none.
-            let covered_down: Vec<&NodeId> = plan
-                .primaries_down
-                .iter()
-                .take(plan.fallbacks.len())
-                .collect();
-            let next_covered = plan
-                .next
-                .iter()
-                .filter(|p| view.is_alive(p) || covered_down.contains(p))
-                .count();
+            // that is down counts through its fallback (as above; a pending replica has none),
+            // and each node once: a fallback that is itself a next replica acks once.
+            let mut covering: std::collections::BTreeSet<&NodeId> =
+                plan.next.iter().filter(|p| view.is_alive(p)).collect();
+            for (down, fallback) in plan.primaries_down.iter().zip(&plan.fallbacks) {
+                if plan.next.contains(down) {
+                    covering.insert(fallback);
+                }
+            }
+            let next_covered = covering.len();
             if next_covered < needed {
                 return refuse(
                     next_covered,

@@ -1044,3 +1044,48 @@ async fn during_a_ring_change_a_write_is_refused_up_front_when_too_few_next_repl
         "nothing minted"
     );
 }
+
+/// b leaves a ring of four: a key whose replicas are a, b, c (d is their fallback) has a, c,
+/// d next. With c down its fallback is d, itself a next replica: d can ack once, so W=3 among
+/// a, c, d cannot be met and the write is refused before anything is written (before, c's
+/// fallback and d counted as two, the write was minted, and it timed out indefinite).
+#[tokio::test]
+async fn during_a_ring_change_a_fallback_that_is_a_next_replica_counts_once() {
+    let v = view_changing(&["a", "b", "c", "d"], &["a", "c", "d"], "a", &["b", "d"]);
+    let key = (0..1000u32)
+        .map(|i| format!("key-{i}"))
+        .find(|k| {
+            let p = plan_with_fallbacks(&v, k.as_bytes(), 3, Some(1));
+            let mut pref: Vec<&str> = p.preference.iter().map(|n| &**n).collect();
+            pref.sort();
+            pref == ["a", "b", "c"]
+        })
+        .expect("some key has a, b, c as replicas");
+    let h = harness(v);
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("d", Kind::Replicate, ack());
+    h.script.on("d", Kind::StoreHint, hint_stored());
+    match h.coordinator.write(put(&key, "v", 3, 1000)).await {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable {
+                    alive: 2,
+                    needed: 3
+                },
+                "{}",
+                e.message
+            );
+            assert!(
+                e.definite && e.message.contains("next ring"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        local(&h.store, &key).await.siblings().is_empty(),
+        "nothing minted"
+    );
+}

@@ -108,9 +108,13 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     expiry: Option<ExpiryPass>,
     /// The target of the last expiry pass finished (the next starts after it, round robin).
     last_expired: Option<String>,
-    /// When the last redirect pass started, and the one in progress.
+    /// When the last redirect pass started, the one in progress, the target of the last one
+    /// finished (the next starts after it, round robin), and targets whose last pass handed
+    /// nothing over (not before the given time).
     last_redirect_check: Option<Instant>,
     redirect: Option<RedirectPass>,
+    last_redirected: Option<String>,
+    redirect_paused: BTreeMap<String, Instant>,
     detail: String,
 }
 
@@ -140,6 +144,8 @@ impl<T: Transport> ReplayWorker<T> {
             last_expired: None,
             last_redirect_check: None,
             redirect: None,
+            last_redirected: None,
+            redirect_paused: BTreeMap::new(),
             detail: String::new(),
         }
     }
@@ -255,8 +261,9 @@ impl<T: Transport> ReplayWorker<T> {
     /// merged here when this node is one, into this node's hint for each other one (replayed
     /// like any hint); then the hint is deleted if unchanged. A hint some owner's cannot take
     /// (its hint caps) is kept for the next pass. Only with no ring change running (the owners
-    /// are settled); one scan batch per call, a pass at most once per
-    /// `EXPIRY_CHECK_INTERVAL`. True if it did work.
+    /// are settled); one scan batch per call, a pass at most once per `EXPIRY_CHECK_INTERVAL`,
+    /// round robin over such targets, and a target whose pass handed nothing over waits
+    /// `STUCK_PAUSE`. True if it did work.
     async fn redirect(&mut self) -> Result<bool, String> {
         let view = self.membership.view();
         if !view.ready || view.next.is_some() {
@@ -274,12 +281,20 @@ impl<T: Transport> ReplayWorker<T> {
                     return Ok(false);
                 }
                 self.last_redirect_check = Some(now);
+                self.redirect_paused.retain(|_, until| *until > now);
                 let book = self.store.hint_book().targets();
-                let Some(target) = book.keys().find(|t| view.taken_out(t)) else {
+                let due: Vec<&String> = book
+                    .keys()
+                    .filter(|t| view.taken_out(t) && !self.redirect_paused.contains_key(*t))
+                    .collect();
+                let after_last = due
+                    .iter()
+                    .find(|t| self.last_redirected.as_ref().is_none_or(|last| **t > last));
+                let Some(target) = after_last.or(due.first()) else {
                     return Ok(false);
                 };
                 RedirectPass {
-                    target: target.clone(),
+                    target: (*target).clone(),
                     cursor: None,
                     redirected: 0,
                     kept: 0,
@@ -368,6 +383,11 @@ impl<T: Transport> ReplayWorker<T> {
                     if left == 0 { "idle" } else { "redirecting" },
                     None,
                 );
+                if pass.redirected == 0 && left > 0 {
+                    self.redirect_paused
+                        .insert(target.clone(), Instant::now() + STUCK_PAUSE);
+                }
+                self.last_redirected = Some(target);
             }
         }
         Ok(true)
@@ -927,6 +947,56 @@ mod tests {
         assert!(
             target.replayed.lock().unwrap().is_empty(),
             "nothing was sent to x"
+        );
+    }
+
+    /// Two nodes taken out of the ring: x1's only hint cannot be handed over (its state does
+    /// not decode), x2's can. Found in review: each pass took the first such target by name,
+    /// so x1 was rescanned every second and x2's hints waited until they expired.
+    #[tokio::test]
+    async fn a_hint_that_cannot_be_redirected_does_not_hold_back_another_targets() {
+        let engine = Arc::new(MemoryEngine::new());
+        let mut b = Batch::default();
+        let mut broken = encode_hint(now_ms(), &one_version(2, "fresh"));
+        broken.truncate(broken.len() - 3);
+        b.put(Cf::Hints, hint_key("x1", b"broken"), broken);
+        for i in 0..10 {
+            let key = format!("k{i}");
+            b.put(
+                Cf::Hints,
+                hint_key("x2", key.as_bytes()),
+                encode_hint(now_ms(), &one_version(2, "fresh")),
+            );
+        }
+        engine.write(b, true).unwrap();
+        let store = crate::testkit::open_store(engine, "a");
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let mut v = x_retired(false);
+        let mut layout = (*v.layout).clone();
+        layout.retired = ["x1".to_string(), "x2".to_string()].into();
+        v.epoch = layout.digest();
+        v.layout = Arc::new(layout);
+        let (membership, _view) = Membership::fixed(v);
+        let mut worker = ReplayWorker::new(handoff, membership, Arc::new(Target::default()), 3);
+        let stop = CancellationToken::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.hint_book().target("x2").keys > 0 && Instant::now() < deadline {
+            worker.work(&stop).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            store.hint_book().target("x2").keys,
+            0,
+            "x2's hints were not handed over beside x1's broken one"
+        );
+        assert_eq!(
+            store.hint_book().target("x1").keys,
+            1,
+            "the broken hint is kept"
         );
     }
 

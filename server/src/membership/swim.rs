@@ -316,12 +316,29 @@ pub struct SavedMember {
 /// Reads the saved ring (missing or unreadable file = none; bad lines are skipped).
 pub fn load_ring(path: &std::path::Path) -> Vec<SavedMember> {
     std::fs::read_to_string(path)
-        .map(|text| {
-            text.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        })
+        .map(|text| text.lines().filter_map(parse_saved_member).collect())
         .unwrap_or_default()
+}
+
+/// One line of the ring file. Lines saved before `synced` and `drained` named a layout by
+/// (version, digest) hold plain versions: read as that version with digest 0 (older than any
+/// real layout of it, so nothing counts as synced or drained for it), not skipped: skipped, a
+/// node started without `--seeds` after the upgrade would know no member and start alone.
+fn parse_saved_member(line: &str) -> Option<SavedMember> {
+    if let Ok(m) = serde_json::from_str(line) {
+        return Some(m);
+    }
+    let mut v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let meta = v.get_mut("meta")?.as_object_mut()?;
+    for field in ["synced", "drained"] {
+        if let Some(version) = meta.get(field).and_then(serde_json::Value::as_u64) {
+            meta.insert(
+                field.into(),
+                serde_json::json!({"version": version, "digest": 0}),
+            );
+        }
+    }
+    serde_json::from_value(v).ok()
 }
 
 /// Period of heartbeats to every active member (phi samples).
@@ -1140,6 +1157,56 @@ mod tests {
             Some(Reject::Stale)
         );
         assert_eq!(env.open(&pkt[..10], now).err(), Some(Reject::Short));
+    }
+
+    /// A ring file saved before `synced`/`drained` became layout ids still names its members
+    /// (found in review: every old line failed to parse and was skipped, so a node restarted
+    /// without seeds after the upgrade would have started alone).
+    #[test]
+    fn a_ring_file_of_the_previous_format_still_loads() {
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let member = SavedMember {
+            id: RingId {
+                node_id: "n2".into(),
+                gossip: addr,
+                peer: addr,
+                client: addr,
+                generation: 7,
+            },
+            meta: RingMeta {
+                node_id: "n2".into(),
+                version: 9,
+                status: RingStatus::Normal,
+                vnodes: 64,
+                layout_version: 4,
+                layout_digest: 77,
+                synced: LayoutId {
+                    version: 3,
+                    digest: 0,
+                },
+                auto_join: false,
+                drained: LayoutId {
+                    version: 4,
+                    digest: 0,
+                },
+            },
+        };
+        let mut old = serde_json::to_value(&member).unwrap();
+        old["meta"]["synced"] = serde_json::json!(3);
+        old["meta"]["drained"] = serde_json::json!(4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ring.jsonl");
+        let text = format!(
+            "{}\n{}\nnot json\n",
+            old,
+            serde_json::to_string(&member).unwrap()
+        );
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(
+            load_ring(&path),
+            vec![member.clone(), member],
+            "the old line and the new one load alike; the bad line is skipped"
+        );
     }
 
     #[test]
