@@ -142,7 +142,13 @@ impl Staged {
                 now: view.layout.version,
             });
         }
-        if self.base_digest != view.epoch {
+        self.check_digest(view)
+    }
+
+    /// Refused if the layout has the staged version but is another layout of it (the version
+    /// itself, and a transition running, are `Layout::commit`'s checks).
+    fn check_digest(&self, view: &ClusterView) -> Result<(), PlanError> {
+        if self.base == view.layout.version && self.base_digest != view.epoch {
             return Err(PlanError::Invalid(format!(
                 "another layout of v{} was adopted since the changes were staged (a concurrent \
                  commit won): stage them again",
@@ -340,7 +346,7 @@ impl<T: Transport> ClusterService<T> {
                         ));
                     }
                 }
-                if let Err(e) = staged.check_base(&view) {
+                if let Err(e) = staged.check_digest(&view) {
                     self.staged.lock().expect("staged lock poisoned").take();
                     return self.error(e);
                 }
