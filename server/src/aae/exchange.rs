@@ -235,20 +235,25 @@ impl<T: Transport> AaeWorker<T> {
                 }
             }
         }
+        let cleared = self.clear_marks(&clear).await;
+        if cleared > 0 {
+            info!(node = %self.node_id, %peer, cleared, "ranges marked by dropped hints are in sync");
+        }
+    }
+
+    /// Clears `marks` (each only if unchanged), counted in `marks_cleared`; how many it cleared.
+    async fn clear_marks(&self, marks: &[AaeMark]) -> u64 {
         let mut cleared = 0;
-        for mark in &clear {
+        for mark in marks {
             match self.aae.store().clear_mark(mark).await {
                 Ok(true) => cleared += 1,
                 Ok(false) => {}
-                Err(e) => {
-                    warn!(node = %self.node_id, %peer, error = %e, "could not clear an anti-entropy mark")
-                }
+                Err(e) => warn!(node = %self.node_id, target = %mark.target, error = %e,
+                                "could not clear an anti-entropy mark"),
             }
         }
-        if cleared > 0 {
-            self.aae.metrics.marks_cleared.inc_by(cleared);
-            info!(node = %self.node_id, %peer, cleared, "ranges marked by dropped hints are in sync");
-        }
+        self.aae.metrics.marks_cleared.inc_by(cleared);
+        cleared
     }
 
     fn count_exchange(&mut self, o: &Outcome) {
@@ -625,17 +630,8 @@ impl<T: Transport> AaeWorker<T> {
         let view = self.membership.view();
         let (gone, marks): (Vec<AaeMark>, Vec<AaeMark>) =
             marks.into_iter().partition(|m| view.taken_out(&m.target));
-        let mut cleared = 0;
-        for mark in &gone {
-            match self.aae.store().clear_mark(mark).await {
-                Ok(true) => cleared += 1,
-                Ok(false) => {}
-                Err(e) => warn!(node = %self.node_id, target = %mark.target, error = %e,
-                                "could not clear an anti-entropy mark"),
-            }
-        }
+        let cleared = self.clear_marks(&gone).await;
         if cleared > 0 {
-            self.aae.metrics.marks_cleared.inc_by(cleared);
             info!(node = %self.node_id, cleared, "anti-entropy marks of nodes taken out of the ring cleared");
         }
         let m = &self.aae.metrics;

@@ -213,6 +213,11 @@ impl WriteTracker {
         }
     }
 
+    /// Whether `node` is one of the key's replicas in the next ring (a ring change runs).
+    fn in_next(&self, node: &NodeId) -> bool {
+        matches!(&self.next, Some(next) if next.replicas.contains(node))
+    }
+
     /// `event` applied to the next ring's quorum if `replica` is one of its replicas.
     fn next_event(
         &mut self,
@@ -287,34 +292,27 @@ impl Tracker<Ack> for WriteTracker {
                 self.quorum.on_failure(primary.clone()),
                 self.next_event(&primary, |q| q.on_failure(primary.clone())),
             ),
-            Ack::Pending { node, ok: true } => (
+            Ack::Pending { node, ok } => (
                 Decision::Pending,
-                self.next_event(&node.clone(), |q| q.on_ack(node)),
-            ),
-            Ack::Pending { node, ok: false } => (
-                Decision::Pending,
-                self.next_event(&node.clone(), |q| q.on_failure(node)),
+                self.next_event(&node.clone(), |q| q.on_outcome(node, ok)),
             ),
             Ack::Own(result) => {
                 let me = self.me.clone();
                 let ok = result.is_ok();
-                let in_next = matches!(&self.next, Some(n) if n.replicas.contains(&me));
                 if let Err(e) = result {
-                    if self.own_counts || in_next {
+                    if self.own_counts || self.in_next(&me) {
                         self.own_error = Some(e);
                     }
                 }
-                let current = match (self.own_counts, ok) {
-                    (false, _) => Decision::Pending,
-                    (true, true) => self.quorum.on_ack(me.clone()),
-                    (true, false) => self.quorum.on_failure(me.clone()),
-                };
-                let next = if ok {
-                    self.next_event(&me.clone(), |q| q.on_ack(me))
+                let current = if self.own_counts {
+                    self.quorum.on_outcome(me.clone(), ok)
                 } else {
-                    self.next_event(&me.clone(), |q| q.on_failure(me))
+                    Decision::Pending
                 };
-                (current, next)
+                (
+                    current,
+                    self.next_event(&me.clone(), |q| q.on_outcome(me, ok)),
+                )
             }
         };
         self.combine(current, next)

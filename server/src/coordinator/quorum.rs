@@ -146,6 +146,15 @@ impl WriteQuorum {
         self.decide()
     }
 
+    /// A primary acknowledged (`ok`) or its slot failed.
+    pub fn on_outcome(&mut self, node: NodeId, ok: bool) -> Decision<()> {
+        if ok {
+            self.on_ack(node)
+        } else {
+            self.on_failure(node)
+        }
+    }
+
     /// A slot failed (its primary, and its fallback if one was tried).
     pub fn on_failure(&mut self, node: NodeId) -> Decision<()> {
         if !self.acks.contains(&node) && self.failed.insert(node) {

@@ -78,6 +78,45 @@ struct Pass {
     started: Instant,
 }
 
+/// When a kind of pass over one target's hints (expiry, redirect) may start, and on which
+/// target: at most once per `EXPIRY_CHECK_INTERVAL`, round robin over the targets that need
+/// one, so a target whose pass cannot finish its work neither holds back the others nor is
+/// rescanned without pause.
+#[derive(Default)]
+struct PassTurns {
+    last_start: Option<Instant>,
+    /// The target of the last pass finished (the next starts after it).
+    last_target: Option<String>,
+}
+
+impl PassTurns {
+    /// Whether a pass may start now (then counted as started).
+    fn may_start(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last_start
+            .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
+        {
+            return false;
+        }
+        self.last_start = Some(now);
+        true
+    }
+
+    /// The target to pass over among `due` (in key order): the first after the last one
+    /// finished, else the first.
+    fn pick(&self, due: &[&String]) -> Option<String> {
+        let after_last = due
+            .iter()
+            .find(|t| self.last_target.as_ref().is_none_or(|last| **t > last));
+        after_last.or(due.first()).map(|t| (*t).clone())
+    }
+
+    fn finished(&mut self, target: String) {
+        self.last_target = Some(target);
+    }
+}
+
 /// A pass redirecting a retired target's hints to the keys' current owners, in progress.
 struct RedirectPass {
     target: String,
@@ -103,17 +142,13 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     failures: BTreeMap<String, u32>,
     /// Whether it may replay what it holds (`HandOverGuard`).
     guard: crate::membership::HandOverGuard,
-    /// When the last expiry pass started.
-    last_expiry_check: Option<Instant>,
+    /// The expiry pass in progress, and when and on which target the next starts.
     expiry: Option<ExpiryPass>,
-    /// The target of the last expiry pass finished (the next starts after it, round robin).
-    last_expired: Option<String>,
-    /// When the last redirect pass started, the one in progress, the target of the last one
-    /// finished (the next starts after it, round robin), and targets whose last pass handed
-    /// nothing over (not before the given time).
-    last_redirect_check: Option<Instant>,
+    expiry_turns: PassTurns,
+    /// The redirect pass in progress, when and on which target the next starts, and targets
+    /// whose last pass handed nothing over (not before the given time).
     redirect: Option<RedirectPass>,
-    last_redirected: Option<String>,
+    redirect_turns: PassTurns,
     redirect_paused: BTreeMap<String, Instant>,
     detail: String,
 }
@@ -139,12 +174,10 @@ impl<T: Transport> ReplayWorker<T> {
             turn: 0,
             failures: BTreeMap::new(),
             guard: crate::membership::HandOverGuard::new(fresh),
-            last_expiry_check: None,
             expiry: None,
-            last_expired: None,
-            last_redirect_check: None,
+            expiry_turns: PassTurns::default(),
             redirect: None,
-            last_redirected: None,
+            redirect_turns: PassTurns::default(),
             redirect_paused: BTreeMap::new(),
             detail: String::new(),
         }
@@ -167,23 +200,17 @@ impl<T: Transport> ReplayWorker<T> {
     }
 
     /// Gives up hints older than the window, one scan batch per call (a pass over a target
-    /// goes on at the next call); true if it did work. A pass starts at most once per
-    /// `EXPIRY_CHECK_INTERVAL`, on the next target with old hints after the last one expired:
-    /// a target whose old hints cannot all be given up (a hot key's hint merged again between
+    /// goes on at the next call); true if it did work. Passes take turns (`PassTurns`): a
+    /// target whose old hints cannot all be given up (a hot key's hint merged again between
     /// the scan and its compare-and-delete) neither holds back the others nor is rescanned
     /// without pause.
     async fn expire(&mut self) -> Result<bool, String> {
         let mut pass = match self.expiry.take() {
             Some(pass) => pass,
             None => {
-                let now = Instant::now();
-                if self
-                    .last_expiry_check
-                    .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
-                {
+                if !self.expiry_turns.may_start() {
                     return Ok(false);
                 }
-                self.last_expiry_check = Some(now);
                 let horizon = self.expiry_horizon();
                 let book = self.store.hint_book().targets();
                 let old: Vec<&String> = book
@@ -191,14 +218,11 @@ impl<T: Transport> ReplayWorker<T> {
                     .filter(|(_, t)| t.oldest_ms().is_some_and(|ms| ms < horizon))
                     .map(|(t, _)| t)
                     .collect();
-                let after_last = old
-                    .iter()
-                    .find(|t| self.last_expired.as_ref().is_none_or(|last| **t > last));
-                let Some(target) = after_last.or(old.first()) else {
+                let Some(target) = self.expiry_turns.pick(&old) else {
                     return Ok(false);
                 };
                 ExpiryPass {
-                    target: (*target).clone(),
+                    target,
                     cursor: None,
                     expired: 0,
                 }
@@ -248,7 +272,7 @@ impl<T: Transport> ReplayWorker<T> {
                           window_s = self.handoff.settings.window_secs,
                           "hints older than the window given up; their ranges are marked for anti-entropy");
                 }
-                self.last_expired = Some(target);
+                self.expiry_turns.finished(target);
             }
         }
         Ok(true)
@@ -260,10 +284,9 @@ impl<T: Transport> ReplayWorker<T> {
     /// state goes to the key's current owners, as Riak hands fallback data to its owners:
     /// merged here when this node is one, into this node's hint for each other one (replayed
     /// like any hint); then the hint is deleted if unchanged. A hint some owner's cannot take
-    /// (its hint caps) is kept for the next pass. Only with no ring change running (the owners
-    /// are settled); one scan batch per call, a pass at most once per `EXPIRY_CHECK_INTERVAL`,
-    /// round robin over such targets, and a target whose pass handed nothing over waits
-    /// `STUCK_PAUSE`. True if it did work.
+    /// (its hint caps) is kept for a later pass. Only with no ring change running (the owners
+    /// are settled); one scan batch per call, passes taking turns (`PassTurns`), and a target
+    /// whose pass handed nothing over waits `STUCK_PAUSE`. True if it did work.
     async fn redirect(&mut self) -> Result<bool, String> {
         let view = self.membership.view();
         if !view.ready || view.next.is_some() {
@@ -273,28 +296,21 @@ impl<T: Transport> ReplayWorker<T> {
         let mut pass = match self.redirect.take() {
             Some(pass) if view.taken_out(&pass.target) => pass,
             _ => {
-                let now = Instant::now();
-                if self
-                    .last_redirect_check
-                    .is_some_and(|t| now.duration_since(t) < EXPIRY_CHECK_INTERVAL)
-                {
+                if !self.redirect_turns.may_start() {
                     return Ok(false);
                 }
-                self.last_redirect_check = Some(now);
+                let now = Instant::now();
                 self.redirect_paused.retain(|_, until| *until > now);
                 let book = self.store.hint_book().targets();
                 let due: Vec<&String> = book
                     .keys()
                     .filter(|t| view.taken_out(t) && !self.redirect_paused.contains_key(*t))
                     .collect();
-                let after_last = due
-                    .iter()
-                    .find(|t| self.last_redirected.as_ref().is_none_or(|last| **t > last));
-                let Some(target) = after_last.or(due.first()) else {
+                let Some(target) = self.redirect_turns.pick(&due) else {
                     return Ok(false);
                 };
                 RedirectPass {
-                    target: (*target).clone(),
+                    target,
                     cursor: None,
                     redirected: 0,
                     kept: 0,
@@ -387,7 +403,7 @@ impl<T: Transport> ReplayWorker<T> {
                     self.redirect_paused
                         .insert(target.clone(), Instant::now() + STUCK_PAUSE);
                 }
-                self.last_redirected = Some(target);
+                self.redirect_turns.finished(target);
             }
         }
         Ok(true)
