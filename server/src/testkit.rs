@@ -86,6 +86,22 @@ pub fn view_changing(nodes: &[&str], next: &[&str], me: &str, alive: &[&str]) ->
     v
 }
 
+/// What a member's gossip says of its layout: it has `layout`, completed its transfers for
+/// `synced`, and coordinates no write begun under a layout older than `drained`.
+pub fn layout_seen(
+    layout: crate::membership::layout::LayoutId,
+    synced: crate::membership::layout::LayoutId,
+    drained: crate::membership::layout::LayoutId,
+) -> crate::membership::LayoutSeen {
+    crate::membership::LayoutSeen {
+        version: layout.version,
+        digest: layout.digest,
+        synced,
+        auto_join: false,
+        drained,
+    }
+}
+
 /// Waits (up to 5 s) until `cond` holds.
 pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..1000 {

@@ -642,19 +642,11 @@ pub fn status_report(
 mod tests {
     use super::*;
     use crate::membership::layout::LayoutId;
-    use crate::membership::LayoutSeen;
 
     fn synced(view: &mut ClusterView, node: &str, synced: LayoutId) {
-        view.seen.insert(
-            node.into(),
-            LayoutSeen {
-                version: view.layout.version,
-                digest: view.epoch,
-                synced,
-                auto_join: false,
-                drained: view.layout_id(),
-            },
-        );
+        let id = view.layout_id();
+        view.seen
+            .insert(node.into(), crate::testkit::layout_seen(id, synced, id));
     }
 
     /// b is replaced by d: d gains every range. The switch waits until d said it is synced
@@ -668,12 +660,12 @@ mod tests {
             &["b", "c", "d"],
         );
         let id = v.layout_id();
-        assert_eq!(gainers_waiting(&v, 3), vec!["d".to_string()]);
-        let other = LayoutId {
+        let with_digest = |digest| LayoutId {
             version: id.version,
-            digest: id.digest.wrapping_sub(1),
+            digest,
         };
-        synced(&mut v, "d", other);
+        assert_eq!(gainers_waiting(&v, 3), vec!["d".to_string()]);
+        synced(&mut v, "d", with_digest(id.digest.wrapping_sub(1)));
         assert_eq!(
             gainers_waiting(&v, 3),
             vec!["d".to_string()],
@@ -682,11 +674,7 @@ mod tests {
         );
         synced(&mut v, "d", id);
         assert!(gainers_waiting(&v, 3).is_empty());
-        let greater = LayoutId {
-            version: id.version,
-            digest: id.digest.wrapping_add(1),
-        };
-        synced(&mut v, "d", greater);
+        synced(&mut v, "d", with_digest(id.digest.wrapping_add(1)));
         assert_eq!(
             gainers_waiting(&v, 3),
             vec!["d".to_string()],

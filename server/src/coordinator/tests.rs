@@ -276,6 +276,38 @@ async fn local(store: &Arc<Store>, key: &str) -> KeyState {
     store.read(Bytes::from(key.to_string())).await.unwrap()
 }
 
+/// `resp` refused the write of `key` before anything was written: a definite `Unavailable`
+/// with `alive` of `needed` replicas whose message contains `why`, no peer asked, nothing
+/// minted here.
+async fn assert_refused_up_front(
+    h: &Harness,
+    key: &str,
+    resp: Response,
+    (alive, needed): (u64, u64),
+    why: &str,
+) {
+    match resp {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable { alive, needed },
+                "{}",
+                e.message
+            );
+            assert!(e.definite && e.message.contains(why), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.script.calls.lock().unwrap().is_empty(),
+        "no peer was asked"
+    );
+    assert!(
+        local(&h.store, key).await.siblings().is_empty(),
+        "nothing minted"
+    );
+}
+
 const ABC: [&str; 3] = ["a", "b", "c"];
 
 #[tokio::test]
@@ -357,27 +389,7 @@ async fn an_ack_after_the_answer_is_counted_late() {
 async fn a_write_with_too_few_live_primaries_is_refused_before_anything_is_written() {
     let h = harness(view(&ABC, "a", &["b"]));
     let resp = h.coordinator.write(put("k", "v", 3, 1000)).await;
-    match resp {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 2,
-                    needed: 3
-                }
-            );
-            assert!(e.definite, "{}", e.message);
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        h.script.calls.lock().unwrap().is_empty(),
-        "no peer was asked"
-    );
-    assert!(
-        local(&h.store, "k").await.siblings().is_empty(),
-        "nothing minted"
-    );
+    assert_refused_up_front(&h, "k", resp, (2, 3), "").await;
 }
 
 #[tokio::test]
@@ -648,29 +660,8 @@ async fn pw_refuses_before_writing_when_too_few_primaries_are_up() {
     if let Request::Put { opts, .. } = &mut req {
         opts.pw = 3;
     }
-    match h.coordinator.write(req).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 2,
-                    needed: 3
-                },
-                "{}",
-                e.message
-            );
-            assert!(e.definite && e.message.contains("PW=3"), "{}", e.message);
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        h.script.calls(Kind::Replicate).is_empty(),
-        "nothing was sent"
-    );
-    assert!(
-        local(&h.store, &key).await.siblings().is_empty(),
-        "nothing was written"
-    );
+    let resp = h.coordinator.write(req).await;
+    assert_refused_up_front(&h, &key, resp, (2, 3), "PW=3").await;
 }
 
 #[tokio::test]
@@ -1016,33 +1007,8 @@ async fn during_a_ring_change_a_silent_next_replica_times_the_write_out() {
 async fn during_a_ring_change_a_write_is_refused_up_front_when_too_few_next_replicas_are_up() {
     // Only b is up besides this node: W=2 among a, b, c could be met, among a, c, d it cannot.
     let h = harness(b_replaced_by_d(&["b"]));
-    match h.coordinator.write(put("k", "v", 2, 1000)).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 1,
-                    needed: 2
-                },
-                "{}",
-                e.message
-            );
-            assert!(
-                e.definite && e.message.contains("next ring"),
-                "{}",
-                e.message
-            );
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        h.script.calls.lock().unwrap().is_empty(),
-        "no peer was asked"
-    );
-    assert!(
-        local(&h.store, "k").await.siblings().is_empty(),
-        "nothing minted"
-    );
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    assert_refused_up_front(&h, "k", resp, (1, 2), "next ring").await;
 }
 
 /// b leaves a ring of four: a key whose replicas are a, b, c (d is their fallback) has a, c,
@@ -1065,27 +1031,6 @@ async fn during_a_ring_change_a_fallback_that_is_a_next_replica_counts_once() {
     h.script.on("b", Kind::Replicate, ack());
     h.script.on("d", Kind::Replicate, ack());
     h.script.on("d", Kind::StoreHint, hint_stored());
-    match h.coordinator.write(put(&key, "v", 3, 1000)).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 2,
-                    needed: 3
-                },
-                "{}",
-                e.message
-            );
-            assert!(
-                e.definite && e.message.contains("next ring"),
-                "{}",
-                e.message
-            );
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        local(&h.store, &key).await.siblings().is_empty(),
-        "nothing minted"
-    );
+    let resp = h.coordinator.write(put(&key, "v", 3, 1000)).await;
+    assert_refused_up_front(&h, &key, resp, (2, 3), "next ring").await;
 }

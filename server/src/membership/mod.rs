@@ -448,12 +448,8 @@ mod tests {
             v.epoch = greater.digest;
         }
         assert_eq!(v.layout_id(), greater);
-        let seen = |layout: LayoutId, drained: LayoutId| LayoutSeen {
-            version: layout.version,
-            digest: layout.digest,
-            synced: LayoutId::default(),
-            auto_join: false,
-            drained,
+        let seen = |layout: LayoutId, drained: LayoutId| {
+            crate::testkit::layout_seen(layout, LayoutId::default(), drained)
         };
         for m in ["a", "b", "c", "d"] {
             v.seen.insert(m.into(), seen(greater, greater));
