@@ -212,7 +212,13 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
         self.writer.write_buffer().len()
     }
 
-    fn written(&self) -> u64 {
+    /// Bytes encoded so far (written or not): the offset at which the last frame fed ends.
+    pub fn fed(&self) -> u64 {
+        self.fed
+    }
+
+    /// Bytes written to the socket so far.
+    pub fn written(&self) -> u64 {
         self.fed - self.unsent() as u64
     }
 

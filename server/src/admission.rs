@@ -137,12 +137,12 @@ impl Budget {
             limits,
             in_flight: registry.gauge_with(
                 "admission.in_flight",
-                "requests admitted and not yet answered",
+                "requests admitted whose reply is not yet written to the socket",
                 &l,
             ),
             bytes: registry.gauge_with(
                 "admission.in_flight_bytes",
-                "bytes of the requests admitted and not yet answered",
+                "bytes of the requests admitted whose reply is not yet written",
                 &l,
             ),
             busy_conns: AtomicUsize::new(0),
@@ -277,7 +277,8 @@ impl Budget {
     }
 }
 
-/// A request's place in a budget, given back when dropped (the request answered).
+/// A request's place in a budget, given back when dropped: once its reply has been written to
+/// the socket (or the request was cancelled, or its connection closed).
 pub struct Permit {
     budget: Arc<Budget>,
     conn: Arc<ConnShare>,
@@ -286,26 +287,36 @@ pub struct Permit {
     admitted: bool,
 }
 
+impl Permit {
+    /// The request is answered: its latency feeds the retry-after hint. The permit itself is
+    /// kept until the reply has been written to the socket (`net::Reply::hold`), so replies
+    /// waiting for a client that does not read them stay within the budget.
+    pub fn answered(&mut self) {
+        if std::mem::take(&mut self.admitted) {
+            // Moving average over ~16 requests.
+            let us = self.started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            let _ =
+                self.budget
+                    .latency_us
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                        Some(if old == 0 {
+                            us
+                        } else {
+                            old - old / 16 + us / 16
+                        })
+                    });
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.answered();
         let b = &self.budget;
         b.in_flight.dec();
         b.bytes.dec_by(self.bytes as u64);
         if self.conn.held.fetch_sub(1, Ordering::AcqRel) == 1 {
             b.busy_conns.fetch_sub(1, Ordering::AcqRel);
-        }
-        if self.admitted {
-            // Moving average over ~16 requests.
-            let us = self.started.elapsed().as_micros().min(u64::MAX as u128) as u64;
-            let _ = b
-                .latency_us
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                    Some(if old == 0 {
-                        us
-                    } else {
-                        old - old / 16 + us / 16
-                    })
-                });
         }
     }
 }

@@ -8,7 +8,7 @@ use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 
 use super::admin::Admin;
 use super::{result_of, RequestMetrics};
-use crate::admission::{Budget, ConnShare};
+use crate::admission::{Budget, ConnShare, Permit};
 use crate::config::MAX_TIMEOUT_MS;
 use crate::coordinator::Coordinator;
 use crate::metrics::ListenerMetrics;
@@ -34,19 +34,20 @@ enum NotRun {
 }
 
 impl ClientApi {
-    /// Answers one client request read at `arrived`. Never panics on client input.
+    /// Answers one client request read at `arrived`, with its place in the budget if it was
+    /// admitted (kept until the reply is written). Never panics on client input.
     pub async fn handle(
         &self,
         req: Request,
         body_len: usize,
         conn: &Arc<ConnShare>,
         arrived: Instant,
-    ) -> Response {
+    ) -> (Response, Option<Permit>) {
         let op = op_name(&req);
         if let Err((kind, msg)) = req.validate() {
             let resp = Response::error(kind, true, format!("node {}: {msg}", self.node_id));
             self.requests.count(op, result_of(&resp, false));
-            return resp;
+            return (resp, None);
         }
         if !matches!(
             req,
@@ -55,17 +56,17 @@ impl ClientApi {
             // Admin requests are never shed: status and health answer under any load.
             let resp = self.admin_request(req).await;
             self.requests.count(op, result_of(&resp, false));
-            return resp;
+            return (resp, None);
         }
-        let (req, permit) = match self.admit(req, body_len, conn, arrived) {
+        let (req, mut permit) = match self.admit(req, body_len, conn, arrived) {
             Ok(admitted) => admitted,
             Err(NotRun::Shed(resp)) => {
                 self.requests.count(op, "overloaded");
-                return resp;
+                return (resp, None);
             }
             Err(NotRun::Expired(resp)) => {
                 self.requests.count(op, "expired");
-                return resp;
+                return (resp, None);
             }
         };
         let started = Instant::now();
@@ -73,7 +74,7 @@ impl ClientApi {
             Request::Get { key, opts } => self.coordinator.get(key, opts).await,
             req => self.coordinator.write(req).await,
         };
-        drop(permit);
+        permit.answered();
         if let Some(h) = self.requests.seconds(op) {
             h.observe(started.elapsed().as_secs_f64());
         }
@@ -81,7 +82,7 @@ impl ClientApi {
             self.requests.siblings.observe(r.siblings.len() as f64);
         }
         self.requests.count(op, result_of(&resp, false));
-        resp
+        (resp, Some(permit))
     }
 
     /// Takes the request's place in the budget and what is left of its deadline (counted
@@ -93,7 +94,7 @@ impl ClientApi {
         body_len: usize,
         conn: &Arc<ConnShare>,
         arrived: Instant,
-    ) -> Result<(Request, crate::admission::Permit), NotRun> {
+    ) -> Result<(Request, Permit), NotRun> {
         let timeout_ms = match &mut req {
             Request::Get { opts, .. } => &mut opts.timeout_ms,
             Request::Put { opts, .. } | Request::Delete { opts, .. } => &mut opts.timeout_ms,
@@ -186,20 +187,22 @@ impl FrameHandler for ClientHandler {
     async fn handle(self: Arc<Self>, frame: Frame, arrived: Instant) -> Reply {
         let id = frame.request_id;
         let len = frame.body.len();
-        let resp = match Request::decode(frame.opcode, frame.body) {
+        let (resp, hold) = match Request::decode(frame.opcode, frame.body) {
             Ok(req) => self.api.handle(req, len, &self.share, arrived).await,
             Err(e) => {
                 self.api.net.malformed.inc();
-                Response::error(
+                let resp = Response::error(
                     ErrorKind::Malformed,
                     true,
                     format!("node {}: malformed request: {e}", self.api.node_id),
-                )
+                );
+                (resp, None)
             }
         };
         Reply {
             frame: resp.to_frame(id),
             close: false,
+            hold,
         }
     }
 }

@@ -9,7 +9,7 @@ use ringkv_protocol::peer::{PeerRequest, PeerResponse, SessionRequest, SessionRe
 use ringkv_protocol::{ErrorKind, Frame};
 
 use crate::aae::service::AntiEntropy;
-use crate::admission::{Budget, ConnShare};
+use crate::admission::{Budget, ConnShare, Permit};
 use crate::cluster::ClusterService;
 use crate::coordinator::Coordinator;
 use crate::handoff::Handoff;
@@ -34,25 +34,26 @@ pub struct PeerApi {
 impl PeerApi {
     /// Serves one request of an authenticated connection, read at `arrived`: over the peer
     /// budget it is refused `Overloaded`; a request whose sender's deadline passed before it
-    /// could run is dropped unexecuted (`Timeout`).
+    /// could run is dropped unexecuted (`Timeout`). An admitted request's place in the
+    /// budget comes back with its answer, kept until the reply is written.
     async fn admit_and_dispatch(
         &self,
         mut req: PeerRequest,
         body_len: usize,
         conn: &Arc<ConnShare>,
         arrived: Instant,
-    ) -> PeerResponse {
+    ) -> (PeerResponse, Option<Permit>) {
         // The session family (pings) and layout fetches are never shed: liveness and the
         // ring must get through an overloaded node.
         if matches!(req, PeerRequest::Session(_) | PeerRequest::Cluster(_)) {
-            return self.dispatch(req, arrived).await;
+            return (self.dispatch(req, arrived).await, None);
         }
         let waited = arrived.elapsed();
         if let Some(timeout_ms) = req.timeout_ms_mut() {
             let left = Duration::from_millis(*timeout_ms as u64).saturating_sub(waited);
             if left.is_zero() {
                 self.budget.expired.inc();
-                return self.auth.error(
+                let resp = self.auth.error(
                     ErrorKind::Timeout { acks: 0, needed: 0 },
                     format!(
                         "peer request dropped unexecuted: its {timeout_ms} ms deadline passed \
@@ -60,21 +61,25 @@ impl PeerApi {
                         waited.as_millis()
                     ),
                 );
+                return (resp, None);
             }
             *timeout_ms = left.as_millis().clamp(1, u32::MAX as u128) as u32;
         }
-        let _permit = match self.budget.try_admit(conn, body_len) {
+        let mut permit = match self.budget.try_admit(conn, body_len) {
             Ok(p) => p,
             Err(shed) => {
-                return self.auth.error(
+                let resp = self.auth.error(
                     ErrorKind::Overloaded {
                         retry_after_ms: self.budget.retry_after_ms(),
                     },
                     format!("{}; nothing was done", shed.describe("peer")),
-                )
+                );
+                return (resp, None);
             }
         };
-        self.dispatch(req, arrived).await
+        let resp = self.dispatch(req, arrived).await;
+        permit.answered();
+        (resp, Some(permit))
     }
 
     async fn dispatch(&self, req: PeerRequest, arrived: Instant) -> PeerResponse {
@@ -123,6 +128,7 @@ impl FrameHandler for PeerHandler {
         let reply = |resp: PeerResponse, close: bool| Reply {
             frame: resp.to_frame(id),
             close,
+            hold: None,
         };
         let req = match PeerRequest::decode(frame.opcode, frame.body) {
             Ok(r) => r,
@@ -138,12 +144,16 @@ impl FrameHandler for PeerHandler {
         };
         match self.handshake.step(&self.api.auth, &req) {
             Some((resp, close)) => reply(resp, close),
-            None => reply(
-                self.api
+            None => {
+                let (resp, hold) = self
+                    .api
                     .admit_and_dispatch(req, len, &self.share, arrived)
-                    .await,
-                false,
-            ),
+                    .await;
+                Reply {
+                    hold,
+                    ..reply(resp, false)
+                }
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 //! (no task spawn or channel hop per request) and every reply that is ready when the task runs
 //! goes out in one flush.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::admission::Permit;
 use crate::clock::StallWatch;
 use crate::metrics::ListenerMetrics;
 
@@ -37,6 +39,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Reply {
     pub frame: Frame,
     pub close: bool,
+    /// The request's place in its budget, given back once the frame has been written to the
+    /// socket: a client that stops reading keeps its replies within the node's budget (and
+    /// its fair share of it) instead of in memory outside any budget.
+    pub hold: Option<Permit>,
 }
 
 /// Answers the frames of one connection. A new handler is made per connection, so it may keep
@@ -174,6 +180,11 @@ async fn connection<H: FrameHandler>(
     // is parsed and started before anything is written), then one flush for all the replies
     // produced so far: one write syscall per batch, not per reply.
     let mut in_flight = FuturesUnordered::new();
+    // The budget places of replies fed to `out` and not yet written, with the byte offset
+    // (`Outbound::fed`) their frame ends at; given back as `Outbound::written` passes it.
+    let mut holds: VecDeque<(u64, Permit)> = VecDeque::new();
+    // Set when the connection ends early (a write failed, or the other side stalled).
+    let mut broken = false;
     // False once the connection stops taking requests (peer closed, bad frame, a handler asked
     // to close, shutdown); requests already running still answer.
     let mut reading = true;
@@ -215,7 +226,11 @@ async fn connection<H: FrameHandler>(
                     reading = false;
                 }
                 if out.feed(reply.frame).is_err() {
+                    broken = true;
                     break;
+                }
+                if let Some(permit) = reply.hold {
+                    holds.push_back((out.fed(), permit));
                 }
                 None
             }
@@ -250,24 +265,43 @@ async fn connection<H: FrameHandler>(
                 }
             },
             progress = out.progress(), if out.busy() => match progress {
-                Progress::Flushed(Err(_)) => break,
+                Progress::Flushed(Err(_)) => {
+                    broken = true;
+                    break;
+                }
                 Progress::Flushed(Ok(())) => None,
                 Progress::Stalled => {
                     metrics.write_stalls.inc();
                     warn!(node = %cfg.node_id, listener = cfg.kind, %peer, unsent_bytes = out.unsent(),
                           running = in_flight.len(), timeout = ?WRITE_STALL_TIMEOUT,
                           "closing connection: the other side read none of its replies");
+                    broken = true;
                     break;
                 }
             },
         };
         if let Some(frame) = rejected {
             if out.feed(frame).is_err() {
+                broken = true;
                 break;
             }
         }
+        let written = out.written();
+        while holds.front().is_some_and(|(end, _)| *end <= written) {
+            holds.pop_front();
+        }
     }
-    out.finish().await;
+    if broken {
+        // Nothing more can be sent: give the budget back at once, and let the requests still
+        // running finish (each within its deadline) rather than cancel them halfway through a
+        // write's fan-out; their replies are dropped.
+        holds.clear();
+        drop(reader);
+        while in_flight.next().await.is_some() {}
+    } else {
+        out.finish().await;
+    }
+    drop(holds);
     metrics.connections_active.dec();
 }
 
