@@ -39,12 +39,14 @@ pub const RESULTS: [&str; 7] = [
 ];
 
 /// The `result` label of a reply. `expired` = dropped unexecuted because its deadline passed
-/// before dispatch (answered Timeout); `invalid` = the client's fault (too large, malformed,
-/// invalid arguments, too many siblings).
-pub fn result_of(resp: &Response, expired: bool) -> &'static str {
+/// before it ran, wherever it waited (admission, the writer queue, a forward's queue): a
+/// definite `Timeout`; `timeout` = the deadline passed with the outcome unknown (a quorum not
+/// reached in time); `invalid` = the client's fault (too large, malformed, invalid arguments,
+/// too many siblings).
+pub fn result_of(resp: &Response) -> &'static str {
     match resp {
         Response::Error(e) => match e.kind {
-            _ if expired => "expired",
+            ErrorKind::Timeout { .. } if e.definite => "expired",
             ErrorKind::Timeout { .. } => "timeout",
             ErrorKind::Unavailable { .. } => "unavailable",
             ErrorKind::Overloaded { .. } => "overloaded",
@@ -131,5 +133,27 @@ impl RequestMetrics {
     /// The count of one (op, result) series (tests, status).
     pub fn get(&self, op: &'static str, result: &'static str) -> u64 {
         self.counts.get(&(op, result)).map_or(0, |c| c.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request dropped unexecuted (definite `Timeout`, wherever it waited) is `expired`,
+    /// not a quorum `timeout` (whose outcome is unknown).
+    #[test]
+    fn a_definite_timeout_is_expired_and_an_indefinite_one_a_timeout() {
+        let timeout = |definite| {
+            Response::error(
+                ErrorKind::Timeout { acks: 0, needed: 1 },
+                definite,
+                "n1: key k",
+            )
+        };
+        assert_eq!(result_of(&timeout(true)), "expired");
+        assert_eq!(result_of(&timeout(false)), "timeout");
+        let overloaded = Response::error(ErrorKind::Overloaded { retry_after_ms: 5 }, true, "n1");
+        assert_eq!(result_of(&overloaded), "overloaded");
     }
 }

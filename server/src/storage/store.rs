@@ -321,10 +321,15 @@ pub enum WriteError {
         pending: u64,
         limit: u64,
     },
-    /// A peer's write did not commit within the time the peer had left (it may still commit
-    /// later: the writer does not drop queued jobs).
+    /// A write still queued when the time its requester had left ran out: dropped by the
+    /// writer, never applied.
     #[error("{what} exceeded the {timeout_ms} ms left of the deadline")]
     DeadlinePassed { what: String, timeout_ms: u32 },
+    /// The writer did not answer within the time the requester had left: the write is either
+    /// still queued (then dropped, `DeadlinePassed`) or was taken before its deadline and may
+    /// still commit (a slow disk). Indefinite.
+    #[error("{what}: the writer did not answer within the {timeout_ms} ms left of the deadline; it may still be applied")]
+    Unanswered { what: String, timeout_ms: u32 },
     #[error("store is shutting down")]
     ShuttingDown,
     #[error("key {key}: {source}")]
@@ -361,7 +366,9 @@ impl WriteError {
             WriteError::Overloaded { .. } | WriteError::HintsFull { .. } => ErrorKind::Overloaded {
                 retry_after_ms: WRITER_RETRY_AFTER_MS,
             },
-            WriteError::DeadlinePassed { .. } => ErrorKind::Timeout { acks: 0, needed: 1 },
+            WriteError::DeadlinePassed { .. } | WriteError::Unanswered { .. } => {
+                ErrorKind::Timeout { acks: 0, needed: 1 }
+            }
             WriteError::ShuttingDown => ErrorKind::Unavailable {
                 alive: 0,
                 needed: 1,
@@ -380,6 +387,7 @@ impl WriteError {
                 StorageError::NoSpace { op, cause } => *op != "sync_wal" && !cause.contains("sync"),
                 StorageError::Corrupt { .. } | StorageError::Open { .. } => true,
             },
+            WriteError::Unanswered { .. } => false,
             _ => true,
         }
     }
@@ -765,9 +773,11 @@ impl Store {
     }
 
     /// A write a peer asked for, bounded by the `timeout_ms` it has left; `what` names it in
-    /// the `DeadlinePassed` error ("key k: replica write"). A job still queued when that time
-    /// is up is dropped by the writer, never applied late: nothing a requester gave up on
-    /// lands after its deadline (tombstone GC counts on it, see `aae::gc`).
+    /// the error ("key k: replica write"). A job still queued when that time is up is dropped
+    /// by the writer, never applied late (`DeadlinePassed`, definite): nothing a requester gave
+    /// up on is applied after its deadline (tombstone GC counts on it, see `aae::gc`). When the
+    /// writer has not answered by then (`Unanswered`, indefinite), it may have taken the job
+    /// in time and still be committing it.
     pub async fn write_within(
         &self,
         op: WriteOp,
@@ -786,7 +796,8 @@ impl Store {
         let write = async move { rx.await.unwrap_or_else(|_| Err(writer_exited(&key))) };
         match tokio::time::timeout(limit, write).await {
             Ok(result) => result,
-            Err(_) => Err(WriteError::DeadlinePassed {
+            // The writer may have taken the job before its deadline and be committing it.
+            Err(_) => Err(WriteError::Unanswered {
                 what: what(),
                 timeout_ms,
             }),
