@@ -2,7 +2,7 @@
 //! requests by id, and coalesces queued requests into one flush (pipelining). Frame-level, so
 //! the server's peer pool uses it for the peer protocol too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,6 +288,49 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
     }
 }
 
+/// Encodes requests from the front of `backlog` while less than `UNSENT_PAUSE_BYTES` waits to
+/// be written (at least one), registering each for its reply; a caller that gave up is skipped,
+/// one whose time ran out (`Payload::AtSend` made nothing) is answered `Expired`. A write error
+/// fails the request being fed and is returned.
+fn feed_backlog<W>(
+    backlog: &mut VecDeque<Outgoing>,
+    out: &mut Outbound<W>,
+    pending: &mut Pending,
+) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    while out.unsent() < UNSENT_PAUSE_BYTES {
+        let Some(msg) = backlog.pop_front() else {
+            break;
+        };
+        // A caller that timed out dropped its receiver; skip sending for it.
+        if msg.reply.is_closed() {
+            continue;
+        }
+        // Made now, after everything queued before it was fed to the socket.
+        let frame = match msg.payload {
+            Payload::Frame(frame) => frame,
+            Payload::AtSend(encode) => match encode() {
+                Some(frame) => frame,
+                None => {
+                    let _ = msg.reply.send(Err(ConnError::Expired));
+                    continue;
+                }
+            },
+        };
+        let id = frame.request_id;
+        if let Err(e) = out.feed(frame) {
+            let _ = msg
+                .reply
+                .send(Err(ConnError::Lost(format!("write failed: {e}"))));
+            return Err(e);
+        }
+        pending.insert(id, msg.reply);
+    }
+    Ok(())
+}
+
 async fn run(
     mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
     mut out: Outbound<tokio::net::tcp::OwnedWriteHalf>,
@@ -295,49 +338,34 @@ async fn run(
     alive: Arc<AtomicBool>,
 ) {
     let mut pending: Pending = HashMap::new();
+    // Requests taken from the channel and not yet encoded: they are encoded (and a request's
+    // time left stamped, `call_at_send`) only while less than `UNSENT_PAUSE_BYTES` waits to
+    // be written, so one queued behind megabytes of others is stamped when its turn comes,
+    // not when the batch was taken.
+    let mut backlog: VecDeque<Outgoing> = VecDeque::new();
     let cause = loop {
+        if !backlog.is_empty() && out.unsent() < UNSENT_PAUSE_BYTES {
+            if let Err(e) = feed_backlog(&mut backlog, &mut out, &mut pending) {
+                break format!("write failed: {e}");
+            }
+        }
         tokio::select! {
             // Requests are taken only while little waits to be written (the rest wait in the
             // channel, unmade); replies are read whatever the socket's write side does.
-            out_msg = rx.recv(), if out.unsent() < UNSENT_PAUSE_BYTES => {
+            out_msg = rx.recv(), if backlog.is_empty() && out.unsent() < UNSENT_PAUSE_BYTES => {
                 let Some(first) = out_msg else { break "client dropped".to_string() };
-                let mut batch = vec![first];
+                backlog.push_back(first);
                 while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
+                    backlog.push_back(more);
                 }
                 // Let the other tasks that are ready to send (typically the callers whose
                 // replies were just delivered) queue their requests first: they then share
                 // this flush, one write syscall for the batch.
                 tokio::task::yield_now().await;
                 while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
+                    backlog.push_back(more);
                 }
-                let mut failed = None;
-                for msg in batch {
-                    // A caller that timed out dropped its receiver; skip sending for it.
-                    if msg.reply.is_closed() {
-                        continue;
-                    }
-                    // Made now, after everything queued before it was fed to the socket.
-                    let frame = match msg.payload {
-                        Payload::Frame(frame) => frame,
-                        Payload::AtSend(encode) => match encode() {
-                            Some(frame) => frame,
-                            None => {
-                                let _ = msg.reply.send(Err(ConnError::Expired));
-                                continue;
-                            }
-                        },
-                    };
-                    let id = frame.request_id;
-                    if let Err(e) = out.feed(frame) {
-                        let _ = msg.reply.send(Err(ConnError::Lost(format!("write failed: {e}"))));
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                    pending.insert(id, msg.reply);
-                }
-                if let Some(e) = failed {
+                if let Err(e) = feed_backlog(&mut backlog, &mut out, &mut pending) {
                     break format!("write failed: {e}");
                 }
             }
@@ -388,6 +416,9 @@ async fn run(
     rx.close();
     for (_, tx) in pending.drain() {
         let _ = tx.send(Err(ConnError::Lost(cause.clone())));
+    }
+    for msg in backlog.drain(..) {
+        let _ = msg.reply.send(Err(ConnError::Lost(cause.clone())));
     }
     while let Ok(out) = rx.try_recv() {
         let _ = out.reply.send(Err(ConnError::Lost(cause.clone())));

@@ -483,4 +483,105 @@ mod tests {
             timeouts[0]
         );
     }
+
+    /// Requests taken from the queue together are not all stamped together: one queued behind
+    /// megabytes of others carries the time left when those have been written, not when the
+    /// batch was taken. Before, the connection encoded everything queued (up to 4 096 requests)
+    /// the moment its buffer fell below 1 MiB, so a request that then waited behind 30 MiB for
+    /// a slow reader reached it with that wait (~300 ms here) handed to it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_queued_behind_megabytes_carries_the_time_left_when_its_turn_comes() {
+        // A small receive buffer: what waits, waits in the sender, not in this side's kernel
+        // (time in the sockets' buffers is the part neither side can see).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // A slow reader: stops for 300 ms at the first replica write, then takes 10 ms per
+        // replica write. Records each ReadLocal's timeout_ms and when it arrived.
+        let peer = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut framed = Framed::new(socket, FrameCodec::new(16 << 20));
+            let mut reads = Vec::new();
+            let mut first = true;
+            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+                let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
+                match &req {
+                    PeerRequest::Replica(ReplicaRequest::Replicate { .. }) => {
+                        let pause = if first { 300 } else { 10 };
+                        first = false;
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                    PeerRequest::Replica(ReplicaRequest::ReadLocal { timeout_ms, .. }) => {
+                        reads.push((*timeout_ms, Instant::now()));
+                    }
+                    _ => {}
+                }
+                let resp = handshake_reply("the-secret", &req)
+                    .unwrap_or(PeerResponse::Session(SessionResponse::Pong));
+                if framed.send(resp.to_frame(frame.request_id)).await.is_err() {
+                    break;
+                }
+            }
+            reads
+        });
+        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
+            "the-secret",
+        )))));
+        pool.request(
+            &addr,
+            PeerRequest::Session(SessionRequest::Ping),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        let replicate = |i: u32, size: usize| {
+            let (pool, addr) = (pool.clone(), addr.clone());
+            tokio::spawn(async move {
+                let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+                    key: Bytes::from(format!("k{i}")),
+                    state: Bytes::from(vec![7u8; size]),
+                    timeout_ms: 60_000,
+                });
+                pool.request(&addr, req, Duration::from_secs(30)).await
+            })
+        };
+        // The peer pauses at the first replica write; 8 MiB more fill the sockets and the
+        // connection's buffer, so what comes next waits in the connection's queue: 30 replica
+        // writes of 1 MiB, then the read, taken from the queue together once the peer reads.
+        let mut tasks = vec![replicate(0, 1 << 20)];
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tasks.push(replicate(1, 8 << 20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 2..32u32 {
+            tasks.push(replicate(i, 1 << 20));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let called = Instant::now();
+        read_local(&pool, &addr, 10_000, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(pool);
+        let reads = peer.await.unwrap();
+        let [(carried, arrived)] = reads[..] else {
+            panic!("one read: {reads:?}")
+        };
+        let waited = arrived.duration_since(called).as_millis() as u32;
+        assert!(
+            waited > 300,
+            "the read waited behind the paused replica writes ({waited} ms)"
+        );
+        // Measured: ~45 ms more than its time left (the sockets' buffers and the last 1 MiB
+        // ahead of it); before, ~350 ms (the 30 MiB it was queued behind).
+        assert!(
+            carried <= 10_000 - waited + 100,
+            "the read reached the peer {waited} ms after its call but carried {carried} ms \
+             of its 10 000"
+        );
+    }
 }
