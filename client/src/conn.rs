@@ -4,12 +4,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use ringkv_protocol::limits::{MAX_PEER_BODY_LEN, MAX_REQUEST_BODY_LEN};
-use ringkv_protocol::{Frame, FrameCodec, Inbound, Rejection, Response};
+use ringkv_protocol::{ErrorKind, ErrorReply, Frame, FrameCodec, Inbound, Rejection, Response};
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -27,6 +27,9 @@ pub enum ConnError {
     /// Not sent: the request's encoder ([`Conn::call_at_send`]) found its time had run out
     /// while it waited in the connection's queue.
     Expired,
+    /// The node refused the connection before reading anything from it (`Overloaded` with
+    /// request id 0: too many connections): nothing sent on it was done.
+    Refused(ErrorReply),
 }
 
 /// What a caller queues: a frame, or a function that makes it when the connection sends it
@@ -46,6 +49,8 @@ struct Outgoing {
 pub struct Conn {
     tx: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
+    /// Set when the node refused the connection (`ConnError::Refused`).
+    refused: Arc<OnceLock<ErrorReply>>,
     local: Option<SocketAddr>,
 }
 
@@ -93,8 +98,14 @@ impl Conn {
         let out = Outbound::new(wr, MAX_REQUEST_BODY_LEN, WRITE_STALL_TIMEOUT);
         let (tx, rx) = mpsc::channel(depth);
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(run(reader, out, rx, alive.clone()));
-        Ok(Conn { tx, alive, local })
+        let refused = Arc::new(OnceLock::new());
+        tokio::spawn(run(reader, out, rx, alive.clone(), refused.clone()));
+        Ok(Conn {
+            tx,
+            alive,
+            refused,
+            local,
+        })
     }
 
     /// This side's address of the connection (what the node logs as the remote address).
@@ -126,12 +137,17 @@ impl Conn {
 
     async fn submit(&self, payload: Payload) -> Result<Frame, ConnError> {
         let (reply, rx) = oneshot::channel();
+        // A connection the node refused takes nothing more: a request that finds it closed
+        // was not sent at all.
+        let closed = || match self.refused.get() {
+            Some(e) => ConnError::Refused(e.clone()),
+            None => ConnError::Lost("connection closed".into()),
+        };
         self.tx
             .send(Outgoing { payload, reply })
             .await
-            .map_err(|_| ConnError::Lost("connection closed".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(ConnError::Lost("connection closed".into())))
+            .map_err(|_| closed())?;
+        rx.await.unwrap_or_else(|_| Err(closed()))
     }
 }
 
@@ -336,6 +352,7 @@ async fn run(
     mut out: Outbound<tokio::net::tcp::OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Outgoing>,
     alive: Arc<AtomicBool>,
+    refused_slot: Arc<OnceLock<ErrorReply>>,
 ) {
     let mut pending: Pending = HashMap::new();
     // Requests taken from the channel and not yet encoded: they are encoded (and a request's
@@ -343,6 +360,8 @@ async fn run(
     // be written, so one queued behind megabytes of others is stamped when its turn comes,
     // not when the batch was taken.
     let mut backlog: VecDeque<Outgoing> = VecDeque::new();
+    // Set when the node refused the connection (see `ConnError::Refused`).
+    let mut refused: Option<ErrorReply> = None;
     let cause = loop {
         if !backlog.is_empty() && out.unsent() < UNSENT_PAUSE_BYTES {
             if let Err(e) = feed_backlog(&mut backlog, &mut out, &mut pending) {
@@ -396,10 +415,18 @@ async fn run(
                     Some(Ok(Inbound::Frame(frame))) => {
                         let id = frame.request_id;
                         if id == 0 {
-                            // Connection-level error from the node (e.g. too many connections);
-                            // the error body is the same in the client and peer protocols.
+                            // Connection-level error from the node; the error body is the same
+                            // in the client and peer protocols. `Overloaded` is a refusal at
+                            // accept (too many connections): nothing was read.
                             let msg = match Response::decode(frame.opcode, frame.body) {
-                                Ok(Response::Error(e)) => format!("{}: {}", e.kind.name(), e.message),
+                                Ok(Response::Error(e)) => {
+                                    let msg = format!("{}: {}", e.kind.name(), e.message);
+                                    if matches!(e.kind, ErrorKind::Overloaded { .. }) {
+                                        let _ = refused_slot.set(e.clone());
+                                        refused = Some(e);
+                                    }
+                                    msg
+                                }
                                 other => format!("unexpected connection-level frame: {other:?}"),
                             };
                             break msg;
@@ -414,14 +441,18 @@ async fn run(
     };
     alive.store(false, Ordering::Release);
     rx.close();
+    let failed = || match &refused {
+        Some(e) => ConnError::Refused(e.clone()),
+        None => ConnError::Lost(cause.clone()),
+    };
     for (_, tx) in pending.drain() {
-        let _ = tx.send(Err(ConnError::Lost(cause.clone())));
+        let _ = tx.send(Err(failed()));
     }
     for msg in backlog.drain(..) {
-        let _ = msg.reply.send(Err(ConnError::Lost(cause.clone())));
+        let _ = msg.reply.send(Err(failed()));
     }
     while let Ok(out) = rx.try_recv() {
-        let _ = out.reply.send(Err(ConnError::Lost(cause.clone())));
+        let _ = out.reply.send(Err(failed()));
     }
 }
 

@@ -827,6 +827,16 @@ impl Client {
                     return Ok((addr, resp));
                 }
                 Ok(Err(ConnError::Protocol(cause))) => return Err(Error::Protocol { addr, cause }),
+                // Refused at accept (too many connections): nothing was read, so a write
+                // too is definitely not done; reads retry after the node's hint.
+                Ok(Err(ConnError::Refused(e))) => {
+                    return Err(Error::Server {
+                        addr,
+                        kind: e.kind,
+                        definite: true,
+                        message: e.message,
+                    })
+                }
                 // Only `call_at_send` drops a request unsent; this client does not use it.
                 Ok(Err(ConnError::Expired)) => {
                     return Err(Error::Timeout {

@@ -962,3 +962,49 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
     )
     .await;
 }
+
+/// A node at its connection limit refuses a new connection before reading anything from it:
+/// a write sent on it is definitely not done, and the client says so (`Overloaded`, definite,
+/// with the node's retry-after), instead of "connection lost, outcome unknown"; a read retries
+/// after the hint and gets in once a connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_refused_at_the_limit_is_a_definite_overloaded() {
+    let node = NodeProcess::start_temp("n1", &["--n", "1", "--max-connections", "2"]);
+    let no_retry = ClientConfig {
+        overload_retries: 0,
+        ..ClientConfig::default()
+    };
+    let setup = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
+    setup.put("k", "v", None).await.unwrap();
+    let mut held = vec![];
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(&node.addr).await.unwrap());
+    }
+    drop(setup);
+    // The server may still count the setup client's connection for a moment.
+    let mut refused = None;
+    for _ in 0..50 {
+        let client = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
+        match client.put("refused", "x", None).await {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let e = refused.expect("a write on a refused connection fails");
+    assert!(e.is_overloaded(), "{e}");
+    assert!(e.is_definite(), "nothing was read from the connection: {e}");
+    assert!(e.retry_after().is_some_and(|d| d > Duration::ZERO), "{e}");
+    // A read retries after the hint and gets in once a connection closes.
+    let reader = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
+    let read = tokio::spawn(async move { reader.get("k").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.pop();
+    let read = read
+        .await
+        .unwrap()
+        .expect("the read is served once a slot frees");
+    assert!(read.is_found(), "{read:?}");
+}

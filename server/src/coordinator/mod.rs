@@ -913,6 +913,21 @@ impl<T: Transport> Coordinator<T> {
                     )
                 }
                 Err(PeerError::Remote(e)) => return Response::Error(e),
+                // Never sent, and no time is left to try another replica: nothing was done.
+                Err(PeerError::Expired(_)) => {
+                    return self.err(
+                        ErrorKind::Timeout {
+                            acks: 0,
+                            needed: needed as u64,
+                        },
+                        true,
+                        format!(
+                            "key {}: dropped unexecuted: the deadline ran out before the write \
+                             could be forwarded to replica {target}",
+                            HexKey(key.to_vec())
+                        ),
+                    );
+                }
                 Err(e) if e.not_sent() => {
                     continue;
                 }

@@ -521,6 +521,35 @@ async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
     }
 }
 
+/// A forwarded write whose time ran out before the peer connection could send it did nothing:
+/// the client is told so (definite), not that the outcome is unknown.
+#[tokio::test]
+async fn a_forward_whose_time_ran_out_unsent_is_definite() {
+    let nodes = ["a", "b", "c", "d"];
+    let v = view(&nodes, "a", &["b", "c", "d"]);
+    let key = (0..1000u32)
+        .map(|i| format!("key-{i}"))
+        .find(|k| !plan(&v, k.as_bytes(), 3).is_primary("a"))
+        .expect("some key is not on a");
+    let primaries = plan(&v, key.as_bytes(), 3).preference;
+    let h = harness(v);
+    h.script.on(
+        &primaries[0],
+        Kind::Forward,
+        Behaviour {
+            delay: Duration::ZERO,
+            reply: Err(PeerError::Expired(1000)),
+        },
+    );
+    let resp = h.coordinator.write(put(&key, "v", 2, 1000)).await;
+    let Response::Error(e) = &resp else {
+        panic!("{resp:?}")
+    };
+    assert!(matches!(e.kind, ErrorKind::Timeout { .. }), "{e:?}");
+    assert!(e.definite, "nothing was sent, so nothing was done: {e:?}");
+    assert!(e.message.contains(&*primaries[0]), "{}", e.message);
+}
+
 #[tokio::test]
 async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_first_reachable_primary(
 ) {

@@ -42,6 +42,10 @@ pub enum PeerError {
     Lost(String),
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// What was left of the request's deadline ran out before it was sent (while its
+    /// connection was dialed or it was queued behind others): never sent, nothing done.
+    #[error("not sent: its {0} ms ran out before it could be sent")]
+    Expired(u32),
     /// The peer answered with an error.
     #[error("{}: {}", .0.kind.name(), .0.message)]
     Remote(ErrorReply),
@@ -50,6 +54,6 @@ pub enum PeerError {
 impl PeerError {
     /// True when the request certainly did not reach the peer.
     pub fn not_sent(&self) -> bool {
-        matches!(self, PeerError::Unreachable(_))
+        matches!(self, PeerError::Unreachable(_) | PeerError::Expired(_))
     }
 }

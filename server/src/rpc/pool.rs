@@ -177,7 +177,9 @@ impl PeerPool {
             Some(req.to_frame(id))
         };
         let frame = match tokio::time::timeout(timeout_left, conn.call_at_send(encode)).await {
-            Err(_) | Ok(Err(ConnError::Expired)) => return Err(PeerError::Timeout(timeout)),
+            Ok(Err(ConnError::Expired)) => return Err(PeerError::Expired(given.unwrap_or(0))),
+            Err(_) => return Err(PeerError::Timeout(timeout)),
+            Ok(Err(ConnError::Refused(e))) => return Err(PeerError::Remote(e)),
             Ok(Err(ConnError::Lost(e))) | Ok(Err(ConnError::Protocol(e))) => {
                 return Err(PeerError::Lost(format!("{addr}: {e}")))
             }
@@ -402,8 +404,8 @@ mod tests {
         let long = read(5_000);
         let short = short.await.unwrap();
         assert!(
-            matches!(short, Err(PeerError::Timeout(_))),
-            "a request whose time ran out during the dial: {short:?}"
+            short.as_ref().is_err_and(|e| e.not_sent()),
+            "a request whose time ran out during the dial was never sent: {short:?}"
         );
         long.await.unwrap().unwrap();
         assert_eq!(pool.metrics.expired_unsent.get(), 1);
@@ -461,8 +463,8 @@ mod tests {
         let long = read(5_000);
         let short = short.await.unwrap();
         assert!(
-            matches!(short, Err(PeerError::Timeout(_))),
-            "a request whose time ran out in the queue: {short:?}"
+            short.as_ref().is_err_and(|e| e.not_sent()),
+            "a request whose time ran out in the queue was never sent: {short:?}"
         );
         long.await.unwrap().unwrap();
         for t in tasks {
