@@ -439,6 +439,29 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
     }
 }
 
+/// A budget's MiB of request bodies in flight: at most 65 536, and at least the largest
+/// valid request body `largest` (bytes), which the budget could otherwise never admit while
+/// anything else is in flight.
+fn byte_budget_mb(
+    setting: &'static str,
+    mb: usize,
+    largest: usize,
+    what: &str,
+) -> Result<usize, ConfigError> {
+    let least = largest.div_ceil(1 << 20);
+    if mb < least {
+        return Err(invalid(
+            setting,
+            format!(
+                "{mb} MiB is less than the largest {what}, {largest} bytes: at least {least} \
+                 (a request larger than the budget is admitted only when nothing else is in \
+                 flight, so under steady traffic never)"
+            ),
+        ));
+    }
+    in_range(setting, mb, least, 1 << 16)
+}
+
 impl Config {
     /// Reads `--config` (if any), applies the flags on top and validates the result.
     pub fn load(cli: Cli) -> Result<Config, ConfigError> {
@@ -590,13 +613,13 @@ impl Config {
                 1,
                 1 << 20,
             )?,
-            bytes: in_range(
+            bytes: byte_budget_mb(
                 "max_request_mb",
                 cli.max_request_mb
                     .or(file.max_request_mb)
                     .unwrap_or(DEFAULT_MAX_REQUEST_MB),
-                1,
-                1 << 16,
+                ringkv_protocol::limits::MAX_REQUEST_BODY_LEN,
+                "client request",
             )? << 20,
         };
         let peer_budget = Limits {
@@ -608,13 +631,13 @@ impl Config {
                 16,
                 1 << 20,
             )?,
-            bytes: in_range(
+            bytes: byte_budget_mb(
                 "peer_max_request_mb",
                 cli.peer_max_request_mb
                     .or(file.peer_max_request_mb)
                     .unwrap_or(DEFAULT_PEER_MAX_REQUEST_MB),
-                1,
-                1 << 16,
+                ringkv_protocol::limits::MAX_PEER_BODY_LEN,
+                "peer request (a replica write of the largest state)",
             )? << 20,
         };
         let block_cache_mb = in_range(
@@ -999,6 +1022,28 @@ mod tests {
             let err = Config::load(cli(args)).unwrap_err().to_string();
             assert!(err.contains(setting), "{args:?}: {err}");
         }
+    }
+
+    /// A byte budget smaller than the largest valid request would refuse such a request
+    /// whenever anything else is in flight: under steady traffic, forever (a replica write of
+    /// a large state, and so W, would never get in).
+    #[test]
+    fn a_byte_budget_smaller_than_the_largest_request_is_refused() {
+        let base = ["--node-id", "a", "--data-dir", "/x"];
+        for (flag, setting) in [
+            ("--max-request-mb", "max_request_mb"),
+            ("--peer-max-request-mb", "peer_max_request_mb"),
+        ] {
+            let args: Vec<&str> = base.iter().copied().chain([flag, "1"]).collect();
+            let err = Config::load(cli(&args)).unwrap_err().to_string();
+            assert!(
+                err.contains(setting) && err.contains("largest"),
+                "{args:?}: {err}"
+            );
+        }
+        let c = Config::load(cli(&base)).unwrap();
+        assert!(c.client_budget.bytes >= ringkv_protocol::limits::MAX_REQUEST_BODY_LEN);
+        assert!(c.peer_budget.bytes >= ringkv_protocol::limits::MAX_PEER_BODY_LEN);
     }
 
     #[test]

@@ -447,8 +447,9 @@ const FLOOD_RSS_BOUND: u64 = 512 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_light_client_answer() {
-    // A byte budget of 1 MiB: the flood's 4 KiB puts fit (32 in flight: 128 KiB), a 1 MiB
-    // value does not while anything else is in flight.
+    // A byte budget of 2 MiB (the least: the largest request must fit): the flood's 40 KiB
+    // puts fit (32 in flight: 1.25 MiB), a 1 MiB value does not while more than 26 of them
+    // are in flight.
     let node = NodeProcess::start_temp(
         "n1",
         &[
@@ -457,7 +458,7 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
             "--max-requests",
             "32",
             "--max-request-mb",
-            "1",
+            "2",
             ADMIN[0],
             ADMIN[1],
         ],
@@ -495,7 +496,7 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
                     let key = format!("flood/{c}/{w}/{i}");
                     i += 1;
                     let sent = std::time::Instant::now();
-                    match client.put(&key, vec![7u8; 4096], None).await {
+                    match client.put(&key, vec![7u8; 40 << 10], None).await {
                         Ok(_) => ok_keys.lock().unwrap().push(key),
                         Err(e) if e.is_overloaded() => {
                             assert!(e.is_definite(), "a shed request did nothing: {e}");
