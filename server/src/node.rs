@@ -41,7 +41,7 @@ use crate::replica::Replica;
 use crate::rpc::{Authenticator, LateReplies, PeerIdentity, PeerPool, HANDSHAKE_TIMEOUT};
 use crate::storage::hints::HintLimits;
 use crate::storage::rocks::{RocksConfig, RocksEngine};
-use crate::storage::store::{StoreOpenError, MAX_GROUP_JOBS, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
+use crate::storage::store::{writer_pressure, StoreOpenError, MAX_QUEUE_BYTES, QUEUE_CAPACITY};
 use crate::storage::tree::{open_tree, TreeHook};
 use crate::storage::{Cf, Engine, ReadGate, Store, StoreConfig};
 use ringkv_protocol::auth::PeerKey;
@@ -385,7 +385,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         // fills.
         let (budget, peers, store) = (client_budget.clone(), peer_budget.clone(), store.clone());
         crate::background::load::set_foreground_pressure(move || {
-            let writer = store.queue_depth() as f64 / (2 * MAX_GROUP_JOBS) as f64;
+            let writer = writer_pressure(store.queue_depth(), store.queued_bytes());
             budget.fill().max(peers.fill()).max(writer)
         });
     }

@@ -70,6 +70,15 @@ pub const MAX_GROUP_BYTES: usize = 16 << 20;
 /// Jobs queued for the writer. A full queue answers `Overloaded` at once (backpressure to the
 /// client) instead of letting latency grow without bound.
 pub const QUEUE_CAPACITY: usize = 16 * 1024;
+
+/// How deep the writer's queue is for pacing background work (0..=1): two groups' worth of
+/// jobs, or of bytes, is full. Both count: a few large merges are as much work waiting as
+/// many small writes.
+pub fn writer_pressure(jobs: usize, bytes: usize) -> f64 {
+    let by_jobs = jobs as f64 / (2 * MAX_GROUP_JOBS) as f64;
+    let by_bytes = bytes as f64 / (2 * MAX_GROUP_BYTES) as f64;
+    by_jobs.max(by_bytes).min(1.0)
+}
 /// Bytes (values and merged states) queued for the writer. Counting jobs alone would let a
 /// queue of large values or merge states (up to `MAX_STATE_LEN` each) hold tens of GB; 256 MiB
 /// is 16 full groups of `MAX_GROUP_BYTES`, far more than one fsync's worth. A job larger than

@@ -1464,3 +1464,14 @@ async fn mark_keys(store: &Arc<Store>) -> Vec<(String, u16)> {
 fn far() -> std::time::Instant {
     std::time::Instant::now() + std::time::Duration::from_secs(600)
 }
+
+/// Background work paces on the writer's queue by jobs and by bytes: a handful of large merges
+/// (before: 8 jobs of 4 MiB read as 0.4% full) weigh as much as many small writes.
+#[test]
+fn writer_pressure_counts_bytes_as_well_as_jobs() {
+    assert_eq!(writer_pressure(0, 0), 0.0);
+    assert!(writer_pressure(8, 8 * (4 << 20)) >= 1.0);
+    assert!((writer_pressure(MAX_GROUP_JOBS, 100) - 0.5).abs() < 1e-9);
+    assert!((writer_pressure(1, MAX_GROUP_BYTES) - 0.5).abs() < 1e-9);
+    assert_eq!(writer_pressure(10 * MAX_GROUP_JOBS, 0), 1.0);
+}
