@@ -939,3 +939,38 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
         move || (m.view().alive.len() + 1) as u64,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryEngine;
+    use crate::testkit::{open_store, view};
+
+    /// `/ready` refuses, naming why, a node that must get no traffic: draining, storage
+    /// closed, ring not known yet, taken out of the ring.
+    #[test]
+    fn ready_names_each_reason_a_node_must_get_no_traffic() {
+        let store = open_store(Arc::new(MemoryEngine::new()), "a");
+        let draining = CancellationToken::new();
+        let mut v = view(&["a", "b", "c"], "a", &["b", "c"]);
+        assert_eq!(node_ready(&v, &store, &draining), Ok(()));
+        let refused = |v: &crate::membership::ClusterView| {
+            node_ready(v, &store, &draining).expect_err("not ready")
+        };
+        v.ready = false;
+        assert!(refused(&v).contains("ring is not known"), "{}", refused(&v));
+        v.ready = true;
+        let mut layout = (*v.layout).clone();
+        layout.retired.insert("a".into());
+        v.layout = Arc::new(layout);
+        assert!(
+            refused(&v).contains("taken out of the ring"),
+            "{}",
+            refused(&v)
+        );
+        store.close();
+        assert!(refused(&v).contains("storage is closed"), "{}", refused(&v));
+        draining.cancel();
+        assert!(refused(&v).contains("shutting down"), "{}", refused(&v));
+    }
+}
