@@ -788,6 +788,7 @@ impl Client {
         let start = route.unwrap_or_else(|| self.inner.preferred.load(Ordering::Relaxed)) % n;
         let deadline = Instant::now() + timeout + CLIENT_GRACE;
         let mut last_err = String::new();
+        let mut refusal: Option<(String, ringkv_protocol::ErrorReply)> = None;
         for step in 0..n {
             let i = (start + step) % n;
             let addr = self.inner.nodes[i].addr.clone();
@@ -827,15 +828,12 @@ impl Client {
                     return Ok((addr, resp));
                 }
                 Ok(Err(ConnError::Protocol(cause))) => return Err(Error::Protocol { addr, cause }),
-                // Refused at accept (too many connections): nothing was read, so a write
-                // too is definitely not done; reads retry after the node's hint.
+                // Refused at accept (too many connections): nothing was read, so the request
+                // (a write too) goes to the next node, as when a connect fails; if every node
+                // refuses, the answer is the refusal (definite, with its retry-after).
                 Ok(Err(ConnError::Refused(e))) => {
-                    return Err(Error::Server {
-                        addr,
-                        kind: e.kind,
-                        definite: true,
-                        message: e.message,
-                    })
+                    last_err = format!("{addr}: {}", e.message);
+                    refusal = Some((addr, e));
                 }
                 // Only `call_at_send` drops a request unsent; this client does not use it.
                 Ok(Err(ConnError::Expired)) => {
@@ -851,6 +849,14 @@ impl Client {
                     last_err = format!("{addr}: {cause}");
                 }
             }
+        }
+        if let Some((addr, e)) = refusal {
+            return Err(Error::Server {
+                addr,
+                kind: e.kind,
+                definite: true,
+                message: e.message,
+            });
         }
         Err(Error::Connect {
             addrs: self.addrs(),

@@ -447,9 +447,9 @@ const FLOOD_RSS_BOUND: u64 = 512 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_light_client_answer() {
-    // A byte budget of 2 MiB (the least: the largest request must fit): the flood's 40 KiB
-    // puts fit (32 in flight: 1.25 MiB), a 1 MiB value does not while more than 26 of them
-    // are in flight.
+    // A byte budget of 2 MiB (the least: the largest request must fit): the flood's 64 KiB
+    // puts fill it (32 in flight: 2 MiB), a 1 MiB value does not fit while more than 16 of
+    // them are in flight.
     let node = NodeProcess::start_temp(
         "n1",
         &[
@@ -496,7 +496,7 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
                     let key = format!("flood/{c}/{w}/{i}");
                     i += 1;
                     let sent = std::time::Instant::now();
-                    match client.put(&key, vec![7u8; 40 << 10], None).await {
+                    match client.put(&key, vec![7u8; 64 << 10], None).await {
                         Ok(_) => ok_keys.lock().unwrap().push(key),
                         Err(e) if e.is_overloaded() => {
                             assert!(e.is_definite(), "a shed request did nothing: {e}");
@@ -545,7 +545,7 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
         "kvctl status under overload: {status:?}"
     );
     let path = big.path().to_str().unwrap();
-    let refused = (0..20)
+    let refused = (0..50)
         .map(|_| kvctl(&["put", "big", "--blind", "--file", path]))
         .find(|o| o.status.code() == Some(3))
         .expect("a 1 MiB put over the byte budget is refused overloaded (exit 3)");
@@ -970,34 +970,61 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
 /// after the hint and gets in once a connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_refused_at_the_limit_is_a_definite_overloaded() {
-    let node = NodeProcess::start_temp("n1", &["--n", "1", "--max-connections", "2"]);
+    let node = NodeProcess::start_temp(
+        "n1",
+        &["--n", "1", "--max-connections", "2", ADMIN[0], ADMIN[1]],
+    );
+    let active = || sample(&node, "ringkv_net_connections_active", &[]);
     let no_retry = ClientConfig {
         overload_retries: 0,
         ..ClientConfig::default()
     };
     let setup = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
     setup.put("k", "v", None).await.unwrap();
+    drop(setup);
+    eventually(
+        Duration::from_secs(10),
+        "the setup connection closed",
+        || async { active() == 0.0 },
+    )
+    .await;
     let mut held = vec![];
     for _ in 0..2 {
         held.push(tokio::net::TcpStream::connect(&node.addr).await.unwrap());
     }
-    drop(setup);
-    // The server may still count the setup client's connection for a moment.
-    let mut refused = None;
-    for _ in 0..50 {
-        let client = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
-        match client.put("refused", "x", None).await {
-            Err(e) => {
-                refused = Some(e);
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let e = refused.expect("a write on a refused connection fails");
+    eventually(
+        Duration::from_secs(10),
+        "both held connections accepted",
+        || async { active() == 2.0 },
+    )
+    .await;
+    let client = Client::new([node.addr.clone()], no_retry.clone()).unwrap();
+    let e = client
+        .put("refused", "x", None)
+        .await
+        .expect_err("a write on a refused connection fails");
     assert!(e.is_overloaded(), "{e}");
     assert!(e.is_definite(), "nothing was read from the connection: {e}");
     assert!(e.retry_after().is_some_and(|d| d > Duration::ZERO), "{e}");
+    // With another node to try, nothing waits for the hint: a request refused a connection
+    // goes to the next node at once (found in review: it returned the refusal, or waited out
+    // the 1 s hint past a 500 ms deadline). The other node here is a cluster of its own,
+    // which the client cannot tell apart.
+    let other = NodeProcess::start_temp("m1", &["--n", "1"]);
+    let both = Client::new(
+        [node.addr.clone(), other.addr.clone()],
+        ClientConfig {
+            request_timeout: Duration::from_millis(500),
+            ..no_retry.clone()
+        },
+    )
+    .unwrap();
+    both.put("elsewhere", "y", None)
+        .await
+        .expect("refused by n1, written on m1 at once");
+    let read = both.get("elsewhere").await.expect("served by m1");
+    assert!(read.is_found(), "{read:?}");
+    assert_eq!(active(), 2.0, "n1 took no other connection");
     // A read retries after the hint and gets in once a connection closes.
     let reader = Client::new([node.addr.clone()], ClientConfig::default()).unwrap();
     let read = tokio::spawn(async move { reader.get("k").await });

@@ -46,7 +46,7 @@ impl ClientApi {
         let op = op_name(&req);
         if let Err((kind, msg)) = req.validate() {
             let resp = Response::error(kind, true, format!("node {}: {msg}", self.node_id));
-            self.requests.count(op, result_of(&resp));
+            self.requests.count(op, result_of(&resp, op));
             return (resp, None);
         }
         if !matches!(
@@ -55,7 +55,7 @@ impl ClientApi {
         ) {
             // Admin requests are never shed: status and health answer under any load.
             let resp = self.admin_request(req).await;
-            self.requests.count(op, result_of(&resp));
+            self.requests.count(op, result_of(&resp, op));
             return (resp, None);
         }
         let (req, mut permit) = match self.admit(req, body_len, conn, arrived) {
@@ -81,7 +81,7 @@ impl ClientApi {
         if let Response::Get(r) = &resp {
             self.requests.siblings.observe(r.siblings.len() as f64);
         }
-        self.requests.count(op, result_of(&resp));
+        self.requests.count(op, result_of(&resp, op));
         (resp, Some(permit))
     }
 

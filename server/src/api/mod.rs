@@ -38,15 +38,16 @@ pub const RESULTS: [&str; 7] = [
     "error",
 ];
 
-/// The `result` label of a reply. `expired` = dropped unexecuted because its deadline passed
-/// before it ran, wherever it waited (admission, the writer queue, a forward's queue): a
-/// definite `Timeout`; `timeout` = the deadline passed with the outcome unknown (a quorum not
-/// reached in time); `invalid` = the client's fault (too large, malformed, invalid arguments,
-/// too many siblings).
-pub fn result_of(resp: &Response) -> &'static str {
+/// The `result` label of a reply to `op`. `expired` = a write dropped unexecuted because its
+/// deadline passed before it ran, wherever it waited (the writer queue, a forward's queue): a
+/// definite `Timeout` to a put or delete (admission counts its own drops, of any op);
+/// `timeout` = the deadline passed with no quorum (a write's outcome then unknown; a read's
+/// errors are always definite, it changed nothing); `invalid` = the client's fault (too
+/// large, malformed, invalid arguments, too many siblings).
+pub fn result_of(resp: &Response, op: &str) -> &'static str {
     match resp {
         Response::Error(e) => match e.kind {
-            ErrorKind::Timeout { .. } if e.definite => "expired",
+            ErrorKind::Timeout { .. } if e.definite && matches!(op, "put" | "delete") => "expired",
             ErrorKind::Timeout { .. } => "timeout",
             ErrorKind::Unavailable { .. } => "unavailable",
             ErrorKind::Overloaded { .. } => "overloaded",
@@ -140,10 +141,12 @@ impl RequestMetrics {
 mod tests {
     use super::*;
 
-    /// A request dropped unexecuted (definite `Timeout`, wherever it waited) is `expired`,
-    /// not a quorum `timeout` (whose outcome is unknown).
+    /// A write dropped unexecuted (definite `Timeout`, wherever it waited) is `expired`, not a
+    /// quorum `timeout`; a read's timeout is definite (it changed nothing) and stays a
+    /// `timeout` (found in review: every read quorum timeout was counted expired, out of the
+    /// quorum-failure alert).
     #[test]
-    fn a_definite_timeout_is_expired_and_an_indefinite_one_a_timeout() {
+    fn a_definite_write_timeout_is_expired_and_a_read_timeout_a_timeout() {
         let timeout = |definite| {
             Response::error(
                 ErrorKind::Timeout { acks: 0, needed: 1 },
@@ -151,9 +154,11 @@ mod tests {
                 "n1: key k",
             )
         };
-        assert_eq!(result_of(&timeout(true)), "expired");
-        assert_eq!(result_of(&timeout(false)), "timeout");
+        assert_eq!(result_of(&timeout(true), "put"), "expired");
+        assert_eq!(result_of(&timeout(true), "delete"), "expired");
+        assert_eq!(result_of(&timeout(false), "put"), "timeout");
+        assert_eq!(result_of(&timeout(true), "get"), "timeout");
         let overloaded = Response::error(ErrorKind::Overloaded { retry_after_ms: 5 }, true, "n1");
-        assert_eq!(result_of(&overloaded), "overloaded");
+        assert_eq!(result_of(&overloaded, "get"), "overloaded");
     }
 }

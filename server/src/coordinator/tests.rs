@@ -521,18 +521,23 @@ async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
     }
 }
 
-/// A forwarded write whose time ran out before the peer connection could send it did nothing:
-/// the client is told so (definite), not that the outcome is unknown.
-#[tokio::test]
-async fn a_forward_whose_time_ran_out_unsent_is_definite() {
-    let nodes = ["a", "b", "c", "d"];
-    let v = view(&nodes, "a", &["b", "c", "d"]);
+/// Node `a` of four, all up, and a key `a` does not replicate (its writes are forwarded), with
+/// the key's primaries in order.
+fn forwarding_harness() -> (Harness, String, Vec<NodeId>) {
+    let v = view(&["a", "b", "c", "d"], "a", &["b", "c", "d"]);
     let key = (0..1000u32)
         .map(|i| format!("key-{i}"))
         .find(|k| !plan(&v, k.as_bytes(), 3).is_primary("a"))
         .expect("some key is not on a");
     let primaries = plan(&v, key.as_bytes(), 3).preference;
-    let h = harness(v);
+    (harness(v), key, primaries)
+}
+
+/// A forwarded write whose time ran out before the peer connection could send it did nothing:
+/// the client is told so (definite), not that the outcome is unknown.
+#[tokio::test]
+async fn a_forward_whose_time_ran_out_unsent_is_definite() {
+    let (h, key, primaries) = forwarding_harness();
     h.script.on(
         &primaries[0],
         Kind::Forward,
@@ -553,14 +558,7 @@ async fn a_forward_whose_time_ran_out_unsent_is_definite() {
 #[tokio::test]
 async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_first_reachable_primary(
 ) {
-    let nodes = ["a", "b", "c", "d"];
-    let v = view(&nodes, "a", &["b", "c", "d"]);
-    let key = (0..1000u32)
-        .map(|i| format!("key-{i}"))
-        .find(|k| !plan(&v, k.as_bytes(), 3).is_primary("a"))
-        .expect("some key is not on a");
-    let primaries = plan(&v, key.as_bytes(), 3).preference;
-    let h = harness(v);
+    let (h, key, primaries) = forwarding_harness();
     let coordinated = Response::Put(WriteReply {
         actor: 77,
         counter: 9,

@@ -159,7 +159,8 @@ async fn connection<H: FrameHandler>(
     metrics: ListenerMetrics,
     handler: Arc<H>,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    // This connection's place among `max_connections`.
+    slot: OwnedSemaphorePermit,
 ) {
     let peer = socket
         .peer_addr()
@@ -292,17 +293,19 @@ async fn connection<H: FrameHandler>(
         }
     }
     if broken {
-        // Nothing more can be sent: give the budget back at once, and let the requests still
-        // running finish (each within its deadline) rather than cancel them halfway through a
-        // write's fan-out; their replies are dropped.
+        // Nothing more can be sent: close the socket and free its buffer and connection slot,
+        // give the budget back at once, and let the requests still running finish (each within
+        // its deadline) rather than cancel them halfway through a write's fan-out; their
+        // replies are dropped.
         holds.clear();
-        drop(reader);
+        drop((reader, out, slot));
+        metrics.connections_active.dec();
         while in_flight.next().await.is_some() {}
     } else {
         out.finish().await;
+        drop(holds);
+        metrics.connections_active.dec();
     }
-    drop(holds);
-    metrics.connections_active.dec();
 }
 
 /// The error reply to a frame the codec refused (the connection stays usable).

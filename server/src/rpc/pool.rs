@@ -332,30 +332,30 @@ mod tests {
         assert_eq!(opcodes, vec![HELLO, HELLO_PROOF, PING]);
     }
 
-    /// A peer that answers the handshake proven with `secret` and everything else `Pong`, but
-    /// before answering the first request matching `at` reads nothing for `pause` (a busy or
-    /// starting node answering its handshake late; a stopped or overloaded one whose socket
-    /// fills). Records the `timeout_ms` of every `ReadLocal` it receives, in order.
-    async fn pausing_listener(
+    /// A peer that answers the handshake proven with `secret` and everything else `Pong`, and
+    /// before answering each request reads nothing for `pause(&request)` (a busy or starting
+    /// node answering late; a stopped, overloaded or slow one whose socket fills). Its receive
+    /// buffer is small, so what waits, waits in the sender rather than in this side's kernel
+    /// (time in the sockets' buffers is the part neither side can see). Records the
+    /// `timeout_ms` of every `ReadLocal` it receives, and when, in order.
+    async fn paced_listener(
         secret: &'static str,
-        at: fn(&PeerRequest) -> bool,
-        pause: Duration,
-    ) -> (String, tokio::task::JoinHandle<Vec<u32>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        mut pause: impl FnMut(&PeerRequest) -> Duration + Send + 'static,
+    ) -> (String, tokio::task::JoinHandle<Vec<(u32, Instant)>>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let task = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
-            let mut framed = Framed::new(socket, FrameCodec::new(4 << 20));
-            let mut timeouts = Vec::new();
-            let mut paused = false;
+            let mut framed = Framed::new(socket, FrameCodec::new(16 << 20));
+            let mut reads = Vec::new();
             while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
                 let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
-                if !paused && at(&req) {
-                    paused = true;
-                    tokio::time::sleep(pause).await;
-                }
+                tokio::time::sleep(pause(&req)).await;
                 if let PeerRequest::Replica(ReplicaRequest::ReadLocal { timeout_ms, .. }) = &req {
-                    timeouts.push(*timeout_ms);
+                    reads.push((*timeout_ms, Instant::now()));
                 }
                 let resp = handshake_reply(secret, &req)
                     .unwrap_or(PeerResponse::Session(SessionResponse::Pong));
@@ -363,26 +363,83 @@ mod tests {
                     break;
                 }
             }
-            timeouts
+            reads
         });
         (addr, task)
     }
 
-    /// A `ReadLocal` carrying `timeout_ms`, sent through `pool` in a task of its own.
+    /// `paced_listener` that pauses once, for `pause`, before the first request matching `at`.
+    async fn pausing_listener(
+        secret: &'static str,
+        at: fn(&PeerRequest) -> bool,
+        pause: Duration,
+    ) -> (String, tokio::task::JoinHandle<Vec<(u32, Instant)>>) {
+        let mut paused = false;
+        paced_listener(secret, move |req| {
+            if !paused && at(req) {
+                paused = true;
+                pause
+            } else {
+                Duration::ZERO
+            }
+        })
+        .await
+    }
+
+    /// A pool connected and authenticated to the fake peer at `addr` (proven with
+    /// "the-secret").
+    async fn connected_pool(addr: &str) -> Arc<PeerPool> {
+        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
+            "the-secret",
+        )))));
+        pool.request(
+            addr,
+            PeerRequest::Session(SessionRequest::Ping),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        pool
+    }
+
+    /// `req` sent through `pool` to `addr` in a task of its own.
+    fn spawn_request(
+        pool: &Arc<PeerPool>,
+        addr: &str,
+        req: PeerRequest,
+        call_timeout: Duration,
+    ) -> tokio::task::JoinHandle<Result<PeerResponse, PeerError>> {
+        let (pool, addr) = (pool.clone(), addr.to_string());
+        tokio::spawn(async move { pool.request(&addr, req, call_timeout).await })
+    }
+
+    /// A replica write of key `k<i>` with a state of `size` bytes and a minute to live.
+    fn replicate(
+        pool: &Arc<PeerPool>,
+        addr: &str,
+        i: u32,
+        size: usize,
+    ) -> tokio::task::JoinHandle<Result<PeerResponse, PeerError>> {
+        let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+            key: Bytes::from(format!("k{i}")),
+            state: Bytes::from(vec![7u8; size]),
+            timeout_ms: 60_000,
+        });
+        spawn_request(pool, addr, req, Duration::from_secs(30))
+    }
+
+    /// A `ReadLocal` carrying `timeout_ms`.
     fn read_local(
         pool: &Arc<PeerPool>,
         addr: &str,
         timeout_ms: u32,
         call_timeout: Duration,
     ) -> tokio::task::JoinHandle<Result<PeerResponse, PeerError>> {
-        let (pool, addr) = (pool.clone(), addr.to_string());
-        tokio::spawn(async move {
-            let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
-                key: Bytes::from_static(b"r"),
-                timeout_ms,
-            });
-            pool.request(&addr, req, call_timeout).await
-        })
+        let req = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+            key: Bytes::from_static(b"r"),
+            timeout_ms,
+        });
+        spawn_request(pool, addr, req, call_timeout)
     }
 
     /// The time a request carries counts from the call, not from when its connection was
@@ -417,9 +474,9 @@ mod tests {
             "only the request with time left was sent: {timeouts:?}"
         );
         assert!(
-            timeouts[0] <= 5_000 - delay.as_millis() as u32,
+            timeouts[0].0 <= 5_000 - delay.as_millis() as u32,
             "it carried {} ms after a {delay:?} dial",
-            timeouts[0]
+            timeouts[0].0
         );
     }
 
@@ -429,32 +486,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_carries_the_time_left_when_sent_and_is_dropped_if_none_is() {
         let stall = Duration::from_millis(400);
-        let replicate =
+        let is_replicate =
             |r: &PeerRequest| matches!(r, PeerRequest::Replica(ReplicaRequest::Replicate { .. }));
-        let (addr, listener) = pausing_listener("the-secret", replicate, stall).await;
-        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
-            "the-secret",
-        )))));
-        // Connected and authenticated first.
-        pool.request(
-            &addr,
-            PeerRequest::Session(SessionRequest::Ping),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
+        let (addr, listener) = pausing_listener("the-secret", is_replicate, stall).await;
+        let pool = connected_pool(&addr).await;
         // 48 MiB of replica writes fill the socket buffers while the peer does not read.
         let mut tasks = Vec::new();
         for i in 0..96u32 {
-            let (pool, addr) = (pool.clone(), addr.clone());
-            tasks.push(tokio::spawn(async move {
-                let req = PeerRequest::Replica(ReplicaRequest::Replicate {
-                    key: Bytes::from(format!("k{i}")),
-                    state: Bytes::from(vec![7u8; 512 << 10]),
-                    timeout_ms: 60_000,
-                });
-                pool.request(&addr, req, Duration::from_secs(30)).await
-            }));
+            tasks.push(replicate(&pool, &addr, i, 512 << 10));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let read = |timeout_ms| read_local(&pool, &addr, timeout_ms, Duration::from_secs(30));
@@ -480,9 +519,9 @@ mod tests {
         );
         let waited = stall.as_millis() as u32 - 50;
         assert!(
-            timeouts[0] <= 5_000 - waited + 20,
+            timeouts[0].0 <= 5_000 - waited + 20,
             "the read waited about {waited} ms in the queue but carried {} ms",
-            timeouts[0]
+            timeouts[0].0
         );
     }
 
@@ -493,71 +532,29 @@ mod tests {
     /// a slow reader reached it with that wait (~300 ms here) handed to it again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_queued_behind_megabytes_carries_the_time_left_when_its_turn_comes() {
-        // A small receive buffer: what waits, waits in the sender, not in this side's kernel
-        // (time in the sockets' buffers is the part neither side can see).
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(64 << 10).unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(8).unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         // A slow reader: stops for 300 ms at the first replica write, then takes 10 ms per
-        // replica write. Records each ReadLocal's timeout_ms and when it arrived.
-        let peer = tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            let mut framed = Framed::new(socket, FrameCodec::new(16 << 20));
-            let mut reads = Vec::new();
-            let mut first = true;
-            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
-                let req = PeerRequest::decode(frame.opcode, frame.body).unwrap();
-                match &req {
-                    PeerRequest::Replica(ReplicaRequest::Replicate { .. }) => {
-                        let pause = if first { 300 } else { 10 };
-                        first = false;
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
-                    }
-                    PeerRequest::Replica(ReplicaRequest::ReadLocal { timeout_ms, .. }) => {
-                        reads.push((*timeout_ms, Instant::now()));
-                    }
-                    _ => {}
-                }
-                let resp = handshake_reply("the-secret", &req)
-                    .unwrap_or(PeerResponse::Session(SessionResponse::Pong));
-                if framed.send(resp.to_frame(frame.request_id)).await.is_err() {
-                    break;
-                }
+        // replica write.
+        let mut first = true;
+        let (addr, peer) = paced_listener("the-secret", move |req| match req {
+            PeerRequest::Replica(ReplicaRequest::Replicate { .. }) => {
+                let ms = if first { 300 } else { 10 };
+                first = false;
+                Duration::from_millis(ms)
             }
-            reads
-        });
-        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
-            "the-secret",
-        )))));
-        pool.request(
-            &addr,
-            PeerRequest::Session(SessionRequest::Ping),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
-        let replicate = |i: u32, size: usize| {
-            let (pool, addr) = (pool.clone(), addr.clone());
-            tokio::spawn(async move {
-                let req = PeerRequest::Replica(ReplicaRequest::Replicate {
-                    key: Bytes::from(format!("k{i}")),
-                    state: Bytes::from(vec![7u8; size]),
-                    timeout_ms: 60_000,
-                });
-                pool.request(&addr, req, Duration::from_secs(30)).await
-            })
-        };
+            _ => Duration::ZERO,
+        })
+        .await;
+        let pool = connected_pool(&addr).await;
+        let send = |i: u32, size: usize| replicate(&pool, &addr, i, size);
         // The peer pauses at the first replica write; 8 MiB more fill the sockets and the
         // connection's buffer, so what comes next waits in the connection's queue: 30 replica
         // writes of 1 MiB, then the read, taken from the queue together once the peer reads.
-        let mut tasks = vec![replicate(0, 1 << 20)];
+        let mut tasks = vec![send(0, 1 << 20)];
         tokio::time::sleep(Duration::from_millis(20)).await;
-        tasks.push(replicate(1, 8 << 20));
+        tasks.push(send(1, 8 << 20));
         tokio::time::sleep(Duration::from_millis(50)).await;
         for i in 2..32u32 {
-            tasks.push(replicate(i, 1 << 20));
+            tasks.push(send(i, 1 << 20));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let called = Instant::now();

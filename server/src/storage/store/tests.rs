@@ -1354,12 +1354,8 @@ async fn a_purge_deletes_exactly_the_given_tombstone_and_is_not_amnesia() {
     store.close();
 }
 
-/// A peer write still queued when the time its requester had left runs out is dropped, never
-/// applied late (tombstone GC relies on nothing older arriving after its settle time).
-#[tokio::test]
-async fn a_peer_write_queued_past_its_deadline_is_dropped() {
-    let engine = Arc::new(MemoryEngine::new());
-    let store = open(&engine, SyncMode::Group);
+/// A replica write (merge) of one version of `key`, valued `key`, from another node.
+fn peer_merge(key: &'static [u8]) -> WriteOp {
     let state = KeyState::new().update(
         &VersionVector::new(),
         Dot {
@@ -1367,12 +1363,21 @@ async fn a_peer_write_queued_past_its_deadline_is_dropped() {
             counter: 1,
         },
         1,
-        Some(Bytes::from_static(b"late")),
+        Some(Bytes::from_static(key)),
     );
-    let merge = WriteOp::Merge {
-        key: Bytes::from_static(b"late"),
+    WriteOp::Merge {
+        key: Bytes::from_static(key),
         state,
-    };
+    }
+}
+
+/// A peer write still queued when the time its requester had left runs out is dropped, never
+/// applied late (tombstone GC relies on nothing older arriving after its settle time).
+#[tokio::test]
+async fn a_peer_write_queued_past_its_deadline_is_dropped() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let merge = peer_merge(b"late");
     let err = store
         .write_within(merge, 0, || "key late: replica write".into())
         .await
@@ -1401,19 +1406,7 @@ async fn a_peer_write_queued_past_its_deadline_is_dropped() {
 async fn a_peer_write_taken_in_time_and_unanswered_is_indefinite() {
     let engine = Arc::new(MemoryEngine::new());
     let store = open(&engine, SyncMode::Group);
-    let state = KeyState::new().update(
-        &VersionVector::new(),
-        Dot {
-            actor: 0xBEEF,
-            counter: 1,
-        },
-        1,
-        Some(Bytes::from_static(b"slow")),
-    );
-    let merge = WriteOp::Merge {
-        key: Bytes::from_static(b"slow"),
-        state,
-    };
+    let merge = peer_merge(b"slow");
     let gate = engine.hold_writes();
     let err = store
         .write_within(merge, 50, || "key slow: replica write".into())
