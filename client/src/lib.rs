@@ -204,6 +204,10 @@ pub enum Error {
     /// No reply within the client deadline: the outcome is unknown.
     #[error("no reply from {addr} within {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
+    /// The request's deadline passed while it waited to be sent (behind others, to a node
+    /// that reads slowly): it was never sent, nothing was done.
+    #[error("not sent to {addr}: its {timeout:?} deadline passed while it waited to be sent")]
+    Expired { addr: String, timeout: Duration },
     #[error("invalid reply from {addr}: {cause}")]
     Protocol { addr: String, cause: String },
     #[error("invalid argument: {0}")]
@@ -237,7 +241,7 @@ impl Error {
     pub fn is_definite(&self) -> bool {
         match self {
             Error::Server { definite, .. } => *definite,
-            Error::Connect { .. } | Error::InvalidArgument(_) => true,
+            Error::Connect { .. } | Error::Expired { .. } | Error::InvalidArgument(_) => true,
             Error::ConnectionLost { .. } | Error::Timeout { .. } | Error::Protocol { .. } => false,
         }
     }
@@ -786,7 +790,12 @@ impl Client {
     ) -> Result<(String, Response), Error> {
         let n = self.inner.nodes.len();
         let start = route.unwrap_or_else(|| self.inner.preferred.load(Ordering::Relaxed)) % n;
-        let deadline = Instant::now() + timeout + CLIENT_GRACE;
+        let now = Instant::now();
+        // The request's own deadline: a request still queued in the connection then is not
+        // sent, and one sent carries only what is left of it (the node counts that from its
+        // own read). The wait for the reply gets the grace on top.
+        let send_by = now + timeout;
+        let deadline = now + timeout + CLIENT_GRACE;
         let mut last_err = String::new();
         let mut refusal: Option<(String, ringkv_protocol::ErrorReply)> = None;
         for step in 0..n {
@@ -801,8 +810,21 @@ impl Client {
             };
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
             let left = deadline.saturating_duration_since(Instant::now());
+            let mut to_send = req.clone();
+            let encode = move || {
+                let left = send_by.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                if let Some(ms) = time_given_ms(&mut to_send) {
+                    if *ms != 0 {
+                        *ms = (*ms).min(millis(left));
+                    }
+                }
+                Some(to_send.to_frame(id))
+            };
             let result = tokio::time::timeout(left, async {
-                let frame = conn.call(req.to_frame(id)).await?;
+                let frame = conn.call_at_send(encode).await?;
                 Response::decode(frame.opcode, frame.body)
                     .map_err(|e| ConnError::Protocol(e.to_string()))
             })
@@ -835,13 +857,8 @@ impl Client {
                     last_err = format!("{addr}: {}", e.message);
                     refusal = Some((addr, e));
                 }
-                // Only `call_at_send` drops a request unsent; this client does not use it.
-                Ok(Err(ConnError::Expired)) => {
-                    return Err(Error::Timeout {
-                        addr,
-                        timeout: timeout + CLIENT_GRACE,
-                    })
-                }
+                // Its deadline passed while it waited in the connection's queue: never sent.
+                Ok(Err(ConnError::Expired)) => return Err(Error::Expired { addr, timeout }),
                 Ok(Err(ConnError::Lost(cause))) => {
                     if !retry_after_send {
                         return Err(Error::ConnectionLost { addr, cause });
@@ -872,6 +889,15 @@ fn overload_backoff(base: Duration, attempt: u32, hint: Duration, seed: u64) -> 
     let exp = base.saturating_mul(1u32 << attempt.min(16)).max(hint);
     let jitter = xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) % 1000;
     exp + exp.mul_f64(jitter as f64 / 2000.0)
+}
+
+/// The time a request gives the node (`timeout_ms`; 0 = the node's default), if it has one.
+fn time_given_ms(req: &mut Request) -> Option<&mut u32> {
+    match req {
+        Request::Get { opts, .. } => Some(&mut opts.timeout_ms),
+        Request::Put { opts, .. } | Request::Delete { opts, .. } => Some(&mut opts.timeout_ms),
+        _ => None,
+    }
 }
 
 fn millis(d: Duration) -> u32 {
@@ -969,6 +995,74 @@ mod routing_tests {
         let large = read.siblings[1].value.as_ref().expect("a value");
         assert!(within(large, &frame), "a large value stays zero-copy");
         assert_eq!(large.len(), SHARED_VALUE_MIN);
+    }
+
+    /// A write whose deadline passes while it waits in the connection's queue (behind
+    /// megabytes, to a node that reads slowly) is never sent, and the client says so
+    /// (definite). Before, it was sent when its turn came with its whole `timeout_ms`, which
+    /// the node counts from its own read: it could apply the write after the client had
+    /// reported it timed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_deadline_passes_in_the_queue_is_never_sent() {
+        use futures::{SinkExt, StreamExt};
+        use ringkv_protocol::{FrameCodec, Inbound, WriteReply};
+        // A node that reads nothing for 600 ms (a small receive buffer: what waits, waits in
+        // the client), then answers every put; it records the keys it was sent.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 << 10).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(8).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let node = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+            let mut keys = Vec::new();
+            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+                if let Ok(Request::Put { key, .. }) = Request::decode(frame.opcode, frame.body) {
+                    keys.push(String::from_utf8_lossy(&key).into_owned());
+                }
+                let reply = Response::Put(WriteReply {
+                    actor: 1,
+                    counter: 1,
+                    body: None,
+                    primary_acks: 1,
+                    fallback_acks: 0,
+                });
+                if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
+                    break;
+                }
+            }
+            keys
+        });
+        let client = Client::new([addr], ClientConfig::default()).unwrap();
+        let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
+        let slow = PutOptions {
+            timeout: Some(Duration::from_secs(10)),
+            ..PutOptions::default()
+        };
+        let mut bigs = Vec::new();
+        for i in 0..8 {
+            let (client, big) = (client.clone(), big.clone());
+            bigs.push(tokio::spawn(async move {
+                client.put_with(format!("big{i}"), big, None, slow).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let short = PutOptions {
+            timeout: Some(Duration::from_millis(200)),
+            ..PutOptions::default()
+        };
+        let late = client.put_with("late", "x", None, short).await;
+        let e = late.expect_err("its deadline passed before it could be sent");
+        assert!(e.is_definite(), "it was never sent: {e}");
+        for b in bigs {
+            b.await.unwrap().unwrap();
+        }
+        drop(client);
+        let keys = node.await.unwrap();
+        assert_eq!(keys.len(), 8, "{keys:?}");
+        assert!(!keys.contains(&"late".to_string()), "{keys:?}");
     }
 
     #[test]
