@@ -139,10 +139,7 @@ impl Conn {
         let (reply, rx) = oneshot::channel();
         // A connection the node refused takes nothing more: a request that finds it closed
         // was not sent at all.
-        let closed = || match self.refused.get() {
-            Some(e) => ConnError::Refused(e.clone()),
-            None => ConnError::Lost("connection closed".into()),
-        };
+        let closed = || ended(&self.refused, "connection closed");
         self.tx
             .send(Outgoing { payload, reply })
             .await
@@ -304,6 +301,15 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
     }
 }
 
+/// What a request on a connection that ended gets: `Refused` if the node refused the
+/// connection (nothing on it was read), else `Lost` with `cause`.
+fn ended(refused: &OnceLock<ErrorReply>, cause: &str) -> ConnError {
+    match refused.get() {
+        Some(e) => ConnError::Refused(e.clone()),
+        None => ConnError::Lost(cause.to_string()),
+    }
+}
+
 /// Encodes requests from the front of `backlog` while less than `UNSENT_PAUSE_BYTES` waits to
 /// be written (at least one), registering each for its reply; a caller that gave up is skipped,
 /// one whose time ran out (`Payload::AtSend` made nothing) is answered `Expired`. A write error
@@ -352,7 +358,8 @@ async fn run(
     mut out: Outbound<tokio::net::tcp::OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Outgoing>,
     alive: Arc<AtomicBool>,
-    refused_slot: Arc<OnceLock<ErrorReply>>,
+    // Set when the node refused the connection (see `ConnError::Refused`).
+    refused: Arc<OnceLock<ErrorReply>>,
 ) {
     let mut pending: Pending = HashMap::new();
     // Requests taken from the channel and not yet encoded: they are encoded (and a request's
@@ -360,8 +367,6 @@ async fn run(
     // be written, so one queued behind megabytes of others is stamped when its turn comes,
     // not when the batch was taken.
     let mut backlog: VecDeque<Outgoing> = VecDeque::new();
-    // Set when the node refused the connection (see `ConnError::Refused`).
-    let mut refused: Option<ErrorReply> = None;
     let cause = loop {
         if !backlog.is_empty() && out.unsent() < UNSENT_PAUSE_BYTES {
             if let Err(e) = feed_backlog(&mut backlog, &mut out, &mut pending) {
@@ -422,8 +427,7 @@ async fn run(
                                 Ok(Response::Error(e)) => {
                                     let msg = format!("{}: {}", e.kind.name(), e.message);
                                     if matches!(e.kind, ErrorKind::Overloaded { .. }) {
-                                        let _ = refused_slot.set(e.clone());
-                                        refused = Some(e);
+                                        let _ = refused.set(e);
                                     }
                                     msg
                                 }
@@ -441,10 +445,7 @@ async fn run(
     };
     alive.store(false, Ordering::Release);
     rx.close();
-    let failed = || match &refused {
-        Some(e) => ConnError::Refused(e.clone()),
-        None => ConnError::Lost(cause.clone()),
-    };
+    let failed = || ended(&refused, &cause);
     for (_, tx) in pending.drain() {
         let _ = tx.send(Err(failed()));
     }

@@ -731,15 +731,12 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let mut route = route;
         let mut attempt = 0u32;
-        let mut req = req;
         loop {
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1));
-            // A retry gets what is left of the request's deadline, on the node too.
-            if let Request::Get { opts, .. } = &mut req {
-                opts.timeout_ms = opts.timeout_ms.min(millis(left));
-            }
+            // A retry gets what is left of the request's deadline, on the node too: `call_once`
+            // stamps it when the request is sent.
             let result = self
                 .call_once(req.clone(), left, retry_after_send, route)
                 .await;
@@ -816,7 +813,7 @@ impl Client {
                 if left.is_zero() {
                     return None;
                 }
-                if let Some(ms) = time_given_ms(&mut to_send) {
+                if let Some(ms) = to_send.timeout_ms_mut() {
                     if *ms != 0 {
                         *ms = (*ms).min(millis(left));
                     }
@@ -889,15 +886,6 @@ fn overload_backoff(base: Duration, attempt: u32, hint: Duration, seed: u64) -> 
     let exp = base.saturating_mul(1u32 << attempt.min(16)).max(hint);
     let jitter = xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) % 1000;
     exp + exp.mul_f64(jitter as f64 / 2000.0)
-}
-
-/// The time a request gives the node (`timeout_ms`; 0 = the node's default), if it has one.
-fn time_given_ms(req: &mut Request) -> Option<&mut u32> {
-    match req {
-        Request::Get { opts, .. } => Some(&mut opts.timeout_ms),
-        Request::Put { opts, .. } | Request::Delete { opts, .. } => Some(&mut opts.timeout_ms),
-        _ => None,
-    }
 }
 
 fn millis(d: Duration) -> u32 {
@@ -1008,11 +996,7 @@ mod routing_tests {
         use ringkv_protocol::{FrameCodec, Inbound, WriteReply};
         // A node that reads nothing for 600 ms (a small receive buffer: what waits, waits in
         // the client), then answers every put; it records the keys it was sent.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(64 << 10).unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(8).unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = ringkv_jepsen::small_buffer_listener();
         let node = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_millis(600)).await;

@@ -405,6 +405,16 @@ pub enum Response {
 }
 
 impl Request {
+    /// The time a data request gives the node (`timeout_ms`; 0 = the node's default); `None`
+    /// for admin requests, which carry none.
+    pub fn timeout_ms_mut(&mut self) -> Option<&mut u32> {
+        match self {
+            Request::Get { opts, .. } => Some(&mut opts.timeout_ms),
+            Request::Put { opts, .. } | Request::Delete { opts, .. } => Some(&mut opts.timeout_ms),
+            _ => None,
+        }
+    }
+
     pub fn opcode(&self) -> u8 {
         match self {
             Request::Ping => opcode::PING,

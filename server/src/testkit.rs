@@ -86,6 +86,12 @@ pub fn view_changing(nodes: &[&str], next: &[&str], me: &str, alive: &[&str]) ->
     v
 }
 
+/// Node "a"'s view while a ring change replacing "b" by "d" runs (N=3 on three nodes: every
+/// node replicates every key): the current replicas are a, b, c, the next ones a, c, d.
+pub fn b_replaced_by_d(alive: &[&str]) -> ClusterView {
+    view_changing(&["a", "b", "c"], &["a", "c", "d"], "a", alive)
+}
+
 /// What a member's gossip says of its layout: it has `layout`, completed its transfers for
 /// `synced`, and coordinates no write begun under a layout older than `drained`.
 pub fn layout_seen(

@@ -95,11 +95,9 @@ impl ClientApi {
         conn: &Arc<ConnShare>,
         arrived: Instant,
     ) -> Result<(Request, Permit), NotRun> {
-        let timeout_ms = match &mut req {
-            Request::Get { opts, .. } => &mut opts.timeout_ms,
-            Request::Put { opts, .. } | Request::Delete { opts, .. } => &mut opts.timeout_ms,
-            _ => unreachable!("only data requests are admitted"),
-        };
+        let timeout_ms = req
+            .timeout_ms_mut()
+            .expect("only data requests, which carry a timeout, are admitted");
         let total = if *timeout_ms == 0 {
             self.default_timeout_ms
         } else {

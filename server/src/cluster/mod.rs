@@ -653,12 +653,7 @@ mod tests {
     /// for this very layout, not for another layout of the same version.
     #[test]
     fn a_gainer_synced_for_another_layout_of_the_same_version_is_still_waited_for() {
-        let mut v = crate::testkit::view_changing(
-            &["a", "b", "c"],
-            &["a", "c", "d"],
-            "a",
-            &["b", "c", "d"],
-        );
+        let mut v = crate::testkit::b_replaced_by_d(&["b", "c", "d"]);
         let id = v.layout_id();
         let with_digest = |digest| LayoutId {
             version: id.version,

@@ -9,7 +9,7 @@ use super::*;
 use crate::background::Runner;
 use crate::metrics::Registry;
 use crate::storage::memory::MemoryEngine;
-use crate::testkit::{eventually, peer_addr as addr, view, view_changing};
+use crate::testkit::{b_replaced_by_d, eventually, peer_addr as addr, view, view_changing};
 use crate::version::Dot;
 
 /// What a scripted peer does with one kind of request.
@@ -276,6 +276,27 @@ async fn local(store: &Arc<Store>, key: &str) -> KeyState {
     store.read(Bytes::from(key.to_string())).await.unwrap()
 }
 
+/// The error of `resp`, which must be `Unavailable { alive, needed }` (`context` says why in
+/// the failure message).
+fn expect_unavailable(
+    resp: Response,
+    (alive, needed): (u64, u64),
+    context: &str,
+) -> ringkv_protocol::ErrorReply {
+    match resp {
+        Response::Error(e) => {
+            assert_eq!(
+                e.kind,
+                ErrorKind::Unavailable { alive, needed },
+                "{}",
+                e.message
+            );
+            e
+        }
+        other => panic!("{context}: {other:?}"),
+    }
+}
+
 /// `resp` refused the write of `key` before anything was written: a definite `Unavailable`
 /// with `alive` of `needed` replicas whose message contains `why`, no peer asked, nothing
 /// minted here.
@@ -286,18 +307,8 @@ async fn assert_refused_up_front(
     (alive, needed): (u64, u64),
     why: &str,
 ) {
-    match resp {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable { alive, needed },
-                "{}",
-                e.message
-            );
-            assert!(e.definite && e.message.contains(why), "{}", e.message);
-        }
-        other => panic!("{other:?}"),
-    }
+    let e = expect_unavailable(resp, (alive, needed), "refused up front");
+    assert!(e.definite && e.message.contains(why), "{}", e.message);
     assert!(
         h.script.calls.lock().unwrap().is_empty(),
         "no peer was asked"
@@ -397,19 +408,9 @@ async fn a_write_whose_replicas_all_fail_is_unavailable_and_indefinite() {
     let h = harness(view(&ABC, "a", &["b", "c"]));
     h.script.on("b", Kind::Replicate, failing());
     h.script.on("c", Kind::Replicate, failing());
-    match h.coordinator.write(put("k", "v", 2, 1000)).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 1,
-                    needed: 2
-                }
-            );
-            assert!(!e.definite, "this node holds the version: {}", e.message);
-        }
-        other => panic!("{other:?}"),
-    }
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    let e = expect_unavailable(resp, (1, 2), "all replicas failed");
+    assert!(!e.definite, "this node holds the version: {}", e.message);
 }
 
 #[tokio::test]
@@ -500,25 +501,12 @@ async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
             Bytes::from_static(b"\xff garbage"),
         ))),
     );
-    match h
+    let resp = h
         .coordinator
         .get(Bytes::from_static(b"k"), get_opts(2, 1000))
-        .await
-    {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 1,
-                    needed: 2
-                },
-                "{}",
-                e.message
-            );
-            assert!(e.definite);
-        }
-        other => panic!("{other:?}"),
-    }
+        .await;
+    let e = expect_unavailable(resp, (1, 2), "an undecodable replica state");
+    assert!(e.definite);
 }
 
 /// Node `a` of four, all up, and a key `a` does not replicate (its writes are forwarded), with
@@ -789,20 +777,8 @@ async fn a_sloppy_read_counts_fallback_hints_and_pr_refuses_it() {
     );
     let mut opts = get_opts(2, 1000);
     opts.pr = 2;
-    match h.coordinator.get(Bytes::from(key), opts).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 1,
-                    needed: 2
-                },
-                "{}",
-                e.message
-            )
-        }
-        other => panic!("{other:?}"),
-    }
+    let resp = h.coordinator.get(Bytes::from(key), opts).await;
+    expect_unavailable(resp, (1, 2), "PR=2 with one primary up");
 }
 
 #[tokio::test]
@@ -828,21 +804,13 @@ async fn a_delete_without_context_reads_primaries_only() {
             pw: 0,
         },
     };
-    match h.coordinator.write(delete).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 1,
-                    needed: 2
-                },
-                "{}",
-                e.message
-            );
-            assert!(e.definite, "{}", e.message);
-        }
-        other => panic!("a fallback's hint must not stand in for the delete's read: {other:?}"),
-    }
+    let resp = h.coordinator.write(delete).await;
+    let e = expect_unavailable(
+        resp,
+        (1, 2),
+        "a fallback's hint must not stand in for the delete's read",
+    );
+    assert!(e.definite, "{}", e.message);
     assert!(h.script.calls(Kind::ReadHint).is_empty());
     assert!(
         local(&h.store, &key).await.siblings().is_empty(),
@@ -952,12 +920,6 @@ async fn a_slow_replica_read_gets_a_speculative_spare() {
     .await;
 }
 
-/// A ring change replacing "b" by "d" runs (N=3 on three nodes: every node replicates every
-/// key): the current replicas are a, b, c, the next ones a, c, d.
-fn b_replaced_by_d(alive: &[&str]) -> ClusterView {
-    view_changing(&ABC, &["a", "c", "d"], "a", alive)
-}
-
 #[tokio::test]
 async fn during_a_ring_change_a_write_needs_w_among_the_next_replicas_too() {
     // W=2 among a, b, c is met (a and b), but among the next replicas only a holds it: after
@@ -966,22 +928,14 @@ async fn during_a_ring_change_a_write_needs_w_among_the_next_replicas_too() {
     h.script.on("b", Kind::Replicate, ack());
     h.script.on("c", Kind::Replicate, failing());
     h.script.on("d", Kind::Replicate, failing());
-    match h.coordinator.write(put("k", "v", 2, 1000)).await {
-        Response::Error(e) => {
-            assert_eq!(
-                e.kind,
-                ErrorKind::Unavailable {
-                    alive: 1,
-                    needed: 2
-                },
-                "{}",
-                e.message
-            );
-            assert!(e.message.contains("next ring"), "{}", e.message);
-            assert!(!e.definite, "a and b hold the version: {}", e.message);
-        }
-        other => panic!("W=2 held by one next replica must not be acknowledged: {other:?}"),
-    }
+    let resp = h.coordinator.write(put("k", "v", 2, 1000)).await;
+    let e = expect_unavailable(
+        resp,
+        (1, 2),
+        "W=2 held by one next replica must not be acknowledged",
+    );
+    assert!(e.message.contains("next ring"), "{}", e.message);
+    assert!(!e.definite, "a and b hold the version: {}", e.message);
     assert_eq!(h.script.replicated_to("d").len(), 1, "d was sent the write");
 }
 

@@ -426,12 +426,7 @@ mod tests {
     /// it, is behind, though the versions are equal.
     #[test]
     fn a_member_with_the_other_layout_of_the_same_version_is_behind() {
-        let mut v = crate::testkit::view_changing(
-            &["a", "b", "c"],
-            &["a", "c", "d"],
-            "a",
-            &["b", "c", "d"],
-        );
+        let mut v = crate::testkit::b_replaced_by_d(&["b", "c", "d"]);
         let mut other = (*v.layout).clone();
         other.next = Some(other.current.clone());
         let (mine, theirs) = (v.layout.id(), other.id());

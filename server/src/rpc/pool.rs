@@ -342,11 +342,7 @@ mod tests {
         secret: &'static str,
         mut pause: impl FnMut(&PeerRequest) -> Duration + Send + 'static,
     ) -> (String, tokio::task::JoinHandle<Vec<(u32, Instant)>>) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(64 << 10).unwrap();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(8).unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+        let (listener, addr) = ringkv_jepsen::small_buffer_listener();
         let task = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             let mut framed = Framed::new(socket, FrameCodec::new(16 << 20));

@@ -58,6 +58,22 @@ where
     }
 }
 
+/// A loopback listener whose connections have a small receive buffer (64 KiB), for fake nodes
+/// that read slowly: what waits, waits in the sender rather than in this side's kernel; with
+/// its address.
+pub fn small_buffer_listener() -> (tokio::net::TcpListener, String) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .set_recv_buffer_size(64 << 10)
+        .expect("a receive buffer size");
+    socket
+        .bind("127.0.0.1:0".parse().expect("an address"))
+        .expect("bind on loopback");
+    let listener = socket.listen(8).expect("listen");
+    let addr = listener.local_addr().expect("its address").to_string();
+    (listener, addr)
+}
+
 /// `GET path` on an HTTP address (the admin listener): (status code, body). A plain
 /// HTTP/1.1 request with `Connection: close` on a std socket, so tests need no HTTP client.
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
