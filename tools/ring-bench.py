@@ -6,7 +6,7 @@ usage: tools/ring-bench.py BIN_DIR OUT_DIR [--records 100000] [--duration 20] [-
 Per round, on a fresh cluster c1..c3 loaded with RECORDS keys (100 B values):
   1. idle join: c4 (started with --auto-join false) is joined by `kvctl cluster join` +
      `commit` with no foreground traffic; the time from commit to the switch, and c4's
-     transfer.keys_received / bytes_received, give the transfer rate the budgets allow when
+     transfer.keys_received / exchange_bytes, give the transfer rate the budgets allow when
      the machine is free. c4 then leaves again (the leave's transfers are timed too).
   2. control: workload A against c1..c3, closed loop 8 x 16, DURATION seconds.
   3. join under load: c5 is joined by commit at the start of the same run; throughput and p99
@@ -99,7 +99,7 @@ def round_(args, n):
         change(cl, "join", "c4")
         secs = wait_switch(cl)
         keys = metric(cl, 4, "transfer.keys_received")
-        wire = metric(cl, 4, "transfer.bytes_received")
+        wire = metric(cl, 4, "transfer.exchange_bytes")
         res["idle_join"] = {"seconds": secs, "keys": keys, "bytes": wire,
                             "keys_per_s": keys / secs, "mb_per_s": wire / secs / 1e6}
         print(f"r{n} idle join of c4: {keys} keys, {wire / 1e6:.1f} MB in {secs:.1f} s "

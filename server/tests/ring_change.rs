@@ -282,6 +282,17 @@ async fn grow_three_to_six_moves_every_key_to_its_new_replicas() {
         received > 3000,
         "the new nodes received their ranges: {received}"
     );
+    // Bytes received count the states that came in (key and state), not the exchange's
+    // digests and requests: no more than every node served to fetchers, and at least a value
+    // (its key, as written) per key received.
+    let bytes_in = metric_total(&c, &[3, 4, 5], "transfer.bytes_received").await;
+    let bytes_out = metric_total(&c, &[3, 4, 5], "transfer.bytes_sent").await;
+    let served = metric_total(&c, &all, "aae.state_bytes_served").await;
+    assert!(
+        bytes_in >= received * "grow-0".len() as u64 && bytes_in <= served,
+        "transfer bytes received {bytes_in} for {received} keys; states served {served} bytes"
+    );
+    assert_eq!(bytes_out, 0, "new nodes have nothing to push back");
     let (ok, status) = kvctl(&c, 4, &["cluster", "status"]);
     assert!(
         ok && status.contains("no transition") || status.contains("layout v"),

@@ -61,7 +61,10 @@ pub struct Outcome {
     pub keys_compared: u64,
     pub sent: u64,
     pub received: u64,
+    /// Bytes of the states pushed (key and state).
     pub bytes_sent: u64,
+    /// Bytes of the states fetched (key and state).
+    pub bytes_received: u64,
     /// Payload bytes both ways (cells and hashes, digests, states; frame headers not counted).
     pub wire_bytes: u64,
     pub rounds: usize,
@@ -264,6 +267,7 @@ impl<T: Transport> AaeWorker<T> {
         m.keys_sent.inc_by(o.sent);
         m.keys_received.inc_by(o.received);
         m.bytes_sent.inc_by(o.bytes_sent);
+        m.bytes_received.inc_by(o.bytes_received);
         m.exchange_bytes.inc_by(o.wire_bytes);
         let c = &mut self.cycle;
         c.spans += o.spans;
@@ -448,8 +452,9 @@ impl<T: Transport> AaeWorker<T> {
             let (sent, bytes) = self.push(addr, push).await?;
             out.sent += sent;
             out.bytes_sent += bytes;
-            let (received, fetched_bytes) = self.fetch(addr, fetch).await?;
+            let (received, state_bytes, fetched_bytes) = self.fetch(addr, fetch).await?;
             out.received += received;
+            out.bytes_received += state_bytes;
             out.wire_bytes += bytes + fetched_bytes;
         }
         out.spans_differing = differing_spans.iter().filter(|d| **d).count();
@@ -578,9 +583,10 @@ impl<T: Transport> AaeWorker<T> {
         Ok((sent, bytes))
     }
 
-    /// Fetches the peer's states of `keys` and merges them here: (keys merged, bytes fetched).
-    async fn fetch(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<(u64, u64), String> {
-        let (mut received, mut bytes) = (0, 0u64);
+    /// Fetches the peer's states of `keys` and merges them here: (keys merged, bytes of the
+    /// states that came (key and state, as `push` counts), payload bytes both ways).
+    async fn fetch(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<(u64, u64, u64), String> {
+        let (mut received, mut state_bytes, mut bytes) = (0, 0u64, 0u64);
         for chunk in keys.chunks(MAX_STATES) {
             let states = match self
                 .call(
@@ -597,6 +603,7 @@ impl<T: Transport> AaeWorker<T> {
             let fetched = chunk.iter().map(|k| 4 + k.len() as u64).sum::<u64>()
                 + states.iter().map(|s| 4 + s.len() as u64).sum::<u64>();
             bytes += fetched;
+            state_bytes += super::states_bytes(chunk, &states);
             let entries: Vec<(Bytes, Bytes)> = chunk
                 .iter()
                 .cloned()
@@ -612,7 +619,7 @@ impl<T: Transport> AaeWorker<T> {
                 .count() as u64;
             self.pace(chunk.len(), fetched).await;
         }
-        Ok((received, bytes))
+        Ok((received, state_bytes, bytes))
     }
 
     async fn start_cycle(&mut self) {

@@ -37,3 +37,14 @@ pub async fn call<T: Transport>(
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// Bytes of the states of `keys` a fetch answered (key and state; a key with no state, an
+/// empty one, counts nothing): what the fetcher's `bytes_received` and the server's
+/// `state_bytes_served` both count, as a push counts its `bytes_sent`.
+pub fn states_bytes(keys: &[bytes::Bytes], states: &[bytes::Bytes]) -> u64 {
+    keys.iter()
+        .zip(states)
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(k, s)| (k.len() + s.len()) as u64)
+        .sum()
+}

@@ -29,12 +29,14 @@ crate::metrics::metric_set! {
         keys_compared: Counter = "keys_compared", "keys compared by digest with peers";
         keys_sent: Counter = "keys_repaired_sent", "states pushed to peers that lacked or differed";
         keys_received: Counter = "keys_repaired_received", "states fetched from peers and merged here";
-        bytes_sent: Counter = "bytes_sent", "bytes of states pushed to peers";
+        bytes_sent: Counter = "bytes_sent", "bytes (key and state) of the states pushed to peers";
+        bytes_received: Counter = "bytes_received", "bytes (key and state) of the states fetched from peers";
         exchange_bytes: Counter = "exchange_bytes", "payload bytes of exchanges both ways (cells, hashes, digests, states)";
         last_cycle_seconds: Gauge = "last_cycle_seconds", "duration of the last full cycle";
         cycles: Counter = "cycles", "full cycles over every peer completed";
         served: Counter = "requests_served", "aae requests answered for peers";
         states_served: Counter = "states_served", "key states sent to peers that fetched them (exchanges and transfers)";
+        state_bytes_served: Counter = "state_bytes_served", "bytes (key and state) of the key states sent to peers that fetched them (exchanges and transfers)";
         push_refused: Counter = "push_refused", "pushed states refused (this node is not a replica of the key)";
         unsynced: Gauge = "unsynced", "1 while this node's data dir is new and not yet synced from every other replica (it answers no replica reads)";
         unsynced_peers: Gauge = "unsynced_peers", "peers this node shares ranges with and has not completed an exchange with since its data dir was new";
@@ -315,8 +317,8 @@ impl AntiEntropy {
             }
             AaeRequest::FetchStates { keys } => {
                 let mut states = Vec::with_capacity(keys.len().min(MAX_STATES));
-                for key in keys {
-                    match self.store.read_stored(&key).await {
+                for key in &keys {
+                    match self.store.read_stored(key).await {
                         Ok(s) => states.push(s.map(Bytes::from).unwrap_or_default()),
                         Err(e) => {
                             return self.error(
@@ -329,6 +331,9 @@ impl AntiEntropy {
                 self.metrics
                     .states_served
                     .inc_by(states.iter().filter(|s| !s.is_empty()).count() as u64);
+                self.metrics
+                    .state_bytes_served
+                    .inc_by(super::states_bytes(&keys, &states));
                 PeerResponse::Aae(AaeResponse::States(states))
             }
             AaeRequest::PushStates { entries } => {

@@ -46,7 +46,9 @@ crate::metrics::metric_set! {
     /// Range transfers into this node (registered under `transfer.`).
     pub struct TransferMetrics {
         keys_received: Counter = "keys_received", "keys fetched and merged by transfers into this node";
-        bytes_received: Counter = "bytes_received", "payload bytes of transfer exchanges (both ways)";
+        bytes_received: Counter = "bytes_received", "bytes (key and state) of the states fetched by transfers into this node";
+        bytes_sent: Counter = "bytes_sent", "bytes (key and state) of the states pushed back to sources that lacked them";
+        exchange_bytes: Counter = "exchange_bytes", "payload bytes of transfer exchanges both ways (cells, hashes, digests, states)";
         sources_done: Counter = "sources_done", "sources this node finished pulling its gained ranges from";
         failures: Counter = "failures", "transfer exchanges that failed (retried)";
         completed: Counter = "completed", "transitions whose gained ranges this node received in full";
@@ -100,6 +102,7 @@ pub struct SourceStatus {
     pub spans_done: usize,
     pub share: f64,
     pub keys: u64,
+    /// Bytes of the states received (key and state), to compare with `est_bytes`.
     pub bytes: u64,
     /// Estimated keys and bytes this source has for this node: its own counts (`Stats`) times
     /// the share of its ranges that move here. None until asked.
@@ -422,7 +425,9 @@ impl<T: Transport> Worker for TransferWorker<T> {
         match self.exchanger.exchange(&addr, &spans as &[Span]).await {
             Ok(o) => {
                 self.metrics.keys_received.inc_by(o.received);
-                self.metrics.bytes_received.inc_by(o.wire_bytes);
+                self.metrics.bytes_received.inc_by(o.bytes_received);
+                self.metrics.bytes_sent.inc_by(o.bytes_sent);
+                self.metrics.exchange_bytes.inc_by(o.wire_bytes);
                 let finished = to == all_spans.len();
                 if finished {
                     self.metrics.sources_done.inc();
@@ -433,7 +438,7 @@ impl<T: Transport> Worker for TransferWorker<T> {
                     e.state = if finished { "done" } else { "running" };
                     e.spans_done = to;
                     e.keys += o.received;
-                    e.bytes += o.wire_bytes;
+                    e.bytes += o.bytes_received;
                     if finished {
                         e.finished = Some(Instant::now());
                     }
