@@ -167,6 +167,8 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Progress {
     /// Everything encoded so far is written (or the write failed).
     Flushed(std::io::Result<()>),
+    /// Some bytes were written and more wait (the socket is full).
+    Wrote,
     /// Bytes waited to be written and the other side read none of them for a whole
     /// `stall_timeout`.
     Stalled,
@@ -241,8 +243,10 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
     }
 
     /// Writes what is encoded, making the stall checks that fall due meanwhile; returns once
-    /// everything is written (or the write failed), or at a check that finds the other side
-    /// stalled (cancel-safe: what was written stays written). Poll while `busy`.
+    /// everything is written (or the write failed), once some bytes were written and the
+    /// socket is full (`Wrote`: the caller sees which frames have left, `written`), or at a
+    /// check that finds the other side stalled (cancel-safe: what was written stays written).
+    /// Poll while `busy`.
     pub async fn progress(&mut self) -> Progress {
         loop {
             let pending = self.pending();
@@ -253,10 +257,13 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
                 ..
             } = &mut *self;
             tokio::select! {
-                flushed = SinkExt::<Frame>::flush(writer), if pending => {
-                    return Progress::Flushed(
-                        flushed.map_err(|e| std::io::Error::other(e.to_string())),
-                    );
+                flushed = flush_some(writer), if pending => {
+                    return match flushed {
+                        Some(r) => Progress::Flushed(
+                            r.map_err(|e| std::io::Error::other(e.to_string())),
+                        ),
+                        None => Progress::Wrote,
+                    };
                 }
                 _ = check.as_mut(), if *armed => {}
                 else => return Progress::Flushed(Ok(())),
@@ -270,8 +277,9 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
     /// Writes everything left, unless the other side reads none of it for a stall period.
     pub async fn finish(&mut self) {
         while self.pending() {
-            if !matches!(self.progress().await, Progress::Flushed(Ok(()))) {
-                return;
+            match self.progress().await {
+                Progress::Flushed(Ok(())) | Progress::Wrote => {}
+                Progress::Flushed(Err(_)) | Progress::Stalled => return,
             }
         }
     }
@@ -299,6 +307,25 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
     pub fn stall_timeout(&self) -> Duration {
         self.stall_timeout
     }
+}
+
+/// Flushes `writer`: `Some` once everything is written (or the write failed), `None` as soon
+/// as the socket is full after some bytes were written (the socket's readiness, not a timer,
+/// wakes the next call, which makes no syscall until it can write).
+async fn flush_some<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, FrameCodec>,
+) -> Option<Result<(), ringkv_protocol::FrameError>> {
+    std::future::poll_fn(|cx| {
+        let before = writer.write_buffer().len();
+        match futures::Sink::<Frame>::poll_flush(std::pin::Pin::new(&mut *writer), cx) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+            std::task::Poll::Pending if writer.write_buffer().len() < before => {
+                std::task::Poll::Ready(None)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// What a request on a connection that ended gets: `Refused` if the node refused the
@@ -395,7 +422,7 @@ async fn run(
             }
             progress = out.progress(), if out.busy() => match progress {
                 Progress::Flushed(Err(e)) => break format!("write failed: {e}"),
-                Progress::Flushed(Ok(())) => {}
+                Progress::Flushed(Ok(())) | Progress::Wrote => {}
                 Progress::Stalled => {
                     break format!(
                         "the node read none of {} unsent bytes for {:?}",
@@ -534,6 +561,51 @@ mod tests {
         node.abort();
     }
 
+    /// `progress` comes back as soon as some bytes are written, not only once everything is:
+    /// the connection task then sees each frame that has left (the server gives back the
+    /// budget places of replies written, and takes new requests once less waits), while the
+    /// other side reads slowly.
+    #[tokio::test]
+    async fn progress_reports_bytes_written_before_everything_is() {
+        use tokio::io::AsyncReadExt;
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut out = Outbound::new(near, MAX_REQUEST_BODY_LEN, Duration::from_secs(600));
+        let frame = |id: u64, len: usize| Frame {
+            opcode: 1,
+            request_id: id,
+            body: Bytes::from(vec![7u8; len]),
+        };
+        out.feed(frame(1, 4 * 1024)).unwrap();
+        let first_ends = out.fed();
+        out.feed(frame(2, 64 * 1024)).unwrap();
+        // The far side reads the first frame and a little more, then nothing.
+        let mut buf = vec![0u8; first_ends as usize + 2048];
+        let mut read = 0;
+        while read < buf.len() {
+            match tokio::time::timeout(Duration::from_secs(5), out.progress()).await {
+                Ok(Progress::Wrote) => {}
+                Ok(Progress::Flushed(r)) => panic!("flushed 68 KiB into 1 KiB: {r:?}"),
+                Ok(Progress::Stalled) => panic!("not stalled: the far side reads"),
+                Err(_) => panic!(
+                    "progress did not come back with {} of {} bytes written",
+                    out.written(),
+                    out.fed()
+                ),
+            }
+            let want = (buf.len() - read).min(1024);
+            read += far.read(&mut buf[read..read + want]).await.unwrap();
+        }
+        // Everything the far side took has been reported, without waiting for the rest.
+        let step = tokio::time::timeout(Duration::from_secs(5), out.progress()).await;
+        assert!(matches!(step, Ok(Progress::Wrote)), "{step:?}");
+        assert!(
+            out.written() >= first_ends,
+            "{} < {first_ends}",
+            out.written()
+        );
+        assert!(out.pending(), "64 KiB cannot all be in a 1 KiB pipe");
+    }
+
     /// A peer that reads some of what waits is slow, not stalled; one that reads none of it
     /// for a whole period is stalled, and only then.
     #[tokio::test]
@@ -562,6 +634,7 @@ mod tests {
                     far.read_exact(&mut buf).await.unwrap();
                 }
                 Ok(Progress::Flushed(r)) => panic!("flushed 64 KiB into 1 KiB: {r:?}"),
+                Ok(Progress::Wrote) => {}
                 Ok(Progress::Stalled) => panic!("slow is not stalled"),
             }
         }
@@ -583,9 +656,12 @@ mod tests {
             let mut sink = Vec::new();
             let _ = far.read_to_end(&mut sink).await;
         });
-        match out.progress().await {
-            Progress::Flushed(r) => r.unwrap(),
-            Progress::Stalled => panic!("stalled while the far side reads everything"),
+        loop {
+            match out.progress().await {
+                Progress::Flushed(r) => break r.unwrap(),
+                Progress::Wrote => {}
+                Progress::Stalled => panic!("stalled while the far side reads everything"),
+            }
         }
         assert!(!out.pending());
         while out.busy() {

@@ -270,7 +270,7 @@ async fn connection<H: FrameHandler>(
                     broken = true;
                     break;
                 }
-                Progress::Flushed(Ok(())) => None,
+                Progress::Flushed(Ok(())) | Progress::Wrote => None,
                 Progress::Stalled => {
                     metrics.write_stalls.inc();
                     warn!(node = %cfg.node_id, listener = cfg.kind, %peer, unsent_bytes = out.unsent(),
