@@ -183,13 +183,19 @@ pub fn consulted(view: &ClusterView, member: &str) -> bool {
     view.layout.is_owner(member) || (view.layout.retired.contains(member) && view.is_alive(member))
 }
 
-/// The first owner (current or next) found unavailable, if any. Nodes that own nothing (not
-/// joined yet, or retired) hold no replica and no hint: they do not take part.
+/// The first owner (current or next) found unavailable, if any: from the layout, not from the
+/// members this node has heard from (an owner down since before this node joined, or since
+/// its data dir was wiped, is in the layout only, and may hold a hint or a copy all the same).
+/// Nodes that own nothing (not joined yet, or retired) hold no replica and no hint: they do
+/// not take part.
 pub fn unavailable_member(view: &ClusterView) -> Option<NodeId> {
-    view.members
+    let layout = &view.layout;
+    layout
+        .current
         .keys()
-        .find(|m| view.layout.is_owner(m) && !view.is_alive(m))
-        .cloned()
+        .chain(layout.next.iter().flat_map(|n| n.keys()))
+        .find(|m| !view.is_alive(m))
+        .map(|m| NodeId::from(m.as_str()))
 }
 
 pub struct GcWorker<T: Transport = PeerPool> {
@@ -585,6 +591,28 @@ mod tests {
         v.alive.remove(&NodeId::from("d"));
         assert!(!consulted(&v, "d"), "retired and down");
         assert!(!consulted(&v, "e"), "not a member");
+    }
+
+    /// An owner this node has never heard from (down since before this node joined, or since
+    /// its data dir was wiped: no gossip metadata, so not among `members`) may hold a hint or
+    /// a copy all the same: it blocks purges like any owner that is down (found in review:
+    /// only known members were looked at).
+    #[test]
+    fn an_owner_never_heard_from_blocks_purges() {
+        let mut v = crate::testkit::view(&["a", "b", "c", "d"], "a", &["a", "b", "c"]);
+        assert_eq!(unavailable_member(&v), Some(NodeId::from("d")));
+        v.members.remove("d");
+        assert_eq!(
+            unavailable_member(&v),
+            Some(NodeId::from("d")),
+            "an owner missing from the members is not available"
+        );
+        v.alive.insert(NodeId::from("d"));
+        v.members.remove("d");
+        let mut layout = (*v.layout).clone();
+        layout.current.remove("d");
+        v.layout = std::sync::Arc::new(layout);
+        assert_eq!(unavailable_member(&v), None, "d owns nothing any more");
     }
 
     #[test]
