@@ -42,6 +42,7 @@ pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
             .collect(),
         next: None,
         retired: Default::default(),
+        forfeited: Default::default(),
     };
     ClusterView {
         me: me.into(),
@@ -78,6 +79,7 @@ pub fn view_changing(nodes: &[&str], next: &[&str], me: &str, alive: &[&str]) ->
         current: owners(nodes),
         next: Some(owners(next)),
         retired: Default::default(),
+        forfeited: Default::default(),
     };
     v.ring = layout.current_ring();
     v.next = layout.next_ring();

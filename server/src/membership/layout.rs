@@ -47,6 +47,13 @@ pub struct Layout {
     pub next: Option<Owners>,
     /// Nodes a completed plan took out of the ring (left, removed, replaced).
     pub retired: BTreeSet<String>,
+    /// Nodes taken out while down (removed, replaced), from the commit on: tombstone GC stops
+    /// waiting for them at the switch, so what they hold may predate purged deletes, and they
+    /// never hand it over (`HandOverGuard`), even if their process ran on unreachable
+    /// (paused, partitioned) and comes back. Cleared by a join. (Absent from layouts saved
+    /// before it: their digests do not change.)
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub forfeited: BTreeSet<String>,
 }
 
 /// One staged change.
@@ -142,6 +149,7 @@ impl Layout {
             current: BTreeMap::from([(id.to_string(), Owner::new(id, vnodes))]),
             next: None,
             retired: BTreeSet::new(),
+            forfeited: BTreeSet::new(),
         }
     }
 
@@ -282,9 +290,20 @@ impl Layout {
         }
         let next = self.target(changes, live)?;
         let mut retired = self.retired.clone();
+        let mut forfeited = self.forfeited.clone();
         for change in changes {
-            if let Change::Join { node, .. } | Change::Replace { new: node, .. } = change {
-                retired.remove(node);
+            match change {
+                Change::Join { node, .. } | Change::Replace { new: node, .. } => {
+                    retired.remove(node);
+                    forfeited.remove(node);
+                }
+                Change::Leave { .. } | Change::Remove { .. } => {}
+            }
+            match change {
+                Change::Remove { node } | Change::Replace { old: node, .. } => {
+                    forfeited.insert(node.clone());
+                }
+                Change::Join { .. } | Change::Leave { .. } => {}
             }
         }
         Ok(Layout {
@@ -292,6 +311,7 @@ impl Layout {
             current: self.current.clone(),
             next: Some(next),
             retired,
+            forfeited,
         })
     }
 
@@ -311,6 +331,7 @@ impl Layout {
             current: next,
             next: None,
             retired,
+            forfeited: self.forfeited.clone(),
         })
     }
 }
@@ -458,6 +479,7 @@ mod tests {
                 .collect(),
             next: None,
             retired: BTreeSet::new(),
+            forfeited: BTreeSet::new(),
         }
     }
 
@@ -644,5 +666,34 @@ mod tests {
             )
             .unwrap();
         assert!(!back.retired.contains("a") && back.retired.contains("d"));
+        // d was taken out while down: its data is forfeited (never handed over), from the
+        // commit on; a's was handed off in contact.
+        assert_eq!(t.forfeited, BTreeSet::from(["d".to_string()]));
+        assert_eq!(s.forfeited, BTreeSet::from(["d".to_string()]));
+        let d_back = s
+            .commit(
+                5,
+                &[Change::Join {
+                    node: "d".into(),
+                    vnodes: 64,
+                }],
+                &all_alive,
+            )
+            .unwrap();
+        assert!(
+            d_back.forfeited.is_empty(),
+            "a (wiped) node joining again owns again"
+        );
+        let replaced = l
+            .commit(
+                3,
+                &[Change::Replace {
+                    old: "d".into(),
+                    new: "e".into(),
+                }],
+                &d_dead,
+            )
+            .unwrap();
+        assert_eq!(replaced.forfeited, BTreeSet::from(["d".to_string()]));
     }
 }
