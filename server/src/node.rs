@@ -461,6 +461,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         cluster,
         net: peer_net.clone(),
         budget: peer_budget,
+        membership: membership.clone(),
     });
 
     let client_cfg = ListenerConfig {

@@ -30,7 +30,8 @@ use tracing::{debug, info, warn};
 use super::ranges::{clip_spans, covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
 use crate::background::load::CpuLoad;
-use crate::background::{Progress, Worker, WorkerState};
+use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
+use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
 use crate::merkle::{leaf_end, leaf_span, leaf_start, Cell};
 use crate::rpc::{PeerPool, Transport};
@@ -386,6 +387,9 @@ impl<T: Transport> AaeWorker<T> {
 
     /// One exchange with `peer` over `spans`.
     pub async fn exchange(&mut self, addr: &str, spans: &[Span]) -> Result<Outcome, String> {
+        // What is pushed or merged must still be a replica's under the layout the exchange
+        // compared with: checked before each push and merge (`same_layout`).
+        let layout = self.membership.view().layout_id();
         let mut out = Outcome {
             spans: spans.len(),
             ..Outcome::default()
@@ -449,10 +453,11 @@ impl<T: Transport> AaeWorker<T> {
                     }
                 }
             }
+            self.same_layout(layout)?;
             let (sent, bytes) = self.push(addr, push).await?;
             out.sent += sent;
             out.bytes_sent += bytes;
-            let (received, state_bytes, fetched_bytes) = self.fetch(addr, fetch).await?;
+            let (received, state_bytes, fetched_bytes) = self.fetch(addr, fetch, layout).await?;
             out.received += received;
             out.bytes_received += state_bytes;
             out.wire_bytes += bytes + fetched_bytes;
@@ -585,9 +590,21 @@ impl<T: Transport> AaeWorker<T> {
 
     /// Fetches the peer's states of `keys` and merges them here: (keys merged, bytes of the
     /// states that came (key and state, as `push` counts), payload bytes both ways).
-    async fn fetch(&mut self, addr: &str, keys: Vec<Bytes>) -> Result<(u64, u64, u64), String> {
+    /// States older than the peer-write limit (half tombstone GC's settle time: the peer read
+    /// them at the latest when it answered, at the earliest when this node asked) or fetched
+    /// under a layout that has changed since are not merged: the exchange fails and runs again
+    /// next cycle. A fetch that hung (the peer paused, say) would otherwise apply states read
+    /// before a delete whose tombstone was purged meanwhile.
+    async fn fetch(
+        &mut self,
+        addr: &str,
+        keys: Vec<Bytes>,
+        layout: LayoutId,
+    ) -> Result<(u64, u64, u64), String> {
         let (mut received, mut state_bytes, mut bytes) = (0, 0u64, 0u64);
+        let limit = self.aae.store().peer_write_limit();
         for chunk in keys.chunks(MAX_STATES) {
+            let asked = Instant::now();
             let states = match self
                 .call(
                     addr,
@@ -610,9 +627,21 @@ impl<T: Transport> AaeWorker<T> {
                 .zip(states)
                 .filter(|(_, s)| !s.is_empty())
                 .collect();
+            let took = asked.elapsed();
+            if took >= limit {
+                return Err(format!(
+                    "states fetched from {addr} came back after {} ms, later than the {} ms a \
+                     peer's state may take to land here (half the tombstone settle time); not \
+                     merged",
+                    took.as_millis(),
+                    limit.as_millis()
+                ));
+            }
+            self.same_layout(layout)?;
+            let deadline = (asked + limit).min(Instant::now() + MERGE_DEADLINE);
             received += self
                 .aae
-                .merge_pushed(entries)
+                .merge_by(entries, deadline)
                 .await
                 .iter()
                 .filter(|x| **x)
@@ -620,6 +649,21 @@ impl<T: Transport> AaeWorker<T> {
             self.pace(chunk.len(), fetched).await;
         }
         Ok((received, state_bytes, bytes))
+    }
+
+    /// Err if the layout changed since `at_start` (the exchange then stops; its next run
+    /// compares again under the new one).
+    fn same_layout(&self, at_start: LayoutId) -> Result<(), String> {
+        let now = self.membership.view().layout_id();
+        if now == at_start {
+            Ok(())
+        } else {
+            Err(format!(
+                "the layout changed during the exchange (v{} to v{}); nothing more pushed or \
+                 merged",
+                at_start.version, now.version
+            ))
+        }
     }
 
     async fn start_cycle(&mut self) {

@@ -427,7 +427,17 @@ impl AntiEntropy {
     /// their arrival (what is not merged by then is dropped, never applied late: tombstone GC
     /// relies on it); a key this node does not replicate is refused (false), never stored.
     pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
-        let deadline = std::time::Instant::now() + MERGE_DEADLINE;
+        self.merge_by(entries, std::time::Instant::now() + MERGE_DEADLINE)
+            .await
+    }
+
+    /// [`merge_pushed`](Self::merge_pushed) by `deadline` (a fetch sets it from when it asked,
+    /// not from when the answer came).
+    pub async fn merge_by(
+        &self,
+        entries: Vec<(Bytes, Bytes)>,
+        deadline: std::time::Instant,
+    ) -> Vec<bool> {
         let merge = |(key, state): (Bytes, Bytes)| async move {
             if !self.replicates(&key) {
                 self.metrics.push_refused.inc();

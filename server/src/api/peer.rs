@@ -13,6 +13,7 @@ use crate::admission::{Budget, ConnShare, Permit};
 use crate::cluster::ClusterService;
 use crate::coordinator::Coordinator;
 use crate::handoff::Handoff;
+use crate::membership::Membership;
 use crate::metrics::ListenerMetrics;
 use crate::net::{FrameHandler, Reply};
 use crate::replica::Replica;
@@ -29,6 +30,7 @@ pub struct PeerApi {
     pub net: ListenerMetrics,
     /// The node-wide budget of peer requests in flight (separate from the clients').
     pub budget: Arc<Budget>,
+    pub membership: Membership,
 }
 
 impl PeerApi {
@@ -41,12 +43,16 @@ impl PeerApi {
         mut req: PeerRequest,
         body_len: usize,
         conn: &Arc<ConnShare>,
+        peer: Option<&str>,
         arrived: Instant,
     ) -> (PeerResponse, Option<Permit>) {
         // The session family (pings) and layout fetches are never shed: liveness and the
         // ring must get through an overloaded node.
         if matches!(req, PeerRequest::Session(_) | PeerRequest::Cluster(_)) {
             return (self.dispatch(req, arrived).await, None);
+        }
+        if let Some(refusal) = peer.and_then(|p| self.forfeited(p)) {
+            return (refusal, None);
         }
         let waited = arrived.elapsed();
         if let Some(timeout_ms) = req.timeout_ms_mut() {
@@ -80,6 +86,32 @@ impl PeerApi {
         let resp = self.dispatch(req, arrived).await;
         permit.answered();
         (resp, Some(permit))
+    }
+
+    /// The refusal of every data request (reads, writes, repairs, hints, anti-entropy,
+    /// hand-overs) from `peer` if the layout names it forfeited (removed or replaced while
+    /// the cluster could not reach it) and it owns nothing: what it holds may predate deletes
+    /// whose tombstones were purged without it, whatever path it would come by (a release or
+    /// hint replay, an anti-entropy exchange or a read repair run under the layout it had
+    /// before it was removed). Its session and layout requests still pass, so it learns it
+    /// was removed. The sender's own `HandOverGuard` says the same; this holds even for a
+    /// sender that has not learned it yet.
+    fn forfeited(&self, peer: &str) -> Option<PeerResponse> {
+        let view = self.membership.view();
+        (view.layout.forfeited.contains(peer) && !view.layout.is_owner(peer)).then(|| {
+            self.auth.error(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                format!(
+                    "refused: node {peer} was removed from the ring while the cluster could not \
+                     reach it (layout v{}); nothing it holds is taken (stop it and wipe its data \
+                     dir)",
+                    view.layout.version
+                ),
+            )
+        })
     }
 
     async fn dispatch(&self, req: PeerRequest, arrived: Instant) -> PeerResponse {
@@ -147,7 +179,7 @@ impl FrameHandler for PeerHandler {
             None => {
                 let (resp, hold) = self
                     .api
-                    .admit_and_dispatch(req, len, &self.share, arrived)
+                    .admit_and_dispatch(req, len, &self.share, self.handshake.peer(), arrived)
                     .await;
                 Reply {
                     hold,

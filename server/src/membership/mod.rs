@@ -130,16 +130,15 @@ pub struct ClusterView {
 }
 
 /// Whether a node may hand over (release, replay) what it holds. Not when it was taken out of
-/// the ring and its data dir is older than this process, if either
+/// the ring and either
 /// - it was taken out while the cluster could not reach it (removed, replaced: the layout
 ///   names it `forfeited`): tombstone GC stopped waiting for it then, whether its process was
-///   down or ran on unreachable (paused, partitioned), so values deleted since may have had
-///   their tombstones purged and handing its copies over would bring them back; or
-/// - this process never saw it own ranges in a layout the cluster agreed on: it was down when
-///   it was taken out, with the same consequence.
-///
-/// (A wiped node hands over what reached it during this run, e.g. hints other nodes still
-/// replayed to it.)
+///   down or ran on unreachable (paused, partitioned, even on a data dir new at its start),
+///   so values deleted since may have had their tombstones purged and handing its copies over
+///   would bring them back (the other nodes refuse them too, `api::peer`); or
+/// - its data dir is older than this process and this process never saw it own ranges in a
+///   layout the cluster agreed on: it was down when it was taken out (it left, then stopped
+///   before handing everything over), with the same consequence.
 #[derive(Debug, Default)]
 pub struct HandOverGuard {
     /// The store was new when this process opened it.
@@ -164,18 +163,18 @@ impl HandOverGuard {
         if !self.owned_this_run && view.owner_in_agreed_layout() {
             self.owned_this_run = true;
         }
-        if !view.retired() || self.fresh_data_dir {
+        if !view.retired() {
             return None;
         }
         if view.layout.forfeited.contains(&*view.me) {
             return Some(format!(
                 "withheld: node {} was removed from the ring while the cluster could not reach it \
                  (layout v{}); the data it holds may predate deletes purged since and is not \
-                 handed over: stop it and wipe its data dir",
+                 handed over: stop it, and wipe its data dir before it joins again",
                 view.me, view.layout.version
             ));
         }
-        (!self.owned_this_run).then(|| {
+        (!self.owned_this_run && !self.fresh_data_dir).then(|| {
             format!(
                 "withheld: node {} was taken out of the ring (layout v{}) before this start; the \
                  data it holds may predate deletes purged since and is not handed over: stop it \
@@ -473,7 +472,7 @@ mod tests {
             None,
             "a node that left hands over what it holds"
         );
-        // A removed node started again with a new data dir hands over what reached it since.
+        // Even on a data dir new at its start (its process may have run on, unreachable).
         let mut wiped = HandOverGuard::new(true);
         let removed_again = crate::testkit::view(&["a", "b", "c", "d"], "d", &["a", "b", "c", "d"])
             .layout
@@ -485,7 +484,7 @@ mod tests {
             .unwrap()
             .switched()
             .unwrap();
-        assert_eq!(wiped.withheld(&agreed(removed_again, "d")), None);
+        assert!(wiped.withheld(&agreed(removed_again, "d")).is_some());
     }
 
     /// The oldest layout in flight is the oldest guard still alive.

@@ -221,6 +221,8 @@ pub struct ListenerHandshake {
     remote: SocketAddr,
     step: Mutex<Step>,
     done: AtomicBool,
+    /// The node id the dialer proved the secret under, once it has.
+    peer: std::sync::OnceLock<String>,
 }
 
 impl ListenerHandshake {
@@ -229,7 +231,13 @@ impl ListenerHandshake {
             remote,
             step: Mutex::new(Step::Start),
             done: AtomicBool::new(false),
+            peer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The authenticated dialer's node id (None until the handshake is done).
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.get().map(String::as_str)
     }
 
     pub fn remote(&self) -> SocketAddr {
@@ -308,6 +316,7 @@ impl ListenerHandshake {
                     listener_id: &me.node_id,
                 };
                 if auth.identity.key.verify(Role::Dialer, &transcript, proof) {
+                    let _ = self.peer.set(dialer_id);
                     *step = Step::Done;
                     self.done.store(true, Ordering::Release);
                     Some((PeerResponse::Session(SessionResponse::HelloAck), false))

@@ -773,6 +773,12 @@ impl Store {
         self.peer_write_limit_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// How long after it was read a peer's state may still be applied here (`limit_peer_writes`;
+    /// unbounded, about 49 days, when tombstone GC is off).
+    pub fn peer_write_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.peer_write_limit_ms.load(Ordering::Relaxed) as u64)
+    }
+
     /// Queues a write; resolves when its group is committed (durable per the sync mode).
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         let key = op.key().clone();
