@@ -435,38 +435,29 @@ mod tests {
             .layout
             .as_ref()
             .clone();
-        let b_c_alive = |n: &str| n != "d";
-        let removed = before
-            .commit(
-                1,
-                &[layout::Change::Remove { node: "d".into() }],
-                &b_c_alive,
-            )
-            .unwrap()
-            .switched()
-            .unwrap();
+        // The layout after `change`, committed (with d up or down) and switched.
+        let after = |change: layout::Change, d_up: bool| {
+            before
+                .commit(1, &[change], &|n: &str| d_up || n != "d")
+                .unwrap()
+                .switched()
+                .unwrap()
+        };
+        let removed = after(layout::Change::Remove { node: "d".into() }, false);
         let mut guard = HandOverGuard::new(false);
         assert_eq!(
             guard.withheld(&agreed(before.clone(), "d")),
             None,
             "an owner"
         );
-        let why = guard.withheld(&agreed(removed, "d"));
+        let why = guard.withheld(&agreed(removed.clone(), "d"));
         assert!(
             why.as_deref().is_some_and(|w| w.contains("removed")),
             "removed while unreachable: {why:?}"
         );
-        let left = before
-            .commit(
-                1,
-                &[layout::Change::Leave { node: "d".into() }],
-                &|_: &str| true,
-            )
-            .unwrap()
-            .switched()
-            .unwrap();
+        let left = after(layout::Change::Leave { node: "d".into() }, true);
         let mut guard = HandOverGuard::new(false);
-        assert_eq!(guard.withheld(&agreed(before, "d")), None);
+        assert_eq!(guard.withheld(&agreed(before.clone(), "d")), None);
         assert_eq!(
             guard.withheld(&agreed(left, "d")),
             None,
@@ -474,17 +465,7 @@ mod tests {
         );
         // Even on a data dir new at its start (its process may have run on, unreachable).
         let mut wiped = HandOverGuard::new(true);
-        let removed_again = crate::testkit::view(&["a", "b", "c", "d"], "d", &["a", "b", "c", "d"])
-            .layout
-            .commit(
-                1,
-                &[layout::Change::Remove { node: "d".into() }],
-                &b_c_alive,
-            )
-            .unwrap()
-            .switched()
-            .unwrap();
-        assert!(wiped.withheld(&agreed(removed_again, "d")).is_some());
+        assert!(wiped.withheld(&agreed(removed, "d")).is_some());
     }
 
     /// The oldest layout in flight is the oldest guard still alive.
