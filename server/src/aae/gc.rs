@@ -189,11 +189,8 @@ pub fn consulted(view: &ClusterView, member: &str) -> bool {
 /// Nodes that own nothing (not joined yet, or retired) hold no replica and no hint: they do
 /// not take part.
 pub fn unavailable_member(view: &ClusterView) -> Option<NodeId> {
-    let layout = &view.layout;
-    layout
-        .current
-        .keys()
-        .chain(layout.next.iter().flat_map(|n| n.keys()))
+    view.layout
+        .owners()
         .find(|m| !view.is_alive(m))
         .map(|m| NodeId::from(m.as_str()))
 }
@@ -608,7 +605,6 @@ mod tests {
             "an owner missing from the members is not available"
         );
         v.alive.insert(NodeId::from("d"));
-        v.members.remove("d");
         let mut layout = (*v.layout).clone();
         layout.current.remove("d");
         v.layout = std::sync::Arc::new(layout);

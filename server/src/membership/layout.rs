@@ -181,6 +181,13 @@ impl Layout {
     }
 
     /// Whether `node` owns ranges now or after the running transition.
+    /// Every owner, current then next (a node in both comes twice).
+    pub fn owners(&self) -> impl Iterator<Item = &String> {
+        self.current
+            .keys()
+            .chain(self.next.iter().flat_map(|n| n.keys()))
+    }
+
     pub fn is_owner(&self, node: &str) -> bool {
         self.current.contains_key(node) || self.next.as_ref().is_some_and(|n| n.contains_key(node))
     }
@@ -188,12 +195,7 @@ impl Layout {
     /// The node that decides for the cluster (stages, commits, switches): the smallest id
     /// among the alive owners (current, then next).
     pub fn claimant(&self, live: &impl Liveness) -> Option<String> {
-        self.current
-            .keys()
-            .chain(self.next.iter().flat_map(|n| n.keys()))
-            .filter(|id| live.is_alive(id))
-            .min()
-            .cloned()
+        self.owners().filter(|id| live.is_alive(id)).min().cloned()
     }
 
     /// The owners after `changes` (a dry run): every change checked against this layout.
@@ -292,18 +294,19 @@ impl Layout {
         let mut retired = self.retired.clone();
         let mut forfeited = self.forfeited.clone();
         for change in changes {
-            match change {
-                Change::Join { node, .. } | Change::Replace { new: node, .. } => {
-                    retired.remove(node);
-                    forfeited.remove(node);
-                }
-                Change::Leave { .. } | Change::Remove { .. } => {}
+            // A node that joins owns again; one taken out while down forfeits its data.
+            let (owns_again, forfeits) = match change {
+                Change::Join { node, .. } => (Some(node), None),
+                Change::Replace { old, new } => (Some(new), Some(old)),
+                Change::Remove { node } => (None, Some(node)),
+                Change::Leave { .. } => (None, None),
+            };
+            if let Some(node) = owns_again {
+                retired.remove(node);
+                forfeited.remove(node);
             }
-            match change {
-                Change::Remove { node } | Change::Replace { old: node, .. } => {
-                    forfeited.insert(node.clone());
-                }
-                Change::Join { .. } | Change::Leave { .. } => {}
+            if let Some(node) = forfeits {
+                forfeited.insert(node.clone());
             }
         }
         Ok(Layout {

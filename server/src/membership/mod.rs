@@ -141,8 +141,6 @@ pub struct ClusterView {
 ///   before handing everything over), with the same consequence.
 #[derive(Debug, Default)]
 pub struct HandOverGuard {
-    /// The store was new when this process opened it.
-    fresh_data_dir: bool,
     /// This process saw the node own ranges in a layout the cluster agreed on, or its data
     /// dir was new at this start.
     owned_this_run: bool,
@@ -152,7 +150,6 @@ impl HandOverGuard {
     /// `fresh_data_dir`: the store was new when this process opened it.
     pub fn new(fresh_data_dir: bool) -> HandOverGuard {
         HandOverGuard {
-            fresh_data_dir,
             owned_this_run: fresh_data_dir,
         }
     }
@@ -174,7 +171,7 @@ impl HandOverGuard {
                 view.me, view.layout.version
             ));
         }
-        (!self.owned_this_run && !self.fresh_data_dir).then(|| {
+        (!self.owned_this_run).then(|| {
             format!(
                 "withheld: node {} was taken out of the ring (layout v{}) before this start; the \
                  data it holds may predate deletes purged since and is not handed over: stop it \

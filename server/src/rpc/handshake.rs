@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -220,8 +220,8 @@ enum Step {
 pub struct ListenerHandshake {
     remote: SocketAddr,
     step: Mutex<Step>,
-    done: AtomicBool,
-    /// The node id the dialer proved the secret under, once it has.
+    /// The node id the dialer proved the secret under, once it has (set when the handshake
+    /// completes: `is_done`).
     peer: std::sync::OnceLock<String>,
 }
 
@@ -230,7 +230,6 @@ impl ListenerHandshake {
         ListenerHandshake {
             remote,
             step: Mutex::new(Step::Start),
-            done: AtomicBool::new(false),
             peer: std::sync::OnceLock::new(),
         }
     }
@@ -246,7 +245,7 @@ impl ListenerHandshake {
 
     /// True once the dialer proved the secret.
     pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
+        self.peer.get().is_some()
     }
 
     /// Refuses the connection: counted, logged (rate-limited) with the remote address.
@@ -316,9 +315,8 @@ impl ListenerHandshake {
                     listener_id: &me.node_id,
                 };
                 if auth.identity.key.verify(Role::Dialer, &transcript, proof) {
-                    let _ = self.peer.set(dialer_id);
                     *step = Step::Done;
-                    self.done.store(true, Ordering::Release);
+                    let _ = self.peer.set(dialer_id);
                     Some((PeerResponse::Session(SessionResponse::HelloAck), false))
                 } else {
                     drop(step);
