@@ -360,7 +360,7 @@ pub struct Config {
     pub sync: SyncMode,
     pub max_connections: usize,
     pub max_in_flight: usize,
-    pub request_timeout_ms: u32,
+    pub timeouts: Timeouts,
     /// The admin HTTP listener; `None` = off.
     pub admin_listen: Option<SocketAddr>,
     /// The client budget (admission control).
@@ -379,6 +379,59 @@ pub struct Config {
     pub read_fanout: ReadFanout,
     pub read_speculate_ms: u32,
     pub auto_join: bool,
+}
+
+/// The deadlines this node gives client requests (docs/operations.md, "Deadlines").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The deadline of a request that names none (`request_timeout_ms`).
+    pub default_ms: u32,
+    /// The longest deadline a request may have; longer ones are cut to it. `MAX_TIMEOUT_MS`,
+    /// and with tombstone GC at most half the settle time: a read repair or a coordinator's
+    /// own hint can carry a state read at a request's start until its deadline, and is then
+    /// applied within the other half (`Store::peer_write_limit`), so it lands before a
+    /// tombstone checked stable at the request's start can be purged (aae/gc.rs).
+    pub longest_ms: u32,
+}
+
+impl Timeouts {
+    fn new(default_ms: Option<u32>, aae: &AaeSettings) -> Result<Timeouts, ConfigError> {
+        let longest_ms = if aae.tombstone_gc {
+            let half_settle_ms = aae.tombstone_settle_secs.saturating_mul(500);
+            MAX_TIMEOUT_MS.min(u32::try_from(half_settle_ms).unwrap_or(u32::MAX))
+        } else {
+            MAX_TIMEOUT_MS
+        };
+        match default_ms {
+            None => Ok(Timeouts {
+                default_ms: DEFAULT_TIMEOUT_MS.min(longest_ms),
+                longest_ms,
+            }),
+            Some(ms) if ms > longest_ms => Err(invalid(
+                "request_timeout_ms",
+                format!(
+                    "{ms} ms is longer than half of tombstone_settle_secs ({} s): a \
+                     request could outlive a deleted key's settle time and bring its value \
+                     back after the purge; lower request_timeout_ms to at most {longest_ms} \
+                     or raise tombstone_settle_secs",
+                    aae.tombstone_settle_secs
+                ),
+            )),
+            Some(ms) => Ok(Timeouts {
+                default_ms: ms,
+                longest_ms,
+            }),
+        }
+    }
+
+    /// The deadline of a request that asked for `asked_ms` (0: none).
+    pub fn resolve(&self, asked_ms: u32) -> u32 {
+        if asked_ms == 0 {
+            self.default_ms
+        } else {
+            asked_ms.min(self.longest_ms)
+        }
+    }
 }
 
 /// Which replicas a read asks (`--read-fanout`).
@@ -586,14 +639,11 @@ impl Config {
             1,
             65_536,
         )?;
-        let request_timeout_ms = in_range(
-            "request_timeout_ms",
-            cli.request_timeout_ms
-                .or(file.request_timeout_ms)
-                .unwrap_or(DEFAULT_TIMEOUT_MS),
-            1,
-            MAX_TIMEOUT_MS,
-        )?;
+        let request_timeout_ms = cli
+            .request_timeout_ms
+            .or(file.request_timeout_ms)
+            .map(|ms| in_range("request_timeout_ms", ms, 1, MAX_TIMEOUT_MS))
+            .transpose()?;
         let admin_listen = match cli.admin_listen.or(file.admin_listen) {
             None => None,
             Some(a) if a == "off" => None,
@@ -778,6 +828,7 @@ impl Config {
                 30 * 24 * 3600,
             )?,
         };
+        let timeouts = Timeouts::new(request_timeout_ms, &aae)?;
         let log = cli.log.or(file.log).unwrap_or_else(|| "info".into());
         let log_format = match cli.log_format.or(file.log_format).as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -807,7 +858,7 @@ impl Config {
             sync,
             max_connections,
             max_in_flight,
-            request_timeout_ms,
+            timeouts,
             admin_listen,
             client_budget,
             peer_budget,
@@ -916,6 +967,55 @@ mod tests {
         );
         let c = Config::load(cli(&["--node-id", "a", "--data-dir", "/tmp/x", "--n", "1"])).unwrap();
         assert_eq!((c.n, c.r, c.w), (1, 1, 1));
+    }
+
+    #[test]
+    fn no_request_deadline_outlasts_the_tombstone_settle_time() {
+        let base = ["--node-id", "a", "--data-dir", "/x"];
+        let load = |extra: &[&str]| Config::load(cli(&[&base[..], extra].concat()));
+        let c = load(&[]).unwrap();
+        assert_eq!(
+            c.timeouts,
+            Timeouts {
+                default_ms: DEFAULT_TIMEOUT_MS,
+                longest_ms: 300_000
+            },
+            "half the default settle time is the longest deadline"
+        );
+        // A settle time of 4 s cuts every deadline to 2 s, the default one included.
+        let c = load(&["--tombstone-settle-secs", "4"]).unwrap();
+        assert_eq!((c.timeouts.default_ms, c.timeouts.longest_ms), (2000, 2000));
+        assert_eq!(c.timeouts.resolve(0), 2000);
+        assert_eq!(c.timeouts.resolve(60_000), 2000);
+        assert_eq!(c.timeouts.resolve(500), 500);
+        let c = load(&[
+            "--tombstone-settle-secs",
+            "30",
+            "--request-timeout-ms",
+            "800",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.timeouts.default_ms, c.timeouts.longest_ms),
+            (800, 15_000)
+        );
+        // Without tombstone GC the settle time bounds nothing.
+        let c = load(&["--tombstone-gc", "false", "--tombstone-settle-secs", "2"]).unwrap();
+        assert_eq!(c.timeouts.resolve(60_000), 60_000);
+        assert_eq!(c.timeouts.resolve(u32::MAX), MAX_TIMEOUT_MS);
+        // A default deadline set longer than half the settle time is refused, naming both.
+        let e = load(&[
+            "--tombstone-settle-secs",
+            "4",
+            "--request-timeout-ms",
+            "5000",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("request_timeout_ms") && e.contains("tombstone_settle_secs"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -442,7 +442,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         requests,
         net: client_net.clone(),
         budget: client_budget,
-        default_timeout_ms: config.request_timeout_ms,
+        timeouts: config.timeouts,
     });
     let admin_http = {
         let (m, s, draining) = (membership.clone(), store.clone(), shutdown.clone());

@@ -43,6 +43,7 @@ pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
         next: None,
         retired: Default::default(),
         forfeited: Default::default(),
+        released: Default::default(),
     };
     ClusterView {
         me: me.into(),
@@ -80,6 +81,7 @@ pub fn view_changing(nodes: &[&str], next: &[&str], me: &str, alive: &[&str]) ->
         next: Some(owners(next)),
         retired: Default::default(),
         forfeited: Default::default(),
+        released: Default::default(),
     };
     v.ring = layout.current_ring();
     v.next = layout.next_ring();
@@ -107,6 +109,7 @@ pub fn layout_seen(
         synced,
         auto_join: false,
         drained,
+        holds_nothing: false,
     }
 }
 

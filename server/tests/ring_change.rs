@@ -341,6 +341,13 @@ async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
     all_readable(&c, &[0, 1, 2], &keys).await;
     let ring = c.client(0).ring().await.unwrap();
     assert_eq!(ring.members.len(), 3, "{:?}", ring.members);
+    // Empty, they said so, and the claimant recorded it (tombstone GC stops waiting for them).
+    eventually(
+        Duration::from_secs(30),
+        "n4, n5, n6 recorded as holding nothing",
+        || async { layout(&c, 0).await["released"] == json!(["n4", "n5", "n6"]) },
+    )
+    .await;
     let refused = c.client(4).get("shrink-1").await;
     assert!(
         matches!(&refused, Err(e) if e.to_string().contains("taken out of the ring")),
@@ -648,7 +655,7 @@ async fn a_removed_node_that_was_only_paused_does_not_bring_back_purged_deletes(
 /// purged on n1..n3; then n4 back (started again on its data dir, or resumed): no deleted key
 /// comes back and n4 says it withholds its data.
 async fn removed_node_back_after_purges(paused: bool) {
-    let gc = ["--tombstone-settle-secs", "2", "--aae-interval-secs", "2"];
+    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
     let mut c = four_owners(&gc).await;
     let keys = write_keys(&c, "purged", 300).await;
     // No hint left for n4 (a replica write it was slow to take under the load): held for a
@@ -725,6 +732,116 @@ async fn removed_node_back_after_purges(paused: bool) {
     )
     .await;
     assert_eq!(metric(&n4, "release.keys_handed").await, 0);
+    // It cannot join again with what it kept.
+    let join = json!({"Stage": {"Join": {"node": "n4", "vnodes": 256}}});
+    let refused = match admin(&c, 0, join).await {
+        Ok(_) => admin(&c, 0, json!({"Commit": {"plan": null}})).await,
+        staging_refused => staging_refused,
+    };
+    assert!(
+        matches!(&refused, Err(e) if e.contains("has not said it holds nothing")),
+        "{refused:?}"
+    );
+}
+
+/// A node that left and went out of reach after the switch, before its hand-over pass, must
+/// not bring back values deleted meanwhile (found in review: tombstone GC waited only for
+/// owners, and the node, resumed, pushed its pre-delete copies into keys whose tombstones were
+/// purged). GC now waits for it; back, it hands its copies over (the tombstones win), says it
+/// holds nothing, the claimant records it in the layout, and the purges go ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_left_and_was_paused_before_handing_over_does_not_bring_back_deletes() {
+    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
+    let c = four_owners(&gc).await;
+    let keys = write_keys(&c, "left", 300).await;
+    wait_no_hints(&c, &[0, 1, 2, 3], "before n4 leaves").await;
+    stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
+    // Paused as soon as the switch retires it: its hand-over pass starts only once every live
+    // member has had the layout for 5 s.
+    let start = Instant::now();
+    loop {
+        let l = layout(&c, 0).await;
+        if l["retired"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("n4")))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "n4 not retired: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n4 = c.client(3);
+    let handed_before = metric(&n4, "release.keys_handed").await;
+    c.nodes[3].send_signal(libc::SIGSTOP);
+    // (A retired node is no ring member: the claimant's status lists it, with its liveness.)
+    eventually(Duration::from_secs(30), "n4 seen down", || async {
+        admin(&c, 0, json!("Status")).await.unwrap()["Status"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["node"] == "n4" && m["alive"] == false)
+    })
+    .await;
+    let client = c.client(0);
+    for k in &keys {
+        client
+            .delete(k, None)
+            .await
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+    }
+    // Tombstone GC waits for n4, and says why.
+    let blocked = metric_total(&c, &[0, 1, 2], "tombstones.gc_passes_blocked").await;
+    eventually(
+        Duration::from_secs(60),
+        "tombstone GC passes blocked by the retired n4",
+        || async {
+            metric_total(&c, &[0, 1, 2], "tombstones.gc_passes_blocked").await >= blocked + 6
+        },
+    )
+    .await;
+    assert!(metric_total(&c, &[0, 1, 2], "tombstones.live").await > 0);
+    let (ok, text) = kvctl(&c, 0, &["cluster", "status"]);
+    assert!(
+        ok && text.contains("n4 (handing over: tombstone GC waits for it)"),
+        "{text}"
+    );
+    c.nodes[3].send_signal(libc::SIGCONT);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        for k in keys.iter().step_by(10) {
+            let r = client.get(k).await.unwrap_or_else(|e| panic!("{k}: {e}"));
+            assert!(!r.is_found(), "{k} deleted, then back: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // n4 handed its copies over (so it held them when it was paused), ended empty, and was
+    // recorded; then every tombstone is purged.
+    eventually(
+        Duration::from_secs(60),
+        "n4 recorded as holding nothing",
+        || async {
+            layout(&c, 0).await["released"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!("n4")))
+        },
+    )
+    .await;
+    let handed = metric(&n4, "release.keys_handed").await - handed_before;
+    assert!(handed > 0, "n4 held no copy when it was paused");
+    eventually(
+        Duration::from_secs(90),
+        "every tombstone purged",
+        || async { metric_total(&c, &[0, 1, 2], "tombstones.live").await == 0 },
+    )
+    .await;
+    for k in &keys {
+        assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
+    }
+    let (ok, text) = kvctl(&c, 0, &["cluster", "status"]);
+    assert!(ok && text.contains("n4 (holds nothing)"), "{text}");
 }
 
 /// Hints held for a node removed while it was down go to their keys' owners once the switch

@@ -6,14 +6,15 @@
 //! `storage::tree`, never a scan of the data), a page at a time, against **every member** of the
 //! cluster (`TombstoneCheck`). A tombstone state T of key k is stable when:
 //! 1. every member of the ring is available (a down member could hold a hint, or be a replica
-//!    that missed the delete: it blocks every purge, whatever its downtime; see `verdict`);
+//!    that missed the delete: it blocks every purge, whatever its downtime; see `verdict`), and
+//!    so is every retired node that has not said it holds nothing (`unreleased_member`);
 //! 2. every current replica of k holds exactly T (`EQUAL`), and every member agrees on which
 //!    nodes those are (ring views that differ mean the ring is changing);
 //! 3. no member holds a hint for k (a hint could carry an older state back after the purge).
 //!
 //! A key is purged only when two checks at least `settle` apart both found it stable with the
 //! same T (`Candidates`). Between them every request that was in flight at the first check has
-//! passed its deadline (`settle` ≥ the longest request deadline): the writer drops peer writes
+//! passed its deadline (`settle` ≥ the longest request deadline, `config::Timeouts`): the writer drops peer writes
 //! still queued past their deadline (`Store::write_within`), so no state older than T can still
 //! arrive anywhere. Replicas then only hold T or newer, so nothing older than T exists in the
 //! cluster, and deleting T cannot let an older value come back (no resurrection).
@@ -191,6 +192,18 @@ pub fn consulted(view: &ClusterView, member: &str) -> bool {
 pub fn unavailable_member(view: &ClusterView) -> Option<NodeId> {
     view.layout
         .owners()
+        .find(|m| !view.is_alive(m))
+        .map(|m| NodeId::from(m.as_str()))
+}
+
+/// The first retired node found unavailable that may still hold data (`awaiting_release`:
+/// it left, then went out of reach before it said it holds nothing). Its copies would be
+/// handed over when it is back, after purges of the keys deleted meanwhile; it is consulted
+/// while up (`consulted`), so purges wait while it is not, until it is back and empty or
+/// removed (`kvctl cluster remove`: its copies are then refused).
+pub fn unreleased_member(view: &ClusterView) -> Option<NodeId> {
+    view.layout
+        .awaiting_release()
         .find(|m| !view.is_alive(m))
         .map(|m| NodeId::from(m.as_str()))
 }
@@ -474,6 +487,17 @@ impl<T: Transport> Worker for GcWorker<T> {
                     self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
                     return Ok(WorkerState::Idle);
                 }
+                if let Some(gone) = unreleased_member(&view) {
+                    self.metrics.blocked.inc();
+                    self.detail = format!(
+                        "blocked: node {gone} left the ring and went out of reach before it \
+                         said it holds nothing (it may hand over copies of keys deleted since); \
+                         tombstones kept until it is back and empty, or removed (kvctl cluster \
+                         remove {gone})"
+                    );
+                    self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
+                    return Ok(WorkerState::Idle);
+                }
                 None
             }
         };
@@ -594,6 +618,38 @@ mod tests {
     /// its data dir was wiped: no gossip metadata, so not among `members`) may hold a hint or
     /// a copy all the same: it blocks purges like any owner that is down (found in review:
     /// only known members were looked at).
+    #[test]
+    fn a_retired_node_out_of_reach_blocks_purges_until_released_or_forfeited() {
+        let mut v = crate::testkit::view(&["a", "b", "c", "d"], "a", &["a", "b", "c"]);
+        let mut layout = (*v.layout).clone();
+        layout.current.remove("d");
+        layout.retired.insert("d".into());
+        v.layout = Arc::new(layout.clone());
+        assert_eq!(unavailable_member(&v), None, "d owns nothing");
+        assert_eq!(unreleased_member(&v), Some(NodeId::from("d")));
+        v.members.remove("d");
+        assert_eq!(
+            unreleased_member(&v),
+            Some(NodeId::from("d")),
+            "a retired node never heard from is awaited too"
+        );
+        v.alive.insert("d".into());
+        assert_eq!(unreleased_member(&v), None, "up, it is consulted instead");
+        v.alive.remove("d");
+        let mut released = layout.clone();
+        released.released.insert("d".into());
+        v.layout = Arc::new(released);
+        assert_eq!(unreleased_member(&v), None, "it said it holds nothing");
+        let mut forfeited = layout;
+        forfeited.forfeited.insert("d".into());
+        v.layout = Arc::new(forfeited);
+        assert_eq!(
+            unreleased_member(&v),
+            None,
+            "removed: its copies are refused"
+        );
+    }
+
     #[test]
     fn an_owner_never_heard_from_blocks_purges() {
         let mut v = crate::testkit::view(&["a", "b", "c", "d"], "a", &["a", "b", "c"]);

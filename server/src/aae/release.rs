@@ -8,7 +8,8 @@
 //! [`SETTLE`] (coordinators still reading with the previous layout are done by then), and it
 //! runs again whenever anything lands in a foreign range (a late write or hint under an old
 //! layout): such data is handed to its owners, never lost. A retired node (left, removed,
-//! replaced) replicates nothing, so it hands everything over and ends empty.
+//! replaced) replicates nothing, so it hands everything over and ends empty; it then says so
+//! in gossip (`holds_nothing`), and the claimant records it in the layout (`released`).
 //!
 //! Keys are found by scanning the data column family over the foreign positions, a page at a
 //! time, paced by the anti-entropy budgets and the CPU yield like every background pass.
@@ -37,6 +38,8 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 pub const IDLE_PASS: Duration = Duration::from_secs(30);
 /// Keys per page of the scan (and per push).
 pub const PAGE: usize = 256;
+/// A retired node looks this often whether it holds nothing any more.
+pub const EMPTY_CHECK: Duration = Duration::from_secs(2);
 
 crate::metrics::metric_set! {
     /// Data given away after ring changes (registered under `release.`).
@@ -70,6 +73,9 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     next_pass: Instant,
     /// Whether it may hand over what it holds (`HandOverGuard`).
     guard: HandOverGuard,
+    /// What this node last said in gossip of holding nothing, and when it last looked.
+    holds_nothing: bool,
+    empty_checked: Option<Instant>,
     detail: String,
 }
 
@@ -98,7 +104,42 @@ impl<T: Transport> ReleaseWorker<T> {
             last_version: LayoutId::default(),
             next_pass: Instant::now(),
             guard: HandOverGuard::new(fresh),
+            holds_nothing: false,
+            empty_checked: None,
             detail: "no foreign data".into(),
+        }
+    }
+
+    /// A retired node says in gossip once it holds no data and no hint (looked at every
+    /// `EMPTY_CHECK`, withheld or not: a wiped data dir holds nothing either): the claimant
+    /// records it in the layout, tombstone GC stops waiting for it, and it may join again.
+    async fn report_emptiness(&mut self) {
+        if !self.membership.view().retired() {
+            if self.holds_nothing {
+                self.holds_nothing = false;
+                self.membership.set_holds_nothing(false).await;
+            }
+            return;
+        }
+        if self
+            .empty_checked
+            .is_some_and(|at| at.elapsed() < EMPTY_CHECK)
+        {
+            return;
+        }
+        self.empty_checked = Some(Instant::now());
+        match self.store.holds_nothing().await {
+            Ok(empty) if empty != self.holds_nothing => {
+                self.holds_nothing = empty;
+                self.membership.set_holds_nothing(empty).await;
+                if empty {
+                    info!(node = %self.node_id, "taken out of the ring and holding nothing any more: said so to the cluster");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(node = %self.node_id, error = %e, "could not look whether this retired node holds anything");
+            }
         }
     }
 
@@ -278,6 +319,7 @@ impl<T: Transport> Worker for ReleaseWorker<T> {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+        self.report_emptiness().await;
         if let Some(why) = self.guard.withheld(&self.membership.view()) {
             if self.metrics.withheld.get() == 0 {
                 warn!(node = %self.node_id, "{why}");

@@ -9,7 +9,7 @@ use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 use super::admin::Admin;
 use super::{result_of, RequestMetrics};
 use crate::admission::{Budget, ConnShare, Permit};
-use crate::config::MAX_TIMEOUT_MS;
+use crate::config::Timeouts;
 use crate::coordinator::Coordinator;
 use crate::metrics::ListenerMetrics;
 use crate::net::{FrameHandler, Reply};
@@ -23,8 +23,8 @@ pub struct ClientApi {
     pub net: ListenerMetrics,
     /// The node-wide budget of client gets, puts and deletes in flight.
     pub budget: Arc<Budget>,
-    /// The deadline of a request that names none.
-    pub default_timeout_ms: u32,
+    /// The deadline of a request that names none, and the longest one may have.
+    pub timeouts: Timeouts,
 }
 
 /// Why a data request was not run.
@@ -98,11 +98,7 @@ impl ClientApi {
         let timeout_ms = req
             .timeout_ms_mut()
             .expect("only data requests, which carry a timeout, are admitted");
-        let total = if *timeout_ms == 0 {
-            self.default_timeout_ms
-        } else {
-            (*timeout_ms).min(MAX_TIMEOUT_MS)
-        };
+        let total = self.timeouts.resolve(*timeout_ms);
         let waited = arrived.elapsed();
         let left = Duration::from_millis(total as u64).saturating_sub(waited);
         if left.is_zero() {

@@ -32,6 +32,7 @@ crate::metrics::metric_set! {
         layouts_fetched: Counter = "layouts_fetched", "newer layouts fetched from peers";
         commits: Counter = "commits", "plans this node committed as claimant (auto-joins included)";
         switches: Counter = "switches", "transitions this node completed as claimant (ownership switched)";
+        released: Counter = "released", "retired nodes this node recorded as claimant as holding nothing (tombstone GC stops waiting for them)";
         admin_requests: Counter = "admin_requests", "kvctl cluster requests served as claimant";
         admin_forwarded: Counter = "admin_forwarded", "kvctl cluster requests forwarded to the claimant";
     }
@@ -306,7 +307,7 @@ impl<T: Transport> ClusterService<T> {
                 s.changes.push(change);
                 // Checked now (against the layout they will be committed to), so a bad change
                 // is refused when it is typed, not at commit.
-                if let Err(e) = view.layout.target(&s.changes, &live) {
+                if let Err(e) = view.layout.target(&s.changes, &*view) {
                     return self.error(e);
                 }
                 let reply = AdminReply::Staged {
@@ -380,9 +381,7 @@ impl<T: Transport> ClusterService<T> {
     pub async fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, PlanError> {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
-        let next = view
-            .layout
-            .commit(base, changes, &|n: &str| view.is_alive(n))?;
+        let next = view.layout.commit(base, changes, &*view)?;
         let version = next.version;
         if !self.membership.adopt_layout(next).await {
             return Err(PlanError::Invalid(
@@ -426,10 +425,29 @@ impl<T: Transport> ClusterService<T> {
         }
     }
 
+    /// Records in the layout that retired `nodes` hold nothing (no transition running); true
+    /// if it did.
+    pub async fn record_released(&self, nodes: &[String]) -> bool {
+        let _one = self.deciding.lock().await;
+        let view = self.membership.view();
+        if view.layout.next.is_some() {
+            return false;
+        }
+        let released = view.layout.with_released(nodes);
+        let version = released.version;
+        if self.membership.adopt_layout(released).await {
+            self.metrics.released.inc_by(nodes.len() as u64);
+            info!(node = %self.node_id, version, nodes = %nodes.join(", "),
+                  "retired nodes hold nothing any more: recorded (tombstone GC no longer waits for them)");
+            true
+        } else {
+            false
+        }
+    }
+
     async fn plan(&self, view: &ClusterView, staged: &Staged) -> Result<PlanReport, PlanError> {
-        let live = |n: &str| view.is_alive(n);
         staged.check_base(view)?;
-        let target = view.layout.target(&staged.changes, &live)?;
+        let target = view.layout.target(&staged.changes, view)?;
         let before = view.layout.current_ring();
         let after = Layout::ring(&target);
         let ms = moves(&before, &after, self.n);

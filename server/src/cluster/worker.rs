@@ -1,6 +1,7 @@
 //! The `layout` worker: keeps this node's layout the newest one any member has (fetching it
 //! when gossip shows a newer one), and, on the claimant, joins the running nodes that own
-//! nothing and ask for it (`--auto-join`, in their gossip metadata) and switches ownership once every node that gains ranges has them.
+//! nothing and ask for it (`--auto-join`, in their gossip metadata), switches ownership once every node that gains ranges has them, and records the retired nodes that say they hold
+//! nothing (the layout's `released`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -89,6 +90,26 @@ impl<T: Transport> LayoutWorker<T> {
             return waiting.is_empty() && self.cluster.switch_if_synced().await;
         }
         self.detail = format!("claimant: layout v{}", view.layout.version);
+        // Retired nodes that say they hold nothing (with this layout) are recorded: tombstone
+        // GC waits for the others.
+        let id = view.layout_id();
+        let emptied: Vec<String> = view
+            .layout
+            .retired
+            .iter()
+            .filter(|n| {
+                !view.layout.released.contains(*n)
+                    && view.is_alive(n)
+                    && view
+                        .seen
+                        .get(n.as_str())
+                        .is_some_and(|s| s.holds_nothing && s.layout() == id)
+            })
+            .cloned()
+            .collect();
+        if !emptied.is_empty() && self.cluster.record_released(&emptied).await {
+            return true;
+        }
         // Staged changes do not hold joins back: they were staged against this layout, and a
         // commit after the join is refused as stale (the operator plans again).
         let now = Instant::now();

@@ -32,7 +32,7 @@ use tokio::time::Instant as TokioInstant;
 use tracing::{debug, warn};
 
 use crate::clock::{now_ms, time_left_ms};
-use crate::config::{Config, ReadFanout, MAX_TIMEOUT_MS};
+use crate::config::{Config, ReadFanout, Timeouts};
 use crate::membership::{ClusterView, Membership, WriteEpochs};
 use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
@@ -77,7 +77,7 @@ pub struct CoordinatorConfig {
     pub n: u8,
     pub r: u8,
     pub w: u8,
-    pub request_timeout_ms: u32,
+    pub timeouts: Timeouts,
     /// Sloppy quorums: fallbacks and hints for primaries that miss a write.
     pub hinted_handoff: bool,
     /// Repair the replicas a read found behind (default true).
@@ -95,7 +95,7 @@ impl CoordinatorConfig {
             n: c.n,
             r: c.r,
             w: c.w,
-            request_timeout_ms: c.request_timeout_ms,
+            timeouts: c.timeouts,
             hinted_handoff: c.hints.enabled,
             read_repair: c.read_repair,
             read_all: c.read_fanout == ReadFanout::All,
@@ -457,12 +457,7 @@ impl<T: Transport> Coordinator<T> {
     }
 
     fn deadline(&self, timeout_ms: u32) -> Duration {
-        let ms = if timeout_ms == 0 {
-            self.config.request_timeout_ms
-        } else {
-            timeout_ms.min(MAX_TIMEOUT_MS)
-        };
-        Duration::from_millis(ms as u64)
+        Duration::from_millis(self.config.timeouts.resolve(timeout_ms).into())
     }
 
     /// Resolves a per-request R or W (0 = the default) and checks 1..=N.
@@ -1337,12 +1332,17 @@ impl<T: Transport> Coordinator<T> {
 
     async fn keep_hint(&self, primary: &NodeId, key: &Bytes, state: &Bytes) -> Result<(), String> {
         let state = KeyState::decode(state).map_err(|e| e.to_string())?;
+        // Within the peer-write limit like any state from a request (`config::Timeouts`).
         self.store
-            .write(WriteOp::Hint {
-                target: primary.to_string(),
-                key: key.clone(),
-                state,
-            })
+            .write_within(
+                WriteOp::Hint {
+                    target: primary.to_string(),
+                    key: key.clone(),
+                    state,
+                },
+                u32::MAX,
+                || format!("key {}: hint for {primary}", HexKey(key.to_vec())),
+            )
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -1570,10 +1570,14 @@ impl<T: Transport> Coordinator<T> {
             self.metrics.read_repairs.inc();
             let result = if target == view.me {
                 self.store
-                    .write(WriteOp::Merge {
-                        key: key.clone(),
-                        state: merged.clone(),
-                    })
+                    .write_within(
+                        WriteOp::Merge {
+                            key: key.clone(),
+                            state: merged.clone(),
+                        },
+                        READ_REPAIR_TIMEOUT.as_millis() as u32,
+                        || format!("key {}: read repair", HexKey(key.to_vec())),
+                    )
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string())

@@ -198,7 +198,10 @@ fn harness_with(view: ClusterView, read_all: bool) -> Harness {
             n: 3,
             r: 2,
             w: 2,
-            request_timeout_ms: 1000,
+            timeouts: Timeouts {
+                default_ms: 1000,
+                longest_ms: 1000,
+            },
             hinted_handoff: true,
             read_repair: true,
             read_all,

@@ -54,6 +54,12 @@ pub struct Layout {
     /// before it: their digests do not change.)
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub forfeited: BTreeSet<String>,
+    /// Retired nodes that said (gossip `holds_nothing`) they had handed over everything they
+    /// held: recorded by the claimant. Tombstone GC waits for every retired node that is
+    /// neither forfeited nor released (`awaiting_release`): until it is empty, a copy it holds
+    /// could outlive a purged delete. Cleared by a join. (Absent when empty, like `forfeited`.)
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub released: BTreeSet<String>,
 }
 
 /// One staged change.
@@ -108,6 +114,11 @@ pub enum PlanError {
 pub trait Liveness {
     /// The node runs and is in contact (gossip alive).
     fn is_alive(&self, node: &str) -> bool;
+
+    /// The node says it holds no data and no hint (gossip `holds_nothing`).
+    fn holds_nothing(&self, _node: &str) -> bool {
+        false
+    }
 }
 
 impl<F: Fn(&str) -> bool> Liveness for F {
@@ -150,6 +161,7 @@ impl Layout {
             next: None,
             retired: BTreeSet::new(),
             forfeited: BTreeSet::new(),
+            released: BTreeSet::new(),
         }
     }
 
@@ -186,6 +198,24 @@ impl Layout {
         self.current
             .keys()
             .chain(self.next.iter().flat_map(|n| n.keys()))
+    }
+
+    /// Retired nodes that may still hold data that is no longer theirs: neither forfeited
+    /// (their copies are refused) nor released (they said they hold nothing).
+    pub fn awaiting_release(&self) -> impl Iterator<Item = &String> {
+        self.retired
+            .iter()
+            .filter(|n| !self.forfeited.contains(*n) && !self.released.contains(*n))
+    }
+
+    /// The layout after recording that retired `nodes` hold nothing (the claimant's, with no
+    /// transition running): same owners, next version.
+    pub fn with_released(&self, nodes: &[String]) -> Layout {
+        let mut next = self.clone();
+        next.version += 1;
+        next.released
+            .extend(nodes.iter().filter(|n| self.retired.contains(*n)).cloned());
+        next
     }
 
     pub fn is_owner(&self, node: &str) -> bool {
@@ -225,6 +255,16 @@ impl Layout {
                             "join {node}: it is not running and in contact with the cluster"
                         ));
                     }
+                    if self.retired.contains(node)
+                        && !self.released.contains(node)
+                        && !live.holds_nothing(node)
+                    {
+                        return invalid(format!(
+                            "join {node}: it was taken out of the ring and has not said it holds \
+                             nothing; what it kept may predate deletes purged since: stop it, \
+                             wipe its data dir, start it and join it again"
+                        ));
+                    }
                     if *vnodes == 0 {
                         return invalid(format!("join {node}: 0 vnodes"));
                     }
@@ -241,7 +281,11 @@ impl Layout {
                     }
                 }
                 Change::Remove { node } => {
-                    if owners.remove(node).is_none() {
+                    // A retired node that never said it holds nothing (it left, then went away
+                    // before handing everything over) holds tombstone GC back: removing it
+                    // forfeits its data and owns nothing less.
+                    let unreleased = self.awaiting_release().any(|n| n == node);
+                    if owners.remove(node).is_none() && !unreleased {
                         return invalid(format!("remove {node}: it owns no ranges"));
                     }
                     if live.is_alive(node) {
@@ -293,6 +337,7 @@ impl Layout {
         let next = self.target(changes, live)?;
         let mut retired = self.retired.clone();
         let mut forfeited = self.forfeited.clone();
+        let mut released = self.released.clone();
         for change in changes {
             // A node that joins owns again; one taken out while down forfeits its data.
             let (owns_again, forfeits) = match change {
@@ -304,6 +349,7 @@ impl Layout {
             if let Some(node) = owns_again {
                 retired.remove(node);
                 forfeited.remove(node);
+                released.remove(node);
             }
             if let Some(node) = forfeits {
                 forfeited.insert(node.clone());
@@ -315,6 +361,7 @@ impl Layout {
             next: Some(next),
             retired,
             forfeited,
+            released,
         })
     }
 
@@ -335,6 +382,7 @@ impl Layout {
             next: None,
             retired,
             forfeited: self.forfeited.clone(),
+            released: self.released.clone(),
         })
     }
 }
@@ -473,6 +521,24 @@ mod tests {
         true
     }
 
+    /// Every node up; those named say they hold nothing.
+    struct Nodes<'a>(&'a [&'a str]);
+
+    impl<'a> Nodes<'a> {
+        fn empty(names: &'a [&'a str]) -> Nodes<'a> {
+            Nodes(names)
+        }
+    }
+
+    impl Liveness for Nodes<'_> {
+        fn is_alive(&self, _: &str) -> bool {
+            true
+        }
+        fn holds_nothing(&self, node: &str) -> bool {
+            self.0.contains(&node)
+        }
+    }
+
     fn layout(ids: &[&str]) -> Layout {
         Layout {
             version: 3,
@@ -483,6 +549,7 @@ mod tests {
             next: None,
             retired: BTreeSet::new(),
             forfeited: BTreeSet::new(),
+            released: BTreeSet::new(),
         }
     }
 
@@ -665,7 +732,7 @@ mod tests {
                     node: "a".into(),
                     vnodes: 64,
                 }],
-                &all_alive,
+                &Nodes::empty(&["a", "d"]),
             )
             .unwrap();
         assert!(!back.retired.contains("a") && back.retired.contains("d"));
@@ -680,7 +747,7 @@ mod tests {
                     node: "d".into(),
                     vnodes: 64,
                 }],
-                &all_alive,
+                &Nodes::empty(&["d"]),
             )
             .unwrap();
         assert!(
@@ -698,5 +765,56 @@ mod tests {
             )
             .unwrap();
         assert_eq!(replaced.forfeited, BTreeSet::from(["d".to_string()]));
+    }
+
+    /// A node that left and went away before it had handed everything over may hold copies
+    /// older than deletes purged since: it joins again only once it holds nothing (it said so,
+    /// or the claimant recorded it), and while it is gone `remove` forfeits it (its copies are
+    /// refused from then on) so that tombstone GC stops waiting for it.
+    #[test]
+    fn a_retired_node_joins_again_only_once_it_holds_nothing_and_remove_forfeits_it() {
+        let l = layout(&["a", "b", "c", "d"]);
+        let left = l
+            .commit(3, &[Change::Leave { node: "d".into() }], &all_alive)
+            .unwrap()
+            .switched()
+            .unwrap();
+        assert_eq!(left.awaiting_release().collect::<Vec<_>>(), vec!["d"]);
+        let join_d = [Change::Join {
+            node: "d".into(),
+            vnodes: 64,
+        }];
+        let refused = left.commit(5, &join_d, &all_alive).unwrap_err();
+        assert!(refused.to_string().contains("holds nothing"), "{refused}");
+        assert!(left.commit(5, &join_d, &Nodes::empty(&["d"])).is_ok());
+        // The claimant records it: no longer awaited, and it may join again.
+        let released = left.with_released(&["d".to_string(), "a".to_string()]);
+        assert_eq!(released.version, left.version + 1);
+        assert_eq!(released.current, left.current);
+        assert_eq!(
+            released.released,
+            BTreeSet::from(["d".to_string()]),
+            "only retired nodes are recorded"
+        );
+        assert_eq!(released.awaiting_release().count(), 0);
+        let back = released.commit(6, &join_d, &all_alive).unwrap();
+        assert!(back.released.is_empty() && !back.retired.contains("d"));
+        // Gone for good instead: remove forfeits it, owners unchanged.
+        let d_dead = |n: &str| n != "d";
+        let gone = left
+            .commit(5, &[Change::Remove { node: "d".into() }], &d_dead)
+            .unwrap();
+        assert_eq!(gone.next.as_ref(), Some(&left.current));
+        assert_eq!(gone.forfeited, BTreeSet::from(["d".to_string()]));
+        assert_eq!(gone.switched().unwrap().awaiting_release().count(), 0);
+        // Not while it runs (it hands its data over itself), nor for a node never retired.
+        assert!(left
+            .commit(5, &[Change::Remove { node: "d".into() }], &all_alive)
+            .is_err());
+        assert!(left
+            .commit(5, &[Change::Remove { node: "x".into() }], &d_dead)
+            .unwrap_err()
+            .to_string()
+            .contains("owns no ranges"));
     }
 }

@@ -36,6 +36,8 @@ pub struct LayoutSeen {
     pub auto_join: bool,
     /// Every write it is still coordinating started under this layout or a newer one.
     pub drained: LayoutId,
+    /// It was retired and holds no data and no hint any more (`aae::release`).
+    pub holds_nothing: bool,
 }
 
 impl LayoutSeen {
@@ -182,6 +184,17 @@ impl HandOverGuard {
     }
 }
 
+/// Liveness for ring changes: gossip's, and what members say they hold.
+impl layout::Liveness for ClusterView {
+    fn is_alive(&self, node: &str) -> bool {
+        ClusterView::is_alive(self, node)
+    }
+
+    fn holds_nothing(&self, node: &str) -> bool {
+        self.seen.get(node).is_some_and(|s| s.holds_nothing)
+    }
+}
+
 impl ClusterView {
     /// The layout this view holds (`epoch` is its digest).
     pub fn layout_id(&self) -> LayoutId {
@@ -325,6 +338,11 @@ impl Membership {
     /// layout `version`.
     pub async fn set_synced(&self, version: LayoutId) {
         let _ = self.commands.send(Command::Synced(version)).await;
+    }
+
+    /// Tells the cluster whether this node, retired, holds no data and no hint any more.
+    pub async fn set_holds_nothing(&self, empty: bool) {
+        let _ = self.commands.send(Command::HoldsNothing(empty)).await;
     }
 
     /// Tells the cluster that every write this node still coordinates started under layout

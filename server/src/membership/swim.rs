@@ -103,6 +103,10 @@ pub struct RingMeta {
     pub auto_join: bool,
     /// Every write this node still coordinates started under this layout or a newer one.
     pub drained: LayoutId,
+    /// Retired, this node holds no data and no hint any more (the claimant records it in the
+    /// layout's `released`; a retired node joins again only then).
+    #[serde(default)]
+    pub holds_nothing: bool,
 }
 
 pub struct MetaKey {
@@ -355,6 +359,7 @@ pub enum Command {
     Adopt(Box<Layout>, oneshot::Sender<bool>),
     Synced(LayoutId),
     Drained(LayoutId),
+    HoldsNothing(bool),
 }
 
 fn now_ms() -> u64 {
@@ -450,6 +455,7 @@ impl Driver {
             synced: LayoutId::default(),
             auto_join: cfg.auto_join,
             drained: LayoutId::default(),
+            holds_nothing: false,
         };
         // A saved layout, else (a new cluster's first node) a layout of this node alone.
         let saved_layout = cfg.layout_file.as_deref().map(load_layout);
@@ -838,6 +844,7 @@ impl Driver {
                         synced: m.synced,
                         auto_join: m.auto_join,
                         drained: m.drained,
+                        holds_nothing: m.holds_nothing,
                     },
                 );
             }
@@ -851,6 +858,7 @@ impl Driver {
                 synced: self.my_meta.synced,
                 auto_join: self.my_meta.auto_join,
                 drained: self.my_meta.drained,
+                holds_nothing: self.my_meta.holds_nothing,
             },
         );
         // Ready to coordinate once the ring is known *as of now*: a cluster of one, or in
@@ -1097,6 +1105,13 @@ impl Worker for MembershipWorker {
                         d.publish_view();
                     }
                 }
+                Command::HoldsNothing(empty) => {
+                    if empty != d.my_meta.holds_nothing {
+                        d.my_meta.holds_nothing = empty;
+                        d.publish_meta(d.my_meta.status);
+                        d.publish_view();
+                    }
+                }
                 Command::Synced(version) => {
                     if version > d.my_meta.synced {
                         d.my_meta.synced = version;
@@ -1189,6 +1204,7 @@ mod tests {
                     version: 4,
                     digest: 0,
                 },
+                holds_nothing: false,
             },
         };
         let mut old = serde_json::to_value(&member).unwrap();
@@ -1229,6 +1245,7 @@ mod tests {
                     version: 1,
                     digest: 2,
                 },
+                holds_nothing: false,
             })
             .unwrap()
         };

@@ -1103,6 +1103,27 @@ impl Store {
         .await
     }
 
+    /// Whether this node stores no key state (live or tombstone) and holds no hint: what a
+    /// retired node says once it has handed everything over (`aae::release`).
+    pub async fn holds_nothing(self: &Arc<Self>) -> Result<bool, StorageError> {
+        if self
+            .hint_book
+            .targets()
+            .into_iter()
+            .any(|(_, t)| t.keys > 0)
+        {
+            return Ok(false);
+        }
+        let all = ScanRange {
+            start: Vec::new(),
+            end: None,
+        };
+        self.blocking("scan", move |engine| {
+            Ok(engine.scan(Cf::Data, &all, 1)?.entries.is_empty())
+        })
+        .await
+    }
+
     /// Every (target, partition) marked for anti-entropy because a hint was dropped, with when
     /// it was marked and its stored row value.
     pub async fn aae_mark_rows(self: &Arc<Self>) -> Result<Vec<AaeMark>, StorageError> {

@@ -837,6 +837,31 @@ async fn cluster(
                     },
                 ));
             }
+            let names = |field: &str| -> Vec<&str> {
+                layout[field]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str())
+                    .collect()
+            };
+            let (forfeited, released) = (names("forfeited"), names("released"));
+            let retired: Vec<String> = names("retired")
+                .into_iter()
+                .map(|n| {
+                    let state = if forfeited.contains(&n) {
+                        "removed: its data is refused"
+                    } else if released.contains(&n) {
+                        "holds nothing"
+                    } else {
+                        "handing over: tombstone GC waits for it"
+                    };
+                    format!("{n} ({state})")
+                })
+                .collect();
+            if !retired.is_empty() {
+                out(&format!("retired: {}", retired.join(", ")));
+            }
             if let Some((base, changes)) = st["staged"]
                 .as_array()
                 .and_then(|a| Some((a.first()?, a.get(1)?)))
