@@ -352,6 +352,8 @@ async fn nemesis_loop(
     let interval = Duration::from_secs(cfg.interval_s.max(1));
     let clock_dir = cfg.out.join("nodes");
     let mut count = 0;
+    // Leaves so far: every other one (the first included) is paused after its switch.
+    let mut leaves = 0;
     let mut cycle: Vec<Kind> = Vec::new();
     loop {
         let wait = interval.mul_f64(rng.random_range(0.0..2.0));
@@ -386,7 +388,7 @@ async fn nemesis_loop(
         count += 1;
         let fault = format!("{}-{count}", kind.name());
         let started = if kind == Kind::Membership {
-            match membership_start(&nodes, &mut rng).await {
+            match membership_start(&nodes, &mut rng, &mut leaves).await {
                 Ok(Ok(started)) => Ok(started),
                 // The cluster refused (correctly: a node just killed, a claimant that changed)
                 // or no change is possible: recorded, not an error.
@@ -403,14 +405,15 @@ async fn nemesis_loop(
             let mut ns = nodes.lock().await;
             nemesis::start(kind, &mut ns, &ips, &clock_dir, &mut rng)
         };
-        let active = match started {
+        let (active, paused_leaver) = match started {
             Ok((active, mut value)) => {
+                let paused = value["paused_after_switch"] == json!(true);
                 value["phase"] = json!("start");
                 value["fault"] = json!(fault);
                 shared
                     .rec
                     .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(value));
-                active
+                (active, paused)
             }
             Err(e) => {
                 errors.lock().await.push(format!("{fault}: {e}"));
@@ -434,6 +437,18 @@ async fn nemesis_loop(
             }
         }
         if let nemesis::Active::Retired(idx) = &active {
+            if paused_leaver {
+                tokio::time::sleep(PAUSED_LEAVER_HOLD).await;
+                for &i in idx {
+                    nodes.lock().await[i].send_signal(libc::SIGCONT);
+                }
+                shared.rec.record(
+                    Op::new(NEMESIS, OpType::Info, kind.name())
+                        .value(json!({"phase": "resumed-after-switch", "fault": fault})),
+                );
+                // Its hand-over pass starts 5 s after every member has the layout.
+                tokio::time::sleep(Duration::from_secs(8)).await;
+            }
             // The node taken out is a source of its change's transfers: wait for them first.
             if let Err(e) = wait_no_transition(&nodes, Duration::from_secs(90)).await {
                 errors.lock().await.push(format!("healing {fault}: {e}"));
@@ -548,13 +563,15 @@ const STALE_RESTART_HOLD: Duration = Duration::from_secs(4);
 
 /// The membership nemesis: once no ring change runs, join a node that owns nothing (taken out
 /// earlier, wiped and restarted), or, with more than N owners, take a random owner out: leave
-/// (it hands its data off), or kill -9 and remove (its ranges re-replicated from the others).
-/// Staged and committed through the claimant, like `kvctl cluster`.
+/// (it hands its data off; every other leaver, the first included, is paused as soon as the
+/// switch retires it, and resumed after `PAUSED_LEAVER_HOLD`), or kill -9 and remove (its ranges re-replicated from
+/// the others). Staged and committed through the claimant, like `kvctl cluster`.
 /// `Ok(Err(reason))`: skipped (the cluster refused the change, or none is possible);
 /// `Err`: the harness could not do its part (a ring change stuck, no node reachable).
 async fn membership_start(
     nodes: &Mutex<Vec<NodeProcess>>,
     rng: &mut StdRng,
+    leaves: &mut usize,
 ) -> Result<Result<(nemesis::Active, serde_json::Value), String>, String> {
     let st = wait_no_transition(nodes, Duration::from_secs(60)).await?;
     let layout = &st["Status"]["layout"];
@@ -640,9 +657,47 @@ async fn membership_start(
             return Ok(Err(format!("{action} {id}: {refused}")));
         }
     };
-    let v = json!({"action": action, "nodes": [id], "layout": committed["Committed"]["version"]});
+    let mut v =
+        json!({"action": action, "nodes": [id], "layout": committed["Committed"]["version"]});
+    // Every other leave (the first included): the leaver is paused as soon as the switch
+    // retires it, before its hand-over pass (which waits 5 s), and resumed only after a hold
+    // long enough for the tombstones of keys deleted meanwhile to be purged, were GC not
+    // waiting for it; resumed, it hands over copies that predate those deletes.
+    let pause = action == "leave" && *leaves % 2 == 0;
+    if action == "leave" {
+        *leaves += 1;
+    }
+    if pause {
+        let victim_addr = nodes.lock().await[victim].addr.clone();
+        let others: Vec<String> = addrs.into_iter().filter(|a| *a != victim_addr).collect();
+        let start = Instant::now();
+        loop {
+            let retired = cluster_admin(&others, json!("Status"))
+                .await
+                .map(|st| {
+                    st["Status"]["layout"]["retired"]
+                        .as_array()
+                        .is_some_and(|r| r.contains(&json!(id)))
+                })
+                .unwrap_or(false);
+            if retired {
+                nodes.lock().await[victim].send_signal(libc::SIGSTOP);
+                v["paused_after_switch"] = json!(true);
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                v["paused_after_switch"] = json!(false);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     Ok(Ok((nemesis::Active::Retired(vec![victim]), v)))
 }
+
+/// How long a leaver paused right after the switch stays paused: several tombstone GC passes
+/// two settle times (4 s) apart.
+const PAUSED_LEAVER_HOLD: Duration = Duration::from_secs(15);
 
 /// Undo everything: flush rules, resume paused nodes, restart dead ones, reset clocks.
 async fn heal_all(cfg: &RunConfig, nodes: &Mutex<Vec<NodeProcess>>, errors: &Mutex<Vec<String>>) {
