@@ -663,7 +663,7 @@ async fn membership_start(
     // retires it, before its hand-over pass (which waits 5 s), and resumed only after a hold
     // long enough for the tombstones of keys deleted meanwhile to be purged, were GC not
     // waiting for it; resumed, it hands over copies that predate those deletes.
-    let pause = action == "leave" && *leaves % 2 == 0;
+    let pause = action == "leave" && leaves.is_multiple_of(2);
     if action == "leave" {
         *leaves += 1;
     }
