@@ -634,6 +634,28 @@ async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
     all_readable(&c, &[0, 1, 2, 4], &keys).await;
 }
 
+async fn delete_all(client: &Client, keys: &[String]) {
+    for k in keys {
+        client
+            .delete(k, None)
+            .await
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+    }
+}
+
+/// Reads every tenth of the deleted `keys` for 20 s (while a node taken out comes back): none
+/// is found.
+async fn stays_deleted(client: &Client, keys: &[String]) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        for k in keys.iter().step_by(10) {
+            let r = client.get(k).await.unwrap_or_else(|e| panic!("{k}: {e}"));
+            assert!(!r.is_found(), "{k} deleted, then back: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A node removed while it was down and then started again with its old data must not hand
 /// that data back: the values deleted since, whose tombstones were purged, would return.
 /// (Found in review: its release worker pushed every key it held to the owners, which merged
@@ -672,12 +694,7 @@ async fn removed_node_back_after_purges(paused: bool) {
     }
     remove_n4(&c, &keys).await;
     let client = c.client(0);
-    for k in &keys {
-        client
-            .delete(k, None)
-            .await
-            .unwrap_or_else(|e| panic!("{k}: {e}"));
-    }
+    delete_all(&client, &keys).await;
     // Every tombstone purged on the three owners.
     let start = Instant::now();
     loop {
@@ -713,14 +730,7 @@ async fn removed_node_back_after_purges(paused: bool) {
     } else {
         c.nodes[3].start().unwrap();
     }
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        for k in keys.iter().step_by(10) {
-            let r = client.get(k).await.unwrap_or_else(|e| panic!("{k}: {e}"));
-            assert!(!r.is_found(), "{k} deleted and purged, then back: {r:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    stays_deleted(&client, &keys).await;
     for k in &keys {
         assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
     }
@@ -786,12 +796,7 @@ async fn a_node_that_left_and_was_paused_before_handing_over_does_not_bring_back
     })
     .await;
     let client = c.client(0);
-    for k in &keys {
-        client
-            .delete(k, None)
-            .await
-            .unwrap_or_else(|e| panic!("{k}: {e}"));
-    }
+    delete_all(&client, &keys).await;
     // Tombstone GC waits for n4, and says why.
     let blocked = metric_total(&c, &[0, 1, 2], "tombstones.gc_passes_blocked").await;
     eventually(
@@ -809,14 +814,7 @@ async fn a_node_that_left_and_was_paused_before_handing_over_does_not_bring_back
         "{text}"
     );
     c.nodes[3].send_signal(libc::SIGCONT);
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        for k in keys.iter().step_by(10) {
-            let r = client.get(k).await.unwrap_or_else(|e| panic!("{k}: {e}"));
-            assert!(!r.is_found(), "{k} deleted, then back: {r:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    stays_deleted(&client, &keys).await;
     // n4 handed its copies over (so it held them when it was paused), ended empty, and was
     // recorded; then every tombstone is purged.
     eventually(
