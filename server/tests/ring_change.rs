@@ -761,8 +761,21 @@ async fn removed_node_back_after_purges(paused: bool) {
 /// holds nothing, the claimant records it in the layout, and the purges go ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_left_and_was_paused_before_handing_over_does_not_bring_back_deletes() {
+    left_node_paused_after_switch(false).await;
+}
+
+/// The same node gone for good instead (killed while paused): the operator removes it, which
+/// forfeits what it holds; the purges resume, and started again on its old data it withholds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_that_left_and_went_away_lets_the_purges_resume() {
+    left_node_paused_after_switch(true).await;
+}
+
+/// n4 leaves and is paused as soon as the switch retires it; its keys are deleted, and GC
+/// waits for it. Then it is resumed, or (`gone`) killed and removed.
+async fn left_node_paused_after_switch(gone: bool) {
     let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
-    let c = four_owners(&gc).await;
+    let mut c = four_owners(&gc).await;
     let keys = write_keys(&c, "left", 300).await;
     wait_no_hints(&c, &[0, 1, 2, 3], "before n4 leaves").await;
     stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
@@ -813,6 +826,44 @@ async fn a_node_that_left_and_was_paused_before_handing_over_does_not_bring_back
         ok && text.contains("n4 (handing over: tombstone GC waits for it)"),
         "{text}"
     );
+    if gone {
+        c.nodes[3].kill9();
+        let (ok, text) = kvctl(&c, 1, &["cluster", "remove", "n4"]);
+        assert!(ok, "{text}");
+        admin(&c, 1, json!({"Commit": {"plan": null}}))
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(90),
+            "every tombstone purged once n4 is removed",
+            || async { metric_total(&c, &[0, 1, 2], "tombstones.live").await == 0 },
+        )
+        .await;
+        let (ok, text) = kvctl(&c, 0, &["cluster", "status"]);
+        assert!(
+            ok && text.contains("n4 (removed: its data is refused)"),
+            "{text}"
+        );
+        // Started again on its old data: it keeps it, and nothing deleted comes back.
+        c.nodes[3].start().unwrap();
+        stays_deleted(&client, &keys).await;
+        let n4 = c.client(3);
+        eventually(
+            Duration::from_secs(30),
+            "n4 says it withholds its data",
+            || async { metric(&n4, "release.withheld").await == 1 },
+        )
+        .await;
+        assert_eq!(
+            metric(&n4, "release.keys_handed").await,
+            0,
+            "its copies are never handed over"
+        );
+        for k in &keys {
+            assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
+        }
+        return;
+    }
     c.nodes[3].send_signal(libc::SIGCONT);
     stays_deleted(&client, &keys).await;
     // n4 handed its copies over (so it held them when it was paused), ended empty, and was

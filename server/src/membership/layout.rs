@@ -285,8 +285,16 @@ impl Layout {
                     // before handing everything over) holds tombstone GC back: removing it
                     // forfeits its data and owns nothing less.
                     let unreleased = self.awaiting_release().any(|n| n == node);
-                    if owners.remove(node).is_none() && !unreleased {
+                    let owned = owners.remove(node).is_some();
+                    if !owned && !unreleased {
                         return invalid(format!("remove {node}: it owns no ranges"));
+                    }
+                    if !owned && live.is_alive(node) {
+                        return invalid(format!(
+                            "remove {node}: it left the ring and is running: it hands its data \
+                             over itself (kvctl cluster status); remove it only if it is down \
+                             for good"
+                        ));
                     }
                     if live.is_alive(node) {
                         return invalid(format!(
@@ -810,7 +818,9 @@ mod tests {
         // Not while it runs (it hands its data over itself), nor for a node never retired.
         assert!(left
             .commit(5, &[Change::Remove { node: "d".into() }], &all_alive)
-            .is_err());
+            .unwrap_err()
+            .to_string()
+            .contains("hands its data over itself"));
         assert!(left
             .commit(5, &[Change::Remove { node: "x".into() }], &d_dead)
             .unwrap_err()
