@@ -351,6 +351,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         store.clone(),
         pool.clone(),
         config.aae.transfer_keys_per_sec,
+        // Data sent to a node before it was retired lands within the settle time (half for
+        // the request's deadline, half for the peer-write limit); without GC nothing waits.
+        if config.aae.tombstone_gc {
+            std::time::Duration::from_secs(config.aae.tombstone_settle_secs)
+        } else {
+            std::time::Duration::ZERO
+        },
         release_metrics,
     ));
     cluster.metrics.register(&registry, "cluster.");

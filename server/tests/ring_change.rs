@@ -304,7 +304,8 @@ async fn grow_three_to_six_moves_every_key_to_its_new_replicas() {
 /// the ring and refuse requests; every key stays readable and on exactly N of the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
-    let c = Cluster::start(6, &[]).await;
+    // A 10 s settle time: a retired node says it holds nothing that long after its switch.
+    let c = Cluster::start(6, &["--tombstone-settle-secs", "10"]).await;
     let all: Vec<usize> = (0..6).collect();
     wait_owners(
         &c,
@@ -343,7 +344,7 @@ async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
     assert_eq!(ring.members.len(), 3, "{:?}", ring.members);
     // Empty, they said so, and the claimant recorded it (tombstone GC stops waiting for them).
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "n4, n5, n6 recorded as holding nothing",
         || async { layout(&c, 0).await["released"] == json!(["n4", "n5", "n6"]) },
     )

@@ -76,6 +76,10 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     /// What this node last said in gossip of holding nothing, and when it last looked.
     holds_nothing: bool,
     empty_checked: Option<Instant>,
+    /// Since when this process has seen this node retired, and how long after that data sent
+    /// to it before may still land (`quiet`: the tombstone settle time, zero without GC).
+    retired_since: Option<Instant>,
+    quiet: Duration,
     detail: String,
 }
 
@@ -86,6 +90,7 @@ impl<T: Transport> ReleaseWorker<T> {
         store: Arc<Store>,
         transport: Arc<T>,
         keys_per_sec: u32,
+        quiet: Duration,
         metrics: Arc<ReleaseMetrics>,
     ) -> ReleaseWorker<T> {
         let fresh = store.opened_fresh();
@@ -106,6 +111,8 @@ impl<T: Transport> ReleaseWorker<T> {
             guard: HandOverGuard::new(fresh),
             holds_nothing: false,
             empty_checked: None,
+            retired_since: None,
+            quiet,
             detail: "no foreign data".into(),
         }
     }
@@ -113,12 +120,24 @@ impl<T: Transport> ReleaseWorker<T> {
     /// A retired node says in gossip once it holds no data and no hint (looked at every
     /// `EMPTY_CHECK`, withheld or not: a wiped data dir holds nothing either): the claimant
     /// records it in the layout, tombstone GC stops waiting for it, and it may join again.
+    /// Only once nothing sent to it before it was retired can still land: no ring change
+    /// runs, no live member coordinates a write begun under an older layout, and `quiet` has
+    /// passed since this process saw it retired (a request's deadline and the peer-write
+    /// limit are each at most half the settle time; found in review: an empty node said so
+    /// at once while a late hint or repair could still reach it).
     async fn report_emptiness(&mut self) {
-        if !self.membership.view().retired() {
+        let view = self.membership.view();
+        if !view.retired() {
+            self.retired_since = None;
             if self.holds_nothing {
                 self.holds_nothing = false;
                 self.membership.set_holds_nothing(false).await;
             }
+            return;
+        }
+        let since = *self.retired_since.get_or_insert_with(Instant::now);
+        let settled = view.next.is_none() && view.members_behind().is_empty();
+        if !settled || since.elapsed() < self.quiet {
             return;
         }
         if self

@@ -96,22 +96,33 @@ impl PeerApi {
     /// before it was removed). Its session and layout requests still pass, so it learns it
     /// was removed. The sender's own `HandOverGuard` says the same; this holds even for a
     /// sender that has not learned it yet.
+    ///
+    /// The same for a retired node recorded `released` (it said it held nothing, and tombstone
+    /// GC stopped waiting for it): whatever it holds now reached it after that (found in
+    /// review), and is refused too.
     fn forfeited(&self, peer: &str) -> Option<PeerResponse> {
         let view = self.membership.view();
-        (view.layout.forfeited.contains(peer) && !view.layout.is_owner(peer)).then(|| {
-            self.auth.error(
-                ErrorKind::Unavailable {
-                    alive: 0,
-                    needed: 1,
-                },
-                format!(
-                    "refused: node {peer} was removed from the ring while the cluster could not \
-                     reach it (layout v{}); nothing it holds is taken (stop it and wipe its data \
-                     dir)",
-                    view.layout.version
-                ),
-            )
-        })
+        if view.layout.is_owner(peer) {
+            return None;
+        }
+        let why = if view.layout.forfeited.contains(peer) {
+            "was removed from the ring while the cluster could not reach it"
+        } else if view.layout.released.contains(peer) {
+            "left the ring and said it held nothing"
+        } else {
+            return None;
+        };
+        Some(self.auth.error(
+            ErrorKind::Unavailable {
+                alive: 0,
+                needed: 1,
+            },
+            format!(
+                "refused: node {peer} {why} (layout v{}); nothing it holds is taken (stop it \
+                 and wipe its data dir)",
+                view.layout.version
+            ),
+        ))
     }
 
     async fn dispatch(&self, req: PeerRequest, arrived: Instant) -> PeerResponse {

@@ -425,15 +425,40 @@ impl<T: Transport> ClusterService<T> {
         }
     }
 
-    /// Records in the layout that retired `nodes` hold nothing (no transition running); true
-    /// if it did.
-    pub async fn record_released(&self, nodes: &[String]) -> bool {
+    /// Records in the layout the retired nodes that say, with this layout, that they hold
+    /// nothing (`released`: tombstone GC stops waiting for them); true if it did. Chosen under
+    /// the claimant's lock from the view of that moment, and not while a transition runs or
+    /// a live member has a newer layout (a concurrent commit that wins: adopt it first).
+    pub async fn record_released(&self) -> bool {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
-        if view.layout.next.is_some() {
+        let id = view.layout_id();
+        if view.layout.next.is_some()
+            || view
+                .seen
+                .iter()
+                .any(|(m, s)| view.is_alive(m) && s.layout() > id)
+        {
             return false;
         }
-        let released = view.layout.with_released(nodes);
+        let nodes: Vec<String> = view
+            .layout
+            .retired
+            .iter()
+            .filter(|n| {
+                !view.layout.released.contains(*n)
+                    && view.is_alive(n)
+                    && view
+                        .seen
+                        .get(n.as_str())
+                        .is_some_and(|s| s.holds_nothing && s.layout() == id)
+            })
+            .cloned()
+            .collect();
+        if nodes.is_empty() {
+            return false;
+        }
+        let released = view.layout.with_released(&nodes);
         let version = released.version;
         if self.membership.adopt_layout(released).await {
             self.metrics.released.inc_by(nodes.len() as u64);

@@ -90,24 +90,9 @@ impl<T: Transport> LayoutWorker<T> {
             return waiting.is_empty() && self.cluster.switch_if_synced().await;
         }
         self.detail = format!("claimant: layout v{}", view.layout.version);
-        // Retired nodes that say they hold nothing (with this layout) are recorded: tombstone
-        // GC waits for the others.
-        let id = view.layout_id();
-        let emptied: Vec<String> = view
-            .layout
-            .retired
-            .iter()
-            .filter(|n| {
-                !view.layout.released.contains(*n)
-                    && view.is_alive(n)
-                    && view
-                        .seen
-                        .get(n.as_str())
-                        .is_some_and(|s| s.holds_nothing && s.layout() == id)
-            })
-            .cloned()
-            .collect();
-        if !emptied.is_empty() && self.cluster.record_released(&emptied).await {
+        // Retired nodes that say they hold nothing are recorded: tombstone GC waits for the
+        // others.
+        if self.cluster.record_released().await {
             return true;
         }
         // Staged changes do not hold joins back: they were staged against this layout, and a

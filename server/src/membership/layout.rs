@@ -255,10 +255,9 @@ impl Layout {
                             "join {node}: it is not running and in contact with the cluster"
                         ));
                     }
-                    if self.retired.contains(node)
-                        && !self.released.contains(node)
-                        && !live.holds_nothing(node)
-                    {
+                    // Its own word now, not the `released` record: data could have reached
+                    // it since, or it could have started again on an old data dir.
+                    if self.retired.contains(node) && !live.holds_nothing(node) {
                         return invalid(format!(
                             "join {node}: it was taken out of the ring and has not said it holds \
                              nothing; what it kept may predate deletes purged since: stop it, \
@@ -776,8 +775,8 @@ mod tests {
     }
 
     /// A node that left and went away before it had handed everything over may hold copies
-    /// older than deletes purged since: it joins again only once it holds nothing (it said so,
-    /// or the claimant recorded it), and while it is gone `remove` forfeits it (its copies are
+    /// older than deletes purged since: it joins again only while it says it holds nothing,
+    /// and while it is gone `remove` forfeits it (its copies are
     /// refused from then on) so that tombstone GC stops waiting for it.
     #[test]
     fn a_retired_node_joins_again_only_once_it_holds_nothing_and_remove_forfeits_it() {
@@ -805,7 +804,11 @@ mod tests {
             "only retired nodes are recorded"
         );
         assert_eq!(released.awaiting_release().count(), 0);
-        let back = released.commit(6, &join_d, &all_alive).unwrap();
+        assert!(
+            released.commit(6, &join_d, &all_alive).is_err(),
+            "recorded, but not saying so now (restarted on an old data dir?)"
+        );
+        let back = released.commit(6, &join_d, &Nodes::empty(&["d"])).unwrap();
         assert!(back.released.is_empty() && !back.retired.contains("d"));
         // Gone for good instead: remove forfeits it, owners unchanged.
         let d_dead = |n: &str| n != "d";
