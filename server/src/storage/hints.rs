@@ -118,6 +118,9 @@ pub enum DropReason {
     Cap = 1,
     /// It was older than the hint window.
     Expired = 2,
+    /// Its write was still queued at its deadline (the writer stalled past the peer-write
+    /// limit), and was dropped unapplied.
+    Late = 3,
 }
 
 impl DropReason {
@@ -125,6 +128,7 @@ impl DropReason {
         match self {
             DropReason::Cap => "cap",
             DropReason::Expired => "expired",
+            DropReason::Late => "late",
         }
     }
 }

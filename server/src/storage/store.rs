@@ -520,6 +520,7 @@ crate::metrics::metric_set! {
         kept_changed: Counter = "kept_changed", "hints kept at delete because they changed during replay";
         dropped_cap: Counter = "dropped_cap", "hints not kept because the store was at a byte cap";
         dropped_expired: Counter = "dropped_expired", "hints given up after the hint window";
+        dropped_late: Counter = "dropped_late", "hints dropped unapplied because their deadline passed while queued for the writer (marked for anti-entropy)";
         marks: Counter = "aae_marks", "target partitions marked for anti-entropy";
     }
 }
@@ -1486,6 +1487,11 @@ impl Writer {
                 let result = match job.deadline {
                     Some((at, timeout_ms)) if Instant::now() > at => {
                         self.stats.expired.inc();
+                        // A dropped hint's replica is synced by anti-entropy instead.
+                        if let WriteOp::Hint { target, key, .. } = &job.op {
+                            self.hint_stats.dropped_late.inc();
+                            self.mark_for_anti_entropy(target, key, DropReason::Late, &mut group);
+                        }
                         Err(WriteError::DeadlinePassed {
                             what: format!(
                                 "key {}: queued write (dropped unapplied)",

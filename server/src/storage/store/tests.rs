@@ -1396,6 +1396,47 @@ async fn a_peer_write_queued_past_its_deadline_is_dropped() {
     store.close();
 }
 
+/// A hint dropped because its deadline passed while it was queued (a writer stalled longer
+/// than the peer-write limit) leaves an anti-entropy mark for its target and partition, like
+/// a hint dropped at the byte cap: the replica it was for is synced instead (found in review:
+/// a coordinator's own hint went through an unbounded write before, and was only logged once
+/// it could be dropped).
+#[tokio::test]
+async fn a_hint_dropped_at_its_deadline_marks_its_partition_for_anti_entropy() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    let WriteOp::Merge { key, state } = peer_merge(b"hinted") else {
+        unreachable!("peer_merge makes a merge")
+    };
+    let hint = WriteOp::Hint {
+        target: "n3".into(),
+        key: key.clone(),
+        state,
+    };
+    let err = store
+        .write_within(hint, 0, || "key hinted: hint for n3".into())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WriteError::DeadlinePassed { .. } | WriteError::Unanswered { .. }
+        ),
+        "{err}"
+    );
+    store.write(put("after", "v", None)).await.unwrap();
+    assert_eq!(store.read_hint("n3", b"hinted").await.unwrap(), None);
+    assert_eq!(
+        mark_keys(&store).await,
+        vec![(
+            "n3".to_string(),
+            crate::storage::hints::partition_of(b"hinted")
+        )]
+    );
+    assert_eq!(store.hint_stats().dropped_late.get(), 1);
+    store.close();
+}
+
 /// A peer write the writer took before its deadline but had not committed when the time ran
 /// out (a slow disk) is applied afterwards: its requester must not be told it was not.
 /// Before, the timeout answered `DeadlinePassed`, which is definite.
