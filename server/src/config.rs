@@ -282,6 +282,16 @@ pub struct AaeSettings {
     pub tombstone_settle_secs: u64,
 }
 
+impl AaeSettings {
+    /// The tombstone settle time while tombstone GC runs (`None`: off). Half of it bounds a
+    /// request's deadline (`Timeouts`), half how long a peer write may wait to be applied
+    /// (`Store::limit_peer_writes`).
+    pub fn settle(&self) -> Option<std::time::Duration> {
+        self.tombstone_gc
+            .then(|| std::time::Duration::from_secs(self.tombstone_settle_secs))
+    }
+}
+
 impl Default for AaeSettings {
     fn default() -> Self {
         AaeSettings {
@@ -396,12 +406,10 @@ pub struct Timeouts {
 
 impl Timeouts {
     fn new(default_ms: Option<u32>, aae: &AaeSettings) -> Result<Timeouts, ConfigError> {
-        let longest_ms = if aae.tombstone_gc {
-            let half_settle_ms = aae.tombstone_settle_secs.saturating_mul(500);
+        let longest_ms = aae.settle().map_or(MAX_TIMEOUT_MS, |settle| {
+            let half_settle_ms = (settle / 2).as_millis();
             MAX_TIMEOUT_MS.min(u32::try_from(half_settle_ms).unwrap_or(u32::MAX))
-        } else {
-            MAX_TIMEOUT_MS
-        };
+        });
         match default_ms {
             None => Ok(Timeouts {
                 default_ms: DEFAULT_TIMEOUT_MS.min(longest_ms),

@@ -353,26 +353,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         config.aae.transfer_keys_per_sec,
         // Data sent to a node before it was retired lands within the settle time (half for
         // the request's deadline, half for the peer-write limit); without GC nothing waits.
-        if config.aae.tombstone_gc {
-            std::time::Duration::from_secs(config.aae.tombstone_settle_secs)
-        } else {
-            std::time::Duration::ZERO
-        },
+        config.aae.settle().unwrap_or_default(),
         release_metrics,
     ));
     cluster.metrics.register(&registry, "cluster.");
     let gc_metrics = Arc::new(GcMetrics::default());
-    if config.aae.tombstone_gc {
+    if let Some(settle) = config.aae.settle() {
         // Nothing sent before a tombstone's first stability check may land after the second.
-        store.limit_peer_writes(std::time::Duration::from_millis(
-            config.aae.tombstone_settle_secs * 1000 / 2,
-        ));
+        store.limit_peer_writes(settle / 2);
         runner.spawn(GcWorker::new(
             aae.clone(),
             membership.clone(),
             pool,
             std::time::Duration::from_secs(config.aae.interval_secs),
-            std::time::Duration::from_secs(config.aae.tombstone_settle_secs),
+            settle,
             config.aae.keys_per_sec,
             gc_metrics.clone(),
         ));

@@ -635,6 +635,82 @@ async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
     all_readable(&c, &[0, 1, 2, 4], &keys).await;
 }
 
+/// Four owners with tombstone GC (4 s settle, passes every 2 s) and 300 keys `prefix-i`,
+/// once no node holds a hint: held for a node that never answers again, a hint keeps its
+/// key's tombstone until the hint window ends, and these tests need every tombstone purged.
+async fn gc_owners_with_keys(prefix: &str) -> (Cluster, Vec<String>) {
+    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
+    let c = four_owners(&gc).await;
+    let keys = write_keys(&c, prefix, 300).await;
+    wait_no_hints(&c, &[0, 1, 2, 3], "before n4 goes").await;
+    (c, keys)
+}
+
+/// Whether the layout (as node 0 has it) lists `node` in `field` ("retired", "released").
+async fn layout_names(c: &Cluster, field: &str, node: &str) -> bool {
+    layout(c, 0).await[field]
+        .as_array()
+        .is_some_and(|r| r.contains(&json!(node)))
+}
+
+/// Waits (up to 90 s) until n1..n3 hold no tombstone; the GC counters of each in the panic.
+async fn wait_purged(c: &Cluster) {
+    let start = Instant::now();
+    loop {
+        let live = metric_total(c, &[0, 1, 2], "tombstones.live").await;
+        if live == 0 {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            let mut why = Vec::new();
+            for i in 0..3 {
+                let n = c.client(i);
+                let mut m = Vec::new();
+                for name in [
+                    "tombstones.live",
+                    "tombstones.gc_passes",
+                    "tombstones.gc_passes_blocked",
+                    "tombstones.checked",
+                    "tombstones.purge_checks_failed",
+                    "tombstones.check_errors",
+                    "tombstones.candidates",
+                ] {
+                    m.push(format!("{name}={}", metric(&n, name).await));
+                }
+                why.push(format!("n{}: {}", i + 1, m.join(" ")));
+            }
+            panic!("{live} tombstones still live: {}", why.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Not one of `keys` is found.
+async fn none_found(client: &Client, keys: &[String]) {
+    for k in keys {
+        assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
+    }
+}
+
+/// n4, forfeited and back on its old data (started again or resumed): no deleted key comes
+/// back, and it says it withholds its data and hands none over.
+async fn n4_withholds_and_nothing_comes_back(c: &Cluster, client: &Client, keys: &[String]) {
+    stays_deleted(client, keys).await;
+    none_found(client, keys).await;
+    let n4 = c.client(3);
+    eventually(
+        Duration::from_secs(30),
+        "n4 says it withholds its data",
+        || async { metric(&n4, "release.withheld").await == 1 },
+    )
+    .await;
+    assert_eq!(
+        metric(&n4, "release.keys_handed").await,
+        0,
+        "its copies are never handed over"
+    );
+}
+
 async fn delete_all(client: &Client, keys: &[String]) {
     for k in keys {
         client
@@ -678,13 +754,7 @@ async fn a_removed_node_that_was_only_paused_does_not_bring_back_purged_deletes(
 /// purged on n1..n3; then n4 back (started again on its data dir, or resumed): no deleted key
 /// comes back and n4 says it withholds its data.
 async fn removed_node_back_after_purges(paused: bool) {
-    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
-    let mut c = four_owners(&gc).await;
-    let keys = write_keys(&c, "purged", 300).await;
-    // No hint left for n4 (a replica write it was slow to take under the load): held for a
-    // node that never answers again, a hint keeps its key's tombstone until the hint window
-    // ends, and this test needs every tombstone purged.
-    wait_no_hints(&c, &[0, 1, 2, 3], "before n4 goes").await;
+    let (mut c, keys) = gc_owners_with_keys("purged").await;
     if paused {
         c.nodes[3].send_signal(libc::SIGSTOP);
         c.wait_members(|n| n.id != "n4", |n| n.id != "n4", Duration::from_secs(30))
@@ -696,53 +766,14 @@ async fn removed_node_back_after_purges(paused: bool) {
     remove_n4(&c, &keys).await;
     let client = c.client(0);
     delete_all(&client, &keys).await;
-    // Every tombstone purged on the three owners.
-    let start = Instant::now();
-    loop {
-        let live = metric_total(&c, &[0, 1, 2], "tombstones.live").await;
-        if live == 0 {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            let mut why = Vec::new();
-            for i in 0..3 {
-                let n = c.client(i);
-                let mut m = Vec::new();
-                for name in [
-                    "tombstones.live",
-                    "tombstones.gc_passes",
-                    "tombstones.gc_passes_blocked",
-                    "tombstones.checked",
-                    "tombstones.purge_checks_failed",
-                    "tombstones.check_errors",
-                    "tombstones.candidates",
-                ] {
-                    m.push(format!("{name}={}", metric(&n, name).await));
-                }
-                why.push(format!("n{}: {}", i + 1, m.join(" ")));
-            }
-            panic!("{live} tombstones still live: {}", why.join("; "));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_purged(&c).await;
     // n4 comes back with its data dir: it learns it was removed, and keeps its old copies.
     if paused {
         c.nodes[3].send_signal(libc::SIGCONT);
     } else {
         c.nodes[3].start().unwrap();
     }
-    stays_deleted(&client, &keys).await;
-    for k in &keys {
-        assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
-    }
-    let n4 = c.client(3);
-    eventually(
-        Duration::from_secs(30),
-        "n4 says it withholds its data",
-        || async { metric(&n4, "release.withheld").await == 1 },
-    )
-    .await;
-    assert_eq!(metric(&n4, "release.keys_handed").await, 0);
+    n4_withholds_and_nothing_comes_back(&c, &client, &keys).await;
     // It cannot join again with what it kept.
     let join = json!({"Stage": {"Join": {"node": "n4", "vnodes": 256}}});
     let refused = match admin(&c, 0, join).await {
@@ -775,25 +806,16 @@ async fn removing_a_node_that_left_and_went_away_lets_the_purges_resume() {
 /// n4 leaves and is paused as soon as the switch retires it; its keys are deleted, and GC
 /// waits for it. Then it is resumed, or (`gone`) killed and removed.
 async fn left_node_paused_after_switch(gone: bool) {
-    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
-    let mut c = four_owners(&gc).await;
-    let keys = write_keys(&c, "left", 300).await;
-    wait_no_hints(&c, &[0, 1, 2, 3], "before n4 leaves").await;
+    let (mut c, keys) = gc_owners_with_keys("left").await;
     stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
     // Paused as soon as the switch retires it: its hand-over pass starts only once every live
     // member has had the layout for 5 s.
     let start = Instant::now();
-    loop {
-        let l = layout(&c, 0).await;
-        if l["retired"]
-            .as_array()
-            .is_some_and(|r| r.contains(&json!("n4")))
-        {
-            break;
-        }
+    while !layout_names(&c, "retired", "n4").await {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "n4 not retired: {l}"
+            "n4 not retired: {}",
+            layout(&c, 0).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -834,12 +856,7 @@ async fn left_node_paused_after_switch(gone: bool) {
         admin(&c, 1, json!({"Commit": {"plan": null}}))
             .await
             .unwrap();
-        eventually(
-            Duration::from_secs(90),
-            "every tombstone purged once n4 is removed",
-            || async { metric_total(&c, &[0, 1, 2], "tombstones.live").await == 0 },
-        )
-        .await;
+        wait_purged(&c).await;
         let (ok, text) = kvctl(&c, 0, &["cluster", "status"]);
         assert!(
             ok && text.contains("n4 (removed: its data is refused)"),
@@ -847,22 +864,7 @@ async fn left_node_paused_after_switch(gone: bool) {
         );
         // Started again on its old data: it keeps it, and nothing deleted comes back.
         c.nodes[3].start().unwrap();
-        stays_deleted(&client, &keys).await;
-        let n4 = c.client(3);
-        eventually(
-            Duration::from_secs(30),
-            "n4 says it withholds its data",
-            || async { metric(&n4, "release.withheld").await == 1 },
-        )
-        .await;
-        assert_eq!(
-            metric(&n4, "release.keys_handed").await,
-            0,
-            "its copies are never handed over"
-        );
-        for k in &keys {
-            assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
-        }
+        n4_withholds_and_nothing_comes_back(&c, &client, &keys).await;
         return;
     }
     c.nodes[3].send_signal(libc::SIGCONT);
@@ -872,24 +874,13 @@ async fn left_node_paused_after_switch(gone: bool) {
     eventually(
         Duration::from_secs(60),
         "n4 recorded as holding nothing",
-        || async {
-            layout(&c, 0).await["released"]
-                .as_array()
-                .is_some_and(|r| r.contains(&json!("n4")))
-        },
+        || layout_names(&c, "released", "n4"),
     )
     .await;
     let handed = metric(&n4, "release.keys_handed").await - handed_before;
     assert!(handed > 0, "n4 held no copy when it was paused");
-    eventually(
-        Duration::from_secs(90),
-        "every tombstone purged",
-        || async { metric_total(&c, &[0, 1, 2], "tombstones.live").await == 0 },
-    )
-    .await;
-    for k in &keys {
-        assert!(!client.get(k).await.unwrap().is_found(), "{k} came back");
-    }
+    wait_purged(&c).await;
+    none_found(&client, &keys).await;
     let (ok, text) = kvctl(&c, 0, &["cluster", "status"]);
     assert!(ok && text.contains("n4 (holds nothing)"), "{text}");
 }

@@ -413,6 +413,15 @@ impl<T: Transport> GcWorker<T> {
         self.pass_purged += done.iter().filter(|d| **d).count() as u64;
     }
 
+    /// A pass not run (`why` in the worker's detail; counted); the next try is at most 10 s
+    /// away.
+    fn blocked(&mut self, why: String) -> WorkerState {
+        self.metrics.blocked.inc();
+        self.detail = why;
+        self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
+        WorkerState::Idle
+    }
+
     fn finish_pass(&mut self) {
         self.metrics.passes.inc();
         let seen: std::collections::HashSet<Bytes> = std::mem::take(&mut self.seen_this_pass)
@@ -469,13 +478,10 @@ impl<T: Transport> Worker for GcWorker<T> {
             // checks made before it say nothing about after it.
             self.cursor = None;
             self.candidates = Candidates::default();
-            self.metrics.blocked.inc();
-            self.detail = format!(
+            return Ok(self.blocked(format!(
                 "blocked: a ring change is running (layout v{}); tombstones kept until it ends",
                 view.layout.version
-            );
-            self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
-            return Ok(WorkerState::Idle);
+            )));
         }
         let start = match self.cursor.take() {
             Some(start) => start,
@@ -483,25 +489,25 @@ impl<T: Transport> Worker for GcWorker<T> {
                 if Instant::now() < self.next_pass || !view.ready {
                     return Ok(WorkerState::Idle);
                 }
-                if let Some(down) = unavailable_member(&view) {
-                    self.metrics.blocked.inc();
-                    self.detail = format!(
-                        "blocked: member {down} is unavailable (it may hold a hint or miss a \
-                         delete); tombstones kept until every member is back"
-                    );
-                    self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
-                    return Ok(WorkerState::Idle);
-                }
-                if let Some(gone) = unreleased_member(&view) {
-                    self.metrics.blocked.inc();
-                    self.detail = format!(
-                        "blocked: node {gone} left the ring and went out of reach before it \
-                         said it holds nothing (it may hand over copies of keys deleted since); \
-                         tombstones kept until it is back and empty, or removed (kvctl cluster \
-                         remove {gone})"
-                    );
-                    self.next_pass = Instant::now() + self.interval.min(Duration::from_secs(10));
-                    return Ok(WorkerState::Idle);
+                let why = unavailable_member(&view)
+                    .map(|down| {
+                        format!(
+                            "blocked: member {down} is unavailable (it may hold a hint or miss \
+                             a delete); tombstones kept until every member is back"
+                        )
+                    })
+                    .or_else(|| {
+                        unreleased_member(&view).map(|gone| {
+                            format!(
+                                "blocked: node {gone} left the ring and went out of reach \
+                                 before it said it holds nothing (it may hand over copies of \
+                                 keys deleted since); tombstones kept until it is back and \
+                                 empty, or removed (kvctl cluster remove {gone})"
+                            )
+                        })
+                    });
+                if let Some(why) = why {
+                    return Ok(self.blocked(why));
                 }
                 None
             }

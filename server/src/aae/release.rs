@@ -73,8 +73,7 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     next_pass: Instant,
     /// Whether it may hand over what it holds (`HandOverGuard`).
     guard: HandOverGuard,
-    /// What this node last said in gossip of holding nothing, and when it last looked.
-    holds_nothing: bool,
+    /// When it last looked whether it holds nothing (what it said is in its gossip metadata).
     empty_checked: Option<Instant>,
     /// Since when this process has seen this node retired, and how long after that data sent
     /// to it before may still land (`quiet`: the tombstone settle time, zero without GC).
@@ -109,7 +108,6 @@ impl<T: Transport> ReleaseWorker<T> {
             last_version: LayoutId::default(),
             next_pass: Instant::now(),
             guard: HandOverGuard::new(fresh),
-            holds_nothing: false,
             empty_checked: None,
             retired_since: None,
             quiet,
@@ -127,10 +125,10 @@ impl<T: Transport> ReleaseWorker<T> {
     /// at once while a late hint or repair could still reach it).
     async fn report_emptiness(&mut self) {
         let view = self.membership.view();
+        let said = view.seen.get(&view.me).is_some_and(|s| s.holds_nothing);
         if !view.retired() {
             self.retired_since = None;
-            if self.holds_nothing {
-                self.holds_nothing = false;
+            if said {
                 self.membership.set_holds_nothing(false).await;
             }
             return;
@@ -148,8 +146,7 @@ impl<T: Transport> ReleaseWorker<T> {
         }
         self.empty_checked = Some(Instant::now());
         match self.store.holds_nothing().await {
-            Ok(empty) if empty != self.holds_nothing => {
-                self.holds_nothing = empty;
+            Ok(empty) if empty != said => {
                 self.membership.set_holds_nothing(empty).await;
                 if empty {
                     info!(node = %self.node_id, "taken out of the ring and holding nothing any more: said so to the cluster");

@@ -407,12 +407,7 @@ impl<T: Transport> ClusterService<T> {
         }
         // A live member has a newer layout (a concurrent commit that wins): adopt it first
         // (`catch_up`), never switch the one it supersedes.
-        let id = view.layout_id();
-        if view
-            .seen
-            .iter()
-            .any(|(m, s)| view.is_alive(m) && s.layout() > id)
-        {
+        if view.live_member_ahead() {
             return false;
         }
         let version = switched.version;
@@ -432,15 +427,10 @@ impl<T: Transport> ClusterService<T> {
     pub async fn record_released(&self) -> bool {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
-        let id = view.layout_id();
-        if view.layout.next.is_some()
-            || view
-                .seen
-                .iter()
-                .any(|(m, s)| view.is_alive(m) && s.layout() > id)
-        {
+        if view.layout.next.is_some() || view.live_member_ahead() {
             return false;
         }
+        let id = view.layout_id();
         let nodes: Vec<String> = view
             .layout
             .retired

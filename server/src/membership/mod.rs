@@ -204,6 +204,15 @@ impl ClusterView {
         }
     }
 
+    /// Whether a live member has a layout newer than this view's (a concurrent commit that
+    /// wins): the claimant adopts it before it changes the layout itself.
+    pub fn live_member_ahead(&self) -> bool {
+        let id = self.layout_id();
+        self.seen
+            .iter()
+            .any(|(m, s)| self.is_alive(m) && s.layout() > id)
+    }
+
     /// Live members that do not have this view's layout (nor a newer one), or that still
     /// coordinate a write begun under an older one: a ring change's transfers and releases
     /// wait for them.

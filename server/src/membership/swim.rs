@@ -676,6 +676,15 @@ impl Driver {
         }
     }
 
+    /// Applies `change` to this node's metadata; when it says something changed, gossips
+    /// the new metadata and publishes the view.
+    fn update_meta(&mut self, change: impl FnOnce(&mut RingMeta) -> bool) {
+        if change(&mut self.my_meta) {
+            self.publish_meta(self.my_meta.status);
+            self.publish_view();
+        }
+    }
+
     fn publish_meta(&mut self, status: RingStatus) {
         self.my_meta.status = status;
         self.my_meta.layout_version = self.layout.version;
@@ -1098,27 +1107,19 @@ impl Worker for MembershipWorker {
             Some(cmd) = self.commands.recv() => match cmd {
                 Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
                 Command::Adopt(layout, reply) => { let _ = reply.send(d.adopt(*layout)); }
-                Command::Drained(version) => {
-                    if version != d.my_meta.drained {
-                        d.my_meta.drained = version;
-                        d.publish_meta(d.my_meta.status);
-                        d.publish_view();
+                Command::Drained(version) => d.update_meta(|m| {
+                    std::mem::replace(&mut m.drained, version) != version
+                }),
+                Command::HoldsNothing(empty) => d.update_meta(|m| {
+                    std::mem::replace(&mut m.holds_nothing, empty) != empty
+                }),
+                Command::Synced(version) => d.update_meta(|m| {
+                    let newer = version > m.synced;
+                    if newer {
+                        m.synced = version;
                     }
-                }
-                Command::HoldsNothing(empty) => {
-                    if empty != d.my_meta.holds_nothing {
-                        d.my_meta.holds_nothing = empty;
-                        d.publish_meta(d.my_meta.status);
-                        d.publish_view();
-                    }
-                }
-                Command::Synced(version) => {
-                    if version > d.my_meta.synced {
-                        d.my_meta.synced = version;
-                        d.publish_meta(d.my_meta.status);
-                        d.publish_view();
-                    }
-                }
+                    newer
+                }),
             },
         }
         d.drain();

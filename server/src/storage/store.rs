@@ -1107,12 +1107,7 @@ impl Store {
     /// Whether this node stores no key state (live or tombstone) and holds no hint: what a
     /// retired node says once it has handed everything over (`aae::release`).
     pub async fn holds_nothing(self: &Arc<Self>) -> Result<bool, StorageError> {
-        if self
-            .hint_book
-            .targets()
-            .into_iter()
-            .any(|(_, t)| t.keys > 0)
-        {
+        if self.hint_book.totals().0 > 0 {
             return Ok(false);
         }
         let all = ScanRange {

@@ -1371,17 +1371,11 @@ fn peer_merge(key: &'static [u8]) -> WriteOp {
     }
 }
 
-/// A peer write still queued when the time its requester had left runs out is dropped, never
-/// applied late (tombstone GC relies on nothing older arriving after its settle time).
-#[tokio::test]
-async fn a_peer_write_queued_past_its_deadline_is_dropped() {
-    let engine = Arc::new(MemoryEngine::new());
-    let store = open(&engine, SyncMode::Group);
-    let merge = peer_merge(b"late");
-    let err = store
-        .write_within(merge, 0, || "key late: replica write".into())
-        .await
-        .unwrap_err();
+/// Queues `op` with no time left (`write_within`, 0 ms): the writer drops it unapplied
+/// (`DeadlinePassed`, or `Unanswered` when the wait ran out first). Returns once a later write
+/// is done: the writer is FIFO, so the dropped one was seen by then.
+async fn dropped_at_its_deadline(store: &Store, op: WriteOp, what: &'static str) {
+    let err = store.write_within(op, 0, || what.into()).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -1389,8 +1383,16 @@ async fn a_peer_write_queued_past_its_deadline_is_dropped() {
         ),
         "{err}"
     );
-    // The writer is FIFO: once a later write is done, the late one was seen (and dropped).
     store.write(put("after", "v", None)).await.unwrap();
+}
+
+/// A peer write still queued when the time its requester had left runs out is dropped, never
+/// applied late (tombstone GC relies on nothing older arriving after its settle time).
+#[tokio::test]
+async fn a_peer_write_queued_past_its_deadline_is_dropped() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    dropped_at_its_deadline(&store, peer_merge(b"late"), "key late: replica write").await;
     assert!(store.get(b"late").unwrap().is_empty(), "never applied");
     assert_eq!(store.stats().expired.get(), 1);
     store.close();
@@ -1413,18 +1415,7 @@ async fn a_hint_dropped_at_its_deadline_marks_its_partition_for_anti_entropy() {
         key: key.clone(),
         state,
     };
-    let err = store
-        .write_within(hint, 0, || "key hinted: hint for n3".into())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            WriteError::DeadlinePassed { .. } | WriteError::Unanswered { .. }
-        ),
-        "{err}"
-    );
-    store.write(put("after", "v", None)).await.unwrap();
+    dropped_at_its_deadline(&store, hint, "key hinted: hint for n3").await;
     assert_eq!(store.read_hint("n3", b"hinted").await.unwrap(), None);
     assert_eq!(
         mark_keys(&store).await,
