@@ -291,7 +291,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         .with_read_gate(gate.clone())
         .with_write_epochs(write_epochs.clone()),
     );
-    let handoff = Arc::new(Handoff::new(node_id.clone(), store.clone(), config.hints));
+    let retired: crate::replica::Retired = {
+        let m = membership.clone();
+        Arc::new(move || m.view().retired())
+    };
+    let handoff = Arc::new(
+        Handoff::new(node_id.clone(), store.clone(), config.hints).with_retired(retired.clone()),
+    );
     runner.spawn(ReplayWorker::new(
         handoff.clone(),
         membership.clone(),
@@ -371,12 +377,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             gc_metrics.clone(),
         ));
     }
-    let replica = Arc::new(
-        Replica::new(node_id.clone(), store.clone(), gate).with_retired({
-            let m = membership.clone();
-            Arc::new(move || m.view().retired())
-        }),
-    );
+    let replica =
+        Arc::new(Replica::new(node_id.clone(), store.clone(), gate).with_retired(retired));
     let requests = RequestMetrics::new(&registry);
     let client_budget = Budget::new("client", config.client_budget, &registry);
     let peer_budget = Budget::new("peer", config.peer_budget, &registry);

@@ -20,6 +20,27 @@ crate::metrics::metric_set! {
     }
 }
 
+/// Whether a completed plan (left, removed, replaced) took this node out of the ring, as its
+/// membership view says now. A retired node is a replica of nothing: its replica and handoff
+/// services refuse data.
+pub type Retired = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The refusal of `what` (replica traffic, a hint) by `node_id`, retired: definite, nothing
+/// was done; the sender goes to the key's current owners.
+pub(crate) fn retired_refusal(node_id: &str, what: &str) -> PeerResponse {
+    PeerResponse::error(
+        ErrorKind::Unavailable {
+            alive: 0,
+            needed: 1,
+        },
+        true,
+        format!(
+            "node {node_id}: {what} refused: this node was taken out of the ring by a completed \
+             plan (left, removed or replaced): it is a replica of nothing"
+        ),
+    )
+}
+
 pub struct Replica {
     node_id: String,
     store: Arc<Store>,
@@ -28,7 +49,7 @@ pub struct Replica {
     gate: ReadGate,
     /// Whether a completed plan took this node out of the ring: it then is a replica of
     /// nothing and refuses replica traffic.
-    retired: Arc<dyn Fn() -> bool + Send + Sync>,
+    retired: Retired,
 }
 
 impl Replica {
@@ -43,7 +64,7 @@ impl Replica {
     }
 
     /// Refuse replica traffic while `retired` says this node is out of the ring.
-    pub fn with_retired(mut self, retired: Arc<dyn Fn() -> bool + Send + Sync>) -> Replica {
+    pub fn with_retired(mut self, retired: Retired) -> Replica {
         self.retired = retired;
         self
     }
@@ -54,14 +75,7 @@ impl Replica {
 
     pub async fn serve(&self, req: ReplicaRequest) -> PeerResponse {
         if (self.retired)() {
-            return self.error(
-                ErrorKind::Unavailable {
-                    alive: 0,
-                    needed: 1,
-                },
-                true,
-                "this node was taken out of the ring by a completed plan (left, removed or replaced): it is a replica of nothing".into(),
-            );
+            return retired_refusal(&self.node_id, "replica traffic");
         }
         match req {
             ReplicaRequest::ReadLocal { key, timeout_ms } => self.read_local(key, timeout_ms).await,

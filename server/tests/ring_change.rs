@@ -4,9 +4,15 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use ringkv_client::ErrorKind;
 use ringkv_client::{Client, GetOptions, PutOptions};
+use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
 use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
 use ringkv_protocol::peer::aae::MAX_STATES;
+use ringkv_protocol::peer::{
+    HandoffRequest, PeerRequest, PeerResponse, ReplicaRequest, ReplicaResponse,
+};
 use ringkv_protocol::ring::{key_position, Ring};
 use serde_json::{json, Value};
 
@@ -646,6 +652,20 @@ async fn gc_owners_with_keys(prefix: &str) -> (Cluster, Vec<String>) {
     (c, keys)
 }
 
+/// Waits (polling every 50 ms, up to a minute) until the layout as node 0 has it lists n4
+/// retired: the switch of its leave is done.
+async fn wait_retired(c: &Cluster) {
+    let start = Instant::now();
+    while !layout_names(c, "retired", "n4").await {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "n4 not retired: {}",
+            layout(c, 0).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Whether the layout (as node 0 has it) lists `node` in `field` ("retired", "released").
 async fn layout_names(c: &Cluster, field: &str, node: &str) -> bool {
     layout(c, 0).await[field]
@@ -810,15 +830,7 @@ async fn left_node_paused_after_switch(gone: bool) {
     stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
     // Paused as soon as the switch retires it: its hand-over pass starts only once every live
     // member has had the layout for 5 s.
-    let start = Instant::now();
-    while !layout_names(&c, "retired", "n4").await {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "n4 not retired: {}",
-            layout(&c, 0).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_retired(&c).await;
     let n4 = c.client(3);
     let handed_before = metric(&n4, "release.keys_handed").await;
     c.nodes[3].send_signal(libc::SIGSTOP);
@@ -915,4 +927,142 @@ async fn hints_for_a_removed_node_go_to_the_keys_owners() {
         "{redirected} of {held} hints redirected"
     );
     all_readable(&c, &[0, 1, 2], &keys).await;
+}
+
+const SECRET: &str = "ring-change-secret";
+
+/// An authenticated raw peer connection to node `i`, presenting itself as `id`.
+async fn peer_as(c: &Cluster, i: usize, id: &str) -> RawPeer {
+    let creds = PeerCredentials {
+        cluster: "ringkv".into(),
+        n: 3,
+        node_id: id.into(),
+        secret: SECRET.into(),
+    };
+    match RawPeer::connect(&c.nodes[i].peer_addr)
+        .await
+        .unwrap()
+        .handshake(&creds, false)
+        .await
+        .unwrap()
+    {
+        Handshake::Accepted(peer) => peer,
+        _ => panic!("the cluster's secret must be accepted"),
+    }
+}
+
+/// `resp` is an `Unavailable` refusal whose message contains `why`.
+fn refused_because(resp: &PeerResponse, why: &str) {
+    match resp {
+        PeerResponse::Error(e) => assert!(
+            matches!(e.kind, ErrorKind::Unavailable { .. }) && e.message.contains(why),
+            "{e:?}"
+        ),
+        other => panic!("expected a refusal ({why}), got {other:?}"),
+    }
+}
+
+/// A node that left takes no data once it is retired, not even from a coordinator or hint
+/// holder with an older view (found in review: its hint service still stored hints, which
+/// kept it from ever holding nothing, or merged them as its own data when they were for it);
+/// it says it holds nothing only the settle time after its retirement, when nothing sent to
+/// it before can still land (found in review: it said so as soon as it was empty); and once
+/// the claimant records it, the others refuse data requests from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time() {
+    let settle = Duration::from_secs(40);
+    let secs = settle.as_secs().to_string();
+    let c = four_owners(&["--tombstone-settle-secs", &secs, "--cluster-secret", SECRET]).await;
+    let keys = write_keys(&c, "quiet", 300).await;
+    let n4 = c.client(3);
+    let n4_held = held(&n4, &keys).await.iter().filter(|h| **h).count() as u64;
+    assert!(n4_held > 0, "n4 holds none of the keys");
+    // A key's state as n1 has it, to offer n4 as a hint or a replay.
+    let mut n1 = peer_as(&c, 0, "stranger").await;
+    let on_n1 = held(&c.client(0), &keys).await;
+    let k = keys
+        .iter()
+        .zip(on_n1)
+        .find_map(|(k, h)| h.then_some(k))
+        .expect("n1 holds one of the keys");
+    let key = Bytes::from(k.clone());
+    let read = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+        key: key.clone(),
+        timeout_ms: 2000,
+    });
+    let state = match n1.call(&read).await.unwrap() {
+        PeerResponse::Replica(ReplicaResponse::State(s)) => s,
+        other => panic!("n1's replica read of {k}: {other:?}"),
+    };
+
+    stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
+    wait_retired(&c).await;
+    eventually(Duration::from_secs(30), "n4 knows it is retired", || async {
+        matches!(n4.get("quiet-0").await, Err(e) if e.to_string().contains("taken out of the ring"))
+    })
+    .await;
+    let retired_at = Instant::now();
+    // Hints for another node or for itself, and a replay into it: refused, nothing kept.
+    let mut to_n4 = peer_as(&c, 3, "stranger").await;
+    for target in ["n1", "n4"] {
+        let hint = PeerRequest::Handoff(HandoffRequest::StoreHint {
+            target: target.into(),
+            key: key.clone(),
+            state: state.clone(),
+            timeout_ms: 2000,
+        });
+        refused_because(&to_n4.call(&hint).await.unwrap(), "taken out of the ring");
+    }
+    let replay = PeerRequest::Handoff(HandoffRequest::Replay {
+        entries: vec![(key.clone(), state.clone())],
+    });
+    refused_because(&to_n4.call(&replay).await.unwrap(), "taken out of the ring");
+    assert_eq!(metric(&n4, "hints.pending_keys").await, 0, "n4 kept a hint");
+
+    // It hands over every key it held, and is then empty, but says so only once the settle
+    // time has passed since its retirement.
+    eventually(
+        Duration::from_secs(30),
+        "n4 handed its keys over",
+        || async { metric(&n4, "release.keys_handed").await == n4_held },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        retired_at.elapsed() < settle - Duration::from_secs(5),
+        "the hand-over took too long for this test to tell: {:?}",
+        retired_at.elapsed()
+    );
+    assert!(
+        !layout_names(&c, "released", "n4").await,
+        "n4 recorded as holding nothing {:?} after its retirement, before the {settle:?} settle time",
+        retired_at.elapsed()
+    );
+    eventually(
+        Duration::from_secs(60),
+        "n4 recorded as holding nothing",
+        || layout_names(&c, "released", "n4"),
+    )
+    .await;
+    assert!(retired_at.elapsed() >= settle - Duration::from_secs(1));
+
+    // Recorded: the others take nothing from it any more, though they serve others.
+    let mut as_n4 = peer_as(&c, 0, "n4").await;
+    refused_because(
+        &as_n4.call(&read).await.unwrap(),
+        "left the ring and said it held nothing",
+    );
+    let replicate = PeerRequest::Replica(ReplicaRequest::Replicate {
+        key: key.clone(),
+        state: state.clone(),
+        timeout_ms: 2000,
+    });
+    refused_because(
+        &as_n4.call(&replicate).await.unwrap(),
+        "left the ring and said it held nothing",
+    );
+    assert!(matches!(
+        n1.call(&read).await.unwrap(),
+        PeerResponse::Replica(ReplicaResponse::State(_))
+    ));
 }

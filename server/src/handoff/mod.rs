@@ -29,6 +29,7 @@ use crate::background::load::CpuLoad;
 use crate::background::paced_chunks;
 use crate::clock::now_ms;
 use crate::config::HintSettings;
+use crate::replica::{retired_refusal, Retired};
 use crate::storage::hints::hint_state_bytes;
 use crate::storage::{HexKey, Store, WriteOp};
 use crate::version::KeyState;
@@ -81,6 +82,8 @@ pub struct Handoff {
     cpu: Mutex<CpuLoad>,
     /// When this node last granted replay credits (ms since the epoch, 0 = never).
     last_grant_ms: AtomicU64,
+    /// Whether this node is out of the ring: it then takes no hint and no replay.
+    retired: Retired,
 }
 
 /// A target that granted replay credits this recently counts as being replayed into.
@@ -101,7 +104,17 @@ impl Handoff {
             applying: tokio::sync::Mutex::new(()),
             cpu: Mutex::default(),
             last_grant_ms: AtomicU64::new(0),
+            retired: Arc::new(|| false),
         }
+    }
+
+    /// Refuse hints and replays while `retired` says this node is out of the ring (found in
+    /// review: a coordinator or holder with an older view could still leave data on it,
+    /// which then kept it from ever holding nothing, or, as a hint for itself, became data of
+    /// ranges it no longer replicates). Hint reads are still served.
+    pub fn with_retired(mut self, retired: Retired) -> Handoff {
+        self.retired = retired;
+        self
     }
 
     /// Whether a hint replay runs between this node and `peer`: this node's replay worker is
@@ -124,6 +137,10 @@ impl Handoff {
     }
 
     pub async fn serve(&self, req: HandoffRequest) -> PeerResponse {
+        let taking = !matches!(req, HandoffRequest::ReadHint { .. });
+        if taking && (self.retired)() {
+            return retired_refusal(&self.node_id, "a hint or a hint replay");
+        }
         match req {
             HandoffRequest::StoreHint {
                 target,
