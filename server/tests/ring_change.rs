@@ -11,7 +11,7 @@ use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
 use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
 use ringkv_protocol::peer::aae::MAX_STATES;
 use ringkv_protocol::peer::{
-    HandoffRequest, PeerRequest, PeerResponse, ReplicaRequest, ReplicaResponse,
+    HandoffRequest, HandoffResponse, PeerRequest, PeerResponse, ReplicaRequest, ReplicaResponse,
 };
 use ringkv_protocol::ring::{key_position, Ring};
 use serde_json::{json, Value};
@@ -970,7 +970,7 @@ fn refused_because(resp: &PeerResponse, why: &str) {
 /// the claimant records it, the others refuse data requests from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time() {
-    let settle = Duration::from_secs(40);
+    let settle = Duration::from_secs(60);
     let secs = settle.as_secs().to_string();
     let c = four_owners(&["--tombstone-settle-secs", &secs, "--cluster-secret", SECRET]).await;
     let keys = write_keys(&c, "quiet", 300).await;
@@ -1013,18 +1013,37 @@ async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time
         });
         refused_because(&to_n4.call(&hint).await.unwrap(), "taken out of the ring");
     }
+    let credits = PeerRequest::Handoff(HandoffRequest::ReplayCredits {
+        want_keys: 1,
+        want_bytes: 1 << 20,
+    });
+    refused_because(
+        &to_n4.call(&credits).await.unwrap(),
+        "taken out of the ring",
+    );
     let replay = PeerRequest::Handoff(HandoffRequest::Replay {
         entries: vec![(key.clone(), state.clone())],
     });
     refused_because(&to_n4.call(&replay).await.unwrap(), "taken out of the ring");
     assert_eq!(metric(&n4, "hints.pending_keys").await, 0, "n4 kept a hint");
+    // Reading what it holds is still served (it holds no hint).
+    let read_hint = PeerRequest::Handoff(HandoffRequest::ReadHint {
+        target: "n1".into(),
+        key: key.clone(),
+        timeout_ms: 2000,
+    });
+    assert!(matches!(
+        to_n4.call(&read_hint).await.unwrap(),
+        PeerResponse::Handoff(HandoffResponse::HintState(_))
+    ));
 
     // It hands over every key it held, and is then empty, but says so only once the settle
     // time has passed since its retirement.
+    // (At least: a replica write still in flight when they were counted may have added one.)
     eventually(
         Duration::from_secs(30),
         "n4 handed its keys over",
-        || async { metric(&n4, "release.keys_handed").await == n4_held },
+        || async { metric(&n4, "release.keys_handed").await >= n4_held },
     )
     .await;
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -1039,7 +1058,7 @@ async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time
         retired_at.elapsed()
     );
     eventually(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "n4 recorded as holding nothing",
         || layout_names(&c, "released", "n4"),
     )

@@ -205,9 +205,13 @@ impl<T: Transport> ReplayWorker<T> {
     /// the scan and its compare-and-delete) neither holds back the others nor is rescanned
     /// without pause.
     async fn expire(&mut self) -> Result<bool, String> {
+        // Hints for a node out of the ring are never given up: they go to the keys' owners
+        // once no ring change runs (`redirect`; found in review: a ring change longer than
+        // the window lost them, a sloppy write's only copy among them).
+        let view = self.membership.view();
         let mut pass = match self.expiry.take() {
-            Some(pass) => pass,
-            None => {
+            Some(pass) if !view.out_of_ring(&pass.target) => pass,
+            _ => {
                 if !self.expiry_turns.may_start() {
                     return Ok(false);
                 }
@@ -215,7 +219,9 @@ impl<T: Transport> ReplayWorker<T> {
                 let book = self.store.hint_book().targets();
                 let old: Vec<&String> = book
                     .iter()
-                    .filter(|(_, t)| t.oldest_ms().is_some_and(|ms| ms < horizon))
+                    .filter(|(t, h)| {
+                        h.oldest_ms().is_some_and(|ms| ms < horizon) && !view.out_of_ring(t)
+                    })
                     .map(|(t, _)| t)
                     .collect();
                 let Some(target) = self.expiry_turns.pick(&old) else {
@@ -422,9 +428,13 @@ impl<T: Transport> ReplayWorker<T> {
         self.passes.retain(|t, _| book.contains_key(t));
         let mut ready = Vec::new();
         for target in book.keys() {
-            if view.taken_out(target) {
-                // Its hints go to their keys' owners (`redirect`).
+            if view.out_of_ring(target) {
+                // Its hints go to their keys' owners (`redirect`, once no ring change runs):
+                // it refuses them.
                 self.passes.remove(target);
+                if !view.taken_out(target) {
+                    self.set_state(target, "waiting", None);
+                }
                 continue;
             }
             let addr = view.peer_addr(target).map(str::to_string);
@@ -665,6 +675,7 @@ impl<T: Transport> Worker for ReplayWorker<T> {
 mod tests {
     use super::*;
     use crate::config::HintSettings;
+    use crate::ring::NodeId;
     use crate::rpc::PeerError;
     use crate::storage::hints::{encode_hint, hint_key};
     use crate::storage::memory::MemoryEngine;
@@ -779,12 +790,17 @@ mod tests {
 
     /// A store whose hints for each `(target, count)` are fresh, over a plain memory engine.
     fn store_with_hints(hints: &[(&str, usize)]) -> Arc<Store> {
+        store_with_hints_from(hints, now_ms())
+    }
+
+    /// The same with hints first stored at `first_ms`.
+    fn store_with_hints_from(hints: &[(&str, usize)], first_ms: u64) -> Arc<Store> {
         let engine = Arc::new(MemoryEngine::new());
         let mut b = Batch::default();
         for (target, count) in hints {
             for i in 0..*count {
                 let key = format!("k{i:05}");
-                let hint = encode_hint(now_ms(), &one_version(2, "fresh"));
+                let hint = encode_hint(first_ms, &one_version(2, "fresh"));
                 b.put(Cf::Hints, hint_key(target, key.as_bytes()), hint);
             }
         }
@@ -964,6 +980,53 @@ mod tests {
             target.replayed.lock().unwrap().is_empty(),
             "nothing was sent to x"
         );
+    }
+
+    /// Hints for a retired node that is still up, past the hint window while another ring
+    /// change runs: not replayed to it (it refuses hints and replays), and not given up either
+    /// (a sloppy write's only copy may be among them); once the change is done they go to the
+    /// keys' owners. Found in review: the redirect waits for the ring change, and meanwhile
+    /// expiry gave them up while replay asked the retired node again and again.
+    #[tokio::test]
+    async fn hints_for_a_retired_node_are_kept_past_the_window_while_a_ring_change_runs() {
+        let store = store_with_hints_from(&[("x", 10)], now_ms() - 60_000);
+        let settings = HintSettings {
+            window_secs: 30,
+            ..HintSettings::default()
+        };
+        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
+        let up = |changing: bool| {
+            let mut v = x_retired(changing);
+            let mut x = v.members[&NodeId::from("a")].clone();
+            x.node_id = "x".into();
+            x.peer_addr = crate::testkit::peer_addr("x");
+            v.members.insert(NodeId::from("x"), x);
+            v.alive.insert(NodeId::from("x"));
+            v
+        };
+        let (membership, view) = Membership::fixed(up(true));
+        let target = Arc::new(Target::default());
+        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
+        let stop = CancellationToken::new();
+        for _ in 0..20 {
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(
+            store.hint_book().target("x").keys,
+            10,
+            "given up while the ring change ran"
+        );
+        assert!(
+            target.replayed.lock().unwrap().is_empty(),
+            "replayed to the retired x"
+        );
+        view.send(Arc::new(up(false))).unwrap();
+        for _ in 0..3 {
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(store.hint_book().target("x").keys, 0, "x's hints are gone");
+        assert_eq!(handoff.metrics.redirected.get(), 10, "to the keys' owners");
+        assert!(target.replayed.lock().unwrap().is_empty());
     }
 
     /// Two nodes taken out of the ring: x1's only hint cannot be handed over (its state does

@@ -234,11 +234,14 @@ impl ClusterView {
     /// owner of nothing now or next, not this node, and no ring change runs (the owners are
     /// settled). What is held for it (hints, anti-entropy marks) goes to the keys' owners.
     pub fn taken_out(&self, node: &str) -> bool {
-        self.ready
-            && self.next.is_none()
-            && *self.me != *node
-            && self.layout.retired.contains(node)
-            && !self.layout.is_owner(node)
+        self.ready && self.next.is_none() && self.out_of_ring(node)
+    }
+
+    /// Whether `node` (not this node) is retired and owns nothing now or next, ring change or
+    /// not: it takes no hint and no replay (`Handoff::serve`), so what is held for it waits
+    /// for [`Self::taken_out`] to go to the keys' owners.
+    pub fn out_of_ring(&self, node: &str) -> bool {
+        *self.me != *node && self.layout.retired.contains(node) && !self.layout.is_owner(node)
     }
 
     pub fn is_alive(&self, id: &str) -> bool {
