@@ -56,6 +56,7 @@ pub fn view(nodes: &[&str], me: &str, alive: &[&str]) -> ClusterView {
         alive: alive.iter().map(|id| NodeId::from(*id)).collect(),
         version: 1,
         ready: true,
+        served: true,
     }
 }
 

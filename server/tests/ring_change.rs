@@ -1085,3 +1085,52 @@ async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time
         PeerResponse::Replica(ReplicaResponse::State(_))
     ));
 }
+
+/// A node that left and was stopped before it handed everything over, then wiped and started
+/// again (what an operator does before it joins again), says it holds nothing at once: this
+/// process never took data, so nothing sent to it can still land. Found by the full Jepsen
+/// profile: it waited the settle time again from its start (10 minutes by default), and every
+/// join of the node in that while was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_left_then_was_wiped_joins_again_without_waiting_the_settle_time() {
+    let settle = Duration::from_secs(60);
+    let secs = settle.as_secs().to_string();
+    let mut c = four_owners(&["--tombstone-settle-secs", &secs]).await;
+    let keys = write_keys(&c, "wiped", 300).await;
+    stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
+    wait_retired(&c).await;
+    // Stopped before its hand-over pass (5 s after the switch) and before the settle time: it
+    // never said it holds nothing.
+    c.nodes[3].kill9();
+    ringkv_jepsen::nemesis::wipe_db(&c.nodes[3]).unwrap();
+    c.nodes[3].start().unwrap();
+    let restarted = Instant::now();
+    let join = json!({"Stage": {"Join": {"node": "n4", "vnodes": 256}}});
+    loop {
+        match admin(&c, 0, join.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.contains("not running") || e.contains("has not said it holds nothing") => {
+                assert!(
+                    restarted.elapsed() < settle / 2,
+                    "n4, wiped, still refused {:?} after its start: {e}",
+                    restarted.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("join n4: {e}"),
+        }
+    }
+    admin(&c, 0, json!({"Commit": {"plan": null}}))
+        .await
+        .unwrap();
+    let all: Vec<usize> = (0..4).collect();
+    wait_owners(
+        &c,
+        0,
+        &all,
+        &["n1", "n2", "n3", "n4"],
+        Duration::from_secs(60),
+    )
+    .await;
+    all_readable(&c, &[0, 3], &keys).await;
+}

@@ -122,7 +122,9 @@ impl<T: Transport> ReleaseWorker<T> {
     /// runs, no live member coordinates a write begun under an older layout, and `quiet` has
     /// passed since this process saw it retired (a request's deadline and the peer-write
     /// limit are each at most half the settle time; found in review: an empty node said so
-    /// at once while a late hint or repair could still reach it).
+    /// at once while a late hint or repair could still reach it). Not for a process that never
+    /// took part in the ring (`ClusterView::served`): a retired node refuses all data, so only
+    /// its own work from before could still land.
     async fn report_emptiness(&mut self) {
         let view = self.membership.view();
         let said = view.seen.get(&view.me).is_some_and(|s| s.holds_nothing);
@@ -133,9 +135,17 @@ impl<T: Transport> ReleaseWorker<T> {
             }
             return;
         }
+        // Only a process that took part while it was in the ring can have its own work still
+        // landing (found by the full Jepsen profile: a node wiped and started again after it
+        // left waited the whole settle time again, and could not join in that while).
+        let quiet = if view.served {
+            self.quiet
+        } else {
+            Duration::ZERO
+        };
         let since = *self.retired_since.get_or_insert_with(Instant::now);
         let settled = view.next.is_none() && view.members_behind().is_empty();
-        if !settled || since.elapsed() < self.quiet {
+        if !settled || since.elapsed() < quiet {
             return;
         }
         if self

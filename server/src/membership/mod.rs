@@ -129,6 +129,10 @@ pub struct ClusterView {
     /// cluster, metadata missing): it must not coordinate requests, or it would route to the
     /// wrong replicas.
     pub ready: bool,
+    /// This process has had a view in which it was ready and not retired (latched): it may
+    /// have coordinated or taken data then. A retired node whose process never did (started
+    /// after its retirement, e.g. on a wiped data dir) has nothing of its own still landing.
+    pub served: bool,
 }
 
 /// Whether a node may hand over (release, replay) what it holds. Not when it was taken out of
@@ -400,6 +404,7 @@ impl Membership {
             version: 1,
             epoch: 0,
             ready: false,
+            served: false,
         });
         let (view_tx, view_rx) = watch::channel(view);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);

@@ -420,6 +420,8 @@ pub struct Driver {
     saved: BTreeMap<String, SavedMember>,
     lone: bool,
     ready: bool,
+    /// Latched: a view published while ready and not retired (`ClusterView::served`).
+    served: bool,
     layout: Arc<Layout>,
     layout_digest: u64,
     layout_file: Option<std::path::PathBuf>,
@@ -502,6 +504,7 @@ impl Driver {
             ring_file: cfg.ring_file,
             lone: cfg.lone,
             ready: false,
+            served: false,
             layout_digest: layout.digest(),
             layout: Arc::new(layout),
             layout_file: cfg.layout_file,
@@ -885,12 +888,15 @@ impl Driver {
         // round; neither must stop this node from serving.
         self.ready |= has_layout && (self.lone || (self.active && complete));
         let ready = self.ready;
+        self.served |= ready && !layout.retired.contains(&*me);
+        let served = self.served;
         let epoch = self.layout_digest;
         let current = self.view.borrow().clone();
         if current.members == members
             && current.alive == alive
             && current.epoch == epoch
             && current.ready == ready
+            && current.served == served
             && current.seen == seen
         {
             return;
@@ -911,6 +917,7 @@ impl Driver {
             version: current.version + 1,
             epoch,
             ready,
+            served,
         }));
     }
 
