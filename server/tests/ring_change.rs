@@ -365,16 +365,21 @@ async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
 /// Four nodes started with `extra`, once all four own ranges in the settled layout.
 async fn four_owners(extra: &[&str]) -> Cluster {
     let c = Cluster::start(4, extra).await;
+    wait_four_owners(&c).await;
+    c
+}
+
+/// Waits (up to a minute) until n1..n4 own ranges in the settled layout, as each sees it.
+async fn wait_four_owners(c: &Cluster) {
     let all: Vec<usize> = (0..4).collect();
     wait_owners(
-        &c,
+        c,
         0,
         &all,
         &["n1", "n2", "n3", "n4"],
         Duration::from_secs(60),
     )
     .await;
-    c
 }
 
 /// Kills n4 (kill -9) and waits until the others see it down.
@@ -1123,14 +1128,6 @@ async fn a_node_that_left_then_was_wiped_joins_again_without_waiting_the_settle_
     admin(&c, 0, json!({"Commit": {"plan": null}}))
         .await
         .unwrap();
-    let all: Vec<usize> = (0..4).collect();
-    wait_owners(
-        &c,
-        0,
-        &all,
-        &["n1", "n2", "n3", "n4"],
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_four_owners(&c).await;
     all_readable(&c, &[0, 3], &keys).await;
 }
