@@ -291,12 +291,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         .with_read_gate(gate.clone())
         .with_write_epochs(write_epochs.clone()),
     );
-    let retired: crate::replica::Retired = {
+    let takes_data: crate::membership::DataGate = {
         let m = membership.clone();
-        Arc::new(move || m.view().retired())
+        Arc::new(move || m.view().takes_no_data())
     };
     let handoff = Arc::new(
-        Handoff::new(node_id.clone(), store.clone(), config.hints).with_retired(retired.clone()),
+        Handoff::new(node_id.clone(), store.clone(), config.hints)
+            .with_data_gate(takes_data.clone()),
     );
     runner.spawn(ReplayWorker::new(
         handoff.clone(),
@@ -378,7 +379,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         ));
     }
     let replica =
-        Arc::new(Replica::new(node_id.clone(), store.clone(), gate).with_retired(retired));
+        Arc::new(Replica::new(node_id.clone(), store.clone(), gate).with_data_gate(takes_data));
     let requests = RequestMetrics::new(&registry);
     let client_budget = Budget::new("client", config.client_budget, &registry);
     let peer_budget = Budget::new("peer", config.peer_budget, &registry);

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use ringkv_protocol::peer::{PeerResponse, ReplicaRequest, ReplicaResponse};
 use ringkv_protocol::ErrorKind;
 
+use crate::membership::{DataGate, NoData};
 use crate::storage::{HexKey, ReadGate, Store, WriteOp};
 use crate::version::KeyState;
 
@@ -20,36 +21,15 @@ crate::metrics::metric_set! {
     }
 }
 
-/// Whether a completed plan (left, removed, replaced) took this node out of the ring, as its
-/// membership view says now. A retired node is a replica of nothing: its replica and handoff
-/// services refuse data.
-pub type Retired = Arc<dyn Fn() -> bool + Send + Sync>;
-
-/// The refusal of `what` (replica traffic, a hint) by `node_id`, retired: definite, nothing
-/// was done; the sender goes to the key's current owners.
-pub(crate) fn retired_refusal(node_id: &str, what: &str) -> PeerResponse {
-    PeerResponse::error(
-        ErrorKind::Unavailable {
-            alive: 0,
-            needed: 1,
-        },
-        true,
-        format!(
-            "node {node_id}: {what} refused: this node was taken out of the ring by a completed \
-             plan (left, removed or replaced): it is a replica of nothing"
-        ),
-    )
-}
-
 pub struct Replica {
     node_id: String,
     store: Arc<Store>,
     pub metrics: ReplicaMetrics,
     /// Whether this node's copy of a key may answer a coordinator's read.
     gate: ReadGate,
-    /// Whether a completed plan took this node out of the ring: it then is a replica of
-    /// nothing and refuses replica traffic.
-    retired: Retired,
+    /// Whether this node takes data now: retired, it refuses all replica traffic; not knowing
+    /// the ring yet, replica writes.
+    takes_data: DataGate,
 }
 
 impl Replica {
@@ -59,13 +39,14 @@ impl Replica {
             store,
             metrics: ReplicaMetrics::default(),
             gate,
-            retired: Arc::new(|| false),
+            takes_data: Arc::new(|| None),
         }
     }
 
-    /// Refuse replica traffic while `retired` says this node is out of the ring.
-    pub fn with_retired(mut self, retired: Retired) -> Replica {
-        self.retired = retired;
+    /// Refuse replica traffic while `gate` says this node is retired, and replica writes while
+    /// it says the node does not know the ring yet.
+    pub fn with_data_gate(mut self, gate: DataGate) -> Replica {
+        self.takes_data = gate;
         self
     }
 
@@ -74,8 +55,14 @@ impl Replica {
     }
 
     pub async fn serve(&self, req: ReplicaRequest) -> PeerResponse {
-        if (self.retired)() {
-            return retired_refusal(&self.node_id, "replica traffic");
+        match (self.takes_data)() {
+            Some(NoData::Retired) => {
+                return NoData::Retired.refusal(&self.node_id, "replica traffic");
+            }
+            Some(NoData::NotReady) if matches!(req, ReplicaRequest::Replicate { .. }) => {
+                return NoData::NotReady.refusal(&self.node_id, "a replica write");
+            }
+            _ => {}
         }
         match req {
             ReplicaRequest::ReadLocal { key, timeout_ms } => self.read_local(key, timeout_ms).await,

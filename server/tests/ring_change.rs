@@ -938,13 +938,18 @@ const SECRET: &str = "ring-change-secret";
 
 /// An authenticated raw peer connection to node `i`, presenting itself as `id`.
 async fn peer_as(c: &Cluster, i: usize, id: &str) -> RawPeer {
+    peer_at(&c.nodes[i].peer_addr, id).await
+}
+
+/// An authenticated raw peer connection to the peer port `addr`, presenting itself as `id`.
+async fn peer_at(addr: &str, id: &str) -> RawPeer {
     let creds = PeerCredentials {
         cluster: "ringkv".into(),
         n: 3,
         node_id: id.into(),
         secret: SECRET.into(),
     };
-    match RawPeer::connect(&c.nodes[i].peer_addr)
+    match RawPeer::connect(addr)
         .await
         .unwrap()
         .handshake(&creds, false)
@@ -1130,4 +1135,71 @@ async fn a_node_that_left_then_was_wiped_joins_again_without_waiting_the_settle_
         .unwrap();
     wait_four_owners(&c).await;
     all_readable(&c, &[0, 3], &keys).await;
+}
+
+/// A node that does not know the ring yet (just started and not in contact with the cluster:
+/// here its only seed never answers) takes no data: no replica write, no hint, no replay. So
+/// every view under which a node takes data is one the gossip driver counts in
+/// `ClusterView::served`, and a retired node's process that never served has nothing of its
+/// own still landing (found in review: a restarted node took replica writes before it knew
+/// the ring, under a stale saved layout, and once the switch retired it could say at once that
+/// it held nothing while they were still queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_know_the_ring_takes_no_data() {
+    use ringkv_server::version::{Dot, KeyState, VersionVector};
+    let node = ringkv_jepsen::NodeProcess::start_temp(
+        "n9",
+        &["--seeds", "127.0.0.1:9", "--cluster-secret", SECRET],
+    );
+    let mut peer = peer_at(&node.peer_addr, "stranger").await;
+    let key = Bytes::from_static(b"not-ready");
+    let state = Bytes::from(
+        KeyState::new()
+            .update(
+                &VersionVector::new(),
+                Dot {
+                    actor: 9,
+                    counter: 1,
+                },
+                1,
+                Some(Bytes::from_static(b"v")),
+            )
+            .encode(),
+    );
+    let why = "does not know the ring yet";
+    let replicate = PeerRequest::Replica(ReplicaRequest::Replicate {
+        key: key.clone(),
+        state: state.clone(),
+        timeout_ms: 2000,
+    });
+    refused_because(&peer.call(&replicate).await.unwrap(), why);
+    for target in ["n1", "n9"] {
+        let hint = PeerRequest::Handoff(HandoffRequest::StoreHint {
+            target: target.into(),
+            key: key.clone(),
+            state: state.clone(),
+            timeout_ms: 2000,
+        });
+        refused_because(&peer.call(&hint).await.unwrap(), why);
+    }
+    let replay = PeerRequest::Handoff(HandoffRequest::Replay {
+        entries: vec![(key.clone(), state.clone())],
+    });
+    refused_because(&peer.call(&replay).await.unwrap(), why);
+    // Nothing was kept, and reads are still answered (an empty state).
+    let client = Client::new([node.addr.clone()], Default::default()).unwrap();
+    assert_eq!(metric(&client, "hints.pending_keys").await, 0);
+    let read = PeerRequest::Replica(ReplicaRequest::ReadLocal {
+        key: key.clone(),
+        timeout_ms: 2000,
+    });
+    match peer.call(&read).await.unwrap() {
+        PeerResponse::Replica(ReplicaResponse::State(s)) => {
+            assert!(
+                KeyState::decode(&s).unwrap().is_empty(),
+                "the write was kept"
+            )
+        }
+        other => panic!("replica read: {other:?}"),
+    }
 }

@@ -439,7 +439,9 @@ impl AntiEntropy {
         deadline: std::time::Instant,
     ) -> Vec<bool> {
         let merge = |(key, state): (Bytes, Bytes)| async move {
-            if !self.replicates(&key) {
+            // Not while this node does not know the ring (`NoData::NotReady`): its ring may be
+            // a stale saved one.
+            if !self.replicates(&key) || !self.membership.view().ready {
                 self.metrics.push_refused.inc();
                 return false;
             }

@@ -29,7 +29,7 @@ use crate::background::load::CpuLoad;
 use crate::background::paced_chunks;
 use crate::clock::now_ms;
 use crate::config::HintSettings;
-use crate::replica::{retired_refusal, Retired};
+use crate::membership::DataGate;
 use crate::storage::hints::hint_state_bytes;
 use crate::storage::{HexKey, Store, WriteOp};
 use crate::version::KeyState;
@@ -82,8 +82,9 @@ pub struct Handoff {
     cpu: Mutex<CpuLoad>,
     /// When this node last granted replay credits (ms since the epoch, 0 = never).
     last_grant_ms: AtomicU64,
-    /// Whether this node is out of the ring: it then takes no hint and no replay.
-    retired: Retired,
+    /// Whether this node takes data now: retired or not knowing the ring yet, it takes no hint
+    /// and no replay.
+    takes_data: DataGate,
 }
 
 /// A target that granted replay credits this recently counts as being replayed into.
@@ -104,16 +105,17 @@ impl Handoff {
             applying: tokio::sync::Mutex::new(()),
             cpu: Mutex::default(),
             last_grant_ms: AtomicU64::new(0),
-            retired: Arc::new(|| false),
+            takes_data: Arc::new(|| None),
         }
     }
 
-    /// Refuse hints and replays while `retired` says this node is out of the ring (found in
+    /// Refuse hints and replays while `gate` says this node takes no data: retired (found in
     /// review: a coordinator or holder with an older view could still leave data on it,
     /// which then kept it from ever holding nothing, or, as a hint for itself, became data of
-    /// ranges it no longer replicates). Hint reads are still served.
-    pub fn with_retired(mut self, retired: Retired) -> Handoff {
-        self.retired = retired;
+    /// ranges it no longer replicates) or not knowing the ring yet. Hint reads are still
+    /// served.
+    pub fn with_data_gate(mut self, gate: DataGate) -> Handoff {
+        self.takes_data = gate;
         self
     }
 
@@ -137,9 +139,10 @@ impl Handoff {
     }
 
     pub async fn serve(&self, req: HandoffRequest) -> PeerResponse {
-        let taking = !matches!(req, HandoffRequest::ReadHint { .. });
-        if taking && (self.retired)() {
-            return retired_refusal(&self.node_id, "a hint or a hint replay");
+        if !matches!(req, HandoffRequest::ReadHint { .. }) {
+            if let Some(no) = (self.takes_data)() {
+                return no.refusal(&self.node_id, "a hint or a hint replay");
+            }
         }
         match req {
             HandoffRequest::StoreHint {

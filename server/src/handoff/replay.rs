@@ -199,18 +199,24 @@ impl<T: Transport> ReplayWorker<T> {
         self.passes.get(target).map(|p| (p.done, p.total))
     }
 
-    /// Gives up hints older than the window, one scan batch per call (a pass over a target
-    /// goes on at the next call); true if it did work. Passes take turns (`PassTurns`): a
-    /// target whose old hints cannot all be given up (a hot key's hint merged again between
-    /// the scan and its compare-and-delete) neither holds back the others nor is rescanned
-    /// without pause.
+    /// Gives up hints older than the window held for a target that is down, one scan batch
+    /// per call (a pass over a target goes on at the next call); true if it did work. Passes
+    /// take turns (`PassTurns`): a target whose old hints cannot all be given up (a hot key's
+    /// hint merged again between the scan and its compare-and-delete) neither holds back the
+    /// others nor is rescanned without pause.
     async fn expire(&mut self) -> Result<bool, String> {
-        // Hints for a node out of the ring are never given up: they go to the keys' owners
-        // once no ring change runs (`redirect`; found in review: a ring change longer than
-        // the window lost them, a sloppy write's only copy among them).
+        // Only hints for a target that is down are given up, and only once this node knows
+        // the ring: a target that is up gets them replayed, and hints for a node out of the
+        // ring go to the keys' owners once no ring change runs (`redirect`). Found in review:
+        // a ring change longer than the window lost those, a sloppy write's only copy among
+        // them, and so did the node joining again before their replay.
         let view = self.membership.view();
+        if !view.ready {
+            return Ok(false);
+        }
+        let expires = |t: &str| !view.out_of_ring(t) && !view.is_alive(t);
         let mut pass = match self.expiry.take() {
-            Some(pass) if !view.out_of_ring(&pass.target) => pass,
+            Some(pass) if expires(&pass.target) => pass,
             _ => {
                 if !self.expiry_turns.may_start() {
                     return Ok(false);
@@ -219,9 +225,7 @@ impl<T: Transport> ReplayWorker<T> {
                 let book = self.store.hint_book().targets();
                 let old: Vec<&String> = book
                     .iter()
-                    .filter(|(t, h)| {
-                        h.oldest_ms().is_some_and(|ms| ms < horizon) && !view.out_of_ring(t)
-                    })
+                    .filter(|(t, h)| h.oldest_ms().is_some_and(|ms| ms < horizon) && expires(t))
                     .map(|(t, _)| t)
                     .collect();
                 let Some(target) = self.expiry_turns.pick(&old) else {
@@ -1027,6 +1031,46 @@ mod tests {
         assert_eq!(store.hint_book().target("x").keys, 0, "x's hints are gone");
         assert_eq!(handoff.metrics.redirected.get(), 10, "to the keys' owners");
         assert!(target.replayed.lock().unwrap().is_empty());
+    }
+
+    /// Hints past the window are given up only by a holder that knows the ring, and only for
+    /// a target that is down (their partitions are then marked for anti-entropy): a target
+    /// that is up gets them replayed. Found in review: hints for a retired node, kept past the
+    /// window while a ring change ran, were given up as soon as the node joined again, before
+    /// any replay; and a holder just started (no ring yet) saw no node out of the ring.
+    #[tokio::test]
+    async fn hints_past_the_window_are_given_up_only_for_a_down_target_by_a_ready_holder() {
+        let store = store_with_hints_from(&[("t", 10)], now_ms() - 60_000);
+        let settings = HintSettings {
+            window_secs: 30,
+            ..HintSettings::default()
+        };
+        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
+        let up = crate::testkit::view(&["a", "t"], "a", &["t"]);
+        let mut starting = up.clone();
+        starting.ready = false;
+        let (membership, view) = Membership::fixed(starting);
+        let target = Arc::new(Target::default());
+        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
+        let stop = CancellationToken::new();
+        for _ in 0..20 {
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(
+            store.hint_book().target("t").keys,
+            10,
+            "given up before the ring was known"
+        );
+        view.send(Arc::new(up)).unwrap();
+        for _ in 0..20 {
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(store.hint_book().target("t").keys, 0);
+        assert_eq!(
+            target.replayed.lock().unwrap().len(),
+            10,
+            "given up instead of replayed to t, which is up"
+        );
     }
 
     /// Two nodes taken out of the ring: x1's only hint cannot be handed over (its state does

@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ringkv_protocol::peer::MemberInfo;
-use ringkv_protocol::MembersReply;
+use ringkv_protocol::peer::PeerResponse;
+use ringkv_protocol::{ErrorKind, MembersReply};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -188,6 +189,51 @@ impl HandOverGuard {
     }
 }
 
+/// Why a node takes no data now (replica writes, hints, hint replays, anti-entropy merges):
+/// `ClusterView::takes_no_data`. So every view under which a node takes data is one in which
+/// it knew the ring and was in it, which the gossip driver counts in `ClusterView::served`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoData {
+    /// A completed plan (left, removed, replaced) took it out of the ring.
+    Retired,
+    /// It does not know the ring yet (just started, or not in contact with the cluster; found
+    /// in review: a restarted node took replica writes then, under a stale saved layout).
+    NotReady,
+}
+
+impl NoData {
+    pub fn why(self) -> &'static str {
+        match self {
+            NoData::Retired => {
+                "this node was taken out of the ring by a completed plan (left, removed or \
+                 replaced): it is a replica of nothing"
+            }
+            NoData::NotReady => {
+                "this node does not know the ring yet (just started, or not in contact with the \
+                 cluster): it takes no data until it does"
+            }
+        }
+    }
+
+    /// The refusal of `what` by `node_id`: `Unavailable`, definite (nothing was kept); a
+    /// coordinator counts it as a missing replica (hints cover it), a hint holder keeps its
+    /// hints.
+    pub fn refusal(self, node_id: &str, what: &str) -> PeerResponse {
+        PeerResponse::error(
+            ErrorKind::Unavailable {
+                alive: 0,
+                needed: 1,
+            },
+            true,
+            format!("node {node_id}: {what} refused: {}", self.why()),
+        )
+    }
+}
+
+/// A service's look at whether this node takes data now (`ClusterView::takes_no_data` of
+/// the current view).
+pub type DataGate = Arc<dyn Fn() -> Option<NoData> + Send + Sync>;
+
 /// Liveness for ring changes: gossip's, and what members say they hold.
 impl layout::Liveness for ClusterView {
     fn is_alive(&self, node: &str) -> bool {
@@ -261,6 +307,18 @@ impl ClusterView {
         self.is_alive(id)
             .then(|| self.peer_addr(id).map(str::to_string))
             .flatten()
+    }
+
+    /// Why this node takes no data now, if it takes none: it is retired, or it does not know
+    /// the ring yet.
+    pub fn takes_no_data(&self) -> Option<NoData> {
+        if self.retired() {
+            Some(NoData::Retired)
+        } else if !self.ready {
+            Some(NoData::NotReady)
+        } else {
+            None
+        }
     }
 
     /// Whether this node was taken out of the ring by a completed plan.

@@ -374,6 +374,16 @@ pub fn next_meta_version(previous: u64, generation: u64) -> u64 {
     previous.saturating_add(1).max(generation << 20)
 }
 
+/// Whether metadata of version `meta_version` was published by the process behind
+/// `generation` (the member's newest identity; `None`: not known to SWIM): that process
+/// publishes at or above `generation << 20` (`next_meta_version`). A node's word that it holds
+/// nothing counts only from its current process (found in review: a node killed and started
+/// again on other data still said so, through its previous process's metadata, until its
+/// own arrived; a join of it was accepted meanwhile).
+pub fn from_current_process(meta_version: u64, generation: Option<u64>) -> bool {
+    generation.is_none_or(|g| meta_version >= g.saturating_mul(1 << 20))
+}
+
 /// foca's configuration for ringkv (notes/foca.md §4).
 pub fn foca_config() -> foca::Config {
     let mut c = foca::Config::new_lan(NonZeroU32::new(8).expect("non-zero"));
@@ -848,6 +858,7 @@ impl Driver {
             }
             if let Some(m) = meta.get(node_id) {
                 newest_seen = newest_seen.max(m.layout_version);
+                let generation = foca_members.get(node_id).map(|(id, _, _)| id.generation);
                 seen.insert(
                     nid.clone(),
                     LayoutSeen {
@@ -856,7 +867,8 @@ impl Driver {
                         synced: m.synced,
                         auto_join: m.auto_join,
                         drained: m.drained,
-                        holds_nothing: m.holds_nothing,
+                        holds_nothing: m.holds_nothing
+                            && from_current_process(m.version, generation),
                     },
                 );
             }
@@ -1180,6 +1192,30 @@ mod tests {
             Some(Reject::Stale)
         );
         assert_eq!(env.open(&pkt[..10], now).err(), Some(Reject::Short));
+    }
+
+    /// A node's metadata counts as its current process's word only if that process published
+    /// it: a restarted process (a later generation, its start time in ms) publishes at or
+    /// above `generation << 20`, so its predecessor's metadata is below.
+    #[test]
+    fn only_the_current_process_says_a_node_holds_nothing() {
+        let old_process = 1_764_000_000_000u64;
+        let restarted = old_process + 5_000;
+        let said = next_meta_version(next_meta_version(0, old_process), old_process);
+        assert!(from_current_process(said, Some(old_process)));
+        assert!(!from_current_process(said, Some(restarted)));
+        assert!(from_current_process(
+            next_meta_version(said, restarted),
+            Some(restarted)
+        ));
+        // A renewed identity (same process, generation + 1) counts once it published again.
+        assert!(!from_current_process(said, Some(old_process + 1)));
+        assert!(from_current_process(
+            next_meta_version(said, old_process + 1),
+            Some(old_process + 1)
+        ));
+        // Not known to SWIM: nothing to compare with (a down node is not alive anyway).
+        assert!(from_current_process(said, None));
     }
 
     /// A ring file saved before `synced`/`drained` became layout ids still names its members
