@@ -11,7 +11,8 @@ use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
 use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
 use ringkv_protocol::peer::aae::MAX_STATES;
 use ringkv_protocol::peer::{
-    HandoffRequest, HandoffResponse, PeerRequest, PeerResponse, ReplicaRequest, ReplicaResponse,
+    AaeRequest, HandoffRequest, HandoffResponse, PeerRequest, PeerResponse, ReplicaRequest,
+    ReplicaResponse,
 };
 use ringkv_protocol::ring::{key_position, Ring};
 use serde_json::{json, Value};
@@ -1186,6 +1187,12 @@ async fn a_node_that_does_not_know_the_ring_takes_no_data() {
         entries: vec![(key.clone(), state.clone())],
     });
     refused_because(&peer.call(&replay).await.unwrap(), why);
+    // An anti-entropy push (an exchange, a transfer, a hand-over) is refused as a whole, so
+    // its sender retries instead of taking per-key refusals for "not a replica".
+    let push = PeerRequest::Aae(AaeRequest::PushStates {
+        entries: vec![(key.clone(), state.clone())],
+    });
+    refused_because(&peer.call(&push).await.unwrap(), why);
     // Nothing was kept, and reads are still answered (an empty state).
     let client = Client::new([node.addr.clone()], Default::default()).unwrap();
     assert_eq!(metric(&client, "hints.pending_keys").await, 0);

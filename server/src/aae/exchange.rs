@@ -781,6 +781,12 @@ impl<T: Transport> Worker for AaeWorker<T> {
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
         self.watch_returns();
+        // Before the node knows the ring nothing is exchanged (it takes no data then,
+        // `NoData::NotReady`: every fetched state would be refused and the exchange still
+        // counted done; found in review); requests and returns stay pending.
+        if !self.membership.view().ready {
+            return Ok(WorkerState::Idle);
+        }
         if self.cycle_started.is_none() {
             if let Some(peer) = self.replay_ended() {
                 self.exchange_step(peer).await;
@@ -790,10 +796,6 @@ impl<T: Transport> Worker for AaeWorker<T> {
                 self.aae.metrics.return_syncs.inc();
                 self.exchange_step(peer).await;
                 return Ok(WorkerState::Busy);
-            }
-            // Before the node knows the ring a request stays pending.
-            if !self.membership.view().ready {
-                return Ok(WorkerState::Idle);
             }
             let interval_due = Instant::now() >= self.next_cycle;
             let requested = self.aae.take_request();

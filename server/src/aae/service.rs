@@ -12,7 +12,7 @@ use ringkv_protocol::ring::key_position;
 use ringkv_protocol::{ErrorKind, RepairReply};
 
 use crate::background::{paced_chunks, MERGE_DEADLINE};
-use crate::membership::Membership;
+use crate::membership::{Membership, NoData};
 use crate::merkle::LEAVES;
 use crate::storage::tree::{untrusted_from, SharedTree, TreeReady};
 use crate::storage::{HexKey, Store, WriteOp};
@@ -337,6 +337,12 @@ impl AntiEntropy {
                 PeerResponse::Aae(AaeResponse::States(states))
             }
             AaeRequest::PushStates { entries } => {
+                // Refused as a whole while this node does not know the ring, so the sender's
+                // exchange, transfer or hand-over fails and is retried (per-key refusals would
+                // read as "not a replica" and be settled).
+                if !self.membership.view().ready {
+                    return NoData::NotReady.refusal(&self.node_id, "an anti-entropy push");
+                }
                 PeerResponse::Aae(AaeResponse::Merged(self.merge_pushed(entries).await))
             }
             AaeRequest::TombstoneCheck { entries } => {
@@ -440,7 +446,8 @@ impl AntiEntropy {
     ) -> Vec<bool> {
         let merge = |(key, state): (Bytes, Bytes)| async move {
             // Not while this node does not know the ring (`NoData::NotReady`): its ring may be
-            // a stale saved one.
+            // a stale saved one. (Its own exchanges and transfers wait for the ring, and a push
+            // is refused as a whole before: this is the last guard.)
             if !self.replicates(&key) || !self.membership.view().ready {
                 self.metrics.push_refused.inc();
                 return false;

@@ -288,6 +288,13 @@ impl<T: Transport> Worker for TransferWorker<T> {
             self.detail = format!("layout v{version}: every gained range received");
             return Ok(WorkerState::Idle);
         }
+        // A node that does not know the ring takes no data (`NoData::NotReady`): a chunk
+        // pulled now would be refused and still counted done (found in review: a gainer
+        // restarted during a transition could say it was synced with nothing received).
+        if !view.ready {
+            self.detail = format!("layout v{version}: waiting until this node knows the ring");
+            return Ok(WorkerState::Idle);
+        }
         let mine = per_node(&moves(&view.ring, next, self.n))
             .remove(&*view.me)
             .unwrap_or_default();
