@@ -123,23 +123,44 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
         "every write n5 missed is hinted: {pending} hints, {for_n5} keys"
     );
 
-    // kvctl shows the backlog, waiting for n5.
-    let out = std::process::Command::new(bin_path("kvctl"))
-        .args(["--addr", &c.nodes[0].addr, "--json", "hints"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let waiting: u64 = v["holders"]
-        .as_array()
-        .unwrap()
+    // kvctl shows the backlog, waiting for n5: `pending` until each holder's replay worker
+    // has taken its next turn (it polls), then `waiting` (n5 is down).
+    let kvctl_hints = || {
+        let out = std::process::Command::new(bin_path("kvctl"))
+            .args(["--addr", &c.nodes[0].addr, "--json", "hints"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let targets: Vec<serde_json::Value> = v["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h["targets"].as_array().unwrap().iter())
+            .filter(|t| t["target"] == "n5")
+            .cloned()
+            .collect();
+        for t in &targets {
+            assert!(
+                t["state"] == "waiting" || t["state"] == "pending",
+                "n5 is down: {t}"
+            );
+        }
+        (v, targets)
+    };
+    eventually(
+        Duration::from_secs(10),
+        "every holder's replay worker marks n5 waiting",
+        || async { kvctl_hints().1.iter().all(|t| t["state"] == "waiting") },
+    )
+    .await;
+    let (v, targets) = kvctl_hints();
+    let waiting: u64 = targets
         .iter()
-        .flat_map(|h| h["targets"].as_array().unwrap().iter())
-        .filter(|t| t["target"] == "n5")
         .inspect(|t| assert_eq!(t["state"], "waiting", "{t}"))
         .map(|t| t["keys"].as_u64().unwrap())
         .sum();

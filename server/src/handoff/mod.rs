@@ -307,7 +307,7 @@ impl Handoff {
                         "keys={} bytes={} oldest_s={oldest} state={} replayed={}/{}",
                         pending.keys,
                         pending.bytes,
-                        if r.state.is_empty() { "idle" } else { r.state },
+                        shown_state(r.state, pending.keys),
                         r.done,
                         r.total
                     ),
@@ -322,5 +322,16 @@ impl Handoff {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+}
+
+/// The replay state shown for a target: what the replay worker last set, except that hints
+/// it has not looked at since they were stored (no state yet, or `idle` from a pass that ended
+/// before they came) are `pending`: `idle` is said only of a target with nothing pending.
+fn shown_state(recorded: &'static str, pending_keys: u64) -> &'static str {
+    match recorded {
+        "" | "idle" if pending_keys > 0 => "pending",
+        "" => "idle",
+        state => state,
     }
 }

@@ -1146,4 +1146,61 @@ mod tests {
         );
         assert!(holder_rest(worked, pressure_scale(0.75)) > worked / 2);
     }
+
+    /// The state `kvctl hints` shows for `target` on this holder.
+    fn shown_state(handoff: &Handoff, target: &str) -> String {
+        let line = handoff
+            .status_lines()
+            .into_iter()
+            .find(|(name, _)| *name == format!("hints.target.{target}"))
+            .map(|(_, line)| line)
+            .unwrap_or_default();
+        line.split(' ')
+            .find_map(|f| f.strip_prefix("state="))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Hints the replay worker has not looked at since they were stored are `pending`, never
+    /// `idle`. Found by CI: `kvctl hints` showed `idle` for 305 hints stored less than a second
+    /// before, for a target that was down (the worker had not taken a turn since), and an
+    /// up target's state stays `idle` from its last pass while new hints wait for the next.
+    #[tokio::test]
+    async fn hints_the_worker_has_not_looked_at_yet_are_pending_not_idle() {
+        let store = store_with_hints(&[("t", 3)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        assert_eq!(shown_state(&handoff, "t"), "pending", "before any turn");
+        let (membership, view) = Membership::fixed(crate::testkit::view(&["a", "t"], "a", &["a"]));
+        let target = Arc::new(Target::default());
+        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 2);
+        let stop = CancellationToken::new();
+        assert_eq!(worker.work(&stop).await.unwrap(), WorkerState::Idle);
+        assert_eq!(shown_state(&handoff, "t"), "waiting", "t is down");
+        view.send_replace(Arc::new(crate::testkit::view(
+            &["a", "t"],
+            "a",
+            &["a", "t"],
+        )));
+        while store.hint_book().target("t").keys > 0 {
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(shown_state(&handoff, "t"), "idle", "all replayed");
+        store
+            .write(WriteOp::Hint {
+                target: "t".into(),
+                key: Bytes::from_static(b"new"),
+                state: one_version(3, "later"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            shown_state(&handoff, "t"),
+            "pending",
+            "a hint stored after the last pass"
+        );
+    }
 }
