@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use ringkv_client::{GetOptions, PutOptions};
-use ringkv_jepsen::{bin_path, eventually, metric, Cluster};
+use ringkv_jepsen::{bin_path, eventually, metric, tool_json, Cluster};
 use ringkv_protocol::ring::{key_position, Ring};
 
 const LOCAL: GetOptions = GetOptions {
@@ -182,20 +182,10 @@ async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
     let mut c = Cluster::start(3, &flags).await;
     write_while_down(&mut c, 2, &[0, 1], "r", 5000).await;
 
-    let kvctl = |args: &[&str]| {
-        std::process::Command::new(bin_path("kvctl"))
-            .args(["--addr", &c.nodes[0].addr, "--json"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let out = kvctl(&["repair", "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let addr = c.nodes[0].addr.clone();
+    let kvctl =
+        |args: &[&str]| tool_json("kvctl", &[&["--addr", &addr, "--json"][..], args].concat());
+    let v = kvctl(&["repair", "--wait"]);
     assert_eq!(v["started"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["done"].as_array().unwrap().len(), 3, "{v}");
     let n3 = c.client(2);
@@ -209,15 +199,12 @@ async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
     assert_eq!(roots(&c, &[0, 1, 2]).await, vec![root(&c, 0).await; 3]);
 
     // One node only; an unknown node is a clear error.
-    let out = kvctl(&["repair", "--node", "n2"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = kvctl(&["repair", "--node", "n2"]);
     assert_eq!(v["started"][0]["node"], "n2", "{v}");
-    let out = kvctl(&["repair", "--node", "n9"]);
+    let out = std::process::Command::new(bin_path("kvctl"))
+        .args(["--addr", &addr, "repair", "--node", "n9"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no member named \"n9\""), "{err}");
@@ -503,15 +490,17 @@ async fn kvctl_repair_range_repairs_only_that_range() {
     ];
     let mut c = Cluster::start(3, &flags).await;
     write_while_down(&mut c, 2, &[0, 1], "q", 400).await;
-    let out = std::process::Command::new(bin_path("kvctl"))
-        .args(["--addr", &c.nodes[0].addr, "--json", "repair", "--wait"])
-        .args(["--range", "0000000000000000:7fffffffffffffff"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    tool_json(
+        "kvctl",
+        &[
+            "--addr",
+            &c.nodes[0].addr,
+            "--json",
+            "repair",
+            "--wait",
+            "--range",
+            "0000000000000000:7fffffffffffffff",
+        ],
     );
     let n3 = c.client(2);
     let (mut inside, mut outside) = (0, 0);

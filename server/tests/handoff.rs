@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ringkv_client::{Client, ClientConfig, ErrorKind, GetOptions, PutOptions};
-use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
+use ringkv_jepsen::{eventually, metric, metric_total, tool_json, Cluster};
 use ringkv_protocol::ring::{key_position, Ring};
 
 const LOCAL: GetOptions = GetOptions {
@@ -126,16 +126,7 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
     // kvctl shows the backlog, waiting for n5: `pending` until each holder's replay worker
     // has taken its next turn (it polls), then `waiting` (n5 is down).
     let kvctl_hints = || {
-        let out = std::process::Command::new(bin_path("kvctl"))
-            .args(["--addr", &c.nodes[0].addr, "--json", "hints"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = tool_json("kvctl", &["--addr", &c.nodes[0].addr, "--json", "hints"]);
         let targets: Vec<serde_json::Value> = v["holders"]
             .as_array()
             .unwrap()

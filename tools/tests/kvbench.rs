@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use ringkv_jepsen::{bin_path, NodeProcess};
+use ringkv_jepsen::{bin_path, tool_json, NodeProcess};
 use serde_json::Value;
 
 #[test]
@@ -13,27 +13,24 @@ fn kvbench_smoke_run_has_no_errors_and_a_complete_summary() {
         &["--connections", "2", "--depth", "4"][..],
         &["--rate", "500"][..],
     ] {
-        let out = Command::new(bin_path("kvbench"))
-            .args([
-                "--addr",
-                &node.addr,
-                "--records",
-                "100",
-                "--ops",
-                "300",
-                "--json",
-                "--workload",
-                "a",
-            ])
-            .args(mode)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let s = tool_json(
+            "kvbench",
+            &[
+                &[
+                    "--addr",
+                    &node.addr,
+                    "--records",
+                    "100",
+                    "--ops",
+                    "300",
+                    "--json",
+                    "--workload",
+                    "a",
+                ][..],
+                mode,
+            ]
+            .concat(),
         );
-        let s: Value = serde_json::from_slice(&out.stdout).expect("JSON summary on stdout");
         assert_eq!(s["load"]["ops"], 100, "{s}");
         assert_eq!(s["load"]["errors"], 0, "{s}");
         let run = &s["run"];

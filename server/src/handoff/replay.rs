@@ -936,54 +936,100 @@ mod tests {
         v
     }
 
+    /// Holder `a`: its store, its hand-off service, and its replay worker over a `Target` that
+    /// merges every hint, seeing the views sent on `view`.
+    struct Holder {
+        store: Arc<Store>,
+        handoff: Arc<Handoff>,
+        view: tokio::sync::watch::Sender<Arc<crate::membership::ClusterView>>,
+        target: Arc<Target>,
+        worker: ReplayWorker<Target>,
+        stop: CancellationToken,
+    }
+
+    impl Holder {
+        fn new(
+            store: Arc<Store>,
+            settings: HintSettings,
+            view: crate::membership::ClusterView,
+        ) -> Holder {
+            let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
+            let (membership, view) = Membership::fixed(view);
+            let target = Arc::new(Target::default());
+            let worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
+            Holder {
+                store,
+                handoff,
+                view,
+                target,
+                worker,
+                stop: CancellationToken::new(),
+            }
+        }
+
+        /// A holder of 10 hints for `target` first stored a minute ago, past a 30 s window.
+        fn with_old_hints(target: &str, view: crate::membership::ClusterView) -> Holder {
+            let settings = HintSettings {
+                window_secs: 30,
+                ..HintSettings::default()
+            };
+            let store = store_with_hints_from(&[(target, 10)], now_ms() - 60_000);
+            Holder::new(store, settings, view)
+        }
+
+        async fn turns(&mut self, n: usize) {
+            for _ in 0..n {
+                self.worker.work(&self.stop).await.unwrap();
+            }
+        }
+
+        fn pending(&self, target: &str) -> u64 {
+            self.store.hint_book().target(target).keys
+        }
+
+        fn replayed(&self) -> usize {
+            self.target.replayed.lock().unwrap().len()
+        }
+    }
+
     /// Hints held for a node taken out of the ring go to their keys' current owners: merged
     /// here (a is one), kept as hints for the others (b, c: down, replayed when back). Before,
     /// they waited for x until the window ended and were given up, a sloppy write's only copy
     /// with them.
     #[tokio::test]
     async fn hints_for_a_node_taken_out_of_the_ring_go_to_the_keys_owners() {
-        let store = store_with_hints(&[("x", 10)]);
-        let handoff = Arc::new(Handoff::new(
-            "a".into(),
-            store.clone(),
+        let mut a = Holder::new(
+            store_with_hints(&[("x", 10)]),
             HintSettings::default(),
-        ));
-        let (membership, view) = Membership::fixed(x_retired(true));
-        let target = Arc::new(Target::default());
-        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
-        let stop = CancellationToken::new();
-        worker.work(&stop).await.unwrap();
+            x_retired(true),
+        );
+        a.turns(1).await;
         assert_eq!(
-            store.hint_book().target("x").keys,
+            a.pending("x"),
             10,
             "kept while a ring change runs (the owners are not settled)"
         );
-        view.send(Arc::new(x_retired(false))).unwrap();
-        for _ in 0..3 {
-            worker.work(&stop).await.unwrap();
-        }
-        assert_eq!(store.hint_book().target("x").keys, 0, "x's hints are gone");
-        assert_eq!(handoff.metrics.redirected.get(), 10);
+        a.view.send(Arc::new(x_retired(false))).unwrap();
+        a.turns(3).await;
+        assert_eq!(a.pending("x"), 0, "x's hints are gone");
+        assert_eq!(a.handoff.metrics.redirected.get(), 10);
         for owner in ["b", "c"] {
             assert_eq!(
-                store.hint_book().target(owner).keys,
+                a.pending(owner),
                 10,
                 "a hint for {owner}, an owner of every key"
             );
         }
         for i in 0..10 {
             let key = format!("k{i:05}");
-            let mine = store.read(Bytes::from(key.clone())).await.unwrap();
+            let mine = a.store.read(Bytes::from(key.clone())).await.unwrap();
             assert_eq!(
                 mine,
                 one_version(2, "fresh"),
                 "{key} merged into a's own copy"
             );
         }
-        assert!(
-            target.replayed.lock().unwrap().is_empty(),
-            "nothing was sent to x"
-        );
+        assert_eq!(a.replayed(), 0, "nothing was sent to x");
     }
 
     /// Hints for a retired node that is still up, past the hint window while another ring
@@ -993,12 +1039,6 @@ mod tests {
     /// expiry gave them up while replay asked the retired node again and again.
     #[tokio::test]
     async fn hints_for_a_retired_node_are_kept_past_the_window_while_a_ring_change_runs() {
-        let store = store_with_hints_from(&[("x", 10)], now_ms() - 60_000);
-        let settings = HintSettings {
-            window_secs: 30,
-            ..HintSettings::default()
-        };
-        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
         let up = |changing: bool| {
             let mut v = x_retired(changing);
             let mut x = v.members[&NodeId::from("a")].clone();
@@ -1008,29 +1048,19 @@ mod tests {
             v.alive.insert(NodeId::from("x"));
             v
         };
-        let (membership, view) = Membership::fixed(up(true));
-        let target = Arc::new(Target::default());
-        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
-        let stop = CancellationToken::new();
-        for _ in 0..20 {
-            worker.work(&stop).await.unwrap();
-        }
+        let mut a = Holder::with_old_hints("x", up(true));
+        a.turns(20).await;
+        assert_eq!(a.pending("x"), 10, "given up while the ring change ran");
+        assert_eq!(a.replayed(), 0, "replayed to the retired x");
+        a.view.send(Arc::new(up(false))).unwrap();
+        a.turns(3).await;
+        assert_eq!(a.pending("x"), 0, "x's hints are gone");
         assert_eq!(
-            store.hint_book().target("x").keys,
+            a.handoff.metrics.redirected.get(),
             10,
-            "given up while the ring change ran"
+            "to the keys' owners"
         );
-        assert!(
-            target.replayed.lock().unwrap().is_empty(),
-            "replayed to the retired x"
-        );
-        view.send(Arc::new(up(false))).unwrap();
-        for _ in 0..3 {
-            worker.work(&stop).await.unwrap();
-        }
-        assert_eq!(store.hint_book().target("x").keys, 0, "x's hints are gone");
-        assert_eq!(handoff.metrics.redirected.get(), 10, "to the keys' owners");
-        assert!(target.replayed.lock().unwrap().is_empty());
+        assert_eq!(a.replayed(), 0);
     }
 
     /// Hints past the window are given up only by a holder that knows the ring, and only for
@@ -1040,34 +1070,17 @@ mod tests {
     /// any replay; and a holder just started (no ring yet) saw no node out of the ring.
     #[tokio::test]
     async fn hints_past_the_window_are_given_up_only_for_a_down_target_by_a_ready_holder() {
-        let store = store_with_hints_from(&[("t", 10)], now_ms() - 60_000);
-        let settings = HintSettings {
-            window_secs: 30,
-            ..HintSettings::default()
-        };
-        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
         let up = crate::testkit::view(&["a", "t"], "a", &["t"]);
         let mut starting = up.clone();
         starting.ready = false;
-        let (membership, view) = Membership::fixed(starting);
-        let target = Arc::new(Target::default());
-        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
-        let stop = CancellationToken::new();
-        for _ in 0..20 {
-            worker.work(&stop).await.unwrap();
-        }
+        let mut a = Holder::with_old_hints("t", starting);
+        a.turns(20).await;
+        assert_eq!(a.pending("t"), 10, "given up before the ring was known");
+        a.view.send(Arc::new(up)).unwrap();
+        a.turns(20).await;
+        assert_eq!(a.pending("t"), 0);
         assert_eq!(
-            store.hint_book().target("t").keys,
-            10,
-            "given up before the ring was known"
-        );
-        view.send(Arc::new(up)).unwrap();
-        for _ in 0..20 {
-            worker.work(&stop).await.unwrap();
-        }
-        assert_eq!(store.hint_book().target("t").keys, 0);
-        assert_eq!(
-            target.replayed.lock().unwrap().len(),
+            a.replayed(),
             10,
             "given up instead of replayed to t, which is up"
         );
@@ -1167,29 +1180,26 @@ mod tests {
     /// up target's state stays `idle` from its last pass while new hints wait for the next.
     #[tokio::test]
     async fn hints_the_worker_has_not_looked_at_yet_are_pending_not_idle() {
-        let store = store_with_hints(&[("t", 3)]);
-        let handoff = Arc::new(Handoff::new(
-            "a".into(),
-            store.clone(),
+        let mut a = Holder::new(
+            store_with_hints(&[("t", 3)]),
             HintSettings::default(),
-        ));
-        assert_eq!(shown_state(&handoff, "t"), "pending", "before any turn");
-        let (membership, view) = Membership::fixed(crate::testkit::view(&["a", "t"], "a", &["a"]));
-        let target = Arc::new(Target::default());
-        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 2);
-        let stop = CancellationToken::new();
-        assert_eq!(worker.work(&stop).await.unwrap(), WorkerState::Idle);
-        assert_eq!(shown_state(&handoff, "t"), "waiting", "t is down");
-        view.send_replace(Arc::new(crate::testkit::view(
-            &["a", "t"],
-            "a",
-            &["a", "t"],
-        )));
-        while store.hint_book().target("t").keys > 0 {
-            worker.work(&stop).await.unwrap();
+            crate::testkit::view(&["a", "t"], "a", &["a"]),
+        );
+        assert_eq!(shown_state(&a.handoff, "t"), "pending", "before any turn");
+        a.turns(1).await;
+        assert_eq!(shown_state(&a.handoff, "t"), "waiting", "t is down");
+        a.view
+            .send(Arc::new(crate::testkit::view(
+                &["a", "t"],
+                "a",
+                &["a", "t"],
+            )))
+            .unwrap();
+        while a.pending("t") > 0 {
+            a.turns(1).await;
         }
-        assert_eq!(shown_state(&handoff, "t"), "idle", "all replayed");
-        store
+        assert_eq!(shown_state(&a.handoff, "t"), "idle", "all replayed");
+        a.store
             .write(WriteOp::Hint {
                 target: "t".into(),
                 key: Bytes::from_static(b"new"),
@@ -1198,7 +1208,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            shown_state(&handoff, "t"),
+            shown_state(&a.handoff, "t"),
             "pending",
             "a hint stored after the last pass"
         );

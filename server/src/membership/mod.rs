@@ -202,6 +202,19 @@ pub enum NoData {
 }
 
 impl NoData {
+    /// Why a node that knows the ring (`ready`) or not, and is `retired` or not, takes no
+    /// data, if it takes none: the one rule behind `ClusterView::takes_no_data` and the
+    /// gossip driver's `served` latch.
+    pub fn of(ready: bool, retired: bool) -> Option<NoData> {
+        if retired {
+            Some(NoData::Retired)
+        } else if !ready {
+            Some(NoData::NotReady)
+        } else {
+            None
+        }
+    }
+
     pub fn why(self) -> &'static str {
         match self {
             NoData::Retired => {
@@ -312,13 +325,7 @@ impl ClusterView {
     /// Why this node takes no data now, if it takes none: it is retired, or it does not know
     /// the ring yet.
     pub fn takes_no_data(&self) -> Option<NoData> {
-        if self.retired() {
-            Some(NoData::Retired)
-        } else if !self.ready {
-            Some(NoData::NotReady)
-        } else {
-            None
-        }
+        NoData::of(self.ready, self.retired())
     }
 
     /// Whether this node was taken out of the ring by a completed plan.

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use super::layout::{Layout, LayoutId};
 use super::phi::{PhiConfig, PhiDetector};
-use super::{ClusterView, LayoutSeen};
+use super::{ClusterView, LayoutSeen, NoData};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::ring::NodeId;
 
@@ -430,7 +430,8 @@ pub struct Driver {
     saved: BTreeMap<String, SavedMember>,
     lone: bool,
     ready: bool,
-    /// Latched: a view published while ready and not retired (`ClusterView::served`).
+    /// Latched: a view published under which this node took data (`NoData::of` said none;
+    /// `ClusterView::served`).
     served: bool,
     layout: Arc<Layout>,
     layout_digest: u64,
@@ -900,7 +901,7 @@ impl Driver {
         // round; neither must stop this node from serving.
         self.ready |= has_layout && (self.lone || (self.active && complete));
         let ready = self.ready;
-        self.served |= ready && !layout.retired.contains(&*me);
+        self.served |= NoData::of(ready, layout.retired.contains(&*me)).is_none();
         let served = self.served;
         let epoch = self.layout_digest;
         let current = self.view.borrow().clone();

@@ -12,7 +12,7 @@ pub mod process;
 pub mod runner;
 
 pub use cluster::Cluster;
-pub use process::{bin_path, NodeProcess};
+pub use process::{bin_path, tool_json, NodeProcess};
 
 /// A read's live values as sorted strings (test helper shared by the integration tests).
 pub fn sorted_values(read: &ringkv_client::Read) -> Vec<String> {

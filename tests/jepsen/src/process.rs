@@ -38,6 +38,27 @@ pub fn bin_path(name: &str) -> PathBuf {
     );
 }
 
+/// Runs the workspace tool `name` (`kvctl`, `kvbench`) with `args`, which must succeed (its
+/// stderr is the panic message otherwise), and parses what it prints as JSON (`--json`).
+pub fn tool_json(name: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin_path(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{name} did not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{name} {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 #[derive(Debug)]
 pub struct NodeProcess {
     pub id: String,
