@@ -90,7 +90,7 @@ async fn one_node_down_quorums_of_two_keep_working_and_w3_fails_clearly() {
     }
     assert!(err.to_string().contains("node n1"), "{err}");
     // Once n2 is known down, the refusal is decided before writing anything.
-    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
     let err = a.put_with("k-w3b", "v", None, w(3)).await.unwrap_err();
     assert_eq!(
         err.kind(),
@@ -126,16 +126,18 @@ async fn one_node_down_quorums_of_two_keep_working_and_w3_fails_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_repair_fills_a_replica_that_missed_a_write() {
-    // Without hinted handoff, so that only the read can be what repairs B.
-    let mut c = Cluster::start(3, &["--hinted-handoff", "false"]).await;
+    // Without hinted handoff and anti-entropy (a restarted node's first exchange comes 10 s
+    // after its start), so that only the read can be what repairs B.
+    let flags = ["--hinted-handoff", "false", "--anti-entropy", "false"];
+    let mut c = Cluster::start(3, &flags).await;
     c.nodes[1].stop().unwrap();
-    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
     let a = c.client(0);
     a.put_with("k", "written-while-b-was-down", None, w(2))
         .await
         .unwrap();
     c.nodes[1].start().unwrap();
-    c.wait_converged(Duration::from_secs(10)).await.unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
     let b = c.client(1);
     assert!(
         !b.get_with("k", LOCAL).await.unwrap().is_found(),
@@ -143,7 +145,7 @@ async fn read_repair_fills_a_replica_that_missed_a_write() {
     );
     let read = a.get_with("k", r(3)).await.unwrap();
     assert_eq!(strings(&read), vec!["written-while-b-was-down"]);
-    eventually(Duration::from_secs(5), "read repair reaches B", || async {
+    eventually(Duration::from_secs(15), "read repair reaches B", || async {
         b.get_with("k", LOCAL).await.unwrap().is_found()
     })
     .await;
@@ -173,7 +175,7 @@ async fn concurrent_writes_via_two_coordinators_become_siblings_then_collapse_ev
     for i in 0..3 {
         let client = c.client(i);
         eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(15),
             "every replica collapses to one sibling",
             || {
                 let client = client.clone();

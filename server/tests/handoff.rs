@@ -117,11 +117,6 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
         || async { metric_total(&c, &others, "hints.pending_keys").await as usize >= for_n5 },
     )
     .await;
-    let pending = metric_total(&c, &others, "hints.pending_keys").await;
-    assert!(
-        pending as usize >= for_n5,
-        "every write n5 missed is hinted: {pending} hints, {for_n5} keys"
-    );
 
     // kvctl shows the backlog, waiting for n5: `pending` until each holder's replay worker
     // has taken its next turn (it polls), then `waiting` (n5 is down).
@@ -143,22 +138,19 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
         }
         (v, targets)
     };
+    // A hint beyond W may still land (a slow fallback's, kept by the coordinator): the
+    // listing is compared with the metric read right after it, until both agree.
     eventually(
         Duration::from_secs(10),
-        "every holder's replay worker marks n5 waiting",
-        || async { kvctl_hints().1.iter().all(|t| t["state"] == "waiting") },
+        "every holder's replay worker marks n5 waiting, and kvctl lists every pending hint",
+        || async {
+            let (_, targets) = kvctl_hints();
+            let listed: u64 = targets.iter().map(|t| t["keys"].as_u64().unwrap()).sum();
+            targets.iter().all(|t| t["state"] == "waiting")
+                && listed == metric_total(&c, &others, "hints.pending_keys").await
+        },
     )
     .await;
-    let (v, targets) = kvctl_hints();
-    let waiting: u64 = targets
-        .iter()
-        .inspect(|t| assert_eq!(t["state"], "waiting", "{t}"))
-        .map(|t| t["keys"].as_u64().unwrap())
-        .sum();
-    assert_eq!(
-        waiting, pending,
-        "kvctl hints lists every pending hint: {v}"
-    );
 
     // A holder restarts before n5 returns: its hints survive.
     let held = metric(&c.client(1), "hints.pending_keys").await;
@@ -170,11 +162,13 @@ async fn a_returning_node_gets_its_writes_back_without_any_read() {
 
     c.nodes[4].start().unwrap();
     c.wait_converged(Duration::from_secs(15)).await.unwrap();
+    // A batch's hints leave the book as their deletes commit; `hints.replayed` counts them
+    // once the whole batch is deleted: both are awaited.
     eventually(Duration::from_secs(60), "every hint replayed", || async {
         metric_total(&c, &others, "hints.pending_keys").await == 0
+            && metric_total(&c, &others, "hints.replayed").await >= for_n5 as u64
     })
     .await;
-    assert!(metric_total(&c, &others, "hints.replayed").await >= for_n5 as u64);
     // Without any read: n5's own replica holds every key it is a primary of, and every node
     // holds only the keys it replicates (fallbacks kept hints, never copies).
     let clients: Vec<Client> = (0..5).map(|i| c.client(i)).collect();
@@ -285,7 +279,9 @@ async fn hints_merge_per_key_and_replay_is_paced_by_the_target() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (t1, v1) = *samples.last().unwrap();
+    // The last batch may have been received after the last sample of the loop.
+    let v1 = metric(&target, "hints.replay_received_keys").await;
+    let t1 = Instant::now();
     eprintln!(
         "pacing: backlog {backlog} over {holders} holders, samples {:?}",
         samples

@@ -181,7 +181,8 @@ async fn metrics_parse_and_hint_and_request_series_move_with_their_events() {
         matches!(&late, Err(e) if matches!(e.kind(), Some(ringkv_protocol::ErrorKind::Timeout { .. }))),
         "{late:?}"
     );
-    assert_eq!(result("timeout"), timeouts + 1.0);
+    // At least this one (a W=3 attempt above may be counted late by a stalled node).
+    assert!(result("timeout") > timeouts);
     let stored = sample(n1, "ringkv_hints_stored_total", &[]);
     for i in 0..5 {
         c1.put(format!("h{i}"), "v", None).await.unwrap();
@@ -744,31 +745,35 @@ async fn a_write_whose_deadline_passed_while_the_node_was_stopped_is_never_appli
         || async { reader.get("before").await.is_ok() },
     )
     .await;
-    // Give a late execution every chance to show.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The late frame is handled (and dropped) by its own connection's task once the node runs
+    // again: awaited through the counts, then the write must not be visible.
+    let expired = |text: &str| {
+        (
+            prom_sample(
+                text,
+                "ringkv_requests_total",
+                &[("op", "put"), ("result", "expired")],
+            ),
+            prom_sample(
+                text,
+                "ringkv_admission_expired_total",
+                &[("budget", "client")],
+            ),
+        )
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the late write is counted expired",
+        || async { expired(&scrape(&node)) == (Some(1.0), Some(1.0)) },
+    )
+    .await;
     let read = reader.get("late").await.unwrap();
     assert!(
         !read.is_found(),
         "a write whose client gave up before the node ran it was applied: {read:?}"
     );
     let text = scrape(&node);
-    assert_eq!(
-        prom_sample(
-            &text,
-            "ringkv_requests_total",
-            &[("op", "put"), ("result", "expired")]
-        ),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        prom_sample(
-            &text,
-            "ringkv_admission_expired_total",
-            &[("budget", "client")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(expired(&text), (Some(1.0), Some(1.0)), "{text}");
     assert!(prom_sample(&text, "ringkv_process_stalls_total", &[]).unwrap_or(0.0) >= 1.0);
 }
 
@@ -1051,7 +1056,9 @@ async fn a_connection_refused_at_the_limit_is_a_definite_overloaded() {
 async fn a_broken_connection_frees_its_slot_while_its_requests_still_run() {
     use futures::SinkExt;
     use ringkv_protocol::{FrameCodec, Request, WriteOptions};
-    let cluster = Cluster::start(3, &ADMIN).await;
+    // The phi detector at its most patient: n3 is routed around only once SWIM finds it down,
+    // which leaves the assertions below seconds to run while the long writes wait.
+    let cluster = Cluster::start(3, &[&ADMIN[..], &["--phi-threshold", "50"]].concat()).await;
     let n1 = &cluster.nodes[0];
     let active = || sample(n1, "ringkv_net_connections_active", &[]);
     let in_flight = || sample(n1, "ringkv_admission_in_flight", &[("budget", "client")]);

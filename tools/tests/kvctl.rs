@@ -244,8 +244,11 @@ async fn cluster_commands_ring_members_and_quorum_flags() {
 /// was told OK. It now deletes what a quorum read returns, like Riak's delete without a vclock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_without_context_removes_what_a_quorum_read_returns() {
-    // No hints: n1 must not get the write back before the delete reads it.
-    let mut c = ringkv_jepsen::Cluster::start(3, &["--hinted-handoff", "false"]).await;
+    // No hints and no anti-entropy (a restarted node's first exchange comes 10 s after its
+    // start): n1 must not get the write back before the delete reads it.
+    let mut c =
+        ringkv_jepsen::Cluster::start(3, &["--hinted-handoff", "false", "--anti-entropy", "false"])
+            .await;
     c.nodes[0].stop().unwrap();
     c.wait_converged(std::time::Duration::from_secs(30))
         .await
