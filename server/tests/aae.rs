@@ -362,10 +362,14 @@ async fn a_wiped_replica_does_not_count_toward_r_until_synced() {
             break;
         }
         rounds_while_unsynced += 1;
+        // Anti-entropy yields to busy CPUs (down to 2% of its pace at 90% busy): these reads
+        // and the tests running beside this one slow the sync, so the wait is long and the
+        // reads pause between rounds (a round under load once outran 2 minutes of sync).
         assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "n3 still unsynced after 2 minutes"
+            started.elapsed() < Duration::from_secs(300),
+            "n3 still unsynced after 5 minutes"
         );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(
         rounds_while_unsynced > 0,
