@@ -973,6 +973,30 @@ fn refused_because(resp: &PeerResponse, why: &str) {
     }
 }
 
+/// Offers `key`'s `state` to `peer`'s node as a hint for another node and for itself
+/// (`targets`), and as a hint replay into it: each refused, naming `why`.
+async fn hints_and_replay_refused(
+    peer: &mut RawPeer,
+    targets: [&str; 2],
+    key: &Bytes,
+    state: &Bytes,
+    why: &str,
+) {
+    for target in targets {
+        let hint = PeerRequest::Handoff(HandoffRequest::StoreHint {
+            target: target.into(),
+            key: key.clone(),
+            state: state.clone(),
+            timeout_ms: 2000,
+        });
+        refused_because(&peer.call(&hint).await.unwrap(), why);
+    }
+    let replay = PeerRequest::Handoff(HandoffRequest::Replay {
+        entries: vec![(key.clone(), state.clone())],
+    });
+    refused_because(&peer.call(&replay).await.unwrap(), why);
+}
+
 /// A node that left takes no data once it is retired, not even from a coordinator or hint
 /// holder with an older view (found in review: its hint service still stored hints, which
 /// kept it from ever holding nothing, or merged them as its own data when they were for it);
@@ -1015,15 +1039,14 @@ async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time
     let retired_at = Instant::now();
     // Hints for another node or for itself, and a replay into it: refused, nothing kept.
     let mut to_n4 = peer_as(&c, 3, "stranger").await;
-    for target in ["n1", "n4"] {
-        let hint = PeerRequest::Handoff(HandoffRequest::StoreHint {
-            target: target.into(),
-            key: key.clone(),
-            state: state.clone(),
-            timeout_ms: 2000,
-        });
-        refused_because(&to_n4.call(&hint).await.unwrap(), "taken out of the ring");
-    }
+    hints_and_replay_refused(
+        &mut to_n4,
+        ["n1", "n4"],
+        &key,
+        &state,
+        "taken out of the ring",
+    )
+    .await;
     let credits = PeerRequest::Handoff(HandoffRequest::ReplayCredits {
         want_keys: 1,
         want_bytes: 1 << 20,
@@ -1032,10 +1055,6 @@ async fn a_retired_node_takes_no_data_and_is_released_only_after_the_settle_time
         &to_n4.call(&credits).await.unwrap(),
         "taken out of the ring",
     );
-    let replay = PeerRequest::Handoff(HandoffRequest::Replay {
-        entries: vec![(key.clone(), state.clone())],
-    });
-    refused_because(&to_n4.call(&replay).await.unwrap(), "taken out of the ring");
     assert_eq!(metric(&n4, "hints.pending_keys").await, 0, "n4 kept a hint");
     // Reading what it holds is still served (it holds no hint).
     let read_hint = PeerRequest::Handoff(HandoffRequest::ReadHint {
@@ -1174,19 +1193,7 @@ async fn a_node_that_does_not_know_the_ring_takes_no_data() {
         timeout_ms: 2000,
     });
     refused_because(&peer.call(&replicate).await.unwrap(), why);
-    for target in ["n1", "n9"] {
-        let hint = PeerRequest::Handoff(HandoffRequest::StoreHint {
-            target: target.into(),
-            key: key.clone(),
-            state: state.clone(),
-            timeout_ms: 2000,
-        });
-        refused_because(&peer.call(&hint).await.unwrap(), why);
-    }
-    let replay = PeerRequest::Handoff(HandoffRequest::Replay {
-        entries: vec![(key.clone(), state.clone())],
-    });
-    refused_because(&peer.call(&replay).await.unwrap(), why);
+    hints_and_replay_refused(&mut peer, ["n1", "n9"], &key, &state, why).await;
     // An anti-entropy push (an exchange, a transfer, a hand-over) is refused as a whole, so
     // its sender retries instead of taking per-key refusals for "not a replica".
     let push = PeerRequest::Aae(AaeRequest::PushStates {

@@ -444,11 +444,12 @@ impl AntiEntropy {
         entries: Vec<(Bytes, Bytes)>,
         deadline: std::time::Instant,
     ) -> Vec<bool> {
+        // Not while this node does not know the ring (`NoData::NotReady`): its ring may be a
+        // stale saved one. (Its own exchanges and transfers wait for the ring, and a push is
+        // refused as a whole before: this is the last guard.) Read once: `ready` is latched.
+        let ready = self.membership.view().ready;
         let merge = |(key, state): (Bytes, Bytes)| async move {
-            // Not while this node does not know the ring (`NoData::NotReady`): its ring may be
-            // a stale saved one. (Its own exchanges and transfers wait for the ring, and a push
-            // is refused as a whole before: this is the last guard.)
-            if !self.replicates(&key) || !self.membership.view().ready {
+            if !ready || !self.replicates(&key) {
                 self.metrics.push_refused.inc();
                 return false;
             }
