@@ -26,8 +26,10 @@ def cpu_seconds(pids):
 class Cluster:
     """Three ringkv nodes c1..c3 as in tools/bench-common.sh (client port, peer+gossip +1)."""
 
-    def __init__(self, bin_dir, work, base, extra=()):
+    def __init__(self, bin_dir, work, base, extra=(), cpus=None):
+        """`cpus`: a set of CPU numbers every node (all its threads) is pinned to, or None."""
         self.bin, self.work, self.base, self.extra = bin_dir, work, base, list(extra)
+        self.cpus = cpus
         self.procs = {}
         os.makedirs(work, exist_ok=True)
         self.log = open(os.path.join(work, "servers.log"), "ab")
@@ -43,7 +45,8 @@ class Cluster:
                "--log", "warn"] + self.extra + list(extra)
         if i > 1:
             cmd += ["--seeds", f"127.0.0.1:{self.base + 1}"]
-        self.procs[i] = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        pin = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
+        self.procs[i] = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, preexec_fn=pin)
 
     def stop(self, i):
         p = self.procs.pop(i)

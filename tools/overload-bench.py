@@ -15,7 +15,7 @@ flight (connections x depth x 4).
 
 usage: tools/overload-bench.py BIN_DIR OUT_DIR [--rounds 2] [--node-args "--max-requests 256"]
                                 [--server-cpus 1.5] [--connections 8] [--depth 16]
-                                [--kvbench-args "--threads 1"]
+                                [--kvbench-args "--threads 1"] [--pin 1:0]
 Goals: at 2x, goodput >= 90% of the peak and admitted p99 <= 3x the p99 at 0.5x.
 
 --server-cpus X puts the three nodes in a cgroup whose CPU quota is X cores (cgroup v1 `cpu`
@@ -23,6 +23,12 @@ or v2 `cpu.max`, 1 ms periods: a throttled group waits at most the rest of 1 ms;
 the same CPU whether the generator (same machine) dispatches 1x or 2x the requests, as when
 clients run on other machines. Without it the generator's CPU, which doubles from the peak to
 2x, comes out of the nodes' share of the cores.
+
+--pin NODES:GENERATOR pins the three nodes (every thread: the affinity is set before each node
+starts) to the CPU list NODES and kvbench (and this driver) to GENERATOR, e.g. `--pin 1:0`: the
+nodes get one whole core in every phase and the generator never takes CPU from them, nor they
+from it (shared/BENCHMARKS.md, "Pinning"). Unlike --server-cpus this also keeps each side's
+scheduling latency its own: neither can preempt the other.
 """
 import argparse
 import os
@@ -115,6 +121,17 @@ class CpuCap:
             pass
 
 
+def parse_cpus(text):
+    """A CPU list as taskset takes it ("0", "1-3", "0,2"): the set of CPU numbers."""
+    cpus = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    if not cpus:
+        raise ValueError(text)
+    return cpus
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bin")
@@ -129,7 +146,18 @@ def main():
                     help="more kvbench options for every phase (e.g. --threads 1)")
     ap.add_argument("--server-cpus", type=float, default=None,
                     help="cap the nodes at this many cores (a cgroup; needs root)")
+    ap.add_argument("--pin", default=None, metavar="NODES:GENERATOR",
+                    help="CPU lists for the nodes and for kvbench, e.g. 1:0")
     a = ap.parse_args()
+    node_cpus = None
+    if a.pin is not None:
+        try:
+            nodes, gen = (parse_cpus(x) for x in a.pin.split(":"))
+        except ValueError:
+            sys.exit(f"overload-bench: --pin wants NODES:GENERATOR CPU lists (e.g. 1:0 or 2-3:0-1), got {a.pin!r}")
+        node_cpus = nodes
+        os.sched_setaffinity(0, gen)  # kvbench, started by this process, inherits it
+        print(f"nodes pinned to CPUs {sorted(nodes)}, generator to {sorted(gen)}", flush=True)
     cap = None
     if a.server_cpus is not None:
         try:
@@ -144,7 +172,7 @@ def main():
     rows = []
     for rnd in range(1, a.rounds + 1):
         work = tempfile.mkdtemp(prefix="ringkv-overload-")
-        cluster = Cluster(a.bin, work, a.base_port, a.node_args.split())
+        cluster = Cluster(a.bin, work, a.base_port, a.node_args.split(), cpus=node_cpus)
         try:
             for i in (1, 2, 3):
                 cluster.start(i)
