@@ -216,6 +216,33 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
         ping.is_err(),
         "connection must be closed after a refused handshake"
     );
+    // A misconfigured node redials every second: each refusal is counted, but logged at most
+    // once per reason per 10 s (docs/protocol.md), so it cannot flood the log.
+    for _ in 0..3 {
+        let again = Conn::connect(&c.nodes[0].peer_addr, Duration::from_secs(2), 16)
+            .await
+            .unwrap();
+        let frame = again.call(hello.to_frame(1)).await.unwrap();
+        assert!(matches!(
+            PeerResponse::decode(frame.opcode, frame.body).unwrap(),
+            PeerResponse::Error(e) if e.kind == ErrorKind::WrongCluster
+        ));
+    }
+    let status = c.client(0).status().await.unwrap();
+    let refused = status
+        .metrics
+        .iter()
+        .find(|(k, _)| k == "peer.handshakes_refused")
+        .map_or(0, |x| x.1);
+    assert_eq!(refused, 4, "every refusal is counted");
+    let lines = c.nodes[0]
+        .log_tail(200)
+        .matches("refused peer intruder")
+        .count();
+    assert_eq!(
+        lines, 1,
+        "four refusals within 10 s were logged {lines} times"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,22 +165,32 @@ impl Authenticator {
     /// (The secret is checked by the challenge–response that follows.)
     fn check_hello(&self, hello: &Hello, remote: SocketAddr) -> Result<(), String> {
         let problem = if hello.cluster != self.identity.cluster {
-            Some(format!(
-                "cluster name {:?} differs from ours {:?}",
-                hello.cluster, self.identity.cluster
+            Some((
+                "cluster name",
+                format!(
+                    "cluster name {:?} differs from ours {:?}",
+                    hello.cluster, self.identity.cluster
+                ),
             ))
         } else if hello.n != self.identity.n {
-            Some(format!(
-                "replication factor N={} differs from ours N={}",
-                hello.n, self.identity.n
+            Some((
+                "replication factor",
+                format!(
+                    "replication factor N={} differs from ours N={}",
+                    hello.n, self.identity.n
+                ),
             ))
         } else {
             None
         };
-        if let Some(p) = problem {
+        if let Some((reason, p)) = problem {
             self.metrics.handshakes_refused.inc();
-            warn!(node = %self.node_id(), peer = %hello.me.node_id, %remote,
-                  "refused peer {}: {p}", hello.me.node_id);
+            // A misconfigured node redials every second: counted every time, logged at most
+            // once per reason per interval.
+            if self.refusals.due(reason) {
+                warn!(node = %self.node_id(), peer = %hello.me.node_id, %remote,
+                      "refused peer {}: {p}", hello.me.node_id);
+            }
             return Err(format!("refused peer {}: {p}", hello.me.node_id));
         }
         Ok(())
