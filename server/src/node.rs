@@ -358,6 +358,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         store.clone(),
         pool.clone(),
         config.aae.transfer_keys_per_sec,
+        config.aae.transfer_kib_per_sec << 10,
         // Data sent to a node before it was retired lands within the settle time (half for
         // the request's deadline, half for the peer-write limit); without GC nothing waits.
         config.aae.settle().unwrap_or_default(),

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::ranges::{clip_spans, covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
-use crate::background::load::CpuLoad;
+use crate::background::load::{budget_pause, CpuLoad};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
@@ -539,13 +539,12 @@ impl<T: Transport> AaeWorker<T> {
         Ok((compared, wire, push, fetch))
     }
 
-    /// Sleeps as long as `keys` take at the budget (scaled by the CPU's yield).
     /// Waits as long as `keys` keys and `bytes` bytes of repair take at the budgets (the
     /// tighter of the two), scaled down by the CPU yield.
     async fn pace(&mut self, keys: usize, bytes: u64) {
         let pace = self.cpu.pace();
-        let secs = (keys as f64 / self.keys_per_sec).max(bytes as f64 / self.bytes_per_sec) / pace;
-        tokio::time::sleep(Duration::from_secs_f64(secs.min(10.0))).await;
+        let pause = budget_pause(keys, bytes, self.keys_per_sec, self.bytes_per_sec, pace);
+        tokio::time::sleep(pause).await;
     }
 
     /// Pushes this node's states of `keys`: (keys the peer merged, bytes sent).

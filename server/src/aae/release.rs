@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ranges::{foreign_spans, Span};
-use crate::background::load::CpuLoad;
+use crate::background::load::{budget_pause, CpuLoad};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::LayoutId;
 use crate::membership::{HandOverGuard, Membership};
@@ -59,6 +59,9 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     store: Arc<Store>,
     transport: Arc<T>,
     keys_per_sec: f64,
+    /// Bytes (keys and states) pushed per second, to all owners together; the tighter of
+    /// this and `keys_per_sec` applies.
+    bytes_per_sec: f64,
     cpu: CpuLoad,
     metrics: Arc<ReleaseMetrics>,
     /// The layout and when every live member was first seen with it. Layouts are named by
@@ -89,6 +92,7 @@ impl<T: Transport> ReleaseWorker<T> {
         store: Arc<Store>,
         transport: Arc<T>,
         keys_per_sec: u32,
+        bytes_per_sec: u64,
         quiet: Duration,
         metrics: Arc<ReleaseMetrics>,
     ) -> ReleaseWorker<T> {
@@ -100,6 +104,7 @@ impl<T: Transport> ReleaseWorker<T> {
             store,
             transport,
             keys_per_sec: keys_per_sec.max(1) as f64,
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
             cpu: CpuLoad::default(),
             metrics,
             settled: None,
@@ -235,6 +240,8 @@ impl<T: Transport> ReleaseWorker<T> {
         }
         let mut handed = 0u64;
         let mut kept = 0u64;
+        // Bytes pushed (keys and states, to every owner), for the bytes/s budget.
+        let mut sent = 0u64;
         // Group by owner set: one push per live owner per group.
         let mut groups: std::collections::BTreeMap<Vec<String>, Vec<(Bytes, Bytes)>> =
             std::collections::BTreeMap::new();
@@ -273,6 +280,10 @@ impl<T: Transport> ReleaseWorker<T> {
                         end += 1;
                     }
                     let batch = entries[start..end].to_vec();
+                    sent += batch
+                        .iter()
+                        .map(|(k, v)| (k.len() + v.len()) as u64)
+                        .sum::<u64>();
                     match super::call(
                         &self.transport,
                         addr,
@@ -319,9 +330,16 @@ impl<T: Transport> ReleaseWorker<T> {
         }
         self.metrics.keys_handed.inc_by(handed);
         self.metrics.keys_kept.inc_by(kept);
-        // Pace: keys/s budget scaled by the CPU yield.
-        let rate = self.keys_per_sec * self.cpu.pace();
-        tokio::time::sleep(Duration::from_secs_f64(found as f64 / rate.max(1.0))).await;
+        // Pace: the keys/s and bytes/s budgets (the tighter), scaled by the CPU yield.
+        let pace = self.cpu.pace();
+        tokio::time::sleep(budget_pause(
+            found,
+            sent,
+            self.keys_per_sec,
+            self.bytes_per_sec,
+            pace,
+        ))
+        .await;
         if handed > 0 {
             self.detail = format!(
                 "layout v{version}: handing foreign ranges to their owners ({} keys found this pass)",
