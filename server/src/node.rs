@@ -24,6 +24,7 @@ use crate::api::client::{ClientApi, ClientHandler};
 use crate::api::http::AdminHttp;
 use crate::api::peer::{PeerApi, PeerHandler};
 use crate::api::RequestMetrics;
+use crate::background::load::Rates;
 use crate::background::{Progress, RunState, Runner};
 use crate::clock::now_ms;
 use crate::cluster::worker::LayoutWorker;
@@ -357,8 +358,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         membership.clone(),
         store.clone(),
         pool.clone(),
-        config.aae.transfer_keys_per_sec,
-        config.aae.transfer_kib_per_sec << 10,
+        Rates::new(
+            config.aae.transfer_keys_per_sec,
+            config.aae.transfer_kib_per_sec << 10,
+        ),
         // Data sent to a node before it was retired lands within the settle time (half for
         // the request's deadline, half for the peer-write limit); without GC nothing waits.
         config.aae.settle().unwrap_or_default(),

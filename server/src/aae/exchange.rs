@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::ranges::{clip_spans, covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
-use crate::background::load::{budget_pause, CpuLoad};
+use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
@@ -77,8 +77,7 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     membership: Membership,
     transport: Arc<T>,
     interval: Duration,
-    keys_per_sec: f64,
-    bytes_per_sec: f64,
+    rates: Rates,
     cpu: CpuLoad,
     next_cycle: Instant,
     /// Peers left in the current cycle.
@@ -125,8 +124,7 @@ impl<T: Transport> AaeWorker<T> {
             membership,
             transport,
             interval,
-            keys_per_sec: keys_per_sec.max(1) as f64,
-            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            rates: Rates::new(keys_per_sec, bytes_per_sec),
             cpu: CpuLoad::default(),
             next_cycle,
             queue: VecDeque::new(),
@@ -543,8 +541,7 @@ impl<T: Transport> AaeWorker<T> {
     /// tighter of the two), scaled down by the CPU yield.
     async fn pace(&mut self, keys: usize, bytes: u64) {
         let pace = self.cpu.pace();
-        let pause = budget_pause(keys, bytes, self.keys_per_sec, self.bytes_per_sec, pace);
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(self.rates.pause(keys, bytes, pace)).await;
     }
 
     /// Pushes this node's states of `keys`: (keys the peer merged, bytes sent).

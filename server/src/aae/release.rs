@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ranges::{foreign_spans, Span};
-use crate::background::load::{budget_pause, CpuLoad};
+use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::LayoutId;
 use crate::membership::{HandOverGuard, Membership};
@@ -58,10 +58,8 @@ pub struct ReleaseWorker<T: Transport = PeerPool> {
     membership: Membership,
     store: Arc<Store>,
     transport: Arc<T>,
-    keys_per_sec: f64,
-    /// Bytes (keys and states) pushed per second, to all owners together; the tighter of
-    /// this and `keys_per_sec` applies.
-    bytes_per_sec: f64,
+    /// Keys found and bytes (keys and states, to all owners together) pushed per second.
+    rates: Rates,
     cpu: CpuLoad,
     metrics: Arc<ReleaseMetrics>,
     /// The layout and when every live member was first seen with it. Layouts are named by
@@ -91,8 +89,7 @@ impl<T: Transport> ReleaseWorker<T> {
         membership: Membership,
         store: Arc<Store>,
         transport: Arc<T>,
-        keys_per_sec: u32,
-        bytes_per_sec: u64,
+        rates: Rates,
         quiet: Duration,
         metrics: Arc<ReleaseMetrics>,
     ) -> ReleaseWorker<T> {
@@ -103,8 +100,7 @@ impl<T: Transport> ReleaseWorker<T> {
             membership,
             store,
             transport,
-            keys_per_sec: keys_per_sec.max(1) as f64,
-            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            rates,
             cpu: CpuLoad::default(),
             metrics,
             settled: None,
@@ -332,14 +328,7 @@ impl<T: Transport> ReleaseWorker<T> {
         self.metrics.keys_kept.inc_by(kept);
         // Pace: the keys/s and bytes/s budgets (the tighter), scaled by the CPU yield.
         let pace = self.cpu.pace();
-        tokio::time::sleep(budget_pause(
-            found,
-            sent,
-            self.keys_per_sec,
-            self.bytes_per_sec,
-            pace,
-        ))
-        .await;
+        tokio::time::sleep(self.rates.pause(found, sent, pace)).await;
         if handed > 0 {
             self.detail = format!(
                 "layout v{version}: handing foreign ranges to their owners ({} keys found this pass)",

@@ -31,19 +31,28 @@ pub const RAMP_PER_SEC: f64 = 0.25;
 /// still lets the worker look at cancellation and progress regularly).
 pub const MAX_BUDGET_PAUSE: Duration = Duration::from_secs(10);
 
-/// How long `keys` keys and `bytes` bytes of background work take at a keys/s and a bytes/s
-/// budget (the tighter of the two applies), the budgets scaled by `pace` (the CPU yield,
-/// `CpuLoad::pace`); at most [`MAX_BUDGET_PAUSE`].
-pub fn budget_pause(
-    keys: usize,
-    bytes: u64,
+/// A background budget in keys/s and bytes/s (the tighter of the two applies).
+#[derive(Debug, Clone, Copy)]
+pub struct Rates {
     keys_per_sec: f64,
     bytes_per_sec: f64,
-    pace: f64,
-) -> Duration {
-    let secs = (keys as f64 / keys_per_sec.max(1.0)).max(bytes as f64 / bytes_per_sec.max(1.0))
-        / pace.max(f64::MIN_POSITIVE);
-    Duration::from_secs_f64(secs.min(MAX_BUDGET_PAUSE.as_secs_f64()))
+}
+
+impl Rates {
+    pub fn new(keys_per_sec: u32, bytes_per_sec: u64) -> Rates {
+        Rates {
+            keys_per_sec: keys_per_sec.max(1) as f64,
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+        }
+    }
+
+    /// How long `keys` keys and `bytes` bytes of background work take at these budgets
+    /// scaled by `pace` (the CPU yield, `CpuLoad::pace`); at most [`MAX_BUDGET_PAUSE`].
+    pub fn pause(&self, keys: usize, bytes: u64, pace: f64) -> Duration {
+        let secs = (keys as f64 / self.keys_per_sec).max(bytes as f64 / self.bytes_per_sec)
+            / pace.max(f64::MIN_POSITIVE);
+        Duration::from_secs_f64(secs.min(MAX_BUDGET_PAUSE.as_secs_f64()))
+    }
 }
 
 /// Foreground pressure (0..=1: how full the node's client budget or writer queue is) above
@@ -188,18 +197,19 @@ impl CpuLoad {
 mod tests {
     #[test]
     fn the_tighter_budget_sets_the_pause_scaled_by_the_yield_and_capped() {
+        let rates = Rates::new(1_000, 1 << 20);
         // 100 keys at 1 000 keys/s: 0.1 s; their 50 KiB at 1 MiB/s: ~0.05 s: keys bind.
-        let d = budget_pause(100, 50 << 10, 1_000.0, (1 << 20) as f64, 1.0);
+        let d = rates.pause(100, 50 << 10, 1.0);
         assert!((d.as_secs_f64() - 0.1).abs() < 1e-9, "{d:?}");
         // The same keys carrying 1 MiB: the bytes bind (1 s).
-        let d = budget_pause(100, 1 << 20, 1_000.0, (1 << 20) as f64, 1.0);
+        let d = rates.pause(100, 1 << 20, 1.0);
         assert!((d.as_secs_f64() - 1.0).abs() < 1e-9, "{d:?}");
         // At a quarter of the budget (a busy CPU), four times as long.
-        let d = budget_pause(100, 1 << 20, 1_000.0, (1 << 20) as f64, 0.25);
+        let d = rates.pause(100, 1 << 20, 0.25);
         assert!((d.as_secs_f64() - 4.0).abs() < 1e-9, "{d:?}");
         // Never longer than the cap, even at the floor.
-        assert_eq!(budget_pause(10_000, 0, 100.0, 1.0, FLOOR), MAX_BUDGET_PAUSE);
-        assert_eq!(budget_pause(0, 0, 1.0, 1.0, 1.0), Duration::ZERO);
+        assert_eq!(Rates::new(100, 1).pause(10_000, 0, FLOOR), MAX_BUDGET_PAUSE);
+        assert_eq!(rates.pause(0, 0, 1.0), Duration::ZERO);
     }
 
     use super::*;
