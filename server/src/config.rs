@@ -204,8 +204,8 @@ pub struct Cli {
     #[arg(long, value_name = "BOOL")]
     pub tombstone_gc: Option<bool>,
     /// Least time between the two stability checks of a tombstone before it is purged, in
-    /// seconds (default 600, the longest request deadline: nothing in flight at the first check
-    /// outlives it).
+    /// seconds (default 600). Half of it is the longest request deadline and half the longest a
+    /// peer write may wait to be applied: nothing in flight at the first check outlives it.
     #[arg(long)]
     pub tombstone_settle_secs: Option<u64>,
 }

@@ -12,7 +12,8 @@
 //! in gossip (`holds_nothing`), and the claimant records it in the layout (`released`).
 //!
 //! Keys are found by scanning the data column family over the foreign positions, a page at a
-//! time, paced by the anti-entropy budgets and the CPU yield like every background pass.
+//! time, paced by the transfer budgets (`--transfer-keys-per-sec`, `--transfer-kib-per-sec`:
+//! keys found, bytes pushed) and the CPU yield like every background pass.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
