@@ -512,7 +512,8 @@ impl Client {
             ..PutOptions::default()
         };
         let w = self.put_with(key, value, context, opts).await?;
-        Ok(w.read.expect("return_body requests carry the body"))
+        Ok(w.read
+            .expect("put_with refuses a reply without the body it asked for"))
     }
 
     pub async fn put_with(
@@ -532,6 +533,12 @@ impl Client {
         };
         let (addr, resp) = self.call(req, timeout, false, route).await?;
         match resp {
+            // The write was applied; only its reply is wrong (a node of another version).
+            Response::Put(w) if opts.return_body && w.body.is_none() => Err(Error::Protocol {
+                addr,
+                cause: "the put asked for the key's resulting siblings and the reply has none"
+                    .into(),
+            }),
             Response::Put(w) => Ok(written(w)),
             other => Err(unexpected(&addr, other)),
         }
@@ -1047,6 +1054,42 @@ mod routing_tests {
         let keys = node.await.unwrap();
         assert_eq!(keys.len(), 8, "{keys:?}");
         assert!(!keys.contains(&"late".to_string()), "{keys:?}");
+    }
+
+    /// Found in review: `put_returning` panicked the application (`expect`) when a node's put
+    /// reply came without the body it asked for (a node of another version, a bug). It is a
+    /// protocol error naming the node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_put_reply_without_the_body_asked_for_is_an_error_not_a_panic() {
+        use futures::{SinkExt, StreamExt};
+        use ringkv_protocol::{FrameCodec, Inbound, WriteReply};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+                let reply = Response::Put(WriteReply {
+                    actor: 1,
+                    counter: 1,
+                    body: None,
+                    primary_acks: 2,
+                    fallback_acks: 0,
+                });
+                if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let client = Client::new([addr.clone()], ClientConfig::default()).unwrap();
+        let answer = tokio::spawn(async move { client.put_returning("k", "v", None).await });
+        match answer.await.expect("put_returning does not panic") {
+            Err(Error::Protocol { addr: a, cause }) => {
+                assert_eq!(a, addr);
+                assert!(cause.contains("siblings"), "{cause}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

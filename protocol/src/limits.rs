@@ -15,6 +15,12 @@
 //!   client resolves it). Every reply, context token and peer frame is sized for the state
 //!   bounds, so every state a node can hold is readable and resolvable by a client.
 
+/// Most tokens (vnodes) one node may own: a ring is built from every owner's count, on every
+/// node and in every ring-aware client, so a count from a layout, a peer or a ring reply is
+/// bounded before any ring is built from it (Cassandra's `num_tokens` is 16–256; Riak's ring
+/// has 64–1024 partitions in all).
+pub const MAX_VNODES: u32 = 4096;
+
 /// Largest user key. Keys are copied into every replica message, hint and Merkle leaf, so they
 /// are kept small; 4 KiB is above what Riak (no hard limit, advises < 1 KB) and Cassandra
 /// (64 KiB partition key, advises far less) users put in practice.

@@ -889,7 +889,18 @@ impl Response {
                         node_id: r.text("node_id", 256)?,
                         client_addr: r.text("client_addr", 256)?,
                         peer_addr: r.text("peer_addr", 256)?,
-                        tokens: r.u32("tokens")?,
+                        tokens: match r.u32("tokens")? {
+                            t if t <= crate::limits::MAX_VNODES => t,
+                            t => {
+                                return Err(DecodeError::Invalid {
+                                    field: "tokens",
+                                    detail: format!(
+                                        "{t} tokens, more than {}",
+                                        crate::limits::MAX_VNODES
+                                    ),
+                                })
+                            }
+                        },
                         primary_ppm: r.u32("primary_ppm")?,
                         alive: r.u8("alive")? != 0,
                         tokens_of: r.text("tokens_of", 256)?,
@@ -945,6 +956,41 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found in review: a ring reply's token count went straight into the ring a ring-aware
+    /// client builds (16 bytes a token): 4 294 967 295 made the application abort.
+    #[test]
+    fn a_ring_reply_with_more_tokens_than_a_node_may_own_does_not_decode() {
+        let reply = |tokens| {
+            Response::Ring(RingReply {
+                n: 3,
+                r: 2,
+                w: 2,
+                epoch: 1,
+                members: vec![RingMember {
+                    node_id: "n1".into(),
+                    client_addr: "127.0.0.1:1".into(),
+                    peer_addr: "127.0.0.1:2".into(),
+                    tokens,
+                    primary_ppm: 1_000_000,
+                    alive: true,
+                    tokens_of: "n1".into(),
+                }],
+            })
+            .to_frame(7)
+        };
+        let ok = reply(crate::limits::MAX_VNODES);
+        assert!(Response::decode(ok.opcode, ok.body).is_ok());
+        for tokens in [crate::limits::MAX_VNODES + 1, u32::MAX] {
+            let bad = reply(tokens);
+            match Response::decode(bad.opcode, bad.body) {
+                Err(DecodeError::Invalid {
+                    field: "tokens", ..
+                }) => {}
+                other => panic!("{tokens} tokens: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn member_codes_have_names_and_unknown_codes_do_not_panic() {

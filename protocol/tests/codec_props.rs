@@ -121,8 +121,13 @@ fn response_strategy() -> impl Strategy<Value = Response> {
         10 => ErrorKind::Unauthenticated,
         _ => ErrorKind::Unknown { code: 1000 + code },
     });
-    let member = ("[a-z0-9]{1,8}", any::<u32>(), any::<u32>(), any::<bool>()).prop_map(
-        |(node_id, tokens, primary_ppm, alive)| RingMember {
+    let member = (
+        "[a-z0-9]{1,8}",
+        0..=ringkv_protocol::limits::MAX_VNODES,
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(|(node_id, tokens, primary_ppm, alive)| RingMember {
             client_addr: format!("{node_id}:1"),
             peer_addr: format!("{node_id}:2"),
             tokens_of: node_id.clone(),
@@ -130,8 +135,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
             tokens,
             primary_ppm,
             alive,
-        },
-    );
+        });
     let ring = (
         any::<u8>(),
         any::<u8>(),

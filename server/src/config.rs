@@ -24,7 +24,7 @@ pub const DEFAULT_N: u8 = 3;
 /// Upper bound for N: every write fans out to N replicas and every read gathers N states.
 pub const MAX_N: u8 = 16;
 pub const DEFAULT_VNODES: u32 = 256;
-pub const MAX_VNODES: u32 = 4096;
+pub const MAX_VNODES: u32 = ringkv_protocol::limits::MAX_VNODES;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;

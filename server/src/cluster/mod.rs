@@ -581,6 +581,9 @@ impl<T: Transport> ClusterService<T> {
         };
         let layout: Layout = serde_json::from_slice(&json)
             .map_err(|e| format!("layout from {from} does not decode: {e}"))?;
+        layout
+            .check()
+            .map_err(|e| format!("layout from {from} refused: {e}"))?;
         let adopted = self.membership.adopt_layout(layout).await;
         if adopted {
             self.metrics.layouts_fetched.inc();

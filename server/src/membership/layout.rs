@@ -18,6 +18,8 @@ use ringkv_protocol::ring::{push_span, Ring, Span};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::config::MAX_VNODES;
+
 /// One owner of the ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
@@ -25,6 +27,17 @@ pub struct Owner {
     /// Its tokens are derived from this name: its own id, or the id of the node it replaced
     /// (a replacement takes over exactly the old node's ranges).
     pub tokens_of: String,
+}
+
+/// A node's vnode count must be 1..=`MAX_VNODES` (its tokens make the ring).
+fn vnodes_valid(node: &str, vnodes: u32) -> Result<(), String> {
+    if (1..=MAX_VNODES).contains(&vnodes) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{node}: {vnodes} vnodes is outside 1..={MAX_VNODES}"
+        ))
+    }
 }
 
 impl Owner {
@@ -228,6 +241,17 @@ impl Layout {
         self.owners().filter(|id| live.is_alive(id)).min().cloned()
     }
 
+    /// Whether a layout read from disk or from a peer can be used: every owner's vnode count
+    /// within 1..=`MAX_VNODES` (a ring is built from them: a corrupt or hostile count must not
+    /// make every node that adopts the layout allocate without bound).
+    pub fn check(&self) -> Result<(), String> {
+        for (node, owner) in self.current.iter().chain(self.next.iter().flatten()) {
+            vnodes_valid(node, owner.vnodes)
+                .map_err(|e| format!("layout v{}: owner {e}", self.version))?;
+        }
+        Ok(())
+    }
+
     /// The owners after `changes` (a dry run): every change checked against this layout.
     pub fn target(&self, changes: &[Change], live: &impl Liveness) -> Result<Owners, PlanError> {
         if self.next.is_some() {
@@ -264,8 +288,8 @@ impl Layout {
                              wipe its data dir, start it and join it again"
                         ));
                     }
-                    if *vnodes == 0 {
-                        return invalid(format!("join {node}: 0 vnodes"));
+                    if let Err(e) = vnodes_valid(node, *vnodes) {
+                        return invalid(format!("join {e}"));
                     }
                     owners.insert(node.clone(), Owner::new(node, *vnodes));
                 }
@@ -682,6 +706,34 @@ mod tests {
         assert_eq!((s.version, s.next.is_none()), (5, true));
         assert!(s.current.contains_key("d"));
         assert!(s.supersedes(&t) && t.supersedes(&l));
+    }
+
+    /// Found in review: a join of 4 294 967 295 vnodes was staged and committed, and every
+    /// node that adopted the layout (and saved it, so again at every restart) tried to build
+    /// a ring of 64 GiB of tokens and aborted.
+    #[test]
+    fn a_vnode_count_beyond_the_limit_is_refused_at_staging_and_in_a_layout() {
+        let l = layout(&["a", "b", "c"]);
+        for vnodes in [0, MAX_VNODES + 1, u32::MAX] {
+            let join = [Change::Join {
+                node: "d".into(),
+                vnodes,
+            }];
+            match l.target(&join, &all_alive) {
+                Err(PlanError::Invalid(m)) => assert!(m.contains("vnodes"), "{m}"),
+                other => panic!("{vnodes} vnodes: {other:?}"),
+            }
+        }
+        assert!(l.check().is_ok());
+        let mut bad = layout(&["a", "b", "c"]);
+        bad.current.insert("d".into(), Owner::new("d", u32::MAX));
+        let e = bad.check().unwrap_err();
+        assert!(e.contains("d") && e.contains("4294967295"), "{e}");
+        let mut bad_next = layout(&["a", "b", "c"]);
+        let mut next = bad_next.current.clone();
+        next.insert("e".into(), Owner::new("e", 0));
+        bad_next.next = Some(next);
+        assert!(bad_next.check().unwrap_err().contains("e"));
     }
 
     #[test]

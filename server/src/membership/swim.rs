@@ -302,8 +302,9 @@ pub struct SwimConfig {
 /// Reads the saved layout (missing = none; unreadable = an error naming the file).
 pub fn load_layout(path: &std::path::Path) -> Result<Option<Layout>, String> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
+        Ok(bytes) => serde_json::from_slice::<Layout>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|l| l.check().map(|()| Some(l)))
             .map_err(|e| format!("layout file {}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("layout file {}: {e}", path.display())),
