@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::store::{RescanMode, RescanOutcome};
 use super::{data_key, scan_all, Batch, Cf, ChangeHook, Engine, ScanRange, StorageError};
@@ -310,6 +310,13 @@ fn count_rows(engine: &dyn Engine, range: ScanRange) -> Result<u64, StorageError
     Ok(n)
 }
 
+/// A stored leaf row's leaf index and value, if it is well formed and names a leaf of the tree.
+fn parse_leaf_row(row: &[u8], value: &[u8]) -> Option<(u32, u64)> {
+    let leaf = u32::from_be_bytes(row.get(1..)?.try_into().ok()?);
+    let value = u64::from_be_bytes(value.try_into().ok()?);
+    ((leaf as usize) < LEAVES).then_some((leaf, value))
+}
+
 /// Loads the stored tree, or prepares its rebuild in the background when it cannot be trusted
 /// (the tree is then trusted below the returned cursor only). Runs before the writer starts;
 /// reads the stored leaves (at most 2^20 rows) and the tombstone index.
@@ -318,9 +325,11 @@ pub fn open_tree(
     node_id: &str,
 ) -> Result<(SharedTree, TombstoneCount, TreeReady, TreeOpen), StorageError> {
     let trusted = engine.get(Cf::Aae, TREE_ROW)?.as_deref() == Some(&[TREE_FORMAT][..]);
+    // A cursor beyond the last leaf is not a rebuild's: start over.
     let cursor = match engine.get(Cf::Aae, CURSOR_ROW)? {
         Some(c) if !trusted && c.len() == 5 && c[0] == TREE_FORMAT => {
             Some(u32::from_be_bytes(c[1..].try_into().expect("4-byte slice")))
+                .filter(|&at| at as usize <= LEAVES)
         }
         _ => None,
     };
@@ -334,25 +343,40 @@ pub fn open_tree(
             ((below as usize) < LEAVES).then_some(&bound[..]),
         );
         scan_all(engine, Cf::Aae, range, |row, value| {
-            let (Ok(leaf), Ok(v)) = (<[u8; 4]>::try_from(&row[1..]), <[u8; 8]>::try_from(value))
-            else {
+            let Some((leaf, v)) = parse_leaf_row(row, value) else {
                 return Err(format!("malformed leaf row {row:02x?}"));
             };
-            tree.set_leaf(u32::from_be_bytes(leaf), u64::from_be_bytes(v));
+            tree.set_leaf(leaf, v);
             leaves += 1;
             Ok(())
         })?;
         Ok(leaves)
     };
-    let (ready, tombstones, outcome) = if trusted {
-        let leaves = load(LEAVES as u32, &mut tree)?;
+    // The stored leaves the tree trusts (all, or below a rebuild's cursor), loaded; a malformed
+    // row among them (bit rot, a bug) makes the whole tree untrusted and rebuilt (below), not
+    // a node that cannot start: it is derived from the data.
+    let mut stored = None;
+    if let Some(below) = if trusted { Some(LEAVES as u32) } else { cursor } {
+        match load(below, &mut tree) {
+            Ok(leaves) => stored = Some((below, leaves)),
+            Err(StorageError::Corrupt { key, cause, .. }) => {
+                warn!(node = %node_id, row = %key, %cause, "the anti-entropy tree has a malformed row: rebuilding it from the data");
+                tree = Tree::new();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let (ready, tombstones, outcome) = if let Some((_, leaves)) = stored.filter(|_| trusted) {
         let tombstones = count_rows(engine, prefix_range(TOMBSTONE_PREFIX))?;
         (
             LEAVES as u32,
             tombstones,
             TreeOpen::Loaded { leaves, tombstones },
         )
-    } else if cursor.is_none() && engine.scan(Cf::Data, &prefix_all(), 1)?.entries.is_empty() {
+    } else if !trusted
+        && cursor.is_none()
+        && engine.scan(Cf::Data, &prefix_all(), 1)?.entries.is_empty()
+    {
         // A new data dir: nothing to rebuild.
         engine.write(
             {
@@ -370,18 +394,24 @@ pub fn open_tree(
                 tombstones: 0,
             },
         )
-    } else if let Some(cursor) = cursor {
-        let leaves = load(cursor, &mut tree)?;
+    } else if let Some((cursor, leaves)) = stored {
         // Index rows above the cursor are recounted by the rebuild as it reaches them.
         let bound = leaf_start(cursor).to_be_bytes();
         let tombstones = count_rows(engine, prefix_below(TOMBSTONE_PREFIX, Some(&bound)))?;
         info!(node = %node_id, cursor, "resuming the anti-entropy tree rebuild");
         (cursor, tombstones, TreeOpen::Resumed { cursor, leaves })
     } else {
-        // Start over: no leaf is trusted, the tombstone index is rebuilt with the leaves.
+        // Start over: no leaf is trusted, the tombstone index is rebuilt with the leaves, and
+        // malformed leaf rows are dropped (the rebuild writes every leaf it finds).
         let mut batch = Batch::default();
         scan_all(engine, Cf::Aae, prefix_range(TOMBSTONE_PREFIX), |row, _| {
             batch.delete(Cf::Aae, row.to_vec());
+            Ok(())
+        })?;
+        scan_all(engine, Cf::Aae, prefix_range(LEAF_PREFIX), |row, value| {
+            if parse_leaf_row(row, value).is_none() {
+                batch.delete(Cf::Aae, row.to_vec());
+            }
             Ok(())
         })?;
         batch.delete(Cf::Aae, TREE_ROW.to_vec());
@@ -642,6 +672,57 @@ mod tests {
         assert!(*tree.read().unwrap() == tree_of_data(engine.as_ref()));
         let again = rescan_leaves(&store, 0, LEAVES as u32, 4, RescanMode::Verify).await;
         assert_eq!(again.mismatches, 0, "fixed on disk too");
+        store.close();
+    }
+
+    /// Found in review: a stored leaf row beyond the tree (index ≥ `LEAVES`) panicked the node
+    /// while it opened (index out of bounds), at every start; a rebuild cursor beyond it made a
+    /// tree never rebuilt look trusted. The tree is derived data: either makes it untrusted,
+    /// rebuilt from the data, and the bad row is dropped.
+    #[tokio::test]
+    async fn a_leaf_row_or_cursor_beyond_the_tree_makes_it_rebuilt_not_a_crash() {
+        let engine = Arc::new(MemoryEngine::new());
+        let (store, _, _, _, _) = open_store(&engine);
+        for i in 0..50 {
+            store
+                .write(update(&format!("k{i}"), Some("v")))
+                .await
+                .unwrap();
+        }
+        store.close();
+        let mut b = Batch::default();
+        b.put(
+            Cf::Aae,
+            leaf_row(LEAVES as u32),
+            7u64.to_be_bytes().to_vec(),
+        );
+        engine.write(b, true).unwrap();
+        let (store, tree, _, ready, how) = open_store(&engine);
+        assert_eq!(how, TreeOpen::Rebuilding);
+        assert_eq!(ready.load(Ordering::Relaxed), 0);
+        rescan_leaves(&store, 0, LEAVES as u32, 2, RescanMode::Rebuild).await;
+        assert!(*tree.read().unwrap() == tree_of_data(engine.as_ref()));
+        store.close();
+        let (store, _, _, _, how) = open_store(&engine);
+        assert!(
+            matches!(how, TreeOpen::Loaded { .. }),
+            "the bad row is gone, the rebuilt tree trusted: {how:?}"
+        );
+        store.close();
+        // A rebuild cursor past the last leaf.
+        let mut b = Batch::default();
+        b.delete(Cf::Aae, TREE_ROW.to_vec());
+        let mut cursor = vec![TREE_FORMAT];
+        cursor.extend_from_slice(&u32::MAX.to_be_bytes());
+        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        engine.write(b, true).unwrap();
+        let (store, _, _, ready, how) = open_store(&engine);
+        assert_eq!(
+            how,
+            TreeOpen::Rebuilding,
+            "not trusted up to a cursor past the end"
+        );
+        assert_eq!(ready.load(Ordering::Relaxed), 0);
         store.close();
     }
 
