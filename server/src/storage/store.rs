@@ -644,6 +644,13 @@ impl Store {
                 "unclean stop across a machine restart (or an unknown boot id): writes not yet \
                  on disk may be lost, so versions of the old actor may be missing here",
             ),
+            // A lease at the end of the counter range (only corruption gets there: 10 000 a
+            // lease): the next lease would overflow, so a new actor, as for an unknown past.
+            Some((old, lease_end)) if lease_end.checked_add(COUNTER_LEASE + 1).is_none() => (
+                next_identity(&config.node_id, Some(old)),
+                1,
+                "the counter lease on disk is at the end of its range (a corrupt identity record)",
+            ),
             Some((old, lease_end)) => (
                 old,
                 lease_end + 1,

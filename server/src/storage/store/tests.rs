@@ -961,6 +961,34 @@ async fn a_restored_data_dir_starts_a_new_incarnation_on_request() {
     store.close();
 }
 
+/// Found in review: a counter lease on disk at the end of the counter range (corruption)
+/// overflowed (`lease_end + 1`): a panic in a debug build, and in release a counter that
+/// wrapped to 0, which no state may hold, so every key written next read as corrupt. Such a
+/// lease starts a new incarnation instead, as an unknown past does.
+#[tokio::test]
+async fn a_counter_lease_at_the_end_of_its_range_starts_a_new_incarnation() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let before = store.write(put("k", "v", None)).await.unwrap().dot.unwrap();
+    store.close();
+    let (id, _) = decode_identity(&engine.get(Cf::Meta, META_IDENTITY).unwrap().unwrap()).unwrap();
+    for lease_end in [u64::MAX, u64::MAX - COUNTER_LEASE] {
+        let mut b = Batch::default();
+        b.put(
+            Cf::Meta,
+            META_IDENTITY.to_vec(),
+            encode_identity(id, lease_end),
+        );
+        engine.write(b, true).unwrap();
+        let store = open(&engine, SyncMode::Group);
+        let after = store.write(put("k", "w", None)).await.unwrap().dot.unwrap();
+        assert_ne!(after.actor, before.actor, "lease end {lease_end}");
+        assert_eq!(after.counter, 1);
+        assert!(store.get(b"k").is_ok(), "the key reads back");
+        store.close();
+    }
+}
+
 /// An anti-entropy-like hook: one `Cf::Aae` row per key holding a digest of its new state, and
 /// one `Cf::Hints` row holding the digest of the state it replaced.
 struct DigestHook;
