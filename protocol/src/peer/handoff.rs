@@ -23,8 +23,9 @@ pub mod op {
     pub const REPLAYED: u8 = 0xBB;
 }
 
-/// Longest node id in a hint (node ids are short names; the ring's own bound).
-pub const MAX_NODE_ID_LEN: usize = 256;
+/// Longest node id in a hint: node ids are 1 to 64 characters (the server's config refuses
+/// longer ones), and a hint store keys its rows by a one-byte length (255 at most).
+pub const MAX_NODE_ID_LEN: usize = 64;
 
 /// Most entries in one replay batch: bounds the target's work per request and the holder's
 /// memory (Riak hands off at most 500 objects per batch).
@@ -209,6 +210,40 @@ impl Family for HandoffResponse {
             HandoffResponse::HintState(s) => s.len(),
             HandoffResponse::Replayed(m) => m.len(),
             _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::PeerRequest;
+
+    /// Found in review: a 256-byte target was accepted on the wire, and the hint store, which
+    /// keys a target's rows by a one-byte length, cut it to 255 bytes: a hint that no target
+    /// would ever be replayed (in a debug build, a panic). Node ids are at most 64 characters.
+    #[test]
+    fn a_hint_target_longer_than_a_node_id_does_not_decode() {
+        let store = |target: String| {
+            PeerRequest::Handoff(HandoffRequest::StoreHint {
+                target,
+                key: Bytes::from_static(b"k"),
+                state: Bytes::from_static(b"s"),
+                timeout_ms: 100,
+            })
+            .to_frame(1)
+        };
+        let ok = store("n".repeat(MAX_NODE_ID_LEN));
+        assert!(PeerRequest::decode(ok.opcode, ok.body).is_ok());
+        for len in [MAX_NODE_ID_LEN + 1, 256] {
+            let long = store("n".repeat(len));
+            assert!(
+                matches!(
+                    PeerRequest::decode(long.opcode, long.body),
+                    Err(DecodeError::TooLong { field: "target", .. })
+                ),
+                "{len} bytes"
+            );
         }
     }
 }
