@@ -337,6 +337,11 @@ async fn read_resp<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) -> RedisReply
             if len < 0 {
                 return Ok(None);
             }
+            // Redis's own bound on a bulk string (proto-max-bulk-len): nothing kvbench reads
+            // is larger, and a bad length must not make it allocate without bound.
+            if len > 512 << 20 {
+                return Err(format!("bulk length {len} exceeds 512 MiB"));
+            }
             let mut data = vec![0u8; len as usize + 2];
             rd.read_exact(&mut data)
                 .await
