@@ -32,6 +32,7 @@
 //! `COUNTER_LEASE` that are persisted (and fsynced) in the same batch as the first write that
 //! uses them.
 
+use crate::clock::now_ms;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -549,13 +550,6 @@ pub enum StoreOpenError {
 struct Identity {
     actor: Actor,
     incarnation: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The next incarnation of `node_id` after `previous` (none for a fresh data dir): its stamp
