@@ -240,7 +240,10 @@ mod tests {
             assert!(
                 matches!(
                     PeerRequest::decode(long.opcode, long.body),
-                    Err(DecodeError::TooLong { field: "target", .. })
+                    Err(DecodeError::TooLong {
+                        field: "target",
+                        ..
+                    })
                 ),
                 "{len} bytes"
             );

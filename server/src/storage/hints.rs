@@ -121,6 +121,8 @@ pub enum DropReason {
     /// Its write was still queued at its deadline (the writer stalled past the peer-write
     /// limit), and was dropped unapplied.
     Late = 3,
+    /// The writer's queue was full when it came (`Overloaded`): it was never queued.
+    Overloaded = 4,
 }
 
 impl DropReason {
@@ -129,6 +131,7 @@ impl DropReason {
             DropReason::Cap => "cap",
             DropReason::Expired => "expired",
             DropReason::Late => "late",
+            DropReason::Overloaded => "overloaded",
         }
     }
 }

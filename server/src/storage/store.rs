@@ -490,6 +490,11 @@ enum Reply {
     Done,
 }
 
+/// (target, partition) of hints refused because the writer's queue was full: the writer marks
+/// them for anti-entropy with its next group (a mark is a write, and the queue was full).
+/// Bounded by targets × `hints::PARTITIONS`: a set, not a log.
+type RefusedHints = Arc<Mutex<std::collections::HashSet<(String, u16)>>>;
+
 pub struct Store {
     engine: Arc<dyn Engine>,
     tx: Sender<Msg>,
@@ -499,6 +504,8 @@ pub struct Store {
     stats: Arc<StoreStats>,
     hint_book: Arc<HintBook>,
     hint_stats: Arc<HintStoreStats>,
+    /// Targets' partitions of hints refused at the full queue, for the writer to mark.
+    refused_hints: RefusedHints,
     config: StoreConfig,
     /// The longest a peer's write may wait to be applied here, whatever time its requester
     /// has left (`limit_peer_writes`); `u32::MAX` = no limit of its own.
@@ -522,6 +529,7 @@ crate::metrics::metric_set! {
         dropped_cap: Counter = "dropped_cap", "hints not kept because the store was at a byte cap";
         dropped_expired: Counter = "dropped_expired", "hints given up after the hint window";
         dropped_late: Counter = "dropped_late", "hints dropped unapplied because their deadline passed while queued for the writer (marked for anti-entropy)";
+        dropped_overloaded: Counter = "dropped_overloaded", "hints refused because the writer's queue was full (marked for anti-entropy with the writer's next group)";
         marks: Counter = "aae_marks", "target partitions marked for anti-entropy";
     }
 }
@@ -697,6 +705,7 @@ impl Store {
         };
         let hint_book = Arc::new(load_hint_book(engine.as_ref())?);
         let hint_stats = Arc::new(HintStoreStats::default());
+        let refused_hints = RefusedHints::default();
         let stats = Arc::new(StoreStats::default());
         let actor = Arc::new(AtomicU64::new(identity.actor));
         stats.incarnation.set(identity.incarnation);
@@ -720,6 +729,7 @@ impl Store {
             hint_limits: config.hint_limits,
             hint_book: hint_book.clone(),
             hint_stats: hint_stats.clone(),
+            refused_hints: refused_hints.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -736,6 +746,7 @@ impl Store {
             stats,
             hint_book,
             hint_stats,
+            refused_hints,
             config,
             peer_write_limit_ms: AtomicU32::new(u32::MAX),
             unsynced: std::sync::atomic::AtomicBool::new(unsynced),
@@ -908,6 +919,7 @@ impl Store {
             }
         };
         if queued > 0 && queued + bytes > MAX_QUEUE_BYTES {
+            self.hint_refused(&op);
             return Err(overloaded(self, queued));
         }
         match self.tx.try_send(Msg::Job(Job {
@@ -917,11 +929,28 @@ impl Store {
             deadline,
         })) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(overloaded(self, queued)),
+            Err(TrySendError::Full(msg)) => {
+                if let Msg::Job(job) = &msg {
+                    self.hint_refused(&job.op);
+                }
+                Err(overloaded(self, queued))
+            }
             Err(TrySendError::Disconnected(_)) => {
                 self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 Err(WriteError::ShuttingDown)
             }
+        }
+    }
+
+    /// A hint the full queue refused is dropped: counted, and its target's partition left for
+    /// the writer to mark for anti-entropy (as a hint dropped for any other reason).
+    fn hint_refused(&self, op: &WriteOp) {
+        if let WriteOp::Hint { target, key, .. } = op {
+            self.hint_stats.dropped_overloaded.inc();
+            self.refused_hints
+                .lock()
+                .expect("refused hints lock poisoned")
+                .insert((target.clone(), partition_of(key)));
         }
     }
 
@@ -1320,6 +1349,7 @@ struct Writer {
     hint_limits: HintLimits,
     hint_book: Arc<HintBook>,
     hint_stats: Arc<HintStoreStats>,
+    refused_hints: RefusedHints,
 }
 
 /// Per-group scratch state.
@@ -1477,6 +1507,15 @@ impl Writer {
             overlay: HashMap::with_capacity(jobs.len()),
             ..Group::default()
         };
+        let refused = std::mem::take(
+            &mut *self
+                .refused_hints
+                .lock()
+                .expect("refused hints lock poisoned"),
+        );
+        for (target, partition) in refused {
+            self.mark_partition(&target, partition, DropReason::Overloaded, &mut group);
+        }
         let mut answers: Vec<Answer> = jobs
             .into_iter()
             .map(|job| {
@@ -2002,10 +2041,20 @@ impl Writer {
         reason: DropReason,
         group: &mut Group,
     ) {
+        self.mark_partition(target, partition_of(key), reason, group);
+    }
+
+    fn mark_partition(
+        &mut self,
+        target: &str,
+        partition: u16,
+        reason: DropReason,
+        group: &mut Group,
+    ) {
         self.hint_stats.marks.inc();
         group.batch.put(
             Cf::Aae,
-            mark_key(target, partition_of(key)),
+            mark_key(target, partition),
             mark_value(reason, now_ms()),
         );
     }

@@ -1528,3 +1528,60 @@ fn writer_pressure_counts_bytes_as_well_as_jobs() {
     assert!((writer_pressure(1, MAX_GROUP_BYTES) - 0.5).abs() < 1e-9);
     assert_eq!(writer_pressure(10 * MAX_GROUP_JOBS, 0), 1.0);
 }
+
+/// Found in review: a hint refused because the writer's queue was full (a coordinator keeping
+/// a hint for a primary that missed a write, a fallback storing one) was neither counted as
+/// dropped nor marked for anti-entropy, though docs/architecture.md says every dropped hint
+/// is: the primary then missed the write until a full exchange came round. It is counted
+/// (`hints.dropped_overloaded`) and its target's partition marked once the writer runs again.
+#[tokio::test]
+async fn a_hint_refused_by_a_full_writer_queue_is_counted_and_marked() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    let gate = engine.hold_writes();
+    let mut replies = Vec::new();
+    // Large writes up to the byte budget, then small ones until even a small job is refused.
+    for size in [1 << 20, 1] {
+        let value = Bytes::from(vec![7u8; size]);
+        for i in 0.. {
+            let (tx, rx) = oneshot::channel();
+            let job = WriteOp::Update {
+                key: Bytes::from(format!("fill{size}-{i}")),
+                ctx: VersionVector::new(),
+                value: Some(value.clone()),
+                timestamp_ms: 1,
+                hint_for: Vec::new(),
+            };
+            match store.submit(job, Reply::Committed(tx), None) {
+                Ok(()) => replies.push(rx),
+                Err(_) => break,
+            }
+        }
+    }
+    let (tx, _rx) = oneshot::channel();
+    let refused = store.submit(
+        hint("n9", "missed", one_version(5, 1, "v")),
+        Reply::Committed(tx),
+        None,
+    );
+    assert!(
+        matches!(refused, Err(WriteError::Overloaded { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.hint_stats().dropped_overloaded.get(), 1);
+    drop(gate);
+    for rx in replies {
+        rx.await.expect("answered").expect("written");
+    }
+    // The mark is written with the writer's next group.
+    store.write(put("after", "v", None)).await.unwrap();
+    let marks = mark_keys(&store).await;
+    assert!(
+        marks.contains(&("n9".to_string(), partition_of(b"missed"))),
+        "{marks:?}"
+    );
+    assert!(
+        store.get(b"missed").unwrap().is_empty(),
+        "nothing was written"
+    );
+}
