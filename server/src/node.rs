@@ -220,7 +220,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     // Seeds: the configured ones plus every member of the ring this node saved before.
     let ring_file = config.data_dir.join(RING_FILE);
     let mut seeds = config.seeds.clone();
-    for m in swim::load_ring(&ring_file) {
+    for m in swim::load_ring(&node_id, &ring_file) {
         if m.id.node_id != node_id && m.id.gossip != gossip_addr && !seeds.contains(&m.id.gossip) {
             seeds.push(m.id.gossip);
         }

@@ -87,11 +87,21 @@ impl Checkpoint {
     }
 }
 
-fn load_checkpoint(path: &std::path::Path) -> Checkpoint {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// The saved checkpoint; none (a transfer starts from its first chunk, re-fetching only keys
+/// that differ) when the file is missing, or unreadable (said in the log, with the cause).
+fn load_checkpoint(node_id: &str, path: &std::path::Path) -> Checkpoint {
+    let read = std::fs::read(path).map_err(|e| (e.kind(), e.to_string()));
+    match read.and_then(|b| {
+        serde_json::from_slice(&b).map_err(|e| (std::io::ErrorKind::InvalidData, e.to_string()))
+    }) {
+        Ok(c) => c,
+        Err((std::io::ErrorKind::NotFound, _)) => Checkpoint::default(),
+        Err((_, cause)) => {
+            warn!(node = %node_id, file = %path.display(), %cause,
+                  "transfer checkpoint unreadable: a running transfer starts again from its first chunk");
+            Checkpoint::default()
+        }
+    }
 }
 
 /// One source's part of the running transfer, for `status` and `kvctl cluster status`.
@@ -189,9 +199,13 @@ impl<T: Transport> TransferWorker<T> {
         metrics: Arc<TransferMetrics>,
         status: TransferStatus,
     ) -> TransferWorker<T> {
-        let checkpoint = path.as_deref().map(load_checkpoint).unwrap_or_default();
+        let node_id = membership.view().me.to_string();
+        let checkpoint = path
+            .as_deref()
+            .map(|p| load_checkpoint(&node_id, p))
+            .unwrap_or_default();
         TransferWorker {
-            node_id: membership.view().me.to_string(),
+            node_id,
             n,
             membership,
             transport,
@@ -524,6 +538,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("transfer.json");
         std::fs::write(&path, serde_json::to_vec(&c).expect("serializes")).expect("write");
-        assert_eq!(load_checkpoint(&path), c);
+        assert_eq!(load_checkpoint("n1", &path), c);
     }
 }

@@ -1283,11 +1283,20 @@ impl<T: Transport> Coordinator<T> {
             .clone()
             .call(addr.to_string(), req, left)
             .await;
-        if let Err(e) = &result {
+        // "States a replica did not acknowledge": an error answer (a full disk, a merge past
+        // the state bounds, a retired node) as well as no answer.
+        let failure = match &result {
+            Ok(PeerResponse::Replica(ReplicaResponse::Ack)) => None,
+            Ok(PeerResponse::Error(e)) => Some(format!("{}: {}", e.kind.name(), e.message)),
+            Ok(_) => Some("an answer that is not Replicate's".into()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(cause) = &failure {
             self.metrics.replicate_failed.inc();
-            debug!(node = %self.config.node_id, replica = %target, error = %e, "replicate failed");
+            debug!(node = %self.config.node_id, replica = %target, key = %HexKey(key.to_vec()),
+                   %cause, "replicate failed");
         }
-        matches!(result, Ok(PeerResponse::Replica(ReplicaResponse::Ack)))
+        failure.is_none()
     }
 
     /// Asks `fallback` to keep a hint of the state for `primary`; true if it did.
@@ -1316,8 +1325,16 @@ impl<T: Transport> Coordinator<T> {
                 None => Err(PeerError::Unreachable(format!("no address for {fallback}"))),
                 Some(addr) => self.transport.clone().call(addr, req, left).await,
             };
-            if let Err(e) = &result {
-                debug!(node = %self.config.node_id, %fallback, %primary, error = %e, "hint not stored");
+            match &result {
+                Err(e) => {
+                    debug!(node = %self.config.node_id, %fallback, %primary, key = %HexKey(key.to_vec()),
+                           error = %e, "hint not stored")
+                }
+                Ok(PeerResponse::Error(e)) => {
+                    debug!(node = %self.config.node_id, %fallback, %primary, key = %HexKey(key.to_vec()),
+                           kind = e.kind.name(), cause = %e.message, "hint not stored")
+                }
+                Ok(_) => {}
             }
             matches!(
                 result,

@@ -260,7 +260,8 @@ impl Handoff {
         let deadline = std::time::Instant::now() + crate::background::MERGE_DEADLINE;
         let merge = |(key, state): (Bytes, Bytes)| async move {
             let hkey = HexKey(key.to_vec());
-            let state = KeyState::decode(&state).map_err(|e| e.to_string())?;
+            let state = KeyState::decode(&state)
+                .map_err(|e| format!("key {hkey}: replayed hint's state: {e}"))?;
             self.store
                 .write_by(WriteOp::Merge { key, state }, deadline, || {
                     "replayed hint merge".into()

@@ -511,6 +511,8 @@ impl<T: Transport> ReplayWorker<T> {
         for (row, value) in scan.entries {
             let (Some((_, key)), Some(state)) = (split_hint_key(&row), hint_state_bytes(&value))
             else {
+                warn!(node = %self.node_id, %target, row = %crate::storage::HexKey(row.to_vec()),
+                      "a hint row that does not parse is skipped (it is never replayed)");
                 continue;
             };
             let len = key.len() + state.len();

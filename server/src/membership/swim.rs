@@ -318,11 +318,28 @@ pub struct SavedMember {
     pub meta: RingMeta,
 }
 
-/// Reads the saved ring (missing or unreadable file = none; bad lines are skipped).
-pub fn load_ring(path: &std::path::Path) -> Vec<SavedMember> {
-    std::fs::read_to_string(path)
-        .map(|text| text.lines().filter_map(parse_saved_member).collect())
-        .unwrap_or_default()
+/// Reads the saved ring (missing or unreadable file = none; bad lines are skipped; both said
+/// in the log, naming the file: a node that knows no member starts alone).
+pub fn load_ring(node_id: &str, path: &std::path::Path) -> Vec<SavedMember> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let mut members = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                match parse_saved_member(line) {
+                    Some(m) => members.push(m),
+                    None => warn!(node = %node_id, file = %path.display(), line = i + 1,
+                                  "saved ring: a line that does not parse is skipped"),
+                }
+            }
+            members
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            warn!(node = %node_id, file = %path.display(), cause = %e,
+                  "saved ring unreadable: starting from the seeds only");
+            Vec::new()
+        }
+    }
 }
 
 /// One line of the ring file. Lines saved before `synced` and `drained` named a layout by
@@ -507,7 +524,7 @@ impl Driver {
             saved: cfg
                 .ring_file
                 .as_deref()
-                .map(load_ring)
+                .map(|path| load_ring(&me_id, path))
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|m| m.id.node_id != me_id)
@@ -1265,7 +1282,7 @@ mod tests {
         );
         std::fs::write(&path, text).unwrap();
         assert_eq!(
-            load_ring(&path),
+            load_ring("n1", &path),
             vec![member.clone(), member],
             "the old line and the new one load alike; the bad line is skipped"
         );
