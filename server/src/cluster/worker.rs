@@ -141,7 +141,8 @@ impl<T: Transport> LayoutWorker<T> {
                 true
             }
             Err(e) => {
-                warn!(node = %me, error = %e, "auto-join commit refused");
+                warn!(node = %me, joining = ?self.joiners.keys().collect::<Vec<_>>(), error = %e,
+                      "auto-join commit refused");
                 false
             }
         }

@@ -1013,7 +1013,7 @@ impl<T: Transport> Coordinator<T> {
                     false,
                 ))
             }
-            Ok(Err(e @ WriteError::ShuttingDown)) => return Err(e),
+            Ok(Err(e @ WriteError::ShuttingDown(_))) => return Err(e),
             Ok(Err(e @ WriteError::Storage { .. })) if e.is_definite() => return Err(e),
             Ok(Err(e)) => return Ok(self.write_error(e)),
             Ok(Ok(o)) => o,

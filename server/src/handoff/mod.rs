@@ -175,7 +175,10 @@ impl Handoff {
                     Err(_) => self.error(
                         ErrorKind::Timeout { acks: 0, needed: 1 },
                         true,
-                        format!("hint read exceeded the {timeout_ms} ms left"),
+                        format!(
+                            "hint for {target}, key {}: read exceeded the {timeout_ms} ms left",
+                            HexKey(key.to_vec())
+                        ),
                     ),
                 }
             }

@@ -965,7 +965,7 @@ impl Driver {
             .collect();
         let tmp = path.with_extension("tmp");
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
-            warn!(node = %self.me.node_id, error = %e, "could not save the ring");
+            warn!(node = %self.me.node_id, file = %path.display(), error = %e, "could not save the ring");
         }
     }
 

@@ -320,8 +320,12 @@ pub enum WriteError {
         max_count: usize,
         max_size: usize,
     },
-    #[error("writer queue full ({jobs} jobs, {bytes} bytes queued; limits {QUEUE_CAPACITY} jobs, {MAX_QUEUE_BYTES} bytes): node overloaded")]
-    Overloaded { jobs: usize, bytes: usize },
+    #[error("key {key}: writer queue full ({jobs} jobs, {bytes} bytes queued; limits {QUEUE_CAPACITY} jobs, {MAX_QUEUE_BYTES} bytes): node overloaded")]
+    Overloaded {
+        key: HexKey,
+        jobs: usize,
+        bytes: usize,
+    },
     /// The hint store is at a byte cap: the hint was not kept (its target's partition is marked
     /// for anti-entropy).
     #[error("hint for node {target}, key {key}: the hint store is full ({pending} bytes pending, cap {limit}); the target's range is marked for anti-entropy")]
@@ -340,8 +344,8 @@ pub enum WriteError {
     /// still commit (a slow disk). Indefinite.
     #[error("{what}: the writer did not answer within the {timeout_ms} ms left of the deadline; it may still be applied")]
     Unanswered { what: String, timeout_ms: u32 },
-    #[error("store is shutting down")]
-    ShuttingDown,
+    #[error("key {0}: the store is shutting down")]
+    ShuttingDown(HexKey),
     #[error("key {key}: {source}")]
     Storage {
         key: HexKey,
@@ -379,7 +383,7 @@ impl WriteError {
             WriteError::DeadlinePassed { .. } | WriteError::Unanswered { .. } => {
                 ErrorKind::Timeout { acks: 0, needed: 1 }
             }
-            WriteError::ShuttingDown => ErrorKind::Unavailable {
+            WriteError::ShuttingDown(_) => ErrorKind::Unavailable {
                 alive: 0,
                 needed: 1,
             },
@@ -910,17 +914,18 @@ impl Store {
     ) -> Result<(), WriteError> {
         let bytes = op.approx_bytes();
         let queued = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
-        let overloaded = |store: &Store, queued: usize| {
+        let overloaded = |store: &Store, op: &WriteOp, queued: usize| {
             store.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             store.stats.overloaded.inc();
             WriteError::Overloaded {
+                key: HexKey(op.key().to_vec()),
                 jobs: store.tx.len(),
                 bytes: queued,
             }
         };
         if queued > 0 && queued + bytes > MAX_QUEUE_BYTES {
             self.hint_refused(&op);
-            return Err(overloaded(self, queued));
+            return Err(overloaded(self, &op, queued));
         }
         match self.tx.try_send(Msg::Job(Job {
             op,
@@ -929,15 +934,16 @@ impl Store {
             deadline,
         })) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(msg)) => {
-                if let Msg::Job(job) = &msg {
-                    self.hint_refused(&job.op);
-                }
-                Err(overloaded(self, queued))
+            Err(TrySendError::Full(Msg::Job(job))) => {
+                self.hint_refused(&job.op);
+                Err(overloaded(self, &job.op, queued))
             }
-            Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Disconnected(Msg::Job(job))) => {
                 self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                Err(WriteError::ShuttingDown)
+                Err(WriteError::ShuttingDown(HexKey(job.op.key().to_vec())))
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                unreachable!("submit sends only jobs")
             }
         }
     }

@@ -748,7 +748,12 @@ fn only_a_failed_wal_write_or_fsync_leaves_the_outcome_unknown() {
         .is_definite(),
         "ENOSPC from the fsync after the append"
     );
-    assert!(WriteError::Overloaded { jobs: 1, bytes: 1 }.is_definite());
+    assert!(WriteError::Overloaded {
+        key: HexKey(b"k".to_vec()),
+        jobs: 1,
+        bytes: 1
+    }
+    .is_definite());
 }
 
 /// 200 concurrent acknowledged writes, then a simulated power loss (everything not fsynced is
