@@ -124,7 +124,7 @@ enum ClusterCmd {
     /// Stage: NODE (running, owning nothing) becomes an owner.
     Join {
         node: String,
-        /// Its vnodes (default: what the node announced, else 256).
+        /// Its vnodes, 1 to 4096 (default: what the node announced, else 256).
         #[arg(long)]
         vnodes: Option<u32>,
     },
