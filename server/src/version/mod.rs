@@ -537,11 +537,11 @@ const STATE_FORMAT: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateDecodeError {
-    #[error("stored key state is truncated")]
+    #[error("encoded key state is truncated")]
     Truncated,
-    #[error("stored key state has unknown format {0}")]
+    #[error("encoded key state has unknown format {0}")]
     Format(u8),
-    #[error("stored key state is invalid: {0}")]
+    #[error("encoded key state is invalid: {0}")]
     Invalid(&'static str),
 }
 
