@@ -541,7 +541,9 @@ impl<T: Transport> AaeWorker<T> {
     /// tighter of the two), scaled down by the CPU yield.
     async fn pace(&mut self, keys: usize, bytes: u64) {
         let pace = self.cpu.pace();
-        tokio::time::sleep(self.rates.pause(keys, bytes, pace)).await;
+        // At most 10 s at a time: an exchange then looks at its deadline and cancellation.
+        let pause = self.rates.pause(keys, bytes, pace);
+        tokio::time::sleep(pause.min(Duration::from_secs(10))).await;
     }
 
     /// Pushes this node's states of `keys`: (keys the peer merged, bytes sent).

@@ -533,7 +533,7 @@ crate::metrics::metric_set! {
         dropped_cap: Counter = "dropped_cap", "hints not kept because the store was at a byte cap";
         dropped_expired: Counter = "dropped_expired", "hints given up after the hint window";
         dropped_late: Counter = "dropped_late", "hints dropped unapplied because their deadline passed while queued for the writer (marked for anti-entropy)";
-        dropped_overloaded: Counter = "dropped_overloaded", "hints refused because the writer's queue was full (marked for anti-entropy with the writer's next group)";
+        dropped_overloaded: Counter = "dropped_overloaded", "hint writes refused because the writer's queue was full (the partition is marked for anti-entropy with the writer's next group; the caller may keep the hint elsewhere)";
         marks: Counter = "aae_marks", "target partitions marked for anti-entropy";
     }
 }
@@ -577,6 +577,11 @@ fn next_identity(node_id: &str, previous: Option<Identity>) -> Identity {
         incarnation: previous.map_or(1, |p| p.incarnation + 1),
     }
 }
+
+/// No actor's counter gets anywhere near this (2^62: ~146 000 years at a million writes per
+/// second); a stored lease beyond it is a corrupt record, and the node starts a new incarnation
+/// rather than mint counters that would overflow (`mint` adds `COUNTER_LEASE` to them).
+const MAX_SANE_LEASE_END: u64 = 1 << 62;
 
 fn encode_identity(id: Identity, lease_end: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(24);
@@ -652,10 +657,10 @@ impl Store {
             ),
             // A lease at the end of the counter range (only corruption gets there: 10 000 a
             // lease): the next lease would overflow, so a new actor, as for an unknown past.
-            Some((old, lease_end)) if lease_end.checked_add(COUNTER_LEASE + 1).is_none() => (
+            Some((old, lease_end)) if lease_end >= MAX_SANE_LEASE_END => (
                 next_identity(&config.node_id, Some(old)),
                 1,
-                "the counter lease on disk is at the end of its range (a corrupt identity record)",
+                "the counter lease on disk is beyond any counter a node reaches (a corrupt identity record)",
             ),
             Some((old, lease_end)) => (
                 old,
@@ -1446,7 +1451,14 @@ impl Writer {
                 rest.push(job);
             }
         }
-        if !rest.is_empty() {
+        // The last group also writes the marks of hints refused since the one before (a mark
+        // is a write, and the queue was full when they were refused).
+        let marks_pending = !self
+            .refused_hints
+            .lock()
+            .expect("refused hints lock poisoned")
+            .is_empty();
+        if !rest.is_empty() || marks_pending {
             self.commit_group(rest);
         }
         let mut batch = Batch::default();
@@ -1519,8 +1531,8 @@ impl Writer {
                 .lock()
                 .expect("refused hints lock poisoned"),
         );
-        for (target, partition) in refused {
-            self.mark_partition(&target, partition, DropReason::Overloaded, &mut group);
+        for (target, partition) in &refused {
+            self.mark_partition(target, *partition, DropReason::Overloaded, &mut group);
         }
         let mut answers: Vec<Answer> = jobs
             .into_iter()
@@ -1617,6 +1629,13 @@ impl Writer {
         }
         if let Some(hook) = self.hook.as_mut() {
             hook.on_commit(append_failure.is_none());
+        }
+        if append_failure.is_some() {
+            // Nothing of the batch was applied: the refused hints' marks go with a later group.
+            self.refused_hints
+                .lock()
+                .expect("refused hints lock poisoned")
+                .extend(refused);
         }
         if append_failure.is_none() {
             // Only applied states are cached; after a failed write the keys this group took

@@ -325,11 +325,13 @@ pub fn open_tree(
     node_id: &str,
 ) -> Result<(SharedTree, TombstoneCount, TreeReady, TreeOpen), StorageError> {
     let trusted = engine.get(Cf::Aae, TREE_ROW)?.as_deref() == Some(&[TREE_FORMAT][..]);
-    // A cursor beyond the last leaf is not a rebuild's: start over.
-    let cursor = match engine.get(Cf::Aae, CURSOR_ROW)? {
+    // A rebuild's cursor is below `LEAVES` (its last step deletes it and marks the tree
+    // trusted): any other value is not a rebuild's, and the rebuild starts over.
+    let cursor_row = engine.get(Cf::Aae, CURSOR_ROW)?;
+    let cursor = match &cursor_row {
         Some(c) if !trusted && c.len() == 5 && c[0] == TREE_FORMAT => {
             Some(u32::from_be_bytes(c[1..].try_into().expect("4-byte slice")))
-                .filter(|&at| at as usize <= LEAVES)
+                .filter(|&at| (at as usize) < LEAVES)
         }
         _ => None,
     };
@@ -374,10 +376,18 @@ pub fn open_tree(
             TreeOpen::Loaded { leaves, tombstones },
         )
     } else if !trusted
-        && cursor.is_none()
+        && cursor_row.is_none()
         && engine.scan(Cf::Data, &prefix_all(), 1)?.entries.is_empty()
+        && engine
+            .scan(Cf::Aae, &prefix_range(LEAF_PREFIX), 1)?
+            .entries
+            .is_empty()
+        && engine
+            .scan(Cf::Aae, &prefix_range(TOMBSTONE_PREFIX), 1)?
+            .entries
+            .is_empty()
     {
-        // A new data dir: nothing to rebuild.
+        // A new data dir (no data, no tree rows, no rebuild begun): nothing to rebuild.
         engine.write(
             {
                 let mut b = Batch::default();
@@ -723,6 +733,28 @@ mod tests {
             "not trusted up to a cursor past the end"
         );
         assert_eq!(ready.load(Ordering::Relaxed), 0);
+        store.close();
+        // A cursor of exactly `LEAVES` is not a rebuild's either (its last step removes it).
+        let mut b = Batch::default();
+        let mut cursor = vec![TREE_FORMAT];
+        cursor.extend_from_slice(&(LEAVES as u32).to_be_bytes());
+        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        engine.write(b, true).unwrap();
+        let (store, _, _, _, how) = open_store(&engine);
+        assert_eq!(how, TreeOpen::Rebuilding);
+        store.close();
+        // With no data, a bad cursor and a stale leaf row are not a new data dir: the row goes
+        // with the rebuild instead of being trusted.
+        let empty = Arc::new(MemoryEngine::new());
+        let mut b = Batch::default();
+        b.put(Cf::Aae, leaf_row(3), 9u64.to_be_bytes().to_vec());
+        let mut cursor = vec![TREE_FORMAT];
+        cursor.extend_from_slice(&u32::MAX.to_be_bytes());
+        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        empty.write(b, true).unwrap();
+        let (store, tree, _, _, how) = open_store(&empty);
+        assert_eq!(how, TreeOpen::Rebuilding, "{how:?}");
+        assert_eq!(tree.read().unwrap().root(), 0);
         store.close();
     }
 

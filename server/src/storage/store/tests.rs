@@ -974,10 +974,17 @@ async fn a_restored_data_dir_starts_a_new_incarnation_on_request() {
 async fn a_counter_lease_at_the_end_of_its_range_starts_a_new_incarnation() {
     let engine = Arc::new(MemoryEngine::new());
     let store = open(&engine, SyncMode::Group);
-    let before = store.write(put("k", "v", None)).await.unwrap().dot.unwrap();
+    let mut before = store.write(put("k", "v", None)).await.unwrap().dot.unwrap();
     store.close();
-    let (id, _) = decode_identity(&engine.get(Cf::Meta, META_IDENTITY).unwrap().unwrap()).unwrap();
-    for lease_end in [u64::MAX, u64::MAX - COUNTER_LEASE] {
+    for lease_end in [
+        u64::MAX,
+        u64::MAX - COUNTER_LEASE,
+        u64::MAX - 15_000,
+        1 << 62,
+    ] {
+        // The current identity record, its lease corrupted.
+        let stored = engine.get(Cf::Meta, META_IDENTITY).unwrap().unwrap();
+        let (id, _) = decode_identity(&stored).unwrap();
         let mut b = Batch::default();
         b.put(
             Cf::Meta,
@@ -991,6 +998,7 @@ async fn a_counter_lease_at_the_end_of_its_range_starts_a_new_incarnation() {
         assert_eq!(after.counter, 1);
         assert!(store.get(b"k").is_ok(), "the key reads back");
         store.close();
+        before = after;
     }
 }
 
