@@ -997,34 +997,40 @@ mod routing_tests {
     /// (definite). Before, it was sent when its turn came with its whole `timeout_ms`, which
     /// the node counts from its own read: it could apply the write after the client had
     /// reported it timed out.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_request_whose_deadline_passes_in_the_queue_is_never_sent() {
+    /// A fake node on `socket`: answers every request with a put reply without a body, until
+    /// the client closes; the keys of the puts it was sent.
+    async fn answer_every_put(socket: tokio::net::TcpStream) -> Vec<String> {
         use futures::{SinkExt, StreamExt};
         use ringkv_protocol::{FrameCodec, Inbound, WriteReply};
+        let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+        let mut keys = Vec::new();
+        while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+            if let Ok(Request::Put { key, .. }) = Request::decode(frame.opcode, frame.body) {
+                keys.push(String::from_utf8_lossy(&key).into_owned());
+            }
+            let reply = Response::Put(WriteReply {
+                actor: 1,
+                counter: 1,
+                body: None,
+                primary_acks: 1,
+                fallback_acks: 0,
+            });
+            if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
+                break;
+            }
+        }
+        keys
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_deadline_passes_in_the_queue_is_never_sent() {
         // A node that reads nothing for 600 ms (a small receive buffer: what waits, waits in
         // the client), then answers every put; it records the keys it was sent.
         let (listener, addr) = ringkv_jepsen::small_buffer_listener();
         let node = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_millis(600)).await;
-            let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
-            let mut keys = Vec::new();
-            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
-                if let Ok(Request::Put { key, .. }) = Request::decode(frame.opcode, frame.body) {
-                    keys.push(String::from_utf8_lossy(&key).into_owned());
-                }
-                let reply = Response::Put(WriteReply {
-                    actor: 1,
-                    counter: 1,
-                    body: None,
-                    primary_acks: 1,
-                    fallback_acks: 0,
-                });
-                if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
-                    break;
-                }
-            }
-            keys
+            answer_every_put(socket).await
         });
         let client = Client::new([addr], ClientConfig::default()).unwrap();
         let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
@@ -1061,25 +1067,11 @@ mod routing_tests {
     /// protocol error naming the node.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_put_reply_without_the_body_asked_for_is_an_error_not_a_panic() {
-        use futures::{SinkExt, StreamExt};
-        use ringkv_protocol::{FrameCodec, Inbound, WriteReply};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
-            let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
-            while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
-                let reply = Response::Put(WriteReply {
-                    actor: 1,
-                    counter: 1,
-                    body: None,
-                    primary_acks: 2,
-                    fallback_acks: 0,
-                });
-                if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
-                    break;
-                }
-            }
+            answer_every_put(socket).await
         });
         let client = Client::new([addr.clone()], ClientConfig::default()).unwrap();
         let answer = tokio::spawn(async move { client.put_returning("k", "v", None).await });

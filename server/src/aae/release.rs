@@ -274,13 +274,10 @@ impl<T: Transport> ReleaseWorker<T> {
                         && (end == start || bytes + entries[end].1.len() <= STATES_BATCH_BYTES)
                     {
                         bytes += entries[end].1.len();
+                        sent += (entries[end].0.len() + entries[end].1.len()) as u64;
                         end += 1;
                     }
                     let batch = entries[start..end].to_vec();
-                    sent += batch
-                        .iter()
-                        .map(|(k, v)| (k.len() + v.len()) as u64)
-                        .sum::<u64>();
                     match super::call(
                         &self.transport,
                         addr,

@@ -90,18 +90,16 @@ impl Checkpoint {
 /// The saved checkpoint; none (a transfer starts from its first chunk, re-fetching only keys
 /// that differ) when the file is missing, or unreadable (said in the log, with the cause).
 fn load_checkpoint(node_id: &str, path: &std::path::Path) -> Checkpoint {
-    let read = std::fs::read(path).map_err(|e| (e.kind(), e.to_string()));
-    match read.and_then(|b| {
-        serde_json::from_slice(&b).map_err(|e| (std::io::ErrorKind::InvalidData, e.to_string()))
-    }) {
-        Ok(c) => c,
-        Err((std::io::ErrorKind::NotFound, _)) => Checkpoint::default(),
-        Err((_, cause)) => {
-            warn!(node = %node_id, file = %path.display(), %cause,
-                  "transfer checkpoint unreadable: a running transfer starts again from its first chunk");
-            Checkpoint::default()
-        }
-    }
+    let parsed = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Checkpoint::default(),
+        Err(e) => Err(e.to_string()),
+    };
+    parsed.unwrap_or_else(|cause| {
+        warn!(node = %node_id, file = %path.display(), %cause,
+              "transfer checkpoint unreadable: a running transfer starts again from its first chunk");
+        Checkpoint::default()
+    })
 }
 
 /// One source's part of the running transfer, for `status` and `kvctl cluster status`.

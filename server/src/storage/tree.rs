@@ -41,6 +41,14 @@ pub const TREE_ROW: &[u8] = b"T";
 /// While the tree is being rebuilt: `[TREE_FORMAT] ‖ u32 BE`, the leaves below which it is
 /// trusted.
 pub const CURSOR_ROW: &[u8] = b"C";
+/// The value of the cursor row: the tree is trusted below leaf `at`.
+fn cursor_value(at: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5);
+    v.push(TREE_FORMAT);
+    v.extend_from_slice(&at.to_be_bytes());
+    v
+}
+
 /// Prefix of tombstone index rows in `Cf::Aae`.
 pub const TOMBSTONE_PREFIX: u8 = b'D';
 /// Bumped when contributions, leaves or the index change meaning: stored rows of another
@@ -219,9 +227,7 @@ impl ChangeHook for TreeHook {
                     batch.delete(Cf::Aae, CURSOR_ROW.to_vec());
                     batch.put(Cf::Aae, TREE_ROW.to_vec(), vec![TREE_FORMAT]);
                 } else {
-                    let mut cursor = vec![TREE_FORMAT];
-                    cursor.extend_from_slice(&next.to_be_bytes());
-                    batch.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+                    batch.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor_value(next));
                 }
                 self.pending_ready = Some(next);
             }
@@ -425,9 +431,7 @@ pub fn open_tree(
             Ok(())
         })?;
         batch.delete(Cf::Aae, TREE_ROW.to_vec());
-        let mut cursor = vec![TREE_FORMAT];
-        cursor.extend_from_slice(&0u32.to_be_bytes());
-        batch.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        batch.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor_value(0));
         engine.write(batch, true)?;
         info!(node = %node_id, "the anti-entropy tree is not trusted: rebuilding it from the data in the background");
         (0, 0, TreeOpen::Rebuilding)
@@ -722,9 +726,7 @@ mod tests {
         // A rebuild cursor past the last leaf.
         let mut b = Batch::default();
         b.delete(Cf::Aae, TREE_ROW.to_vec());
-        let mut cursor = vec![TREE_FORMAT];
-        cursor.extend_from_slice(&u32::MAX.to_be_bytes());
-        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor_value(u32::MAX));
         engine.write(b, true).unwrap();
         let (store, _, _, ready, how) = open_store(&engine);
         assert_eq!(
@@ -736,9 +738,7 @@ mod tests {
         store.close();
         // A cursor of exactly `LEAVES` is not a rebuild's either (its last step removes it).
         let mut b = Batch::default();
-        let mut cursor = vec![TREE_FORMAT];
-        cursor.extend_from_slice(&(LEAVES as u32).to_be_bytes());
-        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor_value(LEAVES as u32));
         engine.write(b, true).unwrap();
         let (store, _, _, _, how) = open_store(&engine);
         assert_eq!(how, TreeOpen::Rebuilding);
@@ -748,9 +748,7 @@ mod tests {
         let empty = Arc::new(MemoryEngine::new());
         let mut b = Batch::default();
         b.put(Cf::Aae, leaf_row(3), 9u64.to_be_bytes().to_vec());
-        let mut cursor = vec![TREE_FORMAT];
-        cursor.extend_from_slice(&u32::MAX.to_be_bytes());
-        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor);
+        b.put(Cf::Aae, CURSOR_ROW.to_vec(), cursor_value(u32::MAX));
         empty.write(b, true).unwrap();
         let (store, tree, _, _, how) = open_store(&empty);
         assert_eq!(how, TreeOpen::Rebuilding, "{how:?}");
