@@ -6,7 +6,9 @@
 //! - `storage` and `membership` import neither `rpc` nor each other, nor any service;
 //! - the pure cores (`version`, `ring`, `coordinator::{quorum, plan}`, `handoff::budget`,
 //!   `merkle`) import nothing that does I/O;
-//! - `background` and `metrics` import nothing but each other (metrics only itself);
+//! - services (`coordinator`, `replica`, `handoff`, `aae`, `cluster`) do not import each other;
+//! - `background` imports no service, storage, membership or net; `admission` only `metrics`;
+//!   `metrics` no other module;
 //! - only `storage` touches engine batches, and the writer thread is the only mutator;
 //! - every background loop is a worker: no `tokio::spawn` outside `background/` (and the signal
 //!   task in `main.rs`).
@@ -131,6 +133,7 @@ fn modules_import_only_what_the_architecture_allows() {
         "replica",
         "handoff",
         "aae",
+        "cluster",
         "api",
         "node",
         "rpc",
@@ -166,6 +169,7 @@ fn modules_import_only_what_the_architecture_allows() {
             "replica",
             "handoff",
             "aae",
+            "cluster",
             "api",
             "node",
             "rpc",
@@ -183,6 +187,7 @@ fn modules_import_only_what_the_architecture_allows() {
         "replica",
         "handoff",
         "aae",
+        "cluster",
         "background",
         "clock",
         "config",
@@ -211,11 +216,34 @@ fn modules_import_only_what_the_architecture_allows() {
         &mut v,
         &files,
         |rel| module(rel) == "rpc",
-        &["replica", "handoff", "aae", "api", "node", "storage"],
+        &[
+            "replica", "handoff", "aae", "cluster", "api", "node", "storage",
+        ],
         "rpc knows no service",
     );
+    // Admission is a node-wide budget the api and net layers consult: it knows nothing else.
+    check(
+        &mut v,
+        &files,
+        |rel| module(rel) == "admission",
+        &[&services[..], &io[..], &["membership"]].concat(),
+        "admission imports only metrics",
+    );
+    // The one registry: every module uses it, it uses none of them.
+    check(
+        &mut v,
+        &files,
+        |rel| module(rel) == "metrics",
+        &[
+            &services[..],
+            &io[..],
+            &["membership", "admission", "version", "ring", "merkle"],
+        ]
+        .concat(),
+        "metrics imports no other module",
+    );
     // Services do not reach into each other (they talk over the peer protocol or handles).
-    let all = ["coordinator", "replica", "handoff", "aae"];
+    let all = ["coordinator", "replica", "handoff", "aae", "cluster"];
     for service in all {
         let others: Vec<&str> = all.iter().copied().filter(|s| *s != service).collect();
         check(

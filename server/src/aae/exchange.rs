@@ -27,13 +27,13 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::ranges::{clip_spans, covers, push_span, shared_spans, Span};
 use super::service::AntiEntropy;
 use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
 use crate::merkle::{leaf_end, leaf_span, leaf_start, Cell};
+use crate::ring::ranges::{clip_spans, covers, push_span, shared_spans, ShownSpans, Span};
 use crate::rpc::{PeerPool, Transport};
 use crate::storage::hints::partition_span;
 use crate::storage::AaeMark;
@@ -326,7 +326,8 @@ impl<T: Transport> AaeWorker<T> {
             }
             Err(cause) => {
                 self.aae.metrics.exchange_errors.inc();
-                warn!(node = %self.node_id, %peer, %cause, "anti-entropy exchange failed; retried next cycle");
+                warn!(node = %self.node_id, %peer, spans = %ShownSpans(&spans), %cause,
+                      "anti-entropy exchange failed; retried next cycle");
             }
         }
     }

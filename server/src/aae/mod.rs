@@ -5,7 +5,6 @@
 
 pub mod exchange;
 pub mod gc;
-pub mod ranges;
 pub mod release;
 pub mod scan;
 pub mod service;

@@ -25,11 +25,11 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::ranges::{foreign_spans, Span};
 use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::LayoutId;
 use crate::membership::{HandOverGuard, Membership};
+use crate::ring::ranges::{foreign_spans, Span};
 use crate::rpc::{PeerPool, Transport};
 use crate::storage::{HexKey, Store, WriteOp};
 
@@ -291,11 +291,15 @@ impl<T: Transport> ReleaseWorker<T> {
                             }
                         }
                         Ok(other) => {
-                            warn!(node = %self.node_id, %owner, answer = ?other, "unexpected answer to a hand-over push");
+                            warn!(node = %self.node_id, %owner, keys = end - start,
+                                  first_key = %HexKey(entries[start].0.to_vec()), answer = ?other,
+                                  "unexpected answer to a hand-over push");
                             merged[start..end].iter_mut().for_each(|m| *m = false);
                         }
                         Err(e) => {
-                            warn!(node = %self.node_id, %owner, error = %e, "hand-over push failed; the keys stay here for the next pass");
+                            warn!(node = %self.node_id, %owner, keys = end - start,
+                                  first_key = %HexKey(entries[start].0.to_vec()), error = %e,
+                                  "hand-over push failed; the keys stay here for the next pass");
                             merged[start..end].iter_mut().for_each(|m| *m = false);
                         }
                     }

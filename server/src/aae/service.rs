@@ -159,7 +159,7 @@ impl AntiEntropy {
                 }
             }
         };
-        let shared = super::ranges::shared_spans(&view.ring, &view.me, self.n);
+        let shared = crate::ring::ranges::shared_spans(&view.ring, &view.me, self.n);
         let left: Vec<String> = {
             let synced = self.synced_with.lock().expect("synced set lock poisoned");
             shared

@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::exchange::AaeWorker;
-use super::ranges::Span;
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::{gains_covered, moves, per_node, share, LayoutId, NodeMoves};
 use crate::membership::Membership;
+use crate::ring::ranges::{ShownSpans, Span};
 use crate::rpc::{PeerPool, Transport};
 
 /// Wait this long after every live member has a plan's layout before pulling (writes begun
@@ -247,7 +247,10 @@ impl<T: Transport> TransferWorker<T> {
             return None;
         };
         let view = self.membership.view();
-        let owned = 1.0 - share(&super::ranges::foreign_spans(&view.ring, source, self.n));
+        let owned = 1.0
+            - share(&crate::ring::ranges::foreign_spans(
+                &view.ring, source, self.n,
+            ));
         let part = (share(spans) / owned.max(1e-9)).min(1.0);
         Some((
             (keys as f64 * part).round() as u64,
@@ -480,7 +483,8 @@ impl<T: Transport> Worker for TransferWorker<T> {
                     .entry(source.clone())
                     .or_default()
                     .state = "retrying";
-                warn!(node = %self.node_id, %source, version, %cause, "transfer from a source failed; retried");
+                warn!(node = %self.node_id, %source, version, spans = %ShownSpans(&spans), %cause,
+                      "transfer from a source failed; retried");
                 self.retry_at.insert(source, Instant::now() + RETRY);
             }
         }

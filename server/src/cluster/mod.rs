@@ -599,7 +599,7 @@ pub fn plan_id(base: u64, changes: &[Change]) -> u64 {
 
 /// The share of the ring `node` replicates (as one of the first `n` replicas).
 fn replicated_share(ring: &crate::ring::Ring, node: &str, n: usize) -> f64 {
-    let spans = crate::aae::ranges::shared_spans(ring, node, n);
+    let spans = crate::ring::ranges::shared_spans(ring, node, n);
     let mut all: Vec<(u64, u64)> = spans.into_values().flatten().collect();
     all.sort_unstable();
     let mut merged: Vec<(u64, u64)> = Vec::new();

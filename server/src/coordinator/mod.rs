@@ -341,6 +341,8 @@ struct ReadTracker {
     quorum: ReadQuorum,
     /// This node, for logs (shared: no allocation per read).
     node_id: Arc<str>,
+    /// The key read, for logs (a reference count, not a copy).
+    key: Bytes,
 }
 
 /// A read's reply: who answered, whether as a fallback (its hint), and the state.
@@ -354,7 +356,8 @@ impl Tracker<ReadReplyOf> for ReadTracker {
             Ok(state) if fallback => self.quorum.on_fallback_reply(replica, state),
             Ok(state) => self.quorum.on_reply(replica, state),
             Err(cause) => {
-                debug!(node = %self.node_id, %replica, %cause, "replica read failed");
+                debug!(node = %self.node_id, %replica, key = %HexKey(self.key.to_vec()), %cause,
+                    "replica read failed");
                 self.quorum.on_failure(replica)
             }
         }
@@ -1487,6 +1490,7 @@ impl<T: Transport> Coordinator<T> {
         let mut tracker = ReadTracker {
             quorum: ReadQuorum::new(targets, needed).with_primaries(needed_primaries),
             node_id: self.node_id.clone(),
+            key: key.clone(),
         };
         let answer = fan
             .decide(&mut tracker)

@@ -537,11 +537,7 @@ pub fn gains_covered(m: &NodeMoves, done: &dyn Fn(&str) -> bool) -> bool {
         .all(|&(first, last)| merged.iter().any(|&(a, b)| a <= first && last <= b))
 }
 
-/// The share of the ring (0..=1) that `spans` cover.
-pub fn share(spans: &[Span]) -> f64 {
-    let positions: f64 = spans.iter().map(|(a, b)| (b - a) as f64 + 1.0).sum();
-    positions / (u64::MAX as f64 + 1.0)
-}
+pub use crate::ring::ranges::share;
 
 #[cfg(test)]
 mod tests {

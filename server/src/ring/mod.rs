@@ -3,3 +3,5 @@
 //! preference lists.
 
 pub use ringkv_protocol::ring::*;
+
+pub mod ranges;

@@ -4,8 +4,8 @@
 //! is served (`ringkv_protocol::auth`): the dialer sends `Hello` with a fresh nonce, the listener
 //! answers a `Challenge` with its own nonce and its proof, the dialer checks it and sends its
 //! proof, the listener checks that and answers `HelloAck`. Refusals are counted and logged with
-//! the remote address (at most one line per reason per `REFUSAL_LOG_INTERVAL`), never with the
-//! secret.
+//! the remote address (at most one line per reason and remote per `REFUSAL_LOG_INTERVAL`), never
+//! with the secret.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,21 +30,39 @@ fn nonce() -> [u8; NONCE_LEN] {
     rand::random()
 }
 
-/// At most one log line per refusal reason per interval: a stranger hammering the peer port
-/// must not flood the log. Counters record every refusal.
+/// How many (reason, remote) pairs a `RefusalLog` keeps apart; beyond them, remotes share one
+/// slot per reason until old entries expire.
+pub const REFUSAL_LOG_REMOTES: usize = 64;
+
+/// At most one log line per refusal reason and remote per interval: a stranger hammering the
+/// peer port must not flood the log, nor keep another remote's refusal out of it (a genuine
+/// misconfiguration elsewhere still gets its line). Counters record every refusal.
 #[derive(Default)]
 pub struct RefusalLog {
-    last: Mutex<HashMap<&'static str, Instant>>,
+    /// `(reason, remote)` → when last logged; remote `None` is the shared overflow slot.
+    last: Mutex<HashMap<(&'static str, Option<String>), Instant>>,
 }
 
 impl RefusalLog {
-    pub fn due(&self, reason: &'static str) -> bool {
+    /// Whether a refusal for `reason` from `remote` (an IP address, or the address dialed) is
+    /// to be logged now.
+    pub fn due(&self, reason: &'static str, remote: &str) -> bool {
+        self.due_at(reason, remote, Instant::now())
+    }
+
+    fn due_at(&self, reason: &'static str, remote: &str, now: Instant) -> bool {
         let mut last = self.last.lock().expect("refusal log lock poisoned");
-        let now = Instant::now();
-        match last.get(reason) {
+        let mut slot = (reason, Some(remote.to_string()));
+        if !last.contains_key(&slot) && last.len() >= REFUSAL_LOG_REMOTES {
+            last.retain(|_, t| now.duration_since(*t) < REFUSAL_LOG_INTERVAL);
+            if last.len() >= REFUSAL_LOG_REMOTES {
+                slot.1 = None;
+            }
+        }
+        match last.get(&slot) {
             Some(t) if now.duration_since(*t) < REFUSAL_LOG_INTERVAL => false,
             _ => {
-                last.insert(reason, now);
+                last.insert(slot, now);
                 true
             }
         }
@@ -133,7 +151,7 @@ impl Authenticator {
         let key = &self.identity.key;
         if !key.verify(Role::Listener, &transcript, &challenge.proof) {
             self.metrics.auth_failures_outgoing.inc();
-            if self.refusals.due("listener proof") {
+            if self.refusals.due("listener proof", addr) {
                 warn!(node = %me.node_id, peer = addr, claimed = %challenge.me.node_id,
                       "peer failed to prove the cluster secret (another secret, or not a ringkv node of this cluster); not using it");
             }
@@ -154,7 +172,7 @@ impl Authenticator {
         if e.kind == ErrorKind::Unauthenticated {
             self.metrics.auth_failures_outgoing.inc();
         }
-        if self.refusals.due(e.kind.name()) {
+        if self.refusals.due(e.kind.name(), addr) {
             warn!(node = %self.node_id(), peer = addr, kind = e.kind.name(), cause = %e.message,
                   "peer refused our handshake");
         }
@@ -187,7 +205,7 @@ impl Authenticator {
             self.metrics.handshakes_refused.inc();
             // A misconfigured node redials every second: counted every time, logged at most
             // once per reason per interval.
-            if self.refusals.due(reason) {
+            if self.refusals.due(reason, &remote.ip().to_string()) {
                 warn!(node = %self.node_id(), peer = %hello.me.node_id, %remote,
                       "refused peer {}: {p}", hello.me.node_id);
             }
@@ -199,7 +217,10 @@ impl Authenticator {
     /// A connection closed for not completing the handshake in time.
     pub fn timed_out(&self, remote: SocketAddr) {
         self.metrics.auth_failures.inc();
-        if self.refusals.due("handshake timeout") {
+        if self
+            .refusals
+            .due("handshake timeout", &remote.ip().to_string())
+        {
             warn!(node = %self.node_id(), %remote, timeout = ?HANDSHAKE_TIMEOUT,
                   "refused peer connection: no completed handshake in time");
         }
@@ -262,7 +283,7 @@ impl ListenerHandshake {
     fn refuse(&self, auth: &Authenticator, reason: &'static str, detail: String) -> PeerResponse {
         auth.metrics.auth_failures.inc();
         *self.step.lock().expect("handshake lock poisoned") = Step::Failed;
-        if auth.refusals.due(reason) {
+        if auth.refusals.due(reason, &self.remote.ip().to_string()) {
             warn!(node = %auth.node_id(), remote = %self.remote, reason, %detail,
                   "refused peer connection");
         }
@@ -348,5 +369,48 @@ impl ListenerHandshake {
                 Some((self.refuse(auth, "request before handshake", what), true))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_per_reason_and_remote_per_interval() {
+        let log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert!(log.due_at("cluster name", "10.0.0.1", t0));
+        assert!(
+            !log.due_at("cluster name", "10.0.0.1", t0),
+            "same remote, same reason"
+        );
+        // A stranger hammering the port does not keep another remote's refusal out of the log.
+        assert!(log.due_at("cluster name", "10.0.0.2", t0));
+        assert!(
+            log.due_at("handshake timeout", "10.0.0.1", t0),
+            "another reason"
+        );
+        assert!(log.due_at("cluster name", "10.0.0.1", t0 + REFUSAL_LOG_INTERVAL));
+    }
+
+    #[test]
+    fn refusal_log_keeps_a_bounded_number_of_remotes() {
+        let log = RefusalLog::default();
+        let t0 = Instant::now();
+        for i in 0..REFUSAL_LOG_REMOTES {
+            assert!(log.due_at("cluster name", &format!("remote {i}"), t0));
+        }
+        // Full: new remotes share one slot per reason.
+        assert!(log.due_at("cluster name", "one more", t0));
+        assert!(!log.due_at("cluster name", "and another", t0));
+        assert!(log.due_at("handshake timeout", "and another", t0));
+        assert!(log.last.lock().unwrap().len() <= REFUSAL_LOG_REMOTES + 2);
+        // Once the old entries expire, a new remote gets its own slot again.
+        let later = t0 + REFUSAL_LOG_INTERVAL;
+        assert!(log.due_at("cluster name", "and another", later));
+        assert!(!log.due_at("cluster name", "and another", later));
+        assert!(log.due_at("cluster name", "yet another", later));
+        assert!(log.last.lock().unwrap().len() <= 3);
     }
 }

@@ -1,4 +1,5 @@
-//! Which parts of the ring this node shares with each other replica (sans-IO).
+//! Which parts of the ring this node shares with each other replica, which it no longer
+//! replicates, and how much of the ring spans cover (sans-IO; the aae and cluster services use it).
 //!
 //! Over each arc (previous token, token] the preference list is the same, so two nodes both
 //! replicate an arc or neither does. A node exchanges with each peer the arcs they share,
@@ -96,9 +97,56 @@ pub fn foreign_spans(ring: &Ring, me: &str, n: usize) -> Vec<Span> {
     out
 }
 
+/// The share of the ring (0..=1) that disjoint `spans` cover.
+pub fn share(spans: &[Span]) -> f64 {
+    // A fold from +0.0: an empty f64 `sum` is -0.0, shown as "-0.0%".
+    let positions = spans.iter().fold(0.0, |n, (a, b)| n + (b - a) as f64 + 1.0);
+    positions / (u64::MAX as f64 + 1.0)
+}
+
+/// Spans as an error or a log line names them: how many, their share of the ring, and the
+/// first few as inclusive position ranges (`ShownSpans(&spans)`).
+pub struct ShownSpans<'a>(pub &'a [Span]);
+
+/// How many spans a `ShownSpans` lists before it says how many more there are.
+const SHOWN_SPANS: usize = 3;
+
+impl std::fmt::Display for ShownSpans<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let spans = self.0;
+        let pct = share(spans) * 100.0;
+        write!(f, "{} span(s), {pct:.2}% of the ring:", spans.len())?;
+        for (a, b) in spans.iter().take(SHOWN_SPANS) {
+            write!(f, " {a:016x}..={b:016x}")?;
+        }
+        if spans.len() > SHOWN_SPANS {
+            write!(f, " and {} more", spans.len() - SHOWN_SPANS)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_spans_name_their_positions_and_share() {
+        assert_eq!(
+            ShownSpans(&[(0, u64::MAX / 2)]).to_string(),
+            "1 span(s), 50.00% of the ring: 0000000000000000..=7fffffffffffffff"
+        );
+        let many = [
+            (0, 0),
+            (16, 31),
+            (256, 511),
+            (4096, 4096),
+            (1 << 40, 1 << 41),
+        ];
+        let shown = ShownSpans(&many).to_string();
+        assert_eq!(shown, "5 span(s), 0.00% of the ring: 0000000000000000..=0000000000000000 0000000000000010..=000000000000001f 0000000000000100..=00000000000001ff and 2 more");
+        assert_eq!(ShownSpans(&[]).to_string(), "0 span(s), 0.00% of the ring:");
+    }
 
     #[test]
     fn exchanges_use_only_the_requested_and_trusted_positions() {
