@@ -480,7 +480,7 @@ impl Client {
         } else {
             self.route(key.as_ref())
         };
-        let (addr, resp) = self.call(req, timeout, !opts.local, route).await?;
+        let (addr, resp) = self.call(req, timeout, route).await?;
         match resp {
             Response::Get(r) => Ok(Read::from_reply(r)),
             other => Err(unexpected(&addr, other)),
@@ -531,7 +531,7 @@ impl Client {
             context: context.map(|c| c.0.clone()).unwrap_or_default(),
             opts: write_opts(&opts, timeout),
         };
-        let (addr, resp) = self.call(req, timeout, false, route).await?;
+        let (addr, resp) = self.call(req, timeout, route).await?;
         match resp {
             // The write was applied; only its reply is wrong (a node of another version).
             Response::Put(w) if opts.return_body && w.body.is_none() => Err(Error::Protocol {
@@ -567,7 +567,7 @@ impl Client {
             context: context.map(|c| c.0.clone()).unwrap_or_default(),
             opts: write_opts(&opts, timeout),
         };
-        let (addr, resp) = self.call(req, timeout, false, route).await?;
+        let (addr, resp) = self.call(req, timeout, route).await?;
         match resp {
             Response::Delete(w) => Ok(written(w)),
             other => Err(unexpected(&addr, other)),
@@ -578,7 +578,7 @@ impl Client {
     pub async fn ping(&self) -> Result<Duration, Error> {
         let start = Instant::now();
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Ping, timeout, true, None).await?;
+        let (addr, resp) = self.call(Request::Ping, timeout, None).await?;
         match resp {
             Response::Pong => Ok(start.elapsed()),
             other => Err(unexpected(&addr, other)),
@@ -588,7 +588,7 @@ impl Client {
     /// The status (identity, metrics, workers) of the node that answers.
     pub async fn status(&self) -> Result<StatusReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Status, timeout, true, None).await?;
+        let (addr, resp) = self.call(Request::Status, timeout, None).await?;
         match resp {
             Response::Status(s) => Ok(s),
             other => Err(unexpected(&addr, other)),
@@ -598,7 +598,7 @@ impl Client {
     /// The contacted node's view of the ring: members, tokens, ownership shares, liveness.
     pub async fn ring(&self) -> Result<RingReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Ring, timeout, true, None).await?;
+        let (addr, resp) = self.call(Request::Ring, timeout, None).await?;
         match resp {
             Response::Ring(r) => Ok(r),
             other => Err(unexpected(&addr, other)),
@@ -618,7 +618,7 @@ impl Client {
     /// of every member.
     pub async fn members(&self) -> Result<MembersReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self.call(Request::Members, timeout, true, None).await?;
+        let (addr, resp) = self.call(Request::Members, timeout, None).await?;
         match resp {
             Response::Members(m) => Ok(m),
             other => Err(unexpected(&addr, other)),
@@ -634,9 +634,7 @@ impl Client {
     /// `repair` over the ring positions `first..=last` only (`None`: all of them).
     pub async fn repair_range(&self, range: Option<(u64, u64)>) -> Result<RepairReply, Error> {
         let timeout = self.inner.config.request_timeout;
-        let (addr, resp) = self
-            .call(Request::Repair { range }, timeout, true, None)
-            .await?;
+        let (addr, resp) = self.call(Request::Repair { range }, timeout, None).await?;
         match resp {
             Response::Repair(r) => Ok(r),
             other => Err(unexpected(&addr, other)),
@@ -648,7 +646,7 @@ impl Client {
     pub async fn cluster(&self, json: Vec<u8>) -> Result<Bytes, Error> {
         let timeout = self.inner.config.request_timeout;
         let (addr, resp) = self
-            .call(Request::Cluster(Bytes::from(json)), timeout, true, None)
+            .call(Request::Cluster(Bytes::from(json)), timeout, None)
             .await?;
         match resp {
             Response::Cluster(r) => Ok(r),
@@ -717,12 +715,13 @@ impl Client {
     }
 
     /// [`Client::call_once`], and for reads refused `Overloaded` a few more times with backoff
-    /// (on the next address, within the deadline).
+    /// (on the next address, within the deadline). Only requests that change nothing are sent
+    /// again after a connection broke with them sent (a write, a repair or a cluster change may
+    /// have been done: the caller is told the outcome is unknown).
     async fn call(
         &self,
         req: Request,
         timeout: Duration,
-        retry_after_send: bool,
         route: Option<usize>,
     ) -> Result<(String, Response), Error> {
         let idempotent = matches!(
@@ -735,6 +734,8 @@ impl Client {
         );
         let local =
             matches!(&req, Request::Get { opts, .. } if opts.flags & ReadOptions::LOCAL != 0);
+        // A local read asks one node's own copy: another node's is another answer.
+        let retry_after_send = idempotent && !local;
         let deadline = Instant::now() + timeout;
         let mut route = route;
         let mut attempt = 0u32;
@@ -992,11 +993,6 @@ mod routing_tests {
         assert_eq!(large.len(), SHARED_VALUE_MIN);
     }
 
-    /// A write whose deadline passes while it waits in the connection's queue (behind
-    /// megabytes, to a node that reads slowly) is never sent, and the client says so
-    /// (definite). Before, it was sent when its turn came with its whole `timeout_ms`, which
-    /// the node counts from its own read: it could apply the write after the client had
-    /// reported it timed out.
     /// A fake node on `socket`: answers every request with a put reply without a body, until
     /// the client closes; the keys of the puts it was sent.
     async fn answer_every_put(socket: tokio::net::TcpStream) -> Vec<String> {
@@ -1022,6 +1018,11 @@ mod routing_tests {
         keys
     }
 
+    /// A write whose deadline passes while it waits in the connection's queue (behind
+    /// megabytes, to a node that reads slowly) is never sent, and the client says so
+    /// (definite). Before, it was sent when its turn came with its whole `timeout_ms`, which
+    /// the node counts from its own read: it could apply the write after the client had
+    /// reported it timed out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_whose_deadline_passes_in_the_queue_is_never_sent() {
         // A node that reads nothing for 600 ms (a small receive buffer: what waits, waits in
@@ -1082,6 +1083,68 @@ mod routing_tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Found in review: a `kvctl cluster` request (and a repair) whose connection broke after
+    /// it was sent went to the next node, as a read does: a commit the claimant had done was
+    /// sent again (and reported failed: nothing staged any more), and with one address the
+    /// loss was reported as `Connect`, "certainly not done". Such requests are not resent: the
+    /// caller learns the outcome is unknown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_change_or_repair_is_not_resent_after_its_connection_broke() {
+        use futures::StreamExt;
+        use ringkv_protocol::{FrameCodec, Inbound};
+        // The first node reads each request and closes the connection without an answer.
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let first_addr = first.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = first.accept().await {
+                let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+                let _ = framed.next().await;
+            }
+        });
+        // The second counts the requests it is sent.
+        let second = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let second_addr = second.local_addr().unwrap().to_string();
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = second.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut framed =
+                        tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+                    while let Some(Ok(Inbound::Frame(_))) = framed.next().await {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let config = ClientConfig {
+            request_timeout: Duration::from_millis(500),
+            ..ClientConfig::default()
+        };
+        let client = Client::new([first_addr, second_addr], config).unwrap();
+        let commit = client
+            .cluster(br#"{"Commit":{"plan":null}}"#.to_vec())
+            .await;
+        match commit {
+            Err(e @ Error::ConnectionLost { .. }) => assert!(!e.is_definite(), "{e}"),
+            other => panic!("a lost cluster request is not resent: {other:?}"),
+        }
+        let repair = client.repair().await;
+        assert!(
+            matches!(repair, Err(Error::ConnectionLost { .. })),
+            "{repair:?}"
+        );
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            0,
+            "nothing went to the second node"
+        );
+        // A read is resent (it changes nothing): the second node gets it (and never answers).
+        let _ = client.status().await;
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
     }
 
     #[test]
