@@ -339,6 +339,20 @@ impl Layout {
                             "replace {old} by {new}: {new} is not running and in contact with the cluster"
                         ));
                     }
+                    // As `remove`: the old node is forfeited (it hands nothing over, hints
+                    // included), which is right only for a node that is gone.
+                    if live.is_alive(old) {
+                        return invalid(format!(
+                            "replace {old} by {new}: {old} is running; use leave {old} and join                              {new} (it hands its data off first), or replace it once it is down                              for good"
+                        ));
+                    }
+                    // As `join`: a node taken out of the ring may hold copies older than
+                    // deletes purged since.
+                    if self.retired.contains(new) && !live.holds_nothing(new) {
+                        return invalid(format!(
+                            "replace {old} by {new}: {new} was taken out of the ring and has not                              said it holds nothing; what it kept may predate deletes purged                              since: stop it, wipe its data dir, start it and replace again"
+                        ));
+                    }
                     owners.insert(new.clone(), owner);
                 }
             }
@@ -820,6 +834,46 @@ mod tests {
             )
             .unwrap();
         assert_eq!(replaced.forfeited, BTreeSet::from(["d".to_string()]));
+    }
+
+    /// Found in review: `replace` made neither `remove`'s nor `join`'s checks. A running old
+    /// node was forfeited (it then withholds everything, its hints too, though it could hand
+    /// them over), and a node removed while down, back on its old data dir, was taken as the
+    /// replacement: no longer forfeited, it pushed copies older than deletes purged since.
+    #[test]
+    fn replace_needs_the_old_node_down_and_a_retired_new_one_empty() {
+        let l = layout(&["a", "b", "c", "d"]);
+        let replace = |old: &str, new: &str| {
+            [Change::Replace {
+                old: old.into(),
+                new: new.into(),
+            }]
+        };
+        let e = l.commit(3, &replace("d", "x"), &all_alive).unwrap_err();
+        assert!(e.to_string().contains("is running"), "{e}");
+        let removed = l
+            .commit(3, &[Change::Remove { node: "d".into() }], &|n: &str| n != "d")
+            .unwrap()
+            .switched()
+            .unwrap();
+        assert!(removed.forfeited.contains("d"));
+        // c dies; d is back with its old data.
+        let c_dead = |n: &str| n != "c";
+        let e = removed.commit(5, &replace("c", "d"), &c_dead).unwrap_err();
+        assert!(e.to_string().contains("holds nothing"), "{e}");
+        // Wiped, d says it holds nothing: it may replace c.
+        struct WipedD;
+        impl Liveness for WipedD {
+            fn is_alive(&self, n: &str) -> bool {
+                n != "c"
+            }
+            fn holds_nothing(&self, n: &str) -> bool {
+                n == "d"
+            }
+        }
+        let next = removed.commit(5, &replace("c", "d"), &WipedD).unwrap();
+        assert!(!next.forfeited.contains("d"));
+        assert!(next.forfeited.contains("c"));
     }
 
     /// A node that left and went away before it had handed everything over may hold copies
