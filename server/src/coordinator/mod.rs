@@ -66,6 +66,8 @@ crate::metrics::metric_set! {
         read_repair_failed: Counter = "read_repair.failed", "read repairs that failed";
         peer_forward: Counter = "peer.forward", "writes other nodes forwarded here";
         forwards_expired: Counter = "coordinator.forwards_expired", "forwarded writes dropped unexecuted: their deadline passed before they were dispatched";
+        /// Forwarded writes refused because this node does not replicate the key in its view.
+        forwards_not_replica: Counter = "coordinator.forwards_not_replica", "forwarded writes refused unexecuted: this node does not replicate the key in its ring view (the sender's view differed)";
         deletes_expired: Counter = "coordinator.deletes_expired", "deletes without context dropped unexecuted: their deadline ran out during the quorum read of what to delete";
     }
 }
@@ -762,6 +764,22 @@ impl<T: Transport> Coordinator<T> {
                 true,
             )
         };
+        // Only a replica of the key mints its versions (docs/architecture.md, "Who mints"): a
+        // node that handed its copy over no longer holds the versions it minted, and a dot
+        // minted above them would make replicas drop them. A sender whose view differs (a
+        // ring change it has not seen) is told to retry; nothing was done.
+        if forwarded && !plan.preference.contains(&view.me) {
+            self.metrics.forwards_not_replica.inc();
+            return refuse(
+                0,
+                needed,
+                &format!(
+                    "this node does not replicate the key in its ring view (layout {}); the \
+                     forwarding node's view differs: retry",
+                    view.layout_id()
+                ),
+            );
+        }
         if alive.is_empty() {
             // Only a primary mints versions of a key (docs/architecture.md, "Who mints").
             return refuse(
@@ -1022,8 +1040,8 @@ impl<T: Transport> Coordinator<T> {
             Ok(Ok(o)) => o,
         };
         let dot = outcome.dot.expect("updates always mint a dot");
-        // A forwarded write whose sender's ring view differs from ours may land on a node that
-        // is not (or no longer) a live replica of the key: then its own commit is no ack.
+        // Only a primary of the key coordinates (a forwarded write to another node is refused
+        // above); its own commit is an ack while it is a live primary in its view.
         let own_counts = plan.primaries_alive.contains(&view.me);
         // While a ring change runs, W is also needed among the key's next replicas: those that
         // have a slot here (a current primary's), this node, and the pending ones.

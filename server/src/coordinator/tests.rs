@@ -575,6 +575,45 @@ async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_firs
     );
 }
 
+/// Found in review: a write forwarded by a node with a stale ring view to one that no longer
+/// replicates the key was coordinated there anyway: the node minted a dot with a counter above
+/// the versions it had handed over (its released copy no longer held them), and replicas that
+/// merged the new state dropped an acknowledged sibling its context covered. Only a replica of
+/// the key (in this node's own view) mints; the sender is told to retry, nothing was done.
+#[tokio::test]
+async fn a_write_forwarded_to_a_node_that_does_not_replicate_the_key_is_refused_not_minted() {
+    let (h, key, primaries) = forwarding_harness();
+    for p in &primaries {
+        h.script.on(p, Kind::Replicate, ack());
+    }
+    let frame = put(&key, "v", 2, 1000).to_frame(0);
+    let resp = h
+        .coordinator
+        .serve_peer(
+            CoordinatorRequest::Forward {
+                opcode: frame.opcode,
+                body: frame.body,
+            },
+            Instant::now(),
+        )
+        .await;
+    let PeerResponse::Coordinator(CoordinatorResponse::ForwardReply { opcode, body }) = resp else {
+        panic!("{resp:?}")
+    };
+    let resp = Response::decode(opcode, body).unwrap();
+    let e = expect_unavailable(resp, (0, 2), "does not replicate");
+    assert!(e.definite, "nothing was done: {e:?}");
+    assert!(e.message.contains(&key), "{}", e.message);
+    assert!(
+        h.script.calls(Kind::Replicate).is_empty(),
+        "nothing shipped"
+    );
+    assert!(
+        local(&h.store, &key).await.siblings().is_empty(),
+        "a minted nothing"
+    );
+}
+
 #[tokio::test]
 async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
     let h = harness(view(&ABC, "a", &["b", "c"]));

@@ -852,7 +852,9 @@ mod tests {
         let e = l.commit(3, &replace("d", "x"), &all_alive).unwrap_err();
         assert!(e.to_string().contains("is running"), "{e}");
         let removed = l
-            .commit(3, &[Change::Remove { node: "d".into() }], &|n: &str| n != "d")
+            .commit(3, &[Change::Remove { node: "d".into() }], &|n: &str| {
+                n != "d"
+            })
             .unwrap()
             .switched()
             .unwrap();
