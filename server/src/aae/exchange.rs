@@ -27,7 +27,7 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::service::AntiEntropy;
+use super::service::{AntiEntropy, Merge};
 use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
@@ -638,13 +638,19 @@ impl<T: Transport> AaeWorker<T> {
             }
             self.same_layout(layout)?;
             let deadline = (asked + limit).min(Instant::now() + MERGE_DEADLINE);
-            received += self
-                .aae
-                .merge_by(entries, deadline)
-                .await
-                .iter()
-                .filter(|x| **x)
-                .count() as u64;
+            let merged = self.aae.merge_by(entries, deadline).await;
+            received += merged.iter().filter(|m| **m == Merge::Merged).count() as u64;
+            // A state not merged for a passing cause (the writer full or late, storage) leaves
+            // the key unsynced here: the exchange fails, so a transfer does not checkpoint past
+            // it and an unsynced node does not count the peer as synced.
+            let failed = merged.iter().filter(|m| **m == Merge::Failed).count();
+            if failed > 0 {
+                return Err(format!(
+                    "{failed} of {} states fetched from {addr} failed to merge here (causes \
+                     logged per key); retried",
+                    merged.len()
+                ));
+            }
             self.pace(chunk.len(), fetched).await;
         }
         Ok((received, state_bytes, bytes))
@@ -821,5 +827,93 @@ impl<T: Transport> Worker for AaeWorker<T> {
             .clamp(Duration::from_millis(100), Duration::from_secs(1));
         tokio::time::sleep(wait).await;
         WorkerState::Busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::sync::RwLock;
+
+    use ringkv_protocol::peer::{PeerRequest, PeerResponse};
+
+    use super::*;
+    use crate::merkle::Tree;
+    use crate::rpc::PeerError;
+    use crate::storage::memory::MemoryEngine;
+    use crate::testkit::{open_store, view};
+    use crate::version::{Dot, KeyState, VersionVector};
+
+    /// A peer that answers every fetch with the same state for each key asked.
+    struct Source(Bytes);
+
+    impl Transport for Source {
+        fn call(
+            self: Arc<Self>,
+            _addr: String,
+            req: PeerRequest,
+            _timeout: Duration,
+        ) -> impl std::future::Future<Output = Result<PeerResponse, PeerError>> + Send + 'static
+        {
+            let reply = match req {
+                PeerRequest::Aae(AaeRequest::FetchStates { keys }) => {
+                    PeerResponse::Aae(AaeResponse::States(vec![self.0.clone(); keys.len()]))
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            std::future::ready(Ok(reply))
+        }
+    }
+
+    /// Found in review: a fetched state the writer refused (full queue, late, storage error)
+    /// was counted as not received, yet the exchange succeeded: a transfer checkpointed past
+    /// the key and a node with a new data dir could be marked synced without it.
+    #[tokio::test]
+    async fn a_fetched_state_that_fails_to_merge_fails_the_exchange() {
+        let v = view(&["a", "b", "c"], "a", &["a", "b", "c"]);
+        let layout = v.layout_id();
+        let engine = Arc::new(MemoryEngine::new());
+        let store = open_store(engine.clone(), "a");
+        let (membership, _tx) = crate::membership::Membership::fixed(v);
+        let aae = Arc::new(AntiEntropy::new(
+            "a".into(),
+            store.clone(),
+            Arc::new(RwLock::new(Tree::new())),
+            Arc::new(AtomicU32::new(crate::merkle::LEAVES as u32)),
+            membership.clone(),
+            3,
+            true,
+        ));
+        let state = KeyState::new().update(
+            &VersionVector::new(),
+            Dot {
+                actor: 7,
+                counter: 1,
+            },
+            5,
+            Some(Bytes::from_static(b"v")),
+        );
+        let source = Arc::new(Source(Bytes::from(state.encode())));
+        let mut worker = AaeWorker::new(
+            aae,
+            membership,
+            source,
+            Duration::from_secs(60),
+            1_000_000,
+            1 << 40,
+            Duration::from_secs(60),
+        );
+        let key = Bytes::from_static(b"k");
+        engine.set_fail_writes(true);
+        let failed = worker.fetch("b.peer:1", vec![key.clone()], layout).await;
+        let e = failed.expect_err("a state not merged is not synced");
+        assert!(e.contains("failed to merge"), "{e}");
+        engine.set_fail_writes(false);
+        let (received, ..) = worker
+            .fetch("b.peer:1", vec![key.clone()], layout)
+            .await
+            .expect("merged once the writer can write");
+        assert_eq!(received, 1);
+        assert!(store.read_stored(&key).await.unwrap().is_some());
     }
 }

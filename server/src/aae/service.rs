@@ -15,7 +15,7 @@ use crate::background::{paced_chunks, MERGE_DEADLINE};
 use crate::membership::{Membership, NoData};
 use crate::merkle::LEAVES;
 use crate::storage::tree::{untrusted_from, SharedTree, TreeReady};
-use crate::storage::{HexKey, Store, WriteOp};
+use crate::storage::{HexKey, Store, WriteError, WriteOp};
 use crate::version::KeyState;
 
 crate::metrics::metric_set! {
@@ -75,6 +75,20 @@ pub struct AntiEntropy {
 /// How long the ring must stay the same before an unsynced node takes its peers as complete
 /// (a node that just joined may not have heard of every member yet).
 pub const RING_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What became of one state handed to [`AntiEntropy::merge_by`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// In this node's replica now (or there was nothing to merge).
+    Merged,
+    /// Not taken, and taking it again would not change that: this node does not replicate the
+    /// key (or does not know the ring yet), the state does not decode, or the merge would grow
+    /// the replica past the state bounds.
+    Refused,
+    /// Not merged for a cause that passes (the writer was full or late, storage failed): an
+    /// exchange that fetched it has not synced the key, and is retried.
+    Failed,
+}
 
 impl AntiEntropy {
     pub fn new(
@@ -435,6 +449,9 @@ impl AntiEntropy {
     pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
         self.merge_by(entries, std::time::Instant::now() + MERGE_DEADLINE)
             .await
+            .into_iter()
+            .map(|m| m == Merge::Merged)
+            .collect()
     }
 
     /// [`merge_pushed`](Self::merge_pushed) by `deadline` (a fetch sets it from when it asked,
@@ -443,7 +460,7 @@ impl AntiEntropy {
         &self,
         entries: Vec<(Bytes, Bytes)>,
         deadline: std::time::Instant,
-    ) -> Vec<bool> {
+    ) -> Vec<Merge> {
         // Not while this node does not know the ring (`NoData::NotReady`): its ring may be a
         // stale saved one. (Its own exchanges and transfers wait for the ring, and a push is
         // refused as a whole before: this is the last guard.) Read once: `ready` is latched.
@@ -451,15 +468,15 @@ impl AntiEntropy {
         let merge = |(key, state): (Bytes, Bytes)| async move {
             if !ready || !self.replicates(&key) {
                 self.metrics.push_refused.inc();
-                return false;
+                return Merge::Refused;
             }
             let state = match KeyState::decode(&state) {
                 Ok(s) if !s.is_empty() => s,
-                Ok(_) => return true,
+                Ok(_) => return Merge::Merged,
                 Err(e) => {
                     tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()),
                                    error = %e, "anti-entropy state does not decode");
-                    return false;
+                    return Merge::Refused;
                 }
             };
             let write = WriteOp::Merge {
@@ -469,11 +486,18 @@ impl AntiEntropy {
             let named = key.clone();
             let what = move || format!("key {}: anti-entropy merge", HexKey(named.to_vec()));
             match self.store.write_by(write, deadline, what).await {
-                Ok(_) => true,
+                Ok(_) => Merge::Merged,
+                // Past the state bounds: the replica keeps its state until a client resolves
+                // the key; trying again changes nothing.
+                Err(e @ WriteError::MergeTooLarge { .. }) => {
+                    tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
+                                   "anti-entropy merge refused");
+                    Merge::Refused
+                }
                 Err(e) => {
                     tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
                                    "anti-entropy merge failed");
-                    false
+                    Merge::Failed
                 }
             }
         };
