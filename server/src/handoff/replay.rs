@@ -742,6 +742,15 @@ mod tests {
         fn property_text(&self, cf: Cf, name: &str) -> Option<String> {
             self.inner.property_text(cf, name)
         }
+        fn mark_stale_incarnation(&self) -> Result<(), StorageError> {
+            self.inner.mark_stale_incarnation()
+        }
+        fn stale_incarnation(&self) -> bool {
+            self.inner.stale_incarnation()
+        }
+        fn clear_stale_incarnation(&self) -> Result<(), StorageError> {
+            self.inner.clear_stale_incarnation()
+        }
     }
 
     /// Grants every credit asked and merges every hint; records the replayed keys. Calls to

@@ -27,6 +27,8 @@ pub struct MemoryEngine {
     gate: Mutex<()>,
     pub synced_writes: AtomicU64,
     pub writes: AtomicU64,
+    /// The stale-incarnation mark (`Engine::mark_stale_incarnation`).
+    stale: AtomicBool,
 }
 
 impl MemoryEngine {
@@ -162,6 +164,22 @@ impl Engine for MemoryEngine {
 
     fn property_text(&self, _cf: Cf, _name: &str) -> Option<String> {
         None
+    }
+
+    /// A file of its own in a real engine: not undone by `lose_unsynced`, and not failed by
+    /// the injected write or sync failures.
+    fn mark_stale_incarnation(&self) -> Result<(), StorageError> {
+        self.stale.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn stale_incarnation(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
+    }
+
+    fn clear_stale_incarnation(&self) -> Result<(), StorageError> {
+        self.stale.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     fn property(&self, cf: Cf, name: &str) -> Option<u64> {

@@ -198,6 +198,14 @@ pub trait Engine: Send + Sync + 'static {
     fn property(&self, cf: Cf, name: &str) -> Option<u64>;
     /// A text property of `cf` (e.g. `rocksdb.cf-write-stall-stats`), if the engine has it.
     fn property_text(&self, cf: Cf, name: &str) -> Option<String>;
+    /// Records, durably and outside the engine's own write path (which may be what failed),
+    /// that the next open must start a new incarnation: a WAL fsync failed and the new
+    /// identity could not be written either.
+    fn mark_stale_incarnation(&self) -> Result<(), StorageError>;
+    /// Whether that mark is set.
+    fn stale_incarnation(&self) -> bool;
+    /// Clears the mark (once a new identity is durable).
+    fn clear_stale_incarnation(&self) -> Result<(), StorageError>;
 }
 
 pub use ringkv_protocol::ring::key_position;

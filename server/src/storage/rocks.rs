@@ -2,7 +2,7 @@
 //! (see shared/notes/rocksdb.md for the choices: one DB, fixed column families, shared block
 //! cache, bloom filters, WAL always on).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, ErrorKind, Options, ReadOptions, ReadTier,
@@ -34,7 +34,13 @@ impl Default for RocksConfig {
 
 pub struct RocksEngine {
     db: DB,
+    /// The stale-incarnation mark: a file of its own in the db dir (RocksDB ignores names it
+    /// does not know), written with plain file I/O.
+    stale_mark: PathBuf,
 }
+
+/// The file name of the stale-incarnation mark in the db dir.
+pub const STALE_INCARNATION_FILE: &str = "RINGKV_STALE_INCARNATION";
 
 fn map_err(op: &'static str, e: rocksdb::Error) -> StorageError {
     let cause = e.to_string();
@@ -108,7 +114,10 @@ impl RocksEngine {
             descriptors.push(ColumnFamilyDescriptor::new(cf.name(), o));
         }
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(open_err)?;
-        Ok(RocksEngine { db })
+        Ok(RocksEngine {
+            db,
+            stale_mark: path.join(STALE_INCARNATION_FILE),
+        })
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
@@ -202,6 +211,40 @@ impl Engine for RocksEngine {
     fn property_text(&self, cf: Cf, name: &str) -> Option<String> {
         self.db.property_value_cf(self.cf(cf), name).ok().flatten()
     }
+
+    fn mark_stale_incarnation(&self) -> Result<(), StorageError> {
+        let io = |e: std::io::Error| StorageError::Io {
+            op: "mark_stale_incarnation",
+            cause: format!("{}: {e}", self.stale_mark.display()),
+        };
+        std::fs::File::create(&self.stale_mark)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        self.sync_dir().map_err(io)
+    }
+
+    fn stale_incarnation(&self) -> bool {
+        self.stale_mark.exists()
+    }
+
+    fn clear_stale_incarnation(&self) -> Result<(), StorageError> {
+        let io = |e: std::io::Error| StorageError::Io {
+            op: "clear_stale_incarnation",
+            cause: format!("{}: {e}", self.stale_mark.display()),
+        };
+        match std::fs::remove_file(&self.stale_mark) {
+            Ok(()) => self.sync_dir().map_err(io),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+impl RocksEngine {
+    /// Makes the db dir's entries (a created or removed mark) durable.
+    fn sync_dir(&self) -> std::io::Result<()> {
+        std::fs::File::open(self.db.path())?.sync_all()
+    }
 }
 
 /// The count `field` of RocksDB's write-stall statistics text (`rocksdb.cf-write-stall-stats`:
@@ -226,6 +269,27 @@ mod tests {
         super::super::check_scan_contract(&e, &|| {
             e.db.flush_cf(e.cf(Cf::Data)).unwrap();
         });
+    }
+
+    /// The stale-incarnation mark survives a reopen (RocksDB leaves a file it does not know
+    /// in its dir alone, flushes and compactions included) until it is cleared.
+    #[test]
+    fn the_stale_incarnation_mark_survives_a_reopen_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).unwrap();
+        assert!(!e.stale_incarnation());
+        e.mark_stale_incarnation().unwrap();
+        put(&e, b"k", b"v");
+        e.db.flush_cf(e.cf(Cf::Data)).unwrap();
+        e.db.compact_range_cf(e.cf(Cf::Data), None::<&[u8]>, None::<&[u8]>);
+        drop(e);
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).unwrap();
+        assert!(e.stale_incarnation());
+        e.clear_stale_incarnation().unwrap();
+        e.clear_stale_incarnation().unwrap();
+        drop(e);
+        let e = RocksEngine::open(dir.path(), &RocksConfig::default()).unwrap();
+        assert!(!e.stale_incarnation());
     }
 
     fn put(e: &RocksEngine, k: &[u8], v: &[u8]) {

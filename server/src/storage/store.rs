@@ -642,8 +642,16 @@ impl Store {
             .as_ref()
             .is_some_and(|b| last_boot.as_deref() == Some(b.as_bytes()));
         let fresh = previous.is_none();
+        let stale = engine.stale_incarnation();
         let (identity, next_counter, reason) = match previous {
             None => (next_identity(&config.node_id, None), 1, "fresh data dir"),
+            Some((old, _)) if stale => (
+                next_identity(&config.node_id, Some(old)),
+                1,
+                "a WAL fsync failed in an earlier run and the new incarnation could not be \
+                 written then: the OS may have dropped writes it could not make durable, so \
+                 versions of the old actor may be missing here",
+            ),
             Some((old, _)) if config.new_incarnation => (
                 next_identity(&config.node_id, Some(old)),
                 1,
@@ -696,6 +704,13 @@ impl Store {
             batch.put(Cf::Meta, META_UNSYNCED.to_vec(), vec![1]);
         }
         engine.write(batch, true)?;
+        if stale {
+            // The new identity is durable: the mark has done its work.
+            if let Err(e) = engine.clear_stale_incarnation() {
+                warn!(node = %config.node_id, error = %e,
+                      "could not clear the stale-incarnation mark: the next start renews the actor again");
+            }
+        }
         let unsynced = engine.get(Cf::Meta, META_UNSYNCED)?.is_some();
         info!(
             node = %config.node_id,
@@ -728,6 +743,7 @@ impl Store {
             identity,
             next_counter,
             lease_persisted: lease_end,
+            stale_marked: false,
             purge_floor,
             sync: config.sync,
             stats: stats.clone(),
@@ -1344,6 +1360,9 @@ struct Writer {
     next_counter: u64,
     /// Highest counter covered by a durable lease of the current actor.
     lease_persisted: u64,
+    /// This run set the stale-incarnation mark (its renewal could not be written at once);
+    /// cleared with the first durable lease of the new identity.
+    stale_marked: bool,
     /// The highest counter of the current actor in a tombstone this node purged. A key absent
     /// here may have been purged, so a context or a replica's state showing our actor ahead of
     /// our copy is amnesia only above this floor (a tombstone still held elsewhere, or a
@@ -1511,6 +1530,14 @@ impl Writer {
         self.stats.synced_batches.inc();
         if let Some(lease_end) = lease {
             self.lease_persisted = lease_end;
+            // The identity written with this lease is the current one: durable now.
+            if self.stale_marked {
+                match self.engine.clear_stale_incarnation() {
+                    Ok(()) => self.stale_marked = false,
+                    Err(e) => warn!(node = %self.node_id, error = %e,
+                                    "could not clear the stale-incarnation mark: the next start renews the actor again"),
+                }
+            }
         }
     }
 
@@ -1708,14 +1735,34 @@ impl Writer {
 
     /// Starts a new incarnation: this node's copy may lack versions of the current actor, so
     /// minting on with it could cover (erase) them at the replicas that hold them. The new
-    /// identity becomes durable with the lease of its first dot (a fsynced batch), before any
-    /// of its dots leaves the writer.
+    /// identity is written at once (fsynced, with its first lease), so a restart before the
+    /// next dot does not go back to the old actor; if that write fails (after a failed fsync
+    /// the engine's writes usually do), a mark outside the engine's write path makes the next
+    /// open renew, and the first dot's batch writes the identity and lease as usual.
     fn renew_actor(&mut self, why: &str, key: Option<&[u8]>, seen: u64) {
         let old = self.identity;
         self.identity = next_identity(&self.node_id, Some(old));
         self.next_counter = 1;
         self.lease_persisted = 0;
         self.purge_floor = 0;
+        let mut batch = Batch::default();
+        batch.put(
+            Cf::Meta,
+            META_IDENTITY.to_vec(),
+            encode_identity(self.identity, COUNTER_LEASE),
+        );
+        match self.engine.write(batch, true) {
+            Ok(()) => self.lease_persisted = COUNTER_LEASE,
+            Err(e) => {
+                error!(node = %self.node_id, error = %e,
+                       "could not write the new incarnation; marking the data dir so that the next start renews the actor");
+                match self.engine.mark_stale_incarnation() {
+                    Ok(()) => self.stale_marked = true,
+                    Err(e) => error!(node = %self.node_id, error = %e,
+                                     "could not mark the data dir either: start this node with --new-incarnation"),
+                }
+            }
+        }
         self.stats.actor_renewals.inc();
         self.actor.store(self.identity.actor, Ordering::Relaxed);
         self.stats.incarnation.set(self.identity.incarnation);

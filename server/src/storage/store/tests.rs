@@ -365,6 +365,45 @@ async fn a_context_ahead_of_our_copy_of_the_key_renews_the_actor() {
         next.state,
         "the merge restored the copy"
     );
+    // The renewal is durable at once: a stop before this node mints again does not bring the
+    // actor whose versions its copy lacked back (found in review: it lived in memory until the
+    // next lease was written).
+    let after_merge = actor(&store);
+    crash(store);
+    let store = open(&engine, SyncMode::Group);
+    assert_eq!(actor(&store), after_merge);
+    store.close();
+}
+
+/// Found in review: after a failed WAL fsync the new incarnation lived only in memory until
+/// the next write persisted its lease, and the writes after a failed fsync fail too (the
+/// disk, RocksDB's background error): a restart then went on with the old actor on a copy
+/// that may lack versions it shipped. The renewal is written at once, and when even that
+/// fails a mark outside the engine's write path makes the next open renew.
+#[tokio::test]
+async fn a_failed_fsync_renews_the_actor_for_the_next_start_too() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    let first = store.write(put("a", "1", None)).await.unwrap().dot.unwrap();
+    engine.set_fail_syncs(true);
+    let (_, commit) = store.write_early(put("b", "1", None), far()).await.unwrap();
+    commit.await.expect_err("fsync failed");
+    assert_eq!(store.stats().actor_renewals.get(), 1);
+    // Nothing more is written; the process stops and the unsynced pages are gone.
+    crash(store);
+    engine.lose_unsynced();
+    engine.set_fail_syncs(false);
+    let store = open(&engine, SyncMode::Group);
+    assert_ne!(
+        actor(&store),
+        first.actor,
+        "a new incarnation at the next start"
+    );
+    let renewed = actor(&store);
+    // The mark is cleared once the new identity is durable: the start after keeps it.
+    store.close();
+    let store = open(&engine, SyncMode::Group);
+    assert_eq!(actor(&store), renewed);
     store.close();
 }
 
