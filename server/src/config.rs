@@ -911,8 +911,38 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.display().to_string(),
-        cause: e.to_string(),
+        cause: parse_error(&text, &e),
     })
+}
+
+/// A config file's parse error for the operator: where and what, without the source lines toml
+/// quotes, and without even the message when the error is on the `cluster_secret` line (a
+/// message like "invalid type: integer `123456`" would print the secret to the log).
+fn parse_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let before = |at: usize| &text.as_bytes()[..at.min(text.len())];
+    let line_of = |at: usize| before(at).iter().filter(|b| **b == b'\n').count();
+    let (first, last) = (line_of(span.start), line_of(span.end));
+    let line_start = before(span.start)
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let col = span.start.min(text.len()) - line_start + 1;
+    let on_secret = text
+        .lines()
+        .skip(first)
+        .take(last - first + 1)
+        .any(|l| l.contains("secret"));
+    if on_secret {
+        format!(
+            "line {}: invalid cluster_secret (it must be a quoted string; its value is not shown)",
+            first + 1
+        )
+    } else {
+        format!("line {}, column {col}: {}", first + 1, e.message())
+    }
 }
 
 pub fn validate_node_id(id: &str) -> Result<(), ConfigError> {
@@ -941,6 +971,37 @@ fn validate_name(setting: &'static str, id: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found in review: toml's error quotes the offending line (and type errors their value),
+    /// so an unquoted or numeric secret was printed to stderr and the logs.
+    #[test]
+    fn a_config_parse_error_never_shows_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, secret) in [
+            (
+                "node_id = \"a\"\ncluster_secret = 8f1b2c3d4e5f\n",
+                "8f1b2c3d4e5f",
+            ),
+            ("node_id = \"a\"\ncluster_secret = 123456789\n", "123456789"),
+            (
+                "cluster_secret = \"s3cr3t-value\nnode_id = \"a\"\n",
+                "s3cr3t-value",
+            ),
+        ] {
+            let path = dir.path().join("n.toml");
+            std::fs::write(&path, text).unwrap();
+            let e = read_file(&path).expect_err(text).to_string();
+            assert!(!e.contains(secret), "{e}");
+            assert!(e.contains("cluster_secret") && e.contains("line"), "{e}");
+        }
+        // Other errors still say where and what.
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "node_id = \"a\"\nvnodes = \"many\"\n").unwrap();
+        let e = read_file(&path)
+            .expect_err("a string for a number")
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("invalid type"), "{e}");
+    }
 
     fn cli(args: &[&str]) -> Cli {
         let mut all = vec!["ringkv"];
