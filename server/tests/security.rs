@@ -215,3 +215,99 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
     );
     assert!(!log.contains(SECRET) && !log.contains("a-guess"), "{log}");
 }
+
+/// A TCP connection to `addr` from the loopback address `from` (every 127.0.0.0/8 address is
+/// local on Linux: strangers on other addresses than the node's peers) with a small receive
+/// buffer.
+async fn connect_from(from: &str, addr: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// Found in review: a stranger could hold every peer-port connection slot without the secret,
+/// so that peers redialing after a restart were refused: connections that never authenticate
+/// were only closed once their replies were all read (or after a 30 s stall), and any number
+/// of them could be open. Now one address holds at most `MAX_UNADMITTED_PER_IP` unauthenticated
+/// connections, and one that ends unauthenticated gets a 1 s grace for its last replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_cannot_hold_the_peer_ports_connection_slots() {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    // The node's limits (server/src/net): 16 per address, 5 s to authenticate, 1 s grace.
+    const PER_IP: usize = 16;
+    let node = NodeProcess::start_temp("n1", &["--n", "1", "--cluster-secret", SECRET]);
+    let client = Client::connect([node.addr.clone()]).await.unwrap();
+
+    // Silent connections from one address: past the limit, refused at once with the reason.
+    let mut silent = Vec::new();
+    for _ in 0..PER_IP {
+        silent.push(connect_from("127.0.0.2", &node.peer_addr).await);
+    }
+    let extra = connect_from("127.0.0.2", &node.peer_addr).await;
+    let mut frames =
+        tokio_util::codec::FramedRead::new(extra, ringkv_protocol::FrameCodec::new(1 << 20));
+    let reply = tokio::time::timeout(Duration::from_secs(5), frames.next())
+        .await
+        .expect("refused at once")
+        .expect("a refusal frame")
+        .expect("a frame");
+    let ringkv_protocol::Inbound::Frame(reply) = reply else {
+        panic!("{reply:?}")
+    };
+    match PeerResponse::decode(reply.opcode, reply.body).unwrap() {
+        PeerResponse::Error(e) => {
+            assert!(matches!(e.kind, ErrorKind::Overloaded { .. }), "{e:?}");
+            assert!(e.message.contains("not authenticated yet"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A peer with the secret, from another address, is not held up by them.
+    match RawPeer::connect(&node.peer_addr)
+        .await
+        .unwrap()
+        .handshake(&creds(SECRET), false)
+        .await
+        .unwrap()
+    {
+        Handshake::Accepted(_) => {}
+        _ => panic!("the right secret must be accepted"),
+    }
+    drop(silent);
+
+    // Connections that send frames the node answers before any handshake (another protocol
+    // version) and read none of the answers: closed soon after the handshake timeout, not
+    // when the answers are read.
+    let mut junk = Vec::with_capacity(100_000 * 16);
+    for i in 0..100_000u64 {
+        junk.extend_from_slice(&[0x52, 0x4B, 9, 0x01]);
+        junk.extend_from_slice(&i.to_be_bytes());
+        junk.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let mut writers = Vec::new();
+    for _ in 0..PER_IP {
+        let mut c = connect_from("127.0.0.3", &node.peer_addr).await;
+        let junk = junk.clone();
+        writers.push(tokio::spawn(async move {
+            let _ = c.write_all(&junk).await;
+            // Keep the socket open (and unread) until the test ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+    eventually(
+        Duration::from_secs(3),
+        "the junk connections are open",
+        || async { metric(&client, "peer_net.connections_active").await >= PER_IP as u64 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(12),
+        "the node closed every unauthenticated connection",
+        || async { metric(&client, "peer_net.connections_active").await == 0 },
+    )
+    .await;
+    for w in writers {
+        w.abort();
+    }
+}

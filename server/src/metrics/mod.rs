@@ -534,7 +534,7 @@ metric_set! {
     pub struct ListenerMetrics {
         connections_accepted: Counter = "connections_accepted", "connections accepted";
         connections_active: Gauge = "connections_active", "connections open now";
-        connections_refused: Counter = "connections_refused", "connections refused at the connection limit";
+        connections_refused: Counter = "connections_refused", "connections refused at the connection limit (or, on the peer port, the per-address limit of unauthenticated ones)";
         frames_rejected: Counter = "frames_rejected", "frames refused by the codec (too large, unknown version)";
         malformed: Counter = "malformed", "frames that did not decode";
         write_stalls: Counter = "write_stalls", "connections closed because the other side read none of their replies for the write-stall timeout (30 s)";

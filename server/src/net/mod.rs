@@ -6,11 +6,17 @@
 //! not unbounded memory). A connection is one task: its requests run concurrently inside it
 //! (no task spawn or channel hop per request) and every reply that is ready when the task runs
 //! goes out in one flush.
+//!
+//! On a listener whose handler admits connections (the peer handshake), a remote IP address may
+//! hold at most `MAX_UNADMITTED_PER_IP` connections that have not been admitted yet, and a
+//! connection that ends unadmitted gets at most `UNADMITTED_FINISH` to take its last replies:
+//! a stranger cannot hold the listener's connection slots (peers redialing after a restart
+//! would be refused) by opening connections and reading nothing.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
@@ -34,6 +40,53 @@ pub const CONNECTION_RETRY_AFTER_MS: u64 = 1_000;
 
 /// How long shutdown waits for in-flight requests to finish and be answered.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Connections one remote IP address may have open and not yet admitted (authenticated), on a
+/// listener that admits them; more are refused at once.
+pub const MAX_UNADMITTED_PER_IP: usize = 16;
+
+/// How long a connection that ends without being admitted may take to write its last replies
+/// (a refusal's reason) before it is closed and its slot given back.
+pub const UNADMITTED_FINISH: Duration = Duration::from_secs(1);
+
+/// Refused connections are logged at most this often (the others are counted in the line).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Per remote IP, the connections not admitted yet.
+type Unadmitted = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection's place among its IP's unadmitted ones; given back when dropped.
+struct UnadmittedPlace {
+    counts: Unadmitted,
+    ip: IpAddr,
+}
+
+impl UnadmittedPlace {
+    fn take(counts: &Unadmitted, ip: IpAddr) -> Option<UnadmittedPlace> {
+        let mut map = counts.lock().expect("unadmitted counts lock poisoned");
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_UNADMITTED_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(UnadmittedPlace {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for UnadmittedPlace {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("unadmitted counts lock poisoned");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// A reply frame, and whether the connection must close after it is sent.
 pub struct Reply {
@@ -97,6 +150,11 @@ pub async fn serve<H, F>(
     F: Fn(SocketAddr) -> Arc<H>,
 {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let unadmitted: Unadmitted = Arc::default();
+    // Refusals are logged at most once per `REFUSAL_LOG_EVERY` (each is counted): a flood of
+    // connections must not flood the log too.
+    let mut refusals_logged: Option<Instant> = None;
+    let mut refusals_unlogged = 0u64;
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -113,29 +171,54 @@ pub async fn serve<H, F>(
             }
         };
         let _ = socket.set_nodelay(true);
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let handler = make_handler(peer);
+        let place = if handler.admitted() {
+            Ok(None)
+        } else {
+            UnadmittedPlace::take(&unadmitted, peer.ip()).map(Some).ok_or_else(|| {
+                format!(
+                    "too many connections from {} not authenticated yet (limit {MAX_UNADMITTED_PER_IP})",
+                    peer.ip()
+                )
+            })
+        };
+        let permit = place.and_then(|place| {
+            limit
+                .clone()
+                .try_acquire_owned()
+                .map(|permit| (permit, place))
+                .map_err(|_| format!("too many connections (limit {})", cfg.max_connections))
+        });
+        match permit {
+            Ok((permit, place)) => {
                 metrics.connections_accepted.inc();
                 conns.spawn(connection(
                     socket,
                     cfg.clone(),
                     metrics.clone(),
-                    make_handler(peer),
+                    handler,
                     shutdown.clone(),
                     permit,
+                    place,
                 ));
             }
-            Err(_) => {
+            Err(why) => {
                 metrics.connections_refused.inc();
-                warn!(node = %cfg.node_id, listener = cfg.kind, %peer, limit = cfg.max_connections,
-                      "connection refused: too many connections");
+                if refusals_logged.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                    warn!(node = %cfg.node_id, listener = cfg.kind, %peer, not_logged_since = refusals_unlogged,
+                          "connection refused: {why}");
+                    refusals_logged = Some(Instant::now());
+                    refusals_unlogged = 0;
+                } else {
+                    refusals_unlogged += 1;
+                }
                 let frame = error_frame(
                     &cfg.node_id,
                     0,
                     ErrorKind::Overloaded {
                         retry_after_ms: CONNECTION_RETRY_AFTER_MS,
                     },
-                    format!("too many connections (limit {})", cfg.max_connections),
+                    why,
                 );
                 conns.spawn(async move {
                     let mut w = FramedWrite::new(socket, FrameCodec::new(MAX_RESPONSE_BODY_LEN));
@@ -161,6 +244,8 @@ async fn connection<H: FrameHandler>(
     shutdown: CancellationToken,
     // This connection's place among `max_connections`.
     slot: OwnedSemaphorePermit,
+    // Its place among its IP's unadmitted connections, until it is admitted.
+    mut unadmitted: Option<UnadmittedPlace>,
 ) {
     let peer = socket
         .peer_addr()
@@ -201,6 +286,7 @@ async fn connection<H: FrameHandler>(
     while reading || !in_flight.is_empty() {
         if !admitted && handler.admitted() {
             admitted = true;
+            unadmitted = None;
             reader.decoder_mut().set_max_body(cfg.max_request_body);
         }
         let rejected = tokio::select! {
@@ -301,6 +387,12 @@ async fn connection<H: FrameHandler>(
         drop((reader, out, slot));
         metrics.connections_active.dec();
         while in_flight.next().await.is_some() {}
+    } else if !admitted && !handler.admitted() {
+        // Never admitted: its last replies (a refusal's reason) get a short grace, not the
+        // stall timeout a slow but genuine reader gets.
+        let _ = tokio::time::timeout(UNADMITTED_FINISH, out.finish()).await;
+        drop((holds, unadmitted));
+        metrics.connections_active.dec();
     } else {
         out.finish().await;
         drop(holds);
