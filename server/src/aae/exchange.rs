@@ -574,7 +574,7 @@ impl<T: Transport> AaeWorker<T> {
             }
             let n = batch.len();
             let entries = std::mem::take(&mut batch);
-            match self.call(addr, AaeRequest::PushStates { entries }).await? {
+            match super::push(&self.transport, addr, entries, self.aae.store()).await? {
                 AaeResponse::Merged(m) if m.len() == n => {
                     sent += m.iter().filter(|x| **x).count() as u64;
                 }
@@ -844,20 +844,25 @@ mod tests {
     use crate::testkit::{open_store, view};
     use crate::version::{Dot, KeyState, VersionVector};
 
-    /// A peer that answers every fetch with the same state for each key asked.
-    struct Source(Bytes);
+    /// A peer that answers every fetch with the same state for each key asked, merges every
+    /// push, and records each call's timeout.
+    struct Source(Bytes, std::sync::Mutex<Vec<Duration>>);
 
     impl Transport for Source {
         fn call(
             self: Arc<Self>,
             _addr: String,
             req: PeerRequest,
-            _timeout: Duration,
+            timeout: Duration,
         ) -> impl std::future::Future<Output = Result<PeerResponse, PeerError>> + Send + 'static
         {
+            self.1.lock().unwrap().push(timeout);
             let reply = match req {
                 PeerRequest::Aae(AaeRequest::FetchStates { keys }) => {
                     PeerResponse::Aae(AaeResponse::States(vec![self.0.clone(); keys.len()]))
+                }
+                PeerRequest::Aae(AaeRequest::PushStates { entries }) => {
+                    PeerResponse::Aae(AaeResponse::Merged(vec![true; entries.len()]))
                 }
                 other => panic!("unexpected {other:?}"),
             };
@@ -869,7 +874,7 @@ mod tests {
     /// was counted as not received, yet the exchange succeeded: a transfer checkpointed past
     /// the key and a node with a new data dir could be marked synced without it.
     #[tokio::test]
-    async fn a_fetched_state_that_fails_to_merge_fails_the_exchange() {
+    async fn an_exchange_fails_on_unmerged_fetches_and_bounds_its_pushes() {
         let v = view(&["a", "b", "c"], "a", &["a", "b", "c"]);
         let layout = v.layout_id();
         let engine = Arc::new(MemoryEngine::new());
@@ -893,7 +898,7 @@ mod tests {
             5,
             Some(Bytes::from_static(b"v")),
         );
-        let source = Arc::new(Source(Bytes::from(state.encode())));
+        let source = Arc::new(Source(Bytes::from(state.encode()), Default::default()));
         let mut worker = AaeWorker::new(
             aae,
             membership,
@@ -915,5 +920,15 @@ mod tests {
             .expect("merged once the writer can write");
         assert_eq!(received, 1);
         assert!(store.read_stored(&key).await.unwrap().is_some());
+
+        // Found in review: a push of states read now could be sent up to the 30 s call timeout
+        // later, and the peer then applies it within half the settle time of its arrival: past
+        // the settle time. Pushes are bounded by the peer-write limit.
+        store.limit_peer_writes(Duration::from_secs(2));
+        let source = worker.transport.clone();
+        source.1.lock().unwrap().clear();
+        let (pushed, _) = worker.push("b.peer:1", vec![key]).await.unwrap();
+        assert_eq!(pushed, 1);
+        assert_eq!(*source.1.lock().unwrap(), vec![Duration::from_secs(2)]);
     }
 }

@@ -21,13 +21,32 @@ pub async fn call<T: Transport>(
     addr: &str,
     req: AaeRequest,
 ) -> Result<AaeResponse, String> {
+    call_within(transport, addr, req, exchange::CALL_TIMEOUT).await
+}
+
+/// Pushes states this node just read to the peer at `addr`: the call (and so its sending: a
+/// request whose caller gave up is never sent) is bounded by the peer-write limit too, as the
+/// peer applies it within that limit of its arrival: a state read before a delete then lands
+/// within tombstone GC's settle time, never after the tombstone's purge.
+pub async fn push<T: Transport>(
+    transport: &std::sync::Arc<T>,
+    addr: &str,
+    entries: Vec<(bytes::Bytes, bytes::Bytes)>,
+    store: &crate::storage::Store,
+) -> Result<AaeResponse, String> {
+    let timeout = exchange::CALL_TIMEOUT.min(store.peer_write_limit());
+    call_within(transport, addr, AaeRequest::PushStates { entries }, timeout).await
+}
+
+async fn call_within<T: Transport>(
+    transport: &std::sync::Arc<T>,
+    addr: &str,
+    req: AaeRequest,
+    timeout: std::time::Duration,
+) -> Result<AaeResponse, String> {
     match transport
         .clone()
-        .call(
-            addr.to_string(),
-            PeerRequest::Aae(req),
-            exchange::CALL_TIMEOUT,
-        )
+        .call(addr.to_string(), PeerRequest::Aae(req), timeout)
         .await
     {
         Ok(PeerResponse::Aae(r)) => Ok(r),

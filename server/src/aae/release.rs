@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_protocol::peer::aae::{MAX_DIGESTS, STATES_BATCH_BYTES};
-use ringkv_protocol::peer::{AaeRequest, AaeResponse};
+use ringkv_protocol::peer::AaeResponse;
 use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -278,13 +278,7 @@ impl<T: Transport> ReleaseWorker<T> {
                         end += 1;
                     }
                     let batch = entries[start..end].to_vec();
-                    match super::call(
-                        &self.transport,
-                        addr,
-                        AaeRequest::PushStates { entries: batch },
-                    )
-                    .await
-                    {
+                    match super::push(&self.transport, addr, batch, &self.store).await {
                         Ok(AaeResponse::Merged(flags)) if flags.len() == end - start => {
                             for (m, ok) in merged[start..end].iter_mut().zip(flags) {
                                 *m &= ok;

@@ -1605,46 +1605,53 @@ impl<T: Transport> Coordinator<T> {
         }
         let merged = q.merged().clone();
         let state = Bytes::from(merged.encode());
-        for target in targets {
-            self.metrics.read_repairs.inc();
-            let result = if target == view.me {
-                self.store
-                    .write_within(
-                        WriteOp::Merge {
-                            key: key.clone(),
-                            state: merged.clone(),
-                        },
-                        READ_REPAIR_TIMEOUT.as_millis() as u32,
-                        || format!("key {}: read repair", HexKey(key.to_vec())),
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            } else {
-                let req = PeerRequest::Replica(ReplicaRequest::Replicate {
-                    key: key.clone(),
-                    state: state.clone(),
-                    timeout_ms: READ_REPAIR_TIMEOUT.as_millis() as u32,
-                });
-                match view.peer_addr(&target) {
-                    None => Err("no address".to_string()),
-                    Some(addr) => {
-                        let call =
-                            self.transport
-                                .clone()
-                                .call(addr.to_string(), req, READ_REPAIR_TIMEOUT);
-                        match call.await {
-                            Ok(_) => Ok(()),
-                            Err(e) => Err(e.to_string()),
-                        }
+        // Every repair goes out now, together, bounded by one time from now (the read's end,
+        // at most its deadline): tombstone GC counts on a state read before a delete landing
+        // within half the settle time after the read's deadline (config `Timeouts`). One
+        // after another, a silent target delayed the next one's by its whole timeout.
+        let limit = READ_REPAIR_TIMEOUT.min(self.store.peer_write_limit());
+        let limit_ms = limit.as_millis().max(1) as u32;
+        let repairs = targets.into_iter().map(|target| {
+            let (merged, state) = (merged.clone(), state.clone());
+            async move {
+                self.metrics.read_repairs.inc();
+                let result = if target == view.me {
+                    self.store
+                        .write_within(
+                            WriteOp::Merge {
+                                key: key.clone(),
+                                state: merged,
+                            },
+                            limit_ms,
+                            || format!("key {}: read repair", HexKey(key.to_vec())),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
+                    let req = PeerRequest::Replica(ReplicaRequest::Replicate {
+                        key: key.clone(),
+                        state,
+                        timeout_ms: limit_ms,
+                    });
+                    match view.peer_addr(&target) {
+                        None => Err("no address".to_string()),
+                        Some(addr) => self
+                            .transport
+                            .clone()
+                            .call(addr.to_string(), req, limit)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
                     }
+                };
+                if let Err(cause) = result {
+                    self.metrics.read_repair_failed.inc();
+                    warn!(node = %self.config.node_id, replica = %target, key = %HexKey(key.to_vec()), %cause, "read repair failed");
                 }
-            };
-            if let Err(cause) = result {
-                self.metrics.read_repair_failed.inc();
-                warn!(node = %self.config.node_id, replica = %target, key = %HexKey(key.to_vec()), %cause, "read repair failed");
             }
-        }
+        });
+        futures::future::join_all(repairs).await;
     }
 }
 

@@ -457,6 +457,56 @@ async fn a_read_merges_stale_and_concurrent_replies_and_repairs_every_other_repl
     assert_eq!(h.coordinator.metrics.read_repairs.get(), 3);
 }
 
+/// Found in review: read repairs went to their targets one after another, each with its own
+/// 2 s, so with a silent first target the next one got the merged state seconds after the
+/// read, later than tombstone GC allows for a state read before a delete (its settle time
+/// assumes the read's deadline plus half the settle time). They go out together now, within
+/// one bound from the read's end.
+#[tokio::test]
+async fn read_repairs_go_out_together_not_one_after_another() {
+    let h = harness(view(&ABC, "a", &["b", "c"]));
+    let mine = one_sibling(1, "from-a");
+    h.holds("k", &mine).await;
+    h.script
+        .on("b", Kind::Read, answer(state_reply(&KeyState::new())));
+    h.script
+        .on("c", Kind::Read, answer(state_reply(&KeyState::new())));
+    // Neither b nor c answers a repair.
+    for node in ["b", "c"] {
+        h.script.on(
+            node,
+            Kind::Replicate,
+            late(
+                Duration::from_secs(30),
+                PeerResponse::Replica(ReplicaResponse::Ack),
+            ),
+        );
+    }
+    let resp = h
+        .coordinator
+        .get(Bytes::from_static(b"k"), get_opts(3, 1000))
+        .await;
+    assert_eq!(reply_values(&resp), BTreeSet::from(["from-a".to_string()]));
+    let answered = Instant::now();
+    while h.script.calls(Kind::Replicate).len() < 2 {
+        assert!(
+            answered.elapsed() < Duration::from_millis(500),
+            "one repair waited for the other: {:?}",
+            h.script.calls(Kind::Replicate)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (_, req) in h.script.calls(Kind::Replicate) {
+        let PeerRequest::Replica(ReplicaRequest::Replicate { timeout_ms, .. }) = req else {
+            unreachable!()
+        };
+        assert!(
+            timeout_ms <= READ_REPAIR_TIMEOUT.as_millis() as u32,
+            "{timeout_ms}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_reply_after_the_read_quorum_is_merged_later_and_repaired() {
     let h = harness(view(&ABC, "a", &["b", "c"]));
