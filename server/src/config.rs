@@ -173,6 +173,12 @@ pub struct Cli {
     /// Cassandra bootstrap. false = it waits for `kvctl cluster join` + `commit` (Riak style).
     #[arg(long, value_name = "BOOL")]
     pub auto_join: Option<bool>,
+    /// Accept ring changes (`kvctl cluster join/leave/remove/replace/clear/commit`) and
+    /// `kvctl repair` over the client port from other hosts than this node's own (default
+    /// false: only from a loopback address, like nodetool's JMX; the client port is not
+    /// authenticated). Reads of the plan and status are accepted from anywhere.
+    #[arg(long, value_name = "BOOL")]
+    pub cluster_admin_remote: Option<bool>,
     /// Merkle-tree anti-entropy with the other replicas (default true).
     #[arg(long, value_name = "BOOL")]
     pub anti_entropy: Option<bool>,
@@ -250,6 +256,7 @@ pub struct FileConfig {
     pub read_fanout: Option<String>,
     pub read_speculate_ms: Option<u32>,
     pub auto_join: Option<bool>,
+    pub cluster_admin_remote: Option<bool>,
     pub anti_entropy: Option<bool>,
     pub aae_interval_secs: Option<u64>,
     pub aae_keys_per_sec: Option<u32>,
@@ -389,6 +396,8 @@ pub struct Config {
     pub read_fanout: ReadFanout,
     pub read_speculate_ms: u32,
     pub auto_join: bool,
+    /// Ring changes and repairs accepted from other hosts (else from loopback only).
+    pub cluster_admin_remote: bool,
 }
 
 /// The deadlines this node gives client requests (docs/operations.md, "Deadlines").
@@ -891,6 +900,10 @@ impl Config {
                 60_000,
             )?,
             auto_join: cli.auto_join.or(file.auto_join).unwrap_or(true),
+            cluster_admin_remote: cli
+                .cluster_admin_remote
+                .or(file.cluster_admin_remote)
+                .unwrap_or(false),
         })
     }
 

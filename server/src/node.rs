@@ -451,6 +451,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         net: client_net.clone(),
         budget: client_budget,
         timeouts: config.timeouts,
+        cluster_admin_remote: config.cluster_admin_remote,
     });
     let admin_http = {
         let (m, s, draining) = (membership.clone(), store.clone(), shutdown.clone());
@@ -515,7 +516,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
                     client_listener,
                     client_cfg,
                     client_net,
-                    move |_remote| Arc::new(ClientHandler::new(client_api.clone())),
+                    move |remote: std::net::SocketAddr| {
+                        Arc::new(ClientHandler::new(client_api.clone(), remote.ip()))
+                    },
                     shutdown.clone(),
                 ),
                 net::serve(

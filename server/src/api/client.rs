@@ -1,6 +1,7 @@
 //! Client frames: decode, validate, admit (the client budget, the deadline), dispatch to the
 //! coordinator or admin, count the outcome.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 use super::admin::Admin;
 use super::{result_of, RequestMetrics};
 use crate::admission::{Budget, ConnShare, Permit};
+use crate::cluster::admin_allowed;
 use crate::config::Timeouts;
 use crate::coordinator::Coordinator;
 use crate::metrics::ListenerMetrics;
@@ -25,6 +27,8 @@ pub struct ClientApi {
     pub budget: Arc<Budget>,
     /// The deadline of a request that names none, and the longest one may have.
     pub timeouts: Timeouts,
+    /// Ring changes and repairs accepted from other hosts (`--cluster-admin-remote`).
+    pub cluster_admin_remote: bool,
 }
 
 /// Why a data request was not run.
@@ -41,6 +45,7 @@ impl ClientApi {
         req: Request,
         body_len: usize,
         conn: &Arc<ConnShare>,
+        remote: IpAddr,
         arrived: Instant,
     ) -> (Response, Option<Permit>) {
         let op = op_name(&req);
@@ -54,7 +59,8 @@ impl ClientApi {
             Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }
         ) {
             // Admin requests are never shed: status and health answer under any load.
-            let resp = self.admin_request(req).await;
+            let may_change = admin_allowed(remote, self.cluster_admin_remote);
+            let resp = self.admin_request(req, may_change).await;
             self.requests.count(op, result_of(&resp, op));
             return (resp, None);
         }
@@ -132,14 +138,29 @@ impl ClientApi {
         }
     }
 
-    async fn admin_request(&self, req: Request) -> Response {
+    async fn admin_request(&self, req: Request, may_change: bool) -> Response {
         match req {
             Request::Ping => Response::Pong,
             Request::Status => Response::Status(self.admin.status()),
             Request::Ring => Response::Ring(self.admin.ring()),
             Request::Members => self.admin.members().await,
+            Request::Repair { .. } if !may_change => {
+                self.admin.cluster.metrics.admin_refused_remote.inc();
+                Response::error(
+                    ErrorKind::Unauthenticated,
+                    true,
+                    format!(
+                        "node {}: repairs are accepted only from this node's own host (run \
+                         kvctl on it), or from anywhere with --cluster-admin-remote true: the \
+                         client port is not authenticated",
+                        self.node_id
+                    ),
+                )
+            }
             Request::Repair { range } => self.admin.repair(range),
-            Request::Cluster(json) => Response::Cluster(self.admin.cluster.admin(&json).await),
+            Request::Cluster(json) => {
+                Response::Cluster(self.admin.cluster.admin(&json, may_change).await)
+            }
             Request::Get { .. } | Request::Put { .. } | Request::Delete { .. } => {
                 unreachable!("data requests are dispatched by handle")
             }
@@ -162,17 +183,19 @@ fn op_name(req: &Request) -> &'static str {
     }
 }
 
-/// One client connection: its share of the client budget.
+/// One client connection: its share of the client budget, and where it comes from.
 pub struct ClientHandler {
     pub api: Arc<ClientApi>,
     pub share: Arc<ConnShare>,
+    pub remote: IpAddr,
 }
 
 impl ClientHandler {
-    pub fn new(api: Arc<ClientApi>) -> ClientHandler {
+    pub fn new(api: Arc<ClientApi>, remote: IpAddr) -> ClientHandler {
         ClientHandler {
             api,
             share: ConnShare::new(),
+            remote,
         }
     }
 }
@@ -182,7 +205,11 @@ impl FrameHandler for ClientHandler {
         let id = frame.request_id;
         let len = frame.body.len();
         let (resp, hold) = match Request::decode(frame.opcode, frame.body) {
-            Ok(req) => self.api.handle(req, len, &self.share, arrived).await,
+            Ok(req) => {
+                self.api
+                    .handle(req, len, &self.share, self.remote, arrived)
+                    .await
+            }
             Err(e) => {
                 self.api.net.malformed.inc();
                 let resp = Response::error(

@@ -35,6 +35,8 @@ crate::metrics::metric_set! {
         released: Counter = "released", "retired nodes this node recorded as claimant as holding nothing (tombstone GC stops waiting for them)";
         admin_requests: Counter = "admin_requests", "kvctl cluster requests served as claimant";
         admin_forwarded: Counter = "admin_forwarded", "kvctl cluster requests forwarded to the claimant";
+        /// Ring changes and repairs refused from another host (`--cluster-admin-remote`).
+        admin_refused_remote: Counter = "admin_refused_remote", "ring changes and repairs refused because they came from another host than this node's (see --cluster-admin-remote)";
     }
 }
 
@@ -51,6 +53,23 @@ pub enum AdminRequest {
     Commit { plan: Option<u64> },
     /// The layout, the staged changes and every member's place.
     Status,
+}
+
+impl AdminRequest {
+    /// Whether the request changes the staged plan or the ring (else it only reads them).
+    pub fn changes(&self) -> bool {
+        matches!(
+            self,
+            AdminRequest::Stage(_) | AdminRequest::Clear | AdminRequest::Commit { .. }
+        )
+    }
+}
+
+/// Whether a client connection from `remote` may change the ring or start a repair: from this
+/// host (a loopback address) always, from others only with `--cluster-admin-remote` (the
+/// client port is not authenticated).
+pub fn admin_allowed(remote: std::net::IpAddr, remote_allowed: bool) -> bool {
+    remote_allowed || remote.to_canonical().is_loopback()
 }
 
 /// One owner's share of a ring, for the plan.
@@ -247,11 +266,21 @@ impl<T: Transport> ClusterService<T> {
     }
 
     /// A client's `kvctl cluster` request (JSON), answered by the claimant.
-    pub async fn admin(&self, json: &[u8]) -> Bytes {
+    /// A `kvctl cluster` request from a client; `may_change` = from a host allowed to change
+    /// the ring (`admin_allowed`).
+    pub async fn admin(&self, json: &[u8], may_change: bool) -> Bytes {
         let req: AdminRequest = match serde_json::from_slice(json) {
             Ok(r) => r,
             Err(e) => return reply(&self.error(format!("malformed cluster request: {e}"))),
         };
+        if req.changes() && !may_change {
+            self.metrics.admin_refused_remote.inc();
+            return reply(&self.error(
+                "ring changes are accepted only from this node's own host (run kvctl on it), \
+                 or from anywhere with --cluster-admin-remote true: the client port is not \
+                 authenticated",
+            ));
+        }
         let view = self.membership.view();
         let claimant = view.layout.claimant(&|n: &str| view.is_alive(n));
         match claimant {
@@ -677,6 +706,32 @@ pub fn status_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found in review: anyone who could reach the (unauthenticated) client port could stage
+    /// and commit ring changes: `remove` of a briefly unreachable node forfeits its data.
+    /// Changes and repairs come from this host only, unless the operator allows others.
+    #[test]
+    fn ring_changes_come_from_this_host_unless_allowed() {
+        let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let local_too: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let other: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let other6: std::net::IpAddr = "2001:db8::7".parse().unwrap();
+        for ip in [local, local_too, mapped, "::1".parse().unwrap()] {
+            assert!(admin_allowed(ip, false), "{ip}");
+        }
+        for ip in [other, other6] {
+            assert!(!admin_allowed(ip, false), "{ip}");
+            assert!(admin_allowed(ip, true), "{ip}");
+        }
+        let changes = [
+            AdminRequest::Stage(Change::Remove { node: "n2".into() }),
+            AdminRequest::Clear,
+            AdminRequest::Commit { plan: None },
+        ];
+        assert!(changes.iter().all(AdminRequest::changes));
+        assert!(!AdminRequest::Plan.changes() && !AdminRequest::Status.changes());
+    }
     use crate::membership::layout::LayoutId;
 
     fn synced(view: &mut ClusterView, node: &str, synced: LayoutId) {
