@@ -1120,3 +1120,75 @@ async fn a_broken_connection_frees_its_slot_while_its_requests_still_run() {
     )
     .await;
 }
+
+/// Found in review: while a connection's unsent replies are over the pause mark the node reads
+/// nothing more from it, so a request sent then waits in the socket; it was dated when the
+/// node finally read it and given its whole time again: a write the client had already seen
+/// time out was applied. Frames read right after such a pause are dated to its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_waited_while_its_connection_was_paused_is_never_applied() {
+    use futures::{SinkExt, StreamExt};
+    use ringkv_protocol::{FrameCodec, Inbound, ReadOptions, Request, Response, WriteOptions};
+    let node = NodeProcess::start_temp("n1", &["--n", "1"]);
+    let client = Client::connect([node.addr.clone()]).await.unwrap();
+    let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
+    client.put("big", big, None).await.unwrap();
+    // A small receive buffer: the replies wait in the node, which stops reading this
+    // connection once more than 1 MiB of them is unsent.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
+    let (rd, wr) = stream.into_split();
+    let codec = || FrameCodec::new(ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN);
+    let mut frames = tokio_util::codec::FramedWrite::new(wr, codec());
+    for id in 1..=12 {
+        let get = Request::Get {
+            key: Bytes::from_static(b"big"),
+            opts: ReadOptions::default(),
+        };
+        frames.send(get.to_frame(id)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let put = Request::Put {
+        key: Bytes::from_static(b"late"),
+        value: Bytes::from_static(b"v"),
+        context: Bytes::new(),
+        opts: WriteOptions {
+            timeout_ms: 200,
+            ..WriteOptions::default()
+        },
+    };
+    frames.send(put.to_frame(100)).await.unwrap();
+    // Well past the write's 200 ms, start reading: the node reads the put once its replies
+    // drain.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut replies = tokio_util::codec::FramedRead::new(rd, codec());
+    let answer = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), replies.next())
+            .await
+            .expect("every reply comes")
+            .expect("the connection stays open")
+            .expect("a frame");
+        let Inbound::Frame(frame) = frame else {
+            panic!("{frame:?}")
+        };
+        if frame.request_id == 100 {
+            break Response::decode(frame.opcode, frame.body).unwrap();
+        }
+    };
+    match &answer {
+        Response::Error(e) => {
+            assert!(
+                matches!(e.kind, ringkv_client::ErrorKind::Timeout { .. }),
+                "{e:?}"
+            );
+            assert!(e.definite, "{e:?}");
+        }
+        other => panic!(
+            "a write that waited past its deadline was run: {other:?}\n{}",
+            node.log_tail(60)
+        ),
+    }
+    let read = client.get("late").await.unwrap();
+    assert!(!read.is_found(), "{read:?}");
+}

@@ -22,8 +22,11 @@ use std::time::{Duration, Instant};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use ringkv_client::conn::{Outbound, Progress, UNSENT_PAUSE_BYTES, WRITE_STALL_TIMEOUT};
+use ringkv_protocol::frame::HEADER_LEN;
 use ringkv_protocol::limits::MAX_RESPONSE_BODY_LEN;
 use ringkv_protocol::{ErrorKind, Frame, FrameCodec, FrameError, Inbound, Rejection, Response};
+use std::os::fd::{AsRawFd, RawFd};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -252,8 +255,12 @@ async fn connection<H: FrameHandler>(
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     metrics.connections_active.inc();
+    let fd = socket.as_raw_fd();
     let (rd, wr) = socket.into_split();
-    let mut reader = FramedRead::new(rd, FrameCodec::new(cfg.max_request_body));
+    let mut reader = FramedRead::new(
+        Counted { inner: rd, read: 0 },
+        FrameCodec::new(cfg.max_request_body),
+    );
     // Replies are encoded into `out` at once and written in their own arm: a client that reads
     // slowly (or not at all) never stops this task from running its admitted requests, which
     // then finish and give back their budget. While more than `UNSENT_PAUSE_BYTES` of replies
@@ -283,7 +290,25 @@ async fn connection<H: FrameHandler>(
     }
     let admission_deadline = tokio::time::sleep(cfg.admission_timeout);
     tokio::pin!(admission_deadline);
+    // While this connection does not read (too many requests running, too many replies
+    // unsent), what the other side sends waits in the socket, unseen. When reading resumes,
+    // the bytes then queued (`backlog`: the stream offset they end at, and when the pause
+    // began) may have arrived at any time during the pause: a frame starting within them is
+    // dated to the pause's start, as after a process stall (`clock::StallWatch`), so its
+    // deadline counts the wait. Later bytes arrived after the pause and are not backdated.
+    let mut paused_since: Option<Instant> = None;
+    let mut backlog: VecDeque<(u64, Instant)> = VecDeque::new();
     while reading || !in_flight.is_empty() {
+        let can_read =
+            reading && in_flight.len() < cfg.max_in_flight && out.unsent() < UNSENT_PAUSE_BYTES;
+        if can_read {
+            if let Some(start) = paused_since.take() {
+                let queued_end = reader.get_ref().read + socket_queued(fd);
+                backlog.push_back((queued_end, start));
+            }
+        } else if reading && paused_since.is_none() {
+            paused_since = Some(Instant::now());
+        }
         if !admitted && handler.admitted() {
             admitted = true;
             unadmitted = None;
@@ -321,15 +346,24 @@ async fn connection<H: FrameHandler>(
                 }
                 None
             }
-            item = reader.next(), if reading
-                && in_flight.len() < cfg.max_in_flight
-                && out.unsent() < UNSENT_PAUSE_BYTES => match item {
+            item = reader.next(), if can_read => match item {
                 None => {
                     reading = false;
                     None
                 }
                 Some(Ok(Inbound::Frame(frame))) => {
-                    let arrived = StallWatch::global().arrival();
+                    let mut arrived = StallWatch::global().arrival();
+                    if !backlog.is_empty() {
+                        let consumed = reader.get_ref().read - reader.read_buffer().len() as u64;
+                        let frame_start =
+                            consumed.saturating_sub((HEADER_LEN + frame.body.len()) as u64);
+                        while backlog.front().is_some_and(|(end, _)| *end <= frame_start) {
+                            backlog.pop_front();
+                        }
+                        if let Some((_, start)) = backlog.front() {
+                            arrived = arrived.min(*start);
+                        }
+                    }
                     in_flight.push(handler.clone().handle(frame, arrived));
                     None
                 }
@@ -397,6 +431,40 @@ async fn connection<H: FrameHandler>(
         out.finish().await;
         drop(holds);
         metrics.connections_active.dec();
+    }
+}
+
+/// A read half that counts the bytes read from it (the stream offset reached).
+struct Counted<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            self.read += (buf.filled().len() - before) as u64;
+        }
+        polled
+    }
+}
+
+/// Bytes received on the socket `fd` and not read yet (0 when unknown).
+fn socket_queued(fd: RawFd) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points to `n`; `fd` is the
+    // connection's socket, open while its read half (the caller's `reader`) lives.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if rc == 0 {
+        n.max(0) as u64
+    } else {
+        0
     }
 }
 
