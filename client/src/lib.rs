@@ -724,14 +724,16 @@ impl Client {
         timeout: Duration,
         route: Option<usize>,
     ) -> Result<(String, Response), Error> {
-        let idempotent = matches!(
-            req,
+        let idempotent = match &req {
             Request::Get { .. }
-                | Request::Ping
-                | Request::Status
-                | Request::Ring
-                | Request::Members
-        );
+            | Request::Ping
+            | Request::Status
+            | Request::Ring
+            | Request::Members => true,
+            // `kvctl cluster status` and `plan` read; the other cluster requests change.
+            Request::Cluster(json) => matches!(json.as_ref(), b"\"Status\"" | b"\"Plan\""),
+            _ => false,
+        };
         let local =
             matches!(&req, Request::Get { opts, .. } if opts.flags & ReadOptions::LOCAL != 0);
         // A local read asks one node's own copy: another node's is another answer.
@@ -1145,6 +1147,9 @@ mod routing_tests {
         // A read is resent (it changes nothing): the second node gets it (and never answers).
         let _ = client.status().await;
         assert_eq!(seen.load(Ordering::Relaxed), 1);
+        // So is a cluster request that only reads (`kvctl cluster status`).
+        let _ = client.cluster(br#""Status""#.to_vec()).await;
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
     }
 
     #[test]

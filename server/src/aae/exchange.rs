@@ -601,6 +601,7 @@ impl<T: Transport> AaeWorker<T> {
         layout: LayoutId,
     ) -> Result<(u64, u64, u64), String> {
         let (mut received, mut state_bytes, mut bytes) = (0, 0u64, 0u64);
+        let mut failed = 0;
         let limit = self.aae.store().peer_write_limit();
         for chunk in keys.chunks(MAX_STATES) {
             let asked = Instant::now();
@@ -641,17 +642,17 @@ impl<T: Transport> AaeWorker<T> {
             let merged = self.aae.merge_by(entries, deadline).await;
             received += merged.iter().filter(|m| **m == Merge::Merged).count() as u64;
             // A state not merged for a passing cause (the writer full or late, storage) leaves
-            // the key unsynced here: the exchange fails, so a transfer does not checkpoint past
-            // it and an unsynced node does not count the peer as synced.
-            let failed = merged.iter().filter(|m| **m == Merge::Failed).count();
-            if failed > 0 {
-                return Err(format!(
-                    "{failed} of {} states fetched from {addr} failed to merge here (causes \
-                     logged per key); retried",
-                    merged.len()
-                ));
-            }
+            // the key unsynced here: the exchange fails (after the other chunks), so a transfer
+            // does not checkpoint past it and an unsynced node does not count the peer synced.
+            failed += merged.iter().filter(|m| **m == Merge::Failed).count();
             self.pace(chunk.len(), fetched).await;
+        }
+        if failed > 0 {
+            return Err(format!(
+                "{failed} of {} states fetched from {addr} failed to merge here (causes logged \
+                 per key); retried",
+                keys.len()
+            ));
         }
         Ok((received, state_bytes, bytes))
     }

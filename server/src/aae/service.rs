@@ -82,8 +82,8 @@ pub enum Merge {
     /// In this node's replica now (or there was nothing to merge).
     Merged,
     /// Not taken, and taking it again would not change that: this node does not replicate the
-    /// key (or does not know the ring yet), the state does not decode, or the merge would grow
-    /// the replica past the state bounds.
+    /// key (or does not know the ring yet), the state does not decode, the merge would grow
+    /// the replica past the state bounds, or this node's stored record of the key is corrupt.
     Refused,
     /// Not merged for a cause that passes (the writer was full or late, storage failed): an
     /// exchange that fetched it has not synced the key, and is retried.
@@ -447,7 +447,10 @@ impl AntiEntropy {
     /// their arrival (what is not merged by then is dropped, never applied late: tombstone GC
     /// relies on it); a key this node does not replicate is refused (false), never stored.
     pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
-        self.merge_by(entries, std::time::Instant::now() + MERGE_DEADLINE)
+        // From arrival, not per write: a batch merged in paced chunks must not land its last
+        // states later than the peer-write limit allows (tombstone GC's settle time).
+        let within = MERGE_DEADLINE.min(self.store.peer_write_limit());
+        self.merge_by(entries, std::time::Instant::now() + within)
             .await
             .into_iter()
             .map(|m| m == Merge::Merged)
@@ -489,7 +492,13 @@ impl AntiEntropy {
                 Ok(_) => Merge::Merged,
                 // Past the state bounds: the replica keeps its state until a client resolves
                 // the key; trying again changes nothing.
-                Err(e @ WriteError::MergeTooLarge { .. }) => {
+                Err(
+                    e @ (WriteError::MergeTooLarge { .. }
+                    | WriteError::Storage {
+                        source: crate::storage::StorageError::Corrupt { .. },
+                        ..
+                    }),
+                ) => {
                     tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
                                    "anti-entropy merge refused");
                     Merge::Refused

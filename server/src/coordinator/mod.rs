@@ -885,6 +885,8 @@ impl<T: Transport> Coordinator<T> {
         view: &ClusterView,
         deadline: Instant,
     ) -> Response {
+        // A definite refusal of a replica that did nothing, answered if no other takes it.
+        let mut refused = None;
         for target in alive {
             let Some(addr) = view.peer_addr(target) else {
                 continue;
@@ -912,15 +914,25 @@ impl<T: Transport> Coordinator<T> {
                 Ok(PeerResponse::Coordinator(CoordinatorResponse::ForwardReply {
                     opcode,
                     body,
-                })) => {
-                    return Response::decode(opcode, body).unwrap_or_else(|e| {
-                        self.err(
+                })) => match Response::decode(opcode, body) {
+                    // Refused before anything was done (it does not replicate the key in its
+                    // view, or no primary is up there): another replica may take it.
+                    Ok(Response::Error(e))
+                        if e.definite
+                            && matches!(e.kind, ErrorKind::Unavailable { alive: 0, .. }) =>
+                    {
+                        refused = Some(Response::Error(e));
+                        continue;
+                    }
+                    Ok(resp) => return resp,
+                    Err(e) => {
+                        return self.err(
                             ErrorKind::Internal,
                             false,
                             format!("undecodable reply to a write forwarded to {target}: {e}"),
                         )
-                    })
-                }
+                    }
+                },
                 Ok(other) => {
                     return self.err(
                         ErrorKind::Internal,
@@ -961,6 +973,9 @@ impl<T: Transport> Coordinator<T> {
                     );
                 }
             }
+        }
+        if let Some(resp) = refused {
+            return resp;
         }
         self.quorum_error(
             key,

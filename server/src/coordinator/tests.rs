@@ -664,6 +664,41 @@ async fn a_write_forwarded_to_a_node_that_does_not_replicate_the_key_is_refused_
     );
 }
 
+/// Found in review: the forwarding node answered a primary's "I do not replicate that key"
+/// refusal to the client, although the next primary in its view could take the write.
+#[tokio::test]
+async fn a_forward_refused_by_a_node_that_does_not_replicate_the_key_goes_to_the_next() {
+    let (h, key, primaries) = forwarding_harness();
+    let refusal = Response::error(
+        ErrorKind::Unavailable {
+            alive: 0,
+            needed: 2,
+        },
+        true,
+        "does not replicate the key in its ring view",
+    );
+    let coordinated = Response::Put(WriteReply {
+        actor: 77,
+        counter: 9,
+        body: None,
+        primary_acks: 2,
+        fallback_acks: 0,
+    });
+    h.script
+        .on(&primaries[0], Kind::Forward, coordinates(&refusal));
+    h.script
+        .on(&primaries[1], Kind::Forward, coordinates(&coordinated));
+    let resp = h.coordinator.write(put(&key, "v", 2, 1000)).await;
+    assert_eq!(resp, coordinated);
+    // Every primary refusing: the refusal is the answer (definite).
+    h.script
+        .on(&primaries[1], Kind::Forward, coordinates(&refusal));
+    h.script
+        .on(&primaries[2], Kind::Forward, coordinates(&refusal));
+    let resp = h.coordinator.write(put(&key, "v", 2, 1000)).await;
+    assert_eq!(resp, refusal);
+}
+
 #[tokio::test]
 async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
     let h = harness(view(&ABC, "a", &["b", "c"]));

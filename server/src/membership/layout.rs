@@ -343,14 +343,18 @@ impl Layout {
                     // included), which is right only for a node that is gone.
                     if live.is_alive(old) {
                         return invalid(format!(
-                            "replace {old} by {new}: {old} is running; use leave {old} and join                              {new} (it hands its data off first), or replace it once it is down                              for good"
+                            "replace {old} by {new}: {old} is running; use leave {old} and join \
+                             {new} (it hands its data off first), or replace it once it is down \
+                             for good"
                         ));
                     }
                     // As `join`: a node taken out of the ring may hold copies older than
                     // deletes purged since.
                     if self.retired.contains(new) && !live.holds_nothing(new) {
                         return invalid(format!(
-                            "replace {old} by {new}: {new} was taken out of the ring and has not                              said it holds nothing; what it kept may predate deletes purged                              since: stop it, wipe its data dir, start it and replace again"
+                            "replace {old} by {new}: {new} was taken out of the ring and has not \
+                             said it holds nothing; what it kept may predate deletes purged \
+                             since: stop it, wipe its data dir, start it and replace again"
                         ));
                     }
                     owners.insert(new.clone(), owner);

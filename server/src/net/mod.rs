@@ -8,7 +8,8 @@
 //! goes out in one flush.
 //!
 //! On a listener whose handler admits connections (the peer handshake), a remote IP address may
-//! hold at most `MAX_UNADMITTED_PER_IP` connections that have not been admitted yet, and a
+//! hold at most `MAX_UNADMITTED_PER_IP` connections that have not been admitted yet (and all
+//! addresses together half of `max_connections`), and a
 //! connection that ends unadmitted gets at most `UNADMITTED_FINISH` to take its last replies:
 //! a stranger cannot hold the listener's connection slots (peers redialing after a restart
 //! would be refused) by opening connections and reading nothing.
@@ -52,27 +53,47 @@ pub const MAX_UNADMITTED_PER_IP: usize = 16;
 /// (a refusal's reason) before it is closed and its slot given back.
 pub const UNADMITTED_FINISH: Duration = Duration::from_secs(1);
 
+/// Read pauses one connection remembers (their backlogs not read yet) before merging them.
+const MAX_BACKLOG_MARKS: usize = 64;
+
 /// Refused connections are logged at most this often (the others are counted in the line).
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// Per remote IP, the connections not admitted yet.
-type Unadmitted = Arc<Mutex<HashMap<IpAddr, usize>>>;
+/// The connections not admitted yet: in all, and per remote IP.
+#[derive(Default)]
+struct UnadmittedCounts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
 
-/// One connection's place among its IP's unadmitted ones; given back when dropped.
+type Unadmitted = Arc<Mutex<UnadmittedCounts>>;
+
+/// One connection's place among the unadmitted ones; given back when dropped.
 struct UnadmittedPlace {
     counts: Unadmitted,
     ip: IpAddr,
 }
 
 impl UnadmittedPlace {
-    fn take(counts: &Unadmitted, ip: IpAddr) -> Option<UnadmittedPlace> {
-        let mut map = counts.lock().expect("unadmitted counts lock poisoned");
-        let n = map.entry(ip).or_insert(0);
+    /// A place for a connection from `ip`, or why there is none: at most
+    /// `MAX_UNADMITTED_PER_IP` per address and `max_total` in all (half the listener's
+    /// connections, so that authenticated peers always find room).
+    fn take(counts: &Unadmitted, ip: IpAddr, max_total: usize) -> Result<UnadmittedPlace, String> {
+        let mut c = counts.lock().expect("unadmitted counts lock poisoned");
+        if c.total >= max_total {
+            return Err(format!(
+                "too many connections not authenticated yet (limit {max_total})"
+            ));
+        }
+        let n = c.per_ip.entry(ip).or_insert(0);
         if *n >= MAX_UNADMITTED_PER_IP {
-            return None;
+            return Err(format!(
+                "too many connections from {ip} not authenticated yet (limit {MAX_UNADMITTED_PER_IP})"
+            ));
         }
         *n += 1;
-        Some(UnadmittedPlace {
+        c.total += 1;
+        Ok(UnadmittedPlace {
             counts: counts.clone(),
             ip,
         })
@@ -81,11 +102,12 @@ impl UnadmittedPlace {
 
 impl Drop for UnadmittedPlace {
     fn drop(&mut self) {
-        let mut map = self.counts.lock().expect("unadmitted counts lock poisoned");
-        if let Some(n) = map.get_mut(&self.ip) {
+        let mut c = self.counts.lock().expect("unadmitted counts lock poisoned");
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                c.per_ip.remove(&self.ip);
             }
         }
     }
@@ -178,12 +200,8 @@ pub async fn serve<H, F>(
         let place = if handler.admitted() {
             Ok(None)
         } else {
-            UnadmittedPlace::take(&unadmitted, peer.ip()).map(Some).ok_or_else(|| {
-                format!(
-                    "too many connections from {} not authenticated yet (limit {MAX_UNADMITTED_PER_IP})",
-                    peer.ip()
-                )
-            })
+            UnadmittedPlace::take(&unadmitted, peer.ip(), (cfg.max_connections / 2).max(1))
+                .map(Some)
         };
         let permit = place.and_then(|place| {
             limit
@@ -304,7 +322,15 @@ async fn connection<H: FrameHandler>(
         if can_read {
             if let Some(start) = paused_since.take() {
                 let queued_end = reader.get_ref().read + socket_queued(fd);
-                backlog.push_back((queued_end, start));
+                let full = backlog.len() >= MAX_BACKLOG_MARKS;
+                match backlog.back_mut() {
+                    // Bounded: past the cap, the newest mark takes in the new bytes with its
+                    // older date (they are dated earlier, never later, than they could be).
+                    Some(last) if full => {
+                        last.0 = last.0.max(queued_end);
+                    }
+                    _ => backlog.push_back((queued_end, start)),
+                }
             }
         } else if reading && paused_since.is_none() {
             paused_since = Some(Instant::now());

@@ -123,6 +123,9 @@ pub enum DropReason {
     Late = 3,
     /// The writer's queue was full when it came (`Overloaded`): it was never queued.
     Overloaded = 4,
+    /// It could not be stored: its row here is unreadable, the merged hint would pass the
+    /// state bounds, or reading the row failed.
+    Unstorable = 5,
 }
 
 impl DropReason {
@@ -132,6 +135,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::Late => "late",
             DropReason::Overloaded => "overloaded",
+            DropReason::Unstorable => "unstorable",
         }
     }
 }

@@ -531,6 +531,7 @@ crate::metrics::metric_set! {
         deleted: Counter = "deleted", "hints deleted after their target acknowledged them";
         kept_changed: Counter = "kept_changed", "hints kept at delete because they changed during replay";
         dropped_cap: Counter = "dropped_cap", "hints not kept because the store was at a byte cap";
+        dropped_unstorable: Counter = "dropped_unstorable", "a coordinator's own hints not kept because they could not be stored (an unreadable hint row, the state bounds, a storage error; marked for anti-entropy)";
         dropped_expired: Counter = "dropped_expired", "hints given up after the hint window";
         dropped_late: Counter = "dropped_late", "hints dropped unapplied because their deadline passed while queued for the writer (marked for anti-entropy)";
         dropped_overloaded: Counter = "dropped_overloaded", "hint writes refused because the writer's queue was full (the partition is marked for anti-entropy with the writer's next group; the caller may keep the hint elsewhere)";
@@ -1904,9 +1905,17 @@ impl Writer {
         group.overlay.insert(dkey, next.clone());
         if let WriteOp::Update { hint_for, .. } = op {
             for target in hint_for {
-                // The write stands without the hint: a refused hint marked the target's
-                // partition for anti-entropy and was counted.
-                let _ = self.merge_hint(target, key, &next, group);
+                // The write stands without the hint; the target's partition is marked for
+                // anti-entropy and the drop counted (a full hint store did both itself).
+                match self.merge_hint(target, key, &next, group) {
+                    Ok(_) | Err(WriteError::HintsFull { .. }) => {}
+                    Err(e) => {
+                        self.hint_stats.dropped_unstorable.inc();
+                        warn!(node = %self.node_id, %target, error = %e,
+                              "hint not kept; the target's range is marked for anti-entropy");
+                        self.mark_for_anti_entropy(target, key, DropReason::Unstorable, group);
+                    }
+                }
             }
         }
         Ok(WriteOutcome {

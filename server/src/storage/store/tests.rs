@@ -1363,6 +1363,38 @@ async fn a_local_hint_commits_with_the_write_or_not_at_all() {
     assert_eq!(store.hint_book().target("n2").keys, 1);
 }
 
+/// Found in review: a coordinator's own hint that could not be stored for another cause than
+/// a full hint store (here an unreadable hint row) was dropped silently: not counted, and its
+/// target's partition not marked, so the down primary waited for a regular anti-entropy cycle.
+#[tokio::test]
+async fn a_local_hint_that_cannot_be_stored_is_counted_and_marked() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    let mut bad = Batch::default();
+    bad.put(
+        Cf::Hints,
+        crate::storage::hints::hint_key("n2", b"k"),
+        vec![0xFF; 3],
+    );
+    engine.write(bad, true).unwrap();
+    let op = WriteOp::Update {
+        key: Bytes::from_static(b"k"),
+        ctx: VersionVector::new(),
+        value: Some(Bytes::from_static(b"v")),
+        timestamp_ms: 1,
+        hint_for: vec!["n2".into()],
+    };
+    let out = store
+        .write(op)
+        .await
+        .expect("the write stands without the hint");
+    assert!(out.changed);
+    assert_eq!(store.hint_stats().dropped_unstorable.get(), 1);
+    assert!(mark_keys(&store)
+        .await
+        .contains(&("n2".to_string(), partition_of(b"k"))));
+}
+
 /// Tombstone GC's compare-and-delete removes exactly the tombstone state it was given; a
 /// tombstone that comes back from a replica that had not purged yet, or a client's context
 /// read from it, is not mistaken for amnesia (the purge floor), before and after a restart.
