@@ -932,4 +932,61 @@ mod tests {
         assert_eq!(pushed, 1);
         assert_eq!(*source.1.lock().unwrap(), vec![Duration::from_secs(2)]);
     }
+
+    /// Found in review: a pushed batch was merged in paced chunks, each write bounded by the
+    /// peer-write limit from its own submission: with a slow writer, later chunks landed
+    /// long after the batch arrived, past what tombstone GC's settle time allows. The limit
+    /// counts from the batch's arrival.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pushed_batch_lands_within_the_peer_write_limit_of_its_arrival() {
+        let v = view(&["a"], "a", &["a"]);
+        let engine = Arc::new(MemoryEngine::new());
+        let store = open_store(engine.clone(), "a");
+        store.limit_peer_writes(Duration::from_millis(100));
+        let (membership, _tx) = crate::membership::Membership::fixed(v);
+        let aae = Arc::new(AntiEntropy::new(
+            "a".into(),
+            store.clone(),
+            Arc::new(RwLock::new(Tree::new())),
+            Arc::new(AtomicU32::new(crate::merkle::LEAVES as u32)),
+            membership,
+            3,
+            true,
+        ));
+        let state = KeyState::new().update(
+            &VersionVector::new(),
+            Dot {
+                actor: 7,
+                counter: 1,
+            },
+            5,
+            Some(Bytes::from_static(b"v")),
+        );
+        let encoded = Bytes::from(state.encode());
+        let entries: Vec<(Bytes, Bytes)> = (0..64)
+            .map(|i| (Bytes::from(format!("k{i:02}")), encoded.clone()))
+            .collect();
+        // The writer is stuck for 300 ms (a slow disk) as the batch arrives.
+        let held = engine.clone();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let _gate = held.hold_writes();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        locked_rx.recv().unwrap();
+        let merged = aae.merge_pushed(entries).await;
+        holder.join().unwrap();
+        assert_eq!(merged.len(), 64);
+        // The first chunk went to the writer before the limit ran out (it may land with the
+        // slow write); every later one is dropped unapplied.
+        for (i, ok) in merged.iter().enumerate().skip(32) {
+            assert!(!ok, "k{i:02} merged after the limit");
+            let key = format!("k{i:02}");
+            assert!(
+                store.read_stored(key.as_bytes()).await.unwrap().is_none(),
+                "{key}"
+            );
+        }
+    }
 }
