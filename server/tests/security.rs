@@ -69,6 +69,20 @@ fn hello(nonce: [u8; 32]) -> PeerRequest {
     }))
 }
 
+/// A peer connection that completed the handshake with the right secret.
+async fn accepted(peer_addr: &str) -> RawPeer {
+    match RawPeer::connect(peer_addr)
+        .await
+        .unwrap()
+        .handshake(&creds(SECRET), false)
+        .await
+        .unwrap()
+    {
+        Handshake::Accepted(peer) => peer,
+        _ => panic!("the right secret must be accepted"),
+    }
+}
+
 fn refused(resp: &PeerResponse, kind: ErrorKind) {
     match resp {
         PeerResponse::Error(e) => assert_eq!(e.kind, kind, "{}", e.message),
@@ -93,27 +107,19 @@ async fn a_stranger_with_the_cluster_name_but_not_the_secret_is_refused_and_chan
 
     // Control: with the secret the handshake completes and a replica read is served, so the
     // refusals below are the node's doing, not a broken test client.
-    match RawPeer::connect(&node.peer_addr)
-        .await
-        .unwrap()
-        .handshake(&creds(SECRET), false)
-        .await
-        .unwrap()
     {
-        Handshake::Accepted(mut peer) => {
-            assert!(matches!(
-                peer.call(&read_local).await.unwrap(),
-                PeerResponse::Replica(ReplicaResponse::State(_))
-            ));
-            // Even an authenticated peer cannot slip in a sibling with counter 0.
-            let forged = PeerRequest::Replica(ReplicaRequest::Replicate {
-                key: Bytes::from_static(b"k"),
-                state: zero_counter_state(dot.0),
-                timeout_ms: 1000,
-            });
-            refused(&peer.call(&forged).await.unwrap(), ErrorKind::Malformed);
-        }
-        _ => panic!("the right secret must be accepted"),
+        let mut peer = accepted(&node.peer_addr).await;
+        assert!(matches!(
+            peer.call(&read_local).await.unwrap(),
+            PeerResponse::Replica(ReplicaResponse::State(_))
+        ));
+        // Even an authenticated peer cannot slip in a sibling with counter 0.
+        let forged = PeerRequest::Replica(ReplicaRequest::Replicate {
+            key: Bytes::from_static(b"k"),
+            state: zero_counter_state(dot.0),
+            timeout_ms: 1000,
+        });
+        refused(&peer.call(&forged).await.unwrap(), ErrorKind::Malformed);
     }
 
     // The right cluster name and N, the wrong secret: the node's proof does not check out with
@@ -264,16 +270,7 @@ async fn a_stranger_cannot_hold_the_peer_ports_connection_slots() {
         other => panic!("{other:?}"),
     }
     // A peer with the secret, from another address, is not held up by them.
-    match RawPeer::connect(&node.peer_addr)
-        .await
-        .unwrap()
-        .handshake(&creds(SECRET), false)
-        .await
-        .unwrap()
-    {
-        Handshake::Accepted(_) => {}
-        _ => panic!("the right secret must be accepted"),
-    }
+    drop(accepted(&node.peer_addr).await);
     drop(silent);
 
     // Connections that send frames the node answers before any handshake (another protocol

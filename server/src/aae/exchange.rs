@@ -871,16 +871,20 @@ mod tests {
         }
     }
 
-    /// Found in review: a fetched state the writer refused (full queue, late, storage error)
-    /// was counted as not received, yet the exchange succeeded: a transfer checkpointed past
-    /// the key and a node with a new data dir could be marked synced without it.
-    #[tokio::test]
-    async fn an_exchange_fails_on_unmerged_fetches_and_bounds_its_pushes() {
-        let v = view(&["a", "b", "c"], "a", &["a", "b", "c"]);
-        let layout = v.layout_id();
+    /// Node "a" of `v`: its memory engine, store, membership and anti-entropy service.
+    fn node_a(
+        v: crate::membership::ClusterView,
+    ) -> (
+        Arc<MemoryEngine>,
+        Arc<crate::storage::Store>,
+        Membership,
+        Arc<AntiEntropy>,
+    ) {
         let engine = Arc::new(MemoryEngine::new());
         let store = open_store(engine.clone(), "a");
-        let (membership, _tx) = crate::membership::Membership::fixed(v);
+        let (membership, tx) = crate::membership::Membership::fixed(v);
+        // The view stays as given for the test's life.
+        std::mem::forget(tx);
         let aae = Arc::new(AntiEntropy::new(
             "a".into(),
             store.clone(),
@@ -890,6 +894,11 @@ mod tests {
             3,
             true,
         ));
+        (engine, store, membership, aae)
+    }
+
+    /// One encoded state: a sibling of actor 7.
+    fn one_state() -> Bytes {
         let state = KeyState::new().update(
             &VersionVector::new(),
             Dot {
@@ -899,7 +908,18 @@ mod tests {
             5,
             Some(Bytes::from_static(b"v")),
         );
-        let source = Arc::new(Source(Bytes::from(state.encode()), Default::default()));
+        Bytes::from(state.encode())
+    }
+
+    /// Found in review: a fetched state the writer refused (full queue, late, storage error)
+    /// was counted as not received, yet the exchange succeeded: a transfer checkpointed past
+    /// the key and a node with a new data dir could be marked synced without it.
+    #[tokio::test]
+    async fn an_exchange_fails_on_unmerged_fetches_and_bounds_its_pushes() {
+        let v = view(&["a", "b", "c"], "a", &["a", "b", "c"]);
+        let layout = v.layout_id();
+        let (engine, store, membership, aae) = node_a(v);
+        let source = Arc::new(Source(one_state(), Default::default()));
         let mut worker = AaeWorker::new(
             aae,
             membership,
@@ -940,29 +960,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pushed_batch_lands_within_the_peer_write_limit_of_its_arrival() {
         let v = view(&["a"], "a", &["a"]);
-        let engine = Arc::new(MemoryEngine::new());
-        let store = open_store(engine.clone(), "a");
+        let (engine, store, _membership, aae) = node_a(v);
         store.limit_peer_writes(Duration::from_millis(100));
-        let (membership, _tx) = crate::membership::Membership::fixed(v);
-        let aae = Arc::new(AntiEntropy::new(
-            "a".into(),
-            store.clone(),
-            Arc::new(RwLock::new(Tree::new())),
-            Arc::new(AtomicU32::new(crate::merkle::LEAVES as u32)),
-            membership,
-            3,
-            true,
-        ));
-        let state = KeyState::new().update(
-            &VersionVector::new(),
-            Dot {
-                actor: 7,
-                counter: 1,
-            },
-            5,
-            Some(Bytes::from_static(b"v")),
-        );
-        let encoded = Bytes::from(state.encode());
+        let encoded = one_state();
         let entries: Vec<(Bytes, Bytes)> = (0..64)
             .map(|i| (Bytes::from(format!("k{i:02}")), encoded.clone()))
             .collect();

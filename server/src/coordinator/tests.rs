@@ -562,6 +562,17 @@ async fn a_read_with_too_many_failed_replicas_is_a_definite_unavailable() {
     assert!(e.definite);
 }
 
+/// The answer of a primary that coordinated a forwarded put with a dot of `actor`.
+fn coordinated_put(actor: u64) -> Response {
+    Response::Put(WriteReply {
+        actor,
+        counter: 9,
+        body: None,
+        primary_acks: 2,
+        fallback_acks: 0,
+    })
+}
+
 /// Node `a` of four, all up, and a key `a` does not replicate (its writes are forwarded), with
 /// the key's primaries in order.
 fn forwarding_harness() -> (Harness, String, Vec<NodeId>) {
@@ -600,13 +611,7 @@ async fn a_forward_whose_time_ran_out_unsent_is_definite() {
 async fn a_write_for_a_key_this_node_does_not_replicate_is_forwarded_to_the_first_reachable_primary(
 ) {
     let (h, key, primaries) = forwarding_harness();
-    let coordinated = Response::Put(WriteReply {
-        actor: 77,
-        counter: 9,
-        body: None,
-        primary_acks: 2,
-        fallback_acks: 0,
-    });
+    let coordinated = coordinated_put(77);
     h.script.on(&primaries[0], Kind::Forward, unreachable());
     h.script
         .on(&primaries[1], Kind::Forward, coordinates(&coordinated));
@@ -677,13 +682,7 @@ async fn a_forward_refused_by_a_node_that_does_not_replicate_the_key_goes_to_the
         true,
         "does not replicate the key in its ring view",
     );
-    let coordinated = Response::Put(WriteReply {
-        actor: 77,
-        counter: 9,
-        body: None,
-        primary_acks: 2,
-        fallback_acks: 0,
-    });
+    let coordinated = coordinated_put(77);
     h.script
         .on(&primaries[0], Kind::Forward, coordinates(&refusal));
     h.script
@@ -703,13 +702,7 @@ async fn a_forward_refused_by_a_node_that_does_not_replicate_the_key_goes_to_the
 async fn a_coordinator_that_cannot_write_hands_the_write_to_another_primary() {
     let h = harness(view(&ABC, "a", &["b", "c"]));
     h.engine.set_fail_writes(true);
-    let coordinated = Response::Put(WriteReply {
-        actor: 5,
-        counter: 1,
-        body: None,
-        primary_acks: 2,
-        fallback_acks: 0,
-    });
+    let coordinated = coordinated_put(5);
     for node in ["b", "c"] {
         h.script.on(node, Kind::Forward, coordinates(&coordinated));
     }
