@@ -76,19 +76,25 @@ pub struct RegisterReport {
     pub from_future: Vec<String>,
     /// Values in the final state although an applied write superseded them.
     pub resurrected: Vec<String>,
+    /// Reads (or final reads) that returned the same value twice (one write stored twice).
+    pub duplicates: Vec<String>,
+    /// Why the run proves nothing: no acknowledged write, or no final read.
+    pub inactive: Vec<String>,
     pub valid: bool,
 }
 
 impl RegisterReport {
     /// Every kind of anomaly the checker looks for, with what it found: the history is valid
     /// iff all are empty.
-    pub fn anomalies(&self) -> [(&'static str, &[String]); 5] {
+    pub fn anomalies(&self) -> [(&'static str, &[String]); 7] {
         [
             ("lost", &self.lost),
             ("phantoms", &self.phantoms),
             ("from-failed", &self.from_failed),
             ("from-future", &self.from_future),
             ("resurrected", &self.resurrected),
+            ("duplicates", &self.duplicates),
+            ("inactive", &self.inactive),
         ]
     }
 }
@@ -126,6 +132,7 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
     let mut writes: Vec<Write> = Vec::new();
     let mut reads: Vec<(&Op, &Op)> = Vec::new();
     let mut finals: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut duplicates = Vec::new();
     for c in &done {
         let key = c.invoke.key.clone().unwrap_or_default();
         match c.invoke.f.as_str() {
@@ -154,6 +161,11 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
                 });
             }
             "get" if c.done.kind == OpType::Ok => {
+                // Every value names one write: a read holding one twice holds a write twice.
+                let list = c.done.value_list();
+                if list.iter().collect::<BTreeSet<_>>().len() != list.len() {
+                    duplicates.push(format!("{key}: {list:?}"));
+                }
                 if c.invoke.p == FINAL {
                     finals.entry(key).or_default().extend(c.done.value_list());
                 } else {
@@ -221,6 +233,7 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
     let mut r = RegisterReport {
         keys: finals.len(),
         ok_reads: reads.len(),
+        duplicates,
         ..Default::default()
     };
     for w in &writes {
@@ -238,11 +251,25 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
         }
     }
     let mut seen: BTreeSet<&str> = BTreeSet::new();
-    for (_, done) in &reads {
+    // Per key, tombstones read or final that no known delete minted: the trace of a delete
+    // whose outcome is unknown (its id was never returned).
+    let mut unknown_tombs: BTreeSet<&str> = BTreeSet::new();
+    for (inv, done) in &reads {
         if let Some(list) = done.value.as_ref().and_then(|v| v.as_array()) {
             for v in list.iter().filter_map(|v| v.as_str()) {
                 seen.insert(v);
+                if v.starts_with(TOMB) && !by_value.contains_key(v) {
+                    unknown_tombs.insert(inv.key.as_deref().unwrap_or_default());
+                }
             }
+        }
+    }
+    for (key, vals) in &finals {
+        if vals
+            .iter()
+            .any(|v| v.starts_with(TOMB) && !by_value.contains_key(v.as_str()))
+        {
+            unknown_tombs.insert(key.as_str());
         }
     }
     let empty = BTreeSet::new();
@@ -263,12 +290,30 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
                     seen.contains(cv) || finals.get(&c.key).is_some_and(|f| f.contains(cv))
                 })
         };
+        // A write of unknown outcome excuses a loss only if it may have been applied without
+        // a trace of its own being expected: its value was seen or is final, or a later write
+        // (not failed) superseded it; a delete of unknown outcome, if a tombstone no known
+        // delete minted shows up on its key. One that left no trace cannot be what removed `v`.
+        let may_have_applied = |c: &Write| match c.value.as_deref() {
+            Some(cv) => {
+                applied(c)
+                    || writes.iter().any(|o| {
+                        o.key == c.key
+                            && o.outcome != OpType::Fail
+                            && (o.covers.contains(cv) || o.may_cover.contains(cv))
+                    })
+            }
+            None => unknown_tombs.contains(c.key.as_str()),
+        };
         match w.outcome {
             OpType::Ok if !fin.contains(v) => {
                 if may_coverers.iter().any(|c| c.outcome == OpType::Ok) {
                 } else if purges && v.starts_with(TOMB) {
                     r.purged_tombstones += 1;
-                } else if may_coverers.iter().any(|c| c.outcome == OpType::Info) {
+                } else if may_coverers
+                    .iter()
+                    .any(|c| c.outcome == OpType::Info && may_have_applied(c))
+                {
                     r.excused_by_info += 1;
                 } else {
                     r.lost.push(format!("{}: {v}", w.key));
@@ -308,6 +353,12 @@ pub fn check_register_with(history: &[Op], purges: bool) -> RegisterReport {
             check_value(key, v, u64::MAX, &mut r);
         }
     }
+    if r.ok_writes == 0 {
+        r.inactive.push("no acknowledged write".into());
+    }
+    if finals.is_empty() {
+        r.inactive.push("no final read".into());
+    }
     r.valid = r.anomalies().iter().all(|(_, found)| found.is_empty());
     r
 }
@@ -328,18 +379,21 @@ pub struct SetReport {
     pub from_failed: Vec<String>,
     /// Reads that returned an element twice.
     pub duplicates: Vec<String>,
+    /// Why the run proves nothing: no acknowledged add, or no final read.
+    pub inactive: Vec<String>,
     pub valid: bool,
 }
 
 impl SetReport {
     /// Every kind of anomaly the checker looks for, with what it found: the history is valid
     /// iff all are empty.
-    pub fn anomalies(&self) -> [(&'static str, &[String]); 4] {
+    pub fn anomalies(&self) -> [(&'static str, &[String]); 5] {
         [
             ("lost", &self.lost),
             ("unexpected", &self.unexpected),
             ("from-failed", &self.from_failed),
             ("duplicates", &self.duplicates),
+            ("inactive", &self.inactive),
         ]
     }
 }
@@ -358,13 +412,17 @@ pub fn set_elements(sibling: &str) -> Vec<String> {
 pub fn check_set(history: &[Op]) -> SetReport {
     let (done, dangling) = pair(history);
     let mut r = SetReport::default();
-    let mut adds: BTreeMap<String, OpType> = BTreeMap::new();
-    let mut finals: BTreeSet<String> = BTreeSet::new();
+    // Per (key, element): an element added to one set and found only in another is lost
+    // there and unexpected here.
+    let mut adds: BTreeMap<(String, String), OpType> = BTreeMap::new();
+    let mut finals: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut final_reads = 0;
     for c in &done {
+        let key = c.invoke.key.clone().unwrap_or_default();
         match c.invoke.f.as_str() {
             "add" => {
                 if let Some(e) = c.invoke.value_str() {
-                    adds.insert(e.to_string(), c.done.kind);
+                    adds.insert((key, e.to_string()), c.done.kind);
                 }
             }
             "read" if c.done.kind == OpType::Ok => {
@@ -385,7 +443,8 @@ pub fn check_set(history: &[Op]) -> SetReport {
                     }
                 }
                 if c.invoke.p == FINAL {
-                    finals.extend(elems);
+                    final_reads += 1;
+                    finals.extend(elems.into_iter().map(|e| (key.clone(), e)));
                 }
             }
             _ => {}
@@ -394,22 +453,24 @@ pub fn check_set(history: &[Op]) -> SetReport {
     for inv in dangling {
         if inv.f == "add" {
             if let Some(e) = inv.value_str() {
-                adds.insert(e.to_string(), OpType::Info);
+                let key = inv.key.clone().unwrap_or_default();
+                adds.insert((key, e.to_string()), OpType::Info);
             }
         }
     }
+    let shown = |(k, e): &(String, String)| format!("{k}: {e}");
     for (e, outcome) in &adds {
         match outcome {
             OpType::Ok => {
                 r.ok_adds += 1;
                 if !finals.contains(e) {
-                    r.lost.push(e.clone());
+                    r.lost.push(shown(e));
                 }
             }
             OpType::Fail => {
                 r.fail_adds += 1;
                 if finals.contains(e) {
-                    r.from_failed.push(e.clone());
+                    r.from_failed.push(shown(e));
                 }
             }
             _ => {
@@ -423,9 +484,15 @@ pub fn check_set(history: &[Op]) -> SetReport {
     r.unexpected = finals
         .iter()
         .filter(|e| !adds.contains_key(*e))
-        .cloned()
+        .map(shown)
         .collect();
     r.final_size = finals.len();
+    if r.ok_adds == 0 {
+        r.inactive.push("no acknowledged add".into());
+    }
+    if final_reads == 0 {
+        r.inactive.push("no final read".into());
+    }
     r.valid = r.anomalies().iter().all(|(_, found)| found.is_empty());
     r
 }
@@ -862,6 +929,64 @@ mod tests {
         assert_eq!(r.lost, vec!["k: c".to_string()]);
     }
 
+    /// Found in review (2026-12-05): gaps that let a violation pass as valid.
+    #[test]
+    fn an_unknown_write_that_left_no_trace_excuses_nothing() {
+        // b's outcome is unknown, but had it been applied b would be in the final state (or
+        // superseded by a later write): it cannot be what removed the acknowledged a.
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        let g = h.get("2", "k", &["a"]);
+        h.put("2", "k", "b", Some(g), OpType::Info);
+        h.get(FINAL, "k", &[]);
+        let r = check_register(&h.0);
+        assert_eq!(r.lost, vec!["k: a".to_string()], "{r:?}");
+        // The same with b seen by a read: excused (b was applied, then lost its own way or
+        // was superseded).
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        let g = h.get("2", "k", &["a"]);
+        h.put("2", "k", "b", Some(g), OpType::Info);
+        let g2 = h.get("3", "k", &["b"]);
+        h.put("3", "k", "c", Some(g2), OpType::Ok);
+        h.get(FINAL, "k", &["c"]);
+        let r = check_register(&h.0);
+        assert!(r.valid, "{r:?}");
+    }
+
+    #[test]
+    fn a_read_holding_a_value_twice_and_an_empty_run_are_not_valid() {
+        let mut h = H::new();
+        h.put("1", "k", "a", None, OpType::Ok);
+        h.get("2", "k", &["a", "a"]);
+        h.get(FINAL, "k", &["a"]);
+        let r = check_register(&h.0);
+        assert_eq!(r.duplicates.len(), 1, "{r:?}");
+        assert!(!r.valid);
+        let r = check_register(&[]);
+        assert!(!r.valid && !r.inactive.is_empty(), "{r:?}");
+        let r = check_set(&[]);
+        assert!(!r.valid && !r.inactive.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn a_set_element_found_only_under_another_key_is_lost_there() {
+        let mut h = H::new();
+        h.push(
+            Op::new("1", OpType::Invoke, "add")
+                .key("s0")
+                .value(json!("1")),
+        );
+        h.push(Op::new("1", OpType::Ok, "add").key("s0").value(json!("1")));
+        for (key, vals) in [("s0", json!([])), ("s1", json!(["1"]))] {
+            h.push(Op::new(FINAL, OpType::Invoke, "read").key(key));
+            h.push(Op::new(FINAL, OpType::Ok, "read").key(key).value(vals));
+        }
+        let r = check_set(&h.0);
+        assert_eq!(r.lost, vec!["s0: 1".to_string()], "{r:?}");
+        assert_eq!(r.unexpected, vec!["s1: 1".to_string()], "{r:?}");
+    }
+
     #[test]
     fn set_lost_add_unexpected_and_duplicates_are_caught() {
         let mut h = H::new();
@@ -879,7 +1004,7 @@ mod tests {
                 .value(json!(["1,3", "1"])),
         );
         let r = check_set(&h.0);
-        assert_eq!(r.lost, vec!["2".to_string()]);
+        assert_eq!(r.lost, vec!["s: 2".to_string()]);
         assert_eq!(r.recovered, 1);
         assert!(!r.valid);
 
@@ -893,7 +1018,7 @@ mod tests {
         );
         let r = check_set(&h2.0);
         assert_eq!(r.duplicates.len(), 1);
-        assert_eq!(r.unexpected, vec!["9".to_string()]);
+        assert_eq!(r.unexpected, vec!["s: 9".to_string()]);
         assert!(!r.valid);
 
         let mut ok = H::new();
