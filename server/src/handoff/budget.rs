@@ -87,7 +87,9 @@ impl ReplayBudget {
             self.keys = (self.keys + secs * self.key_rate()).min(self.key_capacity());
             self.bytes = (self.bytes + secs * self.byte_rate()).min(self.byte_capacity());
         }
-        self.last_ms = Some(self.last_ms.map_or(now_ms, |l| l.max(now_ms)));
+        // The wall clock may step back (NTP, a wrong hardware clock): refill from the new
+        // reading on, rather than waiting until the clock passes the old one again.
+        self.last_ms = Some(now_ms);
     }
 
     /// Credits for a holder that wants to send `want_keys` keys, `want_bytes` bytes.
@@ -124,6 +126,19 @@ impl ReplayBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found in review: after the clock stepped back, `last` stayed at the old reading and
+    /// nothing refilled until the clock passed it again: all replay into the node froze.
+    #[test]
+    fn a_clock_stepped_back_does_not_stop_the_refill() {
+        let mut b = ReplayBudget::new(10, 1 << 20);
+        let first = b.grant(10_000, 100, 1 << 20).keys;
+        assert!(first > 0);
+        while b.grant(10_000, 100, 1 << 20).keys > 0 {}
+        // The clock steps back 5 s; one second later the bucket is full again (its burst).
+        assert_eq!(b.grant(5_000, 100, 1 << 20).keys, 0);
+        assert_eq!(b.grant(6_000, 100, 1 << 20).keys, 5);
+    }
 
     /// At a pace of a quarter, holders asking as fast as they can get a quarter of the rate.
     #[test]

@@ -26,6 +26,14 @@ pub struct PhiConfig {
     pub expected_interval: Duration,
 }
 
+impl PhiConfig {
+    /// The longest inter-arrival time recorded as a sample: the acceptable pause plus four
+    /// expected intervals (4 s by default).
+    pub fn max_interval_ms(&self) -> f64 {
+        (self.acceptable_pause + self.expected_interval * 4).as_secs_f64() * 1000.0
+    }
+}
+
 impl Default for PhiConfig {
     fn default() -> Self {
         PhiConfig {
@@ -123,7 +131,12 @@ impl PhiDetector {
             Some(w) => {
                 let ms = now.saturating_duration_since(w.last).as_secs_f64() * 1000.0;
                 w.last = now;
-                w.push(ms, self.cfg.window);
+                // A gap longer than a heartbeat can be late is an outage (the direct path was
+                // down), not a sample: recorded, it would widen the deviation and slow the
+                // next suspicion for the rest of the window (Cassandra's `fd_max_interval`).
+                if ms <= self.cfg.max_interval_ms() {
+                    w.push(ms, self.cfg.window);
+                }
             }
         }
     }
@@ -170,6 +183,25 @@ mod tests {
             t += interval;
         }
         (d, t - interval)
+    }
+
+    /// Found in review: a 60 s gap (the direct path down while indirect probes kept the peer
+    /// alive) became one sample, and suspicion then took ~12 s instead of ~3 s for the next
+    /// ~1000 heartbeats.
+    #[test]
+    fn an_outage_gap_is_not_a_sample() {
+        let (mut d, last) = trained(PhiConfig::default(), ms(500), 100);
+        let mut t = last + Duration::from_secs(60);
+        for _ in 0..10 {
+            d.heartbeat("p", t);
+            t += ms(500);
+        }
+        let last = t - ms(500);
+        assert!(
+            d.is_suspected("p", last + ms(3_500)),
+            "{:?}",
+            d.phi("p", last + ms(3_500))
+        );
     }
 
     #[test]
