@@ -207,7 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         client_addr: client_addr.to_string(),
         peer_addr: peer_addr.to_string(),
         vnodes: config.vnodes,
-        generation: now_ms(),
+        generation: boot_generation(&config)?,
     };
     let auth = Arc::new(Authenticator::new(PeerIdentity {
         cluster: config.cluster_name.clone(),
@@ -583,6 +583,33 @@ fn write_addr_file(
         tracing::warn!(node = %config.node_id, error = %e, "could not write the address file");
     }
 }
+
+/// This process's SWIM generation (`swim::next_generation`), persisted (written, fsynced and
+/// renamed into `<data_dir>/generation`) before the node joins.
+fn boot_generation(config: &Config) -> Result<u64, ServerError> {
+    let path = config.data_dir.join(GENERATION_FILE);
+    let previous = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let generation = crate::membership::swim::next_generation(previous, now_ms());
+    let tmp = config.data_dir.join(".generation.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, format!("{generation}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&config.data_dir)?.sync_all()
+    };
+    write().map_err(|e| ServerError::DataDir {
+        node: config.node_id.clone(),
+        dir: path.display().to_string(),
+        cause: format!("cannot write the process generation: {e}"),
+    })?;
+    Ok(generation)
+}
+
+/// The file in the data dir holding the last process's SWIM generation.
+pub const GENERATION_FILE: &str = "generation";
 
 /// Settings `status` shows, fixed at start.
 fn static_info(

@@ -37,8 +37,9 @@ pub struct RingId {
     pub gossip: SocketAddr,
     pub peer: SocketAddr,
     pub client: SocketAddr,
-    /// Process start time in ms; +1 on every automatic rejoin. A restarted node has a larger
-    /// generation, so its new identity wins over the old one at the same address.
+    /// Process start time in ms, above the previous process's (`next_generation`); +1 on every
+    /// automatic rejoin. A restarted node has a larger generation, so its new identity wins
+    /// over the old one at the same address.
     pub generation: u64,
 }
 
@@ -382,6 +383,15 @@ pub enum Command {
 
 fn now_ms() -> u64 {
     crate::clock::now_ms()
+}
+
+/// A process's SWIM generation: its start time in ms, and always above the previous process's
+/// (`previous`, persisted in the data dir) even when the clock stepped back since, so the new
+/// identity wins the address conflict and its metadata versions (`generation << 20`) stay
+/// above the old process's. (With a generation from the clock alone, a node restarted behind
+/// its last start was ignored by every peer until the clock caught up.)
+pub fn next_generation(previous: Option<u64>, now_ms: u64) -> u64 {
+    previous.map_or(now_ms, |p| now_ms.max(p.saturating_add(1)))
 }
 
 /// The version of a node's next metadata publication: one more than the last, and at least
@@ -1178,6 +1188,29 @@ mod tests {
             client: a,
             generation: 7,
         }
+    }
+
+    /// Found in review: a node restarted with its clock behind its last start got a smaller
+    /// generation, lost every address conflict (peers ignored it) and published metadata below
+    /// its previous process's versions until the clock caught up.
+    #[test]
+    fn a_restarted_process_outranks_the_previous_one_whatever_the_clock() {
+        let old = 1_800_000_000_000u64;
+        let behind = next_generation(Some(old), old - 60_000);
+        assert!(behind > old);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let a = |generation| RingId {
+            node_id: "x".into(),
+            gossip: addr,
+            peer: addr,
+            client: addr,
+            generation,
+        };
+        assert!(a(behind).win_addr_conflict(&a(old)));
+        assert!(next_meta_version(0, behind) > next_meta_version(7, old));
+        // With the clock ahead, the clock.
+        assert_eq!(next_generation(Some(old), old + 5), old + 5);
+        assert_eq!(next_generation(None, 42), 42);
     }
 
     #[test]
