@@ -18,7 +18,7 @@ use crate::clock::now_ms;
 use crate::membership::Membership;
 use crate::rpc::{PeerPool, Transport};
 use crate::storage::hints::{hint_first_ms, hint_state_bytes, split_hint_key, DropReason};
-use crate::storage::{Store, WriteOp, MAX_SCAN_BATCH};
+use crate::storage::{HexKey, Store, WriteOp, MAX_SCAN_BATCH};
 
 /// How often the worker looks for a target that came back (a membership change is seen within
 /// this, so replay starts well within a second of the target being routable).
@@ -45,6 +45,11 @@ pub fn failure_pause(failures: u32) -> Duration {
 pub const MAX_HOLDER_REST: Duration = Duration::from_secs(1);
 /// Pause for a target whose whole pass replayed nothing (every hint refused or changed).
 pub const STUCK_PAUSE: Duration = Duration::from_secs(10);
+
+/// A hint its live target refused this many times in a row (its merge fails there: past the
+/// state bounds, a corrupt row) is given up to anti-entropy (its partition marked) instead of
+/// being offered forever, holding back the target's anti-entropy and tombstone GC.
+pub const MAX_REFUSALS: u32 = 5;
 
 /// How long the holder rests after a batch that took `worked`, at background `pace` (its own
 /// foreground pressure, `background::load::pressure_scale`): so that replaying takes at most
@@ -140,6 +145,8 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     turn: usize,
     /// Failed replay calls in a row, per target (for its pause).
     failures: BTreeMap<String, u32>,
+    /// Refusals in a row of one hint by its target (`MAX_REFUSALS`).
+    refusals: BTreeMap<(String, Bytes), u32>,
     /// Whether it may replay what it holds (`HandOverGuard`).
     guard: crate::membership::HandOverGuard,
     /// The expiry pass in progress, and when and on which target the next starts.
@@ -173,6 +180,7 @@ impl<T: Transport> ReplayWorker<T> {
             paused: BTreeMap::new(),
             turn: 0,
             failures: BTreeMap::new(),
+            refusals: BTreeMap::new(),
             guard: crate::membership::HandOverGuard::new(fresh),
             expiry: None,
             expiry_turns: PassTurns::default(),
@@ -542,23 +550,46 @@ impl<T: Transport> ReplayWorker<T> {
         // Deleted only if unchanged: a hint merged meanwhile stays for the next pass. The
         // deletes go to the writer in chunks (a few per group commit, not one group each).
         let mut deletes = Vec::with_capacity(sent);
+        let mut given_up = Vec::new();
         for ((key, (_, value)), ok) in keys_of.into_iter().zip(rows).zip(merged) {
+            let id = (target.to_string(), key);
             if !ok {
                 self.handoff.metrics.replay_refused.inc();
+                let refused = self.refusals.entry(id.clone()).or_insert(0);
+                *refused += 1;
+                if *refused >= MAX_REFUSALS {
+                    self.refusals.remove(&id);
+                    warn!(node = %self.node_id, %target, key = %HexKey(id.1.to_vec()),
+                          refusals = MAX_REFUSALS,
+                          "hint refused by its target every time; given up to anti-entropy");
+                    given_up.push(WriteOp::DeleteHint {
+                        target: id.0,
+                        key: id.1,
+                        expected: value,
+                        drop: Some(DropReason::Unstorable),
+                    });
+                }
                 continue;
             }
+            if !self.refusals.is_empty() {
+                self.refusals.remove(&id);
+            }
             deletes.push(WriteOp::DeleteHint {
-                target: target.to_string(),
-                key,
+                target: id.0,
+                key: id.1,
                 expected: value,
                 drop: None,
             });
         }
+        let delivered = deletes.len();
+        deletes.extend(given_up);
         let outcomes = paced_chunks(deletes, None, |op| self.store.write(op), Result::is_err).await;
         let mut replayed = 0u64;
-        for out in outcomes {
+        for (i, out) in outcomes.into_iter().enumerate() {
             let out = out.map_err(|e| format!("deleting a replayed hint for {target}: {e}"))?;
-            replayed += out.changed as u64;
+            if i < delivered {
+                replayed += out.changed as u64;
+            }
         }
         self.handoff.metrics.replayed.inc_by(replayed);
         let pace =
@@ -761,6 +792,8 @@ mod tests {
         replayed: Mutex<Vec<(String, Bytes)>>,
         hung: Option<String>,
         hung_calls: Mutex<u32>,
+        /// Refuses every hint (its merge fails on the target).
+        refuse: bool,
     }
 
     impl Transport for Target {
@@ -788,7 +821,7 @@ mod tests {
                     let mut replayed = self.replayed.lock().unwrap();
                     replayed.extend(entries.iter().map(|(k, _)| (addr.clone(), k.clone())));
                     Ok(PeerResponse::Handoff(HandoffResponse::Replayed(
-                        vec![true; entries.len()],
+                        vec![!self.refuse; entries.len()],
                     )))
                 }
                 other => Err(PeerError::Unreachable(format!("unexpected {other:?}"))),
@@ -830,6 +863,39 @@ mod tests {
         assert_eq!(failure_pause(3), FAILURE_PAUSE * 4);
         assert_eq!(failure_pause(6), MAX_FAILURE_PAUSE);
         assert_eq!(failure_pause(u32::MAX), MAX_FAILURE_PAUSE);
+    }
+
+    /// Found in review: a hint its live target refused every time (its merge fails there) was
+    /// offered forever: never expired (the target is up), it held the target's anti-entropy
+    /// back and tombstone GC's verdict at "hinted". After `MAX_REFUSALS` refusals in a row it
+    /// is given up to anti-entropy: deleted, counted, its partition marked.
+    #[tokio::test]
+    async fn a_hint_its_target_always_refuses_is_given_up_to_anti_entropy() {
+        let store = store_with_hints(&[("t", 3)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let (membership, _view) =
+            Membership::fixed(crate::testkit::view(&["a", "t"], "a", &["a", "t"]));
+        let target = Arc::new(Target {
+            refuse: true,
+            ..Target::default()
+        });
+        let mut worker = ReplayWorker::new(handoff, membership, target, 3);
+        let stop = CancellationToken::new();
+        let mut calls = 0;
+        while store.hint_book().target("t").keys > 0 {
+            calls += 1;
+            assert!(calls < 200, "the refused hints were never given up");
+            worker.paused.clear();
+            worker.work(&stop).await.unwrap();
+        }
+        assert_eq!(store.hint_stats().dropped_unstorable.get(), 3);
+        let marks = store.aae_mark_rows().await.unwrap();
+        assert!(marks.iter().any(|m| m.target == "t"), "{marks:?}");
+        assert!(worker.refusals.is_empty());
     }
 
     /// A target that is routable but answers nothing (a one-way partition, a stalled disk)

@@ -531,7 +531,7 @@ crate::metrics::metric_set! {
         deleted: Counter = "deleted", "hints deleted after their target acknowledged them";
         kept_changed: Counter = "kept_changed", "hints kept at delete because they changed during replay";
         dropped_cap: Counter = "dropped_cap", "hints not kept because the store was at a byte cap";
-        dropped_unstorable: Counter = "dropped_unstorable", "a coordinator's own hints not kept because they could not be stored (an unreadable hint row, the state bounds, a storage error; marked for anti-entropy)";
+        dropped_unstorable: Counter = "dropped_unstorable", "hints given up to anti-entropy (their partition marked): a coordinator's own hint that could not be stored (an unreadable hint row, the state bounds, a storage error), or a hint its live target refused 5 times in a row";
         dropped_expired: Counter = "dropped_expired", "hints given up after the hint window";
         dropped_late: Counter = "dropped_late", "hints dropped unapplied because their deadline passed while queued for the writer (marked for anti-entropy)";
         dropped_overloaded: Counter = "dropped_overloaded", "hint writes refused because the writer's queue was full (the partition is marked for anti-entropy with the writer's next group; the caller may keep the hint elsewhere)";
@@ -2102,9 +2102,11 @@ impl Writer {
             .push((target.to_string(), old_size, None));
         match drop {
             Some(reason) => {
-                if reason == DropReason::Expired {
-                    self.hint_stats.dropped_expired.inc();
-                }
+                match reason {
+                    DropReason::Expired => self.hint_stats.dropped_expired.inc(),
+                    DropReason::Unstorable => self.hint_stats.dropped_unstorable.inc(),
+                    _ => 0,
+                };
                 self.mark_for_anti_entropy(target, key, reason, group);
             }
             None => {
