@@ -239,6 +239,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             ..PhiConfig::default()
         },
         vnodes: config.vnodes,
+        generation_file: Some(config.data_dir.join(GENERATION_FILE)),
     };
     let registry = Arc::new(Registry::default());
     let runner = Runner::new(node_id.clone(), registry.clone());
@@ -587,20 +588,10 @@ fn write_addr_file(
 /// This process's SWIM generation (`swim::next_generation`), persisted (written, fsynced and
 /// renamed into `<data_dir>/generation`) before the node joins.
 fn boot_generation(config: &Config) -> Result<u64, ServerError> {
+    use crate::membership::swim::{load_generation, next_generation, save_generation};
     let path = config.data_dir.join(GENERATION_FILE);
-    let previous = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let generation = crate::membership::swim::next_generation(previous, now_ms());
-    let tmp = config.data_dir.join(".generation.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, format!("{generation}\n").as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&config.data_dir)?.sync_all()
-    };
-    write().map_err(|e| ServerError::DataDir {
+    let generation = next_generation(load_generation(&path), now_ms());
+    save_generation(&path, generation).map_err(|e| ServerError::DataDir {
         node: config.node_id.clone(),
         dir: path.display().to_string(),
         cause: format!("cannot write the process generation: {e}"),

@@ -298,6 +298,27 @@ pub struct SwimConfig {
     pub layout_file: Option<std::path::PathBuf>,
     /// Announced in the metadata: the claimant joins this node without `kvctl cluster join`.
     pub auto_join: bool,
+    /// Where this process's generation is kept (`save_generation`), renewed ones included.
+    pub generation_file: Option<std::path::PathBuf>,
+}
+
+/// The generation saved in `path` by a previous process (none if missing or unreadable).
+pub fn load_generation(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+}
+
+/// Saves `generation` to `path` durably (a temp file written, fsynced and renamed, then the
+/// directory fsynced), so the next process starts above it (`next_generation`).
+pub fn save_generation(path: &std::path::Path, generation: u64) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(".generation.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, format!("{generation}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads the saved layout (missing = none; unreadable = an error naming the file).
@@ -453,6 +474,7 @@ pub struct Driver {
     me: RingId,
     last_reject_log: HashMap<&'static str, Instant>,
     ring_file: Option<std::path::PathBuf>,
+    generation_file: Option<std::path::PathBuf>,
     /// Members known from the saved ring (and kept up to date): they stay in the ring while
     /// foca has not (re)discovered them, treated as unavailable.
     saved: BTreeMap<String, SavedMember>,
@@ -541,6 +563,7 @@ impl Driver {
                 .map(|m| (m.id.node_id.clone(), m))
                 .collect(),
             ring_file: cfg.ring_file,
+            generation_file: cfg.generation_file,
             lone: cfg.lone,
             ready: false,
             served: false,
@@ -808,6 +831,12 @@ impl Driver {
             OwnedNotification::Rejoin(new) => {
                 self.stats.rejoins.inc();
                 info!(node = %me, generation = new.generation, "rejoined the cluster with a new identity");
+                if let Some(path) = &self.generation_file {
+                    if let Err(e) = save_generation(path, new.generation) {
+                        warn!(node = %me, file = %path.display(), error = %e,
+                              "could not save the renewed generation; the next start may begin below it");
+                    }
+                }
                 self.me = new;
             }
         }
@@ -1211,6 +1240,19 @@ mod tests {
         // With the clock ahead, the clock.
         assert_eq!(next_generation(Some(old), old + 5), old + 5);
         assert_eq!(next_generation(None, 42), 42);
+    }
+
+    /// The generation file round-trips (a renewed generation is saved like the boot one).
+    #[test]
+    fn a_saved_generation_is_what_the_next_start_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("generation");
+        assert_eq!(load_generation(&path), None);
+        save_generation(&path, 1_800_000_000_123).unwrap();
+        save_generation(&path, 1_800_000_000_124).unwrap();
+        assert_eq!(load_generation(&path), Some(1_800_000_000_124));
+        std::fs::write(&path, "not a number").unwrap();
+        assert_eq!(load_generation(&path), None);
     }
 
     #[test]
