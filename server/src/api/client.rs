@@ -10,7 +10,7 @@ use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 use super::admin::Admin;
 use super::{result_of, RequestMetrics};
 use crate::admission::{Budget, ConnShare, Permit};
-use crate::cluster::admin_allowed;
+use crate::cluster::{admin_allowed, remote_admin_refusal};
 use crate::config::Timeouts;
 use crate::coordinator::Coordinator;
 use crate::metrics::ListenerMetrics;
@@ -149,12 +149,7 @@ impl ClientApi {
                 Response::error(
                     ErrorKind::Unauthenticated,
                     true,
-                    format!(
-                        "node {}: repairs are accepted only from this node's own host (run \
-                         kvctl on it), or from anywhere with --cluster-admin-remote true: the \
-                         client port is not authenticated",
-                        self.node_id
-                    ),
+                    format!("node {}: {}", self.node_id, remote_admin_refusal("repairs")),
                 )
             }
             Request::Repair { range } => self.admin.repair(range),

@@ -72,6 +72,14 @@ pub fn admin_allowed(remote: std::net::IpAddr, remote_allowed: bool) -> bool {
     remote_allowed || remote.to_canonical().is_loopback()
 }
 
+/// Why `what` (ring changes, repairs) from another host was refused (`admin_allowed`).
+pub fn remote_admin_refusal(what: &str) -> String {
+    format!(
+        "{what} are accepted only from this node's own host (run kvctl on it), or from anywhere \
+         with --cluster-admin-remote true: the client port is not authenticated"
+    )
+}
+
 /// One owner's share of a ring, for the plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OwnerRow {
@@ -275,11 +283,7 @@ impl<T: Transport> ClusterService<T> {
         };
         if req.changes() && !may_change {
             self.metrics.admin_refused_remote.inc();
-            return reply(&self.error(
-                "ring changes are accepted only from this node's own host (run kvctl on it), \
-                 or from anywhere with --cluster-admin-remote true: the client port is not \
-                 authenticated",
-            ));
+            return reply(&self.error(remote_admin_refusal("ring changes")));
         }
         let view = self.membership.view();
         let claimant = view.layout.claimant(&|n: &str| view.is_alive(n));

@@ -568,6 +568,19 @@ struct Identity {
 /// The next incarnation of `node_id` after `previous` (none for a fresh data dir): its stamp
 /// is above the previous one and at least the clock (ms since `ACTOR_EPOCH_MS`), so a node that
 /// lost its data dir still gets a stamp above every one it used, unless the clock went back.
+/// Clears the stale-incarnation mark once a new identity is durable; false (logged) if it
+/// could not be: the next start then renews the actor once more, which is safe.
+fn clear_stale_mark(engine: &dyn Engine, node_id: &str) -> bool {
+    match engine.clear_stale_incarnation() {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(node = %node_id, error = %e,
+                  "could not clear the stale-incarnation mark: the next start renews the actor again");
+            false
+        }
+    }
+}
+
 fn next_identity(node_id: &str, previous: Option<Identity>) -> Identity {
     let clock = now_ms().saturating_sub(ACTOR_EPOCH_MS).max(1);
     let after = previous
@@ -707,10 +720,7 @@ impl Store {
         engine.write(batch, true)?;
         if stale {
             // The new identity is durable: the mark has done its work.
-            if let Err(e) = engine.clear_stale_incarnation() {
-                warn!(node = %config.node_id, error = %e,
-                      "could not clear the stale-incarnation mark: the next start renews the actor again");
-            }
+            clear_stale_mark(engine.as_ref(), &config.node_id);
         }
         let unsynced = engine.get(Cf::Meta, META_UNSYNCED)?.is_some();
         info!(
@@ -1533,11 +1543,7 @@ impl Writer {
             self.lease_persisted = lease_end;
             // The identity written with this lease is the current one: durable now.
             if self.stale_marked {
-                match self.engine.clear_stale_incarnation() {
-                    Ok(()) => self.stale_marked = false,
-                    Err(e) => warn!(node = %self.node_id, error = %e,
-                                    "could not clear the stale-incarnation mark: the next start renews the actor again"),
-                }
+                self.stale_marked = !clear_stale_mark(self.engine.as_ref(), &self.node_id);
             }
         }
     }
