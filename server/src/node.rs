@@ -517,8 +517,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
                     client_listener,
                     client_cfg,
                     client_net,
-                    move |remote: std::net::SocketAddr| {
-                        Arc::new(ClientHandler::new(client_api.clone(), remote.ip()))
+                    move |remote: std::net::SocketAddr, local: Option<std::net::SocketAddr>| {
+                        Arc::new(ClientHandler::new(
+                            client_api.clone(),
+                            crate::cluster::from_this_host(remote.ip(), local.map(|l| l.ip())),
+                        ))
                     },
                     shutdown.clone(),
                 ),
@@ -526,7 +529,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
                     peer_listener,
                     peer_cfg,
                     peer_net,
-                    move |remote| Arc::new(PeerHandler::new(peer_api.clone(), remote)),
+                    move |remote, _local| Arc::new(PeerHandler::new(peer_api.clone(), remote)),
                     shutdown.clone(),
                 ),
             );

@@ -308,3 +308,96 @@ async fn a_stranger_cannot_hold_the_peer_ports_connection_slots() {
         w.abort();
     }
 }
+
+/// An address of this machine that is not a loopback one: the source the kernel picks for a
+/// route out (a UDP "connect" sends nothing). The remote-admin test needs one; it says so
+/// instead of passing without it.
+fn non_loopback_ip() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
+    let ip = probe
+        .connect("198.51.100.1:9")
+        .and_then(|()| probe.local_addr())
+        .map(|a| a.ip())
+        .expect("this test needs a route out (an address other than loopback) on the machine");
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "this test needs a non-loopback address on the machine, the route out has {ip}"
+    );
+    ip
+}
+
+/// The reply of a repair and of a ring change (`Clear`, which changes nothing when nothing is
+/// staged) sent over a connection from `from` to `addr`: whether each was refused as coming
+/// from another host.
+async fn admin_refusals(addr: &str, from: Option<std::net::IpAddr>) -> (bool, bool) {
+    use ringkv_protocol::{Request, Response};
+    let conn = ringkv_client::conn::Conn::connect_from(addr, from, Duration::from_secs(5), 4)
+        .await
+        .unwrap();
+    let call = |req: Request, id: u64| {
+        let conn = &conn;
+        async move {
+            let reply = conn.call(req.to_frame(id)).await.expect("a reply");
+            Response::decode(reply.opcode, reply.body).expect("a response")
+        }
+    };
+    let repair = match call(Request::Repair { range: None }, 1).await {
+        Response::Repair(_) => false,
+        Response::Error(e) => {
+            assert!(matches!(e.kind, ErrorKind::Unauthenticated), "{e:?}");
+            assert!(e.message.contains("own host"), "{}", e.message);
+            true
+        }
+        other => panic!("{other:?}"),
+    };
+    let clear = serde_json::to_vec(&ringkv_server::cluster::AdminRequest::Clear).unwrap();
+    let change = match call(Request::Cluster(Bytes::from(clear)), 2).await {
+        Response::Cluster(json) => {
+            let text = String::from_utf8_lossy(&json).to_string();
+            let refused = text.contains("own host");
+            assert!(refused || !text.contains("rror"), "{text}");
+            refused
+        }
+        other => panic!("{other:?}"),
+    };
+    // What only reads answers from anywhere.
+    assert!(matches!(
+        call(Request::Status, 3).await,
+        Response::Status(_)
+    ));
+    (repair, change)
+}
+
+/// Ring changes and repairs are refused from another host (the client port is not
+/// authenticated) unless the node runs with `--cluster-admin-remote true`, and accepted from
+/// the node's own host whichever of its addresses kvctl connects to. Found in review: a
+/// connection to the node's own non-loopback address, from that same address (kvctl run on the
+/// node against the address the node listens on), was refused as "another host" and told to
+/// run kvctl on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_changes_and_repairs_come_from_this_host_unless_allowed() {
+    let own = non_loopback_ip();
+    // A node on 127.0.0.1, a connection from the machine's other address: another host, as
+    // far as the node can tell.
+    let local = NodeProcess::start_temp("n1", &["--n", "1"]);
+    assert_eq!(admin_refusals(&local.addr, Some(own)).await, (true, true));
+    let client = Client::connect([local.addr.clone()]).await.unwrap();
+    assert_eq!(metric(&client, "cluster.admin_refused_remote").await, 2);
+    // From loopback: accepted.
+    assert_eq!(admin_refusals(&local.addr, None).await, (false, false));
+    assert_eq!(metric(&client, "cluster.admin_refused_remote").await, 2);
+
+    // The same from another host, on a node that allows it.
+    let allowing = NodeProcess::start_temp("n2", &["--n", "1", "--cluster-admin-remote", "true"]);
+    assert_eq!(
+        admin_refusals(&allowing.addr, Some(own)).await,
+        (false, false)
+    );
+
+    // A node listening on the machine's own address, reached from that address (as kvctl on
+    // the node does): this host, accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let mut on_own = NodeProcess::new("n3", dir.path(), &format!("{own}:0"), &["--n", "1"]);
+    on_own.start().unwrap();
+    assert_eq!(admin_refusals(&on_own.addr, None).await, (false, false));
+}

@@ -1,7 +1,6 @@
 //! Client frames: decode, validate, admit (the client budget, the deadline), dispatch to the
 //! coordinator or admin, count the outcome.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use ringkv_protocol::{ErrorKind, Frame, Request, Response};
 use super::admin::Admin;
 use super::{result_of, RequestMetrics};
 use crate::admission::{Budget, ConnShare, Permit};
-use crate::cluster::{admin_allowed, remote_admin_refusal};
+use crate::cluster::remote_admin_refusal;
 use crate::config::Timeouts;
 use crate::coordinator::Coordinator;
 use crate::metrics::ListenerMetrics;
@@ -45,7 +44,7 @@ impl ClientApi {
         req: Request,
         body_len: usize,
         conn: &Arc<ConnShare>,
-        remote: IpAddr,
+        from_this_host: bool,
         arrived: Instant,
     ) -> (Response, Option<Permit>) {
         let op = op_name(&req);
@@ -59,7 +58,7 @@ impl ClientApi {
             Request::Get { .. } | Request::Put { .. } | Request::Delete { .. }
         ) {
             // Admin requests are never shed: status and health answer under any load.
-            let may_change = admin_allowed(remote, self.cluster_admin_remote);
+            let may_change = from_this_host || self.cluster_admin_remote;
             let resp = self.admin_request(req, may_change).await;
             self.requests.count(op, result_of(&resp, op));
             return (resp, None);
@@ -178,19 +177,20 @@ fn op_name(req: &Request) -> &'static str {
     }
 }
 
-/// One client connection: its share of the client budget, and where it comes from.
+/// One client connection: its share of the client budget, and whether it comes from this
+/// node's own host (`cluster::from_this_host`: may change the ring).
 pub struct ClientHandler {
     pub api: Arc<ClientApi>,
     pub share: Arc<ConnShare>,
-    pub remote: IpAddr,
+    pub from_this_host: bool,
 }
 
 impl ClientHandler {
-    pub fn new(api: Arc<ClientApi>, remote: IpAddr) -> ClientHandler {
+    pub fn new(api: Arc<ClientApi>, from_this_host: bool) -> ClientHandler {
         ClientHandler {
             api,
             share: ConnShare::new(),
-            remote,
+            from_this_host,
         }
     }
 }
@@ -202,7 +202,7 @@ impl FrameHandler for ClientHandler {
         let (resp, hold) = match Request::decode(frame.opcode, frame.body) {
             Ok(req) => {
                 self.api
-                    .handle(req, len, &self.share, self.remote, arrived)
+                    .handle(req, len, &self.share, self.from_this_host, arrived)
                     .await
             }
             Err(e) => {

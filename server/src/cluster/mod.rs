@@ -65,14 +65,19 @@ impl AdminRequest {
     }
 }
 
-/// Whether a client connection from `remote` may change the ring or start a repair: from this
-/// host (a loopback address) always, from others only with `--cluster-admin-remote` (the
-/// client port is not authenticated).
-pub fn admin_allowed(remote: std::net::IpAddr, remote_allowed: bool) -> bool {
-    remote_allowed || remote.to_canonical().is_loopback()
+/// Whether a client connection from `remote`, accepted on the node's address `local`, comes
+/// from this node's own host, and so may change the ring or start a repair (from other hosts
+/// only with `--cluster-admin-remote`: the client port is not authenticated). Either a
+/// loopback address, or the very address it connected to: kvctl run on the node against any of
+/// the node's addresses gets that address as its source. The kernel drops packets from outside
+/// that claim one of its own addresses as their source (`accept_local` is off by default), so
+/// another host cannot pass for it.
+pub fn from_this_host(remote: std::net::IpAddr, local: Option<std::net::IpAddr>) -> bool {
+    let remote = remote.to_canonical();
+    remote.is_loopback() || local.is_some_and(|l| l.to_canonical() == remote)
 }
 
-/// Why `what` (ring changes, repairs) from another host was refused (`admin_allowed`).
+/// Why `what` (ring changes, repairs) from another host was refused (`from_this_host`).
 pub fn remote_admin_refusal(what: &str) -> String {
     format!(
         "{what} are accepted only from this node's own host (run kvctl on it), or from anywhere \
@@ -275,7 +280,7 @@ impl<T: Transport> ClusterService<T> {
 
     /// A client's `kvctl cluster` request (JSON), answered by the claimant.
     /// A `kvctl cluster` request from a client; `may_change` = from a host allowed to change
-    /// the ring (`admin_allowed`).
+    /// the ring (`from_this_host` or `--cluster-admin-remote`).
     pub async fn admin(&self, json: &[u8], may_change: bool) -> Bytes {
         let req: AdminRequest = match serde_json::from_slice(json) {
             Ok(r) => r,
@@ -722,12 +727,18 @@ mod tests {
         let other: std::net::IpAddr = "192.0.2.7".parse().unwrap();
         let other6: std::net::IpAddr = "2001:db8::7".parse().unwrap();
         for ip in [local, local_too, mapped, "::1".parse().unwrap()] {
-            assert!(admin_allowed(ip, false), "{ip}");
+            assert!(from_this_host(ip, None), "{ip}");
+            assert!(from_this_host(ip, Some(other)), "{ip}");
         }
         for ip in [other, other6] {
-            assert!(!admin_allowed(ip, false), "{ip}");
-            assert!(admin_allowed(ip, true), "{ip}");
+            assert!(!from_this_host(ip, None), "{ip}");
+            assert!(!from_this_host(ip, Some(local)), "{ip}");
+            // Connected to the very address it comes from: this host.
+            assert!(from_this_host(ip, Some(ip)), "{ip}");
         }
+        let mapped_other: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert!(from_this_host(mapped_other, Some(other)));
+        assert!(!from_this_host(other, Some("192.0.2.8".parse().unwrap())));
         let changes = [
             AdminRequest::Stage(Change::Remove { node: "n2".into() }),
             AdminRequest::Clear,

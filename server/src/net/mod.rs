@@ -172,7 +172,8 @@ pub async fn serve<H, F>(
     shutdown: CancellationToken,
 ) where
     H: FrameHandler,
-    F: Fn(SocketAddr) -> Arc<H>,
+    // The connection's remote and local addresses.
+    F: Fn(SocketAddr, Option<SocketAddr>) -> Arc<H>,
 {
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let unadmitted: Unadmitted = Arc::default();
@@ -196,7 +197,7 @@ pub async fn serve<H, F>(
             }
         };
         let _ = socket.set_nodelay(true);
-        let handler = make_handler(peer);
+        let handler = make_handler(peer, socket.local_addr().ok());
         let place = if handler.admitted() {
             Ok(None)
         } else {
