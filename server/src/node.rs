@@ -880,8 +880,18 @@ fn register_workers(registry: &Registry, runner: &Arc<Runner>) {
     );
 }
 
-/// A `cluster.members_by_*` family: the members this node sees, counted under `label` by
-/// `name_of` (every one of `names` exported, 0 when none; other names are not counted).
+/// The members this node sees: `all` of them, or only those that count as members
+/// (`swim::counted_member`: not retired, and when down an owner now or after the running change).
+fn counted_members(m: &Membership, all: bool) -> Vec<MemberStatus> {
+    let layout = m.view().layout.clone();
+    let mut members = m.members_seen().map(|r| r.members).unwrap_or_default();
+    members.retain(|x| all || crate::membership::swim::counted_member(&layout, x));
+    members
+}
+
+/// A `cluster.members_by_*` family: the members this node sees (`all`, or those that count,
+/// `counted_members`), counted under `label` by `name_of` (every one of `names` exported, 0
+/// when none; other names are not counted).
 fn register_members_by(
     registry: &Registry,
     membership: &Membership,
@@ -890,11 +900,12 @@ fn register_members_by(
     label: &'static str,
     names: &'static [&'static str],
     name_of: fn(&MemberStatus) -> &'static str,
+    all: bool,
 ) {
     let m = membership.clone();
     registry.probe_family(family, help, move || {
         let mut counts = vec![0u32; names.len()];
-        for x in m.members_seen().map(|r| r.members).unwrap_or_default() {
+        for x in counted_members(&m, all) {
             if let Some(i) = names.iter().position(|n| *n == name_of(&x)) {
                 counts[i] += 1;
             }
@@ -933,10 +944,11 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
         registry,
         membership,
         "cluster.members_by_state",
-        "ring members by SWIM state as this node sees them (alive, suspect, down)",
+        "ring members by SWIM state as this node sees them (alive, suspect, down; owners now or after the running change, and running non-owners: not removed nodes)",
         "state",
         &SWIM_STATE_NAMES,
         MemberStatus::swim_state_name,
+        false,
     );
     register_members_by(
         registry,
@@ -946,6 +958,7 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
         "status",
         &RING_STATUS_NAMES,
         MemberStatus::ring_status_name,
+        true,
     );
     let m = membership.clone();
     registry.probe(
@@ -962,8 +975,8 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
     let m = membership.clone();
     registry.probe(
         "cluster.members",
-        "ring members, down ones included",
-        move || m.view().members.len() as u64,
+        "ring members, down ones included (as cluster.members_by_state counts them: not removed nodes)",
+        move || counted_members(&m, false).len() as u64,
     );
     let m = membership.clone();
     registry.probe(

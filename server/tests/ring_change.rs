@@ -440,6 +440,24 @@ async fn remove_of_a_killed_node_re_replicates_its_ranges() {
     assert!(e.contains("use leave"), "{e}");
     remove_n4(&c, &keys).await;
     all_readable(&c, &[0, 1, 2], &keys).await;
+    // Found in review: the removed node stayed "down" in the metrics for good, and with it the
+    // "member down" alert the remove is meant to clear.
+    for i in 0..3 {
+        let client = c.client(i);
+        eventually(
+            Duration::from_secs(10),
+            "the removed node is no longer counted as a member down",
+            || async {
+                metric(&client, "cluster.members_by_state{state=down}").await == 0
+                    && metric(&client, "cluster.members").await == 3
+            },
+        )
+        .await;
+        assert_eq!(
+            metric(&client, "cluster.members_by_ring_status{status=removed}").await,
+            1
+        );
+    }
 }
 
 /// A transfer cut by a kill -9 of the receiving node resumes from its checkpoint after the

@@ -15,6 +15,8 @@ use foca::{
 };
 use hmac::{Hmac, Mac};
 use ringkv_protocol::peer::MemberInfo;
+#[cfg(test)]
+use ringkv_protocol::SWIM_STATE_NAMES;
 use ringkv_protocol::{MemberStatus, MembersReply};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -1111,6 +1113,25 @@ pub fn ring_role(layout: &Layout, node: &str) -> RingStatus {
     }
 }
 
+/// Whether `m` counts among the cluster's members in the metrics (`cluster.members`,
+/// `cluster.members_by_state`): not a node a completed plan retired, and, while down, only one
+/// that owns ranges now or after the running change. A down node outside the layout (removed,
+/// or started and gone before any plan took it in) makes nothing unavailable, and no command
+/// clears it from the saved ring: counted, it would hold a "member down" alert forever.
+pub fn counted_member(layout: &Layout, m: &MemberStatus) -> bool {
+    match ring_role(layout, &m.node_id) {
+        RingStatus::Removed => false,
+        RingStatus::Normal | RingStatus::Leaving => true,
+        RingStatus::Joining => {
+            m.swim_state_name() != "down"
+                || layout
+                    .next
+                    .as_ref()
+                    .is_some_and(|n| n.contains_key(&m.node_id))
+        }
+    }
+}
+
 /// The SWIM/phi driver on the worker runner (`Driver::into_worker`).
 pub struct MembershipWorker {
     driver: Driver,
@@ -1240,6 +1261,49 @@ mod tests {
         // With the clock ahead, the clock.
         assert_eq!(next_generation(Some(old), old + 5), old + 5);
         assert_eq!(next_generation(None, 42), 42);
+    }
+
+    /// Found in review: a removed node (and one that started, was never taken into the layout
+    /// and went away) stayed in `cluster.members_by_state{state="down"}` forever, so the
+    /// "member down" alert could not be cleared by the remove the runbook prescribes.
+    #[test]
+    fn only_owners_and_running_non_owners_count_as_members() {
+        let mut layout = (*crate::testkit::b_replaced_by_d(&["b", "c", "d"]).layout).clone();
+        layout.retired.insert("e".into());
+        let member = |node: &str, state: &str| MemberStatus {
+            node_id: node.into(),
+            client_addr: String::new(),
+            peer_addr: String::new(),
+            gossip_addr: String::new(),
+            swim_state: SWIM_STATE_NAMES
+                .iter()
+                .position(|s| *s == state)
+                .expect("a state name") as u8,
+            incarnation: 0,
+            generation: 0,
+            phi_milli: 0,
+            last_heard_ms: 0,
+            ring_status: ring_role(&layout, node).code(),
+            vnodes: 16,
+            available: state != "down",
+            is_self: false,
+        };
+        // Owners now (b is leaving) or after the running change (d joins): down or not.
+        for node in ["a", "b", "c", "d"] {
+            for state in SWIM_STATE_NAMES {
+                assert!(
+                    counted_member(&layout, &member(node, state)),
+                    "{node} {state}"
+                );
+            }
+        }
+        // Retired: never. Outside the layout: while it runs.
+        for state in SWIM_STATE_NAMES {
+            assert!(!counted_member(&layout, &member("e", state)), "e {state}");
+        }
+        assert!(counted_member(&layout, &member("f", "alive")));
+        assert!(counted_member(&layout, &member("f", "suspect")));
+        assert!(!counted_member(&layout, &member("f", "down")));
     }
 
     /// The generation file round-trips (a renewed generation is saved like the boot one).
