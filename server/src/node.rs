@@ -897,8 +897,7 @@ fn register_members_by(
     membership: &Membership,
     family: &'static str,
     help: &'static str,
-    label: &'static str,
-    names: &'static [&'static str],
+    (label, names): (&'static str, &'static [&'static str]),
     name_of: fn(&MemberStatus) -> &'static str,
     all: bool,
 ) {
@@ -945,8 +944,7 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
         membership,
         "cluster.members_by_state",
         "ring members by SWIM state as this node sees them (alive, suspect, down; owners now or after the running change, and running non-owners: not removed nodes)",
-        "state",
-        &SWIM_STATE_NAMES,
+        ("state", &SWIM_STATE_NAMES),
         MemberStatus::swim_state_name,
         false,
     );
@@ -955,8 +953,7 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
         membership,
         "cluster.members_by_ring_status",
         "ring members by their place in the layout as this node sees them (joining, normal, leaving, removed)",
-        "status",
-        &RING_STATUS_NAMES,
+        ("status", &RING_STATUS_NAMES),
         MemberStatus::ring_status_name,
         true,
     );
