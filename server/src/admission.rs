@@ -14,7 +14,9 @@
 //! others, and connections busy together keep a standing queue of about 3/8 of the budget
 //! under sustained overload; the rest absorbs bursts of light connections, and its last
 //! quarter only admits requests of connections that have nothing else in flight, so a light
-//! client (one request at a time) gets in however deep the others pipeline.
+//! client (one request at a time) gets in however deep the others pipeline. The byte budget
+//! has the same share and the same reserve (`Shed::FairShareBytes`), so a connection
+//! pipelining large requests cannot take all the bytes instead.
 //!
 //! A request whose deadline passed before it was dispatched (it waited in a socket while the
 //! process was stopped, or behind a slow one) is dropped unexecuted and counted as
@@ -46,6 +48,10 @@ pub enum Shed {
     /// Past 3/8 of the budget, this connection holds more than its share (0 = in the last
     /// quarter, kept for connections with nothing in flight).
     FairShare { held: usize, share: usize },
+    /// The same by bytes: past 3/8 of the byte budget, this connection's request bytes in
+    /// flight would exceed its share of them (0 = the last quarter of the bytes, kept for
+    /// connections with nothing in flight).
+    FairShareBytes { held: usize, share: usize },
 }
 
 impl Shed {
@@ -53,7 +59,7 @@ impl Shed {
         match self {
             Shed::Requests { .. } => "requests",
             Shed::Bytes { .. } => "bytes",
-            Shed::FairShare { .. } => "fair_share",
+            Shed::FairShare { .. } | Shed::FairShareBytes { .. } => "fair_share",
         }
     }
 
@@ -68,6 +74,10 @@ impl Shed {
             Shed::FairShare { held, share } => format!(
                 "overloaded: this connection has {held} {budget} requests in flight, its \
                  share of the node's budget is {share}"
+            ),
+            Shed::FairShareBytes { held, share } => format!(
+                "overloaded: this connection has {held} bytes of {budget} requests in flight, \
+                 its share of the node's byte budget is {share}"
             ),
         }
     }
@@ -84,8 +94,10 @@ pub const SHED_REASONS: [&str; 3] = ["requests", "bytes", "fair_share"];
 pub const SHARED_FROM: (usize, usize) = (3, 8);
 
 /// Requests in flight from which busy connections are held to a share (see `SHARED_FROM`).
+/// Also applied to the byte budget (any size: no overflow).
 fn shared_from(requests: usize) -> usize {
-    requests * SHARED_FROM.0 / SHARED_FROM.1
+    let (num, den) = SHARED_FROM;
+    requests / den * num + requests % den * num / den
 }
 
 /// Smallest and largest retry-after hint, ms.
@@ -96,6 +108,7 @@ pub const RETRY_AFTER_MAX_MS: u64 = 1_000;
 #[derive(Debug, Default)]
 pub struct ConnShare {
     held: AtomicUsize,
+    held_bytes: AtomicUsize,
 }
 
 impl ConnShare {
@@ -199,16 +212,23 @@ impl Budget {
         let before = self.in_flight.inc() as usize;
         let bytes_before = self.bytes.inc_by(bytes as u64) as usize;
         let held_before = conn.held.fetch_add(1, Ordering::AcqRel);
+        let held_bytes_before = conn.held_bytes.fetch_add(bytes, Ordering::AcqRel);
         if held_before == 0 {
             self.busy_conns.fetch_add(1, Ordering::AcqRel);
         }
         let shared = shared_from(self.limits.requests);
+        let bytes_after = bytes_before.saturating_add(bytes);
+        let bytes_limit = self.limits.bytes;
+        // Shares only among connections that are busy together: a lone connection (one
+        // application multiplexing its requests, as the client library does) is not capped.
+        let busy = self.busy_conns.load(Ordering::Acquire);
+        let bytes_share = shared_from(bytes_limit) / busy.max(1);
         let refused = if before >= self.limits.requests {
             Some(Shed::Requests {
                 in_flight: before,
                 limit: self.limits.requests,
             })
-        } else if bytes_before > 0 && bytes_before + bytes > self.limits.bytes {
+        } else if bytes_before > 0 && bytes_after > bytes_limit {
             Some(Shed::Bytes {
                 in_flight: bytes_before,
                 limit: self.limits.bytes,
@@ -220,10 +240,25 @@ impl Budget {
                 held: held_before,
                 share: 0,
             })
+        } else if held_before > 0 && bytes_after > bytes_limit - bytes_limit / 4 {
+            // The same for bytes: a connection pipelining large requests cannot take the last
+            // quarter of them either.
+            Some(Shed::FairShareBytes {
+                held: held_bytes_before,
+                share: 0,
+            })
+        } else if held_before > 0
+            && busy > 1
+            && bytes_after > shared_from(bytes_limit)
+            && held_bytes_before.saturating_add(bytes) > bytes_share
+        {
+            // Past 3/8 of the bytes, connections busy together share them as they share the
+            // count: one pipelining large requests cannot crowd out the others.
+            Some(Shed::FairShareBytes {
+                held: held_bytes_before,
+                share: bytes_share,
+            })
         } else if before >= shared {
-            // Shares only among connections that are busy together: a lone connection (one
-            // application multiplexing its requests, as the client library does) is not capped.
-            let busy = self.busy_conns.load(Ordering::Acquire);
             let share = (shared / busy.max(1)).max(1);
             (busy > 1 && held_before >= share).then_some(Shed::FairShare {
                 held: held_before,
@@ -315,6 +350,7 @@ impl Drop for Permit {
         let b = &self.budget;
         b.in_flight.dec();
         b.bytes.dec_by(self.bytes as u64);
+        self.conn.held_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
         if self.conn.held.fetch_sub(1, Ordering::AcqRel) == 1 {
             b.busy_conns.fetch_sub(1, Ordering::AcqRel);
         }
@@ -457,6 +493,51 @@ mod tests {
             b.try_admit(&light[4], 1),
             Err(Shed::Requests { .. })
         ));
+    }
+
+    /// Found in review: the byte budget had no share and no reserve. One connection
+    /// pipelining large requests (96 of 1 MiB, within the count's last quarter) filled all
+    /// the bytes, and then every other connection, a light client with nothing in flight
+    /// included, was refused `Bytes`; refused, it never became busy, so the deep connection
+    /// counted as alone and was never held to a share either.
+    #[test]
+    fn the_byte_budget_keeps_a_share_and_a_reserve_like_the_count() {
+        const MIB: usize = 1 << 20;
+        let b = Budget::bare(Limits {
+            requests: 128,
+            bytes: 64 * MIB,
+        });
+        let deep = ConnShare::new();
+        let light = ConnShare::new();
+        // 2 MiB each: the count (24 of 128) stays below its own share, only the bytes bind.
+        let mut held: Vec<Permit> = (0..64)
+            .map_while(|_| b.try_admit(&deep, 2 * MIB).ok())
+            .collect();
+        // Alone, it takes up to the last quarter of the bytes (48 MiB) ...
+        assert_eq!(held.len(), 24);
+        assert!(matches!(
+            b.try_admit(&deep, 2 * MIB),
+            Err(Shed::FairShareBytes { share: 0, .. })
+        ));
+        // ... which stays open to connections with nothing in flight.
+        let light_first = b.try_admit(&light, 100).expect("a light client gets in");
+        // Busy together, past 3/8 of the bytes: the deep one, above its share of them (3/8 of
+        // 64 MiB / 2 = 12 MiB), waits; the light one is well within its own.
+        held.truncate(15);
+        assert_eq!(
+            b.try_admit(&deep, 2 * MIB).err(),
+            Some(Shed::FairShareBytes {
+                held: 30 * MIB,
+                share: 12 * MIB
+            })
+        );
+        let light_second = b.try_admit(&light, 100).expect("within its share");
+        // Below 3/8 of the bytes in all, no share applies.
+        held.truncate(10);
+        held.push(b.try_admit(&deep, 2 * MIB).expect("below 3/8 of the bytes"));
+        drop((held, light_first, light_second));
+        assert_eq!((b.in_flight(), b.bytes.get()), (0, 0));
+        assert_eq!(deep.held_bytes.load(Ordering::Acquire), 0);
     }
 
     #[test]
