@@ -974,7 +974,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
         });
         locked_rx.recv().unwrap();
-        let merged = aae.merge_pushed(entries).await;
+        let merged = aae.merge_pushed(entries, std::time::Instant::now()).await;
         holder.join().unwrap();
         assert_eq!(merged.len(), 64);
         // The first chunk went to the writer before the limit ran out (it may land with the
@@ -987,5 +987,31 @@ mod tests {
                 "{key}"
             );
         }
+    }
+
+    /// Found in review: a push's merge deadline was counted from when its handler ran, not
+    /// from when its frame arrived, so a push read late (a paused connection, a stalled
+    /// process: `net` dates such frames back to their arrival) got the whole peer-write limit
+    /// again and could land after the tombstone settle time.
+    #[tokio::test]
+    async fn a_push_that_waited_past_the_peer_write_limit_since_its_arrival_merges_nothing() {
+        let v = view(&["a"], "a", &["a"]);
+        let (_engine, store, _membership, aae) = node_a(v);
+        store.limit_peer_writes(Duration::from_millis(100));
+        let entries = vec![(Bytes::from_static(b"late"), one_state())];
+        let arrived = std::time::Instant::now() - Duration::from_millis(150);
+        let PeerResponse::Aae(AaeResponse::Merged(merged)) =
+            aae.serve(AaeRequest::PushStates { entries }, arrived).await
+        else {
+            panic!("a push is answered with its merges")
+        };
+        assert_eq!(merged, vec![false]);
+        assert!(store.read_stored(b"late").await.unwrap().is_none());
+        // The same push, just arrived: merged.
+        let entries = vec![(Bytes::from_static(b"late"), one_state())];
+        assert_eq!(
+            aae.merge_pushed(entries, std::time::Instant::now()).await,
+            vec![true]
+        );
     }
 }

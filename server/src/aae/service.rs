@@ -271,7 +271,9 @@ impl AntiEntropy {
         PeerResponse::error(kind, true, format!("node {}: {msg}", self.node_id))
     }
 
-    pub async fn serve(&self, req: AaeRequest) -> PeerResponse {
+    /// Serves one request of the anti-entropy family, read at `arrived` (`net`'s stall-safe
+    /// dating: a push's merges are bounded from then).
+    pub async fn serve(&self, req: AaeRequest, arrived: std::time::Instant) -> PeerResponse {
         self.metrics.served.inc();
         match req {
             AaeRequest::CellHashes { cells } => {
@@ -357,7 +359,9 @@ impl AntiEntropy {
                 if !self.membership.view().ready {
                     return NoData::NotReady.refusal(&self.node_id, "an anti-entropy push");
                 }
-                PeerResponse::Aae(AaeResponse::Merged(self.merge_pushed(entries).await))
+                PeerResponse::Aae(AaeResponse::Merged(
+                    self.merge_pushed(entries, arrived).await,
+                ))
             }
             AaeRequest::TombstoneCheck { entries } => {
                 let mut flags = Vec::with_capacity(entries.len());
@@ -443,14 +447,20 @@ impl AntiEntropy {
     }
 
     /// Merges states (from a peer's push, or fetched by this node's own exchange) into this
-    /// node's replicas, a chunk at a time with tranquil pauses, within [`MERGE_DEADLINE`] of
-    /// their arrival (what is not merged by then is dropped, never applied late: tombstone GC
-    /// relies on it); a key this node does not replicate is refused (false), never stored.
-    pub async fn merge_pushed(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
-        // From arrival, not per write: a batch merged in paced chunks must not land its last
-        // states later than the peer-write limit allows (tombstone GC's settle time).
+    /// node's replicas, a chunk at a time with tranquil pauses, within [`MERGE_DEADLINE`] (and
+    /// the peer-write limit) of their arrival at `arrived` (what is not merged by then is
+    /// dropped, never applied late: tombstone GC relies on it); a key this node does not
+    /// replicate is refused (false), never stored.
+    pub async fn merge_pushed(
+        &self,
+        entries: Vec<(Bytes, Bytes)>,
+        arrived: std::time::Instant,
+    ) -> Vec<bool> {
+        // From arrival, not per write nor from dispatch: a batch merged in paced chunks, or
+        // read late from a paused connection, must not land its last states later than the
+        // peer-write limit allows (tombstone GC's settle time).
         let within = MERGE_DEADLINE.min(self.store.peer_write_limit());
-        self.merge_by(entries, std::time::Instant::now() + within)
+        self.merge_by(entries, arrived + within)
             .await
             .into_iter()
             .map(|m| m == Merge::Merged)
@@ -468,6 +478,10 @@ impl AntiEntropy {
         // stale saved one. (Its own exchanges and transfers wait for the ring, and a push is
         // refused as a whole before: this is the last guard.) Read once: `ready` is latched.
         let ready = self.membership.view().ready;
+        // Writes dropped because the deadline passed before they were applied: counted by the
+        // store, logged once for the batch below instead of once per key.
+        let late = std::sync::atomic::AtomicUsize::new(0);
+        let late = &late;
         let merge = |(key, state): (Bytes, Bytes)| async move {
             if !ready || !self.replicates(&key) {
                 self.metrics.push_refused.inc();
@@ -490,6 +504,10 @@ impl AntiEntropy {
             let what = move || format!("key {}: anti-entropy merge", HexKey(named.to_vec()));
             match self.store.write_by(write, deadline, what).await {
                 Ok(_) => Merge::Merged,
+                Err(WriteError::DeadlinePassed { .. }) => {
+                    late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Merge::Failed
+                }
                 // Past the state bounds: the replica keeps its state until a client resolves
                 // the key; trying again changes nothing.
                 Err(
@@ -510,6 +528,13 @@ impl AntiEntropy {
                 }
             }
         };
-        paced_chunks(entries, None, merge, |_| false).await
+        let outcomes = paced_chunks(entries, None, merge, |_| false).await;
+        let late = late.load(std::sync::atomic::Ordering::Relaxed);
+        if late > 0 {
+            tracing::warn!(node = %self.node_id, late,
+                           "anti-entropy states not merged: their deadline passed before they \
+                            were applied (a stalled writer or a late batch); not applied late");
+        }
+        outcomes
     }
 }

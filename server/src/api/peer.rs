@@ -139,8 +139,8 @@ impl PeerApi {
             }
             PeerRequest::Replica(req) => self.replica.serve(req).await,
             PeerRequest::Coordinator(req) => self.coordinator.serve_peer(req, arrived).await,
-            PeerRequest::Handoff(req) => self.handoff.serve(req).await,
-            PeerRequest::Aae(req) => self.aae.serve(req).await,
+            PeerRequest::Handoff(req) => self.handoff.serve(req, arrived).await,
+            PeerRequest::Aae(req) => self.aae.serve(req, arrived).await,
             PeerRequest::Cluster(req) => self.cluster.serve(req).await,
         }
     }

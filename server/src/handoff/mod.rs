@@ -31,7 +31,7 @@ use crate::clock::now_ms;
 use crate::config::HintSettings;
 use crate::membership::DataGate;
 use crate::storage::hints::hint_state_bytes;
-use crate::storage::{HexKey, Store, WriteOp};
+use crate::storage::{HexKey, Store, WriteError, WriteOp};
 use crate::version::KeyState;
 use budget::ReplayBudget;
 
@@ -138,7 +138,9 @@ impl Handoff {
         PeerResponse::error(kind, definite, format!("node {}: {msg}", self.node_id))
     }
 
-    pub async fn serve(&self, req: HandoffRequest) -> PeerResponse {
+    /// Serves one request of the handoff family, read at `arrived` (`net`'s stall-safe
+    /// dating: a replay's merges are bounded from then).
+    pub async fn serve(&self, req: HandoffRequest, arrived: std::time::Instant) -> PeerResponse {
         if !matches!(req, HandoffRequest::ReadHint { .. }) {
             if let Some(no) = (self.takes_data)() {
                 return no.refusal(&self.node_id, "a hint or a hint replay");
@@ -204,7 +206,7 @@ impl Handoff {
                     retry_after_ms: grant.retry_after_ms,
                 })
             }
-            HandoffRequest::Replay { entries } => self.replayed_into_me(entries).await,
+            HandoffRequest::Replay { entries } => self.replayed_into_me(entries, arrived).await,
         }
     }
 
@@ -246,9 +248,14 @@ impl Handoff {
         }
     }
 
-    /// A holder's batch of hinted states for this node's replicas: each merged (never
-    /// overwritten); the answer says which.
-    async fn replayed_into_me(&self, entries: Vec<(Bytes, Bytes)>) -> PeerResponse {
+    /// A holder's batch of hinted states for this node's replicas, read at `arrived`: each
+    /// merged (never overwritten) within [`MERGE_DEADLINE`](crate::background::MERGE_DEADLINE)
+    /// and the peer-write limit of its arrival, or not at all; the answer says which.
+    async fn replayed_into_me(
+        &self,
+        entries: Vec<(Bytes, Bytes)>,
+        arrived: std::time::Instant,
+    ) -> PeerResponse {
         let bytes: u64 = entries
             .iter()
             .map(|(k, s)| (k.len() + s.len()) as u64)
@@ -259,32 +266,55 @@ impl Handoff {
             .spend_bytes(now_ms(), bytes);
         self.metrics.replay_received.inc_by(entries.len() as u64);
         self.metrics.replay_received_bytes.inc_by(bytes);
-        // Merged by the deadline or not at all (never late: tombstone GC relies on it).
-        let deadline = std::time::Instant::now() + crate::background::MERGE_DEADLINE;
+        // Merged by the deadline or not at all (never late: tombstone GC relies on it), counted
+        // from the batch's arrival, not per write: a batch merged in paced chunks, or read
+        // late from a paused connection, must not land its last states later than the
+        // peer-write limit allows (half the tombstone settle time).
+        let within = crate::background::MERGE_DEADLINE.min(self.store.peer_write_limit());
+        let deadline = arrived + within;
+        // Err(None): the deadline passed before the merge was tried (counted by the store,
+        // logged once below).
         let merge = |(key, state): (Bytes, Bytes)| async move {
             let hkey = HexKey(key.to_vec());
             let state = KeyState::decode(&state)
-                .map_err(|e| format!("key {hkey}: replayed hint's state: {e}"))?;
-            self.store
+                .map_err(|e| Some(format!("key {hkey}: replayed hint's state: {e}")))?;
+            match self
+                .store
                 .write_by(WriteOp::Merge { key, state }, deadline, || {
                     "replayed hint merge".into()
                 })
                 .await
-                .map(|_| ())
-                .map_err(|e| format!("key {hkey}: {e}"))
+            {
+                Ok(_) => Ok(()),
+                Err(WriteError::DeadlinePassed { .. }) => Err(None),
+                Err(e) => Err(Some(format!("key {hkey}: {e}"))),
+            }
         };
         // One chunk at a time over every holder, paced by how long each took.
         let results = paced_chunks(entries, Some(&self.applying), merge, |_| false).await;
+        let mut late = 0usize;
         let merged = results
             .iter()
             .map(|r| {
-                if let Err(cause) = r {
-                    self.metrics.replay_merge_failed.inc();
-                    tracing::warn!(node = %self.node_id, %cause, "replayed hint not merged");
+                match r {
+                    Ok(()) => {}
+                    Err(Some(cause)) => {
+                        self.metrics.replay_merge_failed.inc();
+                        tracing::warn!(node = %self.node_id, %cause, "replayed hint not merged");
+                    }
+                    Err(None) => {
+                        self.metrics.replay_merge_failed.inc();
+                        late += 1;
+                    }
                 }
                 r.is_ok()
             })
             .collect();
+        if late > 0 {
+            tracing::warn!(node = %self.node_id, late, within_ms = within.as_millis() as u64,
+                           waited_ms = arrived.elapsed().as_millis() as u64,
+                           "replayed hints not merged: their batch's deadline passed (the holder replays them again)");
+        }
         PeerResponse::Handoff(HandoffResponse::Replayed(merged))
     }
 

@@ -836,6 +836,39 @@ mod tests {
         }
     }
 
+    /// Found in review: a replayed batch's merge deadline was the whole `MERGE_DEADLINE` (not
+    /// the peer-write limit) counted from when its handler ran, not from its arrival: a batch
+    /// read late from a paused connection, or merged in paced chunks, could land after the
+    /// tombstone settle time.
+    #[tokio::test]
+    async fn a_replay_merges_only_within_the_peer_write_limit_of_its_arrival() {
+        let store = crate::testkit::open_store(Arc::new(MemoryEngine::new()), "a");
+        store.limit_peer_writes(Duration::from_millis(100));
+        let handoff = Handoff::new("a".into(), store.clone(), HintSettings::default());
+        let replay = |arrived| {
+            let entries = vec![(
+                Bytes::from_static(b"k"),
+                Bytes::from(one_version(3, "hinted").encode()),
+            )];
+            let handoff = &handoff;
+            async move {
+                match handoff
+                    .serve(HandoffRequest::Replay { entries }, arrived)
+                    .await
+                {
+                    PeerResponse::Handoff(HandoffResponse::Replayed(merged)) => merged,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let waited = std::time::Instant::now() - Duration::from_millis(150);
+        assert_eq!(replay(waited).await, vec![false]);
+        assert!(store.read_stored(b"k").await.unwrap().is_none());
+        assert_eq!(handoff.metrics.replay_merge_failed.get(), 1);
+        assert_eq!(replay(std::time::Instant::now()).await, vec![true]);
+        assert!(store.read_stored(b"k").await.unwrap().is_some());
+    }
+
     /// A store whose hints for each `(target, count)` are fresh, over a plain memory engine.
     fn store_with_hints(hints: &[(&str, usize)]) -> Arc<Store> {
         store_with_hints_from(hints, now_ms())
