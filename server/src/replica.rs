@@ -93,7 +93,8 @@ impl Replica {
         let limit = Duration::from_millis(timeout_ms as u64);
         // The stored bytes are the wire encoding of the state: sent as they are, and the
         // coordinator decodes (and names this replica if they do not decode).
-        let state = match tokio::time::timeout(limit, self.store.read_stored(&key)).await {
+        let deadline = std::time::Instant::now() + limit;
+        let state = match self.store.read_stored_by(&key, deadline).await {
             Ok(Ok(Some(stored))) => Bytes::from(stored),
             Ok(Ok(None)) => Bytes::from(KeyState::new().encode()),
             Ok(Err(e)) => {

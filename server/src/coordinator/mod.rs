@@ -36,11 +36,14 @@ use crate::config::{Config, ReadFanout, Timeouts};
 use crate::membership::{ClusterView, Membership, WriteEpochs};
 use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
-use crate::storage::{open_gate, HexKey, ReadGate, Store, WriteError, WriteOp};
+use crate::storage::{open_gate, HexKey, Late, ReadGate, Store, WriteError, WriteOp};
 use crate::version::{KeyState, VersionVector};
 use plan::{plan, plan_with_fallbacks};
 use quorum::{Decision, QuorumError, ReadQuorum, WriteQuorum};
 
+/// Why the coordinator's own replica read gave nothing: its deadline passed first (a read that
+/// had to wait for the disk is then dropped unexecuted, `storage.reads_expired`).
+const LOCAL_READ_LATE: &str = "local read: the deadline passed before it ran or answered";
 /// Deadline of one read-repair write (it runs after the client was answered).
 pub const READ_REPAIR_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -587,11 +590,7 @@ impl<T: Transport> Coordinator<T> {
     pub async fn get(self: &Arc<Self>, key: Bytes, opts: ReadOptions) -> Response {
         let deadline = Instant::now() + self.deadline(opts.timeout_ms);
         if opts.flags & ReadOptions::LOCAL != 0 {
-            let read = tokio::time::timeout_at(
-                TokioInstant::from_std(deadline),
-                self.store.read(key.clone()),
-            );
-            return match read.await {
+            return match self.store.read_by(key.clone(), deadline).await {
                 Err(_) => self.quorum_error(
                     &key,
                     QuorumError::Timeout { acks: 0, needed: 1 },
@@ -1565,13 +1564,22 @@ impl<T: Transport> Coordinator<T> {
                     coordinator.node_id,
                     HexKey(key.to_vec())
                 )),
-                (true, None) => coordinator.store.read(key).await.map_err(|e| e.to_string()),
-                (true, Some(primary)) => coordinator
-                    .store
-                    .read_hint(&primary, &key)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|row| hint_state(&key, row.as_deref())),
+                (true, None) => match coordinator.store.read_by(key, deadline).await {
+                    Ok(read) => read.map_err(|e| e.to_string()),
+                    Err(Late) => Err(LOCAL_READ_LATE.to_string()),
+                },
+                (true, Some(primary)) => {
+                    match coordinator
+                        .store
+                        .read_hint_by(&primary, &key, deadline)
+                        .await
+                    {
+                        Ok(read) => read
+                            .map_err(|e| e.to_string())
+                            .and_then(|row| hint_state(&key, row.as_deref())),
+                        Err(Late) => Err(LOCAL_READ_LATE.to_string()),
+                    }
+                }
                 (false, hint_for) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match addr {

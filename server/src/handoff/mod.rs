@@ -159,8 +159,8 @@ impl Handoff {
                 timeout_ms,
             } => {
                 self.metrics.hint_reads.inc();
-                let limit = Duration::from_millis(timeout_ms as u64);
-                match tokio::time::timeout(limit, self.store.read_hint(&target, &key)).await {
+                let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms as u64);
+                match self.store.read_hint_by(&target, &key, deadline).await {
                     Ok(Ok(row)) => {
                         let state = row
                             .as_deref()

@@ -12,8 +12,8 @@ pub mod tree;
 use std::fmt;
 
 pub use store::{
-    AaeMark, ChangeHook, RescanMode, RescanOutcome, Store, StoreConfig, StoreStats, WriteError,
-    WriteOp, WriteOutcome,
+    AaeMark, ChangeHook, Late, RescanMode, RescanOutcome, Store, StoreConfig, StoreStats,
+    WriteError, WriteOp, WriteOutcome,
 };
 
 /// Column families, all declared at open and never created or dropped at runtime.

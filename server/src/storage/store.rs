@@ -285,6 +285,11 @@ impl WriteOp {
     }
 }
 
+/// A read with a deadline gave no answer by it (`Store::read_stored_by`): it was dropped
+/// unexecuted, or its answer came too late to be of use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Late;
+
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
     /// The key's state after the write.
@@ -440,6 +445,8 @@ crate::metrics::metric_set! {
         reads_cached: Counter = "reads_cached", "reads answered from memory";
         /// Reads that needed the disk and ran on the blocking pool.
         reads_blocking: Counter = "reads_blocking", "reads that went to disk";
+        /// Reads with a deadline dropped unexecuted on the blocking pool (`read_stored_by`).
+        reads_expired: Counter = "reads_expired", "reads dropped unexecuted: their deadline passed while they waited for a blocking-pool thread";
         /// Writer read-modify-writes that found the key's state in the writer's state cache.
         state_cache_hits: Counter = "state_cache_hits", "writer state-cache hits";
         /// Writer read-modify-writes that read the key's state from the engine.
@@ -1034,6 +1041,42 @@ impl Store {
             })
     }
 
+    /// `read` by `deadline` (`read_stored_by`).
+    pub async fn read_by(
+        self: &Arc<Self>,
+        key: Bytes,
+        deadline: Instant,
+    ) -> Result<Result<KeyState, StorageError>, Late> {
+        Ok(self
+            .read_stored_by(&key, deadline)
+            .await?
+            .and_then(|stored| decode_state(stored, &key)))
+    }
+
+    /// `read_stored` for a request with a deadline: `Err(Late)` when the deadline passed
+    /// before the answer. A read that must go to disk and is still waiting for a blocking-pool
+    /// thread at its deadline is then dropped unexecuted (`storage.reads_expired`), instead of
+    /// running after its requester gave up (during a disk stall such reads would otherwise
+    /// pile up in the pool's queue and run ahead of fresh ones once the disk recovers).
+    pub async fn read_stored_by(
+        self: &Arc<Self>,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Result<Option<Vec<u8>>, StorageError>, Late> {
+        let dkey = data_key(key);
+        match self.engine.get_cached(Cf::Data, &dkey) {
+            Ok(Cached::Hit(v)) => {
+                self.stats.reads_cached.inc();
+                return Ok(Ok(v));
+            }
+            Err(e) => return Ok(Err(e)),
+            Ok(Cached::Miss) => {}
+        }
+        self.stats.reads_blocking.inc();
+        self.blocking_by("get", deadline, move |engine| engine.get(Cf::Data, &dkey))
+            .await
+    }
+
     pub fn stats(&self) -> &StoreStats {
         &self.stats
     }
@@ -1051,6 +1094,18 @@ impl Store {
 
     pub fn hint_stats(&self) -> &HintStoreStats {
         &self.hint_stats
+    }
+
+    /// `read_hint` by `deadline` (`read_stored_by`).
+    pub async fn read_hint_by(
+        self: &Arc<Self>,
+        target: &str,
+        key: &[u8],
+        deadline: Instant,
+    ) -> Result<Result<Option<Vec<u8>>, StorageError>, Late> {
+        let hkey = hint_key(target, key);
+        self.blocking_by("get", deadline, move |engine| engine.get(Cf::Hints, &hkey))
+            .await
     }
 
     /// This node's hint row for (target, key) as stored, `None` when it holds none.
@@ -1265,6 +1320,32 @@ impl Store {
             Ok(true)
         })
         .await
+    }
+
+    /// `blocking` for a request with a deadline: `f` is not run once `deadline` has passed
+    /// (counted in `storage.reads_expired`), and `Err(Late)` when no answer came by then.
+    async fn blocking_by<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: &'static str,
+        deadline: Instant,
+        f: impl FnOnce(&dyn Engine) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<Result<T, StorageError>, Late> {
+        let store = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            if Instant::now() >= deadline {
+                store.stats.reads_expired.inc();
+                return None;
+            }
+            Some(f(store.engine.as_ref()))
+        });
+        match tokio::time::timeout_at(deadline.into(), task).await {
+            Ok(Ok(Some(result))) => Ok(result),
+            Ok(Ok(None)) | Err(_) => Err(Late),
+            Ok(Err(e)) => Ok(Err(StorageError::Io {
+                op,
+                cause: format!("storage task failed: {e}"),
+            })),
+        }
     }
 
     async fn blocking<T: Send + 'static>(

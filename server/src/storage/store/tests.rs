@@ -575,6 +575,48 @@ async fn reads_are_answered_inline_from_memory_or_on_the_blocking_pool() {
     assert_eq!(store.stats().reads_blocking.get(), 2);
 }
 
+/// Found in review: a read that had to wait for a blocking-pool thread (a disk stall, a cold
+/// cache) still ran once a thread was free, long after its requester had timed out and given
+/// its place in the budget back; in a stall such reads pile up and run ahead of fresh ones.
+/// A read with a deadline still queued at it is dropped unexecuted and counted.
+#[test]
+fn a_disk_read_still_waiting_at_its_deadline_is_dropped_unexecuted() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let engine = Arc::new(MemoryEngine::new());
+        let store = Arc::new(open(&engine, SyncMode::Group));
+        store.write(put("k", "a", None)).await.unwrap();
+        engine.set_cache_misses(true);
+        // The pool's one thread is busy (a slow disk read).
+        let busy = tokio::task::spawn_blocking(|| {
+            std::thread::sleep(std::time::Duration::from_millis(300))
+        });
+        let deadline = Instant::now() + std::time::Duration::from_millis(50);
+        assert!(matches!(
+            store.read_stored_by(b"k", deadline).await,
+            Err(Late)
+        ));
+        busy.await.unwrap();
+        // The pool runs its queue in order: the late read has had its turn.
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        assert_eq!(store.stats().reads_expired.get(), 1);
+        // In time, it is read from disk.
+        let in_time = store
+            .read_by(
+                Bytes::from_static(b"k"),
+                Instant::now() + std::time::Duration::from_secs(5),
+            )
+            .await;
+        assert!(matches!(in_time, Ok(Ok(ref s)) if values(s) == vec!["a"]));
+        assert_eq!(store.stats().reads_expired.get(), 1);
+        assert_eq!(store.stats().reads_blocking.get(), 2);
+    });
+}
+
 #[tokio::test]
 async fn state_cache_serves_hot_keys_and_forgets_keys_of_failed_batches() {
     let engine = Arc::new(MemoryEngine::new());
