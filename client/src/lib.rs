@@ -43,9 +43,11 @@
 //!
 //! An overloaded node refuses requests at once with `Overloaded` and a retry-after hint
 //! ([`Error::is_overloaded`], [`Error::retry_after`]); nothing was done. Reads (and the admin
-//! requests, all idempotent) are retried up to [`ClientConfig::overload_retries`] times with
-//! exponential backoff (at least the node's hint, with jitter), on the next address, within
-//! the request's deadline; writes are not, the caller decides.
+//! requests that change nothing: ping, status, ring, members, cluster status and plan) are
+//! retried up to [`ClientConfig::overload_retries`] times with exponential backoff (at least
+//! the node's hint, with jitter drawn per backoff from a per-client random start), on the next
+//! address, within the request's deadline; writes, repairs and ring changes are not, the
+//! caller decides.
 
 pub mod conn;
 
@@ -331,6 +333,11 @@ struct Inner {
     refreshing: AtomicBool,
     /// `Overloaded` reads retried.
     overload_retries: AtomicU64,
+    /// Where this client's backoff jitter starts: random per client, so that clients refused
+    /// together (restarted together in a deploy) do not back off in step.
+    jitter_salt: u64,
+    /// Backoffs taken so far: each gets its own jitter.
+    jitter_seq: AtomicU64,
 }
 
 /// How often a ring-aware client re-reads the ring (joins, leaves, liveness).
@@ -450,6 +457,12 @@ impl Client {
                 routing: RwLock::new(None),
                 refreshing: AtomicBool::new(false),
                 overload_retries: AtomicU64::new(0),
+                jitter_salt: {
+                    use std::hash::BuildHasher;
+                    // The standard library seeds each RandomState from the OS's randomness.
+                    std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+                },
+                jitter_seq: AtomicU64::new(0),
             }),
         })
     }
@@ -763,7 +776,7 @@ impl Client {
                 self.inner.config.overload_backoff,
                 attempt,
                 hint,
-                self.inner.next_id.load(Ordering::Relaxed),
+                self.jitter_seed(),
             );
             if Instant::now() + backoff >= deadline {
                 return result;
@@ -778,6 +791,12 @@ impl Client {
                 route = Some((from + 1) % n);
             }
         }
+    }
+
+    /// A fresh seed for one backoff's jitter: reads refused together (by one node, at one
+    /// moment) each get their own, and so do clients started together.
+    fn jitter_seed(&self) -> u64 {
+        self.inner.jitter_salt ^ self.inner.jitter_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Reads refused `Overloaded` that this client retried (all calls together).
@@ -1167,6 +1186,26 @@ mod routing_tests {
             .map(|s| overload_backoff(base, 1, Duration::ZERO, s))
             .collect();
         assert!(spread.len() > 10, "{spread:?}");
+    }
+
+    /// Found in review: the jitter's seed was the client's request counter at the time of the
+    /// backoff, so reads refused together (all sent before any refusal came back) read the
+    /// same counter and came back in step, and every freshly started client (counter 1) backed
+    /// off by exactly the same amount.
+    #[test]
+    fn reads_refused_together_and_clients_started_together_back_off_differently() {
+        let base = Duration::from_millis(10);
+        let backoffs = |c: &Client| -> Vec<Duration> {
+            (0..16)
+                .map(|_| overload_backoff(base, 0, Duration::ZERO, c.jitter_seed()))
+                .collect()
+        };
+        let one = Client::new(["127.0.0.1:1"], ClientConfig::default()).unwrap();
+        let other = Client::new(["127.0.0.1:1"], ClientConfig::default()).unwrap();
+        let (a, b) = (backoffs(&one), backoffs(&other));
+        let distinct = |v: &[Duration]| v.iter().collect::<std::collections::BTreeSet<_>>().len();
+        assert!(distinct(&a) > 8, "{a:?}");
+        assert_ne!(a, b);
     }
 
     #[test]
