@@ -339,8 +339,44 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
     Ok((first, last))
 }
 
+/// How long `kvctl repair --wait` keeps polling a node it cannot reach before it gives up on
+/// that node (its cycle's outcome is then unknown).
+const REPAIR_WAIT_UNREACHABLE: Duration = Duration::from_secs(30);
+
+/// Where one node's requested cycle stands, from one poll of its status.
+#[derive(Debug, PartialEq)]
+enum CycleWait {
+    Done,
+    Running,
+    /// The node's process started after it accepted the request: the cycle was lost with the
+    /// process that would have run it (its counts start again from 0).
+    Restarted,
+    /// Unreachable for `REPAIR_WAIT_UNREACHABLE` in a row.
+    GaveUp,
+}
+
+/// `status` = the node's (`uptime_ms`, `aae.cycles`), or `None` when it could not be read;
+/// `asked` = how long ago the node accepted the request; `unreachable` = for how long the node
+/// has not answered, this poll included.
+fn cycle_wait(
+    status: Option<(u64, u64)>,
+    done_at: u64,
+    asked: Duration,
+    unreachable: Duration,
+) -> CycleWait {
+    match status {
+        Some((uptime_ms, _)) if u128::from(uptime_ms) < asked.as_millis() => CycleWait::Restarted,
+        Some((_, cycles)) if cycles >= done_at => CycleWait::Done,
+        Some(_) => CycleWait::Running,
+        None if unreachable >= REPAIR_WAIT_UNREACHABLE => CycleWait::GaveUp,
+        None => CycleWait::Running,
+    }
+}
+
 /// `kvctl repair`: starts a cycle on each chosen member (over `range` only, if given); with
-/// `wait`, polls their `aae.cycles` until each reached the count its reply named.
+/// `wait`, polls their `aae.cycles` until each reached the count its reply named, or gives up
+/// on a node that restarted (the cycle was lost) or stayed unreachable for
+/// `REPAIR_WAIT_UNREACHABLE`.
 async fn repair(
     client: &Client,
     config: ClientConfig,
@@ -369,12 +405,12 @@ async fn repair(
         let c = Client::new(vec![m.client_addr.clone()], config.clone())
             .map_err(|e| Failure::Error(e.to_string()))?;
         match c.repair_range(range).await {
-            Ok(r) => started.push((m.node_id.clone(), c, r)),
+            Ok(r) => started.push((m.node_id.clone(), c, r, std::time::Instant::now())),
             Err(e) => failed.push(json!({ "node": m.node_id, "error": e.to_string() })),
         }
     }
     if !as_json {
-        for (node, _, r) in &started {
+        for (node, _, r, _) in &started {
             out(&format!(
                 "{node}: anti-entropy cycle requested{} ({} completed so far)",
                 range.map_or(String::new(), |(a, b)| format!(
@@ -391,6 +427,7 @@ async fn repair(
             f["error"].as_str().unwrap_or("")
         );
     }
+    let failed_to_start = failed.len();
     let mut results = Vec::new();
     if wait && !started.is_empty() {
         let bar = if as_json {
@@ -405,13 +442,48 @@ async fn repair(
             .expect("the template is valid"),
         );
         let mut pending: Vec<usize> = (0..started.len()).collect();
+        // Per node, since when it has not answered.
+        let mut silent: Vec<Option<std::time::Instant>> = vec![None; started.len()];
         while !pending.is_empty() {
             let mut still = Vec::new();
             let mut msg = String::new();
             for i in pending {
-                let (node, c, r) = &started[i];
-                match c.status().await {
-                    Ok(s) if status_metric(&s, "aae.cycles") >= r.done_at => {
+                let (node, c, r, asked) = &started[i];
+                let status = c.status().await;
+                let seen = status
+                    .as_ref()
+                    .ok()
+                    .map(|s| (s.uptime_ms, status_metric(s, "aae.cycles")));
+                silent[i] = match seen {
+                    Some(_) => None,
+                    None => Some(silent[i].unwrap_or_else(std::time::Instant::now)),
+                };
+                let unreachable = silent[i].map_or(Duration::ZERO, |t| t.elapsed());
+                match (
+                    cycle_wait(seen, r.done_at, asked.elapsed(), unreachable),
+                    status,
+                ) {
+                    (CycleWait::Restarted, _) => {
+                        bar.inc(1);
+                        failed.push(json!({
+                            "node": node,
+                            "error": "the node restarted while its cycle ran: the cycle was lost \
+                                      (run kvctl repair again)",
+                        }));
+                    }
+                    (CycleWait::GaveUp, status) => {
+                        bar.inc(1);
+                        let cause = status.err().map_or_else(String::new, |e| e.to_string());
+                        failed.push(json!({
+                            "node": node,
+                            "error": format!(
+                                "unreachable for {} s while its cycle ran; its outcome is \
+                                 unknown: {cause}",
+                                REPAIR_WAIT_UNREACHABLE.as_secs()
+                            ),
+                        }));
+                    }
+                    (CycleWait::Done, Ok(s)) => {
                         bar.inc(1);
                         results.push(json!({
                             "node": node,
@@ -421,7 +493,7 @@ async fn repair(
                             "last_cycle_seconds": status_metric(&s, "aae.last_cycle_seconds"),
                         }));
                     }
-                    Ok(s) => {
+                    (_, Ok(s)) => {
                         let detail = s
                             .info
                             .iter()
@@ -430,7 +502,7 @@ async fn repair(
                         msg = format!("{node}: {detail}");
                         still.push(i);
                     }
-                    Err(e) => {
+                    (_, Err(e)) => {
                         msg = format!("{node}: {e}");
                         still.push(i);
                     }
@@ -444,6 +516,13 @@ async fn repair(
             }
         }
         bar.finish_and_clear();
+        for f in &failed[failed_to_start..] {
+            eprintln!(
+                "error: node {}: {}",
+                f["node"].as_str().unwrap_or(""),
+                f["error"].as_str().unwrap_or("")
+            );
+        }
         if !as_json {
             for r in &results {
                 out(&format!(
@@ -460,7 +539,7 @@ async fn repair(
     if as_json {
         let started: Vec<Value> = started
             .iter()
-            .map(|(node, _, r)| json!({ "node": node, "completed": r.completed, "done_at": r.done_at }))
+            .map(|(node, _, r, _)| json!({ "node": node, "completed": r.completed, "done_at": r.done_at }))
             .collect();
         print_json(&json!({ "started": started, "done": results, "failed": failed }));
     }
@@ -468,8 +547,9 @@ async fn repair(
         Ok(())
     } else {
         Err(Failure::Error(format!(
-            "{} node(s) did not start a cycle",
-            failed.len()
+            "{} node(s) did not start a cycle, {} did not finish it",
+            failed_to_start,
+            failed.len() - failed_to_start
         )))
     }
 }
@@ -1210,5 +1290,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in review: `kvctl repair --wait` polled forever for a node that died, and for one
+    /// that restarted (its cycle count starts again from 0, far below the count it was waited
+    /// for). A restart is seen from the uptime (below the time since the node accepted the
+    /// request); an unreachable node is given up after `REPAIR_WAIT_UNREACHABLE`.
+    #[test]
+    fn repair_wait_ends_for_a_node_that_restarted_or_stays_unreachable() {
+        let s = Duration::from_secs;
+        // Up for an hour, asked 10 s ago: running until the count is reached.
+        assert_eq!(
+            cycle_wait(Some((3_600_000, 6)), 7, s(10), s(0)),
+            CycleWait::Running
+        );
+        assert_eq!(
+            cycle_wait(Some((3_600_000, 7)), 7, s(10), s(0)),
+            CycleWait::Done
+        );
+        // Up for 4 s, asked 10 s ago: a new process, whatever its count says.
+        assert_eq!(
+            cycle_wait(Some((4_000, 0)), 7, s(10), s(0)),
+            CycleWait::Restarted
+        );
+        assert_eq!(
+            cycle_wait(Some((4_000, 9)), 7, s(10), s(0)),
+            CycleWait::Restarted
+        );
+        // Silent: waited for a while, then given up.
+        assert_eq!(cycle_wait(None, 7, s(10), s(5)), CycleWait::Running);
+        assert_eq!(
+            cycle_wait(None, 7, s(40), REPAIR_WAIT_UNREACHABLE),
+            CycleWait::GaveUp
+        );
     }
 }
