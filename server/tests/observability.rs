@@ -5,7 +5,7 @@
 //! quorum outcomes counted, a request whose deadline passed while it waited never being
 //! applied, and a broken connection giving its slot back while its requests still run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -278,19 +278,20 @@ async fn a_read_repair_moves_its_series() {
     .await;
 }
 
-/// The metric names a node exports (from its `# TYPE` lines; a histogram also as its
-/// `_bucket`, `_sum` and `_count` series).
+/// The series names a node exports (from its `# TYPE` lines; a histogram as its `_bucket`,
+/// `_sum` and `_count` series only: its bare name selects nothing in Prometheus).
 fn exported(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut it = rest.split_whitespace();
             if let (Some(name), Some(kind)) = (it.next(), it.next()) {
-                names.insert(name.to_string());
                 if kind == "histogram" {
                     for suffix in ["_bucket", "_sum", "_count"] {
                         names.insert(format!("{name}{suffix}"));
                     }
+                } else {
+                    names.insert(name.to_string());
                 }
             }
         }
@@ -298,8 +299,59 @@ fn exported(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// Every `ringkv_*` name in `expr`.
-fn metric_names(expr: &str) -> Vec<String> {
+/// Per series name, the (label, value) pairs its samples carry.
+fn exported_labels(text: &str) -> BTreeMap<String, BTreeSet<(String, String)>> {
+    let mut out: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let labels = rest.rsplit_once('}').map_or("", |(l, _)| l);
+        out.entry(name.to_string())
+            .or_default()
+            .extend(label_pairs(labels).into_iter().map(|(k, _, v)| (k, v)));
+    }
+    out
+}
+
+/// The matchers of a selector's braces (`a="x",b=~"y"`): (label, operator, value).
+fn label_pairs(inside: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut rest = inside;
+    while let Some(eq) = rest.find(['=', '!']) {
+        let label = rest[..eq].trim().trim_start_matches(',').trim().to_string();
+        let op_len = rest[eq..]
+            .chars()
+            .take_while(|c| matches!(c, '=' | '!' | '~'))
+            .count();
+        let op = rest[eq..eq + op_len].to_string();
+        let after = &rest[eq + op_len..];
+        let Some(open) = after.find('"') else { break };
+        let mut value = String::new();
+        let mut chars = after[open + 1..].char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '"' => {
+                    end = open + 1 + i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((label, op, value));
+        rest = &after[end..];
+    }
+    out
+}
+
+/// Every `ringkv_*` series in `expr`, with the matchers of its braces if it has any.
+fn metric_names(expr: &str) -> Vec<(String, Vec<(String, String, String)>)> {
     let mut out = Vec::new();
     let mut rest = expr;
     while let Some(i) = rest.find("ringkv_") {
@@ -308,7 +360,14 @@ fn metric_names(expr: &str) -> Vec<String> {
             .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
             .collect();
         rest = &rest[i + name.len()..];
-        out.push(name);
+        let matchers = match rest.strip_prefix('{') {
+            Some(inner) => {
+                let close = inner.find('}').unwrap_or(inner.len());
+                label_pairs(&inner[..close])
+            }
+            None => Vec::new(),
+        };
+        out.push((name, matchers));
     }
     out
 }
@@ -372,14 +431,32 @@ fn dashboard_and_alerts_name_exported_metrics(text: &str) {
             .filter_map(|l| l.trim().strip_prefix("expr:"))
             .map(str::to_string),
     );
+    let labels = exported_labels(text);
     let mut checked = 0;
     for e in &exprs {
-        for name in metric_names(e) {
+        for (name, matchers) in metric_names(e) {
             assert!(
                 names.contains(&name),
                 "{name} (in {e:?}) is not exported by the node"
             );
             checked += 1;
+            // Labels: `instance` is Prometheus's own; a family without samples in this scrape
+            // (no hint target yet) has no labels to compare with.
+            let Some(have) = labels.get(&name) else {
+                continue;
+            };
+            for (label, op, value) in matchers.iter().filter(|(l, _, _)| l != "instance") {
+                assert!(
+                    have.iter().any(|(l, _)| l == label),
+                    "{name} has no label {label:?} (in {e:?}); it has {have:?}"
+                );
+                if op == "=" {
+                    assert!(
+                        have.contains(&(label.clone(), value.clone())),
+                        "{name} never has {label}={value:?} (in {e:?}); it has {have:?}"
+                    );
+                }
+            }
         }
     }
     assert!(checked > 30, "only {checked} metric references found");
