@@ -314,8 +314,11 @@ fn exported_labels(text: &str) -> BTreeMap<String, BTreeSet<(String, String)>> {
     out
 }
 
-/// The matchers of a selector's braces (`a="x",b=~"y"`): (label, operator, value).
-fn label_pairs(inside: &str) -> Vec<(String, String, String)> {
+/// One label matcher of a selector: (label, operator, value).
+type Matcher = (String, String, String);
+
+/// The matchers of a selector's braces (`a="x",b=~"y"`).
+fn label_pairs(inside: &str) -> Vec<Matcher> {
     let mut out = Vec::new();
     let mut rest = inside;
     while let Some(eq) = rest.find(['=', '!']) {
@@ -351,7 +354,7 @@ fn label_pairs(inside: &str) -> Vec<(String, String, String)> {
 }
 
 /// Every `ringkv_*` series in `expr`, with the matchers of its braces if it has any.
-fn metric_names(expr: &str) -> Vec<(String, Vec<(String, String, String)>)> {
+fn metric_names(expr: &str) -> Vec<(String, Vec<Matcher>)> {
     let mut out = Vec::new();
     let mut rest = expr;
     while let Some(i) = rest.find("ringkv_") {
