@@ -919,7 +919,7 @@ fn register_members_by(
 
 fn register_cluster(registry: &Registry, membership: &Membership) {
     let m = membership.clone();
-    registry.probe_family(
+    registry.probe_fraction_family(
         "gossip.phi",
         "phi-accrual suspicion of each peer (above the threshold = unavailable; absent until a first heartbeat)",
         move || {

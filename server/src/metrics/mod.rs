@@ -27,6 +27,8 @@ pub struct Histogram {
     count: Arc<AtomicU64>,
     /// The sum of observations, as `f64` bits.
     sum: Arc<AtomicU64>,
+    /// Of seconds (latencies; `Status` shows the sum in microseconds), else of a count.
+    seconds: bool,
 }
 
 impl Histogram {
@@ -35,14 +37,18 @@ impl Histogram {
             inner: prometheus_client::metrics::histogram::Histogram::new(buckets),
             count: Arc::new(AtomicU64::new(0)),
             sum: Arc::new(AtomicU64::new(0f64.to_bits())),
+            seconds: false,
         }
     }
 
     /// Latencies in seconds, 100 µs to about 13 s.
     pub fn latency() -> Histogram {
-        Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            0.0001, 2.0, 18,
-        ))
+        Histogram {
+            seconds: true,
+            ..Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 18,
+            ))
+        }
     }
 
     pub fn observe(&self, v: f64) {
@@ -145,6 +151,8 @@ struct FamilyProbe {
     help: String,
     /// A counter family (values only rise; exposed with `_total`), else gauges.
     counter: bool,
+    /// Its values are fractions (ratios, phi): `Status` shows them in thousandths.
+    fraction: bool,
     read: FamilyProbeFn,
 }
 
@@ -296,6 +304,7 @@ impl Registry {
                 inner: f.get_or_create_owned(&labels),
                 count: Arc::new(AtomicU64::new(0)),
                 sum: Arc::new(AtomicU64::new(0f64.to_bits())),
+                seconds: true,
             }),
             _ => panic!("metric family {name} registered with two kinds"),
         };
@@ -338,7 +347,17 @@ impl Registry {
         help: &str,
         read: impl Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
     ) {
-        self.add_family_probe(name, help, false, Box::new(read));
+        self.add_family_probe(name, help, false, false, Box::new(read));
+    }
+
+    /// `probe_family` of fractions (phi per peer): `Status` shows them in thousandths.
+    pub fn probe_fraction_family(
+        &self,
+        name: &str,
+        help: &str,
+        read: impl Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
+    ) {
+        self.add_family_probe(name, help, false, true, Box::new(read));
     }
 
     /// A counter family read from `read` at every read (counts kept elsewhere, per worker).
@@ -348,15 +367,23 @@ impl Registry {
         help: &str,
         read: impl Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
     ) {
-        self.add_family_probe(name, help, true, Box::new(read));
+        self.add_family_probe(name, help, true, false, Box::new(read));
     }
 
-    fn add_family_probe(&self, name: &str, help: &str, counter: bool, read: FamilyProbeFn) {
+    fn add_family_probe(
+        &self,
+        name: &str,
+        help: &str,
+        counter: bool,
+        fraction: bool,
+        read: FamilyProbeFn,
+    ) {
         let probe = Arc::new(FamilyProbe {
             name: prometheus_name(name),
             dotted: name.to_string(),
             help: help.to_string(),
             counter,
+            fraction,
             read,
         });
         {
@@ -396,7 +423,7 @@ impl Registry {
         help: &str,
         read: impl Fn() -> f64 + Send + Sync + 'static,
     ) {
-        self.probe_family(name, help, move || vec![(Vec::new(), read())]);
+        self.probe_fraction_family(name, help, move || vec![(Vec::new(), read())]);
     }
 
     /// A counter whose value is kept elsewhere (it only rises), read from `read` whenever the
@@ -442,7 +469,8 @@ impl Registry {
     }
 
     /// Every metric as `(name, value)`, in registration order: what `Status` carries. A
-    /// histogram (of seconds) shows as `name.count` and `name.sum_us`.
+    /// histogram of seconds shows as `name.count` and `name.sum_us`, another (of a count) as
+    /// `name.count` and `name.sum`; fractions (ratios, phi) in thousandths.
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         self.refresh_probes();
         let entries = self.entries.lock().expect("metrics registry lock poisoned");
@@ -454,9 +482,14 @@ impl Registry {
                 Metric::Ratio(r) => out.push((e.name.clone(), thousandths(r.get()))),
                 Metric::Histogram(h) => {
                     out.push((format!("{}.count", e.name), h.count()));
-                    // Seconds are shown as microseconds: an integer that still says something.
                     let sum = h.sum().max(0.0);
-                    out.push((format!("{}.sum_us", e.name), (sum * 1e6).round() as u64));
+                    if h.seconds {
+                        // Seconds are shown as microseconds: an integer that still says
+                        // something.
+                        out.push((format!("{}.sum_us", e.name), (sum * 1e6).round() as u64));
+                    } else {
+                        out.push((format!("{}.sum", e.name), sum.round() as u64));
+                    }
                 }
             }
         }
@@ -467,12 +500,12 @@ impl Registry {
             .expect("metrics registry lock poisoned");
         for p in probes.iter() {
             for (labels, value) in (p.read)() {
-                // Fractions (phi, ratios) show as thousandths: an integer that still says
-                // something (`Status` carries integers).
-                let v = if value.fract() == 0.0 {
-                    value.max(0.0) as u64
-                } else {
+                // Fractions (phi, ratios) show as thousandths, whole or not (1.0 as 1000):
+                // an integer that still says something (`Status` carries integers).
+                let v = if p.fraction {
                     thousandths(value)
+                } else {
+                    value.max(0.0).round() as u64
                 };
                 out.push((series_name(&p.dotted, &labels), v));
             }
@@ -587,6 +620,36 @@ mod tests {
             text.contains("ringkv_test_seconds_bucket{le=\"0.0032\"} 2"),
             "{text}"
         );
+    }
+
+    /// Found in review: `Status` showed a fraction that happened to be whole (a pressure
+    /// ratio at exactly 1.0) as `1`, which reads as 0.001 beside its thousandths, and the sum
+    /// of a histogram of counts (siblings per read) in "microseconds".
+    #[test]
+    fn status_shows_fractions_in_thousandths_and_count_sums_as_counts() {
+        let reg = Registry::default();
+        reg.probe_f64("x.pressure_ratio", "a ratio", || 1.0);
+        reg.probe_fraction_family("x.phi", "phi", || {
+            vec![
+                (vec![("peer".into(), "a".into())], 2.0),
+                (vec![("peer".into(), "b".into())], 0.5),
+            ]
+        });
+        reg.probe_family("x.by_state", "counts", || {
+            vec![(vec![("state".into(), "up".into())], 3.0)]
+        });
+        let siblings = reg.histogram("x.siblings", "versions per read", [1.0, 2.0, 4.0]);
+        for _ in 0..3 {
+            siblings.observe(1.0);
+        }
+        let snap: std::collections::BTreeMap<String, u64> = reg.snapshot().into_iter().collect();
+        assert_eq!(snap["x.pressure_ratio"], 1000);
+        assert_eq!(snap["x.phi{peer=a}"], 2000);
+        assert_eq!(snap["x.phi{peer=b}"], 500);
+        assert_eq!(snap["x.by_state{state=up}"], 3);
+        assert_eq!(snap["x.siblings.count"], 3);
+        assert_eq!(snap["x.siblings.sum"], 3);
+        assert!(!snap.contains_key("x.siblings.sum_us"));
     }
 
     #[test]
