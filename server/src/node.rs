@@ -717,20 +717,26 @@ fn register_storage(registry: &Registry, store: &Arc<Store>) {
                 .collect()
         });
     }
-    // Whole database.
+    // Whole database. RocksDB's count of background errors (failed flushes and compactions:
+    // it then refuses writes until it recovers) only rises: a counter.
+    let engine = store.engine().clone();
+    registry.probe_counter(
+        "rocksdb.background_errors",
+        "RocksDB background errors (failed flushes and compactions) since the node started",
+        move || {
+            engine
+                .property(Cf::Data, "rocksdb.background-errors")
+                .unwrap_or(0)
+        },
+    );
     for (name, prop, help) in [
-        (
-            "rocksdb.background_errors",
-            "rocksdb.background-errors",
-            "RocksDB background errors",
-        ),
         (
             "rocksdb.write_stopped",
             "rocksdb.is-write-stopped",
             "1 while RocksDB stops writes (too many L0 files or pending compaction bytes)",
         ),
         (
-            "rocksdb.delayed_write_rate",
+            "rocksdb.delayed_write_rate_bytes_per_second",
             "rocksdb.actual-delayed-write-rate",
             "bytes/s RocksDB slows writes to while it stalls them (0 = no stall)",
         ),

@@ -50,7 +50,7 @@ crate::metrics::metric_set! {
         replay_batches: Counter = "replay_batches", "replay batches sent";
         holder_rests: Counter = "replay_holder_rests", "rests this node took between replay batches because its own foreground queues were deep";
         replay_errors: Counter = "replay_errors", "replay batches or credit requests that failed";
-        replay_rate: Gauge = "replay_rate", "hints replayed per second (last pass)";
+        replay_rate: Gauge = "replay_rate_per_second", "hints replayed per second (last pass)";
         redirected: Counter = "redirected", "hints for a node taken out of the ring handed to the key's current owners (then deleted)";
         replay_pace: Ratio = "replay_pace_ratio", "share of this node's replay budget granted at the last credit request, 0 to 1 (lower while its CPUs are busy)";
     }
