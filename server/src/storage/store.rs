@@ -33,6 +33,7 @@
 //! uses them.
 
 use crate::clock::now_ms;
+use crate::metrics::Counter;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -1486,9 +1487,16 @@ struct Group {
     batch: Batch,
     /// Lease end to persist with this batch, if the group runs past the durable lease.
     lease: Option<u64>,
+    /// Hint counters to count once the batch committed (what they count is in it).
+    counts: Vec<Counter>,
 }
 
 impl Group {
+    /// Counts `counter` once this group's batch committed.
+    fn count(&mut self, counter: &Counter) {
+        self.counts.push(counter.clone());
+    }
+
     /// Bytes this group adds to `target`'s hints (and to all hints) beyond the book.
     fn hint_growth(&self, target: &str) -> (i64, i64) {
         let delta = |o: &Option<HintSize>, n: &Option<HintSize>| {
@@ -1760,6 +1768,9 @@ impl Writer {
             }
             for (target, old, new) in group.hint_changes {
                 self.hint_book.apply(&target, old, new);
+            }
+            for counter in group.counts {
+                counter.inc();
             }
         }
         self.stats.state_cache_entries.set(self.cache.len() as u64);
@@ -2147,9 +2158,9 @@ impl Writer {
             }
         }
         if old_row.is_some() {
-            self.hint_stats.merged.inc();
+            group.count(&self.hint_stats.merged);
         }
-        self.hint_stats.stored.inc();
+        group.count(&self.hint_stats.stored);
         group.batch.put(Cf::Hints, hkey.clone(), row.clone());
         group.hints.insert(hkey, Some(row));
         group
@@ -2190,15 +2201,13 @@ impl Writer {
         match drop {
             Some(reason) => {
                 match reason {
-                    DropReason::Expired => self.hint_stats.dropped_expired.inc(),
-                    DropReason::Unstorable => self.hint_stats.dropped_unstorable.inc(),
-                    _ => 0,
-                };
+                    DropReason::Expired => group.count(&self.hint_stats.dropped_expired),
+                    DropReason::Unstorable => group.count(&self.hint_stats.dropped_unstorable),
+                    _ => {}
+                }
                 self.mark_for_anti_entropy(target, key, reason, group);
             }
-            None => {
-                self.hint_stats.deleted.inc();
-            }
+            None => group.count(&self.hint_stats.deleted),
         }
         Ok(true)
     }
@@ -2221,7 +2230,7 @@ impl Writer {
         reason: DropReason,
         group: &mut Group,
     ) {
-        self.hint_stats.marks.inc();
+        group.count(&self.hint_stats.marks);
         group.batch.put(
             Cf::Aae,
             mark_key(target, partition),

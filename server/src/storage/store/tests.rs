@@ -1217,6 +1217,31 @@ fn open_with_hint_limits(engine: &Arc<MemoryEngine>, limits: HintLimits) -> Stor
     .expect("open store")
 }
 
+/// Found in review: the hint counters were counted when the writer built its batch, so a
+/// batch that then failed to commit (a full disk) counted hints that were never stored.
+#[tokio::test]
+async fn hint_counters_count_only_what_a_committed_batch_holds() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::Group));
+    let stats = store.hint_stats();
+    engine.set_fail_writes(true);
+    assert!(store
+        .write(hint("n2", "k", one_version(1, 1, "a")))
+        .await
+        .is_err());
+    assert_eq!((stats.stored.get(), stats.merged.get()), (0, 0));
+    engine.set_fail_writes(false);
+    store
+        .write(hint("n2", "k", one_version(1, 1, "a")))
+        .await
+        .unwrap();
+    store
+        .write(hint("n2", "k", one_version(2, 2, "b")))
+        .await
+        .unwrap();
+    assert_eq!((stats.stored.get(), stats.merged.get()), (2, 1));
+}
+
 /// 10 000 hinted writes to 100 keys leave 100 hint rows: one merged state per key, holding
 /// every version it was given (concurrent ones as siblings), never in the data.
 #[tokio::test]
