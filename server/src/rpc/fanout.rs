@@ -197,8 +197,10 @@ pub struct LateReplies {
 
 impl LateReplies {
     /// The handle and the worker that runs the jobs (start it on the runner). The queue is
-    /// unbounded but every job ends by its request's deadline, so it holds at most the
-    /// requests of the last deadline's worth of traffic; its length is the worker's queue.
+    /// unbounded but every job ends by its request's deadline (a coordinator's own hint, kept
+    /// after it, by the peer-write limit: half the tombstone settle time, or unbounded with
+    /// tombstone GC off, which only a stalled writer reaches), so it holds about the requests
+    /// of the last deadline's worth of traffic; its length is the worker's queue.
     pub fn new() -> (LateReplies, LateReplyWorker) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
