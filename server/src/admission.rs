@@ -240,20 +240,24 @@ impl Budget {
                 held: held_before,
                 share: 0,
             })
-        } else if held_before > 0 && bytes_after > bytes_limit - bytes_limit / 4 {
+        } else if held_before > 0 && bytes_before >= bytes_limit - bytes_limit / 4 {
             // The same for bytes: a connection pipelining large requests cannot take the last
-            // quarter of them either.
+            // quarter of them either. Counted, like the count, from what is in flight before
+            // this request: a request of any size (up to what is left) still gets in below it,
+            // so one as large as a whole share is never refused for good on a connection that
+            // always has something in flight (a peer's).
             Some(Shed::FairShareBytes {
                 held: held_bytes_before,
                 share: 0,
             })
         } else if held_before > 0
             && busy > 1
-            && bytes_after > shared_from(bytes_limit)
-            && held_bytes_before.saturating_add(bytes) > bytes_share
+            && bytes_before >= shared_from(bytes_limit)
+            && held_bytes_before >= bytes_share
         {
             // Past 3/8 of the bytes, connections busy together share them as they share the
-            // count: one pipelining large requests cannot crowd out the others.
+            // count: one pipelining large requests cannot crowd out the others. A connection
+            // below its share may add one request of any size (within what is left).
             Some(Shed::FairShareBytes {
                 held: held_bytes_before,
                 share: bytes_share,
@@ -538,6 +542,41 @@ mod tests {
         drop((held, light_first, light_second));
         assert_eq!((b.in_flight(), b.bytes.get()), (0, 0));
         assert_eq!(deep.held_bytes.load(Ordering::Acquire), 0);
+    }
+
+    /// Found in review of the byte share: counted with the new request's own bytes, a
+    /// request larger than a share (a largest state, 32 MiB, when three peers share 96 MiB)
+    /// was refused however little its connection held, and a peer connection is never empty:
+    /// refused for good. As the count does, a connection below its share adds one more.
+    #[test]
+    fn a_request_larger_than_a_share_gets_in_from_a_connection_below_its_share() {
+        const MIB: usize = 1 << 20;
+        let b = Budget::bare(Limits {
+            requests: 4096,
+            bytes: 256 * MIB,
+        });
+        let (deep, small, other) = (ConnShare::new(), ConnShare::new(), ConnShare::new());
+        let mut held: Vec<Permit> = (0..50)
+            .map(|_| b.try_admit(&deep, 2 * MIB).unwrap())
+            .collect();
+        held.push(b.try_admit(&small, 1024).unwrap());
+        held.push(b.try_admit(&other, 1024).unwrap());
+        // Three busy connections past 3/8 (96 MiB): a share is 32 MiB. The small one holds
+        // 1 KiB and sends a largest state.
+        let largest = 33_679_587;
+        held.push(
+            b.try_admit(&small, largest)
+                .expect("below its share, one more request of any size"),
+        );
+        // Now above its share, it waits; so does the deep one.
+        assert!(matches!(
+            b.try_admit(&small, 1024),
+            Err(Shed::FairShareBytes { .. })
+        ));
+        assert!(matches!(
+            b.try_admit(&deep, 1024),
+            Err(Shed::FairShareBytes { .. })
+        ));
     }
 
     #[test]
