@@ -87,6 +87,22 @@ pub struct Handoff {
     takes_data: DataGate,
 }
 
+/// What became of one replayed hint on its target.
+#[derive(Debug, PartialEq, Eq)]
+enum Replayed {
+    Merged,
+    /// Sending it again changes nothing (undecodable, past the state bounds, a corrupt record):
+    /// answered `false`.
+    Refused(String),
+    /// Its deadline passed before it was applied.
+    Late,
+    /// A cause that passes (a full writer, a storage error).
+    Failed(String),
+}
+
+/// The retry-after hint of a replay batch answered as an error (some hints not merged for now).
+const REPLAY_RETRY_AFTER_MS: u64 = 1_000;
+
 /// A target that granted replay credits this recently counts as being replayed into.
 pub const REPLAY_ACTIVE_MS: u64 = 5_000;
 
@@ -272,12 +288,14 @@ impl Handoff {
         // peer-write limit allows (half the tombstone settle time).
         let within = crate::background::MERGE_DEADLINE.min(self.store.peer_write_limit());
         let deadline = arrived + within;
-        // Err(None): the deadline passed before the merge was tried (counted by the store,
-        // logged once below).
         let merge = |(key, state): (Bytes, Bytes)| async move {
             let hkey = HexKey(key.to_vec());
-            let state = KeyState::decode(&state)
-                .map_err(|e| Some(format!("key {hkey}: replayed hint's state: {e}")))?;
+            let state = match KeyState::decode(&state) {
+                Ok(s) => s,
+                Err(e) => {
+                    return Replayed::Refused(format!("key {hkey}: replayed hint's state: {e}"))
+                }
+            };
             match self
                 .store
                 .write_by(WriteOp::Merge { key, state }, deadline, || {
@@ -285,36 +303,67 @@ impl Handoff {
                 })
                 .await
             {
-                Ok(_) => Ok(()),
-                Err(WriteError::DeadlinePassed { .. }) => Err(None),
-                Err(e) => Err(Some(format!("key {hkey}: {e}"))),
+                Ok(_) => Replayed::Merged,
+                // Counted by the store, logged once below.
+                Err(WriteError::DeadlinePassed { .. }) => Replayed::Late,
+                // Past the state bounds, or a corrupt record here: sending it again changes
+                // nothing (the holder gives it up to anti-entropy after a few refusals).
+                Err(
+                    e @ (WriteError::MergeTooLarge { .. }
+                    | WriteError::Storage {
+                        source: crate::storage::StorageError::Corrupt { .. },
+                        ..
+                    }),
+                ) => Replayed::Refused(format!("key {hkey}: {e}")),
+                Err(e) => Replayed::Failed(format!("key {hkey}: {e}")),
             }
         };
         // One chunk at a time over every holder, paced by how long each took.
         let results = paced_chunks(entries, Some(&self.applying), merge, |_| false).await;
-        let mut late = 0usize;
-        let merged = results
-            .iter()
-            .map(|r| {
-                match r {
-                    Ok(()) => {}
-                    Err(Some(cause)) => {
-                        self.metrics.replay_merge_failed.inc();
-                        tracing::warn!(node = %self.node_id, %cause, "replayed hint not merged");
-                    }
-                    Err(None) => {
-                        self.metrics.replay_merge_failed.inc();
-                        late += 1;
-                    }
+        let (mut late, mut failed, mut first_failure) = (0usize, 0usize, None);
+        for r in &results {
+            match r {
+                Replayed::Merged => {}
+                Replayed::Refused(cause) => {
+                    self.metrics.replay_merge_failed.inc();
+                    tracing::warn!(node = %self.node_id, %cause, "replayed hint refused");
                 }
-                r.is_ok()
-            })
-            .collect();
-        if late > 0 {
-            tracing::warn!(node = %self.node_id, late, within_ms = within.as_millis() as u64,
-                           waited_ms = arrived.elapsed().as_millis() as u64,
-                           "replayed hints not merged: their batch's deadline passed (the holder replays them again)");
+                Replayed::Late => {
+                    self.metrics.replay_merge_failed.inc();
+                    late += 1;
+                }
+                Replayed::Failed(cause) => {
+                    self.metrics.replay_merge_failed.inc();
+                    failed += 1;
+                    first_failure.get_or_insert(cause.as_str());
+                }
+            }
         }
+        if late + failed > 0 {
+            // Not merged for a cause that passes (the deadline, a full writer, a storage
+            // error): the whole batch is answered as an error, so the holder keeps every hint
+            // and replays the batch again after a pause, instead of counting them as refused
+            // (which, five times in a row, gives a hint up to anti-entropy). The states that
+            // did merge merge again as no-ops.
+            let merged = results.iter().filter(|r| **r == Replayed::Merged).count();
+            let message = format!(
+                "replay batch of {}: {merged} merged, {late} not merged by their deadline \
+                 ({} ms from arrival, waited {} ms), {failed} failed for now{}; send it again",
+                results.len(),
+                within.as_millis(),
+                arrived.elapsed().as_millis(),
+                first_failure.map_or(String::new(), |c| format!(" (first: {c})")),
+            );
+            tracing::warn!(node = %self.node_id, "{message}");
+            return self.error(
+                ErrorKind::Overloaded {
+                    retry_after_ms: REPLAY_RETRY_AFTER_MS,
+                },
+                false,
+                message,
+            );
+        }
+        let merged = results.iter().map(|r| *r == Replayed::Merged).collect();
         PeerResponse::Handoff(HandoffResponse::Replayed(merged))
     }
 

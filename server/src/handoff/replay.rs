@@ -541,6 +541,14 @@ impl<T: Transport> ReplayWorker<T> {
             let batch = PeerRequest::Handoff(HandoffRequest::Replay { entries });
             match call(batch, REPLAY_CALL_TIMEOUT).await {
                 Ok(PeerResponse::Handoff(HandoffResponse::Replayed(m))) if m.len() == sent => m,
+                // Some hints could not be merged for now (their deadline, a full writer): the
+                // whole batch stays and is sent again after the failure pause.
+                Ok(PeerResponse::Error(e)) => {
+                    return Err(format!(
+                        "{target}: replay batch of {sent} hints: {}",
+                        e.message
+                    ))
+                }
                 Ok(other) => {
                     return Err(format!("{target}: unexpected reply to replay: {other:?}"))
                 }
@@ -718,6 +726,7 @@ mod tests {
     use crate::storage::memory::MemoryEngine;
     use crate::storage::{Batch, Cached, Cf, Engine, ScanBatch, ScanRange, StorageError};
     use crate::version::{Dot, KeyState, VersionVector};
+    use ringkv_protocol::ErrorKind;
     use std::sync::Mutex;
 
     fn one_version(counter: u64, value: &str) -> KeyState {
@@ -856,16 +865,29 @@ mod tests {
                     .serve(HandoffRequest::Replay { entries }, arrived)
                     .await
                 {
-                    PeerResponse::Handoff(HandoffResponse::Replayed(merged)) => merged,
+                    PeerResponse::Handoff(HandoffResponse::Replayed(merged)) => Ok(merged),
+                    PeerResponse::Error(e) => Err(e),
                     other => panic!("{other:?}"),
                 }
             }
         };
+        // Late: not merged, and the batch answered as an error (the holder keeps the hint and
+        // sends it again), not as refused (which five times in a row gives a hint up).
         let waited = std::time::Instant::now() - Duration::from_millis(150);
-        assert_eq!(replay(waited).await, vec![false]);
+        match replay(waited).await {
+            Err(e) => {
+                assert!(matches!(e.kind, ErrorKind::Overloaded { .. }), "{e:?}");
+                assert!(
+                    e.message.contains("1 not merged by their deadline"),
+                    "{}",
+                    e.message
+                );
+            }
+            Ok(merged) => panic!("a late batch answered {merged:?}"),
+        }
         assert!(store.read_stored(b"k").await.unwrap().is_none());
         assert_eq!(handoff.metrics.replay_merge_failed.get(), 1);
-        assert_eq!(replay(std::time::Instant::now()).await, vec![true]);
+        assert_eq!(replay(std::time::Instant::now()).await.unwrap(), vec![true]);
         assert!(store.read_stored(b"k").await.unwrap().is_some());
     }
 
