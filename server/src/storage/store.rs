@@ -1489,6 +1489,9 @@ struct Group {
     lease: Option<u64>,
     /// Hint counters to count once the batch committed (what they count is in it).
     counts: Vec<Counter>,
+    /// (target, partition) marked for anti-entropy in this batch: written again with a later
+    /// group if the batch fails (a drop's mark must not be lost with it).
+    marked: Vec<(String, u16)>,
 }
 
 impl Group {
@@ -1754,11 +1757,12 @@ impl Writer {
             hook.on_commit(append_failure.is_none());
         }
         if append_failure.is_some() {
-            // Nothing of the batch was applied: the refused hints' marks go with a later group.
+            // Nothing of the batch was applied: its marks (of refused hints, and of hints
+            // dropped while it was built) go with a later group.
             self.refused_hints
                 .lock()
                 .expect("refused hints lock poisoned")
-                .extend(refused);
+                .extend(std::mem::take(&mut group.marked));
         }
         if append_failure.is_none() {
             // Only applied states are cached; after a failed write the keys this group took
@@ -2231,6 +2235,7 @@ impl Writer {
         group: &mut Group,
     ) {
         group.count(&self.hint_stats.marks);
+        group.marked.push((target.to_string(), partition));
         group.batch.put(
             Cf::Aae,
             mark_key(target, partition),

@@ -1332,6 +1332,35 @@ async fn a_hint_is_deleted_only_if_unchanged() {
     assert_eq!(store.hint_stats().deleted.get(), 1);
 }
 
+/// Found in review: a drop's anti-entropy mark was written with the batch being built, and
+/// lost with it when that batch failed to commit (only the marks of hints refused by a full
+/// queue were written again): the dropped hint's partition was then never repaired early.
+#[tokio::test]
+async fn a_drops_mark_is_written_again_after_its_batch_failed() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open_with_hint_limits(
+        &engine,
+        HintLimits {
+            max_bytes: 64 << 10,
+            max_bytes_per_target: 1 << 10,
+        },
+    ));
+    let big = "x".repeat(2000);
+    engine.set_fail_writes(true);
+    assert!(matches!(
+        store.write(hint("n2", "k", one_version(1, 1, &big))).await,
+        Err(WriteError::HintsFull { .. })
+    ));
+    engine.set_fail_writes(false);
+    assert!(mark_keys(&store).await.is_empty());
+    // The next group writes it.
+    store.write(put("other", "v", None)).await.unwrap();
+    assert_eq!(
+        mark_keys(&store).await,
+        vec![("n2".to_string(), partition_of(b"k"))]
+    );
+}
+
 /// Past a byte cap a hint is refused (`HintsFull`), counted, and the target's partition is
 /// marked for anti-entropy; other targets below their cap still take hints; an expired hint
 /// is given up the same way.
