@@ -302,8 +302,15 @@ fn exported(text: &str) -> BTreeSet<String> {
 /// Per series name, the (label, value) pairs its samples carry.
 fn exported_labels(text: &str) -> BTreeMap<String, BTreeSet<(String, String)>> {
     let mut out: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        // An unlabelled sample (`name value`) counts too: a selector naming a label on it
+        // selects nothing (found in review: such series went unchecked).
         let Some((name, rest)) = line.split_once('{') else {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            out.entry(name.to_string()).or_default();
             continue;
         };
         let labels = rest.rsplit_once('}').map_or("", |(l, _)| l);

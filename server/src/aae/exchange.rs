@@ -650,7 +650,7 @@ impl<T: Transport> AaeWorker<T> {
         if failed > 0 {
             return Err(format!(
                 "{failed} of {} states fetched from {addr} failed to merge here (causes logged \
-                 per key); retried",
+                 per key, late ones once per batch); retried",
                 keys.len()
             ));
         }

@@ -69,9 +69,10 @@ impl AdminRequest {
 /// from this node's own host, and so may change the ring or start a repair (from other hosts
 /// only with `--cluster-admin-remote`: the client port is not authenticated). Either a
 /// loopback address, or the very address it connected to: kvctl run on the node against any of
-/// the node's addresses gets that address as its source. The kernel drops packets from outside
-/// that claim one of its own addresses as their source (`accept_local` is off by default), so
-/// another host cannot pass for it.
+/// the node's addresses gets that address as its source. Another host cannot pass for it: the
+/// kernel drops IPv4 packets from outside that claim a local source (`accept_local` is off by
+/// default), and a spoofed source (IPv4 or IPv6) never receives the SYN-ACK it would need to
+/// complete the handshake. A proxy on this host forwarding to the node does pass (documented).
 pub fn from_this_host(remote: std::net::IpAddr, local: Option<std::net::IpAddr>) -> bool {
     let remote = remote.to_canonical();
     remote.is_loopback() || local.is_some_and(|l| l.to_canonical() == remote)
