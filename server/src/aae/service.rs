@@ -508,15 +508,8 @@ impl AntiEntropy {
                     late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Merge::Failed
                 }
-                // Past the state bounds: the replica keeps its state until a client resolves
-                // the key; trying again changes nothing.
-                Err(
-                    e @ (WriteError::MergeTooLarge { .. }
-                    | WriteError::Storage {
-                        source: crate::storage::StorageError::Corrupt { .. },
-                        ..
-                    }),
-                ) => {
+                // Past the state bounds, or a corrupt record here: trying again changes nothing.
+                Err(e) if e.refuses_merge_for_good() => {
                     tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
                                    "anti-entropy merge refused");
                     Merge::Refused

@@ -306,15 +306,11 @@ impl Handoff {
                 Ok(_) => Replayed::Merged,
                 // Counted by the store, logged once below.
                 Err(WriteError::DeadlinePassed { .. }) => Replayed::Late,
-                // Past the state bounds, or a corrupt record here: sending it again changes
-                // nothing (the holder gives it up to anti-entropy after a few refusals).
-                Err(
-                    e @ (WriteError::MergeTooLarge { .. }
-                    | WriteError::Storage {
-                        source: crate::storage::StorageError::Corrupt { .. },
-                        ..
-                    }),
-                ) => Replayed::Refused(format!("key {hkey}: {e}")),
+                // Sending it again changes nothing (the holder gives it up to anti-entropy
+                // after a few refusals).
+                Err(e) if e.refuses_merge_for_good() => {
+                    Replayed::Refused(format!("key {hkey}: {e}"))
+                }
                 Err(e) => Replayed::Failed(format!("key {hkey}: {e}")),
             }
         };

@@ -361,10 +361,6 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// True when the write certainly did not reach storage. A refused write (limits, full
-    /// queue) never reached it; a batch the engine rejected (full disk on append, failed read)
-    /// applied nothing. A failed WAL write or fsync and a writer that exited with the job are
-    /// unknown: the WAL bytes may still reach the disk and be replayed.
     /// The error kind a client (or a coordinating peer) is answered with.
     pub fn kind(&self) -> ringkv_protocol::ErrorKind {
         use ringkv_protocol::ErrorKind;
@@ -397,6 +393,24 @@ impl WriteError {
         }
     }
 
+    /// A merge (of a replica's, a hint's or anti-entropy's state) refused for a cause that
+    /// sending the state again cannot change: past the state bounds (the replica keeps its state
+    /// until a client resolves the key), or this node's record of the key is corrupt.
+    pub fn refuses_merge_for_good(&self) -> bool {
+        matches!(
+            self,
+            WriteError::MergeTooLarge { .. }
+                | WriteError::Storage {
+                    source: StorageError::Corrupt { .. },
+                    ..
+                }
+        )
+    }
+
+    /// True when the write certainly did not reach storage. A refused write (limits, full
+    /// queue) never reached it; a batch the engine rejected (full disk on append, failed read)
+    /// applied nothing. A failed WAL write or fsync and a writer that exited with the job are
+    /// unknown: the WAL bytes may still reach the disk and be replayed.
     pub fn is_definite(&self) -> bool {
         match self {
             WriteError::Storage { source, .. } => match source {
@@ -573,9 +587,6 @@ struct Identity {
     incarnation: u64,
 }
 
-/// The next incarnation of `node_id` after `previous` (none for a fresh data dir): its stamp
-/// is above the previous one and at least the clock (ms since `ACTOR_EPOCH_MS`), so a node that
-/// lost its data dir still gets a stamp above every one it used, unless the clock went back.
 /// Clears the stale-incarnation mark once a new identity is durable; false (logged) if it
 /// could not be: the next start then renews the actor once more, which is safe.
 fn clear_stale_mark(engine: &dyn Engine, node_id: &str) -> bool {
@@ -589,6 +600,9 @@ fn clear_stale_mark(engine: &dyn Engine, node_id: &str) -> bool {
     }
 }
 
+/// The next incarnation of `node_id` after `previous` (none for a fresh data dir): its stamp
+/// is above the previous one and at least the clock (ms since `ACTOR_EPOCH_MS`), so a node that
+/// lost its data dir still gets a stamp above every one it used, unless the clock went back.
 fn next_identity(node_id: &str, previous: Option<Identity>) -> Identity {
     let clock = now_ms().saturating_sub(ACTOR_EPOCH_MS).max(1);
     let after = previous
@@ -1026,20 +1040,22 @@ impl Store {
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, StorageError> {
         let dkey = data_key(key);
-        if let Cached::Hit(v) = self.engine.get_cached(Cf::Data, &dkey)? {
-            self.stats.reads_cached.inc();
+        if let Cached::Hit(v) = self.read_cached(&dkey)? {
             return Ok(v);
         }
-        self.stats.reads_blocking.inc();
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.engine.get(Cf::Data, &dkey))
+        self.blocking("get", move |engine| engine.get(Cf::Data, &dkey))
             .await
-            .unwrap_or_else(|e| {
-                Err(StorageError::Io {
-                    op: "get",
-                    cause: format!("read task failed: {e}"),
-                })
-            })
+    }
+
+    /// A data row (`data_key`) from memory when the engine can answer without the disk,
+    /// counted as a cached read, or else as one that goes to disk.
+    fn read_cached(&self, dkey: &[u8]) -> Result<Cached, StorageError> {
+        let cached = self.engine.get_cached(Cf::Data, dkey)?;
+        match cached {
+            Cached::Hit(_) => self.stats.reads_cached.inc(),
+            Cached::Miss => self.stats.reads_blocking.inc(),
+        };
+        Ok(cached)
     }
 
     /// `read` by `deadline` (`read_stored_by`).
@@ -1065,15 +1081,11 @@ impl Store {
         deadline: Instant,
     ) -> Result<Result<Option<Vec<u8>>, StorageError>, Late> {
         let dkey = data_key(key);
-        match self.engine.get_cached(Cf::Data, &dkey) {
-            Ok(Cached::Hit(v)) => {
-                self.stats.reads_cached.inc();
-                return Ok(Ok(v));
-            }
+        match self.read_cached(&dkey) {
+            Ok(Cached::Hit(v)) => return Ok(Ok(v)),
             Err(e) => return Ok(Err(e)),
             Ok(Cached::Miss) => {}
         }
-        self.stats.reads_blocking.inc();
         self.blocking_by("get", deadline, move |engine| engine.get(Cf::Data, &dkey))
             .await
     }
