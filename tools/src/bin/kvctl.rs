@@ -373,6 +373,17 @@ fn cycle_wait(
     }
 }
 
+/// One `error: node N: cause` line on stderr per `{"node", "error"}` entry.
+fn print_failures(failed: &[Value]) {
+    for f in failed {
+        eprintln!(
+            "error: node {}: {}",
+            f["node"].as_str().unwrap_or(""),
+            f["error"].as_str().unwrap_or("")
+        );
+    }
+}
+
 /// `kvctl repair`: starts a cycle on each chosen member (over `range` only, if given); with
 /// `wait`, polls their `aae.cycles` until each reached the count its reply named, or gives up
 /// on a node that restarted (the cycle was lost) or stayed unreachable for
@@ -420,13 +431,7 @@ async fn repair(
             ));
         }
     }
-    for f in &failed {
-        eprintln!(
-            "error: node {}: {}",
-            f["node"].as_str().unwrap_or(""),
-            f["error"].as_str().unwrap_or("")
-        );
-    }
+    print_failures(&failed);
     let failed_to_start = failed.len();
     let mut results = Vec::new();
     if wait && !started.is_empty() {
@@ -516,13 +521,7 @@ async fn repair(
             }
         }
         bar.finish_and_clear();
-        for f in &failed[failed_to_start..] {
-            eprintln!(
-                "error: node {}: {}",
-                f["node"].as_str().unwrap_or(""),
-                f["error"].as_str().unwrap_or("")
-            );
-        }
+        print_failures(&failed[failed_to_start..]);
         if !as_json {
             for r in &results {
                 out(&format!(
