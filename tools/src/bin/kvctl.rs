@@ -412,12 +412,17 @@ async fn repair(
     }
     let mut started = Vec::new();
     let mut failed = Vec::new();
+    // Members that refused to start a cycle for lack of capacity (nothing was done on them).
+    let mut overloaded = 0;
     for m in chosen {
         let c = Client::new(vec![m.client_addr.clone()], config.clone())
             .map_err(|e| Failure::Error(e.to_string()))?;
         match c.repair_range(range).await {
             Ok(r) => started.push((m.node_id.clone(), c, r, std::time::Instant::now())),
-            Err(e) => failed.push(json!({ "node": m.node_id, "error": e.to_string() })),
+            Err(e) => {
+                overloaded += usize::from(e.is_overloaded());
+                failed.push(json!({ "node": m.node_id, "error": e.to_string() }));
+            }
         }
     }
     if !as_json {
@@ -542,14 +547,34 @@ async fn repair(
             .collect();
         print_json(&json!({ "started": started, "done": results, "failed": failed }));
     }
-    if failed.is_empty() {
+    repair_outcome(
+        started.len(),
+        failed_to_start,
+        overloaded,
+        failed.len() - failed_to_start,
+    )
+}
+
+/// The exit of `kvctl repair`: `started` members began a cycle, `failed_to_start` did not
+/// (`overloaded` of them refused for lack of capacity), `unfinished` of those started did not
+/// finish it (`--wait`). Overloaded (exit 3) only when nothing was done anywhere and every
+/// refusal was for capacity: retrying later is then the whole answer.
+fn repair_outcome(
+    started: usize,
+    failed_to_start: usize,
+    overloaded: usize,
+    unfinished: usize,
+) -> Result<(), Failure> {
+    let summary =
+        format!("{failed_to_start} node(s) did not start a cycle, {unfinished} did not finish it");
+    if failed_to_start == 0 && unfinished == 0 {
         Ok(())
-    } else {
-        Err(Failure::Error(format!(
-            "{} node(s) did not start a cycle, {} did not finish it",
-            failed_to_start,
-            failed.len() - failed_to_start
+    } else if started == 0 && overloaded == failed_to_start {
+        Err(Failure::Overloaded(format!(
+            "{summary}: every node refused for lack of capacity (nothing was done; retry later)"
         )))
+    } else {
+        Err(Failure::Error(summary))
     }
 }
 
@@ -1327,5 +1352,26 @@ mod tests {
             cycle_wait(None, 7, s(40), REPAIR_WAIT_UNREACHABLE),
             CycleWait::GaveUp
         );
+    }
+
+    /// Found in review: when every member refused to start a cycle with `Overloaded`, `kvctl
+    /// repair` exited 2 (an error) instead of 3 (overloaded: nothing was done, retry later),
+    /// which the README promises for a refusal for capacity.
+    #[test]
+    fn repair_refused_for_capacity_everywhere_exits_overloaded() {
+        let code = |r: Result<(), Failure>| match r {
+            Ok(()) => 0,
+            Err(Failure::NotFound) => 1,
+            Err(Failure::Error(_)) => 2,
+            Err(Failure::Overloaded(_)) => 3,
+        };
+        assert_eq!(code(repair_outcome(3, 0, 0, 0)), 0);
+        // Every member refused for capacity: nothing was done.
+        assert_eq!(code(repair_outcome(0, 3, 3, 0)), 3);
+        // One refused for another cause: an error.
+        assert_eq!(code(repair_outcome(0, 3, 2, 0)), 2);
+        // Some started: something was done, so the refusals are errors to report.
+        assert_eq!(code(repair_outcome(1, 2, 2, 0)), 2);
+        assert_eq!(code(repair_outcome(3, 0, 0, 1)), 2);
     }
 }
