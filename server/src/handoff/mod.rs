@@ -48,7 +48,7 @@ crate::metrics::metric_set! {
         replayed: Counter = "replayed", "hints this node replayed that their target merged (then deleted)";
         replay_refused: Counter = "replay_refused", "hints a target could not merge (kept)";
         replay_batches: Counter = "replay_batches", "replay batches sent";
-        holder_rests: Counter = "replay_holder_rests", "rests this node took between replay batches because its own foreground queues were deep";
+        holder_rests: Counter = "replay_holder_rests", "rests this node took between hint steps (replay batches; expiry and redirect batches) because its own foreground queues were deep (for expiry and redirect, also its CPUs busy)";
         replay_errors: Counter = "replay_errors", "replay batches or credit requests that failed";
         replay_rate: Gauge = "replay_rate_per_second", "hints replayed per second (last pass)";
         redirected: Counter = "redirected", "hints for a node taken out of the ring handed to the key's current owners (then deleted)";
@@ -205,12 +205,13 @@ impl Handoff {
                 want_bytes,
             } => {
                 let pace = self.cpu.lock().expect("cpu load lock poisoned").pace();
-                let grant = {
+                let (grant, granted_pace) = {
                     let mut budget = self.budget.lock().expect("budget lock poisoned");
                     budget.set_pace(now_ms(), pace);
-                    budget.grant(now_ms(), want_keys, want_bytes)
+                    (budget.grant(now_ms(), want_keys, want_bytes), budget.pace())
                 };
-                self.metrics.replay_pace.set(pace);
+                // The share the budget applies (never below its least rate), not the raw yield.
+                self.metrics.replay_pace.set(granted_pace);
                 if grant.keys == 0 {
                     self.metrics.credits_refused.inc();
                 }

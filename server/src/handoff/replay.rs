@@ -158,6 +158,15 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     redirect_turns: PassTurns,
     redirect_paused: BTreeMap<String, Instant>,
     detail: String,
+    /// No step before this: the holder's rest (`holder_rest`) after its last step that did
+    /// work, for every target alike.
+    rest_until: Option<Instant>,
+    /// The foreground pressure the holder rests by (`background::load::foreground_pressure`;
+    /// a test sets its own).
+    pressure: fn() -> f64,
+    /// The CPU yield (with the pressure) that expiry and redirect passes, this node's own
+    /// work, rest by.
+    cpu: crate::background::load::CpuLoad,
 }
 
 impl<T: Transport> ReplayWorker<T> {
@@ -188,6 +197,31 @@ impl<T: Transport> ReplayWorker<T> {
             redirect_turns: PassTurns::default(),
             redirect_paused: BTreeMap::new(),
             detail: String::new(),
+            rest_until: None,
+            pressure: crate::background::load::foreground_pressure,
+            cpu: crate::background::load::CpuLoad::default(),
+        }
+    }
+
+    /// After a step that started at `started`: rests the whole worker, whichever target comes
+    /// next, for `holder_rest` of the step's time. A replay step is paced by the holder's own
+    /// foreground pressure (its target paces the same batches by its own CPUs and pressure);
+    /// a step that expired or redirected hints (`local`: writes on this node only) also by
+    /// this node's CPU use. Found in review: the rest was kept per target, so a holder with
+    /// hints for several targets went on with the next one at once and never rested, and
+    /// expiry and redirect passes did not rest at all.
+    fn rest_after(&mut self, started: Instant, local: bool, replayed: bool) {
+        if !local && !replayed {
+            return;
+        }
+        let mut pace = crate::background::load::pressure_scale((self.pressure)());
+        if local {
+            pace = pace.min(self.cpu.pace());
+        }
+        let rest = holder_rest(started.elapsed(), pace);
+        if !rest.is_zero() {
+            self.handoff.metrics.holder_rests.inc();
+            self.rest_until = Some(Instant::now() + rest);
         }
     }
 
@@ -466,9 +500,8 @@ impl<T: Transport> ReplayWorker<T> {
         ready
     }
 
-    /// One credit request and at most one batch for `target`.
-    async fn replay_batch(&mut self, target: &str, addr: &str) -> Result<(), String> {
-        let started = Instant::now();
+    /// One credit request and at most one batch for `target`: true if a batch was sent.
+    async fn replay_batch(&mut self, target: &str, addr: &str) -> Result<bool, String> {
         let call = |req, timeout| self.transport.clone().call(addr.to_string(), req, timeout);
         let credits = call(
             PeerRequest::Handoff(HandoffRequest::ReplayCredits {
@@ -490,7 +523,7 @@ impl<T: Transport> ReplayWorker<T> {
                         Instant::now() + Duration::from_millis(retry_after_ms.max(1) as u64),
                     );
                     self.set_state(target, "paced", self.progress_of(target));
-                    return Ok(());
+                    return Ok(false);
                 }
                 (keys as usize, bytes as usize)
             }
@@ -600,14 +633,6 @@ impl<T: Transport> ReplayWorker<T> {
             }
         }
         self.handoff.metrics.replayed.inc_by(replayed);
-        let pace =
-            crate::background::load::pressure_scale(crate::background::load::foreground_pressure());
-        let rest = holder_rest(started.elapsed(), pace);
-        if sent > 0 && !rest.is_zero() {
-            self.handoff.metrics.holder_rests.inc();
-            self.paused
-                .insert(target.to_string(), Instant::now() + rest);
-        }
         let pass = self
             .passes
             .get_mut(target)
@@ -626,7 +651,7 @@ impl<T: Transport> ReplayWorker<T> {
         let progress = (pass.done, pass.total);
         if pass.cursor.is_some() {
             self.set_state(target, "replaying", Some(progress));
-            return Ok(());
+            return Ok(sent > 0);
         }
         debug!(node = %self.node_id, %target, replayed = progress.0, "replay pass done");
         self.passes.remove(target);
@@ -641,7 +666,7 @@ impl<T: Transport> ReplayWorker<T> {
                     .insert(target.to_string(), Instant::now() + STUCK_PAUSE);
             }
         }
-        Ok(())
+        Ok(sent > 0)
     }
 }
 
@@ -664,19 +689,30 @@ impl<T: Transport> Worker for ReplayWorker<T> {
         }
     }
 
-    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+    async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
         // Hints held by a node taken out of the ring before this start are as old as its data
         // (`HandOverGuard`): not replayed.
         if let Some(why) = self.guard.withheld(&self.membership.view()) {
             self.detail = why;
             return Ok(WorkerState::Idle);
         }
+        if let Some(until) = self.rest_until.take() {
+            let now = Instant::now();
+            if until > now {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(WorkerState::Busy),
+                    _ = tokio::time::sleep(until - now) => {}
+                }
+            }
+        }
+        let started = Instant::now();
         // One batch of redirect and of expiry (when due), then one batch of replay: none
         // waits for another to finish a whole pass.
         let redirecting = self.redirect().await?;
         let expiring = self.expire().await? || redirecting;
         let ready = self.ready_targets();
         if ready.is_empty() {
+            self.rest_after(started, expiring, false);
             if self.store.hint_book().totals().0 == 0 {
                 self.detail.clear();
             }
@@ -688,9 +724,10 @@ impl<T: Transport> Worker for ReplayWorker<T> {
         }
         self.turn = (self.turn + 1) % ready.len();
         let (target, addr) = &ready[self.turn];
-        match self.replay_batch(target, addr).await {
-            Ok(()) => {
+        let replayed = match self.replay_batch(target, addr).await {
+            Ok(sent) => {
                 self.failures.remove(target);
+                sent
             }
             Err(cause) => {
                 // One failing target must not hold back the others (no runner backoff): it
@@ -705,8 +742,10 @@ impl<T: Transport> Worker for ReplayWorker<T> {
                 self.paused.insert(target.clone(), Instant::now() + pause);
                 self.set_state(target, "failing", self.progress_of(target));
                 self.detail = format!("replay to {target} failed: {cause}");
+                false
             }
-        }
+        };
+        self.rest_after(started, expiring, replayed);
         Ok(WorkerState::Busy)
     }
 
@@ -803,6 +842,10 @@ mod tests {
         hung_calls: Mutex<u32>,
         /// Refuses every hint (its merge fails on the target).
         refuse: bool,
+        /// How long each replay batch takes to answer.
+        delay: Duration,
+        /// When each replay batch arrived, and at which target.
+        batches: Mutex<Vec<(String, Instant)>>,
     }
 
     impl Transport for Target {
@@ -827,6 +870,10 @@ mod tests {
                     retry_after_ms: 0,
                 })),
                 PeerRequest::Handoff(HandoffRequest::Replay { entries }) => {
+                    self.batches
+                        .lock()
+                        .unwrap()
+                        .push((addr.clone(), Instant::now()));
                     let mut replayed = self.replayed.lock().unwrap();
                     replayed.extend(entries.iter().map(|(k, _)| (addr.clone(), k.clone())));
                     Ok(PeerResponse::Handoff(HandoffResponse::Replayed(
@@ -835,11 +882,13 @@ mod tests {
                 }
                 other => Err(PeerError::Unreachable(format!("unexpected {other:?}"))),
             };
+            let delay = self.delay;
             async move {
                 if hung {
                     tokio::time::sleep(timeout).await;
                     return Err(PeerError::Timeout(timeout));
                 }
+                tokio::time::sleep(delay).await;
                 reply
             }
         }
@@ -889,6 +938,28 @@ mod tests {
         assert_eq!(handoff.metrics.replay_merge_failed.get(), 1);
         assert_eq!(replay(std::time::Instant::now()).await.unwrap(), vec![true]);
         assert!(store.read_stored(b"k").await.unwrap().is_some());
+    }
+
+    /// Found in review: `hints.replay_pace_ratio` showed the raw CPU yield, not the share the
+    /// replay budget grants, which never falls below its least rate (100 keys/s): at 1 000
+    /// keys/s on a busy machine it showed 0.02 while 0.1 was granted.
+    #[tokio::test]
+    async fn the_replay_pace_metric_is_the_share_the_budget_grants() {
+        let store = crate::testkit::open_store(Arc::new(MemoryEngine::new()), "a");
+        let settings = HintSettings {
+            replay_keys_per_sec: 1_000,
+            ..HintSettings::default()
+        };
+        let handoff = Handoff::new("a".into(), store, settings);
+        // A fresh CPU reading starts at the floor (2%): below the budget's least share.
+        let req = HandoffRequest::ReplayCredits {
+            want_keys: 10,
+            want_bytes: 1 << 20,
+        };
+        handoff.serve(req, std::time::Instant::now()).await;
+        let granted = handoff.budget.lock().unwrap().pace();
+        assert!((granted - 0.1).abs() < 1e-9, "{granted}");
+        assert_eq!(handoff.metrics.replay_pace.get(), granted);
     }
 
     /// A store whose hints for each `(target, count)` are fresh, over a plain memory engine.
@@ -1266,6 +1337,103 @@ mod tests {
             1,
             "the broken hint is kept"
         );
+    }
+
+    /// Found in review: the holder's rest under its own foreground pressure was kept per
+    /// target, so with hints for two or more targets the next step went to another one at once
+    /// and the holder never rested. The rest now holds the whole worker.
+    #[tokio::test]
+    async fn a_holder_under_pressure_rests_after_a_batch_whichever_target_is_next() {
+        let store = store_with_hints(&[("t", 5), ("u", 5)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let (membership, _view) = Membership::fixed(crate::testkit::view(
+            &["a", "t", "u"],
+            "a",
+            &["a", "t", "u"],
+        ));
+        let target = Arc::new(Target {
+            delay: Duration::from_millis(20),
+            ..Target::default()
+        });
+        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
+        worker.pressure = || 1.0;
+        let stop = CancellationToken::new();
+        worker.work(&stop).await.unwrap();
+        worker.work(&stop).await.unwrap();
+        let batches = target.batches.lock().unwrap().clone();
+        assert_eq!(batches.len(), 2, "{batches:?}");
+        assert_ne!(batches[0].0, batches[1].0, "one batch to each target");
+        // The first step took at least the target's 20 ms: at full pressure the holder then
+        // rests 49 times that (up to 1 s) before its next batch, to whichever target.
+        use crate::background::load::pressure_scale;
+        let rest = holder_rest(Duration::from_millis(20), pressure_scale(1.0));
+        let gap = batches[1].1 - batches[0].1;
+        assert!(
+            gap >= rest,
+            "the second batch {gap:?} after the first, rest {rest:?}"
+        );
+        assert_eq!(handoff.metrics.holder_rests.get(), 2);
+        assert_eq!(store.hint_book().totals().0, 0);
+    }
+
+    /// Without foreground pressure, replay steps take no rest.
+    #[tokio::test]
+    async fn a_holder_without_pressure_replays_without_rests() {
+        let store = store_with_hints(&[("t", 5), ("u", 5)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let (membership, _view) = Membership::fixed(crate::testkit::view(
+            &["a", "t", "u"],
+            "a",
+            &["a", "t", "u"],
+        ));
+        let mut worker =
+            ReplayWorker::new(handoff.clone(), membership, Arc::new(Target::default()), 3);
+        worker.pressure = || 0.0;
+        let stop = CancellationToken::new();
+        for _ in 0..2 {
+            worker.work(&stop).await.unwrap();
+            assert!(worker.rest_until.is_none());
+        }
+        assert_eq!(store.hint_book().totals().0, 0);
+        assert_eq!(handoff.metrics.holder_rests.get(), 0);
+    }
+
+    /// Found in review: expiry (and redirect) passes, this node's own writes, never slowed
+    /// down for its foreground: a pass deleted up to `MAX_SCAN_BATCH` hints per step, step
+    /// after step. A step that expired hints now rests the worker by the holder's pressure
+    /// and CPU use.
+    #[tokio::test]
+    async fn expiring_hints_rests_between_batches_under_pressure() {
+        let settings = HintSettings {
+            window_secs: 30,
+            ..HintSettings::default()
+        };
+        // d, down, holds more old hints than one scan batch.
+        let store = store_with_hints_from(&[("d", MAX_SCAN_BATCH + 10)], now_ms() - 60_000);
+        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
+        let (membership, _view) = Membership::fixed(crate::testkit::view(&["a", "d"], "a", &["a"]));
+        let mut worker =
+            ReplayWorker::new(handoff.clone(), membership, Arc::new(Target::default()), 3);
+        worker.pressure = || 1.0;
+        let stop = CancellationToken::new();
+        worker.work(&stop).await.unwrap();
+        assert_eq!(store.hint_book().target("d").keys, 10, "one batch expired");
+        let until = worker
+            .rest_until
+            .expect("a step that expired hints under pressure rests");
+        assert!(until > Instant::now());
+        worker.work(&stop).await.unwrap();
+        assert!(Instant::now() >= until, "the next step waited for the rest");
+        assert_eq!(store.hint_book().target("d").keys, 0);
+        assert_eq!(handoff.metrics.holder_rests.get(), 2);
     }
 
     #[test]
