@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::service::{AntiEntropy, Merge};
-use crate::background::load::{CpuLoad, Rates};
+use crate::background::load::{duty_rest, repay, CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
@@ -100,6 +100,8 @@ pub struct AaeWorker<T: Transport = PeerPool> {
     replaying: Option<ReplayProbe>,
     /// Peers whose exchange waits for a hint replay, since when.
     deferred: Vec<(String, Instant)>,
+    /// Cancelled when the node shuts down: a paced wait then ends the exchange at once.
+    stop: CancellationToken,
 }
 
 impl<T: Transport> AaeWorker<T> {
@@ -138,6 +140,7 @@ impl<T: Transport> AaeWorker<T> {
             long_absence,
             replaying: None,
             deferred: Vec::new(),
+            stop: CancellationToken::new(),
         }
     }
 
@@ -147,6 +150,12 @@ impl<T: Transport> AaeWorker<T> {
     }
 
     /// Exchanges with a peer wait while a hint replay runs between the two.
+    /// The token whose cancellation ends this worker's paced waits (the runner's, given to
+    /// each step; a `TransferWorker` passes its own on).
+    pub fn set_stop(&mut self, stop: &CancellationToken) {
+        self.stop = stop.clone();
+    }
+
     pub fn with_replay_probe(mut self, probe: ReplayProbe) -> AaeWorker<T> {
         self.replaying = Some(probe);
         self
@@ -325,6 +334,10 @@ impl<T: Transport> AaeWorker<T> {
                 self.settle_marks(&peer, &addr, &spans).await;
             }
             Err(cause) => {
+                if self.stop.is_cancelled() {
+                    // Cut short by shutdown: not a failure.
+                    return;
+                }
                 self.aae.metrics.exchange_errors.inc();
                 warn!(node = %self.node_id, %peer, spans = %ShownSpans(&spans), %cause,
                       "anti-entropy exchange failed; retried next cycle");
@@ -468,8 +481,12 @@ impl<T: Transport> AaeWorker<T> {
     /// Both sides' (key, digest) over `first..=last`, merged in storage order: the number of
     /// keys compared, the digest bytes received, the keys to push (only here, or different),
     /// the keys to fetch (only there, or different).
+    /// Pages of digests are read here and on the peer back to back only while the CPUs are
+    /// idle: after each, the comparison rests by the CPU yield for the time the page took
+    /// (`duty_rest`), so a comparison streaming a whole range (most of it differs) takes at
+    /// most the yield's share of the time, and a peer slow to answer (loaded) slows it too.
     async fn compare_keys(
-        &self,
+        &mut self,
         addr: &str,
         first: u64,
         last: u64,
@@ -479,6 +496,9 @@ impl<T: Transport> AaeWorker<T> {
         let (mut compared, mut push, mut fetch) = (0u64, Vec::new(), Vec::new());
         let mut wire = 0u64;
         loop {
+            let page = Instant::now();
+            let paged =
+                (mine.buf.is_empty() && mine.more) || (theirs.buf.is_empty() && theirs.more);
             if mine.buf.is_empty() && mine.more {
                 let (entries, more) = self
                     .aae
@@ -506,6 +526,10 @@ impl<T: Transport> AaeWorker<T> {
                     }
                     other => return Err(format!("unexpected answer to digests: {other:?}")),
                 }
+            }
+            if paged {
+                let rest = duty_rest(page.elapsed(), self.cpu.pace());
+                crate::background::rest(rest, &self.stop).await?;
             }
             let order = match (mine.buf.front(), theirs.buf.front()) {
                 (None, None) => break,
@@ -539,12 +563,13 @@ impl<T: Transport> AaeWorker<T> {
     }
 
     /// Waits as long as `keys` keys and `bytes` bytes of repair take at the budgets (the
-    /// tighter of the two), scaled down by the CPU yield.
-    async fn pace(&mut self, keys: usize, bytes: u64) {
-        let pace = self.cpu.pace();
-        // At most 10 s at a time: an exchange then looks at its deadline and cancellation.
-        let pause = self.rates.pause(keys, bytes, pace);
-        tokio::time::sleep(pause.min(Duration::from_secs(10))).await;
+    /// tighter of the two), scaled down by the CPU yield as the wait goes (`repay`). Found in
+    /// review: each wait was cut at 10 s, so a small budget or a busy machine let batches of
+    /// 256 keys through at up to 25.6 keys/s whatever the budget said.
+    async fn pace(&mut self, keys: usize, bytes: u64) -> Result<(), String> {
+        let owed = self.rates.pause(keys, bytes, 1.0);
+        let cpu = &mut self.cpu;
+        repay(owed, || cpu.pace(), &self.stop).await
     }
 
     /// Pushes this node's states of `keys`: (keys the peer merged, bytes sent).
@@ -581,7 +606,7 @@ impl<T: Transport> AaeWorker<T> {
                 other => return Err(format!("unexpected answer to a push: {other:?}")),
             }
             bytes += size as u64;
-            self.pace(n, size as u64).await;
+            self.pace(n, size as u64).await?;
             size = 0;
         }
         Ok((sent, bytes))
@@ -645,7 +670,7 @@ impl<T: Transport> AaeWorker<T> {
             // the key unsynced here: the exchange fails (after the other chunks), so a transfer
             // does not checkpoint past it and an unsynced node does not count the peer synced.
             failed += merged.iter().filter(|m| **m == Merge::Failed).count();
-            self.pace(chunk.len(), fetched).await;
+            self.pace(chunk.len(), fetched).await?;
         }
         if failed > 0 {
             return Err(format!(
@@ -785,7 +810,8 @@ impl<T: Transport> Worker for AaeWorker<T> {
         }
     }
 
-    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+    async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
+        self.set_stop(stop);
         self.watch_returns();
         // Before the node knows the ring nothing is exchanged (it takes no data then,
         // `NoData::NotReady`: every fetched state would be refused and the exchange still
@@ -950,6 +976,113 @@ mod tests {
         let (pushed, _) = worker.push("b.peer:1", vec![key]).await.unwrap();
         assert_eq!(pushed, 1);
         assert_eq!(*source.1.lock().unwrap(), vec![Duration::from_secs(2)]);
+    }
+
+    /// A peer holding `pages` full pages of digests (keys no one else has), each answered
+    /// after `delay`.
+    struct Digests {
+        pages: u32,
+        delay: Duration,
+        served: std::sync::Mutex<u32>,
+    }
+
+    impl Transport for Digests {
+        fn call(
+            self: Arc<Self>,
+            _addr: String,
+            req: PeerRequest,
+            _timeout: Duration,
+        ) -> impl std::future::Future<Output = Result<PeerResponse, PeerError>> + Send + 'static
+        {
+            let PeerRequest::Aae(AaeRequest::KeyDigests { limit, .. }) = req else {
+                panic!("unexpected {req:?}");
+            };
+            let page = {
+                let mut served = self.served.lock().unwrap();
+                *served += 1;
+                *served
+            };
+            let entries: Vec<(Bytes, u64)> = (0..limit)
+                .map(|i| (Bytes::from(format!("p{page:02}k{i:05}")), u64::from(i)))
+                .collect();
+            let more = page < self.pages;
+            let delay = self.delay;
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok(PeerResponse::Aae(AaeResponse::Digests { entries, more }))
+            }
+        }
+    }
+
+    /// Found in review: comparing digests key by key (a range most of which differs, streamed
+    /// instead of descended) read page after page here and on the peer without any pause,
+    /// whatever the CPU use: a full scan of both nodes' data outside every budget. After each
+    /// page the comparison now rests by the CPU yield for the time the page took.
+    #[tokio::test]
+    async fn comparing_digests_rests_between_pages_by_the_cpu_yield() {
+        let v = view(&["a", "b"], "a", &["a", "b"]);
+        let (_engine, _store, membership, aae) = node_a(v);
+        let peer = Arc::new(Digests {
+            pages: 2,
+            delay: Duration::from_millis(20),
+            served: Default::default(),
+        });
+        let mut worker = AaeWorker::new(
+            aae,
+            membership,
+            peer.clone(),
+            Duration::from_secs(60),
+            1_000_000,
+            1 << 40,
+            Duration::from_secs(60),
+        );
+        let started = Instant::now();
+        let (compared, _, push, fetch) =
+            worker.compare_keys("b.peer:1", 0, u64::MAX).await.unwrap();
+        assert_eq!(compared, 2 * MAX_DIGESTS as u64);
+        assert!(push.is_empty());
+        assert_eq!(fetch.len(), 2 * MAX_DIGESTS);
+        assert_eq!(*peer.served.lock().unwrap(), 2);
+        // A fresh CPU reading starts at the floor: the first page (at least the peer's 20 ms)
+        // is followed by a rest of 49 times its time.
+        let rest = crate::background::load::duty_rest(
+            Duration::from_millis(20),
+            crate::background::load::FLOOR,
+        );
+        assert!(
+            started.elapsed() >= rest,
+            "{:?} for two pages, a rest of {rest:?} at least",
+            started.elapsed()
+        );
+    }
+
+    /// Each paced wait of an exchange is taken whole, through `repay` (found in review: it was
+    /// cut at 10 s, so with a small budget or a busy machine batches of 256 keys went
+    /// through at up to 25.6 keys/s whatever the budget said; `repay`'s own test covers the
+    /// whole wait, which a test here could only show by waiting over 10 s); shutdown ends a
+    /// wait at once, as an error that stops the exchange.
+    #[tokio::test]
+    async fn an_exchange_waits_out_its_pace_until_shutdown() {
+        let v = view(&["a", "b"], "a", &["a", "b"]);
+        let (_engine, _store, membership, aae) = node_a(v);
+        let mut worker = AaeWorker::new(
+            aae,
+            membership,
+            Arc::new(Source(one_state(), Default::default())),
+            Duration::from_secs(60),
+            1_000,
+            1 << 40,
+            Duration::from_secs(60),
+        );
+        let started = Instant::now();
+        worker.pace(100, 0).await.unwrap();
+        // 100 keys at 1 000 keys/s: 100 ms at the whole budget, longer while the CPUs are busy.
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        let stop = CancellationToken::new();
+        worker.set_stop(&stop);
+        stop.cancel();
+        let cut = worker.pace(1_000_000, 0).await;
+        assert_eq!(cut, Err(crate::background::STOPPED.to_string()));
     }
 
     /// Found in review: a pushed batch was merged in paced chunks, each write bounded by the

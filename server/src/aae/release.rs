@@ -25,7 +25,7 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::background::load::{CpuLoad, Rates};
+use crate::background::load::{repay, CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::LayoutId;
 use crate::membership::{HandOverGuard, Membership};
@@ -196,7 +196,7 @@ impl<T: Transport> ReleaseWorker<T> {
     }
 
     /// Hands one page of foreign keys to their owners; the number of keys found.
-    async fn page(&mut self, layout: LayoutId) -> Result<usize, String> {
+    async fn page(&mut self, layout: LayoutId, stop: &CancellationToken) -> Result<usize, String> {
         let version = layout.version;
         let Some((_, spans, i, after)) = self.pass.as_mut() else {
             return Ok(0);
@@ -322,9 +322,10 @@ impl<T: Transport> ReleaseWorker<T> {
         }
         self.metrics.keys_handed.inc_by(handed);
         self.metrics.keys_kept.inc_by(kept);
-        // Pace: the keys/s and bytes/s budgets (the tighter), scaled by the CPU yield.
-        let pace = self.cpu.pace();
-        tokio::time::sleep(self.rates.pause(found, sent, pace)).await;
+        // Pace: the keys/s and bytes/s budgets (the tighter), scaled by the CPU yield as the
+        // wait goes; cut short only by shutdown (the page's work is done).
+        let cpu = &mut self.cpu;
+        let _ = repay(self.rates.pause(found, sent, 1.0), || cpu.pace(), stop).await;
         if handed > 0 {
             self.detail = format!(
                 "layout v{version}: handing foreign ranges to their owners ({} keys found this pass)",
@@ -347,7 +348,7 @@ impl<T: Transport> Worker for ReleaseWorker<T> {
         }
     }
 
-    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+    async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
         self.report_emptiness().await;
         if let Some(why) = self.guard.withheld(&self.membership.view()) {
             if self.metrics.withheld.get() == 0 {
@@ -377,7 +378,7 @@ impl<T: Transport> Worker for ReleaseWorker<T> {
             self.last_version = version;
             self.found = 0;
         }
-        match self.page(version).await {
+        match self.page(version, stop).await {
             Ok(found) => self.found += found as u64,
             Err(e) => {
                 warn!(node = %self.node_id, error = %e, "hand-over pass failed; retried");

@@ -284,7 +284,8 @@ impl<T: Transport> Worker for TransferWorker<T> {
         }
     }
 
-    async fn work(&mut self, _stop: &CancellationToken) -> Result<WorkerState, String> {
+    async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
+        self.exchanger.set_stop(stop);
         if !self.said_synced && self.checkpoint.synced > LayoutId::default() {
             self.said_synced = true;
             self.membership.set_synced(self.checkpoint.synced).await;
@@ -474,6 +475,10 @@ impl<T: Transport> Worker for TransferWorker<T> {
                                 "transfer chunk done");
                 self.checkpoint.progress.insert(source, to);
                 self.save();
+            }
+            Err(_) if stop.is_cancelled() => {
+                // Cut short by shutdown (a paced wait): not a failure; what this exchange
+                // fetched is fetched again after the restart, from the last checkpoint.
             }
             Err(cause) => {
                 self.metrics.failures.inc();

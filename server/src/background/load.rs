@@ -51,6 +51,43 @@ impl Rates {
     }
 }
 
+/// How long to rest after `worked` of background work for that work to take at most the
+/// share `pace` (0..=1, at least [`FLOOR`]) of the time: none at 1, 49 times `worked` at the
+/// floor (Garage's "tranquility", scaled by the yield). For work whose cost is its duration
+/// (reading pages of digests here and on a peer: a slow answer is a loaded peer), not a
+/// count of keys against a budget.
+pub fn duty_rest(worked: Duration, pace: f64) -> Duration {
+    if pace >= 1.0 {
+        return Duration::ZERO;
+    }
+    worked.mul_f64(1.0 / pace.max(FLOOR) - 1.0)
+}
+
+/// A paced wait is taken in slices of at most this, the pace read again for each: a wait
+/// that began while the machine was busy shortens as it quiets down, and a node shutting down
+/// ends it within a slice.
+pub const REPAY_SLICE: Duration = SAMPLE_INTERVAL;
+
+/// Waits until `owed` is repaid: `owed` is how long the work just done takes at the whole
+/// budget (`Rates::pause` at pace 1), and each slice of waiting repays its length times the
+/// pace `pace` returns for it (`CpuLoad::pace`). At a steady pace p the wait is `owed / p`,
+/// however long: no cap lets the work run above its budget. Err if `stop` is cancelled first
+/// (the node is shutting down).
+pub async fn repay(
+    owed: Duration,
+    mut pace: impl FnMut() -> f64,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let mut left = owed.as_secs_f64();
+    while left > 0.0 {
+        let p = pace().clamp(1e-6, 1.0);
+        let slice = (left / p).min(REPAY_SLICE.as_secs_f64());
+        crate::background::rest(Duration::from_secs_f64(slice), stop).await?;
+        left -= slice * p;
+    }
+    Ok(())
+}
+
 /// Foreground pressure (0..=1: how full the node's client budget or writer queue is) above
 /// which background budgets shrink, reaching [`FLOOR`] at 1.
 pub const PRESSURE_FROM: f64 = 0.5;
@@ -186,6 +223,90 @@ impl CpuLoad {
             None => return pressure,
         };
         self.ramp.next(Instant::now(), target)
+    }
+}
+
+#[cfg(test)]
+mod repay_tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    /// A wait repays its debt at the pace read for each slice: at a steady pace p it lasts
+    /// `owed / p`, with no cap; a pace that rises during the wait shortens it; shutdown ends
+    /// it. (The slices each pace is read for are counted: that part does not depend on time.)
+    #[tokio::test]
+    async fn a_paced_wait_repays_its_debt_at_the_pace_of_each_slice() {
+        let stop = CancellationToken::new();
+        let t = Instant::now();
+        let mut reads = 0;
+        let steady = |reads: &mut u32| {
+            *reads += 1;
+            0.5
+        };
+        repay(Duration::from_millis(200), || steady(&mut reads), &stop)
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        // 400 ms in slices of at most 250 ms: two, each repaying half its length.
+        assert_eq!(reads, 2);
+        // 100 ms owed: two slices at the floor (250 ms each, repaying 5 ms each), then the
+        // pace is whole and the 90 ms left are one slice.
+        let t = Instant::now();
+        let mut reads = 0;
+        repay(
+            Duration::from_millis(100),
+            || {
+                reads += 1;
+                if reads <= 2 {
+                    FLOOR
+                } else {
+                    1.0
+                }
+            },
+            &stop,
+        )
+        .await
+        .unwrap();
+        assert_eq!(reads, 3);
+        assert!(
+            t.elapsed() >= Duration::from_millis(590),
+            "{:?}",
+            t.elapsed()
+        );
+        // A debt the floor would take 100 minutes to repay is not cut short by any cap:
+        // after a slice it is still owed (shown by the slices it is read for until stopped).
+        let mut reads = 0;
+        let cut = tokio::time::timeout(
+            Duration::from_millis(600),
+            repay(
+                Duration::from_secs(120),
+                || {
+                    reads += 1;
+                    FLOOR
+                },
+                &stop,
+            ),
+        )
+        .await;
+        assert!(cut.is_err(), "still waiting");
+        assert!(reads >= 2, "{reads}");
+        // Nothing owed: no wait; shutdown: an error at once.
+        repay(Duration::ZERO, || FLOOR, &stop).await.unwrap();
+        stop.cancel();
+        let cut = repay(Duration::from_secs(100), || FLOOR, &stop).await;
+        assert_eq!(cut, Err(crate::background::STOPPED.to_string()));
+    }
+
+    #[test]
+    fn the_duty_rest_leaves_the_pace_as_the_share_of_time_worked() {
+        let worked = Duration::from_millis(10);
+        assert_eq!(duty_rest(worked, 1.0), Duration::ZERO);
+        assert_eq!(duty_rest(worked, 0.5), worked);
+        assert_eq!(duty_rest(worked, 0.0), worked.mul_f64(49.0));
     }
 }
 

@@ -424,6 +424,21 @@ where
     out
 }
 
+/// Sleeps `pause` (a background pace) unless `stop` is cancelled first: Err then, so a paced
+/// step ends at once when the node shuts down instead of sleeping out its pause.
+pub async fn rest(pause: Duration, stop: &CancellationToken) -> Result<(), String> {
+    if pause.is_zero() {
+        return Ok(());
+    }
+    tokio::select! {
+        _ = stop.cancelled() => Err(STOPPED.into()),
+        _ = tokio::time::sleep(pause) => Ok(()),
+    }
+}
+
+/// The error of a paced step cut short by shutdown.
+pub const STOPPED: &str = "stopped: the node is shutting down";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,11 +56,7 @@ pub const MAX_REFUSALS: u32 = 5;
 /// that share of its time. Its writer deletes every hint replayed and its disk was read for
 /// them, both in its clients' way; the target paces the same batches by its own load.
 pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
-    if pace >= 1.0 {
-        return Duration::ZERO;
-    }
-    let pace = pace.max(crate::background::load::FLOOR);
-    worked.mul_f64(1.0 / pace - 1.0).min(MAX_HOLDER_REST)
+    crate::background::load::duty_rest(worked, pace).min(MAX_HOLDER_REST)
 }
 
 /// Hints of a node taken out of the ring redirected per scan batch.
