@@ -18,10 +18,23 @@ use crate::background::{Progress, Worker, WorkerState};
 use crate::merkle::{leaf_end, leaf_start, LEAVES};
 use crate::storage::RescanMode;
 
-/// Leaves per rebuild step (1/1024 of the ring).
-pub const REBUILD_LEAVES: u32 = 1024;
-/// Leaves per verify step.
-pub const VERIFY_LEAVES: u32 = 1024;
+/// Most leaves per rebuild or verify step (1/1024 of the ring); a step starts at one leaf and
+/// grows or shrinks with what the last step read (`next_step_leaves`).
+pub const MAX_STEP_LEAVES: u32 = 1024;
+/// About how many bytes (keys and values) one step reads. A step runs in the storage writer
+/// between two groups, so every write waits for it, and it holds what it read in memory:
+/// found in review, a fixed 1/1024 of the ring per step was 100 MB read in one writer stall on
+/// a node holding 100 GB.
+pub const STEP_BYTES: u64 = 4 << 20;
+
+/// The leaves of the next step after one of `leaves` leaves that read `bytes`: as many as
+/// should read about `STEP_BYTES` at the same density, at most twice as many as the last
+/// (the data may be denser further on), within `1..=MAX_STEP_LEAVES`.
+pub fn next_step_leaves(leaves: u32, bytes: u64) -> u32 {
+    let leaves = u64::from(leaves.max(1));
+    let scaled = (leaves * STEP_BYTES).checked_div(bytes).unwrap_or(u64::MAX);
+    scaled.min(leaves * 2).clamp(1, u64::from(MAX_STEP_LEAVES)) as u32
+}
 /// The rebuild reads this many times the anti-entropy keys/s budget (a node whose tree is not
 /// trusted cannot take part in exchanges for the rest of the ring, so the rebuild goes first).
 pub const REBUILD_SPEEDUP: f64 = 10.0;
@@ -44,6 +57,8 @@ pub struct TreeScanWorker {
     verify_period: Duration,
     verify_next: u32,
     verify_due: Instant,
+    /// Leaves in the next step (`next_step_leaves`).
+    step: u32,
     rebuild_started: Option<Instant>,
     pub metrics: Arc<ScanMetrics>,
 }
@@ -57,15 +72,16 @@ impl TreeScanWorker {
             cpu: CpuLoad::default(),
             verify_period,
             verify_next: 0,
-            verify_due: Instant::now() + Self::verify_step(verify_period),
+            verify_due: Instant::now() + Self::verify_wait(verify_period, 1),
+            step: 1,
             rebuild_started: None,
             metrics,
         }
     }
 
-    /// Time between two verify steps: the period spread over the steps of one scan.
-    fn verify_step(period: Duration) -> Duration {
-        period / (LEAVES as u32 / VERIFY_LEAVES)
+    /// Time after a verify step of `leaves` leaves: the period spread over the leaves.
+    fn verify_wait(period: Duration, leaves: u32) -> Duration {
+        period.mul_f64(f64::from(leaves) / LEAVES as f64)
     }
 
     fn ready(&self) -> u32 {
@@ -115,7 +131,7 @@ impl Worker for TreeScanWorker {
         let ready = self.ready();
         if (ready as usize) < LEAVES {
             let started = *self.rebuild_started.get_or_insert_with(Instant::now);
-            let last = (ready + REBUILD_LEAVES).min(LEAVES as u32) - 1;
+            let last = (ready + self.step).min(LEAVES as u32) - 1;
             let outcome = self
                 .aae
                 .store()
@@ -129,6 +145,7 @@ impl Worker for TreeScanWorker {
                     )
                 })?;
             self.metrics.rebuild_keys.inc_by(outcome.keys);
+            self.step = next_step_leaves(last - ready + 1, outcome.bytes);
             if self.ready() as usize >= LEAVES {
                 info!(node = %self.aae.node_id(), keys = self.metrics.rebuild_keys.get(),
                       secs = started.elapsed().as_secs(), "anti-entropy tree rebuilt from the data");
@@ -140,7 +157,7 @@ impl Worker for TreeScanWorker {
             return Ok(WorkerState::Idle);
         }
         let first = self.verify_next;
-        let last = (first + VERIFY_LEAVES).min(LEAVES as u32) - 1;
+        let last = (first + self.step).min(LEAVES as u32) - 1;
         let outcome = self
             .aae
             .store()
@@ -148,6 +165,7 @@ impl Worker for TreeScanWorker {
             .await
             .map_err(|e| format!("verifying tree leaves {first}..={last}: {e}"))?;
         self.metrics.verify_leaves.inc_by((last - first + 1) as u64);
+        self.step = next_step_leaves(last - first + 1, outcome.bytes);
         if outcome.mismatches > 0 {
             self.metrics.verify_mismatches.inc_by(outcome.mismatches);
             warn!(node = %self.aae.node_id(), first_leaf = first, last_leaf = last,
@@ -161,7 +179,7 @@ impl Worker for TreeScanWorker {
         } else {
             last + 1
         };
-        self.verify_due = Instant::now() + Self::verify_step(self.verify_period);
+        self.verify_due = Instant::now() + Self::verify_wait(self.verify_period, last - first + 1);
         Ok(WorkerState::Idle)
     }
 
@@ -172,5 +190,30 @@ impl Worker for TreeScanWorker {
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         tokio::time::sleep(wait).await;
         WorkerState::Busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found in review: every rebuild and verify step read 1/1024 of the ring, whatever the
+    /// node held, in the storage writer (every write waits for it) and into memory: 100 MB on
+    /// a node of 100 GB. A step now reads about `STEP_BYTES`.
+    #[test]
+    fn a_step_reads_about_its_byte_target_whatever_the_data_size() {
+        // A node of 100 GB: 1024 leaves read 100 MB; the next step takes about 4 MiB's worth.
+        let big = next_step_leaves(1024, 100 << 20);
+        assert_eq!(u64::from(big), 1024 * STEP_BYTES / (100 << 20));
+        assert_eq!(big, 40);
+        // A leaf alone past the target: one leaf (the least step).
+        assert_eq!(next_step_leaves(1, 64 << 20), 1);
+        // A small node grows its steps, at most twice per step, up to 1/1024 of the ring.
+        assert_eq!(next_step_leaves(1, 1_000), 2);
+        assert_eq!(next_step_leaves(512, 1_000), MAX_STEP_LEAVES);
+        assert_eq!(next_step_leaves(1024, 0), MAX_STEP_LEAVES);
+        assert_eq!(next_step_leaves(0, 0), 2);
+        // At the target: the same step.
+        assert_eq!(next_step_leaves(100, STEP_BYTES), 100);
     }
 }

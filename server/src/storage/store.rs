@@ -190,6 +190,9 @@ pub enum RescanMode {
 pub struct RescanOutcome {
     /// Keys scanned.
     pub keys: u64,
+    /// Bytes of the rows scanned (keys and values): what the step read, and held, in the
+    /// writer.
+    pub bytes: u64,
     /// Derived rows found wrong and fixed (verify), or set (rebuild).
     pub mismatches: u64,
 }
@@ -1630,6 +1633,7 @@ impl Writer {
         let mut batch = Batch::default();
         let mut outcome = hook.rescan(first, last, &rows, mode, &mut batch);
         outcome.keys = rows.len() as u64;
+        outcome.bytes = rows.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
         assert_hook_rows(&batch.ops);
         let written = if batch.is_empty() {
             Ok(())

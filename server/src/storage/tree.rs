@@ -520,6 +520,7 @@ mod tests {
                 .await
                 .unwrap();
             total.keys += o.keys;
+            total.bytes += o.bytes;
             total.mismatches += o.mismatches;
             leaf = end;
         }
@@ -686,6 +687,19 @@ mod tests {
         assert!(*tree.read().unwrap() == tree_of_data(engine.as_ref()));
         let again = rescan_leaves(&store, 0, LEAVES as u32, 4, RescanMode::Verify).await;
         assert_eq!(again.mismatches, 0, "fixed on disk too");
+        // What the steps read, keys and values: what the tree scan sizes its next step by.
+        let mut data_bytes = 0u64;
+        let all = ScanRange {
+            start: Vec::new(),
+            end: None,
+        };
+        scan_all(engine.as_ref(), Cf::Data, all, |k, v| {
+            data_bytes += (k.len() - 8 + v.len()) as u64;
+            Ok(())
+        })
+        .unwrap();
+        assert!(data_bytes > 0);
+        assert_eq!(again.bytes, data_bytes);
         store.close();
     }
 
