@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::service::{AntiEntropy, Merge};
-use crate::background::load::{duty_rest, repay, CpuLoad, Rates};
+use crate::background::load::{repay, CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
@@ -49,6 +49,10 @@ pub const UNSYNCED_RETRY: Duration = Duration::from_secs(2);
 /// the exchange would find, paced to the target's load, where the exchange would repeat it as
 /// a burst of digests and states), but at most this long.
 pub const MAX_REPLAY_DEFER: Duration = Duration::from_secs(600);
+/// Digests compared per second, in multiples of the keys/s budget (before the CPU yield): a
+/// digest is read and hashed on each side, not merged and written, as in the tree rebuild
+/// (`scan::REBUILD_SPEEDUP`, the same ratio).
+pub const DIGEST_SPEEDUP: f64 = super::scan::REBUILD_SPEEDUP;
 
 /// Whether a hint replay runs between this node and a peer (`Handoff::replay_running_with`).
 pub type ReplayProbe = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -149,13 +153,13 @@ impl<T: Transport> AaeWorker<T> {
         &self.aae
     }
 
-    /// Exchanges with a peer wait while a hint replay runs between the two.
     /// The token whose cancellation ends this worker's paced waits (the runner's, given to
     /// each step; a `TransferWorker` passes its own on).
     pub fn set_stop(&mut self, stop: &CancellationToken) {
         self.stop = stop.clone();
     }
 
+    /// Exchanges with a peer wait while a hint replay runs between the two.
     pub fn with_replay_probe(mut self, probe: ReplayProbe) -> AaeWorker<T> {
         self.replaying = Some(probe);
         self
@@ -481,10 +485,11 @@ impl<T: Transport> AaeWorker<T> {
     /// Both sides' (key, digest) over `first..=last`, merged in storage order: the number of
     /// keys compared, the digest bytes received, the keys to push (only here, or different),
     /// the keys to fetch (only there, or different).
-    /// Pages of digests are read here and on the peer back to back only while the CPUs are
-    /// idle: after each, the comparison rests by the CPU yield for the time the page took
-    /// (`duty_rest`), so a comparison streaming a whole range (most of it differs) takes at
-    /// most the yield's share of the time, and a peer slow to answer (loaded) slows it too.
+    /// Digests are read and compared at `DIGEST_SPEEDUP` times the keys/s budget, scaled by
+    /// the CPU yield (`repay` after each page, for the digests both sides read): a comparison
+    /// streaming a whole range (most of it differs) is a scan of both nodes' data and was read
+    /// page after page without pause (found in review); the few keys of an in-sync exchange's
+    /// edge leaves owe next to nothing.
     async fn compare_keys(
         &mut self,
         addr: &str,
@@ -496,9 +501,7 @@ impl<T: Transport> AaeWorker<T> {
         let (mut compared, mut push, mut fetch) = (0u64, Vec::new(), Vec::new());
         let mut wire = 0u64;
         loop {
-            let page = Instant::now();
-            let paged =
-                (mine.buf.is_empty() && mine.more) || (theirs.buf.is_empty() && theirs.more);
+            let mut read = 0;
             if mine.buf.is_empty() && mine.more {
                 let (entries, more) = self
                     .aae
@@ -506,6 +509,7 @@ impl<T: Transport> AaeWorker<T> {
                     .scan_digests(first, last, &mine.after, MAX_DIGESTS)
                     .await
                     .map_err(|e| format!("local digests {first:016x}..={last:016x}: {e}"))?;
+                read += entries.len();
                 mine.take(entries, more);
             }
             if theirs.buf.is_empty() && theirs.more {
@@ -522,14 +526,17 @@ impl<T: Transport> AaeWorker<T> {
                             .iter()
                             .map(|(k, _)| 12 + k.len() as u64)
                             .sum::<u64>();
+                        read += entries.len();
                         theirs.take(entries, more)
                     }
                     other => return Err(format!("unexpected answer to digests: {other:?}")),
                 }
             }
-            if paged {
-                let rest = duty_rest(page.elapsed(), self.cpu.pace());
-                crate::background::rest(rest, &self.stop).await?;
+            if read > 0 {
+                // At a pace of DIGEST_SPEEDUP: that many times the keys budget.
+                let owed = self.rates.pause(read, 0, DIGEST_SPEEDUP);
+                let cpu = &mut self.cpu;
+                repay(owed, || cpu.pace(), &self.stop).await?;
             }
             let order = match (mine.buf.front(), theirs.buf.front()) {
                 (None, None) => break,
@@ -1016,15 +1023,15 @@ mod tests {
 
     /// Found in review: comparing digests key by key (a range most of which differs, streamed
     /// instead of descended) read page after page here and on the peer without any pause,
-    /// whatever the CPU use: a full scan of both nodes' data outside every budget. After each
-    /// page the comparison now rests by the CPU yield for the time the page took.
+    /// whatever the CPU use: a full scan of both nodes' data outside every budget. The
+    /// digests read are now paced at `DIGEST_SPEEDUP` times the keys budget, with the yield.
     #[tokio::test]
-    async fn comparing_digests_rests_between_pages_by_the_cpu_yield() {
+    async fn comparing_digests_is_paced_by_the_digests_read() {
         let v = view(&["a", "b"], "a", &["a", "b"]);
         let (_engine, _store, membership, aae) = node_a(v);
         let peer = Arc::new(Digests {
             pages: 2,
-            delay: Duration::from_millis(20),
+            delay: Duration::ZERO,
             served: Default::default(),
         });
         let mut worker = AaeWorker::new(
@@ -1032,7 +1039,7 @@ mod tests {
             membership,
             peer.clone(),
             Duration::from_secs(60),
-            1_000_000,
+            10_000,
             1 << 40,
             Duration::from_secs(60),
         );
@@ -1043,15 +1050,12 @@ mod tests {
         assert!(push.is_empty());
         assert_eq!(fetch.len(), 2 * MAX_DIGESTS);
         assert_eq!(*peer.served.lock().unwrap(), 2);
-        // A fresh CPU reading starts at the floor: the first page (at least the peer's 20 ms)
-        // is followed by a rest of 49 times its time.
-        let rest = crate::background::load::duty_rest(
-            Duration::from_millis(20),
-            crate::background::load::FLOOR,
-        );
+        // 8 192 digests at 10 times 10 000 keys/s: 82 ms at the whole budget, more while the
+        // CPUs are busy (a fresh reading starts at the floor and rises).
+        let owed = Duration::from_secs_f64(8_192.0 / (10_000.0 * DIGEST_SPEEDUP));
         assert!(
-            started.elapsed() >= rest,
-            "{:?} for two pages, a rest of {rest:?} at least",
+            started.elapsed() >= owed,
+            "{:?} for two pages, {owed:?} owed",
             started.elapsed()
         );
     }

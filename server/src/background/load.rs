@@ -53,9 +53,9 @@ impl Rates {
 
 /// How long to rest after `worked` of background work for that work to take at most the
 /// share `pace` (0..=1, at least [`FLOOR`]) of the time: none at 1, 49 times `worked` at the
-/// floor (Garage's "tranquility", scaled by the yield). For work whose cost is its duration
-/// (reading pages of digests here and on a peer: a slow answer is a loaded peer), not a
-/// count of keys against a budget.
+/// floor (Garage's "tranquility", scaled by the yield): a hint holder's rest between its
+/// batches (`handoff::replay::holder_rest`), whose cost is their time on this node rather
+/// than a count of keys against a budget.
 pub fn duty_rest(worked: Duration, pace: f64) -> Duration {
     if pace >= 1.0 {
         return Duration::ZERO;

@@ -59,6 +59,14 @@ pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
     crate::background::load::duty_rest(worked, pace).min(MAX_HOLDER_REST)
 }
 
+/// Sleeps until `until`, or until the node shuts down.
+async fn rest_until(until: Instant, stop: &CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(until.saturating_duration_since(Instant::now())) => {}
+    }
+}
+
 /// Hints of a node taken out of the ring redirected per scan batch.
 pub const REDIRECT_BATCH: usize = 256;
 
@@ -154,9 +162,12 @@ pub struct ReplayWorker<T: Transport = PeerPool> {
     redirect_turns: PassTurns,
     redirect_paused: BTreeMap<String, Instant>,
     detail: String,
-    /// No step before this: the holder's rest (`holder_rest`) after its last step that did
-    /// work, for every target alike.
-    rest_until: Option<Instant>,
+    /// No replay batch before this, to any target: the holder's rest (`holder_rest`) after
+    /// its last batch.
+    replay_rest_until: Option<Instant>,
+    /// No expiry or redirect batch before this: their own rest, kept apart so that expiry
+    /// resting on a busy CPU does not hold back replay to a target that is back.
+    local_rest_until: Option<Instant>,
     /// The foreground pressure the holder rests by (`background::load::foreground_pressure`;
     /// a test sets its own).
     pressure: fn() -> f64,
@@ -193,32 +204,27 @@ impl<T: Transport> ReplayWorker<T> {
             redirect_turns: PassTurns::default(),
             redirect_paused: BTreeMap::new(),
             detail: String::new(),
-            rest_until: None,
+            replay_rest_until: None,
+            local_rest_until: None,
             pressure: crate::background::load::foreground_pressure,
             cpu: crate::background::load::CpuLoad::default(),
         }
     }
 
-    /// After a step that started at `started`: rests the whole worker, whichever target comes
-    /// next, for `holder_rest` of the step's time. A replay step is paced by the holder's own
-    /// foreground pressure (its target paces the same batches by its own CPUs and pressure);
-    /// a step that expired or redirected hints (`local`: writes on this node only) also by
-    /// this node's CPU use. Found in review: the rest was kept per target, so a holder with
-    /// hints for several targets went on with the next one at once and never rested, and
-    /// expiry and redirect passes did not rest at all.
-    fn rest_after(&mut self, started: Instant, local: bool, replayed: bool) {
-        if !local && !replayed {
-            return;
-        }
-        let mut pace = crate::background::load::pressure_scale((self.pressure)());
-        if local {
-            pace = pace.min(self.cpu.pace());
-        }
+    /// The end of the rest after work that started at `started` (`holder_rest` of its time
+    /// at background `pace`), if any; counted. Replay batches rest the replay of every target
+    /// alike, by the holder's own foreground pressure (its target paces the same batches by
+    /// its own CPUs and pressure); expiry and redirect batches (writes on this node only) rest
+    /// their own passes, by the pressure and this node's CPU use. Found in review: the rest
+    /// was kept per target, so a holder with hints for several targets went on with the next
+    /// one at once and never rested, and expiry and redirect passes did not rest at all.
+    fn rest_after(&self, started: Instant, pace: f64) -> Option<Instant> {
         let rest = holder_rest(started.elapsed(), pace);
-        if !rest.is_zero() {
-            self.handoff.metrics.holder_rests.inc();
-            self.rest_until = Some(Instant::now() + rest);
+        if rest.is_zero() {
+            return None;
         }
+        self.handoff.metrics.holder_rests.inc();
+        Some(Instant::now() + rest)
     }
 
     /// Records `target`'s replay state and, when given, its pass progress (done, total).
@@ -692,23 +698,38 @@ impl<T: Transport> Worker for ReplayWorker<T> {
             self.detail = why;
             return Ok(WorkerState::Idle);
         }
-        if let Some(until) = self.rest_until.take() {
-            let now = Instant::now();
-            if until > now {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(WorkerState::Busy),
-                    _ = tokio::time::sleep(until - now) => {}
-                }
-            }
+        let now = Instant::now();
+        let resting = |until: Option<Instant>| until.filter(|t| *t > now);
+        let (local_rest, replay_rest) = (
+            resting(self.local_rest_until),
+            resting(self.replay_rest_until),
+        );
+        if let (Some(a), Some(b)) = (local_rest, replay_rest) {
+            rest_until(a.min(b), stop).await;
+            return Ok(WorkerState::Busy);
         }
-        let started = Instant::now();
         // One batch of redirect and of expiry (when due), then one batch of replay: none
         // waits for another to finish a whole pass.
-        let redirecting = self.redirect().await?;
-        let expiring = self.expire().await? || redirecting;
+        let mut expiring = false;
+        if local_rest.is_none() {
+            let started = Instant::now();
+            let redirecting = self.redirect().await?;
+            expiring = self.expire().await? || redirecting;
+            if expiring {
+                let pace =
+                    crate::background::load::pressure_scale((self.pressure)()).min(self.cpu.pace());
+                self.local_rest_until = self.rest_after(started, pace);
+            }
+        }
+        if let Some(until) = replay_rest {
+            if !expiring {
+                // Nothing else to do meanwhile.
+                rest_until(until, stop).await;
+            }
+            return Ok(WorkerState::Busy);
+        }
         let ready = self.ready_targets();
         if ready.is_empty() {
-            self.rest_after(started, expiring, false);
             if self.store.hint_book().totals().0 == 0 {
                 self.detail.clear();
             }
@@ -720,6 +741,7 @@ impl<T: Transport> Worker for ReplayWorker<T> {
         }
         self.turn = (self.turn + 1) % ready.len();
         let (target, addr) = &ready[self.turn];
+        let started = Instant::now();
         let replayed = match self.replay_batch(target, addr).await {
             Ok(sent) => {
                 self.failures.remove(target);
@@ -741,7 +763,10 @@ impl<T: Transport> Worker for ReplayWorker<T> {
                 false
             }
         };
-        self.rest_after(started, expiring, replayed);
+        if replayed {
+            let pace = crate::background::load::pressure_scale((self.pressure)());
+            self.replay_rest_until = self.rest_after(started, pace);
+        }
         Ok(WorkerState::Busy)
     }
 
@@ -1358,8 +1383,12 @@ mod tests {
         let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
         worker.pressure = || 1.0;
         let stop = CancellationToken::new();
-        worker.work(&stop).await.unwrap();
-        worker.work(&stop).await.unwrap();
+        for _ in 0..4 {
+            if target.batches.lock().unwrap().len() == 2 {
+                break;
+            }
+            worker.work(&stop).await.unwrap();
+        }
         let batches = target.batches.lock().unwrap().clone();
         assert_eq!(batches.len(), 2, "{batches:?}");
         assert_ne!(batches[0].0, batches[1].0, "one batch to each target");
@@ -1396,7 +1425,7 @@ mod tests {
         let stop = CancellationToken::new();
         for _ in 0..2 {
             worker.work(&stop).await.unwrap();
-            assert!(worker.rest_until.is_none());
+            assert!(worker.replay_rest_until.is_none());
         }
         assert_eq!(store.hint_book().totals().0, 0);
         assert_eq!(handoff.metrics.holder_rests.get(), 0);
@@ -1423,13 +1452,60 @@ mod tests {
         worker.work(&stop).await.unwrap();
         assert_eq!(store.hint_book().target("d").keys, 10, "one batch expired");
         let until = worker
-            .rest_until
+            .local_rest_until
             .expect("a step that expired hints under pressure rests");
         assert!(until > Instant::now());
-        worker.work(&stop).await.unwrap();
-        assert!(Instant::now() >= until, "the next step waited for the rest");
-        assert_eq!(store.hint_book().target("d").keys, 0);
+        while store.hint_book().target("d").keys > 0 {
+            if worker.work(&stop).await.unwrap() == WorkerState::Idle {
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+        assert!(
+            Instant::now() >= until,
+            "the next batch waited for the rest"
+        );
         assert_eq!(handoff.metrics.holder_rests.get(), 2);
+    }
+
+    /// Found in review (of the fix above): with one rest for the whole worker, expiry resting
+    /// on a busy CPU held back replay to a target that is back, though the holder's queues
+    /// were empty and the target granted every credit. Expiry and replay rest apart.
+    #[tokio::test]
+    async fn expiry_resting_does_not_hold_back_replay_to_a_target_that_is_back() {
+        let settings = HintSettings {
+            window_secs: 30,
+            ..HintSettings::default()
+        };
+        // d (down) holds old hints, t (back) fresh ones.
+        let engine = Arc::new(MemoryEngine::new());
+        let mut b = Batch::default();
+        for (target, count, first_ms) in [
+            ("d", MAX_SCAN_BATCH + 10, now_ms() - 60_000),
+            ("t", 3 * MAX_REPLAY_BATCH_KEYS, now_ms()),
+        ] {
+            for i in 0..count {
+                let key = format!("k{i:05}");
+                let hint = encode_hint(first_ms, &one_version(2, "fresh"));
+                b.put(Cf::Hints, hint_key(target, key.as_bytes()), hint);
+            }
+        }
+        engine.write(b, true).unwrap();
+        let store = crate::testkit::open_store(engine, "a");
+        let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
+        let (membership, _view) =
+            Membership::fixed(crate::testkit::view(&["a", "d", "t"], "a", &["a", "t"]));
+        let target = Arc::new(Target::default());
+        let mut worker = ReplayWorker::new(handoff, membership, target.clone(), 3);
+        worker.pressure = || 0.0;
+        let stop = CancellationToken::new();
+        worker.work(&stop).await.unwrap();
+        // Expiry rests by the CPU (a fresh reading is at the floor); replay does not rest.
+        let until = worker.local_rest_until.expect("expiry rests");
+        assert!(worker.replay_rest_until.is_none());
+        worker.work(&stop).await.unwrap();
+        assert_eq!(target.batches.lock().unwrap().len(), 2);
+        assert!(Instant::now() < until, "replay waited for expiry's rest");
+        assert_eq!(store.hint_book().target("d").keys, 10);
     }
 
     #[test]
