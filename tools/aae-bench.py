@@ -31,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import cpu_seconds  # noqa: E402
+from benchlib import cpu_seconds, wait_probe  # noqa: E402
 
 
 class Cluster:
@@ -80,13 +80,10 @@ class Cluster:
         return self.status(i)["info"].get("aae.tree_root")
 
     def wait_ready(self, i):
-        for _ in range(600):
-            r = subprocess.run([f"{self.bin}/kvctl", "--addr", self.addr(i), "get", "--r", "1",
-                                "ready-probe"], capture_output=True)
-            if r.returncode in (0, 1):
-                return
-            time.sleep(0.1)
-        sys.exit(f"aae-bench: c{i} did not become ready; see {self.logs[i]}")
+        # A write (W=2) and a read through c{i}: it sees a peer. (A lone R=1 read, which this
+        # waited for before, passed on a node that saw no peer yet, and the load then failed.)
+        wait_probe(self.bin, self.addr(i), f"aae-bench: c{i} did not become ready; see {self.logs[i]}",
+                   limit=60.0)
 
 
 def exchanges_in_log(path, since):
@@ -192,6 +189,9 @@ def main():
                             "--json"], capture_output=True, text=True)
         if r.returncode > 1:
             sys.exit(f"aae-bench: load failed: {r.stderr[-2000:]}")
+        load = json.loads(r.stdout)["load"]
+        if load["errors"]:
+            sys.exit(f"aae-bench: {load['errors']} of the load's writes failed: {load['first_errors']}")
         summary["load_s"] = round(time.monotonic() - t0, 1)
         print(f"loaded {args.records} keys in {summary['load_s']} s", flush=True)
         for _ in range(600):
