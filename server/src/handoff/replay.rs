@@ -1360,11 +1360,9 @@ mod tests {
         );
     }
 
-    /// Found in review: the holder's rest under its own foreground pressure was kept per
-    /// target, so with hints for two or more targets the next step went to another one at once
-    /// and the holder never rested. The rest now holds the whole worker.
-    #[tokio::test]
-    async fn a_holder_under_pressure_rests_after_a_batch_whichever_target_is_next() {
+    /// Holder `a` with five fresh hints for each of t and u (both up), replaying through
+    /// `target`: its store, its hand-off service and its replay worker.
+    fn holder_of_two(target: Arc<Target>) -> (Arc<Store>, Arc<Handoff>, ReplayWorker<Target>) {
         let store = store_with_hints(&[("t", 5), ("u", 5)]);
         let handoff = Arc::new(Handoff::new(
             "a".into(),
@@ -1376,11 +1374,20 @@ mod tests {
             "a",
             &["a", "t", "u"],
         ));
+        let worker = ReplayWorker::new(handoff.clone(), membership, target, 3);
+        (store, handoff, worker)
+    }
+
+    /// Found in review: the holder's rest under its own foreground pressure was kept per
+    /// target, so with hints for two or more targets the next step went to another one at once
+    /// and the holder never rested. The rest now holds the whole worker.
+    #[tokio::test]
+    async fn a_holder_under_pressure_rests_after_a_batch_whichever_target_is_next() {
         let target = Arc::new(Target {
             delay: Duration::from_millis(20),
             ..Target::default()
         });
-        let mut worker = ReplayWorker::new(handoff.clone(), membership, target.clone(), 3);
+        let (store, handoff, mut worker) = holder_of_two(target.clone());
         worker.pressure = || 1.0;
         let stop = CancellationToken::new();
         for _ in 0..4 {
@@ -1408,19 +1415,7 @@ mod tests {
     /// Without foreground pressure, replay steps take no rest.
     #[tokio::test]
     async fn a_holder_without_pressure_replays_without_rests() {
-        let store = store_with_hints(&[("t", 5), ("u", 5)]);
-        let handoff = Arc::new(Handoff::new(
-            "a".into(),
-            store.clone(),
-            HintSettings::default(),
-        ));
-        let (membership, _view) = Membership::fixed(crate::testkit::view(
-            &["a", "t", "u"],
-            "a",
-            &["a", "t", "u"],
-        ));
-        let mut worker =
-            ReplayWorker::new(handoff.clone(), membership, Arc::new(Target::default()), 3);
+        let (store, handoff, mut worker) = holder_of_two(Arc::new(Target::default()));
         worker.pressure = || 0.0;
         let stop = CancellationToken::new();
         for _ in 0..2 {
