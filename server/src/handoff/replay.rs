@@ -983,6 +983,14 @@ mod tests {
         assert_eq!(handoff.metrics.replay_pace.get(), granted);
     }
 
+    /// Hint settings with a 30 s window (hints first stored a minute ago are past it).
+    fn window_30s() -> HintSettings {
+        HintSettings {
+            window_secs: 30,
+            ..HintSettings::default()
+        }
+    }
+
     /// A store whose hints for each `(target, count)` are fresh, over a plain memory engine.
     fn store_with_hints(hints: &[(&str, usize)]) -> Arc<Store> {
         store_with_hints_from(hints, now_ms())
@@ -1051,23 +1059,13 @@ mod tests {
     /// targets) gave the others about one second in thirty-one.
     #[tokio::test]
     async fn a_target_that_does_not_answer_does_not_hold_back_the_others() {
-        // u's hints take three batches.
-        let store = store_with_hints(&[("t", 10), ("u", 3 * MAX_REPLAY_BATCH_KEYS)]);
-        let handoff = Arc::new(Handoff::new(
-            "a".into(),
-            store.clone(),
-            HintSettings::default(),
-        ));
-        let (membership, _view) = Membership::fixed(crate::testkit::view(
-            &["a", "t", "u"],
-            "a",
-            &["a", "t", "u"],
-        ));
         let target = Arc::new(Target {
             hung: Some(crate::testkit::peer_addr("t")),
             ..Target::default()
         });
-        let mut worker = ReplayWorker::new(handoff, membership, target.clone(), 3);
+        // u's hints take three batches.
+        let hints = [("t", 10), ("u", 3 * MAX_REPLAY_BATCH_KEYS)];
+        let (store, _, mut worker) = holder_of(&hints, target.clone());
         let stop = CancellationToken::new();
         let drained = tokio::time::timeout(Duration::from_secs(20), async {
             while store.hint_book().target("u").keys > 0 {
@@ -1117,10 +1115,7 @@ mod tests {
         engine.inner.write(b, true).unwrap();
         let store = crate::testkit::open_store(engine.clone(), "a");
         assert_eq!(store.hint_book().target("u").keys, 10);
-        let settings = HintSettings {
-            window_secs: 30,
-            ..HintSettings::default()
-        };
+        let settings = window_30s();
         let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
         let (membership, _view) =
             Membership::fixed(crate::testkit::view(&["a", "t", "u"], "a", &["a", "u"]));
@@ -1193,10 +1188,7 @@ mod tests {
 
         /// A holder of 10 hints for `target` first stored a minute ago, past a 30 s window.
         fn with_old_hints(target: &str, view: crate::membership::ClusterView) -> Holder {
-            let settings = HintSettings {
-                window_secs: 30,
-                ..HintSettings::default()
-            };
+            let settings = window_30s();
             let store = store_with_hints_from(&[(target, 10)], now_ms() - 60_000);
             Holder::new(store, settings, view)
         }
@@ -1360,10 +1352,13 @@ mod tests {
         );
     }
 
-    /// Holder `a` with five fresh hints for each of t and u (both up), replaying through
-    /// `target`: its store, its hand-off service and its replay worker.
-    fn holder_of_two(target: Arc<Target>) -> (Arc<Store>, Arc<Handoff>, ReplayWorker<Target>) {
-        let store = store_with_hints(&[("t", 5), ("u", 5)]);
+    /// Holder `a` with fresh `hints` (`(target, count)`) for t and u (both up), replaying
+    /// through `target`: its store, its hand-off service and its replay worker.
+    fn holder_of(
+        hints: &[(&str, usize)],
+        target: Arc<Target>,
+    ) -> (Arc<Store>, Arc<Handoff>, ReplayWorker<Target>) {
+        let store = store_with_hints(hints);
         let handoff = Arc::new(Handoff::new(
             "a".into(),
             store.clone(),
@@ -1387,7 +1382,7 @@ mod tests {
             delay: Duration::from_millis(20),
             ..Target::default()
         });
-        let (store, handoff, mut worker) = holder_of_two(target.clone());
+        let (store, handoff, mut worker) = holder_of(&[("t", 5), ("u", 5)], target.clone());
         worker.pressure = || 1.0;
         let stop = CancellationToken::new();
         for _ in 0..4 {
@@ -1415,7 +1410,8 @@ mod tests {
     /// Without foreground pressure, replay steps take no rest.
     #[tokio::test]
     async fn a_holder_without_pressure_replays_without_rests() {
-        let (store, handoff, mut worker) = holder_of_two(Arc::new(Target::default()));
+        let (store, handoff, mut worker) =
+            holder_of(&[("t", 5), ("u", 5)], Arc::new(Target::default()));
         worker.pressure = || 0.0;
         let stop = CancellationToken::new();
         for _ in 0..2 {
@@ -1432,10 +1428,7 @@ mod tests {
     /// and CPU use.
     #[tokio::test]
     async fn expiring_hints_rests_between_batches_under_pressure() {
-        let settings = HintSettings {
-            window_secs: 30,
-            ..HintSettings::default()
-        };
+        let settings = window_30s();
         // d, down, holds more old hints than one scan batch.
         let store = store_with_hints_from(&[("d", MAX_SCAN_BATCH + 10)], now_ms() - 60_000);
         let handoff = Arc::new(Handoff::new("a".into(), store.clone(), settings));
@@ -1467,10 +1460,7 @@ mod tests {
     /// were empty and the target granted every credit. Expiry and replay rest apart.
     #[tokio::test]
     async fn expiry_resting_does_not_hold_back_replay_to_a_target_that_is_back() {
-        let settings = HintSettings {
-            window_secs: 30,
-            ..HintSettings::default()
-        };
+        let settings = window_30s();
         // d (down) holds old hints, t (back) fresh ones.
         let engine = Arc::new(MemoryEngine::new());
         let mut b = Batch::default();
