@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::service::{AntiEntropy, Merge};
-use crate::background::load::{repay, CpuLoad, Rates};
+use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState, MERGE_DEADLINE};
 use crate::membership::layout::LayoutId;
 use crate::membership::Membership;
@@ -535,8 +535,7 @@ impl<T: Transport> AaeWorker<T> {
             if read > 0 {
                 // At a pace of DIGEST_SPEEDUP: that many times the keys budget.
                 let owed = self.rates.pause(read, 0, DIGEST_SPEEDUP);
-                let cpu = &mut self.cpu;
-                repay(owed, || cpu.pace(), &self.stop).await?;
+                self.cpu.repay(owed, &self.stop).await?;
             }
             let order = match (mine.buf.front(), theirs.buf.front()) {
                 (None, None) => break,
@@ -575,8 +574,7 @@ impl<T: Transport> AaeWorker<T> {
     /// 256 keys through at up to 25.6 keys/s whatever the budget said.
     async fn pace(&mut self, keys: usize, bytes: u64) -> Result<(), String> {
         let owed = self.rates.pause(keys, bytes, 1.0);
-        let cpu = &mut self.cpu;
-        repay(owed, || cpu.pace(), &self.stop).await
+        self.cpu.repay(owed, &self.stop).await
     }
 
     /// Pushes this node's states of `keys`: (keys the peer merged, bytes sent).

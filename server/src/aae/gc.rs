@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 
 use super::call;
 use super::service::AntiEntropy;
-use crate::background::load::{repay, CpuLoad};
+use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::{ClusterView, Membership};
 use crate::ring::NodeId;
@@ -373,8 +373,7 @@ impl<T: Transport> GcWorker<T> {
         // wait goes (found in review: each wait was cut at 5 s, above the budget on a busy
         // machine); cut short only by shutdown (the page's work is done).
         let owed = Duration::from_secs_f64(entries.len() as f64 / self.keys_per_sec);
-        let cpu = &mut self.cpu;
-        let _ = repay(owed, || cpu.pace(), stop).await;
+        let _ = self.cpu.repay(owed, stop).await;
         Ok(resume)
     }
 

@@ -25,7 +25,7 @@ use ringkv_protocol::ring::key_position;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::background::load::{repay, CpuLoad, Rates};
+use crate::background::load::{CpuLoad, Rates};
 use crate::background::{Progress, Worker, WorkerState};
 use crate::membership::layout::LayoutId;
 use crate::membership::{HandOverGuard, Membership};
@@ -324,8 +324,10 @@ impl<T: Transport> ReleaseWorker<T> {
         self.metrics.keys_kept.inc_by(kept);
         // Pace: the keys/s and bytes/s budgets (the tighter), scaled by the CPU yield as the
         // wait goes; cut short only by shutdown (the page's work is done).
-        let cpu = &mut self.cpu;
-        let _ = repay(self.rates.pause(found, sent, 1.0), || cpu.pace(), stop).await;
+        let _ = self
+            .cpu
+            .repay(self.rates.pause(found, sent, 1.0), stop)
+            .await;
         if handed > 0 {
             self.detail = format!(
                 "layout v{version}: handing foreign ranges to their owners ({} keys found this pass)",

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::service::AntiEntropy;
-use crate::background::load::{repay, CpuLoad};
+use crate::background::load::CpuLoad;
 use crate::background::{Progress, Worker, WorkerState};
 use crate::merkle::{leaf_end, leaf_start, LEAVES};
 use crate::storage::RescanMode;
@@ -94,8 +94,7 @@ impl TreeScanWorker {
     /// by shutdown (the step's work is done).
     async fn pace(&mut self, keys: u64, speedup: f64, stop: &CancellationToken) {
         let owed = Duration::from_secs_f64(keys as f64 / (self.keys_per_sec * speedup));
-        let cpu = &mut self.cpu;
-        let _ = repay(owed, || cpu.pace(), stop).await;
+        let _ = self.cpu.repay(owed, stop).await;
     }
 }
 

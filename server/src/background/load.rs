@@ -211,6 +211,16 @@ impl CpuLoad {
         self.busy
     }
 
+    /// Waits until `owed` is repaid at this CPU's pace, read again for each slice
+    /// ([`repay`]); Err if `stop` is cancelled first.
+    pub async fn repay(
+        &mut self,
+        owed: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), String> {
+        repay(owed, || self.pace(), stop).await
+    }
+
     /// The share of a background budget to grant now: [`yield_scale`] of the CPU use, rising
     /// from the floor at most [`RAMP_PER_SEC`] (a node just started, typically into a backlog
     /// of hints, does not burst on its first idle reading). Off Linux (no `/proc/stat`)

@@ -59,14 +59,6 @@ pub fn holder_rest(worked: Duration, pace: f64) -> Duration {
     crate::background::load::duty_rest(worked, pace).min(MAX_HOLDER_REST)
 }
 
-/// Sleeps until `until`, or until the node shuts down.
-async fn rest_until(until: Instant, stop: &CancellationToken) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(until.saturating_duration_since(Instant::now())) => {}
-    }
-}
-
 /// Hints of a node taken out of the ring redirected per scan batch.
 pub const REDIRECT_BATCH: usize = 256;
 
@@ -705,7 +697,8 @@ impl<T: Transport> Worker for ReplayWorker<T> {
             resting(self.replay_rest_until),
         );
         if let (Some(a), Some(b)) = (local_rest, replay_rest) {
-            rest_until(a.min(b), stop).await;
+            // Ended early only by shutdown, which the runner sees next.
+            let _ = crate::background::rest(a.min(b) - now, stop).await;
             return Ok(WorkerState::Busy);
         }
         // One batch of redirect and of expiry (when due), then one batch of replay: none
@@ -724,7 +717,8 @@ impl<T: Transport> Worker for ReplayWorker<T> {
         if let Some(until) = replay_rest {
             if !expiring {
                 // Nothing else to do meanwhile.
-                rest_until(until, stop).await;
+                let rest = until.saturating_duration_since(Instant::now());
+                let _ = crate::background::rest(rest, stop).await;
             }
             return Ok(WorkerState::Busy);
         }
