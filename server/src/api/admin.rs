@@ -44,6 +44,9 @@ impl Admin {
         let actor = self.store.actor();
         info.push(("actor".into(), format!("{actor:016x}")));
         info.push(("ring_epoch".into(), format!("{:016x}", view.epoch)));
+        // The node's wall clock when it answered (ms since the Unix epoch): clock skew
+        // between nodes shows by comparing it with the asker's.
+        info.push(("clock_ms".into(), crate::clock::now_ms().to_string()));
         info.extend(
             self.workers
                 .statuses()

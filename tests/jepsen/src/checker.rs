@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use serde_json::json;
 
 use crate::history::{Op, OpType};
 
@@ -573,6 +574,97 @@ pub struct Latency {
     pub max_ms: f64,
 }
 
+/// §2d, the other half: the final R=N read of each key against what its replicas hold once
+/// they converged (the last `replica_get` snapshot, taken after the final reads and their read
+/// repair, with no writes since). The workload checkers judge the final reads; a read that
+/// missed a sibling its replicas hold would hide a phantom or a resurrection, and a value read
+/// that no replica holds afterwards was lost after it was read. Keys whose replicas disagree
+/// or could not be read are left to the convergence report. With tombstone GC (`purges`)
+/// tombstones are left out on both sides: they may be purged between the read and the
+/// snapshot.
+pub fn final_reads_against_replicas(history: &[Op], purges: bool) -> FinalAgreement {
+    let mut finals: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut replicas: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for op in history.iter().filter(|o| o.p == FINAL) {
+        let key = op.key.clone().unwrap_or_default();
+        match (op.kind, op.f.as_str()) {
+            (OpType::Ok, "get" | "read") => {
+                finals.insert(key, op.value_list());
+            }
+            (OpType::Info, "replica_get") => {
+                let node = op.node.clone().unwrap_or_default();
+                replicas
+                    .entry(key)
+                    .or_default()
+                    .insert(node, op.value_list());
+            }
+            _ => {}
+        }
+    }
+    let keep = |v: &String| !(purges && v.starts_with(TOMB));
+    let mut out = FinalAgreement::default();
+    for (key, read) in finals {
+        let Some(nodes) = replicas.get(&key) else {
+            out.not_compared += 1;
+            continue;
+        };
+        if nodes
+            .values()
+            .flatten()
+            .any(|s| s.starts_with("unreadable"))
+        {
+            out.not_compared += 1;
+            continue;
+        }
+        let mut states: Vec<Vec<String>> = nodes
+            .values()
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let mut v: Vec<String> = s.iter().map(|e| snapshot_value(e)).filter(keep).collect();
+                v.sort();
+                v
+            })
+            .collect();
+        states.dedup();
+        if states.len() > 1 {
+            out.not_compared += 1;
+            continue;
+        }
+        let held = states.pop().unwrap_or_default();
+        let mut read: Vec<String> = read.into_iter().filter(keep).collect();
+        read.sort();
+        out.compared += 1;
+        if read != held {
+            out.differ.push(format!(
+                "{key}: the final read returned {read:?}, the converged replicas hold {held:?}"
+            ));
+        }
+    }
+    out
+}
+
+/// `final_reads_against_replicas`' verdict.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct FinalAgreement {
+    /// Keys whose final read was compared with their converged replicas.
+    pub compared: usize,
+    /// Keys read at the end whose replicas disagreed or could not be read (the convergence
+    /// report names them).
+    pub not_compared: usize,
+    /// One line per key whose final read and converged replicas differ.
+    pub differ: Vec<String>,
+}
+
+/// A replica snapshot's sibling (`<actor hex>:<counter>=<value>`, `⊥` for a tombstone) in the
+/// form the final reads record (the value, or `tomb:<actor hex>:<counter>`).
+fn snapshot_value(entry: &str) -> String {
+    match entry.split_once('=') {
+        Some((dot, "⊥")) => format!("{TOMB}{dot}"),
+        Some((_, value)) => value.to_string(),
+        None => entry.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct AvailabilityReport {
     /// Outcome counts by the faults active when the op completed ("healthy" = none).
@@ -581,6 +673,11 @@ pub struct AvailabilityReport {
     pub latency: BTreeMap<String, Latency>,
     /// Nemesis faults started but never healed (the run must always heal).
     pub unhealed: Vec<String>,
+    /// Faults healed whose effect was not observed (`value.observed` of their `stop` is not
+    /// true), with the evidence seen: a fault that did nothing proves nothing.
+    pub unobserved: Vec<String>,
+    /// Faults healed with their effect observed.
+    pub observed: usize,
 }
 
 /// Availability per fault window and latency percentiles, straight from the history. Nemesis
@@ -610,6 +707,15 @@ pub fn availability(history: &[Op]) -> AvailabilityReport {
                     active.insert(fault, op.f.clone());
                 }
                 Some("stop") => {
+                    let value = op.value.as_ref();
+                    if value.and_then(|v| v.get("observed")) == Some(&json!(true)) {
+                        r.observed += 1;
+                    } else {
+                        let evidence = value
+                            .and_then(|v| v.get("evidence"))
+                            .map_or("none recorded".to_string(), |e| e.to_string());
+                        r.unobserved.push(format!("{fault}: {evidence}"));
+                    }
                     active.remove(&fault);
                 }
                 _ => {}
@@ -673,7 +779,6 @@ pub fn availability(history: &[Op]) -> AvailabilityReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     /// Builds histories by hand: ops get increasing `i` and `t`.
     struct H(Vec<Op>);
@@ -1089,6 +1194,106 @@ mod tests {
             r.wrong_holder_count,
             vec!["under-replicated: held by 1 nodes, N=3".to_string()]
         );
+    }
+
+    /// The final read of `key` (process `final`) and each node's snapshot of it after.
+    fn final_and_replicas(h: &mut H, key: &str, read: &[&str], held: &[(&str, &[&str])]) {
+        h.push(Op::new(FINAL, OpType::Invoke, "get").key(key));
+        h.push(
+            Op::new(FINAL, OpType::Ok, "get")
+                .key(key)
+                .value(json!(read)),
+        );
+        for (node, siblings) in held {
+            let mut op = Op::new(FINAL, OpType::Info, "replica_get")
+                .key(key)
+                .value(json!(siblings));
+            op.node = Some(node.to_string());
+            h.push(op);
+        }
+    }
+
+    #[test]
+    fn a_final_read_that_differs_from_its_converged_replicas_is_caught() {
+        let mut h = H::new();
+        let two = ["00000000000000aa:1=v1", "00000000000000bb:4=v2"];
+        let tomb = ["00000000000000aa:7=⊥"];
+        // Agrees: the read has both siblings the replicas hold, in another order.
+        final_and_replicas(
+            &mut h,
+            "k1",
+            &["v2", "v1"],
+            &[("n1", &two), ("n2", &two), ("n3", &[])],
+        );
+        // The read missed a sibling every replica holds (a phantom it would hide).
+        final_and_replicas(&mut h, "k2", &["v1"], &[("n1", &two), ("n2", &two)]);
+        // The read returned a tombstone no replica holds any more.
+        final_and_replicas(
+            &mut h,
+            "k3",
+            &["tomb:00000000000000aa:7"],
+            &[("n1", &[]), ("n2", &[])],
+        );
+        // The same tombstone, still held: agrees.
+        final_and_replicas(
+            &mut h,
+            "k4",
+            &["tomb:00000000000000aa:7"],
+            &[("n1", &tomb), ("n2", &tomb)],
+        );
+        // Replicas that disagree are the convergence check's, not compared here.
+        final_and_replicas(
+            &mut h,
+            "k5",
+            &["v1"],
+            &[("n1", &two), ("n2", &["00000000000000aa:1=v1"])],
+        );
+        let r = final_reads_against_replicas(&h.0, false);
+        assert_eq!((r.compared, r.not_compared), (4, 1), "{r:?}");
+        assert_eq!(r.differ.len(), 2, "{r:?}");
+        assert!(r.differ[0].starts_with("k2: "), "{r:?}");
+        assert!(r.differ[1].starts_with("k3: "), "{r:?}");
+        // With tombstone GC a purged tombstone is no difference; a missed value still is.
+        let r = final_reads_against_replicas(&h.0, true);
+        assert_eq!(r.differ.len(), 1, "{r:?}");
+        assert!(r.differ[0].starts_with("k2: "), "{r:?}");
+    }
+
+    #[test]
+    fn a_fault_healed_without_an_observed_effect_is_reported() {
+        let mut h = valid_history();
+        for (fault, stop) in [
+            (
+                "partition-1",
+                json!({"observed": true, "evidence": {"dropped_packets": 40}}),
+            ),
+            (
+                "clock-2",
+                json!({"observed": false, "evidence": {"clock": {"n2": {"set_s": 30, "seen_s": 0.1}}}}),
+            ),
+            // A stop that records nothing (an old runner, or one that skipped observing).
+            ("kill-3", json!({})),
+        ] {
+            let kind = fault.split('-').next().unwrap();
+            h.push(
+                Op::new(NEMESIS, OpType::Info, kind)
+                    .value(json!({"phase": "start", "fault": fault})),
+            );
+            let mut v = stop;
+            v["phase"] = json!("stop");
+            v["fault"] = json!(fault);
+            h.push(Op::new(NEMESIS, OpType::Info, kind).value(v));
+        }
+        let a = availability(&h.0);
+        assert_eq!(a.observed, 1);
+        assert_eq!(a.unobserved.len(), 2, "{:?}", a.unobserved);
+        assert!(
+            a.unobserved[0].starts_with("clock-2: ") && a.unobserved[0].contains("\"seen_s\":0.1"),
+            "{:?}",
+            a.unobserved
+        );
+        assert_eq!(a.unobserved[1], "kill-3: none recorded");
+        assert!(a.unhealed.is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod disk;
 pub mod history;
 pub mod nemesis;
+pub mod observe;
 pub mod peer;
 pub mod process;
 pub mod runner;

@@ -159,6 +159,40 @@ pub fn setup_netfilter() -> Result<(), String> {
     flush_netfilter()
 }
 
+/// (Packets the harness chain's rules dropped, number of rules) since they were added.
+pub fn dropped_packets() -> Result<(u64, usize), String> {
+    let out = Command::new("iptables")
+        .args(["-w", "-L", CHAIN, "-v", "-x", "-n"])
+        .output()
+        .map_err(|e| format!("iptables: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "iptables -L {CHAIN}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(drop_counts(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Sums the packet counts of the DROP rules in an `iptables -L -v -x -n` listing.
+pub fn drop_counts(listing: &str) -> (u64, usize) {
+    let mut packets = 0;
+    let mut rules = 0;
+    for line in listing.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(pkts), Some(_bytes), Some(target)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let (Ok(n), "DROP") = (pkts.parse::<u64>(), target) {
+            packets += n;
+            rules += 1;
+        }
+    }
+    (packets, rules)
+}
+
 pub fn flush_netfilter() -> Result<(), String> {
     run("iptables", &["-w", "-F", CHAIN])
 }
@@ -208,6 +242,23 @@ pub fn partition_pairs(shape: &str, n: usize, rng: &mut StdRng) -> Vec<(usize, u
     }
 }
 
+/// The links the loss nemesis makes lossy: each pair of nodes with probability 1/2, and at
+/// least one (a loss window that touched no link would be a fault that did nothing).
+pub fn lossy_links(n: usize, rng: &mut StdRng) -> Vec<(usize, usize)> {
+    let all: Vec<(usize, usize)> = (0..n)
+        .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+        .collect();
+    let mut chosen: Vec<(usize, usize)> = all
+        .iter()
+        .copied()
+        .filter(|_| rng.random_bool(0.5))
+        .collect();
+    if chosen.is_empty() && !all.is_empty() {
+        chosen.push(all[rng.random_range(0..all.len())]);
+    }
+    chosen
+}
+
 pub const SHAPES: [&str; 4] = ["halves", "isolated", "bridge", "majorities-ring"];
 
 /// The node IPs of a namespace cluster: n1 = 127.0.0.11, n2 = 127.0.0.12, ...
@@ -255,7 +306,8 @@ pub enum Active {
     Filled(Vec<usize>),
     Paused(Vec<usize>),
     Netfilter,
-    Skewed(Vec<usize>),
+    /// Clocks set to an offset (seconds) until healed.
+    Skewed(Vec<(usize, i64)>),
     /// Clocks that flip between +offset and -offset every second until healed.
     Strobing(Vec<(usize, i64)>),
     /// Nodes a ring change took out (left, or killed and removed): after the change's
@@ -270,7 +322,10 @@ pub enum Active {
 #[derive(Debug)]
 pub struct Flood {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+    /// Flood writes the nodes took and shed so far.
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    shed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Flood {
@@ -282,12 +337,13 @@ impl Flood {
         use std::sync::Arc;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let (ok, shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (took, refused) = (ok.clone(), shed.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("the flood's runtime starts");
-            let (ok, shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
             rt.block_on(async {
                 let mut tasks = Vec::new();
                 for (a, addr) in addrs.iter().enumerate() {
@@ -331,21 +387,31 @@ impl Flood {
                     let _ = t.await;
                 }
             });
-            (ok.load(Ordering::Relaxed), shed.load(Ordering::Relaxed))
         });
         Flood {
             stop,
+            ok: took,
+            shed: refused,
             thread: Some(thread),
         }
+    }
+
+    /// (Flood writes the nodes took, writes they shed) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.shed.load(Ordering::Relaxed),
+        )
     }
 
     /// Stops the flood: (writes the nodes took, writes they shed).
     pub fn stop(mut self) -> (u64, u64) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or((0, 0))
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.counts()
     }
 }
 
@@ -458,17 +524,13 @@ pub fn start(
         Kind::Loss => {
             let mut pairs = Vec::new();
             let p = LOSS_PROBABILITY.to_string();
-            for a in 0..n {
-                for b in a + 1..n {
-                    if rng.random_bool(0.5) {
-                        cut(
-                            &ips[a],
-                            &ips[b],
-                            &["-m", "statistic", "--mode", "random", "--probability", &p],
-                        )?;
-                        pairs.push([nodes[a].id.clone(), nodes[b].id.clone()]);
-                    }
-                }
+            for (a, b) in lossy_links(n, rng) {
+                cut(
+                    &ips[a],
+                    &ips[b],
+                    &["-m", "statistic", "--mode", "random", "--probability", &p],
+                )?;
+                pairs.push([nodes[a].id.clone(), nodes[b].id.clone()]);
             }
             Ok((
                 Active::Netfilter,
@@ -479,20 +541,20 @@ pub fn start(
             let victims = minority(rng);
             let strobe = rng.random_bool(0.5);
             let mut offsets = serde_json::Map::new();
-            let mut strobing = Vec::new();
+            let mut set = Vec::new();
             for &i in &victims {
                 let off = rng.random_range(-MAX_SKEW_S..=MAX_SKEW_S);
                 set_clock(clock_dir, &nodes[i].id, off)?;
                 offsets.insert(nodes[i].id.clone(), json!(off));
-                strobing.push((i, off));
+                set.push((i, off));
             }
             if strobe {
                 // Strobe: the runner flips each offset's sign every second.
                 let v = json!({"mode": "strobe", "offsets_s": offsets, "period_s": 1});
-                Ok((Active::Strobing(strobing), v))
+                Ok((Active::Strobing(set), v))
             } else {
                 Ok((
-                    Active::Skewed(victims),
+                    Active::Skewed(set),
                     json!({"mode": "skew", "offsets_s": offsets}),
                 ))
             }
@@ -550,13 +612,7 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
             }
             Ok(())
         }
-        Active::Skewed(idx) => {
-            for i in idx {
-                set_clock(clock_dir, &nodes[i].id, 0)?;
-            }
-            Ok(())
-        }
-        Active::Strobing(offsets) => {
+        Active::Skewed(offsets) | Active::Strobing(offsets) => {
             for (i, _) in offsets {
                 set_clock(clock_dir, &nodes[i].id, 0)?;
             }
@@ -594,6 +650,33 @@ mod tests {
                 .count();
             assert_eq!(5 - cut, 3);
         }
+    }
+
+    #[test]
+    fn drop_counts_sum_the_drop_rules_of_a_listing() {
+        let listing = "Chain RKV (1 references)
+    pkts      bytes target     prot opt in     out     source               destination
+      12      720 DROP       all  --  *      *       127.0.0.11           127.0.0.12
+       0        0 DROP       all  --  *      *       127.0.0.12           127.0.0.11
+       3      180 DROP       all  --  *      *       127.0.0.11           127.0.0.13  statistic mode random probability 0.20000000019
+";
+        assert_eq!(drop_counts(listing), (15, 3));
+        let empty = "Chain RKV (1 references)
+    pkts      bytes target     prot opt in     out     source               destination
+";
+        assert_eq!(drop_counts(empty), (0, 0));
+    }
+
+    #[test]
+    fn lossy_links_touch_at_least_one_pair_and_only_real_pairs() {
+        for seed in 0..200 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let links = lossy_links(5, &mut rng);
+            assert!(!links.is_empty());
+            assert!(links.iter().all(|&(a, b)| a < b && b < 5), "{links:?}");
+        }
+        let mut rng = StdRng::seed_from_u64(1);
+        assert!(lossy_links(1, &mut rng).is_empty());
     }
 
     #[test]

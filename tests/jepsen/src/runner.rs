@@ -20,6 +20,7 @@ use crate::checker::{self, FINAL, NEMESIS, TOMB};
 use crate::cluster::Cluster;
 use crate::history::{Op, OpType, Recorder};
 use crate::nemesis::{self, Kind};
+use crate::observe;
 use crate::process::NodeProcess;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -106,6 +107,8 @@ pub struct Results {
     /// Replicas after the final R=N reads (read repair) settled.
     pub convergence: checker::ConvergenceReport,
     pub converged_after_heal_ms: Option<u64>,
+    /// The final reads against what the converged replicas hold.
+    pub final_agreement: checker::FinalAgreement,
     pub availability: checker::AvailabilityReport,
     pub nemesis_errors: Vec<String>,
     /// Tombstones purged by all nodes during the run, and still held at its end.
@@ -405,21 +408,22 @@ async fn nemesis_loop(
             let mut ns = nodes.lock().await;
             nemesis::start(kind, &mut ns, &ips, &clock_dir, &mut rng)
         };
-        let (active, paused_leaver) = match started {
+        let (active, paused_leaver, change) = match started {
             Ok((active, mut value)) => {
                 let paused = value["paused_after_switch"] == json!(true);
                 value["phase"] = json!("start");
                 value["fault"] = json!(fault);
                 shared
                     .rec
-                    .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(value));
-                (active, paused)
+                    .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(value.clone()));
+                (active, paused, value)
             }
             Err(e) => {
                 errors.lock().await.push(format!("{fault}: {e}"));
                 continue;
             }
         };
+        let baseline = observe::baseline(&active, &nodes.lock().await).await;
         let hold = interval.mul_f64(rng.random_range(0.2..2.0));
         let until = (Instant::now() + hold).min(deadline);
         let mut phase = false;
@@ -482,6 +486,12 @@ async fn nemesis_loop(
                 }
             }
         }
+        // What the fault did, seen before it is undone (checker::unobserved_faults).
+        let effect = if let nemesis::Active::Retired(_) = &active {
+            observe_change(&nodes, &change).await
+        } else {
+            observe::observe(&active, &nodes.lock().await, &baseline).await
+        };
         let healed = {
             let mut ns = nodes.lock().await;
             nemesis::heal(active, &mut ns, &clock_dir)
@@ -489,13 +499,57 @@ async fn nemesis_loop(
         if let Err(e) = healed {
             errors.lock().await.push(format!("healing {fault}: {e}"));
         }
-        shared.rec.record(
-            Op::new(NEMESIS, OpType::Info, kind.name())
-                .value(json!({"phase": "stop", "fault": fault})),
-        );
+        shared
+            .rec
+            .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(json!({
+                "phase": "stop",
+                "fault": fault,
+                "observed": effect.observed,
+                "evidence": effect.evidence,
+            })));
         if Instant::now() >= deadline {
             break;
         }
+    }
+}
+
+/// The effect of a ring change, seen in the layout the cluster reports: a joined node is an
+/// owner, a node taken out (left or removed) no longer is.
+async fn observe_change(
+    nodes: &Mutex<Vec<NodeProcess>>,
+    change: &serde_json::Value,
+) -> observe::Effect {
+    let action = change["action"].as_str().unwrap_or_default().to_string();
+    let id = change["nodes"][0].as_str().unwrap_or_default().to_string();
+    let until = Instant::now() + observe::OBSERVE_WAIT;
+    loop {
+        let addrs = running_addrs(nodes).await;
+        let (observed, evidence) = match cluster_admin(&addrs, json!("Status")).await {
+            Ok(st) => {
+                let layout = &st["Status"]["layout"];
+                let owner = layout["current"]
+                    .as_object()
+                    .is_some_and(|o| o.contains_key(&id));
+                let retired = layout["retired"]
+                    .as_array()
+                    .is_some_and(|r| r.contains(&json!(id)));
+                // It owned ranges when the change began: not owning any is the change done.
+                let done = if action == "join" { owner } else { !owner };
+                let evidence = json!({
+                    "action": action,
+                    "node": id,
+                    "layout": layout["version"],
+                    "owner": owner,
+                    "retired": retired,
+                });
+                (done, evidence)
+            }
+            Err(e) => (false, json!({"action": action, "node": id, "error": e})),
+        };
+        if observed || Instant::now() >= until {
+            return observe::Effect { observed, evidence };
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -1028,6 +1082,21 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         &availability,
         &errs,
     );
+    let final_agreement =
+        checker::final_reads_against_replicas(&history, cfg.tombstone_settle_s.is_some());
+    if !final_agreement.differ.is_empty() {
+        let shown: Vec<&str> = final_agreement
+            .differ
+            .iter()
+            .take(3)
+            .map(String::as_str)
+            .collect();
+        invalid_reasons.push(format!(
+            "final reads differ from the converged replicas ({} keys): {}",
+            final_agreement.differ.len(),
+            shown.join("; ")
+        ));
+    }
     let must = if cfg.anti_entropy_only {
         Some("without read repair or hints, anti-entropy alone must converge them")
     } else if hints_must_converge(&cfg.kinds) {
@@ -1086,6 +1155,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         convergence_before_reads: before,
         convergence,
         converged_after_heal_ms: converged_after,
+        final_agreement,
         availability,
         nemesis_errors: errs,
         tombstones_purged,
@@ -1139,7 +1209,9 @@ pub fn hints_must_converge(kinds: &[Kind]) -> bool {
 }
 
 /// Every check a run must pass, as one line per failed check (empty = valid): the workload's
-/// checker, convergence after healing, every fault healed, no harness or nemesis error.
+/// checker, convergence after healing, every fault healed with its effect observed, no harness
+/// or nemesis error. (`run` adds the final reads against the converged replicas, and
+/// convergence before the final reads where the profile demands it.)
 pub fn invalid_reasons(
     register: Option<&checker::RegisterReport>,
     set: Option<&checker::SetReport>,
@@ -1164,6 +1236,11 @@ pub fn invalid_reasons(
         list(&mut out, what, found);
     }
     list(&mut out, "unhealed faults", &availability.unhealed);
+    list(
+        &mut out,
+        "faults with no observed effect",
+        &availability.unobserved,
+    );
     list(&mut out, "errors", errors);
     if !convergence.converged {
         let mut why: Vec<String> = convergence.divergent.clone();
@@ -1238,6 +1315,19 @@ pub fn summary(r: &Results) -> String {
             .map(|ms| format!(", converged {:.1} s after healing", ms as f64 / 1000.0))
             .unwrap_or_else(|| ", NOT converged".into())
     ));
+    s.push_str(&format!(
+        "final reads against the converged replicas: {} keys compared, {} differ{}\n",
+        r.final_agreement.compared,
+        r.final_agreement.differ.len(),
+        if r.final_agreement.not_compared > 0 {
+            format!(
+                " ({} not compared: replicas divergent or unreadable)",
+                r.final_agreement.not_compared
+            )
+        } else {
+            String::new()
+        }
+    ));
     for d in r
         .convergence
         .divergent
@@ -1267,6 +1357,18 @@ pub fn summary(r: &Results) -> String {
     }
     for e in &r.nemesis_errors {
         s.push_str(&format!("error: {e}\n"));
+    }
+    if r.availability.observed + r.availability.unobserved.len() > 0 {
+        s.push_str(&format!(
+            "faults: {} with their effect observed, {} without{}\n",
+            r.availability.observed,
+            r.availability.unobserved.len(),
+            if r.availability.unobserved.is_empty() {
+                String::new()
+            } else {
+                format!(": {:?}", r.availability.unobserved)
+            }
+        ));
     }
     if !r.availability.unhealed.is_empty() {
         s.push_str(&format!("unhealed faults: {:?}\n", r.availability.unhealed));
