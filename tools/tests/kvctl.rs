@@ -116,6 +116,13 @@ fn json_output_and_explicit_context() {
     let s: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(s["node_id"], "n1");
     assert_eq!(s["info"]["sync_mode"], "group");
+    // The node's wall clock, for seeing skew: this machine's, as the node shares it.
+    let clock_ms: u64 = s["info"]["clock_ms"].as_str().unwrap().parse().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(clock_ms.abs_diff(now_ms) < 60_000, "{clock_ms} vs {now_ms}");
     assert!(s["metrics"]["requests{op=put,result=ok}"].as_u64().unwrap() >= 3);
     // Every worker is listed by the runner, the writer thread included.
     for worker in ["writer", "membership", "late_replies"] {
