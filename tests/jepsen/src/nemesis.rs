@@ -197,8 +197,28 @@ pub fn flush_netfilter() -> Result<(), String> {
     run("iptables", &["-w", "-F", CHAIN])
 }
 
-/// Node indices grouped into the two sides of a partition shape, or a list of cut pairs.
+/// The cut pairs of a partition shape over the nodes in a seed-chosen order: which nodes
+/// form each side, or which one is the bridge, changes from fault to fault (a shape over
+/// fixed positions would always cut the same nodes, e.g. always leave n3 as the bridge).
+/// Pairs are `(a, b)` with `a < b`, sorted.
 pub fn partition_pairs(shape: &str, n: usize, rng: &mut StdRng) -> Vec<(usize, usize)> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let mut pairs: Vec<(usize, usize)> = shape_pairs(shape, n, rng)
+        .into_iter()
+        .map(|(a, b)| {
+            let (x, y) = (order[a], order[b]);
+            (x.min(y), x.max(y))
+        })
+        .collect();
+    pairs.sort_unstable();
+    pairs
+}
+
+/// The cut pairs of a partition shape over positions 0..n.
+fn shape_pairs(shape: &str, n: usize, rng: &mut StdRng) -> Vec<(usize, usize)> {
     let all: Vec<usize> = (0..n).collect();
     let between = |a: &[usize], b: &[usize]| {
         let mut v = Vec::new();
@@ -633,23 +653,63 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use std::collections::BTreeSet;
 
     #[test]
     fn partition_shapes_cut_the_documented_pairs() {
         let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(partition_pairs("halves", 5, &mut rng).len(), 6);
-        assert_eq!(partition_pairs("isolated", 5, &mut rng).len(), 4);
-        assert_eq!(partition_pairs("bridge", 5, &mut rng).len(), 4);
-        let ring = partition_pairs("majorities-ring", 5, &mut rng);
+        assert_eq!(shape_pairs("halves", 5, &mut rng).len(), 6);
+        assert_eq!(shape_pairs("isolated", 5, &mut rng).len(), 4);
+        assert_eq!(shape_pairs("bridge", 5, &mut rng).len(), 4);
+        let ring = shape_pairs("majorities-ring", 5, &mut rng);
         assert_eq!(ring, vec![(0, 2), (0, 3), (1, 3), (1, 4), (2, 4)]);
-        // In the majorities ring every node still reaches a majority (itself + 2 neighbours).
-        for node in 0..5 {
-            let cut = ring
-                .iter()
-                .filter(|(a, b)| *a == node || *b == node)
-                .count();
-            assert_eq!(5 - cut, 3);
+    }
+
+    /// How many of the other nodes each node still reaches under `pairs`.
+    fn reach(pairs: &[(usize, usize)], n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|x| n - 1 - pairs.iter().filter(|(a, b)| *a == x || *b == x).count())
+            .collect()
+    }
+
+    #[test]
+    fn partitions_keep_their_shape_over_seed_chosen_nodes() {
+        let mut bridges = BTreeSet::new();
+        let mut halves = BTreeSet::new();
+        for seed in 0..64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            for shape in SHAPES {
+                let pairs = partition_pairs(shape, 5, &mut rng);
+                assert!(
+                    pairs.iter().all(|&(a, b)| a < b && b < 5),
+                    "{shape}: {pairs:?}"
+                );
+                let mut reach = reach(&pairs, 5);
+                match shape {
+                    // 2 | 3: two nodes reach one other, three reach two.
+                    "halves" => {
+                        let small: BTreeSet<usize> = (0..5).filter(|&x| reach[x] == 1).collect();
+                        halves.insert(small.into_iter().collect::<Vec<_>>());
+                        reach.sort_unstable();
+                        assert_eq!(reach, vec![1, 1, 2, 2, 2]);
+                    }
+                    "isolated" => {
+                        reach.sort_unstable();
+                        assert_eq!(reach, vec![0, 3, 3, 3, 3]);
+                    }
+                    // {2} | bridge | {2}: the bridge reaches all four, the others two.
+                    "bridge" => {
+                        bridges.insert(reach.iter().position(|&r| r == 4).unwrap());
+                        reach.sort_unstable();
+                        assert_eq!(reach, vec![2, 2, 2, 2, 4]);
+                    }
+                    // Every node still reaches a majority (itself + 2 neighbours).
+                    _ => assert_eq!(reach, vec![2; 5]),
+                }
+            }
         }
+        assert_eq!(bridges.len(), 5, "every node is the bridge in some fault");
+        assert!(halves.len() > 5, "the minority side varies: {halves:?}");
     }
 
     #[test]

@@ -836,8 +836,11 @@ async fn final_reads(
         Workload::Register => "get",
         Workload::Set => "read",
     };
+    // Every primary answers (PR = R = N): at the end all nodes are up and healed, so no
+    // fallback's hint may stand in for a primary the coordinator still thinks is down.
     let opts = GetOptions {
         r: Some(n),
+        pr: Some(n),
         timeout: Some(Duration::from_secs(5)),
         ..Default::default()
     };
