@@ -67,6 +67,10 @@ struct Cli {
     /// two checks this many seconds apart (the checkers then see reads of purged keys).
     #[arg(long)]
     tombstone_settle_secs: Option<u64>,
+    /// Two nemesis lanes: up to two faults active at once, on different nodes, at most one on
+    /// the network (not with wipe or membership).
+    #[arg(long)]
+    overlap: bool,
 }
 
 /// Environment variable set when the harness re-executed itself inside its namespace.
@@ -93,6 +97,10 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
     // settle time (2 s, above the clients' 1.5 s deadline) or drop them.
     let gc = |w: &str, n: &str, t: u64, seed: u64| Cli {
         tombstone_settle_secs: Some(4),
+        ..with(w, n, t, seed)
+    };
+    let overlap = |w: &str, n: &str, t: u64, seed: u64| Cli {
+        overlap: true,
         ..with(w, n, t, seed)
     };
     match cli.profile.as_deref() {
@@ -125,6 +133,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..with("register", "overload,kill", 30, 9)
             },
+            // Two faults at once: a kill during a partition, a pause during a kill.
+            Cli {
+                interval: 4,
+                ..overlap("register", "kill,partition,pause", 30, 10)
+            },
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -151,6 +164,9 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("set", "membership,partition", 150, 27),
             with("register", "overload,partition", 120, 28),
             with("set", "overload,pause", 90, 29),
+            // Two faults at once, on different nodes.
+            overlap("register", "kill,partition,pause,clock", 120, 31),
+            overlap("set", "kill,loss,disk,overload", 90, 32),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }
@@ -240,6 +256,17 @@ fn main() -> ExitCode {
             eprintln!("ringkv-jepsen: {e}");
             return ExitCode::from(2);
         }
+        if let Some(k) = kinds(&r.nemesis)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|k| r.overlap && !k.may_overlap())
+        {
+            eprintln!(
+                "ringkv-jepsen: --overlap does not take the {} nemesis (it waits for the cluster to settle first)",
+                k.name()
+            );
+            return ExitCode::from(2);
+        }
     }
     let needs_netns = all_kinds.iter().any(|k| k.needs_netns());
     let needs_root = all_kinds.iter().any(|k| k.needs_root());
@@ -293,6 +320,7 @@ fn main() -> ExitCode {
             read_fanout: r.read_fanout.clone(),
             anti_entropy_only: r.anti_entropy_only,
             tombstone_settle_s: r.tombstone_settle_secs,
+            overlap: r.overlap,
         };
         eprintln!(
             "[jepsen] run {} of {}: results in {}",

@@ -82,6 +82,18 @@ impl Kind {
     }
 
     /// Whether the fault needs the network namespace (iptables rules between node addresses).
+    /// A fault on some nodes (the others act on links, or on the ring).
+    pub fn on_nodes(self) -> bool {
+        !matches!(self, Kind::Partition | Kind::Loss | Kind::Membership)
+    }
+
+    /// Whether two faults of these kinds may be active at once (`--overlap`): faults on
+    /// nodes, on different nodes, and at most one on the network. A lost disk waits for every
+    /// replica to be synced and a ring change for the previous one, so neither overlaps.
+    pub fn may_overlap(self) -> bool {
+        !matches!(self, Kind::Wipe | Kind::Membership)
+    }
+
     pub fn needs_netns(self) -> bool {
         matches!(self, Kind::Partition | Kind::Loss)
     }
@@ -338,9 +350,30 @@ pub enum Active {
     Flooding(Flood),
 }
 
+impl Active {
+    /// The nodes the fault holds (none for a fault on links).
+    pub fn nodes(&self) -> Vec<usize> {
+        match self {
+            Active::Killed(idx)
+            | Active::Wiped(idx)
+            | Active::Rebooted(idx)
+            | Active::Filled(idx)
+            | Active::Paused(idx)
+            | Active::Retired(idx) => idx.clone(),
+            Active::Skewed(offsets) | Active::Strobing(offsets) => {
+                offsets.iter().map(|&(i, _)| i).collect()
+            }
+            Active::Flooding(flood) => flood.targets.clone(),
+            Active::Netfilter => Vec::new(),
+        }
+    }
+}
+
 /// A flood of blind writes (its own thread and runtime), stopped by `heal`.
 #[derive(Debug)]
 pub struct Flood {
+    /// The flooded nodes (indices).
+    pub targets: Vec<usize>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Flood writes the nodes took and shed so far.
     ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -352,7 +385,7 @@ impl Flood {
     /// Floods `addrs` until stopped: per address `FLOOD_CONNECTIONS` clients with
     /// `FLOOD_DEPTH` blind 1 KiB puts in flight each, keys `flood/…` (never read by the
     /// workloads). Refusals are expected and not retried.
-    pub fn start(addrs: Vec<String>) -> Flood {
+    pub fn start(targets: Vec<usize>, addrs: Vec<String>) -> Flood {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
         let stop = Arc::new(AtomicBool::new(false));
@@ -409,6 +442,7 @@ impl Flood {
             });
         });
         Flood {
+            targets,
             stop,
             ok: took,
             shed: refused,
@@ -451,19 +485,21 @@ pub fn strobe_tick(
 }
 
 /// Starts a fault of `kind` on the cluster; returns what to heal and a description for the
-/// history.
+/// history. A fault on some nodes picks them among `free` (the nodes no other active fault
+/// holds; all of them when faults do not overlap), which must not be empty for those kinds.
 pub fn start(
     kind: Kind,
     nodes: &mut [NodeProcess],
     ips: &[String],
     clock_dir: &Path,
     rng: &mut StdRng,
+    free: &[usize],
 ) -> Result<(Active, Value), String> {
     let n = nodes.len();
-    // A minority: at most (n-1)/2 nodes, at least one.
+    // A minority: at most (n-1)/2 nodes, at least one, of the free ones.
     let minority = |rng: &mut StdRng| {
-        let k = rng.random_range(1..=((n - 1) / 2).max(1));
-        let mut idx: Vec<usize> = (0..n).collect();
+        let k = rng.random_range(1..=((n - 1) / 2).max(1)).min(free.len());
+        let mut idx: Vec<usize> = free.to_vec();
         for i in (1..idx.len()).rev() {
             let j = rng.random_range(0..=i);
             idx.swap(i, j);
@@ -472,6 +508,9 @@ pub fn start(
         idx.sort();
         idx
     };
+    if kind.on_nodes() && free.is_empty() {
+        return Err(format!("no free node for a {} fault", kind.name()));
+    }
     let names = |idx: &[usize], nodes: &[NodeProcess]| -> Vec<String> {
         idx.iter().map(|&i| nodes[i].id.clone()).collect()
     };
@@ -493,10 +532,10 @@ pub fn start(
                 "connections": FLOOD_CONNECTIONS,
                 "depth": FLOOD_DEPTH,
             });
-            Ok((Active::Flooding(Flood::start(addrs)), v))
+            Ok((Active::Flooding(Flood::start(victims, addrs)), v))
         }
         Kind::Wipe => {
-            let victim = rng.random_range(0..n);
+            let victim = free[rng.random_range(0..free.len())];
             nodes[victim].kill9();
             let removed = wipe_db(&nodes[victim])?;
             let _ = std::fs::remove_file(nodes[victim].data_dir.join("ring.jsonl"));

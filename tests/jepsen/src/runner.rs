@@ -74,6 +74,9 @@ pub struct RunConfig {
     pub anti_entropy_only: bool,
     /// Tombstone GC during the run (`--tombstone-settle-secs` on the nodes, passes every 2 s).
     pub tombstone_settle_s: Option<u64>,
+    /// Two nemesis lanes, so up to two faults are active at once (on different nodes, at
+    /// most one on the network; never a lost disk or a ring change).
+    pub overlap: bool,
 }
 
 /// Client request deadline; the server gets it as its deadline, and the client waits a little
@@ -339,7 +342,45 @@ async fn set_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node: usi
     }
 }
 
-/// Fault then heal, each lasting a random 0–2× `interval`, until `deadline`.
+/// What the active faults hold: nodes, and the network (at most one fault on links at a
+/// time). With `--overlap` two nemesis lanes share it, so their faults never act on the same
+/// node (one lane's heal would undo the other's fault: a restart of a node still meant to be
+/// down, a flush of the other's rules).
+#[derive(Debug, Default)]
+pub struct Busy {
+    nodes: BTreeSet<usize>,
+    network: bool,
+}
+
+impl Busy {
+    /// The nodes a fault of `kind` may take (`None`: it cannot start now).
+    fn free_for(&self, kind: Kind, n: usize) -> Option<Vec<usize>> {
+        if !kind.on_nodes() {
+            return (!self.network).then(Vec::new);
+        }
+        let free: Vec<usize> = (0..n).filter(|i| !self.nodes.contains(i)).collect();
+        (!free.is_empty()).then_some(free)
+    }
+
+    fn take(&mut self, kind: Kind, held: &[usize]) {
+        self.network |= !kind.on_nodes();
+        self.nodes.extend(held);
+    }
+
+    fn release(&mut self, kind: Kind, held: &[usize]) {
+        if !kind.on_nodes() {
+            self.network = false;
+        }
+        for i in held {
+            self.nodes.remove(i);
+        }
+    }
+}
+
+/// Fault then heal, each lasting a random 0–2× `interval`, until `deadline`. `lane` 0 is the
+/// only one, or with `--overlap` one of two whose faults overlap in time (`busy` keeps them
+/// off each other's nodes; `count` numbers the faults of both).
+#[allow(clippy::too_many_arguments)]
 async fn nemesis_loop(
     shared: Arc<Shared>,
     cfg: Arc<RunConfig>,
@@ -347,14 +388,16 @@ async fn nemesis_loop(
     ips: Vec<String>,
     deadline: Instant,
     errors: Arc<Mutex<Vec<String>>>,
+    lane: u64,
+    busy: Arc<Mutex<Busy>>,
+    counter: Arc<AtomicU64>,
 ) {
     if cfg.kinds.is_empty() {
         return;
     }
-    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0xDEAD_BEEF);
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0xDEAD_BEEF ^ lane);
     let interval = Duration::from_secs(cfg.interval_s.max(1));
     let clock_dir = cfg.out.join("nodes");
-    let mut count = 0;
     // Leaves so far: every other one (the first included) is paused after its switch.
     let mut leaves = 0;
     let mut cycle: Vec<Kind> = Vec::new();
@@ -388,7 +431,7 @@ async fn nemesis_loop(
                 continue;
             }
         }
-        count += 1;
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
         let fault = format!("{}-{count}", kind.name());
         let started = if kind == Kind::Membership {
             match membership_start(&nodes, &mut rng, &mut leaves).await {
@@ -405,8 +448,22 @@ async fn nemesis_loop(
                 Err(e) => Err(e),
             }
         } else {
+            let mut held = busy.lock().await;
             let mut ns = nodes.lock().await;
-            nemesis::start(kind, &mut ns, &ips, &clock_dir, &mut rng)
+            let Some(free) = held.free_for(kind, ns.len()) else {
+                // The other lane's faults hold every node, or the network: skipped.
+                shared
+                    .rec
+                    .record(Op::new(NEMESIS, OpType::Info, kind.name()).value(
+                    json!({"phase": "skipped", "fault": fault, "reason": "held by another fault"}),
+                ));
+                continue;
+            };
+            let started = nemesis::start(kind, &mut ns, &ips, &clock_dir, &mut rng, &free);
+            if let Ok((active, _)) = &started {
+                held.take(kind, &active.nodes());
+            }
+            started
         };
         let (active, paused_leaver, change) = match started {
             Ok((active, mut value)) => {
@@ -492,10 +549,12 @@ async fn nemesis_loop(
         } else {
             observe::observe(&active, &nodes.lock().await, &baseline).await
         };
+        let held = active.nodes();
         let healed = {
             let mut ns = nodes.lock().await;
             nemesis::heal(active, &mut ns, &clock_dir)
         };
+        busy.lock().await.release(kind, &held);
         if let Err(e) = healed {
             errors.lock().await.push(format!("healing {fault}: {e}"));
         }
@@ -986,14 +1045,23 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
     for w in 0..cfg.concurrency {
         workers.push(tokio::spawn(client_loop(shared.clone(), cfg.clone(), w)));
     }
-    let nemesis_task = tokio::spawn(nemesis_loop(
-        shared.clone(),
-        cfg.clone(),
-        nodes.clone(),
-        ips.clone(),
-        deadline,
-        errors.clone(),
-    ));
+    let busy = Arc::new(Mutex::new(Busy::default()));
+    let counter = Arc::new(AtomicU64::new(0));
+    let nemesis_tasks: Vec<_> = (0..if cfg.overlap { 2 } else { 1 })
+        .map(|lane| {
+            tokio::spawn(nemesis_loop(
+                shared.clone(),
+                cfg.clone(),
+                nodes.clone(),
+                ips.clone(),
+                deadline,
+                errors.clone(),
+                lane,
+                busy.clone(),
+                counter.clone(),
+            ))
+        })
+        .collect();
     // Progress while it runs.
     while Instant::now() < deadline {
         tokio::time::sleep(
@@ -1009,7 +1077,9 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             shared.ops_done.load(Ordering::Relaxed)
         );
     }
-    let _ = nemesis_task.await;
+    for task in nemesis_tasks {
+        let _ = task.await;
+    }
     shared.stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
@@ -1399,6 +1469,24 @@ mod tests {
             converged: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn overlapping_faults_never_share_a_node_or_the_network() {
+        let mut busy = Busy::default();
+        assert_eq!(busy.free_for(Kind::Kill, 5), Some(vec![0, 1, 2, 3, 4]));
+        busy.take(Kind::Kill, &[1, 3]);
+        assert_eq!(busy.free_for(Kind::Pause, 5), Some(vec![0, 2, 4]));
+        // A partition acts on links: it may start beside a fault on nodes, not beside another.
+        assert_eq!(busy.free_for(Kind::Partition, 5), Some(vec![]));
+        busy.take(Kind::Partition, &[]);
+        assert_eq!(busy.free_for(Kind::Loss, 5), None);
+        busy.take(Kind::Pause, &[0, 2, 4]);
+        assert_eq!(busy.free_for(Kind::Clock, 5), None, "every node held");
+        busy.release(Kind::Partition, &[]);
+        assert_eq!(busy.free_for(Kind::Loss, 5), Some(vec![]));
+        busy.release(Kind::Kill, &[1, 3]);
+        assert_eq!(busy.free_for(Kind::Disk, 5), Some(vec![1, 3]));
     }
 
     #[test]
