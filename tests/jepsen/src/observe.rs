@@ -250,7 +250,14 @@ async fn clock_skew_s(node: &NodeProcess) -> Option<f64> {
 /// required: the shortest windows end before a node notices.
 async fn last_heard(nodes: &[NodeProcess]) -> Value {
     let mut out = Map::new();
-    for node in nodes.iter().filter(|n| n.child_running()) {
+    // A node another fault paused would answer only after its timeout: skipped.
+    let answering = |n: &&NodeProcess| {
+        n.child_running()
+            && n.pid()
+                .and_then(proc_state)
+                .is_some_and(|s| s != 'T' && s != 't')
+    };
+    for node in nodes.iter().filter(answering) {
         let Some(c) = client(node) else { continue };
         let Ok(members) = c.members().await else {
             continue;

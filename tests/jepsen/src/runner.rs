@@ -93,6 +93,8 @@ pub const AAE_ONLY_FLAGS: [&str; 6] = [
     "--aae-interval-secs",
     "2",
 ];
+/// How long the final phase waits for a node restarted on a wiped disk to be synced.
+pub const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long convergence is polled after the final reads.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1114,6 +1116,22 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         "[jepsen] before final reads: {}/{} keys converged",
         before.converged_keys, before.keys
     );
+    if cfg.kinds.contains(&Kind::Wipe) {
+        // A node restarted on a wiped disk answers no reads until anti-entropy synced it, and
+        // the final reads ask every primary (PR = N).
+        let running: Vec<(String, String)> = nodes
+            .lock()
+            .await
+            .iter()
+            .map(|n| (n.id.clone(), n.addr.clone()))
+            .collect();
+        if let Err(e) = crate::cluster::wait_nodes_synced(&running, FINAL_SYNC_TIMEOUT).await {
+            errors
+                .lock()
+                .await
+                .push(format!("before the final reads: {e}"));
+        }
+    }
     let unread = final_reads(&shared, &keys, cfg.workload, cfg.n).await;
     let mut errs = errors.lock().await.clone();
     if !unread.is_empty() {
