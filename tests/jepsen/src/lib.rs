@@ -9,6 +9,7 @@ pub mod history;
 pub mod nemesis;
 pub mod observe;
 pub mod peer;
+pub mod powerloss;
 pub mod process;
 pub mod runner;
 

@@ -8,6 +8,7 @@ use std::process::{Command, ExitCode};
 
 use clap::Parser;
 use ringkv_jepsen::nemesis::{self, Kind};
+use ringkv_jepsen::powerloss;
 use ringkv_jepsen::runner::{self, RunConfig, Workload};
 
 #[derive(Parser, Debug, Clone)]
@@ -20,7 +21,7 @@ struct Cli {
     /// register or set.
     #[arg(long, default_value = "register")]
     workload: String,
-    /// Comma-separated faults: kill, reboot, pause, partition, clock, loss, disk, wipe,
+    /// Comma-separated faults: kill, reboot, powerloss, pause, partition, clock, loss, disk, wipe,
     /// membership; or none.
     #[arg(long, default_value = "kill,partition")]
     nemesis: String,
@@ -133,6 +134,12 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..with("register", "overload,kill", 30, 9)
             },
+            // Power losses: every file of a minority cut back to what was fsynced (sync group:
+            // no acknowledged write may be lost).
+            Cli {
+                interval: 4,
+                ..with("register", "powerloss,kill", 30, 11)
+            },
             // Two faults at once: a kill during a partition, a pause during a kill.
             Cli {
                 interval: 4,
@@ -166,7 +173,10 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("set", "overload,pause", 90, 29),
             // Two faults at once, on different nodes.
             overlap("register", "kill,partition,pause,clock", 120, 31),
-            overlap("set", "kill,loss,disk,overload", 90, 32),
+            overlap("set", "powerloss,loss,disk,overload", 90, 32),
+            // Power losses (every file cut back to what was fsynced).
+            with("register", "powerloss,partition", 120, 33),
+            with("set", "powerloss,pause", 90, 34),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }
@@ -183,6 +193,7 @@ fn check_prerequisites(
     needs_root: bool,
     needs_netns: bool,
     needs_clock: bool,
+    needs_powerloss: bool,
 ) -> Result<(), String> {
     if needs_root && !ringkv_jepsen::disk::can_mount() {
         return Err("the partition, loss and disk nemeses need root (ip netns, iptables, mount); run as root or drop them".into());
@@ -201,6 +212,12 @@ fn check_prerequisites(
                 ));
             }
         }
+    }
+    if needs_powerloss && ringkv_jepsen::process::find_bin(powerloss::SHIM).is_none() {
+        return Err(format!(
+            "the powerloss nemesis needs {} (built by cargo build --release --workspace, next to the binaries)",
+            powerloss::SHIM
+        ));
     }
     if needs_clock && !std::path::Path::new(nemesis::LIBFAKETIME).exists() {
         return Err(format!(
@@ -270,7 +287,12 @@ fn main() -> ExitCode {
     }
     let needs_netns = all_kinds.iter().any(|k| k.needs_netns());
     let needs_root = all_kinds.iter().any(|k| k.needs_root());
-    if let Err(e) = check_prerequisites(needs_root, needs_netns, all_kinds.contains(&Kind::Clock)) {
+    if let Err(e) = check_prerequisites(
+        needs_root,
+        needs_netns,
+        all_kinds.contains(&Kind::Clock),
+        all_kinds.contains(&Kind::PowerLoss),
+    ) {
         eprintln!("ringkv-jepsen: missing prerequisite: {e}");
         return ExitCode::from(2);
     }

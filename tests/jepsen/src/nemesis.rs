@@ -1,7 +1,8 @@
 //! Fault injection: kill -9 / restart, kill -9 / restart as after a machine restart (a new
 //! boot id: the node starts a new incarnation), SIGSTOP / SIGCONT, network partitions and
 //! packet loss (iptables inside the harness's own network namespace), clock skew
-//! (libfaketime), full disks (a ballast file on each node's small tmpfs). Every fault is healed
+//! (libfaketime), full disks (a ballast file on each node's small tmpfs), power losses (kill -9
+//! and every file cut back to what was fsynced, `powerloss`). Every fault is healed
 //! by `heal_all`, which the runner always calls at the end.
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,10 @@ pub enum Kind {
     /// (4 connections × 64 in flight each), far beyond their client budget: the workload's
     /// requests to them are shed (`Overloaded`, definite) or served; none may be half-done.
     Overload,
+    /// A power loss: kill -9 a minority, cut every file of their data dirs back to what was
+    /// fsynced (`powerloss`: the nodes run with the fsync-logging shim), and restart them with
+    /// another boot id at heal time.
+    PowerLoss,
 }
 
 /// Client budget of the nodes in runs with the overload nemesis (`--max-requests`): small, so
@@ -58,6 +63,7 @@ impl Kind {
             Kind::Wipe => "wipe",
             Kind::Membership => "membership",
             Kind::Overload => "overload",
+            Kind::PowerLoss => "powerloss",
         }
     }
 
@@ -73,9 +79,10 @@ impl Kind {
             "wipe" => Kind::Wipe,
             "membership" => Kind::Membership,
             "overload" => Kind::Overload,
+            "powerloss" => Kind::PowerLoss,
             other => {
                 return Err(format!(
-                "unknown nemesis {other:?}: expected kill, reboot, pause, partition, clock, loss, disk, wipe, membership, overload or none"
+                "unknown nemesis {other:?}: expected kill, reboot, powerloss, pause, partition, clock, loss, disk, wipe, membership, overload or none"
             ))
             }
         })
@@ -372,7 +379,7 @@ impl Active {
 /// A flood of blind writes (its own thread and runtime), stopped by `heal`.
 #[derive(Debug)]
 pub struct Flood {
-    /// The flooded nodes (indices).
+    /// The flooded nodes (indices), when the nemesis started it.
     pub targets: Vec<usize>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Flood writes the nodes took and shed so far.
@@ -385,7 +392,7 @@ impl Flood {
     /// Floods `addrs` until stopped: per address `FLOOD_CONNECTIONS` clients with
     /// `FLOOD_DEPTH` blind 1 KiB puts in flight each, keys `flood/…` (never read by the
     /// workloads). Refusals are expected and not retried.
-    pub fn start(targets: Vec<usize>, addrs: Vec<String>) -> Flood {
+    pub fn start(addrs: Vec<String>) -> Flood {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
         let stop = Arc::new(AtomicBool::new(false));
@@ -442,7 +449,7 @@ impl Flood {
             });
         });
         Flood {
-            targets,
+            targets: Vec::new(),
             stop,
             ok: took,
             shed: refused,
@@ -532,7 +539,9 @@ pub fn start(
                 "connections": FLOOD_CONNECTIONS,
                 "depth": FLOOD_DEPTH,
             });
-            Ok((Active::Flooding(Flood::start(victims, addrs)), v))
+            let mut flood = Flood::start(addrs);
+            flood.targets = victims;
+            Ok((Active::Flooding(flood), v))
         }
         Kind::Wipe => {
             let victim = free[rng.random_range(0..free.len())];
@@ -549,6 +558,17 @@ pub fn start(
                 nodes[i].set_env("RINGKV_BOOT_ID", &new_boot_id(rng));
             }
             let v = json!({"nodes": names(&victims, nodes)});
+            Ok((Active::Rebooted(victims), v))
+        }
+        Kind::PowerLoss => {
+            let victims = minority(rng);
+            let mut dropped = serde_json::Map::new();
+            for &i in &victims {
+                let bytes = crate::powerloss::power_loss(&mut nodes[i])?;
+                dropped.insert(nodes[i].id.clone(), json!(bytes));
+                nodes[i].set_env("RINGKV_BOOT_ID", &new_boot_id(rng));
+            }
+            let v = json!({"nodes": names(&victims, nodes), "unsynced_bytes_dropped": dropped});
             Ok((Active::Rebooted(victims), v))
         }
         Kind::Disk => {

@@ -16,26 +16,31 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// executable, which is where cargo puts test binaries (`target/<profile>/deps/..`), else in
 /// `$CARGO_TARGET_DIR/release` (doctests run from a temp dir).
 pub fn bin_path(name: &str) -> PathBuf {
+    find_bin(name).unwrap_or_else(|| {
+        panic!(
+            "binary {name} not found near {}: build it first (cargo build --release --bins) or set RINGKV_BIN_DIR",
+            std::env::current_exe().map_or("?".into(), |e| e.display().to_string())
+        )
+    })
+}
+
+/// `bin_path`'s search; `None` when the file is nowhere (under `RINGKV_BIN_DIR`, it must be
+/// there).
+pub fn find_bin(name: &str) -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("RINGKV_BIN_DIR") {
-        return Path::new(&dir).join(name);
+        let candidate = Path::new(&dir).join(name);
+        return candidate.is_file().then_some(candidate);
     }
     let exe = std::env::current_exe().expect("the running executable has a path");
     for dir in exe.ancestors().skip(1) {
         let candidate = dir.join(name);
         if candidate.is_file() {
-            return candidate;
+            return Some(candidate);
         }
     }
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        let candidate = Path::new(&dir).join("release").join(name);
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "binary {name} not found near {}: build it first (cargo build --release --bins) or set RINGKV_BIN_DIR",
-        exe.display()
-    );
+    let dir = std::env::var("CARGO_TARGET_DIR").ok()?;
+    let candidate = Path::new(&dir).join("release").join(name);
+    candidate.is_file().then_some(candidate)
 }
 
 /// Runs the workspace tool `name` (`kvctl`, `kvbench`) with `args`, which must succeed (its
@@ -131,6 +136,10 @@ impl NodeProcess {
     pub fn start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         std::fs::create_dir_all(&self.data_dir).map_err(|e| e.to_string())?;
+        if let Some(log) = self.env_var(crate::powerloss::SYNC_LOG_ENV) {
+            // Under the power-loss shim: what is on disk now is durable for this life.
+            crate::powerloss::baseline(&self.data_dir, Path::new(log))?;
+        }
         let _ = std::fs::remove_file(self.addr_file());
         let listen = if self.addr.is_empty() {
             self.listen.clone()
@@ -209,6 +218,14 @@ impl NodeProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// An environment variable set for the node's process.
+    pub fn env_var(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sets an environment variable for the node's process (from its next start on).

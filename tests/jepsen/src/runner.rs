@@ -1010,6 +1010,12 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
                 node.set_env(&k, &v);
             }
         }
+        if cfg.kinds.contains(&Kind::PowerLoss) {
+            let preload = node.env_var("LD_PRELOAD").map(str::to_string);
+            for (k, v) in crate::powerloss::env(&dir, preload.as_deref()) {
+                node.set_env(&k, &v);
+            }
+        }
         node.start()?;
         nodes.push(node);
     }
