@@ -14,6 +14,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod coordinator;
+pub mod durable;
 pub mod handoff;
 pub mod membership;
 pub mod merkle;

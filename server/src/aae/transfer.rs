@@ -221,9 +221,8 @@ impl<T: Transport> TransferWorker<T> {
 
     fn save(&self) {
         let Some(path) = &self.path else { return };
-        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec(&self.checkpoint).expect("a checkpoint serializes");
-        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+        if let Err(e) = crate::durable::write_file(path, &bytes) {
             error!(node = %self.node_id, file = %path.display(), error = %e,
                    "could not save the transfer checkpoint (a restart redoes its sources)");
         }

@@ -314,13 +314,7 @@ pub fn load_generation(path: &std::path::Path) -> Option<u64> {
 /// Saves `generation` to `path` durably (a temp file written, fsynced and renamed, then the
 /// directory fsynced), so the next process starts above it (`next_generation`).
 pub fn save_generation(path: &std::path::Path, generation: u64) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(".generation.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    std::io::Write::write_all(&mut f, format!("{generation}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::write_file(path, format!("{generation}\n").as_bytes())
 }
 
 /// Reads the saved layout (missing = none; unreadable = an error naming the file).
@@ -575,15 +569,14 @@ impl Driver {
         }
     }
 
-    /// Saves the layout (atomically); an error is logged (the layout is re-fetched from peers
-    /// after a restart if it was not saved).
+    /// Saves the layout (atomically and durably: `durable::write_file`); an error is logged
+    /// (the layout is re-fetched from peers after a restart if it was not saved).
     fn save_layout(&self) {
         let Some(path) = &self.layout_file else {
             return;
         };
         let bytes = serde_json::to_vec_pretty(&*self.layout).expect("a layout serializes");
-        let tmp = path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+        if let Err(e) = crate::durable::write_file(path, &bytes) {
             error!(node = %self.me.node_id, file = %path.display(), error = %e, "could not save the layout");
         }
     }
@@ -993,7 +986,7 @@ impl Driver {
         }));
     }
 
-    /// Saves the ring (best effort): one JSON line per member, written atomically.
+    /// Saves the ring (best effort): one JSON line per member, written atomically and durably.
     fn save_ring(&self) {
         let Some(path) = &self.ring_file else {
             return;
@@ -1004,8 +997,7 @@ impl Driver {
             .filter_map(|m| serde_json::to_string(m).ok())
             .map(|l| l + "\n")
             .collect();
-        let tmp = path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        if let Err(e) = crate::durable::write_file(path, text.as_bytes()) {
             warn!(node = %self.me.node_id, file = %path.display(), error = %e, "could not save the ring");
         }
     }

@@ -14,6 +14,16 @@ impl Cluster {
     /// Starts `size` nodes `n1..` (temp data dirs), the first as the gossip seed of the others,
     /// with `extra` flags for every node, and waits until every node sees every member alive.
     pub async fn start(size: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with_env(size, extra, |_| Vec::new()).await
+    }
+
+    /// `start`, each node with the environment `env` gives for its data dir (e.g. the
+    /// power-loss shim's, `powerloss::env`).
+    pub async fn start_with_env(
+        size: usize,
+        extra: &[&str],
+        env: impl Fn(&std::path::Path) -> Vec<(String, String)>,
+    ) -> Cluster {
         let mut nodes: Vec<NodeProcess> = Vec::with_capacity(size);
         for i in 1..=size {
             let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -23,6 +33,9 @@ impl Cluster {
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut node = NodeProcess::new_temp(&format!("n{i}"), &args);
+            for (k, v) in env(&node.data_dir) {
+                node.set_env(&k, &v);
+            }
             node.start().unwrap_or_else(|e| panic!("{e}"));
             nodes.push(node);
         }

@@ -37,9 +37,9 @@ pub enum Kind {
     /// (4 connections × 64 in flight each), far beyond their client budget: the workload's
     /// requests to them are shed (`Overloaded`, definite) or served; none may be half-done.
     Overload,
-    /// A power loss: kill -9 a minority, cut every file of their data dirs back to what was
-    /// fsynced (`powerloss`: the nodes run with the fsync-logging shim), and restart them with
-    /// another boot id at heal time.
+    /// A power loss: kill -9 a minority (one time in three every node), cut every file of
+    /// their data dirs back to what was fsynced (`powerloss`: the nodes run with the
+    /// fsync-logging shim), and restart them with another boot id at heal time.
     PowerLoss,
 }
 
@@ -561,14 +561,26 @@ pub fn start(
             Ok((Active::Rebooted(victims), v))
         }
         Kind::PowerLoss => {
-            let victims = minority(rng);
+            // One in three takes every node it may (a data centre's power failure: with
+            // `sync = none` that loses acknowledged writes, with `group` it must not); the
+            // others a minority.
+            let everywhere = rng.random_bool(1.0 / 3.0);
+            let victims = if everywhere {
+                free.to_vec()
+            } else {
+                minority(rng)
+            };
             let mut dropped = serde_json::Map::new();
             for &i in &victims {
                 let bytes = crate::powerloss::power_loss(&mut nodes[i])?;
                 dropped.insert(nodes[i].id.clone(), json!(bytes));
                 nodes[i].set_env("RINGKV_BOOT_ID", &new_boot_id(rng));
             }
-            let v = json!({"nodes": names(&victims, nodes), "unsynced_bytes_dropped": dropped});
+            let v = json!({
+                "nodes": names(&victims, nodes),
+                "all_free_nodes": everywhere,
+                "unsynced_bytes_dropped": dropped,
+            });
             Ok((Active::Rebooted(victims), v))
         }
         Kind::Disk => {
