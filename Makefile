@@ -53,14 +53,15 @@ run: install
 	@exec tools/local-cluster.sh "$(BIN)" "$(DATA)" $(PORT)
 
 test: deps
-	cargo build --release --workspace --bins
+	@# Libraries too: the power-loss tests preload tests/powerloss's libringkv_powerloss.so.
+	cargo build --release --workspace
 	cargo test --release --workspace
 	@echo "==> Jepsen-style consistency checks (short CI profile; histories in $(JEPSEN_OUT))"
 	"$(BIN)/ringkv-jepsen" --profile ci --out "$(JEPSEN_OUT)"
 
 # The full consistency profile: longer runs of every nemesis combination (about 45 minutes).
 jepsen: deps
-	cargo build --release --workspace --bins
+	cargo build --release --workspace
 	@echo "==> single runs look like:"
 	@echo "    $(BIN)/ringkv-jepsen --workload register --nemesis kill,partition --time-limit 60"
 	@echo "    $(BIN)/ringkv-jepsen --workload set --nemesis pause,clock --time-limit 60 --seed 7"
