@@ -102,6 +102,20 @@ async fn data_survives_graceful_restart() {
     }
 }
 
+/// Puts `k0..k199` = `v0..v199`, all in flight at once, each acknowledged.
+async fn put_200_at_once(c: &Client) {
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.put(format!("k{i}"), format!("v{i}"), None).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
 /// kill -9 immediately after the last acknowledgement. The WAL is written before the ack in
 /// every sync mode, so a process crash loses nothing in any of them (power loss needs `group`
 /// or `always`; see docs/operations.md).
@@ -115,16 +129,7 @@ async fn acknowledged_writes_survive_kill_9() {
             &["--n", "1", "--sync", mode, "--max-requests", "1024"],
         );
         let c = client(&node).await;
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let c = c.clone();
-            tasks.push(tokio::spawn(async move {
-                c.put(format!("k{i}"), format!("v{i}"), None).await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
+        put_200_at_once(&c).await;
         node.kill9();
         node.start().unwrap();
         let c = client(&node).await;
@@ -167,16 +172,7 @@ async fn a_power_loss_keeps_acknowledged_writes_under_group_and_always_not_none(
         }
         node.start().unwrap();
         let c = client(&node).await;
-        let mut tasks = Vec::new();
-        for i in 0..200 {
-            let c = c.clone();
-            tasks.push(tokio::spawn(async move {
-                c.put(format!("k{i}"), format!("v{i}"), None).await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
+        put_200_at_once(&c).await;
         let dropped = powerloss::power_loss(&mut node).unwrap();
         node.set_env("RINGKV_BOOT_ID", &format!("after-power-loss-{mode}"));
         node.start().unwrap();

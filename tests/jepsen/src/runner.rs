@@ -420,15 +420,7 @@ async fn nemesis_loop(
         let kind = cycle.pop().expect("refilled above");
         if kind == Kind::Wipe {
             // One lost disk at a time: the previous one must be repaired first.
-            let running: Vec<(String, String)> = nodes
-                .lock()
-                .await
-                .iter()
-                .map(|n| (n.id.clone(), n.addr.clone()))
-                .collect();
-            if let Err(e) =
-                crate::cluster::wait_nodes_synced(&running, Duration::from_secs(60)).await
-            {
+            if let Err(e) = wait_all_synced(&nodes, Duration::from_secs(60)).await {
                 errors.lock().await.push(format!("wipe not started: {e}"));
                 continue;
             }
@@ -637,6 +629,17 @@ async fn cluster_admin(
         Some(e) => Err(e["message"].as_str().unwrap_or("").to_string()),
         None => Ok(v),
     }
+}
+
+/// Waits until no node is still syncing a new data dir (`cluster::wait_nodes_synced`).
+async fn wait_all_synced(nodes: &Mutex<Vec<NodeProcess>>, timeout: Duration) -> Result<(), String> {
+    let all: Vec<(String, String)> = nodes
+        .lock()
+        .await
+        .iter()
+        .map(|n| (n.id.clone(), n.addr.clone()))
+        .collect();
+    crate::cluster::wait_nodes_synced(&all, timeout).await
 }
 
 async fn running_addrs(nodes: &Mutex<Vec<NodeProcess>>) -> Vec<String> {
@@ -1125,13 +1128,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
     if cfg.kinds.contains(&Kind::Wipe) {
         // A node restarted on a wiped disk answers no reads until anti-entropy synced it, and
         // the final reads ask every primary (PR = N).
-        let running: Vec<(String, String)> = nodes
-            .lock()
-            .await
-            .iter()
-            .map(|n| (n.id.clone(), n.addr.clone()))
-            .collect();
-        if let Err(e) = crate::cluster::wait_nodes_synced(&running, FINAL_SYNC_TIMEOUT).await {
+        if let Err(e) = wait_all_synced(&nodes, FINAL_SYNC_TIMEOUT).await {
             errors
                 .lock()
                 .await
