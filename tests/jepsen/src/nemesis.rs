@@ -133,6 +133,8 @@ pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.
 /// Largest clock offset applied, in seconds: beyond ±120 s gossip's replay window would cut
 /// the skewed node off, which is a different fault.
 pub const MAX_SKEW_S: i64 = 60;
+/// Smallest clock offset applied, in seconds (twice the observation's slack).
+pub const MIN_SKEW_S: i64 = 5;
 /// Probability of dropping a packet between two nodes under the loss nemesis.
 pub const LOSS_PROBABILITY: f64 = 0.2;
 /// The iptables chain the harness owns inside its namespace.
@@ -634,7 +636,10 @@ pub fn start(
             let mut offsets = serde_json::Map::new();
             let mut set = Vec::new();
             for &i in &victims {
-                let off = rng.random_range(-MAX_SKEW_S..=MAX_SKEW_S);
+                // At least MIN_SKEW_S either way: an offset within the observation's slack
+                // would pass it even if the node never read its clock file.
+                let off = rng.random_range(MIN_SKEW_S..=MAX_SKEW_S)
+                    * if rng.random_bool(0.5) { 1 } else { -1 };
                 set_clock(clock_dir, &nodes[i].id, off)?;
                 offsets.insert(nodes[i].id.clone(), json!(off));
                 set.push((i, off));

@@ -2,7 +2,7 @@
 //!
 //! A node started with this library preloaded and `RINGKV_SYNC_LOG=<file>` appends one line to
 //! that file for every successful `fsync`/`fdatasync` of a regular file (`S\t<size>\t<path>`:
-//! the file's size when its data became durable) and for every successful rename
+//! the file's size when the sync began, all of which it made durable) and for every successful rename
 //! (`R\t<old>\t<new>`, absolute paths). After a `kill -9`, the harness
 //! (`ringkv_jepsen::powerloss::drop_unsynced`) cuts every file of the node's data dir back to
 //! its last durable size, as a power loss would leave it with the page cache gone: what was
@@ -75,8 +75,9 @@ fn fd_path(fd: c_int) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-/// An absolute path for `path` as the process sees it, relative to `dirfd` (or the working
-/// directory for `AT_FDCWD`).
+/// The canonical path of `path` as the process sees it, relative to `dirfd` (or the working
+/// directory for `AT_FDCWD`): its directory resolved (symlinks, `..`) plus its name, the form
+/// `/proc/self/fd` gives for the `S` lines. The directory must exist (it does after a rename).
 fn absolute(dirfd: c_int, path: *const c_char) -> Option<String> {
     if path.is_null() {
         return None;
@@ -85,29 +86,35 @@ fn absolute(dirfd: c_int, path: *const c_char) -> Option<String> {
     let p = unsafe { CStr::from_ptr(path) }
         .to_string_lossy()
         .into_owned();
-    if p.starts_with('/') {
-        return Some(p);
-    }
-    let base = if dirfd == libc::AT_FDCWD {
-        std::env::current_dir().ok()?.to_string_lossy().into_owned()
+    let joined = if p.starts_with('/') {
+        std::path::PathBuf::from(p)
+    } else if dirfd == libc::AT_FDCWD {
+        std::env::current_dir().ok()?.join(p)
     } else {
-        fd_path(dirfd)?
+        std::path::PathBuf::from(fd_path(dirfd)?).join(p)
     };
-    Some(format!("{base}/{p}"))
+    let dir = std::fs::canonicalize(joined.parent()?).ok()?;
+    Some(dir.join(joined.file_name()?).to_string_lossy().into_owned())
 }
 
-/// Logs the size of the regular file behind `fd`, now durable.
-fn synced(fd: c_int) {
+/// The size of the regular file behind `fd` (`None` for anything else, or without a log),
+/// read *before* the sync: bytes appended while it runs may not be covered by it.
+fn size_before_sync(fd: c_int) -> Option<i64> {
     if log_fd() < 0 {
-        return;
+        return None;
     }
     // SAFETY: fstat(2) into a zeroed struct it fills.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut st) } != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFREG {
-        return;
+        return None;
     }
-    if let Some(path) = fd_path(fd) {
-        log_line(&format!("S\t{}\t{path}\n", st.st_size));
+    Some(st.st_size)
+}
+
+/// Logs `size` bytes of the file behind `fd` as durable.
+fn synced(fd: c_int, size: Option<i64>) {
+    if let (Some(size), Some(path)) = (size, fd_path(fd)) {
+        log_line(&format!("S\t{size}\t{path}\n"));
     }
 }
 
@@ -124,9 +131,10 @@ fn renamed(olddirfd: c_int, old: *const c_char, newdirfd: c_int, new: *const c_c
 /// As fsync(2).
 #[no_mangle]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
+    let size = size_before_sync(fd);
     let r = real!(c"fsync", SyncFn)(fd);
     if r == 0 {
-        synced(fd);
+        synced(fd, size);
     }
     r
 }
@@ -135,9 +143,10 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
 /// As fdatasync(2).
 #[no_mangle]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
+    let size = size_before_sync(fd);
     let r = real!(c"fdatasync", SyncFn)(fd);
     if r == 0 {
-        synced(fd);
+        synced(fd, size);
     }
     r
 }
