@@ -173,7 +173,7 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("set", "overload,pause", 90, 29),
             // Two faults at once, on different nodes.
             overlap("register", "kill,partition,pause,clock", 120, 31),
-            overlap("set", "powerloss,loss,disk,overload", 90, 32),
+            overlap("set", "powerloss,loss,disk,pause", 90, 32),
             // Power losses (every file cut back to what was fsynced).
             with("register", "powerloss,partition", 120, 33),
             with("set", "powerloss,pause", 90, 34),
@@ -271,6 +271,14 @@ fn main() -> ExitCode {
         }
         if let Err(e) = Workload::parse(&r.workload) {
             eprintln!("ringkv-jepsen: {e}");
+            return ExitCode::from(2);
+        }
+        let ks = kinds(&r.nemesis).unwrap_or_default();
+        if ks.contains(&Kind::Disk) && ks.contains(&Kind::Overload) {
+            eprintln!(
+                "ringkv-jepsen: the disk and overload nemeses do not go together: the flood's writes fill the disk nemesis's {} MiB disks for real, and a node whose disk is full cannot restart",
+                nemesis::DISK_MB
+            );
             return ExitCode::from(2);
         }
         if let Some(k) = kinds(&r.nemesis)
