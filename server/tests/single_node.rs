@@ -206,6 +206,47 @@ async fn a_power_loss_keeps_acknowledged_writes_under_group_and_always_not_none(
     }
 }
 
+/// Found by the Jepsen full profile (set, disk+kill): a node on a 64 MiB disk filled it with
+/// write-ahead log and could not restart. RocksDB keeps a WAL file until every column family
+/// with data in it has flushed, and a column family written rarely (`meta`) held them all up
+/// to a fixed 256 MiB budget, whatever the memtable size. The budget is now four data
+/// memtables: overwriting a few keys with 48 MiB keeps the WAL within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_within_four_memtables_while_a_column_family_idles() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "write_buffer_mb = 4\n").unwrap();
+    let data = dir.path().join("data");
+    let config_arg = config.display().to_string();
+    let mut args: Vec<&str> = SINGLE.to_vec();
+    args.extend(["--config", config_arg.as_str()]);
+    let mut node = NodeProcess::new("n1", &data, "127.0.0.1:0", &args);
+    node.start().unwrap();
+    let c = client(&node).await;
+    let value = |i: usize| Bytes::from(vec![i as u8; 64 << 10]);
+    let wal_bytes = || -> u64 {
+        std::fs::read_dir(data.join("db"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum()
+    };
+    let mut largest = 0;
+    for i in 0..768 {
+        c.put(format!("k{}", i % 16), value(i), None).await.unwrap();
+        largest = largest.max(wal_bytes());
+    }
+    // Four 4 MiB memtables, and the file being written past the budget when a flush starts.
+    let bound = 4 * (4 << 20) + (8 << 20);
+    assert!(
+        largest <= bound,
+        "the WAL reached {} MiB with 4 MiB memtables (bound {} MiB)",
+        largest >> 20,
+        bound >> 20
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_key_and_value_get_too_large_and_connection_stays_usable() {
     let node = NodeProcess::start_temp("n1", SINGLE);
