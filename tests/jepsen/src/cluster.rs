@@ -180,24 +180,32 @@ pub async fn wait_nodes_synced(
     nodes: &[(String, String)],
     timeout: Duration,
 ) -> Result<(), String> {
+    wait_metric_zero(nodes, "aae.unsynced", "syncing its new data dir", timeout).await
+}
+
+/// Waits until metric `name` is 0 on every one of `nodes` (id, client address), taken in
+/// turn; a node that does not answer counts as not there yet. The error names the first node
+/// still `doing` it when `timeout` passes.
+pub async fn wait_metric_zero(
+    nodes: &[(String, String)],
+    name: &str,
+    doing: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let start = Instant::now();
     for (id, addr) in nodes {
         let client = Client::new([addr.clone()], ClientConfig::default()).expect("one address");
         loop {
-            let unsynced = match client.status().await {
-                Ok(s) => s
-                    .metrics
-                    .iter()
-                    .find(|(k, _)| k == "aae.unsynced")
-                    .map_or(0, |(_, v)| *v),
+            let left = match client.status().await {
+                Ok(s) => crate::status_metric(&s, name).unwrap_or(0),
                 Err(_) => 1,
             };
-            if unsynced == 0 {
+            if left == 0 {
                 break;
             }
             if start.elapsed() > timeout {
                 return Err(format!(
-                    "node {id} still syncing its new data dir after {timeout:?}"
+                    "node {id} still {doing} after {timeout:?} ({name} = {left})"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -27,15 +27,20 @@ pub fn sorted_values(read: &ringkv_client::Read) -> Vec<String> {
     v
 }
 
+/// The value of metric `name` in a node's status reply, if it reports it.
+pub fn status_metric(status: &ringkv_protocol::StatusReply, name: &str) -> Option<u64> {
+    status
+        .metrics
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| *v)
+}
+
 /// The value of metric `name` in the status of the node `client` talks to (test helper shared
 /// by the integration tests); panics when the node does not report it.
 pub async fn metric(client: &ringkv_client::Client, name: &str) -> u64 {
     let s = client.status().await.expect("status");
-    s.metrics
-        .iter()
-        .find(|(k, _)| k == name)
-        .unwrap_or_else(|| panic!("no metric {name}"))
-        .1
+    status_metric(&s, name).unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 /// Sum of a metric over the running nodes `which` of `c`.

@@ -262,18 +262,17 @@ fn main() -> ExitCode {
     };
     let mut all_kinds = Vec::new();
     for r in &runs {
-        match kinds(&r.nemesis) {
-            Ok(k) => all_kinds.extend(k),
+        let ks = match kinds(&r.nemesis) {
+            Ok(k) => k,
             Err(e) => {
                 eprintln!("ringkv-jepsen: {e}");
                 return ExitCode::from(2);
             }
-        }
+        };
         if let Err(e) = Workload::parse(&r.workload) {
             eprintln!("ringkv-jepsen: {e}");
             return ExitCode::from(2);
         }
-        let ks = kinds(&r.nemesis).unwrap_or_default();
         if ks.contains(&Kind::Disk) && ks.contains(&Kind::Overload) {
             eprintln!(
                 "ringkv-jepsen: the disk and overload nemeses do not go together: the flood's writes fill the disk nemesis's {} MiB disks for real, and a node whose disk is full cannot restart",
@@ -281,17 +280,14 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        if let Some(k) = kinds(&r.nemesis)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|k| r.overlap && !k.may_overlap())
-        {
+        if let Some(k) = ks.iter().find(|k| r.overlap && !k.may_overlap()) {
             eprintln!(
                 "ringkv-jepsen: --overlap does not take the {} nemesis (it waits for the cluster to settle first)",
                 k.name()
             );
             return ExitCode::from(2);
         }
+        all_kinds.extend(ks);
     }
     let needs_netns = all_kinds.iter().any(|k| k.needs_netns());
     let needs_root = all_kinds.iter().any(|k| k.needs_root());

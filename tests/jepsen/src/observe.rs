@@ -54,9 +54,19 @@ pub async fn baseline(active: &Active, nodes: &[NodeProcess]) -> Baseline {
 /// Waits up to `OBSERVE_WAIT` for evidence that `active` took effect. A ring change
 /// (`Active::Retired`) is observed by the runner, which knows the change it staged.
 pub async fn observe(active: &Active, nodes: &[NodeProcess], base: &Baseline) -> Effect {
+    until_observed(|| observe_once(active, nodes, base)).await
+}
+
+/// Looks (`once`, every 250 ms) until an effect is observed or `OBSERVE_WAIT` has passed;
+/// the last look.
+pub async fn until_observed<F, Fut>(mut once: F) -> Effect
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Effect>,
+{
     let until = Instant::now() + OBSERVE_WAIT;
     loop {
-        let effect = observe_once(active, nodes, base).await;
+        let effect = once().await;
         if effect.observed || Instant::now() >= until {
             return effect;
         }
@@ -219,12 +229,7 @@ fn client(node: &NodeProcess) -> Option<Client> {
 }
 
 async fn status_metric(node: &NodeProcess, name: &str) -> Option<u64> {
-    let status = client(node)?.status().await.ok()?;
-    status
-        .metrics
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
+    crate::status_metric(&client(node)?.status().await.ok()?, name)
 }
 
 /// How far (seconds) the node's wall clock is from this process's, from its status reply's

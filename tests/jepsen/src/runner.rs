@@ -574,10 +574,9 @@ async fn observe_change(
 ) -> observe::Effect {
     let action = change["action"].as_str().unwrap_or_default().to_string();
     let id = change["nodes"][0].as_str().unwrap_or_default().to_string();
-    let until = Instant::now() + observe::OBSERVE_WAIT;
-    loop {
+    observe::until_observed(|| async {
         let addrs = running_addrs(nodes).await;
-        let (observed, evidence) = match cluster_admin(&addrs, json!("Status")).await {
+        match cluster_admin(&addrs, json!("Status")).await {
             Ok(st) => {
                 let layout = &st["Status"]["layout"];
                 let owner = layout["current"]
@@ -587,23 +586,24 @@ async fn observe_change(
                     .as_array()
                     .is_some_and(|r| r.contains(&json!(id)));
                 // It owned ranges when the change began: not owning any is the change done.
-                let done = if action == "join" { owner } else { !owner };
-                let evidence = json!({
-                    "action": action,
-                    "node": id,
-                    "layout": layout["version"],
-                    "owner": owner,
-                    "retired": retired,
-                });
-                (done, evidence)
+                observe::Effect {
+                    observed: if action == "join" { owner } else { !owner },
+                    evidence: json!({
+                        "action": action,
+                        "node": id,
+                        "layout": layout["version"],
+                        "owner": owner,
+                        "retired": retired,
+                    }),
+                }
             }
-            Err(e) => (false, json!({"action": action, "node": id, "error": e})),
-        };
-        if observed || Instant::now() >= until {
-            return observe::Effect { observed, evidence };
+            Err(e) => observe::Effect {
+                observed: false,
+                evidence: json!({"action": action, "node": id, "error": e}),
+            },
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await
 }
 
 /// An admin request (`kvctl cluster`'s JSON) through any running node; the reply, or the
@@ -631,55 +631,28 @@ async fn cluster_admin(
     }
 }
 
-/// Waits until no running node holds a hint (`hints.pending_keys` is 0 everywhere); the
-/// nodes still holding some when `timeout` passes.
+/// Waits until no node holds a hint (`hints.pending_keys` is 0 everywhere).
 async fn wait_hints_drained(
     nodes: &Mutex<Vec<NodeProcess>>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let running: Vec<(String, String)> = nodes
-        .lock()
-        .await
-        .iter()
-        .filter(|n| n.child_running())
-        .map(|n| (n.id.clone(), n.addr.clone()))
-        .collect();
-    let start = Instant::now();
-    loop {
-        let mut holding = Vec::new();
-        for (id, addr) in &running {
-            let c = Client::new([addr.clone()], ClientConfig::default()).expect("one address");
-            let pending = match c.status().await {
-                Ok(s) => s
-                    .metrics
-                    .iter()
-                    .find(|(k, _)| k == "hints.pending_keys")
-                    .map_or(0, |(_, v)| *v),
-                Err(_) => 1,
-            };
-            if pending > 0 {
-                holding.push(format!("{id}: {pending} keys"));
-            }
-        }
-        if holding.is_empty() {
-            return Ok(());
-        }
-        if start.elapsed() > timeout {
-            return Err(holding.join(", "));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let all = ids_and_addrs(nodes).await;
+    crate::cluster::wait_metric_zero(&all, "hints.pending_keys", "holding hints", timeout).await
 }
 
 /// Waits until no node is still syncing a new data dir (`cluster::wait_nodes_synced`).
 async fn wait_all_synced(nodes: &Mutex<Vec<NodeProcess>>, timeout: Duration) -> Result<(), String> {
-    let all: Vec<(String, String)> = nodes
+    crate::cluster::wait_nodes_synced(&ids_and_addrs(nodes).await, timeout).await
+}
+
+/// Every node's (id, client address).
+async fn ids_and_addrs(nodes: &Mutex<Vec<NodeProcess>>) -> Vec<(String, String)> {
+    nodes
         .lock()
         .await
         .iter()
         .map(|n| (n.id.clone(), n.addr.clone()))
-        .collect();
-    crate::cluster::wait_nodes_synced(&all, timeout).await
+        .collect()
 }
 
 async fn running_addrs(nodes: &Mutex<Vec<NodeProcess>>) -> Vec<String> {
@@ -1263,12 +1236,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
     for node in nodes.lock().await.iter() {
         let c = Client::new([node.addr.clone()], ClientConfig::default()).expect("one address");
         if let Ok(s) = c.status().await {
-            let get = |name: &str| {
-                s.metrics
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map_or(0, |(_, v)| *v)
-            };
+            let get = |name: &str| crate::status_metric(&s, name).unwrap_or(0);
             tombstones_purged += get("storage.tombstones_purged");
             tombstones_live += get("tombstones.live");
         }

@@ -111,11 +111,18 @@ fn size_before_sync(fd: c_int) -> Option<i64> {
     Some(st.st_size)
 }
 
-/// Logs `size` bytes of the file behind `fd` as durable.
-fn synced(fd: c_int, size: Option<i64>) {
-    if let (Some(size), Some(path)) = (size, fd_path(fd)) {
+/// Calls the real sync on `fd` and, when it succeeded, logs the size the file had when it
+/// began as durable.
+///
+/// # Safety
+/// As fsync(2); `real` is libc's fsync or fdatasync.
+unsafe fn logged_sync(fd: c_int, real: SyncFn) -> c_int {
+    let size = size_before_sync(fd);
+    let r = real(fd);
+    if let (0, Some(size), Some(path)) = (r, size, fd_path(fd)) {
         log_line(&format!("S\t{size}\t{path}\n"));
     }
+    r
 }
 
 fn renamed(olddirfd: c_int, old: *const c_char, newdirfd: c_int, new: *const c_char) {
@@ -131,24 +138,14 @@ fn renamed(olddirfd: c_int, old: *const c_char, newdirfd: c_int, new: *const c_c
 /// As fsync(2).
 #[no_mangle]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
-    let size = size_before_sync(fd);
-    let r = real!(c"fsync", SyncFn)(fd);
-    if r == 0 {
-        synced(fd, size);
-    }
-    r
+    logged_sync(fd, real!(c"fsync", SyncFn))
 }
 
 /// # Safety
 /// As fdatasync(2).
 #[no_mangle]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
-    let size = size_before_sync(fd);
-    let r = real!(c"fdatasync", SyncFn)(fd);
-    if r == 0 {
-        synced(fd, size);
-    }
-    r
+    logged_sync(fd, real!(c"fdatasync", SyncFn))
 }
 
 /// # Safety
