@@ -357,10 +357,11 @@ pub struct Busy {
 impl Busy {
     /// The nodes a fault of `kind` may take (`None`: it cannot start now).
     fn free_for(&self, kind: Kind, n: usize) -> Option<Vec<usize>> {
-        if !kind.on_nodes() {
-            return (!self.network).then(Vec::new);
-        }
         let free: Vec<usize> = (0..n).filter(|i| !self.nodes.contains(i)).collect();
+        if !kind.on_nodes() {
+            // A network fault may cut any link, and must cut one between free nodes.
+            return (!self.network).then_some(free);
+        }
         (!free.is_empty()).then_some(free)
     }
 
@@ -1511,8 +1512,9 @@ mod tests {
         assert_eq!(busy.free_for(Kind::Kill, 5), Some(vec![0, 1, 2, 3, 4]));
         busy.take(Kind::Kill, &[1, 3]);
         assert_eq!(busy.free_for(Kind::Pause, 5), Some(vec![0, 2, 4]));
-        // A partition acts on links: it may start beside a fault on nodes, not beside another.
-        assert_eq!(busy.free_for(Kind::Partition, 5), Some(vec![]));
+        // A partition acts on links: it may start beside a fault on nodes, not beside another,
+        // and learns which nodes run (it must cut a link between two of them).
+        assert_eq!(busy.free_for(Kind::Partition, 5), Some(vec![0, 2, 4]));
         busy.take(Kind::Partition, &[]);
         assert_eq!(busy.free_for(Kind::Loss, 5), None);
         busy.take(Kind::Pause, &[0, 2, 4]);
