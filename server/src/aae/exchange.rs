@@ -1149,4 +1149,73 @@ mod tests {
             vec![true]
         );
     }
+
+    /// A peer's background request (here a digest page) is answered at once at a whole pace,
+    /// and held back by this node's pace when it is busy: the peer's exchange, transfer or
+    /// hand-over slows to what this node can spare, not only to its own load. GC checks are
+    /// never held back. (Counted, not timed.)
+    #[tokio::test]
+    async fn answers_to_peers_background_requests_wait_out_this_nodes_pace() {
+        let v = view(&["a"], "a", &["a"]);
+        let (_engine, _store, _membership, aae) = node_a(v);
+        let digests = || AaeRequest::KeyDigests {
+            first: 0,
+            last: u64::MAX,
+            after: Bytes::new(),
+            limit: 16,
+        };
+        aae.set_serve_pace(1.0);
+        let r = aae.serve(digests(), std::time::Instant::now()).await;
+        assert!(
+            matches!(r, PeerResponse::Aae(AaeResponse::Digests { .. })),
+            "{r:?}"
+        );
+        assert_eq!(aae.metrics.serve_rests.get(), 0);
+
+        aae.set_serve_pace(crate::background::load::FLOOR);
+        let r = aae.serve(digests(), std::time::Instant::now()).await;
+        assert!(
+            matches!(r, PeerResponse::Aae(AaeResponse::Digests { .. })),
+            "{r:?}"
+        );
+        assert_eq!(aae.metrics.serve_rests.get(), 1);
+
+        // Tombstone GC's check is answered at once at any pace.
+        let check = AaeRequest::TombstoneCheck {
+            entries: vec![(Bytes::from_static(b"k"), one_state())],
+        };
+        let r = aae.serve(check, std::time::Instant::now()).await;
+        assert!(
+            matches!(r, PeerResponse::Aae(AaeResponse::TombstoneStatus(_))),
+            "{r:?}"
+        );
+        assert_eq!(aae.metrics.serve_rests.get(), 1);
+    }
+
+    /// A push's answer is held back at most a quarter of the peer-write limit from its
+    /// arrival (its caller gives up at the limit): one that arrived that long ago is answered
+    /// at once however busy this node is.
+    #[tokio::test]
+    async fn a_pushs_answer_is_held_back_within_its_callers_limit() {
+        let v = view(&["a"], "a", &["a"]);
+        let (_engine, store, _membership, aae) = node_a(v);
+        store.limit_peer_writes(Duration::from_millis(400));
+        aae.set_serve_pace(crate::background::load::FLOOR);
+        let entries = vec![(Bytes::from_static(b"k"), one_state())];
+        let arrived = std::time::Instant::now() - Duration::from_millis(100);
+        let r = aae.serve(AaeRequest::PushStates { entries }, arrived).await;
+        assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![true])));
+        assert_eq!(aae.metrics.serve_rests.get(), 0);
+    }
+
+    #[test]
+    fn a_serve_rest_is_the_duty_rest_within_its_cap() {
+        use crate::aae::service::serve_rest;
+        let ms = Duration::from_millis;
+        assert_eq!(serve_rest(ms(10), 1.0, ms(1000)), Duration::ZERO);
+        assert_eq!(serve_rest(ms(10), 0.5, ms(1000)), ms(10));
+        assert_eq!(serve_rest(ms(10), 0.1, ms(1000)), ms(90));
+        assert_eq!(serve_rest(ms(100), 0.02, ms(1000)), ms(1000));
+        assert_eq!(serve_rest(ms(100), 0.02, Duration::ZERO), Duration::ZERO);
+    }
 }

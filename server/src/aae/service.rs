@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_protocol::peer::aae::{status, MAX_DIGESTS, MAX_STATES};
@@ -11,6 +12,7 @@ use ringkv_protocol::peer::{AaeRequest, AaeResponse, PeerResponse};
 use ringkv_protocol::ring::key_position;
 use ringkv_protocol::{ErrorKind, RepairReply};
 
+use crate::background::load::CpuLoad;
 use crate::background::{paced_chunks, MERGE_DEADLINE};
 use crate::membership::{Membership, NoData};
 use crate::merkle::LEAVES;
@@ -46,6 +48,7 @@ crate::metrics::metric_set! {
         marks_cleared: Counter = "marks_cleared", "marks cleared after an exchange synced their partition (or the target agreed to run a cycle)";
         return_syncs: Counter = "return_syncs", "exchanges run at once with a peer back from a long absence";
         deferred: Counter = "exchanges_deferred", "exchanges put off while a hint replay ran with the peer";
+        serve_rests: Counter = "serve_rests", "answers to peers' exchanges, transfers and hand-overs this node held back because its own foreground queues were deep or its CPUs busy (the peer's work slows to this node's pace)";
     }
 }
 
@@ -70,6 +73,36 @@ pub struct AntiEntropy {
     /// The ring epoch this node last saw and since when (an unsynced node trusts its list of
     /// peers only once the ring stopped changing for `RING_SETTLE`).
     epoch_since: Mutex<Option<(u64, std::time::Instant)>>,
+    /// The pace (CPU yield and foreground pressure) this node serves peers' background
+    /// requests at (`serve_rest`).
+    load: Mutex<ServePace>,
+}
+
+/// Where [`AntiEntropy::serve`] reads its pace from.
+enum ServePace {
+    /// This node's CPU use and foreground pressure (`CpuLoad::pace`).
+    Load(CpuLoad),
+    /// A fixed pace (tests: the machine's own load is not theirs to set).
+    #[cfg(test)]
+    Fixed(f64),
+}
+
+/// The longest an answer to a peer's background request is held back (`serve_rest`): well
+/// within the caller's timeout (`exchange::CALL_TIMEOUT`), as a hint holder rests at most
+/// `handoff::replay::MAX_HOLDER_REST` between batches.
+pub const MAX_SERVE_REST: Duration = Duration::from_secs(1);
+
+/// How long to hold back the answer to a peer's background request that took `worked` to
+/// serve, at this node's background `pace` (0..=1): so that serving one peer's exchange,
+/// transfer or hand-over takes at most that share of this node's time, as its own background
+/// work does (`background::load::duty_rest`); at most `cap`.
+///
+/// The initiator paces an exchange by its own load; without this a busy peer was slowed only
+/// by answering late, or stopped by refusing (Riak's anti-entropy throttle reads the vnode
+/// queues of every node for the same reason; Scylla runs the serving side of repair and
+/// streaming in its maintenance scheduling group, at the serving shard's priority).
+pub fn serve_rest(worked: Duration, pace: f64, cap: Duration) -> Duration {
+    crate::background::load::duty_rest(worked, pace).min(cap)
 }
 
 /// How long the ring must stay the same before an unsynced node takes its peers as complete
@@ -115,6 +148,7 @@ impl AntiEntropy {
             running: AtomicBool::new(false),
             synced_with: Mutex::new(BTreeSet::new()),
             epoch_since: Mutex::new(None),
+            load: Mutex::new(ServePace::Load(CpuLoad::default())),
         }
     }
 
@@ -272,8 +306,54 @@ impl AntiEntropy {
     }
 
     /// Serves one request of the anti-entropy family, read at `arrived` (`net`'s stall-safe
-    /// dating: a push's merges are bounded from then).
-    pub async fn serve(&self, req: AaeRequest, arrived: std::time::Instant) -> PeerResponse {
+    /// dating: a push's merges are bounded from then), then holds the answer back by this
+    /// node's background pace ([`serve_rest`]) if the request is a peer's background data
+    /// work: tree cells, digests, fetches and pushes (exchanges, transfers, hand-overs).
+    /// Tombstone GC's checks and purges are answered at once (GC paces itself; its checks'
+    /// timing stays the initiator's to reason about), and so are requested cycles.
+    pub async fn serve(&self, req: AaeRequest, arrived: Instant) -> PeerResponse {
+        // Held back: peers' data work, a push's answer (its caller waits at most the
+        // peer-write limit from sending it) only within a quarter of that from its arrival.
+        let (held, push) = match &req {
+            AaeRequest::CellHashes { .. }
+            | AaeRequest::KeyDigests { .. }
+            | AaeRequest::FetchStates { .. } => (true, false),
+            AaeRequest::PushStates { .. } => (true, true),
+            AaeRequest::TombstoneCheck { .. }
+            | AaeRequest::Purge { .. }
+            | AaeRequest::RequestCycle => (false, false),
+        };
+        let started = Instant::now();
+        let resp = self.answer(req, arrived).await;
+        if held {
+            let cap = if push {
+                MAX_SERVE_REST
+                    .min((self.store.peer_write_limit() / 4).saturating_sub(arrived.elapsed()))
+            } else {
+                MAX_SERVE_REST
+            };
+            let pace = match &mut *self.load.lock().expect("serve load lock poisoned") {
+                ServePace::Load(load) => load.pace(),
+                #[cfg(test)]
+                ServePace::Fixed(p) => *p,
+            };
+            let rest = serve_rest(started.elapsed(), pace, cap);
+            if !rest.is_zero() {
+                self.metrics.serve_rests.inc();
+                tokio::time::sleep(rest).await;
+            }
+        }
+        resp
+    }
+
+    /// Serves at a fixed background pace from now on.
+    #[cfg(test)]
+    pub fn set_serve_pace(&self, pace: f64) {
+        *self.load.lock().expect("serve load lock poisoned") = ServePace::Fixed(pace);
+    }
+
+    /// The answer to one request of the anti-entropy family (`serve`).
+    async fn answer(&self, req: AaeRequest, arrived: Instant) -> PeerResponse {
         self.metrics.served.inc();
         match req {
             AaeRequest::CellHashes { cells } => {
