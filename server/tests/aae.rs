@@ -212,6 +212,58 @@ async fn kvctl_repair_runs_a_cycle_now_and_waits_for_it() {
     assert!(err.contains("no member named \"n9\""), "{err}");
 }
 
+/// The serving side of a repair paces by its own load: while every CPU is busy (two threads of
+/// this test spin), the nodes answering n3's fetches hold their answers back
+/// (`aae.serve_rests`), and the repair still completes without a failed exchange (a
+/// held-back answer past its caller's timeout would fail it): every key n3 missed is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_node_holds_back_its_answers_to_a_repair_which_still_completes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let flags = ["--hinted-handoff", "false", "--aae-interval-secs", "3600"];
+    let mut c = Cluster::start(3, &flags).await;
+    write_while_down(&mut c, 2, &[0, 1], "busy", 1000).await;
+    let before = metric_total(&c, &[0, 1], "aae.serve_rests").await;
+
+    let spin = std::sync::Arc::new(AtomicBool::new(true));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let spin = spin.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while spin.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let addr = c.nodes[2].addr.clone();
+    let v = tool_json(
+        "kvctl",
+        &["--addr", &addr, "--json", "repair", "--node", "n3"],
+    );
+    assert_eq!(v["started"][0]["node"], "n3", "{v}");
+    // n3's exchange fetches from n1 and n2: while the CPUs are busy they hold answers back.
+    eventually(
+        Duration::from_secs(60),
+        "n1 or n2 held back an answer to n3's repair",
+        || async { metric_total(&c, &[0, 1], "aae.serve_rests").await > before },
+    )
+    .await;
+    spin.store(false, Ordering::Relaxed);
+    for t in spinners {
+        t.join().unwrap();
+    }
+    let n3 = c.client(2);
+    let keys: Vec<String> = (0..1000).map(|i| format!("busy{i}")).collect();
+    eventually(
+        Duration::from_secs(90),
+        "n3 holds every key it missed",
+        || holds_all(&n3, keys.clone()),
+    )
+    .await;
+    assert_eq!(metric(&n3, "aae.exchange_errors").await, 0);
+}
+
 /// Tombstone GC: 1 000 keys deleted while n3 is down (no hints, no read repair, so only
 /// anti-entropy can tell n3). While n3 is down nothing is purged (it still holds the values);
 /// once it is back, anti-entropy gives it the tombstones, every replica purges them, and at no
