@@ -134,6 +134,13 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..with("register", "overload,kill", 30, 9)
             },
+            // Anti-entropy alone converging the replicas while a flood keeps nodes over their
+            // budget: repairs against a node that holds its answers back by its own load
+            // (`aae.serve_rests`), or refuses them, still finish.
+            Cli {
+                interval: 4,
+                ..aae_only("register", "overload,partition", 30, 12)
+            },
             // Power losses: every file of a minority cut back to what was fsynced (sync group:
             // no acknowledged write may be lost).
             Cli {
@@ -171,6 +178,7 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             with("set", "membership,partition", 150, 27),
             with("register", "overload,partition", 120, 28),
             with("set", "overload,pause", 90, 29),
+            aae_only("register", "overload,kill", 90, 35),
             // Two faults at once, on different nodes.
             overlap("register", "kill,partition,pause,clock", 120, 31),
             overlap("set", "powerloss,loss,disk,pause", 90, 32),

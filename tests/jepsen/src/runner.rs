@@ -119,6 +119,9 @@ pub struct Results {
     /// Tombstones purged by all nodes during the run, and still held at its end.
     pub tombstones_purged: u64,
     pub tombstones_live: u64,
+    /// Answers to peers' exchanges, transfers and hand-overs the nodes held back by their own
+    /// load (`aae.serve_rests`, since each node's last start).
+    pub aae_serve_rests: u64,
 }
 
 fn ctx_token(c: &Context) -> String {
@@ -1233,13 +1236,14 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
             shown.join("; ")
         ));
     }
-    let (mut tombstones_purged, mut tombstones_live) = (0, 0);
+    let (mut tombstones_purged, mut tombstones_live, mut aae_serve_rests) = (0, 0, 0);
     for node in nodes.lock().await.iter() {
         let c = Client::new([node.addr.clone()], ClientConfig::default()).expect("one address");
         if let Ok(s) = c.status().await {
             let get = |name: &str| crate::status_metric(&s, name).unwrap_or(0);
             tombstones_purged += get("storage.tombstones_purged");
             tombstones_live += get("tombstones.live");
+            aae_serve_rests += get("aae.serve_rests");
         }
     }
     if cfg.tombstone_settle_s.is_some() {
@@ -1268,6 +1272,7 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         nemesis_errors: errs,
         tombstones_purged,
         tombstones_live,
+        aae_serve_rests,
     })
 }
 
@@ -1384,6 +1389,12 @@ pub fn summary(r: &Results) -> String {
         s.push_str(&format!(
             "tombstone GC (settle {settle} s): {} purged, {} held at the end\n",
             r.tombstones_purged, r.tombstones_live
+        ));
+    }
+    if r.config.anti_entropy_only {
+        s.push_str(&format!(
+            "anti-entropy: {} answers to peers held back by busy nodes (aae.serve_rests)\n",
+            r.aae_serve_rests
         ));
     }
     if let Some(reg) = &r.register {
