@@ -247,20 +247,27 @@ fn cuts_live_link(pairs: &[(usize, usize)], live: &[usize]) -> bool {
 }
 
 /// A partition of `shape` that cuts at least one link between two nodes of `live` (the nodes
-/// no other fault holds), drawn again until it does; when fewer than two are live, any draw.
+/// no other fault holds), drawn again until it does, up to [`PARTITION_DRAWS`] times (a shape
+/// may cut no such link at all: the majorities ring of three nodes cuts nothing); when fewer
+/// than two are live, any draw.
 pub fn live_partition_pairs(
     shape: &str,
     n: usize,
     live: &[usize],
     rng: &mut StdRng,
 ) -> Vec<(usize, usize)> {
-    loop {
-        let pairs = partition_pairs(shape, n, rng);
+    let mut pairs = partition_pairs(shape, n, rng);
+    for _ in 1..PARTITION_DRAWS {
         if live.len() < 2 || cuts_live_link(&pairs, live) {
-            return pairs;
+            break;
         }
+        pairs = partition_pairs(shape, n, rng);
     }
+    pairs
 }
+
+/// Most draws of a partition shape looking for one that cuts a link between running nodes.
+pub const PARTITION_DRAWS: usize = 64;
 
 /// The cut pairs of a partition shape over positions 0..n.
 fn shape_pairs(shape: &str, n: usize, rng: &mut StdRng) -> Vec<(usize, usize)> {
@@ -877,6 +884,9 @@ mod tests {
         // Fewer than two live nodes: any draw, still a real partition.
         let mut rng = StdRng::seed_from_u64(3);
         assert!(!live_partition_pairs("isolated", 5, &[1], &mut rng).is_empty());
+        // A shape that cuts nothing (the majorities ring of three nodes) ends its draws.
+        let mut rng = StdRng::seed_from_u64(3);
+        assert!(live_partition_pairs("majorities-ring", 3, &[0, 1, 2], &mut rng).is_empty());
     }
 
     #[test]
