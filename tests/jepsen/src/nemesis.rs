@@ -241,9 +241,12 @@ pub fn partition_pairs(shape: &str, n: usize, rng: &mut StdRng) -> Vec<(usize, u
 /// Whether `pairs` cuts a link between two nodes of `live`. A network fault must: one that
 /// cut only links of nodes another fault holds (killed, paused) would show no effect.
 fn cuts_live_link(pairs: &[(usize, usize)], live: &[usize]) -> bool {
-    pairs
-        .iter()
-        .any(|(a, b)| live.contains(a) && live.contains(b))
+    pairs.iter().any(|&pair| is_live_link(pair, live))
+}
+
+/// Whether both ends of the link `(a, b)` are nodes of `live`.
+fn is_live_link((a, b): (usize, usize), live: &[usize]) -> bool {
+    live.contains(&a) && live.contains(&b)
 }
 
 /// A partition of `shape` that cuts at least one link between two nodes of `live` (the nodes
@@ -329,7 +332,7 @@ pub fn lossy_links(n: usize, live: &[usize], rng: &mut StdRng) -> Vec<(usize, us
     let live_pairs: Vec<(usize, usize)> = all
         .iter()
         .copied()
-        .filter(|(a, b)| live.contains(a) && live.contains(b))
+        .filter(|&pair| is_live_link(pair, live))
         .collect();
     if !live_pairs.is_empty() && !cuts_live_link(&chosen, live) {
         chosen.push(live_pairs[rng.random_range(0..live_pairs.len())]);

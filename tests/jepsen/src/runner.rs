@@ -635,13 +635,19 @@ async fn cluster_admin(
     }
 }
 
-/// Waits until no node holds a hint (`hints.pending_keys` is 0 everywhere).
+/// Waits until no running node holds a hint (`hints.pending_keys` is 0 on each).
 async fn wait_hints_drained(
     nodes: &Mutex<Vec<NodeProcess>>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let all = ids_and_addrs(nodes).await;
-    crate::cluster::wait_metric_zero(&all, "hints.pending_keys", "holding hints", timeout).await
+    let running: Vec<(String, String)> = nodes
+        .lock()
+        .await
+        .iter()
+        .filter(|n| n.child_running())
+        .map(|n| (n.id.clone(), n.addr.clone()))
+        .collect();
+    crate::cluster::wait_metric_zero(&running, "hints.pending_keys", "holding hints", timeout).await
 }
 
 /// Waits until no node is still syncing a new data dir (`cluster::wait_nodes_synced`).
