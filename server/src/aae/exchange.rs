@@ -1208,6 +1208,46 @@ mod tests {
         assert_eq!(aae.metrics.serve_rests.get(), 0);
     }
 
+    /// Found in review: a peer's tombstone purge carried no deadline, so one served after its
+    /// sender had given up (queued behind a slow writer, read late from a paused connection)
+    /// was still applied. It is now dropped once the limit a pushed state has is up.
+    #[tokio::test]
+    async fn a_peers_purge_served_after_its_deadline_is_never_applied() {
+        let v = view(&["a"], "a", &["a"]);
+        let (_engine, store, _membership, aae) = node_a(v);
+        store.limit_peer_writes(Duration::from_millis(400));
+        let key = Bytes::from_static(b"k");
+        let tombstone = Bytes::from(
+            KeyState::new()
+                .update(
+                    &VersionVector::new(),
+                    Dot {
+                        actor: 7,
+                        counter: 1,
+                    },
+                    5,
+                    None,
+                )
+                .encode(),
+        );
+        let merged = aae
+            .merge_pushed(
+                vec![(key.clone(), tombstone.clone())],
+                std::time::Instant::now(),
+            )
+            .await;
+        assert_eq!(merged, vec![true]);
+        let purge = || AaeRequest::Purge {
+            entries: vec![(key.clone(), tombstone.clone())],
+        };
+        let late = std::time::Instant::now() - Duration::from_secs(1);
+        let r = aae.serve(purge(), late).await;
+        assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![false])));
+        // Still there: the same purge in time takes exactly that tombstone.
+        let r = aae.serve(purge(), std::time::Instant::now()).await;
+        assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![true])));
+    }
+
     #[test]
     fn a_serve_rest_is_the_duty_rest_within_its_cap() {
         use crate::aae::service::serve_rest;

@@ -411,7 +411,7 @@ impl<T: Transport> GcWorker<T> {
             }
         }
         let local: Vec<(Bytes, Bytes)> = keys.into_iter().map(|(k, s, _)| (k, s)).collect();
-        let done = self.aae.purge(local).await;
+        let done = self.aae.purge(local, None).await;
         self.pass_purged += done.iter().filter(|d| **d).count() as u64;
     }
 

@@ -459,7 +459,11 @@ impl AntiEntropy {
                 PeerResponse::Aae(AaeResponse::TombstoneStatus(flags))
             }
             AaeRequest::Purge { entries } => {
-                PeerResponse::Aae(AaeResponse::Merged(self.purge(entries).await))
+                // A peer's purge is applied within the limit a pushed state has, or not at all:
+                // the sender gave up on it by then (and purges again on a later pass).
+                let within = MERGE_DEADLINE.min(self.store.peer_write_limit());
+                let purged = self.purge(entries, Some(arrived + within)).await;
+                PeerResponse::Aae(AaeResponse::Merged(purged))
             }
             AaeRequest::RequestCycle => PeerResponse::Aae(AaeResponse::Merged(vec![self
                 .request_cycle(None)
@@ -497,8 +501,13 @@ impl AntiEntropy {
     }
 
     /// Purges each key this node replicates whose state is still exactly the given tombstone
-    /// state (compare-and-delete in the writer); true per key purged.
-    pub async fn purge(&self, entries: Vec<(Bytes, Bytes)>) -> Vec<bool> {
+    /// state (compare-and-delete in the writer); true per key purged. With a `deadline` (a
+    /// peer's purge), a purge still queued then is dropped, never applied late (false).
+    pub async fn purge(
+        &self,
+        entries: Vec<(Bytes, Bytes)>,
+        deadline: Option<std::time::Instant>,
+    ) -> Vec<bool> {
         let purge = |(key, expected): (Bytes, Bytes)| async move {
             if !self.replicates(&key) {
                 return false;
@@ -507,7 +516,15 @@ impl AntiEntropy {
                 key: key.clone(),
                 expected,
             };
-            match self.store.write(op).await {
+            let written = match deadline {
+                Some(deadline) => {
+                    let named = key.clone();
+                    let what = move || format!("key {}: tombstone purge", HexKey(named.to_vec()));
+                    self.store.write_by(op, deadline, what).await
+                }
+                None => self.store.write(op).await,
+            };
+            match written {
                 Ok(outcome) => outcome.changed,
                 Err(e) => {
                     tracing::warn!(node = %self.node_id, key = %HexKey(key.to_vec()), error = %e,
