@@ -1171,6 +1171,65 @@ mod routing_tests {
         assert_eq!(seen.load(Ordering::Relaxed), 2);
     }
 
+    /// Nodes that refuse every request `Overloaded`: a write (put, delete) is sent once, to
+    /// one node, and the caller learns it was not done; a read is sent again after the hint,
+    /// on the next node, `overload_retries` times. Counted by the nodes, so a resend from
+    /// anywhere in the client (not only the retry loop) would show.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_refused_overloaded_reaches_the_nodes_once_and_a_read_is_retried() {
+        use futures::{SinkExt, StreamExt};
+        use ringkv_protocol::{ErrorKind, FrameCodec, Inbound};
+        let seen = Arc::new(AtomicU64::new(0));
+        let mut addrs = Vec::new();
+        for _ in 0..2 {
+            let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(node.local_addr().unwrap().to_string());
+            let counted = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = node.accept().await {
+                    let counted = counted.clone();
+                    tokio::spawn(async move {
+                        let mut framed =
+                            tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+                        while let Some(Ok(Inbound::Frame(f))) = framed.next().await {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            let refusal = Response::error(
+                                ErrorKind::Overloaded { retry_after_ms: 1 },
+                                true,
+                                String::from("overloaded (test)"),
+                            );
+                            if framed.send(refusal.to_frame(f.request_id)).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        let config = ClientConfig {
+            overload_retries: 3,
+            overload_backoff: Duration::from_millis(1),
+            ..ClientConfig::default()
+        };
+        let client = Client::new(addrs, config).unwrap();
+        let put = client.put("k", "v", None).await;
+        assert!(
+            put.as_ref().is_err_and(|e| e.is_overloaded() && e.is_definite()),
+            "{put:?}"
+        );
+        assert_eq!(seen.load(Ordering::Relaxed), 1, "the put was sent again");
+        let delete = client.delete("k", None).await;
+        assert!(
+            delete.as_ref().is_err_and(|e| e.is_overloaded()),
+            "{delete:?}"
+        );
+        assert_eq!(seen.load(Ordering::Relaxed), 2, "the delete was sent again");
+        let get = client.get("k").await;
+        assert!(get.as_ref().is_err_and(|e| e.is_overloaded()), "{get:?}");
+        assert_eq!(seen.load(Ordering::Relaxed), 2 + 4, "a read: 1 + 3 retries");
+        assert_eq!(client.overload_retries(), 3);
+    }
+
     #[test]
     fn overload_backoff_doubles_respects_the_hint_and_jitters() {
         let base = Duration::from_millis(10);
