@@ -276,6 +276,23 @@ async fn a_read_repair_moves_its_series() {
         },
     )
     .await;
+    // The repair itself, not only its count: n3's own copy now holds the write (hints and
+    // anti-entropy are off: only the repair can have brought it).
+    let c3 = cluster.client(2);
+    let local = GetOptions {
+        local: true,
+        ..Default::default()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "n3's own copy holds the repaired write",
+        || async {
+            c3.get_with("rr", local)
+                .await
+                .is_ok_and(|r| r.value().map(|v| v.as_ref()) == Some(&b"v"[..]))
+        },
+    )
+    .await;
 }
 
 /// The series names a node exports (from its `# TYPE` lines; a histogram as its `_bucket`,
@@ -621,7 +638,7 @@ async fn a_flood_beyond_the_budget_is_shed_at_once_while_status_health_and_a_lig
         assert_eq!(status.node_id, "n1");
         let (code, _) = http_get(&node.admin_addr, "/health").unwrap();
         assert_eq!(code, 200);
-        peak_rss = peak_rss.max(node.rss_bytes().unwrap_or(0));
+        peak_rss = peak_rss.max(node.rss_bytes().expect("the node's RSS is readable"));
     }
     // The operator's tool answers too, and says "overloaded" (exit 3, nothing done) when the
     // node refuses a write: a 1 MiB value over the byte budget while the flood is in flight.
@@ -1023,7 +1040,10 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
         stalled.push((unread, frames));
         // Let the node run what it admitted before the next connection comes.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let grown = node.rss_bytes().unwrap_or(0).saturating_sub(rss_before);
+        let grown = node
+            .rss_bytes()
+            .expect("the node's RSS is readable")
+            .saturating_sub(rss_before);
         assert!(
             grown < 160 << 20,
             "after {} stalled connections the node holds {} MiB more (a budget of {BUDGET} requests: replies outside it?)",
