@@ -1214,7 +1214,8 @@ mod routing_tests {
         let client = Client::new(addrs, config).unwrap();
         let put = client.put("k", "v", None).await;
         assert!(
-            put.as_ref().is_err_and(|e| e.is_overloaded() && e.is_definite()),
+            put.as_ref()
+                .is_err_and(|e| e.is_overloaded() && e.is_definite()),
             "{put:?}"
         );
         assert_eq!(seen.load(Ordering::Relaxed), 1, "the put was sent again");

@@ -1,7 +1,8 @@
 //! Admission control: node-wide budgets of work in flight, so an overloaded node says so at
 //! once instead of queueing requests past their deadlines.
 //!
-//! Two budgets, each bounded by a count of requests **and** their bytes (frame bodies):
+//! Two budgets, each bounded by a count of requests **and** their bytes (the request frame
+//! bodies, and the reply frames made and not yet written, `Permit::charge_reply`):
 //! client requests (get, put, delete; admin requests are never shed, so `kvctl status` and
 //! health checks answer under any load) and peer requests (replication, replica reads,
 //! hints, forwarded writes, anti-entropy), so a flood of clients on one node cannot make it
@@ -33,8 +34,9 @@ use crate::metrics::{Counter, Gauge, Registry};
 pub struct Limits {
     /// Requests in flight.
     pub requests: usize,
-    /// Bytes of the requests in flight (frame bodies). One request larger than this is still
-    /// admitted when nothing else is in flight, so no valid request is refused forever.
+    /// Bytes in flight: the bodies of the requests admitted, and of their replies made and not
+    /// yet written to the socket. One request larger than this is still admitted when nothing
+    /// else is in flight, so no valid request is refused forever.
     pub bytes: usize,
 }
 
@@ -69,7 +71,8 @@ impl Shed {
                 format!("overloaded: {in_flight} {budget} requests in flight (limit {limit})")
             }
             Shed::Bytes { in_flight, limit } => format!(
-                "overloaded: {in_flight} bytes of {budget} requests in flight (limit {limit})"
+                "overloaded: {in_flight} bytes of {budget} requests and unwritten replies in \
+                 flight (limit {limit})"
             ),
             Shed::FairShare { held, share } => format!(
                 "overloaded: this connection has {held} {budget} requests in flight, its \
@@ -122,7 +125,10 @@ pub struct Budget {
     name: &'static str,
     limits: Limits,
     in_flight: Gauge,
+    /// Request and reply bytes in flight (`Limits::bytes`).
     bytes: Gauge,
+    /// The part of `bytes` that is replies made and not yet written (`Permit::charge_reply`).
+    reply_bytes: AtomicUsize,
     /// Connections holding at least one permit.
     busy_conns: AtomicUsize,
     /// Moving average of how long admitted requests took, µs (the retry-after hint).
@@ -155,9 +161,10 @@ impl Budget {
             ),
             bytes: registry.gauge_with(
                 "admission.in_flight_bytes",
-                "bytes of the requests admitted whose reply is not yet written",
+                "bytes of the requests admitted, and of their replies made, until each reply is written",
                 &l,
             ),
+            reply_bytes: AtomicUsize::new(0),
             busy_conns: AtomicUsize::new(0),
             latency_us: AtomicU64::new(0),
             shed,
@@ -182,7 +189,7 @@ impl Budget {
         registry
             .gauge_with(
                 "admission.limit_bytes",
-                "the budget's limit of request bytes in flight",
+                "the budget's limit of request and reply bytes in flight",
                 &l,
             )
             .set(limits.bytes as u64);
@@ -211,6 +218,7 @@ impl Budget {
     ) -> Result<Permit, Shed> {
         let before = self.in_flight.inc() as usize;
         let bytes_before = self.bytes.inc_by(bytes as u64) as usize;
+        let replies_before = self.reply_bytes.load(Ordering::Acquire);
         let held_before = conn.held.fetch_add(1, Ordering::AcqRel);
         let held_bytes_before = conn.held_bytes.fetch_add(bytes, Ordering::AcqRel);
         if held_before == 0 {
@@ -223,6 +231,15 @@ impl Budget {
         // application multiplexing its requests, as the client library does) is not capped.
         let busy = self.busy_conns.load(Ordering::Acquire);
         let bytes_share = shared_from(bytes_limit) / busy.max(1);
+        // A connection with nothing in flight is judged by the requests' bytes only: the replies
+        // of others' requests waiting to be written (a client that reads none of its replies)
+        // must not lock a light client out; it takes its place in the count's last quarter.
+        let (bytes_before, bytes_after) = if held_before == 0 {
+            let requests_before = bytes_before.saturating_sub(replies_before);
+            (requests_before, requests_before.saturating_add(bytes))
+        } else {
+            (bytes_before, bytes_after)
+        };
         let refused = if before >= self.limits.requests {
             Some(Shed::Requests {
                 in_flight: before,
@@ -275,6 +292,7 @@ impl Budget {
             budget: self.clone(),
             conn: conn.clone(),
             bytes,
+            reply_bytes: 0,
             started: Instant::now(),
             admitted: refused.is_none(),
         };
@@ -322,6 +340,8 @@ pub struct Permit {
     budget: Arc<Budget>,
     conn: Arc<ConnShare>,
     bytes: usize,
+    /// Of `bytes`, the reply's (`charge_reply`).
+    reply_bytes: usize,
     started: Instant,
     admitted: bool,
 }
@@ -348,10 +368,27 @@ impl Permit {
     }
 }
 
+impl Permit {
+    /// The request's reply, `bytes` long, is made and waits to be written: it counts against
+    /// the byte budget (and this connection's share of it) until the permit is dropped, so
+    /// replies waiting for clients that do not read them fill the budget and further requests
+    /// from busy connections are refused `bytes` (as Scylla's reader semaphore counts a read's
+    /// memory, not only its request). Never refused itself: the work is done.
+    pub fn charge_reply(&mut self, bytes: usize) {
+        let b = &self.budget;
+        b.bytes.inc_by(bytes as u64);
+        b.reply_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.conn.held_bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.bytes += bytes;
+        self.reply_bytes += bytes;
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.answered();
         let b = &self.budget;
+        b.reply_bytes.fetch_sub(self.reply_bytes, Ordering::AcqRel);
         b.in_flight.dec();
         b.bytes.dec_by(self.bytes as u64);
         self.conn.held_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
@@ -393,6 +430,38 @@ mod tests {
         assert_eq!(b.in_flight(), 0);
         assert_eq!(b.bytes.get(), 0);
         assert!(b.try_admit(&conns[4], 10).is_ok());
+    }
+
+    #[test]
+    fn replies_waiting_to_be_written_fill_the_byte_budget_for_busy_connections_only() {
+        let b = Budget::bare(Limits {
+            requests: 100,
+            bytes: 1000,
+        });
+        let (slow, light) = (ConnShare::new(), ConnShare::new());
+        let mut get = b.try_admit(&slow, 10).expect("within the budget");
+        // Its reply is made and waits for a client that does not read it.
+        get.charge_reply(990);
+        assert_eq!(b.bytes.get(), 1000);
+        // The same connection asks again: refused by the bytes its reply holds.
+        assert_eq!(
+            b.try_admit(&slow, 10).err(),
+            Some(Shed::Bytes {
+                in_flight: 1000,
+                limit: 1000
+            })
+        );
+        // A connection with nothing in flight is judged by the requests' bytes: it gets in.
+        let mut served = b.try_admit(&light, 10).expect("a light client is served");
+        served.charge_reply(500);
+        assert_eq!(b.bytes.get(), 1510);
+        drop(served);
+        drop(get);
+        // Every byte comes back, the replies' with the requests'.
+        assert_eq!(b.bytes.get(), 0);
+        assert_eq!(b.reply_bytes.load(Ordering::Acquire), 0);
+        assert_eq!(slow.held_bytes.load(Ordering::Acquire), 0);
+        assert!(b.try_admit(&slow, 10).is_ok());
     }
 
     #[test]

@@ -112,14 +112,15 @@ pub struct Cli {
     /// Client gets, puts and deletes in flight on this node; more are refused Overloaded.
     #[arg(long)]
     pub max_requests: Option<usize>,
-    /// MiB of client request bodies in flight on this node; more are refused Overloaded.
+    /// MiB of client request bodies, and of their replies until written, in flight on this
+    /// node; more are refused Overloaded.
     #[arg(long)]
     pub max_request_mb: Option<usize>,
     /// Peer requests (replication, replica reads, hints, forwarded writes, anti-entropy) in
     /// flight on this node; more are refused Overloaded.
     #[arg(long)]
     pub peer_max_requests: Option<usize>,
-    /// MiB of peer request bodies in flight on this node.
+    /// MiB of peer request bodies, and of their replies until written, in flight on this node.
     #[arg(long)]
     pub peer_max_request_mb: Option<usize>,
     /// RocksDB block cache shared by all column families, in MiB.

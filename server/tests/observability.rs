@@ -1082,6 +1082,110 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
     .await;
 }
 
+/// Replies waiting for clients that do not read count against the byte budget, not only the
+/// count: a get is a few bytes in and up to a whole state out. Found in an audit: the byte
+/// budget counted request bodies only, so 16 connections pipelining gets of a 1 MiB value and
+/// reading nothing held 48 replies (48 MiB) against a byte budget of 8 MiB, refused only by
+/// the count. Now a connection with something in flight is refused once the replies waiting
+/// fill the budget (past 3/4 of it, as for request bytes); a connection with nothing in flight still gets one request in (a
+/// light client is served), and closing them gives every byte back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_budget() {
+    use futures::SinkExt;
+    use ringkv_protocol::{FrameCodec, ReadOptions, Request};
+    const BUDGET_MB: usize = 8;
+    const STALLED: usize = 16;
+    const GETS: u64 = 8;
+    let mb = BUDGET_MB.to_string();
+    let node = NodeProcess::start_temp(
+        "n1",
+        &[
+            "--n",
+            "1",
+            "--max-requests",
+            "64",
+            "--max-request-mb",
+            &mb,
+            ADMIN[0],
+            ADMIN[1],
+        ],
+    );
+    let no_retry = ClientConfig {
+        overload_retries: 0,
+        ..ClientConfig::default()
+    };
+    let client = Client::new([node.addr.clone()], no_retry).unwrap();
+    let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
+    client.put("big", big, None).await.unwrap();
+    client.put("light", "x", None).await.unwrap();
+    let gets_answered = || {
+        sample(
+            &node,
+            "ringkv_requests_total",
+            &[("op", "get"), ("result", "ok")],
+        )
+    };
+    let answered_before = gets_answered();
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        // A small receive buffer: the replies wait in the node, not in this side's kernel.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
+        let (unread, wr) = stream.into_split();
+        let mut frames = tokio_util::codec::FramedWrite::new(
+            wr,
+            FrameCodec::new(ringkv_protocol::limits::MAX_REQUEST_BODY_LEN),
+        );
+        for id in 1..=GETS {
+            let get = Request::Get {
+                key: Bytes::from_static(b"big"),
+                opts: ReadOptions::default(),
+            };
+            frames.feed(get.to_frame(id)).await.unwrap();
+        }
+        frames.flush().await.unwrap();
+        stalled.push((unread, frames));
+        // Let the node run what it admitted before the next connection comes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One connection's gets may all pass before any of their replies is made (a budget of
+    // 8 MiB is 8 of them); after that each connection gets in only its first, as a connection
+    // with nothing in flight.
+    let answered = gets_answered() - answered_before;
+    let bound = (BUDGET_MB as u64 + GETS + STALLED as u64) as f64;
+    assert!(
+        answered >= 1.0 && answered <= bound,
+        "{answered} gets of 1 MiB were answered to clients that read nothing (byte budget \
+         {BUDGET_MB} MiB: at most {bound})"
+    );
+    let bytes = || {
+        sample(
+            &node,
+            "ringkv_admission_in_flight_bytes",
+            &[("budget", "client")],
+        )
+    };
+    // The replies the sockets' buffers did not take are counted: at least half the budget
+    // (the requests themselves are a few dozen bytes each).
+    assert!(
+        bytes() >= (BUDGET_MB << 19) as f64,
+        "the replies waiting are not counted: {} bytes in flight",
+        bytes()
+    );
+    // A light client still gets in.
+    let read = client.get("light").await.expect("a light client is served");
+    assert!(read.is_found(), "{read:?}");
+    // Closing them gives every byte back.
+    drop(stalled);
+    eventually(
+        Duration::from_secs(10),
+        "the stalled connections' bytes are given back",
+        || async { bytes() == 0.0 },
+    )
+    .await;
+}
+
 /// A node at its connection limit refuses a new connection before reading anything from it:
 /// a write sent on it is definitely not done, and the client says so (`Overloaded`, definite,
 /// with the node's retry-after), instead of "connection lost, outcome unknown"; a read retries

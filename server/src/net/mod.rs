@@ -119,7 +119,8 @@ pub struct Reply {
     pub close: bool,
     /// The request's place in its budget, given back once the frame has been written to the
     /// socket: a client that stops reading keeps its replies within the node's budget (and
-    /// its fair share of it) instead of in memory outside any budget.
+    /// its fair share of it) instead of in memory outside any budget. The frame's bytes are
+    /// charged to it until then (`Permit::charge_reply`).
     pub hold: Option<Permit>,
 }
 
@@ -364,11 +365,14 @@ async fn connection<H: FrameHandler>(
                 if reply.close {
                     reading = false;
                 }
+                let reply_len = reply.frame.body.len();
                 if out.feed(reply.frame).is_err() {
                     broken = true;
                     break;
                 }
-                if let Some(permit) = reply.hold {
+                if let Some(mut permit) = reply.hold {
+                    // Until written, the reply counts against the byte budget too.
+                    permit.charge_reply(reply_len);
                     holds.push_back((out.fed(), permit));
                 }
                 None
