@@ -2,7 +2,7 @@
 //! once instead of queueing requests past their deadlines.
 //!
 //! Two budgets, each bounded by a count of requests **and** their bytes (the request frame
-//! bodies, and the reply frames made and not yet written, `Permit::charge_reply`):
+//! bodies; for clients also the reply frames made and not yet written, `ReplyBytes`):
 //! client requests (get, put, delete; admin requests are never shed, so `kvctl status` and
 //! health checks answer under any load) and peer requests (replication, replica reads,
 //! hints, forwarded writes, anti-entropy), so a flood of clients on one node cannot make it
@@ -107,6 +107,21 @@ fn shared_from(requests: usize) -> usize {
 pub const RETRY_AFTER_MIN_MS: u64 = 5;
 pub const RETRY_AFTER_MAX_MS: u64 = 1_000;
 
+/// Whether a budget counts the replies of its requests, from when each is made until it is
+/// written, in its bytes (`Permit::charge_reply`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyBytes {
+    /// The client budget: a get is a few bytes in and up to a whole state out, so replies
+    /// waiting for clients that do not read them fill the byte budget, and busy connections
+    /// are refused until they are written (a light client still gets in).
+    Counted,
+    /// The peer budget: a node sends everything to a peer on one connection, never empty, so a
+    /// peer that stops reading its replies would fill the budget for every other peer and
+    /// make this node refuse the replica writes their coordinators need for W. A peer's
+    /// replies are bounded by the count and by the sender's own budgets instead.
+    NotCounted,
+}
+
 /// One connection's part of a budget (the fair share).
 #[derive(Debug, Default)]
 pub struct ConnShare {
@@ -124,6 +139,7 @@ impl ConnShare {
 pub struct Budget {
     name: &'static str,
     limits: Limits,
+    replies: ReplyBytes,
     in_flight: Gauge,
     /// Request and reply bytes in flight (`Limits::bytes`).
     bytes: Gauge,
@@ -142,7 +158,12 @@ pub struct Budget {
 impl Budget {
     /// A budget named `name` ("client", "peer"), its metrics registered as `admission.*`
     /// series labelled `budget = name`.
-    pub fn new(name: &'static str, limits: Limits, registry: &Registry) -> Arc<Budget> {
+    pub fn new(
+        name: &'static str,
+        limits: Limits,
+        replies: ReplyBytes,
+        registry: &Registry,
+    ) -> Arc<Budget> {
         let l = [("budget", name)];
         let shed = SHED_REASONS.map(|reason| {
             registry.counter_with(
@@ -154,6 +175,7 @@ impl Budget {
         let budget = Budget {
             name,
             limits,
+            replies,
             in_flight: registry.gauge_with(
                 "admission.in_flight",
                 "requests admitted whose reply is not yet written to the socket",
@@ -161,7 +183,7 @@ impl Budget {
             ),
             bytes: registry.gauge_with(
                 "admission.in_flight_bytes",
-                "bytes of the requests admitted, and of their replies made, until each reply is written",
+                "bytes of the requests admitted until each reply is written (client: and of the reply, from when it is made)",
                 &l,
             ),
             reply_bytes: AtomicUsize::new(0),
@@ -189,7 +211,7 @@ impl Budget {
         registry
             .gauge_with(
                 "admission.limit_bytes",
-                "the budget's limit of request and reply bytes in flight",
+                "the budget's limit of bytes in flight",
                 &l,
             )
             .set(limits.bytes as u64);
@@ -199,7 +221,7 @@ impl Budget {
     /// A budget without metrics (unit tests).
     #[cfg(test)]
     fn bare(limits: Limits) -> Arc<Budget> {
-        Budget::new("test", limits, &Registry::default())
+        Budget::new("test", limits, ReplyBytes::Counted, &Registry::default())
     }
 
     pub fn name(&self) -> &'static str {
@@ -369,13 +391,17 @@ impl Permit {
 }
 
 impl Permit {
-    /// The request's reply, `bytes` long, is made and waits to be written: it counts against
-    /// the byte budget (and this connection's share of it) until the permit is dropped, so
-    /// replies waiting for clients that do not read them fill the budget and further requests
-    /// from busy connections are refused `bytes` (as Scylla's reader semaphore counts a read's
-    /// memory, not only its request). Never refused itself: the work is done.
+    /// The request's reply, `bytes` long, is made and waits to be written: in a budget that
+    /// counts replies (`ReplyBytes::Counted`) it counts against the byte budget (and this
+    /// connection's share of it) until the permit is dropped, so replies waiting for clients
+    /// that do not read them fill the budget and further requests from busy connections are
+    /// refused (as Scylla's reader semaphore counts a read's memory, not only its request).
+    /// Never refused itself: the work is done.
     pub fn charge_reply(&mut self, bytes: usize) {
         let b = &self.budget;
+        if b.replies == ReplyBytes::NotCounted {
+            return;
+        }
         b.bytes.inc_by(bytes as u64);
         b.reply_bytes.fetch_add(bytes, Ordering::AcqRel);
         self.conn.held_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -462,6 +488,30 @@ mod tests {
         assert_eq!(b.reply_bytes.load(Ordering::Acquire), 0);
         assert_eq!(slow.held_bytes.load(Ordering::Acquire), 0);
         assert!(b.try_admit(&slow, 10).is_ok());
+    }
+
+    /// Found in review: a peer that stopped reading its replies filled the peer budget for
+    /// every other peer (a node's connection to a peer is never empty, so none gets the light
+    /// exception), and this node refused the replica writes other coordinators need for W.
+    #[test]
+    fn a_budget_that_does_not_count_replies_is_not_filled_by_them() {
+        let b = Budget::new(
+            "peer",
+            Limits {
+                requests: 100,
+                bytes: 1000,
+            },
+            ReplyBytes::NotCounted,
+            &Registry::default(),
+        );
+        let (stalled, other) = (ConnShare::new(), ConnShare::new());
+        let mut read = b.try_admit(&stalled, 10).expect("within the budget");
+        read.charge_reply(100_000);
+        assert_eq!(b.bytes.get(), 10);
+        let _busy = b.try_admit(&other, 10).expect("within the budget");
+        assert!(b.try_admit(&other, 10).is_ok(), "a write from another peer");
+        drop(read);
+        assert_eq!(stalled.held_bytes.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub struct Cli {
     /// flight on this node; more are refused Overloaded.
     #[arg(long)]
     pub peer_max_requests: Option<usize>,
-    /// MiB of peer request bodies, and of their replies until written, in flight on this node.
+    /// MiB of peer request bodies in flight on this node.
     #[arg(long)]
     pub peer_max_request_mb: Option<usize>,
     /// RocksDB block cache shared by all column families, in MiB.

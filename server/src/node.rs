@@ -18,7 +18,7 @@ use crate::aae::release::{ReleaseMetrics, ReleaseWorker};
 use crate::aae::scan::TreeScanWorker;
 use crate::aae::service::AntiEntropy;
 use crate::aae::transfer::{TransferMetrics, TransferStatus, TransferWorker};
-use crate::admission::Budget;
+use crate::admission::{Budget, ReplyBytes};
 use crate::api::admin::Admin;
 use crate::api::client::{ClientApi, ClientHandler};
 use crate::api::http::AdminHttp;
@@ -386,8 +386,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let replica =
         Arc::new(Replica::new(node_id.clone(), store.clone(), gate).with_data_gate(takes_data));
     let requests = RequestMetrics::new(&registry);
-    let client_budget = Budget::new("client", config.client_budget, &registry);
-    let peer_budget = Budget::new("peer", config.peer_budget, &registry);
+    let client_budget = Budget::new(
+        "client",
+        config.client_budget,
+        ReplyBytes::Counted,
+        &registry,
+    );
+    let peer_budget = Budget::new(
+        "peer",
+        config.peer_budget,
+        ReplyBytes::NotCounted,
+        &registry,
+    );
     {
         // Background work (replay, anti-entropy, transfers, GC) slows down as the client
         // budget, the peer budget (a replica flooded by coordinators) or the writer queue

@@ -1085,8 +1085,8 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
 /// Replies waiting for clients that do not read count against the byte budget, not only the
 /// count: a get is a few bytes in and up to a whole state out. Found in an audit: the byte
 /// budget counted request bodies only, so 16 connections pipelining gets of a 1 MiB value and
-/// reading nothing held 48 replies (48 MiB) against a byte budget of 8 MiB, refused only by
-/// the count. Now a connection with something in flight is refused once the replies waiting
+/// reading nothing had 52 answered (up to 52 MiB waiting) against a byte budget of 8 MiB,
+/// refused only by the count. Now a connection with something in flight is refused once the replies waiting
 /// fill the budget (past 3/4 of it, as for request bytes); a connection with nothing in flight still gets one request in (a
 /// light client is served), and closing them gives every byte back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1125,6 +1125,13 @@ async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_bud
             &[("op", "get"), ("result", "ok")],
         )
     };
+    let gets_refused = || {
+        sample(
+            &node,
+            "ringkv_requests_total",
+            &[("op", "get"), ("result", "overloaded")],
+        )
+    };
     let answered_before = gets_answered();
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
@@ -1146,8 +1153,17 @@ async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_bud
         }
         frames.flush().await.unwrap();
         stalled.push((unread, frames));
-        // Let the node run what it admitted before the next connection comes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Let the node run what it will of them before the next connection comes: until the
+        // gets it answered or refused stop changing (a slow machine takes longer).
+        let mut seen = f64::NAN;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = gets_answered() + gets_refused();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
     }
     // One connection's gets may all pass before any of their replies is made (a budget of
     // 8 MiB is 8 of them); after that each connection gets in only its first, as a connection
