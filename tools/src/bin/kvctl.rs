@@ -356,16 +356,24 @@ enum CycleWait {
 }
 
 /// `status` = the node's (`uptime_ms`, `aae.cycles`), or `None` when it could not be read;
-/// `asked` = how long ago the node accepted the request; `unreachable` = for how long the node
-/// has not answered, this poll included.
+/// `before` = the same as last seen (at first, from just before the request; its cycles at
+/// least the count the request's reply named); `unreachable` = for how long the node has not
+/// answered, this poll included.
+///
+/// A restart shows as either going backwards: a new process starts both from 0. The node is
+/// only ever compared with itself: found in CI, comparing its uptime with how long ago this
+/// process got the reply took a status answer delayed longer than the node had been up (a
+/// node just restarted, on a loaded machine) for a restart.
 fn cycle_wait(
     status: Option<(u64, u64)>,
+    before: (u64, u64),
     done_at: u64,
-    asked: Duration,
     unreachable: Duration,
 ) -> CycleWait {
     match status {
-        Some((uptime_ms, _)) if u128::from(uptime_ms) < asked.as_millis() => CycleWait::Restarted,
+        Some((uptime_ms, cycles)) if uptime_ms < before.0 || cycles < before.1 => {
+            CycleWait::Restarted
+        }
         Some((_, cycles)) if cycles >= done_at => CycleWait::Done,
         Some(_) => CycleWait::Running,
         None if unreachable >= REPAIR_WAIT_UNREACHABLE => CycleWait::GaveUp,
@@ -417,8 +425,17 @@ async fn repair(
     for m in chosen {
         let c = Client::new(vec![m.client_addr.clone()], config.clone())
             .map_err(|e| Failure::Error(e.to_string()))?;
+        // The node's uptime before the request: `--wait` tells a restart from it.
+        let uptime = if wait {
+            c.status().await.map_or(0, |s| s.uptime_ms)
+        } else {
+            0
+        };
         match c.repair_range(range).await {
-            Ok(r) => started.push((m.node_id.clone(), c, r, std::time::Instant::now())),
+            Ok(r) => {
+                let before = (uptime, r.completed);
+                started.push((m.node_id.clone(), c, r, before));
+            }
             Err(e) => {
                 overloaded += usize::from(e.is_overloaded());
                 failed.push(json!({ "node": m.node_id, "error": e.to_string() }));
@@ -458,7 +475,7 @@ async fn repair(
             let mut still = Vec::new();
             let mut msg = String::new();
             for i in pending {
-                let (node, c, r, asked) = &started[i];
+                let (node, c, r, before) = &mut started[i];
                 let status = c.status().await;
                 let seen = status
                     .as_ref()
@@ -469,10 +486,11 @@ async fn repair(
                     None => Some(silent[i].unwrap_or_else(std::time::Instant::now)),
                 };
                 let unreachable = silent[i].map_or(Duration::ZERO, |t| t.elapsed());
-                match (
-                    cycle_wait(seen, r.done_at, asked.elapsed(), unreachable),
-                    status,
-                ) {
+                let wait = cycle_wait(seen, *before, r.done_at, unreachable);
+                if let Some(seen) = seen {
+                    *before = seen;
+                }
+                match (wait, status) {
                     (CycleWait::Restarted, _) => {
                         bar.inc(1);
                         failed.push(json!({
@@ -1323,33 +1341,44 @@ mod tests {
 
     /// Found in review: `kvctl repair --wait` polled forever for a node that died, and for one
     /// that restarted (its cycle count starts again from 0, far below the count it was waited
-    /// for). A restart is seen from the uptime (below the time since the node accepted the
-    /// request); an unreachable node is given up after `REPAIR_WAIT_UNREACHABLE`.
+    /// for). A restart is seen from the uptime or the cycle count going backwards; an
+    /// unreachable node is given up after `REPAIR_WAIT_UNREACHABLE`.
+    ///
+    /// Found in CI: a restart was once inferred from the uptime being below the time since
+    /// this process got the request's reply, which a status answer delayed longer than the
+    /// node had been up (just restarted itself, on a loaded machine) also satisfies: the node
+    /// is now only compared with itself.
     #[test]
     fn repair_wait_ends_for_a_node_that_restarted_or_stays_unreachable() {
         let s = Duration::from_secs;
-        // Up for an hour, asked 10 s ago: running until the count is reached.
+        // Up for 2 s before the request (6 cycles done): running until the count is reached,
+        // however late the answer comes.
         assert_eq!(
-            cycle_wait(Some((3_600_000, 6)), 7, s(10), s(0)),
+            cycle_wait(Some((2_100, 6)), (2_000, 6), 7, s(0)),
             CycleWait::Running
         );
         assert_eq!(
-            cycle_wait(Some((3_600_000, 7)), 7, s(10), s(0)),
+            cycle_wait(Some((2_500, 7)), (2_100, 6), 7, s(0)),
             CycleWait::Done
         );
-        // Up for 4 s, asked 10 s ago: a new process, whatever its count says.
+        // A new process: its uptime went backwards, whatever its count says; or its count did
+        // (a restart between polls whose new uptime already passed the last one seen).
         assert_eq!(
-            cycle_wait(Some((4_000, 0)), 7, s(10), s(0)),
+            cycle_wait(Some((400, 0)), (2_000, 6), 7, s(0)),
             CycleWait::Restarted
         );
         assert_eq!(
-            cycle_wait(Some((4_000, 9)), 7, s(10), s(0)),
+            cycle_wait(Some((400, 9)), (2_000, 6), 7, s(0)),
+            CycleWait::Restarted
+        );
+        assert_eq!(
+            cycle_wait(Some((3_000, 0)), (2_000, 6), 7, s(0)),
             CycleWait::Restarted
         );
         // Silent: waited for a while, then given up.
-        assert_eq!(cycle_wait(None, 7, s(10), s(5)), CycleWait::Running);
+        assert_eq!(cycle_wait(None, (2_000, 6), 7, s(5)), CycleWait::Running);
         assert_eq!(
-            cycle_wait(None, 7, s(40), REPAIR_WAIT_UNREACHABLE),
+            cycle_wait(None, (2_000, 6), 7, REPAIR_WAIT_UNREACHABLE),
             CycleWait::GaveUp
         );
     }
