@@ -974,6 +974,49 @@ async fn a_node_that_does_not_know_the_ring_is_healthy_but_not_ready() {
     .await;
 }
 
+/// A client of `node` that does not retry, with "big" (a value of just under 1 MiB: far more
+/// than the sockets' buffers hold) and "light" written.
+async fn with_big_and_light(node: &NodeProcess) -> Client {
+    let no_retry = ClientConfig {
+        overload_retries: 0,
+        ..ClientConfig::default()
+    };
+    let client = Client::new([node.addr.clone()], no_retry).unwrap();
+    let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
+    client.put("big", big, None).await.unwrap();
+    client.put("light", "x", None).await.unwrap();
+    client
+}
+
+/// The node's count of gets with `result`.
+fn gets(node: &NodeProcess, result: &str) -> f64 {
+    sample(
+        node,
+        "ringkv_requests_total",
+        &[("op", "get"), ("result", result)],
+    )
+}
+
+/// A raw connection to `node` that will read none of its replies: its unread half (kept open)
+/// and a frame writer. Its receive buffer is small, so the replies wait in the node, not in
+/// this side's kernel.
+async fn unread_connection(
+    node: &NodeProcess,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio_util::codec::FramedWrite<tokio::net::tcp::OwnedWriteHalf, ringkv_protocol::FrameCodec>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
+    let (unread, wr) = stream.into_split();
+    let frames = tokio_util::codec::FramedWrite::new(
+        wr,
+        ringkv_protocol::FrameCodec::new(ringkv_protocol::limits::MAX_REQUEST_BODY_LEN),
+    );
+    (unread, frames)
+}
+
 /// Clients that pipeline requests and then read none of the replies cannot make the node hold
 /// more replies than its client budget: a request keeps its place in the budget until its
 /// reply has been written to the socket, not merely made. Before, the place was given back as
@@ -984,7 +1027,7 @@ async fn a_node_that_does_not_know_the_ring_is_healthy_but_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
     use futures::SinkExt;
-    use ringkv_protocol::{FrameCodec, ReadOptions, Request, WriteOptions};
+    use ringkv_protocol::{ReadOptions, Request, WriteOptions};
     const BUDGET: usize = 16;
     const STALLED: usize = 64;
     let budget = BUDGET.to_string();
@@ -992,35 +1035,13 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
         "n1",
         &["--n", "1", "--max-requests", &budget, ADMIN[0], ADMIN[1]],
     );
-    let no_retry = ClientConfig {
-        overload_retries: 0,
-        ..ClientConfig::default()
-    };
-    let client = Client::new([node.addr.clone()], no_retry).unwrap();
-    // Replies of just under 1 MiB: far more than the sockets' buffers hold.
-    let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
-    client.put("big", big, None).await.unwrap();
-    client.put("light", "x", None).await.unwrap();
-    let gets_answered = || {
-        sample(
-            &node,
-            "ringkv_requests_total",
-            &[("op", "get"), ("result", "ok")],
-        )
-    };
+    let client = with_big_and_light(&node).await;
+    let gets_answered = || gets(&node, "ok");
     let answered_before = gets_answered();
     let rss_before = node.rss_bytes().expect("the node's RSS is readable");
     let mut stalled = Vec::new();
     for c in 0..STALLED {
-        // A small receive buffer: the replies wait in the node, not in this side's kernel.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
-        let (unread, wr) = stream.into_split();
-        let mut frames = tokio_util::codec::FramedWrite::new(
-            wr,
-            FrameCodec::new(ringkv_protocol::limits::MAX_REQUEST_BODY_LEN),
-        );
+        let (unread, mut frames) = unread_connection(&node).await;
         // One write first (applied whatever happens to its reply), then 64 gets.
         let put = Request::Put {
             key: Bytes::from(format!("unread-{c}")),
@@ -1092,7 +1113,7 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_budget() {
     use futures::SinkExt;
-    use ringkv_protocol::{FrameCodec, ReadOptions, Request};
+    use ringkv_protocol::{ReadOptions, Request};
     const BUDGET_MB: usize = 8;
     const STALLED: usize = 16;
     const GETS: u64 = 8;
@@ -1110,40 +1131,13 @@ async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_bud
             ADMIN[1],
         ],
     );
-    let no_retry = ClientConfig {
-        overload_retries: 0,
-        ..ClientConfig::default()
-    };
-    let client = Client::new([node.addr.clone()], no_retry).unwrap();
-    let big = Bytes::from(vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096]);
-    client.put("big", big, None).await.unwrap();
-    client.put("light", "x", None).await.unwrap();
-    let gets_answered = || {
-        sample(
-            &node,
-            "ringkv_requests_total",
-            &[("op", "get"), ("result", "ok")],
-        )
-    };
-    let gets_refused = || {
-        sample(
-            &node,
-            "ringkv_requests_total",
-            &[("op", "get"), ("result", "overloaded")],
-        )
-    };
+    let client = with_big_and_light(&node).await;
+    let gets_answered = || gets(&node, "ok");
+    let gets_refused = || gets(&node, "overloaded");
     let answered_before = gets_answered();
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
-        // A small receive buffer: the replies wait in the node, not in this side's kernel.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let stream = socket.connect(node.addr.parse().unwrap()).await.unwrap();
-        let (unread, wr) = stream.into_split();
-        let mut frames = tokio_util::codec::FramedWrite::new(
-            wr,
-            FrameCodec::new(ringkv_protocol::limits::MAX_REQUEST_BODY_LEN),
-        );
+        let (unread, mut frames) = unread_connection(&node).await;
         for id in 1..=GETS {
             let get = Request::Get {
                 key: Bytes::from_static(b"big"),
