@@ -1017,6 +1017,25 @@ async fn unread_connection(
     (unread, frames)
 }
 
+/// Sends a get of "big" per request id in `ids` (after whatever was fed before).
+async fn send_big_gets(
+    frames: &mut tokio_util::codec::FramedWrite<
+        tokio::net::tcp::OwnedWriteHalf,
+        ringkv_protocol::FrameCodec,
+    >,
+    ids: impl Iterator<Item = u64>,
+) {
+    use futures::SinkExt;
+    for id in ids {
+        let get = ringkv_protocol::Request::Get {
+            key: Bytes::from_static(b"big"),
+            opts: ringkv_protocol::ReadOptions::default(),
+        };
+        frames.feed(get.to_frame(id)).await.unwrap();
+    }
+    frames.flush().await.unwrap();
+}
+
 /// Clients that pipeline requests and then read none of the replies cannot make the node hold
 /// more replies than its client budget: a request keeps its place in the budget until its
 /// reply has been written to the socket, not merely made. Before, the place was given back as
@@ -1027,7 +1046,7 @@ async fn unread_connection(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
     use futures::SinkExt;
-    use ringkv_protocol::{ReadOptions, Request, WriteOptions};
+    use ringkv_protocol::{Request, WriteOptions};
     const BUDGET: usize = 16;
     const STALLED: usize = 64;
     let budget = BUDGET.to_string();
@@ -1050,14 +1069,7 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
             opts: WriteOptions::default(),
         };
         frames.feed(put.to_frame(1)).await.unwrap();
-        for id in 2..66 {
-            let get = Request::Get {
-                key: Bytes::from_static(b"big"),
-                opts: ReadOptions::default(),
-            };
-            frames.feed(get.to_frame(id)).await.unwrap();
-        }
-        frames.flush().await.unwrap();
+        send_big_gets(&mut frames, 2..66).await;
         stalled.push((unread, frames));
         // Let the node run what it admitted before the next connection comes.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1112,8 +1124,6 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
 /// light client is served), and closing them gives every byte back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_budget() {
-    use futures::SinkExt;
-    use ringkv_protocol::{ReadOptions, Request};
     const BUDGET_MB: usize = 8;
     const STALLED: usize = 16;
     const GETS: u64 = 8;
@@ -1138,14 +1148,7 @@ async fn replies_waiting_for_clients_that_do_not_read_count_against_the_byte_bud
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
         let (unread, mut frames) = unread_connection(&node).await;
-        for id in 1..=GETS {
-            let get = Request::Get {
-                key: Bytes::from_static(b"big"),
-                opts: ReadOptions::default(),
-            };
-            frames.feed(get.to_frame(id)).await.unwrap();
-        }
-        frames.flush().await.unwrap();
+        send_big_gets(&mut frames, 1..=GETS).await;
         stalled.push((unread, frames));
         // Let the node run what it will of them before the next connection comes: until the
         // gets it answered or refused stop changing (a slow machine takes longer).
