@@ -34,8 +34,11 @@ pub enum Kind {
     /// time a node taken out is wiped and restarted (it joins again at a later start).
     Membership,
     /// Flood a minority of nodes with pipelined blind writes of keys outside the workload
-    /// (4 connections × 64 in flight each), far beyond their client budget: the workload's
-    /// requests to them are shed (`Overloaded`, definite) or served; none may be half-done.
+    /// (4 connections × 64 in flight each), far beyond their client budget, and with clients
+    /// that stop reading (2 connections each pipelining 8 gets of a 1 MiB key and reading no
+    /// reply: their replies hold the node's budget, places and bytes, until the flood stops):
+    /// the workload's requests to them are shed (`Overloaded`, definite) or served; none may
+    /// be half-done.
     Overload,
     /// A power loss: kill -9 a minority (one time in three every node), cut every file of
     /// their data dirs back to what was fsynced (`powerloss`: the nodes run with the
@@ -49,6 +52,10 @@ pub const OVERLOAD_MAX_REQUESTS: u32 = 32;
 /// Flood connections per victim and writes in flight on each.
 pub const FLOOD_CONNECTIONS: usize = 4;
 pub const FLOOD_DEPTH: usize = 64;
+/// Connections per victim that stop reading, and the gets of the flood's large key each sends
+/// first.
+pub const STALLED_READERS: usize = 2;
+pub const STALLED_GETS: u64 = 8;
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -430,6 +437,8 @@ pub struct Flood {
     /// Flood writes the nodes took and shed so far.
     ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
     shed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections that sent their gets and read nothing since.
+    stalled: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -444,6 +453,8 @@ impl Flood {
         let flag = stop.clone();
         let (ok, shed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (took, refused) = (ok.clone(), shed.clone());
+        let stalled = Arc::new(AtomicU64::new(0));
+        let stalling = stalled.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -451,6 +462,12 @@ impl Flood {
                 .expect("the flood's runtime starts");
             rt.block_on(async {
                 let mut tasks = Vec::new();
+                for (a, addr) in addrs.iter().enumerate() {
+                    let (addr, flag, stalling) = (addr.clone(), flag.clone(), stalling.clone());
+                    tasks.push(tokio::spawn(async move {
+                        stall_readers(&addr, a, &flag, &stalling).await;
+                    }));
+                }
                 for (a, addr) in addrs.iter().enumerate() {
                     for c in 0..FLOOD_CONNECTIONS {
                         let cfg = ringkv_client::ClientConfig {
@@ -498,8 +515,14 @@ impl Flood {
             stop,
             ok: took,
             shed: refused,
+            stalled,
             thread: Some(thread),
         }
+    }
+
+    /// Connections that sent their gets and have read nothing since (so far).
+    pub fn stalled_readers(&self) -> u64 {
+        self.stalled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (Flood writes the nodes took, writes they shed) so far.
@@ -519,6 +542,76 @@ impl Flood {
         }
         self.counts()
     }
+}
+
+/// Clients that stop reading, against the node at `addr` (the `a`th flooded): writes a value of
+/// just under 1 MiB at `flood/big/{a}`, then opens `STALLED_READERS` connections with a small
+/// receive buffer that each pipeline `STALLED_GETS` gets of it and read no reply, and holds
+/// them open until `stop` (counting each in `stalled`). The node keeps their replies, within
+/// its budget, until they are written or the connection is closed.
+async fn stall_readers(
+    addr: &str,
+    a: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    stalled: &std::sync::atomic::AtomicU64,
+) {
+    use ringkv_protocol::{FrameCodec, ReadOptions, Request};
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(50));
+    let cfg = ringkv_client::ClientConfig {
+        overload_retries: 0,
+        request_timeout: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (Ok(client), Ok(sock_addr)) = (
+        ringkv_client::Client::new([addr.to_string()], cfg),
+        addr.parse::<std::net::SocketAddr>(),
+    ) else {
+        return;
+    };
+    let key = bytes::Bytes::from(format!("flood/big/{a}"));
+    let value = vec![b'b'; ringkv_protocol::limits::MAX_VALUE_LEN - 4096];
+    // The flooded node refuses a write now and then: try until it takes one.
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if client.put(&key, value.clone(), None).await.is_ok() {
+            break;
+        }
+        pause().await;
+    }
+    let mut gets = bytes::BytesMut::new();
+    let mut codec = FrameCodec::new(ringkv_protocol::limits::MAX_REQUEST_BODY_LEN);
+    for id in 1..=STALLED_GETS {
+        let get = Request::Get {
+            key: key.clone(),
+            opts: ReadOptions::default(),
+        };
+        if codec.encode(get.to_frame(id), &mut gets).is_err() {
+            return;
+        }
+    }
+    let mut held = Vec::new();
+    for _ in 0..STALLED_READERS {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            continue;
+        };
+        let _ = socket.set_recv_buffer_size(4096);
+        let Ok(mut stream) = socket.connect(sock_addr).await else {
+            continue;
+        };
+        if stream.write_all(&gets).await.is_ok() {
+            stalled.fetch_add(1, Ordering::Relaxed);
+            held.push(stream);
+        }
+    }
+    while !stop.load(Ordering::Relaxed) {
+        pause().await;
+    }
+    drop(held);
 }
 
 /// One step of a clock strobe: every strobing node's offset changes sign.
@@ -584,6 +677,8 @@ pub fn start(
                 "nodes": names(&victims, nodes),
                 "connections": FLOOD_CONNECTIONS,
                 "depth": FLOOD_DEPTH,
+                "stalled_readers": STALLED_READERS,
+                "stalled_gets": STALLED_GETS,
             });
             let mut flood = Flood::start(addrs);
             flood.targets = victims;
@@ -741,8 +836,12 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
             Ok(())
         }
         Active::Flooding(flood) => {
+            let stalled = flood.stalled_readers();
             let (ok, shed) = flood.stop();
-            eprintln!("[nemesis] flood stopped: the nodes took {ok} flood writes and shed {shed}");
+            eprintln!(
+                "[nemesis] flood stopped: the nodes took {ok} flood writes and shed {shed}; \
+                 {stalled} connections that read nothing closed"
+            );
             Ok(())
         }
         Active::Netfilter => flush_netfilter(),

@@ -170,7 +170,11 @@ async fn observe_once(active: &Active, nodes: &[NodeProcess], base: &Baseline) -
             let (took, shed) = flood.counts();
             Effect {
                 observed: shed > 0,
-                evidence: json!({"flood_writes_taken": took, "flood_writes_shed": shed}),
+                evidence: json!({
+                    "flood_writes_taken": took,
+                    "flood_writes_shed": shed,
+                    "stalled_readers": flood.stalled_readers(),
+                }),
             }
         }
         Active::Retired(_) => Effect {
