@@ -34,8 +34,9 @@ use crate::metrics::{Counter, Gauge, Registry};
 pub struct Limits {
     /// Requests in flight.
     pub requests: usize,
-    /// Bytes in flight: the bodies of the requests admitted, and of their replies made and not
-    /// yet written to the socket. One request larger than this is still admitted when nothing
+    /// Bytes in flight: the bodies of the requests admitted, and in a budget that counts
+    /// replies (`ReplyBytes::Counted`) those of their replies made and not yet written to the
+    /// socket. One request larger than this is still admitted when nothing
     /// else is in flight, so no valid request is refused forever.
     pub bytes: usize,
 }
@@ -141,7 +142,7 @@ pub struct Budget {
     limits: Limits,
     replies: ReplyBytes,
     in_flight: Gauge,
-    /// Request and reply bytes in flight (`Limits::bytes`).
+    /// Bytes in flight (`Limits::bytes`): the requests', and the replies' if counted.
     bytes: Gauge,
     /// The part of `bytes` that is replies made and not yet written (`Permit::charge_reply`).
     reply_bytes: AtomicUsize,
@@ -388,9 +389,7 @@ impl Permit {
                     });
         }
     }
-}
 
-impl Permit {
     /// The request's reply, `bytes` long, is made and waits to be written: in a budget that
     /// counts replies (`ReplyBytes::Counted`) it counts against the byte budget (and this
     /// connection's share of it) until the permit is dropped, so replies waiting for clients
