@@ -131,9 +131,18 @@ pub fn open_store(
     engine: std::sync::Arc<dyn crate::storage::Engine>,
     node_id: &str,
 ) -> std::sync::Arc<crate::storage::Store> {
+    open_store_syncing(engine, node_id, crate::storage::store::SyncMode::Group)
+}
+
+/// `open_store` with the sync mode `sync`.
+pub fn open_store_syncing(
+    engine: std::sync::Arc<dyn crate::storage::Engine>,
+    node_id: &str,
+    sync: crate::storage::store::SyncMode,
+) -> std::sync::Arc<crate::storage::Store> {
     let config = crate::storage::StoreConfig {
         node_id: node_id.into(),
-        sync: crate::storage::store::SyncMode::Group,
+        sync,
         boot_id: Some("boot".into()),
         new_incarnation: false,
         hint_limits: Default::default(),

@@ -873,7 +873,7 @@ mod tests {
     use crate::merkle::Tree;
     use crate::rpc::PeerError;
     use crate::storage::memory::MemoryEngine;
-    use crate::testkit::{open_store, view};
+    use crate::testkit::{open_store_syncing, view};
     use crate::version::{Dot, KeyState, VersionVector};
 
     /// A peer that answers every fetch with the same state for each key asked, merges every
@@ -902,17 +902,25 @@ mod tests {
         }
     }
 
-    /// Node "a" of `v`: its memory engine, store, membership and anti-entropy service.
-    fn node_a(
-        v: crate::membership::ClusterView,
-    ) -> (
+    type NodeA = (
         Arc<MemoryEngine>,
         Arc<crate::storage::Store>,
         Membership,
         Arc<AntiEntropy>,
-    ) {
+    );
+
+    /// Node "a" of `v`: its memory engine, store, membership and anti-entropy service.
+    fn node_a(v: crate::membership::ClusterView) -> NodeA {
+        node_a_syncing(v, crate::storage::store::SyncMode::Group)
+    }
+
+    /// `node_a` with the sync mode `sync`.
+    fn node_a_syncing(
+        v: crate::membership::ClusterView,
+        sync: crate::storage::store::SyncMode,
+    ) -> NodeA {
         let engine = Arc::new(MemoryEngine::new());
-        let store = open_store(engine.clone(), "a");
+        let store = open_store_syncing(engine.clone(), "a", sync);
         // The view stays as given: nothing sends another (as in the coordinator's harness).
         let (membership, _) = crate::membership::Membership::fixed(v);
         let aae = Arc::new(AntiEntropy::new(
@@ -1246,6 +1254,76 @@ mod tests {
         // Still there: the same purge in time takes exactly that tombstone.
         let r = aae.serve(purge(), std::time::Instant::now()).await;
         assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![true])));
+    }
+
+    /// Under `sync = none` a pushed state (which its sender may delete once merged here) and
+    /// a tombstone this node says it holds (which the sender may purge everywhere else) are
+    /// made durable before the answer: a power loss right after it keeps them. Without that
+    /// fsync, the answer is that nothing was merged, or an error.
+    #[tokio::test]
+    async fn what_a_push_or_tombstone_check_answers_held_survives_a_power_loss_under_none() {
+        let v = view(&["a"], "a", &["a"]);
+        let (engine, store, _membership, aae) =
+            node_a_syncing(v, crate::storage::store::SyncMode::None);
+        let tombstone = |actor| {
+            Bytes::from(
+                KeyState::new()
+                    .update(&VersionVector::new(), Dot { actor, counter: 1 }, 5, None)
+                    .encode(),
+            )
+        };
+        let push = |key: &'static [u8], state: Bytes| AaeRequest::PushStates {
+            entries: vec![(Bytes::from_static(key), state)],
+        };
+        let now = std::time::Instant::now;
+        let r = aae.serve(push(b"pushed", one_state()), now()).await;
+        assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![true])));
+        engine.lose_unsynced();
+        assert!(
+            !store.get(b"pushed").unwrap().is_empty(),
+            "the push was not durable"
+        );
+
+        // A tombstone merged by this node's own exchange (not made durable by itself), then
+        // checked by a peer's tombstone GC.
+        let merged = aae
+            .merge_by(
+                vec![(Bytes::from_static(b"deleted"), tombstone(7))],
+                now() + Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(merged, vec![Merge::Merged]);
+        let check = AaeRequest::TombstoneCheck {
+            entries: vec![(Bytes::from_static(b"deleted"), tombstone(7))],
+        };
+        let r = aae.serve(check.clone(), now()).await;
+        let PeerResponse::Aae(AaeResponse::TombstoneStatus(flags)) = r else {
+            panic!("{r:?}")
+        };
+        assert_ne!(
+            flags[0] & ringkv_protocol::peer::aae::status::HELD,
+            0,
+            "{flags:?}"
+        );
+        engine.lose_unsynced();
+        assert!(
+            !store.get(b"deleted").unwrap().is_empty(),
+            "the tombstone was not durable"
+        );
+
+        // The fsync fails: a push is answered as not merged, a check as an error.
+        engine.set_fail_syncs(true);
+        let r = aae.serve(push(b"other", one_state()), now()).await;
+        assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![false])));
+        let r = aae.serve(check, now()).await;
+        let PeerResponse::Error(e) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            e.message.contains("tombstone check") && e.message.contains("fsync failed"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -456,6 +456,17 @@ impl AntiEntropy {
                         }
                     }
                 }
+                // The sender purges a tombstone this node says it holds: under `sync = none`
+                // what it holds is made durable first (a power loss that took the tombstone
+                // back here would bring the deleted value back everywhere).
+                if flags.iter().any(|f| f & status::HELD != 0) {
+                    if let Err(e) = self.store.make_durable("a tombstone check").await {
+                        return self.error(
+                            ErrorKind::Internal,
+                            format!("tombstone check of {} keys: {e}", entries.len()),
+                        );
+                    }
+                }
                 PeerResponse::Aae(AaeResponse::TombstoneStatus(flags))
             }
             AaeRequest::Purge { entries } => {
@@ -557,11 +568,22 @@ impl AntiEntropy {
         // read late from a paused connection, must not land its last states later than the
         // peer-write limit allows (tombstone GC's settle time).
         let within = MERGE_DEADLINE.min(self.store.peer_write_limit());
-        self.merge_by(entries, arrived + within)
+        let merged: Vec<bool> = self
+            .merge_by(entries, arrived + within)
             .await
             .into_iter()
             .map(|m| m == Merge::Merged)
-            .collect()
+            .collect();
+        // The sender may delete what this node answers merged (a released key, a handed-over
+        // one): under `sync = none` it is made durable first, or none of it counts as merged.
+        if merged.iter().any(|m| *m) {
+            if let Err(e) = self.store.make_durable("an anti-entropy push").await {
+                tracing::warn!(node = %self.node_id, keys = merged.len(), error = %e,
+                               "pushed states merged but not made durable; answered as not merged");
+                return vec![false; merged.len()];
+            }
+        }
+        merged
     }
 
     /// [`merge_pushed`](Self::merge_pushed) by `deadline` (a fetch sets it from when it asked,

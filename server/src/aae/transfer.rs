@@ -450,6 +450,16 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 self.metrics.bytes_received.inc_by(o.bytes_received);
                 self.metrics.bytes_sent.inc_by(o.bytes_sent);
                 self.metrics.exchange_bytes.inc_by(o.wire_bytes);
+                // The checkpoint says these spans are here: under `sync = none` they are made
+                // durable first, or the chunk is fetched again.
+                let store = self.exchanger.service().store();
+                if let Err(e) = store.make_durable("a transfer chunk").await {
+                    self.metrics.failures.inc();
+                    warn!(node = %self.node_id, %source, version, spans = %ShownSpans(&spans),
+                          error = %e, "transfer chunk received but not made durable; fetched again");
+                    self.retry_at.insert(source, Instant::now() + RETRY);
+                    return Ok(WorkerState::Busy);
+                }
                 let finished = to == all_spans.len();
                 if finished {
                     self.metrics.sources_done.inc();

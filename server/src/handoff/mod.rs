@@ -360,6 +360,16 @@ impl Handoff {
                 message,
             );
         }
+        // The holder deletes each hint answered merged: under `sync = none` the merged states
+        // are made durable first, or the batch is answered as an error and kept there.
+        if let Err(e) = self.store.make_durable("a replayed hint batch").await {
+            let message = format!(
+                "replay batch of {}: merged, but not made durable ({e}); send it again",
+                results.len()
+            );
+            tracing::warn!(node = %self.node_id, "{message}");
+            return self.error(ErrorKind::Internal, false, message);
+        }
         let merged = results.iter().map(|r| *r == Replayed::Merged).collect();
         PeerResponse::Handoff(HandoffResponse::Replayed(merged))
     }

@@ -955,6 +955,40 @@ mod tests {
         assert!(store.read_stored(b"k").await.unwrap().is_some());
     }
 
+    /// Under `sync = none` a replayed hint is made durable on its target before the target
+    /// answers it merged (the holder then deletes its hint): a power loss right after keeps
+    /// it. When that fsync fails, the batch is answered as an error and the holder keeps it.
+    #[tokio::test]
+    async fn a_replayed_hint_answered_merged_survives_the_targets_power_loss_under_none() {
+        let engine = Arc::new(MemoryEngine::new());
+        let store = crate::testkit::open_store_syncing(
+            engine.clone(),
+            "a",
+            crate::storage::store::SyncMode::None,
+        );
+        let handoff = Handoff::new("a".into(), store.clone(), HintSettings::default());
+        let replay = |key: &'static [u8]| {
+            let entries = vec![(
+                Bytes::from_static(key),
+                Bytes::from(one_version(3, "hinted").encode()),
+            )];
+            handoff.serve(HandoffRequest::Replay { entries }, Instant::now())
+        };
+        assert_eq!(
+            replay(b"k").await,
+            PeerResponse::Handoff(HandoffResponse::Replayed(vec![true]))
+        );
+        engine.lose_unsynced();
+        assert!(store.read_stored(b"k").await.unwrap().is_some(), "lost");
+        engine.set_fail_syncs(true);
+        match replay(b"j").await {
+            PeerResponse::Error(e) => {
+                assert!(e.message.contains("not made durable"), "{}", e.message)
+            }
+            other => panic!("answered {other:?} without a durable merge"),
+        }
+    }
+
     /// Found in review: `hints.replay_pace_ratio` showed the raw CPU yield, not the share the
     /// replay budget grants, which never falls below its least rate (100 keys/s): at 1 000
     /// keys/s on a busy machine it showed 0.02 while 0.1 was granted.

@@ -438,6 +438,8 @@ crate::metrics::metric_set! {
         merges_noop: Counter = "merges_noop", "merges that changed nothing";
         batches: Counter = "write_batches", "write batches committed";
         synced_batches: Counter = "synced_batches", "write batches whose WAL was fsynced";
+        /// `Store::make_durable` under `sync = none`.
+        handover_syncs: Counter = "handover_syncs", "WAL fsyncs under sync = none before answering a request on whose answer another node deletes data, or before a transfer checkpoint";
         largest_group: Gauge = "largest_group", "most jobs committed in one batch";
         write_errors: Counter = "write_errors", "batches that failed to commit";
         overloaded: Counter = "overloaded", "writes refused because the writer queue was full";
@@ -483,6 +485,10 @@ enum Msg {
         last: u64,
         mode: RescanMode,
         reply: oneshot::Sender<Result<RescanOutcome, StorageError>>,
+    },
+    /// Fsync the WAL (`Store::make_durable`), alone between two groups.
+    Sync {
+        reply: oneshot::Sender<Result<(), StorageError>>,
     },
     Shutdown,
 }
@@ -1320,6 +1326,33 @@ impl Store {
         rx.await.unwrap_or_else(|_| Err(closed()))
     }
 
+    /// Makes every write committed so far durable against a power loss, for `what` (named in
+    /// the error). Under `sync = group` and `always` a committed write already is, and this
+    /// returns at once; under `none` the writer fsyncs the WAL between two groups (a failed
+    /// fsync renews the actor, as in a group's own fsync). A node calls it before it answers a
+    /// request on whose answer another node deletes or drops data (a pushed state, a
+    /// replayed hint, a tombstone check) and before it checkpoints a transfer, so that `none`
+    /// loses at most the last writes in a power loss, never data another node gave away.
+    pub async fn make_durable(&self, what: &str) -> Result<(), StorageError> {
+        if self.config.sync != SyncMode::None {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        let failed = |cause: &str| StorageError::Io {
+            op: "sync_wal",
+            cause: format!("{what}: {cause}"),
+        };
+        match self.tx.try_send(Msg::Sync { reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(failed("the writer queue is full; retried later"))
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(failed("the writer is shut down")),
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(failed("the writer is shut down")))
+    }
+
     /// Deletes `mark` if its row is unchanged (a mark made again since keeps its place; a
     /// mark re-made between the read and the delete is lost, which only reorders work: every
     /// range is still exchanged every cycle). True if deleted.
@@ -1555,6 +1588,10 @@ impl Writer {
                     let _ = reply.send(self.rescan(first, last, mode));
                     continue;
                 }
+                Ok(Msg::Sync { reply }) => {
+                    let _ = reply.send(self.sync_wal());
+                    continue;
+                }
                 Ok(Msg::Shutdown) | Err(_) => break,
             };
             self.dequeued(&first);
@@ -1567,7 +1604,7 @@ impl Writer {
                         bytes += job.op.approx_bytes();
                         jobs.push(job);
                     }
-                    Ok(msg @ Msg::Rescan { .. }) => {
+                    Ok(msg @ (Msg::Rescan { .. } | Msg::Sync { .. })) => {
                         carry = Some(msg);
                         break;
                     }
@@ -1652,6 +1689,24 @@ impl Writer {
             // The identity written with this lease is the current one: durable now.
             if self.stale_marked {
                 self.stale_marked = !clear_stale_mark(self.engine.as_ref(), &self.node_id);
+            }
+        }
+    }
+
+    /// `Store::make_durable` under `sync = none`: everything committed so far is in the WAL;
+    /// fsync it.
+    fn sync_wal(&mut self) -> Result<(), StorageError> {
+        match self.engine.sync_wal() {
+            Ok(()) => {
+                self.stats.handover_syncs.inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.sync_errors.inc();
+                error!(node = %self.node_id, error = %e,
+                       "WAL fsync failed: data handed to this node may not be durable; not acknowledged");
+                self.renew_actor("a WAL fsync failed", None, 0);
+                Err(e)
             }
         }
     }

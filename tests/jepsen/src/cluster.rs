@@ -71,10 +71,25 @@ impl Cluster {
 
     /// Starts one more node `id` that joins through the gossip address of node `seed`.
     pub fn add_node(&mut self, id: &str, seed: usize, extra: &[&str]) -> &mut NodeProcess {
+        self.add_node_with_env(id, seed, extra, |_| Vec::new())
+    }
+
+    /// `add_node`, with the environment `env` gives for the new node's data dir (e.g. the
+    /// power-loss shim's, `powerloss::env`).
+    pub fn add_node_with_env(
+        &mut self,
+        id: &str,
+        seed: usize,
+        extra: &[&str],
+        env: impl Fn(&std::path::Path) -> Vec<(String, String)>,
+    ) -> &mut NodeProcess {
         let mut args: Vec<&str> = extra.to_vec();
         let seed_addr = self.nodes[seed].gossip_addr.clone();
         args.extend(["--seeds", seed_addr.as_str()]);
         let mut node = NodeProcess::new_temp(id, &args);
+        for (k, v) in env(&node.data_dir) {
+            node.set_env(&k, &v);
+        }
         node.start().unwrap_or_else(|e| panic!("{e}"));
         self.nodes.push(node);
         self.nodes.last_mut().expect("just pushed")

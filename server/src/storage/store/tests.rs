@@ -870,6 +870,56 @@ async fn group_and_always_modes_answer_only_after_an_fsync_covers_the_write() {
     );
 }
 
+/// A merged state under `sync = none`, as a pushed or replayed one, sits in the unsynced WAL
+/// until `make_durable`: a power loss before it takes the state back, after it keeps it. A
+/// failed fsync is an error (the sender keeps its copy) and renews the actor; under `group`
+/// the merge is durable when answered and `make_durable` does not fsync again.
+#[tokio::test]
+async fn make_durable_fsyncs_merged_states_under_none_and_is_free_otherwise() {
+    let merge = |key: &'static [u8], value: &str| WriteOp::Merge {
+        key: Bytes::from_static(key),
+        state: KeyState::new().update(
+            &VersionVector::new(),
+            crate::version::Dot {
+                actor: 99,
+                counter: 1,
+            },
+            1,
+            Some(Bytes::from(value.to_string())),
+        ),
+    };
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::None);
+    store.write(merge(b"lost", "v")).await.unwrap();
+    engine.lose_unsynced();
+    assert!(store.get(b"lost").unwrap().is_empty(), "control: unsynced");
+    store.write(merge(b"kept", "v")).await.unwrap();
+    store.make_durable("a test push").await.unwrap();
+    assert_eq!(store.stats().handover_syncs.get(), 1);
+    engine.lose_unsynced();
+    assert_eq!(values(&store.get(b"kept").unwrap()), ["v"]);
+    // A failed fsync: an error that names what it was for, and a new actor.
+    let before = actor(&store);
+    engine.set_fail_syncs(true);
+    let err = store.make_durable("a test push").await.unwrap_err();
+    assert!(err.to_string().contains("fsync failed"), "{err}");
+    assert_eq!(store.stats().sync_errors.get(), 1);
+    engine.set_fail_syncs(false);
+    assert_ne!(actor(&store), before, "renewed after a failed fsync");
+    store.close();
+
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    store.write(merge(b"k", "v")).await.unwrap();
+    let syncs = engine.synced_writes.load(Ordering::Relaxed);
+    store.make_durable("a test push").await.unwrap();
+    assert_eq!(engine.synced_writes.load(Ordering::Relaxed), syncs);
+    assert_eq!(store.stats().handover_syncs.get(), 0);
+    engine.lose_unsynced();
+    assert_eq!(values(&store.get(b"k").unwrap()), ["v"]);
+    store.close();
+}
+
 /// Coordinators that could not see each other (a partition) each fill a key up to the write
 /// cap. Merges never drop data, so a replica then holds more siblings than a write may leave,
 /// up to the state bound; beyond it a merge is refused and the replica keeps its state. One
