@@ -1311,6 +1311,40 @@ mod tests {
             "the tombstone was not durable"
         );
 
+        // A key handed over and deleted here (the release worker's compare-and-delete, not
+        // durable by itself): the check's "not held" is durable too, or a power loss would
+        // bring the old value back after the tombstone was purged elsewhere.
+        let r = aae.serve(push(b"released", one_state()), now()).await;
+        assert_eq!(r, PeerResponse::Aae(AaeResponse::Merged(vec![true])));
+        store
+            .write(crate::storage::WriteOp::Release {
+                key: Bytes::from_static(b"released"),
+                expected: one_state(),
+            })
+            .await
+            .unwrap();
+        let r = aae
+            .serve(
+                AaeRequest::TombstoneCheck {
+                    entries: vec![(Bytes::from_static(b"released"), tombstone(8))],
+                },
+                now(),
+            )
+            .await;
+        let PeerResponse::Aae(AaeResponse::TombstoneStatus(flags)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            flags[0] & ringkv_protocol::peer::aae::status::HELD,
+            0,
+            "{flags:?}"
+        );
+        engine.lose_unsynced();
+        assert!(
+            store.get(b"released").unwrap().is_empty(),
+            "the release's delete was not durable"
+        );
+
         // The fsync fails: a push is answered as not merged, a check as an error.
         engine.set_fail_syncs(true);
         let r = aae.serve(push(b"other", one_state()), now()).await;

@@ -326,6 +326,14 @@ impl<T: Transport> GcWorker<T> {
                             .map_err(|e| format!("key {}: {e}", HexKey(key.to_vec())))?,
                     );
                 }
+                // As a peer's answer (`TombstoneCheck`): durable before anything is purged
+                // on it (under `sync = none`, a tombstone held, or a release or hint delete
+                // behind "not held", may still be in the unsynced WAL).
+                self.aae
+                    .store()
+                    .make_durable("this node's own tombstone check")
+                    .await
+                    .map_err(|e| e.to_string())?;
                 own
             } else {
                 let addr = view

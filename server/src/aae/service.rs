@@ -456,16 +456,15 @@ impl AntiEntropy {
                         }
                     }
                 }
-                // The sender purges a tombstone this node says it holds: under `sync = none`
-                // what it holds is made durable first (a power loss that took the tombstone
-                // back here would bring the deleted value back everywhere).
-                if flags.iter().any(|f| f & status::HELD != 0) {
-                    if let Err(e) = self.store.make_durable("a tombstone check").await {
-                        return self.error(
-                            ErrorKind::Internal,
-                            format!("tombstone check of {} keys: {e}", entries.len()),
-                        );
-                    }
+                // The sender purges on these flags: under `sync = none` they are made durable
+                // first. A power loss that took back a tombstone held here, or a delete behind
+                // "not held" / "no hint" (a release, a replayed hint's), would bring the
+                // deleted value back everywhere once the tombstone is purged.
+                if let Err(e) = self.store.make_durable("a tombstone check").await {
+                    return self.error(
+                        ErrorKind::Internal,
+                        format!("tombstone check of {} keys: {e}", entries.len()),
+                    );
                 }
                 PeerResponse::Aae(AaeResponse::TombstoneStatus(flags))
             }

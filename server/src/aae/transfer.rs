@@ -455,6 +455,12 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 let store = self.exchanger.service().store();
                 if let Err(e) = store.make_durable("a transfer chunk").await {
                     self.metrics.failures.inc();
+                    self.status
+                        .lock()
+                        .expect("transfer status lock poisoned")
+                        .entry(source.clone())
+                        .or_default()
+                        .state = "retrying";
                     warn!(node = %self.node_id, %source, version, spans = %ShownSpans(&spans),
                           error = %e, "transfer chunk received but not made durable; fetched again");
                     self.retry_at.insert(source, Instant::now() + RETRY);

@@ -814,6 +814,9 @@ mod tests {
         fn sync_wal(&self) -> Result<(), StorageError> {
             self.inner.sync_wal()
         }
+        fn flush_memtables(&self) -> Result<(), StorageError> {
+            self.inner.flush_memtables()
+        }
         fn scan(&self, cf: Cf, range: &ScanRange, limit: usize) -> Result<ScanBatch, StorageError> {
             let batch = self.inner.scan(cf, range, limit)?;
             if cf == Cf::Hints && batch.entries.iter().any(|(r, _)| *r == self.row) {

@@ -137,6 +137,10 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
+    fn flush_memtables(&self) -> Result<(), StorageError> {
+        self.sync_wal()
+    }
+
     fn scan(&self, cf: Cf, range: &ScanRange, limit: usize) -> Result<ScanBatch, StorageError> {
         let limit = limit.clamp(1, MAX_SCAN_BATCH);
         let data = self.data.lock().expect("memory engine lock poisoned");

@@ -189,6 +189,9 @@ pub trait Engine: Send + Sync + 'static {
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StorageError>;
     /// Makes every earlier write durable (fsync the WAL).
     fn sync_wal(&self) -> Result<(), StorageError>;
+    /// Makes every earlier write durable without the WAL: every memtable is written to a new,
+    /// fsynced table file (after a failed WAL fsync, whose pages the OS may have dropped).
+    fn flush_memtables(&self) -> Result<(), StorageError>;
     /// At most `limit` entries of `range` (capped at `MAX_SCAN_BATCH`), in key order, and where
     /// to resume. Scans do not fill the block cache (they would evict the hot set). Not a
     /// snapshot across batches: a key written between two batches is seen if it sorts after

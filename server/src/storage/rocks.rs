@@ -169,6 +169,15 @@ impl Engine for RocksEngine {
         self.db.flush_wal(true).map_err(|e| map_err("sync_wal", e))
     }
 
+    fn flush_memtables(&self) -> Result<(), StorageError> {
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        let cfs: Vec<_> = Cf::ALL.iter().map(|cf| self.cf(*cf)).collect();
+        self.db
+            .flush_cfs_opt(&cfs, &fo)
+            .map_err(|e| map_err("flush", e))
+    }
+
     fn scan(&self, cf: Cf, range: &ScanRange, limit: usize) -> Result<ScanBatch, StorageError> {
         let limit = limit.clamp(1, MAX_SCAN_BATCH);
         let mut ro = ReadOptions::default();

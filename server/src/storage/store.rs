@@ -36,7 +36,7 @@ use crate::clock::now_ms;
 use crate::metrics::Counter;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -72,6 +72,9 @@ pub const MAX_GROUP_BYTES: usize = 16 << 20;
 /// Jobs queued for the writer. A full queue answers `Overloaded` at once (backpressure to the
 /// client) instead of letting latency grow without bound.
 pub const QUEUE_CAPACITY: usize = 16 * 1024;
+/// `Store::make_durable` waits for a place in a full writer queue this many times 20 ms
+/// (1 s) before it gives up (its caller retries later).
+const SYNC_QUEUE_TRIES: u32 = 50;
 
 /// How deep the writer's queue is for pacing background work (0..=1): two groups' worth of
 /// jobs, or of bytes, is full. Both count: a few large merges are as much work waiting as
@@ -416,17 +419,22 @@ impl WriteError {
     /// unknown: the WAL bytes may still reach the disk and be replayed.
     pub fn is_definite(&self) -> bool {
         match self {
-            WriteError::Storage { source, .. } => match source {
-                StorageError::Io { op, .. } => !matches!(*op, "write" | "sync_wal"),
-                // A full disk while appending to the WAL applies nothing; one reported by the
-                // fsync after the append (RocksDB: "While fdatasync …") leaves the bytes in
-                // the WAL, as does any failed `sync_wal` (the writes are even applied).
-                StorageError::NoSpace { op, cause } => *op != "sync_wal" && !cause.contains("sync"),
-                StorageError::Corrupt { .. } | StorageError::Open { .. } => true,
-            },
+            WriteError::Storage { source, .. } => !may_have_applied(source),
             WriteError::Unanswered { .. } => false,
             _ => true,
         }
+    }
+}
+
+/// Whether a failed engine write may still have applied (or may yet reach the disk): a failed
+/// WAL write or fsync. A full disk while appending to the WAL applies nothing; one reported
+/// by the fsync after the append (RocksDB: "While fdatasync …") leaves the bytes in the WAL,
+/// as does any failed `sync_wal` (the writes are even applied).
+fn may_have_applied(e: &StorageError) -> bool {
+    match e {
+        StorageError::Io { op, .. } => matches!(*op, "write" | "sync_wal"),
+        StorageError::NoSpace { op, cause } => *op == "sync_wal" || cause.contains("sync"),
+        StorageError::Corrupt { .. } | StorageError::Open { .. } => false,
     }
 }
 
@@ -440,6 +448,10 @@ crate::metrics::metric_set! {
         synced_batches: Counter = "synced_batches", "write batches whose WAL was fsynced";
         /// `Store::make_durable` under `sync = none`.
         handover_syncs: Counter = "handover_syncs", "WAL fsyncs under sync = none before answering a request on whose answer another node deletes data, or before a transfer checkpoint";
+        /// Set by a failed WAL fsync (or a failed synced write that may have applied): what
+        /// was applied since the last good fsync may not be durable. Cleared once every
+        /// memtable is flushed to fsynced table files (`Store::make_durable` tries it).
+        durability_lost: Gauge = "durability_lost", "1 after a failed WAL fsync until every memtable is flushed to fsynced files: this node takes nothing another node gives away meanwhile";
         largest_group: Gauge = "largest_group", "most jobs committed in one batch";
         write_errors: Counter = "write_errors", "batches that failed to commit";
         overloaded: Counter = "overloaded", "writes refused because the writer queue was full";
@@ -551,6 +563,9 @@ pub struct Store {
     fresh: bool,
     /// This node's current actor id (the writer renews it).
     actor: Arc<AtomicU64>,
+    /// Shared with the writer: set by a failed WAL fsync, cleared by a memtable flush
+    /// (`StoreStats::durability_lost`).
+    durability_lost: Arc<AtomicBool>,
 }
 
 crate::metrics::metric_set! {
@@ -778,6 +793,7 @@ impl Store {
         stats.next_counter.set(next_counter);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let durability_lost = Arc::new(AtomicBool::new(false));
         let mut writer = Writer {
             engine: engine.clone(),
             rx,
@@ -797,6 +813,7 @@ impl Store {
             hint_book: hint_book.clone(),
             hint_stats: hint_stats.clone(),
             refused_hints: refused_hints.clone(),
+            durability_lost: durability_lost.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -819,6 +836,7 @@ impl Store {
             unsynced: std::sync::atomic::AtomicBool::new(unsynced),
             fresh,
             actor,
+            durability_lost,
         })
     }
 
@@ -1331,26 +1349,52 @@ impl Store {
     /// returns at once; under `none` the writer fsyncs the WAL between two groups (a failed
     /// fsync renews the actor, as in a group's own fsync). A node calls it before it answers a
     /// request on whose answer another node deletes or drops data (a pushed state, a
-    /// replayed hint, a tombstone check) and before it checkpoints a transfer, so that `none`
-    /// loses at most the last writes in a power loss, never data another node gave away.
+    /// replayed hint, a tombstone check), before tombstone GC purges on its own word, and
+    /// before it checkpoints a transfer, so that `none` loses at most the last writes in a
+    /// power loss, never data another node gave away.
+    ///
+    /// After a failed WAL fsync, in any mode, what was applied since the last good one may not
+    /// be durable however often the WAL is synced again (the OS may have dropped the pages it
+    /// could not write, and a later fsync need not say so), and a merge sent again is a no-op
+    /// answered at once. So from then on this fails until the writer has flushed every
+    /// memtable to fsynced table files, which each call tries.
     pub async fn make_durable(&self, what: &str) -> Result<(), StorageError> {
-        if self.config.sync != SyncMode::None {
+        if self.config.sync != SyncMode::None && !self.durability_lost.load(Ordering::Acquire) {
             return Ok(());
         }
-        let (reply, rx) = oneshot::channel();
         let failed = |cause: &str| StorageError::Io {
             op: "sync_wal",
             cause: format!("{what}: {cause}"),
         };
-        match self.tx.try_send(Msg::Sync { reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(failed("the writer queue is full; retried later"))
+        let (reply, rx) = oneshot::channel();
+        let mut msg = Msg::Sync { reply };
+        // A full queue is a burst of foreground writes: wait a little for a place.
+        let mut tries = 0;
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if tries < SYNC_QUEUE_TRIES => {
+                    msg = back;
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(failed("the writer queue stayed full; retried later"))
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(failed("the writer is shut down"))
+                }
             }
-            Err(TrySendError::Disconnected(_)) => return Err(failed("the writer is shut down")),
         }
         rx.await
             .unwrap_or_else(|_| Err(failed("the writer is shut down")))
+            .map_err(|e| match e {
+                StorageError::Io { op, cause } => StorageError::Io {
+                    op,
+                    cause: format!("{what}: {cause}"),
+                },
+                other => other,
+            })
     }
 
     /// Deletes `mark` if its row is unchanged (a mark made again since keeps its place; a
@@ -1521,6 +1565,8 @@ struct Writer {
     hint_book: Arc<HintBook>,
     hint_stats: Arc<HintStoreStats>,
     refused_hints: RefusedHints,
+    /// Shared with `Store`: see `StoreStats::durability_lost`.
+    durability_lost: Arc<AtomicBool>,
 }
 
 /// Per-group scratch state.
@@ -1589,7 +1635,7 @@ impl Writer {
                     continue;
                 }
                 Ok(Msg::Sync { reply }) => {
-                    let _ = reply.send(self.sync_wal());
+                    let _ = reply.send(self.make_durable());
                     continue;
                 }
                 Ok(Msg::Shutdown) | Err(_) => break,
@@ -1693,9 +1739,35 @@ impl Writer {
         }
     }
 
-    /// `Store::make_durable` under `sync = none`: everything committed so far is in the WAL;
-    /// fsync it.
-    fn sync_wal(&mut self) -> Result<(), StorageError> {
+    /// `Store::make_durable`: everything committed so far is in the engine. After a failed
+    /// WAL fsync, flush every memtable to fsynced table files (the WAL can no longer be
+    /// trusted); otherwise, under `sync = none`, fsync the WAL.
+    fn make_durable(&mut self) -> Result<(), StorageError> {
+        if self.durability_lost.load(Ordering::Acquire) {
+            return match self.engine.flush_memtables() {
+                Ok(()) => {
+                    self.durability_lost.store(false, Ordering::Release);
+                    self.stats.durability_lost.set(0);
+                    info!(node = %self.node_id,
+                          "every memtable flushed to fsynced files after a failed WAL fsync: durable again");
+                    Ok(())
+                }
+                Err(e) => {
+                    warn!(node = %self.node_id, error = %e,
+                          "memtable flush after a failed WAL fsync failed: still taking nothing given away");
+                    Err(StorageError::Io {
+                        op: "sync_wal",
+                        cause: format!(
+                            "a WAL fsync failed earlier and the memtable flush that would make \
+                             up for it failed too: {e}"
+                        ),
+                    })
+                }
+            };
+        }
+        if self.sync != SyncMode::None {
+            return Ok(());
+        }
         match self.engine.sync_wal() {
             Ok(()) => {
                 self.stats.handover_syncs.inc();
@@ -1705,10 +1777,18 @@ impl Writer {
                 self.stats.sync_errors.inc();
                 error!(node = %self.node_id, error = %e,
                        "WAL fsync failed: data handed to this node may not be durable; not acknowledged");
+                self.lost_durability();
                 self.renew_actor("a WAL fsync failed", None, 0);
                 Err(e)
             }
         }
+    }
+
+    /// A WAL fsync failed (or a synced write that may have applied): see
+    /// `StoreStats::durability_lost`.
+    fn lost_durability(&self) {
+        self.durability_lost.store(true, Ordering::Release);
+        self.stats.durability_lost.set(1);
     }
 
     fn dequeued(&self, job: &Job) {
@@ -1800,6 +1880,9 @@ impl Writer {
                 Err(e) => {
                     self.stats.write_errors.inc();
                     error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was shipped");
+                    if one_step_sync && may_have_applied(&e) {
+                        self.lost_durability();
+                    }
                     append_failure = Some(e);
                 }
             }
@@ -1817,6 +1900,7 @@ impl Writer {
                             // The OS may drop the pages it failed to write: versions this actor
                             // shipped could vanish from our copy at the next start. Never mint
                             // with it again.
+                            self.lost_durability();
                             self.renew_actor("a WAL fsync failed", None, 0);
                             sync_failure = Some(e);
                         }

@@ -920,6 +920,37 @@ async fn make_durable_fsyncs_merged_states_under_none_and_is_free_otherwise() {
     store.close();
 }
 
+/// Found in review: after a failed WAL fsync under `group`, a merge sent again is a no-op
+/// answered at once, and `make_durable` returned at once too, so a sender deleted its copy on
+/// a state this node had never made durable. From a failed fsync on, `make_durable` fails in
+/// every mode until every memtable is flushed to fsynced files (`storage.durability_lost`).
+#[tokio::test]
+async fn after_a_failed_fsync_nothing_is_taken_as_durable_until_the_memtables_are_flushed() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    store.make_durable("before").await.unwrap();
+    engine.set_fail_syncs(true);
+    let (_, commit) = store.write_early(put("k", "v", None), far()).await.unwrap();
+    assert!(commit.await.is_err(), "the group's fsync failed");
+    assert_eq!(store.stats().durability_lost.get(), 1);
+    // The state is applied (visible), not durable: nothing may be given away on it.
+    let err = store.make_durable("a push").await.unwrap_err();
+    assert!(
+        err.to_string().contains("a push") && err.to_string().contains("memtable flush"),
+        "{err}"
+    );
+    engine.set_fail_syncs(false);
+    store.make_durable("a push").await.unwrap();
+    assert_eq!(store.stats().durability_lost.get(), 0);
+    engine.lose_unsynced();
+    assert_eq!(
+        values(&store.get(b"k").unwrap()),
+        ["v"],
+        "flushed, so durable"
+    );
+    store.close();
+}
+
 /// Coordinators that could not see each other (a partition) each fill a key up to the write
 /// cap. Merges never drop data, so a replica then holds more siblings than a write may leave,
 /// up to the state bound; beyond it a merge is refused and the replica keeps its state. One
