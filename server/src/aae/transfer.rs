@@ -257,6 +257,18 @@ impl<T: Transport> TransferWorker<T> {
         ))
     }
 
+    /// A chunk from `source` failed: counted, shown as retrying, tried again after `RETRY`.
+    fn retry_later(&mut self, source: String) {
+        self.metrics.failures.inc();
+        self.status
+            .lock()
+            .expect("transfer status lock poisoned")
+            .entry(source.clone())
+            .or_default()
+            .state = "retrying";
+        self.retry_at.insert(source, Instant::now() + RETRY);
+    }
+
     fn done(&self, source: &str, spans: &[Span]) -> bool {
         self.checkpoint.progress.get(source).copied().unwrap_or(0) >= spans.len()
     }
@@ -454,16 +466,9 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 // durable first, or the chunk is fetched again.
                 let store = self.exchanger.service().store();
                 if let Err(e) = store.make_durable("a transfer chunk").await {
-                    self.metrics.failures.inc();
-                    self.status
-                        .lock()
-                        .expect("transfer status lock poisoned")
-                        .entry(source.clone())
-                        .or_default()
-                        .state = "retrying";
                     warn!(node = %self.node_id, %source, version, spans = %ShownSpans(&spans),
                           error = %e, "transfer chunk received but not made durable; fetched again");
-                    self.retry_at.insert(source, Instant::now() + RETRY);
+                    self.retry_later(source);
                     return Ok(WorkerState::Busy);
                 }
                 let finished = to == all_spans.len();
@@ -496,16 +501,9 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 // fetched is fetched again after the restart, from the last checkpoint.
             }
             Err(cause) => {
-                self.metrics.failures.inc();
-                self.status
-                    .lock()
-                    .expect("transfer status lock poisoned")
-                    .entry(source.clone())
-                    .or_default()
-                    .state = "retrying";
                 warn!(node = %self.node_id, %source, version, spans = %ShownSpans(&spans), %cause,
                       "transfer from a source failed; retried");
-                self.retry_at.insert(source, Instant::now() + RETRY);
+                self.retry_later(source);
             }
         }
         Ok(WorkerState::Busy)
