@@ -25,6 +25,8 @@ pub struct MemoryEngine {
     cache_misses: AtomicBool,
     /// Held by a test to stall every write (the writer thread blocks in `write`).
     gate: Mutex<()>,
+    /// Held by a test to stall every `sync_wal` (a group's fsync in progress).
+    sync_gate: Mutex<()>,
     pub synced_writes: AtomicU64,
     pub writes: AtomicU64,
     /// The stale-incarnation mark (`Engine::mark_stale_incarnation`).
@@ -67,6 +69,13 @@ impl MemoryEngine {
     /// Stalls every write until the guard is dropped.
     pub fn hold_writes(&self) -> MutexGuard<'_, ()> {
         self.gate.lock().expect("memory engine gate poisoned")
+    }
+
+    /// Stalls every `sync_wal` until the guard is dropped (writes still apply).
+    pub fn hold_syncs(&self) -> MutexGuard<'_, ()> {
+        self.sync_gate
+            .lock()
+            .expect("memory engine sync gate poisoned")
     }
 
     fn sync_failure(&self) -> Result<(), StorageError> {
@@ -127,6 +136,7 @@ impl Engine for MemoryEngine {
     }
 
     fn sync_wal(&self) -> Result<(), StorageError> {
+        drop(self.hold_syncs());
         let _data = self.data.lock().expect("memory engine lock poisoned");
         self.sync_failure()?;
         self.unsynced

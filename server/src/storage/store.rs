@@ -36,7 +36,7 @@ use crate::clock::now_ms;
 use crate::metrics::Counter;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -75,6 +75,8 @@ pub const QUEUE_CAPACITY: usize = 16 * 1024;
 /// `Store::make_durable` waits for a place in a full writer queue this many times 20 ms
 /// (1 s) before it gives up (its caller retries later).
 const SYNC_QUEUE_TRIES: u32 = 50;
+/// `Store::make_durable` gives up on the writer's answer after this long (its caller retries).
+const SYNC_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How deep the writer's queue is for pacing background work (0..=1): two groups' worth of
 /// jobs, or of bytes, is full. Both count: a few large merges are as much work waiting as
@@ -433,7 +435,9 @@ impl WriteError {
 fn may_have_applied(e: &StorageError) -> bool {
     match e {
         StorageError::Io { op, .. } => matches!(*op, "write" | "sync_wal"),
-        StorageError::NoSpace { op, cause } => *op == "sync_wal" || cause.contains("sync"),
+        StorageError::NoSpace { op, cause } => {
+            *op == "sync_wal" || cause.contains("While fdatasync") || cause.contains("While fsync")
+        }
         StorageError::Corrupt { .. } | StorageError::Open { .. } => false,
     }
 }
@@ -563,9 +567,6 @@ pub struct Store {
     fresh: bool,
     /// This node's current actor id (the writer renews it).
     actor: Arc<AtomicU64>,
-    /// Shared with the writer: set by a failed WAL fsync, cleared by a memtable flush
-    /// (`StoreStats::durability_lost`).
-    durability_lost: Arc<AtomicBool>,
 }
 
 crate::metrics::metric_set! {
@@ -793,7 +794,6 @@ impl Store {
         stats.next_counter.set(next_counter);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let durability_lost = Arc::new(AtomicBool::new(false));
         let mut writer = Writer {
             engine: engine.clone(),
             rx,
@@ -813,7 +813,7 @@ impl Store {
             hint_book: hint_book.clone(),
             hint_stats: hint_stats.clone(),
             refused_hints: refused_hints.clone(),
-            durability_lost: durability_lost.clone(),
+            durability_lost: false,
         };
         let handle = std::thread::Builder::new()
             .name("ringkv-writer".into())
@@ -836,7 +836,6 @@ impl Store {
             unsynced: std::sync::atomic::AtomicBool::new(unsynced),
             fresh,
             actor,
-            durability_lost,
         })
     }
 
@@ -1344,10 +1343,11 @@ impl Store {
         rx.await.unwrap_or_else(|_| Err(closed()))
     }
 
-    /// Makes every write committed so far durable against a power loss, for `what` (named in
-    /// the error). Under `sync = group` and `always` a committed write already is, and this
-    /// returns at once; under `none` the writer fsyncs the WAL between two groups (a failed
-    /// fsync renews the actor, as in a group's own fsync). A node calls it before it answers a
+    /// Makes every write visible so far durable against a power loss, for `what` (named in
+    /// the error). It goes through the writer queue in every mode, so it also covers a group
+    /// whose states are visible while its fsync still runs (a two-step group; a tombstone
+    /// check reads them); under `group` and `always` the writer then answers at once, under
+    /// `none` it fsyncs the WAL (a failed fsync renews the actor, as in a group's own fsync). A node calls it before it answers a
     /// request on whose answer another node deletes or drops data (a pushed state, a
     /// replayed hint, a tombstone check), before tombstone GC purges on its own word, and
     /// before it checkpoints a transfer, so that `none` loses at most the last writes in a
@@ -1359,9 +1359,6 @@ impl Store {
     /// answered at once. So from then on this fails until the writer has flushed every
     /// memtable to fsynced table files, which each call tries.
     pub async fn make_durable(&self, what: &str) -> Result<(), StorageError> {
-        if self.config.sync != SyncMode::None && !self.durability_lost.load(Ordering::Acquire) {
-            return Ok(());
-        }
         let failed = |cause: &str| StorageError::Io {
             op: "sync_wal",
             cause: format!("{what}: {cause}"),
@@ -1386,7 +1383,11 @@ impl Store {
                 }
             }
         }
-        rx.await
+        // A flush after a failed fsync can wait on a write stall: never forever.
+        let answer = tokio::time::timeout(SYNC_ANSWER_TIMEOUT, rx)
+            .await
+            .map_err(|_| failed("the writer did not answer in time; retried later"))?;
+        answer
             .unwrap_or_else(|_| Err(failed("the writer is shut down")))
             .map_err(|e| match e {
                 StorageError::Io { op, cause } => StorageError::Io {
@@ -1565,8 +1566,8 @@ struct Writer {
     hint_book: Arc<HintBook>,
     hint_stats: Arc<HintStoreStats>,
     refused_hints: RefusedHints,
-    /// Shared with `Store`: see `StoreStats::durability_lost`.
-    durability_lost: Arc<AtomicBool>,
+    /// Set by a failed WAL fsync, cleared by a memtable flush (`StoreStats::durability_lost`).
+    durability_lost: bool,
 }
 
 /// Per-group scratch state.
@@ -1739,14 +1740,16 @@ impl Writer {
         }
     }
 
-    /// `Store::make_durable`: everything committed so far is in the engine. After a failed
-    /// WAL fsync, flush every memtable to fsynced table files (the WAL can no longer be
-    /// trusted); otherwise, under `sync = none`, fsync the WAL.
+    /// `Store::make_durable`: everything committed so far is in the engine, and the last
+    /// group's fsync is done. After a failed WAL fsync, flush every memtable to fsynced table
+    /// files (the WAL can no longer be trusted); otherwise, under `sync = none`, fsync the WAL.
+    /// (A restart clears the flag: RocksDB's recovery writes the replayed memtables to table
+    /// files, `avoid_flush_during_recovery` being off.)
     fn make_durable(&mut self) -> Result<(), StorageError> {
-        if self.durability_lost.load(Ordering::Acquire) {
+        if self.durability_lost {
             return match self.engine.flush_memtables() {
                 Ok(()) => {
-                    self.durability_lost.store(false, Ordering::Release);
+                    self.durability_lost = false;
                     self.stats.durability_lost.set(0);
                     info!(node = %self.node_id,
                           "every memtable flushed to fsynced files after a failed WAL fsync: durable again");
@@ -1786,8 +1789,8 @@ impl Writer {
 
     /// A WAL fsync failed (or a synced write that may have applied): see
     /// `StoreStats::durability_lost`.
-    fn lost_durability(&self) {
-        self.durability_lost.store(true, Ordering::Release);
+    fn lost_durability(&mut self) {
+        self.durability_lost = true;
         self.stats.durability_lost.set(1);
     }
 

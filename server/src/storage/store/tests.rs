@@ -951,6 +951,52 @@ async fn after_a_failed_fsync_nothing_is_taken_as_durable_until_the_memtables_ar
     store.close();
 }
 
+/// Found in a second review: under `group`, a group with an early outcome is visible (a
+/// tombstone check reads it) while its fsync still runs, and `make_durable` returned at once,
+/// so a check could answer from a state a power loss would take back. It now waits for the
+/// group in flight.
+// The guard stalls the writer thread's fsync, not this task: held across awaits on purpose.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn make_durable_waits_for_the_fsync_of_a_group_already_visible() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    // The first write persists a counter lease in one synced step; the next is released
+    // between its append and its fsync.
+    store.write(put("a", "v0", None)).await.unwrap();
+    let held = engine.hold_syncs();
+    let (outcome, commit) = store
+        .write_early(put("k", "v1", None), far())
+        .await
+        .unwrap();
+    assert_eq!(values(&outcome.state), ["v1"]);
+    assert_eq!(
+        values(&store.get(b"k").unwrap()),
+        ["v1"],
+        "visible before its fsync"
+    );
+    let durable = tokio::spawn({
+        let store = Arc::new(store);
+        let s = store.clone();
+        async move {
+            let r = s.make_durable("a tombstone check").await;
+            (r, store)
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !durable.is_finished(),
+        "answered while the group's fsync runs"
+    );
+    drop(held);
+    commit.await.unwrap();
+    let (r, store) = durable.await.unwrap();
+    r.unwrap();
+    engine.lose_unsynced();
+    assert_eq!(values(&store.get(b"k").unwrap()), ["v1"]);
+    store.close();
+}
+
 /// Coordinators that could not see each other (a partition) each fill a key up to the write
 /// cap. Merges never drop data, so a replica then holds more siblings than a write may leave,
 /// up to the state bound; beyond it a merge is refused and the replica keeps its state. One
