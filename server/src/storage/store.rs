@@ -1347,11 +1347,11 @@ impl Store {
     /// the error). It goes through the writer queue in every mode, so it also covers a group
     /// whose states are visible while its fsync still runs (a two-step group; a tombstone
     /// check reads them); under `group` and `always` the writer then answers at once, under
-    /// `none` it fsyncs the WAL (a failed fsync renews the actor, as in a group's own fsync). A node calls it before it answers a
-    /// request on whose answer another node deletes or drops data (a pushed state, a
-    /// replayed hint, a tombstone check), before tombstone GC purges on its own word, and
-    /// before it checkpoints a transfer, so that `none` loses at most the last writes in a
-    /// power loss, never data another node gave away.
+    /// `none` it fsyncs the WAL (a failed fsync renews the actor, as in a group's own fsync).
+    /// A node calls it before it answers a request on whose answer another node deletes or
+    /// drops data (a pushed state, a replayed hint, a tombstone check), before tombstone GC
+    /// purges on its own word, and before it checkpoints a transfer, so that `none` loses at
+    /// most the last writes in a power loss, never data another node gave away.
     ///
     /// After a failed WAL fsync, in any mode, what was applied since the last good one may not
     /// be durable however often the WAL is synced again (the OS may have dropped the pages it
@@ -1384,18 +1384,18 @@ impl Store {
             }
         }
         // A flush after a failed fsync can wait on a write stall: never forever.
-        let answer = tokio::time::timeout(SYNC_ANSWER_TIMEOUT, rx)
-            .await
-            .map_err(|_| failed("the writer did not answer in time; retried later"))?;
-        answer
-            .unwrap_or_else(|_| Err(failed("the writer is shut down")))
-            .map_err(|e| match e {
+        match tokio::time::timeout(SYNC_ANSWER_TIMEOUT, rx).await {
+            Err(_) => Err(failed("the writer did not answer in time; retried later")),
+            Ok(Err(_)) => Err(failed("the writer is shut down")),
+            // The writer's own error, named for what it was for.
+            Ok(Ok(result)) => result.map_err(|e| match e {
                 StorageError::Io { op, cause } => StorageError::Io {
                     op,
                     cause: format!("{what}: {cause}"),
                 },
                 other => other,
-            })
+            }),
+        }
     }
 
     /// Deletes `mark` if its row is unchanged (a mark made again since keeps its place; a
@@ -1777,14 +1777,21 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                self.stats.sync_errors.inc();
                 error!(node = %self.node_id, error = %e,
                        "WAL fsync failed: data handed to this node may not be durable; not acknowledged");
-                self.lost_durability();
-                self.renew_actor("a WAL fsync failed", None, 0);
+                self.wal_sync_failed();
                 Err(e)
             }
         }
+    }
+
+    /// A WAL fsync failed (a group's or `make_durable`'s). The OS may drop the pages it
+    /// failed to write: versions this actor shipped could vanish from our copy at the next
+    /// start, so it never mints again, and nothing is taken as durable until a memtable flush.
+    fn wal_sync_failed(&mut self) {
+        self.stats.sync_errors.inc();
+        self.lost_durability();
+        self.renew_actor("a WAL fsync failed", None, 0);
     }
 
     /// A WAL fsync failed (or a synced write that may have applied): see
@@ -1897,14 +1904,9 @@ impl Writer {
                     match self.engine.sync_wal() {
                         Ok(()) => self.synced(group.lease),
                         Err(e) => {
-                            self.stats.sync_errors.inc();
                             error!(node = %self.node_id, jobs = count, error = %e,
                                    "WAL fsync failed: the group is applied here but may not be durable");
-                            // The OS may drop the pages it failed to write: versions this actor
-                            // shipped could vanish from our copy at the next start. Never mint
-                            // with it again.
-                            self.lost_durability();
-                            self.renew_actor("a WAL fsync failed", None, 0);
+                            self.wal_sync_failed();
                             sync_failure = Some(e);
                         }
                     }
