@@ -1231,10 +1231,13 @@ async fn a_node_that_left_then_was_wiped_joins_again_without_waiting_the_settle_
         match admin(&c, 0, join.clone()).await {
             Ok(_) => break,
             Err(e) if e.contains("not running") || e.contains("has not said it holds nothing") => {
+                // Rare under a loaded machine (2 in ~20 runs of the suite); the logs say why.
                 assert!(
                     restarted.elapsed() < settle / 2,
-                    "n4, wiped, still refused {:?} after its start: {e}",
-                    restarted.elapsed()
+                    "n4, wiped, still refused {:?} after its start: {e}\nn4's log:\n{}\nn1's log:\n{}",
+                    restarted.elapsed(),
+                    c.nodes[3].log_tail(80),
+                    c.nodes[0].log_tail(40),
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

@@ -141,20 +141,24 @@ impl NodeProcess {
             crate::powerloss::baseline(&self.data_dir, Path::new(log))?;
         }
         let _ = std::fs::remove_file(self.addr_file());
-        let listen = if self.addr.is_empty() {
-            self.listen.clone()
-        } else {
-            self.addr.clone()
-        };
-        let or_any = |known: &str| {
-            if known.is_empty() {
-                format!("{}:0", self.ip)
+        // A first start on port 0 takes its ports below the kernel's ephemeral range: a port
+        // the kernel handed out would be free for any connection's source port while the node
+        // is down, and its restart could not bind it again (found as a flaky test: "Address
+        // already in use" on a restart while other tests' nodes and clients ran).
+        let or_fixed = |known: &str| {
+            if known.is_empty() || known.ends_with(":0") {
+                format!("{}:{}", self.ip, fixed_port(&self.ip).unwrap_or(0))
             } else {
                 known.to_string()
             }
         };
-        let peer_listen = or_any(&self.peer_addr);
-        let gossip_listen = or_any(&self.gossip_addr);
+        let listen = or_fixed(if self.addr.is_empty() {
+            &self.listen
+        } else {
+            &self.addr
+        });
+        let peer_listen = or_fixed(&self.peer_addr);
+        let gossip_listen = or_fixed(&self.gossip_addr);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -314,6 +318,44 @@ impl NodeProcess {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// The first port node listeners take: below it, well-known services.
+const FIXED_PORTS_FROM: u32 = 10_000;
+
+/// A port of `ip` below the kernel's ephemeral range (`ip_local_port_range`) that is free for
+/// TCP and UDP now, so that neither `bind(0)` nor a connection's source port can take it while
+/// its node is down between a kill and a restart. Ports are handed out in turn from a start
+/// that differs between processes, and never twice in a process until the range wraps. `None`
+/// when the range below the ephemeral one is too small (the caller binds port 0).
+fn fixed_port(ip: &str) -> Option<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            t.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+        })
+        .unwrap_or(32_768);
+    let span = ephemeral_from.checked_sub(FIXED_PORTS_FROM)?;
+    if span < 1_000 {
+        return None;
+    }
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    (0..span).find_map(|_| {
+        let port = FIXED_PORTS_FROM + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(port).ok()?;
+        let free = std::net::TcpListener::bind((ip, port)).is_ok()
+            && std::net::UdpSocket::bind((ip, port)).is_ok();
+        free.then_some(port)
+    })
 }
 
 impl Drop for NodeProcess {
