@@ -27,6 +27,8 @@ pub struct MemoryEngine {
     gate: Mutex<()>,
     /// Held by a test to stall every `sync_wal` (a group's fsync in progress).
     sync_gate: Mutex<()>,
+    /// `sync_wal` calls waiting at the sync gate now (a test knows the writer is held there).
+    pub syncs_held: AtomicU64,
     pub synced_writes: AtomicU64,
     pub writes: AtomicU64,
     /// The stale-incarnation mark (`Engine::mark_stale_incarnation`).
@@ -136,7 +138,9 @@ impl Engine for MemoryEngine {
     }
 
     fn sync_wal(&self) -> Result<(), StorageError> {
+        self.syncs_held.fetch_add(1, Ordering::SeqCst);
         drop(self.hold_syncs());
+        self.syncs_held.fetch_sub(1, Ordering::SeqCst);
         let _data = self.data.lock().expect("memory engine lock poisoned");
         self.sync_failure()?;
         self.unsynced

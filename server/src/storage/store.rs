@@ -1617,7 +1617,8 @@ impl Writer {
             MAX_GROUP_JOBS
         };
         let mut shutting_down = false;
-        // A rescan that ended the previous group's collection: it runs before the next group.
+        // A message that ended the collection of the previous group (a rescan, a sync) or of
+        // a run of syncs (anything else): it is taken before the next one in the queue.
         let mut carry: Option<Msg> = None;
         while !shutting_down {
             let next = match carry.take() {
@@ -1636,7 +1637,23 @@ impl Writer {
                     continue;
                 }
                 Ok(Msg::Sync { reply }) => {
-                    let _ = reply.send(self.make_durable());
+                    // Sync requests queued right behind this one are served by the same
+                    // fsync: each needs only what was written before it was queued.
+                    let mut replies = vec![reply];
+                    loop {
+                        match self.rx.try_recv() {
+                            Ok(Msg::Sync { reply }) => replies.push(reply),
+                            Ok(other) => {
+                                carry = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let result = self.make_durable();
+                    for reply in replies {
+                        let _ = reply.send(result.clone());
+                    }
                     continue;
                 }
                 Ok(Msg::Shutdown) | Err(_) => break,

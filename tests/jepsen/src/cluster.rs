@@ -1,4 +1,4 @@
-//! A local cluster of real `ringkv` processes on 127.0.0.1 ephemeral ports.
+//! A local cluster of real `ringkv` processes on free 127.0.0.1 ports (`process::fixed_port`).
 
 use std::time::{Duration, Instant};
 

@@ -87,7 +87,7 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts a node with a fresh temporary data dir on an ephemeral 127.0.0.1 port.
+    /// Starts a node with a fresh temporary data dir on free 127.0.0.1 ports (`fixed_port`).
     pub fn start_temp(id: &str, extra: &[&str]) -> NodeProcess {
         let mut node = NodeProcess::new_temp(id, extra);
         node.start().unwrap_or_else(|e| panic!("{e}"));
@@ -320,14 +320,18 @@ impl NodeProcess {
     }
 }
 
-/// The first port node listeners take: below it, well-known services.
-const FIXED_PORTS_FROM: u32 = 10_000;
+/// Node listeners started on port 0 take ports in `FIXED_PORTS`: below the kernel's ephemeral
+/// range, above well-known services, and clear of the ports the benchmark scripts use
+/// (7379.., 12370–18379 in tools/bench.sh, 28379.. in open-loop.sh, overload-bench.py and
+/// k2v-bench.py).
+const FIXED_PORTS: std::ops::Range<u32> = 19_000..28_000;
 
-/// A port of `ip` below the kernel's ephemeral range (`ip_local_port_range`) that is free for
-/// TCP and UDP now, so that neither `bind(0)` nor a connection's source port can take it while
-/// its node is down between a kill and a restart. Ports are handed out in turn from a start
-/// that differs between processes, and never twice in a process until the range wraps. `None`
-/// when the range below the ephemeral one is too small (the caller binds port 0).
+/// A port of `ip` in `FIXED_PORTS` and below the kernel's ephemeral range
+/// (`ip_local_port_range`), free for TCP and UDP now, so that neither `bind(0)` nor a
+/// connection's source port can take it while its node is down between a kill and a restart.
+/// Ports are handed out in turn from a start that differs between processes, and never twice
+/// in a process until the range wraps (two test processes at once could still meet). `None`
+/// when fewer than 1 000 such ports exist or none is free (the caller binds port 0).
 fn fixed_port(ip: &str) -> Option<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
@@ -339,7 +343,8 @@ fn fixed_port(ip: &str) -> Option<u16> {
                 .and_then(|p| p.parse::<u32>().ok())
         })
         .unwrap_or(32_768);
-    let span = ephemeral_from.checked_sub(FIXED_PORTS_FROM)?;
+    let end = FIXED_PORTS.end.min(ephemeral_from);
+    let span = end.checked_sub(FIXED_PORTS.start)?;
     if span < 1_000 {
         return None;
     }
@@ -350,7 +355,7 @@ fn fixed_port(ip: &str) -> Option<u16> {
         Ordering::Relaxed,
     );
     (0..span).find_map(|_| {
-        let port = FIXED_PORTS_FROM + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = FIXED_PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span;
         let port = u16::try_from(port).ok()?;
         let free = std::net::TcpListener::bind((ip, port)).is_ok()
             && std::net::UdpSocket::bind((ip, port)).is_ok();

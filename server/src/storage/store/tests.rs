@@ -997,6 +997,69 @@ async fn make_durable_waits_for_the_fsync_of_a_group_already_visible() {
     store.close();
 }
 
+/// Under `none`, give-away syncs queued one right behind the other share one fsync (each
+/// needs only what was written before it was queued); a write queued between two of them is
+/// covered by the later one. Before, every request cost its own fsync.
+// The guard stalls the writer thread's fsync, not this task: held across awaits on purpose.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn give_away_syncs_queued_together_share_one_fsync() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open(&engine, SyncMode::None));
+    store.write(put("a", "v0", None)).await.unwrap();
+    // Polls (up to 10 s) until `cond` holds: the order below does not rest on sleeps.
+    fn until(what: &str, cond: impl Fn() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "{what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let sync = |what: &'static str| {
+        let s = store.clone();
+        tokio::spawn(async move { s.make_durable(what).await })
+    };
+    // The first one holds the writer in its fsync while the others queue, in this order: b
+    // and c together, then a write, then d.
+    let held = engine.hold_syncs();
+    let mut waits = vec![sync("a")];
+    until("the writer holds a's fsync", || {
+        engine.syncs_held.load(Ordering::SeqCst) == 1
+    });
+    waits.push(sync("b"));
+    until("b queued", || store.queue_depth() == 1);
+    waits.push(sync("c"));
+    until("c queued", || store.queue_depth() == 2);
+    let write = tokio::spawn({
+        let s = store.clone();
+        async move { s.write(put("k", "v1", None)).await }
+    });
+    until("the write queued", || store.queue_depth() == 3);
+    waits.push(sync("d"));
+    until("d queued", || store.queue_depth() == 4);
+    assert!(waits.iter().all(|w| !w.is_finished()), "the writer is held");
+    drop(held);
+    for w in waits {
+        w.await.unwrap().unwrap();
+    }
+    write.await.unwrap().unwrap();
+    assert_eq!(
+        store.stats().handover_syncs.get(),
+        3,
+        "a, then b and c together, then d"
+    );
+    engine.lose_unsynced();
+    assert_eq!(
+        values(&store.get(b"k").unwrap()),
+        ["v1"],
+        "d covered the write"
+    );
+    store.close();
+}
+
 /// Coordinators that could not see each other (a partition) each fill a key up to the write
 /// cap. Merges never drop data, so a replica then holds more siblings than a write may leave,
 /// up to the state bound; beyond it a merge is refused and the replica keeps its state. One
