@@ -260,18 +260,13 @@ impl<T: Transport> TransferWorker<T> {
     /// A chunk from `source` failed: counted, shown as retrying, tried again after `RETRY`.
     fn retry_later(&mut self, source: String) {
         self.metrics.failures.inc();
-        self.set_state(&source, "retrying");
-        self.retry_at.insert(source, Instant::now() + RETRY);
-    }
-
-    /// What `kvctl cluster status` shows for the transfer from `source`.
-    fn set_state(&self, source: &str, state: &'static str) {
         self.status
             .lock()
             .expect("transfer status lock poisoned")
-            .entry(source.to_string())
+            .entry(source.clone())
             .or_default()
-            .state = state;
+            .state = "retrying";
+        self.retry_at.insert(source, Instant::now() + RETRY);
     }
 
     fn done(&self, source: &str, spans: &[Span]) -> bool {
@@ -450,10 +445,10 @@ impl<T: Transport> Worker for TransferWorker<T> {
             all_spans.len()
         );
         let started = Instant::now();
-        self.set_state(&source, "running");
         {
             let mut st = self.status.lock().expect("transfer status lock poisoned");
             let e = st.entry(source.clone()).or_default();
+            e.state = "running";
             e.started.get_or_insert(started);
         }
         match self.exchanger.exchange(&addr, &spans as &[Span]).await {

@@ -1007,39 +1007,30 @@ async fn give_away_syncs_queued_together_share_one_fsync() {
     let engine = Arc::new(MemoryEngine::new());
     let store = Arc::new(open(&engine, SyncMode::None));
     store.write(put("a", "v0", None)).await.unwrap();
-    // Polls (up to 10 s) until `cond` holds: the order below does not rest on sleeps.
-    fn until(what: &str, cond: impl Fn() -> bool) {
-        let start = std::time::Instant::now();
-        while !cond() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "{what}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
     let sync = |what: &'static str| {
         let s = store.clone();
         tokio::spawn(async move { s.make_durable(what).await })
     };
     // The first one holds the writer in its fsync while the others queue, in this order: b
-    // and c together, then a write, then d.
+    // and c together, then a write, then d. Each step is awaited, not slept on.
+    use crate::testkit::eventually;
     let held = engine.hold_syncs();
     let mut waits = vec![sync("a")];
-    until("the writer holds a's fsync", || {
+    eventually("the writer holds a's fsync", || {
         engine.syncs_held.load(Ordering::SeqCst) == 1
-    });
+    })
+    .await;
     waits.push(sync("b"));
-    until("b queued", || store.queue_depth() == 1);
+    eventually("b queued", || store.queue_depth() == 1).await;
     waits.push(sync("c"));
-    until("c queued", || store.queue_depth() == 2);
+    eventually("c queued", || store.queue_depth() == 2).await;
     let write = tokio::spawn({
         let s = store.clone();
         async move { s.write(put("k", "v1", None)).await }
     });
-    until("the write queued", || store.queue_depth() == 3);
+    eventually("the write queued", || store.queue_depth() == 3).await;
     waits.push(sync("d"));
-    until("d queued", || store.queue_depth() == 4);
+    eventually("d queued", || store.queue_depth() == 4).await;
     assert!(waits.iter().all(|w| !w.is_finished()), "the writer is held");
     drop(held);
     for w in waits {
