@@ -78,6 +78,9 @@ pub enum ServerError {
         addr: String,
         cause: String,
     },
+    /// Another, older live process has this node id; the message names it (and this node).
+    #[error("{0}")]
+    DuplicateNodeId(String),
 }
 
 /// Runs a node until `shutdown` is cancelled, then stops accepting, lets in-flight requests
@@ -558,7 +561,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let s = store.clone();
     let _ = tokio::task::spawn_blocking(move || s.close()).await;
     info!(node = %node_id, "stopped");
-    Ok(())
+    match membership.fatal() {
+        Some(why) => Err(ServerError::DuplicateNodeId(why)),
+        None => Ok(()),
+    }
 }
 
 /// Where the kernel's boot id is read: it changes on every boot, so a store can tell a process

@@ -504,3 +504,106 @@ async fn a_whole_cluster_power_loss_keeps_the_ring_and_every_acknowledged_write(
         );
     }
 }
+
+/// A second process started with a node id that a live process already has (a copied config,
+/// a node "moved" without stopping the old process) stops with an error naming the other,
+/// before it serves; the older process keeps serving, says so (log, metric), and once the
+/// newcomer is gone takes its identity back, so the cluster routes to it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_its_place() {
+    let c = Cluster::start(3, &[]).await;
+    let n1_gossip = c.nodes[0].gossip_addr.clone();
+    let n1_client = c.nodes[0].addr.clone();
+    for i in 0..20 {
+        c.client(0)
+            .put_with(&format!("before-{i}"), "v", None, PutOptions::default())
+            .await
+            .expect("a write through n1");
+    }
+    let mut dup = NodeProcess::start_temp("n1", &["--seeds", &c.nodes[1].gossip_addr]);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = dup.exited() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the second n1 still runs after 30 s; its log:\n{}",
+            dup.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = dup.log_tail(60);
+    assert!(!status.success(), "the second n1 exited with {status}");
+    assert!(
+        log.contains("another live process has this node id")
+            && log.contains(&format!("gossip address {n1_gossip}")),
+        "its error names the other process: {log}"
+    );
+    // The first one heard it, said so, and counted it.
+    let metric = |s: &ringkv_client::StatusReply, name: &str| {
+        s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1)
+    };
+    let s = c.client(0).status().await.expect("n1 answers status");
+    assert!(
+        metric(&s, "gossip.duplicate_packets") > 0,
+        "n1 counted the duplicate's packets"
+    );
+    assert!(c.nodes[0]
+        .log_tail(400)
+        .contains("another live process has this node id (started after this one)"));
+    // Once the newcomer is silent, n1 renews its identity: every member routes to n1 at its
+    // own addresses again, and reads and writes that need all three replicas succeed.
+    let start = Instant::now();
+    loop {
+        let mut placed = true;
+        for i in 1..3 {
+            let m = member(&c.client(i), "n1").await;
+            placed &= m.is_some_and(|m| {
+                m.gossip_addr == n1_gossip && m.client_addr == n1_client && m.available
+            });
+        }
+        let s = c.client(0).status().await.expect("n1 answers status");
+        if placed && metric(&s, "gossip.duplicate_node_id") == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "the cluster does not route to the first n1 again; n2 sees {:?}; n1's log:\n{}",
+            member(&c.client(1), "n1").await,
+            c.nodes[0].log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(c.nodes[0]
+        .log_tail(400)
+        .contains("renewed this one's identity"));
+    c.client(1)
+        .put_with(
+            "after",
+            "w",
+            None,
+            PutOptions {
+                w: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("a W=3 write after the duplicate stopped");
+    for i in 0..3 {
+        let cl = c.client(i);
+        for key in ["after", "before-0", "before-19"] {
+            let read = cl
+                .get_with(
+                    key,
+                    GetOptions {
+                        r: Some(3),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("R=3 read of {key} through n{}: {e}", i + 1));
+            assert!(read.is_found(), "{key} through n{}", i + 1);
+        }
+    }
+}

@@ -369,6 +369,7 @@ pub struct Membership {
     commands: mpsc::Sender<Command>,
     pub stats: Arc<GossipStats>,
     members_seen: Arc<std::sync::Mutex<Option<MembersReply>>>,
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Membership {
@@ -391,6 +392,12 @@ impl Membership {
             .lock()
             .expect("members snapshot lock poisoned")
             .clone()
+    }
+
+    /// Why this process had to stop, if the membership driver stopped it: an older live
+    /// process has this node id (`swim::judge_own_id`).
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().expect("fatal slot lock poisoned").clone()
     }
 
     /// Per-member details (SWIM state, incarnation, phi, last heard); None if the driver stopped.
@@ -480,6 +487,7 @@ impl Membership {
             commands: cmd_tx,
             stats,
             members_seen: driver.members_seen.clone(),
+            fatal: driver.fatal.clone(),
         };
         (membership, driver.into_worker(cmd_rx, leave))
     }
@@ -494,6 +502,7 @@ impl Membership {
             commands,
             stats: Arc::new(GossipStats::default()),
             members_seen: Default::default(),
+            fatal: Default::default(),
         };
         (membership, view_tx)
     }

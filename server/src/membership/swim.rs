@@ -174,6 +174,8 @@ crate::metrics::metric_set! {
         foca_errors: Counter = "foca_errors", "errors reported by foca";
         members_down: Counter = "members_down_events", "members declared down";
         rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
+        duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s): stop one of them";
+        duplicate_packets: Counter = "duplicate_packets", "gossip packets received from another process with this node id (dropped)";
     }
 }
 
@@ -212,6 +214,8 @@ struct Envelope {
 
 struct Opened<'a> {
     kind: u8,
+    generation: u64,
+    ts_ms: u64,
     node_id: &'a str,
     payload: &'a [u8],
 }
@@ -274,6 +278,8 @@ impl Envelope {
         let node_id = std::str::from_utf8(id).map_err(|_| Reject::Short)?;
         Ok(Opened {
             kind: pkt[1],
+            generation: u64::from_be_bytes(body[10..18].try_into().expect("8-byte slice")),
+            ts_ms: ts,
             node_id,
             payload: &body[27 + id_len..],
         })
@@ -422,6 +428,57 @@ pub fn next_generation(previous: Option<u64>, now_ms: u64) -> u64 {
     previous.map_or(now_ms, |p| now_ms.max(p.saturating_add(1)))
 }
 
+/// How long another process with this node id must stay silent before this one, the older,
+/// takes its identity back (`Driver::after_duplicate`): ten heartbeat periods, so a live
+/// duplicate, which hears this process's heartbeats and stops, has long stopped by then.
+pub const DUPLICATE_SILENCE: Duration = Duration::from_secs(5);
+
+/// What a process does with an authenticated gossip packet that carries its own node id
+/// (`judge_own_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnId {
+    /// Not another live process: this process's own address, or a packet sent before this
+    /// process started (a previous process of this node, delayed in the network).
+    Ignore,
+    /// Another process with this node id started before this one: this one stops.
+    StopSelf,
+    /// Another process with this node id started after this one: it stops when it hears this
+    /// one; until then this one keeps serving and says so.
+    Incumbent,
+}
+
+/// Judges a packet from `from`, sent at `sent_ms` by a process of generation `theirs` that
+/// carries this process's node id. `me` is this process's identity and `started_ms` when it
+/// started. Two live processes with one node id shadow each other (every member routes to
+/// the newer identity, phi mixes their heartbeats), as Cassandra and Riak refuse: the one
+/// with the larger generation (its start time by its own clock; the gossip address breaks a
+/// tie) is the newcomer and stops.
+pub fn judge_own_id(
+    me: &RingId,
+    started_ms: u64,
+    theirs: u64,
+    from: SocketAddr,
+    sent_ms: u64,
+) -> OwnId {
+    if from == me.gossip || sent_ms < started_ms {
+        return OwnId::Ignore;
+    }
+    if (theirs, from) < (me.generation, me.gossip) {
+        OwnId::StopSelf
+    } else {
+        OwnId::Incumbent
+    }
+}
+
+/// Another live process with this node id, heard by this one (the older).
+#[derive(Debug, Clone)]
+struct Duplicate {
+    gossip: SocketAddr,
+    generation: u64,
+    last_heard: Instant,
+    last_logged: Option<Instant>,
+}
+
 /// The version of a node's next metadata publication: one more than the last, and at least
 /// `generation << 20`, so a restarted process (a larger generation: its start time in ms)
 /// publishes above anything its previous process did (it would need 2^20 publications per
@@ -493,6 +550,14 @@ pub struct Driver {
     layout: Arc<Layout>,
     layout_digest: u64,
     layout_file: Option<std::path::PathBuf>,
+    /// When this process started (ms since the epoch): packets sent before it are not from a
+    /// live duplicate (`judge_own_id`).
+    started_ms: u64,
+    /// Another live process with this node id, heard while this one is the older.
+    duplicate: Option<Duplicate>,
+    /// Why this process must stop (an older live process has its node id); the worker then
+    /// cancels the node's shutdown token and `node::run` returns it as its error.
+    pub fatal: Arc<Mutex<Option<String>>>,
 }
 
 impl Driver {
@@ -577,6 +642,9 @@ impl Driver {
             layout_digest: layout.digest(),
             layout: Arc::new(layout),
             layout_file: cfg.layout_file,
+            started_ms: now_ms(),
+            duplicate: None,
+            fatal: Default::default(),
         }
     }
 
@@ -677,6 +745,9 @@ impl Driver {
             return self.reject(Reject::Short, from);
         }
         let (kind, node_id, payload) = match self.envelope.open(pkt, now_ms()) {
+            Ok(o) if o.node_id == self.me.node_id => {
+                return self.on_own_id(o.generation, o.ts_ms, from);
+            }
             Ok(o) => (o.kind, o.node_id.to_string(), o.payload.to_vec()),
             Err(why) => return self.reject(why, from),
         };
@@ -698,6 +769,98 @@ impl Driver {
                 debug!(node = %self.me.node_id, %from, kind = other, "unknown gossip packet kind")
             }
         }
+    }
+
+    /// A packet from `from` that carries this node's id: another live process with it, or
+    /// nothing to see (`judge_own_id`). Its packets are dropped either way: it is not a peer.
+    fn on_own_id(&mut self, theirs: u64, sent_ms: u64, from: SocketAddr) {
+        let verdict = judge_own_id(&self.me, self.started_ms, theirs, from, sent_ms);
+        if verdict == OwnId::Ignore {
+            return;
+        }
+        self.stats.duplicate_packets.inc();
+        self.stats.duplicate_node_id.set(1);
+        let me = &self.me;
+        if verdict == OwnId::StopSelf {
+            let mut fatal = self.fatal.lock().expect("fatal slot lock poisoned");
+            if fatal.is_none() {
+                let why = format!(
+                    "node {}: another live process has this node id, at gossip address {from} \
+                     (generation {theirs}, started before this one, generation {}); stopping \
+                     this one. Two processes with one node id shadow each other: give this \
+                     one its own --node-id, or stop the other first (a node moved to a new \
+                     address: stop its old process before starting the new one)",
+                    me.node_id, me.generation
+                );
+                error!(node = %me.node_id, other_gossip = %from, other_generation = theirs,
+                       generation = me.generation, "{why}");
+                *fatal = Some(why);
+            }
+            return;
+        }
+        let now = Instant::now();
+        let dup = self.duplicate.get_or_insert(Duplicate {
+            gossip: from,
+            generation: theirs,
+            last_heard: now,
+            last_logged: None,
+        });
+        dup.gossip = from;
+        dup.generation = dup.generation.max(theirs);
+        dup.last_heard = now;
+        // One line per 10 s: the newer process stops as soon as it hears this one, so more
+        // than one line means it runs a version that does not.
+        if dup
+            .last_logged
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+        {
+            dup.last_logged = Some(now);
+            error!(node = %me.node_id, other_gossip = %from, other_generation = theirs,
+                   generation = me.generation,
+                   "another live process has this node id (started after this one); it should \
+                    stop when it hears this one. Until it does, the cluster routes this node's \
+                    requests to it: stop it, or give it its own --node-id");
+        }
+    }
+
+    /// Once a duplicate has been silent for `DUPLICATE_SILENCE` (it stopped), takes this node's
+    /// identity back: every member routed to the duplicate's newer identity, so this process
+    /// renews its own above it (a new generation, so its identity and metadata win again).
+    fn after_duplicate(&mut self) {
+        let Some(dup) = &self.duplicate else {
+            return;
+        };
+        if dup.last_heard.elapsed() < DUPLICATE_SILENCE {
+            return;
+        }
+        let (gossip, generation) = (dup.gossip, dup.generation);
+        self.duplicate = None;
+        self.stats.duplicate_node_id.set(0);
+        if generation < self.me.generation {
+            return;
+        }
+        let new = RingId {
+            generation: generation + 1,
+            ..self.me.clone()
+        };
+        if let Err(e) = self.foca.change_identity(new.clone(), &mut self.rt) {
+            error!(node = %self.me.node_id, error = %e,
+                   "could not renew this node's identity after a duplicate stopped; restart this process");
+            return;
+        }
+        if let Some(path) = &self.generation_file {
+            if let Err(e) = save_generation(path, new.generation) {
+                warn!(node = %new.node_id, file = %path.display(), error = %e,
+                      "could not save the renewed generation; the next start may begin below it");
+            }
+        }
+        warn!(node = %new.node_id, other_gossip = %gossip, other_generation = generation,
+              generation = new.generation,
+              "the other process with this node id went silent; renewed this one's identity so \
+               the cluster routes to it again");
+        self.me = new;
+        self.publish_meta(self.my_meta.status);
+        self.publish_view();
     }
 
     fn fire_timers(&mut self) {
@@ -960,10 +1123,19 @@ impl Driver {
             .iter()
             .all(|(id, (_, state, _))| *state == State::Down || meta.contains_key(id));
         let has_layout = layout.version > 0 && newest_seen <= layout.version;
+        // Another identity with this node id that foca does not know down: a previous process
+        // of this node at another address, not yet found dead, or a live duplicate (which,
+        // when it is older, this process will hear and stop for). Serving under the same id
+        // meanwhile would take data the other may still be taking.
+        let shadow = self.foca.iter_membership_state().any(|m| {
+            m.id().node_id == self.me.node_id
+                && m.id().gossip != self.me.gossip
+                && m.state() != State::Down
+        });
         // Latched: once the ring is known, a newcomer whose metadata is still in flight simply
         // is not in the ring yet, and a layout committed elsewhere arrives within a gossip
         // round; neither must stop this node from serving.
-        self.ready |= has_layout && (self.lone || (self.active && complete));
+        self.ready |= has_layout && !shadow && (self.lone || (self.active && complete));
         let ready = self.ready;
         self.served |= NoData::of(ready, layout.retired.contains(&*me)).is_none();
         let served = self.served;
@@ -1191,7 +1363,13 @@ impl Worker for MembershipWorker {
             }
             _ = stop.cancelled() => return Ok(WorkerState::Done),
             r = d.socket.recv_from(&mut self.buf) => match r {
-                Ok((len, from)) => d.on_packet(&self.buf[..len], from),
+                Ok((len, from)) => {
+                    d.on_packet(&self.buf[..len], from);
+                    if d.fatal.lock().expect("fatal slot lock poisoned").is_some() {
+                        // `node::run` returns the reason as its error once everything stopped.
+                        self.leave.cancel();
+                    }
+                }
                 Err(e) => debug!(node = %d.me.node_id, error = %e, "gossip recv failed"),
             },
             _ = tokio::time::sleep_until(next_timer) => d.fire_timers(),
@@ -1202,6 +1380,7 @@ impl Worker for MembershipWorker {
                 d.publish_meta(status);
             }
             _ = self.refresh.tick() => {
+                d.after_duplicate();
                 d.publish_view();
                 let members = d.members_reply();
                 *d.members_seen.lock().expect("members snapshot lock poisoned") = Some(members);
@@ -1242,6 +1421,43 @@ mod tests {
             client: a,
             generation: 7,
         }
+    }
+
+    /// Two live processes with one node id: the newcomer (the larger generation, the gossip
+    /// address breaking a tie) stops, the older keeps serving; a packet of this process's own
+    /// address or sent before it started (a previous process, delayed) says nothing.
+    #[test]
+    fn of_two_live_processes_with_one_node_id_the_newcomer_stops() {
+        let started = 1_800_000_000_000u64;
+        let mine: SocketAddr = "10.0.0.1:7479".parse().unwrap();
+        let other: SocketAddr = "10.0.0.2:7479".parse().unwrap();
+        let me = RingId {
+            gossip: mine,
+            generation: started,
+            ..id("n1")
+        };
+        let judge = |theirs, from, sent| judge_own_id(&me, started, theirs, from, sent);
+        // An older process elsewhere is alive after we started: we are the newcomer.
+        assert_eq!(
+            judge(started - 3_600_000, other, started + 5),
+            OwnId::StopSelf
+        );
+        // A newer one: it is the newcomer; we keep serving.
+        assert_eq!(judge(started + 10, other, started + 20), OwnId::Incumbent);
+        // Same generation: the larger gossip address stops.
+        assert_eq!(judge(started, other, started + 1), OwnId::Incumbent);
+        let lower: SocketAddr = "10.0.0.0:7479".parse().unwrap();
+        assert_eq!(judge(started, lower, started + 1), OwnId::StopSelf);
+        // Sent before this process started: a previous process's packet, delayed.
+        assert_eq!(
+            judge(started - 3_600_000, other, started - 1),
+            OwnId::Ignore
+        );
+        // Our own address: not another process.
+        assert_eq!(judge(started - 1, mine, started + 1), OwnId::Ignore);
+        // An older process renewed above us after we went silent is still "another process":
+        // judged by what it says now (docs/operations.md says what that rare case does).
+        assert_eq!(judge(started + 1, other, started + 9_000), OwnId::Incumbent);
     }
 
     /// Found in review: a node restarted with its clock behind its last start got a smaller

@@ -152,6 +152,12 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..overlap("register", "kill,partition,pause", 30, 10)
             },
+            // A second process started with a running node's id: it stops by itself, the
+            // node keeps its place (kills in between).
+            Cli {
+                interval: 4,
+                ..with("register", "duplicate,kill", 25, 13)
+            },
         ]),
         Some("full") => Ok(vec![
             with("register", "kill,partition", 120, 11),
@@ -185,6 +191,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             // Power losses (every file cut back to what was fsynced).
             with("register", "powerloss,partition", 120, 33),
             with("set", "powerloss,pause", 90, 34),
+            // Second processes with a running node's id, between partitions.
+            with("set", "duplicate,partition", 90, 36),
         ]),
         Some(other) => Err(format!("unknown profile {other:?}: expected ci or full")),
     }

@@ -44,7 +44,15 @@ pub enum Kind {
     /// their data dirs back to what was fsynced (`powerloss`: the nodes run with the
     /// fsync-logging shim), and restart them with another boot id at heal time.
     PowerLoss,
+    /// A second process started with the node id of a running node (a copied config, a node
+    /// "moved" without stopping its old process), on a fresh data dir: it must stop by itself
+    /// with an error naming the other process, while the node keeps serving and, once the
+    /// twin is gone, takes its place in every member's view back.
+    Duplicate,
 }
+
+/// What the twin of a node says when it stops (the server's `judge_own_id` error).
+pub const DUPLICATE_ERROR: &str = "another live process has this node id";
 
 /// Client budget of the nodes in runs with the overload nemesis (`--max-requests`): small, so
 /// the flood is shed and the workload's own requests meet `Overloaded`.
@@ -71,6 +79,7 @@ impl Kind {
             Kind::Membership => "membership",
             Kind::Overload => "overload",
             Kind::PowerLoss => "powerloss",
+            Kind::Duplicate => "duplicate",
         }
     }
 
@@ -87,9 +96,10 @@ impl Kind {
             "membership" => Kind::Membership,
             "overload" => Kind::Overload,
             "powerloss" => Kind::PowerLoss,
+            "duplicate" => Kind::Duplicate,
             other => {
                 return Err(format!(
-                "unknown nemesis {other:?}: expected kill, reboot, powerloss, pause, partition, clock, loss, disk, wipe, membership, overload or none"
+                "unknown nemesis {other:?}: expected kill, reboot, powerloss, pause, partition, clock, loss, disk, wipe, membership, overload, duplicate or none"
             ))
             }
         })
@@ -407,6 +417,42 @@ pub enum Active {
     Retired(Vec<usize>),
     /// A flood running against some nodes until healed.
     Flooding(Flood),
+    /// A second process with a running node's id (`Kind::Duplicate`).
+    Duplicated(Box<std::sync::Mutex<Twin>>),
+}
+
+/// The second process of a node id, and what became of it.
+#[derive(Debug)]
+pub struct Twin {
+    /// The node whose id it took.
+    pub victim: usize,
+    pub process: NodeProcess,
+    /// How it ended, once it did (`NodeProcess::exited`), or its start-up error when it
+    /// stopped before it announced its addresses.
+    pub ended: Option<String>,
+    pub success: bool,
+}
+
+impl Twin {
+    /// Whether it has stopped; records how.
+    pub fn poll(&mut self) -> bool {
+        if self.ended.is_none() {
+            if let Some(status) = self.process.exited() {
+                self.ended = Some(status.to_string());
+                self.success = status.success();
+            }
+        }
+        self.ended.is_some()
+    }
+
+    /// Its log line naming the other process, if it wrote one.
+    pub fn error_line(&self) -> Option<String> {
+        self.process
+            .log_tail(200)
+            .lines()
+            .find(|l| l.contains(DUPLICATE_ERROR))
+            .map(str::to_string)
+    }
 }
 
 impl Active {
@@ -423,6 +469,7 @@ impl Active {
                 offsets.iter().map(|&(i, _)| i).collect()
             }
             Active::Flooding(flood) => flood.targets.clone(),
+            Active::Duplicated(twin) => vec![twin.lock().expect("twin lock").victim],
             Active::Netfilter => Vec::new(),
         }
     }
@@ -670,6 +717,32 @@ pub fn start(
             Ok((Active::Killed(victims), v))
         }
         Kind::Membership => Err("the membership nemesis is started by the runner".into()),
+        Kind::Duplicate => {
+            let victim = free[rng.random_range(0..free.len())];
+            let seeds: Vec<String> = (0..n)
+                .filter(|&i| i != victim && nodes[i].child_running())
+                .map(|i| nodes[i].gossip_addr.clone())
+                .collect();
+            let mut process = nodes[victim].twin(&seeds);
+            // It may hear the node and stop before it announced its addresses.
+            let ended = process.start().err();
+            if let Some(e) = &ended {
+                if !e.contains(DUPLICATE_ERROR) {
+                    return Err(format!("starting a twin of {}: {e}", nodes[victim].id));
+                }
+            }
+            let v = json!({
+                "nodes": [nodes[victim].id.clone()],
+                "twin_gossip": process.gossip_addr.clone(),
+            });
+            let twin = Twin {
+                victim,
+                process,
+                ended,
+                success: false,
+            };
+            Ok((Active::Duplicated(Box::new(std::sync::Mutex::new(twin))), v))
+        }
         Kind::Overload => {
             let victims = minority(rng);
             let addrs = victims.iter().map(|&i| nodes[i].addr.clone()).collect();
@@ -845,6 +918,18 @@ pub fn heal(active: Active, nodes: &mut [NodeProcess], clock_dir: &Path) -> Resu
             Ok(())
         }
         Active::Netfilter => flush_netfilter(),
+        Active::Duplicated(twin) => {
+            let mut twin = twin.into_inner().expect("twin lock");
+            if twin.poll() {
+                return Ok(());
+            }
+            twin.process.kill9();
+            Err(format!(
+                "the second process with node id {} still ran at heal time (killed); its log:\n{}",
+                nodes[twin.victim].id,
+                twin.process.log_tail(20)
+            ))
+        }
         Active::Filled(idx) => {
             for i in idx {
                 crate::disk::free(&db_dir(&nodes[i]))?;

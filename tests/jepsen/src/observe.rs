@@ -177,6 +177,24 @@ async fn observe_once(active: &Active, nodes: &[NodeProcess], base: &Baseline) -
                 }),
             }
         }
+        Active::Duplicated(twin) => {
+            // The twin stopped by itself, with a failure and the error naming the other
+            // process, while the node it copied still answers its clients.
+            let (ended, success, line, victim) = {
+                let mut t = twin.lock().expect("twin lock");
+                t.poll();
+                (t.ended.clone(), t.success, t.error_line(), t.victim)
+            };
+            let answers = !connect_refused(&nodes[victim].addr).await;
+            Effect {
+                observed: ended.is_some() && !success && line.is_some() && answers,
+                evidence: json!({
+                    "twin_ended": ended,
+                    "twin_error": line,
+                    "node_answers": answers,
+                }),
+            }
+        }
         Active::Retired(_) => Effect {
             observed: false,
             evidence: json!({"error": "a ring change is observed by the runner"}),

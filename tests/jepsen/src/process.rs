@@ -105,6 +105,33 @@ impl NodeProcess {
         node
     }
 
+    /// A second process for this node's id, not yet started (the duplicate nemesis, tests):
+    /// a fresh temporary data dir, new ports on the same IP, this node's flags with its
+    /// `--seeds` replaced by `seeds`, and none of its environment (no clock or power-loss
+    /// shim: those act on this node's own files).
+    pub fn twin(&self, seeds: &[String]) -> NodeProcess {
+        let mut extra = Vec::new();
+        let mut args = self.extra.iter();
+        while let Some(a) = args.next() {
+            if a == "--seeds" {
+                args.next();
+            } else if !a.starts_with("--seeds=") {
+                extra.push(a.as_str());
+            }
+        }
+        let seeds = seeds.join(",");
+        if !seeds.is_empty() {
+            extra.extend(["--seeds", seeds.as_str()]);
+        }
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("ringkv-{}-twin-", self.id))
+            .tempdir()
+            .expect("create a temp dir");
+        let mut twin = NodeProcess::new(&self.id, temp.path(), &format!("{}:0", self.ip), &extra);
+        twin._temp = Some(temp);
+        twin
+    }
+
     /// A node not yet started.
     pub fn new(id: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> NodeProcess {
         NodeProcess {
@@ -242,6 +269,13 @@ impl NodeProcess {
     /// paused process counts as running).
     pub fn child_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The process's exit status if it has exited by itself (it is then no longer running).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(status)
     }
 
     /// kill -9: no chance to flush anything.
