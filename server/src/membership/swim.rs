@@ -176,6 +176,7 @@ crate::metrics::metric_set! {
         rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
         duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s): stop one of them";
         duplicate_packets: Counter = "duplicate_packets", "gossip packets received from another process with this node id (dropped)";
+        identity_reclaims: Counter = "identity_reclaims", "times this process renewed its identity above another, gone, process with its node id";
     }
 }
 
@@ -470,10 +471,41 @@ pub fn judge_own_id(
     }
 }
 
+/// What the older of two processes with one node id does about the other (`reclaim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reclaim {
+    /// Another live process with this node id is heard, or known alive with a newer identity
+    /// (`gossip.duplicate_node_id`).
+    pub alert: bool,
+    /// Renew this process's identity above this generation: the newest other identity with
+    /// this node id, which every member routes to, belongs to a process that is gone.
+    pub renew_above: Option<u64>,
+}
+
+/// Judges the other identities with this process's node id: `mine` is its generation,
+/// `heard` the newest generation heard directly from another process with its id and whether
+/// it was heard within `DUPLICATE_SILENCE`, `others` the identities foca knows with its id at
+/// other addresses (generation, down). Renews above the newest of them once none is alive: a
+/// duplicate still heard, or known alive, may still be hearing this process and about to stop
+/// (renewing then would make this one look newer to it).
+pub fn reclaim(mine: u64, heard: Option<(u64, bool)>, others: &[(u64, bool)]) -> Reclaim {
+    let recent = heard.is_some_and(|(_, recent)| recent);
+    let alive_newer = others.iter().any(|&(g, down)| !down && g >= mine);
+    let newest = heard
+        .map(|(g, _)| g)
+        .into_iter()
+        .chain(others.iter().map(|&(g, _)| g))
+        .filter(|&g| g >= mine)
+        .max();
+    Reclaim {
+        alert: recent || alive_newer,
+        renew_above: newest.filter(|_| !recent && !alive_newer),
+    }
+}
+
 /// Another live process with this node id, heard by this one (the older).
 #[derive(Debug, Clone)]
 struct Duplicate {
-    gossip: SocketAddr,
     generation: u64,
     last_heard: Instant,
     last_logged: Option<Instant>,
@@ -800,12 +832,10 @@ impl Driver {
         }
         let now = Instant::now();
         let dup = self.duplicate.get_or_insert(Duplicate {
-            gossip: from,
             generation: theirs,
             last_heard: now,
             last_logged: None,
         });
-        dup.gossip = from;
         dup.generation = dup.generation.max(theirs);
         dup.last_heard = now;
         // One line per 10 s: the newer process stops as soon as it hears this one, so more
@@ -823,29 +853,38 @@ impl Driver {
         }
     }
 
-    /// Once a duplicate has been silent for `DUPLICATE_SILENCE` (it stopped), takes this node's
-    /// identity back: every member routed to the duplicate's newer identity, so this process
-    /// renews its own above it (a new generation, so its identity and metadata win again).
+    /// Takes this node's place back once another process with its id is gone (`reclaim`):
+    /// every member routes to the newest identity of a node id, so while a stopped duplicate's
+    /// identity is newer than this one's, the cluster routes this node's requests to a process
+    /// that is gone. This process then renews its own identity above it (a new generation: its
+    /// identity and metadata win again). Also keeps `gossip.duplicate_node_id` up to date.
     fn after_duplicate(&mut self) {
-        let Some(dup) = &self.duplicate else {
+        let me = self.me.clone();
+        let others: Vec<(u64, bool)> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.id().node_id == me.node_id && m.id().gossip != me.gossip)
+            .map(|m| (m.id().generation, m.state() == State::Down))
+            .collect();
+        let heard = self
+            .duplicate
+            .as_ref()
+            .map(|d| (d.generation, d.last_heard.elapsed() < DUPLICATE_SILENCE));
+        let verdict = reclaim(me.generation, heard, &others);
+        self.stats.duplicate_node_id.set(u64::from(verdict.alert));
+        if heard.is_some_and(|(_, recent)| !recent) {
+            self.duplicate = None;
+        }
+        let Some(above) = verdict.renew_above else {
             return;
         };
-        if dup.last_heard.elapsed() < DUPLICATE_SILENCE {
-            return;
-        }
-        let (gossip, generation) = (dup.gossip, dup.generation);
-        self.duplicate = None;
-        self.stats.duplicate_node_id.set(0);
-        if generation < self.me.generation {
-            return;
-        }
         let new = RingId {
-            generation: generation + 1,
-            ..self.me.clone()
+            generation: above + 1,
+            ..me
         };
         if let Err(e) = self.foca.change_identity(new.clone(), &mut self.rt) {
-            error!(node = %self.me.node_id, error = %e,
-                   "could not renew this node's identity after a duplicate stopped; restart this process");
+            error!(node = %new.node_id, error = %e,
+                   "could not renew this node's identity after another process with its id stopped; restart this process");
             return;
         }
         if let Some(path) = &self.generation_file {
@@ -854,10 +893,10 @@ impl Driver {
                       "could not save the renewed generation; the next start may begin below it");
             }
         }
-        warn!(node = %new.node_id, other_gossip = %gossip, other_generation = generation,
-              generation = new.generation,
-              "the other process with this node id went silent; renewed this one's identity so \
-               the cluster routes to it again");
+        self.stats.identity_reclaims.inc();
+        warn!(node = %new.node_id, other_generation = above, generation = new.generation,
+              "another process with this node id is gone (silent, or down for the cluster); \
+               renewed this one's identity so the cluster routes to it again");
         self.me = new;
         self.publish_meta(self.my_meta.status);
         self.publish_view();
@@ -1458,6 +1497,39 @@ mod tests {
         // An older process renewed above us after we went silent is still "another process":
         // judged by what it says now (docs/operations.md says what that rare case does).
         assert_eq!(judge(started + 1, other, started + 9_000), OwnId::Incumbent);
+    }
+
+    /// The older process takes its place back only once the other is gone: not while it is
+    /// heard or known alive (it may be about to stop), and then above the newest identity the
+    /// cluster routes to. An older identity (a previous process, dead) needs nothing.
+    #[test]
+    fn the_older_process_reclaims_its_place_only_once_the_newer_is_gone() {
+        let mine = 1_000;
+        // Heard within the silence window: alert, wait.
+        let r = reclaim(mine, Some((2_000, true)), &[(2_000, false)]);
+        assert_eq!((r.alert, r.renew_above), (true, None));
+        // Silent, but the cluster still has it alive: wait (it may be cut off, not gone).
+        let r = reclaim(mine, Some((2_000, false)), &[(2_000, false)]);
+        assert_eq!((r.alert, r.renew_above), (true, None));
+        // Silent and down: renew above it.
+        let r = reclaim(mine, Some((2_000, false)), &[(2_000, true)]);
+        assert_eq!((r.alert, r.renew_above), (false, Some(2_000)));
+        // Never heard directly (it stopped at once), down for the cluster: renew.
+        let r = reclaim(mine, None, &[(2_000, true)]);
+        assert_eq!(r.renew_above, Some(2_000));
+        // Silent, and unknown to foca: renew above what was heard.
+        assert_eq!(
+            reclaim(mine, Some((2_000, false)), &[]).renew_above,
+            Some(2_000)
+        );
+        // Above the newest of several.
+        let r = reclaim(mine, None, &[(2_000, true), (3_000, true), (500, true)]);
+        assert_eq!(r.renew_above, Some(3_000));
+        // Only older identities (a restart at a new address; the old process dead or dying):
+        // nothing to reclaim, no alert.
+        let r = reclaim(mine, None, &[(500, false)]);
+        assert_eq!((r.alert, r.renew_above), (false, None));
+        assert_eq!(reclaim(mine, None, &[]).renew_above, None);
     }
 
     /// Found in review: a node restarted with its clock behind its last start got a smaller
