@@ -607,4 +607,36 @@ async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_i
             assert!(read.is_found(), "{key} through n{}", i + 1);
         }
     }
+    // A twin whose only seed is n1 itself (a node "moved" with its old seeds list): n1 drops
+    // its packets, so only n1 can tell it; n1 answers it directly and it stops too.
+    let mut twin = NodeProcess::start_temp("n1", &["--seeds", &n1_gossip]);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = twin.exited() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "a twin seeded only at n1 still runs after 30 s; its log:\n{}",
+            twin.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = twin.log_tail(60);
+    assert!(
+        !status.success() && log.contains(&format!("gossip address {n1_gossip}")),
+        "{status}: {log}"
+    );
+    c.client(2)
+        .put_with(
+            "after-second",
+            "w",
+            None,
+            PutOptions {
+                w: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("a W=3 write after the second twin stopped");
 }

@@ -174,7 +174,7 @@ crate::metrics::metric_set! {
         foca_errors: Counter = "foca_errors", "errors reported by foca";
         members_down: Counter = "members_down_events", "members declared down";
         rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
-        duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s): stop one of them";
+        duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s) or known alive with a newer identity: stop one of them";
         duplicate_packets: Counter = "duplicate_packets", "gossip packets received from another process with this node id (dropped)";
         identity_reclaims: Counter = "identity_reclaims", "times this process renewed its identity above another, gone, process with its node id";
     }
@@ -450,19 +450,27 @@ pub enum OwnId {
 
 /// Judges a packet from `from`, sent at `sent_ms` by a process of generation `theirs` that
 /// carries this process's node id. `me` is this process's identity and `started_ms` when it
-/// started. Two live processes with one node id shadow each other (every member routes to
+/// started; `superseded` the newest generation it renewed its identity above (`reclaim`; 0
+/// if none). Two live processes with one node id shadow each other (every member routes to
 /// the newer identity, phi mixes their heartbeats), as Cassandra and Riak refuse: the one
-/// with the larger generation (its start time by its own clock; the gossip address breaks a
-/// tie) is the newcomer and stops.
+/// with the larger generation (its start time by its own clock; the packet's source address
+/// breaks a tie) is the newcomer and stops. A process that renewed above a newcomer has a
+/// larger generation than it, but is still the older: a packet of a generation it
+/// superseded (one delayed in the network, or the newcomer back from a pause) does not stop
+/// it.
 pub fn judge_own_id(
     me: &RingId,
     started_ms: u64,
+    superseded: u64,
     theirs: u64,
     from: SocketAddr,
     sent_ms: u64,
 ) -> OwnId {
     if from == me.gossip || sent_ms < started_ms {
         return OwnId::Ignore;
+    }
+    if theirs <= superseded {
+        return OwnId::Incumbent;
     }
     if (theirs, from) < (me.generation, me.gossip) {
         OwnId::StopSelf
@@ -509,6 +517,7 @@ struct Duplicate {
     generation: u64,
     last_heard: Instant,
     last_logged: Option<Instant>,
+    last_answered: Option<Instant>,
 }
 
 /// The version of a node's next metadata publication: one more than the last, and at least
@@ -585,6 +594,9 @@ pub struct Driver {
     /// When this process started (ms since the epoch): packets sent before it are not from a
     /// live duplicate (`judge_own_id`).
     started_ms: u64,
+    /// The newest generation of another process with this node id that this one renewed its
+    /// identity above (`reclaim`); 0 if none.
+    superseded: u64,
     /// Another live process with this node id, heard while this one is the older.
     duplicate: Option<Duplicate>,
     /// Why this process must stop (an older live process has its node id); the worker then
@@ -675,6 +687,7 @@ impl Driver {
             layout: Arc::new(layout),
             layout_file: cfg.layout_file,
             started_ms: now_ms(),
+            superseded: 0,
             duplicate: None,
             fatal: Default::default(),
         }
@@ -806,7 +819,14 @@ impl Driver {
     /// A packet from `from` that carries this node's id: another live process with it, or
     /// nothing to see (`judge_own_id`). Its packets are dropped either way: it is not a peer.
     fn on_own_id(&mut self, theirs: u64, sent_ms: u64, from: SocketAddr) {
-        let verdict = judge_own_id(&self.me, self.started_ms, theirs, from, sent_ms);
+        let verdict = judge_own_id(
+            &self.me,
+            self.started_ms,
+            self.superseded,
+            theirs,
+            from,
+            sent_ms,
+        );
         if verdict == OwnId::Ignore {
             return;
         }
@@ -835,6 +855,7 @@ impl Driver {
             generation: theirs,
             last_heard: now,
             last_logged: None,
+            last_answered: None,
         });
         dup.generation = dup.generation.max(theirs);
         dup.last_heard = now;
@@ -850,6 +871,17 @@ impl Driver {
                    "another live process has this node id (started after this one); it should \
                     stop when it hears this one. Until it does, the cluster routes this node's \
                     requests to it: stop it, or give it its own --node-id");
+        }
+        // Answer it directly, at most once a second (two processes that each take the other
+        // for the newcomer must not answer each other's answers without end): it may know this
+        // process only from this packet (its only seed was this process's address, whose
+        // packets this process drops), and it stops when it hears an older process with its id.
+        if dup
+            .last_answered
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            dup.last_answered = Some(now);
+            self.send(KIND_HEARTBEAT, from, &[]);
         }
     }
 
@@ -894,6 +926,7 @@ impl Driver {
             }
         }
         self.stats.identity_reclaims.inc();
+        self.superseded = self.superseded.max(above);
         warn!(node = %new.node_id, other_generation = above, generation = new.generation,
               "another process with this node id is gone (silent, or down for the cluster); \
                renewed this one's identity so the cluster routes to it again");
@@ -1475,7 +1508,7 @@ mod tests {
             generation: started,
             ..id("n1")
         };
-        let judge = |theirs, from, sent| judge_own_id(&me, started, theirs, from, sent);
+        let judge = |theirs, from, sent| judge_own_id(&me, started, 0, theirs, from, sent);
         // An older process elsewhere is alive after we started: we are the newcomer.
         assert_eq!(
             judge(started - 3_600_000, other, started + 5),
@@ -1497,6 +1530,46 @@ mod tests {
         // An older process renewed above us after we went silent is still "another process":
         // judged by what it says now (docs/operations.md says what that rare case does).
         assert_eq!(judge(started + 1, other, started + 9_000), OwnId::Incumbent);
+        // Once this process renewed above a newcomer (`reclaim`), a packet of the generation it
+        // superseded, delayed or from the newcomer back from a pause, does not stop it, though
+        // its own generation is now the larger.
+        let renewed = RingId {
+            generation: started + 501,
+            ..me.clone()
+        };
+        let newcomer = started + 500;
+        assert_eq!(
+            judge_own_id(&renewed, started, newcomer, newcomer, other, started + 400),
+            OwnId::Incumbent
+        );
+        // Without that memory it would have stopped.
+        assert_eq!(
+            judge_own_id(&renewed, started, 0, newcomer, other, started + 400),
+            OwnId::StopSelf
+        );
+        // A third process, newer than the one superseded, is judged as any other.
+        assert_eq!(
+            judge_own_id(
+                &renewed,
+                started,
+                newcomer,
+                started + 900,
+                other,
+                started + 950
+            ),
+            OwnId::Incumbent
+        );
+        assert_eq!(
+            judge_own_id(
+                &renewed,
+                started,
+                newcomer,
+                started + 501,
+                lower,
+                started + 950
+            ),
+            OwnId::StopSelf
+        );
     }
 
     /// The older process takes its place back only once the other is gone: not while it is
