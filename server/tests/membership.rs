@@ -338,16 +338,7 @@ async fn a_restarted_node_never_stores_keys_outside_their_replicas() {
     );
     for key in &written {
         // An R=N read repairs the replicas; then exactly N=3 nodes may hold the key.
-        c.client(0)
-            .get_with(
-                key,
-                GetOptions {
-                    r: Some(3),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        get_from_all_three(&c.client(0), key).await.unwrap();
         let start = Instant::now();
         loop {
             let mut holders = 0;
@@ -505,6 +496,32 @@ async fn a_whole_cluster_power_loss_keeps_the_ring_and_every_acknowledged_write(
     }
 }
 
+/// Waits (30 s at most) for `twin`, a second process with a node id in use, to stop by itself
+/// with a failure and an error naming the live process's gossip address `other`.
+async fn twin_stops_naming(mut twin: NodeProcess, other: &str) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = twin.exited() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the second {} still runs after 30 s; its log:\n{}",
+            twin.id,
+            twin.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = twin.log_tail(60);
+    assert!(
+        !status.success()
+            && log.contains("another live process has this node id")
+            && log.contains(&format!("gossip address {other}")),
+        "the second {} exited with {status}; its error must name the other process: {log}",
+        twin.id
+    );
+}
+
 /// A second process started with a node id that a live process already has (a copied config,
 /// a node "moved" without stopping the old process) stops with an error naming the other,
 /// before it serves; the older process keeps serving, says so (log, metric), and once the
@@ -520,26 +537,13 @@ async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_i
             .await
             .expect("a write through n1");
     }
-    let mut dup = NodeProcess::start_temp("n1", &["--seeds", &c.nodes[1].gossip_addr]);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = dup.exited() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the second n1 still runs after 30 s; its log:\n{}",
-            dup.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let log = dup.log_tail(60);
-    assert!(!status.success(), "the second n1 exited with {status}");
-    assert!(
-        log.contains("another live process has this node id")
-            && log.contains(&format!("gossip address {n1_gossip}")),
-        "its error names the other process: {log}"
-    );
+    // Seeded at n2, as a copied config would be.
+    let seed = c.nodes[1].gossip_addr.clone();
+    twin_stops_naming(
+        NodeProcess::start_temp("n1", &["--seeds", &seed]),
+        &n1_gossip,
+    )
+    .await;
     let metric = |s: &ringkv_client::StatusReply, name: &str| {
         s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1)
     };
@@ -579,29 +583,11 @@ async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_i
         log.contains("another live process has this node id (started after this one)"),
         "{log}"
     );
-    c.client(1)
-        .put_with(
-            "after",
-            "w",
-            None,
-            PutOptions {
-                w: Some(3),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("a W=3 write after the duplicate stopped");
+    put_on_all_three(&c.client(1), "after").await;
     for i in 0..3 {
         let cl = c.client(i);
         for key in ["after", "before-0", "before-19"] {
-            let read = cl
-                .get_with(
-                    key,
-                    GetOptions {
-                        r: Some(3),
-                        ..Default::default()
-                    },
-                )
+            let read = get_from_all_three(&cl, key)
                 .await
                 .unwrap_or_else(|e| panic!("R=3 read of {key} through n{}: {e}", i + 1));
             assert!(read.is_found(), "{key} through n{}", i + 1);
@@ -609,27 +595,35 @@ async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_i
     }
     // A twin whose only seed is n1 itself (a node "moved" with its old seeds list): n1 drops
     // its packets, so only n1 can tell it; n1 answers it directly and it stops too.
-    let mut twin = NodeProcess::start_temp("n1", &["--seeds", &n1_gossip]);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = twin.exited() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "a twin seeded only at n1 still runs after 30 s; its log:\n{}",
-            twin.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let log = twin.log_tail(60);
-    assert!(
-        !status.success() && log.contains(&format!("gossip address {n1_gossip}")),
-        "{status}: {log}"
-    );
-    c.client(2)
+    twin_stops_naming(
+        NodeProcess::start_temp("n1", &["--seeds", &n1_gossip]),
+        &n1_gossip,
+    )
+    .await;
+    put_on_all_three(&c.client(2), "after-second").await;
+}
+
+/// An R=3 read of `key`: every replica answers (and a read repair brings them level).
+async fn get_from_all_three(
+    client: &Client,
+    key: &str,
+) -> Result<ringkv_client::Read, ringkv_client::Error> {
+    client
+        .get_with(
+            key,
+            GetOptions {
+                r: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+}
+
+/// A W=3 write of `key`: every replica, n1 among them, takes it.
+async fn put_on_all_three(client: &Client, key: &str) {
+    client
         .put_with(
-            "after-second",
+            key,
             "w",
             None,
             PutOptions {
@@ -638,5 +632,5 @@ async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_i
             },
         )
         .await
-        .expect("a W=3 write after the second twin stopped");
+        .unwrap_or_else(|e| panic!("a W=3 write of {key}: {e}"));
 }
