@@ -96,11 +96,17 @@ impl NodeProcess {
 
     /// A node with a fresh temporary data dir, not yet started.
     pub fn new_temp(id: &str, extra: &[&str]) -> NodeProcess {
+        NodeProcess::in_temp_dir(id, &format!("ringkv-{id}-"), "127.0.0.1:0", extra)
+    }
+
+    /// A node not yet started, on a fresh temporary data dir named from `prefix` (removed
+    /// when the node is dropped).
+    fn in_temp_dir(id: &str, prefix: &str, listen: &str, extra: &[&str]) -> NodeProcess {
         let temp = tempfile::Builder::new()
-            .prefix(&format!("ringkv-{id}-"))
+            .prefix(prefix)
             .tempdir()
             .expect("create a temp dir");
-        let mut node = NodeProcess::new(id, temp.path(), "127.0.0.1:0", extra);
+        let mut node = NodeProcess::new(id, temp.path(), listen, extra);
         node._temp = Some(temp);
         node
     }
@@ -123,13 +129,12 @@ impl NodeProcess {
         if !seeds.is_empty() {
             extra.extend(["--seeds", seeds.as_str()]);
         }
-        let temp = tempfile::Builder::new()
-            .prefix(&format!("ringkv-{}-twin-", self.id))
-            .tempdir()
-            .expect("create a temp dir");
-        let mut twin = NodeProcess::new(&self.id, temp.path(), &format!("{}:0", self.ip), &extra);
-        twin._temp = Some(temp);
-        twin
+        NodeProcess::in_temp_dir(
+            &self.id,
+            &format!("ringkv-{}-twin-", self.id),
+            &format!("{}:0", self.ip),
+            &extra,
+        )
     }
 
     /// A node not yet started.
@@ -228,12 +233,7 @@ impl NodeProcess {
                     return Ok(());
                 }
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
+            if let Some(status) = self.exited() {
                 return Err(format!(
                     "node {} exited during start-up ({status}); log:\n{}",
                     self.id,
