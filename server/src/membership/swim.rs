@@ -891,18 +891,12 @@ impl Driver {
     /// that is gone. This process then renews its own identity above it (a new generation: its
     /// identity and metadata win again). Also keeps `gossip.duplicate_node_id` up to date.
     fn after_duplicate(&mut self) {
-        let me = self.me.clone();
-        let others: Vec<(u64, bool)> = self
-            .foca
-            .iter_membership_state()
-            .filter(|m| m.id().node_id == me.node_id && m.id().gossip != me.gossip)
-            .map(|m| (m.id().generation, m.state() == State::Down))
-            .collect();
+        let others = self.own_id_elsewhere();
         let heard = self
             .duplicate
             .as_ref()
             .map(|d| (d.generation, d.last_heard.elapsed() < DUPLICATE_SILENCE));
-        let verdict = reclaim(me.generation, heard, &others);
+        let verdict = reclaim(self.me.generation, heard, &others);
         self.stats.duplicate_node_id.set(u64::from(verdict.alert));
         if heard.is_some_and(|(_, recent)| !recent) {
             self.duplicate = None;
@@ -912,7 +906,7 @@ impl Driver {
         };
         let new = RingId {
             generation: above + 1,
-            ..me
+            ..self.me.clone()
         };
         if let Err(e) = self.foca.change_identity(new.clone(), &mut self.rt) {
             error!(node = %new.node_id, error = %e,
@@ -933,6 +927,16 @@ impl Driver {
         self.me = new;
         self.publish_meta(self.my_meta.status);
         self.publish_view();
+    }
+
+    /// The identities foca knows with this node id at other addresses, as (generation, down):
+    /// previous processes of this node elsewhere, or other live processes with its id.
+    fn own_id_elsewhere(&self) -> Vec<(u64, bool)> {
+        self.foca
+            .iter_membership_state()
+            .filter(|m| m.id().node_id == self.me.node_id && m.id().gossip != self.me.gossip)
+            .map(|m| (m.id().generation, m.state() == State::Down))
+            .collect()
     }
 
     fn fire_timers(&mut self) {
@@ -1199,11 +1203,7 @@ impl Driver {
         // of this node at another address, not yet found dead, or a live duplicate (which,
         // when it is older, this process will hear and stop for). Serving under the same id
         // meanwhile would take data the other may still be taking.
-        let shadow = self.foca.iter_membership_state().any(|m| {
-            m.id().node_id == self.me.node_id
-                && m.id().gossip != self.me.gossip
-                && m.state() != State::Down
-        });
+        let shadow = self.own_id_elsewhere().iter().any(|&(_, down)| !down);
         // Latched: once the ring is known, a newcomer whose metadata is still in flight simply
         // is not in the ring yet, and a layout committed elsewhere arrives within a gossip
         // round; neither must stop this node from serving.
