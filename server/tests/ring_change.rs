@@ -1326,3 +1326,156 @@ async fn a_node_that_does_not_know_the_ring_takes_no_data() {
         other => panic!("replica read: {other:?}"),
     }
 }
+
+/// Starts n1..n3 with tombstone GC, writes `count` keys, starts n4 (owning nothing, pulling
+/// at 200 keys/s so that its transfers take seconds), commits its join and waits until it
+/// has received part of its ranges.
+async fn join_n4_in_progress(prefix: &str, count: usize) -> (Cluster, Vec<String>) {
+    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
+    let mut c = Cluster::start(3, &gc).await;
+    let keys = write_keys(&c, prefix, count).await;
+    let mut slow = vec!["--auto-join", "false", "--transfer-keys-per-sec", "200"];
+    slow.extend(gc);
+    c.add_node("n4", 0, &slow);
+    wait_known(&c, 0, &["n4"]).await;
+    stage_and_commit(&c, 0, &[json!({"Join": {"node": "n4", "vnodes": 256}})]).await;
+    let n4 = c.client(3);
+    eventually(
+        Duration::from_secs(30),
+        "n4 receives part of its ranges",
+        || async { metric(&n4, "transfer.keys_received").await > 0 },
+    )
+    .await;
+    (c, keys)
+}
+
+/// A join whose new node died during its transfers holds the switch back, and with it every
+/// other change and tombstone GC. `kvctl cluster abort` gives the ring back as it was before
+/// the commit: every write, those during the change included, is on the current replicas;
+/// the dead node is retired and forfeited, so GC goes on without it, what was hinted for it
+/// goes to the keys' owners, and started again on its old data it hands nothing over; the
+/// next change commits and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_join_whose_new_node_died_keeps_the_ring_and_every_write() {
+    let (mut c, keys) = join_n4_in_progress("abort", 2000).await;
+    // n4 owns nothing yet (it is not in the ring the nodes report): the claimant's status
+    // says when it is seen down.
+    c.nodes[3].kill9();
+    eventually(
+        Duration::from_secs(30),
+        "the claimant sees n4 down",
+        || async {
+            let st = admin(&c, 0, json!("Status")).await.unwrap();
+            st["Status"]["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["node"] == "n4" && m["alive"] == false)
+        },
+    )
+    .await;
+    let during = write_keys(&c, "during", 300).await;
+    let (ok, out) = kvctl(&c, 1, &["cluster", "leave", "n3"]);
+    assert!(!ok && out.contains("already being carried out"), "{out}");
+    let (ok, out) = kvctl(&c, 1, &["cluster", "abort"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("aborted") && out.contains("n4: retired, was down"),
+        "{out}"
+    );
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(layout_names(&c, "retired", "n4").await);
+    assert!(layout_names(&c, "forfeited", "n4").await);
+    assert_eq!(metric_total(&c, &[0, 1, 2], "cluster.aborts").await, 1);
+    let (ok, out) = kvctl(&c, 2, &["cluster", "abort"]);
+    assert!(!ok && out.contains("no ring change is running"), "{out}");
+    // Every write is on all three current replicas; the hints for n4 went to their owners.
+    let mut all = keys.clone();
+    all.extend(during);
+    let owners: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3")];
+    wait_held_exactly(&c, &owners, &all, Duration::from_secs(30)).await;
+    wait_no_hints(&c, &[0, 1, 2], "after the abort").await;
+    // Tombstone GC no longer waits: deletes are purged with n4 still down.
+    let (deleted, kept) = all.split_at(300);
+    let client = c.client(0);
+    delete_all(&client, deleted).await;
+    wait_purged(&c).await;
+    // n4 back on the data it received: it withholds it, nothing deleted comes back.
+    c.nodes[3].start().unwrap();
+    n4_withholds_and_nothing_comes_back(&c, &client, deleted).await;
+    // The next change commits and completes.
+    c.add_node(
+        "n5",
+        0,
+        &[
+            "--auto-join",
+            "false",
+            "--tombstone-settle-secs",
+            "4",
+            "--aae-interval-secs",
+            "2",
+        ],
+    );
+    wait_known(&c, 0, &["n5"]).await;
+    let (ok, out) = kvctl(&c, 0, &["cluster", "join", "n5"]);
+    assert!(ok, "{out}");
+    let (ok, out) = kvctl(&c, 0, &["cluster", "commit", "--wait"]);
+    assert!(ok, "{out}");
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2, 4],
+        &["n1", "n2", "n3", "n5"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let owners: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3"), (4, "n5")];
+    wait_held_exactly(&c, &owners, kept, Duration::from_secs(60)).await;
+    all_readable(&c, &[0, 4], kept).await;
+}
+
+/// An abort while the new node runs: it is retired (not forfeited), refuses requests, hands
+/// over what it received and ends empty; the claimant records it, and it can join again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_join_of_a_running_node_hands_over_and_it_can_join_again() {
+    let (c, keys) = join_n4_in_progress("aborted-live", 1500).await;
+    let (ok, out) = kvctl(&c, 2, &["cluster", "abort"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("n4: retired, hands over"), "{out}");
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2, 3],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(layout_names(&c, "retired", "n4").await);
+    assert!(!layout_names(&c, "forfeited", "n4").await);
+    let n4 = c.client(3);
+    eventually(Duration::from_secs(30), "n4 refuses requests", || async {
+        matches!(n4.get(&keys[0]).await, Err(e) if e.to_string().contains("taken out of the ring"))
+    })
+    .await;
+    // It ends empty (after the settle time, 4 s here) and the claimant records it.
+    eventually(
+        Duration::from_secs(60),
+        "n4 said it holds nothing and was recorded",
+        || async { layout_names(&c, "released", "n4").await },
+    )
+    .await;
+    let owners: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3")];
+    wait_held_exactly(&c, &owners, &keys, Duration::from_secs(30)).await;
+    stage_and_commit(&c, 0, &[json!({"Join": {"node": "n4", "vnodes": 256}})]).await;
+    wait_four_owners(&c).await;
+    let owners: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3"), (3, "n4")];
+    wait_held_exactly(&c, &owners, &keys, Duration::from_secs(90)).await;
+    all_readable(&c, &[3], &keys).await;
+}

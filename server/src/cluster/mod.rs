@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringkv_protocol::peer::{ClusterRequest, ClusterResponse, PeerRequest, PeerResponse};
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::membership::layout::{moves, per_node, share, Change, Layout, PlanError};
 use crate::membership::{ClusterView, Membership};
@@ -32,6 +32,7 @@ crate::metrics::metric_set! {
         layouts_fetched: Counter = "layouts_fetched", "newer layouts fetched from peers";
         commits: Counter = "commits", "plans this node committed as claimant (auto-joins included)";
         switches: Counter = "switches", "transitions this node completed as claimant (ownership switched)";
+        aborts: Counter = "aborts", "transitions this node aborted as claimant (kvctl cluster abort: the ring stays as before the commit)";
         released: Counter = "released", "retired nodes this node recorded as claimant as holding nothing (tombstone GC stops waiting for them)";
         admin_requests: Counter = "admin_requests", "kvctl cluster requests served as claimant";
         admin_forwarded: Counter = "admin_forwarded", "kvctl cluster requests forwarded to the claimant";
@@ -53,6 +54,8 @@ pub enum AdminRequest {
     Commit { plan: Option<u64> },
     /// The layout, the staged changes and every member's place.
     Status,
+    /// Abort the running transition: the ring stays as before its commit.
+    Abort,
 }
 
 impl AdminRequest {
@@ -60,7 +63,10 @@ impl AdminRequest {
     pub fn changes(&self) -> bool {
         matches!(
             self,
-            AdminRequest::Stage(_) | AdminRequest::Clear | AdminRequest::Commit { .. }
+            AdminRequest::Stage(_)
+                | AdminRequest::Clear
+                | AdminRequest::Commit { .. }
+                | AdminRequest::Abort
         )
     }
 }
@@ -151,11 +157,25 @@ pub struct StatusReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminReply {
-    Staged { base: u64, changes: Vec<Change> },
+    Staged {
+        base: u64,
+        changes: Vec<Change>,
+    },
     Plan(PlanReport),
-    Committed { version: u64 },
+    Committed {
+        version: u64,
+    },
+    /// The running transition was aborted: `version` is the layout without it; `retired` the
+    /// nodes that were to become owners, `forfeited` those of them that were down.
+    Aborted {
+        version: u64,
+        retired: Vec<String>,
+        forfeited: Vec<String>,
+    },
     Status(StatusReport),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// The staged changes and the layout they were staged against (`base` its version, shown to
@@ -403,6 +423,14 @@ impl<T: Transport> ClusterService<T> {
                     Err(e) => self.error(e),
                 }
             }
+            AdminRequest::Abort => match self.abort().await {
+                Ok((version, retired, forfeited)) => AdminReply::Aborted {
+                    version,
+                    retired,
+                    forfeited,
+                },
+                Err(e) => self.error(e),
+            },
             AdminRequest::Status => {
                 let staged = self
                     .staged
@@ -431,6 +459,33 @@ impl<T: Transport> ClusterService<T> {
         info!(node = %self.node_id, version, changes = %changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
               "plan committed: transfers start once every node has the layout");
         Ok(version)
+    }
+
+    /// Aborts the running transition (`Layout::aborted`): the layout without it, adopted here
+    /// and gossiped. Under the claimant's lock, so it cannot cross a switch; refused while a
+    /// live member has a newer layout (a concurrent commit that wins: it is adopted first).
+    pub async fn abort(&self) -> Result<(u64, Vec<String>, Vec<String>), PlanError> {
+        let _one = self.deciding.lock().await;
+        let view = self.membership.view();
+        if view.live_member_ahead() {
+            return Err(PlanError::Invalid(
+                "a live member has a newer layout than this claimant: retry in a moment".into(),
+            ));
+        }
+        let (aborted, retired, forfeited) = view.layout.aborted(&*view)?;
+        let version = aborted.version;
+        if !self.membership.adopt_layout(aborted).await {
+            return Err(PlanError::Invalid(
+                "the layout changed while aborting; look at kvctl cluster status and retry".into(),
+            ));
+        }
+        self.staged.lock().expect("staged lock poisoned").take();
+        self.metrics.aborts.inc();
+        warn!(node = %self.node_id, version, from = view.layout.version,
+              retired = %retired.join(", "), forfeited = %forfeited.join(", "),
+              "ring change aborted: the ring stays as before its commit; the nodes that were to \
+               join are retired (those down forfeit what they received)");
+        Ok((version, retired, forfeited))
     }
 
     /// Switches ownership if the running transition's gainers have all synced; true if it did.
@@ -744,6 +799,7 @@ mod tests {
             AdminRequest::Stage(Change::Remove { node: "n2".into() }),
             AdminRequest::Clear,
             AdminRequest::Commit { plan: None },
+            AdminRequest::Abort,
         ];
         assert!(changes.iter().all(AdminRequest::changes));
         assert!(!AdminRequest::Plan.changes() && !AdminRequest::Status.changes());

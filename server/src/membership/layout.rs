@@ -414,6 +414,44 @@ impl Layout {
         })
     }
 
+    /// The layout after aborting the running transition (`kvctl cluster abort`): `current`
+    /// keeps the ring and `next` is dropped. Every write acknowledged during the transition
+    /// has W acks among its current replicas, so nothing acknowledged is lost. The nodes that
+    /// were to become owners (joined, or replacing another) hold what they received so far and
+    /// are retired: one that is up hands it over and says it holds nothing, as a node that
+    /// left (tombstone GC waits for it); one that is down is also forfeited, as a removed
+    /// node: its copies are refused, and tombstone GC does not wait for it. Owners of the
+    /// current ring are never forfeited (a node the aborted plan removed or replaced owns its
+    /// ranges again; tombstone GC waits for it while it is down, as before the commit); other
+    /// retired nodes keep what the plan recorded. Also returns the retired nodes and which of
+    /// them were forfeited.
+    pub fn aborted(
+        &self,
+        live: &impl Liveness,
+    ) -> Result<(Layout, Vec<String>, Vec<String>), PlanError> {
+        let Some(next) = &self.next else {
+            return Err(PlanError::Invalid(format!(
+                "no ring change is running (layout v{}): nothing to abort",
+                self.version
+            )));
+        };
+        let mut out = self.clone();
+        out.version += 1;
+        out.next = None;
+        out.forfeited.retain(|n| !self.current.contains_key(n));
+        let (mut retired, mut forfeited) = (Vec::new(), Vec::new());
+        for node in next.keys().filter(|n| !self.current.contains_key(*n)) {
+            out.retired.insert(node.clone());
+            out.released.remove(node);
+            retired.push(node.clone());
+            if !live.is_alive(node) {
+                out.forfeited.insert(node.clone());
+                forfeited.push(node.clone());
+            }
+        }
+        Ok((out, retired, forfeited))
+    }
+
     /// The layout after the running transition's switch: `next` owns the ring, the nodes it
     /// dropped are retired. None when no transition runs.
     pub fn switched(&self) -> Option<Layout> {
@@ -937,5 +975,79 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("owns no ranges"));
+    }
+
+    /// An abort keeps the current ring: the nodes that were to become owners are retired
+    /// (forfeited if down), the owners the plan removed or replaced own again, unforfeited.
+    #[test]
+    fn an_abort_keeps_the_current_ring_and_retires_the_nodes_that_were_to_join() {
+        let l = layout(&["a", "b", "c", "d"]);
+        let (d_dead, e_dead) = (|n: &str| n != "d", |n: &str| n != "d" && n != "e");
+        assert!(l
+            .aborted(&all_alive)
+            .unwrap_err()
+            .to_string()
+            .contains("no ring change is running"));
+        // d (down) is replaced by e, f joins, a leaves.
+        let t = l
+            .commit(
+                3,
+                &[
+                    Change::Replace {
+                        old: "d".into(),
+                        new: "e".into(),
+                    },
+                    Change::Join {
+                        node: "f".into(),
+                        vnodes: 8,
+                    },
+                    Change::Leave { node: "a".into() },
+                ],
+                &d_dead,
+            )
+            .unwrap();
+        assert!(t.forfeited.contains("d"));
+        // e died during the transfers; f is up.
+        let (back, retired, forfeited) = t.aborted(&e_dead).unwrap();
+        assert_eq!(back.version, t.version + 1);
+        assert!(back.supersedes(&t));
+        assert_eq!(back.current, l.current, "the ring before the commit");
+        assert_eq!(back.next, None);
+        assert_eq!(retired, vec!["e".to_string(), "f".to_string()]);
+        assert_eq!(forfeited, vec!["e".to_string()]);
+        assert_eq!(
+            back.retired,
+            BTreeSet::from(["e".to_string(), "f".to_string()])
+        );
+        assert_eq!(back.forfeited, BTreeSet::from(["e".to_string()]));
+        assert_eq!(
+            back.awaiting_release().collect::<Vec<_>>(),
+            vec!["f"],
+            "tombstone GC waits for f until it said it holds nothing"
+        );
+        assert!(back.aborted(&all_alive).is_err(), "nothing runs any more");
+        // A new plan can be committed at once; f joins again only once it holds nothing.
+        let join_f = [Change::Join {
+            node: "f".into(),
+            vnodes: 8,
+        }];
+        assert!(back.commit(back.version, &join_f, &all_alive).is_err());
+        assert!(back
+            .commit(back.version, &join_f, &Nodes::empty(&["f"]))
+            .is_ok());
+        let remove_d = [Change::Remove { node: "d".into() }];
+        assert!(back.commit(back.version, &remove_d, &d_dead).is_ok());
+        // A retired node the plan forfeited (removed while gone) stays forfeited.
+        let left = l
+            .commit(3, &[Change::Leave { node: "d".into() }], &all_alive)
+            .unwrap()
+            .switched()
+            .unwrap();
+        let gone = left
+            .commit(5, &[Change::Remove { node: "d".into() }], &d_dead)
+            .unwrap();
+        let (undone, retired, _) = gone.aborted(&d_dead).unwrap();
+        assert!(retired.is_empty());
+        assert!(undone.forfeited.contains("d") && undone.retired.contains("d"));
     }
 }

@@ -404,8 +404,9 @@ async fn nemesis_loop(
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0xDEAD_BEEF ^ lane);
     let interval = Duration::from_secs(cfg.interval_s.max(1));
     let clock_dir = cfg.out.join("nodes");
-    // Leaves so far: every other one (the first included) is paused after its switch.
-    let mut leaves = 0;
+    // Leaves so far: every other one (the first included) is paused after its switch. Joins
+    // so far: every other one (the first included) is aborted, its new node killed.
+    let (mut leaves, mut joins) = (0, 0);
     let mut cycle: Vec<Kind> = Vec::new();
     loop {
         let wait = interval.mul_f64(rng.random_range(0.0..2.0));
@@ -432,7 +433,7 @@ async fn nemesis_loop(
         let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
         let fault = format!("{}-{count}", kind.name());
         let started = if kind == Kind::Membership {
-            match membership_start(&nodes, &mut rng, &mut leaves).await {
+            match membership_start(&nodes, &mut rng, &mut leaves, &mut joins).await {
                 Ok(Ok(started)) => Ok(started),
                 // The cluster refused (correctly: a node just killed, a claimant that changed)
                 // or no change is possible: recorded, not an error.
@@ -571,7 +572,8 @@ async fn nemesis_loop(
 }
 
 /// The effect of a ring change, seen in the layout the cluster reports: a joined node is an
-/// owner, a node taken out (left or removed) no longer is.
+/// owner, a node taken out (left or removed) no longer is, and after an abort no change runs
+/// and the node that was to join is retired, not an owner.
 async fn observe_change(
     nodes: &Mutex<Vec<NodeProcess>>,
     change: &serde_json::Value,
@@ -591,7 +593,11 @@ async fn observe_change(
                     .is_some_and(|r| r.contains(&json!(id)));
                 // It owned ranges when the change began: not owning any is the change done.
                 observe::Effect {
-                    observed: if action == "join" { owner } else { !owner },
+                    observed: match action.as_str() {
+                        "join" => owner,
+                        "abort" => !owner && retired && layout["next"].is_null(),
+                        _ => !owner,
+                    },
                     evidence: json!({
                         "action": action,
                         "node": id,
@@ -703,7 +709,10 @@ async fn wait_no_transition(
 const STALE_RESTART_HOLD: Duration = Duration::from_secs(4);
 
 /// The membership nemesis: once no ring change runs, join a node that owns nothing (taken out
-/// earlier, wiped and restarted), or, with more than N owners, take a random owner out: leave
+/// earlier, wiped and restarted; every other join, the first included, is aborted: the new
+/// node is killed at once, during its transfers, and `kvctl cluster abort` gives the ring
+/// back as it was, the node retired and forfeited), or, with more than N owners, take a
+/// random owner out: leave
 /// (it hands its data off; every other leaver, the first included, is paused as soon as the
 /// switch retires it, and resumed after `PAUSED_LEAVER_HOLD`), or kill -9 and remove (its ranges re-replicated from
 /// the others). Staged and committed through the claimant, like `kvctl cluster`.
@@ -713,6 +722,7 @@ async fn membership_start(
     nodes: &Mutex<Vec<NodeProcess>>,
     rng: &mut StdRng,
     leaves: &mut usize,
+    joins: &mut usize,
 ) -> Result<Result<(nemesis::Active, serde_json::Value), String>, String> {
     let st = wait_no_transition(nodes, Duration::from_secs(60)).await?;
     let layout = &st["Status"]["layout"];
@@ -736,7 +746,9 @@ async fn membership_start(
         }
     };
     // A running node that owns nothing joins first.
-    if let Some((_, id, _)) = ids.iter().find(|(_, id, up)| *up && !owners.contains(id)) {
+    if let Some((joiner, id, _)) = ids.iter().find(|(_, id, up)| *up && !owners.contains(id)) {
+        let abort = joins.is_multiple_of(2);
+        *joins += 1;
         let committed = match stage_commit(json!({"Join": {"node": id, "vnodes": 256}})).await {
             Ok(c) => c,
             Err(refused) => {
@@ -744,9 +756,27 @@ async fn membership_start(
                 return Ok(Err(format!("join {id}: {refused}")));
             }
         };
-        let v =
-            json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
-        return Ok(Ok((nemesis::Active::Retired(Vec::new()), v)));
+        if !abort {
+            let v = json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
+            return Ok(Ok((nemesis::Active::Retired(Vec::new()), v)));
+        }
+        // The new node dies during its transfers; the operator aborts the change.
+        nodes.lock().await[*joiner].kill9();
+        wait_seen_down(nodes, &addrs, *joiner, id).await?;
+        return match cluster_admin(&addrs, json!("Abort")).await {
+            Ok(a) => Ok(Ok((
+                nemesis::Active::Retired(vec![*joiner]),
+                json!({"action": "abort", "nodes": [id], "layout": a["Aborted"]["version"],
+                       "committed": committed["Committed"]["version"],
+                       "forfeited": a["Aborted"]["forfeited"]}),
+            ))),
+            Err(refused) => {
+                // The transfers finished and ownership switched before the abort: the node
+                // owns ranges; started again, it is an owner like any.
+                nodes.lock().await[*joiner].start()?;
+                Ok(Err(format!("abort after join {id}: {refused}")))
+            }
+        };
     }
     let candidates: Vec<&(usize, String, bool)> = ids
         .iter()
@@ -764,27 +794,7 @@ async fn membership_start(
     } else {
         nodes.lock().await[victim].kill9();
         // The claimant must see it down before it can be removed.
-        let start = Instant::now();
-        loop {
-            // While the claimant itself is the one killed, requests fail until the others
-            // see it down and another takes over: retried.
-            let down = match cluster_admin(&addrs, json!("Status")).await {
-                Ok(st) => st,
-                Err(_) => serde_json::Value::Null,
-            }["Status"]["members"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|m| m["node"] == id.as_str() && m["alive"] == false);
-            if down {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                nodes.lock().await[victim].start()?;
-                return Err(format!("{id} still seen alive 30 s after kill -9"));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        wait_seen_down(nodes, &addrs, victim, &id).await?;
         ("remove", json!({"Remove": {"node": id}}))
     };
     let committed = match stage_commit(change).await {
@@ -834,6 +844,37 @@ async fn membership_start(
         }
     }
     Ok(Ok((nemesis::Active::Retired(vec![victim]), v)))
+}
+
+/// Waits until the claimant sees node `victim` (`id`, just killed) down; started again and an
+/// error if it does not within 30 s.
+async fn wait_seen_down(
+    nodes: &Mutex<Vec<NodeProcess>>,
+    addrs: &[String],
+    victim: usize,
+    id: &str,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        // While the claimant itself is the one killed, requests fail until the others see it
+        // down and another takes over: retried.
+        let down = match cluster_admin(addrs, json!("Status")).await {
+            Ok(st) => st,
+            Err(_) => serde_json::Value::Null,
+        }["Status"]["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["node"] == id && m["alive"] == false);
+        if down {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            nodes.lock().await[victim].start()?;
+            return Err(format!("{id} still seen alive 30 s after kill -9"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// How long a leaver paused right after the switch stays paused: several tombstone GC passes

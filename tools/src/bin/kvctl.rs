@@ -148,6 +148,11 @@ enum ClusterCmd {
     },
     /// Drop the staged changes.
     Clear,
+    /// Abort the running ring change: the ring stays as before its commit. The nodes it was
+    /// to make owners are retired: one that is up hands over what it received, one that is
+    /// down forfeits it (wipe its data dir before using it again). Writes acknowledged during
+    /// the change are on W of the current replicas, so nothing acknowledged is lost.
+    Abort,
     /// The layout, every member's place, and each running transfer (range share, from, to,
     /// keys and bytes, rate, ETA). --wait shows a progress bar until no transfer runs.
     Status {
@@ -912,6 +917,37 @@ async fn cluster(
             }
             if wait {
                 wait_transfers(client, &config, as_json).await?;
+            }
+        }
+        ClusterCmd::Abort => {
+            let v = admin(client, json!("Abort")).await?;
+            if as_json {
+                print_json(&v);
+                return Ok(());
+            }
+            let a = &v["Aborted"];
+            let names = |field: &str| -> Vec<String> {
+                a[field]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str().map(str::to_string))
+                    .collect()
+            };
+            let (retired, forfeited) = (names("retired"), names("forfeited"));
+            out(&format!(
+                "aborted: layout v{}; the ring stays as before the change",
+                a["version"]
+            ));
+            for n in &retired {
+                out(&format!(
+                    "  {n}: retired, {}",
+                    if forfeited.contains(n) {
+                        "was down: what it received is refused; wipe its data dir before using it again"
+                    } else {
+                        "hands over what it received, then says it holds nothing (kvctl cluster status)"
+                    }
+                ));
             }
         }
         ClusterCmd::Status { wait } => {
