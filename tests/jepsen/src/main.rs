@@ -124,10 +124,11 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             // Tombstone GC purging deleted keys between kills, partitions and a lost disk.
             gc("register", "kill,partition,wipe", 45, 6),
             // Ring changes (leave, kill + remove, join again) under kills, with tombstone GC:
-            // a node taken out starts again on its old data before it is wiped.
+            // a node taken out starts again on its old data before it is wiped. 70 s: the
+            // second change is a join whose new node is killed and the change aborted.
             Cli {
                 interval: 5,
-                ..gc("register", "membership,kill", 50, 7)
+                ..gc("register", "membership,kill", 70, 7)
             },
             // A flood beyond the nodes' client budget (32): shed requests are definite.
             Cli {
