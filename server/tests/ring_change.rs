@@ -1446,9 +1446,28 @@ async fn an_aborted_join_whose_new_node_died_keeps_the_ring_and_every_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_join_of_a_running_node_hands_over_and_it_can_join_again() {
     let (c, keys) = join_n4_in_progress("aborted-live", 1500).await;
+    // An operator watching the change is told it was aborted (an error: it never completed).
+    let watching = std::process::Command::new(bin_path("kvctl"))
+        .args(["--addr", &c.nodes[0].addr, "cluster", "status", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kvctl runs");
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (ok, out) = kvctl(&c, 2, &["cluster", "abort"]);
     assert!(ok, "{out}");
     assert!(out.contains("n4: retired, hands over"), "{out}");
+    let watched = tokio::task::spawn_blocking(|| watching.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let said = String::from_utf8_lossy(&watched.stderr);
+    assert!(
+        !watched.status.success() && said.contains("the ring change was aborted"),
+        "{:?}: {said} / {}",
+        watched.status,
+        String::from_utf8_lossy(&watched.stdout)
+    );
     wait_owners(
         &c,
         0,

@@ -354,6 +354,12 @@ impl<T: Transport> ClusterService<T> {
             Some(c) => return self.error(format!("not the claimant ({c} is)")),
             None => return self.error("no layout yet"),
         }
+        if req.changes() && !view.ready {
+            return self.error(
+                "this node does not know the cluster's ring and layout yet (just started, or not \
+                 in contact): retry in a moment",
+            );
+        }
         self.metrics.admin_requests.inc();
         match req {
             AdminRequest::Stage(change) => {

@@ -76,6 +76,13 @@ impl<T: Transport> LayoutWorker<T> {
             self.joiners.clear();
             return false;
         }
+        // Not before this node knows the cluster's ring and layout (found in review: a gainer
+        // restarted on its saved transition layout, alone before any contact, took itself
+        // for the claimant and switched a transition the cluster had aborted).
+        if !view.ready {
+            self.detail = "claimant: waiting until this node knows the ring".into();
+            return false;
+        }
         if view.layout.next.is_some() {
             let waiting = gainers_waiting(&view, self.cluster.n());
             self.detail = if waiting.is_empty() {

@@ -425,6 +425,12 @@ impl Layout {
     /// ranges again; tombstone GC waits for it while it is down, as before the commit); other
     /// retired nodes keep what the plan recorded. Also returns the retired nodes and which of
     /// them were forfeited.
+    ///
+    /// Its version is the transition's **plus two**, so that it supersedes a switch of the same
+    /// transition (plus one) decided elsewhere at the same time: a gainer restarted on its saved
+    /// transition layout, or the other side of a partition. Found in review: at the same
+    /// version the digests decided, and a switch could undo the abort, making a forfeited node
+    /// an owner again with copies older than deletes purged since the abort.
     pub fn aborted(
         &self,
         live: &impl Liveness,
@@ -436,7 +442,7 @@ impl Layout {
             )));
         };
         let mut out = self.clone();
-        out.version += 1;
+        out.version += 2;
         out.next = None;
         out.forfeited.retain(|n| !self.current.contains_key(n));
         let (mut retired, mut forfeited) = (Vec::new(), Vec::new());
@@ -1009,8 +1015,14 @@ mod tests {
         assert!(t.forfeited.contains("d"));
         // e died during the transfers; f is up.
         let (back, retired, forfeited) = t.aborted(&e_dead).unwrap();
-        assert_eq!(back.version, t.version + 1);
+        assert_eq!(back.version, t.version + 2);
         assert!(back.supersedes(&t));
+        let switched = t.switched().unwrap();
+        assert!(
+            back.version > switched.version && back.supersedes(&switched),
+            "an abort wins over a switch of the same transition decided elsewhere, whatever \
+             their digests"
+        );
         assert_eq!(back.current, l.current, "the ring before the commit");
         assert_eq!(back.next, None);
         assert_eq!(retired, vec!["e".to_string(), "f".to_string()]);

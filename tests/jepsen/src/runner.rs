@@ -747,8 +747,6 @@ async fn membership_start(
     };
     // A running node that owns nothing joins first.
     if let Some((joiner, id, _)) = ids.iter().find(|(_, id, up)| *up && !owners.contains(id)) {
-        let abort = joins.is_multiple_of(2);
-        *joins += 1;
         let committed = match stage_commit(json!({"Join": {"node": id, "vnodes": 256}})).await {
             Ok(c) => c,
             Err(refused) => {
@@ -756,6 +754,8 @@ async fn membership_start(
                 return Ok(Err(format!("join {id}: {refused}")));
             }
         };
+        let abort = joins.is_multiple_of(2);
+        *joins += 1;
         if !abort {
             let v = json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
             return Ok(Ok((nemesis::Active::Retired(Vec::new()), v)));
@@ -771,8 +771,36 @@ async fn membership_start(
                        "forfeited": a["Aborted"]["forfeited"]}),
             ))),
             Err(refused) => {
-                // The transfers finished and ownership switched before the abort: the node
-                // owns ranges; started again, it is an owner like any.
+                // Refused, or no answer (the abort may still have taken effect): the layout
+                // says. Aborted, the node is retired and forfeited, and must be wiped like
+                // any node taken out; else (ownership switched first, or the change still
+                // runs) it is started again: an owner like any, or the gainer that completes
+                // the change.
+                let start = Instant::now();
+                let st = loop {
+                    match cluster_admin(&addrs, json!("Status")).await {
+                        Ok(st) => break st,
+                        Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                            nodes.lock().await[*joiner].start()?;
+                            return Err(format!("abort after join {id}: {refused}; status: {e}"));
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                };
+                let layout = &st["Status"]["layout"];
+                let retired = layout["next"].is_null()
+                    && layout["retired"]
+                        .as_array()
+                        .is_some_and(|r| r.contains(&json!(id)));
+                if retired {
+                    return Ok(Ok((
+                        nemesis::Active::Retired(vec![*joiner]),
+                        json!({"action": "abort", "nodes": [id],
+                               "layout": st["Status"]["layout"]["version"],
+                               "committed": committed["Committed"]["version"],
+                               "abort_reply": refused}),
+                    )));
+                }
                 nodes.lock().await[*joiner].start()?;
                 Ok(Err(format!("abort after join {id}: {refused}")))
             }

@@ -713,7 +713,8 @@ fn print_transfers(rows: &[Value]) {
 }
 
 /// Shows the transfers with a progress bar (share of the moving ring received) until the
-/// layout has no transition.
+/// layout has no transition; an error if the change it watched was aborted (the ring is then
+/// not the one the change was to make).
 async fn wait_transfers(
     client: &Client,
     config: &ClientConfig,
@@ -730,11 +731,20 @@ async fn wait_transfers(
         )
         .expect("the template is valid"),
     );
+    // The owners the watched change was to make.
+    let mut target: Option<Value> = None;
     loop {
         let st = admin(client, json!("Status")).await?;
         let layout = &st["Status"]["layout"];
         if layout["next"].is_null() {
             bar.finish_and_clear();
+            if target.as_ref().is_some_and(|t| *t != layout["current"]) {
+                return Err(Failure::Error(format!(
+                    "layout v{}: the ring change was aborted (kvctl cluster abort); the ring is \
+                     as it was before it (kvctl cluster status)",
+                    layout["version"]
+                )));
+            }
             if !as_json {
                 out(&format!(
                     "layout v{}: no transition running",
@@ -743,6 +753,7 @@ async fn wait_transfers(
             }
             return Ok(());
         }
+        target = Some(layout["next"].clone());
         let rows = transfers(client, config).await;
         let parse = |r: &Value| -> (f64, f64) {
             let spans = r["spans"].as_str().unwrap_or("0/0");
