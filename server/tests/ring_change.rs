@@ -244,6 +244,28 @@ fn kvctl(c: &Cluster, i: usize, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Owners n1, n2, n3 and n5.
+const N1235: [&str; 4] = ["n1", "n2", "n3", "n5"];
+
+/// Stages `change` (`kvctl cluster` arguments) with kvctl through node `via`, commits it with
+/// `--wait`, and waits (up to a minute) until node 0 and `running` have the settled layout
+/// whose owners are `owners`.
+async fn kvctl_change(
+    c: &Cluster,
+    via: usize,
+    change: &[&str],
+    running: &[usize],
+    owners: &[&str],
+) {
+    let mut args = vec!["cluster"];
+    args.extend(change);
+    let (ok, out) = kvctl(c, via, &args);
+    assert!(ok, "{out}");
+    let (ok, out) = kvctl(c, via, &["cluster", "commit", "--wait"]);
+    assert!(ok, "{out}");
+    wait_owners(c, 0, running, owners, Duration::from_secs(60)).await;
+}
+
 /// Grow 3 -> 6 with kvctl: plan (a dry run that moves nothing), commit; after the transfers
 /// every key is readable through every node and held by exactly its N new replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,18 +669,7 @@ async fn replace_hands_a_dead_nodes_ranges_to_a_new_node() {
     kill_n4(&mut c).await;
     c.add_node("n5", 0, &["--auto-join", "false"]);
     wait_known(&c, 0, &["n5"]).await;
-    let (ok, out) = kvctl(&c, 1, &["cluster", "replace", "n4", "n5"]);
-    assert!(ok, "{out}");
-    let (ok, out) = kvctl(&c, 1, &["cluster", "commit", "--wait"]);
-    assert!(ok, "{out}");
-    wait_owners(
-        &c,
-        0,
-        &[0, 1, 2, 4],
-        &["n1", "n2", "n3", "n5"],
-        Duration::from_secs(60),
-    )
-    .await;
+    kvctl_change(&c, 1, &["replace", "n4", "n5"], &[0, 1, 2, 4], &N1235).await;
     let after = ring_of(&c, 0).await;
     let ring = c.client(0).ring().await.unwrap();
     let n5 = ring.members.iter().find(|m| m.node_id == "n5").unwrap();
@@ -1424,18 +1435,7 @@ async fn an_aborted_join_whose_new_node_died_keeps_the_ring_and_every_write() {
         ],
     );
     wait_known(&c, 0, &["n5"]).await;
-    let (ok, out) = kvctl(&c, 0, &["cluster", "join", "n5"]);
-    assert!(ok, "{out}");
-    let (ok, out) = kvctl(&c, 0, &["cluster", "commit", "--wait"]);
-    assert!(ok, "{out}");
-    wait_owners(
-        &c,
-        0,
-        &[0, 1, 2, 4],
-        &["n1", "n2", "n3", "n5"],
-        Duration::from_secs(60),
-    )
-    .await;
+    kvctl_change(&c, 0, &["join", "n5"], &[0, 1, 2, 4], &N1235).await;
     let owners: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3"), (4, "n5")];
     wait_held_exactly(&c, &owners, kept, Duration::from_secs(60)).await;
     all_readable(&c, &[0, 4], kept).await;
