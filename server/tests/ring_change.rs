@@ -752,9 +752,11 @@ async fn a_power_loss_of_a_gainer_under_sync_none_loses_nothing_the_old_owner_re
 /// Four owners with tombstone GC (4 s settle, passes every 2 s) and 300 keys `prefix-i`,
 /// once no node holds a hint: held for a node that never answers again, a hint keeps its
 /// key's tombstone until the hint window ends, and these tests need every tombstone purged.
+/// Tombstone GC with a 4 s settle time and anti-entropy every 2 s: purges within seconds.
+const FAST_GC: [&str; 4] = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
+
 async fn gc_owners_with_keys(prefix: &str) -> (Cluster, Vec<String>) {
-    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
-    let c = four_owners(&gc).await;
+    let c = four_owners(&FAST_GC).await;
     let keys = write_keys(&c, prefix, 300).await;
     wait_no_hints(&c, &[0, 1, 2, 3], "before n4 goes").await;
     (c, keys)
@@ -1342,11 +1344,10 @@ async fn a_node_that_does_not_know_the_ring_takes_no_data() {
 /// at 200 keys/s so that its transfers take seconds), commits its join and waits until it
 /// has received part of its ranges.
 async fn join_n4_in_progress(prefix: &str, count: usize) -> (Cluster, Vec<String>) {
-    let gc = ["--tombstone-settle-secs", "4", "--aae-interval-secs", "2"];
-    let mut c = Cluster::start(3, &gc).await;
+    let mut c = Cluster::start(3, &FAST_GC).await;
     let keys = write_keys(&c, prefix, count).await;
     let mut slow = vec!["--auto-join", "false", "--transfer-keys-per-sec", "200"];
-    slow.extend(gc);
+    slow.extend(FAST_GC);
     c.add_node("n4", 0, &slow);
     wait_known(&c, 0, &["n4"]).await;
     stage_and_commit(&c, 0, &[json!({"Join": {"node": "n4", "vnodes": 256}})]).await;
@@ -1422,18 +1423,9 @@ async fn an_aborted_join_whose_new_node_died_keeps_the_ring_and_every_write() {
     c.nodes[3].start().unwrap();
     n4_withholds_and_nothing_comes_back(&c, &client, deleted).await;
     // The next change commits and completes.
-    c.add_node(
-        "n5",
-        0,
-        &[
-            "--auto-join",
-            "false",
-            "--tombstone-settle-secs",
-            "4",
-            "--aae-interval-secs",
-            "2",
-        ],
-    );
+    let mut flags = vec!["--auto-join", "false"];
+    flags.extend(FAST_GC);
+    c.add_node("n5", 0, &flags);
     wait_known(&c, 0, &["n5"]).await;
     kvctl_change(&c, 0, &["join", "n5"], &[0, 1, 2, 4], &N1235).await;
     let owners: Vec<(usize, &str)> = vec![(0, "n1"), (1, "n2"), (2, "n3"), (4, "n5")];

@@ -763,48 +763,37 @@ async fn membership_start(
         // The new node dies during its transfers; the operator aborts the change.
         nodes.lock().await[*joiner].kill9();
         wait_seen_down(nodes, &addrs, *joiner, id).await?;
-        return match cluster_admin(&addrs, json!("Abort")).await {
-            Ok(a) => Ok(Ok((
-                nemesis::Active::Retired(vec![*joiner]),
-                json!({"action": "abort", "nodes": [id], "layout": a["Aborted"]["version"],
-                       "committed": committed["Committed"]["version"],
-                       "forfeited": a["Aborted"]["forfeited"]}),
-            ))),
-            Err(refused) => {
-                // Refused, or no answer (the abort may still have taken effect): the layout
-                // says. Aborted, the node is retired and forfeited, and must be wiped like
-                // any node taken out; else (ownership switched first, or the change still
-                // runs) it is started again: an owner like any, or the gainer that completes
-                // the change.
-                let start = Instant::now();
-                let st = loop {
-                    match cluster_admin(&addrs, json!("Status")).await {
-                        Ok(st) => break st,
-                        Err(e) if start.elapsed() > Duration::from_secs(30) => {
-                            nodes.lock().await[*joiner].start()?;
-                            return Err(format!("abort after join {id}: {refused}; status: {e}"));
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                    }
-                };
-                let layout = &st["Status"]["layout"];
-                let retired = layout["next"].is_null()
-                    && layout["retired"]
-                        .as_array()
-                        .is_some_and(|r| r.contains(&json!(id)));
-                if retired {
-                    return Ok(Ok((
-                        nemesis::Active::Retired(vec![*joiner]),
-                        json!({"action": "abort", "nodes": [id],
-                               "layout": st["Status"]["layout"]["version"],
-                               "committed": committed["Committed"]["version"],
-                               "abort_reply": refused}),
-                    )));
+        let reply = cluster_admin(&addrs, json!("Abort")).await;
+        // Whatever the answer (none: the abort may still have taken effect), the layout says.
+        // Aborted, the node is retired and forfeited, and must be wiped like any node taken
+        // out; else (ownership switched first, or the change still runs) it is started again:
+        // an owner like any, or the gainer that completes the change.
+        let start = Instant::now();
+        let st = loop {
+            match cluster_admin(&addrs, json!("Status")).await {
+                Ok(st) => break st,
+                Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                    nodes.lock().await[*joiner].start()?;
+                    return Err(format!("abort after join {id}: {reply:?}; status: {e}"));
                 }
-                nodes.lock().await[*joiner].start()?;
-                Ok(Err(format!("abort after join {id}: {refused}")))
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         };
+        let layout = &st["Status"]["layout"];
+        let aborted = layout["next"].is_null()
+            && layout["retired"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!(id)));
+        if !aborted {
+            nodes.lock().await[*joiner].start()?;
+            return Ok(Err(format!("abort after join {id}: {reply:?}")));
+        }
+        return Ok(Ok((
+            nemesis::Active::Retired(vec![*joiner]),
+            json!({"action": "abort", "nodes": [id], "layout": layout["version"],
+                   "committed": committed["Committed"]["version"],
+                   "reply": reply.unwrap_or_else(|e| json!(e))}),
+        )));
     }
     let candidates: Vec<&(usize, String, bool)> = ids
         .iter()

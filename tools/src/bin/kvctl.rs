@@ -601,6 +601,16 @@ fn repair_outcome(
     }
 }
 
+/// The node ids listed in `v[field]` (a layout's `retired`, an abort's `forfeited`, …).
+fn names<'a>(v: &'a Value, field: &str) -> Vec<&'a str> {
+    v[field]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// One admin request to the claimant (through the contacted node); an `Error` reply fails.
 async fn admin(client: &Client, req: Value) -> Result<Value, Failure> {
     let body = serde_json::to_vec(&req).expect("a request serializes");
@@ -937,15 +947,7 @@ async fn cluster(
                 return Ok(());
             }
             let a = &v["Aborted"];
-            let names = |field: &str| -> Vec<String> {
-                a[field]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|n| n.as_str().map(str::to_string))
-                    .collect()
-            };
-            let (retired, forfeited) = (names("retired"), names("forfeited"));
+            let (retired, forfeited) = (names(a, "retired"), names(a, "forfeited"));
             out(&format!(
                 "aborted: layout v{}; the ring stays as before the change",
                 a["version"]
@@ -1006,16 +1008,8 @@ async fn cluster(
                     },
                 ));
             }
-            let names = |field: &str| -> Vec<&str> {
-                layout[field]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str())
-                    .collect()
-            };
-            let (forfeited, released) = (names("forfeited"), names("released"));
-            let retired: Vec<String> = names("retired")
+            let (forfeited, released) = (names(layout, "forfeited"), names(layout, "released"));
+            let retired: Vec<String> = names(layout, "retired")
                 .into_iter()
                 .map(|n| {
                     let state = if forfeited.contains(&n) {
