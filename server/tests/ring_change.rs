@@ -1490,3 +1490,103 @@ async fn an_aborted_join_of_a_running_node_hands_over_and_it_can_join_again() {
     wait_held_exactly(&c, &owners, &keys, Duration::from_secs(90)).await;
     all_readable(&c, &[3], &keys).await;
 }
+
+/// Waits until the claimant (through node `via`) sees every node of `ids` down.
+async fn wait_seen_down(c: &Cluster, via: usize, ids: &[&str]) {
+    eventually(
+        Duration::from_secs(30),
+        "the claimant sees the killed nodes down",
+        || async {
+            let st = admin(c, via, json!("Status")).await.unwrap();
+            ids.iter().all(|id| {
+                st["Status"]["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["node"] == *id && m["alive"] == false)
+            })
+        },
+    )
+    .await;
+}
+
+/// Found in review: a claimant decided a ring change whatever it could reach, so the two
+/// sides of a partition could decide one change two ways (one switching it and taking writes
+/// on the new node, the other aborting it and forfeiting that node). Now a switch or an abort
+/// needs a majority of the owners that stay through the change: with two of three down, the
+/// new node completes its transfers but nothing switches, the abort is refused, and once one
+/// of them is back the change completes with every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_change_is_switched_or_aborted_only_with_a_majority_of_the_owners_that_stay() {
+    let (mut c, keys) = join_n4_in_progress("minority", 1500).await;
+    c.nodes[1].kill9();
+    c.nodes[2].kill9();
+    wait_seen_down(&c, 0, &["n2", "n3"]).await;
+    // n4 receives the rest from n1 alone; the claimant says why it does not switch.
+    let start = Instant::now();
+    let version = loop {
+        let st = admin(&c, 0, json!("Status")).await.unwrap();
+        let version = &st["Status"]["layout"]["version"];
+        let synced = st["Status"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["node"] == "n4" && m["synced"] == *version);
+        let why = st["Status"]["undecidable"].as_str().unwrap_or_default();
+        if synced && why.contains("1 of the 3") && why.contains("down: n2, n3") {
+            break version.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "n4 not synced with the switch waiting for a majority: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let l = layout(&c, 0).await;
+    assert!(
+        !l["next"].is_null() && l["version"] == version,
+        "switched without a majority: {l}"
+    );
+    let (ok, out) = kvctl(&c, 0, &["cluster", "status"]);
+    assert!(
+        ok && out.contains("can neither switch nor be aborted"),
+        "{out}"
+    );
+    let (ok, out) = kvctl(&c, 0, &["cluster", "abort"]);
+    assert!(
+        !ok && out.contains("down: n2, n3") && out.contains("--force"),
+        "{out}"
+    );
+    // One of them back: two of three, the change completes.
+    c.nodes[1].start().unwrap();
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 3],
+        &["n1", "n2", "n3", "n4"],
+        Duration::from_secs(60),
+    )
+    .await;
+    c.nodes[2].start().unwrap();
+    all_readable(&c, &[3], &keys).await;
+}
+
+/// An operator whose old owners are gone for good can still abort: `--force` does without
+/// the majority, and the ring is back as before the change, with every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_abort_needs_no_majority() {
+    let (mut c, keys) = join_n4_in_progress("forced", 1500).await;
+    for i in 1..4 {
+        c.nodes[i].kill9();
+    }
+    wait_seen_down(&c, 0, &["n2", "n3", "n4"]).await;
+    let (ok, out) = kvctl(&c, 0, &["cluster", "abort"]);
+    assert!(!ok && out.contains("--force"), "{out}");
+    let (ok, out) = kvctl(&c, 0, &["cluster", "abort", "--force"]);
+    assert!(ok && out.contains("n4: retired, was down"), "{out}");
+    wait_owners(&c, 0, &[0], &["n1", "n2", "n3"], Duration::from_secs(30)).await;
+    c.nodes[1].start().unwrap();
+    c.nodes[2].start().unwrap();
+    all_readable(&c, &[0], &keys).await;
+}

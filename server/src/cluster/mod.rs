@@ -54,8 +54,12 @@ pub enum AdminRequest {
     Commit { plan: Option<u64> },
     /// The layout, the staged changes and every member's place.
     Status,
-    /// Abort the running transition: the ring stays as before its commit.
+    /// Abort the running transition: the ring stays as before its commit. Refused unless the
+    /// claimant sees a majority of the owners that stay through it (`Layout::decision_quorum`).
     Abort,
+    /// `kvctl cluster abort --force`: abort without that majority, for an operator who knows
+    /// the unreachable owners are gone, not on the other side of a partition.
+    ForceAbort,
 }
 
 impl AdminRequest {
@@ -67,6 +71,7 @@ impl AdminRequest {
                 | AdminRequest::Clear
                 | AdminRequest::Commit { .. }
                 | AdminRequest::Abort
+                | AdminRequest::ForceAbort
         )
     }
 }
@@ -153,6 +158,10 @@ pub struct StatusReport {
     pub layout: Layout,
     pub staged: Option<(u64, Vec<Change>)>,
     pub members: Vec<MemberRow>,
+    /// Why the running transition can be neither switched nor aborted now (no majority of the
+    /// owners that stay reachable from the claimant); absent when it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undecidable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -429,14 +438,16 @@ impl<T: Transport> ClusterService<T> {
                     Err(e) => self.error(e),
                 }
             }
-            AdminRequest::Abort => match self.abort().await {
-                Ok((version, retired, forfeited)) => AdminReply::Aborted {
-                    version,
-                    retired,
-                    forfeited,
-                },
-                Err(e) => self.error(e),
-            },
+            AdminRequest::Abort | AdminRequest::ForceAbort => {
+                match self.abort(req == AdminRequest::ForceAbort).await {
+                    Ok((version, retired, forfeited)) => AdminReply::Aborted {
+                        version,
+                        retired,
+                        forfeited,
+                    },
+                    Err(e) => self.error(e),
+                }
+            }
             AdminRequest::Status => {
                 let staged = self
                     .staged
@@ -469,14 +480,22 @@ impl<T: Transport> ClusterService<T> {
 
     /// Aborts the running transition (`Layout::aborted`): the layout without it, adopted here
     /// and gossiped. Under the claimant's lock, so it cannot cross a switch; refused while a
-    /// live member has a newer layout (a concurrent commit that wins: it is adopted first).
-    pub async fn abort(&self) -> Result<(u64, Vec<String>, Vec<String>), PlanError> {
+    /// live member has a newer layout (a concurrent commit that wins: it is adopted first),
+    /// and, unless `force`, without a majority of the owners that stay through the change.
+    pub async fn abort(&self, force: bool) -> Result<(u64, Vec<String>, Vec<String>), PlanError> {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
         if view.live_member_ahead() {
             return Err(PlanError::Invalid(
                 "a live member has a newer layout than this claimant: retry in a moment".into(),
             ));
+        }
+        let quorum = view.layout.decision_quorum(&*view);
+        if let (Err(why), false) = (&quorum, force) {
+            return Err(PlanError::Invalid(format!(
+                "{why}. Wait until they are back; only if they are gone for good (not on the \
+                 other side of a partition), kvctl cluster abort --force"
+            )));
         }
         let (aborted, retired, forfeited) = view.layout.aborted(&*view)?;
         let version = aborted.version;
@@ -487,6 +506,9 @@ impl<T: Transport> ClusterService<T> {
         }
         self.staged.lock().expect("staged lock poisoned").take();
         self.metrics.aborts.inc();
+        if let Err(why) = quorum {
+            warn!(node = %self.node_id, version, %why, "ring change aborted by force, without a majority");
+        }
         warn!(node = %self.node_id, version, from = view.layout.version,
               retired = %retired.join(", "), forfeited = %forfeited.join(", "),
               "ring change aborted: the ring stays as before its commit; the nodes that were to \
@@ -508,6 +530,10 @@ impl<T: Transport> ClusterService<T> {
         // A live member has a newer layout (a concurrent commit that wins): adopt it first
         // (`catch_up`), never switch the one it supersedes.
         if view.live_member_ahead() {
+            return false;
+        }
+        // Not from a minority side: the other may abort it (the worker shows why it waits).
+        if view.layout.decision_quorum(&*view).is_err() {
             return false;
         }
         let version = switched.version;
@@ -771,6 +797,7 @@ pub fn status_report(
         layout: (*view.layout).clone(),
         staged,
         members,
+        undecidable: view.layout.decision_quorum(view).err(),
     }
 }
 

@@ -85,7 +85,10 @@ impl<T: Transport> LayoutWorker<T> {
         }
         if view.layout.next.is_some() {
             let waiting = gainers_waiting(&view, self.cluster.n());
-            self.detail = if waiting.is_empty() {
+            let quorum = view.layout.decision_quorum(&*view);
+            self.detail = if let (true, Err(why)) = (waiting.is_empty(), &quorum) {
+                format!("claimant: every gainer synced; the switch waits: {why}")
+            } else if waiting.is_empty() {
                 "claimant: switching ownership".into()
             } else {
                 format!(

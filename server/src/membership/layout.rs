@@ -414,6 +414,50 @@ impl Layout {
         })
     }
 
+    /// Whether a claimant that sees `live` may decide the running transition, switch it or
+    /// abort it: a strict majority of the owners that stay (in both rings; the current owners
+    /// if none stays) must be alive in its view. Two sides of a partition cannot both see
+    /// one, so they cannot decide one change two ways. Found in review: a side holding only
+    /// the new node switched (that node its own claimant) and acknowledged W=1 writes on it,
+    /// while the other side aborted and so forfeited it; when the sides met the abort won and
+    /// those writes were lost. Riak's claimant waits until every member is reachable (ring
+    /// ready); a majority lets a change finish with a minority down. Without a transition,
+    /// always `Ok`; the error names who is reachable and who is not.
+    pub fn decision_quorum(&self, live: &impl Liveness) -> Result<(), String> {
+        let Some(next) = &self.next else {
+            return Ok(());
+        };
+        let mut voters: Vec<&String> = self
+            .current
+            .keys()
+            .filter(|n| next.contains_key(*n))
+            .collect();
+        if voters.is_empty() {
+            voters = self.current.keys().collect();
+        }
+        let (up, down): (Vec<&String>, Vec<&String>) =
+            voters.iter().partition(|n| live.is_alive(n));
+        let need = voters.len() / 2 + 1;
+        if up.len() >= need {
+            return Ok(());
+        }
+        let list = |v: &[&String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        };
+        Err(format!(
+            "layout v{}: {} of the {} owners that stay through the change are reachable from              the claimant (up: {}; down: {}); switching or aborting it needs {need}, so that the              two sides of a partition cannot decide it two ways",
+            self.version,
+            up.len(),
+            voters.len(),
+            list(&up),
+            list(&down),
+        ))
+    }
+
     /// The layout after aborting the running transition (`kvctl cluster abort`): `current`
     /// keeps the ring and `next` is dropped. Every write acknowledged during the transition
     /// has W acks among its current replicas, so nothing acknowledged is lost. The nodes that
@@ -1061,5 +1105,63 @@ mod tests {
         let (undone, retired, _) = gone.aborted(&d_dead).unwrap();
         assert!(retired.is_empty());
         assert!(undone.forfeited.contains("d") && undone.retired.contains("d"));
+    }
+
+    /// Only a claimant that sees a strict majority of the owners staying through a change
+    /// may switch or abort it: of two sides of a partition, at most one.
+    #[test]
+    fn a_change_is_decided_only_with_a_majority_of_the_owners_that_stay() {
+        let l = layout(&["a", "b", "c"]);
+        assert!(
+            l.decision_quorum(&|_: &str| false).is_ok(),
+            "no change runs"
+        );
+        let join_d = [Change::Join {
+            node: "d".into(),
+            vnodes: 8,
+        }];
+        let t = l.commit(3, &join_d, &all_alive).unwrap();
+        // The side with the new node and one old owner, and the side with the other two.
+        let (small, large) = (
+            |n: &str| n == "c" || n == "d",
+            |n: &str| n == "a" || n == "b",
+        );
+        let refused = t.decision_quorum(&small).unwrap_err();
+        assert!(
+            refused.contains("1 of the 3") && refused.contains("up: c; down: a, b"),
+            "{refused}"
+        );
+        assert!(t.decision_quorum(&|n: &str| n == "d").is_err(), "d alone");
+        assert!(t.decision_quorum(&large).is_ok());
+        // A node taken out does not count: it may be the very one that is gone.
+        let remove_bc = [
+            Change::Remove { node: "b".into() },
+            Change::Remove { node: "c".into() },
+        ];
+        let a_only = |n: &str| n == "a";
+        let r = l.commit(3, &remove_bc, &a_only).unwrap();
+        assert!(r.decision_quorum(&a_only).is_ok(), "a is all that stays");
+        // Four that stay: two of them are not a majority.
+        let four = layout(&["a", "b", "c", "e"]);
+        let t4 = four.commit(3, &join_d, &all_alive).unwrap();
+        assert!(t4.decision_quorum(&large).is_err());
+        assert!(t4.decision_quorum(&|n: &str| n != "e").is_ok());
+        // Every owner replaced: the current owners vote.
+        let two = layout(&["a", "b"]);
+        let swap = [
+            Change::Replace {
+                old: "a".into(),
+                new: "x".into(),
+            },
+            Change::Replace {
+                old: "b".into(),
+                new: "y".into(),
+            },
+        ];
+        let s = two
+            .commit(3, &swap, &|n: &str| n != "a" && n != "b")
+            .unwrap();
+        assert!(s.decision_quorum(&|n: &str| n == "x" || n == "y").is_err());
+        assert!(s.decision_quorum(&|n: &str| n != "x").is_ok());
     }
 }

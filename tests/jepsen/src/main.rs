@@ -153,6 +153,13 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
                 interval: 4,
                 ..overlap("register", "kill,partition,pause", 30, 10)
             },
+            // Ring changes while the other lane partitions the network: a change is switched
+            // or aborted only by a claimant that reaches a majority of the owners that stay,
+            // so the two sides never decide it two ways.
+            Cli {
+                interval: 5,
+                ..overlap("register", "membership,partition", 60, 14)
+            },
             // A second process started with a running node's id: it stops by itself, the
             // node keeps its place (kills in between).
             Cli {
@@ -192,6 +199,8 @@ fn plan(cli: &Cli) -> Result<Vec<Cli>, String> {
             // Power losses (every file cut back to what was fsynced).
             with("register", "powerloss,partition", 120, 33),
             with("set", "powerloss,pause", 90, 34),
+            // Ring changes (joins, aborts, leaves, removes) across partitions.
+            overlap("set", "membership,partition", 150, 37),
             // Second processes with a running node's id, between partitions.
             with("set", "duplicate,partition", 90, 36),
         ]),
@@ -297,11 +306,8 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        if let Some(k) = ks.iter().find(|k| r.overlap && !k.may_overlap()) {
-            eprintln!(
-                "ringkv-jepsen: --overlap does not take the {} nemesis (it waits for the cluster to settle first)",
-                k.name()
-            );
+        if let Err(e) = Kind::lanes(&ks, r.overlap) {
+            eprintln!("ringkv-jepsen: {e}");
             return ExitCode::from(2);
         }
         all_kinds.extend(ks);

@@ -118,6 +118,38 @@ impl Kind {
         !matches!(self, Kind::Wipe | Kind::Membership)
     }
 
+    /// The faults each nemesis lane takes from `kinds`: one lane with all of them, or with
+    /// `overlap` two lanes. Two lanes take every kind when each may overlap; `membership`
+    /// overlaps only with faults on the network (partition, loss): one lane makes the ring
+    /// changes while the other cuts links, so changes are decided (or wait) across partitions.
+    pub fn lanes(kinds: &[Kind], overlap: bool) -> Result<Vec<Vec<Kind>>, String> {
+        if !overlap {
+            return Ok(vec![kinds.to_vec()]);
+        }
+        if kinds.contains(&Kind::Membership) {
+            let others: Vec<Kind> = kinds
+                .iter()
+                .copied()
+                .filter(|k| *k != Kind::Membership)
+                .collect();
+            if others.is_empty() || others.iter().any(|k| !k.needs_netns()) {
+                return Err(
+                    "--overlap takes the membership nemesis only with network faults (partition, \
+                     loss): it runs in a lane of its own, the network faults in the other"
+                        .into(),
+                );
+            }
+            return Ok(vec![vec![Kind::Membership], others]);
+        }
+        if let Some(k) = kinds.iter().find(|k| !k.may_overlap()) {
+            return Err(format!(
+                "--overlap does not take the {} nemesis (it waits for the cluster to settle first)",
+                k.name()
+            ));
+        }
+        Ok(vec![kinds.to_vec(), kinds.to_vec()])
+    }
+
     pub fn needs_netns(self) -> bool {
         matches!(self, Kind::Partition | Kind::Loss)
     }
@@ -958,6 +990,27 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use std::collections::BTreeSet;
+
+    /// Ring changes overlap only with network faults, in a lane of their own.
+    #[test]
+    fn membership_overlaps_only_network_faults_in_a_lane_of_its_own() {
+        use Kind::*;
+        assert_eq!(
+            Kind::lanes(&[Membership, Kill], false).unwrap(),
+            vec![vec![Membership, Kill]]
+        );
+        assert_eq!(
+            Kind::lanes(&[Partition, Membership, Loss], true).unwrap(),
+            vec![vec![Membership], vec![Partition, Loss]]
+        );
+        assert!(Kind::lanes(&[Membership, Kill], true).is_err());
+        assert!(Kind::lanes(&[Membership], true).is_err());
+        assert!(Kind::lanes(&[Wipe, Kill], true).is_err());
+        assert_eq!(
+            Kind::lanes(&[Kill, Pause], true).unwrap(),
+            vec![vec![Kill, Pause], vec![Kill, Pause]]
+        );
+    }
 
     #[test]
     fn partition_shapes_cut_the_documented_pairs() {

@@ -16,6 +16,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// that much longer).
 pub const OBSERVE_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a ring change may take to show after its fault window: it completes only once its
+/// new nodes received their ranges, and waits (correctly) while the claimant cannot reach a
+/// majority of the owners that stay, e.g. across a partition of the other nemesis lane.
+pub const CHANGE_WAIT: Duration = Duration::from_secs(60);
+
 /// A node's disk counts as full below this many free bytes.
 pub const FULL_BELOW: u64 = 1 << 20;
 
@@ -54,17 +59,17 @@ pub async fn baseline(active: &Active, nodes: &[NodeProcess]) -> Baseline {
 /// Waits up to `OBSERVE_WAIT` for evidence that `active` took effect. A ring change
 /// (`Active::Retired`) is observed by the runner, which knows the change it staged.
 pub async fn observe(active: &Active, nodes: &[NodeProcess], base: &Baseline) -> Effect {
-    until_observed(|| observe_once(active, nodes, base)).await
+    until_observed(OBSERVE_WAIT, || observe_once(active, nodes, base)).await
 }
 
-/// Looks (`once`, every 250 ms) until an effect is observed or `OBSERVE_WAIT` has passed;
-/// the last look.
-pub async fn until_observed<F, Fut>(mut once: F) -> Effect
+/// Looks (`once`, every 250 ms) until an effect is observed or `wait` has passed; the last
+/// look.
+pub async fn until_observed<F, Fut>(wait: Duration, mut once: F) -> Effect
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Effect>,
 {
-    let until = Instant::now() + OBSERVE_WAIT;
+    let until = Instant::now() + wait;
     loop {
         let effect = once().await;
         if effect.observed || Instant::now() >= until {

@@ -151,8 +151,15 @@ enum ClusterCmd {
     /// Abort the running ring change: the ring stays as before its commit. The nodes it was
     /// to make owners are retired: one that is up hands over what it received, one that is
     /// down forfeits it (wipe its data dir before using it again). Writes acknowledged during
-    /// the change are on W of the current replicas, so nothing acknowledged is lost.
-    Abort,
+    /// the change are on W of the current replicas, so nothing acknowledged is lost. Refused
+    /// unless the claimant reaches a majority of the owners that stay through the change.
+    Abort {
+        /// Abort without that majority: only when the unreachable owners are gone for good.
+        /// If they are on the other side of a partition, that side may switch the same change
+        /// and acknowledge writes on the new nodes that this abort then forfeits.
+        #[arg(long)]
+        force: bool,
+    },
     /// The layout, every member's place, and each running transfer (range share, from, to,
     /// keys and bytes, rate, ETA). --wait shows a progress bar until no transfer runs.
     Status {
@@ -789,11 +796,14 @@ async fn wait_transfers(
             })
             .filter_map(|m| m["node"].as_str().map(str::to_string))
             .collect();
-        bar.set_message(format!(
-            "layout v{}; waiting for {}",
-            layout["version"],
-            waiting.join(", ")
-        ));
+        bar.set_message(match st["Status"]["undecidable"].as_str() {
+            Some(why) if waiting.is_empty() => format!("the switch waits: {why}"),
+            _ => format!(
+                "layout v{}; waiting for {}",
+                layout["version"],
+                waiting.join(", ")
+            ),
+        });
         bar.tick();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -940,8 +950,8 @@ async fn cluster(
                 wait_transfers(client, &config, as_json).await?;
             }
         }
-        ClusterCmd::Abort => {
-            let v = admin(client, json!("Abort")).await?;
+        ClusterCmd::Abort { force } => {
+            let v = admin(client, json!(if force { "ForceAbort" } else { "Abort" })).await?;
             if as_json {
                 print_json(&v);
                 return Ok(());
@@ -1024,6 +1034,11 @@ async fn cluster(
                 .collect();
             if !retired.is_empty() {
                 out(&format!("retired: {}", retired.join(", ")));
+            }
+            if let Some(why) = st["undecidable"].as_str() {
+                out(&format!(
+                    "the change can neither switch nor be aborted: {why}"
+                ));
             }
             if let Some((base, changes)) = st["staged"]
                 .as_array()
