@@ -81,6 +81,9 @@ pub enum ServerError {
     /// Another, older live process has this node id; the message names it (and this node).
     #[error("{0}")]
     DuplicateNodeId(String),
+    /// The saved ring-change grants (`cluster::vote`) cannot be read.
+    #[error("node {node}: ring-change grants: {cause}")]
+    Votes { node: String, cause: String },
 }
 
 /// Runs a node until `shutdown` is cancelled, then stops accepting, lets in-flight requests
@@ -96,6 +99,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     })?;
     // A stale address file from a previous run must not be mistaken for readiness.
     let _ = std::fs::remove_file(config.addr_file());
+    let votes = crate::cluster::vote::Votes::open(Some(
+        config.data_dir.join(crate::cluster::vote::VOTES_FILE),
+    ))
+    .map_err(|cause| ServerError::Votes {
+        node: node_id.clone(),
+        cause,
+    })?;
 
     let rocks_cfg = RocksConfig {
         block_cache_bytes: config.block_cache_mb << 20,
@@ -333,6 +343,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         membership.clone(),
         store.clone(),
         pool.clone(),
+        votes,
     ));
     runner.spawn(LayoutWorker::new(cluster.clone(), write_epochs.clone()));
     let transfer_metrics = Arc::new(TransferMetrics::default());

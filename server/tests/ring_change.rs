@@ -10,11 +10,13 @@ use ringkv_client::{Client, GetOptions, PutOptions};
 use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
 use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
 use ringkv_protocol::peer::aae::MAX_STATES;
+use ringkv_protocol::peer::cluster::decision;
 use ringkv_protocol::peer::{
-    AaeRequest, HandoffRequest, HandoffResponse, PeerRequest, PeerResponse, ReplicaRequest,
-    ReplicaResponse,
+    AaeRequest, ClusterRequest, ClusterResponse, HandoffRequest, HandoffResponse, PeerRequest,
+    PeerResponse, ReplicaRequest, ReplicaResponse,
 };
 use ringkv_protocol::ring::{key_position, Ring};
+use ringkv_server::config::DEFAULT_CLUSTER_SECRET;
 use serde_json::{json, Value};
 
 const LOCAL: GetOptions = GetOptions {
@@ -1048,11 +1050,15 @@ async fn peer_as(c: &Cluster, i: usize, id: &str) -> RawPeer {
 
 /// An authenticated raw peer connection to the peer port `addr`, presenting itself as `id`.
 async fn peer_at(addr: &str, id: &str) -> RawPeer {
+    peer_with(addr, id, SECRET).await
+}
+/// A peer connection to `addr` as `id`, proving `secret`.
+async fn peer_with(addr: &str, id: &str, secret: &str) -> RawPeer {
     let creds = PeerCredentials {
         cluster: "ringkv".into(),
         n: 3,
         node_id: id.into(),
-        secret: SECRET.into(),
+        secret: secret.into(),
     };
     match RawPeer::connect(addr)
         .await
@@ -1550,7 +1556,7 @@ async fn a_ring_change_is_switched_or_aborted_only_with_a_majority_of_the_owners
     );
     let (ok, out) = kvctl(&c, 0, &["cluster", "status"]);
     assert!(
-        ok && out.contains("can neither switch nor be aborted"),
+        ok && out.contains("can neither switch nor be aborted without --force"),
         "{out}"
     );
     let (ok, out) = kvctl(&c, 0, &["cluster", "abort"]);
@@ -1588,5 +1594,116 @@ async fn a_forced_abort_needs_no_majority() {
     wait_owners(&c, 0, &[0], &["n1", "n2", "n3"], Duration::from_secs(30)).await;
     c.nodes[1].start().unwrap();
     c.nodes[2].start().unwrap();
+    all_readable(&c, &[0], &keys).await;
+}
+
+/// Grants decide a ring change, not the claimant's view of who is up: voters that granted an
+/// abort to another claimant (one across a partition, say) refuse the switch, also after a
+/// restart, so the change never switches even though every node is up and the new node has
+/// received its ranges; the abort, asked of the same voters, is granted and ends it, with
+/// every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_voters_granted_an_abort_elsewhere_is_never_switched() {
+    let (mut c, keys) = join_n4_in_progress("granted", 1500).await;
+    // The running change, named as the nodes name it: its version and the digest of its JSON.
+    let stranger = |i: usize| peer_with(&c.nodes[i].peer_addr, "stranger", DEFAULT_CLUSTER_SECRET);
+    let mut peer = stranger(1).await;
+    let json = match peer
+        .call(&PeerRequest::Cluster(ClusterRequest::GetLayout))
+        .await
+        .unwrap()
+    {
+        PeerResponse::Cluster(ClusterResponse::Layout(json)) => json,
+        other => panic!("{other:?}"),
+    };
+    let l: Value = serde_json::from_slice(&json).unwrap();
+    assert!(!l["next"].is_null(), "the join still runs: {l}");
+    let vote = |d: u8| {
+        PeerRequest::Cluster(ClusterRequest::Vote {
+            version: l["version"].as_u64().unwrap(),
+            digest: xxhash_rust::xxh3::xxh3_64(&json),
+            decision: d,
+        })
+    };
+    // Another claimant gathers the abort from n2 and n3, a majority of n1..n3.
+    for i in [1, 2] {
+        let mut p = stranger(i).await;
+        assert_eq!(
+            p.call(&vote(decision::ABORT)).await.unwrap(),
+            PeerResponse::Cluster(ClusterResponse::Vote {
+                granted: true,
+                held: 0
+            })
+        );
+    }
+    // n2's grant outlives its process (asked once its peer port takes requests again).
+    c.nodes[1].kill9();
+    c.nodes[1].start().unwrap();
+    let start = Instant::now();
+    let answer = loop {
+        let creds = PeerCredentials {
+            cluster: "ringkv".into(),
+            n: 3,
+            node_id: "stranger".into(),
+            secret: DEFAULT_CLUSTER_SECRET.into(),
+        };
+        if let Ok(raw) = RawPeer::connect(&c.nodes[1].peer_addr).await {
+            if let Ok(Handshake::Accepted(mut p)) = raw.handshake(&creds, false).await {
+                if let Ok(answer) = p.call(&vote(decision::SWITCH)).await {
+                    break answer;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "n2 did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        answer,
+        PeerResponse::Cluster(ClusterResponse::Vote {
+            granted: false,
+            held: decision::ABORT
+        })
+    );
+    // n4 completes its transfers; the claimant asks for the switch and is refused.
+    let start = Instant::now();
+    loop {
+        let st = admin(&c, 0, json!("Status")).await.unwrap();
+        let version = &st["Status"]["layout"]["version"];
+        let synced = st["Status"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["node"] == "n4" && m["synced"] == *version);
+        let why = st["Status"]["undecidable"].as_str().unwrap_or_default();
+        if synced && why.contains("1 of the 3") && why.contains("granted abort on this change") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "n4 not synced with the switch refused by the voters: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = layout(&c, 0).await;
+    assert!(
+        !now["next"].is_null() && now["version"] == l["version"],
+        "switched against the voters' grants: {now}"
+    );
+    assert!(metric_total(&c, &[1, 2], "cluster.grants_refused").await >= 2);
+    // The abort is granted by the same voters: the ring is as before, every write kept.
+    let (ok, out) = kvctl(&c, 0, &["cluster", "abort"]);
+    assert!(ok && out.contains("n4: retired, hands over"), "{out}");
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2, 3],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(30),
+    )
+    .await;
     all_readable(&c, &[0], &keys).await;
 }

@@ -4,7 +4,9 @@
 //! `GetLayout`. `kvctl cluster …` requests reach the claimant (the node that decides for the
 //! cluster) as `Admin`, forwarded by whichever node the client contacted. Layouts and admin
 //! messages are JSON (operator-facing, rare, and versioned by their own fields); `Stats` gives
-//! the plan its key and byte estimates.
+//! the plan its key and byte estimates. `Vote` asks a voter of a running ring change to grant
+//! the claimant one decision on it (switch or abort): a voter grants at most one of the two
+//! per change, durably, so two claimants cannot both gather a majority for opposite ones.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -15,10 +17,20 @@ pub mod op {
     pub const GET_LAYOUT: u8 = 0x48;
     pub const ADMIN: u8 = 0x49;
     pub const STATS: u8 = 0x4A;
+    pub const VOTE: u8 = 0x4B;
 
     pub const LAYOUT: u8 = 0xC8;
     pub const ADMIN_REPLY: u8 = 0xC9;
     pub const STATS_REPLY: u8 = 0xCA;
+    pub const VOTE_REPLY: u8 = 0xCB;
+}
+
+/// The decisions a voter can grant on a running ring change (`Vote`).
+pub mod decision {
+    /// Ownership switches to the next ring.
+    pub const SWITCH: u8 = 1;
+    /// The next ring is dropped (kvctl cluster abort).
+    pub const ABORT: u8 = 2;
 }
 
 /// Largest JSON body of the family (a layout of hundreds of nodes, a status of every transfer).
@@ -31,6 +43,13 @@ pub enum ClusterRequest {
     Admin(Bytes),
     /// The receiver's estimated key count and bytes of live data.
     Stats,
+    /// Grant `decision` (`decision::SWITCH` or `ABORT`) on the running transition whose
+    /// layout is `version` with `digest`.
+    Vote {
+        version: u64,
+        digest: u64,
+        decision: u8,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +60,12 @@ pub enum ClusterResponse {
     Stats {
         keys: u64,
         bytes: u64,
+    },
+    /// `granted`, or the decision the voter granted on that transition before (`held`);
+    /// `held` is 0 when nothing was refused.
+    Vote {
+        granted: bool,
+        held: u8,
     },
 }
 
@@ -53,6 +78,16 @@ impl Family for ClusterRequest {
                 op::ADMIN
             }
             ClusterRequest::Stats => op::STATS,
+            ClusterRequest::Vote {
+                version,
+                digest,
+                decision,
+            } => {
+                b.put_u64(*version);
+                b.put_u64(*digest);
+                b.put_u8(*decision);
+                op::VOTE
+            }
         }
     }
 
@@ -61,6 +96,11 @@ impl Family for ClusterRequest {
             op::GET_LAYOUT => ClusterRequest::GetLayout,
             op::ADMIN => ClusterRequest::Admin(r.bytes("admin", MAX_CLUSTER_JSON)?),
             op::STATS => ClusterRequest::Stats,
+            op::VOTE => ClusterRequest::Vote {
+                version: r.u64("version")?,
+                digest: r.u64("digest")?,
+                decision: r.u8("decision")?,
+            },
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -89,6 +129,11 @@ impl Family for ClusterResponse {
                 b.put_u64(*bytes);
                 op::STATS_REPLY
             }
+            ClusterResponse::Vote { granted, held } => {
+                b.put_u8(u8::from(*granted));
+                b.put_u8(*held);
+                op::VOTE_REPLY
+            }
         }
     }
 
@@ -100,6 +145,10 @@ impl Family for ClusterResponse {
                 keys: r.u64("keys")?,
                 bytes: r.u64("bytes")?,
             },
+            op::VOTE_REPLY => ClusterResponse::Vote {
+                granted: r.u8("granted")? != 0,
+                held: r.u8("held")?,
+            },
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -108,6 +157,7 @@ impl Family for ClusterResponse {
         match self {
             ClusterResponse::Layout(json) | ClusterResponse::AdminReply(json) => json.len(),
             ClusterResponse::Stats { .. } => 16,
+            ClusterResponse::Vote { .. } => 2,
         }
     }
 }

@@ -430,6 +430,11 @@ mod tests {
                 b"{\"Plan\":null}",
             ))),
             PeerRequest::Cluster(ClusterRequest::Stats),
+            PeerRequest::Cluster(ClusterRequest::Vote {
+                version: 7,
+                digest: u64::MAX - 3,
+                decision: cluster::decision::ABORT,
+            }),
         ];
         for r in reqs {
             let f = r.to_frame(9);
@@ -473,6 +478,10 @@ mod tests {
             PeerResponse::Cluster(ClusterResponse::Stats {
                 keys: 7,
                 bytes: 900,
+            }),
+            PeerResponse::Cluster(ClusterResponse::Vote {
+                granted: false,
+                held: cluster::decision::SWITCH,
             }),
             PeerResponse::Error(ErrorReply {
                 kind: ErrorKind::WrongCluster,

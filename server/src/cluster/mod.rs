@@ -8,6 +8,7 @@
 //! nodes automatically (`--auto-join`) and switches ownership once every node that gains
 //! ranges has received them. docs/architecture.md, "Ring changes".
 
+pub mod vote;
 pub mod worker;
 
 use std::sync::{Arc, Mutex};
@@ -18,13 +19,17 @@ use ringkv_protocol::peer::{ClusterRequest, ClusterResponse, PeerRequest, PeerRe
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::membership::layout::{moves, per_node, share, Change, Layout, PlanError};
+use crate::membership::layout::{moves, per_node, share, Change, Layout, LayoutId, PlanError};
 use crate::membership::{ClusterView, Membership};
 use crate::rpc::{PeerPool, Transport};
 use crate::storage::{Cf, Store};
 
 /// Deadline of one cluster request to a peer (a forwarded admin request, a layout fetch).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deadline of a request for a grant (`vote`): a voter answers from memory and a small file,
+/// and the claimant holds its lock meanwhile.
+pub const VOTE_TIMEOUT: Duration = Duration::from_secs(3);
 
 crate::metrics::metric_set! {
     /// The layout and ring changes (registered under `cluster.`).
@@ -37,6 +42,9 @@ crate::metrics::metric_set! {
         admin_requests: Counter = "admin_requests", "kvctl cluster requests served as claimant";
         admin_forwarded: Counter = "admin_forwarded", "kvctl cluster requests forwarded to the claimant";
         /// Ring changes and repairs refused from another host (`--cluster-admin-remote`).
+        grants: Counter = "grants", "decisions on a running ring change this node granted as a voter (switch or abort; a repeat of one it gave counts again)";
+        grants_refused: Counter = "grants_refused", "grants this node refused: it had granted the other decision on that change, or could not save the grant";
+        decisions_unsettled: Counter = "decisions_unsettled", "switches and aborts this node tried as claimant without gathering the grants of a majority of the change's voters";
         admin_refused_remote: Counter = "admin_refused_remote", "ring changes and repairs refused because they came from another host than this node's (see --cluster-admin-remote)";
     }
 }
@@ -231,6 +239,11 @@ pub struct ClusterService<T: Transport = PeerPool> {
     staged: Mutex<Option<Staged>>,
     /// Serializes commits and switches on this node (one plan at a time).
     deciding: tokio::sync::Mutex<()>,
+    /// The grants this node gave as a voter of ring changes.
+    votes: vote::Votes,
+    /// Why this node, as claimant, last failed to gather the grants for a decision, and on
+    /// which change (shown while that change runs).
+    unsettled: Mutex<Option<(LayoutId, String)>>,
     pub metrics: Arc<ClusterMetrics>,
 }
 
@@ -245,6 +258,7 @@ impl<T: Transport> ClusterService<T> {
         membership: Membership,
         store: Arc<Store>,
         transport: Arc<T>,
+        votes: vote::Votes,
     ) -> ClusterService<T> {
         ClusterService {
             node_id,
@@ -254,6 +268,8 @@ impl<T: Transport> ClusterService<T> {
             transport,
             staged: Mutex::new(None),
             deciding: tokio::sync::Mutex::new(()),
+            votes,
+            unsettled: Mutex::new(None),
             metrics: Arc::new(ClusterMetrics::default()),
         }
     }
@@ -291,6 +307,130 @@ impl<T: Transport> ClusterService<T> {
                 let (keys, bytes) = self.stats();
                 PeerResponse::Cluster(ClusterResponse::Stats { keys, bytes })
             }
+            ClusterRequest::Vote {
+                version,
+                digest,
+                decision,
+            } => {
+                let Some(d) = vote::Decision::from_code(decision) else {
+                    return PeerResponse::error(
+                        ringkv_protocol::ErrorKind::InvalidRequest,
+                        true,
+                        format!(
+                            "node {}: unknown ring-change decision {decision}",
+                            self.node_id
+                        ),
+                    );
+                };
+                let id = LayoutId { version, digest };
+                match self.grant(id, d) {
+                    Ok(()) => PeerResponse::Cluster(ClusterResponse::Vote {
+                        granted: true,
+                        held: 0,
+                    }),
+                    Err(vote::Refusal::Held(held)) => {
+                        PeerResponse::Cluster(ClusterResponse::Vote {
+                            granted: false,
+                            held: held.code(),
+                        })
+                    }
+                    Err(e @ vote::Refusal::Unsaved(_)) => PeerResponse::error(
+                        ringkv_protocol::ErrorKind::Internal,
+                        true,
+                        format!("node {}: layout {id}: {e}", self.node_id),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Grants `decision` on the change `id` as a voter (`vote`), counted and logged.
+    fn grant(&self, id: LayoutId, decision: vote::Decision) -> Result<(), vote::Refusal> {
+        let answer = self.votes.grant(id, decision);
+        match &answer {
+            Ok(()) => {
+                self.metrics.grants.inc();
+            }
+            Err(e) => {
+                self.metrics.grants_refused.inc();
+                warn!(node = %self.node_id, layout = %id, %decision, reason = %e,
+                      "refused to grant a ring-change decision");
+            }
+        }
+        answer
+    }
+
+    /// Gathers grants for `decision` on the running change of `view` from a strict majority
+    /// of its voters (this node's own among them, if it votes), asking every voter it sees
+    /// alive at once. `Err` names who granted, who refused and why.
+    async fn gather(&self, view: &ClusterView, decision: vote::Decision) -> Result<(), String> {
+        let id = view.layout_id();
+        let voters = view.layout.voters();
+        let need = view.layout.voters_needed();
+        let asks = voters.iter().map(|v| async move {
+            if *v == self.node_id {
+                return (v, self.grant(id, decision).map_err(|e| e.to_string()));
+            }
+            if !view.is_alive(v) {
+                return (v, Err("down".to_string()));
+            }
+            let Some(addr) = view.peer_addr(v) else {
+                return (v, Err("no known address".to_string()));
+            };
+            let req = PeerRequest::Cluster(ClusterRequest::Vote {
+                version: id.version,
+                digest: id.digest,
+                decision: decision.code(),
+            });
+            let answer = match self
+                .transport
+                .clone()
+                .call(addr.to_string(), req, VOTE_TIMEOUT)
+                .await
+            {
+                Ok(PeerResponse::Cluster(ClusterResponse::Vote { granted: true, .. })) => Ok(()),
+                Ok(PeerResponse::Cluster(ClusterResponse::Vote { held, .. })) => Err(format!(
+                    "granted {} on this change before",
+                    vote::Decision::from_code(held)
+                        .map_or("another decision".to_string(), |d| d.to_string())
+                )),
+                Ok(PeerResponse::Error(e)) => Err(e.message),
+                Ok(other) => Err(format!("answered {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            (v, answer)
+        });
+        let answers = futures::future::join_all(asks).await;
+        let granted = answers.iter().filter(|(_, a)| a.is_ok()).count();
+        let mut unsettled = self.unsettled.lock().expect("unsettled lock poisoned");
+        if granted >= need {
+            *unsettled = None;
+            return Ok(());
+        }
+        self.metrics.decisions_unsettled.inc();
+        let refused: Vec<String> = answers
+            .iter()
+            .filter_map(|(v, a)| a.as_ref().err().map(|e| format!("{v}: {e}")))
+            .collect();
+        let why = format!(
+            "layout {id}: {granted} of the {} nodes that vote on the change granted the \
+             {decision}, {need} needed ({})",
+            voters.len(),
+            refused.join("; ")
+        );
+        *unsettled = Some((id, why.clone()));
+        Err(why)
+    }
+
+    /// Why the last decision this node tried on the running change of `view` was not
+    /// granted, if it was not.
+    pub fn unsettled(&self, view: &ClusterView) -> Option<String> {
+        let unsettled = self.unsettled.lock().expect("unsettled lock poisoned");
+        match &*unsettled {
+            Some((id, why)) if view.layout.next.is_some() && *id == view.layout_id() => {
+                Some(why.clone())
+            }
+            _ => None,
         }
     }
 
@@ -455,7 +595,11 @@ impl<T: Transport> ClusterService<T> {
                     .expect("staged lock poisoned")
                     .clone()
                     .map(|s| (s.base, s.changes));
-                AdminReply::Status(status_report(&self.node_id, &view, self.n, staged))
+                let mut report = status_report(&self.node_id, &view, self.n, staged);
+                if report.undecidable.is_none() {
+                    report.undecidable = self.unsettled(&view);
+                }
+                AdminReply::Status(report)
             }
         }
     }
@@ -481,7 +625,7 @@ impl<T: Transport> ClusterService<T> {
     /// Aborts the running transition (`Layout::aborted`): the layout without it, adopted here
     /// and gossiped. Under the claimant's lock, so it cannot cross a switch; refused while a
     /// live member has a newer layout (a concurrent commit that wins: it is adopted first),
-    /// and, unless `force`, without a majority of the owners that stay through the change.
+    /// and, unless `force`, without the grants of a majority of the change's voters (`vote`).
     pub async fn abort(&self, force: bool) -> Result<(u64, Vec<String>, Vec<String>), PlanError> {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
@@ -490,13 +634,24 @@ impl<T: Transport> ClusterService<T> {
                 "a live member has a newer layout than this claimant: retry in a moment".into(),
             ));
         }
-        let quorum = view.layout.decision_quorum(&*view);
-        if let (Err(why), false) = (&quorum, force) {
-            return Err(PlanError::Invalid(format!(
-                "{why}. Wait until they are back; only if they are gone for good (not on the \
-                 other side of a partition), kvctl cluster abort --force"
-            )));
-        }
+        let quorum = if view.layout.next.is_none() {
+            Ok(()) // `aborted` says nothing runs
+        } else if force {
+            view.layout.decision_quorum(&*view)
+        } else {
+            match view.layout.decision_quorum(&*view) {
+                Ok(()) => self.gather(&view, vote::Decision::Abort).await,
+                Err(why) => Err(why),
+            }
+            .map_err(|why| {
+                PlanError::Invalid(format!(
+                    "{why}. A switch granted by a majority wins; else wait until the voters are \
+                     back. Only if they are gone for good (not on the other side of a \
+                     partition): kvctl cluster abort --force"
+                ))
+            })?;
+            Ok(())
+        };
         let (aborted, retired, forfeited) = view.layout.aborted(&*view)?;
         let version = aborted.version;
         if !self.membership.adopt_layout(aborted).await {
@@ -532,8 +687,13 @@ impl<T: Transport> ClusterService<T> {
         if view.live_member_ahead() {
             return false;
         }
-        // Not from a minority side: the other may abort it (the worker shows why it waits).
+        // Only with the grants of a majority of the change's voters: no other claimant can
+        // then abort it (the worker shows why it waits).
         if view.layout.decision_quorum(&*view).is_err() {
+            return false;
+        }
+        if let Err(why) = self.gather(&view, vote::Decision::Switch).await {
+            warn!(node = %self.node_id, %why, "ownership not switched: the voters did not grant it");
             return false;
         }
         let version = switched.version;

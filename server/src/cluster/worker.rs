@@ -85,7 +85,10 @@ impl<T: Transport> LayoutWorker<T> {
         }
         if view.layout.next.is_some() {
             let waiting = gainers_waiting(&view, self.cluster.n());
-            let quorum = view.layout.decision_quorum(&*view);
+            let quorum = view
+                .layout
+                .decision_quorum(&*view)
+                .and_then(|()| self.cluster.unsettled(&view).map_or(Ok(()), Err));
             self.detail = if let (true, Err(why)) = (waiting.is_empty(), &quorum) {
                 format!("claimant: every gainer synced; the switch waits: {why}")
             } else if waiting.is_empty() {

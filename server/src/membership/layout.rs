@@ -414,30 +414,47 @@ impl Layout {
         })
     }
 
-    /// Whether a claimant that sees `live` may decide the running transition, switch it or
-    /// abort it: a strict majority of the owners that stay (in both rings; the current owners
-    /// if none stays) must be alive in its view. Two sides of a partition cannot both see
-    /// one, so they cannot decide one change two ways. Found in review: a side holding only
-    /// the new node switched (that node its own claimant) and acknowledged W=1 writes on it,
-    /// while the other side aborted and so forfeited it; when the sides met the abort won and
-    /// those writes were lost. Riak's claimant waits until every member is reachable (ring
-    /// ready); a majority lets a change finish with a minority down. Without a transition,
-    /// always `Ok`; the error names who is reachable and who is not.
-    pub fn decision_quorum(&self, live: &impl Liveness) -> Result<(), String> {
+    /// The nodes whose grants decide the running transition (`cluster::vote`): the current
+    /// owners but those the plan forfeits (removed or replaced, so down at the commit); the
+    /// next owners if that leaves none (every owner replaced; the new ones were up at the
+    /// commit). Every node that sees this layout computes the same set, and a leaver or a
+    /// node that stays counts: any fixed set is as safe, and the largest keeps a change
+    /// decidable with a minority of it down. Empty without a transition.
+    pub fn voters(&self) -> Vec<String> {
         let Some(next) = &self.next else {
-            return Ok(());
+            return Vec::new();
         };
-        let mut voters: Vec<&String> = self
+        let voters: Vec<String> = self
             .current
             .keys()
-            .filter(|n| next.contains_key(*n))
+            .filter(|n| !self.forfeited.contains(*n))
+            .cloned()
             .collect();
         if voters.is_empty() {
-            voters = self.current.keys().collect();
+            next.keys().cloned().collect()
+        } else {
+            voters
         }
+    }
+
+    /// The grants needed to decide the running transition: a strict majority of `voters`.
+    pub fn voters_needed(&self) -> usize {
+        self.voters().len() / 2 + 1
+    }
+
+    /// Whether a claimant that sees `live` can hope to decide the running transition, switch
+    /// it or abort it: a strict majority of its `voters` alive in its view (their grants,
+    /// `cluster::vote`, are what decides; this is the claimant's cheap check before asking,
+    /// and what `kvctl cluster status` shows). Without a transition, always `Ok`; the error
+    /// names who is reachable and who is not.
+    pub fn decision_quorum(&self, live: &impl Liveness) -> Result<(), String> {
+        if self.next.is_none() {
+            return Ok(());
+        }
+        let voters = self.voters();
         let (up, down): (Vec<&String>, Vec<&String>) =
             voters.iter().partition(|n| live.is_alive(n));
-        let need = voters.len() / 2 + 1;
+        let need = self.voters_needed();
         if up.len() >= need {
             return Ok(());
         }
@@ -449,7 +466,9 @@ impl Layout {
             }
         };
         Err(format!(
-            "layout v{}: {} of the {} owners that stay through the change are reachable from              the claimant (up: {}; down: {}); switching or aborting it needs {need}, so that the              two sides of a partition cannot decide it two ways",
+            "layout v{}: {} of the {} nodes that vote on the change are reachable from the \
+             claimant (up: {}; down: {}); switching or aborting it needs the grants of {need}, \
+             so that the two sides of a partition cannot decide it two ways",
             self.version,
             up.len(),
             voters.len(),
@@ -1107,11 +1126,13 @@ mod tests {
         assert!(undone.forfeited.contains("d") && undone.retired.contains("d"));
     }
 
-    /// Only a claimant that sees a strict majority of the owners staying through a change
-    /// may switch or abort it: of two sides of a partition, at most one.
+    /// The voters of a change: the current owners but those it forfeits (removed or
+    /// replaced while down), else the next owners; a claimant hopes to decide only while it
+    /// sees a strict majority of them.
     #[test]
-    fn a_change_is_decided_only_with_a_majority_of_the_owners_that_stay() {
+    fn a_change_is_decided_only_with_a_majority_of_its_voters() {
         let l = layout(&["a", "b", "c"]);
+        assert!(l.voters().is_empty());
         assert!(
             l.decision_quorum(&|_: &str| false).is_ok(),
             "no change runs"
@@ -1121,6 +1142,8 @@ mod tests {
             vnodes: 8,
         }];
         let t = l.commit(3, &join_d, &all_alive).unwrap();
+        assert_eq!(t.voters(), vec!["a", "b", "c"]);
+        assert_eq!(t.voters_needed(), 2);
         // The side with the new node and one old owner, and the side with the other two.
         let (small, large) = (
             |n: &str| n == "c" || n == "d",
@@ -1133,20 +1156,28 @@ mod tests {
         );
         assert!(t.decision_quorum(&|n: &str| n == "d").is_err(), "d alone");
         assert!(t.decision_quorum(&large).is_ok());
-        // A node taken out does not count: it may be the very one that is gone.
+        // A leaver votes (it was up at the commit): a leave of three needs two of the three.
+        let leave_c = l
+            .commit(3, &[Change::Leave { node: "c".into() }], &all_alive)
+            .unwrap();
+        assert_eq!(leave_c.voters(), vec!["a", "b", "c"]);
+        assert!(leave_c.decision_quorum(&|n: &str| n != "b").is_ok());
+        // A removed node does not: it may be the very one that is gone.
         let remove_bc = [
             Change::Remove { node: "b".into() },
             Change::Remove { node: "c".into() },
         ];
         let a_only = |n: &str| n == "a";
         let r = l.commit(3, &remove_bc, &a_only).unwrap();
+        assert_eq!(r.voters(), vec!["a"]);
         assert!(r.decision_quorum(&a_only).is_ok(), "a is all that stays");
-        // Four that stay: two of them are not a majority.
+        // Four voters: two of them are not a majority.
         let four = layout(&["a", "b", "c", "e"]);
         let t4 = four.commit(3, &join_d, &all_alive).unwrap();
+        assert_eq!(t4.voters_needed(), 3);
         assert!(t4.decision_quorum(&large).is_err());
         assert!(t4.decision_quorum(&|n: &str| n != "e").is_ok());
-        // Every owner replaced: the current owners vote.
+        // Every owner replaced (both down at the commit): the new owners vote.
         let two = layout(&["a", "b"]);
         let swap = [
             Change::Replace {
@@ -1161,7 +1192,8 @@ mod tests {
         let s = two
             .commit(3, &swap, &|n: &str| n != "a" && n != "b")
             .unwrap();
-        assert!(s.decision_quorum(&|n: &str| n == "x" || n == "y").is_err());
-        assert!(s.decision_quorum(&|n: &str| n != "x").is_ok());
+        assert_eq!(s.voters(), vec!["x", "y"]);
+        assert!(s.decision_quorum(&|n: &str| n == "x" || n == "y").is_ok());
+        assert!(s.decision_quorum(&|n: &str| n == "x").is_err());
     }
 }

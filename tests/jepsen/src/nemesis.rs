@@ -106,14 +106,17 @@ impl Kind {
     }
 
     /// Whether the fault needs the network namespace (iptables rules between node addresses).
-    /// A fault on some nodes (the others act on links, or on the ring).
+    /// A fault on some nodes (the others act on links). A ring change holds the nodes it
+    /// kills or pauses (a killed new node, a node killed to be removed, a paused leaver).
     pub fn on_nodes(self) -> bool {
-        !matches!(self, Kind::Partition | Kind::Loss | Kind::Membership)
+        !matches!(self, Kind::Partition | Kind::Loss)
     }
 
     /// Whether two faults of these kinds may be active at once (`--overlap`): faults on
     /// nodes, on different nodes, and at most one on the network. A lost disk waits for every
-    /// replica to be synced and a ring change for the previous one, so neither overlaps.
+    /// replica to be synced and a ring change for the previous one, so neither overlaps
+    /// another of its kind; ring changes overlap network faults, in a lane of their own
+    /// (`Kind::lanes`).
     pub fn may_overlap(self) -> bool {
         !matches!(self, Kind::Wipe | Kind::Membership)
     }

@@ -434,7 +434,7 @@ async fn nemesis_loop(
         let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
         let fault = format!("{}-{count}", kind.name());
         let started = if kind == Kind::Membership {
-            match membership_start(&nodes, &mut rng, &mut leaves, &mut joins).await {
+            match membership_start(&nodes, &busy, &mut rng, &mut leaves, &mut joins).await {
                 Ok(Ok(started)) => Ok(started),
                 // The cluster refused (correctly: a node just killed, a claimant that changed)
                 // or no change is possible: recorded, not an error.
@@ -721,6 +721,7 @@ const STALE_RESTART_HOLD: Duration = Duration::from_secs(4);
 /// `Err`: the harness could not do its part (a ring change stuck, no node reachable).
 async fn membership_start(
     nodes: &Mutex<Vec<NodeProcess>>,
+    busy: &Mutex<Busy>,
     rng: &mut StdRng,
     leaves: &mut usize,
     joins: &mut usize,
@@ -761,35 +762,57 @@ async fn membership_start(
             let v = json!({"action": "join", "nodes": [id], "layout": committed["Committed"]["version"]});
             return Ok(Ok((nemesis::Active::Retired(Vec::new()), v)));
         }
-        // The new node dies during its transfers; the operator aborts the change.
+        // The new node dies during its transfers; the operator aborts the change. Held from
+        // its kill (the other lane's faults leave it alone) until the fault's end, or until
+        // it is started again below.
+        busy.lock().await.take(Kind::Membership, &[*joiner]);
         nodes.lock().await[*joiner].kill9();
-        wait_seen_down(nodes, &addrs, *joiner, id).await?;
+        if let Err(e) = wait_seen_down(nodes, &addrs, *joiner, id).await {
+            busy.lock().await.release(Kind::Membership, &[*joiner]);
+            return Err(e);
+        }
         let reply = cluster_admin(&addrs, json!("Abort")).await;
-        // Whatever the answer (none: the abort may still have taken effect), the layout says.
-        // Aborted, the node is retired and forfeited, and must be wiped like any node taken
-        // out; else (ownership switched first, or the change still runs) it is started again:
-        // an owner like any, or the gainer that completes the change.
+        // Answered, the abort took effect (whatever the node asked next sees: across a
+        // partition of the other lane it may still have the transition). Refused (the voters
+        // did not grant it, or the change had switched), it did not. Without an answer, the
+        // layout says, once the node asked has it (up to `CHANGE_WAIT`): aborted, the node is
+        // retired and forfeited, and must be wiped like any node taken out; else (ownership
+        // switched first, or the change still runs) it is started again: an owner like any,
+        // or the gainer that completes the change.
+        let answered = reply.as_ref().is_ok_and(|r| r["Aborted"].is_object());
+        let refused = matches!(&reply, Err(e) if e.contains("abort --force")
+            || e.contains("no ring change is running"));
         let start = Instant::now();
-        let st = loop {
-            match cluster_admin(&addrs, json!("Status")).await {
-                Ok(st) => break st,
+        let layout = loop {
+            let layout = match cluster_admin(&addrs, json!("Status")).await {
+                Ok(st) => st["Status"]["layout"].clone(),
                 Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                    busy.lock().await.release(Kind::Membership, &[*joiner]);
                     nodes.lock().await[*joiner].start()?;
                     return Err(format!("abort after join {id}: {reply:?}; status: {e}"));
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let seen = layout["next"].is_null()
+                && layout["retired"]
+                    .as_array()
+                    .is_some_and(|r| r.contains(&json!(id)));
+            if answered || refused || seen || start.elapsed() > observe::CHANGE_WAIT {
+                break layout;
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        let layout = &st["Status"]["layout"];
-        // An answered abort took effect, whatever the node asked sees yet (across a partition
-        // of the other lane it may still have the transition).
-        let answered = reply.as_ref().is_ok_and(|r| r["Aborted"].is_object());
         let aborted = answered
-            || layout["next"].is_null()
+            || !refused
+                && layout["next"].is_null()
                 && layout["retired"]
                     .as_array()
                     .is_some_and(|r| r.contains(&json!(id)));
         if !aborted {
+            busy.lock().await.release(Kind::Membership, &[*joiner]);
             nodes.lock().await[*joiner].start()?;
             return Ok(Err(format!("abort after join {id}: {reply:?}")));
         }
@@ -812,12 +835,18 @@ async fn membership_start(
         )));
     }
     let (victim, id, _) = candidates[rng.random_range(0..candidates.len())].clone();
+    // Held (the other lane's faults leave it alone) until the fault's end: it may be killed,
+    // paused, or taken out and wiped.
+    busy.lock().await.take(Kind::Membership, &[victim]);
     let (action, change) = if rng.random_range(0..2) == 0 {
         ("leave", json!({"Leave": {"node": id}}))
     } else {
         nodes.lock().await[victim].kill9();
         // The claimant must see it down before it can be removed.
-        wait_seen_down(nodes, &addrs, victim, &id).await?;
+        if let Err(e) = wait_seen_down(nodes, &addrs, victim, &id).await {
+            busy.lock().await.release(Kind::Membership, &[victim]);
+            return Err(e);
+        }
         ("remove", json!({"Remove": {"node": id}}))
     };
     let committed = match stage_commit(change).await {
@@ -828,6 +857,7 @@ async fn membership_start(
             if !ns[victim].child_running() {
                 ns[victim].start()?;
             }
+            busy.lock().await.release(Kind::Membership, &[victim]);
             return Ok(Err(format!("{action} {id}: {refused}")));
         }
     };

@@ -1037,7 +1037,7 @@ async fn cluster(
             }
             if let Some(why) = st["undecidable"].as_str() {
                 out(&format!(
-                    "the change can neither switch nor be aborted: {why}"
+                    "the change can neither switch nor be aborted without --force: {why}"
                 ));
             }
             if let Some((base, changes)) = st["staged"]
