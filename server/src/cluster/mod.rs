@@ -62,11 +62,11 @@ pub enum AdminRequest {
     Commit { plan: Option<u64> },
     /// The layout, the staged changes and every member's place.
     Status,
-    /// Abort the running transition: the ring stays as before its commit. Refused unless the
-    /// claimant sees a majority of the owners that stay through it (`Layout::decision_quorum`).
+    /// Abort the running transition: the ring stays as before its commit. Refused unless a
+    /// strict majority of its voters grant it (`vote`).
     Abort,
-    /// `kvctl cluster abort --force`: abort without that majority, for an operator who knows
-    /// the unreachable owners are gone, not on the other side of a partition.
+    /// `kvctl cluster abort --force`: abort without grants, for an operator who knows the
+    /// unreachable voters are gone, not on the other side of a partition.
     ForceAbort,
 }
 
@@ -166,8 +166,9 @@ pub struct StatusReport {
     pub layout: Layout,
     pub staged: Option<(u64, Vec<Change>)>,
     pub members: Vec<MemberRow>,
-    /// Why the running transition can be neither switched nor aborted now (no majority of the
-    /// owners that stay reachable from the claimant); absent when it can.
+    /// Why the running transition can be neither switched nor aborted now without `--force`
+    /// (no majority of its voters reachable from the claimant, or they refused its last
+    /// request for grants); absent when it can.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undecidable: Option<String>,
 }
@@ -243,9 +244,23 @@ pub struct ClusterService<T: Transport = PeerPool> {
     votes: vote::Votes,
     /// Why this node, as claimant, last failed to gather the grants for a decision, and on
     /// which change (shown while that change runs).
-    unsettled: Mutex<Option<(LayoutId, String)>>,
+    unsettled: Mutex<Option<Unsettled>>,
+    /// The last grant this node refused as a voter (logged once, not at every request).
+    last_refusal: Mutex<Option<(LayoutId, vote::Decision)>>,
     pub metrics: Arc<ClusterMetrics>,
 }
+
+/// A decision this node, as claimant, failed to gather the grants for.
+struct Unsettled {
+    id: LayoutId,
+    decision: vote::Decision,
+    why: String,
+    at: std::time::Instant,
+}
+
+/// After failing to gather the grants for a switch, the claimant asks again this much later
+/// (its worker ticks every 250 ms).
+pub const REGATHER: Duration = Duration::from_secs(1);
 
 fn reply(r: &AdminReply) -> Bytes {
     Bytes::from(serde_json::to_vec(r).expect("an admin reply serializes"))
@@ -270,6 +285,7 @@ impl<T: Transport> ClusterService<T> {
             deciding: tokio::sync::Mutex::new(()),
             votes,
             unsettled: Mutex::new(None),
+            last_refusal: Mutex::new(None),
             metrics: Arc::new(ClusterMetrics::default()),
         }
     }
@@ -353,8 +369,12 @@ impl<T: Transport> ClusterService<T> {
             }
             Err(e) => {
                 self.metrics.grants_refused.inc();
-                warn!(node = %self.node_id, layout = %id, %decision, reason = %e,
-                      "refused to grant a ring-change decision");
+                let mut last = self.last_refusal.lock().expect("refusal lock poisoned");
+                if *last != Some((id, decision)) {
+                    *last = Some((id, decision));
+                    warn!(node = %self.node_id, layout = %id, %decision, reason = %e,
+                          "refused to grant a ring-change decision (logged once per change)");
+                }
             }
         }
         answer
@@ -418,8 +438,28 @@ impl<T: Transport> ClusterService<T> {
             voters.len(),
             refused.join("; ")
         );
-        *unsettled = Some((id, why.clone()));
+        if unsettled
+            .as_ref()
+            .is_none_or(|u| u.id != id || u.why != why)
+        {
+            warn!(node = %self.node_id, %why, "ring change not decided: the voters did not grant it");
+        }
+        *unsettled = Some(Unsettled {
+            id,
+            decision,
+            why: why.clone(),
+            at: std::time::Instant::now(),
+        });
         Err(why)
+    }
+
+    /// Whether this node failed to gather the grants for `decision` on the change `id` less
+    /// than `REGATHER` ago (it waits before asking the voters again).
+    fn recently_unsettled(&self, id: LayoutId, decision: vote::Decision) -> bool {
+        let unsettled = self.unsettled.lock().expect("unsettled lock poisoned");
+        unsettled
+            .as_ref()
+            .is_some_and(|u| u.id == id && u.decision == decision && u.at.elapsed() < REGATHER)
     }
 
     /// Why the last decision this node tried on the running change of `view` was not
@@ -427,8 +467,8 @@ impl<T: Transport> ClusterService<T> {
     pub fn unsettled(&self, view: &ClusterView) -> Option<String> {
         let unsettled = self.unsettled.lock().expect("unsettled lock poisoned");
         match &*unsettled {
-            Some((id, why)) if view.layout.next.is_some() && *id == view.layout_id() => {
-                Some(why.clone())
+            Some(u) if view.layout.next.is_some() && u.id == view.layout_id() => {
+                Some(u.why.clone())
             }
             _ => None,
         }
@@ -692,8 +732,9 @@ impl<T: Transport> ClusterService<T> {
         if view.layout.decision_quorum(&*view).is_err() {
             return false;
         }
-        if let Err(why) = self.gather(&view, vote::Decision::Switch).await {
-            warn!(node = %self.node_id, %why, "ownership not switched: the voters did not grant it");
+        if self.recently_unsettled(view.layout_id(), vote::Decision::Switch)
+            || self.gather(&view, vote::Decision::Switch).await.is_err()
+        {
             return false;
         }
         let version = switched.version;

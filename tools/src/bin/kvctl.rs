@@ -152,11 +152,12 @@ enum ClusterCmd {
     /// to make owners are retired: one that is up hands over what it received, one that is
     /// down forfeits it (wipe its data dir before using it again). Writes acknowledged during
     /// the change are on W of the current replicas, so nothing acknowledged is lost. Refused
-    /// unless the claimant reaches a majority of the owners that stay through the change.
+    /// unless a majority of the change's voters (its owners before it, but those it removes)
+    /// grant it.
     Abort {
-        /// Abort without that majority: only when the unreachable owners are gone for good.
-        /// If they are on the other side of a partition, that side may switch the same change
-        /// and acknowledge writes on the new nodes that this abort then forfeits.
+        /// Abort without those grants: only when the unreachable voters are gone for good. If
+        /// they are on the other side of a partition, that side may switch the same change and
+        /// acknowledge writes on the new nodes that this abort then forfeits.
         #[arg(long)]
         force: bool,
     },
