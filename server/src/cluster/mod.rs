@@ -29,7 +29,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Deadline of a request for a grant (`vote`): a voter answers from memory and a small file,
 /// and the claimant holds its lock meanwhile.
-pub const VOTE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const VOTE_TIMEOUT: Duration = Duration::from_secs(1);
 
 crate::metrics::metric_set! {
     /// The layout and ring changes (registered under `cluster.`).
@@ -251,16 +251,31 @@ pub struct ClusterService<T: Transport = PeerPool> {
 }
 
 /// A decision this node, as claimant, failed to gather the grants for.
+#[derive(Debug, Clone)]
 struct Unsettled {
     id: LayoutId,
     decision: vote::Decision,
     why: String,
+    /// The voters that did not grant it.
+    refusers: Vec<String>,
+    /// The voters that hold the other decision on this change.
+    opposed: Vec<String>,
+    /// The grants a decision needs.
+    need: usize,
     at: std::time::Instant,
 }
 
+impl Unsettled {
+    /// Whether the other decision has the grants of a majority: it was made (perhaps by a
+    /// claimant that stopped before adopting it).
+    fn other_decided(&self) -> bool {
+        self.opposed.len() >= self.need
+    }
+}
+
 /// After failing to gather the grants for a switch, the claimant asks again this much later
-/// (its worker ticks every 250 ms).
-pub const REGATHER: Duration = Duration::from_secs(1);
+/// (its worker ticks every 250 ms, and a request to a paused voter waits `VOTE_TIMEOUT`).
+pub const REGATHER: Duration = Duration::from_secs(2);
 
 fn reply(r: &AdminReply) -> Bytes {
     Bytes::from(serde_json::to_vec(r).expect("an admin reply serializes"))
@@ -339,7 +354,8 @@ impl<T: Transport> ClusterService<T> {
                     );
                 };
                 let id = LayoutId { version, digest };
-                match self.grant(id, d) {
+                let view = self.membership.view();
+                match self.grant(&view, id, d) {
                     Ok(()) => PeerResponse::Cluster(ClusterResponse::Vote {
                         granted: true,
                         held: 0,
@@ -355,14 +371,38 @@ impl<T: Transport> ClusterService<T> {
                         true,
                         format!("node {}: layout {id}: {e}", self.node_id),
                     ),
+                    Err(e) => PeerResponse::error(
+                        ringkv_protocol::ErrorKind::InvalidRequest,
+                        true,
+                        format!("node {}: layout {id}: {e}", self.node_id),
+                    ),
                 }
             }
         }
     }
 
-    /// Grants `decision` on the change `id` as a voter (`vote`), counted and logged.
-    fn grant(&self, id: LayoutId, decision: vote::Decision) -> Result<(), vote::Refusal> {
-        let answer = self.votes.grant(id, decision);
+    /// The node knows the cluster (its view is ready) with a layout of `version`
+    /// (`vote::Votes::note_ready`).
+    pub fn note_ready(&self, version: u64) {
+        if let Err(e) = self.votes.note_ready(version) {
+            warn!(node = %self.node_id, error = %e,
+                  "could not save the grants file (started without one): retried; this node does not vote until it is saved");
+        }
+    }
+
+    /// Grants `decision` on the change `id` as a voter (`vote`), counted and logged; refused
+    /// also when this node's own layout is newer (the change was decided or superseded).
+    fn grant(
+        &self,
+        view: &ClusterView,
+        id: LayoutId,
+        decision: vote::Decision,
+    ) -> Result<(), vote::Refusal> {
+        let answer = if view.layout.version > id.version {
+            Err(vote::Refusal::Superseded(view.layout.version))
+        } else {
+            self.votes.grant(id, decision)
+        };
         match &answer {
             Ok(()) => {
                 self.metrics.grants.inc();
@@ -382,20 +422,24 @@ impl<T: Transport> ClusterService<T> {
 
     /// Gathers grants for `decision` on the running change of `view` from a strict majority
     /// of its voters (this node's own among them, if it votes), asking every voter it sees
-    /// alive at once. `Err` names who granted, who refused and why.
-    async fn gather(&self, view: &ClusterView, decision: vote::Decision) -> Result<(), String> {
+    /// alive at once. `Err` says who granted, who refused and why, and who holds the other
+    /// decision.
+    async fn gather(&self, view: &ClusterView, decision: vote::Decision) -> Result<(), Unsettled> {
         let id = view.layout_id();
         let voters = view.layout.voters();
         let need = view.layout.voters_needed();
+        // Per voter: granted, or why not and whether it holds the other decision.
         let asks = voters.iter().map(|v| async move {
             if *v == self.node_id {
-                return (v, self.grant(id, decision).map_err(|e| e.to_string()));
+                let answer = self.grant(view, id, decision);
+                let opposed = matches!(answer, Err(vote::Refusal::Held(_)));
+                return (v, answer.map_err(|e| (e.to_string(), opposed)));
             }
             if !view.is_alive(v) {
-                return (v, Err("down".to_string()));
+                return (v, Err(("down".to_string(), false)));
             }
             let Some(addr) = view.peer_addr(v) else {
-                return (v, Err("no known address".to_string()));
+                return (v, Err(("no known address".to_string(), false)));
             };
             let req = PeerRequest::Cluster(ClusterRequest::Vote {
                 version: id.version,
@@ -409,48 +453,76 @@ impl<T: Transport> ClusterService<T> {
                 .await
             {
                 Ok(PeerResponse::Cluster(ClusterResponse::Vote { granted: true, .. })) => Ok(()),
-                Ok(PeerResponse::Cluster(ClusterResponse::Vote { held, .. })) => Err(format!(
-                    "granted {} on this change before",
-                    vote::Decision::from_code(held)
-                        .map_or("another decision".to_string(), |d| d.to_string())
+                Ok(PeerResponse::Cluster(ClusterResponse::Vote { held, .. })) => Err((
+                    format!(
+                        "granted {} on this change before",
+                        vote::Decision::from_code(held)
+                            .map_or("another decision".to_string(), |d| d.to_string())
+                    ),
+                    vote::Decision::from_code(held).is_some_and(|h| h != decision),
                 )),
-                Ok(PeerResponse::Error(e)) => Err(e.message),
-                Ok(other) => Err(format!("answered {other:?}")),
-                Err(e) => Err(e.to_string()),
+                Ok(PeerResponse::Error(e)) => Err((e.message, false)),
+                Ok(other) => Err((format!("answered {other:?}"), false)),
+                Err(e) => Err((e.to_string(), false)),
             };
             (v, answer)
         });
         let answers = futures::future::join_all(asks).await;
-        let granted = answers.iter().filter(|(_, a)| a.is_ok()).count();
+        let granted: Vec<&str> = answers
+            .iter()
+            .filter(|(_, a)| a.is_ok())
+            .map(|(v, _)| v.as_str())
+            .collect();
         let mut unsettled = self.unsettled.lock().expect("unsettled lock poisoned");
-        if granted >= need {
+        if granted.len() >= need {
             *unsettled = None;
             return Ok(());
         }
         self.metrics.decisions_unsettled.inc();
-        let refused: Vec<String> = answers
+        let refused: Vec<(&str, &str)> = answers
             .iter()
-            .filter_map(|(v, a)| a.as_ref().err().map(|e| format!("{v}: {e}")))
+            .filter_map(|(v, a)| a.as_ref().err().map(|(e, _)| (v.as_str(), e.as_str())))
+            .collect();
+        let opposed: Vec<String> = answers
+            .iter()
+            .filter(|(_, a)| matches!(a, Err((_, true))))
+            .map(|(v, _)| v.to_string())
             .collect();
         let why = format!(
-            "layout {id}: {granted} of the {} nodes that vote on the change granted the \
-             {decision}, {need} needed ({})",
+            "layout {id}: {} of the {} nodes that vote on the change granted the {decision}, \
+             {need} needed (granted: {}; {})",
+            granted.len(),
             voters.len(),
-            refused.join("; ")
+            if granted.is_empty() {
+                "none".to_string()
+            } else {
+                granted.join(", ")
+            },
+            refused
+                .iter()
+                .map(|(v, e)| format!("{v}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
+        // Logged when who refused changes, not at every attempt (transport errors vary).
+        let refusers: Vec<String> = refused.iter().map(|(v, _)| v.to_string()).collect();
         if unsettled
             .as_ref()
-            .is_none_or(|u| u.id != id || u.why != why)
+            .is_none_or(|u| u.id != id || u.decision != decision || u.refusers != refusers)
         {
             warn!(node = %self.node_id, %why, "ring change not decided: the voters did not grant it");
         }
-        *unsettled = Some(Unsettled {
+        let failed = Unsettled {
             id,
             decision,
-            why: why.clone(),
+            why,
+            refusers,
+            opposed,
+            need,
             at: std::time::Instant::now(),
-        });
-        Err(why)
+        };
+        *unsettled = Some(failed.clone());
+        Err(failed)
     }
 
     /// Whether this node failed to gather the grants for `decision` on the change `id` less
@@ -674,34 +746,58 @@ impl<T: Transport> ClusterService<T> {
                 "a live member has a newer layout than this claimant: retry in a moment".into(),
             ));
         }
-        let quorum = if view.layout.next.is_none() {
-            Ok(()) // `aborted` says nothing runs
-        } else if force {
-            view.layout.decision_quorum(&*view)
-        } else {
-            match view.layout.decision_quorum(&*view) {
-                Ok(()) => self.gather(&view, vote::Decision::Abort).await,
-                Err(why) => Err(why),
-            }
-            .map_err(|why| {
-                PlanError::Invalid(format!(
-                    "{why}. A switch granted by a majority wins; else wait until the voters are \
-                     back. Only if they are gone for good (not on the other side of a \
-                     partition): kvctl cluster abort --force"
-                ))
-            })?;
-            Ok(())
+        if view.layout.next.is_none() {
+            // `aborted` names the layout: nothing runs.
+            view.layout.aborted(&*view)?;
+        }
+        let refusal = |why: &str| {
+            PlanError::Invalid(format!(
+                "{why}. Wait until the voters are back; only if they are gone for good (not on \
+                 the other side of a partition): kvctl cluster abort --force"
+            ))
         };
-        let (aborted, retired, forfeited) = view.layout.aborted(&*view)?;
+        let gathered = match (view.layout.decision_quorum(&*view), force) {
+            (Err(why), false) => return Err(refusal(&why)),
+            // Forced, the reachable voters are still asked: a switch they granted stands.
+            _ => self.gather(&view, vote::Decision::Abort).await,
+        };
+        let forced = match gathered {
+            Ok(()) => None,
+            Err(u) if u.other_decided() => {
+                return Err(PlanError::Invalid(format!(
+                    "{}: a majority of the voters granted the switch ({}): the change completes \
+                     (kvctl cluster status); nothing to abort",
+                    u.id,
+                    u.opposed.join(", ")
+                )))
+            }
+            Err(u) if !force => return Err(refusal(&u.why)),
+            Err(u) => Some(u.why),
+        };
+        self.adopt_abort(&view, forced).await
+    }
+
+    /// Adopts the abort of the running change of `view` (decided: granted, or `forced` with
+    /// the reason it was not), only while this node still holds that layout.
+    async fn adopt_abort(
+        &self,
+        view: &ClusterView,
+        forced: Option<String>,
+    ) -> Result<(u64, Vec<String>, Vec<String>), PlanError> {
+        let (aborted, retired, forfeited) = view.layout.aborted(view)?;
         let version = aborted.version;
-        if !self.membership.adopt_layout(aborted).await {
+        if !self
+            .membership
+            .adopt_layout_on(view.layout_id(), aborted)
+            .await
+        {
             return Err(PlanError::Invalid(
                 "the layout changed while aborting; look at kvctl cluster status and retry".into(),
             ));
         }
         self.staged.lock().expect("staged lock poisoned").take();
         self.metrics.aborts.inc();
-        if let Err(why) = quorum {
+        if let Some(why) = forced {
             warn!(node = %self.node_id, version, %why, "ring change aborted by force, without a majority");
         }
         warn!(node = %self.node_id, version, from = view.layout.version,
@@ -732,13 +828,26 @@ impl<T: Transport> ClusterService<T> {
         if view.layout.decision_quorum(&*view).is_err() {
             return false;
         }
-        if self.recently_unsettled(view.layout_id(), vote::Decision::Switch)
-            || self.gather(&view, vote::Decision::Switch).await.is_err()
-        {
+        if self.recently_unsettled(view.layout_id(), vote::Decision::Switch) {
             return false;
         }
+        match self.gather(&view, vote::Decision::Switch).await {
+            Ok(()) => {}
+            // A majority granted the abort (its claimant stopped before adopting it, or this
+            // one was overtaken): that is the decision, and this claimant carries it out.
+            Err(u) if u.other_decided() => {
+                info!(node = %self.node_id, layout = %u.id, voters = %u.opposed.join(", "),
+                      "the abort of this ring change was granted by a majority: adopting it");
+                return self.adopt_abort(&view, None).await.is_ok();
+            }
+            Err(_) => return false,
+        }
         let version = switched.version;
-        if self.membership.adopt_layout(switched).await {
+        if self
+            .membership
+            .adopt_layout_on(view.layout_id(), switched)
+            .await
+        {
             self.metrics.switches.inc();
             info!(node = %self.node_id, version, "every node that gains ranges has received them: ownership switched");
             true

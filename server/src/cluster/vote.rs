@@ -67,50 +67,26 @@ impl std::fmt::Display for Decision {
     }
 }
 
-/// The grants a node gave (sans-IO; `Votes` saves them).
+/// One grant: the decision given on the change `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Grant {
+    id: LayoutId,
+    decision: Decision,
+}
+
+/// The grants a node gave (sans-IO; `Votes` saves them), **one per transition version**: two
+/// claimants may commit two different changes of one version (the two sides of a partition,
+/// each with its own plan or auto-join), and of those a voter decides only the first it is
+/// asked about, so that a majority cannot switch one while another aborts the other (found
+/// in review: keyed by the whole layout id, a voter granted both).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ballots {
-    /// Sorted by layout id; at most `KEPT_GRANTS`.
-    grants: Vec<(LayoutId, Decision)>,
-}
-
-impl Ballots {
-    /// Grants `decision` on the change `id` unless the other one was granted on it:
-    /// `Ok(true)` if newly granted (to be saved before the answer), `Ok(false)` if it was
-    /// already, `Err(held)` if refused.
-    pub fn grant(&mut self, id: LayoutId, decision: Decision) -> Result<bool, Decision> {
-        match self.grants.binary_search_by_key(&id, |(g, _)| *g) {
-            Ok(i) if self.grants[i].1 == decision => Ok(false),
-            Ok(i) => Err(self.grants[i].1),
-            Err(i) => {
-                self.grants.insert(i, (id, decision));
-                if self.grants.len() > KEPT_GRANTS {
-                    self.grants.remove(0);
-                }
-                Ok(true)
-            }
-        }
-    }
-
-    /// Takes back a grant that could not be saved (it was never given).
-    fn forget(&mut self, id: LayoutId) {
-        self.grants.retain(|(g, _)| *g != id);
-    }
-
-    /// The decision granted on `id`, if any.
-    pub fn held(&self, id: LayoutId) -> Option<Decision> {
-        self.grants
-            .binary_search_by_key(&id, |(g, _)| *g)
-            .ok()
-            .map(|i| self.grants[i].1)
-    }
-}
-
-/// This node's grants, saved in `<data_dir>/votes.json` (`durable::write_file`) before any
-/// answer that gives one.
-pub struct Votes {
-    file: Option<PathBuf>,
-    ballots: Mutex<Ballots>,
+    /// Sorted by version, one per version; at most `KEPT_GRANTS`.
+    grants: Vec<Grant>,
+    /// This data dir votes only on changes of a greater version: set when a node that
+    /// started without a grants file (new, or wiped) first knew the cluster (`note_ready`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    floor: Option<u64>,
 }
 
 /// Why a voter did not grant.
@@ -118,6 +94,13 @@ pub struct Votes {
 pub enum Refusal {
     /// It granted the other decision on this change.
     Held(Decision),
+    /// It granted a decision on another change of the same version.
+    OtherChange(LayoutId, Decision),
+    /// The change is older than every grant it keeps, or than its own layout.
+    Superseded(u64),
+    /// It started without its grants (a new or wiped data dir) and the change may have begun
+    /// before it knew the cluster, or it does not know the cluster yet.
+    Amnesic(Option<u64>),
     /// The grant could not be saved (so it was not given).
     Unsaved(String),
 }
@@ -126,56 +109,160 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::Held(d) => write!(f, "granted {d} on this change before"),
+            Refusal::OtherChange(id, d) => {
+                write!(f, "granted {d} on another change of the same version, {id}")
+            }
+            Refusal::Superseded(v) => {
+                write!(f, "the change is older than what this node knows (v{v})")
+            }
+            Refusal::Amnesic(None) => write!(
+                f,
+                "started without its grants (no {VOTES_FILE}) and does not know the cluster yet"
+            ),
+            Refusal::Amnesic(Some(v)) => write!(
+                f,
+                "started without its grants (no {VOTES_FILE}) at layout v{v}: it does not vote \
+                 on changes begun before"
+            ),
             Refusal::Unsaved(e) => write!(f, "could not save the grant: {e}"),
         }
     }
 }
 
+impl Ballots {
+    /// Grants `decision` on the change `id` unless it granted otherwise on that version:
+    /// `Ok(true)` if newly granted (to be saved before the answer; the caller then drops the
+    /// oldest grant beyond `KEPT_GRANTS`), `Ok(false)` if it was already.
+    pub fn grant(&mut self, id: LayoutId, decision: Decision) -> Result<bool, Refusal> {
+        match self
+            .grants
+            .binary_search_by_key(&id.version, |g| g.id.version)
+        {
+            Ok(i) => {
+                let g = self.grants[i];
+                if g.id != id {
+                    Err(Refusal::OtherChange(g.id, g.decision))
+                } else if g.decision != decision {
+                    Err(Refusal::Held(g.decision))
+                } else {
+                    Ok(false)
+                }
+            }
+            // Older than every grant kept: what was granted on it may have been dropped.
+            Err(0) if self.grants.len() >= KEPT_GRANTS => {
+                Err(Refusal::Superseded(self.grants[0].id.version))
+            }
+            Err(i) => {
+                self.grants.insert(i, Grant { id, decision });
+                Ok(true)
+            }
+        }
+    }
+
+    /// Drops the oldest grant if more than `KEPT_GRANTS` are kept; the dropped one.
+    fn evict(&mut self) -> Option<Grant> {
+        (self.grants.len() > KEPT_GRANTS).then(|| self.grants.remove(0))
+    }
+
+    /// Takes back a grant that could not be saved (it was never given), and puts back the
+    /// one its insertion evicted.
+    fn undo(&mut self, id: LayoutId, evicted: Option<Grant>) {
+        self.grants.retain(|g| g.id != id);
+        if let Some(e) = evicted {
+            self.grants.insert(0, e);
+        }
+    }
+
+    /// The decision granted on `id`, if any.
+    pub fn held(&self, id: LayoutId) -> Option<Decision> {
+        self.grants.iter().find(|g| g.id == id).map(|g| g.decision)
+    }
+}
+
+/// This node's grants, saved in `<data_dir>/votes.json` (`durable::write_file`) before any
+/// answer that gives one.
+pub struct Votes {
+    file: Option<PathBuf>,
+    ballots: Mutex<Ballots>,
+    /// Started without a grants file (a new or wiped data dir): it votes only on changes
+    /// newer than the layout it held when it first knew the cluster (`note_ready`, saved as
+    /// the file's floor, so a restart keeps it), since it may have granted on older ones in a
+    /// life it forgot, as a consensus member that lost its disk.
+    amnesic: bool,
+}
+
 impl Votes {
-    /// The grants saved in `file` (none if it does not exist); without a file (tests), kept in
-    /// memory only. A file that cannot be read or parsed is an error: starting without the
-    /// grants it holds could grant the other decision on a change.
+    /// The grants saved in `file` (none if it does not exist: then `amnesic`); without a file
+    /// (tests), kept in memory only. A file that cannot be read or parsed is an error:
+    /// starting without the grants it holds could grant the other decision on a change.
     pub fn open(file: Option<PathBuf>) -> Result<Votes, String> {
-        let ballots = match &file {
+        let (ballots, amnesic) = match &file {
             Some(path) => match std::fs::read(path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                    format!(
-                        "{}: not a file of ring-change grants ({e}); it is written whole or not \
-                         at all, so this is damage: restore it, or delete it only if no ring \
-                         change is running",
-                        path.display()
-                    )
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ballots::default(),
+                Ok(bytes) => (
+                    serde_json::from_slice(&bytes).map_err(|e| {
+                        format!(
+                            "{}: not a file of ring-change grants ({e}); it is written whole \
+                             or not at all, so this is damage: restore it, or delete it only \
+                             if no ring change is running",
+                            path.display()
+                        )
+                    })?,
+                    false,
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Ballots::default(), true),
                 Err(e) => return Err(format!("{}: {e}", path.display())),
             },
-            None => Ballots::default(),
+            None => (Ballots::default(), false),
         };
         Ok(Votes {
             file,
             ballots: Mutex::new(ballots),
+            amnesic,
         })
+    }
+
+    /// The node knows the cluster (ready) with a layout of `version`: if it started without
+    /// its grants, the first call fixes the floor (saved) at and below which it does not vote.
+    pub fn note_ready(&self, version: u64) -> Result<(), String> {
+        let mut ballots = self.ballots.lock().expect("ballots lock poisoned");
+        if !self.amnesic || ballots.floor.is_some() {
+            return Ok(());
+        }
+        ballots.floor = Some(version);
+        let saved = self.save(&ballots);
+        if saved.is_err() {
+            // Not voting until the floor is saved: a restart must not forget it.
+            ballots.floor = None;
+        }
+        saved
+    }
+
+    fn save(&self, ballots: &Ballots) -> Result<(), String> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(ballots).expect("grants serialize");
+        crate::durable::write_file(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Grants `decision` on the change `id` (see `Ballots::grant`), saved before it returns.
     /// The file is a few hundred bytes written once per change and decision, so it is written
-    /// in place, under the lock.
+    /// in place, under the lock (as the layout file is).
     pub fn grant(&self, id: LayoutId, decision: Decision) -> Result<(), Refusal> {
         let mut ballots = self.ballots.lock().expect("ballots lock poisoned");
-        match ballots.grant(id, decision) {
-            Ok(false) => Ok(()),
-            Err(held) => Err(Refusal::Held(held)),
-            Ok(true) => {
-                let Some(path) = &self.file else {
-                    return Ok(());
-                };
-                let bytes = serde_json::to_vec(&*ballots).expect("grants serialize");
-                crate::durable::write_file(path, &bytes).map_err(|e| {
-                    ballots.forget(id);
-                    Refusal::Unsaved(format!("{}: {e}", path.display()))
-                })
-            }
+        match ballots.floor {
+            None if self.amnesic => return Err(Refusal::Amnesic(None)),
+            Some(v) if id.version <= v => return Err(Refusal::Amnesic(Some(v))),
+            _ => {}
         }
+        if !ballots.grant(id, decision)? {
+            return Ok(());
+        }
+        let evicted = ballots.evict();
+        self.save(&ballots).map_err(|e| {
+            ballots.undo(id, evicted);
+            Refusal::Unsaved(e)
+        })
     }
 
     pub fn held(&self, id: LayoutId) -> Option<Decision> {
@@ -191,24 +278,42 @@ mod tests {
         LayoutId { version, digest }
     }
 
-    /// A voter grants one decision per change, any number of times, never the other; a
-    /// change of the same version with another digest is another change.
+    /// A voter grants one decision per change, any number of times, never the other; and
+    /// decides only one change of a version (two claimants may commit two).
     #[test]
-    fn a_voter_grants_one_decision_per_change() {
+    fn a_voter_grants_one_decision_per_change_and_one_change_per_version() {
         let mut b = Ballots::default();
         assert_eq!(b.grant(id(5, 1), Decision::Switch), Ok(true));
         assert_eq!(b.grant(id(5, 1), Decision::Switch), Ok(false));
-        assert_eq!(b.grant(id(5, 1), Decision::Abort), Err(Decision::Switch));
-        assert_eq!(b.grant(id(5, 2), Decision::Abort), Ok(true));
+        assert_eq!(
+            b.grant(id(5, 1), Decision::Abort),
+            Err(Refusal::Held(Decision::Switch))
+        );
+        assert_eq!(
+            b.grant(id(5, 2), Decision::Abort),
+            Err(Refusal::OtherChange(id(5, 1), Decision::Switch)),
+            "another change of the same version"
+        );
         assert_eq!(b.held(id(5, 1)), Some(Decision::Switch));
-        assert_eq!(b.held(id(5, 2)), Some(Decision::Abort));
-        assert_eq!(b.held(id(6, 1)), None);
+        assert_eq!(b.held(id(5, 2)), None);
+        assert_eq!(
+            b.grant(id(3, 7), Decision::Abort),
+            Ok(true),
+            "an older one, not full"
+        );
         for v in 0..KEPT_GRANTS as u64 {
-            b.grant(id(10 + v, 0), Decision::Abort).unwrap();
+            assert_eq!(b.grant(id(10 + v, 0), Decision::Abort), Ok(true));
+            b.evict();
         }
         assert_eq!(b.grants.len(), KEPT_GRANTS);
         assert_eq!(b.held(id(5, 1)), None, "the oldest are dropped");
         assert_eq!(b.held(id(10, 0)), Some(Decision::Abort));
+        // Full, a change older than every grant kept is refused: its grant may be the one
+        // dropped, and granting anew could contradict it.
+        assert_eq!(
+            b.grant(id(5, 1), Decision::Abort),
+            Err(Refusal::Superseded(10))
+        );
     }
 
     /// Of two claimants asking the same voters for opposite decisions, at most one gathers a
@@ -245,6 +350,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(VOTES_FILE);
         let votes = Votes::open(Some(path.clone())).unwrap();
+        votes.note_ready(1).unwrap();
         votes.grant(id(3, 9), Decision::Abort).unwrap();
         drop(votes);
         let again = Votes::open(Some(path.clone())).unwrap();
@@ -261,15 +367,56 @@ mod tests {
     }
 
     /// A grant that cannot be saved is not given: asked again once the disk works, the voter
-    /// may still grant either decision.
+    /// may still grant either decision; a grant it evicted to make room is kept.
     #[test]
     fn a_grant_that_cannot_be_saved_is_not_given() {
         let dir = tempfile::tempdir().unwrap();
-        let votes = Votes::open(Some(dir.path().join("missing").join(VOTES_FILE))).unwrap();
-        match votes.grant(id(4, 1), Decision::Switch) {
+        let path = dir.path().join("sub").join(VOTES_FILE);
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let votes = Votes::open(Some(path.clone())).unwrap();
+        votes.note_ready(0).unwrap();
+        for v in 1..=KEPT_GRANTS as u64 {
+            votes.grant(id(v, 0), Decision::Switch).unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join("sub")).unwrap();
+        match votes.grant(id(100, 1), Decision::Abort) {
             Err(Refusal::Unsaved(e)) => assert!(e.contains("votes.json"), "{e}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(votes.held(id(4, 1)), None);
+        assert_eq!(votes.held(id(100, 1)), None);
+        assert_eq!(votes.held(id(1, 0)), Some(Decision::Switch), "not evicted");
+    }
+
+    /// A node that started without its grants (a wiped data dir) votes only on changes newer
+    /// than its layout when it first knew the cluster, and not at all before.
+    #[test]
+    fn a_node_that_lost_its_grants_votes_only_on_later_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let votes = Votes::open(Some(dir.path().join(VOTES_FILE))).unwrap();
+        assert_eq!(
+            votes.grant(id(7, 1), Decision::Switch),
+            Err(Refusal::Amnesic(None))
+        );
+        votes.note_ready(7).unwrap();
+        votes.note_ready(9).unwrap();
+        assert_eq!(
+            votes.grant(id(7, 1), Decision::Switch),
+            Err(Refusal::Amnesic(Some(7))),
+            "the change may have begun before the wipe"
+        );
+        // Restarted before it ever granted anything, it keeps its floor, and votes above it.
+        drop(votes);
+        let again = Votes::open(Some(dir.path().join(VOTES_FILE))).unwrap();
+        assert_eq!(
+            again.grant(id(7, 1), Decision::Switch),
+            Err(Refusal::Amnesic(Some(7)))
+        );
+        assert_eq!(again.grant(id(8, 1), Decision::Switch), Ok(()));
+        drop(again);
+        let third = Votes::open(Some(dir.path().join(VOTES_FILE))).unwrap();
+        assert_eq!(
+            third.grant(id(8, 1), Decision::Abort),
+            Err(Refusal::Held(Decision::Switch))
+        );
     }
 }

@@ -193,6 +193,10 @@ impl<T: Transport> Worker for LayoutWorker<T> {
             self.drained = drained;
             self.cluster.membership().set_drained(drained).await;
         }
+        let view = self.cluster.membership().view();
+        if view.ready {
+            self.cluster.note_ready(view.layout.version);
+        }
         if self.catch_up().await {
             return Ok(WorkerState::Busy);
         }

@@ -410,10 +410,20 @@ impl Membership {
     /// Adopts `layout` if it supersedes this node's (saved, gossiped, and the rings rebuilt
     /// before this returns); true if it did. False also when the driver stopped.
     pub async fn adopt_layout(&self, layout: Layout) -> bool {
+        self.adopt(layout, None).await
+    }
+
+    /// Adopts `layout`, decided on the layout `on`, only if this node still holds `on` (and
+    /// `layout` supersedes it); true if it did.
+    pub async fn adopt_layout_on(&self, on: LayoutId, layout: Layout) -> bool {
+        self.adopt(layout, Some(on)).await
+    }
+
+    async fn adopt(&self, layout: Layout, on: Option<LayoutId>) -> bool {
         let (tx, rx) = oneshot::channel();
         if self
             .commands
-            .send(Command::Adopt(Box::new(layout), tx))
+            .send(Command::Adopt(Box::new(layout), on, tx))
             .await
             .is_err()
         {

@@ -410,7 +410,9 @@ pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
 
 pub enum Command {
     Members(oneshot::Sender<MembersReply>),
-    Adopt(Box<Layout>, oneshot::Sender<bool>),
+    /// Adopt the layout if it supersedes ours and, when an id is given, only while ours is
+    /// still that one (a decision made on it must not land on another).
+    Adopt(Box<Layout>, Option<LayoutId>, oneshot::Sender<bool>),
     Synced(LayoutId),
     Drained(LayoutId),
     HoldsNothing(bool),
@@ -1459,7 +1461,10 @@ impl Worker for MembershipWorker {
             }
             Some(cmd) = self.commands.recv() => match cmd {
                 Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
-                Command::Adopt(layout, reply) => { let _ = reply.send(d.adopt(*layout)); }
+                Command::Adopt(layout, on, reply) => {
+                    let current = LayoutId { version: d.layout.version, digest: d.layout_digest };
+                    let _ = reply.send(on.is_none_or(|id| id == current) && d.adopt(*layout));
+                }
                 Command::Drained(version) => d.update_meta(|m| {
                     std::mem::replace(&mut m.drained, version) != version
                 }),

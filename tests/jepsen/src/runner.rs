@@ -781,7 +781,8 @@ async fn membership_start(
         // or the gainer that completes the change.
         let answered = reply.as_ref().is_ok_and(|r| r["Aborted"].is_object());
         let refused = matches!(&reply, Err(e) if e.contains("abort --force")
-            || e.contains("no ring change is running"));
+            || e.contains("no ring change is running")
+            || e.contains("nothing to abort"));
         let start = Instant::now();
         let layout = loop {
             let layout = match cluster_admin(&addrs, json!("Status")).await {
