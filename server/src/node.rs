@@ -99,9 +99,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     })?;
     // A stale address file from a previous run must not be mistaken for readiness.
     let _ = std::fs::remove_file(config.addr_file());
-    let votes = crate::cluster::vote::Votes::open(Some(
-        config.data_dir.join(crate::cluster::vote::VOTES_FILE),
-    ))
+    let votes = crate::cluster::vote::Votes::open(
+        Some(config.data_dir.join(crate::cluster::vote::VOTES_FILE)),
+        config.data_dir.join(LAYOUT_FILE).exists(),
+    )
     .map_err(|cause| ServerError::Votes {
         node: node_id.clone(),
         cause,

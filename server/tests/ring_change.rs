@@ -1696,5 +1696,52 @@ async fn a_change_whose_voters_granted_an_abort_elsewhere_is_aborted_not_switche
     assert_eq!(metric_total(&c, &[0], "cluster.aborts").await, 1);
     let (ok, out) = kvctl(&c, 0, &["cluster", "abort"]);
     assert!(!ok && out.contains("no ring change is running"), "{out}");
+    // Asked again about the decided change, a voter says what it granted on it, though its
+    // layout is newer (so a forced abort elsewhere sees a granted switch); one that granted
+    // nothing says the change is superseded.
+    let stranger = |i: usize| peer_with(&c.nodes[i].peer_addr, "stranger", DEFAULT_CLUSTER_SECRET);
+    let answer = |held| {
+        PeerResponse::Cluster(ClusterResponse::Vote {
+            granted: false,
+            held,
+        })
+    };
+    assert_eq!(
+        stranger(0)
+            .await
+            .call(&vote(decision::ABORT))
+            .await
+            .unwrap(),
+        answer(decision::SWITCH),
+        "n1 granted itself the switch it then could not gather"
+    );
+    // (n4's own layout, not the claimant's that status shows, must have the abort first.)
+    let aborted = l["version"].as_u64().unwrap() + 2;
+    eventually(
+        Duration::from_secs(30),
+        "n4 has the abort's layout",
+        || async {
+            match stranger(3)
+                .await
+                .call(&PeerRequest::Cluster(ClusterRequest::GetLayout))
+                .await
+            {
+                Ok(PeerResponse::Cluster(ClusterResponse::Layout(json))) => {
+                    serde_json::from_slice::<Value>(&json).unwrap()["version"].as_u64()
+                        == Some(aborted)
+                }
+                _ => false,
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        stranger(3)
+            .await
+            .call(&vote(decision::ABORT))
+            .await
+            .unwrap(),
+        answer(decision::SUPERSEDED)
+    );
     all_readable(&c, &[0], &keys).await;
 }

@@ -31,6 +31,12 @@ pub mod decision {
     pub const SWITCH: u8 = 1;
     /// The next ring is dropped (kvctl cluster abort).
     pub const ABORT: u8 = 2;
+    /// In a refused `Vote` reply: the voter's layout is newer than the change (it was decided,
+    /// perhaps switched).
+    pub const SUPERSEDED: u8 = 3;
+    /// In a refused `Vote` reply: the voter granted the switch of another change of the same
+    /// version.
+    pub const OTHER_SWITCHED: u8 = 4;
 }
 
 /// Largest JSON body of the family (a layout of hundreds of nodes, a status of every transfer).

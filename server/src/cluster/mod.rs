@@ -260,9 +260,24 @@ struct Unsettled {
     refusers: Vec<String>,
     /// The voters that hold the other decision on this change.
     opposed: Vec<String>,
+    /// The voters that say a switch may have been decided (their layout is newer, or they
+    /// granted the switch of another change of this version): an abort, even forced, must
+    /// not follow.
+    may_switched: Vec<String>,
     /// The grants a decision needs.
     need: usize,
     at: std::time::Instant,
+}
+
+/// What a voter that did not grant says of the other decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stance {
+    /// It holds the other decision on this change.
+    Opposed,
+    /// A switch may have been decided (see `Unsettled::may_switched`).
+    MaySwitched,
+    /// Nothing (down, unreachable, not voting, or it holds this very decision).
+    Unknown,
 }
 
 impl Unsettled {
@@ -366,6 +381,18 @@ impl<T: Transport> ClusterService<T> {
                             held: held.code(),
                         })
                     }
+                    Err(vote::Refusal::Superseded(_)) => {
+                        PeerResponse::Cluster(ClusterResponse::Vote {
+                            granted: false,
+                            held: ringkv_protocol::peer::cluster::decision::SUPERSEDED,
+                        })
+                    }
+                    Err(vote::Refusal::OtherChange(_, vote::Decision::Switch)) => {
+                        PeerResponse::Cluster(ClusterResponse::Vote {
+                            granted: false,
+                            held: ringkv_protocol::peer::cluster::decision::OTHER_SWITCHED,
+                        })
+                    }
                     Err(e @ vote::Refusal::Unsaved(_)) => PeerResponse::error(
                         ringkv_protocol::ErrorKind::Internal,
                         true,
@@ -383,6 +410,11 @@ impl<T: Transport> ClusterService<T> {
 
     /// The node knows the cluster (its view is ready) with a layout of `version`
     /// (`vote::Votes::note_ready`).
+    /// Whether this node may commit a change now (`vote::Votes::votes_above`).
+    pub fn may_commit(&self, version: u64) -> bool {
+        self.votes.votes_above(version)
+    }
+
     pub fn note_ready(&self, version: u64) {
         if let Err(e) = self.votes.note_ready(version) {
             warn!(node = %self.node_id, error = %e,
@@ -398,10 +430,11 @@ impl<T: Transport> ClusterService<T> {
         id: LayoutId,
         decision: vote::Decision,
     ) -> Result<(), vote::Refusal> {
-        let answer = if view.layout.version > id.version {
-            Err(vote::Refusal::Superseded(view.layout.version))
-        } else {
-            self.votes.grant(id, decision)
+        // What it granted on that version comes first: a voter that granted the switch and
+        // has since adopted it must say so, not merely that its layout is newer.
+        let answer = match self.votes.held_on_version(id.version) {
+            None if view.layout_id() > id => Err(vote::Refusal::Superseded(view.layout.version)),
+            _ => self.votes.grant(id, decision),
         };
         match &answer {
             Ok(()) => {
@@ -428,18 +461,25 @@ impl<T: Transport> ClusterService<T> {
         let id = view.layout_id();
         let voters = view.layout.voters();
         let need = view.layout.voters_needed();
-        // Per voter: granted, or why not and whether it holds the other decision.
+        // Per voter: granted, or why not and what it says of the other decision.
         let asks = voters.iter().map(|v| async move {
             if *v == self.node_id {
                 let answer = self.grant(view, id, decision);
-                let opposed = matches!(answer, Err(vote::Refusal::Held(_)));
-                return (v, answer.map_err(|e| (e.to_string(), opposed)));
+                let stance = match &answer {
+                    Err(vote::Refusal::Held(_)) => Stance::Opposed,
+                    Err(vote::Refusal::Superseded(_))
+                    | Err(vote::Refusal::OtherChange(_, vote::Decision::Switch)) => {
+                        Stance::MaySwitched
+                    }
+                    _ => Stance::Unknown,
+                };
+                return (v, answer.map_err(|e| (e.to_string(), stance)));
             }
             if !view.is_alive(v) {
-                return (v, Err(("down".to_string(), false)));
+                return (v, Err(("down".to_string(), Stance::Unknown)));
             }
             let Some(addr) = view.peer_addr(v) else {
-                return (v, Err(("no known address".to_string(), false)));
+                return (v, Err(("no known address".to_string(), Stance::Unknown)));
             };
             let req = PeerRequest::Cluster(ClusterRequest::Vote {
                 version: id.version,
@@ -453,17 +493,31 @@ impl<T: Transport> ClusterService<T> {
                 .await
             {
                 Ok(PeerResponse::Cluster(ClusterResponse::Vote { granted: true, .. })) => Ok(()),
-                Ok(PeerResponse::Cluster(ClusterResponse::Vote { held, .. })) => Err((
-                    format!(
-                        "granted {} on this change before",
-                        vote::Decision::from_code(held)
-                            .map_or("another decision".to_string(), |d| d.to_string())
-                    ),
-                    vote::Decision::from_code(held).is_some_and(|h| h != decision),
-                )),
-                Ok(PeerResponse::Error(e)) => Err((e.message, false)),
-                Ok(other) => Err((format!("answered {other:?}"), false)),
-                Err(e) => Err((e.to_string(), false)),
+                Ok(PeerResponse::Cluster(ClusterResponse::Vote { held, .. })) => {
+                    use ringkv_protocol::peer::cluster::decision::{OTHER_SWITCHED, SUPERSEDED};
+                    match (held, vote::Decision::from_code(held)) {
+                        (SUPERSEDED, _) => Err((
+                            "its layout is newer than the change (decided)".to_string(),
+                            Stance::MaySwitched,
+                        )),
+                        (OTHER_SWITCHED, _) => Err((
+                            "granted the switch of another change of this version".to_string(),
+                            Stance::MaySwitched,
+                        )),
+                        (_, Some(d)) => Err((
+                            format!("granted {d} on this change before"),
+                            if d == decision {
+                                Stance::Unknown
+                            } else {
+                                Stance::Opposed
+                            },
+                        )),
+                        (_, None) => Err((format!("refused (code {held})"), Stance::Unknown)),
+                    }
+                }
+                Ok(PeerResponse::Error(e)) => Err((e.message, Stance::Unknown)),
+                Ok(other) => Err((format!("answered {other:?}"), Stance::Unknown)),
+                Err(e) => Err((e.to_string(), Stance::Unknown)),
             };
             (v, answer)
         });
@@ -483,11 +537,14 @@ impl<T: Transport> ClusterService<T> {
             .iter()
             .filter_map(|(v, a)| a.as_ref().err().map(|(e, _)| (v.as_str(), e.as_str())))
             .collect();
-        let opposed: Vec<String> = answers
-            .iter()
-            .filter(|(_, a)| matches!(a, Err((_, true))))
-            .map(|(v, _)| v.to_string())
-            .collect();
+        let with = |stance: Stance| -> Vec<String> {
+            answers
+                .iter()
+                .filter(|(_, a)| matches!(a, Err((_, s)) if *s == stance))
+                .map(|(v, _)| v.to_string())
+                .collect()
+        };
+        let (opposed, may_switched) = (with(Stance::Opposed), with(Stance::MaySwitched));
         let why = format!(
             "layout {id}: {} of the {} nodes that vote on the change granted the {decision}, \
              {need} needed (granted: {}; {})",
@@ -518,6 +575,7 @@ impl<T: Transport> ClusterService<T> {
             why,
             refusers,
             opposed,
+            may_switched,
             need,
             at: std::time::Instant::now(),
         };
@@ -721,6 +779,13 @@ impl<T: Transport> ClusterService<T> {
     pub async fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, PlanError> {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
+        if !self.votes.votes_above(view.layout.version) {
+            return Err(PlanError::Invalid(
+                "this node started on an empty data dir and is not yet in contact with the \
+                 cluster, so it could not vote on the change: retry in a moment"
+                    .into(),
+            ));
+        }
         let next = view.layout.commit(base, changes, &*view)?;
         let version = next.version;
         if !self.membership.adopt_layout(next).await {
@@ -752,8 +817,9 @@ impl<T: Transport> ClusterService<T> {
         }
         let refusal = |why: &str| {
             PlanError::Invalid(format!(
-                "{why}. Wait until the voters are back; only if they are gone for good (not on \
-                 the other side of a partition): kvctl cluster abort --force"
+                "{why}. Wait until enough voters are back and ask again; only if the missing \
+                 ones are gone for good (not on the other side of a partition): kvctl cluster \
+                 abort --force"
             ))
         };
         let gathered = match (view.layout.decision_quorum(&*view), force) {
@@ -769,6 +835,14 @@ impl<T: Transport> ClusterService<T> {
                      (kvctl cluster status); nothing to abort",
                     u.id,
                     u.opposed.join(", ")
+                )))
+            }
+            Err(u) if !u.may_switched.is_empty() => {
+                return Err(PlanError::Invalid(format!(
+                    "{}: the switch may have been decided elsewhere ({}); nothing to abort: look \
+                     at kvctl cluster status",
+                    u.why,
+                    u.may_switched.join(", ")
                 )))
             }
             Err(u) if !force => return Err(refusal(&u.why)),

@@ -8,15 +8,17 @@
 //! them (found in review: the abort's layout won when the sides met, and those writes were
 //! lost). So a claimant first gathers **grants** from a strict majority of the change's
 //! voters (`Layout::voters`) for the decision it is about to make, and a voter grants at most
-//! one decision per change (named by its layout id), saved durably before it answers. Any two
+//! one decision on one change per layout version, saved durably before it answers. Any two
 //! majorities of one set share a voter, and that voter refused one of the two: of a switch and
 //! an abort, at most one gathers its majority. The same decision may be granted to any number
-//! of claimants (a retry, or a new claimant after the first one died): they all make the same
-//! layout. This is one round of single-decree Paxos with the proposals fixed in advance, so
-//! no ballot numbers are needed: a voter's first grant for a change is final.
+//! of claimants (a retry, or a new claimant after the first one died). This is one round of
+//! single-decree Paxos with the proposals fixed in advance, so no ballot numbers are needed
+//! for safety: a voter's first grant for a change is final (voters split with no majority
+//! either way wait for `--force`).
 //!
-//! `kvctl cluster abort --force` does without grants (owners gone for good, not behind a
-//! partition: the operator's word), like Riak's force-remove.
+//! `kvctl cluster abort --force` does without a majority (voters gone for good, not behind a
+//! partition: the operator's word, like Riak's force-remove), but still asks the voters it
+//! reaches, and is refused when any of them says the switch may have been decided.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -184,10 +186,12 @@ impl Ballots {
 pub struct Votes {
     file: Option<PathBuf>,
     ballots: Mutex<Ballots>,
-    /// Started without a grants file (a new or wiped data dir): it votes only on changes
-    /// newer than the layout it held when it first knew the cluster (`note_ready`, saved as
-    /// the file's floor, so a restart keeps it), since it may have granted on older ones in a
-    /// life it forgot, as a consensus member that lost its disk.
+    /// Started on a data dir without a grants file nor a saved layout (new or wiped): it votes
+    /// only on changes newer than the layout it held when it first knew the cluster
+    /// (`note_ready`, saved as the file's floor, so a restart keeps it), since it may have
+    /// granted on older ones in a life it forgot, as a consensus member that lost its disk. A
+    /// data dir with a layout but no grants file (a node of a version before grants) never
+    /// granted anything, and votes at once.
     amnesic: bool,
 }
 
@@ -195,7 +199,7 @@ impl Votes {
     /// The grants saved in `file` (none if it does not exist: then `amnesic`); without a file
     /// (tests), kept in memory only. A file that cannot be read or parsed is an error:
     /// starting without the grants it holds could grant the other decision on a change.
-    pub fn open(file: Option<PathBuf>) -> Result<Votes, String> {
+    pub fn open(file: Option<PathBuf>, has_layout: bool) -> Result<Votes, String> {
         let (ballots, amnesic) = match &file {
             Some(path) => match std::fs::read(path) {
                 Ok(bytes) => (
@@ -209,7 +213,9 @@ impl Votes {
                     })?,
                     false,
                 ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Ballots::default(), true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    (Ballots::default(), !has_layout)
+                }
                 Err(e) => return Err(format!("{}: {e}", path.display())),
             },
             None => (Ballots::default(), false),
@@ -267,6 +273,27 @@ impl Votes {
 
     pub fn held(&self, id: LayoutId) -> Option<Decision> {
         self.ballots.lock().expect("ballots lock poisoned").held(id)
+    }
+
+    /// The decision granted on the version of `id`, and on which change of it, if any.
+    pub fn held_on_version(&self, version: u64) -> Option<(LayoutId, Decision)> {
+        let ballots = self.ballots.lock().expect("ballots lock poisoned");
+        ballots
+            .grants
+            .iter()
+            .find(|g| g.id.version == version)
+            .map(|g| (g.id, g.decision))
+    }
+
+    /// Whether this node may vote on a change of a version above `version`: not while it
+    /// started without its grants and has not fixed its floor yet (a claimant then commits
+    /// nothing, or it could commit a change it may not vote on).
+    pub fn votes_above(&self, version: u64) -> bool {
+        let ballots = self.ballots.lock().expect("ballots lock poisoned");
+        match ballots.floor {
+            Some(f) => f <= version,
+            None => !self.amnesic,
+        }
     }
 }
 
@@ -349,18 +376,18 @@ mod tests {
     fn grants_are_saved_and_a_damaged_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(VOTES_FILE);
-        let votes = Votes::open(Some(path.clone())).unwrap();
+        let votes = Votes::open(Some(path.clone()), false).unwrap();
         votes.note_ready(1).unwrap();
         votes.grant(id(3, 9), Decision::Abort).unwrap();
         drop(votes);
-        let again = Votes::open(Some(path.clone())).unwrap();
+        let again = Votes::open(Some(path.clone()), false).unwrap();
         assert_eq!(again.held(id(3, 9)), Some(Decision::Abort));
         assert_eq!(
             again.grant(id(3, 9), Decision::Switch),
             Err(Refusal::Held(Decision::Abort))
         );
         std::fs::write(&path, b"{\"grants\": [").unwrap();
-        let err = Votes::open(Some(path))
+        let err = Votes::open(Some(path), false)
             .err()
             .expect("a damaged file is refused");
         assert!(err.contains("votes.json") && err.contains("not a file of ring-change grants"));
@@ -373,7 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join(VOTES_FILE);
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let votes = Votes::open(Some(path.clone())).unwrap();
+        let votes = Votes::open(Some(path.clone()), false).unwrap();
         votes.note_ready(0).unwrap();
         for v in 1..=KEPT_GRANTS as u64 {
             votes.grant(id(v, 0), Decision::Switch).unwrap();
@@ -388,11 +415,17 @@ mod tests {
     }
 
     /// A node that started without its grants (a wiped data dir) votes only on changes newer
-    /// than its layout when it first knew the cluster, and not at all before.
+    /// than its layout when it first knew the cluster, and not at all before; one with a
+    /// layout but no grants file (a node of a version before grants) votes at once.
     #[test]
     fn a_node_that_lost_its_grants_votes_only_on_later_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let votes = Votes::open(Some(dir.path().join(VOTES_FILE))).unwrap();
+        let upgraded = Votes::open(Some(dir.path().join("old").join(VOTES_FILE)), true).unwrap();
+        assert!(upgraded.votes_above(0));
+        assert!(!Votes::open(Some(dir.path().join(VOTES_FILE)), false)
+            .unwrap()
+            .votes_above(7));
+        let votes = Votes::open(Some(dir.path().join(VOTES_FILE)), false).unwrap();
         assert_eq!(
             votes.grant(id(7, 1), Decision::Switch),
             Err(Refusal::Amnesic(None))
@@ -406,14 +439,14 @@ mod tests {
         );
         // Restarted before it ever granted anything, it keeps its floor, and votes above it.
         drop(votes);
-        let again = Votes::open(Some(dir.path().join(VOTES_FILE))).unwrap();
+        let again = Votes::open(Some(dir.path().join(VOTES_FILE)), false).unwrap();
         assert_eq!(
             again.grant(id(7, 1), Decision::Switch),
             Err(Refusal::Amnesic(Some(7)))
         );
         assert_eq!(again.grant(id(8, 1), Decision::Switch), Ok(()));
         drop(again);
-        let third = Votes::open(Some(dir.path().join(VOTES_FILE))).unwrap();
+        let third = Votes::open(Some(dir.path().join(VOTES_FILE)), false).unwrap();
         assert_eq!(
             third.grant(id(8, 1), Decision::Abort),
             Err(Refusal::Held(Decision::Switch))
