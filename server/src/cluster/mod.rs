@@ -41,10 +41,10 @@ crate::metrics::metric_set! {
         released: Counter = "released", "retired nodes this node recorded as claimant as holding nothing (tombstone GC stops waiting for them)";
         admin_requests: Counter = "admin_requests", "kvctl cluster requests served as claimant";
         admin_forwarded: Counter = "admin_forwarded", "kvctl cluster requests forwarded to the claimant";
-        /// Ring changes and repairs refused from another host (`--cluster-admin-remote`).
         grants: Counter = "grants", "decisions on a running ring change this node granted as a voter (switch or abort; a repeat of one it gave counts again)";
         grants_refused: Counter = "grants_refused", "grants this node refused: it had granted the other decision on that change, or could not save the grant";
         decisions_unsettled: Counter = "decisions_unsettled", "switches and aborts this node tried as claimant without gathering the grants of a majority of the change's voters";
+        /// Ring changes and repairs refused from another host (`--cluster-admin-remote`).
         admin_refused_remote: Counter = "admin_refused_remote", "ring changes and repairs refused because they came from another host than this node's (see --cluster-admin-remote)";
     }
 }
@@ -408,13 +408,13 @@ impl<T: Transport> ClusterService<T> {
         }
     }
 
-    /// The node knows the cluster (its view is ready) with a layout of `version`
-    /// (`vote::Votes::note_ready`).
     /// Whether this node may commit a change now (`vote::Votes::votes_above`).
     pub fn may_commit(&self, version: u64) -> bool {
         self.votes.votes_above(version)
     }
 
+    /// The node knows the cluster (its view is ready) with a layout of `version`
+    /// (`vote::Votes::note_ready`).
     pub fn note_ready(&self, version: u64) {
         if let Err(e) = self.votes.note_ready(version) {
             warn!(node = %self.node_id, error = %e,
