@@ -280,11 +280,38 @@ enum Stance {
     Unknown,
 }
 
+impl Stance {
+    /// What a voter that refused `asked` says of the other decision, from the `held` code
+    /// of its refusal (`vote::Refusal::held_code`; the same for this node's own refusals).
+    fn of(held: Option<u8>, asked: vote::Decision) -> Stance {
+        use ringkv_protocol::peer::cluster::decision::{OTHER_SWITCHED, SUPERSEDED};
+        match held {
+            Some(SUPERSEDED | OTHER_SWITCHED) => Stance::MaySwitched,
+            Some(code) => match vote::Decision::from_code(code) {
+                Some(d) if d != asked => Stance::Opposed,
+                _ => Stance::Unknown,
+            },
+            None => Stance::Unknown,
+        }
+    }
+}
+
 impl Unsettled {
     /// Whether the other decision has the grants of a majority: it was made (perhaps by a
     /// claimant that stopped before adopting it).
     fn other_decided(&self) -> bool {
         self.opposed.len() >= self.need
+    }
+}
+
+/// Why a voter refused, from the `held` code of its `Vote` reply (docs/protocol.md).
+fn held_reason(held: u8) -> String {
+    use ringkv_protocol::peer::cluster::decision::{OTHER_SWITCHED, SUPERSEDED};
+    match (held, vote::Decision::from_code(held)) {
+        (SUPERSEDED, _) => "its layout is newer than the change (decided)".to_string(),
+        (OTHER_SWITCHED, _) => "granted the switch of another change of this version".to_string(),
+        (_, Some(d)) => format!("granted {d} on this change before"),
+        (_, None) => format!("refused (code {held})"),
     }
 }
 
@@ -375,34 +402,20 @@ impl<T: Transport> ClusterService<T> {
                         granted: true,
                         held: 0,
                     }),
-                    Err(vote::Refusal::Held(held)) => {
-                        PeerResponse::Cluster(ClusterResponse::Vote {
+                    Err(e) => match e.held_code() {
+                        Some(held) => PeerResponse::Cluster(ClusterResponse::Vote {
                             granted: false,
-                            held: held.code(),
-                        })
-                    }
-                    Err(vote::Refusal::Superseded(_)) => {
-                        PeerResponse::Cluster(ClusterResponse::Vote {
-                            granted: false,
-                            held: ringkv_protocol::peer::cluster::decision::SUPERSEDED,
-                        })
-                    }
-                    Err(vote::Refusal::OtherChange(_, vote::Decision::Switch)) => {
-                        PeerResponse::Cluster(ClusterResponse::Vote {
-                            granted: false,
-                            held: ringkv_protocol::peer::cluster::decision::OTHER_SWITCHED,
-                        })
-                    }
-                    Err(e @ vote::Refusal::Unsaved(_)) => PeerResponse::error(
-                        ringkv_protocol::ErrorKind::Internal,
-                        true,
-                        format!("node {}: layout {id}: {e}", self.node_id),
-                    ),
-                    Err(e) => PeerResponse::error(
-                        ringkv_protocol::ErrorKind::InvalidRequest,
-                        true,
-                        format!("node {}: layout {id}: {e}", self.node_id),
-                    ),
+                            held,
+                        }),
+                        None => PeerResponse::error(
+                            match e {
+                                vote::Refusal::Unsaved(_) => ringkv_protocol::ErrorKind::Internal,
+                                _ => ringkv_protocol::ErrorKind::InvalidRequest,
+                            },
+                            true,
+                            format!("node {}: layout {id}: {e}", self.node_id),
+                        ),
+                    },
                 }
             }
         }
@@ -460,20 +473,15 @@ impl<T: Transport> ClusterService<T> {
     async fn gather(&self, view: &ClusterView, decision: vote::Decision) -> Result<(), Unsettled> {
         let id = view.layout_id();
         let voters = view.layout.voters();
-        let need = view.layout.voters_needed();
+        let need = crate::membership::layout::majority(voters.len());
         // Per voter: granted, or why not and what it says of the other decision.
         let asks = voters.iter().map(|v| async move {
             if *v == self.node_id {
                 let answer = self.grant(view, id, decision);
-                let stance = match &answer {
-                    Err(vote::Refusal::Held(_)) => Stance::Opposed,
-                    Err(vote::Refusal::Superseded(_))
-                    | Err(vote::Refusal::OtherChange(_, vote::Decision::Switch)) => {
-                        Stance::MaySwitched
-                    }
-                    _ => Stance::Unknown,
-                };
-                return (v, answer.map_err(|e| (e.to_string(), stance)));
+                return (
+                    v,
+                    answer.map_err(|e| (e.to_string(), Stance::of(e.held_code(), decision))),
+                );
             }
             if !view.is_alive(v) {
                 return (v, Err(("down".to_string(), Stance::Unknown)));
@@ -494,26 +502,7 @@ impl<T: Transport> ClusterService<T> {
             {
                 Ok(PeerResponse::Cluster(ClusterResponse::Vote { granted: true, .. })) => Ok(()),
                 Ok(PeerResponse::Cluster(ClusterResponse::Vote { held, .. })) => {
-                    use ringkv_protocol::peer::cluster::decision::{OTHER_SWITCHED, SUPERSEDED};
-                    match (held, vote::Decision::from_code(held)) {
-                        (SUPERSEDED, _) => Err((
-                            "its layout is newer than the change (decided)".to_string(),
-                            Stance::MaySwitched,
-                        )),
-                        (OTHER_SWITCHED, _) => Err((
-                            "granted the switch of another change of this version".to_string(),
-                            Stance::MaySwitched,
-                        )),
-                        (_, Some(d)) => Err((
-                            format!("granted {d} on this change before"),
-                            if d == decision {
-                                Stance::Unknown
-                            } else {
-                                Stance::Opposed
-                            },
-                        )),
-                        (_, None) => Err((format!("refused (code {held})"), Stance::Unknown)),
-                    }
+                    Err((held_reason(held), Stance::of(Some(held), decision)))
                 }
                 Ok(PeerResponse::Error(e)) => Err((e.message, Stance::Unknown)),
                 Ok(other) => Err((format!("answered {other:?}"), Stance::Unknown)),
@@ -1188,6 +1177,65 @@ pub fn status_report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A voter's refusal says the same of the other decision whether the claimant is that
+    /// voter (the `Refusal` itself) or asked it over the wire (its `held` code): one mapping,
+    /// `Refusal::held_code` then `Stance::of`.
+    #[test]
+    fn a_refusal_means_the_same_to_the_claimant_locally_and_over_the_wire() {
+        use vote::{Decision, Refusal};
+        let other = LayoutId {
+            version: 7,
+            digest: 42,
+        };
+        let cases = [
+            (
+                Refusal::Held(Decision::Abort),
+                Decision::Switch,
+                Stance::Opposed,
+            ),
+            (
+                Refusal::Held(Decision::Switch),
+                Decision::Abort,
+                Stance::Opposed,
+            ),
+            (Refusal::Superseded(9), Decision::Abort, Stance::MaySwitched),
+            (
+                Refusal::OtherChange(other, Decision::Switch),
+                Decision::Abort,
+                Stance::MaySwitched,
+            ),
+            (
+                Refusal::OtherChange(other, Decision::Abort),
+                Decision::Switch,
+                Stance::Unknown,
+            ),
+            (Refusal::Amnesic(Some(3)), Decision::Abort, Stance::Unknown),
+            (
+                Refusal::Unsaved("disk full".into()),
+                Decision::Switch,
+                Stance::Unknown,
+            ),
+        ];
+        for (refusal, asked, stance) in cases {
+            let held = refusal.held_code();
+            assert_eq!(Stance::of(held, asked), stance, "{refusal:?} asked {asked}");
+            if let Some(code) = held {
+                assert!(
+                    !held_reason(code).starts_with("refused (code"),
+                    "{refusal:?}: its code {code} has a reason"
+                );
+            }
+        }
+        // A voter holding the very decision asked grants it again rather than refusing; a
+        // code naming it says nothing of the other decision.
+        assert_eq!(
+            Stance::of(Some(Decision::Switch.code()), Decision::Switch),
+            Stance::Unknown
+        );
+        assert_eq!(Stance::of(Some(200), Decision::Switch), Stance::Unknown);
+        assert_eq!(held_reason(200), "refused (code 200)");
+    }
 
     /// Found in review: anyone who could reach the (unauthenticated) client port could stage
     /// and commit ring changes: `remove` of a briefly unreachable node forfeits its data.

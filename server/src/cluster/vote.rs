@@ -131,6 +131,23 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+impl Refusal {
+    /// What a voter says of this refusal in its `Vote` reply's `held` code, for the refusals
+    /// that tell the claimant something about the other decision (docs/protocol.md): the
+    /// decision it holds on this change, `SUPERSEDED`, or `OTHER_SWITCHED`. The others are
+    /// answered with an error.
+    pub fn held_code(&self) -> Option<u8> {
+        match self {
+            Refusal::Held(d) => Some(d.code()),
+            Refusal::Superseded(_) => Some(decision::SUPERSEDED),
+            Refusal::OtherChange(_, Decision::Switch) => Some(decision::OTHER_SWITCHED),
+            Refusal::OtherChange(_, Decision::Abort)
+            | Refusal::Amnesic(_)
+            | Refusal::Unsaved(_) => None,
+        }
+    }
+}
+
 impl Ballots {
     /// Grants `decision` on the change `id` unless it granted otherwise on that version:
     /// `Ok(true)` if newly granted (to be saved before the answer; the caller then drops the

@@ -51,6 +51,11 @@ impl Owner {
 
 pub type Owners = BTreeMap<String, Owner>;
 
+/// A strict majority of `n` voters: any two such sets of one voter list share a voter.
+pub fn majority(n: usize) -> usize {
+    n / 2 + 1
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// 0: no layout yet (a node that has not learned its cluster's).
@@ -439,7 +444,7 @@ impl Layout {
 
     /// The grants needed to decide the running transition: a strict majority of `voters`.
     pub fn voters_needed(&self) -> usize {
-        self.voters().len() / 2 + 1
+        majority(self.voters().len())
     }
 
     /// Whether a claimant that sees `live` can hope to decide the running transition, switch
@@ -454,7 +459,7 @@ impl Layout {
         let voters = self.voters();
         let (up, down): (Vec<&String>, Vec<&String>) =
             voters.iter().partition(|n| live.is_alive(n));
-        let need = self.voters_needed();
+        let need = majority(voters.len());
         if up.len() >= need {
             return Ok(());
         }
