@@ -364,8 +364,10 @@ const FIXED_PORTS: std::ops::Range<u32> = 19_000..28_000;
 /// (`ip_local_port_range`), free for TCP and UDP now, so that neither `bind(0)` nor a
 /// connection's source port can take it while its node is down between a kill and a restart.
 /// Ports are handed out in turn from a start that differs between processes, and never twice
-/// in a process until the range wraps (two test processes at once could still meet). `None`
-/// when fewer than 1 000 such ports exist or none is free (the caller binds port 0).
+/// in a process until the range wraps; a port handed out is also claimed for the life of this
+/// process (`claim_port`), so another test process running at the same time never takes it
+/// while its node is down. `None` when fewer than 1 000 such ports exist or none is free (the
+/// caller binds port 0).
 fn fixed_port(ip: &str) -> Option<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
@@ -391,14 +393,92 @@ fn fixed_port(ip: &str) -> Option<u16> {
     (0..span).find_map(|_| {
         let port = FIXED_PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span;
         let port = u16::try_from(port).ok()?;
-        let free = std::net::TcpListener::bind((ip, port)).is_ok()
+        let free = claim_port(port)
+            && std::net::TcpListener::bind((ip, port)).is_ok()
             && std::net::UdpSocket::bind((ip, port)).is_ok();
         free.then_some(port)
     })
 }
 
+/// Claims `port` for this process: an exclusive lock on a file named after it in the temp
+/// dir, held until the process exits (the kernel drops it then, however the process ends).
+/// False if another process holds it; true if this one does (claimed now or before). Found
+/// as a known limit: a node's fixed port, free while it was down between a kill and a restart,
+/// could be handed to a node of another test process starting at that moment, and the
+/// restart then failed with "Address already in use". Without a usable temp dir, every port
+/// counts as claimed (the bind check alone, as before).
+fn claim_port(port: u16) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static HELD: Mutex<Option<HashMap<u16, File>>> = Mutex::new(None);
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let held = held.get_or_insert_with(HashMap::new);
+    if held.contains_key(&port) {
+        return true;
+    }
+    let dir = std::env::temp_dir().join("ringkv-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let Ok(file) = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return true;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            held.insert(port, file);
+            true
+        }
+        Err(std::fs::TryLockError::WouldBlock) => false,
+        // A file system without locks: the bind check alone, as before.
+        Err(std::fs::TryLockError::Error(_)) => true,
+    }
+}
+
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port another process holds is not handed out; once it lets go, this one claims it and
+    /// keeps it (asking again is not a conflict with itself). The other process is stood in
+    /// for by a second open of the lock file: `flock` locks belong to the open file, so it
+    /// conflicts exactly as another process's would.
+    #[test]
+    fn a_port_claimed_by_another_process_is_not_handed_out() {
+        let port = 27_917;
+        let dir = std::env::temp_dir().join("ringkv-test-ports");
+        std::fs::create_dir_all(&dir).unwrap();
+        let other = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        if other.try_lock().is_err() {
+            // A test process of another run holds it right now: nothing to learn here.
+            return;
+        }
+        assert!(!claim_port(port), "held by the other open file");
+        drop(other);
+        assert!(claim_port(port), "free again");
+        assert!(claim_port(port), "ours, still");
+        let again = OpenOptions::new()
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        assert!(
+            again.try_lock().is_err(),
+            "claimed for the life of this process"
+        );
     }
 }
