@@ -284,3 +284,50 @@ async fn delete_without_context_removes_what_a_quorum_read_returns() {
         );
     }
 }
+
+/// `kvctl repair` exits 3 ("overloaded": nothing was done, retry later) when every member it
+/// asks refused for lack of capacity, and 0 once they take the request: here the node named by
+/// `--node` holds all the client connections it allows (one more is answered `Overloaded` and
+/// closed). Closes the known gap "exit 3 tested as a pure function only" (`repair_outcome`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_of_a_node_with_no_connection_to_spare_exits_3_and_does_nothing() {
+    let c = ringkv_jepsen::Cluster::start(2, &["--n", "2", "--max-connections", "2"]).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    // n2's client connections taken by clients that connected and send nothing, one more
+    // each time the repair still got in (others, such as the harness's, come and go).
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..20 {
+        let o = kvctl(n1, &["repair", "--node", "n2"]);
+        if o.status.code() == Some(3) {
+            refused = Some(o);
+            break;
+        }
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        held.push(std::net::TcpStream::connect(&n2.addr).expect("connect to n2"));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let o = refused.expect("kvctl repair exits 3 while n2 has no connection to spare");
+    let err = stderr(&o);
+    assert!(
+        err.contains("node n2")
+            && err.contains("too many connections")
+            && err.contains("every node refused for lack of capacity")
+            && err.contains("nothing was done"),
+        "{err}"
+    );
+    drop(held);
+    let mut started = None;
+    for _ in 0..50 {
+        let o = kvctl(n1, &["--json", "repair", "--node", "n2"]);
+        if o.status.success() {
+            started = Some(o);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let o = started.expect("kvctl repair starts a cycle on n2 once it has connections to spare");
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("--json output");
+    assert_eq!(v["started"][0]["node"], "n2", "{v}");
+    assert_eq!(v["failed"].as_array().map(Vec::len), Some(0), "{v}");
+}
