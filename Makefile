@@ -59,7 +59,7 @@ test: deps
 	@echo "==> Jepsen-style consistency checks (short CI profile; histories in $(JEPSEN_OUT))"
 	"$(BIN)/ringkv-jepsen" --profile ci --out "$(JEPSEN_OUT)"
 
-# The full consistency profile: longer runs of every nemesis combination (about 45 minutes).
+# The full consistency profile: longer runs of every nemesis combination (about an hour).
 jepsen: deps
 	cargo build --release --workspace
 	@echo "==> single runs look like:"

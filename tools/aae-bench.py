@@ -4,6 +4,8 @@
 usage: tools/aae-bench.py BIN_DIR OUT_DIR [--records 1000000] [--differ 10]
                           [--resync-keys-per-sec 50000] [--skip-resync]
        tools/aae-bench.py BIN_DIR OUT_DIR --cost-pairs 3 [--baseline-bin OLD_BIN_DIR]
+       tools/aae-bench.py BIN_DIR OUT_DIR --resync-pairs 3 --baseline-bin OLD_BIN_DIR
+                          [--records 100000] [--foreground-secs 20]
 
 1. Load RECORDS keys (100 B values) with hinted handoff off and wait until the three nodes'
    tree roots are equal.
@@ -16,6 +18,15 @@ usage: tools/aae-bench.py BIN_DIR OUT_DIR [--records 1000000] [--differ 10]
 
 With --cost-pairs: only the foreground cost of anti-entropy running flat out (every 1 s)
 under workload A, against anti-entropy off (cost.json).
+
+With --resync-pairs: a wiped replica re-synced while the other two serve clients flat out.
+Per run, a fresh cluster (--aae-keys-per-sec RESYNC_KEYS_PER_SEC, hinted handoff off) once its
+auto-joins are done, RECORDS keys loaded, c3 wiped and restarted (a new data dir syncs from its replicas by itself), and at
+once workload A (closed loop, 8 x 16, FOREGROUND_SECS) through c1 and c2 only; reported: the
+foreground's ops/s and p99, the key states c1 and c2 served c3 in that window, their
+aae.serve_rests, and when the re-sync was done (the three roots equal) counted from c3's start. BIN_DIR
+against --baseline-bin (the build before the serving side paced, say), alternating
+(resync.json).
 
 Writes summary.json into OUT_DIR.
 """
@@ -153,6 +164,115 @@ def cost(args):
     return {"rows": rows, "throughput_ratio": ratio, "p99_ratio": p99, "cpu_ratio": cpu}
 
 
+def load(bin_dir, cl, records):
+    """RECORDS keys of 100 B through all three nodes; exits on a failed write."""
+    r = subprocess.run([f"{bin_dir}/kvbench", "--target", "ringkv", "--addr",
+                        ",".join(cl.addr(i) for i in (1, 2, 3)), "--workload", "w",
+                        "--records", str(records), "--value-size", "100",
+                        "--connections", "8", "--depth", "16", "--duration", "0.01",
+                        "--json"], capture_output=True, text=True)
+    if r.returncode > 1:
+        sys.exit(f"aae-bench: load failed: {r.stderr[-2000:]}")
+    loaded = json.loads(r.stdout)["load"]
+    if loaded["errors"]:
+        sys.exit(f"aae-bench: {loaded['errors']} of the load's writes failed: "
+                 f"{loaded['first_errors']}")
+
+
+def wait_roots_equal(cl):
+    for _ in range(600):
+        roots = {cl.root(i) for i in (1, 2, 3)}
+        if len(roots) == 1:
+            return
+        time.sleep(0.5)
+    sys.exit(f"aae-bench: roots never equal after the load: {roots}")
+
+
+def wait_settled(cl):
+    """Until the auto-joins are done: three owners, no running change, and every member on
+    that layout (a node stopped in the middle of them measures the ring change, not this)."""
+    for _ in range(240):
+        st = cl.kvctl(1, "cluster", "status")["status"]
+        layout = st["layout"]
+        if (layout["next"] is None and len(layout["current"]) == 3
+                and all(m["layout_version"] == layout["version"] for m in st["members"])):
+            return
+        time.sleep(0.5)
+    sys.exit(f"aae-bench: the ring never settled: {st}")
+
+
+def resync_under_load(args):
+    """A wiped c3 re-synced while c1 and c2 serve workload A flat out: BIN_DIR against
+    --baseline-bin, `resync_pairs` pairs in alternating order (kvctl and kvbench of BIN_DIR)."""
+    rows = []
+    for pair in range(args.resync_pairs):
+        modes = ["new", "baseline"] if pair % 2 == 0 else ["baseline", "new"]
+        for mode in modes:
+            work = tempfile.mkdtemp(prefix="ringkv-aaeresync.")
+            extra = ["--hinted-handoff", "false", "--aae-interval-secs", "86400",
+                     "--aae-keys-per-sec", str(args.resync_keys_per_sec)]
+            cl = Cluster(args.baseline_bin if mode == "baseline" else args.bin, work, 47379,
+                         extra)
+            try:
+                for i in (1, 2, 3):
+                    cl.start(i)
+                for i in (1, 2, 3):
+                    cl.wait_ready(i)
+                wait_settled(cl)
+                load(args.bin, cl, args.records)
+                wait_roots_equal(cl)
+                cl.stop(3)
+                shutil.rmtree(os.path.join(work, "c3"))
+                rests = sum(cl.metric(i, "aae.serve_rests") for i in (1, 2))
+                # c3's own counters move only when an exchange ends: its progress is what c1
+                # and c2 served it.
+                served = sum(cl.metric(i, "aae.states_served") for i in (1, 2))
+                # A node started on a new data dir syncs from its replicas by itself at once
+                # (docs/architecture.md): the window starts with its start, and its counters
+                # with its process.
+                t0 = time.monotonic()
+                cl.start(3)
+                r = subprocess.run([f"{args.bin}/kvbench", "--target", "ringkv", "--addr",
+                                    f"{cl.addr(1)},{cl.addr(2)}", "--workload", "a",
+                                    "--no-load", "--records", str(args.records),
+                                    "--value-size", "100", "--connections", "8", "--depth",
+                                    "16", "--duration", str(args.foreground_secs), "--json"],
+                                   capture_output=True, text=True)
+                s = json.loads(r.stdout)
+                row = {"pair": pair, "mode": mode, "ops_s": s["run"]["throughput"],
+                       "p99_us": s["run"]["all"]["p99_us"],
+                       "errors": s["run"]["errors"],
+                       "first_errors": s["run"].get("first_errors", [])[:3],
+                       "keys_resynced": sum(cl.metric(i, "aae.states_served") for i in (1, 2))
+                       - served,
+                       "serve_rests": sum(cl.metric(i, "aae.serve_rests") for i in (1, 2))
+                       - rests}
+                # Then idle: how long the whole re-sync took from c3's start.
+                wait_roots_equal(cl)
+                row["resync_done_s"] = round(time.monotonic() - t0, 1)
+                row["keys_resynced_in_all"] = cl.metric(3, "aae.keys_repaired_received")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            finally:
+                cl.stop_all()
+                if os.environ.get("AAE_BENCH_KEEP"):
+                    print(f"kept {work}", flush=True)
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
+    gm = lambda xs: (lambda p: p ** (1 / len(xs)))(__import__("math").prod(xs))
+    a = [r for r in rows if r["mode"] == "new"]
+    b = [r for r in rows if r["mode"] == "baseline"]
+    out = {"rows": rows,
+           "throughput_ratio": gm([r["ops_s"] for r in a]) / gm([r["ops_s"] for r in b]),
+           "p99_ratio": gm([r["p99_us"] for r in a]) / gm([r["p99_us"] for r in b]),
+           "resync_ratio": sum(r["keys_resynced"] for r in a)
+           / max(1, sum(r["keys_resynced"] for r in b))}
+    print(f"new / baseline: foreground throughput {out['throughput_ratio']:.3f}, p99 "
+          f"{out['p99_ratio']:.2f}, keys re-synced meanwhile {out['resync_ratio']:.2f}",
+          flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("bin")
@@ -164,9 +284,19 @@ def main():
     p.add_argument("--cost-pairs", type=int, default=0,
                    help="only measure the foreground cost of anti-entropy, in this many pairs")
     p.add_argument("--baseline-bin",
-                   help="with --cost-pairs: compare BIN_DIR (defaults) with this build instead")
+                   help="with --cost-pairs: compare BIN_DIR (defaults) with this build instead; "
+                        "with --resync-pairs: the build to compare with")
+    p.add_argument("--resync-pairs", type=int, default=0,
+                   help="only measure a wiped replica's re-sync under a foreground load")
+    p.add_argument("--foreground-secs", type=int, default=20)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.resync_pairs:
+        if not args.baseline_bin:
+            sys.exit("aae-bench: --resync-pairs needs --baseline-bin")
+        with open(os.path.join(args.out, "resync.json"), "w") as f:
+            json.dump(resync_under_load(args), f, indent=1)
+        return
     if args.cost_pairs:
         with open(os.path.join(args.out, "cost.json"), "w") as f:
             json.dump(cost(args), f, indent=1)
@@ -182,25 +312,10 @@ def main():
         for i in (1, 2, 3):
             cl.wait_ready(i)
         t0 = time.monotonic()
-        r = subprocess.run([f"{args.bin}/kvbench", "--target", "ringkv", "--addr",
-                            ",".join(cl.addr(i) for i in (1, 2, 3)), "--workload", "w",
-                            "--records", str(args.records), "--value-size", "100",
-                            "--connections", "8", "--depth", "16", "--duration", "0.01",
-                            "--json"], capture_output=True, text=True)
-        if r.returncode > 1:
-            sys.exit(f"aae-bench: load failed: {r.stderr[-2000:]}")
-        load = json.loads(r.stdout)["load"]
-        if load["errors"]:
-            sys.exit(f"aae-bench: {load['errors']} of the load's writes failed: {load['first_errors']}")
+        load(args.bin, cl, args.records)
         summary["load_s"] = round(time.monotonic() - t0, 1)
         print(f"loaded {args.records} keys in {summary['load_s']} s", flush=True)
-        for _ in range(600):
-            roots = {cl.root(i) for i in (1, 2, 3)}
-            if len(roots) == 1:
-                break
-            time.sleep(0.5)
-        else:
-            sys.exit(f"aae-bench: roots never equal after the load: {roots}")
+        wait_roots_equal(cl)
         print("roots equal", flush=True)
 
         # Difference of DIFFER keys.
