@@ -26,7 +26,7 @@ once workload A (closed loop, 8 x 16, FOREGROUND_SECS) through c1 and c2 only; r
 foreground's ops/s and p99, the key states c1 and c2 served c3 in that window, their
 aae.serve_rests, and when the re-sync was done (the three roots equal) counted from c3's start. BIN_DIR
 against --baseline-bin (the build before the serving side paced, say), alternating
-(resync.json).
+(resync.json). AAE_BENCH_KEEP=1 keeps each run's data dirs and logs (their paths are printed).
 
 Writes summary.json into OUT_DIR.
 """
