@@ -1706,12 +1706,15 @@ async fn a_change_whose_voters_granted_an_abort_elsewhere_is_aborted_not_switche
             held,
         })
     };
-    assert_eq!(
-        stranger(0)
+    let asked_to_abort = |i: usize| async move {
+        stranger(i)
             .await
             .call(&vote(decision::ABORT))
             .await
-            .unwrap(),
+            .unwrap()
+    };
+    assert_eq!(
+        asked_to_abort(0).await,
         answer(decision::SWITCH),
         "n1 granted itself the switch it then could not gather"
     );
@@ -1735,13 +1738,6 @@ async fn a_change_whose_voters_granted_an_abort_elsewhere_is_aborted_not_switche
         },
     )
     .await;
-    assert_eq!(
-        stranger(3)
-            .await
-            .call(&vote(decision::ABORT))
-            .await
-            .unwrap(),
-        answer(decision::SUPERSEDED)
-    );
+    assert_eq!(asked_to_abort(3).await, answer(decision::SUPERSEDED));
     all_readable(&c, &[0], &keys).await;
 }

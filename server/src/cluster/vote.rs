@@ -153,10 +153,7 @@ impl Ballots {
     /// `Ok(true)` if newly granted (to be saved before the answer; the caller then drops the
     /// oldest grant beyond `KEPT_GRANTS`), `Ok(false)` if it was already.
     pub fn grant(&mut self, id: LayoutId, decision: Decision) -> Result<bool, Refusal> {
-        match self
-            .grants
-            .binary_search_by_key(&id.version, |g| g.id.version)
-        {
+        match self.position(id.version) {
             Ok(i) => {
                 let g = self.grants[i];
                 if g.id != id {
@@ -192,9 +189,22 @@ impl Ballots {
         }
     }
 
+    /// Where the grant on `version` is (`Ok`), or would go (`Err`): grants are sorted by
+    /// version, one per version.
+    fn position(&self, version: u64) -> Result<usize, usize> {
+        self.grants.binary_search_by_key(&version, |g| g.id.version)
+    }
+
+    /// The grant given on a change of `version`, if any.
+    fn on_version(&self, version: u64) -> Option<Grant> {
+        self.position(version).ok().map(|i| self.grants[i])
+    }
+
     /// The decision granted on `id`, if any.
     pub fn held(&self, id: LayoutId) -> Option<Decision> {
-        self.grants.iter().find(|g| g.id == id).map(|g| g.decision)
+        self.on_version(id.version)
+            .filter(|g| g.id == id)
+            .map(|g| g.decision)
     }
 }
 
@@ -295,11 +305,7 @@ impl Votes {
     /// The decision granted on the version of `id`, and on which change of it, if any.
     pub fn held_on_version(&self, version: u64) -> Option<(LayoutId, Decision)> {
         let ballots = self.ballots.lock().expect("ballots lock poisoned");
-        ballots
-            .grants
-            .iter()
-            .find(|g| g.id.version == version)
-            .map(|g| (g.id, g.decision))
+        ballots.on_version(version).map(|g| (g.id, g.decision))
     }
 
     /// Whether this node may vote on a change of a version above `version`: not while it

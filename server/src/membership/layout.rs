@@ -442,11 +442,6 @@ impl Layout {
         }
     }
 
-    /// The grants needed to decide the running transition: a strict majority of `voters`.
-    pub fn voters_needed(&self) -> usize {
-        majority(self.voters().len())
-    }
-
     /// Whether a claimant that sees `live` can hope to decide the running transition, switch
     /// it or abort it: a strict majority of its `voters` alive in its view (their grants,
     /// `cluster::vote`, are what decides; this is the claimant's cheap check before asking,
@@ -1148,7 +1143,7 @@ mod tests {
         }];
         let t = l.commit(3, &join_d, &all_alive).unwrap();
         assert_eq!(t.voters(), vec!["a", "b", "c"]);
-        assert_eq!(t.voters_needed(), 2);
+        assert_eq!(majority(t.voters().len()), 2);
         // The side with the new node and one old owner, and the side with the other two.
         let (small, large) = (
             |n: &str| n == "c" || n == "d",
@@ -1179,7 +1174,7 @@ mod tests {
         // Four voters: two of them are not a majority.
         let four = layout(&["a", "b", "c", "e"]);
         let t4 = four.commit(3, &join_d, &all_alive).unwrap();
-        assert_eq!(t4.voters_needed(), 3);
+        assert_eq!(majority(t4.voters().len()), 3);
         assert!(t4.decision_quorum(&large).is_err());
         assert!(t4.decision_quorum(&|n: &str| n != "e").is_ok());
         // Every owner replaced (both down at the commit): the new owners vote.
