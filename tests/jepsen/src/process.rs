@@ -408,11 +408,10 @@ fn fixed_port(ip: &str) -> Option<u16> {
 /// restart then failed with "Address already in use". Without a usable temp dir, every port
 /// counts as claimed (the bind check alone, as before).
 fn claim_port(port: u16) -> bool {
-    use std::collections::HashMap;
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
-    static HELD: Mutex<Option<HashMap<u16, File>>> = Mutex::new(None);
+    static HELD: Mutex<BTreeMap<u16, File>> = Mutex::new(BTreeMap::new());
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-    let held = held.get_or_insert_with(HashMap::new);
     if held.contains_key(&port) {
         return true;
     }
