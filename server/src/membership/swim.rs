@@ -407,6 +407,10 @@ pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(2);
 pub const META_REPUBLISH: Duration = Duration::from_secs(5);
 /// How often liveness (phi) is re-evaluated for routing.
 pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
+/// Packets read without waiting at the start of each membership step (`read_queued`): a
+/// backlog after a hold-up is a few heartbeats and SWIM messages per peer; the bound keeps a
+/// flood of packets from starving the timers.
+const QUEUED_READS_PER_STEP: usize = 256;
 
 pub enum Command {
     Members(oneshot::Sender<MembersReply>),
@@ -804,7 +808,12 @@ impl Driver {
         match kind {
             KIND_HEARTBEAT => {
                 self.stats.heartbeats_in.inc();
+                let was_suspected = self.phi.is_suspected(&node_id, now.into_std());
                 self.phi.heartbeat(&node_id, now.into_std());
+                // Back from a silence: routable again now, not at the next refresh.
+                if was_suspected {
+                    self.publish_view();
+                }
             }
             KIND_FOCA => {
                 if let Err(e) = self.foca.handle_data(&payload, &mut self.rt) {
@@ -939,6 +948,23 @@ impl Driver {
             .filter(|m| m.id().node_id == self.me.node_id && m.id().gossip != self.me.gossip)
             .map(|m| (m.id().generation, m.state() == State::Down))
             .collect()
+    }
+
+    /// Reads the packets already queued in the socket (at most `QUEUED_READS_PER_STEP`),
+    /// without waiting. Called before anything that judges the peers (a timer, a view
+    /// refresh): after the worker was held up, the heartbeats its peers sent meanwhile sit
+    /// unread, and judged without them a live peer looks silent and is published unavailable.
+    fn read_queued(&mut self, buf: &mut [u8]) {
+        for _ in 0..QUEUED_READS_PER_STEP {
+            match self.socket.try_recv_from(buf) {
+                Ok((len, from)) => self.on_packet(&buf[..len], from),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!(node = %self.me.node_id, error = %e, "gossip recv failed");
+                    return;
+                }
+            }
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -1395,6 +1421,22 @@ pub struct MembershipWorker {
     refresh: tokio::time::Interval,
 }
 
+impl MembershipWorker {
+    /// Another live process has this node id (`on_own_id`): leaves, and `node::run` returns
+    /// the reason as its error once everything stopped.
+    fn stop_if_fatal(&self) {
+        if self
+            .driver
+            .fatal
+            .lock()
+            .expect("fatal slot lock poisoned")
+            .is_some()
+        {
+            self.leave.cancel();
+        }
+    }
+}
+
 impl Worker for MembershipWorker {
     fn name(&self) -> String {
         "membership".into()
@@ -1424,6 +1466,10 @@ impl Worker for MembershipWorker {
             d.drain();
             d.publish_view();
         }
+        d.read_queued(&mut self.buf);
+        d.drain();
+        self.stop_if_fatal();
+        let d = &mut self.driver;
         let far = Instant::now() + Duration::from_secs(3600);
         let next_timer = d.timers.peek().map(|Reverse((at, _))| *at).unwrap_or(far);
         tokio::select! {
@@ -1437,13 +1483,7 @@ impl Worker for MembershipWorker {
             }
             _ = stop.cancelled() => return Ok(WorkerState::Done),
             r = d.socket.recv_from(&mut self.buf) => match r {
-                Ok((len, from)) => {
-                    d.on_packet(&self.buf[..len], from);
-                    if d.fatal.lock().expect("fatal slot lock poisoned").is_some() {
-                        // `node::run` returns the reason as its error once everything stopped.
-                        self.leave.cancel();
-                    }
-                }
+                Ok((len, from)) => d.on_packet(&self.buf[..len], from),
                 Err(e) => debug!(node = %d.me.node_id, error = %e, "gossip recv failed"),
             },
             _ = tokio::time::sleep_until(next_timer) => d.fire_timers(),
@@ -1481,6 +1521,7 @@ impl Worker for MembershipWorker {
             },
         }
         d.drain();
+        self.stop_if_fatal();
         Ok(WorkerState::Busy)
     }
 }
@@ -1498,6 +1539,199 @@ mod tests {
             client: a,
             generation: 7,
         }
+    }
+
+    /// Runs `w` until `until`, calling `check` after every step (a packet, a timer, a refresh).
+    async fn run_until(
+        w: &mut MembershipWorker,
+        stop: &CancellationToken,
+        until: Instant,
+        mut check: impl FnMut(),
+    ) {
+        while Instant::now() < until {
+            // A step waits in a select of cancel-safe futures: cutting it at `until` loses nothing.
+            let _ = tokio::time::timeout_at(until, w.work(stop)).await;
+            check();
+        }
+    }
+
+    /// Two members `a` and `b` on loopback, each seeding the other, with a phi detector that
+    /// learns a regular 500 ms beat (a window of two intervals forgets a burst of queued
+    /// heartbeats within a second) and, with no acceptable pause, suspects a peer silent for
+    /// ~0.8 s: a 1.2 s silence is past its tolerance, and far below the ~4 s after which SWIM
+    /// declares a member down.
+    async fn quick_phi_pair() -> [(super::super::Membership, MembershipWorker); 2] {
+        let phi = PhiConfig {
+            acceptable_pause: Duration::ZERO,
+            min_std_dev: Duration::from_millis(50),
+            window: 2,
+            ..PhiConfig::default()
+        };
+        let bind = || async {
+            UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("a loopback UDP socket binds")
+        };
+        let (sa, sb) = (bind().await, bind().await);
+        let (ga, gb) = (
+            sa.local_addr().expect("bound"),
+            sb.local_addr().expect("bound"),
+        );
+        let start = |name: &str, socket, seed| {
+            let info = MemberInfo {
+                node_id: name.into(),
+                client_addr: "127.0.0.1:1".into(),
+                peer_addr: "127.0.0.1:1".into(),
+                vnodes: 8,
+                generation: now_ms(),
+            };
+            let cfg = SwimConfig {
+                cluster_name: "quick-phi".into(),
+                secret: "s3cret".into(),
+                seeds: vec![seed],
+                phi: phi.clone(),
+                vnodes: 8,
+                ring_file: None,
+                lone: false,
+                layout_file: None,
+                auto_join: false,
+                generation_file: None,
+            };
+            super::super::Membership::start(info, socket, cfg, CancellationToken::new())
+        };
+        [start("a", sa, gb), start("b", sb, ga)]
+    }
+
+    /// Steps `w` on its own task until `stop`, not while `hold` is set.
+    fn run_held(
+        mut w: MembershipWorker,
+        stop: CancellationToken,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if hold.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                } else {
+                    let _ = w.work(&stop).await;
+                }
+            }
+        })
+    }
+
+    /// Steps `w` until `a` (its member) sees `b` available, for at most 10 s.
+    async fn until_b_alive(
+        w: &mut MembershipWorker,
+        a: &super::super::Membership,
+        stop: &CancellationToken,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !a.view().alive.contains("b") {
+            assert!(Instant::now() < deadline, "a never saw b alive");
+            run_until(w, stop, Instant::now() + Duration::from_millis(100), || {}).await;
+        }
+    }
+
+    /// A node whose membership worker was held up (a starved runtime, a stopped process)
+    /// judges its peers on what they sent meanwhile: the packets queued in its socket are read
+    /// before a timer fires or the view is refreshed, so a peer that kept sending heartbeats is
+    /// never published unavailable. Found in a Jepsen run: ~0.25 s (one view refresh) of
+    /// `Unavailable: 1 replicas reachable, 2 needed` on a node whose refresh ran before the
+    /// heartbeats it had queued (the worker's select picks among ready branches at random).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_held_up_worker_reads_queued_heartbeats_before_judging_its_peers() {
+        let [(a, mut wa), (_b, wb)] = quick_phi_pair().await;
+        let stop = CancellationToken::new();
+        // b runs on its own, also while a is held up.
+        let b = run_held(wb, stop.clone(), Default::default());
+        until_b_alive(&mut wa, &a, &stop).await;
+        let b_alive = || a.view().alive.contains("b");
+        // Each hold-up is a chance for the refresh to run before the queued heartbeats.
+        let mut published_down = 0;
+        for _ in 0..6 {
+            // A steady beat learned, then a hold-up past phi's tolerance.
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(1500),
+                || {},
+            )
+            .await;
+            assert!(b_alive(), "b is alive for a before the hold-up");
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(400),
+                || {
+                    published_down += usize::from(!b_alive());
+                },
+            )
+            .await;
+        }
+        stop.cancel();
+        b.await.expect("b's worker loop ends");
+        assert_eq!(
+            published_down, 0,
+            "a published b unavailable after hold-ups, though b's heartbeats sat in its socket"
+        );
+    }
+
+    /// A peer back from a silence past phi's tolerance is routable again in the step that reads
+    /// its first heartbeat, not at the next view refresh (up to 250 ms later, every request
+    /// meanwhile refused or sent elsewhere).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_peer_back_from_silence_is_available_on_its_first_heartbeat() {
+        let [(a, mut wa), (_b, wb)] = quick_phi_pair().await;
+        let stop = CancellationToken::new();
+        let hold_b = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let b = run_held(wb, stop.clone(), hold_b.clone());
+        until_b_alive(&mut wa, &a, &stop).await;
+        let b_alive = || a.view().alive.contains("b");
+        for round in 0..3 {
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(1500),
+                || {},
+            )
+            .await;
+            assert!(
+                b_alive(),
+                "round {round}: b is alive for a before its silence"
+            );
+            hold_b.store(true, std::sync::atomic::Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while b_alive() {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: a still routes to b after 3 s of silence"
+                );
+                run_until(
+                    &mut wa,
+                    &stop,
+                    Instant::now() + Duration::from_millis(50),
+                    || {},
+                )
+                .await;
+            }
+            let heard = a.stats.heartbeats_in.get();
+            hold_b.store(false, std::sync::atomic::Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while a.stats.heartbeats_in.get() == heard {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: b's heartbeats never came back"
+                );
+                let _ = tokio::time::timeout(Duration::from_millis(50), wa.work(&stop)).await;
+            }
+            assert!(
+                b_alive(),
+                "round {round}: a read b's heartbeat but still publishes it unavailable"
+            );
+        }
+        stop.cancel();
+        b.await.expect("b's worker loop ends");
     }
 
     /// Two live processes with one node id: the newcomer (the larger generation, the gossip
