@@ -15,9 +15,7 @@ use foca::{
 };
 use hmac::{Hmac, Mac};
 use ringkv_protocol::peer::MemberInfo;
-#[cfg(test)]
-use ringkv_protocol::SWIM_STATE_NAMES;
-use ringkv_protocol::{MemberStatus, MembersReply};
+use ringkv_protocol::{MemberStatus, MembersReply, SWIM_STATE_NAMES};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
@@ -173,6 +171,7 @@ crate::metrics::metric_set! {
         rejected_stale: Counter = "rejected_stale", "packets outside the replay window";
         foca_errors: Counter = "foca_errors", "errors reported by foca";
         members_down: Counter = "members_down_events", "members declared down";
+        unroutable: Counter = "member_unavailable_events", "times a member stopped being available for routing here (SWIM down or unknown, or phi above the threshold)";
         rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
         duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s) or known alive with a newer identity: stop one of them";
         duplicate_packets: Counter = "duplicate_packets", "gossip packets received from another process with this node id (dropped)";
@@ -1250,6 +1249,7 @@ impl Driver {
         {
             return;
         }
+        self.log_routing_changes(&current.alive, &alive, &foca_members, now);
         let (ring, next) = if current.epoch == epoch && current.layout.version == layout.version {
             (current.ring.clone(), current.next.clone())
         } else {
@@ -1268,6 +1268,40 @@ impl Driver {
             ready,
             served,
         }));
+    }
+
+    /// Says which members this node stops or starts routing to, and why: a peer taken out of
+    /// routing refuses or diverts every request that needed it, and without a line an operator
+    /// cannot tell a dead peer from a slow one or from this node's own stall.
+    fn log_routing_changes(
+        &self,
+        was: &std::collections::BTreeSet<NodeId>,
+        now_alive: &std::collections::BTreeSet<NodeId>,
+        foca_members: &BTreeMap<String, (RingId, State, u16)>,
+        now: std::time::Instant,
+    ) {
+        let me = &self.me.node_id;
+        for gone in was.difference(now_alive) {
+            self.stats.unroutable.inc();
+            let member: &str = gone;
+            let swim = foca_members.get(member).map_or("unknown", |(_, state, _)| {
+                SWIM_STATE_NAMES[swim_code(*state) as usize]
+            });
+            let phi = self
+                .phi
+                .phi(member, now)
+                .map_or(-1.0, |p| (p * 10.0).round() / 10.0);
+            let silent_ms = self
+                .last_heard
+                .get(member)
+                .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
+            warn!(node = %me, member, swim, phi, threshold = self.phi.config().threshold,
+                  silent_ms, "member unavailable for routing");
+        }
+        for back in now_alive.difference(was) {
+            let member: &str = back;
+            info!(node = %me, member, "member available for routing");
+        }
     }
 
     /// Saves the ring (best effort): one JSON line per member, written atomically and durably.
@@ -1343,11 +1377,7 @@ impl Driver {
                 client_addr: id.client.to_string(),
                 peer_addr: id.peer.to_string(),
                 gossip_addr: id.gossip.to_string(),
-                swim_state: match state {
-                    State::Alive => 0,
-                    State::Suspect => 1,
-                    State::Down => 2,
-                },
+                swim_state: swim_code(state),
                 incarnation: incarnation as u32,
                 generation: id.generation,
                 phi_milli: phi.map_or(u32::MAX, |p| {
@@ -1368,6 +1398,15 @@ impl Driver {
             phi_threshold_milli: (self.phi.config().threshold * 1000.0) as u32,
             members,
         }
+    }
+}
+
+/// A SWIM state as `MemberStatus::swim_state` codes it (an index of `SWIM_STATE_NAMES`).
+fn swim_code(state: State) -> u8 {
+    match state {
+        State::Alive => 0,
+        State::Suspect => 1,
+        State::Down => 2,
     }
 }
 
@@ -1715,6 +1754,10 @@ mod tests {
                 )
                 .await;
             }
+            assert!(
+                a.stats.unroutable.get() > round as u64,
+                "round {round}: b taken out of routing is counted"
+            );
             let heard = a.stats.heartbeats_in.get();
             hold_b.store(false, std::sync::atomic::Ordering::SeqCst);
             let deadline = Instant::now() + Duration::from_secs(3);
