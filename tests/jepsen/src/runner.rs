@@ -1007,6 +1007,10 @@ async fn snapshot(
 }
 
 /// The final R=N read of every key, retried across nodes until it succeeds.
+/// Rounds of final reads of one key (every client once per round, 500 ms apart) before it
+/// counts as unread.
+const FINAL_READ_ROUNDS: usize = 20;
+
 async fn final_reads(
     shared: &Shared,
     keys: &BTreeSet<String>,
@@ -1026,23 +1030,33 @@ async fn final_reads(
         timeout: Some(Duration::from_secs(5)),
         ..Default::default()
     };
+    // Each client is pinned to one node, and a node the membership nemesis took out of the
+    // ring refuses every read: a round tries every client, starting with the last one that
+    // answered, and only a round in which none answered waits before the next.
+    let clients = shared.clients.len();
+    let mut first = 0;
     for key in keys {
         let mut done = false;
-        for attempt in 0..20 {
-            let client = &shared.clients[attempt % shared.clients.len()];
-            if let Ok(read) = client.get_with(key, opts).await {
-                shared
-                    .rec
-                    .record(Op::new(FINAL, OpType::Invoke, f).key(key));
-                shared.rec.record(
-                    Op::new(FINAL, OpType::Ok, f)
-                        .key(key)
-                        .value(json!(sibling_values(&read))),
-                );
-                done = true;
-                break;
+        'rounds: for round in 0..FINAL_READ_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            for i in 0..clients {
+                let c = (first + i) % clients;
+                if let Ok(read) = shared.clients[c].get_with(key, opts).await {
+                    shared
+                        .rec
+                        .record(Op::new(FINAL, OpType::Invoke, f).key(key));
+                    shared.rec.record(
+                        Op::new(FINAL, OpType::Ok, f)
+                            .key(key)
+                            .value(json!(sibling_values(&read))),
+                    );
+                    first = c;
+                    done = true;
+                    break 'rounds;
+                }
+            }
         }
         if !done {
             failures.push(key.clone());
