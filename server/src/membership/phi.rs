@@ -24,6 +24,14 @@ pub struct PhiConfig {
     pub acceptable_pause: Duration,
     /// The expected heartbeat interval, used to seed a new peer's history.
     pub expected_interval: Duration,
+    /// A gap this long between two steps of the node's own membership worker is a local pause
+    /// (the process stopped or starved; the worker steps at least every 250 ms).
+    pub local_pause: Duration,
+    /// After a local pause, how long phi takes no routed peer out of routing: every peer's
+    /// silence includes this node's own, and a peer held up with it (the same starved machine,
+    /// a paused VM) has had no chance to be heard. Cassandra's failure detector does the same
+    /// ("Not marking nodes down due to local pause").
+    pub pause_grace: Duration,
 }
 
 impl PhiConfig {
@@ -42,6 +50,8 @@ impl Default for PhiConfig {
             min_std_dev: Duration::from_millis(100),
             acceptable_pause: Duration::from_secs(2),
             expected_interval: Duration::from_millis(500),
+            local_pause: Duration::from_secs(1),
+            pause_grace: Duration::from_secs(1),
         }
     }
 }
@@ -121,8 +131,22 @@ impl PhiDetector {
         &self.cfg
     }
 
-    /// Records a heartbeat from `peer` at `now`.
+    /// Records a heartbeat from `peer` at `now`, which is when it arrived: the reader was
+    /// waiting for it.
     pub fn heartbeat(&mut self, peer: &str, now: Instant) {
+        self.heard(peer, now, true);
+    }
+
+    /// Records a heartbeat from `peer` that waited in the socket until `now` (read in a
+    /// backlog, after the reader was held up): the peer was heard, but when it arrived is
+    /// unknown, so it is no sample. Sampled, a backlog read at once is a run of near-zero
+    /// intervals after one long one, and a narrow window would then suspect the peer within a
+    /// fraction of its normal interval.
+    pub fn heartbeat_from_backlog(&mut self, peer: &str, now: Instant) {
+        self.heard(peer, now, false);
+    }
+
+    fn heard(&mut self, peer: &str, now: Instant, sample: bool) {
         match self.peers.get_mut(peer) {
             None => {
                 self.peers
@@ -134,7 +158,7 @@ impl PhiDetector {
                 // A gap longer than a heartbeat can be late is an outage (the direct path was
                 // down), not a sample: recorded, it would widen the deviation and slow the
                 // next suspicion for the rest of the window (Cassandra's `fd_max_interval`).
-                if ms <= self.cfg.max_interval_ms() {
+                if sample && ms <= self.cfg.max_interval_ms() {
                     w.push(ms, self.cfg.window);
                 }
             }
@@ -183,6 +207,37 @@ mod tests {
             t += interval;
         }
         (d, t - interval)
+    }
+
+    /// Heartbeats read in a backlog (the reader was held up) say the peer is alive but are no
+    /// samples: sampled, the burst's near-zero intervals made a narrow window suspect the
+    /// peer before its next heartbeat was due.
+    #[test]
+    fn a_backlog_of_heartbeats_is_heard_but_not_sampled() {
+        let cfg = PhiConfig {
+            window: 2,
+            acceptable_pause: Duration::ZERO,
+            min_std_dev: ms(50),
+            ..PhiConfig::default()
+        };
+        let (mut sampled, last) = trained(cfg.clone(), ms(500), 10);
+        let (mut backlog, _) = trained(cfg, ms(500), 10);
+        // Held up for 1.2 s: three heartbeats wait in the socket and are read at once.
+        let read = last + ms(1200);
+        for _ in 0..3 {
+            sampled.heartbeat("p", read);
+            backlog.heartbeat_from_backlog("p", read);
+        }
+        // The next heartbeat is due 500 ms after the last one sent; 400 ms after the read
+        // nothing is late.
+        let later = read + ms(400);
+        assert!(
+            sampled.is_suspected("p", later),
+            "the burst's intervals make phi twitchy"
+        );
+        assert!(!backlog.is_suspected("p", later));
+        // And the peer was heard: it is suspected only once silent past its usual beat.
+        assert!(backlog.is_suspected("p", read + ms(1500)));
     }
 
     /// Found in review: a 60 s gap (the direct path down while indirect probes kept the peer

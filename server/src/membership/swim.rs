@@ -171,6 +171,7 @@ crate::metrics::metric_set! {
         rejected_stale: Counter = "rejected_stale", "packets outside the replay window";
         foca_errors: Counter = "foca_errors", "errors reported by foca";
         members_down: Counter = "members_down_events", "members declared down";
+        local_pauses: Counter = "local_pauses", "times the membership worker took no step for over 1 s (this process stopped or starved); phi then takes no routed peer out of routing for 1 s";
         unroutable: Counter = "member_unavailable_events", "times a member stopped being available for routing here (SWIM down or unknown, or phi above the threshold)";
         rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
         duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s) or known alive with a newer identity: stop one of them";
@@ -604,6 +605,12 @@ pub struct Driver {
     superseded: u64,
     /// Another live process with this node id, heard while this one is the older.
     duplicate: Option<Duplicate>,
+    /// A heartbeat ended a suspected peer's silence: the view is published at the next `drain`.
+    view_stale: bool,
+    /// Until when phi takes no peer out of routing: this process was held up (stopped,
+    /// starved) and its peers' silence, measured by its own clock, says nothing yet
+    /// (`note_local_pause`).
+    pause_grace_until: Option<std::time::Instant>,
     /// Why this process must stop (an older live process has its node id); the worker then
     /// cancels the node's shutdown token and `node::run` returns it as its error.
     pub fatal: Arc<Mutex<Option<String>>>,
@@ -694,6 +701,8 @@ impl Driver {
             started_ms: now_ms(),
             superseded: 0,
             duplicate: None,
+            view_stale: false,
+            pause_grace_until: None,
             fatal: Default::default(),
         }
     }
@@ -752,6 +761,7 @@ impl Driver {
             announce: interval(ANNOUNCE_INTERVAL),
             republish: interval(META_REPUBLISH),
             refresh: interval(VIEW_REFRESH),
+            last_step: Instant::now(),
         }
     }
 
@@ -790,7 +800,9 @@ impl Driver {
         }
     }
 
-    fn on_packet(&mut self, pkt: &[u8], from: SocketAddr) {
+    /// A packet read from the socket; `waited`: the worker was waiting for it, so it arrived
+    /// now (else it was read in a backlog, `read_queued`, and its arrival time is unknown).
+    fn on_packet(&mut self, pkt: &[u8], from: SocketAddr, waited: bool) {
         if pkt.len() > MAX_DATAGRAM {
             return self.reject(Reject::Short, from);
         }
@@ -808,11 +820,15 @@ impl Driver {
             KIND_HEARTBEAT => {
                 self.stats.heartbeats_in.inc();
                 let was_suspected = self.phi.is_suspected(&node_id, now.into_std());
-                self.phi.heartbeat(&node_id, now.into_std());
-                // Back from a silence: routable again now, not at the next refresh.
-                if was_suspected {
-                    self.publish_view();
+                if waited {
+                    self.phi.heartbeat(&node_id, now.into_std());
+                } else {
+                    self.phi.heartbeat_from_backlog(&node_id, now.into_std());
                 }
+                // Back from a silence: routable again at the end of this batch of packets (`drain`),
+                // not at the next refresh. Not at once: judged in the middle of a backlog, the
+                // peers whose heartbeats are further on in it would look silent.
+                self.view_stale |= was_suspected;
             }
             KIND_FOCA => {
                 if let Err(e) = self.foca.handle_data(&payload, &mut self.rt) {
@@ -956,7 +972,7 @@ impl Driver {
     fn read_queued(&mut self, buf: &mut [u8]) {
         for _ in 0..QUEUED_READS_PER_STEP {
             match self.socket.try_recv_from(buf) {
-                Ok((len, from)) => self.on_packet(&buf[..len], from),
+                Ok((len, from)) => self.on_packet(&buf[..len], from, false),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     debug!(node = %self.me.node_id, error = %e, "gossip recv failed");
@@ -1059,7 +1075,7 @@ impl Driver {
                 break;
             }
         }
-        if changed {
+        if changed || std::mem::take(&mut self.view_stale) {
             self.publish_view();
         }
     }
@@ -1142,8 +1158,29 @@ impl Driver {
         }
     }
 
-    fn is_available(&self, node_id: &str, state: State, now: std::time::Instant) -> bool {
-        state != State::Down && !self.phi.is_suspected(node_id, now)
+    /// Routable: not down for SWIM, and not suspected by phi, except that during the grace
+    /// after this process was held up (`note_local_pause`) phi takes no routed peer out.
+    fn is_available(
+        &self,
+        node_id: &str,
+        state: State,
+        now: std::time::Instant,
+        routed: bool,
+    ) -> bool {
+        let in_grace = self.pause_grace_until.is_some_and(|t| now < t);
+        state != State::Down && ((in_grace && routed) || !self.phi.is_suspected(node_id, now))
+    }
+
+    /// This worker took no step for `gap` (more than `PhiConfig::local_pause`): the process
+    /// was stopped or starved, and phi takes no routed peer out for `PhiConfig::pause_grace`
+    /// (SWIM still declares the dead down).
+    fn note_local_pause(&mut self, gap: Duration) {
+        self.stats.local_pauses.inc();
+        let grace = self.phi.config().pause_grace;
+        self.pause_grace_until = Some(std::time::Instant::now() + grace);
+        warn!(node = %self.me.node_id, paused_ms = gap.as_millis() as u64,
+              grace_ms = grace.as_millis() as u64,
+              "the membership worker was held up (process stopped or starved): phi takes no peer out of routing until its heartbeats had time to arrive");
     }
 
     /// Rebuilds the cluster view and publishes it if anything routing-relevant changed.
@@ -1178,12 +1215,15 @@ impl Driver {
         members.insert(me.clone(), self.member_info(&self.me, self.my_meta.vnodes));
         let mut seen = BTreeMap::new();
         let mut newest_seen = 0;
+        let routed = self.view.borrow().alive.clone();
         for (node_id, saved) in &self.saved {
             let nid: NodeId = node_id.as_str().into();
             // Routing uses a member only while foca knows it alive and phi is low; a member
             // known only from the saved ring is unavailable until foca rediscovers it.
             if let Some((id, state, _)) = foca_members.get(node_id) {
-                if id.generation >= saved.id.generation && self.is_available(node_id, *state, now) {
+                if id.generation >= saved.id.generation
+                    && self.is_available(node_id, *state, now, routed.contains(node_id.as_str()))
+                {
                     alive.insert(nid.clone());
                 }
             }
@@ -1287,15 +1327,16 @@ impl Driver {
             let swim = foca_members.get(member).map_or("unknown", |(_, state, _)| {
                 SWIM_STATE_NAMES[swim_code(*state) as usize]
             });
+            // None: no history (SWIM declared it down, which drops it, or it was never heard).
             let phi = self
                 .phi
                 .phi(member, now)
-                .map_or(-1.0, |p| (p * 10.0).round() / 10.0);
+                .map_or_else(|| "none".to_string(), |p| format!("{p:.1}"));
             let silent_ms = self
                 .last_heard
                 .get(member)
                 .map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
-            warn!(node = %me, member, swim, phi, threshold = self.phi.config().threshold,
+            warn!(node = %me, member, swim, %phi, threshold = self.phi.config().threshold,
                   silent_ms, "member unavailable for routing");
         }
         for back in now_alive.difference(was) {
@@ -1458,6 +1499,8 @@ pub struct MembershipWorker {
     announce: tokio::time::Interval,
     republish: tokio::time::Interval,
     refresh: tokio::time::Interval,
+    /// When the last step ended (`PhiConfig::local_pause`).
+    last_step: Instant,
 }
 
 impl MembershipWorker {
@@ -1504,6 +1547,11 @@ impl Worker for MembershipWorker {
             d.announce_to_seeds();
             d.drain();
             d.publish_view();
+            self.last_step = Instant::now();
+        }
+        let gap = self.last_step.elapsed();
+        if gap > d.phi.config().local_pause {
+            d.note_local_pause(gap);
         }
         d.read_queued(&mut self.buf);
         d.drain();
@@ -1522,7 +1570,7 @@ impl Worker for MembershipWorker {
             }
             _ = stop.cancelled() => return Ok(WorkerState::Done),
             r = d.socket.recv_from(&mut self.buf) => match r {
-                Ok((len, from)) => d.on_packet(&self.buf[..len], from),
+                Ok((len, from)) => d.on_packet(&self.buf[..len], from, true),
                 Err(e) => debug!(node = %d.me.node_id, error = %e, "gossip recv failed"),
             },
             _ = tokio::time::sleep_until(next_timer) => d.fire_timers(),
@@ -1561,6 +1609,7 @@ impl Worker for MembershipWorker {
         }
         d.drain();
         self.stop_if_fatal();
+        self.last_step = Instant::now();
         Ok(WorkerState::Busy)
     }
 }
@@ -1594,16 +1643,25 @@ mod tests {
         }
     }
 
-    /// Two members `a` and `b` on loopback, each seeding the other, with a phi detector that
+    /// Members named `a`, `b`, `c`… on loopback (`a` seeding `b`, every other seeding `a`),
+    /// with a phi detector that
     /// learns a regular 500 ms beat (a window of two intervals forgets a burst of queued
     /// heartbeats within a second) and, with no acceptable pause, suspects a peer silent for
     /// ~0.8 s: a 1.2 s silence is past its tolerance, and far below the ~4 s after which SWIM
     /// declares a member down.
-    async fn quick_phi_pair() -> [(super::super::Membership, MembershipWorker); 2] {
+    /// Without `grace`, a local pause gives no grace (`PhiConfig::pause_grace`).
+    async fn quick_phi_cluster<const N: usize>(
+        grace: bool,
+    ) -> [(super::super::Membership, MembershipWorker); N] {
         let phi = PhiConfig {
             acceptable_pause: Duration::ZERO,
             min_std_dev: Duration::from_millis(50),
             window: 2,
+            pause_grace: if grace {
+                PhiConfig::default().pause_grace
+            } else {
+                Duration::ZERO
+            },
             ..PhiConfig::default()
         };
         let bind = || async {
@@ -1611,14 +1669,17 @@ mod tests {
                 .await
                 .expect("a loopback UDP socket binds")
         };
-        let (sa, sb) = (bind().await, bind().await);
-        let (ga, gb) = (
-            sa.local_addr().expect("bound"),
-            sb.local_addr().expect("bound"),
-        );
-        let start = |name: &str, socket, seed| {
+        let mut sockets = Vec::new();
+        for _ in 0..N {
+            sockets.push(bind().await);
+        }
+        let gossip: Vec<SocketAddr> = sockets
+            .iter()
+            .map(|s| s.local_addr().expect("bound"))
+            .collect();
+        let start = |name: String, socket, seed| {
             let info = MemberInfo {
-                node_id: name.into(),
+                node_id: name,
                 client_addr: "127.0.0.1:1".into(),
                 peer_addr: "127.0.0.1:1".into(),
                 vnodes: 8,
@@ -1638,7 +1699,12 @@ mod tests {
             };
             super::super::Membership::start(info, socket, cfg, CancellationToken::new())
         };
-        [start("a", sa, gb), start("b", sb, ga)]
+        let mut sockets = sockets.into_iter();
+        std::array::from_fn(|i| {
+            let name = char::from(b'a' + i as u8).to_string();
+            let seed = gossip[if i == 0 { 1 } else { 0 }];
+            start(name, sockets.next().expect("one socket per member"), seed)
+        })
     }
 
     /// Steps `w` on its own task until `stop`, not while `hold` is set.
@@ -1679,14 +1745,27 @@ mod tests {
     /// heartbeats it had queued (the worker's select picks among ready branches at random).
     #[tokio::test(flavor = "current_thread")]
     async fn a_held_up_worker_reads_queued_heartbeats_before_judging_its_peers() {
-        let [(a, mut wa), (_b, wb)] = quick_phi_pair().await;
+        // Without the grace after a local pause, which would hide what this test is about.
+        let [(a, mut wa), (_b, wb), (_c, wc)] = quick_phi_cluster(false).await;
         let stop = CancellationToken::new();
-        // b runs on its own, also while a is held up.
-        let b = run_held(wb, stop.clone(), Default::default());
-        until_b_alive(&mut wa, &a, &stop).await;
-        let b_alive = || a.view().alive.contains("b");
-        // Each hold-up is a chance for the refresh to run before the queued heartbeats.
+        // b and c run on their own, also while a is held up.
+        let others = [wb, wc].map(|w| run_held(w, stop.clone(), Default::default()));
+        let both_alive = || ["b", "c"].iter().all(|m| a.view().alive.contains(*m));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !both_alive() {
+            assert!(Instant::now() < deadline, "a never saw b and c alive");
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(100),
+                || {},
+            )
+            .await;
+        }
+        // Each hold-up is a chance for the refresh or a timer to run before the queued
+        // heartbeats, or for the view to be judged between two of them.
         let mut published_down = 0;
+        let mut taken_out = 0;
         for _ in 0..6 {
             // A steady beat learned, then a hold-up past phi's tolerance.
             run_until(
@@ -1696,23 +1775,30 @@ mod tests {
                 || {},
             )
             .await;
-            assert!(b_alive(), "b is alive for a before the hold-up");
+            assert!(both_alive(), "b and c are alive for a before the hold-up");
+            let before = a.stats.unroutable.get();
             tokio::time::sleep(Duration::from_millis(1200)).await;
             run_until(
                 &mut wa,
                 &stop,
                 Instant::now() + Duration::from_millis(400),
                 || {
-                    published_down += usize::from(!b_alive());
+                    published_down += usize::from(!both_alive());
                 },
             )
             .await;
+            // Also a view published and replaced within one step.
+            taken_out += a.stats.unroutable.get() - before;
         }
         stop.cancel();
-        b.await.expect("b's worker loop ends");
+        for w in others {
+            w.await.expect("a worker loop ends");
+        }
         assert_eq!(
-            published_down, 0,
-            "a published b unavailable after hold-ups, though b's heartbeats sat in its socket"
+            (published_down, taken_out),
+            (0, 0),
+            "a took b or c out of routing after hold-ups, though their heartbeats sat in its \
+             socket (steps that ended so, members taken out)"
         );
     }
 
@@ -1721,7 +1807,7 @@ mod tests {
     /// meanwhile refused or sent elsewhere).
     #[tokio::test(flavor = "current_thread")]
     async fn a_peer_back_from_silence_is_available_on_its_first_heartbeat() {
-        let [(a, mut wa), (_b, wb)] = quick_phi_pair().await;
+        let [(a, mut wa), (_b, wb)] = quick_phi_cluster(true).await;
         let stop = CancellationToken::new();
         let hold_b = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let b = run_held(wb, stop.clone(), hold_b.clone());
@@ -1772,6 +1858,92 @@ mod tests {
                 b_alive(),
                 "round {round}: a read b's heartbeat but still publishes it unavailable"
             );
+        }
+        stop.cancel();
+        b.await.expect("b's worker loop ends");
+    }
+
+    /// A peer held up together with this node (one starved machine, a paused VM, two processes
+    /// stopped at once) had no chance to send heartbeats either: right after a local pause
+    /// phi takes no routed peer out for a grace of two heartbeat intervals, and a peer silent
+    /// alone is still taken out once the grace is over. Before, the resumed node published
+    /// such a peer unavailable until its first heartbeat came (seen in `pause` Jepsen runs).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_peer_held_up_with_this_node_stays_routed_after_the_pause() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let [(a, mut wa), (_b, wb)] = quick_phi_cluster(true).await;
+        let stop = CancellationToken::new();
+        let hold_b = Arc::new(AtomicBool::new(false));
+        let b = run_held(wb, stop.clone(), hold_b.clone());
+        until_b_alive(&mut wa, &a, &stop).await;
+        let b_alive = || a.view().alive.contains("b");
+        let mut published_down = 0;
+        for round in 0..3 {
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(1500),
+                || {},
+            )
+            .await;
+            assert!(
+                b_alive(),
+                "round {round}: b is alive for a before the pause"
+            );
+            let pauses = a.stats.local_pauses.get();
+            // b stops first, and a reads what b sent before it stopped, so that nothing of b
+            // is queued for a when both resume: then a holds still too.
+            hold_b.store(true, SeqCst);
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(300),
+                || {},
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            hold_b.store(false, SeqCst);
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(400),
+                || {
+                    published_down += usize::from(!b_alive());
+                },
+            )
+            .await;
+            assert!(
+                a.stats.local_pauses.get() > pauses,
+                "round {round}: a counts its hold-up as a local pause"
+            );
+        }
+        assert_eq!(
+            published_down, 0,
+            "a published b unavailable right after a pause both took"
+        );
+        // The grace ends: b silent on its own is taken out of routing (once phi forgot the
+        // long interval the pause put in its window of two).
+        run_until(
+            &mut wa,
+            &stop,
+            Instant::now() + Duration::from_millis(1500),
+            || {},
+        )
+        .await;
+        hold_b.store(true, SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while b_alive() {
+            assert!(
+                Instant::now() < deadline,
+                "a still routes to b after 3 s of silence"
+            );
+            run_until(
+                &mut wa,
+                &stop,
+                Instant::now() + Duration::from_millis(50),
+                || {},
+            )
+            .await;
         }
         stop.cancel();
         b.await.expect("b's worker loop ends");
