@@ -24,8 +24,8 @@ pub struct PhiConfig {
     pub acceptable_pause: Duration,
     /// The expected heartbeat interval, used to seed a new peer's history.
     pub expected_interval: Duration,
-    /// A gap this long between two steps of the node's own membership worker is a local pause
-    /// (the process stopped or starved; the worker steps at least every 250 ms).
+    /// A gap this long between two wake-ups of the node's own membership worker is a local
+    /// pause (the process stopped or starved; the worker wakes at least every 250 ms).
     pub local_pause: Duration,
     /// After a local pause, how long phi takes no routed peer out of routing: every peer's
     /// silence includes this node's own, and a peer held up with it (the same starved machine,

@@ -171,7 +171,7 @@ crate::metrics::metric_set! {
         rejected_stale: Counter = "rejected_stale", "packets outside the replay window";
         foca_errors: Counter = "foca_errors", "errors reported by foca";
         members_down: Counter = "members_down_events", "members declared down";
-        local_pauses: Counter = "local_pauses", "times the membership worker took no step for over 1 s (this process stopped or starved); phi then takes no routed peer out of routing for 1 s";
+        local_pauses: Counter = "local_pauses", "times the membership worker did not wake for over 1 s (this process stopped or starved); phi then takes no routed peer out of routing for 1 s";
         unroutable: Counter = "member_unavailable_events", "times a member stopped being available for routing here (SWIM down or unknown, or phi above the threshold)";
         rejoins: Counter = "rejoins", "times this node rejoined under a new identity";
         duplicate_node_id: Gauge = "duplicate_node_id", "1 while another live process with this node id is heard (over the last 5 s) or known alive with a newer identity: stop one of them";
@@ -761,7 +761,7 @@ impl Driver {
             announce: interval(ANNOUNCE_INTERVAL),
             republish: interval(META_REPUBLISH),
             refresh: interval(VIEW_REFRESH),
-            last_step: Instant::now(),
+            last_woke: Instant::now(),
         }
     }
 
@@ -1171,7 +1171,7 @@ impl Driver {
         state != State::Down && ((in_grace && routed) || !self.phi.is_suspected(node_id, now))
     }
 
-    /// This worker took no step for `gap` (more than `PhiConfig::local_pause`): the process
+    /// This worker did not wake for `gap` (more than `PhiConfig::local_pause`): the process
     /// was stopped or starved, and phi takes no routed peer out for `PhiConfig::pause_grace`
     /// (SWIM still declares the dead down).
     fn note_local_pause(&mut self, gap: Duration) {
@@ -1499,8 +1499,9 @@ pub struct MembershipWorker {
     announce: tokio::time::Interval,
     republish: tokio::time::Interval,
     refresh: tokio::time::Interval,
-    /// When the last step ended (`PhiConfig::local_pause`).
-    last_step: Instant,
+    /// When the worker last woke from its wait (`PhiConfig::local_pause`: it wakes at least
+    /// every `VIEW_REFRESH`).
+    last_woke: Instant,
 }
 
 impl MembershipWorker {
@@ -1540,27 +1541,35 @@ impl Worker for MembershipWorker {
     }
 
     async fn work(&mut self, stop: &CancellationToken) -> Result<WorkerState, String> {
-        let d = &mut self.driver;
         if !self.started {
             self.started = true;
+            let d = &mut self.driver;
             d.publish_meta(RingStatus::Joining);
             d.announce_to_seeds();
             d.drain();
             d.publish_view();
-            self.last_step = Instant::now();
+            self.last_woke = Instant::now();
         }
-        let gap = self.last_step.elapsed();
-        if gap > d.phi.config().local_pause {
+        let event = self.next_event(stop).await;
+        // Woken: first whether this process was held up, and what its peers sent meanwhile,
+        // then the event. A process stopped or starved mid-wait wakes with a refresh or timers
+        // due and its peers' heartbeats queued: judged first, every peer looks silent.
+        let now = Instant::now();
+        let gap = now.duration_since(self.last_woke);
+        self.last_woke = now;
+        let d = &mut self.driver;
+        let paused = gap > d.phi.config().local_pause;
+        if paused {
             d.note_local_pause(gap);
+        }
+        if let Event::Packet(len, from) = event {
+            // The oldest of any backlog; it arrived now only if the wait was not a pause.
+            d.on_packet(&self.buf[..len], from, !paused);
         }
         d.read_queued(&mut self.buf);
         d.drain();
-        self.stop_if_fatal();
-        let d = &mut self.driver;
-        let far = Instant::now() + Duration::from_secs(3600);
-        let next_timer = d.timers.peek().map(|Reverse((at, _))| *at).unwrap_or(far);
-        tokio::select! {
-            _ = self.leave.cancelled() => {
+        match event {
+            Event::Leave => {
                 // Tell the cluster we are leaving, so peers do not wait for probes to fail.
                 if let Err(e) = d.foca.leave_cluster(&mut d.rt) {
                     debug!(node = %d.me.node_id, error = %e, "leave_cluster");
@@ -1568,36 +1577,45 @@ impl Worker for MembershipWorker {
                 d.drain();
                 return Ok(WorkerState::Done);
             }
-            _ = stop.cancelled() => return Ok(WorkerState::Done),
-            r = d.socket.recv_from(&mut self.buf) => match r {
-                Ok((len, from)) => d.on_packet(&self.buf[..len], from, true),
-                Err(e) => debug!(node = %d.me.node_id, error = %e, "gossip recv failed"),
-            },
-            _ = tokio::time::sleep_until(next_timer) => d.fire_timers(),
-            _ = self.heartbeat.tick() => d.send_heartbeats(),
-            _ = self.announce.tick(), if !d.active => d.announce_to_seeds(),
-            _ = self.republish.tick() => {
-                let status = if d.active { RingStatus::Normal } else { d.my_meta.status };
+            Event::Stop => return Ok(WorkerState::Done),
+            Event::Packet(..) => {}
+            Event::RecvFailed(e) => debug!(node = %d.me.node_id, error = %e, "gossip recv failed"),
+            Event::Timers => d.fire_timers(),
+            Event::Heartbeat => d.send_heartbeats(),
+            Event::Announce => d.announce_to_seeds(),
+            Event::Republish => {
+                let status = if d.active {
+                    RingStatus::Normal
+                } else {
+                    d.my_meta.status
+                };
                 d.publish_meta(status);
             }
-            _ = self.refresh.tick() => {
+            Event::Refresh => {
                 d.after_duplicate();
                 d.publish_view();
                 let members = d.members_reply();
-                *d.members_seen.lock().expect("members snapshot lock poisoned") = Some(members);
+                *d.members_seen
+                    .lock()
+                    .expect("members snapshot lock poisoned") = Some(members);
             }
-            Some(cmd) = self.commands.recv() => match cmd {
-                Command::Members(reply) => { let _ = reply.send(d.members_reply()); }
+            Event::Command(cmd) => match cmd {
+                Command::Members(reply) => {
+                    let _ = reply.send(d.members_reply());
+                }
                 Command::Adopt(layout, on, reply) => {
-                    let current = LayoutId { version: d.layout.version, digest: d.layout_digest };
+                    let current = LayoutId {
+                        version: d.layout.version,
+                        digest: d.layout_digest,
+                    };
                     let _ = reply.send(on.is_none_or(|id| id == current) && d.adopt(*layout));
                 }
-                Command::Drained(version) => d.update_meta(|m| {
-                    std::mem::replace(&mut m.drained, version) != version
-                }),
-                Command::HoldsNothing(empty) => d.update_meta(|m| {
-                    std::mem::replace(&mut m.holds_nothing, empty) != empty
-                }),
+                Command::Drained(version) => {
+                    d.update_meta(|m| std::mem::replace(&mut m.drained, version) != version)
+                }
+                Command::HoldsNothing(empty) => {
+                    d.update_meta(|m| std::mem::replace(&mut m.holds_nothing, empty) != empty)
+                }
                 Command::Synced(version) => d.update_meta(|m| {
                     let newer = version > m.synced;
                     if newer {
@@ -1609,8 +1627,46 @@ impl Worker for MembershipWorker {
         }
         d.drain();
         self.stop_if_fatal();
-        self.last_step = Instant::now();
         Ok(WorkerState::Busy)
+    }
+}
+
+/// What woke the membership worker (`MembershipWorker::next_event`).
+enum Event {
+    Leave,
+    Stop,
+    /// A datagram of this length, in the worker's buffer.
+    Packet(usize, SocketAddr),
+    RecvFailed(std::io::Error),
+    Timers,
+    Heartbeat,
+    Announce,
+    Republish,
+    Refresh,
+    Command(Command),
+}
+
+impl MembershipWorker {
+    /// Waits for the next thing to do, without doing it (`work` first looks at what
+    /// happened while it waited). Every branch is cancel-safe.
+    async fn next_event(&mut self, stop: &CancellationToken) -> Event {
+        let d = &mut self.driver;
+        let far = Instant::now() + Duration::from_secs(3600);
+        let next_timer = d.timers.peek().map(|Reverse((at, _))| *at).unwrap_or(far);
+        tokio::select! {
+            _ = self.leave.cancelled() => Event::Leave,
+            _ = stop.cancelled() => Event::Stop,
+            r = d.socket.recv_from(&mut self.buf) => match r {
+                Ok((len, from)) => Event::Packet(len, from),
+                Err(e) => Event::RecvFailed(e),
+            },
+            _ = tokio::time::sleep_until(next_timer) => Event::Timers,
+            _ = self.heartbeat.tick() => Event::Heartbeat,
+            _ = self.announce.tick(), if !d.active => Event::Announce,
+            _ = self.republish.tick() => Event::Republish,
+            _ = self.refresh.tick() => Event::Refresh,
+            Some(cmd) = self.commands.recv() => Event::Command(cmd),
+        }
     }
 }
 
@@ -1724,6 +1780,45 @@ mod tests {
         })
     }
 
+    /// Holds `w` for `ms` in the middle of a step, parked in its select as a process stopped by
+    /// `SIGSTOP` or starved of CPU is, then lets that step finish: it wakes with whatever
+    /// became ready meanwhile (a refresh, a timer, a packet).
+    async fn hold_mid_step(w: &mut MembershipWorker, stop: &CancellationToken, ms: u64) {
+        loop {
+            let mut step = Box::pin(w.work(stop));
+            if tokio::time::timeout(Duration::from_millis(1), &mut step)
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let _ = step.await;
+                return;
+            }
+        }
+    }
+
+    /// Steps `w` for `ms` milliseconds.
+    async fn run_for(w: &mut MembershipWorker, stop: &CancellationToken, ms: u64) {
+        run_until(w, stop, Instant::now() + Duration::from_millis(ms), || {}).await;
+    }
+
+    /// Steps `w` until `a` (its member) takes `b` out of routing, for at most 3 s.
+    async fn until_b_dropped(
+        w: &mut MembershipWorker,
+        a: &super::super::Membership,
+        stop: &CancellationToken,
+        when: &str,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while a.view().alive.contains("b") {
+            assert!(
+                Instant::now() < deadline,
+                "{when}: a still routes to b after 3 s of silence"
+            );
+            run_for(w, stop, 50).await;
+        }
+    }
+
     /// Steps `w` until `a` (its member) sees `b` available, for at most 10 s.
     async fn until_b_alive(
         w: &mut MembershipWorker,
@@ -1733,7 +1828,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !a.view().alive.contains("b") {
             assert!(Instant::now() < deadline, "a never saw b alive");
-            run_until(w, stop, Instant::now() + Duration::from_millis(100), || {}).await;
+            run_for(w, stop, 100).await;
         }
     }
 
@@ -1754,13 +1849,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !both_alive() {
             assert!(Instant::now() < deadline, "a never saw b and c alive");
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(100),
-                || {},
-            )
-            .await;
+            run_for(&mut wa, &stop, 100).await;
         }
         // Each hold-up is a chance for the refresh or a timer to run before the queued
         // heartbeats, or for the view to be judged between two of them.
@@ -1768,16 +1857,11 @@ mod tests {
         let mut taken_out = 0;
         for _ in 0..6 {
             // A steady beat learned, then a hold-up past phi's tolerance.
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(1500),
-                || {},
-            )
-            .await;
+            run_for(&mut wa, &stop, 1500).await;
             assert!(both_alive(), "b and c are alive for a before the hold-up");
             let before = a.stats.unroutable.get();
-            tokio::time::sleep(Duration::from_millis(1200)).await;
+            hold_mid_step(&mut wa, &stop, 1200).await;
+            published_down += usize::from(!both_alive());
             run_until(
                 &mut wa,
                 &stop,
@@ -1814,32 +1898,13 @@ mod tests {
         until_b_alive(&mut wa, &a, &stop).await;
         let b_alive = || a.view().alive.contains("b");
         for round in 0..3 {
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(1500),
-                || {},
-            )
-            .await;
+            run_for(&mut wa, &stop, 1500).await;
             assert!(
                 b_alive(),
                 "round {round}: b is alive for a before its silence"
             );
             hold_b.store(true, std::sync::atomic::Ordering::SeqCst);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while b_alive() {
-                assert!(
-                    Instant::now() < deadline,
-                    "round {round}: a still routes to b after 3 s of silence"
-                );
-                run_until(
-                    &mut wa,
-                    &stop,
-                    Instant::now() + Duration::from_millis(50),
-                    || {},
-                )
-                .await;
-            }
+            until_b_dropped(&mut wa, &a, &stop, &format!("round {round}")).await;
             assert!(
                 a.stats.unroutable.get() > round as u64,
                 "round {round}: b taken out of routing is counted"
@@ -1879,29 +1944,18 @@ mod tests {
         let b_alive = || a.view().alive.contains("b");
         let mut published_down = 0;
         for round in 0..3 {
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(1500),
-                || {},
-            )
-            .await;
+            run_for(&mut wa, &stop, 1500).await;
             assert!(
                 b_alive(),
                 "round {round}: b is alive for a before the pause"
             );
             let pauses = a.stats.local_pauses.get();
             // b stops first, and a reads what b sent before it stopped, so that nothing of b
-            // is queued for a when both resume: then a holds still too.
+            // is queued for a when both resume: then a holds still too, mid-step.
             hold_b.store(true, SeqCst);
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(300),
-                || {},
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(1200)).await;
+            run_for(&mut wa, &stop, 300).await;
+            hold_mid_step(&mut wa, &stop, 1200).await;
+            published_down += usize::from(!b_alive());
             hold_b.store(false, SeqCst);
             run_until(
                 &mut wa,
@@ -1923,28 +1977,9 @@ mod tests {
         );
         // The grace ends: b silent on its own is taken out of routing (once phi forgot the
         // long interval the pause put in its window of two).
-        run_until(
-            &mut wa,
-            &stop,
-            Instant::now() + Duration::from_millis(1500),
-            || {},
-        )
-        .await;
+        run_for(&mut wa, &stop, 1500).await;
         hold_b.store(true, SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while b_alive() {
-            assert!(
-                Instant::now() < deadline,
-                "a still routes to b after 3 s of silence"
-            );
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(50),
-                || {},
-            )
-            .await;
-        }
+        until_b_dropped(&mut wa, &a, &stop, "after the grace").await;
         stop.cancel();
         b.await.expect("b's worker loop ends");
     }
