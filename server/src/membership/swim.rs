@@ -407,7 +407,7 @@ pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(2);
 pub const META_REPUBLISH: Duration = Duration::from_secs(5);
 /// How often liveness (phi) is re-evaluated for routing.
 pub const VIEW_REFRESH: Duration = Duration::from_millis(250);
-/// Packets read without waiting at the start of each membership step (`read_queued`): a
+/// Packets read without waiting each time the membership worker wakes (`read_queued`): a
 /// backlog after a hold-up is a few heartbeats and SWIM messages per peer; the bound keeps a
 /// flood of packets from starving the timers.
 const QUEUED_READS_PER_STEP: usize = 256;
