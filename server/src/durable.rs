@@ -10,7 +10,23 @@ use std::path::Path;
 
 /// Replaces `path` with `bytes` durably (see the module doc). The temp file is
 /// `.<name>.tmp` in the same directory.
+///
+/// Its fsyncs block (milliseconds, seconds on a saturated disk). Called from a task of a
+/// multi-threaded runtime (the membership worker saving the ring or the layout, a voter saving
+/// its grant), the write runs under `block_in_place`: the tasks queued on that worker thread
+/// move to another instead of waiting for the disk. Elsewhere (a current-thread runtime, as in
+/// unit tests; a blocking-pool thread; no runtime) it runs as it is.
 pub fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| write_file_now(path, bytes))
+        }
+        _ => write_file_now(path, bytes),
+    }
+}
+
+fn write_file_now(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -45,5 +61,35 @@ mod tests {
         assert_eq!(names, vec!["layout.json".to_string()]);
         let err = write_file(&dir.path().join("missing/x"), b"x").unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    /// From a task of either runtime flavor, and from a blocking-pool thread: `block_in_place`
+    /// would panic on a current-thread runtime, and the node's runtime is multi-threaded.
+    #[test]
+    fn a_file_is_written_from_a_task_of_either_runtime_flavor() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        for (name, rt) in [("current", &current), ("multi", &multi)] {
+            let path = dir.path().join(format!("{name}.json"));
+            let in_task = path.clone();
+            rt.block_on(async move {
+                tokio::spawn(async move { write_file(&in_task, b"from a task") })
+                    .await
+                    .unwrap()
+            })
+            .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"from a task");
+            let in_pool = path.clone();
+            rt.block_on(rt.spawn_blocking(move || write_file(&in_pool, b"from the pool")))
+                .unwrap()
+                .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"from the pool");
+        }
     }
 }

@@ -280,7 +280,8 @@ impl Votes {
 
     /// Grants `decision` on the change `id` (see `Ballots::grant`), saved before it returns.
     /// The file is a few hundred bytes written once per change and decision, so it is written
-    /// in place, under the lock (as the layout file is).
+    /// in place, under the lock (as the layout file is; `durable::write_file` lets the runtime
+    /// move this thread's other tasks elsewhere meanwhile).
     pub fn grant(&self, id: LayoutId, decision: Decision) -> Result<(), Refusal> {
         let mut ballots = self.ballots.lock().expect("ballots lock poisoned");
         match ballots.floor {
