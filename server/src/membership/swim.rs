@@ -1215,14 +1215,20 @@ impl Driver {
         members.insert(me.clone(), self.member_info(&self.me, self.my_meta.vnodes));
         let mut seen = BTreeMap::new();
         let mut newest_seen = 0;
-        let routed = self.view.borrow().alive.clone();
+        // The view published last: who is routed now (`is_available`), and what to compare with.
+        let current = self.view.borrow().clone();
         for (node_id, saved) in &self.saved {
             let nid: NodeId = node_id.as_str().into();
             // Routing uses a member only while foca knows it alive and phi is low; a member
             // known only from the saved ring is unavailable until foca rediscovers it.
             if let Some((id, state, _)) = foca_members.get(node_id) {
                 if id.generation >= saved.id.generation
-                    && self.is_available(node_id, *state, now, routed.contains(node_id.as_str()))
+                    && self.is_available(
+                        node_id,
+                        *state,
+                        now,
+                        current.alive.contains(node_id.as_str()),
+                    )
                 {
                     alive.insert(nid.clone());
                 }
@@ -1279,7 +1285,6 @@ impl Driver {
         self.served |= NoData::of(ready, layout.retired.contains(&*me)).is_none();
         let served = self.served;
         let epoch = self.layout_digest;
-        let current = self.view.borrow().clone();
         if current.members == members
             && current.alive == alive
             && current.epoch == epoch
@@ -1797,6 +1802,21 @@ mod tests {
         }
     }
 
+    /// Steps `w` for `ms` milliseconds and counts the steps after which `bad` holds.
+    async fn count_steps(
+        w: &mut MembershipWorker,
+        stop: &CancellationToken,
+        ms: u64,
+        mut bad: impl FnMut() -> bool,
+    ) -> usize {
+        let mut count = 0;
+        run_until(w, stop, Instant::now() + Duration::from_millis(ms), || {
+            count += usize::from(bad());
+        })
+        .await;
+        count
+    }
+
     /// Steps `w` for `ms` milliseconds.
     async fn run_for(w: &mut MembershipWorker, stop: &CancellationToken, ms: u64) {
         run_until(w, stop, Instant::now() + Duration::from_millis(ms), || {}).await;
@@ -1862,15 +1882,7 @@ mod tests {
             let before = a.stats.unroutable.get();
             hold_mid_step(&mut wa, &stop, 1200).await;
             published_down += usize::from(!both_alive());
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(400),
-                || {
-                    published_down += usize::from(!both_alive());
-                },
-            )
-            .await;
+            published_down += count_steps(&mut wa, &stop, 400, || !both_alive()).await;
             // Also a view published and replaced within one step.
             taken_out += a.stats.unroutable.get() - before;
         }
@@ -1957,15 +1969,7 @@ mod tests {
             hold_mid_step(&mut wa, &stop, 1200).await;
             published_down += usize::from(!b_alive());
             hold_b.store(false, SeqCst);
-            run_until(
-                &mut wa,
-                &stop,
-                Instant::now() + Duration::from_millis(400),
-                || {
-                    published_down += usize::from(!b_alive());
-                },
-            )
-            .await;
+            published_down += count_steps(&mut wa, &stop, 400, || !b_alive()).await;
             assert!(
                 a.stats.local_pauses.get() > pauses,
                 "round {round}: a counts its hold-up as a local pause"
