@@ -39,7 +39,11 @@
 //!
 //! Reads fail over to the next address when a node is unreachable; writes are never retried
 //! automatically (a retried write mints a second version), so a write whose outcome is unknown
-//! returns an error with [`Error::is_definite`] = false.
+//! returns an error with [`Error::is_definite`] = false. A request that certainly reached no
+//! data goes to the next address whatever it is, a write too: one refused at connect (too many
+//! connections), or answered `NotServing` by a node that serves no reads or writes now (a ring
+//! change took it out, or it has just started and does not know the ring yet); when every
+//! address refuses, the error is the last refusal (definite).
 //!
 //! An overloaded node refuses requests at once with `Overloaded` and a retry-after hint
 //! ([`Error::is_overloaded`], [`Error::retry_after`]); nothing was done. Reads (and the admin
@@ -862,6 +866,13 @@ impl Client {
                         timeout: timeout + CLIENT_GRACE,
                     })
                 }
+                // This node serves no reads or writes now (taken out of the ring, or it does
+                // not know the ring yet) and did nothing: the next node gets the request (a
+                // write too), as after a refused connection.
+                Ok(Ok(Response::Error(e))) if e.kind == ErrorKind::NotServing && e.definite => {
+                    last_err = format!("{addr}: {}", e.message);
+                    refusal = Some((addr, e));
+                }
                 Ok(Ok(Response::Error(e))) => {
                     self.inner.preferred.store(i, Ordering::Relaxed);
                     return Err(Error::Server {
@@ -878,7 +889,8 @@ impl Client {
                 Ok(Err(ConnError::Protocol(cause))) => return Err(Error::Protocol { addr, cause }),
                 // Refused at accept (too many connections): nothing was read, so the request
                 // (a write too) goes to the next node, as when a connect fails; if every node
-                // refuses, the answer is the refusal (definite, with its retry-after).
+                // refuses, the answer is the last refusal (definite; an `Overloaded` one with
+                // its retry-after).
                 Ok(Err(ConnError::Refused(e))) => {
                     last_err = format!("{addr}: {}", e.message);
                     refusal = Some((addr, e));

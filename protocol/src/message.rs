@@ -283,6 +283,10 @@ pub enum ErrorKind {
     WrongCluster,
     /// A peer did not prove knowledge of the cluster secret (or spoke before proving it).
     Unauthenticated,
+    /// This node serves no reads or writes now (a completed plan took it out of the ring, or
+    /// it does not know the ring yet); nothing was done. Another node can serve the request:
+    /// the client library sends it to the next address (a write too).
+    NotServing,
     Unknown {
         code: u16,
     },
@@ -302,6 +306,7 @@ impl ErrorKind {
             ErrorKind::TooManySiblings { .. } => 9,
             ErrorKind::WrongCluster => 10,
             ErrorKind::Unauthenticated => 11,
+            ErrorKind::NotServing => 12,
             ErrorKind::Unknown { code } => *code,
         }
     }
@@ -319,6 +324,7 @@ impl ErrorKind {
             ErrorKind::TooManySiblings { .. } => "TooManySiblings",
             ErrorKind::WrongCluster => "WrongCluster",
             ErrorKind::Unauthenticated => "Unauthenticated",
+            ErrorKind::NotServing => "NotServing",
             ErrorKind::Unknown { .. } => "Unknown",
         }
     }
@@ -354,6 +360,7 @@ impl ErrorKind {
             9 => ErrorKind::TooManySiblings { count: a, limit: b },
             10 => ErrorKind::WrongCluster,
             11 => ErrorKind::Unauthenticated,
+            12 => ErrorKind::NotServing,
             code => ErrorKind::Unknown { code },
         }
     }

@@ -101,7 +101,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
                 },
             )
     };
-    let kind = (0u16..13, any::<u64>(), any::<u64>()).prop_map(|(code, a, b)| match code {
+    let kind = (0u16..14, any::<u64>(), any::<u64>()).prop_map(|(code, a, b)| match code {
         0 => ErrorKind::TooLarge { size: a, limit: b },
         1 => ErrorKind::Malformed,
         2 => ErrorKind::UnsupportedVersion {
@@ -119,6 +119,7 @@ fn response_strategy() -> impl Strategy<Value = Response> {
         8 => ErrorKind::TooManySiblings { count: a, limit: b },
         9 => ErrorKind::WrongCluster,
         10 => ErrorKind::Unauthenticated,
+        11 => ErrorKind::NotServing,
         _ => ErrorKind::Unknown { code: 1000 + code },
     });
     let member = (

@@ -367,7 +367,7 @@ async fn a_restarted_node_never_stores_keys_outside_their_replicas() {
 /// Regression: a restarted node whose saved ring was stale coordinated with it before it had
 /// heard from the cluster (members may have joined, left or changed meanwhile), and a write
 /// forwarded to a node that did not know the ring was coordinated anyway. Now both are refused
-/// with a definite `Unavailable` until the node is in contact with the cluster.
+/// with a definite `NotServing` until the node is in contact with the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_coordinates_nothing_before_it_hears_from_the_cluster() {
     use bytes::Bytes;
@@ -394,7 +394,7 @@ async fn a_restarted_node_coordinates_nothing_before_it_hears_from_the_cluster()
     tokio::time::sleep(Duration::from_secs(1)).await;
     let err = n3.put_with("k", "v", None, w1).await.unwrap_err();
     assert!(
-        matches!(err.kind(), Some(ErrorKind::Unavailable { .. })) && err.is_definite(),
+        err.kind() == Some(ErrorKind::NotServing) && err.is_definite(),
         "{err}"
     );
     assert!(err.to_string().contains("joining"), "{err}");
@@ -437,7 +437,7 @@ async fn a_restarted_node_coordinates_nothing_before_it_hears_from_the_cluster()
         PeerResponse::Coordinator(CoordinatorResponse::ForwardReply { opcode, body }) => {
             match Response::decode(opcode, body) {
                 Ok(Response::Error(e)) => {
-                    assert!(matches!(e.kind, ErrorKind::Unavailable { .. }), "{e:?}");
+                    assert_eq!(e.kind, ErrorKind::NotServing, "{e:?}");
                     assert!(e.message.contains("joining"), "{}", e.message);
                 }
                 other => panic!("a forwarded write was coordinated: {other:?}"),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringkv_client::ErrorKind;
-use ringkv_client::{Client, GetOptions, PutOptions};
+use ringkv_client::{Client, ClientConfig, GetOptions, PutOptions};
 use ringkv_jepsen::peer::{Handshake, PeerCredentials, RawPeer};
 use ringkv_jepsen::{bin_path, eventually, metric, metric_total, Cluster};
 use ringkv_protocol::peer::aae::MAX_STATES;
@@ -398,8 +398,47 @@ async fn shrink_six_to_three_with_leave_drains_the_leaving_nodes() {
     .await;
     let refused = c.client(4).get("shrink-1").await;
     assert!(
-        matches!(&refused, Err(e) if e.to_string().contains("taken out of the ring")),
+        matches!(&refused, Err(e) if e.kind() == Some(ErrorKind::NotServing)
+            && e.is_definite()
+            && e.to_string().contains("taken out of the ring")),
         "a retired node says so: {refused:?}"
+    );
+    // An application whose first address is a node taken out of the ring is served by the
+    // next one, a write too (the retired node did nothing), and then asks that one first.
+    let n5 = c.client(4);
+    let not_serving = |op: &str| format!("requests{{op={op},result=not_serving}}");
+    let (gets_before, puts_before) = (
+        metric(&n5, &not_serving("get")).await,
+        metric(&n5, &not_serving("put")).await,
+    );
+    let app = || {
+        Client::new(
+            [c.nodes[4].addr.clone(), c.nodes[1].addr.clone()],
+            ClientConfig::default(),
+        )
+        .unwrap()
+    };
+    let writer = app();
+    let written = writer.put("after-shrink", "v", None).await;
+    assert!(written.is_ok(), "a write through n2: {written:?}");
+    let stored = c.client(0).get("after-shrink").await.unwrap();
+    assert_eq!(
+        stored.values(),
+        vec![&Bytes::from_static(b"v")],
+        "{stored:?}"
+    );
+    let reader = app();
+    for _ in 0..3 {
+        let read = reader.get("shrink-1").await.unwrap();
+        assert!(read.is_found(), "shrink-1 read through n2: {read:?}");
+    }
+    assert_eq!(
+        (
+            metric(&n5, &not_serving("get")).await - gets_before,
+            metric(&n5, &not_serving("put")).await - puts_before
+        ),
+        (1, 1),
+        "n5 refuses each application's first request, and is not asked again"
     );
 }
 

@@ -28,10 +28,11 @@ pub const OPS: [&str; 9] = [
 /// The ops admission control applies to (the rest are admin requests).
 pub const DATA_OPS: [&str; 3] = ["get", "put", "delete"];
 /// Outcomes of a client request, as the `result` label: answered, or which error.
-pub const RESULTS: [&str; 7] = [
+pub const RESULTS: [&str; 8] = [
     "ok",
     "timeout",
     "unavailable",
+    "not_serving",
     "overloaded",
     "expired",
     "invalid",
@@ -42,14 +43,16 @@ pub const RESULTS: [&str; 7] = [
 /// deadline passed before it ran, wherever it waited (the writer queue, a forward's queue): a
 /// definite `Timeout` to a put or delete (admission counts its own drops, of any op);
 /// `timeout` = the deadline passed with no quorum (a write's outcome then unknown; a read's
-/// errors are always definite, it changed nothing); `invalid` = the client's fault (too
-/// large, malformed, invalid arguments, too many siblings).
+/// errors are always definite, it changed nothing); `not_serving` = this node serves no data
+/// requests now (taken out of the ring, or it does not know the ring yet); `invalid` = the
+/// client's fault (too large, malformed, invalid arguments, too many siblings).
 pub fn result_of(resp: &Response, op: &str) -> &'static str {
     match resp {
         Response::Error(e) => match e.kind {
             ErrorKind::Timeout { .. } if e.definite && matches!(op, "put" | "delete") => "expired",
             ErrorKind::Timeout { .. } => "timeout",
             ErrorKind::Unavailable { .. } => "unavailable",
+            ErrorKind::NotServing => "not_serving",
             ErrorKind::Overloaded { .. } => "overloaded",
             ErrorKind::TooLarge { .. }
             | ErrorKind::Malformed
@@ -160,5 +163,7 @@ mod tests {
         assert_eq!(result_of(&timeout(true), "get"), "timeout");
         let overloaded = Response::error(ErrorKind::Overloaded { retry_after_ms: 5 }, true, "n1");
         assert_eq!(result_of(&overloaded, "get"), "overloaded");
+        let not_serving = Response::error(ErrorKind::NotServing, true, "n1: joining");
+        assert_eq!(result_of(&not_serving, "put"), "not_serving");
     }
 }

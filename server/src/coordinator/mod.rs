@@ -505,15 +505,14 @@ impl<T: Transport> Coordinator<T> {
         self.membership.view()
     }
 
-    /// `Unavailable` while this node does not know the ring (it would route to wrong replicas).
+    /// `NotServing` (definite: nothing was done) while this node was taken out of the ring or
+    /// does not know the ring yet (it would route to wrong replicas): the client library sends
+    /// the request to its next address, a forwarding coordinator to the next replica.
     pub fn not_ready(&self) -> Option<Response> {
         let view = self.view();
         if view.retired() {
             return Some(self.err(
-                ErrorKind::Unavailable {
-                    alive: 0,
-                    needed: 1,
-                },
+                ErrorKind::NotServing,
                 true,
                 format!(
                     "this node was taken out of the ring by a completed plan (layout v{}): it serves no reads or writes; use another node",
@@ -523,10 +522,7 @@ impl<T: Transport> Coordinator<T> {
         }
         (!view.ready).then(|| {
             self.err(
-                ErrorKind::Unavailable {
-                    alive: 0,
-                    needed: 1,
-                },
+                ErrorKind::NotServing,
                 true,
                 "joining the cluster: the ring is not known yet; retry shortly or use another node",
             )
@@ -915,12 +911,33 @@ impl<T: Transport> Coordinator<T> {
                     body,
                 })) => match Response::decode(opcode, body) {
                     // Refused before anything was done (it does not replicate the key in its
-                    // view, or no primary is up there): another replica may take it.
+                    // view, no primary is up there, or it serves nothing now): another replica
+                    // may take it.
                     Ok(Response::Error(e))
                         if e.definite
-                            && matches!(e.kind, ErrorKind::Unavailable { alive: 0, .. }) =>
+                            && matches!(
+                                e.kind,
+                                ErrorKind::Unavailable { alive: 0, .. } | ErrorKind::NotServing
+                            ) =>
                     {
-                        refused = Some(Response::Error(e));
+                        // `NotServing` speaks of the replica, not of this node, which serves:
+                        // answered as the replica missing.
+                        refused = Some(if e.kind == ErrorKind::NotServing {
+                            self.err(
+                                ErrorKind::Unavailable {
+                                    alive: 0,
+                                    needed: needed as u64,
+                                },
+                                true,
+                                format!(
+                                    "key {}: write forwarded to replica {target}, refused: {}",
+                                    HexKey(key.to_vec()),
+                                    e.message
+                                ),
+                            )
+                        } else {
+                            Response::Error(e)
+                        });
                         continue;
                     }
                     Ok(resp) => return resp,

@@ -151,6 +151,9 @@ struct Shared {
     rec: Recorder,
     clients: Vec<Client>,
     node_names: Vec<String>,
+    /// Per node: until when the client processes send it nothing, since it answered
+    /// `NotServing` (a ring change took it out, or it does not know the ring yet).
+    not_serving: std::sync::Mutex<Vec<Option<Instant>>>,
     stop: AtomicBool,
     ops_done: AtomicU64,
     keys: Mutex<BTreeSet<String>>,
@@ -168,7 +171,7 @@ async fn client_loop(shared: Arc<Shared>, cfg: Arc<RunConfig>, worker: usize) {
             break;
         }
         seq += 1;
-        let node = rng.random_range(0..shared.clients.len());
+        let node = shared.pick_node(&mut rng);
         let outcome = match cfg.workload {
             Workload::Register => register_op(&shared, &mut rng, p, seq, node).await,
             Workload::Set => set_op(&shared, &mut rng, p, seq, node).await,
@@ -176,6 +179,37 @@ async fn client_loop(shared: Arc<Shared>, cfg: Arc<RunConfig>, worker: usize) {
         shared.ops_done.fetch_add(1, Ordering::Relaxed);
         if outcome == OpType::Info {
             p += cfg.concurrency;
+        }
+    }
+}
+
+/// How long the client processes leave a node alone after it answered `NotServing`; then
+/// one operation asks it again.
+const NOT_SERVING_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Shared {
+    /// A random node for the next operation, among those that did not answer `NotServing`
+    /// in the last `NOT_SERVING_BACKOFF` (any node when none is left): applications send
+    /// elsewhere what such a node refuses (the client library fails over), and operations sent
+    /// to it would only record its refusal.
+    fn pick_node(&self, rng: &mut StdRng) -> usize {
+        let now = Instant::now();
+        let avoided = self.not_serving.lock().expect("not-serving lock");
+        let serving: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| avoided[i].is_none_or(|until| until <= now))
+            .collect();
+        if serving.is_empty() {
+            rng.random_range(0..self.clients.len())
+        } else {
+            serving[rng.random_range(0..serving.len())]
+        }
+    }
+
+    /// Notes an operation's error from `node`: a `NotServing` node is left alone a while.
+    fn note_error(&self, node: usize, e: &ringkv_client::Error) {
+        if e.kind() == Some(ringkv_client::ErrorKind::NotServing) {
+            self.not_serving.lock().expect("not-serving lock")[node] =
+                Some(Instant::now() + NOT_SERVING_BACKOFF);
         }
     }
 }
@@ -215,6 +249,7 @@ async fn recorded_get(
             Some((done.i, read))
         }
         Err(e) => {
+            shared.note_error(node, &e);
             let mut done = Op::new(p.to_string(), OpType::Fail, f).key(key);
             done.err = Some(e.to_string());
             shared.rec.record(done);
@@ -277,6 +312,7 @@ async fn register_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node
             OpType::Ok
         }
         Err(e) => {
+            shared.note_error(node, &e);
             let kind = classify(&e, true);
             let mut done = Op::new(p.to_string(), kind, f).key(&key);
             if !is_delete {
@@ -335,6 +371,7 @@ async fn set_op(shared: &Shared, rng: &mut StdRng, p: usize, seq: u64, node: usi
         }
         Err(e) => {
             // The read may have failed (definite: nothing written) or the put (per its class).
+            shared.note_error(node, &e);
             let kind = classify(&e, true);
             let mut done = Op::new(p.to_string(), kind, "add")
                 .key(&key)
@@ -1030,8 +1067,8 @@ async fn final_reads(
         timeout: Some(Duration::from_secs(5)),
         ..Default::default()
     };
-    // Each client is pinned to one node, and a node the membership nemesis took out of the
-    // ring refuses every read: a round tries every client, starting with the last one that
+    // Each client talks to one node, and a node the membership nemesis took out of the ring
+    // refuses every read: a round tries every client, starting with the last one that
     // answered, and only a round in which none answered waits before the next.
     let clients = shared.clients.len();
     let mut first = 0;
@@ -1168,10 +1205,12 @@ pub async fn run(cfg: RunConfig) -> Result<Results, String> {
         .map(|n| Client::new([n.addr.clone()], client_cfg.clone()).expect("one address"))
         .collect();
     let node_names: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let node_count = node_names.len();
     let shared = Arc::new(Shared {
         rec: Recorder::new(Some(&cfg.out.join("history.jsonl"))).map_err(|e| e.to_string())?,
         clients,
         node_names,
+        not_serving: std::sync::Mutex::new(vec![None; node_count]),
         stop: AtomicBool::new(false),
         ops_done: AtomicU64::new(0),
         keys: Mutex::new(BTreeSet::new()),
