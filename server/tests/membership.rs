@@ -310,8 +310,8 @@ async fn a_restarted_node_never_stores_keys_outside_their_replicas() {
     c.nodes[4].kill9();
     c.nodes[4].start().unwrap();
     // Write through the restarted node continuously while it rediscovers the cluster (the
-    // window in which it knows only part of the ring): writes may be refused as Unavailable,
-    // none may land on the wrong nodes.
+    // window in which it knows only part of the ring): writes may be refused (NotServing while
+    // it does not know the ring, Unavailable, Timeout), none may land on the wrong nodes.
     let n5 = c.client(4);
     let mut written = Vec::new();
     let start = Instant::now();
@@ -324,7 +324,9 @@ async fn a_restarted_node_never_stores_keys_outside_their_replicas() {
             Err(e) => assert!(
                 matches!(
                     e.kind(),
-                    Some(ErrorKind::Unavailable { .. }) | Some(ErrorKind::Timeout { .. })
+                    Some(ErrorKind::NotServing)
+                        | Some(ErrorKind::Unavailable { .. })
+                        | Some(ErrorKind::Timeout { .. })
                 ),
                 "{e}"
             ),
