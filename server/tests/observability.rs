@@ -1115,6 +1115,55 @@ async fn clients_that_stop_reading_hold_no_more_replies_than_the_budget() {
     .await;
 }
 
+/// A client that reads its replies a trickle at a time (8 KiB/s) is closed like one that reads
+/// none, within two write-stall periods, and its places in the budget come back. The node
+/// itself never sees the trickle: the kernel wakes a writer only once a good part of the
+/// socket's send buffer is free (a third or more), so a reader that frees less than that in a
+/// whole period leaves the node's own buffer untouched, and the write-stall watch closes it.
+/// (docs/operations.md said such a client could hold its places for as long as it trickled;
+/// checked with a minimum read rate added to the watch, which this test could not tell apart
+/// from the watch alone: not kept.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_trickles_its_replies_is_closed_and_gives_its_places_back() {
+    use tokio::io::AsyncReadExt;
+    let node = NodeProcess::start_temp("n1", &["--n", "1", ADMIN[0], ADMIN[1]]);
+    let client = with_big_and_light(&node).await;
+    let stalls = || sample(&node, "ringkv_net_write_stalls_total", &[]);
+    let in_flight = || sample(&node, "ringkv_admission_in_flight", &[("budget", "client")]);
+    let stalls_before = stalls();
+    let (mut trickle, mut frames) = unread_connection(&node).await;
+    send_big_gets(&mut frames, 1..=16).await;
+    // 4 KiB every half second (8 KiB/s), until the node closes the connection as stalled.
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut read = 0usize;
+    while stalls() == stalls_before {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "a client reading 8 KiB/s is still served after {:?} ({read} bytes read, {} \
+             requests in flight)",
+            start.elapsed(),
+            in_flight()
+        );
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await
+        {
+            read += n;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(read > 0, "the trickling client read something");
+    eventually(
+        Duration::from_secs(10),
+        "the trickling connection's places in the budget are given back",
+        || async { in_flight() == 0.0 },
+    )
+    .await;
+    // The node goes on serving.
+    let light = client.get("light").await.expect("a light client is served");
+    assert!(light.is_found(), "{light:?}");
+}
+
 /// Replies waiting for clients that do not read count against the byte budget, not only the
 /// count: a get is a few bytes in and up to a whole state out. Found in an audit: the byte
 /// budget counted request bodies only, so 16 connections pipelining gets of a 1 MiB value and
