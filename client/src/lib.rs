@@ -1051,6 +1051,83 @@ mod routing_tests {
         keys
     }
 
+    /// A fake node that serves nothing: answers every request `NotServing` (definite), until
+    /// the client closes; how many it was sent.
+    async fn refuse_everything(socket: tokio::net::TcpStream) -> usize {
+        use futures::{SinkExt, StreamExt};
+        use ringkv_protocol::{ErrorKind, FrameCodec, Inbound};
+        let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+        let mut asked = 0;
+        while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
+            asked += 1;
+            let reply = Response::error(
+                ErrorKind::NotServing,
+                true,
+                "node n9: this node was taken out of the ring",
+            );
+            if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
+                break;
+            }
+        }
+        asked
+    }
+
+    /// A node that serves nothing now (`NotServing`: taken out of the ring, or not knowing it
+    /// yet) passes a request to the next address, a write too (it did nothing), and is not
+    /// asked first again; when every address says so, the error is that refusal, definite.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_serves_nothing_passes_requests_to_the_next_address() {
+        let listen = || async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            (l, addr)
+        };
+        let ((retired, retired_addr), (serving, serving_addr)) = (listen().await, listen().await);
+        let retired = tokio::spawn(async move {
+            let (socket, _) = retired.accept().await.unwrap();
+            refuse_everything(socket).await
+        });
+        let serving = tokio::spawn(async move {
+            let (socket, _) = serving.accept().await.unwrap();
+            answer_every_put(socket).await
+        });
+        let client = Client::new(
+            [retired_addr.clone(), serving_addr],
+            ClientConfig::default(),
+        )
+        .unwrap();
+        for key in ["k1", "k2", "k3"] {
+            client
+                .put(key, "v", None)
+                .await
+                .expect("served by the next address");
+        }
+        drop(client);
+        assert_eq!(
+            retired.await.unwrap(),
+            1,
+            "asked once, then no longer first"
+        );
+        assert_eq!(serving.await.unwrap(), vec!["k1", "k2", "k3"]);
+        // Alone, it answers with its refusal.
+        let (alone, alone_addr) = listen().await;
+        let alone = tokio::spawn(async move {
+            let (socket, _) = alone.accept().await.unwrap();
+            refuse_everything(socket).await
+        });
+        let client = Client::new([alone_addr], ClientConfig::default()).unwrap();
+        let err = client.put("k4", "v", None).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            Some(ringkv_protocol::ErrorKind::NotServing),
+            "{err}"
+        );
+        assert!(err.is_definite(), "{err}");
+        assert!(err.to_string().contains("taken out of the ring"), "{err}");
+        drop(client);
+        assert_eq!(alone.await.unwrap(), 1);
+    }
+
     /// A write whose deadline passes while it waits in the connection's queue (behind
     /// megabytes, to a node that reads slowly) is never sent, and the client says so
     /// (definite). Before, it was sent when its turn came with its whole `timeout_ms`, which
