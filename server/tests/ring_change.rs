@@ -506,6 +506,51 @@ async fn wait_no_hints(c: &Cluster, which: &[usize], when: &str) {
     }
 }
 
+/// A node that never joined the ring and went away leaves `kvctl members` 30 s after it was
+/// last heard (it makes nothing unavailable, and no command clears it from the saved ring: it
+/// used to stay listed as a "joining" member down for good), and is listed again when it
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_joined_and_went_away_leaves_kvctl_members() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.add_node("n4", 0, &["--auto-join", "false"]);
+    wait_known(&c, 0, &["n4"]).await;
+    let listed = |c: &Cluster| {
+        let (ok, out) = kvctl(c, 0, &["--json", "members"]);
+        assert!(ok, "{out}");
+        let v: Value = serde_json::from_str(&out).expect("kvctl members --json");
+        v["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .find(|m| m["node_id"] == "n4")
+            .map(|m| m["swim_state"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(listed(&c).as_deref(), Some("alive"));
+    let killed = Instant::now();
+    c.nodes[3].kill9();
+    eventually(Duration::from_secs(30), "n4 listed down", || async {
+        listed(&c).as_deref() == Some("down")
+    })
+    .await;
+    eventually(Duration::from_secs(60), "n4 no longer listed", || async {
+        listed(&c).is_none()
+    })
+    .await;
+    // Last heard at most one heartbeat interval (500 ms) before the kill.
+    assert!(
+        killed.elapsed() >= Duration::from_secs(29),
+        "left the list {:?} after it was killed",
+        killed.elapsed()
+    );
+    assert_eq!(metric(&c.client(0), "cluster.members").await, 3);
+    c.nodes[3].start().unwrap();
+    eventually(Duration::from_secs(30), "n4 listed again", || async {
+        listed(&c).as_deref() == Some("alive")
+    })
+    .await;
+}
+
 /// `remove` of a killed node: its ranges are re-replicated from the survivors to N live nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_of_a_killed_node_re_replicates_its_ranges() {

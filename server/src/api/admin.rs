@@ -129,9 +129,16 @@ impl Admin {
         }
     }
 
+    /// This node's view of every member, but a node that never joined the ring and has been
+    /// gone a while (`swim::gone_outsider`).
     pub async fn members(&self) -> Response {
         match self.membership.members().await {
-            Some(m) => Response::Members(m),
+            Some(mut m) => {
+                let layout = self.membership.view().layout.clone();
+                m.members
+                    .retain(|x| !crate::membership::swim::gone_outsider(&layout, x));
+                Response::Members(m)
+            }
             None => Response::error(
                 ErrorKind::Internal,
                 true,

@@ -1493,6 +1493,22 @@ pub fn counted_member(layout: &Layout, m: &MemberStatus) -> bool {
     }
 }
 
+/// How long `kvctl members` keeps listing a node that never joined the ring (no owner now or
+/// after the running change, not retired) once SWIM holds it down, counted from when this node
+/// last heard it. Such a node makes nothing unavailable and no command clears it from the saved
+/// ring; Cassandra likewise drops a gossip member that owns no tokens 30 s after it went
+/// silent. It is listed again as soon as it is back.
+pub const LIST_GONE_OUTSIDER_FOR: Duration = Duration::from_secs(30);
+
+/// Whether `kvctl members` leaves `m` out: a node that never joined the ring, down, and
+/// silent for `LIST_GONE_OUTSIDER_FOR` or more (or never heard by this process).
+pub fn gone_outsider(layout: &Layout, m: &MemberStatus) -> bool {
+    !m.is_self
+        && ring_role(layout, &m.node_id) == RingStatus::Joining
+        && !counted_member(layout, m)
+        && m.last_heard_ms >= LIST_GONE_OUTSIDER_FOR.as_millis() as u64
+}
+
 /// The SWIM/phi driver on the worker runner (`Driver::into_worker`).
 pub struct MembershipWorker {
     driver: Driver,
@@ -2162,6 +2178,31 @@ mod tests {
         assert!(counted_member(&layout, &member("f", "alive")));
         assert!(counted_member(&layout, &member("f", "suspect")));
         assert!(!counted_member(&layout, &member("f", "down")));
+        // `kvctl members` lists every member but one outside the layout (f) that has been
+        // down and silent for `LIST_GONE_OUTSIDER_FOR`, or was never heard by this process.
+        let silent = |node: &str, state: &str, ms: u64| MemberStatus {
+            last_heard_ms: ms,
+            ..member(node, state)
+        };
+        let long = LIST_GONE_OUTSIDER_FOR.as_millis() as u64;
+        for node in ["a", "b", "c", "d", "e"] {
+            for state in SWIM_STATE_NAMES {
+                for ms in [0, long, u64::MAX] {
+                    assert!(!gone_outsider(&layout, &silent(node, state, ms)), "{node}");
+                }
+            }
+        }
+        assert!(!gone_outsider(&layout, &silent("f", "down", long - 1)));
+        assert!(gone_outsider(&layout, &silent("f", "down", long)));
+        assert!(gone_outsider(&layout, &silent("f", "down", u64::MAX)));
+        assert!(!gone_outsider(&layout, &silent("f", "suspect", u64::MAX)));
+        assert!(!gone_outsider(
+            &layout,
+            &MemberStatus {
+                is_self: true,
+                ..silent("f", "down", u64::MAX)
+            }
+        ));
     }
 
     /// The generation file round-trips (a renewed generation is saved like the boot one).
