@@ -421,15 +421,25 @@ impl<T: Transport> ClusterService<T> {
         }
     }
 
-    /// Whether this node may commit a change now (`vote::Votes::votes_above`).
-    pub fn may_commit(&self, version: u64) -> bool {
-        self.votes.votes_above(version)
+    /// Whether this node may commit a change to `view`'s layout now
+    /// (`vote::Votes::votes_above`), once `note_known` has looked at that view.
+    pub fn may_commit(&self, view: &ClusterView) -> bool {
+        self.note_known(view);
+        self.votes.votes_above(view.layout.version)
     }
 
-    /// The node knows the cluster (its view is ready) with a layout of `version`
-    /// (`vote::Votes::note_ready`).
-    pub fn note_ready(&self, version: u64) {
-        if let Err(e) = self.votes.note_ready(version) {
+    /// A node that started without its grants fixes the floor below which it does not vote
+    /// (`vote::Votes::note_ready`) once it knows the cluster: ready, in contact with a
+    /// member, and behind none (a wiped node started alone makes a layout of its own
+    /// first). Looked at by the layout worker on every tick and by every commit and grant
+    /// on the view it decides with, so a commit made the moment the second node of a new
+    /// cluster is seen is not refused until the worker's next tick.
+    pub fn note_known(&self, view: &ClusterView) {
+        if !(view.ready && !view.live_member_ahead() && view.alive.iter().any(|id| *id != view.me))
+        {
+            return;
+        }
+        if let Err(e) = self.votes.note_ready(view.layout.version) {
             warn!(node = %self.node_id, error = %e,
                   "could not save the grants file (started without one): retried; this node does not vote until it is saved");
         }
@@ -443,6 +453,7 @@ impl<T: Transport> ClusterService<T> {
         id: LayoutId,
         decision: vote::Decision,
     ) -> Result<(), vote::Refusal> {
+        self.note_known(view);
         // What it granted on that version comes first: a voter that granted the switch and
         // has since adopted it must say so, not merely that its layout is newer.
         let answer = match self.votes.held_on_version(id.version) {
@@ -768,7 +779,7 @@ impl<T: Transport> ClusterService<T> {
     pub async fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, PlanError> {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
-        if !self.votes.votes_above(view.layout.version) {
+        if !self.may_commit(&view) {
             return Err(PlanError::Invalid(
                 "this node started on an empty data dir and is not yet in contact with the \
                  cluster, so it could not vote on the change: retry in a moment"

@@ -83,7 +83,7 @@ impl<T: Transport> LayoutWorker<T> {
             self.detail = "claimant: waiting until this node knows the ring".into();
             return false;
         }
-        if !self.cluster.may_commit(view.layout.version) {
+        if !self.cluster.may_commit(&view) {
             self.detail =
                 "claimant: started on an empty data dir; waiting for contact before deciding"
                     .into();
@@ -199,13 +199,7 @@ impl<T: Transport> Worker for LayoutWorker<T> {
             self.drained = drained;
             self.cluster.membership().set_drained(drained).await;
         }
-        // A node that started without its grants fixes the floor below which it does not
-        // vote once it knows the cluster: ready, in contact with a member, and behind none
-        // (a wiped node started alone makes a layout of its own first).
-        let view = self.cluster.membership().view();
-        if view.ready && !view.live_member_ahead() && view.alive.iter().any(|id| *id != view.me) {
-            self.cluster.note_ready(view.layout.version);
-        }
+        self.cluster.note_known(&self.cluster.membership().view());
         if self.catch_up().await {
             return Ok(WorkerState::Busy);
         }
