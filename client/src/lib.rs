@@ -43,7 +43,13 @@
 //! data goes to the next address whatever it is, a write too: one refused at connect (too many
 //! connections), or answered `NotServing` by a node that serves no reads or writes now (a ring
 //! change took it out, or it has just started and does not know the ring yet); when every
-//! address refuses, the error is the last refusal (definite).
+//! address refuses, the error is the last refusal (definite). Dialling a node takes at most
+//! [`ClientConfig::connect_timeout`] and never more than what is left of the request's
+//! deadline; the calls waiting on one dial share its outcome (they do not dial a node that
+//! does not answer one after another); a request whose deadline passes before it could be
+//! sent is [`Error::Expired`] (definite). A request that times out on a node makes the next
+//! request start at the next address (a paused node keeps its connections open). A local read
+//! (`GetOptions::local`) asks one node's own replica and never fails over.
 //!
 //! An overloaded node refuses requests at once with `Overloaded` and a retry-after hint
 //! ([`Error::is_overloaded`], [`Error::retry_after`]); nothing was done. Reads (and the admin
@@ -323,6 +329,9 @@ struct Node {
     /// clone); `connecting` serialises (re)connecting so only one caller dials.
     conn: std::sync::Mutex<Option<Conn>>,
     connecting: Mutex<()>,
+    /// When the last dial failed, and why: the answer of every caller that waited on that
+    /// dial (`Client::conn`).
+    dial_failed: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 struct Inner {
@@ -447,6 +456,7 @@ impl Client {
                 addr: a.into(),
                 conn: std::sync::Mutex::new(None),
                 connecting: Mutex::new(()),
+                dial_failed: std::sync::Mutex::new(None),
             })
             .collect();
         if nodes.is_empty() {
@@ -703,7 +713,9 @@ impl Client {
         pick
     }
 
-    async fn conn(&self, i: usize) -> Result<Conn, String> {
+    /// The live connection to node `i`, dialled if there is none, within what is left until
+    /// `send_by` (the request's deadline) and at most the connect timeout.
+    async fn conn(&self, i: usize, send_by: Instant) -> Result<Conn, String> {
         let node = &self.inner.nodes[i];
         let live = || {
             node.conn
@@ -716,19 +728,46 @@ impl Client {
         if let Some(c) = live() {
             return Ok(c);
         }
+        let asked = Instant::now();
         let _dialing = node.connecting.lock().await;
         // Another caller may have connected while this one waited.
         if let Some(c) = live() {
             return Ok(c);
         }
-        let c = Conn::connect(
-            &node.addr,
-            self.inner.config.connect_timeout,
-            self.inner.config.pipeline_depth,
-        )
-        .await?;
-        *node.conn.lock().expect("connection slot lock poisoned") = Some(c.clone());
-        Ok(c)
+        // Or failed: that is this caller's answer too (found in review: callers waiting on
+        // a node that does not answer dialled it one after another, each for the whole
+        // connect timeout, and the last reached the next address long past its deadline).
+        if let Some((at, cause)) = node
+            .dial_failed
+            .lock()
+            .expect("dial failure lock poisoned")
+            .as_ref()
+        {
+            if *at >= asked {
+                return Err(cause.clone());
+            }
+        }
+        let full = self.inner.config.connect_timeout;
+        let allowed = full.min(send_by.saturating_duration_since(Instant::now()));
+        if allowed.is_zero() {
+            return Err("the request's deadline passed before it could connect".into());
+        }
+        let started = Instant::now();
+        match Conn::connect(&node.addr, allowed, self.inner.config.pipeline_depth).await {
+            Ok(c) => {
+                *node.conn.lock().expect("connection slot lock poisoned") = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                // A dial cut short by this request's own deadline says nothing of the node
+                // to callers with more time.
+                if allowed == full || started.elapsed() < allowed {
+                    *node.dial_failed.lock().expect("dial failure lock poisoned") =
+                        Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
     }
 
     /// [`Client::call_once`], and for reads refused `Overloaded` a few more times with backoff
@@ -765,7 +804,7 @@ impl Client {
             // A retry gets what is left of the request's deadline, on the node too: `call_once`
             // stamps it when the request is sent.
             let result = self
-                .call_once(req.clone(), left, retry_after_send, route)
+                .call_once(req.clone(), left, retry_after_send, !local, route)
                 .await;
             let hint = match &result {
                 Err(e) if idempotent && attempt < self.inner.config.overload_retries => {
@@ -809,13 +848,16 @@ impl Client {
     }
 
     /// Sends `req` to `route` (else the preferred node), failing over to the others when a
-    /// node cannot be reached. `retry_after_send` also fails over when the request was sent
-    /// but the connection broke (only for requests that change nothing).
+    /// node cannot be reached (unless `failover` is false: a local read asks one node's own
+    /// replica, and another node's would be another answer). `retry_after_send` also fails
+    /// over when the request was sent but the connection broke (only for requests that
+    /// change nothing).
     async fn call_once(
         &self,
         req: Request,
         timeout: Duration,
         retry_after_send: bool,
+        failover: bool,
         route: Option<usize>,
     ) -> Result<(String, Response), Error> {
         let n = self.inner.nodes.len();
@@ -828,10 +870,15 @@ impl Client {
         let deadline = now + timeout + CLIENT_GRACE;
         let mut last_err = String::new();
         let mut refusal: Option<(String, ringkv_protocol::ErrorReply)> = None;
-        for step in 0..n {
+        for step in 0..if failover { n } else { 1 } {
             let i = (start + step) % n;
             let addr = self.inner.nodes[i].addr.clone();
-            let conn = match self.conn(i).await {
+            // Nothing was sent that could have done anything (a failed dial, a refusal, a
+            // connection lost under a read): past its deadline, it is not sent at all.
+            if Instant::now() >= send_by {
+                return Err(Error::Expired { addr, timeout });
+            }
+            let conn = match self.conn(i, send_by).await {
                 Ok(c) => c,
                 Err(e) => {
                     last_err = format!("{addr}: {e}");
@@ -861,10 +908,19 @@ impl Client {
             .await;
             match result {
                 Err(_) => {
+                    // The next request starts at the next address: a node that stopped
+                    // answering (paused, its host gone) keeps its connection open, and
+                    // would otherwise be asked first until that broke (found in review).
+                    let _ = self.inner.preferred.compare_exchange(
+                        i,
+                        (i + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                     return Err(Error::Timeout {
                         addr,
                         timeout: timeout + CLIENT_GRACE,
-                    })
+                    });
                 }
                 // This node serves no reads or writes now (taken out of the ring, or it does
                 // not know the ring yet) and did nothing: the next node gets the request (a
@@ -972,6 +1028,7 @@ mod routing_tests {
             addr: addr.into(),
             conn: std::sync::Mutex::new(None),
             connecting: Mutex::new(()),
+            dial_failed: std::sync::Mutex::new(None),
         }
     }
 
@@ -1126,6 +1183,161 @@ mod routing_tests {
         assert!(err.to_string().contains("taken out of the ring"), "{err}");
         drop(client);
         assert_eq!(alone.await.unwrap(), 1);
+    }
+
+    /// A listener whose accept queue is full (nothing accepts): a connect to it hangs, as to
+    /// a host that drops packets. The returned streams hold the queue full.
+    async fn black_hole() -> (tokio::net::TcpListener, String, Vec<std::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                held.push(s);
+            }
+        }
+        (listener, addr.to_string(), held)
+    }
+
+    /// Found in review: callers waiting to dial a node that does not answer dialled it one
+    /// after another, each for the whole connect timeout, whatever was left of its deadline:
+    /// the twentieth of twenty writes started together reached the next address after
+    /// 20 × 300 ms, past its 3 s deadline. Callers waiting on a dial now share its outcome,
+    /// and all of them go to the next address at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_waiting_on_a_dial_that_fails_go_to_the_next_address_together() {
+        let (_hole, hole_addr, _held) = black_hole().await;
+        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving_addr = serving.local_addr().unwrap().to_string();
+        let node = tokio::spawn(async move {
+            let (socket, _) = serving.accept().await.unwrap();
+            answer_every_put(socket).await
+        });
+        let config = ClientConfig {
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(3),
+            ..ClientConfig::default()
+        };
+        let client = Client::new([hole_addr, serving_addr], config).unwrap();
+        let puts: Vec<_> = (0..20)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move { client.put(format!("k{i}"), "v", None).await })
+            })
+            .collect();
+        for (i, put) in puts.into_iter().enumerate() {
+            put.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+        }
+        drop(client);
+        assert_eq!(node.await.unwrap().len(), 20);
+    }
+
+    /// Found in review: a dial took the whole connect timeout whatever was left of the
+    /// request's deadline (10 s for a 300 ms request), and a request whose deadline passed
+    /// before it could be sent was reported `Timeout` (outcome unknown). The dial now gets at
+    /// most what is left, and the error says the request was never sent (definite).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dial_gets_no_more_than_what_is_left_of_the_deadline() {
+        let (_hole, hole_addr, _held) = black_hole().await;
+        let config = ClientConfig {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_millis(300),
+            ..ClientConfig::default()
+        };
+        let client = Client::new([hole_addr], config).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.put("k", "v", None))
+            .await
+            .expect("the request's 300 ms deadline bounds the dial, not the 10 s connect timeout");
+        let e = answer.expect_err("nothing answers");
+        assert!(e.is_definite(), "it was never sent: {e}");
+    }
+
+    /// A fake node that reads every request and answers none (a paused process, a host
+    /// that stopped): how many it read, until the client closes.
+    async fn answer_nothing(socket: tokio::net::TcpStream) -> usize {
+        use futures::StreamExt;
+        use ringkv_protocol::{FrameCodec, Inbound};
+        let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
+        let mut read = 0;
+        while let Some(Ok(Inbound::Frame(_))) = framed.next().await {
+            read += 1;
+        }
+        read
+    }
+
+    /// Found in review: a request that timed out on the preferred node left it preferred,
+    /// so every later request of the client went to a node that had stopped answering (a
+    /// paused process keeps its connections) until that connection broke, for minutes,
+    /// while the other addresses served. Now the next request starts at the next address.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_timed_out_is_not_asked_first_again() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let (socket, _) = silent.accept().await.unwrap();
+            answer_nothing(socket).await
+        });
+        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving_addr = serving.local_addr().unwrap().to_string();
+        let serving = tokio::spawn(async move {
+            let (socket, _) = serving.accept().await.unwrap();
+            answer_every_put(socket).await
+        });
+        let config = ClientConfig {
+            request_timeout: Duration::from_millis(200),
+            ..ClientConfig::default()
+        };
+        let client = Client::new([silent_addr, serving_addr], config).unwrap();
+        let e = client.put("k1", "v", None).await.expect_err("no answer");
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        for key in ["k2", "k3"] {
+            client
+                .put(key, "v", None)
+                .await
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+        drop(client);
+        assert_eq!(silent.await.unwrap(), 1, "asked once");
+        assert_eq!(serving.await.unwrap(), vec!["k2", "k3"]);
+    }
+
+    /// Found in review: a local read (one node's own replica, for debugging and checks)
+    /// went to the next address when its node could not be reached, and the caller, who
+    /// cannot tell which node answered, got another node's replica as if it were the one
+    /// asked for. It now fails instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_read_never_reads_another_nodes_replica() {
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone_addr = gone.local_addr().unwrap().to_string();
+        drop(gone);
+        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving_addr = serving.local_addr().unwrap().to_string();
+        let serving = tokio::spawn(async move {
+            let Ok((socket, _)) = serving.accept().await else {
+                return 0;
+            };
+            answer_nothing(socket).await
+        });
+        let client = Client::new([gone_addr, serving_addr], ClientConfig::default()).unwrap();
+        let local = GetOptions {
+            local: true,
+            ..GetOptions::default()
+        };
+        let e = client
+            .get_with("k", local)
+            .await
+            .expect_err("its node is down");
+        assert!(matches!(e, Error::Connect { .. }), "{e}");
+        drop(client);
+        serving.abort();
+        assert!(
+            serving.await.is_err(),
+            "the other node was never connected to, nor asked"
+        );
     }
 
     /// A write whose deadline passes while it waits in the connection's queue (behind
