@@ -67,7 +67,7 @@ pub struct PeerPool {
     /// Source IP of outgoing connections: this node's peer listen IP (unless unspecified).
     local_ip: Option<std::net::IpAddr>,
     slots: Mutex<HashMap<String, Arc<PeerSlot>>>,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
 }
 
 impl PeerPool {
@@ -85,7 +85,7 @@ impl PeerPool {
             metrics: PoolMetrics::default(),
             local_ip,
             slots: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            next_id: Arc::new(AtomicU64::new(1)),
         }
     }
 
@@ -97,17 +97,49 @@ impl PeerPool {
         slots.entry(addr.to_string()).or_default().clone()
     }
 
-    async fn conn(&self, addr: &str) -> Result<Conn, PeerError> {
+    /// The live connection to `addr`, dialled if there is none, waited for at most
+    /// `timeout`. The dial (connect, then handshake: up to 6 s against a peer that accepts
+    /// and does not answer) runs in a task of its own, so a request that gives up does not
+    /// cancel it: requests whose timeouts are all shorter than a slow handshake still get a
+    /// connection (found in review: the wait was not bounded by the call's timeout, and a
+    /// write forwarded with 100 ms left held its client's budget place for seconds).
+    async fn conn(&self, addr: &str, timeout: Duration) -> Result<Conn, PeerError> {
         let slot = self.slot(addr);
         if let Some(cached) = slot.cached(addr) {
             return cached;
         }
+        let dial = tokio::spawn(Self::dial(
+            slot,
+            addr.to_string(),
+            self.auth.clone(),
+            self.local_ip,
+            self.next_id.clone(),
+        ));
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(PeerError::Unreachable(format!(
+                "{addr}: the dial failed: {e}"
+            ))),
+            Err(_) => Err(PeerError::Unreachable(format!(
+                "{addr}: not connected within the request's {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Dials `addr` unless another dial did (or failed, backing off) while this one waited;
+    /// the outcome is kept in `slot`.
+    async fn dial(
+        slot: Arc<PeerSlot>,
+        addr: String,
+        auth: Arc<Authenticator>,
+        local_ip: Option<std::net::IpAddr>,
+        next_id: Arc<AtomicU64>,
+    ) -> Result<Conn, PeerError> {
         let _dialing = slot.dialing.lock().await;
-        // Another request may have connected (or failed) while this one waited.
-        if let Some(cached) = slot.cached(addr) {
+        if let Some(cached) = slot.cached(&addr) {
             return cached;
         }
-        let result = self.connect(addr).await;
+        let result = Self::connect(&addr, &auth, local_ip, &next_id).await;
         let mut slot = slot.state.lock().expect("peer slot lock poisoned");
         match result {
             Ok(c) => {
@@ -128,15 +160,16 @@ impl PeerPool {
         }
     }
 
-    async fn connect(&self, addr: &str) -> Result<Conn, String> {
-        let conn =
-            Conn::connect_from(addr, self.local_ip, CONNECT_TIMEOUT, PEER_PIPELINE_DEPTH).await?;
-        tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            self.auth.dial(&conn, addr, &self.next_id),
-        )
-        .await
-        .map_err(|_| format!("handshake timed out after {HANDSHAKE_TIMEOUT:?}"))??;
+    async fn connect(
+        addr: &str,
+        auth: &Authenticator,
+        local_ip: Option<std::net::IpAddr>,
+        next_id: &AtomicU64,
+    ) -> Result<Conn, String> {
+        let conn = Conn::connect_from(addr, local_ip, CONNECT_TIMEOUT, PEER_PIPELINE_DEPTH).await?;
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, auth.dial(&conn, addr, next_id))
+            .await
+            .map_err(|_| format!("handshake timed out after {HANDSHAKE_TIMEOUT:?}"))??;
         Ok(conn)
     }
 
@@ -159,7 +192,7 @@ impl PeerPool {
         let started = Instant::now();
         let given = req.time_given_ms();
         let deadline = given.map(|ms| started + Duration::from_millis(u64::from(ms)));
-        let conn = self.conn(addr).await?;
+        let conn = self.conn(addr, timeout).await?;
         let timeout_left = timeout.saturating_sub(started.elapsed());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let expired = self.metrics.expired_unsent.clone();
@@ -474,6 +507,43 @@ mod tests {
             "it carried {} ms after a {delay:?} dial",
             timeouts[0].0
         );
+    }
+
+    /// Found in review: the wait for a connection's dial (a connect, then a handshake: up to
+    /// 6 s) was not bounded by the call's timeout, so a write forwarded with 100 ms left held
+    /// its client's place in the budget for seconds behind a peer that accepts and does not
+    /// answer. The wait is within the call's timeout, and the answer says it was not sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_waits_for_a_dial_no_longer_than_its_timeout() {
+        let hello = |r: &PeerRequest| matches!(r, PeerRequest::Session(SessionRequest::Hello(_)));
+        let (addr, _listener) = pausing_listener("the-secret", hello, Duration::from_secs(3)).await;
+        let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
+            "the-secret",
+        )))));
+        let timeout = Duration::from_millis(200);
+        let read = read_local(&pool, &addr, 100, timeout);
+        let ping = spawn_request(
+            &pool,
+            &addr,
+            PeerRequest::Session(SessionRequest::Ping),
+            timeout,
+        );
+        for call in [read, ping] {
+            let answer = tokio::time::timeout(Duration::from_millis(1500), call)
+                .await
+                .expect("answered within about its 200 ms timeout, not after the 3 s handshake")
+                .unwrap();
+            assert!(answer.as_ref().is_err_and(|e| e.not_sent()), "{answer:?}");
+        }
+        // The dial they gave up on went on: the next request uses its connection (the fake
+        // peer accepts one connection only).
+        pool.request(
+            &addr,
+            PeerRequest::Session(SessionRequest::Ping),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the first dial's connection");
     }
 
     /// Requests queued behind a peer that stopped reading: the time they carry counts from
