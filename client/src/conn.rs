@@ -178,6 +178,11 @@ pub enum Progress {
 /// the buffer at once and written in the connection task's own `select!` arm (`progress`), and
 /// a peer that reads nothing for a whole `stall_timeout` is noticed (`Progress::Stalled`).
 /// Checked at most once per period, so a busy connection pays no timer work per frame.
+/// A write buffer larger than this is given back once everything in it is written (it grows
+/// to the largest burst of frames encoded at once, up to the byte budget's share: kept for the
+/// connection's life, that would be memory no budget counts). The codec starts at 8 KiB.
+pub const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+
 pub struct Outbound<W> {
     writer: FramedWrite<W, FrameCodec>,
     stall_timeout: Duration,
@@ -186,6 +191,8 @@ pub struct Outbound<W> {
     /// Bytes ever encoded, and how many of them had been written at the last check.
     fed: u64,
     written_at_check: u64,
+    /// The buffer grew past `KEEP_WRITE_BUFFER`: given back once everything is written.
+    grown: bool,
 }
 
 impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
@@ -201,6 +208,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
             armed: false,
             fed: 0,
             written_at_check: 0,
+            grown: false,
         }
     }
 
@@ -213,6 +221,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
             .expect("without a backpressure boundary, feeding never waits for the socket")
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         self.fed += (self.unsent() - before) as u64;
+        self.grown |= self.buffer_capacity() > KEEP_WRITE_BUFFER;
         if !self.armed {
             self.armed = true;
             self.written_at_check = self.written();
@@ -220,6 +229,11 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
             self.check.as_mut().reset(at);
         }
         Ok(())
+    }
+
+    /// What the buffer frames are encoded into holds (allocated, used or not).
+    pub fn buffer_capacity(&self) -> usize {
+        self.writer.write_buffer().capacity()
     }
 
     /// Bytes encoded and not yet written.
@@ -254,10 +268,16 @@ impl<W: tokio::io::AsyncWrite + Unpin> Outbound<W> {
                 writer,
                 check,
                 armed,
+                grown,
                 ..
             } = &mut *self;
             tokio::select! {
                 flushed = flush_some(writer), if pending => {
+                    // Written out: what is written is only skipped over, and the next frame
+                    // would reclaim the whole allocation.
+                    if matches!(flushed, Some(Ok(()))) && std::mem::take(grown) {
+                        *writer.write_buffer_mut() = bytes::BytesMut::new();
+                    }
                     return match flushed {
                         Some(r) => Progress::Flushed(
                             r.map_err(|e| std::io::Error::other(e.to_string())),
@@ -604,6 +624,49 @@ mod tests {
             out.written()
         );
         assert!(out.pending(), "64 KiB cannot all be in a 1 KiB pipe");
+    }
+
+    /// Found in review: the buffer replies are encoded into kept the size of the largest
+    /// burst it ever held (a `BytesMut` grows and never shrinks), for as long as the
+    /// connection lived: 64 pipelined reads of a 1 MiB value left 64–128 MiB with a client
+    /// that had read everything, outside every budget. Once written out, a buffer grown past
+    /// `KEEP_WRITE_BUFFER` is given back.
+    #[tokio::test]
+    async fn a_write_buffer_grown_by_a_burst_is_given_back_once_written() {
+        // A pipe that holds the whole burst: the writer never waits for a reader.
+        let (near, _far) = tokio::io::duplex(8 << 20);
+        let mut out = Outbound::new(near, MAX_REQUEST_BODY_LEN, Duration::from_secs(30));
+        for id in 0..4 {
+            out.feed(Frame {
+                opcode: 1,
+                request_id: id,
+                body: Bytes::from(vec![7u8; 1 << 20]),
+            })
+            .unwrap();
+        }
+        assert!(out.buffer_capacity() >= 4 << 20);
+        loop {
+            match out.progress().await {
+                Progress::Flushed(r) => break r.unwrap(),
+                Progress::Wrote => {}
+                Progress::Stalled => panic!("the pipe holds it all"),
+            }
+        }
+        assert!(!out.pending());
+        // What is written is only skipped over: the next frame encoded reclaims the whole
+        // allocation, unless it was given back.
+        out.feed(Frame {
+            opcode: 1,
+            request_id: 9,
+            body: Bytes::from_static(b"small"),
+        })
+        .unwrap();
+        assert!(
+            out.buffer_capacity() <= KEEP_WRITE_BUFFER,
+            "{} bytes kept after writing everything",
+            out.buffer_capacity()
+        );
+        assert!(matches!(out.progress().await, Progress::Flushed(Ok(()))));
     }
 
     /// A peer that reads some of what waits is slow, not stalled; one that reads none of it
