@@ -29,12 +29,16 @@ struct Slot {
     last_error: String,
 }
 
+/// A dial in progress, awaited by every request that needs its connection.
+type Dial = futures::future::Shared<futures::future::BoxFuture<'static, Result<Conn, PeerError>>>;
+
 /// One peer's connection state: read on every request under a plain lock (no waiting);
-/// `dialing` serialises (re)connects so only one request dials.
+/// `dial` is the (re)connect in progress, one at a time, which every request waiting for the
+/// connection polls (the lock is held only to look at it, never across an await).
 #[derive(Default)]
 struct PeerSlot {
     state: Mutex<Slot>,
-    dialing: tokio::sync::Mutex<()>,
+    dial: Mutex<Option<Dial>>,
 }
 
 impl PeerSlot {
@@ -98,36 +102,52 @@ impl PeerPool {
     }
 
     /// The live connection to `addr`, dialled if there is none, waited for at most
-    /// `timeout`. The dial (connect, then handshake: up to 6 s against a peer that accepts
-    /// and does not answer) runs in a task of its own, so a request that gives up does not
-    /// cancel it: requests whose timeouts are all shorter than a slow handshake still get a
-    /// connection (found in review: the wait was not bounded by the call's timeout, and a
-    /// write forwarded with 100 ms left held its client's budget place for seconds).
+    /// `timeout` (found in review: the wait was not bounded by the call's timeout, and a write
+    /// forwarded with 100 ms left held its client's budget place for seconds behind a peer
+    /// that accepts and does not answer the handshake: up to 6 s). The dial is kept in the
+    /// slot, not owned by the request that started it: one that gives up leaves it to the
+    /// next, which goes on where it was, so requests whose timeouts are all shorter than a
+    /// slow handshake still get a connection.
     async fn conn(&self, addr: &str, timeout: Duration) -> Result<Conn, PeerError> {
         let slot = self.slot(addr);
         if let Some(cached) = slot.cached(addr) {
             return cached;
         }
-        let dial = tokio::spawn(Self::dial(
-            slot,
-            addr.to_string(),
-            self.auth.clone(),
-            self.local_ip,
-            self.next_id.clone(),
-        ));
-        match tokio::time::timeout(timeout, dial).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(PeerError::Unreachable(format!(
-                "{addr}: the dial failed: {e}"
-            ))),
-            Err(_) => Err(PeerError::Unreachable(format!(
-                "{addr}: not connected within the request's {timeout:?}"
-            ))),
-        }
+        let dial = {
+            let mut pending = slot.dial.lock().expect("peer dial lock poisoned");
+            // A dial may have ended since the look above.
+            if let Some(cached) = slot.cached(addr) {
+                return cached;
+            }
+            match pending.as_ref() {
+                Some(dial) => dial.clone(),
+                None => {
+                    use futures::FutureExt;
+                    let dial = Self::dial(
+                        slot.clone(),
+                        addr.to_string(),
+                        self.auth.clone(),
+                        self.local_ip,
+                        self.next_id.clone(),
+                    )
+                    .boxed()
+                    .shared();
+                    *pending = Some(dial.clone());
+                    dial
+                }
+            }
+        };
+        tokio::time::timeout(timeout, dial)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Unreachable(format!(
+                    "{addr}: not connected within the request's {timeout:?}"
+                )))
+            })
     }
 
-    /// Dials `addr` unless another dial did (or failed, backing off) while this one waited;
-    /// the outcome is kept in `slot`.
+    /// Dials `addr`; the outcome is kept in `slot` (the connection, or the error and when to
+    /// try again), and the slot's dial cleared.
     async fn dial(
         slot: Arc<PeerSlot>,
         addr: String,
@@ -135,29 +155,30 @@ impl PeerPool {
         local_ip: Option<std::net::IpAddr>,
         next_id: Arc<AtomicU64>,
     ) -> Result<Conn, PeerError> {
-        let _dialing = slot.dialing.lock().await;
-        if let Some(cached) = slot.cached(&addr) {
-            return cached;
-        }
         let result = Self::connect(&addr, &auth, local_ip, &next_id).await;
-        let mut slot = slot.state.lock().expect("peer slot lock poisoned");
-        match result {
+        // Recorded before the dial is cleared: a request arriving in between finds the
+        // outcome, not a slot with neither and a second dial.
+        let mut state = slot.state.lock().expect("peer slot lock poisoned");
+        let outcome = match result {
             Ok(c) => {
-                *slot = Slot {
+                *state = Slot {
                     conn: Some(c.clone()),
                     ..Slot::default()
                 };
                 Ok(c)
             }
             Err(e) => {
-                slot.conn = None;
-                slot.backoff =
-                    (slot.backoff * 2).clamp(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
-                slot.retry_at = Some(Instant::now() + slot.backoff);
-                slot.last_error = e.clone();
+                state.conn = None;
+                state.backoff =
+                    (state.backoff * 2).clamp(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
+                state.retry_at = Some(Instant::now() + state.backoff);
+                state.last_error = e.clone();
                 Err(PeerError::Unreachable(format!("{addr}: {e}")))
             }
-        }
+        };
+        drop(state);
+        *slot.dial.lock().expect("peer dial lock poisoned") = None;
+        outcome
     }
 
     async fn connect(
