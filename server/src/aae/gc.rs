@@ -128,12 +128,18 @@ pub struct Candidates {
 }
 
 impl Candidates {
+    /// A check whose flags were read between `began` and `ended` (members are asked one
+    /// after another) found `key` with `state`, `stable` or not. A first check counts from
+    /// its end and a second from its beginning, so that every flag of the second was read at
+    /// least `settle` after every flag of the first (found in review: with the end of both, a
+    /// member read early in a slow second check could be read before a late hint landed, and
+    /// the key was purged under it).
     pub fn observe(
         &mut self,
         key: &Bytes,
         state: &Bytes,
         stable: bool,
-        now: Instant,
+        (began, ended): (Instant, Instant),
         settle: Duration,
     ) -> Decision {
         if !stable {
@@ -142,7 +148,7 @@ impl Candidates {
         }
         match self.seen.get(key) {
             Some((seen, at)) if seen == state => {
-                if now.duration_since(*at) >= settle {
+                if began.saturating_duration_since(*at) >= settle {
                     self.seen.remove(key);
                     Decision::Purge
                 } else {
@@ -151,7 +157,7 @@ impl Candidates {
             }
             _ => {
                 if self.seen.len() < MAX_CANDIDATES || self.seen.contains_key(key) {
-                    self.seen.insert(key.clone(), (state.clone(), now));
+                    self.seen.insert(key.clone(), (state.clone(), ended));
                 }
                 Decision::Wait
             }
@@ -314,6 +320,7 @@ impl<T: Transport> GcWorker<T> {
             return Ok(resume);
         }
         // Every member's flags, this node's own included.
+        let began = Instant::now();
         let mut answers: Vec<Vec<(NodeId, Option<u8>)>> = vec![Vec::new(); entries.len()];
         for member in view.members.keys().filter(|m| consulted(view, m)) {
             let flags = if *member == view.me {
@@ -367,7 +374,7 @@ impl<T: Transport> GcWorker<T> {
             }
             if self
                 .candidates
-                .observe(key, state, v.is_ok(), now, self.settle)
+                .observe(key, state, v.is_ok(), (began, now), self.settle)
                 == Decision::Purge
             {
                 purge.push((key.clone(), state.clone(), replicas));
@@ -695,6 +702,11 @@ mod tests {
         assert_eq!(unavailable_member(&v), None, "d owns nothing any more");
     }
 
+    /// A check made at one instant.
+    fn at(t: Instant) -> (Instant, Instant) {
+        (t, t)
+    }
+
     #[test]
     fn purged_only_after_two_stable_checks_settle_apart_with_the_same_state() {
         let settle = Duration::from_secs(10);
@@ -705,30 +717,58 @@ mod tests {
             Bytes::from_static(b"T"),
             Bytes::from_static(b"T2"),
         );
-        assert_eq!(c.observe(&k, &t, true, t0, settle), Decision::Wait);
+        assert_eq!(c.observe(&k, &t, true, at(t0), settle), Decision::Wait);
         assert_eq!(c.next_due(settle), Some(t0 + settle));
         // Too soon.
         assert_eq!(
-            c.observe(&k, &t, true, t0 + Duration::from_secs(5), settle),
+            c.observe(&k, &t, true, at(t0 + Duration::from_secs(5)), settle),
             Decision::Wait
         );
         // Not stable in between: starts over.
         assert_eq!(
-            c.observe(&k, &t, false, t0 + Duration::from_secs(6), settle),
+            c.observe(&k, &t, false, at(t0 + Duration::from_secs(6)), settle),
             Decision::Reset
         );
         assert!(c.is_empty());
         let t1 = t0 + Duration::from_secs(7);
-        assert_eq!(c.observe(&k, &t, true, t1, settle), Decision::Wait);
+        assert_eq!(c.observe(&k, &t, true, at(t1), settle), Decision::Wait);
         // Another tombstone state (a second delete): starts over from it.
         assert_eq!(
-            c.observe(&k, &t2, true, t1 + settle, settle),
+            c.observe(&k, &t2, true, at(t1 + settle), settle),
             Decision::Wait
         );
         assert_eq!(
-            c.observe(&k, &t2, true, t1 + settle + settle, settle),
+            c.observe(&k, &t2, true, at(t1 + settle + settle), settle),
             Decision::Purge
         );
         assert!(c.is_empty(), "a purged key is forgotten");
+    }
+
+    /// Members are asked one after another, so a check's flags are read over a span: the
+    /// first check counts from its end, the second from its beginning (found in review: a
+    /// slow second check that ended `settle` after the first had read a member too early).
+    #[test]
+    fn a_second_check_counts_from_its_first_read_and_a_first_from_its_last() {
+        let settle = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let (k, t) = (Bytes::from_static(b"k"), Bytes::from_static(b"T"));
+        let mut c = Candidates::default();
+        // The first check read its flags from t0 to t0 + 3 s.
+        assert_eq!(
+            c.observe(&k, &t, true, (t0, t0 + s(3)), settle),
+            Decision::Wait
+        );
+        // A second check that began 10 s after the first one began, but only 7 s after it
+        // ended: too soon, even though it ended 20 s after.
+        assert_eq!(
+            c.observe(&k, &t, true, (t0 + s(10), t0 + s(20)), settle),
+            Decision::Wait
+        );
+        // One that began `settle` after the first ended.
+        assert_eq!(
+            c.observe(&k, &t, true, (t0 + s(13), t0 + s(14)), settle),
+            Decision::Purge
+        );
     }
 }
