@@ -1083,6 +1083,23 @@ mod routing_tests {
         assert_eq!(large.len(), SHARED_VALUE_MIN);
     }
 
+    /// A fake node on an ephemeral port of 127.0.0.1: `serve` handles its first connection.
+    /// Its address, and what `serve` returned.
+    async fn fake_node<T, F, Fut>(serve: F) -> (String, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            serve(socket).await
+        });
+        (addr, task)
+    }
+
     /// A fake node on `socket`: answers every request with a put reply without a body, until
     /// the client closes; the keys of the puts it was sent.
     async fn answer_every_put(socket: tokio::net::TcpStream) -> Vec<String> {
@@ -1134,20 +1151,8 @@ mod routing_tests {
     /// asked first again; when every address says so, the error is that refusal, definite.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_that_serves_nothing_passes_requests_to_the_next_address() {
-        let listen = || async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap().to_string();
-            (l, addr)
-        };
-        let ((retired, retired_addr), (serving, serving_addr)) = (listen().await, listen().await);
-        let retired = tokio::spawn(async move {
-            let (socket, _) = retired.accept().await.unwrap();
-            refuse_everything(socket).await
-        });
-        let serving = tokio::spawn(async move {
-            let (socket, _) = serving.accept().await.unwrap();
-            answer_every_put(socket).await
-        });
+        let (retired_addr, retired) = fake_node(refuse_everything).await;
+        let (serving_addr, serving) = fake_node(answer_every_put).await;
         let client = Client::new(
             [retired_addr.clone(), serving_addr],
             ClientConfig::default(),
@@ -1167,11 +1172,7 @@ mod routing_tests {
         );
         assert_eq!(serving.await.unwrap(), vec!["k1", "k2", "k3"]);
         // Alone, it answers with its refusal.
-        let (alone, alone_addr) = listen().await;
-        let alone = tokio::spawn(async move {
-            let (socket, _) = alone.accept().await.unwrap();
-            refuse_everything(socket).await
-        });
+        let (alone_addr, alone) = fake_node(refuse_everything).await;
         let client = Client::new([alone_addr], ClientConfig::default()).unwrap();
         let err = client.put("k4", "v", None).await.unwrap_err();
         assert_eq!(
@@ -1209,12 +1210,7 @@ mod routing_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_waiting_on_a_dial_that_fails_go_to_the_next_address_together() {
         let (_hole, hole_addr, _held) = black_hole().await;
-        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let serving_addr = serving.local_addr().unwrap().to_string();
-        let node = tokio::spawn(async move {
-            let (socket, _) = serving.accept().await.unwrap();
-            answer_every_put(socket).await
-        });
+        let (serving_addr, node) = fake_node(answer_every_put).await;
         let config = ClientConfig {
             connect_timeout: Duration::from_millis(300),
             request_timeout: Duration::from_secs(3),
@@ -1275,18 +1271,8 @@ mod routing_tests {
     /// while the other addresses served. Now the next request starts at the next address.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_that_timed_out_is_not_asked_first_again() {
-        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let silent_addr = silent.local_addr().unwrap().to_string();
-        let silent = tokio::spawn(async move {
-            let (socket, _) = silent.accept().await.unwrap();
-            answer_nothing(socket).await
-        });
-        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let serving_addr = serving.local_addr().unwrap().to_string();
-        let serving = tokio::spawn(async move {
-            let (socket, _) = serving.accept().await.unwrap();
-            answer_every_put(socket).await
-        });
+        let (silent_addr, silent) = fake_node(answer_nothing).await;
+        let (serving_addr, serving) = fake_node(answer_every_put).await;
         let config = ClientConfig {
             request_timeout: Duration::from_millis(200),
             ..ClientConfig::default()
@@ -1314,14 +1300,7 @@ mod routing_tests {
         let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gone_addr = gone.local_addr().unwrap().to_string();
         drop(gone);
-        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let serving_addr = serving.local_addr().unwrap().to_string();
-        let serving = tokio::spawn(async move {
-            let Ok((socket, _)) = serving.accept().await else {
-                return 0;
-            };
-            answer_nothing(socket).await
-        });
+        let (serving_addr, serving) = fake_node(answer_nothing).await;
         let client = Client::new([gone_addr, serving_addr], ClientConfig::default()).unwrap();
         let local = GetOptions {
             local: true,
@@ -1390,12 +1369,7 @@ mod routing_tests {
     /// protocol error naming the node.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_put_reply_without_the_body_asked_for_is_an_error_not_a_panic() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (socket, _) = listener.accept().await.unwrap();
-            answer_every_put(socket).await
-        });
+        let (addr, _node) = fake_node(answer_every_put).await;
         let client = Client::new([addr.clone()], ClientConfig::default()).unwrap();
         let answer = tokio::spawn(async move { client.put_returning("k", "v", None).await });
         match answer.await.expect("put_returning does not panic") {
