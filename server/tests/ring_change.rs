@@ -1057,6 +1057,49 @@ async fn removing_a_node_that_left_and_went_away_lets_the_purges_resume() {
     left_node_paused_after_switch(true).await;
 }
 
+/// Found in review: gainers skipped a leaving node that was down and reported themselves
+/// synced from the other sources, so the switch retired it while it was down. A leaving node
+/// may hold what no other node has (a write acknowledged with W=1, hints for the others), and
+/// restarted after the switch it withholds its data, as any node that comes back retired:
+/// those writes were lost. The switch now waits for it, and goes on once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_waits_for_its_node_while_it_is_down() {
+    let c = four_owners(&[]).await;
+    let keys = write_keys(&c, "leaving", 300).await;
+    stage_and_commit(&c, 0, &[json!({"Leave": {"node": "n4"}})]).await;
+    // Paused at once: the gainers begin pulling only once every node has the layout and a
+    // settle time passed.
+    c.nodes[3].send_signal(libc::SIGSTOP);
+    eventually(Duration::from_secs(30), "n4 seen down", || async {
+        admin(&c, 0, json!("Status")).await.unwrap()["Status"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["node"] == "n4" && m["alive"] == false)
+    })
+    .await;
+    // The other sources have long been pulled from; the change waits for n4.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let l = layout(&c, 0).await;
+        assert!(
+            !l["next"].is_null() && !layout_names(&c, "retired", "n4").await,
+            "switched without the leaving n4, which was down: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.nodes[3].send_signal(libc::SIGCONT);
+    wait_owners(
+        &c,
+        0,
+        &[0, 1, 2],
+        &["n1", "n2", "n3"],
+        Duration::from_secs(60),
+    )
+    .await;
+    all_readable(&c, &[0, 1, 2], &keys).await;
+}
+
 /// n4 leaves and is paused as soon as the switch retires it; its keys are deleted, and GC
 /// waits for it. Then it is resumed, or (`gone`) killed and removed.
 async fn left_node_paused_after_switch(gone: bool) {

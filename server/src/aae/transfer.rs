@@ -4,7 +4,9 @@
 //! The transfer of a gained range is an anti-entropy exchange over it with each of its current
 //! replicas that is up (`AaeWorker::exchange`: the differing keys are fetched and merged with
 //! the version-vector logic; streaming by digests when most of it differs, as for a new node).
-//! Pulling from every live source, not one, gets every acknowledged write (W of them hold it).
+//! Pulling from every live source, not one, gets every acknowledged write (W of them hold it);
+//! a source that leaves is waited for while it is down (`Layout::leaving`): it may hold what no
+//! other node has (a write acknowledged with W=1), and retired it would never hand that over.
 //! It starts once every live member has the plan's layout (so every coordinator already sends
 //! writes to the new replicas too) and no write begun under an older layout is in flight on any
 //! of them (their gossip `drained`), and [`SETTLE`] later; then writes made meanwhile are in the
@@ -393,12 +395,27 @@ impl<T: Transport> Worker for TransferWorker<T> {
                 && self.retry_at.get(*src).is_none_or(|t| now >= *t)
         });
         let Some((source, all_spans)) = next_source.map(|(s, sp)| (s.clone(), sp.clone())) else {
-            // Done when every live source is, and every gained range came from one of them.
+            // Done when every live source is, and every gained range came from one of them,
+            // but never without a source that leaves: down, it is waited for (found in
+            // review: the switch retired a leaving node that was down, and once restarted it
+            // withheld what only it held, a write acknowledged with W=1).
             let live_left = mine
                 .gains_from
                 .iter()
                 .any(|(s, spans)| !self.done(s, spans) && view.is_alive(s));
-            if !live_left && self.covered(&mine) {
+            let leaver_down = mine
+                .gains_from
+                .iter()
+                .find(|(s, spans)| {
+                    !self.done(s, spans) && !view.is_alive(s) && view.layout.leaving(s)
+                })
+                .map(|(s, _)| s.clone());
+            if let Some(leaver) = &leaver_down {
+                self.detail = format!(
+                    "layout v{version}: waiting for {leaver}, which leaves and is down, to hand \
+                     its ranges over (gone for good: kvctl cluster abort, then remove it)"
+                );
+            } else if !live_left && self.covered(&mine) {
                 self.checkpoint.synced = id;
                 self.save();
                 self.metrics.completed.inc();

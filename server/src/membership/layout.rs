@@ -218,6 +218,19 @@ impl Layout {
             .chain(self.next.iter().flat_map(|n| n.keys()))
     }
 
+    /// Whether the running transition takes `node` out of the ring and it hands its data over
+    /// itself (it leaves): an owner now and not after, and not forfeited (removed or replaced
+    /// while down). Gainers wait for such a node while it is down (`transfer`): it may hold
+    /// what no other node has (a write acknowledged with W=1, hints for the other replicas),
+    /// and once retired it could never hand it over if it restarted.
+    pub fn leaving(&self, node: &str) -> bool {
+        self.next
+            .as_ref()
+            .is_some_and(|next| !next.contains_key(node))
+            && self.current.contains_key(node)
+            && !self.forfeited.contains(node)
+    }
+
     /// Retired nodes that may still hold data that is no longer theirs: neither forfeited
     /// (their copies are refused) nor released (they said they hold nothing).
     pub fn awaiting_release(&self) -> impl Iterator<Item = &String> {
