@@ -54,6 +54,18 @@ async fn layout(c: &Cluster, i: usize) -> Value {
     admin(c, i, json!("Status")).await.unwrap()["Status"]["layout"].clone()
 }
 
+/// Whether node `i`'s cluster status lists each of `nodes` with liveness `alive` (a retired
+/// node is no ring member, but the status lists it too).
+async fn listed(c: &Cluster, i: usize, nodes: &[&str], alive: bool) -> bool {
+    let st = admin(c, i, json!("Status")).await.unwrap();
+    let members = st["Status"]["members"].as_array().unwrap();
+    nodes.iter().all(|id| {
+        members
+            .iter()
+            .any(|m| m["node"] == *id && m["alive"] == alive)
+    })
+}
+
 /// The current ring as node `i` reports it (owners, with the tokens they took over).
 async fn ring_of(c: &Cluster, i: usize) -> Ring {
     let ring = c.client(i).ring().await.unwrap();
@@ -98,7 +110,11 @@ async fn wait_owners(
         let version = l["version"].as_u64().unwrap();
         let mut same = l["next"].is_null() && have == want;
         for &i in running {
-            same &= layout(c, i).await["version"].as_u64() == Some(version);
+            // A node that has not heard the cluster's layout yet answers an error (a commit
+            // made the moment it was seen can come first): not settled yet.
+            let theirs = admin(c, i, json!("Status")).await;
+            same &=
+                theirs.is_ok_and(|st| st["Status"]["layout"]["version"].as_u64() == Some(version));
         }
         if same {
             return;
@@ -845,20 +861,8 @@ async fn a_commit_made_as_soon_as_the_second_node_is_seen_is_taken() {
     let mut c = Cluster::start(1, &["--n", "1"]).await;
     c.add_node("n2", 0, &["--n", "1", "--auto-join", "false"]);
     let start = Instant::now();
-    loop {
-        let st = admin(&c, 0, json!("Status")).await.unwrap();
-        let seen = st["Status"]["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["node"] == "n2" && m["alive"] == true);
-        if seen {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "n2 not seen: {st}"
-        );
+    while !listed(&c, 0, &["n2"], true).await {
+        assert!(start.elapsed() < Duration::from_secs(30), "n2 not seen");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     admin(
@@ -1070,12 +1074,8 @@ async fn a_leave_waits_for_its_node_while_it_is_down() {
     // Paused at once: the gainers begin pulling only once every node has the layout and a
     // settle time passed.
     c.nodes[3].send_signal(libc::SIGSTOP);
-    eventually(Duration::from_secs(30), "n4 seen down", || async {
-        admin(&c, 0, json!("Status")).await.unwrap()["Status"]["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["node"] == "n4" && m["alive"] == false)
+    eventually(Duration::from_secs(30), "n4 seen down", || {
+        listed(&c, 0, &["n4"], false)
     })
     .await;
     // The other sources have long been pulled from; the change waits for n4.
@@ -1112,12 +1112,8 @@ async fn left_node_paused_after_switch(gone: bool) {
     let handed_before = metric(&n4, "release.keys_handed").await;
     c.nodes[3].send_signal(libc::SIGSTOP);
     // (A retired node is no ring member: the claimant's status lists it, with its liveness.)
-    eventually(Duration::from_secs(30), "n4 seen down", || async {
-        admin(&c, 0, json!("Status")).await.unwrap()["Status"]["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["node"] == "n4" && m["alive"] == false)
+    eventually(Duration::from_secs(30), "n4 seen down", || {
+        listed(&c, 0, &["n4"], false)
     })
     .await;
     let client = c.client(0);
@@ -1544,18 +1540,9 @@ async fn an_aborted_join_whose_new_node_died_keeps_the_ring_and_every_write() {
     // n4 owns nothing yet (it is not in the ring the nodes report): the claimant's status
     // says when it is seen down.
     c.nodes[3].kill9();
-    eventually(
-        Duration::from_secs(30),
-        "the claimant sees n4 down",
-        || async {
-            let st = admin(&c, 0, json!("Status")).await.unwrap();
-            st["Status"]["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|m| m["node"] == "n4" && m["alive"] == false)
-        },
-    )
+    eventually(Duration::from_secs(30), "the claimant sees n4 down", || {
+        listed(&c, 0, &["n4"], false)
+    })
     .await;
     let during = write_keys(&c, "during", 300).await;
     let (ok, out) = kvctl(&c, 1, &["cluster", "leave", "n3"]);
@@ -1667,16 +1654,7 @@ async fn wait_seen_down(c: &Cluster, via: usize, ids: &[&str]) {
     eventually(
         Duration::from_secs(30),
         "the claimant sees the killed nodes down",
-        || async {
-            let st = admin(c, via, json!("Status")).await.unwrap();
-            ids.iter().all(|id| {
-                st["Status"]["members"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|m| m["node"] == *id && m["alive"] == false)
-            })
-        },
+        || listed(c, via, ids, false),
     )
     .await;
 }
