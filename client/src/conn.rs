@@ -174,15 +174,15 @@ pub enum Progress {
     Stalled,
 }
 
-/// The write side of a connection that never waits for the socket: frames are encoded into
-/// the buffer at once and written in the connection task's own `select!` arm (`progress`), and
-/// a peer that reads nothing for a whole `stall_timeout` is noticed (`Progress::Stalled`).
-/// Checked at most once per period, so a busy connection pays no timer work per frame.
 /// A write buffer larger than this is given back once everything in it is written (it grows
 /// to the largest burst of frames encoded at once, up to the byte budget's share: kept for the
 /// connection's life, that would be memory no budget counts). The codec starts at 8 KiB.
 pub const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 
+/// The write side of a connection that never waits for the socket: frames are encoded into
+/// the buffer at once and written in the connection task's own `select!` arm (`progress`), and
+/// a peer that reads nothing for a whole `stall_timeout` is noticed (`Progress::Stalled`).
+/// Checked at most once per period, so a busy connection pays no timer work per frame.
 pub struct Outbound<W> {
     writer: FramedWrite<W, FrameCodec>,
     stall_timeout: Duration,

@@ -870,7 +870,8 @@ impl Client {
         let deadline = now + timeout + CLIENT_GRACE;
         let mut last_err = String::new();
         let mut refusal: Option<(String, ringkv_protocol::ErrorReply)> = None;
-        for step in 0..if failover { n } else { 1 } {
+        let steps = if failover { n } else { 1 };
+        for step in 0..steps {
             let i = (start + step) % n;
             let addr = self.inner.nodes[i].addr.clone();
             // Nothing was sent that could have done anything (a failed dial, a refusal, a

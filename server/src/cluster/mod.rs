@@ -421,11 +421,10 @@ impl<T: Transport> ClusterService<T> {
         }
     }
 
-    /// Whether this node may commit a change to `view`'s layout now
-    /// (`vote::Votes::votes_above`), once `note_known` has looked at that view.
-    pub fn may_commit(&self, view: &ClusterView) -> bool {
-        self.note_known(view);
-        self.votes.votes_above(view.layout.version)
+    /// Whether this node may commit a change to a layout of `version` now
+    /// (`vote::Votes::votes_above`; `note_known` fixes the floor it compares with).
+    pub fn may_commit(&self, version: u64) -> bool {
+        self.votes.votes_above(version)
     }
 
     /// A node that started without its grants fixes the floor below which it does not vote
@@ -779,7 +778,8 @@ impl<T: Transport> ClusterService<T> {
     pub async fn commit(&self, base: u64, changes: &[Change]) -> Result<u64, PlanError> {
         let _one = self.deciding.lock().await;
         let view = self.membership.view();
-        if !self.may_commit(&view) {
+        self.note_known(&view);
+        if !self.may_commit(view.layout.version) {
             return Err(PlanError::Invalid(
                 "this node started on an empty data dir and is not yet in contact with the \
                  cluster, so it could not vote on the change: retry in a moment"

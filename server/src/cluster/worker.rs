@@ -83,7 +83,7 @@ impl<T: Transport> LayoutWorker<T> {
             self.detail = "claimant: waiting until this node knows the ring".into();
             return false;
         }
-        if !self.cluster.may_commit(&view) {
+        if !self.cluster.may_commit(view.layout.version) {
             self.detail =
                 "claimant: started on an empty data dir; waiting for contact before deciding"
                     .into();
