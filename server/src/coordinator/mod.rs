@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use crate::clock::{now_ms, time_left_ms};
 use crate::config::{Config, ReadFanout, Timeouts};
-use crate::membership::{ClusterView, Membership, WriteEpochs};
+use crate::membership::{ClusterView, EpochGuard, Membership, WriteEpochs};
 use crate::ring::NodeId;
 use crate::rpc::{FanOut, LateReplies, LateWait, PeerError, PeerPool, Tracker, Transport};
 use crate::storage::{open_gate, HexKey, Late, ReadGate, Store, WriteError, WriteOp};
@@ -144,6 +144,14 @@ fn hint_state(key: &[u8], row: Option<&[u8]>) -> Result<KeyState, String> {
 /// with nothing left uses `clock::time_left_ms`).
 pub fn remaining_ms(deadline: Instant) -> u32 {
     time_left_ms(deadline, Instant::now()).unwrap_or(1)
+}
+
+/// A write's replicas, planned from `view`, with the write in flight under that view's layout
+/// (`epoch`, held until its last replica call ends: a ring change's pulls wait for it).
+struct Planned<'a> {
+    view: &'a ClusterView,
+    plan: &'a plan::Plan,
+    epoch: EpochGuard,
 }
 
 /// A client write, unpacked.
@@ -745,7 +753,9 @@ impl<T: Transport> Coordinator<T> {
         };
         let needed = needed.max(needed_primaries);
         let deadline = Instant::now() + self.deadline(w.opts.timeout_ms);
-        let view = self.view();
+        // In flight under the view's layout from before the plan is made until its last
+        // replica call ends (late replies included); a ring change's pulls wait for it.
+        let (epoch, view) = self.epochs.enter_with(|| self.view(), |v| v.layout_id());
         // One fallback per down primary, and a spare per live one in case it fails to answer.
         let n = self.config.n as usize;
         let spares = if self.config.hinted_handoff { n } else { 0 };
@@ -819,14 +829,21 @@ impl<T: Transport> Coordinator<T> {
             }
         }
         if !forwarded && !plan.preference.contains(&view.me) {
+            // The replica it goes to coordinates it under its own view.
+            drop(epoch);
             return self
                 .forward(original, &w.key, needed, &alive, &view, deadline)
                 .await;
         }
         self.metrics.coordinated_writes.inc();
         let key = w.key.clone();
+        let planned = Planned {
+            view: &view,
+            plan: &plan,
+            epoch,
+        };
         match self
-            .coordinate_write(w, needed, needed_primaries, &plan, &view, deadline)
+            .coordinate_write(w, planned, needed, needed_primaries, deadline)
             .await
         {
             Ok(resp) => resp,
@@ -1010,14 +1027,12 @@ impl<T: Transport> Coordinator<T> {
     async fn coordinate_write(
         self: &Arc<Self>,
         w: WriteReq,
+        planned: Planned<'_>,
         needed: usize,
         needed_primaries: usize,
-        plan: &plan::Plan,
-        view: &ClusterView,
         deadline: Instant,
     ) -> Result<Response, WriteError> {
-        // In flight until its last replica call ends (the late replies included).
-        let epoch = self.epochs.enter(view.layout_id());
+        let Planned { view, plan, epoch } = planned;
         // Fallbacks in ring order: first one per down primary, then spares for live ones.
         let mut fallbacks = plan.fallbacks.iter().cloned();
         let mut slots: Vec<(NodeId, Option<NodeId>)> = Vec::new();

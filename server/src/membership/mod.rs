@@ -81,6 +81,28 @@ impl WriteEpochs {
         }
     }
 
+    /// A write's view (`current`), with the write entered under that view's layout. The view
+    /// is read again after the enter, until the layout held across it: the layout worker reads
+    /// the view, then the writes in flight, so a write it did not see reads a view at least as
+    /// new as the one it published `drained` from (the lock orders the two). Read once, a view
+    /// published between the read and the enter would leave the write under the old layout,
+    /// its old replicas only, while every node says no write of that layout is in flight.
+    pub fn enter_with<V>(
+        self: &Arc<Self>,
+        mut current: impl FnMut() -> V,
+        layout: impl Fn(&V) -> LayoutId,
+    ) -> (EpochGuard, V) {
+        let mut view = current();
+        loop {
+            let guard = self.enter(layout(&view));
+            let again = current();
+            if layout(&again) == guard.version {
+                return (guard, again);
+            }
+            view = again;
+        }
+    }
+
     /// The oldest layout a write still in flight started under.
     pub fn oldest(&self) -> Option<LayoutId> {
         self.counts
@@ -610,6 +632,53 @@ mod tests {
         assert_eq!(e.oldest(), Some(id(5, 1)));
         drop(c);
         assert_eq!(e.oldest(), None);
+    }
+
+    /// The layout worker publishes `drained` from the view it read, then the writes in
+    /// flight. A write that read its view just before a new layout was published, and entered
+    /// just after the worker looked, would be coordinated under the old layout (its old
+    /// replicas only) while every node says nothing older than the new one is in flight: the
+    /// gainers' pulls could pass its key before it lands (found in review). Whatever the
+    /// interleaving, the layout a write is coordinated under is at least the `drained` the
+    /// worker published without seeing it.
+    #[test]
+    fn a_write_entered_as_a_new_layout_is_published_is_coordinated_under_it() {
+        let epochs = Arc::new(WriteEpochs::default());
+        let published = std::cell::Cell::new(id(4, 1));
+        let drained = std::cell::Cell::new(None);
+        let mut reads = 0;
+        let (guard, layout) = epochs.enter_with(
+            || {
+                reads += 1;
+                let seen = published.get();
+                if reads == 1 {
+                    // The worker's tick, between this read and the write's enter: the new
+                    // layout is published, and no write is in flight yet.
+                    published.set(id(5, 1));
+                    let version = published.get();
+                    drained.set(Some(epochs.oldest().map_or(version, |o| o.min(version))));
+                }
+                seen
+            },
+            |l| *l,
+        );
+        let drained = drained.get().expect("the worker ran");
+        assert_eq!(drained, id(5, 1), "the worker did not see the write");
+        assert!(
+            layout >= drained,
+            "coordinated under {layout:?}, though the worker published drained {drained:?}"
+        );
+        assert_eq!(
+            epochs.oldest(),
+            Some(layout),
+            "the write is in flight under it"
+        );
+        drop(guard);
+        assert_eq!(epochs.oldest(), None);
+        // Without a tick in between, one read and one enter.
+        let (_g, layout) = epochs.enter_with(|| id(5, 1), |l| *l);
+        assert_eq!(layout, id(5, 1));
+        assert_eq!(epochs.oldest(), Some(id(5, 1)));
     }
 
     /// Two claimants committed version 2 concurrently: the view holds the one with the
