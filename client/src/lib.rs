@@ -41,9 +41,13 @@
 //! automatically (a retried write mints a second version), so a write whose outcome is unknown
 //! returns an error with [`Error::is_definite`] = false. A request that certainly reached no
 //! data goes to the next address whatever it is, a write too: one refused at connect (too many
-//! connections), or answered `NotServing` by a node that serves no reads or writes now (a ring
-//! change took it out, or it has just started and does not know the ring yet); when every
-//! address refuses, the error is the last refusal (definite). Dialling a node takes at most
+//! connections), answered `NotServing` by a node that serves no reads or writes now (a ring
+//! change took it out, or it has just started and does not know the ring yet), or answered
+//! `Unavailable` before anything was written (a node on a partition's minority side, which
+//! cannot reach enough of the key's replicas: another may; Cassandra's drivers retry an
+//! unavailable on the next host too); when every address refuses, the error is the last
+//! refusal (definite). An `Unavailable` that is not definite (the write reached fewer than W
+//! replicas) is returned as it is. Dialling a node takes at most
 //! [`ClientConfig::connect_timeout`] and never more than what is left of the request's
 //! deadline; the calls waiting on one dial share its outcome (they do not dial a node that
 //! does not answer one after another); a request whose deadline passes before it could be
@@ -924,9 +928,16 @@ impl Client {
                     });
                 }
                 // This node serves no reads or writes now (taken out of the ring, or it does
-                // not know the ring yet) and did nothing: the next node gets the request (a
-                // write too), as after a refused connection.
-                Ok(Ok(Response::Error(e))) if e.kind == ErrorKind::NotServing && e.definite => {
+                // not know the ring yet), or cannot reach enough of the key's replicas (a
+                // partition's minority side), and did nothing: the next node gets the request
+                // (a write too), as after a refused connection.
+                Ok(Ok(Response::Error(e)))
+                    if e.definite
+                        && matches!(
+                            e.kind,
+                            ErrorKind::NotServing | ErrorKind::Unavailable { .. }
+                        ) =>
+                {
                     last_err = format!("{addr}: {}", e.message);
                     refusal = Some((addr, e));
                 }
@@ -1129,22 +1140,83 @@ mod routing_tests {
     /// A fake node that serves nothing: answers every request `NotServing` (definite), until
     /// the client closes; how many it was sent.
     async fn refuse_everything(socket: tokio::net::TcpStream) -> usize {
+        let reply = Response::error(
+            ErrorKind::NotServing,
+            true,
+            "node n9: this node was taken out of the ring",
+        );
+        answer_every_request_with(socket, reply).await
+    }
+
+    /// A fake node that answers every request with `reply`, until the client closes; how
+    /// many it was sent.
+    async fn answer_every_request_with(socket: tokio::net::TcpStream, reply: Response) -> usize {
         use futures::{SinkExt, StreamExt};
-        use ringkv_protocol::{ErrorKind, FrameCodec, Inbound};
+        use ringkv_protocol::{FrameCodec, Inbound};
         let mut framed = tokio_util::codec::Framed::new(socket, FrameCodec::new(4 << 20));
         let mut asked = 0;
         while let Some(Ok(Inbound::Frame(frame))) = framed.next().await {
             asked += 1;
-            let reply = Response::error(
-                ErrorKind::NotServing,
-                true,
-                "node n9: this node was taken out of the ring",
-            );
             if framed.send(reply.to_frame(frame.request_id)).await.is_err() {
                 break;
             }
         }
         asked
+    }
+
+    /// A node cut off from the key's replicas (a partition's minority side) refuses a request
+    /// `Unavailable` before anything was written (definite): another node may reach them, so
+    /// the request, a write too, goes to the next address, as Cassandra's drivers retry an
+    /// unavailable on the next host; that node is not asked first again. An `Unavailable`
+    /// that is not definite (written on fewer than W replicas) is the answer: sent again, the
+    /// write would be done twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_cut_off_from_the_replicas_passes_requests_to_the_next_address() {
+        let unavailable = |definite| {
+            move |socket| {
+                let reply = Response::error(
+                    ErrorKind::Unavailable {
+                        alive: 1,
+                        needed: 2,
+                    },
+                    definite,
+                    "node n1: key 6b31: 1 replicas reachable, 2 needed",
+                );
+                answer_every_request_with(socket, reply)
+            }
+        };
+        let (minority_addr, minority) = fake_node(unavailable(true)).await;
+        let (majority_addr, majority) = fake_node(answer_every_put).await;
+        let client = Client::new([minority_addr, majority_addr], ClientConfig::default()).unwrap();
+        for key in ["k1", "k2", "k3"] {
+            client
+                .put(key, "v", None)
+                .await
+                .expect("served by the next address");
+        }
+        drop(client);
+        assert_eq!(
+            minority.await.unwrap(),
+            1,
+            "asked once, then no longer first"
+        );
+        assert_eq!(majority.await.unwrap(), vec!["k1", "k2", "k3"]);
+
+        let (partial_addr, partial) = fake_node(unavailable(false)).await;
+        let (other_addr, other) = fake_node(answer_every_put).await;
+        let client = Client::new([partial_addr, other_addr], ClientConfig::default()).unwrap();
+        let err = client.put("k4", "v", None).await.unwrap_err();
+        assert!(
+            matches!(err.kind(), Some(ErrorKind::Unavailable { .. })),
+            "{err}"
+        );
+        assert!(!err.is_definite(), "{err}");
+        drop(client);
+        assert_eq!(partial.await.unwrap(), 1);
+        // Never dialled (its accept still waits), or dialled and sent nothing.
+        if let Ok(keys) = tokio::time::timeout(Duration::from_millis(300), other).await {
+            assert!(keys.unwrap().is_empty(), "not sent twice");
+        }
     }
 
     /// A node that serves nothing now (`NotServing`: taken out of the ring, or not knowing it
