@@ -854,12 +854,16 @@ impl Store {
 
     /// Anti-entropy synced every range of this node from every other replica: it answers
     /// reads from now on. The flag is cleared in memory even if recording it fails (a full
-    /// disk): the data is synced either way, and a restart would only sync it again.
+    /// disk): the data is synced either way, and a restart would only sync it again. Not
+    /// fsynced: a power loss that takes the record back takes back what was written before it
+    /// too (the WAL is recovered as a prefix), and the node syncs again. An fsync here could
+    /// be the first to cover groups shipped under `none`, outside the writer that renews the
+    /// actor when one fails (found in review).
     pub fn mark_synced(&self) -> Result<(), StorageError> {
         self.unsynced.store(false, Ordering::Release);
         let mut batch = Batch::default();
         batch.delete(Cf::Meta, META_UNSYNCED.to_vec());
-        self.engine.write(batch, true)
+        self.engine.write(batch, false)
     }
 
     /// Peer writes (`write_within`, `write_by`) are applied within `limit` of their arrival or
@@ -1587,6 +1591,10 @@ struct Group {
     /// (target, partition) marked for anti-entropy in this batch: written again with a later
     /// group if the batch fails (a drop's mark must not be lost with it).
     marked: Vec<(String, u16)>,
+    /// The purge floor this batch persists (actor, counter): taken as the writer's once the
+    /// batch is appended (raised before, a failed batch would leave it raised in memory while
+    /// the key and the old floor stay stored, and amnesia below it would go unseen).
+    purge_floor: Option<(Actor, u64)>,
 }
 
 impl Group {
@@ -1707,7 +1715,14 @@ impl Writer {
             .and_then(|()| self.engine.sync_wal());
         match result {
             Ok(()) => info!(node = %self.node_id, "storage closed cleanly"),
-            Err(e) => error!(node = %self.node_id, error = %e, "could not mark clean shutdown"),
+            Err(e) => {
+                error!(node = %self.node_id, error = %e, "could not mark clean shutdown");
+                // Under `none` this fsync was the first to cover what was shipped since the
+                // last one: the next start must not take the page cache as having kept it.
+                if may_have_applied(&e) {
+                    self.wal_sync_failed();
+                }
+            }
         }
     }
 
@@ -1893,6 +1908,7 @@ impl Writer {
             answers = release_early(answers);
         } else {
             let one_step_sync = wants_sync && !release_between;
+            let purge_floor = self.purge_floor(&group);
             match self.engine.write(group.batch, one_step_sync) {
                 Ok(()) => {
                     self.stats.batches.inc();
@@ -1900,6 +1916,7 @@ impl Writer {
                         .largest_group
                         .inner()
                         .fetch_max(count as u64, Ordering::Relaxed);
+                    self.purge_floor = purge_floor;
                     if one_step_sync {
                         self.synced(group.lease);
                     }
@@ -1907,8 +1924,10 @@ impl Writer {
                 Err(e) => {
                     self.stats.write_errors.inc();
                     error!(node = %self.node_id, jobs = count, error = %e, "write batch failed; nothing in it was shipped");
+                    // Its fsync may be the first to cover earlier unsynced groups (`none`):
+                    // renewed as after any failed WAL fsync.
                     if one_step_sync && may_have_applied(&e) {
-                        self.lost_durability();
+                        self.wal_sync_failed();
                     }
                     append_failure = Some(e);
                 }
@@ -2070,6 +2089,14 @@ impl Writer {
         );
     }
 
+    /// The highest counter of ours found in a purged tombstone, as of this group.
+    fn purge_floor(&self, group: &Group) -> u64 {
+        match group.purge_floor {
+            Some((actor, floor)) if actor == self.identity.actor => floor.max(self.purge_floor),
+            _ => self.purge_floor,
+        }
+    }
+
     fn mint(&mut self, group: &mut Group) -> Dot {
         let counter = self.next_counter;
         self.next_counter += 1;
@@ -2133,7 +2160,7 @@ impl Writer {
                 // Per key: every dot of ours on this key was minted on this copy, so a context
                 // ahead of it means the copy lost one. Globally: nothing may be ahead of the
                 // counter.
-                if (ctx.get(me) > ours && ctx.get(me) > self.purge_floor)
+                if (ctx.get(me) > ours && ctx.get(me) > self.purge_floor(group))
                     || ours.max(ctx.get(me)) >= self.next_counter
                 {
                     self.amnesia(key, ours.max(ctx.get(me)));
@@ -2154,7 +2181,7 @@ impl Writer {
                 let me = self.identity.actor;
                 let theirs = state.context().get(me);
                 // A peer can only hold versions of ours that it got from this copy.
-                if (theirs > current.context().get(me) && theirs > self.purge_floor)
+                if (theirs > current.context().get(me) && theirs > self.purge_floor(group))
                     || theirs >= self.next_counter
                 {
                     self.amnesia(key, theirs);
@@ -2246,8 +2273,8 @@ impl Writer {
         group.batch.delete(Cf::Data, dkey.clone());
         group.overlay.insert(dkey, absent);
         let ours = current.context().get(self.identity.actor);
-        if ours > self.purge_floor {
-            self.purge_floor = ours;
+        if ours > self.purge_floor(group) {
+            group.purge_floor = Some((self.identity.actor, ours));
             let mut floor = self.identity.actor.to_be_bytes().to_vec();
             floor.extend_from_slice(&ours.to_be_bytes());
             group.batch.put(Cf::Meta, META_PURGE_FLOOR.to_vec(), floor);
