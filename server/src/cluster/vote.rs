@@ -89,6 +89,12 @@ pub struct Ballots {
     /// started without a grants file (new, or wiped) first knew the cluster (`note_ready`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     floor: Option<u64>,
+    /// The node started without a grants file and without a layout (new, or wiped): it votes
+    /// on nothing until `floor` is fixed. Saved as soon as it starts: the layout it may adopt
+    /// before it is ready is saved at once, and a restart must not take a layout file without
+    /// grants for a node of a version before grants, which votes at once (found in review).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    amnesic: bool,
 }
 
 /// Why a voter did not grant.
@@ -223,35 +229,39 @@ pub struct Votes {
 }
 
 impl Votes {
-    /// The grants saved in `file` (none if it does not exist: then `amnesic`); without a file
-    /// (tests), kept in memory only. A file that cannot be read or parsed is an error:
-    /// starting without the grants it holds could grant the other decision on a change.
+    /// The grants saved in `file`; without a file (tests), kept in memory only. A file that
+    /// cannot be read or parsed is an error: starting without the grants it holds could grant
+    /// the other decision on a change. No file and no layout (`has_layout`): the data dir is
+    /// new or wiped, and the node is `amnesic`, saved at once.
     pub fn open(file: Option<PathBuf>, has_layout: bool) -> Result<Votes, String> {
-        let (ballots, amnesic) = match &file {
+        let ballots: Ballots = match &file {
             Some(path) => match std::fs::read(path) {
-                Ok(bytes) => (
-                    serde_json::from_slice(&bytes).map_err(|e| {
-                        format!(
-                            "{}: not a file of ring-change grants ({e}); it is written whole \
-                             or not at all, so this is damage: restore it, or delete it only \
-                             if no ring change is running",
-                            path.display()
-                        )
-                    })?,
-                    false,
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    (Ballots::default(), !has_layout)
-                }
+                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                    format!(
+                        "{}: not a file of ring-change grants ({e}); it is written whole \
+                         or not at all, so this is damage: restore it, or delete it only \
+                         if no ring change is running",
+                        path.display()
+                    )
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ballots {
+                    amnesic: !has_layout,
+                    ..Ballots::default()
+                },
                 Err(e) => return Err(format!("{}: {e}", path.display())),
             },
-            None => (Ballots::default(), false),
+            None => Ballots::default(),
         };
-        Ok(Votes {
+        let votes = Votes {
             file,
+            amnesic: ballots.amnesic,
             ballots: Mutex::new(ballots),
-            amnesic,
-        })
+        };
+        if votes.amnesic {
+            let ballots = votes.ballots.lock().expect("ballots lock poisoned");
+            votes.save(&ballots)?;
+        }
+        Ok(votes)
     }
 
     /// The node knows the cluster (ready) with a layout of `version`: if it started without
@@ -475,5 +485,30 @@ mod tests {
             third.grant(id(8, 1), Decision::Abort),
             Err(Refusal::Held(Decision::Switch))
         );
+    }
+
+    /// A wiped node adopts a layout (saved at once) before it is ready, and stops: at the next
+    /// start it has a layout file and still no floor, and must not vote (found in review: it
+    /// was taken for a node of a version before grants, which votes at once, and could grant
+    /// the other decision on a change it granted before the wipe).
+    #[test]
+    fn a_wiped_node_stopped_before_it_was_ready_still_does_not_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(VOTES_FILE);
+        drop(Votes::open(Some(path.clone()), false).unwrap());
+        let again = Votes::open(Some(path.clone()), true).unwrap();
+        assert!(!again.votes_above(5));
+        assert_eq!(
+            again.grant(id(5, 1), Decision::Abort),
+            Err(Refusal::Amnesic(None))
+        );
+        again.note_ready(5).unwrap();
+        drop(again);
+        let third = Votes::open(Some(path), true).unwrap();
+        assert_eq!(
+            third.grant(id(5, 1), Decision::Abort),
+            Err(Refusal::Amnesic(Some(5)))
+        );
+        assert_eq!(third.grant(id(6, 1), Decision::Abort), Ok(()));
     }
 }
