@@ -174,6 +174,68 @@ async fn nodes_with_a_wrong_secret_or_cluster_name_never_appear() {
     assert_eq!(lonely.members().await.unwrap().members.len(), 1);
 }
 
+/// A node's own gossip packet, captured on the network and sent back to it from another
+/// address within the replay window, is not taken for another live process with its node id
+/// (found in review: from a lower address it stopped the node, from a higher one it raised
+/// the duplicate alarm and renewed the node's identity 5 s later, once per replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_packet_of_a_node_is_not_taken_for_its_twin() {
+    // The node's only seed is this socket: it sends its announcements here.
+    let capture = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let seed = capture.local_addr().unwrap().to_string();
+    let node = NodeProcess::start_temp("n1", &["--seeds", &seed]);
+    let mut buf = vec![0u8; 2048];
+    let (len, _) = tokio::time::timeout(Duration::from_secs(10), capture.recv_from(&mut buf))
+        .await
+        .expect("the node announces itself to its seed")
+        .unwrap();
+    let packet = buf[..len].to_vec();
+    // Replayed from a higher address (127.0.0.2) and from a lower port of 127.0.0.1 when one
+    // is free below the node's.
+    let higher = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let node_gossip: std::net::SocketAddr = node.gossip_addr.parse().unwrap();
+    let mut lower = None;
+    for port in (1024..node_gossip.port()).rev().step_by(97).take(20) {
+        if let Ok(s) = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await {
+            lower = Some(s);
+            break;
+        }
+    }
+    for _ in 0..5 {
+        higher.send_to(&packet, node_gossip).await.unwrap();
+        if let Some(l) = &lower {
+            l.send_to(&packet, node_gossip).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = Client::new([node.addr.clone()], Default::default()).unwrap();
+    let metric = |s: &ringkv_client::StatusReply, name: &str| {
+        s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1)
+    };
+    let start = Instant::now();
+    loop {
+        let s = client.status().await.expect("the node still runs");
+        if metric(&s, "gossip.rejected_replayed") >= 5 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "replays not counted: {:?}\n{}",
+            s.metrics,
+            node.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the 5 s after which a duplicate's silence renews the identity.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = client.status().await.expect("the node still runs");
+    assert_eq!(metric(&s, "gossip.duplicate_packets"), 0, "{:?}", s.metrics);
+    assert_eq!(metric(&s, "gossip.duplicate_node_id"), 0);
+    assert_eq!(metric(&s, "gossip.identity_reclaims"), 0);
+    let log = node.log_tail(200);
+    assert!(!log.contains("another live process"), "{log}");
+}
+
 /// The inter-node RPC handshake refuses peers of another cluster (defence in depth behind the
 /// gossip envelope), with a clear log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 //! socket, the timer heap and the phi detector (shared/notes/foca.md §3).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
 use std::sync::{Arc, Mutex};
@@ -169,6 +169,7 @@ crate::metrics::metric_set! {
         rejected_cluster: Counter = "rejected_cluster", "packets of another cluster";
         rejected_mac: Counter = "rejected_mac", "packets whose MAC did not verify (wrong secret)";
         rejected_stale: Counter = "rejected_stale", "packets outside the replay window";
+        rejected_replayed: Counter = "rejected_replayed", "packets this process sent, received back (replayed on the network or looped back): not another process with its node id";
         foca_errors: Counter = "foca_errors", "errors reported by foca";
         members_down: Counter = "members_down_events", "members declared down";
         local_pauses: Counter = "local_pauses", "times the membership worker did not wake for over 1 s (this process stopped or starved); phi then takes no routed peer out of routing for 1 s";
@@ -206,6 +207,52 @@ enum Reject {
     Cluster,
     Mac,
     Stale,
+    Replayed,
+}
+
+/// The most tags `SentTags` keeps (about 5 MiB): more packets sent within the replay window
+/// than this (a very large cluster) and the oldest of them are no longer told from another
+/// process's.
+pub const MAX_SENT_TAGS: usize = 100_000;
+
+/// The authentication tags of the packets this process sent within the replay window (and a
+/// few seconds more). A packet with this process's node id and one of these tags is its own,
+/// sent back to it (replayed by someone on the network within the window, or looped back),
+/// not another live process with its id: without this, a replay of any of its packets from a
+/// lower address stopped it, and from a higher one renewed its identity (found in review).
+#[derive(Debug, Default)]
+pub struct SentTags {
+    order: VecDeque<(u64, [u8; TAG_LEN])>,
+    set: HashSet<[u8; TAG_LEN]>,
+}
+
+impl SentTags {
+    /// How long a sent tag is kept: a packet older than the window is rejected as stale anyway.
+    const KEEP_MS: u64 = REPLAY_WINDOW_MS + 5_000;
+
+    /// Records the tag of a packet sent at `now_ms`.
+    pub fn record(&mut self, now_ms: u64, tag: [u8; TAG_LEN]) {
+        while let Some(&(at, old)) = self.order.front() {
+            if now_ms.saturating_sub(at) <= Self::KEEP_MS && self.order.len() < MAX_SENT_TAGS {
+                break;
+            }
+            self.order.pop_front();
+            self.set.remove(&old);
+        }
+        if self.set.insert(tag) {
+            self.order.push_back((now_ms, tag));
+        }
+    }
+
+    /// Whether a packet with this tag was sent by this process (within what is kept).
+    pub fn sent(&self, tag: &[u8]) -> bool {
+        <[u8; TAG_LEN]>::try_from(tag).is_ok_and(|t| self.set.contains(&t))
+    }
+
+    /// Tags kept.
+    pub fn kept(&self) -> usize {
+        self.order.len()
+    }
 }
 
 struct Envelope {
@@ -569,6 +616,8 @@ pub struct Driver {
     rt: AccumulatingRuntime<RingId>,
     socket: Arc<UdpSocket>,
     envelope: Envelope,
+    /// The tags of the packets sent lately (`SentTags`).
+    sent: Mutex<SentTags>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_events: HashMap<u64, Timer<RingId>>,
     timer_seq: u64,
@@ -667,6 +716,7 @@ impl Driver {
             rt: AccumulatingRuntime::new(),
             socket: Arc::new(socket),
             envelope: Envelope::new(&cfg.cluster_name, &cfg.secret),
+            sent: Mutex::default(),
             timers: BinaryHeap::new(),
             timer_events: HashMap::new(),
             timer_seq: 0,
@@ -766,7 +816,15 @@ impl Driver {
     }
 
     fn send(&self, kind: u8, to: SocketAddr, payload: &[u8]) {
-        let pkt = self.envelope.seal(kind, &self.me, now_ms(), payload);
+        let now = now_ms();
+        let pkt = self.envelope.seal(kind, &self.me, now, payload);
+        let tag: [u8; TAG_LEN] = pkt[pkt.len() - TAG_LEN..]
+            .try_into()
+            .expect("a sealed packet ends with its tag");
+        self.sent
+            .lock()
+            .expect("sent tags lock poisoned")
+            .record(now, tag);
         // Gossip is best effort: a full socket buffer drops the packet (SWIM tolerates loss).
         if self.socket.try_send_to(&pkt, to).is_ok() {
             self.stats.packets_out.inc();
@@ -785,6 +843,10 @@ impl Driver {
             Reject::Stale => (
                 &self.stats.rejected_stale,
                 "timestamp outside the replay window",
+            ),
+            Reject::Replayed => (
+                &self.stats.rejected_replayed,
+                "one of this process's own packets, sent back to it (replayed)",
             ),
         };
         counter.inc();
@@ -808,6 +870,14 @@ impl Driver {
         }
         let (kind, node_id, payload) = match self.envelope.open(pkt, now_ms()) {
             Ok(o) if o.node_id == self.me.node_id => {
+                let own = self
+                    .sent
+                    .lock()
+                    .expect("sent tags lock poisoned")
+                    .sent(&pkt[pkt.len() - TAG_LEN..]);
+                if own {
+                    return self.reject(Reject::Replayed, from);
+                }
                 return self.on_own_id(o.generation, o.ts_ms, from);
             }
             Ok(o) => (o.kind, o.node_id.to_string(), o.payload.to_vec()),
@@ -1694,6 +1764,39 @@ impl MembershipWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sent tags are kept for the replay window (and a little more), at most `MAX_SENT_TAGS`
+    /// of them, the oldest going first.
+    #[test]
+    fn sent_tags_are_kept_for_the_replay_window_and_bounded() {
+        let tag = |i: u32| {
+            let mut t = [0u8; TAG_LEN];
+            t[..4].copy_from_slice(&i.to_be_bytes());
+            t
+        };
+        let mut sent = SentTags::default();
+        sent.record(1_000, tag(1));
+        sent.record(2_000, tag(2));
+        sent.record(2_000, tag(2));
+        assert_eq!(sent.kept(), 2, "a tag is kept once");
+        assert!(sent.sent(&tag(1)) && sent.sent(&tag(2)));
+        assert!(!sent.sent(&tag(3)) && !sent.sent(&[1, 2, 3]));
+        // Within the window the first is still known; past it, it goes.
+        sent.record(1_000 + REPLAY_WINDOW_MS, tag(3));
+        assert!(sent.sent(&tag(1)));
+        sent.record(2_000 + SentTags::KEEP_MS, tag(4));
+        assert!(!sent.sent(&tag(1)), "older than the window: gone");
+        assert!(sent.sent(&tag(2)) && sent.sent(&tag(4)));
+        let mut full = SentTags::default();
+        for i in 0..MAX_SENT_TAGS as u32 + 10 {
+            full.record(5_000, tag(i));
+        }
+        assert_eq!(full.kept(), MAX_SENT_TAGS);
+        assert!(
+            !full.sent(&tag(9)) && full.sent(&tag(10)),
+            "the oldest went first"
+        );
+    }
 
     fn id(name: &str) -> RingId {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
