@@ -130,16 +130,6 @@ pub fn read_reply(key: &[u8], state: &KeyState) -> ReadReply {
     }
 }
 
-/// The state of a hint row (empty when there is none).
-fn hint_state(key: &[u8], row: Option<&[u8]>) -> Result<KeyState, String> {
-    match row {
-        None => Ok(KeyState::new()),
-        Some(row) => crate::storage::hints::decode_hint(key, row)
-            .map(|(_, state)| state)
-            .map_err(|e| e.to_string()),
-    }
-}
-
 /// What is left of a deadline, as a wire timeout (at least 1 ms; work that must not start
 /// with nothing left uses `clock::time_left_ms`).
 pub fn remaining_ms(deadline: Instant) -> u32 {
@@ -1603,12 +1593,10 @@ impl<T: Transport> Coordinator<T> {
                 (true, Some(primary)) => {
                     match coordinator
                         .store
-                        .read_hint_by(&primary, &key, deadline)
+                        .read_hints_by(&primary, &key, deadline)
                         .await
                     {
-                        Ok(read) => read
-                            .map_err(|e| e.to_string())
-                            .and_then(|row| hint_state(&key, row.as_deref())),
+                        Ok(read) => read.map_err(|e| e.to_string()),
                         Err(Late) => Err(LOCAL_READ_LATE.to_string()),
                     }
                 }

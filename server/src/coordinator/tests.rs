@@ -901,6 +901,66 @@ async fn a_sloppy_read_counts_fallback_hints_and_pr_refuses_it() {
     expect_unavailable(resp, (1, 2), "PR=2 with one primary up");
 }
 
+/// A fallback holds its hints by (target, key), and which fallback a read pairs with which
+/// down primary need not be the pairing the write made (primaries that went down since, a
+/// spare that stood in for a slow primary). Asked for one primary's hint, a fallback answers
+/// with every hint it holds for the key: before (found in review), a read that paired this
+/// node with the other down primary missed the acknowledged write its hint held, and
+/// returned the live primary's stale copy.
+#[tokio::test]
+async fn a_fallback_answers_a_sloppy_read_with_every_hint_it_holds_for_the_key() {
+    // A key "a" does not replicate, whose first two primaries are down, with "a" their first
+    // fallback: the read pairs "a" with the first, and "a" holds a hint for the second.
+    let all_up = view(&ABCDE, "a", &["b", "c", "d", "e"]);
+    let (key, first, second, live, other_fallback) = (0..1000u32)
+        .map(|i| format!("key-{i}"))
+        .find_map(|k| {
+            let p = plan_with_fallbacks(&all_up, k.as_bytes(), 3, Some(2));
+            if p.is_primary("a") {
+                return None;
+            }
+            let (first, second, live) = (
+                p.preference[0].clone(),
+                p.preference[1].clone(),
+                p.preference[2].clone(),
+            );
+            let down = alive_but(&[&first, &second]);
+            let read = crate::coordinator::plan::plan(&down, k.as_bytes(), 3);
+            (read.fallbacks.len() == 2 && *read.fallbacks[0] == *"a")
+                .then(|| (k, first, second, live, read.fallbacks[1].clone()))
+        })
+        .expect("some key pairs a with its first down primary");
+    let h = harness(alive_but(&[&first, &second]));
+    let hinted = one_sibling(9, "acknowledged");
+    h.store
+        .write(WriteOp::Hint {
+            target: second.to_string(),
+            key: Bytes::from(key.clone()),
+            state: hinted.clone(),
+        })
+        .await
+        .unwrap();
+    h.script.on(
+        &other_fallback,
+        Kind::ReadHint,
+        answer(PeerResponse::Handoff(HandoffResponse::HintState(
+            Bytes::from(KeyState::new().encode()),
+        ))),
+    );
+    h.script
+        .on(&live, Kind::Read, answer(state_reply(&KeyState::new())));
+    h.script.on(&live, Kind::Replicate, ack());
+    let resp = h
+        .coordinator
+        .get(Bytes::from(key.clone()), get_opts(2, 1000))
+        .await;
+    assert_eq!(
+        reply_values(&resp),
+        BTreeSet::from(["acknowledged".to_string()]),
+        "paired with {first}, a holds the hint for {second}"
+    );
+}
+
 #[tokio::test]
 async fn a_delete_without_context_reads_primaries_only() {
     let (key, others, fallbacks) = key_on_a();

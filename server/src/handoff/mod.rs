@@ -30,7 +30,6 @@ use crate::background::paced_chunks;
 use crate::clock::now_ms;
 use crate::config::HintSettings;
 use crate::membership::DataGate;
-use crate::storage::hints::hint_state_bytes;
 use crate::storage::{HexKey, Store, WriteError, WriteOp};
 use crate::version::KeyState;
 use budget::ReplayBudget;
@@ -176,15 +175,11 @@ impl Handoff {
             } => {
                 self.metrics.hint_reads.inc();
                 let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms as u64);
-                match self.store.read_hint_by(&target, &key, deadline).await {
-                    Ok(Ok(row)) => {
-                        let state = row
-                            .as_deref()
-                            .and_then(hint_state_bytes)
-                            .map(Bytes::copy_from_slice)
-                            .unwrap_or_else(|| Bytes::from(KeyState::new().encode()));
-                        PeerResponse::Handoff(HandoffResponse::HintState(state))
-                    }
+                // Every hint held for the key, whatever its target (`Store::read_hints_by`).
+                match self.store.read_hints_by(&target, &key, deadline).await {
+                    Ok(Ok(state)) => PeerResponse::Handoff(HandoffResponse::HintState(
+                        Bytes::from(state.encode()),
+                    )),
                     Ok(Err(e)) => self.error(
                         ErrorKind::Internal,
                         true,

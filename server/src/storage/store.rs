@@ -1139,16 +1139,35 @@ impl Store {
         &self.hint_stats
     }
 
-    /// `read_hint` by `deadline` (`read_stored_by`).
-    pub async fn read_hint_by(
+    /// Every hint this node holds for `key`, merged (empty if none), on the blocking pool,
+    /// within `deadline`: `target`'s and every other target's. A sloppy read asks a fallback
+    /// for one down primary's hint, but which fallback stands in for which primary is decided
+    /// by position, and a write may have paired them otherwise (a primary down since, a spare
+    /// for a slow one): the hint held for another primary of the key is as much an
+    /// acknowledged version of it (found in review: a read missed such a write).
+    pub async fn read_hints_by(
         self: &Arc<Self>,
         target: &str,
         key: &[u8],
         deadline: Instant,
-    ) -> Result<Result<Option<Vec<u8>>, StorageError>, Late> {
-        let hkey = hint_key(target, key);
-        self.blocking_by("get", deadline, move |engine| engine.get(Cf::Hints, &hkey))
-            .await
+    ) -> Result<Result<KeyState, StorageError>, Late> {
+        let mut targets: Vec<String> = self.hint_book.targets().into_keys().collect();
+        if !targets.iter().any(|t| t == target) {
+            targets.push(target.to_string());
+        }
+        let key = key.to_vec();
+        self.blocking_by("get", deadline, move |engine| {
+            let mut merged = KeyState::new();
+            for t in &targets {
+                let row = hint_key(t, &key);
+                if let Some(value) = engine.get(Cf::Hints, &row)? {
+                    let (_, state) = decode_hint(&row, &value)?;
+                    merged = merged.sync(&state);
+                }
+            }
+            Ok(merged)
+        })
+        .await
     }
 
     /// This node's hint row for (target, key) as stored, `None` when it holds none.
