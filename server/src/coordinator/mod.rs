@@ -874,7 +874,9 @@ impl<T: Transport> Coordinator<T> {
             )
             .await?;
         self.metrics.deletes_read_first.inc();
-        Ok(read_reply(key, &state).context)
+        // The whole version vector, not a reply's context: the read's merged state can hold
+        // more siblings than a reply shows, and the tombstone must cover them all.
+        Ok(Bytes::from(state.context().to_context().encode(key)))
     }
 
     /// Sends a write to the first reachable replica, which coordinates it.

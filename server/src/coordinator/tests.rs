@@ -961,6 +961,60 @@ async fn a_fallback_answers_a_sloppy_read_with_every_hint_it_holds_for_the_key()
     );
 }
 
+/// A delete without a context deletes everything its quorum read returned, the siblings a
+/// client's reply would not show included: the read's merged state can exceed what one reply
+/// shows (`MAX_STATE_SIBLINGS`), and a tombstone with the reply's context left the hidden ones
+/// readable (found in review).
+#[tokio::test]
+async fn a_delete_without_context_covers_siblings_a_reply_would_hide() {
+    let many = |actor: u64, count: u64| {
+        (1..=count).fold(KeyState::new(), |s, counter| {
+            s.update(
+                &VersionVector::new(),
+                Dot { actor, counter },
+                5,
+                Some(Bytes::from(format!("v{actor}-{counter}"))),
+            )
+        })
+    };
+    let ours = many(1, 250);
+    let theirs = many(2, 250);
+    assert!(
+        ours.sync(&theirs).client_view().hidden > 0,
+        "the merged read is more than a reply shows"
+    );
+    let h = harness(view(&ABC, "a", &["b", "c"]));
+    h.holds("k", &ours).await;
+    h.script.on("b", Kind::Read, answer(state_reply(&theirs)));
+    // c fails: the read is a's copy and b's.
+    h.script.on("c", Kind::Read, failing());
+    h.script.on("b", Kind::Replicate, ack());
+    h.script.on("c", Kind::Replicate, ack());
+    let delete = Request::Delete {
+        key: Bytes::from_static(b"k"),
+        context: Bytes::new(),
+        opts: WriteOptions {
+            w: 2,
+            timeout_ms: 1000,
+            flags: 0,
+            pw: 0,
+        },
+    };
+    let resp = h.coordinator.write(delete).await;
+    assert!(matches!(resp, Response::Delete(_)), "{resp:?}");
+    // b merges all it was sent (a read repair, then the tombstone).
+    let at_b = h
+        .script
+        .replicated_to("b")
+        .iter()
+        .fold(theirs.clone(), |s, shipped| s.sync(shipped));
+    assert!(
+        values(&at_b).is_empty(),
+        "left readable at b: {} siblings",
+        values(&at_b).len()
+    );
+}
+
 #[tokio::test]
 async fn a_delete_without_context_reads_primaries_only() {
     let (key, others, fallbacks) = key_on_a();
