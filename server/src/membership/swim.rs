@@ -532,6 +532,14 @@ pub fn judge_own_id(
     }
 }
 
+/// Whether this node's layout (`mine`) lets it coordinate: a real layout, at least as new as
+/// every member's (`newest_seen`), by version and then digest: of two layouts committed with
+/// one version concurrently the greater digest wins, and a node holding the other routes
+/// writes by the wrong next ring.
+pub fn layout_known(mine: LayoutId, newest_seen: LayoutId) -> bool {
+    mine.version > 0 && newest_seen <= mine
+}
+
 /// What the older of two processes with one node id does about the other (`reclaim`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reclaim {
@@ -1284,7 +1292,7 @@ impl Driver {
         let layout = self.layout.clone();
         members.insert(me.clone(), self.member_info(&self.me, self.my_meta.vnodes));
         let mut seen = BTreeMap::new();
-        let mut newest_seen = 0;
+        let mut newest_seen = LayoutId::default();
         // The view published last: who is routed now (`is_available`), and what to compare with.
         let current = self.view.borrow().clone();
         for (node_id, saved) in &self.saved {
@@ -1304,7 +1312,10 @@ impl Driver {
                 }
             }
             if let Some(m) = meta.get(node_id) {
-                newest_seen = newest_seen.max(m.layout_version);
+                newest_seen = newest_seen.max(LayoutId {
+                    version: m.layout_version,
+                    digest: m.layout_digest,
+                });
                 let generation = foca_members.get(node_id).map(|(id, _, _)| id.generation);
                 seen.insert(
                     nid.clone(),
@@ -1341,7 +1352,13 @@ impl Driver {
         let complete = foca_members
             .iter()
             .all(|(id, (_, state, _))| *state == State::Down || meta.contains_key(id));
-        let has_layout = layout.version > 0 && newest_seen <= layout.version;
+        let has_layout = layout_known(
+            LayoutId {
+                version: layout.version,
+                digest: self.layout_digest,
+            },
+            newest_seen,
+        );
         // Another identity with this node id that foca does not know down: a previous process
         // of this node at another address, not yet found dead, or a live duplicate (which,
         // when it is older, this process will hear and stop for). Serving under the same id
@@ -1764,6 +1781,24 @@ impl MembershipWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node knows the ring with a layout at least as new as every member's, the digest
+    /// breaking a tie of versions (found in review: a node restarted holding the losing one of
+    /// two layouts committed with one version became ready, and stayed so, latched).
+    #[test]
+    fn a_node_holding_the_losing_layout_of_a_version_does_not_know_the_ring() {
+        let id = |version, digest| LayoutId { version, digest };
+        assert!(!layout_known(id(0, 0), id(0, 0)), "no layout yet");
+        assert!(layout_known(id(3, 5), id(0, 0)));
+        assert!(layout_known(id(3, 5), id(3, 5)));
+        assert!(layout_known(id(3, 5), id(2, 9)));
+        assert!(!layout_known(id(3, 5), id(4, 1)));
+        assert!(
+            !layout_known(id(3, 5), id(3, 6)),
+            "a member holds the winner of version 3"
+        );
+        assert!(layout_known(id(3, 6), id(3, 5)));
+    }
 
     /// Sent tags are kept for the replay window (and a little more), at most `MAX_SENT_TAGS`
     /// of them, the oldest going first.
