@@ -398,8 +398,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             gc_metrics.clone(),
         ));
     }
-    let replica =
-        Arc::new(Replica::new(node_id.clone(), store.clone(), gate).with_data_gate(takes_data));
+    // A node that knows the ring answers replica reads only for keys it replicates in its view.
+    let owns: ReadGate = {
+        let membership = membership.clone();
+        let n = config.n as usize;
+        Arc::new(move |key: &[u8]| {
+            let view = membership.view();
+            !view.ready || view.replicates(&view.me, ringkv_protocol::ring::key_position(key), n)
+        })
+    };
+    let replica = Arc::new(
+        Replica::new(node_id.clone(), store.clone(), gate)
+            .with_data_gate(takes_data)
+            .with_ownership(owns),
+    );
     let requests = RequestMetrics::new(&registry);
     let client_budget = Budget::new(
         "client",

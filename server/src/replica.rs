@@ -30,6 +30,9 @@ pub struct Replica {
     /// Whether this node takes data now: retired, it refuses all replica traffic; not knowing
     /// the ring yet, replica writes.
     takes_data: DataGate,
+    /// Whether this node replicates a key in its own ring view (now, or in the next ring while
+    /// a change runs): a read of a key it does not is refused, not answered with nothing.
+    owns: ReadGate,
 }
 
 impl Replica {
@@ -40,7 +43,14 @@ impl Replica {
             metrics: ReplicaMetrics::default(),
             gate,
             takes_data: Arc::new(|| None),
+            owns: crate::storage::open_gate(),
         }
+    }
+
+    /// Refuse reads of keys `owns` says this node does not replicate.
+    pub fn with_ownership(mut self, owns: ReadGate) -> Replica {
+        self.owns = owns;
+        self
     }
 
     /// Refuse replica traffic while `gate` says this node is retired, and replica writes while
@@ -76,6 +86,23 @@ impl Replica {
 
     async fn read_local(&self, key: Bytes, timeout_ms: u32) -> PeerResponse {
         self.metrics.read_local.inc();
+        // A coordinator whose view is behind (paused across a ring change's switch) asks an
+        // old owner that released the key: its empty copy would count toward R and hide writes
+        // acknowledged under the new layout (found in review). Refused, it counts as no answer.
+        if !(self.owns)(&key) {
+            return self.error(
+                ErrorKind::Unavailable {
+                    alive: 0,
+                    needed: 1,
+                },
+                true,
+                format!(
+                    "key {}: this node does not replicate the key in its ring view (a ring \
+                     change moved it); the reading coordinator's view is behind",
+                    HexKey(key.to_vec())
+                ),
+            );
+        }
         if !(self.gate)(&key) {
             return self.error(
                 ErrorKind::Unavailable {
@@ -139,5 +166,42 @@ impl Replica {
             Ok(_) => PeerResponse::Replica(ReplicaResponse::Ack),
             Err(e) => self.error(e.kind(), e.is_definite(), e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryEngine;
+
+    /// A read of a key this node does not replicate in its view is refused (definite), not
+    /// answered with its empty copy; a key it replicates is read.
+    #[tokio::test]
+    async fn a_read_of_a_key_this_node_does_not_replicate_is_refused() {
+        let store = crate::testkit::open_store(Arc::new(MemoryEngine::new()), "a");
+        let replica = Replica::new("a".into(), store, crate::storage::open_gate())
+            .with_ownership(Arc::new(|key: &[u8]| key != b"moved"));
+        let read = |key: &'static [u8]| ReplicaRequest::ReadLocal {
+            key: Bytes::from_static(key),
+            timeout_ms: 1000,
+        };
+        match replica.serve(read(b"moved")).await {
+            PeerResponse::Error(e) => {
+                assert!(
+                    e.definite && matches!(e.kind, ErrorKind::Unavailable { .. }),
+                    "{e:?}"
+                );
+                assert!(
+                    e.message.contains("node a") && e.message.contains("does not replicate"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            replica.serve(read(b"kept")).await,
+            PeerResponse::Replica(ReplicaResponse::State(_))
+        ));
     }
 }
