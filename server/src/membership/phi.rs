@@ -183,19 +183,6 @@ impl PhiDetector {
         self.peers.get(peer).map(|w| w.last)
     }
 
-    /// A member SWIM reports up (or a new identity of one): its silence counts from `now`
-    /// if it has sent no heartbeat yet. An unknown peer is never suspected, so a member whose
-    /// heartbeats never reach this node (the direct path down while indirect probes keep it
-    /// alive in SWIM) would otherwise stay routed for as long as that lasts (found in review,
-    /// after a restart had wiped its history; notes/foca.md §7 starts the history at
-    /// MemberUp). A peer already heard keeps its history.
-    pub fn member_up(&mut self, peer: &str, now: Instant) {
-        if !self.peers.contains_key(peer) {
-            self.peers
-                .insert(peer.to_string(), ArrivalWindow::new(&self.cfg, now));
-        }
-    }
-
     /// Forgets a peer's history (it restarted or left).
     pub fn remove(&mut self, peer: &str) {
         self.peers.remove(peer);
@@ -270,33 +257,6 @@ mod tests {
             "{:?}",
             d.phi("p", last + ms(3_500))
         );
-    }
-
-    /// A member reported up that never sends a heartbeat here is suspected once its silence
-    /// since then is as long as a heard peer's would have to be; one already heard keeps its
-    /// history.
-    #[test]
-    fn a_member_up_but_never_heard_is_suspected_after_the_same_silence() {
-        let mut d = PhiDetector::new(PhiConfig::default());
-        let t0 = Instant::now();
-        d.member_up("mute", t0);
-        assert!(!d.is_suspected("mute", t0 + ms(1000)));
-        assert!(
-            d.is_suspected("mute", t0 + ms(8000)),
-            "phi {:?}",
-            d.phi("mute", t0 + ms(8000))
-        );
-        let mut fresh = PhiDetector::new(PhiConfig::default());
-        fresh.heartbeat("p", t0);
-        assert_eq!(
-            d.phi("mute", t0 + ms(4000)),
-            fresh.phi("p", t0 + ms(4000)),
-            "as if heard when it came up"
-        );
-        let (mut heard, last) = trained(PhiConfig::default(), ms(500), 10);
-        let before = heard.phi("p", last + ms(2000));
-        heard.member_up("p", last + ms(1000));
-        assert_eq!(heard.phi("p", last + ms(2000)), before, "history kept");
     }
 
     #[test]

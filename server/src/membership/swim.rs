@@ -1163,7 +1163,6 @@ impl Driver {
         match n {
             OwnedNotification::MemberUp(id) => {
                 info!(node = %me, member = %id.node_id, generation = id.generation, gossip = %id.gossip, "member up");
-                self.phi.member_up(&id.node_id, std::time::Instant::now());
                 // A (re)joining member needs everyone's metadata to build the ring: send ours
                 // again now rather than at the next periodic republication.
                 self.publish_meta(self.my_meta.status);
@@ -1174,10 +1173,8 @@ impl Driver {
                 warn!(node = %me, member = %id.node_id, generation = id.generation, "member down (SWIM)");
             }
             OwnedNotification::Rename(old, new) => {
-                // A restart: the old process's history says nothing about the new one, whose
-                // silence counts from now.
+                // A restart: the old process's history says nothing about the new one.
                 self.phi.remove(&old.node_id);
-                self.phi.member_up(&new.node_id, std::time::Instant::now());
                 self.publish_meta(self.my_meta.status);
                 info!(node = %me, member = %new.node_id, old_generation = old.generation,
                       generation = new.generation, "member restarted (new identity)");
