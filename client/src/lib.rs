@@ -1164,6 +1164,31 @@ mod routing_tests {
         asked
     }
 
+    /// Three puts through a node that `refuse`s them and a node that serves: each is served by
+    /// the second, and the first is asked once (then no longer first).
+    async fn puts_pass_to_the_next_address<F, Fut>(refuse: F)
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = usize> + Send + 'static,
+    {
+        let (refusing_addr, refusing) = fake_node(refuse).await;
+        let (serving_addr, serving) = fake_node(answer_every_put).await;
+        let client = Client::new([refusing_addr, serving_addr], ClientConfig::default()).unwrap();
+        for key in ["k1", "k2", "k3"] {
+            client
+                .put(key, "v", None)
+                .await
+                .expect("served by the next address");
+        }
+        drop(client);
+        assert_eq!(
+            refusing.await.unwrap(),
+            1,
+            "asked once, then no longer first"
+        );
+        assert_eq!(serving.await.unwrap(), vec!["k1", "k2", "k3"]);
+    }
+
     /// A node cut off from the key's replicas (a partition's minority side) refuses a request
     /// `Unavailable` before anything was written (definite): another node may reach them, so
     /// the request, a write too, goes to the next address, as Cassandra's drivers retry an
@@ -1185,22 +1210,7 @@ mod routing_tests {
                 answer_every_request_with(socket, reply)
             }
         };
-        let (minority_addr, minority) = fake_node(unavailable(true)).await;
-        let (majority_addr, majority) = fake_node(answer_every_put).await;
-        let client = Client::new([minority_addr, majority_addr], ClientConfig::default()).unwrap();
-        for key in ["k1", "k2", "k3"] {
-            client
-                .put(key, "v", None)
-                .await
-                .expect("served by the next address");
-        }
-        drop(client);
-        assert_eq!(
-            minority.await.unwrap(),
-            1,
-            "asked once, then no longer first"
-        );
-        assert_eq!(majority.await.unwrap(), vec!["k1", "k2", "k3"]);
+        puts_pass_to_the_next_address(unavailable(true)).await;
 
         let (partial_addr, partial) = fake_node(unavailable(false)).await;
         let (other_addr, other) = fake_node(answer_every_put).await;
@@ -1224,26 +1234,7 @@ mod routing_tests {
     /// asked first again; when every address says so, the error is that refusal, definite.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_that_serves_nothing_passes_requests_to_the_next_address() {
-        let (retired_addr, retired) = fake_node(refuse_everything).await;
-        let (serving_addr, serving) = fake_node(answer_every_put).await;
-        let client = Client::new(
-            [retired_addr.clone(), serving_addr],
-            ClientConfig::default(),
-        )
-        .unwrap();
-        for key in ["k1", "k2", "k3"] {
-            client
-                .put(key, "v", None)
-                .await
-                .expect("served by the next address");
-        }
-        drop(client);
-        assert_eq!(
-            retired.await.unwrap(),
-            1,
-            "asked once, then no longer first"
-        );
-        assert_eq!(serving.await.unwrap(), vec!["k1", "k2", "k3"]);
+        puts_pass_to_the_next_address(refuse_everything).await;
         // Alone, it answers with its refusal.
         let (alone_addr, alone) = fake_node(refuse_everything).await;
         let client = Client::new([alone_addr], ClientConfig::default()).unwrap();

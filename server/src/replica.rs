@@ -84,37 +84,35 @@ impl Replica {
         }
     }
 
+    /// A replica read refused before anything was read (definite): no answer for the quorum.
+    fn refuse_read(&self, key: &[u8], why: &str) -> PeerResponse {
+        self.error(
+            ErrorKind::Unavailable {
+                alive: 0,
+                needed: 1,
+            },
+            true,
+            format!("key {}: {why}", HexKey(key.to_vec())),
+        )
+    }
+
     async fn read_local(&self, key: Bytes, timeout_ms: u32) -> PeerResponse {
         self.metrics.read_local.inc();
         // A coordinator whose view is behind (paused across a ring change's switch) asks an
         // old owner that released the key: its empty copy would count toward R and hide writes
         // acknowledged under the new layout (found in review). Refused, it counts as no answer.
         if !(self.owns)(&key) {
-            return self.error(
-                ErrorKind::Unavailable {
-                    alive: 0,
-                    needed: 1,
-                },
-                true,
-                format!(
-                    "key {}: this node does not replicate the key in its ring view (a ring \
-                     change moved it); the reading coordinator's view is behind",
-                    HexKey(key.to_vec())
-                ),
+            return self.refuse_read(
+                &key,
+                "this node does not replicate the key in its ring view (a ring change moved \
+                 it); the reading coordinator's view is behind",
             );
         }
         if !(self.gate)(&key) {
-            return self.error(
-                ErrorKind::Unavailable {
-                    alive: 0,
-                    needed: 1,
-                },
-                true,
-                format!(
-                    "key {}: not synced yet: this node's data dir is new and anti-entropy has not \
-                     synced the key's range from every other replica",
-                    HexKey(key.to_vec())
-                ),
+            return self.refuse_read(
+                &key,
+                "not synced yet: this node's data dir is new and anti-entropy has not synced \
+                 the key's range from every other replica",
             );
         }
         let limit = Duration::from_millis(timeout_ms as u64);
