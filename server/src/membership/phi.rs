@@ -11,6 +11,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// How long a restarted member may stay unheard before its silence counts
+/// ([`PhiDetector::restarted`]).
+pub const UNHEARD_GRACE: Duration = Duration::from_secs(20);
+
 #[derive(Debug, Clone)]
 pub struct PhiConfig {
     /// Phi above which a peer is treated as unavailable.
@@ -62,6 +66,9 @@ struct ArrivalWindow {
     sum: f64,
     sum_sq: f64,
     last: Instant,
+    /// Started for a restarted peer not heard yet (`PhiDetector::restarted`): `last` is when
+    /// its grace ends, and its first heartbeat starts a fresh window (no sample).
+    unheard: bool,
 }
 
 impl ArrivalWindow {
@@ -73,6 +80,7 @@ impl ArrivalWindow {
             sum: 0.0,
             sum_sq: 0.0,
             last: now,
+            unheard: false,
         };
         w.push(mean - mean / 4.0, cfg.window);
         w.push(mean + mean / 4.0, cfg.window);
@@ -152,6 +160,7 @@ impl PhiDetector {
                 self.peers
                     .insert(peer.to_string(), ArrivalWindow::new(&self.cfg, now));
             }
+            Some(w) if w.unheard => *w = ArrivalWindow::new(&self.cfg, now),
             Some(w) => {
                 let ms = now.saturating_duration_since(w.last).as_secs_f64() * 1000.0;
                 w.last = now;
@@ -181,6 +190,18 @@ impl PhiDetector {
 
     pub fn last_heartbeat(&self, peer: &str) -> Option<Instant> {
         self.peers.get(peer).map(|w| w.last)
+    }
+
+    /// A member restarted (a new identity): the old process's history says nothing about the
+    /// new one. Its silence counts from `now` plus [`UNHEARD_GRACE`] until its first
+    /// heartbeat, then as any peer's. Before (found in review), the history was dropped, and a
+    /// peer never heard is never suspected: a member restarted behind a one-way outage stayed
+    /// routed while indirect probes kept it alive in SWIM. The grace covers a new process that
+    /// does not know this node yet (it heartbeats only the members its foca knows).
+    pub fn restarted(&mut self, peer: &str, now: Instant) {
+        let mut w = ArrivalWindow::new(&self.cfg, now + UNHEARD_GRACE);
+        w.unheard = true;
+        self.peers.insert(peer.to_string(), w);
     }
 
     /// Forgets a peer's history (it restarted or left).
@@ -257,6 +278,31 @@ mod tests {
             "{:?}",
             d.phi("p", last + ms(3_500))
         );
+    }
+
+    /// A restarted member is suspected if it stays silent past the grace and the usual
+    /// silence; its first heartbeat starts a fresh history, with no sample from the grace.
+    #[test]
+    fn a_restarted_member_never_heard_is_suspected_after_the_grace() {
+        let (mut d, last) = trained(PhiConfig::default(), ms(500), 10);
+        let t0 = last + ms(100);
+        d.restarted("p", t0);
+        let grace = UNHEARD_GRACE.as_millis() as u64;
+        assert!(!d.is_suspected("p", t0 + ms(grace)));
+        assert!(
+            d.is_suspected("p", t0 + ms(grace + 8_000)),
+            "{:?}",
+            d.phi("p", t0 + ms(grace + 8_000))
+        );
+        // Heard within the grace: a fresh history from then, as a peer heard for the first time.
+        let mut heard = PhiDetector::new(PhiConfig::default());
+        heard.restarted("p", t0);
+        heard.heartbeat("p", t0 + ms(3_000));
+        let mut fresh = PhiDetector::new(PhiConfig::default());
+        fresh.heartbeat("p", t0 + ms(3_000));
+        for at in [3_500, 6_000, 9_000] {
+            assert_eq!(heard.phi("p", t0 + ms(at)), fresh.phi("p", t0 + ms(at)));
+        }
     }
 
     #[test]

@@ -1173,8 +1173,15 @@ impl Driver {
                 warn!(node = %me, member = %id.node_id, generation = id.generation, "member down (SWIM)");
             }
             OwnedNotification::Rename(old, new) => {
-                // A restart: the old process's history says nothing about the new one.
+                // A restart: the old process's history says nothing about the new one, whose
+                // silence counts after a grace (`PhiDetector::restarted`). Announcing to it
+                // makes it know this node (and heartbeat it) even if the reply to its own
+                // announcement was lost.
                 self.phi.remove(&old.node_id);
+                self.phi.restarted(&new.node_id, std::time::Instant::now());
+                if let Err(e) = self.foca.announce(new.clone(), &mut self.rt) {
+                    debug!(node = %me, member = %new.node_id, error = %e, "announce to a restarted member failed");
+                }
                 self.publish_meta(self.my_meta.status);
                 info!(node = %me, member = %new.node_id, old_generation = old.generation,
                       generation = new.generation, "member restarted (new identity)");
