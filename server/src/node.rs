@@ -967,7 +967,7 @@ fn register_cluster(registry: &Registry, membership: &Membership) {
     let m = membership.clone();
     registry.probe_fraction_family(
         "gossip.phi",
-        "phi-accrual suspicion of each peer (above the threshold = unavailable; absent until a first heartbeat)",
+        "phi-accrual suspicion of each peer (above the threshold = unavailable; absent until a first heartbeat, or for a restarted peer until 20 s without one)",
         move || {
             m.members_seen()
                 .map(|r| {

@@ -174,9 +174,13 @@ impl PhiDetector {
         }
     }
 
-    /// The peer's current phi; `None` if it never sent a heartbeat.
+    /// The peer's current phi; `None` if it never sent a heartbeat (and, restarted, is still
+    /// within its grace).
     pub fn phi(&self, peer: &str, now: Instant) -> Option<f64> {
         let w = self.peers.get(peer)?;
+        if w.unheard && now < w.last {
+            return None;
+        }
         let elapsed = now.saturating_duration_since(w.last).as_secs_f64() * 1000.0;
         let mean = w.mean() + self.cfg.acceptable_pause.as_secs_f64() * 1000.0;
         let std = w.std_dev().max(self.cfg.min_std_dev.as_secs_f64() * 1000.0);
@@ -204,7 +208,16 @@ impl PhiDetector {
         self.peers.insert(peer.to_string(), w);
     }
 
-    /// Forgets a peer's history (it restarted or left).
+    /// The restarted peers not heard since (`restarted`).
+    pub fn unheard(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter(|(_, w)| w.unheard)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Forgets a peer's history (it left, or its identity went down).
     pub fn remove(&mut self, peer: &str) {
         self.peers.remove(peer);
     }
@@ -288,6 +301,12 @@ mod tests {
         let t0 = last + ms(100);
         d.restarted("p", t0);
         let grace = UNHEARD_GRACE.as_millis() as u64;
+        assert_eq!(d.unheard(), vec!["p".to_string()]);
+        assert_eq!(
+            d.phi("p", t0 + ms(1_000)),
+            None,
+            "no phi to show within the grace"
+        );
         assert!(!d.is_suspected("p", t0 + ms(grace)));
         assert!(
             d.is_suspected("p", t0 + ms(grace + 8_000)),
@@ -298,6 +317,7 @@ mod tests {
         let mut heard = PhiDetector::new(PhiConfig::default());
         heard.restarted("p", t0);
         heard.heartbeat("p", t0 + ms(3_000));
+        assert!(heard.unheard().is_empty());
         let mut fresh = PhiDetector::new(PhiConfig::default());
         fresh.heartbeat("p", t0 + ms(3_000));
         for at in [3_500, 6_000, 9_000] {

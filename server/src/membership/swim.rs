@@ -626,6 +626,8 @@ pub struct Driver {
     envelope: Envelope,
     /// The tags of the packets sent lately (`SentTags`).
     sent: Mutex<SentTags>,
+    /// When restarted members not heard yet were last announced to (`announce_to_unheard`).
+    last_unheard_announce: Option<std::time::Instant>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_events: HashMap<u64, Timer<RingId>>,
     timer_seq: u64,
@@ -725,6 +727,7 @@ impl Driver {
             socket: Arc::new(socket),
             envelope: Envelope::new(&cfg.cluster_name, &cfg.secret),
             sent: Mutex::default(),
+            last_unheard_announce: None,
             timers: BinaryHeap::new(),
             timer_events: HashMap::new(),
             timer_seq: 0,
@@ -1086,6 +1089,41 @@ impl Driver {
         for to in targets {
             self.send(KIND_HEARTBEAT, to, &[]);
         }
+        self.announce_to_unheard();
+    }
+
+    fn announce_to(&mut self, id: RingId) {
+        if let Err(e) = self.foca.announce(id, &mut self.rt) {
+            debug!(node = %self.me.node_id, error = %e, "announce to a member failed");
+        }
+    }
+
+    /// Restarted members not heard since (`PhiDetector::restarted`) get an announcement every
+    /// `ANNOUNCE_INTERVAL` until their first heartbeat: they heartbeat only the members their
+    /// foca knows, and one lost announcement would leave this node unknown to them until a
+    /// probe or a gossip round brings it, past the grace in a large cluster.
+    fn announce_to_unheard(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .last_unheard_announce
+            .is_some_and(|t| now.duration_since(t) < ANNOUNCE_INTERVAL)
+        {
+            return;
+        }
+        let unheard = self.phi.unheard();
+        if unheard.is_empty() {
+            return;
+        }
+        self.last_unheard_announce = Some(now);
+        let targets: Vec<RingId> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id().clone())
+            .filter(|id| unheard.contains(&id.node_id))
+            .collect();
+        for id in targets {
+            self.announce_to(id);
+        }
     }
 
     fn announce_to_seeds(&mut self) {
@@ -1175,12 +1213,14 @@ impl Driver {
             OwnedNotification::Rename(old, new) => {
                 // A restart: the old process's history says nothing about the new one, whose
                 // silence counts after a grace (`PhiDetector::restarted`). Announcing to it
-                // makes it know this node (and heartbeat it) even if the reply to its own
-                // announcement was lost.
+                // (again every 2 s until it is heard: `announce_to_unheard`) makes it know
+                // this node and heartbeat it, whatever its own announcements reached.
                 self.phi.remove(&old.node_id);
-                self.phi.restarted(&new.node_id, std::time::Instant::now());
-                if let Err(e) = self.foca.announce(new.clone(), &mut self.rt) {
-                    debug!(node = %me, member = %new.node_id, error = %e, "announce to a restarted member failed");
+                // Only for a live new identity: one already down (a crash loop heard of late)
+                // would keep an unheard history that nothing removes.
+                if self.foca.iter_members().any(|m| *m.id() == new) {
+                    self.phi.restarted(&new.node_id, std::time::Instant::now());
+                    self.announce_to(new.clone());
                 }
                 self.publish_meta(self.my_meta.status);
                 info!(node = %me, member = %new.node_id, old_generation = old.generation,
