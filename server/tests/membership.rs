@@ -14,6 +14,11 @@ const ALIVE: u8 = 0;
 const SUSPECT: u8 = 1;
 const DOWN: u8 = 2;
 
+/// A counter or gauge of a `kvctl status` reply (0 when absent).
+fn metric(s: &ringkv_client::StatusReply, name: &str) -> u64 {
+    s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1)
+}
+
 async fn member(client: &Client, id: &str) -> Option<MemberStatus> {
     let m = client.members().await.ok()?;
     m.members.into_iter().find(|x| x.node_id == id)
@@ -148,8 +153,7 @@ async fn nodes_with_a_wrong_secret_or_cluster_name_never_appear() {
     let start = Instant::now();
     loop {
         let s = a.status().await.unwrap();
-        let get = |name: &str| s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1);
-        if get("gossip.rejected_mac") > 0 && get("gossip.rejected_cluster") > 0 {
+        if metric(&s, "gossip.rejected_mac") > 0 && metric(&s, "gossip.rejected_cluster") > 0 {
             break;
         }
         assert!(
@@ -209,9 +213,6 @@ async fn a_replayed_packet_of_a_node_is_not_taken_for_its_twin() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let client = Client::new([node.addr.clone()], Default::default()).unwrap();
-    let metric = |s: &ringkv_client::StatusReply, name: &str| {
-        s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1)
-    };
     let start = Instant::now();
     loop {
         let s = client.status().await.expect("the node still runs");
@@ -608,9 +609,6 @@ async fn a_second_live_process_with_a_node_id_in_use_stops_and_the_first_keeps_i
         &n1_gossip,
     )
     .await;
-    let metric = |s: &ringkv_client::StatusReply, name: &str| {
-        s.metrics.iter().find(|(k, _)| k == name).map_or(0, |x| x.1)
-    };
     // Once the newcomer is gone (silent, or down for the cluster: it may stop before n1 ever
     // hears it, as it did here once), n1 renews its identity: every member routes to n1 at
     // its own addresses again, and reads and writes that need all three replicas succeed.

@@ -218,14 +218,13 @@ impl Ballots {
 /// answer that gives one.
 pub struct Votes {
     file: Option<PathBuf>,
+    /// `Ballots::amnesic`: started on a data dir without a grants file nor a saved layout (new
+    /// or wiped), it votes only on changes newer than the layout it held when it first knew
+    /// the cluster (`note_ready`, saved as the file's floor, so a restart keeps it), since it
+    /// may have granted on older ones in a life it forgot, as a consensus member that lost its
+    /// disk. A data dir with a layout but no grants file (a node of a version before grants)
+    /// never granted anything, and votes at once.
     ballots: Mutex<Ballots>,
-    /// Started on a data dir without a grants file nor a saved layout (new or wiped): it votes
-    /// only on changes newer than the layout it held when it first knew the cluster
-    /// (`note_ready`, saved as the file's floor, so a restart keeps it), since it may have
-    /// granted on older ones in a life it forgot, as a consensus member that lost its disk. A
-    /// data dir with a layout but no grants file (a node of a version before grants) never
-    /// granted anything, and votes at once.
-    amnesic: bool,
 }
 
 impl Votes {
@@ -234,32 +233,39 @@ impl Votes {
     /// the other decision on a change. No file and no layout (`has_layout`): the data dir is
     /// new or wiped, and the node is `amnesic`, saved at once.
     pub fn open(file: Option<PathBuf>, has_layout: bool) -> Result<Votes, String> {
-        let ballots: Ballots = match &file {
+        let (ballots, created) = match &file {
             Some(path) => match std::fs::read(path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                    format!(
-                        "{}: not a file of ring-change grants ({e}); it is written whole \
-                         or not at all, so this is damage: restore it, or delete it only \
-                         if no ring change is running",
-                        path.display()
-                    )
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ballots {
-                    amnesic: !has_layout,
-                    ..Ballots::default()
-                },
+                Ok(bytes) => (
+                    serde_json::from_slice(&bytes).map_err(|e| {
+                        format!(
+                            "{}: not a file of ring-change grants ({e}); it is written whole \
+                             or not at all, so this is damage: restore it, or delete it only \
+                             if no ring change is running",
+                            path.display()
+                        )
+                    })?,
+                    false,
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                    Ballots {
+                        amnesic: !has_layout,
+                        ..Ballots::default()
+                    },
+                    true,
+                ),
                 Err(e) => return Err(format!("{}: {e}", path.display())),
             },
-            None => Ballots::default(),
+            None => (Ballots::default(), false),
         };
         let votes = Votes {
             file,
-            amnesic: ballots.amnesic,
             ballots: Mutex::new(ballots),
         };
-        if votes.amnesic {
+        {
             let ballots = votes.ballots.lock().expect("ballots lock poisoned");
-            votes.save(&ballots)?;
+            if created && ballots.amnesic {
+                votes.save(&ballots)?;
+            }
         }
         Ok(votes)
     }
@@ -268,7 +274,7 @@ impl Votes {
     /// its grants, the first call fixes the floor (saved) at and below which it does not vote.
     pub fn note_ready(&self, version: u64) -> Result<(), String> {
         let mut ballots = self.ballots.lock().expect("ballots lock poisoned");
-        if !self.amnesic || ballots.floor.is_some() {
+        if !ballots.amnesic || ballots.floor.is_some() {
             return Ok(());
         }
         ballots.floor = Some(version);
@@ -295,7 +301,7 @@ impl Votes {
     pub fn grant(&self, id: LayoutId, decision: Decision) -> Result<(), Refusal> {
         let mut ballots = self.ballots.lock().expect("ballots lock poisoned");
         match ballots.floor {
-            None if self.amnesic => return Err(Refusal::Amnesic(None)),
+            None if ballots.amnesic => return Err(Refusal::Amnesic(None)),
             Some(v) if id.version <= v => return Err(Refusal::Amnesic(Some(v))),
             _ => {}
         }
@@ -326,7 +332,7 @@ impl Votes {
         let ballots = self.ballots.lock().expect("ballots lock poisoned");
         match ballots.floor {
             Some(f) => f <= version,
-            None => !self.amnesic,
+            None => !ballots.amnesic,
         }
     }
 }

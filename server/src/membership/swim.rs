@@ -799,6 +799,14 @@ impl Driver {
         &self.layout
     }
 
+    /// The layout this node holds, as (version, digest).
+    fn layout_id(&self) -> LayoutId {
+        LayoutId {
+            version: self.layout.version,
+            digest: self.layout_digest,
+        }
+    }
+
     /// The driver as a background worker: each step handles one event (a packet, a timer, a
     /// command). `leave` is the node's shutdown signal: on it the driver tells the cluster it
     /// is leaving (so peers stop routing here at once, while requests drain) and stops.
@@ -1339,7 +1347,6 @@ impl Driver {
         let layout = self.layout.clone();
         members.insert(me.clone(), self.member_info(&self.me, self.my_meta.vnodes));
         let mut seen = BTreeMap::new();
-        let mut newest_seen = LayoutId::default();
         // The view published last: who is routed now (`is_available`), and what to compare with.
         let current = self.view.borrow().clone();
         for (node_id, saved) in &self.saved {
@@ -1359,10 +1366,6 @@ impl Driver {
                 }
             }
             if let Some(m) = meta.get(node_id) {
-                newest_seen = newest_seen.max(LayoutId {
-                    version: m.layout_version,
-                    digest: m.layout_digest,
-                });
                 let generation = foca_members.get(node_id).map(|(id, _, _)| id.generation);
                 seen.insert(
                     nid.clone(),
@@ -1399,13 +1402,8 @@ impl Driver {
         let complete = foca_members
             .iter()
             .all(|(id, (_, state, _))| *state == State::Down || meta.contains_key(id));
-        let has_layout = layout_known(
-            LayoutId {
-                version: layout.version,
-                digest: self.layout_digest,
-            },
-            newest_seen,
-        );
+        let newest_seen = seen.values().map(LayoutSeen::layout).max();
+        let has_layout = layout_known(self.layout_id(), newest_seen.unwrap_or_default());
         // Another identity with this node id that foca does not know down: a previous process
         // of this node at another address, not yet found dead, or a live duplicate (which,
         // when it is older, this process will hear and stop for). Serving under the same id
@@ -1759,10 +1757,7 @@ impl Worker for MembershipWorker {
                     let _ = reply.send(d.members_reply());
                 }
                 Command::Adopt(layout, on, reply) => {
-                    let current = LayoutId {
-                        version: d.layout.version,
-                        digest: d.layout_digest,
-                    };
+                    let current = d.layout_id();
                     let _ = reply.send(on.is_none_or(|id| id == current) && d.adopt(*layout));
                 }
                 Command::Drained(version) => {
