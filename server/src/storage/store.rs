@@ -1872,9 +1872,12 @@ impl Writer {
         for (target, partition) in &refused {
             self.mark_partition(target, *partition, DropReason::Overloaded, &mut group);
         }
+        // Answers of merges and hints that added nothing, given while durability is lost.
+        let mut noops_held = Vec::new();
         let mut answers: Vec<Answer> = jobs
             .into_iter()
-            .map(|job| {
+            .enumerate()
+            .map(|(i, job)| {
                 let result = match job.deadline {
                     Some((at, timeout_ms)) if Instant::now() > at => {
                         self.stats.expired.inc();
@@ -1893,6 +1896,12 @@ impl Writer {
                     }
                     _ => self.apply(&job.op, &mut group),
                 };
+                if self.durability_lost
+                    && matches!(job.op, WriteOp::Merge { .. } | WriteOp::Hint { .. })
+                    && matches!(&result, Ok(o) if !o.changed)
+                {
+                    noops_held.push(i);
+                }
                 (job.op.key().clone(), job.reply, Some(result))
             })
             .collect();
@@ -1995,7 +2004,23 @@ impl Writer {
         self.stats.state_cache_entries.set(self.cache.len() as u64);
         self.stats.next_counter.set(self.next_counter);
         let failure = append_failure.or(sync_failure);
-        for (key, reply, result) in answers {
+        // A merge or hint that added nothing says this node holds the state, which since a
+        // failed WAL fsync may be in the memtable only (found in review: it was acknowledged
+        // at once, and a coordinator counted it toward W). It is answered once the memtables
+        // are flushed (`make_durable`), and is an error while that fails.
+        let noop_failure = match (&failure, noops_held.is_empty()) {
+            (None, false) => self.make_durable().err(),
+            _ => None,
+        };
+        for (i, (key, reply, mut result)) in answers.into_iter().enumerate() {
+            if let Some(e) = &noop_failure {
+                if noops_held.contains(&i) {
+                    result = Some(Err(WriteError::Storage {
+                        key: HexKey(key.to_vec()),
+                        source: e.clone(),
+                    }));
+                }
+            }
             let storage_error = |e: &StorageError| WriteError::Storage {
                 key: HexKey(key.to_vec()),
                 source: e.clone(),

@@ -1000,6 +1000,48 @@ async fn after_a_failed_fsync_nothing_is_taken_as_durable_until_the_memtables_ar
     store.close();
 }
 
+/// Found in review: after a failed WAL fsync, a merge (or a hint) sent again that adds nothing
+/// was acknowledged at once, though the state it matched may be in the memtable only: a
+/// coordinator counted that acknowledgement toward W, and a power loss (or the OS dropping the
+/// pages it failed to write) then took the state back. Such an answer now waits for the
+/// memtable flush that makes the node durable again, and is an error while that fails.
+#[tokio::test]
+async fn after_a_failed_fsync_a_merge_that_adds_nothing_is_not_acknowledged_until_durable() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = open(&engine, SyncMode::Group);
+    engine.set_fail_syncs(true);
+    store
+        .write(peer_merge(b"k"))
+        .await
+        .expect_err("the group's fsync failed");
+    assert_eq!(store.stats().durability_lost.get(), 1);
+    // Sent again (the coordinator's retry, anti-entropy, a hint): applied already, so a no-op.
+    let err = store
+        .write(peer_merge(b"k"))
+        .await
+        .expect_err("not acknowledged while the state may not be durable");
+    assert!(err.to_string().contains("memtable flush"), "{err}");
+    store
+        .write(hint("n2", "h", one_version(0xBEEF, 1, "h")))
+        .await
+        .expect_err("the hint's fsync failed");
+    store
+        .write(hint("n2", "h", one_version(0xBEEF, 1, "h")))
+        .await
+        .expect_err("a hint that adds nothing: not acknowledged either");
+    engine.set_fail_syncs(false);
+    let ok = store.write(peer_merge(b"k")).await.expect("durable again");
+    assert!(!ok.changed);
+    assert_eq!(store.stats().durability_lost.get(), 0);
+    engine.lose_unsynced();
+    assert_eq!(
+        values(&store.get(b"k").unwrap()),
+        ["k"],
+        "acknowledged, so durable"
+    );
+    store.close();
+}
+
 /// Found in a second review: under `group`, a group with an early outcome is visible (a
 /// tombstone check reads it) while its fsync still runs, and `make_durable` returned at once,
 /// so a check could answer from a state a power loss would take back. It now waits for the
