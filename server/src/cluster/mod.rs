@@ -786,9 +786,16 @@ impl<T: Transport> ClusterService<T> {
                     .into(),
             ));
         }
-        let next = view.layout.commit(base, changes, &*view)?;
+        let next = commit_on(&view, base, changes)?;
         let version = next.version;
-        if !self.membership.adopt_layout(next).await {
+        // Only on the layout it was planned on (found in review: adopted on whatever this
+        // node held by then, a commit could discard a concurrent one of the same version that
+        // `catch_up`, which does not take the lock, adopted meanwhile).
+        if !self
+            .membership
+            .adopt_layout_on(view.layout_id(), next)
+            .await
+        {
             return Err(PlanError::Invalid(
                 "the layout changed while committing; stage the changes again".into(),
             ));
@@ -960,7 +967,7 @@ impl<T: Transport> ClusterService<T> {
         }
         let released = view.layout.with_released(&nodes);
         let version = released.version;
-        if self.membership.adopt_layout(released).await {
+        if self.membership.adopt_layout_on(id, released).await {
             self.metrics.released.inc_by(nodes.len() as u64);
             info!(node = %self.node_id, version, nodes = %nodes.join(", "),
                   "retired nodes hold nothing any more: recorded (tombstone GC no longer waits for them)");
@@ -1120,6 +1127,19 @@ fn replicated_share(ring: &crate::ring::Ring, node: &str, n: usize) -> f64 {
         }
     }
     share(&merged)
+}
+
+/// The transition layout that commits `changes` staged against `base` on `view`'s layout;
+/// refused while a live member has a newer layout (a concurrent commit that wins: `catch_up`
+/// adopts it first), as switch, abort and release records are (found in review: a commit did
+/// not check, and could then supersede a layout it never saw).
+fn commit_on(view: &ClusterView, base: u64, changes: &[Change]) -> Result<Layout, PlanError> {
+    if view.live_member_ahead() {
+        return Err(PlanError::Invalid(
+            "a live member has a newer layout than this node: retry in a moment".into(),
+        ));
+    }
+    view.layout.commit(base, changes, view)
 }
 
 /// The gainers of the running transition that have not reported their transfers done.
@@ -1286,6 +1306,27 @@ mod tests {
         let id = view.layout_id();
         view.seen
             .insert(node.into(), crate::testkit::layout_seen(id, synced, id));
+    }
+
+    /// A commit waits while a live member has a newer layout than this node's: it is adopted
+    /// first (`catch_up`), and the staged changes are checked against it.
+    #[test]
+    fn a_commit_waits_while_a_live_member_has_a_newer_layout() {
+        let mut v = crate::testkit::view(&["a", "b", "c"], "a", &["a", "b", "c"]);
+        let id = v.layout_id();
+        let leave = [Change::Leave { node: "c".into() }];
+        commit_on(&v, id.version, &leave).expect("control: nobody is ahead");
+        let ahead = LayoutId {
+            version: id.version + 1,
+            digest: 7,
+        };
+        v.seen
+            .insert("b".into(), crate::testkit::layout_seen(ahead, id, id));
+        let err = commit_on(&v, id.version, &leave).unwrap_err();
+        assert!(err.to_string().contains("newer layout"), "{err}");
+        // Down, b's newer layout does not hold the commit up.
+        v.alive.remove(&crate::ring::NodeId::from("b"));
+        commit_on(&v, id.version, &leave).expect("b is not alive");
     }
 
     /// b is replaced by d: d gains every range. The switch waits until d said it is synced
