@@ -11,8 +11,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// How long a restarted member may stay unheard before its silence counts
-/// ([`PhiDetector::restarted`]).
+/// How long a restarted or newly joined member may stay unheard before its silence counts
+/// ([`PhiDetector::restarted`], [`PhiDetector::joined`]).
 pub const UNHEARD_GRACE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
@@ -66,8 +66,9 @@ struct ArrivalWindow {
     sum: f64,
     sum_sq: f64,
     last: Instant,
-    /// Started for a restarted peer not heard yet (`PhiDetector::restarted`): `last` is when
-    /// its grace ends, and its first heartbeat starts a fresh window (no sample).
+    /// Started for a restarted or joined peer not heard yet (`PhiDetector::restarted`,
+    /// `joined`): `last` is when its grace ends, and its first heartbeat starts a fresh
+    /// window (no sample).
     unheard: bool,
 }
 
@@ -203,12 +204,31 @@ impl PhiDetector {
     /// routed while indirect probes kept it alive in SWIM. The grace covers a new process that
     /// does not know this node yet (it heartbeats only the members its foca knows).
     pub fn restarted(&mut self, peer: &str, now: Instant) {
-        let mut w = ArrivalWindow::new(&self.cfg, now + UNHEARD_GRACE);
-        w.unheard = true;
-        self.peers.insert(peer.to_string(), w);
+        self.peers
+            .insert(peer.to_string(), self.unheard_window(now));
     }
 
-    /// The restarted peers not heard since (`restarted`).
+    /// A member joined (foca's MemberUp): if it has no history here yet, its silence counts
+    /// as a restarted member's, after [`UNHEARD_GRACE`] until its first heartbeat. A member
+    /// already heard keeps its history. Before (found in review), a member that joined and was
+    /// never heard had no history and was never suspected: one that joined behind a one-way
+    /// outage stayed routed while indirect probes kept it alive in SWIM. (Starting its history
+    /// at MemberUp without a grace was tried and reverted: a newcomer heartbeats only the
+    /// members its own foca knows, and in a large cluster it may learn some seconds later.)
+    pub fn joined(&mut self, peer: &str, now: Instant) {
+        if !self.peers.contains_key(peer) {
+            let w = self.unheard_window(now);
+            self.peers.insert(peer.to_string(), w);
+        }
+    }
+
+    fn unheard_window(&self, now: Instant) -> ArrivalWindow {
+        let mut w = ArrivalWindow::new(&self.cfg, now + UNHEARD_GRACE);
+        w.unheard = true;
+        w
+    }
+
+    /// The restarted or joined peers not heard since (`restarted`, `joined`).
     pub fn unheard(&self) -> Vec<String> {
         self.peers
             .iter()
@@ -323,6 +343,27 @@ mod tests {
         for at in [3_500, 6_000, 9_000] {
             assert_eq!(heard.phi("p", t0 + ms(at)), fresh.phi("p", t0 + ms(at)));
         }
+    }
+
+    /// A member that joins and is never heard is suspected after the grace and the usual
+    /// silence (before, it had no history and was never suspected); one heard before its
+    /// MemberUp keeps the history it has.
+    #[test]
+    fn a_joined_member_never_heard_is_suspected_after_the_grace() {
+        let t0 = Instant::now();
+        let grace = UNHEARD_GRACE.as_millis() as u64;
+        let mut d = PhiDetector::new(PhiConfig::default());
+        d.joined("p", t0);
+        assert_eq!(d.unheard(), vec!["p".to_string()]);
+        assert_eq!(d.phi("p", t0 + ms(1_000)), None);
+        assert!(!d.is_suspected("p", t0 + ms(grace)));
+        assert!(d.is_suspected("p", t0 + ms(grace + 8_000)));
+        // Heard first, then announced up: the history it has stands.
+        let (mut heard, last) = trained(PhiConfig::default(), ms(500), 10);
+        heard.joined("p", last + ms(100));
+        assert!(heard.unheard().is_empty());
+        assert!(heard.is_suspected("p", last + ms(8_000)));
+        assert!(!heard.is_suspected("p", last + ms(1_000)));
     }
 
     #[test]

@@ -643,7 +643,8 @@ pub struct Driver {
     pub members_seen: Arc<std::sync::Mutex<Option<MembersReply>>>,
     me: RingId,
     last_reject_log: HashMap<&'static str, Instant>,
-    ring_file: Option<std::path::PathBuf>,
+    /// The saved ring's writer (`save_ring`).
+    ring_file: Option<crate::durable::BackgroundFile>,
     generation_file: Option<std::path::PathBuf>,
     /// Members known from the saved ring (and kept up to date): they stay in the ring while
     /// foca has not (re)discovered them, treated as unavailable.
@@ -751,7 +752,20 @@ impl Driver {
                 .filter(|m| m.id.node_id != me_id)
                 .map(|m| (m.id.node_id.clone(), m))
                 .collect(),
-            ring_file: cfg.ring_file,
+            ring_file: cfg.ring_file.and_then(|path| {
+                let node = me_id.clone();
+                let file = crate::durable::BackgroundFile::new(path.clone(), move |path, e| {
+                    warn!(node = %node, file = %path.display(), error = %e, "could not save the ring");
+                });
+                match file {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        error!(node = %me_id, file = %path.display(), error = %e,
+                               "could not start the ring file's writer thread: the ring is not saved");
+                        None
+                    }
+                }
+            }),
             generation_file: cfg.generation_file,
             lone: cfg.lone,
             ready: false,
@@ -1106,7 +1120,7 @@ impl Driver {
         }
     }
 
-    /// Restarted members not heard since (`PhiDetector::restarted`) get an announcement every
+    /// Restarted or joined members not heard since (`PhiDetector::restarted`, `joined`) get an announcement every
     /// `ANNOUNCE_INTERVAL` until their first heartbeat: they heartbeat only the members their
     /// foca knows, and one lost announcement would leave this node unknown to them until a
     /// probe or a gossip round brings it, past the grace in a large cluster.
@@ -1209,13 +1223,27 @@ impl Driver {
         match n {
             OwnedNotification::MemberUp(id) => {
                 info!(node = %me, member = %id.node_id, generation = id.generation, gossip = %id.gossip, "member up");
+                // Its silence counts after a grace unless it was heard already
+                // (`PhiDetector::joined`), and this node announces to it (again every 2 s
+                // while it is unheard), so it knows this node and heartbeats it.
+                self.phi.joined(&id.node_id, std::time::Instant::now());
+                self.announce_to(id.clone());
                 // A (re)joining member needs everyone's metadata to build the ring: send ours
                 // again now rather than at the next periodic republication.
                 self.publish_meta(self.my_meta.status);
             }
             OwnedNotification::MemberDown(id) => {
                 self.stats.members_down.inc();
-                self.phi.remove(&id.node_id);
+                // The history belongs to the node id, which a live identity of the same node
+                // (a restart at another address whose old identity goes down later) still
+                // has: before (found in review), its history was wiped here.
+                if !self
+                    .foca
+                    .iter_members()
+                    .any(|m| m.id().node_id == id.node_id)
+                {
+                    self.phi.remove(&id.node_id);
+                }
                 warn!(node = %me, member = %id.node_id, generation = id.generation, "member down (SWIM)");
             }
             OwnedNotification::Rename(old, new) => {
@@ -1482,9 +1510,10 @@ impl Driver {
         }
     }
 
-    /// Saves the ring (best effort): one JSON line per member, written atomically and durably.
+    /// Saves the ring (best effort): one JSON line per member, written atomically and durably
+    /// on the ring file's own thread (`durable::BackgroundFile`), not on this task.
     fn save_ring(&self) {
-        let Some(path) = &self.ring_file else {
+        let Some(file) = &self.ring_file else {
             return;
         };
         let text: String = self
@@ -1493,9 +1522,7 @@ impl Driver {
             .filter_map(|m| serde_json::to_string(m).ok())
             .map(|l| l + "\n")
             .collect();
-        if let Err(e) = crate::durable::write_file(path, text.as_bytes()) {
-            warn!(node = %self.me.node_id, file = %path.display(), error = %e, "could not save the ring");
-        }
+        file.submit(text.into_bytes());
     }
 
     fn members_reply(&self) -> MembersReply {
