@@ -1225,9 +1225,24 @@ impl Driver {
                 info!(node = %me, member = %id.node_id, generation = id.generation, gossip = %id.gossip, "member up");
                 // Its silence counts after a grace unless it was heard already
                 // (`PhiDetector::joined`), and this node announces to it (again every 2 s
-                // while it is unheard), so it knows this node and heartbeats it.
-                self.phi.joined(&id.node_id, std::time::Instant::now());
-                self.announce_to(id.clone());
+                // while it is unheard), so it knows this node and heartbeats it. A node that
+                // restarted at another address (its old identity still known here) is a
+                // restart: the old process's history says nothing of the new one (found in
+                // review: judged on it, the new process was suspected at once). An identity
+                // of this very node (an older process) is never heard: no history for it.
+                if id.node_id != me {
+                    let now = std::time::Instant::now();
+                    let moved = self
+                        .foca
+                        .iter_membership_state()
+                        .any(|m| m.id().node_id == id.node_id && *m.id() != id);
+                    if moved {
+                        self.phi.restarted(&id.node_id, now);
+                    } else {
+                        self.phi.joined(&id.node_id, now);
+                    }
+                    self.announce_to(id.clone());
+                }
                 // A (re)joining member needs everyone's metadata to build the ring: send ours
                 // again now rather than at the next periodic republication.
                 self.publish_meta(self.my_meta.status);
