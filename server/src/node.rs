@@ -260,6 +260,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     let (membership, membership_worker) =
         Membership::start(me.clone(), gossip_socket, swim, shutdown.clone());
     runner.spawn(membership_worker);
+    // A peer dialed at a member's address must prove itself as that member.
+    let view_of = membership.clone();
+    pool.expect_nodes(Box::new(move |addr| view_of.view().nodes_at(addr)));
     let (late, late_worker) = LateReplies::new();
     runner.spawn(late_worker);
     observe_writer(&runner, &store);

@@ -270,7 +270,9 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(c.nodes[0].log_tail(50).contains("refused peer intruder"));
+    assert!(c.nodes[0]
+        .log_tail(50)
+        .contains("refused peer \"intruder\""));
     // The node closed the connection after refusing.
     let ping = conn
         .call(PeerRequest::Session(SessionRequest::Ping).to_frame(2))
@@ -300,7 +302,7 @@ async fn peer_handshake_with_another_cluster_name_is_refused() {
     assert_eq!(refused, 4, "every refusal is counted");
     let lines = c.nodes[0]
         .log_tail(200)
-        .matches("refused peer intruder")
+        .matches("refused peer \"intruder\"")
         .count();
     assert_eq!(
         lines, 1,

@@ -289,6 +289,16 @@ impl ClusterView {
         }
     }
 
+    /// The members whose peer address is `addr` (usually one; two while one that moved away
+    /// is still listed), sorted.
+    pub fn nodes_at(&self, addr: &str) -> Vec<String> {
+        self.members
+            .values()
+            .filter(|m| m.peer_addr == addr)
+            .map(|m| m.node_id.clone())
+            .collect()
+    }
+
     /// Whether a live member has a layout newer than this view's (a concurrent commit that
     /// wins): the claimant adopts it before it changes the layout itself.
     pub fn live_member_ahead(&self) -> bool {

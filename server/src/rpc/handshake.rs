@@ -127,8 +127,20 @@ impl Authenticator {
     }
 
     /// The dialer's side: the listener proves the secret first, and this node sends its own
-    /// proof only to a listener that did.
-    pub async fn dial(&self, conn: &Conn, addr: &str, ids: &AtomicU64) -> Result<(), String> {
+    /// proof only to a listener that did, and only to one of the `expected` nodes when the
+    /// address is known as theirs.
+    ///
+    /// Found in review: the dialer took whichever node answered. Someone holding an address
+    /// nodes still dial (a member's old address, taken over) could pass their `Hello` on to
+    /// any node and its `Challenge` back, and pass the dialer's proof on too: the node that
+    /// proved itself then served the relay as the dialer, with no secret known.
+    pub async fn dial(
+        &self,
+        conn: &Conn,
+        addr: &str,
+        expected: &[String],
+        ids: &AtomicU64,
+    ) -> Result<(), String> {
         let me = &self.identity.me;
         let dialer_nonce = nonce();
         let hello = SessionRequest::Hello(Hello {
@@ -142,6 +154,19 @@ impl Authenticator {
             PeerResponse::Error(e) => return Err(self.refused(addr, &e)),
             other => return Err(format!("unexpected handshake reply {other:?}")),
         };
+        if !expected.is_empty() && !expected.contains(&challenge.me.node_id) {
+            self.metrics.auth_failures_outgoing.inc();
+            if self.refusals.due("unexpected node", addr) {
+                warn!(node = %me.node_id, peer = addr, claimed = ?challenge.me.node_id,
+                      expected = ?expected,
+                      "the peer address answered as another node (an address taken over, or a member moved); not using it");
+            }
+            return Err(format!(
+                "{addr} answered as node {:?}, not as {} (the node this address belongs to)",
+                challenge.me.node_id,
+                expected.join(" or ")
+            ));
+        }
         let transcript = Transcript {
             dialer_nonce: &dialer_nonce,
             listener_nonce: &challenge.nonce,
@@ -152,7 +177,7 @@ impl Authenticator {
         if !key.verify(Role::Listener, &transcript, &challenge.proof) {
             self.metrics.auth_failures_outgoing.inc();
             if self.refusals.due("listener proof", addr) {
-                warn!(node = %me.node_id, peer = addr, claimed = %challenge.me.node_id,
+                warn!(node = %me.node_id, peer = addr, claimed = ?challenge.me.node_id,
                       "peer failed to prove the cluster secret (another secret, or not a ringkv node of this cluster); not using it");
             }
             return Err(format!(
@@ -173,7 +198,7 @@ impl Authenticator {
             self.metrics.auth_failures_outgoing.inc();
         }
         if self.refusals.due(e.kind.name(), addr) {
-            warn!(node = %self.node_id(), peer = addr, kind = e.kind.name(), cause = %e.message,
+            warn!(node = %self.node_id(), peer = addr, kind = e.kind.name(), cause = ?e.message,
                   "peer refused our handshake");
         }
         format!("handshake refused: {}: {}", e.kind.name(), e.message)
@@ -206,8 +231,8 @@ impl Authenticator {
             // A misconfigured node redials every second: counted every time, logged at most
             // once per reason per interval.
             if self.refusals.due(reason, &remote.ip().to_string()) {
-                warn!(node = %self.node_id(), peer = %hello.me.node_id, %remote,
-                      "refused peer {}: {p}", hello.me.node_id);
+                warn!(node = %self.node_id(), peer = ?hello.me.node_id, %remote,
+                      "refused peer {:?}: {p}", hello.me.node_id);
             }
             return Err(format!("refused peer {}: {p}", hello.me.node_id));
         }
@@ -351,8 +376,9 @@ impl ListenerHandshake {
                     Some((PeerResponse::Session(SessionResponse::HelloAck), false))
                 } else {
                     drop(step);
-                    let detail =
-                        format!("peer claiming to be {dialer_id} did not prove the cluster secret");
+                    let detail = format!(
+                        "peer claiming to be {dialer_id:?} did not prove the cluster secret"
+                    );
                     Some((self.refuse(auth, "bad proof", detail), true))
                 }
             }

@@ -65,9 +65,16 @@ crate::metrics::metric_set! {
     }
 }
 
+/// The node ids an address belongs to in the current view (`PeerPool::expect_nodes`).
+pub type NodesAt = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
 pub struct PeerPool {
     auth: Arc<Authenticator>,
     pub metrics: PoolMetrics,
+    /// Which nodes an address belongs to: a dial uses only a listener proven as one of them
+    /// (`Authenticator::dial`). Unset, or an address the view does not name: any node of the
+    /// cluster.
+    nodes_at: std::sync::OnceLock<NodesAt>,
     /// Source IP of outgoing connections: this node's peer listen IP (unless unspecified).
     local_ip: Option<std::net::IpAddr>,
     slots: Mutex<HashMap<String, Arc<PeerSlot>>>,
@@ -88,17 +95,32 @@ impl PeerPool {
             auth,
             metrics: PoolMetrics::default(),
             local_ip,
+            nodes_at: std::sync::OnceLock::new(),
             slots: Mutex::new(HashMap::new()),
             next_id: Arc::new(AtomicU64::new(1)),
         }
     }
 
-    fn slot(&self, addr: &str) -> Arc<PeerSlot> {
+    /// Sets how the pool learns which nodes an address belongs to (once; the node's
+    /// membership view).
+    pub fn expect_nodes(&self, nodes_at: NodesAt) {
+        let _ = self.nodes_at.set(nodes_at);
+    }
+
+    /// The slot of `addr` as the address of `expected`: a connection is kept per address
+    /// and the nodes it was proven to belong to, so one made to a node that has since left
+    /// the address is not used for the node that took it over.
+    fn slot(&self, addr: &str, expected: &[String]) -> Arc<PeerSlot> {
+        let key = if expected.is_empty() {
+            addr.to_string()
+        } else {
+            format!("{addr} {}", expected.join(" "))
+        };
         let mut slots = self.slots.lock().expect("peer slot map lock poisoned");
-        if let Some(slot) = slots.get(addr) {
+        if let Some(slot) = slots.get(&key) {
             return slot.clone();
         }
-        slots.entry(addr.to_string()).or_default().clone()
+        slots.entry(key).or_default().clone()
     }
 
     /// The live connection to `addr`, dialled if there is none, waited for at most
@@ -109,7 +131,9 @@ impl PeerPool {
     /// next, which goes on where it was, so requests whose timeouts are all shorter than a
     /// slow handshake still get a connection.
     async fn conn(&self, addr: &str, timeout: Duration) -> Result<Conn, PeerError> {
-        let slot = self.slot(addr);
+        let mut expected = self.nodes_at.get().map_or_else(Vec::new, |f| f(addr));
+        expected.sort();
+        let slot = self.slot(addr, &expected);
         if let Some(cached) = slot.cached(addr) {
             return cached;
         }
@@ -126,6 +150,7 @@ impl PeerPool {
                     let dial = Self::dial(
                         slot.clone(),
                         addr.to_string(),
+                        expected,
                         self.auth.clone(),
                         self.local_ip,
                         self.next_id.clone(),
@@ -151,11 +176,12 @@ impl PeerPool {
     async fn dial(
         slot: Arc<PeerSlot>,
         addr: String,
+        expected: Vec<String>,
         auth: Arc<Authenticator>,
         local_ip: Option<std::net::IpAddr>,
         next_id: Arc<AtomicU64>,
     ) -> Result<Conn, PeerError> {
-        let result = Self::connect(&addr, &auth, local_ip, &next_id).await;
+        let result = Self::connect(&addr, &expected, &auth, local_ip, &next_id).await;
         // Recorded before the dial is cleared: a request arriving in between finds the
         // outcome, not a slot with neither and a second dial.
         let mut state = slot.state.lock().expect("peer slot lock poisoned");
@@ -183,12 +209,13 @@ impl PeerPool {
 
     async fn connect(
         addr: &str,
+        expected: &[String],
         auth: &Authenticator,
         local_ip: Option<std::net::IpAddr>,
         next_id: &AtomicU64,
     ) -> Result<Conn, String> {
         let conn = Conn::connect_from(addr, local_ip, CONNECT_TIMEOUT, PEER_PIPELINE_DEPTH).await?;
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, auth.dial(&conn, addr, next_id))
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, auth.dial(&conn, addr, expected, next_id))
             .await
             .map_err(|_| format!("handshake timed out after {HANDSHAKE_TIMEOUT:?}"))??;
         Ok(conn)
@@ -364,6 +391,56 @@ mod tests {
             vec![ringkv_protocol::peer::peer_opcode::HELLO],
             "only the Hello was sent"
         );
+    }
+
+    /// Found in review: a dialer used whichever node answered at an address. A listener that
+    /// proves the secret as another node than the one the address belongs to (a relay on a
+    /// taken-over address passing the handshake on to any node) gets no proof and no request;
+    /// proven as that node, it is used.
+    #[tokio::test]
+    async fn a_listener_proven_as_another_node_than_the_address_belongs_to_is_never_used() {
+        let (addr, listener) = fake_listener("the-secret").await;
+        let pool = PeerPool::new(Arc::new(Authenticator::new(identity("the-secret"))));
+        let at = addr.clone();
+        pool.expect_nodes(Box::new(move |a| {
+            if a == at {
+                vec!["n3".to_string()]
+            } else {
+                Vec::new()
+            }
+        }));
+        let err = pool
+            .request(
+                &addr,
+                PeerRequest::Session(SessionRequest::Ping),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect_err("must not talk to a listener proven as another node");
+        assert!(err.not_sent(), "{err}");
+        assert!(err.to_string().contains("answered as node \"n2\""), "{err}");
+        assert_eq!(pool.auth.metrics.auth_failures_outgoing.get(), 1);
+        drop(pool);
+        assert_eq!(
+            listener.await.unwrap(),
+            vec![ringkv_protocol::peer::peer_opcode::HELLO],
+            "only the Hello was sent"
+        );
+
+        let (addr, listener) = fake_listener("the-secret").await;
+        let pool = PeerPool::new(Arc::new(Authenticator::new(identity("the-secret"))));
+        pool.expect_nodes(Box::new(|_| vec!["n2".to_string()]));
+        let resp = pool
+            .request(
+                &addr,
+                PeerRequest::Session(SessionRequest::Ping),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("the node the address belongs to");
+        assert_eq!(resp, PeerResponse::Session(SessionResponse::Pong));
+        drop(pool);
+        listener.await.unwrap();
     }
 
     /// Control: the same listener with the right secret completes the handshake.
