@@ -1415,6 +1415,7 @@ impl<T: Transport> Coordinator<T> {
                     target: primary.to_string(),
                     key: key.clone(),
                     state,
+                    last_copy: true,
                 },
                 u32::MAX,
                 || format!("key {}: hint for {primary}", HexKey(key.to_vec())),

@@ -937,6 +937,7 @@ async fn a_fallback_answers_a_sloppy_read_with_every_hint_it_holds_for_the_key()
             target: second.to_string(),
             key: Bytes::from(key.clone()),
             state: hinted.clone(),
+            last_copy: true,
         })
         .await
         .unwrap();

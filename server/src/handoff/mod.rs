@@ -252,7 +252,12 @@ impl Handoff {
         let op = if target == self.node_id {
             WriteOp::Merge { key, state }
         } else {
-            WriteOp::Hint { target, key, state }
+            WriteOp::Hint {
+                target,
+                key,
+                state,
+                last_copy: true,
+            }
         };
         match self.store.write_within(op, timeout_ms, what).await {
             Ok(_) => PeerResponse::Handoff(HandoffResponse::HintStored),

@@ -398,10 +398,12 @@ impl<T: Transport> ReplayWorker<T> {
                         state: state.clone(),
                     }
                 } else {
+                    // Refused, the removed node's hint is kept for the next pass: not a drop.
                     WriteOp::Hint {
                         target: owner.to_string(),
                         key: key.clone(),
                         state: state.clone(),
+                        last_copy: false,
                     }
                 });
             }
@@ -1592,6 +1594,7 @@ mod tests {
                 target: "t".into(),
                 key: Bytes::from_static(b"new"),
                 state: one_version(3, "later"),
+                last_copy: true,
             })
             .await
             .unwrap();

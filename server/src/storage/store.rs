@@ -236,12 +236,17 @@ pub enum WriteOp {
     /// `sync`.
     Merge { key: Bytes, state: KeyState },
     /// Merge `state` into this node's hint for (target, key), for a down primary: the hint
-    /// store only, never this node's own data. Refused (`HintsFull`) past the byte caps, which
-    /// marks the target's partition for anti-entropy.
+    /// store only, never this node's own data. Refused (`HintsFull`) past the byte caps.
     Hint {
         target: String,
         key: Bytes,
         state: KeyState,
+        /// This hint is the copy the target is to get the state from (a coordinator's own, a
+        /// fallback's): one that cannot be kept (full, or unstorable) is counted as dropped
+        /// and marks the target's partition for anti-entropy. False when the caller keeps the
+        /// state meanwhile (a redirect keeps the removed node's hint): a refusal is only an
+        /// error (found in review: it was counted as a drop, at every redirect pass).
+        last_copy: bool,
     },
     /// Delete the hint row for (target, key) only if its stored bytes still equal `expected`
     /// (compare-and-delete: a hint merged meanwhile is kept and replayed again). With `drop`,
@@ -1035,7 +1040,13 @@ impl Store {
     /// A hint the full queue refused is dropped: counted, and its target's partition left for
     /// the writer to mark for anti-entropy (as a hint dropped for any other reason).
     fn hint_refused(&self, op: &WriteOp) {
-        if let WriteOp::Hint { target, key, .. } = op {
+        if let WriteOp::Hint {
+            target,
+            key,
+            last_copy: true,
+            ..
+        } = op
+        {
             self.hint_stats.dropped_overloaded.inc();
             self.refused_hints
                 .lock()
@@ -1882,7 +1893,13 @@ impl Writer {
                     Some((at, timeout_ms)) if Instant::now() > at => {
                         self.stats.expired.inc();
                         // A dropped hint's replica is synced by anti-entropy instead.
-                        if let WriteOp::Hint { target, key, .. } = &job.op {
+                        if let WriteOp::Hint {
+                            target,
+                            key,
+                            last_copy: true,
+                            ..
+                        } = &job.op
+                        {
                             self.hint_stats.dropped_late.inc();
                             self.mark_for_anti_entropy(target, key, DropReason::Late, &mut group);
                         }
@@ -2156,8 +2173,23 @@ impl Writer {
 
     fn apply(&mut self, op: &WriteOp, group: &mut Group) -> Result<WriteOutcome, WriteError> {
         match op {
-            WriteOp::Hint { target, key, state } => {
-                let (state, changed) = self.merge_hint(target, key, state, group)?;
+            WriteOp::Hint {
+                target,
+                key,
+                state,
+                last_copy,
+            } => {
+                let (state, changed) = match self.merge_hint(target, key, state, *last_copy, group)
+                {
+                    Ok(merged) => merged,
+                    Err(e) => {
+                        // Found in review: only a full hint store counted and marked.
+                        if *last_copy {
+                            self.hint_unstorable(target, key, &e, group);
+                        }
+                        return Err(e);
+                    }
+                };
                 return Ok(WriteOutcome {
                     state,
                     dot: None,
@@ -2257,14 +2289,8 @@ impl Writer {
             for target in hint_for {
                 // The write stands without the hint; the target's partition is marked for
                 // anti-entropy and the drop counted (a full hint store did both itself).
-                match self.merge_hint(target, key, &next, group) {
-                    Ok(_) | Err(WriteError::HintsFull { .. }) => {}
-                    Err(e) => {
-                        self.hint_stats.dropped_unstorable.inc();
-                        warn!(node = %self.node_id, %target, error = %e,
-                              "hint not kept; the target's range is marked for anti-entropy");
-                        self.mark_for_anti_entropy(target, key, DropReason::Unstorable, group);
-                    }
+                if let Err(e) = self.merge_hint(target, key, &next, true, group) {
+                    self.hint_unstorable(target, key, &e, group);
                 }
             }
         }
@@ -2349,13 +2375,28 @@ impl Writer {
             })
     }
 
+    /// A hint that was the target's copy of a state could not be stored (`e`): counted and
+    /// the target's partition marked for anti-entropy, unless a full hint store did both
+    /// already (`merge_hint`).
+    fn hint_unstorable(&mut self, target: &str, key: &[u8], e: &WriteError, group: &mut Group) {
+        if matches!(e, WriteError::HintsFull { .. }) {
+            return;
+        }
+        self.hint_stats.dropped_unstorable.inc();
+        warn!(node = %self.node_id, %target, error = %e,
+              "hint not kept; the target's range is marked for anti-entropy");
+        self.mark_for_anti_entropy(target, key, DropReason::Unstorable, group);
+    }
+
     /// Merges `state` into the hint for (target, key); returns the hint's state and whether
-    /// the row changed.
+    /// the row changed. Past a byte cap it is refused (`HintsFull`), and, if it is the
+    /// `last_copy` of the state, counted as dropped and the target's partition marked.
     fn merge_hint(
         &mut self,
         target: &str,
         key: &[u8],
         state: &KeyState,
+        last_copy: bool,
         group: &mut Group,
     ) -> Result<(KeyState, bool), WriteError> {
         let hkey = hint_key(target, key);
@@ -2397,15 +2438,17 @@ impl Writer {
                 None
             };
             if let Some((pending, limit)) = over {
-                self.hint_stats.dropped_cap.inc();
-                self.mark_for_anti_entropy(target, key, DropReason::Cap, group);
                 let e = WriteError::HintsFull {
                     target: target.to_string(),
                     key: HexKey(key.to_vec()),
                     pending: pending.max(0) as u64,
                     limit,
                 };
-                warn!(node = %self.node_id, error = %e, "hint not kept");
+                if last_copy {
+                    self.hint_stats.dropped_cap.inc();
+                    self.mark_for_anti_entropy(target, key, DropReason::Cap, group);
+                    warn!(node = %self.node_id, error = %e, "hint not kept");
+                }
                 return Err(e);
             }
         }

@@ -1472,6 +1472,7 @@ fn hint(target: &str, key: &str, state: KeyState) -> WriteOp {
         target: target.into(),
         key: Bytes::from(key.to_string()),
         state,
+        last_copy: true,
     }
 }
 
@@ -1763,6 +1764,70 @@ async fn a_local_hint_that_cannot_be_stored_is_counted_and_marked() {
         .contains(&("n2".to_string(), partition_of(b"k"))));
 }
 
+/// Found in review: a coordinator's own hint (`WriteOp::Hint`, the last copy the target will
+/// get) that could not be stored for another cause than a full hint store was dropped
+/// silently; and a hint that does not fit while its state is kept elsewhere (a redirect keeps
+/// the removed node's hint) was counted as dropped and marked, again at every pass.
+#[tokio::test]
+async fn only_a_last_copy_hint_that_cannot_be_kept_counts_as_dropped() {
+    let engine = Arc::new(MemoryEngine::new());
+    let store = Arc::new(open_with_hint_limits(
+        &engine,
+        HintLimits {
+            max_bytes: 64 << 10,
+            max_bytes_per_target: 1 << 10,
+        },
+    ));
+    let mut bad = Batch::default();
+    bad.put(
+        Cf::Hints,
+        crate::storage::hints::hint_key("n2", b"k"),
+        vec![0xFF; 3],
+    );
+    engine.write(bad, true).unwrap();
+    store
+        .write(hint("n2", "k", one_version(1, 1, "v")))
+        .await
+        .expect_err("its row is unreadable");
+    assert_eq!(store.hint_stats().dropped_unstorable.get(), 1);
+    assert!(mark_keys(&store)
+        .await
+        .contains(&("n2".to_string(), partition_of(b"k"))));
+
+    let kept_elsewhere = |key: &str, value: &str| WriteOp::Hint {
+        target: "n3".into(),
+        key: Bytes::from(key.to_string()),
+        state: one_version(1, 1, value),
+        last_copy: false,
+    };
+    let big = "x".repeat(2000);
+    for _ in 0..3 {
+        assert!(matches!(
+            store.write(kept_elsewhere("r", &big)).await,
+            Err(WriteError::HintsFull { .. })
+        ));
+    }
+    assert_eq!(
+        store.hint_stats().dropped_cap.get(),
+        0,
+        "nothing was dropped"
+    );
+    assert!(!mark_keys(&store)
+        .await
+        .contains(&("n3".to_string(), partition_of(b"r"))));
+    store
+        .write(kept_elsewhere("r", "small"))
+        .await
+        .expect("it fits");
+    assert_eq!(store.hint_book().target("n3").keys, 1);
+    // The last copy that does not fit: dropped, counted and marked.
+    assert!(matches!(
+        store.write(hint("n3", "s", one_version(1, 1, &big))).await,
+        Err(WriteError::HintsFull { .. })
+    ));
+    assert_eq!(store.hint_stats().dropped_cap.get(), 1);
+}
+
 /// A purge whose batch fails leaves the key and the stored floor as they were, and the floor
 /// in memory too (found in review: it was raised while the group was built, so until a restart
 /// a copy that lost a version of ours at or below it was not taken for amnesia).
@@ -1931,6 +1996,7 @@ async fn a_hint_dropped_at_its_deadline_marks_its_partition_for_anti_entropy() {
         target: "n3".into(),
         key: key.clone(),
         state,
+        last_copy: true,
     };
     dropped_at_its_deadline(&store, hint, "key hinted: hint for n3").await;
     assert_eq!(store.read_hint("n3", b"hinted").await.unwrap(), None);
