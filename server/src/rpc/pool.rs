@@ -363,18 +363,31 @@ mod tests {
         (addr, task)
     }
 
+    async fn ping(pool: &PeerPool, addr: &str) -> Result<PeerResponse, PeerError> {
+        pool.request(
+            addr,
+            PeerRequest::Session(SessionRequest::Ping),
+            Duration::from_secs(2),
+        )
+        .await
+    }
+
+    /// The fake listener got the dialer's `Hello` and nothing else (no proof, no request).
+    async fn only_the_hello_was_sent(listener: tokio::task::JoinHandle<Vec<u8>>) {
+        assert_eq!(
+            listener.await.unwrap(),
+            vec![ringkv_protocol::peer::peer_opcode::HELLO],
+            "only the Hello was sent"
+        );
+    }
+
     /// A node dials a "peer" that cannot prove the cluster secret: it never sends its own
     /// proof or any request, counts the failure and reports the peer unreachable.
     #[tokio::test]
     async fn a_listener_without_the_secret_is_never_used() {
         let (addr, listener) = fake_listener("not-the-secret").await;
         let pool = PeerPool::new(Arc::new(Authenticator::new(identity("the-secret"))));
-        let err = pool
-            .request(
-                &addr,
-                PeerRequest::Session(SessionRequest::Ping),
-                Duration::from_secs(2),
-            )
+        let err = ping(&pool, &addr)
             .await
             .expect_err("must not talk to an unproven listener");
         assert!(err.not_sent(), "{err}");
@@ -385,12 +398,7 @@ mod tests {
         );
         assert_eq!(pool.auth.metrics.auth_failures_outgoing.get(), 1);
         drop(pool);
-        let opcodes = listener.await.unwrap();
-        assert_eq!(
-            opcodes,
-            vec![ringkv_protocol::peer::peer_opcode::HELLO],
-            "only the Hello was sent"
-        );
+        only_the_hello_was_sent(listener).await;
     }
 
     /// Found in review: a dialer used whichever node answered at an address. A listener that
@@ -409,33 +417,19 @@ mod tests {
                 Vec::new()
             }
         }));
-        let err = pool
-            .request(
-                &addr,
-                PeerRequest::Session(SessionRequest::Ping),
-                Duration::from_secs(2),
-            )
+        let err = ping(&pool, &addr)
             .await
             .expect_err("must not talk to a listener proven as another node");
         assert!(err.not_sent(), "{err}");
         assert!(err.to_string().contains("answered as node \"n2\""), "{err}");
         assert_eq!(pool.auth.metrics.auth_failures_outgoing.get(), 1);
         drop(pool);
-        assert_eq!(
-            listener.await.unwrap(),
-            vec![ringkv_protocol::peer::peer_opcode::HELLO],
-            "only the Hello was sent"
-        );
+        only_the_hello_was_sent(listener).await;
 
         let (addr, listener) = fake_listener("the-secret").await;
         let pool = PeerPool::new(Arc::new(Authenticator::new(identity("the-secret"))));
         pool.expect_nodes(Box::new(|_| vec!["n2".to_string()]));
-        let resp = pool
-            .request(
-                &addr,
-                PeerRequest::Session(SessionRequest::Ping),
-                Duration::from_secs(2),
-            )
+        let resp = ping(&pool, &addr)
             .await
             .expect("the node the address belongs to");
         assert_eq!(resp, PeerResponse::Session(SessionResponse::Pong));
@@ -448,14 +442,7 @@ mod tests {
     async fn a_listener_with_the_secret_is_used() {
         let (addr, listener) = fake_listener("the-secret").await;
         let pool = PeerPool::new(Arc::new(Authenticator::new(identity("the-secret"))));
-        let resp = pool
-            .request(
-                &addr,
-                PeerRequest::Session(SessionRequest::Ping),
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
+        let resp = ping(&pool, &addr).await.unwrap();
         assert_eq!(resp, PeerResponse::Session(SessionResponse::Pong));
         drop(pool);
         let opcodes = listener.await.unwrap();
@@ -519,13 +506,7 @@ mod tests {
         let pool = Arc::new(PeerPool::new(Arc::new(Authenticator::new(identity(
             "the-secret",
         )))));
-        pool.request(
-            addr,
-            PeerRequest::Session(SessionRequest::Ping),
-            Duration::from_secs(2),
-        )
-        .await
-        .unwrap();
+        ping(&pool, addr).await.unwrap();
         pool
     }
 

@@ -1476,6 +1476,28 @@ fn hint(target: &str, key: &str, state: KeyState) -> WriteOp {
     }
 }
 
+/// Hint caps of 1 KiB per target, 64 KiB in all.
+fn open_with_small_hint_caps(engine: &Arc<MemoryEngine>) -> Store {
+    open_with_hint_limits(
+        engine,
+        HintLimits {
+            max_bytes: 64 << 10,
+            max_bytes_per_target: 1 << 10,
+        },
+    )
+}
+
+/// Writes an unreadable hint row for (target, key) straight into the engine.
+fn corrupt_hint_row(engine: &MemoryEngine, target: &str, key: &[u8]) {
+    let mut bad = Batch::default();
+    bad.put(
+        Cf::Hints,
+        crate::storage::hints::hint_key(target, key),
+        vec![0xFF; 3],
+    );
+    engine.write(bad, true).unwrap();
+}
+
 fn open_with_hint_limits(engine: &Arc<MemoryEngine>, limits: HintLimits) -> Store {
     Store::open(
         engine.clone() as Arc<dyn Engine>,
@@ -1611,13 +1633,7 @@ async fn a_hint_is_deleted_only_if_unchanged() {
 #[tokio::test]
 async fn a_drops_mark_is_written_again_after_its_batch_failed() {
     let engine = Arc::new(MemoryEngine::new());
-    let store = Arc::new(open_with_hint_limits(
-        &engine,
-        HintLimits {
-            max_bytes: 64 << 10,
-            max_bytes_per_target: 1 << 10,
-        },
-    ));
+    let store = Arc::new(open_with_small_hint_caps(&engine));
     let big = "x".repeat(2000);
     engine.set_fail_writes(true);
     assert!(matches!(
@@ -1739,13 +1755,7 @@ async fn a_local_hint_commits_with_the_write_or_not_at_all() {
 async fn a_local_hint_that_cannot_be_stored_is_counted_and_marked() {
     let engine = Arc::new(MemoryEngine::new());
     let store = Arc::new(open(&engine, SyncMode::Group));
-    let mut bad = Batch::default();
-    bad.put(
-        Cf::Hints,
-        crate::storage::hints::hint_key("n2", b"k"),
-        vec![0xFF; 3],
-    );
-    engine.write(bad, true).unwrap();
+    corrupt_hint_row(&engine, "n2", b"k");
     let op = WriteOp::Update {
         key: Bytes::from_static(b"k"),
         ctx: VersionVector::new(),
@@ -1771,20 +1781,8 @@ async fn a_local_hint_that_cannot_be_stored_is_counted_and_marked() {
 #[tokio::test]
 async fn only_a_last_copy_hint_that_cannot_be_kept_counts_as_dropped() {
     let engine = Arc::new(MemoryEngine::new());
-    let store = Arc::new(open_with_hint_limits(
-        &engine,
-        HintLimits {
-            max_bytes: 64 << 10,
-            max_bytes_per_target: 1 << 10,
-        },
-    ));
-    let mut bad = Batch::default();
-    bad.put(
-        Cf::Hints,
-        crate::storage::hints::hint_key("n2", b"k"),
-        vec![0xFF; 3],
-    );
-    engine.write(bad, true).unwrap();
+    let store = Arc::new(open_with_small_hint_caps(&engine));
+    corrupt_hint_row(&engine, "n2", b"k");
     store
         .write(hint("n2", "k", one_version(1, 1, "v")))
         .await
