@@ -43,6 +43,38 @@ pub const MAX_TIMEOUT_MS: u32 = 600_000;
 pub const DEFAULT_BLOCK_CACHE_MB: usize = 256;
 pub const DEFAULT_WRITE_BUFFER_MB: usize = 64;
 
+/// The cluster secret: its `Debug` never shows it (found in review: the flag, file and
+/// config structs derive `Debug` with it in clear, one `debug!(?config)` from the log);
+/// [`Secret::expose`] is the one way to read it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the HMAC keys only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// Command-line flags. Any flag given overrides the same setting in `--config`.
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -72,7 +104,7 @@ pub struct Cli {
     /// Shared secret authenticating gossip packets and peer connections (HMAC-SHA256); also
     /// RINGKV_CLUSTER_SECRET.
     #[arg(long, env = "RINGKV_CLUSTER_SECRET", hide_env_values = true)]
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<Secret>,
     /// Phi above which a member is treated as unavailable.
     #[arg(long)]
     pub phi_threshold: Option<f64>,
@@ -226,7 +258,7 @@ pub struct FileConfig {
     pub peer_listen: Option<String>,
     pub gossip_listen: Option<String>,
     pub seeds: Option<Vec<String>>,
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<Secret>,
     pub phi_threshold: Option<f64>,
     pub cluster_name: Option<String>,
     pub n: Option<u8>,
@@ -365,7 +397,7 @@ pub struct Config {
     pub peer_listen: SocketAddr,
     pub gossip_listen: SocketAddr,
     pub seeds: Vec<SocketAddr>,
-    pub cluster_secret: String,
+    pub cluster_secret: Secret,
     /// True when the secret is the built-in default (logged as a warning).
     pub default_secret: bool,
     pub phi_threshold: f64,
@@ -595,9 +627,11 @@ impl Config {
             })?);
         }
         let (cluster_secret, default_secret) = match cli.cluster_secret.or(file.cluster_secret) {
-            Some(s) if s.is_empty() => return Err(invalid("cluster_secret", "empty secret")),
+            Some(s) if s.expose().is_empty() => {
+                return Err(invalid("cluster_secret", "empty secret"))
+            }
             Some(s) => (s, false),
-            None => (DEFAULT_CLUSTER_SECRET.to_string(), true),
+            None => (Secret::new(DEFAULT_CLUSTER_SECRET), true),
         };
         let phi_threshold = cli
             .phi_threshold
@@ -1021,6 +1055,38 @@ mod tests {
         let mut all = vec!["ringkv"];
         all.extend_from_slice(args);
         Cli::parse_from(all)
+    }
+
+    /// Found in review: the secret was in clear in the derived `Debug` of the flags, the file
+    /// settings and the validated config (and of the gossip settings), one `debug!(?config)`
+    /// away from the log.
+    #[test]
+    fn no_debug_print_of_the_settings_shows_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "cluster_secret = \"from-the-file-7c1e\"\n").unwrap();
+        let file = read_file(&path).unwrap();
+        assert_eq!(
+            file.cluster_secret.as_ref().map(Secret::expose),
+            Some("from-the-file-7c1e")
+        );
+        assert!(!format!("{file:?}").contains("from-the-file-7c1e"));
+        let flags = cli(&[
+            "--node-id",
+            "a",
+            "--data-dir",
+            "/tmp/x",
+            "--n",
+            "1",
+            "--cluster-secret",
+            "from-the-flag-9d2f",
+        ]);
+        assert!(!format!("{flags:?}").contains("from-the-flag-9d2f"));
+        let config = Config::load(flags).unwrap();
+        assert_eq!(config.cluster_secret.expose(), "from-the-flag-9d2f");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("from-the-flag-9d2f"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]

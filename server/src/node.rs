@@ -227,7 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         cluster: config.cluster_name.clone(),
         n: config.n,
         me: me.clone(),
-        key: PeerKey::new(&config.cluster_secret, &config.cluster_name),
+        key: PeerKey::new(config.cluster_secret.expose(), &config.cluster_name),
     }));
     let pool = Arc::new(PeerPool::new(auth.clone()));
     let pool_metrics = pool.metrics.clone();

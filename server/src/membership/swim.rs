@@ -340,7 +340,7 @@ impl Envelope {
 #[derive(Debug, Clone)]
 pub struct SwimConfig {
     pub cluster_name: String,
-    pub secret: String,
+    pub secret: crate::config::Secret,
     /// Gossip addresses to announce to until the node is in contact with the cluster.
     pub seeds: Vec<SocketAddr>,
     pub phi: PhiConfig,
@@ -726,7 +726,7 @@ impl Driver {
             foca,
             rt: AccumulatingRuntime::new(),
             socket: Arc::new(socket),
-            envelope: Envelope::new(&cfg.cluster_name, &cfg.secret),
+            envelope: Envelope::new(&cfg.cluster_name, cfg.secret.expose()),
             sent: Mutex::default(),
             last_unheard_announce: None,
             timers: BinaryHeap::new(),
@@ -1986,7 +1986,7 @@ mod tests {
             };
             let cfg = SwimConfig {
                 cluster_name: "quick-phi".into(),
-                secret: "s3cret".into(),
+                secret: crate::config::Secret::new("s3cret"),
                 seeds: vec![seed],
                 phi: phi.clone(),
                 vnodes: 8,
