@@ -468,6 +468,11 @@ impl<T: Transport> ReplayWorker<T> {
         let now = Instant::now();
         let book = self.store.hint_book().targets();
         self.passes.retain(|t, _| book.contains_key(t));
+        // Nothing is kept for a target with no hints left, however they went (found in
+        // review: entries stayed for hints expired or redirected).
+        self.failures.retain(|t, _| book.contains_key(t));
+        self.paused.retain(|t, _| book.contains_key(t));
+        self.refusals.retain(|(t, _), _| book.contains_key(t));
         let mut ready = Vec::new();
         for target in book.keys() {
             if view.out_of_ring(target) {
@@ -1099,6 +1104,52 @@ mod tests {
         let marks = store.aae_mark_rows().await.unwrap();
         assert!(marks.iter().any(|m| m.target == "t"), "{marks:?}");
         assert!(worker.refusals.is_empty());
+    }
+
+    /// Found in review: what the worker keeps per target (refusals of its hints, failures in a
+    /// row, pauses) was dropped only when a hint was replayed or given up, not when a target's
+    /// hints went otherwise (expired, redirected): one entry per such hint stayed for ever.
+    #[tokio::test]
+    async fn nothing_is_kept_for_a_target_once_it_has_no_hints() {
+        let store = store_with_hints(&[("t", 3)]);
+        let handoff = Arc::new(Handoff::new(
+            "a".into(),
+            store.clone(),
+            HintSettings::default(),
+        ));
+        let (membership, _view) =
+            Membership::fixed(crate::testkit::view(&["a", "t"], "a", &["a", "t"]));
+        let target = Arc::new(Target {
+            refuse: true,
+            ..Target::default()
+        });
+        let mut worker = ReplayWorker::new(handoff, membership, target, 3);
+        let stop = CancellationToken::new();
+        while worker.refusals.is_empty() {
+            worker.paused.clear();
+            worker.work(&stop).await.unwrap();
+        }
+        worker.failures.insert("t".into(), 2);
+        worker
+            .paused
+            .insert("t".into(), Instant::now() + Duration::from_secs(60));
+        // Its hints go another way (here deleted as a redirect or expiry would).
+        for i in 0..3 {
+            let key = format!("k{i:05}");
+            let row = store.read_hint("t", key.as_bytes()).await.unwrap().unwrap();
+            store
+                .write(WriteOp::DeleteHint {
+                    target: "t".into(),
+                    key: Bytes::from(key),
+                    expected: row,
+                    drop: None,
+                })
+                .await
+                .unwrap();
+        }
+        worker.work(&stop).await.unwrap();
+        assert!(worker.refusals.is_empty(), "{:?}", worker.refusals);
+        assert!(worker.failures.is_empty() && worker.paused.is_empty());
     }
 
     /// Found in review: a hint row whose record does not parse was skipped at every pass and
