@@ -1370,8 +1370,10 @@ impl<T: Transport> Coordinator<T> {
     ) -> bool {
         self.metrics.hinted_writes.inc();
         let ok = if *fallback == self.membership.view().me {
-            // This node is the fallback (a forwarded write on a node beyond the list).
-            self.keep_hint(primary, key, state).await.is_ok()
+            // This node is the fallback (a forwarded write on a node beyond the list). Not
+            // the last copy: if it fails, the slot keeps the same hint again
+            // (`keep_local_hint`), which counts a drop once (found in review: twice).
+            self.keep_hint(primary, key, state, false).await.is_ok()
         } else {
             let req = PeerRequest::Handoff(HandoffRequest::StoreHint {
                 target: primary.to_string(),
@@ -1406,7 +1408,14 @@ impl<T: Transport> Coordinator<T> {
         ok
     }
 
-    async fn keep_hint(&self, primary: &NodeId, key: &Bytes, state: &Bytes) -> Result<(), String> {
+    /// Keeps a hint of `state` for `primary` here; `last_copy` as in `WriteOp::Hint`.
+    async fn keep_hint(
+        &self,
+        primary: &NodeId,
+        key: &Bytes,
+        state: &Bytes,
+        last_copy: bool,
+    ) -> Result<(), String> {
         let state = KeyState::decode(state).map_err(|e| e.to_string())?;
         // Within the peer-write limit like any state from a request (`config::Timeouts`).
         self.store
@@ -1415,7 +1424,7 @@ impl<T: Transport> Coordinator<T> {
                     target: primary.to_string(),
                     key: key.clone(),
                     state,
-                    last_copy: true,
+                    last_copy,
                 },
                 u32::MAX,
                 || format!("key {}: hint for {primary}", HexKey(key.to_vec())),
@@ -1429,7 +1438,7 @@ impl<T: Transport> Coordinator<T> {
     /// (like Cassandra's coordinator hints), so the write reaches it without a read.
     async fn keep_local_hint(&self, primary: &NodeId, key: &Bytes, state: &Bytes) {
         self.metrics.local_hints.inc();
-        if let Err(cause) = self.keep_hint(primary, key, state).await {
+        if let Err(cause) = self.keep_hint(primary, key, state, true).await {
             warn!(node = %self.config.node_id, %primary, key = %HexKey(key.to_vec()), %cause,
                   "could not keep a hint for a primary that missed a write");
         }

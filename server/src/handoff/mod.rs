@@ -248,7 +248,9 @@ impl Handoff {
                 HexKey(what_key.to_vec())
             )
         };
-        // A hint for this node itself (the sender saw it down): it is the data.
+        // A hint for this node itself (the sender saw it down): it is the data. Not the last
+        // copy: a coordinator whose fallback refused keeps the hint itself, and counts the
+        // drop if that fails too (found in review: a refusal here counted a drop as well).
         let op = if target == self.node_id {
             WriteOp::Merge { key, state }
         } else {
@@ -256,7 +258,7 @@ impl Handoff {
                 target,
                 key,
                 state,
-                last_copy: true,
+                last_copy: false,
             }
         };
         match self.store.write_within(op, timeout_ms, what).await {

@@ -37,6 +37,9 @@ type Dial = futures::future::Shared<futures::future::BoxFuture<'static, Result<C
 /// connection polls (the lock is held only to look at it, never across an await).
 #[derive(Default)]
 struct PeerSlot {
+    /// The nodes the address belonged to when the slot was made: its connection was proven
+    /// as one of them.
+    expected: Vec<String>,
     state: Mutex<Slot>,
     dial: Mutex<Option<Dial>>,
 }
@@ -107,20 +110,21 @@ impl PeerPool {
         let _ = self.nodes_at.set(nodes_at);
     }
 
-    /// The slot of `addr` as the address of `expected`: a connection is kept per address
-    /// and the nodes it was proven to belong to, so one made to a node that has since left
-    /// the address is not used for the node that took it over.
-    fn slot(&self, addr: &str, expected: &[String]) -> Arc<PeerSlot> {
-        let key = if expected.is_empty() {
-            addr.to_string()
-        } else {
-            format!("{addr} {}", expected.join(" "))
-        };
+    /// The slot of `addr` as the address of `expected`. One made when the address belonged
+    /// to other nodes is replaced (its connection closes once no request holds it): a
+    /// connection made to a node that has since left the address is not used for the node
+    /// that took it over.
+    fn slot(&self, addr: &str, expected: Vec<String>) -> Arc<PeerSlot> {
         let mut slots = self.slots.lock().expect("peer slot map lock poisoned");
-        if let Some(slot) = slots.get(&key) {
+        if let Some(slot) = slots.get(addr).filter(|s| s.expected == expected) {
             return slot.clone();
         }
-        slots.entry(key).or_default().clone()
+        let slot = Arc::new(PeerSlot {
+            expected,
+            ..PeerSlot::default()
+        });
+        slots.insert(addr.to_string(), slot.clone());
+        slot
     }
 
     /// The live connection to `addr`, dialled if there is none, waited for at most
@@ -133,7 +137,7 @@ impl PeerPool {
     async fn conn(&self, addr: &str, timeout: Duration) -> Result<Conn, PeerError> {
         let mut expected = self.nodes_at.get().map_or_else(Vec::new, |f| f(addr));
         expected.sort();
-        let slot = self.slot(addr, &expected);
+        let slot = self.slot(addr, expected.clone());
         if let Some(cached) = slot.cached(addr) {
             return cached;
         }
