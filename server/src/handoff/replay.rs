@@ -1073,12 +1073,8 @@ mod tests {
         assert_eq!(failure_pause(u32::MAX), MAX_FAILURE_PAUSE);
     }
 
-    /// Found in review: a hint its live target refused every time (its merge fails there) was
-    /// offered forever: never expired (the target is up), it held the target's anti-entropy
-    /// back and tombstone GC's verdict at "hinted". After `MAX_REFUSALS` refusals in a row it
-    /// is given up to anti-entropy: deleted, counted, its partition marked.
-    #[tokio::test]
-    async fn a_hint_its_target_always_refuses_is_given_up_to_anti_entropy() {
+    /// A holder of 3 hints for "t", which refuses every one.
+    fn holder_refused_by_t() -> (Arc<Store>, ReplayWorker<Target>) {
         let store = store_with_hints(&[("t", 3)]);
         let handoff = Arc::new(Handoff::new(
             "a".into(),
@@ -1091,7 +1087,16 @@ mod tests {
             refuse: true,
             ..Target::default()
         });
-        let mut worker = ReplayWorker::new(handoff, membership, target, 3);
+        (store, ReplayWorker::new(handoff, membership, target, 3))
+    }
+
+    /// Found in review: a hint its live target refused every time (its merge fails there) was
+    /// offered forever: never expired (the target is up), it held the target's anti-entropy
+    /// back and tombstone GC's verdict at "hinted". After `MAX_REFUSALS` refusals in a row it
+    /// is given up to anti-entropy: deleted, counted, its partition marked.
+    #[tokio::test]
+    async fn a_hint_its_target_always_refuses_is_given_up_to_anti_entropy() {
+        let (store, mut worker) = holder_refused_by_t();
         let stop = CancellationToken::new();
         let mut calls = 0;
         while store.hint_book().target("t").keys > 0 {
@@ -1111,19 +1116,7 @@ mod tests {
     /// hints went otherwise (expired, redirected): one entry per such hint stayed for ever.
     #[tokio::test]
     async fn nothing_is_kept_for_a_target_once_it_has_no_hints() {
-        let store = store_with_hints(&[("t", 3)]);
-        let handoff = Arc::new(Handoff::new(
-            "a".into(),
-            store.clone(),
-            HintSettings::default(),
-        ));
-        let (membership, _view) =
-            Membership::fixed(crate::testkit::view(&["a", "t"], "a", &["a", "t"]));
-        let target = Arc::new(Target {
-            refuse: true,
-            ..Target::default()
-        });
-        let mut worker = ReplayWorker::new(handoff, membership, target, 3);
+        let (store, mut worker) = holder_refused_by_t();
         let stop = CancellationToken::new();
         while worker.refusals.is_empty() {
             worker.paused.clear();
