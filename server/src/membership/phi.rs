@@ -175,8 +175,8 @@ impl PhiDetector {
         }
     }
 
-    /// The peer's current phi; `None` if it never sent a heartbeat (and, restarted, is still
-    /// within its grace).
+    /// The peer's current phi; `None` if it never sent a heartbeat (and, restarted or joined,
+    /// is still within its grace).
     pub fn phi(&self, peer: &str, now: Instant) -> Option<f64> {
         let w = self.peers.get(peer)?;
         if w.unheard && now < w.last {

@@ -68,7 +68,8 @@ crate::metrics::metric_set! {
     }
 }
 
-/// The node ids an address belongs to in the current view (`PeerPool::expect_nodes`).
+/// The node ids an address belongs to in the current view (`PeerPool::expect_nodes`), in a
+/// stable order (a slot is kept while they stay the same).
 pub type NodesAt = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 pub struct PeerPool {
@@ -135,8 +136,7 @@ impl PeerPool {
     /// next, which goes on where it was, so requests whose timeouts are all shorter than a
     /// slow handshake still get a connection.
     async fn conn(&self, addr: &str, timeout: Duration) -> Result<Conn, PeerError> {
-        let mut expected = self.nodes_at.get().map_or_else(Vec::new, |f| f(addr));
-        expected.sort();
+        let expected = self.nodes_at.get().map_or_else(Vec::new, |f| f(addr));
         let slot = self.slot(addr, expected.clone());
         if let Some(cached) = slot.cached(addr) {
             return cached;

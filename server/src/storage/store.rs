@@ -48,9 +48,9 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::hints::{
-    decode_hint, encode_hint, hint_first_ms, hint_key, hint_state_bytes, mark_key, mark_value,
-    partition_of, prefix_end, split_hint_key, split_mark_key, target_prefix, DropReason, HintBook,
-    HintLimits, HintSize, MARK_PREFIX,
+    decode_hint, encode_hint, hint_first_ms, hint_key, mark_key, mark_value, partition_of,
+    prefix_end, split_hint_key, split_mark_key, target_prefix, DropReason, HintBook, HintLimits,
+    HintSize, MARK_PREFIX,
 };
 use super::state_cache::{StateCache, STATE_CACHE_BYTES};
 use super::{
@@ -812,8 +812,9 @@ impl Store {
                 .dropped_unstorable
                 .inc_by(unreadable.len() as u64);
             hint_stats.marks.inc_by(unreadable.len() as u64);
-            warn!(node = %config.node_id, rows = unreadable.len(),
-                  targets = %unreadable.iter().map(|(t, _, _)| t.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "),
+            let targets: std::collections::BTreeSet<&str> =
+                unreadable.iter().map(|(t, _, _)| t.as_str()).collect();
+            warn!(node = %config.node_id, rows = unreadable.len(), ?targets,
                   "hint rows whose record does not parse given up; their ranges are marked for anti-entropy");
         }
         let refused_hints = RefusedHints::default();
@@ -1560,12 +1561,11 @@ fn writer_exited(key: &[u8]) -> WriteError {
     }
 }
 
-/// The hint book from one scan of the hint store (at open; bounded by the byte caps).
 /// A hint row whose record does not parse: its target, key and row key.
 type UnreadableHint = (String, Vec<u8>, Vec<u8>);
 
-/// The hint book of the rows in the engine, and the rows whose record does not parse (their
-/// key does).
+/// The hint book from one scan of the hint store (at open; bounded by the byte caps), and the
+/// rows whose record does not parse (their key does).
 fn load_hint_book(engine: &dyn Engine) -> Result<(HintBook, Vec<UnreadableHint>), StorageError> {
     let book = HintBook::default();
     let mut unreadable = Vec::new();
@@ -1577,7 +1577,7 @@ fn load_hint_book(engine: &dyn Engine) -> Result<(HintBook, Vec<UnreadableHint>)
         let Some((target, key)) = split_hint_key(row) else {
             return Ok(());
         };
-        match hint_first_ms(value).filter(|_| hint_state_bytes(value).is_some()) {
+        match hint_first_ms(value) {
             Some(first_ms) => {
                 let size = HintSize {
                     first_ms,
@@ -2215,17 +2215,7 @@ impl Writer {
                 state,
                 last_copy,
             } => {
-                let (state, changed) = match self.merge_hint(target, key, state, *last_copy, group)
-                {
-                    Ok(merged) => merged,
-                    Err(e) => {
-                        // Found in review: only a full hint store counted and marked.
-                        if *last_copy {
-                            self.hint_unstorable(target, key, &e, group);
-                        }
-                        return Err(e);
-                    }
-                };
+                let (state, changed) = self.merge_hint(target, key, state, *last_copy, group)?;
                 return Ok(WriteOutcome {
                     state,
                     dot: None,
@@ -2323,11 +2313,9 @@ impl Writer {
         group.overlay.insert(dkey, next.clone());
         if let WriteOp::Update { hint_for, .. } = op {
             for target in hint_for {
-                // The write stands without the hint; the target's partition is marked for
-                // anti-entropy and the drop counted (a full hint store did both itself).
-                if let Err(e) = self.merge_hint(target, key, &next, true, group) {
-                    self.hint_unstorable(target, key, &e, group);
-                }
+                // The write stands without the hint: `merge_hint` counted the drop and marked
+                // the target's partition for anti-entropy.
+                let _ = self.merge_hint(target, key, &next, true, group);
             }
         }
         Ok(WriteOutcome {
@@ -2411,28 +2399,39 @@ impl Writer {
             })
     }
 
-    /// A hint that was the target's copy of a state could not be stored (`e`): counted and
-    /// the target's partition marked for anti-entropy, unless a full hint store did both
-    /// already (`merge_hint`).
-    fn hint_unstorable(&mut self, target: &str, key: &[u8], e: &WriteError, group: &mut Group) {
-        if matches!(e, WriteError::HintsFull { .. }) {
-            return;
-        }
-        self.hint_stats.dropped_unstorable.inc();
-        warn!(node = %self.node_id, %target, error = %e,
-              "hint not kept; the target's range is marked for anti-entropy");
-        self.mark_for_anti_entropy(target, key, DropReason::Unstorable, group);
-    }
-
     /// Merges `state` into the hint for (target, key); returns the hint's state and whether
-    /// the row changed. Past a byte cap it is refused (`HintsFull`), and, if it is the
-    /// `last_copy` of the state, counted as dropped and the target's partition marked.
+    /// the row changed. Past a byte cap it is refused (`HintsFull`). A hint that is the
+    /// `last_copy` of the state and is not kept, for any cause, is counted as dropped
+    /// (`dropped_cap` or `dropped_unstorable`) and the target's partition marked for
+    /// anti-entropy (found in review: only a full hint store counted, and for every caller).
     fn merge_hint(
         &mut self,
         target: &str,
         key: &[u8],
         state: &KeyState,
         last_copy: bool,
+        group: &mut Group,
+    ) -> Result<(KeyState, bool), WriteError> {
+        let merged = self.merge_hint_row(target, key, state, group);
+        if let (Err(e), true) = (&merged, last_copy) {
+            let (dropped, reason) = match e {
+                WriteError::HintsFull { .. } => (&self.hint_stats.dropped_cap, DropReason::Cap),
+                _ => (&self.hint_stats.dropped_unstorable, DropReason::Unstorable),
+            };
+            dropped.inc();
+            warn!(node = %self.node_id, %target, error = %e,
+                  "hint not kept; the target's range is marked for anti-entropy");
+            self.mark_for_anti_entropy(target, key, reason, group);
+        }
+        merged
+    }
+
+    /// `merge_hint`'s merge, which counts no drop.
+    fn merge_hint_row(
+        &mut self,
+        target: &str,
+        key: &[u8],
+        state: &KeyState,
         group: &mut Group,
     ) -> Result<(KeyState, bool), WriteError> {
         let hkey = hint_key(target, key);
@@ -2474,18 +2473,12 @@ impl Writer {
                 None
             };
             if let Some((pending, limit)) = over {
-                let e = WriteError::HintsFull {
+                return Err(WriteError::HintsFull {
                     target: target.to_string(),
                     key: HexKey(key.to_vec()),
                     pending: pending.max(0) as u64,
                     limit,
-                };
-                if last_copy {
-                    self.hint_stats.dropped_cap.inc();
-                    self.mark_for_anti_entropy(target, key, DropReason::Cap, group);
-                    warn!(node = %self.node_id, error = %e, "hint not kept");
-                }
-                return Err(e);
+                });
             }
         }
         if old_row.is_some() {
